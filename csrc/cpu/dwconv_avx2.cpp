@@ -1,0 +1,6 @@
+// The compute core compiled for one instruction set; dwconv_cpu.cpp picks one at run time.
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma")
+#endif
+#define LKFAST_ISA avx2
+#include "dwconv_kernel.h"

@@ -1,0 +1,317 @@
+// CPU depthwise convolution (stride 1, zero "same" padding, odd kernels): the ATen side.
+//
+// Work is split into (image, channel block of 16 fp32 / 8 fp64 lanes, row chunk) items run by
+// OpenMP. Each item packs the rows it needs into a channels-innermost tile, converting to the
+// accumulation type on the way (fp16/bf16 accumulate in fp32), so NCHW, channels_last and any
+// other strides are read in place with no full-tensor copy. The arithmetic lives in
+// dwconv_kernel.h, compiled for AVX-512, AVX2 and a baseline, chosen once at run time.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "dwconv_cpu.h"
+#include "dwconv_isa.h"
+
+namespace lkfast {
+namespace cpu {
+namespace {
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kGeneric;
+}
+
+Isa active_isa() {
+  static const Isa isa = [] {
+    // LKFAST_CPU_ISA=generic|avx2|avx512 caps the choice (for testing every path).
+    Isa best = detect_isa();
+    if (const char* env = std::getenv("LKFAST_CPU_ISA")) {
+      std::string s(env);
+      Isa want = s == "generic" ? Isa::kGeneric : s == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
+      if (static_cast<int>(want) < static_cast<int>(best)) best = want;
+    }
+    return best;
+  }();
+  return isa;
+}
+
+template <typename T>
+void forward_rows(const T* P, int prow0, int H, int W, int kh, int kw, const T* Wt, const T* Bias,
+                  int h0, int h1, T* O) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O);
+    case Isa::kAvx2:
+      return avx2::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O);
+    default:
+      return generic::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O);
+  }
+}
+
+template <typename T>
+void weight_grad(const T* P, const T* G, int H, int W, int kh, int kw, int i0, int i1, T* GW) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512::weight_grad(P, G, H, W, kh, kw, i0, i1, GW);
+    case Isa::kAvx2:
+      return avx2::weight_grad(P, G, H, W, kh, kw, i0, i1, GW);
+    default:
+      return generic::weight_grad(P, G, H, W, kh, kw, i0, i1, GW);
+  }
+}
+
+// 64-byte aligned scratch, one per thread, grown on demand.
+template <typename T>
+struct Scratch {
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr;
+  size_t size = 0;
+  T* get(size_t n) {
+    if (n > size) {
+      size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
+      ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+      TORCH_CHECK(ptr, "lkfast: out of memory allocating ", bytes, " bytes of scratch");
+      size = n;
+    }
+    return ptr.get();
+  }
+};
+
+struct Strides {
+  int64_t n, c, h, w;
+};
+
+Strides strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Packs rows [r0, r1) of channels [c0, c0 + nc) of one image into `dst`:
+// row-major (row, column + pad, lane), `pad` zero columns on both sides, lanes >= nc zero.
+template <typename S, typename T>
+void pack_rows(const S* src, Strides s, int c0, int nc, int lanes, int r0, int r1, int W, int pad,
+               T* dst) {
+  const int row_len = (W + 2 * pad) * lanes;
+  std::memset(dst, 0, sizeof(T) * (size_t)row_len * (r1 - r0));
+  for (int r = r0; r < r1; ++r) {
+    T* drow = dst + (size_t)(r - r0) * row_len + (size_t)pad * lanes;
+    const S* srow = src + r * s.h + c0 * s.c;
+    if (s.c == 1) {  // channels innermost: contiguous runs of nc values
+      for (int w = 0; w < W; ++w) {
+        const S* sp = srow + w * s.w;
+        T* dp = drow + w * lanes;
+        for (int l = 0; l < nc; ++l) dp[l] = static_cast<T>(sp[l]);
+      }
+    } else {
+      for (int l = 0; l < nc; ++l) {
+        const S* sp = srow + l * s.c;
+        T* dp = drow + l;
+        for (int w = 0; w < W; ++w) dp[w * lanes] = static_cast<T>(sp[w * s.w]);
+      }
+    }
+  }
+}
+
+// Writes rows [h0, h1) of packed output (row, column, lane) back to channels [c0, c0 + nc).
+template <typename S, typename T>
+void unpack_rows(const T* src, int c0, int nc, int lanes, int h0, int h1, int W, S* dst,
+                 Strides s) {
+  for (int h = h0; h < h1; ++h) {
+    const T* srow = src + (size_t)(h - h0) * W * lanes;
+    S* drow = dst + h * s.h + c0 * s.c;
+    if (s.c == 1) {
+      for (int w = 0; w < W; ++w) {
+        S* dp = drow + w * s.w;
+        const T* sp = srow + w * lanes;
+        for (int l = 0; l < nc; ++l) dp[l] = static_cast<S>(sp[l]);
+      }
+    } else {
+      for (int l = 0; l < nc; ++l) {
+        S* dp = drow + l * s.c;
+        const T* sp = srow + l;
+        for (int w = 0; w < W; ++w) dp[w * s.w] = static_cast<S>(sp[w * lanes]);
+      }
+    }
+  }
+}
+
+int num_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename S>
+void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
+                   bool flip, at::Tensor& y) {
+  using T = at::opmath_type<S>;
+  typedef T Tv;
+  constexpr int lanes = 64 / sizeof(T);
+  const int N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int kh = weight.size(2), kw = weight.size(3), ph = kh / 2, pw = kw / 2;
+  const int ncb = ceil_div(C, lanes);
+
+  // Weights and bias repacked as (channel block, tap row, tap column, lane) in T.
+  at::Tensor wt = weight.reshape({C, kh, kw}).to(c10::CppTypeToScalarType<T>::value);
+  if (flip) wt = wt.flip({1, 2});
+  wt = at::constant_pad_nd(wt, {0, 0, 0, 0, 0, ncb * lanes - C})
+           .reshape({ncb, lanes, kh, kw})
+           .permute({0, 2, 3, 1})
+           .contiguous();
+  at::Tensor bt = at::zeros({ncb * lanes}, wt.options());
+  if (bias) bt.narrow(0, 0, C).copy_(bias->reshape({C}));
+  const Tv* wt_p = wt.data_ptr<Tv>();
+  const Tv* bt_p = bt.data_ptr<Tv>();
+
+  const int nt = num_threads();
+  // Split rows only as much as needed to keep every thread busy: each chunk re-reads a halo.
+  const int64_t base_items = (int64_t)N * ncb;
+  const int nhc = (int)std::min<int64_t>(H, std::max<int64_t>(1, ceil_div(4 * nt, base_items)));
+  const int rows_per_chunk = ceil_div(H, nhc);
+  const int64_t items = base_items * nhc;
+  const int row_len = (W + 2 * pw) * lanes;
+
+  const S* x_p = x.data_ptr<S>();
+  S* y_p = y.data_ptr<S>();
+  const Strides xs = strides_of(x), ys = strides_of(y);
+
+#pragma omp parallel num_threads(nt)
+  {
+    Scratch<Tv> pbuf, obuf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int hc = it % nhc;
+      const int cb = (it / nhc) % ncb;
+      const int n = it / ((int64_t)nhc * ncb);
+      const int h0 = hc * rows_per_chunk, h1 = std::min(H, h0 + rows_per_chunk);
+      if (h0 >= h1) continue;
+      const int r0 = std::max(0, h0 - ph), r1 = std::min(H, h1 + ph);
+      const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
+      Tv* P = pbuf.get((size_t)(r1 - r0) * row_len);
+      Tv* O = obuf.get((size_t)(h1 - h0) * W * lanes);
+      pack_rows<S, Tv>(x_p + n * xs.n, xs, c0, nc, lanes, r0, r1, W, pw, P);
+      forward_rows<Tv>(P, r0, H, W, kh, kw, wt_p + (size_t)cb * kh * kw * lanes,
+                       bt_p + (size_t)cb * lanes, h0, h1, O);
+      unpack_rows<S, Tv>(O, c0, nc, lanes, h0, h1, W, y_p + n * ys.n, ys);
+    }
+  }
+}
+
+template <typename S>
+at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, int kh, int kw) {
+  using T = at::opmath_type<S>;
+  typedef T Tv;
+  constexpr int lanes = 64 / sizeof(T);
+  const int N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int pw = kw / 2;
+  const int ncb = ceil_div(C, lanes);
+  const int nt = num_threads();
+
+  // Items are (channel block, group of images, group of tap rows); partial sums per image
+  // group are reduced afterwards in a fixed order, so results do not depend on scheduling.
+  int ngroups = (int)std::min<int64_t>(N, std::max<int64_t>(1, ceil_div(2 * nt, ncb)));
+  int nisplit = (int)std::min<int64_t>(kh, std::max<int64_t>(1, ceil_div(2 * nt, (int64_t)ncb * ngroups)));
+  const int imgs_per_group = ceil_div(N, ngroups);
+  const int rows_per_split = ceil_div(kh, nisplit);
+  const int64_t items = (int64_t)ncb * ngroups * nisplit;
+  const size_t gw_block = (size_t)kh * kw * lanes;
+
+  at::Tensor partial = at::zeros({ngroups, ncb, kh, kw, lanes},
+                                 x.options().dtype(c10::CppTypeToScalarType<T>::value));
+  Tv* partial_p = partial.data_ptr<Tv>();
+  const S* x_p = x.data_ptr<S>();
+  const S* g_p = grad_out.data_ptr<S>();
+  const Strides xs = strides_of(x), gs = strides_of(grad_out);
+  const int prow_len = (W + 2 * pw) * lanes;
+
+#pragma omp parallel num_threads(nt)
+  {
+    Scratch<Tv> pbuf, gbuf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int is = it % nisplit;
+      const int g = (it / nisplit) % ngroups;
+      const int cb = it / ((int64_t)nisplit * ngroups);
+      const int i0 = is * rows_per_split, i1 = std::min(kh, i0 + rows_per_split);
+      const int n0 = g * imgs_per_group, n1 = std::min(N, n0 + imgs_per_group);
+      if (i0 >= i1 || n0 >= n1) continue;
+      const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
+      Tv* P = pbuf.get((size_t)H * prow_len);
+      Tv* G = gbuf.get((size_t)H * W * lanes);
+      Tv* GW = partial_p + ((size_t)g * ncb + cb) * gw_block;
+      for (int n = n0; n < n1; ++n) {
+        pack_rows<S, Tv>(x_p + n * xs.n, xs, c0, nc, lanes, 0, H, W, pw, P);
+        pack_rows<S, Tv>(g_p + n * gs.n, gs, c0, nc, lanes, 0, H, W, 0, G);
+        weight_grad<Tv>(P, G, H, W, kh, kw, i0, i1, GW);
+      }
+    }
+  }
+  // (ngroups, ncb, kh, kw, lanes) -> (C, 1, kh, kw)
+  at::Tensor gw = partial.sum(0).permute({0, 3, 1, 2}).reshape({ncb * lanes, kh, kw}).narrow(0, 0, C);
+  return gw.reshape({C, 1, kh, kw}).to(x.scalar_type()).contiguous();
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "lkfast cpu: expected 4-D x and weight");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "lkfast cpu: tensors must be on CPU");
+  TORCH_CHECK(weight.size(0) == x.size(1) && weight.size(1) == 1,
+              "lkfast cpu: weight must be (C, 1, kh, kw) with C = x.size(1)");
+  TORCH_CHECK(weight.size(2) % 2 == 1 && weight.size(3) % 2 == 1, "lkfast cpu: odd kernel sizes only");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "lkfast cpu: x and weight dtypes differ");
+}
+
+}  // namespace
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                   bool flip) {
+  check_inputs(x, weight);
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  const bool has_bias = bias && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->numel() == x.size(1), "lkfast cpu: bias must have C = ", x.size(1), " elements");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lkfast_dwconv_forward", [&] {
+    forward_typed<scalar_t>(x, weight, has_bias ? &*bias : nullptr, flip, y);
+  });
+  return y;
+}
+
+at::Tensor weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t kh, int64_t kw) {
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "lkfast cpu: grad_out and x shapes differ");
+  TORCH_CHECK(kh % 2 == 1 && kw % 2 == 1, "lkfast cpu: odd kernel sizes only");
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "lkfast cpu: grad_out and x dtypes differ");
+  if (x.numel() == 0) return at::zeros({x.size(1), 1, kh, kw}, x.options());
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lkfast_dwconv_weight_grad", [&] {
+    out = weight_grad_typed<scalar_t>(grad_out, x, (int)kh, (int)kw);
+  });
+  return out;
+}
+
+std::string isa_name() {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
+  }
+}
+
+}  // namespace cpu
+}  // namespace lkfast

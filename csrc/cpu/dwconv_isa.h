@@ -1,0 +1,22 @@
+// Declarations of the per-instruction-set compute cores (see dwconv_kernel.h).
+#pragma once
+
+#define LKFAST_DECLARE_ISA(ns)                                                                  \
+  namespace lkfast {                                                                            \
+  namespace cpu {                                                                               \
+  namespace ns {                                                                                \
+  void forward_rows(const float* P, int prow0, int H, int W, int kh, int kw, const float* Wt,   \
+                    const float* Bias, int h0, int h1, float* O);                               \
+  void forward_rows(const double* P, int prow0, int H, int W, int kh, int kw, const double* Wt, \
+                    const double* Bias, int h0, int h1, double* O);                             \
+  void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0,        \
+                   int i1, float* GW);                                                          \
+  void weight_grad(const double* P, const double* G, int H, int W, int kh, int kw, int i0,      \
+                   int i1, double* GW);                                                         \
+  }                                                                                             \
+  }                                                                                             \
+  }
+
+LKFAST_DECLARE_ISA(avx512)
+LKFAST_DECLARE_ISA(avx2)
+LKFAST_DECLARE_ISA(generic)

@@ -1,0 +1,1 @@
+"""Triton kernels of lkfast, installed as the subpackage ``lkfast.kernels``."""

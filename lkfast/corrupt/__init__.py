@@ -1,0 +1,91 @@
+"""ImageNet-C corruptions and ImageNet-P perturbation sequences on batched tensors (CPU or GPU).
+
+    >>> import torch, lkfast.corrupt as lc
+    >>> x = torch.rand(8, 3, 224, 224)
+    >>> y = lc.corrupt(x, "snow", 3, generator=torch.Generator().manual_seed(0))
+    >>> seq = lc.perturbation_sequence(x, "translate")          # (8, 41, 3, 224, 224)
+
+Parameters are those of the ImageNet-C / ImageNet-P release (Hendrycks & Dietterich, "Benchmarking
+Neural Network Robustness to Common Corruptions and Perturbations", ICLR 2019), defined there for
+224x224 images. At other sizes every length (blur radius, displacement, texture scale) is
+multiplied by min(H, W) / 224; per-pixel parameters stay as they are. Each family module documents
+its tables and where the batched version differs from the release's per-image code.
+
+Randomness comes from ``generator`` (a torch.Generator or an int seed): the same seed gives the
+same output, and the same output on CPU and GPU (numbers are drawn on the generator's device).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import _base, blur, digital, noise, weather
+from .perturb import PERTURBATIONS, perturbation_sequence
+
+CORRUPTIONS: Dict[str, Callable] = {
+    # the 15 of the benchmark, in the release's order
+    "gaussian_noise": noise.gaussian_noise,
+    "shot_noise": noise.shot_noise,
+    "impulse_noise": noise.impulse_noise,
+    "defocus_blur": blur.defocus_blur,
+    "glass_blur": blur.glass_blur,
+    "motion_blur": blur.motion_blur,
+    "zoom_blur": blur.zoom_blur,
+    "snow": weather.snow,
+    "frost": weather.frost,
+    "fog": weather.fog,
+    "brightness": weather.brightness,
+    "contrast": digital.contrast,
+    "elastic_transform": digital.elastic_transform,
+    "pixelate": digital.pixelate,
+    "jpeg_compression": digital.jpeg_compression,
+    # the 4 extra ("validation") corruptions
+    "speckle_noise": noise.speckle_noise,
+    "gaussian_blur": blur.gaussian_blur,
+    "spatter": weather.spatter,
+    "saturate": digital.saturate,
+}
+
+_ALL = tuple(CORRUPTIONS)
+SUBSETS: Dict[str, Tuple[str, ...]] = {
+    "common": _ALL[:15],
+    "extra": _ALL[15:],
+    "all": _ALL,
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
+    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
+    "weather": ("snow", "frost", "fog", "brightness"),
+    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
+}
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+def names(subset: str = "all") -> List[str]:
+    """Corruption names of a subset: "common" (the 15 of mCE), "extra" (speckle_noise,
+    gaussian_blur, spatter, saturate), "all" (19), or an ImageNet-C category of the 15: "noise",
+    "blur", "weather", "digital"."""
+    _base.check_choice(subset, tuple(SUBSETS), "subset")
+    return list(SUBSETS[subset])
+
+
+def corrupt(images: torch.Tensor, name: str, severity: int,
+            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Corrupt a batch of RGB images.
+
+    images: float tensor (N, 3, H, W), values in [0, 1], any device, H and W >= 8.
+    name: one of ``names("all")``. severity: integer 1..5.
+    generator: torch.Generator or int seed for reproducible output (None: torch's global RNG).
+    Returns a tensor of the same shape, dtype and device, values in [0, 1].
+    Raises ValueError for a wrong shape/dtype/range, an unknown name or a severity outside 1..5.
+    """
+    _base.check_choice(name, _ALL, "corruption")
+    _base.check_level(severity, 1, 5, "severity")
+    _base.check_images(images)
+    generator = _base.make_generator(generator, images.device)
+    x = images.detach().float()
+    with torch.no_grad():
+        out = CORRUPTIONS[name](x, severity, generator)
+    return out.to(images.dtype)
+
+
+__all__ = ["corrupt", "names", "perturbation_sequence", "CORRUPTIONS", "PERTURBATIONS", "SUBSETS", "SEVERITIES"]

@@ -1,0 +1,189 @@
+"""Batched image filters the corruptions share, written to match the libraries the release used.
+
+- ``gaussian_blur``: scikit-image / scipy.ndimage ``gaussian_filter`` (same kernel radius rule
+  ``int(truncate * sigma + 0.5)`` and the same boundary modes), as two small matrix products:
+  exact for any sigma, even sigmas larger than the image (elastic transform uses ~170 px).
+- ``filter2d``: OpenCV ``filter2D`` (correlation, BORDER_REFLECT_101 or replicate), via FFT so
+  that large and per-image kernels (defocus disks, motion-blur lines) cost the same as small ones.
+- ``motion_blur``: ImageMagick ``MotionBlurImage`` (the release called it through Wand).
+- ``clipped_zoom``: the release's ``scipy.ndimage.zoom(order=1)`` of the centre crop.
+- ``pil_box_resize``: Pillow's ``Image.resize(..., Image.BOX)``, as resampling matrices.
+All take (..., H, W) float tensors and run on whatever device the tensor is on.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def boundary_index(index: torch.Tensor, n: int, mode: str) -> torch.Tensor:
+    """Map out-of-range indices into 0..n-1.
+
+    modes: "nearest" (a a a | a b c | c c c), "reflect" (scipy's half-sample symmetric,
+    b a | a b c | c b), "mirror" (OpenCV's REFLECT_101 / scipy mirror, c b | a b c | b a).
+    """
+    if mode == "nearest":
+        return index.clamp(0, n - 1)
+    if mode == "reflect":
+        index = index % (2 * n)
+        return torch.where(index >= n, 2 * n - 1 - index, index)
+    if mode == "mirror":
+        if n == 1:
+            return torch.zeros_like(index)
+        period = 2 * n - 2
+        index = index % period
+        return torch.where(index >= n, period - index, index)
+    raise ValueError(f"unknown boundary mode {mode!r}")
+
+
+def pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int, mode: str) -> torch.Tensor:
+    """Pad the last two dims with any boundary_index mode, for any pad width (F.pad's reflect
+    refuses pads wider than the image)."""
+    h, w = x.shape[-2:]
+    rows = boundary_index(torch.arange(-top, h + bottom, device=x.device), h, mode)
+    cols = boundary_index(torch.arange(-left, w + right, device=x.device), w, mode)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+@functools.lru_cache(maxsize=128)
+def _gaussian_matrix_cpu(n: int, sigma: float, truncate: float, mode: str) -> torch.Tensor:
+    radius = int(truncate * sigma + 0.5)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (taps / sigma) ** 2)
+    weights /= weights.sum()
+    rows = torch.arange(n)[:, None]
+    cols = boundary_index(rows + torch.arange(-radius, radius + 1)[None, :], n, mode)
+    matrix = torch.zeros(n, n, dtype=torch.float64)
+    matrix.scatter_add_(1, cols, weights.expand(n, -1).contiguous())
+    return matrix.float()
+
+
+def gaussian_matrix(n: int, sigma: float, device, truncate: float = 4.0, mode: str = "nearest") -> torch.Tensor:
+    """(n, n) matrix M with (M @ signal) = scipy.ndimage.gaussian_filter1d(signal, sigma, mode, truncate)."""
+    return _gaussian_matrix_cpu(int(n), float(sigma), float(truncate), mode).to(device)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: str = "nearest") -> torch.Tensor:
+    """Separable Gaussian blur of the last two dims (skimage.filters.gaussian defaults)."""
+    if sigma <= 0:
+        return x
+    h, w = x.shape[-2:]
+    rows = gaussian_matrix(h, sigma, x.device, truncate, mode)
+    cols = gaussian_matrix(w, sigma, x.device, truncate, mode)
+    return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+def filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str = "mirror") -> torch.Tensor:
+    """Correlate (N, C, H, W) images with an odd (K, K) kernel, or one kernel per image (N, 1, K, K),
+    like cv2.filter2D. Computed with real FFTs on the padded images (no wrap-around: the pad is
+    at least the kernel radius)."""
+    k = kernel.shape[-1]
+    assert k % 2 == 1 and kernel.shape[-2] == k
+    r = k // 2
+    h, w = x.shape[-2:]
+    padded = pad(x, r, r, r, r, mode)
+    ph, pw = padded.shape[-2:]
+    flipped = torch.flip(kernel, dims=(-2, -1)).to(x.dtype)
+    spectrum = torch.fft.rfft2(padded, s=(ph, pw)) * torch.fft.rfft2(flipped, s=(ph, pw))
+    full = torch.fft.irfft2(spectrum, s=(ph, pw))
+    return full[..., k - 1:k - 1 + h, k - 1:k - 1 + w]
+
+
+def motion_kernels(radius: float, sigma: float, angles_deg: torch.Tensor) -> torch.Tensor:
+    """One (K, K) line kernel per angle, as ImageMagick's MotionBlurImage builds it.
+
+    ImageMagick takes width = 2*ceil(radius)+1 samples along the direction of ``angle``, at
+    integer offsets ceil(i*cos(a) - 0.5), ceil(i*sin(a) - 0.5) for i = 0..width-1, weighted by a
+    one-sided Gaussian exp(-i^2 / (2 sigma^2)) (normalised); pixels beyond the border repeat the
+    edge ("edge" virtual pixels). The kernel here places exactly those weights, so with replicate
+    padding the result is ImageMagick's up to float rounding: what differs is only that
+    ImageMagick works on 16-bit quanta and the release then stored 8-bit PNGs.
+    """
+    width = int(2 * math.ceil(radius) + 1) if radius > 0 else 1
+    sigma = max(float(sigma), 1e-6)
+    i = torch.arange(width, dtype=torch.float64, device=angles_deg.device)
+    weights = torch.exp(-(i * i) / (2 * sigma * sigma))
+    weights = (weights / weights.sum()).float()
+    a = torch.deg2rad(angles_deg.double())[:, None]
+    dx = torch.ceil(i[None, :] * torch.cos(a) - 0.5).long()
+    dy = torch.ceil(i[None, :] * torch.sin(a) - 0.5).long()
+    size = 2 * (width - 1) + 1
+    c = width - 1
+    kernels = torch.zeros(angles_deg.shape[0], size * size, device=angles_deg.device)
+    flat = (dy + c) * size + (dx + c)
+    kernels.scatter_add_(1, flat, weights.expand_as(flat).contiguous())
+    return kernels.view(-1, 1, size, size)
+
+
+def motion_blur(x: torch.Tensor, radius: float, sigma: float, angles_deg: torch.Tensor) -> torch.Tensor:
+    """ImageMagick-style motion blur of (N, C, H, W) with one angle per image (see motion_kernels)."""
+    return filter2d(x, motion_kernels(radius, sigma, angles_deg), mode="nearest")
+
+
+def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
+    """Zoom (N, C, H, W) by ``zoom`` >= 1 about the centre, keeping the size (the release's
+    clipped_zoom: bilinear scipy.ndimage.zoom of the ceil(H / zoom) centre crop, centre-trimmed)."""
+    h, w = x.shape[-2:]
+    ch, cw = math.ceil(h / zoom), math.ceil(w / zoom)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    crop = x[..., top:top + ch, left:left + cw]
+    oh, ow = max(round(ch * zoom), h), max(round(cw * zoom), w)
+    # scipy's zoom (grid_mode=False) maps the corner pixels onto each other: align_corners=True.
+    up = F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=True)
+    th, tw = (oh - h) // 2, (ow - w) // 2
+    return up[..., th:th + h, tw:tw + w]
+
+
+@functools.lru_cache(maxsize=64)
+def _pil_box_matrix_cpu(n_in: int, n_out: int) -> torch.Tensor:
+    # Pillow's ImagingResample with the box filter: support 0.5 * max(scale, 1), taps whose
+    # (shifted) centres fall in (-0.5, 0.5] of the filter, normalised.
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale
+    matrix = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for out in range(n_out):
+        center = (out + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), n_in)
+        for j in range(xmin, xmax):
+            t = (j - center + 0.5) / filterscale
+            if -0.5 < t <= 0.5:
+                matrix[out, j] = 1.0
+        total = matrix[out].sum()
+        if total > 0:
+            matrix[out] /= total
+    return matrix.float()
+
+
+def pil_box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize the last two dims like Pillow's Image.resize(..., Image.BOX)."""
+    h, w = x.shape[-2:]
+    rows = _pil_box_matrix_cpu(h, height).to(x.device)
+    cols = _pil_box_matrix_cpu(w, width).to(x.device)
+    return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W) with OpenCV's RGB2GRAY weights (ITU-R BT.601)."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round-trip through uint8 the way the release's np.uint8(x * 255) did (truncation)."""
+    return torch.floor(x.clamp(0, 1) * 255) / 255
+
+
+def center_crop(x: torch.Tensor, size: Optional[tuple]) -> torch.Tensor:
+    if size is None:
+        return x
+    h, w = x.shape[-2:]
+    ch, cw = size
+    if ch > h or cw > w:
+        raise ValueError(f"crop {ch}x{cw} is larger than the images ({h}x{w})")
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    return x[..., top:top + ch, left:left + cw]

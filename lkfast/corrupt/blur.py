@@ -1,0 +1,100 @@
+"""Blur corruptions: defocus_blur, glass_blur, motion_blur, zoom_blur, gaussian_blur.
+
+Parameters per severity 1..5 are those of the ImageNet-C release (Hendrycks & Dietterich, ICLR
+2019, make_imagenet_c.py). Radii, sigmas and glass-blur displacements are lengths in 224-px
+pixels; they are multiplied by ``size_scale`` = min(H, W) / 224 (zoom factors are ratios and
+stay as they are).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _base, _filters
+
+DEFOCUS_BLUR = ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5))        # disk radius, alias-blur sigma
+GLASS_BLUR = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))  # sigma, max shift, passes
+MOTION_BLUR = ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15))            # ImageMagick radius, sigma
+# np.arange(1, stop, step) of the release, written out (float rounding makes the first one 12 long).
+ZOOM_BLUR = tuple(tuple(1 + step * k for k in range(count))
+                  for step, count in ((0.01, 12), (0.01, 16), (0.02, 11), (0.02, 13), (0.03, 11)))
+GAUSSIAN_BLUR = (1, 2, 3, 4, 6)                                          # sigma
+
+
+def _gaussian_taps(size: int, sigma: float) -> torch.Tensor:
+    # cv2.getGaussianKernel(size, sigma)
+    t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    w = torch.exp(-t * t / (2 * sigma * sigma))
+    return w / w.sum()
+
+
+def disk_kernel(radius: float, alias_blur: float, large: bool) -> torch.Tensor:
+    """The release's anti-aliased disk: a normalised binary disk, Gaussian-blurred (3x3, or 5x5
+    for radii above 8) with OpenCV's default reflect-101 border."""
+    half = max(math.ceil(radius), 1)
+    taps = torch.arange(-half, half + 1, dtype=torch.float64)
+    disk = ((taps[None, :] ** 2 + taps[:, None] ** 2) <= radius ** 2).double()
+    disk /= disk.sum()
+    g = _gaussian_taps(5 if large else 3, max(alias_blur, 1e-3))
+    r = g.numel() // 2
+    padded = _filters.pad(disk, r, r, r, r, "mirror")
+    smooth = torch.nn.functional.conv2d(padded[None, None], (g[:, None] * g[None, :])[None, None])[0, 0]
+    return smooth.float()
+
+
+def defocus_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    radius, alias = DEFOCUS_BLUR[severity - 1]
+    s = _base.size_scale(*x.shape[-2:])
+    kernel = disk_kernel(radius * s, alias * s, large=radius > 8).to(x.device)
+    return _filters.filter2d(x, kernel, mode="mirror").clamp(0, 1)
+
+
+def glass_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    """Gaussian blur, local pixel shuffling, Gaussian blur again.
+
+    The release swaps pixels one after another (a sequential chain over the whole image, which
+    no parallel machine can do quickly). Here every pass moves all pixels at once: each pixel of
+    the release's range takes the value of the pixel at a random offset in [-delta, delta) in
+    both directions, the same offset distribution as the release's swaps. Unlike a chain of
+    swaps this can duplicate a pixel instead of exchanging it; the local scrambling, and thus the
+    look after the second blur, is the same.
+    """
+    sigma, delta, passes = GLASS_BLUR[severity - 1]
+    n, c, h, w = x.shape
+    s = _base.size_scale(h, w)
+    sigma = sigma * s
+    delta = max(1, round(delta * s))
+    x = _filters.quantize(_filters.gaussian_blur(x, sigma))
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    # the release visits h in (delta, h - delta], same for w
+    inside = (rows > delta) & (rows <= h - delta) & (cols > delta) & (cols <= w - delta)
+    for _ in range(passes):
+        dy = _base.randint(delta, (n, h, w), generator, x.device, low=-delta)
+        dx = _base.randint(delta, (n, h, w), generator, x.device, low=-delta)
+        src_r = torch.where(inside, (rows + dy).clamp(0, h - 1), rows)
+        src_c = torch.where(inside, (cols + dx).clamp(0, w - 1), cols)
+        index = (src_r * w + src_c).view(n, 1, h * w).expand(n, c, h * w)
+        x = x.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
+    return _filters.gaussian_blur(x, sigma).clamp(0, 1)
+
+
+def motion_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    radius, sigma = MOTION_BLUR[severity - 1]
+    s = _base.size_scale(*x.shape[-2:])
+    angles = _base.uniform((x.shape[0],), -45.0, 45.0, generator, x.device)
+    return _filters.motion_blur(x, radius * s, sigma * s, angles).clamp(0, 1)
+
+
+def zoom_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    zooms = ZOOM_BLUR[severity - 1]
+    total = x.clone()
+    for z in zooms:
+        total += _filters.clipped_zoom(x, z)
+    return (total / (len(zooms) + 1)).clamp(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    sigma = GAUSSIAN_BLUR[severity - 1] * _base.size_scale(*x.shape[-2:])
+    return _filters.gaussian_blur(x, sigma).clamp(0, 1)

@@ -1,0 +1,122 @@
+"""Digital corruptions: contrast, elastic_transform, pixelate, jpeg_compression, saturate.
+
+Parameters per severity 1..5 are those of the ImageNet-C release (Hendrycks & Dietterich, ICLR
+2019, make_imagenet_c.py). Only elastic_transform has lengths; pixelate's factor and JPEG's
+quality are relative to the image already.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _base, _filters
+
+CONTRAST = (0.4, 0.3, 0.2, 0.1, 0.05)            # factor towards the per-channel mean
+# The release writes these as multiples of 244 ("should have been 224, but ultimately nothing is
+# incorrect"): displacement scale alpha, smoothing sigma, affine corner jitter, in 224-px pixels.
+ELASTIC = ((244 * 2, 244 * 0.7, 244 * 0.1),
+           (244 * 2, 244 * 0.08, 244 * 0.2),
+           (244 * 0.05, 244 * 0.01, 244 * 0.02),
+           (244 * 0.07, 244 * 0.01, 244 * 0.02),
+           (244 * 0.12, 244 * 0.01, 244 * 0.02))
+PIXELATE = (0.6, 0.5, 0.4, 0.3, 0.25)            # box-downsample factor
+JPEG_QUALITY = (25, 18, 15, 10, 7)
+SATURATE = ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2))  # HSV saturation * a + b
+
+
+def contrast(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    c = CONTRAST[severity - 1]
+    means = x.mean(dim=(2, 3), keepdim=True)
+    return ((x - means) * c + means).clamp(0, 1)
+
+
+def _affine_jitter(n: int, h: int, w: int, jitter: float, generator, device) -> torch.Tensor:
+    """(n, 2, 3) inverse affine maps (output (x, y) -> input (x, y)) of the release's random
+    affine: three points around the centre moved by U(-jitter, jitter), cv2.getAffineTransform."""
+    cx, cy = float(w // 2), float(h // 2)
+    d = float(min(h, w) // 3)
+    src = torch.tensor([[cx + d, cy + d], [cx + d, cy - d], [cx - d, cy - d]], device=device)
+    dst = src + _base.uniform((n, 3, 2), -jitter, jitter, generator, device)
+    ones = torch.ones(3, 1, device=device)
+    # forward map A with [x', y'] = A [x, y, 1]: solve [src 1] A^T = dst
+    forward = torch.linalg.solve(torch.cat([src, ones], 1).expand(n, 3, 3), dst).transpose(1, 2)
+    linear, shift = forward[:, :, :2], forward[:, :, 2:]
+    inv_linear = torch.linalg.inv(linear)
+    return torch.cat([inv_linear, -inv_linear @ shift], dim=2)
+
+
+def elastic_transform(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    """The release's elastic transform: a random affine warp (reflect-101 border), then a smooth
+    random displacement field (uniform noise, Gaussian-smoothed with scipy's 'reflect' mode and
+    truncate=3, times alpha), both bilinear.
+
+    Differences, documented: both warps are composed into one bilinear lookup (the release
+    interpolates twice), with mirror reflection at the border for both. Size scaling: sigma and
+    the affine jitter scale with s = min(H, W) / 224; alpha scales with s^2, because smoothing
+    white noise with a sigma s times wider shrinks it by 1/s, and the displacement must grow
+    by s to stay the same fraction of the image.
+    """
+    alpha, sigma, jitter = ELASTIC[severity - 1]
+    n, _, h, w = x.shape
+    s = _base.size_scale(h, w)
+    alpha, sigma, jitter = alpha * s * s, sigma * s, jitter * s
+    inverse = _affine_jitter(n, h, w, jitter, generator, x.device)
+    noise = _base.uniform((n, 2, h, w), -1.0, 1.0, generator, x.device)
+    shift = _filters.gaussian_blur(noise, sigma, truncate=3.0, mode="reflect") * alpha
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float32),
+                            torch.arange(w, device=x.device, dtype=torch.float32), indexing="ij")
+    px = xs + shift[:, 0]  # (n, h, w): where the displacement field samples the warped image
+    py = ys + shift[:, 1]
+    sx = inverse[:, 0, 0, None, None] * px + inverse[:, 0, 1, None, None] * py + inverse[:, 0, 2, None, None]
+    sy = inverse[:, 1, 0, None, None] * px + inverse[:, 1, 1, None, None] * py + inverse[:, 1, 2, None, None]
+    grid = torch.stack([2 * sx / max(w - 1, 1) - 1, 2 * sy / max(h - 1, 1) - 1], dim=-1)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+    return out.clamp(0, 1)
+
+
+def pixelate(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    c = PIXELATE[severity - 1]
+    h, w = x.shape[-2:]
+    small = _filters.pil_box_resize(x, max(int(h * c), 1), max(int(w * c), 1))
+    return _filters.pil_box_resize(small, h, w).clamp(0, 1)
+
+
+def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """Encode each image as a JPEG at ``quality`` (libjpeg through torchvision, 4:2:0 chroma like
+    Pillow's default) and decode it again. Runs where the tensor is when torchvision can (nvJPEG
+    on CUDA), else on the CPU."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    pixels = torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
+    try:
+        encoded = encode_jpeg(list(pixels), quality=quality)
+        decoded = decode_jpeg(encoded, device=x.device)
+    except RuntimeError:
+        if x.device.type == "cpu":
+            raise
+        encoded = encode_jpeg(list(pixels.cpu()), quality=quality)
+        decoded = [d.to(x.device) for d in decode_jpeg(encoded)]
+    return torch.stack(list(decoded)).to(x.dtype) / 255
+
+
+def jpeg_compression(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    return jpeg_roundtrip(x, JPEG_QUALITY[severity - 1])
+
+
+def saturate(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    """HSV saturation S -> clip(S * a + b, 0, 1), hue and value kept (skimage rgb2hsv/hsv2rgb).
+
+    With V = max and m = min of a pixel, every channel is V - S * V * k(hue), so the new channel
+    is V - (S'/S)(V - channel). Grey pixels have hue 0 by skimage's convention: they become
+    (V, V(1 - S'), V(1 - S')), a red tint, when b > 0.
+    """
+    a, b = SATURATE[severity - 1]
+    value = x.amax(dim=1, keepdim=True)
+    low = x.amin(dim=1, keepdim=True)
+    chroma = value - low
+    sat = torch.where(value > 0, chroma / value.clamp_min(1e-12), torch.zeros_like(value))
+    new_sat = (sat * a + b).clamp(0, 1)
+    coloured = value - (new_sat / sat.clamp_min(1e-12)) * (value - x)
+    grey_hue0 = torch.tensor([0.0, 1.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    grey = value * (1 - new_sat * grey_hue0)
+    return torch.where(chroma > 0, coloured, grey).clamp(0, 1)

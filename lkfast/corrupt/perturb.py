@@ -1,0 +1,227 @@
+"""ImageNet-P perturbation sequences on batched tensors.
+
+Frame definitions follow the ImageNet-P release (Hendrycks & Dietterich, ICLR 2019,
+github.com/hendrycks/robustness, ImageNet-P/create_p/make_imagenet_p.py), made for 224-px
+centre crops of 256-px-resized images:
+
+    gaussian_noise  31 frames, frame 0 clean, then x + N(0, s^2), s = 0.03 / 0.05 / 0.08 (difficulty 1/2/3)
+    shot_noise      31 frames, frame 0 clean, then Poisson(x L) / L, L = 300 / 120 / 60
+    motion_blur     31 frames, ImageMagick motion blur radius 10, sigma 3, angle (i - 30) * 4 degrees
+    zoom_blur       31 frames, frame i = mean of zooms 1 + 0.004 j, j = 0..i (frame 0 clean)
+    snow            31 frames, one flake layer per image, motion-blurred at angle 4 i - 150 (radius 14, sigma 4)
+    brightness      31 frames, HSV value + (i - 15) * 0.02
+    translate       41 frames, horizontal shift i - 20 px
+    rotate          31 frames, rotation i - 15 degrees
+    tilt            31 frames, perspective tilt of i - 15 degrees about both axes
+    scale           31 frames, zoom (40 + 2.5 i) / 100
+
+``difficulty`` selects the noise level for the two noise sequences (the release's
+gaussian_noise, gaussian_noise_2, gaussian_noise_3 folders). For the other eight the release has
+one sequence per image and the difficulty (1..3) is the frame stride used when the flip rate is
+computed, so the frames returned do not depend on it.
+
+Geometric frames show what lies outside the image as black, as the release does beyond the
+256-px image; pass a larger image (e.g. the 256-px resize) and ``crop=224`` to get real context,
+which is what the writer does. Lengths (shifts, blur radii, flake size) scale with
+min(crop or image size) / 224.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _base, _filters
+from .weather import adjust_value
+
+PERTURBATIONS: Dict[str, int] = {  # name -> frames per sequence
+    "gaussian_noise": 31,
+    "shot_noise": 31,
+    "motion_blur": 31,
+    "zoom_blur": 31,
+    "snow": 31,
+    "brightness": 31,
+    "translate": 41,
+    "rotate": 31,
+    "tilt": 31,
+    "scale": 31,
+}
+NOISE_PERTURBATIONS = ("gaussian_noise", "shot_noise")
+GAUSSIAN_NOISE_STD = (0.03, 0.05, 0.08)
+SHOT_NOISE_RATE = (300, 120, 60)
+
+
+def _frames(x: torch.Tensor, t: int) -> torch.Tensor:
+    return x[:, None].expand(-1, t, -1, -1, -1)
+
+
+def _noise(x, difficulty, scale, generator):
+    std = GAUSSIAN_NOISE_STD[difficulty - 1]
+    noisy = _frames(x, 30) + std * _base.randn((x.shape[0], 30) + x.shape[1:], generator, x.device)
+    return torch.cat([x[:, None], noisy.clamp(0, 1)], dim=1)
+
+
+def _shot(x, difficulty, scale, generator):
+    rate = SHOT_NOISE_RATE[difficulty - 1]
+    noisy = _base.poisson(_frames(x, 30) * rate, generator) / rate
+    return torch.cat([x[:, None], noisy.clamp(0, 1)], dim=1)
+
+
+def _motion_blur(x, difficulty, scale, generator):
+    n, t = x.shape[0], 31
+    angles = ((torch.arange(t, device=x.device) - 30) * 4.0).repeat(n)
+    flat = _frames(x, t).reshape(n * t, *x.shape[1:])
+    return _filters.motion_blur(flat, 10 * scale, 3 * scale, angles).clamp(0, 1).view(n, t, *x.shape[1:])
+
+
+def _pixel_grid(h, w, device):
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    return torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # (h, w, 3): homogeneous (x, y, 1)
+
+
+def _warp(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Frames from (N, C, H, W) images and (T, 3, 3) maps from output to input pixel coordinates
+    (homogeneous, pixel centres at integers): (N, T, C, H, W), bilinear, black outside."""
+    n, c, h, w = x.shape
+    t = inverse.shape[0]
+    src = torch.einsum("tij,hwj->thwi", inverse, _pixel_grid(h, w, x.device))
+    src = src[..., :2] / src[..., 2:3]
+    grid = torch.stack([2 * src[..., 0] / max(w - 1, 1) - 1, 2 * src[..., 1] / max(h - 1, 1) - 1], dim=-1)
+    frames = F.grid_sample(x.repeat_interleave(t, dim=0), grid.repeat(n, 1, 1, 1), mode="bilinear",
+                           padding_mode="zeros", align_corners=True)
+    return frames.clamp(0, 1).view(n, t, c, h, w)
+
+
+def _about_centre(h, w, linear: torch.Tensor, shift_x: torch.Tensor = None) -> torch.Tensor:
+    """(T, 3, 3) inverse maps q = L (p - c) + c - L shift, i.e. content transformed about the centre."""
+    t = linear.shape[0]
+    centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=linear.dtype, device=linear.device)
+    shift = torch.zeros(t, 2, dtype=linear.dtype, device=linear.device)
+    if shift_x is not None:
+        shift[:, 0] = shift_x
+    out = torch.zeros(t, 3, 3, dtype=linear.dtype, device=linear.device)
+    out[:, :2, :2] = linear
+    out[:, :2, 2] = centre - (linear @ (centre + shift)[:, :, None])[:, :, 0]
+    out[:, 2, 2] = 1
+    return out
+
+
+def _zoom_maps(h, w, zooms: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(2, device=zooms.device)
+    return _about_centre(h, w, eye[None] / zooms[:, None, None])
+
+
+def _zoom_blur(x, difficulty, scale, generator):
+    h, w = x.shape[-2:]
+    zooms = 1 + 0.004 * torch.arange(31, device=x.device, dtype=torch.float32)
+    zoomed = _warp(x, _zoom_maps(h, w, zooms))
+    counts = torch.arange(1, 32, device=x.device, dtype=torch.float32).view(1, 31, 1, 1, 1)
+    return (zoomed.cumsum(dim=1) / counts).clamp(0, 1)
+
+
+def _snow(x, difficulty, scale, generator):
+    n, c, h, w = x.shape
+    t = 31
+    layer = 0.05 + 0.3 * _base.randn((n, 1, h, w), generator, x.device)
+    layer = _filters.clipped_zoom(layer, max(3 * scale, 1.0))
+    layer = _filters.quantize(torch.where(layer < 0.5, torch.zeros_like(layer), layer))
+    angles = (torch.arange(t, device=x.device) * 4.0 - 150).repeat(n)
+    moving = _filters.motion_blur(_frames(layer, t).reshape(n * t, 1, h, w), 14 * scale, 4 * scale, angles)
+    moving = _filters.quantize(moving).view(n, t, 1, h, w)
+    base = 0.85 * x + 0.15 * torch.maximum(x, _filters.rgb_to_gray(x) * 1.5 + 0.5)
+    return (base[:, None] + moving + torch.flip(moving, dims=(-2, -1))).clamp(0, 1)
+
+
+def _brightness(x, difficulty, scale, generator):
+    shifts = (torch.arange(31, device=x.device, dtype=torch.float32) - 15) * 0.02
+    return adjust_value(_frames(x, 31), shifts.view(1, 31, 1, 1, 1))
+
+
+def _translate(x, difficulty, scale, generator):
+    h, w = x.shape[-2:]
+    shifts = (torch.arange(41, device=x.device, dtype=torch.float32) - 20) * scale
+    eye = torch.eye(2, device=x.device).expand(41, 2, 2)
+    return _warp(x, _about_centre(h, w, eye, shift_x=shifts))
+
+
+def _rotate(x, difficulty, scale, generator):
+    h, w = x.shape[-2:]
+    angles = torch.deg2rad(torch.arange(31, device=x.device, dtype=torch.float32) - 15)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    # inverse of a counter-clockwise rotation on screen (y pointing down)
+    linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    return _warp(x, _about_centre(h, w, linear))
+
+
+def tilt_matrices(h: int, w: int, degrees: torch.Tensor) -> torch.Tensor:
+    """(T, 3, 3) forward homographies of the release's tilt (rotate the image plane by the same
+    angle about the x and y axes, seen by a camera at focal length sqrt(w^2 + h^2))."""
+    f = math.hypot(w, h)
+    out = []
+    for angle in torch.deg2rad(degrees.double()).tolist():
+        ct, st = math.cos(angle), math.sin(angle)
+        p1 = torch.tensor([[1, 0, -w / 2], [0, 1, -h / 2], [0, 0, 1], [0, 0, 1]], dtype=torch.float64)
+        rx = torch.tensor([[1, 0, 0, 0], [0, ct, -st, 0], [0, st, ct, 0], [0, 0, 0, 1]], dtype=torch.float64)
+        ry = torch.tensor([[ct, 0, -st, 0], [0, 1, 0, 0], [st, 0, ct, 0], [0, 0, 0, 1]], dtype=torch.float64)
+        tz = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, f], [0, 0, 0, 1]], dtype=torch.float64)
+        p2 = torch.tensor([[f, 0, w / 2, 0], [0, f, h / 2, 0], [0, 0, 1, 0]], dtype=torch.float64)
+        out.append(p2 @ tz @ rx @ ry @ p1)
+    return torch.stack(out)
+
+
+def _tilt(x, difficulty, scale, generator):
+    h, w = x.shape[-2:]
+    forward = tilt_matrices(h, w, torch.arange(31, dtype=torch.float64) - 15)
+    return _warp(x, torch.linalg.inv(forward).float().to(x.device))
+
+
+def _scale(x, difficulty, scale, generator):
+    h, w = x.shape[-2:]
+    zooms = (torch.arange(31, device=x.device, dtype=torch.float32) * 2.5 + 40) / 100
+    return _warp(x, _zoom_maps(h, w, zooms))
+
+
+_SEQUENCES = {
+    "gaussian_noise": _noise,
+    "shot_noise": _shot,
+    "motion_blur": _motion_blur,
+    "zoom_blur": _zoom_blur,
+    "snow": _snow,
+    "brightness": _brightness,
+    "translate": _translate,
+    "rotate": _rotate,
+    "tilt": _tilt,
+    "scale": _scale,
+}
+
+
+def perturbation_sequence(images: torch.Tensor, name: str, difficulty: int = 1,
+                          generator: Optional[torch.Generator] = None,
+                          crop: Optional[Union[int, tuple]] = None) -> torch.Tensor:
+    """ImageNet-P frames for a batch of images.
+
+    images: float tensor (N, 3, H, W) in [0, 1], any device. name: one of PERTURBATIONS.
+    difficulty: 1..3 (noise level for gaussian_noise / shot_noise; see the module docstring).
+    generator: torch.Generator or int seed (noise and snow are random; the rest are not).
+    crop: optional centre crop (int or (h, w)) applied to every frame, so that geometric
+    perturbations show the image's real surroundings instead of black.
+    Returns (N, T, 3, h, w) in [0, 1], T = PERTURBATIONS[name] (41 for translate, else 31).
+    """
+    _base.check_choice(name, tuple(PERTURBATIONS), "perturbation")
+    _base.check_level(difficulty, 1, 3, "difficulty")
+    _base.check_images(images)
+    if crop is not None:
+        crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
+        _filters.center_crop(images[:1], crop)  # validates the size
+    generator = _base.make_generator(generator, images.device)
+    size = crop if crop is not None else images.shape[-2:]
+    scale = _base.size_scale(*size)
+    x = images.detach().float()
+    with torch.no_grad():
+        frames = _SEQUENCES[name](x, difficulty, scale, generator)
+        frames = _filters.center_crop(frames, crop)
+    assert frames.shape[1] == PERTURBATIONS[name]
+    return frames.to(images.dtype)

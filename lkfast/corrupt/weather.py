@@ -1,0 +1,294 @@
+"""Weather corruptions: snow, frost, fog, brightness, spatter.
+
+Parameters per severity 1..5 are those of the ImageNet-C release (Hendrycks & Dietterich, ICLR
+2019, make_imagenet_c.py). Lengths (snow-flake zoom, motion-blur radius and sigma, spatter blur
+sigmas and distance cut-off, the fog fractal's size, the frost photograph's scale) are in 224-px
+pixels and are multiplied by ``size_scale`` = min(H, W) / 224; blend weights are not.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import _base, _filters
+
+# mean, std of the flake noise, zoom, threshold, motion radius, motion sigma, image weight
+SNOW = ((0.1, 0.3, 3, 0.5, 10, 4, 0.8),
+        (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
+        (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
+        (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
+        (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55))
+FROST = ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))     # image weight, frost weight
+FOG = ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))          # fog strength, fractal decay
+BRIGHTNESS = (0.1, 0.2, 0.3, 0.4, 0.5)                                    # added to HSV value
+# mean, std of the liquid noise, its blur sigma, threshold, (water) intensity or (mud) sigma, mud?
+SPATTER = ((0.65, 0.3, 4, 0.69, 0.6, 0),
+           (0.65, 0.3, 3, 0.68, 0.6, 0),
+           (0.65, 0.3, 2, 0.68, 0.5, 0),
+           (0.65, 0.3, 1, 0.65, 1.5, 1),
+           (0.67, 0.4, 1, 0.65, 1.5, 1))
+FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
+FROST_USED = 5  # the release draws np.random.randint(5): frost6.jpg is listed but never used
+WATER_COLOUR = (175 / 255, 238 / 255, 238 / 255)  # pale turquoise
+MUD_COLOUR = (63 / 255, 42 / 255, 20 / 255)       # mud brown
+
+
+# ----------------------------------------------------------------------------------------- snow
+def snow(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    mean, std, zoom, threshold, radius, sigma, keep = SNOW[severity - 1]
+    n, _, h, w = x.shape
+    s = _base.size_scale(h, w)
+    layer = mean + std * _base.randn((n, 1, h, w), generator, x.device)
+    layer = _filters.clipped_zoom(layer, max(zoom * s, 1.0))
+    layer = torch.where(layer < threshold, torch.zeros_like(layer), layer)
+    layer = _filters.quantize(layer)  # the release stores the flakes as an 8-bit PNG for ImageMagick
+    angles = _base.uniform((n,), -135.0, -45.0, generator, x.device)
+    layer = _filters.quantize(_filters.motion_blur(layer, radius * s, sigma * s, angles))
+    x = keep * x + (1 - keep) * torch.maximum(x, _filters.rgb_to_gray(x) * 1.5 + 0.5)
+    return (x + layer + torch.flip(layer, dims=(-2, -1))).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------- frost
+def frost_directory() -> Path:
+    """Where the release's frost photographs are: $LKFAST_FROST_DIR, else the copy shipped by the
+    `imagecorruptions` package (pip install imagecorruptions-imaug)."""
+    override = os.environ.get("LKFAST_FROST_DIR")
+    if override:
+        path = Path(override)
+    else:
+        spec = importlib.util.find_spec("imagecorruptions")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(
+                "frost needs the ImageNet-C frost photographs, which ship with the imagecorruptions "
+                "package: pip install imagecorruptions-imaug (or set LKFAST_FROST_DIR to a folder "
+                f"holding {', '.join(FROST_FILES[:FROST_USED])})")
+        path = Path(list(spec.submodule_search_locations)[0]) / "frost"
+    missing = [f for f in FROST_FILES[:FROST_USED] if not (path / f).is_file()]
+    if missing:
+        raise RuntimeError(f"frost photographs missing in {path}: {', '.join(missing)}")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _frost_photos_cpu() -> tuple:
+    from PIL import Image  # Pillow comes with torchvision
+
+    folder = frost_directory()
+    photos = []
+    for name in FROST_FILES[:FROST_USED]:
+        with Image.open(folder / name) as im:
+            rgb = im.convert("RGB")  # cv2.imread(IMREAD_COLOR) also drops the alpha channel
+            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+            photos.append(data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255)
+    return tuple(photos)
+
+
+@functools.lru_cache(maxsize=32)
+def _frost_photo(index: int, height: int, width: int, device: str) -> torch.Tensor:
+    photo = _frost_photos_cpu()[index]
+    s = _base.size_scale(height, width)
+    ph, pw = photo.shape[-2:]
+    # scale like the image, then enlarge if the photograph would not cover it (the release
+    # crops with randint(0, photo - 224), so it needs at least one spare pixel each way)
+    factor = max(s, (height + 1) / ph, (width + 1) / pw)
+    if abs(factor - 1) > 1e-6:
+        size = (max(math.ceil(ph * factor), height + 1), max(math.ceil(pw * factor), width + 1))
+        photo = F.interpolate(photo[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        photo = photo.clamp(0, 1)
+    return photo.to(device)
+
+
+def frost(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    keep, amount = FROST[severity - 1]
+    n, _, h, w = x.shape
+    which = _base.randint(FROST_USED, (n,), generator, torch.device("cpu"))
+    u = _base.rand((n, 2), generator, torch.device("cpu"))
+    layer = torch.empty_like(x)
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    for index in range(FROST_USED):  # a loop over the five photographs, not over images
+        chosen = (which == index).nonzero().flatten()
+        if chosen.numel() == 0:
+            continue
+        photo = _frost_photo(index, h, w, str(x.device))
+        ph, pw = photo.shape[-2:]
+        top = (u[chosen, 0] * (ph - h)).long().to(x.device)
+        left = (u[chosen, 1] * (pw - w)).long().to(x.device)
+        r = (top[:, None] + rows[None, :])[:, :, None]
+        c = (left[:, None] + cols[None, :])[:, None, :]
+        layer[chosen.to(x.device)] = photo[:, r, c].permute(1, 0, 2, 3)
+    return (keep * x + amount * layer).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------------ fog
+def plasma_fractal(n: int, mapsize: int, decay: float, generator, device) -> torch.Tensor:
+    """(n, mapsize, mapsize) diamond-square height maps in [0, 1], all n built at once (the release's
+    plasma_fractal, after github.com/FLHerne/mapgen, with a batch dimension)."""
+    assert mapsize & (mapsize - 1) == 0, "mapsize must be a power of two"
+    heights = torch.zeros(n, mapsize, mapsize, device=device)
+    step = mapsize
+    wibble = 100.0
+
+    def wibbled_mean(total):
+        return total / 4 + wibble * _base.uniform(total.shape, -wibble, wibble, generator, device)
+
+    while step >= 2:
+        half = step // 2
+        corners = heights[:, 0::step, 0::step]
+        squares = corners + torch.roll(corners, -1, dims=1)
+        squares = squares + torch.roll(squares, -1, dims=2)
+        heights[:, half::step, half::step] = wibbled_mean(squares)
+        centres = heights[:, half::step, half::step]
+        corners = heights[:, 0::step, 0::step]
+        left = centres + torch.roll(centres, 1, dims=1) + corners + torch.roll(corners, -1, dims=2)
+        heights[:, 0::step, half::step] = wibbled_mean(left)
+        top = centres + torch.roll(centres, 1, dims=2) + corners + torch.roll(corners, -1, dims=1)
+        heights[:, half::step, 0::step] = wibbled_mean(top)
+        step //= 2
+        wibble /= decay
+    low = heights.amin(dim=(1, 2), keepdim=True)
+    heights = heights - low
+    return heights / heights.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+
+
+def fog(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    strength, decay = FOG[severity - 1]
+    n, _, h, w = x.shape
+    s = _base.size_scale(h, w)
+    # the release draws a 256-px map for 224-px images and keeps its top-left corner; at other
+    # sizes draw at least that fine and resample to 256 * s, so the fog's texture scales too
+    length = max(math.ceil(256 * s), h, w)
+    mapsize = max(256, _base.next_power_of_two(length))
+    heights = plasma_fractal(n, mapsize, decay, generator, x.device)[:, None]
+    if mapsize != length:
+        heights = F.interpolate(heights, size=(length, length), mode="bilinear", antialias=True,
+                                align_corners=False)
+    heights = heights[..., :h, :w]
+    peak = x.amax(dim=(1, 2, 3), keepdim=True)
+    return ((x + strength * heights) * peak / (peak + strength)).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------- brightness
+def adjust_value(x: torch.Tensor, shift) -> torch.Tensor:
+    """Add ``shift`` to the HSV value channel, clipped to [0, 1], hue and saturation kept
+    (skimage rgb2hsv -> v + shift -> hsv2rgb). Every channel is V times a function of (H, S), so
+    this is a rescale by V'/V; black pixels (S = 0 by convention) become grey V'."""
+    value = x.amax(dim=1, keepdim=True)
+    new_value = (value + shift).clamp(0, 1)
+    ratio = new_value / value.clamp_min(1e-12)
+    return torch.where(value > 0, x * ratio, new_value.expand_as(x)).clamp(0, 1)
+
+
+def brightness(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    return adjust_value(x, BRIGHTNESS[severity - 1])
+
+
+# -------------------------------------------------------------------------------------- spatter
+def _box3(x: torch.Tensor) -> torch.Tensor:
+    # cv2.blur(x, (3, 3)) with the default reflect-101 border
+    p = _filters.pad(x, 1, 1, 1, 1, "mirror")
+    return F.avg_pool2d(p, 3, stride=1)
+
+
+def canny(image: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """cv2.Canny(image, low, high) for (N, 1, H, W) images holding 0..255 values: 3x3 Sobel
+    (replicated border), L1 magnitude, non-maximum suppression in four directions, hysteresis
+    with 8-connectivity. Returns a bool edge mask."""
+    p = _filters.pad(image, 1, 1, 1, 1, "nearest")
+    sobel_x = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], device=image.device)
+    weights = torch.stack([sobel_x, sobel_x.t()])[:, None]
+    grad = F.conv2d(p, weights)
+    dx, dy = grad[:, 0:1], grad[:, 1:2]
+    mag = dx.abs() + dy.abs()
+    m = F.pad(mag, (1, 1, 1, 1))  # OpenCV's magnitude buffer is zero outside the image
+
+    def at(oy, ox):
+        h, w = mag.shape[-2:]
+        return m[..., 1 + oy:1 + oy + h, 1 + ox:1 + ox + w]
+
+    ax, ay = dx.abs(), dy.abs()
+    tan22 = math.tan(math.radians(22.5))
+    horizontal = ay < ax * tan22
+    vertical = ay > ax * (tan22 + 2)  # tan 67.5 = tan 22.5 + 2
+    s_pos = (dx * dy) >= 0
+    diag = torch.where(s_pos, (mag > at(-1, -1)) & (mag > at(1, 1)), (mag > at(-1, 1)) & (mag > at(1, -1)))
+    peak = torch.where(horizontal, (mag > at(0, -1)) & (mag >= at(0, 1)),
+                       torch.where(vertical, (mag > at(-1, 0)) & (mag >= at(1, 0)), diag))
+    candidate = peak & (mag > low)
+    edges = candidate & (mag > high)
+    while True:
+        grown = candidate & (F.max_pool2d(edges.float(), 3, stride=1, padding=1) > 0)
+        if torch.equal(grown, edges):
+            return edges
+        edges = grown
+
+
+def distance_to_mask(mask: torch.Tensor, limit: float) -> torch.Tensor:
+    """Euclidean distance of every pixel to the nearest True pixel of (N, 1, H, W) ``mask``,
+    capped at ``limit`` (OpenCV's distanceTransform followed by THRESH_TRUNC; exact here where
+    OpenCV's 5x5 mask approximates). Rows first (nearest mask pixel left and right, by running
+    max/min of indices), then a min over the vertical offsets within the limit."""
+    n, _, h, w = mask.shape
+    cols = torch.arange(w, device=mask.device, dtype=torch.float32).expand(n, 1, h, w)
+    big = float(h + w + limit + 1)
+    last_left = torch.cummax(torch.where(mask, cols, torch.full_like(cols, -big)), dim=-1).values
+    first_right = torch.flip(torch.cummin(torch.flip(torch.where(mask, cols, torch.full_like(cols, 2 * big)), dims=(-1,)),
+                                          dim=-1).values, dims=(-1,))
+    row_dist = torch.minimum(cols - last_left, first_right - cols).clamp(max=limit + 1)
+    best = row_dist ** 2
+    reach = int(math.ceil(limit))
+    padded = F.pad(row_dist ** 2, (0, 0, reach, reach), value=(limit + 1) ** 2)
+    for v in range(-reach, reach + 1):
+        if v == 0:
+            continue
+        best = torch.minimum(best, padded[..., reach + v:reach + v + h, :] + v * v)
+    return best.sqrt().clamp(max=limit)
+
+
+def equalize_hist(image: torch.Tensor) -> torch.Tensor:
+    """cv2.equalizeHist for (N, 1, H, W) integer-valued 0..255 images, each image on its own."""
+    n = image.shape[0]
+    flat = image.reshape(n, -1).long().clamp(0, 255)
+    hist = torch.zeros(n, 256, device=image.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    cdf = hist.cumsum(1)
+    first = (hist > 0).float().argmax(1, keepdim=True)
+    first_count = hist.gather(1, first)
+    total = float(flat.shape[1])
+    scale = 255.0 / (total - first_count).clamp_min(1)
+    lut = torch.round((cdf - first_count) * scale).clamp(0, 255)
+    lut = torch.where(first_count == total, first.float().expand_as(lut), lut)
+    return lut.gather(1, flat).view_as(image)
+
+
+def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    mean, std, sigma, threshold, intensity, mud = SPATTER[severity - 1]
+    n, _, h, w = x.shape
+    s = _base.size_scale(h, w)
+    liquid = mean + std * _base.randn((n, 1, h, w), generator, x.device)
+    liquid = _filters.gaussian_blur(liquid, sigma * s)
+    liquid = torch.where(liquid < threshold, torch.zeros_like(liquid), liquid)
+    if mud:
+        m = _filters.gaussian_blur((liquid > threshold).float(), intensity * s)
+        m = torch.where(m < 0.8, torch.zeros_like(m), m)
+        colour = torch.tensor(MUD_COLOUR, device=x.device).view(1, 3, 1, 1)
+        return (x * (1 - m) + colour * m).clamp(0, 1)
+    # water: drops whose rims are shaded by the distance to the drop edges (the release's
+    # OpenCV pipeline: Canny, distance transform, equalised histogram, emboss)
+    liquid8 = torch.floor(liquid.clamp(0, 1) * 255)
+    edges = canny(liquid8, 50, 150)
+    dist = distance_to_mask(edges, 20 * s)
+    dist = torch.floor(_box3(dist))
+    dist = equalize_hist(dist)
+    emboss = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]], device=x.device)
+    dist = torch.round(F.conv2d(_filters.pad(dist, 1, 1, 1, 1, "mirror"), emboss[None, None])).clamp(0, 255)
+    dist = torch.round(_box3(dist))
+    m = liquid8 * dist
+    m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) * intensity
+    colour = torch.tensor(WATER_COLOUR, device=x.device).view(1, 3, 1, 1)
+    return (x + m * colour).clamp(0, 1)

@@ -1,0 +1,198 @@
+"""Backends of the depthwise convolution and what each can run.
+
+Every backend computes the same three things for stride 1, zero "same" padding and odd kernels:
+``forward(x, weight, bias, flip)`` (``flip`` rotates the kernel by 180 degrees, which turns the
+forward pass into the input gradient) and ``weight_grad(grad_out, x, kh, kw)``. A backend says why
+it cannot run (``unavailable_reason`` for the whole machine, ``not_supported_reasons`` for one call),
+in the style of xformers' operator registry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from lkfast import _ext
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout every backend returns for input ``x``: channels_last in, channels_last out."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) == 1:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class Backend:
+    name: str = ""
+    device_types: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    description: str = ""
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run on this machine at all, or None when it can."""
+        return None
+
+    def not_supported_reasons(self, x: torch.Tensor, weight: torch.Tensor) -> list[str]:
+        reasons = []
+        why = self.unavailable_reason()
+        if why:
+            reasons.append(why)
+        if x.device.type not in self.device_types:
+            reasons.append(f"runs on {'/'.join(self.device_types)} tensors, got {x.device.type}")
+        if x.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"supports {names}, got {str(x.dtype).replace('torch.', '')}")
+        return reasons
+
+    def forward(self, x, weight, bias=None, flip=False):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def weight_grad(self, grad_out, x, kh, kw):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """PyTorch's own convolution, run in its fastest layout (channels_last on the CPU: oneDNN)."""
+
+    name = "torch"
+    device_types = ("cpu", "cuda")
+    description = "torch.nn.functional.conv2d (oneDNN channels_last on CPU, cuDNN/native on CUDA)"
+
+    @staticmethod
+    def _layout(x):
+        if x.device.type == "cpu":
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, x, weight, bias=None, flip=False):
+        if flip:
+            weight = weight.flip(-1, -2)
+        kh, kw = weight.shape[-2:]
+        y = F.conv2d(self._layout(x), weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+        return y.contiguous(memory_format=output_memory_format(x))
+
+    def weight_grad(self, grad_out, x, kh, kw):
+        C = x.shape[1]
+        gw = torch.ops.aten.convolution_backward(
+            self._layout(grad_out), self._layout(x), x.new_empty(1).expand(C, 1, kh, kw),
+            None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], C, [False, True, False],
+        )[1]
+        return gw.contiguous()
+
+
+class CpuBackend(Backend):
+    """lkfast's C++ kernels (OpenMP, AVX-512/AVX2 chosen at run time)."""
+
+    name = "cpu"
+    device_types = ("cpu",)
+    description = "lkfast C++ kernels (lkfast._C)"
+
+    def unavailable_reason(self):
+        return _ext.load_error
+
+    def forward(self, x, weight, bias=None, flip=False):
+        return _ext._C.cpu_forward(x, weight, bias, flip).contiguous(memory_format=output_memory_format(x))
+
+    def weight_grad(self, grad_out, x, kh, kw):
+        return _ext._C.cpu_weight_grad(grad_out, x, kh, kw)
+
+
+class CudaBackend(Backend):
+    """lkfast's CUDA kernels, compiled into lkfast._C when nvcc and a CUDA torch were present."""
+
+    name = "cuda"
+    device_types = ("cuda",)
+    description = "lkfast CUDA kernels (lkfast._C)"
+
+    def unavailable_reason(self):
+        if _ext.load_error:
+            return _ext.load_error
+        if not getattr(_ext._C, "with_cuda", False):
+            return "lkfast._C was built without CUDA (no nvcc or a CPU-only torch at build time)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible to torch"
+        return None
+
+    def forward(self, x, weight, bias=None, flip=False):
+        return _ext._C.cuda_forward(x, weight, bias, flip).contiguous(memory_format=output_memory_format(x))
+
+    def weight_grad(self, grad_out, x, kh, kw):
+        return _ext._C.cuda_weight_grad(grad_out, x, kh, kw)
+
+
+class TritonBackend(Backend):
+    """Triton kernels from lkfast.kernels (on the CPU only under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+    device_types = ("cuda",)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    description = "Triton kernels (lkfast.kernels)"
+
+    @functools.cached_property
+    def _module(self):
+        try:
+            return importlib.import_module("lkfast.kernels.depthwise"), None
+        except Exception as exc:  # triton missing, or the kernels module not installed
+            return None, f"lkfast.kernels.depthwise cannot be imported ({type(exc).__name__}: {exc})"
+
+    def unavailable_reason(self):
+        module, error = self._module
+        if module is None:
+            return error
+        return module.unavailable_reason()
+
+    def not_supported_reasons(self, x, weight):
+        reasons = super().not_supported_reasons(x, weight)
+        module, _ = self._module
+        if module is not None and getattr(module, "INTERPRET", False):
+            # The interpreter runs the kernels on CPU tensors.
+            reasons = [r for r in reasons if not r.startswith("runs on")]
+        return reasons
+
+    def forward(self, x, weight, bias=None, flip=False):
+        y = self._module[0].forward(x, weight, bias, flip)
+        return y.contiguous(memory_format=output_memory_format(x))
+
+    def weight_grad(self, grad_out, x, kh, kw):
+        return self._module[0].weight_grad(grad_out, x, kh, kw)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), CpuBackend(), CudaBackend(), TritonBackend())}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reason: str  # why not, when unavailable; what it is, when available
+    devices: tuple[str, ...]
+    dtypes: tuple[str, ...]
+
+    def __str__(self):
+        state = "available" if self.available else "unavailable"
+        return f"{self.name:7s} {state:11s} {self.reason}"
+
+
+def available_backends() -> dict[str, BackendInfo]:
+    """Every backend, whether it can run here, and why not when it cannot."""
+    out = {}
+    for name, backend in BACKENDS.items():
+        why = backend.unavailable_reason()
+        detail = backend.description
+        if name == "cpu" and why is None:
+            detail += f", {_ext._C.cpu_isa()} path"
+        out[name] = BackendInfo(
+            name=name,
+            available=why is None,
+            reason=why or detail,
+            devices=backend.device_types,
+            dtypes=tuple(str(d).replace("torch.", "") for d in backend.dtypes),
+        )
+    return out

@@ -1,0 +1,96 @@
+"""Build lkfast and its compiled extension lkfast._C.
+
+The C++ CPU kernels are always built. CUDA kernels (csrc/cuda/*.cu) are built too when nvcc and
+a CUDA build of torch are both present (TORCH_CUDA_ARCH_LIST is respected; default "8.0;9.0").
+Environment switches:
+  LKFAST_NO_CUDA=1      build the CPU kernels only
+  LKFAST_REQUIRE_EXT=1  fail the install if the extension does not build (CI sets it); otherwise a
+                        failed build leaves a pure-Python install that falls back to PyTorch and says
+                        so in lkfast.ops.available_backends()
+  MAX_JOBS=N            parallel compile jobs (ninja)
+Install with `pip install --no-build-isolation -e .` so the build uses the torch already installed.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("lkfast: torch is not importable at build time; installing without lkfast._C")
+        return [], {}
+
+    required = os.environ.get("LKFAST_REQUIRE_EXT", "0") == "1"
+    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    macros = []
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    want_cuda = (
+        os.environ.get("LKFAST_NO_CUDA", "0") != "1"
+        and torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and bool(cuda_sources)
+    )
+    if want_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        macros.append(("LKFAST_WITH_CUDA", None))
+        ext = CUDAExtension(
+            "lkfast._C",
+            sources + cuda_sources,
+            define_macros=macros,
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
+                         "--expt-relaxed-constexpr"],
+            },
+            extra_link_args=["-fopenmp"],
+            include_dirs=[os.path.join(ROOT, "csrc")],
+        )
+    else:
+        ext = CppExtension(
+            "lkfast._C",
+            sources,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+            include_dirs=[os.path.join(ROOT, "csrc")],
+        )
+    ext.optional = not required
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="lkfast",
+    version="0.1.0",
+    description="Fast large-kernel depthwise convolution and the large-kernel ConvNet robustness protocol",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lkfast", "lkfast.*"]) + ["lkfast.kernels"],
+    package_dir={"lkfast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "timm>=1.0",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "scikit-learn",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "ninja"],
+        "triton": ["triton"],
+    },
+    zip_safe=False,
+)
