@@ -29,10 +29,10 @@ def _gaussian_taps(size: int, sigma: float) -> torch.Tensor:
     return w / w.sum()
 
 
-def disk_kernel(radius: float, alias_blur: float, large: bool) -> torch.Tensor:
-    """The release's anti-aliased disk: a normalised binary disk, Gaussian-blurred (3x3, or 5x5
-    for radii above 8) with OpenCV's default reflect-101 border."""
-    half = max(math.ceil(radius), 1)
+def disk_kernel(radius: float, alias_blur: float, large: bool, half: int) -> torch.Tensor:
+    """The release's anti-aliased disk: a normalised binary disk of the given radius on a
+    (2 half + 1)^2 grid, Gaussian-blurred (3x3, or 5x5 for radii above 8) with OpenCV's default
+    reflect-101 border."""
     taps = torch.arange(-half, half + 1, dtype=torch.float64)
     disk = ((taps[None, :] ** 2 + taps[:, None] ** 2) <= radius ** 2).double()
     disk /= disk.sum()
@@ -46,7 +46,9 @@ def disk_kernel(radius: float, alias_blur: float, large: bool) -> torch.Tensor:
 def defocus_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     radius, alias = DEFOCUS_BLUR[severity - 1]
     s = _base.size_scale(*x.shape[-2:])
-    kernel = disk_kernel(radius * s, alias * s, large=radius > 8).to(x.device)
+    # the release draws disks of radius <= 8 on a 17x17 grid, larger ones on a (2 r + 1)^2 grid
+    half = max(math.ceil(max(radius, 8) * s), 1)
+    kernel = disk_kernel(radius * s, alias * s, large=radius > 8, half=half).to(x.device)
     return _filters.filter2d(x, kernel, mode="mirror").clamp(0, 1)
 
 
@@ -64,7 +66,11 @@ def glass_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     n, c, h, w = x.shape
     s = _base.size_scale(h, w)
     sigma = sigma * s
-    delta = max(1, round(delta * s))
+    reach = delta * s
+    delta = max(1, round(reach))
+    # Below one pixel of reach (images much smaller than 224 px) a pixel moves by at most one
+    # place, and only with probability `reach`, so that severities stay ordered.
+    move_probability = min(reach, 1.0)
     x = _filters.quantize(_filters.gaussian_blur(x, sigma))
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
@@ -73,8 +79,11 @@ def glass_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     for _ in range(passes):
         dy = _base.randint(delta, (n, h, w), generator, x.device, low=-delta)
         dx = _base.randint(delta, (n, h, w), generator, x.device, low=-delta)
-        src_r = torch.where(inside, (rows + dy).clamp(0, h - 1), rows)
-        src_c = torch.where(inside, (cols + dx).clamp(0, w - 1), cols)
+        moves = inside
+        if move_probability < 1.0:
+            moves = inside & (_base.rand((n, h, w), generator, x.device) < move_probability)
+        src_r = torch.where(moves, (rows + dy).clamp(0, h - 1), rows)
+        src_c = torch.where(moves, (cols + dx).clamp(0, w - 1), cols)
         index = (src_r * w + src_c).view(n, 1, h * w).expand(n, c, h * w)
         x = x.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
     return _filters.gaussian_blur(x, sigma).clamp(0, 1)
