@@ -1,0 +1,11 @@
+"""Models: RepLKNet (official-checkpoint compatible, registered with timm) and a factory over timm.
+
+    create_model(name, checkpoint=None, pretrained=False, fast=True, **kwargs)
+    RepLKNet(large_kernel_sizes, layers, channels, small_kernel, ...); model.structural_reparam()
+    replknet_31b, replknet_31l, replknet_xl, replknet_3b
+"""
+from lkfast.models.factory import CheckpointError, create_model, extract_state_dict, load_checkpoint, read_checkpoint
+from lkfast.models.replknet import OFFICIAL_CHECKPOINTS, RepLKNet, replknet_3b, replknet_31b, replknet_31l, replknet_xl
+
+__all__ = ["create_model", "load_checkpoint", "read_checkpoint", "extract_state_dict", "CheckpointError", "RepLKNet",
+           "replknet_31b", "replknet_31l", "replknet_xl", "replknet_3b", "OFFICIAL_CHECKPOINTS"]

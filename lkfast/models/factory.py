@@ -1,0 +1,185 @@
+"""``create_model``: RepLKNet or any timm model, weights from a local checkpoint, fast layers swapped in.
+
+Checkpoints are untrusted input. They are read with ``torch.load(weights_only=True)`` (tensors,
+containers and a short allow-list of harmless types that training scripts store beside the weights,
+such as ``argparse.Namespace``) or with safetensors; arbitrary pickled objects are refused unless the
+caller passes ``trust_checkpoint=True`` (the eval CLI's ``--trust-checkpoint``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from collections.abc import Mapping
+from typing import Optional
+
+import timm
+import torch
+import torch.nn as nn
+
+import lkfast.models.replknet  # noqa: F401  (registers the RepLKNet names with timm)
+from lkfast.nn.patch import patch_model
+
+# Wrappers training scripts put around the weights, tried in this order (plain weights before EMA).
+CHECKPOINT_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")
+# Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
+_STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+_SHOWN = 5  # how many keys of each kind a mismatch error lists
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+def _safe_globals() -> list:
+    allowed = [argparse.Namespace]
+    try:  # numpy scalars and dtypes (e.g. a best metric stored as np.float64)
+        import numpy as np
+
+        try:
+            from numpy._core.multiarray import scalar
+        except ImportError:  # numpy < 2
+            from numpy.core.multiarray import scalar
+        allowed += [scalar, np.dtype] + [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    except ImportError:
+        pass
+    return allowed
+
+
+def read_checkpoint(path: str, trust_checkpoint: bool = False) -> object:
+    """The object stored in ``path`` (.safetensors, or a torch .pth/.pt/.bin file), loaded on the CPU."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    if trust_checkpoint:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to unpickle {path!r}: it stores Python objects beyond tensors and plain containers, and "
+            f"unpickling can run arbitrary code ({str(error).splitlines()[0]}). Convert it to a plain state_dict or "
+            f".safetensors, or, if you trust where the file came from, pass trust_checkpoint=True "
+            f"(--trust-checkpoint on the command line)."
+        ) from None
+
+
+def extract_state_dict(checkpoint: object, checkpoint_key: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: unwrapped from ``model``/``state_dict``/``state_dict_ema``/
+    ``model_ema`` (or ``checkpoint_key``), with ``module.`` / ``_orig_mod.`` prefixes removed."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"expected a checkpoint holding a dict of tensors, found {type(checkpoint).__name__}")
+    state = checkpoint
+    if checkpoint_key is not None:
+        if checkpoint_key not in checkpoint:
+            raise CheckpointError(f"checkpoint has no key {checkpoint_key!r}; its top-level keys: {sorted(checkpoint)[:10]}")
+        state = checkpoint[checkpoint_key]
+    else:
+        for key in CHECKPOINT_KEYS:
+            if isinstance(checkpoint.get(key), Mapping):
+                state = checkpoint[key]
+                break
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"expected a dict of tensors under the checkpoint key, found {type(state).__name__}")
+    tensors = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in _STRIPPED_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        tensors[key] = value
+    if not tensors:
+        raise CheckpointError(
+            f"no tensors found in the checkpoint (top-level keys: {sorted(map(str, checkpoint))[:10]}); "
+            f"name the entry holding the weights with checkpoint_key=..."
+        )
+    return tensors
+
+
+def _listing(kind: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOWN]) + (", ..." if len(items) > _SHOWN else "")
+    return f"{len(items)} {kind}: {shown}"
+
+
+def load_checkpoint(model: nn.Module, path: str, trust_checkpoint: bool = False,
+                    checkpoint_key: Optional[str] = None) -> nn.Module:
+    """Load a local checkpoint into ``model`` with strict key and shape checking.
+
+    Raises ``CheckpointError`` listing the missing keys, unexpected keys and shape mismatches (the
+    first few of each, with counts) when the checkpoint does not fit.
+    """
+    state = extract_state_dict(read_checkpoint(path, trust_checkpoint), checkpoint_key)
+    try:
+        model.load_state_dict(state, strict=True)
+        return model
+    except RuntimeError:
+        pass
+    # RepLKNet switches to the checkpoint's (merged or unmerged) form inside load_state_dict, so the
+    # model's keys are read after the failed attempt.
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)})"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [_listing(kind, items) for kind, items in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+    hint = ""
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    if f"{classifier}.weight" in state and f"{classifier}.weight" in expected \
+            and state[f"{classifier}.weight"].shape[0] != expected[f"{classifier}.weight"].shape[0]:
+        hint = f" The checkpoint's classifier has {state[classifier + '.weight'].shape[0]} classes: pass num_classes=" \
+               f"{state[classifier + '.weight'].shape[0]}."
+    raise CheckpointError(f"checkpoint {path!r} does not fit {type(model).__name__}: " + "; ".join(problems) + "." + hint)
+
+
+def create_model(name: str, checkpoint: Optional[str] = None, pretrained: bool = False, fast: bool = True,
+                 trust_checkpoint: bool = False, checkpoint_key: Optional[str] = None, **kwargs) -> nn.Module:
+    """Build ``name`` (a RepLKNet name such as ``replknet_31b`` or ``replknet_31b.in22k_ft_in1k_384``,
+    or any timm name, e.g. ``convnext_tiny`` with ``kernel_sizes=31``), in eval mode.
+
+    checkpoint: local .pth/.pt/.safetensors file, wrapped in ``model``/``state_dict``/``state_dict_ema``
+        or not, with or without a ``module.`` prefix; RepLKNet accepts training-time and
+        re-parameterised weights. Loaded strictly (see ``load_checkpoint``).
+    pretrained: fetch weights through timm's hub loading (needs network; not available for RepLKNet).
+    fast: run large depthwise convs through the fast op (``lkfast.nn.patch_model``).
+    trust_checkpoint: allow arbitrary pickled objects in the checkpoint (only for files you trust).
+    kwargs: passed to the model constructor (``num_classes``, ``drop_path_rate``, ...).
+    The model carries its preprocessing in ``model.pretrained_cfg`` (input_size, mean, std, ...).
+    """
+    if checkpoint is not None and pretrained:
+        raise ValueError("create_model: pass either checkpoint=PATH or pretrained=True, not both")
+    architecture = name.split(".")[0]
+    is_replknet = architecture.startswith("replknet_")
+    if is_replknet:
+        if pretrained:
+            from lkfast.models.replknet import OFFICIAL_CHECKPOINTS
+
+            files = ", ".join(v for k, v in OFFICIAL_CHECKPOINTS.items() if k.startswith(architecture + "."))
+            raise ValueError(
+                f"create_model: {name}: the official RepLKNet weights are not on a hub timm can reach; download them "
+                f"from github.com/DingXiaoH/RepLKNet-pytorch ({files or 'no official weights for this model'}) and "
+                f"pass checkpoint=PATH"
+            )
+        kwargs["fast"] = fast
+    if not timm.is_model(architecture):
+        raise ValueError(f"create_model: unknown model {name!r} (not a RepLKNet name and not in timm's registry)")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as error:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"create_model: could not fetch pretrained weights for {name!r} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Without network access, download the weights "
+            f"elsewhere and pass a local checkpoint: create_model({name!r}, checkpoint='PATH')"
+        ) from error
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, trust_checkpoint=trust_checkpoint, checkpoint_key=checkpoint_key)
+    if fast:
+        patch_model(model)
+    return model.eval()

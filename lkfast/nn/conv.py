@@ -1,0 +1,220 @@
+"""Convolution modules that run large depthwise kernels through ``lkfast.ops.depthwise_conv2d``.
+
+    DepthwiseConv2d          drop-in for nn.Conv2d(c, c, k, padding=k // 2, groups=c)
+    ReparamLargeKernelConv   RepLKNet's large kernel + parallel small kernel, each followed by BN
+    conv_bn, conv_bn_relu    nn.Sequential(conv, bn[, nonlinear]) with the official RepLKNet key names
+    fuse_conv_bn             the (kernel, bias) of a conv followed by an inference-mode BN
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lkfast.ops import depthwise_conv2d
+
+KernelSize = Union[int, tuple]
+
+# Smallest kernel side the fast op is used for by default. Measured on the CPU (2 cores, fp32,
+# 8 x 96 x 56 x 56): from 5x5 up the fast op wins clearly once gradients are involved (PyTorch's
+# weight gradient is the slow part) and in NCHW; at 3x3 PyTorch is as fast, so 3x3 stays nn.Conv2d.
+DEFAULT_MIN_KERNEL_SIZE = 5
+
+
+def _pair(size: KernelSize) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _fast_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # A custom op is invisible to autocast, so apply the cast that nn.Conv2d would get.
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return depthwise_conv2d(x, weight, bias)
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise convolution, stride 1, zero "same" padding, computed by the fast op.
+
+    A subclass of ``nn.Conv2d(channels, channels, kernel_size, padding=k // 2, groups=channels)`` with
+    the same parameters and state_dict keys (``weight`` of shape ``(C, 1, kh, kw)``, ``bias``), so a
+    Conv2d's state_dict loads into it and code that reads ``in_channels``/``kernel_size``/``weight``
+    keeps working. Kernel sizes must be odd (the padding is symmetric only then).
+    """
+
+    def __init__(self, channels: int, kernel_size: KernelSize, bias: bool = True, device=None, dtype=None):
+        kh, kw = _pair(kernel_size)
+        if kh % 2 == 0 or kw % 2 == 0 or kh < 1 or kw < 1:
+            raise ValueError(f"DepthwiseConv2d: kernel size must be odd in both dimensions, got {kh}x{kw}")
+        super().__init__(channels, channels, (kh, kw), stride=1, padding=(kh // 2, kw // 2), groups=channels,
+                         bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fast_depthwise(x, self.weight, self.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
+        """A DepthwiseConv2d sharing ``conv``'s parameters (same tensors, device and dtype)."""
+        fast = cls(conv.in_channels, conv.kernel_size, bias=conv.bias is not None, device="meta")
+        fast.weight = conv.weight
+        if conv.bias is not None:
+            fast.bias = conv.bias
+        fast.train(conv.training)
+        return fast
+
+
+def make_conv2d(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None,
+                dilation=1, groups: int = 1, bias: bool = False, fast: bool = True) -> nn.Conv2d:
+    """``nn.Conv2d``, or ``DepthwiseConv2d`` when ``fast`` and the conv is a stride-1 same-padded
+    depthwise conv with an odd kernel of at least ``DEFAULT_MIN_KERNEL_SIZE`` (where the op wins)."""
+    kh, kw = _pair(kernel_size)
+    if padding is None:
+        padding = (kh // 2, kw // 2)
+    padding = _pair(padding)
+    depthwise_same = (groups == in_channels == out_channels and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1)
+                      and kh % 2 == 1 and kw % 2 == 1 and padding == (kh // 2, kw // 2) and max(kh, kw) >= DEFAULT_MIN_KERNEL_SIZE)
+    if fast and depthwise_same:
+        return DepthwiseConv2d(in_channels, (kh, kw), bias=bias)
+    return nn.Conv2d(in_channels, out_channels, (kh, kw), stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, bias=bias)
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None, groups: int = 1,
+            dilation=1, fast: bool = True) -> nn.Sequential:
+    """Conv (no bias) then BatchNorm, as ``nn.Sequential`` with children ``conv`` and ``bn``."""
+    conv = make_conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False, fast=fast)
+    return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels)))
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None,
+                 groups: int = 1, dilation=1, fast: bool = True) -> nn.Sequential:
+    """``conv_bn`` followed by a ReLU child named ``nonlinear``."""
+    block = conv_bn(in_channels, out_channels, kernel_size, stride, padding, groups, dilation, fast=fast)
+    block.add_module("nonlinear", nn.ReLU())
+    return block
+
+
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel and bias of one conv equal to ``bn(conv(x))`` with ``bn`` in inference mode.
+
+    Built from differentiable tensor ops, so gradients reach the conv and BN parameters.
+    """
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std if bn.weight is not None else 1.0 / std
+    shift = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+    kernel = conv.weight * scale.reshape(-1, 1, 1, 1)
+    return kernel, shift + (conv_bias - bn.running_mean) * scale
+
+
+def _bn_in_inference_mode(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
+
+
+class ReparamLargeKernelConv(nn.Module):
+    """RepLKNet's re-parameterisable large-kernel conv (Ding et al. 2022), official key names.
+
+    Training form: ``lkb_origin`` (large conv + BN) plus, when ``small_kernel`` is set, a parallel
+    ``small_conv`` (small conv + BN); the two outputs are summed. ``merge_kernel()`` folds both into
+    one conv with bias, ``lkb_reparam`` (what ``small_kernel_merged=True`` builds directly).
+
+    With ``fast=True`` the depthwise large (and small) kernels run through the fast op, and in
+    inference mode (both BNs in eval) the unmerged form is computed as one convolution with the
+    equivalent kernel, derived on the fly so gradients still reach every parameter.
+    Loading a state_dict of the other form (merged into unmerged or back) switches the module to
+    that form first, so both the official training-time and re-parameterised checkpoints load.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
+                 small_kernel: Optional[int], small_kernel_merged: bool = False, fast: bool = True):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups, self.stride = in_channels, out_channels, groups, stride
+        self.kernel_size = kernel_size
+        self.small_kernel = small_kernel
+        self.fast = fast
+        if small_kernel is not None and small_kernel > kernel_size:
+            raise ValueError(f"ReparamLargeKernelConv: small_kernel ({small_kernel}) must not exceed kernel_size ({kernel_size})")
+        if small_kernel_merged:
+            self._build_merged()
+        else:
+            self._build_unmerged()
+
+    def _build_unmerged(self) -> None:
+        self.lkb_origin = conv_bn(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                  self.kernel_size // 2, self.groups, fast=self.fast)
+        if self.small_kernel is not None:
+            self.small_conv = conv_bn(self.in_channels, self.out_channels, self.small_kernel, self.stride,
+                                      self.small_kernel // 2, self.groups, fast=self.fast)
+
+    def _build_merged(self) -> None:
+        self.lkb_reparam = make_conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                       self.kernel_size // 2, 1, self.groups, bias=True, fast=self.fast)
+
+    @property
+    def merged(self) -> bool:
+        return hasattr(self, "lkb_reparam")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.lkb_reparam(x)
+        if isinstance(self.lkb_origin.conv, DepthwiseConv2d) and self._branches_in_inference_mode():
+            kernel, bias = self.get_equivalent_kernel_bias()
+            return _fast_depthwise(x, kernel, bias)
+        out = self.lkb_origin(x)
+        if hasattr(self, "small_conv"):
+            out = out + self.small_conv(x)
+        return out
+
+    def _branches_in_inference_mode(self) -> bool:
+        return _bn_in_inference_mode(self.lkb_origin.bn) and (
+            not hasattr(self, "small_conv") or _bn_in_inference_mode(self.small_conv.bn))
+
+    def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel ``(out, in/groups, k, k)`` and bias of the single conv equal to this module in eval mode."""
+        kernel, bias = fuse_conv_bn(self.lkb_origin.conv, self.lkb_origin.bn)
+        if hasattr(self, "small_conv"):
+            small_kernel, small_bias = fuse_conv_bn(self.small_conv.conv, self.small_conv.bn)
+            pad = (self.kernel_size - self.small_kernel) // 2
+            kernel = kernel + F.pad(small_kernel, [pad] * 4)  # centre the small kernel in the large one
+            bias = bias + small_bias
+        return kernel, bias
+
+    @torch.no_grad()
+    def merge_kernel(self) -> None:
+        """Replace the branches with ``lkb_reparam``, one conv with the equivalent kernel and bias."""
+        if self.merged:
+            return
+        kernel, bias = self.get_equivalent_kernel_bias()
+        reference = self.lkb_origin.conv.weight
+        self._build_merged()
+        self.lkb_reparam.to(device=reference.device, dtype=reference.dtype)
+        self.lkb_reparam.weight.copy_(kernel)
+        self.lkb_reparam.bias.copy_(bias)
+        del self.lkb_origin
+        if hasattr(self, "small_conv"):
+            del self.small_conv
+
+    def _switch_form(self, merged: bool) -> None:
+        reference = next(self.parameters())
+        for name in ("lkb_reparam", "lkb_origin", "small_conv"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self._build_merged() if merged else self._build_unmerged()
+        self.to(device=reference.device, dtype=reference.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Children are loaded after this hook runs, so switching form here lets them find their keys.
+        has_merged = any(k.startswith(prefix + "lkb_reparam.") for k in state_dict)
+        has_unmerged = any(k.startswith(prefix + "lkb_origin.") for k in state_dict)
+        if has_merged and not has_unmerged and not self.merged:
+            self._switch_form(merged=True)
+        elif has_unmerged and not has_merged and self.merged:
+            self._switch_form(merged=False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, small_kernel={self.small_kernel}, merged={self.merged}"
