@@ -85,18 +85,26 @@ def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
     """Encode each image as a JPEG at ``quality`` (libjpeg through torchvision, 4:2:0 chroma like
     Pillow's default) and decode it again. Runs where the tensor is when torchvision can (nvJPEG
     on CUDA), else on the CPU."""
+    import warnings
+
     from torchvision.io import decode_jpeg, encode_jpeg
 
     pixels = torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
+    with warnings.catch_warnings():  # torchvision 0.29 flags its codecs as moving to TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _jpeg_roundtrip(pixels, quality, encode_jpeg, decode_jpeg).to(x.dtype) / 255
+
+
+def _jpeg_roundtrip(pixels, quality, encode_jpeg, decode_jpeg):
     try:
         encoded = encode_jpeg(list(pixels), quality=quality)
-        decoded = decode_jpeg(encoded, device=x.device)
+        decoded = decode_jpeg(encoded, device=pixels.device)
     except RuntimeError:
-        if x.device.type == "cpu":
+        if pixels.device.type == "cpu":
             raise
         encoded = encode_jpeg(list(pixels.cpu()), quality=quality)
-        decoded = [d.to(x.device) for d in decode_jpeg(encoded)]
-    return torch.stack(list(decoded)).to(x.dtype) / 255
+        decoded = [d.to(pixels.device) for d in decode_jpeg(encoded)]
+    return torch.stack(list(decoded))
 
 
 def jpeg_compression(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:

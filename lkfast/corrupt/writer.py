@@ -192,6 +192,10 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
 
 
 def _encode_jpeg(image: torch.Tensor) -> bytes:
+    import warnings
+
     from torchvision.io import encode_jpeg
 
-    return encode_jpeg(image, quality=JPEG_QUALITY).numpy().tobytes()
+    with warnings.catch_warnings():  # torchvision 0.29 flags its codecs as moving to TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return encode_jpeg(image, quality=JPEG_QUALITY).numpy().tobytes()

@@ -1,0 +1,440 @@
+"""Tests for lkfast.corrupt: the 19 ImageNet-C corruptions, the 10 ImageNet-P sequences, the writer."""
+import math
+
+import pytest
+import torch
+
+import lkfast.corrupt as lc
+from lkfast.corrupt import _filters, writer
+
+ALL = lc.names("all")
+# Corruptions whose output does not depend on the generator.
+DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression",
+                 "gaussian_blur", "saturate"}
+
+
+def natural_images(n=4, size=32, seed=0):
+    """Photo-like test images: smooth colour fields plus a few hard-edged rectangles, mean ~0.45."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 3, 6, 6, generator=g) * 0.7 + 0.1
+    x = torch.nn.functional.interpolate(base, size=(size, size), mode="bicubic", align_corners=False)
+    for i in range(n):
+        for _ in range(3):
+            y0, x0 = torch.randint(0, size // 2, (2,), generator=g).tolist()
+            h, w = torch.randint(size // 8, size // 2, (2,), generator=g).tolist()
+            x[i, :, y0:y0 + h, x0:x0 + w] = torch.rand(3, 1, 1, generator=g)
+    return x.clamp(0, 1)
+
+
+def mean_distance(a, b):
+    return (a - b).abs().mean().item()
+
+
+# ------------------------------------------------------------------------------------ registry
+def test_names_subsets():
+    assert len(lc.names("common")) == 15 and len(lc.names("extra")) == 4 and len(ALL) == 19
+    assert lc.names("extra") == ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+    assert lc.names("noise") == ["gaussian_noise", "shot_noise", "impulse_noise"]
+    assert lc.names("blur") == ["defocus_blur", "glass_blur", "motion_blur", "zoom_blur"]
+    assert lc.names("weather") == ["snow", "frost", "fog", "brightness"]
+    assert lc.names("digital") == ["contrast", "elastic_transform", "pixelate", "jpeg_compression"]
+    assert sum((lc.names(s) for s in ("noise", "blur", "weather", "digital")), []) == lc.names("common")
+    assert set(lc.CORRUPTIONS) == set(ALL)
+    with pytest.raises(ValueError, match="valid names are: common"):
+        lc.names("validation")
+
+
+# ------------------------------------------------------------------- every corruption, 32/64 px
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("name", ALL)
+def test_corruption_contract(name, size):
+    x = natural_images(4, size)
+    outs = {}
+    for severity in (1, 5):
+        y = lc.corrupt(x, name, severity, generator=torch.Generator().manual_seed(7))
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
+        again = lc.corrupt(x, name, severity, generator=torch.Generator().manual_seed(7))
+        assert torch.equal(y, again), "same seed must give the same output"
+        outs[severity] = y
+    if name not in DETERMINISTIC:
+        other = lc.corrupt(x, name, 5, generator=torch.Generator().manual_seed(8))
+        assert not torch.equal(other, outs[5]), "a different seed must give a different corruption"
+    d1, d5 = mean_distance(outs[1], x), mean_distance(outs[5], x)
+    assert d5 > 0  # (gaussian_blur severity 1 at 32 px is sigma 0.14 px: no visible change, d1 = 0)
+    if name == "elastic_transform":
+        # The release's severities 1-2 are dominated by a large random affine warp (corners moved
+        # by up to 24 / 49 px at 224), 3-5 by small local displacement: its distance is not
+        # monotone from 1 to 5 by definition. Check the order within 3..5 and that 1 is the
+        # affine-heavy one.
+        d3 = mean_distance(lc.corrupt(x, name, 3, generator=7), x)
+        assert d3 < d5 < d1
+    else:
+        assert d1 < d5, f"{name}: severity 1 ({d1:.4f}) should differ less than severity 5 ({d5:.4f})"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_corruption_at_224(name):
+    x = natural_images(2, 224, seed=1)
+    y = lc.corrupt(x, name, 3, generator=3)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert torch.equal(y, lc.corrupt(x, name, 3, generator=3))
+    assert mean_distance(y, x) > 1e-3
+
+
+def test_non_square_and_float64():
+    x = natural_images(2, 64)[:, :, :, :48].double()
+    for name in ALL:
+        y = lc.corrupt(x, name, 2, generator=0)
+        assert y.shape == x.shape and y.dtype == torch.float64
+
+
+def test_int_seed_equals_generator_seed():
+    x = natural_images(2, 32)
+    assert torch.equal(lc.corrupt(x, "snow", 3, generator=5),
+                       lc.corrupt(x, "snow", 3, generator=torch.Generator().manual_seed(5)))
+
+
+# ---------------------------------------------------------------------------- exact known cases
+def constant(value, size=32, n=2):
+    return torch.full((n, 3, size, size), value)
+
+
+@pytest.mark.parametrize("severity,shift", list(zip(range(1, 6), (0.1, 0.2, 0.3, 0.4, 0.5))))
+def test_brightness_on_grey_adds_to_value(severity, shift):
+    for v in (0.0, 0.3, 0.8):
+        y = lc.corrupt(constant(v), "brightness", severity)
+        torch.testing.assert_close(y, constant(min(v + shift, 1.0)))
+
+
+def test_brightness_keeps_hue_and_saturation():
+    x = torch.tensor([0.4, 0.2, 0.1]).view(1, 3, 1, 1).expand(1, 3, 16, 16).contiguous()
+    y = lc.corrupt(x, "brightness", 2)  # V 0.4 -> 0.6: every channel scaled by 1.5
+    torch.testing.assert_close(y, x * 1.5)
+
+
+@pytest.mark.parametrize("severity", range(1, 6))
+def test_contrast_leaves_constant_images(severity):
+    x = torch.cat([constant(0.2, n=1), constant(0.7, n=1)])
+    torch.testing.assert_close(lc.corrupt(x, "contrast", severity), x)
+
+
+def test_contrast_scales_around_channel_mean():
+    x = natural_images(2, 32)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(lc.corrupt(x, "contrast", 1), ((x - mean) * 0.4 + mean).clamp(0, 1))
+
+
+def test_saturate_on_grey():
+    x = constant(0.6)
+    for severity in (1, 2, 3):  # S = 0 and b = 0: unchanged
+        torch.testing.assert_close(lc.corrupt(x, "saturate", severity), x)
+    # severity 4: S' = 0.1, hue 0 (red) by convention: (V, 0.9 V, 0.9 V); severity 5: S' = 0.2
+    expected = torch.tensor([0.6, 0.54, 0.54]).view(1, 3, 1, 1).expand_as(x)
+    torch.testing.assert_close(lc.corrupt(x, "saturate", 4), expected)
+    expected = torch.tensor([0.6, 0.48, 0.48]).view(1, 3, 1, 1).expand_as(x)
+    torch.testing.assert_close(lc.corrupt(x, "saturate", 5), expected)
+
+
+def test_saturate_colour():
+    x = torch.tensor([0.8, 0.6, 0.4]).view(1, 3, 1, 1).expand(1, 3, 8, 8).contiguous()  # S = 0.5
+    y = lc.corrupt(x, "saturate", 1)  # S' = 0.15: channels move towards V by 0.3
+    expected = torch.tensor([0.8, 0.8 - 0.3 * 0.2, 0.8 - 0.3 * 0.4]).view(1, 3, 1, 1).expand_as(x)
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("name", ["gaussian_blur", "defocus_blur", "zoom_blur", "motion_blur",
+                                  "elastic_transform", "pixelate"])
+@pytest.mark.parametrize("severity", [1, 5])
+def test_spatial_filters_keep_constant_images(name, severity):
+    x = constant(0.35, size=64)
+    torch.testing.assert_close(lc.corrupt(x, name, severity, generator=0), x, atol=1e-5, rtol=0)
+
+
+def test_glass_blur_constant_up_to_8_bit_step():
+    x = constant(0.5, size=64)
+    y = lc.corrupt(x, "glass_blur", 5, generator=0)
+    assert (y - x).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_jpeg_on_flat_grey_is_lossless():
+    x = constant(128 / 255, size=64)
+    for severity in (1, 5):
+        torch.testing.assert_close(lc.corrupt(x, "jpeg_compression", severity), x, atol=1.01 / 255, rtol=0)
+
+
+def test_noise_special_values():
+    black = constant(0.0)
+    assert torch.equal(lc.corrupt(black, "shot_noise", 5, generator=0), black)
+    assert torch.equal(lc.corrupt(black, "speckle_noise", 5, generator=0), black)
+    x = natural_images(2, 64)
+    y = lc.corrupt(x, "impulse_noise", 5, generator=0)
+    changed = y != x
+    assert set(y[changed].unique().tolist()) <= {0.0, 1.0}
+    assert abs(changed.float().mean().item() - 0.27) < 0.02  # ~27% of values replaced at severity 5
+    grey = constant(0.5, size=64)
+    noisy = lc.corrupt(grey, "gaussian_noise", 1, generator=0)
+    assert abs((noisy - grey).std().item() - 0.08) < 0.005
+
+
+def test_motion_blur_kernel_matches_imagemagick_rule():
+    k = _filters.motion_kernels(2, 1.0, torch.tensor([0.0]))[0, 0]
+    # width 2 * 2 + 1 = 5 samples to the right of the centre, one-sided Gaussian weights
+    w = torch.exp(-torch.arange(5.0) ** 2 / 2)
+    c = k.shape[-1] // 2
+    torch.testing.assert_close(k[c, c:c + 5], w / w.sum())
+    assert k.sum().item() == pytest.approx(1.0)
+
+
+def test_size_scaling_of_blur():
+    # a 448-px image blurred with sigma 2 * 2 = 4 equals the 224-px blur (sigma 2) upsampled
+    small = natural_images(1, 112, seed=3)
+    assert _filters.gaussian_matrix(10, 1.0, "cpu").sum(1).allclose(torch.ones(10))
+    big = torch.nn.functional.interpolate(small, scale_factor=2, mode="nearest")
+    out_small = lc.corrupt(small, "gaussian_blur", 2)
+    out_big = lc.corrupt(big, "gaussian_blur", 2)
+    down = torch.nn.functional.avg_pool2d(out_big, 2)
+    assert mean_distance(down, out_small) < 0.01
+
+
+# ------------------------------------------------------------------------- against the release
+def test_matches_reference_implementation():
+    ic = pytest.importorskip("imagecorruptions")
+    import numpy as np
+
+    x = natural_images(1, 224, seed=5)
+    image = (x[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    for name in sorted(DETERMINISTIC):
+        for severity in (1, 3, 5):
+            ref = ic.corrupt(image, severity=severity, corruption_name=name).astype(np.float32) / 255
+            ours = lc.corrupt(x, name, severity)[0].permute(1, 2, 0).numpy()
+            # the reference truncates to uint8: at most one 8-bit step apart
+            assert np.abs(ref - ours).max() <= 1 / 255 + 1e-4, (name, severity)
+
+
+def test_motion_blur_matches_reference():
+    pytest.importorskip("imagecorruptions")
+    from imagecorruptions import corruptions as reference
+    import numpy as np
+
+    x = natural_images(1, 96, seed=2)
+    image = (x[0].permute(1, 2, 0) * 255).numpy().astype(np.float64)
+    for radius, sigma in ((10, 3), (20, 15)):
+        for angle in (-45.0, -12.5, 0.0, 33.0):
+            ref = reference._motion_blur(image, radius=radius, sigma=sigma, angle=angle)
+            ours = _filters.motion_blur(x * 255, radius, sigma, torch.tensor([angle]))[0].permute(1, 2, 0)
+            assert np.abs(ref - ours.numpy()).max() < 1e-2
+
+
+# ----------------------------------------------------------------------------------- bad input
+def test_bad_inputs():
+    x = natural_images(2, 32)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]; found min .*, max 1.9"):
+        lc.corrupt(x * 2, "fog", 1)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        lc.corrupt(x - 0.5, "fog", 1)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        lc.corrupt(x.clone().fill_(float("nan")), "fog", 1)
+    with pytest.raises(ValueError, match=r"shape \(N, 3, H, W\).*\(3, 32, 32\)"):
+        lc.corrupt(x[0], "fog", 1)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        lc.corrupt(x[:, :1], "fog", 1)
+    with pytest.raises(ValueError, match="floating-point"):
+        lc.corrupt((x * 255).byte(), "fog", 1)
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        lc.corrupt(x.numpy(), "fog", 1)
+    with pytest.raises(ValueError, match="at least 8x8"):
+        lc.corrupt(x[:, :, :4, :4], "fog", 1)
+    with pytest.raises(ValueError, match="valid names are: gaussian_noise, shot_noise"):
+        lc.corrupt(x, "rain", 1)
+    for severity in (0, 6, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="severity must be an integer in 1..5"):
+            lc.corrupt(x, "fog", severity)
+    with pytest.raises(ValueError, match="generator"):
+        lc.corrupt(x, "fog", 1, generator="seed")
+
+
+def test_frost_photos_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from lkfast.corrupt import weather
+
+    monkeypatch.setenv("LKFAST_FROST_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="frost photographs missing"):
+        weather.frost_directory()
+
+
+# ------------------------------------------------------------------------------- perturbations
+P_ALL = list(lc.PERTURBATIONS)
+
+
+def test_perturbation_frame_counts():
+    assert lc.PERTURBATIONS["translate"] == 41
+    assert all(t == 31 for n, t in lc.PERTURBATIONS.items() if n != "translate")
+    assert len(P_ALL) == 10
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("name", P_ALL)
+def test_perturbation_contract(name, size):
+    x = natural_images(2, size)
+    seq = lc.perturbation_sequence(x, name, generator=1)
+    t = lc.PERTURBATIONS[name]
+    assert seq.shape == (2, t, 3, size, size) and seq.dtype == x.dtype
+    assert seq.min() >= 0 and seq.max() <= 1
+    assert torch.equal(seq, lc.perturbation_sequence(x, name, generator=1))
+    steps = (seq[:, 1:] - seq[:, :-1]).abs().mean()
+    assert steps > 0, "frames must change"
+    # the frame where the release's parameter is neutral is the clean image
+    neutral = {"gaussian_noise": 0, "shot_noise": 0, "zoom_blur": 0, "brightness": 15, "translate": 20,
+               "rotate": 15, "scale": 24}
+    if name in neutral:
+        torch.testing.assert_close(seq[:, neutral[name]], x, atol=2e-5, rtol=0)
+    if name == "tilt":
+        # the release's untilted frame is scaled by f / (f + 1) (its projection puts the image
+        # plane at depth f + 1): the clean image up to a fraction of a pixel
+        assert mean_distance(seq[:, 15, :, 2:-2, 2:-2], x[:, :, 2:-2, 2:-2]) < 0.01
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "snow", "tilt"])
+def test_perturbation_at_224(name):
+    x = natural_images(1, 224)
+    seq = lc.perturbation_sequence(x, name, generator=0)
+    assert seq.shape == (1, lc.PERTURBATIONS[name], 3, 224, 224)
+    assert seq.min() >= 0 and seq.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise"])
+def test_noise_difficulty_is_monotone(name):
+    x = natural_images(2, 32)
+    d = [mean_distance(lc.perturbation_sequence(x, name, k, generator=0)[:, 1:], x[:, None]) for k in (1, 2, 3)]
+    assert d[0] < d[1] < d[2]
+
+
+def test_geometric_difficulty_does_not_change_frames():
+    x = natural_images(1, 32)
+    assert torch.equal(lc.perturbation_sequence(x, "rotate", 1), lc.perturbation_sequence(x, "rotate", 3))
+
+
+def test_perturbation_crop_uses_context():
+    x = natural_images(1, 48)
+    seq = lc.perturbation_sequence(x, "translate", crop=32)
+    assert seq.shape == (1, 41, 3, 32, 32)
+    # the centre frame is the centre crop; the extreme frames show no black border
+    torch.testing.assert_close(seq[:, 20], x[..., 8:40, 8:40], atol=2e-5, rtol=0)
+    assert seq[:, 0].amax(dim=1).min() > 0
+
+
+def test_translate_shifts_by_whole_pixels_at_224():
+    x = natural_images(1, 224)
+    seq = lc.perturbation_sequence(x, "translate")
+    torch.testing.assert_close(seq[0, 25, :, :, 5:], x[0, :, :, :-5], atol=2e-5, rtol=0)
+
+
+def test_perturbation_bad_input():
+    x = natural_images(1, 32)
+    with pytest.raises(ValueError, match="valid names are: gaussian_noise, shot_noise, motion_blur"):
+        lc.perturbation_sequence(x, "impulse_noise")
+    for difficulty in (0, 4, 1.0):
+        with pytest.raises(ValueError, match="difficulty must be an integer in 1..3"):
+            lc.perturbation_sequence(x, "rotate", difficulty)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        lc.perturbation_sequence(x + 1, "rotate")
+    with pytest.raises(ValueError, match="larger than the images"):
+        lc.perturbation_sequence(x, "rotate", crop=64)
+
+
+# -------------------------------------------------------------------------------------- writer
+def make_tree(root, classes=("n01440764", "n01443537"), per_class=3):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c, wnid in enumerate(classes):
+        (root / wnid).mkdir(parents=True)
+        for i in range(per_class):
+            x = natural_images(1, 64, seed=10 * c + i)[0]
+            x = torch.nn.functional.interpolate(x[None], size=(260, 300 + 20 * i), mode="bilinear")[0]
+            data = (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
+            suffix = ".png" if i == 0 else ".JPEG"
+            Image.fromarray(data).save(root / wnid / f"ILSVRC2012_val_{c}{i:07d}{suffix}")
+    del g
+    return root
+
+
+def test_writer_imagenet_c_matches_in_memory_and_resumes(tmp_path):
+    from torchvision.io import decode_jpeg, encode_jpeg, read_file
+
+    src = make_tree(tmp_path / "val")
+    dst = tmp_path / "imagenet-c"
+    names, severities = ["gaussian_noise", "zoom_blur"], [2, 5]
+    written = writer.render(src, dst, "c", names, severities, batch_size=2, seed=3, progress=False)
+    assert written == 2 * 3 * len(names) * len(severities)
+    for name in names:
+        for severity in severities:
+            for wnid, files in writer.list_images(src):
+                for chunk, start in enumerate(range(0, len(files), 2)):
+                    paths = files[start:start + 2]
+                    images = torch.stack([writer.load_image(p) for p in paths])
+                    assert images.shape[-2:] == (224, 224)
+                    g = writer.chunk_generator(3, name, severity, wnid, chunk)
+                    expected = writer.to_uint8(lc.corrupt(images, name, severity, g))
+                    for i, p in enumerate(paths):
+                        out = dst / name / str(severity) / wnid / (p.stem + ".JPEG")
+                        stored = decode_jpeg(read_file(str(out)))
+                        same_codec = decode_jpeg(encode_jpeg(expected[i], quality=85))
+                        assert torch.equal(stored, same_codec), out
+    # resumable: nothing to do the second time; a deleted file comes back identical
+    assert writer.render(src, dst, "c", names, severities, batch_size=2, seed=3, progress=False) == 0
+    victim = next((dst / "zoom_blur" / "5").rglob("*.JPEG"))
+    before = victim.read_bytes()
+    victim.unlink()
+    assert writer.render(src, dst, "c", names, severities, batch_size=2, seed=3, progress=False) == 1
+    assert victim.read_bytes() == before
+    assert not list(dst.rglob("*.tmp*"))
+
+
+def test_writer_imagenet_p(tmp_path):
+    src = make_tree(tmp_path / "val", classes=("n01440764",), per_class=2)
+    dst = tmp_path / "imagenet-p"
+    written = writer.render(src, dst, "p", ["translate", "gaussian_noise"], [1, 2], batch_size=2, seed=0,
+                            progress=False)
+    assert written == 2 * 3  # translate once, gaussian_noise at difficulty 1 and 2
+    assert (dst / "gaussian_noise_2" / "n01440764").is_dir()
+    files = writer.list_images(src)[0][1]
+    context = torch.stack([writer.load_image(p, crop=None) for p in files])
+    expected = writer.to_uint8(lc.perturbation_sequence(context, "translate", crop=224)).float()
+    for i, p in enumerate(files):
+        frames = writer.read_mp4(dst / "translate" / "n01440764" / (p.stem + ".mp4"))
+        assert frames.shape == (41, 3, 224, 224)
+        assert (frames.float() - expected[i]).abs().mean() < 2.0  # H.264 at crf 20, in 8-bit steps
+    frames = writer.read_mp4(dst / "gaussian_noise" / "n01440764" / (files[0].stem + ".mp4"))
+    assert frames.shape == (31, 3, 224, 224)
+
+
+def test_writer_rejects_bad_layouts(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        writer.render(tmp_path / "missing", tmp_path / "out", "c", progress=False)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 40)).save(flat / "a.JPEG")
+    with pytest.raises(ValueError, match="one folder per class"):
+        writer.render(flat, tmp_path / "out", "c", progress=False)
+    src = make_tree(tmp_path / "val", classes=("n0",), per_class=1)
+    with pytest.raises(ValueError, match="valid names are"):
+        writer.render(src, tmp_path / "out", "c", ["translate"], progress=False)
+    with pytest.raises(ValueError, match="1..5"):
+        writer.render(src, tmp_path / "out", "c", ["fog"], [6], progress=False)
+    with pytest.raises(ValueError, match="'c'.*'p'"):
+        writer.render(src, tmp_path / "out", "x", progress=False)
+
+
+def test_cli(tmp_path, capsys):
+    from lkfast.corrupt.__main__ import main
+
+    src = make_tree(tmp_path / "val", classes=("n0",), per_class=1)
+    assert main([str(src), str(tmp_path / "c"), "--benchmark", "c", "--names", "contrast",
+                 "--levels", "1", "--quiet"]) == 0
+    assert (tmp_path / "c" / "contrast" / "1" / "n0").is_dir()
+    assert main([str(tmp_path / "nothing"), str(tmp_path / "c"), "--benchmark", "c", "--quiet"]) == 2
+    assert "ImageNet-val layout" in capsys.readouterr().err
