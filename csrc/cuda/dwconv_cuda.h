@@ -1,6 +1,6 @@
 // lkfast CUDA kernels: depthwise convolution with large odd kernels, stride 1, zero "same" padding.
 // Declarations for the host wrappers (dwconv_cuda.cu) and the pybind11 registration
-// (dwconv_cuda.cpp). bindings.cpp includes this file only when built with LKFAST_WITH_CUDA.
+// (bind_cuda.cpp). bindings.cpp includes this file only when built with LKFAST_WITH_CUDA.
 #pragma once
 #include <torch/extension.h>
 
