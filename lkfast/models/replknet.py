@@ -143,7 +143,7 @@ class RepLKNet(nn.Module):
             conv_bn_relu(width, width, 1, stride=1, padding=0),
             conv_bn_relu(width, width, 3, stride=2, padding=1, groups=width),
         ])
-        rates = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(layers), device="cpu").tolist()  # also under a meta device context
         self.stages = nn.ModuleList()
         self.transitions = nn.ModuleList()
         for i in range(self.num_stages):

@@ -1,0 +1,311 @@
+"""lkfast.models: RepLKNet against an independent reference of the official architecture, checkpoint
+loading (official layout, wrappers, re-parameterised form, bad files), named configs, create_model."""
+import argparse
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+timm = pytest.importorskip("timm")
+
+import lkfast.models as models  # noqa: E402
+from lkfast.models import CheckpointError, RepLKNet, create_model  # noqa: E402
+from lkfast.nn import DepthwiseConv2d  # noqa: E402
+
+# A tiny RepLKNet: every structural feature of the official one (small kernel, dw_ratio, 4 stages).
+TINY = dict(large_kernel_sizes=[13, 11, 7, 5], layers=[1, 1, 2, 1], channels=[8, 16, 24, 32], small_kernel=3)
+TINY_XL = dict(TINY, small_kernel=None, dw_ratio=1.5)
+NUM_CLASSES = 10
+
+
+# --- the official key layout and forward, written from the architecture description ---------------
+
+def _conv_bn_entries(prefix, cin, cout, k, groups):
+    yield prefix + "conv.weight", (cout, cin // groups, k, k)
+    yield from _bn_entries(prefix + "bn.", cout)
+
+
+def _bn_entries(prefix, c):
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        yield prefix + name, (c,)
+    yield prefix + "num_batches_tracked", ()
+
+
+def official_layout(large_kernel_sizes, layers, channels, small_kernel, dw_ratio=1, ffn_ratio=4, merged=False,
+                    num_classes=NUM_CLASSES):
+    """(key, shape) of every state_dict entry of the official RepLKNet classifier, in order."""
+    c0 = channels[0]
+    entries = []
+    for i, (cin, cout, k, g) in enumerate([(3, c0, 3, 1), (c0, c0, 3, c0), (c0, c0, 1, 1), (c0, c0, 3, c0)]):
+        entries += _conv_bn_entries(f"stem.{i}.", cin, cout, k, g)
+    for s, (c, n, k) in enumerate(zip(channels, layers, large_kernel_sizes)):
+        dw, ffn = int(c * dw_ratio), int(c * ffn_ratio)
+        for b in range(n):
+            p = f"stages.{s}.blocks.{2 * b}."
+            entries += _conv_bn_entries(p + "pw1.", c, dw, 1, 1)
+            entries += _conv_bn_entries(p + "pw2.", dw, c, 1, 1)
+            if merged:
+                entries += [(p + "large_kernel.lkb_reparam.weight", (dw, 1, k, k)), (p + "large_kernel.lkb_reparam.bias", (dw,))]
+            else:
+                entries += _conv_bn_entries(p + "large_kernel.lkb_origin.", dw, dw, k, dw)
+                if small_kernel is not None:
+                    entries += _conv_bn_entries(p + "large_kernel.small_conv.", dw, dw, small_kernel, dw)
+            entries += _bn_entries(p + "prelkb_bn.", c)
+            p = f"stages.{s}.blocks.{2 * b + 1}."
+            entries += _bn_entries(p + "preffn_bn.", c)
+            entries += _conv_bn_entries(p + "pw1.", c, ffn, 1, 1)
+            entries += _conv_bn_entries(p + "pw2.", ffn, c, 1, 1)
+    for s, (c, c_next) in enumerate(zip(channels[:-1], channels[1:])):  # registered after all stages
+        entries += _conv_bn_entries(f"transitions.{s}.0.", c, c_next, 1, 1)
+        entries += _conv_bn_entries(f"transitions.{s}.1.", c_next, c_next, 3, c_next)
+    entries += _bn_entries("norm.", channels[-1])
+    entries += [("head.weight", (num_classes, channels[-1])), ("head.bias", (num_classes,))]
+    return entries
+
+
+def official_checkpoint(merged=False, seed=0, **arch):
+    """A random state_dict in the official layout, with BN statistics a trained net could have."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in official_layout(merged=merged, **arch):
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(100)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=g) + 0.5
+        elif key.endswith("bn.weight") or key.endswith("_bn.weight") or key == "norm.weight":
+            state[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
+            state[key] = torch.randn(shape, generator=g) / fan_in ** 0.5
+    return state
+
+
+def _bn(x, sd, p):
+    return F.batch_norm(x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], False, 0.0, 1e-5)
+
+
+def _conv_bn(x, sd, p, stride=1):
+    w = sd[p + "conv.weight"]
+    groups = x.shape[1] if w.shape[1] == 1 and x.shape[1] > 1 else 1
+    return _bn(F.conv2d(x, w, None, stride, w.shape[-1] // 2, 1, groups), sd, p + "bn.")
+
+
+def reference_forward(sd, x):
+    """Inference forward of the official RepLKNet, walking the official key names with plain F ops."""
+    for i, stride in enumerate((2, 1, 1, 2)):
+        x = F.relu(_conv_bn(x, sd, f"stem.{i}.", stride))
+    s = 0
+    while f"stages.{s}.blocks.0.pw1.conv.weight" in sd:
+        b = 0
+        while f"stages.{s}.blocks.{b}.prelkb_bn.weight" in sd:
+            p = f"stages.{s}.blocks.{b}."
+            out = F.relu(_conv_bn(_bn(x, sd, p + "prelkb_bn."), sd, p + "pw1."))
+            lk = p + "large_kernel."
+            if lk + "lkb_reparam.weight" in sd:
+                w = sd[lk + "lkb_reparam.weight"]
+                big = F.conv2d(out, w, sd[lk + "lkb_reparam.bias"], 1, w.shape[-1] // 2, 1, out.shape[1])
+            else:
+                big = _conv_bn(out, sd, lk + "lkb_origin.")
+                if lk + "small_conv.conv.weight" in sd:
+                    big = big + _conv_bn(out, sd, lk + "small_conv.")
+            x = x + _conv_bn(F.relu(big), sd, p + "pw2.")
+            p = f"stages.{s}.blocks.{b + 1}."
+            x = x + _conv_bn(F.gelu(_conv_bn(_bn(x, sd, p + "preffn_bn."), sd, p + "pw1.")), sd, p + "pw2.")
+            b += 2
+        if f"transitions.{s}.0.conv.weight" in sd:
+            x = F.relu(_conv_bn(x, sd, f"transitions.{s}.0."))
+            x = F.relu(_conv_bn(x, sd, f"transitions.{s}.1.", stride=2))
+        s += 1
+    x = _bn(x, sd, "norm.").mean(dim=(2, 3))
+    return F.linear(x, sd["head.weight"], sd["head.bias"])
+
+
+def _close(a, b, rtol=1e-4, atol=1e-5):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+# --- official layout and equivalence ---------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", [TINY, TINY_XL], ids=["31B-like", "XL-like"])
+@pytest.mark.parametrize("merged", [False, True], ids=["training-time", "reparameterised"])
+def test_official_layout_loads_strict_and_matches_reference(arch, merged, images):
+    state = official_checkpoint(merged=merged, **arch)
+    model = RepLKNet(**arch, num_classes=NUM_CLASSES).eval()
+    model.load_state_dict(state, strict=True)
+    assert list(model.state_dict()) == list(state)  # same keys, same order as the official module tree
+    with torch.no_grad():
+        _close(model(images), reference_forward(state, images))
+
+
+def test_fast_and_plain_models_agree(images):
+    state = official_checkpoint(**TINY)
+    fast = RepLKNet(**TINY, num_classes=NUM_CLASSES, fast=True)
+    plain = RepLKNet(**TINY, num_classes=NUM_CLASSES, fast=False)
+    fast.load_state_dict(state)
+    plain.load_state_dict(state)
+    assert isinstance(fast.stages[0].blocks[0].large_kernel.lkb_origin.conv, DepthwiseConv2d)
+    assert not any(isinstance(m, DepthwiseConv2d) for m in plain.modules())
+    for mode in ("eval", "train"):
+        getattr(fast, mode)()
+        getattr(plain, mode)()
+        x1, x2 = images.clone().requires_grad_(), images.clone().requires_grad_()
+        y1, y2 = fast(x1), plain(x2)
+        _close(y1, y2)
+        y1.logsumexp(1).sum().backward()
+        y2.logsumexp(1).sum().backward()
+        _close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
+        for (name, p), (_, q) in zip(fast.named_parameters(), plain.named_parameters()):
+            _close(p.grad, q.grad, rtol=2e-3, atol=1e-5)
+        fast.zero_grad()
+        plain.zero_grad()
+
+
+@pytest.mark.parametrize("arch", [TINY, TINY_XL], ids=["31B-like", "XL-like"])
+def test_structural_reparam_equivalence_and_official_merged_keys(arch, images):
+    model = RepLKNet(**arch, num_classes=NUM_CLASSES)
+    model.load_state_dict(official_checkpoint(**arch))
+    model.eval()
+    with torch.no_grad():
+        before = model(images)
+        model.structural_reparam()
+        after = model(images)
+    _close(after, before)
+    assert [k for k, _ in official_layout(merged=True, **arch)] == list(model.state_dict())
+    # fusing the other conv-BN pairs too: inference only, same outputs
+    with torch.no_grad():
+        model.structural_reparam(fuse_conv_bn=True)
+        _close(model(images), before)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for n, m in model.named_modules() if n.endswith(".bn"))
+
+
+def test_small_kernel_merged_constructor_gives_reparameterised_layout():
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES, small_kernel_merged=True)
+    assert list(model.state_dict()) == [k for k, _ in official_layout(merged=True, **TINY)]
+
+
+def test_state_dict_round_trip(images, tmp_path):
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES, drop_path_rate=0.1)
+    model.load_state_dict(official_checkpoint(**TINY))
+    path = tmp_path / "round_trip.pth"
+    torch.save(model.state_dict(), path)
+    again = RepLKNet(**TINY, num_classes=NUM_CLASSES)
+    again.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    with torch.no_grad():
+        _close(again.eval()(images), model.eval()(images))
+
+
+# --- named configurations -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, kernels, channels, small, dw_ratio, params_m, size, mean", [
+    ("replknet_31b", [31, 29, 27, 13], [128, 256, 512, 1024], 5, 1, 79.9, 224, (0.485, 0.456, 0.406)),
+    ("replknet_31b.in22k_ft_in1k_384", [31, 29, 27, 13], [128, 256, 512, 1024], 5, 1, 79.9, 384, (0.485, 0.456, 0.406)),
+    ("replknet_31l", [31, 29, 27, 13], [192, 384, 768, 1536], 5, 1, 172.7, 384, (0.485, 0.456, 0.406)),
+    ("replknet_xl", [27, 27, 27, 13], [256, 512, 1024, 2048], None, 1.5, 335.4, 320, (0.5, 0.5, 0.5)),
+    ("replknet_3b", [3, 3, 3, 3], [128, 256, 512, 1024], None, 1, 71.9, 224, (0.485, 0.456, 0.406)),
+])
+def test_named_configs_build(name, kernels, channels, small, dw_ratio, params_m, size, mean):
+    with torch.device("meta"):  # full size, no memory
+        model = timm.create_model(name)
+    assert (model.large_kernel_sizes, model.channels, model.layers, model.small_kernel) == (kernels, channels, [2, 2, 18, 2], small)
+    assert int(channels[0] * dw_ratio) == model.stages[0].blocks[0].large_kernel.in_channels
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - params_m) < 0.1
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, size, size) and tuple(cfg["mean"]) == mean and cfg["interpolation"] == "bicubic"
+    assert cfg["crop_pct"] == (1.0 if size >= 384 else 0.875)
+
+
+def test_paper_timm_models_are_known():
+    for name in ("resnet50", "resnetv2_101x3_bit", "resnetv2_152x4_bit", "vit_base_patch16_224",
+                 "vit_large_patch16_224", "convnext_base", "convnext_large", "convnext_tiny"):
+        assert timm.is_model(name), name
+
+
+# --- create_model and checkpoint files ------------------------------------------------------------
+
+def _save(path, obj):
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(obj, str(path))
+    else:
+        torch.save(obj, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "state_dict_ema", "module_prefix", "safetensors"])
+def test_create_model_reads_checkpoint_wrappings(wrap, tmp_path, images):
+    state = official_checkpoint(**TINY)
+    obj = {"plain": state, "model": {"model": state, "epoch": 3, "args": argparse.Namespace(lr=1e-3)},
+           "state_dict": {"state_dict": state}, "state_dict_ema": {"state_dict_ema": state},
+           "module_prefix": {"model": {"module." + k: v for k, v in state.items()}},
+           "safetensors": state}[wrap]
+    path = _save(tmp_path / ("ckpt.safetensors" if wrap == "safetensors" else "ckpt.pth"), obj)
+    model = create_model("replknet_31b", checkpoint=path, num_classes=NUM_CLASSES, **TINY)
+    assert not model.training
+    with torch.no_grad():
+        _close(model(images), reference_forward(state, images))
+
+
+def test_create_model_and_timm_load_reparameterised_checkpoint(tmp_path, images):
+    state = official_checkpoint(merged=True, **TINY)
+    path = _save(tmp_path / "reparam.pth", state)
+    expected = reference_forward(state, images)
+    model = create_model("replknet_31b", checkpoint=path, num_classes=NUM_CLASSES, **TINY)
+    via_timm = timm.create_model("replknet_31b", checkpoint_path=path, num_classes=NUM_CLASSES, **TINY).eval()
+    with torch.no_grad():
+        _close(model(images), expected)
+        _close(via_timm(images), expected)
+
+
+def test_mismatched_checkpoint_lists_keys_and_shapes(tmp_path):
+    state = official_checkpoint(**TINY)
+    state.pop("stem.0.conv.weight")
+    state["extra.weight"] = torch.zeros(1)
+    path = _save(tmp_path / "bad.pth", state)
+    with pytest.raises(CheckpointError) as info:
+        create_model("replknet_31b", checkpoint=path, num_classes=1000, **TINY)
+    message = str(info.value)
+    assert "1 missing keys: stem.0.conv.weight" in message
+    assert "1 unexpected keys: extra.weight" in message
+    assert "2 shape mismatches: head.weight (checkpoint (10, 32), model (1000, 32))" in message
+    assert "num_classes=10" in message
+
+
+def test_untrusted_pickle_is_refused_unless_opted_in(tmp_path, images):
+    state = official_checkpoint(**TINY)
+    path = _save(tmp_path / "pickled.pth", {"model": state, "where": pathlib.PurePosixPath("/x")})
+    with pytest.raises(CheckpointError, match="trust_checkpoint=True"):
+        create_model("replknet_31b", checkpoint=path, num_classes=NUM_CLASSES, **TINY)
+    model = create_model("replknet_31b", checkpoint=path, num_classes=NUM_CLASSES, trust_checkpoint=True, **TINY)
+    with torch.no_grad():
+        _close(model(images), reference_forward(state, images))
+
+
+def test_pretrained_offline_and_replknet_pretrained_say_to_pass_a_checkpoint(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="checkpoint="):
+        create_model("resnet10t", pretrained=True)
+    with pytest.raises(ValueError, match="RepLKNet-31B_ImageNet-22K-to-1K_224.pth"):
+        create_model("replknet_31b", pretrained=True)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("no_such_model")
+
+
+def test_create_model_patches_timm_convnext_with_large_kernels(images):
+    fast = create_model("convnext_tiny", kernel_sizes=31, num_classes=NUM_CLASSES, depths=(1, 1, 1, 1),
+                        dims=(8, 16, 24, 32))
+    plain = create_model("convnext_tiny", fast=False, kernel_sizes=31, num_classes=NUM_CLASSES, depths=(1, 1, 1, 1),
+                         dims=(8, 16, 24, 32))
+    plain.load_state_dict(fast.state_dict())
+    assert sum(isinstance(m, DepthwiseConv2d) for m in fast.modules()) == 4
+    assert not any(isinstance(m, DepthwiseConv2d) for m in plain.modules())
+    with torch.no_grad():
+        _close(fast(images), plain(images))
