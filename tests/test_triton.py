@@ -1,0 +1,153 @@
+"""Triton backend (lkfast.kernels) against torch.nn.functional.conv2d: forward, input gradient and
+weight gradient; and the fused frequency-noise add/clamp kernel.
+
+With a CUDA device the kernels run on it (the ``gpu`` tests add fp16/bf16 and RepLKNet-sized kernels).
+Without one they run on the CPU under TRITON_INTERPRET=1, which must be set before triton is
+imported: ``test_triton_kernels_in_interpreter`` reruns this file in a subprocess with it set, so the
+rest of the suite keeps its normal triton. Interpreter shapes are tiny; the interpreter is slow.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+RUN_HERE = INTERPRETED or HAS_CUDA
+DEVICE = "cuda" if HAS_CUDA and not INTERPRETED else "cpu"
+
+runs_here = pytest.mark.skipif(
+    not RUN_HERE, reason="no CUDA device: these run on the CPU in the TRITON_INTERPRET=1 subprocess of "
+                         "test_triton_kernels_in_interpreter")
+
+
+def test_triton_kernels_in_interpreter():
+    if RUN_HERE:
+        pytest.skip("this process runs the Triton tests directly")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def _layout(x, fmt):
+    if fmt == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if fmt == "strided":  # a view with a non-unit last stride
+        return torch.cat([x, x], dim=3)[..., ::2]
+    return x
+
+
+def _reference(x, weight, bias, grad_out):
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    b64 = None if bias is None else bias.detach().double()
+    kh, kw = weight.shape[-2:]
+    y = F.conv2d(x64, w64, b64, padding=(kh // 2, kw // 2), groups=x.shape[1])
+    gx, gw = torch.autograd.grad(y, [x64, w64], grad_out.double())
+    return y, gx, gw
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def _check_op(shape, fmt, dtype, with_bias=True, device=DEVICE):
+    import lkfast.ops as ops
+
+    N, C, H, W, kh, kw = shape
+    x = _layout(torch.randn(N, C, H, W, device=device).to(dtype), fmt).requires_grad_(True)
+    weight = (torch.randn(C, 1, kh, kw, device=device) / (kh * kw) ** 0.5).to(dtype).requires_grad_(True)
+    bias = torch.randn(C, device=device).to(dtype) if with_bias else None
+    y = ops.depthwise_conv2d(x, weight, bias, backend="triton")
+    grad_out = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, [x, weight], grad_out)
+    ry, rgx, rgw = _reference(x, weight, bias, grad_out)
+    tol = TOL[dtype]
+    assert _rel(y, ry) < tol, ("forward", _rel(y, ry))
+    assert _rel(gx, rgx) < tol, ("input grad", _rel(gx, rgx))
+    assert _rel(gw, rgw) < tol * 4, ("weight grad", _rel(gw, rgw))  # sums over N*H*W terms
+    assert y.dtype == dtype and y.shape == x.shape
+    if fmt == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert y.is_contiguous()
+
+
+# (N, C, H, W, kh, kw): tiny, for the interpreter
+INTERP_SHAPES = [
+    (2, 3, 9, 11, 5, 5),
+    (1, 2, 6, 5, 13, 13),   # map smaller than the kernel: padding skipped
+    (2, 3, 10, 7, 7, 3),    # rectangular
+    (1, 3, 5, 9, 1, 9),
+]
+
+
+@runs_here
+@pytest.mark.parametrize("shape", INTERP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_matches_conv2d(shape):
+    _check_op(shape, "contiguous", torch.float32)
+
+
+@runs_here
+@pytest.mark.parametrize("fmt", ["channels_last", "strided"])
+def test_triton_memory_formats(fmt):
+    _check_op((2, 5, 7, 9, 5, 3), fmt, torch.float32)
+
+
+@runs_here
+def test_triton_half_precision_no_bias():
+    _check_op((1, 4, 6, 7, 3, 5), "contiguous", torch.float16, with_bias=False)
+
+
+@runs_here
+def test_triton_flip_is_rotated_kernel():
+    from lkfast.kernels import depthwise
+
+    x = torch.randn(1, 2, 7, 6, device=DEVICE)
+    w = torch.randn(2, 1, 5, 3, device=DEVICE)
+    y = depthwise.forward(x, w, None, True)
+    ref = F.conv2d(x, w.flip(-1, -2), padding=(2, 1), groups=2)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@runs_here
+def test_add_clamp_kernel():
+    from lkfast.kernels.frequency import add_clamp
+
+    x = torch.rand(3, 5, 7, device=DEVICE)
+    noise = torch.randn(3, 5, 7, device=DEVICE) * 0.5
+    torch.testing.assert_close(add_clamp(x, noise, 0.0, 1.0), (x + noise).clamp(0, 1))
+    torch.testing.assert_close(add_clamp(x, noise, None, None), x + noise)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: every dtype, RepLKNet / SLaK kernel sizes, both layouts.
+
+GPU_SHAPES = [
+    (2, 64, 56, 56, 31, 31),
+    (2, 128, 28, 28, 29, 29),
+    (2, 256, 14, 14, 27, 27),
+    (2, 512, 7, 7, 13, 13),
+    (2, 96, 56, 56, 7, 7),
+    (2, 64, 32, 32, 51, 5),
+    (1, 33, 17, 19, 63, 63),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (not the interpreter)")
+def test_triton_gpu(shape, fmt, dtype):
+    _check_op(shape, fmt, dtype)
