@@ -5,5 +5,6 @@
 """
 from lkfast.ops.backends import BackendInfo, available_backends
 from lkfast.ops.depthwise import depthwise_conv2d, plan_for
+from lkfast.ops.frequency import frequency_noise
 
-__all__ = ["depthwise_conv2d", "available_backends", "BackendInfo", "plan_for"]
+__all__ = ["depthwise_conv2d", "available_backends", "BackendInfo", "plan_for", "frequency_noise"]
