@@ -87,6 +87,8 @@ setup(
         "matplotlib",
         "scikit-learn",
         "safetensors",
+        "imagecorruptions-imaug",  # the frost photographs of ImageNet-C
+        "av",  # ImageNet-P mp4 sequences
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "ninja"],

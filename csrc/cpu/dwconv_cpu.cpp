@@ -18,6 +18,7 @@
 
 #include "dwconv_cpu.h"
 #include "dwconv_isa.h"
+#include "dwconv_layout.h"
 
 namespace lkfast {
 namespace cpu {
@@ -168,8 +169,10 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   // Weights and bias repacked as (channel block, tap row, tap column, lane) in T.
   at::Tensor wt = weight.reshape({C, kh, kw}).to(c10::CppTypeToScalarType<T>::value);
   if (flip) wt = wt.flip({1, 2});
-  wt = at::constant_pad_nd(wt, {0, 0, 0, 0, 0, ncb * lanes - C})
-           .reshape({ncb, lanes, kh, kw})
+  // Pad channels to whole blocks and each tap row with kWeightPad zeros on both sides.
+  const int kwp = kw + 2 * kWeightPad;
+  wt = at::constant_pad_nd(wt, {kWeightPad, kWeightPad, 0, 0, 0, ncb * lanes - C})
+           .reshape({ncb, lanes, kh, kwp})
            .permute({0, 2, 3, 1})
            .contiguous();
   at::Tensor bt = at::zeros({ncb * lanes}, wt.options());
@@ -204,7 +207,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
       Tv* P = pbuf.get((size_t)(r1 - r0) * row_len);
       Tv* O = obuf.get((size_t)(h1 - h0) * W * lanes);
       pack_rows<S, Tv>(x_p + n * xs.n, xs, c0, nc, lanes, r0, r1, W, pw, P);
-      forward_rows<Tv>(P, r0, H, W, kh, kw, wt_p + (size_t)cb * kh * kw * lanes,
+      forward_rows<Tv>(P, r0, H, W, kh, kw, wt_p + (size_t)cb * kh * kwp * lanes,
                        bt_p + (size_t)cb * lanes, h0, h1, O);
       unpack_rows<S, Tv>(O, c0, nc, lanes, h0, h1, W, y_p + n * ys.n, ys);
     }
@@ -251,11 +254,11 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
       if (i0 >= i1 || n0 >= n1) continue;
       const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
       Tv* P = pbuf.get((size_t)H * prow_len);
-      Tv* G = gbuf.get((size_t)H * W * lanes);
+      Tv* G = gbuf.get((size_t)H * (W + 2 * kGradPad) * lanes);
       Tv* GW = partial_p + ((size_t)g * ncb + cb) * gw_block;
       for (int n = n0; n < n1; ++n) {
         pack_rows<S, Tv>(x_p + n * xs.n, xs, c0, nc, lanes, 0, H, W, pw, P);
-        pack_rows<S, Tv>(g_p + n * gs.n, gs, c0, nc, lanes, 0, H, W, 0, G);
+        pack_rows<S, Tv>(g_p + n * gs.n, gs, c0, nc, lanes, 0, H, W, kGradPad, G);
         weight_grad<Tv>(P, G, H, W, kh, kw, i0, i1, GW);
       }
     }

@@ -1,19 +1,26 @@
 // Compute core of the CPU depthwise convolution, written once and compiled once per
-// instruction set (see dwconv_avx512.cpp, dwconv_avx2.cpp, dwconv_generic.cpp).
+// instruction set (dwconv_avx512.cpp, dwconv_avx2.cpp, dwconv_generic.cpp).
 //
-// Everything here works on *packed* tiles prepared by dwconv_cpu.cpp:
-//   - a channel block of LANES channels is the innermost dimension (one 64-byte vector),
-//   - input rows are stored with `pw` zero columns on each side, so horizontal taps never
-//     need a bounds check, while vertical taps that fall into the padding are skipped exactly,
-//   - horizontal taps that fall into the padding for *every* output of a register block are
-//     skipped too; only the ragged edge of a block multiplies a few zeros.
-// The translation unit that includes this file defines LKFAST_ISA (the namespace) and, via
-// `#pragma GCC target`, the instruction set the GCC vector extensions below compile to.
-// Standard headers must be included before that pragma: this file includes none.
+// It works on tiles packed by dwconv_cpu.cpp, channels innermost: one 64-byte vector holds the
+// same pixel of LANES channels, so every multiply-add is a full-width vector FMA whatever the
+// image size. Input rows carry pw zero columns on each side; weight rows (forward) and
+// output-gradient rows (weight gradient) carry kWeightPad / kGradPad zero columns.
+//
+// Padding is skipped, not multiplied: tap rows that fall outside the image are never visited,
+// and along W every register block runs whichever of two equivalent loops touches fewer zeros:
+//   "tap" loop:   acc[b] += sum_t A[t + b] * Bv[t]   over the taps (or pixels) of the block,
+//   "band" loop:  acc[b] += sum_t A[t] * Bv[t - b]   over the valid input columns only.
+// The tap loop wastes work where the kernel hangs over the image edge; the band loop wastes
+// work where the image is wider than the kernel. Maps smaller than the kernel (RepLKNet's
+// 14x14 maps with 27x27 kernels) take the band loop and do no wasted work at all.
+//
+// Standard headers must be included before the `#pragma GCC target` of the including file.
 
 #ifndef LKFAST_ISA
 #error "define LKFAST_ISA before including dwconv_kernel.h"
 #endif
+
+#include "dwconv_layout.h"
 
 namespace lkfast {
 namespace cpu {
@@ -24,64 +31,104 @@ struct Vec;
 template <>
 struct Vec<float> {
   typedef float type __attribute__((vector_size(64)));
-  static constexpr int lanes = 16;
 };
 template <>
 struct Vec<double> {
   typedef double type __attribute__((vector_size(64)));
-  static constexpr int lanes = 8;
 };
 
 static inline int imax(int a, int b) { return a > b ? a : b; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
 
-// Output register block along W. 8 accumulators keep 1 weight load per 8 FMAs and leave
-// registers for the input loads; measured against 4/12/14 in benchmarks/.
-constexpr int kOutBlock = 8;
-// Tap register block along the kernel width for the weight gradient.
-constexpr int kTapBlock = 8;
+// Unroll of the t loops. U consecutive t share B + U - 1 vectors of the shifted operand, held
+// in registers, so one step issues B*U FMAs for B + 2U - 1 loads. U = 2 measured best here
+// (U = 4 and 8 spill with B = 8).
+constexpr int kUnroll = 2;
 
-// acc[b] += sum_j prow[w0 + b + j] * wrow[j] for j in [j_lo, j_hi)
+// acc[b] += sum_{t in [lo, hi)} A[t + b] * Bv[t]
 template <typename V, int B>
-static inline __attribute__((always_inline)) void fwd_block(const V* __restrict prow,
-                                                             const V* __restrict wrow,
-                                                             int j_lo, int j_hi, int w0,
-                                                             V* __restrict acc) {
-  V a[B];
+static inline __attribute__((always_inline)) void dot_shift_a(const V* __restrict A,
+                                                              const V* __restrict Bv, int lo,
+                                                              int hi, V* __restrict acc) {
+  constexpr int U = kUnroll;
+  int t = lo;
+  for (; t + U <= hi; t += U) {
+    V a[B + U - 1];
+#pragma GCC unroll 32
+    for (int s = 0; s < B + U - 1; ++s) a[s] = A[t + s];
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const V bv = Bv[t + u];
 #pragma GCC unroll 16
-  for (int b = 0; b < B; ++b) a[b] = acc[b];
-  for (int j = j_lo; j < j_hi; ++j) {
-    const V wv = wrow[j];
-    const V* p = prow + w0 + j;
-#pragma GCC unroll 16
-    for (int b = 0; b < B; ++b) a[b] += p[b] * wv;
+      for (int b = 0; b < B; ++b) acc[b] += a[u + b] * bv;
+    }
   }
+  for (; t < hi; ++t) {
+    const V bv = Bv[t];
 #pragma GCC unroll 16
-  for (int b = 0; b < B; ++b) acc[b] = a[b];
+    for (int b = 0; b < B; ++b) acc[b] += A[t + b] * bv;
+  }
 }
 
+// acc[b] += sum_{t in [lo, hi)} A[t] * Bv[t - b]
 template <typename V, int B>
-static inline __attribute__((always_inline)) void fwd_row_block(
-    const V* __restrict P, int prow0, int row_stride, int H, int W, int kh, int kw,
-    const V* __restrict Wt, const V& bias, int h, int w0, V* __restrict out) {
+static inline __attribute__((always_inline)) void dot_shift_b(const V* __restrict A,
+                                                              const V* __restrict Bv, int lo,
+                                                              int hi, V* __restrict acc) {
+  constexpr int U = kUnroll;
+  int t = lo;
+  for (; t + U <= hi; t += U) {
+    V bv[B + U - 1];  // bv[s] = Bv[t - (B - 1) + s]
+#pragma GCC unroll 32
+    for (int s = 0; s < B + U - 1; ++s) bv[s] = Bv[t - (B - 1) + s];
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const V a = A[t + u];
+#pragma GCC unroll 16
+      for (int b = 0; b < B; ++b) acc[b] += a * bv[u - b + B - 1];
+    }
+  }
+  for (; t < hi; ++t) {
+    const V a = A[t];
+#pragma GCC unroll 16
+    for (int b = 0; b < B; ++b) acc[b] += a * Bv[t - b];
+  }
+}
+
+// Forward: outputs [w0, w0 + B) of output row h.
+template <typename V, int B>
+static inline __attribute__((always_inline)) void fwd_block(const V* __restrict P, int prow0,
+                                                            int row_stride, int H, int W, int kh,
+                                                            int kw, const V* __restrict Wt,
+                                                            const V& bias, int h, int w0,
+                                                            V* __restrict out) {
   const int ph = kh / 2, pw = kw / 2;
+  const int wt_stride = kw + 2 * kWeightPad;
   V acc[B];
 #pragma GCC unroll 16
   for (int b = 0; b < B; ++b) acc[b] = bias;
   const int i_lo = imax(0, ph - h), i_hi = imin(kh, H + ph - h);
+  // Tap loop over j: input column (padded coordinates) w0 + b + j.
   const int j_lo = imax(0, pw - w0 - B + 1), j_hi = imin(kw, pw + W - w0);
+  // Band loop over valid input columns u (padded coordinates), tap u - w0 - b.
+  const int u_lo = imax(pw, w0), u_hi = imin(pw + W, w0 + B - 1 + kw);
+  const bool band = (u_hi - u_lo) < (j_hi - j_lo);
   for (int i = i_lo; i < i_hi; ++i) {
     const V* prow = P + (long)(h + i - ph - prow0) * row_stride;
-    fwd_block<V, B>(prow, Wt + (long)i * kw, j_lo, j_hi, w0, acc);
+    const V* wrow = Wt + (long)i * wt_stride + kWeightPad;
+    if (band)
+      dot_shift_b<V, B>(prow, wrow - w0, u_lo, u_hi, acc);
+    else
+      dot_shift_a<V, B>(prow + w0, wrow, j_lo, j_hi, acc);
   }
 #pragma GCC unroll 16
   for (int b = 0; b < B; ++b) out[w0 + b] = acc[b];
 }
 
 // Output rows [h0, h1) of one (image, channel block).
-//   P:   packed input rows [prow0, prow0 + nrows), each (W + 2*pw) vectors
-//   Wt:  kh*kw weight vectors, Bias: one vector
-//   O:   (h1 - h0) * W output vectors
+//   P:    packed input rows [prow0, ...), each W + 2*pw vectors
+//   Wt:   kh rows of kw + 2*kWeightPad weight vectors; Bias: one vector
+//   O:    (h1 - h0) * W output vectors
 template <typename T>
 void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, const T* Wt_,
                        const T* Bias_, int h0, int h1, T* O_) {
@@ -90,50 +137,60 @@ void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, con
   const V* Wt = reinterpret_cast<const V*>(Wt_);
   const V bias = *reinterpret_cast<const V*>(Bias_);
   V* O = reinterpret_cast<V*>(O_);
-  const int row_stride = W + 2 * (kw / 2);
+  const int rs = W + 2 * (kw / 2);
   for (int h = h0; h < h1; ++h) {
     V* out = O + (long)(h - h0) * W;
     int w0 = 0;
     for (; w0 + kOutBlock <= W; w0 += kOutBlock)
-      fwd_row_block<V, kOutBlock>(P, prow0, row_stride, H, W, kh, kw, Wt, bias, h, w0, out);
-    for (; w0 + 4 <= W; w0 += 4)
-      fwd_row_block<V, 4>(P, prow0, row_stride, H, W, kh, kw, Wt, bias, h, w0, out);
-    for (; w0 + 2 <= W; w0 += 2)
-      fwd_row_block<V, 2>(P, prow0, row_stride, H, W, kh, kw, Wt, bias, h, w0, out);
-    for (; w0 < W; ++w0)
-      fwd_row_block<V, 1>(P, prow0, row_stride, H, W, kh, kw, Wt, bias, h, w0, out);
+      fwd_block<V, kOutBlock>(P, prow0, rs, H, W, kh, kw, Wt, bias, h, w0, out);
+    // One block for the remainder, so a 7-wide map is one 7-wide block, not 4 + 2 + 1.
+    switch (W - w0) {
+#define LKFAST_FWD_TAIL(n) \
+  case n:                  \
+    fwd_block<V, n>(P, prow0, rs, H, W, kh, kw, Wt, bias, h, w0, out); \
+    break;
+      LKFAST_FWD_TAIL(1) LKFAST_FWD_TAIL(2) LKFAST_FWD_TAIL(3) LKFAST_FWD_TAIL(4)
+      LKFAST_FWD_TAIL(5) LKFAST_FWD_TAIL(6) LKFAST_FWD_TAIL(7)
+#undef LKFAST_FWD_TAIL
+      default:
+        break;
+    }
   }
 }
 
-// GW[i][j0 + b] += sum_{h, w} G[h][w] * P[h + i - ph][w + j0 + b], b < B
+// Weight gradient: GW[i][j0 + b] += sum_{h, w} G[h][w] * P[h + i - ph][w + j0 + b], b < B.
 template <typename V, int B>
-static inline __attribute__((always_inline)) void wgrad_tap_block(
-    const V* __restrict P, const V* __restrict G, int H, int W, int kh, int kw, int i, int j0,
-    V* __restrict GW) {
+static inline __attribute__((always_inline)) void wgrad_block(const V* __restrict P,
+                                                              const V* __restrict G, int H, int W,
+                                                              int kh, int kw, int i, int j0,
+                                                              V* __restrict GW) {
   const int ph = kh / 2, pw = kw / 2;
-  const int row_stride = W + 2 * pw;
+  const int prs = W + 2 * pw, grs = W + 2 * kGradPad;
   const int h_lo = imax(0, ph - i), h_hi = imin(H, H + ph - i);
+  // Tap form: pixels w whose input column w + j0 + b is valid for some b.
   const int w_lo = imax(0, pw - j0 - B + 1), w_hi = imin(W, pw + W - j0);
+  // Band form: valid input columns u (padded), pixel u - j0 - b.
+  const int u_lo = imax(pw, j0), u_hi = imin(pw + W, j0 + B - 1 + W);
+  const bool band = (u_hi - u_lo) < (w_hi - w_lo);
   V acc[B];
 #pragma GCC unroll 16
-  for (int b = 0; b < B; ++b) acc[b] = V{} ;
+  for (int b = 0; b < B; ++b) acc[b] = V{};
   for (int h = h_lo; h < h_hi; ++h) {
-    const V* prow = P + (long)(h + i - ph) * row_stride + j0;
-    const V* grow = G + (long)h * W;
-    for (int w = w_lo; w < w_hi; ++w) {
-      const V g = grow[w];
-#pragma GCC unroll 16
-      for (int b = 0; b < B; ++b) acc[b] += g * prow[w + b];
-    }
+    const V* prow = P + (long)(h + i - ph) * prs;
+    const V* grow = G + (long)h * grs + kGradPad;
+    if (band)
+      dot_shift_b<V, B>(prow, grow - j0, u_lo, u_hi, acc);
+    else
+      dot_shift_a<V, B>(prow + j0, grow, w_lo, w_hi, acc);
   }
   V* dst = GW + (long)i * kw + j0;
 #pragma GCC unroll 16
   for (int b = 0; b < B; ++b) dst[b] += acc[b];
 }
 
-// Accumulates one (image, channel block) into the weight gradient.
-//   P: all H input rows, packed with pw zero columns; G: H*W output-gradient vectors;
-//   GW: kh*kw vectors, accumulated into. Tap rows [i0, i1) only.
+// Accumulates one (image, channel block) into the weight gradient, tap rows [i0, i1).
+//   P:  all H input rows, W + 2*pw vectors each; G: H rows of W + 2*kGradPad vectors;
+//   GW: kh*kw vectors, accumulated into.
 template <typename T>
 void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, int i0, int i1,
                       T* GW_) {
@@ -144,10 +201,18 @@ void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, in
   for (int i = i0; i < i1; ++i) {
     int j0 = 0;
     for (; j0 + kTapBlock <= kw; j0 += kTapBlock)
-      wgrad_tap_block<V, kTapBlock>(P, G, H, W, kh, kw, i, j0, GW);
-    for (; j0 + 4 <= kw; j0 += 4) wgrad_tap_block<V, 4>(P, G, H, W, kh, kw, i, j0, GW);
-    for (; j0 + 2 <= kw; j0 += 2) wgrad_tap_block<V, 2>(P, G, H, W, kh, kw, i, j0, GW);
-    for (; j0 < kw; ++j0) wgrad_tap_block<V, 1>(P, G, H, W, kh, kw, i, j0, GW);
+      wgrad_block<V, kTapBlock>(P, G, H, W, kh, kw, i, j0, GW);
+    switch (kw - j0) {
+#define LKFAST_WGRAD_TAIL(n) \
+  case n:                    \
+    wgrad_block<V, n>(P, G, H, W, kh, kw, i, j0, GW); \
+    break;
+      LKFAST_WGRAD_TAIL(1) LKFAST_WGRAD_TAIL(2) LKFAST_WGRAD_TAIL(3) LKFAST_WGRAD_TAIL(4)
+      LKFAST_WGRAD_TAIL(5) LKFAST_WGRAD_TAIL(6) LKFAST_WGRAD_TAIL(7)
+#undef LKFAST_WGRAD_TAIL
+      default:
+        break;
+    }
   }
 }
 

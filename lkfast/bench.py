@@ -1,0 +1,177 @@
+"""Depthwise-convolution benchmark on this machine: lkfast against PyTorch's own op, same run.
+
+    python -m lkfast.bench            # the four RepLKNet-31B stage shapes, batch 8
+    python -m lkfast.bench --quick    # fewer repetitions, batch 2
+    python -m lkfast.bench --json out.json
+
+The cases are shared with the pytest-benchmark suite in benchmarks/bench_depthwise.py, which is
+what the README's figures come from. Speed-ups are against the faster of PyTorch's two layouts
+(NCHW, what users get by default, and channels_last, oneDNN's fast path on the CPU), measured in
+the same process; GFLOP/s counts only the multiply-adds that do not touch padding.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# RepLKNet-31B at 224 px: (channels, map size, kernel) of the four stages.
+STAGE_SHAPES = [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)]
+PASSES = ("forward", "forward+input_grad", "forward+input_grad+weight_grad")
+IMPLEMENTATIONS = ("pytorch_nchw", "pytorch_channels_last", "lkfast_auto", "lkfast_cpu")
+
+
+def valid_taps(size: int, k: int) -> int:
+    """Sum over output positions of the taps that land inside a 1-D signal of `size` (zero padding k//2)."""
+    p = k // 2
+    return sum(min(i + p, size - 1) - max(i - p, 0) + 1 for i in range(size))
+
+
+def effective_flop(batch: int, channels: int, h: int, w: int, kh: int, kw: int, passes: str) -> float:
+    """2 * multiply-adds that touch no padding, times the number of convolution-sized passes."""
+    per_pass = 2.0 * batch * channels * valid_taps(h, kh) * valid_taps(w, kw)
+    return per_pass * (1 + passes.count("+"))
+
+
+@dataclass
+class Case:
+    name: str
+    impl: str
+    passes: str
+    shape: tuple  # (N, C, H, W, kh, kw)
+    run: Callable[[], None]
+    flop: float
+
+
+def make_case(impl: str, passes: str, batch: int, channels: int, size: int, k: int,
+              dtype=torch.float32, device="cpu") -> Case:
+    from lkfast.ops import depthwise_conv2d
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=gen).to(device=device, dtype=dtype)
+    w = (torch.randn(channels, 1, k, k, generator=gen) / k).to(device=device, dtype=dtype)
+    b = torch.zeros(channels, device=device, dtype=dtype)
+    if impl == "pytorch_nchw":
+        x = x.contiguous()
+        conv = lambda t, wt: F.conv2d(t, wt, b, padding=k // 2, groups=channels)  # noqa: E731
+    elif impl == "pytorch_channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        conv = lambda t, wt: F.conv2d(t, wt, b, padding=k // 2, groups=channels)  # noqa: E731
+    elif impl.startswith("lkfast_"):
+        backend = impl[len("lkfast_"):]
+        x = x.contiguous(memory_format=torch.channels_last)
+        conv = lambda t, wt: depthwise_conv2d(t, wt, b, backend=backend)  # noqa: E731
+    else:
+        raise ValueError(f"unknown implementation {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+    grad_out = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+
+    if passes == "forward":
+        def run():
+            with torch.no_grad():
+                conv(x, w)
+    elif passes == "forward+input_grad":
+        xg = x.detach().requires_grad_(True)
+
+        def run():
+            torch.autograd.grad(conv(xg, w), xg, grad_out)
+    elif passes == "forward+input_grad+weight_grad":
+        xg = x.detach().requires_grad_(True)
+        wg = w.detach().requires_grad_(True)
+
+        def run():
+            torch.autograd.grad(conv(xg, wg), (xg, wg), grad_out)
+    else:
+        raise ValueError(f"unknown passes {passes!r}; choose one of {', '.join(PASSES)}")
+    name = f"{impl}-{passes}-C{channels}-H{size}-k{k}"
+    return Case(name, impl, passes, (batch, channels, size, size, k, k), run,
+                effective_flop(batch, channels, size, size, k, k, passes))
+
+
+def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
+    """fp32 matrix-product GFLOP/s of this machine, the ceiling the kernels are judged against."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = time_call(lambda: torch.mm(a, b), repeat)
+    return 2.0 * n**3 / seconds / 1e9
+
+
+def time_call(fn: Callable[[], None], repeat: int, warmup: int = 1) -> float:
+    """Best wall-clock seconds of `repeat` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def summarize(rows: list[dict], peak: float) -> str:
+    """Markdown table: one line per (shape, passes), lkfast against PyTorch's faster layout."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_key.setdefault((tuple(r["shape"]), r["passes"]), {})[r["impl"]] = r
+    lines = [
+        f"fp32, batch {rows[0]['shape'][0]}; ms (best of runs); speed-up = PyTorch's faster layout / lkfast; "
+        f"GFLOP/s counts non-padding multiply-adds; machine fp32 matmul peak {peak:.0f} GFLOP/s",
+        "",
+        "| C, H, k | passes | PyTorch NCHW | PyTorch channels_last | lkfast auto | lkfast C++ kernel | auto speed-up | C++ kernel speed-up | vs NCHW (auto) | auto GFLOP/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (shape, passes), impls in by_key.items():
+        ms = {k: v["seconds"] * 1e3 for k, v in impls.items()}
+        torch_best = min(ms.get("pytorch_nchw", float("inf")), ms.get("pytorch_channels_last", float("inf")))
+        auto, own = ms.get("lkfast_auto"), ms.get("lkfast_cpu")
+        flop = impls[next(iter(impls))]["flop"]
+        fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
+        ratio = lambda v: "—" if v is None else f"{torch_best / v:.2f}×"  # noqa: E731
+        lines.append(
+            f"| {shape[1]}, {shape[2]}, {shape[4]} | {passes} | {fmt(ms.get('pytorch_nchw'))} | "
+            f"{fmt(ms.get('pytorch_channels_last'))} | {fmt(auto)} | {fmt(own)} | {ratio(auto)} | {ratio(own)} | "
+            + ("—" if auto is None or "pytorch_nchw" not in ms else f"{ms['pytorch_nchw'] / auto:.1f}×")
+            + f" | {'—' if auto is None else f'{flop / (auto / 1e3) / 1e9:.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lkfast.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 2 and 2 repetitions (about a minute)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 8, or 2 with --quick)")
+    parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (default 3)")
+    parser.add_argument("--json", default=None, help="also write the raw timings to this JSON file")
+    args = parser.parse_args(argv)
+    batch = args.batch or (2 if args.quick else 8)
+    repeat = args.repeat or (2 if args.quick else 3)
+
+    from lkfast.ops import available_backends
+
+    print("backends:")
+    for info in available_backends().values():
+        print("  ", info)
+    impls = [i for i in IMPLEMENTATIONS if i != "lkfast_cpu" or available_backends()["cpu"].available]
+    peak = matmul_gflops()
+    rows = []
+    for channels, size, k in STAGE_SHAPES:
+        for passes in PASSES:
+            for impl in impls:
+                case = make_case(impl, passes, batch, channels, size, k)
+                seconds = time_call(case.run, repeat)
+                rows.append({"impl": impl, "passes": passes, "shape": list(case.shape), "seconds": seconds,
+                             "flop": case.flop})
+                print(f"  {case.name:70s} {seconds * 1e3:9.1f} ms", flush=True)
+    print()
+    print(summarize(rows, peak))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": torch.get_num_threads(), "matmul_gflops": peak, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
