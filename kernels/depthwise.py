@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# LKFAST_TRITON_AUTOTUNE=0 uses the first configuration of each table (tests: fewer compiles).
+AUTOTUNE = not INTERPRET and os.environ.get("LKFAST_TRITON_AUTOTUNE", "1") != "0"
 
 
 def unavailable_reason() -> str | None:
@@ -174,13 +176,11 @@ _NCHW_CONFIGS = [
     triton.Config({"BLOCK_H": 16, "BLOCK_W": 32}, num_warps=4),
     triton.Config({"BLOCK_H": 16, "BLOCK_W": 64}, num_warps=8),
     triton.Config({"BLOCK_H": 32, "BLOCK_W": 32}, num_warps=8),
-    triton.Config({"BLOCK_H": 8, "BLOCK_W": 64}, num_warps=4),
 ]
 _NHWC_CONFIGS = [
     triton.Config({"BLOCK_W": 8, "BLOCK_C": 16}, num_warps=4),
     triton.Config({"BLOCK_W": 8, "BLOCK_C": 64}, num_warps=4),
     triton.Config({"BLOCK_W": 16, "BLOCK_C": 64}, num_warps=4),
-    triton.Config({"BLOCK_W": 4, "BLOCK_C": 128}, num_warps=4),
     triton.Config({"BLOCK_W": 16, "BLOCK_C": 128}, num_warps=8),
 ]
 _WGRAD_CONFIGS = [
@@ -193,18 +193,20 @@ _WGRAD_CONFIGS = [
 
 class _Launcher:
     """``launcher[grid](*args)``: autotuned over ``configs`` on a GPU, the first config in the
-    interpreter. ``grid`` is a function of the chosen block sizes, as in the tutorials."""
+    interpreter (or with LKFAST_TRITON_AUTOTUNE=0). ``grid`` is a function of the chosen block
+    sizes, as in the tutorials."""
 
     def __init__(self, kernel, configs, key):
         self.kernel = kernel
         self.first = configs[0]
-        self.tuned = None if INTERPRET else triton.autotune(configs=configs, key=key)(kernel)
+        self.tuned = triton.autotune(configs=configs, key=key)(kernel) if AUTOTUNE else None
 
     def __getitem__(self, grid):
         if self.tuned is not None:
             return self.tuned[grid]
         meta = dict(self.first.kwargs)
-        return lambda *args, **kwargs: self.kernel[grid(meta)](*args, **kwargs, **meta)
+        first = self.first
+        return lambda *args, **kwargs: self.kernel[grid(meta)](*args, **kwargs, **meta, num_warps=first.num_warps)
 
 
 _forward_nchw_launch = _Launcher(_forward_nchw, _NCHW_CONFIGS, key=["H", "W", "KH", "KW"])

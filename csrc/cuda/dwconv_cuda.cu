@@ -18,9 +18,9 @@
 //   (S, C, kh, kw) workspace in the accumulation type; one sum over S finishes (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 
@@ -42,6 +42,15 @@ __device__ __forceinline__ void load4(const double* p, double* v) {
   const double2 a = *reinterpret_cast<const double2*>(p);
   const double2 b = *reinterpret_cast<const double2*>(p + 2);
   v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+}
+
+// Not ATen/cuda/CUDAContext.h: it pulls in cuSPARSE/cuBLAS headers, which a bare CUDA toolkit
+// (nvcc + runtime, as on the CI machine) lacks.
+int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
 }
 
 inline int round_up(int a, int b) { return (a + b - 1) / b * b; }
@@ -159,16 +168,16 @@ void launch_forward(const at::Tensor& x, const at::Tensor& w, const T* bias, at:
   g.pitch = smem_pitch(TW, g.kwp, RW);
   const size_t smem = (static_cast<size_t>(g.kh) * g.kwp + static_cast<size_t>(TH + g.kh - 1) * g.pitch) * sizeof(A);
   auto kernel = forward_kernel<T, RB, RW, TXN, TYN>;
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(smem <= props->sharedMemPerBlockOptin, "lkfast cuda: a ", g.kh, "x", g.kw,
+  const int smem_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  TORCH_CHECK(smem <= static_cast<size_t>(smem_limit), "lkfast cuda: a ", g.kh, "x", g.kw,
               " kernel needs ", smem, " bytes of shared memory per block; this GPU allows ",
-              props->sharedMemPerBlockOptin, " (use backend='torch' or 'triton')");
+              smem_limit, " (use backend='torch' or 'triton')");
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   const int tiles = ((g.H + TH - 1) / TH) * ((g.W + TW - 1) / TW);
   TORCH_CHECK(tiles <= 65535, "lkfast cuda: feature map ", g.H, "x", g.W, " is too large (", tiles, " tiles)");
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   for (int n0 = 0; n0 < g.N; n0 += 65535) {  // gridDim.z limit
@@ -338,7 +347,7 @@ at::Tensor weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t 
   TORCH_CHECK(items64 < (int64_t(1) << 31), "lkfast cuda: input too large for the weight gradient");
   const int items = static_cast<int>(items64);
   // Split K over (image, tile) items: about 8 blocks per SM in all, no atomics.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
   int splits = std::max(1, std::min(items, (8 * sms + g.C - 1) / g.C));
   splits = std::min(splits, 65535);
   const int per_split = (items + splits - 1) / splits;
@@ -346,15 +355,15 @@ at::Tensor weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t 
   at::Tensor ws = at::empty({splits, g.C, kh, kw}, x.options().dtype(acc_dtype));
 
   const int groups = g.kh * (g.kwp / 4);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lkfast_cuda_weight_grad", [&] {
     using A = typename Acc<scalar_t>::type;
     auto kernel = weight_grad_kernel<scalar_t, kGradTile, kGradTile, kGradMaxGroups>;
     const size_t smem = (static_cast<size_t>(kGradTile) * kGradTile +
                          static_cast<size_t>(kGradTile + g.kh - 1) * g.pitch) * sizeof(A);
-    const auto* props = at::cuda::getCurrentDeviceProperties();
-    TORCH_CHECK(smem <= props->sharedMemPerBlockOptin, "lkfast cuda: a ", kh, "x", kw, " kernel needs ", smem,
-                " bytes of shared memory per block; this GPU allows ", props->sharedMemPerBlockOptin);
+    const int smem_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+    TORCH_CHECK(smem <= static_cast<size_t>(smem_limit), "lkfast cuda: a ", kh, "x", kw, " kernel needs ", smem,
+                " bytes of shared memory per block; this GPU allows ", smem_limit);
     if (smem > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
