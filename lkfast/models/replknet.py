@@ -33,16 +33,17 @@ def _drop_path_or_identity(rate: float) -> nn.Module:
 class ConvFFN(nn.Module):
     """x + drop_path(pw2(GELU(pw1(BN(x))))), with 1x1 conv-BN pairs ``pw1`` and ``pw2``."""
 
-    def __init__(self, in_channels: int, internal_channels: int, out_channels: int, drop_path: float = 0.0):
+    def __init__(self, in_channels: int, internal_channels: int, out_channels: int, drop_path: float = 0.0,
+                 fast: bool = True):
         super().__init__()
         self.drop_path = _drop_path_or_identity(drop_path)
         self.preffn_bn = nn.BatchNorm2d(in_channels)
-        self.pw1 = conv_bn(in_channels, internal_channels, 1, 1, 0)
-        self.pw2 = conv_bn(internal_channels, out_channels, 1, 1, 0)
+        self.pw1 = conv_bn(in_channels, internal_channels, 1, 1, 0, fast=fast)
+        self.pw2 = conv_bn(internal_channels, out_channels, 1, 1, 0, fast=fast)
         self.nonlinear = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pw2(self.nonlinear(self.pw1(self.preffn_bn(x))))
+        out = self.pw2(self.nonlinear(self.pw1.forward_after_bn(x, self.preffn_bn)))
         return x + self.drop_path(out)
 
 
@@ -53,8 +54,8 @@ class RepLKBlock(nn.Module):
     def __init__(self, in_channels: int, dw_channels: int, block_lk_size: int, small_kernel: Optional[int],
                  drop_path: float = 0.0, small_kernel_merged: bool = False, fast: bool = True):
         super().__init__()
-        self.pw1 = conv_bn_relu(in_channels, dw_channels, 1, 1, 0)
-        self.pw2 = conv_bn(dw_channels, in_channels, 1, 1, 0)
+        self.pw1 = conv_bn_relu(in_channels, dw_channels, 1, 1, 0, fast=fast)
+        self.pw2 = conv_bn(dw_channels, in_channels, 1, 1, 0, fast=fast)
         self.large_kernel = ReparamLargeKernelConv(dw_channels, dw_channels, block_lk_size, stride=1, groups=dw_channels,
                                                    small_kernel=small_kernel, small_kernel_merged=small_kernel_merged,
                                                    fast=fast)
@@ -63,7 +64,7 @@ class RepLKBlock(nn.Module):
         self.drop_path = _drop_path_or_identity(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1(self.prelkb_bn(x)))))
+        out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1.forward_after_bn(x, self.prelkb_bn))))
         return x + self.drop_path(out)
 
 
@@ -80,7 +81,7 @@ class RepLKNetStage(nn.Module):
         for i in range(num_blocks):
             blocks.append(RepLKBlock(channels, int(channels * dw_ratio), stage_lk_size, small_kernel, drop_path[i],
                                      small_kernel_merged=small_kernel_merged, fast=fast))
-            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), channels, drop_path[i]))
+            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), channels, drop_path[i], fast=fast))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.BatchNorm2d(channels) if norm_intermediate_features else nn.Identity()
 
@@ -109,7 +110,9 @@ class RepLKNet(nn.Module):
         out_indices: stage indices whose feature maps ``forward`` returns (downstream use; no head).
         norm_intermediate_features: BN on those feature maps (RepLKNet-XL downstream).
         use_checkpoint: activation checkpointing of each block during training (saves memory).
-        fast: large kernels through ``lkfast.nn.DepthwiseConv2d``; False builds plain ``nn.Conv2d``.
+        fast: large kernels through ``lkfast.nn.DepthwiseConv2d`` and, in eval mode, every BN folded
+            on the fly into the conv next to it (same function, fewer passes); False builds the
+            plain model the official code runs (``nn.Conv2d``, separate BNs).
     """
 
     def __init__(self, large_kernel_sizes: Sequence[int], layers: Sequence[int], channels: Sequence[int],
@@ -138,10 +141,10 @@ class RepLKNet(nn.Module):
 
         width = channels[0]
         self.stem = nn.ModuleList([
-            conv_bn_relu(in_channels, width, 3, stride=2, padding=1),
-            conv_bn_relu(width, width, 3, stride=1, padding=1, groups=width),
-            conv_bn_relu(width, width, 1, stride=1, padding=0),
-            conv_bn_relu(width, width, 3, stride=2, padding=1, groups=width),
+            conv_bn_relu(in_channels, width, 3, stride=2, padding=1, fast=fast),
+            conv_bn_relu(width, width, 3, stride=1, padding=1, groups=width, fast=fast),
+            conv_bn_relu(width, width, 1, stride=1, padding=0, fast=fast),
+            conv_bn_relu(width, width, 3, stride=2, padding=1, groups=width, fast=fast),
         ])
         rates = torch.linspace(0, drop_path_rate, sum(layers), device="cpu").tolist()  # also under a meta device context
         self.stages = nn.ModuleList()
@@ -155,8 +158,9 @@ class RepLKNet(nn.Module):
                 fast=fast))
             if i < self.num_stages - 1:
                 self.transitions.append(nn.Sequential(
-                    conv_bn_relu(channels[i], channels[i + 1], 1, 1, 0),
-                    conv_bn_relu(channels[i + 1], channels[i + 1], 3, stride=2, padding=1, groups=channels[i + 1])))
+                    conv_bn_relu(channels[i], channels[i + 1], 1, 1, 0, fast=fast),
+                    conv_bn_relu(channels[i + 1], channels[i + 1], 3, stride=2, padding=1, groups=channels[i + 1],
+                                 fast=fast)))
         if self.out_indices is None:
             self.norm = nn.BatchNorm2d(channels[-1])
             self.avgpool = nn.AdaptiveAvgPool2d(1)

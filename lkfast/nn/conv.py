@@ -2,7 +2,8 @@
 
     DepthwiseConv2d          drop-in for nn.Conv2d(c, c, k, padding=k // 2, groups=c)
     ReparamLargeKernelConv   RepLKNet's large kernel + parallel small kernel, each followed by BN
-    conv_bn, conv_bn_relu    nn.Sequential(conv, bn[, nonlinear]) with the official RepLKNet key names
+    ConvBN, conv_bn, conv_bn_relu   conv + BN [+ nonlinear] with the official RepLKNet key names;
+                                    the BN folded into the conv in inference mode (fast models)
     fuse_conv_bn             the (kernel, bias) of a conv followed by an inference-mode BN
 """
 from __future__ import annotations
@@ -83,19 +84,12 @@ def make_conv2d(in_channels: int, out_channels: int, kernel_size: KernelSize, st
                      groups=groups, bias=bias)
 
 
-def conv_bn(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None, groups: int = 1,
-            dilation=1, fast: bool = True) -> nn.Sequential:
-    """Conv (no bias) then BatchNorm, as ``nn.Sequential`` with children ``conv`` and ``bn``."""
-    conv = make_conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False, fast=fast)
-    return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels)))
-
-
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None,
-                 groups: int = 1, dilation=1, fast: bool = True) -> nn.Sequential:
-    """``conv_bn`` followed by a ReLU child named ``nonlinear``."""
-    block = conv_bn(in_channels, out_channels, kernel_size, stride, padding, groups, dilation, fast=fast)
-    block.add_module("nonlinear", nn.ReLU())
-    return block
+def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with ``bn(x) == x * scale + shift`` per channel, for ``bn`` in inference mode."""
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std if bn.weight is not None else 1.0 / std
+    shift = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    return scale, shift - bn.running_mean * scale
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,16 +97,79 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, tor
 
     Built from differentiable tensor ops, so gradients reach the conv and BN parameters.
     """
-    std = (bn.running_var + bn.eps).sqrt()
-    scale = bn.weight / std if bn.weight is not None else 1.0 / std
-    shift = bn.bias if bn.bias is not None else torch.zeros_like(std)
-    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+    scale, shift = bn_scale_shift(bn)
     kernel = conv.weight * scale.reshape(-1, 1, 1, 1)
-    return kernel, shift + (conv_bias - bn.running_mean) * scale
+    bias = shift if conv.bias is None else shift + conv.bias * scale
+    return kernel, bias
 
 
 def _bn_in_inference_mode(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
+
+
+def _conv_like(conv: nn.Conv2d, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``conv``'s convolution of ``x`` with another kernel and bias (the fast op for DepthwiseConv2d)."""
+    if isinstance(conv, DepthwiseConv2d):
+        return _fast_depthwise(x, kernel, bias)
+    return F.conv2d(x, kernel.to(x.dtype), bias.to(x.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class ConvBN(nn.Sequential):
+    """Conv (no bias), BatchNorm and an optional nonlinearity, as ``nn.Sequential`` children ``conv``,
+    ``bn`` and ``nonlinear`` (the official RepLKNet layout, so the state_dict keys are the same).
+
+    With ``fold_in_eval`` (lkfast's fast models) and the BN in inference mode, the pair runs as one
+    conv with the BN folded into kernel and bias, computed on the fly from the parameters: same
+    function, no separate BN pass forward or backward, gradients still reach every parameter.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, nonlinear: Optional[nn.Module] = None,
+                 fold_in_eval: bool = True):
+        layers = OrderedDict(conv=conv, bn=bn)
+        if nonlinear is not None:
+            layers["nonlinear"] = nonlinear
+        super().__init__(layers)
+        self.fold_in_eval = fold_in_eval
+
+    def _can_fold(self) -> bool:
+        return self.fold_in_eval and _bn_in_inference_mode(self.bn) and isinstance(self.conv, nn.Conv2d) \
+            and self.conv.padding_mode == "zeros"
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.nonlinear(x) if hasattr(self, "nonlinear") else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._can_fold():
+            return self._finish(_conv_like(self.conv, x, *fuse_conv_bn(self.conv, self.bn)))
+        return super().forward(x)
+
+    def forward_after_bn(self, x: torch.Tensor, pre_bn: nn.BatchNorm2d) -> torch.Tensor:
+        """``self(pre_bn(x))``; with a 1x1 conv and both BNs in inference mode, ``pre_bn`` is folded
+        into the conv as well (exact: a 1x1 conv has no padding for the shift to leak into)."""
+        conv = self.conv
+        if not (self._can_fold() and _bn_in_inference_mode(pre_bn) and conv.kernel_size == (1, 1)
+                and conv.groups == 1 and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (0, 0)):
+            return self(pre_bn(x))
+        kernel, bias = fuse_conv_bn(conv, self.bn)
+        scale, shift = bn_scale_shift(pre_bn)
+        bias = bias + kernel.flatten(1) @ shift
+        return self._finish(_conv_like(conv, x, kernel * scale.reshape(1, -1, 1, 1), bias))
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None, groups: int = 1,
+            dilation=1, fast: bool = True) -> ConvBN:
+    """Conv (no bias) then BatchNorm, children ``conv`` and ``bn``; ``fast`` picks the fast op for
+    large depthwise kernels and folds the BN into the conv in inference mode."""
+    conv = make_conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False, fast=fast)
+    return ConvBN(conv, nn.BatchNorm2d(out_channels), fold_in_eval=fast)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None,
+                 groups: int = 1, dilation=1, fast: bool = True) -> ConvBN:
+    """``conv_bn`` followed by a ReLU child named ``nonlinear``."""
+    block = conv_bn(in_channels, out_channels, kernel_size, stride, padding, groups, dilation, fast=fast)
+    block.add_module("nonlinear", nn.ReLU())
+    return block
 
 
 class ReparamLargeKernelConv(nn.Module):
