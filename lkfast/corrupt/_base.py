@@ -5,6 +5,7 @@ digital) and the perturbation sequences build on it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -100,6 +101,51 @@ def randint(high: int, shape, generator, device, low: int = 0) -> torch.Tensor:
 def poisson(rates: torch.Tensor, generator) -> torch.Tensor:
     device = rates.device
     return torch.poisson(rates.to(_gen_device(generator, device)), generator=generator).to(device)
+
+
+LEVELS = 255  # 8-bit images: x = k / 255
+
+
+@functools.lru_cache(maxsize=16)
+def _poisson_table(rate: float, device: str) -> torch.Tensor:
+    """Inverse-CDF tables of Poisson(rate * k / 255), k = 0..255, flattened with level k's CDF
+    shifted by k so that the whole table is sorted: entry k * J + j = k + P(X <= j). J reaches
+    where the CDF rounds to 1 in float64."""
+    lam = rate * (torch.arange(LEVELS + 1, dtype=torch.float32) / LEVELS).double()  # float32 grid, as x holds it
+    length = int(rate + 12 * math.sqrt(rate) + 30)
+    j = torch.arange(length, dtype=torch.float64)
+    log_pmf = j[None, :] * torch.log(lam[:, None].clamp_min(1e-300)) - lam[:, None] - torch.lgamma(j + 1)[None, :]
+    pmf = torch.where(lam[:, None] > 0, torch.exp(log_pmf), (j[None, :] == 0).double())
+    cdf = torch.cumsum(pmf, dim=1).clamp(max=1.0)
+    cdf[:, -1] = 1.0  # the mass beyond J (below float64 resolution) goes to the last count
+    return (cdf + torch.arange(LEVELS + 1, dtype=torch.float64)[:, None]).flatten().to(device)
+
+
+def poisson_counts(x: torch.Tensor, rate: float, generator) -> torch.Tensor:
+    """Poisson(rate * x) counts (float tensor like x) for x in [0, 1], same distribution as
+    ``torch.poisson(rate * x)`` but much faster on 8-bit images.
+
+    rate * x is split as rate * g + rate * (x - g), g = floor(255 x) / 255 the 8-bit level at or
+    below x; Poisson(a + b) is the sum of independent Poisson(a) and Poisson(b). The first part is
+    drawn by inverse CDF from a table per level (one uniform per value, one sorted search), the
+    second, zero for 8-bit images, by torch.poisson where it is not zero. Exact up to float64
+    rounding of the CDF (~1e-13 per outcome)."""
+    device = x.device
+    gen_device = _gen_device(generator, device)
+    xf = x.to(gen_device, torch.float32)
+    level = torch.floor(xf * LEVELS).clamp_(0, LEVELS)
+    grid = level / LEVELS
+    level = torch.where(grid > xf, level - 1, level)  # float rounding: keep the level at or below x
+    remainder = xf - level / LEVELS
+    u = torch.rand(x.shape, generator=generator, device=gen_device, dtype=torch.float64)
+    u += level
+    table = _poisson_table(float(rate), str(gen_device))
+    length = table.numel() // (LEVELS + 1)
+    index = torch.searchsorted(table, u, right=True)
+    counts = index.sub_(level.long() * length).clamp_(max=length - 1).to(torch.float32)
+    if bool((remainder > 0).any()):
+        counts += torch.poisson(remainder * rate, generator=generator)
+    return counts.to(device, x.dtype)
 
 
 def next_power_of_two(n: int) -> int:

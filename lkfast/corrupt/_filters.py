@@ -77,20 +77,46 @@ def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: st
     return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
 
 
+def fft_size(n: int) -> int:
+    """The smallest 5-smooth length >= n (2^a 3^b 5^c), which FFTs handle fastest."""
+    size = n
+    while True:
+        m = size
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return size
+        size += 1
+
+
+def pad_edges(x: torch.Tensor, r: int, mode: str) -> torch.Tensor:
+    """``pad`` by r on all four sides; one F.pad call where torch's modes can do it."""
+    h, w = x.shape[-2:]
+    if x.dim() == 4 and (mode == "nearest" or (mode == "mirror" and r < min(h, w))):
+        return F.pad(x, (r, r, r, r), mode="replicate" if mode == "nearest" else "reflect")
+    return pad(x, r, r, r, r, mode)
+
+
 def filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str = "mirror") -> torch.Tensor:
     """Correlate (N, C, H, W) images with an odd (K, K) kernel, or one kernel per image (N, 1, K, K),
     like cv2.filter2D. Computed with real FFTs on the padded images (no wrap-around: the pad is
-    at least the kernel radius)."""
+    at least the kernel radius, and the transform length at least the padded size, rounded up
+    to a fast length)."""
     k = kernel.shape[-1]
     assert k % 2 == 1 and kernel.shape[-2] == k
     r = k // 2
     h, w = x.shape[-2:]
-    padded = pad(x, r, r, r, r, mode)
-    ph, pw = padded.shape[-2:]
-    flipped = torch.flip(kernel, dims=(-2, -1)).to(x.dtype)
-    spectrum = torch.fft.rfft2(padded, s=(ph, pw)) * torch.fft.rfft2(flipped, s=(ph, pw))
-    full = torch.fft.irfft2(spectrum, s=(ph, pw))
+    padded = pad_edges(x, r, mode)
+    size = (fft_size(h + 2 * r), fft_size(w + 2 * r))
+    spectrum = torch.fft.rfft2(padded, s=size)
+    spectrum *= _kernel_spectrum(kernel.to(x.dtype), size)
+    full = torch.fft.irfft2(spectrum, s=size)
     return full[..., k - 1:k - 1 + h, k - 1:k - 1 + w]
+
+
+def _kernel_spectrum(kernel: torch.Tensor, size: tuple) -> torch.Tensor:
+    return torch.fft.rfft2(torch.flip(kernel, dims=(-2, -1)), s=size)
 
 
 def motion_kernels(radius: float, sigma: float, angles_deg: torch.Tensor) -> torch.Tensor:

@@ -72,20 +72,23 @@ def glass_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     # place, and only with probability `reach`, so that severities stay ordered.
     move_probability = min(reach, 1.0)
     x = _filters.quantize(_filters.gaussian_blur(x, sigma))
-    rows = torch.arange(h, device=x.device).view(1, h, 1)
-    cols = torch.arange(w, device=x.device).view(1, 1, w)
-    # the release visits h in (delta, h - delta], same for w
-    inside = (rows > delta) & (rows <= h - delta) & (cols > delta) & (cols <= w - delta)
+    rows = torch.arange(h, device=x.device).view(h, 1)
+    cols = torch.arange(w, device=x.device).view(1, w)
+    # the release visits h in (delta, h - delta], same for w; from there every offset in
+    # [-delta, delta) stays inside the image
+    inside = ((rows > delta) & (rows <= h - delta) & (cols > delta) & (cols <= w - delta)).view(1, h * w)
+    # one draw per pixel picks the (dy, dx) pair, uniform over the (2 delta)^2 pairs like the
+    # release's two independent draws; a table turns it into a flat index offset
+    pairs = torch.arange(4 * delta * delta, device=x.device)
+    offsets = (pairs // (2 * delta) - delta) * w + (pairs % (2 * delta) - delta)
+    base = torch.arange(h * w, device=x.device).view(1, h * w)
     for _ in range(passes):
-        dy = _base.randint(delta, (n, h, w), generator, x.device, low=-delta)
-        dx = _base.randint(delta, (n, h, w), generator, x.device, low=-delta)
+        pick = _base.randint(4 * delta * delta, (n, h * w), generator, x.device)
         moves = inside
         if move_probability < 1.0:
-            moves = inside & (_base.rand((n, h, w), generator, x.device) < move_probability)
-        src_r = torch.where(moves, (rows + dy).clamp(0, h - 1), rows)
-        src_c = torch.where(moves, (cols + dx).clamp(0, w - 1), cols)
-        index = (src_r * w + src_c).view(n, 1, h * w).expand(n, c, h * w)
-        x = x.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
+            moves = inside & (_base.rand((n, h * w), generator, x.device) < move_probability)
+        index = offsets[pick].mul_(moves).add_(base)
+        x = x.reshape(n, c, h * w).gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
     return _filters.gaussian_blur(x, sigma).clamp(0, 1)
 
 

@@ -6,6 +6,7 @@ quality are relative to the image already.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -82,29 +83,47 @@ def pixelate(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
 
 
 def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
-    """Encode each image as a JPEG at ``quality`` (libjpeg through torchvision, 4:2:0 chroma like
-    Pillow's default) and decode it again. Runs where the tensor is when torchvision can (nvJPEG
-    on CUDA), else on the CPU."""
+    """Encode each image as a JPEG at ``quality`` (4:2:0 chroma, Pillow's default, as the release
+    saved them) and decode it again. On the CPU this is the release's own codec, Pillow, over a
+    few threads (Pillow releases the GIL while coding); on CUDA torchvision's batched nvJPEG
+    where it can, else torchvision on the CPU."""
+    pixels = torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
+    if pixels.device.type == "cpu":
+        return _pillow_roundtrip(pixels, quality).to(x.dtype) / 255
     import warnings
 
     from torchvision.io import decode_jpeg, encode_jpeg
 
-    pixels = torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
     with warnings.catch_warnings():  # torchvision 0.29 flags its codecs as moving to TorchCodec
         warnings.simplefilter("ignore", DeprecationWarning)
         return _jpeg_roundtrip(pixels, quality, encode_jpeg, decode_jpeg).to(x.dtype) / 255
 
 
-def _jpeg_roundtrip(pixels, quality, encode_jpeg, decode_jpeg):
-    try:
-        encoded = encode_jpeg(list(pixels), quality=quality)
-        decoded = decode_jpeg(encoded, device=pixels.device)
-    except RuntimeError:
-        if pixels.device.type == "cpu":
-            raise
-        encoded = encode_jpeg(list(pixels.cpu()), quality=quality)
-        decoded = [d.to(pixels.device) for d in decode_jpeg(encoded)]
-    return torch.stack(list(decoded))
+def _pillow_roundtrip(pixels: torch.Tensor, quality: int) -> torch.Tensor:
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    n, c, h, w = pixels.shape
+    hwc = pixels.permute(0, 2, 3, 1).contiguous()
+    out = torch.empty_like(hwc)
+
+    def one(i):
+        buffer = io.BytesIO()
+        Image.frombuffer("RGB", (w, h), hwc[i].numpy(), "raw", "RGB", 0, 1).save(buffer, "JPEG", quality=quality)
+        buffer.seek(0)
+        with Image.open(buffer) as decoded:
+            out[i].numpy()[...] = np.asarray(decoded.convert("RGB"))
+
+    workers = min(n, max(1, torch.get_num_threads()))
+    if workers == 1:
+        for i in range(n):
+            one(i)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, range(n)))
+    return out.permute(0, 3, 1, 2)
 
 
 def jpeg_compression(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:

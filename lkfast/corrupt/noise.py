@@ -23,16 +23,17 @@ def gaussian_noise(x: torch.Tensor, severity: int, generator=None) -> torch.Tens
 
 def shot_noise(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     c = SHOT_NOISE[severity - 1]
-    return (_base.poisson(x * c, generator) / c).clamp(0, 1)
+    return (_base.poisson_counts(x, c, generator) / c).clamp(0, 1)
 
 
 def impulse_noise(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     # skimage.util.random_noise(mode='s&p', salt_vs_pepper=0.5): each value independently is
     # replaced with probability `amount`, by 1 or 0 with equal odds.
     amount = IMPULSE_NOISE[severity - 1]
-    flipped = _base.rand(x.shape, generator, x.device) <= amount
-    salted = _base.rand(x.shape, generator, x.device) <= 0.5
-    return torch.where(flipped, salted.to(x.dtype), x)
+    # One uniform per value does both draws: u <= amount replaces it (probability amount), and
+    # given that, u <= amount / 2 (probability 1/2) makes it salt.
+    u = _base.rand(x.shape, generator, x.device)
+    return torch.where(u <= amount, (u <= amount / 2).to(x.dtype), x)
 
 
 def speckle_noise(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:

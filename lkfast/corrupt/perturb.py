@@ -65,7 +65,7 @@ def _noise(x, difficulty, scale, generator):
 
 def _shot(x, difficulty, scale, generator):
     rate = SHOT_NOISE_RATE[difficulty - 1]
-    noisy = _base.poisson(_frames(x, 30) * rate, generator) / rate
+    noisy = _base.poisson_counts(_frames(x, 30), rate, generator) / rate
     return torch.cat([x[:, None], noisy.clamp(0, 1)], dim=1)
 
 

@@ -190,30 +190,49 @@ def brightness(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------- spatter
+def _box3_sum(x: torch.Tensor) -> torch.Tensor:
+    # 9 x the 3x3 box filter with OpenCV's default reflect-101 border (cv2.blur without the
+    # division), as two separable sums of slices
+    p = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    rows = p[..., :-2, :] + p[..., 1:-1, :] + p[..., 2:, :]
+    return rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+
+
 def _box3(x: torch.Tensor) -> torch.Tensor:
     # cv2.blur(x, (3, 3)) with the default reflect-101 border
-    p = _filters.pad(x, 1, 1, 1, 1, "mirror")
-    return F.avg_pool2d(p, 3, stride=1)
+    return _box3_sum(x) / 9
+
+
+def _dilate3(mask: torch.Tensor) -> torch.Tensor:
+    # 3x3 binary dilation of a bool mask, nothing outside the image (separable ors of slices;
+    # max_pool2d is several times slower on the CPU)
+    rows = mask.clone()
+    rows[..., 1:, :] |= mask[..., :-1, :]
+    rows[..., :-1, :] |= mask[..., 1:, :]
+    out = rows.clone()
+    out[..., 1:] |= rows[..., :-1]
+    out[..., :-1] |= rows[..., 1:]
+    return out
 
 
 def canny(image: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """cv2.Canny(image, low, high) for (N, 1, H, W) images holding 0..255 values: 3x3 Sobel
     (replicated border), L1 magnitude, non-maximum suppression in four directions, hysteresis
     with 8-connectivity. Returns a bool edge mask."""
-    p = _filters.pad(image, 1, 1, 1, 1, "nearest")
+    p = F.pad(image, (1, 1, 1, 1), mode="replicate")
     # separable 3x3 Sobel by slicing (cheaper than a convolution on one channel)
     smooth_rows = p[..., :-2, :] + 2 * p[..., 1:-1, :] + p[..., 2:, :]
     smooth_cols = p[..., :, :-2] + 2 * p[..., :, 1:-1] + p[..., :, 2:]
     dx = smooth_rows[..., 2:] - smooth_rows[..., :-2]
     dy = smooth_cols[..., 2:, :] - smooth_cols[..., :-2, :]
-    mag = dx.abs() + dy.abs()
+    ax, ay = dx.abs(), dy.abs()
+    mag = ax + ay
     m = F.pad(mag, (1, 1, 1, 1))  # OpenCV's magnitude buffer is zero outside the image
 
     def at(oy, ox):
         h, w = mag.shape[-2:]
         return m[..., 1 + oy:1 + oy + h, 1 + ox:1 + ox + w]
 
-    ax, ay = dx.abs(), dy.abs()
     tan22 = math.tan(math.radians(22.5))
     horizontal = ay < ax * tan22
     vertical = ay > ax * (tan22 + 2)  # tan 67.5 = tan 22.5 + 2
@@ -226,7 +245,7 @@ def canny(image: torch.Tensor, low: float, high: float) -> torch.Tensor:
     if torch.equal(candidate, edges):  # no weak edges to connect
         return edges
     while True:
-        grown = candidate & (F.max_pool2d(edges.float(), 3, stride=1, padding=1) > 0)
+        grown = candidate & _dilate3(edges)
         if torch.equal(grown, edges):
             return edges
         edges = grown
@@ -236,24 +255,28 @@ def distance_to_mask(mask: torch.Tensor, limit: float) -> torch.Tensor:
     """Euclidean distance of every pixel to the nearest True pixel of (N, 1, H, W) ``mask``,
     capped at ``limit`` (OpenCV's distanceTransform followed by THRESH_TRUNC; exact here where
     OpenCV's 5x5 mask approximates). Rows first (nearest mask pixel left and right, by running
-    max/min of indices), then a min over the vertical offsets within the limit."""
+    max/min of indices), then a min over the vertical offsets within the limit, on squared
+    distances, which are small integers."""
     n, _, h, w = mask.shape
-    cols = torch.arange(w, device=mask.device, dtype=torch.float32).expand(n, 1, h, w)
-    big = float(h + w + limit + 1)
-    last_left = torch.cummax(torch.where(mask, cols, torch.full_like(cols, -big)), dim=-1).values
-    first_right = torch.flip(torch.cummin(torch.flip(torch.where(mask, cols, torch.full_like(cols, 2 * big)), dims=(-1,)),
-                                          dim=-1).values, dims=(-1,))
-    row_dist = torch.minimum(cols - last_left, first_right - cols).clamp(max=limit + 1)
-    best = row_dist ** 2
-    reach = int(math.ceil(limit))
-    padded = F.pad(row_dist ** 2, (0, 0, reach, reach), value=(limit + 1) ** 2)
+    cap = int(math.ceil(limit)) + 1  # any distance beyond the limit reads as cap
+    # squared distances up to 2 cap^2 must fit the integer type
+    dtype = torch.int16 if 2 * cap * cap < 2 ** 15 else torch.int32
+    cols = torch.arange(w, device=mask.device, dtype=torch.int32).expand(n, 1, h, w)
+    big = h + w + cap + 1
+    last_left = torch.cummax(torch.where(mask, cols, -big), dim=-1).values
+    first_right = torch.flip(torch.cummin(torch.flip(torch.where(mask, cols, 2 * big), dims=(-1,)), dim=-1).values,
+                             dims=(-1,))
+    row_dist = torch.minimum(cols - last_left, first_right - cols).clamp_(max=cap).to(dtype)
+    squared = row_dist * row_dist
+    reach = cap - 1
+    padded = F.pad(squared, (0, 0, reach, reach), value=cap * cap)
+    best = squared
     scratch = torch.empty_like(best)
-    for v in range(-reach, reach + 1):
-        if v == 0:
-            continue
-        torch.add(padded[..., reach + v:reach + v + h, :], v * v, out=scratch)
+    for v in range(1, reach + 1):  # offsets +v and -v share v^2: one add for both
+        torch.minimum(padded[..., reach + v:reach + v + h, :], padded[..., reach - v:reach - v + h, :], out=scratch)
+        scratch += v * v
         torch.minimum(best, scratch, out=best)
-    return best.sqrt().clamp(max=limit)
+    return best.float().sqrt_().clamp_(max=limit)
 
 
 def equalize_hist(image: torch.Tensor) -> torch.Tensor:
@@ -290,8 +313,16 @@ def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     dist = distance_to_mask(edges, 20 * s)
     dist = torch.floor(_box3(dist))
     dist = equalize_hist(dist)
-    emboss = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]], device=x.device)
-    dist = torch.round(F.conv2d(_filters.pad(dist, 1, 1, 1, 1, "mirror"), emboss[None, None])).clamp(0, 255)
+    # cv2.filter2D with the emboss kernel [[-2, -1, 0], [-1, 1, 1], [0, 1, 2]] (reflect-101
+    # border): integer sums, exact in any order
+    p = F.pad(dist, (1, 1, 1, 1), mode="reflect")
+    h1, w1 = dist.shape[-2:]
+
+    def tap(dy, dx):
+        return p[..., dy:dy + h1, dx:dx + w1]
+
+    emboss = tap(1, 1) + tap(1, 2) + tap(2, 1) - tap(0, 1) - tap(1, 0) + 2 * (tap(2, 2) - tap(0, 0))
+    dist = torch.round(emboss).clamp_(0, 255)
     dist = torch.round(_box3(dist))
     m = liquid8 * dist
     m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) * intensity
