@@ -18,7 +18,39 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _pip_cuda_include_dirs():
+    """Headers of the CUDA libraries that torch's wheel depends on (cuSPARSE, cuBLAS, ...), which
+    pip installs under site-packages/nvidia/; a toolkit with nvcc alone may lack them."""
+    import site
+
+    dirs = []
+    for base in site.getsitepackages() + [site.getusersitepackages()]:
+        dirs += sorted(glob.glob(os.path.join(base, "nvidia", "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def _set_cuda_home():
+    """torch takes the toolkit to be `which nvcc`/../..; where nvcc is a wrapper or a link (here
+    /usr/local/bin/nvcc runs /usr/local/cuda-13.0/bin/nvcc) that directory has no libcudart and
+    the link step fails. Point CUDA_HOME at a directory that has both, unless the user set it."""
+    import shutil
+
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        has_nvcc = os.path.exists(os.path.join(home, "bin", "nvcc"))
+        has_cudart = glob.glob(os.path.join(home, "lib64", "libcudart.so*")) or glob.glob(
+            os.path.join(home, "lib", "libcudart.so*"))
+        if has_nvcc and has_cudart:
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _extensions():
+    _set_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -39,6 +71,7 @@ def _extensions():
     )
     if want_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        include_dirs = [os.path.join(ROOT, "csrc")] + _pip_cuda_include_dirs()
         macros.append(("LKFAST_WITH_CUDA", None))
         ext = CUDAExtension(
             "lkfast._C",
@@ -50,7 +83,7 @@ def _extensions():
                          "--expt-relaxed-constexpr"],
             },
             extra_link_args=["-fopenmp"],
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=include_dirs,
         )
     else:
         ext = CppExtension(

@@ -1,13 +1,18 @@
-"""Turns a pytest-benchmark JSON of bench_depthwise.py into the README's markdown table."""
+"""Turns a pytest-benchmark JSON of bench_depthwise.py into the README's table and figure.
+
+    python benchmarks/report_depthwise.py benchmarks/results/depthwise_cpu.json
+writes depthwise_cpu.md and depthwise_cpu.png beside the JSON.
+"""
 import json
+import os
 import sys
 
 from lkfast.bench import summarize
 
 
-def main(path: str) -> None:
+def load(path: str):
     data = json.load(open(path))
-    rows, peak = [], None
+    rows, peak = [], float("nan")
     for b in data["benchmarks"]:
         info = b["extra_info"]
         if info.get("kind") == "matmul_peak":
@@ -15,11 +20,51 @@ def main(path: str) -> None:
         elif info.get("kind") == "depthwise":
             rows.append({"impl": info["impl"], "passes": info["passes"], "shape": info["shape"],
                          "seconds": b["stats"]["min"], "flop": info["flop"]})
+    return data, rows, peak
+
+
+def plot(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({tuple(r["shape"]) for r in rows}, key=lambda s: -s[2])
+    passes = ["forward", "forward+input_grad", "forward+input_grad+weight_grad"]
+    fig, axes = plt.subplots(1, len(passes), figsize=(13, 3.8), sharey=True)
+    for ax, p in zip(axes, passes):
+        sel = {(tuple(r["shape"]), r["impl"]): r["seconds"] for r in rows if r["passes"] == p}
+        xs = range(len(shapes))
+        for offset, impl, color in ((-0.2, "lkfast_auto", "tab:blue"), (0.2, "lkfast_cpu", "tab:orange")):
+            ratios = []
+            for s in shapes:
+                best = min(sel.get((s, "pytorch_nchw"), float("inf")), sel.get((s, "pytorch_channels_last"), float("inf")))
+                ratios.append(best / sel[(s, impl)] if (s, impl) in sel else 0)
+            bars = ax.bar([x + offset for x in xs], ratios, width=0.4, color=color,
+                          label={"lkfast_auto": "lkfast auto", "lkfast_cpu": "lkfast C++ kernel only"}[impl])
+            ax.bar_label(bars, fmt="%.1f×", fontsize=7)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs), [f"C{s[1]} {s[2]}²\nk{s[4]}" for s in shapes], fontsize=8)
+        ax.set_title(p.replace("+", " + ").replace("_", " "), fontsize=9)
+    axes[0].set_ylabel("speed-up vs PyTorch's faster layout")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("Depthwise conv on this CPU, fp32, batch 8 (RepLKNet-31B stage shapes); dashed = PyTorch", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(path: str) -> None:
+    data, rows, peak = load(path)
     machine = data.get("machine_info", {})
-    print(f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
-          f"{data.get('commit_info', {}).get('id', '')[:8]} {data.get('datetime', '')}")
-    print()
-    print(summarize(rows, peak or float("nan")))
+    header = (f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
+              f"{machine.get('cpu', {}).get('count', '?')} cores; run {data.get('datetime', '')[:19]}, "
+              f"commit {data.get('commit_info', {}).get('id', '')[:8]}")
+    base = os.path.splitext(path)[0]
+    with open(base + ".md", "w") as f:
+        f.write(header + "\n\n" + summarize(rows, peak) + "\n")
+    plot(rows, base + ".png")
+    print(open(base + ".md").read())
 
 
 if __name__ == "__main__":

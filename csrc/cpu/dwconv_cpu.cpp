@@ -109,9 +109,14 @@ template <typename S, typename T>
 void pack_rows(const S* src, Strides s, int c0, int nc, int lanes, int r0, int r1, int W, int pad,
                T* dst) {
   const int row_len = (W + 2 * pad) * lanes;
-  std::memset(dst, 0, sizeof(T) * (size_t)row_len * (r1 - r0));
   for (int r = r0; r < r1; ++r) {
-    T* drow = dst + (size_t)(r - r0) * row_len + (size_t)pad * lanes;
+    T* row = dst + (size_t)(r - r0) * row_len;
+    // Zero only what the copy below does not write: the pad columns and, in the last channel
+    // block, the lanes past the last channel.
+    std::memset(row, 0, sizeof(T) * (size_t)pad * lanes);
+    std::memset(row + (size_t)(pad + W) * lanes, 0, sizeof(T) * (size_t)pad * lanes);
+    if (nc < lanes) std::memset(row + (size_t)pad * lanes, 0, sizeof(T) * (size_t)W * lanes);
+    T* drow = row + (size_t)pad * lanes;
     const S* srow = src + r * s.h + c0 * s.c;
     if (s.c == 1) {  // channels innermost: contiguous runs of nc values
       for (int w = 0; w < W; ++w) {
