@@ -70,7 +70,7 @@ def main(argv=None):
              "| band centre | reference ms | fused ms | speed-up | fused GB/s (x in + out) | max abs diff |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['freq'] / math.pi:.1f} pi | {r['reference_ms']:.2f} | {r['fused_ms']:.2f} | {r['speedup']:.2f}x "
-                     f"| {r['fused_gbps']:.0f} | {r['max_abs_diff']:.1e} |")
+                     f"| {r['fused_gbps']:.1f} | {r['max_abs_diff']:.1e} |")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, f"frequency_bench_{tag}.md"), "w") as f:
         f.write(md)

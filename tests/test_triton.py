@@ -131,6 +131,43 @@ def test_add_clamp_kernel():
 
 
 # ---------------------------------------------------------------------------------------------
+# Without a GPU: every kernel compiles ahead of time for Hopper (sm_90: Triton's own ptxas), which
+# catches what the interpreter does not (types, layouts, code generation).
+
+AOT_CASES = [  # kernel name, pointer dtype, constexprs
+    ("_forward_nchw", "bf16", {"HAS_BIAS": True, "FLIP": True, "BLOCK_H": 16, "BLOCK_W": 32}),
+    ("_forward_nhwc", "fp16", {"HAS_BIAS": False, "FLIP": False, "BLOCK_W": 8, "BLOCK_C": 64}),
+    ("_weight_grad", "fp32", {"BLOCK_H": 16, "BLOCK_W": 16, "BLOCK_KW": 32}),
+]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiled in the parent process")
+@pytest.mark.parametrize("name,dtype,constexprs", AOT_CASES, ids=[c[0] for c in AOT_CASES])
+def test_triton_kernel_compiles_for_sm90(name, dtype, constexprs):
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lkfast.kernels import depthwise
+
+    kernel = getattr(depthwise, name)
+    signature = {}
+    for arg in inspect.signature(kernel.fn).parameters:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg == "ws_ptr":
+            signature[arg] = "*fp32"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*" + dtype
+        else:
+            signature[arg] = "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm.get("cubin"), "no sm_90 binary"
+
+
+# ---------------------------------------------------------------------------------------------
 # On a GPU: every dtype, RepLKNet / SLaK kernel sizes, both layouts.
 
 GPU_SHAPES = [
