@@ -288,3 +288,31 @@ def test_cuda_auto_is_correct_and_uses_table():
         assert cuda_table.lookup(cuda_table.key_of(x, w)) is not None
     ref = F.conv2d(x.float(), w.float(), padding=15, groups=64)
     assert _rel(ops.depthwise_conv2d(x, w), ref) < 4e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The auto table (lkfast/ops/cuda_table.py): lookup logic, on CPU tensors standing in for CUDA ones
+
+
+def test_cuda_table_nearest_row_and_fallback(monkeypatch):
+    from lkfast.ops import cuda_table
+
+    table = {
+        ("float16", "channels_last", 31, 31, 128, 56, 56): ("cuda", "cuda", "cuda"),
+        ("float16", "channels_last", 13, 13, 1024, 7, 7): ("torch", "torch", "cuda"),
+        ("float16", "nchw", 31, 31, 128, 56, 56): ("triton", "cuda", "torch"),
+    }
+    monkeypatch.setattr(cuda_table, "MEASURED", table)
+    x = torch.empty(8, 256, 28, 28, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = torch.empty(256, 1, 29, 29, dtype=torch.float16)
+    assert cuda_table.key_of(x, w) == ("float16", "channels_last", 29, 29, 256, 28, 28)
+    everything = lambda name: True
+    assert cuda_table.choose(x, w, everything) == ("cuda", "cuda", "cuda")  # nearest: the k=31 row
+    small = torch.empty(8, 1024, 7, 7, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    assert cuda_table.choose(small, torch.empty(1024, 1, 13, 13, dtype=torch.float16), everything) == ("torch", "torch", "cuda")
+    nchw = torch.empty(8, 128, 56, 56, dtype=torch.float16)
+    w31 = torch.empty(128, 1, 31, 31, dtype=torch.float16)
+    assert cuda_table.choose(nchw, w31, lambda name: name != "triton") == ("torch", "cuda", "torch")
+    # no row for this dtype: the default order, first usable backend
+    assert cuda_table.choose(nchw.float(), w31.float(), lambda name: name == "triton") == ("triton",) * 3
+    assert cuda_table.choose(nchw.float(), w31.float(), lambda name: False) == ("torch",) * 3
