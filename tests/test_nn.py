@@ -159,3 +159,16 @@ def test_reparam_large_kernel_conv_switches_form_on_load():
     back.load_state_dict(unmerged_state, strict=True)  # merged module, training-time weights
     assert not back.merged
     _close(back.eval()(x), y)
+
+
+def test_folded_kernels_are_cached_only_for_frozen_weights_and_refreshed_on_change():
+    module = _reparam_module().eval()
+    x = torch.randn(1, 6, 9, 9)
+    expected = module.lkb_origin(x) + module.small_conv(x)
+    module.requires_grad_(False)
+    _close(module(x), expected)
+    assert module._fold_cache.key is not None  # frozen: cached
+    with torch.no_grad():
+        module.lkb_origin.conv.weight.mul_(2)  # in-place change: the cache must notice
+    _close(module(x), module.lkb_origin(x) + module.small_conv(x))
+    _close(module(x).sub(expected).abs().max() > 0, torch.tensor(True))

@@ -107,6 +107,32 @@ def _bn_in_inference_mode(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
 
 
+class _FoldCache:
+    """Remembers a folded (kernel, bias) while the tensors it was made from are unchanged.
+
+    Only used when none of them requires grad (frozen weights: inference, attacks), so the cached
+    result never needs to be part of an autograd graph. A tensor counts as unchanged while its
+    storage pointer and version counter (bumped by every in-place write) are the same.
+    """
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, sources: list, compute):
+        if any(t.requires_grad for t in sources):
+            return compute()
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+        if key != self.key:
+            with torch.no_grad():
+                self.value = compute()
+            self.key = key
+        return self.value
+
+
+def _bn_tensors(bn: nn.BatchNorm2d) -> list:
+    return [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+
+
 def _conv_like(conv: nn.Conv2d, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``conv``'s convolution of ``x`` with another kernel and bias (the fast op for DepthwiseConv2d)."""
     if isinstance(conv, DepthwiseConv2d):
@@ -130,6 +156,7 @@ class ConvBN(nn.Sequential):
             layers["nonlinear"] = nonlinear
         super().__init__(layers)
         self.fold_in_eval = fold_in_eval
+        self._fold_cache = _FoldCache()
 
     def _can_fold(self) -> bool:
         return self.fold_in_eval and _bn_in_inference_mode(self.bn) and isinstance(self.conv, nn.Conv2d) \
@@ -140,7 +167,9 @@ class ConvBN(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._can_fold():
-            return self._finish(_conv_like(self.conv, x, *fuse_conv_bn(self.conv, self.bn)))
+            sources = [self.conv.weight] + _bn_tensors(self.bn)
+            folded = self._fold_cache.get(sources, lambda: fuse_conv_bn(self.conv, self.bn))
+            return self._finish(_conv_like(self.conv, x, *folded))
         return super().forward(x)
 
     def forward_after_bn(self, x: torch.Tensor, pre_bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -150,10 +179,14 @@ class ConvBN(nn.Sequential):
         if not (self._can_fold() and _bn_in_inference_mode(pre_bn) and conv.kernel_size == (1, 1)
                 and conv.groups == 1 and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (0, 0)):
             return self(pre_bn(x))
-        kernel, bias = fuse_conv_bn(conv, self.bn)
-        scale, shift = bn_scale_shift(pre_bn)
-        bias = bias + kernel.flatten(1) @ shift
-        return self._finish(_conv_like(conv, x, kernel * scale.reshape(1, -1, 1, 1), bias))
+
+        def fold():
+            kernel, bias = fuse_conv_bn(conv, self.bn)
+            scale, shift = bn_scale_shift(pre_bn)
+            return kernel * scale.reshape(1, -1, 1, 1), bias + kernel.flatten(1) @ shift
+
+        sources = [conv.weight] + _bn_tensors(self.bn) + _bn_tensors(pre_bn)
+        return self._finish(_conv_like(conv, x, *self._fold_cache.get(sources, fold)))
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None, groups: int = 1,
@@ -193,6 +226,7 @@ class ReparamLargeKernelConv(nn.Module):
         self.kernel_size = kernel_size
         self.small_kernel = small_kernel
         self.fast = fast
+        self._fold_cache = _FoldCache()
         if small_kernel is not None and small_kernel > kernel_size:
             raise ValueError(f"ReparamLargeKernelConv: small_kernel ({small_kernel}) must not exceed kernel_size ({kernel_size})")
         if small_kernel_merged:
@@ -219,8 +253,8 @@ class ReparamLargeKernelConv(nn.Module):
         if self.merged:
             return self.lkb_reparam(x)
         if isinstance(self.lkb_origin.conv, DepthwiseConv2d) and self._branches_in_inference_mode():
-            kernel, bias = self.get_equivalent_kernel_bias()
-            return _fast_depthwise(x, kernel, bias)
+            sources = [p for branch in self.children() for p in [branch.conv.weight] + _bn_tensors(branch.bn)]
+            return _fast_depthwise(x, *self._fold_cache.get(sources, self.get_equivalent_kernel_bias))
         out = self.lkb_origin(x)
         if hasattr(self, "small_conv"):
             out = out + self.small_conv(x)
