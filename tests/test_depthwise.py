@@ -149,11 +149,16 @@ def test_cpu_every_instruction_set():
 
 
 def test_auto_plan_on_cpu():
-    x = torch.randn(1, 4, 8, 8)
+    from lkfast.ops.depthwise import CPU_OWN_FORWARD_MAX_PIXELS
+
     w = torch.randn(4, 1, 7, 7)
-    plan = ops.plan_for(x, w)
-    assert plan[0] == "torch" and plan[1] == "torch"
-    assert plan[2] == ("cpu" if ops.available_backends()["cpu"].available else "torch")
+    large = torch.randn(1, 4, 64, 64)
+    small = torch.randn(1, 4, 1, CPU_OWN_FORWARD_MAX_PIXELS)
+    if not ops.available_backends()["cpu"].available:
+        assert ops.plan_for(large, w) == ops.plan_for(small, w) == ("torch", "torch", "torch")
+        return
+    assert ops.plan_for(large, w) == ("torch", "torch", "cpu")
+    assert ops.plan_for(small, w) == ("cpu", "cpu", "cpu")
 
 
 def test_available_backends_explains():

@@ -19,6 +19,11 @@ from lkfast.ops.backends import BACKENDS, FLOAT_DTYPES, output_memory_format
 
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
+# On the CPU, `auto` runs the forward and input gradient with lkfast's kernel for maps of at most
+# this many pixels and with oneDNN (backend "torch", channels_last) above it; the weight gradient
+# always with lkfast's kernel. Set from benchmarks/results/depthwise_cpu.md.
+CPU_OWN_FORWARD_MAX_PIXELS = 7 * 7
+
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
@@ -79,10 +84,11 @@ def _usable(name: str, x, weight) -> bool:
 def plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> tuple[str, str, str]:
     """The backends (forward, input gradient, weight gradient) that ``backend`` means for this call.
 
-    ``auto`` follows the measurements in benchmarks/results: on the CPU, oneDNN's channels_last
-    convolution (backend "torch") is the fastest forward and input-gradient path for the shapes we
-    benchmark and lkfast's C++ kernel is by far the fastest weight gradient; on CUDA, lkfast's
-    CUDA kernels, then Triton, then PyTorch (cuDNN). A named backend is used for all three passes.
+    ``auto`` follows the measurements in benchmarks/results: on the CPU, lkfast's C++ kernel for
+    the weight gradient (PyTorch's runs at well under 10 GFLOP/s) and, for the forward and input
+    gradient, oneDNN's channels_last convolution (backend "torch") on large maps and lkfast's kernel
+    on small ones (``CPU_OWN_FORWARD_MAX_PIXELS``); on CUDA, the measured table in
+    ``lkfast.ops.cuda_table``. A named backend is used for all three passes.
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"depthwise_conv2d: unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
@@ -97,8 +103,13 @@ def plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> tu
             )
         return (backend, backend, backend)
     if x.device.type == "cpu":
-        weight_grad = "cpu" if _usable("cpu", x, weight) else "torch"
-        return ("torch", "torch", weight_grad)
+        if not _usable("cpu", x, weight):
+            return ("torch", "torch", "torch")
+        # oneDNN's channels_last forward is as fast as ours on large maps; ours wins where the
+        # map is small (it skips the padding that dominates there). Measured: benchmarks/results.
+        small = x.shape[2] * x.shape[3] <= CPU_OWN_FORWARD_MAX_PIXELS
+        forward = "cpu" if small else "torch"
+        return (forward, forward, "cpu")
     if x.device.type == "cuda":
         from lkfast.ops import cuda_table  # measured on a GPU by benchmarks/gpu_check.sh
 
