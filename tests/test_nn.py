@@ -172,3 +172,9 @@ def test_folded_kernels_are_cached_only_for_frozen_weights_and_refreshed_on_chan
         module.lkb_origin.conv.weight.mul_(2)  # in-place change: the cache must notice
     _close(module(x), module.lkb_origin(x) + module.small_conv(x))
     _close(module(x).sub(expected).abs().max() > 0, torch.tensor(True))
+
+
+def test_switching_form_on_load_keeps_eval_mode():
+    module = ReparamLargeKernelConv(6, 6, 13, 1, 6, small_kernel=5, small_kernel_merged=True).eval()
+    module.load_state_dict(_reparam_module().state_dict())
+    assert not module.merged and not module.lkb_origin.bn.training and not module.small_conv.bn.training

@@ -294,8 +294,12 @@ class ReparamLargeKernelConv(nn.Module):
         for name in ("lkb_reparam", "lkb_origin", "small_conv"):
             if hasattr(self, name):
                 delattr(self, name)
-        self._build_merged() if merged else self._build_unmerged()
+        if merged:
+            self._build_merged()
+        else:
+            self._build_unmerged()
         self.to(device=reference.device, dtype=reference.dtype)
+        self.train(self.training)  # new children follow this module's train/eval mode
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Children are loaded after this hook runs, so switching form here lets them find their keys.
