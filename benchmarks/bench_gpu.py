@@ -40,6 +40,10 @@ SHAPES = [  # (name, C, H, W, kh, kw)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LAYOUTS = ("channels_last", "nchw")
 BACKENDS = ("cuda", "triton", "torch")
+DEVICE = "cuda"
+# --dry-run: the whole script on tiny shapes on the CPU (wall-clock times), to check it end to end
+# on a machine without a GPU before spending GPU time on it.
+DRY_RUN_SHAPES = [("tiny-k7", 8, 12, 12, 7, 7)]
 PASSES = ("forward", "input_grad", "weight_grad")
 MODES = {"forward": 1, "forward+input_grad": 2, "forward+both_grads": 3}  # conv passes per mode
 
@@ -60,6 +64,12 @@ def peaks_for(name: str) -> dict | None:
 
 def cuda_time_ms(fn, budget_ms=300.0, max_reps=50) -> float:
     """Median of individually timed runs after a warm-up (autotuning happens in the warm-up)."""
+    if DEVICE == "cpu":
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter(); fn(); times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[1]
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -76,10 +86,10 @@ def cuda_time_ms(fn, budget_ms=300.0, max_reps=50) -> float:
 
 def make_inputs(shape, dtype, layout, batch, grad=False):
     _, C, H, W, kh, kw = shape
-    x = torch.randn(batch, C, H, W, device="cuda", dtype=dtype)
+    x = torch.randn(batch, C, H, W, device=DEVICE, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(C, 1, kh, kw, device="cuda") / math.sqrt(kh * kw)).to(dtype)
+    w = (torch.randn(C, 1, kh, kw, device=DEVICE) / math.sqrt(kh * kw)).to(dtype)
     g = torch.randn_like(x)
     if grad:
         x.requires_grad_(True)
@@ -228,22 +238,30 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=360.0, help="seconds; later cases are skipped")
     parser.add_argument("--quick", action="store_true", help="fp16 only, k=31 and k=7 shapes")
     parser.add_argument("--write-table", metavar="JSON", help="rewrite cuda_table.MEASURED from a gpu_bench.json")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing")
     args = parser.parse_args(argv)
+    global DEVICE, BACKENDS
 
     if args.write_table:
         data = json.load(open(args.write_table))
         write_table_source({tuple(k): tuple(v) for k, v in data["table"]}, data["device"])
         return 0
-    if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device; nothing to measure")
+    if args.dry_run:
+        DEVICE, BACKENDS = "cpu", ("cpu", "torch")
+    elif not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device; nothing to measure (--dry-run checks the script on the CPU)")
         return 2
     os.makedirs(args.out, exist_ok=True)
     from lkfast.ops import cuda_table
 
-    device_name = torch.cuda.get_device_name()
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU dry run"
     deadline = time.time() + args.budget
     shapes = SHAPES if not args.quick else [SHAPES[0], SHAPES[4]]
     dtypes = list(DTYPES) if not args.quick else ["float16"]
+    e2e_backends = ["auto", "cuda", "triton", "torch-nchw", "torch-channels_last"]
+    if args.dry_run:
+        shapes, dtypes, args.batch = DRY_RUN_SHAPES, ["float32"], 2
+        e2e_backends = ["auto", "cpu", "torch-nchw", "torch-channels_last"]
     rows: list[dict] = []
     # 1. per pass, per backend -> the auto table (uses ~55% of the budget)
     pass_deadline = time.time() + 0.55 * args.budget
@@ -259,8 +277,7 @@ def main(argv=None):
     for dtype in dtypes:
         for shape in shapes:
             for layout in LAYOUTS:
-                end_to_end(shape, DTYPES[dtype], layout, args.batch, rows, deadline,
-                           ["auto", "cuda", "triton", "torch-nchw", "torch-channels_last"])
+                end_to_end(shape, DTYPES[dtype], layout, args.batch, rows, deadline, e2e_backends)
     add_rates(rows, device_name)
     result = {"device": device_name, "torch": torch.__version__, "batch": args.batch, "peaks": peaks_for(device_name),
               "rows": rows, "table": [[list(k), list(v)] for k, v in table.items()]}

@@ -316,3 +316,20 @@ def test_cuda_table_nearest_row_and_fallback(monkeypatch):
     # no row for this dtype: the default order, first usable backend
     assert cuda_table.choose(nchw.float(), w31.float(), lambda name: name == "triton") == ("triton",) * 3
     assert cuda_table.choose(nchw.float(), w31.float(), lambda name: False) == ("torch",) * 3
+
+
+def test_gpu_benchmark_script_dry_run(tmp_path):
+    """benchmarks/bench_gpu.py end to end on tiny CPU shapes: a GPU session must not lose its few
+    minutes to a broken script."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--dry-run", "--out", str(tmp_path), "--budget", "60"]) == 0
+    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert result["table"] and all(len(v) == 3 for _, v in result["table"])
+    assert "| tiny-k7 |" in (tmp_path / "gpu_bench.md").read_text()
