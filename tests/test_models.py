@@ -300,10 +300,9 @@ def test_pretrained_offline_and_replknet_pretrained_say_to_pass_a_checkpoint(mon
 
 
 def test_create_model_patches_timm_convnext_with_large_kernels(images):
-    fast = create_model("convnext_tiny", kernel_sizes=31, num_classes=NUM_CLASSES, depths=(1, 1, 1, 1),
-                        dims=(8, 16, 24, 32))
-    plain = create_model("convnext_tiny", fast=False, kernel_sizes=31, num_classes=NUM_CLASSES, depths=(1, 1, 1, 1),
-                         dims=(8, 16, 24, 32))
+    arch = dict(kernel_sizes=31, num_classes=NUM_CLASSES, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), ls_init_value=1.0)
+    fast = create_model("convnext_tiny", **arch)
+    plain = create_model("convnext_tiny", fast=False, **arch)
     plain.load_state_dict(fast.state_dict())
     assert sum(isinstance(m, DepthwiseConv2d) for m in fast.modules()) == 4
     assert not any(isinstance(m, DepthwiseConv2d) for m in plain.modules())

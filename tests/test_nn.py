@@ -57,8 +57,9 @@ def test_depthwise_conv2d_under_cpu_autocast():
 
 def _tiny_convnext():
     timm = pytest.importorskip("timm")
+    # ls_init_value=1: timm's default layer scale (1e-6) would hide the blocks, and any error in them
     return timm.models.convnext.ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), kernel_sizes=13, num_classes=10,
-                                         drop_path_rate=0.0)
+                                         drop_path_rate=0.0, ls_init_value=1.0)
 
 
 def test_patch_model_timm_convnext_forward_and_input_grad():
