@@ -118,6 +118,7 @@ def emulate_forward(x, weight, bias, flip, RB, RW, TXN, TYN):
 
 
 def emulate_weight_grad(go, x, kh, kw, splits, TH=16, TW=16, THREADS=128, MAXG=4):
+    """Returns dW and the number of phases (threads per 4-tap group) the kernel would use."""
     N, C, H, W = x.shape
     kwp, ph, pw = _round_up(kw, 4), kh // 2, kw // 2
     pitch = smem_pitch(TW, kwp, 4)
@@ -129,6 +130,10 @@ def emulate_weight_grad(go, x, kh, kw, splits, TH=16, TW=16, THREADS=128, MAXG=4
     splits = (items + per_split - 1) // per_split
     ngw = kwp // 4
     groups = kh * ngw
+    phases = 1
+    while phases < 8 and groups * phases * 2 <= THREADS:
+        phases *= 2
+    assert TH * TW + rows * pitch >= THREADS * 4, "the phase sums do not fit in the tiles' shared memory"
     ws = torch.full((splits, C, kh, kw), float("nan"), dtype=torch.float64)
     tid = torch.arange(THREADS)
     for offset in range(0, groups, THREADS * MAXG):
@@ -146,14 +151,16 @@ def emulate_weight_grad(go, x, kh, kw, splits, TH=16, TW=16, THREADS=128, MAXG=4
                     _fill_halo(smem, x[n, c].double(), h0, w0, rows, pitch, cols, ph, pw, H, W, base=TH * TW)
                     h_valid, w_valid4 = min(TH, H - h0), (min(TW, W - w0) + 3) & ~3
                     for k in range(MAXG):
-                        group = offset + tid + k * THREADS
+                        unit = tid + k * THREADS
+                        group, phase = offset + unit // phases, unit % phases
                         live = group < groups
                         i, j0 = group // ngw, (group % ngw) * 4
                         live &= ~((h0 + i - ph >= H) | (h0 + h_valid - 1 + i - ph < 0))
                         if not bool(live.any()):
                             continue
-                        i, j0 = i[live], j0[live]
+                        i, j0, phase = i[live], j0[live], phase[live]
                         for h in range(h_valid):
+                            rows_h = phase == (h % phases)  # thread takes rows h = phase (mod phases)
                             xrow = TH * TW + (h + i) * pitch + j0
                             grow = torch.tensor(h * TW)
                             win = smem.load4(xrow)
@@ -162,8 +169,19 @@ def emulate_weight_grad(go, x, kh, kw, splits, TH=16, TW=16, THREADS=128, MAXG=4
                                 gv = smem.load4(grow + w)
                                 for ww in range(4):
                                     for t in range(4):
-                                        acc[k][t][live] += gv[ww] * win[ww + t]
+                                        acc[k][t][live] += torch.where(rows_h, gv[ww] * win[ww + t], 0.0)
                                 win = win[4:]
+                if phases > 1:  # the shared-memory sum of each group's phases
+                    partial = torch.stack(acc[0], dim=1).reshape(-1)
+                    for th in range(0, THREADS, phases):
+                        group = th // phases
+                        if group >= groups:
+                            continue
+                        i, j0 = group // ngw, (group % ngw) * 4
+                        for t in range(4):
+                            if j0 + t < kw:
+                                ws[split, c, i, j0 + t] = sum(partial[(th + p) * 4 + t] for p in range(phases))
+                    continue
                 for k in range(MAXG):
                     group = offset + tid + k * THREADS
                     for th in range(THREADS):
@@ -173,7 +191,7 @@ def emulate_weight_grad(go, x, kh, kw, splits, TH=16, TW=16, THREADS=128, MAXG=4
                         for t in range(4):
                             if j0 + t < kw:
                                 ws[split, c, i, j0 + t] = acc[k][t][th]
-    return ws.sum(0).unsqueeze(1)
+    return ws.sum(0).unsqueeze(1), phases
 
 
 # The two forward configurations of dwconv_cuda.cu: (RB, RW, TXN, TYN)
@@ -200,17 +218,19 @@ def test_cuda_forward_tiling_emulated(shape, config):
         torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("shape,splits", [
-    ((2, 1, 13, 11, 7, 7), 3),
-    ((1, 1, 7, 7, 13, 13), 1),     # kernel rows entirely in padding are skipped
-    ((2, 1, 20, 18, 5, 11), 4),    # several tiles, uneven split
-    ((1, 1, 6, 5, 63, 63), 1),     # 1008 tap groups: two launches with a group offset
+@pytest.mark.parametrize("shape,splits,expect_phases", [
+    ((2, 1, 13, 11, 7, 7), 3, 8),     # 14 groups x 8 phases
+    ((1, 1, 7, 7, 13, 13), 1, 2),     # kernel rows entirely in padding are skipped
+    ((2, 1, 20, 18, 5, 11), 4, 8),    # several tiles, uneven split
+    ((1, 1, 18, 9, 27, 27), 2, 1),    # 189 groups: one phase, two groups for some threads
+    ((1, 1, 6, 5, 63, 63), 1, 1),     # 1008 tap groups: two launches with a group offset
 ])
-def test_cuda_weight_grad_splitk_emulated(shape, splits):
+def test_cuda_weight_grad_splitk_emulated(shape, splits, expect_phases):
     N, C, H, W, kh, kw = shape
     x = torch.randn(N, C, H, W, dtype=torch.float64)
     go = torch.randn(N, C, H, W, dtype=torch.float64)
-    gw = emulate_weight_grad(go, x, kh, kw, splits)
+    gw, phases = emulate_weight_grad(go, x, kh, kw, splits)
+    assert phases == expect_phases
     ref = torch.ops.aten.convolution_backward(go, x, torch.empty(C, 1, kh, kw, dtype=torch.float64), None, [1, 1],
                                               [kh // 2, kw // 2], [1, 1], False, [0, 0], C, [False, True, False])[1]
     torch.testing.assert_close(gw, ref, rtol=1e-10, atol=1e-10)

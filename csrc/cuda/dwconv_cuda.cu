@@ -14,7 +14,8 @@
 //   dW[c, i, j] = sum over (n, h, w) of dY[n, c, h, w] * X[n, c, h + i - ph, w + j - pw]. Block
 //   (c, s) reduces the s-th slice of the (image, 16 x 16 tile) items into registers: each thread
 //   owns up to MAXG groups of 4 adjacent taps of one kernel row, and per tile row slides a window
-//   of inputs against 4 broadcast dY values. Each block writes its partial sums once into an
+//   of inputs against 4 broadcast dY values. Small kernels (<= 64 groups) give each group 2..8
+//   threads that take alternate tile rows, summed in shared memory at the end. Each block writes its partial sums once into an
 //   (S, C, kh, kw) workspace in the accumulation type; one sum over S finishes (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -211,7 +212,7 @@ constexpr int kGradMaxGroups = 4;  // 4-tap groups per thread per launch: 512 gr
 template <typename T, int TH, int TW, int MAXG>
 __global__ void __launch_bounds__(kGradThreads)
 weight_grad_kernel(const T* __restrict__ go, const T* __restrict__ x, typename Acc<T>::type* __restrict__ ws,
-                   Geometry g, int items_per_split, int group_offset) {
+                   Geometry g, int items_per_split, int group_offset, int phases) {
   using A = typename Acc<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* s_go = reinterpret_cast<A*>(smem_raw);  // TH x TW
@@ -246,12 +247,13 @@ weight_grad_kernel(const T* __restrict__ go, const T* __restrict__ x, typename A
     const int h_valid = min(TH, g.H - h0), w_valid4 = (min(TW, g.W - w0) + 3) & ~3;
 #pragma unroll
     for (int k = 0; k < MAXG; ++k) {
-      const int group = group_offset + tid + k * kGradThreads;
+      const int unit = tid + k * kGradThreads;
+      const int group = group_offset + unit / phases, phase = unit % phases;
       if (group >= groups) continue;
       const int i = group / ngw, j0 = (group % ngw) * 4;
       // Skip padding: kernel row i sees only zero rows of the halo for this tile.
       if (h0 + i - g.ph >= g.H || h0 + h_valid - 1 + i - g.ph < 0) continue;
-      for (int h = 0; h < h_valid; ++h) {
+      for (int h = phase; h < h_valid; h += phases) {
         const A* xrow = s_x + (h + i) * g.pitch + j0;
         const A* grow = s_go + h * TW;
         A win[8];
@@ -272,6 +274,23 @@ weight_grad_kernel(const T* __restrict__ go, const T* __restrict__ x, typename A
   }
 
   A* out = ws + (static_cast<int64_t>(split) * g.C + c) * g.kh * g.kw;
+  if (phases > 1) {  // few groups (small kernels): sum the phases' partial sums in shared memory
+    __syncthreads();
+    A* partial = s_go;  // kGradThreads x 4 fits: TH * TW + rows * pitch >= 256 + 16 * 20
+#pragma unroll
+    for (int t = 0; t < 4; ++t) partial[tid * 4 + t] = acc[0][t];
+    __syncthreads();
+    const int group = tid / phases;
+    if (tid % phases != 0 || group >= groups) return;
+    const int i = group / ngw, j0 = (group % ngw) * 4;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      A sum = A(0);
+      for (int p = 0; p < phases; ++p) sum += partial[(tid + p) * 4 + t];
+      if (j0 + t < g.kw) out[i * g.kw + j0 + t] = sum;
+    }
+    return;
+  }
 #pragma unroll
   for (int k = 0; k < MAXG; ++k) {
     const int group = group_offset + tid + k * kGradThreads;
@@ -362,6 +381,10 @@ at::Tensor weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t 
   at::Tensor ws = at::empty({splits, g.C, kh, kw}, x.options().dtype(acc_dtype));
 
   const int groups = g.kh * (g.kwp / 4);
+  // Small kernels have few 4-tap groups: give each group `phases` threads that take every
+  // phases-th tile row, so that most of the block works (k = 7: 14 groups x 8 phases).
+  int phases = 1;
+  while (phases < 8 && groups * phases * 2 <= kGradThreads) phases *= 2;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lkfast_cuda_weight_grad", [&] {
     using A = typename Acc<scalar_t>::type;
@@ -377,7 +400,7 @@ at::Tensor weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t 
     dim3 grid(g.C, splits);
     for (int offset = 0; offset < groups; offset += kGradThreads * kGradMaxGroups) {
       kernel<<<grid, kGradThreads, smem, stream>>>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                                   ws.data_ptr<A>(), g, per_split, offset);
+                                                   ws.data_ptr<A>(), g, per_split, offset, phases);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
