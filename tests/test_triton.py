@@ -134,10 +134,11 @@ def test_add_clamp_kernel():
 # Without a GPU: every kernel compiles ahead of time for Hopper (sm_90: Triton's own ptxas), which
 # catches what the interpreter does not (types, layouts, code generation).
 
-AOT_CASES = [  # kernel name, pointer dtype, constexprs
-    ("_forward_nchw", "bf16", {"HAS_BIAS": True, "FLIP": True, "BLOCK_H": 16, "BLOCK_W": 32}),
-    ("_forward_nhwc", "fp16", {"HAS_BIAS": False, "FLIP": False, "BLOCK_W": 8, "BLOCK_C": 64}),
-    ("_weight_grad", "fp32", {"BLOCK_H": 16, "BLOCK_W": 16, "BLOCK_KW": 32}),
+AOT_CASES = [  # module.kernel, pointer dtype, constexprs
+    ("depthwise._forward_nchw", "bf16", {"HAS_BIAS": True, "FLIP": True, "BLOCK_H": 16, "BLOCK_W": 32}),
+    ("depthwise._forward_nhwc", "fp16", {"HAS_BIAS": False, "FLIP": False, "BLOCK_W": 8, "BLOCK_C": 64}),
+    ("depthwise._weight_grad", "fp32", {"BLOCK_H": 16, "BLOCK_W": 16, "BLOCK_KW": 32}),
+    ("frequency._add_clamp", "fp32", {"CLAMP": True, "BLOCK": 2048}),
 ]
 
 
@@ -150,15 +151,18 @@ def test_triton_kernel_compiles_for_sm90(name, dtype, constexprs):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lkfast.kernels import depthwise
+    import importlib
 
-    kernel = getattr(depthwise, name)
+    module_name, kernel_name = name.split(".")
+    kernel = getattr(importlib.import_module(f"lkfast.kernels.{module_name}"), kernel_name)
     signature = {}
     for arg in inspect.signature(kernel.fn).parameters:
         if arg in constexprs:
             signature[arg] = "constexpr"
-        elif arg == "ws_ptr":
+        elif arg in ("ws_ptr", "noise_ptr"):
             signature[arg] = "*fp32"
+        elif arg in ("lo", "hi"):
+            signature[arg] = "fp32"
         elif arg.endswith("_ptr"):
             signature[arg] = "*" + dtype
         else:
