@@ -54,6 +54,23 @@ timeout $(( left + 90 )) python benchmarks/bench_gpu.py "${bench_args[@]}" > "$O
 echo "- depthwise benchmark: rc $? ($(elapsed) s), see gpu_bench.md" | tee -a "$summary"
 timeout 60 python benchmarks/bench_frequency.py --out "$OUT" --batch 256 > "$OUT/bench_frequency.log" 2>&1
 echo "- frequency benchmark: rc $? ($(elapsed) s), see frequency_bench_gpu.md" | tee -a "$summary"
+# 4. model (batch 64, bf16) and corruption benchmarks on the GPU, each only while time is left
+if [ "$(elapsed)" -lt 450 ]; then
+  LKFAST_BENCH_DEVICE=cuda timeout 120 python -m pytest benchmarks/bench_models.py -q -p no:cacheprovider \
+      -k replknet --benchmark-json="$OUT/models_gpu.json" > "$OUT/bench_models.log" 2>&1 \
+    && python benchmarks/bench_models.py "$OUT/models_gpu.json" "$OUT/models_gpu.md" >> "$OUT/bench_models.log" 2>&1
+  echo "- model benchmark: rc $? ($(elapsed) s), see models_gpu.md" | tee -a "$summary"
+else
+  echo "- model benchmark: skipped, no time left ($(elapsed) s)" | tee -a "$summary"
+fi
+if [ "$(elapsed)" -lt 520 ]; then
+  LKFAST_BENCH_DEVICE=cuda timeout 60 python -m pytest benchmarks/bench_corrupt.py -q -p no:cacheprovider \
+      --benchmark-json="$OUT/corrupt_gpu.json" > "$OUT/bench_corrupt.log" 2>&1 \
+    && python benchmarks/bench_corrupt.py "$OUT/corrupt_gpu.json" "$OUT/corrupt_gpu.md" >> "$OUT/bench_corrupt.log" 2>&1
+  echo "- corruption benchmark: rc $? ($(elapsed) s), see corrupt_gpu.md" | tee -a "$summary"
+else
+  echo "- corruption benchmark: skipped, no time left ($(elapsed) s)" | tee -a "$summary"
+fi
 [ -f "$OUT/gpu_bench.md" ] && cat "$OUT/gpu_bench.md" >> "$summary"
 [ -f "$OUT/frequency_bench_gpu.md" ] && cat "$OUT/frequency_bench_gpu.md" >> "$summary"
 echo "total: $(elapsed) s" | tee -a "$summary"
