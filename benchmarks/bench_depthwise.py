@@ -35,4 +35,4 @@ def test_depthwise(benchmark, stage, passes, impl):
     benchmark.extra_info.update(kind="depthwise", impl=impl, passes=passes, shape=list(case.shape), flop=case.flop)
     # The PyTorch NCHW weight gradient takes seconds per call here: few rounds, best of them reported.
     slow = impl == "pytorch_nchw" or (passes.endswith("weight_grad") and impl.startswith("pytorch"))
-    benchmark.pedantic(case.run, rounds=3 if slow else 5, warmup_rounds=1)
+    benchmark.pedantic(case.run, rounds=3 if slow else 15, warmup_rounds=2)

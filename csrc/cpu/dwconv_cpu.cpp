@@ -105,7 +105,7 @@ Strides strides_of(const at::Tensor& t) {
 
 // Packs rows [r0, r1) of channels [c0, c0 + nc) of one image into `dst`:
 // row-major (row, column + pad, lane), `pad` zero columns on both sides, lanes >= nc zero.
-template <typename S, typename T>
+template <typename S, typename T, int kLanes = 64 / sizeof(T)>
 void pack_rows(const S* src, Strides s, int c0, int nc, int lanes, int r0, int r1, int W, int pad,
                T* dst) {
   const int row_len = (W + 2 * pad) * lanes;
@@ -118,7 +118,14 @@ void pack_rows(const S* src, Strides s, int c0, int nc, int lanes, int r0, int r
     if (nc < lanes) std::memset(row + (size_t)pad * lanes, 0, sizeof(T) * (size_t)W * lanes);
     T* drow = row + (size_t)pad * lanes;
     const S* srow = src + r * s.h + c0 * s.c;
-    if (s.c == 1) {  // channels innermost: contiguous runs of nc values
+    if (s.c == 1 && nc == kLanes) {  // channels innermost, a whole block: fixed-width copies
+      for (int w = 0; w < W; ++w) {
+        const S* sp = srow + w * s.w;
+        T* dp = drow + w * kLanes;
+#pragma GCC unroll 16
+        for (int l = 0; l < kLanes; ++l) dp[l] = static_cast<T>(sp[l]);
+      }
+    } else if (s.c == 1) {
       for (int w = 0; w < W; ++w) {
         const S* sp = srow + w * s.w;
         T* dp = drow + w * lanes;
@@ -135,13 +142,20 @@ void pack_rows(const S* src, Strides s, int c0, int nc, int lanes, int r0, int r
 }
 
 // Writes rows [h0, h1) of packed output (row, column, lane) back to channels [c0, c0 + nc).
-template <typename S, typename T>
+template <typename S, typename T, int kLanes = 64 / sizeof(T)>
 void unpack_rows(const T* src, int c0, int nc, int lanes, int h0, int h1, int W, S* dst,
                  Strides s) {
   for (int h = h0; h < h1; ++h) {
     const T* srow = src + (size_t)(h - h0) * W * lanes;
     S* drow = dst + h * s.h + c0 * s.c;
-    if (s.c == 1) {
+    if (s.c == 1 && nc == kLanes) {
+      for (int w = 0; w < W; ++w) {
+        S* dp = drow + w * s.w;
+        const T* sp = srow + w * kLanes;
+#pragma GCC unroll 16
+        for (int l = 0; l < kLanes; ++l) dp[l] = static_cast<S>(sp[l]);
+      }
+    } else if (s.c == 1) {
       for (int w = 0; w < W; ++w) {
         S* dp = drow + w * s.w;
         const T* sp = srow + w * lanes;
@@ -171,19 +185,30 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const int kh = weight.size(2), kw = weight.size(3), ph = kh / 2, pw = kw / 2;
   const int ncb = ceil_div(C, lanes);
 
-  // Weights and bias repacked as (channel block, tap row, tap column, lane) in T.
-  at::Tensor wt = weight.reshape({C, kh, kw}).to(c10::CppTypeToScalarType<T>::value);
-  if (flip) wt = wt.flip({1, 2});
-  // Pad channels to whole blocks and each tap row with kWeightPad zeros on both sides.
+  // Weights and bias repacked as (channel block, tap row, tap column, lane) in T, each tap row
+  // with kWeightPad zero columns on both sides, channels padded to whole blocks with zeros.
   const int kwp = kw + 2 * kWeightPad;
-  wt = at::constant_pad_nd(wt, {kWeightPad, kWeightPad, 0, 0, 0, ncb * lanes - C})
-           .reshape({ncb, lanes, kh, kwp})
-           .permute({0, 2, 3, 1})
-           .contiguous();
-  at::Tensor bt = at::zeros({ncb * lanes}, wt.options());
-  if (bias) bt.narrow(0, 0, C).copy_(bias->reshape({C}));
-  const Tv* wt_p = wt.data_ptr<Tv>();
-  const Tv* bt_p = bt.data_ptr<Tv>();
+  const at::Tensor w_src = weight.contiguous();
+  const S* w_p = w_src.data_ptr<S>();
+  Scratch<Tv> wbuf, bbuf;
+  Tv* wt_p = wbuf.get((size_t)ncb * kh * kwp * lanes);
+  Tv* bt_p = bbuf.get(lanes * (size_t)ncb);
+  std::memset(wt_p, 0, sizeof(Tv) * (size_t)ncb * kh * kwp * lanes);
+  std::memset(bt_p, 0, sizeof(Tv) * (size_t)ncb * lanes);
+  for (int c = 0; c < C; ++c) {
+    Tv* dst = wt_p + (size_t)(c / lanes) * kh * kwp * lanes + (c % lanes);
+    const S* src = w_p + (size_t)c * kh * kw;
+    for (int i = 0; i < kh; ++i)
+      for (int j = 0; j < kw; ++j) {
+        const S v = flip ? src[(kh - 1 - i) * kw + (kw - 1 - j)] : src[i * kw + j];
+        dst[((size_t)i * kwp + kWeightPad + j) * lanes] = static_cast<Tv>(v);
+      }
+  }
+  if (bias) {
+    const at::Tensor b_src = bias->reshape({C}).to(x.scalar_type()).contiguous();
+    const S* b_p = b_src.data_ptr<S>();
+    for (int c = 0; c < C; ++c) bt_p[c] = static_cast<Tv>(b_p[c]);
+  }
 
   const int nt = num_threads();
   // Split rows only as much as needed to keep every thread busy: each chunk re-reads a halo.
@@ -238,9 +263,9 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
   const int64_t items = (int64_t)ncb * ngroups * nisplit;
   const size_t gw_block = (size_t)kh * kw * lanes;
 
-  at::Tensor partial = at::zeros({ngroups, ncb, kh, kw, lanes},
-                                 x.options().dtype(c10::CppTypeToScalarType<T>::value));
-  Tv* partial_p = partial.data_ptr<Tv>();
+  Scratch<Tv> partial_buf;
+  Tv* partial_p = partial_buf.get((size_t)ngroups * ncb * gw_block);
+  std::memset(partial_p, 0, sizeof(Tv) * (size_t)ngroups * ncb * gw_block);
   const S* x_p = x.data_ptr<S>();
   const S* g_p = grad_out.data_ptr<S>();
   const Strides xs = strides_of(x), gs = strides_of(grad_out);
@@ -268,9 +293,18 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
       }
     }
   }
-  // (ngroups, ncb, kh, kw, lanes) -> (C, 1, kh, kw)
-  at::Tensor gw = partial.sum(0).permute({0, 3, 1, 2}).reshape({ncb * lanes, kh, kw}).narrow(0, 0, C);
-  return gw.reshape({C, 1, kh, kw}).to(x.scalar_type()).contiguous();
+  // (ngroups, ncb, kh, kw, lanes) summed over groups in order -> (C, 1, kh, kw)
+  at::Tensor gw = at::empty({C, 1, kh, kw}, x.options());
+  S* gw_p = gw.data_ptr<S>();
+  for (int c = 0; c < C; ++c) {
+    const Tv* src = partial_p + (size_t)(c / lanes) * gw_block + (c % lanes);
+    for (int t = 0; t < kh * kw; ++t) {
+      Tv sum = 0;
+      for (int g = 0; g < ngroups; ++g) sum += src[(size_t)g * ncb * gw_block + (size_t)t * lanes];
+      gw_p[(size_t)c * kh * kw + t] = static_cast<S>(sum);
+    }
+  }
+  return gw;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
