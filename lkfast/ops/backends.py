@@ -87,27 +87,34 @@ class TorchBackend(Backend):
         return gw.contiguous()
 
 
-class CpuBackend(Backend):
-    """lkfast's C++ kernels (OpenMP, AVX-512/AVX2 chosen at run time)."""
+class _CompiledBackend(Backend):
+    """Kernels compiled into lkfast._C, bound as ``<prefix>_forward`` and ``<prefix>_weight_grad``."""
 
-    name = "cpu"
-    device_types = ("cpu",)
-    description = "lkfast C++ kernels (lkfast._C)"
+    prefix = ""
 
     def unavailable_reason(self):
         return _ext.load_error
 
     def forward(self, x, weight, bias=None, flip=False):
-        return _ext._C.cpu_forward(x, weight, bias, flip).contiguous(memory_format=output_memory_format(x))
+        y = getattr(_ext._C, f"{self.prefix}_forward")(x, weight, bias, flip)
+        return y.contiguous(memory_format=output_memory_format(x))
 
     def weight_grad(self, grad_out, x, kh, kw):
-        return _ext._C.cpu_weight_grad(grad_out, x, kh, kw)
+        return getattr(_ext._C, f"{self.prefix}_weight_grad")(grad_out, x, kh, kw)
 
 
-class CudaBackend(Backend):
+class CpuBackend(_CompiledBackend):
+    """lkfast's C++ kernels (OpenMP, AVX-512/AVX2 chosen at run time)."""
+
+    name = prefix = "cpu"
+    device_types = ("cpu",)
+    description = "lkfast C++ kernels (lkfast._C)"
+
+
+class CudaBackend(_CompiledBackend):
     """lkfast's CUDA kernels, compiled into lkfast._C when nvcc and a CUDA torch were present."""
 
-    name = "cuda"
+    name = prefix = "cuda"
     device_types = ("cuda",)
     description = "lkfast CUDA kernels (lkfast._C)"
 
@@ -119,12 +126,6 @@ class CudaBackend(Backend):
         if not torch.cuda.is_available():
             return "no CUDA device is visible to torch"
         return None
-
-    def forward(self, x, weight, bias=None, flip=False):
-        return _ext._C.cuda_forward(x, weight, bias, flip).contiguous(memory_format=output_memory_format(x))
-
-    def weight_grad(self, grad_out, x, kh, kw):
-        return _ext._C.cuda_weight_grad(grad_out, x, kh, kw)
 
 
 class TritonBackend(Backend):
