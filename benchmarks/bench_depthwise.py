@@ -1,10 +1,15 @@
 """CPU benchmark of the depthwise op: lkfast against PyTorch (NCHW and channels_last), same run.
 
     pytest benchmarks/bench_depthwise.py --benchmark-json=benchmarks/results/depthwise_cpu.json
-    python benchmarks/report_depthwise.py benchmarks/results/depthwise_cpu.json > benchmarks/results/depthwise_cpu.md
+    python benchmarks/report_depthwise.py benchmarks/results/depthwise_cpu.json   # .md and .png beside it
 
 The four RepLKNet-31B stage shapes at 224 px, batch 8, fp32; forward, forward + input gradient,
-forward + both gradients. Cases come from lkfast.bench so `python -m lkfast.bench` measures the same.
+forward + both gradients. Cases come from lkfast.bench, so `python -m lkfast.bench` measures the same.
+
+One benchmark per (shape, passes): each round runs every implementation once, in rotating order,
+and records each one's wall-clock time in extra_info. This machine's speed drifts by tens of
+percent over seconds; timing the implementations side by side, round by round, keeps the ratios
+honest, where pytest-benchmark's usual back-to-back blocks of rounds would not.
 """
 import pytest
 
@@ -25,14 +30,28 @@ def test_matmul_peak(benchmark):
     benchmark.pedantic(torch.mm, args=(a, b), rounds=5, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("passes", bench.PASSES)
 @pytest.mark.parametrize("stage", bench.STAGE_SHAPES, ids=lambda s: f"C{s[0]}-H{s[1]}-k{s[2]}")
-def test_depthwise(benchmark, stage, passes, impl):
+def test_depthwise(benchmark, stage, passes):
     channels, size, k = stage
-    case = bench.make_case(impl, passes, BATCH, channels, size, k)
+    cases = {impl: bench.make_case(impl, passes, BATCH, channels, size, k) for impl in IMPLS}
+    # PyTorch's weight gradient takes seconds per call here: fewer rounds where it runs.
+    rounds = 5 if passes.endswith("weight_grad") else 11
+    times = {impl: [] for impl in cases}
+    order = list(cases)
+
+    def one_round():
+        r = len(times[order[0]])
+        for impl in order[r % len(order):] + order[:r % len(order)]:
+            times[impl].append(bench.time_interleaved({impl: cases[impl].run}, rounds=1, warmup=0)[impl][0])
+
+    for case in cases.values():  # warm-up: first calls allocate and build oneDNN primitives
+        case.run()
     benchmark.group = f"C{channels}-H{size}-k{k} {passes}"
-    benchmark.extra_info.update(kind="depthwise", impl=impl, passes=passes, shape=list(case.shape), flop=case.flop)
-    # The PyTorch NCHW weight gradient takes seconds per call here: few rounds, best of them reported.
-    slow = impl == "pytorch_nchw" or (passes.endswith("weight_grad") and impl.startswith("pytorch"))
-    benchmark.pedantic(case.run, rounds=3 if slow else 15, warmup_rounds=2)
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0)
+    benchmark.extra_info.update(
+        kind="depthwise_round", passes=passes, shape=list(next(iter(cases.values())).shape),
+        flop=next(iter(cases.values())).flop, times=times,
+    )
+    for impl, t in times.items():
+        assert len(t) == rounds, impl

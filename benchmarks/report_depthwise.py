@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from lkfast.bench import summarize
+from lkfast.bench import median, speedup, summarize
 
 
 def load(path: str):
@@ -17,9 +17,10 @@ def load(path: str):
         info = b["extra_info"]
         if info.get("kind") == "matmul_peak":
             peak = info["flop"] / b["stats"]["min"] / 1e9
-        elif info.get("kind") == "depthwise":
-            rows.append({"impl": info["impl"], "passes": info["passes"], "shape": info["shape"],
-                         "seconds": b["stats"]["min"], "flop": info["flop"]})
+        elif info.get("kind") == "depthwise_round":
+            for impl, times in info["times"].items():
+                rows.append({"impl": impl, "passes": info["passes"], "shape": info["shape"],
+                             "seconds": median(times), "times": times, "flop": info["flop"]})
     return data, rows, peak
 
 
@@ -33,13 +34,13 @@ def plot(rows, path: str) -> None:
     passes = ["forward", "forward+input_grad", "forward+input_grad+weight_grad"]
     fig, axes = plt.subplots(1, len(passes), figsize=(13, 3.8), sharey=True)
     for ax, p in zip(axes, passes):
-        sel = {(tuple(r["shape"]), r["impl"]): r["seconds"] for r in rows if r["passes"] == p}
+        sel: dict = {}
+        for r in rows:
+            if r["passes"] == p:
+                sel.setdefault(tuple(r["shape"]), {})[r["impl"]] = r
         xs = range(len(shapes))
         for offset, impl, color in ((-0.2, "lkfast_auto", "tab:blue"), (0.2, "lkfast_cpu", "tab:orange")):
-            ratios = []
-            for s in shapes:
-                best = min(sel.get((s, "pytorch_nchw"), float("inf")), sel.get((s, "pytorch_channels_last"), float("inf")))
-                ratios.append(best / sel[(s, impl)] if (s, impl) in sel else 0)
+            ratios = [speedup(sel[s], impl) if impl in sel.get(s, {}) else 0 for s in shapes]
             bars = ax.bar([x + offset for x in xs], ratios, width=0.4, color=color,
                           label={"lkfast_auto": "lkfast auto", "lkfast_cpu": "lkfast C++ kernel only"}[impl])
             ax.bar_label(bars, fmt="%.1f×", fontsize=7)

@@ -4,10 +4,11 @@
     python -m lkfast.bench --quick    # fewer repetitions, batch 2
     python -m lkfast.bench --json out.json
 
-The cases are shared with the pytest-benchmark suite in benchmarks/bench_depthwise.py, which is
-what the README's figures come from. Speed-ups are against the faster of PyTorch's two layouts
-(NCHW, what users get by default, and channels_last, oneDNN's fast path on the CPU), measured in
-the same process; GFLOP/s counts only the multiply-adds that do not touch padding.
+The cases and the interleaved timing are shared with the pytest-benchmark suite in
+benchmarks/bench_depthwise.py, which is what the README's figures come from. Speed-ups are against
+the faster of PyTorch's two layouts (NCHW, what users get by default, and channels_last, oneDNN's
+fast path on the CPU), timed in turn with lkfast in the same rounds; GFLOP/s counts only the
+multiply-adds that do not touch padding.
 """
 from __future__ import annotations
 
@@ -112,13 +113,48 @@ def time_call(fn: Callable[[], None], repeat: int, warmup: int = 1) -> float:
     return best
 
 
+def time_interleaved(runs: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall-clock seconds of every callable, `rounds` times, taking them in turn (the order rotates
+    each round). On a shared machine whose speed drifts by tens of percent over seconds, timing the
+    implementations side by side keeps their ratios honest where back-to-back blocks would not."""
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def speedup(impls: dict[str, dict], impl: str, baselines=("pytorch_nchw", "pytorch_channels_last")) -> float:
+    """Median over rounds of (fastest baseline in that round / impl in that round); with no
+    per-round times, the ratio of the recorded times."""
+    present = [b for b in baselines if b in impls]
+    rounds = [impls[b].get("times") for b in present] + [impls[impl].get("times")]
+    if all(rounds) and len({len(t) for t in rounds}) == 1:
+        per_round = [min(impls[b]["times"][r] for b in present) / impls[impl]["times"][r] for r in range(len(rounds[0]))]
+        return median(per_round)
+    return min(impls[b]["seconds"] for b in present) / impls[impl]["seconds"]
+
+
 def summarize(rows: list[dict], peak: float) -> str:
     """Markdown table: one line per (shape, passes), lkfast against PyTorch's faster layout."""
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_key.setdefault((tuple(r["shape"]), r["passes"]), {})[r["impl"]] = r
     lines = [
-        f"fp32, batch {rows[0]['shape'][0]}; ms (best of runs); speed-up = PyTorch's faster layout / lkfast; "
+        f"fp32, batch {rows[0]['shape'][0]}; ms = median of rounds in which all implementations ran in turn; "
+        f"speed-up = median over rounds of (PyTorch's faster layout / lkfast) in the same round; "
         f"GFLOP/s counts non-padding multiply-adds; machine fp32 matmul peak {peak:.0f} GFLOP/s",
         "",
         "| C, H, k | passes | PyTorch NCHW | PyTorch channels_last | lkfast auto | lkfast C++ kernel | auto speed-up | C++ kernel speed-up | vs NCHW (auto) | auto GFLOP/s |",
@@ -126,15 +162,15 @@ def summarize(rows: list[dict], peak: float) -> str:
     ]
     for (shape, passes), impls in by_key.items():
         ms = {k: v["seconds"] * 1e3 for k, v in impls.items()}
-        torch_best = min(ms.get("pytorch_nchw", float("inf")), ms.get("pytorch_channels_last", float("inf")))
         auto, own = ms.get("lkfast_auto"), ms.get("lkfast_cpu")
         flop = impls[next(iter(impls))]["flop"]
         fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
-        ratio = lambda v: "—" if v is None else f"{torch_best / v:.2f}×"  # noqa: E731
+        ratio = lambda impl: "—" if impl not in impls else f"{speedup(impls, impl):.2f}×"  # noqa: E731
         lines.append(
             f"| {shape[1]}, {shape[2]}, {shape[4]} | {passes} | {fmt(ms.get('pytorch_nchw'))} | "
-            f"{fmt(ms.get('pytorch_channels_last'))} | {fmt(auto)} | {fmt(own)} | {ratio(auto)} | {ratio(own)} | "
-            + ("—" if auto is None or "pytorch_nchw" not in ms else f"{ms['pytorch_nchw'] / auto:.1f}×")
+            f"{fmt(ms.get('pytorch_channels_last'))} | {fmt(auto)} | {fmt(own)} | {ratio('lkfast_auto')} | "
+            f"{ratio('lkfast_cpu')} | "
+            + ("—" if auto is None or "pytorch_nchw" not in impls else f"{speedup(impls, 'lkfast_auto', ('pytorch_nchw',)):.1f}×")
             + f" | {'—' if auto is None else f'{flop / (auto / 1e3) / 1e9:.0f}'} |"
         )
     return "\n".join(lines)
@@ -144,11 +180,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lkfast.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 2 and 2 repetitions (about a minute)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 8, or 2 with --quick)")
-    parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (default 3)")
+    parser.add_argument("--repeat", type=int, default=None, help="timed rounds per shape (default 5)")
     parser.add_argument("--json", default=None, help="also write the raw timings to this JSON file")
     args = parser.parse_args(argv)
     batch = args.batch or (2 if args.quick else 8)
-    repeat = args.repeat or (2 if args.quick else 3)
+    repeat = args.repeat or (2 if args.quick else 5)
 
     from lkfast.ops import available_backends
 
@@ -160,12 +196,12 @@ def main(argv=None) -> None:
     rows = []
     for channels, size, k in STAGE_SHAPES:
         for passes in PASSES:
-            for impl in impls:
-                case = make_case(impl, passes, batch, channels, size, k)
-                seconds = time_call(case.run, repeat)
-                rows.append({"impl": impl, "passes": passes, "shape": list(case.shape), "seconds": seconds,
-                             "flop": case.flop})
-                print(f"  {case.name:70s} {seconds * 1e3:9.1f} ms", flush=True)
+            cases = {impl: make_case(impl, passes, batch, channels, size, k) for impl in impls}
+            times = time_interleaved({impl: c.run for impl, c in cases.items()}, repeat)
+            for impl, case in cases.items():
+                rows.append({"impl": impl, "passes": passes, "shape": list(case.shape),
+                             "seconds": median(times[impl]), "times": times[impl], "flop": case.flop})
+                print(f"  {case.name:70s} {median(times[impl]) * 1e3:9.1f} ms", flush=True)
     print()
     print(summarize(rows, peak))
     if args.json:

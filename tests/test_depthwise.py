@@ -149,16 +149,15 @@ def test_cpu_every_instruction_set():
 
 
 def test_auto_plan_on_cpu():
-    from lkfast.ops.depthwise import CPU_OWN_FORWARD_MAX_PIXELS
-
     w = torch.randn(4, 1, 7, 7)
-    large = torch.randn(1, 4, 64, 64)
-    small = torch.randn(1, 4, 1, CPU_OWN_FORWARD_MAX_PIXELS)
+    x = torch.randn(1, 4, 16, 16)
     if not ops.available_backends()["cpu"].available:
-        assert ops.plan_for(large, w) == ops.plan_for(small, w) == ("torch", "torch", "torch")
+        assert ops.plan_for(x, w) == ("torch", "torch", "torch")
         return
-    assert ops.plan_for(large, w) == ("torch", "torch", "cpu")
-    assert ops.plan_for(small, w) == ("cpu", "cpu", "cpu")
+    assert ops.plan_for(x, w) == ("cpu", "cpu", "cpu")
+    assert ops.plan_for(x.double(), w.double()) == ("cpu", "cpu", "cpu")
+    assert ops.plan_for(x.bfloat16(), w.bfloat16()) == ("torch", "torch", "cpu")
+    assert ops.plan_for(x.half(), w.half()) == ("torch", "torch", "cpu")
 
 
 def test_available_backends_explains():

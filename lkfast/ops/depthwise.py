@@ -19,10 +19,10 @@ from lkfast.ops.backends import BACKENDS, FLOAT_DTYPES, output_memory_format
 
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
-# On the CPU, `auto` runs the forward and input gradient with lkfast's kernel for maps of at most
-# this many pixels and with oneDNN (backend "torch", channels_last) above it; the weight gradient
-# always with lkfast's kernel. Set from benchmarks/results/depthwise_cpu.md.
-CPU_OWN_FORWARD_MAX_PIXELS = 7 * 7
+# On the CPU, `auto` runs the forward and input gradient with lkfast's kernel for these dtypes and
+# with oneDNN (backend "torch", channels_last) for the others; the weight gradient always with
+# lkfast's kernel. Set from benchmarks/results/depthwise_cpu.md.
+CPU_OWN_FORWARD_DTYPES = (torch.float32, torch.float64)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -85,10 +85,10 @@ def plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> tu
     """The backends (forward, input gradient, weight gradient) that ``backend`` means for this call.
 
     ``auto`` follows the measurements in benchmarks/results: on the CPU, lkfast's C++ kernel for
-    the weight gradient (PyTorch's runs at well under 10 GFLOP/s) and, for the forward and input
-    gradient, oneDNN's channels_last convolution (backend "torch") on large maps and lkfast's kernel
-    on small ones (``CPU_OWN_FORWARD_MAX_PIXELS``); on CUDA, the measured table in
-    ``lkfast.ops.cuda_table``. A named backend is used for all three passes.
+    the weight gradient (PyTorch's runs at a few GFLOP/s) and, in fp32/fp64, for the forward and
+    input gradient too; fp16/bf16 forward and input gradient on oneDNN (``CPU_OWN_FORWARD_DTYPES``);
+    on CUDA, the measured table in ``lkfast.ops.cuda_table``. A named backend is used for all three
+    passes.
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"depthwise_conv2d: unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
@@ -105,10 +105,10 @@ def plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> tu
     if x.device.type == "cpu":
         if not _usable("cpu", x, weight):
             return ("torch", "torch", "torch")
-        # oneDNN's channels_last forward is as fast as ours on large maps; ours wins where the
-        # map is small (it skips the padding that dominates there). Measured: benchmarks/results.
-        small = x.shape[2] * x.shape[3] <= CPU_OWN_FORWARD_MAX_PIXELS
-        forward = "cpu" if small else "torch"
+        # fp32/fp64: lkfast's kernel measured level with oneDNN's channels_last forward and ahead of
+        # it for the attack step (benchmarks/results/depthwise_cpu.md). fp16/bf16 forward stays on
+        # oneDNN, which has native half-precision (AMX) paths; our kernel computes them in fp32.
+        forward = "cpu" if x.dtype in CPU_OWN_FORWARD_DTYPES else "torch"
         return (forward, forward, "cpu")
     if x.device.type == "cuda":
         from lkfast.ops import cuda_table  # measured on a GPU by benchmarks/gpu_check.sh
