@@ -12,6 +12,8 @@ own statistics for the test are those of the whole measurement). This machine's 
 percent over seconds; timing the implementations side by side, round by round, keeps the ratios
 honest, where pytest-benchmark's usual back-to-back blocks of rounds would not.
 """
+import time
+
 import pytest
 
 from lkfast import bench
@@ -36,12 +38,16 @@ def test_matmul_peak(benchmark):
 def test_depthwise(benchmark, stage, passes):
     channels, size, k = stage
     cases = {impl: bench.make_case(impl, passes, BATCH, channels, size, k) for impl in IMPLS}
-    # PyTorch's weight gradient takes seconds per call here: fewer rounds where it runs.
-    rounds = 5 if passes.endswith("weight_grad") else 11
+    # As many rounds as fit in about 15 s (5 to 31): PyTorch's weight gradient takes seconds per
+    # call on the large maps, while the 7x7 maps take milliseconds and need many rounds to settle.
+    start = time.perf_counter()
+    for case in cases.values():  # warm-up round: allocations, oneDNN primitive creation
+        case.run()
+    rounds = max(5, min(31, int(15.0 / (time.perf_counter() - start))))
     times = {}
 
     def measure():  # every implementation once per round, in rotating order (see lkfast.bench)
-        times.update(bench.time_interleaved({impl: c.run for impl, c in cases.items()}, rounds, warmup=1))
+        times.update(bench.time_interleaved({impl: c.run for impl, c in cases.items()}, rounds, warmup=0))
 
     benchmark.group = f"C{channels}-H{size}-k{k} {passes}"
     benchmark.pedantic(measure, rounds=1, warmup_rounds=0)
