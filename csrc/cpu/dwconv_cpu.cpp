@@ -105,9 +105,9 @@ Strides strides_of(const at::Tensor& t) {
 
 // Packs rows [r0, r1) of channels [c0, c0 + nc) of one image into `dst`:
 // row-major (row, column + pad, lane), `pad` zero columns on both sides, lanes >= nc zero.
-template <typename S, typename T, int kLanes = 64 / sizeof(T)>
-void pack_rows(const S* src, Strides s, int c0, int nc, int lanes, int r0, int r1, int W, int pad,
-               T* dst) {
+template <typename S, typename T>
+void pack_rows(const S* src, Strides s, int c0, int nc, int r0, int r1, int W, int pad, T* dst) {
+  constexpr int lanes = 64 / sizeof(T);
   const int row_len = (W + 2 * pad) * lanes;
   for (int r = r0; r < r1; ++r) {
     T* row = dst + (size_t)(r - r0) * row_len;
@@ -118,12 +118,12 @@ void pack_rows(const S* src, Strides s, int c0, int nc, int lanes, int r0, int r
     if (nc < lanes) std::memset(row + (size_t)pad * lanes, 0, sizeof(T) * (size_t)W * lanes);
     T* drow = row + (size_t)pad * lanes;
     const S* srow = src + r * s.h + c0 * s.c;
-    if (s.c == 1 && nc == kLanes) {  // channels innermost, a whole block: fixed-width copies
+    if (s.c == 1 && nc == lanes) {  // channels innermost, a whole block: fixed-width copies
       for (int w = 0; w < W; ++w) {
         const S* sp = srow + w * s.w;
-        T* dp = drow + w * kLanes;
+        T* dp = drow + w * lanes;
 #pragma GCC unroll 16
-        for (int l = 0; l < kLanes; ++l) dp[l] = static_cast<T>(sp[l]);
+        for (int l = 0; l < lanes; ++l) dp[l] = static_cast<T>(sp[l]);
       }
     } else if (s.c == 1) {
       for (int w = 0; w < W; ++w) {
@@ -142,18 +142,18 @@ void pack_rows(const S* src, Strides s, int c0, int nc, int lanes, int r0, int r
 }
 
 // Writes rows [h0, h1) of packed output (row, column, lane) back to channels [c0, c0 + nc).
-template <typename S, typename T, int kLanes = 64 / sizeof(T)>
-void unpack_rows(const T* src, int c0, int nc, int lanes, int h0, int h1, int W, S* dst,
-                 Strides s) {
+template <typename S, typename T>
+void unpack_rows(const T* src, int c0, int nc, int h0, int h1, int W, S* dst, Strides s) {
+  constexpr int lanes = 64 / sizeof(T);
   for (int h = h0; h < h1; ++h) {
     const T* srow = src + (size_t)(h - h0) * W * lanes;
     S* drow = dst + h * s.h + c0 * s.c;
-    if (s.c == 1 && nc == kLanes) {
+    if (s.c == 1 && nc == lanes) {
       for (int w = 0; w < W; ++w) {
         S* dp = drow + w * s.w;
-        const T* sp = srow + w * kLanes;
+        const T* sp = srow + w * lanes;
 #pragma GCC unroll 16
-        for (int l = 0; l < kLanes; ++l) dp[l] = static_cast<S>(sp[l]);
+        for (int l = 0; l < lanes; ++l) dp[l] = static_cast<S>(sp[l]);
       }
     } else if (s.c == 1) {
       for (int w = 0; w < W; ++w) {
@@ -179,7 +179,6 @@ template <typename S>
 void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
                    bool flip, at::Tensor& y) {
   using T = at::opmath_type<S>;
-  typedef T Tv;
   constexpr int lanes = 64 / sizeof(T);
   const int N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int kh = weight.size(2), kw = weight.size(3), ph = kh / 2, pw = kw / 2;
@@ -190,24 +189,24 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const int kwp = kw + 2 * kWeightPad;
   const at::Tensor w_src = weight.contiguous();
   const S* w_p = w_src.data_ptr<S>();
-  Scratch<Tv> wbuf, bbuf;
-  Tv* wt_p = wbuf.get((size_t)ncb * kh * kwp * lanes);
-  Tv* bt_p = bbuf.get(lanes * (size_t)ncb);
-  std::memset(wt_p, 0, sizeof(Tv) * (size_t)ncb * kh * kwp * lanes);
-  std::memset(bt_p, 0, sizeof(Tv) * (size_t)ncb * lanes);
+  Scratch<T> wbuf, bbuf;
+  T* wt_p = wbuf.get((size_t)ncb * kh * kwp * lanes);
+  T* bt_p = bbuf.get(lanes * (size_t)ncb);
+  std::memset(wt_p, 0, sizeof(T) * (size_t)ncb * kh * kwp * lanes);
+  std::memset(bt_p, 0, sizeof(T) * (size_t)ncb * lanes);
   for (int c = 0; c < C; ++c) {
-    Tv* dst = wt_p + (size_t)(c / lanes) * kh * kwp * lanes + (c % lanes);
+    T* dst = wt_p + (size_t)(c / lanes) * kh * kwp * lanes + (c % lanes);
     const S* src = w_p + (size_t)c * kh * kw;
     for (int i = 0; i < kh; ++i)
       for (int j = 0; j < kw; ++j) {
         const S v = flip ? src[(kh - 1 - i) * kw + (kw - 1 - j)] : src[i * kw + j];
-        dst[((size_t)i * kwp + kWeightPad + j) * lanes] = static_cast<Tv>(v);
+        dst[((size_t)i * kwp + kWeightPad + j) * lanes] = static_cast<T>(v);
       }
   }
   if (bias) {
     const at::Tensor b_src = bias->reshape({C}).to(x.scalar_type()).contiguous();
     const S* b_p = b_src.data_ptr<S>();
-    for (int c = 0; c < C; ++c) bt_p[c] = static_cast<Tv>(b_p[c]);
+    for (int c = 0; c < C; ++c) bt_p[c] = static_cast<T>(b_p[c]);
   }
 
   const int nt = num_threads();
@@ -224,7 +223,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 
 #pragma omp parallel num_threads(nt)
   {
-    Scratch<Tv> pbuf, obuf;
+    Scratch<T> pbuf, obuf;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int hc = it % nhc;
@@ -234,12 +233,12 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
       if (h0 >= h1) continue;
       const int r0 = std::max(0, h0 - ph), r1 = std::min(H, h1 + ph);
       const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
-      Tv* P = pbuf.get((size_t)(r1 - r0) * row_len);
-      Tv* O = obuf.get((size_t)(h1 - h0) * W * lanes);
-      pack_rows<S, Tv>(x_p + n * xs.n, xs, c0, nc, lanes, r0, r1, W, pw, P);
-      forward_rows<Tv>(P, r0, H, W, kh, kw, wt_p + (size_t)cb * kh * kwp * lanes,
+      T* P = pbuf.get((size_t)(r1 - r0) * row_len);
+      T* O = obuf.get((size_t)(h1 - h0) * W * lanes);
+      pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, r0, r1, W, pw, P);
+      forward_rows<T>(P, r0, H, W, kh, kw, wt_p + (size_t)cb * kh * kwp * lanes,
                        bt_p + (size_t)cb * lanes, h0, h1, O);
-      unpack_rows<S, Tv>(O, c0, nc, lanes, h0, h1, W, y_p + n * ys.n, ys);
+      unpack_rows<S, T>(O, c0, nc, h0, h1, W, y_p + n * ys.n, ys);
     }
   }
 }
@@ -247,7 +246,6 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 template <typename S>
 at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, int kh, int kw) {
   using T = at::opmath_type<S>;
-  typedef T Tv;
   constexpr int lanes = 64 / sizeof(T);
   const int N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int pw = kw / 2;
@@ -263,9 +261,9 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
   const int64_t items = (int64_t)ncb * ngroups * nisplit;
   const size_t gw_block = (size_t)kh * kw * lanes;
 
-  Scratch<Tv> partial_buf;
-  Tv* partial_p = partial_buf.get((size_t)ngroups * ncb * gw_block);
-  std::memset(partial_p, 0, sizeof(Tv) * (size_t)ngroups * ncb * gw_block);
+  Scratch<T> partial_buf;
+  T* partial_p = partial_buf.get((size_t)ngroups * ncb * gw_block);
+  std::memset(partial_p, 0, sizeof(T) * (size_t)ngroups * ncb * gw_block);
   const S* x_p = x.data_ptr<S>();
   const S* g_p = grad_out.data_ptr<S>();
   const Strides xs = strides_of(x), gs = strides_of(grad_out);
@@ -273,7 +271,7 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
 
 #pragma omp parallel num_threads(nt)
   {
-    Scratch<Tv> pbuf, gbuf;
+    Scratch<T> pbuf, gbuf;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int is = it % nisplit;
@@ -283,13 +281,13 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
       const int n0 = g * imgs_per_group, n1 = std::min(N, n0 + imgs_per_group);
       if (i0 >= i1 || n0 >= n1) continue;
       const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
-      Tv* P = pbuf.get((size_t)H * prow_len);
-      Tv* G = gbuf.get((size_t)H * (W + 2 * kGradPad) * lanes);
-      Tv* GW = partial_p + ((size_t)g * ncb + cb) * gw_block;
+      T* P = pbuf.get((size_t)H * prow_len);
+      T* G = gbuf.get((size_t)H * (W + 2 * kGradPad) * lanes);
+      T* GW = partial_p + ((size_t)g * ncb + cb) * gw_block;
       for (int n = n0; n < n1; ++n) {
-        pack_rows<S, Tv>(x_p + n * xs.n, xs, c0, nc, lanes, 0, H, W, pw, P);
-        pack_rows<S, Tv>(g_p + n * gs.n, gs, c0, nc, lanes, 0, H, W, kGradPad, G);
-        weight_grad<Tv>(P, G, H, W, kh, kw, i0, i1, GW);
+        pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
+        pack_rows<S, T>(g_p + n * gs.n, gs, c0, nc, 0, H, W, kGradPad, G);
+        weight_grad<T>(P, G, H, W, kh, kw, i0, i1, GW);
       }
     }
   }
@@ -297,9 +295,9 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
   at::Tensor gw = at::empty({C, 1, kh, kw}, x.options());
   S* gw_p = gw.data_ptr<S>();
   for (int c = 0; c < C; ++c) {
-    const Tv* src = partial_p + (size_t)(c / lanes) * gw_block + (c % lanes);
+    const T* src = partial_p + (size_t)(c / lanes) * gw_block + (c % lanes);
     for (int t = 0; t < kh * kw; ++t) {
-      Tv sum = 0;
+      T sum = 0;
       for (int g = 0; g < ngroups; ++g) sum += src[(size_t)g * ncb * gw_block + (size_t)t * lanes];
       gw_p[(size_t)c * kh * kw + t] = static_cast<S>(sum);
     }
