@@ -97,20 +97,8 @@ def make_case(impl: str, passes: str, batch: int, channels: int, size: int, k: i
 def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
     """fp32 matrix-product GFLOP/s of this machine, the ceiling the kernels are judged against."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    seconds = time_call(lambda: torch.mm(a, b), repeat)
+    seconds = min(time_interleaved({"mm": lambda: torch.mm(a, b)}, repeat)["mm"])
     return 2.0 * n**3 / seconds / 1e9
-
-
-def time_call(fn: Callable[[], None], repeat: int, warmup: int = 1) -> float:
-    """Best wall-clock seconds of `repeat` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def time_interleaved(runs: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
