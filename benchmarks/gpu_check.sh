@@ -25,9 +25,8 @@ fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 python -c "import torch; print(torch.cuda.get_device_name(), torch.__version__, torch.version.cuda)" | tee -a "$summary"
 
-# 1. build (only this GPU's architecture unless told otherwise: a quicker compile). torch finds the
-# toolkit from `which nvcc`; a wrapper script on PATH (as /usr/local/bin/nvcc here) misleads it.
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+# 1. build (only this GPU's architecture unless told otherwise: a quicker compile; setup.py finds
+# the toolkit even behind an nvcc wrapper script).
 arch=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
 if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} LKFAST_REQUIRE_EXT=1 timeout 300 python -m pip install --no-build-isolation --no-deps -e . \
