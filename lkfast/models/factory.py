@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import lkfast.models.replknet  # noqa: F401  (registers the RepLKNet names with timm)
-from lkfast.nn.patch import patch_model
+from lkfast.nn import patch_model
 
 # Wrappers training scripts put around the weights, tried in this order (plain weights before EMA).
 CHECKPOINT_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")

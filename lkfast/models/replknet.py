@@ -20,8 +20,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCE
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from lkfast.nn.conv import DepthwiseConv2d, ReparamLargeKernelConv, conv_bn, conv_bn_relu
-from lkfast.nn.conv import fuse_conv_bn as _fuse_conv_bn
+from lkfast.nn import DepthwiseConv2d, ReparamLargeKernelConv, conv_bn, conv_bn_relu
+from lkfast.nn import fuse_conv_bn as _fuse_conv_bn  # structural_reparam has an argument of that name
 
 __all__ = ["RepLKNet", "RepLKBlock", "ConvFFN", "RepLKNetStage", "OFFICIAL_CHECKPOINTS"]
 

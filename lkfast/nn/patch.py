@@ -3,30 +3,21 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from lkfast.nn.conv import DEFAULT_MIN_KERNEL_SIZE, DepthwiseConv2d
+from lkfast.nn.depthwise import DEFAULT_MIN_KERNEL_SIZE, DepthwiseConv2d, fast_op_computes
 
 
 def is_eligible(module: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZE) -> bool:
-    """True for a plain ``nn.Conv2d`` that the fast op computes exactly: depthwise (groups == in ==
-    out channels), stride 1, dilation 1, zero padding of k // 2 on each side (int, tuple or "same"),
-    odd kernel with its larger side at least ``min_kernel_size``.
+    """True for a plain ``nn.Conv2d`` with floating-point weights for which ``fast_op_computes``
+    holds (depthwise, stride 1, dilation 1, zero padding of k // 2 on each side, odd kernel with
+    its larger side at least ``min_kernel_size``): the same rule ``make_conv2d`` applies.
 
     Subclasses of ``nn.Conv2d`` (e.g. timm's ``Conv2dSame`` with its dynamic padding) are not
     touched: their forward may differ from the plain convolution.
     """
-    if type(module) is not nn.Conv2d:
+    if type(module) is not nn.Conv2d or not module.weight.is_floating_point():
         return False
-    kh, kw = module.kernel_size
-    if not (module.groups == module.in_channels == module.out_channels):
-        return False
-    if tuple(module.stride) != (1, 1) or tuple(module.dilation) != (1, 1) or module.padding_mode != "zeros":
-        return False
-    if kh % 2 == 0 or kw % 2 == 0 or max(kh, kw) < min_kernel_size:
-        return False
-    if not module.weight.is_floating_point():
-        return False
-    padding = module.padding
-    return padding == "same" or tuple(padding) == (kh // 2, kw // 2)
+    return fast_op_computes(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                            module.padding, module.dilation, module.groups, module.padding_mode, min_kernel_size)
 
 
 def patch_model(model: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZE) -> int:

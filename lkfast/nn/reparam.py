@@ -1,87 +1,20 @@
-"""Convolution modules that run large depthwise kernels through ``lkfast.ops.depthwise_conv2d``.
+"""RepLKNet's building blocks over the fast op (Ding et al. 2022, official key names).
 
-    DepthwiseConv2d          drop-in for nn.Conv2d(c, c, k, padding=k // 2, groups=c)
-    ReparamLargeKernelConv   RepLKNet's large kernel + parallel small kernel, each followed by BN
     ConvBN, conv_bn, conv_bn_relu   conv + BN [+ nonlinear] with the official RepLKNet key names;
                                     the BN folded into the conv in inference mode (fast models)
-    fuse_conv_bn             the (kernel, bias) of a conv followed by an inference-mode BN
+    fuse_conv_bn                    the (kernel, bias) of a conv followed by an inference-mode BN
+    ReparamLargeKernelConv          RepLKNet's large kernel + parallel small kernel, each followed by BN
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkfast.ops import depthwise_conv2d
-
-KernelSize = Union[int, tuple]
-
-# Smallest kernel side the fast op is used for by default. Measured on the CPU (2 cores, fp32,
-# 8 x 96 x 56 x 56): from 5x5 up the fast op wins clearly once gradients are involved (PyTorch's
-# weight gradient is the slow part) and in NCHW; at 3x3 PyTorch is as fast, so 3x3 stays nn.Conv2d.
-DEFAULT_MIN_KERNEL_SIZE = 5
-
-
-def _pair(size: KernelSize) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _fast_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    # A custom op is invisible to autocast, so apply the cast that nn.Conv2d would get.
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return depthwise_conv2d(x, weight, bias)
-
-
-class DepthwiseConv2d(nn.Conv2d):
-    """Depthwise convolution, stride 1, zero "same" padding, computed by the fast op.
-
-    A subclass of ``nn.Conv2d(channels, channels, kernel_size, padding=k // 2, groups=channels)`` with
-    the same parameters and state_dict keys (``weight`` of shape ``(C, 1, kh, kw)``, ``bias``), so a
-    Conv2d's state_dict loads into it and code that reads ``in_channels``/``kernel_size``/``weight``
-    keeps working. Kernel sizes must be odd (the padding is symmetric only then).
-    """
-
-    def __init__(self, channels: int, kernel_size: KernelSize, bias: bool = True, device=None, dtype=None):
-        kh, kw = _pair(kernel_size)
-        if kh % 2 == 0 or kw % 2 == 0 or kh < 1 or kw < 1:
-            raise ValueError(f"DepthwiseConv2d: kernel size must be odd in both dimensions, got {kh}x{kw}")
-        super().__init__(channels, channels, (kh, kw), stride=1, padding=(kh // 2, kw // 2), groups=channels,
-                         bias=bias, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fast_depthwise(x, self.weight, self.bias)
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
-        """A DepthwiseConv2d sharing ``conv``'s parameters (same tensors, device and dtype)."""
-        fast = cls(conv.in_channels, conv.kernel_size, bias=conv.bias is not None, device="meta")
-        fast.weight = conv.weight
-        if conv.bias is not None:
-            fast.bias = conv.bias
-        fast.train(conv.training)
-        return fast
-
-
-def make_conv2d(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None,
-                dilation=1, groups: int = 1, bias: bool = False, fast: bool = True) -> nn.Conv2d:
-    """``nn.Conv2d``, or ``DepthwiseConv2d`` when ``fast`` and the conv is a stride-1 same-padded
-    depthwise conv with an odd kernel of at least ``DEFAULT_MIN_KERNEL_SIZE`` (where the op wins)."""
-    kh, kw = _pair(kernel_size)
-    if padding is None:
-        padding = (kh // 2, kw // 2)
-    padding = _pair(padding)
-    depthwise_same = (groups == in_channels == out_channels and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1)
-                      and kh % 2 == 1 and kw % 2 == 1 and padding == (kh // 2, kw // 2) and max(kh, kw) >= DEFAULT_MIN_KERNEL_SIZE)
-    if fast and depthwise_same:
-        return DepthwiseConv2d(in_channels, (kh, kw), bias=bias)
-    return nn.Conv2d(in_channels, out_channels, (kh, kw), stride=stride, padding=padding, dilation=dilation,
-                     groups=groups, bias=bias)
+from lkfast.nn.depthwise import DepthwiseConv2d, KernelSize, _fast_depthwise, make_conv2d
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,99 @@
+"""The generic drop-in: ``DepthwiseConv2d`` and the one rule saying which convolutions it can replace.
+
+    fast_op_computes(...)    the rule: a conv the fast op computes exactly and is worth it for
+    DepthwiseConv2d          drop-in for nn.Conv2d(c, c, k, padding=k // 2, groups=c)
+    make_conv2d(...)         DepthwiseConv2d where the rule allows, nn.Conv2d otherwise
+    DEFAULT_MIN_KERNEL_SIZE  smallest kernel side the fast op is used for by default
+
+``patch_model`` (lkfast/nn/patch.py) asks the same rule of every ``nn.Conv2d`` in a model.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from lkfast.ops import depthwise_conv2d
+
+KernelSize = Union[int, tuple]
+
+# Smallest kernel side the fast op is used for by default. Measured on the CPU (2 cores, fp32,
+# 8 x 96 x 56 x 56): from 5x5 up the fast op wins clearly once gradients are involved (PyTorch's
+# weight gradient is the slow part) and in NCHW; at 3x3 PyTorch is as fast, so 3x3 stays nn.Conv2d.
+DEFAULT_MIN_KERNEL_SIZE = 5
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def fast_op_computes(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None,
+                     dilation=1, groups: int = 1, padding_mode: str = "zeros",
+                     min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZE) -> bool:
+    """True when ``nn.Conv2d`` with these arguments is a convolution the fast op computes exactly
+    and is used for: depthwise (groups == in == out channels), stride 1, dilation 1, zero padding of
+    k // 2 on each side (``None``, "same", an int or a pair), an odd kernel in both dimensions with
+    its larger side at least ``min_kernel_size``. False for anything else (never raises)."""
+    kh, kw = _pair(kernel_size)
+    if not (groups == in_channels == out_channels) or padding_mode != "zeros":
+        return False
+    if _pair(stride) != (1, 1) or _pair(dilation) != (1, 1):
+        return False
+    if kh % 2 == 0 or kw % 2 == 0 or max(kh, kw) < min_kernel_size:
+        return False
+    return padding is None or padding == "same" or (not isinstance(padding, str) and _pair(padding) == (kh // 2, kw // 2))
+
+
+def _fast_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # A custom op is invisible to autocast, so apply the cast that nn.Conv2d would get.
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return depthwise_conv2d(x, weight, bias)
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise convolution, stride 1, zero "same" padding, computed by the fast op.
+
+    A subclass of ``nn.Conv2d(channels, channels, kernel_size, padding=k // 2, groups=channels)`` with
+    the same parameters and state_dict keys (``weight`` of shape ``(C, 1, kh, kw)``, ``bias``), so a
+    Conv2d's state_dict loads into it and code that reads ``in_channels``/``kernel_size``/``weight``
+    keeps working. Refuses (ValueError) a kernel size that is even in either dimension (the padding
+    is symmetric only for odd sizes).
+    """
+
+    def __init__(self, channels: int, kernel_size: KernelSize, bias: bool = True, device=None, dtype=None):
+        kh, kw = _pair(kernel_size)
+        if kh % 2 == 0 or kw % 2 == 0 or kh < 1 or kw < 1:
+            raise ValueError(f"DepthwiseConv2d: kernel size must be odd in both dimensions, got {kh}x{kw}; "
+                             f"use nn.Conv2d for even kernels")
+        super().__init__(channels, channels, (kh, kw), stride=1, padding=(kh // 2, kw // 2), groups=channels,
+                         bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fast_depthwise(x, self.weight, self.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
+        """A DepthwiseConv2d sharing ``conv``'s parameters (same tensors, device and dtype)."""
+        fast = cls(conv.in_channels, conv.kernel_size, bias=conv.bias is not None, device="meta")
+        fast.weight = conv.weight
+        if conv.bias is not None:
+            fast.bias = conv.bias
+        fast.train(conv.training)
+        return fast
+
+
+def make_conv2d(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None,
+                dilation=1, groups: int = 1, bias: bool = False, fast: bool = True) -> nn.Conv2d:
+    """``DepthwiseConv2d`` when ``fast`` and ``fast_op_computes`` holds for these arguments, else
+    ``nn.Conv2d`` (``padding=None`` means k // 2 on each side)."""
+    kh, kw = _pair(kernel_size)
+    if padding is None:
+        padding = (kh // 2, kw // 2)
+    if fast and fast_op_computes(in_channels, out_channels, (kh, kw), stride, padding, dilation, groups):
+        return DepthwiseConv2d(in_channels, (kh, kw), bias=bias)
+    return nn.Conv2d(in_channels, out_channels, (kh, kw), stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, bias=bias)
