@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkfast.nn import DepthwiseConv2d, ReparamLargeKernelConv, is_eligible, patch_model
+from lkfast.nn import DepthwiseConv2d, ReparamLargeKernelConv, is_eligible, make_conv2d, patch_model
 
 
 def _randomize_bn(module: nn.Module) -> None:
@@ -126,31 +126,46 @@ def _reparam_module(small_kernel=5):
     return module
 
 
+def _reference_branches(tensors: dict, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """What the official training-time module computes in eval mode, from its state_dict tensors
+    alone: each branch a plain F.conv2d then F.batch_norm with the running statistics, summed.
+    Shares no code with lkfast's BN folding (fuse_conv_bn), so a wrong fold cannot match it."""
+    out = 0
+    for prefix in ("lkb_origin.", "small_conv."):
+        weight = tensors[prefix + "conv.weight"]
+        kh, kw = weight.shape[-2:]
+        y = F.conv2d(x, weight, None, padding=(kh // 2, kw // 2), groups=x.shape[1])
+        out = out + F.batch_norm(y, tensors[prefix + "bn.running_mean"], tensors[prefix + "bn.running_var"],
+                                 tensors[prefix + "bn.weight"], tensors[prefix + "bn.bias"], training=False, eps=eps)
+    return out
+
+
 def test_reparam_large_kernel_conv_merge_and_eval_fold():
     module = _reparam_module().eval()
     x = torch.randn(2, 6, 15, 17)
-    branches = module.lkb_origin(x) + module.small_conv(x)  # what the official code computes
-    _close(module(x), branches)  # eval mode: one conv with the equivalent kernel
+    expected = _reference_branches(module.state_dict(), x)
+    _close(module(x), expected)  # eval mode: one conv with the equivalent kernel
     module.merge_kernel()
     assert set(module.state_dict()) == {"lkb_reparam.weight", "lkb_reparam.bias"}
-    _close(module(x), branches)
+    _close(module(x), expected)
 
 
 def test_reparam_eval_fold_gradients_reach_parameters():
-    folded, reference = _reparam_module().eval(), _reparam_module().eval()
-    reference.load_state_dict(folded.state_dict())
+    folded = _reparam_module().eval()
     x = torch.randn(2, 6, 9, 9)
     folded(x).square().sum().backward()
-    (reference.lkb_origin(x) + reference.small_conv(x)).square().sum().backward()
-    for (name, p), (_, q) in zip(folded.named_parameters(), reference.named_parameters()):
-        _close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+    params = {name: p.detach().clone().requires_grad_() for name, p in folded.named_parameters()}
+    tensors = {**{name: b for name, b in folded.named_buffers()}, **params}
+    _reference_branches(tensors, x).square().sum().backward()
+    for name, p in folded.named_parameters():
+        _close(p.grad, params[name].grad, rtol=1e-4, atol=1e-4)
 
 
 def test_reparam_large_kernel_conv_switches_form_on_load():
     merged = _reparam_module().eval()
     unmerged_state = merged.state_dict()
     x = torch.randn(1, 6, 10, 10)
-    y = merged(x)
+    y = _reference_branches(unmerged_state, x)
     merged.merge_kernel()
     fresh = ReparamLargeKernelConv(6, 6, 13, 1, 6, small_kernel=5)
     fresh.load_state_dict(merged.state_dict(), strict=True)  # unmerged module, merged weights
@@ -165,17 +180,40 @@ def test_reparam_large_kernel_conv_switches_form_on_load():
 def test_folded_kernels_are_cached_only_for_frozen_weights_and_refreshed_on_change():
     module = _reparam_module().eval()
     x = torch.randn(1, 6, 9, 9)
-    expected = module.lkb_origin(x) + module.small_conv(x)
+    expected = _reference_branches(module.state_dict(), x)
     module.requires_grad_(False)
     _close(module(x), expected)
     assert module._fold_cache.key is not None  # frozen: cached
     with torch.no_grad():
         module.lkb_origin.conv.weight.mul_(2)  # in-place change: the cache must notice
-    _close(module(x), module.lkb_origin(x) + module.small_conv(x))
-    _close(module(x).sub(expected).abs().max() > 0, torch.tensor(True))
+    changed = _reference_branches(module.state_dict(), x)
+    assert (changed - expected).abs().max() > 1e-2
+    _close(module(x), changed)
 
 
 def test_switching_form_on_load_keeps_eval_mode():
     module = ReparamLargeKernelConv(6, 6, 13, 1, 6, small_kernel=5, small_kernel_merged=True).eval()
     module.load_state_dict(_reparam_module().state_dict())
     assert not module.merged and not module.lkb_origin.bn.training and not module.small_conv.bn.training
+
+
+CONV_ARGUMENTS = [  # (in, out, kernel, stride, padding, dilation, groups)
+    (4, 4, 7, 1, 3, 1, 4), (4, 4, (7, 5), 1, (3, 2), 1, 4), (4, 4, 7, 1, "same", 1, 4), (4, 4, 5, 1, 2, 1, 4),
+    (4, 4, 3, 1, 1, 1, 4), (4, 4, (3, 9), 1, (1, 4), 1, 4), (4, 4, 7, 2, 3, 1, 4), (4, 4, 7, 1, 6, 2, 4),
+    (4, 8, 7, 1, 3, 1, 4), (4, 4, 7, 1, 2, 1, 4), (4, 4, 6, 1, 3, 1, 4), (4, 4, 7, 1, 3, 1, 1), (4, 4, 7, 1, 0, 1, 4),
+]
+
+
+@pytest.mark.parametrize("args", CONV_ARGUMENTS, ids=str)
+def test_module_factory_and_patch_model_apply_one_rule(args):
+    """make_conv2d builds the fast module exactly where patch_model would swap the same nn.Conv2d,
+    and the swapped model computes what the plain conv does."""
+    cin, cout, k, stride, padding, dilation, groups = args
+    plain = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups)
+    built = make_conv2d(cin, cout, k, stride, padding, dilation, groups, bias=True)
+    model = nn.Sequential(plain)
+    swapped = patch_model(model)
+    assert isinstance(built, DepthwiseConv2d) == is_eligible(plain) == (swapped == 1)
+    assert type(make_conv2d(cin, cout, k, stride, padding, dilation, groups, fast=False)) is nn.Conv2d
+    x = torch.randn(1, cin, 11, 12)
+    _close(model(x), F.conv2d(x, plain.weight, plain.bias, stride, padding, dilation, groups))
