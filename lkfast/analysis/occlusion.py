@@ -1,0 +1,219 @@
+"""Patch-drop occlusion (the paper's Fig. 4-5): zero whole 16-px patches in [0, 1] pixel space.
+
+Three ways to choose the patches, at a drop ratio K in [0, 1]:
+
+* ``random``: exactly round(K * patches) patches per image, drawn uniformly;
+* ``salient``: the patches holding the top K of the saliency mass (sort ascending, normalise to sum 1,
+  accumulate; drop where the cumulative sum exceeds 1 - K), so K is a share of attention, not of pixels;
+* ``non_salient``: the patches holding the bottom K of the mass (cumulative sum <= K).
+
+Saliency is DINO ViT-S/16's CLS-to-patch attention (``dino_attention``), or, where the data has
+ground-truth foreground masks, each patch's foreground share (``mask_saliency``). With masks the
+background holds no foreground mass at all, so ``non_salient`` drops the top K of the *background*
+mass instead (the share of each patch that is background); on attention maps it is as above.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lkfast.attacks.evaluate import model_device
+
+MODES = ("random", "salient", "non_salient")
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+PATCH_SIZE = 16
+DINO_MODEL = "vit_small_patch16_224.dino"
+
+
+def check_ratio(name: str, ratio: float) -> None:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{name}: the drop ratio must be a number in [0, 1] (0.5 drops half), got {ratio!r}")
+
+
+def patch_grid(height: int, width: int, patch_size: int = PATCH_SIZE) -> tuple:
+    """(rows, columns) of patches; the image sides must be multiples of ``patch_size``."""
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"occlusion: image size {height}x{width} is not a multiple of the patch size {patch_size}; "
+                         f"resize or crop the images (224 px gives the paper's 14x14 grid)")
+    return height // patch_size, width // patch_size
+
+
+def random_patch_mask(batch: int, grid: tuple, ratio: float, generator: Optional[torch.Generator] = None,
+                      device=None) -> torch.Tensor:
+    """Boolean (batch, rows, cols) mask with exactly round(ratio * rows * cols) True (dropped)
+    patches per image, chosen uniformly at random with ``generator``."""
+    check_ratio("random_patch_mask", ratio)
+    total = grid[0] * grid[1]
+    keys = torch.rand(batch, total, generator=generator, device=device)
+    order = keys.argsort(dim=1)
+    mask = torch.zeros(batch, total, dtype=torch.bool, device=device)
+    mask.scatter_(1, order[:, :round(ratio * total)], True)
+    return mask.view(batch, *grid)
+
+
+def saliency_patch_mask(saliency: torch.Tensor, ratio: float, mode: str) -> torch.Tensor:
+    """Boolean mask, saliency's shape (N, rows, cols), of the patches holding the top (``salient``)
+    or bottom (``non_salient``) share ``ratio`` of each image's saliency mass (see the module
+    docstring). Saliency must be non-negative with a positive sum per image."""
+    check_ratio("saliency_patch_mask", ratio)
+    if mode not in ("salient", "non_salient"):
+        raise ValueError(f"saliency_patch_mask: mode must be 'salient' or 'non_salient', got {mode!r}")
+    flat = saliency.flatten(1).double()
+    if (flat < 0).any() or (flat.sum(1) <= 0).any():
+        raise ValueError("saliency_patch_mask: saliency must be non-negative with a positive sum for every image")
+    values, order = flat.sort(dim=1)
+    cumulative = (values / values.sum(1, keepdim=True)).cumsum(1)
+    tol = 1e-9  # cumulative sums of exact shares (e.g. 0.3) land a rounding error away from them
+    chosen = cumulative > 1 - ratio + tol if mode == "salient" else cumulative <= ratio + tol
+    mask = torch.zeros_like(chosen)
+    mask.scatter_(1, order, chosen)
+    return mask.view(saliency.shape)
+
+
+def occlude(x: torch.Tensor, patch_mask: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+    """x (N, C, H, W, in [0, 1] pixel space) with every patch marked True in ``patch_mask``
+    (N, H / patch_size, W / patch_size) set to zero (black)."""
+    grid = patch_grid(x.shape[-2], x.shape[-1], patch_size)
+    if tuple(patch_mask.shape) != (x.shape[0], *grid):
+        raise ValueError(f"occlude: patch mask of shape {tuple(patch_mask.shape)} does not match {x.shape[0]} images "
+                         f"with a {grid[0]}x{grid[1]} patch grid")
+    pixels = patch_mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+    return x.masked_fill(pixels[:, None].to(x.device), 0.0)
+
+
+def mask_saliency(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+    """Foreground share of every patch, (N, rows, cols) in [0, 1], from masks (N, H, W) or (N, 1, H, W)
+    (non-zero = foreground)."""
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    grid = patch_grid(masks.shape[-2], masks.shape[-1], patch_size)
+    return F.avg_pool2d((masks != 0).float()[:, None], patch_size).view(masks.shape[0], *grid)
+
+
+def load_dino(checkpoint: str, device="cpu") -> nn.Module:
+    """DINO ViT-S/16 (timm ``vit_small_patch16_224.dino``) from a local checkpoint file (timm's
+    safetensors/pth or the official ``dino_deitsmall16_pretrain.pth``), in eval mode. Nothing is downloaded."""
+    from lkfast.models import create_model
+
+    return create_model(DINO_MODEL, checkpoint=checkpoint, fast=False).to(device)
+
+
+def dino_attention(vit: nn.Module, x: torch.Tensor, mean: Optional[Sequence[float]] = None,
+                   std: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """CLS-to-patch attention of the last block of a timm VisionTransformer, averaged over heads:
+    (N, rows, cols), each image's map summing to at most 1 (the CLS token's own share is left out).
+
+    x: (N, 3, H, W) in [0, 1]; it is normalised with ``mean``/``std`` (default: the ViT's
+    ``pretrained_cfg``) before the ViT sees it. The ViT is run in the mode it is in, without gradients.
+    """
+    blocks = getattr(vit, "blocks", None)
+    if blocks is None or not hasattr(vit, "patch_embed") or not hasattr(blocks[-1], "attn"):
+        raise ValueError(f"dino_attention: expected a timm VisionTransformer (with patch_embed and blocks), got "
+                         f"{type(vit).__name__}")
+    cfg = getattr(vit, "pretrained_cfg", {}) or {}
+    mean = torch.tensor(mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406)), device=x.device)
+    std = torch.tensor(std if std is not None else cfg.get("std", (0.229, 0.224, 0.225)), device=x.device)
+    last = blocks[-1]
+    captured = {}
+    handle = last.norm1.register_forward_hook(lambda module, args, output: captured.__setitem__("tokens", output))
+    try:
+        with torch.no_grad():
+            vit((x - mean[:, None, None]) / std[:, None, None])
+    finally:
+        handle.remove()
+    tokens = captured["tokens"]
+    attn = last.attn
+    n, length, dim = tokens.shape
+    heads = attn.num_heads
+    q, k, _ = attn.qkv(tokens).reshape(n, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    scale = getattr(attn, "scale", (dim // heads) ** -0.5)
+    weights = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+    prefix = getattr(vit, "num_prefix_tokens", 1)
+    cls_to_patches = weights[:, :, 0, prefix:].mean(1)
+    patch = vit.patch_embed.patch_size
+    return cls_to_patches.reshape(n, x.shape[-2] // patch[0], x.shape[-1] // patch[1])
+
+
+def dino_saliency(vit: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A saliency function for ``occlusion_sweep``: images -> ``dino_attention(vit, images)``."""
+    device = model_device(vit)
+    return lambda x: dino_attention(vit, x.to(device)).to(x.device)
+
+
+def drop_masks(x: torch.Tensor, ratio: float, mode: str, saliency: Optional[torch.Tensor] = None,
+               from_masks: bool = False, patch_size: int = PATCH_SIZE,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The patch mask of one occlusion type for a batch (``random`` needs no saliency)."""
+    if mode not in MODES:
+        raise ValueError(f"occlusion: mode must be one of {MODES}, got {mode!r}")
+    grid = patch_grid(x.shape[-2], x.shape[-1], patch_size)
+    if mode == "random":
+        return random_patch_mask(x.shape[0], grid, ratio, generator=generator)
+    if saliency is None:
+        raise ValueError(f"occlusion: mode {mode!r} needs a saliency map (DINO attention or ground-truth masks)")
+    if tuple(saliency.shape) != (x.shape[0], *grid):
+        raise ValueError(f"occlusion: saliency of shape {tuple(saliency.shape)} does not match the {grid[0]}x{grid[1]} "
+                         f"patch grid of {x.shape[0]} images of {x.shape[-2]}x{x.shape[-1]}")
+    if from_masks and mode == "non_salient":
+        return saliency_patch_mask(1.0 - saliency, ratio, "salient")
+    return saliency_patch_mask(saliency, ratio, mode)
+
+
+def occlusion_sweep(model: nn.Module, loader: Iterable, ratios: Sequence[float] = RATIOS,
+                    modes: Sequence[str] = MODES, saliency: Optional[Callable] = None, patch_size: int = PATCH_SIZE,
+                    seed: int = 0, max_batches: Optional[int] = None) -> dict:
+    """Top-1 (percent) of ``model`` on occluded images, for every mode and drop ratio.
+
+    loader: (images in [0, 1], labels[, masks]) batches. saliency: ``"masks"`` (the loader's third
+    item, ground-truth foreground masks), a function images -> (N, rows, cols) saliency (e.g.
+    ``dino_saliency(load_dino(path))``), or None (then only ``random`` may be asked for). Random
+    draws come from a generator seeded with ``seed`` (the same patches for every model).
+
+    Returns ``{"ratios": [...], "clean_top1": float, "top1": {mode: [...]}, "dropped_fraction":
+    {mode: [mean share of patches dropped]}, "patch_size", "grid", "saliency", "images"}``.
+    """
+    for ratio in ratios:
+        check_ratio("occlusion_sweep", ratio)
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"occlusion_sweep: unknown modes {bad}; choose from {MODES}")
+    if saliency is None and any(m != "random" for m in modes):
+        raise ValueError("occlusion_sweep: salient/non_salient drops need saliency='masks' (ground-truth masks in the "
+                         "loader) or a saliency function such as dino_saliency(load_dino(path))")
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)
+    correct = {m: [0] * len(ratios) for m in modes}
+    dropped = {m: [0.0] * len(ratios) for m in modes}
+    clean = count = 0
+    grid = None
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = batch[0], batch[1]
+        grid = patch_grid(x.shape[-2], x.shape[-1], patch_size)
+        if saliency == "masks":
+            if len(batch) < 3:
+                raise ValueError("occlusion_sweep: saliency='masks' needs (images, labels, masks) batches")
+            patch_saliency = mask_saliency(batch[2], patch_size)
+        else:
+            patch_saliency = saliency(x) if callable(saliency) and any(m != "random" for m in modes) else None
+        y = y.to(device)
+        with torch.no_grad():
+            clean += int((model(x.to(device)).argmax(1) == y).sum())
+            for mode in modes:
+                for j, ratio in enumerate(ratios):
+                    mask = drop_masks(x, ratio, mode, patch_saliency, saliency == "masks", patch_size, generator)
+                    dropped[mode][j] += float(mask.flatten(1).float().mean(1).sum())
+                    correct[mode][j] += int((model(occlude(x, mask, patch_size).to(device)).argmax(1) == y).sum())
+        count += len(y)
+    if count == 0:
+        raise ValueError("occlusion_sweep: the loader yielded no images")
+    return {"ratios": list(map(float, ratios)), "clean_top1": 100.0 * clean / count,
+            "top1": {m: [100.0 * c / count for c in correct[m]] for m in modes},
+            "dropped_fraction": {m: [d / count for d in dropped[m]] for m in modes},
+            "patch_size": patch_size, "grid": list(grid),
+            "saliency": saliency if isinstance(saliency, str) or saliency is None else "function", "images": count}

@@ -1,0 +1,140 @@
+"""The paper's Figures 4-10 from the analysis results of several models, one PNG each (matplotlib Agg).
+
+Every function takes ``{model label: result dict}`` (the dicts the analysis and attack functions
+return, as stored in results.json) and a path, writes the PNG and returns the path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lkfast.analysis.kernels import paper_layers  # noqa: E402
+
+MODE_TITLES = {"random": "(a) random drop", "salient": "(b) salient drop", "non_salient": "(c) non-salient drop"}
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _check(results: Mapping, figure: str) -> None:
+    if not results:
+        raise ValueError(f"{figure}: no model results to plot")
+
+
+def plot_occlusion(results: Mapping[str, dict], path) -> Path:
+    """Fig. 4: top-1 against drop ratio, one panel per occlusion type, one line per model."""
+    _check(results, "plot_occlusion")
+    modes = [m for m in MODE_TITLES if any(m in r["top1"] for r in results.values())]
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for label, r in results.items():
+            if mode in r["top1"]:
+                ax.plot([100 * q for q in r["ratios"]], r["top1"][mode], marker="o", label=label)
+        ax.set(title=MODE_TITLES[mode], xlabel="information loss (%)", ylabel="top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    return _save(fig, path)
+
+
+def plot_occlusion_examples(image, masks: Mapping[str, object], path, patch_size: int = 16) -> Path:
+    """Fig. 5: one image (C, H, W in [0, 1]) and its occluded versions, ``masks``: title -> patch mask
+    (rows, cols) of dropped patches."""
+    from lkfast.analysis.occlusion import occlude
+
+    fig, axes = plt.subplots(1, 1 + len(masks), figsize=(3 * (1 + len(masks)), 3.2), squeeze=False)
+    panels = [("original", image)] + [(t, occlude(image[None], m[None], patch_size)[0]) for t, m in masks.items()]
+    for ax, (title, picture) in zip(axes[0], panels):
+        ax.imshow(picture.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_title(title)
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_attacks(fgsm: Mapping[str, dict], pgd: Mapping[str, dict], path) -> Path:
+    """Fig. 6: (a) FGSM top-1 over eps, (b) PGD over eps at fixed steps, (c) PGD over steps at fixed eps."""
+    _check({**fgsm, **pgd}, "plot_attacks")
+    fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.6))
+    for label, r in fgsm.items():
+        axes[0].plot(r["eps"], r["top1"], marker="o", label=label)
+    for label, r in pgd.items():
+        axes[1].plot(r["eps"], r["top1"], marker="o", label=label)
+        axes[2].plot(r["steps"], r["steps_top1"], marker="o", label=label)
+    any_pgd = next(iter(pgd.values()), None)
+    axes[0].set(title="(a) FGSM", xlabel="perturbation budget ε", ylabel="top-1 accuracy (%)")
+    axes[1].set(title=f"(b) PGD, {any_pgd['num_steps']} steps" if any_pgd else "(b) PGD", xlabel="perturbation budget ε",
+                ylabel="top-1 accuracy (%)")
+    axes[2].set(title=f"(c) PGD, ε = {any_pgd['steps_eps']}" if any_pgd else "(c) PGD", xlabel="attack steps",
+                ylabel="top-1 accuracy (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    return _save(fig, path)
+
+
+def plot_lesion(results: Mapping[str, dict], path) -> Path:
+    """Fig. 7: mean top-1 (line) with the min/max band over draws, against the fraction of blocks removed."""
+    _check(results, "plot_lesion")
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for label, r in results.items():
+        x = [0.0] + list(r["fraction"])
+        line, = ax.plot(x, [r["clean_top1"]] + r["mean"], marker="o", label=label)
+        ax.fill_between(x, [r["clean_top1"]] + r["min"], [r["clean_top1"]] + r["max"], color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="proportion of blocks removed", ylabel="top-1 accuracy (%)", title="Lesion study")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_frequency(results: Mapping[str, dict], path) -> Path:
+    """Fig. 8: top-1 drop against the noise band's centre frequency (units of pi)."""
+    _check(results, "plot_frequency")
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for label, r in results.items():
+        ax.plot(r["frequencies_over_pi"], r["drop"], marker="o", label=label)
+    ax.set(xlabel="noise frequency (×π)", ylabel="top-1 drop (points)", title="Robustness to noise frequency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_kernel_distance(results: Mapping[str, dict], path, key: str = "normalized",
+                         first_stage: Optional[int] = None, last_stage: Optional[int] = None) -> Path:
+    """Fig. 9: sorted kernel attention distance against normalised channel index, for the first two
+    layers of stage 1 and the last two of stage 3 (``kernels.paper_layers``); one panel per model.
+    key: ``"normalized"`` (divided by the kernel's mass) or ``"distance"`` (the paper's sum)."""
+    _check(results, "plot_kernel_distance")
+    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.8), squeeze=False)
+    for ax, (label, r) in zip(axes[0], results.items()):
+        for layer in paper_layers(r, first_stage, last_stage):
+            values = layer[key]
+            n = len(values)
+            ax.plot([(i + 0.5) / n for i in range(n)], values, label=layer["name"])
+        ax.set(title=label, xlabel="normalised channel index",
+               ylabel="kernel attention distance" + (" / Σ|w|" if key == "normalized" else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_feature_variance(results: Mapping[str, dict], path) -> Path:
+    """Fig. 10: normalised feature-map variance against normalised depth, one line per model."""
+    _check(results, "plot_feature_variance")
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for label, r in results.items():
+        ax.plot(r["depth"], r["normalized"], marker=".", label=label)
+    ax.set(xlabel="normalised depth", ylabel="normalised feature-map variance", title="Feature-map variance")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)

@@ -1,0 +1,66 @@
+"""What every attack shares: input checks, frozen parameters, the loss gradient, the projection."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def check_images(name: str, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
+    """Refuse inputs an attack cannot work on: x must be a float (N, C, H, W) batch in [0, 1] and
+    y (if given) N integer labels."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        found = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: x must be a float image batch (N, C, H, W) in [0, 1], got {found}")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{name}: x must hold pixel values in [0, 1] (normalisation belongs inside the model), "
+                         f"found values in [{lo:.3g}, {hi:.3g}]")
+    if y is not None:
+        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+            found = f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"{name}: y must be {x.shape[0]} integer class labels (one per image), got {found}")
+
+
+def check_budget(name: str, eps: float, steps: Optional[int] = None, alpha: Optional[float] = None) -> None:
+    """Refuse eps < 0 (or not a number), steps < 1 and alpha <= 0, saying what was given."""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"{name}: eps is the L-inf budget in [0, 1] pixel units and must be >= 0, got {eps!r}")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"{name}: steps must be an integer >= 1, got {steps!r}")
+    if alpha is not None and (not isinstance(alpha, (int, float)) or not alpha > 0):
+        raise ValueError(f"{name}: alpha (the step size) must be > 0, got {alpha!r}")
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block no parameter of ``model`` requires grad, so an attack's backward pass
+    computes input gradients only (no weight-gradient work, nothing accumulates in ``.grad``).
+    Each parameter's ``requires_grad`` is restored on exit, also after an error. The train/eval
+    mode is left as it is."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradient of the summed cross-entropy of ``model(x)`` against ``y`` with respect to x (the
+    model's parameters must already be frozen). Summed, so each image's gradient is its own."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x).float(), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, [x])
+    return grad
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x_adv`` clipped to the L-inf ball of radius eps around x, then to [0, 1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
