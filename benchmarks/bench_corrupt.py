@@ -87,20 +87,24 @@ def markdown_table(results: dict) -> str:
         info = bench["extra_info"]
         name = bench["group"]
         rates.setdefault(name, {})[info["implementation"]] = info["images"] / bench["stats"]["mean"]
+    from lkfast.tables import markdown_table as table_markdown
+
     machine = results.get("machine_info", {})
-    lines = [f"Corrupted 224x224 images per second, severity {SEVERITY}; lkfast batched (batch {BATCH}, "
-             f"device {DEVICE}, torch threads {torch.get_num_threads()}), reference `imagecorruptions` "
-             f"one image at a time. CPU: {machine.get('cpu', {}).get('brand_raw', 'unknown')}.", "",
-             "| corruption | lkfast img/s | imagecorruptions img/s | speed-up |", "| --- | ---: | ---: | ---: |"]
+    caption = (f"Corrupted 224x224 images per second, severity {SEVERITY}; lkfast batched (batch {BATCH}, "
+               f"device {DEVICE}, torch threads {torch.get_num_threads()}), reference `imagecorruptions` "
+               f"one image at a time. CPU: {machine.get('cpu', {}).get('brand_raw', 'unknown')}.")
+    rows = []
     ours_time = reference_time = 0.0
     for name in lc.names("all"):
         r = rates.get(name, {})
         ours, ref = r.get("lkfast"), r.get("imagecorruptions")
-        ratio = f"{ours / ref:.1f}x" if ours and ref else "n/a"
-        lines.append(f"| {name} | {ours or float('nan'):.1f} | {ref or float('nan'):.1f} | {ratio} |")
+        rows.append([name, f"{ours or float('nan'):.1f}", f"{ref or float('nan'):.1f}",
+                     f"{ours / ref:.1f}x" if ours and ref else "n/a"])
         if ours and ref:
             ours_time += 1 / ours
             reference_time += 1 / ref
+    lines = [table_markdown(["corruption", "lkfast img/s", "imagecorruptions img/s", "speed-up"], rows, align="lrrr",
+                            caption=caption).rstrip("\n")]
     if ours_time:
         lines += ["", f"**Overall** (time to apply all {len(lc.names('all'))} corruptions to one image): "
                       f"lkfast {ours_time * 1000:.1f} ms, imagecorruptions {reference_time * 1000:.1f} ms, "

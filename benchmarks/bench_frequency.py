@@ -3,8 +3,9 @@
     python benchmarks/bench_frequency.py --out DIR [--device cuda|cpu] [--batch 256] [--size 224]
 
 Times both methods (same generator seed, so the same noise) at a few band centres and writes
-DIR/frequency_bench.json and DIR/frequency_bench.md. On CUDA with CUDA events; on the CPU with
-wall-clock time (run it under `flock /tmp/lkfast-bench.lock` on a shared machine).
+DIR/frequency_bench_{gpu,cpu}.json and .md. Timers from lkfast.timing: on CUDA, CUDA events around
+back-to-back calls; on the CPU, wall-clock rounds (run it under `flock /tmp/lkfast-bench.lock` on a
+shared machine).
 """
 from __future__ import annotations
 
@@ -13,28 +14,12 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 
 from lkfast.ops.frequency import frequency_noise
-
-
-def timed_ms(fn, device, reps):
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(reps):
-            start.record(); fn(); end.record(); torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter(); fn(); times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+from lkfast.tables import markdown_table, write_text_atomic
+from lkfast.timing import time_ms
 
 
 def main(argv=None):
@@ -43,7 +28,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=10, help="timed rounds on the CPU")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     dev = args.device
@@ -54,8 +39,8 @@ def main(argv=None):
         row = {"freq": freq, "batch": args.batch, "size": args.size, "device": name}
         for method in ("reference", "fused"):
             gen = torch.Generator(dev)
-            row[method + "_ms"] = timed_ms(lambda: frequency_noise(x, freq, generator=gen.manual_seed(0), method=method),
-                                           dev, args.reps)
+            row[method + "_ms"] = time_ms(lambda: frequency_noise(x, freq, generator=gen.manual_seed(0), method=method),
+                                          dev, rounds=args.reps)
         a = frequency_noise(x, freq, generator=torch.Generator(dev).manual_seed(0), method="reference")
         b = frequency_noise(x, freq, generator=torch.Generator(dev).manual_seed(0), method="fused")
         row["max_abs_diff"] = (a - b).abs().max().item()
@@ -64,16 +49,14 @@ def main(argv=None):
         row["fused_gbps"] = 2 * x.numel() * 4 / (row["fused_ms"] * 1e-3) / 1e9
         rows.append(row)
     tag = "gpu" if dev == "cuda" else "cpu"
-    with open(os.path.join(args.out, f"frequency_bench_{tag}.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    lines = [f"# frequency_noise: fused vs torch.fft reference ({name}, batch {args.batch}, {args.size} px, fp32)", "",
-             "| band centre | reference ms | fused ms | speed-up | fused GB/s (x in + out) | max abs diff |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['freq'] / math.pi:.1f} pi | {r['reference_ms']:.2f} | {r['fused_ms']:.2f} | {r['speedup']:.2f}x "
-                     f"| {r['fused_gbps']:.1f} | {r['max_abs_diff']:.1e} |")
-    md = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, f"frequency_bench_{tag}.md"), "w") as f:
-        f.write(md)
+    write_text_atomic(os.path.join(args.out, f"frequency_bench_{tag}.json"), json.dumps(rows, indent=1))
+    md = markdown_table(
+        ["band centre", "reference ms", "fused ms", "speed-up", "fused GB/s (x in + out)", "max abs diff"],
+        [[f"{r['freq'] / math.pi:.1f} pi", f"{r['reference_ms']:.2f}", f"{r['fused_ms']:.2f}", f"{r['speedup']:.2f}x",
+          f"{r['fused_gbps']:.1f}", f"{r['max_abs_diff']:.1e}"] for r in rows],
+        align="lrrrrr", caption=f"# frequency_noise: fused vs torch.fft reference ({name}, batch {args.batch}, "
+                                f"{args.size} px, fp32)")
+    write_text_atomic(os.path.join(args.out, f"frequency_bench_{tag}.md"), md)
     print(md)
     return 0
 

@@ -22,8 +22,9 @@ Timer: on a CPU shared with other jobs, wall-clock times swing by 2-3x within mi
 compare a plain case timed under load with an lkfast case timed on an idle machine. The recorded
 CPU numbers therefore use ``--benchmark-timer=time.process_time`` (CPU seconds of this process,
 summed over its threads; with OMP_WAIT_POLICY=PASSIVE idle threads sleep instead of spinning, so
-waiting is not counted). On an idle 2-core machine wall time is about half of that. On CUDA use the
-default wall-clock timer (every step ends with a synchronize).
+waiting is not counted). On an idle 2-core machine wall time is about half of that. On CUDA the
+project's GPU timer (``lkfast.timing.gpu_time_ms``: CUDA events around back-to-back steps) gives the
+time per step; the table reads it from extra_info.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
+from lkfast.tables import markdown_table as table_markdown
+from lkfast.timing import gpu_time_ms
 
 DEVICE = os.environ.get("LKFAST_BENCH_DEVICE", "cpu")
 ON_CUDA = DEVICE.startswith("cuda")
@@ -46,6 +50,7 @@ VARIANTS = ("plain_nchw", "plain_cl", "lkfast_nchw", "lkfast_cl")
 TASKS = ("inference", "input_grad", "train_step")
 # Agreement of outputs with plain_nchw (fp32); bf16 is checked loosely.
 RTOL = 1e-4 if DTYPE == torch.float32 else 5e-2
+GPU_TIMER = "lkfast.timing.gpu_time_ms (CUDA events around back-to-back steps, median of 5 samples)"
 
 
 def _build(model_name: str, fast: bool) -> torch.nn.Module:
@@ -98,11 +103,6 @@ def _logits(model, x):
         return model(x).float()
 
 
-def _sync():
-    if ON_CUDA:
-        torch.cuda.synchronize()
-
-
 def _task(model, x, task):
     labels = torch.arange(x.shape[0], device=x.device) % 1000
     if task == "inference":
@@ -112,7 +112,6 @@ def _task(model, x, task):
         def run():
             with torch.no_grad():
                 model(x)
-            _sync()
     elif task == "input_grad":
         model.eval()
         model.requires_grad_(False)
@@ -120,7 +119,6 @@ def _task(model, x, task):
         def run():
             xg = x.detach().requires_grad_()
             (grad,) = torch.autograd.grad(F.cross_entropy(model(xg).float(), labels), [xg])
-            _sync()
             return grad
     else:
         model.train()
@@ -129,7 +127,6 @@ def _task(model, x, task):
         def run():
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x).float(), labels).backward()
-            _sync()
     return run
 
 
@@ -159,6 +156,12 @@ def test_model(benchmark, model_name, variant, task):
     benchmark.extra_info.update(model=model_name, variant=variant, task=task, batch=BATCH, size=SIZE,
                                 dtype=str(DTYPE).replace("torch.", ""), device=DEVICE,
                                 threads=torch.get_num_threads(), max_rel_err_vs_plain_nchw=rel_err)
+    if ON_CUDA:  # the project's GPU timer: CUDA events around back-to-back steps, warm-up excluded
+        per_step = []
+        benchmark.extra_info.update(timer=GPU_TIMER)
+        benchmark.pedantic(lambda: per_step.append(gpu_time_ms(run, warmup=2, samples=5)), rounds=1, warmup_rounds=0)
+        benchmark.extra_info.update(ms_per_step=per_step[0])
+        return
     slow = variant == "plain_nchw" or (variant.startswith("plain") and task == "train_step")
     if slow and not ON_CUDA:
         # PyTorch's CPU depthwise weight gradient (any layout) and NCHW large-kernel conv take minutes
@@ -175,17 +178,20 @@ def markdown_table(results: dict) -> str:
     times, info = {}, {}
     for bench in results["benchmarks"]:
         e = bench["extra_info"]
-        times[(e["model"], e["task"], e["variant"])] = bench["stats"]["median"] * 1000
+        times[(e["model"], e["task"], e["variant"])] = e.get("ms_per_step", bench["stats"]["median"] * 1000)
         info = e
     machine = results.get("machine_info", {})
     timer = results["benchmarks"][0].get("options", {}).get("timer", "wall clock") if results["benchmarks"] else ""
-    lines = [f"Timer: {timer}. {info.get('device', 'cpu')}, {info.get('dtype')}, batch {info.get('batch')}, {info.get('size')} px, "
-             f"torch threads {info.get('threads')}; median of {ROUNDS} timed calls after 1 warm-up, except the "
-             f"plain NCHW cases and the plain training steps: 1 timed call (minutes each); CPU: "
-             f"{machine.get('cpu', {}).get('brand_raw', 'unknown')}. Speed-up = plain time / lkfast time.", "",
-             "| model | task | plain NCHW ms | plain channels_last ms | lkfast NCHW ms | lkfast channels_last ms "
-             "| best lkfast vs faster plain | best lkfast vs plain NCHW |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    timer = info.get("timer", timer)
+    how = ("ms per step" if "ms_per_step" in info else
+           f"median of {ROUNDS} timed calls after 1 warm-up, except the plain NCHW cases and the plain training "
+           f"steps: 1 timed call (minutes each)")
+    caption = (f"Timer: {timer}. {info.get('device', 'cpu')}, {info.get('dtype')}, batch {info.get('batch')}, "
+               f"{info.get('size')} px, torch threads {info.get('threads')}; {how}; CPU: "
+               f"{machine.get('cpu', {}).get('brand_raw', 'unknown')}. Speed-up = plain time / lkfast time.")
+    header = ["model", "task", "plain NCHW ms", "plain channels_last ms", "lkfast NCHW ms", "lkfast channels_last ms",
+              "best lkfast vs faster plain", "best lkfast vs plain NCHW"]
+    rows = []
     for model in MODELS:
         for task in TASKS:
             t = {v: times.get((model, task, v)) for v in VARIANTS}
@@ -195,9 +201,9 @@ def markdown_table(results: dict) -> str:
             ours = [v for v in (t["lkfast_nchw"], t["lkfast_cl"]) if v]
             vs_best = f"{min(plain) / min(ours):.2f}x" if plain and ours else "n/a"
             vs_nchw = f"{t['plain_nchw'] / min(ours):.2f}x" if t["plain_nchw"] and ours else "n/a"
-            cells = " | ".join(f"{t[v]:.0f}" if t[v] else "not run" for v in VARIANTS)
-            lines.append(f"| {model} | {task} | {cells} | {vs_best} | {vs_nchw} |")
-    lines += ["", "Targets (issue 4, RepLKNet-31B, best lkfast layout):"]
+            rows.append([model, task, *(f"{t[v]:.0f}" if t[v] else "not run" for v in VARIANTS), vs_best, vs_nchw])
+    lines = [table_markdown(header, rows, align="llrrrrrr", caption=caption)]
+    lines += ["Targets (issue 4, RepLKNet-31B, best lkfast layout):"]
     for task, against, target in TARGETS:
         t = {v: times.get(("replknet_31b", task, v)) for v in VARIANTS}
         ours = min([v for v in (t["lkfast_nchw"], t["lkfast_cl"]) if v], default=None)

@@ -7,7 +7,9 @@ import json
 import os
 import sys
 
-from lkfast.bench import median, speedup, summarize
+from lkfast.bench import speedup, summarize
+from lkfast.tables import write_text_atomic
+from lkfast.timing import median
 
 
 def load(path: str):
@@ -16,7 +18,7 @@ def load(path: str):
     for b in data["benchmarks"]:
         info = b["extra_info"]
         if info.get("kind") == "matmul_peak":
-            peak = info["flop"] / b["stats"]["min"] / 1e9
+            peak = info["flop"] / min(info.get("times") or [b["stats"]["min"]]) / 1e9
         elif info.get("kind") == "depthwise_round":
             for impl, times in info["times"].items():
                 rows.append({"impl": impl, "passes": info["passes"], "shape": info["shape"],
@@ -62,8 +64,7 @@ def main(path: str) -> None:
               f"{machine.get('cpu', {}).get('count', '?')} cores; run {data.get('datetime', '')[:19]}, "
               f"commit {data.get('commit_info', {}).get('id', '')[:8]}")
     base = os.path.splitext(path)[0]
-    with open(base + ".md", "w") as f:
-        f.write(header + "\n\n" + summarize(rows, peak) + "\n")
+    write_text_atomic(base + ".md", header + "\n\n" + summarize(rows, peak) + "\n")
     plot(rows, base + ".png")
     print(open(base + ".md").read())
 

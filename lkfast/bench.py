@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from lkfast.tables import markdown_table, write_text_atomic
+from lkfast.timing import median, time_interleaved
 
 # RepLKNet-31B at 224 px: (channels, map size, kernel) of the four stages.
 STAGE_SHAPES = [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)]
@@ -101,29 +103,6 @@ def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
     return 2.0 * n**3 / seconds / 1e9
 
 
-def time_interleaved(runs: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall-clock seconds of every callable, `rounds` times, taking them in turn (the order rotates
-    each round). On a shared machine whose speed drifts by tens of percent over seconds, timing the
-    implementations side by side keeps their ratios honest where back-to-back blocks would not."""
-    names = list(runs)
-    for _ in range(warmup):
-        for name in names:
-            runs[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
 def speedup(impls: dict[str, dict], impl: str, baselines=("pytorch_nchw", "pytorch_channels_last")) -> float:
     """Median over rounds of (fastest baseline in that round / impl in that round); with no
     per-round times, the ratio of the recorded times."""
@@ -136,32 +115,29 @@ def speedup(impls: dict[str, dict], impl: str, baselines=("pytorch_nchw", "pytor
 
 
 def summarize(rows: list[dict], peak: float) -> str:
-    """Markdown table: one line per (shape, passes), lkfast against PyTorch's faster layout."""
+    """Markdown table (through lkfast.tables): one line per (shape, passes), lkfast against
+    PyTorch's faster layout; "—" where an implementation did not run."""
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_key.setdefault((tuple(r["shape"]), r["passes"]), {})[r["impl"]] = r
-    lines = [
-        f"fp32, batch {rows[0]['shape'][0]}; ms = median of rounds in which all implementations ran in turn; "
-        f"speed-up = median over rounds of (PyTorch's faster layout / lkfast) in the same round; "
-        f"GFLOP/s counts non-padding multiply-adds; machine fp32 matmul peak {peak:.0f} GFLOP/s",
-        "",
-        "| C, H, k | passes | PyTorch NCHW | PyTorch channels_last | lkfast auto | lkfast C++ kernel | auto speed-up | C++ kernel speed-up | vs NCHW (auto) | auto GFLOP/s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    caption = (f"fp32, batch {rows[0]['shape'][0]}; ms = median of rounds in which all implementations ran in turn; "
+               f"speed-up = median over rounds of (PyTorch's faster layout / lkfast) in the same round; "
+               f"GFLOP/s counts non-padding multiply-adds; machine fp32 matmul peak {peak:.0f} GFLOP/s")
+    header = ["C, H, k", "passes", "PyTorch NCHW", "PyTorch channels_last", "lkfast auto", "lkfast C++ kernel",
+              "auto speed-up", "C++ kernel speed-up", "vs NCHW (auto)", "auto GFLOP/s"]
+    table = []
     for (shape, passes), impls in by_key.items():
         ms = {k: v["seconds"] * 1e3 for k, v in impls.items()}
-        auto, own = ms.get("lkfast_auto"), ms.get("lkfast_cpu")
+        auto = ms.get("lkfast_auto")
         flop = impls[next(iter(impls))]["flop"]
-        fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
-        ratio = lambda impl: "—" if impl not in impls else f"{speedup(impls, impl):.2f}×"  # noqa: E731
-        lines.append(
-            f"| {shape[1]}, {shape[2]}, {shape[4]} | {passes} | {fmt(ms.get('pytorch_nchw'))} | "
-            f"{fmt(ms.get('pytorch_channels_last'))} | {fmt(auto)} | {fmt(own)} | {ratio('lkfast_auto')} | "
-            f"{ratio('lkfast_cpu')} | "
-            + ("—" if auto is None or "pytorch_nchw" not in impls else f"{speedup(impls, 'lkfast_auto', ('pytorch_nchw',)):.1f}×")
-            + f" | {'—' if auto is None else f'{flop / (auto / 1e3) / 1e9:.0f}'} |"
-        )
-    return "\n".join(lines)
+        ratio = lambda impl, digits=2, baselines=("pytorch_nchw", "pytorch_channels_last"): (  # noqa: E731
+            f"{speedup(impls, impl, baselines):.{digits}f}×" if impl in impls and set(baselines) & set(impls) else None)
+        table.append([f"{shape[1]}, {shape[2]}, {shape[4]}", passes,
+                      *(None if ms.get(i) is None else f"{ms[i]:.1f}"
+                        for i in ("pytorch_nchw", "pytorch_channels_last", "lkfast_auto", "lkfast_cpu")),
+                      ratio("lkfast_auto"), ratio("lkfast_cpu"), ratio("lkfast_auto", 1, ("pytorch_nchw",)),
+                      None if auto is None else f"{flop / (auto / 1e3) / 1e9:.0f}"])
+    return markdown_table(header, table, align="llrrrrrrrr", caption=caption).rstrip("\n")
 
 
 def main(argv=None) -> None:
@@ -193,8 +169,8 @@ def main(argv=None) -> None:
     print()
     print(summarize(rows, peak))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"threads": torch.get_num_threads(), "matmul_gflops": peak, "rows": rows}, f, indent=1)
+        write_text_atomic(args.json, json.dumps({"threads": torch.get_num_threads(), "matmul_gflops": peak, "rows": rows},
+                                                indent=1))
 
 
 if __name__ == "__main__":
