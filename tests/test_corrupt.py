@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import lkfast.corrupt as lc
-from lkfast.corrupt import _filters, writer
+from lkfast.corrupt import _filters
+from lkfast.data import io as data_io
+from lkfast.data import writer
 
 ALL = lc.names("all")
 # Corruptions whose output does not depend on the generator.
@@ -370,13 +372,13 @@ def test_writer_imagenet_c_matches_in_memory_and_resumes(tmp_path):
     assert written == 2 * 3 * len(names) * len(severities)
     for name in names:
         for severity in severities:
-            for wnid, files in writer.list_images(src):
+            for wnid, files in data_io.list_images(src):
                 for chunk, start in enumerate(range(0, len(files), 2)):
                     paths = files[start:start + 2]
-                    images = torch.stack([writer.load_image(p) for p in paths])
+                    images = torch.stack([data_io.load_image(p, 256, 224) for p in paths])
                     assert images.shape[-2:] == (224, 224)
                     g = writer.chunk_generator(3, name, severity, wnid, chunk)
-                    expected = writer.to_uint8(lc.corrupt(images, name, severity, g))
+                    expected = data_io.to_uint8(lc.corrupt(images, name, severity, g))
                     for i, p in enumerate(paths):
                         out = dst / name / str(severity) / wnid / (p.stem + ".JPEG")
                         stored = decode_jpeg(read_file(str(out)))
@@ -399,14 +401,14 @@ def test_writer_imagenet_p(tmp_path):
                             progress=False)
     assert written == 2 * 3  # translate once, gaussian_noise at difficulty 1 and 2
     assert (dst / "gaussian_noise_2" / "n01440764").is_dir()
-    files = writer.list_images(src)[0][1]
-    context = torch.stack([writer.load_image(p, crop=None) for p in files])
-    expected = writer.to_uint8(lc.perturbation_sequence(context, "translate", crop=224)).float()
+    files = data_io.list_images(src)[0][1]
+    context = torch.stack([data_io.load_image(p, 256, 256) for p in files])
+    expected = data_io.to_uint8(lc.perturbation_sequence(context, "translate", crop=224)).float()
     for i, p in enumerate(files):
-        frames = writer.read_mp4(dst / "translate" / "n01440764" / (p.stem + ".mp4"))
+        frames = data_io.read_mp4(dst / "translate" / "n01440764" / (p.stem + ".mp4"))
         assert frames.shape == (41, 3, 224, 224)
         assert (frames.float() - expected[i]).abs().mean() < 2.0  # H.264 at crf 20, in 8-bit steps
-    frames = writer.read_mp4(dst / "gaussian_noise" / "n01440764" / (files[0].stem + ".mp4"))
+    frames = data_io.read_mp4(dst / "gaussian_noise" / "n01440764" / (files[0].stem + ".mp4"))
     assert frames.shape == (31, 3, 224, 224)
 
 

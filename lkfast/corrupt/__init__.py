@@ -13,6 +13,13 @@ its tables and where the batched version differs from the release's per-image co
 
 Randomness comes from ``generator`` (a torch.Generator or an int seed): the same seed gives the
 same output, and the same output on CPU and GPU (numbers are drawn on the generator's device).
+
+Everything here is a pure function of tensors: no file is read or written, except that frost
+reads the release's frost photographs once. Reading image folders and writing the ImageNet-C /
+ImageNet-P datasets to disk is ``lkfast.data`` (``lkfast.data.writer.render``; the command
+``python -m lkfast.corrupt SRC DST --benchmark c|p`` is its entry point). Seeds, random draws,
+input checks and the centre crop that other packages share are public in
+``lkfast.corrupt.utils``.
 """
 from __future__ import annotations
 
@@ -20,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _base, blur, digital, noise, weather
-from .perturb import PERTURBATIONS, perturbation_sequence
+from . import blur, digital, noise, utils, weather
+from .perturb import NOISE_PERTURBATIONS, PERTURBATIONS, perturbation_sequence
 
 CORRUPTIONS: Dict[str, Callable] = {
     # the 15 of the benchmark, in the release's order
@@ -64,7 +71,7 @@ def names(subset: str = "all") -> List[str]:
     """Corruption names of a subset: "common" (the 15 of mCE), "extra" (speckle_noise,
     gaussian_blur, spatter, saturate), "all" (19), or an ImageNet-C category of the 15: "noise",
     "blur", "weather", "digital"."""
-    _base.check_choice(subset, tuple(SUBSETS), "subset")
+    utils.check_choice(subset, tuple(SUBSETS), "subset")
     return list(SUBSETS[subset])
 
 
@@ -78,14 +85,15 @@ def corrupt(images: torch.Tensor, name: str, severity: int,
     Returns a tensor of the same shape, dtype and device, values in [0, 1].
     Raises ValueError for a wrong shape/dtype/range, an unknown name or a severity outside 1..5.
     """
-    _base.check_choice(name, _ALL, "corruption")
-    _base.check_level(severity, 1, 5, "severity")
-    _base.check_images(images)
-    generator = _base.make_generator(generator, images.device)
+    utils.check_choice(name, _ALL, "corruption")
+    utils.check_level(severity, 1, 5, "severity")
+    utils.check_images(images)
+    generator = utils.make_generator(generator, images.device)
     x = images.detach().float()
     with torch.no_grad():
         out = CORRUPTIONS[name](x, severity, generator)
     return out.to(images.dtype)
 
 
-__all__ = ["corrupt", "names", "perturbation_sequence", "CORRUPTIONS", "PERTURBATIONS", "SUBSETS", "SEVERITIES"]
+__all__ = ["corrupt", "names", "perturbation_sequence", "CORRUPTIONS", "PERTURBATIONS", "NOISE_PERTURBATIONS",
+           "SUBSETS", "SEVERITIES"]

@@ -1,20 +1,19 @@
-"""Shared plumbing for lkfast.corrupt: input checks, random numbers, the size scale.
+"""Private plumbing of lkfast.corrupt: the size scale and fast Poisson counts.
 
 Everything here is a small pure function; the corruption families (noise, blur, weather,
-digital) and the perturbation sequences build on it.
+digital) and the perturbation sequences build on it. The helpers other packages need (seeds,
+random draws, input checks, centre crop) are public, in ``lkfast.corrupt.utils``.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence, Union
 
 import torch
 
-GeneratorLike = Optional[Union[torch.Generator, int]]
+from .utils import generator_device
 
 REFERENCE_SIZE = 224  # every ImageNet-C / ImageNet-P parameter was chosen for 224x224 images
-MIN_SIZE = 8
 
 
 def size_scale(height: int, width: int) -> float:
@@ -26,81 +25,6 @@ def size_scale(height: int, width: int) -> float:
     JPEG quality, colour shifts) do not depend on size.
     """
     return min(height, width) / REFERENCE_SIZE
-
-
-def check_images(images, what: str = "images") -> torch.Tensor:
-    """Validate a batch of RGB images in [0, 1]; returns it (float32 view if it was half/bf16)."""
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor of shape (N, 3, H, W) with values in [0, 1]; "
-                         f"got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"{what} must have shape (N, 3, H, W) (a batch of RGB images, channels first); "
-                         f"got shape {tuple(images.shape)}. Use images.unsqueeze(0) for a single image "
-                         "and images.permute(0, 3, 1, 2) for channels-last data.")
-    if not images.is_floating_point():
-        raise ValueError(f"{what} must be a floating-point tensor in [0, 1]; got dtype {images.dtype}. "
-                         "Convert uint8 images with images.float() / 255.")
-    n, _, h, w = images.shape
-    if n == 0:
-        raise ValueError(f"{what} is an empty batch (N = 0)")
-    if h < MIN_SIZE or w < MIN_SIZE:
-        raise ValueError(f"{what} must be at least {MIN_SIZE}x{MIN_SIZE} pixels; got {h}x{w}")
-    lo, hi = torch.aminmax(images.detach())
-    lo, hi = float(lo), float(hi)
-    if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
-        raise ValueError(f"{what} must have values in [0, 1]; found min {lo:.4g}, max {hi:.4g}. "
-                         "Divide uint8 data by 255, or undo the mean/std normalisation before corrupting.")
-    return images
-
-
-def check_choice(value, valid: Sequence[str], what: str) -> str:
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid names are: {', '.join(valid)}")
-    return value
-
-
-def check_level(value, low: int, high: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not (low <= value <= high):
-        raise ValueError(f"{what} must be an integer in {low}..{high}; got {value!r}")
-    return value
-
-
-def make_generator(generator: GeneratorLike, device: torch.device) -> Optional[torch.Generator]:
-    """Accept a torch.Generator, an int seed, or None (torch's global random state)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        g = torch.Generator(device="cpu")
-        g.manual_seed(generator)
-        return g
-    raise ValueError(f"generator must be a torch.Generator, an int seed or None; got {type(generator).__name__}")
-
-
-def _gen_device(generator: Optional[torch.Generator], device: torch.device) -> torch.device:
-    # Random numbers are drawn where the generator lives, then moved: the same seed gives the same
-    # corruption on CPU and GPU. A generator on the images' device avoids the copy.
-    return generator.device if generator is not None else device
-
-
-def rand(shape, generator, device) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=_gen_device(generator, device)).to(device)
-
-
-def randn(shape, generator, device) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=_gen_device(generator, device)).to(device)
-
-
-def uniform(shape, low: float, high: float, generator, device) -> torch.Tensor:
-    return low + (high - low) * rand(shape, generator, device)
-
-
-def randint(high: int, shape, generator, device, low: int = 0) -> torch.Tensor:
-    return torch.randint(low, high, shape, generator=generator, device=_gen_device(generator, device)).to(device)
-
-
-def poisson(rates: torch.Tensor, generator) -> torch.Tensor:
-    device = rates.device
-    return torch.poisson(rates.to(_gen_device(generator, device)), generator=generator).to(device)
 
 
 LEVELS = 255  # 8-bit images: x = k / 255
@@ -138,7 +62,7 @@ def poisson_counts(x: torch.Tensor, rate: float, generator) -> torch.Tensor:
     the second, zero for 8-bit images, by torch.poisson where it is not zero. Exact up to the
     float64 rounding of the CDF (~1e-14 per outcome)."""
     device = x.device
-    gen_device = _gen_device(generator, device)
+    gen_device = generator_device(generator, device)
     xf = x.to(gen_device, torch.float32)
     level = torch.round(xf * LEVELS)
     remainder = None

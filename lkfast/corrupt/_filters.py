@@ -8,13 +8,16 @@
 - ``motion_blur``: ImageMagick ``MotionBlurImage`` (the release called it through Wand).
 - ``clipped_zoom``: the release's ``scipy.ndimage.zoom(order=1)`` of the centre crop.
 - ``pil_box_resize``: Pillow's ``Image.resize(..., Image.BOX)``, as resampling matrices.
-All take (..., H, W) float tensors and run on whatever device the tensor is on.
+- ``adjust_value``: scikit-image's rgb2hsv -> value + shift -> hsv2rgb, as a rescale.
+- ``canny``, ``distance_to_mask``, ``equalize_hist``, ``box3``, ``dilate3``: OpenCV's ``Canny``,
+  ``distanceTransform`` (exact Euclidean, capped), ``equalizeHist``, ``blur`` 3x3 and ``dilate``
+  3x3, the pieces of the release's water-spatter pipeline.
+All take (..., H, W) float tensors (masks: bool) and run on whatever device the tensor is on.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -204,12 +207,115 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x.clamp(0, 1) * 255) / 255
 
 
-def center_crop(x: torch.Tensor, size: Optional[tuple]) -> torch.Tensor:
-    if size is None:
-        return x
-    h, w = x.shape[-2:]
-    ch, cw = size
-    if ch > h or cw > w:
-        raise ValueError(f"crop {ch}x{cw} is larger than the images ({h}x{w})")
-    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-    return x[..., top:top + ch, left:left + cw]
+def adjust_value(x: torch.Tensor, shift) -> torch.Tensor:
+    """Add ``shift`` to the HSV value channel, clipped to [0, 1], hue and saturation kept
+    (skimage rgb2hsv -> v + shift -> hsv2rgb). Every channel is V times a function of (H, S), so
+    this is a rescale by V'/V; black pixels (S = 0 by convention) become grey V'."""
+    value = x.amax(dim=1, keepdim=True)
+    new_value = (value + shift).clamp(0, 1)
+    ratio = new_value / value.clamp_min(1e-12)
+    return torch.where(value > 0, x * ratio, new_value.expand_as(x)).clamp(0, 1)
+
+
+def box3_sum(x: torch.Tensor) -> torch.Tensor:
+    """9 x the 3x3 box filter with OpenCV's default reflect-101 border (cv2.blur without the
+    division), as two separable sums of slices."""
+    p = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    rows = p[..., :-2, :] + p[..., 1:-1, :] + p[..., 2:, :]
+    return rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+
+
+def box3(x: torch.Tensor) -> torch.Tensor:
+    """cv2.blur(x, (3, 3)) with the default reflect-101 border."""
+    return box3_sum(x) / 9
+
+
+def dilate3(mask: torch.Tensor) -> torch.Tensor:
+    """3x3 binary dilation of a bool mask, nothing outside the image (separable ors of slices;
+    max_pool2d is several times slower on the CPU)."""
+    rows = mask.clone()
+    rows[..., 1:, :] |= mask[..., :-1, :]
+    rows[..., :-1, :] |= mask[..., 1:, :]
+    out = rows.clone()
+    out[..., 1:] |= rows[..., :-1]
+    out[..., :-1] |= rows[..., 1:]
+    return out
+
+
+def canny(image: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """cv2.Canny(image, low, high) for (N, 1, H, W) images holding 0..255 values: 3x3 Sobel
+    (replicated border), L1 magnitude, non-maximum suppression in four directions, hysteresis
+    with 8-connectivity. Returns a bool edge mask."""
+    p = F.pad(image, (1, 1, 1, 1), mode="replicate")
+    # separable 3x3 Sobel by slicing (cheaper than a convolution on one channel)
+    smooth_rows = p[..., :-2, :] + 2 * p[..., 1:-1, :] + p[..., 2:, :]
+    smooth_cols = p[..., :, :-2] + 2 * p[..., :, 1:-1] + p[..., :, 2:]
+    dx = smooth_rows[..., 2:] - smooth_rows[..., :-2]
+    dy = smooth_cols[..., 2:, :] - smooth_cols[..., :-2, :]
+    ax, ay = dx.abs(), dy.abs()
+    mag = ax + ay
+    m = F.pad(mag, (1, 1, 1, 1))  # OpenCV's magnitude buffer is zero outside the image
+
+    def at(oy, ox):
+        h, w = mag.shape[-2:]
+        return m[..., 1 + oy:1 + oy + h, 1 + ox:1 + ox + w]
+
+    tan22 = math.tan(math.radians(22.5))
+    horizontal = ay < ax * tan22
+    vertical = ay > ax * (tan22 + 2)  # tan 67.5 = tan 22.5 + 2
+    s_pos = (dx * dy) >= 0
+    diag = torch.where(s_pos, (mag > at(-1, -1)) & (mag > at(1, 1)), (mag > at(-1, 1)) & (mag > at(1, -1)))
+    peak = torch.where(horizontal, (mag > at(0, -1)) & (mag >= at(0, 1)),
+                       torch.where(vertical, (mag > at(-1, 0)) & (mag >= at(1, 0)), diag))
+    candidate = peak & (mag > low)
+    edges = candidate & (mag > high)
+    if torch.equal(candidate, edges):  # no weak edges to connect
+        return edges
+    while True:
+        grown = candidate & dilate3(edges)
+        if torch.equal(grown, edges):
+            return edges
+        edges = grown
+
+
+def distance_to_mask(mask: torch.Tensor, limit: float) -> torch.Tensor:
+    """Euclidean distance of every pixel to the nearest True pixel of (N, 1, H, W) ``mask``,
+    capped at ``limit`` (OpenCV's distanceTransform followed by THRESH_TRUNC; exact here where
+    OpenCV's 5x5 mask approximates). Rows first (nearest mask pixel left and right, by running
+    max/min of indices), then a min over the vertical offsets within the limit, on squared
+    distances, which are small integers."""
+    n, _, h, w = mask.shape
+    cap = int(math.ceil(limit)) + 1  # any distance beyond the limit reads as cap
+    # squared distances up to 2 cap^2 must fit the integer type
+    dtype = torch.int16 if 2 * cap * cap < 2 ** 15 else torch.int32
+    cols = torch.arange(w, device=mask.device, dtype=torch.int32).expand(n, 1, h, w)
+    big = h + w + cap + 1
+    last_left = torch.cummax(torch.where(mask, cols, -big), dim=-1).values
+    first_right = torch.flip(torch.cummin(torch.flip(torch.where(mask, cols, 2 * big), dims=(-1,)), dim=-1).values,
+                             dims=(-1,))
+    row_dist = torch.minimum(cols - last_left, first_right - cols).clamp_(max=cap).to(dtype)
+    squared = row_dist * row_dist
+    reach = cap - 1
+    padded = F.pad(squared, (0, 0, reach, reach), value=cap * cap)
+    best = squared
+    scratch = torch.empty_like(best)
+    for v in range(1, reach + 1):  # offsets +v and -v share v^2: one add for both
+        torch.minimum(padded[..., reach + v:reach + v + h, :], padded[..., reach - v:reach - v + h, :], out=scratch)
+        scratch += v * v
+        torch.minimum(best, scratch, out=best)
+    return best.float().sqrt_().clamp_(max=limit)
+
+
+def equalize_hist(image: torch.Tensor) -> torch.Tensor:
+    """cv2.equalizeHist for (N, 1, H, W) integer-valued 0..255 images, each image on its own."""
+    n = image.shape[0]
+    flat = image.reshape(n, -1).long().clamp(0, 255)
+    hist = torch.zeros(n, 256, device=image.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    cdf = hist.cumsum(1)
+    first = (hist > 0).float().argmax(1, keepdim=True)
+    first_count = hist.gather(1, first)
+    total = float(flat.shape[1])
+    scale = 255.0 / (total - first_count).clamp_min(1)
+    lut = torch.round((cdf - first_count) * scale).clamp(0, 255)
+    lut = torch.where(first_count == total, first.float().expand_as(lut), lut)
+    return lut.gather(1, flat).view_as(image)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import _base, _filters
+from . import _base, _filters, utils
 
 DEFOCUS_BLUR = ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5))        # disk radius, alias-blur sigma
 GLASS_BLUR = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))  # sigma, max shift, passes
@@ -83,10 +83,10 @@ def glass_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     offsets = (pairs // (2 * delta) - delta) * w + (pairs % (2 * delta) - delta)
     base = torch.arange(h * w, device=x.device).view(1, h * w)
     for _ in range(passes):
-        pick = _base.randint(4 * delta * delta, (n, h * w), generator, x.device)
+        pick = utils.randint(4 * delta * delta, (n, h * w), generator, x.device)
         moves = inside
         if move_probability < 1.0:
-            moves = inside & (_base.rand((n, h * w), generator, x.device) < move_probability)
+            moves = inside & (utils.rand((n, h * w), generator, x.device) < move_probability)
         index = offsets[pick].mul_(moves).add_(base)
         x = x.reshape(n, c, h * w).gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
     return _filters.gaussian_blur(x, sigma).clamp(0, 1)
@@ -95,7 +95,7 @@ def glass_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
 def motion_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     radius, sigma = MOTION_BLUR[severity - 1]
     s = _base.size_scale(*x.shape[-2:])
-    angles = _base.uniform((x.shape[0],), -45.0, 45.0, generator, x.device)
+    angles = utils.uniform((x.shape[0],), -45.0, 45.0, generator, x.device)
     return _filters.motion_blur(x, radius * s, sigma * s, angles).clamp(0, 1)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _base, _filters
+from . import _base, _filters, utils
 
 CONTRAST = (0.4, 0.3, 0.2, 0.1, 0.05)            # factor towards the per-channel mean
 # The release writes these as multiples of 244 ("should have been 224, but ultimately nothing is
@@ -37,7 +37,7 @@ def _affine_jitter(n: int, h: int, w: int, jitter: float, generator, device) -> 
     cx, cy = float(w // 2), float(h // 2)
     d = float(min(h, w) // 3)
     src = torch.tensor([[cx + d, cy + d], [cx + d, cy - d], [cx - d, cy - d]], device=device)
-    dst = src + _base.uniform((n, 3, 2), -jitter, jitter, generator, device)
+    dst = src + utils.uniform((n, 3, 2), -jitter, jitter, generator, device)
     ones = torch.ones(3, 1, device=device)
     # forward map A with [x', y'] = A [x, y, 1]: solve [src 1] A^T = dst
     forward = torch.linalg.solve(torch.cat([src, ones], 1).expand(n, 3, 3), dst).transpose(1, 2)
@@ -62,7 +62,7 @@ def elastic_transform(x: torch.Tensor, severity: int, generator=None) -> torch.T
     s = _base.size_scale(h, w)
     alpha, sigma, jitter = alpha * s * s, sigma * s, jitter * s
     inverse = _affine_jitter(n, h, w, jitter, generator, x.device)
-    noise = _base.uniform((n, 2, h, w), -1.0, 1.0, generator, x.device)
+    noise = utils.uniform((n, 2, h, w), -1.0, 1.0, generator, x.device)
     shift = _filters.gaussian_blur(noise, sigma, truncate=3.0, mode="reflect") * alpha
     ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float32),
                             torch.arange(w, device=x.device, dtype=torch.float32), indexing="ij")

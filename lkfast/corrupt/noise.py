@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _base
+from . import _base, utils
 
 GAUSSIAN_NOISE = (0.08, 0.12, 0.18, 0.26, 0.38)   # std of additive N(0, c^2)
 SHOT_NOISE = (60, 25, 12, 5, 3)                    # photons per unit intensity: Poisson(x c) / c
@@ -18,7 +18,7 @@ SPECKLE_NOISE = (0.15, 0.2, 0.35, 0.45, 0.6)      # std of multiplicative noise:
 
 def gaussian_noise(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     c = GAUSSIAN_NOISE[severity - 1]
-    return (x + c * _base.randn(x.shape, generator, x.device)).clamp(0, 1)
+    return (x + c * utils.randn(x.shape, generator, x.device)).clamp(0, 1)
 
 
 def shot_noise(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
@@ -32,10 +32,10 @@ def impulse_noise(x: torch.Tensor, severity: int, generator=None) -> torch.Tenso
     amount = IMPULSE_NOISE[severity - 1]
     # One uniform per value does both draws: u <= amount replaces it (probability amount), and
     # given that, u <= amount / 2 (probability 1/2) makes it salt.
-    u = _base.rand(x.shape, generator, x.device)
+    u = utils.rand(x.shape, generator, x.device)
     return torch.where(u <= amount, (u <= amount / 2).to(x.dtype), x)
 
 
 def speckle_noise(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     c = SPECKLE_NOISE[severity - 1]
-    return (x + x * c * _base.randn(x.shape, generator, x.device)).clamp(0, 1)
+    return (x + x * c * utils.randn(x.shape, generator, x.device)).clamp(0, 1)

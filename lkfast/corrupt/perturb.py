@@ -33,8 +33,7 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from . import _base, _filters
-from .weather import adjust_value
+from . import _base, _filters, utils
 
 PERTURBATIONS: Dict[str, int] = {  # name -> frames per sequence
     "gaussian_noise": 31,
@@ -59,7 +58,7 @@ def _frames(x: torch.Tensor, t: int) -> torch.Tensor:
 
 def _noise(x, difficulty, scale, generator):
     std = GAUSSIAN_NOISE_STD[difficulty - 1]
-    noisy = _frames(x, 30) + std * _base.randn((x.shape[0], 30) + x.shape[1:], generator, x.device)
+    noisy = _frames(x, 30) + std * utils.randn((x.shape[0], 30) + x.shape[1:], generator, x.device)
     return torch.cat([x[:, None], noisy.clamp(0, 1)], dim=1)
 
 
@@ -125,7 +124,7 @@ def _zoom_blur(x, difficulty, scale, generator):
 def _snow(x, difficulty, scale, generator):
     n, c, h, w = x.shape
     t = 31
-    layer = 0.05 + 0.3 * _base.randn((n, 1, h, w), generator, x.device)
+    layer = 0.05 + 0.3 * utils.randn((n, 1, h, w), generator, x.device)
     layer = _filters.clipped_zoom(layer, max(3 * scale, 1.0))
     layer = _filters.quantize(torch.where(layer < 0.5, torch.zeros_like(layer), layer))
     angles = (torch.arange(t, device=x.device) * 4.0 - 150).repeat(n)
@@ -137,7 +136,7 @@ def _snow(x, difficulty, scale, generator):
 
 def _brightness(x, difficulty, scale, generator):
     shifts = (torch.arange(31, device=x.device, dtype=torch.float32) - 15) * 0.02
-    return adjust_value(_frames(x, 31), shifts.view(1, 31, 1, 1, 1))
+    return _filters.adjust_value(_frames(x, 31), shifts.view(1, 31, 1, 1, 1))
 
 
 def _translate(x, difficulty, scale, generator):
@@ -210,18 +209,18 @@ def perturbation_sequence(images: torch.Tensor, name: str, difficulty: int = 1,
     perturbations show the image's real surroundings instead of black.
     Returns (N, T, 3, h, w) in [0, 1], T = PERTURBATIONS[name] (41 for translate, else 31).
     """
-    _base.check_choice(name, tuple(PERTURBATIONS), "perturbation")
-    _base.check_level(difficulty, 1, 3, "difficulty")
-    _base.check_images(images)
+    utils.check_choice(name, tuple(PERTURBATIONS), "perturbation")
+    utils.check_level(difficulty, 1, 3, "difficulty")
+    utils.check_images(images)
     if crop is not None:
         crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
-        _filters.center_crop(images[:1], crop)  # validates the size
-    generator = _base.make_generator(generator, images.device)
+        utils.center_crop(images[:1], crop)  # validates the size
+    generator = utils.make_generator(generator, images.device)
     size = crop if crop is not None else images.shape[-2:]
     scale = _base.size_scale(*size)
     x = images.detach().float()
     with torch.no_grad():
         frames = _SEQUENCES[name](x, difficulty, scale, generator)
-        frames = _filters.center_crop(frames, crop)
+        frames = utils.center_crop(frames, crop)
     assert frames.shape[1] == PERTURBATIONS[name]
     return frames.to(images.dtype)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import _base, _filters
+from . import _base, _filters, utils
 
 # mean, std of the flake noise, zoom, threshold, motion radius, motion sigma, image weight
 SNOW = ((0.1, 0.3, 3, 0.5, 10, 4, 0.8),
@@ -44,11 +44,11 @@ def snow(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     mean, std, zoom, threshold, radius, sigma, keep = SNOW[severity - 1]
     n, _, h, w = x.shape
     s = _base.size_scale(h, w)
-    layer = mean + std * _base.randn((n, 1, h, w), generator, x.device)
+    layer = mean + std * utils.randn((n, 1, h, w), generator, x.device)
     layer = _filters.clipped_zoom(layer, max(zoom * s, 1.0))
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer)
     layer = _filters.quantize(layer)  # the release stores the flakes as an 8-bit PNG for ImageMagick
-    angles = _base.uniform((n,), -135.0, -45.0, generator, x.device)
+    angles = utils.uniform((n,), -135.0, -45.0, generator, x.device)
     layer = _filters.quantize(_filters.motion_blur(layer, radius * s, sigma * s, angles))
     x = keep * x + (1 - keep) * torch.maximum(x, _filters.rgb_to_gray(x) * 1.5 + 0.5)
     return (x + layer + torch.flip(layer, dims=(-2, -1))).clamp(0, 1)
@@ -107,8 +107,8 @@ def _frost_photo(index: int, height: int, width: int, device: str) -> torch.Tens
 def frost(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     keep, amount = FROST[severity - 1]
     n, _, h, w = x.shape
-    which = _base.randint(FROST_USED, (n,), generator, torch.device("cpu"))
-    u = _base.rand((n, 2), generator, torch.device("cpu"))
+    which = utils.randint(FROST_USED, (n,), generator, torch.device("cpu"))
+    u = utils.rand((n, 2), generator, torch.device("cpu"))
     layer = torch.empty_like(x)
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
@@ -136,7 +136,7 @@ def plasma_fractal(n: int, mapsize: int, decay: float, generator, device) -> tor
     wibble = 100.0
 
     def wibbled_mean(total):
-        return total / 4 + wibble * _base.uniform(total.shape, -wibble, wibble, generator, device)
+        return total / 4 + wibble * utils.uniform(total.shape, -wibble, wibble, generator, device)
 
     while step >= 2:
         half = step // 2
@@ -175,130 +175,16 @@ def fog(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- brightness
-def adjust_value(x: torch.Tensor, shift) -> torch.Tensor:
-    """Add ``shift`` to the HSV value channel, clipped to [0, 1], hue and saturation kept
-    (skimage rgb2hsv -> v + shift -> hsv2rgb). Every channel is V times a function of (H, S), so
-    this is a rescale by V'/V; black pixels (S = 0 by convention) become grey V'."""
-    value = x.amax(dim=1, keepdim=True)
-    new_value = (value + shift).clamp(0, 1)
-    ratio = new_value / value.clamp_min(1e-12)
-    return torch.where(value > 0, x * ratio, new_value.expand_as(x)).clamp(0, 1)
-
-
 def brightness(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
-    return adjust_value(x, BRIGHTNESS[severity - 1])
+    return _filters.adjust_value(x, BRIGHTNESS[severity - 1])
 
 
 # -------------------------------------------------------------------------------------- spatter
-def _box3_sum(x: torch.Tensor) -> torch.Tensor:
-    # 9 x the 3x3 box filter with OpenCV's default reflect-101 border (cv2.blur without the
-    # division), as two separable sums of slices
-    p = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    rows = p[..., :-2, :] + p[..., 1:-1, :] + p[..., 2:, :]
-    return rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
-
-
-def _box3(x: torch.Tensor) -> torch.Tensor:
-    # cv2.blur(x, (3, 3)) with the default reflect-101 border
-    return _box3_sum(x) / 9
-
-
-def _dilate3(mask: torch.Tensor) -> torch.Tensor:
-    # 3x3 binary dilation of a bool mask, nothing outside the image (separable ors of slices;
-    # max_pool2d is several times slower on the CPU)
-    rows = mask.clone()
-    rows[..., 1:, :] |= mask[..., :-1, :]
-    rows[..., :-1, :] |= mask[..., 1:, :]
-    out = rows.clone()
-    out[..., 1:] |= rows[..., :-1]
-    out[..., :-1] |= rows[..., 1:]
-    return out
-
-
-def canny(image: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """cv2.Canny(image, low, high) for (N, 1, H, W) images holding 0..255 values: 3x3 Sobel
-    (replicated border), L1 magnitude, non-maximum suppression in four directions, hysteresis
-    with 8-connectivity. Returns a bool edge mask."""
-    p = F.pad(image, (1, 1, 1, 1), mode="replicate")
-    # separable 3x3 Sobel by slicing (cheaper than a convolution on one channel)
-    smooth_rows = p[..., :-2, :] + 2 * p[..., 1:-1, :] + p[..., 2:, :]
-    smooth_cols = p[..., :, :-2] + 2 * p[..., :, 1:-1] + p[..., :, 2:]
-    dx = smooth_rows[..., 2:] - smooth_rows[..., :-2]
-    dy = smooth_cols[..., 2:, :] - smooth_cols[..., :-2, :]
-    ax, ay = dx.abs(), dy.abs()
-    mag = ax + ay
-    m = F.pad(mag, (1, 1, 1, 1))  # OpenCV's magnitude buffer is zero outside the image
-
-    def at(oy, ox):
-        h, w = mag.shape[-2:]
-        return m[..., 1 + oy:1 + oy + h, 1 + ox:1 + ox + w]
-
-    tan22 = math.tan(math.radians(22.5))
-    horizontal = ay < ax * tan22
-    vertical = ay > ax * (tan22 + 2)  # tan 67.5 = tan 22.5 + 2
-    s_pos = (dx * dy) >= 0
-    diag = torch.where(s_pos, (mag > at(-1, -1)) & (mag > at(1, 1)), (mag > at(-1, 1)) & (mag > at(1, -1)))
-    peak = torch.where(horizontal, (mag > at(0, -1)) & (mag >= at(0, 1)),
-                       torch.where(vertical, (mag > at(-1, 0)) & (mag >= at(1, 0)), diag))
-    candidate = peak & (mag > low)
-    edges = candidate & (mag > high)
-    if torch.equal(candidate, edges):  # no weak edges to connect
-        return edges
-    while True:
-        grown = candidate & _dilate3(edges)
-        if torch.equal(grown, edges):
-            return edges
-        edges = grown
-
-
-def distance_to_mask(mask: torch.Tensor, limit: float) -> torch.Tensor:
-    """Euclidean distance of every pixel to the nearest True pixel of (N, 1, H, W) ``mask``,
-    capped at ``limit`` (OpenCV's distanceTransform followed by THRESH_TRUNC; exact here where
-    OpenCV's 5x5 mask approximates). Rows first (nearest mask pixel left and right, by running
-    max/min of indices), then a min over the vertical offsets within the limit, on squared
-    distances, which are small integers."""
-    n, _, h, w = mask.shape
-    cap = int(math.ceil(limit)) + 1  # any distance beyond the limit reads as cap
-    # squared distances up to 2 cap^2 must fit the integer type
-    dtype = torch.int16 if 2 * cap * cap < 2 ** 15 else torch.int32
-    cols = torch.arange(w, device=mask.device, dtype=torch.int32).expand(n, 1, h, w)
-    big = h + w + cap + 1
-    last_left = torch.cummax(torch.where(mask, cols, -big), dim=-1).values
-    first_right = torch.flip(torch.cummin(torch.flip(torch.where(mask, cols, 2 * big), dims=(-1,)), dim=-1).values,
-                             dims=(-1,))
-    row_dist = torch.minimum(cols - last_left, first_right - cols).clamp_(max=cap).to(dtype)
-    squared = row_dist * row_dist
-    reach = cap - 1
-    padded = F.pad(squared, (0, 0, reach, reach), value=cap * cap)
-    best = squared
-    scratch = torch.empty_like(best)
-    for v in range(1, reach + 1):  # offsets +v and -v share v^2: one add for both
-        torch.minimum(padded[..., reach + v:reach + v + h, :], padded[..., reach - v:reach - v + h, :], out=scratch)
-        scratch += v * v
-        torch.minimum(best, scratch, out=best)
-    return best.float().sqrt_().clamp_(max=limit)
-
-
-def equalize_hist(image: torch.Tensor) -> torch.Tensor:
-    """cv2.equalizeHist for (N, 1, H, W) integer-valued 0..255 images, each image on its own."""
-    n = image.shape[0]
-    flat = image.reshape(n, -1).long().clamp(0, 255)
-    hist = torch.zeros(n, 256, device=image.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
-    cdf = hist.cumsum(1)
-    first = (hist > 0).float().argmax(1, keepdim=True)
-    first_count = hist.gather(1, first)
-    total = float(flat.shape[1])
-    scale = 255.0 / (total - first_count).clamp_min(1)
-    lut = torch.round((cdf - first_count) * scale).clamp(0, 255)
-    lut = torch.where(first_count == total, first.float().expand_as(lut), lut)
-    return lut.gather(1, flat).view_as(image)
-
-
 def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     mean, std, sigma, threshold, intensity, mud = SPATTER[severity - 1]
     n, _, h, w = x.shape
     s = _base.size_scale(h, w)
-    liquid = mean + std * _base.randn((n, 1, h, w), generator, x.device)
+    liquid = mean + std * utils.randn((n, 1, h, w), generator, x.device)
     liquid = _filters.gaussian_blur(liquid, sigma * s)
     liquid = torch.where(liquid < threshold, torch.zeros_like(liquid), liquid)
     if mud:
@@ -309,10 +195,10 @@ def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     # water: drops whose rims are shaded by the distance to the drop edges (the release's
     # OpenCV pipeline: Canny, distance transform, equalised histogram, emboss)
     liquid8 = torch.floor(liquid.clamp(0, 1) * 255)
-    edges = canny(liquid8, 50, 150)
-    dist = distance_to_mask(edges, 20 * s)
-    dist = torch.floor(_box3(dist))
-    dist = equalize_hist(dist)
+    edges = _filters.canny(liquid8, 50, 150)
+    dist = _filters.distance_to_mask(edges, 20 * s)
+    dist = torch.floor(_filters.box3(dist))
+    dist = _filters.equalize_hist(dist)
     # cv2.filter2D with the emboss kernel [[-2, -1, 0], [-1, 1, 1], [0, 1, 2]] (reflect-101
     # border): integer sums, exact in any order
     p = F.pad(dist, (1, 1, 1, 1), mode="reflect")
@@ -323,7 +209,7 @@ def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
 
     emboss = tap(1, 1) + tap(1, 2) + tap(2, 1) - tap(0, 1) - tap(1, 0) + 2 * (tap(2, 2) - tap(0, 0))
     dist = torch.round(emboss).clamp_(0, 255)
-    dist = torch.round(_box3(dist))
+    dist = torch.round(_filters.box3(dist))
     m = liquid8 * dist
     m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) * intensity
     colour = torch.tensor(WATER_COLOUR, device=x.device).view(1, 3, 1, 1)

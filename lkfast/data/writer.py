@@ -1,0 +1,191 @@
+"""Render a folder of images into the official ImageNet-C / ImageNet-P layouts.
+
+    SRC/<wnid>/<image>.JPEG   (ImageNet-val sorted into class folders; PNG/JPEG/BMP/WebP accepted)
+      -> ImageNet-C: DST/<corruption>/<severity>/<wnid>/<image>.JPEG   224x224, JPEG quality 85
+      -> ImageNet-P: DST/<perturbation>/<wnid>/<image>.mp4              224x224 frames, H.264
+         (noise sequences also at difficulty 2 and 3, as DST/gaussian_noise_2/..., like the release)
+
+    python -m lkfast.corrupt SRC DST --benchmark c|p      (the command's code is ``main`` here)
+    >>> from lkfast.data.writer import render
+    >>> render("val", "imagenet-c", "c", names=["fog"], levels=[3])
+
+Preprocessing as in the release: resize the short side to 256 (bilinear, Pillow), centre crop
+224; corrupted pixels are truncated to 8 bits (the release's np.uint8). ImageNet-P frames are
+computed on the central 256x256 of the resized image and cropped to 224, so translations,
+rotations, tilts and zoom-outs show real surroundings.
+
+Resumable: a file is written under a temporary name and renamed when complete; complete files
+already present are skipped, files cut short (a killed copy, an older writer) are written again,
+and temporary files of killed runs are removed. Each batch of images ("chunk": up to batch_size
+consecutive files of one class, in sorted order) uses its own generator seeded from (seed, name,
+level, wnid, chunk index), so a resumed run writes exactly what an uninterrupted one would have.
+
+The corruptions themselves are lkfast.corrupt's pure tensor functions; this module is the file
+side (reading SRC, encoding, writing DST), which is why it lives in lkfast.data: lkfast.data uses
+lkfast.corrupt, never the other way round.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from lkfast.corrupt import CORRUPTIONS, NOISE_PERTURBATIONS, PERTURBATIONS, SUBSETS, corrupt, perturbation_sequence
+
+from .io import encode_jpeg, encode_mp4, is_complete, list_images, load_image, temporary_files, to_uint8, write_atomic
+
+RESIZE = 256
+CROP = 224
+JPEG_QUALITY = 85
+
+
+def chunk_seed(seed: int, name: str, level: int, wnid: str, chunk: int) -> int:
+    """The 63-bit seed of one chunk: the first 8 bytes of sha256("seed/name/level/wnid/chunk")."""
+    key = f"{seed}/{name}/{level}/{wnid}/{chunk}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def chunk_generator(seed: int, name: str, level: int, wnid: str, chunk: int, device="cpu") -> torch.Generator:
+    """A torch.Generator on ``device`` seeded with chunk_seed(seed, name, level, wnid, chunk): the
+    generator ``render`` hands to the corruption of that chunk."""
+    g = torch.Generator(device=device)
+    g.manual_seed(chunk_seed(seed, name, level, wnid, chunk))
+    return g
+
+
+def _jobs(benchmark: str, names: Sequence[str], levels: Sequence[int]) -> List[Tuple[str, int, str]]:
+    """(name, level, output folder name) for every requested rendering."""
+    if benchmark == "c":
+        return [(n, s, f"{n}/{s}") for n in names for s in levels]
+    jobs = []
+    for n in names:
+        for d in (levels if n in NOISE_PERTURBATIONS else (1,)):
+            jobs.append((n, d, n if d == 1 else f"{n}_{d}"))
+    return jobs
+
+
+def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None,
+           levels: Optional[Iterable[int]] = None, batch_size: int = 32, seed: int = 0,
+           device: str = "cpu", preset: str = "medium", progress: bool = True) -> int:
+    """Render SRC into DST (see the module docstring) and return the number of files written.
+
+    ``names`` default to all 19 corruptions (``benchmark="c"``) or all 10 perturbations ("p");
+    ``levels`` are severities (C, default 1..5) or noise difficulties (P, default 1..3).
+    ``device`` is where images are corrupted; ``preset`` the libx264 preset of P videos.
+    Raises ValueError for an unknown benchmark, name or level, a batch_size below 1, or a SRC
+    that is not laid out as SRC/<wnid>/<image>.
+    """
+    from tqdm.auto import tqdm
+
+    if benchmark not in ("c", "p"):
+        raise ValueError(f"benchmark must be 'c' (ImageNet-C) or 'p' (ImageNet-P); got {benchmark!r}")
+    valid = tuple(CORRUPTIONS) if benchmark == "c" else tuple(PERTURBATIONS)
+    names = list(valid if names is None else names)
+    for n in names:
+        if n not in valid:
+            raise ValueError(f"unknown {'corruption' if benchmark == 'c' else 'perturbation'} {n!r}; "
+                             f"valid names are: {', '.join(valid)}")
+    levels = list(levels if levels is not None else ((1, 2, 3, 4, 5) if benchmark == "c" else (1, 2, 3)))
+    top = 5 if benchmark == "c" else 3
+    for level in levels:
+        if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= top:
+            raise ValueError(f"{'severities' if benchmark == 'c' else 'difficulties'} must be integers in 1..{top}; got {level!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    classes = list_images(src)
+    dst = Path(dst)
+    jobs = _jobs(benchmark, names, levels)
+    suffix = ".JPEG" if benchmark == "c" else ".mp4"
+    total = sum(len(files) for _, files in classes) * len(jobs)
+    written = 0
+    swept = set()
+    with tqdm(total=total, disable=not progress, unit="file",
+              desc=f"ImageNet-{benchmark.upper()} -> {dst}") as bar:
+        for wnid, files in classes:
+            for chunk, start in enumerate(range(0, len(files), batch_size)):
+                paths = files[start:start + batch_size]
+                images = None
+                for name, level, folder in jobs:
+                    out_dir = dst / folder / wnid
+                    if out_dir not in swept:  # leftovers of a killed run, once per folder
+                        swept.add(out_dir)
+                        for leftover in temporary_files(out_dir):
+                            leftover.unlink(missing_ok=True)
+                    targets = [out_dir / (p.stem + suffix) for p in paths]
+                    todo = [i for i, t in enumerate(targets) if not is_complete(t)]
+                    if todo:
+                        if images is None:
+                            crop = CROP if benchmark == "c" else RESIZE  # P: the 256 context
+                            images = torch.stack([load_image(p, RESIZE, crop) for p in paths]).to(device)
+                        generator = chunk_generator(seed, name, level, wnid, chunk, device)
+                        if benchmark == "c":
+                            out = to_uint8(corrupt(images, name, level, generator)).cpu()
+                            for i in todo:
+                                write_atomic(targets[i], encode_jpeg(out[i], JPEG_QUALITY))
+                        else:
+                            frames = to_uint8(perturbation_sequence(images, name, level, generator, crop=CROP)).cpu()
+                            for i in todo:
+                                write_atomic(targets[i], encode_mp4(frames[i], name in NOISE_PERTURBATIONS, preset))
+                        written += len(todo)
+                    bar.update(len(paths))
+    return written
+
+
+# ------------------------------------------------------------------------------------ command
+def _names(text, benchmark):
+    if text is None:
+        return None
+    if benchmark == "c" and text in SUBSETS:
+        return list(SUBSETS[text])
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _levels(text):
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --levels takes comma-separated integers, e.g. 1,2,3; got {text!r}")
+
+
+def main(argv=None) -> int:
+    """``python -m lkfast.corrupt SRC DST --benchmark c|p [options]``: returns the exit status
+    (0 done, 2 on a bad argument or layout, with the reason on stderr)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lkfast.corrupt",
+        description="Render a folder of images laid out like ImageNet-val (SRC/<wnid>/<image>.JPEG) "
+                    "into the ImageNet-C layout (DST/<corruption>/<severity>/<wnid>/*.JPEG, 224 px, "
+                    "JPEG quality 85) or the ImageNet-P layout (DST/<perturbation>/<wnid>/*.mp4). "
+                    "Resumable: complete files already written are skipped.")
+    parser.add_argument("src", help="source folder: one sub-folder per class holding images")
+    parser.add_argument("dst", help="output root (created if missing)")
+    parser.add_argument("--benchmark", choices=("c", "p"), required=True, help="c: ImageNet-C, p: ImageNet-P")
+    parser.add_argument("--names", default=None,
+                        help="comma-separated corruptions/perturbations, or for C a subset "
+                             f"({', '.join(SUBSETS)}); default: all 19 (C) or all {len(PERTURBATIONS)} (P)")
+    parser.add_argument("--levels", default=None,
+                        help="comma-separated severities for C (default 1,2,3,4,5) or noise difficulties "
+                             "for P (default 1,2,3; written as gaussian_noise, gaussian_noise_2, ...)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images corrupted together (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
+    parser.add_argument("--device", default="cpu", help="torch device for the corruption, e.g. cuda (default cpu)")
+    parser.add_argument("--x264-preset", default="medium", help="libx264 preset for P videos (default medium)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        written = render(args.src, args.dst, args.benchmark, _names(args.names, args.benchmark),
+                         _levels(args.levels), batch_size=args.batch_size, seed=args.seed,
+                         device=args.device, preset=args.x264_preset, progress=not args.quiet)
+    except (ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {written} files under {args.dst}")
+    return 0
+
+
+__all__ = ["render", "main", "chunk_seed", "chunk_generator", "RESIZE", "CROP", "JPEG_QUALITY"]
