@@ -1,0 +1,259 @@
+"""lkfast.metrics against hand-computed cases and independent computations (scikit-learn, scipy,
+and the ImageNet-P release's loop written out plainly)."""
+import numpy as np
+import pytest
+import torch
+
+from lkfast import metrics as M
+
+
+def test_constants():
+    assert len(M.IMAGENET_C_COMMON) == 15 and len(M.IMAGENET_C_EXTRA) == 4 and len(M.IMAGENET_P) == 10
+    assert set(M.ALEXNET_ERRORS) == set(M.IMAGENET_C_ALL)
+    assert M.NOISE_PERTURBATIONS == ("gaussian_noise", "shot_noise")
+    assert M.ALEXNET_ERRORS["brightness"] == pytest.approx(0.564592)
+    assert M.ALEXNET_CLEAN_ERROR == pytest.approx(0.4348, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+def test_accuracy_hand_case():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    targets = torch.tensor([1, 0, 1, 2])
+    assert M.accuracy(logits, targets) == pytest.approx(50.0)
+
+
+def test_accuracy_class_subset_maps_full_space_targets():
+    # 5 classes; the subset is columns [1, 3]. Row 0: best overall is column 0, best in subset is 3.
+    logits = torch.tensor([[9.0, 1.0, 0.0, 2.0, 0.0],
+                           [9.0, 5.0, 0.0, 2.0, 0.0],
+                           [0.0, 1.0, 9.0, 0.5, 0.0]])
+    targets = torch.tensor([3, 1, 3])
+    assert M.accuracy(logits, targets) == pytest.approx(0.0)
+    assert M.accuracy(logits, targets, class_subset=[1, 3]) == pytest.approx(200 / 3)
+    assert M.accuracy(logits, targets, class_subset=torch.tensor([3, 1])) == pytest.approx(200 / 3)
+
+
+def test_accuracy_refuses_bad_input():
+    logits = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="not in class_subset"):
+        M.accuracy(logits, torch.tensor([0, 2]), class_subset=[0, 1])
+    with pytest.raises(ValueError, match="one class index per row"):
+        M.accuracy(logits, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="0..3"):
+        M.accuracy(logits, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="empty"):
+        M.accuracy(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+
+
+def test_imagenet9_accuracy_unmapped_prediction_is_wrong():
+    class_map = torch.full((6,), -1)
+    class_map[0], class_map[1], class_map[2] = 0, 0, 1
+    logits = torch.tensor([[0, 5.0, 0, 0, 0, 0],     # -> class 1 -> in9 0: right
+                           [0, 0, 5.0, 0, 0, 0],     # -> class 2 -> in9 1: wrong (target 0)
+                           [0, 0, 0, 0, 5.0, 0],     # -> class 4 -> unmapped: wrong
+                           [0, 0, 5.0, 0, 0, 0]])    # -> in9 1: right
+    targets = torch.tensor([0, 0, 1, 1])
+    assert M.imagenet9_accuracy(logits, targets, class_map) == pytest.approx(50.0)
+    nine = torch.eye(9)[[0, 3, 8]]
+    assert M.imagenet9_accuracy(nine, torch.tensor([0, 3, 7]), class_map) == pytest.approx(200 / 3)
+
+
+# ----------------------------------------------------------------------------- ImageNet-C
+
+def test_corruption_errors_hand_case():
+    err = {"snow": {1: .5, 2: .6, 3: .7, 4: .8, 5: .9},             # mean .7
+           "fog": {s: .4 for s in range(1, 6)},                      # mean .4
+           "saturate": {"1": .2, "5": .3},                           # extra, partial severities
+           "contrast": {5: .6}}                                      # partial: no CE
+    out = M.corruption_errors(err, clean_error=0.2)
+    assert out["ce"] == pytest.approx({"snow": 100 * .7 / .866816, "fog": 100 * .4 / .819324})
+    assert set(out["ce_skipped"]) == {"saturate", "contrast"}
+    assert out["mce_over"] == ["snow", "fog"] and out["mce_complete"] is False
+    assert out["mce"] == pytest.approx((100 * .7 / .866816 + 100 * .4 / .819324) / 2)
+    rel_snow = 100 * (.7 - .2) / (.866816 - M.ALEXNET_CLEAN_ERROR)
+    rel_fog = 100 * (.4 - .2) / (.819324 - M.ALEXNET_CLEAN_ERROR)
+    assert out["relative_mce"] == pytest.approx((rel_snow + rel_fog) / 2)
+    assert out["sev5_top1"] == pytest.approx(100 * ((1 - .9) + (1 - .4) + (1 - .3) + (1 - .6)) / 4)
+    assert sorted(out["sev5_over"]) == ["contrast", "fog", "saturate", "snow"]
+    cells = [.5, .6, .7, .8, .9] + [.4] * 5 + [.2, .3] + [.6]
+    assert out["mean_top1"] == pytest.approx(100 * np.mean([1 - c for c in cells]))
+
+
+def test_corruption_errors_alexnet_itself_scores_100():
+    err = {name: {s: value for s in range(1, 6)} for name, value in M.ALEXNET_ERRORS.items()}
+    out = M.corruption_errors(err, clean_error=M.ALEXNET_CLEAN_ERROR)
+    assert out["mce_complete"] and out["mce"] == pytest.approx(100.0)
+    assert out["relative_mce"] == pytest.approx(100.0)
+    assert len(out["ce"]) == 19 and len(out["sev5_over"]) == 19
+    assert "relative_mce" not in M.corruption_errors(err)
+
+
+def test_corruption_errors_refuses_bad_input():
+    with pytest.raises(ValueError, match="fraction"):
+        M.corruption_errors({"snow": {1: 45.0}})
+    with pytest.raises(ValueError, match="severities are 1..5"):
+        M.corruption_errors({"snow": {6: .5}})
+    with pytest.raises(ValueError, match="baseline_clean_error"):
+        M.corruption_errors({"snow": {1: .5}}, clean_error=.2, baseline={"snow": .8})
+    with pytest.raises(ValueError, match="non-empty"):
+        M.corruption_errors({})
+
+
+# ----------------------------------------------------------------------------- ImageNet-P
+
+def release_flip_prob(predictions, noise, difficulty):
+    # the ImageNet-P release's flip_prob loop, written out
+    step = 1 if noise else difficulty
+    total = 0.0
+    for video in predictions:
+        flips = []
+        for i in range(step):
+            previous = video[i]
+            for p in video[i::step][1:]:
+                flips.append(int(previous != p))
+                if not noise:
+                    previous = p
+        total += np.mean(flips) / len(predictions)
+    return total
+
+
+def release_top5_distance(logits, noise, difficulty):
+    # the release's ranking_dist(mode='top5') on rankdata(-scores, 'ordinal') ranks
+    from scipy.stats import rankdata
+
+    cum_sum_top5 = np.cumsum(np.asarray([0] + [1] * 5 + [0] * (logits.shape[-1] - 6)))
+
+    def dist(sigma):
+        return np.sum(np.abs(cum_sum_top5[:5] - cum_sum_top5[sigma - 1][:5]))
+
+    step = 1 if noise else difficulty
+    total = 0.0
+    for video in logits:
+        ranks = [rankdata(-frame, method="ordinal") for frame in video]
+        values = []
+        for i in range(step):
+            perm1 = ranks[i]
+            perm1_inv = np.argsort(perm1)
+            for perm2 in ranks[i::step][1:]:
+                values.append(dist(perm2[perm1_inv]))
+                if not noise:
+                    perm1 = perm2
+                    perm1_inv = np.argsort(perm1)
+        total += np.mean(values) / len(logits)
+    return total
+
+
+def test_flip_probability_hand_case():
+    p = torch.tensor([[0, 0, 1, 1, 0]])
+    assert M.flip_probability(p, noise=False) == pytest.approx(2 / 4)     # 0-0, 0-1, 1-1, 1-0
+    assert M.flip_probability(p, noise=True) == pytest.approx(2 / 4)      # vs frame 0: 0, 1, 1, 0
+    assert M.flip_probability(p, noise=False, stride=2) == pytest.approx(1.0)    # (0,2) 0-1, (1,3) 0-1, (2,4) 1-0
+    q = torch.tensor([[0, 1, 0, 0, 1]])
+    assert M.flip_probability(q, noise=False, stride=2) == pytest.approx(2 / 3)  # 0-0, 1-0, 0-1
+    assert M.flip_probability(torch.tensor([[3, 3, 3], [3, 4, 4]]), noise=True) == pytest.approx(0.5)
+    per = M.flip_probability(torch.tensor([[3, 3, 3], [3, 4, 4]]), noise=False, per_sequence=True)
+    assert per.tolist() == pytest.approx([0.0, 0.5])
+
+
+@pytest.mark.parametrize("noise,stride", [(True, 1), (False, 1), (False, 2), (False, 3)])
+def test_flip_probability_matches_release_loop(noise, stride):
+    g = torch.Generator().manual_seed(1)
+    p = torch.randint(0, 3, (6, 31), generator=g)
+    assert M.flip_probability(p, noise, stride) == pytest.approx(release_flip_prob(p.numpy(), noise, stride))
+
+
+def test_top5_distance_hand_case():
+    base = torch.tensor([10.0, 9, 8, 7, 6, 5, 4])
+    swapped = torch.tensor([9.0, 10, 8, 7, 6, 5, 4])       # top-2 swapped: |0-1| + |1-0| = 2
+    dropped = torch.tensor([0.0, 9, 8, 7, 6, 5, 4])        # best falls out of the top 5: |0-5| = 5, others move up
+    seq = torch.stack([base, swapped, dropped])[None]
+    # consecutive: (base, swapped) = 2; (swapped, dropped): swapped's top5 = [1,0,2,3,4]; in dropped
+    # class 1 is rank 0, class 0 is rank 6 -> 5, 2 -> 1, 3 -> 2, 4 -> 3: |0-0|+|1-5|+|2-1|+|3-2|+|4-3| = 7
+    assert M.top5_distance(seq, noise=False) == pytest.approx((2 + 7) / 2)
+    # noise: both against base; (base, dropped): j=0 class 0 -> rank 6, clipped 5: |0-5| = 5; j=1..4
+    # classes 1..4 -> ranks 0..3: 1 each; total 9
+    assert M.top5_distance(seq, noise=True) == pytest.approx((2 + 9) / 2)
+    ties = torch.zeros(1, 2, 7)                               # all equal: ranks by class index, no move
+    assert M.top5_distance(ties, noise=False) == 0.0
+
+
+@pytest.mark.parametrize("noise,stride", [(True, 1), (False, 1), (False, 2), (False, 3)])
+def test_top5_distance_matches_release(noise, stride):
+    g = torch.Generator().manual_seed(2)
+    # small integer scores so that ties happen and their ordering is exercised
+    logits = torch.randint(0, 6, (4, 13, 20), generator=g).float()
+    got = M.top5_distance(logits, noise, stride)
+    assert got == pytest.approx(release_top5_distance(logits.numpy(), noise, stride))
+
+
+def test_imagenet_p_refuses_bad_input():
+    with pytest.raises(ValueError, match="stride"):
+        M.flip_probability(torch.zeros(2, 5, dtype=torch.long), noise=False, stride=0)
+    with pytest.raises(ValueError, match="no frame pairs"):
+        M.flip_probability(torch.zeros(2, 3, dtype=torch.long), noise=False, stride=3)
+    with pytest.raises(ValueError, match="sequences, frames, classes"):
+        M.top5_distance(torch.zeros(2, 5), noise=False)
+
+
+def test_mfr_and_mt5d_normalise_by_baseline():
+    fp = {"rotate": 0.02, "gaussian_noise": 0.05}
+    base = {"rotate": 0.04, "gaussian_noise": 0.10, "tilt": 0.3}
+    assert M.flip_rates(fp, base) == pytest.approx({"rotate": 50.0, "gaussian_noise": 50.0})
+    assert M.mfr({"rotate": 0.02, "gaussian_noise": 0.1}, base) == pytest.approx((50 + 100) / 2)
+    assert M.mt5d({"rotate": 1.0}, {"rotate": 4.0}) == pytest.approx(25.0)
+    with pytest.raises(ValueError, match="baseline has no"):
+        M.mfr({"scale": 0.1}, base)
+    with pytest.raises(ValueError, match="zero baseline"):
+        M.mt5d({"rotate": 1.0}, {"rotate": 0.0})
+
+
+# ----------------------------------------------------------------------------- ImageNet-O
+
+def test_ood_scores_hand_cases():
+    perfect = M.ood_scores(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.8, 0.9]))
+    assert perfect == pytest.approx({"aupr": 100.0, "auroc": 100.0, "fpr95": 0.0})
+    # in [0.1, 0.6], out [0.5, 0.9]: descending 0.9+ 0.6- 0.5+ 0.1-
+    # AP = 1/2 * 1 + 1/2 * 2/3; AUROC: pairs out>in: (0.9>both, 0.5>0.1) = 3 of 4
+    r = M.ood_scores(torch.tensor([0.1, 0.6]), torch.tensor([0.5, 0.9]))
+    assert r["aupr"] == pytest.approx(100 * (0.5 + 0.5 * 2 / 3))
+    assert r["auroc"] == pytest.approx(75.0)
+    assert r["fpr95"] == pytest.approx(50.0)                 # TPR reaches 100 % at threshold 0.5, one of two negatives above
+
+
+def test_ood_scores_match_scikit_learn():
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    g = torch.Generator().manual_seed(3)
+    inside = torch.randn(400, generator=g)
+    outside = torch.randn(150, generator=g) + 0.8
+    inside[:40] = torch.round(inside[:40])                   # ties, inside and across the two sets
+    outside[:30] = torch.round(outside[:30])
+    got = M.ood_scores(inside, outside)
+    y = np.r_[np.zeros(400), np.ones(150)]
+    s = torch.cat([inside, outside]).numpy()
+    assert got["aupr"] == pytest.approx(100 * average_precision_score(y, s), abs=1e-9)
+    assert got["auroc"] == pytest.approx(100 * roc_auc_score(y, s), abs=1e-9)
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    assert got["fpr95"] == pytest.approx(100 * fpr[np.searchsorted(tpr, 0.95)], abs=1e-9)
+
+
+def test_ood_scores_refuses_empty_or_nan():
+    with pytest.raises(ValueError, match="empty"):
+        M.ood_scores(torch.tensor([]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        M.ood_scores(torch.tensor([0.1, float("nan")]), torch.tensor([1.0]))
+
+
+# ----------------------------------------------------------------------------- ImageNet-9
+
+def test_background_gap():
+    out = M.background_gap({"original": 95.6, "mixed_same": 86.2, "mixed_rand": 78.9, "only_fg": 80.0})
+    assert out == pytest.approx({"original": 95.6, "mixed_same": 86.2, "mixed_rand": 78.9, "bg_gap": 7.3})
+    assert M.background_gap({"mixed_same": 50.0, "mixed_rand": 60.0})["original"] is None
+    with pytest.raises(ValueError, match="mixed_rand"):
+        M.background_gap({"original": 90.0, "mixed_same": 80.0})
+    with pytest.raises(ValueError, match="unknown ImageNet-9 variant"):
+        M.background_gap({"mixed_same": 80.0, "mixed_rand": 70.0, "mixed-rand": 1.0})
+    with pytest.raises(ValueError, match="percent"):
+        M.background_gap({"mixed_same": 0.8, "mixed_rand": 170.0})
