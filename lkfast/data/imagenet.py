@@ -1,0 +1,596 @@
+"""Readers for the robustness benchmarks' official on-disk layouts, each a torch Dataset.
+
+    >>> from lkfast.data import ImageNetA, ImageNetC, ImageNetP, collate_skipping, transform_for
+    >>> tf = transform_for(timm.data.resolve_data_config({}, model=model))   # resize, crop, [0, 1]
+    >>> a = ImageNetA("/data/imagenet-a", transform=tf)          # targets: ImageNet-1k indices
+    >>> loader = DataLoader(a, batch_size=64, collate_fn=collate_skipping)
+    >>> for images, targets, n_skipped in loader:
+    ...     top1 = lkfast.metrics.accuracy(model(norm(images)), targets, a.class_subset)
+    >>> c = ImageNetC("/data/imagenet-c", "snow", 3, transform=transform_for(cfg, resize=False))
+
+Layouts (the releases' own):
+  ImageNet-val, -A, -R, -O   ``<root>/<wnid>/<image>``
+  ImageNet-C                 ``<root>/<corruption>/<severity 1..5>/<wnid>/<image>.JPEG``
+  ImageNet-P                 ``<root>/<perturbation>[_<difficulty 2|3>]/<wnid>/<sequence>.mp4|.npy``
+  ImageNet-9                 ``<root>/<variant>/val/<class>/<image>`` (class folders 00_dog ... 08_fish)
+
+Items are ``(image, target)``: ``transform`` receives a PIL RGB image (a uint8 (T, 3, H, W)
+tensor for ImageNet-P) and must return a float tensor in [0, 1]; no normalisation happens here
+(the evaluation puts the model's mean/std inside the model, so attacks and occlusion work in
+[0, 1] pixel space). Without a transform an image becomes a (3, H, W) float tensor in [0, 1].
+Targets are ImageNet-1k class indices (0..999) for every reader except ImageNet-9 (0..8); ImageNet-A,
+-R and -O carry ``class_subset``, the 1k indices of their 200 classes, for ``lkfast.metrics.accuracy``.
+
+Items are in a deterministic order (class folders sorted, then file names sorted); ``limit=N``
+keeps the first N. An image or video that cannot be decoded gives ``(None, target)`` and a warning
+naming the file; :func:`collate_skipping` drops such items and counts them, so the count can be
+reported (never a silent wrong score). A folder that does not match its layout raises
+:class:`DatasetLayoutError` saying which layout was expected and what was found.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pkgutil
+import re
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from lkfast import metrics
+from lkfast.data.io import IMAGE_SUFFIXES, image_files, read_mp4
+
+PathLike = Union[str, os.PathLike]
+
+IMAGENET9_CLASSES = ("dog", "bird", "vehicle", "reptile", "carnivore", "insect", "instrument", "primate", "fish")
+"""ImageNet-9's classes in target order (the release's in9_classes.txt)."""
+IMAGENET9_WNIDS = ("n02084071", "n01503061", "n04576211", "n01661091", "n02075296", "n02159955",
+                   "n03800933", "n02469914", "n02512053")
+"""The WordNet ids of ImageNet-9's classes, in target order (the release's in9_classes.txt)."""
+SEQUENCE_SUFFIXES = (".mp4", ".npy")
+
+
+class DatasetLayoutError(ValueError):
+    """A dataset folder is missing or is not laid out as its benchmark's release: the message says
+    which layout was expected, what was found, and what to do."""
+
+
+# ----------------------------------------------------------------------------- class lists
+
+def _timm_info(name: str) -> List[str]:
+    # timm ships ImageNet's class lists as package data (timm/data/_info/*.txt)
+    data = pkgutil.get_data("timm.data", f"_info/{name}")
+    if data is None:
+        raise RuntimeError(f"timm does not ship _info/{name}; timm >= 1.0 is required")
+    return data.decode("utf-8").split()
+
+
+def imagenet_classes() -> List[str]:
+    """The 1000 ImageNet-1k wnids in class-index order (timm.data.ImageNetInfo's synsets)."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo("imagenet-1k").label_names())
+
+
+def _class_index() -> Dict[str, int]:
+    return {wnid: i for i, wnid in enumerate(imagenet_classes())}
+
+
+def imagenet_a_indices() -> torch.Tensor:
+    """LongTensor of the ImageNet-1k indices of ImageNet-A's 200 classes, ascending (timm's
+    imagenet_a_indices.txt)."""
+    return torch.tensor([int(i) for i in _timm_info("imagenet_a_indices.txt")], dtype=torch.long)
+
+
+def imagenet_r_indices() -> torch.Tensor:
+    """LongTensor of the ImageNet-1k indices of ImageNet-R's 200 classes, ascending (timm's
+    imagenet_r_indices.txt)."""
+    return torch.tensor([int(i) for i in _timm_info("imagenet_r_indices.txt")], dtype=torch.long)
+
+
+def imagenet_a_wnids() -> List[str]:
+    """The wnids of ImageNet-A's 200 classes (its folder names), in 1k-index order."""
+    return _timm_info("imagenet_a_synsets.txt")
+
+
+def imagenet_r_wnids() -> List[str]:
+    """The wnids of ImageNet-R's 200 classes (its folder names), in 1k-index order."""
+    return _timm_info("imagenet_r_synsets.txt")
+
+
+def imagenet_o_wnids(root: PathLike) -> List[str]:
+    """The wnids of ImageNet-O's classes, read from the dataset itself: its class folders, sorted.
+
+    timm ships no ImageNet-O class list; the release's 200 folders ARE its classes (ImageNet-1k
+    wnids), and ImageNet-O is scored on those 200 logits. A partial copy gives fewer classes.
+    Raises DatasetLayoutError if ``root`` is missing, has no class folder with images, or holds a
+    folder that is not an ImageNet-1k wnid."""
+    return _scan(root, "ImageNet-O", "<root>/<wnid>/<image>", _class_index())[1]
+
+
+def imagenet_o_indices(root: PathLike) -> torch.Tensor:
+    """LongTensor of the ImageNet-1k indices of the ImageNet-O classes found under ``root``
+    (:func:`imagenet_o_wnids`), ascending."""
+    index = _class_index()
+    return torch.tensor(sorted(index[w] for w in imagenet_o_wnids(root)), dtype=torch.long)
+
+
+def imagenet9_class_map() -> torch.Tensor:
+    """The 1000 -> 9 class map of ImageNet-9 as a LongTensor(1000): entry i is the ImageNet-9 class
+    (0..8, see IMAGENET9_CLASSES) of ImageNet-1k class i, or -1 for the 630 classes outside the nine.
+
+    It is the backgrounds-challenge release's ``in_to_in9.json`` (Xiao et al., "Noise or Signal:
+    The Role of Image Backgrounds in Object Recognition", ICLR 2021; github.com/MadryLab/
+    backgrounds_challenge), shipped unchanged as ``lkfast/data/in_to_in9.json``."""
+    return _release_class_map().clone()
+
+
+@functools.lru_cache(maxsize=1)
+def _release_class_map() -> torch.Tensor:
+    return _load_class_map(json.loads(pkgutil.get_data("lkfast.data", "in_to_in9.json").decode("utf-8")),
+                           "lkfast/data/in_to_in9.json")
+
+
+def _load_class_map(raw, where: str) -> torch.Tensor:
+    if not isinstance(raw, dict):
+        raise DatasetLayoutError(f"{where} must be a JSON object {{\"<1k index>\": <0..8 or -1>}}; got {type(raw).__name__}")
+    table = torch.full((1000,), -2, dtype=torch.long)
+    for key, value in raw.items():
+        try:
+            k, v = int(key), int(value)
+        except (TypeError, ValueError):
+            raise DatasetLayoutError(f"{where}: entry {key!r}: {value!r} is not an integer pair") from None
+        if not 0 <= k < 1000 or not -1 <= v <= 8:
+            raise DatasetLayoutError(f"{where}: entry {key!r}: {value!r} is outside 0..999 -> -1..8")
+        table[k] = v
+    absent = torch.nonzero(table == -2).flatten().tolist()
+    if absent:
+        raise DatasetLayoutError(f"{where} has no entry for {len(absent)} ImageNet class(es) (first: {absent[:5]}); "
+                                 "it must map all 1000")
+    return table
+
+
+def check_imagenet9_map(root: PathLike) -> bool:
+    """Compare the ``in_to_in9.json`` in the ImageNet-9 folder ``root`` (if there is one) with
+    :func:`imagenet9_class_map`. Returns True if it is there and equal, False if there is none;
+    raises DatasetLayoutError naming the first differing entries if it differs or is malformed."""
+    path = Path(root) / "in_to_in9.json"
+    if not path.is_file():
+        return False
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DatasetLayoutError(f"cannot read {str(path)!r} as JSON: {error}") from None
+    theirs, ours = _load_class_map(raw, str(path)), imagenet9_class_map()
+    differ = torch.nonzero(theirs != ours).flatten().tolist()
+    if differ:
+        shown = ", ".join(f"{i}: {int(theirs[i])} (release: {int(ours[i])})" for i in differ[:5])
+        raise DatasetLayoutError(f"{str(path)!r} differs from the backgrounds-challenge release's 1000 -> 9 map at "
+                                 f"{len(differ)} ImageNet class(es): {shown}; scores would not be comparable. "
+                                 "Use the release's file, or remove this one to use lkfast's copy")
+    return True
+
+
+# ----------------------------------------------------------------------------- folder walking
+
+def _hidden(p: Path) -> bool:
+    return p.name.startswith(".")
+
+
+def _subfolders(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p))
+
+
+def _require_folder(folder: Path, what: str, layout: str) -> None:
+    if not folder.is_dir():
+        found = "a file" if folder.exists() else "nothing"
+        raise DatasetLayoutError(f"{what} folder {str(folder)!r} does not exist (found {found} there); "
+                                 f"expected the layout {layout}. Check the path (or the --<task>-dir option)")
+
+
+def _files(folder: Path, suffixes: Sequence[str]) -> List[Path]:
+    if suffixes == IMAGE_SUFFIXES:
+        return [p for p in image_files(folder) if not _hidden(p)]
+    return sorted(p for p in folder.iterdir() if p.is_file() and not _hidden(p) and p.suffix.lower() in suffixes)
+
+
+def _looks_like(names: List[str]) -> str:
+    # a hint when a reader is pointed at another benchmark's folder
+    if names and all(n in metrics.IMAGENET_C_ALL for n in names):
+        return " These look like ImageNet-C corruption (or ImageNet-P perturbation) folders: use that benchmark's reader."
+    if names and all(n.isdigit() for n in names):
+        return " These look like ImageNet-C severity folders: point at the folder above the corruption folders."
+    if names and all(n in metrics.IMAGENET9_VARIANTS or n == "val" for n in names):
+        return " These look like ImageNet-9 folders: use ImageNet9(root, variant)."
+    return ""
+
+
+def _scan(root: PathLike, what: str, layout: str, class_index: Dict[str, int],
+          suffixes: Sequence[str] = IMAGE_SUFFIXES, allowed: Optional[Iterable[str]] = None,
+          allowed_name: str = "", classes: Optional[Iterable[str]] = None
+          ) -> Tuple[List[Tuple[Path, int]], List[str]]:
+    """(samples [(path, target)] sorted by class folder then file name, class folders used)."""
+    root = Path(root)
+    _require_folder(root, what, layout)
+    folders = _subfolders(root)
+    names = [f.name for f in folders]
+    if not folders:
+        loose = _files(root, suffixes)
+        found = (f"{len(loose)} file(s) directly in it ({', '.join(p.name for p in loose[:3])}, ...)"
+                 if loose else "no class folders")
+        raise DatasetLayoutError(f"{what}: expected {layout}; found {found} in {str(root)!r}. "
+                                 "Put the files into one folder per class")
+    unknown = [n for n in names if n not in class_index]
+    if unknown:
+        examples = ", ".join(list(class_index)[:2])
+        raise DatasetLayoutError(f"{what}: {len(unknown)} of {len(names)} folder(s) in {str(root)!r} are not known class "
+                                 f"names: {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}; expected {layout} "
+                                 f"with class folders like {examples}.{_looks_like(unknown)}")
+    if allowed is not None:
+        allowed = set(allowed)
+        outside = [n for n in names if n not in allowed]
+        if outside:
+            raise DatasetLayoutError(f"{what}: folder(s) {', '.join(outside[:5])}{', ...' if len(outside) > 5 else ''} in "
+                                     f"{str(root)!r} are not among {allowed_name}; is this the right dataset?")
+    if classes is not None:
+        wanted = list(dict.fromkeys(classes))
+        absent = [c for c in wanted if c not in names]
+        if len(absent) == len(wanted):
+            raise DatasetLayoutError(f"{what}: none of the {len(wanted)} requested class folders "
+                                     f"({', '.join(wanted[:3])}, ...) is in {str(root)!r}")
+        if absent:
+            warnings.warn(f"{what}: {len(absent)} of the {len(wanted)} requested class folders are not in "
+                          f"{str(root)!r} (first: {', '.join(absent[:3])}); using the {len(wanted) - len(absent)} present")
+        keep = set(wanted)
+        folders = [f for f in folders if f.name in keep]
+    samples, used = [], []
+    for folder in folders:
+        files = _files(folder, suffixes)
+        if files:
+            used.append(folder.name)
+            samples.extend((p, class_index[folder.name]) for p in files)
+    if not samples:
+        raise DatasetLayoutError(f"{what}: no files with suffix {', '.join(suffixes)} in the class folders of "
+                                 f"{str(root)!r}; expected {layout}")
+    return samples, used
+
+
+def _apply_limit(samples: list, limit: Optional[int]) -> list:
+    if limit is None:
+        return samples
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer (the number of items to keep) or None for all; got {limit!r}")
+    return samples[:limit]
+
+
+def to_float_image(x) -> torch.Tensor:
+    """A PIL image or a uint8 tensor (..., 3, H, W) -> float32 tensor in [0, 1], channels first; a
+    float tensor is returned as it is. The default transform of every reader."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.uint8:
+            return x.float() / 255
+        if x.dtype.is_floating_point:
+            return x
+        raise ValueError(f"expected a uint8 or float image tensor; got dtype {x.dtype}")
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return pil_to_tensor(x).float() / 255
+
+
+def transform_for(data_config: dict, resize: bool = True) -> Callable:
+    """The evaluation transform of a model, WITHOUT normalisation: PIL image -> float (3, H, W)
+    in [0, 1].
+
+    data_config: timm's resolved data config (``timm.data.resolve_data_config({}, model=model)``):
+    ``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode`` are used as timm's own eval
+    transform uses them (resize to input_size / crop_pct, centre crop; mean/std are ignored: put
+    them in the model). resize=False (ImageNet-C and -P, whose 224 x 224 images are fed as they
+    are): only the conversion to a float tensor; it also accepts uint8 tensors (ImageNet-P frames).
+    """
+    if not isinstance(data_config, dict) or "input_size" not in data_config:
+        raise ValueError("data_config must be timm's resolved data config (a dict with input_size, interpolation, "
+                         "crop_pct, crop_mode); get it with timm.data.resolve_data_config({}, model=model)")
+    if not resize:
+        return to_float_image
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    keys = ("input_size", "interpolation", "crop_pct", "crop_mode")
+    resize_crop = create_transform(**{k: data_config[k] for k in keys if k in data_config},
+                                   is_training=False, normalize=False)
+    return transforms.Compose([resize_crop, to_float_image])
+
+
+def _decode_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")   # decodes the whole file: a truncated one fails here
+
+
+def _decode_sequence(path: Path) -> torch.Tensor:
+    if path.suffix.lower() == ".npy":
+        import numpy as np
+
+        array = np.load(path, allow_pickle=False)
+        if array.dtype != np.uint8 or array.ndim != 4:
+            raise ValueError(f"expected a uint8 array (T, H, W, 3) or (T, 3, H, W); got {array.dtype} {array.shape}")
+        frames = torch.from_numpy(array)
+        if frames.shape[1] == 3 and frames.shape[-1] != 3:
+            return frames.contiguous()
+        if frames.shape[-1] == 3:
+            return frames.permute(0, 3, 1, 2).contiguous()
+        raise ValueError(f"expected a uint8 array (T, H, W, 3) or (T, 3, H, W); got shape {array.shape}")
+    return read_mp4(path)
+
+
+class ImageFolderBenchmark(Dataset):
+    """Images in ``<root>/<class folder>/<image>``; item = (transform(PIL RGB image), target).
+
+    class_index: folder name -> target (default: ImageNet-1k wnid -> 1k index). A folder that is
+    not in it raises DatasetLayoutError listing some of them and what was expected.
+    classes: keep only these class folders (e.g. ImageNet-val restricted to ImageNet-O's 200
+    classes); a warning if some are absent, an error if all are.
+    limit: keep the first N items (sorted by class folder, then file name); N must be >= 1.
+
+    Attributes: ``samples`` [(path, target)], ``targets`` LongTensor, ``classes`` (the class
+    folders with files), ``class_subset`` (None here; the 1k indices of the classes for A/R/O).
+    """
+
+    name = "image folder"
+    layout = "<root>/<class>/<image>"
+    class_subset: Optional[torch.Tensor] = None
+
+    def __init__(self, root: PathLike, transform: Optional[Callable] = None,
+                 class_index: Optional[Dict[str, int]] = None, limit: Optional[int] = None,
+                 classes: Optional[Iterable[str]] = None):
+        self.root = Path(root)
+        self.transform = transform if transform is not None else to_float_image
+        samples, self.classes = self._find(class_index if class_index is not None else _class_index(), classes)
+        self.samples = _apply_limit(samples, limit)
+
+    def _find(self, class_index, classes):
+        return _scan(self.root, self.name, self.layout, class_index, classes=classes)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return torch.tensor([t for _, t in self.samples], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _decode(self, path: Path):
+        return _decode_image(path)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            data = self._decode(path)
+        except Exception as error:  # any decoder failure: the item is skipped and counted, not fatal
+            warnings.warn(f"skipping unreadable file {str(path)!r}: {type(error).__name__}: {error}")
+            return None, target
+        return self.transform(data), target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r}, {len(self)} items, {len(self.classes)} classes)"
+
+
+class ImageNetVal(ImageFolderBenchmark):
+    """ImageNet-1k validation images sorted into wnid folders (``<root>/<wnid>/<image>``, e.g. by
+    ImageNet's valprep.sh); targets are 1k indices. ``classes`` restricts it to some wnids (the
+    in-distribution set of ImageNet-O)."""
+
+    name = "ImageNet-val"
+    layout = "<root>/<wnid>/<image>.JPEG"
+
+    def __init__(self, root: PathLike, transform: Optional[Callable] = None, limit: Optional[int] = None,
+                 classes: Optional[Iterable[str]] = None):
+        super().__init__(root, transform, limit=limit, classes=classes)
+
+
+class _SubsetBenchmark(ImageFolderBenchmark):
+    subset_name = ""
+
+    def _subset_wnids(self) -> List[str]:
+        raise NotImplementedError
+
+    def __init__(self, root: PathLike, transform: Optional[Callable] = None, limit: Optional[int] = None):
+        super().__init__(root, transform, limit=limit)
+
+    def _find(self, class_index, classes):
+        wnids = self._subset_wnids()
+        self.class_subset = torch.tensor(sorted(class_index[w] for w in wnids), dtype=torch.long)
+        return _scan(self.root, self.name, self.layout, class_index, allowed=wnids,
+                     allowed_name=f"{self.name}'s {len(wnids)} classes ({self.subset_name})")
+
+
+class ImageNetA(_SubsetBenchmark):
+    """ImageNet-A (``<root>/<wnid>/<image>``, 200 classes); targets are 1k indices and
+    ``class_subset`` holds the 200 1k indices to score on (``accuracy(logits, y, ds.class_subset)``).
+    A folder outside the 200 raises DatasetLayoutError."""
+
+    name = "ImageNet-A"
+    layout = "<root>/<wnid>/<image>.jpg"
+    subset_name = "timm's imagenet_a_synsets.txt"
+
+    def _subset_wnids(self):
+        return imagenet_a_wnids()
+
+
+class ImageNetR(_SubsetBenchmark):
+    """ImageNet-R (``<root>/<wnid>/<image>``, 200 classes), as :class:`ImageNetA` with its own 200."""
+
+    name = "ImageNet-R"
+    layout = "<root>/<wnid>/<image>.jpg"
+    subset_name = "timm's imagenet_r_synsets.txt"
+
+    def _subset_wnids(self):
+        return imagenet_r_wnids()
+
+
+class ImageNetO(ImageFolderBenchmark):
+    """ImageNet-O (``<root>/<wnid>/<image>``): anomalies whose folders are 200 ImageNet-1k wnids.
+    ``class_subset`` = the 1k indices of the folders present (see :func:`imagenet_o_wnids`): the
+    logits to take the max softmax over; ``classes`` = those wnids, for the in-distribution set
+    ``ImageNetVal(val_root, classes=o.classes)``. Targets are the folders' 1k indices."""
+
+    name = "ImageNet-O"
+    layout = "<root>/<wnid>/<image>.jpg"
+
+    def __init__(self, root: PathLike, transform: Optional[Callable] = None, limit: Optional[int] = None):
+        super().__init__(root, transform, limit=limit)
+        index = _class_index()
+        self.class_subset = torch.tensor(sorted(index[w] for w in self.classes), dtype=torch.long)
+
+
+def imagenet_c_contents(root: PathLike) -> Dict[str, List[int]]:
+    """{corruption: [severities present]} of an ImageNet-C folder, corruptions in the release's
+    order, a severity counted when its folder exists. Raises DatasetLayoutError if ``root`` is
+    missing, holds a folder that is not a corruption name, or holds no corruption at all."""
+    root = Path(root)
+    layout = "<root>/<corruption>/<severity 1..5>/<wnid>/<image>.JPEG"
+    _require_folder(root, "ImageNet-C", layout)
+    names = [f.name for f in _subfolders(root)]
+    unknown = [n for n in names if n not in metrics.IMAGENET_C_ALL]
+    if unknown:
+        hint = " They look like wnid (class) folders: is this ImageNet-val?" if all(re.fullmatch(r"n\d{8}", n) for n in unknown) else ""
+        raise DatasetLayoutError(f"ImageNet-C: folder(s) {', '.join(unknown[:5])} in {str(root)!r} are not corruption names; "
+                                 f"expected {layout} with corruptions from: {', '.join(metrics.IMAGENET_C_ALL)}.{hint}")
+    contents = {}
+    for name in metrics.IMAGENET_C_ALL:
+        if name in names:
+            contents[name] = [s for s in metrics.SEVERITIES if (root / name / str(s)).is_dir()]
+    if not contents:
+        raise DatasetLayoutError(f"ImageNet-C: no corruption folders in {str(root)!r}; expected {layout}")
+    return contents
+
+
+class ImageNetC(ImageFolderBenchmark):
+    """One corruption at one severity of ImageNet-C: ``<root>/<corruption>/<severity>/<wnid>/*.JPEG``
+    (224 x 224 images: use ``transform_for(cfg, resize=False)``); targets are 1k indices.
+    DatasetLayoutError says which corruptions/severities are present when the one asked for is not."""
+
+    name = "ImageNet-C"
+    layout = "<root>/<corruption>/<severity 1..5>/<wnid>/<image>.JPEG"
+
+    def __init__(self, root: PathLike, corruption: str, severity: int, transform: Optional[Callable] = None,
+                 limit: Optional[int] = None):
+        if corruption not in metrics.IMAGENET_C_ALL:
+            raise ValueError(f"unknown corruption {corruption!r}; valid: {', '.join(metrics.IMAGENET_C_ALL)}")
+        if isinstance(severity, bool) or severity not in metrics.SEVERITIES:
+            raise ValueError(f"severity must be an integer in 1..5; got {severity!r}")
+        contents = imagenet_c_contents(root)
+        if corruption not in contents:
+            raise DatasetLayoutError(f"ImageNet-C: no {corruption!r} folder in {str(root)!r}; found: "
+                                     f"{', '.join(contents)}. Expected {self.layout}")
+        if severity not in contents[corruption]:
+            raise DatasetLayoutError(f"ImageNet-C: no severity folder {str(Path(root) / corruption / str(severity))!r}; "
+                                     f"severities found for {corruption}: {contents[corruption] or 'none'}. Expected {self.layout}")
+        self.corruption, self.severity = corruption, severity
+        super().__init__(Path(root) / corruption / str(severity), transform, limit=limit)
+
+
+class ImageNetP(ImageFolderBenchmark):
+    """One perturbation of ImageNet-P: ``<root>/<perturbation>/<wnid>/<sequence>.mp4`` (or ``.npy``
+    arrays, uint8 (T, H, W, 3) or (T, 3, H, W)); item = (frames float (T, 3, H, W) in [0, 1],
+    1k target). ``transform`` receives the uint8 (T, 3, H, W) frames.
+
+    difficulty: 1..3. For the noise perturbations the harder sequences are separate videos in
+    ``<perturbation>_2`` and ``<perturbation>_3`` (as the release and ``lkfast.data.render`` lay
+    them out); for the others difficulty is the frame stride of the metrics (the same videos), kept
+    here as ``self.stride`` for ``lkfast.metrics.flip_probability``.
+    """
+
+    name = "ImageNet-P"
+    layout = "<root>/<perturbation>[_<difficulty>]/<wnid>/<sequence>.mp4"
+
+    def __init__(self, root: PathLike, perturbation: str, transform: Optional[Callable] = None,
+                 limit: Optional[int] = None, difficulty: int = 1):
+        if perturbation not in metrics.IMAGENET_P:
+            raise ValueError(f"unknown perturbation {perturbation!r}; valid: {', '.join(metrics.IMAGENET_P)}")
+        if isinstance(difficulty, bool) or difficulty not in (1, 2, 3):
+            raise ValueError(f"difficulty must be an integer in 1..3; got {difficulty!r}")
+        self.perturbation, self.difficulty = perturbation, difficulty
+        self.noise = perturbation in metrics.NOISE_PERTURBATIONS
+        self.stride = 1 if self.noise else difficulty
+        folder = perturbation if difficulty == 1 or not self.noise else f"{perturbation}_{difficulty}"
+        root = Path(root)
+        _require_folder(root, "ImageNet-P", self.layout)
+        if not (root / folder).is_dir():
+            present = [f.name for f in _subfolders(root)]
+            raise DatasetLayoutError(f"ImageNet-P: no folder {folder!r} in {str(root)!r}; found: "
+                                     f"{', '.join(present[:12]) or 'no folders'}. Expected {self.layout}")
+        super().__init__(root / folder, transform, limit=limit)
+
+    def _find(self, class_index, classes):
+        return _scan(self.root, self.name, self.layout, class_index, suffixes=SEQUENCE_SUFFIXES)
+
+    def _decode(self, path: Path):
+        return _decode_sequence(path)
+
+
+class ImageNet9(ImageFolderBenchmark):
+    """One ImageNet-9 variant of the backgrounds-challenge release: ``<root>/<variant>/val/<class>/*``;
+    targets 0..8 (IMAGENET9_CLASSES). Class folders named ``NN_<name>`` (the release's ``00_dog``
+    ... ``08_fish``) take their target from NN; otherwise there must be exactly 9 class folders,
+    numbered in sorted order (as the release's torchvision ImageFolder does). If ``root`` holds an
+    ``in_to_in9.json``, it is checked against :func:`imagenet9_class_map` (DatasetLayoutError if it
+    differs). Score 1000-class models with ``lkfast.metrics.imagenet9_accuracy``."""
+
+    name = "ImageNet-9"
+    layout = "<root>/<variant>/val/<class NN_name>/<image>"
+
+    def __init__(self, root: PathLike, variant: str, transform: Optional[Callable] = None,
+                 limit: Optional[int] = None):
+        if variant not in metrics.IMAGENET9_VARIANTS:
+            raise ValueError(f"unknown ImageNet-9 variant {variant!r}; valid: {', '.join(metrics.IMAGENET9_VARIANTS)}")
+        root = Path(root)
+        _require_folder(root, "ImageNet-9", self.layout)
+        self.variant = variant
+        self.map_checked = check_imagenet9_map(root)
+        folder = root / variant / "val"
+        if not folder.is_dir():
+            present = [f.name for f in _subfolders(root)]
+            hint = (f" {str(root / variant)!r} exists but has no 'val' folder." if (root / variant).is_dir() else "")
+            raise DatasetLayoutError(f"ImageNet-9: no folder {str(folder)!r}; variants found: {', '.join(present) or 'none'}."
+                                     f"{hint} Expected {self.layout}")
+        super().__init__(folder, transform, limit=limit)
+
+    def _find(self, class_index, classes):
+        names = [f.name for f in _subfolders(self.root)]
+        numbered = [re.match(r"(\d+)_", n) for n in names]
+        if names and all(numbered):
+            index = {n: int(m.group(1)) for n, m in zip(names, numbered)}
+            bad = [n for n, t in index.items() if not 0 <= t <= 8]
+            if bad or len(set(index.values())) != len(index):
+                raise DatasetLayoutError(f"ImageNet-9: class folders {', '.join(names)} in {str(self.root)!r} must be "
+                                         "numbered 00..08 once each (00_dog ... 08_fish)")
+        elif len(names) == 9:
+            index = {n: i for i, n in enumerate(names)}
+        else:
+            raise DatasetLayoutError(f"ImageNet-9: expected 9 class folders 00_dog ... 08_fish in {str(self.root)!r}; "
+                                     f"found {len(names)}: {', '.join(names[:9]) or 'none'}")
+        return _scan(self.root, self.name, self.layout, index)
+
+
+def collate_skipping(batch: Sequence[Tuple[Optional[torch.Tensor], int]]):
+    """DataLoader collate_fn for these readers: drops the items that could not be decoded
+    (image None) and returns ``(images, targets, n_skipped)``: images stacked (None if every
+    item was skipped), targets a LongTensor of the kept items, n_skipped an int to add to the
+    report's count of unreadable files."""
+    kept = [(x, t) for x, t in batch if x is not None]
+    skipped = len(batch) - len(kept)
+    targets = torch.tensor([t for _, t in kept], dtype=torch.long)
+    images = torch.stack([x for x, _ in kept]) if kept else None
+    return images, targets, skipped
+
+
+__all__ = ["DatasetLayoutError", "IMAGENET9_CLASSES", "IMAGENET9_WNIDS", "imagenet_classes", "imagenet_a_indices",
+           "imagenet_r_indices", "imagenet_a_wnids", "imagenet_r_wnids", "imagenet_o_wnids", "imagenet_o_indices",
+           "imagenet9_class_map", "check_imagenet9_map", "to_float_image", "transform_for", "ImageFolderBenchmark",
+           "ImageNetVal", "ImageNetA", "ImageNetR", "ImageNetO", "imagenet_c_contents", "ImageNetC", "ImageNetP",
+           "ImageNet9", "collate_skipping"]
