@@ -5,6 +5,7 @@
     replknet_31b, replknet_31l, replknet_xl, replknet_3b
 """
 from lkfast.models.factory import CheckpointError, create_model, extract_state_dict, load_checkpoint, read_checkpoint
+from lkfast.models.small import SMALL_MODELS, SYNTHETIC_MEAN, SYNTHETIC_STD  # registers the 64 px models
 from lkfast.models.replknet import OFFICIAL_CHECKPOINTS, RepLKNet, replknet_3b, replknet_31b, replknet_31l, replknet_xl
 
 __all__ = ["create_model", "load_checkpoint", "read_checkpoint", "extract_state_dict", "CheckpointError", "RepLKNet",

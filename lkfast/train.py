@@ -1,0 +1,316 @@
+"""``python -m lkfast.train``: train an image classifier by name on an ImageFolder dataset with a
+ConvNeXt/DeiT-style recipe built from timm's parts, resumable, on one process or under torchrun.
+
+    python -m lkfast.train replknet_tiny_k31 --data DIR --epochs 30 --out runs/k31
+    python -m lkfast.train convnext_tiny --kernel-sizes 31 --data /imagenet --input-size 224 --epochs 300
+    torchrun --nproc_per_node 2 -m lkfast.train resnet_tiny --data DIR --out runs/r
+
+DIR holds ``train/<class>/*`` and (optionally) ``val/<class>/*``. Each epoch ends with an atomic
+checkpoint ``OUT/last.pth`` (model, optimiser, EMA, epoch and the recipe); running the same command
+again resumes from it, and, because every epoch's randomness is seeded from (seed, epoch), a resumed
+run ends with the same weights as an uninterrupted one. At the end ``OUT/model.safetensors`` holds
+the weights to evaluate (the EMA weights when EMA is on) and ``OUT/summary.json`` the final
+accuracy. Large depthwise kernels run through lkfast's op (``lkfast.models.create_model(fast=True)``).
+
+The recipe, each part a flag: AdamW (``timm.optim.create_optimizer_v2``, no weight decay on norms
+and biases), cosine schedule with linear warm-up per step (``timm.scheduler.CosineLRScheduler``),
+label smoothing (``timm.loss``), mixup/cutmix (``timm.data.Mixup``), RandAugment and random resized
+crops (``timm.data.create_transform``), EMA of the weights (``timm.utils.ModelEmaV3``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+EXAMPLES = """examples:
+  python -m lkfast.train replknet_tiny_k31 --data ~/.cache/lkfast/synthetic/<key> --epochs 10 --out runs/k31
+  python -m lkfast.train convnext_tiny --kernel-sizes 31 --data /imagenet --input-size 224 --epochs 300 \\
+      --batch-size 128 --lr 4e-3 --mixup 0.8 --cutmix 1.0 --aa rand-m9-mstd0.5-inc1 --ema-decay 0.9999
+  python -m lkfast.train replknet_3b --data /imagenet --input-size 224 --out runs/3b   (the kernel ablation)
+  torchrun --nproc_per_node 2 -m lkfast.train resnet_tiny --data DIR --out runs/r   (DDP; gloo on the CPU)
+Running a command again with the same --out resumes from OUT/last.pth (--no-resume starts over)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lkfast.train", description=__doc__.split("\n\n")[0],
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model name: a RepLKNet name (replknet_31b, replknet_3b, replknet_tiny_k31, ...) "
+                                 "or any timm name (convnext_tiny, resnet50, ...)")
+    p.add_argument("--data", required=True, help="dataset root holding train/<class>/* and optionally val/<class>/*")
+    p.add_argument("--out", default=None, help="output folder for checkpoints (default: runs/<model>)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--opt", default="adamw", help="timm optimiser name (default adamw)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (0 turns it off)")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 off; ConvNeXt used 0.8)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 off; ConvNeXt used 1.0)")
+    p.add_argument("--mixup-prob", type=float, default=1.0)
+    p.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment); "
+                                              "default none")
+    p.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="random-resized-crop area range (default 0.08 1.0)")
+    p.add_argument("--hflip", type=float, default=0.5)
+    p.add_argument("--color-jitter", type=float, default=0.0)
+    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--ema-decay", type=float, default=0.0, help="EMA decay per step (0 off; e.g. 0.999)")
+    p.add_argument("--kernel-sizes", type=int, default=None, help="kernel size of every depthwise conv, for models "
+                                                                  "that take kernel_sizes (convnext_*)")
+    p.add_argument("--input-size", type=int, default=None, help="input side (default: the model's pretrained_cfg)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the number of class folders")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes per training process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-fast", action="store_true", help="plain nn.Conv2d instead of lkfast's op")
+    p.add_argument("--channels-last", action="store_true", help="train in channels_last memory format "
+                                                                "(often faster on the CPU)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pth exists")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _distributed() -> tuple:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("LKFAST_TRAIN_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _dataset(folder: Path, transform):
+    from torchvision.datasets import ImageFolder
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"lkfast.train: expected an ImageFolder at {folder} (one sub-folder per class)")
+    return ImageFolder(str(folder), transform=transform)
+
+
+def _make_model(args, num_classes: int) -> nn.Module:
+    from lkfast.models import create_model
+
+    kwargs = {"num_classes": num_classes}
+    if args.kernel_sizes is not None:
+        kwargs["kernel_sizes"] = args.kernel_sizes
+    if args.drop_path:
+        kwargs["drop_path_rate"] = args.drop_path
+    try:
+        model = create_model(args.model, fast=not args.no_fast, **kwargs)
+    except TypeError as error:
+        if args.kernel_sizes is not None and "kernel_sizes" in str(error):
+            raise SystemExit(f"lkfast.train: {args.model} does not take --kernel-sizes ({error})") from None
+        raise
+    return model.train()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device) -> float:
+    """Top-1 accuracy in percent of ``model`` on ``loader`` (summed over every process)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct[0] += (model(x).argmax(-1) == y).sum()
+        correct[1] += len(y)
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+    model.train(was_training)
+    return float(100.0 * correct[0] / correct[1].clamp(min=1))
+
+
+def train(argv=None) -> dict:
+    """Run ``python -m lkfast.train`` with the argument list ``argv``; returns the summary dict
+    (also written to OUT/summary.json): final val top-1 (``val_top1``, of the exported weights),
+    per-epoch mean training loss (``train_loss``), epochs, seconds, and the recipe."""
+    from timm.data import Mixup, create_transform, resolve_data_config
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+    from tqdm import tqdm
+
+    args = build_parser().parse_args(argv)
+    if args.epochs < 1:
+        raise SystemExit(f"lkfast.train: --epochs must be at least 1, got {args.epochs}")
+    rank, world = _distributed()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    data = Path(args.data).expanduser()
+    out = Path(args.out or f"runs/{args.model}")
+    train_dir, val_dir = data / "train", data / "val"
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir()) if train_dir.is_dir() else []
+    if not classes:
+        raise SystemExit(f"lkfast.train: no class folders in {train_dir}; expected DATA/train/<class>/<image>")
+    num_classes = args.num_classes or len(classes)
+
+    _seed_everything(args.seed)
+    model = _make_model(args, num_classes).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    config = resolve_data_config({}, model=model)
+    if args.input_size:
+        config["input_size"] = (3, args.input_size, args.input_size)
+    train_tf = create_transform(config["input_size"], is_training=True, scale=tuple(args.scale), hflip=args.hflip,
+                                color_jitter=args.color_jitter, auto_augment=args.aa,
+                                interpolation=config["interpolation"], mean=config["mean"], std=config["std"])
+    eval_tf = create_transform(config["input_size"], is_training=False, interpolation=config["interpolation"],
+                               mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"])
+    train_set = _dataset(train_dir, train_tf)
+    val_set = _dataset(val_dir, eval_tf) if val_dir.is_dir() else None
+    if train_set.classes != classes:
+        raise SystemExit("lkfast.train: class folders changed while reading")
+
+    steps_per_epoch = math.ceil(len(train_set) / (args.batch_size * world))
+    if args.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=args.min_lr,
+                                  warmup_t=int(args.warmup_epochs * steps_per_epoch), warmup_lr_init=args.lr * 1e-3,
+                                  warmup_prefix=True, t_in_epochs=False)
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      label_smoothing=args.smoothing, num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(args.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    history, start_epoch, elapsed = [], 0, 0.0
+    last = out / "last.pth"
+    if last.is_file() and not args.no_resume:
+        state = torch.load(last, map_location="cpu", weights_only=False)  # our own file, written below
+        if state["model_name"] != args.model or state["num_classes"] != num_classes:
+            raise SystemExit(f"lkfast.train: {last} holds a {state['model_name']} run with {state['num_classes']} "
+                             f"classes; use another --out or --no-resume")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        start_epoch, history, elapsed = state["epoch"], state["history"], state["seconds"]
+        if rank == 0 and not args.quiet:
+            print(f"lkfast.train: resuming {args.model} from {last} after epoch {start_epoch}", file=sys.stderr)
+    val_loader = None
+    if val_set is not None:
+        sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else SequentialSampler(val_set)
+        val_loader = DataLoader(val_set, batch_size=args.batch_size * 2, sampler=sampler, num_workers=args.workers)
+
+    started = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        epoch_seed = args.seed * 100_003 + epoch * 1_009 + rank
+        _seed_everything(epoch_seed)  # augmentation, mixup and drop-path draws: same on resume
+        if world > 1:
+            sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                            drop_last=len(train_set) >= args.batch_size * world * 2,
+                            generator=torch.Generator().manual_seed(epoch_seed),
+                            persistent_workers=False)
+        net.train()
+        total, count = 0.0, 0
+        bar = tqdm(total=min(len(loader), steps_per_epoch), desc=f"{args.model} epoch {epoch + 1}/{args.epochs}",
+                   disable=rank != 0 or args.quiet, leave=False, unit="batch")
+        for step, (x, y) in enumerate(loader):
+            if step >= steps_per_epoch:
+                break
+            x, y = x.to(device, memory_format=memory_format), y.to(device)
+            if mixup is not None:
+                x, y = mixup(x, y) if len(x) % 2 == 0 else (x, nn.functional.one_hot(y, num_classes).float())
+            loss = criterion(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step_update(epoch * steps_per_epoch + step + 1)
+            if ema is not None:
+                ema.update(model, step=epoch * steps_per_epoch + step + 1)
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / max(count, 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.close()
+        mean_loss = torch.tensor([total, count], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(mean_loss)
+        record = {"epoch": epoch + 1, "train_loss": float(mean_loss[0] / mean_loss[1].clamp(min=1))}
+        if val_loader is not None:
+            record["val_top1"] = evaluate(ema.module if ema is not None else model, val_loader, device)
+        history.append(record)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_save({"model_name": args.model, "num_classes": num_classes, "classes": classes,
+                          "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "ema": ema.module.state_dict() if ema is not None else None, "history": history,
+                          "seconds": elapsed + time.time() - started, "args": vars(args)}, last)
+            if not args.quiet:
+                line = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+                print(f"lkfast.train: {args.model}: {line}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.barrier()
+
+    final = ema.module if ema is not None else model
+    summary = {"model": args.model, "classes": classes, "epochs": args.epochs,
+               "train_loss": [h["train_loss"] for h in history],
+               "val_top1": history[-1].get("val_top1") if history else None,
+               "seconds": elapsed + time.time() - started, "world_size": world, "weights": "ema" if ema else "model",
+               "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "out", "quiet")}}
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        tmp = out / f"model.safetensors.tmp-{os.getpid()}"
+        save_file({k: v.detach().cpu().contiguous() for k, v in final.state_dict().items()}, str(tmp))
+        os.replace(tmp, out / "model.safetensors")
+        tmp = out / f"summary.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, out / "summary.json")
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def main(argv=None) -> int:
+    train(argv)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
