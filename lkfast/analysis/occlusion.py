@@ -66,7 +66,7 @@ def saliency_patch_mask(saliency: torch.Tensor, ratio: float, mode: str) -> torc
         raise ValueError("saliency_patch_mask: saliency must be non-negative with a positive sum for every image")
     values, order = flat.sort(dim=1)
     cumulative = (values / values.sum(1, keepdim=True)).cumsum(1)
-    tol = 1e-9  # cumulative sums of exact shares (e.g. 0.3) land a rounding error away from them
+    tol = 1e-6  # cumulative sums of exact shares (e.g. 0.3, given in float32) land a rounding error away
     chosen = cumulative > 1 - ratio + tol if mode == "salient" else cumulative <= ratio + tol
     mask = torch.zeros_like(chosen)
     mask.scatter_(1, order, chosen)
@@ -128,9 +128,10 @@ def dino_attention(vit: nn.Module, x: torch.Tensor, mean: Optional[Sequence[floa
     attn = last.attn
     n, length, dim = tokens.shape
     heads = attn.num_heads
-    q, k, _ = attn.qkv(tokens).reshape(n, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    head_dim = getattr(attn, "head_dim", dim // heads)
+    q, k, _ = attn.qkv(tokens).reshape(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    scale = getattr(attn, "scale", (dim // heads) ** -0.5)
+    scale = getattr(attn, "scale", head_dim ** -0.5)
     weights = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
     prefix = getattr(vit, "num_prefix_tokens", 1)
     cls_to_patches = weights[:, :, 0, prefix:].mean(1)

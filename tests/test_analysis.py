@@ -1,0 +1,327 @@
+"""lkfast.analysis: occlusion (exact drop counts, salient/non-salient on hand-made maps, DINO
+attention), lesion (what is removed, restoration), frequency sweep, kernel attention distance on
+hand-made kernels, feature variance (hooks), figures, bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+timm = pytest.importorskip("timm")
+
+from lkfast.analysis import (blocks_removed, channel_distances, dino_attention, dino_saliency, drop_masks,  # noqa: E402
+                             feature_map_variance, frequency_sweep, kernel_attention_distance, lesion_candidates,
+                             lesion_sweep, mask_saliency, occlude, occlusion_sweep, random_patch_mask,
+                             residual_blocks, saliency_patch_mask)
+from lkfast.analysis import plots  # noqa: E402
+from lkfast.models import RepLKNet  # noqa: E402
+from lkfast.ops import frequency_noise  # noqa: E402
+
+CLASSES = 4
+TINY = dict(large_kernel_sizes=[7, 5, 5, 3], layers=[1, 1, 3, 1], channels=[8, 8, 8, 8], small_kernel=3,
+            num_classes=CLASSES)
+
+
+def tiny_replknet(**kwargs):
+    torch.manual_seed(0)
+    model = RepLKNet(**dict(TINY, **kwargs))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def batch(n=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+# --- occlusion ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_random_drop_removes_exactly_the_asked_share(ratio):
+    mask = random_patch_mask(3, (14, 14), ratio, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (3, 14, 14)
+    assert mask.flatten(1).sum(1).tolist() == [round(ratio * 196)] * 3
+
+
+def test_occlude_zeroes_exactly_the_marked_patches():
+    x = torch.rand(2, 3, 32, 48) + 0.01
+    mask = torch.zeros(2, 2, 3, dtype=torch.bool)
+    mask[0, 1, 2] = True
+    mask[1, 0, 0] = True
+    out = occlude(x, mask, 16)
+    assert (out[0, :, 16:, 32:] == 0).all() and (out[1, :, :16, :16] == 0).all()
+    assert int((out == 0).sum()) == 2 * 3 * 16 * 16
+    assert torch.equal(out[0, :, :16], x[0, :, :16])
+
+
+def test_salient_and_non_salient_pick_the_right_patches():
+    # a 2x3 map with known shares; salient drops the top K of the mass, non-salient the bottom K
+    attention = torch.tensor([[0.05, 0.30, 0.10], [0.40, 0.00, 0.15]])[None]
+    def dropped(ratio, mode):
+        return sorted(tuple(i) for i in saliency_patch_mask(attention, ratio, mode)[0].nonzero().tolist())
+    assert dropped(0.4, "salient") == [(1, 0)]
+    assert dropped(0.7, "salient") == [(0, 1), (1, 0)]
+    assert dropped(0.3, "non_salient") == [(0, 0), (0, 2), (1, 1), (1, 2)]
+    assert dropped(0.1, "non_salient") == [(0, 0), (1, 1)]
+    assert dropped(0.0, "salient") == [] and len(dropped(1.0, "non_salient")) == 6
+    # scale does not matter (normalised), order does
+    torch.testing.assert_close(saliency_patch_mask(attention * 7, 0.7, "salient"), saliency_patch_mask(attention, 0.7, "salient"))
+
+
+def test_ground_truth_masks_drop_foreground_or_background():
+    masks = torch.zeros(1, 32, 32)
+    masks[0, :16, :16] = 1  # foreground = top-left patch (of 2x2), half of the top-right one
+    masks[0, :8, 16:] = 1
+    saliency = mask_saliency(masks, 16)
+    torch.testing.assert_close(saliency, torch.tensor([[[1.0, 0.5], [0.0, 0.0]]]))
+    x = torch.rand(1, 3, 32, 32)
+    salient = drop_masks(x, 0.6, "salient", saliency, from_masks=True, patch_size=16)
+    background = drop_masks(x, 0.8, "non_salient", saliency, from_masks=True, patch_size=16)
+    assert salient[0].tolist() == [[True, False], [False, False]]
+    assert background[0].tolist() == [[False, False], [True, True]]  # 2 of 2.5 background shares
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, embed_dim=32, num_heads=2,
+                             num_classes=CLASSES).eval()
+
+
+def test_dino_attention_matches_the_attention_weights():
+    vit = tiny_vit()
+    x = torch.rand(2, 3, 64, 64)
+    got = dino_attention(vit, x)
+    assert got.shape == (2, 4, 4)
+    captured = {}
+    attn = vit.blocks[-1].attn
+    attn.fused_attn = False  # timm's explicit path applies attn_drop to the softmax weights
+    handle = attn.attn_drop.register_forward_hook(lambda m, a, out: captured.__setitem__("w", out))
+    mean, std = torch.tensor(vit.pretrained_cfg["mean"]), torch.tensor(vit.pretrained_cfg["std"])
+    with torch.no_grad():
+        vit((x - mean[:, None, None]) / std[:, None, None])
+    handle.remove()
+    expected = captured["w"][:, :, 0, 1:].mean(1).reshape(2, 4, 4)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dino_saliency(vit)(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_occlusion_sweep_with_masks_and_attention():
+    model = tiny_replknet()
+    x, y = batch(4, 32)
+    masks = torch.zeros(4, 32, 32)
+    masks[:, 4:20, 4:28] = 1
+    result = occlusion_sweep(model, [(x, y, masks)], ratios=(0.25, 0.75), saliency="masks", patch_size=16)
+    assert result["dropped_fraction"]["random"] == [0.25, 0.75]
+    assert set(result["top1"]) == {"random", "salient", "non_salient"} and result["images"] == 4
+    with torch.no_grad():
+        mask = drop_masks(x, 0.75, "salient", mask_saliency(masks, 16), from_masks=True, patch_size=16)
+        expected = 100.0 * float((model(occlude(x, mask, 16)).argmax(1) == y).float().mean())
+    assert result["top1"]["salient"][1] == pytest.approx(expected)
+    vit = tiny_vit()
+    result = occlusion_sweep(model, [(torch.rand(2, 3, 64, 64), y[:2])], ratios=(0.5,), saliency=dino_saliency(vit))
+    assert result["grid"] == [4, 4] and result["saliency"] == "function"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ratios=(1.5,)), r"\[0, 1\]"),
+    (dict(ratios=(-0.1,)), r"\[0, 1\]"),
+    (dict(modes=("salient",)), "saliency"),
+    (dict(modes=("sideways",)), "unknown modes"),
+    (dict(patch_size=7), "multiple"),
+])
+def test_occlusion_bad_input(kwargs, message):
+    x, y = batch(2, 32)
+    with pytest.raises(ValueError, match=message):
+        occlusion_sweep(tiny_replknet(), [(x, y)], **{"modes": ("random",), **kwargs})
+
+
+# --- lesion ------------------------------------------------------------------------------------------
+
+def test_block_discovery_across_families():
+    assert [b.name for b in residual_blocks(tiny_replknet())] == [
+        "stages.0.pair0", "stages.1.pair0", "stages.2.pair0", "stages.2.pair1", "stages.2.pair2", "stages.3.pair0"]
+    assert residual_blocks(tiny_replknet())[0].modules == ("stages.0.blocks.0", "stages.0.blocks.1")
+    assert [b.stage for b in lesion_candidates(tiny_replknet(), "paper")] == [2, 2, 2]  # the widest stage
+    assert len(residual_blocks(tiny_vit())) == 2
+    assert len(residual_blocks(timm.create_model("test_convnext"))) == 9
+    resnet = timm.create_model("resnet18", num_classes=CLASSES)
+    assert [b.name for b in residual_blocks(resnet)] == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    with pytest.raises(ValueError, match="no residual blocks"):
+        residual_blocks(nn.Sequential(nn.Conv2d(3, 3, 3)))
+
+
+def test_blocks_removed_removes_those_blocks_and_restores_them():
+    model = tiny_replknet()
+    x, _ = batch(2, 32)
+    before = dict(model.named_modules())
+    with torch.no_grad():
+        reference = model(x)
+    block = residual_blocks(model)[3]
+    with blocks_removed(model, [block]):
+        assert all(isinstance(model.get_submodule(n), nn.Identity) for n in block.modules)
+        with torch.no_grad():
+            lesioned = model(x)
+            # the same as running the stage with that block's modules skipped by hand
+            h = x
+            for layer in model.stem:
+                h = layer(h)
+            for i, stage in enumerate(model.stages):
+                h = stage(h)
+                if i < 3:
+                    h = model.transitions[i](h)
+            assert torch.equal(model.forward_head(h), lesioned)
+    assert not torch.allclose(lesioned, reference)
+    with pytest.raises(RuntimeError):
+        with blocks_removed(model, residual_blocks(model)[:2]):
+            raise RuntimeError("failure inside")
+    after = dict(model.named_modules())
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference)
+
+
+def test_lesion_sweep_reports_what_it_removed():
+    model = tiny_replknet()
+    data = [batch(6, 32, seed=s) for s in range(2)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = lesion_sweep(model, data, counts=[1, 3], draws=3, seed=0)
+    assert result["fraction"] == [1 / 6, 3 / 6]
+    assert [len(r) for r in result["removed"][1]] == [3, 3, 3]
+    blocks = {b.name: b for b in residual_blocks(model)}
+    for draw, names in enumerate(result["removed"][1]):
+        assert len(set(names)) == 3
+        with blocks_removed(model, [blocks[n] for n in names]), torch.no_grad():
+            correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data)
+        assert result["draws"][1][draw] == pytest.approx(100.0 * correct / 12)
+    assert result["mean"][0] == pytest.approx(sum(result["draws"][0]) / 3)
+    assert result["min"][1] == min(result["draws"][1]) and result["max"][1] == max(result["draws"][1])
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # same weights, same keys
+    assert lesion_sweep(model, data[:1], counts=[1, 3], draws=3, seed=0)["removed"] == result["removed"]  # seeded
+    with pytest.raises(ValueError, match="0..6"):
+        lesion_sweep(model, data, counts=[7])
+    with pytest.raises(ValueError, match="draws"):
+        lesion_sweep(model, data, counts=[1], draws=0)
+
+
+# --- frequency -----------------------------------------------------------------------------------------
+
+def test_frequency_sweep_matches_direct_evaluation():
+    model = tiny_replknet()
+    x, y = batch(4, 32)
+    frequencies = (0.0, 0.5 * math.pi, math.pi)
+    result = frequency_sweep(model, [(x, y)], frequencies=frequencies, eps=0.2, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        clean = 100.0 * float((model(x).argmax(1) == y).float().mean())
+        for j, f in enumerate(frequencies):
+            noisy = frequency_noise(x, f, eps=0.2, generator=generator)
+            top1 = 100.0 * float((model(noisy).argmax(1) == y).float().mean())
+            assert result["top1"][j] == pytest.approx(top1)
+            assert result["drop"][j] == pytest.approx(clean - top1)
+    assert result["frequencies_over_pi"] == [0.0, 0.5, 1.0]
+    assert frequency_sweep(model, [(x, y)], frequencies=(0.5,), eps=0.0)["drop"] == [0.0]
+    with pytest.raises(ValueError, match=r"\[0, pi\]"):
+        frequency_sweep(model, [(x, y)], frequencies=(4.0,))
+    with pytest.raises(ValueError, match="eps"):
+        frequency_sweep(model, [(x, y)], eps=-0.1)
+
+
+# --- kernel attention distance ---------------------------------------------------------------------------
+
+def test_kernel_distance_on_hand_made_kernels():
+    k = 7
+    kernels = torch.zeros(4, 1, k, k)
+    kernels[0, 0, 3, 3] = 2.0          # all mass at the centre
+    kernels[1, 0, 0, 6] = -3.0         # all at a corner: the largest distance
+    kernels[2, 0, 3, 6] = 1.0          # at the middle of an edge: 1 / sqrt(2) of the corner's
+    kernels[3, 0, 3, 3] = kernels[3, 0, 6, 6] = 1.0  # half and half
+    distance, normalised = channel_distances(kernels)
+    torch.testing.assert_close(normalised, torch.tensor([0.0, 1.0, 1 / math.sqrt(2), 0.5], dtype=torch.float64))
+    torch.testing.assert_close(distance, torch.tensor([0.0, 3.0, 1 / math.sqrt(2), 1.0], dtype=torch.float64))
+    assert channel_distances(torch.zeros(1, 1, 5, 5))[1].tolist() == [0.0]
+    with pytest.raises(ValueError, match="odd"):
+        channel_distances(torch.ones(1, 1, 4, 4))
+
+
+def test_kernel_distance_on_models():
+    model = tiny_replknet()
+    result = kernel_attention_distance(model)
+    names = [layer["name"] for layer in result["layers"]]
+    assert names == ["stages.0.blocks.0.large_kernel", "stages.1.blocks.0.large_kernel", "stages.2.blocks.0.large_kernel",
+                     "stages.2.blocks.2.large_kernel", "stages.2.blocks.4.large_kernel", "stages.3.blocks.0.large_kernel"]
+    first = result["layers"][0]
+    assert first["stage"] == 0 and first["kernel_size"] == [7, 7] and len(first["normalized"]) == 8
+    assert first["normalized"] == sorted(first["normalized"])
+    merged = kernel_attention_distance(tiny_replknet().structural_reparam())
+    for a, b in zip(result["layers"], merged["layers"]):
+        assert a["normalized"] == pytest.approx(b["normalized"], rel=1e-5)
+        assert a["distance"] == pytest.approx(b["distance"], rel=1e-5)
+    convnext = kernel_attention_distance(timm.create_model("test_convnext"))
+    assert len(convnext["layers"]) == 9 and convnext["layers"][0]["kernel_size"] == [7, 7]
+    with pytest.raises(ValueError, match="no stride-1 depthwise"):
+        kernel_attention_distance(tiny_vit())
+
+
+# --- feature-map variance ---------------------------------------------------------------------------------
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_feature_variance_values_and_no_hook_left():
+    model = tiny_replknet()
+    x, _ = batch(2, 32)
+    result = feature_map_variance(model, x)
+    assert _hook_count(model) == 0
+    assert len(result["layers"]) == 12 and result["depth"][-1] == 1.0 and max(result["normalized"]) == 1.0
+    with torch.no_grad():
+        h = x
+        for layer in model.stem:
+            h = layer(h)
+        h = model.stages[0].blocks[0](h)
+    assert result["variance"][0] == pytest.approx(float(h.var(dim=(2, 3), unbiased=False).mean()), rel=1e-5)
+    vit = tiny_vit()
+    result = feature_map_variance(vit, torch.rand(2, 3, 64, 64))
+    assert len(result["layers"]) == 2 and _hook_count(vit) == 0
+
+
+def test_feature_variance_hooks_removed_after_an_error():
+    model = tiny_replknet()
+    model.stages[3].blocks[1].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("broken")))
+    with pytest.raises(RuntimeError, match="broken"):
+        feature_map_variance(model, batch(2, 32)[0])
+    assert _hook_count(model) == 0
+
+
+# --- figures --------------------------------------------------------------------------------------------
+
+def test_figures_are_written(tmp_path):
+    model = tiny_replknet()
+    x, y = batch(4, 32)
+    data = [(x, y, (x[:, 0] > 0.5).float())]
+    occ = occlusion_sweep(model, data, ratios=(0.5,), saliency="masks")
+    lesion = lesion_sweep(model, data, counts=[1], draws=2)
+    freq = frequency_sweep(model, data, frequencies=(0.0, math.pi))
+    kernels = kernel_attention_distance(model)
+    variance = feature_map_variance(model, x)
+    fgsm = {"eps": [0.1], "top1": [10.0]}
+    pgd = {"eps": [0.002], "top1": [20.0], "steps": [1, 5], "steps_top1": [30.0, 20.0], "num_steps": 5, "steps_eps": 0.006}
+    written = [
+        plots.plot_occlusion({"a": occ, "b": occ}, tmp_path / "fig4.png"),
+        plots.plot_occlusion_examples(x[0], {"random": drop_masks(x[:1], 0.5, "random")[0]}, tmp_path / "fig5.png"),
+        plots.plot_attacks({"a": fgsm}, {"a": pgd}, tmp_path / "fig6.png"),
+        plots.plot_lesion({"a": lesion}, tmp_path / "fig7.png"),
+        plots.plot_frequency({"a": freq}, tmp_path / "fig8.png"),
+        plots.plot_kernel_distance({"a": kernels}, tmp_path / "fig9.png"),
+        plots.plot_feature_variance({"a": variance}, tmp_path / "fig10.png"),
+    ]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    with pytest.raises(ValueError, match="no model results"):
+        plots.plot_lesion({}, tmp_path / "empty.png")

@@ -1,0 +1,212 @@
+"""lkfast.attacks: FGSM against its definition, PGD's constraints and effect, TAIG's integrated
+gradient (completeness), the sweeps over a loader, transfer success, RepLKNet folding, bad input."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lkfast.attacks import (fgsm, fgsm_sweep, frozen, integrated_gradients, pgd, pgd_sweep, reparameterized_for_attack,
+                            taig, transfer_success)
+from lkfast.models import RepLKNet
+from lkfast.nn import DepthwiseConv2d
+
+CLASSES = 5
+
+
+class Normalized(nn.Module):
+    """[0, 1] images in, normalisation inside (as the attacks expect)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+def small_net(seed=0, classes=CLASSES, act=nn.GELU):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), act(), DepthwiseConv2d(8, 7), act(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+    return Normalized(net).eval()
+
+
+def images(n=6, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def assert_untouched(model, mode):
+    assert all(p.grad is None for p in model.parameters()), "an attack left gradients on the parameters"
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad of the parameters was not restored"
+    assert model.training == mode
+
+
+def test_fgsm_is_its_definition():
+    model, (x, y) = small_net(), images()
+    eps = 0.03
+    xr = x.clone().requires_grad_(True)
+    reference = (x + eps * torch.autograd.grad(F.cross_entropy(model(xr), y), xr)[0].sign()).clamp(0, 1)
+    model.zero_grad(set_to_none=True)
+    adv = fgsm(model, x, y, eps)
+    assert torch.equal(adv, reference)
+    assert_untouched(model, mode=False)
+
+
+def test_attacks_leave_train_mode_and_parameters_alone():
+    model, (x, y) = small_net(), images()
+    model.train()
+    fgsm(model, x, y, 0.01)
+    pgd(model, x, y, 0.01, 0.005, 2)
+    taig(model, x, y, 0.01, steps=1, path_steps=2)
+    assert_untouched(model, mode=True)
+
+
+def test_pgd_stays_in_the_ball_and_raises_the_loss():
+    model, (x, y) = small_net(), images()
+    eps = 0.02
+    adv = pgd(model, x, y, eps, alpha=eps / 4, steps=5, generator=torch.Generator().manual_seed(0))
+    assert (adv - x).abs().max() <= eps + 1e-6
+    assert adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        clean_loss = F.cross_entropy(model(x), y, reduction="none")
+        adv_loss = F.cross_entropy(model(adv), y, reduction="none")
+    assert (adv_loss > clean_loss).all(), (clean_loss, adv_loss)
+    # seeded start: the same generator seed gives the same result
+    again = pgd(model, x, y, eps, alpha=eps / 4, steps=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(adv, again)
+    assert_untouched(model, mode=False)
+
+
+def test_pgd_without_random_start_from_the_image_edges():
+    model = small_net()
+    x = torch.zeros(2, 3, 16, 16)  # at the edge of [0, 1]: the projection must clip
+    y = torch.tensor([0, 1])
+    adv = pgd(model, x, y, 0.05, 0.02, 3, random_start=False)
+    assert adv.min() >= 0 and adv.max() <= 0.05 + 1e-6
+
+
+def test_integrated_gradients_completeness_improves_with_path_steps():
+    model, (x, y) = small_net(act=nn.Tanh), images(n=4)
+    with torch.no_grad():
+        expected = model(x).gather(1, y[:, None])[:, 0] - model(torch.zeros_like(x)).gather(1, y[:, None])[:, 0]
+    errors = [float((integrated_gradients(model, x, y, s).flatten(1).sum(1) - expected).abs().max()) for s in (2, 6, 24)]
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.05 * float(expected.abs().max()), (errors, expected)
+
+
+def test_taig_stays_in_the_ball_and_lowers_the_true_logit():
+    model, (x, y) = small_net(), images()
+    eps = 0.03
+    for random_path in (False, True):
+        adv = taig(model, x, y, eps, steps=4, path_steps=4, alpha=0.01, random_path=random_path,
+                   generator=torch.Generator().manual_seed(0))
+        assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+        with torch.no_grad():
+            before, after = model(x).gather(1, y[:, None]), model(adv).gather(1, y[:, None])
+        assert float((after - before).mean()) < 0
+    assert_untouched(model, mode=False)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x, y: fgsm(m, x, y, -0.1), "eps"),
+    (lambda m, x, y: pgd(m, x, y, -0.1, 0.01, 5), "eps"),
+    (lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 0), "steps"),
+    (lambda m, x, y: pgd(m, x, y, 0.1, 0.0, 5), "alpha"),
+    (lambda m, x, y: taig(m, x, y, 0.1, steps=0), "steps"),
+    (lambda m, x, y: taig(m, x, y, 0.1, path_steps=0), "steps"),
+    (lambda m, x, y: taig(m, x, y, -1.0), "eps"),
+    (lambda m, x, y: fgsm(m, x * 255, y, 0.1), r"\[0, 1\]"),
+    (lambda m, x, y: fgsm(m, x, y[:2], 0.1), "labels"),
+    (lambda m, x, y: fgsm(m, x[0], y, 0.1), r"\(N, C, H, W\)"),
+])
+def test_bad_input_is_refused(call, message):
+    model, (x, y) = small_net(), images()
+    with pytest.raises(ValueError, match=message):
+        call(model, x, y)
+
+
+def test_frozen_restores_requires_grad_after_an_error():
+    model = small_net()
+    model.net[0].weight.requires_grad_(False)  # a partly frozen model stays partly frozen
+    with pytest.raises(RuntimeError):
+        with frozen(model):
+            assert not any(p.requires_grad for p in model.parameters())
+            raise RuntimeError("boom")
+    assert [p.requires_grad for p in model.parameters()] == [False] + [True] * (len(list(model.parameters())) - 1)
+
+
+def loader(n_batches=2, seed=3):
+    return [images(n=4, seed=seed + i) for i in range(n_batches)]
+
+
+def test_sweeps_match_direct_evaluation():
+    model, data = small_net(), loader()
+    result = fgsm_sweep(model, data, eps_values=(0.0, 0.1))
+    x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    with torch.no_grad():
+        clean = 100.0 * float((model(x).argmax(1) == y).float().mean())
+        attacked = 100.0 * float((model(fgsm(model, x, y, 0.1)).argmax(1) == y).float().mean())
+    assert result["images"] == 8 and result["clean_top1"] == pytest.approx(clean)
+    assert result["top1"] == [pytest.approx(clean), pytest.approx(attacked)]
+    pgd_result = pgd_sweep(model, data, eps_values=(0.01,), steps=2, steps_values=(1, 2), steps_eps=0.01)
+    assert pgd_result["steps"] == [1, 2] and len(pgd_result["steps_top1"]) == 2
+    assert pgd_result["top1"][0] == pytest.approx(pgd_result["steps_top1"][1])  # same attack, same seed
+    with pytest.raises(ValueError, match="eps"):
+        fgsm_sweep(model, data, eps_values=(-0.1,))
+
+
+def test_transfer_success_counts_only_images_the_target_got_right():
+    surrogate, target, data = small_net(seed=0), small_net(seed=1), loader()
+    result = transfer_success(surrogate, {"t": target}, data, eps_values=(0.05,), steps=2, path_steps=2, alpha=0.02)["t"]
+    x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    generator = torch.Generator().manual_seed(0)
+    adv = torch.cat([taig(surrogate, bx, by, 0.05, steps=2, path_steps=2, alpha=0.02, random_path=True,
+                          generator=generator) for bx, by in data])
+    with torch.no_grad():
+        clean_ok, adv_ok = target(x).argmax(1) == y, target(adv).argmax(1) == y
+    expected = 100.0 * float((clean_ok & ~adv_ok).sum()) / max(1, int(clean_ok.sum()))
+    assert result["success_rate"][0] == pytest.approx(expected)
+    assert result["adv_error"][0] == pytest.approx(100.0 * float((~adv_ok).float().mean()))
+
+
+def test_transfer_refuses_a_target_with_other_classes():
+    with pytest.raises(ValueError, match="classes"):
+        transfer_success(small_net(), {"t": small_net(classes=7)}, loader(1), eps_values=(0.03,), steps=1, path_steps=1)
+
+
+TINY = dict(large_kernel_sizes=[7, 5, 5, 3], layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], small_kernel=3,
+            num_classes=CLASSES)
+
+
+def tiny_replknet():
+    torch.manual_seed(0)
+    model = RepLKNet(**TINY)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return Normalized(model).eval()
+
+
+def test_reparameterized_copy_attacks_alike_and_leaves_the_original():
+    model = tiny_replknet()
+    x, y = images(n=2, size=32)
+    fused = reparameterized_for_attack(model, x)
+    assert fused is not model
+    assert hasattr(model.net.stages[0].blocks[0].large_kernel, "lkb_origin")  # original unmerged
+    assert not hasattr(fused.net.stages[0].blocks[0].large_kernel, "lkb_origin")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.net.stem.modules())  # conv-BN folded
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+    a, b = fgsm(model, x, y, 0.01), fgsm(fused, x, y, 0.01)
+    assert float((a != b).float().mean()) < 0.01  # sign flips only where the gradient is ~0
+    assert_untouched(model, mode=False)
+    plain = small_net()
+    assert reparameterized_for_attack(plain, x) is plain
+    with pytest.raises(ValueError, match="eval"):
+        reparameterized_for_attack(model.train(), x)
