@@ -51,9 +51,9 @@ def test_imagenet9_accuracy_unmapped_prediction_is_wrong():
     class_map[0], class_map[1], class_map[2] = 0, 0, 1
     logits = torch.tensor([[0, 5.0, 0, 0, 0, 0],     # -> class 1 -> in9 0: right
                            [0, 0, 5.0, 0, 0, 0],     # -> class 2 -> in9 1: wrong (target 0)
-                           [0, 0, 0, 0, 5.0, 0],     # -> class 4 -> unmapped: wrong
+                           [0, 0, 0, 0, 5.0, 0],     # -> class 4 -> unmapped: wrong (even for target 0)
                            [0, 0, 5.0, 0, 0, 0]])    # -> in9 1: right
-    targets = torch.tensor([0, 0, 1, 1])
+    targets = torch.tensor([0, 0, 0, 1])
     assert M.imagenet9_accuracy(logits, targets, class_map) == pytest.approx(50.0)
     nine = torch.eye(9)[[0, 3, 8]]
     assert M.imagenet9_accuracy(nine, torch.tensor([0, 3, 7]), class_map) == pytest.approx(200 / 3)

@@ -1,0 +1,300 @@
+"""lkfast.data's benchmark readers on tiny fake datasets in every release layout, made here."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lkfast import metrics
+from lkfast.data import (DatasetLayoutError, ImageNet9, ImageNetA, ImageNetC, ImageNetO, ImageNetP, ImageNetR,
+                         ImageNetVal, check_imagenet9_map, collate_skipping, imagenet9_class_map,
+                         imagenet_a_indices, imagenet_c_contents, imagenet_classes, imagenet_o_indices,
+                         imagenet_r_indices, transform_for)
+from lkfast.data.imagenet import imagenet_a_wnids, imagenet_r_wnids
+
+WNIDS = imagenet_classes()
+
+
+def write_image(path, seed, size=(12, 10), suffix_format=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format=suffix_format)
+    return path
+
+
+def image_folder(root, wnids, per_class=2, ext=".JPEG"):
+    for c, wnid in enumerate(wnids):
+        for i in range(per_class):
+            write_image(root / wnid / f"img{i}{ext}", seed=100 * c + i)
+    return root
+
+
+# ----------------------------------------------------------------------------- class lists
+
+def test_imagenet9_class_map_is_the_release_map():
+    m = imagenet9_class_map()
+    assert m.shape == (1000,) and m.dtype == torch.long
+    expected = torch.full((1000,), -1)
+
+    def put(ranges, cls):
+        for lo, hi in ranges:
+            expected[lo:hi + 1] = cls
+
+    put([(151, 170), (173, 268)], 0)                       # dog, 151-268 except 171-172
+    put([(7, 24), (87, 100), (127, 146)], 1)               # bird
+    put([(33, 68)], 3)                                     # reptile
+    put([(269, 280), (286, 299), (356, 362), (387, 388)], 4)  # carnivore
+    put([(300, 326)], 5)                                   # insect
+    put([(365, 384)], 7)                                   # primate
+    put([(0, 6), (389, 397)], 8)                           # fish
+    scattered = (m == 2) | (m == 6)                        # vehicle and instrument: scattered indices
+    assert torch.equal(m[~scattered], expected[~scattered])
+    assert bool((expected[scattered] == -1).all())
+    assert int((m == 2).sum()) == 42 and int((m == 6).sum()) == 26 and int((m == -1).sum()) == 630
+    # a few members named by ImageNet's lemmas: ambulance, beach wagon / accordion, violin
+    assert [int(m[i]) for i in (407, 436, 401, 889)] == [2, 2, 6, 6]
+
+
+def test_check_imagenet9_map(tmp_path):
+    assert check_imagenet9_map(tmp_path) is False
+    release = {str(i): int(v) for i, v in enumerate(imagenet9_class_map())}
+    (tmp_path / "in_to_in9.json").write_text(json.dumps(release))
+    assert check_imagenet9_map(tmp_path) is True
+    release["407"] = 5
+    (tmp_path / "in_to_in9.json").write_text(json.dumps(release))
+    with pytest.raises(DatasetLayoutError, match=r"407: 5 \(release: 2\)"):
+        check_imagenet9_map(tmp_path)
+    del release["407"]
+    (tmp_path / "in_to_in9.json").write_text(json.dumps(release))
+    with pytest.raises(DatasetLayoutError, match="no entry for 1"):
+        check_imagenet9_map(tmp_path)
+
+
+def test_imagenet_a_and_r_class_lists():
+    a, r = imagenet_a_indices(), imagenet_r_indices()
+    assert a.shape == r.shape == (200,) and not torch.equal(a, r)
+    for indices, wnids in ((a, imagenet_a_wnids()), (r, imagenet_r_wnids())):
+        assert indices.unique().numel() == 200 and bool((indices.diff() > 0).all())
+        assert [WNIDS[i] for i in indices] == wnids
+    assert WNIDS[0] == "n01440764" and len(WNIDS) == 1000
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def test_imagenet_val_targets_order_and_limit(tmp_path):
+    wnids = [WNIDS[7], WNIDS[3]]
+    root = image_folder(tmp_path / "val", wnids, per_class=3)
+    write_image(root / WNIDS[3] / "extra.png", seed=9, suffix_format="PNG")
+    (root / WNIDS[3] / "notes.txt").write_text("not an image")
+    ds = ImageNetVal(root)
+    assert len(ds) == 7 and ds.classes == [WNIDS[3], WNIDS[7]]   # sorted folders (n01... < n01...)
+    assert ds.targets.tolist() == [3] * 4 + [7] * 3
+    assert [p.name for p, _ in ds.samples[:4]] == ["extra.png", "img0.JPEG", "img1.JPEG", "img2.JPEG"]
+    image, target = ds[1]
+    assert target == 3 and image.shape == (3, 10, 12) and image.dtype == torch.float32
+    expected = torch.from_numpy(np.array(Image.open(ds.samples[1][0]).convert("RGB"))).permute(2, 0, 1) / 255
+    assert torch.equal(image, expected)
+    limited = ImageNetVal(root, limit=5)
+    assert limited.samples == ds.samples[:5]
+    with pytest.raises(ValueError, match="positive integer"):
+        ImageNetVal(root, limit=0)
+
+
+def test_layout_errors(tmp_path):
+    with pytest.raises(DatasetLayoutError, match=r"does not exist.*<root>/<wnid>/<image>"):
+        ImageNetVal(tmp_path / "missing")
+    loose = tmp_path / "loose"
+    write_image(loose / "a.JPEG", 0)
+    with pytest.raises(DatasetLayoutError, match=r"1 file\(s\) directly in it \(a.JPEG"):
+        ImageNetVal(loose)
+    unknown = image_folder(tmp_path / "unknown", [WNIDS[0], "cats", "dogs"], per_class=1)
+    with pytest.raises(DatasetLayoutError, match=r"2 of 3 folder\(s\).*cats, dogs.*n01440764"):
+        ImageNetVal(unknown)
+    c_root = image_folder(tmp_path / "c", ["snow", "fog"], per_class=1)
+    with pytest.raises(DatasetLayoutError, match="look like ImageNet-C"):
+        ImageNetVal(c_root)
+    empty = tmp_path / "empty"
+    (empty / WNIDS[0]).mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="no files with suffix"):
+        ImageNetVal(empty)
+
+
+def test_imagenet_a_and_r_subsets(tmp_path):
+    a_wnids = imagenet_a_wnids()[:2]
+    ds = ImageNetA(image_folder(tmp_path / "a", a_wnids))
+    assert torch.equal(ds.class_subset, imagenet_a_indices())
+    assert set(ds.targets.tolist()) == {WNIDS.index(w) for w in a_wnids}
+    logits = torch.zeros(len(ds), 1000)
+    logits[:, 0] = 10.0                                     # class 0 (tench) is outside ImageNet-A's 200
+    logits[torch.arange(len(ds)), ds.targets] = 1.0         # the true class is the best of the 200
+    assert metrics.accuracy(logits, ds.targets) == 0.0
+    assert metrics.accuracy(logits, ds.targets, ds.class_subset) == 100.0
+    outside = next(w for w in WNIDS if w not in set(imagenet_a_wnids()))
+    image_folder(tmp_path / "a", [outside], per_class=1)
+    with pytest.raises(DatasetLayoutError, match=f"{outside}.*ImageNet-A's 200 classes"):
+        ImageNetA(tmp_path / "a")
+    r = ImageNetR(image_folder(tmp_path / "r", imagenet_r_wnids()[-1:]))
+    assert torch.equal(r.class_subset, imagenet_r_indices()) and r.targets.tolist() == [int(imagenet_r_indices()[-1])] * 2
+
+
+def test_imagenet_o_and_its_in_distribution_set(tmp_path):
+    o_wnids = [WNIDS[5], WNIDS[900]]
+    o = ImageNetO(image_folder(tmp_path / "o", o_wnids))
+    assert o.class_subset.tolist() == [5, 900] and o.classes == o_wnids
+    assert torch.equal(imagenet_o_indices(tmp_path / "o"), o.class_subset)
+    val = image_folder(tmp_path / "val", [WNIDS[5], WNIDS[6], WNIDS[900]])
+    inside = ImageNetVal(val, classes=o.classes)
+    assert inside.classes == o_wnids and set(inside.targets.tolist()) == {5, 900}
+    with pytest.warns(UserWarning, match="1 of the 2 requested"):
+        ImageNetVal(val, classes=[WNIDS[5], WNIDS[7]])
+    with pytest.raises(DatasetLayoutError, match="none of the 1 requested"):
+        ImageNetVal(val, classes=[WNIDS[8]])
+
+
+# ----------------------------------------------------------------------------- ImageNet-C
+
+def make_imagenet_c(root):
+    for corruption, severities in (("snow", (1, 3)), ("speckle_noise", (5,))):
+        for s in severities:
+            image_folder(root / corruption / str(s), [WNIDS[1], WNIDS[2]], per_class=1)
+    return root
+
+
+def test_imagenet_c_reader_and_contents(tmp_path):
+    root = make_imagenet_c(tmp_path / "c")
+    assert imagenet_c_contents(root) == {"snow": [1, 3], "speckle_noise": [5]}
+    ds = ImageNetC(root, "snow", 3, transform=transform_for({"input_size": (3, 224, 224)}, resize=False))
+    assert len(ds) == 2 and ds.targets.tolist() == [1, 2]
+    assert ds[0][0].shape == (3, 10, 12)
+    with pytest.raises(DatasetLayoutError, match=r"severities found for snow: \[1, 3\]"):
+        ImageNetC(root, "snow", 2)
+    with pytest.raises(DatasetLayoutError, match="found: snow, speckle_noise"):
+        ImageNetC(root, "fog", 1)
+    with pytest.raises(ValueError, match="unknown corruption 'sn0w'"):
+        ImageNetC(root, "sn0w", 1)
+    write_image(root / "snow" / "1" / "stray.JPEG", 0)
+    (root / "snow" / "1" / WNIDS[1]).rename(root / "snow" / "1" / "wrong")
+    with pytest.raises(DatasetLayoutError, match="wrong"):
+        ImageNetC(root, "snow", 1)
+
+
+def test_imagenet_c_layout_errors(tmp_path):
+    val_like = image_folder(tmp_path / "val", [WNIDS[0]], per_class=1)
+    with pytest.raises(DatasetLayoutError, match="not corruption names.*is this ImageNet-val"):
+        imagenet_c_contents(val_like)
+    flat = tmp_path / "flat"
+    write_image(flat / "snow" / "3" / "a.JPEG", 0)
+    with pytest.raises(DatasetLayoutError, match=r"1 file\(s\) directly in it"):
+        ImageNetC(flat, "snow", 3)
+    with pytest.raises(DatasetLayoutError, match="does not exist"):
+        ImageNetC(tmp_path / "nothing", "snow", 3)
+
+
+# ----------------------------------------------------------------------------- ImageNet-P
+
+def frames_for(seed, t=4, h=16, w=16):
+    # smooth frames, so that H.264 keeps them close
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    out = torch.stack([torch.stack([(xx * 8 + k * 20 + seed * 30) % 256, (yy * 8) % 256,
+                                    torch.full_like(xx, 40 * k + 10)]) for k in range(t)])
+    return out.to(torch.uint8)                                    # (T, 3, H, W)
+
+
+def test_imagenet_p_mp4_and_npy(tmp_path):
+    from lkfast.data import encode_mp4
+
+    root = tmp_path / "p"
+    clip = frames_for(0)
+    (root / "rotate" / WNIDS[4]).mkdir(parents=True)
+    (root / "rotate" / WNIDS[4] / "a.mp4").write_bytes(encode_mp4(clip, preset="ultrafast"))
+    np.save(root / "rotate" / WNIDS[4] / "b.npy", frames_for(1).permute(0, 2, 3, 1).numpy())   # (T, H, W, 3)
+    (root / "rotate" / WNIDS[9]).mkdir()
+    np.save(root / "rotate" / WNIDS[9] / "c.npy", frames_for(2).numpy())                     # (T, 3, H, W)
+    ds = ImageNetP(root, "rotate", difficulty=2)
+    assert len(ds) == 3 and ds.targets.tolist() == [4, 4, 9] and ds.stride == 2 and not ds.noise
+    video, target = ds[0]
+    assert target == 4 and video.shape == (4, 3, 16, 16) and video.dtype == torch.float32
+    assert (video - clip.float() / 255).abs().mean() < 0.02
+    assert torch.equal(ds[1][0], frames_for(1).float() / 255)
+    assert torch.equal(ds[2][0], frames_for(2).float() / 255)
+
+
+def test_imagenet_p_noise_difficulty_folders(tmp_path):
+    root = tmp_path / "p"
+    for folder in ("gaussian_noise", "gaussian_noise_3"):
+        (root / folder / WNIDS[0]).mkdir(parents=True)
+        np.save(root / folder / WNIDS[0] / f"{folder}.npy", frames_for(0).numpy())
+    hard = ImageNetP(root, "gaussian_noise", difficulty=3)
+    assert hard.samples[0][0].name == "gaussian_noise_3.npy" and hard.stride == 1 and hard.noise
+    with pytest.raises(DatasetLayoutError, match="no folder 'gaussian_noise_2'.*found: gaussian_noise, gaussian_noise_3"):
+        ImageNetP(root, "gaussian_noise", difficulty=2)
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        ImageNetP(root, "fog")
+
+
+# ----------------------------------------------------------------------------- ImageNet-9
+
+def test_imagenet9_reader(tmp_path):
+    root = tmp_path / "bg_challenge"
+    for variant in ("mixed_same", "mixed_rand"):
+        for cls in ("00_dog", "03_reptile", "08_fish"):
+            write_image(root / variant / "val" / cls / "x.JPEG", seed=len(cls))
+    ds = ImageNet9(root, "mixed_rand")
+    assert ds.targets.tolist() == [0, 3, 8] and ds.map_checked is False
+    (root / "in_to_in9.json").write_text(json.dumps({str(i): int(v) for i, v in enumerate(imagenet9_class_map())}))
+    assert ImageNet9(root, "mixed_same").map_checked is True
+    with pytest.raises(DatasetLayoutError, match="variants found: mixed_rand, mixed_same"):
+        ImageNet9(root, "only_fg")
+    with pytest.raises(ValueError, match="unknown ImageNet-9 variant"):
+        ImageNet9(root, "mixed")
+    (root / "original" / "val" / "dog").mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="expected 9 class folders"):
+        ImageNet9(root, "original")
+
+
+# ----------------------------------------------------------------------------- unreadable files, transforms
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path):
+    root = image_folder(tmp_path / "val", [WNIDS[0]], per_class=3)
+    (root / WNIDS[0] / "img1.JPEG").write_bytes(b"this is not a JPEG")
+    good = (root / WNIDS[0] / "img2.JPEG").read_bytes()
+    (root / WNIDS[0] / "img2.JPEG").write_bytes(good[: len(good) // 2])       # truncated
+    ds = ImageNetVal(root)
+    with pytest.warns(UserWarning, match="img1.JPEG"):
+        assert ds[1] == (None, 0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate_skipping)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images, targets, skipped = next(iter(loader))
+    assert skipped == 2 and images.shape == (1, 3, 10, 12) and targets.tolist() == [0]
+    assert sum("skipping unreadable file" in str(w.message) for w in caught) == 2
+    p_root = tmp_path / "p" / "scale" / WNIDS[0]
+    p_root.mkdir(parents=True)
+    (p_root / "bad.mp4").write_bytes(b"\x00" * 64)
+    np.save(p_root / "bad_dtype.npy", np.zeros((2, 4, 4, 3), dtype=np.float32))
+    p = ImageNetP(tmp_path / "p", "scale")
+    with pytest.warns(UserWarning) as caught:
+        batch = [p[0], p[1]]
+    assert ["bad.mp4" in str(w.message) for w in caught] == [True, False]
+    assert "bad_dtype.npy" in str(caught[1].message) and "float32" in str(caught[1].message)
+    images, targets, skipped = collate_skipping(batch)
+    assert images is None and targets.numel() == 0 and skipped == 2
+
+
+def test_transform_for_is_timm_eval_without_normalisation():
+    from timm.data import create_transform
+
+    config = {"input_size": (3, 24, 24), "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center",
+              "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    ours = transform_for(config)(image)
+    assert ours.shape == (3, 24, 24) and ours.dtype == torch.float32 and 0 <= ours.min() and ours.max() <= 1
+    normalised = create_transform(**config, is_training=False)(image)
+    mean, std = torch.tensor(config["mean"])[:, None, None], torch.tensor(config["std"])[:, None, None]
+    assert torch.allclose(ours, normalised * std + mean, atol=1e-5)
+    as_is = transform_for(config, resize=False)(image)
+    assert as_is.shape == (3, 40, 50)
+    with pytest.raises(ValueError, match="resolve_data_config"):
+        transform_for({"size": 224})
