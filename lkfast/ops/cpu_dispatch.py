@@ -1,0 +1,291 @@
+"""Backend choice on the CPU by measurement: lkfast's C++ kernel or PyTorch's best layout, per pass.
+
+Which of the two is faster depends on the machine: on an AVX-512 Xeon lkfast's forward is level
+with oneDNN's channels_last path at RepLKNet-31B's stage shapes, on an AVX2-only EPYC it ran at
+0.54-0.74x of it, while lkfast's weight gradient is 5-30x PyTorch's everywhere it was measured. So
+``auto`` decides each (pass, dtype, shape class) from measurements, in this order:
+
+1. **This machine's calibration** (the default, like ``torch.backends.cudnn.benchmark``): the first
+   call of a shape class times both candidates on tensors of the call's shape and layout (a few
+   interleaved rounds, stopping early when one is clearly faster) and caches the winner in
+   ``<cache>/cpu_dispatch.json`` (``<cache>`` = ``$LKFAST_CACHE`` or ``~/.cache/lkfast``). The
+   file is keyed by a fingerprint of the machine (CPU model, instruction set lkfast runs, thread
+   count, lkfast and torch versions): a file from another machine or version is stale and starts
+   afresh; a file that does not parse or fails its checksum is corrupt, reported with a warning and
+   rebuilt, never trusted.
+2. **The shipped table** ``cpu_table.json`` (measured per instruction set by
+   ``benchmarks/bench_depthwise.py``, nearest row in log kernel size, channels and map area) when
+   calibration is off (``LKFAST_CALIBRATE=0``), while ``torch.compile`` traces, or when the
+   measurement cannot run.
+3. **The built-in rule** when the table has no row for the instruction set: lkfast's kernel for
+   every pass in fp32/fp64, oneDNN for the fp16/bf16 forward (it has native half-precision paths).
+
+The input gradient is the forward convolution of the output gradient with the rotated kernel (same
+shapes, same cost), so it follows the forward's choice. Every choice comes with a sentence saying
+where it came from, which ``plan_for(..., explain=True)`` shows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+CANDIDATES = ("cpu", "torch")
+MEASURED_PASSES = ("forward", "weight_grad")  # the input gradient follows the forward
+SCHEMA = 1
+CACHE_NAME = "cpu_dispatch.json"
+TABLE_PATH = Path(__file__).with_name("cpu_table.json")
+OWN_FORWARD_DTYPES = (torch.float32, torch.float64)  # the built-in rule (3. above)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _bucket(n: int) -> int:
+    """The power of two at or above n: shapes in one bucket share a measurement."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def shape_class(x_shape, kh: int, kw: int, dtype: torch.dtype, channels_last: bool) -> tuple:
+    """(dtype, layout, kh, kw, N, C, H, W) with N, C, H, W rounded up to powers of two."""
+    n, c, h, w = (int(s) for s in x_shape)
+    layout = "channels_last" if channels_last else "nchw"
+    return (dtype_name(dtype), layout, int(kh), int(kw), _bucket(n), _bucket(c), _bucket(h), _bucket(w))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fingerprint() -> dict:
+    """What a calibration is valid for: the same CPU, instruction set, threads and versions."""
+    from lkfast import __version__, _ext
+
+    return {
+        "cpu": _cpu_model(),
+        "isa": _ext._C.cpu_isa() if _ext._C is not None else "none",
+        "threads": torch.get_num_threads(),
+        "lkfast": __version__,
+        "torch": torch.__version__,
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+    }
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LKFAST_CACHE") or Path.home() / ".cache" / "lkfast")
+
+
+def calibration_enabled() -> bool:
+    return os.environ.get("LKFAST_CALIBRATE", "1") != "0"
+
+
+def _checksum(entries: dict) -> str:
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def _key_text(key: tuple) -> str:
+    return "|".join(str(k) for k in key)
+
+
+@dataclasses.dataclass
+class Choice:
+    backend: str
+    source: str  # one sentence: where the choice came from
+
+
+class Calibration:
+    """The measured choices of one machine, kept in a JSON file (see the module docstring)."""
+
+    def __init__(self, path: Path, fingerprint: dict):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.entries: dict[str, dict] = {}
+        self.status = "new"  # new | loaded | stale | corrupt
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+                raise ValueError(f"schema {data.get('schema') if isinstance(data, dict) else None!r}, expected {SCHEMA}")
+            entries = data["entries"]
+            if not isinstance(entries, dict) or data.get("checksum") != _checksum(entries):
+                raise ValueError("checksum mismatch (partial or edited file)")
+            for value in entries.values():
+                if value.get("backend") not in CANDIDATES:
+                    raise ValueError(f"unknown backend {value.get('backend')!r}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            warnings.warn(f"lkfast: the CPU calibration cache {self.path} is corrupt ({error}); "
+                          "it will be measured again and rewritten", RuntimeWarning, stacklevel=3)
+            self.status = "corrupt"
+            return
+        if data.get("fingerprint") != self.fingerprint:
+            self.status = "stale"  # another machine, thread count or version: measure afresh
+            return
+        self.entries = entries
+        self.status = "loaded"
+
+    def get(self, key: tuple) -> Optional[dict]:
+        return self.entries.get(_key_text(key))
+
+    def put(self, key: tuple, entry: dict) -> None:
+        from lkfast.tables import write_text_atomic
+
+        with self._lock:
+            self.entries[_key_text(key)] = entry
+            data = {"schema": SCHEMA, "fingerprint": self.fingerprint, "entries": self.entries,
+                    "checksum": _checksum(self.entries)}
+            try:
+                write_text_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
+            except OSError as error:  # a read-only home: keep the choice for this process only
+                warnings.warn(f"lkfast: cannot write the CPU calibration cache {self.path} ({error}); "
+                              "set LKFAST_CACHE to a writable folder", RuntimeWarning, stacklevel=3)
+
+
+_calibration: Optional[Calibration] = None
+
+
+def calibration() -> Calibration:
+    """This process's calibration, opened on first use (and again if LKFAST_CACHE or the threads change)."""
+    global _calibration
+    path = cache_dir() / CACHE_NAME
+    fp = fingerprint()
+    if _calibration is None or _calibration.path != path or _calibration.fingerprint != fp:
+        _calibration = Calibration(path, fp)
+    return _calibration
+
+
+# --- the shipped table ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def table_lookup(isa: str, pass_: str, key: tuple, table: Optional[dict] = None) -> Optional[tuple[str, tuple]]:
+    """(backend, row key) of the nearest measured row with the same instruction set, pass, dtype
+    and layout, or None. Distance: sum of |log| differences of kh, kw, C and H*W."""
+    table = _load_table(str(TABLE_PATH)) if table is None else table
+    rows = [r for r in table.get(isa, {}).get("rows", [])
+            if r["pass"] == pass_ and tuple(r["key"][:2]) == tuple(key[:2])]
+    if not rows:
+        return None
+
+    def distance(row_key):
+        _, _, kh, kw, _, c, h, w = row_key
+        d = lambda a, b: abs(math.log(max(a, 1)) - math.log(max(b, 1)))  # noqa: E731
+        return d(kh, key[2]) + d(kw, key[3]) + d(c, key[5]) + d(h * w, key[6] * key[7])
+
+    best = min(rows, key=lambda r: distance(r["key"]))
+    return best["backend"], tuple(best["key"])
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: float = 3.0) -> dict[str, float]:
+    """Median seconds of each callable over interleaved rounds, after one warm-up call each; stops
+    after the warm-up when one candidate is ``clear_ratio`` times faster than every other (no need
+    to time a 1.5 s PyTorch weight gradient three more times to know a 50 ms kernel wins)."""
+    warm = {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        run()
+        warm[name] = time.perf_counter() - start
+    ordered = sorted(warm.values())
+    if len(ordered) > 1 and ordered[1] >= clear_ratio * ordered[0]:
+        return warm
+    from lkfast.timing import median, time_interleaved
+
+    times = time_interleaved(runs, rounds, warmup=0)
+    return {name: median(t) for name, t in times.items()}
+
+
+def _runs(x: torch.Tensor, weight: torch.Tensor, pass_: str) -> dict[str, Callable[[], None]]:
+    from lkfast.ops.backends import BACKENDS
+
+    kh, kw = weight.shape[-2:]
+    # Fresh tensors of the call's shape, dtype and layout: the call's own may be under autograd.
+    xs = torch.randn(x.shape, dtype=x.dtype).contiguous(
+        memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
+    ws = torch.randn(weight.shape, dtype=weight.dtype)
+    if pass_ == "forward":
+        return {name: (lambda b=BACKENDS[name]: b.forward(xs, ws, None, False)) for name in CANDIDATES}
+    go = torch.randn_like(xs)
+    return {name: (lambda b=BACKENDS[name]: b.weight_grad(go, xs, kh, kw)) for name in CANDIDATES}
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    from lkfast.ops.backends import output_memory_format
+
+    return output_memory_format(x) == torch.channels_last
+
+
+def _builtin(dtype: torch.dtype, pass_: str) -> Choice:
+    if pass_ == "weight_grad" or dtype in OWN_FORWARD_DTYPES:
+        return Choice("cpu", "built-in rule (no measurement for this case): lkfast's kernel")
+    return Choice("torch", f"built-in rule (no measurement for this case): oneDNN for the {dtype_name(dtype)} forward")
+
+
+def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Optional[bool] = None,
+           measure_fn: Callable = None) -> Choice:
+    """The faster of lkfast's kernel ("cpu") and PyTorch ("torch") for one pass ("forward",
+    "input_grad" or "weight_grad") of this call, with where the choice came from.
+
+    ``calibrate`` (default: ``LKFAST_CALIBRATE`` != "0") allows measuring on this machine;
+    ``measure_fn(runs) -> {name: seconds}`` replaces the timer (tests use fake timings)."""
+    if pass_ not in ("forward", "input_grad", "weight_grad"):
+        raise ValueError(f"unknown pass {pass_!r}; expected forward, input_grad or weight_grad")
+    measured_pass = "forward" if pass_ == "input_grad" else pass_
+    key = shape_class(x.shape, weight.shape[2], weight.shape[3], x.dtype, _is_channels_last(x))
+    calibrate = calibration_enabled() if calibrate is None else calibrate
+    if calibrate and torch.compiler.is_compiling():
+        calibrate = False  # no timing inside a trace: the table decides
+    if calibrate:
+        cal = calibration()
+        entry = cal.get((measured_pass,) + key)
+        if entry is None:
+            times = (measure_fn or measure)(_runs(x, weight, measured_pass))
+            winner = min(CANDIDATES, key=lambda n: times[n])
+            entry = {"backend": winner, "seconds": {n: float(times[n]) for n in CANDIDATES},
+                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            cal.put((measured_pass,) + key, entry)
+        ms = ", ".join(f"{n} {entry['seconds'][n] * 1e3:.2f} ms" for n in CANDIDATES)
+        return Choice(entry["backend"], f"calibrated on this machine ({ms}; {cal.path})")
+    fp_isa = fingerprint()["isa"]
+    found = table_lookup(fp_isa, measured_pass, key)
+    if found is not None:
+        backend, row = found
+        return Choice(backend, f"shipped {fp_isa} table, nearest measured row {row}")
+    return _builtin(x.dtype, measured_pass)
+
+
+__all__ = ["choose", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup",
+           "measure", "cache_dir", "calibration_enabled"]

@@ -1,0 +1,153 @@
+"""The CPU dispatch by measurement (lkfast.ops.cpu_dispatch): which backend a calibration picks,
+how its cache is keyed, and that a corrupt or stale cache is rebuilt. Timings are faked: tests
+check the dispatch logic, never speed."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from lkfast.ops import cpu_dispatch as cd
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
+    monkeypatch.setattr(cd, "_calibration", None)
+    return tmp_path / cd.CACHE_NAME
+
+
+def fake_timer(seconds, calls):
+    def measure(runs):
+        assert set(runs) == set(cd.CANDIDATES)
+        calls.append(sorted(runs))
+        return dict(seconds)
+    return measure
+
+
+def inputs(shape=(2, 16, 20, 20), k=7, dtype=torch.float32):
+    return torch.randn(shape, dtype=dtype), torch.randn(shape[1], 1, k, k, dtype=dtype)
+
+
+@pytest.mark.parametrize("seconds, expected", [({"cpu": 1e-3, "torch": 2e-3}, "cpu"),
+                                               ({"cpu": 3e-3, "torch": 2e-3}, "torch")])
+def test_calibration_picks_the_faster_and_caches_it(cache, seconds, expected):
+    x, w = inputs()
+    calls = []
+    choice = cd.choose(x, w, "forward", measure_fn=fake_timer(seconds, calls))
+    assert choice.backend == expected and "calibrated on this machine" in choice.source
+    assert len(calls) == 1
+    # the input gradient has the forward's cost: it reuses the forward's measurement
+    assert cd.choose(x, w, "input_grad", measure_fn=fake_timer({"cpu": 9, "torch": 0}, calls)).backend == expected
+    assert len(calls) == 1
+    # another shape in the same class (sizes rounded up to powers of two) reuses it too
+    x2, w2 = inputs((2, 15, 18, 19))
+    assert cd.choose(x2, w2, "forward", measure_fn=fake_timer({"cpu": 9, "torch": 0}, calls)).backend == expected
+    assert len(calls) == 1
+    # the weight gradient is measured on its own
+    assert cd.choose(x, w, "weight_grad", measure_fn=fake_timer({"cpu": 1, "torch": 5}, calls)).backend == "cpu"
+    assert len(calls) == 2
+    saved = json.loads(cache.read_text())
+    assert saved["fingerprint"] == cd.fingerprint() and len(saved["entries"]) == 2
+    # a new process (fresh Calibration object) reads the file instead of measuring again
+    cd._calibration = None
+    assert cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 9, "torch": 0}, calls)).backend == expected
+    assert len(calls) == 2
+
+
+def test_keys_separate_dtype_layout_kernel_and_size(cache):
+    x, w = inputs()
+    keys = {cd.shape_class(x.shape, 7, 7, torch.float32, False),
+            cd.shape_class(x.shape, 7, 7, torch.float64, False),
+            cd.shape_class(x.shape, 7, 7, torch.float32, True),
+            cd.shape_class(x.shape, 9, 7, torch.float32, False),
+            cd.shape_class((2, 16, 40, 40), 7, 7, torch.float32, False)}
+    assert len(keys) == 5
+
+
+def test_stale_cache_from_another_machine_is_measured_again(cache, monkeypatch):
+    x, w = inputs()
+    calls = []
+    cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 1, "torch": 2}, calls))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 977)  # another thread count: not the same machine
+    assert cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 2, "torch": 1}, calls)).backend == "torch"
+    assert len(calls) == 2
+    assert json.loads(cache.read_text())["fingerprint"]["threads"] == 977
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "edited", "bad_backend"])
+def test_corrupt_cache_is_detected_and_rebuilt(cache, damage):
+    x, w = inputs()
+    calls = []
+    cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 1, "torch": 2}, calls))
+    text = cache.read_text()
+    if damage == "truncate":
+        cache.write_text(text[: len(text) // 2])
+    elif damage == "garbage":
+        cache.write_bytes(b"\x00\xffnot json")
+    else:
+        data = json.loads(text)
+        entry = next(iter(data["entries"].values()))
+        if damage == "edited":  # a hand edit without the checksum: not trusted
+            entry["backend"] = "torch"
+        else:
+            entry["backend"] = "warp-drive"
+            data["checksum"] = cd._checksum(data["entries"])
+        cache.write_text(json.dumps(data))
+    cd._calibration = None
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        choice = cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 1, "torch": 2}, calls))
+    assert choice.backend == "cpu" and len(calls) == 2
+    data = json.loads(cache.read_text())  # rewritten whole and valid
+    assert data["checksum"] == cd._checksum(data["entries"])
+
+
+def test_calibration_off_uses_the_shipped_table_then_the_builtin_rule(cache, monkeypatch):
+    monkeypatch.setenv("LKFAST_CALIBRATE", "0")
+    x, w = inputs()
+    isa = cd.fingerprint()["isa"]
+    key = list(cd.shape_class(x.shape, 7, 7, torch.float32, False))
+    table = {isa: {"rows": [{"pass": "forward", "key": key, "backend": "torch"},
+                            {"pass": "forward", "key": key[:2] + [31, 31] + key[4:], "backend": "cpu"}]}}
+    monkeypatch.setattr(cd, "_load_table", lambda path: table)
+
+    def no_measuring(runs):
+        raise AssertionError("calibration is off: nothing may be measured")
+
+    choice = cd.choose(x, w, "forward", measure_fn=no_measuring)
+    assert choice.backend == "torch" and "shipped" in choice.source
+    x31, w31 = inputs(k=29)  # nearest row in log kernel size: the 31x31 one
+    assert cd.choose(x31, w31, "forward", measure_fn=no_measuring).backend == "cpu"
+    # no row for the weight gradient: the built-in rule (lkfast's kernel)
+    wg = cd.choose(x, w, "weight_grad", measure_fn=no_measuring)
+    assert wg.backend == "cpu" and "built-in" in wg.source
+    # fp16 forward has no row either: built-in rule keeps oneDNN's half-precision path
+    xh, wh = inputs(dtype=torch.float16)
+    assert cd.choose(xh, wh, "forward", measure_fn=no_measuring).backend == "torch"
+    assert not cache.exists()
+
+
+def test_measure_stops_early_only_when_one_is_clearly_faster(monkeypatch):
+    import lkfast.timing
+
+    ran = []
+    monkeypatch.setattr(lkfast.timing, "time_interleaved",
+                        lambda runs, rounds, warmup=0: ran.append(rounds) or {n: [1.0] * rounds for n in runs})
+    clock = iter([0.0, 0.001, 1.0, 1.5])  # warm-up: a takes 1 ms, b takes 500 ms
+    monkeypatch.setattr(cd.time, "perf_counter", lambda: next(clock))
+    assert cd.measure({"a": lambda: None, "b": lambda: None}) == pytest.approx({"a": 0.001, "b": 0.5})
+    assert ran == []
+    clock = iter([0.0, 0.010, 1.0, 1.012])  # 10 ms against 12 ms: not clear, time more rounds
+    monkeypatch.setattr(cd.time, "perf_counter", lambda: next(clock))
+    assert cd.measure({"a": lambda: None, "b": lambda: None}, rounds=3) == {"a": 1.0, "b": 1.0}
+    assert ran == [3]
+
+
+def test_real_measurement_runs_both_backends(cache):
+    pytest.importorskip("lkfast._C")
+    x, w = inputs((1, 16, 12, 12), k=5)
+    choice = cd.choose(x, w, "weight_grad")
+    entry = next(iter(json.loads(cache.read_text())["entries"].values()))
+    assert choice.backend in cd.CANDIDATES and set(entry["seconds"]) == set(cd.CANDIDATES)
+    assert all(s > 0 for s in entry["seconds"].values())
