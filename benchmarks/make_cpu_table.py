@@ -1,0 +1,112 @@
+"""Measure the CPU dispatch table shipped with lkfast (lkfast/ops/cpu_table.json), per instruction set.
+
+    python benchmarks/make_cpu_table.py [--isa avx512,avx2] [--out lkfast/ops/cpu_table.json]
+
+For each instruction set, a child process runs lkfast's own calibration
+(``lkfast.ops.cpu_dispatch.choose``, the same measurement a machine makes on first use) over the
+RepLKNet-31B and ConvNeXt stage shapes (batch 8 and 1, fp32 and bf16, NCHW and channels_last), with
+both sides capped to that instruction set: ``LKFAST_CPU_ISA`` caps lkfast's kernels and
+``ONEDNN_MAX_CPU_ISA`` caps PyTorch's oneDNN. The child checks that PyTorch honoured the cap by
+asking oneDNN which kernel it ran (``ONEDNN_VERBOSE``). The rows record the winner and both times;
+the file records the CPU it was measured on. Timing is wall clock on whatever else the machine is
+doing: run it on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ONEDNN_CAP = {"avx512": "AVX512_CORE_AMX", "avx2": "AVX2"}
+# (channels, map size, kernel): RepLKNet-31B's four stages at 224 px, then ConvNeXt-T's.
+SHAPES = [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13),
+          (96, 56, 7), (192, 28, 7), (384, 14, 7), (768, 7, 7)]
+BATCHES = (8, 1)
+DTYPES = ("float32", "bfloat16")
+LAYOUTS = ("nchw", "channels_last")
+
+CHILD = r"""
+import json, os, sys, subprocess, torch
+from lkfast.ops import cpu_dispatch as cd
+spec = json.loads(sys.argv[1])
+rows = []
+for dtype in spec["dtypes"]:
+    for layout in spec["layouts"]:
+        for n in spec["batches"]:
+            for c, s, k in spec["shapes"]:
+                x = torch.randn(n, c, s, s, dtype=getattr(torch, dtype))
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                w = torch.randn(c, 1, k, k, dtype=x.dtype)
+                for p in cd.MEASURED_PASSES:
+                    choice = cd.choose(x, w, p, calibrate=True)
+                    key = cd.shape_class(x.shape, k, k, x.dtype, layout == "channels_last")
+                    entry = cd.calibration().get((p,) + key)
+                    rows.append({"pass": p, "key": list(key), "backend": choice.backend,
+                                 "seconds": entry["seconds"], "shape": [n, c, s, s, k]})
+                    print(p, dtype, layout, n, c, s, k, choice.backend,
+                          {b: round(t * 1e3, 2) for b, t in entry["seconds"].items()}, flush=True)
+print("ROWS", json.dumps({"isa": cd.fingerprint()["isa"], "rows": rows}))
+"""
+
+ONEDNN_PROBE = r"""
+import torch, torch.nn.functional as F
+x = torch.randn(1, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+F.conv2d(x, torch.randn(64, 1, 7, 7), padding=3, groups=64)
+"""
+
+
+def onednn_isa(env: dict) -> str:
+    """The implementation oneDNN reports for a depthwise conv under ``env`` (e.g. 'jit:avx2')."""
+    out = subprocess.run([sys.executable, "-c", ONEDNN_PROBE], env=dict(env, ONEDNN_VERBOSE="1"),
+                         capture_output=True, text=True, check=True).stdout
+    impls = [line.split(",")[6] for line in out.splitlines()
+             if line.startswith("onednn_verbose") and ",exec," in line and "convolution" in line]
+    return impls[-1] if impls else "unknown (no oneDNN verbose output)"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--isa", default="avx512,avx2", help="comma list of avx512, avx2 (default both)")
+    parser.add_argument("--out", default=str(Path(__file__).parents[1] / "lkfast" / "ops" / "cpu_table.json"))
+    parser.add_argument("--quick", action="store_true", help="batch 8, fp32 only (a smoke run)")
+    args = parser.parse_args(argv)
+    spec = {"shapes": SHAPES, "batches": [8] if args.quick else list(BATCHES),
+            "dtypes": ["float32"] if args.quick else list(DTYPES), "layouts": list(LAYOUTS)}
+    table = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    for isa in args.isa.split(","):
+        if isa not in ONEDNN_CAP:
+            parser.error(f"unknown instruction set {isa!r}; choose from {', '.join(ONEDNN_CAP)}")
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, LKFAST_CPU_ISA=isa, ONEDNN_MAX_CPU_ISA=ONEDNN_CAP[isa],
+                       LKFAST_CACHE=cache, LKFAST_CALIBRATE="1")
+            onednn = onednn_isa(env)
+            print(f"== {isa}: lkfast capped by LKFAST_CPU_ISA={isa}, oneDNN by ONEDNN_MAX_CPU_ISA="
+                  f"{ONEDNN_CAP[isa]} -> oneDNN ran {onednn}", flush=True)
+            proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, text=True,
+                                  stdout=subprocess.PIPE, check=True)
+        result = None
+        for line in proc.stdout.splitlines():
+            if line.startswith("ROWS "):
+                result = json.loads(line[5:])
+            else:
+                print(line)
+        if result["isa"] != isa:
+            print(f"   this CPU cannot run {isa} (lkfast ran {result['isa']}): not recorded")
+            continue
+        from lkfast.ops.cpu_dispatch import _cpu_model
+
+        table[isa] = {"measured_on": f"{_cpu_model()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
+                      "onednn_implementation": onednn, "rows": result["rows"]}
+    Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
