@@ -1,0 +1,5 @@
+import sys
+
+from lkfast.eval.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""The result cache: one file per finished shard and one per finished task, written atomically.
+
+Layout under ``<out>/cache/``::
+
+    <model key>/<task>/<part>/<shard key>.pt     per-item records of one shard (torch.save of a dict)
+    <model key>/<task>/result.<options key>.json the task's metrics once every shard is done
+
+A model key names the model and the hash of its checkpoint; shard and options keys hash everything
+that changes the numbers (options, data folder, image range, record format). A killed run loses at
+most the shard in flight; a rerun loads what is there and computes only what is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from lkfast.tables import write_text_atomic
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hex digest of the JSON form of ``obj`` (keys sorted): equal inputs give equal keys across runs."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def file_hash(path: str, length: int = 16) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks), cut to ``length`` hex digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one path component: anything but letters, digits, '.', '-', '_' becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text) or "_"
+
+
+class ResultCache:
+    """Shard records and task results of one model under ``root`` (= ``<out>/cache/<model key>``)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def shard_path(self, task: str, part: str, key: str) -> Path:
+        return self.root / safe_name(task) / safe_name(part) / f"{key}.pt"
+
+    def load_shard(self, task: str, part: str, key: str) -> Optional[Dict[str, Any]]:
+        """The stored records of a shard, or None when it was never finished (or cannot be read)."""
+        path = self.shard_path(task, part, key)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a truncated file from a crash on a filesystem without atomic rename
+            return None
+
+    def save_shard(self, task: str, part: str, key: str, records: Dict[str, Any]) -> Path:
+        """Store a shard's records atomically (temporary file + rename)."""
+        path = self.shard_path(task, part, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(records, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def result_path(self, task: str, key: str) -> Path:
+        return self.root / safe_name(task) / f"result.{key}.json"
+
+    def load_result(self, task: str, key: str) -> Optional[Dict[str, Any]]:
+        path = self.result_path(task, key)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def save_result(self, task: str, key: str, result: Dict[str, Any]) -> Path:
+        return write_text_atomic(self.result_path(task, key), json.dumps(result, indent=1, sort_keys=True))

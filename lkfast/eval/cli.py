@@ -1,0 +1,165 @@
+"""``python -m lkfast.eval``: evaluate models on the paper's robustness benchmarks and write
+results.json, report.md, tables (markdown + CSV) and figures.
+
+With no ``--models`` and no data, the embedded default runs when ``lkfast.eval.default`` exists:
+``prepare_default(args)`` gets the parsed arguments and returns a dict with
+    "models":      list of ``lkfast.eval.ModelSpec`` to evaluate,
+    "data":        {source name: folder} in the layouts of ``lkfast.eval.sources``,
+    "class_space": a ``lkfast.eval.ClassSpace`` (None: ImageNet-1k),
+    "suite":       optional task names (default: the --suite given),
+    "baseline":    optional ``ModelSpec`` for ImageNet-P normalisation (default: none).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import warnings
+from typing import List, Optional
+
+from lkfast.eval import distributed as dist
+from lkfast.eval.models import ModelSpec
+from lkfast.eval.registry import SUITES, TASKS, resolve_suite
+from lkfast.eval.sources import SOURCE_NAMES, resolve_sources
+
+EXAMPLE = """examples:
+  python -m lkfast.eval --models replknet_31b:/ckpt/RepLKNet-31B_ImageNet-22K-to-1K_224.pth=RepLKNet-31B \\
+      --models resnet50:/ckpt/resnet50.pth --data-root /data/robustness --out runs/paper
+  python -m lkfast.eval --models convnext_tiny:/ckpt/ct.pth --suite clean,imagenet-a --imagenet-a-dir /data/imagenet-a \\
+      --val-dir /data/imagenet/val --limit 500 --dry-run
+  torchrun --nproc_per_node 8 -m lkfast.eval --models replknet_31b:/ckpt/31b.pth --data-root /data --device cuda --amp
+
+--data-root DIR holds any of: val/ imagenet-a/ imagenet-r/ imagenet-o/ imagenet-c/ imagenet-p/ imagenet-9/
+(each in its official layout; see lkfast/eval/sources.py). A task whose data is absent is skipped and the
+report says why; ImageNet-C/-P are generated from val/ with lkfast.corrupt when their folders are absent.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import lkfast.eval.tasks  # noqa: F401  (task names for --help)
+
+    p = argparse.ArgumentParser(prog="python -m lkfast.eval", description=__doc__.split("\n\n")[0],
+                                epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", action="append", default=[], metavar="NAME[:CKPT][=LABEL],...",
+                   help="models to evaluate: a RepLKNet or timm name, an optional local checkpoint after ':', an "
+                        "optional label after '='; comma list or repeated (e.g. replknet_31b:31b.pth=RepLKNet-31B)")
+    p.add_argument("--input-size", type=int, default=None, metavar="N",
+                   help="evaluate the --models at N x N pixels instead of their own input size (resize/crop scale "
+                        "with it; the baseline keeps its own)")
+    p.add_argument("--suite", default="paper",
+                   help=f"'paper' ({', '.join(SUITES['paper'])}), 'quick' ({', '.join(SUITES['quick'])}) or a comma "
+                        f"list of task names from: {', '.join(TASKS)} (default: paper)")
+    p.add_argument("--data-root", metavar="DIR", help="folder holding val/, imagenet-a/, ... (see below)")
+    for name in SOURCE_NAMES:
+        p.add_argument(f"--{name}-dir", metavar="DIR", help=f"the {name} folder (overrides --data-root/{name})")
+    p.add_argument("--out", default="lkfast-eval", metavar="DIR",
+                   help="output folder: results.json, report.md, tables/, figures/, cache/ (default: lkfast-eval)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading worker processes (default: min(8, CPU cores); 0 decodes in the main process)")
+    p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on the CPU")
+    p.add_argument("--channels-last", action="store_true", help="run the model in the channels_last memory format")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate only the first N images (sorted order) of each dataset, e.g. for a smoke test")
+    p.add_argument("--seed", type=int, default=0, help="seed of generated ImageNet-C/-P corruptions (default: 0)")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N",
+                   help="images per cached shard: an interrupted run loses at most one shard (default: 1000)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that pickle arbitrary Python objects (only for files you trust)")
+    p.add_argument("--baseline-model", default="alexnet", metavar="NAME[:CKPT]|none",
+                   help="torchvision model ImageNet-P's flip rates and relative mCE are normalised by (default: "
+                        "alexnet; without a local checkpoint the normalised values are omitted and the report says "
+                        "why), e.g. alexnet:/ckpt/alexnet-owt-7be5be79.pth; 'none' to skip")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (model x task, images, estimated time from a short measured throughput) "
+                        "and exit without evaluating")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _models(values: List[str]) -> List[ModelSpec]:
+    return [ModelSpec.parse(item) for value in values for item in value.split(",") if item.strip()]
+
+
+def _with_input_size(specs: List[ModelSpec], size: Optional[int]) -> List[ModelSpec]:
+    import dataclasses
+
+    if size is None:
+        return specs
+    if size < 8:
+        raise ValueError(f"--input-size must be at least 8 pixels, got {size}")
+    return [dataclasses.replace(s, input_size=size) for s in specs]
+
+
+def _no_input_message() -> str:
+    return ("lkfast.eval: nothing to evaluate: give --models and data, for example\n"
+            "  python -m lkfast.eval --models resnet50:/path/resnet50.pth --val-dir /path/imagenet/val "
+            "--suite clean --limit 1000\n"
+            "  python -m lkfast.eval --models replknet_31b:/path/31b.pth --data-root /path/robustness-data\n"
+            "See python -m lkfast.eval --help for the expected folder names.")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from lkfast.eval.runner import EvalError, EvalOptions, plan, run_evaluation
+    from lkfast.tables import markdown_table
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise EvalError(f"--device {device}: CUDA is not available here; use --device cpu")
+        if args.limit is not None and args.limit < 1:
+            raise EvalError(f"--limit must be a positive number of images (the first N of each dataset), got {args.limit}")
+        tasks = resolve_suite(args.suite)
+        models = _with_input_size(_models(args.models), args.input_size)
+        dirs = {name: getattr(args, name.replace("-", "_") + "_dir") for name in SOURCE_NAMES}
+        data = resolve_sources(args.data_root, dirs)
+        class_space, baseline = None, None
+        if args.baseline_model and args.baseline_model.lower() != "none":
+            baseline = ModelSpec.parse(args.baseline_model, source="torchvision")
+        if not models and not data:
+            if importlib.util.find_spec("lkfast.eval.default") is None:
+                print(_no_input_message(), file=sys.stderr)
+                return 2
+            from lkfast.eval.default import prepare_default
+
+            prepared = prepare_default(args)
+            models, data = list(prepared["models"]), dict(prepared["data"])
+            class_space = prepared.get("class_space")
+            if prepared.get("suite"):
+                tasks = tuple(prepared["suite"])
+            baseline = prepared.get("baseline")
+        if not models:
+            raise EvalError("no --models given (e.g. --models resnet50:/path/resnet50.pth)")
+        options = EvalOptions(out=args.out, data=data, device=device, batch_size=args.batch_size,
+                              workers=min(8, os.cpu_count() or 1) if args.workers is None else args.workers,
+                              amp=args.amp, channels_last=args.channels_last, limit=args.limit, seed=args.seed,
+                              shard_size=args.shard_size, trust_checkpoint=args.trust_checkpoint, baseline=baseline,
+                              class_space=class_space, progress=not args.no_progress)
+        dist.init(device)
+        if args.dry_run:
+            rows = plan(models, tasks, options)
+            if dist.is_main():
+                print(markdown_table(["model", "task", "images", "estimated minutes", "note"], rows,
+                                     caption=f"Plan ({dist.world_size()} process(es), device {device}); "
+                                             f"results go to {args.out}"))
+            return 0
+        results = run_evaluation(models, tasks, options)
+        if dist.is_main():
+            print(f"lkfast.eval: wrote {os.path.join(args.out, 'results.json')} and "
+                  f"{os.path.join(args.out, 'report.md')} ({len(models)} model(s), {len(tasks)} task(s))")
+        return 0
+    except (EvalError, ValueError, FileNotFoundError) as error:
+        print(f"lkfast.eval: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

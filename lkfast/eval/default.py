@@ -1,0 +1,176 @@
+"""The embedded default: what ``python -m lkfast.eval`` runs with no models and no data.
+
+``prepare_default(args)`` (the hook ``lkfast.eval.cli`` calls) makes sure that, under the cache
+folder (``lkfast.cache.cache_dir()``: ``$LKFAST_CACHE`` or ``~/.cache/lkfast``):
+
+1. the synthetic benchmark is built (``lkfast.data.synthetic``: train/val shape images with masks,
+   and imagenet-c/-p/-9/-r in the real benchmarks' layouts);
+2. the small models (``lkfast.models.small``: RepLKNet-style at kernel 31/13/7/3, ResNet, ViT) are
+   trained on it with ``python -m lkfast.train``'s recipe on this machine, through lkfast's op;
+3. imagenet-a (images the trained ResNet, the reference small-kernel model, gets wrong with high
+   confidence) and imagenet-o (held-out shapes) are built with that reference model;
+
+and returns the models, data folders, class space and suite for the eval. Every piece is a
+verified cache entry (``lkfast.cache``): a rerun reuses them, and a partial or altered file is
+rebuilt. A training run interrupted mid-way resumes from its last epoch.
+
+Settings live in ``DEFAULT`` (a ``DefaultSettings``); tests shrink it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from lkfast.cache import cache_dir, config_key, ensure_entry
+from lkfast.data import synthetic
+
+# (model name, label in the report), in report order; the reference model comes first in training.
+DEFAULT_MODELS: Tuple[Tuple[str, str], ...] = (
+    ("replknet_tiny_k31", "RepLKNet-tiny-k31"),
+    ("replknet_tiny_k13", "RepLKNet-tiny-k13"),
+    ("replknet_tiny_k7", "RepLKNet-tiny-k7"),
+    ("replknet_tiny_k3", "RepLKNet-tiny-k3"),
+    ("resnet_tiny", "ResNet-tiny"),
+    ("vit_tiny_p8", "ViT-tiny"),
+)
+REFERENCE_MODEL = "resnet_tiny"
+
+
+@dataclass(frozen=True)
+class DefaultSettings:
+    """What the embedded default builds. ``recipe`` is the argument list given to ``lkfast.train``
+    for every model (besides the model name, --data and --out)."""
+    data: synthetic.SyntheticConfig = synthetic.SyntheticConfig()
+    models: Tuple[Tuple[str, str], ...] = DEFAULT_MODELS
+    recipe: Tuple[str, ...] = ("--epochs", "6", "--batch-size", "64", "--lr", "2e-3", "--weight-decay", "0.05",
+                               "--warmup-epochs", "1", "--smoothing", "0.1", "--scale", "0.6", "1.0",
+                               "--hflip", "0.5", "--channels-last", "--seed", "0")
+    suite: str = "quick"          # the suite when the command line names none
+
+
+DEFAULT = DefaultSettings()
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def benchmark_root(settings: DefaultSettings = None) -> Path:
+    """Folder of the synthetic benchmark for ``settings`` (default ``DEFAULT``)."""
+    settings = settings or DEFAULT
+    return cache_dir() / "synthetic" / settings.data.key()
+
+
+def _model_key(name: str, settings: DefaultSettings) -> str:
+    from lkfast import __version__ as version
+
+    return config_key("model", name, list(settings.recipe), settings.data.key(), version)
+
+
+def ensure_model(name: str, settings: DefaultSettings = None, data_root: Optional[Path] = None) -> Path:
+    """Train ``name`` on the synthetic benchmark with ``settings.recipe`` unless a verified cached
+    copy exists; returns the path of its ``model.safetensors``. Training writes its checkpoints to a
+    work folder beside the entry, so an interrupted run resumes where it stopped."""
+    from lkfast.train import train
+
+    settings = settings or DEFAULT
+    data_root = data_root or benchmark_root(settings)
+    key = _model_key(name, settings)
+    entry = cache_dir() / "models" / f"{name}-{key}"
+    work = entry.with_name(entry.name + ".work")
+
+    def build(folder: Path) -> None:
+        _log(f"lkfast: training {name} on the synthetic benchmark (once; cached in {entry})")
+        train([name, "--data", str(data_root), "--out", str(work), *settings.recipe])
+        for file in ("model.safetensors", "summary.json"):
+            shutil.copy2(work / file, folder / file)
+
+    ensure_entry(entry, build, key, log=_log)
+    shutil.rmtree(work, ignore_errors=True)
+    return entry / "model.safetensors"
+
+
+def _load_trained(name: str, checkpoint: Path):
+    from lkfast.models import create_model
+
+    return create_model(name, checkpoint=str(checkpoint), num_classes=len(synthetic.CLASSES))
+
+
+def ensure_reference_sets(settings: DefaultSettings, reference_checkpoint: Path) -> Dict[str, Path]:
+    """imagenet-a and imagenet-o, selected with the reference model's weights (part of their key)."""
+    from lkfast.models import SYNTHETIC_MEAN, SYNTHETIC_STD
+
+    root = benchmark_root(settings)
+    weights = json.loads((reference_checkpoint.parent / ".lkfast-manifest.json").read_text())["files"][
+        "model.safetensors"]["sha256"]
+    key = config_key("reference-sets", settings.data.key(), REFERENCE_MODEL, weights)
+    model = None
+
+    def reference():
+        nonlocal model
+        if model is None:
+            model = _load_trained(REFERENCE_MODEL, reference_checkpoint)
+        return model
+
+    out = {}
+    out["imagenet-a"] = ensure_entry(root / "imagenet-a", lambda d: synthetic.build_imagenet_a(
+        d, settings.data, reference(), SYNTHETIC_MEAN, SYNTHETIC_STD), key, log=_log)
+    out["imagenet-o"] = ensure_entry(root / "imagenet-o", lambda d: synthetic.build_imagenet_o(
+        d, settings.data, reference(), SYNTHETIC_MEAN, SYNTHETIC_STD), key, log=_log)
+    return out
+
+
+def synthetic_class_space():
+    """The ``lkfast.eval.ClassSpace`` of the synthetic benchmark (ten shapes; ImageNet-9's nine are
+    the first nine, folders 00_circle ... 08_arrow)."""
+    from lkfast.eval.classes import ClassSpace
+
+    space = synthetic.class_space()
+    all_classes = tuple(range(len(space["classes"])))
+    return ClassSpace(name="synthetic shapes", class_names=tuple(space["classes"]),
+                      subsets={"imagenet-a": all_classes, "imagenet-r": all_classes},
+                      nine_map=tuple(space["in9_map"]), nine_names=tuple(synthetic.IN9_CLASSES))
+
+
+def prepare_default(args, settings: DefaultSettings = None) -> dict:
+    """Build (or reuse) the synthetic benchmark and the trained small models; returns the dict
+    ``lkfast.eval.cli`` expects: ``models`` (ModelSpecs with cached checkpoints), ``data``
+    ({source: folder}, plus ``masks``: val's foreground masks), ``class_space``, ``suite`` and
+    ``baseline`` (the reference ResNet-tiny normalises ImageNet-P and relative mCE, as AlexNet
+    does for ImageNet)."""
+    from lkfast.eval.models import ModelSpec
+    from lkfast.eval.registry import resolve_suite
+
+    settings = settings or DEFAULT
+    started = time.time()
+    root = benchmark_root(settings)
+    parts = synthetic.build_base(root, settings.data, log=_log)
+    checkpoints = {REFERENCE_MODEL: ensure_model(REFERENCE_MODEL, settings, root)}
+    parts.update(ensure_reference_sets(settings, checkpoints[REFERENCE_MODEL]))
+    for name, _ in settings.models:
+        if name not in checkpoints:
+            checkpoints[name] = ensure_model(name, settings, root)
+    num_classes = (("num_classes", len(synthetic.CLASSES)),)
+    models = [ModelSpec(name, str(checkpoints[name]), label, kwargs=num_classes) for name, label in settings.models]
+    baseline = ModelSpec(REFERENCE_MODEL, str(checkpoints[REFERENCE_MODEL]), "ResNet-tiny (baseline)",
+                         kwargs=num_classes)
+    suite = getattr(args, "suite", None)
+    if suite is None or (suite == "paper" and not _suite_on_command_line()):
+        suite = settings.suite
+    _log(f"lkfast: embedded default ready in {time.time() - started:.0f} s: synthetic benchmark in {root}, "
+         f"{len(models)} trained models")
+    data = {name: str(parts[name]) for name in ("val", "imagenet-a", "imagenet-r", "imagenet-o", "imagenet-c",
+                                                  "imagenet-p", "imagenet-9")}
+    data["masks"] = str(parts["val-masks"])
+    return {"models": models, "data": data, "class_space": synthetic_class_space(),
+            "suite": resolve_suite(suite), "baseline": baseline}
+
+
+def _suite_on_command_line() -> bool:
+    # The CLI's --suite defaults to "paper"; the embedded default runs "quick" unless --suite was typed.
+    return any(a == "--suite" or a.startswith("--suite=") for a in sys.argv[1:])

@@ -1,0 +1,136 @@
+"""Model specs as the command line gives them, and loading a model for evaluation.
+
+Every evaluated model is wrapped in ``Normalized``: it takes [0, 1] images and applies the model's
+own mean/std inside, so attacks and occlusion work in pixel space and every dataset hands over
+un-normalised tensors. Preprocessing (input size, crop, interpolation, mean/std) comes from the
+model's ``pretrained_cfg`` through ``timm.data.resolve_data_config``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from lkfast.eval.cache import file_hash, safe_name, stable_hash
+
+
+class Normalized(nn.Module):
+    """``model`` behind a (x - mean) / std layer: call it with [0, 1] images. ``.model`` is the inner net."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to evaluate.
+
+    name: a RepLKNet or timm name (``source="timm"``), or a torchvision name (``source="torchvision"``,
+        used for the AlexNet baseline). checkpoint: local weights file or None. label: the name in
+        results.json and the report (default: the name). kwargs: extra ``create_model`` arguments
+        (e.g. ``num_classes``) as (name, hashable value) pairs, part of the cache key.
+        input_size: evaluate at N x N instead of the model's own input size (``--input-size``).
+    """
+
+    name: str
+    checkpoint: Optional[str] = None
+    label: Optional[str] = None
+    source: str = "timm"
+    kwargs: Tuple[Tuple[str, Any], ...] = field(default=())
+    input_size: Optional[int] = None
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+    @classmethod
+    def parse(cls, text: str, source: str = "timm") -> "ModelSpec":
+        """``name[:checkpoint][=label]``, e.g. ``replknet_31b:/ckpt/31b.pth=RepLKNet-31B``.
+        Raises ValueError for an empty name or label, or a label starting with '_' (reserved)."""
+        text = text.strip()
+        label = None
+        if "=" in text:
+            text, label = text.rsplit("=", 1)
+            label = label.strip()
+            if not label or label.startswith("_"):
+                raise ValueError(f"--models: the label after '=' must be non-empty and not start with '_', got {label!r}")
+        name, _, checkpoint = text.partition(":")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"--models: expected name[:checkpoint][=label], got {text!r}")
+        return cls(name, checkpoint.strip() or None, label, source)
+
+    def key(self) -> str:
+        """Cache key: the name, the checkpoint's content hash and the extra arguments."""
+        weights = "random" if self.checkpoint is None else file_hash(self.checkpoint)
+        extra = "" if not self.kwargs else "-" + stable_hash(list(self.kwargs), 8)
+        extra += "" if self.input_size is None else f"-{self.input_size}px"
+        return safe_name(f"{self.source}-{self.name}-{weights}{extra}")
+
+
+def _torchvision_model(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Module, Dict[str, Any]]:
+    import torchvision
+
+    from lkfast.models import load_checkpoint
+
+    try:
+        model = torchvision.models.get_model(spec.name, weights=None, **dict(spec.kwargs))
+    except ValueError as error:
+        raise ValueError(f"baseline model {spec.name!r} is not a torchvision model ({error})") from None
+    if spec.checkpoint is not None:
+        load_checkpoint(model, spec.checkpoint, trust_checkpoint=trust_checkpoint)
+    preset = torchvision.models.get_model_weights(spec.name).DEFAULT.transforms()
+    crop, resize = preset.crop_size[0], preset.resize_size[0]
+    config = {"input_size": (3, crop, crop), "interpolation": preset.interpolation.value,
+              "mean": tuple(preset.mean), "std": tuple(preset.std), "crop_pct": crop / resize, "crop_mode": "center"}
+    return model.eval(), config
+
+
+def load_model(spec: ModelSpec, device: str = "cpu", trust_checkpoint: bool = False,
+               channels_last: bool = False) -> Tuple[Normalized, Dict[str, Any]]:
+    """The model of ``spec`` in eval mode on ``device``, wrapped in ``Normalized``, and its data
+    config (input_size, interpolation, mean, std, crop_pct, crop_mode).
+
+    Raises FileNotFoundError for a missing checkpoint, ``lkfast.models.CheckpointError`` for one that
+    does not fit, ValueError for an unknown name."""
+    import timm.data
+
+    if spec.checkpoint is not None and not os.path.isfile(spec.checkpoint):
+        raise FileNotFoundError(f"model {spec.display!r}: checkpoint not found: {spec.checkpoint!r}")
+    if spec.source == "torchvision":
+        model, config = _torchvision_model(spec, trust_checkpoint)
+    else:
+        from lkfast.models import create_model
+
+        model = create_model(spec.name, checkpoint=spec.checkpoint, trust_checkpoint=trust_checkpoint,
+                             **dict(spec.kwargs))
+        config = dict(timm.data.resolve_data_config(model=model))
+    if spec.input_size is not None:
+        config["input_size"] = (3, spec.input_size, spec.input_size)
+    wrapped = Normalized(model, config["mean"], config["std"]).to(device).eval()
+    if channels_last:
+        wrapped = wrapped.to(memory_format=torch.channels_last)
+    return wrapped, config
+
+
+def output_classes(model: nn.Module, config: Dict[str, Any], device: str) -> int:
+    """How many logits ``model`` outputs (``num_classes`` when it says, else one forward pass)."""
+    inner = getattr(model, "model", model)
+    n = getattr(inner, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    with torch.inference_mode():
+        return int(model(torch.zeros(1, *config["input_size"], device=device)).shape[-1])
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

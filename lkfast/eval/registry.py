@@ -1,0 +1,84 @@
+"""The task registry: adding a benchmark or an analysis to ``python -m lkfast.eval`` is one call.
+
+    from lkfast.eval import register_task
+
+    def my_task(ctx):                       # ctx: lkfast.eval.runner.TaskContext
+        data = ctx.dataset("val")           # ImageNet-val (or the class space's own data), [0, 1] images
+        rec = ctx.records("val", data, lambda x, y, start: {"pred": ctx.forward(x).argmax(1), "target": y})
+        return {"top1": 100.0 * (rec["pred"] == rec["target"]).float().mean().item()}
+
+    register_task("my-task", my_task, needs=("val",), count=lambda ctx: len(ctx.dataset("val")))
+
+Contract of ``run(ctx) -> dict``: returns a plain JSON-able dict of metrics (numbers, strings,
+lists, nested dicts; None for a value that cannot be computed, with the reason beside it). Heavy
+per-image work goes through ``ctx.records`` so that it is sharded, cached, resumable and spread over
+torchrun ranks; the dict itself is cached per (model, checkpoint, task, options). Raise
+``TaskUnavailable`` (with the reason) when the data the task needs is not there: the run goes on
+with the other tasks and the report says why this one is missing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+
+class TaskUnavailable(RuntimeError):
+    """A task cannot run with the data and models given; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered task. See the module docstring for the ``run`` contract.
+
+    needs: the data sources the task reads (names from ``lkfast.eval.sources.SOURCE_NAMES`` or a
+        task's own); used by ``--dry-run`` and to skip a task whose data is absent.
+    count: ``count(ctx) -> int`` forward passes (images, or frames for sequences) the task makes;
+        used by ``--dry-run`` and the progress bar. None: unknown.
+    version: bump when the task's records or metrics change, so cached results are not reused.
+    """
+
+    name: str
+    run: Callable
+    needs: Tuple[str, ...] = ()
+    count: Optional[Callable] = None
+    description: str = ""
+    version: str = "1"
+
+
+TASKS: Dict[str, Task] = {}
+
+
+def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count: Optional[Callable] = None,
+                  description: str = "", version: str = "1", replace: bool = False) -> Task:
+    """Add a task to ``python -m lkfast.eval`` (``--suite NAME`` selects it). Returns the Task.
+
+    Raises ValueError when ``name`` is taken (pass ``replace=True`` to override on purpose) or is not
+    a lower-case name of letters, digits and '-'."""
+    if not name or not all(c.islower() or c.isdigit() or c == "-" for c in name):
+        raise ValueError(f"register_task: task names are lower-case letters, digits and '-', got {name!r}")
+    if name in TASKS and not replace:
+        raise ValueError(f"register_task: a task named {name!r} is already registered")
+    task = Task(name, run, tuple(needs), count, description, version)
+    TASKS[name] = task
+    return task
+
+
+# Suites: the paper's six benchmarks plus clean accuracy, in the paper's order (Section 3).
+PAPER_TASKS = ("clean", "imagenet-a", "imagenet-c", "imagenet-o", "imagenet-p", "imagenet-r", "imagenet-9")
+QUICK_TASKS = ("clean", "imagenet-a", "imagenet-r", "imagenet-o", "imagenet-9")
+SUITES: Dict[str, Tuple[str, ...]] = {"paper": PAPER_TASKS, "quick": QUICK_TASKS}
+
+
+def resolve_suite(text: str) -> Tuple[str, ...]:
+    """Task names for ``--suite``: "paper", "quick", or a comma list of task names (order kept,
+    duplicates dropped). Raises ValueError naming the unknown names and listing the valid ones."""
+    names = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        names.extend(SUITES.get(item, (item,)))
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise ValueError(f"--suite: unknown task name(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"valid: {', '.join(SUITES)} (suites) or {', '.join(TASKS)}")
+    return tuple(dict.fromkeys(names))

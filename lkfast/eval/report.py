@@ -1,0 +1,280 @@
+"""report.md from results.json: the paper's Section 3 tables (markdown + CSV through
+``lkfast.tables``) and Figures 2 and 3 (PNG), with the paper's value beside the measured one for the
+models the paper reports.
+
+    write_report(out_dir, results) -> Path of report.md      (python -m lkfast.eval calls it)
+    python -m lkfast.eval.report OUT_DIR                     rebuild the report from OUT_DIR/results.json
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from lkfast.tables import markdown_table, write_table, write_text_atomic
+
+META_KEY = "_meta"
+CITATION = ("Chen et al., *Revealing the Dark Secrets of Extremely Large Kernel ConvNets on Robustness*, ICML 2024")
+
+# The paper's numbers (Tables 1, 2, 3 and 6 of the paper; Table 6 holds the values plotted in Figs. 2a, 2b and 3
+# for the models it lists). Keys: clean / imagenet-a / imagenet-r top-1, c_sev5 (ImageNet-C mean top-1 over the 19
+# corruptions at severity 5), mce, mfr, mt5d, and ImageNet-9 original / mixed_same / mixed_rand / bg_gap.
+PAPER: Dict[str, Dict[str, float]] = {
+    "RepLKNet-31B": {"clean": 85.2, "imagenet-a": 29.4, "imagenet-r": 43.9, "c_sev5": 49.2, "mce": 36.5,
+                     "mfr": 29.2, "mt5d": 49.8, "original": 97.3, "mixed_same": 92.3, "mixed_rand": 88.2, "bg_gap": 4.1},
+    "RepLKNet-31L": {"clean": 86.6, "imagenet-a": 39.6, "imagenet-r": 49.1, "c_sev5": 52.6},
+    "ViT-B": {"clean": 84.0, "imagenet-a": 26.7, "imagenet-r": 38.0, "c_sev5": 42.2},
+    "ViT-L/16": {"clean": 85.2, "imagenet-a": 28.1, "imagenet-r": 40.6, "c_sev5": 49.9, "mce": 45.5, "mfr": 33.1,
+                 "mt5d": 50.2, "original": 96.7, "mixed_same": 88.5, "mixed_rand": 81.7, "bg_gap": 6.8},
+    "ConvNeXt-B": {"clean": 85.8, "imagenet-a": 33.9, "imagenet-r": 45.5, "c_sev5": 53.2},
+    "ConvNeXt-L": {"clean": 86.6, "imagenet-a": 38.7, "imagenet-r": 47.6, "c_sev5": 56.5},
+    "BiT-r152x4": {"clean": 85.4, "imagenet-a": 13.2, "imagenet-r": 33.8, "c_sev5": 39.9},
+    "BiT m-r101x3": {"mce": 58.3, "mfr": 50.0, "mt5d": 76.7, "original": 94.3, "mixed_same": 81.2,
+                     "mixed_rand": 76.6, "bg_gap": 4.6},
+    "ResNet-50": {"mce": 76.7, "mfr": 58.0, "mt5d": 82.0, "original": 95.6, "mixed_same": 86.2, "mixed_rand": 78.9,
+                  "bg_gap": 7.3},
+}
+# timm / lkfast architecture name prefix -> the paper's model name.
+PAPER_NAMES = (("replknet_31b", "RepLKNet-31B"), ("replknet_31l", "RepLKNet-31L"), ("vit_base_patch16", "ViT-B"),
+               ("vit_large_patch16", "ViT-L/16"), ("convnext_base", "ConvNeXt-B"), ("convnext_large", "ConvNeXt-L"),
+               ("resnetv2_152x4_bit", "BiT-r152x4"), ("resnetv2_101x3_bit", "BiT m-r101x3"), ("resnet50", "ResNet-50"))
+TASK_ORDER = ("clean", "imagenet-a", "imagenet-c", "imagenet-o", "imagenet-p", "imagenet-r", "imagenet-9")
+
+
+def paper_name(label: str, entry: Dict[str, Any]) -> Optional[str]:
+    """The paper's name for a model (by label, else by its architecture name), or None."""
+    if label in PAPER:
+        return label
+    name = str(entry.get("_model", {}).get("name", "")).split(".")[0]
+    for prefix, paper in PAPER_NAMES:
+        if name == prefix or name.startswith(prefix + "_"):
+            return paper
+    return None
+
+
+def _get(entry, task, key):
+    value = entry.get(task, {})
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _paper(results, label, key):
+    name = paper_name(label, results[label])
+    return PAPER.get(name, {}).get(key) if name else None
+
+
+def _models(results) -> List[str]:
+    return [k for k in results if k != META_KEY]
+
+
+def _has(results, task) -> bool:
+    return any(isinstance(results[m].get(task), dict) and "unavailable" not in results[m][task] for m in _models(results))
+
+
+def _notes(results, task) -> List[str]:
+    lines = []
+    for m in _models(results):
+        r = results[m].get(task)
+        if not isinstance(r, dict):
+            continue
+        if "unavailable" in r:
+            lines.append(f"- {m}: not run: {r['unavailable']}")
+            continue
+        bits = []
+        if r.get("source"):
+            bits.append(f"data: {r['source']}")
+        if r.get("skipped_unreadable"):
+            bits.append(f"**{r['skipped_unreadable']} unreadable item(s) skipped** "
+                        f"({', '.join(f'{k}: {v}' for k, v in r.get('skipped_by_part', {}).items())})")
+        for key in ("relative_mce_note", "normalisation_note", "bg_gap_note"):
+            if r.get(key):
+                bits.append(key.split("_note")[0].replace("_", " ") + " omitted: " + r[key])
+        if bits:
+            lines.append(f"- {m}: " + "; ".join(bits))
+    return lines
+
+
+class _Writer:
+    def __init__(self, out: Path):
+        self.out = out
+        self.parts: List[str] = []
+
+    def table(self, stem, header, rows, caption):
+        md, _ = write_table(self.out / "tables" / stem, header, rows, caption=caption)
+        self.parts.append(md.read_text() + f"\n([CSV](tables/{stem}.csv))\n")
+
+    def text(self, text):
+        self.parts.append(text)
+
+
+def _bars(ax, labels, values, paper, title, ylabel):
+    xs = range(len(labels))
+    heights = [v if v is not None else 0.0 for v in values]
+    bars = ax.bar(xs, heights, color="#4C72B0", label="measured")
+    for bar, v in zip(bars, values):
+        if v is not None:
+            ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    px = [x for x, p in zip(xs, paper) if p is not None]
+    if px:
+        ax.scatter(px, [p for p in paper if p is not None], marker="_", s=400, color="#C44E52", zorder=3,
+                   label="paper")
+        ax.legend(fontsize=8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel)
+
+
+def _figure(path: Path, panels) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        _bars(ax, *panel)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(out, results: Dict[str, Any]) -> Path:
+    """Write ``out/report.md`` with tables under ``out/tables/`` and figures under ``out/figures/``
+    from a results dict (the content of results.json). Sections follow the paper's order; a task no
+    model ran is left out, a task a model could not run is listed with the reason."""
+    out = Path(out)
+    w = _Writer(out)
+    meta = results.get(META_KEY, {})
+    models = _models(results)
+    w.text("# lkfast robustness report\n\n"
+           f"Models: {', '.join(models) or 'none'}. Run on {meta.get('device', '?')} ({meta.get('device_name', '')}), "
+           f"{meta.get('world_size', 1)} process(es), started {meta.get('started', '?')}, finished "
+           f"{meta.get('finished', '?')}; lkfast {meta.get('lkfast', '?')}, torch {meta.get('torch', '?')}. "
+           f"Options: {json.dumps(meta.get('options', {}), sort_keys=True)}. Class space: {meta.get('class_space', '?')}.\n\n"
+           f"Paper values are from {CITATION} (Tables 1, 2, 3 and 6), shown beside the measured value for the "
+           f"models the paper reports; \"—\" means not measured or not reported.\n")
+
+    # Table 6 layout: ImageNet, -A, -R, -C (severity 5).
+    if any(_has(results, t) for t in ("clean", "imagenet-a", "imagenet-r", "imagenet-c")):
+        rows = []
+        for m in models:
+            e = results[m]
+            rows.append([m, _get(e, "clean", "top1"), _paper(results, m, "clean"), _get(e, "imagenet-a", "top1"),
+                         _paper(results, m, "imagenet-a"), _get(e, "imagenet-r", "top1"), _paper(results, m, "imagenet-r"),
+                         _get(e, "imagenet-c", "sev5_top1"), _paper(results, m, "c_sev5")])
+        w.text("\n## Summary (the layout of Table 6)\n")
+        w.table("summary", ["Model", "ImageNet", "paper", "ImageNet-A", "paper", "ImageNet-R", "paper",
+                            "ImageNet-C sev. 5", "paper"], rows,
+                "Top-1 (%). ImageNet-C: mean top-1 over the corruptions present at severity 5 (the paper: all 19).")
+
+    # Figure 2 (a: A top-1, b: C severity-5 mean top-1, c: O AUPR) and Figure 3 (R top-1).
+    panels = []
+    if _has(results, "imagenet-a"):
+        panels.append((models, [_get(results[m], "imagenet-a", "top1") for m in models],
+                       [_paper(results, m, "imagenet-a") for m in models], "(a) ImageNet-A", "top-1 (%)"))
+    if _has(results, "imagenet-c"):
+        panels.append((models, [_get(results[m], "imagenet-c", "sev5_top1") for m in models],
+                       [_paper(results, m, "c_sev5") for m in models], "(b) ImageNet-C, severity 5", "mean top-1 (%)"))
+    if _has(results, "imagenet-o"):
+        panels.append((models, [_get(results[m], "imagenet-o", "aupr") for m in models],
+                       [None for _ in models], "(c) ImageNet-O", "AUPR (%)"))
+    if panels:
+        _figure(out / "figures" / "figure2.png", panels)
+        w.text("\n## Figure 2: ImageNet-A, ImageNet-C, ImageNet-O\n\n![Figure 2](figures/figure2.png)\n\n"
+               "Higher is better. Red marks: the paper's values (Table 6) where it reports the model.\n")
+    if _has(results, "imagenet-a"):
+        w.text("\n### ImageNet-A\n")
+        w.table("imagenet_a", ["Model", "top-1 (%)", "paper", "images"],
+                [[m, _get(results[m], "imagenet-a", "top1"), _paper(results, m, "imagenet-a"),
+                  _get(results[m], "imagenet-a", "images")] for m in models], "ImageNet-A top-1 on its 200 classes.")
+        w.text("\n".join(_notes(results, "imagenet-a")) + "\n")
+
+    if _has(results, "imagenet-c"):
+        w.text("\n## Table 1: ImageNet-C mCE\n")
+        rows = [[m, _get(results[m], "imagenet-c", "mce"), _paper(results, m, "mce"),
+                 _get(results[m], "imagenet-c", "relative_mce"), _get(results[m], "imagenet-c", "mean_top1"),
+                 _get(results[m], "imagenet-c", "sev5_top1")] for m in models]
+        w.table("table1_mce", ["Model", "mCE (%)", "paper", "relative mCE (%)", "mean top-1 (%)", "sev. 5 top-1 (%)"],
+                rows, "Lower mCE is better; CE normalised by AlexNet's errors (Hendrycks & Dietterich 2019).")
+        corruptions = sorted({c for m in models for c in (results[m].get("imagenet-c", {}).get("ce") or {})})
+        if corruptions:
+            w.table("imagenet_c_ce", ["Model"] + corruptions,
+                    [[m] + [_get(results[m], "imagenet-c", f"ce.{c}") for c in corruptions] for m in models],
+                    "Corruption error (%) per corruption.")
+        w.text("\n".join(_notes(results, "imagenet-c")) + "\n")
+
+    if _has(results, "imagenet-o"):
+        w.text("\n## ImageNet-O (Figure 2c)\n")
+        w.table("imagenet_o", ["Model", "AUPR (%)", "AUROC (%)", "FPR95 (%)"],
+                [[m, _get(results[m], "imagenet-o", "aupr"), _get(results[m], "imagenet-o", "auroc"),
+                  _get(results[m], "imagenet-o", "fpr95")] for m in models],
+                "ImageNet-O images are the positives; score = -max softmax over the 200 ImageNet-O classes.")
+        w.text("\n".join(_notes(results, "imagenet-o")) + "\n")
+
+    if _has(results, "imagenet-p"):
+        w.text("\n## Table 2: ImageNet-P mFR and mT5D\n")
+        rows = [[m, _get(results[m], "imagenet-p", "mfr"), _paper(results, m, "mfr"), _get(results[m], "imagenet-p", "mt5d"),
+                 _paper(results, m, "mt5d"), _get(results[m], "imagenet-p", "mean_fr_unnormalised"),
+                 _get(results[m], "imagenet-p", "mean_t5d_unnormalised")] for m in models]
+        w.table("table2_mfr_mt5d", ["Model", "mFR (%)", "paper", "mT5D (%)", "paper", "mean FR (%, unnormalised)",
+                                    "mean T5D (unnormalised)"], rows,
+                "Lower is better. mFR / mT5D are normalised by the baseline model's values on the same sequences.")
+        perturbations = sorted({p for m in models for p in (results[m].get("imagenet-p", {}).get("fr") or {})})
+        if perturbations:
+            w.table("imagenet_p_fr", ["Model"] + perturbations,
+                    [[m] + [_get(results[m], "imagenet-p", f"fr.{p}") for p in perturbations] for m in models],
+                    "Flip probability (%) per perturbation, unnormalised.")
+        w.text("\n".join(_notes(results, "imagenet-p")) + "\n")
+
+    if _has(results, "imagenet-r"):
+        w.text("\n## Figure 3: ImageNet-R\n")
+        _figure(out / "figures" / "figure3.png", [(models, [_get(results[m], "imagenet-r", "top1") for m in models],
+                                                   [_paper(results, m, "imagenet-r") for m in models],
+                                                   "ImageNet-R", "top-1 (%)")])
+        w.text("\n![Figure 3](figures/figure3.png)\n")
+        w.text("\n".join(_notes(results, "imagenet-r")) + "\n")
+
+    if _has(results, "imagenet-9"):
+        w.text("\n## Table 3: ImageNet-9\n")
+        rows = []
+        for m in models:
+            row = [m]
+            for key in ("original", "mixed_same", "mixed_rand"):
+                row += [_get(results[m], "imagenet-9", f"top1.{key}"), _paper(results, m, key)]
+            row += [_get(results[m], "imagenet-9", "bg_gap"), _paper(results, m, "bg_gap")]
+            rows.append(row)
+        w.table("table3_imagenet9", ["Model", "Origin", "paper", "Mixed-Same", "paper", "Mixed-Rand", "paper",
+                                     "BG-Gap", "paper"], rows,
+                "Top-1 (%) over the nine classes (a prediction outside them is wrong); BG-Gap = Mixed-Same - Mixed-Rand.")
+        w.text("\n".join(_notes(results, "imagenet-9")) + "\n")
+
+    if _has(results, "clean"):
+        w.text("\n## Clean ImageNet\n" + "\n".join(_notes(results, "clean")) + "\n")
+    missing = [f"- {m}: {t}: {results[m][t]['unavailable']}" for m in models for t in results[m]
+               if isinstance(results[m][t], dict) and "unavailable" in results[m][t]]
+    if missing:
+        w.text("\n## Not run\n\n" + "\n".join(missing) + "\n")
+    return write_text_atomic(out / "report.md", "\n".join(w.parts))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m lkfast.eval.report OUT_DIR   (rebuilds OUT_DIR/report.md from OUT_DIR/results.json)",
+              file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    results = json.loads((out / "results.json").read_text())
+    print(write_report(out, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

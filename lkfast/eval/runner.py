@@ -1,0 +1,477 @@
+"""The evaluation loop: models x tasks, each task's per-image work cut into shards that are cached,
+resumed and spread over torchrun ranks, and results.json written as tasks finish.
+
+    results = run_evaluation(models, tasks, EvalOptions(out="runs/x", data={"val": "/data/val"}))
+
+Shards are fixed ranges of a dataset in its sorted order (``shard_size`` images each). A shard's
+batches never cross its ends and the seeds of generated corruptions depend only on the image
+index, so the numbers do not depend on how many processes ran or where a run was interrupted.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import platform
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from lkfast.eval import distributed as dist
+from lkfast.eval.cache import ResultCache, stable_hash
+from lkfast.eval.classes import ClassSpace
+from lkfast.eval.models import ModelSpec, count_parameters, load_model, output_classes
+from lkfast.eval.registry import TASKS, Task, TaskUnavailable
+from lkfast.tables import write_text_atomic
+
+RESULTS_FILE = "results.json"
+META_KEY = "_meta"
+
+
+class EvalError(RuntimeError):
+    """A problem with the user's input (models, data, options); the message says what to change."""
+
+
+@dataclass
+class EvalOptions:
+    """Everything a run needs besides the models and the task names.
+
+    data: source name ("val", "imagenet-a", ..., see ``lkfast.eval.sources``) -> folder.
+    class_space: the label set (None: ImageNet-1k). baseline: the model ImageNet-P's flip rates are
+    normalised by (None: report unnormalised values only). limit: first N images of each dataset.
+    shard_size: images per cached shard. amp: bf16 autocast on the CPU, fp16 on CUDA.
+    """
+
+    out: str = "lkfast-eval"
+    data: Dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"
+    batch_size: int = 64
+    workers: int = 4
+    amp: bool = False
+    channels_last: bool = False
+    limit: Optional[int] = None
+    seed: int = 0
+    shard_size: int = 1000
+    trust_checkpoint: bool = False
+    baseline: Optional[ModelSpec] = None
+    class_space: Optional[ClassSpace] = None
+    gpu_decode: bool = True
+    progress: bool = True
+    write_report: bool = True
+
+    def numeric_key(self) -> Dict[str, Any]:
+        """The options that change the numbers (part of every cache key)."""
+        return {"amp": self.amp, "channels_last": self.channels_last, "seed": self.seed}
+
+
+class _Progress:
+    def __init__(self, desc: str, total: Optional[int], enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True,
+                            file=sys.stderr, leave=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TaskContext:
+    """What a task's ``run(ctx)`` works with.
+
+    Attributes: ``model`` (``Normalized``: [0, 1] images in, logits out), ``spec`` (ModelSpec),
+    ``config`` (the model's data config), ``options`` (EvalOptions), ``class_space``, ``device``.
+    Methods: ``source(name)`` (a data folder, or TaskUnavailable), ``forward(images)``,
+    ``records(part, dataset, compute)`` (the sharded, cached, distributed per-image loop),
+    ``result_of(task)`` and ``baseline_result(task)`` (other results this one builds on),
+    ``generator(part, start)`` (a seeded generator for on-the-fly corruptions).
+    """
+
+    def __init__(self, runner: "Runner", task: Task, spec: ModelSpec, model, config: Dict[str, Any],
+                 cache: ResultCache, is_baseline: bool = False):
+        self.runner, self.task, self.spec, self.model, self.config = runner, task, spec, model, config
+        self.cache, self.is_baseline = cache, is_baseline
+        self.options: EvalOptions = runner.options
+        self.class_space: ClassSpace = runner.class_space
+        self.device = runner.device
+        self.skipped: Dict[str, int] = {}
+        self.sources_used: Dict[str, str] = {}
+        self.progress: Optional[_Progress] = None
+
+    # data ------------------------------------------------------------------------------------
+    def source(self, name: str) -> Path:
+        """The folder of data source ``name``; TaskUnavailable naming the option to set when absent."""
+        path = self.options.data.get(name)
+        if path is None:
+            raise TaskUnavailable(f"no {name} data: pass --data-root DIR holding {name}/ or --{name}-dir DIR")
+        path = Path(path)
+        if not path.is_dir():
+            raise TaskUnavailable(f"{name} folder not found: {path} (expected a folder; set --{name}-dir or "
+                                  f"put it under --data-root as {name}/)")
+        return path
+
+    def has_source(self, name: str) -> bool:
+        path = self.options.data.get(name)
+        return path is not None and Path(path).is_dir()
+
+    def generator(self, part: str, start: int) -> torch.Generator:
+        """A generator on the evaluation device seeded by (--seed, part, first image index): the same
+        images get the same corruption whatever the sharding or the number of ranks."""
+        seed = int(stable_hash([self.options.seed, part, start], 12), 16)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # compute ---------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of [0, 1] ``images`` (N, 3, H, W) on the evaluation device, in chunks of
+        ``--batch-size``, with ``--amp`` and ``--channels-last`` applied."""
+        outputs = []
+        amp_dtype = torch.float16 if self.device.startswith("cuda") else torch.bfloat16
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with torch.inference_mode(), torch.autocast(device_type, dtype=amp_dtype, enabled=self.options.amp):
+            for chunk in images.split(self.options.batch_size):
+                chunk = chunk.to(self.device, non_blocking=True).float()
+                if self.options.channels_last:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                outputs.append(self.model(chunk).float())
+        return torch.cat(outputs)
+
+    def records(self, part: str, dataset, compute: Callable, batch_size: Optional[int] = None,
+                frames: int = 1, key: Any = None) -> Dict[str, torch.Tensor]:
+        """Run ``compute(images, targets, start) -> {name: tensor with one row per item}`` over
+        ``dataset`` and return each name's rows for the whole dataset, in dataset order.
+
+        images/targets: a batch on the evaluation device (unreadable items already dropped, see
+        ``skipped``); start: the dataset index of the batch's first item. part: a name unique within
+        the task (e.g. "snow/3"). frames: forward passes per item (progress and throughput only).
+        key: anything else that changes the records (part of the shard cache key).
+        The dataset is cut into shards of ``--shard-size`` items; each finished shard is stored, a
+        stored one is loaded instead of recomputed, and under torchrun the missing shards are shared
+        round-robin between the ranks and gathered on every rank."""
+        n = len(dataset)
+        size = self.options.shard_size
+        shards = [(s, min(s + size, n)) for s in range(0, n, size)]
+        base = {"task": self.task.name, "version": self.task.version, "part": part, "n": n, "key": key,
+                "options": self.options.numeric_key(), "config": self.config, "classes": self.class_space.num_classes,
+                "root": str(getattr(dataset, "root", ""))}
+        keys = [stable_hash({**base, "range": [a, b]}) for a, b in shards]
+        stored: Dict[int, Dict[str, Any]] = {}
+        if dist.is_main():
+            for i, k in enumerate(keys):
+                found = self.cache.load_shard(self.task.name, part, k)
+                if found is not None:
+                    stored[i] = found
+        done = set(dist.broadcast(sorted(stored)))
+        todo = [i for i in range(len(shards)) if i not in done]
+        mine = todo[dist.rank()::dist.world_size()]
+        if self.progress is not None:  # stored shards count as done
+            self.progress.update(sum(b - a for i, (a, b) in enumerate(shards) if i in done) * frames)
+        computed = {}
+        for i, records in self._compute(part, dataset, [shards[i] for i in mine], mine, compute,
+                                        batch_size or self.options.batch_size, frames):
+            self.cache.save_shard(self.task.name, part, keys[i], records)
+            computed[i] = records
+        everything: Dict[int, Dict[str, Any]] = {}
+        for share in dist.all_gather({**stored, **computed}):
+            everything.update(share)
+        if dist.is_main():
+            for i, records in everything.items():
+                if i not in stored and not self.cache.shard_path(self.task.name, part, keys[i]).is_file():
+                    self.cache.save_shard(self.task.name, part, keys[i], records)
+        missing = [i for i in range(len(shards)) if i not in everything]
+        if missing:
+            raise RuntimeError(f"{self.task.name}/{part}: shards {missing} were not computed by any rank")
+        skipped = sum(int(everything[i]["skipped"]) for i in range(len(shards)))
+        if skipped:
+            self.skipped[part] = self.skipped.get(part, 0) + skipped
+        names = [k for k in (everything[0]["items"] if shards else {})]
+        out = {}
+        for name in names:
+            pieces = [everything[i]["items"][name] for i in range(len(shards)) if name in everything[i]["items"]]
+            out[name] = torch.cat(pieces) if pieces else torch.empty(0)
+        return out
+
+    def _compute(self, part, dataset, ranges, indices, compute, batch_size, frames):
+        """Yield (shard index, records) for each shard of ``ranges`` as it finishes."""
+        if not ranges:
+            return
+        from lkfast.eval.sources import loader_for
+
+        batches, owner = [], []
+        for i, (a, b) in zip(indices, ranges):
+            for s in range(a, b, batch_size):
+                batches.append(list(range(s, min(s + batch_size, b))))
+                owner.append(i)
+        last = {i: j for j, i in enumerate(owner)}
+        pending: Dict[int, Dict[str, Any]] = {}
+        loader = loader_for(dataset, batches, self.options, self.device)
+        for j, (images, targets, skipped) in enumerate(loader):
+            i = owner[j]
+            shard = pending.setdefault(i, {"items": {}, "skipped": 0})
+            if skipped:
+                shard["skipped"] += int(skipped)
+                warnings.warn(f"{self.task.name}/{part}: skipped {skipped} unreadable item(s) among dataset "
+                              f"indices {batches[j][0]}..{batches[j][-1]} (counted in the report)", stacklevel=2)
+            if images is not None and len(images):
+                images = images.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+                for name, value in compute(images, targets, batches[j][0]).items():
+                    shard["items"].setdefault(name, []).append(value.detach().cpu())
+                if self.progress is not None:
+                    self.progress.update(len(images) * frames)
+            if last[i] == j:
+                done = pending.pop(i)
+                yield i, {"items": {k: torch.cat(v) for k, v in done["items"].items()}, "skipped": done["skipped"]}
+
+    # other results -----------------------------------------------------------------------------
+    def result_of(self, task: str) -> Dict[str, Any]:
+        """This model's result for another task (computed now if it is not cached)."""
+        return self.runner.task_result(self.spec, task, baseline=self.is_baseline)
+
+    def baseline_result(self, task: str):
+        """(the baseline model's result for ``task``, None) or (None, the reason there is none)."""
+        return self.runner.baseline_result(task)
+
+
+class Runner:
+    """Evaluates models on tasks with caching; ``run()`` returns and writes results.json."""
+
+    def __init__(self, models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions):
+        from lkfast.eval.classes import imagenet_class_space
+
+        self.models, self.tasks, self.options = list(models), list(tasks), options
+        labels = [m.display for m in self.models]
+        duplicates = sorted({x for x in labels if labels.count(x) > 1})
+        if duplicates:
+            raise EvalError(f"--models: label(s) {duplicates} used twice; give each model its own =label")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise EvalError(f"unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
+        if options.limit is not None and options.limit < 1:
+            raise EvalError(f"--limit must be a positive number of images, got {options.limit}")
+        if options.shard_size < 1 or options.batch_size < 1:
+            raise EvalError("--shard-size and --batch-size must be at least 1")
+        self.class_space = options.class_space or imagenet_class_space()
+        self.device = dist.local_device(options.device)
+        self.out = Path(options.out)
+        self._loaded: Dict[ModelSpec, Any] = {}
+        self._results: Dict[tuple, Dict[str, Any]] = {}
+        self._active: List[tuple] = []
+        self.meta: Dict[str, Any] = {}
+
+    # models ------------------------------------------------------------------------------------
+    def _model(self, spec: ModelSpec):
+        if spec not in self._loaded:
+            model, config = load_model(spec, self.device, self.options.trust_checkpoint, self.options.channels_last)
+            classes = output_classes(model, config, self.device)
+            if classes != self.class_space.num_classes:
+                raise EvalError(
+                    f"model {spec.display!r} outputs {classes} classes, but the benchmarks are scored in "
+                    f"{self.class_space.name} with {self.class_space.num_classes} classes: evaluate a model with a "
+                    f"{self.class_space.num_classes}-class head (a checkpoint fine-tuned on it)")
+            self._loaded[spec] = (model, config, count_parameters(model))
+        return self._loaded[spec]
+
+    def _model_card(self, spec: ModelSpec) -> Dict[str, Any]:
+        """Name, checkpoint, parameters and input size of a model (kept in its cache folder, so a
+        fully cached run reports the same without building the model)."""
+        path = self._cache(spec).root / "model.json"
+        card = {"name": spec.name, "checkpoint": spec.checkpoint}
+        if spec in self._loaded:
+            model, config, parameters = self._loaded[spec]
+            card.update(parameters=parameters, input_size=list(config["input_size"]))
+            if dist.is_main():
+                write_text_atomic(path, json.dumps(card))
+        elif path.is_file():
+            card.update({k: v for k, v in json.loads(path.read_text()).items() if k in ("parameters", "input_size")})
+        return card
+
+    def _release(self, spec: ModelSpec) -> None:
+        self._loaded.pop(spec, None)
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def _cache(self, spec: ModelSpec) -> ResultCache:
+        return ResultCache(self.out / "cache" / spec.key())
+
+    def result_key(self, spec: ModelSpec, task: Task, config: Optional[Dict[str, Any]] = None) -> str:
+        return stable_hash({"task": task.name, "version": task.version, "options": self.options.numeric_key(),
+                            "limit": self.options.limit, "data": {k: str(v) for k, v in sorted(self.options.data.items())},
+                            "classes": [self.class_space.name, self.class_space.num_classes],
+                            "baseline": None if self.options.baseline is None else
+                            [self.options.baseline.name, self.options.baseline.key()]})
+
+    # tasks -------------------------------------------------------------------------------------
+    def task_result(self, spec: ModelSpec, name: str, baseline: bool = False) -> Dict[str, Any]:
+        """``spec``'s result for task ``name``: from memory, the cache, or computed now."""
+        task = TASKS[name]
+        memo = (spec, name)
+        if memo in self._results:
+            return self._results[memo]
+        if memo in self._active:
+            raise RuntimeError(f"task {name!r} depends on itself")
+        cache = self._cache(spec)
+        key = self.result_key(spec, task)
+        found = dist.broadcast(cache.load_result(name, key) if dist.is_main() else None)
+        if found is not None:
+            self._results[memo] = found
+            return found
+        self._active.append(memo)
+        try:
+            model, config, _ = self._model(spec)
+            ctx = TaskContext(self, task, spec, model, config, cache, is_baseline=baseline)
+            total = None
+            if task.count is not None:
+                try:
+                    total = int(task.count(ctx))
+                except TaskUnavailable:
+                    total = None
+            ctx.progress = _Progress(f"{spec.display} {name}", total, self.options.progress and dist.is_main())
+            started = time.perf_counter()
+            try:
+                result = dict(task.run(ctx))
+            finally:
+                ctx.progress.close()
+            result.setdefault("skipped_unreadable", sum(ctx.skipped.values()))
+            if ctx.skipped:
+                result.setdefault("skipped_by_part", dict(ctx.skipped))
+            result.setdefault("seconds", round(time.perf_counter() - started, 3))
+            result = json.loads(json.dumps(result))  # what the cache will give back next time
+            if dist.is_main():
+                cache.save_result(name, key, result)
+        finally:
+            self._active.remove(memo)
+        self._results[memo] = result
+        return result
+
+    def baseline_result(self, name: str):
+        spec = self.options.baseline
+        if spec is None:
+            return None, "no baseline model (--baseline-model none)"
+        if spec.checkpoint is None:
+            return None, (f"no weights for the baseline {spec.name!r} (nothing can be downloaded): pass "
+                          f"--baseline-model {spec.name}:PATH with local weights (for AlexNet, torchvision's "
+                          f"alexnet-owt-7be5be79.pth)")
+        try:
+            result = self.task_result(spec, name, baseline=True)
+        except TaskUnavailable as error:
+            return None, f"baseline {spec.display}: {error}"
+        if "unavailable" in result:
+            return None, f"baseline {spec.display}: {result['unavailable']}"
+        return result, None
+
+    def run(self) -> Dict[str, Any]:
+        """Evaluate every model on every task; returns the results dict (also written as results.json
+        on rank 0, after each task). A task whose data is absent is recorded as
+        ``{"unavailable": reason}`` and the run goes on."""
+        import lkfast
+
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        options = {k: v for k, v in asdict(self.options).items() if k not in ("class_space", "baseline", "data")}
+        self.meta = {
+            "lkfast": lkfast.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": self.device, "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.startswith("cuda") else platform.processor() or platform.machine(),
+            "world_size": dist.world_size(), "options": options, "tasks": list(self.tasks),
+            "data_sources": {k: str(v) for k, v in sorted(self.options.data.items())},
+            "class_space": self.class_space.name,
+            "baseline": None if self.options.baseline is None else
+            {"name": self.options.baseline.name, "checkpoint": self.options.baseline.checkpoint},
+            "started": started, "command": " ".join(sys.argv),
+        }
+        results: Dict[str, Any] = {}
+        for spec in self.models:
+            entry: Dict[str, Any] = {}
+            results[spec.display] = entry
+            for name in self.tasks:
+                try:
+                    entry[name] = self.task_result(spec, name)
+                except TaskUnavailable as error:
+                    entry[name] = {"unavailable": str(error)}
+                    if dist.is_main():
+                        warnings.warn(f"{spec.display}: {name} skipped: {error}", stacklevel=2)
+                self._write(results)
+            entry["_model"] = self._model_card(spec)
+            self._write(results)
+            self._release(spec)
+        self.meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self._write(results)
+        if self.options.write_report and dist.is_main():
+            from lkfast.eval.report import write_report
+
+            write_report(self.out, self._with_meta(results))
+        dist.barrier()
+        return self._with_meta(results)
+
+    def _with_meta(self, results):
+        return {**results, META_KEY: self.meta}
+
+    def _write(self, results) -> None:
+        if dist.is_main():
+            write_text_atomic(self.out / RESULTS_FILE, json.dumps(self._with_meta(results), indent=1, sort_keys=False))
+
+
+def run_evaluation(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions) -> Dict[str, Any]:
+    """Evaluate ``models`` on ``tasks`` (registered names) with ``options``; see ``Runner``."""
+    import lkfast.eval.tasks  # noqa: F401  (registers the benchmarks)
+
+    return Runner(models, tasks, options).run()
+
+
+def measure_throughput(model, config: Dict[str, Any], options: EvalOptions, device: str, seconds: float = 1.0) -> float:
+    """Images/s of ``model`` on random [0, 1] input of its size (one warm-up batch, then batches for
+    about ``seconds``), batch min(--batch-size, 16), with --amp / --channels-last applied."""
+    batch = max(1, min(options.batch_size, 16))
+    x = torch.rand(batch, *config["input_size"], device=device)
+    amp_dtype = torch.float16 if device.startswith("cuda") else torch.bfloat16
+    if options.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=amp_dtype,
+                                                enabled=options.amp):
+        model(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        done, start = 0, time.perf_counter()
+        while done == 0 or time.perf_counter() - start < seconds:
+            model(x)
+            done += batch
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+    return done / (time.perf_counter() - start)
+
+
+def plan(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions) -> List[List[Any]]:
+    """The ``--dry-run`` plan: rows [model, task, forward passes, estimated minutes, note], nothing
+    evaluated. Counts come from the datasets as found; the estimate from a short measured throughput."""
+    import lkfast.eval.tasks  # noqa: F401
+
+    runner = Runner(models, tasks, options)
+    rows = []
+    for spec in runner.models:
+        model, config, _ = runner._model(spec)
+        speed = measure_throughput(model, config, options, runner.device)
+        for name in runner.tasks:
+            task = TASKS[name]
+            ctx = TaskContext(runner, task, spec, model, config, runner._cache(spec))
+            cached = runner._cache(spec).load_result(name, runner.result_key(spec, task)) is not None
+            try:
+                count = int(task.count(ctx)) if task.count is not None else None
+                note = "cached" if cached else f"{speed:.1f} img/s measured"
+            except TaskUnavailable as error:
+                count, note = None, f"skipped: {error}"
+            minutes = None if count is None or cached else count / speed / 60 / max(dist.world_size(), 1)
+            rows.append([spec.display, name, count, minutes, note])
+        runner._release(spec)
+    return rows

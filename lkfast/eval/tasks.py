@@ -1,0 +1,326 @@
+"""The six robustness benchmarks of the paper's Section 3, plus clean accuracy, as registered tasks.
+
+Each task returns a plain dict; the keys users script against (results.json, per model and task):
+
+    clean        top1 (%), images, source
+    imagenet-a   top1 (%) on the 200 ImageNet-A logits, images, source
+    imagenet-r   top1 (%) on the 200 ImageNet-R logits, images, source
+    imagenet-o   aupr, auroc, fpr95 (%, ImageNet-O images are the positives, score = -max softmax
+                 over the 200 ImageNet-O logits; ImageNet-val of those classes is the negatives),
+                 in_images, out_images, source
+    imagenet-c   mce, relative_mce (%, None with relative_mce_note when a clean error is missing),
+                 sev5_top1 (mean top-1 % over the corruptions present at severity 5), mean_top1,
+                 ce {corruption: %}, top1 {corruption: {severity: %}}, source ("disk" or "generated")
+    imagenet-p   fr {perturbation: %}, t5d {perturbation: value} (unnormalised, always), mfr and
+                 mt5d (% of the baseline model's, None with normalisation_note when no baseline
+                 could be evaluated), source
+    imagenet-9   top1 {variant: %}, original, mixed_same, mixed_rand, bg_gap (%), source
+
+Every task also records skipped_unreadable (items that could not be decoded) and seconds.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from lkfast.eval.registry import TaskUnavailable, register_task
+from lkfast.eval.runner import EvalError, TaskContext
+
+from lkfast.metrics import IMAGENET9_VARIANTS
+
+
+# datasets ------------------------------------------------------------------------------------------
+def _memo(ctx: TaskContext, key, build):
+    memo = ctx.__dict__.setdefault("_datasets", {})
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
+
+
+def image_folder(ctx: TaskContext, root, class_index: Dict[str, int], resize: bool = True,
+                 classes: Optional[Sequence[str]] = None):
+    """``root/<class folder>/*`` as [0, 1] images preprocessed for ``ctx``'s model (no resize for
+    ImageNet-C's 224-px images), first ``--limit`` images in sorted order; ``classes`` keeps only
+    those class folders."""
+    from lkfast import data
+
+    def build():
+        transform = data.transform_for(ctx.config, resize=resize)
+        return data.ImageFolderBenchmark(str(root), transform, class_index=class_index, limit=ctx.options.limit,
+                                         classes=classes)
+    return _memo(ctx, ("folder", str(root), resize, tuple(classes or ())), build)
+
+
+def class_folders(root) -> List[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _top1(records) -> float:
+    """Top-1 (%) from per-batch correct counts (so that shards merge exactly)."""
+    count = int(records["count"].sum()) if len(records.get("count", ())) else 0
+    return 100.0 * int(records["correct"].sum()) / count if count else float("nan")
+
+
+def _counts(accuracy_percent: float, n: int) -> dict:
+    # metrics.accuracy returns 100 * k / n; k recovered exactly
+    return {"correct": torch.tensor([round(accuracy_percent * n / 100.0)]), "count": torch.tensor([n])}
+
+
+def predict(ctx: TaskContext, subset: Optional[Sequence[int]] = None):
+    """A ``records`` compute function scoring each batch with ``lkfast.metrics.accuracy`` (arg-max
+    over ``subset``'s logits when given, targets indexing the full class space)."""
+    from lkfast import metrics
+
+    def compute(images, targets, start):
+        return _counts(metrics.accuracy(ctx.forward(images), targets, class_subset=subset), len(targets))
+    return compute
+
+
+# clean, A, R ---------------------------------------------------------------------------------------
+def _val(ctx):
+    return image_folder(ctx, ctx.source("val"), ctx.class_space.folder_index())
+
+
+def clean(ctx: TaskContext) -> dict:
+    dataset = _val(ctx)
+    records = ctx.records("val", dataset, predict(ctx))
+    return {"top1": _top1(records), "images": int(records["count"].sum()), "source": str(ctx.source("val"))}
+
+
+def _subset_task(name: str):
+    def dataset(ctx):
+        root = ctx.source(name)
+        subset = ctx.class_space.subset(name, class_folders(root))
+        index = ctx.class_space.folder_index()
+        wanted = set(subset)
+        outside = [f for f in class_folders(root) if f in index and index[f] not in wanted]
+        if outside:
+            raise EvalError(f"{name}: class folder(s) {', '.join(outside[:5])} in {root} are not among the "
+                            f"{len(subset)} {name} classes of {ctx.class_space.name}")
+        return image_folder(ctx, root, index), subset
+
+    def run(ctx: TaskContext) -> dict:
+        data, subset = dataset(ctx)
+        records = ctx.records(name, data, predict(ctx, subset))
+        return {"top1": _top1(records), "images": int(records["count"].sum()), "classes": len(subset),
+                "source": str(ctx.source(name))}
+    return run, lambda ctx: len(dataset(ctx)[0])
+
+
+# ImageNet-O ----------------------------------------------------------------------------------------
+def _o_datasets(ctx):
+    from lkfast import data
+
+    root = ctx.source("imagenet-o")
+    subset = ctx.class_space.subset("imagenet-o", class_folders(root))
+    index = ctx.class_space.folder_index()
+    out_set = image_folder(ctx, root, index)
+    in_set = image_folder(ctx, ctx.source("val"), index, classes=[ctx.class_space.class_names[i] for i in subset])
+    return in_set, out_set, subset
+
+
+def imagenet_o(ctx: TaskContext) -> dict:
+    from lkfast import metrics
+
+    in_set, out_set, subset = _o_datasets(ctx)
+    index = torch.tensor(list(subset), device=ctx.device)
+
+    def compute(images, targets, start):
+        probabilities = ctx.forward(images)[:, index].softmax(1)
+        return {"score": -probabilities.max(1).values}
+    in_scores = ctx.records("val-200", in_set, compute)["score"]
+    out_scores = ctx.records("imagenet-o", out_set, compute)["score"]
+    if not len(in_scores) or not len(out_scores):
+        raise TaskUnavailable("imagenet-o needs readable images in both ImageNet-O and ImageNet-val")
+    scores = metrics.ood_scores(in_scores, out_scores)
+    return {**{k: float(v) for k, v in scores.items()}, "in_images": len(in_scores), "out_images": len(out_scores),
+            "classes": len(subset), "source": f"{ctx.source('imagenet-o')} vs {ctx.source('val')}"}
+
+
+# ImageNet-C ----------------------------------------------------------------------------------------
+def _c_parts(ctx) -> Tuple[str, List[Tuple[str, int, object]]]:
+    """("disk" or "generated", [(corruption, severity, dataset)])."""
+    from lkfast import corrupt, data
+
+    if ctx.has_source("imagenet-c"):
+        root = ctx.source("imagenet-c")
+        contents = data.imagenet_c_contents(str(root))
+        parts = [(c, int(s), image_folder(ctx, root / c / str(s), ctx.class_space.folder_index(), resize=False))
+                 for c in contents for s in sorted(contents[c])]
+        if not parts:
+            raise EvalError(f"imagenet-c: {root} holds no <corruption>/<severity>/ folders")
+        return "disk", parts
+    if ctx.has_source("val"):
+        val = _val(ctx)
+        return "generated", [(c, s, val) for c in corrupt.names("all") for s in corrupt.SEVERITIES]
+    raise TaskUnavailable("no ImageNet-C folder and no ImageNet-val to generate it from: pass --imagenet-c-dir "
+                          "or --val-dir (or --data-root holding imagenet-c/ or val/)")
+
+
+def imagenet_c(ctx: TaskContext) -> dict:
+    from lkfast import corrupt, metrics
+
+    source, parts = _c_parts(ctx)
+    top1: Dict[str, Dict[int, float]] = {}
+    for name, severity, dataset in parts:
+        compute = predict(ctx)
+        if source == "generated":
+            part = f"{name}/{severity}"
+
+            def compute(images, targets, start, name=name, severity=severity, part=part, base=compute):
+                images = corrupt.corrupt(images.float(), name, severity, generator=ctx.generator(part, start))
+                return base(images, targets, start)
+        records = ctx.records(f"{name}/{severity}", dataset, compute, key=source)
+        top1.setdefault(name, {})[severity] = _top1(records)
+    errors = {c: {s: 1.0 - v / 100.0 for s, v in by.items()} for c, by in top1.items()}
+    clean_error, note = None, "no ImageNet-val given, so no clean error"
+    if ctx.has_source("val"):
+        clean_error = 1.0 - ctx.result_of("clean")["top1"] / 100.0
+    # relative mCE: AlexNet's clean error (metrics.ALEXNET_CLEAN_ERROR) is the baseline's
+    scores = metrics.corruption_errors(errors, clean_error=clean_error)
+    result = {"source": "disk: " + str(ctx.source("imagenet-c")) if source == "disk" else
+              f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})",
+              "top1": top1, "clean_error": clean_error}
+    result.update(json.loads(json.dumps(scores, default=float)))
+    if result.get("relative_mce") is None:
+        result["relative_mce"] = None
+        result["relative_mce_note"] = note if clean_error is None else "no corruption with all 5 severities"
+    return result
+
+
+def _c_count(ctx):
+    source, parts = _c_parts(ctx)
+    return sum(len(d) for _, _, d in parts)
+
+
+# ImageNet-P ----------------------------------------------------------------------------------------
+def _p_parts(ctx):
+    from lkfast import corrupt, data
+
+    names = list(corrupt.PERTURBATIONS)
+    if ctx.has_source("imagenet-p"):
+        root = ctx.source("imagenet-p")
+        present = [n for n in names if (root / n).is_dir()]
+        if not present:
+            raise EvalError(f"imagenet-p: {root} holds none of the perturbation folders {', '.join(names)}")
+        # ImageNetP reads ImageNet-1k wnid folders (targets are not used by the ImageNet-P metrics)
+        parts = [(n, _memo(ctx, ("p", n), lambda n=n: data.ImageNetP(
+            str(root), n, data.transform_for(ctx.config, resize=False), limit=ctx.options.limit))) for n in present]
+        return "disk", parts
+    if ctx.has_source("val"):
+        val = _val(ctx)
+        return "generated", [(n, val) for n in names]
+    raise TaskUnavailable("no ImageNet-P folder and no ImageNet-val to generate it from: pass --imagenet-p-dir "
+                          "or --val-dir (or --data-root holding imagenet-p/ or val/)")
+
+
+def _is_noise(name: str) -> bool:
+    return name.split("_")[0] in ("gaussian", "shot") and "noise" in name
+
+
+def imagenet_p(ctx: TaskContext) -> dict:
+    from lkfast import corrupt, metrics
+
+    source, parts = _p_parts(ctx)
+    fp, t5d = {}, {}
+    for name, dataset in parts:
+        noise = _is_noise(name)
+        frames = corrupt.PERTURBATIONS[name]
+
+        def compute(images, targets, start, name=name, noise=noise):
+            if images.dim() == 4:  # generated: images -> (N, T, 3, H, W) sequences
+                images = corrupt.perturbation_sequence(images.float(), name, 1, generator=ctx.generator(name, start))
+            n, t = images.shape[:2]
+            logits = ctx.forward(images.flatten(0, 1)).view(n, t, -1)
+            return {"pred": logits.argmax(2), "t5d": metrics.top5_distance(logits, noise, per_sequence=True)}
+        records = ctx.records(name, dataset, compute, batch_size=max(1, ctx.options.batch_size // frames),
+                              frames=frames, key=source)
+        if len(records["pred"]):
+            fp[name] = metrics.flip_probability(records["pred"], noise)
+            t5d[name] = float(records["t5d"].double().mean())
+    result = {"fr": {p: 100.0 * v for p, v in fp.items()}, "t5d": t5d, "mfr": None, "mt5d": None,
+              "mean_fr_unnormalised": 100.0 * sum(fp.values()) / len(fp) if fp else None,
+              "mean_t5d_unnormalised": sum(t5d.values()) / len(t5d) if t5d else None,
+              "sequences": {p: len(d) for p, d in parts},
+              "source": "disk: " + str(ctx.source("imagenet-p")) if source == "disk" else
+              f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})"}
+    if ctx.is_baseline or not fp:
+        return result
+    base, why = ctx.baseline_result("imagenet-p")
+    if base is None:
+        result["normalisation_note"] = why
+        return result
+    missing = [p for p in fp if not base["fr"].get(p) or not base["t5d"].get(p)]
+    if missing:
+        result["normalisation_note"] = f"the baseline has no (or zero) flip rate / top-5 distance for {missing}"
+        return result
+    # ratios do not depend on the percent scale, so the baseline's percent values serve as they are
+    result["mfr"] = metrics.mfr(result["fr"], base["fr"])
+    result["mt5d"] = metrics.mt5d(t5d, base["t5d"])
+    result["baseline"] = {"fr": base["fr"], "t5d": base["t5d"]}
+    return result
+
+
+def _p_count(ctx):
+    from lkfast import corrupt
+
+    _, parts = _p_parts(ctx)
+    return sum(len(d) * corrupt.PERTURBATIONS[n] for n, d in parts)
+
+
+# ImageNet-9 ----------------------------------------------------------------------------------------
+def _nine_parts(ctx):
+    from lkfast import data
+
+    space = ctx.class_space
+    if space.nine_map is None:
+        raise TaskUnavailable(f"{space.name} has no map to ImageNet-9's nine classes")
+    root = ctx.source("imagenet-9")
+    variants = [v for v in IMAGENET9_VARIANTS if (root / v / "val").is_dir()]
+    if not variants:
+        found = ", ".join(class_folders(root)[:8]) or "nothing"
+        raise EvalError(f"imagenet-9: expected <variant>/val/<class>/ folders under {root} (variants "
+                        f"{', '.join(IMAGENET9_VARIANTS)}), found {found}")
+    # ImageNet9 checks an in_to_in9.json found in root against lkfast.data.imagenet9_class_map()
+    return [(v, _memo(ctx, ("9", v), lambda v=v: data.ImageNet9(str(root), v, data.transform_for(ctx.config),
+                                                                limit=ctx.options.limit))) for v in variants]
+
+
+def imagenet_9(ctx: TaskContext) -> dict:
+    from lkfast import metrics
+
+    nine = torch.tensor(ctx.class_space.nine_map)
+
+    def compute(images, targets, start):
+        return _counts(metrics.imagenet9_accuracy(ctx.forward(images), targets, nine), len(targets))
+    top1 = {}
+    for variant, dataset in _nine_parts(ctx):
+        top1[variant] = _top1(ctx.records(variant, dataset, compute))
+    result = {"top1": top1, "source": str(ctx.source("imagenet-9"))}
+    if "mixed_same" in top1 and "mixed_rand" in top1:
+        result.update({k: float(v) for k, v in metrics.background_gap(top1).items()})
+    else:
+        result["bg_gap"] = None
+        result["bg_gap_note"] = "needs the mixed_same and mixed_rand variants"
+    return result
+
+
+_a_run, _a_count = _subset_task("imagenet-a")
+_r_run, _r_count = _subset_task("imagenet-r")
+register_task("clean", clean, needs=("val",), count=lambda ctx: len(_val(ctx)),
+              description="ImageNet-val top-1")
+register_task("imagenet-a", _a_run, needs=("imagenet-a",), count=_a_count,
+              description="ImageNet-A top-1 on its 200 logits (Fig. 2a)")
+register_task("imagenet-r", _r_run, needs=("imagenet-r",), count=_r_count,
+              description="ImageNet-R top-1 on its 200 logits (Fig. 3)")
+register_task("imagenet-o", imagenet_o, needs=("imagenet-o", "val"),
+              count=lambda ctx: sum(len(d) for d in _o_datasets(ctx)[:2]),
+              description="ImageNet-O AUPR / AUROC / FPR95 (Fig. 2c)")
+register_task("imagenet-c", imagenet_c, needs=("imagenet-c", "val"), count=_c_count,
+              description="ImageNet-C mCE, relative mCE, severity-5 mean top-1 (Table 1, Fig. 2b)")
+register_task("imagenet-p", imagenet_p, needs=("imagenet-p", "val"), count=_p_count,
+              description="ImageNet-P mFR / mT5D (Table 2)")
+register_task("imagenet-9", imagenet_9, needs=("imagenet-9",), count=lambda ctx: sum(len(d) for _, d in _nine_parts(ctx)),
+              description="ImageNet-9 backgrounds: Original, Mixed-Same, Mixed-Rand, BG-Gap (Table 3)")

@@ -1,0 +1,396 @@
+"""python -m lkfast.eval end to end on tiny fake datasets in every benchmark layout, written here:
+results, report, resume after an interruption, a 2-process torchrun run, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from lkfast import data, metrics
+from lkfast.eval import EvalError, EvalOptions, ModelSpec, register_task, run_evaluation
+from lkfast.eval.cache import ResultCache
+from lkfast.eval.cli import main
+from lkfast.eval.registry import TASKS
+
+SIZE = 32  # image and model input size: small enough to keep the file fast on 2 busy cores
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wnids():
+    classes = data.imagenet_classes()
+    a = {classes[i] for i in data.imagenet_a_indices().tolist()}
+    r = {classes[i] for i in data.imagenet_r_indices().tolist()}
+    return sorted(a & r)[:2]  # two classes that ImageNet-A and -R both hold
+
+
+def _jpeg(path: Path, generator: torch.Generator, size: int = 40) -> None:
+    # a flat colour plus a little noise: the test model (below) tells such images apart
+    colour = torch.rand(3, 1, 1, generator=generator) * 0.8
+    image = colour + 0.2 * torch.rand(3, size, size, generator=generator)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode_jpeg(data.to_uint8(image), quality=90))
+
+
+def _images(root: Path, classes, per_class: int, generator, size: int = 40) -> None:
+    for c in classes:
+        for i in range(per_class):
+            _jpeg(root / c / f"img{i}.JPEG", generator, size)
+
+
+def build_data_root(root: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    wnids = _wnids()
+    _images(root / "val", wnids, 3, g)
+    _images(root / "imagenet-a", wnids, 2, g)
+    _images(root / "imagenet-r", wnids, 2, g)
+    _images(root / "imagenet-o", wnids, 2, g)
+    for s in range(1, 6):
+        _images(root / "imagenet-c" / "gaussian_noise" / str(s), wnids, 1, g, size=SIZE)
+    _images(root / "imagenet-c" / "snow" / "5", wnids, 1, g, size=SIZE)
+    for name, wnid in (("gaussian_noise", wnids[0]), ("translate", wnids[1])):
+        folder = root / "imagenet-p" / name / wnid
+        folder.mkdir(parents=True)
+        for k in range(2):
+            start, end = torch.rand(2, 3, 1, 1, generator=g)
+            steps = torch.linspace(0, 1, 8).view(8, 1, 1, 1)
+            frames = ((1 - steps) * start + steps * end + 0.1 * torch.rand(8, 3, SIZE, SIZE, generator=g)).clamp(0, 1)
+            np.save(folder / f"seq{k}.npy", (frames * 255).round().to(torch.uint8).numpy())
+    for variant in ("original", "mixed_same", "mixed_rand"):
+        _images(root / "imagenet-9" / variant / "val", ["00_dog", "01_bird", "02_vehicle"], 1, g)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return build_data_root(tmp_path_factory.mktemp("data"))
+
+
+ACTIVE = None  # logit rows the test model can predict (set by the checkpoint fixture)
+
+
+def tiny_model_state():
+    """test_resnet whose head only ever predicts 4 classes (the two fake wnids, a dog and a bird
+    class), chosen from the main directions in which flat-colour images' features differ, so
+    predictions vary from image to image and every accuracy is a real number, not 0 or 100."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet").eval()
+    classes = data.imagenet_classes()
+    active = [classes.index(w) for w in _wnids()] + [151, 10]
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 3, 1, 1, generator=g) * 0.8 + 0.2 * torch.rand(64, 3, SIZE, SIZE, generator=g)
+    with torch.inference_mode():
+        features = model.forward_head(model.forward_features((x - 0.5) / 0.5), pre_logits=True)
+    mean = features.mean(0)
+    directions = torch.pca_lowrank(features - mean, q=4)[2].T
+    state = model.state_dict()
+    state["fc.weight"] = torch.zeros_like(state["fc.weight"])
+    state["fc.weight"][active] = 50 * directions
+    state["fc.bias"] = torch.full_like(state["fc.bias"], -1000.0)
+    state["fc.bias"][active] = -(state["fc.weight"][active] @ mean)
+    return state
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # 2 cores shared with other work: two oneDNN threads spin against each other (10-50x slower)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pth"
+    torch.save({"state_dict": tiny_model_state()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def baseline_checkpoint(tmp_path_factory):
+    import torchvision
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("ckpt") / "mobilenet_v3_small.pth"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
+    return str(path)
+
+
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def common(out, checkpoint, data_root, *extra):
+    return ["--models", f"test_resnet:{checkpoint}=tiny", "--data-root", data_root, "--out", out,
+            "--input-size", SIZE, "--workers", 0, "--batch-size", 4, "--no-progress", *extra]
+
+
+def load(out) -> dict:
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def numbers(results) -> dict:
+    """results without run metadata and timings (what two runs must agree on)."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in ("seconds",)}
+        return x
+    return {k: strip(v) for k, v in results.items() if k != "_meta"}
+
+
+# -- reference: the same numbers computed directly with the readers, the model and lkfast.metrics --
+def reference_model(checkpoint):
+    model = timm.create_model("test_resnet")
+    model.load_state_dict(torch.load(checkpoint)["state_dict"])
+    return model.eval()
+
+
+def reference_logits(model, dataset) -> tuple:
+    logits, targets = [], []
+    with torch.inference_mode():
+        for i in range(len(dataset)):
+            x, y = dataset[i]
+            if x is None:
+                continue
+            x = x.unsqueeze(0) if x.dim() == 3 else x
+            logits.append(model((x - 0.5) / 0.5))  # test_resnet's mean/std are 0.5
+            targets.append(y)
+    return torch.cat(logits), torch.tensor(targets)
+
+
+def config():
+    return {"input_size": (3, SIZE, SIZE), "interpolation": "bilinear", "crop_pct": 0.95, "crop_mode": "center"}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, data_root, checkpoint, baseline_checkpoint):
+    out = tmp_path_factory.mktemp("full")
+    rc = cli(*common(out, checkpoint, data_root, "--baseline-model", f"mobilenet_v3_small:{baseline_checkpoint}"))
+    assert rc == 0
+    return out, load(out)
+
+
+def test_cli_end_to_end_matches_a_direct_computation(full_run, data_root, checkpoint):
+    out, results = full_run
+    r = results["tiny"]
+    model = reference_model(checkpoint)
+    tf = data.transform_for(config())
+    # clean and A: top-1 as lkfast.metrics computes it on the readers' items
+    logits, y = reference_logits(model, data.ImageFolderBenchmark(data_root / "val", tf))
+    assert r["clean"]["top1"] == pytest.approx(metrics.accuracy(logits, y))
+    assert 0 < r["clean"]["top1"] < 100
+    a_logits, a_y = reference_logits(model, data.ImageNetA(data_root / "imagenet-a", tf))
+    assert r["imagenet-a"]["top1"] == pytest.approx(metrics.accuracy(a_logits, a_y, data.imagenet_a_indices()))
+    # O: -max softmax over ImageNet-O's classes, val restricted to them
+    o = data.ImageNetO(data_root / "imagenet-o", tf)
+    in_logits, _ = reference_logits(model, data.ImageNetVal(data_root / "val", tf, classes=o.classes))
+    out_logits, _ = reference_logits(model, o)
+    score = lambda z: -z[:, o.class_subset].softmax(1).max(1).values  # noqa: E731
+    expected = metrics.ood_scores(score(in_logits), score(out_logits))
+    assert {k: r["imagenet-o"][k] for k in expected} == pytest.approx(expected)
+    # C from disk: 224-px images fed without a resize
+    err = {}
+    for c, severities in data.imagenet_c_contents(data_root / "imagenet-c").items():
+        for s in severities:
+            z, t = reference_logits(model, data.ImageNetC(data_root / "imagenet-c", c, s, data.transform_for(config(), False)))
+            err.setdefault(c, {})[s] = 1 - metrics.accuracy(z, t) / 100
+    expected = metrics.corruption_errors(err, clean_error=1 - r["clean"]["top1"] / 100)
+    for key in ("mce", "relative_mce", "sev5_top1", "mean_top1"):
+        assert r["imagenet-c"][key] == pytest.approx(expected[key]), key
+    assert r["imagenet-c"]["source"].startswith("disk")
+    # P: flip probability and top-5 distance per perturbation; mFR / mT5D against the baseline's
+    for name in ("gaussian_noise", "translate"):
+        seq = data.ImageNetP(data_root / "imagenet-p", name)
+        z = torch.stack([reference_logits(model, [(seq[i][0], 0)])[0] for i in range(len(seq))])
+        noise = name == "gaussian_noise"
+        assert r["imagenet-p"]["fr"][name] == pytest.approx(100 * metrics.flip_probability(z.argmax(2), noise))
+        assert r["imagenet-p"]["t5d"][name] == pytest.approx(metrics.top5_distance(z, noise))
+    base = r["imagenet-p"]["baseline"]
+    assert r["imagenet-p"]["mfr"] == pytest.approx(metrics.mfr(r["imagenet-p"]["fr"], base["fr"]))
+    assert r["imagenet-p"]["mt5d"] == pytest.approx(metrics.mt5d(r["imagenet-p"]["t5d"], base["t5d"]))
+    # 9: 1000 logits mapped to the nine classes
+    acc = {}
+    for variant in ("original", "mixed_same", "mixed_rand"):
+        z, t = reference_logits(model, data.ImageNet9(data_root / "imagenet-9", variant, tf))
+        acc[variant] = metrics.imagenet9_accuracy(z, t, data.imagenet9_class_map())
+    assert r["imagenet-9"]["top1"] == pytest.approx(acc)
+    assert r["imagenet-9"]["bg_gap"] == pytest.approx(acc["mixed_same"] - acc["mixed_rand"])
+    # metadata and the report
+    meta = results["_meta"]
+    assert meta["torch"] == torch.__version__ and meta["device"] == "cpu" and meta["data_sources"]["val"]
+    report = (out / "report.md").read_text()
+    for heading in ("Table 1", "Table 2", "Table 3", "Figure 2", "Figure 3", "Table 6"):
+        assert heading in report
+    for png in ("figure2.png", "figure3.png"):
+        assert (out / "figures" / png).stat().st_size > 1000
+    assert (out / "tables" / "table1_mce.csv").read_text().startswith("Model,mCE")
+
+
+def test_resume_after_interruption_gives_the_same_results(tmp_path, full_run, data_root, checkpoint, monkeypatch):
+    args = common(tmp_path, checkpoint, data_root, "--suite", "clean,imagenet-c", "--shard-size", 1)
+    saved = []
+    original = ResultCache.save_shard
+
+    def interrupted(self, *a, **k):
+        if len(saved) == 5:
+            raise KeyboardInterrupt  # the run is killed while computing its sixth shard
+        saved.append(a)
+        return original(self, *a, **k)
+    monkeypatch.setattr(ResultCache, "save_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli(*args)
+    monkeypatch.setattr(ResultCache, "save_shard", lambda self, *a, **k: saved.append(a) or original(self, *a, **k))
+    assert cli(*args) == 0
+    resumed = load(tmp_path)
+    total = 6 + 12  # val images + ImageNet-C images, one shard each
+    assert len(saved) == total, "the resumed run recomputed shards that were already stored"
+    expected = numbers(full_run[1])["tiny"]
+    assert numbers(resumed)["tiny"]["clean"] == expected["clean"] | {"source": expected["clean"]["source"]}
+    for key in ("top1", "mce", "relative_mce", "sev5_top1"):
+        assert resumed["tiny"]["imagenet-c"][key] == expected["imagenet-c"][key]
+    # a finished run is not recomputed: no shard is saved and no model is built
+    monkeypatch.setattr("lkfast.eval.runner.load_model", lambda *a, **k: pytest.fail("model loaded again"))
+    assert cli(*args) == 0
+    assert len(saved) == total
+    assert numbers(load(tmp_path)) == numbers(resumed)
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, full_run, data_root, checkpoint):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "lkfast.eval", *map(str, common(tmp_path, checkpoint, data_root, "--suite", "clean,imagenet-c,imagenet-9",
+                                                  "--shard-size", 1))]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = load(tmp_path)
+    assert results["_meta"]["world_size"] == 2
+    expected = numbers(full_run[1])["tiny"]
+    for task in ("clean", "imagenet-c", "imagenet-9"):
+        got = numbers(results)["tiny"][task]
+        assert got == {k: v for k, v in expected[task].items() if k in got}, task
+
+
+def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint):
+    only_val = tmp_path / "data"
+    only_val.mkdir()
+    (only_val / "val").symlink_to(data_root / "val")
+    assert cli(*common(tmp_path / "out", checkpoint, only_val, "--suite", "imagenet-c,imagenet-p", "--limit", 2,
+                       "--baseline-model", "none")) == 0
+    r = load(tmp_path / "out")["tiny"]
+    assert r["imagenet-c"]["source"].startswith("generated")
+    assert r["imagenet-c"]["mce_complete"] is True and len(r["imagenet-c"]["sev5_over"]) == 19
+    assert set(r["imagenet-p"]["fr"]) == set(metrics.IMAGENET_P)
+    assert r["imagenet-p"]["mfr"] is None and "baseline" in r["imagenet-p"]["normalisation_note"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "generated from" in report and "mfr omitted" in report.lower().replace("normalisation", "mfr")
+
+
+def test_dry_run_prints_the_plan(tmp_path, data_root, checkpoint, capsys):
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean,imagenet-9,imagenet-a", "--dry-run")) == 0
+    plan = capsys.readouterr().out
+    assert "| tiny | clean | 6 |" in plan and "| tiny | imagenet-9 | 9 |" in plan and "img/s" in plan
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):
+    calls = []
+
+    def mean_logit(ctx):
+        calls.append(1)
+        dataset = ctx.__class__  # noqa: F841  (the contract: ctx.records over any dataset)
+        images = data.ImageFolderBenchmark(ctx.source("val"), data.transform_for(ctx.config))
+        rec = ctx.records("val", images, lambda x, y, start: {"m": ctx.forward(x).mean(1)})
+        return {"mean_logit": float(rec["m"].mean()), "n": len(rec["m"])}
+    register_task("test-mean-logit", mean_logit, needs=("val",), replace=True)
+    try:
+        specs = [ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)]
+        options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val")}, workers=0, progress=False)
+        first = run_evaluation(specs, ["test-mean-logit"], options)
+        second = run_evaluation(specs, ["test-mean-logit"], options)
+        assert first["tiny"]["test-mean-logit"]["n"] == 6 and len(calls) == 1
+        assert second["tiny"]["test-mean-logit"] == first["tiny"]["test-mean-logit"]
+    finally:
+        TASKS.pop("test-mean-logit")
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def run_failing(capsys, *args) -> str:
+    assert cli(*args) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_dataset_folder(tmp_path, data_root, checkpoint, capsys):
+    err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--imagenet-a-dir", tmp_path / "nowhere"))
+    assert "--imagenet-a-dir" in err and "no such folder" in err
+    # under --data-root an absent benchmark is skipped with the reason, in results.json and the report
+    root = tmp_path / "root"
+    (root / "val").mkdir(parents=True)
+    (root / "val" / _wnids()[0]).symlink_to(data_root / "val" / _wnids()[0])
+    assert cli(*common(tmp_path / "out", checkpoint, root, "--suite", "clean,imagenet-r")) == 0
+    r = load(tmp_path / "out")["tiny"]
+    assert "imagenet-r" in r["imagenet-r"]["unavailable"] and r["clean"]["images"] == 3
+    assert "Not run" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_wrong_layout_says_what_was_expected(tmp_path, data_root, checkpoint, capsys):
+    err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--suite", "imagenet-c",
+                                      "--imagenet-c-dir", data_root / "val"))
+    assert "expected" in err and "<corruption>/<severity" in err and "ImageNet-val" in err
+
+
+def test_unknown_wnids(tmp_path, data_root, checkpoint, capsys):
+    bad = tmp_path / "val"
+    _images(bad, ["n00000001"], 1, torch.Generator().manual_seed(0))
+    err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--suite", "clean", "--val-dir", bad))
+    assert "n00000001" in err and "not known class names" in err
+
+
+def test_model_whose_classes_do_not_fit(tmp_path, data_root, checkpoint, capsys):
+    options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val")}, workers=0, progress=False)
+    with pytest.raises(EvalError, match="outputs 10 classes.*1000 classes"):
+        run_evaluation([ModelSpec("test_resnet", kwargs=(("num_classes", 10),), input_size=SIZE)], ["clean"], options)
+    ten = tmp_path / "ten.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=10).state_dict(), ten)
+    err = run_failing(capsys, *common(tmp_path, ten, data_root, "--suite", "clean"))
+    assert "10 classes" in err
+
+
+def test_unreadable_image_is_skipped_warned_and_counted(tmp_path, data_root, checkpoint):
+    val = tmp_path / "val"
+    for folder in (data_root / "val").iterdir():
+        (val / folder.name).mkdir(parents=True)
+        for f in folder.iterdir():
+            (val / folder.name / f.name).write_bytes(f.read_bytes())
+    broken = sorted(val.rglob("*.JPEG"))[1]
+    broken.write_bytes(broken.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert cli(*common(tmp_path / "out", checkpoint, data_root, "--suite", "clean", "--val-dir", val)) == 0
+    r = load(tmp_path / "out")["tiny"]["clean"]
+    assert r["skipped_unreadable"] == 1 and r["images"] == 5
+    logits, y = reference_logits(reference_model(checkpoint), data.ImageFolderBenchmark(val, data.transform_for(config())))
+    assert r["top1"] == pytest.approx(metrics.accuracy(logits, y))
+    assert "1 unreadable item(s) skipped" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_limit_zero_and_unknown_task(tmp_path, data_root, checkpoint, capsys):
+    err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--limit", 0))
+    assert "--limit" in err and "positive" in err
+    err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--suite", "clean,imagenet-x"))
+    assert "'imagenet-x'" in err and "imagenet-9" in err and "paper" in err
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--models", "--suite", "--data-root", "--imagenet-c-dir", "--out", "--device", "--batch-size",
+                   "--workers", "--amp", "--channels-last", "--limit", "--seed", "--trust-checkpoint", "--dry-run",
+                   "--baseline-model", "examples:"):
+        assert option in text
