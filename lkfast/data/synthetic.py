@@ -16,29 +16,32 @@ the background and the ImageNet-9 variants measure how much it does. Four furthe
 
 Every number comes from ``numpy.random.default_rng`` seeded with (seed, split, index): an image
 does not depend on how many others are drawn, and a seed gives the same images on every machine.
-Pixels are computed with +, -, x, / and comparisons only (IEEE-exact), on a 4x4 supersampled grid;
+Pixels are computed with +, -, x, / and comparisons only (IEEE-exact), on a 2x2 supersampled grid;
 the only transcendental values (rotation cosines, polygon vertices) are rounded to 2^-30 first, so
 a last-bit difference between two maths libraries cannot reach a pixel.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 CLASSES = ("circle", "square", "triangle", "plus", "ring", "star", "hexagon", "crescent", "arrow", "heart")
 OOD_CLASSES = ("bar", "lshape", "semicircle", "hourglass")
+IN9_CLASSES = CLASSES[:9]
+IN9_FOLDERS = tuple(f"{i:02d}_{name}" for i, name in enumerate(IN9_CLASSES))
 IN9_VARIANTS = ("original", "only_fg", "no_fg", "only_bg_b", "only_bg_t", "mixed_same", "mixed_rand", "mixed_next")
 SPLITS = {"train": 1, "val": 2, "r": 3, "ood": 4, "a-pool": 5, "p": 6}
 STYLES = ("photo", "sketch")
-SUPERSAMPLE = 4
-_GENERATOR_VERSION = 1  # bump when rendering changes: cached sets are rebuilt
+SUPERSAMPLE = 2
+_GENERATOR_VERSION = 2  # bump when rendering changes: cached sets are rebuilt
 
 
 def _q(value: float) -> float:
@@ -330,6 +333,8 @@ class SyntheticConfig:
     a_pool_per_class: int = 60     # candidates the reference model filters for -A
     a_min_confidence: float = 0.5
     background_correlation: float = 0.8
+    corruptions: Optional[Tuple[str, ...]] = None    # None: all 19
+    perturbations: Optional[Tuple[str, ...]] = None  # None: all 10
 
     def key(self) -> str:
         from lkfast.cache import config_key
@@ -340,13 +345,15 @@ class SyntheticConfig:
 def class_space() -> dict:
     """The synthetic benchmark's class space, in the shape the eval's class-space hook reads:
     ``classes`` (folder names in index order), ``folder_to_index``, the index subsets ``a_indices``,
-    ``r_indices``, ``o_indices`` (all ten: every class appears in each set) and ``in9_map`` (the model's
-    class -> ImageNet-9 class: the identity here, the ten classes are the backgrounds challenge's
-    classes), plus ``ood_classes`` (the held-out shapes, never a model output)."""
+    ``r_indices``, ``o_indices`` (all ten: every class appears in each set), ``in9_map`` (the model's
+    class -> ImageNet-9 class, -1 for none: the first nine classes are ImageNet-9's, in the folders
+    ``in9_folders`` 00_circle ... 08_arrow), and ``ood_classes`` (the held-out shapes, never a model
+    output)."""
     n = len(CLASSES)
     return {"classes": list(CLASSES), "folder_to_index": {c: i for i, c in enumerate(CLASSES)},
             "a_indices": list(range(n)), "r_indices": list(range(n)), "o_indices": list(range(n)),
-            "in9_map": list(range(n)), "ood_classes": list(OOD_CLASSES)}
+            "in9_map": [i if i < len(IN9_CLASSES) else -1 for i in range(n)], "in9_folders": list(IN9_FOLDERS),
+            "ood_classes": list(OOD_CLASSES)}
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
@@ -376,33 +383,43 @@ def _to_uint8(tensor) -> np.ndarray:
     return (tensor.clamp(0, 1) * 255).round().to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1).numpy()
 
 
-def build_split(root, config: SyntheticConfig, split: str, progress=None) -> None:
-    """Write one ImageFolder split (``train`` or ``val``) under ``root``; ``val`` also writes its masks
-    as ``root``-sibling folder ``val-masks`` is not created here (see ``build_base``)."""
-    count = config.train_per_class if split == "train" else config.val_per_class
-    data = render(CLASSES, config.seed, split, count, config.size,
+@functools.lru_cache(maxsize=2)
+def _val_set(config: SyntheticConfig) -> Rendered:
+    return render(CLASSES, config.seed, "val", config.val_per_class, config.size,
                   background_correlation=config.background_correlation)
+
+
+def build_split(root, config: SyntheticConfig, split: str) -> None:
+    """Write one ImageFolder split (``train`` or ``val``) as root/<class>/<split>_<k>.png."""
+    if split == "val":
+        data = _val_set(config)
+    else:
+        data = render(CLASSES, config.seed, split, config.train_per_class, config.size,
+                      background_correlation=config.background_correlation)
     _write_folder(Path(root), data.images, data.labels, None, stem=split)
 
 
 def build_masks(root, config: SyntheticConfig) -> None:
-    """val's foreground masks as 0..255 PNGs, same class folders and file names as ``val/``."""
-    data = render(CLASSES, config.seed, "val", config.val_per_class, config.size,
-                  background_correlation=config.background_correlation)
+    """val's foreground masks as 0..255 grey PNGs, same class folders and file names as ``val/``."""
+    data = _val_set(config)
     _write_folder(Path(root), data.masks, data.labels, None, stem="val")
 
 
 def build_imagenet_c(root, config: SyntheticConfig, progress=None) -> None:
-    """ImageNet-C layout: root/<corruption>/<severity>/<class>/*.png, all 19 corruptions x 5 severities
-    of the first ``c_per_class`` val images of each class (the same files as in val/)."""
+    """ImageNet-C layout: root/<corruption>/<severity>/<class>/*.png, the 19 corruptions (or
+    ``config.corruptions``) x 5 severities of the first ``c_per_class`` val images of each class (the
+    same file names as in val/)."""
     import torch
 
     from lkfast.corrupt import CORRUPTIONS, SEVERITIES, corrupt
 
-    data = render(CLASSES, config.seed, "val", config.c_per_class, config.size,
-                  background_correlation=config.background_correlation)
+    data = _val_set(config)
+    keep = np.concatenate([np.flatnonzero(data.labels == c)[:config.c_per_class] for c in range(len(CLASSES))])
+    data = Rendered(*(getattr(data, f.name)[keep] for f in dataclasses.fields(Rendered)))
     x = _to_tensor(data.images)
     for n, name in enumerate(CORRUPTIONS):
+        if config.corruptions is not None and name not in config.corruptions:
+            continue
         for severity in SEVERITIES:
             g = torch.Generator().manual_seed(config.seed * 1000 + n * 10 + severity)
             out = _to_uint8(corrupt(x, name, severity, generator=g))
@@ -424,6 +441,8 @@ def build_imagenet_p(root, config: SyntheticConfig, progress=None) -> None:
                   background_correlation=config.background_correlation)
     x = _to_tensor(data.images)
     for n, name in enumerate(PERTURBATIONS):
+        if config.perturbations is not None and name not in config.perturbations:
+            continue
         g = torch.Generator().manual_seed(config.seed * 1000 + n)
         frames = perturbation_sequence(x, name, 1, generator=g, crop=config.size)
         counters: Dict[int, int] = {}
@@ -437,8 +456,9 @@ def build_imagenet_p(root, config: SyntheticConfig, progress=None) -> None:
             progress(1)
 
 
-def imagenet9_variants(data: Rendered, seed: int) -> Dict[str, np.ndarray]:
-    """The backgrounds-challenge variants of ``data`` (uint8 image arrays, same order as ``data``):
+def imagenet9_variants(data: Rendered, seed: int):
+    """({variant: uint8 images}, {mixed variant: background partner index}) for ``data``, images in
+    the order of ``data``. The backgrounds-challenge variants:
     original; only_fg (foreground on black); no_fg (foreground blacked out); only_bg_b (black
     bounding box over the foreground); only_bg_t (the true background); mixed_same / mixed_rand /
     mixed_next (the foreground over the background of another image of the same class / of a random
@@ -475,14 +495,19 @@ def imagenet9_variants(data: Rendered, seed: int) -> Dict[str, np.ndarray]:
 
 
 def build_imagenet_9(root, config: SyntheticConfig) -> None:
-    """ImageNet-9 layout: root/<variant>/val/<class>/*.png for every variant in ``IN9_VARIANTS``
-    (built from held-out val images 10_000 on, so they are not the clean val images), and the
-    background partner of each mixed image in root/partners.json."""
+    """ImageNet-9 layout: root/<variant>/val/<NN_class>/*.png for every variant in ``IN9_VARIANTS``,
+    with the release's numbered folders (00_circle ... 08_arrow: the first nine classes; as with
+    ImageNet-9, a model's other class, heart, maps to no ImageNet-9 class and counts as wrong). Built
+    from val-distribution images 10_000 on (not the clean val images); backgrounds of the mixed
+    variants come from all ten classes. The background partner of each mixed image (an index into
+    the ten-class set, class-major) is in root/partners.json."""
     data = render(CLASSES, config.seed, "val", config.in9_per_class, config.size,
                   background_correlation=config.background_correlation, start=10_000)
     variants, partners = imagenet9_variants(data, config.seed)
+    keep = data.labels < len(IN9_CLASSES)
     for name, images in variants.items():
-        _write_folder(Path(root) / name / "val", images, data.labels, None, stem="in9")
+        _write_folder(Path(root) / name / "val", images[keep], data.labels[keep], None, classes=IN9_FOLDERS,
+                      stem="in9")
     (Path(root) / "partners.json").write_text(json.dumps({k: v.tolist() for k, v in partners.items()}))
 
 
@@ -504,7 +529,8 @@ def build_base(root, config: SyntheticConfig = SyntheticConfig(), log=None) -> D
 
     root = Path(root)
     key = config.key()
-    steps = {"train": 1, "val": 1, "val-masks": 1, "imagenet-c": 5 * len(CORRUPTIONS), "imagenet-p": len(PERTURBATIONS),
+    steps = {"train": 1, "val": 1, "val-masks": 1, "imagenet-c": 5 * len(config.corruptions or CORRUPTIONS),
+             "imagenet-p": len(config.perturbations or PERTURBATIONS),
              "imagenet-9": 1, "imagenet-r": 1}
     builders = {
         "train": lambda d, p: build_split(d, config, "train"),
@@ -591,7 +617,7 @@ def build_imagenet_o(root, config: SyntheticConfig, model, mean, std) -> None:
         _save_png(folder / f"{shape}_{k:05d}.png", image)
 
 
-__all__ = ["CLASSES", "OOD_CLASSES", "IN9_VARIANTS", "SHAPES", "SyntheticConfig", "Rendered", "render", "render_one",
+__all__ = ["CLASSES", "OOD_CLASSES", "IN9_CLASSES", "IN9_FOLDERS", "IN9_VARIANTS", "SHAPES", "SyntheticConfig", "Rendered", "render", "render_one",
            "composite", "imagenet9_variants", "class_space", "build_base", "build_split", "build_masks",
            "build_imagenet_c", "build_imagenet_p", "build_imagenet_9", "build_imagenet_r", "build_imagenet_a",
            "build_imagenet_o", "reference_predictions"]
