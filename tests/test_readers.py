@@ -10,8 +10,8 @@ from PIL import Image
 from lkfast import metrics
 from lkfast.data import (DatasetLayoutError, ImageNet9, ImageNetA, ImageNetC, ImageNetO, ImageNetP, ImageNetR,
                          ImageNetVal, check_imagenet9_map, collate_skipping, imagenet9_class_map,
-                         imagenet_a_indices, imagenet_c_contents, imagenet_classes, imagenet_o_indices,
-                         imagenet_r_indices, transform_for)
+                         imagenet9_contents, imagenet_a_indices, imagenet_c_contents, imagenet_classes,
+                         imagenet_o_indices, imagenet_p_contents, imagenet_r_indices, transform_for)
 from lkfast.data.imagenet import imagenet_a_wnids, imagenet_r_wnids
 
 WNIDS = imagenet_classes()
@@ -226,12 +226,17 @@ def test_imagenet_p_noise_difficulty_folders(tmp_path):
     for folder in ("gaussian_noise", "gaussian_noise_3"):
         (root / folder / WNIDS[0]).mkdir(parents=True)
         np.save(root / folder / WNIDS[0] / f"{folder}.npy", frames_for(0).numpy())
+    (root / "tilt" / WNIDS[0]).mkdir(parents=True)
+    assert imagenet_p_contents(root) == {"gaussian_noise": [1, 3], "tilt": [1, 2, 3]}
     hard = ImageNetP(root, "gaussian_noise", difficulty=3)
     assert hard.samples[0][0].name == "gaussian_noise_3.npy" and hard.stride == 1 and hard.noise
     with pytest.raises(DatasetLayoutError, match="no folder 'gaussian_noise_2'.*found: gaussian_noise, gaussian_noise_3"):
         ImageNetP(root, "gaussian_noise", difficulty=2)
     with pytest.raises(ValueError, match="unknown perturbation"):
         ImageNetP(root, "fog")
+    (root / "tilt_2").mkdir()
+    with pytest.raises(DatasetLayoutError, match="tilt_2.*not perturbation names"):
+        imagenet_p_contents(root)
 
 
 # ----------------------------------------------------------------------------- ImageNet-9
@@ -241,6 +246,9 @@ def test_imagenet9_reader(tmp_path):
     for variant in ("mixed_same", "mixed_rand"):
         for cls in ("00_dog", "03_reptile", "08_fish"):
             write_image(root / variant / "val" / cls / "x.JPEG", seed=len(cls))
+    assert imagenet9_contents(root) == ["mixed_same", "mixed_rand"]
+    with pytest.raises(DatasetLayoutError, match="no <variant>/val folder"):
+        imagenet9_contents(root / "mixed_rand" / "val")
     ds = ImageNet9(root, "mixed_rand")
     assert ds.targets.tolist() == [0, 3, 8] and ds.map_checked is False
     (root / "in_to_in9.json").write_text(json.dumps({str(i): int(v) for i, v in enumerate(imagenet9_class_map())}))
@@ -250,7 +258,7 @@ def test_imagenet9_reader(tmp_path):
     with pytest.raises(ValueError, match="unknown ImageNet-9 variant"):
         ImageNet9(root, "mixed")
     (root / "original" / "val" / "dog").mkdir(parents=True)
-    with pytest.raises(DatasetLayoutError, match="expected 9 class folders"):
+    with pytest.raises(DatasetLayoutError, match=r"numbered 00_<class> .. 08_<class>.*found 1: dog"):
         ImageNet9(root, "original")
 
 

@@ -12,7 +12,7 @@ Layouts (the releases' own):
   ImageNet-val, -A, -R, -O   ``<root>/<wnid>/<image>``
   ImageNet-C                 ``<root>/<corruption>/<severity 1..5>/<wnid>/<image>.JPEG``
   ImageNet-P                 ``<root>/<perturbation>[_<difficulty 2|3>]/<wnid>/<sequence>.mp4|.npy``
-  ImageNet-9                 ``<root>/<variant>/val/<class>/<image>`` (class folders 00_dog ... 08_fish)
+  ImageNet-9                 ``<root>/<variant>/val/<NN_class>/<image>`` (class folders numbered 00..08)
 
 Items are ``(image, target)``: ``transform`` receives a PIL RGB image (a uint8 (T, 3, H, W)
 tensor for ImageNet-P) and must return a float tensor in [0, 1]; no normalisation happens here
@@ -76,8 +76,13 @@ def imagenet_classes() -> List[str]:
     return list(ImageNetInfo("imagenet-1k").label_names())
 
 
-def _class_index() -> Dict[str, int]:
+@functools.lru_cache(maxsize=1)
+def _imagenet_class_index() -> Dict[str, int]:
     return {wnid: i for i, wnid in enumerate(imagenet_classes())}
+
+
+def _class_index() -> Dict[str, int]:
+    return dict(_imagenet_class_index())
 
 
 def imagenet_a_indices() -> torch.Tensor:
@@ -494,6 +499,48 @@ class ImageNetC(ImageFolderBenchmark):
         super().__init__(Path(root) / corruption / str(severity), transform, limit=limit)
 
 
+def imagenet_p_contents(root: PathLike) -> Dict[str, List[int]]:
+    """{perturbation: [difficulties present]} of an ImageNet-P folder, perturbations in IMAGENET_P
+    order. A noise perturbation has difficulty d > 1 when its ``<name>_<d>`` folder exists; the
+    other perturbations have one set of videos, read at strides 1..3, so they list [1, 2, 3].
+    Raises DatasetLayoutError if ``root`` is missing, holds a folder that is not a perturbation
+    (or ``<noise>_2|3``), or holds none."""
+    root = Path(root)
+    layout = ImageNetP.layout
+    _require_folder(root, "ImageNet-P", layout)
+    names = [f.name for f in _subfolders(root)]
+    valid = set(metrics.IMAGENET_P) | {f"{n}_{d}" for n in metrics.NOISE_PERTURBATIONS for d in (2, 3)}
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise DatasetLayoutError(f"ImageNet-P: folder(s) {', '.join(unknown[:5])} in {str(root)!r} are not perturbation names; "
+                                 f"expected {layout} with perturbations from: {', '.join(metrics.IMAGENET_P)} "
+                                 f"(noise difficulties 2 and 3 as <name>_2, <name>_3)")
+    contents = {}
+    for name in metrics.IMAGENET_P:
+        if name in metrics.NOISE_PERTURBATIONS:
+            levels = [d for d, folder in ((1, name), (2, f"{name}_2"), (3, f"{name}_3")) if folder in names]
+            if levels:
+                contents[name] = levels
+        elif name in names:
+            contents[name] = [1, 2, 3]
+    if not contents:
+        raise DatasetLayoutError(f"ImageNet-P: no perturbation folders in {str(root)!r}; expected {layout}")
+    return contents
+
+
+def imagenet9_contents(root: PathLike) -> List[str]:
+    """The ImageNet-9 variants present under ``root`` (those with a ``<variant>/val`` folder), in
+    IMAGENET9_VARIANTS order. Raises DatasetLayoutError if ``root`` is missing or has none."""
+    root = Path(root)
+    _require_folder(root, "ImageNet-9", ImageNet9.layout)
+    present = [v for v in metrics.IMAGENET9_VARIANTS if (root / v / "val").is_dir()]
+    if not present:
+        found = [f.name for f in _subfolders(root)]
+        raise DatasetLayoutError(f"ImageNet-9: no <variant>/val folder in {str(root)!r} (found: {', '.join(found[:9]) or 'nothing'}); "
+                                 f"expected {ImageNet9.layout} with variants from: {', '.join(metrics.IMAGENET9_VARIANTS)}")
+    return present
+
+
 class ImageNetP(ImageFolderBenchmark):
     """One perturbation of ImageNet-P: ``<root>/<perturbation>/<wnid>/<sequence>.mp4`` (or ``.npy``
     arrays, uint8 (T, H, W, 3) or (T, 3, H, W)); item = (frames float (T, 3, H, W) in [0, 1],
@@ -535,14 +582,14 @@ class ImageNetP(ImageFolderBenchmark):
 
 class ImageNet9(ImageFolderBenchmark):
     """One ImageNet-9 variant of the backgrounds-challenge release: ``<root>/<variant>/val/<class>/*``;
-    targets 0..8 (IMAGENET9_CLASSES). Class folders named ``NN_<name>`` (the release's ``00_dog``
-    ... ``08_fish``) take their target from NN; otherwise there must be exactly 9 class folders,
+    targets 0..8 (IMAGENET9_CLASSES). Class folders named ``NN_<name>`` (the release numbers them
+    00 .. 08 in IMAGENET9_CLASSES order, e.g. ``00_dog``) take their target from NN; otherwise there must be exactly 9 class folders,
     numbered in sorted order (as the release's torchvision ImageFolder does). If ``root`` holds an
     ``in_to_in9.json``, it is checked against :func:`imagenet9_class_map` (DatasetLayoutError if it
     differs). Score 1000-class models with ``lkfast.metrics.imagenet9_accuracy``."""
 
     name = "ImageNet-9"
-    layout = "<root>/<variant>/val/<class NN_name>/<image>"
+    layout = "<root>/<variant>/val/<NN_class>/<image>"
 
     def __init__(self, root: PathLike, variant: str, transform: Optional[Callable] = None,
                  limit: Optional[int] = None):
@@ -572,7 +619,8 @@ class ImageNet9(ImageFolderBenchmark):
         elif len(names) == 9:
             index = {n: i for i, n in enumerate(names)}
         else:
-            raise DatasetLayoutError(f"ImageNet-9: expected 9 class folders 00_dog ... 08_fish in {str(self.root)!r}; "
+            raise DatasetLayoutError(f"ImageNet-9: expected class folders numbered 00_<class> .. 08_<class> (or exactly 9 "
+                                     f"class folders) in {str(self.root)!r}; "
                                      f"found {len(names)}: {', '.join(names[:9]) or 'none'}")
         return _scan(self.root, self.name, self.layout, index)
 
@@ -593,4 +641,4 @@ __all__ = ["DatasetLayoutError", "IMAGENET9_CLASSES", "IMAGENET9_WNIDS", "imagen
            "imagenet_r_indices", "imagenet_a_wnids", "imagenet_r_wnids", "imagenet_o_wnids", "imagenet_o_indices",
            "imagenet9_class_map", "check_imagenet9_map", "to_float_image", "transform_for", "ImageFolderBenchmark",
            "ImageNetVal", "ImageNetA", "ImageNetR", "ImageNetO", "imagenet_c_contents", "ImageNetC", "ImageNetP",
-           "ImageNet9", "collate_skipping"]
+           "ImageNet9", "collate_skipping", "imagenet_p_contents", "imagenet9_contents", "SEQUENCE_SUFFIXES"]
