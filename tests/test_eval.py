@@ -369,7 +369,7 @@ def test_unreadable_image_is_skipped_warned_and_counted(tmp_path, data_root, che
         for f in folder.iterdir():
             (val / folder.name / f.name).write_bytes(f.read_bytes())
     broken = sorted(val.rglob("*.JPEG"))[1]
-    broken.write_bytes(broken.read_bytes()[:100])
+    broken.write_bytes(broken.read_bytes()[:300])  # a truncated JPEG
     with pytest.warns(UserWarning, match="unreadable"):
         assert cli(*common(tmp_path / "out", checkpoint, data_root, "--suite", "clean", "--val-dir", val)) == 0
     r = load(tmp_path / "out")["tiny"]["clean"]
@@ -394,3 +394,49 @@ def test_help_documents_every_option(capsys):
                    "--workers", "--amp", "--channels-last", "--limit", "--seed", "--trust-checkpoint", "--dry-run",
                    "--baseline-model", "examples:"):
         assert option in text
+
+
+def test_device_jpeg_decode_matches_the_pil_path(data_root):
+    # the GPU path (decode_jpeg on the evaluation device, resize + crop there), run on the CPU here
+    from lkfast.eval.sources import EncodedImages
+
+    cfg = config()
+    folder = data.ImageFolderBenchmark(data_root / "val", data.transform_for(cfg))
+    encoded = EncodedImages(folder, cfg)
+    assert EncodedImages.supports(folder, cfg)
+    items = [encoded[i] for i in range(len(encoded))]
+    broken = items[0][0][:200]  # a truncated file among them
+    images, ok = encoded.decode_batch([broken] + [x for x, _ in items], "cpu")
+    assert ok.tolist() == [False] + [True] * len(items)
+    expected = torch.stack([folder[i][0] for i in range(len(folder))])
+    assert images.shape == expected.shape
+    assert (images - expected).abs().mean() < 0.02
+
+
+def test_report_puts_the_papers_value_beside_the_measured_one(tmp_path):
+    from lkfast.eval.report import write_report
+
+    results = {
+        "RepLKNet-31B": {"_model": {"name": "replknet_31b"}, "imagenet-c": {"mce": 40.0, "sev5_top1": 45.0},
+                         "imagenet-9": {"top1": {"original": 90.0, "mixed_same": 80.0, "mixed_rand": 70.0},
+                                        "bg_gap": 10.0}},
+        "mine": {"_model": {"name": "vit_large_patch16_224"}, "imagenet-c": {"mce": 50.0, "sev5_top1": 40.0},
+                 "imagenet-9": {"unavailable": "no imagenet-9 data"}},
+        "_meta": {"device": "cpu"},
+    }
+    report = write_report(tmp_path, results).read_text()
+    assert "| RepLKNet-31B | 40.00 | 36.50 |" in report          # Table 1: measured, paper
+    assert "| mine | 50.00 | 45.50 |" in report                  # matched by architecture name (ViT-L/16)
+    assert "| RepLKNet-31B | 90.00 | 97.30 | 80.00 | 92.30 | 70.00 | 88.20 | 10.00 | 4.10 |" in report
+    assert "mine: imagenet-9: no imagenet-9 data" in report
+    assert (tmp_path / "tables" / "table3_imagenet9.csv").is_file() and (tmp_path / "figures" / "figure2.png").is_file()
+
+
+def test_no_models_and_no_data_explains_what_to_run(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lkfast.eval.default" else real(name, *a))
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "--models" in err and "--data-root" in err

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (model x task, images, estimated time from a short measured throughput) "
                         "and exit without evaluating")
+    p.add_argument("--no-gpu-decode", action="store_true",
+                   help="on CUDA, decode JPEGs with PIL in the workers instead of batched on the GPU (torchvision's "
+                        "decode_jpeg(device='cuda'), the default there)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -140,7 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                               workers=min(8, os.cpu_count() or 1) if args.workers is None else args.workers,
                               amp=args.amp, channels_last=args.channels_last, limit=args.limit, seed=args.seed,
                               shard_size=args.shard_size, trust_checkpoint=args.trust_checkpoint, baseline=baseline,
-                              class_space=class_space, progress=not args.no_progress)
+                              class_space=class_space, progress=not args.no_progress,
+                              gpu_decode=not args.no_gpu_decode)
         dist.init(device)
         if args.dry_run:
             rows = plan(models, tasks, options)

@@ -223,6 +223,14 @@ class TaskContext:
                 shard["skipped"] += int(skipped)
                 warnings.warn(f"{self.task.name}/{part}: skipped {skipped} unreadable item(s) among dataset "
                               f"indices {batches[j][0]}..{batches[j][-1]} (counted in the report)", stacklevel=2)
+            if isinstance(images, list):  # EncodedImages: decode on the evaluation device
+                images, ok = dataset.decode_batch(images, self.device) if images else (None, torch.ones(0, dtype=torch.bool))
+                if not bool(ok.all()):
+                    bad = int((~ok).sum())
+                    shard["skipped"] += bad
+                    warnings.warn(f"{self.task.name}/{part}: skipped {bad} undecodable JPEG(s) among dataset indices "
+                                  f"{batches[j][0]}..{batches[j][-1]} (counted in the report)", stacklevel=2)
+                    targets = targets[ok]
             if images is not None and len(images):
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)

@@ -53,10 +53,86 @@ def _collate(batch):
     return collate_skipping(batch)
 
 
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+class EncodedImages(torch.utils.data.Dataset):
+    """The JPEG files of an image-folder dataset as raw bytes, decoded a batch at a time on the
+    evaluation device (``torchvision.io.decode_jpeg(device="cuda")``) and resized / centre-cropped
+    there as timm's eval transform does (``resize``: shorter side to floor(size / crop_pct), then
+    the centre crop; ``resize=False``: fed as they are). Workers only read files.
+
+    dataset: a ``lkfast.data.ImageFolderBenchmark`` (needs ``samples``); config: the model's data
+    config. Items are (uint8 1-D tensor of file bytes or None if unreadable, target)."""
+
+    def __init__(self, dataset, config, resize: bool = True):
+        self.dataset, self.samples, self.root = dataset, dataset.samples, getattr(dataset, "root", "")
+        self.resize = resize
+        size = config["input_size"][-2:]
+        self.crop = tuple(int(s) for s in size)
+        self.scale = int(min(size) / float(config.get("crop_pct") or 0.875)) if resize else None
+        from torchvision.transforms import InterpolationMode
+
+        self.interpolation = InterpolationMode(config.get("interpolation", "bilinear"))
+
+    @staticmethod
+    def supports(dataset, config) -> bool:
+        """True when every file is a JPEG and the config's crop mode is the centre crop."""
+        samples = getattr(dataset, "samples", None)
+        return bool(samples) and config.get("crop_mode", "center") == "center" and \
+            all(str(p).lower().endswith(JPEG_SUFFIXES) for p, _ in samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from torchvision.io import read_file
+
+        path, target = self.samples[index]
+        try:
+            return read_file(str(path)), target
+        except (OSError, RuntimeError):
+            return None, target
+
+    @staticmethod
+    def collate(batch):
+        kept = [(x, t) for x, t in batch if x is not None]
+        return [x for x, _ in kept], torch.tensor([t for _, t in kept], dtype=torch.long), len(batch) - len(kept)
+
+    def decode_batch(self, encoded: List[torch.Tensor], device: str):
+        """(images float (N, 3, h, w) in [0, 1] on ``device``, bool mask of the decodable items)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms.v2 import functional as F
+
+        try:
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+            ok = [True] * len(encoded)
+        except RuntimeError:  # one bad file fails the batch: decode one by one to find it
+            decoded, ok = [], []
+            for data in encoded:
+                try:
+                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                    ok.append(True)
+                except RuntimeError:
+                    ok.append(False)
+        images = []
+        for image in decoded:
+            if self.resize:
+                image = F.resize(image, self.scale, interpolation=self.interpolation, antialias=True)
+                image = F.center_crop(image, list(self.crop))
+            images.append(image)
+        if not images:
+            return None, torch.tensor(ok)
+        return torch.stack(images).float().div_(255), torch.tensor(ok)
+
+
 def loader_for(dataset, batches: Sequence[List[int]], options, device: str):
     """A DataLoader yielding (images, targets, n_skipped) for the given index batches, decoding in
-    ``--workers`` processes, with pinned memory when evaluating on CUDA."""
+    ``--workers`` processes, with pinned memory when evaluating on CUDA (``EncodedImages`` yield
+    lists of file bytes instead, decoded by ``decode_batch``)."""
     workers = max(0, int(options.workers))
-    return DataLoader(dataset, batch_sampler=list(batches), num_workers=workers, collate_fn=_collate,
-                      pin_memory=device.startswith("cuda") and torch.cuda.is_available(),
+    collate = EncodedImages.collate if isinstance(dataset, EncodedImages) else _collate
+    return DataLoader(dataset, batch_sampler=list(batches), num_workers=workers, collate_fn=collate,
+                      pin_memory=device.startswith("cuda") and torch.cuda.is_available()
+                      and not isinstance(dataset, EncodedImages),
                       prefetch_factor=4 if workers else None, persistent_workers=False)
