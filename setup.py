@@ -109,6 +109,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lkfast", "lkfast.*"]) + ["lkfast.kernels"],
     package_dir={"lkfast.kernels": "kernels"},
+    package_data={"lkfast.ops": ["cuda_table.json"]},  # the measured CUDA dispatch table
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -13,28 +13,44 @@ Three kernels, in the style of the Triton tutorials:
 
 Passing ``flip=True`` rotates the kernel by 180 degrees: that forward pass is the input gradient.
 Block sizes are autotuned on a GPU; under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the first
-configuration of each table is used, since there is nothing to time.
+configuration of each table is used, since there is nothing to time. Launches run on the device of
+their tensors (a ``torch.cuda.device`` guard), so a tensor on a second GPU works.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# LKFAST_TRITON_AUTOTUNE=0 uses the first configuration of each table (tests: fewer compiles).
-AUTOTUNE = not INTERPRET and os.environ.get("LKFAST_TRITON_AUTOTUNE", "1") != "0"
+
+def interpreted() -> bool:
+    """Whether these kernels run in Triton's interpreter (CPU tensors). Triton decides this when
+    the kernels are defined, from TRITON_INTERPRET at the time triton was imported, so this asks
+    the kernel object rather than the environment."""
+    return not isinstance(_forward_nchw, triton.runtime.JITFunction)
+
+
+def _autotune() -> bool:
+    # LKFAST_TRITON_AUTOTUNE=0 uses the first configuration of each table (tests: fewer compiles).
+    return not interpreted() and os.environ.get("LKFAST_TRITON_AUTOTUNE", "1") != "0"
 
 
 def unavailable_reason() -> str | None:
     """None when the kernels can run here (a CUDA device, or the interpreter); else why not."""
-    if INTERPRET:
+    if interpreted():
         return None
     if not torch.cuda.is_available():
         return "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
     return None
+
+
+def on_device(t: torch.Tensor):
+    """A guard that makes ``t``'s GPU the current one for a launch (Triton launches on the current
+    device); nothing on the CPU (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,19 +209,22 @@ _WGRAD_CONFIGS = [
 
 class _Launcher:
     """``launcher[grid](*args)``: autotuned over ``configs`` on a GPU, the first config in the
-    interpreter (or with LKFAST_TRITON_AUTOTUNE=0). ``grid`` is a function of the chosen block
-    sizes, as in the tutorials."""
+    interpreter (or with LKFAST_TRITON_AUTOTUNE=0, read at each launch). ``grid`` is a function of
+    the chosen block sizes, as in the tutorials."""
 
     def __init__(self, kernel, configs, key):
         self.kernel = kernel
-        self.first = configs[0]
-        self.tuned = triton.autotune(configs=configs, key=key)(kernel) if AUTOTUNE else None
+        self.configs = configs
+        self.key = key
+        self._tuned = None
 
     def __getitem__(self, grid):
-        if self.tuned is not None:
-            return self.tuned[grid]
-        meta = dict(self.first.kwargs)
-        first = self.first
+        if _autotune():
+            if self._tuned is None:
+                self._tuned = triton.autotune(configs=self.configs, key=self.key)(self.kernel)
+            return self._tuned[grid]
+        first = self.configs[0]
+        meta = dict(first.kwargs)
         return lambda *args, **kwargs: self.kernel[grid(meta)](*args, **kwargs, **meta, num_warps=first.num_warps)
 
 
@@ -241,12 +260,13 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     b = bias.contiguous() if bias is not None else w  # a dummy pointer when there is no bias
     args = (x, w, b, y, C, H, W, KH, KW, *x.stride(), *y.stride())
     flags = dict(HAS_BIAS=bias is not None, FLIP=bool(flip))
-    if channels_last:
-        grid = lambda meta: (N * H, triton.cdiv(W, meta["BLOCK_W"]), triton.cdiv(C, meta["BLOCK_C"]))
-        _forward_nhwc_launch[grid](*args, **flags)
-    else:
-        grid = lambda meta: (N * C, triton.cdiv(H, meta["BLOCK_H"]), triton.cdiv(W, meta["BLOCK_W"]))
-        _forward_nchw_launch[grid](*args, **flags)
+    with on_device(x):
+        if channels_last:
+            grid = lambda meta: (N * H, triton.cdiv(W, meta["BLOCK_W"]), triton.cdiv(C, meta["BLOCK_C"]))
+            _forward_nhwc_launch[grid](*args, **flags)
+        else:
+            grid = lambda meta: (N * C, triton.cdiv(H, meta["BLOCK_H"]), triton.cdiv(W, meta["BLOCK_W"]))
+            _forward_nchw_launch[grid](*args, **flags)
     return y
 
 
@@ -260,6 +280,7 @@ def weight_grad(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> to
     splits = max(1, min(N * 4, triton.cdiv(4 * _multiprocessors(x.device), programs)))
     ws = torch.empty((splits, C, kh, kw), device=x.device, dtype=torch.float32)
     grid = lambda meta: (C * kh, splits)
-    _weight_grad_launch[grid](grad_out, x, ws, N, C, H, W, kh, kw, splits,
-                              *grad_out.stride(), *x.stride(), BLOCK_KW=triton.next_power_of_2(kw))
+    with on_device(x):
+        _weight_grad_launch[grid](grad_out, x, ws, N, C, H, W, kh, kw, splits,
+                                  *grad_out.stride(), *x.stride(), BLOCK_KW=triton.next_power_of_2(kw))
     return ws.sum(0).to(x.dtype).unsqueeze(1)

@@ -2,13 +2,15 @@
 
 The band-limited noise itself comes from cuFFT (``torch.fft.rfft2`` / ``irfft2``) with the band
 mask applied in place on the half spectrum (see lkfast/ops/frequency.py); this kernel fuses the add,
-the clamp and the cast back to x's dtype into one read of x and the noise and one write.
+the clamp and the cast back to x's dtype into one read of x and the noise and one write, on x's device.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from lkfast.kernels.depthwise import on_device
 
 
 @triton.jit
@@ -28,6 +30,7 @@ def add_clamp(x: torch.Tensor, noise: torch.Tensor, lo: float | None, hi: float 
     numel = x.numel()
     block = 2048
     clamp = lo is not None and hi is not None
-    _add_clamp[(triton.cdiv(numel, block),)](x, noise, out, numel, float(lo or 0.0), float(hi or 0.0),
-                                             CLAMP=clamp, BLOCK=block, num_warps=8)
+    with on_device(x):
+        _add_clamp[(triton.cdiv(numel, block),)](x, noise, out, numel, float(lo or 0.0), float(hi or 0.0),
+                                                 CLAMP=clamp, BLOCK=block, num_warps=8)
     return out

@@ -1,24 +1,31 @@
-"""lkfast's CUDA kernels (csrc/cuda): backend "cuda" against torch.nn.functional.conv2d.
+"""lkfast's CUDA kernels (csrc/cuda) and the CUDA dispatch table (lkfast/ops/cuda_table.py).
 
-On a machine with a CUDA device (``-m gpu``): forward, input gradient and weight gradient over
-RepLKNet / ConvNeXt / SLaK kernel sizes, maps smaller than the kernel, both layouts, strided views,
-fp32 / fp16 / bf16 (and fp64), compared with fp64 PyTorch and with cuDNN.
+On a machine with a CUDA device: backend "cuda" against the fp64 reference of tests/reference.py
+(forward, input gradient, weight gradient, bias gradient) over RepLKNet / ConvNeXt / SLaK kernel
+sizes, maps smaller than the kernel, every layout, fp32 / fp16 / bf16 / fp64, and against PyTorch's
+own CUDA convolution in the same dtype; and ``auto`` dispatching from a measured table.
 
-Everywhere: the extension's CUDA entry points are checked to be compiled in (when nvcc was present
-at build time), and the kernels' tiling is checked by a host emulation: the same tile, halo,
-shared-memory pitch, padding skip, 4-tap window and split-K index arithmetic as dwconv_cuda.cu,
-replayed thread-block by thread-block in torch on the CPU, with every shared-memory access
-bounds- and alignment-checked. Keep the emulation in step with the kernels when they change.
+Without a GPU, nothing here runs the CUDA kernels. What runs instead:
+* the extension's CUDA entry points are checked to be compiled in (when nvcc was present at build
+  time);
+* ``test_cuda_tiling_replayed_in_python_*``: a Python port of the kernels' index arithmetic (tile,
+  halo, shared-memory pitch, padding skip, 4-tap window, split-K), replayed thread-block by
+  thread-block in torch on the CPU with every shared-memory access bounds- and alignment-checked.
+  It checks the tiling scheme, not the compiled kernels, and must be kept in step with
+  dwconv_cuda.cu by hand when the kernels change;
+* the dispatch table's file format and choice rules, on CPU tensors with fake backend availability.
 """
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+import lkfast.ops as ops
 from lkfast import _ext
+from lkfast.ops import cuda_table
+from lkfast.ops.backends import BACKENDS, Plan
+from reference import (FORMATS, GPU_SHAPES, HAS_CUDA, TOLERANCE, backend_or_skip, case_id, check_op, make_input,
+                       make_weight, rel_err)
 
-HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none visible to torch here)")
 
 
@@ -31,7 +38,7 @@ def test_cuda_entry_points_compiled():
 
 
 # ---------------------------------------------------------------------------------------------
-# Host emulation of dwconv_cuda.cu (index arithmetic only; arithmetic in fp64)
+# A Python port of dwconv_cuda.cu's index arithmetic (values in fp64): not the compiled kernels
 
 
 def _round_up(a, b):
@@ -207,7 +214,8 @@ WIDE_TILES = (2, 8, 4, 32)
     ((1, 1, 37, 70, 9, 5), WIDE_TILES),      # wide tiles, partial tiles on both axes
     ((1, 1, 66, 40, 31, 31), WIDE_TILES),
 ], ids=lambda v: "x".join(map(str, v)) if len(v) == 6 else "rb%d_rw%d" % v[:2])
-def test_cuda_forward_tiling_emulated(shape, config):
+def test_cuda_tiling_replayed_in_python_forward(shape, config):
+    """The forward tiling, replayed in Python (not the CUDA kernel), equals F.conv2d."""
     N, C, H, W, kh, kw = shape
     x = torch.randn(N, C, H, W, dtype=torch.float64)
     w = torch.randn(C, 1, kh, kw, dtype=torch.float64)
@@ -225,7 +233,9 @@ def test_cuda_forward_tiling_emulated(shape, config):
     ((1, 1, 18, 9, 27, 27), 2, 1),    # 189 groups: one phase, two groups for some threads
     ((1, 1, 6, 5, 63, 63), 1, 1),     # 1008 tap groups: two launches with a group offset
 ])
-def test_cuda_weight_grad_splitk_emulated(shape, splits, expect_phases):
+def test_cuda_tiling_replayed_in_python_weight_grad(shape, splits, expect_phases):
+    """The weight gradient's split-K tiling, replayed in Python (not the CUDA kernel), equals
+    PyTorch's weight gradient, with the thread-phase count the kernel would pick."""
     N, C, H, W, kh, kw = shape
     x = torch.randn(N, C, H, W, dtype=torch.float64)
     go = torch.randn(N, C, H, W, dtype=torch.float64)
@@ -237,119 +247,142 @@ def test_cuda_weight_grad_splitk_emulated(shape, splits, expect_phases):
 
 
 # ---------------------------------------------------------------------------------------------
-# On a GPU
-
-
-def _layout(x, fmt):
-    if fmt == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if fmt == "strided":
-        return torch.cat([x, x], dim=3)[..., ::2]
-    return x
-
-
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-GPU_SHAPES = [
-    (2, 128, 56, 56, 31, 31),   # RepLKNet-31B stages at 224
-    (2, 256, 28, 28, 29, 29),
-    (2, 512, 14, 14, 27, 27),
-    (2, 1024, 7, 7, 13, 13),
-    (2, 96, 56, 56, 7, 7),      # ConvNeXt
-    (2, 64, 56, 56, 51, 5),     # SLaK
-    (2, 64, 56, 56, 5, 51),
-    (1, 33, 17, 19, 63, 63),
-    (3, 5, 70, 33, 3, 3),
-    (1, 7, 9, 9, 1, 31),
-]
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+# On a GPU: the compiled kernels
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=case_id)
 def test_cuda_backend_matches_conv2d(shape, fmt, dtype):
-    import lkfast.ops as ops
-
+    check_op(backend_or_skip("cuda", "cuda", dtype), shape, fmt, dtype, "cuda")
+    # And agrees with PyTorch's own CUDA convolution (cuDNN or its depthwise kernel) in the same dtype.
     N, C, H, W, kh, kw = shape
-    x = _layout(torch.randn(N, C, H, W, device="cuda").to(dtype), fmt).requires_grad_(True)
-    weight = (torch.randn(C, 1, kh, kw, device="cuda") / math.sqrt(kh * kw)).to(dtype).requires_grad_(True)
-    bias = torch.randn(C, device="cuda").to(dtype)
-    y = ops.depthwise_conv2d(x, weight, bias, backend="cuda")
-    grad_out = torch.randn_like(y)
-    gx, gw = torch.autograd.grad(y, [x, weight], grad_out)
-    x64, w64 = x.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
-    ry = F.conv2d(x64, w64, bias.double(), padding=(kh // 2, kw // 2), groups=C)
-    rgx, rgw = torch.autograd.grad(ry, [x64, w64], grad_out.double())
-    tol = TOL[dtype]
-    assert _rel(y, ry) < tol and _rel(gx, rgx) < tol and _rel(gw, rgw) < 4 * tol
-    expect_cl = fmt == "channels_last"
-    assert y.is_contiguous(memory_format=torch.channels_last) if expect_cl else y.is_contiguous()
-    # And agrees with cuDNN / PyTorch's own CUDA kernel in the same dtype, within its rounding.
-    torch_y = ops.depthwise_conv2d(x.detach(), weight.detach(), bias, backend="torch")
-    assert _rel(y, torch_y) < 2 * tol
+    x, w = make_input((N, C, H, W), fmt, dtype, "cuda"), make_weight(C, kh, kw, dtype, "cuda")
+    ours = ops.depthwise_conv2d(x, w, backend="cuda")
+    theirs = F.conv2d(x, w, padding=(kh // 2, kw // 2), groups=C)
+    assert rel_err(ours, theirs) < 2 * TOLERANCE[dtype]["forward"]
 
 
 @pytest.mark.gpu
 @gpu
-def test_cuda_auto_is_correct_and_uses_table():
-    import lkfast.ops as ops
-    from lkfast.ops import cuda_table
-
-    x = torch.randn(2, 64, 56, 56, device="cuda", dtype=torch.float16)
-    w = torch.randn(64, 1, 31, 31, device="cuda", dtype=torch.float16) / 31
-    plan = ops.plan_for(x, w)
-    assert all(p in ("cuda", "triton", "torch") for p in plan)
-    if cuda_table.MEASURED:
-        assert cuda_table.lookup(cuda_table.key_of(x, w)) is not None
-    ref = F.conv2d(x.float(), w.float(), padding=15, groups=64)
-    assert _rel(ops.depthwise_conv2d(x, w), ref) < 4e-3
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_cuda_auto_is_correct_and_uses_table(fmt, tmp_path, monkeypatch):
+    """On a GPU, ``auto`` takes each pass's backend from the measured row of this GPU and key (a
+    table written here with a mixed plan), and the result is right."""
+    x = make_input((2, 64, 28, 28), fmt, torch.float16, "cuda")
+    w = make_weight(64, 31, 31, torch.float16, "cuda")
+    usable = [n for n in cuda_table.TABLE_BACKENDS if not BACKENDS[n].not_supported_reasons(x, w)]
+    measured = Plan(usable[-1], usable[0], usable[len(usable) // 2])  # a different backend per pass where possible
+    key = cuda_table.key_of(x, w)
+    assert key.gpu == torch.cuda.get_device_name(x.device) and key.layout == cuda_table.layout_of(x)
+    monkeypatch.setenv(cuda_table.ENV_VAR, str(cuda_table.save_table({key: measured}, "test", tmp_path / "t.json")))
+    why = ops.plan_for(x, w, explain=True)
+    assert why.plan == measured and "measured at this call's key" in why.source
+    check_op("auto", (2, 64, 28, 28, 31, 31), fmt, torch.float16, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
-# The auto table (lkfast/ops/cuda_table.py): lookup logic, on CPU tensors standing in for CUDA ones
+# The dispatch table (lkfast/ops/cuda_table.py): its file and its choices, on CPU tensors filed
+# under a GPU name, with fake backend availability (no GPU needed)
+
+H200, A100 = "NVIDIA H200", "NVIDIA A100-SXM4-80GB"
 
 
-def test_cuda_table_nearest_row_and_fallback(monkeypatch):
-    from lkfast.ops import cuda_table
+def _call(N=64, C=128, H=56, W=56, k=31, dtype=torch.float16, channels_last=True):
+    x = torch.empty(N, C, H, W, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.empty(C, 1, k, k, dtype=dtype)
 
-    table = {
-        ("float16", "channels_last", 31, 31, 128, 56, 56): ("cuda", "cuda", "cuda"),
-        ("float16", "channels_last", 13, 13, 1024, 7, 7): ("torch", "torch", "cuda"),
-        ("float16", "nchw", 31, 31, 128, 56, 56): ("triton", "cuda", "torch"),
+
+def test_cuda_table_save_and_load_round_trip(tmp_path):
+    rows = {(H200, "float16", "channels_last", 31, 31, 64, 128, 56, 56): ("cuda", "triton", "torch"),
+            (H200, "bfloat16", "nchw", 13, 13, 64, 1024, 7, 7): ("torch", "torch", "cuda")}
+    path = cuda_table.save_table(rows, f"{H200}, 2026-11-29", tmp_path / "table.json")
+    table = cuda_table.load_table(path)
+    assert table.rows == rows and table.measured_on == f"{H200}, 2026-11-29" and table.path == str(path)
+    assert all(isinstance(v, Plan) for v in table.rows.values())
+    # (key, value) pairs as bench_gpu.py keeps them in its JSON are accepted too
+    again = cuda_table.save_table([[list(k), list(v)] for k, v in rows.items()], "x", tmp_path / "pairs.json")
+    assert cuda_table.load_table(again).rows == rows
+    shipped = cuda_table.load_table(cuda_table.SHIPPED_PATH)  # the package's own file parses
+    assert all(key.gpu and len(plan) == 3 for key, plan in shipped.rows.items())
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ((H200, "float16", "nchw", 31, 31, 64, 128, 56), ("cuda",) * 3, r"key must be \(gpu, dtype, layout"),
+    ((H200, "half", "nchw", 31, 31, 64, 128, 56, 56), ("cuda",) * 3, r"dtype must be one of .*got 'half'"),
+    ((H200, "float16", "nhwc", 31, 31, 64, 128, 56, 56), ("cuda",) * 3, r"layout must be one of nchw, channels_last"),
+    ((H200, "float16", "nchw", 31, 31, 0, 128, 56, 56), ("cuda",) * 3, r"positive integers"),
+    ((H200, "float16", "nchw", 31, 31, 64, 128, 56, 56), ("cuda", "cpu", "torch"), r"backends must be among cuda, triton, torch"),
+    ((H200, "float16", "nchw", 31, 31, 64, 128, 56, 56), ("cuda", "torch"), r"\(forward, input_grad, weight_grad\)"),
+])
+def test_cuda_table_refuses_bad_rows(tmp_path, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        cuda_table.save_table({key: value}, "x", tmp_path / "t.json")
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_cuda_table_env_var_is_read_per_call(tmp_path, monkeypatch):
+    x, w = _call()
+    first = cuda_table.save_table({cuda_table.key_of(x, w, H200): ("triton",) * 3}, "a", tmp_path / "a.json")
+    second = cuda_table.save_table({cuda_table.key_of(x, w, H200): ("torch", "cuda", "cuda")}, "b", tmp_path / "b.json")
+    everything = lambda name: True  # noqa: E731
+    monkeypatch.setenv(cuda_table.ENV_VAR, str(first))
+    assert cuda_table.choose(x, w, everything, gpu=H200)[0] == ("triton",) * 3
+    monkeypatch.setenv(cuda_table.ENV_VAR, str(second))  # after import, between calls
+    assert cuda_table.choose(x, w, everything, gpu=H200)[0] == ("torch", "cuda", "cuda")
+    cuda_table.save_table({cuda_table.key_of(x, w, H200): ("cuda",) * 3}, "c", second)  # rewritten in place
+    assert cuda_table.choose(x, w, everything, gpu=H200)[0] == ("cuda",) * 3
+    monkeypatch.setenv(cuda_table.ENV_VAR, str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="LKFAST_CUDA_TABLE"):
+        cuda_table.choose(x, w, everything, gpu=H200)
+    monkeypatch.delenv(cuda_table.ENV_VAR)
+    assert cuda_table.table_path() == cuda_table.SHIPPED_PATH
+
+
+def test_cuda_table_choice_rules(tmp_path, monkeypatch):
+    """Own row first; else the nearest row of the same GPU, dtype and layout only; a winner that
+    cannot run becomes torch (never a backend that lost there); no row: the default order."""
+    rows = {
+        (H200, "float16", "channels_last", 31, 31, 64, 128, 56, 56): ("triton", "cuda", "cuda"),
+        (H200, "float16", "channels_last", 13, 13, 64, 1024, 7, 7): ("torch", "torch", "cuda"),
+        (H200, "float16", "nchw", 29, 29, 64, 256, 28, 28): ("cuda", "torch", "triton"),
+        (A100, "float16", "channels_last", 29, 29, 64, 256, 28, 28): ("torch", "torch", "torch"),
     }
-    monkeypatch.setattr(cuda_table, "MEASURED", table)
-    x = torch.empty(8, 256, 28, 28, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    w = torch.empty(256, 1, 29, 29, dtype=torch.float16)
-    assert cuda_table.key_of(x, w) == ("float16", "channels_last", 29, 29, 256, 28, 28)
-    everything = lambda name: True
-    assert cuda_table.choose(x, w, everything) == ("cuda", "cuda", "cuda")  # nearest: the k=31 row
-    small = torch.empty(8, 1024, 7, 7, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    assert cuda_table.choose(small, torch.empty(1024, 1, 13, 13, dtype=torch.float16), everything) == ("torch", "torch", "cuda")
-    nchw = torch.empty(8, 128, 56, 56, dtype=torch.float16)
-    w31 = torch.empty(128, 1, 31, 31, dtype=torch.float16)
-    assert cuda_table.choose(nchw, w31, lambda name: name != "triton") == ("torch", "cuda", "torch")
-    # no row for this dtype: the default order, first usable backend
-    assert cuda_table.choose(nchw.float(), w31.float(), lambda name: name == "triton") == ("triton",) * 3
-    assert cuda_table.choose(nchw.float(), w31.float(), lambda name: False) == ("torch",) * 3
+    monkeypatch.setenv(cuda_table.ENV_VAR, str(cuda_table.save_table(rows, "test", tmp_path / "t.json")))
+    everything = lambda name: True  # noqa: E731
+
+    x, w = _call()
+    plan, source = cuda_table.choose(x, w, everything, gpu=H200)
+    assert plan == ("triton", "cuda", "cuda") and "measured at this call's key" in source
+    # k=29 at 28x28, channels_last: the A100 row is the exact shape but another GPU; the H200 nchw
+    # row is another layout; the nearest H200 channels_last row is the k=31 one.
+    x, w = _call(C=256, H=28, W=28, k=29)
+    plan, source = cuda_table.choose(x, w, everything, gpu=H200)
+    assert plan == ("triton", "cuda", "cuda") and "nearest measured row" in source and "kernel 31x31" in source
+    assert cuda_table.choose(x, w, everything, gpu=A100)[0] == ("torch",) * 3
+    x, w = _call(N=8, C=1024, H=7, W=7, k=13)  # batch differs: nearest is the k=13 row
+    assert cuda_table.choose(x, w, everything, gpu=H200)[0] == ("torch", "torch", "cuda")
+    # the measured forward winner (triton) cannot run: torch, although cuda could and is first in
+    # the default order (cuda lost to triton on that row)
+    x, w = _call()
+    plan, source = cuda_table.choose(x, w, lambda name: name != "triton", gpu=H200)
+    assert plan == ("torch", "cuda", "cuda") and "forward: triton cannot run this call" in source
+    # no row for this GPU / dtype: the default order, first usable
+    x, w = _call(dtype=torch.float32)
+    plan, source = cuda_table.choose(x, w, lambda name: name != "cuda", gpu=H200)
+    assert plan == ("triton",) * 3 and "no row measured on NVIDIA H200 for float32 channels_last" in source
+    assert cuda_table.choose(x, w, lambda name: False, gpu=H200)[0] == ("torch",) * 3
+    assert cuda_table.choose(x, w, everything, gpu="NVIDIA H100")[0] == ("cuda",) * 3
 
 
-def test_gpu_benchmark_script_dry_run(tmp_path):
-    """benchmarks/bench_gpu.py end to end on tiny CPU shapes: a GPU session must not lose its few
-    minutes to a broken script."""
-    import importlib.util
-    import json
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_gpu.py")
-    spec = importlib.util.spec_from_file_location("bench_gpu", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.main(["--dry-run", "--out", str(tmp_path), "--budget", "60"]) == 0
-    result = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert result["table"] and all(len(v) == 3 for _, v in result["table"])
-    assert "| tiny-k7 |" in (tmp_path / "gpu_bench.md").read_text()
+def test_cuda_table_key_names_the_layout_the_op_computes_in():
+    x, w = _call(N=2, C=8, H=5, W=7, k=3, channels_last=False)
+    assert cuda_table.key_of(x, w, H200) == (H200, "float16", "nchw", 3, 3, 2, 8, 5, 7)
+    assert cuda_table.key_of(x.contiguous(memory_format=torch.channels_last), w, H200).layout == "channels_last"
+    assert cuda_table.key_of(x[..., ::2], w[..., :, :], H200).layout == "nchw"  # strided: computed as NCHW
+    with pytest.raises(ValueError, match="not a GPU; pass gpu="):
+        cuda_table.key_of(x, w)

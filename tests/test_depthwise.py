@@ -1,43 +1,20 @@
-"""lkfast.ops.depthwise_conv2d against torch.nn.functional.conv2d(..., groups=C): forward, input
-gradient and weight gradient, for every backend usable on this machine, over kernel sizes,
-rectangular kernels, maps smaller than the kernel, odd sizes, batch 1, memory formats and dtypes."""
+"""lkfast.ops.depthwise_conv2d against torch.nn.functional.conv2d(..., groups=C) in fp64: forward,
+input gradient, weight gradient and bias gradient, for every backend on every device type it runs on
+(those that cannot run here are skipped with the backend's own reason), over kernel sizes,
+rectangular kernels, maps smaller than the kernel, odd sizes, batch 1, memory layouts and dtypes.
+``auto`` is checked to run exactly the backends ``plan_for`` names. The reference, tolerances and
+input makers are those of tests/reference.py."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lkfast.ops as ops
-from lkfast.ops.backends import BACKENDS
-
-# Every backend is listed; those that cannot run here are skipped with the backend's own reason.
-ALL_BACKENDS = ["auto"] + list(BACKENDS)
-
-
-def backend_or_skip(name, device="cpu", dtype=torch.float32):
-    if name == "auto":
-        return name
-    x = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
-    reasons = BACKENDS[name].not_supported_reasons(x, torch.empty(1, 1, 1, 1, device=device, dtype=dtype))
-    if reasons:
-        pytest.skip(f"backend {name!r} cannot run {device}/{dtype} here: {'; '.join(reasons)}")
-    return name
-
-
-def reference(x, weight, bias, grad_out):
-    """fp64 forward and gradients from PyTorch's own conv2d on the same (rounded) inputs."""
-    x64 = x.detach().double().requires_grad_(True)
-    w64 = weight.detach().double().requires_grad_(True)
-    b64 = None if bias is None else bias.detach().double().requires_grad_(True)
-    kh, kw = weight.shape[-2:]
-    y = F.conv2d(x64, w64, b64, padding=(kh // 2, kw // 2), groups=x.shape[1])
-    grads = torch.autograd.grad(y, [t for t in (x64, w64, b64) if t is not None], grad_out.double())
-    return y, grads
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
-
-
-TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+from lkfast.ops.backends import BACKENDS, FLOAT_DTYPES, PASSES, Plan, dtype_name
+from reference import (BACKEND_DEVICES, DEVICES, FORMATS, PASS_NAMES, TOLERANCE, backend_or_skip, case_id, check_op,
+                       device_or_skip, make_input, make_weight, reference, rel_err, run_op)
 
 # (N, C, H, W, kh, kw)
 SHAPES = [
@@ -55,97 +32,100 @@ SHAPES = [
     (2, 5, 6, 5, 1, 1),
     (1, 33, 9, 9, 63, 63),  # largest kernel of the contract; channels not a multiple of 16
 ]
-FORMATS = ["contiguous", "channels_last", "strided"]
+OTHER_DTYPES = [torch.bfloat16, torch.float16, torch.float64]
 
 
-def make_input(shape, fmt, dtype, device="cpu"):
-    N, C, H, W = shape
-    if fmt == "strided":  # a non-contiguous view: every other column of a wider tensor
-        return torch.randn(N, C, H, 2 * W, device=device, dtype=dtype)[..., ::2]
-    x = torch.randn(N, C, H, W, device=device, dtype=dtype)
-    return x.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else x
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES, ids=case_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=case_id)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_matches_conv2d_fp32(backend, shape, fmt, bias):
-    backend = backend_or_skip(backend)
-    N, C, H, W, kh, kw = shape
-    x = make_input((N, C, H, W), fmt, torch.float32).requires_grad_(True)
-    weight = (torch.randn(C, 1, kh, kw) / (kh * kw) ** 0.5).requires_grad_(True)
-    b = torch.randn(C, requires_grad=True) if bias else None
-    y = ops.depthwise_conv2d(x, weight, b, backend=backend)
-    grad_out = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [t for t in (x, weight, b) if t is not None], grad_out)
-    y_ref, grads_ref = reference(x, weight, b, grad_out)
-    assert y.shape == y_ref.shape and y.dtype == torch.float32
-    assert rel_err(y, y_ref) < TOL[torch.float32]
-    for name, g, g_ref in zip(("x", "weight", "bias"), grads, grads_ref):
-        assert g.shape == g_ref.shape, name
-        assert rel_err(g, g_ref) < TOL[torch.float32], name
-    if fmt == "channels_last":
-        assert y.is_contiguous(memory_format=torch.channels_last)
-    if fmt == "contiguous":
-        assert y.is_contiguous()
+def test_matches_conv2d_fp32(backend_device, shape, fmt, bias):
+    backend, device = backend_device
+    check_op(backend_or_skip(backend, device), shape, fmt, torch.float32, device, bias=bias)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES, ids=case_id)
+@pytest.mark.parametrize("dtype", OTHER_DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(2, 24, 15, 13, 13, 13), (1, 17, 8, 9, 31, 5)], ids=lambda s: "x".join(map(str, s)))
-def test_matches_conv2d_other_dtypes(backend, dtype, fmt, shape):
-    backend = backend_or_skip(backend, dtype=dtype)
-    N, C, H, W, kh, kw = shape
-    x = make_input((N, C, H, W), fmt, dtype).requires_grad_(True)
-    weight = (torch.randn(C, 1, kh, kw) / (kh * kw) ** 0.5).to(dtype).requires_grad_(True)
-    b = torch.randn(C, dtype=dtype, requires_grad=True)
-    y = ops.depthwise_conv2d(x, weight, b, backend=backend)
-    assert y.dtype == dtype
-    grad_out = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, weight, b), grad_out)
-    y_ref, grads_ref = reference(x, weight, b, grad_out)
-    assert rel_err(y, y_ref) < TOL[dtype]
-    for name, g, g_ref in zip(("x", "weight", "bias"), grads, grads_ref):
-        assert g.dtype == dtype, name
-        assert rel_err(g, g_ref) < TOL[dtype], name
+@pytest.mark.parametrize("shape", [(2, 24, 15, 13, 13, 13), (1, 17, 8, 9, 31, 5)], ids=case_id)
+def test_matches_conv2d_other_dtypes(backend_device, dtype, fmt, shape):
+    backend, device = backend_device
+    check_op(backend_or_skip(backend, device, dtype), shape, fmt, dtype, device)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_gradcheck_float64(backend):
-    backend = backend_or_skip(backend, dtype=torch.float64)
-    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3, 1, 5, 3, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_auto_runs_what_plan_for_names(device, dtype, fmt):
+    """auto's forward and each gradient are bit for bit those of the backend plan_for names for
+    that pass (so the backend matrix above covers auto too), and match the reference."""
+    device_or_skip(device)
+    N, C, H, W, kh, kw = 2, 12, 11, 9, 7, 5
+    x = make_input((N, C, H, W), fmt, dtype, device)
+    weight = make_weight(C, kh, kw, dtype, device)
+    bias = torch.randn(C, device=device).to(dtype)
+    grad_out = make_input((N, C, H, W), fmt, dtype, device)
+    plan = ops.plan_for(x, weight)
+    got = run_op(x, weight, bias, grad_out, "auto")
+    by_backend = {name: run_op(x, weight, bias, grad_out, name) for name in set(plan)}
+    for pass_name, backend in zip(PASSES, plan):
+        assert torch.equal(got[pass_name], by_backend[backend][pass_name]), (pass_name, plan)
+    want = reference(x, weight, bias, grad_out)
+    for name in PASS_NAMES:
+        assert rel_err(got[name], want[name]) < TOLERANCE[dtype][name], name
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES, ids=case_id)
+def test_gradcheck_float64(backend_device):
+    backend, device = backend_device
+    backend = backend_or_skip(backend, device, torch.float64)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.randn(3, 1, 5, 3, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, w, b: ops.depthwise_conv2d(a, w, b, backend=backend), (x, weight, bias))
 
 
-def test_cpu_every_instruction_set():
-    """The C++ kernels choose AVX-512/AVX2/baseline at run time; check the other paths in a child
-    process with LKFAST_CPU_ISA capping the choice."""
-    backend_or_skip("cpu")
-    import subprocess
-    import sys
+_ISA_CHILD = """
+import sys, torch
+from lkfast import _ext
+cases = torch.load(sys.argv[1])
+out = []
+for x, w, g in cases:
+    kh, kw = w.shape[-2:]
+    out.append((_ext._C.cpu_forward(x, w, None, False), _ext._C.cpu_forward(g, w, None, True),
+                _ext._C.cpu_weight_grad(g, x, kh, kw)))
+torch.save({"isa": _ext._C.cpu_isa(), "out": out}, sys.argv[2])
+"""
 
-    script = (
-        "import torch, torch.nn.functional as F, lkfast.ops as ops\n"
-        "from lkfast import _ext\n"
-        "torch.manual_seed(0)\n"
-        "x = torch.randn(2, 19, 13, 12); w = torch.randn(19, 1, 9, 7); g = torch.randn(2, 19, 13, 12)\n"
-        "y = _ext._C.cpu_forward(x, w, None, False)\n"
-        "ref = F.conv2d(x.double(), w.double(), padding=(4, 3), groups=19)\n"
-        "gw = _ext._C.cpu_weight_grad(g, x, 9, 7)\n"
-        "gw_ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, g.double(), padding=(4, 3), groups=19)\n"
-        "assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), 'forward'\n"
-        "assert (gw - gw_ref).abs().max() < 1e-4 * gw_ref.abs().max(), 'weight grad'\n"
-        "print(_ext._C.cpu_isa())\n"
-    )
-    for isa in ("generic", "avx2"):
-        out = subprocess.run([sys.executable, "-c", script], env={**__import__("os").environ, "LKFAST_CPU_ISA": isa},
-                             capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() in (isa, "generic"), out.stdout
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_cpu_every_instruction_set(isa, tmp_path):
+    """The C++ kernels pick AVX-512, AVX2 or the generic path at run time; LKFAST_CPU_ISA caps the
+    choice, read once per process, so each path runs in a child process: fp32 and fp64, NCHW and
+    channels_last, a map smaller than the kernel, forward, input gradient and weight gradient.
+    A path this CPU does not have is skipped, saying which path ran instead."""
+    backend_or_skip("cpu")
+    cases = []
+    for shape, k, dtype, fmt in [((2, 19, 13, 12), (9, 7), torch.float32, "contiguous"),
+                                 ((2, 19, 13, 12), (9, 7), torch.float64, "contiguous"),
+                                 ((2, 21, 10, 11), (7, 9), torch.float32, "channels_last"),
+                                 ((1, 5, 4, 6), (9, 11), torch.float32, "contiguous"),   # map smaller than the kernel
+                                 ((1, 6, 5, 3), (7, 7), torch.float64, "channels_last")]:
+        cases.append((make_input(shape, fmt, dtype), make_weight(shape[1], *k, dtype), make_input(shape, fmt, dtype)))
+    torch.save(cases, tmp_path / "in.pt")
+    env = {**os.environ, "LKFAST_CPU_ISA": isa}
+    proc = subprocess.run([sys.executable, "-c", _ISA_CHILD, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt")
+    if result["isa"] != isa:
+        pytest.skip(f"this CPU has no {isa}: with LKFAST_CPU_ISA={isa} the kernels ran the {result['isa']} path, "
+                    f"so the {isa} path is untested on this machine")
+    for (x, w, g), outputs in zip(cases, result["out"]):
+        want = reference(x, w, None, g)
+        for name, got in zip(PASSES, outputs):
+            assert got.dtype == x.dtype
+            assert rel_err(got, want[name]) < TOLERANCE[x.dtype][name], (isa, tuple(x.shape), x.dtype, name)
 
 
 def test_auto_plan_on_cpu():
@@ -160,26 +140,70 @@ def test_auto_plan_on_cpu():
     assert ops.plan_for(x.half(), w.half()) == ("torch", "torch", "cpu")
 
 
+def test_plan_explains_why_backends_were_passed_over():
+    backend_or_skip("cpu")
+    x, w = torch.randn(1, 4, 16, 16).half(), torch.randn(4, 1, 7, 7).half()
+    why = ops.plan_for(x, w, explain=True)
+    assert isinstance(why, ops.PlanExplanation) and why.plan == Plan("torch", "torch", "cpu")
+    assert "oneDNN" in why.source and "float16" in why.source
+    assert why.passed_over["cpu"] == "can run this call, not chosen for forward, input_grad (see 'because')"
+    assert why.passed_over["torch"] == "can run this call, not chosen for weight_grad (see 'because')"
+    for name in ("cuda", "triton"):  # they cannot run CPU tensors: their own reasons, word for word
+        reasons = BACKENDS[name].not_supported_reasons(x, w)
+        assert why.passed_over[name] == "cannot run this call: " + "; ".join(reasons)
+    assert str(why).splitlines()[0] == "plan: forward=torch, input_grad=torch, weight_grad=cpu"
+    named = ops.plan_for(x.float(), w.float(), "torch", explain=True)
+    assert named.plan == ("torch",) * 3 and "named" in named.source and "torch" not in named.passed_over
+    assert ops.plan_for(x.float(), w.float(), explain=True).plan == ops.plan_for(x.float(), w.float())
+
+
+def test_plan_travels_through_the_op_schema_as_one_string():
+    plan = Plan("torch", "cpu", "triton")
+    assert Plan.decode(plan.encode()) == plan and isinstance(plan.encode(), str)
+    assert PASSES == ("forward", "input_grad", "weight_grad")
+
+
 def test_available_backends_explains():
+    """What available_backends() says matches what a named call does: an available backend runs a
+    call on its device and matches the reference; an unavailable one refuses, with that reason."""
     info = ops.available_backends()
-    assert set(info) == {"torch", "cpu", "cuda", "triton"}
+    assert list(info) == list(BACKENDS)
     assert info["torch"].available
-    for name, i in info.items():
-        assert i.reason, name  # a description when available, the reason when not
-    if not torch.cuda.is_available():
-        assert not info["cuda"].available
+    assert info["cuda"].available <= torch.cuda.is_available()
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(3, 1, 3, 3)
+    for name, entry in info.items():
+        backend = BACKENDS[name]
+        assert entry.dtypes == tuple(dtype_name(d) for d in backend.dtypes)
+        assert str(entry).split()[:2] == [name, "available" if entry.available else "unavailable"]
+        device = "cuda" if "cuda" in backend.device_types and torch.cuda.is_available() else backend.device_types[0]
+        if entry.available and (device == "cpu" or torch.cuda.is_available()):
+            xd, wd = x.to(device), w.to(device)
+            y = ops.depthwise_conv2d(xd, wd, backend=name)
+            assert rel_err(y.cpu(), reference(x, w, None, torch.zeros_like(x))["forward"]) < 1e-5, name
+        elif not entry.available:
+            with pytest.raises(RuntimeError, match="cannot run this call") as error:
+                ops.depthwise_conv2d(x, w, backend=name)
+            assert entry.reason in str(error.value), name
+    if info["cpu"].available:
+        from lkfast import _ext
+
+        assert info["cpu"].reason.endswith(f", {_ext._C.cpu_isa()} path")
+        assert _ext._C.cpu_isa() in ("generic", "avx2", "avx512")
 
 
-def test_opcheck_registered_ops():
-    x = torch.randn(2, 4, 9, 8, requires_grad=True)
-    w = torch.randn(4, 1, 5, 3, requires_grad=True)
-    b = torch.randn(4, requires_grad=True)
-    for plan in ("torch,torch,torch", "auto"):
-        plan = ",".join(ops.plan_for(x, w)) if plan == "auto" else plan
-        torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d.default, (x, w, b, plan))
-    g = torch.randn(2, 4, 9, 8)
-    torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d_input_grad.default, (g, w.detach(), "torch"))
-    torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d_weight_grad.default, (g, x.detach(), 5, 3, "torch"))
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES, ids=case_id)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck_registered_ops(backend_device, fmt):
+    backend, device = backend_device
+    backend = backend_or_skip(backend, device)
+    x = make_input((2, 4, 9, 8), fmt, device=device).requires_grad_(True)
+    w = torch.randn(4, 1, 5, 3, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    g = make_input((2, 4, 9, 8), fmt, device=device)
+    for plan in {Plan.single(backend), ops.plan_for(x, w)}:
+        torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d.default, (x, w, b, plan.encode()))
+    torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d_input_grad.default, (g, w.detach(), backend))
+    torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d_weight_grad.default, (g, x.detach(), 5, 3, backend))
 
 
 class _Block(torch.nn.Module):

@@ -1,5 +1,11 @@
-"""lkfast.ops.frequency_noise: the added noise is band-limited to the square annulus (checked by its
-spectrum), the fused path matches the torch.fft reference draw for draw, and seeds reproduce."""
+"""lkfast.ops.frequency_noise against its definition (Chen et al., ICML 2024): noise
+delta = eps * sign(N(0, 1)), only its Fourier components with max(|w_y|, |w_x|) in
+[freq - width/2, freq + width/2] kept, added to x and clamped. The band is computed here from that
+definition (not with the implementation's band_mask), on grids fine enough that the band's width
+shows (several frequency rings inside it, none on its edges). The noise is checked twice: its
+spectrum lies inside the band and fills it, and, redrawing the documented sign draw
+(``torch.randn(x.shape, generator)`` in fp32), it equals eps times the band-passed signs exactly,
+which pins the amplitude. The fused path matches the torch.fft reference draw for draw."""
 import math
 
 import pytest
@@ -8,23 +14,63 @@ import torch
 from lkfast.ops.frequency import band_mask, frequency_noise
 
 
+def ring(n: int) -> torch.Tensor:
+    """|angular frequency| of each DFT bin of an n-point signal, in radians per pixel: bin k is
+    2*pi*k/n for k <= n/2 and 2*pi*(n-k)/n above (the negative frequencies)."""
+    return torch.tensor([2 * math.pi * min(k, n - k) / n for k in range(n)], dtype=torch.float64)
+
+
+def band_by_definition(h: int, w: int, freq: float, width: float) -> torch.Tensor:
+    radius = torch.maximum(ring(h)[:, None], ring(w)[None, :])
+    return (radius - freq).abs() <= width / 2
+
+
 def _noise(x, out):
-    return (out.double() - x.double())
+    return out.double() - x.double()
+
+
+# (size, freq): grids with 3-4 frequency rings inside the default 0.1*pi band, none within 1e-3 of
+# an edge, so a band of twice the width (or half) contains other rings.
+BAND_CASES = [((64, 64), 0.5 * math.pi), ((64, 48), 0.35 * math.pi), ((48, 56), 0.85 * math.pi),
+              ((64, 64), 0.0), ((56, 64), math.pi)]
+
+
+def test_band_cases_show_the_width():
+    for (h, w), freq in BAND_CASES:
+        for n in (h, w):
+            edges = ring(n).sub(freq).abs().sub(0.05 * math.pi).abs()
+            assert edges.min() > 1e-3, (n, freq)
+        full = band_by_definition(h, w, freq, 0.1 * math.pi).sum()
+        assert full > 0 and band_by_definition(h, w, freq, 0.2 * math.pi).sum() > full
+        assert band_by_definition(h, w, freq, 0.05 * math.pi).sum() < full or freq in (0.0,)
 
 
 @pytest.mark.parametrize("method", ["reference", "fused"])
-@pytest.mark.parametrize("freq", [0.0, 0.3 * math.pi, 0.5 * math.pi, 0.9 * math.pi, math.pi])
-@pytest.mark.parametrize("size", [(32, 32), (33, 20)])
-def test_noise_spectrum_is_inside_the_band(method, freq, size):
+@pytest.mark.parametrize("size, freq", BAND_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"{v:.2f}")
+def test_noise_spectrum_fills_the_band_and_nothing_else(method, size, freq):
     h, w = size
     x = torch.full((2, 3, h, w), 0.5)  # no clamping: the added noise is exactly the band-limited noise
-    g = torch.Generator().manual_seed(0)
-    out = frequency_noise(x, freq, eps=0.05, generator=g, clamp=None, method=method)
-    spectrum = torch.fft.fft2(_noise(x, out)).abs() ** 2
-    inside = band_mask(h, w, freq)
-    total = spectrum.sum()
-    assert total > 0, "no noise in the band"
-    assert spectrum[..., ~inside].sum() / total < 1e-10
+    out = frequency_noise(x, freq, eps=0.05, generator=torch.Generator().manual_seed(0), clamp=None, method=method)
+    power = (torch.fft.fft2(_noise(x, out)).abs() ** 2).sum(dim=(0, 1))
+    inside = band_by_definition(h, w, freq, 0.1 * math.pi)
+    assert power[~inside].sum() / power.sum() < 1e-10, "noise outside the band"
+    # every ring of the band carries noise (a band narrower than its definition leaves one empty)
+    radius = torch.maximum(ring(h)[:, None], ring(w)[None, :])
+    for r in radius[inside].unique():
+        assert power[(radius == r) & inside].sum() > 1e-6 * power.sum(), f"ring {r:.3f} rad empty"
+
+
+@pytest.mark.parametrize("method", ["reference", "fused"])
+@pytest.mark.parametrize("eps", [0.02, 0.1])
+@pytest.mark.parametrize("size, freq", BAND_CASES[:3], ids=["64x64-0.5pi", "64x48-0.35pi", "48x56-0.85pi"])
+def test_noise_is_eps_times_the_band_passed_signs(method, eps, size, freq):
+    h, w = size
+    x = torch.full((2, 3, h, w), 0.5)
+    out = frequency_noise(x, freq, eps=eps, generator=torch.Generator().manual_seed(5), clamp=None, method=method)
+    signs = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float32).sign().double()
+    expected = eps * torch.fft.ifft2(torch.fft.fft2(signs) * band_by_definition(h, w, freq, 0.1 * math.pi)).real
+    assert expected.abs().max() > 0.1 * eps
+    torch.testing.assert_close(_noise(x, out), expected, rtol=0, atol=2e-6)
 
 
 def test_fused_matches_reference_same_seed():
@@ -52,12 +98,17 @@ def test_dtype_and_clamp_range():
     assert out.min() >= 0.2 and out.max() <= 0.8
 
 
-def test_band_mask_square_annulus():
-    m = band_mask(8, 8, math.pi / 2, width=0.1)  # frequencies are multiples of pi/4
-    wy = (2 * math.pi * torch.fft.fftfreq(8)).abs()
-    expect = torch.maximum(wy[:, None], wy[None, :]).sub(math.pi / 2).abs() <= 0.05
-    assert torch.equal(m, expect) and m.sum() == 16  # the ring at |w|_inf = pi/2 on an 8x8 grid
-    assert torch.equal(band_mask(8, 7, 1.0, onesided=True), band_mask(8, 7, 1.0)[:, :4])
+@pytest.mark.parametrize("size, freq", BAND_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"{v:.2f}")
+def test_band_mask_is_the_definition(size, freq):
+    h, w = size
+    assert torch.equal(band_mask(h, w, freq), band_by_definition(h, w, freq, 0.1 * math.pi))
+    assert torch.equal(band_mask(h, w, freq, onesided=True), band_by_definition(h, w, freq, 0.1 * math.pi)[:, : w // 2 + 1])
+
+
+def test_band_mask_counts_on_a_small_grid():
+    # 16x16: rings at multiples of pi/8; width 0.3*pi around pi/2 holds the rings 3pi/8, pi/2, 5pi/8,
+    # of 4*(2k) bins each for ring index k (square annuli): 24 + 32 + 40
+    assert band_mask(16, 16, math.pi / 2, width=0.3 * math.pi).sum() == 96
 
 
 def test_refuses_bad_arguments():

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference import FORMATS, GPU_SHAPES, backend_or_skip, case_id, check_op
+
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -36,51 +38,8 @@ def test_triton_kernels_in_interpreter():
     assert " passed" in proc.stdout, proc.stdout[-2000:]
 
 
-def _layout(x, fmt):
-    if fmt == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if fmt == "strided":  # a view with a non-unit last stride
-        return torch.cat([x, x], dim=3)[..., ::2]
-    return x
-
-
-def _reference(x, weight, bias, grad_out):
-    x64 = x.detach().double().requires_grad_(True)
-    w64 = weight.detach().double().requires_grad_(True)
-    b64 = None if bias is None else bias.detach().double()
-    kh, kw = weight.shape[-2:]
-    y = F.conv2d(x64, w64, b64, padding=(kh // 2, kw // 2), groups=x.shape[1])
-    gx, gw = torch.autograd.grad(y, [x64, w64], grad_out.double())
-    return y, gx, gw
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
-
-
-TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-
-
 def _check_op(shape, fmt, dtype, with_bias=True, device=DEVICE):
-    import lkfast.ops as ops
-
-    N, C, H, W, kh, kw = shape
-    x = _layout(torch.randn(N, C, H, W, device=device).to(dtype), fmt).requires_grad_(True)
-    weight = (torch.randn(C, 1, kh, kw, device=device) / (kh * kw) ** 0.5).to(dtype).requires_grad_(True)
-    bias = torch.randn(C, device=device).to(dtype) if with_bias else None
-    y = ops.depthwise_conv2d(x, weight, bias, backend="triton")
-    grad_out = torch.randn_like(y)
-    gx, gw = torch.autograd.grad(y, [x, weight], grad_out)
-    ry, rgx, rgw = _reference(x, weight, bias, grad_out)
-    tol = TOL[dtype]
-    assert _rel(y, ry) < tol, ("forward", _rel(y, ry))
-    assert _rel(gx, rgx) < tol, ("input grad", _rel(gx, rgx))
-    assert _rel(gw, rgw) < tol * 4, ("weight grad", _rel(gw, rgw))  # sums over N*H*W terms
-    assert y.dtype == dtype and y.shape == x.shape
-    if fmt == "channels_last":
-        assert y.is_contiguous(memory_format=torch.channels_last)
-    else:
-        assert y.is_contiguous()
+    check_op(backend_or_skip("triton", device, dtype), shape, fmt, dtype, device, bias=with_bias)
 
 
 # (N, C, H, W, kh, kw): tiny, for the interpreter
@@ -93,7 +52,7 @@ INTERP_SHAPES = [
 
 
 @runs_here
-@pytest.mark.parametrize("shape", INTERP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", INTERP_SHAPES, ids=case_id)
 def test_triton_matches_conv2d(shape):
     _check_op(shape, "contiguous", torch.float32)
 
@@ -118,6 +77,30 @@ def test_triton_flip_is_rotated_kernel():
     y = depthwise.forward(x, w, None, True)
     ref = F.conv2d(x, w.flip(-1, -2), padding=(2, 1), groups=2)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@runs_here
+def test_triton_launches_under_the_tensors_device_guard(monkeypatch):
+    """Every launch runs inside on_device(x) (torch.cuda.device(x.device) for a GPU tensor)."""
+    from lkfast.kernels import depthwise
+
+    guarded = []
+    real = depthwise.on_device
+    monkeypatch.setattr(depthwise, "on_device", lambda t: guarded.append(t.device) or real(t))
+    x = torch.randn(1, 2, 7, 6, device=DEVICE)
+    w = torch.randn(2, 1, 5, 3, device=DEVICE)
+    depthwise.forward(x.contiguous(memory_format=torch.channels_last), w)
+    depthwise.forward(x, w)
+    depthwise.weight_grad(x, x, 5, 3)
+    assert guarded == [x.device] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_on_the_second_gpu():
+    with torch.cuda.device(0):
+        _check_op((2, 8, 12, 11, 7, 5), "contiguous", torch.float32, device="cuda:1")
+        _check_op((2, 8, 12, 11, 7, 5), "channels_last", torch.float16, device="cuda:1")
 
 
 @runs_here
@@ -172,22 +155,13 @@ def test_triton_kernel_compiles_for_sm90(name, dtype, constexprs):
 
 
 # ---------------------------------------------------------------------------------------------
-# On a GPU: every dtype, RepLKNet / SLaK kernel sizes, both layouts.
+# On a GPU: every dtype, RepLKNet / ConvNeXt / SLaK kernel sizes, every layout.
 
-GPU_SHAPES = [
-    (2, 64, 56, 56, 31, 31),
-    (2, 128, 28, 28, 29, 29),
-    (2, 256, 14, 14, 27, 27),
-    (2, 512, 7, 7, 13, 13),
-    (2, 96, 56, 56, 7, 7),
-    (2, 64, 32, 32, 51, 5),
-    (1, 33, 17, 19, 63, 63),
-]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=case_id)
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (not the interpreter)")
 def test_triton_gpu(shape, fmt, dtype):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,38 @@ import torch.nn.functional as F
 from lkfast import _ext
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a dtype as users write it: ``float16`` for ``torch.float16``."""
+    return str(dtype).removeprefix("torch.")
+
+
+class Plan(NamedTuple):
+    """The backend of each of the three passes of one call; a plain tuple
+    ``(forward, input_grad, weight_grad)`` compares equal to it."""
+
+    forward: str
+    input_grad: str
+    weight_grad: str
+
+    @classmethod
+    def single(cls, name: str) -> "Plan":
+        """One backend for every pass."""
+        return cls(name, name, name)
+
+    def encode(self) -> str:
+        """The plan as the ``str`` argument of the registered custom op (its schema takes no
+        tuples of strings); ``Plan.decode`` reverses it. The only place that knows the format."""
+        return ",".join(self)
+
+    @classmethod
+    def decode(cls, text: str) -> "Plan":
+        forward, input_grad, weight_grad = text.split(",")
+        return cls(forward, input_grad, weight_grad)
+
+
+PASSES: tuple[str, ...] = Plan._fields  # ("forward", "input_grad", "weight_grad")
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -47,8 +80,8 @@ class Backend:
         if x.device.type not in self.device_types:
             reasons.append(f"runs on {'/'.join(self.device_types)} tensors, got {x.device.type}")
         if x.dtype not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            reasons.append(f"supports {names}, got {str(x.dtype).replace('torch.', '')}")
+            names = ", ".join(dtype_name(d) for d in self.dtypes)
+            reasons.append(f"supports {names}, got {dtype_name(x.dtype)}")
         return reasons
 
     def forward(self, x, weight, bias=None, flip=False):  # pragma: no cover - interface
@@ -152,7 +185,7 @@ class TritonBackend(Backend):
     def not_supported_reasons(self, x, weight):
         reasons = super().not_supported_reasons(x, weight)
         module, _ = self._module
-        if module is not None and getattr(module, "INTERPRET", False):
+        if module is not None and module.interpreted():
             # The interpreter runs the kernels on CPU tensors.
             reasons = [r for r in reasons if not r.startswith("runs on")]
         return reasons
@@ -194,6 +227,6 @@ def available_backends() -> dict[str, BackendInfo]:
             available=why is None,
             reason=why or detail,
             devices=backend.device_types,
-            dtypes=tuple(str(d).replace("torch.", "") for d in backend.dtypes),
+            dtypes=tuple(dtype_name(d) for d in backend.dtypes),
         )
     return out

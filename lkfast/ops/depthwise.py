@@ -11,11 +11,12 @@ it that way, so the fastest forward path also serves the input gradient (what at
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
-from lkfast.ops.backends import BACKENDS, FLOAT_DTYPES, output_memory_format
+from lkfast.ops.backends import BACKENDS, FLOAT_DTYPES, PASSES, Plan, dtype_name, output_memory_format
 
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
@@ -23,10 +24,6 @@ BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 # with oneDNN (backend "torch", channels_last) for the others; the weight gradient always with
 # lkfast's kernel. Set from benchmarks/results/depthwise_cpu.md.
 CPU_OWN_FORWARD_DTYPES = (torch.float32, torch.float64)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _check_inputs(x, weight, bias) -> None:
@@ -54,12 +51,12 @@ def _check_inputs(x, weight, bias) -> None:
     for name, t in (("x", x), ("weight", weight)):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
-                f"depthwise_conv2d: unsupported dtype {_dtype_name(t.dtype)} for {name}; use one of "
-                + ", ".join(_dtype_name(d) for d in FLOAT_DTYPES)
+                f"depthwise_conv2d: unsupported dtype {dtype_name(t.dtype)} for {name}; use one of "
+                + ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
             )
     if weight.dtype != x.dtype:
         raise TypeError(
-            f"depthwise_conv2d: dtype mismatch: x is {_dtype_name(x.dtype)} but weight is {_dtype_name(weight.dtype)}; "
+            f"depthwise_conv2d: dtype mismatch: x is {dtype_name(x.dtype)} but weight is {dtype_name(weight.dtype)}; "
             f"cast one of them (e.g. weight.to(x.dtype))"
         )
     if weight.device != x.device:
@@ -71,7 +68,7 @@ def _check_inputs(x, weight, bias) -> None:
             raise ValueError(f"depthwise_conv2d: bias must have shape ({C},), got {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
             raise TypeError(
-                f"depthwise_conv2d: dtype mismatch: x is {_dtype_name(x.dtype)} but bias is {_dtype_name(bias.dtype)}"
+                f"depthwise_conv2d: dtype mismatch: x is {dtype_name(x.dtype)} but bias is {dtype_name(bias.dtype)}"
             )
         if bias.device != x.device:
             raise ValueError(f"depthwise_conv2d: device mismatch: x is on {x.device} but bias is on {bias.device}")
@@ -81,14 +78,65 @@ def _usable(name: str, x, weight) -> bool:
     return not BACKENDS[name].not_supported_reasons(x, weight)
 
 
-def plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> tuple[str, str, str]:
-    """The backends (forward, input gradient, weight gradient) that ``backend`` means for this call.
+@dataclasses.dataclass(frozen=True)
+class PlanExplanation:
+    """What ``plan_for(..., explain=True)`` returns: the plan, where it came from, and for every
+    backend that runs none or only some of the passes, why it was passed over."""
+
+    plan: Plan
+    source: str  # the rule or the measured table row that made the plan
+    passed_over: dict[str, str]  # backend name -> why it does not run (all of) the passes
+
+    def __str__(self):
+        lines = [f"plan: forward={self.plan.forward}, input_grad={self.plan.input_grad}, "
+                 f"weight_grad={self.plan.weight_grad}", f"because: {self.source}"]
+        lines += [f"  {name}: {why}" for name, why in self.passed_over.items()]
+        return "\n".join(lines)
+
+
+def _cpu_plan(x, weight) -> tuple[Plan, str]:
+    if not _usable("cpu", x, weight):
+        return Plan.single("torch"), "on the CPU, PyTorch (oneDNN) wherever lkfast's C++ kernels cannot run"
+    # fp32/fp64: lkfast's kernel measured level with oneDNN's channels_last forward and ahead of
+    # it for the attack step (benchmarks/results/depthwise_cpu.md). fp16/bf16 forward stays on
+    # oneDNN, which has native half-precision (AMX) paths; our kernel computes them in fp32.
+    if x.dtype in CPU_OWN_FORWARD_DTYPES:
+        return Plan.single("cpu"), (f"on the CPU in {dtype_name(x.dtype)}, lkfast's C++ kernels for every pass "
+                                    "(measured level with oneDNN forward and far ahead on the weight gradient)")
+    return Plan("torch", "torch", "cpu"), (
+        f"on the CPU in {dtype_name(x.dtype)}, oneDNN (backend torch, channels_last) for the forward and input "
+        "gradient (native half-precision paths; lkfast's kernel computes in fp32) and lkfast's C++ kernel for the "
+        "weight gradient (PyTorch's runs at a few GFLOP/s)")
+
+
+def _explain(plan: Plan, source: str, x, weight) -> PlanExplanation:
+    passed_over = {}
+    for name, backend in BACKENDS.items():
+        runs = [p for p, chosen in zip(PASSES, plan) if chosen == name]
+        if len(runs) == len(PASSES):
+            continue
+        reasons = backend.not_supported_reasons(x, weight)
+        if reasons:
+            passed_over[name] = "cannot run this call: " + "; ".join(reasons)
+        else:
+            skipped = [p for p in PASSES if p not in runs]
+            passed_over[name] = f"can run this call, not chosen for {', '.join(skipped)} (see 'because')"
+    return PlanExplanation(plan, source, passed_over)
+
+
+def plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto", *,
+             explain: bool = False) -> Plan | PlanExplanation:
+    """The backends ``backend`` means for this call, as a ``Plan(forward, input_grad, weight_grad)``
+    (a named tuple: ``plan == ("cpu", "cpu", "cpu")`` holds).
 
     ``auto`` follows the measurements in benchmarks/results: on the CPU, lkfast's C++ kernel for
     the weight gradient (PyTorch's runs at a few GFLOP/s) and, in fp32/fp64, for the forward and
     input gradient too; fp16/bf16 forward and input gradient on oneDNN (``CPU_OWN_FORWARD_DTYPES``);
-    on CUDA, the measured table in ``lkfast.ops.cuda_table``. A named backend is used for all three
-    passes.
+    on CUDA, the measured table of ``lkfast.ops.cuda_table`` (see there). A named backend is used
+    for all three passes. ``explain=True`` returns a ``PlanExplanation`` instead: the plan, the rule
+    or table row it came from, and why each other backend was passed over (print it to read it).
+    Raises ValueError for an unknown backend name and RuntimeError when the named backend cannot
+    run the call (saying why, and which backends can).
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"depthwise_conv2d: unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
@@ -97,33 +145,30 @@ def plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> tu
         if reasons:
             usable = [n for n in BACKENDS if _usable(n, x, weight)]
             raise RuntimeError(
-                f"depthwise_conv2d: backend {backend!r} cannot run this call ({x.device.type}, {_dtype_name(x.dtype)}): "
+                f"depthwise_conv2d: backend {backend!r} cannot run this call ({x.device.type}, {dtype_name(x.dtype)}): "
                 + "; ".join(reasons)
                 + f". Backends that can: {', '.join(usable) or 'none'} (or use backend='auto')"
             )
-        return (backend, backend, backend)
-    if x.device.type == "cpu":
-        if not _usable("cpu", x, weight):
-            return ("torch", "torch", "torch")
-        # fp32/fp64: lkfast's kernel measured level with oneDNN's channels_last forward and ahead of
-        # it for the attack step (benchmarks/results/depthwise_cpu.md). fp16/bf16 forward stays on
-        # oneDNN, which has native half-precision (AMX) paths; our kernel computes them in fp32.
-        forward = "cpu" if x.dtype in CPU_OWN_FORWARD_DTYPES else "torch"
-        return (forward, forward, "cpu")
-    if x.device.type == "cuda":
-        from lkfast.ops import cuda_table  # measured on a GPU by benchmarks/gpu_check.sh
+        plan, source = Plan.single(backend), f"backend {backend!r} was named for every pass"
+    elif x.device.type == "cpu":
+        plan, source = _cpu_plan(x, weight)
+    elif x.device.type == "cuda":
+        from lkfast.ops import cuda_table  # measured on a GPU by benchmarks/bench_gpu.py
 
-        return cuda_table.choose(x, weight, usable=lambda n: _usable(n, x, weight))
-    return ("torch", "torch", "torch")
+        plan, source = cuda_table.choose(x, weight, usable=lambda n: _usable(n, x, weight))
+    else:
+        plan, source = Plan.single("torch"), f"no lkfast kernel for {x.device.type} tensors: PyTorch"
+    return _explain(plan, source, x, weight) if explain else plan
 
 
 # ---------------------------------------------------------------------------------------------
-# Registered custom ops. `plan` is "forward,input_grad,weight_grad" backend names.
+# Registered custom ops. A schema has no tuple-of-strings type, so the plan travels as the str
+# of Plan.encode and comes back with Plan.decode.
 
 
 @torch.library.custom_op("lkfast::depthwise_conv2d", mutates_args=())
 def _depthwise_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan: str) -> torch.Tensor:
-    return BACKENDS[plan.split(",")[0]].forward(x, weight, bias, False)
+    return BACKENDS[Plan.decode(plan).forward].forward(x, weight, bias, False)
 
 
 @_depthwise_conv2d_op.register_fake
@@ -153,19 +198,18 @@ def _(grad_out, x, kh, kw, backend):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, plan = inputs
-    ctx.plan = plan.split(",")
+    ctx.plan = Plan.decode(plan)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight)
 
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    _, input_backend, weight_backend = ctx.plan
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = _input_grad_op(grad, weight, input_backend)
+        grad_x = _input_grad_op(grad, weight, ctx.plan.input_grad)
     if ctx.needs_input_grad[1]:
-        grad_w = _weight_grad_op(grad, x, weight.shape[2], weight.shape[3], weight_backend)
+        grad_w = _weight_grad_op(grad, x, weight.shape[2], weight.shape[3], ctx.plan.weight_grad)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad.sum(dim=(0, 2, 3), dtype=torch.float32 if grad.dtype != torch.float64 else None).to(grad.dtype)
     return grad_x, grad_w, grad_b, None
@@ -189,4 +233,4 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """
     _check_inputs(x, weight, bias)
     plan = plan_for(x, weight, backend)
-    return _depthwise_conv2d_op(x, weight, bias, ",".join(plan))
+    return _depthwise_conv2d_op(x, weight, bias, plan.encode())

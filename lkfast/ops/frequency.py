@@ -9,8 +9,10 @@ valid range. Two paths compute the same noise from the same random draw:
 
 * ``"reference"``: the plain formulation: full complex ``fft2``, mask, ``ifft2``, real part, add, clamp.
 * ``"fused"``: the mask is Hermitian-symmetric, so the half spectrum (``rfft2`` / ``irfft2``) is
-  enough; ``eps`` is folded into a cached real mask applied in place; the add, clamp and cast are one
-  Triton pass on CUDA (lkfast.kernels.frequency). About half the memory traffic of the reference.
+  enough; ``eps`` and the inverse transform's ``1/(H*W)`` are folded into a cached real mask applied
+  in place, so ``irfft2(norm="forward")`` needs no scaling pass of its own; the add, clamp and cast
+  are one Triton pass on CUDA (lkfast.kernels.frequency). About half the memory traffic of the
+  reference.
 
 ``"auto"`` is ``"fused"``. Both draw ``torch.randn(x.shape, generator=generator)`` on x's device in
 fp32 first, so a generator with the same seed gives the same noise on every path.
@@ -39,7 +41,9 @@ def band_mask(h: int, w: int, freq: float, width: float = 0.1 * math.pi, *, ones
 
 @functools.lru_cache(maxsize=32)
 def _scaled_half_mask(h, w, freq, width, eps, device) -> torch.Tensor:
-    return band_mask(h, w, freq, width, onesided=True, device=device).to(torch.float32) * eps
+    """The onesided band mask times eps / (h * w): with it, rfft2 -> mask -> irfft2(norm="forward")
+    is the band-limited eps * signal, the inverse transform's 1/(h*w) already applied."""
+    return band_mask(h, w, freq, width, onesided=True, device=device).to(torch.float32) * (eps / (h * w))
 
 
 def _draw(x: torch.Tensor, generator) -> torch.Tensor:
@@ -71,7 +75,7 @@ def _fused(x, freq, width, eps, generator, clamp):
     spectrum = torch.fft.rfft2(signs)
     del signs
     spectrum *= _scaled_half_mask(h, w, float(freq), float(width), float(eps), x.device)
-    noise = torch.fft.irfft2(spectrum, s=(h, w))
+    noise = torch.fft.irfft2(spectrum, s=(h, w), norm="forward")
     del spectrum
     lo, hi = _clamp_range(clamp)
     if x.is_cuda and x.is_contiguous():

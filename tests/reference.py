@@ -1,0 +1,150 @@
+"""The one reference the op tests compare with (test_depthwise.py, test_triton.py, test_cuda.py).
+
+* ``reference``: forward, input gradient, weight gradient and bias gradient from PyTorch's own
+  ``F.conv2d(..., groups=C)`` in fp64, on the same (already rounded) inputs as the op under test.
+* ``rel_err``: max |got - ref| / max |ref|, in fp64.
+* ``TOLERANCE[dtype][pass]``: the largest ``rel_err`` a backend may have, the same in every file.
+* ``make_input`` / ``make_weight``: inputs in each memory layout of ``FORMATS``.
+* ``backend_or_skip`` and ``BACKEND_DEVICES``: every backend on every device type it runs on,
+  skipped with the backend's own reason where it cannot run here.
+* ``check_op``: runs one case through ``lkfast.ops.depthwise_conv2d`` and asserts all of the above.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+PASS_NAMES = ("forward", "input_grad", "weight_grad", "bias_grad")
+
+# Half the unit roundoff of each dtype is the floor; the margins cover fp32 accumulation over up
+# to 63x63 taps. The weight gradient sums N*H*W products per tap (split-K partial sums on GPUs),
+# so it gets 4x (not in fp64, where every backend accumulates in fp64).
+_BASE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+TOLERANCE = {
+    dtype: {"forward": tol, "input_grad": tol, "weight_grad": tol if dtype == torch.float64 else 4 * tol, "bias_grad": tol}
+    for dtype, tol in _BASE.items()
+}
+
+FORMATS = ("contiguous", "channels_last", "strided")
+
+# (N, C, H, W, kh, kw) of the GPU tests of every GPU backend (test_cuda.py, test_triton.py)
+GPU_SHAPES = [
+    (2, 128, 56, 56, 31, 31),   # RepLKNet-31B stages at 224
+    (2, 256, 28, 28, 29, 29),
+    (2, 512, 14, 14, 27, 27),
+    (2, 1024, 7, 7, 13, 13),
+    (2, 96, 56, 56, 7, 7),      # ConvNeXt
+    (2, 64, 56, 56, 51, 5),     # SLaK
+    (2, 64, 56, 56, 5, 51),
+    (1, 33, 17, 19, 63, 63),
+    (3, 5, 70, 33, 3, 3),
+    (1, 7, 9, 9, 1, 31),
+]
+HAS_CUDA = torch.cuda.is_available()
+
+# Each backend on each device type it can run on; on a GPU machine every one of them runs.
+BACKEND_DEVICES = [("torch", "cpu"), ("cpu", "cpu"), ("torch", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
+DEVICES = ["cpu", "cuda"]
+
+
+def case_id(value) -> str:
+    """pytest id of a shape tuple or a (backend, device) pair."""
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return "-".join(value)
+    return "x".join(map(str, value))
+
+
+def device_or_skip(device: str) -> str:
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA device (none visible to torch here)")
+    return device
+
+
+def backend_or_skip(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """``name``, or a skip carrying the backend's own reason why it cannot run ``device``/``dtype``."""
+    device_or_skip(device)
+    if name == "auto":
+        return name
+    from lkfast.ops.backends import BACKENDS
+
+    probe = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
+    reasons = BACKENDS[name].not_supported_reasons(probe, probe)
+    if reasons:
+        pytest.skip(f"backend {name!r} cannot run {device}/{dtype} here: {'; '.join(reasons)}")
+    return name
+
+
+def make_input(shape, fmt: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    """A standard-normal ``(N, C, H, W)`` tensor in layout ``fmt``: "contiguous", "channels_last",
+    or "strided" (a view of every other column of a tensor twice as wide)."""
+    N, C, H, W = shape
+    if fmt == "strided":
+        return torch.randn(N, C, H, 2 * W, device=device).to(dtype)[..., ::2]
+    x = torch.randn(N, C, H, W, device=device).to(dtype)
+    if fmt == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if fmt != "contiguous":
+        raise ValueError(f"unknown layout {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return x
+
+
+def make_weight(C: int, kh: int, kw: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    """``(C, 1, kh, kw)`` weights scaled by 1/sqrt(kh*kw), so outputs stay O(1) at every kernel size."""
+    return (torch.randn(C, 1, kh, kw, device=device) / (kh * kw) ** 0.5).to(dtype)
+
+
+def reference(x, weight, bias, grad_out) -> dict[str, torch.Tensor]:
+    """fp64 results of PyTorch's conv2d on the same inputs: {pass name: tensor} ("bias_grad" only
+    with a bias)."""
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    b64 = None if bias is None else bias.detach().double().requires_grad_(True)
+    kh, kw = weight.shape[-2:]
+    y = F.conv2d(x64, w64, b64, padding=(kh // 2, kw // 2), groups=x.shape[1])
+    grads = torch.autograd.grad(y, [t for t in (x64, w64, b64) if t is not None], grad_out.double())
+    return dict(zip(PASS_NAMES, (y.detach(),) + grads))
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| in fp64 (the scale of the whole tensor, not per element)."""
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12)).item()
+
+
+def run_op(x, weight, bias, grad_out, backend: str) -> dict[str, torch.Tensor]:
+    """The op's forward and gradients under ``backend``, as {pass name: tensor}."""
+    import lkfast.ops as ops
+
+    x = x.detach().requires_grad_(True)
+    weight = weight.detach().requires_grad_(True)
+    bias = None if bias is None else bias.detach().requires_grad_(True)
+    y = ops.depthwise_conv2d(x, weight, bias, backend=backend)
+    grads = torch.autograd.grad(y, [t for t in (x, weight, bias) if t is not None], grad_out)
+    return dict(zip(PASS_NAMES, (y.detach(),) + grads))
+
+
+def check_op(backend: str, shape, fmt: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+             bias: bool = True) -> dict[str, float]:
+    """Run ``depthwise_conv2d(backend=...)`` on one case, shape ``(N, C, H, W, kh, kw)``, and assert
+    every pass against ``reference`` within ``TOLERANCE``, plus dtypes, shapes and the output layout
+    (channels_last in, channels_last out; contiguous otherwise). Returns the errors by pass."""
+    N, C, H, W, kh, kw = shape
+    x = make_input((N, C, H, W), fmt, dtype, device)
+    weight = make_weight(C, kh, kw, dtype, device)
+    b = torch.randn(C, device=device).to(dtype) if bias else None
+    grad_out = make_input((N, C, H, W), fmt, dtype, device)  # the output gradient in the same layout
+    got = run_op(x, weight, b, grad_out, backend)
+    want = reference(x, weight, b, grad_out)
+    assert set(got) == set(want)
+    errors = {}
+    for name, value in got.items():
+        assert value.shape == want[name].shape and value.dtype == dtype, (name, value.shape, value.dtype)
+        errors[name] = rel_err(value, want[name])
+    bad = {name: err for name, err in errors.items() if not err < TOLERANCE[dtype][name]}
+    assert not bad, f"{backend} {shape} {fmt} {dtype}: errors {bad} over {TOLERANCE[dtype]}"
+    y = got["forward"]
+    if fmt == "channels_last" and C > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last), "channels_last in, channels_last out"
+    elif fmt == "contiguous":
+        assert y.is_contiguous(), "contiguous in, contiguous out"
+    return errors
