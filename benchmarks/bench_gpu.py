@@ -1,33 +1,46 @@
-"""GPU benchmark of lkfast's depthwise convolution against PyTorch (cuDNN / its native kernel).
+"""GPU benchmark of lkfast's depthwise convolution against plain PyTorch, in the same run.
 
     python benchmarks/bench_gpu.py --out DIR [--budget SECONDS] [--batch 64] [--quick]
-    python benchmarks/bench_gpu.py --write-table DIR/gpu_bench.json   # MEASURED of cuda_table.py
+    python benchmarks/bench_gpu.py --dry-run --out DIR            # tiny shapes on the CPU: checks the script
+    python benchmarks/bench_gpu.py --write-table DIR/gpu_bench.json [--table-path PATH]
+
+The baseline is plain PyTorch, not lkfast's op layer: ``F.conv2d`` with autograd, on NCHW input
+(PyTorch's own depthwise kernel) and on channels_last input (cuDNN), with
+``torch.backends.cudnn.benchmark = True``. Every time comes from ``lkfast.timing.gpu_time_ms``:
+CUDA events around many back-to-back calls after untimed warm-up calls (Triton autotuning and
+cuDNN's algorithm search happen there and are not counted).
 
 Shapes: the four RepLKNet-31B stages at 224 px (56/28/14/7 px maps, k = 31/29/27/13), ConvNeXt's
-k = 7 and SLaK's 51x5, batch 64; fp16, bf16, fp32; NCHW and channels_last inputs.
+k = 7 and SLaK's 51x5, batch 64; fp16, bf16, fp32; NCHW and channels_last. ``--quick``: the k = 31
+stage-1 and the k = 27 stage-3 shapes in fp16 and bf16.
 
-1. Per pass (forward, input gradient, weight gradient) and per backend (cuda, triton, torch): the
-   median time with CUDA events. These rows make the ``auto`` table (lkfast/ops/cuda_table.py):
-   the fastest backend per pass, PyTorch wherever ours lose.
-2. End to end through ``lkfast.ops.depthwise_conv2d`` with the new table installed: forward,
-   forward + input grad, forward + both grads, ``auto`` and each backend against PyTorch's fastest
-   layout; effective TFLOP/s (2*N*C*H*W*kh*kw per pass) and achieved bandwidth (the minimal bytes:
-   inputs read and outputs written once per pass) against the GPU's peaks.
-Writes DIR/gpu_bench.json and DIR/gpu_bench.md. Cases are run most important first and skipped
-once --budget seconds are spent (and marked so), so a time-boxed run still leaves results.
+1. Per pass (forward, input gradient, weight gradient), each lkfast backend (cuda, triton) against
+   PyTorch's own kernel for that pass (``F.conv2d`` forward; ``aten.convolution_backward`` with one
+   output selected, the call autograd makes) in the same layout. The fastest per pass makes a row of
+   the ``auto`` table (key: GPU name, dtype, layout, kh, kw, N, C, H, W): "torch" wherever PyTorch won.
+2. End to end with that table installed (``LKFAST_CUDA_TABLE``): forward, forward + input grad,
+   forward + both grads through ``lkfast.ops.depthwise_conv2d`` (``auto`` and each backend) against
+   plain ``F.conv2d`` + autograd in both layouts; TFLOP/s count the multiply-adds that do not touch
+   padding, GB/s the minimal traffic (inputs read and outputs written once per pass).
+Writes DIR/gpu_bench.json and DIR/gpu_bench.md. Cases run most important first and are skipped
+(and marked so) once --budget seconds are spent, so a time-boxed run still leaves results.
+``--write-table`` ships the measured table with ``lkfast.ops.cuda_table.save_table``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import pprint
-import re
 import sys
+import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
+
+from lkfast.bench import valid_taps
+from lkfast.tables import markdown_table, write_text_atomic
+from lkfast.timing import time_ms
 
 SHAPES = [  # (name, C, H, W, kh, kw)
     ("replknet31b-s1", 128, 56, 56, 31, 31),
@@ -37,15 +50,19 @@ SHAPES = [  # (name, C, H, W, kh, kw)
     ("convnext-k7", 96, 56, 56, 7, 7),
     ("slak-51x5", 128, 56, 56, 51, 5),
 ]
+QUICK_SHAPES = ("replknet31b-s1", "replknet31b-s3")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+QUICK_DTYPES = ("float16", "bfloat16")
 LAYOUTS = ("channels_last", "nchw")
-BACKENDS = ("cuda", "triton", "torch")
-DEVICE = "cuda"
+LKFAST_BACKENDS = ("cuda", "triton")
+PASSES = ("forward", "input_grad", "weight_grad")
+MODES = {"forward": 1, "forward+input_grad": 2, "forward+both_grads": 3}  # conv passes per mode
+BASELINES = ("torch-nchw", "torch-channels_last")  # plain F.conv2d + autograd in each layout
 # --dry-run: the whole script on tiny shapes on the CPU (wall-clock times), to check it end to end
 # on a machine without a GPU before spending GPU time on it.
 DRY_RUN_SHAPES = [("tiny-k7", 8, 12, 12, 7, 7)]
-PASSES = ("forward", "input_grad", "weight_grad")
-MODES = {"forward": 1, "forward+input_grad": 2, "forward+both_grads": 3}  # conv passes per mode
+DRY_RUN_BACKENDS = ("cpu",)
+DRY_RUN_NAME = "CPU dry run"
 
 # Peaks (FLOP/s, bytes/s) by device name; fp16/bf16 CUDA-core peak is twice fp32 (packed half2).
 PEAKS = {
@@ -56,129 +73,146 @@ PEAKS = {
 
 
 def peaks_for(name: str) -> dict | None:
-    for key, value in PEAKS.items():
-        if key in name:
-            return value
-    return None
+    return next((value for key, value in PEAKS.items() if key in name), None)
 
 
-def cuda_time_ms(fn, budget_ms=300.0, max_reps=50) -> float:
-    """Median of individually timed runs after a warm-up (autotuning happens in the warm-up)."""
-    if DEVICE == "cpu":
-        fn()
-        times = []
-        for _ in range(3):
-            t = time.perf_counter(); fn(); times.append((time.perf_counter() - t) * 1e3)
-        return sorted(times)[1]
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record(); fn(); end.record(); torch.cuda.synchronize()
-    reps = int(max(3, min(max_reps, budget_ms / max(start.elapsed_time(end), 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record(); fn(); end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+class Run:
+    """Where and how this run measures: device, the lkfast backends to compare, the deadline."""
+
+    def __init__(self, device: str, backends: tuple, budget: float):
+        self.device, self.backends = device, backends
+        self.start = time.time()
+        self.deadline = self.start + budget
+        self.pass_deadline = self.start + 0.55 * budget  # part 1 leaves time for part 2
+
+    def time_ms(self, fn) -> float:
+        return time_ms(fn, self.device, rounds=3)
 
 
-def make_inputs(shape, dtype, layout, batch, grad=False):
+def make_inputs(shape, dtype, layout, batch, device):
     _, C, H, W, kh, kw = shape
-    x = torch.randn(batch, C, H, W, device=DEVICE, dtype=dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(C, 1, kh, kw, device=DEVICE) / math.sqrt(kh * kw)).to(dtype)
-    g = torch.randn_like(x)
-    if grad:
-        x.requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(batch, C, H, W, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(C, 1, kh, kw, generator=gen) / (kh * kw) ** 0.5).to(device=device, dtype=dtype)
+    g = torch.randn(batch, C, H, W, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
     return x, w, g
 
 
-def per_pass(shape, dtype, layout, batch, results, deadline):
-    from lkfast.ops.backends import BACKENDS as IMPL
+def torch_pass(name: str, x, w, g):
+    """PyTorch's own kernel for one pass, as autograd calls it (no lkfast code on this path)."""
+    kh, kw = w.shape[-2:]
+    padding = [kh // 2, kw // 2]
+    if name == "forward":
+        return lambda: F.conv2d(x, w, None, 1, padding, 1, x.shape[1])
+    mask = [name == "input_grad", name == "weight_grad", False]
+    return lambda: torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], padding, [1, 1], False, [0, 0],
+                                                       x.shape[1], mask)
 
-    x, w, g = make_inputs(shape, dtype, layout, batch)
-    kh, kw = shape[4], shape[5]
-    for backend in BACKENDS:
-        impl = IMPL[backend]
-        why = impl.not_supported_reasons(x, w)
-        fns = {
-            "forward": lambda: impl.forward(x, w, None, False),
+
+def lkfast_pass(name: str, backend: str, x, w, g):
+    from lkfast.ops.backends import BACKENDS
+
+    impl = BACKENDS[backend]
+    kh, kw = w.shape[-2:]
+    return {"forward": lambda: impl.forward(x, w, None, False),
             "input_grad": lambda: impl.forward(g, w, None, True),
-            "weight_grad": lambda: impl.weight_grad(g, x, kh, kw),
-        }
-        for name, fn in fns.items():
-            row = dict(kind="pass", shape=shape[0], C=shape[1], H=shape[2], W=shape[3], kh=kh, kw=kw,
-                       dtype=str(dtype).replace("torch.", ""), layout=layout, batch=batch, backend=backend, op=name)
+            "weight_grad": lambda: impl.weight_grad(g, x, kh, kw)}[name]
+
+
+def _row(kind, shape, dtype, layout, batch, **extra) -> dict:
+    _, C, H, W, kh, kw = shape
+    return dict(kind=kind, shape=shape[0], C=C, H=H, W=W, kh=kh, kw=kw, dtype=dtype, layout=layout, batch=batch, **extra)
+
+
+def _measure(row: dict, fn, run: Run, deadline: float) -> dict:
+    if time.time() > deadline:
+        row["error"] = "skipped: time budget spent"
+        return row
+    try:
+        row["ms"] = run.time_ms(fn)
+    except Exception as exc:  # a failing backend is a result, not the end of the run
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return row
+
+
+def per_pass(shape, dtype, layout, batch, run: Run, rows: list) -> None:
+    from lkfast.ops.backends import BACKENDS
+
+    x, w, g = make_inputs(shape, DTYPES[dtype], layout, batch, run.device)
+    for backend in run.backends + ("torch",):
+        why = [] if backend == "torch" else BACKENDS[backend].not_supported_reasons(x, w)
+        for name in PASSES:
+            row = _row("pass", shape, dtype, layout, batch, backend=backend, op=name)
             if why:
                 row["error"] = "; ".join(why)
-            elif time.time() > deadline:
-                row["error"] = "skipped: time budget spent"
-            else:
-                try:
-                    row["ms"] = cuda_time_ms(fn)
-                except Exception as exc:  # a failing backend is a result, not the end of the run
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            results.append(row)
+                rows.append(row)
+                continue
+            fn = torch_pass(name, x, w, g) if backend == "torch" else lkfast_pass(name, backend, x, w, g)
+            rows.append(_measure(row, fn, run, run.pass_deadline))
 
 
-def derive_table(rows) -> dict:
-    """{(dtype, layout, kh, kw, C, H, W): (forward, input_grad, weight_grad)}: fastest per pass."""
+def derive_table(rows: list, gpu: str) -> dict:
+    """{(gpu, dtype, layout, kh, kw, N, C, H, W): (forward, input_grad, weight_grad)}: per pass the
+    backend with the lowest time among those measured there, "torch" (PyTorch) where it won or
+    where nothing of lkfast's ran. Keys with no PyTorch time for a pass are left out: a row must
+    never name a backend that was not compared with PyTorch."""
     best: dict = {}
     for r in rows:
         if r.get("kind") != "pass" or "ms" not in r:
             continue
-        key = (r["dtype"], r["layout"], r["kh"], r["kw"], r["C"], r["H"], r["W"])
-        slot = best.setdefault(key, {})
-        if r["op"] not in slot or r["ms"] < slot[r["op"]][1]:
-            slot[r["op"]] = (r["backend"], r["ms"])
-    return {k: tuple(v.get(p, ("torch", 0))[0] for p in PASSES) for k, v in best.items()}
+        key = (gpu, r["dtype"], r["layout"], r["kh"], r["kw"], r["batch"], r["C"], r["H"], r["W"])
+        best.setdefault(key, {}).setdefault(r["op"], {})[r["backend"]] = r["ms"]
+    table = {}
+    for key, by_pass in best.items():
+        if not all("torch" in by_pass.get(p, {}) for p in PASSES):
+            continue
+        table[key] = tuple(min(by_pass[p], key=by_pass[p].get) for p in PASSES)
+    return table
 
 
-def end_to_end(shape, dtype, layout, batch, results, deadline, backends):
+def end_to_end(shape, dtype, layout, batch, run: Run, rows: list, baselines: dict) -> None:
     import lkfast.ops as ops
 
-    _, C, H, W, kh, kw = shape
     for mode in MODES:
-        for backend in backends:
-            row = dict(kind="e2e", shape=shape[0], C=C, H=H, W=W, kh=kh, kw=kw, dtype=str(dtype).replace("torch.", ""),
-                       layout=layout, batch=batch, backend=backend, mode=mode)
-            if time.time() > deadline:
-                row["error"] = "skipped: time budget spent"
-                results.append(row)
+        names = ["auto", *run.backends, *BASELINES]
+        for name in names:
+            row = _row("e2e", shape, dtype, layout, batch, backend=name, mode=mode)
+            memo = (shape[0], dtype, mode, name)
+            if name in BASELINES and memo in baselines:  # the plain baseline does not depend on the row's layout
+                rows.append(dict(row, **{k: v for k, v in baselines[memo].items() if k in ("ms", "error")}))
                 continue
-            x, w, g = make_inputs(shape, dtype, layout, batch)
-            if backend == "torch-nchw":
-                x, g, name = x.contiguous(), g.contiguous(), "torch"
-            elif backend == "torch-channels_last":
-                x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
-                name = "torch"
-            else:
-                name = backend
+            in_layout = name.split("-", 1)[1] if name in BASELINES else layout
+            x, w, g = make_inputs(shape, DTYPES[dtype], "nchw" if in_layout == "nchw" else "channels_last", batch,
+                                  run.device)
             x.requires_grad_(mode != "forward")
             w.requires_grad_(mode == "forward+both_grads")
+            if name in BASELINES:
+                kh, kw = w.shape[-2:]
+                conv = lambda t, k: F.conv2d(t, k, None, 1, (kh // 2, kw // 2), 1, t.shape[1])  # noqa: E731
+            else:
+                conv = lambda t, k, backend=name: ops.depthwise_conv2d(t, k, backend=backend)  # noqa: E731
+                if name == "auto":
+                    try:
+                        row["plan"] = ",".join(ops.plan_for(x, w))
+                    except Exception as exc:
+                        row["plan"] = f"{type(exc).__name__}: {exc}"[:200]
 
-            def run():
+            def step(conv=conv, x=x, w=w, g=g, mode=mode):
                 if mode == "forward":
                     with torch.no_grad():
-                        ops.depthwise_conv2d(x, w, backend=name)
+                        conv(x, w)
                 else:
-                    y = ops.depthwise_conv2d(x, w, backend=name)
-                    inputs = [x] + ([w] if mode == "forward+both_grads" else [])
-                    torch.autograd.grad(y, inputs, g)
+                    inputs = [x, w] if mode == "forward+both_grads" else [x]
+                    torch.autograd.grad(conv(x, w), inputs, g)
 
-            try:
-                if name == "auto":
-                    row["plan"] = ",".join(ops.plan_for(x, w))
-                row["ms"] = cuda_time_ms(run)
-            except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            results.append(row)
+            rows.append(_measure(row, step, run, run.deadline))
+            if name in BASELINES:
+                baselines[memo] = row
 
 
-def add_rates(rows, device_name):
+def add_rates(rows: list, device_name: str) -> None:
+    """TFLOP/s of the multiply-adds that touch no padding, and GB/s of the minimal traffic."""
     peaks = peaks_for(device_name)
     for r in rows:
         if "ms" not in r:
@@ -186,106 +220,139 @@ def add_rates(rows, device_name):
         passes = MODES.get(r.get("mode"), 1)
         elems = r["batch"] * r["C"] * r["H"] * r["W"]
         elem_bytes = torch.empty(0, dtype=DTYPES[r["dtype"]]).element_size()
-        flops = 2.0 * elems * r["kh"] * r["kw"] * passes
+        flops = 2.0 * r["batch"] * r["C"] * valid_taps(r["H"], r["kh"]) * valid_taps(r["W"], r["kw"]) * passes
         r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
         r["gbps"] = 2.0 * elems * elem_bytes * passes / (r["ms"] * 1e-3) / 1e9
         if peaks:
-            compute_peak = peaks["float32" if r["dtype"] == "float32" else "half"]
-            r["pct_cuda_core_peak"] = 100 * r["tflops"] * 1e12 / compute_peak
+            r["pct_cuda_core_peak"] = 100 * r["tflops"] * 1e12 / peaks["float32" if r["dtype"] == "float32" else "half"]
             r["pct_bw_peak"] = 100 * r["gbps"] * 1e9 / peaks["bw"]
 
 
-def markdown(rows, device_name) -> str:
-    lines = [f"# lkfast GPU benchmark ({device_name})", ""]
-    e2e = [r for r in rows if r.get("kind") == "e2e"]
-    lines += ["## End to end (ms; speed-up of `auto` over PyTorch's faster layout)", "",
-              "| shape | dtype | layout | mode | auto (plan) | cuda | triton | torch NCHW | torch channels_last (cuDNN) | auto speed-up | auto TFLOP/s | auto GB/s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def _ms(r) -> str | None:
+    if not r:
+        return None
+    return f"{r['ms']:.3f}" if "ms" in r else "err"
+
+
+def markdown(rows: list, device_name: str, batch: int) -> str:
+    """Both tables (end to end, then per pass) and the errors, through lkfast.tables."""
     groups: dict = {}
-    for r in e2e:
-        groups.setdefault((r["shape"], r["dtype"], r["layout"], r["mode"]), {})[r["backend"]] = r
-    fmt = lambda r: f"{r['ms']:.3f}" if r and "ms" in r else ("—" if not r else "err")
+    for r in rows:
+        if r["kind"] == "e2e":
+            groups.setdefault((r["shape"], r["dtype"], r["layout"], r["mode"]), {})[r["backend"]] = r
+    e2e = []
     for (shape, dtype, layout, mode), g in groups.items():
         auto = g.get("auto")
-        torch_best = min([g[k]["ms"] for k in ("torch-nchw", "torch-channels_last") if k in g and "ms" in g[k]], default=None)
-        speed = f"{torch_best / auto['ms']:.2f}x" if auto and "ms" in auto and torch_best else "—"
-        plan = f" ({auto.get('plan', '')})" if auto else ""
-        rate = lambda key: f"{auto[key]:.1f}" if auto and key in auto else "—"
-        lines.append(f"| {shape} | {dtype} | {layout} | {mode} | {fmt(auto)}{plan} | {fmt(g.get('cuda'))} | {fmt(g.get('triton'))} "
-                     f"| {fmt(g.get('torch-nchw'))} | {fmt(g.get('torch-channels_last'))} | {speed} | {rate('tflops')} | {rate('gbps')} |")
+        plain = [g[b]["ms"] for b in BASELINES if "ms" in g.get(b, {})]
+        ratio = f"{min(plain) / auto['ms']:.2f}x" if auto and "ms" in auto and plain else None
+        rate = lambda key: f"{auto[key]:.1f}" if auto and key in auto else None  # noqa: E731
+        e2e.append([shape, dtype, layout, mode, _ms(auto), auto.get("plan") if auto else None,
+                    *(_ms(g.get(b)) for b in ("cuda", "triton", "cpu") if any(b in v for v in groups.values())),
+                    *(_ms(g.get(b)) for b in BASELINES), ratio, rate("tflops"), rate("gbps")])
+    own = [b for b in ("cuda", "triton", "cpu") if any(b in v for v in groups.values())]
+    header = ["shape", "dtype", "layout", "mode", "auto ms", "auto plan", *(f"{b} ms" for b in own),
+              "PyTorch NCHW ms", "PyTorch channels_last (cuDNN) ms", "auto speed-up", "auto TFLOP/s", "auto GB/s"]
+    how = ("median wall-clock rounds on the CPU (a dry run: checks the script, measures nothing)" if device_name == DRY_RUN_NAME
+           else "cudnn.benchmark on; ms per call from CUDA events around back-to-back calls")
+    caption = (f"## End to end, {device_name}, batch {batch}: lkfast through lkfast.ops.depthwise_conv2d against "
+               f"plain F.conv2d + autograd; {how}; speed-up = PyTorch's faster layout / auto; TFLOP/s count "
+               f"non-padding multiply-adds")
+    parts = [f"# lkfast GPU benchmark ({device_name})\n", markdown_table(header, e2e, caption=caption)]
+
+    passes: dict = {}
+    for r in rows:
+        if r["kind"] == "pass":
+            passes.setdefault((r["shape"], r["dtype"], r["layout"], r["op"]), {})[r["backend"]] = r
+    backends = sorted({r["backend"] for r in rows if r["kind"] == "pass"} - {"torch"}) + ["torch"]
+    per_pass_rows = []
+    for (shape, dtype, layout, op), g in passes.items():
+        timed = {b: g[b]["ms"] for b in g if "ms" in g[b]}
+        winner = min(timed, key=timed.get) if "torch" in timed else None
+        per_pass_rows.append([shape, dtype, layout, op, *(_ms(g.get(b)) for b in backends), winner])
+    parts.append(markdown_table(["shape", "dtype", "layout", "pass", *(f"{b} ms" for b in backends), "table entry"],
+                                per_pass_rows, caption="## Per pass (PyTorch: its own kernel for the pass, same layout)"))
     errors = sorted({f"{r['backend']}: {r['error']}" for r in rows if "error" in r})
     if errors:
-        lines += ["", "## Errors and skips", ""] + [f"- {e}" for e in errors[:40]]
-    return "\n".join(lines) + "\n"
+        parts.append("## Errors and skips\n\n" + "\n".join(f"- {e}" for e in errors[:40]) + "\n")
+    return "\n".join(parts)
 
 
-def write_table_source(table: dict, device_name: str) -> None:
-    """Rewrite MEASURED in lkfast/ops/cuda_table.py from a derived table."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lkfast", "ops", "cuda_table.py")
-    src = open(path).read()
-    body = "MEASURED: dict[tuple, tuple[str, str, str]] = " + pprint.pformat(dict(sorted(table.items())), width=110) + "\n"
-    body += f"MEASURED_ON = {device_name + ', ' + time.strftime('%Y-%m-%d')!r}\n"
-    src = re.sub(r"(# --- measured table.*?---\n).*?(# --- end of measured table ---)", lambda m: m.group(1) + body + m.group(2),
-                 src, flags=re.S)
-    open(path, "w").write(src)
-    print(f"wrote {len(table)} rows into {os.path.relpath(path)}")
+def write_table(results_path: str, table_path: str | None = None) -> str:
+    """Ship the table of a gpu_bench.json through cuda_table.save_table; returns the path written."""
+    from lkfast.ops import cuda_table
+
+    with open(results_path) as f:
+        data = json.load(f)
+    if data.get("dry_run"):
+        raise SystemExit(f"{results_path} comes from a --dry-run on the CPU: it measured nothing to ship")
+    path = cuda_table.save_table([(tuple(k), tuple(v)) for k, v in data["table"]], data["measured_on"], table_path)
+    print(f"wrote {len(data['table'])} rows measured on {data['measured_on']} to {path}")
+    return str(path)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="folder for gpu_bench.json and gpu_bench.md")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--budget", type=float, default=360.0, help="seconds; later cases are skipped")
-    parser.add_argument("--quick", action="store_true", help="fp16 only, k=31 and k=7 shapes")
-    parser.add_argument("--write-table", metavar="JSON", help="rewrite cuda_table.MEASURED from a gpu_bench.json")
+    parser.add_argument("--quick", action="store_true", help="k=31 stage 1 and stage 3, fp16 and bf16")
+    parser.add_argument("--write-table", metavar="JSON", help="ship the table of a gpu_bench.json (cuda_table.save_table)")
+    parser.add_argument("--table-path", help="with --write-table: write here instead of the package's cuda_table.json")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing")
     args = parser.parse_args(argv)
-    global DEVICE, BACKENDS
 
     if args.write_table:
-        data = json.load(open(args.write_table))
-        write_table_source({tuple(k): tuple(v) for k, v in data["table"]}, data["device"])
+        write_table(args.write_table, args.table_path)
         return 0
+    if not args.out:
+        parser.error("--out DIR is required to measure")
     if args.dry_run:
-        DEVICE, BACKENDS = "cpu", ("cpu", "torch")
+        run = Run("cpu", DRY_RUN_BACKENDS, args.budget)
+        shapes, dtypes, batch, device_name = DRY_RUN_SHAPES, ["float32"], 2, DRY_RUN_NAME
     elif not torch.cuda.is_available():
         print("bench_gpu: no CUDA device; nothing to measure (--dry-run checks the script on the CPU)")
         return 2
+    else:
+        torch.backends.cudnn.benchmark = True
+        run = Run("cuda", LKFAST_BACKENDS, args.budget)
+        shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK_SHAPES]
+        dtypes, batch, device_name = (QUICK_DTYPES if args.quick else list(DTYPES)), args.batch, torch.cuda.get_device_name()
     os.makedirs(args.out, exist_ok=True)
+    measured_on = f"{device_name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    rows: list[dict] = []
+    # 1. per pass -> the auto table; dtype-major, fp16 first: a cut-off run keeps what the targets are about
+    for dtype in dtypes:
+        for shape in shapes:
+            for layout in LAYOUTS:
+                per_pass(shape, dtype, layout, batch, run, rows)
+    table = derive_table(rows, device_name)
+    # 2. end to end with that table installed (read per call from LKFAST_CUDA_TABLE)
     from lkfast.ops import cuda_table
 
-    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU dry run"
-    deadline = time.time() + args.budget
-    shapes = SHAPES if not args.quick else [SHAPES[0], SHAPES[4]]
-    dtypes = list(DTYPES) if not args.quick else ["float16"]
-    e2e_backends = ["auto", "cuda", "triton", "torch-nchw", "torch-channels_last"]
-    if args.dry_run:
-        shapes, dtypes, args.batch = DRY_RUN_SHAPES, ["float32"], 2
-        e2e_backends = ["auto", "cpu", "torch-nchw", "torch-channels_last"]
-    rows: list[dict] = []
-    # 1. per pass, per backend -> the auto table (uses ~55% of the budget)
-    pass_deadline = time.time() + 0.55 * args.budget
-    # dtype-major, fp16 first: the targets are about fp16/bf16, and a cut-off run keeps them
-    for dtype in dtypes:
-        for shape in shapes:
-            for layout in LAYOUTS:
-                per_pass(shape, DTYPES[dtype], layout, args.batch, rows, pass_deadline)
-    table = derive_table(rows)
-    cuda_table.MEASURED.clear()
-    cuda_table.MEASURED.update(table)
-    # 2. end to end with the table installed
-    for dtype in dtypes:
-        for shape in shapes:
-            for layout in LAYOUTS:
-                end_to_end(shape, DTYPES[dtype], layout, args.batch, rows, deadline, e2e_backends)
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = os.environ.get(cuda_table.ENV_VAR)
+        if run.device == "cuda":  # auto on the CPU (--dry-run) does not read this table
+            os.environ[cuda_table.ENV_VAR] = str(cuda_table.save_table(table, measured_on, os.path.join(tmp, "t.json")))
+        baselines: dict = {}
+        try:
+            for dtype in dtypes:
+                for shape in shapes:
+                    for layout in LAYOUTS:
+                        end_to_end(shape, dtype, layout, batch, run, rows, baselines)
+        finally:
+            os.environ.pop(cuda_table.ENV_VAR, None)
+            if previous is not None:
+                os.environ[cuda_table.ENV_VAR] = previous
     add_rates(rows, device_name)
-    result = {"device": device_name, "torch": torch.__version__, "batch": args.batch, "peaks": peaks_for(device_name),
-              "rows": rows, "table": [[list(k), list(v)] for k, v in table.items()]}
-    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
-        f.write(markdown(rows, device_name))
-    print(markdown(rows, device_name))
+    result = {"device": device_name, "measured_on": measured_on, "torch": torch.__version__, "batch": batch,
+              "dry_run": args.dry_run, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+              "timer": "lkfast.timing.gpu_time_ms" if run.device == "cuda" else "lkfast.timing.time_interleaved",
+              "seconds": round(time.time() - run.start, 1), "peaks": peaks_for(device_name), "rows": rows,
+              "table": [[list(k), list(v)] for k, v in sorted(table.items())]}
+    write_text_atomic(os.path.join(args.out, "gpu_bench.json"), json.dumps(result, indent=1))
+    md = markdown(rows, device_name, batch)
+    write_text_atomic(os.path.join(args.out, "gpu_bench.md"), md)
+    print(md)
     return 0
 
 

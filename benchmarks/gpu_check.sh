@@ -1,75 +1,243 @@
 #!/usr/bin/env bash
-# One GPU check, time-boxed for ~10 minutes on an H100/H200 (build included):
-#   benchmarks/gpu_check.sh OUT_DIR [--quick]
-# 1. builds lkfast._C with CUDA for this GPU's architecture (TORCH_CUDA_ARCH_LIST if set),
-# 2. runs the GPU tests (every backend against fp64 PyTorch and cuDNN, every dtype),
-# 3. runs the GPU benchmarks (depthwise conv: benchmarks/bench_gpu.py; frequency noise:
-#    benchmarks/bench_frequency.py) and writes JSON + markdown into OUT_DIR, with a summary.md.
-# Afterwards: `python benchmarks/bench_gpu.py --write-table OUT_DIR/gpu_bench.json` puts the measured
-# backend table into lkfast/ops/cuda_table.py (commit it with OUT_DIR copied to benchmarks/results/).
+# The GPU check, for one unattended command on a bare GPU machine (python3 with its own torch,
+# triton and timm; no network; ~10 minutes per command; few files taken back):
+#
+#   benchmarks/gpu_check.sh OUT_DIR --quick     first call, <= 5 minutes: build, CUDA assert, smoke test
+#                                               (CUDA_LAUNCH_BLOCKING=1, own process), the op test files
+#                                               (every backend x dtype x pass against F.conv2d), the k=31
+#                                               stage-1 and the stage-3 timings, compute-sanitizer on the
+#                                               smoke test when the machine has it and time is left
+#   benchmarks/gpu_check.sh OUT_DIR             second call (full), < 10 minutes: build (incremental),
+#                                               smoke, the WHOLE test suite (pytest tests/), every
+#                                               benchmark shape, frequency noise, models and corruptions
+#   benchmarks/gpu_check.sh OUT_DIR --dry-run   --quick's steps on the CPU on tiny shapes (Triton in its
+#                                               interpreter, no build, the op tests collected only, no
+#                                               sanitizer): checks the script before GPU time is spent
+#                                               on it; tests/test_benchmarks.py runs it
+#
+# OUT_DIR receives at most 5 files, none in a sub-folder: summary.md (always written, even when a step
+# hangs or fails), gpu_bench.json and gpu_bench.md (bench_gpu.py), tests.log (smoke test and pytest),
+# rest.tar.gz (everything else: build log, nvidia-smi, backends, other benchmarks, sanitizer).
+# Every step runs under `timeout`; the whole command ends before GPU_CHECK_LIMIT seconds (default 570;
+# 290 with --quick). Environment: PYTHON (default python3), LKFAST_WHEELS (a folder of wheels, e.g.
+# pytest, installed with --no-index when pytest is missing), TORCH_CUDA_ARCH_LIST, MAX_JOBS.
+# Afterwards: `python benchmarks/bench_gpu.py --write-table OUT_DIR/gpu_bench.json` ships the table.
 set -uo pipefail
-OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [--quick]}
-QUICK=${2:-}
-cd "$(dirname "$0")/.."
-mkdir -p "$OUT"
+usage="usage: benchmarks/gpu_check.sh OUT_DIR [--quick|--dry-run]"
+[ $# -ge 1 ] && [ $# -le 2 ] || { echo "$usage" >&2; exit 2; }
+OUT=$1
+MODE=${2:---full}
+case "$MODE" in --quick|--dry-run|--full) ;; *) echo "$usage" >&2; exit 2 ;; esac
+MODE=${MODE#--}
+cd "$(dirname "$0")/.." || exit 2
+REPO=$PWD
+PY=${PYTHON:-python3}
+command -v "$PY" > /dev/null 2>&1 || PY=python
+default_limit=570
+[ "$MODE" = quick ] && default_limit=290
+LIMIT=${GPU_CHECK_LIMIT:-$default_limit}
+RESERVE=20  # seconds kept for packing the results
+T0=$(date +%s)
+mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
-start=$(date +%s)
-elapsed() { echo $(( $(date +%s) - start )); }
-summary="$OUT/summary.md"
-echo "# lkfast GPU check ($(date -u +%F\ %T) UTC)" > "$summary"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+SUMMARY="$OUT/summary.md"
+TESTS_LOG="$WORK/tests.log"
+rm -f "$OUT/summary.md" "$OUT/gpu_bench.json" "$OUT/gpu_bench.md" "$OUT/tests.log" "$OUT/rest.tar.gz"
+: > "$TESTS_LOG"
 
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: no CUDA device visible to torch; nothing to check" | tee -a "$summary"
-  exit 2
+FAILED=0
+SKIPPED=0
+elapsed() { echo $(( $(date +%s) - T0 )); }
+left() { echo $(( LIMIT - RESERVE - $(elapsed) )); }
+# probe CMD...: a short check, under a timeout of at most 60 s and never past the deadline
+probe() {
+  local budget
+  budget=$(left)
+  [ "$budget" -gt 60 ] && budget=60
+  [ "$budget" -lt 1 ] && return 124
+  timeout --kill-after=2 "$budget" "$@"
+}
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME CAP CMD...: run CMD (output to $WORK/NAME.log) under a timeout of CAP seconds or what is
+# left, note the outcome in the summary, return CMD's exit status (124: timed out; 125: no time left).
+step() {
+  local name=$1 cap=$2 budget rc t
+  shift 2
+  budget=$(left)
+  [ "$budget" -gt "$cap" ] && budget=$cap
+  if [ "$budget" -lt 5 ]; then
+    note "- $name: skipped, no time left ($(elapsed) s)"
+    SKIPPED=$(( SKIPPED + 1 ))
+    return 125
+  fi
+  t=$(date +%s)
+  timeout --kill-after=5 "$budget" "$@" > "$WORK/$name.log" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then
+    note "- $name: ok ($(( $(date +%s) - t )) s)"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    note "- $name: TIMED OUT after ${budget} s (see $name.log in rest.tar.gz)"
+    FAILED=$(( FAILED + 1 ))
+  else
+    note "- $name: FAILED, exit $rc ($(( $(date +%s) - t )) s; see $name.log in rest.tar.gz)"
+    FAILED=$(( FAILED + 1 ))
+  fi
+  return $rc
+}
+
+finish() {
+  local status=$?
+  trap - EXIT INT TERM
+  [ "$status" -eq 0 ] && [ $(( FAILED + SKIPPED )) -gt 0 ] && status=1
+  note ""
+  note "steps failed or timed out: $FAILED, skipped for time: $SKIPPED; exit status $status"
+  for f in gpu_bench.md; do
+    [ -f "$WORK/$f" ] && { cat "$WORK/$f" >> "$SUMMARY"; echo >> "$SUMMARY"; }
+  done
+  note "total: $(elapsed) s (limit $LIMIT s, mode $MODE)"
+  [ -f "$WORK/gpu_bench.json" ] && cp "$WORK/gpu_bench.json" "$OUT/gpu_bench.json"
+  [ -f "$WORK/gpu_bench.md" ] && cp "$WORK/gpu_bench.md" "$OUT/gpu_bench.md"
+  cp "$TESTS_LOG" "$OUT/tests.log"
+  rm -f "$WORK/gpu_bench.json" "$WORK/gpu_bench.md" "$TESTS_LOG"
+  tar -czf "$OUT/rest.tar.gz" -C "$WORK" . 2> /dev/null
+  chmod 644 "$OUT"/* 2> /dev/null
+  rm -rf "$WORK"
+  exit $status
+}
+trap finish EXIT
+trap 'note "- interrupted"; exit 130' INT TERM
+
+echo "# lkfast GPU check, $MODE ($(date -u '+%F %T') UTC)" > "$SUMMARY"
+note ""
+commit=unknown
+if git rev-parse --short HEAD > /dev/null 2>&1; then
+  commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD 2> /dev/null || echo ' (with local changes)')
 fi
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-python -c "import torch; print(torch.cuda.get_device_name(), torch.__version__, torch.version.cuda)" | tee -a "$summary"
+note "commit $commit, python: $PY"
+step versions 60 "$PY" - << 'EOF'
+import sys
+print(f"python {sys.version.split()[0]}")
+import torch
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), device: "
+      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
+for name in ("triton", "timm", "pytest"):
+    try:
+        module = __import__(name)
+        print(f"{name} {module.__version__}")
+    except Exception as exc:
+        print(f"{name}: not available ({type(exc).__name__})")
+EOF
+sed 's/^/    /' "$WORK/versions.log" 2> /dev/null | tee -a "$SUMMARY"
+nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1 || true
 
-# 1. build (only this GPU's architecture unless told otherwise: a quicker compile; setup.py finds
-# the toolkit even behind an nvcc wrapper script).
-arch=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
-if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} LKFAST_REQUIRE_EXT=1 timeout 300 python -m pip install --no-build-isolation --no-deps -e . \
-     > "$OUT/build.log" 2>&1; then
-  echo "- build: FAILED (see build.log)" | tee -a "$summary"; tail -30 "$OUT/build.log"; exit 1
-fi
-echo "- build for sm_${arch/./}: ok ($(elapsed) s)" | tee -a "$summary"
-python -c "import lkfast.ops as o; [print(i) for i in o.available_backends().values()]" | tee "$OUT/backends.txt"
-
-# 2. GPU tests (Triton with its first configuration: fewer compiles; the benchmark autotunes)
-LKFAST_TRITON_AUTOTUNE=0 timeout 240 python -m pytest -q -m gpu -p no:cacheprovider \
-    tests/test_cuda.py tests/test_triton.py tests/test_frequency_noise.py tests/test_depthwise.py \
-    --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.txt" 2>&1
-rc=$?
-echo "- GPU tests: $(tail -1 "$OUT/gpu_tests.txt") (rc $rc, $(elapsed) s)" | tee -a "$summary"
-grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.txt" | head -20 | sed 's/^/  - /' | tee -a "$summary"
-
-# 3. benchmarks, within what is left of ~9.5 minutes
-left=$(( 570 - $(elapsed) - 60 ))
-[ "$left" -lt 60 ] && left=60
-bench_args=(--out "$OUT" --budget "$left")
-[ "$QUICK" = "--quick" ] && bench_args+=(--quick)
-timeout $(( left + 90 )) python benchmarks/bench_gpu.py "${bench_args[@]}" > "$OUT/bench_gpu.log" 2>&1
-echo "- depthwise benchmark: rc $? ($(elapsed) s), see gpu_bench.md" | tee -a "$summary"
-timeout 60 python benchmarks/bench_frequency.py --out "$OUT" --batch 256 > "$OUT/bench_frequency.log" 2>&1
-echo "- frequency benchmark: rc $? ($(elapsed) s), see frequency_bench_gpu.md" | tee -a "$summary"
-# 4. model (batch 64, bf16) and corruption benchmarks on the GPU, each only while time is left
-if [ "$(elapsed)" -lt 450 ]; then
-  LKFAST_BENCH_DEVICE=cuda timeout 120 python -m pytest benchmarks/bench_models.py -q -p no:cacheprovider \
-      -k replknet --benchmark-json="$OUT/models_gpu.json" > "$OUT/bench_models.log" 2>&1 \
-    && python benchmarks/bench_models.py "$OUT/models_gpu.json" "$OUT/models_gpu.md" >> "$OUT/bench_models.log" 2>&1
-  echo "- model benchmark: rc $? ($(elapsed) s), see models_gpu.md" | tee -a "$summary"
+if [ "$MODE" = dry-run ]; then
+  DEVICE=cpu
+  export TRITON_INTERPRET=1  # Triton kernels on CPU tensors
 else
-  echo "- model benchmark: skipped, no time left ($(elapsed) s)" | tee -a "$summary"
+  DEVICE=cuda
+  if ! probe "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2> /dev/null; then
+    note "- no CUDA device visible to torch: nothing to check on a GPU (--dry-run walks the steps on the CPU)"
+    exit 2
+  fi
 fi
-if [ "$(elapsed)" -lt 520 ]; then
-  LKFAST_BENCH_DEVICE=cuda timeout 60 python -m pytest benchmarks/bench_corrupt.py -q -p no:cacheprovider \
-      --benchmark-json="$OUT/corrupt_gpu.json" > "$OUT/bench_corrupt.log" 2>&1 \
-    && python benchmarks/bench_corrupt.py "$OUT/corrupt_gpu.json" "$OUT/corrupt_gpu.md" >> "$OUT/bench_corrupt.log" 2>&1
-  echo "- corruption benchmark: rc $? ($(elapsed) s), see corrupt_gpu.md" | tee -a "$summary"
+
+# 1. build against the torch that is here (no index, no isolation, no dependencies)
+if [ "$MODE" = dry-run ]; then
+  note "- build: skipped (dry run: the extension already built here is used)"
 else
-  echo "- corruption benchmark: skipped, no time left ($(elapsed) s)" | tee -a "$summary"
+  arch=$(probe "$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  if ! LKFAST_REQUIRE_EXT=1 step build 240 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .; then
+    tail -20 "$WORK/build.log" | sed 's/^/    /' >> "$SUMMARY"
+    # without pip's editable install (e.g. no `wheel`): build in place and import from the checkout
+    LKFAST_REQUIRE_EXT=1 step build_inplace 180 "$PY" setup.py build_ext --inplace \
+      && export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  fi
 fi
-[ -f "$OUT/gpu_bench.md" ] && cat "$OUT/gpu_bench.md" >> "$summary"
-[ -f "$OUT/frequency_bench_gpu.md" ] && cat "$OUT/frequency_bench_gpu.md" >> "$summary"
-echo "total: $(elapsed) s" | tee -a "$summary"
+
+# 2. the extension: built with CUDA (on the GPU), and which backends this machine has
+if [ "$MODE" = dry-run ]; then
+  assert='import torch, lkfast._C as c; print("lkfast._C with_cuda =", c.with_cuda)'
+else
+  assert='import torch, lkfast._C as c; assert c.with_cuda, "lkfast._C was built without CUDA (see build.log)"; print("lkfast._C with_cuda = True")'
+fi
+step extension 60 "$PY" -c "$assert
+import lkfast.ops as o
+for info in o.available_backends().values():
+    print(info)"
+sed 's/^/    /' "$WORK/extension.log" >> "$SUMMARY" 2> /dev/null
+
+# 3. smoke test in its own process: a sticky CUDA fault ends this process only
+smoke_args=(--device "$DEVICE" --json "$WORK/smoke.json")
+[ "$MODE" = dry-run ] && smoke_args+=(--tiny)
+CUDA_LAUNCH_BLOCKING=1 step smoke 120 "$PY" benchmarks/gpu_smoke.py "${smoke_args[@]}"
+{ echo "=== smoke test (benchmarks/gpu_smoke.py ${smoke_args[*]})"; cat "$WORK/smoke.log" 2> /dev/null; echo; } >> "$TESTS_LOG"
+grep -E "^smoke:|^FAIL" "$WORK/smoke.log" 2> /dev/null | head -20 | sed 's/^/    /' >> "$SUMMARY"
+
+# 4. the tests: quick, the op test files (every backend x dtype x pass against F.conv2d);
+#    full, the whole suite; dry run, collected only. Triton with its first configuration (fewer compiles).
+probe "$PY" -c "import pytest" 2> /dev/null
+have_pytest=$?
+if [ $have_pytest -ne 0 ] && [ $have_pytest -ne 124 ] && [ -d "${LKFAST_WHEELS:-}" ]; then
+  step pytest_install 60 "$PY" -m pip install --no-index --find-links "$LKFAST_WHEELS" pytest
+  have_pytest=$?
+fi
+if [ $have_pytest -eq 124 ]; then
+  note "- tests: skipped, checking for pytest timed out"
+  SKIPPED=$(( SKIPPED + 1 ))
+elif [ $have_pytest -eq 0 ]; then
+  case "$MODE" in
+    quick) test_args=(tests/test_depthwise.py tests/test_cuda.py tests/test_triton.py); cap=150 ;;
+    full) test_args=(tests/); cap=300 ;;
+    dry-run) test_args=(--collect-only tests/test_depthwise.py tests/test_cuda.py tests/test_triton.py); cap=60 ;;
+  esac
+  LKFAST_TRITON_AUTOTUNE=0 step pytest "$cap" "$PY" -m pytest -q "${test_args[@]}"
+  tail -n 3 "$WORK/pytest.log" 2> /dev/null | grep -E "passed|failed|error|collected|no tests" | tail -1 | sed 's/^/    /' >> "$SUMMARY"
+  grep -E "^(FAILED|ERROR)" "$WORK/pytest.log" 2> /dev/null | head -20 | sed 's/^/    /' >> "$SUMMARY"
+  { echo "=== pytest ${test_args[*]}"; cat "$WORK/pytest.log" 2> /dev/null; } >> "$TESTS_LOG"
+  rm -f "$WORK/pytest.log"
+else
+  note "- tests: skipped, pytest is not installed here (set LKFAST_WHEELS to a folder with its wheels);" \
+       "the smoke test above covered every backend x dtype x pass"
+fi
+
+# 5. timings
+case "$MODE" in
+  quick) bench_args=(--quick); reserve_after=60 ;;
+  full) bench_args=(); reserve_after=150 ;;
+  dry-run) bench_args=(--dry-run); reserve_after=0 ;;
+esac
+budget=$(( $(left) - reserve_after - 30 ))
+[ "$MODE" = dry-run ] && budget=20
+if [ "$budget" -ge 20 ]; then
+  step bench_gpu $(( budget + 60 )) "$PY" benchmarks/bench_gpu.py --out "$WORK" --budget "$budget" "${bench_args[@]}"
+else
+  note "- bench_gpu: skipped, no time left ($(elapsed) s)"
+fi
+if [ "$MODE" = full ]; then
+  step bench_frequency 60 "$PY" benchmarks/bench_frequency.py --out "$WORK" --batch 256
+  if probe "$PY" -c "import pytest_benchmark" 2> /dev/null; then
+    LKFAST_BENCH_DEVICE=cuda step bench_models 120 "$PY" -m pytest benchmarks/bench_models.py -q -p no:cacheprovider \
+        -k replknet --benchmark-json="$WORK/models_gpu.json" \
+      && probe "$PY" benchmarks/bench_models.py "$WORK/models_gpu.json" "$WORK/models_gpu.md" >> "$WORK/bench_models.log" 2>&1
+    LKFAST_BENCH_DEVICE=cuda step bench_corrupt 60 "$PY" -m pytest benchmarks/bench_corrupt.py -q -p no:cacheprovider \
+        --benchmark-json="$WORK/corrupt_gpu.json" \
+      && probe "$PY" benchmarks/bench_corrupt.py "$WORK/corrupt_gpu.json" "$WORK/corrupt_gpu.md" >> "$WORK/bench_corrupt.log" 2>&1
+  else
+    note "- model and corruption benchmarks: skipped, pytest-benchmark is not installed here"
+  fi
+fi
+
+# 6. compute-sanitizer on the tiny smoke test, last: it is slow, and it must not cost the results above
+if [ "$MODE" != dry-run ]; then
+  sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2> /dev/null | head -1)
+  if [ -n "$sanitizer" ]; then
+    step sanitizer 150 "$sanitizer" --tool memcheck --error-exitcode 3 "$PY" benchmarks/gpu_smoke.py --tiny --device cuda
+    grep -E "ERROR SUMMARY|^smoke:" "$WORK/sanitizer.log" 2> /dev/null | tail -2 | sed 's/^/    /' >> "$SUMMARY"
+  else
+    note "- compute-sanitizer: not on this machine"
+  fi
+fi

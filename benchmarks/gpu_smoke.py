@@ -1,0 +1,124 @@
+"""Smoke test of every depthwise backend on tiny shapes: the first thing gpu_check.sh runs on a GPU.
+
+    CUDA_LAUNCH_BLOCKING=1 python benchmarks/gpu_smoke.py [--device cuda|cpu] [--json PATH] [--tiny]
+
+Each backend that can run on the device (cuda, triton, torch; on the CPU: cpu, torch, and triton
+under TRITON_INTERPRET=1), each dtype it supports among fp32/fp16/bf16, each pass (forward, input
+gradient, weight gradient), NCHW and channels_last, a few tiny shapes (a map smaller than the
+kernel, a non-square kernel): compared with fp64 ``F.conv2d`` on the CPU. Then ``auto`` end to end
+through the op, with autograd. Prints one line per case and exits 1 if any case is wrong or raised,
+0 otherwise. Small on purpose: run in its own process (a sticky CUDA fault ends only this one) and
+fast enough for compute-sanitizer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(2, 8, 9, 11, 7, 7), (1, 4, 5, 5, 13, 13), (2, 16, 12, 10, 9, 3)]  # N, C, H, W, kh, kw
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# --tiny: one shape in fp32, for a CPU dry run (Triton in its interpreter) and for compute-sanitizer
+TINY_SHAPES, TINY_DTYPES = [(1, 4, 6, 6, 5, 5)], (torch.float32,)
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # max error / max |reference|
+PASSES = ("forward", "input_grad", "weight_grad")
+
+
+def reference(pass_: str, x, w, g):
+    """The pass in fp64 on the CPU with F.conv2d and autograd (kernel 180-degree flip = input grad)."""
+    x, w, g = (t.detach().cpu().double() for t in (x, w, g))
+    kh, kw = w.shape[-2:]
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    y = F.conv2d(x, w, None, padding=(kh // 2, kw // 2), groups=x.shape[1])
+    if pass_ == "forward":
+        return y.detach()
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    return gx if pass_ == "input_grad" else gw
+
+
+def run_pass(backend, pass_: str, x, w, g):
+    kh, kw = w.shape[-2:]
+    if pass_ == "forward":
+        return backend.forward(x, w, None, False)
+    if pass_ == "input_grad":
+        return backend.forward(g, w, None, True)
+    return backend.weight_grad(g, x, kh, kw)
+
+
+def relative_error(out, expected) -> float:
+    return ((out.detach().cpu().double() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def check(device: str, shapes=SHAPES, dtypes=DTYPES) -> list[dict]:
+    from lkfast.ops import depthwise_conv2d
+    from lkfast.ops.backends import BACKENDS
+
+    names = ("cuda", "triton", "torch") if device == "cuda" else ("cpu", "triton", "torch")
+    results = []
+    gen = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        N, C, H, W, kh, kw = shape
+        for dtype in dtypes:
+            for layout in ("nchw", "channels_last"):
+                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                x = torch.randn(N, C, H, W, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+                g = torch.randn(N, C, H, W, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+                w = (torch.randn(C, 1, kh, kw, generator=gen) / (kh * kw) ** 0.5).to(device, dtype)
+                case = dict(shape=list(shape), dtype=str(dtype).replace("torch.", ""), layout=layout)
+                for name in names:
+                    why = BACKENDS[name].not_supported_reasons(x, w)
+                    for pass_ in PASSES:
+                        row = dict(case, backend=name, pass_=pass_)
+                        if why:
+                            row["skipped"] = "; ".join(why)
+                        else:
+                            try:
+                                row["error"] = relative_error(run_pass(BACKENDS[name], pass_, x, w, g),
+                                                              reference(pass_, x, w, g))
+                                row["ok"] = row["error"] <= TOLERANCE[dtype]
+                            except Exception as exc:  # report and go on: the summary names every failure
+                                row["ok"], row["raised"] = False, f"{type(exc).__name__}: {str(exc)[:200]}"
+                        results.append(row)
+                row = dict(case, backend="auto", pass_="forward+both_grads (autograd)")
+                try:
+                    xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+                    gx, gw = torch.autograd.grad(depthwise_conv2d(xg, wg), (xg, wg), g)
+                    row["error"] = max(relative_error(gx, reference("input_grad", x, w, g)),
+                                       relative_error(gw, reference("weight_grad", x, w, g)))
+                    row["ok"] = row["error"] <= TOLERANCE[dtype]
+                except Exception as exc:
+                    row["ok"], row["raised"] = False, f"{type(exc).__name__}: {str(exc)[:200]}"
+                results.append(row)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write every case as JSON here")
+    parser.add_argument("--tiny", action="store_true", help="one tiny shape in fp32 only (a CPU dry run, compute-sanitizer)")
+    args = parser.parse_args(argv)
+    results = check(args.device, *((TINY_SHAPES, TINY_DTYPES) if args.tiny else (SHAPES, DTYPES)))
+    for r in results:
+        verdict = "skip" if "skipped" in r else ("ok" if r["ok"] else "FAIL")
+        detail = r.get("skipped") or r.get("raised") or f"rel err {r['error']:.1e}"
+        print(f"{verdict:4s} {r['backend']:6s} {r['pass_']:30s} {r['dtype']:8s} {r['layout']:13s} {r['shape']}  {detail}")
+    ran = [r for r in results if "skipped" not in r]
+    failed = [r for r in ran if not r["ok"]]
+    print(f"smoke: {len(ran) - len(failed)} of {len(ran)} cases ok, {len(failed)} failed, "
+          f"{len(results) - len(ran)} skipped (backend cannot run them here)")
+    if args.json:
+        from lkfast.tables import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(results, indent=1))
+    return 1 if failed or not ran else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

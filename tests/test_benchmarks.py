@@ -1,0 +1,192 @@
+"""The benchmark tooling: gpu_check.sh end to end on the CPU (--dry-run) and when a step hangs,
+bench_gpu's dispatch table, and the two timers of lkfast.timing."""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+
+import lkfast.timing as timing
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+OUT_FILES = {"summary.md", "gpu_bench.json", "gpu_bench.md", "tests.log", "rest.tar.gz"}
+
+
+def _load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gpu_check(out, *args, env=None, timeout=300):
+    return subprocess.run(["bash", str(GPU_CHECK), str(out), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+
+
+def _files_under(folder: pathlib.Path):
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def test_gpu_check_dry_run_walks_every_step_within_the_file_limit(tmp_path):
+    out = tmp_path / "out"
+    result = _gpu_check(out, "--dry-run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    files = _files_under(out)
+    # what a GPU session can take back: at most 8 files, no deeper than two folders
+    assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files)
+    assert {p.name for p in files} == OUT_FILES
+
+    summary = (out / "summary.md").read_text()
+    for line in ("- extension: ok", "- smoke: ok", "- pytest: ok", "- bench_gpu: ok",
+                 "steps failed or timed out: 0, skipped for time: 0; exit status 0", "total: "):
+        assert line in summary, f"{line!r} missing from summary.md:\n{summary}"
+
+    log = (out / "tests.log").read_text()
+    smoke = next(line for line in log.splitlines() if line.startswith("smoke: "))
+    ran, total = (int(v) for v in smoke.split()[1:4:2])
+    assert ran == total > 0 and " 0 failed" in smoke
+    for backend in ("cpu", "torch", "triton", "auto"):  # Triton ran in its interpreter
+        assert any(line.startswith("ok") and line.split()[1] == backend for line in log.splitlines()), backend
+    assert "tests collected" in log
+
+    bench = json.loads((out / "gpu_bench.json").read_text())
+    assert bench["dry_run"] and bench["table"]
+    timed = {(r["kind"], r["backend"]) for r in bench["rows"] if "ms" in r}
+    assert {("pass", "torch"), ("pass", "cpu"), ("e2e", "auto"), ("e2e", "torch-nchw"),
+            ("e2e", "torch-channels_last")} <= timed
+    assert "| tiny-k7 |" in (out / "gpu_bench.md").read_text()
+    with tarfile.open(out / "rest.tar.gz") as archive:
+        names = {pathlib.PurePath(n).name for n in archive.getnames()}
+    assert {"extension.log", "smoke.log", "smoke.json", "bench_gpu.log", "versions.log"} <= names
+
+
+def test_gpu_check_ends_in_time_and_writes_a_summary_when_a_step_hangs(tmp_path):
+    hanging = tmp_path / "python"
+    hanging.write_text("#!/bin/sh\nexec sleep 600\n")  # every Python call hangs
+    hanging.chmod(0o755)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    result = _gpu_check(out, "--dry-run", env={"PYTHON": str(hanging), "GPU_CHECK_LIMIT": "26"}, timeout=120)
+    assert time.monotonic() - start < 60
+    assert result.returncode != 0
+    summary = (out / "summary.md").read_text()
+    assert "TIMED OUT" in summary and "skipped, no time left" in summary and "total: " in summary
+    assert {p.name for p in _files_under(out)} <= OUT_FILES and (out / "rest.tar.gz").exists()
+
+
+def test_gpu_check_refuses_an_unknown_mode(tmp_path):
+    result = _gpu_check(tmp_path / "out", "--fast")
+    assert result.returncode == 2 and "usage: benchmarks/gpu_check.sh OUT_DIR [--quick|--dry-run]" in result.stderr
+
+
+def _pass_row(backend, op, ms=None, error=None, dtype="float16", layout="channels_last"):
+    row = dict(kind="pass", shape="s1", C=128, H=56, W=56, kh=31, kw=31, dtype=dtype, layout=layout, batch=64,
+               backend=backend, op=op)
+    row.update({"ms": ms} if ms is not None else {"error": error})
+    return row
+
+
+def test_bench_gpu_table_takes_the_fastest_per_pass_and_ships_through_save_table(tmp_path):
+    bench = _load_benchmark("bench_gpu")
+    cuda_table = pytest.importorskip("lkfast.ops.cuda_table")
+    rows = [
+        _pass_row("cuda", "forward", 1.0), _pass_row("triton", "forward", 2.0), _pass_row("torch", "forward", 3.0),
+        _pass_row("cuda", "input_grad", 4.0), _pass_row("triton", "input_grad", 1.5), _pass_row("torch", "input_grad", 2.0),
+        _pass_row("cuda", "weight_grad", 9.0), _pass_row("triton", "weight_grad", error="RuntimeError: boom"),
+        _pass_row("torch", "weight_grad", 5.0),
+        # no PyTorch time for this key's weight gradient: the key must not enter the table
+        _pass_row("cuda", "forward", 1.0, layout="nchw"), _pass_row("torch", "forward", 3.0, layout="nchw"),
+        _pass_row("cuda", "input_grad", 1.0, layout="nchw"), _pass_row("torch", "input_grad", 3.0, layout="nchw"),
+        _pass_row("cuda", "weight_grad", 1.0, layout="nchw"),
+        _pass_row("torch", "weight_grad", error="skipped: time budget spent", layout="nchw"),
+    ]
+    table = bench.derive_table(rows, "NVIDIA H200")
+    assert table == {("NVIDIA H200", "float16", "channels_last", 31, 31, 64, 128, 56, 56): ("cuda", "triton", "torch")}
+
+    results = tmp_path / "gpu_bench.json"
+    results.write_text(json.dumps({"measured_on": "NVIDIA H200, test", "dry_run": False,
+                                   "table": [[list(k), list(v)] for k, v in table.items()]}))
+    shipped = tmp_path / "table.json"
+    assert bench.main(["--write-table", str(results), "--table-path", str(shipped)]) == 0
+    loaded = cuda_table.load_table(shipped)
+    assert dict(loaded.rows) == table and loaded.measured_on == "NVIDIA H200, test"
+
+    results.write_text(json.dumps({"measured_on": "CPU dry run", "dry_run": True, "table": []}))
+    with pytest.raises(SystemExit, match="dry-run"):
+        bench.main(["--write-table", str(results), "--table-path", str(shipped)])
+
+
+def test_bench_gpu_baseline_is_plain_pytorch():
+    """The PyTorch side of each pass is F.conv2d / aten.convolution_backward, equal to autograd's."""
+    bench = _load_benchmark("bench_gpu")
+    x, w, g = bench.make_inputs(("t", 4, 9, 8, 5, 3), torch.float64, "channels_last", 2, "cpu")
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = torch.nn.functional.conv2d(xr, wr, None, padding=(2, 1), groups=4)
+    gx, gw = torch.autograd.grad(y, (xr, wr), g)
+    torch.testing.assert_close(bench.torch_pass("forward", x, w, g)(), y)
+    torch.testing.assert_close(bench.torch_pass("input_grad", x, w, g)()[0], gx)
+    torch.testing.assert_close(bench.torch_pass("weight_grad", x, w, g)()[1], gw)
+
+
+def test_time_interleaved_rotates_the_order_and_times_every_round():
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = timing.time_interleaved(runs, rounds=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        timing.time_interleaved(runs, rounds=0)
+    assert timing.median([3.0, 1.0, 2.0]) == 2.0 and timing.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+
+
+class _FakeCuda:
+    """A stand-in for torch.cuda: a clock that each timed call advances by its cost in ms."""
+
+    def __init__(self, cost_ms):
+        self.now, self.cost_ms, self.calls = 0.0, cost_ms, 0
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self):
+                self.at = fake.now
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        self.Event = Event
+
+    def fn(self):
+        self.calls += 1
+        self.now += self.cost_ms(self.calls)
+
+
+def test_gpu_timer_times_many_back_to_back_calls_and_excludes_warm_up(monkeypatch):
+    # the first (warm-up) call costs 1000 ms (autotuning), then every call 0.5 ms
+    fake = _FakeCuda(lambda n: 1000.0 if n == 1 else 0.5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Event", fake.Event)
+    ms = timing.gpu_time_ms(fake.fn, warmup=1, samples=5, sample_ms=10.0)
+    assert ms == pytest.approx(0.5)
+    # 1 warm-up, 3 probe calls, then 5 samples of 10 ms / 0.5 ms = 20 back-to-back calls each
+    assert fake.calls == 1 + 3 + 5 * 20
+
+
+def test_gpu_timer_refuses_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        timing.gpu_time_ms(lambda: None)
