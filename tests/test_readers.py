@@ -246,14 +246,17 @@ def test_imagenet9_reader(tmp_path):
     for variant in ("mixed_same", "mixed_rand"):
         for cls in ("00_dog", "03_reptile", "08_fish"):
             write_image(root / variant / "val" / cls / "x.JPEG", seed=len(cls))
+    (root / "no_fg").mkdir()                                 # a variant folder without val/ is not a variant
     assert imagenet9_contents(root) == ["mixed_same", "mixed_rand"]
+    with pytest.raises(DatasetLayoutError, match="has no 'val' folder"):
+        ImageNet9(root, "no_fg")
     with pytest.raises(DatasetLayoutError, match="no <variant>/val folder"):
         imagenet9_contents(root / "mixed_rand" / "val")
     ds = ImageNet9(root, "mixed_rand")
     assert ds.targets.tolist() == [0, 3, 8] and ds.map_checked is False
     (root / "in_to_in9.json").write_text(json.dumps({str(i): int(v) for i, v in enumerate(imagenet9_class_map())}))
     assert ImageNet9(root, "mixed_same").map_checked is True
-    with pytest.raises(DatasetLayoutError, match="variants found: mixed_rand, mixed_same"):
+    with pytest.raises(DatasetLayoutError, match="variants found: mixed_rand, mixed_same, no_fg"):
         ImageNet9(root, "only_fg")
     with pytest.raises(ValueError, match="unknown ImageNet-9 variant"):
         ImageNet9(root, "mixed")
