@@ -373,18 +373,22 @@ def background_gap(acc: Mapping[str, float]) -> Dict[str, Optional[float]]:
     """ImageNet-9 summary from {variant: top-1 percent} (variants as IMAGENET9_VARIANTS).
 
     Returns {"original", "mixed_same", "mixed_rand": the given accuracies (original None if not
-    given), "bg_gap": mixed_same - mixed_rand (percentage points)}. ValueError if mixed_same or
-    mixed_rand is missing, or a variant name is unknown."""
+    given), "bg_gap": mixed_same - mixed_rand (percentage points)}. A value None counts as not
+    given. ValueError if mixed_same or mixed_rand is missing, or a variant name is unknown."""
     unknown = [k for k in acc if k not in IMAGENET9_VARIANTS]
     if unknown:
         raise ValueError(f"unknown ImageNet-9 variant(s) {unknown}; valid: {', '.join(IMAGENET9_VARIANTS)}")
+    acc = {k: v for k, v in acc.items() if v is not None}   # None = not measured
     missing = [k for k in ("mixed_same", "mixed_rand") if k not in acc]
     if missing:
         raise ValueError(f"BG-Gap needs the top-1 of mixed_same and mixed_rand; missing {missing}")
     values = {}
     for key in ("original", "mixed_same", "mixed_rand"):
         if key in acc:
-            value = float(acc[key])
+            try:
+                value = float(acc[key])
+            except (TypeError, ValueError):
+                raise ValueError(f"acc[{key!r}] must be a top-1 accuracy in percent; got {acc[key]!r}") from None
             if not 0.0 <= value <= 100.0:
                 raise ValueError(f"acc[{key!r}] must be a top-1 accuracy in percent (0..100); got {value}")
             values[key] = value

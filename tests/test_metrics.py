@@ -251,6 +251,9 @@ def test_background_gap():
     out = M.background_gap({"original": 95.6, "mixed_same": 86.2, "mixed_rand": 78.9, "only_fg": 80.0})
     assert out == pytest.approx({"original": 95.6, "mixed_same": 86.2, "mixed_rand": 78.9, "bg_gap": 7.3})
     assert M.background_gap({"mixed_same": 50.0, "mixed_rand": 60.0})["original"] is None
+    assert M.background_gap({"original": None, "mixed_same": 50.0, "mixed_rand": 60.0})["bg_gap"] == -10.0
+    with pytest.raises(ValueError, match="mixed_same"):
+        M.background_gap({"mixed_same": None, "mixed_rand": 60.0})
     with pytest.raises(ValueError, match="mixed_rand"):
         M.background_gap({"original": 90.0, "mixed_same": 80.0})
     with pytest.raises(ValueError, match="unknown ImageNet-9 variant"):
