@@ -186,6 +186,21 @@ def test_blocks_removed_removes_those_blocks_and_restores_them():
         assert torch.equal(model(x), reference)
 
 
+def test_lesion_sweep_runs_exactly_the_blocks_it_reports():
+    # every block's modules count their calls: a removed block is not called in that draw
+    model = tiny_replknet()
+    data = [batch(2, 32, seed=s) for s in range(2)]
+    blocks = residual_blocks(model)
+    calls = {name: 0 for b in blocks for name in b.modules}
+    for name in calls:
+        model.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    result = lesion_sweep(model, data, counts=[2, 4], draws=3, seed=1)
+    removed = [set(names) for per_count in result["removed"] for names in per_count]
+    for b in blocks:
+        kept_draws = sum(b.name not in r for r in removed)
+        assert all(calls[name] == len(data) * (1 + kept_draws) for name in b.modules), (b.name, calls, removed)
+
+
 def test_lesion_sweep_reports_what_it_removed():
     model = tiny_replknet()
     data = [batch(6, 32, seed=s) for s in range(2)]
@@ -210,6 +225,28 @@ def test_lesion_sweep_reports_what_it_removed():
 
 
 # --- frequency -----------------------------------------------------------------------------------------
+
+class HighFrequencyDetector(nn.Module):
+    """Class 1 when the image holds high-frequency energy (mean |Laplacian| above a threshold), else 0."""
+
+    def __init__(self, threshold=0.02):
+        super().__init__()
+        self.threshold = threshold
+        laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+        self.register_buffer("kernel", laplacian.expand(3, 1, 3, 3).clone())
+
+    def forward(self, x):
+        energy = torch.nn.functional.conv2d(x, self.kernel, groups=3)[..., 1:-1, 1:-1].abs().mean((1, 2, 3))
+        return torch.stack([self.threshold - energy, energy - self.threshold], 1) * 100
+
+
+def test_frequency_sweep_drop_grows_with_frequency_for_a_high_frequency_detector():
+    x = torch.rand(6, 3, 1, 1).expand(6, 3, 32, 32) * 0.5 + 0.25  # flat images: class 0, no high frequencies
+    y = torch.zeros(6, dtype=torch.long)
+    result = frequency_sweep(HighFrequencyDetector(), [(x, y)], frequencies=(0.0, 0.9 * math.pi), eps=0.2)
+    assert result["clean_top1"] == 100.0
+    assert result["drop"] == [0.0, 100.0] and result["top1"] == [100.0, 0.0]
+
 
 def test_frequency_sweep_matches_direct_evaluation():
     model = tiny_replknet()
@@ -325,3 +362,44 @@ def test_figures_are_written(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     with pytest.raises(ValueError, match="no model results"):
         plots.plot_lesion({}, tmp_path / "empty.png")
+
+
+# --- the eval tasks (lkfast.eval.analysis_tasks) ------------------------------------------------------
+
+def test_eval_tasks_run_end_to_end_and_report(tmp_path):
+    from lkfast import data
+    from lkfast.eval import EvalOptions, ModelSpec, run_evaluation
+    from lkfast.eval.analysis_tasks import ANALYSIS_TASKS, write_analysis_report
+
+    classes = data.imagenet_classes()
+    g = torch.Generator().manual_seed(0)
+    for wnid in (classes[1], classes[2]):
+        for i in range(3):
+            image = (torch.rand(3, 1, 1, generator=g) * 0.8 + 0.2 * torch.rand(3, 32, 32, generator=g))
+            mask = torch.zeros(3, 32, 32)
+            mask[:, 4:20, 8:28] = 1.0
+            for folder, picture in (("val", image), ("masks", mask)):
+                path = tmp_path / folder / wnid / f"img{i}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data.encode_jpeg(data.to_uint8(picture), quality=95))
+    arch = dict(large_kernel_sizes=(7, 5, 5, 3), layers=(1, 1, 2, 1), channels=(8, 8, 8, 8), small_kernel=3)
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save(RepLKNet(**arch).state_dict(), checkpoint)
+    spec = ModelSpec("replknet_31b", str(checkpoint), "tiny-lk", kwargs=tuple(arch.items()), input_size=32)
+    options = EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val"), "masks": str(tmp_path / "masks")},
+                          workers=0, progress=False, batch_size=8, write_report=False)
+    results = run_evaluation([spec], list(ANALYSIS_TASKS), options)["tiny-lk"]
+    assert results["occlusion"]["saliency"] == "masks" and results["occlusion"]["images"] == 6
+    assert set(results["occlusion"]["top1"]) == {"random", "salient", "non_salient"}
+    assert results["fgsm"]["clean_top1"] == results["pgd"]["clean_top1"] == results["occlusion"]["clean_top1"]
+    assert len(results["pgd"]["steps_top1"]) == 6 and results["frequency"]["frequencies_over_pi"][-1] == 1.0
+    assert "surrogate" in results["taig"]["unavailable"]  # one model: no surrogate of the other family
+    assert results["lesion"]["candidates"] == ["stages.2.pair0", "stages.2.pair1"]  # the paper's scope
+    assert [layer["kernel_size"] for layer in results["kernel-distance"]["layers"]] == [[7, 7], [5, 5], [5, 5], [5, 5], [3, 3]]
+    assert results["feature-variance"]["images"] == 6 and len(results["feature-variance"]["layers"]) == 10
+    text = write_analysis_report(tmp_path / "out", {"tiny-lk": results})
+    for figure in ("figure4_occlusion", "figure6_attacks", "figure7_lesion", "figure8_frequency",
+                   "figure9_kernel_distance", "figure10_feature_variance"):
+        assert f"figures/{figure}.png" in text and (tmp_path / "out" / "figures" / f"{figure}.png").stat().st_size > 0
+    assert "Salient-Drop-50%" in text

@@ -64,6 +64,18 @@ def test_attacks_leave_train_mode_and_parameters_alone():
     assert_untouched(model, mode=True)
 
 
+def test_attacks_compute_no_weight_gradients():
+    # frozen parameters during the attack: the backward pass does no weight-gradient work
+    model, (x, y) = small_net(), images(n=2)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(any(p.requires_grad for p in m.parameters())))
+    fgsm(model, x, y, 0.01)
+    pgd(model, x, y, 0.01, 0.005, 2)
+    taig(model, x, y, 0.01, steps=1, path_steps=1)
+    assert len(seen) == 1 + 2 + 2 and not any(seen)
+    assert_untouched(model, mode=False)
+
+
 def test_pgd_stays_in_the_ball_and_raises_the_loss():
     model, (x, y) = small_net(), images()
     eps = 0.02

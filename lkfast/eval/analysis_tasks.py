@@ -1,0 +1,258 @@
+"""The paper's Section 4 analyses as ``python -m lkfast.eval`` tasks, and their report section.
+
+Tasks (results.json keys per model, beside the benchmark tasks):
+
+    occlusion         ratios, clean_top1, top1 {random, salient, non_salient: [...]}, dropped_fraction,
+                      saliency ("masks", "dino" or None: random drop only, with saliency_note),
+                      salient_drop_50 (top-1 change at 50% salient drop, Table 5)
+    fgsm              eps, top1 (Fig. 6a), clean_top1
+    pgd               eps, top1 (Fig. 6b, 5 steps), steps, steps_top1 (Fig. 6c, eps 0.006), clean_top1
+    taig              surrogate, eps, success_rate (%, Table 4), adv_error, clean_top1
+    lesion            candidates, counts, fraction, mean, min, max, draws, removed, clean_top1 (Fig. 7)
+    frequency         frequencies, frequencies_over_pi, top1, drop (Fig. 8), change_at_0_7pi (Table 5)
+    kernel-distance   layers [{name, stage, kernel_size, distance, normalized, ...}] (Fig. 9)
+    feature-variance  layers, depth, variance, normalized (Fig. 10)
+
+Data: ImageNet-val (``val``); the occlusion's salient/non-salient drops use the foreground masks
+of ``masks`` (the embedded default's val-masks/) when present, else the DINO ViT-S/16 checkpoint
+named by the ``LKFAST_DINO_CHECKPOINT`` environment variable, else only the random drop runs.
+TAIG's surrogate follows the paper (RepLKNet-31B for ViTs, ViT-B for the others: the first model
+of the run whose name matches) unless ``LKFAST_TAIG_SURROGATE`` names a model label of the run.
+
+    write_analysis_report(out, results) -> markdown text (figures under out/figures/)
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lkfast import analysis, attacks
+from lkfast.analysis import plots
+from lkfast.eval.registry import SUITES, TASKS, TaskUnavailable, register_task
+from lkfast.eval.tasks import image_folder
+
+ANALYSIS_TASKS = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency", "kernel-distance", "feature-variance")
+VARIANCE_BATCH = 64  # the paper's batch for Fig. 10
+
+
+class _WithMasks(Dataset):
+    """(image, target, foreground mask) from an image folder and its mask folder (same files)."""
+
+    def __init__(self, images, masks):
+        if [Path(p).relative_to(images.root).with_suffix("") for p, _ in images.samples] != \
+                [Path(p).relative_to(masks.root).with_suffix("") for p, _ in masks.samples]:
+            raise TaskUnavailable(f"the masks folder {masks.root} does not hold one mask per val image "
+                                  f"(same class folders and file names)")
+        self.images, self.masks = images, masks
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image, target = self.images[index]
+        mask, _ = self.masks[index]
+        return image, target, (None if mask is None else mask[0] > 0.5)
+
+
+def _collate(batch):
+    kept = [item for item in batch if item[0] is not None and (len(item) < 3 or item[2] is not None)]
+    images = torch.stack([item[0] for item in kept])
+    targets = torch.tensor([item[1] for item in kept], dtype=torch.long)
+    if len(batch[0]) == 3:
+        return images, targets, torch.stack([item[2] for item in kept])
+    return images, targets
+
+
+def _val(ctx, masks: bool = False):
+    index = ctx.class_space.folder_index()
+    dataset = image_folder(ctx, ctx.source("val"), index)
+    if masks:
+        dataset = _WithMasks(dataset, image_folder(ctx, ctx.source("masks"), index))
+    if len(dataset) == 0:
+        raise TaskUnavailable(f"no images in {ctx.source('val')}")
+    return DataLoader(dataset, batch_size=ctx.options.batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
+
+
+def _model(ctx):
+    """The model for gradient-based work: fp32, eval mode, RepLKNet folded when it is exactly the same."""
+    first = next(iter(_val(ctx)))[0][:2].to(ctx.device)
+    return attacks.reparameterized_for_attack(ctx.model.float().eval(), first)
+
+
+def occlusion(ctx) -> dict:
+    saliency, note = None, None
+    if ctx.has_source("masks"):
+        saliency, loader = "masks", _val(ctx, masks=True)
+    else:
+        loader = _val(ctx)
+        checkpoint = os.environ.get("LKFAST_DINO_CHECKPOINT")
+        if checkpoint:
+            saliency = analysis.dino_saliency(analysis.load_dino(checkpoint, ctx.device))
+        else:
+            note = ("salient/non-salient drops skipped: no foreground masks and no DINO checkpoint "
+                    "(set LKFAST_DINO_CHECKPOINT to a vit_small_patch16_224.dino weights file)")
+    modes = analysis.MODES if saliency is not None else ("random",)
+    result = analysis.occlusion_sweep(ctx.model, loader, modes=modes, saliency=saliency, seed=ctx.options.seed)
+    result["saliency"] = "dino" if callable(saliency) else saliency
+    if note:
+        result["saliency_note"] = note
+    if "salient" in result["top1"] and 0.5 in result["ratios"]:
+        result["salient_drop_50"] = result["top1"]["salient"][result["ratios"].index(0.5)] - result["clean_top1"]
+    return result
+
+
+def fgsm(ctx) -> dict:
+    return attacks.fgsm_sweep(_model(ctx), _val(ctx))
+
+
+def pgd(ctx) -> dict:
+    return attacks.pgd_sweep(_model(ctx), _val(ctx), seed=ctx.options.seed)
+
+
+def _is_vit(name: str) -> bool:
+    return any(key in name.lower() for key in ("vit", "deit", "beit", "swin", "eva"))
+
+
+def _surrogate_spec(ctx):
+    wanted = os.environ.get("LKFAST_TAIG_SURROGATE")
+    others = [s for s in ctx.runner.models if s != ctx.spec]
+    if wanted:
+        chosen = [s for s in ctx.runner.models if s.display == wanted]
+        if not chosen:
+            raise TaskUnavailable(f"LKFAST_TAIG_SURROGATE={wanted!r} is not a model label of this run "
+                                  f"({', '.join(s.display for s in ctx.runner.models)})")
+        return chosen[0]
+    if _is_vit(ctx.spec.name):
+        chosen = [s for s in others if s.name.startswith("replknet_31b")] or \
+            [s for s in others if not _is_vit(s.name)]
+    else:
+        chosen = [s for s in others if s.name.startswith("vit_base")] or [s for s in others if _is_vit(s.name)]
+    if not chosen:
+        raise TaskUnavailable("TAIG needs a surrogate model of the other family in the same run (the paper: ViT-B "
+                              "for ConvNets, RepLKNet-31B for ViTs); add one to --models or set LKFAST_TAIG_SURROGATE "
+                              "to a model label of the run")
+    return chosen[0]
+
+
+def taig(ctx) -> dict:
+    from lkfast.eval.models import load_model
+
+    spec = _surrogate_spec(ctx)
+    surrogate, config = load_model(spec, ctx.device, ctx.options.trust_checkpoint)
+    if tuple(config["input_size"]) != tuple(ctx.config["input_size"]):
+        raise TaskUnavailable(f"TAIG surrogate {spec.display!r} takes {tuple(config['input_size'])} images, the target "
+                              f"{tuple(ctx.config['input_size'])}: use models with the same input size (--input-size)")
+    surrogate = attacks.reparameterized_for_attack(surrogate.float().eval(),
+                                                   next(iter(_val(ctx)))[0][:2].to(ctx.device))
+    result = attacks.transfer_success(surrogate, {ctx.spec.display: _model(ctx)}, _val(ctx), seed=ctx.options.seed)
+    return dict(result[ctx.spec.display], surrogate=spec.display)
+
+
+def lesion(ctx) -> dict:
+    return analysis.lesion_sweep(ctx.model, _val(ctx), seed=ctx.options.seed, scope="paper")
+
+
+def frequency(ctx) -> dict:
+    result = analysis.frequency_sweep(ctx.model, _val(ctx), seed=ctx.options.seed)
+    at = [i for i, f in enumerate(result["frequencies_over_pi"]) if abs(f - 0.7) < 1e-9]
+    if at:
+        result["change_at_0_7pi"] = -result["drop"][at[0]]
+    return result
+
+
+def kernel_distance(ctx) -> dict:
+    try:
+        return analysis.kernel_attention_distance(ctx.model)
+    except ValueError as error:
+        raise TaskUnavailable(str(error)) from None
+
+
+def feature_variance(ctx) -> dict:
+    loader = DataLoader(_val(ctx).dataset, batch_size=VARIANCE_BATCH, shuffle=False, collate_fn=_collate)
+    images = next(iter(loader))[0].to(ctx.device)
+    result = analysis.feature_map_variance(ctx.model, images)
+    result["images"] = len(images)
+    return result
+
+
+def _count(ctx) -> int:
+    return len(image_folder(ctx, ctx.source("val"), ctx.class_space.folder_index()))
+
+
+_RUNS = {"occlusion": occlusion, "fgsm": fgsm, "pgd": pgd, "taig": taig, "lesion": lesion, "frequency": frequency,
+         "kernel-distance": kernel_distance, "feature-variance": feature_variance}
+_DESCRIPTIONS = {
+    "occlusion": "Fig. 4: top-1 under random / salient / non-salient 16-px patch drop, 10-90%",
+    "fgsm": "Fig. 6a: top-1 under FGSM, eps 0.1-0.4", "pgd": "Fig. 6b-c: top-1 under PGD over eps and steps",
+    "taig": "Table 4: TAIG-R transfer attack success rate at eps 0.03/0.06/0.1",
+    "lesion": "Fig. 7: top-1 with n blocks removed (10 draws per n)",
+    "frequency": "Fig. 8: top-1 drop under band-limited noise, centre 0..pi",
+    "kernel-distance": "Fig. 9: sorted kernel attention distance per large depthwise kernel",
+    "feature-variance": "Fig. 10: normalised feature-map variance against depth"}
+for _name in ANALYSIS_TASKS:
+    if _name not in TASKS:
+        _needs = ("val",) if _name != "kernel-distance" else ()
+        register_task(_name, _RUNS[_name], needs=_needs, count=None if _name == "kernel-distance" else _count,
+                      description=_DESCRIPTIONS[_name])
+SUITES.setdefault("analysis", ANALYSIS_TASKS)
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+def _collect(results: Dict[str, Any], task: str) -> Dict[str, dict]:
+    return {m: r[task] for m, r in results.items() if not m.startswith("_") and isinstance(r, dict)
+            and isinstance(r.get(task), dict) and "unavailable" not in r[task]}
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+
+
+def write_analysis_report(out, results: Dict[str, Any]) -> str:
+    """The markdown of the Section 4 part of report.md (Figures 4 and 6-10, Tables 4 and 5's analysis
+    columns), writing the figures under ``out/figures/``; empty when no analysis task ran."""
+    figures = Path(out) / "figures"
+    parts: List[str] = []
+    found = {task: _collect(results, task) for task in ANALYSIS_TASKS}
+    if found["occlusion"]:
+        plots.plot_occlusion(found["occlusion"], figures / "figure4_occlusion.png")
+        sources = {m: r.get("saliency") or "none (random only)" for m, r in found["occlusion"].items()}
+        parts.append("## Figure 4: occlusion\n\n![Figure 4](figures/figure4_occlusion.png)\n\nSaliency: "
+                     + ", ".join(f"{m}: {s}" for m, s in sources.items()) + ".\n")
+    if found["fgsm"] or found["pgd"]:
+        plots.plot_attacks(found["fgsm"], found["pgd"], figures / "figure6_attacks.png")
+        parts.append("## Figure 6: adversarial attacks (eps in [0, 1] pixel units)\n\n"
+                     "![Figure 6](figures/figure6_attacks.png)\n")
+    if found["taig"]:
+        rows = ["| Model | surrogate | " + " | ".join(f"eps = {e}" for e in next(iter(found['taig'].values()))["eps"])
+                + " |", "| --- | --- |" + " ---: |" * len(next(iter(found['taig'].values()))["eps"])]
+        for m, r in found["taig"].items():
+            rows.append(f"| {m} | {r['surrogate']} | " + " | ".join(_fmt(v) for v in r["success_rate"]) + " |")
+        parts.append("## Table 4: TAIG transfer attack success rate (%, lower is more robust)\n\n" + "\n".join(rows)
+                     + "\n\nSuccess = misclassified after the attack, among the images the model classifies "
+                       "correctly when clean.\n")
+    if found["lesion"]:
+        plots.plot_lesion(found["lesion"], figures / "figure7_lesion.png")
+        parts.append("## Figure 7: lesion study\n\n![Figure 7](figures/figure7_lesion.png)\n")
+    if found["frequency"]:
+        plots.plot_frequency(found["frequency"], figures / "figure8_frequency.png")
+        parts.append("## Figure 8: noise frequency\n\n![Figure 8](figures/figure8_frequency.png)\n")
+    if found["kernel-distance"]:
+        plots.plot_kernel_distance(found["kernel-distance"], figures / "figure9_kernel_distance.png")
+        parts.append("## Figure 9: kernel attention distance\n\n![Figure 9](figures/figure9_kernel_distance.png)\n")
+    if found["feature-variance"]:
+        plots.plot_feature_variance(found["feature-variance"], figures / "figure10_feature_variance.png")
+        parts.append("## Figure 10: feature-map variance\n\n![Figure 10](figures/figure10_feature_variance.png)\n")
+    if found["occlusion"] or found["frequency"]:
+        models = sorted(set(found["occlusion"]) | set(found["frequency"]))
+        rows = ["| Model | Salient-Drop-50% | Noise-0.7π |", "| --- | ---: | ---: |"]
+        for m in models:
+            rows.append(f"| {m} | {_fmt(found['occlusion'].get(m, {}).get('salient_drop_50'))} | "
+                        f"{_fmt(found['frequency'].get(m, {}).get('change_at_0_7pi'))} |")
+        parts.append("## Table 5 (analysis columns): top-1 change (points)\n\n" + "\n".join(rows) + "\n")
+    return "\n".join(parts)
