@@ -12,8 +12,6 @@ own statistics for the test are those of the whole measurement). This machine's 
 percent over seconds; timing the implementations side by side, round by round, keeps the ratios
 honest, where pytest-benchmark's usual back-to-back blocks of rounds would not.
 """
-import time
-
 import pytest
 
 from lkfast import bench
@@ -42,10 +40,9 @@ def test_depthwise(benchmark, stage, passes):
     cases = {impl: bench.make_case(impl, passes, BATCH, channels, size, k) for impl in IMPLS}
     # As many rounds as fit in about 15 s (5 to 31): PyTorch's weight gradient takes seconds per
     # call on the large maps, while the 7x7 maps take milliseconds and need many rounds to settle.
-    start = time.perf_counter()
-    for case in cases.values():  # warm-up round: allocations, oneDNN primitive creation
-        case.run()
-    rounds = max(5, min(31, int(15.0 / (time.perf_counter() - start))))
+    # warm-up round (allocations, oneDNN primitive creation), timed to size the measured rounds
+    first = time_interleaved({impl: c.run for impl, c in cases.items()}, rounds=1, warmup=0)
+    rounds = max(5, min(31, int(15.0 / sum(t[0] for t in first.values()))))
     times = {}
 
     def measure():  # every implementation once per round, in rotating order (see lkfast.timing)
