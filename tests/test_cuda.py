@@ -366,6 +366,14 @@ def test_cuda_table_choice_rules(tmp_path, monkeypatch):
     assert cuda_table.choose(x, w, everything, gpu=A100)[0] == ("torch",) * 3
     x, w = _call(N=8, C=1024, H=7, W=7, k=13)  # batch differs: nearest is the k=13 row
     assert cuda_table.choose(x, w, everything, gpu=H200)[0] == ("torch", "torch", "cuda")
+    # the batch is part of the key: two rows differing only in N, the call's N picks
+    x, w = _call(N=2, C=256, H=28, W=28, k=29, channels_last=False)
+    assert cuda_table.choose(x, w, everything, gpu=H200)[0] == ("cuda", "torch", "triton")  # the N=64 row only
+    rows[(H200, "float16", "nchw", 29, 29, 1, 256, 28, 28)] = ("torch", "cuda", "cuda")
+    cuda_table.save_table(rows, "test", tmp_path / "t.json")
+    assert cuda_table.choose(x, w, everything, gpu=H200)[0] == ("torch", "cuda", "cuda")  # N=1 is nearer to 2
+    x, w = _call(N=32, C=256, H=28, W=28, k=29, channels_last=False)
+    assert cuda_table.choose(x, w, everything, gpu=H200)[0] == ("cuda", "torch", "triton")  # N=64 is nearer to 32
     # the measured forward winner (triton) cannot run: torch, although cuda could and is first in
     # the default order (cuda lost to triton on that row)
     x, w = _call()

@@ -56,9 +56,9 @@ def test_matches_conv2d_other_dtypes(backend_device, dtype, fmt, shape):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_auto_runs_what_plan_for_names(device, dtype, fmt):
-    """auto's forward and each gradient are bit for bit those of the backend plan_for names for
-    that pass (so the backend matrix above covers auto too), and match the reference."""
+def test_auto_runs_what_plan_for_names(device, dtype, fmt, monkeypatch):
+    """auto calls, for each pass, the backend plan_for names (and no other), its results are bit
+    for bit that backend's (so the backend matrix above covers auto too), and match the reference."""
     device_or_skip(device)
     N, C, H, W, kh, kw = 2, 12, 11, 9, 7, 5
     x = make_input((N, C, H, W), fmt, dtype, device)
@@ -66,8 +66,21 @@ def test_auto_runs_what_plan_for_names(device, dtype, fmt):
     bias = torch.randn(C, device=device).to(dtype)
     grad_out = make_input((N, C, H, W), fmt, dtype, device)
     plan = ops.plan_for(x, weight)
-    got = run_op(x, weight, bias, grad_out, "auto")
     by_backend = {name: run_op(x, weight, bias, grad_out, name) for name in set(plan)}
+    calls = []
+    for name, backend in BACKENDS.items():
+        def forward(x, weight, bias=None, flip=False, _name=name, _run=backend.forward):
+            calls.append(("input_grad" if flip else "forward", _name))
+            return _run(x, weight, bias, flip)
+
+        def weight_grad(grad_out, x, kh, kw, _name=name, _run=backend.weight_grad):
+            calls.append(("weight_grad", _name))
+            return _run(grad_out, x, kh, kw)
+
+        monkeypatch.setattr(backend, "forward", forward)
+        monkeypatch.setattr(backend, "weight_grad", weight_grad)
+    got = run_op(x, weight, bias, grad_out, "auto")
+    assert sorted(calls) == sorted(zip(PASSES, plan))
     for pass_name, backend in zip(PASSES, plan):
         assert torch.equal(got[pass_name], by_backend[backend][pass_name]), (pass_name, plan)
     want = reference(x, weight, bias, grad_out)
@@ -98,7 +111,7 @@ torch.save({"isa": _ext._C.cpu_isa(), "out": out}, sys.argv[2])
 """
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])  # the order LKFAST_CPU_ISA caps in
 def test_cpu_every_instruction_set(isa, tmp_path):
     """The C++ kernels pick AVX-512, AVX2 or the generic path at run time; LKFAST_CPU_ISA caps the
     choice, read once per process, so each path runs in a child process: fp32 and fp64, NCHW and
@@ -118,6 +131,8 @@ def test_cpu_every_instruction_set(isa, tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "out.pt")
+    order = ["generic", "avx2", "avx512"]  # LKFAST_CPU_ISA can only lower the CPU's best
+    assert order.index(result["isa"]) <= order.index(isa), f"LKFAST_CPU_ISA={isa} ran {result['isa']}: the cap was ignored"
     if result["isa"] != isa:
         pytest.skip(f"this CPU has no {isa}: with LKFAST_CPU_ISA={isa} the kernels ran the {result['isa']} path, "
                     f"so the {isa} path is untested on this machine")
