@@ -320,12 +320,25 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     measured_on = f"{device_name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     rows: list[dict] = []
+    table: dict = {}
+
+    def save() -> None:  # after every group: a run killed from outside still leaves what it measured
+        add_rates(rows, device_name)
+        result = {"device": device_name, "measured_on": measured_on, "torch": torch.__version__, "batch": batch,
+                  "dry_run": args.dry_run, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                  "timer": "lkfast.timing.gpu_time_ms" if run.device == "cuda" else "lkfast.timing.time_interleaved",
+                  "seconds": round(time.time() - run.start, 1), "peaks": peaks_for(device_name), "rows": rows,
+                  "table": [[list(k), list(v)] for k, v in sorted(table.items())]}
+        write_text_atomic(os.path.join(args.out, "gpu_bench.json"), json.dumps(result, indent=1))
+        write_text_atomic(os.path.join(args.out, "gpu_bench.md"), markdown(rows, device_name, batch))
+
     # 1. per pass -> the auto table; dtype-major, fp16 first: a cut-off run keeps what the targets are about
     for dtype in dtypes:
         for shape in shapes:
             for layout in LAYOUTS:
                 per_pass(shape, dtype, layout, batch, run, rows)
-    table = derive_table(rows, device_name)
+            table = derive_table(rows, device_name)
+            save()
     # 2. end to end with that table installed (read per call from LKFAST_CUDA_TABLE)
     from lkfast.ops import cuda_table
 
@@ -339,20 +352,12 @@ def main(argv=None) -> int:
                 for shape in shapes:
                     for layout in LAYOUTS:
                         end_to_end(shape, dtype, layout, batch, run, rows, baselines)
+                    save()
         finally:
             os.environ.pop(cuda_table.ENV_VAR, None)
             if previous is not None:
                 os.environ[cuda_table.ENV_VAR] = previous
-    add_rates(rows, device_name)
-    result = {"device": device_name, "measured_on": measured_on, "torch": torch.__version__, "batch": batch,
-              "dry_run": args.dry_run, "cudnn_benchmark": torch.backends.cudnn.benchmark,
-              "timer": "lkfast.timing.gpu_time_ms" if run.device == "cuda" else "lkfast.timing.time_interleaved",
-              "seconds": round(time.time() - run.start, 1), "peaks": peaks_for(device_name), "rows": rows,
-              "table": [[list(k), list(v)] for k, v in sorted(table.items())]}
-    write_text_atomic(os.path.join(args.out, "gpu_bench.json"), json.dumps(result, indent=1))
-    md = markdown(rows, device_name, batch)
-    write_text_atomic(os.path.join(args.out, "gpu_bench.md"), md)
-    print(md)
+    print(markdown(rows, device_name, batch))
     return 0
 
 

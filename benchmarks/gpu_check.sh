@@ -130,7 +130,7 @@ for name in ("triton", "timm", "pytest"):
         print(f"{name}: not available ({type(exc).__name__})")
 EOF
 sed 's/^/    /' "$WORK/versions.log" 2> /dev/null | tee -a "$SUMMARY"
-nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1 || true
+probe nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1 || true
 
 if [ "$MODE" = dry-run ]; then
   DEVICE=cpu
@@ -148,7 +148,7 @@ if [ "$MODE" = dry-run ]; then
   note "- build: skipped (dry run: the extension already built here is used)"
 else
   arch=$(probe "$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
+  [ -n "$arch" ] && export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}  # this GPU only: a quicker compile
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   if ! LKFAST_REQUIRE_EXT=1 step build 240 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .; then
     tail -20 "$WORK/build.log" | sed 's/^/    /' >> "$SUMMARY"
@@ -190,8 +190,10 @@ if [ $have_pytest -eq 124 ]; then
   SKIPPED=$(( SKIPPED + 1 ))
 elif [ $have_pytest -eq 0 ]; then
   case "$MODE" in
-    quick) test_args=(tests/test_depthwise.py tests/test_cuda.py tests/test_triton.py); cap=150 ;;
-    full) test_args=(tests/); cap=300 ;;
+    quick)  # what is left minus ~100 s for the timings, 30..150 s
+      test_args=(tests/test_depthwise.py tests/test_cuda.py tests/test_triton.py)
+      cap=$(( $(left) - 100 )); [ "$cap" -gt 150 ] && cap=150; [ "$cap" -lt 30 ] && cap=30 ;;
+    full) test_args=(--durations=15 tests/); cap=240 ;;
     dry-run) test_args=(--collect-only tests/test_depthwise.py tests/test_cuda.py tests/test_triton.py); cap=60 ;;
   esac
   LKFAST_TRITON_AUTOTUNE=0 step pytest "$cap" "$PY" -m pytest -q "${test_args[@]}"
@@ -206,11 +208,11 @@ fi
 
 # 5. timings
 case "$MODE" in
-  quick) bench_args=(--quick); reserve_after=60 ;;
-  full) bench_args=(); reserve_after=150 ;;
+  quick) bench_args=(--quick); reserve_after=0 ;;
+  full) bench_args=(); reserve_after=90 ;;
   dry-run) bench_args=(--dry-run); reserve_after=0 ;;
 esac
-budget=$(( $(left) - reserve_after - 30 ))
+budget=$(( $(left) - reserve_after - 30 ))  # bench_gpu.py overruns its budget by its last case at most
 [ "$MODE" = dry-run ] && budget=20
 if [ "$budget" -ge 20 ]; then
   step bench_gpu $(( budget + 60 )) "$PY" benchmarks/bench_gpu.py --out "$WORK" --budget "$budget" "${bench_args[@]}"
