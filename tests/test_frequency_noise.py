@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lkfast.ops.frequency import band_mask, frequency_noise
+from reference import DEVICES, device_or_skip
 
 
 def ring(n: int) -> torch.Tensor:
@@ -60,17 +61,20 @@ def test_noise_spectrum_fills_the_band_and_nothing_else(method, size, freq):
         assert power[(radius == r) & inside].sum() > 1e-6 * power.sum(), f"ring {r:.3f} rad empty"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["reference", "fused"])
 @pytest.mark.parametrize("eps", [0.02, 0.1])
 @pytest.mark.parametrize("size, freq", BAND_CASES[:3], ids=["64x64-0.5pi", "64x48-0.35pi", "48x56-0.85pi"])
-def test_noise_is_eps_times_the_band_passed_signs(method, eps, size, freq):
+def test_noise_is_eps_times_the_band_passed_signs(device, method, eps, size, freq):
+    device_or_skip(device)  # on a GPU, "fused" adds with the Triton kernel
     h, w = size
-    x = torch.full((2, 3, h, w), 0.5)
-    out = frequency_noise(x, freq, eps=eps, generator=torch.Generator().manual_seed(5), clamp=None, method=method)
-    signs = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float32).sign().double()
+    x = torch.full((2, 3, h, w), 0.5, device=device)
+    out = frequency_noise(x, freq, eps=eps, generator=torch.Generator(device).manual_seed(5), clamp=None, method=method)
+    draw = torch.randn(x.shape, generator=torch.Generator(device).manual_seed(5), dtype=torch.float32, device=device)
+    signs = draw.sign().double().cpu()
     expected = eps * torch.fft.ifft2(torch.fft.fft2(signs) * band_by_definition(h, w, freq, 0.1 * math.pi)).real
     assert expected.abs().max() > 0.1 * eps
-    torch.testing.assert_close(_noise(x, out), expected, rtol=0, atol=2e-6)
+    torch.testing.assert_close(_noise(x, out).cpu(), expected, rtol=0, atol=2e-6)
 
 
 def test_fused_matches_reference_same_seed():
