@@ -4,11 +4,11 @@
     python -m lkfast.bench --quick    # fewer repetitions, batch 2
     python -m lkfast.bench --json out.json
 
-The cases and the interleaved timing are shared with the pytest-benchmark suite in
-benchmarks/bench_depthwise.py, which is what the README's figures come from. Speed-ups are against
-the faster of PyTorch's two layouts (NCHW, what users get by default, and channels_last, oneDNN's
-fast path on the CPU), timed in turn with lkfast in the same rounds; GFLOP/s counts only the
-multiply-adds that do not touch padding.
+The cases are shared with the pytest-benchmark suite in benchmarks/bench_depthwise.py, which is
+what the README's figures come from; both time with lkfast.timing.time_interleaved and write the
+table through lkfast.tables. Speed-ups are against the faster of PyTorch's two layouts (NCHW, what
+users get by default, and channels_last, oneDNN's fast path on the CPU), timed in turn with lkfast
+in the same rounds; GFLOP/s counts only the multiply-adds that do not touch padding.
 """
 from __future__ import annotations
 

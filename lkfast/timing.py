@@ -58,14 +58,15 @@ def time_interleaved(runs: dict[str, Callable[[], object]], rounds: int, warmup:
 
 
 def gpu_time_ms(fn: Callable[[], object], *, warmup: int = 3, samples: int = 7, sample_ms: float = 25.0,
-                max_calls: int = 2000) -> float:
+                min_calls: int = 2, max_calls: int = 2000) -> float:
     """Median milliseconds per call of ``fn`` on the current CUDA device.
 
     ``warmup`` untimed calls first (Triton autotuning, cuDNN's benchmark search, allocator growth
     happen there and are not counted). Then ``samples`` samples, each one pair of CUDA events around
-    as many back-to-back calls as fill about ``sample_ms`` (1 to ``max_calls``); a sample's time is
-    its elapsed time divided by its calls. ``fn`` must not synchronize (that would time the host).
-    Refuses (RuntimeError) when CUDA is not available.
+    as many back-to-back calls as fill about ``sample_ms`` (``min_calls`` to ``max_calls``); a
+    sample's time is its elapsed time divided by its calls. Calls slower than ``sample_ms`` get 3
+    samples at most (their launch overhead is negligible and the run stays short). ``fn`` must not
+    synchronize (that would time the host). Refuses (RuntimeError) when CUDA is not available.
     """
     if not torch.cuda.is_available():
         raise RuntimeError("gpu_time_ms needs a CUDA device; on the CPU use time_interleaved (or time_ms)")
@@ -80,7 +81,9 @@ def gpu_time_ms(fn: Callable[[], object], *, warmup: int = 3, samples: int = 7, 
     end.record()
     end.synchronize()
     per_call = max(start.elapsed_time(end) / probe_calls, 1e-4)
-    calls = int(min(max_calls, max(1, math.ceil(sample_ms / per_call))))
+    calls = int(min(max_calls, max(min_calls, math.ceil(sample_ms / per_call))))
+    if per_call > sample_ms:
+        samples = min(samples, 3)
     times = []
     for _ in range(samples):
         start.record()

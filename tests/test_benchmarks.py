@@ -184,6 +184,11 @@ def test_gpu_timer_times_many_back_to_back_calls_and_excludes_warm_up(monkeypatc
     assert ms == pytest.approx(0.5)
     # 1 warm-up, 3 probe calls, then 5 samples of 10 ms / 0.5 ms = 20 back-to-back calls each
     assert fake.calls == 1 + 3 + 5 * 20
+    # a call slower than a sample: still 2 calls between the events (never one), 3 samples
+    slow = _FakeCuda(lambda n: 100.0)
+    monkeypatch.setattr(torch.cuda, "Event", slow.Event)
+    assert timing.gpu_time_ms(slow.fn, warmup=1, samples=5, sample_ms=10.0) == pytest.approx(100.0)
+    assert slow.calls == 1 + 3 + 3 * 2
 
 
 def test_gpu_timer_refuses_without_cuda(monkeypatch):
