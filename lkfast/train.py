@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "(often faster on the CPU)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pth exists")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
+    p.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests: an interruption
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -284,6 +285,8 @@ def train(argv=None) -> dict:
                 print(f"lkfast.train: {args.model}: {line}", file=sys.stderr)
         if dist.is_initialized():
             dist.barrier()
+        if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch and epoch + 1 < args.epochs:
+            return {"stopped_after_epoch": epoch + 1}
 
     final = ema.module if ema is not None else model
     summary = {"model": args.model, "classes": classes, "epochs": args.epochs,

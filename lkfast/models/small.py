@@ -3,11 +3,11 @@ registered with timm so ``lkfast.models.create_model(name, num_classes=10)`` bui
 
     replknet_tiny_k31, replknet_tiny_k13, replknet_tiny_k7, replknet_tiny_k3
         lkfast's RepLKNet with four stages (16, 8, 4, 2 px maps at 64 px input), one or two RepLK
-        blocks per stage, widths 32..256; large kernels 31/29/27/13 (RepLKNet-31B's), then 13, 7
+        blocks per stage, widths 16..128, ConvFFN ratio 2; large kernels 31/29/27/13 (RepLKNet-31B's), then 13, 7
         and 3 in every stage (the kernel-size ablation); parallel 5x5 small kernel where the large
         one exceeds 5, none at 3 (as ``replknet_3b``).
-    resnet_tiny      timm's ResNet, basic blocks [1, 1, 1, 1], widths 32..256
-    vit_tiny_p8      timm's VisionTransformer, 8x8 patches (64 tokens), width 128, depth 4, 4 heads
+    resnet_tiny      timm's ResNet, basic blocks [1, 1, 1, 1], widths 16..128
+    vit_tiny_p8      timm's VisionTransformer, 8x8 patches (64 tokens), width 64, depth 4, 2 heads
 
 Each carries its preprocessing in ``pretrained_cfg``: input (3, 64, 64), no crop (crop_pct 1.0),
 bilinear, mean/std ``SYNTHETIC_MEAN``/``SYNTHETIC_STD``. None has downloadable weights: the
@@ -42,7 +42,7 @@ default_cfgs = generate_default_cfgs({
     "vit_tiny_p8": _cfg("patch_embed.proj"),
 })
 
-_TINY = dict(layers=[1, 1, 2, 1], channels=[32, 64, 128, 256], ffn_ratio=2, num_classes=10)
+_TINY = dict(layers=[1, 1, 2, 1], channels=[16, 32, 64, 128], ffn_ratio=2, num_classes=10)
 
 
 def _replknet(variant: str, kernels, pretrained: bool, **kwargs) -> RepLKNet:
@@ -78,8 +78,8 @@ def replknet_tiny_k3(pretrained: bool = False, **kwargs) -> RepLKNet:
 
 @register_model
 def resnet_tiny(pretrained: bool = False, **kwargs) -> ResNet:
-    """timm ResNet with one basic block per stage and widths 32/64/128/256 (stem 7x7 stride 2 + max pool)."""
-    args = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32, num_classes=10)
+    """timm ResNet with one basic block per stage and widths 16/32/64/128 (stem 7x7 stride 2 + max pool)."""
+    args = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16, num_classes=10)
     args.update(kwargs)
     args.pop("fast", None)
     return build_model_with_cfg(ResNet, "resnet_tiny", pretrained, **args)
@@ -87,8 +87,8 @@ def resnet_tiny(pretrained: bool = False, **kwargs) -> ResNet:
 
 @register_model
 def vit_tiny_p8(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """timm VisionTransformer for 64x64 inputs: 8x8 patches, width 128, depth 4, 4 heads, MLP ratio 2."""
-    args = dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=10)
+    """timm VisionTransformer for 64x64 inputs: 8x8 patches, width 64, depth 4, 2 heads, MLP ratio 2."""
+    args = dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0, num_classes=10)
     args.update(kwargs)
     args.pop("fast", None)
     return build_model_with_cfg(VisionTransformer, "vit_tiny_p8", pretrained, **args)

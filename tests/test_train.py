@@ -1,0 +1,92 @@
+"""python -m lkfast.train: learns, resumes to the same weights, runs under torchrun with gloo."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lkfast.data import synthetic as syn
+from lkfast.train import build_parser, train
+
+CLASSES = syn.CLASSES[:4]
+FAST = ["--batch-size", "4", "--warmup-epochs", "0", "--lr", "3e-3", "--scale", "1.0", "1.0", "--hflip", "0",
+        "--quiet", "--smoothing", "0"]
+MODEL = "replknet_tiny_k7"  # a RepLKNet whose 7x7 kernels run through lkfast's op
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """DATA/train (4 shapes x 8 images) and DATA/val (4 x 3), on one background so it is learnable fast."""
+    root = tmp_path_factory.mktemp("data")
+    for split, count in (("train", 8), ("val", 3)):
+        d = syn.render(CLASSES, 0, "train" if split == "train" else "val", count, background_correlation=1.0)
+        from PIL import Image
+
+        for k, (image, label) in enumerate(zip(d.images, d.labels)):
+            folder = root / split / CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{k}.png")
+    return root
+
+
+def _weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_training_lowers_the_loss(dataset, tmp_path):
+    summary = train([MODEL, "--data", str(dataset), "--out", str(tmp_path), "--epochs", "3", *FAST])
+    losses = summary["train_loss"]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert summary["classes"] == sorted(CLASSES)
+    assert 0 <= summary["val_top1"] <= 100
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["train_loss"] == losses
+    from lkfast.models import create_model
+
+    model = create_model(MODEL, checkpoint=str(tmp_path / "model.safetensors"), num_classes=4)
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_resume_gives_the_uninterrupted_result(dataset, tmp_path):
+    recipe = [MODEL, "--data", str(dataset), "--epochs", "2", "--max-steps-per-epoch", "2", "--ema-decay", "0.9",
+              "--mixup", "0.2", "--cutmix", "1.0", "--smoothing", "0.1", "--aa", "rand-m9-mstd0.5", *FAST[:-2]]
+    whole = train(recipe + ["--out", str(tmp_path / "whole")])
+    stopped = train(recipe + ["--out", str(tmp_path / "split"), "--stop-after-epoch", "1"])
+    assert stopped == {"stopped_after_epoch": 1}
+    assert not (tmp_path / "split" / "model.safetensors").exists()
+    assert torch.load(tmp_path / "split" / "last.pth", weights_only=False)["epoch"] == 1
+    resumed = train(recipe + ["--out", str(tmp_path / "split")])
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_torchrun_two_processes_gloo(dataset, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", LKFAST_TRAIN_BACKEND="gloo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lkfast.train", MODEL, "--data", str(dataset), "--out", str(tmp_path), "--epochs", "1",
+           "--device", "cpu", *FAST]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert np.isfinite(summary["train_loss"]).all()
+    assert set(_weights(tmp_path)) == set(torch.load(tmp_path / "last.pth", weights_only=False)["model"])
+
+
+def test_help_and_bad_input(dataset, tmp_path, capsys):
+    text = build_parser().format_help()
+    assert "torchrun" in text and "--kernel-sizes" in text and "replknet_3b" in text
+    with pytest.raises(SystemExit, match="does not take --kernel-sizes"):
+        train([MODEL, "--data", str(dataset), "--out", str(tmp_path), "--kernel-sizes", "31", "--quiet"])
+    with pytest.raises(SystemExit, match="no class folders"):
+        train([MODEL, "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"])
