@@ -82,6 +82,7 @@ def layout_of(x: torch.Tensor) -> str:
     return "channels_last" if output_memory_format(x) == torch.channels_last else "nchw"
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: asked once, at trace time
 @functools.lru_cache(maxsize=16)
 def _gpu_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
@@ -228,19 +229,32 @@ def choose(x: torch.Tensor, weight: torch.Tensor, usable: Callable[[str], bool],
     """The plan for a CUDA call and a sentence saying where it came from.
 
     usable(name): whether backend ``name`` can run this call. gpu: the GPU name to look up (default:
-    x's device; tests pass one for CPU tensors). table: default ``load_table()``."""
-    table = load_table() if table is None else table
+    x's device; tests pass one for CPU tensors). table: default ``load_table()``. Under
+    ``torch.compile`` the file is read when the call is traced, and the plan is a constant of the
+    compiled graph (a new table takes effect when the graph is traced again)."""
     key = key_of(x, weight, gpu)
+    runnable = tuple(name for name in TABLE_BACKENDS if usable(name))
+    if table is None:
+        return _choose_from_current_table(tuple(key), runnable)
+    return _choose_in(table, key, runnable)
+
+
+@torch.compiler.assume_constant_result  # file reads cannot be traced; the answer is a constant
+def _choose_from_current_table(key: tuple, runnable: tuple[str, ...]) -> tuple[Plan, str]:
+    return _choose_in(load_table(), Key(*key), runnable)
+
+
+def _choose_in(table: Table, key: Key, runnable: tuple[str, ...]) -> tuple[Plan, str]:
     found = lookup(key, table)
     if found is None:
-        first = next((name for name in DEFAULT_ORDER if usable(name)), "torch")
+        first = next((name for name in DEFAULT_ORDER if name in runnable), "torch")
         return Plan.single(first), (
             f"no row measured on {key.gpu} for {key.dtype} {key.layout} in {table.path}: the unmeasured default "
             f"order {' > '.join(DEFAULT_ORDER)}, first that can run the call")
     row, measured = found
     where = "measured at this call's key" if row == key else f"nearest measured row ({row}) to this call ({key})"
     source = f"{where} in {table.path} ({table.measured_on or 'run not named'})"
-    plan = Plan(*(name if usable(name) else "torch" for name in measured))
+    plan = Plan(*(name if name in runnable else "torch" for name in measured))
     replaced = [f"{p}: {m} cannot run this call" for p, m, n in zip(Plan._fields, measured, plan) if m != n]
     if replaced:
         source += "; measured winner replaced by torch (" + ", ".join(replaced) + ")"
