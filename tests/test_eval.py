@@ -82,7 +82,7 @@ def tiny_model_state():
     torch.manual_seed(0)
     model = timm.create_model("test_resnet").eval()
     classes = data.imagenet_classes()
-    active = [classes.index(w) for w in _wnids()] + [151, 10]
+    active = [10] + [classes.index(w) for w in _wnids()] + [151]  # 10 (a bird) is outside A and R
     g = torch.Generator().manual_seed(1)
     x = torch.rand(64, 3, 1, 1, generator=g) * 0.8 + 0.2 * torch.rand(64, 3, SIZE, SIZE, generator=g)
     with torch.inference_mode():
@@ -188,6 +188,7 @@ def test_cli_end_to_end_matches_a_direct_computation(full_run, data_root, checkp
     assert 0 < r["clean"]["top1"] < 100
     a_logits, a_y = reference_logits(model, data.ImageNetA(data_root / "imagenet-a", tf))
     assert r["imagenet-a"]["top1"] == pytest.approx(metrics.accuracy(a_logits, a_y, data.imagenet_a_indices()))
+    assert metrics.accuracy(a_logits, a_y) != r["imagenet-a"]["top1"]  # the 200-logit subset matters here
     # O: -max softmax over ImageNet-O's classes, val restricted to them
     o = data.ImageNetO(data_root / "imagenet-o", tf)
     in_logits, _ = reference_logits(model, data.ImageNetVal(data_root / "val", tf, classes=o.classes))
@@ -277,7 +278,14 @@ def test_torchrun_two_processes_equal_one(tmp_path, full_run, data_root, checkpo
         assert got == {k: v for k, v in expected[task].items() if k in got}, task
 
 
-def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint):
+def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint, monkeypatch):
+    import lkfast.corrupt
+
+    applied = []
+    real_corrupt, real_sequence = lkfast.corrupt.corrupt, lkfast.corrupt.perturbation_sequence
+    monkeypatch.setattr(lkfast.corrupt, "corrupt", lambda x, name, s, **k: applied.append((name, s)) or real_corrupt(x, name, s, **k))
+    monkeypatch.setattr(lkfast.corrupt, "perturbation_sequence",
+                        lambda x, name, d, **k: applied.append(name) or real_sequence(x, name, d, **k))
     only_val = tmp_path / "data"
     only_val.mkdir()
     (only_val / "val").symlink_to(data_root / "val")
@@ -287,6 +295,8 @@ def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint):
     assert r["imagenet-c"]["source"].startswith("generated")
     assert r["imagenet-c"]["mce_complete"] is True and len(r["imagenet-c"]["sev5_over"]) == 19
     assert set(r["imagenet-p"]["fr"]) == set(metrics.IMAGENET_P)
+    assert sorted(applied, key=str) == sorted([(c, s) for c in metrics.IMAGENET_C_ALL for s in range(1, 6)]
+                                              + list(metrics.IMAGENET_P) * 2, key=str)  # C: 1 batch, P: 1 sequence a batch
     assert r["imagenet-p"]["mfr"] is None and "baseline" in r["imagenet-p"]["normalisation_note"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "generated from" in report and "mfr omitted" in report.lower().replace("normalisation", "mfr")

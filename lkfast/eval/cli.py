@@ -116,8 +116,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise EvalError(f"--device {device}: CUDA is not available here; use --device cpu")
-        if args.limit is not None and args.limit < 1:
-            raise EvalError(f"--limit must be a positive number of images (the first N of each dataset), got {args.limit}")
         tasks = resolve_suite(args.suite)
         models = _with_input_size(_models(args.models), args.input_size)
         dirs = {name: getattr(args, name.replace("-", "_") + "_dir") for name in SOURCE_NAMES}

@@ -267,7 +267,8 @@ class Runner:
         if unknown:
             raise EvalError(f"unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
         if options.limit is not None and options.limit < 1:
-            raise EvalError(f"--limit must be a positive number of images, got {options.limit}")
+            raise EvalError(f"--limit must be a positive number of images (the first N of each dataset), "
+                            f"got {options.limit}")
         if options.shard_size < 1 or options.batch_size < 1:
             raise EvalError("--shard-size and --batch-size must be at least 1")
         self.class_space = options.class_space or imagenet_class_space()
