@@ -13,6 +13,15 @@ from lkfast.nn import DepthwiseConv2d
 CLASSES = 5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # 2 cores shared with other work: two oneDNN threads spin against each other (many times slower)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Normalized(nn.Module):
     """[0, 1] images in, normalisation inside (as the attacks expect)."""
 
