@@ -229,6 +229,292 @@ def test_motion_blur_matches_reference():
             assert np.abs(ref - ours.numpy()).max() < 1e-2
 
 
+# ------------------------------------------------------ random corruptions pinned to the release
+# The ImageNet-C release's parameters, written out here from make_imagenet_c.py (not imported from
+# lkfast), so that a changed table in lkfast fails these tests.
+RELEASE_GAUSSIAN_NOISE = (0.08, 0.12, 0.18, 0.26, 0.38)
+RELEASE_SHOT_NOISE = (60, 25, 12, 5, 3)
+RELEASE_IMPULSE_NOISE = (0.03, 0.06, 0.09, 0.17, 0.27)
+RELEASE_SPECKLE_NOISE = (0.15, 0.2, 0.35, 0.45, 0.6)
+RELEASE_FOG_STRENGTH = (1.5, 2.0, 2.5, 2.5, 3.0)
+RELEASE_FROST = ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))  # image weight, frost weight
+RELEASE_ELASTIC = ((244 * 2, 244 * 0.7, 244 * 0.1), (244 * 2, 244 * 0.08, 244 * 0.2),
+                   (244 * 0.05, 244 * 0.01, 244 * 0.02), (244 * 0.07, 244 * 0.01, 244 * 0.02),
+                   (244 * 0.12, 244 * 0.01, 244 * 0.02))  # alpha, sigma, affine jitter
+
+
+def difference_statistics(corrupted, clean):
+    """Mean and spread of the change a corruption makes: (mean |y - x|, std(y - x))."""
+    d = corrupted - clean
+    return d.abs().mean().item(), d.std().item()
+
+
+def reference_statistics(function, images, seeds, **kwargs):
+    """difference_statistics of imagecorruptions' function (numpy, the release's code) over seeds,
+    averaged; images is a float (N, 3, H, W) tensor holding 8-bit values."""
+    import numpy as np
+
+    pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    totals = []
+    for seed in seeds:
+        np.random.seed(seed)
+        out = np.stack([np.asarray(function(p, **kwargs), dtype=np.float64) / 255 for p in pixels])
+        totals.append(difference_statistics(torch.from_numpy(out).permute(0, 3, 1, 2), images.double()))
+    return torch.tensor(totals).mean(0)
+
+
+def lkfast_statistics(images, name, severity, seeds):
+    return torch.tensor([difference_statistics(lc.corrupt(images, name, severity, generator=s), images)
+                         for s in seeds]).mean(0)
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"])
+def test_noise_statistics_match_reference(name):
+    # Noise is per pixel and size-independent: 64-px images, 2 x 3 x 64 x 64 values per draw.
+    # Over 3 seeds both estimates are within ~0.7% of each other; 2% allows that and no more.
+    # Impulse noise changes only 3-27% of the values (each by x or 1 - x), so its estimates are
+    # much noisier: twice the images and 8% (its rate is pinned exactly by the next test).
+    ic = pytest.importorskip("imagecorruptions.corruptions")
+    import numpy as np
+
+    x = (natural_images(4 if name == "impulse_noise" else 2, 64, seed=5) * 255).round() / 255
+    function = getattr(ic, name)
+    if name == "impulse_noise":  # its seed=None would draw from fresh entropy: seed it from numpy's
+        function = lambda image, severity: ic.impulse_noise(image, severity, seed=np.random.randint(1 << 30))  # noqa: E731
+    for severity in range(1, 6):
+        ours = lkfast_statistics(x, name, severity, range(3))
+        ref = reference_statistics(function, x, range(100, 103), severity=severity)
+        rtol = 0.08 if name == "impulse_noise" else 0.02
+        torch.testing.assert_close(ours, ref, rtol=rtol, atol=0, msg=lambda m: f"{name} {severity}: {m}")
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3])
+def test_noise_variance_is_the_releases(severity):
+    # The defining quantity of each noise, from its definition, on grey images where nothing clips
+    # at these severities: Var = c^2 (gaussian), x / c (shot: Poisson(x c) / c), (x c)^2
+    # (speckle); impulse replaces a fraction c, half by 0 and half by 1.
+    grey = torch.full((2, 3, 96, 96), 0.5)
+    checks = {"gaussian_noise": RELEASE_GAUSSIAN_NOISE[severity - 1] ** 2,
+              "shot_noise": 0.5 / RELEASE_SHOT_NOISE[severity - 1],
+              "speckle_noise": (0.5 * RELEASE_SPECKLE_NOISE[severity - 1]) ** 2}
+    for name, variance in checks.items():
+        y = lc.corrupt(grey, name, severity, generator=severity)
+        assert (y - grey).mean().abs() < 0.01 * math.sqrt(variance) + 1e-3, name
+        assert (y - grey).var().item() == pytest.approx(variance, rel=0.04), name
+    y = lc.corrupt(grey, "impulse_noise", severity, generator=severity)
+    half = RELEASE_IMPULSE_NOISE[severity - 1] / 2
+    tolerance = 4 * math.sqrt(half * (1 - half) / y.numel())  # 4 binomial standard deviations
+    assert (y == 0).float().mean().item() == pytest.approx(half, abs=tolerance)
+    assert (y == 1).float().mean().item() == pytest.approx(half, abs=tolerance)
+
+
+def texture(n=2, size=224, seed=5):
+    """8-bit images of a smooth random texture with no preferred direction (a random blur angle
+    changes their statistics little)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.interpolate(torch.rand(n, 3, size // 3, size // 3, generator=g), size=(size, size),
+                                        mode="bilinear")
+    return (x * 0.8 + 0.1).mul(255).round() / 255
+
+
+@pytest.mark.parametrize("name,severities", [("snow", (1, 5)), ("spatter", (2, 4)), ("motion_blur", (1, 5))])
+def test_weather_and_blur_statistics_match_reference(name, severities):
+    # At 224 px, where the release's lengths apply as they are. imagecorruptions runs the
+    # release's code for these (its motion blur is a numpy port of ImageMagick's). Snow flakes
+    # and spatter drops are few (and drops are normalised by their maximum), so these vary most
+    # between draws (up to ~5% on one image): two images and 8%; motion blur within ~1%: 6%.
+    ic = pytest.importorskip("imagecorruptions.corruptions")
+    from PIL import Image
+
+    x = texture(1 if name == "motion_blur" else 2)
+    function = getattr(ic, name)
+    if name == "spatter":  # the reference's mud branch wants a PIL image
+        function = lambda image, severity: ic.spatter(Image.fromarray(image), severity)  # noqa: E731
+    for severity in severities:
+        ours = lkfast_statistics(x, name, severity, range(3))
+        ref = reference_statistics(function, x, range(100, 103), severity=severity)
+        rtol = 0.06 if name == "motion_blur" else 0.08
+        torch.testing.assert_close(ours, ref, rtol=rtol, atol=0, msg=lambda m: f"{name} {severity}: {m}")
+
+
+RELEASE_GLASS_BLUR = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))  # sigma, max shift, passes
+
+
+def _release_glass_shuffle_loop(pixels, height, width, delta, offsets):
+    """The release's loop over a flat list of pixels, one position at a time. Its tuple "swap"
+    of numpy rows copies (the second assignment reads the row just overwritten)."""
+    k = 0
+    for row in range(height - delta, delta, -1):
+        for col in range(width - delta, delta, -1):
+            dx, dy = offsets[k]
+            k += 1
+            pixels[row * width + col] = pixels[(row + dy) * width + col + dx]
+    return pixels
+
+
+def _release_glass_blur(image, severity, rng):
+    """The release's glass_blur on an (H, W, 3) float image in [0, 1] (skimage Gaussians, 8-bit
+    truncation, the sequential shuffle), numpy random numbers from ``rng``."""
+    import numpy as np
+    from skimage.filters import gaussian
+
+    sigma, delta, passes = RELEASE_GLASS_BLUR[severity - 1]
+    x = np.uint8(gaussian(image, sigma=sigma, channel_axis=-1) * 255)
+    h, w = x.shape[:2]
+    pixels = [tuple(p) for p in x.reshape(-1, 3).tolist()]
+    for _ in range(passes):
+        offsets = rng.integers(-delta, delta, size=((h - 2 * delta) * (w - 2 * delta), 2)).tolist()
+        pixels = _release_glass_shuffle_loop(pixels, h, w, delta, offsets)
+    x = np.array(pixels, dtype=np.uint8).reshape(h, w, 3)
+    return np.clip(gaussian(x / 255.0, sigma=sigma, channel_axis=-1), 0, 1)
+
+
+@pytest.mark.parametrize("delta", [1, 2, 3])
+def test_glass_shuffle_is_the_releases_loop(delta):
+    # same offsets, same result as the release's position-by-position loop, on odd shapes
+    h, w = 17, 23
+    g = torch.Generator().manual_seed(delta)
+    x = torch.rand(2, 3, h, w, generator=g)
+    offsets = torch.randint(-delta, delta, (2, 2, h, w), generator=g)
+    ours = _filters.glass_shuffle(x, offsets, delta)
+    for i in range(2):
+        visited = [(int(offsets[i, 1, r, c]), int(offsets[i, 0, r, c]))  # (dx, dy) in loop order
+                   for r in range(h - delta, delta, -1) for c in range(w - delta, delta, -1)]
+        pixels = [tuple(p) for p in x[i].permute(1, 2, 0).reshape(-1, 3).tolist()]
+        expected = torch.tensor(_release_glass_shuffle_loop(pixels, h, w, delta, visited)).view(h, w, 3)
+        assert torch.equal(ours[i].permute(1, 2, 0), expected)
+
+
+def test_glass_blur_statistics_match_release():
+    # The whole corruption against the release's definition written out above, at 224 px, on
+    # a texture: one draw each, which agree within ~0.7% at every severity.
+    pytest.importorskip("skimage")
+    import numpy as np
+
+    x = texture(1)
+    image = x[0].permute(1, 2, 0).numpy()
+    for severity in range(1, 6):
+        ours = torch.tensor(difference_statistics(lc.corrupt(x, "glass_blur", severity, generator=severity), x))
+        release = _release_glass_blur(image, severity, np.random.default_rng(severity))
+        ref = torch.tensor(difference_statistics(torch.from_numpy(release), torch.from_numpy(image).double()))
+        torch.testing.assert_close(ours, ref, rtol=0.025, atol=0, msg=lambda m: f"severity {severity}: {m}")
+
+
+@pytest.mark.parametrize("severity", range(1, 6))
+def test_fog_strength_is_the_releases(severity):
+    # fog(x) = (x + s F) max(x) / (max(x) + s), F the plasma fractal in [0, 1]. For a constant
+    # image c nothing clips, and F = (y (c + s) / c - c) / s; the same seed gives the same F for
+    # two different constants only if s is the release's strength.
+    s = RELEASE_FOG_STRENGTH[severity - 1]
+    fractals = []
+    for c in (0.3, 0.6):
+        y = lc.corrupt(torch.full((1, 3, 224, 224), c), "fog", severity, generator=11).double()
+        fractals.append((y * (c + s) / c - c) / s)
+    torch.testing.assert_close(fractals[0], fractals[1], atol=1e-5, rtol=0)
+    assert fractals[0].min() >= -1e-5 and fractals[0].max() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_frost_weights_are_the_releases(severity):
+    # frost(x) = clip(keep x + amount P), P a crop of an 8-bit frost photograph. With the same
+    # seed, a black and a grey image get the same crop: their difference is keep * grey, and the
+    # black one's values are amount * k / 255 for integers k.
+    pytest.importorskip("imagecorruptions")
+    keep, amount = RELEASE_FROST[severity - 1]
+    black = lc.corrupt(torch.zeros(2, 3, 224, 224), "frost", severity, generator=4).double()
+    grey = lc.corrupt(torch.full((2, 3, 224, 224), 0.2), "frost", severity, generator=4).double()
+    unclipped = grey < 1
+    assert unclipped.float().mean() > 0.5
+    torch.testing.assert_close((grey - black)[unclipped], torch.full_like(grey[unclipped], keep * 0.2),
+                               atol=1e-5, rtol=0)
+    levels = black[black < 1] * 255 / amount
+    assert (levels - levels.round()).abs().max() < 1e-3
+    assert levels.max() > 128  # a photograph, not a dark corner
+
+
+def _release_elastic(image, severity, rng):
+    """The release's elastic_transform (make_imagenet_c.py) on an (H, W, 3) float32 image in
+    [0, 1], numpy random numbers from ``rng``: a random affine warp (cv2, reflect-101 border),
+    then a Gaussian-smoothed uniform displacement field (scipy map_coordinates, 'reflect')."""
+    import numpy as np
+    cv2 = pytest.importorskip("cv2")
+    from scipy.ndimage import map_coordinates
+    from skimage.filters import gaussian
+
+    alpha, sigma, jitter = RELEASE_ELASTIC[severity - 1]
+    h, w = image.shape[:2]
+    centre = np.float32((h, w)) // 2
+    half = min(h, w) // 3
+    points = np.float32([centre + half, [centre[0] + half, centre[1] - half], centre - half])
+    moved = points + rng.uniform(-jitter, jitter, size=points.shape).astype(np.float32)
+    warped = cv2.warpAffine(image, cv2.getAffineTransform(points, moved), (w, h), borderMode=cv2.BORDER_REFLECT_101)
+    dx = gaussian(rng.uniform(-1, 1, size=(h, w)), sigma, mode="reflect", truncate=3) * alpha
+    dy = gaussian(rng.uniform(-1, 1, size=(h, w)), sigma, mode="reflect", truncate=3) * alpha
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    out = [map_coordinates(warped[..., c], (rows + dy, cols + dx), order=1, mode="reflect") for c in range(3)]
+    return np.clip(np.stack(out, -1), 0, 1)
+
+
+def _coordinate_image(size=224):
+    """R = column / (size - 1), G = row / (size - 1): a bilinear warp of it shows, in every
+    pixel, where that pixel was sampled from."""
+    t = torch.arange(size, dtype=torch.float32) / (size - 1)
+    return torch.stack([t.expand(size, size), t[:, None].expand(size, size), torch.full((size, size), 0.5)])
+
+
+def _displacement_statistics(warped_coordinates):
+    """For a warped coordinate image (3, 224, 224), in the central 112 x 112 (away from
+    borders): the affine part of the sampling map, fitted by least squares, as the release's
+    corner jitter (how far it moves the three control points, RMS over the six coordinates);
+    the RMS of what the affine part leaves (the elastic field) and of its pixel-to-pixel steps."""
+    size = warped_coordinates.shape[-1]
+    inner = slice(size // 4, size - size // 4)
+    source = warped_coordinates[:2, inner, inner].double() * (size - 1)
+    rows, cols = torch.meshgrid(torch.arange(size, dtype=torch.float64)[inner],
+                                torch.arange(size, dtype=torch.float64)[inner], indexing="ij")
+    design = torch.stack([cols.flatten(), rows.flatten(), torch.ones(rows.numel(), dtype=torch.float64)], 1)
+    inverse = torch.linalg.lstsq(design, source.flatten(1).T).solution.T  # (2, 3) output -> input
+    residual = source.flatten(1) - (design @ inverse.T).T
+    residual = residual.view(2, *rows.shape)
+    forward = torch.linalg.inv(torch.cat([inverse, torch.tensor([[0.0, 0, 1]], dtype=torch.float64)]))
+    centre, half = size // 2, size // 3
+    points = torch.tensor([[centre + half, centre + half], [centre + half, centre - half],
+                           [centre - half, centre - half]], dtype=torch.float64)
+    jitter = points @ forward[:2, :2].T + forward[:2, 2] - points
+    steps = torch.cat([residual.diff(dim=1).flatten(), residual.diff(dim=2).flatten()])
+    return (jitter.pow(2).mean().sqrt().item(), residual.pow(2).mean().sqrt().item(),
+            steps.pow(2).mean().sqrt().item())
+
+
+@pytest.mark.parametrize("severity", [1, 4])
+def test_elastic_affine_jitter_is_the_releases(severity):
+    # the three control points move by U(-J, J) each: RMS J / sqrt(3) over 16 images x 6 numbers
+    # (estimate within ~5%; the elastic field adds a little at severities 3-5)
+    jitter = RELEASE_ELASTIC[severity - 1][2]
+    grid = _coordinate_image()[None].expand(16, -1, -1, -1).contiguous()
+    warped = lc.corrupt(grid, "elastic_transform", severity, generator=1)
+    rms = math.sqrt(sum(_displacement_statistics(w)[0] ** 2 for w in warped) / len(warped))
+    assert rms == pytest.approx(jitter / math.sqrt(3), rel=0.12)
+
+
+@pytest.mark.parametrize("severity", [3, 4, 5])
+def test_elastic_field_matches_release(severity):
+    # The ImageNet-C release (not imagecorruptions, whose elastic transform is another one):
+    # at severities 3-5 the smoothed field has many independent patches in 112 x 112, so its
+    # RMS (alpha / sigma) and its steps (alpha / sigma^2) agree within ~1% over 4 draws.
+    pytest.importorskip("skimage")
+    import numpy as np
+
+    grid = _coordinate_image()
+    warped = lc.corrupt(grid[None].expand(4, -1, -1, -1).contiguous(), "elastic_transform", severity, generator=3)
+    ours = torch.tensor([_displacement_statistics(w)[1:] for w in warped]).mean(0)
+    image = grid.permute(1, 2, 0).contiguous().numpy()
+    ref = torch.tensor([_displacement_statistics(torch.from_numpy(
+        _release_elastic(image, severity, np.random.default_rng(seed))).permute(2, 0, 1))[1:]
+        for seed in range(4)]).mean(0)
+    torch.testing.assert_close(ours, ref, rtol=0.05, atol=0)
+
+
 # ----------------------------------------------------------------------------------- bad input
 def test_bad_inputs():
     x = natural_images(2, 32)

@@ -319,3 +319,48 @@ def equalize_hist(image: torch.Tensor) -> torch.Tensor:
     lut = torch.round((cdf - first_count) * scale).clamp(0, 255)
     lut = torch.where(first_count == total, first.float().expand_as(lut), lut)
     return lut.gather(1, flat).view_as(image)
+
+
+@functools.lru_cache(maxsize=16)
+def _shuffle_schedule(height: int, width: int, delta: int) -> tuple:
+    """Flat pixel indices of the positions the release's glass-blur loop visits, grouped into
+    steps that can run at once (see glass_shuffle): a tuple of int64 tensors, one per step."""
+    rows = torch.arange(height - delta, delta, -1)  # the release's range(H - delta, delta, -1)
+    cols = torch.arange(width - delta, delta, -1)
+    if rows.numel() == 0 or cols.numel() == 0:
+        return ()
+    r, c = torch.meshgrid(rows, cols, indexing="ij")
+    step = (2 * delta * (height - delta - r) + (width - delta - c)).flatten()
+    flat = (r * width + c).flatten()
+    order = torch.argsort(step, stable=True)
+    counts = torch.bincount(step)
+    return tuple(t for t in torch.split(flat[order], counts.tolist()) if t.numel())
+
+
+def glass_shuffle(x: torch.Tensor, offsets: torch.Tensor, delta: int) -> torch.Tensor:
+    """The release's glass-blur pixel shuffle, exactly: for h from H - delta down to delta + 1,
+    and within a row w from W - delta down to delta + 1, pixel (h, w) takes the current value of
+    pixel (h + dy, w + dx).
+
+    The release writes a swap, ``x[h, w], x[h', w'] = x[h', w'], x[h, w]``, but on numpy rows
+    (views) it copies: the second assignment reads the row the first has just overwritten, so
+    (h', w') keeps its value and (h, w) gets a copy of it. Pixels are duplicated, not exchanged,
+    and a value copied down-right-to-up-left can be copied on again later in the same pass.
+
+    x: (N, C, H, W). offsets: (N, 2, H, W) integers, (dy, dx) per position, in [-delta, delta)
+    (values at positions the loop does not visit are ignored). Returns a new tensor.
+
+    The loop is sequential, but two of its steps touch disjoint pixels when their positions are
+    2 delta or more apart in a row or a column. Position (h, w) runs at wave
+    2 delta (H - delta - h) + (W - delta - w): any two steps that can touch a common pixel keep
+    the release's order, and the steps of one wave are disjoint and run together, so the result
+    is the sequential loop's, in about 2 delta H + W vectorised waves.
+    """
+    n, c, h, w = x.shape
+    out = x.reshape(n, c, h * w).clone()
+    flat_offsets = (offsets[:, 0] * w + offsets[:, 1]).reshape(n, h * w).to(torch.long)
+    for positions in _shuffle_schedule(h, w, delta):
+        positions = positions.to(x.device)
+        sources = (positions + flat_offsets[:, positions])[:, None, :].expand(n, c, -1)
+        out[:, :, positions] = out.gather(2, sources)
+    return out.view(n, c, h, w)

@@ -53,14 +53,15 @@ def defocus_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor
 
 
 def glass_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
-    """Gaussian blur, local pixel shuffling, Gaussian blur again.
+    """Gaussian blur, local pixel shuffling, Gaussian blur again, as the release.
 
-    The release swaps pixels one after another (a sequential chain over the whole image, which
-    no parallel machine can do quickly). Here every pass moves all pixels at once: each pixel of
-    the release's range takes the value of the pixel at a random offset in [-delta, delta) in
-    both directions, the same offset distribution as the release's swaps. Unlike a chain of
-    swaps this can duplicate a pixel instead of exchanging it; the local scrambling, and thus the
-    look after the second blur, is the same.
+    The shuffle is the release's own sequential loop (each pass visits the pixels from the
+    bottom-right corner up; each takes the value of a random neighbour at (dy, dx), both uniform
+    in [-delta, delta); the release's "swap" copies, see ``_filters.glass_shuffle``), computed
+    exactly. From delta 2 on a value can be copied on several times in one pass, up and to the
+    left, which a one-draw-per-pixel shuffle does not do: it would blur visibly less.
+    Below one pixel of reach (images much smaller than 224 px) a pixel is swapped only with
+    probability ``reach``, so that severities stay ordered.
     """
     sigma, delta, passes = GLASS_BLUR[severity - 1]
     n, c, h, w = x.shape
@@ -68,27 +69,13 @@ def glass_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     sigma = sigma * s
     reach = delta * s
     delta = max(1, round(reach))
-    # Below one pixel of reach (images much smaller than 224 px) a pixel moves by at most one
-    # place, and only with probability `reach`, so that severities stay ordered.
     move_probability = min(reach, 1.0)
     x = _filters.quantize(_filters.gaussian_blur(x, sigma))
-    rows = torch.arange(h, device=x.device).view(h, 1)
-    cols = torch.arange(w, device=x.device).view(1, w)
-    # the release visits h in (delta, h - delta], same for w; from there every offset in
-    # [-delta, delta) stays inside the image
-    inside = ((rows > delta) & (rows <= h - delta) & (cols > delta) & (cols <= w - delta)).view(1, h * w)
-    # one draw per pixel picks the (dy, dx) pair, uniform over the (2 delta)^2 pairs like the
-    # release's two independent draws; a table turns it into a flat index offset
-    pairs = torch.arange(4 * delta * delta, device=x.device)
-    offsets = (pairs // (2 * delta) - delta) * w + (pairs % (2 * delta) - delta)
-    base = torch.arange(h * w, device=x.device).view(1, h * w)
     for _ in range(passes):
-        pick = utils.randint(4 * delta * delta, (n, h * w), generator, x.device)
-        moves = inside
+        offsets = utils.randint(2 * delta, (n, 2, h, w), generator, x.device) - delta
         if move_probability < 1.0:
-            moves = inside & (utils.rand((n, h * w), generator, x.device) < move_probability)
-        index = offsets[pick].mul_(moves).add_(base)
-        x = x.reshape(n, c, h * w).gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
+            offsets *= (utils.rand((n, 1, h, w), generator, x.device) < move_probability).long()
+        x = _filters.glass_shuffle(x, offsets, delta)
     return _filters.gaussian_blur(x, sigma).clamp(0, 1)
 
 
