@@ -151,3 +151,31 @@ def test_real_measurement_runs_both_backends(cache):
     entry = next(iter(json.loads(cache.read_text())["entries"].values()))
     assert choice.backend in cd.CANDIDATES and set(entry["seconds"]) == set(cd.CANDIDATES)
     assert all(s > 0 for s in entry["seconds"].values())
+
+
+def test_plan_for_and_the_op_follow_the_calibration(cache, monkeypatch):
+    pytest.importorskip("lkfast._C")
+    import torch.nn.functional as F
+
+    from lkfast.ops import depthwise_conv2d, plan_for
+
+    passes = []
+
+    def fake(runs):  # oneDNN "wins" the forward here, lkfast the weight gradient
+        return {"cpu": 2.0, "torch": 1.0} if passes[-1] == "forward" else {"cpu": 1.0, "torch": 2.0}
+
+    real_runs = cd._runs
+    monkeypatch.setattr(cd, "_runs", lambda x, w, p: passes.append(p) or real_runs(x, w, p))
+    monkeypatch.setattr(cd, "measure", fake)
+    x, w = inputs()
+    explained = plan_for(x, w, explain=True)
+    assert tuple(explained.plan) == ("torch", "torch", "cpu")
+    assert "calibrated on this machine" in explained.source
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    y = depthwise_conv2d(x, w)
+    y.square().sum().backward()
+    xr, wr = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    F.conv2d(xr, wr, padding=3, groups=16).square().sum().backward()
+    torch.testing.assert_close(y.double(), F.conv2d(xr, wr, padding=3, groups=16), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-4, atol=1e-3)

@@ -41,16 +41,15 @@ from typing import Callable, Optional
 
 import torch
 
+from lkfast.cache import cache_dir
+from lkfast.ops.backends import dtype_name, output_memory_format
+
 CANDIDATES = ("cpu", "torch")
 MEASURED_PASSES = ("forward", "weight_grad")  # the input gradient follows the forward
 SCHEMA = 1
 CACHE_NAME = "cpu_dispatch.json"
 TABLE_PATH = Path(__file__).with_name("cpu_table.json")
 OWN_FORWARD_DTYPES = (torch.float32, torch.float64)  # the built-in rule (3. above)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _bucket(n: int) -> int:
@@ -88,10 +87,6 @@ def fingerprint() -> dict:
         "torch": torch.__version__,
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
     }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LKFAST_CACHE") or Path.home() / ".cache" / "lkfast")
 
 
 def calibration_enabled() -> bool:
@@ -243,8 +238,6 @@ def _runs(x: torch.Tensor, weight: torch.Tensor, pass_: str) -> dict[str, Callab
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
-    from lkfast.ops.backends import output_memory_format
-
     return output_memory_format(x) == torch.channels_last
 
 
@@ -272,7 +265,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Opti
         cal = calibration()
         entry = cal.get((measured_pass,) + key)
         if entry is None:
-            times = (measure_fn or measure)(_runs(x, weight, measured_pass))
+            with torch.no_grad(), torch.autocast("cpu", enabled=False):
+                times = (measure_fn or measure)(_runs(x, weight, measured_pass))
             winner = min(CANDIDATES, key=lambda n: times[n])
             entry = {"backend": winner, "seconds": {n: float(times[n]) for n in CANDIDATES},
                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -20,12 +20,6 @@ from lkfast.ops.backends import BACKENDS, FLOAT_DTYPES, PASSES, Plan, dtype_name
 
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
-# On the CPU, `auto` runs the forward and input gradient with lkfast's kernel for these dtypes and
-# with oneDNN (backend "torch", channels_last) for the others; the weight gradient always with
-# lkfast's kernel. Set from benchmarks/results/depthwise_cpu.md.
-CPU_OWN_FORWARD_DTYPES = (torch.float32, torch.float64)
-
-
 def _check_inputs(x, weight, bias) -> None:
     """Raises a ValueError/TypeError naming what is wrong with the arguments, if anything."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
@@ -97,16 +91,15 @@ class PlanExplanation:
 def _cpu_plan(x, weight) -> tuple[Plan, str]:
     if not _usable("cpu", x, weight):
         return Plan.single("torch"), "on the CPU, PyTorch (oneDNN) wherever lkfast's C++ kernels cannot run"
-    # fp32/fp64: lkfast's kernel measured level with oneDNN's channels_last forward and ahead of
-    # it for the attack step (benchmarks/results/depthwise_cpu.md). fp16/bf16 forward stays on
-    # oneDNN, which has native half-precision (AMX) paths; our kernel computes them in fp32.
-    if x.dtype in CPU_OWN_FORWARD_DTYPES:
-        return Plan.single("cpu"), (f"on the CPU in {dtype_name(x.dtype)}, lkfast's C++ kernels for every pass "
-                                    "(measured level with oneDNN forward and far ahead on the weight gradient)")
-    return Plan("torch", "torch", "cpu"), (
-        f"on the CPU in {dtype_name(x.dtype)}, oneDNN (backend torch, channels_last) for the forward and input "
-        "gradient (native half-precision paths; lkfast's kernel computes in fp32) and lkfast's C++ kernel for the "
-        "weight gradient (PyTorch's runs at a few GFLOP/s)")
+    # The faster of lkfast's kernel and oneDNN for each pass, measured on this machine (or taken
+    # from the shipped per-instruction-set table): see lkfast.ops.cpu_dispatch.
+    from lkfast.ops import cpu_dispatch
+
+    forward = cpu_dispatch.choose(x, weight, "forward")
+    weight_grad = cpu_dispatch.choose(x, weight, "weight_grad")
+    source = (f"on the CPU in {dtype_name(x.dtype)}: forward and input gradient on {forward.backend} "
+              f"({forward.source}); weight gradient on {weight_grad.backend} ({weight_grad.source})")
+    return Plan(forward.backend, forward.backend, weight_grad.backend), source
 
 
 def _explain(plan: Plan, source: str, x, weight) -> PlanExplanation:
@@ -129,10 +122,10 @@ def plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto", *,
     """The backends ``backend`` means for this call, as a ``Plan(forward, input_grad, weight_grad)``
     (a named tuple: ``plan == ("cpu", "cpu", "cpu")`` holds).
 
-    ``auto`` follows the measurements in benchmarks/results: on the CPU, lkfast's C++ kernel for
-    the weight gradient (PyTorch's runs at a few GFLOP/s) and, in fp32/fp64, for the forward and
-    input gradient too; fp16/bf16 forward and input gradient on oneDNN (``CPU_OWN_FORWARD_DTYPES``);
-    on CUDA, the measured table of ``lkfast.ops.cuda_table`` (see there). A named backend is used
+    ``auto`` follows measurements: on the CPU, for each pass the faster of lkfast's C++ kernel and
+    oneDNN, measured once per shape class on this machine and cached (``lkfast.ops.cpu_dispatch``:
+    ``LKFAST_CALIBRATE=0`` uses the shipped per-instruction-set table instead); on CUDA, the
+    measured table of ``lkfast.ops.cuda_table`` (see there). A named backend is used
     for all three passes. ``explain=True`` returns a ``PlanExplanation`` instead: the plan, the rule
     or table row it came from, and why each other backend was passed over (print it to read it).
     Raises ValueError for an unknown backend name and RuntimeError when the named backend cannot
