@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -450,3 +451,21 @@ def test_no_models_and_no_data_explains_what_to_run(capsys, monkeypatch):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert "--models" in err and "--data-root" in err
+
+
+def test_device_decode_path_through_the_runner(tmp_path, full_run, data_root, checkpoint, monkeypatch):
+    # what --device cuda does with JPEG folders, forced on the CPU: file bytes through the loader,
+    # decoded and resized by EncodedImages.decode_batch; a broken file is skipped and counted
+    from lkfast.eval.runner import TaskContext
+    from lkfast.eval.sources import EncodedImages
+
+    monkeypatch.setattr(TaskContext, "_device_decoded", lambda self, ds: EncodedImages(ds, self.config, ds.eval_resize)
+                        if hasattr(ds, "eval_resize") else ds)
+    val = tmp_path / "val"
+    shutil.copytree(data_root / "val", val)
+    (val / _wnids()[0] / "img9.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.warns(UserWarning, match="undecodable"):
+        assert cli(*common(tmp_path / "out", checkpoint, data_root, "--suite", "clean", "--val-dir", val)) == 0
+    r = load(tmp_path / "out")["tiny"]["clean"]
+    assert r["skipped_unreadable"] == 1 and r["images"] == 6
+    assert r["top1"] == full_run[1]["tiny"]["clean"]["top1"]

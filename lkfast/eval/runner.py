@@ -160,6 +160,7 @@ class TaskContext:
         stored one is loaded instead of recomputed, and under torchrun the missing shards are shared
         round-robin between the ranks and gathered on every rank."""
         n = len(dataset)
+        dataset = self._device_decoded(dataset)
         size = self.options.shard_size
         shards = [(s, min(s + size, n)) for s in range(0, n, size)]
         base = {"task": self.task.name, "version": self.task.version, "part": part, "n": n, "key": key,
@@ -201,6 +202,16 @@ class TaskContext:
             pieces = [everything[i]["items"][name] for i in range(len(shards)) if name in everything[i]["items"]]
             out[name] = torch.cat(pieces) if pieces else torch.empty(0)
         return out
+
+    def _device_decoded(self, dataset):
+        """On CUDA (unless --no-gpu-decode), an image folder made by ``tasks.image_folder`` is read
+        as file bytes and decoded on the GPU (``sources.EncodedImages``); anything else as it is."""
+        from lkfast.eval.sources import EncodedImages
+
+        if self.options.gpu_decode and self.device.startswith("cuda") and hasattr(dataset, "eval_resize") \
+                and EncodedImages.supports(dataset, self.config):
+            return EncodedImages(dataset, self.config, resize=dataset.eval_resize)
+        return dataset
 
     def _compute(self, part, dataset, ranges, indices, compute, batch_size, frames):
         """Yield (shard index, records) for each shard of ``ranges`` as it finishes."""

@@ -27,7 +27,6 @@ import torch
 
 from lkfast.eval.registry import TaskUnavailable, register_task
 from lkfast.eval.runner import EvalError, TaskContext
-from lkfast.eval.sources import EncodedImages
 
 from lkfast.metrics import IMAGENET9_VARIANTS
 
@@ -51,8 +50,7 @@ def image_folder(ctx: TaskContext, root, class_index: Dict[str, int], resize: bo
         transform = data.transform_for(ctx.config, resize=resize)
         dataset = data.ImageFolderBenchmark(str(root), transform, class_index=class_index, limit=ctx.options.limit,
                                             classes=classes)
-        if ctx.options.gpu_decode and ctx.device.startswith("cuda") and EncodedImages.supports(dataset, ctx.config):
-            return EncodedImages(dataset, ctx.config, resize=resize)
+        dataset.eval_resize = resize  # lets ctx.records decode its JPEGs on the GPU (same preprocessing)
         return dataset
     return _memo(ctx, ("folder", str(root), resize, tuple(classes or ())), build)
 
