@@ -412,3 +412,38 @@ def test_eval_tasks_run_end_to_end_and_report(tmp_path):
                    "figure9_kernel_distance", "figure10_feature_variance"):
         assert f"figures/{figure}.png" in text and (tmp_path / "out" / "figures" / f"{figure}.png").stat().st_size > 0
     assert "Salient-Drop-50%" in text
+
+
+def test_eval_taig_pairs_convnets_with_a_vit_surrogate_and_back(tmp_path, monkeypatch):
+    import lkfast.attacks
+    import lkfast.eval.analysis_tasks  # noqa: F401  (registers the analysis tasks)
+    from lkfast import data
+    from lkfast.eval import EvalOptions, ModelSpec, run_evaluation
+
+    classes = data.imagenet_classes()
+    g = torch.Generator().manual_seed(0)
+    for wnid in (classes[1], classes[2]):
+        for i in range(2):
+            path = tmp_path / "val" / wnid / f"img{i}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data.encode_jpeg(data.to_uint8(torch.rand(3, 32, 32, generator=g)), quality=95))
+    arch = dict(large_kernel_sizes=(7, 5, 5, 3), layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), small_kernel=3)
+    vit_arch = dict(img_size=32, depth=1, embed_dim=16, num_heads=2)
+    torch.manual_seed(0)
+    torch.save(RepLKNet(**arch).state_dict(), tmp_path / "lk.pth")
+    torch.save(timm.create_model("vit_tiny_patch16_224", **vit_arch).state_dict(), tmp_path / "vit.pth")
+    specs = [ModelSpec("replknet_31b", str(tmp_path / "lk.pth"), "tiny-lk", kwargs=tuple(arch.items()), input_size=32),
+             ModelSpec("vit_tiny_patch16_224", str(tmp_path / "vit.pth"), "tiny-vit", kwargs=tuple(vit_arch.items()),
+                       input_size=32)]
+    options = EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")}, workers=0, progress=False,
+                          write_report=False)
+    real = lkfast.attacks.transfer_success  # the paper's 20 x 21 passes per step are too slow for a test
+    monkeypatch.setattr(lkfast.attacks, "transfer_success",
+                        lambda *args, **kwargs: real(*args, **dict(kwargs, steps=2, path_steps=2)))
+    results = run_evaluation(specs, ["taig"], options)
+    assert results["tiny-lk"]["taig"]["surrogate"] == "tiny-vit"
+    assert results["tiny-vit"]["taig"]["surrogate"] == "tiny-lk"
+    for label in ("tiny-lk", "tiny-vit"):
+        r = results[label]["taig"]
+        assert r["eps"] == [0.03, 0.06, 0.1] and r["images"] == 4 and r["random_path"] is True
+        assert all(v is None or 0.0 <= v <= 100.0 for v in r["success_rate"])
