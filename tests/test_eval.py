@@ -469,3 +469,21 @@ def test_device_decode_path_through_the_runner(tmp_path, full_run, data_root, ch
     r = load(tmp_path / "out")["tiny"]["clean"]
     assert r["skipped_unreadable"] == 1 and r["images"] == 6
     assert r["top1"] == full_run[1]["tiny"]["clean"]["top1"]
+
+
+def test_imagenet_c_outside_imagenet_is_normalised_by_the_baseline(tmp_path, data_root, checkpoint):
+    import dataclasses
+
+    from lkfast.eval import imagenet_class_space
+
+    space = dataclasses.replace(imagenet_class_space(), name="not ImageNet", published_baselines=False)
+    spec = ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)
+    options = EvalOptions(out=str(tmp_path / "a"), data={"imagenet-c": str(data_root / "imagenet-c")}, workers=0,
+                          progress=False, class_space=space)
+    r = run_evaluation([spec], ["imagenet-c"], options)["tiny"]["imagenet-c"]
+    assert r["mce"] is None and "baseline" in r["mce_note"] and r["sev5_top1"] is not None
+    # the model as its own baseline: every CE is 100 % by definition
+    options = dataclasses.replace(options, out=str(tmp_path / "b"), baseline=dataclasses.replace(spec, label="base"))
+    r = run_evaluation([spec], ["imagenet-c"], options)["tiny"]["imagenet-c"]
+    assert r["ce"] == {"gaussian_noise": pytest.approx(100.0)} and r["mce"] == pytest.approx(100.0)
+    assert "baseline" in r["normalised_by"]

@@ -25,6 +25,10 @@ class ClassSpace:
         space has no ImageNet-9 counterpart (the imagenet-9 task then refuses to run).
     nine_names: names of the nine classes in target order (ImageNet-9: dog, bird, ...; the folders
         are ``NN_<name>``, read by ``lkfast.data.ImageNet9``).
+    published_baselines: True for ImageNet-1k: ImageNet-C's CE is normalised by the release's
+        published AlexNet errors (``lkfast.metrics.ALEXNET_ERRORS``). Otherwise the baseline model
+        (``--baseline-model`` / the default's) is evaluated on the same ImageNet-C images and its
+        errors take AlexNet's place; without one, CE / mCE are None with ``mce_note``.
     """
 
     name: str
@@ -32,6 +36,7 @@ class ClassSpace:
     subsets: Mapping[str, Tuple[int, ...]] = field(default_factory=dict)
     nine_map: Optional[Tuple[int, ...]] = None
     nine_names: Tuple[str, ...] = ()
+    published_baselines: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -67,4 +72,5 @@ def imagenet_class_space() -> ClassSpace:
                  "imagenet-r": tuple(int(i) for i in data.imagenet_r_indices())},
         nine_map=tuple(int(i) for i in data.imagenet9_class_map()),
         nine_names=tuple(data.IMAGENET9_CLASSES),
+        published_baselines=True,
     )

@@ -89,7 +89,7 @@ def _notes(results, task) -> List[str]:
         if r.get("skipped_unreadable"):
             bits.append(f"**{r['skipped_unreadable']} unreadable item(s) skipped** "
                         f"({', '.join(f'{k}: {v}' for k, v in r.get('skipped_by_part', {}).items())})")
-        for key in ("relative_mce_note", "normalisation_note", "bg_gap_note"):
+        for key in ("mce_note", "relative_mce_note", "normalisation_note", "bg_gap_note"):
             if r.get(key):
                 bits.append(key.split("_note")[0].replace("_", " ") + " omitted: " + r[key])
         if bits:
@@ -202,7 +202,8 @@ def write_report(out, results: Dict[str, Any]) -> Path:
                  _get(results[m], "imagenet-c", "relative_mce"), _get(results[m], "imagenet-c", "mean_top1"),
                  _get(results[m], "imagenet-c", "sev5_top1")] for m in models]
         w.table("table1_mce", ["Model", "mCE (%)", "paper", "relative mCE (%)", "mean top-1 (%)", "sev. 5 top-1 (%)"],
-                rows, "Lower mCE is better; CE normalised by AlexNet's errors (Hendrycks & Dietterich 2019).")
+                rows, "Lower mCE is better; CE normalised by AlexNet's errors (Hendrycks & Dietterich 2019) on "
+                      "ImageNet, by the baseline model's on another class space (see the notes below).")
         corruptions = sorted({c for m in models for c in (results[m].get("imagenet-c", {}).get("ce") or {})})
         if corruptions:
             w.table("imagenet_c_ce", ["Model"] + corruptions,

@@ -343,7 +343,7 @@ class Runner:
         if memo in self._active:
             raise RuntimeError(f"task {name!r} depends on itself")
         cache = self._cache(spec)
-        key = self.result_key(spec, task)
+        key = self.result_key(spec, task) + ("-as-baseline" if baseline else "")  # a baseline run skips normalising
         found = dist.broadcast(cache.load_result(name, key) if dist.is_main() else None)
         if found is not None:
             self._results[memo] = found

@@ -180,15 +180,36 @@ def imagenet_c(ctx: TaskContext) -> dict:
     clean_error, note = None, "no ImageNet-val given, so no clean error"
     if ctx.has_source("val"):
         clean_error = 1.0 - ctx.result_of("clean")["top1"] / 100.0
-    # relative mCE: AlexNet's clean error (metrics.ALEXNET_CLEAN_ERROR) is the baseline's
-    scores = metrics.corruption_errors(errors, clean_error=clean_error)
     result = {"source": "disk: " + str(ctx.source("imagenet-c")) if source == "disk" else
               f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})",
               "top1": top1, "clean_error": clean_error}
+    if ctx.class_space.published_baselines:
+        # ImageNet: CE normalised by the release's AlexNet errors, relative mCE by AlexNet's clean error
+        scores = metrics.corruption_errors(errors, clean_error=clean_error)
+        result["normalised_by"] = "AlexNet (the ImageNet-C release's published errors)"
+    else:
+        # another class space: the baseline model's measured errors on the same images take AlexNet's place
+        base, why = (None, "this is the baseline's own run") if ctx.is_baseline else ctx.baseline_result("imagenet-c")
+        if base is not None:
+            base_clean = base.get("clean_error")
+            use_clean = clean_error if base_clean is not None else None
+            if clean_error is not None and use_clean is None:
+                note = "the baseline has no clean error (no val data for it)"
+            reference = {c: sum(1.0 - v / 100.0 for v in by.values()) / len(by)
+                         for c, by in base["top1"].items() if len(by) == 5}
+            scores = metrics.corruption_errors(errors, clean_error=use_clean, baseline=reference,
+                                               baseline_clean_error=base_clean if use_clean is not None else None)
+            result["normalised_by"] = f"the baseline model {ctx.options.baseline.display} on the same images"
+        else:
+            scores = metrics.corruption_errors(errors)  # sev5_top1 and mean_top1; CE needs a baseline
+            for key in ("ce", "mce", "relative_mce"):
+                scores[key] = None
+            result["mce_note"] = note = why
     result.update(json.loads(json.dumps(scores, default=float)))
     if result.get("relative_mce") is None:
         result["relative_mce"] = None
-        result["relative_mce_note"] = note if clean_error is None else "no corruption with all 5 severities"
+        result["relative_mce_note"] = note if clean_error is None or "mce_note" in result else \
+            "no corruption with all 5 severities"
     return result
 
 
