@@ -323,7 +323,7 @@ class SyntheticConfig:
     """Sizes of the synthetic benchmark. Counts are per class."""
     seed: int = 0
     size: int = 64
-    train_per_class: int = 300
+    train_per_class: int = 200
     val_per_class: int = 50
     c_per_class: int = 10          # val images corrupted (19 corruptions x 5 severities each)
     p_per_class: int = 2           # sequences per perturbation

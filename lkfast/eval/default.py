@@ -47,13 +47,32 @@ class DefaultSettings:
     for every model (besides the model name, --data and --out)."""
     data: synthetic.SyntheticConfig = synthetic.SyntheticConfig()
     models: Tuple[Tuple[str, str], ...] = DEFAULT_MODELS
-    recipe: Tuple[str, ...] = ("--epochs", "6", "--batch-size", "64", "--lr", "2e-3", "--weight-decay", "0.05",
+    recipe: Tuple[str, ...] = ("--epochs", "8", "--batch-size", "64", "--lr", "2e-3", "--weight-decay", "0.05",
                                "--warmup-epochs", "1", "--smoothing", "0.1", "--scale", "0.6", "1.0",
                                "--hflip", "0.5", "--channels-last", "--seed", "0")
-    suite: str = "quick"          # the suite when the command line names none
+    suite: Optional[str] = None   # the suite when the command line names none; None: default_suite()
 
 
 DEFAULT = DefaultSettings()
+
+
+# The analyses the default run includes when the eval registers them (cheap enough on 64 px images).
+QUICK_ANALYSES = ("occlusion", "fgsm", "pgd", "frequency", "kernel-distance", "feature-variance", "lesion")
+
+
+def default_suite() -> str:
+    """The default run's tasks: the clean set, all six benchmarks, and the analyses of
+    ``QUICK_ANALYSES`` that ``lkfast.eval`` registers (comma list for ``resolve_suite``)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("lkfast.eval.analysis_tasks") is not None:
+        importlib.import_module("lkfast.eval.analysis_tasks")  # registers the analyses
+    from lkfast.eval.registry import SUITES, TASKS
+
+    names = list(SUITES["paper"])
+    names += [name for name in QUICK_ANALYSES if name in TASKS and name not in names]
+    return ",".join(names)
 
 
 def _log(message: str) -> None:
@@ -161,7 +180,7 @@ def prepare_default(args, settings: DefaultSettings = None) -> dict:
                          kwargs=num_classes)
     suite = getattr(args, "suite", None)
     if suite is None or (suite == "paper" and not _suite_on_command_line()):
-        suite = settings.suite
+        suite = settings.suite or default_suite()
     _log(f"lkfast: embedded default ready in {time.time() - started:.0f} s: synthetic benchmark in {root}, "
          f"{len(models)} trained models")
     data = {name: str(parts[name]) for name in ("val", "imagenet-a", "imagenet-r", "imagenet-o", "imagenet-c",
