@@ -1,5 +1,14 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# The suite never reads or writes the user's cache (~/.cache/lkfast), and the CPU dispatch does not
+# time backends on first use (lkfast.ops.cpu_dispatch): which backend `auto` runs must not depend
+# on the machine's load during the tests. tests/test_cpu_dispatch.py turns calibration on itself.
+os.environ.setdefault("LKFAST_CACHE", tempfile.mkdtemp(prefix="lkfast-test-cache-"))
+os.environ.setdefault("LKFAST_CALIBRATE", "0")
 
 # Deterministic, and quick on a 2-core machine.
 torch.manual_seed(0)
