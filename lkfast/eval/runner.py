@@ -196,7 +196,7 @@ class TaskContext:
         skipped = sum(int(everything[i]["skipped"]) for i in range(len(shards)))
         if skipped:
             self.skipped[part] = self.skipped.get(part, 0) + skipped
-        names = [k for k in (everything[0]["items"] if shards else {})]
+        names = list(dict.fromkeys(k for i in range(len(shards)) for k in everything[i]["items"]))
         out = {}
         for name in names:
             pieces = [everything[i]["items"][name] for i in range(len(shards)) if name in everything[i]["items"]]
