@@ -91,13 +91,23 @@ class PlanExplanation:
 def _cpu_plan(x, weight) -> tuple[Plan, str]:
     if not _usable("cpu", x, weight):
         return Plan.single("torch"), "on the CPU, PyTorch (oneDNN) wherever lkfast's C++ kernels cannot run"
+    channels_last = output_memory_format(x) == torch.channels_last
+    return _measured_cpu_plan(tuple(x.shape), tuple(weight.shape), dtype_name(x.dtype), channels_last)
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: chosen at trace time (file reads and timing cannot be traced)
+def _measured_cpu_plan(x_shape: tuple, weight_shape: tuple, dtype: str, channels_last: bool) -> tuple[Plan, str]:
     # The faster of lkfast's kernel and oneDNN for each pass, measured on this machine (or taken
-    # from the shipped per-instruction-set table): see lkfast.ops.cpu_dispatch.
+    # from the shipped per-instruction-set table): see lkfast.ops.cpu_dispatch. It needs only the
+    # call's shapes, dtype and layout, which meta tensors carry.
     from lkfast.ops import cpu_dispatch
 
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(x_shape, dtype=getattr(torch, dtype), device="meta", memory_format=memory_format)
+    weight = torch.empty(weight_shape, dtype=getattr(torch, dtype), device="meta")
     forward = cpu_dispatch.choose(x, weight, "forward")
     weight_grad = cpu_dispatch.choose(x, weight, "weight_grad")
-    source = (f"on the CPU in {dtype_name(x.dtype)}: forward and input gradient on {forward.backend} "
+    source = (f"on the CPU in {dtype}: forward and input gradient on {forward.backend} "
               f"({forward.source}); weight gradient on {weight_grad.backend} ({weight_grad.source})")
     return Plan(forward.backend, forward.backend, weight_grad.backend), source
 
