@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import warnings
 from typing import List, Optional
 
 from lkfast.eval import distributed as dist

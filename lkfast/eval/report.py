@@ -8,12 +8,11 @@ models the paper reports.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from lkfast.tables import markdown_table, write_table, write_text_atomic
+from lkfast.tables import write_table, write_text_atomic
 
 META_KEY = "_meta"
 CITATION = ("Chen et al., *Revealing the Dark Secrets of Extremely Large Kernel ConvNets on Robustness*, ICML 2024")
@@ -124,6 +123,7 @@ def _bars(ax, labels, values, paper, title, ylabel):
         ax.legend(fontsize=8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(ylabel)
 
@@ -240,6 +240,9 @@ def write_report(out, results: Dict[str, Any]) -> Path:
                                                    [_paper(results, m, "imagenet-r") for m in models],
                                                    "ImageNet-R", "top-1 (%)")])
         w.text("\n![Figure 3](figures/figure3.png)\n")
+        w.table("imagenet_r", ["Model", "top-1 (%)", "paper", "images"],
+                [[m, _get(results[m], "imagenet-r", "top1"), _paper(results, m, "imagenet-r"),
+                  _get(results[m], "imagenet-r", "images")] for m in models], "ImageNet-R top-1 on its 200 classes.")
         w.text("\n".join(_notes(results, "imagenet-r")) + "\n")
 
     if _has(results, "imagenet-9"):

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
 from lkfast.eval import distributed as dist
 from lkfast.eval.cache import ResultCache, stable_hash
