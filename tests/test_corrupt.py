@@ -189,14 +189,18 @@ def test_motion_blur_kernel_matches_imagemagick_rule():
 
 
 def test_size_scaling_of_blur():
-    # a 448-px image blurred with sigma 2 * 2 = 4 equals the 224-px blur (sigma 2) upsampled
-    small = natural_images(1, 112, seed=3)
+    # Gaussian blur's sigma is a length in 224-px pixels: a 224-px image (a 112-px one with every
+    # pixel doubled) blurred at sigma 2 / 6 (severity 2 / 5), then 2x2-averaged back to 112 px,
+    # equals the 112-px image blurred at sigma 1 / 3. The test image is made of sharp 8-px colour
+    # blocks, so that a sigma off by 2 (no scaling) moves the result by 0.05-0.08 on average.
     assert _filters.gaussian_matrix(10, 1.0, "cpu").sum(1).allclose(torch.ones(10))
+    g = torch.Generator().manual_seed(3)
+    small = torch.rand(1, 3, 14, 14, generator=g).repeat_interleave(8, 2).repeat_interleave(8, 3)
     big = torch.nn.functional.interpolate(small, scale_factor=2, mode="nearest")
-    out_small = lc.corrupt(small, "gaussian_blur", 2)
-    out_big = lc.corrupt(big, "gaussian_blur", 2)
-    down = torch.nn.functional.avg_pool2d(out_big, 2)
-    assert mean_distance(down, out_small) < 0.01
+    for severity in (2, 5):
+        out_small = lc.corrupt(small, "gaussian_blur", severity)
+        down = torch.nn.functional.avg_pool2d(lc.corrupt(big, "gaussian_blur", severity), 2)
+        assert mean_distance(down, out_small) < 0.01, severity
 
 
 # ------------------------------------------------------------------------- against the release
@@ -585,10 +589,36 @@ def test_perturbation_contract(name, size):
 
 @pytest.mark.parametrize("name", ["gaussian_noise", "snow", "tilt"])
 def test_perturbation_at_224(name):
+    # At the release's size, the frames as make_imagenet_p.py defines them.
     x = natural_images(1, 224)
     seq = lc.perturbation_sequence(x, name, generator=0)
     assert seq.shape == (1, lc.PERTURBATIONS[name], 3, 224, 224)
     assert seq.min() >= 0 and seq.max() <= 1
+    if name == "gaussian_noise":
+        # frame 0 is the clean image; frames 1..30 are x + N(0, 0.03^2), each drawn anew
+        assert torch.equal(seq[:, 0], x)
+        inside = ((x > 0.15) & (x < 0.85))[:, None].expand(-1, 30, -1, -1, -1)  # nothing clips here
+        noise = (seq[:, 1:] - x[:, None])[inside]
+        assert noise.mean().abs() < 1e-3 and noise.std().item() == pytest.approx(0.03, rel=0.02)
+        steps = seq[:, 2:] - seq[:, 1:-1]
+        assert steps[inside[:, 1:]].std().item() == pytest.approx(0.03 * math.sqrt(2), rel=0.02)
+    elif name == "snow":
+        # every frame is the snowy base image (0.85 x + 0.15 max(x, 1.5 grey + 0.5)) plus the
+        # same flakes, motion-blurred along 4 i - 150 degrees: flakes only add light, most of the
+        # image is the base in every frame, and the flakes move from frame to frame
+        grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        base = 0.85 * x + 0.15 * torch.maximum(x, grey * 1.5 + 0.5)
+        assert (seq >= base[:, None].clamp(max=1) - 1e-6).all()
+        untouched = ((seq - base[:, None]).abs() < 1e-6).all(dim=1)
+        assert 0.3 < untouched.float().mean() < 0.95
+        changed = ((seq[:, 1:] - seq[:, :-1]).abs() > 1.5 / 255).float().mean(dim=(2, 3, 4))
+        assert changed.min() > 0.01, changed.min()
+    else:
+        # tilt by i - 15 degrees: frame 15 is the image (up to the release's f / (f + 1) scale),
+        # frames move further from it the larger the tilt, on both sides
+        away = [mean_distance(seq[:, i], seq[:, 15]) for i in (0, 5, 10, 14, 16, 20, 25, 30)]
+        assert mean_distance(seq[:, 15, :, 2:-2, 2:-2], x[:, :, 2:-2, 2:-2]) < 0.01
+        assert away[0] > away[1] > away[2] > away[3] > 0 and 0 < away[4] < away[5] < away[6] < away[7]
 
 
 @pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise"])
