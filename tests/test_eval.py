@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -266,7 +267,10 @@ def test_resume_after_interruption_gives_the_same_results(tmp_path, full_run, da
 
 def test_torchrun_two_processes_equal_one(tmp_path, full_run, data_root, checkpoint):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as probe:  # a free port: other test files start process groups too
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "lkfast.eval", *map(str, common(tmp_path, checkpoint, data_root, "--suite", "clean,imagenet-c,imagenet-9",
                                                   "--shard-size", 1))]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -487,3 +491,15 @@ def test_imagenet_c_outside_imagenet_is_normalised_by_the_baseline(tmp_path, dat
     r = run_evaluation([spec], ["imagenet-c"], options)["tiny"]["imagenet-c"]
     assert r["ce"] == {"gaussian_noise": pytest.approx(100.0)} and r["mce"] == pytest.approx(100.0)
     assert "baseline" in r["normalised_by"]
+
+
+def test_unreadable_video_is_skipped_and_counted(tmp_path, data_root, checkpoint):
+    p = tmp_path / "imagenet-p"
+    shutil.copytree(data_root / "imagenet-p", p)
+    (p / "translate" / _wnids()[1] / "seq9.npy").write_bytes(b"not a numpy file")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert cli(*common(tmp_path / "out", checkpoint, data_root, "--suite", "imagenet-p", "--imagenet-p-dir", p,
+                           "--baseline-model", "none")) == 0
+    r = load(tmp_path / "out")["tiny"]["imagenet-p"]
+    assert r["skipped_unreadable"] == 1 and r["skipped_by_part"] == {"translate": 1}
+    assert r["sequences"] == {"gaussian_noise": 2, "translate": 2}  # sequences scored (translate: 3 files)

@@ -11,9 +11,11 @@ Each task returns a plain dict; the keys users script against (results.json, per
     imagenet-c   mce, relative_mce (%, None with relative_mce_note when a clean error is missing),
                  sev5_top1 (mean top-1 % over the corruptions present at severity 5), mean_top1,
                  ce {corruption: %}, top1 {corruption: {severity: %}}, source ("disk" or "generated")
-    imagenet-p   fr {perturbation: %}, t5d {perturbation: value} (unnormalised, always), mfr and
-                 mt5d (% of the baseline model's, None with normalisation_note when no baseline
-                 could be evaluated), source
+    imagenet-p   fr {perturbation: %}, t5d {perturbation: value} (unnormalised, always: flip
+                 probability x 100 and mean top-5 distance at difficulty 1, i.e. the first noise
+                 level / frame stride 1), mean_fr_unnormalised, mean_t5d_unnormalised, mfr and mt5d
+                 (% of the baseline model's, None with normalisation_note when no baseline could be
+                 evaluated), sequences {perturbation: sequences scored}, source
     imagenet-9   top1 {variant: %}, original, mixed_same, mixed_rand, bg_gap (%), source
 
 Every task also records skipped_unreadable (items that could not be decoded) and seconds.
@@ -258,7 +260,7 @@ def imagenet_p(ctx: TaskContext) -> dict:
     from lkfast import corrupt, metrics
 
     source, parts = _p_parts(ctx)
-    fp, t5d = {}, {}
+    fp, t5d, scored = {}, {}, {}
     for name, dataset in parts:
         noise = _is_noise(name)
         frames = corrupt.PERTURBATIONS[name]
@@ -271,13 +273,14 @@ def imagenet_p(ctx: TaskContext) -> dict:
             return {"pred": logits.argmax(2), "t5d": metrics.top5_distance(logits, noise, per_sequence=True)}
         records = ctx.records(name, dataset, compute, batch_size=max(1, ctx.options.batch_size // frames),
                               frames=frames, key=source)
-        if len(records["pred"]):
+        scored[name] = len(records.get("pred", ()))
+        if scored[name]:
             fp[name] = metrics.flip_probability(records["pred"], noise)
             t5d[name] = float(records["t5d"].double().mean())
     result = {"fr": {p: 100.0 * v for p, v in fp.items()}, "t5d": t5d, "mfr": None, "mt5d": None,
               "mean_fr_unnormalised": 100.0 * sum(fp.values()) / len(fp) if fp else None,
               "mean_t5d_unnormalised": sum(t5d.values()) / len(t5d) if t5d else None,
-              "sequences": {p: len(d) for p, d in parts},
+              "sequences": scored,
               "source": "disk: " + str(ctx.source("imagenet-p")) if source == "disk" else
               f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})"}
     if ctx.is_baseline or not fp:
