@@ -64,6 +64,7 @@ def shape_class(x_shape, kh: int, kw: int, dtype: torch.dtype, channels_last: bo
     return (dtype_name(dtype), layout, int(kh), int(kw), _bucket(n), _bucket(c), _bucket(h), _bucket(w))
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -160,15 +161,20 @@ class Calibration:
 
 
 _calibration: Optional[Calibration] = None
+_calibration_for: Optional[tuple] = None
 
 
 def calibration() -> Calibration:
-    """This process's calibration, opened on first use (and again if LKFAST_CACHE or the threads change)."""
-    global _calibration
-    path = cache_dir() / CACHE_NAME
-    fp = fingerprint()
-    if _calibration is None or _calibration.path != path or _calibration.fingerprint != fp:
-        _calibration = Calibration(path, fp)
+    """This process's calibration, opened on first use (and again if LKFAST_CACHE, the thread count
+    or the oneDNN cap change). Cheap on every call after the first: the op asks on each call."""
+    global _calibration, _calibration_for
+    settings = (os.environ.get("LKFAST_CACHE"), torch.get_num_threads(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
+    if _calibration is None or settings != _calibration_for:
+        path = cache_dir() / CACHE_NAME
+        fp = fingerprint()
+        if _calibration is None or _calibration.path != path or _calibration.fingerprint != fp:
+            _calibration = Calibration(path, fp)
+        _calibration_for = settings
     return _calibration
 
 
