@@ -806,6 +806,36 @@ def test_writer_imagenet_p(tmp_path):
         assert (frames[1:] - clean).std().item() == pytest.approx(std, rel=0.3)  # grain-tuned x264 keeps noise
 
 
+def test_io_completeness_and_leftovers(tmp_path):
+    import os
+
+    frames = (natural_images(3, 32) * 255).byte()
+    video = tmp_path / "a.mp4"
+    video.write_bytes(data_io.encode_mp4(frames, preset="ultrafast"))
+    assert data_io.is_complete(video)
+    read = data_io.read_mp4(video, dtype=torch.float32)
+    assert read.shape == (3, 3, 32, 32) and read.dtype == torch.float32 and 0 <= read.min() and read.max() <= 1
+    assert (read * 255 - frames.float()).abs().mean() < 6  # three unrelated 32-px frames: coarse
+    with pytest.raises(ValueError, match="uint8 or a float dtype"):
+        data_io.read_mp4(video, dtype=torch.int32)
+    image = tmp_path / "b.JPEG"
+    image.write_bytes(data_io.encode_jpeg(frames[0]))
+    assert data_io.is_complete(image)
+    data = video.read_bytes()
+    video.write_bytes(data[:data.index(b"moov") - 4])  # whole boxes, but the index box missing
+    assert not data_io.is_complete(video)
+    for path in (video, image):
+        data = path.read_bytes()
+        path.write_bytes(data[:-7])
+        assert not data_io.is_complete(path), path
+    assert not data_io.is_complete(tmp_path / "missing.JPEG")
+    # temporary files of a dead process are leftovers; a running one's (this one's) are not
+    dead, alive = tmp_path / ".c.JPEG.tmp999999999", tmp_path / f".d.JPEG.tmp{os.getpid()}"
+    dead.write_bytes(b"x")
+    alive.write_bytes(b"x")
+    assert data_io.temporary_files(tmp_path) == [dead]
+
+
 def test_writer_rejects_bad_layouts(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         writer.render(tmp_path / "missing", tmp_path / "out", "c", progress=False)
