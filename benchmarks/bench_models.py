@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from lkfast.tables import markdown_table as table_markdown
 from lkfast.timing import gpu_time_ms, median, time_interleaved
+from lkfast.ops import dtype_name
 
 DEVICE = os.environ.get("LKFAST_BENCH_DEVICE", "cpu")
 ON_CUDA = DEVICE.startswith("cuda")
@@ -161,7 +162,7 @@ def test_model(benchmark, model_name, variant, task):
     run = _task(model, x, task)
     benchmark.group = f"{model_name} {task}"
     benchmark.extra_info.update(model=model_name, variant=variant, task=task, batch=BATCH, size=SIZE,
-                                dtype=str(DTYPE).replace("torch.", ""), device=DEVICE,
+                                dtype=dtype_name(DTYPE), device=DEVICE,
                                 threads=torch.get_num_threads(), max_rel_err_vs_plain_nchw=rel_err)
     if ON_CUDA:  # the project's GPU timer: CUDA events around back-to-back steps, warm-up excluded
         per_step = []

@@ -24,7 +24,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # --tiny: one shape in fp32, for a CPU dry run (Triton in its interpreter) and for compute-sanitizer
 TINY_SHAPES, TINY_DTYPES = [(1, 4, 6, 6, 5, 5)], (torch.float32,)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # max error / max |reference|
-PASSES = ("forward", "input_grad", "weight_grad")
 
 
 def reference(pass_: str, x, w, g):
@@ -55,6 +54,7 @@ def relative_error(out, expected) -> float:
 
 def check(device: str, shapes=SHAPES, dtypes=DTYPES) -> list[dict]:
     from lkfast.ops import depthwise_conv2d
+    from lkfast.ops import PASSES, dtype_name
     from lkfast.ops.backends import BACKENDS
 
     names = ("cuda", "triton", "torch") if device == "cuda" else ("cpu", "triton", "torch")
@@ -68,7 +68,7 @@ def check(device: str, shapes=SHAPES, dtypes=DTYPES) -> list[dict]:
                 x = torch.randn(N, C, H, W, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
                 g = torch.randn(N, C, H, W, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
                 w = (torch.randn(C, 1, kh, kw, generator=gen) / (kh * kw) ** 0.5).to(device, dtype)
-                case = dict(shape=list(shape), dtype=str(dtype).replace("torch.", ""), layout=layout)
+                case = dict(shape=list(shape), dtype=dtype_name(dtype), layout=layout)
                 for name in names:
                     why = BACKENDS[name].not_supported_reasons(x, w)
                     for pass_ in PASSES:
