@@ -322,7 +322,7 @@ def equalize_hist(image: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _shuffle_schedule(height: int, width: int, delta: int) -> tuple:
+def _shuffle_schedule(height: int, width: int, delta: int, device: str = "cpu") -> tuple:
     """Flat pixel indices of the positions the release's glass-blur loop visits, grouped into
     steps that can run at once (see glass_shuffle): a tuple of int64 tensors, one per step."""
     rows = torch.arange(height - delta, delta, -1)  # the release's range(H - delta, delta, -1)
@@ -334,7 +334,7 @@ def _shuffle_schedule(height: int, width: int, delta: int) -> tuple:
     flat = (r * width + c).flatten()
     order = torch.argsort(step, stable=True)
     counts = torch.bincount(step)
-    return tuple(t for t in torch.split(flat[order], counts.tolist()) if t.numel())
+    return tuple(t.to(device) for t in torch.split(flat[order], counts.tolist()) if t.numel())
 
 
 def glass_shuffle(x: torch.Tensor, offsets: torch.Tensor, delta: int) -> torch.Tensor:
@@ -359,8 +359,7 @@ def glass_shuffle(x: torch.Tensor, offsets: torch.Tensor, delta: int) -> torch.T
     n, c, h, w = x.shape
     out = x.reshape(n, c, h * w).clone()
     flat_offsets = (offsets[:, 0] * w + offsets[:, 1]).reshape(n, h * w).to(torch.long)
-    for positions in _shuffle_schedule(h, w, delta):
-        positions = positions.to(x.device)
+    for positions in _shuffle_schedule(h, w, delta, str(x.device)):
         sources = (positions + flat_offsets[:, positions])[:, None, :].expand(n, c, -1)
         out[:, :, positions] = out.gather(2, sources)
     return out.view(n, c, h, w)
