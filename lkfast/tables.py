@@ -90,6 +90,9 @@ def write_text_atomic(path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes files private (0600); a result file is not
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -155,7 +155,6 @@ def save_table(rows, measured_on: str, path: str | os.PathLike | None = None) ->
 
     target = Path(path) if path is not None else SHIPPED_PATH
     write_text_atomic(target, text)  # one row per line: a new GPU run reads as a diff
-    os.chmod(target, 0o644)  # the temporary file it was written through is private (0600)
     return target
 
 
