@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", metavar="DIR", help="folder holding val/, imagenet-a/, ... (see below)")
     for name in SOURCE_NAMES:
         p.add_argument(f"--{name}-dir", metavar="DIR", help=f"the {name} folder (overrides --data-root/{name})")
-    p.add_argument("--out", default="lkfast-eval", metavar="DIR",
-                   help="output folder: results.json, report.md, tables/, figures/, cache/ (default: lkfast-eval)")
+    p.add_argument("--out", default="lkfast-report", metavar="DIR",
+                   help="output folder: results.json, report.md, tables/, figures/, cache/ (default: lkfast-report)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--workers", type=int, default=None,

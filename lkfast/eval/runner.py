@@ -47,7 +47,7 @@ class EvalOptions:
     shard_size: images per cached shard. amp: bf16 autocast on the CPU, fp16 on CUDA.
     """
 
-    out: str = "lkfast-eval"
+    out: str = "lkfast-report"
     data: Dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
     batch_size: int = 64
