@@ -503,3 +503,15 @@ def test_unreadable_video_is_skipped_and_counted(tmp_path, data_root, checkpoint
     r = load(tmp_path / "out")["tiny"]["imagenet-p"]
     assert r["skipped_unreadable"] == 1 and r["skipped_by_part"] == {"translate": 1}
     assert r["sequences"] == {"gaussian_noise": 2, "translate": 2}  # sequences scored (translate: 3 files)
+
+
+def test_imagenet_9_without_the_original_variant(tmp_path, data_root, checkpoint):
+    nine = tmp_path / "imagenet-9"
+    g = torch.Generator().manual_seed(1)
+    for variant in ("mixed_same", "mixed_rand"):  # the original variant is not there
+        _images(nine / variant / "val", ["00_dog", "01_bird", "02_vehicle"], 1, g)
+    out = tmp_path / "out"
+    assert cli(*common(out, checkpoint, data_root, "--suite", "imagenet-9", "--imagenet-9-dir", nine)) == 0
+    r = load(out)["tiny"]["imagenet-9"]
+    assert set(r["top1"]) == {"mixed_same", "mixed_rand"} and r["original"] is None
+    assert r["bg_gap"] == pytest.approx(r["top1"]["mixed_same"] - r["top1"]["mixed_rand"])

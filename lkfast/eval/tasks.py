@@ -337,7 +337,7 @@ def imagenet_9(ctx: TaskContext) -> dict:
         top1[variant] = _top1(ctx.records(variant, dataset, compute))
     result = {"top1": top1, "source": str(ctx.source("imagenet-9"))}
     if "mixed_same" in top1 and "mixed_rand" in top1:
-        result.update({k: float(v) for k, v in metrics.background_gap(top1).items()})
+        result.update({k: (None if v is None else float(v)) for k, v in metrics.background_gap(top1).items()})
     else:
         result["bg_gap"] = None
         result["bg_gap_note"] = "needs the mixed_same and mixed_rand variants"
