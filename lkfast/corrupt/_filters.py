@@ -323,18 +323,18 @@ def equalize_hist(image: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _shuffle_schedule(height: int, width: int, delta: int, device: str = "cpu") -> tuple:
-    """Flat pixel indices of the positions the release's glass-blur loop visits, grouped into
-    steps that can run at once (see glass_shuffle): a tuple of int64 tensors, one per step."""
+    """The positions the release's glass-blur loop visits, as flat pixel indices ordered by wave
+    (see glass_shuffle), and the number of positions in each wave."""
     rows = torch.arange(height - delta, delta, -1)  # the release's range(H - delta, delta, -1)
     cols = torch.arange(width - delta, delta, -1)
     if rows.numel() == 0 or cols.numel() == 0:
-        return ()
+        return torch.zeros(0, dtype=torch.long, device=device), ()
     r, c = torch.meshgrid(rows, cols, indexing="ij")
-    step = (2 * delta * (height - delta - r) + (width - delta - c)).flatten()
+    wave = (2 * delta * (height - delta - r) + (width - delta - c)).flatten()
     flat = (r * width + c).flatten()
-    order = torch.argsort(step, stable=True)
-    counts = torch.bincount(step)
-    return tuple(t.to(device) for t in torch.split(flat[order], counts.tolist()) if t.numel())
+    order = torch.argsort(wave, stable=True)
+    counts = torch.bincount(wave)
+    return flat[order].to(device), tuple(int(k) for k in counts if k > 0)
 
 
 def glass_shuffle(x: torch.Tensor, offsets: torch.Tensor, delta: int) -> torch.Tensor:
@@ -358,8 +358,9 @@ def glass_shuffle(x: torch.Tensor, offsets: torch.Tensor, delta: int) -> torch.T
     """
     n, c, h, w = x.shape
     out = x.reshape(n, c, h * w).clone()
+    positions, sizes = _shuffle_schedule(h, w, delta, str(x.device))
     flat_offsets = (offsets[:, 0] * w + offsets[:, 1]).reshape(n, h * w).to(torch.long)
-    for positions in _shuffle_schedule(h, w, delta, str(x.device)):
-        sources = (positions + flat_offsets[:, positions])[:, None, :].expand(n, c, -1)
-        out[:, :, positions] = out.gather(2, sources)
+    sources = (positions + flat_offsets[:, positions])[:, None, :].expand(n, c, -1)
+    for here, there in zip(positions.split(sizes), sources.split(sizes, dim=2)):
+        out[:, :, here] = out.gather(2, there)
     return out.view(n, c, h, w)
