@@ -12,6 +12,7 @@
 - ``canny``, ``distance_to_mask``, ``equalize_hist``, ``box3``, ``dilate3``: OpenCV's ``Canny``,
   ``distanceTransform`` (exact Euclidean, capped), ``equalizeHist``, ``blur`` 3x3 and ``dilate``
   3x3, the pieces of the release's water-spatter pipeline.
+- ``glass_shuffle``: the release's sequential glass-blur pixel loop, exactly, in parallel waves.
 All take (..., H, W) float tensors (masks: bool) and run on whatever device the tensor is on.
 """
 from __future__ import annotations
