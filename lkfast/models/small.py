@@ -6,7 +6,7 @@ registered with timm so ``lkfast.models.create_model(name, num_classes=10)`` bui
         blocks per stage, widths 16..128, ConvFFN ratio 2; large kernels 31/29/27/13 (RepLKNet-31B's), then 13, 7
         and 3 in every stage (the kernel-size ablation); parallel 5x5 small kernel where the large
         one exceeds 5, none at 3 (as ``replknet_3b``).
-    resnet_tiny      timm's ResNet, basic blocks [1, 1, 1, 1], widths 16..128
+    resnet_tiny      timm's ResNet, basic blocks [2, 2, 2, 2] (ResNet-18's layout), widths 16..128
     vit_tiny_p8      timm's VisionTransformer, 8x8 patches (64 tokens), width 64, depth 4, 2 heads
 
 Each carries its preprocessing in ``pretrained_cfg``: input (3, 64, 64), no crop (crop_pct 1.0),
@@ -78,8 +78,9 @@ def replknet_tiny_k3(pretrained: bool = False, **kwargs) -> RepLKNet:
 
 @register_model
 def resnet_tiny(pretrained: bool = False, **kwargs) -> ResNet:
-    """timm ResNet with one basic block per stage and widths 16/32/64/128 (stem 7x7 stride 2 + max pool)."""
-    args = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16, num_classes=10)
+    """timm ResNet-18's layout (two basic blocks per stage) at widths 16/32/64/128, with timm's
+    64-wide 7x7 stride-2 stem and max pool."""
+    args = dict(block=BasicBlock, layers=(2, 2, 2, 2), channels=(16, 32, 64, 128), num_classes=10)
     args.update(kwargs)
     args.pop("fast", None)
     return build_model_with_cfg(ResNet, "resnet_tiny", pretrained, **args)

@@ -1,0 +1,70 @@
+"""The embedded default (lkfast.eval.default), shrunken: `python -m lkfast.eval` with no models and no
+data builds the synthetic benchmark, trains the models, evaluates and reports; a rerun reuses the cache."""
+import json
+
+import pytest
+
+pytest.importorskip("lkfast.eval.cli")
+
+import lkfast.eval.default as default  # noqa: E402
+from lkfast.data.synthetic import SyntheticConfig  # noqa: E402
+
+TINY = default.DefaultSettings(
+    data=SyntheticConfig(train_per_class=3, val_per_class=2, c_per_class=1, p_per_class=1, in9_per_class=2,
+                         r_per_class=1, ood_per_class=1, a_pool_per_class=3,
+                         corruptions=("gaussian_noise", "contrast"), perturbations=("brightness", "translate")),
+    models=(("resnet_tiny", "ResNet-tiny"), ("replknet_tiny_k31", "k31")),
+    recipe=("--epochs", "1", "--batch-size", "10", "--max-steps-per-epoch", "2", "--quiet"))
+
+
+def test_default_run_end_to_end_and_rerun_from_cache(tmp_path, monkeypatch, capsys):
+    from lkfast.eval.cli import main
+
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default, "DEFAULT", TINY)
+    monkeypatch.setattr("sys.argv", ["lkfast.eval"])
+    out = tmp_path / "report"
+    assert main(["--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    tasks = default.default_suite().split(",")
+    for label in ("ResNet-tiny", "k31"):
+        assert label in results, sorted(results)
+        for task in tasks:
+            assert task in results[label], (label, task, sorted(results[label]))
+    assert 0 <= results["k31"]["clean"]["top1"] <= 100
+    for heading in ("ImageNet-A", "ImageNet-C", "ImageNet-O", "ImageNet-P", "ImageNet-R", "ImageNet-9"):
+        assert heading in report, heading
+    assert list((out / "figures").glob("*.png")) and list((out / "tables").glob("*.csv"))
+
+    # A rerun trains nothing and builds nothing: every cache entry verifies.
+    def no_training(argv):
+        raise AssertionError(f"retrained on a rerun: {argv}")
+
+    monkeypatch.setattr("lkfast.train.train", no_training)
+    monkeypatch.setattr("lkfast.data.synthetic.render", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-rendered")))
+    prepared = default.prepare_default(type("Args", (), {"suite": "paper"})(), TINY)
+    assert [m.label for m in prepared["models"]] == ["ResNet-tiny", "k31"]
+    assert prepared["class_space"].num_classes == 10
+    assert set(prepared["data"]) >= {"val", "imagenet-a", "imagenet-c", "imagenet-o", "imagenet-p", "imagenet-r",
+                                     "imagenet-9", "masks"}
+
+
+def test_altered_model_file_is_retrained(tmp_path, monkeypatch):
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "cache"))
+    small = default.DefaultSettings(data=TINY.data, models=(("resnet_tiny", "ResNet-tiny"),), recipe=TINY.recipe)
+    root = default.benchmark_root(small)
+    from lkfast.data import synthetic
+
+    synthetic.build_base(root, small.data)
+    path = default.ensure_model("resnet_tiny", small, root)
+    first = path.read_bytes()
+    path.write_bytes(first[: len(first) // 2])  # a partial download or a disk error
+    calls = []
+    import lkfast.train
+
+    real = lkfast.train.train
+    monkeypatch.setattr(lkfast.train, "train", lambda argv: calls.append(argv) or real(argv))
+    again = default.ensure_model("resnet_tiny", small, root)
+    assert calls, "the truncated weights were trusted"
+    assert again.read_bytes() == first  # training is deterministic: the same weights come back
