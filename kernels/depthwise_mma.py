@@ -1,0 +1,270 @@
+"""Tensor-core (``tl.dot``) Triton kernels of lkfast's depthwise convolution: stride 1, zero "same"
+padding, odd kernels. NOT RUN ON A GPU YET: these kernels are verified only on the CPU in Triton's
+interpreter (``TRITON_INTERPRET=1``) against fp64 ``F.conv2d``, and compiled ahead of time for sm_90
+(Hopper). Their speed on an H200 is an estimate (below), not a measurement.
+
+Formulation
+-----------
+A depthwise convolution is C independent 2-D convolutions, each too small for a matrix product as it
+stands. Per channel ``c`` and kernel row ``i`` it is one, though:
+
+* **Forward** (and the input gradient, which is the forward with the kernel rotated 180 degrees,
+  ``flip=True``)::
+
+      out[n, h, w0:w0+BN] += X[n, h+i-ph, w0-pw : w0-pw+BN+kw-1] @ T_i
+
+  ``T_i`` is the banded (Toeplitz) ``(BN + kw - 1) x BN`` matrix with ``T_i[k, col] = w[c, i, k - col]``
+  for ``0 <= k - col < kw`` and zero elsewhere. All images and all output rows of the channel share
+  ``T_i``, so the M dimension of the product is ``BLOCK_M`` rows drawn from the ``N*H`` rows ``(n, h)``;
+  the K dimension (``BN + kw - 1`` input columns) is walked in chunks of ``BLOCK_K``; the kernel rows
+  ``i`` are a loop accumulating into the same fp32 tile. ``_forward_banded``, one program per
+  (channel, ``BLOCK_M`` rows, ``BLOCK_N`` output columns).
+
+* **Weight gradient** ``dW[c, i, j] = sum_{n,h,w} dY[n,c,h,w] X[n,c,h+i-ph,w+j-pw]``: per (c, i) and
+  an output-column tile ``w0:w0+BN``, the matrix product over the rows ``(n, h)``::
+
+      P = dY[rows, w0:w0+BN]^T @ X[rows shifted by i, w0-pw : w0-pw+BN+kw-1]     (BN x (BN+kw-1))
+
+  reduced over all ``N*H`` rows (the long K dimension of the product), and then
+  ``dW[c, i, j] = sum_w P[w, w + j]``: the Hankel structure of the shifted input rows becomes a sum
+  along the diagonals of ``P``, taken once per program after the whole reduction. ``_weight_grad_banded``,
+  one program per (channel * kernel row, column tile * K chunk, split of the rows); each writes its
+  ``kw`` partial sums to its own slot of an fp32 workspace that one ``sum`` finishes (deterministic,
+  no atomics).
+
+Precision: fp16 and bf16 operands go to the tensor cores with fp32 accumulation
+(``tl.dot(..., out_dtype=tl.float32)``); the weights are rounded to the input's dtype for the product.
+fp32 inputs are accepted and multiplied with ``input_precision="ieee"`` (no TF32: TF32's 10-bit
+mantissa would miss the fp32 tolerance of the tests), i.e. NOT on tensor cores: the fp32 path exists
+for completeness and is not expected to beat the CUDA-core kernels of ``depthwise.py``.
+
+What it should gain on an H200 (estimate, never measured)
+---------------------------------------------------------
+bf16/fp16 tensor cores give ~990 TFLOP/s dense against ~134 TFLOP/s for fp16/bf16 on CUDA cores
+(~67 fp32), 7.4x. The banded matrix pays for its zeros: a ``BN``-column output tile multiplies
+``(BN + kw - 1) x BN`` entries of which ``BN * kw`` are the band, so it wastes
+``((BN + kw - 1) * BN - BN * kw) / (BN * kw) = (BN - 1) / kw`` of the band's work. At k = 31 and a W
+tile of 64 that is 94 x 64 = 6016 products per row for a band of 64 x 31 = 1984, i.e. 2.03x wasted
+(3.03x the useful multiply-adds); with the K chunks padded to multiples of 32 (96 columns) 3.10x.
+So the ceiling is ~990 / 3.1 = ~320 TFLOP/s of useful work, ~2.4x the fp16 CUDA-core peak and ~4.8x
+the fp32 one, before memory limits (the band of each ``T_i`` is rebuilt from ``kw`` weights by a
+gather per kernel row, and each input row is read once per kernel row, from L2). A narrower tile wastes
+less ((BN - 1)/kw: 0.48x at BN = 16) but feeds the tensor cores smaller products. Maps smaller than
+the kernel (RepLKNet stage 3: 14 x 14 maps, 27 x 27 kernels) run through the same banded path here,
+masked; treating such a channel as one dense 196 x 196 product is not done.
+
+Layouts: any strides are accepted (NCHW, channels_last, strided views); the output is contiguous or
+channels_last as ``lkfast.ops.backends.output_memory_format`` says. channels_last loads are strided
+gathers here (no coalescing over channels), so that layout is correct but not tuned.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lkfast.kernels.depthwise import interpreted, on_device
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _forward_banded(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, KH, KW,
+                    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                    HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    c = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)   # rows (n, h) of the batch
+    w0 = tl.program_id(2) * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)                                 # output columns w0 + offs_n
+    offs_k = tl.arange(0, BLOCK_K)
+    ph = KH // 2
+    pw = KW // 2
+    m_ok = offs_m < N * H
+    n = offs_m // H
+    h = offs_m % H
+    row_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+    w_base = w_ptr + c * KH * KW
+    span = BLOCK_N + KW - 1  # input columns the band of BLOCK_N output columns reaches
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, KH):
+        ih = h + (i - ph)
+        row_ok = m_ok & (ih >= 0) & (ih < H)
+        if FLIP:
+            w_row = w_base + (KH - 1 - i) * KW
+        else:
+            w_row = w_base + i * KW
+        for k0 in range(0, span, BLOCK_K):
+            kk = k0 + offs_k                 # position in the band's input window
+            iw = w0 - pw + kk
+            a_mask = row_ok[:, None] & ((iw >= 0) & (iw < W))[None, :]
+            a = tl.load(row_base[:, None] + ih[:, None] * sxh + iw[None, :] * sxw, mask=a_mask, other=0.0)
+            # T_i[k, col] = w[c, i, k - col] inside the band, zero outside
+            tap = kk[:, None] - offs_n[None, :]
+            band = (tap >= 0) & (tap < KW)
+            if FLIP:
+                t = tl.load(w_row + (KW - 1 - tap), mask=band, other=0.0)
+            else:
+                t = tl.load(w_row + tap, mask=band, other=0.0)
+            if IEEE:
+                acc = tl.dot(a.to(tl.float32), t.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc = tl.dot(a, t.to(a.dtype), acc, out_dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    offs_w = w0 + offs_n
+    out_mask = m_ok[:, None] & (offs_w < W)[None, :]
+    y_ptrs = (y_ptr + n.to(tl.int64)[:, None] * syn + c.to(tl.int64) * syc + h[:, None] * syh
+              + offs_w[None, :] * syw)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _weight_grad_banded(go_ptr, x_ptr, ws_ptr, N, C, H, W, KH, KW, SPLITS,
+                        sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr):
+    pid = tl.program_id(0)
+    c = pid // KH
+    i = pid % KH
+    chunks = tl.cdiv(BLOCK_N + KW - 1, BLOCK_K)
+    w_tile = tl.program_id(1) // chunks
+    k0 = (tl.program_id(1) % chunks) * BLOCK_K
+    split = tl.program_id(2)
+    ph = KH // 2
+    pw = KW // 2
+    w0 = w_tile * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = w0 + offs_n                    # output columns
+    iw = w0 - pw + k0 + offs_k              # input columns of this K chunk
+    col_ok = offs_w < W
+    in_ok = (iw >= 0) & (iw < W)
+
+    rows = N * H
+    blocks = tl.cdiv(rows, BLOCK_M)
+    per_split = tl.cdiv(blocks, SPLITS)
+    first = split * per_split
+    last = tl.minimum(blocks, first + per_split)
+
+    # P[w, k] = sum over rows of dY[row, w0 + w] * X[row + i - ph, w0 - pw + k0 + k]
+    P = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for block in range(first, last):
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < rows
+        n = offs_m // H
+        h = offs_m % H
+        ih = h + (i - ph)
+        row_ok = m_ok & (ih >= 0) & (ih < H)
+        # dY loaded transposed: (BLOCK_N columns) x (BLOCK_M rows)
+        g_t = tl.load(go_ptr + n.to(tl.int64)[None, :] * sgn + c.to(tl.int64) * sgc + h[None, :] * sgh
+                      + offs_w[:, None] * sgw, mask=col_ok[:, None] & m_ok[None, :], other=0.0)
+        xs = tl.load(x_ptr + n.to(tl.int64)[:, None] * sxn + c.to(tl.int64) * sxc + ih[:, None] * sxh
+                     + iw[None, :] * sxw, mask=row_ok[:, None] & in_ok[None, :], other=0.0)
+        if IEEE:
+            P = tl.dot(g_t.to(tl.float32), xs.to(tl.float32), P, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            P = tl.dot(g_t, xs, P, out_dtype=tl.float32)
+
+    # dW[c, i, j] gets the diagonal k0 + k - w == j of P (the Hankel structure of the input rows).
+    tap = (k0 + offs_k)[None, :] - offs_n[:, None]
+    offs_j = tl.arange(0, BLOCK_KW)
+    acc = tl.zeros((BLOCK_KW,), dtype=tl.float32)
+    for j in range(0, KW):
+        partial = tl.sum(tl.sum(tl.where(tap == j, P, 0.0), axis=1), axis=0)
+        acc = tl.where(offs_j == j, acc + partial, acc)
+    slot = split * tl.num_programs(1) + tl.program_id(1)
+    ws = ws_ptr + ((slot * C + c) * KH + i) * KW
+    tl.store(ws + offs_j, acc, mask=offs_j < KW)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sizes: one configuration on a GPU (not autotuned yet: nothing measured), smaller tiles in
+# the interpreter so tiny test shapes still cross tile and K-chunk edges. tl.dot needs every
+# dimension >= 16.
+
+_GPU_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4)
+_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
+
+
+def _config() -> dict:
+    return dict(_INTERPRETER_CONFIG if interpreted() else _GPU_CONFIG)
+
+
+def _fp32_dot(dtype: torch.dtype) -> bool:
+    """Whether the products run in fp32 (``input_precision="ieee"``): for fp32 inputs, and for bf16
+    in the interpreter, whose ``tl.dot`` on bf16 operands returns garbage (triton 3.8: numpy has no
+    bf16), so there the bf16 values are widened exactly to fp32 first. On a GPU bf16 and fp16 go to
+    the tensor cores as they are."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreted())
+
+
+def _check_shapes(x: torch.Tensor, kh: int, kw: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"'same' padding needs odd kernel sizes, got {kh}x{kw}; pad the kernel to odd sizes")
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Python entry points (the contract of kernels/depthwise.py's forward and weight_grad)
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, flip: bool = False) -> torch.Tensor:
+    """``F.conv2d(x, weight (rotated 180 degrees if flip), bias, padding=same, groups=C)`` as banded
+    matrix products (fp32 accumulation). ``x`` is ``(N, C, H, W)`` in any memory format, ``weight``
+    ``(C, 1, kh, kw)`` with odd kh, kw; the result has x's dtype and is channels_last or contiguous as
+    ``lkfast.ops.backends.output_memory_format(x)`` says. Even kernel sizes and non-4-D inputs are
+    refused with a ValueError."""
+    from lkfast.ops.backends import output_memory_format
+
+    N, C, H, W = x.shape
+    KH, KW = weight.shape[-2:]
+    _check_shapes(x, KH, KW)
+    y = torch.empty_like(x, memory_format=output_memory_format(x))
+    if y.numel() == 0:
+        return y
+    w = weight.contiguous()
+    b = bias.contiguous() if bias is not None else w  # a dummy pointer when there is no bias
+    cfg = _config()
+    grid = (C, triton.cdiv(N * H, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_N"]))
+    with on_device(x):
+        _forward_banded[grid](x, w, b, y, N, C, H, W, KH, KW, *x.stride(), *y.stride(),
+                              HAS_BIAS=bias is not None, FLIP=bool(flip), IEEE=_fp32_dot(x.dtype), **cfg)
+    return y
+
+
+def weight_grad(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """dL/dweight ``(C, 1, kh, kw)`` in x's dtype, for the output gradient ``grad_out`` (x's shape,
+    any memory format): per (channel, kernel row) a matrix product of output-gradient columns with
+    shifted input rows, reduced over all (n, h) rows, then summed along its diagonals; fp32 partial
+    sums per program in a workspace, summed once. Even kernel sizes are refused with a ValueError."""
+    N, C, H, W = x.shape
+    _check_shapes(x, kh, kw)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out must have x's shape {tuple(x.shape)}, got {tuple(grad_out.shape)}")
+    if x.numel() == 0:
+        return x.new_zeros((C, 1, kh, kw))
+    cfg = _config()
+    chunks = triton.cdiv(cfg["BLOCK_N"] + kw - 1, cfg["BLOCK_K"])
+    columns = triton.cdiv(W, cfg["BLOCK_N"]) * chunks
+    blocks = triton.cdiv(N * H, cfg["BLOCK_M"])
+    # Split the rows for about 4 programs per multiprocessor, but never below one row block each.
+    programs = C * kh * columns
+    splits = max(1, min(blocks, triton.cdiv(4 * _multiprocessors(x.device), programs)))
+    ws = torch.empty((splits * columns, C, kh, kw), device=x.device, dtype=torch.float32)
+    grid = (C * kh, columns, splits)
+    with on_device(x):
+        _weight_grad_banded[grid](grad_out, x, ws, N, C, H, W, kh, kw, splits,
+                                  *grad_out.stride(), *x.stride(), IEEE=_fp32_dot(x.dtype),
+                                  BLOCK_KW=triton.next_power_of_2(kw), **cfg)
+    return ws.sum(0).to(x.dtype).unsqueeze(1)
