@@ -3,6 +3,13 @@
 Attacks only need input gradients of a frozen model in eval mode, so the training-time structure
 (parallel small kernels, separate BNs) can be folded away first. The copy is checked against the
 original on a sample batch and only returned when the outputs agree within tolerance.
+
+Measured (benchmarks/results/attacks_cpu.md, PGD-5 on RepLKNet-31B, 2-core CPU): on lkfast's own
+RepLKNet (``fast=True``) the folded copy is *slower* (1.22x the plain model against 1.70x for the
+unfolded fast model), because the fast model already folds every BN, including the pre-block BNs
+that ``structural_reparam`` leaves separate, into the convolutions on the fly. The evaluation
+therefore attacks the fast model as it is; this helper is kept for ``fast=False`` models and for
+exporting, not as a speed-up.
 """
 from __future__ import annotations
 

@@ -79,9 +79,10 @@ def _val(ctx, masks: bool = False):
 
 
 def _model(ctx):
-    """The model for gradient-based work: fp32, eval mode, RepLKNet folded when it is exactly the same."""
-    first = next(iter(_val(ctx)))[0][:2].to(ctx.device)
-    return attacks.reparameterized_for_attack(ctx.model.float().eval(), first)
+    """The model for gradient-based work: fp32, eval mode. Not re-parameterised: lkfast's RepLKNet
+    already folds its BNs on the fly in eval mode, and the folded copy measured slower
+    (benchmarks/results/attacks_cpu.md)."""
+    return ctx.model.float().eval()
 
 
 def occlusion(ctx) -> dict:
@@ -147,8 +148,7 @@ def taig(ctx) -> dict:
     if tuple(config["input_size"]) != tuple(ctx.config["input_size"]):
         raise TaskUnavailable(f"TAIG surrogate {spec.display!r} takes {tuple(config['input_size'])} images, the target "
                               f"{tuple(ctx.config['input_size'])}: use models with the same input size (--input-size)")
-    surrogate = attacks.reparameterized_for_attack(surrogate.float().eval(),
-                                                   next(iter(_val(ctx)))[0][:2].to(ctx.device))
+    surrogate = surrogate.float().eval()
     result = attacks.transfer_success(surrogate, {ctx.spec.display: _model(ctx)}, _val(ctx), seed=ctx.options.seed)
     return dict(result[ctx.spec.display], surrogate=spec.display)
 
