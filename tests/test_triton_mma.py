@@ -1,0 +1,153 @@
+"""Tensor-core Triton kernels (lkfast.kernels.depthwise_mma) against fp64 F.conv2d: forward, input
+gradient (the forward with the kernel rotated, ``flip=True``) and weight gradient, at the shared
+tolerances of tests/reference.py; and an ahead-of-time compile of every kernel for Hopper (sm_90),
+checking that the half-precision products become ``wgmma`` (tensor-core) instructions.
+
+Without a GPU the kernels run on the CPU under TRITON_INTERPRET=1, which must be set before triton
+is imported: ``test_mma_kernels_in_interpreter`` reruns this file in a subprocess with it set, so the
+rest of the suite keeps its normal triton (as tests/test_triton.py does). Shapes are tiny; the
+interpreter's tiles (16) are smaller than the GPU's, so the shapes still cross row, column and
+K-chunk edges. In the interpreter bf16 products run in fp32 (its bf16 ``tl.dot`` is broken), so the
+bf16 case there checks loads, stores and conversions, and the fp16 case the half-precision product.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from reference import TOLERANCE, case_id, make_input, make_weight, reference, rel_err
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+RUN_HERE = INTERPRETED or HAS_CUDA
+DEVICE = "cuda" if HAS_CUDA and not INTERPRETED else "cpu"
+
+runs_here = pytest.mark.skipif(
+    not RUN_HERE, reason="no CUDA device: these run on the CPU in the TRITON_INTERPRET=1 subprocess of "
+                         "test_mma_kernels_in_interpreter")
+
+
+def test_mma_kernels_in_interpreter():
+    if RUN_HERE:
+        pytest.skip("this process runs the Triton tests directly")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+# (N, C, H, W, kh, kw), layout, dtype, bias: kernels 3..13, rectangular, odd sizes, batch 1 and 2
+CASES = [
+    ((2, 3, 9, 11, 5, 5), "contiguous", torch.float32, True),      # row blocks straddle the two images
+    ((1, 2, 6, 5, 13, 13), "contiguous", torch.float32, True),     # map smaller than the kernel
+    ((2, 3, 10, 19, 7, 3), "channels_last", torch.float16, True),  # rectangular, two column tiles
+    ((1, 2, 7, 21, 3, 9), "strided", torch.bfloat16, False),
+    ((1, 1, 5, 33, 11, 13), "contiguous", torch.float16, False),   # three column tiles, two K chunks
+    ((2, 1, 20, 9, 3, 5), "channels_last", torch.float32, True),   # weight gradient in three splits
+]
+
+
+def _case_id(case):
+    shape, fmt, dtype, bias = case
+    return f"{case_id(shape)}-{fmt}-{str(dtype).split('.')[-1]}-{'bias' if bias else 'nobias'}"
+
+
+@runs_here
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_mma_matches_conv2d(case):
+    from lkfast.kernels import depthwise_mma
+    from lkfast.ops.backends import output_memory_format
+
+    (N, C, H, W, kh, kw), fmt, dtype, with_bias = case
+    x = make_input((N, C, H, W), fmt, dtype, DEVICE)
+    weight = make_weight(C, kh, kw, dtype, DEVICE)
+    bias = torch.randn(C, device=DEVICE).to(dtype) if with_bias else None
+    grad_out = make_input((N, C, H, W), fmt, dtype, DEVICE)
+    want = reference(x, weight, bias, grad_out)
+    got = {
+        "forward": depthwise_mma.forward(x, weight, bias),
+        "input_grad": depthwise_mma.forward(grad_out, weight, None, flip=True),
+        "weight_grad": depthwise_mma.weight_grad(grad_out, x, kh, kw),
+    }
+    errors = {}
+    for name, value in got.items():
+        assert value.shape == want[name].shape and value.dtype == dtype, (name, value.shape, value.dtype)
+        errors[name] = rel_err(value, want[name])
+    bad = {name: err for name, err in errors.items() if not err < TOLERANCE[dtype][name]}
+    assert not bad, f"{case}: errors {bad} over {TOLERANCE[dtype]}"
+    y = got["forward"]
+    assert y.is_contiguous(memory_format=output_memory_format(x)), f"{fmt} in: output strides {y.stride()}"
+
+
+@runs_here
+def test_mma_refuses_even_kernels_and_mismatched_gradients():
+    from lkfast.kernels import depthwise_mma
+
+    x = torch.randn(1, 2, 6, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="odd kernel sizes"):
+        depthwise_mma.forward(x, torch.randn(2, 1, 4, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="grad_out must have x's shape"):
+        depthwise_mma.weight_grad(x[:, :, :5], x, 3, 3)
+
+
+@runs_here
+def test_mma_launches_under_the_tensors_device_guard(monkeypatch):
+    """Every launch runs inside on_device(x) (torch.cuda.device(x.device) for a GPU tensor)."""
+    from lkfast.kernels import depthwise_mma
+
+    guarded = []
+    real = depthwise_mma.on_device
+    monkeypatch.setattr(depthwise_mma, "on_device", lambda t: guarded.append(t.device) or real(t))
+    x = torch.randn(1, 2, 7, 6, device=DEVICE)
+    w = torch.randn(2, 1, 5, 3, device=DEVICE)
+    depthwise_mma.forward(x, w)
+    depthwise_mma.weight_grad(x, x, 5, 3)
+    assert guarded == [x.device] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a GPU: every kernel compiles ahead of time for Hopper (sm_90, Triton's own ptxas) with the
+# GPU block sizes, and the fp16/bf16 products are tensor-core instructions (wgmma).
+
+_GPU_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+AOT_CASES = [  # kernel, pointer dtype, constexprs, expect wgmma
+    ("_forward_banded", "bf16", {"HAS_BIAS": True, "FLIP": True, "IEEE": False, **_GPU_TILES}, True),
+    ("_forward_banded", "fp16", {"HAS_BIAS": False, "FLIP": False, "IEEE": False, **_GPU_TILES}, True),
+    ("_forward_banded", "fp32", {"HAS_BIAS": True, "FLIP": False, "IEEE": True, **_GPU_TILES}, False),
+    ("_weight_grad_banded", "bf16", {"IEEE": False, "BLOCK_KW": 32, **_GPU_TILES}, True),
+    ("_weight_grad_banded", "fp32", {"IEEE": True, "BLOCK_KW": 32, **_GPU_TILES}, False),
+]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiled in the parent process")
+@pytest.mark.parametrize("name,dtype,constexprs,tensor_cores", AOT_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in AOT_CASES])
+def test_mma_kernel_compiles_for_sm90(name, dtype, constexprs, tensor_cores):
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lkfast.kernels import depthwise_mma
+
+    kernel = getattr(depthwise_mma, name)
+    signature = {}
+    for arg in inspect.signature(kernel.fn).parameters:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg == "ws_ptr":
+            signature[arg] = "*fp32"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*" + dtype
+        else:
+            signature[arg] = "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm.get("cubin"), "no sm_90 binary"
+    assert ("wgmma" in compiled.asm["ptx"]) == tensor_cores, (
+        f"{name} {dtype}: expected {'tensor-core (wgmma)' if tensor_cores else 'no wgmma'} products in the PTX")
