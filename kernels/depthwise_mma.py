@@ -49,9 +49,17 @@ tile of 64 that is 94 x 64 = 6016 products per row for a band of 64 x 31 = 1984,
 So the ceiling is ~990 / 3.1 = ~320 TFLOP/s of useful work, ~2.4x the fp16 CUDA-core peak and ~4.8x
 the fp32 one, before memory limits (the band of each ``T_i`` is rebuilt from ``kw`` weights by a
 gather per kernel row, and each input row is read once per kernel row, from L2). A narrower tile wastes
-less ((BN - 1)/kw: 0.48x at BN = 16) but feeds the tensor cores smaller products. Maps smaller than
-the kernel (RepLKNet stage 3: 14 x 14 maps, 27 x 27 kernels) run through the same banded path here,
-masked; treating such a channel as one dense 196 x 196 product is not done.
+less ((BN - 1)/kw: 0.48x at BN = 16) but feeds the tensor cores smaller products.
+
+* **Maps no larger than the kernel** (RepLKNet-31B stage 3: 14 x 14 maps, 27 x 27 kernels, 18 of its
+  24 blocks; stage 4: 7 x 7 maps, 13 x 13 kernels): a banded tile would be mostly padding, so each
+  channel is one dense product over its ``H*W`` pixels, ``Y[n, :] = X[n, :] @ D`` with
+  ``D[p, q] = w[c, ih - oh + ph, iw - ow + pw]`` (a 196 x 196 matrix at 14 x 14; the batch is the M
+  dimension). When ``2H - 1 <= kh`` and ``2W - 1 <= kw``, as at both those stages, every entry of ``D``
+  is a real tap: no wasted products beyond padding the tiles to 64 (196 -> 256 columns, 1.3x).
+  ``_forward_dense``; the weight gradient ``_weight_grad_dense`` forms ``P = dY^T @ X`` (pixels x
+  pixels, reduced over the batch) and adds each entry to its tap with fp32 atomics.
+  ``choose_method`` picks this when ``H <= kh`` and ``W <= kw`` (``method="auto"``).
 
 Layouts: any strides are accepted (NCHW, channels_last, strided views); the output is contiguous or
 channels_last as ``lkfast.ops.backends.output_memory_format`` says. channels_last loads are strided
@@ -181,6 +189,88 @@ def _weight_grad_banded(go_ptr, x_ptr, ws_ptr, N, C, H, W, KH, KW, SPLITS,
     tl.store(ws + offs_j, acc, mask=offs_j < KW)
 
 
+@triton.jit
+def _forward_dense(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, KH, KW,
+                   sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                   HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One channel as one dense product: Y[n, q] = sum_p X[n, p] D[p, q] over the H*W pixels, with
+    # D[p, q] = w[c, ih - oh + ph, iw - ow + pw] (zero where the offset leaves the kernel).
+    c = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)   # images
+    offs_q = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)   # output pixels
+    ph = KH // 2
+    pw = KW // 2
+    pixels = H * W
+    m_ok = offs_m < N
+    q_ok = offs_q < pixels
+    oh = offs_q // W
+    ow = offs_q % W
+    x_base = x_ptr + offs_m.to(tl.int64)[:, None] * sxn + c.to(tl.int64) * sxc
+    w_base = w_ptr + c * KH * KW
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(0, pixels, BLOCK_K):
+        offs_p = p0 + tl.arange(0, BLOCK_K)                       # input pixels
+        p_ok = offs_p < pixels
+        ih = offs_p // W
+        iw = offs_p % W
+        a = tl.load(x_base + ih[None, :] * sxh + iw[None, :] * sxw, mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        r = ih[:, None] - oh[None, :] + ph
+        s = iw[:, None] - ow[None, :] + pw
+        tap_ok = (r >= 0) & (r < KH) & (s >= 0) & (s < KW) & p_ok[:, None] & q_ok[None, :]
+        if FLIP:
+            d = tl.load(w_base + (KH - 1 - r) * KW + (KW - 1 - s), mask=tap_ok, other=0.0)
+        else:
+            d = tl.load(w_base + r * KW + s, mask=tap_ok, other=0.0)
+        if IEEE:
+            acc = tl.dot(a.to(tl.float32), d.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc = tl.dot(a, d.to(a.dtype), acc, out_dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    y_ptrs = (y_ptr + offs_m.to(tl.int64)[:, None] * syn + c.to(tl.int64) * syc + oh[None, :] * syh
+              + ow[None, :] * syw)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & q_ok[None, :])
+
+
+@triton.jit
+def _weight_grad_dense(go_ptr, x_ptr, dw_ptr, N, C, H, W, KH, KW,
+                       sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    # P[q, p] = sum_n dY[n, q] X[n, p] (the batch is the reduction), then every (q, p) adds into its
+    # tap dW[ih - oh + ph, iw - ow + pw]: fp32 atomics into dw (C, KH, KW).
+    c = tl.program_id(0)
+    offs_q = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)   # output pixels
+    offs_p = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)   # input pixels
+    ph = KH // 2
+    pw = KW // 2
+    pixels = H * W
+    q_ok = offs_q < pixels
+    p_ok = offs_p < pixels
+    oh = offs_q // W
+    ow = offs_q % W
+    ih = offs_p // W
+    iw = offs_p % W
+    r = ih[None, :] - oh[:, None] + ph
+    s = iw[None, :] - ow[:, None] + pw
+    tap_ok = (r >= 0) & (r < KH) & (s >= 0) & (s < KW) & q_ok[:, None] & p_ok[None, :]
+    P = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, N, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < N
+        g_t = tl.load(go_ptr + offs_m.to(tl.int64)[None, :] * sgn + c.to(tl.int64) * sgc + oh[:, None] * sgh
+                      + ow[:, None] * sgw, mask=q_ok[:, None] & m_ok[None, :], other=0.0)
+        xs = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * sxn + c.to(tl.int64) * sxc + ih[None, :] * sxh
+                     + iw[None, :] * sxw, mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        if IEEE:
+            P = tl.dot(g_t.to(tl.float32), xs.to(tl.float32), P, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            P = tl.dot(g_t, xs, P, out_dtype=tl.float32)
+    tl.atomic_add(dw_ptr + c * KH * KW + r * KW + s, P, mask=tap_ok)
+
+
 # ---------------------------------------------------------------------------------------------
 # Block sizes: one configuration on a GPU (not autotuned yet: nothing measured), smaller tiles in
 # the interpreter so tiny test shapes still cross tile and K-chunk edges. tl.dot needs every
@@ -215,16 +305,34 @@ def _multiprocessors(device: torch.device) -> int:
     return 4
 
 
+METHODS = ("auto", "banded", "dense")
+DENSE_MAX_PIXELS = 4096  # the dense product rebuilds an (H*W) x (H*W) matrix per channel
+
+
+def choose_method(H: int, W: int, kh: int, kw: int, method: str = "auto") -> str:
+    """"banded" or "dense" for an ``H x W`` map and a ``kh x kw`` kernel. "auto" takes the dense
+    per-channel product when the map is no larger than the kernel (and at most ``DENSE_MAX_PIXELS``
+    pixels), where a banded tile would be mostly padding; an unknown method is a ValueError."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method != "auto":
+        return method
+    return "dense" if H <= kh and W <= kw and H * W <= DENSE_MAX_PIXELS else "banded"
+
+
 # ---------------------------------------------------------------------------------------------
 # Python entry points (the contract of kernels/depthwise.py's forward and weight_grad)
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, flip: bool = False) -> torch.Tensor:
-    """``F.conv2d(x, weight (rotated 180 degrees if flip), bias, padding=same, groups=C)`` as banded
-    matrix products (fp32 accumulation). ``x`` is ``(N, C, H, W)`` in any memory format, ``weight``
-    ``(C, 1, kh, kw)`` with odd kh, kw; the result has x's dtype and is channels_last or contiguous as
-    ``lkfast.ops.backends.output_memory_format(x)`` says. Even kernel sizes and non-4-D inputs are
-    refused with a ValueError."""
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, flip: bool = False,
+            *, method: str = "auto") -> torch.Tensor:
+    """``F.conv2d(x, weight (rotated 180 degrees if flip), bias, padding=same, groups=C)`` as matrix
+    products with fp32 accumulation: banded per kernel row, or one dense product per channel on maps
+    no larger than the kernel (``method``: "auto", "banded" or "dense"; see ``choose_method``).
+    ``x`` is ``(N, C, H, W)`` in any memory format, ``weight`` ``(C, 1, kh, kw)`` with odd kh, kw; the
+    result has x's dtype and is channels_last or contiguous as
+    ``lkfast.ops.backends.output_memory_format(x)`` says. Even kernel sizes, non-4-D inputs and unknown
+    methods are refused with a ValueError."""
     from lkfast.ops.backends import output_memory_format
 
     N, C, H, W = x.shape
@@ -236,18 +344,27 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w  # a dummy pointer when there is no bias
     cfg = _config()
-    grid = (C, triton.cdiv(N * H, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_N"]))
+    args = (x, w, b, y, N, C, H, W, KH, KW, *x.stride(), *y.stride())
+    flags = dict(HAS_BIAS=bias is not None, FLIP=bool(flip), IEEE=_fp32_dot(x.dtype), **cfg)
     with on_device(x):
-        _forward_banded[grid](x, w, b, y, N, C, H, W, KH, KW, *x.stride(), *y.stride(),
-                              HAS_BIAS=bias is not None, FLIP=bool(flip), IEEE=_fp32_dot(x.dtype), **cfg)
+        if choose_method(H, W, KH, KW, method) == "dense":
+            grid = (C, triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(H * W, cfg["BLOCK_N"]))
+            _forward_dense[grid](*args, **flags)
+        else:
+            grid = (C, triton.cdiv(N * H, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_N"]))
+            _forward_banded[grid](*args, **flags)
     return y
 
 
-def weight_grad(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+def weight_grad(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int, *, method: str = "auto") -> torch.Tensor:
     """dL/dweight ``(C, 1, kh, kw)`` in x's dtype, for the output gradient ``grad_out`` (x's shape,
-    any memory format): per (channel, kernel row) a matrix product of output-gradient columns with
-    shifted input rows, reduced over all (n, h) rows, then summed along its diagonals; fp32 partial
-    sums per program in a workspace, summed once. Even kernel sizes are refused with a ValueError."""
+    any memory format). "banded": per (channel, kernel row) a matrix product of output-gradient
+    columns with shifted input rows, reduced over all (n, h) rows, then summed along its diagonals;
+    fp32 partial sums per program in a workspace, summed once (deterministic). "dense" (maps no larger
+    than the kernel, see ``choose_method``): per channel the (H*W) x (H*W) product of output-gradient
+    and input pixels reduced over the batch, each entry added to its tap with fp32 atomics (the
+    order of those additions, so the last bits, can vary between runs). Even kernel sizes are
+    refused with a ValueError."""
     N, C, H, W = x.shape
     _check_shapes(x, kh, kw)
     if grad_out.shape != x.shape:
@@ -255,6 +372,13 @@ def weight_grad(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> to
     if x.numel() == 0:
         return x.new_zeros((C, 1, kh, kw))
     cfg = _config()
+    if choose_method(H, W, kh, kw, method) == "dense":
+        dw = torch.zeros((C, kh, kw), device=x.device, dtype=torch.float32)
+        grid = (C, triton.cdiv(H * W, cfg["BLOCK_N"]), triton.cdiv(H * W, cfg["BLOCK_K"]))
+        with on_device(x):
+            _weight_grad_dense[grid](grad_out, x, dw, N, C, H, W, kh, kw, *grad_out.stride(), *x.stride(),
+                                     IEEE=_fp32_dot(x.dtype), **cfg)
+        return dw.to(x.dtype).unsqueeze(1)
     chunks = triton.cdiv(cfg["BLOCK_N"] + kw - 1, cfg["BLOCK_K"])
     columns = triton.cdiv(W, cfg["BLOCK_N"]) * chunks
     blocks = triton.cdiv(N * H, cfg["BLOCK_M"])

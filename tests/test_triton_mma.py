@@ -41,20 +41,26 @@ def test_mma_kernels_in_interpreter():
     assert " passed" in proc.stdout, proc.stdout[-2000:]
 
 
-# (N, C, H, W, kh, kw), layout, dtype, bias: kernels 3..13, rectangular, odd sizes, batch 1 and 2
+# (N, C, H, W, kh, kw), layout, dtype, bias, method: kernels 3..13, rectangular, odd sizes, batch 1,
+# 2 and 17 (more images than the dense path's row block)
 CASES = [
-    ((2, 3, 9, 11, 5, 5), "contiguous", torch.float32, True),      # row blocks straddle the two images
-    ((1, 2, 6, 5, 13, 13), "contiguous", torch.float32, True),     # map smaller than the kernel
-    ((2, 3, 10, 19, 7, 3), "channels_last", torch.float16, True),  # rectangular, two column tiles
-    ((1, 2, 7, 21, 3, 9), "strided", torch.bfloat16, False),
-    ((1, 1, 5, 33, 11, 13), "contiguous", torch.float16, False),   # three column tiles, two K chunks
-    ((2, 1, 20, 9, 3, 5), "channels_last", torch.float32, True),   # weight gradient in three splits
+    ((2, 3, 9, 11, 5, 5), "contiguous", torch.float32, True, "auto"),      # banded; row blocks straddle two images
+    ((2, 3, 10, 19, 7, 3), "channels_last", torch.float16, True, "auto"),  # rectangular, two column tiles
+    ((1, 2, 7, 21, 3, 9), "strided", torch.bfloat16, False, "auto"),
+    ((1, 1, 5, 33, 11, 13), "contiguous", torch.float16, False, "auto"),   # three column tiles, two K chunks
+    ((2, 1, 20, 9, 3, 5), "channels_last", torch.float32, True, "auto"),   # weight gradient in three splits
+    # maps no larger than the kernel: "auto" is the dense per-channel product; banded must agree
+    ((1, 2, 6, 5, 13, 13), "contiguous", torch.float32, True, "auto"),
+    ((1, 2, 6, 5, 13, 13), "contiguous", torch.float32, True, "banded"),
+    ((3, 2, 7, 7, 13, 13), "channels_last", torch.float16, True, "auto"),
+    ((17, 1, 5, 4, 7, 5), "contiguous", torch.float32, False, "auto"),
+    ((2, 2, 9, 8, 7, 9), "strided", torch.bfloat16, True, "dense"),       # dense on a map taller than the kernel
 ]
 
 
 def _case_id(case):
-    shape, fmt, dtype, bias = case
-    return f"{case_id(shape)}-{fmt}-{str(dtype).split('.')[-1]}-{'bias' if bias else 'nobias'}"
+    shape, fmt, dtype, bias, method = case
+    return f"{case_id(shape)}-{fmt}-{str(dtype).split('.')[-1]}-{'bias' if bias else 'nobias'}-{method}"
 
 
 @runs_here
@@ -63,16 +69,16 @@ def test_mma_matches_conv2d(case):
     from lkfast.kernels import depthwise_mma
     from lkfast.ops.backends import output_memory_format
 
-    (N, C, H, W, kh, kw), fmt, dtype, with_bias = case
+    (N, C, H, W, kh, kw), fmt, dtype, with_bias, method = case
     x = make_input((N, C, H, W), fmt, dtype, DEVICE)
     weight = make_weight(C, kh, kw, dtype, DEVICE)
     bias = torch.randn(C, device=DEVICE).to(dtype) if with_bias else None
     grad_out = make_input((N, C, H, W), fmt, dtype, DEVICE)
     want = reference(x, weight, bias, grad_out)
     got = {
-        "forward": depthwise_mma.forward(x, weight, bias),
-        "input_grad": depthwise_mma.forward(grad_out, weight, None, flip=True),
-        "weight_grad": depthwise_mma.weight_grad(grad_out, x, kh, kw),
+        "forward": depthwise_mma.forward(x, weight, bias, method=method),
+        "input_grad": depthwise_mma.forward(grad_out, weight, None, flip=True, method=method),
+        "weight_grad": depthwise_mma.weight_grad(grad_out, x, kh, kw, method=method),
     }
     errors = {}
     for name, value in got.items():
@@ -82,6 +88,18 @@ def test_mma_matches_conv2d(case):
     assert not bad, f"{case}: errors {bad} over {TOLERANCE[dtype]}"
     y = got["forward"]
     assert y.is_contiguous(memory_format=output_memory_format(x)), f"{fmt} in: output strides {y.stride()}"
+
+
+def test_mma_method_choice():
+    from lkfast.kernels.depthwise_mma import choose_method
+
+    assert choose_method(14, 14, 27, 27) == "dense"    # RepLKNet-31B stage 3
+    assert choose_method(7, 7, 13, 13) == "dense"      # stage 4
+    assert choose_method(56, 56, 31, 31) == "banded"   # stage 1
+    assert choose_method(14, 28, 27, 27) == "banded"   # wider than the kernel
+    assert choose_method(7, 7, 13, 13, "banded") == "banded"
+    with pytest.raises(ValueError, match="unknown method 'fft'"):
+        choose_method(7, 7, 13, 13, "fft")
 
 
 @runs_here
@@ -121,6 +139,9 @@ AOT_CASES = [  # kernel, pointer dtype, constexprs, expect wgmma
     ("_forward_banded", "fp32", {"HAS_BIAS": True, "FLIP": False, "IEEE": True, **_GPU_TILES}, False),
     ("_weight_grad_banded", "bf16", {"IEEE": False, "BLOCK_KW": 32, **_GPU_TILES}, True),
     ("_weight_grad_banded", "fp32", {"IEEE": True, "BLOCK_KW": 32, **_GPU_TILES}, False),
+    ("_forward_dense", "bf16", {"HAS_BIAS": True, "FLIP": True, "IEEE": False, **_GPU_TILES}, True),
+    ("_forward_dense", "fp32", {"HAS_BIAS": False, "FLIP": False, "IEEE": True, **_GPU_TILES}, False),
+    ("_weight_grad_dense", "fp16", {"IEEE": False, **_GPU_TILES}, True),
 ]
 
 
@@ -141,7 +162,7 @@ def test_mma_kernel_compiles_for_sm90(name, dtype, constexprs, tensor_cores):
     for arg in inspect.signature(kernel.fn).parameters:
         if arg in constexprs:
             signature[arg] = "constexpr"
-        elif arg == "ws_ptr":
+        elif arg in ("ws_ptr", "dw_ptr"):
             signature[arg] = "*fp32"
         elif arg.endswith("_ptr"):
             signature[arg] = "*" + dtype
