@@ -447,3 +447,37 @@ def test_eval_taig_pairs_convnets_with_a_vit_surrogate_and_back(tmp_path, monkey
         r = results[label]["taig"]
         assert r["eps"] == [0.03, 0.06, 0.1] and r["images"] == 4 and r["random_path"] is True
         assert all(v is None or 0.0 <= v <= 100.0 for v in r["success_rate"])
+
+
+def test_cli_runs_the_analyses_into_the_report_with_their_options(tmp_path):
+    """`python -m lkfast.eval` knows the analysis tasks, passes --taig-surrogate to TAIG (and keys
+    the cache by it), and report.md gets the Section 4 sections and tables."""
+    import json
+
+    from lkfast import data
+    from lkfast.eval.cli import main
+
+    classes = data.imagenet_classes()
+    g = torch.Generator().manual_seed(0)
+    for wnid in (classes[1], classes[2]):
+        for i in range(2):
+            path = tmp_path / "val" / wnid / f"img{i}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data.encode_jpeg(data.to_uint8(torch.rand(3, 32, 32, generator=g)), quality=95))
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save(timm.create_model("test_convnext").state_dict(), checkpoint)  # depthwise 7x7 kernels, 1000 classes
+    out = tmp_path / "out"
+    common = ["--models", f"test_convnext:{checkpoint}=tiny-cn", "--val-dir", str(tmp_path / "val"), "--out", str(out),
+              "--input-size", "32", "--workers", "0", "--no-progress", "--suite", "kernel-distance,taig"]
+    assert main(common + ["--taig-surrogate", "tiny-cn"]) == 0
+    results = json.loads((out / "results.json").read_text())["tiny-cn"]
+    assert "unavailable" not in results["taig"] and results["taig"]["surrogate"] == "tiny-cn"
+    assert "## Table 4: TAIG" in (out / "report.md").read_text() and (out / "tables" / "table4_taig.csv").exists()
+    # another surrogate is another cache key: TAIG runs again instead of coming from the cache
+    assert main(common + ["--taig-surrogate", "nobody"]) == 0
+    results = json.loads((out / "results.json").read_text())["tiny-cn"]
+    assert "'nobody' is not a model label" in results["taig"]["unavailable"]
+    report = (out / "report.md").read_text()
+    assert "## Figure 9: kernel attention distance" in report and (out / "figures" / "figure9_kernel_distance.png").exists()
+    assert "nobody" in report  # the reason TAIG did not run is listed

@@ -23,7 +23,6 @@ of the run whose name matches) unless ``LKFAST_TAIG_SURROGATE`` names a model la
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lkfast import analysis, attacks
 from lkfast.analysis import plots
+from lkfast.tables import write_table
 from lkfast.eval.registry import SUITES, TASKS, TaskUnavailable, register_task
 from lkfast.eval.tasks import image_folder
 
@@ -91,12 +91,12 @@ def occlusion(ctx) -> dict:
         saliency, loader = "masks", _val(ctx, masks=True)
     else:
         loader = _val(ctx)
-        checkpoint = os.environ.get("LKFAST_DINO_CHECKPOINT")
+        checkpoint = ctx.options.analysis.get("dino_checkpoint") or os.environ.get("LKFAST_DINO_CHECKPOINT")
         if checkpoint:
             saliency = analysis.dino_saliency(analysis.load_dino(checkpoint, ctx.device))
         else:
             note = ("salient/non-salient drops skipped: no foreground masks and no DINO checkpoint "
-                    "(set LKFAST_DINO_CHECKPOINT to a vit_small_patch16_224.dino weights file)")
+                    "(pass --dino-checkpoint, or set LKFAST_DINO_CHECKPOINT, to a vit_small_patch16_224.dino weights file)")
     modes = analysis.MODES if saliency is not None else ("random",)
     result = analysis.occlusion_sweep(ctx.model, loader, modes=modes, saliency=saliency, seed=ctx.options.seed)
     result["saliency"] = "dino" if callable(saliency) else saliency
@@ -120,12 +120,12 @@ def _is_vit(name: str) -> bool:
 
 
 def _surrogate_spec(ctx):
-    wanted = os.environ.get("LKFAST_TAIG_SURROGATE")
+    wanted = ctx.options.analysis.get("taig_surrogate") or os.environ.get("LKFAST_TAIG_SURROGATE")
     others = [s for s in ctx.runner.models if s != ctx.spec]
     if wanted:
         chosen = [s for s in ctx.runner.models if s.display == wanted]
         if not chosen:
-            raise TaskUnavailable(f"LKFAST_TAIG_SURROGATE={wanted!r} is not a model label of this run "
+            raise TaskUnavailable(f"TAIG surrogate {wanted!r} is not a model label of this run "
                                   f"({', '.join(s.display for s in ctx.runner.models)})")
         return chosen[0]
     if _is_vit(ctx.spec.name):
@@ -135,7 +135,7 @@ def _surrogate_spec(ctx):
         chosen = [s for s in others if s.name.startswith("vit_base")] or [s for s in others if _is_vit(s.name)]
     if not chosen:
         raise TaskUnavailable("TAIG needs a surrogate model of the other family in the same run (the paper: ViT-B "
-                              "for ConvNets, RepLKNet-31B for ViTs); add one to --models or set LKFAST_TAIG_SURROGATE "
+                              "for ConvNets, RepLKNet-31B for ViTs); add one to --models or name one with --taig-surrogate "
                               "to a model label of the run")
     return chosen[0]
 
@@ -200,6 +200,8 @@ for _name in ANALYSIS_TASKS:
         register_task(_name, _RUNS[_name], needs=_needs, count=None if _name == "kernel-distance" else _count,
                       description=_DESCRIPTIONS[_name])
 SUITES.setdefault("analysis", ANALYSIS_TASKS)
+# The paper's suite is Section 3's benchmarks and Section 4's analyses.
+SUITES["paper"] = tuple(dict.fromkeys(SUITES["paper"] + ANALYSIS_TASKS))
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -209,8 +211,10 @@ def _collect(results: Dict[str, Any], task: str) -> Dict[str, dict]:
             and isinstance(r.get(task), dict) and "unavailable" not in r[task]}
 
 
-def _fmt(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+def _table(out, stem: str, heading: str, header, rows, note) -> str:
+    """A section with a table written through the project's table writer (markdown + CSV)."""
+    md, _ = write_table(Path(out) / "tables" / stem, header, rows, caption=note)
+    return f"{heading}\n\n{md.read_text()}\n([CSV](tables/{stem}.csv))\n"
 
 
 def write_analysis_report(out, results: Dict[str, Any]) -> str:
@@ -229,13 +233,12 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
         parts.append("## Figure 6: adversarial attacks (eps in [0, 1] pixel units)\n\n"
                      "![Figure 6](figures/figure6_attacks.png)\n")
     if found["taig"]:
-        rows = ["| Model | surrogate | " + " | ".join(f"eps = {e}" for e in next(iter(found['taig'].values()))["eps"])
-                + " |", "| --- | --- |" + " ---: |" * len(next(iter(found['taig'].values()))["eps"])]
-        for m, r in found["taig"].items():
-            rows.append(f"| {m} | {r['surrogate']} | " + " | ".join(_fmt(v) for v in r["success_rate"]) + " |")
-        parts.append("## Table 4: TAIG transfer attack success rate (%, lower is more robust)\n\n" + "\n".join(rows)
-                     + "\n\nSuccess = misclassified after the attack, among the images the model classifies "
-                       "correctly when clean.\n")
+        eps = next(iter(found["taig"].values()))["eps"]
+        parts.append(_table(out, "table4_taig", "## Table 4: TAIG transfer attack success rate (%, lower is more robust)",
+                            ["Model", "surrogate"] + [f"eps = {e}" for e in eps],
+                            [[m, r["surrogate"], *r["success_rate"]] for m, r in found["taig"].items()],
+                            "Success = misclassified after the attack, among the images the model classifies "
+                            "correctly when clean."))
     if found["lesion"]:
         plots.plot_lesion(found["lesion"], figures / "figure7_lesion.png")
         parts.append("## Figure 7: lesion study\n\n![Figure 7](figures/figure7_lesion.png)\n")
@@ -250,9 +253,8 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
         parts.append("## Figure 10: feature-map variance\n\n![Figure 10](figures/figure10_feature_variance.png)\n")
     if found["occlusion"] or found["frequency"]:
         models = sorted(set(found["occlusion"]) | set(found["frequency"]))
-        rows = ["| Model | Salient-Drop-50% | Noise-0.7π |", "| --- | ---: | ---: |"]
-        for m in models:
-            rows.append(f"| {m} | {_fmt(found['occlusion'].get(m, {}).get('salient_drop_50'))} | "
-                        f"{_fmt(found['frequency'].get(m, {}).get('change_at_0_7pi'))} |")
-        parts.append("## Table 5 (analysis columns): top-1 change (points)\n\n" + "\n".join(rows) + "\n")
+        parts.append(_table(out, "table5_analysis", "## Table 5 (analysis columns): top-1 change (points)",
+                            ["Model", "Salient-Drop-50%", "Noise-0.7π"],
+                            [[m, found["occlusion"].get(m, {}).get("salient_drop_50"),
+                              found["frequency"].get(m, {}).get("change_at_0_7pi")] for m in models], None))
     return "\n".join(parts)

@@ -37,6 +37,7 @@ report says why; ImageNet-C/-P are generated from val/ with lkfast.corrupt when 
 
 def build_parser() -> argparse.ArgumentParser:
     import lkfast.eval.tasks  # noqa: F401  (task names for --help)
+    import lkfast.eval.analysis_tasks  # noqa: F401
 
     p = argparse.ArgumentParser(prog="python -m lkfast.eval", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchvision model ImageNet-P's flip rates and relative mCE are normalised by (default: "
                         "alexnet; without a local checkpoint the normalised values are omitted and the report says "
                         "why), e.g. alexnet:/ckpt/alexnet-owt-7be5be79.pth; 'none' to skip")
+    p.add_argument("--dino-checkpoint", default=None, metavar="FILE",
+                   help="local timm vit_small_patch16_224.dino weights: the saliency of the occlusion task's salient "
+                        "and non-salient drops where the data has no foreground masks (else only random drops run), "
+                        "e.g. dino_vits16.pth")
+    p.add_argument("--taig-surrogate", default=None, metavar="LABEL",
+                   help="the model (a label of --models) that generates the TAIG transfer attacks for every other "
+                        "model (default: the paper's pairing: a vit_base model attacks ConvNets, a replknet_31b "
+                        "model attacks ViTs)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (model x task, images, estimated time from a short measured throughput) "
                         "and exit without evaluating")
@@ -141,7 +150,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                               amp=args.amp, channels_last=args.channels_last, limit=args.limit, seed=args.seed,
                               shard_size=args.shard_size, trust_checkpoint=args.trust_checkpoint, baseline=baseline,
                               class_space=class_space, progress=not args.no_progress,
-                              gpu_decode=not args.no_gpu_decode)
+                              gpu_decode=not args.no_gpu_decode,
+                              analysis={k: v for k, v in (("dino_checkpoint", args.dino_checkpoint),
+                                                          ("taig_surrogate", args.taig_surrogate)) if v})
         dist.init(device)
         if args.dry_run:
             rows = plan(models, tasks, options)

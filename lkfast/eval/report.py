@@ -259,6 +259,12 @@ def write_report(out, results: Dict[str, Any]) -> Path:
                 "Top-1 (%) over the nine classes (a prediction outside them is wrong); BG-Gap = Mixed-Same - Mixed-Rand.")
         w.text("\n".join(_notes(results, "imagenet-9")) + "\n")
 
+    # Section 4: the analyses (Figures 4, 6-10, Tables 4-5), when any ran.
+    from lkfast.eval.analysis_tasks import write_analysis_report
+
+    analysis_text = write_analysis_report(out, results)
+    if analysis_text:
+        w.text("\n" + analysis_text)
     if _has(results, "clean"):
         w.text("\n## Clean ImageNet\n" + "\n".join(_notes(results, "clean")) + "\n")
     missing = [f"- {m}: {t}: {results[m][t]['unavailable']}" for m in models for t in results[m]

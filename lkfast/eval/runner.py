@@ -60,13 +60,15 @@ class EvalOptions:
     trust_checkpoint: bool = False
     baseline: Optional[ModelSpec] = None
     class_space: Optional[ClassSpace] = None
+    analysis: Dict[str, str] = field(default_factory=dict)  # dino_checkpoint, taig_surrogate (Section 4 tasks)
     gpu_decode: bool = True
     progress: bool = True
     write_report: bool = True
 
     def numeric_key(self) -> Dict[str, Any]:
         """The options that change the numbers (part of every cache key)."""
-        return {"amp": self.amp, "channels_last": self.channels_last, "seed": self.seed}
+        return {"amp": self.amp, "channels_last": self.channels_last, "seed": self.seed,
+                **({"analysis": dict(sorted(self.analysis.items()))} if self.analysis else {})}
 
 
 class _Progress:
@@ -445,6 +447,7 @@ class Runner:
 def run_evaluation(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions) -> Dict[str, Any]:
     """Evaluate ``models`` on ``tasks`` (registered names) with ``options``; see ``Runner``."""
     import lkfast.eval.tasks  # noqa: F401  (registers the benchmarks)
+    import lkfast.eval.analysis_tasks  # noqa: F401  (and the Section 4 analyses)
 
     return Runner(models, tasks, options).run()
 
@@ -475,6 +478,7 @@ def plan(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions
     """The ``--dry-run`` plan: rows [model, task, forward passes, estimated minutes, note], nothing
     evaluated. Counts come from the datasets as found; the estimate from a short measured throughput."""
     import lkfast.eval.tasks  # noqa: F401
+    import lkfast.eval.analysis_tasks  # noqa: F401
 
     runner = Runner(models, tasks, options)
     rows = []
