@@ -60,22 +60,24 @@ class DefaultSettings:
 DEFAULT = DefaultSettings()
 
 
+BENCHMARK_TASKS = ("clean", "imagenet-a", "imagenet-c", "imagenet-o", "imagenet-p", "imagenet-r", "imagenet-9")
 # The analyses the default run includes when the eval registers them (cheap enough on 64 px images).
 QUICK_ANALYSES = ("occlusion", "fgsm", "pgd", "frequency", "kernel-distance", "feature-variance", "lesion")
 
 
 def default_suite() -> str:
     """The default run's tasks: the clean set, all six benchmarks, and the analyses of
-    ``QUICK_ANALYSES`` that ``lkfast.eval`` registers (comma list for ``resolve_suite``)."""
+    ``QUICK_ANALYSES`` that ``lkfast.eval`` registers (no TAIG: ``--suite paper`` adds it), as a
+    comma list for ``resolve_suite``."""
     import importlib
     import importlib.util
 
     if importlib.util.find_spec("lkfast.eval.analysis_tasks") is not None:
         importlib.import_module("lkfast.eval.analysis_tasks")  # registers the analyses
-    from lkfast.eval.registry import SUITES, TASKS
+    from lkfast.eval.registry import TASKS
 
-    names = list(SUITES["paper"])
-    names += [name for name in QUICK_ANALYSES if name in TASKS and name not in names]
+    names = [name for name in BENCHMARK_TASKS if name in TASKS]
+    names += [name for name in QUICK_ANALYSES if name in TASKS]
     return ",".join(names)
 
 
