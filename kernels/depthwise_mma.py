@@ -71,7 +71,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lkfast.kernels.depthwise import interpreted, on_device
+# interpreted / unavailable_reason are re-exported so a backend can use this module like depthwise.py
+from lkfast.kernels.depthwise import interpreted, on_device, unavailable_reason  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,6 +102,16 @@ def test_mma_method_choice():
         choose_method(7, 7, 13, 13, "fft")
 
 
+def test_mma_fp32_products_are_not_tf32():
+    """fp32 inputs are multiplied in full fp32 (TF32 would miss the fp32 tolerance on a GPU, and
+    the interpreter cannot show it); fp16 always goes to the tensor cores."""
+    from lkfast.kernels import depthwise_mma
+
+    assert depthwise_mma._fp32_dot(torch.float32)
+    assert not depthwise_mma._fp32_dot(torch.float16)
+    assert depthwise_mma._fp32_dot(torch.bfloat16) == depthwise_mma.interpreted()
+
+
 @runs_here
 def test_mma_refuses_even_kernels_and_mismatched_gradients():
     from lkfast.kernels import depthwise_mma
