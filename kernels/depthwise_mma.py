@@ -56,10 +56,21 @@ less ((BN - 1)/kw: 0.48x at BN = 16) but feeds the tensor cores smaller products
   channel is one dense product over its ``H*W`` pixels, ``Y[n, :] = X[n, :] @ D`` with
   ``D[p, q] = w[c, ih - oh + ph, iw - ow + pw]`` (a 196 x 196 matrix at 14 x 14; the batch is the M
   dimension). When ``2H - 1 <= kh`` and ``2W - 1 <= kw``, as at both those stages, every entry of ``D``
-  is a real tap: no wasted products beyond padding the tiles to 64 (196 -> 256 columns, 1.3x).
+  is a real tap: no wasted products beyond padding the tiles (at 14 x 14: 196 -> 256 output pixels
+  in tiles of 64 and 196 -> 224 input pixels in chunks of 32, 1.5x), against the CUDA cores' 7.4x.
   ``_forward_dense``; the weight gradient ``_weight_grad_dense`` forms ``P = dY^T @ X`` (pixels x
   pixels, reduced over the batch) and adds each entry to its tap with fp32 atomics.
   ``choose_method`` picks this when ``H <= kh`` and ``W <= kw`` (``method="auto"``).
+
+The issue's measured figure for bf16 matrix products on an H200 is ~790 TFLOP/s rather than 990;
+scale the ceilings above by 0.8 accordingly. Block sizes are one fixed configuration (64 x 64 x 32,
+4 warps), not autotuned: nothing has been timed.
+
+Testing (tests/test_triton_mma.py): the interpreter's ``tl.dot`` returns garbage for bf16 operands
+(triton 3.8; numpy has no bf16), so in the interpreter bf16 values are widened exactly to fp32 before
+the product (``_fp32_dot``); the interpreter therefore checks the bf16 loads, stores and rounding,
+the fp16 cases check the half-precision products, and the sm_90 compile checks that fp16/bf16
+products become ``wgmma`` instructions.
 
 Layouts: any strides are accepted (NCHW, channels_last, strided views); the output is contiguous or
 channels_last as ``lkfast.ops.backends.output_memory_format`` says. channels_last loads are strided
