@@ -109,7 +109,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lkfast", "lkfast.*"]) + ["lkfast.kernels"],
     package_dir={"lkfast.kernels": "kernels"},
-    package_data={"lkfast.ops": ["cuda_table.json"],  # the measured CUDA dispatch table
+    package_data={"lkfast.ops": ["cuda_table.json", "cpu_table.json"],  # the measured dispatch tables (CUDA, CPU)
                   "lkfast.data": ["in_to_in9.json"]},  # the backgrounds-challenge 1000 -> 9 class map
     ext_modules=ext_modules,
     cmdclass=cmdclass,
