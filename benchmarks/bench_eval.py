@@ -3,6 +3,7 @@
 normalisation + DataLoader + model under no_grad + top-1), same model, same folder, same run.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_eval.py            # writes benchmarks/results/eval_cpu.{json,md}
+    python benchmarks/bench_eval.py --replknet                          # writes .../eval_replknet_cpu.{json,md}
     python benchmarks/bench_eval.py --device cuda --images 2000 --batch-size 256 --workers 16
 
 Data: a fake ImageNet-sized folder written once (JPEGs of 500x375, like ImageNet's typical photo,
@@ -10,6 +11,9 @@ in 10 real wnid folders), under a temporary directory. Model: timm ``mobilenetv3
 weights: speed only), so that decoding and the data path weigh as much as the network. Both sides
 use the same batch size and worker count and include building the model; lkfast writes its
 shard cache and results to a fresh folder each round (nothing is reused between rounds).
+``--replknet``: RepLKNet-31B images/s through the eval (task ``clean``, channels_last) with lkfast's
+layers against the same model with plain ``nn.Conv2d`` (``create_model(fast=False)``), same folder.
+
 Timer: wall clock, the two sides in turn round by round (``lkfast.timing.time_interleaved``), so
 load from other processes hits both alike; the ratio is the median of the per-round ratios.
 """
@@ -84,6 +88,47 @@ def lkfast_eval(folder: Path, checkpoint: Path, args, out_root: Path) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def replknet_through_eval(args) -> int:
+    """RepLKNet-31B through lkfast.eval, fast layers against plain nn.Conv2d (random weights)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = make_folder(tmp / "val", args.images)
+        checkpoint = tmp / "replknet_31b.pth"
+        torch.manual_seed(0)
+        from lkfast.models import create_model
+
+        torch.save(create_model("replknet_31b", fast=False).state_dict(), checkpoint)
+        top1 = {}
+
+        def run(fast: bool):
+            out = Path(tempfile.mkdtemp(dir=tmp))
+            options = EvalOptions(out=str(out), data={"val": str(folder)}, device=args.device,
+                                  batch_size=args.batch_size, workers=args.workers, progress=False,
+                                  write_report=False, channels_last=True)
+            spec = ModelSpec("replknet_31b", str(checkpoint), "m", kwargs=(("fast", fast),))
+            top1["lkfast layers" if fast else "plain nn.Conv2d"] = run_evaluation([spec], ["clean"], options)["m"]["clean"]["top1"]
+            shutil.rmtree(out, ignore_errors=True)
+
+        runs = {"plain nn.Conv2d": lambda: run(False), "lkfast layers": lambda: run(True)}
+        times = time_interleaved(runs, args.rounds, warmup=0)
+    ratios = [p / f for p, f in zip(times["plain nn.Conv2d"], times["lkfast layers"])]
+    rows = [[name, args.images / median(times[name]), median(times[name]), top1[name]] for name in runs]
+    rows.append(["speed-up (lkfast layers / plain)", median(ratios), None, None])
+    cpu = platform.processor() or platform.machine()
+    caption = (f"RepLKNet-31B (random weights) through python -m lkfast.eval, task clean, {args.images} fake "
+               f"ImageNet-sized JPEGs, batch {args.batch_size}, {args.workers} workers, channels_last, device "
+               f"{args.device}, torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds (median), "
+               f"wall clock including model build; 1-min load average at the end {os.getloadavg()[0]:.1f}. CPU: {cpu}.")
+    out = str(Path(args.out).with_name("eval_replknet_cpu"))
+    write_table(out, ["model layers", "images/s", "seconds", "top-1 (%)"], rows, caption=caption)
+    write_text_atomic(Path(out).with_suffix(".json"), json.dumps(
+        {"times_s": times, "ratios": ratios, "top1": top1, "images": args.images, "device": args.device,
+         "batch_size": args.batch_size, "torch": torch.__version__, "cpu": cpu, "load_average": os.getloadavg()},
+        indent=1))
+    print(Path(out).with_suffix(".md").read_text())
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=400)
@@ -93,7 +138,10 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "eval_cpu"))
+    p.add_argument("--replknet", action="store_true", help="RepLKNet-31B through the eval, lkfast layers vs nn.Conv2d")
     args = p.parse_args(argv)
+    if args.replknet:
+        return replknet_through_eval(args)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = make_folder(tmp / "val", args.images)

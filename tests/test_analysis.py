@@ -481,3 +481,14 @@ def test_cli_runs_the_analyses_into_the_report_with_their_options(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Figure 9: kernel attention distance" in report and (out / "figures" / "figure9_kernel_distance.png").exists()
     assert "nobody" in report  # the reason TAIG did not run is listed
+
+
+def test_lesion_of_a_model_without_removable_blocks_says_so():
+    from lkfast.analysis import lesion_candidates
+
+    from timm.models.resnet import BasicBlock, ResNet
+
+    # one block per stage, each with a projection shortcut (the deep stem's 32 channels != 64)
+    resnet = ResNet(BasicBlock, [1, 1, 1, 1], stem_type="deep", stem_width=16, num_classes=2)
+    with pytest.raises(ValueError, match="no residual block whose removal keeps every shape"):
+        lesion_candidates(resnet, "paper")

@@ -21,6 +21,10 @@ def lesion_candidates(model: nn.Module, scope: str = "all") -> list:
     if scope not in SCOPES:
         raise ValueError(f"lesion_candidates: scope must be one of {SCOPES}, got {scope!r}")
     blocks = residual_blocks(model)
+    if not blocks:
+        raise ValueError(f"lesion: {type(model).__name__} has no residual block whose removal keeps every shape "
+                         "(a block with a downsampling or projection shortcut cannot be removed), so there is "
+                         "nothing to lesion")
     if scope == "all" or blocks[0].stage is None:
         return blocks
     counts = {}

@@ -154,6 +154,10 @@ def taig(ctx) -> dict:
 
 
 def lesion(ctx) -> dict:
+    try:
+        analysis.lesion_candidates(ctx.model, "paper")
+    except ValueError as error:  # nothing removable: the run goes on, the report says why
+        raise TaskUnavailable(str(error)) from error
     return analysis.lesion_sweep(ctx.model, _val(ctx), seed=ctx.options.seed, scope="paper")
 
 

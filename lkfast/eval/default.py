@@ -47,7 +47,7 @@ class DefaultSettings:
     for every model (besides the model name, --data and --out)."""
     data: synthetic.SyntheticConfig = synthetic.SyntheticConfig()
     models: Tuple[Tuple[str, str], ...] = DEFAULT_MODELS
-    recipe: Tuple[str, ...] = ("--epochs", "6", "--batch-size", "64", "--lr", "2e-3", "--weight-decay", "0.05",
+    recipe: Tuple[str, ...] = ("--epochs", "5", "--batch-size", "64", "--lr", "2e-3", "--weight-decay", "0.05",
                                "--warmup-epochs", "1", "--smoothing", "0.1", "--scale", "0.6", "1.0",
                                "--hflip", "0.5", "--channels-last", "--seed", "0")
     suite: Optional[str] = None   # the suite when the command line names none; None: default_suite()
