@@ -11,6 +11,10 @@
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,3 +152,30 @@ def check_op(backend: str, shape, fmt: str, dtype: torch.dtype = torch.float32, 
     elif fmt == "contiguous":
         assert y.is_contiguous(), "contiguous in, contiguous out"
     return errors
+
+
+# --- Triton on the CPU: a test module runs itself again under TRITON_INTERPRET=1 -----------------
+# Triton fixes interpretation when it is imported, so a module of Triton tests is run a second time
+# in a subprocess with the variable set; in that process (or on a GPU) its tests run directly.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_RUNS_HERE = TRITON_INTERPRETED or HAS_CUDA
+TRITON_DEVICE = "cuda" if HAS_CUDA and not TRITON_INTERPRETED else "cpu"
+
+
+def triton_runs_here(interpreter_test: str):
+    """Skip mark for Triton tests where neither a GPU nor the interpreter is there (they run in the
+    interpreter subprocess started by ``interpreter_test``)."""
+    return pytest.mark.skipif(not TRITON_RUNS_HERE, reason="no CUDA device: these run on the CPU in the "
+                              f"TRITON_INTERPRET=1 subprocess of {interpreter_test}")
+
+
+def run_module_in_triton_interpreter(module_file: str, timeout: int = 900) -> None:
+    """Run the test module ``module_file`` in a subprocess under TRITON_INTERPRET=1; fails with the
+    subprocess's output when any of its tests fails or none ran."""
+    if TRITON_RUNS_HERE:
+        pytest.skip("this process runs the Triton tests directly")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(module_file)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert " passed" in proc.stdout, proc.stdout[-2000:]

@@ -20,13 +20,7 @@ from lkfast.ops import frequency_noise  # noqa: E402
 CLASSES = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 cores shared with other work: two oneDNN threads spin against each other (many times slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 TINY = dict(large_kernel_sizes=[7, 5, 5, 3], layers=[1, 1, 3, 1], channels=[8, 8, 8, 8], small_kernel=3,
             num_classes=CLASSES)
 

@@ -13,13 +13,7 @@ from lkfast.nn import DepthwiseConv2d
 CLASSES = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 cores shared with other work: two oneDNN threads spin against each other (many times slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class Normalized(nn.Module):

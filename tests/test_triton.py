@@ -6,36 +6,22 @@ Without one they run on the CPU under TRITON_INTERPRET=1, which must be set befo
 imported: ``test_triton_kernels_in_interpreter`` reruns this file in a subprocess with it set, so the
 rest of the suite keeps its normal triton. Interpreter shapes are tiny; the interpreter is slow.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import FORMATS, GPU_SHAPES, backend_or_skip, case_id, check_op
+from reference import (HAS_CUDA, TRITON_DEVICE, TRITON_INTERPRETED, TRITON_RUNS_HERE, run_module_in_triton_interpreter,
+                       triton_runs_here, FORMATS, GPU_SHAPES, backend_or_skip, case_id, check_op)
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-RUN_HERE = INTERPRETED or HAS_CUDA
-DEVICE = "cuda" if HAS_CUDA and not INTERPRETED else "cpu"
-
-runs_here = pytest.mark.skipif(
-    not RUN_HERE, reason="no CUDA device: these run on the CPU in the TRITON_INTERPRET=1 subprocess of "
-                         "test_triton_kernels_in_interpreter")
+INTERPRETED, HAS_CUDA, RUN_HERE, DEVICE = TRITON_INTERPRETED, HAS_CUDA, TRITON_RUNS_HERE, TRITON_DEVICE
+runs_here = triton_runs_here("test_triton_kernels_in_interpreter")
 
 
 def test_triton_kernels_in_interpreter():
-    if RUN_HERE:
-        pytest.skip("this process runs the Triton tests directly")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert " passed" in proc.stdout, proc.stdout[-2000:]
+    run_module_in_triton_interpreter(__file__, timeout=900)
 
 
 def _check_op(shape, fmt, dtype, with_bias=True, device=DEVICE):

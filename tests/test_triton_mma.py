@@ -10,35 +10,21 @@ interpreter's tiles (16) are smaller than the GPU's, so the shapes still cross r
 K-chunk edges. In the interpreter bf16 products run in fp32 (its bf16 ``tl.dot`` is broken), so the
 bf16 case there checks loads, stores and conversions, and the fp16 case the half-precision product.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from reference import TOLERANCE, case_id, make_input, make_weight, reference, rel_err
+from reference import (HAS_CUDA, TRITON_DEVICE, TRITON_INTERPRETED, TRITON_RUNS_HERE, run_module_in_triton_interpreter,
+                       triton_runs_here, TOLERANCE, case_id, make_input, make_weight, reference, rel_err)
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-RUN_HERE = INTERPRETED or HAS_CUDA
-DEVICE = "cuda" if HAS_CUDA and not INTERPRETED else "cpu"
-
-runs_here = pytest.mark.skipif(
-    not RUN_HERE, reason="no CUDA device: these run on the CPU in the TRITON_INTERPRET=1 subprocess of "
-                         "test_mma_kernels_in_interpreter")
+INTERPRETED, HAS_CUDA, RUN_HERE, DEVICE = TRITON_INTERPRETED, HAS_CUDA, TRITON_RUNS_HERE, TRITON_DEVICE
+runs_here = triton_runs_here("test_mma_kernels_in_interpreter")
 
 
 def test_mma_kernels_in_interpreter():
-    if RUN_HERE:
-        pytest.skip("this process runs the Triton tests directly")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert " passed" in proc.stdout, proc.stdout[-2000:]
+    run_module_in_triton_interpreter(__file__, timeout=600)
 
 
 # (N, C, H, W, kh, kw), layout, dtype, bias, method: kernels 3..13, rectangular, odd sizes, batch 1,
