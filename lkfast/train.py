@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "that take kernel_sizes (convnext_*)")
     p.add_argument("--input-size", type=int, default=None, help="input side (default: the model's pretrained_cfg)")
     p.add_argument("--num-classes", type=int, default=None, help="default: the number of class folders")
+    p.add_argument("--classes", default=None, metavar="A,B,...",
+                   help="class folder names in the order of the model's outputs (default: sorted folder names, "
+                        "as torchvision's ImageFolder); the evaluation must use the same order")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes per training process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -108,12 +111,21 @@ def _distributed() -> tuple:
     return 0, 1
 
 
-def _dataset(folder: Path, transform):
+def _dataset(folder: Path, transform, classes):
+    """torchvision's ImageFolder with ``classes`` (folder names) as the label order."""
     from torchvision.datasets import ImageFolder
 
     if not folder.is_dir():
         raise FileNotFoundError(f"lkfast.train: expected an ImageFolder at {folder} (one sub-folder per class)")
-    return ImageFolder(str(folder), transform=transform)
+
+    class OrderedImageFolder(ImageFolder):
+        def find_classes(self, directory):
+            missing = [c for c in classes if not (Path(directory) / c).is_dir()]
+            if missing:
+                raise SystemExit(f"lkfast.train: --classes names folders missing from {directory}: {', '.join(missing)}")
+            return list(classes), {c: i for i, c in enumerate(classes)}
+
+    return OrderedImageFolder(str(folder), transform=transform)
 
 
 def _make_model(args, num_classes: int) -> nn.Module:
@@ -173,6 +185,12 @@ def train(argv=None) -> dict:
     out = Path(args.out or f"runs/{args.model}")
     train_dir, val_dir = data / "train", data / "val"
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir()) if train_dir.is_dir() else []
+    if classes and args.classes:
+        order = [c.strip() for c in args.classes.split(",") if c.strip()]
+        if sorted(order) != classes:
+            raise SystemExit(f"lkfast.train: --classes must name each class folder of {train_dir} once: "
+                             f"folders {', '.join(classes)}; --classes {', '.join(order)}")
+        classes = order
     if not classes:
         raise SystemExit(f"lkfast.train: no class folders in {train_dir}; expected DATA/train/<class>/<image>")
     num_classes = args.num_classes or len(classes)
@@ -189,8 +207,8 @@ def train(argv=None) -> dict:
                                 interpolation=config["interpolation"], mean=config["mean"], std=config["std"])
     eval_tf = create_transform(config["input_size"], is_training=False, interpolation=config["interpolation"],
                                mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"])
-    train_set = _dataset(train_dir, train_tf)
-    val_set = _dataset(val_dir, eval_tf) if val_dir.is_dir() else None
+    train_set = _dataset(train_dir, train_tf, classes)
+    val_set = _dataset(val_dir, eval_tf, classes) if val_dir.is_dir() else None
     if train_set.classes != classes:
         raise SystemExit("lkfast.train: class folders changed while reading")
 

@@ -36,6 +36,13 @@ def test_default_run_end_to_end_and_rerun_from_cache(tmp_path, monkeypatch, caps
     for heading in ("ImageNet-A", "ImageNet-C", "ImageNet-O", "ImageNet-P", "ImageNet-R", "ImageNet-9"):
         assert heading in report, heading
     assert list((out / "figures").glob("*.png")) and list((out / "tables").glob("*.csv"))
+    # the models' outputs are in the class space's order (the readers' labels), not sorted folder names
+    from lkfast.data import synthetic
+
+    summaries = list((tmp_path / "cache" / "models").glob("*/summary.json"))
+    assert len(summaries) == 2
+    for path in summaries:
+        assert json.loads(path.read_text())["classes"] == synthetic.class_space()["classes"], path
 
     # A rerun trains nothing and builds nothing: every cache entry verifies.
     def no_training(argv):

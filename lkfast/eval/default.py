@@ -94,7 +94,8 @@ def benchmark_root(settings: DefaultSettings = None) -> Path:
 def _model_key(name: str, settings: DefaultSettings) -> str:
     from lkfast import __version__ as version
 
-    return config_key("model", name, list(settings.recipe), settings.data.key(), version)
+    # the class order is part of what a model's outputs mean: it is part of the key
+    return config_key("model", name, list(settings.recipe), settings.data.key(), version, list(synthetic.CLASSES))
 
 
 def ensure_model(name: str, settings: DefaultSettings = None, data_root: Optional[Path] = None) -> Path:
@@ -111,7 +112,9 @@ def ensure_model(name: str, settings: DefaultSettings = None, data_root: Optiona
 
     def build(folder: Path) -> None:
         _log(f"lkfast: training {name} on the synthetic benchmark (once; cached in {entry})")
-        train([name, "--data", str(data_root), "--out", str(work), *settings.recipe])
+        # the model's outputs in the class space's order (synthetic.CLASSES), not sorted folder names
+        train([name, "--data", str(data_root), "--out", str(work), "--classes", ",".join(synthetic.CLASSES),
+               *settings.recipe])
         for file in ("model.safetensors", "summary.json"):
             shutil.copy2(work / file, folder / file)
 
