@@ -25,6 +25,8 @@ def test_default_run_end_to_end_and_rerun_from_cache(tmp_path, monkeypatch, caps
     monkeypatch.setattr("sys.argv", ["lkfast.eval"])
     out = tmp_path / "report"
     assert main(["--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Model | ImageNet |" in printed and "ResNet-tiny" in printed  # the summary table is printed
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     tasks = default.default_suite().split(",")

@@ -163,6 +163,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         results = run_evaluation(models, tasks, options)
         if dist.is_main():
+            summary = os.path.join(args.out, "tables", "summary.md")
+            if os.path.exists(summary):  # the Table 6 summary, as in report.md
+                with open(summary) as f:
+                    print(f.read())
             print(f"lkfast.eval: wrote {os.path.join(args.out, 'results.json')} and "
                   f"{os.path.join(args.out, 'report.md')} ({len(models)} model(s), {len(tasks)} task(s))")
         return 0
