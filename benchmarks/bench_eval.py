@@ -88,6 +88,20 @@ def lkfast_eval(folder: Path, checkpoint: Path, args, out_root: Path) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def write_comparison(out, first_column: str, baseline: str, ours: str, times: dict, top1: dict, images: int,
+                     caption: str, extra: dict) -> None:
+    """Write the two sides' images/s, seconds and top-1 plus the median per-round speed-up of ``ours``
+    over ``baseline`` as OUT.md/.csv (lkfast.tables) and the raw timings as OUT.json."""
+    ratios = [b / o for b, o in zip(times[baseline], times[ours])]
+    rows = [[name, images / median(times[name]), median(times[name]), top1[name]] for name in (baseline, ours)]
+    rows.append([f"speed-up ({ours} / {baseline})", median(ratios), None, None])
+    write_table(out, [first_column, "images/s", "seconds", "top-1 (%)"], rows, caption=caption)
+    write_text_atomic(Path(out).with_suffix(".json"), json.dumps(
+        {"times_s": times, "ratios": ratios, "top1": top1, "images": images, **extra,
+         "torch": torch.__version__, "load_average": os.getloadavg()}, indent=1))
+    print(Path(out).with_suffix(".md").read_text())
+
+
 def replknet_through_eval(args) -> int:
     """RepLKNet-31B through lkfast.eval, fast layers against plain nn.Conv2d (random weights)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,21 +125,14 @@ def replknet_through_eval(args) -> int:
 
         runs = {"plain nn.Conv2d": lambda: run(False), "lkfast layers": lambda: run(True)}
         times = time_interleaved(runs, args.rounds, warmup=0)
-    ratios = [p / f for p, f in zip(times["plain nn.Conv2d"], times["lkfast layers"])]
-    rows = [[name, args.images / median(times[name]), median(times[name]), top1[name]] for name in runs]
-    rows.append(["speed-up (lkfast layers / plain)", median(ratios), None, None])
     cpu = platform.processor() or platform.machine()
     caption = (f"RepLKNet-31B (random weights) through python -m lkfast.eval, task clean, {args.images} fake "
                f"ImageNet-sized JPEGs, batch {args.batch_size}, {args.workers} workers, channels_last, device "
                f"{args.device}, torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds (median), "
                f"wall clock including model build; 1-min load average at the end {os.getloadavg()[0]:.1f}. CPU: {cpu}.")
-    out = str(Path(args.out).with_name("eval_replknet_cpu"))
-    write_table(out, ["model layers", "images/s", "seconds", "top-1 (%)"], rows, caption=caption)
-    write_text_atomic(Path(out).with_suffix(".json"), json.dumps(
-        {"times_s": times, "ratios": ratios, "top1": top1, "images": args.images, "device": args.device,
-         "batch_size": args.batch_size, "torch": torch.__version__, "cpu": cpu, "load_average": os.getloadavg()},
-        indent=1))
-    print(Path(out).with_suffix(".md").read_text())
+    write_comparison(str(Path(args.out).with_name("eval_replknet_cpu")), "model layers", "plain nn.Conv2d",
+                     "lkfast layers", times, top1, args.images, caption,
+                     {"device": args.device, "batch_size": args.batch_size, "cpu": cpu})
     return 0
 
 
@@ -152,20 +159,14 @@ def main(argv=None) -> int:
         runs = {"timm loop": lambda: top1.__setitem__("timm loop", plain_timm_loop(folder, checkpoint, args)),
                 "lkfast.eval": lambda: top1.__setitem__("lkfast.eval", lkfast_eval(folder, checkpoint, args, tmp))}
         times = time_interleaved(runs, args.rounds, warmup=1)
-    ratios = [t / l for t, l in zip(times["timm loop"], times["lkfast.eval"])]
-    rows = [[name, args.images / median(times[name]), median(times[name]), top1[name]] for name in runs]
-    rows.append(["speed-up (lkfast.eval / timm loop)", median(ratios), None, None])
     cpu = platform.processor() or platform.machine()
     caption = (f"Evaluation images/s, {args.images} fake ImageNet-sized JPEGs (500x375), {MODEL}, batch "
                f"{args.batch_size}, {args.workers} workers, device {args.device}, torch threads {torch.get_num_threads()}, "
                f"{args.rounds} interleaved rounds (median), wall clock including model build. CPU: {cpu}. "
                f"Target: speed-up >= 1.0. Top-1 must agree (random weights: it checks both score the same images).")
-    write_table(args.out, ["pipeline", "images/s", "seconds", "top-1 (%)"], rows, caption=caption)
-    write_text_atomic(Path(args.out).with_suffix(".json"), json.dumps(
-        {"times_s": times, "ratios": ratios, "top1": top1, "images": args.images, "model": MODEL, "device": args.device,
-         "batch_size": args.batch_size, "workers": args.workers, "torch": torch.__version__, "cpu": cpu,
-         "load_average": os.getloadavg()}, indent=1))
-    print(Path(args.out).with_suffix(".md").read_text())
+    write_comparison(args.out, "pipeline", "timm loop", "lkfast.eval", times, top1, args.images, caption,
+                     {"model": MODEL, "device": args.device, "batch_size": args.batch_size, "workers": args.workers,
+                      "cpu": cpu})
     return 0
 
 
