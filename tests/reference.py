@@ -179,3 +179,31 @@ def run_module_in_triton_interpreter(module_file: str, timeout: int = 900) -> No
                           env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def compile_for_sm90(kernel, dtype: str, constexprs: dict, fp32_pointers=(), fp32_scalars=()):
+    """Compile the Triton ``kernel`` ahead of time for Hopper (sm_90, Triton's own ptxas) with every
+    ``*_ptr`` argument a pointer to ``dtype`` (those in ``fp32_pointers``: to fp32), the arguments in
+    ``fp32_scalars`` fp32, the rest i32, and ``constexprs``; asserts a binary came out and returns the
+    compiled kernel (its ``asm`` holds the PTX)."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for arg in inspect.signature(kernel.fn).parameters:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in fp32_pointers:
+            signature[arg] = "*fp32"
+        elif arg in fp32_scalars:
+            signature[arg] = "fp32"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*" + dtype
+        else:
+            signature[arg] = "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm.get("cubin"), "no sm_90 binary"
+    return compiled

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import (HAS_CUDA, TRITON_DEVICE, TRITON_INTERPRETED, TRITON_RUNS_HERE, run_module_in_triton_interpreter,
+from reference import (compile_for_sm90, HAS_CUDA, TRITON_DEVICE, TRITON_INTERPRETED, TRITON_RUNS_HERE, run_module_in_triton_interpreter,
                        triton_runs_here, FORMATS, GPU_SHAPES, backend_or_skip, case_id, check_op)
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
@@ -114,30 +114,11 @@ AOT_CASES = [  # module.kernel, pointer dtype, constexprs
 @pytest.mark.skipif(INTERPRETED, reason="compiled in the parent process")
 @pytest.mark.parametrize("name,dtype,constexprs", AOT_CASES, ids=[c[0] for c in AOT_CASES])
 def test_triton_kernel_compiles_for_sm90(name, dtype, constexprs):
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     import importlib
 
     module_name, kernel_name = name.split(".")
     kernel = getattr(importlib.import_module(f"lkfast.kernels.{module_name}"), kernel_name)
-    signature = {}
-    for arg in inspect.signature(kernel.fn).parameters:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in ("ws_ptr", "noise_ptr"):
-            signature[arg] = "*fp32"
-        elif arg in ("lo", "hi"):
-            signature[arg] = "fp32"
-        elif arg.endswith("_ptr"):
-            signature[arg] = "*" + dtype
-        else:
-            signature[arg] = "i32"
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
-    assert compiled.asm.get("cubin"), "no sm_90 binary"
+    compile_for_sm90(kernel, dtype, constexprs, fp32_pointers=("ws_ptr", "noise_ptr"), fp32_scalars=("lo", "hi"))
 
 
 # ---------------------------------------------------------------------------------------------

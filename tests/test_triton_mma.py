@@ -14,7 +14,7 @@ bf16 case there checks loads, stores and conversions, and the fp16 case the half
 import pytest
 import torch
 
-from reference import (HAS_CUDA, TRITON_DEVICE, TRITON_INTERPRETED, TRITON_RUNS_HERE, run_module_in_triton_interpreter,
+from reference import (compile_for_sm90, HAS_CUDA, TRITON_DEVICE, TRITON_INTERPRETED, TRITON_RUNS_HERE, run_module_in_triton_interpreter,
                        triton_runs_here, TOLERANCE, case_id, make_input, make_weight, reference, rel_err)
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
@@ -145,26 +145,8 @@ AOT_CASES = [  # kernel, pointer dtype, constexprs, expect wgmma
 @pytest.mark.parametrize("name,dtype,constexprs,tensor_cores", AOT_CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in AOT_CASES])
 def test_mma_kernel_compiles_for_sm90(name, dtype, constexprs, tensor_cores):
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from lkfast.kernels import depthwise_mma
 
-    kernel = getattr(depthwise_mma, name)
-    signature = {}
-    for arg in inspect.signature(kernel.fn).parameters:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in ("ws_ptr", "dw_ptr"):
-            signature[arg] = "*fp32"
-        elif arg.endswith("_ptr"):
-            signature[arg] = "*" + dtype
-        else:
-            signature[arg] = "i32"
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
-    assert compiled.asm.get("cubin"), "no sm_90 binary"
+    compiled = compile_for_sm90(getattr(depthwise_mma, name), dtype, constexprs, fp32_pointers=("ws_ptr", "dw_ptr"))
     assert ("wgmma" in compiled.asm["ptx"]) == tensor_cores, (
         f"{name} {dtype}: expected {'tensor-core (wgmma)' if tensor_cores else 'no wgmma'} products in the PTX")
