@@ -408,19 +408,25 @@ def test_eval_tasks_run_end_to_end_and_report(tmp_path):
     assert "Salient-Drop-50%" in text
 
 
-def test_eval_taig_pairs_convnets_with_a_vit_surrogate_and_back(tmp_path, monkeypatch):
-    import lkfast.attacks
-    import lkfast.eval.analysis_tasks  # noqa: F401  (registers the analysis tasks)
+def write_val_folder(root):
+    """A tiny ImageNet-val layout: two classes, two random 32-px JPEGs each."""
     from lkfast import data
-    from lkfast.eval import EvalOptions, ModelSpec, run_evaluation
 
     classes = data.imagenet_classes()
     g = torch.Generator().manual_seed(0)
     for wnid in (classes[1], classes[2]):
         for i in range(2):
-            path = tmp_path / "val" / wnid / f"img{i}.JPEG"
+            path = root / wnid / f"img{i}.JPEG"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data.encode_jpeg(data.to_uint8(torch.rand(3, 32, 32, generator=g)), quality=95))
+
+
+def test_eval_taig_pairs_convnets_with_a_vit_surrogate_and_back(tmp_path, monkeypatch):
+    import lkfast.attacks
+    import lkfast.eval.analysis_tasks  # noqa: F401  (registers the analysis tasks)
+    from lkfast.eval import EvalOptions, ModelSpec, run_evaluation
+
+    write_val_folder(tmp_path / "val")
     arch = dict(large_kernel_sizes=(7, 5, 5, 3), layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), small_kernel=3)
     vit_arch = dict(img_size=32, depth=1, embed_dim=16, num_heads=2)
     torch.manual_seed(0)
@@ -448,16 +454,9 @@ def test_cli_runs_the_analyses_into_the_report_with_their_options(tmp_path):
     the cache by it), and report.md gets the Section 4 sections and tables."""
     import json
 
-    from lkfast import data
     from lkfast.eval.cli import main
 
-    classes = data.imagenet_classes()
-    g = torch.Generator().manual_seed(0)
-    for wnid in (classes[1], classes[2]):
-        for i in range(2):
-            path = tmp_path / "val" / wnid / f"img{i}.JPEG"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data.encode_jpeg(data.to_uint8(torch.rand(3, 32, 32, generator=g)), quality=95))
+    write_val_folder(tmp_path / "val")
     torch.manual_seed(0)
     checkpoint = tmp_path / "tiny.pth"
     torch.save(timm.create_model("test_convnext").state_dict(), checkpoint)  # depthwise 7x7 kernels, 1000 classes
