@@ -3,4 +3,8 @@
 #pragma GCC target("avx2,fma")
 #endif
 #define LKFAST_ISA avx2
+#define LKFAST_VEC_BYTES 32  // ymm: 16 registers of 8 fp32
+// GCC would otherwise carry the input vectors of one tap step to the next in registers, which
+// the 16 ymm registers cannot hold next to the 14 accumulators (it spills inside the loop).
+#pragma GCC optimize("no-predictive-commoning")
 #include "dwconv_kernel.h"

@@ -26,15 +26,23 @@ namespace lkfast {
 namespace cpu {
 namespace LKFAST_ISA {
 
+// LKFAST_VEC_BYTES: the instruction set's register width (64 for AVX-512, 32 for AVX2). A
+// packed pixel is 64 bytes whatever the ISA (dwconv_cpu.cpp packs one layout), so it holds
+// kParts = 64 / LKFAST_VEC_BYTES registers: pixel p, part v is vector p * kParts + v.
+#ifndef LKFAST_VEC_BYTES
+#define LKFAST_VEC_BYTES 64
+#endif
+constexpr int kParts = 64 / LKFAST_VEC_BYTES;
+
 template <typename T>
 struct Vec;
 template <>
 struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
+  typedef float type __attribute__((vector_size(LKFAST_VEC_BYTES)));
 };
 template <>
 struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
+  typedef double type __attribute__((vector_size(LKFAST_VEC_BYTES)));
 };
 
 static inline int imax(int a, int b) { return a > b ? a : b; }
@@ -95,18 +103,111 @@ static inline __attribute__((always_inline)) void dot_shift_b(const V* __restric
   }
 }
 
-// Forward: outputs [w0, w0 + B) of output row h.
+// With 16 registers (AVX2) the rotation above does not fit: B = 8 outputs of 2 ymm each are
+// already 16 accumulators, and everything spills. The "parts" loops below keep B * NV
+// accumulators (NV = kParts vectors per pixel) and the NV vectors of the operand that stays
+// fixed for a step in registers, and take the other operand straight from memory as the FMA's
+// memory operand: one load per FMA, which two load ports sustain at two FMAs a cycle.
+// B = 7, NV = 2: 14 accumulators + 2 fixed vectors = 16 ymm, no spill.
+
+// acc[b][v] += sum_{t in [lo, hi)} A[t + b][v] * Bv[t][v]
+template <typename V, int B, int NV>
+static inline __attribute__((always_inline)) void dot_parts_a(const V* __restrict A,
+                                                              const V* __restrict Bv, int lo,
+                                                              int hi, V* __restrict acc) {
+  for (int t = lo; t < hi; ++t) {
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = Bv[t * NV + v];
+#pragma GCC unroll 16
+    for (int b = 0; b < B; ++b)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[b * NV + v] += A[(t + b) * NV + v] * bv[v];
+  }
+}
+
+// acc[b][v] += sum_{t in [lo, hi)} A[t][v] * Bv[t - b][v]
+template <typename V, int B, int NV>
+static inline __attribute__((always_inline)) void dot_parts_b(const V* __restrict A,
+                                                              const V* __restrict Bv, int lo,
+                                                              int hi, V* __restrict acc) {
+  for (int t = lo; t < hi; ++t) {
+    V a[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) a[v] = A[t * NV + v];
+#pragma GCC unroll 16
+    for (int b = 0; b < B; ++b)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[b * NV + v] += a[v] * Bv[(t - b) * NV + v];
+  }
+}
+
+// The two loops in the instruction set's form. Pointers and indices count pixels of NV vectors.
+template <typename V, int B>
+static inline __attribute__((always_inline)) void dot_a(const V* __restrict A,
+                                                        const V* __restrict Bv, int lo, int hi,
+                                                        V* __restrict acc) {
+  if constexpr (kParts == 1)
+    dot_shift_a<V, B>(A, Bv, lo, hi, acc);
+  else
+    dot_parts_a<V, B, kParts>(A, Bv, lo, hi, acc);
+}
+template <typename V, int B>
+static inline __attribute__((always_inline)) void dot_b(const V* __restrict A,
+                                                        const V* __restrict Bv, int lo, int hi,
+                                                        V* __restrict acc) {
+  if constexpr (kParts == 1)
+    dot_shift_b<V, B>(A, Bv, lo, hi, acc);
+  else
+    dot_parts_b<V, B, kParts>(A, Bv, lo, hi, acc);
+}
+
+// Register blocks per ISA: outputs along W (forward) and taps along kw (weight gradient).
+// AVX-512 runs kOutBlock / kTapBlock (8) and one block for the remainder (a 7-wide map is one
+// 7-wide block, not 4 + 2 + 1); the parts loops split a row into near-equal blocks of at most
+// kPartsBlock, so a 56-wide row is 8 x 7 and a 31-tap row 7 + 6 + 6 + 6 + 6, never a 1-wide
+// block starved of independent FMAs.
+constexpr int kPartsBlock = 7;
+constexpr int kMaxBlock = kParts == 1 ? 8 : kPartsBlock;  // no code for blocks never run
+static_assert(kPartsBlock - 1 <= kWeightPad && kPartsBlock - 1 <= kGradPad,
+              "the band loops index a whole register block past the packed rows' edge");
+
+// Calls f(start, size) over [0, n) in register blocks of the ISA's sizes, 1 <= size <= 8.
+template <typename F>
+static inline __attribute__((always_inline)) void for_blocks(int n, int full, F&& f) {
+  if constexpr (kParts == 1) {
+    int s = 0;
+    for (; s + full <= n; s += full) f(s, full);
+    if (s < n) f(s, n - s);
+    return;
+  }
+  const int nb = (n + kPartsBlock - 1) / kPartsBlock;
+  if (nb == 0) return;
+  const int base = n / nb, extra = n % nb;  // the first `extra` blocks are one wider
+  int s = 0;
+  for (int b = 0; b < nb; ++b) {
+    const int size = base + (b < extra);
+    f(s, size);
+    s += size;
+  }
+}
+
+// Forward: outputs [w0, w0 + B) of output row h. Row strides and columns count pixels of
+// kParts vectors.
 template <typename V, int B>
 static inline __attribute__((always_inline)) void fwd_block(const V* __restrict P, int prow0,
                                                             int row_stride, int H, int W, int kh,
                                                             int kw, const V* __restrict Wt,
-                                                            const V& bias, int h, int w0,
-                                                            V* __restrict out) {
+                                                            const V* __restrict bias, int h,
+                                                            int w0, V* __restrict out) {
+  constexpr int NV = kParts;
   const int ph = kh / 2, pw = kw / 2;
   const int wt_stride = kw + 2 * kWeightPad;
-  V acc[B];
+  V acc[B * NV];
 #pragma GCC unroll 16
-  for (int b = 0; b < B; ++b) acc[b] = bias;
+  for (int b = 0; b < B; ++b)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[b * NV + v] = bias[v];
   const int i_lo = imax(0, ph - h), i_hi = imin(kh, H + ph - h);
   // Tap loop over j: input column (padded coordinates) w0 + b + j.
   const int j_lo = imax(0, pw - w0 - B + 1), j_hi = imin(kw, pw + W - w0);
@@ -114,47 +215,48 @@ static inline __attribute__((always_inline)) void fwd_block(const V* __restrict 
   const int u_lo = imax(pw, w0), u_hi = imin(pw + W, w0 + B - 1 + kw);
   const bool band = (u_hi - u_lo) < (j_hi - j_lo);
   for (int i = i_lo; i < i_hi; ++i) {
-    const V* prow = P + (long)(h + i - ph - prow0) * row_stride;
-    const V* wrow = Wt + (long)i * wt_stride + kWeightPad;
+    const V* prow = P + (long)(h + i - ph - prow0) * row_stride * NV;
+    const V* wrow = Wt + ((long)i * wt_stride + kWeightPad) * NV;
     if (band)
-      dot_shift_b<V, B>(prow, wrow - w0, u_lo, u_hi, acc);
+      dot_b<V, B>(prow, wrow - (long)w0 * NV, u_lo, u_hi, acc);
     else
-      dot_shift_a<V, B>(prow + w0, wrow, j_lo, j_hi, acc);
+      dot_a<V, B>(prow + (long)w0 * NV, wrow, j_lo, j_hi, acc);
   }
 #pragma GCC unroll 16
-  for (int b = 0; b < B; ++b) out[w0 + b] = acc[b];
+  for (int b = 0; b < B; ++b)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) out[(w0 + b) * NV + v] = acc[b * NV + v];
 }
 
 // Output rows [h0, h1) of one (image, channel block).
-//   P:    packed input rows [prow0, ...), each W + 2*pw vectors
-//   Wt:   kh rows of kw + 2*kWeightPad weight vectors; Bias: one vector
-//   O:    (h1 - h0) * W output vectors
+//   P:    packed input rows [prow0, ...), each W + 2*pw pixels
+//   Wt:   kh rows of kw + 2*kWeightPad weight pixels; Bias: one pixel
+//   O:    (h1 - h0) * W output pixels
 template <typename T>
 void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, const T* Wt_,
                        const T* Bias_, int h0, int h1, T* O_) {
   typedef typename Vec<T>::type V;
   const V* P = reinterpret_cast<const V*>(P_);
   const V* Wt = reinterpret_cast<const V*>(Wt_);
-  const V bias = *reinterpret_cast<const V*>(Bias_);
+  const V* bias = reinterpret_cast<const V*>(Bias_);
   V* O = reinterpret_cast<V*>(O_);
   const int rs = W + 2 * (kw / 2);
   for (int h = h0; h < h1; ++h) {
-    V* out = O + (long)(h - h0) * W;
-    int w0 = 0;
-    for (; w0 + kOutBlock <= W; w0 += kOutBlock)
-      fwd_block<V, kOutBlock>(P, prow0, rs, H, W, kh, kw, Wt, bias, h, w0, out);
-    // One block for the remainder, so a 7-wide map is one 7-wide block, not 4 + 2 + 1.
-    switch (W - w0) {
-#define LKFAST_FWD_TAIL(n) \
-  case n:                  \
-    fwd_block<V, n>(P, prow0, rs, H, W, kh, kw, Wt, bias, h, w0, out); \
+    V* out = O + (long)(h - h0) * W * kParts;
+    for_blocks(W, kOutBlock, [&](int w0, int size) {
+      switch (size) {
+#define LKFAST_FWD_BLOCK(n)                                              \
+  case n:                                                                \
+    if constexpr (n <= kMaxBlock)                                        \
+      fwd_block<V, n>(P, prow0, rs, H, W, kh, kw, Wt, bias, h, w0, out); \
     break;
-      LKFAST_FWD_TAIL(1) LKFAST_FWD_TAIL(2) LKFAST_FWD_TAIL(3) LKFAST_FWD_TAIL(4)
-      LKFAST_FWD_TAIL(5) LKFAST_FWD_TAIL(6) LKFAST_FWD_TAIL(7)
-#undef LKFAST_FWD_TAIL
-      default:
-        break;
-    }
+        LKFAST_FWD_BLOCK(1) LKFAST_FWD_BLOCK(2) LKFAST_FWD_BLOCK(3) LKFAST_FWD_BLOCK(4)
+        LKFAST_FWD_BLOCK(5) LKFAST_FWD_BLOCK(6) LKFAST_FWD_BLOCK(7) LKFAST_FWD_BLOCK(8)
+#undef LKFAST_FWD_BLOCK
+        default:
+          break;
+      }
+    });
   }
 }
 
@@ -164,6 +266,7 @@ static inline __attribute__((always_inline)) void wgrad_block(const V* __restric
                                                               const V* __restrict G, int H, int W,
                                                               int kh, int kw, int i, int j0,
                                                               V* __restrict GW) {
+  constexpr int NV = kParts;
   const int ph = kh / 2, pw = kw / 2;
   const int prs = W + 2 * pw, grs = W + 2 * kGradPad;
   const int h_lo = imax(0, ph - i), h_hi = imin(H, H + ph - i);
@@ -172,25 +275,25 @@ static inline __attribute__((always_inline)) void wgrad_block(const V* __restric
   // Band form: valid input columns u (padded), pixel u - j0 - b.
   const int u_lo = imax(pw, j0), u_hi = imin(pw + W, j0 + B - 1 + W);
   const bool band = (u_hi - u_lo) < (w_hi - w_lo);
-  V acc[B];
+  V acc[B * NV];
 #pragma GCC unroll 16
-  for (int b = 0; b < B; ++b) acc[b] = V{};
+  for (int b = 0; b < B * NV; ++b) acc[b] = V{};
   for (int h = h_lo; h < h_hi; ++h) {
-    const V* prow = P + (long)(h + i - ph) * prs;
-    const V* grow = G + (long)h * grs + kGradPad;
+    const V* prow = P + (long)(h + i - ph) * prs * NV;
+    const V* grow = G + ((long)h * grs + kGradPad) * NV;
     if (band)
-      dot_shift_b<V, B>(prow, grow - j0, u_lo, u_hi, acc);
+      dot_b<V, B>(prow, grow - (long)j0 * NV, u_lo, u_hi, acc);
     else
-      dot_shift_a<V, B>(prow + j0, grow, w_lo, w_hi, acc);
+      dot_a<V, B>(prow + (long)j0 * NV, grow, w_lo, w_hi, acc);
   }
-  V* dst = GW + (long)i * kw + j0;
+  V* dst = GW + ((long)i * kw + j0) * NV;
 #pragma GCC unroll 16
-  for (int b = 0; b < B; ++b) dst[b] += acc[b];
+  for (int b = 0; b < B * NV; ++b) dst[b] += acc[b];
 }
 
 // Accumulates one (image, channel block) into the weight gradient, tap rows [i0, i1).
-//   P:  all H input rows, W + 2*pw vectors each; G: H rows of W + 2*kGradPad vectors;
-//   GW: kh*kw vectors, accumulated into.
+//   P:  all H input rows, W + 2*pw pixels each; G: H rows of W + 2*kGradPad pixels;
+//   GW: kh*kw pixels, accumulated into.
 template <typename T>
 void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, int i0, int i1,
                       T* GW_) {
@@ -199,20 +302,20 @@ void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, in
   const V* G = reinterpret_cast<const V*>(G_);
   V* GW = reinterpret_cast<V*>(GW_);
   for (int i = i0; i < i1; ++i) {
-    int j0 = 0;
-    for (; j0 + kTapBlock <= kw; j0 += kTapBlock)
-      wgrad_block<V, kTapBlock>(P, G, H, W, kh, kw, i, j0, GW);
-    switch (kw - j0) {
-#define LKFAST_WGRAD_TAIL(n) \
-  case n:                    \
-    wgrad_block<V, n>(P, G, H, W, kh, kw, i, j0, GW); \
+    for_blocks(kw, kTapBlock, [&](int j0, int size) {
+      switch (size) {
+#define LKFAST_WGRAD_BLOCK(n)                            \
+  case n:                                                \
+    if constexpr (n <= kMaxBlock)                        \
+      wgrad_block<V, n>(P, G, H, W, kh, kw, i, j0, GW); \
     break;
-      LKFAST_WGRAD_TAIL(1) LKFAST_WGRAD_TAIL(2) LKFAST_WGRAD_TAIL(3) LKFAST_WGRAD_TAIL(4)
-      LKFAST_WGRAD_TAIL(5) LKFAST_WGRAD_TAIL(6) LKFAST_WGRAD_TAIL(7)
-#undef LKFAST_WGRAD_TAIL
-      default:
-        break;
-    }
+        LKFAST_WGRAD_BLOCK(1) LKFAST_WGRAD_BLOCK(2) LKFAST_WGRAD_BLOCK(3) LKFAST_WGRAD_BLOCK(4)
+        LKFAST_WGRAD_BLOCK(5) LKFAST_WGRAD_BLOCK(6) LKFAST_WGRAD_BLOCK(7) LKFAST_WGRAD_BLOCK(8)
+#undef LKFAST_WGRAD_BLOCK
+        default:
+          break;
+      }
+    });
   }
 }
 
