@@ -405,7 +405,11 @@ def test_eval_tasks_run_end_to_end_and_report(tmp_path):
     for figure in ("figure4_occlusion", "figure6_attacks", "figure7_lesion", "figure8_frequency",
                    "figure9_kernel_distance", "figure10_feature_variance"):
         assert f"figures/{figure}.png" in text and (tmp_path / "out" / "figures" / f"{figure}.png").stat().st_size > 0
-    assert "Salient-Drop-50%" in text
+    assert "Salient-Drop-50%" in text  # Table 5's analysis columns (no ablation family in this run)
+    # Fig. 5: one val image and its three occlusions at 50%, written once by the task, shown by the report
+    assert "figures/figure5_occlusion_examples.png" in text
+    assert (tmp_path / "out" / "figures" / "figure5_occlusion_examples.png").stat().st_size > 0
+    assert results["ablation"]["kernel_size"] == 7 and "No family was measured at two or more kernel sizes" in text
 
 
 def write_val_folder(root):

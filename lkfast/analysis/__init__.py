@@ -7,11 +7,14 @@ model (that takes [0, 1] images) and tensors or a loader, and returns a plain JS
     frequency_sweep(model, loader, frequencies, eps)            Fig. 8
     kernel_attention_distance(model)                            Fig. 9
     feature_map_variance(model, x)                              Fig. 10
+    model_kernel_size(model), kernel_family(name)               Tables 5 and 7 (lkfast.analysis.ablation)
     residual_blocks(model), blocks_removed(model, blocks)       what the lesion removes
     lkfast.analysis.plots                                       the figures
 
 The attacks (Fig. 6, Table 4) are in lkfast.attacks.
 """
+from lkfast.analysis import ablation
+from lkfast.analysis.ablation import ablation_families, kernel_family, model_kernel_size
 from lkfast.analysis.blocks import Block, blocks_removed, output_modules, residual_blocks
 from lkfast.analysis.frequency import FREQUENCIES, frequency_sweep
 from lkfast.analysis.kernels import channel_distances, depthwise_kernels, kernel_attention_distance, paper_layers
@@ -24,4 +27,5 @@ __all__ = ["occlusion_sweep", "occlude", "random_patch_mask", "saliency_patch_ma
            "dino_attention", "dino_saliency", "load_dino", "MODES", "RATIOS", "lesion_sweep", "lesion_candidates",
            "default_counts", "residual_blocks", "blocks_removed", "output_modules", "Block", "frequency_sweep",
            "FREQUENCIES", "kernel_attention_distance", "channel_distances", "depthwise_kernels", "paper_layers",
-           "feature_map_variance", "spatial_variance"]
+           "feature_map_variance", "spatial_variance", "ablation", "ablation_families", "kernel_family",
+           "model_kernel_size"]

@@ -22,8 +22,10 @@ def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp.png")  # a reader never sees half a PNG
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    tmp.replace(path)
     return path
 
 
@@ -137,4 +139,35 @@ def plot_feature_variance(results: Mapping[str, dict], path) -> Path:
     ax.set(xlabel="normalised depth", ylabel="normalised feature-map variance", title="Feature-map variance")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], columns, path) -> Path:
+    """Tables 5 and 7 as a figure: each metric against kernel size, one line per ablation family.
+    ``results``: label -> task -> metrics (results.json); ``families``: family -> [(kernel, label)]
+    (``ablation.ablation_families``); ``columns``: (header, task, key) of the metrics to plot; a
+    metric no member measured gets no panel."""
+    from lkfast.analysis.ablation import _value
+
+    if not families:
+        raise ValueError("plot_ablation: no ablation family (a model measured at two or more kernel sizes)")
+    shown = [c for c in columns if any(_value(results[label], c[1], c[2]) is not None
+                                       for members in families.values() for _, label in members)]
+    if not shown:
+        raise ValueError("plot_ablation: none of the columns was measured for the families' models")
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.4 * len(shown), 3.4), squeeze=False)
+    for ax, (header, task, key) in zip(axes[0], shown):
+        for family, members in families.items():
+            points = [(k, _value(results[label], task, key)) for k, label in members]
+            points = [(k, v) for k, v in points if v is not None]
+            if points:
+                ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=family)
+        kernels = sorted({k for members in families.values() for k, _ in members})
+        ax.set_xscale("log")
+        ax.set_xticks(kernels)
+        ax.set_xticklabels([str(k) for k in kernels])
+        ax.minorticks_off()
+        ax.set(title=header, xlabel="kernel size")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
     return _save(fig, path)

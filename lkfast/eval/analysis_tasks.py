@@ -12,6 +12,14 @@ Tasks (results.json keys per model, beside the benchmark tasks):
     frequency         frequencies, frequencies_over_pi, top1, drop (Fig. 8), change_at_0_7pi (Table 5)
     kernel-distance   layers [{name, stage, kernel_size, distance, normalized, ...}] (Fig. 9)
     feature-variance  layers, depth, variance, normalized (Fig. 10)
+    ablation          name, family, kernel_size (None: no depthwise kernel; a reference row) (Tables 5, 7)
+
+The ``ablation`` task only identifies each model's kernel size and family
+(``lkfast.analysis.ablation``); the report lays out, for every family measured at two or more kernel
+sizes, Table 5 (ImageNet-A/-C/-R/-O, Salient-Drop-50%, Noise-0.7π, change against ViT-B as in the
+paper when the run has a ViT, else against the family's largest kernel) and Table 7 (ImageNet, -A, -R)
+from the other tasks' results, and a figure of every metric against kernel size. The ``ablation``
+suite runs exactly the tasks those tables need.
 
 Data: ImageNet-val (``val``); the occlusion's salient/non-salient drops use the foreground masks
 of ``masks`` (the embedded default's val-masks/) when present, else the DINO ViT-S/16 checkpoint
@@ -32,11 +40,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from lkfast import analysis, attacks
 from lkfast.analysis import plots
+from lkfast.analysis.ablation import table5_rows, table7_rows
 from lkfast.tables import write_table
 from lkfast.eval.registry import SUITES, TASKS, TaskUnavailable, register_task
 from lkfast.eval.tasks import image_folder
 
-ANALYSIS_TASKS = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency", "kernel-distance", "feature-variance")
+ANALYSIS_TASKS = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency", "kernel-distance", "feature-variance",
+                  "ablation")
 VARIANCE_BATCH = 64  # the paper's batch for Fig. 10
 
 
@@ -99,12 +109,34 @@ def occlusion(ctx) -> dict:
                     "(pass --dino-checkpoint, or set LKFAST_DINO_CHECKPOINT, to a vit_small_patch16_224.dino weights file)")
     modes = analysis.MODES if saliency is not None else ("random",)
     result = analysis.occlusion_sweep(ctx.model, loader, modes=modes, saliency=saliency, seed=ctx.options.seed)
+    if saliency is not None:
+        _figure5(ctx, loader, saliency)
     result["saliency"] = "dino" if callable(saliency) else saliency
     if note:
         result["saliency_note"] = note
     if "salient" in result["top1"] and 0.5 in result["ratios"]:
         result["salient_drop_50"] = result["top1"]["salient"][result["ratios"].index(0.5)] - result["clean_top1"]
     return result
+
+
+FIGURE5 = "figure5_occlusion_examples.png"
+
+
+def _figure5(ctx, loader, saliency) -> None:
+    """Fig. 5: the run's first val image and what each occlusion type keeps of it at 50% drop (the
+    same for every model; written by the main process into OUT/figures, shown by the report)."""
+    from lkfast.eval import distributed
+
+    if not distributed.is_main():
+        return
+    batch = next(iter(loader))
+    x = batch[0][:1]
+    patch_saliency = analysis.mask_saliency(batch[2][:1]) if saliency == "masks" else saliency(x)
+    generator = torch.Generator().manual_seed(ctx.options.seed)
+    masks = {f"{mode.replace('_', '-')} drop 50%": analysis.drop_masks(x, 0.5, mode, patch_saliency, saliency == "masks",
+                                                                        generator=generator)[0]
+             for mode in analysis.MODES}
+    plots.plot_occlusion_examples(x[0], masks, Path(ctx.options.out) / "figures" / FIGURE5)
 
 
 def fgsm(ctx) -> dict:
@@ -184,12 +216,20 @@ def feature_variance(ctx) -> dict:
     return result
 
 
+def ablation(ctx) -> dict:
+    kernel = analysis.model_kernel_size(getattr(ctx.model, "model", ctx.model))
+    result = {"name": ctx.spec.name, "family": analysis.kernel_family(ctx.spec.name), "kernel_size": kernel}
+    if kernel is None:
+        result["note"] = "no depthwise convolution: a reference row of the ablation tables, not a family member"
+    return result
+
+
 def _count(ctx) -> int:
     return len(image_folder(ctx, ctx.source("val"), ctx.class_space.folder_index()))
 
 
 _RUNS = {"occlusion": occlusion, "fgsm": fgsm, "pgd": pgd, "taig": taig, "lesion": lesion, "frequency": frequency,
-         "kernel-distance": kernel_distance, "feature-variance": feature_variance}
+         "kernel-distance": kernel_distance, "feature-variance": feature_variance, "ablation": ablation}
 _DESCRIPTIONS = {
     "occlusion": "Fig. 4: top-1 under random / salient / non-salient 16-px patch drop, 10-90%",
     "fgsm": "Fig. 6a: top-1 under FGSM, eps 0.1-0.4", "pgd": "Fig. 6b-c: top-1 under PGD over eps and steps",
@@ -197,13 +237,17 @@ _DESCRIPTIONS = {
     "lesion": "Fig. 7: top-1 with n blocks removed (10 draws per n)",
     "frequency": "Fig. 8: top-1 drop under band-limited noise, centre 0..pi",
     "kernel-distance": "Fig. 9: sorted kernel attention distance per large depthwise kernel",
-    "feature-variance": "Fig. 10: normalised feature-map variance against depth"}
+    "feature-variance": "Fig. 10: normalised feature-map variance against depth",
+    "ablation": "Tables 5 and 7: the kernel-size ablation (each model's kernel size and family; the tables come "
+                "from the other tasks)"}
 for _name in ANALYSIS_TASKS:
     if _name not in TASKS:
-        _needs = ("val",) if _name != "kernel-distance" else ()
-        register_task(_name, _RUNS[_name], needs=_needs, count=None if _name == "kernel-distance" else _count,
+        _no_data = _name in ("kernel-distance", "ablation")
+        register_task(_name, _RUNS[_name], needs=() if _no_data else ("val",), count=None if _no_data else _count,
                       description=_DESCRIPTIONS[_name])
 SUITES.setdefault("analysis", ANALYSIS_TASKS)
+# The kernel-size ablation: the tasks whose numbers Tables 5 and 7 show, and the ablation task.
+SUITES.setdefault("ablation", analysis.ablation.TABLE_TASKS + ("ablation",))
 # The paper's suite is Section 3's benchmarks and Section 4's analyses.
 SUITES["paper"] = tuple(dict.fromkeys(SUITES["paper"] + ANALYSIS_TASKS))
 
@@ -232,6 +276,8 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
         sources = {m: r.get("saliency") or "none (random only)" for m, r in found["occlusion"].items()}
         parts.append("## Figure 4: occlusion\n\n![Figure 4](figures/figure4_occlusion.png)\n\nSaliency: "
                      + ", ".join(f"{m}: {s}" for m, s in sources.items()) + ".\n")
+        if (figures / FIGURE5).is_file():
+            parts.append(f"### Figure 5: occlusion examples\n\n![Figure 5](figures/{FIGURE5})\n")
     if found["fgsm"] or found["pgd"]:
         plots.plot_attacks(found["fgsm"], found["pgd"], figures / "figure6_attacks.png")
         parts.append("## Figure 6: adversarial attacks (eps in [0, 1] pixel units)\n\n"
@@ -255,10 +301,57 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
     if found["feature-variance"]:
         plots.plot_feature_variance(found["feature-variance"], figures / "figure10_feature_variance.png")
         parts.append("## Figure 10: feature-map variance\n\n![Figure 10](figures/figure10_feature_variance.png)\n")
-    if found["occlusion"] or found["frequency"]:
+    ablation_text, families = _ablation_report(out, results, found["ablation"])
+    if not families and (found["occlusion"] or found["frequency"]):  # else the ablation's Table 5 holds them
         models = sorted(set(found["occlusion"]) | set(found["frequency"]))
         parts.append(_table(out, "table5_analysis", "## Table 5 (analysis columns): top-1 change (points)",
                             ["Model", "Salient-Drop-50%", "Noise-0.7π"],
                             [[m, found["occlusion"].get(m, {}).get("salient_drop_50"),
                               found["frequency"].get(m, {}).get("change_at_0_7pi")] for m in models], None))
+    if ablation_text:
+        parts.append(ablation_text)
     return "\n".join(parts)
+
+
+def _ablation_report(out, results: Dict[str, Any], found: Dict[str, dict]):
+    """(markdown, families): Tables 5 and 7 and the ablation figure, one table pair per family
+    measured at two or more kernel sizes; a line saying why when the ablation task ran but no such
+    family exists."""
+    if not found:
+        return "", {}
+    from lkfast.analysis.ablation import TABLE5_COLUMNS, TABLE7_COLUMNS, ablation_families
+
+    families = ablation_families({m: (r["family"], r["kernel_size"]) for m, r in found.items()})
+    if not families:
+        sizes = ", ".join(f"{m}: {r['family']} k={r['kernel_size']}" for m, r in found.items())
+        return ("## Tables 5 and 7: kernel-size ablation\n\nNo family was measured at two or more kernel sizes "
+                f"({sizes}); add the same architecture at other kernel sizes to --models (e.g. replknet_31b and "
+                "replknet_3b, or convnext_tiny trained with python -m lkfast.train --kernel-sizes K).\n"), {}
+    vits = [m for m, r in found.items() if r["kernel_size"] is None and _is_vit(r["name"])]
+    parts = ["## Tables 5 and 7: kernel-size ablation\n"]
+    for family, members in families.items():
+        reference = vits[0] if vits else members[-1][1]
+        against = (f"against {reference} (a ViT, as the paper compares with ViT-B)" if vits
+                   else f"against the largest kernel, {reference}")
+        parts.append(_table(out, f"table5_ablation_{family}", f"### Table 5 layout: {family}",
+                            ["Model", "Kernel"] + [h for h, _, _ in TABLE5_COLUMNS],
+                            table5_rows(results, members, reference),
+                            f"Top-1 (%) on ImageNet-A/-R, mean top-1 over the corruptions at severity 5 on "
+                            f"ImageNet-C, AUPR (%) on ImageNet-O, top-1 change (points) at 50% salient drop and under "
+                            f"noise at 0.7π; in brackets the difference {against}."))
+        parts.append(_table(out, f"table7_ablation_{family}", f"### Table 7 layout: {family}",
+                            ["Model", "Kernel"] + [h for h, _, _ in TABLE7_COLUMNS], table7_rows(results, members),
+                            "Top-1 (%) on ImageNet (the clean set), ImageNet-A and ImageNet-R."))
+    columns = tuple(dict.fromkeys(TABLE7_COLUMNS + TABLE5_COLUMNS))
+    try:
+        plots.plot_ablation(results, families, columns, Path(out) / "figures" / "ablation_kernel_size.png")
+        parts.append("![kernel-size ablation](figures/ablation_kernel_size.png)\n")
+    except ValueError as error:  # no metric measured: the tables say "—"
+        parts.append(f"(No figure: {error}.)\n")
+    labels = [label for members in families.values() for _, label in members]
+    missing = [t for t in dict.fromkeys(t for _, t, _ in columns)
+               if not any(isinstance(results[m].get(t), dict) and "unavailable" not in results[m][t] for m in labels)]
+    if missing:
+        parts.append("Columns not measured: " + ", ".join(missing) + " (not in --suite, or no data: see \"Not run\" "
+                     "below; --suite ablation runs them all).\n")
+    return "\n".join(parts), families

@@ -18,13 +18,14 @@ import sys
 from typing import List, Optional
 
 from lkfast.eval import distributed as dist
-from lkfast.eval.models import ModelSpec
+from lkfast.eval.models import ModelSpec, with_training_run
 from lkfast.eval.registry import SUITES, TASKS, resolve_suite
 from lkfast.eval.sources import SOURCE_NAMES, resolve_sources
 
 EXAMPLE = """examples:
   python -m lkfast.eval --models replknet_31b:/ckpt/RepLKNet-31B_ImageNet-22K-to-1K_224.pth=RepLKNet-31B \\
       --models resnet50:/ckpt/resnet50.pth --data-root /data/robustness --out runs/paper
+  python -m lkfast.eval --models replknet_31b:/ckpt/31b.pth,replknet_3b:runs/replknet_3b --suite ablation --data-root /data
   python -m lkfast.eval --models convnext_tiny:/ckpt/ct.pth --suite clean,imagenet-a --imagenet-a-dir /data/imagenet-a \\
       --val-dir /data/imagenet/val --limit 500 --dry-run
   torchrun --nproc_per_node 8 -m lkfast.eval --models replknet_31b:/ckpt/31b.pth --data-root /data --device cuda --amp
@@ -43,13 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", action="append", default=[], metavar="NAME[:CKPT][=LABEL],...",
                    help="models to evaluate: a RepLKNet or timm name, an optional local checkpoint after ':', an "
-                        "optional label after '='; comma list or repeated (e.g. replknet_31b:31b.pth=RepLKNet-31B)")
+                        "optional label after '='; comma list or repeated (e.g. replknet_31b:31b.pth=RepLKNet-31B). A "
+                        "python -m lkfast.train output folder (or its model.safetensors) as the checkpoint also "
+                        "gives the kernel size and class count it was trained with")
     p.add_argument("--input-size", type=int, default=None, metavar="N",
                    help="evaluate the --models at N x N pixels instead of their own input size (resize/crop scale "
                         "with it; the baseline keeps its own)")
     p.add_argument("--suite", default="paper",
-                   help=f"'paper' ({', '.join(SUITES['paper'])}), 'quick' ({', '.join(SUITES['quick'])}) or a comma "
-                        f"list of task names from: {', '.join(TASKS)} (default: paper)")
+                   help="a suite: " + "; ".join(f"'{k}' ({', '.join(v)})" for k, v in SUITES.items())
+                        + f"; or a comma list of task names from: {', '.join(TASKS)} (default: paper)")
     p.add_argument("--data-root", metavar="DIR", help="folder holding val/, imagenet-a/, ... (see below)")
     for name in SOURCE_NAMES:
         p.add_argument(f"--{name}-dir", metavar="DIR", help=f"the {name} folder (overrides --data-root/{name})")
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _models(values: List[str]) -> List[ModelSpec]:
-    return [ModelSpec.parse(item) for value in values for item in value.split(",") if item.strip()]
+    return [with_training_run(ModelSpec.parse(item)) for value in values for item in value.split(",") if item.strip()]
 
 
 def _with_input_size(specs: List[ModelSpec], size: Optional[int]) -> List[ModelSpec]:

@@ -77,6 +77,47 @@ class ModelSpec:
         return safe_name(f"{self.source}-{self.name}-{weights}{extra}")
 
 
+def with_training_run(spec: ModelSpec) -> ModelSpec:
+    """``spec`` completed from a ``python -m lkfast.train`` output: a checkpoint that is a training
+    folder becomes its ``model.safetensors``, and the ``summary.json`` beside the weights supplies how
+    the model was built (``kernel_sizes``, ``num_classes``) unless ``spec.kwargs`` says otherwise, so
+    ``--models convnext_tiny:runs/convnext_tiny_k31`` evaluates ConvNeXt-T at kernel 31.
+
+    Raises FileNotFoundError for a training folder without weights, ValueError when the summary names
+    another architecture than ``spec.name``. Other checkpoints come back unchanged."""
+    import dataclasses
+    import json
+
+    if spec.checkpoint is None or spec.source != "timm":
+        return spec
+    checkpoint = spec.checkpoint
+    if os.path.isdir(checkpoint):
+        weights = os.path.join(checkpoint, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"model {spec.display!r}: {checkpoint!r} is a folder without model.safetensors "
+                                    f"(a finished python -m lkfast.train run writes it; give the weights file itself "
+                                    f"otherwise)")
+        checkpoint = weights
+    summary_path = os.path.join(os.path.dirname(checkpoint), "summary.json")
+    kwargs = dict(spec.kwargs)
+    if os.path.basename(checkpoint) == "model.safetensors" and os.path.isfile(summary_path):
+        try:
+            summary = json.loads(open(summary_path).read())
+            trained, recipe = summary["model"], summary.get("recipe", {})
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"model {spec.display!r}: {summary_path} is not a python -m lkfast.train summary "
+                             f"({error}); remove it or give the weights without it") from None
+        if trained.split(".")[0] != spec.name.split(".")[0]:
+            raise ValueError(f"model {spec.display!r}: {checkpoint} was trained as {trained!r} ({summary_path}), "
+                             f"but --models names {spec.name!r}; use {trained}:{spec.checkpoint}")
+        built = {"kernel_sizes": recipe.get("kernel_sizes"),
+                 "num_classes": recipe.get("num_classes") or len(summary.get("classes") or []) or None}
+        for key, value in built.items():
+            if value is not None:
+                kwargs.setdefault(key, value)
+    return dataclasses.replace(spec, checkpoint=checkpoint, kwargs=tuple(sorted(kwargs.items())))
+
+
 def _torchvision_model(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Module, Dict[str, Any]]:
     import torchvision
 
