@@ -14,6 +14,40 @@ FREQUENCIES = tuple(i * math.pi / 10 for i in range(11))  # 0, 0.1 pi, ..., pi
 WIDTH = 0.1 * math.pi
 
 
+def check_frequency(frequencies: Sequence[float], eps: float) -> None:
+    """Refuse a band centre outside [0, pi] and eps < 0."""
+    for f in frequencies:
+        if not isinstance(f, (int, float)) or not -1e-12 <= f <= math.pi + 1e-12:
+            raise ValueError(f"frequency_sweep: band centres are radians per pixel in [0, pi], got {f!r}")
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"frequency_sweep: eps (noise amplitude in [0, 1] pixel units) must be >= 0, got {eps!r}")
+
+
+def frequency_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, frequencies: Sequence[float] = FREQUENCIES,
+                       eps: float = 0.1, width: float = WIDTH, generator: Optional[torch.Generator] = None) -> dict:
+    """Per-image outcomes of one batch: ``{"clean": bool (N,), "correct": bool (N, frequencies)}``,
+    the noise of each band drawn from ``generator`` (on the model's device) band by band."""
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+        correct = torch.stack([model(frequency_noise(x, float(f), width=width, eps=eps, generator=generator)).argmax(1) == y
+                               for f in frequencies], 1) if len(frequencies) else torch.zeros(len(y), 0, dtype=torch.bool)
+    return {"clean": clean, "correct": correct}
+
+
+def frequency_summary(records: dict, frequencies: Sequence[float], eps: float, width: float = WIDTH) -> dict:
+    """The frequency sweep's result from ``frequency_outcomes`` rows of every image (concatenated)."""
+    count = len(records["clean"])
+    if count == 0:
+        raise ValueError("frequency_sweep: the loader yielded no images")
+    clean_top1 = 100.0 * int(records["clean"].sum()) / count
+    top1 = [100.0 * c / count for c in records["correct"].long().sum(0).tolist()]
+    return {"frequencies": list(map(float, frequencies)), "frequencies_over_pi": [f / math.pi for f in frequencies],
+            "top1": top1, "drop": [clean_top1 - t for t in top1], "clean_top1": clean_top1, "eps": float(eps),
+            "width": float(width), "images": count}
+
+
 def frequency_sweep(model: nn.Module, loader: Iterable, frequencies: Sequence[float] = FREQUENCIES,
                     eps: float = 0.1, width: float = WIDTH, seed: int = 0, max_batches: Optional[int] = None) -> dict:
     """Top-1 (percent) of ``model`` on images plus ``lkfast.ops.frequency_noise(x, f, width, eps)``
@@ -24,25 +58,13 @@ def frequency_sweep(model: nn.Module, loader: Iterable, frequencies: Sequence[fl
     "drop": [clean - noisy, percentage points], "clean_top1", "eps", "width", "images"}``.
     Refuses a band centre outside [0, pi] and eps < 0.
     """
-    for f in frequencies:
-        if not isinstance(f, (int, float)) or not -1e-12 <= f <= math.pi + 1e-12:
-            raise ValueError(f"frequency_sweep: band centres are radians per pixel in [0, pi], got {f!r}")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"frequency_sweep: eps (noise amplitude in [0, 1] pixel units) must be >= 0, got {eps!r}")
+    check_frequency(frequencies, eps)
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
-    clean, noisy, count = 0, [0] * len(frequencies), 0
-    with torch.no_grad():
-        for x, y in batches(loader, device, max_batches):
-            clean += int((model(x).argmax(1) == y).sum())
-            for j, f in enumerate(frequencies):
-                perturbed = frequency_noise(x, float(f), width=width, eps=eps, generator=generator)
-                noisy[j] += int((model(perturbed).argmax(1) == y).sum())
-            count += len(y)
-    if count == 0:
+    rows = {}
+    for x, y in batches(loader, device, max_batches):
+        for name, value in frequency_outcomes(model, x, y, frequencies, eps, width, generator).items():
+            rows.setdefault(name, []).append(value.cpu())
+    if not rows:
         raise ValueError("frequency_sweep: the loader yielded no images")
-    clean_top1 = 100.0 * clean / count
-    top1 = [100.0 * c / count for c in noisy]
-    return {"frequencies": list(map(float, frequencies)), "frequencies_over_pi": [f / math.pi for f in frequencies],
-            "top1": top1, "drop": [clean_top1 - t for t in top1], "clean_top1": clean_top1, "eps": float(eps),
-            "width": float(width), "images": count}
+    return frequency_summary({k: torch.cat(v) for k, v in rows.items()}, frequencies, eps, width)

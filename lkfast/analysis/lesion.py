@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,54 +39,81 @@ def default_counts(total: int) -> list:
     return sorted({max(1, round(total * f / 10)) for f in range(1, 10)} - {total} or {1})
 
 
-def _accuracy(model: nn.Module, data: Sequence) -> float:
-    correct = count = 0
+class LesionPlan:
+    """The blocks a lesion sweep removes: for each n in ``counts``, ``draws`` seeded random sets of n
+    blocks among ``lesion_candidates(model, scope)`` (``removed[c][d]``, in model order). Drawn once,
+    so every batch (and every shard of an evaluation) removes the same blocks."""
+
+    def __init__(self, model: nn.Module, counts: Optional[Sequence[int]] = None, draws: int = 10, seed: int = 0,
+                 scope: str = "all"):
+        if not isinstance(draws, int) or draws < 1:
+            raise ValueError(f"lesion_sweep: draws must be an integer >= 1, got {draws!r}")
+        self.candidates = lesion_candidates(model, scope)
+        total = len(self.candidates)
+        self.counts = default_counts(total) if counts is None else list(counts)
+        for n in self.counts:
+            if not isinstance(n, int) or not 0 <= n <= total:
+                raise ValueError(f"lesion_sweep: each count must be an integer in 0..{total} (the number of candidate "
+                                 f"blocks), got {n!r}")
+        self.draws, self.seed, self.scope = draws, seed, scope
+        rng = random.Random(seed)
+        self.removed: List[List[List[Block]]] = [
+            [sorted(rng.sample(self.candidates, n), key=lambda b: b.index) for _ in range(draws)] for n in self.counts]
+
+    def names(self) -> List[List[List[str]]]:
+        """The removed blocks' names, [count][draw] -> [names]."""
+        return [[[b.name for b in chosen] for chosen in per_count] for per_count in self.removed]
+
+
+def lesion_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: LesionPlan) -> dict:
+    """Per-image outcomes of one batch: ``{"clean": bool (N,), "correct": bool (N, counts, draws)}``
+    (correct prediction with every block in place, and with each planned set removed). The model is
+    evaluated in the mode it is in and restored after every draw, also after an error."""
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
+    correct = torch.zeros(len(y), len(plan.counts), plan.draws, dtype=torch.bool, device=device)
     with torch.no_grad():
-        for x, y in data:
-            correct += int((model(x).argmax(1) == y).sum())
-            count += len(y)
-    return 100.0 * correct / count
+        clean = model(x).argmax(1) == y
+        for c, per_count in enumerate(plan.removed):
+            for d, chosen in enumerate(per_count):
+                with blocks_removed(model, chosen):
+                    correct[:, c, d] = model(x).argmax(1) == y
+    return {"clean": clean, "correct": correct}
+
+
+def lesion_summary(records: dict, plan: LesionPlan) -> dict:
+    """The lesion sweep's result from ``lesion_outcomes`` rows of every image (concatenated)."""
+    count = len(records["clean"])
+    if count == 0:
+        raise ValueError("lesion_sweep: the loader yielded no images")
+    total = len(plan.candidates)
+    draws = [[100.0 * c / count for c in per_count] for per_count in records["correct"].long().sum(0).tolist()]
+    return {"candidates": [b.name for b in plan.candidates], "clean_top1": 100.0 * int(records["clean"].sum()) / count,
+            "counts": list(plan.counts), "fraction": [n / total for n in plan.counts],
+            "mean": [sum(a) / plan.draws for a in draws], "min": [min(a) for a in draws], "max": [max(a) for a in draws],
+            "draws": draws, "removed": plan.names(), "draws_per_count": plan.draws, "seed": plan.seed,
+            "scope": plan.scope, "images": count}
 
 
 def lesion_sweep(model: nn.Module, loader: Iterable, counts: Optional[Sequence[int]] = None, draws: int = 10,
                  seed: int = 0, scope: str = "all", max_batches: Optional[int] = None) -> dict:
     """Top-1 (percent) with n random blocks removed, ``draws`` seeded draws for each n in ``counts``
-    (default: 10%..90% of the candidates), blocks drawn among ``lesion_candidates(model, scope)``.
+    (default: 10%..90% of the candidates), blocks drawn among ``lesion_candidates(model, scope)``
+    (``LesionPlan``).
 
-    The loader's batches are read once and kept in memory (use ``max_batches`` to bound them). The
-    model is evaluated in the mode it is in (use eval mode) and restored after every draw: the same
-    modules are back in place when this returns, also after an error.
+    Every batch is evaluated with each draw's blocks removed (``lesion_outcomes``). The model is
+    evaluated in the mode it is in (use eval mode) and restored after every draw: the same modules
+    are back in place when this returns, also after an error.
 
     Returns ``{"candidates": [block names], "clean_top1": float, "counts": [n...], "fraction": [n /
     candidates...], "mean": [...], "min": [...], "max": [...], "draws": [[top1 per draw]...],
     "removed": [[[names removed] per draw]...], "draws_per_count", "seed", "scope", "images"}``.
     """
-    if not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"lesion_sweep: draws must be an integer >= 1, got {draws!r}")
-    candidates = lesion_candidates(model, scope)
-    total = len(candidates)
-    counts = default_counts(total) if counts is None else list(counts)
-    for n in counts:
-        if not isinstance(n, int) or not 0 <= n <= total:
-            raise ValueError(f"lesion_sweep: each count must be an integer in 0..{total} (the number of candidate "
-                             f"blocks), got {n!r}")
-    data = list(batches(loader, model_device(model), max_batches))
-    if not data:
+    plan = LesionPlan(model, counts, draws, seed, scope)
+    rows = {}
+    for x, y in batches(loader, model_device(model), max_batches):
+        for name, value in lesion_outcomes(model, x, y, plan).items():
+            rows.setdefault(name, []).append(value.cpu())
+    if not rows:
         raise ValueError("lesion_sweep: the loader yielded no images")
-    rng = random.Random(seed)
-    result = {"candidates": [b.name for b in candidates], "clean_top1": _accuracy(model, data), "counts": counts,
-              "fraction": [n / total for n in counts], "mean": [], "min": [], "max": [], "draws": [], "removed": [],
-              "draws_per_count": draws, "seed": seed, "scope": scope, "images": sum(len(y) for _, y in data)}
-    for n in counts:
-        accuracies, removed = [], []
-        for _ in range(draws):
-            chosen: list[Block] = sorted(rng.sample(candidates, n), key=lambda b: b.index)
-            with blocks_removed(model, chosen):
-                accuracies.append(_accuracy(model, data))
-            removed.append([b.name for b in chosen])
-        result["draws"].append(accuracies)
-        result["removed"].append(removed)
-        result["mean"].append(sum(accuracies) / draws)
-        result["min"].append(min(accuracies))
-        result["max"].append(max(accuracies))
-    return result
+    return lesion_summary({k: torch.cat(v) for k, v in rows.items()}, plan)

@@ -152,8 +152,9 @@ def drop_masks(x: torch.Tensor, ratio: float, mode: str, saliency: Optional[torc
     if mode not in MODES:
         raise ValueError(f"occlusion: mode must be one of {MODES}, got {mode!r}")
     grid = patch_grid(x.shape[-2], x.shape[-1], patch_size)
-    if mode == "random":
-        return random_patch_mask(x.shape[0], grid, ratio, generator=generator)
+    if mode == "random":  # drawn on the generator's device (the CPU by default)
+        return random_patch_mask(x.shape[0], grid, ratio, generator=generator,
+                                 device=None if generator is None else generator.device)
     if saliency is None:
         raise ValueError(f"occlusion: mode {mode!r} needs a saliency map (DINO attention or ground-truth masks)")
     if tuple(saliency.shape) != (x.shape[0], *grid):
@@ -162,6 +163,72 @@ def drop_masks(x: torch.Tensor, ratio: float, mode: str, saliency: Optional[torc
     if from_masks and mode == "non_salient":
         return saliency_patch_mask(1.0 - saliency, ratio, "salient")
     return saliency_patch_mask(saliency, ratio, mode)
+
+
+def occlusion_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ratios: Sequence[float] = RATIOS,
+                       modes: Sequence[str] = MODES, patch_saliency: Optional[torch.Tensor] = None,
+                       from_masks: bool = False, patch_size: int = PATCH_SIZE,
+                       generator: Optional[torch.Generator] = None) -> dict:
+    """Per-image outcomes of one batch of the occlusion sweep (x in [0, 1], y labels; moved to the
+    model's device). patch_saliency: (N, rows, cols) saliency of the batch (``mask_saliency`` of its
+    masks with ``from_masks=True``, or attention), needed by the salient/non-salient modes.
+    Random patches are drawn from ``generator`` (on the CPU or x's device), mode by mode, ratio by
+    ratio.
+
+    Returns ``{"clean": bool (N,), "correct": bool (N, modes, ratios), "dropped": int (N, modes,
+    ratios) patches dropped}``; ``occlusion_summary`` turns the rows of any number of batches into
+    the sweep's result."""
+    device = model_device(model)
+    y = y.to(device)
+    correct = torch.zeros(len(y), len(modes), len(ratios), dtype=torch.bool, device=device)
+    dropped = torch.zeros(len(y), len(modes), len(ratios), dtype=torch.long)
+    with torch.no_grad():
+        clean = model(x.to(device)).argmax(1) == y
+        for i, mode in enumerate(modes):
+            for j, ratio in enumerate(ratios):
+                mask = drop_masks(x, ratio, mode, patch_saliency, from_masks, patch_size, generator)
+                dropped[:, i, j] = mask.flatten(1).sum(1).cpu()
+                correct[:, i, j] = model(occlude(x, mask, patch_size).to(device)).argmax(1) == y
+    return {"clean": clean, "correct": correct, "dropped": dropped}
+
+
+def occlusion_summary(records: dict, ratios: Sequence[float], modes: Sequence[str], grid: Sequence[int],
+                      patch_size: int = PATCH_SIZE, saliency=None) -> dict:
+    """The occlusion sweep's result from ``occlusion_outcomes`` rows of every image (concatenated)."""
+    count = len(records["clean"])
+    if count == 0:
+        raise ValueError("occlusion_sweep: the loader yielded no images")
+    correct = records["correct"].long().sum(0).tolist()
+    dropped = records["dropped"].long().sum(0).tolist()
+    patches = grid[0] * grid[1]
+    return {"ratios": list(map(float, ratios)), "clean_top1": 100.0 * int(records["clean"].sum()) / count,
+            "top1": {m: [100.0 * c / count for c in correct[i]] for i, m in enumerate(modes)},
+            "dropped_fraction": {m: [d / (patches * count) for d in dropped[i]] for i, m in enumerate(modes)},
+            "patch_size": patch_size, "grid": list(grid),
+            "saliency": saliency if isinstance(saliency, str) or saliency is None else "function", "images": count}
+
+
+def check_occlusion(ratios: Sequence[float], modes: Sequence[str], saliency) -> None:
+    """Refuse ratios outside [0, 1], unknown modes, and salient modes without a saliency source."""
+    for ratio in ratios:
+        check_ratio("occlusion_sweep", ratio)
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"occlusion_sweep: unknown modes {bad}; choose from {MODES}")
+    if saliency is None and any(m != "random" for m in modes):
+        raise ValueError("occlusion_sweep: salient/non_salient drops need saliency='masks' (ground-truth masks in the "
+                         "loader) or a saliency function such as dino_saliency(load_dino(path))")
+
+
+def batch_saliency(x: torch.Tensor, masks: Optional[torch.Tensor], saliency, modes: Sequence[str],
+                   patch_size: int = PATCH_SIZE) -> Optional[torch.Tensor]:
+    """The patch saliency ``occlusion_outcomes`` needs for a batch: the masks' foreground shares
+    (saliency ``"masks"``), the saliency function's map, or None when only random drops run."""
+    if saliency == "masks":
+        if masks is None:
+            raise ValueError("occlusion_sweep: saliency='masks' needs (images, labels, masks) batches")
+        return mask_saliency(masks, patch_size)
+    return saliency(x) if callable(saliency) and any(m != "random" for m in modes) else None
 
 
 def occlusion_sweep(model: nn.Module, loader: Iterable, ratios: Sequence[float] = RATIOS,
@@ -176,45 +243,21 @@ def occlusion_sweep(model: nn.Module, loader: Iterable, ratios: Sequence[float] 
 
     Returns ``{"ratios": [...], "clean_top1": float, "top1": {mode: [...]}, "dropped_fraction":
     {mode: [mean share of patches dropped]}, "patch_size", "grid", "saliency", "images"}``.
+    A loop of ``occlusion_outcomes`` over the batches and ``occlusion_summary``.
     """
-    for ratio in ratios:
-        check_ratio("occlusion_sweep", ratio)
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise ValueError(f"occlusion_sweep: unknown modes {bad}; choose from {MODES}")
-    if saliency is None and any(m != "random" for m in modes):
-        raise ValueError("occlusion_sweep: salient/non_salient drops need saliency='masks' (ground-truth masks in the "
-                         "loader) or a saliency function such as dino_saliency(load_dino(path))")
-    device = model_device(model)
+    check_occlusion(ratios, modes, saliency)
     generator = torch.Generator().manual_seed(seed)
-    correct = {m: [0] * len(ratios) for m in modes}
-    dropped = {m: [0.0] * len(ratios) for m in modes}
-    clean = count = 0
+    rows = {}
     grid = None
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         x, y = batch[0], batch[1]
         grid = patch_grid(x.shape[-2], x.shape[-1], patch_size)
-        if saliency == "masks":
-            if len(batch) < 3:
-                raise ValueError("occlusion_sweep: saliency='masks' needs (images, labels, masks) batches")
-            patch_saliency = mask_saliency(batch[2], patch_size)
-        else:
-            patch_saliency = saliency(x) if callable(saliency) and any(m != "random" for m in modes) else None
-        y = y.to(device)
-        with torch.no_grad():
-            clean += int((model(x.to(device)).argmax(1) == y).sum())
-            for mode in modes:
-                for j, ratio in enumerate(ratios):
-                    mask = drop_masks(x, ratio, mode, patch_saliency, saliency == "masks", patch_size, generator)
-                    dropped[mode][j] += float(mask.flatten(1).float().mean(1).sum())
-                    correct[mode][j] += int((model(occlude(x, mask, patch_size).to(device)).argmax(1) == y).sum())
-        count += len(y)
-    if count == 0:
+        patch_saliency = batch_saliency(x, batch[2] if len(batch) > 2 else None, saliency, modes, patch_size)
+        for name, value in occlusion_outcomes(model, x, y, ratios, modes, patch_saliency, saliency == "masks",
+                                              patch_size, generator).items():
+            rows.setdefault(name, []).append(value.cpu())
+    if not rows:
         raise ValueError("occlusion_sweep: the loader yielded no images")
-    return {"ratios": list(map(float, ratios)), "clean_top1": 100.0 * clean / count,
-            "top1": {m: [100.0 * c / count for c in correct[m]] for m in modes},
-            "dropped_fraction": {m: [d / count for d in dropped[m]] for m in modes},
-            "patch_size": patch_size, "grid": list(grid),
-            "saliency": saliency if isinstance(saliency, str) or saliency is None else "function", "images": count}
+    return occlusion_summary({k: torch.cat(v) for k, v in rows.items()}, ratios, modes, grid, patch_size, saliency)
