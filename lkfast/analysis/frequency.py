@@ -7,11 +7,13 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from lkfast.attacks.core import Generators
 from lkfast.attacks.evaluate import batches, model_device
 from lkfast.ops import frequency_noise
 
 FREQUENCIES = tuple(i * math.pi / 10 for i in range(11))  # 0, 0.1 pi, ..., pi
 WIDTH = 0.1 * math.pi
+NOISE_EPS = 0.1  # the noise amplitude (pixel units) of the paper's Fig. 8
 
 
 def check_frequency(frequencies: Sequence[float], eps: float) -> None:
@@ -24,16 +26,24 @@ def check_frequency(frequencies: Sequence[float], eps: float) -> None:
 
 
 def frequency_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, frequencies: Sequence[float] = FREQUENCIES,
-                       eps: float = 0.1, width: float = WIDTH, generator: Optional[torch.Generator] = None) -> dict:
+                       eps: float = NOISE_EPS, width: float = WIDTH, generator: Generators = None) -> dict:
     """Per-image outcomes of one batch: ``{"clean": bool (N,), "correct": bool (N, frequencies)}``,
-    the noise of each band drawn from ``generator`` (on the model's device) band by band."""
+    the noise of each band drawn band by band from ``generator`` (on the model's device), or, given
+    one generator per image, each image's noise from its own."""
     device = model_device(model)
     x, y = x.to(device), y.to(device)
+
+    def noisy(f):
+        if generator is None or isinstance(generator, torch.Generator):
+            return frequency_noise(x, float(f), width=width, eps=eps, generator=generator)
+        if len(generator) != len(x):
+            raise ValueError(f"frequency_outcomes: {len(x)} images need one generator each, got {len(generator)}")
+        return torch.cat([frequency_noise(x[i:i + 1], float(f), width=width, eps=eps, generator=g)
+                          for i, g in enumerate(generator)]) if len(x) else x
     with torch.no_grad():
         clean = model(x).argmax(1) == y
-        correct = torch.stack([model(frequency_noise(x, float(f), width=width, eps=eps, generator=generator)).argmax(1) == y
-                               for f in frequencies], 1) if len(frequencies) else torch.zeros(len(y), 0, dtype=torch.bool)
-    return {"clean": clean, "correct": correct}
+        correct = [model(noisy(f)).argmax(1) == y for f in frequencies]
+    return {"clean": clean, "correct": torch.stack(correct, 1) if correct else torch.zeros(len(y), 0, dtype=torch.bool)}
 
 
 def frequency_summary(records: dict, frequencies: Sequence[float], eps: float, width: float = WIDTH) -> dict:
@@ -49,7 +59,7 @@ def frequency_summary(records: dict, frequencies: Sequence[float], eps: float, w
 
 
 def frequency_sweep(model: nn.Module, loader: Iterable, frequencies: Sequence[float] = FREQUENCIES,
-                    eps: float = 0.1, width: float = WIDTH, seed: int = 0, max_batches: Optional[int] = None) -> dict:
+                    eps: float = NOISE_EPS, width: float = WIDTH, seed: int = 0, max_batches: Optional[int] = None) -> dict:
     """Top-1 (percent) of ``model`` on images plus ``lkfast.ops.frequency_noise(x, f, width, eps)``
     for every band centre f (radians per pixel, 0..pi), and the drop from clean accuracy.
 

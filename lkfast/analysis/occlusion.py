@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lkfast.attacks.core import Generators, generator_device, uniform
 from lkfast.attacks.evaluate import model_device
 
 MODES = ("random", "salient", "non_salient")
@@ -41,13 +42,13 @@ def patch_grid(height: int, width: int, patch_size: int = PATCH_SIZE) -> tuple:
     return height // patch_size, width // patch_size
 
 
-def random_patch_mask(batch: int, grid: tuple, ratio: float, generator: Optional[torch.Generator] = None,
+def random_patch_mask(batch: int, grid: tuple, ratio: float, generator: Generators = None,
                       device=None) -> torch.Tensor:
     """Boolean (batch, rows, cols) mask with exactly round(ratio * rows * cols) True (dropped)
-    patches per image, chosen uniformly at random with ``generator``."""
+    patches per image, chosen uniformly at random with ``generator`` (one, or one per image)."""
     check_ratio("random_patch_mask", ratio)
     total = grid[0] * grid[1]
-    keys = torch.rand(batch, total, generator=generator, device=device)
+    keys = uniform((batch, total), generator, device)
     order = keys.argsort(dim=1)
     mask = torch.zeros(batch, total, dtype=torch.bool, device=device)
     mask.scatter_(1, order[:, :round(ratio * total)], True)
@@ -147,14 +148,14 @@ def dino_saliency(vit: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def drop_masks(x: torch.Tensor, ratio: float, mode: str, saliency: Optional[torch.Tensor] = None,
                from_masks: bool = False, patch_size: int = PATCH_SIZE,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The patch mask of one occlusion type for a batch (``random`` needs no saliency)."""
+               generator: Generators = None) -> torch.Tensor:
+    """The patch mask of one occlusion type for a batch (``random`` needs no saliency; its patches
+    are drawn with ``generator``, one or one per image, on the generator's device)."""
     if mode not in MODES:
         raise ValueError(f"occlusion: mode must be one of {MODES}, got {mode!r}")
     grid = patch_grid(x.shape[-2], x.shape[-1], patch_size)
-    if mode == "random":  # drawn on the generator's device (the CPU by default)
-        return random_patch_mask(x.shape[0], grid, ratio, generator=generator,
-                                 device=None if generator is None else generator.device)
+    if mode == "random":
+        return random_patch_mask(x.shape[0], grid, ratio, generator=generator, device=generator_device(generator))
     if saliency is None:
         raise ValueError(f"occlusion: mode {mode!r} needs a saliency map (DINO attention or ground-truth masks)")
     if tuple(saliency.shape) != (x.shape[0], *grid):
@@ -168,12 +169,12 @@ def drop_masks(x: torch.Tensor, ratio: float, mode: str, saliency: Optional[torc
 def occlusion_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ratios: Sequence[float] = RATIOS,
                        modes: Sequence[str] = MODES, patch_saliency: Optional[torch.Tensor] = None,
                        from_masks: bool = False, patch_size: int = PATCH_SIZE,
-                       generator: Optional[torch.Generator] = None) -> dict:
+                       generator: Generators = None) -> dict:
     """Per-image outcomes of one batch of the occlusion sweep (x in [0, 1], y labels; moved to the
     model's device). patch_saliency: (N, rows, cols) saliency of the batch (``mask_saliency`` of its
     masks with ``from_masks=True``, or attention), needed by the salient/non-salient modes.
-    Random patches are drawn from ``generator`` (on the CPU or x's device), mode by mode, ratio by
-    ratio.
+    Random patches are drawn from ``generator`` (on the CPU or x's device; one, or one per image),
+    mode by mode, ratio by ratio.
 
     Returns ``{"clean": bool (N,), "correct": bool (N, modes, ratios), "dropped": int (N, modes,
     ratios) patches dropped}``; ``occlusion_summary`` turns the rows of any number of batches into

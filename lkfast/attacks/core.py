@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -64,3 +64,28 @@ def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """``x_adv`` clipped to the L-inf ball of radius eps around x, then to [0, 1]."""
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def generator_device(generator: Generators) -> Optional[torch.device]:
+    """The device random draws from ``generator`` (one, or one per image) land on; None for None."""
+    if generator is None:
+        return None
+    if isinstance(generator, torch.Generator):
+        return generator.device
+    return generator[0].device if len(generator) else None
+
+
+def uniform(shape, generator: Generators = None, device=None, dtype=None) -> torch.Tensor:
+    """Uniform [0, 1) draws of ``shape`` from ``generator``; given one generator per image (a
+    sequence as long as ``shape[0]``), each image's row is drawn from its own, so an image gets the
+    same draws whatever batch it is in (how sharded evaluations stay independent of the sharding)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"random draws for {shape[0]} images need one generator per image, got {len(generator)}")
+    if not len(generator):
+        return torch.empty(shape, device=device, dtype=dtype)
+    return torch.stack([torch.rand(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])

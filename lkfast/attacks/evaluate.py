@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from lkfast.attacks.core import check_budget
+from lkfast.attacks.core import Generators, check_budget
 from lkfast.attacks.gradient import fgsm, pgd
 from lkfast.attacks.taig import taig
 
@@ -109,10 +109,9 @@ def fgsm_sweep(model: nn.Module, loader: Iterable, eps_values: Sequence[float] =
 
 
 def pgd_attacks(eps_values: Sequence[float] = PGD_EPS, steps: int = 5, steps_values: Sequence[int] = PGD_STEPS,
-                steps_eps: float = 0.006, alpha_ratio: float = 0.25,
-                generator: Optional[torch.Generator] = None) -> dict:
+                steps_eps: float = 0.006, alpha_ratio: float = 0.25, generator: Generators = None) -> dict:
     """The attacks of Fig. 6b-c for ``attack_outcomes``: PGD (random start from ``generator``, on the
-    images' device; alpha = alpha_ratio * eps) at each eps with ``steps`` steps, then at each number
+    images' device, one or one per image; alpha = alpha_ratio * eps) at each eps with ``steps`` steps, then at each number
     of steps with ``steps_eps``, in that order."""
     for eps in list(eps_values) + [steps_eps]:
         check_budget("pgd_sweep", eps, steps=steps, alpha=alpha_ratio)
@@ -166,10 +165,10 @@ def _check_classes(surrogate: nn.Module, targets: Mapping[str, nn.Module], x: to
 
 def transfer_outcomes(surrogate: nn.Module, targets: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
                       eps_values: Sequence[float] = TAIG_EPS, steps: int = TAIG_STEPS, path_steps: int = TAIG_PATH_STEPS,
-                      alpha: float = TAIG_ALPHA, random_path: bool = True,
-                      generator: Optional[torch.Generator] = None) -> dict:
+                      alpha: float = TAIG_ALPHA, random_path: bool = True, generator: Generators = None) -> dict:
     """Per-image outcomes of one batch of the transfer attack: the surrogate generates TAIG images at
-    each eps (path noise from ``generator``, on the surrogate's device, eps by eps), every target
+    each eps (path noise from ``generator``, on the surrogate's device, one or one per image, eps by
+    eps), every target
     classifies them. Returns ``{"clean": bool (N, targets), "correct": bool (N, targets, eps)}``
     (targets in ``targets`` order). Refuses targets whose number of classes differs from the
     surrogate's, and an empty ``targets``."""

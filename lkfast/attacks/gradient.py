@@ -5,12 +5,11 @@ Images are in [0, 1] pixel space and the model normalises inside itself, so eps 
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from lkfast.attacks.core import check_budget, check_images, frozen, loss_gradient, project
+from lkfast.attacks.core import Generators, check_budget, check_images, frozen, loss_gradient, project, uniform
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,11 +27,11 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
-        random_start: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        random_start: bool = True, generator: Generators = None) -> torch.Tensor:
     """Projected gradient descent on the cross-entropy (ascent), L-inf.
 
     Starts at x (or, with ``random_start``, at x plus uniform noise in [-eps, eps] drawn from
-    ``generator``, a torch.Generator on x's device), then ``steps`` times: x_adv += alpha *
+    ``generator``, a torch.Generator on x's device or one per image), then ``steps`` times: x_adv += alpha *
     sign(gradient), projected to the eps-ball around x and to [0, 1]. The paper uses alpha = eps / 4.
     Returns the adversarial batch (detached). Refuses eps < 0, alpha <= 0, steps < 1, x outside [0, 1].
     """
@@ -41,7 +40,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     x = x.detach()
     x_adv = x.clone()
     if random_start:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = uniform(x.shape, generator, x.device, x.dtype)
         x_adv = (x_adv + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
     with frozen(model):
         for _ in range(steps):

@@ -6,16 +6,15 @@ TAIG-R (``random_path=True``) perturbs every path point with uniform noise in [-
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from lkfast.attacks.core import check_budget, check_images, frozen, project
+from lkfast.attacks.core import Generators, check_budget, check_images, frozen, project, uniform
 
 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path_steps: int = 20,
-                         noise: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                         noise: float = 0.0, generator: Generators = None) -> torch.Tensor:
     """Integrated gradient of the logit of class ``y`` along the straight path from black (zeros) to x.
 
     The gradient is taken at the ``path_steps + 1`` points (i / path_steps) * x, i = 0..path_steps
@@ -31,7 +30,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pat
         for i in range(path_steps + 1):
             point = x * (i / path_steps)
             if noise > 0:
-                point = point + (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * noise
+                point = point + (2 * uniform(x.shape, generator, x.device, x.dtype) - 1) * noise
             point = point.requires_grad_(True)
             logits = model(point).float()
             chosen = logits.gather(1, y[:, None]).sum()  # each image's gradient is its own
@@ -41,13 +40,14 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pat
 
 
 def taig(surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20, path_steps: int = 20,
-         alpha: float = 1 / 255, random_path: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+         alpha: float = 1 / 255, random_path: bool = False, generator: Generators = None) -> torch.Tensor:
     """TAIG (``random_path=False``, TAIG-S) or TAIG-R: ``steps`` iterations of
     x_adv <- clip(x_adv - alpha * sign(IG(x_adv))), clipped to the eps-ball around x and to [0, 1],
     where IG is ``integrated_gradients(surrogate, x_adv, y, path_steps)`` (TAIG-R: with path noise eps).
 
     surrogate: the model the attack is computed on (takes [0, 1] images; mode left as is, no
-    parameter gradients). x: (N, C, H, W) in [0, 1]; y: N true labels. generator: for TAIG-R's noise.
+    parameter gradients). x: (N, C, H, W) in [0, 1]; y: N true labels. generator: for TAIG-R's noise
+    (one, or one per image).
     Returns the adversarial batch, to be evaluated on other (target) models. Refuses eps < 0,
     steps < 1, path_steps < 1, alpha <= 0 and x outside [0, 1].
     """

@@ -51,14 +51,16 @@ VARIANCE_BATCH = 64  # the paper's batch for Fig. 10
 
 
 class _WithMasks(Dataset):
-    """(image, target, foreground mask) from an image folder and its mask folder (same files)."""
+    """(image with its foreground mask as a fourth channel, target) from an image folder and its mask
+    folder (same files), so that ``ctx.records`` carries the masks with the images; (None, target)
+    when either file is unreadable."""
 
     def __init__(self, images, masks):
         if [Path(p).relative_to(images.root).with_suffix("") for p, _ in images.samples] != \
                 [Path(p).relative_to(masks.root).with_suffix("") for p, _ in masks.samples]:
             raise TaskUnavailable(f"the masks folder {masks.root} does not hold one mask per val image "
                                   f"(same class folders and file names)")
-        self.images, self.masks = images, masks
+        self.images, self.masks, self.root = images, masks, images.root
 
     def __len__(self):
         return len(self.images)
@@ -66,26 +68,30 @@ class _WithMasks(Dataset):
     def __getitem__(self, index):
         image, target = self.images[index]
         mask, _ = self.masks[index]
-        return image, target, (None if mask is None else mask[0] > 0.5)
+        if image is None or mask is None:
+            return None, target
+        return torch.cat([image, (mask[:1] > 0.5).to(image.dtype)]), target
+
+
+def _split_masks(images):
+    """(images, foreground masks) of a ``_WithMasks`` batch."""
+    return images[:, :3], images[:, 3] > 0.5
 
 
 def _collate(batch):
-    kept = [item for item in batch if item[0] is not None and (len(item) < 3 or item[2] is not None)]
-    images = torch.stack([item[0] for item in kept])
-    targets = torch.tensor([item[1] for item in kept], dtype=torch.long)
-    if len(batch[0]) == 3:
-        return images, targets, torch.stack([item[2] for item in kept])
-    return images, targets
+    kept = [item for item in batch if item[0] is not None]
+    return torch.stack([item[0] for item in kept]), torch.tensor([item[1] for item in kept], dtype=torch.long)
 
 
-def _val(ctx, masks: bool = False):
+def _val_dataset(ctx, masks: bool = False):
+    """ImageNet-val preprocessed for the model (with ``masks``: ``_WithMasks``); TaskUnavailable when empty."""
     index = ctx.class_space.folder_index()
     dataset = image_folder(ctx, ctx.source("val"), index)
     if masks:
         dataset = _WithMasks(dataset, image_folder(ctx, ctx.source("masks"), index))
     if len(dataset) == 0:
         raise TaskUnavailable(f"no images in {ctx.source('val')}")
-    return DataLoader(dataset, batch_size=ctx.options.batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
+    return dataset
 
 
 def _model(ctx):
@@ -95,22 +101,44 @@ def _model(ctx):
     return ctx.model.float().eval()
 
 
+# Each analysis below runs its per-batch core (lkfast.analysis / lkfast.attacks ``*_outcomes``) through
+# ``ctx.records`` (sharded, cached, resumed, spread over torchrun ranks) and turns the gathered
+# per-image rows into the sweep's result with the matching ``*_summary``.
+
+def _generators(ctx, start: int, count: int) -> list:
+    """One generator per image of a batch, ``ctx.generator("val", image index)``: an image's random
+    draws (patches, PGD start, TAIG-R path noise, frequency noise) do not depend on the batch, shard
+    or rank it is computed in. (An unreadable image dropped from a batch shifts the later ones' seeds.)"""
+    return [ctx.generator("val", start + i) for i in range(count)]
+
+
 def occlusion(ctx) -> dict:
-    saliency, note = None, None
+    from lkfast.analysis.occlusion import batch_saliency, occlusion_outcomes, occlusion_summary, patch_grid
+
+    saliency, note, source = None, None, None
     if ctx.has_source("masks"):
-        saliency, loader = "masks", _val(ctx, masks=True)
+        saliency, source = "masks", str(ctx.source("masks"))
     else:
-        loader = _val(ctx)
         checkpoint = ctx.options.analysis.get("dino_checkpoint") or os.environ.get("LKFAST_DINO_CHECKPOINT")
         if checkpoint:
-            saliency = analysis.dino_saliency(analysis.load_dino(checkpoint, ctx.device))
+            saliency, source = analysis.dino_saliency(analysis.load_dino(checkpoint, ctx.device)), f"dino:{checkpoint}"
         else:
             note = ("salient/non-salient drops skipped: no foreground masks and no DINO checkpoint "
                     "(pass --dino-checkpoint, or set LKFAST_DINO_CHECKPOINT, to a vit_small_patch16_224.dino weights file)")
-    modes = analysis.MODES if saliency is not None else ("random",)
-    result = analysis.occlusion_sweep(ctx.model, loader, modes=modes, saliency=saliency, seed=ctx.options.seed)
+    dataset = _val_dataset(ctx, masks=saliency == "masks")
+    modes, ratios = (analysis.MODES if saliency is not None else ("random",)), analysis.RATIOS
+
+    def compute(images, targets, start):
+        masks = None
+        if saliency == "masks":
+            images, masks = _split_masks(images)
+        patch_saliency = batch_saliency(images, masks, saliency, modes)
+        return occlusion_outcomes(ctx.model, images, targets, ratios, modes, patch_saliency, saliency == "masks",
+                                  generator=_generators(ctx, start, len(targets)))
+    records = ctx.records("val", dataset, compute, key={"saliency": source, "modes": modes, "ratios": ratios})
+    result = occlusion_summary(records, ratios, modes, patch_grid(*ctx.config["input_size"][-2:]), saliency=saliency)
     if saliency is not None:
-        _figure5(ctx, loader, saliency)
+        _figure5(ctx, dataset, saliency)
     result["saliency"] = "dino" if callable(saliency) else saliency
     if note:
         result["saliency_note"] = note
@@ -122,16 +150,22 @@ def occlusion(ctx) -> dict:
 FIGURE5 = "figure5_occlusion_examples.png"
 
 
-def _figure5(ctx, loader, saliency) -> None:
-    """Fig. 5: the run's first val image and what each occlusion type keeps of it at 50% drop (the
-    same for every model; written by the main process into OUT/figures, shown by the report)."""
+def _figure5(ctx, dataset, saliency) -> None:
+    """Fig. 5: the run's first readable val image and what each occlusion type keeps of it at 50%
+    drop (the same for every model; written by the main process into OUT/figures, shown by the report)."""
     from lkfast.eval import distributed
 
     if not distributed.is_main():
         return
-    batch = next(iter(loader))
-    x = batch[0][:1]
-    patch_saliency = analysis.mask_saliency(batch[2][:1]) if saliency == "masks" else saliency(x)
+    first = next((image for image, _ in (dataset[i] for i in range(len(dataset))) if image is not None), None)
+    if first is None:
+        return
+    x = first[None]
+    if saliency == "masks":
+        x, masks = _split_masks(x)
+        patch_saliency = analysis.mask_saliency(masks)
+    else:
+        patch_saliency = saliency(x)
     generator = torch.Generator().manual_seed(ctx.options.seed)
     masks = {f"{mode.replace('_', '-')} drop 50%": analysis.drop_masks(x, 0.5, mode, patch_saliency, saliency == "masks",
                                                                         generator=generator)[0]
@@ -140,11 +174,23 @@ def _figure5(ctx, loader, saliency) -> None:
 
 
 def fgsm(ctx) -> dict:
-    return attacks.fgsm_sweep(_model(ctx), _val(ctx))
+    model, eps = _model(ctx), attacks.FGSM_EPS
+    attack_set = attacks.fgsm_attacks(eps)
+    records = ctx.records("val", _val_dataset(ctx), lambda x, y, start: attacks.attack_outcomes(model, x, y, attack_set),
+                          key={"eps": eps})
+    return attacks.fgsm_summary(records, eps)
+
+
+PGD = dict(eps_values=attacks.PGD_EPS, steps=5, steps_values=attacks.PGD_STEPS, steps_eps=0.006, alpha_ratio=0.25)
 
 
 def pgd(ctx) -> dict:
-    return attacks.pgd_sweep(_model(ctx), _val(ctx), seed=ctx.options.seed)
+    model = _model(ctx)
+
+    def compute(x, y, start):
+        return attacks.attack_outcomes(model, x, y, attacks.pgd_attacks(**PGD, generator=_generators(ctx, start, len(y))))
+    records = ctx.records("val", _val_dataset(ctx), compute, key=PGD)
+    return attacks.pgd_summary(records, **PGD)
 
 
 def _is_vit(name: str) -> bool:
@@ -172,6 +218,11 @@ def _surrogate_spec(ctx):
     return chosen[0]
 
 
+# TAIG-R as the paper's script runs it (lkfast.attacks.transfer_success's defaults)
+TAIG = dict(eps_values=attacks.TAIG_EPS, steps=attacks.TAIG_STEPS, path_steps=attacks.TAIG_PATH_STEPS,
+            alpha=attacks.TAIG_ALPHA, random_path=True)
+
+
 def taig(ctx) -> dict:
     from lkfast.eval.models import load_model
 
@@ -181,20 +232,34 @@ def taig(ctx) -> dict:
         raise TaskUnavailable(f"TAIG surrogate {spec.display!r} takes {tuple(config['input_size'])} images, the target "
                               f"{tuple(ctx.config['input_size'])}: use models with the same input size (--input-size)")
     surrogate = surrogate.float().eval()
-    result = attacks.transfer_success(surrogate, {ctx.spec.display: _model(ctx)}, _val(ctx), seed=ctx.options.seed)
-    return dict(result[ctx.spec.display], surrogate=spec.display)
+    targets = {ctx.spec.display: _model(ctx)}
+
+    def compute(x, y, start):
+        return attacks.transfer_outcomes(surrogate, targets, x, y, generator=_generators(ctx, start, len(y)), **TAIG)
+    records = ctx.records("val", _val_dataset(ctx), compute, key={"surrogate": spec.key(), **TAIG})
+    return dict(attacks.transfer_summary(records, list(targets), **TAIG)[ctx.spec.display], surrogate=spec.display)
 
 
 def lesion(ctx) -> dict:
+    from lkfast.analysis.lesion import LesionPlan, lesion_outcomes, lesion_summary
+
     try:
-        analysis.lesion_candidates(ctx.model, "paper")
+        plan = LesionPlan(ctx.model, seed=ctx.options.seed, scope="paper")  # drawn once for every shard
     except ValueError as error:  # nothing removable: the run goes on, the report says why
         raise TaskUnavailable(str(error)) from error
-    return analysis.lesion_sweep(ctx.model, _val(ctx), seed=ctx.options.seed, scope="paper")
+    records = ctx.records("val", _val_dataset(ctx), lambda x, y, start: lesion_outcomes(ctx.model, x, y, plan),
+                          key={"removed": plan.names(), "candidates": [b.name for b in plan.candidates]})
+    return lesion_summary(records, plan)
 
 
 def frequency(ctx) -> dict:
-    result = analysis.frequency_sweep(ctx.model, _val(ctx), seed=ctx.options.seed)
+    from lkfast.analysis.frequency import FREQUENCIES, NOISE_EPS, WIDTH, frequency_outcomes, frequency_summary
+
+    def compute(x, y, start):
+        return frequency_outcomes(ctx.model, x, y, FREQUENCIES, NOISE_EPS, WIDTH, _generators(ctx, start, len(y)))
+    records = ctx.records("val", _val_dataset(ctx), compute,
+                          key={"frequencies": FREQUENCIES, "eps": NOISE_EPS, "width": WIDTH})
+    result = frequency_summary(records, FREQUENCIES, NOISE_EPS, WIDTH)
     at = [i for i, f in enumerate(result["frequencies_over_pi"]) if abs(f - 0.7) < 1e-9]
     if at:
         result["change_at_0_7pi"] = -result["drop"][at[0]]
@@ -209,7 +274,7 @@ def kernel_distance(ctx) -> dict:
 
 
 def feature_variance(ctx) -> dict:
-    loader = DataLoader(_val(ctx).dataset, batch_size=VARIANCE_BATCH, shuffle=False, collate_fn=_collate)
+    loader = DataLoader(_val_dataset(ctx), batch_size=VARIANCE_BATCH, shuffle=False, collate_fn=_collate)
     images = next(iter(loader))[0].to(ctx.device)
     result = analysis.feature_map_variance(ctx.model, images)
     result["images"] = len(images)
@@ -240,11 +305,13 @@ _DESCRIPTIONS = {
     "feature-variance": "Fig. 10: normalised feature-map variance against depth",
     "ablation": "Tables 5 and 7: the kernel-size ablation (each model's kernel size and family; the tables come "
                 "from the other tasks)"}
+# version 2: occlusion to frequency run through ctx.records (sharded; random draws seeded per batch start)
+_SHARDED = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency")
 for _name in ANALYSIS_TASKS:
     if _name not in TASKS:
         _no_data = _name in ("kernel-distance", "ablation")
         register_task(_name, _RUNS[_name], needs=() if _no_data else ("val",), count=None if _no_data else _count,
-                      description=_DESCRIPTIONS[_name])
+                      description=_DESCRIPTIONS[_name], version="2" if _name in _SHARDED else "1")
 SUITES.setdefault("analysis", ANALYSIS_TASKS)
 # The kernel-size ablation: the tasks whose numbers Tables 5 and 7 show, and the ablation task.
 SUITES.setdefault("ablation", analysis.ablation.TABLE_TASKS + ("ablation",))
