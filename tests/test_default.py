@@ -13,7 +13,7 @@ TINY = default.DefaultSettings(
     data=SyntheticConfig(train_per_class=3, val_per_class=2, c_per_class=1, p_per_class=1, in9_per_class=2,
                          r_per_class=1, ood_per_class=1, a_pool_per_class=3,
                          corruptions=("gaussian_noise", "contrast"), perturbations=("brightness", "translate")),
-    models=(("resnet_tiny", "ResNet-tiny"), ("replknet_tiny_k31", "k31")),
+    models=(("resnet_tiny", "ResNet-tiny"), ("replknet_tiny_k31", "k31"), ("replknet_tiny_k3", "k3")),
     recipe=("--epochs", "1", "--batch-size", "10", "--max-steps-per-epoch", "2", "--quiet"))
 
 
@@ -35,14 +35,17 @@ def test_default_run_end_to_end_and_rerun_from_cache(tmp_path, monkeypatch, caps
         for task in tasks:
             assert task in results[label], (label, task, sorted(results[label]))
     assert 0 <= results["k31"]["clean"]["top1"] <= 100
-    for heading in ("ImageNet-A", "ImageNet-C", "ImageNet-O", "ImageNet-P", "ImageNet-R", "ImageNet-9"):
+    for heading in ("ImageNet-A", "ImageNet-C", "ImageNet-O", "ImageNet-P", "ImageNet-R", "ImageNet-9",
+                    "## Figure 4: occlusion", "### Figure 5: occlusion examples", "## Figure 6", "## Figure 7",
+                    "## Figure 8", "## Figure 9", "## Figure 10", "### Table 5 layout: replknet_tiny",
+                    "### Table 7 layout: replknet_tiny"):
         assert heading in report, heading
     assert list((out / "figures").glob("*.png")) and list((out / "tables").glob("*.csv"))
     # the models' outputs are in the class space's order (the readers' labels), not sorted folder names
     from lkfast.data import synthetic
 
     summaries = list((tmp_path / "cache" / "models").glob("*/summary.json"))
-    assert len(summaries) == 2
+    assert len(summaries) == 3
     for path in summaries:
         assert json.loads(path.read_text())["classes"] == synthetic.class_space()["classes"], path
 
@@ -53,7 +56,7 @@ def test_default_run_end_to_end_and_rerun_from_cache(tmp_path, monkeypatch, caps
     monkeypatch.setattr("lkfast.train.train", no_training)
     monkeypatch.setattr("lkfast.data.synthetic.render", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-rendered")))
     prepared = default.prepare_default(type("Args", (), {"suite": "paper"})(), TINY)
-    assert [m.label for m in prepared["models"]] == ["ResNet-tiny", "k31"]
+    assert [m.label for m in prepared["models"]] == ["ResNet-tiny", "k31", "k3"]
     assert prepared["class_space"].num_classes == 10
     assert set(prepared["data"]) >= {"val", "imagenet-a", "imagenet-c", "imagenet-o", "imagenet-p", "imagenet-r",
                                      "imagenet-9", "masks"}
