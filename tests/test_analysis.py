@@ -488,3 +488,202 @@ def test_lesion_of_a_model_without_removable_blocks_says_so():
     resnet = ResNet(BasicBlock, [1, 1, 1, 1], stem_type="deep", stem_width=16, num_classes=2)
     with pytest.raises(ValueError, match="no residual block whose removal keeps every shape"):
         lesion_candidates(resnet, "paper")
+
+
+# --- the analysis tasks through ctx.records: independent of the sharding, resumable, torchrun -----------
+
+SHARD_ARCH = dict(large_kernel_sizes=(7, 5, 5, 3), layers=(1, 1, 2, 1), channels=(8, 8, 8, 8), small_kernel=3)
+
+
+def _flat_image(g):
+    return torch.rand(3, 1, 1, generator=g) * 0.8 + 0.2 * torch.rand(3, 32, 32, generator=g)
+
+
+def varied_replknet_state():
+    """A tiny 1000-class RepLKNet whose head only predicts classes 1, 2 (the val folders' classes)
+    and 10, along the main directions in which its features of flat-colour images differ: the
+    predictions vary from image to image, so the accuracies are not all 0 or 100."""
+    torch.manual_seed(0)
+    model = RepLKNet(**SHARD_ARCH).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.stack([_flat_image(g) for _ in range(64)])
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features((x - mean) / std), pre_logits=True)
+        centre = features.mean(0)
+        directions = torch.pca_lowrank(features - centre, q=3)[2].T
+        active = [1, 2, 10]
+        model.head.weight.zero_()
+        model.head.weight[active] = 50 * directions / directions.norm(dim=1, keepdim=True)
+        model.head.bias.fill_(-1000.0)
+        model.head.bias[active] = -(model.head.weight[active] @ centre)
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def analysis_data(tmp_path_factory):
+    """(data folder with val/ and masks/, ModelSpec): two classes of 3 + 2 flat-colour 32-px JPEGs
+    (an odd count: 2-image shards leave a short last one), a foreground box of its own per image."""
+    from lkfast import data
+    from lkfast.eval import ModelSpec
+
+    root = tmp_path_factory.mktemp("analysis-data")
+    classes = data.imagenet_classes()
+    g = torch.Generator().manual_seed(0)
+    for wnid, count in ((classes[1], 3), (classes[2], 2)):
+        for i in range(count):
+            mask = torch.zeros(3, 32, 32)
+            top, left = torch.randint(0, 16, (2,), generator=g).tolist()
+            mask[:, top:top + 16, left:left + 12] = 1.0
+            for folder, picture in (("val", _flat_image(g)), ("masks", mask)):
+                path = root / folder / wnid / f"img{i}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data.encode_jpeg(data.to_uint8(picture), quality=95))
+    checkpoint = root / "tiny.pth"
+    torch.save(varied_replknet_state(), checkpoint)
+    return root, ModelSpec("replknet_31b", str(checkpoint), "tiny", kwargs=tuple(SHARD_ARCH.items()), input_size=32)
+
+
+def analysis_options(root, out, shard_size, **kwargs):
+    from lkfast.eval import EvalOptions
+
+    return EvalOptions(out=str(out), data={"val": str(root / "val"), "masks": str(root / "masks")}, workers=0,
+                       progress=False, batch_size=4, shard_size=shard_size, write_report=False, **kwargs)
+
+
+def eval_inputs(root, spec):
+    """The model and the val images, labels and foreground masks as the evaluation builds them."""
+    from lkfast import data
+    from lkfast.eval.classes import imagenet_class_space
+    from lkfast.eval.models import load_model
+
+    model, config = load_model(spec, "cpu")
+    index, transform = imagenet_class_space().folder_index(), data.transform_for(config)
+    images = data.ImageFolderBenchmark(str(root / "val"), transform, class_index=index)
+    masks = data.ImageFolderBenchmark(str(root / "masks"), transform, class_index=index)
+    x = torch.stack([images[i][0] for i in range(len(images))])
+    y = torch.tensor([images[i][1] for i in range(len(images))])
+    return model, x, y, torch.stack([masks[i][0][0] > 0.5 for i in range(len(masks))])
+
+
+def image_generators(count, seed=0):
+    """The evaluation's per-image seeding rebuilt: ``ctx.generator("val", i)`` for images 0..count-1."""
+    from lkfast.eval.cache import stable_hash
+
+    return [torch.Generator().manual_seed(int(stable_hash([seed, "val", i], 12), 16)) for i in range(count)]
+
+
+def top1_columns(correct):
+    """Percent correct of every column of per-image outcomes (N, ...)."""
+    return (100.0 * correct.double().sum(0) / len(correct)).tolist()
+
+
+def without_timing(results):
+    return {task: {k: v for k, v in r.items() if k != "seconds"} for task, r in results.items() if task != "_model"}
+
+
+def test_eval_analyses_do_not_depend_on_the_sharding_and_match_the_library(tmp_path, analysis_data):
+    from lkfast.analysis.frequency import frequency_outcomes
+    from lkfast.analysis.occlusion import occlusion_outcomes
+    from lkfast.eval import run_evaluation
+
+    root, spec = analysis_data
+    tasks = ["occlusion", "lesion", "frequency"]
+    small = run_evaluation([spec], tasks, analysis_options(root, tmp_path / "small", 2))["tiny"]
+    large = run_evaluation([spec], tasks, analysis_options(root, tmp_path / "large", 100))["tiny"]
+    assert without_timing(small) == without_timing(large)
+    shards = sorted(p.name for p in (tmp_path / "small" / "cache").glob("*/occlusion/val/*.pt"))
+    assert len(shards) == 3  # 2 + 2 + 1 images
+    model, x, y, masks = eval_inputs(root, spec)
+    generators = image_generators(len(y))
+    # occlusion: clean and saliency-driven drops exactly as the library sweep; random drops as the core
+    # with the evaluation's per-image generators
+    occ = small["occlusion"]
+    reference = occlusion_sweep(model, [(x, y, masks)], saliency="masks")
+    assert occ["images"] == 5 and 0 < occ["clean_top1"] < 100
+    for key in ("ratios", "clean_top1", "dropped_fraction", "grid", "patch_size", "saliency"):
+        assert occ[key] == reference[key], key
+    for mode in ("salient", "non_salient"):
+        assert occ["top1"][mode] == reference["top1"][mode], mode
+    random_rows = occlusion_outcomes(model, x, y, modes=("random",), generator=generators)
+    assert occ["top1"]["random"] == pytest.approx(top1_columns(random_rows["correct"][:, 0]), abs=1e-9)
+    assert occ["salient_drop_50"] == occ["top1"]["salient"][4] - occ["clean_top1"]
+    # lesion: no random draw inside a batch, so everything as the library sweep
+    reference = lesion_sweep(model, [(x, y)], seed=0, scope="paper")
+    assert {k: small["lesion"][k] for k in reference} == reference
+    # frequency: clean exactly, the noisy top-1 as the core with the per-image generators
+    freq = small["frequency"]
+    reference = frequency_sweep(model, [(x, y)])
+    for key in ("frequencies", "frequencies_over_pi", "clean_top1", "eps", "width", "images"):
+        assert freq[key] == reference[key], key
+    rows = frequency_outcomes(model, x, y, generator=image_generators(len(y)))
+    assert freq["top1"] == pytest.approx(top1_columns(rows["correct"]), abs=1e-9)
+    assert freq["drop"] == pytest.approx([freq["clean_top1"] - t for t in freq["top1"]])
+    assert all(0.0 <= t <= 100.0 for t in freq["top1"]) and len(freq["top1"]) == 11
+
+
+def test_eval_occlusion_resumes_after_an_interruption(tmp_path, analysis_data, monkeypatch):
+    import lkfast.analysis.occlusion as occlusion_module
+    from lkfast.eval import run_evaluation
+
+    root, spec = analysis_data
+    real = occlusion_module.occlusion_outcomes
+    seen = []
+
+    def interrupted(model, x, *args, **kwargs):
+        if seen:
+            raise KeyboardInterrupt  # the run is killed while computing its second shard
+        seen.append(x)
+        return real(model, x, *args, **kwargs)
+    monkeypatch.setattr(occlusion_module, "occlusion_outcomes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation([spec], ["occlusion"], analysis_options(root, tmp_path / "run", 2))
+    monkeypatch.setattr(occlusion_module, "occlusion_outcomes",
+                        lambda model, x, *args, **kwargs: seen.append(x) or real(model, x, *args, **kwargs))
+    resumed = run_evaluation([spec], ["occlusion"], analysis_options(root, tmp_path / "run", 2))["tiny"]
+    _, images, _, _ = eval_inputs(root, spec)
+    # seen: the interrupted run's first shard (images 0-1), then the resumed run's calls: it loaded
+    # that shard from the cache and computed only shards 2-3 and 4
+    assert len(seen) == 3 and torch.equal(seen[0], images[:2])
+    assert torch.equal(seen[1], images[2:4]) and torch.equal(seen[2], images[4:])
+    monkeypatch.setattr(occlusion_module, "occlusion_outcomes", real)
+    uninterrupted = run_evaluation([spec], ["occlusion"], analysis_options(root, tmp_path / "whole", 2))["tiny"]
+    assert without_timing(resumed) == without_timing(uninterrupted)
+
+
+def test_eval_analyses_torchrun_two_processes_equal_one(tmp_path, analysis_data):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lkfast.eval import run_evaluation
+
+    root, spec = analysis_data
+    tasks = ["occlusion", "frequency"]
+    script = tmp_path / "run.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from lkfast.eval import ModelSpec, distributed, run_evaluation\n"
+        "from test_analysis import analysis_options\n"
+        "distributed.init('cpu')\n"
+        "try:\n"
+        f"    spec = ModelSpec('replknet_31b', {spec.checkpoint!r}, 'tiny', kwargs={spec.kwargs!r}, input_size=32)\n"
+        f"    run_evaluation([spec], {tasks!r}, analysis_options(Path({str(root)!r}), {str(tmp_path / 'two')!r}, 1))\n"
+        "finally:\n"
+        "    distributed.shutdown()\n")
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
+    with socket.socket() as probe:  # a free port: other test files start process groups too
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(script)]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["_meta"]["world_size"] == 2
+    one = run_evaluation([spec], tasks, analysis_options(root, tmp_path / "one", 100))["tiny"]
+    assert without_timing(two["tiny"]) == without_timing(one)

@@ -225,3 +225,74 @@ def test_reparameterized_copy_attacks_alike_and_leaves_the_original():
     assert reparameterized_for_attack(plain, x) is plain
     with pytest.raises(ValueError, match="eval"):
         reparameterized_for_attack(model.train(), x)
+
+
+# --- the attack tasks of python -m lkfast.eval through ctx.records ------------------------------------------
+
+from test_analysis import (analysis_data, analysis_options, eval_inputs, image_generators, top1_columns,  # noqa: E402,F401
+                           without_timing)
+
+
+def fast_taig(monkeypatch):
+    """The paper's 20 x 21 passes per TAIG step are too slow for a test: 2 steps of 3 path points."""
+    import lkfast.eval.analysis_tasks as analysis_tasks
+
+    monkeypatch.setitem(analysis_tasks.TAIG, "steps", 2)
+    monkeypatch.setitem(analysis_tasks.TAIG, "path_steps", 2)
+    return analysis_tasks.TAIG
+
+
+def test_eval_attacks_do_not_depend_on_the_sharding_and_match_the_library(tmp_path, analysis_data, monkeypatch):
+    from lkfast.attacks import attack_outcomes, pgd_attacks, transfer_outcomes, transfer_summary
+    from lkfast.eval import run_evaluation
+
+    settings = fast_taig(monkeypatch)
+    root, spec = analysis_data
+    tasks = ["fgsm", "pgd", "taig"]
+    own = {"taig_surrogate": "tiny"}  # the model is its own surrogate here
+    small = run_evaluation([spec], tasks, analysis_options(root, tmp_path / "small", 2, analysis=own))["tiny"]
+    large = run_evaluation([spec], tasks, analysis_options(root, tmp_path / "large", 100, analysis=own))["tiny"]
+    assert without_timing(small) == without_timing(large)
+    model, x, y, _ = eval_inputs(root, spec)
+    # FGSM draws nothing: everything as the library sweep
+    reference = fgsm_sweep(model, [(x, y)])
+    assert {k: small["fgsm"][k] for k in reference} == reference and 0 < reference["clean_top1"] < 100
+    # PGD: clean and settings as the library sweep, the attacked top-1 as the core with the evaluation's
+    # per-image generators (random starts)
+    reference = pgd_sweep(model, [(x, y)])
+    for key in ("eps", "steps", "num_steps", "steps_eps", "alpha_ratio", "clean_top1", "images"):
+        assert small["pgd"][key] == reference[key], key
+    rows = attack_outcomes(model, x, y, pgd_attacks(generator=image_generators(len(y))))
+    assert small["pgd"]["top1"] + small["pgd"]["steps_top1"] == pytest.approx(top1_columns(rows["correct"]), abs=1e-9)
+    # TAIG-R: the target's correct-before/after rows as the core with the per-image generators
+    rows = transfer_outcomes(model, {"tiny": model}, x, y, generator=image_generators(len(y)), **settings)
+    expected = transfer_summary(rows, ["tiny"], **settings)["tiny"]
+    assert {k: small["taig"][k] for k in expected} == expected and small["taig"]["surrogate"] == "tiny"
+    assert small["taig"]["clean_top1"] == small["fgsm"]["clean_top1"]
+
+
+def test_eval_pgd_resumes_after_an_interruption(tmp_path, analysis_data, monkeypatch):
+    import lkfast.attacks
+    from lkfast.eval import run_evaluation
+
+    root, spec = analysis_data
+    real = lkfast.attacks.attack_outcomes
+    seen = []
+
+    def interrupted(model, x, *args, **kwargs):
+        if seen:
+            raise KeyboardInterrupt  # the run is killed while computing its second shard
+        seen.append(x)
+        return real(model, x, *args, **kwargs)
+    monkeypatch.setattr(lkfast.attacks, "attack_outcomes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation([spec], ["pgd"], analysis_options(root, tmp_path / "run", 2))
+    monkeypatch.setattr(lkfast.attacks, "attack_outcomes",
+                        lambda model, x, *args, **kwargs: seen.append(x) or real(model, x, *args, **kwargs))
+    resumed = run_evaluation([spec], ["pgd"], analysis_options(root, tmp_path / "run", 2))["tiny"]
+    _, images, _, _ = eval_inputs(root, spec)
+    # the interrupted run's first shard (images 0-1), then the resumed run's: shards 2-3 and 4 only
+    assert [len(x) for x in seen] == [2, 2, 1] and torch.equal(seen[1], images[2:4]) and torch.equal(seen[2], images[4:])
+    monkeypatch.setattr(lkfast.attacks, "attack_outcomes", real)
+    uninterrupted = run_evaluation([spec], ["pgd"], analysis_options(root, tmp_path / "whole", 2))["tiny"]
+    assert without_timing(resumed) == without_timing(uninterrupted)
