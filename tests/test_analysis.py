@@ -492,7 +492,7 @@ def test_lesion_of_a_model_without_removable_blocks_says_so():
 
 # --- the analysis tasks through ctx.records: independent of the sharding, resumable, torchrun -----------
 
-SHARD_ARCH = dict(large_kernel_sizes=(7, 5, 5, 3), layers=(1, 1, 2, 1), channels=(8, 8, 8, 8), small_kernel=3)
+SHARD_ARCH = dict(large_kernel_sizes=(7, 5, 5, 3), layers=(1, 1, 4, 1), channels=(8, 8, 8, 8), small_kernel=3)
 
 
 def _flat_image(g):
@@ -503,8 +503,7 @@ def varied_replknet_state():
     """A tiny 1000-class RepLKNet whose head only predicts classes 1, 2 (the val folders' classes)
     and 10, along the main directions in which its features of flat-colour images differ: the
     predictions vary from image to image, so the accuracies are not all 0 or 100."""
-    torch.manual_seed(0)
-    model = RepLKNet(**SHARD_ARCH).eval()
+    model = tiny_replknet(**SHARD_ARCH, num_classes=1000)  # random BN statistics: every block matters
     g = torch.Generator().manual_seed(1)
     x = torch.stack([_flat_image(g) for _ in range(64)])
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -582,11 +581,16 @@ def without_timing(results):
     return {task: {k: v for k, v in r.items() if k != "seconds"} for task, r in results.items() if task != "_model"}
 
 
-def test_eval_analyses_do_not_depend_on_the_sharding_and_match_the_library(tmp_path, analysis_data):
+NOISY = 0.5  # frequency noise amplitude in these tests: at the paper's 0.1 the tiny model's predictions never change
+
+
+def test_eval_analyses_do_not_depend_on_the_sharding_and_match_the_library(tmp_path, analysis_data, monkeypatch):
+    import lkfast.analysis.frequency
     from lkfast.analysis.frequency import frequency_outcomes
     from lkfast.analysis.occlusion import occlusion_outcomes
     from lkfast.eval import run_evaluation
 
+    monkeypatch.setattr(lkfast.analysis.frequency, "NOISE_EPS", NOISY)
     root, spec = analysis_data
     tasks = ["occlusion", "lesion", "frequency"]
     small = run_evaluation([spec], tasks, analysis_options(root, tmp_path / "small", 2))["tiny"]
@@ -611,15 +615,16 @@ def test_eval_analyses_do_not_depend_on_the_sharding_and_match_the_library(tmp_p
     # lesion: no random draw inside a batch, so everything as the library sweep
     reference = lesion_sweep(model, [(x, y)], seed=0, scope="paper")
     assert {k: small["lesion"][k] for k in reference} == reference
+    assert len({a for draws in reference["draws"] for a in draws}) > 1  # the draws tell removals apart
     # frequency: clean exactly, the noisy top-1 as the core with the per-image generators
     freq = small["frequency"]
-    reference = frequency_sweep(model, [(x, y)])
+    reference = frequency_sweep(model, [(x, y)], eps=NOISY)
     for key in ("frequencies", "frequencies_over_pi", "clean_top1", "eps", "width", "images"):
         assert freq[key] == reference[key], key
-    rows = frequency_outcomes(model, x, y, generator=image_generators(len(y)))
+    rows = frequency_outcomes(model, x, y, eps=NOISY, generator=image_generators(len(y)))
     assert freq["top1"] == pytest.approx(top1_columns(rows["correct"]), abs=1e-9)
     assert freq["drop"] == pytest.approx([freq["clean_top1"] - t for t in freq["top1"]])
-    assert all(0.0 <= t <= 100.0 for t in freq["top1"]) and len(freq["top1"]) == 11
+    assert all(0.0 <= t <= 100.0 for t in freq["top1"]) and len(freq["top1"]) == 11 and len(set(freq["top1"])) > 1
 
 
 def test_eval_occlusion_resumes_after_an_interruption(tmp_path, analysis_data, monkeypatch):
@@ -651,7 +656,7 @@ def test_eval_occlusion_resumes_after_an_interruption(tmp_path, analysis_data, m
     assert without_timing(resumed) == without_timing(uninterrupted)
 
 
-def test_eval_analyses_torchrun_two_processes_equal_one(tmp_path, analysis_data):
+def test_eval_analyses_torchrun_two_processes_equal_one(tmp_path, analysis_data, monkeypatch):
     import json
     import os
     import socket
@@ -659,15 +664,19 @@ def test_eval_analyses_torchrun_two_processes_equal_one(tmp_path, analysis_data)
     import sys
     from pathlib import Path
 
+    import lkfast.analysis.frequency
     from lkfast.eval import run_evaluation
 
+    monkeypatch.setattr(lkfast.analysis.frequency, "NOISE_EPS", NOISY)
     root, spec = analysis_data
     tasks = ["occlusion", "frequency"]
     script = tmp_path / "run.py"
     script.write_text(
         "from pathlib import Path\n"
+        "import lkfast.analysis.frequency\n"
         "from lkfast.eval import ModelSpec, distributed, run_evaluation\n"
-        "from test_analysis import analysis_options\n"
+        "from test_analysis import NOISY, analysis_options\n"
+        "lkfast.analysis.frequency.NOISE_EPS = NOISY\n"
         "distributed.init('cpu')\n"
         "try:\n"
         f"    spec = ModelSpec('replknet_31b', {spec.checkpoint!r}, 'tiny', kwargs={spec.kwargs!r}, input_size=32)\n"
