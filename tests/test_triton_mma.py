@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from reference import (compile_for_sm90, HAS_CUDA, TRITON_DEVICE, TRITON_INTERPRETED, TRITON_RUNS_HERE, run_module_in_triton_interpreter,
-                       triton_runs_here, TOLERANCE, case_id, make_input, make_weight, reference, rel_err)
+                       triton_runs_here, GPU_SHAPES, TOLERANCE, backend_or_skip, case_id, check_op, make_input, make_weight,
+                       reference, rel_err)
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
@@ -122,6 +123,70 @@ def test_mma_launches_under_the_tensors_device_guard(monkeypatch):
     depthwise_mma.forward(x, w)
     depthwise_mma.weight_grad(x, x, 5, 3)
     assert guarded == [x.device] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend "triton_mma" (lkfast.ops.backends.TritonMmaBackend): the op with autograd, named
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,fmt", [((2, 3, 9, 11, 5, 5), "contiguous"), ((1, 2, 6, 5, 13, 13), "channels_last")],
+                         ids=lambda v: case_id(v) if isinstance(v, tuple) else v)
+def test_mma_backend_through_the_op(shape, fmt, dtype, monkeypatch):
+    """depthwise_conv2d(..., backend="triton_mma"): forward, input, weight and bias gradient through
+    autograd against fp64 F.conv2d (banded, and dense on a map smaller than the kernel), computed by
+    lkfast.kernels.depthwise_mma."""
+    from lkfast.kernels import depthwise_mma
+
+    calls = []
+    for name in ("forward", "weight_grad"):
+        real = getattr(depthwise_mma, name)
+        monkeypatch.setattr(depthwise_mma, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    check_op(backend_or_skip("triton_mma", DEVICE, dtype), shape, fmt, dtype, DEVICE)
+    assert sorted(calls) == ["forward", "forward", "weight_grad"]  # forward, input gradient, weight gradient
+
+
+@runs_here
+def test_mma_backend_refuses_fp32_and_fp64_by_name():
+    import lkfast.ops as ops
+
+    x, w = torch.randn(1, 2, 6, 6, device=DEVICE), torch.randn(2, 1, 3, 3, device=DEVICE)
+    for dtype in (torch.float32, torch.float64):
+        with pytest.raises(RuntimeError, match=r"'triton_mma' cannot run .*supports float16, bfloat16, got"):
+            ops.depthwise_conv2d(x.to(dtype), w.to(dtype), backend="triton_mma")
+
+
+def test_mma_backend_is_listed_and_not_in_the_default_order():
+    """Listed by available_backends() (without a GPU or the interpreter: unavailable, with the
+    reason); never in auto's unmeasured default order on a GPU, but a table row may name it (the
+    choice itself: test_cuda.py's test_cuda_table_choice_rules)."""
+    import lkfast.ops as ops
+    from lkfast.ops import cuda_table
+
+    info = ops.available_backends()["triton_mma"]
+    assert info.dtypes == ("float16", "bfloat16") and info.devices == ("cuda",)
+    assert info.available == (TRITON_RUNS_HERE and not _import_error())
+    if not info.available:
+        assert info.reason == ops.available_backends()["triton"].reason or "depthwise_mma" in info.reason
+    assert "triton_mma" not in cuda_table.DEFAULT_ORDER and "triton_mma" in cuda_table.TABLE_BACKENDS
+
+
+def _import_error():
+    try:
+        import lkfast.kernels.depthwise_mma  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return exc
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA device (none visible to torch here)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=case_id)
+def test_mma_backend_on_gpu(shape, fmt, dtype):
+    check_op(backend_or_skip("triton_mma", "cuda", dtype), shape, fmt, dtype, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -198,7 +198,27 @@ class TritonBackend(Backend):
         return self._module[0].weight_grad(grad_out, x, kh, kw)
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), CpuBackend(), CudaBackend(), TritonBackend())}
+class TritonMmaBackend(TritonBackend):
+    """The tensor-core Triton formulation (lkfast.kernels.depthwise_mma: banded per-kernel-row
+    ``tl.dot``, a dense per-channel product on maps no larger than the kernel), fp16/bf16 only.
+    Named calls only until a GPU run measures it: ``auto`` takes it only from a row of the measured
+    CUDA table where it won (lkfast.ops.cuda_table; it is not in the unmeasured default order)."""
+
+    name = "triton_mma"
+    dtypes = (torch.float16, torch.bfloat16)
+    description = "Triton tensor-core kernels (lkfast.kernels.depthwise_mma), not yet timed on a GPU"
+
+    @functools.cached_property
+    def _module(self):
+        try:
+            return importlib.import_module("lkfast.kernels.depthwise_mma"), None
+        except Exception as exc:  # triton missing, or the kernels module not installed
+            return None, f"lkfast.kernels.depthwise_mma cannot be imported ({type(exc).__name__}: {exc})"
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), CpuBackend(), CudaBackend(), TritonBackend(),
+                                                    TritonMmaBackend())}
+NAME_WIDTH = max(len(name) for name in BACKENDS)  # explanations pad backend names to this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +231,7 @@ class BackendInfo:
 
     def __str__(self):
         state = "available" if self.available else "unavailable"
-        return f"{self.name:7s} {state:11s} {self.reason}"
+        return f"{self.name:{NAME_WIDTH}s} {state:11s} {self.reason}"
 
 
 def available_backends() -> dict[str, BackendInfo]:

@@ -3,7 +3,7 @@
 Each row is one benchmarked case and the fastest backend of each pass there:
 
     key   (gpu, dtype, layout, kh, kw, N, C, H, W)    e.g. ("NVIDIA H200", "float16", "channels_last", 31, 31, 64, 128, 56, 56)
-    value (forward, input_grad, weight_grad)          each "cuda", "triton" or "torch"
+    value (forward, input_grad, weight_grad)          each "cuda", "triton", "triton_mma" or "torch"
 
 ``gpu`` is ``torch.cuda.get_device_name()``, ``dtype`` a short dtype name (``dtype_name``),
 ``layout`` "nchw" or "channels_last" (what the op computes in: ``layout_of``). "torch" is PyTorch
@@ -43,7 +43,9 @@ import torch
 from lkfast.ops.backends import FLOAT_DTYPES, Plan, dtype_name, output_memory_format
 
 DEFAULT_ORDER = ("cuda", "triton", "torch")
-TABLE_BACKENDS = ("cuda", "triton", "torch")
+# triton_mma (the tensor-core kernels) is never in the default order: auto takes it only where a
+# measured row says it won.
+TABLE_BACKENDS = ("cuda", "triton", "triton_mma", "torch")
 LAYOUTS = ("nchw", "channels_last")
 SHIPPED_PATH = Path(__file__).with_name("cuda_table.json")
 ENV_VAR = "LKFAST_CUDA_TABLE"
