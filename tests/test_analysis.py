@@ -521,26 +521,44 @@ def varied_replknet_state():
 
 @pytest.fixture(scope="module")
 def analysis_data(tmp_path_factory):
-    """(data folder with val/ and masks/, ModelSpec): two classes of 3 + 2 flat-colour 32-px JPEGs
-    (an odd count: 2-image shards leave a short last one), a foreground box of its own per image."""
+    """(data folder with val/ and masks/, ModelSpec): five flat-colour 32-px JPEGs (an odd count:
+    2-image shards leave a short last one) with a foreground box of its own each, filed so that the
+    model gets four right (two of class 1, two of class 2) and one wrong: attacks and occlusions
+    have correct predictions to turn."""
+    import shutil
+
     from lkfast import data
     from lkfast.eval import ModelSpec
 
     root = tmp_path_factory.mktemp("analysis-data")
-    classes = data.imagenet_classes()
-    g = torch.Generator().manual_seed(0)
-    for wnid, count in ((classes[1], 3), (classes[2], 2)):
-        for i in range(count):
-            mask = torch.zeros(3, 32, 32)
-            top, left = torch.randint(0, 16, (2,), generator=g).tolist()
-            mask[:, top:top + 16, left:left + 12] = 1.0
-            for folder, picture in (("val", _flat_image(g)), ("masks", mask)):
-                path = root / folder / wnid / f"img{i}.JPEG"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data.encode_jpeg(data.to_uint8(picture), quality=95))
     checkpoint = root / "tiny.pth"
     torch.save(varied_replknet_state(), checkpoint)
-    return root, ModelSpec("replknet_31b", str(checkpoint), "tiny", kwargs=tuple(SHARD_ARCH.items()), input_size=32)
+    spec = ModelSpec("replknet_31b", str(checkpoint), "tiny", kwargs=tuple(SHARD_ARCH.items()), input_size=32)
+    classes = data.imagenet_classes()
+    g = torch.Generator().manual_seed(0)
+    staging = root / "staging"
+    for i in range(24):
+        mask = torch.zeros(3, 32, 32)
+        top, left = torch.randint(0, 16, (2,), generator=g).tolist()
+        mask[:, top:top + 16, left:left + 12] = 1.0
+        for folder, picture in (("val", _flat_image(g)), ("masks", mask)):
+            path = staging / folder / classes[1] / f"img{i:02d}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data.encode_jpeg(data.to_uint8(picture), quality=95))
+    model, x, _, _ = eval_inputs(staging, spec)
+    with torch.no_grad():
+        predicted = model(x).argmax(1).tolist()
+    chosen = {1: [], 2: [], "wrong": []}
+    for i, c in enumerate(predicted):
+        key = c if c in (1, 2) else "wrong"
+        if len(chosen[key]) < (1 if key == "wrong" else 2):
+            chosen[key].append((i, classes[1] if key == "wrong" else classes[c]))
+    assert [len(v) for v in chosen.values()] == [2, 2, 1], predicted
+    for i, wnid in (item for items in chosen.values() for item in items):
+        for folder in ("val", "masks"):
+            (root / folder / wnid).mkdir(parents=True, exist_ok=True)
+            shutil.copy(staging / folder / classes[1] / f"img{i:02d}.JPEG", root / folder / wnid)
+    return root, spec
 
 
 def analysis_options(root, out, shard_size, **kwargs):
