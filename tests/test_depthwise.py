@@ -117,6 +117,8 @@ def test_cpu_every_instruction_set(isa, tmp_path):
     """The C++ kernels pick AVX-512, AVX2 or the generic path at run time; LKFAST_CPU_ISA caps the
     choice, read once per process, so each path runs in a child process: fp32 and fp64, NCHW and
     channels_last, a map smaller than the kernel, forward, input gradient and weight gradient.
+    The later cases reach the AVX2 path's own blocking (half-vectors of 8 channels, rows split into
+    near-equal blocks of at most 7, rows taken in groups of 4 on maps wider than 16).
     A path this CPU does not have is skipped, saying which path ran instead."""
     backend_or_skip("cpu")
     cases = []
@@ -124,7 +126,13 @@ def test_cpu_every_instruction_set(isa, tmp_path):
                                  ((2, 19, 13, 12), (9, 7), torch.float64, "contiguous"),
                                  ((2, 21, 10, 11), (7, 9), torch.float32, "channels_last"),
                                  ((1, 5, 4, 6), (9, 11), torch.float32, "contiguous"),   # map smaller than the kernel
-                                 ((1, 6, 5, 3), (7, 7), torch.float64, "channels_last")]:
+                                 ((1, 6, 5, 3), (7, 7), torch.float64, "channels_last"),
+                                 ((2, 9, 13, 13), (7, 7), torch.float32, "channels_last"),  # 9 channels: 8 + 1 lanes; W 7 + 6
+                                 ((1, 17, 19, 23), (9, 15), torch.float32, "contiguous"),  # row groups 4 x 4 + 3; taps 5 + 5 + 5
+                                 ((1, 3, 21, 18), (31, 31), torch.float32, "contiguous"),  # grouped rows, kernel wider than the map
+                                 ((1, 5, 17, 40), (5, 1), torch.float32, "channels_last"),  # one tap per block; W 7+7+7+7+6+6
+                                 ((2, 6, 22, 29), (1, 29), torch.float64, "channels_last"),  # fp64: 4 lanes a ymm
+                                 ((1, 8, 5, 1), (3, 3), torch.float32, "contiguous")]:  # one-pixel-wide map
         cases.append((make_input(shape, fmt, dtype), make_weight(shape[1], *k, dtype), make_input(shape, fmt, dtype)))
     torch.save(cases, tmp_path / "in.pt")
     env = {**os.environ, "LKFAST_CPU_ISA": isa}

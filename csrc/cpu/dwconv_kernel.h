@@ -168,6 +168,18 @@ static inline __attribute__((always_inline)) void dot_b(const V* __restrict A,
 // kPartsBlock, so a 56-wide row is 8 x 7 and a 31-tap row 7 + 6 + 6 + 6 + 6, never a 1-wide
 // block starved of independent FMAs.
 constexpr int kPartsBlock = 7;
+// The parts loops also go through the rows in groups: every register block of a row (forward:
+// output blocks along W; weight gradient: tap blocks along kw) runs over kRowGroup tap rows
+// (forward) or image rows (weight gradient) before the next group, accumulating into memory
+// between groups. A group's input, weight and gradient rows then stay in L1 (4 rows of a
+// 56-wide map with 31 taps are ~35 KB) instead of streaming from L2 once per block; measured
+// ~10% faster at 28- and 56-wide maps. Maps up to kRowGroupMinWidth wide fit in L1 whole and
+// take all rows at once (groups only add calls there).
+constexpr int kRowGroup = 4;
+constexpr int kRowGroupMinWidth = 16;
+static inline int row_group(int W, int all) {
+  return kParts > 1 && W > kRowGroupMinWidth ? kRowGroup : all;
+}
 constexpr int kMaxBlock = kParts == 1 ? 8 : kPartsBlock;  // no code for blocks never run
 static_assert(kPartsBlock - 1 <= kWeightPad && kPartsBlock - 1 <= kGradPad,
               "the band loops index a whole register block past the packed rows' edge");
@@ -199,16 +211,22 @@ static inline __attribute__((always_inline)) void fwd_block(const V* __restrict 
                                                             int row_stride, int H, int W, int kh,
                                                             int kw, const V* __restrict Wt,
                                                             const V* __restrict bias, int h,
-                                                            int w0, V* __restrict out) {
+                                                            int w0, int i_begin, int i_end,
+                                                            V* __restrict out) {
   constexpr int NV = kParts;
   const int ph = kh / 2, pw = kw / 2;
   const int wt_stride = kw + 2 * kWeightPad;
   V acc[B * NV];
+  const int i_lo = imax(i_begin, ph - h), i_hi = imin(i_end, H + ph - h);
+  if (bias) {
 #pragma GCC unroll 16
-  for (int b = 0; b < B; ++b)
+    for (int b = 0; b < B; ++b)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[b * NV + v] = bias[v];
-  const int i_lo = imax(0, ph - h), i_hi = imin(kh, H + ph - h);
+      for (int v = 0; v < NV; ++v) acc[b * NV + v] = bias[v];
+  } else {
+#pragma GCC unroll 16
+    for (int b = 0; b < B * NV; ++b) acc[b] = out[w0 * NV + b];
+  }
   // Tap loop over j: input column (padded coordinates) w0 + b + j.
   const int j_lo = imax(0, pw - w0 - B + 1), j_hi = imin(kw, pw + W - w0);
   // Band loop over valid input columns u (padded coordinates), tap u - w0 - b.
@@ -241,22 +259,28 @@ void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, con
   const V* bias = reinterpret_cast<const V*>(Bias_);
   V* O = reinterpret_cast<V*>(O_);
   const int rs = W + 2 * (kw / 2);
+  const int group = row_group(W, kh);
   for (int h = h0; h < h1; ++h) {
     V* out = O + (long)(h - h0) * W * kParts;
-    for_blocks(W, kOutBlock, [&](int w0, int size) {
-      switch (size) {
-#define LKFAST_FWD_BLOCK(n)                                              \
-  case n:                                                                \
-    if constexpr (n <= kMaxBlock)                                        \
-      fwd_block<V, n>(P, prow0, rs, H, W, kh, kw, Wt, bias, h, w0, out); \
+    const int i_lo = imax(0, kh / 2 - h), i_hi = imin(kh, H + kh / 2 - h);
+    for (int ig = i_lo; ig < i_hi; ig += group) {
+      const int ie = imin(i_hi, ig + group);
+      const V* init = ig == i_lo ? bias : nullptr;
+      for_blocks(W, kOutBlock, [&](int w0, int size) {
+        switch (size) {
+#define LKFAST_FWD_BLOCK(n)                                                               \
+  case n:                                                                                 \
+    if constexpr (n <= kMaxBlock)                                                         \
+      fwd_block<V, n>(P, prow0, rs, H, W, kh, kw, Wt, init, h, w0, ig, ie, out); \
     break;
-        LKFAST_FWD_BLOCK(1) LKFAST_FWD_BLOCK(2) LKFAST_FWD_BLOCK(3) LKFAST_FWD_BLOCK(4)
-        LKFAST_FWD_BLOCK(5) LKFAST_FWD_BLOCK(6) LKFAST_FWD_BLOCK(7) LKFAST_FWD_BLOCK(8)
+          LKFAST_FWD_BLOCK(1) LKFAST_FWD_BLOCK(2) LKFAST_FWD_BLOCK(3) LKFAST_FWD_BLOCK(4)
+          LKFAST_FWD_BLOCK(5) LKFAST_FWD_BLOCK(6) LKFAST_FWD_BLOCK(7) LKFAST_FWD_BLOCK(8)
 #undef LKFAST_FWD_BLOCK
-        default:
-          break;
-      }
-    });
+          default:
+            break;
+        }
+      });
+    }
   }
 }
 
@@ -265,11 +289,12 @@ template <typename V, int B>
 static inline __attribute__((always_inline)) void wgrad_block(const V* __restrict P,
                                                               const V* __restrict G, int H, int W,
                                                               int kh, int kw, int i, int j0,
+                                                              int h_begin, int h_end,
                                                               V* __restrict GW) {
   constexpr int NV = kParts;
   const int ph = kh / 2, pw = kw / 2;
   const int prs = W + 2 * pw, grs = W + 2 * kGradPad;
-  const int h_lo = imax(0, ph - i), h_hi = imin(H, H + ph - i);
+  const int h_lo = imax(h_begin, ph - i), h_hi = imin(h_end, H + ph - i);
   // Tap form: pixels w whose input column w + j0 + b is valid for some b.
   const int w_lo = imax(0, pw - j0 - B + 1), w_hi = imin(W, pw + W - j0);
   // Band form: valid input columns u (padded), pixel u - j0 - b.
@@ -301,21 +326,26 @@ void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, in
   const V* P = reinterpret_cast<const V*>(P_);
   const V* G = reinterpret_cast<const V*>(G_);
   V* GW = reinterpret_cast<V*>(GW_);
+  const int group = row_group(W, H);
   for (int i = i0; i < i1; ++i) {
-    for_blocks(kw, kTapBlock, [&](int j0, int size) {
-      switch (size) {
-#define LKFAST_WGRAD_BLOCK(n)                            \
-  case n:                                                \
-    if constexpr (n <= kMaxBlock)                        \
-      wgrad_block<V, n>(P, G, H, W, kh, kw, i, j0, GW); \
+    const int h_lo = imax(0, kh / 2 - i), h_hi = imin(H, H + kh / 2 - i);
+    for (int hg = h_lo; hg < h_hi; hg += group) {
+      const int he = imin(h_hi, hg + group);
+      for_blocks(kw, kTapBlock, [&](int j0, int size) {
+        switch (size) {
+#define LKFAST_WGRAD_BLOCK(n)                                    \
+  case n:                                                        \
+    if constexpr (n <= kMaxBlock)                                \
+      wgrad_block<V, n>(P, G, H, W, kh, kw, i, j0, hg, he, GW); \
     break;
-        LKFAST_WGRAD_BLOCK(1) LKFAST_WGRAD_BLOCK(2) LKFAST_WGRAD_BLOCK(3) LKFAST_WGRAD_BLOCK(4)
-        LKFAST_WGRAD_BLOCK(5) LKFAST_WGRAD_BLOCK(6) LKFAST_WGRAD_BLOCK(7) LKFAST_WGRAD_BLOCK(8)
+          LKFAST_WGRAD_BLOCK(1) LKFAST_WGRAD_BLOCK(2) LKFAST_WGRAD_BLOCK(3) LKFAST_WGRAD_BLOCK(4)
+          LKFAST_WGRAD_BLOCK(5) LKFAST_WGRAD_BLOCK(6) LKFAST_WGRAD_BLOCK(7) LKFAST_WGRAD_BLOCK(8)
 #undef LKFAST_WGRAD_BLOCK
-        default:
-          break;
-      }
-    });
+          default:
+            break;
+        }
+      });
+    }
   }
 }
 
