@@ -8,11 +8,13 @@ own CUDA convolution in the same dtype; and ``auto`` dispatching from a measured
 Without a GPU, nothing here runs the CUDA kernels. What runs instead:
 * the extension's CUDA entry points are checked to be compiled in (when nvcc was present at build
   time);
-* ``test_cuda_tiling_replayed_in_python_*``: a Python port of the kernels' index arithmetic (tile,
-  halo, shared-memory pitch, padding skip, 4-tap window, split-K), replayed thread-block by
-  thread-block in torch on the CPU with every shared-memory access bounds- and alignment-checked.
-  It checks the tiling scheme, not the compiled kernels, and must be kept in step with
-  dwconv_cuda.cu by hand when the kernels change;
+* ``test_cuda_tiling_replayed_in_python_*``, ``test_cuda_replay_*``, ``test_cuda_channels_last_*``:
+  a Python port of the kernels' index arithmetic (tile, halo, shared-memory pitch, the per-thread
+  clipping of taps to the image, 4-tap window, split-K; for channels_last the channel lanes, 16-byte
+  vectors and the scalar fallback), replayed thread-block by thread-block in torch on the CPU with
+  every shared- and global-memory access bounds- and alignment-checked and every multiply-add
+  counted (exactly the in-image ones). It checks the scheme, not the compiled kernels, and must be
+  kept in step with dwconv_cuda.cu by hand when the kernels change;
 * the dispatch table's file format and choice rules, on CPU tensors with fake backend availability.
 """
 import pytest
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 import lkfast.ops as ops
 from lkfast import _ext
+from lkfast.bench import valid_taps
 from lkfast.ops import cuda_table
 from lkfast.ops.backends import BACKENDS, Plan
 from reference import (FORMATS, GPU_SHAPES, HAS_CUDA, TOLERANCE, backend_or_skip, case_id, check_op, make_input,
@@ -57,15 +60,29 @@ def smem_pitch(tile_w, kwp, rw):
 
 
 class Smem:
-    """A flat shared-memory array whose 4-wide loads check bounds and 16-byte alignment."""
+    """A flat shared-memory array whose loads check bounds (and 16-byte alignment for 4-wide
+    loads) for the threads that take part (``mask``); other threads get zeros."""
 
     def __init__(self, size):
         self.data = torch.zeros(size, dtype=torch.float64)
 
-    def load4(self, index):  # index: integer tensor of element offsets, one per thread
-        assert int(index.min()) >= 0 and int(index.max()) + 3 < self.data.numel(), "shared-memory read out of bounds"
-        assert bool((index % 4 == 0).all()), "misaligned 16-byte shared-memory load"
-        return [self.data[index + k] for k in range(4)]
+    def _check(self, index, mask, width):
+        index = torch.as_tensor(index)
+        mask = torch.ones_like(index, dtype=torch.bool) if mask is None else mask
+        index, mask = torch.broadcast_tensors(index, mask)  # a broadcast (weight) load: one index for all
+        live = index[mask]
+        if live.numel():
+            assert int(live.min()) >= 0 and int(live.max()) + width <= self.data.numel(), "shared-memory read out of bounds"
+            assert width == 1 or bool((live % 4 == 0).all()), "misaligned 16-byte shared-memory load"
+        return torch.where(mask, index, 0), mask
+
+    def load4(self, index, mask=None):  # index: integer tensor of element offsets, one per thread
+        index, mask = self._check(index, mask, 4)
+        return [torch.where(mask, self.data[index + k], 0.0) for k in range(4)]
+
+    def load(self, index, mask=None):
+        index, mask = self._check(index, mask, 1)
+        return torch.where(mask, self.data[index], 0.0)
 
 
 def _fill_halo(s, xc, h0, w0, rows, pitch, cols, ph, pw, H, W, base=0):
@@ -78,7 +95,24 @@ def _fill_halo(s, xc, h0, w0, rows, pitch, cols, ph, pw, H, W, base=0):
     s.data[base:base + rows * pitch] = vals.reshape(-1)
 
 
+def _clip_ranges(first, block, kw, pw, W, valid=None):
+    """Per thread, for the `block` consecutive positions first + t: the half-open ranges [lo_t, hi_t)
+    of taps (or pixels) that meet the image (empty past `valid`, default W), as dwconv_cuda.cu
+    computes jl/jh (forward) and wl/wh (weight gradient)."""
+    valid = W if valid is None else valid
+    lo = [torch.clamp(pw - first - t, min=0) for t in range(block)]
+    hi = [torch.where(first + t < valid, torch.clamp(W + pw - first - t, max=kw), lo[t]) for t in range(block)]
+    return lo, hi
+
+
+def in_image_macs(N, C, H, W, kh, kw):
+    """Multiply-adds of one pass that touch no padding."""
+    return N * C * valid_taps(H, kh) * valid_taps(W, kw)
+
+
 def emulate_forward(x, weight, bias, flip, RB, RW, TXN, TYN):
+    """dwconv_cuda.cu's NCHW forward_kernel, thread block by thread block: returns y and the number
+    of multiply-adds the threads perform."""
     N, C, H, W = x.shape
     kh, kw = weight.shape[-2:]
     kwp, ph, pw = _round_up(kw, 4), kh // 2, kw // 2
@@ -87,6 +121,7 @@ def emulate_forward(x, weight, bias, flip, RB, RW, TXN, TYN):
     rows, cols = TH + kh - 1, TW + kw - 1
     y = torch.full((N, C, H, W), float("nan"), dtype=torch.float64)
     ty, tx = torch.meshgrid(torch.arange(TYN), torch.arange(TXN), indexing="ij")
+    macs = 0
     for n in range(N):
         for c in range(C):
             s_w = Smem(kh * kwp)
@@ -98,34 +133,56 @@ def emulate_forward(x, weight, bias, flip, RB, RW, TXN, TYN):
                 for w0 in range(0, W, TW):
                     s_in = Smem(rows * pitch)
                     _fill_halo(s_in, x[n, c].double(), h0, w0, rows, pitch, cols, ph, pw, H, W)
-                    oy_last, ox_last = min(h0 + TH, H) - 1, min(w0 + TW, W) - 1
-                    r_lo, r_hi = max(0, ph - oy_last), min(kh, H + ph - h0)
-                    j_lo, j_hi = max(0, pw - ox_last) & ~3, min(kwp, (W + pw - w0 + 3) & ~3)
+                    ox0 = w0 + tx * RW
+                    jl, jh = _clip_ranges(ox0, RW, kw, pw, W)
+                    ja, jb = (jl[0] + 3) & ~3, jh[RW - 1] & ~3
+                    none = (ox0 + RW > W) | (jb <= ja)
+                    ja, jb = torch.where(none, kw, ja), torch.where(none, kw, jb)
                     acc = [[torch.zeros(TYN, TXN, dtype=torch.float64) for _ in range(RW)] for _ in range(RB)]
-                    for r in range(r_lo, r_hi):
-                        for q in range(RB):
+                    for q in range(RB):
+                        oy = h0 + ty + q * TYN
+                        r_lo, r_hi = torch.clamp(ph - oy, min=0), torch.clamp(H + ph - oy, max=kh)
+                        for r in range(kh):
+                            live = (oy < H) & (r >= r_lo) & (r < r_hi)
+                            if not bool(live.any()):
+                                continue
                             irow = (ty + q * TYN + r) * pitch + tx * RW
+                            wrow = torch.tensor(r * kwp)
                             win = []
-                            for t in range(0, RW, 4):
-                                win += s_in.load4(irow + j_lo + t)
-                            for jb in range(j_lo, j_hi, 4):
-                                win = win[:RW] + s_in.load4(irow + jb + RW)
-                                wv = s_w.load4(torch.tensor(r * kwp + jb))
+                            for j4 in range(0, kwp, 4):  # blocked 4-tap groups [ja, jb), sliding window
+                                on = live & (j4 >= ja) & (j4 < jb)
+                                start = on & (j4 == ja)
+                                if bool(start.any()):
+                                    fresh = sum((s_in.load4(irow + j4 + t, start) for t in range(0, RW, 4)), [])
+                                    win = [torch.where(start, f, old) for f, old in zip(fresh, win)] if win else fresh
+                                if not bool(on.any()):
+                                    continue
+                                win = win[:RW] + s_in.load4(irow + j4 + RW, on)
+                                wv = s_w.load4(wrow + j4, on)
                                 for jj in range(4):
                                     for t in range(RW):
-                                        acc[q][t] = acc[q][t] + win[t + jj] * wv[jj]
+                                        acc[q][t] += torch.where(on, win[t + jj] * wv[jj], 0.0)
+                                macs += 4 * RW * int(on.sum())
                                 win = win[4:]
+                            for t in range(RW):  # the rest, one tap at a time
+                                for j in range(int(jl[t].min()), int(jh[t].max())):
+                                    on = live & (((j >= jl[t]) & (j < torch.minimum(jh[t], ja)))
+                                                 | ((j >= torch.maximum(jl[t], jb)) & (j < jh[t])))
+                                    if bool(on.any()):
+                                        acc[q][t] += torch.where(on, s_in.load(irow + t + j, on) * s_w.load(wrow + j, on), 0.0)
+                                        macs += int(on.sum())
                     b = 0.0 if bias is None else float(bias[c])
                     for q in range(RB):
                         for t in range(RW):
                             oy, ox = h0 + ty + q * TYN, w0 + tx * RW + t
                             ok = (oy < H) & (ox < W)
                             y[n, c, oy[ok], ox[ok]] = acc[q][t][ok] + b
-    return y
+    return y, macs
 
 
 def emulate_weight_grad(go, x, kh, kw, splits, TH=16, TW=16, THREADS=128, MAXG=4):
-    """Returns dW and the number of phases (threads per 4-tap group) the kernel would use."""
+    """dwconv_cuda.cu's NCHW weight_grad_kernel: returns dW, the number of phases (threads per
+    4-tap group) the kernel would use, and the multiply-adds the threads perform."""
     N, C, H, W = x.shape
     kwp, ph, pw = _round_up(kw, 4), kh // 2, kw // 2
     pitch = smem_pitch(TW, kwp, 4)
@@ -143,6 +200,7 @@ def emulate_weight_grad(go, x, kh, kw, splits, TH=16, TW=16, THREADS=128, MAXG=4
     assert TH * TW + rows * pitch >= THREADS * 4, "the phase sums do not fit in the tiles' shared memory"
     ws = torch.full((splits, C, kh, kw), float("nan"), dtype=torch.float64)
     tid = torch.arange(THREADS)
+    macs = 0
     for offset in range(0, groups, THREADS * MAXG):
         for c in range(C):
             for split in range(splits):
@@ -156,28 +214,48 @@ def emulate_weight_grad(go, x, kh, kw, splits, TH=16, TW=16, THREADS=128, MAXG=4
                     g[:hv_, :wv_] = go[n, c, h0:h0 + hv_, w0:w0 + wv_].double()
                     smem.data[:TH * TW] = g.reshape(-1)
                     _fill_halo(smem, x[n, c].double(), h0, w0, rows, pitch, cols, ph, pw, H, W, base=TH * TW)
-                    h_valid, w_valid4 = min(TH, H - h0), (min(TW, W - w0) + 3) & ~3
+                    h_valid, w_valid = min(TH, H - h0), min(TW, W - w0)
                     for k in range(MAXG):
                         unit = tid + k * THREADS
                         group, phase = offset + unit // phases, unit % phases
                         live = group < groups
                         i, j0 = group // ngw, (group % ngw) * 4
-                        live &= ~((h0 + i - ph >= H) | (h0 + h_valid - 1 + i - ph < 0))
-                        if not bool(live.any()):
-                            continue
-                        i, j0, phase = i[live], j0[live], phase[live]
+                        h_lo, h_hi = torch.clamp(ph - i - h0, min=0), torch.clamp(H + ph - i - h0, max=h_valid)
+                        # (tap j0 + t, tile column w): input column w0 + w + j0 + t - pw in [0, W), w < w_valid
+                        wl = [torch.clamp(pw - j0 - t - w0, min=0) for t in range(4)]
+                        wh = [torch.where(j0 + t < kw, torch.clamp(W + pw - j0 - t - w0, max=w_valid), wl[t])
+                              for t in range(4)]
+                        wa, wb = (wl[0] + 3) & ~3, wh[3] & ~3
+                        wa, wb = torch.where(wb <= wa, TW, wa), torch.where(wb <= wa, TW, wb)
                         for h in range(h_valid):
-                            rows_h = phase == (h % phases)  # thread takes rows h = phase (mod phases)
+                            rows_h = live & (h >= h_lo) & (h < h_hi) & (h % phases == phase)
+                            if not bool(rows_h.any()):
+                                continue
                             xrow = TH * TW + (h + i) * pitch + j0
                             grow = torch.tensor(h * TW)
-                            win = smem.load4(xrow)
-                            for w in range(0, w_valid4, 4):
-                                win = win[:4] + smem.load4(xrow + w + 4)
-                                gv = smem.load4(grow + w)
+                            win = []
+                            for w in range(0, TW, 4):
+                                on = rows_h & (w >= wa) & (w < wb)
+                                start = on & (w == wa)
+                                if bool(start.any()):
+                                    fresh = smem.load4(xrow + w, start)
+                                    win = [torch.where(start, f, old) for f, old in zip(fresh, win)] if win else fresh
+                                if not bool(on.any()):
+                                    continue
+                                win = win[:4] + smem.load4(xrow + w + 4, on)
+                                gv = smem.load4(grow + w, on)
                                 for ww in range(4):
                                     for t in range(4):
-                                        acc[k][t][live] += torch.where(rows_h, gv[ww] * win[ww + t], 0.0)
+                                        acc[k][t] += torch.where(on, gv[ww] * win[ww + t], 0.0)
+                                macs += 16 * int(on.sum())
                                 win = win[4:]
+                            for t in range(4):
+                                for w in range(int(wl[t].min()), int(wh[t].max())):
+                                    on = rows_h & (((w >= wl[t]) & (w < torch.minimum(wh[t], wa)))
+                                                   | ((w >= torch.maximum(wl[t], wb)) & (w < wh[t])))
+                                    if bool(on.any()):
+                                        acc[k][t] += torch.where(on, smem.load(grow + w, on) * smem.load(xrow + w + t, on), 0.0)
+                                        macs += int(on.sum())
                 if phases > 1:  # the shared-memory sum of each group's phases
                     partial = torch.stack(acc[0], dim=1).reshape(-1)
                     for th in range(0, THREADS, phases):
@@ -198,9 +276,205 @@ def emulate_weight_grad(go, x, kh, kw, splits, TH=16, TW=16, THREADS=128, MAXG=4
                         for t in range(4):
                             if j0 + t < kw:
                                 ws[split, c, i, j0 + t] = acc[k][t][th]
-    return ws.sum(0).unsqueeze(1), phases
+    return ws.sum(0).unsqueeze(1), phases, macs
 
 
+
+# channels_last kernels (forward_nhwc_kernel, weight_grad_nhwc_kernel): 8 channel lanes x 16 lanes
+
+
+NHWC_LANES, NHWC_THREADS = 8, 128
+
+
+def nhwc_vector_ok(tensors, C, V):
+    """dwconv_cuda.cu's nhwc_vector_ok: 16-byte vectors only when every tensor is 16-byte aligned,
+    has unit channel stride and strides multiple of V, and C is a multiple of V."""
+    if C % V:
+        return False
+    return all(t.data_ptr() % 16 == 0 and t.stride(1) == 1 and all(t.stride(d) % V == 0 for d in (0, 2, 3))
+               for t in tensors)
+
+
+class Gmem:
+    """A tensor's storage as seen by the kernel: loads and stores of V consecutive elements at
+    element offsets from its data pointer, bounds-checked, and 16-byte aligned when V > 1."""
+
+    def __init__(self, t, values=None):
+        self.t = t
+        self.base = t.data_ptr()
+        self.size = t.element_size()
+        span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+        flat = torch.as_strided(t, (span,), (1,))  # the elements the tensor spans, from its first
+        self.data = (flat.double() if values is None else values).clone()
+        self.stores = torch.zeros(span, dtype=torch.int64)
+
+    def _check(self, offset, mask, V):
+        live = offset[mask]
+        if live.numel():
+            assert int(live.min()) >= 0 and int(live.max()) + V <= self.data.numel(), "global access out of bounds"
+            if V > 1:
+                assert bool(((self.base + live * self.size) % 16 == 0).all()), "misaligned 16-byte global access"
+        return torch.where(mask, offset, 0)
+
+    def load(self, offset, mask, V):  # -> V tensors, one per channel of the vector
+        offset = self._check(offset, mask, V)
+        return [torch.where(mask, self.data[offset + v], 0.0) for v in range(V)]
+
+    def store(self, offset, mask, V, values):
+        offset = self._check(offset, mask, V)
+        for v in range(V):
+            self.data[offset[mask] + v] = values[v][mask]
+            self.stores[offset[mask] + v] += 1
+
+
+def _nhwc_lanes(C, V):
+    tid = torch.arange(NHWC_THREADS)
+    return tid % NHWC_LANES, tid // NHWC_LANES, NHWC_LANES * V
+
+
+def emulate_forward_nhwc(x, weight, bias, flip):
+    """forward_nhwc_kernel, block by block on x's own storage: returns y (x's dtype, channels_last,
+    computed in fp64), the multiply-adds performed, V and the channels each block covered."""
+    N, C, H, W = x.shape
+    kh, kw = weight.shape[-2:]
+    ph, pw = kh // 2, kw // 2
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    w = weight.flip(2, 3) if flip else weight
+    wt = w.reshape(C, kh * kw).t().contiguous()  # (kh * kw, C) as the host prepares it
+    V = 16 // x.element_size()
+    V = V if nhwc_vector_ok([x, y], C, V) and wt.data_ptr() % 16 == 0 else 1
+    lane, pixel, per_block = _nhwc_lanes(C, V)
+    RW, TPX, TW, TH = 4, 4, 16, NHWC_THREADS // NHWC_LANES // 4
+    X, Y, Wt = Gmem(x), Gmem(y, torch.full((y.numel(),), float("nan"), dtype=torch.float64)), Gmem(wt)
+    xs, ys = x.stride(), y.stride()
+    tiles_w = (W + TW - 1) // TW
+    macs, covered = 0, []
+    for cb in range((C + per_block - 1) // per_block):
+        c0 = (cb * NHWC_LANES + lane) * V
+        covered.append(sorted({int(c) + v for c in c0[c0 < C] for v in range(V)}))
+        for tile in range(((H + TH - 1) // TH) * tiles_w):
+            oy = (tile // tiles_w) * TH + pixel // TPX
+            ox0 = (tile % tiles_w) * TW + (pixel % TPX) * RW
+            for n in range(N):
+                alive = (c0 < C) & (oy < H)
+                jl, jh = _clip_ranges(ox0, RW, kw, pw, W)
+                ja, jb = jl[0], jh[RW - 1]
+                ja, jb = torch.where(jb <= ja, kw, ja), torch.where(jb <= ja, kw, jb)
+                r_lo, r_hi = torch.clamp(ph - oy, min=0), torch.clamp(H + ph - oy, max=kh)
+                acc = [[torch.zeros(NHWC_THREADS, dtype=torch.float64) for _ in range(V)] for _ in range(RW)]
+                for r in range(kh):
+                    live = alive & (r >= r_lo) & (r < r_hi)
+                    if not bool(live.any()):
+                        continue
+                    xcol = n * xs[0] + c0 * xs[1] + (oy + r - ph) * xs[2] + (ox0 - pw) * xs[3]
+                    wrow = r * kw * C + c0
+                    win = [None] * RW
+                    for j in range(kw):  # blocked taps [ja, jb): a sliding window of RW input vectors
+                        on = live & (j >= ja) & (j < jb)
+                        start = on & (j == ja)
+                        if bool(start.any()):
+                            for t in range(RW - 1):
+                                fresh = X.load(xcol + (t + j) * xs[3], start, V)
+                                win[t] = fresh if win[t] is None else [torch.where(start, f, o) for f, o in zip(fresh, win[t])]
+                        if not bool(on.any()):
+                            continue
+                        win[RW - 1] = X.load(xcol + (RW - 1 + j) * xs[3], on, V)
+                        wv = Wt.load(wrow + j * C, on, V)
+                        for t in range(RW):
+                            for v in range(V):
+                                acc[t][v] += torch.where(on, win[t][v] * wv[v], 0.0)
+                        macs += RW * V * int(on.sum())
+                        win = win[1:] + [None]
+                    for t in range(RW):  # the rest, one tap at a time
+                        for j in range(int(jl[t].min()), int(jh[t].max())):
+                            on = live & (((j >= jl[t]) & (j < torch.minimum(jh[t], ja)))
+                                         | ((j >= torch.maximum(jl[t], jb)) & (j < jh[t])))
+                            if bool(on.any()):
+                                xv, wv = X.load(xcol + (t + j) * xs[3], on, V), Wt.load(wrow + j * C, on, V)
+                                for v in range(V):
+                                    acc[t][v] += torch.where(on, xv[v] * wv[v], 0.0)
+                                macs += V * int(on.sum())
+                for t in range(RW):
+                    on = alive & (ox0 + t < W)
+                    b = [torch.zeros(NHWC_THREADS, dtype=torch.float64) if bias is None
+                         else bias.double()[torch.where(on, c0 + v, 0)] for v in range(V)]
+                    Y.store(n * ys[0] + c0 * ys[1] + oy * ys[2] + (ox0 + t) * ys[3], on, V,
+                            [acc[t][v] + b[v] for v in range(V)])
+    assert bool((Y.stores == 1).all()), "every output element is written exactly once"
+    out = torch.as_strided(Y.data, y.shape, y.stride())
+    return out, macs, V, covered
+
+
+def emulate_weight_grad_nhwc(go, x, kh, kw, sms=132):
+    """weight_grad_nhwc_kernel with its split-K over (n, h) rows: returns dW (fp64), the
+    multiply-adds performed and V."""
+    N, C, H, W = x.shape
+    ph, pw = kh // 2, kw // 2
+    V = 16 // x.element_size()
+    V = V if nhwc_vector_ok([go, x], C, V) else 1
+    lane, tap_lane, per_block = _nhwc_lanes(C, V)
+    ngw = (kw + 3) // 4
+    groups = kh * ngw
+    grid_x, grid_y = (C + per_block - 1) // per_block, (groups + 15) // 16
+    rows = N * H
+    splits = min(rows, max(1, (8 * sms + grid_x * grid_y - 1) // (grid_x * grid_y)), 65535)
+    per_split = (rows + splits - 1) // splits
+    splits = (rows + per_split - 1) // per_split
+    X, G = Gmem(x), Gmem(go)
+    xs, gs = x.stride(), go.stride()
+    ws = torch.full((splits, C, kh, kw), float("nan"), dtype=torch.float64)
+    macs = 0
+    for bx in range(grid_x):
+        c0 = (bx * NHWC_LANES + lane) * V
+        for by in range(grid_y):
+            group = by * 16 + tap_lane
+            alive = (c0 < C) & (group < groups)
+            i, j0 = group // ngw, (group % ngw) * 4
+            wl = [torch.clamp(pw - j0 - t, min=0) for t in range(4)]
+            wh = [torch.where(j0 + t < kw, torch.clamp(W + pw - j0 - t, max=W), wl[t]) for t in range(4)]
+            wa, wb = wl[0], wh[3]
+            wa, wb = torch.where(wb <= wa, W, wa), torch.where(wb <= wa, W, wb)
+            for split in range(splits):
+                acc = [[torch.zeros(NHWC_THREADS, dtype=torch.float64) for _ in range(V)] for _ in range(4)]
+                for row in range(split * per_split, min(rows, (split + 1) * per_split)):
+                    n, h = divmod(row, H)
+                    ih = h + i - ph
+                    live = alive & (ih >= 0) & (ih < H)
+                    if not bool(live.any()):
+                        continue
+                    grow = n * gs[0] + c0 * gs[1] + h * gs[2]
+                    xcol = n * xs[0] + c0 * xs[1] + ih * xs[2] + (j0 - pw) * xs[3]
+                    win = [None] * 4
+                    for w in range(W):
+                        on = live & (w >= wa) & (w < wb)
+                        start = on & (w == wa)
+                        if bool(start.any()):
+                            for t in range(3):
+                                fresh = X.load(xcol + (w + t) * xs[3], start, V)
+                                win[t] = fresh if win[t] is None else [torch.where(start, f, o) for f, o in zip(fresh, win[t])]
+                        if not bool(on.any()):
+                            continue
+                        win[3] = X.load(xcol + (w + 3) * xs[3], on, V)
+                        gv = G.load(grow + w * gs[3], on, V)
+                        for t in range(4):
+                            for v in range(V):
+                                acc[t][v] += torch.where(on, gv[v] * win[t][v], 0.0)
+                        macs += 4 * V * int(on.sum())
+                        win = win[1:] + [None]
+                    for t in range(4):
+                        for w in range(int(wl[t].min()), int(wh[t].max())):
+                            on = live & (((w >= wl[t]) & (w < torch.minimum(wh[t], wa)))
+                                         | ((w >= torch.maximum(wl[t], wb)) & (w < wh[t])))
+                            if bool(on.any()):
+                                xv, gv = X.load(xcol + (w + t) * xs[3], on, V), G.load(grow + w * gs[3], on, V)
+                                for v in range(V):
+                                    acc[t][v] += torch.where(on, gv[v] * xv[v], 0.0)
+                                macs += V * int(on.sum())
+                for v in range(V):
+                    for t in range(4):
+                        on = alive & (j0 + t < kw)
+                        ws[split, (c0 + v)[on], i[on], (j0 + t)[on]] = acc[t][v][on]
+    return ws.sum(0).unsqueeze(1), macs, V
 # The two forward configurations of dwconv_cuda.cu: (RB, RW, TXN, TYN)
 SMALL_TILES = (1, 4, 4, 16)
 WIDE_TILES = (2, 8, 4, 32)
@@ -215,15 +489,41 @@ WIDE_TILES = (2, 8, 4, 32)
     ((1, 1, 66, 40, 31, 31), WIDE_TILES),
 ], ids=lambda v: "x".join(map(str, v)) if len(v) == 6 else "rb%d_rw%d" % v[:2])
 def test_cuda_tiling_replayed_in_python_forward(shape, config):
-    """The forward tiling, replayed in Python (not the CUDA kernel), equals F.conv2d."""
+    """The forward tiling, replayed in Python (not the CUDA kernel), equals F.conv2d, and its threads
+    perform exactly the multiply-adds that meet the image."""
     N, C, H, W, kh, kw = shape
     x = torch.randn(N, C, H, W, dtype=torch.float64)
     w = torch.randn(C, 1, kh, kw, dtype=torch.float64)
     b = torch.randn(C, dtype=torch.float64)
     for flip in (False, True):
-        y = emulate_forward(x, w, b, flip, *config)
+        y, macs = emulate_forward(x, w, b, flip, *config)
         ref = F.conv2d(x, w.flip(-1, -2) if flip else w, b, padding=(kh // 2, kw // 2), groups=C)
         torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        assert macs == in_image_macs(N, C, H, W, kh, kw)
+
+
+# RepLKNet-31B's stages where padding dominates (stage 3: 18 of its 24 blocks) and stage 1, in the
+# forward configuration dwconv_cuda.cu picks for each map (small tiles up to 32 x 32)
+REPLKNET_MAPS = [((1, 1, 14, 14, 27, 27), SMALL_TILES), ((1, 1, 7, 7, 13, 13), SMALL_TILES),
+                 ((1, 1, 56, 56, 31, 31), WIDE_TILES)]
+
+
+@pytest.mark.parametrize("shape,config", REPLKNET_MAPS, ids=lambda v: "x".join(map(str, v)) if len(v) == 6 else "rb%d_rw%d" % v[:2])
+def test_cuda_replay_does_only_in_image_multiply_adds_on_replknet_maps(shape, config):
+    """Replayed forward and weight gradient on RepLKNet-31B maps: the multiply-adds the threads
+    perform are exactly the in-image ones (none on padding), and the results equal PyTorch's."""
+    N, C, H, W, kh, kw = shape
+    x = torch.randn(N, C, H, W, dtype=torch.float64)
+    w = torch.randn(C, 1, kh, kw, dtype=torch.float64)
+    go = torch.randn(N, C, H, W, dtype=torch.float64)
+    y, macs = emulate_forward(x, w, None, False, *config)
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=(kh // 2, kw // 2), groups=C), rtol=1e-10, atol=1e-10)
+    assert macs == in_image_macs(N, C, H, W, kh, kw)
+    gw, _, wg_macs = emulate_weight_grad(go, x, kh, kw, splits=2)
+    ref = torch.ops.aten.convolution_backward(go, x, w, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], C,
+                                              [False, True, False])[1]
+    torch.testing.assert_close(gw, ref, rtol=1e-10, atol=1e-10)
+    assert wg_macs == in_image_macs(N, C, H, W, kh, kw)
 
 
 @pytest.mark.parametrize("shape,splits,expect_phases", [
@@ -235,15 +535,76 @@ def test_cuda_tiling_replayed_in_python_forward(shape, config):
 ])
 def test_cuda_tiling_replayed_in_python_weight_grad(shape, splits, expect_phases):
     """The weight gradient's split-K tiling, replayed in Python (not the CUDA kernel), equals
-    PyTorch's weight gradient, with the thread-phase count the kernel would pick."""
+    PyTorch's weight gradient, with the thread-phase count the kernel would pick and exactly the
+    in-image multiply-adds."""
     N, C, H, W, kh, kw = shape
     x = torch.randn(N, C, H, W, dtype=torch.float64)
     go = torch.randn(N, C, H, W, dtype=torch.float64)
-    gw, phases = emulate_weight_grad(go, x, kh, kw, splits)
+    gw, phases, macs = emulate_weight_grad(go, x, kh, kw, splits)
     assert phases == expect_phases
     ref = torch.ops.aten.convolution_backward(go, x, torch.empty(C, 1, kh, kw, dtype=torch.float64), None, [1, 1],
                                               [kh // 2, kw // 2], [1, 1], False, [0, 0], C, [False, True, False])[1]
     torch.testing.assert_close(gw, ref, rtol=1e-10, atol=1e-10)
+    assert macs == in_image_macs(N, C, H, W, kh, kw)
+
+
+def _channels_last(N, C, H, W, dtype, misalign=False):
+    """A channels_last tensor; ``misalign``: a view one element into its storage (not 16-byte aligned)."""
+    if not misalign:
+        return torch.randn(N, C, H, W).to(dtype).contiguous(memory_format=torch.channels_last)
+    flat = torch.randn(N * C * H * W + 1).to(dtype)
+    return flat[1:].as_strided((N, C, H, W), (H * W * C, 1, W * C, C))
+
+
+# (N, C, H, W, kh, kw), dtype, misaligned -> expected vector width V and channels per block
+NHWC_CASES = [
+    ((1, 64, 14, 14, 27, 27), torch.float16, False, 8, 64),     # RepLKNet stage 3 map: 8 x half per lane
+    ((2, 40, 7, 7, 13, 13), torch.float32, False, 4, 32),       # stage 4 map; C not a multiple of 32: a partial block
+    ((1, 32, 9, 20, 5, 7), torch.bfloat16, False, 8, 64),       # C < 64: half the lanes idle
+    ((1, 16, 9, 11, 7, 3), torch.float64, False, 2, 16),
+    ((1, 12, 6, 9, 5, 5), torch.float16, False, 1, 8),          # C % 8 != 0: scalar path
+    ((1, 16, 6, 9, 5, 5), torch.float32, True, 1, 8),           # data pointer not 16-byte aligned: scalar path
+]
+
+
+@pytest.mark.parametrize("case", NHWC_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}"
+                         + ("-misaligned" if c[2] else ""))
+def test_cuda_channels_last_replayed_in_python(case):
+    """The channels_last kernels replayed on the tensors' own storage: which channels a block covers,
+    16-byte vectors only where aligned (scalar otherwise), every output written once, in-image
+    multiply-adds only, and forward / input gradient / weight gradient equal to PyTorch's."""
+    (N, C, H, W, kh, kw), dtype, misalign, want_v, want_block = case
+    x, go = _channels_last(N, C, H, W, dtype, misalign), _channels_last(N, C, H, W, dtype, misalign)
+    w = (torch.randn(C, 1, kh, kw) / kh).to(dtype)
+    b = torch.randn(C).to(dtype)
+    x64, w64, go64 = x.double(), w.double(), go.double()
+    for flip in (False, True):
+        y, macs, V, covered = emulate_forward_nhwc(x, w, b, flip)
+        assert V == want_v and covered[0] == list(range(min(C, want_block)))
+        assert [c for block in covered for c in block] == list(range(C))
+        ref = F.conv2d(x64, w64.flip(-1, -2) if flip else w64, b.double(), padding=(kh // 2, kw // 2), groups=C)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        assert macs == in_image_macs(N, C, H, W, kh, kw)
+    gw, macs, V = emulate_weight_grad_nhwc(go, x, kh, kw)
+    assert V == want_v
+    ref = torch.ops.aten.convolution_backward(go64, x64, w64, None, [1, 1], [kh // 2, kw // 2], [1, 1], False,
+                                              [0, 0], C, [False, True, False])[1]
+    torch.testing.assert_close(gw, ref, rtol=1e-10, atol=1e-10)
+    assert macs == in_image_macs(N, C, H, W, kh, kw)
+
+
+def test_cuda_channels_last_vector_rule():
+    """When the channels_last kernels take 16-byte vectors (nhwc_vector_ok), tensor by tensor."""
+    x = torch.empty(2, 64, 5, 5, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    assert nhwc_vector_ok([x], 64, 8)
+    assert not nhwc_vector_ok([x[:, :60]], 60, 8)                    # C % 8 != 0
+    assert nhwc_vector_ok([x[:, 8:]], 56, 8)                         # 16 bytes in: still aligned
+    assert not nhwc_vector_ok([x[:, 4:36]], 32, 8)                   # starts 8 bytes into a 16-byte word
+    assert not nhwc_vector_ok([x.contiguous()], 64, 8)               # NCHW: channel stride is not 1
+    assert nhwc_vector_ok([x[..., ::2]], 64, 8)                      # every other column: strides still multiples of 8
+    padded = torch.empty(2 * 1604, dtype=torch.float16).as_strided((2, 64, 5, 5), (1604, 1, 320, 64))
+    assert not nhwc_vector_ok([padded], 64, 8)                       # image stride 1604: not a multiple of 8
+    assert not nhwc_vector_ok([x, _channels_last(1, 64, 5, 5, torch.float16, misalign=True)], 64, 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +677,7 @@ def test_cuda_table_save_and_load_round_trip(tmp_path):
     ((H200, "half", "nchw", 31, 31, 64, 128, 56, 56), ("cuda",) * 3, r"dtype must be one of .*got 'half'"),
     ((H200, "float16", "nhwc", 31, 31, 64, 128, 56, 56), ("cuda",) * 3, r"layout must be one of nchw, channels_last"),
     ((H200, "float16", "nchw", 31, 31, 0, 128, 56, 56), ("cuda",) * 3, r"positive integers"),
-    ((H200, "float16", "nchw", 31, 31, 64, 128, 56, 56), ("cuda", "cpu", "torch"), r"backends must be among cuda, triton, torch"),
+    ((H200, "float16", "nchw", 31, 31, 64, 128, 56, 56), ("cuda", "cpu", "torch"), r"backends must be among cuda, triton, triton_mma, torch"),
     ((H200, "float16", "nchw", 31, 31, 64, 128, 56, 56), ("cuda", "torch"), r"\(forward, input_grad, weight_grad\)"),
 ])
 def test_cuda_table_refuses_bad_rows(tmp_path, key, value, match):
@@ -385,6 +746,14 @@ def test_cuda_table_choice_rules(tmp_path, monkeypatch):
     assert plan == ("triton",) * 3 and "no row measured on NVIDIA H200 for float32 channels_last" in source
     assert cuda_table.choose(x, w, lambda name: False, gpu=H200)[0] == ("torch",) * 3
     assert cuda_table.choose(x, w, everything, gpu="NVIDIA H100")[0] == ("cuda",) * 3
+    # triton_mma (tensor cores): never from the default order, even where it is the only lkfast
+    # backend that can run; only from a row where it was measured fastest
+    assert cuda_table.choose(x, w, lambda name: name in ("triton_mma", "torch"), gpu=H200)[0] == ("torch",) * 3
+    x, w = _call(dtype=torch.bfloat16)
+    rows[(H200, "bfloat16", "channels_last", 27, 27, 64, 512, 14, 14)] = ("triton_mma", "cuda", "triton_mma")
+    cuda_table.save_table(rows, "test", tmp_path / "t.json")
+    assert cuda_table.choose(x, w, everything, gpu=H200)[0] == ("triton_mma", "cuda", "triton_mma")
+    assert cuda_table.choose(x, w, lambda name: name != "triton_mma", gpu=H200)[0] == ("torch", "cuda", "torch")
 
 
 def test_cuda_table_key_names_the_layout_the_op_computes_in():

@@ -7,11 +7,13 @@
 namespace lkfast {
 namespace cuda {
 // y = depthwise_conv2d(x, weight rotated by 180 degrees when flip, bias); y is channels_last when
-// x is, contiguous otherwise. fp32/fp16/bf16 accumulate in fp32, fp64 in fp64.
+// x is (computed by the channels_last kernels), contiguous otherwise. fp32/fp16/bf16 accumulate in
+// fp32, fp64 in fp64.
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias, bool flip);
 // dL/dweight, shape (C, 1, kh, kw) in x's dtype, from dL/dy and x (same shape, any strides).
-// Split-K over (batch, spatial tiles) into an fp32 workspace, then one deterministic sum.
+// Split-K over (batch, spatial tiles), or (batch, rows) for channels_last x, into an fp32 workspace,
+// then one deterministic sum.
 at::Tensor weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t kh, int64_t kw);
 // Registers cuda_forward and cuda_weight_grad on the extension module.
 void bind(pybind11::module_& m);
