@@ -236,13 +236,14 @@ from test_analysis import (analysis_data, analysis_options, eval_inputs, image_g
 def small_budgets(monkeypatch):
     """(PGD, TAIG settings of the eval tasks) made quick and weak enough that some attacks fail, so
     the random starts and path noise change outcomes: TAIG with 2 steps of 3 path points (not the
-    paper's 20 x 21 passes per step), both with smaller eps."""
+    paper's 20 x 21 passes per step) and smaller eps, PGD with steps of 5% of eps."""
     import lkfast.eval.analysis_tasks as analysis_tasks
 
     monkeypatch.setitem(analysis_tasks.TAIG, "steps", 2)
     monkeypatch.setitem(analysis_tasks.TAIG, "path_steps", 2)
     monkeypatch.setitem(analysis_tasks.TAIG, "eps_values", (0.001, 0.002, 0.004))
-    monkeypatch.setitem(analysis_tasks.PGD, "eps_values", (0.0005, 0.001, 0.002))
+    monkeypatch.setitem(analysis_tasks.PGD, "eps_values", (0.001, 0.002, 0.004, 0.008))
+    monkeypatch.setitem(analysis_tasks.PGD, "alpha_ratio", 0.05)  # short steps: the random start matters
     return analysis_tasks.PGD, analysis_tasks.TAIG
 
 
