@@ -14,7 +14,8 @@ Shapes: the four RepLKNet-31B stages at 224 px (56/28/14/7 px maps, k = 31/29/27
 k = 7 and SLaK's 51x5, batch 64; fp16, bf16, fp32; NCHW and channels_last. ``--quick``: the k = 31
 stage-1 and the k = 27 stage-3 shapes in fp16 and bf16.
 
-1. Per pass (forward, input gradient, weight gradient), each lkfast backend (cuda, triton) against
+1. Per pass (forward, input gradient, weight gradient), each lkfast backend (cuda, triton, and
+   triton_mma, the tensor-core kernels, in fp16/bf16; in fp32 its rows say why not) against
    PyTorch's own kernel for that pass (``F.conv2d`` forward; ``aten.convolution_backward`` with one
    output selected, the call autograd makes) in the same layout. The fastest per pass makes a row of
    the ``auto`` table (key: GPU name, dtype, layout, kh, kw, N, C, H, W): "torch" wherever PyTorch won.
@@ -54,7 +55,7 @@ QUICK_SHAPES = ("replknet31b-s1", "replknet31b-s3")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 QUICK_DTYPES = ("float16", "bfloat16")
 LAYOUTS = ("channels_last", "nchw")
-LKFAST_BACKENDS = ("cuda", "triton")
+LKFAST_BACKENDS = ("cuda", "triton", "triton_mma")  # triton_mma: tensor cores, fp16/bf16 only
 PASSES = ("forward", "input_grad", "weight_grad")
 MODES = {"forward": 1, "forward+input_grad": 2, "forward+both_grads": 3}  # conv passes per mode
 BASELINES = ("torch-nchw", "torch-channels_last")  # plain F.conv2d + autograd in each layout
@@ -63,6 +64,7 @@ BASELINES = ("torch-nchw", "torch-channels_last")  # plain F.conv2d + autograd i
 DRY_RUN_SHAPES = [("tiny-k7", 8, 12, 12, 7, 7)]
 DRY_RUN_BACKENDS = ("cpu",)
 DRY_RUN_NAME = "CPU dry run"
+OWN_BACKENDS = LKFAST_BACKENDS + DRY_RUN_BACKENDS  # the columns of the end-to-end table
 
 # Peaks (FLOP/s, bytes/s) by device name; fp16/bf16 CUDA-core peak is twice fp32 (packed half2).
 PEAKS = {
@@ -247,9 +249,9 @@ def markdown(rows: list, device_name: str, batch: int) -> str:
         ratio = f"{min(plain) / auto['ms']:.2f}x" if auto and "ms" in auto and plain else None
         rate = lambda key: f"{auto[key]:.1f}" if auto and key in auto else None  # noqa: E731
         e2e.append([shape, dtype, layout, mode, _ms(auto), auto.get("plan") if auto else None,
-                    *(_ms(g.get(b)) for b in ("cuda", "triton", "cpu") if any(b in v for v in groups.values())),
+                    *(_ms(g.get(b)) for b in OWN_BACKENDS if any(b in v for v in groups.values())),
                     *(_ms(g.get(b)) for b in BASELINES), ratio, rate("tflops"), rate("gbps")])
-    own = [b for b in ("cuda", "triton", "cpu") if any(b in v for v in groups.values())]
+    own = [b for b in OWN_BACKENDS if any(b in v for v in groups.values())]
     header = ["shape", "dtype", "layout", "mode", "auto ms", "auto plan", *(f"{b} ms" for b in own),
               "PyTorch NCHW ms", "PyTorch channels_last (cuDNN) ms", "auto speed-up", "auto TFLOP/s", "auto GB/s"]
     how = ("median wall-clock rounds on the CPU (a dry run: checks the script, measures nothing)" if device_name == DRY_RUN_NAME

@@ -2,8 +2,8 @@
 
     CUDA_LAUNCH_BLOCKING=1 python benchmarks/gpu_smoke.py [--device cuda|cpu] [--json PATH] [--tiny]
 
-Each backend that can run on the device (cuda, triton, torch; on the CPU: cpu, torch, and triton
-under TRITON_INTERPRET=1), each dtype it supports among fp32/fp16/bf16, each pass (forward, input
+Each backend that can run on the device (cuda, triton, triton_mma, torch; on the CPU: cpu, torch,
+and triton / triton_mma under TRITON_INTERPRET=1), each dtype it supports among fp32/fp16/bf16, each pass (forward, input
 gradient, weight gradient), NCHW and channels_last, a few tiny shapes (a map smaller than the
 kernel, a non-square kernel): compared with fp64 ``F.conv2d`` on the CPU. Then ``auto`` end to end
 through the op, with autograd. Prints one line per case and exits 1 if any case is wrong or raised,
@@ -57,7 +57,7 @@ def check(device: str, shapes=SHAPES, dtypes=DTYPES) -> list[dict]:
     from lkfast.ops import PASSES, dtype_name
     from lkfast.ops.backends import BACKENDS
 
-    names = ("cuda", "triton", "torch") if device == "cuda" else ("cpu", "triton", "torch")
+    names = ("cuda", "triton", "triton_mma", "torch") if device == "cuda" else ("cpu", "triton", "triton_mma", "torch")
     results = []
     gen = torch.Generator().manual_seed(0)
     for shape in shapes:
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     for r in results:
         verdict = "skip" if "skipped" in r else ("ok" if r["ok"] else "FAIL")
         detail = r.get("skipped") or r.get("raised") or f"rel err {r['error']:.1e}"
-        print(f"{verdict:4s} {r['backend']:6s} {r['pass_']:30s} {r['dtype']:8s} {r['layout']:13s} {r['shape']}  {detail}")
+        print(f"{verdict:4s} {r['backend']:10s} {r['pass_']:30s} {r['dtype']:8s} {r['layout']:13s} {r['shape']}  {detail}")
     ran = [r for r in results if "skipped" not in r]
     failed = [r for r in ran if not r["ok"]]
     print(f"smoke: {len(ran) - len(failed)} of {len(ran)} cases ok, {len(failed)} failed, "
