@@ -27,6 +27,13 @@ named by the ``LKFAST_DINO_CHECKPOINT`` environment variable, else only the rand
 TAIG's surrogate follows the paper (RepLKNet-31B for ViTs, ViT-B for the others: the first model
 of the run whose name matches) unless ``LKFAST_TAIG_SURROGATE`` names a model label of the run.
 
+Occlusion, fgsm, pgd, taig, lesion and frequency run their per-image work through ``ctx.records``:
+cached per ``--shard-size`` shard, resumed after an interruption, split across torchrun ranks. Their
+random draws (patches, PGD starts, TAIG-R path noise, frequency noise) are seeded per image by
+(``--seed``, image index), so the numbers do not depend on the shard size, batch size or number of
+processes; they differ from the library sweeps' draws (one generator over the whole loader). The
+lesion's removed blocks are drawn once per task (seeded).
+
     write_analysis_report(out, results) -> markdown text (figures under out/figures/)
 """
 from __future__ import annotations
