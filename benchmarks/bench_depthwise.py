@@ -4,7 +4,9 @@
     python benchmarks/report_depthwise.py benchmarks/results/depthwise_cpu.json   # .md and .png beside it
 
 The four RepLKNet-31B stage shapes at 224 px, batch 8, fp32; forward, forward + input gradient,
-forward + both gradients. Cases come from lkfast.bench, so `python -m lkfast.bench` measures the same.
+forward + both gradients. The JSON records the machine (CPU model, vector extensions, the instruction
+set lkfast and oneDNN ran) in the matmul_peak entry's extra_info["machine"]. To measure the AVX2 paths
+of both sides on an AVX-512 machine, set LKFAST_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for the run. Cases come from lkfast.bench, so `python -m lkfast.bench` measures the same.
 
 One benchmark per (shape, passes): lkfast.timing.time_interleaved runs every implementation once
 per round, in rotating order, and each one's wall-clock times go to extra_info (pytest-benchmark's
@@ -30,7 +32,9 @@ def test_matmul_peak(benchmark):
     a, b = torch.randn(n, n), torch.randn(n, n)
     times = {}
     benchmark.pedantic(lambda: times.update(time_interleaved({"mm": lambda: torch.mm(a, b)}, 5)), rounds=1, warmup_rounds=0)
-    benchmark.extra_info.update(kind="matmul_peak", flop=2.0 * n**3, times=times["mm"])
+    # The machine's record for the whole file: CPU model, vector extensions, the instruction set
+    # each side ran (LKFAST_CPU_ISA / ONEDNN_MAX_CPU_ISA cap them), threads, load average.
+    benchmark.extra_info.update(kind="matmul_peak", flop=2.0 * n**3, times=times["mm"], machine=bench.machine_info())
 
 
 @pytest.mark.parametrize("passes", bench.PASSES)

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lkfast.bench import onednn_depthwise_implementation
+
 ONEDNN_CAP = {"avx512": "AVX512_CORE_AMX", "avx2": "AVX2"}
 # (channels, map size, kernel): RepLKNet-31B's four stages at 224 px, then ConvNeXt-T's.
 SHAPES = [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13),
@@ -54,20 +56,12 @@ for dtype in spec["dtypes"]:
 print("ROWS", json.dumps({"isa": cd.fingerprint()["isa"], "rows": rows}))
 """
 
-ONEDNN_PROBE = r"""
-import torch, torch.nn.functional as F
-x = torch.randn(1, 64, 16, 16).contiguous(memory_format=torch.channels_last)
-F.conv2d(x, torch.randn(64, 1, 7, 7), padding=3, groups=64)
-"""
-
-
-def onednn_isa(env: dict) -> str:
-    """The implementation oneDNN reports for a depthwise conv under ``env`` (e.g. 'jit:avx2')."""
-    out = subprocess.run([sys.executable, "-c", ONEDNN_PROBE], env=dict(env, ONEDNN_VERBOSE="1"),
-                         capture_output=True, text=True, check=True).stdout
-    impls = [line.split(",")[6] for line in out.splitlines()
-             if line.startswith("onednn_verbose") and ",exec," in line and "convolution" in line]
-    return impls[-1] if impls else "unknown (no oneDNN verbose output)"
+def _load_average() -> str:
+    """The 1, 5 and 15 minute load averages: other work on the machine skews every time here."""
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -85,11 +79,14 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, LKFAST_CPU_ISA=isa, ONEDNN_MAX_CPU_ISA=ONEDNN_CAP[isa],
                        LKFAST_CACHE=cache, LKFAST_CALIBRATE="1")
-            onednn = onednn_isa(env)
+            onednn = onednn_depthwise_implementation(env)
+            load_before = _load_average()
             print(f"== {isa}: lkfast capped by LKFAST_CPU_ISA={isa}, oneDNN by ONEDNN_MAX_CPU_ISA="
-                  f"{ONEDNN_CAP[isa]} -> oneDNN ran {onednn}", flush=True)
+                  f"{ONEDNN_CAP[isa]} -> oneDNN ran {onednn}; load average {load_before}", flush=True)
             proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, text=True,
                                   stdout=subprocess.PIPE, check=True)
+            load_after = _load_average()
+            print(f"== {isa}: done; load average {load_after}", flush=True)
         result = None
         for line in proc.stdout.splitlines():
             if line.startswith("ROWS "):
@@ -102,7 +99,8 @@ def main(argv=None) -> int:
         from lkfast.ops.cpu_dispatch import _cpu_model
 
         table[isa] = {"measured_on": f"{_cpu_model()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
-                      "onednn_implementation": onednn, "rows": result["rows"]}
+                      "onednn_implementation": onednn, "load_average": [load_before, load_after],
+                      "rows": result["rows"]}
     Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -102,6 +102,58 @@ def make_case(impl: str, passes: str, batch: int, channels: int, size: int, k: i
                 effective_flop(batch, channels, size, size, k, k, passes))
 
 
+_ONEDNN_PROBE = r"""
+import torch, torch.nn.functional as F
+x = torch.randn(1, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+F.conv2d(x, torch.randn(64, 1, 7, 7), padding=3, groups=64)
+"""
+
+
+def onednn_depthwise_implementation(env: dict | None = None) -> str:
+    """The kernel oneDNN runs for a channels_last depthwise conv under ``env`` (default: this
+    process's environment, so ONEDNN_MAX_CPU_ISA applies), e.g. 'brdgmm_dw:avx2', read from its
+    verbose log in a child process (oneDNN reads its settings once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ if env is None else env, ONEDNN_VERBOSE="1")
+    out = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    impls = [line.split(",")[6] for line in out.splitlines()
+             if line.startswith("onednn_verbose") and ",exec," in line and "convolution" in line]
+    return impls[-1] if impls else "unknown (no oneDNN verbose output)"
+
+
+def machine_info() -> dict:
+    """What a figure was measured on: the CPU model and its vector extensions, the instruction set
+    lkfast's kernels ran (LKFAST_CPU_ISA caps it) and the kernel oneDNN ran (ONEDNN_MAX_CPU_ISA caps
+    it), threads, versions and the load average when asked (other work on the machine skews times)."""
+    import os
+
+    from lkfast.ops.cpu_dispatch import fingerprint
+
+    fp = fingerprint()
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        pass
+    try:
+        load = [float(v) for v in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        load = None
+    return {
+        "cpu_model": fp["cpu"], "cpu_count": os.cpu_count(),
+        "cpu_vector_extensions": sorted(flags & {"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16",
+                                                 "avx512_fp16", "amx_tile", "amx_bf16"}),
+        "lkfast_isa": fp["isa"], "lkfast_cpu_isa_cap": os.environ.get("LKFAST_CPU_ISA", ""),
+        "onednn_max_cpu_isa": fp["onednn_max_cpu_isa"], "onednn_depthwise": onednn_depthwise_implementation(),
+        "threads": fp["threads"], "torch": fp["torch"], "lkfast": fp["lkfast"], "load_average": load,
+    }
+
+
 def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
     """fp32 matrix-product GFLOP/s of this machine, the ceiling the kernels are judged against."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -161,6 +213,8 @@ def main(argv=None) -> None:
     print("backends:")
     for info in available_backends().values():
         print("  ", info)
+    machine = machine_info()
+    print("machine:", ", ".join(f"{k} {v}" for k, v in machine.items()))
     impls = [i for i in IMPLEMENTATIONS if i != "lkfast_cpu" or available_backends()["cpu"].available]
     peak = matmul_gflops()
     rows = []
@@ -175,8 +229,9 @@ def main(argv=None) -> None:
     print()
     print(summarize(rows, peak))
     if args.json:
-        write_text_atomic(args.json, json.dumps({"threads": torch.get_num_threads(), "matmul_gflops": peak, "rows": rows},
-                                                indent=1))
+        machine["load_average_after"] = machine_info()["load_average"]
+        write_text_atomic(args.json, json.dumps({"threads": torch.get_num_threads(), "matmul_gflops": peak,
+                                                 "machine": machine, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
