@@ -184,6 +184,56 @@ def test_structural_reparam_equivalence_and_official_merged_keys(arch, images):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for n, m in model.named_modules() if n.endswith(".bn"))
 
 
+def _outputs_and_input_grad(model, images):
+    x = images.clone().requires_grad_()
+    out = model(x)
+    (grad,) = torch.autograd.grad(F.cross_entropy(out, torch.arange(len(images)) % NUM_CLASSES), [x])
+    return out.detach(), grad
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("arch", [TINY, TINY_XL], ids=["31B-like", "XL-like"])
+def test_fold_batchnorms_keeps_outputs_and_input_gradients(arch, fast, images):
+    model = RepLKNet(**arch, num_classes=NUM_CLASSES, fast=fast)
+    model.load_state_dict(official_checkpoint(**arch))  # BN statistics far from the identity
+    model.eval().requires_grad_(False)
+    before, grad_before = _outputs_and_input_grad(model, images)
+    assert models.fold_batchnorms(model) is model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    after, grad_after = _outputs_and_input_grad(model, images)
+    _close(after, before)
+    _close(grad_after, grad_before, rtol=1e-4, atol=1e-7)
+    _close(model(images), reference_forward(official_checkpoint(**arch), images))  # the official function
+
+
+def test_fold_batchnorms_refuses_other_models():
+    with pytest.raises(TypeError, match="RepLKNet"):
+        models.fold_batchnorms(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)))
+
+
+def test_fast_model_traces_as_one_graph_in_eval(images):
+    # The on-the-fly BN folding of the fast layers must not break the graph under torch.compile
+    # (its cache keys on storage pointers, which dynamo cannot guard on).
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES).eval()
+    model.load_state_dict(official_checkpoint(**TINY))
+    model.requires_grad_(False)  # frozen weights: the case where the fold is cached in eager mode
+    expected = model(images)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    _close(compiled(images), expected)
+
+
+def test_optimize_for_inference_compiled_matches_eager(images):
+    # Inference (no_grad): inductor freezes the folded weights, the fast op inside the graph.
+    arch = dict(TINY, layers=[1, 1, 1, 1], channels=[8, 8, 8, 8])
+    model = RepLKNet(**arch, num_classes=NUM_CLASSES)
+    model.load_state_dict(official_checkpoint(**arch))
+    model.eval().requires_grad_(False)
+    images = images[:, :, :32, :32]
+    with torch.no_grad():
+        expected = model(images)
+        _close(models.optimize_for_inference(model, compile=True)(images), expected)
+
+
 def test_small_kernel_merged_constructor_gives_reparameterised_layout():
     model = RepLKNet(**TINY, num_classes=NUM_CLASSES, small_kernel_merged=True)
     assert list(model.state_dict()) == [k for k, _ in official_layout(merged=True, **TINY)]

@@ -21,9 +21,11 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from lkfast.nn import DepthwiseConv2d, ReparamLargeKernelConv, conv_bn, conv_bn_relu
+from lkfast.nn.reparam import bn_scale_shift
 from lkfast.nn import fuse_conv_bn as _fuse_conv_bn  # structural_reparam has an argument of that name
 
-__all__ = ["RepLKNet", "RepLKBlock", "ConvFFN", "RepLKNetStage", "OFFICIAL_CHECKPOINTS"]
+__all__ = ["RepLKNet", "RepLKBlock", "ConvFFN", "RepLKNetStage", "OFFICIAL_CHECKPOINTS", "fold_batchnorms",
+           "optimize_for_inference"]
 
 
 def _drop_path_or_identity(rate: float) -> nn.Module:
@@ -230,6 +232,64 @@ def _conv_with_bias(conv: nn.Conv2d, kernel: torch.Tensor, bias: torch.Tensor) -
     fused.weight.copy_(kernel)
     fused.bias.copy_(bias)
     return fused
+
+
+@torch.no_grad()
+def fold_batchnorms(model: RepLKNet) -> RepLKNet:
+    """Fold every BatchNorm of ``model`` (a RepLKNet) into a neighbouring conv or the head, in place,
+    for inference: the small kernels into the large ones and each conv-BN pair into a conv with bias
+    (``structural_reparam(fuse_conv_bn=True)``), each block's pre-BN (``prelkb_bn``, ``preffn_bn``)
+    into the 1x1 conv after it, and the final ``norm`` into the linear head (average pooling is
+    linear, so the per-channel affine map passes through it). All exact up to float rounding: the
+    outputs and the gradients with respect to the input equal the eval-mode model's.
+
+    Returns the model, in eval mode, with no BatchNorm left (except ``stage.norm`` of a backbone with
+    ``norm_intermediate_features``). Refused (TypeError) for other models. The folded model is for
+    inference and input gradients (attacks, saliency): its state_dict no longer has the official
+    layout and training it would train the folded parameters with no BN.
+    """
+    if not isinstance(model, RepLKNet):
+        raise TypeError(f"fold_batchnorms: expected a RepLKNet, got {type(model).__name__}; for other models "
+                        "use torch.compile with torch._inductor.config.freezing = True, which folds conv-BN pairs")
+    model.eval()
+    model.structural_reparam(fuse_conv_bn=True)
+    for block in list(model.modules()):
+        if not isinstance(block, (RepLKBlock, ConvFFN)):
+            continue
+        name = "prelkb_bn" if isinstance(block, RepLKBlock) else "preffn_bn"
+        pre_bn = getattr(block, name)
+        if isinstance(pre_bn, nn.BatchNorm2d):
+            # pw1 is a 1x1 conv, stride 1, no padding: pre_bn's shift has no border to leak into.
+            conv = block.pw1.conv
+            scale, shift = bn_scale_shift(pre_bn)
+            kernel = conv.weight * scale.reshape(1, -1, 1, 1)
+            bias = conv.bias + conv.weight.flatten(1) @ shift
+            block.pw1.conv = _conv_with_bias(conv, kernel, bias)
+            setattr(block, name, nn.Identity())
+    if model.out_indices is None and isinstance(model.norm, nn.BatchNorm2d) and isinstance(model.head, nn.Linear):
+        scale, shift = bn_scale_shift(model.norm)
+        head = model.head
+        folded = nn.Linear(head.in_features, head.out_features, device=head.weight.device, dtype=head.weight.dtype)
+        folded.weight.copy_(head.weight * scale.reshape(1, -1))
+        folded.bias.copy_(head.bias + head.weight @ shift)
+        model.head, model.norm = folded, nn.Identity()
+    return model
+
+
+def optimize_for_inference(model: RepLKNet, compile: bool = False) -> nn.Module:
+    """``model`` (a RepLKNet) made as fast as measured for inference and input gradients on the CPU.
+
+    Folds every BatchNorm (``fold_batchnorms``, in place; see there for what the folded model is for)
+    and, with ``compile``, returns ``torch.compile`` of the folded model with inductor's freezing
+    (under ``torch.no_grad`` the weights become constants: 1x1 convs prepacked for oneDNN with their
+    bias, ReLU/GELU and residual add fused in; the fast op stays inside the graph). The first call
+    compiles (about half a minute for RepLKNet-31B on 2 cores, again for each new input shape or
+    grad mode); later in-place changes of the weights are not seen by a frozen graph. Outputs and
+    input gradients equal the eval-mode model's within fp32 rounding. Measured figures:
+    benchmarks/results/models_cpu.md.
+    """
+    fold_batchnorms(model)
+    return torch.compile(model, options={"freezing": True}) if compile else model
 
 
 # --- configurations ------------------------------------------------------------------------------

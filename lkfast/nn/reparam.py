@@ -45,14 +45,16 @@ class _FoldCache:
 
     Only used when none of them requires grad (frozen weights: inference, attacks), so the cached
     result never needs to be part of an autograd graph. A tensor counts as unchanged while its
-    storage pointer and version counter (bumped by every in-place write) are the same.
+    storage pointer and version counter (bumped by every in-place write) are the same. Under
+    ``torch.compile`` the fold is traced instead (storage pointers and version counters cannot be
+    guarded on: every layer would recompile and the model fall back to eager after the limit).
     """
 
     def __init__(self):
         self.key, self.value = None, None
 
     def get(self, sources: list, compute):
-        if any(t.requires_grad for t in sources):
+        if torch.compiler.is_compiling() or any(t.requires_grad for t in sources):
             return compute()
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
         if key != self.key:
