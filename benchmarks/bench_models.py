@@ -10,12 +10,19 @@ files followed by the .md path to the second command).
 Models: RepLKNet-31B and ConvNeXt-T with 31x31 kernels (timm ``convnext_tiny``, ``kernel_sizes=31``).
 Variants: ``plain_nchw`` (nn.Conv2d, NCHW: how the official code runs), ``plain_cl`` (nn.Conv2d,
 channels_last: oneDNN's fast path), ``lkfast_nchw`` and ``lkfast_cl`` (large depthwise convs through
-the fast op, model and input in that layout).
+the fast op, model and input in that layout), ``lkfast_folded`` (RepLKNet, channels_last, every BN
+folded by ``lkfast.models.optimize_for_inference``: inference and input_grad only). With
+LKFAST_BENCH_COMPILE=1 also ``plain_cl_compiled`` and ``lkfast_folded_compiled`` (inference only:
+``torch.compile`` with inductor's freezing on both sides, ``optimize_for_inference(compile=True)``
+for lkfast); they are reported in a table of their own, so the eager ratios stay eager-to-eager.
 Tasks: ``inference`` (eval, no_grad), ``input_grad`` (eval, frozen weights, gradient of the
 cross-entropy with respect to the input: one attack step), ``train_step`` (train mode, forward +
 backward with all weight gradients; no optimizer update).
 Settings (environment): LKFAST_BENCH_DEVICE (cpu), LKFAST_BENCH_BATCH (8 on the CPU, 64 on CUDA),
-LKFAST_BENCH_DTYPE (float32; bfloat16 on CUDA), LKFAST_BENCH_ROUNDS (2), LKFAST_BENCH_SIZE (224).
+LKFAST_BENCH_DTYPE (float32; bfloat16 on CUDA), LKFAST_BENCH_ROUNDS (2), LKFAST_BENCH_SIZE (224),
+LKFAST_BENCH_COMPILE (unset). Every case records the CPU model, the instruction set the fast op's
+CPU kernels run (``lkfast.ops.cpu_dispatch.fingerprint``, honours LKFAST_CPU_ISA), PyTorch's CPU
+capability and ONEDNN_MAX_CPU_ISA, so runs capped to AVX2 are told apart from AVX-512 runs.
 Each case first checks that the variant's outputs equal plain_nchw's within 1e-4 relative (fp32).
 
 Timer: on a CPU shared with other jobs, wall-clock times swing by 2-3x within minutes, which would
@@ -50,7 +57,10 @@ DTYPE = getattr(torch, os.environ.get("LKFAST_BENCH_DTYPE", "bfloat16" if ON_CUD
 ROUNDS = int(os.environ.get("LKFAST_BENCH_ROUNDS", 2))
 SIZE = int(os.environ.get("LKFAST_BENCH_SIZE", 224))
 MODELS = ("replknet_31b", "convnext_tiny_k31")
-VARIANTS = ("plain_nchw", "plain_cl", "lkfast_nchw", "lkfast_cl")
+EAGER_VARIANTS = ("plain_nchw", "plain_cl", "lkfast_nchw", "lkfast_cl", "lkfast_folded")
+COMPILED_VARIANTS = ("plain_cl_compiled", "lkfast_folded_compiled")
+COMPILE = bool(os.environ.get("LKFAST_BENCH_COMPILE"))
+VARIANTS = EAGER_VARIANTS + (COMPILED_VARIANTS if COMPILE else ())
 TASKS = ("inference", "input_grad", "train_step")
 # Agreement of outputs with plain_nchw (fp32); bf16 is checked loosely.
 RTOL = 1e-4 if DTYPE == torch.float32 else 5e-2
@@ -59,6 +69,17 @@ GPU_TIMER = "lkfast.timing.gpu_time_ms (CUDA events around back-to-back steps, m
 # wall-clock time with LKFAST_BENCH_CLOCK=wall
 CPU_CLOCK = time.perf_counter if os.environ.get("LKFAST_BENCH_CLOCK") == "wall" else time.process_time
 CPU_TIMER = f"lkfast.timing.time_interleaved, clock time.{CPU_CLOCK.__name__}"
+
+
+def _machine() -> dict:
+    """The CPU and the instruction sets both sides run (the fast op's kernels and PyTorch/oneDNN)."""
+    from lkfast.ops.cpu_dispatch import fingerprint
+
+    info = fingerprint()
+    return {"cpu_model": info["cpu"], "lkfast_cpu_isa": info["isa"],
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_cpu_isa": info["onednn_max_cpu_isa"] or "unset", "lkfast_cpu_isa_env":
+            os.environ.get("LKFAST_CPU_ISA", "unset")}
 
 
 def _build(model_name: str, fast: bool) -> torch.nn.Module:
@@ -91,18 +112,25 @@ def _model_and_input(model_name: str, variant: str):
         model = _build(model_name, fast=variant.startswith("lkfast"))
         with torch.no_grad():
             _randomize_bn_statistics(model)
+        if variant.startswith("lkfast_folded"):
+            from lkfast.models import fold_batchnorms
+
+            fold_batchnorms(model)
         x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
         model = model.to(device=DEVICE, dtype=DTYPE)
         x = x.to(device=DEVICE, dtype=DTYPE)
-        if variant.endswith("_cl"):
+        if variant.endswith("_cl") or variant.startswith("lkfast_folded") or variant.startswith("plain_cl"):
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
+        if variant.endswith("_compiled"):  # inference only: frozen weights under no_grad
+            model = torch.compile(model.eval().requires_grad_(False), options={"freezing": True})
         _cache[key] = (model, x)
     return _cache[key]
 
 
 _reference_logits: dict = {}
 _rel_err: dict = {}
+_first_call_s: dict = {}
 
 
 def _logits(model, x):
@@ -146,10 +174,18 @@ def test_model(benchmark, model_name, variant, task):
         pytest.skip("plain NCHW training step not timed on the CPU by default: PyTorch's NCHW depthwise weight "
                     "gradient takes several seconds per large-kernel layer (>10 min per step); set "
                     "LKFAST_BENCH_NCHW_TRAIN=1 to time it")
+    if variant.startswith("lkfast_folded") and model_name != "replknet_31b":
+        pytest.skip("BN folding (optimize_for_inference) is RepLKNet's")
+    if variant.startswith("lkfast_folded") and task == "train_step":
+        pytest.skip("folded BNs are for inference and input gradients; training needs the BNs")
+    if variant.endswith("_compiled") and (model_name != "replknet_31b" or task != "inference"):
+        pytest.skip("compiled variants: RepLKNet-31B inference only (compile time on 2 cores)")
     model, x = _model_and_input(model_name, variant)
     key = (model_name, variant)
     if key not in _rel_err:  # once per model variant
-        logits = _logits(model, x)
+        start = time.perf_counter()
+        logits = _logits(model, x)  # compiles the compiled variants
+        _first_call_s[key] = time.perf_counter() - start
         if variant == "plain_nchw":
             _reference_logits[model_name] = logits
         reference = _reference_logits.get(model_name)
@@ -163,7 +199,10 @@ def test_model(benchmark, model_name, variant, task):
     benchmark.group = f"{model_name} {task}"
     benchmark.extra_info.update(model=model_name, variant=variant, task=task, batch=BATCH, size=SIZE,
                                 dtype=dtype_name(DTYPE), device=DEVICE,
-                                threads=torch.get_num_threads(), max_rel_err_vs_plain_nchw=rel_err)
+                                threads=torch.get_num_threads(), max_rel_err_vs_plain_nchw=rel_err,
+                                load_average=os.getloadavg(), **_machine())
+    if variant.endswith("_compiled") and key in _first_call_s:
+        benchmark.extra_info.update(compile_and_first_call_wall_s=_first_call_s.pop(key))
     if ON_CUDA:  # the project's GPU timer: CUDA events around back-to-back steps, warm-up excluded
         per_step = []
         benchmark.extra_info.update(timer=GPU_TIMER)
@@ -184,11 +223,13 @@ def test_model(benchmark, model_name, variant, task):
 
 
 def markdown_table(results: dict) -> str:
-    """Markdown table (ms per step; ratio against the faster plain layout and against plain NCHW)."""
-    times, info = {}, {}
+    """Markdown tables (ms per step; ratio of the best lkfast variant against the faster plain layout
+    and against plain NCHW; compiled variants in a table of their own) and the issue's targets."""
+    times, info, loads = {}, {}, []
     for bench in results["benchmarks"]:
         e = bench["extra_info"]
         times[(e["model"], e["task"], e["variant"])] = e.get("ms_per_step", bench["stats"]["median"] * 1000)
+        loads += [e["load_average"][0]] if "load_average" in e else []
         info = e
     machine = results.get("machine_info", {})
     timer = results["benchmarks"][0].get("options", {}).get("timer", "wall clock") if results["benchmarks"] else ""
@@ -196,29 +237,53 @@ def markdown_table(results: dict) -> str:
     how = ("ms per step" if str(info.get("device", "cpu")).startswith("cuda") else
            f"median of {ROUNDS} timed calls after 1 warm-up, except the plain NCHW cases and the plain training "
            f"steps: 1 timed call (minutes each)")
+    cpu = info.get("cpu_model", machine.get("cpu", {}).get("brand_raw", "unknown"))
+    isa = (f"; instruction sets: lkfast {info['lkfast_cpu_isa']}, PyTorch {info['torch_cpu_capability']}, "
+           f"ONEDNN_MAX_CPU_ISA {info['onednn_max_cpu_isa']}" if "lkfast_cpu_isa" in info else "")
+    load = f"; load average (1 min) at the cases' start {min(loads):.1f}-{max(loads):.1f}" if loads else ""
     caption = (f"Timer: {timer}. {info.get('device', 'cpu')}, {info.get('dtype')}, batch {info.get('batch')}, "
-               f"{info.get('size')} px, torch threads {info.get('threads')}; {how}; CPU: "
-               f"{machine.get('cpu', {}).get('brand_raw', 'unknown')}. Speed-up = plain time / lkfast time.")
-    header = ["model", "task", "plain NCHW ms", "plain channels_last ms", "lkfast NCHW ms", "lkfast channels_last ms",
-              "best lkfast vs faster plain", "best lkfast vs plain NCHW"]
+               f"{info.get('size')} px, torch threads {info.get('threads')}; {how}; CPU: {cpu}{isa}{load}. "
+               f"Speed-up = plain time / lkfast time.")
+    names = {"plain_nchw": "plain NCHW ms", "plain_cl": "plain channels_last ms", "lkfast_nchw": "lkfast NCHW ms",
+             "lkfast_cl": "lkfast channels_last ms", "lkfast_folded": "lkfast BNs folded ms"}
+    header = ["model", "task", *(names[v] for v in EAGER_VARIANTS), "best lkfast vs faster plain",
+              "best lkfast vs plain NCHW"]
     rows = []
+
+    def best(t, prefix):
+        return min([v for k, v in t.items() if k.startswith(prefix) and not k.endswith("_compiled") and v],
+                   default=None)
+
     for model in MODELS:
         for task in TASKS:
-            t = {v: times.get((model, task, v)) for v in VARIANTS}
+            t = {v: times.get((model, task, v)) for v in EAGER_VARIANTS}
             if not any(t.values()):
                 continue
-            plain = [v for v in (t["plain_nchw"], t["plain_cl"]) if v]
-            ours = [v for v in (t["lkfast_nchw"], t["lkfast_cl"]) if v]
-            vs_best = f"{min(plain) / min(ours):.2f}x" if plain and ours else "n/a"
-            vs_nchw = f"{t['plain_nchw'] / min(ours):.2f}x" if t["plain_nchw"] and ours else "n/a"
-            rows.append([model, task, *(f"{t[v]:.0f}" if t[v] else "not run" for v in VARIANTS), vs_best, vs_nchw])
-    lines = [table_markdown(header, rows, align="llrrrrrr", caption=caption)]
-    lines += ["Targets (issue 4, RepLKNet-31B, best lkfast layout):"]
+            plain, ours = best(t, "plain"), best(t, "lkfast")
+            vs_best = f"{plain / ours:.2f}x" if plain and ours else "n/a"
+            vs_nchw = f"{t['plain_nchw'] / ours:.2f}x" if t["plain_nchw"] and ours else "n/a"
+            rows.append([model, task, *(f"{t[v]:.0f}" if t[v] else "not run" for v in EAGER_VARIANTS), vs_best,
+                         vs_nchw])
+    lines = [table_markdown(header, rows, align="ll" + "r" * (len(header) - 2), caption=caption).rstrip("\n")]
+    compiled = {v: times.get(("replknet_31b", "inference", v)) for v in COMPILED_VARIANTS + ("plain_cl",)}
+    if compiled["plain_cl_compiled"] and compiled["lkfast_folded_compiled"]:
+        first = {e["variant"]: e.get("compile_and_first_call_wall_s") for e in
+                 (b["extra_info"] for b in results["benchmarks"]) if e["variant"] in COMPILED_VARIANTS}
+        c_plain, c_ours, eager_plain = (compiled["plain_cl_compiled"], compiled["lkfast_folded_compiled"],
+                                        compiled["plain_cl"])
+        lines += ["", table_markdown(
+            ["model", "task", "plain channels_last compiled ms", "lkfast folded compiled ms",
+             "lkfast compiled vs plain compiled", "lkfast compiled vs plain eager"],
+            [["replknet_31b", "inference", f"{c_plain:.0f}", f"{c_ours:.0f}", f"{c_plain / c_ours:.2f}x",
+              f"{eager_plain / c_ours:.2f}x" if eager_plain else "n/a"]], align="llrrrr",
+            caption=("torch.compile (inductor, freezing: frozen weights, conv-BN folding and oneDNN post-op fusion "
+                     "on the plain side too), same run; compile + first call wall s: plain "
+                     f"{first.get('plain_cl_compiled') or 0:.0f}, lkfast {first.get('lkfast_folded_compiled') or 0:.0f}."))]
+    lines += ["", "Targets (RepLKNet-31B, best eager lkfast variant against the faster eager plain layout):"]
     for task, against, target in TARGETS:
-        t = {v: times.get(("replknet_31b", task, v)) for v in VARIANTS}
-        ours = min([v for v in (t["lkfast_nchw"], t["lkfast_cl"]) if v], default=None)
-        base = t["plain_nchw"] if against == "plain NCHW" else min([v for v in (t["plain_nchw"], t["plain_cl"]) if v],
-                                                                   default=None)
+        t = {v: times.get(("replknet_31b", task, v)) for v in EAGER_VARIANTS}
+        ours = best(t, "lkfast")
+        base = t["plain_nchw"] if against == "plain NCHW" else best(t, "plain")
         got = f"{base / ours:.2f}x" if base and ours else "not measured"
         verdict = "met" if base and ours and base / ours >= target else "MISSED" if base and ours else "n/a"
         lines.append(f"- {task} >= {target}x {against}: {got} ({verdict})")
