@@ -452,6 +452,57 @@ def test_eval_taig_pairs_convnets_with_a_vit_surrogate_and_back(tmp_path, monkey
         assert all(v is None or 0.0 <= v <= 100.0 for v in r["success_rate"])
 
 
+def test_eval_taig_targets_of_one_surrogate_share_its_images(tmp_path, monkeypatch):
+    """Two ConvNet targets of the ViT surrogate: its TAIG images are made once per batch and shown to
+    both, with the same results as making them for each target."""
+    import lkfast.attacks
+    import lkfast.eval.analysis_tasks as tasks
+    from lkfast.eval import EvalOptions, ModelSpec, run_evaluation
+
+    write_val_folder(tmp_path / "val")
+    arch = dict(large_kernel_sizes=(7, 5, 5, 3), layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), small_kernel=3)
+    vit_arch = dict(img_size=32, depth=1, embed_dim=16, num_heads=2)
+    torch.manual_seed(0)
+    for name in ("lk1", "lk2"):
+        torch.save(RepLKNet(**arch).state_dict(), tmp_path / f"{name}.pth")
+    torch.save(timm.create_model("vit_tiny_patch16_224", **vit_arch).state_dict(), tmp_path / "vit.pth")
+    specs = [ModelSpec("replknet_31b", str(tmp_path / f"{n}.pth"), n, kwargs=tuple(arch.items()), input_size=32)
+             for n in ("lk1", "lk2")]
+    specs.append(ModelSpec("vit_tiny_patch16_224", str(tmp_path / "vit.pth"), "vit", kwargs=tuple(vit_arch.items()),
+                           input_size=32))
+    monkeypatch.setitem(tasks.TAIG, "steps", 2)
+    monkeypatch.setitem(tasks.TAIG, "path_steps", 2)
+    calls, shown = [], []
+    real = lkfast.attacks.transfer_adversarials
+    monkeypatch.setattr(lkfast.attacks, "transfer_adversarials", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_outcomes = lkfast.attacks.transfer_outcomes
+
+    def outcomes(surrogate, targets, x, y, adversarials=None, **kwargs):  # what each target is shown
+        shown.append((list(targets), x.clone(), [a.clone() for a in adversarials]))
+        return real_outcomes(surrogate, targets, x, y, adversarials=adversarials, **kwargs)
+    monkeypatch.setattr(lkfast.attacks, "transfer_outcomes", outcomes)
+
+    def run(out, budget):
+        monkeypatch.setattr(tasks, "_ADVERSARIALS", tasks._Memo(budget))
+        calls.clear()
+        shown.clear()
+        options = EvalOptions(out=str(tmp_path / out), data={"val": str(tmp_path / "val")}, workers=0, progress=False,
+                              write_report=False, batch_size=2)
+        results = run_evaluation(specs, ["taig"], options)
+        return {m: {k: v for k, v in results[m]["taig"].items() if k != "seconds"} for m in ("lk1", "lk2", "vit")}, \
+            len(calls), list(shown)
+
+    shared, made, shown_shared = run("shared", 2 ** 30)
+    alone, made_alone, shown_alone = run("alone", 0)  # nothing kept: every target's images are made again
+    assert made_alone == 3 * 2 and made == 2 * 2  # 2 batches; lk1 and lk2 share the ViT's images
+    assert shared == alone
+    assert len(shown_shared) == len(shown_alone) == 3 * 2
+    for (names, x, adv), (names_alone, x_alone, adv_alone) in zip(shown_shared, shown_alone):
+        assert names == names_alone and torch.equal(x, x_alone)
+        assert all(torch.equal(a, b) for a, b in zip(adv, adv_alone))  # the kept images are this batch's
+    assert shared["lk1"]["surrogate"] == shared["lk2"]["surrogate"] == "vit" and shared["vit"]["surrogate"] == "lk1"
+
+
 def test_cli_runs_the_analyses_into_the_report_with_their_options(tmp_path):
     """`python -m lkfast.eval` knows the analysis tasks, passes --taig-surrogate to TAIG (and keys
     the cache by it), and report.md gets the Section 4 sections and tables."""

@@ -16,7 +16,8 @@ mode is left as it is.
 from lkfast.attacks.core import frozen
 from lkfast.attacks.evaluate import (FGSM_EPS, PGD_EPS, PGD_STEPS, TAIG_ALPHA, TAIG_EPS, TAIG_PATH_STEPS, TAIG_STEPS,
                                      attack_accuracy, attack_outcomes, fgsm_attacks, fgsm_summary, fgsm_sweep,
-                                     pgd_attacks, pgd_summary, pgd_sweep, transfer_outcomes, transfer_success,
+                                     pgd_attacks, pgd_summary, pgd_sweep, transfer_adversarials, transfer_outcomes,
+                                     transfer_success,
                                      transfer_summary)
 from lkfast.attacks.gradient import fgsm, pgd
 from lkfast.attacks.reparam import reparameterized_for_attack
@@ -25,4 +26,4 @@ from lkfast.attacks.taig import integrated_gradients, taig
 __all__ = ["fgsm", "pgd", "taig", "integrated_gradients", "frozen", "attack_accuracy", "fgsm_sweep", "pgd_sweep",
            "transfer_success", "reparameterized_for_attack", "FGSM_EPS", "PGD_EPS", "PGD_STEPS", "TAIG_EPS",
            "TAIG_STEPS", "TAIG_PATH_STEPS", "TAIG_ALPHA", "attack_outcomes", "fgsm_attacks", "fgsm_summary",
-           "pgd_attacks", "pgd_summary", "transfer_outcomes", "transfer_summary"]
+           "pgd_attacks", "pgd_summary", "transfer_adversarials", "transfer_outcomes", "transfer_summary"]

@@ -163,15 +163,31 @@ def _check_classes(surrogate: nn.Module, targets: Mapping[str, nn.Module], x: to
                                  f"space (evaluate models trained on the same classes)")
 
 
+def transfer_adversarials(surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                          eps_values: Sequence[float] = TAIG_EPS, steps: int = TAIG_STEPS,
+                          path_steps: int = TAIG_PATH_STEPS, alpha: float = TAIG_ALPHA, random_path: bool = True,
+                          generator: Generators = None) -> list:
+    """The surrogate's TAIG images of one batch, one tensor per eps (eps by eps, path noise from
+    ``generator`` as in ``transfer_outcomes``): what every target of the same surrogate is shown, so
+    a run with several targets can compute them once (``transfer_outcomes(..., adversarials=)``)."""
+    for eps in eps_values:
+        check_budget("transfer_success", eps, steps=steps, alpha=alpha)
+    x, y = x.to(model_device(surrogate)), y.to(model_device(surrogate))
+    return [taig(surrogate, x, y, eps, steps=steps, path_steps=path_steps, alpha=alpha, random_path=random_path,
+                 generator=generator) for eps in eps_values]
+
+
 def transfer_outcomes(surrogate: nn.Module, targets: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
                       eps_values: Sequence[float] = TAIG_EPS, steps: int = TAIG_STEPS, path_steps: int = TAIG_PATH_STEPS,
-                      alpha: float = TAIG_ALPHA, random_path: bool = True, generator: Generators = None) -> dict:
+                      alpha: float = TAIG_ALPHA, random_path: bool = True, generator: Generators = None,
+                      adversarials: Optional[Sequence[torch.Tensor]] = None) -> dict:
     """Per-image outcomes of one batch of the transfer attack: the surrogate generates TAIG images at
     each eps (path noise from ``generator``, on the surrogate's device, one or one per image, eps by
     eps), every target
     classifies them. Returns ``{"clean": bool (N, targets), "correct": bool (N, targets, eps)}``
-    (targets in ``targets`` order). Refuses targets whose number of classes differs from the
-    surrogate's, and an empty ``targets``."""
+    (targets in ``targets`` order). ``adversarials``: the batch's ``transfer_adversarials`` when
+    already computed (for another target of the same surrogate), else they are computed here.
+    Refuses targets whose number of classes differs from the surrogate's, and an empty ``targets``."""
     if not targets:
         raise ValueError("transfer_success: no target models given")
     for eps in eps_values:
@@ -181,9 +197,13 @@ def transfer_outcomes(surrogate: nn.Module, targets: Mapping[str, nn.Module], x:
     _check_classes(surrogate, targets, x)
     clean = torch.stack([_correct(t, x.to(model_device(t)), y.to(model_device(t))).cpu() for t in targets.values()], 1)
     correct = torch.zeros(len(y), len(targets), len(eps_values), dtype=torch.bool)
-    for j, eps in enumerate(eps_values):
-        x_adv = taig(surrogate, x, y, eps, steps=steps, path_steps=path_steps, alpha=alpha, random_path=random_path,
-                     generator=generator)
+    if adversarials is None:
+        adversarials = transfer_adversarials(surrogate, x, y, eps_values, steps, path_steps, alpha, random_path,
+                                             generator)
+    elif len(adversarials) != len(eps_values) or any(a.shape != x.shape for a in adversarials):
+        raise ValueError(f"transfer_outcomes: adversarials must hold one batch of shape {tuple(x.shape)} per eps "
+                         f"({len(eps_values)}), got {[tuple(a.shape) for a in adversarials]}")
+    for j, x_adv in enumerate(adversarials):
         for i, target in enumerate(targets.values()):
             d = model_device(target)
             correct[:, i, j] = _correct(target, x_adv.to(d), y.to(d)).cpu()
