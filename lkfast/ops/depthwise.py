@@ -229,8 +229,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     x: ``(N, C, H, W)`` in any memory format (the output has the same one: channels_last in,
     channels_last out). weight: ``(C, 1, kh, kw)`` with odd kh, kw (square or not, any size).
     bias: ``(C,)`` or None. float32, float16, bfloat16 or float64, all three on one device.
-    Differentiable in x, weight and bias. ``backend``: "auto", "torch", "cpu", "cuda" or "triton";
-    ``lkfast.ops.available_backends()`` lists which can run here and why the others cannot.
+    Differentiable in x, weight and bias. ``backend``: "auto", "torch", "cpu", "cuda", "triton" or
+    "triton_mma" (tensor cores, fp16/bf16); ``lkfast.ops.available_backends()`` lists which can run
+    here and why the others cannot.
     Raises ValueError/TypeError for bad shapes, dtypes or devices and RuntimeError when the named
     backend cannot run the call, each naming the problem.
     """
