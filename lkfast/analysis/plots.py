@@ -54,11 +54,11 @@ def plot_occlusion_examples(image, masks: Mapping[str, object], path, patch_size
     (rows, cols) of dropped patches."""
     from lkfast.analysis.occlusion import occlude
 
-    fig, axes = plt.subplots(1, 1 + len(masks), figsize=(3 * (1 + len(masks)), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, 1 + len(masks), figsize=(3 * (1 + len(masks)), 3.5), squeeze=False)
     panels = [("original", image)] + [(t, occlude(image[None], m[None], patch_size)[0]) for t, m in masks.items()]
     for ax, (title, picture) in zip(axes[0], panels):
         ax.imshow(picture.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy())
-        ax.set_title(title)
+        ax.set_title(title, fontsize=11)
         ax.axis("off")
     return _save(fig, path)
 
@@ -151,12 +151,18 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
 
     if not families:
         raise ValueError("plot_ablation: no ablation family (a model measured at two or more kernel sizes)")
-    shown = [c for c in columns if any(_value(results[label], c[1], c[2]) is not None
-                                       for members in families.values() for _, label in members)]
+    unique = {(task, key): header for header, task, key in reversed(list(columns))}  # one panel per metric
+    shown = [(header, task, key) for (task, key), header in reversed(list(unique.items()))
+             if any(_value(results[label], task, key) is not None
+                    for members in families.values() for _, label in members)]
     if not shown:
         raise ValueError("plot_ablation: none of the columns was measured for the families' models")
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.4 * len(shown), 3.4), squeeze=False)
-    for ax, (header, task, key) in zip(axes[0], shown):
+    cols = min(4, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.1 * rows), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    for ax, (header, task, key) in zip(axes.flat, shown):
         for family, members in families.items():
             points = [(k, _value(results[label], task, key)) for k, label in members]
             points = [(k, v) for k, v in points if v is not None]
