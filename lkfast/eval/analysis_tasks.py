@@ -319,7 +319,7 @@ def frequency(ctx) -> dict:
 
 def kernel_distance(ctx) -> dict:
     try:
-        return analysis.kernel_attention_distance(ctx.model)
+        return analysis.kernel_attention_distance(getattr(ctx.model, "model", ctx.model))  # not the wrapper's name
     except ValueError as error:
         raise TaskUnavailable(str(error)) from None
 
