@@ -696,12 +696,14 @@ def test_eval_analyses_do_not_depend_on_the_sharding_and_match_the_library(tmp_p
     assert all(0.0 <= t <= 100.0 for t in freq["top1"]) and len(freq["top1"]) == 11 and len(set(freq["top1"])) > 1
 
 
-def test_eval_occlusion_resumes_after_an_interruption(tmp_path, analysis_data, monkeypatch):
-    import lkfast.analysis.occlusion as occlusion_module
+def interrupted_and_resumed(monkeypatch, owner, core, task, root, spec, tmp_path):
+    """Run ``task`` with ``owner.core`` raising while the second 2-image shard is computed (a killed
+    run), rerun it into the same folder, and run it once uninterrupted. Returns (the batches the
+    core saw: the killed run's, then the resumed run's; the val images; the resumed result; the
+    uninterrupted result)."""
     from lkfast.eval import run_evaluation
 
-    root, spec = analysis_data
-    real = occlusion_module.occlusion_outcomes
+    real = getattr(owner, core)
     seen = []
 
     def interrupted(model, x, *args, **kwargs):
@@ -709,19 +711,27 @@ def test_eval_occlusion_resumes_after_an_interruption(tmp_path, analysis_data, m
             raise KeyboardInterrupt  # the run is killed while computing its second shard
         seen.append(x)
         return real(model, x, *args, **kwargs)
-    monkeypatch.setattr(occlusion_module, "occlusion_outcomes", interrupted)
+    monkeypatch.setattr(owner, core, interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_evaluation([spec], ["occlusion"], analysis_options(root, tmp_path / "run", 2))
-    monkeypatch.setattr(occlusion_module, "occlusion_outcomes",
-                        lambda model, x, *args, **kwargs: seen.append(x) or real(model, x, *args, **kwargs))
-    resumed = run_evaluation([spec], ["occlusion"], analysis_options(root, tmp_path / "run", 2))["tiny"]
+        run_evaluation([spec], [task], analysis_options(root, tmp_path / "run", 2))
+    monkeypatch.setattr(owner, core, lambda model, x, *args, **kwargs: seen.append(x) or real(model, x, *args, **kwargs))
+    resumed = run_evaluation([spec], [task], analysis_options(root, tmp_path / "run", 2))["tiny"]
+    monkeypatch.setattr(owner, core, real)
+    uninterrupted = run_evaluation([spec], [task], analysis_options(root, tmp_path / "whole", 2))["tiny"]
     _, images, _, _ = eval_inputs(root, spec)
+    return seen, images, resumed, uninterrupted
+
+
+def test_eval_occlusion_resumes_after_an_interruption(tmp_path, analysis_data, monkeypatch):
+    import lkfast.analysis.occlusion as occlusion_module
+
+    root, spec = analysis_data
+    seen, images, resumed, uninterrupted = interrupted_and_resumed(monkeypatch, occlusion_module, "occlusion_outcomes",
+                                                                   "occlusion", root, spec, tmp_path)
     # seen: the interrupted run's first shard (images 0-1), then the resumed run's calls: it loaded
     # that shard from the cache and computed only shards 2-3 and 4
     assert len(seen) == 3 and torch.equal(seen[0], images[:2])
     assert torch.equal(seen[1], images[2:4]) and torch.equal(seen[2], images[4:])
-    monkeypatch.setattr(occlusion_module, "occlusion_outcomes", real)
-    uninterrupted = run_evaluation([spec], ["occlusion"], analysis_options(root, tmp_path / "whole", 2))["tiny"]
     assert without_timing(resumed) == without_timing(uninterrupted)
 
 

@@ -229,8 +229,8 @@ def test_reparameterized_copy_attacks_alike_and_leaves_the_original():
 
 # --- the attack tasks of python -m lkfast.eval through ctx.records ------------------------------------------
 
-from test_analysis import (analysis_data, analysis_options, eval_inputs, image_generators, top1_columns,  # noqa: E402,F401
-                           without_timing)
+from test_analysis import (analysis_data, analysis_options, eval_inputs, image_generators, interrupted_and_resumed,  # noqa: E402,F401
+                           top1_columns, without_timing)
 
 
 def small_budgets(monkeypatch):
@@ -279,26 +279,10 @@ def test_eval_attacks_do_not_depend_on_the_sharding_and_match_the_library(tmp_pa
 
 def test_eval_pgd_resumes_after_an_interruption(tmp_path, analysis_data, monkeypatch):
     import lkfast.attacks
-    from lkfast.eval import run_evaluation
 
     root, spec = analysis_data
-    real = lkfast.attacks.attack_outcomes
-    seen = []
-
-    def interrupted(model, x, *args, **kwargs):
-        if seen:
-            raise KeyboardInterrupt  # the run is killed while computing its second shard
-        seen.append(x)
-        return real(model, x, *args, **kwargs)
-    monkeypatch.setattr(lkfast.attacks, "attack_outcomes", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_evaluation([spec], ["pgd"], analysis_options(root, tmp_path / "run", 2))
-    monkeypatch.setattr(lkfast.attacks, "attack_outcomes",
-                        lambda model, x, *args, **kwargs: seen.append(x) or real(model, x, *args, **kwargs))
-    resumed = run_evaluation([spec], ["pgd"], analysis_options(root, tmp_path / "run", 2))["tiny"]
-    _, images, _, _ = eval_inputs(root, spec)
+    seen, images, resumed, uninterrupted = interrupted_and_resumed(monkeypatch, lkfast.attacks, "attack_outcomes", "pgd",
+                                                                   root, spec, tmp_path)
     # the interrupted run's first shard (images 0-1), then the resumed run's: shards 2-3 and 4 only
     assert [len(x) for x in seen] == [2, 2, 1] and torch.equal(seen[1], images[2:4]) and torch.equal(seen[2], images[4:])
-    monkeypatch.setattr(lkfast.attacks, "attack_outcomes", real)
-    uninterrupted = run_evaluation([spec], ["pgd"], analysis_options(root, tmp_path / "whole", 2))["tiny"]
     assert without_timing(resumed) == without_timing(uninterrupted)
