@@ -168,13 +168,14 @@ class TritonBackend(Backend):
     device_types = ("cuda",)
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     description = "Triton kernels (lkfast.kernels)"
+    module_name = "lkfast.kernels.depthwise"
 
     @functools.cached_property
     def _module(self):
         try:
-            return importlib.import_module("lkfast.kernels.depthwise"), None
+            return importlib.import_module(self.module_name), None
         except Exception as exc:  # triton missing, or the kernels module not installed
-            return None, f"lkfast.kernels.depthwise cannot be imported ({type(exc).__name__}: {exc})"
+            return None, f"{self.module_name} cannot be imported ({type(exc).__name__}: {exc})"
 
     def unavailable_reason(self):
         module, error = self._module
@@ -207,13 +208,7 @@ class TritonMmaBackend(TritonBackend):
     name = "triton_mma"
     dtypes = (torch.float16, torch.bfloat16)
     description = "Triton tensor-core kernels (lkfast.kernels.depthwise_mma), not yet timed on a GPU"
-
-    @functools.cached_property
-    def _module(self):
-        try:
-            return importlib.import_module("lkfast.kernels.depthwise_mma"), None
-        except Exception as exc:  # triton missing, or the kernels module not installed
-            return None, f"lkfast.kernels.depthwise_mma cannot be imported ({type(exc).__name__}: {exc})"
+    module_name = "lkfast.kernels.depthwise_mma"
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), CpuBackend(), CudaBackend(), TritonBackend(),
