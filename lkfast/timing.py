@@ -17,6 +17,7 @@ discards the odd slow one.
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Callable
 
@@ -34,8 +35,11 @@ def median(values: list[float]) -> float:
 
 def time_interleaved(runs: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Seconds of every callable, ``rounds`` times, taking them in turn (the order rotates each
-    round so none always runs first), after ``warmup`` untimed rounds.
+    """Seconds of every callable, ``rounds`` times, taking them in turn, after ``warmup`` untimed
+    rounds. Each round takes them in a new order (a shuffle seeded the same way every time, so a
+    measurement is repeatable): what runs just before a call can change its time (caches, the
+    thread pool's state), and a fixed or merely rotated order puts the same neighbour before the
+    same callable in most rounds.
 
     Returns {name: [seconds of round 0, round 1, ...]}: round r of every name comes from the same
     stretch of time, so per-round ratios compare like with like. ``clock`` is wall-clock time by
@@ -49,8 +53,11 @@ def time_interleaved(runs: dict[str, Callable[[], object]], rounds: int, warmup:
         for name in names:
             runs[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+    order = random.Random(0x1CF)
+    for _ in range(rounds):
+        names = names[:]
+        order.shuffle(names)
+        for name in names:
             start = clock()
             runs[name]()
             times[name].append(clock() - start)

@@ -136,12 +136,22 @@ def test_bench_gpu_baseline_is_plain_pytorch():
     torch.testing.assert_close(bench.torch_pass("weight_grad", x, w, g)()[1], gw)
 
 
-def test_time_interleaved_rotates_the_order_and_times_every_round():
+def test_time_interleaved_varies_the_order_and_times_every_round():
     calls = []
     runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = timing.time_interleaved(runs, rounds=3, warmup=1)
-    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    times = timing.time_interleaved(runs, rounds=12, warmup=1)
+    assert calls[:3] == list("abc")  # the warm-up round, in the given order
+    rounds = [calls[3 + 3 * r: 6 + 3 * r] for r in range(12)]
+    assert all(sorted(r) == list("abc") for r in rounds)  # every callable once per round
+    assert {k: len(v) for k, v in times.items()} == {"a": 12, "b": 12, "c": 12}
+    # each one runs first in some round, and right after each of the others somewhere
+    assert {r[0] for r in rounds} == set("abc")
+    follows = {(r[i], r[i + 1]) for r in rounds for i in range(2)}
+    assert follows == {(p, q) for p in "abc" for q in "abc" if p != q}
+    # the same order every time: a measurement can be repeated
+    again = []
+    timing.time_interleaved({name: (lambda name=name: again.append(name)) for name in "abc"}, rounds=12, warmup=1)
+    assert again == calls
     with pytest.raises(ValueError, match="rounds must be at least 1"):
         timing.time_interleaved(runs, rounds=0)
     assert timing.median([3.0, 1.0, 2.0]) == 2.0 and timing.median([4.0, 1.0, 2.0, 3.0]) == 2.5

@@ -179,3 +179,36 @@ def test_plan_for_and_the_op_follow_the_calibration(cache, monkeypatch):
     F.conv2d(xr, wr, padding=3, groups=16).square().sum().backward()
     torch.testing.assert_close(y.double(), F.conv2d(xr, wr, padding=3, groups=16), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_the_op_remembers_its_plan_until_the_calibration_changes(cache, monkeypatch):
+    """``auto`` asks for a plan on every call; per exact shape the answer is kept while the
+    calibration in use stays the same, and asked again when it changes (a new cache folder,
+    another thread count) or when calibration is switched off."""
+    from lkfast.ops import plan_for
+
+    asked = []
+    real_choose = cd.choose
+    monkeypatch.setattr(cd, "choose", lambda x, w, p, **kw: asked.append(p) or real_choose(x, w, p, **kw))
+    winner = {"name": "cpu"}
+    monkeypatch.setattr(cd, "measure", lambda runs: {n: 1.0 if n == winner["name"] else 2.0 for n in runs})
+    monkeypatch.setattr(cd, "_runs", lambda x, w, p: {n: None for n in cd.CANDIDATES})
+    x, w = inputs()
+    assert tuple(plan_for(x, w)) == ("cpu", "cpu", "cpu") and len(asked) == 2
+    assert tuple(plan_for(x, w)) == ("cpu", "cpu", "cpu") and len(asked) == 2  # remembered
+    x2, w2 = inputs((2, 16, 20, 19))  # another exact shape (same shape class): asked, not measured
+    plan_for(x2, w2)
+    assert len(asked) == 4
+    # a fresh calibration (here: another cache folder, where oneDNN wins) is not answered from memory
+    winner["name"] = "torch"
+    monkeypatch.setenv("LKFAST_CACHE", str(cache.parent / "elsewhere"))
+    assert tuple(plan_for(x, w)) == ("torch", "torch", "torch") and len(asked) == 6
+    # nor is another thread count
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 977)
+    winner["name"] = "cpu"
+    assert tuple(plan_for(x, w)) == ("cpu", "cpu", "cpu") and len(asked) == 8
+    # with calibration off every call asks (the shipped table decides)
+    monkeypatch.setenv("LKFAST_CALIBRATE", "0")
+    plan_for(x, w)
+    plan_for(x, w)
+    assert len(asked) == 12

@@ -31,6 +31,9 @@ SHAPES = [
     (1, 7, 9, 9, 1, 31),
     (2, 5, 6, 5, 1, 1),
     (1, 33, 9, 9, 63, 63),  # largest kernel of the contract; channels not a multiple of 16
+    # the CPU kernel's small-map order (one channel block over a group of images, weights packed
+    # per item): 5 blocks of 16 channels (the last one of 6), images grouped 2 + 1
+    (3, 70, 7, 7, 13, 13),
 ]
 OTHER_DTYPES = [torch.bfloat16, torch.float16, torch.float64]
 
@@ -132,7 +135,10 @@ def test_cpu_every_instruction_set(isa, tmp_path):
                                  ((1, 3, 21, 18), (31, 31), torch.float32, "contiguous"),  # grouped rows, kernel wider than the map
                                  ((1, 5, 17, 40), (5, 1), torch.float32, "channels_last"),  # one tap per block; W 7+7+7+7+6+6
                                  ((2, 6, 22, 29), (1, 29), torch.float64, "channels_last"),  # fp64: 4 lanes a ymm
-                                 ((1, 8, 5, 1), (3, 3), torch.float32, "contiguous")]:  # one-pixel-wide map
+                                 ((1, 8, 5, 1), (3, 3), torch.float32, "contiguous"),  # one-pixel-wide map
+                                 # small maps, many channels: one channel block over a group of images
+                                 ((3, 70, 6, 5), (9, 11), torch.float32, "channels_last"),
+                                 ((3, 70, 6, 5), (9, 11), torch.float64, "contiguous")]:
         cases.append((make_input(shape, fmt, dtype), make_weight(shape[1], *k, dtype), make_input(shape, fmt, dtype)))
     torch.save(cases, tmp_path / "in.pt")
     env = {**os.environ, "LKFAST_CPU_ISA": isa}

@@ -171,6 +171,27 @@ void unpack_rows(const T* src, int c0, int nc, int h0, int h1, int W, S* dst, St
   }
 }
 
+// Asks for the cache lines of one (image, channel block) tile ahead of use, when channels are
+// innermost: each pixel's block is then one line, 4 KB from the next at 1024 channels, a stride
+// the hardware prefetchers do not follow (a new page per line), so a tile that is not in cache
+// (after other work has evicted it) would otherwise arrive one line per DRAM round trip.
+template <typename S>
+void prefetch_tile(const S* base, Strides s, int c0, int nc, int H, int W, bool for_write) {
+  if (s.c != 1) return;  // NCHW-like strides: rows are contiguous, the hardware prefetches them
+  const int64_t last = (int64_t)(nc - 1) * (int64_t)sizeof(S);
+  for (int h = 0; h < H; ++h)
+    for (int w = 0; w < W; ++w) {
+      const char* p = reinterpret_cast<const char*>(base + h * s.h + w * s.w + c0);
+      if (for_write) {
+        __builtin_prefetch(p, 1, 3);
+        __builtin_prefetch(p + last, 1, 3);
+      } else {
+        __builtin_prefetch(p, 0, 3);
+        __builtin_prefetch(p + last, 0, 3);
+      }
+    }
+}
+
 int num_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -191,13 +212,11 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const S* w_p = w_src.data_ptr<S>();
   Scratch<T> wbuf, bbuf;
   const size_t wt_block = (size_t)kh * kwp * lanes;
-  T* wt_p = wbuf.get((size_t)ncb * wt_block);
   T* bt_p = bbuf.get(lanes * (size_t)ncb);
   std::memset(bt_p, 0, sizeof(T) * (size_t)ncb * lanes);
-  // One channel block's weights; run by the threads below (on 7x7 maps with 1024 channels the
-  // repacked weights are 1.4 MB, a sizeable part of the whole call).
-  auto pack_weights = [&](int cb) {
-    T* block = wt_p + (size_t)cb * wt_block;
+  // One channel block's weights into `block` (on 7x7 maps with 1024 channels all blocks together
+  // are 1.4 MB, a sizeable part of the whole call).
+  auto pack_weights = [&](int cb, T* block) {
     std::memset(block, 0, sizeof(T) * wt_block);
     for (int c = cb * lanes; c < std::min(C, (cb + 1) * lanes); ++c) {
       T* dst = block + (c % lanes);
@@ -216,21 +235,57 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   }
 
   const int nt = num_threads();
+  const S* x_p = x.data_ptr<S>();
+  S* y_p = y.data_ptr<S>();
+  const Strides xs = strides_of(x), ys = strides_of(y);
+  const int row_len = (W + 2 * pw) * lanes;
+
+  // Small maps (a packed block of weights larger than a packed image tile: RepLKNet's 7x7 maps
+  // with 13x13 kernels, 14x14 with 27x27): the weights are the bigger operand, so each item is
+  // one channel block over a group of images, its weights packed once into the item's own
+  // buffer and kept in L1 across the images, instead of all blocks packed up front and every
+  // (image, block) item fetching its block's weights from L2 again.
+  if (wt_block > (size_t)H * row_len && ncb >= 2 * nt) {
+    const int ngroups = (int)std::min<int64_t>(N, std::max<int64_t>(1, ceil_div(4 * nt, ncb)));
+    const int imgs_per_group = ceil_div(N, ngroups);
+#pragma omp parallel num_threads(nt)
+    {
+      Scratch<T> wbuf_item, pbuf, obuf;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < (int64_t)ncb * ngroups; ++it) {
+        const int cb = it / ngroups, g = it % ngroups;
+        const int n0 = g * imgs_per_group, n1 = std::min(N, n0 + imgs_per_group);
+        if (n0 >= n1) continue;
+        const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
+        T* Wt = wbuf_item.get(wt_block);
+        pack_weights(cb, Wt);
+        T* P = pbuf.get((size_t)H * row_len);
+        T* O = obuf.get((size_t)H * W * lanes);
+        for (int n = n0; n < n1; ++n) {
+          if (n + 1 < n1) {  // the next image's tile while this one computes (see prefetch_tile)
+            prefetch_tile(x_p + (n + 1) * xs.n, xs, c0, nc, H, W, false);
+            prefetch_tile(y_p + (n + 1) * ys.n, ys, c0, nc, H, W, true);
+          }
+          pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
+          forward_rows<T>(P, 0, H, W, kh, kw, Wt, bt_p + (size_t)cb * lanes, 0, H, O);
+          unpack_rows<S, T>(O, c0, nc, 0, H, W, y_p + n * ys.n, ys);
+        }
+      }
+    }
+    return;
+  }
+
+  T* wt_p = wbuf.get((size_t)ncb * wt_block);
   // Split rows only as much as needed to keep every thread busy: each chunk re-reads a halo.
   const int64_t base_items = (int64_t)N * ncb;
   const int nhc = (int)std::min<int64_t>(H, std::max<int64_t>(1, ceil_div(4 * nt, base_items)));
   const int rows_per_chunk = ceil_div(H, nhc);
   const int64_t items = base_items * nhc;
-  const int row_len = (W + 2 * pw) * lanes;
-
-  const S* x_p = x.data_ptr<S>();
-  S* y_p = y.data_ptr<S>();
-  const Strides xs = strides_of(x), ys = strides_of(y);
 
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
-    for (int cb = 0; cb < ncb; ++cb) pack_weights(cb);
+    for (int cb = 0; cb < ncb; ++cb) pack_weights(cb, wt_p + (size_t)cb * wt_block);
     // (the loop's implicit barrier: every block's weights are packed before any is used)
     Scratch<T> pbuf, obuf;
 #pragma omp for schedule(dynamic, 1)
@@ -294,6 +349,10 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
       T* G = gbuf.get((size_t)H * (W + 2 * kGradPad) * lanes);
       T* GW = partial_p + ((size_t)g * ncb + cb) * gw_block;
       for (int n = n0; n < n1; ++n) {
+        if (n + 1 < n1) {  // the next image's tiles while this one computes
+          prefetch_tile(x_p + (n + 1) * xs.n, xs, c0, nc, H, W, false);
+          prefetch_tile(g_p + (n + 1) * gs.n, gs, c0, nc, H, W, false);
+        }
         pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
         pack_rows<S, T>(g_p + n * gs.n, gs, c0, nc, 0, H, W, kGradPad, G);
         weight_grad<T>(P, G, H, W, kh, kw, i0, i1, GW);

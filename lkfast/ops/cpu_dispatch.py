@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -50,6 +51,7 @@ SCHEMA = 1
 CACHE_NAME = "cpu_dispatch.json"
 TABLE_PATH = Path(__file__).with_name("cpu_table.json")
 OWN_FORWARD_DTYPES = (torch.float32, torch.float64)  # the built-in rule (3. above)
+_generations = itertools.count()  # every Calibration object gets its own number (see memo_token)
 
 
 def _bucket(n: int) -> int:
@@ -117,6 +119,7 @@ class Calibration:
         self.entries: dict[str, dict] = {}
         self.status = "new"  # new | loaded | stale | corrupt
         self._lock = threading.Lock()
+        self.generation = next(_generations)
         self._load()
 
     def _load(self) -> None:
@@ -176,6 +179,15 @@ def calibration() -> Calibration:
             _calibration = Calibration(path, fp)
         _calibration_for = settings
     return _calibration
+
+
+def memo_token() -> Optional[int]:
+    """What a memo of this process's choices is valid for: the generation of the calibration in
+    use (a new one whenever LKFAST_CACHE, the thread count, the oneDNN cap or the fingerprint
+    changes), or None when calibration is off (the table decides; nothing to memoize against)."""
+    if not calibration_enabled() or torch.compiler.is_compiling():
+        return None
+    return calibration().generation
 
 
 # --- the shipped table ------------------------------------------------------------------------
@@ -287,5 +299,5 @@ def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Opti
     return _builtin(x.dtype, measured_pass)
 
 
-__all__ = ["choose", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup",
+__all__ = ["choose", "memo_token", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup",
            "measure", "cache_dir", "calibration_enabled"]
