@@ -205,3 +205,37 @@ def test_gpu_timer_refuses_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         timing.gpu_time_ms(lambda: None)
+
+
+def test_model_report_reads_interleaved_groups_and_judges_the_targets():
+    """bench_models' table from an interleaved group: each variant's time, the best lkfast variant
+    against the faster plain layout, the autocast table, and met / MISSED against the targets."""
+    bench_models = _load_benchmark("bench_models")
+    machine = {"cpu_model": "test CPU", "lkfast_cpu_isa": "avx2", "torch_cpu_capability": "AVX2",
+               "onednn_max_cpu_isa": "AVX2"}
+
+    def group(task, ms):
+        return {"extra_info": {"kind": "interleaved", "model": "replknet_31b", "task": task, "device": "cpu",
+                               "dtype": "float32", "batch": 8, "size": 224, "threads": 2, "rounds": 3,
+                               "timer": "test timer", "load_average": [0.5, 0, 0], "ms_per_step": ms,
+                               "max_rel_err_vs_reference": {v: (3e-3 if v.endswith("_amp") else 0.0) for v in ms},
+                               **machine}, "stats": {"median": 99.0}}
+
+    results = {"benchmarks": [
+        group("inference", {"plain_cl": 1000.0, "lkfast_cl": 950.0, "lkfast_folded": 800.0,
+                            "plain_cl_amp": 500.0, "lkfast_folded_amp": 250.0}),
+        group("train_step", {"plain_cl": 10000.0, "lkfast_cl": 4000.0, "plain_cl_amp": 9000.0,
+                             "lkfast_cl_amp": 1500.0}),
+    ]}
+    text = bench_models.markdown_table(results)
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| replknet_31b")}
+    assert "in shuffled order, in one process" in text and "avx2" in text
+    # main table: inference's best lkfast is the folded model (1000 / 800), training 10000 / 4000
+    assert "1.25x" in text.split("Mixed precision")[0] and "2.50x" in text.split("Mixed precision")[0]
+    assert rows["train_step"][-2:] == ["6.67x", "6.00x"]  # autocast table: vs plain fp32, vs plain autocast
+    assert "plain_cl_amp 3.0e-03" in text
+    assert "- inference >= 1.0x faster plain layout: 1.25x (met)" in text
+    assert "- train_step >= 5.0x faster plain layout: 2.50x (MISSED)" in text
+    assert "with bfloat16 autocast (against the same fp32 baseline): 6.67x (met)" in text
+    assert "- input_grad >= 1.5x faster plain layout: not measured (n/a)" in text

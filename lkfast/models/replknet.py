@@ -21,6 +21,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from lkfast.nn import DepthwiseConv2d, ReparamLargeKernelConv, conv_bn, conv_bn_relu
+from lkfast.nn.pointwise import PointwiseConv2d
 from lkfast.nn.reparam import bn_scale_shift
 from lkfast.nn import fuse_conv_bn as _fuse_conv_bn  # structural_reparam has an argument of that name
 
@@ -225,6 +226,8 @@ def _conv_with_bias(conv: nn.Conv2d, kernel: torch.Tensor, bias: torch.Tensor) -
     """A conv of the same kind and geometry as ``conv`` holding ``kernel`` and ``bias``."""
     if isinstance(conv, DepthwiseConv2d):
         fused = DepthwiseConv2d(conv.in_channels, conv.kernel_size, bias=True)
+    elif isinstance(conv, PointwiseConv2d):
+        fused = PointwiseConv2d(conv.in_channels, conv.out_channels, bias=True)
     else:
         fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                           conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)

@@ -88,12 +88,17 @@ class DepthwiseConv2d(nn.Conv2d):
 
 def make_conv2d(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None,
                 dilation=1, groups: int = 1, bias: bool = False, fast: bool = True) -> nn.Conv2d:
-    """``DepthwiseConv2d`` when ``fast`` and ``fast_op_computes`` holds for these arguments, else
-    ``nn.Conv2d`` (``padding=None`` means k // 2 on each side)."""
+    """``DepthwiseConv2d`` when ``fast`` and ``fast_op_computes`` holds for these arguments,
+    ``PointwiseConv2d`` (an ``nn.Conv2d`` that runs small maps as a matrix product on the CPU) for
+    a fast 1x1, stride-1 conv, else ``nn.Conv2d`` (``padding=None`` means k // 2 on each side)."""
     kh, kw = _pair(kernel_size)
     if padding is None:
         padding = (kh // 2, kw // 2)
     if fast and fast_op_computes(in_channels, out_channels, (kh, kw), stride, padding, dilation, groups):
         return DepthwiseConv2d(in_channels, (kh, kw), bias=bias)
+    from lkfast.nn.pointwise import PointwiseConv2d, is_pointwise
+
+    if fast and is_pointwise(in_channels, out_channels, (kh, kw), stride, padding, dilation, groups):
+        return PointwiseConv2d(in_channels, out_channels, bias=bias)
     return nn.Conv2d(in_channels, out_channels, (kh, kw), stride=stride, padding=padding, dilation=dilation,
                      groups=groups, bias=bias)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lkfast.nn.depthwise import DepthwiseConv2d, KernelSize, _fast_depthwise, make_conv2d
+from lkfast.nn.pointwise import PointwiseConv2d, pointwise_conv2d
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +73,8 @@ def _conv_like(conv: nn.Conv2d, x: torch.Tensor, kernel: torch.Tensor, bias: tor
     """``conv``'s convolution of ``x`` with another kernel and bias (the fast op for DepthwiseConv2d)."""
     if isinstance(conv, DepthwiseConv2d):
         return _fast_depthwise(x, kernel, bias)
+    if isinstance(conv, PointwiseConv2d):
+        return pointwise_conv2d(x, kernel.to(x.dtype), bias.to(x.dtype))
     return F.conv2d(x, kernel.to(x.dtype), bias.to(x.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
 
 

@@ -1,0 +1,65 @@
+"""1x1 convolutions as matrix products on the CPU, where that was measured faster.
+
+A 1x1, stride-1, unpadded, ungrouped convolution of a channels_last tensor is a matrix product:
+the tensor's memory already is the (N*H*W, C_in) matrix. ``F.linear`` on that view uses the
+weight as it is, where oneDNN's convolution reorders the weight into its blocked layout on every
+call, forward and backward (ONEDNN_VERBOSE shows a reorder before each 1x1 convolution in eager
+mode). On small maps the weight is the bigger operand (RepLKNet-31B's stage 3: 512x2048 weights,
+14x14 maps), so the reorder costs as much as the product. Measured on the AVX-512 development
+Xeon (benchmarks/results/models_cpu.md): the input-gradient step of RepLKNet-31B with BNs folded
+~1.16x faster with the matrix product at maps of at most 14x14, and the product slower than
+oneDNN's convolution on 28x28 and 56x56 maps (0.82-0.94x for forward + input gradient), hence
+``MAX_AREA``. ``LKFAST_POINTWISE=conv`` turns it off (every call then runs ``F.conv2d``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAX_AREA = 14 * 14  # maps of at most this many pixels take the matrix product (see above)
+MATMUL_DTYPES = (torch.float32, torch.float64)
+
+
+def takes_matmul(x: torch.Tensor) -> bool:
+    """Whether ``pointwise_conv2d`` computes this input as a matrix product."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in MATMUL_DTYPES
+            and x.shape[2] * x.shape[3] <= MAX_AREA
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.is_autocast_enabled("cpu")
+            and os.environ.get("LKFAST_POINTWISE", "matmul") != "conv")
+
+
+def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` for a (C_out, C_in, 1, 1) weight, stride 1, no padding: on the
+    CPU, for channels_last maps of at most ``MAX_AREA`` pixels, ``F.linear`` on the NHWC view (the
+    result is channels_last too); otherwise ``F.conv2d``. Differentiable in all three."""
+    if weight.shape[2:] != (1, 1):
+        raise ValueError(f"pointwise_conv2d: weight must be (C_out, C_in, 1, 1), got {tuple(weight.shape)}")
+    if takes_matmul(x) and weight.dtype == x.dtype:
+        out = F.linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], weight.shape[1]), bias)
+        return out.permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1, bias=bias)`` (same parameters and state_dict) that
+    runs ``pointwise_conv2d``."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise_conv2d(x, self.weight, self.bias)
+
+
+def is_pointwise(in_channels, out_channels, kernel_size, stride, padding, dilation, groups) -> bool:
+    """Whether an ``nn.Conv2d`` with these arguments is one ``PointwiseConv2d`` computes."""
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    return (pair(kernel_size) == (1, 1) and pair(stride) == (1, 1) and pair(padding) == (0, 0)
+            and groups == 1)
+
+
+__all__ = ["PointwiseConv2d", "pointwise_conv2d", "takes_matmul", "is_pointwise", "MAX_AREA"]

@@ -1,0 +1,95 @@
+"""lkfast.nn.pointwise: 1x1 convolutions computed as matrix products on small channels_last CPU
+maps, against F.conv2d in fp64 (forward, input, weight and bias gradients), which inputs take
+that path, the switch that turns it off, and the RepLKNet layers built on it."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lkfast.nn.pointwise import MAX_AREA, PointwiseConv2d, pointwise_conv2d, takes_matmul
+
+
+def _grads(fn, x, w, b, g):
+    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    y = fn(x, w, b)
+    return (y, *torch.autograd.grad(y, (x, w, b), g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 24, 7, 5), (3, 10, 14, 14), (1, 33, 20, 20), (2, 8, 1, 1)])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_matches_conv2d(dtype, shape, layout):
+    gen = torch.Generator().manual_seed(0)
+    n, c, h, w_ = shape
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape, generator=gen, dtype=dtype).contiguous(memory_format=fmt)
+    w = torch.randn(17, c, 1, 1, generator=gen, dtype=dtype)
+    b = torch.randn(17, generator=gen, dtype=dtype)
+    g = torch.randn(n, 17, h, w_, generator=gen, dtype=dtype).contiguous(memory_format=fmt)
+    expected_path = layout == "channels_last" and h * w_ <= MAX_AREA
+    assert takes_matmul(x) == expected_path or (h * w_ == 1)  # a 1x1 map is both layouts at once
+    got = _grads(pointwise_conv2d, x, w, b, g)
+    want = _grads(lambda x, w, b: F.conv2d(x, w, b), x.double(), w.double(), b.double(), g.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, a, e in zip(("output", "input grad", "weight grad", "bias grad"), got, want):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        assert ((a.double() - e).abs().max() / e.abs().max()).item() < tol, name
+    if h * w_ > 1:  # the output keeps the input's layout
+        assert got[0].is_contiguous(memory_format=fmt)
+
+
+def test_which_inputs_take_the_matrix_product(monkeypatch):
+    small = torch.randn(2, 8, 14, 14).contiguous(memory_format=torch.channels_last)
+    assert takes_matmul(small)
+    assert not takes_matmul(torch.randn(2, 8, 15, 14).contiguous(memory_format=torch.channels_last))  # > MAX_AREA
+    assert not takes_matmul(small.contiguous())  # NCHW: oneDNN's convolution
+    assert not takes_matmul(small.to(torch.bfloat16))  # half precision: not measured, convolution
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not takes_matmul(small)
+    monkeypatch.setenv("LKFAST_POINTWISE", "conv")
+    assert not takes_matmul(small)
+    # and with the switch off the call is F.conv2d's own
+    calls = []
+    monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    pointwise_conv2d(small, torch.randn(4, 8, 1, 1))
+    assert calls == []
+    with pytest.raises(ValueError, match="C_out, C_in, 1, 1"):
+        pointwise_conv2d(small, torch.randn(4, 8, 3, 3))
+
+
+def test_module_is_a_conv2d_with_the_same_state_dict():
+    torch.manual_seed(0)
+    plain = nn.Conv2d(12, 20, 1, bias=True)
+    ours = PointwiseConv2d(12, 20, bias=True)
+    assert isinstance(ours, nn.Conv2d) and ours.state_dict().keys() == plain.state_dict().keys()
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 12, 7, 7).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_replknet_uses_it_and_folding_keeps_it():
+    from lkfast.models import create_model, fold_batchnorms
+
+    torch.manual_seed(0)
+    model = create_model("replknet_31b", fast=True, num_classes=10, channels=[16, 16, 16, 16], layers=[1, 1, 1, 1],
+                         large_kernel_sizes=[7, 7, 7, 7], small_kernel=3).eval()
+    plain = create_model("replknet_31b", fast=False, num_classes=10, channels=[16, 16, 16, 16], layers=[1, 1, 1, 1],
+                         large_kernel_sizes=[7, 7, 7, 7], small_kernel=3).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-like BNs: folding them gives the convs non-zero biases
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t, scale, shift in ((m.running_mean, 0.2, 0.0), (m.running_var, 0.5, 0.5), (m.weight, 0.5, 0.75),
+                                        (m.bias, 0.2, 0.0)):
+                    t.copy_(torch.rand(t.shape, generator=gen) * scale + shift if t is not m.running_mean
+                            and t is not m.bias else torch.randn(t.shape, generator=gen) * scale)
+    plain.load_state_dict(model.state_dict())
+    assert any(isinstance(m, PointwiseConv2d) for m in model.modules())
+    assert not any(isinstance(m, PointwiseConv2d) for m in plain.modules())
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    model, plain = model.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
+    want = plain(x)
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+    fold_batchnorms(model)
+    assert any(isinstance(m, PointwiseConv2d) for m in model.modules())
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
