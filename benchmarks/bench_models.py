@@ -94,7 +94,9 @@ def _machine() -> dict:
     return {"cpu_model": info["cpu"], "lkfast_cpu_isa": info["isa"],
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "onednn_max_cpu_isa": info["onednn_max_cpu_isa"] or "unset", "lkfast_cpu_isa_env":
-            os.environ.get("LKFAST_CPU_ISA", "unset")}
+            os.environ.get("LKFAST_CPU_ISA", "unset"),
+            # F.linear (the head; lkfast's PointwiseConv2d on small maps) runs MKL's SGEMM: capped by this
+            "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "unset")}
 
 
 def _build(model_name: str, fast: bool) -> torch.nn.Module:
@@ -336,7 +338,8 @@ def markdown_table(results: dict) -> str:
                f"steps: 1 timed call (minutes each)")
     cpu = info.get("cpu_model", machine.get("cpu", {}).get("brand_raw", "unknown"))
     isa = (f"; instruction sets: lkfast {info['lkfast_cpu_isa']}, PyTorch {info['torch_cpu_capability']}, "
-           f"ONEDNN_MAX_CPU_ISA {info['onednn_max_cpu_isa']}" if "lkfast_cpu_isa" in info else "")
+           f"ONEDNN_MAX_CPU_ISA {info['onednn_max_cpu_isa']}, MKL_ENABLE_INSTRUCTIONS "
+           f"{info.get('mkl_enable_instructions', 'unset')}" if "lkfast_cpu_isa" in info else "")
     load = f"; load average (1 min) at the cases' start {min(loads):.1f}-{max(loads):.1f}" if loads else ""
     caption = (f"Timer: {timer}. {info.get('device', 'cpu')}, {info.get('dtype')}, batch {info.get('batch')}, "
                f"{info.get('size')} px, torch threads {info.get('threads')}; {how}; CPU: {cpu}{isa}{load}. "

@@ -288,11 +288,13 @@ def optimize_for_inference(model: RepLKNet, compile: bool = False) -> nn.Module:
     bias, ReLU/GELU and residual add fused in; the fast op stays inside the graph). The first call
     compiles (about half a minute for RepLKNet-31B on 2 cores, again for each new input shape or
     grad mode); later in-place changes of the weights are not seen by a frozen graph. Outputs and
-    input gradients equal the eval-mode model's within fp32 rounding. Measured on a shared 2-core
-    Xeon (benchmarks/results/models_cpu.md, models_cpu_options.md): folding gives RepLKNet-31B
-    inference ~1.2x the plain channels_last model, about what the fast layers' on-the-fly folding
-    gives; ``compile`` was 1.31x plain eager and 1.03x plain compiled in one interleaved run, 0.97x
-    and 0.81x in the benchmark's back-to-back cases: not a reliable win, so it is off by default.
+    input gradients equal the eval-mode model's within fp32 rounding. Measured on a 2-core Xeon
+    (benchmarks/results/models_cpu.md, models_cpu_options.md): the folded RepLKNet-31B runs
+    inference 1.33x and the input-gradient step 1.69x the plain channels_last model (1x1 convs on
+    small maps as matrix products included, see lkfast.nn.pointwise); ``compile`` was 1.31x plain
+    eager and 1.03x plain compiled in one interleaved run, 0.97x and 0.81x in the benchmark's
+    back-to-back cases: not a reliable win, so it is off by default. For more speed where the CPU
+    has native bf16 (AMX, AVX512-BF16), run the model under ``torch.autocast("cpu", torch.bfloat16)``.
     """
     fold_batchnorms(model)
     return torch.compile(model, options={"freezing": True}) if compile else model

@@ -5,13 +5,15 @@
     is_eligible(module), fast_op_computes(...)          the one rule saying which convs those are
     ReparamLargeKernelConv(...)                         RepLKNet's large + small kernel conv with BN
     conv_bn, conv_bn_relu, fuse_conv_bn                 RepLKNet's conv + BN blocks and BN folding
+    PointwiseConv2d(in, out, bias=True)                 1x1 conv; small channels_last CPU maps as F.linear
 
 The generic drop-in lives in ``lkfast/nn/depthwise.py``, the RepLKNet pieces in
 ``lkfast/nn/reparam.py``, the model patcher in ``lkfast/nn/patch.py``.
 """
 from lkfast.nn.depthwise import DEFAULT_MIN_KERNEL_SIZE, DepthwiseConv2d, fast_op_computes, make_conv2d
 from lkfast.nn.patch import is_eligible, patch_model
+from lkfast.nn.pointwise import PointwiseConv2d, pointwise_conv2d
 from lkfast.nn.reparam import ConvBN, ReparamLargeKernelConv, conv_bn, conv_bn_relu, fuse_conv_bn
 
 __all__ = ["DepthwiseConv2d", "ReparamLargeKernelConv", "patch_model", "is_eligible", "DEFAULT_MIN_KERNEL_SIZE",
-           "conv_bn", "conv_bn_relu", "fuse_conv_bn", "make_conv2d", "fast_op_computes", "ConvBN"]
+           "conv_bn", "conv_bn_relu", "fuse_conv_bn", "make_conv2d", "fast_op_computes", "ConvBN", "PointwiseConv2d", "pointwise_conv2d"]
