@@ -450,6 +450,23 @@ def test_eval_taig_pairs_convnets_with_a_vit_surrogate_and_back(tmp_path, monkey
         r = results[label]["taig"]
         assert r["eps"] == [0.03, 0.06, 0.1] and r["images"] == 4 and r["random_path"] is True
         assert all(v is None or 0.0 <= v <= 100.0 for v in r["success_rate"])
+    # the run interrupted after its last shard, before the task results were written: the rerun finds
+    # every shard cached and gives the same results without loading a surrogate
+    import lkfast.eval.models
+
+    written = list((tmp_path / "out").glob("cache/*/taig/result.*.json"))
+    assert len(written) == 2 and list((tmp_path / "out").glob("cache/*/taig/*/*.pt"))
+    for path in written:
+        path.unlink()
+
+    loads = []
+    real_load = lkfast.eval.models.load_model
+    monkeypatch.setattr(lkfast.eval.models, "load_model", lambda *a, **k: loads.append(a[0].display) or real_load(*a, **k))
+    again = run_evaluation(specs, ["taig"], options)
+    assert loads == []
+    for label in ("tiny-lk", "tiny-vit"):
+        assert {k: v for k, v in again[label]["taig"].items() if k != "seconds"} == \
+            {k: v for k, v in results[label]["taig"].items() if k != "seconds"}
 
 
 def test_eval_taig_targets_of_one_surrogate_share_its_images(tmp_path, monkeypatch):
@@ -775,3 +792,20 @@ def test_eval_analyses_torchrun_two_processes_equal_one(tmp_path, analysis_data,
     assert two["_meta"]["world_size"] == 2
     one = run_evaluation([spec], tasks, analysis_options(root, tmp_path / "one", 100))["tiny"]
     assert without_timing(two["tiny"]) == without_timing(one)
+
+
+def test_taig_memo_keeps_the_most_recent_within_its_budget():
+    from lkfast.eval.analysis_tasks import _Memo
+
+    memo = _Memo(budget_bytes=3 * 400)  # three 100-float tensors
+    for key in "abc":
+        memo.put(key, [torch.zeros(100)])
+    assert memo.get("a") is not None  # a is now the most recently used
+    memo.put("d", [torch.zeros(100)])  # over budget: b, the least recently used, goes
+    assert memo.get("b") is None and all(memo.get(k) is not None for k in "acd")
+    memo.put("d", [torch.zeros(100)])  # replacing an entry does not count it twice
+    assert memo.held == 3 * 400 and all(memo.get(k) is not None for k in "acd")
+    memo.put("big", [torch.zeros(301)])  # larger than the whole budget: not kept, nothing dropped
+    assert memo.get("big") is None and memo.held == 3 * 400
+    memo.put("e", [torch.zeros(200)])  # needs two entries' room
+    assert memo.held <= 3 * 400 and memo.get("e") is not None and memo.get("a") is None

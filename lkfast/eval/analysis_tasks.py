@@ -234,7 +234,11 @@ class _Memo:
     """Recently computed tensors (least recently used dropped first) within a byte budget."""
 
     def __init__(self, budget_bytes: int):
-        self.budget, self.items = budget_bytes, {}
+        self.budget, self.items, self.held = budget_bytes, {}, 0
+
+    @staticmethod
+    def _size(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def get(self, key):
         value = self.items.pop(key, None)
@@ -243,12 +247,14 @@ class _Memo:
         return value
 
     def put(self, key, tensors) -> None:
-        size = sum(t.numel() * t.element_size() for t in tensors)
+        size = self._size(tensors)
         if size > self.budget:
             return
+        old = self.items.pop(key, None)
+        self.held += size - (self._size(old) if old is not None else 0)
         self.items[key] = tensors
-        while sum(t.numel() * t.element_size() for v in self.items.values() for t in v) > self.budget:
-            self.items.pop(next(iter(self.items)))
+        while self.held > self.budget:
+            self.held -= self._size(self.items.pop(next(iter(self.items))))
 
 
 # TAIG images kept for the run's next target (LKFAST_TAIG_MEMORY_MB, default 1024; the embedded default's
@@ -270,16 +276,23 @@ def taig(ctx) -> dict:
     from lkfast.eval.models import load_model
 
     spec = _surrogate_spec(ctx)
-    surrogate, config = load_model(spec, ctx.device, ctx.options.trust_checkpoint)
-    if tuple(config["input_size"]) != tuple(ctx.config["input_size"]):
-        raise TaskUnavailable(f"TAIG surrogate {spec.display!r} takes {tuple(config['input_size'])} images, the target "
-                              f"{tuple(ctx.config['input_size'])}: use models with the same input size (--input-size)")
-    surrogate = surrogate.float().eval()
     targets = {ctx.spec.display: _model(ctx)}
+    loaded = []
+
+    def surrogate_model():  # loaded on the first shard to compute: a rerun with every shard cached needs none
+        if not loaded:
+            surrogate, config = load_model(spec, ctx.device, ctx.options.trust_checkpoint)
+            if tuple(config["input_size"]) != tuple(ctx.config["input_size"]):
+                raise TaskUnavailable(f"TAIG surrogate {spec.display!r} takes {tuple(config['input_size'])} images, the "
+                                      f"target {tuple(ctx.config['input_size'])}: use models with the same input size "
+                                      "(--input-size)")
+            loaded.append(surrogate.float().eval())
+        return loaded[0]
 
     def compute(x, y, start):
         # The surrogate's images depend on the surrogate, the images and their seeds, not on the target:
         # the run's other targets of the same surrogate reuse them (20 x 21 passes per eps per batch).
+        surrogate = surrogate_model()
         key = (spec.key(), repr(sorted(TAIG.items())), ctx.options.seed, start, _digest(x, y))
         adversarials = _ADVERSARIALS.get(key)
         if adversarials is None:
