@@ -14,7 +14,7 @@ random weights (BN statistics randomised like a trained net), ImageNet normalisa
   merged, every conv-BN pair folded), after checking its logits agree.
 
 Each round runs one ``lkfast.attacks.pgd`` call (5 steps, eps 0.006, alpha eps / 4, seeded random
-start) per variant, in turn with the order rotating (``lkfast.timing.time_interleaved``), so the
+start) per variant, in turn, in an order shuffled each round (``lkfast.timing.time_interleaved``), so the
 ratios come from the same rounds. Writes ``attacks_{cpu,gpu}.json`` and ``.md`` (through
 ``lkfast.tables.write_table``) under --out.
 """

@@ -9,7 +9,7 @@ set lkfast and oneDNN ran) in the matmul_peak entry's extra_info["machine"]. To 
 of both sides on an AVX-512 machine, set LKFAST_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for the run. Cases come from lkfast.bench, so `python -m lkfast.bench` measures the same.
 
 One benchmark per (shape, passes): lkfast.timing.time_interleaved runs every implementation once
-per round, in rotating order, and each one's wall-clock times go to extra_info (pytest-benchmark's
+per round, in an order shuffled each round, and each one's wall-clock times go to extra_info (pytest-benchmark's
 own statistics for the test are those of the whole measurement). This machine's speed drifts by tens of
 percent over seconds; timing the implementations side by side, round by round, keeps the ratios
 honest, where pytest-benchmark's usual back-to-back blocks of rounds would not.
@@ -49,7 +49,7 @@ def test_depthwise(benchmark, stage, passes):
     rounds = max(5, min(31, int(15.0 / sum(t[0] for t in first.values()))))
     times = {}
 
-    def measure():  # every implementation once per round, in rotating order (see lkfast.timing)
+    def measure():  # every implementation once per round, order shuffled per round (see lkfast.timing)
         times.update(time_interleaved({impl: c.run for impl, c in cases.items()}, rounds, warmup=0))
 
     benchmark.group = f"C{channels}-H{size}-k{k} {passes}"
