@@ -15,7 +15,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
     monkeypatch.setenv("LKFAST_CALIBRATE", "1")
     monkeypatch.setattr(cd, "_calibration", None)
-    return tmp_path / cd.CACHE_NAME
+    return cd.cache_path()  # this process's fingerprint's file under tmp_path
 
 
 def fake_timer(seconds, calls):
@@ -66,14 +66,30 @@ def test_keys_separate_dtype_layout_kernel_and_size(cache):
     assert len(keys) == 5
 
 
-def test_stale_cache_from_another_machine_is_measured_again(cache, monkeypatch):
+def test_another_fingerprint_keeps_its_own_file_and_a_stale_file_is_measured_again(cache, monkeypatch):
     x, w = inputs()
     calls = []
     cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 1, "torch": 2}, calls))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 977)  # another thread count: not the same machine
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 977)  # another thread count: another machine, in effect
     assert cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 2, "torch": 1}, calls)).backend == "torch"
     assert len(calls) == 2
-    assert json.loads(cache.read_text())["fingerprint"]["threads"] == 977
+    other = cd.cache_path()
+    assert other != cache and json.loads(other.read_text())["fingerprint"]["threads"] == 977
+    assert json.loads(cache.read_text())["fingerprint"]["threads"] == threads  # left as it was
+    # back to the first thread count: its own file answers, nothing is measured
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 2, "torch": 1}, calls)).backend == "cpu"
+    assert len(calls) == 2
+    # a file under this fingerprint's name that records another fingerprint (copied from elsewhere,
+    # edited) is stale: measured afresh, and rewritten with this fingerprint
+    data = json.loads(other.read_text())
+    data["checksum"] = cd._checksum(data["entries"])
+    cache.write_text(json.dumps(data))  # valid, but 977 threads' file under this process's name
+    cd._calibration = None
+    assert cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 1, "torch": 2}, calls)).backend == "cpu"
+    assert len(calls) == 3
+    assert json.loads(cache.read_text())["fingerprint"]["threads"] == threads
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "edited", "bad_backend"])

@@ -8,11 +8,13 @@ with oneDNN's channels_last path at RepLKNet-31B's stage shapes, on an AVX2-only
 1. **This machine's calibration** (the default, like ``torch.backends.cudnn.benchmark``): the first
    call of a shape class times both candidates on tensors of the call's shape and layout (a few
    interleaved rounds, stopping early when one is clearly faster) and caches the winner in
-   ``<cache>/cpu_dispatch.json`` (``<cache>`` = ``$LKFAST_CACHE`` or ``~/.cache/lkfast``). The
-   file is keyed by a fingerprint of the machine (CPU model, instruction set lkfast runs, thread
-   count, lkfast and torch versions): a file from another machine or version is stale and starts
-   afresh; a file that does not parse or fails its checksum is corrupt, reported with a warning and
-   rebuilt, never trusted.
+   ``<cache>/cpu_dispatch-<digest>.json`` (``<cache>`` = ``$LKFAST_CACHE`` or ``~/.cache/lkfast``),
+   one file per fingerprint of the machine (CPU model, instruction set lkfast runs, thread count,
+   oneDNN cap, lkfast and torch versions; ``cache_path``): processes with another thread count (a
+   data-loader worker, a torchrun rank) or cap keep their own choices side by side instead of
+   overwriting each other's. A file whose recorded fingerprint is not the one its name stands for
+   is stale and starts afresh; a file that does not parse or fails its checksum is corrupt,
+   reported with a warning and rebuilt, never trusted.
 2. **The shipped table** ``cpu_table.json`` (measured per instruction set by
    ``benchmarks/bench_depthwise.py``, nearest row in log kernel size, channels and map area) when
    calibration is off (``LKFAST_CALIBRATE=0``), while ``torch.compile`` traces, or when the
@@ -48,7 +50,7 @@ from lkfast.ops.backends import dtype_name, output_memory_format
 CANDIDATES = ("cpu", "torch")
 MEASURED_PASSES = ("forward", "weight_grad")  # the input gradient follows the forward
 SCHEMA = 1
-CACHE_NAME = "cpu_dispatch.json"
+CACHE_PREFIX = "cpu_dispatch-"  # + a digest of the fingerprint + ".json" (see cache_path)
 TABLE_PATH = Path(__file__).with_name("cpu_table.json")
 OWN_FORWARD_DTYPES = (torch.float32, torch.float64)  # the built-in rule (3. above)
 _generations = itertools.count()  # every Calibration object gets its own number (see memo_token)
@@ -167,14 +169,21 @@ _calibration: Optional[Calibration] = None
 _calibration_for: Optional[tuple] = None
 
 
+def cache_path(fp: Optional[dict] = None) -> Path:
+    """The calibration file of a fingerprint (default: this process's): ``<cache>/cpu_dispatch-<digest>.json``."""
+    fp = fingerprint() if fp is None else fp
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"{CACHE_PREFIX}{digest}.json"
+
+
 def calibration() -> Calibration:
     """This process's calibration, opened on first use (and again if LKFAST_CACHE, the thread count
     or the oneDNN cap change). Cheap on every call after the first: the op asks on each call."""
     global _calibration, _calibration_for
     settings = (os.environ.get("LKFAST_CACHE"), torch.get_num_threads(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
     if _calibration is None or settings != _calibration_for:
-        path = cache_dir() / CACHE_NAME
         fp = fingerprint()
+        path = cache_path(fp)
         if _calibration is None or _calibration.path != path or _calibration.fingerprint != fp:
             _calibration = Calibration(path, fp)
         _calibration_for = settings
@@ -299,5 +308,5 @@ def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Opti
     return _builtin(x.dtype, measured_pass)
 
 
-__all__ = ["choose", "memo_token", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup",
+__all__ = ["choose", "memo_token", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup",
            "measure", "cache_dir", "calibration_enabled"]
