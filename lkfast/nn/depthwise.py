@@ -98,7 +98,7 @@ def make_conv2d(in_channels: int, out_channels: int, kernel_size: KernelSize, st
         return DepthwiseConv2d(in_channels, (kh, kw), bias=bias)
     from lkfast.nn.pointwise import PointwiseConv2d, is_pointwise
 
-    if fast and is_pointwise(in_channels, out_channels, (kh, kw), stride, padding, dilation, groups):
+    if fast and is_pointwise((kh, kw), stride, padding, groups):
         return PointwiseConv2d(in_channels, out_channels, bias=bias)
     return nn.Conv2d(in_channels, out_channels, (kh, kw), stride=stride, padding=padding, dilation=dilation,
                      groups=groups, bias=bias)

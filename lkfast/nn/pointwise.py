@@ -18,6 +18,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lkfast.nn.depthwise import _pair
 
 MAX_AREA = 14 * 14  # maps of at most this many pixels take the matrix product (see above)
 MATMUL_DTYPES = (torch.float32, torch.float64)
@@ -55,11 +56,10 @@ class PointwiseConv2d(nn.Conv2d):
         return pointwise_conv2d(x, self.weight, self.bias)
 
 
-def is_pointwise(in_channels, out_channels, kernel_size, stride, padding, dilation, groups) -> bool:
-    """Whether an ``nn.Conv2d`` with these arguments is one ``PointwiseConv2d`` computes."""
-    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-    return (pair(kernel_size) == (1, 1) and pair(stride) == (1, 1) and pair(padding) == (0, 0)
-            and groups == 1)
+def is_pointwise(kernel_size, stride, padding, groups) -> bool:
+    """Whether a conv with these arguments is a plain 1x1 one (stride 1, no padding, ungrouped):
+    what ``PointwiseConv2d`` computes, and what a BN before it can be folded into exactly."""
+    return _pair(kernel_size) == (1, 1) and _pair(stride) == (1, 1) and _pair(padding) == (0, 0) and groups == 1
 
 
 __all__ = ["PointwiseConv2d", "pointwise_conv2d", "takes_matmul", "is_pointwise", "MAX_AREA"]

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lkfast.nn.depthwise import DepthwiseConv2d, KernelSize, _fast_depthwise, make_conv2d
-from lkfast.nn.pointwise import PointwiseConv2d, pointwise_conv2d
+from lkfast.nn.pointwise import PointwiseConv2d, is_pointwise, pointwise_conv2d
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +114,8 @@ class ConvBN(nn.Sequential):
         """``self(pre_bn(x))``; with a 1x1 conv and both BNs in inference mode, ``pre_bn`` is folded
         into the conv as well (exact: a 1x1 conv has no padding for the shift to leak into)."""
         conv = self.conv
-        if not (self._can_fold() and _bn_in_inference_mode(pre_bn) and conv.kernel_size == (1, 1)
-                and conv.groups == 1 and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (0, 0)):
+        if not (self._can_fold() and _bn_in_inference_mode(pre_bn)
+                and is_pointwise(conv.kernel_size, conv.stride, conv.padding, conv.groups)):
             return self(pre_bn(x))
 
         def fold():
