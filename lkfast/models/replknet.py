@@ -22,7 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from lkfast.nn import DepthwiseConv2d, ReparamLargeKernelConv, conv_bn, conv_bn_relu
 from lkfast.nn.pointwise import PointwiseConv2d
-from lkfast.nn.reparam import bn_scale_shift
+from lkfast.nn.reparam import bn_scale_shift, fold_bn_before
 from lkfast.nn import fuse_conv_bn as _fuse_conv_bn  # structural_reparam has an argument of that name
 
 __all__ = ["RepLKNet", "RepLKBlock", "ConvFFN", "RepLKNetStage", "OFFICIAL_CHECKPOINTS", "fold_batchnorms",
@@ -264,10 +264,7 @@ def fold_batchnorms(model: RepLKNet) -> RepLKNet:
         if isinstance(pre_bn, nn.BatchNorm2d):
             # pw1 is a 1x1 conv, stride 1, no padding: pre_bn's shift has no border to leak into.
             conv = block.pw1.conv
-            scale, shift = bn_scale_shift(pre_bn)
-            kernel = conv.weight * scale.reshape(1, -1, 1, 1)
-            bias = conv.bias + conv.weight.flatten(1) @ shift
-            block.pw1.conv = _conv_with_bias(conv, kernel, bias)
+            block.pw1.conv = _conv_with_bias(conv, *fold_bn_before(conv.weight, conv.bias, pre_bn))
             setattr(block, name, nn.Identity())
     if model.out_indices is None and isinstance(model.norm, nn.BatchNorm2d) and isinstance(model.head, nn.Linear):
         scale, shift = bn_scale_shift(model.norm)

@@ -37,6 +37,14 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, tor
     return kernel, bias
 
 
+def fold_bn_before(kernel: torch.Tensor, bias: torch.Tensor, pre_bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel and bias of one 1x1 conv equal to ``conv(pre_bn(x))`` (``conv``: ``kernel``,
+    ``bias``; ``pre_bn`` in inference mode). Exact only for a plain 1x1 conv (``is_pointwise``): a
+    padded kernel would see the BN's shift leak into its border."""
+    scale, shift = bn_scale_shift(pre_bn)
+    return kernel * scale.reshape(1, -1, 1, 1), bias + kernel.flatten(1) @ shift
+
+
 def _bn_in_inference_mode(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
 
@@ -119,9 +127,7 @@ class ConvBN(nn.Sequential):
             return self(pre_bn(x))
 
         def fold():
-            kernel, bias = fuse_conv_bn(conv, self.bn)
-            scale, shift = bn_scale_shift(pre_bn)
-            return kernel * scale.reshape(1, -1, 1, 1), bias + kernel.flatten(1) @ shift
+            return fold_bn_before(*fuse_conv_bn(conv, self.bn), pre_bn)
 
         sources = [conv.weight] + _bn_tensors(self.bn) + _bn_tensors(pre_bn)
         return self._finish(_conv_like(conv, x, *self._fold_cache.get(sources, fold)))
