@@ -172,8 +172,7 @@ _calibration_for: Optional[tuple] = None
 def cache_path(fp: Optional[dict] = None) -> Path:
     """The calibration file of a fingerprint (default: this process's): ``<cache>/cpu_dispatch-<digest>.json``."""
     fp = fingerprint() if fp is None else fp
-    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / f"{CACHE_PREFIX}{digest}.json"
+    return cache_dir() / f"{CACHE_PREFIX}{_checksum(fp)[:16]}.json"
 
 
 def calibration() -> Calibration:
