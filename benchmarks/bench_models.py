@@ -76,7 +76,8 @@ VARIANTS = EAGER_VARIANTS + (COMPILED_VARIANTS if COMPILE else ()) + (AUTOCAST_V
 INTERLEAVED = bool(os.environ.get("LKFAST_BENCH_INTERLEAVED"))
 INTERLEAVED_VARIANTS = os.environ.get("LKFAST_BENCH_VARIANTS")
 TASKS = ("inference", "input_grad", "train_step")
-# Agreement of outputs with plain_nchw (fp32); bf16 (and autocast variants) are checked loosely.
+# Agreement of outputs with the reference plain fp32 variant (see _checked_model); bf16 and the autocast
+# variants are checked loosely.
 RTOL = 1e-4 if DTYPE == torch.float32 else 5e-2
 AMP_RTOL = 5e-2
 GPU_TIMER = "lkfast.timing.gpu_time_ms (CUDA events around back-to-back steps, median of 5 samples)"
