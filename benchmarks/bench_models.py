@@ -75,6 +75,14 @@ VARIANTS = EAGER_VARIANTS + (COMPILED_VARIANTS if COMPILE else ()) + (AUTOCAST_V
 # them (default: every selected variant but the NCHW ones, which take minutes per call on the CPU).
 INTERLEAVED = bool(os.environ.get("LKFAST_BENCH_INTERLEAVED"))
 INTERLEAVED_VARIANTS = os.environ.get("LKFAST_BENCH_VARIANTS")
+# LKFAST_BENCH_ISOLATED=1: test_isolated times every variant in processes of its own (one model per
+# process, as users run them), LKFAST_BENCH_PROCESSES (2) processes per variant started in turn, each
+# timing LKFAST_BENCH_ROUNDS steps after a warm-up. Several models in one process change what the
+# allocator and the kernel do for each of them: measured on a Zen 4 EPYC, the plain model's
+# input-gradient step spent 4-5 s of system time (490k page faults) per step beside three other
+# models, against 0.2-0.9 s alone, which made lkfast look 1.26x faster there and ~1.0x alone.
+ISOLATED = bool(os.environ.get("LKFAST_BENCH_ISOLATED"))
+PROCESSES = int(os.environ.get("LKFAST_BENCH_PROCESSES", 2))
 TASKS = ("inference", "input_grad", "train_step")
 # Agreement of outputs with the reference plain fp32 variant (see _checked_model); bf16 and the autocast
 # variants are checked loosely.
@@ -281,14 +289,7 @@ def test_interleaved(benchmark, model_name, task):
         pytest.skip("set LKFAST_BENCH_INTERLEAVED=1 to time the variants of a task round by round in one process")
     if ON_CUDA:
         pytest.skip("on CUDA every case has the GPU timer to itself (test_model)")
-    chosen = INTERLEAVED_VARIANTS.split(",") if INTERLEAVED_VARIANTS else [v for v in VARIANTS if "nchw" not in v]
-    unknown = sorted(set(chosen) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"LKFAST_BENCH_VARIANTS: unknown or not enabled {', '.join(unknown)}; "
-                         f"choose from {', '.join(VARIANTS)}")
-    # the plain fp32 variant first: it is the reference of the output check
-    variants = sorted((v for v in chosen if not _skip_reason(model_name, v, task)),
-                      key=lambda v: v not in ("plain_nchw", "plain_cl"))
+    variants = _variants_of(model_name, task)  # the plain fp32 variant first: the output check's reference
     runs, errs = {}, {}
     for variant in variants:
         model, x, errs[variant] = _checked_model(model_name, variant)
@@ -305,12 +306,103 @@ def test_interleaved(benchmark, model_name, task):
                                 load_average_after=os.getloadavg())
 
 
+def _variants_of(model_name: str, task: str) -> list:
+    """The variants a grouped test (interleaved or isolated) times: LKFAST_BENCH_VARIANTS or every
+    selected variant but the NCHW ones, the plain fp32 one first (the output check's reference)."""
+    chosen = INTERLEAVED_VARIANTS.split(",") if INTERLEAVED_VARIANTS else [v for v in VARIANTS if "nchw" not in v]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"LKFAST_BENCH_VARIANTS: unknown or not enabled {', '.join(unknown)}; "
+                         f"choose from {', '.join(VARIANTS)}")
+    return sorted((v for v in chosen if not _skip_reason(model_name, v, task)),
+                  key=lambda v: v not in ("plain_nchw", "plain_cl"))
+
+
+def _worker(model_name: str, task: str, variant: str, rounds: int, logits_path: str) -> dict:
+    """One isolated process's measurement: the variant's logits saved to ``logits_path`` (the parent
+    checks them), then ``rounds`` steps after a warm-up, with the step's CPU time, system time and
+    page faults (getrusage), and wall time."""
+    import resource
+
+    model, x = _model_and_input(model_name, variant)
+    torch.save(_logits(model, x, variant), logits_path)
+    run = _task(model, x, task, variant)
+    run()  # warm-up: allocations, oneDNN primitives
+    steps = []
+    for _ in range(rounds):
+        before, wall, cpu = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), CPU_CLOCK()
+        run()
+        cpu, wall, after = CPU_CLOCK() - cpu, time.perf_counter() - wall, resource.getrusage(resource.RUSAGE_SELF)
+        steps.append({"seconds": cpu, "wall_s": wall, "system_s": after.ru_stime - before.ru_stime,
+                      "page_faults": after.ru_minflt - before.ru_minflt + after.ru_majflt - before.ru_majflt})
+    return {"variant": variant, "steps": steps, "pid": os.getpid()}
+
+
+def isolated_times(model_name: str, task: str, variants: list, rounds: int, processes: int, workdir: str):
+    """Runs every variant in ``processes`` fresh processes each (started one at a time, the variants
+    in turn, reversed every other pass so that none always follows the same one) and returns
+    ({variant: [seconds per step, ...]}, {variant: [step records]}, {variant: max relative logit error
+    against the first variant's logits, which is the plain fp32 reference when it was selected}."""
+    import subprocess
+
+    seconds = {v: [] for v in variants}
+    records = {v: [] for v in variants}
+    errs: dict = {}
+    reference = None
+    for p in range(processes):
+        for variant in (variants if p % 2 == 0 else variants[::-1]):
+            logits_path = os.path.join(workdir, f"{variant}-{p}.pt")
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_name, task, variant, str(rounds),
+                   logits_path]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"isolated worker {variant} ({task}) failed with exit code {done.returncode}:\n"
+                                   f"{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            records[variant] += result["steps"]
+            seconds[variant] += [s["seconds"] for s in result["steps"]]
+            logits = torch.load(logits_path)
+            if variant == variants[0] and reference is None:
+                reference = logits
+            errs[variant] = max(errs.get(variant, 0.0),
+                                ((logits - reference).abs().max() / reference.abs().max()).item()
+                                if reference is not None else 0.0)
+    return seconds, records, errs
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_isolated(benchmark, model_name, task, tmp_path):
+    """Every variant of one (model, task) in processes of its own (see ISOLATED): the time a user who
+    runs one model per process sees, without the other variants' memory in the same process."""
+    if not ISOLATED:
+        pytest.skip("set LKFAST_BENCH_ISOLATED=1 to time each variant of a task in processes of its own")
+    if ON_CUDA:
+        pytest.skip("on CUDA every case has the GPU timer to itself (test_model)")
+    variants = _variants_of(model_name, task)
+    out: dict = {}
+    benchmark.group = f"{model_name} {task} isolated"
+    benchmark.extra_info.update(kind="isolated", model=model_name, task=task, batch=BATCH, size=SIZE,
+                                dtype=dtype_name(DTYPE), device=DEVICE, threads=torch.get_num_threads(),
+                                rounds=ROUNDS, processes=PROCESSES, warmup_rounds=1,
+                                timer=f"time.{CPU_CLOCK.__name__} around each step in the worker process",
+                                load_average=os.getloadavg(), **_machine())
+    benchmark.pedantic(lambda: out.update(zip(("seconds", "steps", "errs"), isolated_times(
+        model_name, task, variants, ROUNDS, PROCESSES, str(tmp_path)))), rounds=1, warmup_rounds=0)
+    for variant, err in out["errs"].items():
+        tol = AMP_RTOL if variant.endswith("_amp") else RTOL
+        assert err <= tol, f"{model_name}/{variant}: outputs differ from the reference's by {err:.2e} (relative)"
+    benchmark.extra_info.update(seconds=out["seconds"], steps=out["steps"], max_rel_err_vs_reference=out["errs"],
+                                ms_per_step={v: median(t) * 1e3 for v, t in out["seconds"].items()},
+                                load_average_after=os.getloadavg())
+
+
 def _cases(results: dict):
     """(extra_info, variant, ms per step, relative output error) of every timed variant, whether it
     was a case of its own (test_model) or one of an interleaved group (test_interleaved)."""
     for bench in results["benchmarks"]:
         e = bench["extra_info"]
-        if e.get("kind") == "interleaved":
+        if e.get("kind") in ("interleaved", "isolated"):
             for variant, ms in e["ms_per_step"].items():
                 yield e, variant, ms, e["max_rel_err_vs_reference"].get(variant)
         else:
@@ -320,18 +412,21 @@ def _cases(results: dict):
 def markdown_table(results: dict) -> str:
     """Markdown tables (ms per step; ratio of the best lkfast variant against the faster plain layout
     and against plain NCHW; compiled variants in a table of their own) and the issue's targets."""
-    times, info, loads, interleaved = {}, {}, [], False
+    times, info, loads, kinds = {}, {}, [], set()
     for e, variant, ms, _ in _cases(results):
         times[(e["model"], e["task"], variant)] = ms
         loads += [e["load_average"][0]] if "load_average" in e else []
-        interleaved = interleaved or e.get("kind") == "interleaved"
+        kinds.add(e.get("kind"))
         info = e
     machine = results.get("machine_info", {})
     timer = results["benchmarks"][0].get("options", {}).get("timer", "wall clock") if results["benchmarks"] else ""
     timer = info.get("timer", timer)
     if str(info.get("device", "cpu")).startswith("cuda"):
         how = "ms per step"
-    elif interleaved:
+    elif "isolated" in kinds:
+        how = (f"each variant in {info.get('processes')} processes of its own (one model per process, started in "
+               f"turn), median of their {info.get('rounds')} steps each after 1 warm-up step")
+    elif "interleaved" in kinds:
         how = (f"median of {info.get('rounds')} rounds after 1 warm-up round; in each round every variant of the "
                "task ran once, in shuffled order, in one process")
     else:
@@ -424,6 +519,10 @@ TARGETS = (("inference", "plain NCHW", 5.0), ("inference", "faster plain layout"
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:  # one isolated measurement (test_isolated starts these)
+        _model_name, _task_name, _variant, _rounds, _path = sys.argv[2:7]
+        print(json.dumps(_worker(_model_name, _task_name, _variant, int(_rounds), _path)))
+        sys.exit(0)
     if len(sys.argv) < 3:
         sys.exit("usage: python benchmarks/bench_models.py RESULTS.json [MORE_RESULTS.json ...] OUT.md")
     merged = None

@@ -239,3 +239,49 @@ def test_model_report_reads_interleaved_groups_and_judges_the_targets():
     assert "- train_step >= 5.0x faster plain layout: 2.50x (MISSED)" in text
     assert "with bfloat16 autocast (against the same fp32 baseline): 6.67x (met)" in text
     assert "- input_grad >= 1.5x faster plain layout: not measured (n/a)" in text
+
+
+def test_isolated_models_run_each_variant_in_its_own_processes(monkeypatch, tmp_path):
+    """bench_models.isolated_times: every variant in `processes` fresh processes, started one at a
+    time in alternating order, their steps pooled; logits compared with the first variant's; a
+    worker that fails stops the run with its stderr."""
+    import subprocess
+
+    bench_models = _load_benchmark("bench_models")
+    started = []
+    scale = {"plain_cl": 1.0, "lkfast_cl": 1.0, "lkfast_folded": 1.5}
+
+    def fake_run(cmd, capture_output, text):
+        assert cmd[1].endswith("bench_models.py") and cmd[2] == "--worker"
+        model_name, task, variant, rounds, path = cmd[3:8]
+        started.append(variant)
+        torch.save(torch.tensor([2.0, -4.0]) * scale[variant], path)
+        steps = [{"seconds": 0.1 * (len(started) + r), "wall_s": 0.05, "system_s": 0.0, "page_faults": 0}
+                 for r in range(int(rounds))]
+        return subprocess.CompletedProcess(cmd, 0, stdout="noise\n" + json.dumps({"variant": variant, "steps": steps}))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    variants = ["plain_cl", "lkfast_cl", "lkfast_folded"]
+    seconds, records, errs = bench_models.isolated_times("replknet_31b", "inference", variants, 2, 3, str(tmp_path))
+    assert started == variants + variants[::-1] + variants  # one process at a time, reversed every other pass
+    # every process's steps, pooled per variant: plain_cl was the 1st, 6th and 7th process started
+    assert seconds["plain_cl"] == pytest.approx([0.1, 0.2, 0.6, 0.7, 0.7, 0.8])
+    assert len(records["lkfast_folded"]) == 6
+    # logits against the first variant's (max |diff| / max |reference|): 1.5x the reference is off by 0.5
+    assert errs == {"plain_cl": 0.0, "lkfast_cl": 0.0, "lkfast_folded": pytest.approx(0.5)}
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, stdout="", stderr="Traceback ...\nRuntimeError: out of memory"))
+    with pytest.raises(RuntimeError, match="worker plain_cl .inference. failed with exit code 1:(.|\n)*out of memory"):
+        bench_models.isolated_times("replknet_31b", "inference", variants, 1, 1, str(tmp_path))
+
+
+def test_model_report_names_isolated_runs():
+    bench_models = _load_benchmark("bench_models")
+    e = {"kind": "isolated", "model": "replknet_31b", "task": "input_grad", "device": "cpu", "dtype": "float32",
+         "batch": 8, "size": 224, "threads": 2, "rounds": 3, "processes": 2, "timer": "t",
+         "load_average": [1.0, 0, 0], "ms_per_step": {"plain_cl": 900.0, "lkfast_folded": 600.0},
+         "max_rel_err_vs_reference": {"plain_cl": 0.0, "lkfast_folded": 1e-6}}
+    text = bench_models.markdown_table({"benchmarks": [{"extra_info": e, "stats": {"median": 1.0}}]})
+    assert "each variant in 2 processes of its own" in text and "median of their 3 steps" in text
+    assert "- input_grad >= 1.5x faster plain layout: 1.50x (met)" in text

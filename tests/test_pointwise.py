@@ -1,12 +1,17 @@
 """lkfast.nn.pointwise: 1x1 convolutions computed as matrix products on small channels_last CPU
-maps, against F.conv2d in fp64 (forward, input, weight and bias gradients), which inputs take
-that path, the switch that turns it off, and the RepLKNet layers built on it."""
+maps where this machine measured that faster, against F.conv2d in fp64 (forward, input, weight
+and bias gradients) both ways; which inputs are candidates, the calibrated choice (fake timings),
+the switch that forces either way, and the RepLKNet layers built on it."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkfast.nn.pointwise import MAX_AREA, PointwiseConv2d, pointwise_conv2d, takes_matmul
+from lkfast.nn.pointwise import (MAX_AREA, PointwiseConv2d, eligible, pointwise_choice, pointwise_conv2d,
+                                 takes_matmul)
+from lkfast.ops import cpu_dispatch as cd
 
 
 def _grads(fn, x, w, b, g):
@@ -18,7 +23,9 @@ def _grads(fn, x, w, b, g):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(2, 24, 7, 5), (3, 10, 14, 14), (1, 33, 20, 20), (2, 8, 1, 1)])
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
-def test_matches_conv2d(dtype, shape, layout):
+@pytest.mark.parametrize("mode", ["matmul", "conv"])
+def test_matches_conv2d(dtype, shape, layout, mode, monkeypatch):
+    monkeypatch.setenv("LKFAST_POINTWISE", mode)
     gen = torch.Generator().manual_seed(0)
     n, c, h, w_ = shape
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -26,8 +33,8 @@ def test_matches_conv2d(dtype, shape, layout):
     w = torch.randn(17, c, 1, 1, generator=gen, dtype=dtype)
     b = torch.randn(17, generator=gen, dtype=dtype)
     g = torch.randn(n, 17, h, w_, generator=gen, dtype=dtype).contiguous(memory_format=fmt)
-    expected_path = layout == "channels_last" and h * w_ <= MAX_AREA
-    assert takes_matmul(x) == expected_path or (h * w_ == 1)  # a 1x1 map is both layouts at once
+    expected_path = mode == "matmul" and layout == "channels_last" and h * w_ <= MAX_AREA
+    assert takes_matmul(x, w) == expected_path or (h * w_ == 1)  # a 1x1 map is both layouts at once
     got = _grads(pointwise_conv2d, x, w, b, g)
     want = _grads(lambda x, w, b: F.conv2d(x, w, b), x.double(), w.double(), b.double(), g.double())
     tol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -38,23 +45,70 @@ def test_matches_conv2d(dtype, shape, layout):
         assert got[0].is_contiguous(memory_format=fmt)
 
 
-def test_which_inputs_take_the_matrix_product(monkeypatch):
+def test_which_inputs_are_candidates_and_the_switch(monkeypatch):
     small = torch.randn(2, 8, 14, 14).contiguous(memory_format=torch.channels_last)
-    assert takes_matmul(small)
-    assert not takes_matmul(torch.randn(2, 8, 15, 14).contiguous(memory_format=torch.channels_last))  # > MAX_AREA
-    assert not takes_matmul(small.contiguous())  # NCHW: oneDNN's convolution
-    assert not takes_matmul(small.to(torch.bfloat16))  # half precision: not measured, convolution
+    w = torch.randn(4, 8, 1, 1)
+    assert eligible(small)
+    assert not eligible(torch.randn(2, 8, 15, 14).contiguous(memory_format=torch.channels_last))  # > MAX_AREA
+    assert not eligible(small.contiguous())  # NCHW: oneDNN's convolution
+    assert not eligible(small.to(torch.bfloat16))  # half precision: not measured, convolution
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not takes_matmul(small)
+        assert not eligible(small)
+    # the tests run with LKFAST_CALIBRATE=0 (conftest): uncalibrated, auto is PyTorch's convolution
+    assert not takes_matmul(small, w) and "no calibration" in pointwise_choice(small, w).source
+    monkeypatch.setenv("LKFAST_POINTWISE", "matmul")
+    assert takes_matmul(small, w) and pointwise_choice(small, w).source == "LKFAST_POINTWISE=matmul"
+    assert not takes_matmul(small.contiguous(), w)  # forcing never takes an input that is not a candidate
+    assert not takes_matmul(small, w.double())  # nor mixed dtypes
     monkeypatch.setenv("LKFAST_POINTWISE", "conv")
-    assert not takes_matmul(small)
+    assert not takes_matmul(small, w)
     # and with the switch off the call is F.conv2d's own
     calls = []
     monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
-    pointwise_conv2d(small, torch.randn(4, 8, 1, 1))
+    pointwise_conv2d(small, w)
     assert calls == []
     with pytest.raises(ValueError, match="C_out, C_in, 1, 1"):
         pointwise_conv2d(small, torch.randn(4, 8, 3, 3))
+    monkeypatch.setenv("LKFAST_POINTWISE", "fast")
+    with pytest.raises(ValueError, match="LKFAST_POINTWISE='fast': expected one of auto, matmul, conv"):
+        pointwise_conv2d(small, w)
+
+
+@pytest.mark.parametrize("seconds, expected", [({"matmul": 1e-3, "conv": 2e-3}, "matmul"),
+                                               ({"matmul": 3e-3, "conv": 2e-3}, "conv")])
+def test_calibration_picks_the_faster_and_caches_it(tmp_path, monkeypatch, seconds, expected):
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
+    monkeypatch.setattr(cd, "_calibration", None)
+    measured = []
+
+    def fake_measure(runs):
+        assert set(runs) == {"matmul", "conv"}
+        for run in runs.values():  # the candidates are real calls on tensors of the input's shape
+            run()
+        measured.append(1)
+        return dict(seconds)
+
+    monkeypatch.setattr(cd, "measure", fake_measure)
+    x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(12, 8, 1, 1)
+    choice = pointwise_choice(x, w)
+    assert choice.backend == expected and "calibrated on this machine" in choice.source and len(measured) == 1
+    linear_calls = []
+    real_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **k: linear_calls.append(1) or real_linear(*a, **k))
+    torch.testing.assert_close(pointwise_conv2d(x, w), F.conv2d(x, w), rtol=1e-5, atol=1e-5)
+    assert bool(linear_calls) == (expected == "matmul")  # the call follows the choice
+    # remembered: the same shape class (sizes rounded up to powers of two) is not measured again,
+    # in this process or the next (a fresh Calibration reads the file)
+    pointwise_choice(torch.randn(2, 8, 6, 5).contiguous(memory_format=torch.channels_last), w)
+    cd._calibration = None
+    assert pointwise_choice(x, w).backend == expected and len(measured) == 1
+    entries = json.loads(cd.cache_path().read_text())["entries"]
+    assert entries["pointwise|float32|2|8|12|8|8"]["backend"] == expected
+    # other channel counts are measured on their own
+    pointwise_choice(x, torch.randn(16, 8, 1, 1))
+    assert len(measured) == 2
 
 
 def test_module_is_a_conv2d_with_the_same_state_dict():

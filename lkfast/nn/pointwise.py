@@ -1,15 +1,22 @@
-"""1x1 convolutions as matrix products on the CPU, where that was measured faster.
+"""1x1 convolutions as matrix products on the CPU, where this machine measured that faster.
 
 A 1x1, stride-1, unpadded, ungrouped convolution of a channels_last tensor is a matrix product:
 the tensor's memory already is the (N*H*W, C_in) matrix. ``F.linear`` on that view uses the
 weight as it is, where oneDNN's convolution reorders the weight into its blocked layout on every
 call, forward and backward (ONEDNN_VERBOSE shows a reorder before each 1x1 convolution in eager
 mode). On small maps the weight is the bigger operand (RepLKNet-31B's stage 3: 512x2048 weights,
-14x14 maps), so the reorder costs as much as the product. Measured on the AVX-512 development
-Xeon (benchmarks/results/models_cpu.md): the input-gradient step of RepLKNet-31B with BNs folded
-~1.16x faster with the matrix product at maps of at most 14x14, and the product slower than
-oneDNN's convolution on 28x28 and 56x56 maps (0.82-0.94x for forward + input gradient), hence
-``MAX_AREA``. ``LKFAST_POINTWISE=conv`` turns it off (every call then runs ``F.conv2d``).
+14x14 maps), so the reorder can cost as much as the product. Whether the product wins depends on
+the CPU and its matrix-product library, so it is measured, not assumed:
+- on the AVX-512 development Xeon (benchmarks/results/models_cpu.md) the input-gradient step of
+  RepLKNet-31B with BNs folded ran ~1.16x faster with the product on maps of at most 14x14, and
+  the product was slower on 28x28 and 56x56 maps (0.82-0.94x), hence ``MAX_AREA``;
+- on a Zen 4 EPYC the product (MKL's SGEMM) ran at 0.71-0.91x of oneDNN's 1x1 convolution at
+  RepLKNet-31B's small-map shapes (forward and forward + input gradient).
+So for an eligible input (``eligible``: CPU, fp32/fp64, channels_last, at most ``MAX_AREA`` pixels,
+autocast off) the choice comes from the machine's calibration (``cpu_dispatch.choose_pointwise``,
+cached beside the depthwise op's choices; ``pointwise_choice`` says which and why); without
+calibration (``LKFAST_CALIBRATE=0``, ``torch.compile``) it is PyTorch's convolution.
+``LKFAST_POINTWISE=matmul`` or ``=conv`` forces one of the two (default ``auto``).
 """
 from __future__ import annotations
 
@@ -24,22 +31,50 @@ MAX_AREA = 14 * 14  # maps of at most this many pixels take the matrix product (
 MATMUL_DTYPES = (torch.float32, torch.float64)
 
 
-def takes_matmul(x: torch.Tensor) -> bool:
-    """Whether ``pointwise_conv2d`` computes this input as a matrix product."""
+MODES = ("auto", "matmul", "conv")
+
+
+def _mode() -> str:
+    mode = os.environ.get("LKFAST_POINTWISE", "auto")
+    if mode not in MODES:
+        raise ValueError(f"LKFAST_POINTWISE={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def eligible(x: torch.Tensor) -> bool:
+    """Whether the matrix product is a candidate for this input (see the module docstring)."""
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in MATMUL_DTYPES
             and x.shape[2] * x.shape[3] <= MAX_AREA
             and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.is_autocast_enabled("cpu")
-            and os.environ.get("LKFAST_POINTWISE", "matmul") != "conv")
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def pointwise_choice(x: torch.Tensor, weight: torch.Tensor):
+    """How ``pointwise_conv2d(x, weight)`` is computed, with the reason: a
+    ``cpu_dispatch.Choice`` whose backend is "matmul" or "conv"."""
+    from lkfast.ops.cpu_dispatch import Choice, choose_pointwise
+
+    if not eligible(x) or weight.dtype != x.dtype:
+        return Choice("conv", "not a candidate for the matrix product (needs a CPU fp32/fp64 channels_last map of "
+                              f"at most {MAX_AREA} pixels, autocast off)")
+    mode = _mode()
+    if mode != "auto":
+        return Choice(mode, f"LKFAST_POINTWISE={mode}")
+    return choose_pointwise(x, weight)
+
+
+def takes_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``pointwise_conv2d(x, weight)`` computes this input as a matrix product."""
+    return pointwise_choice(x, weight).backend == "matmul"
 
 
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias)`` for a (C_out, C_in, 1, 1) weight, stride 1, no padding: on the
-    CPU, for channels_last maps of at most ``MAX_AREA`` pixels, ``F.linear`` on the NHWC view (the
-    result is channels_last too); otherwise ``F.conv2d``. Differentiable in all three."""
+    """``F.conv2d(x, weight, bias)`` for a (C_out, C_in, 1, 1) weight, stride 1, no padding: where
+    ``pointwise_choice`` says "matmul", ``F.linear`` on the NHWC view (the result is channels_last
+    too); otherwise ``F.conv2d``. Differentiable in all three."""
     if weight.shape[2:] != (1, 1):
         raise ValueError(f"pointwise_conv2d: weight must be (C_out, C_in, 1, 1), got {tuple(weight.shape)}")
-    if takes_matmul(x) and weight.dtype == x.dtype:
+    if takes_matmul(x, weight):
         out = F.linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], weight.shape[1]), bias)
         return out.permute(0, 3, 1, 2)
     return F.conv2d(x, weight, bias)
@@ -62,4 +97,5 @@ def is_pointwise(kernel_size, stride, padding, groups) -> bool:
     return _pair(kernel_size) == (1, 1) and _pair(stride) == (1, 1) and _pair(padding) == (0, 0) and groups == 1
 
 
-__all__ = ["PointwiseConv2d", "pointwise_conv2d", "takes_matmul", "is_pointwise", "MAX_AREA"]
+__all__ = ["PointwiseConv2d", "pointwise_conv2d", "pointwise_choice", "takes_matmul", "eligible", "is_pointwise",
+           "MAX_AREA"]

@@ -48,6 +48,8 @@ from lkfast.cache import cache_dir
 from lkfast.ops.backends import dtype_name, output_memory_format
 
 CANDIDATES = ("cpu", "torch")
+# 1x1 convolutions (lkfast.nn.pointwise): a matrix product on the NHWC view, or PyTorch's convolution
+POINTWISE_CANDIDATES = ("matmul", "conv")
 MEASURED_PASSES = ("forward", "weight_grad")  # the input gradient follows the forward
 SCHEMA = 1
 CACHE_PREFIX = "cpu_dispatch-"  # + a digest of the fingerprint + ".json" (see cache_path)
@@ -135,7 +137,7 @@ class Calibration:
             if not isinstance(entries, dict) or data.get("checksum") != _checksum(entries):
                 raise ValueError("checksum mismatch (partial or edited file)")
             for value in entries.values():
-                if value.get("backend") not in CANDIDATES:
+                if value.get("backend") not in CANDIDATES + POINTWISE_CANDIDATES:
                     raise ValueError(f"unknown backend {value.get('backend')!r}")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             warnings.warn(f"lkfast: the CPU calibration cache {self.path} is corrupt ({error}); "
@@ -307,5 +309,41 @@ def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Opti
     return _builtin(x.dtype, measured_pass)
 
 
-__all__ = ["choose", "memo_token", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup",
+def _pointwise_runs(x: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[[], None]]:
+    import torch.nn.functional as F
+
+    xs = torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+    ws = torch.randn(weight.shape, dtype=weight.dtype)
+    w2 = ws.reshape(ws.shape[0], ws.shape[1])
+    return {"matmul": lambda: F.linear(xs.permute(0, 2, 3, 1), w2), "conv": lambda: F.conv2d(xs, ws)}
+
+
+def choose_pointwise(x: torch.Tensor, weight: torch.Tensor, *, calibrate: Optional[bool] = None,
+                     measure_fn: Callable = None) -> Choice:
+    """How ``lkfast.nn.pointwise_conv2d`` computes a 1x1 convolution of this channels_last CPU input:
+    "matmul" (``F.linear`` on the NHWC view) or "conv" (``F.conv2d``, oneDNN), whichever this
+    machine's calibration measured faster for the shape class (forward, fresh tensors). Which wins
+    depends on the CPU's matrix-product library: on the AVX-512 development Xeon the product was
+    faster on small maps (oneDNN reorders the weight on every call), on a Zen 4 EPYC it ran at
+    0.71-0.91x of oneDNN's convolution (MKL's SGEMM). Without calibration (``LKFAST_CALIBRATE=0``,
+    or while ``torch.compile`` traces) the answer is PyTorch's own "conv"."""
+    calibrate = calibration_enabled() if calibrate is None else calibrate
+    if not calibrate or torch.compiler.is_compiling():
+        return Choice("conv", "no calibration: PyTorch's convolution")
+    n, c, h, w = (int(s) for s in x.shape)
+    key = ("pointwise", dtype_name(x.dtype), _bucket(n), c, int(weight.shape[0]), _bucket(h), _bucket(w))
+    cal = calibration()
+    entry = cal.get(key)
+    if entry is None:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            times = (measure_fn or measure)(_pointwise_runs(x, weight))
+        winner = min(POINTWISE_CANDIDATES, key=lambda name: times[name])
+        entry = {"backend": winner, "seconds": {name: float(times[name]) for name in POINTWISE_CANDIDATES},
+                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        cal.put(key, entry)
+    ms = ", ".join(f"{name} {entry['seconds'][name] * 1e3:.2f} ms" for name in POINTWISE_CANDIDATES)
+    return Choice(entry["backend"], f"calibrated on this machine ({ms}; {cal.path})")
+
+
+__all__ = ["choose", "choose_pointwise", "memo_token", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup",
            "measure", "cache_dir", "calibration_enabled"]
