@@ -38,6 +38,10 @@ committed CPU results were taken with pytest-benchmark's ``--benchmark-timer=tim
 the same clock; the table reads both kinds of JSON. On an idle 2-core machine wall time is about half of that. On CUDA the
 project's GPU timer (``lkfast.timing.gpu_time_ms``: CUDA events around back-to-back steps) gives the
 time per step; the table reads it from extra_info.
+
+Several models in one process change each other's allocator and page-fault behaviour (see ISOLATED
+below): LKFAST_BENCH_ISOLATED=1 runs ``test_isolated``, which times each variant in processes of its
+own, started in turn; prefer it for claims about what one user's process sees.
 """
 from __future__ import annotations
 
