@@ -246,6 +246,44 @@ static inline __attribute__((always_inline)) void fwd_block(const V* __restrict 
     for (int v = 0; v < NV; ++v) out[(w0 + b) * NV + v] = acc[b * NV + v];
 }
 
+// Maps at most kOutBlock wide whose kernel reaches across the whole row (kw >= 2W - 1: RepLKNet's
+// 7x7 maps with 13x13 kernels), one vector per pixel (AVX-512): every output of a row meets every
+// input of every tap row, through the 2W - 1 taps around the kernel row's center. Per tap row the
+// 2W - 1 weights are loaded once into registers and the W inputs once each, 3W - 1 loads for W*W
+// FMAs (the general band loop reloads its weights for every pair of inputs), and with W fixed at
+// compile time no loop is left but the rows'. W accumulators + 2W - 1 weights + 1 input <= 24 zmm.
+template <typename V, int WB>
+static inline __attribute__((always_inline)) void fwd_small_rows(const V* __restrict P, int prow0,
+                                                                 int rs, int H, int kh, int kw,
+                                                                 const V* __restrict Wt,
+                                                                 const V* __restrict bias, int h0,
+                                                                 int h1, V* __restrict O) {
+  const int ph = kh / 2, pw = kw / 2;
+  const int wt_stride = kw + 2 * kWeightPad;
+  for (int h = h0; h < h1; ++h) {
+    V acc[WB];
+#pragma GCC unroll 8
+    for (int b = 0; b < WB; ++b) acc[b] = bias ? bias[0] : V{};
+    const int i_lo = imax(0, ph - h), i_hi = imin(kh, H + ph - h);
+    for (int i = i_lo; i < i_hi; ++i) {
+      const V* in = P + (long)(h + i - ph - prow0) * rs + pw;       // input column 0
+      const V* wc = Wt + (long)i * wt_stride + kWeightPad + pw;     // tap pw, the center
+      V wv[2 * WB - 1];                                             // wv[d] = tap pw + d - (WB - 1)
+#pragma GCC unroll 16
+      for (int d = 0; d < 2 * WB - 1; ++d) wv[d] = wc[d - (WB - 1)];
+#pragma GCC unroll 8
+      for (int u = 0; u < WB; ++u) {
+        const V a = in[u];
+#pragma GCC unroll 8
+        for (int b = 0; b < WB; ++b) acc[b] += a * wv[u - b + WB - 1];  // tap pw + u - b
+      }
+    }
+    V* out = O + (long)(h - h0) * WB;
+#pragma GCC unroll 8
+    for (int b = 0; b < WB; ++b) out[b] = acc[b];
+  }
+}
+
 // Output rows [h0, h1) of one (image, channel block).
 //   P:    packed input rows [prow0, ...), each W + 2*pw pixels
 //   Wt:   kh rows of kw + 2*kWeightPad weight pixels; Bias: one pixel
@@ -259,6 +297,20 @@ void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, con
   const V* bias = reinterpret_cast<const V*>(Bias_);
   V* O = reinterpret_cast<V*>(O_);
   const int rs = W + 2 * (kw / 2);
+  if constexpr (kParts == 1) {
+    if (W <= kOutBlock && kw / 2 >= W - 1) {  // the kernel spans every row: see fwd_small_rows
+      switch (W) {
+#define LKFAST_FWD_SMALL(n) \
+  case n:                   \
+    return fwd_small_rows<V, n>(P, prow0, rs, H, kh, kw, Wt, bias, h0, h1, O);
+        LKFAST_FWD_SMALL(1) LKFAST_FWD_SMALL(2) LKFAST_FWD_SMALL(3) LKFAST_FWD_SMALL(4)
+        LKFAST_FWD_SMALL(5) LKFAST_FWD_SMALL(6) LKFAST_FWD_SMALL(7) LKFAST_FWD_SMALL(8)
+#undef LKFAST_FWD_SMALL
+        default:
+          break;
+      }
+    }
+  }
   const int group = row_group(W, kh);
   for (int h = h0; h < h1; ++h) {
     V* out = O + (long)(h - h0) * W * kParts;
