@@ -32,7 +32,8 @@ SHAPES = [
     (2, 5, 6, 5, 1, 1),
     (1, 33, 9, 9, 63, 63),  # largest kernel of the contract; channels not a multiple of 16
     # the CPU kernel's small-map order (one channel block over a group of images, weights packed
-    # per item): 5 blocks of 16 channels (the last one of 6), images grouped 2 + 1
+    # per item): 5 blocks of 16 channels (the last one of 6), images grouped 2 + 1; on AVX-512 the
+    # compile-time-width kernel, in channels_last straight on x and y for the 4 whole blocks
     (3, 70, 7, 7, 13, 13),
 ]
 OTHER_DTYPES = [torch.bfloat16, torch.float16, torch.float64]
@@ -50,7 +51,7 @@ def test_matches_conv2d_fp32(backend_device, shape, fmt, bias):
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES, ids=case_id)
 @pytest.mark.parametrize("dtype", OTHER_DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(2, 24, 15, 13, 13, 13), (1, 17, 8, 9, 31, 5)], ids=case_id)
+@pytest.mark.parametrize("shape", [(2, 24, 15, 13, 13, 13), (1, 17, 8, 9, 31, 5), (3, 70, 7, 7, 13, 13)], ids=case_id)
 def test_matches_conv2d_other_dtypes(backend_device, dtype, fmt, shape):
     backend, device = backend_device
     check_op(backend_or_skip(backend, device, dtype), shape, fmt, dtype, device)

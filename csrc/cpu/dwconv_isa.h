@@ -9,6 +9,10 @@
                     const float* Bias, int h0, int h1, float* O);                               \
   void forward_rows(const double* P, int prow0, int H, int W, int kh, int kw, const double* Wt, \
                     const double* Bias, int h0, int h1, double* O);                             \
+  bool forward_small_direct(const float* X, long xh, long xw, int H, int W, int kh, int kw,    \
+                            const float* Wt, const float* Bias, float* Y, long yh, long yw);     \
+  bool forward_small_direct(const double* X, long xh, long xw, int H, int W, int kh, int kw,   \
+                            const double* Wt, const double* Bias, double* Y, long yh, long yw);  \
   void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0,        \
                    int i1, float* GW);                                                          \
   void weight_grad(const double* P, const double* G, int H, int W, int kh, int kw, int i0,      \

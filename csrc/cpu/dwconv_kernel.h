@@ -252,12 +252,25 @@ static inline __attribute__((always_inline)) void fwd_block(const V* __restrict 
 // 2W - 1 weights are loaded once into registers and the W inputs once each, 3W - 1 loads for W*W
 // FMAs (the general band loop reloads its weights for every pair of inputs), and with W fixed at
 // compile time no loop is left but the rows'. W accumulators + 2W - 1 weights + 1 input <= 24 zmm.
-template <typename V, int WB>
-static inline __attribute__((always_inline)) void fwd_small_rows(const V* __restrict P, int prow0,
-                                                                 int rs, int H, int kh, int kw,
-                                                                 const V* __restrict Wt,
-                                                                 const V* __restrict bias, int h0,
-                                                                 int h1, V* __restrict O) {
+// Inputs and outputs are addressed by element strides, so the same code reads a packed tile or
+// the tensors themselves (channels innermost: see forward_small_direct); only input pixels inside
+// the image are read, so neither needs padding.
+template <typename T>
+struct VecU {  // a vector at any element-aligned address
+  typedef T type __attribute__((vector_size(LKFAST_VEC_BYTES), aligned(sizeof(T))));
+};
+
+static inline bool small_map(int W, int kw) { return kParts == 1 && W <= kOutBlock && kw / 2 >= W - 1; }
+
+// Output rows [h0, h1): X points at input pixel (0, 0) (row stride xh, pixel stride xw, elements),
+// Y at output pixel (0, 0) (yh, yw).
+template <typename T, int WB>
+static inline __attribute__((always_inline)) void fwd_small_rows(
+    const T* __restrict X, long xh, long xw, int H, int kh, int kw,
+    const typename Vec<T>::type* __restrict Wt, const typename Vec<T>::type* __restrict bias, int h0,
+    int h1, T* __restrict Y, long yh, long yw) {
+  typedef typename Vec<T>::type V;
+  typedef typename VecU<T>::type VU;
   const int ph = kh / 2, pw = kw / 2;
   const int wt_stride = kw + 2 * kWeightPad;
   for (int h = h0; h < h1; ++h) {
@@ -266,21 +279,37 @@ static inline __attribute__((always_inline)) void fwd_small_rows(const V* __rest
     for (int b = 0; b < WB; ++b) acc[b] = bias ? bias[0] : V{};
     const int i_lo = imax(0, ph - h), i_hi = imin(kh, H + ph - h);
     for (int i = i_lo; i < i_hi; ++i) {
-      const V* in = P + (long)(h + i - ph - prow0) * rs + pw;       // input column 0
+      const T* in = X + (long)(h + i - ph) * xh;                    // input row, column 0
       const V* wc = Wt + (long)i * wt_stride + kWeightPad + pw;     // tap pw, the center
       V wv[2 * WB - 1];                                             // wv[d] = tap pw + d - (WB - 1)
 #pragma GCC unroll 16
       for (int d = 0; d < 2 * WB - 1; ++d) wv[d] = wc[d - (WB - 1)];
 #pragma GCC unroll 8
       for (int u = 0; u < WB; ++u) {
-        const V a = in[u];
+        const V a = *reinterpret_cast<const VU*>(in + u * xw);
 #pragma GCC unroll 8
         for (int b = 0; b < WB; ++b) acc[b] += a * wv[u - b + WB - 1];  // tap pw + u - b
       }
     }
-    V* out = O + (long)(h - h0) * WB;
+    T* out = Y + (long)h * yh;
 #pragma GCC unroll 8
-    for (int b = 0; b < WB; ++b) out[b] = acc[b];
+    for (int b = 0; b < WB; ++b) *reinterpret_cast<VU*>(out + b * yw) = acc[b];
+  }
+}
+
+template <typename T>
+static inline void fwd_small(const T* X, long xh, long xw, int H, int W, int kh, int kw,
+                             const typename Vec<T>::type* Wt, const typename Vec<T>::type* bias,
+                             int h0, int h1, T* Y, long yh, long yw) {
+  switch (W) {
+#define LKFAST_FWD_SMALL(n) \
+  case n:                   \
+    return fwd_small_rows<T, n>(X, xh, xw, H, kh, kw, Wt, bias, h0, h1, Y, yh, yw);
+    LKFAST_FWD_SMALL(1) LKFAST_FWD_SMALL(2) LKFAST_FWD_SMALL(3) LKFAST_FWD_SMALL(4)
+    LKFAST_FWD_SMALL(5) LKFAST_FWD_SMALL(6) LKFAST_FWD_SMALL(7) LKFAST_FWD_SMALL(8)
+#undef LKFAST_FWD_SMALL
+    default:
+      return;
   }
 }
 
@@ -297,19 +326,10 @@ void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, con
   const V* bias = reinterpret_cast<const V*>(Bias_);
   V* O = reinterpret_cast<V*>(O_);
   const int rs = W + 2 * (kw / 2);
-  if constexpr (kParts == 1) {
-    if (W <= kOutBlock && kw / 2 >= W - 1) {  // the kernel spans every row: see fwd_small_rows
-      switch (W) {
-#define LKFAST_FWD_SMALL(n) \
-  case n:                   \
-    return fwd_small_rows<V, n>(P, prow0, rs, H, kh, kw, Wt, bias, h0, h1, O);
-        LKFAST_FWD_SMALL(1) LKFAST_FWD_SMALL(2) LKFAST_FWD_SMALL(3) LKFAST_FWD_SMALL(4)
-        LKFAST_FWD_SMALL(5) LKFAST_FWD_SMALL(6) LKFAST_FWD_SMALL(7) LKFAST_FWD_SMALL(8)
-#undef LKFAST_FWD_SMALL
-        default:
-          break;
-      }
-    }
+  if (small_map(W, kw)) {  // the packed tile: rows of rs pixels from row prow0, column 0 at pw
+    constexpr long L = LKFAST_VEC_BYTES / sizeof(T);
+    return fwd_small<T>(P_ + ((long)(kw / 2) - (long)prow0 * rs) * L, (long)rs * L, L, H, W, kh, kw, Wt, bias,
+                        h0, h1, O_ - (long)h0 * W * L, (long)W * L, L);
   }
   const int group = row_group(W, kh);
   for (int h = h0; h < h1; ++h) {
@@ -408,6 +428,22 @@ void forward_rows(const float* P, int prow0, int H, int W, int kh, int kw, const
 void forward_rows(const double* P, int prow0, int H, int W, int kh, int kw, const double* Wt,
                   const double* Bias, int h0, int h1, double* O) {
   forward_rows_impl<double>(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O);
+}
+bool forward_small_direct(const float* X, long xh, long xw, int H, int W, int kh, int kw,
+                          const float* Wt, const float* Bias, float* Y, long yh, long yw) {
+  typedef typename Vec<float>::type V;
+  if (!small_map(W, kw)) return false;
+  fwd_small<float>(X, xh, xw, H, W, kh, kw, reinterpret_cast<const V*>(Wt), reinterpret_cast<const V*>(Bias),
+                   0, H, Y, yh, yw);
+  return true;
+}
+bool forward_small_direct(const double* X, long xh, long xw, int H, int W, int kh, int kw,
+                          const double* Wt, const double* Bias, double* Y, long yh, long yw) {
+  typedef typename Vec<double>::type V;
+  if (!small_map(W, kw)) return false;
+  fwd_small<double>(X, xh, xw, H, W, kh, kw, reinterpret_cast<const V*>(Wt), reinterpret_cast<const V*>(Bias),
+                    0, H, Y, yh, yw);
+  return true;
 }
 void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0, int i1,
                  float* GW) {
