@@ -35,6 +35,8 @@ SHAPES = [
     # per item): 5 blocks of 16 channels (the last one of 6), images grouped 2 + 1; on AVX-512 the
     # compile-time-width kernel, in channels_last straight on x and y for the 4 whole blocks
     (3, 70, 7, 7, 13, 13),
+    # the same at RepLKNet's stage-3 proportions, a 13-wide map: two register blocks (7 + 6) a row
+    (2, 70, 14, 13, 27, 27),
 ]
 OTHER_DTYPES = [torch.bfloat16, torch.float16, torch.float64]
 

@@ -246,54 +246,72 @@ static inline __attribute__((always_inline)) void fwd_block(const V* __restrict 
     for (int v = 0; v < NV; ++v) out[(w0 + b) * NV + v] = acc[b * NV + v];
 }
 
-// Maps at most kOutBlock wide whose kernel reaches across the whole row (kw >= 2W - 1: RepLKNet's
-// 7x7 maps with 13x13 kernels), one vector per pixel (AVX-512): every output of a row meets every
-// input of every tap row, through the 2W - 1 taps around the kernel row's center. Per tap row the
-// 2W - 1 weights are loaded once into registers and the W inputs once each, 3W - 1 loads for W*W
-// FMAs (the general band loop reloads its weights for every pair of inputs), and with W fixed at
-// compile time no loop is left but the rows'. W accumulators + 2W - 1 weights + 1 input <= 24 zmm.
-// Inputs and outputs are addressed by element strides, so the same code reads a packed tile or
-// the tensors themselves (channels innermost: see forward_small_direct); only input pixels inside
-// the image are read, so neither needs padding.
+// Maps at most kSmallMaxW wide whose kernel reaches across the whole row (kw >= 2W - 1: RepLKNet's
+// 7x7 maps with 13x13 kernels and 14x14 maps with 27x27 kernels), one vector per pixel (AVX-512):
+// every output of a row meets every input of every tap row. A row's outputs go in one register
+// block (W <= 8) or two (up to kSmallMaxW); per tap row a block of NB outputs loads the W + NB - 1
+// weights it needs once into registers and the W inputs once each (34 loads for 98 FMAs at W = 14,
+// where the general band loop reloads its weights for every pair of inputs: ~70), and with W
+// fixed at compile time no loop is left but the rows'. NB accumulators + W + NB - 1 weights + 1
+// input <= 28 zmm. Inputs and outputs are addressed by element strides, so the same code reads a
+// packed tile or the tensors themselves (channels innermost: see forward_small_direct); only input
+// pixels inside the image are read, so neither needs padding.
+constexpr int kSmallMaxW = 14;
+
 template <typename T>
 struct VecU {  // a vector at any element-aligned address
   typedef T type __attribute__((vector_size(LKFAST_VEC_BYTES), aligned(sizeof(T))));
 };
 
-static inline bool small_map(int W, int kw) { return kParts == 1 && W <= kOutBlock && kw / 2 >= W - 1; }
+static inline bool small_map(int W, int kw) { return kParts == 1 && W <= kSmallMaxW && kw / 2 >= W - 1; }
 
-// Output rows [h0, h1): X points at input pixel (0, 0) (row stride xh, pixel stride xw, elements),
-// Y at output pixel (0, 0) (yh, yw).
-template <typename T, int WB>
+// Outputs [B0, B0 + NB) of output row h of a W-wide map: X points at input pixel (0, 0) (row stride
+// xh, pixel stride xw, elements), Y at output pixel (0, 0) (yh, yw).
+template <typename T, int W, int B0, int NB>
+static inline __attribute__((always_inline)) void fwd_small_block(
+    const T* __restrict X, long xh, long xw, int h, int H, int kh, int kw,
+    const typename Vec<T>::type* __restrict Wt, const typename Vec<T>::type* __restrict bias,
+    T* __restrict Y, long yh, long yw) {
+  typedef typename Vec<T>::type V;
+  typedef typename VecU<T>::type VU;
+  constexpr int DMIN = -(B0 + NB - 1), ND = W + NB - 1;  // taps pw + d, d in [DMIN, DMIN + ND)
+  const int ph = kh / 2, pw = kw / 2;
+  const int wt_stride = kw + 2 * kWeightPad;
+  V acc[NB];
+#pragma GCC unroll 8
+  for (int b = 0; b < NB; ++b) acc[b] = bias ? bias[0] : V{};
+  const int i_lo = imax(0, ph - h), i_hi = imin(kh, H + ph - h);
+  for (int i = i_lo; i < i_hi; ++i) {
+    const T* in = X + (long)(h + i - ph) * xh;                    // input row, column 0
+    const V* wc = Wt + (long)i * wt_stride + kWeightPad + pw;     // tap pw, the center
+    V wv[ND];
+#pragma GCC unroll 32
+    for (int k = 0; k < ND; ++k) wv[k] = wc[k + DMIN];
+#pragma GCC unroll 16
+    for (int u = 0; u < W; ++u) {
+      const V a = *reinterpret_cast<const VU*>(in + u * xw);
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b) acc[b] += a * wv[u - B0 - b - DMIN];  // tap pw + u - (B0 + b)
+    }
+  }
+  T* out = Y + (long)h * yh + (long)B0 * yw;
+#pragma GCC unroll 8
+  for (int b = 0; b < NB; ++b) *reinterpret_cast<VU*>(out + b * yw) = acc[b];
+}
+
+// Output rows [h0, h1) of a W-wide map (see fwd_small_block).
+template <typename T, int W>
 static inline __attribute__((always_inline)) void fwd_small_rows(
     const T* __restrict X, long xh, long xw, int H, int kh, int kw,
     const typename Vec<T>::type* __restrict Wt, const typename Vec<T>::type* __restrict bias, int h0,
     int h1, T* __restrict Y, long yh, long yw) {
-  typedef typename Vec<T>::type V;
-  typedef typename VecU<T>::type VU;
-  const int ph = kh / 2, pw = kw / 2;
-  const int wt_stride = kw + 2 * kWeightPad;
   for (int h = h0; h < h1; ++h) {
-    V acc[WB];
-#pragma GCC unroll 8
-    for (int b = 0; b < WB; ++b) acc[b] = bias ? bias[0] : V{};
-    const int i_lo = imax(0, ph - h), i_hi = imin(kh, H + ph - h);
-    for (int i = i_lo; i < i_hi; ++i) {
-      const T* in = X + (long)(h + i - ph) * xh;                    // input row, column 0
-      const V* wc = Wt + (long)i * wt_stride + kWeightPad + pw;     // tap pw, the center
-      V wv[2 * WB - 1];                                             // wv[d] = tap pw + d - (WB - 1)
-#pragma GCC unroll 16
-      for (int d = 0; d < 2 * WB - 1; ++d) wv[d] = wc[d - (WB - 1)];
-#pragma GCC unroll 8
-      for (int u = 0; u < WB; ++u) {
-        const V a = *reinterpret_cast<const VU*>(in + u * xw);
-#pragma GCC unroll 8
-        for (int b = 0; b < WB; ++b) acc[b] += a * wv[u - b + WB - 1];  // tap pw + u - b
-      }
+    if constexpr (W <= kOutBlock) {
+      fwd_small_block<T, W, 0, W>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
+    } else {
+      fwd_small_block<T, W, 0, (W + 1) / 2>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
+      fwd_small_block<T, W, (W + 1) / 2, W / 2>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
     }
-    T* out = Y + (long)h * yh;
-#pragma GCC unroll 8
-    for (int b = 0; b < WB; ++b) *reinterpret_cast<VU*>(out + b * yw) = acc[b];
   }
 }
 
@@ -307,6 +325,8 @@ static inline void fwd_small(const T* X, long xh, long xw, int H, int W, int kh,
     return fwd_small_rows<T, n>(X, xh, xw, H, kh, kw, Wt, bias, h0, h1, Y, yh, yw);
     LKFAST_FWD_SMALL(1) LKFAST_FWD_SMALL(2) LKFAST_FWD_SMALL(3) LKFAST_FWD_SMALL(4)
     LKFAST_FWD_SMALL(5) LKFAST_FWD_SMALL(6) LKFAST_FWD_SMALL(7) LKFAST_FWD_SMALL(8)
+    LKFAST_FWD_SMALL(9) LKFAST_FWD_SMALL(10) LKFAST_FWD_SMALL(11) LKFAST_FWD_SMALL(12)
+    LKFAST_FWD_SMALL(13) LKFAST_FWD_SMALL(14)
 #undef LKFAST_FWD_SMALL
     default:
       return;
