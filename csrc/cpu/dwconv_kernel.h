@@ -449,21 +449,22 @@ void forward_rows(const double* P, int prow0, int H, int W, int kh, int kw, cons
                   const double* Bias, int h0, int h1, double* O) {
   forward_rows_impl<double>(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O);
 }
+template <typename T>
+static bool forward_small_direct_impl(const T* X, long xh, long xw, int H, int W, int kh, int kw,
+                                      const T* Wt, const T* Bias, T* Y, long yh, long yw) {
+  typedef typename Vec<T>::type V;
+  if (!small_map(W, kw)) return false;
+  fwd_small<T>(X, xh, xw, H, W, kh, kw, reinterpret_cast<const V*>(Wt), reinterpret_cast<const V*>(Bias), 0, H,
+               Y, yh, yw);
+  return true;
+}
 bool forward_small_direct(const float* X, long xh, long xw, int H, int W, int kh, int kw,
                           const float* Wt, const float* Bias, float* Y, long yh, long yw) {
-  typedef typename Vec<float>::type V;
-  if (!small_map(W, kw)) return false;
-  fwd_small<float>(X, xh, xw, H, W, kh, kw, reinterpret_cast<const V*>(Wt), reinterpret_cast<const V*>(Bias),
-                   0, H, Y, yh, yw);
-  return true;
+  return forward_small_direct_impl<float>(X, xh, xw, H, W, kh, kw, Wt, Bias, Y, yh, yw);
 }
 bool forward_small_direct(const double* X, long xh, long xw, int H, int W, int kh, int kw,
                           const double* Wt, const double* Bias, double* Y, long yh, long yw) {
-  typedef typename Vec<double>::type V;
-  if (!small_map(W, kw)) return false;
-  fwd_small<double>(X, xh, xw, H, W, kh, kw, reinterpret_cast<const V*>(Wt), reinterpret_cast<const V*>(Bias),
-                    0, H, Y, yh, yw);
-  return true;
+  return forward_small_direct_impl<double>(X, xh, xw, H, W, kh, kw, Wt, Bias, Y, yh, yw);
 }
 void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0, int i1,
                  float* GW) {
