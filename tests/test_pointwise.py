@@ -147,3 +147,21 @@ def test_replknet_uses_it_and_folding_keeps_it():
     fold_batchnorms(model)
     assert any(isinstance(m, PointwiseConv2d) for m in model.modules())
     torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_choice_is_remembered_per_shape_until_the_calibration_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
+    monkeypatch.setattr(cd, "_calibration", None)
+    asked = []
+    monkeypatch.setattr(cd, "choose_pointwise", lambda x, w: asked.append(tuple(x.shape)) or cd.Choice("matmul", "fake"))
+    x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(12, 8, 1, 1)
+    assert takes_matmul(x, w) and takes_matmul(x, w)
+    assert asked == [(2, 8, 7, 7)]  # asked once for this shape
+    takes_matmul(torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last), w)
+    assert len(asked) == 2  # another exact shape is asked on its own
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "b"))  # another calibration: asked again
+    assert takes_matmul(x, w) and len(asked) == 3
+    monkeypatch.setenv("LKFAST_POINTWISE", "conv")  # a forced choice needs no asking
+    assert not takes_matmul(x, w) and len(asked) == 3

@@ -49,23 +49,40 @@ def eligible(x: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
+_NOT_A_CANDIDATE = ("not a candidate for the matrix product (needs a CPU fp32/fp64 channels_last map of "
+                    f"at most {MAX_AREA} pixels, autocast off)")
+_MEMO: dict = {}  # (x shape, weight shape, dtype) -> (cpu_dispatch.memo_token, backend)
+
+
+def _fixed_choice(x: torch.Tensor, weight: torch.Tensor):
+    """The choice when no measurement is needed (not a candidate, or LKFAST_POINTWISE forces one),
+    else None."""
+    from lkfast.ops.cpu_dispatch import Choice
+
+    if not eligible(x) or weight.dtype != x.dtype:
+        return Choice("conv", _NOT_A_CANDIDATE)
+    mode = _mode()
+    return None if mode == "auto" else Choice(mode, f"LKFAST_POINTWISE={mode}")
+
+
 def pointwise_choice(x: torch.Tensor, weight: torch.Tensor):
     """How ``pointwise_conv2d(x, weight)`` is computed, with the reason: a
     ``cpu_dispatch.Choice`` whose backend is "matmul" or "conv"."""
-    from lkfast.ops.cpu_dispatch import Choice, choose_pointwise
+    from lkfast.ops.cpu_dispatch import choose_pointwise
 
-    if not eligible(x) or weight.dtype != x.dtype:
-        return Choice("conv", "not a candidate for the matrix product (needs a CPU fp32/fp64 channels_last map of "
-                              f"at most {MAX_AREA} pixels, autocast off)")
-    mode = _mode()
-    if mode != "auto":
-        return Choice(mode, f"LKFAST_POINTWISE={mode}")
-    return choose_pointwise(x, weight)
+    return _fixed_choice(x, weight) or choose_pointwise(x, weight)
 
 
 def takes_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``pointwise_conv2d(x, weight)`` computes this input as a matrix product."""
-    return pointwise_choice(x, weight).backend == "matmul"
+    """Whether ``pointwise_conv2d(x, weight)`` computes this input as a matrix product. Asked on
+    every call: the measured answer is remembered per shape while the calibration stays the same."""
+    from lkfast.ops import cpu_dispatch
+
+    fixed = _fixed_choice(x, weight)
+    if fixed is not None:
+        return fixed.backend == "matmul"
+    args = (tuple(x.shape), tuple(weight.shape), x.dtype)
+    return cpu_dispatch.remembered(_MEMO, args, lambda: cpu_dispatch.choose_pointwise(x, weight).backend) == "matmul"
 
 
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -200,6 +200,23 @@ def memo_token() -> Optional[int]:
     return calibration().generation
 
 
+def remembered(memo: dict, args: tuple, compute: Callable[[], object]):
+    """``compute()``, kept in ``memo`` under ``args`` for as long as this process's calibration stays
+    the one in use (``memo_token``); computed afresh each time when calibration is off. For choices
+    asked on every call of an op: within one calibration the answer for a shape cannot change."""
+    token = memo_token()
+    if token is None:
+        return compute()
+    hit = memo.get(args)
+    if hit is not None and hit[0] == token:
+        return hit[1]
+    result = compute()
+    if len(memo) >= 4096:  # many distinct shapes (varying image sizes): start over
+        memo.clear()
+    memo[args] = (token, result)
+    return result
+
+
 # --- the shipped table ------------------------------------------------------------------------
 
 
@@ -275,6 +292,22 @@ def _builtin(dtype: torch.dtype, pass_: str) -> Choice:
     return Choice("torch", f"built-in rule (no measurement for this case): oneDNN for the {dtype_name(dtype)} forward")
 
 
+def _calibrated(key: tuple, candidates: tuple, make_runs: Callable[[], dict], measure_fn: Optional[Callable]) -> Choice:
+    """The calibration's entry for ``key``, measured first (the callables of ``make_runs()``, one per
+    candidate, the fastest wins) and saved when the calibration has none."""
+    cal = calibration()
+    entry = cal.get(key)
+    if entry is None:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            times = (measure_fn or measure)(make_runs())
+        winner = min(candidates, key=lambda n: times[n])
+        entry = {"backend": winner, "seconds": {n: float(times[n]) for n in candidates},
+                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        cal.put(key, entry)
+    ms = ", ".join(f"{n} {entry['seconds'][n] * 1e3:.2f} ms" for n in candidates)
+    return Choice(entry["backend"], f"calibrated on this machine ({ms}; {cal.path})")
+
+
 def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Optional[bool] = None,
            measure_fn: Callable = None) -> Choice:
     """The faster of lkfast's kernel ("cpu") and PyTorch ("torch") for one pass ("forward",
@@ -290,17 +323,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Opti
     if calibrate and torch.compiler.is_compiling():
         calibrate = False  # no timing inside a trace: the table decides
     if calibrate:
-        cal = calibration()
-        entry = cal.get((measured_pass,) + key)
-        if entry is None:
-            with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                times = (measure_fn or measure)(_runs(x, weight, measured_pass))
-            winner = min(CANDIDATES, key=lambda n: times[n])
-            entry = {"backend": winner, "seconds": {n: float(times[n]) for n in CANDIDATES},
-                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            cal.put((measured_pass,) + key, entry)
-        ms = ", ".join(f"{n} {entry['seconds'][n] * 1e3:.2f} ms" for n in CANDIDATES)
-        return Choice(entry["backend"], f"calibrated on this machine ({ms}; {cal.path})")
+        return _calibrated((measured_pass,) + key, CANDIDATES, lambda: _runs(x, weight, measured_pass), measure_fn)
     fp_isa = fingerprint()["isa"]
     found = table_lookup(fp_isa, measured_pass, key)
     if found is not None:
@@ -332,18 +355,8 @@ def choose_pointwise(x: torch.Tensor, weight: torch.Tensor, *, calibrate: Option
         return Choice("conv", "no calibration: PyTorch's convolution")
     n, c, h, w = (int(s) for s in x.shape)
     key = ("pointwise", dtype_name(x.dtype), _bucket(n), c, int(weight.shape[0]), _bucket(h), _bucket(w))
-    cal = calibration()
-    entry = cal.get(key)
-    if entry is None:
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            times = (measure_fn or measure)(_pointwise_runs(x, weight))
-        winner = min(POINTWISE_CANDIDATES, key=lambda name: times[name])
-        entry = {"backend": winner, "seconds": {name: float(times[name]) for name in POINTWISE_CANDIDATES},
-                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        cal.put(key, entry)
-    ms = ", ".join(f"{name} {entry['seconds'][name] * 1e3:.2f} ms" for name in POINTWISE_CANDIDATES)
-    return Choice(entry["backend"], f"calibrated on this machine ({ms}; {cal.path})")
+    return _calibrated(key, POINTWISE_CANDIDATES, lambda: _pointwise_runs(x, weight), measure_fn)
 
 
-__all__ = ["choose", "choose_pointwise", "memo_token", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup",
+__all__ = ["choose", "choose_pointwise", "memo_token", "remembered", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup",
            "measure", "cache_dir", "calibration_enabled"]

@@ -98,17 +98,7 @@ def _cpu_plan(x, weight) -> tuple[Plan, str]:
     # calibration the answer for a shape cannot change, so it is kept per exact shape.
     from lkfast.ops import cpu_dispatch
 
-    token = cpu_dispatch.memo_token()
-    if token is None:
-        return _measured_cpu_plan(*args)
-    memo = _PLAN_MEMO.get(args)
-    if memo is not None and memo[0] == token:
-        return memo[1]
-    result = _measured_cpu_plan(*args)
-    if len(_PLAN_MEMO) >= 4096:  # many distinct shapes (varying image sizes): start over
-        _PLAN_MEMO.clear()
-    _PLAN_MEMO[args] = (token, result)
-    return result
+    return cpu_dispatch.remembered(_PLAN_MEMO, args, lambda: _measured_cpu_plan(*args))
 
 
 _PLAN_MEMO: dict = {}  # (x shape, weight shape, dtype, channels_last) -> (memo_token, (plan, source))
