@@ -18,6 +18,10 @@ for lkfast); they are reported in a table of their own, so the eager ratios stay
 With LKFAST_BENCH_AUTOCAST=1 also ``plain_cl_amp``, ``lkfast_cl_amp`` and ``lkfast_folded_amp``
 (RepLKNet-31B: the same fp32 models run under ``torch.autocast``, bf16 on the CPU, fp16 on CUDA),
 reported in a table of their own against the plain fp32 model and the plain model under autocast.
+With LKFAST_BENCH_CEILING=1 also ``lkfast_cl_nodw`` and ``lkfast_folded_nodw``: the lkfast models with
+every large depthwise convolution made free (it returns its input; in training its BNs still run),
+the ceiling of what any depthwise kernel could give: plain time / their time, in a table of their own
+(their outputs differ from the plain model's by construction and are not checked).
 Tasks: ``inference`` (eval, no_grad), ``input_grad`` (eval, frozen weights, gradient of the
 cross-entropy with respect to the input: one attack step), ``train_step`` (train mode, forward +
 backward with all weight gradients; no optimizer update).
@@ -73,7 +77,11 @@ COMPILE = bool(os.environ.get("LKFAST_BENCH_COMPILE"))
 AUTOCAST_VARIANTS = ("plain_cl_amp", "lkfast_cl_amp", "lkfast_folded_amp")
 AUTOCAST = bool(os.environ.get("LKFAST_BENCH_AUTOCAST"))
 AMP_DTYPE = torch.float16 if ON_CUDA else torch.bfloat16
-VARIANTS = EAGER_VARIANTS + (COMPILED_VARIANTS if COMPILE else ()) + (AUTOCAST_VARIANTS if AUTOCAST else ())
+# The ceiling (Amdahl's bound on the model step): lkfast's models with the large depthwise convs free.
+CEILING_VARIANTS = ("lkfast_cl_nodw", "lkfast_folded_nodw")
+CEILING = bool(os.environ.get("LKFAST_BENCH_CEILING"))
+VARIANTS = (EAGER_VARIANTS + (COMPILED_VARIANTS if COMPILE else ()) + (AUTOCAST_VARIANTS if AUTOCAST else ())
+            + (CEILING_VARIANTS if CEILING else ()))
 # LKFAST_BENCH_INTERLEAVED=1: test_interleaved times all variants of a (model, task) round by round in
 # one process (the CPU's speed drifts between back-to-back cases); LKFAST_BENCH_VARIANTS=a,b,... picks
 # them (default: every selected variant but the NCHW ones, which take minutes per call on the CPU).
@@ -131,6 +139,42 @@ def _randomize_bn_statistics(model: torch.nn.Module) -> None:
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
+class _FreeDepthwise(torch.nn.Module):
+    """Stands in for a large depthwise conv (bare, or RepLKNet's conv+BN branches) at no cost: returns
+    its input, after the branches' BNs in training mode (the BNs are not what the fast op speeds up)."""
+
+    def __init__(self, original: torch.nn.Module):
+        super().__init__()
+        self.bns = torch.nn.ModuleList([branch.bn for name, branch in original.named_children()
+                                        if name in ("lkb_origin", "small_conv")])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and len(self.bns):
+            out = self.bns[0](x)
+            for bn in self.bns[1:]:
+                out = out + bn(x)
+            return out
+        return x
+
+
+def _free_depthwise(model: torch.nn.Module) -> int:
+    """Replaces every large depthwise conv of a fast model (RepLKNet's ReparamLargeKernelConv, a bare
+    DepthwiseConv2d) with _FreeDepthwise; returns how many."""
+    from lkfast.nn.depthwise import DepthwiseConv2d
+    from lkfast.nn.reparam import ReparamLargeKernelConv
+
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, (ReparamLargeKernelConv, DepthwiseConv2d))]
+    replaced: list = []
+    for name, module in targets:
+        if any(name.startswith(done + ".") for done in replaced):  # inside an already replaced module
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, _FreeDepthwise(module))
+        replaced.append(name)
+    return len(replaced)
+
+
 _cache: dict = {}
 
 
@@ -146,6 +190,8 @@ def _model_and_input(model_name: str, variant: str):
             from lkfast.models import fold_batchnorms
 
             fold_batchnorms(model)
+        if variant.endswith("_nodw") and not _free_depthwise(model):
+            raise RuntimeError(f"{model_name}: no large depthwise conv found to make free")
         x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
         model = model.to(device=DEVICE, dtype=DTYPE)
         x = x.to(device=DEVICE, dtype=DTYPE)
@@ -223,6 +269,14 @@ def _skip_reason(model_name: str, variant: str, task: str):
     return None
 
 
+def _tolerance(variant: str) -> float:
+    """Largest relative logit difference from the reference allowed for a variant (none for the
+    ceiling variants, whose depthwise convs return their input)."""
+    if variant.endswith("_nodw"):
+        return float("inf")
+    return AMP_RTOL if variant.endswith("_amp") else RTOL
+
+
 def _checked_model(model_name: str, variant: str):
     """The variant's model and input, its logits checked once against the reference plain model's."""
     model, x = _model_and_input(model_name, variant)
@@ -239,8 +293,7 @@ def _checked_model(model_name: str, variant: str):
             _rel_err[key] = ((logits - reference).abs().max() / reference.abs().max()).item()
     rel_err = _rel_err[key]
     if rel_err is not None:
-        tol = AMP_RTOL if variant.endswith("_amp") else RTOL
-        assert rel_err <= tol, (f"{model_name}/{variant}: outputs differ from the reference plain model's by "
+        assert rel_err <= _tolerance(variant), (f"{model_name}/{variant}: outputs differ from the reference plain model's by "
                                 f"{rel_err:.2e} (relative)")
     return model, x, rel_err
 
@@ -394,8 +447,7 @@ def test_isolated(benchmark, model_name, task, tmp_path):
     benchmark.pedantic(lambda: out.update(zip(("seconds", "steps", "errs"), isolated_times(
         model_name, task, variants, ROUNDS, PROCESSES, str(tmp_path)))), rounds=1, warmup_rounds=0)
     for variant, err in out["errs"].items():
-        tol = AMP_RTOL if variant.endswith("_amp") else RTOL
-        assert err <= tol, f"{model_name}/{variant}: outputs differ from the reference's by {err:.2e} (relative)"
+        assert err <= _tolerance(variant), f"{model_name}/{variant}: outputs differ from the reference's by {err:.2e} (relative)"
     benchmark.extra_info.update(seconds=out["seconds"], steps=out["steps"], max_rel_err_vs_reference=out["errs"],
                                 ms_per_step={v: median(t) * 1e3 for v, t in out["seconds"].items()},
                                 load_average_after=os.getloadavg())
@@ -501,6 +553,28 @@ def markdown_table(results: dict) -> str:
                      "weights stay fp32, the convolutions and most activations run in "
                      f"{dtype_name(AMP_DTYPE)}. Largest logit difference from the reference plain fp32 model's, "
                      f"relative to its largest logit: {err_text or 'n/a'}."))]
+    ceiling_rows = []
+    for model in MODELS:
+        for task in TASKS:
+            t = {v: times.get((model, task, v)) for v in EAGER_VARIANTS + CEILING_VARIANTS}
+            free = min([t[v] for v in CEILING_VARIANTS if t[v]], default=None)
+            plain, ours = best(t, "plain"), best({v: t[v] for v in EAGER_VARIANTS}, "lkfast")
+            if not (free and plain):
+                continue
+            fmt = lambda v: f"{v:.0f}" if v else "not run"  # noqa: E731
+            ceiling_rows.append([model, task, fmt(plain), fmt(ours), fmt(free),
+                                 f"{plain / ours:.2f}x" if ours else "n/a", f"{plain / free:.2f}x",
+                                 f"{(ours - free) / ours:.0%}" if ours else "n/a"])
+    if ceiling_rows:
+        lines += ["", table_markdown(
+            ["model", "task", "faster plain ms", "best lkfast ms", "lkfast, depthwise free ms",
+             "lkfast vs plain", "ceiling: plain / depthwise free", "depthwise share of lkfast's step"],
+            ceiling_rows, align="llrrrrrr",
+            caption=("The ceiling, same run: the lkfast models (channels_last, and BNs folded where the task "
+                     "allows) with every large depthwise convolution returning its input at no cost (in "
+                     "training its BNs still run). No depthwise kernel, however fast, can take a model step "
+                     "past the ceiling; what is left is the 1x1 and other dense convolutions, BN and the "
+                     "activations."))]
     lines += ["", "Targets (RepLKNet-31B, best eager lkfast variant against the faster eager plain layout):"]
     for task, against, target in TARGETS:
         t = {v: times.get(("replknet_31b", task, v)) for v in EAGER_VARIANTS}
@@ -508,7 +582,9 @@ def markdown_table(results: dict) -> str:
         base = t["plain_nchw"] if against == "plain NCHW" else best(t, "plain")
         got = f"{base / ours:.2f}x" if base and ours else "not measured"
         verdict = "met" if base and ours and base / ours >= target else "MISSED" if base and ours else "n/a"
-        lines.append(f"- {task} >= {target}x {against}: {got} ({verdict})")
+        free = min([v for v in (times.get(("replknet_31b", task, c)) for c in CEILING_VARIANTS) if v], default=None)
+        ceiling = f"; ceiling with the depthwise convs free {base / free:.2f}x" if free and base else ""
+        lines.append(f"- {task} >= {target}x {against}: {got} ({verdict}{ceiling})")
         amp_ours = min([v for v in (times.get(("replknet_31b", task, "lkfast_cl_amp")),
                                     times.get(("replknet_31b", task, "lkfast_folded_amp"))) if v], default=None)
         if amp_ours and base:

@@ -285,3 +285,53 @@ def test_model_report_names_isolated_runs():
     text = bench_models.markdown_table({"benchmarks": [{"extra_info": e, "stats": {"median": 1.0}}]})
     assert "each variant in 2 processes of its own" in text and "median of their 3 steps" in text
     assert "- input_grad >= 1.5x faster plain layout: 1.50x (met)" in text
+
+
+def test_ceiling_variant_makes_every_large_depthwise_conv_free(monkeypatch):
+    """bench_models._free_depthwise: no large depthwise conv is left, the fast op is never called
+    (forward or backward), eval returns the input unchanged and training keeps the branches' BNs."""
+    from lkfast.models import create_model
+    from lkfast.nn.depthwise import DepthwiseConv2d
+    from lkfast.nn.reparam import ReparamLargeKernelConv
+    import lkfast.nn.depthwise as depthwise
+
+    bench_models = _load_benchmark("bench_models")
+    torch.manual_seed(0)
+    model = create_model("replknet_tiny_k31", num_classes=10)
+    originals = [m for m in model.modules() if isinstance(m, ReparamLargeKernelConv)]
+    assert bench_models._free_depthwise(model) == len(originals) > 0
+    assert not any(isinstance(m, (ReparamLargeKernelConv, DepthwiseConv2d)) for m in model.modules())
+
+    def refuse(*args):
+        raise AssertionError("the fast depthwise op ran in the ceiling model")
+
+    monkeypatch.setattr(depthwise, "depthwise_conv2d", refuse)
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    model.train()(x).sum().backward()
+    assert x.grad is not None
+    free = [m for m in model.modules() if isinstance(m, bench_models._FreeDepthwise)][0]
+    y = torch.randn(2, originals[0].in_channels, 5, 5)
+    expected = originals[0].lkb_origin.bn(y) + (originals[0].small_conv.bn(y) if hasattr(originals[0], "small_conv") else 0)
+    torch.testing.assert_close(free(y), expected)
+    free.eval()
+    assert free(y) is y
+
+    convnext = torch.nn.Sequential(DepthwiseConv2d(4, 7), torch.nn.Conv2d(4, 4, 1))
+    assert bench_models._free_depthwise(convnext) == 1
+    torch.testing.assert_close(convnext[0](y[:, :4]), y[:, :4])
+
+
+def test_model_report_shows_the_ceiling():
+    """With the ceiling variants timed, a table of plain / depthwise-free time and the targets'
+    lines name the ceiling next to the measured ratio."""
+    bench_models = _load_benchmark("bench_models")
+    e = {"kind": "isolated", "model": "replknet_31b", "task": "train_step", "device": "cpu", "dtype": "float32",
+         "batch": 8, "size": 224, "threads": 2, "rounds": 3, "processes": 2, "timer": "t",
+         "load_average": [1.0, 0, 0],
+         "ms_per_step": {"plain_cl": 12000.0, "lkfast_cl": 5000.0, "lkfast_cl_nodw": 4000.0},
+         "max_rel_err_vs_reference": {"plain_cl": 0.0, "lkfast_cl": 1e-6, "lkfast_cl_nodw": 0.9}}
+    text = bench_models.markdown_table({"benchmarks": [{"extra_info": e, "stats": {"median": 1.0}}]})
+    row = [line for line in text.splitlines() if line.startswith("| replknet_31b | train_step | 12000")][0]
+    assert [c.strip() for c in row.split("|")[1:-1]] == ["replknet_31b", "train_step", "12000", "5000", "4000",
+                                                         "2.40x", "3.00x", "20%"]
+    assert "- train_step >= 5.0x faster plain layout: 2.40x (MISSED; ceiling with the depthwise convs free 3.00x)" in text
