@@ -1,6 +1,7 @@
 """The embedded default (lkfast.eval.default), shrunken: `python -m lkfast.eval` with no models and no
 data builds the synthetic benchmark, trains the models, evaluates and reports; a rerun reuses the cache."""
 import json
+import os
 
 import pytest
 
@@ -23,8 +24,17 @@ def test_default_run_end_to_end_and_rerun_from_cache(tmp_path, monkeypatch, caps
     monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(default, "DEFAULT", TINY)
     monkeypatch.setattr("sys.argv", ["lkfast.eval"])
+    # as on a user's machine (the test suite turns calibration off): the default run fixes the
+    # kernel choices itself, so nothing is timed, in training or in the evaluation
+    monkeypatch.delenv("LKFAST_CALIBRATE")
+
+    def no_timing(*args):
+        raise AssertionError("the embedded default measured kernel timings (a calibration)")
+
+    monkeypatch.setattr("lkfast.ops.cpu_dispatch._calibrated", no_timing)
     out = tmp_path / "report"
     assert main(["--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    assert os.environ["LKFAST_CALIBRATE"] == "0"
     printed = capsys.readouterr().out
     assert "| Model | ImageNet |" in printed and "ResNet-tiny" in printed  # the summary table is printed
     results = json.loads((out / "results.json").read_text())
@@ -80,3 +90,16 @@ def test_altered_model_file_is_retrained(tmp_path, monkeypatch):
     again = default.ensure_model("resnet_tiny", small, root)
     assert calls, "the truncated weights were trusted"
     assert again.read_bytes() == first  # training is deterministic: the same weights come back
+
+
+def test_kernel_choices_fixed_unless_the_user_chose(monkeypatch, capsys):
+    """fix_kernel_choices turns calibration off when LKFAST_CALIBRATE is unset and keeps the user's
+    setting otherwise; the trained models' cache key follows the setting (other kernels, other
+    weights), so a model trained under one is not reused under the other."""
+    monkeypatch.delenv("LKFAST_CALIBRATE")
+    assert default.fix_kernel_choices() == "0" and os.environ["LKFAST_CALIBRATE"] == "0"
+    assert "fixed kernel choices" in capsys.readouterr().err
+    fixed = default._model_key("resnet_tiny", TINY)
+    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
+    assert default.fix_kernel_choices() == "1" and os.environ["LKFAST_CALIBRATE"] == "1"
+    assert default._model_key("resnet_tiny", TINY) != fixed

@@ -124,6 +124,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         import torch
 
+        from lkfast.memory import keep_freed_memory
+
+        keep_freed_memory()  # fewer page faults per step (see lkfast.memory; LKFAST_MALLOC=default: glibc's own)
+
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise EvalError(f"--device {device}: CUDA is not available here; use --device cpu")
