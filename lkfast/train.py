@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pth exists")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
     p.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests: an interruption
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch lines stay)")
     return p
 
 
@@ -266,7 +267,7 @@ def train(argv=None) -> dict:
         net.train()
         total, count = 0.0, 0
         bar = tqdm(total=min(len(loader), steps_per_epoch), desc=f"{args.model} epoch {epoch + 1}/{args.epochs}",
-                   disable=rank != 0 or args.quiet, leave=False, unit="batch")
+                   disable=rank != 0 or args.quiet or args.no_progress, leave=False, unit="batch")
         for step, (x, y) in enumerate(loader):
             if step >= steps_per_epoch:
                 break
@@ -311,7 +312,7 @@ def train(argv=None) -> dict:
                "train_loss": [h["train_loss"] for h in history],
                "val_top1": history[-1].get("val_top1") if history else None,
                "seconds": elapsed + time.time() - started, "world_size": world, "weights": "ema" if ema else "model",
-               "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "out", "quiet")}}
+               "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "out", "quiet", "no_progress")}}
     if rank == 0:
         from safetensors.torch import save_file
 

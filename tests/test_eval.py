@@ -509,3 +509,17 @@ def test_imagenet_9_without_the_original_variant(tmp_path, data_root, checkpoint
     r = load(out)["tiny"]["imagenet-9"]
     assert set(r["top1"]) == {"mixed_same", "mixed_rand"} and r["original"] is None
     assert r["bg_gap"] == pytest.approx(r["top1"]["mixed_same"] - r["top1"]["mixed_rand"])
+
+
+def test_one_batch_loaders_decode_in_this_process():
+    """loader_for forks no worker processes for a single batch (nothing to overlap, and each fork
+    costs copy-on-write faults for every page this process then writes); more batches get --workers."""
+    from lkfast.eval.sources import loader_for
+
+    dataset = [(torch.zeros(3, 4, 4), k) for k in range(6)]
+    options = EvalOptions(out="unused", data={}, workers=2)
+    assert loader_for(dataset, [[0, 1, 2, 3, 4, 5]], options, "cpu").num_workers == 0
+    loader = loader_for(dataset, [[0, 1, 2], [3, 4, 5]], options, "cpu")
+    assert loader.num_workers == 2
+    images, targets, skipped = next(iter(loader_for(dataset, [[0, 1, 2, 3, 4, 5]], options, "cpu")))
+    assert targets.tolist() == [0, 1, 2, 3, 4, 5] and skipped == 0

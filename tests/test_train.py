@@ -90,3 +90,17 @@ def test_help_and_bad_input(dataset, tmp_path, capsys):
         train([MODEL, "--data", str(dataset), "--out", str(tmp_path), "--kernel-sizes", "31", "--quiet"])
     with pytest.raises(SystemExit, match="no class folders"):
         train([MODEL, "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"])
+
+
+def test_no_progress_keeps_the_epoch_lines(dataset, tmp_path, capsys):
+    """--no-progress drops the progress bar only (lkfast.eval passes it for the embedded default's
+    training under its own --no-progress); --quiet drops the per-epoch lines too."""
+    recipe = [MODEL, "--data", str(dataset), "--epochs", "1", "--max-steps-per-epoch", "2", *FAST[:-3], "--smoothing", "0"]
+    train(recipe + ["--out", str(tmp_path / "a")])
+    shown = capsys.readouterr().err
+    assert "%|" in shown and "lkfast.train: replknet_tiny_k7: epoch 1" in shown  # bar and epoch line
+    train(recipe + ["--out", str(tmp_path / "b"), "--no-progress"])
+    shown = capsys.readouterr().err
+    assert "%|" not in shown and "lkfast.train: replknet_tiny_k7: epoch 1" in shown
+    train(recipe + ["--out", str(tmp_path / "c"), "--quiet"])
+    assert "lkfast.train" not in capsys.readouterr().err

@@ -519,10 +519,10 @@ def build_imagenet_r(root, config: SyntheticConfig) -> None:
     _write_folder(Path(root), data.images, data.labels, None, stem="r")
 
 
-def build_base(root, config: SyntheticConfig = SyntheticConfig(), log=None) -> Dict[str, Path]:
+def build_base(root, config: SyntheticConfig = SyntheticConfig(), log=None, progress: bool = True) -> Dict[str, Path]:
     """Build (or verify) every part that needs no trained model under ``root``, each a separately
     verified cache entry: train, val, val-masks, imagenet-c, imagenet-p, imagenet-9, imagenet-r.
-    Returns {part: folder}. Shows a progress bar (tqdm) while building."""
+    Returns {part: folder}. Shows a progress bar (tqdm) while building, unless ``progress`` is False."""
     from tqdm import tqdm
 
     from lkfast.cache import ensure_entry
@@ -549,7 +549,8 @@ def build_base(root, config: SyntheticConfig = SyntheticConfig(), log=None) -> D
         def build(folder, part=part, builder=builder):
             nonlocal bar
             if bar is None:
-                bar = tqdm(total=sum(steps.values()), desc="synthetic benchmark", unit="step", leave=False)
+                bar = tqdm(total=sum(steps.values()), desc="synthetic benchmark", unit="step", leave=False,
+                           disable=not progress)
             bar.set_postfix_str(part)
             builder(folder, lambda n: bar.update(n))
             if steps[part] == 1:

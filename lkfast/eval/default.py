@@ -121,7 +121,8 @@ def _model_key(name: str, settings: DefaultSettings) -> str:
                       choices)
 
 
-def ensure_model(name: str, settings: DefaultSettings = None, data_root: Optional[Path] = None) -> Path:
+def ensure_model(name: str, settings: DefaultSettings = None, data_root: Optional[Path] = None,
+                 progress: bool = True) -> Path:
     """Train ``name`` on the synthetic benchmark with ``settings.recipe`` unless a verified cached
     copy exists; returns the path of its ``model.safetensors``. Training writes its checkpoints to a
     work folder beside the entry, so an interrupted run resumes where it stopped."""
@@ -137,7 +138,7 @@ def ensure_model(name: str, settings: DefaultSettings = None, data_root: Optiona
         _log(f"lkfast: training {name} on the synthetic benchmark (once; cached in {entry})")
         # the model's outputs in the class space's order (synthetic.CLASSES), not sorted folder names
         train([name, "--data", str(data_root), "--out", str(work), "--classes", ",".join(synthetic.CLASSES),
-               *settings.recipe])
+               *settings.recipe, *(() if progress else ("--no-progress",))])
         for file in ("model.safetensors", "summary.json"):
             shutil.copy2(work / file, folder / file)
 
@@ -201,12 +202,13 @@ def prepare_default(args, settings: DefaultSettings = None) -> dict:
     started = time.time()
     fix_kernel_choices()
     root = benchmark_root(settings)
-    parts = synthetic.build_base(root, settings.data, log=_log)
-    checkpoints = {REFERENCE_MODEL: ensure_model(REFERENCE_MODEL, settings, root)}
+    progress = not getattr(args, "no_progress", False)
+    parts = synthetic.build_base(root, settings.data, log=_log, progress=progress)
+    checkpoints = {REFERENCE_MODEL: ensure_model(REFERENCE_MODEL, settings, root, progress)}
     parts.update(ensure_reference_sets(settings, checkpoints[REFERENCE_MODEL]))
     for name, _ in settings.models:
         if name not in checkpoints:
-            checkpoints[name] = ensure_model(name, settings, root)
+            checkpoints[name] = ensure_model(name, settings, root, progress)
     num_classes = (("num_classes", len(synthetic.CLASSES)),)
     models = [ModelSpec(name, str(checkpoints[name]), label, kwargs=num_classes) for name, label in settings.models]
     baseline = None
