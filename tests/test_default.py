@@ -33,13 +33,14 @@ def test_default_run_end_to_end_and_rerun_from_cache(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr("lkfast.ops.cpu_dispatch._calibrated", no_timing)
     out = tmp_path / "report"
-    assert main(["--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    assert main(["--out", str(out), "--no-progress"]) == 0
     assert os.environ["LKFAST_CALIBRATE"] == "0"
     captured = capsys.readouterr()
     printed = captured.out
     assert "synthetic benchmark:" not in captured.err  # --no-progress: no bar while building the data
     assert "| Model | ImageNet |" in printed and "ResNet-tiny" in printed  # the summary table is printed
     results = json.loads((out / "results.json").read_text())
+    assert results["_meta"]["options"]["workers"] == 0  # the small images decode in the eval's process
     report = (out / "report.md").read_text()
     tasks = default.default_suite().split(",")
     for label in ("ResNet-tiny", "k31"):

@@ -7,7 +7,8 @@ With no ``--models`` and no data, the embedded default runs when ``lkfast.eval.d
     "data":        {source name: folder} in the layouts of ``lkfast.eval.sources``,
     "class_space": a ``lkfast.eval.ClassSpace`` (None: ImageNet-1k),
     "suite":       optional task names (default: the --suite given),
-    "baseline":    optional ``ModelSpec`` for ImageNet-P normalisation (default: none).
+    "baseline":    optional ``ModelSpec`` for ImageNet-P normalisation (default: none),
+    "workers":     optional data-loading workers when --workers is not given.
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--workers", type=int, default=None,
-                   help="data-loading worker processes (default: min(8, CPU cores); 0 decodes in the main process)")
+                   help="data-loading worker processes (default: min(8, CPU cores), and 0 for the embedded "
+                        "default's small images; 0 decodes in the main process)")
     p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on the CPU")
     p.add_argument("--channels-last", action="store_true", help="run the model in the channels_last memory format")
     p.add_argument("--limit", type=int, default=None, metavar="N",
@@ -135,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         models = _with_input_size(_models(args.models), args.input_size)
         dirs = {name: getattr(args, name.replace("-", "_") + "_dir") for name in SOURCE_NAMES}
         data = resolve_sources(args.data_root, dirs)
-        class_space, baseline = None, None
+        class_space, baseline, default_workers = None, None, min(8, os.cpu_count() or 1)
         if args.baseline_model and args.baseline_model.lower() != "none":
             baseline = ModelSpec.parse(args.baseline_model, source="torchvision")
         if not models and not data:
@@ -150,10 +152,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if prepared.get("suite"):
                 tasks = tuple(prepared["suite"])
             baseline = prepared.get("baseline")
+            default_workers = prepared.get("workers", default_workers)
         if not models:
             raise EvalError("no --models given (e.g. --models resnet50:/path/resnet50.pth)")
         options = EvalOptions(out=args.out, data=data, device=device, batch_size=args.batch_size,
-                              workers=min(8, os.cpu_count() or 1) if args.workers is None else args.workers,
+                              workers=default_workers if args.workers is None else args.workers,
                               amp=args.amp, channels_last=args.channels_last, limit=args.limit, seed=args.seed,
                               shard_size=args.shard_size, trust_checkpoint=args.trust_checkpoint, baseline=baseline,
                               class_space=class_space, progress=not args.no_progress,
