@@ -3,11 +3,12 @@
 PyTorch on the CPU allocates and frees many large tensors per step. With glibc's default settings
 the big ones are mapped fresh from the kernel on every allocation and handed back when freed
 (``mmap``/``munmap``, and heap trimming), so each step touches its memory anew: measured on a Zen 4
-EPYC (2 cores), the plain RepLKNet-31B input-gradient step took ~30-100k page faults and the
-embedded default run spent 4 min 43 s of system CPU time in a 7 min 19 s run. Keeping freed memory
+EPYC (2 cores), the plain RepLKNet-31B input-gradient step took ~40-220k page faults. Keeping freed memory
 in the process (a 32 MiB mmap threshold, glibc's largest; no trimming below 2 GiB; the heap grown
-1 GiB at a time, which costs address space, not memory, until touched) took the faults of that step
-to ~0 and the step 4-8% faster for the plain and the lkfast model alike.
+1 GiB at a time, which costs address space, not memory, until touched), set as environment
+variables, took the faults of that step to ~0 and the step 4-8% faster for the plain and the lkfast
+model alike. Set here with ``mallopt`` (trimming capped at 2 GiB): the lkfast step's faults fell to
+0-18k against 16-174k, its time within noise (2 processes x 3 steps each).
 
 ``keep_freed_memory()`` applies them with ``mallopt`` at the start of those commands; the
 equivalent environment variables (``MALLOC_MMAP_THRESHOLD_`` etc.) do the same for any program.

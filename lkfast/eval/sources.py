@@ -128,8 +128,9 @@ class EncodedImages(torch.utils.data.Dataset):
 
 def loader_for(dataset, batches: Sequence[List[int]], options, device: str):
     """A DataLoader yielding (images, targets, n_skipped) for the given index batches, decoding in
-    ``--workers`` processes (in this one when there is a single batch), with pinned memory when evaluating on CUDA (``EncodedImages`` yield
-    lists of file bytes instead, decoded by ``decode_batch``)."""
+    ``--workers`` processes (in this one when there is a single batch), with pinned memory when
+    evaluating on CUDA (``EncodedImages`` yield lists of file bytes instead, decoded by
+    ``decode_batch``)."""
     batches = list(batches)
     # Worker processes are forked from this one: each costs a fork and a copy-on-write page fault for
     # every page this process then writes while they live. They pay off by decoding later batches while
