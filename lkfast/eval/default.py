@@ -113,10 +113,11 @@ def fix_kernel_choices() -> str:
 
 def _model_key(name: str, settings: DefaultSettings) -> str:
     from lkfast import __version__ as version
+    from lkfast.ops.cpu_dispatch import calibration_enabled
 
     # the class order is part of what a model's outputs mean: it is part of the key; so is how the
     # kernels were chosen (they round differently: other choices, other weights)
-    choices = "table" if os.environ.get("LKFAST_CALIBRATE", "1") == "0" else "calibrated"
+    choices = "calibrated" if calibration_enabled() else "table"
     return config_key("model", name, list(settings.recipe), settings.data.key(), version, list(synthetic.CLASSES),
                       choices)
 

@@ -51,7 +51,7 @@ def eligible(x: torch.Tensor) -> bool:
 
 _NOT_A_CANDIDATE = ("not a candidate for the matrix product (needs a CPU fp32/fp64 channels_last map of "
                     f"at most {MAX_AREA} pixels, autocast off)")
-_MEMO: dict = {}  # (x shape, weight shape, dtype) -> (cpu_dispatch.memo_token, backend)
+_MEMO: dict = {}  # (x shape, weight shape, dtype) -> (cpu_dispatch.memo_token, Choice)
 
 
 def _fixed_choice(x: torch.Tensor, weight: torch.Tensor):
@@ -67,22 +67,20 @@ def _fixed_choice(x: torch.Tensor, weight: torch.Tensor):
 
 def pointwise_choice(x: torch.Tensor, weight: torch.Tensor):
     """How ``pointwise_conv2d(x, weight)`` is computed, with the reason: a
-    ``cpu_dispatch.Choice`` whose backend is "matmul" or "conv"."""
-    from lkfast.ops.cpu_dispatch import choose_pointwise
-
-    return _fixed_choice(x, weight) or choose_pointwise(x, weight)
-
-
-def takes_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``pointwise_conv2d(x, weight)`` computes this input as a matrix product. Asked on
-    every call: the measured answer is remembered per shape while the calibration stays the same."""
+    ``cpu_dispatch.Choice`` whose backend is "matmul" or "conv". Asked on every call: the measured
+    answer is remembered per shape while the calibration stays the same."""
     from lkfast.ops import cpu_dispatch
 
     fixed = _fixed_choice(x, weight)
     if fixed is not None:
-        return fixed.backend == "matmul"
+        return fixed
     args = (tuple(x.shape), tuple(weight.shape), x.dtype)
-    return cpu_dispatch.remembered(_MEMO, args, lambda: cpu_dispatch.choose_pointwise(x, weight).backend) == "matmul"
+    return cpu_dispatch.remembered(_MEMO, args, lambda: cpu_dispatch.choose_pointwise(x, weight))
+
+
+def takes_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``pointwise_conv2d(x, weight)`` computes this input as a matrix product."""
+    return pointwise_choice(x, weight).backend == "matmul"
 
 
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
