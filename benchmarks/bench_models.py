@@ -277,6 +277,11 @@ def _tolerance(variant: str) -> float:
     return AMP_RTOL if variant.endswith("_amp") else RTOL
 
 
+def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest logit difference from the reference's, relative to the reference's largest logit."""
+    return ((logits - reference).abs().max() / reference.abs().max()).item()
+
+
 def _checked_model(model_name: str, variant: str):
     """The variant's model and input, its logits checked once against the reference plain model's."""
     model, x = _model_and_input(model_name, variant)
@@ -290,7 +295,7 @@ def _checked_model(model_name: str, variant: str):
         reference = _reference_logits.get(model_name)
         _rel_err[key] = None
         if reference is not None:
-            _rel_err[key] = ((logits - reference).abs().max() / reference.abs().max()).item()
+            _rel_err[key] = _relative_error(logits, reference)
     rel_err = _rel_err[key]
     if rel_err is not None:
         assert rel_err <= _tolerance(variant), (f"{model_name}/{variant}: outputs differ from the reference plain model's by "
@@ -422,8 +427,7 @@ def isolated_times(model_name: str, task: str, variants: list, rounds: int, proc
             if variant == variants[0] and reference is None:
                 reference = logits
             errs[variant] = max(errs.get(variant, 0.0),
-                                ((logits - reference).abs().max() / reference.abs().max()).item()
-                                if reference is not None else 0.0)
+                                _relative_error(logits, reference) if reference is not None else 0.0)
     return seconds, records, errs
 
 
@@ -463,6 +467,11 @@ def _cases(results: dict):
                 yield e, variant, ms, e["max_rel_err_vs_reference"].get(variant)
         else:
             yield e, e["variant"], e.get("ms_per_step", bench["stats"]["median"] * 1000), e.get("max_rel_err_vs_plain_nchw")
+
+
+def _fastest(times: dict, model: str, task: str, variants) -> float | None:
+    """The shortest time among ``variants`` of (model, task) that were timed, or None."""
+    return min([t for t in (times.get((model, task, v)) for v in variants) if t], default=None)
 
 
 def markdown_table(results: dict) -> str:
@@ -536,7 +545,7 @@ def markdown_table(results: dict) -> str:
     amp_rows = []
     for task in TASKS:
         plain32, plain_amp = amp[(task, "plain_cl")], amp[(task, "plain_cl_amp")]
-        ours = min([v for v in (amp[(task, "lkfast_cl_amp")], amp[(task, "lkfast_folded_amp")]) if v], default=None)
+        ours = _fastest(times, "replknet_31b", task, ("lkfast_cl_amp", "lkfast_folded_amp"))
         if not ours:
             continue
         fmt = lambda v: f"{v:.0f}" if v else "not run"  # noqa: E731
@@ -556,9 +565,9 @@ def markdown_table(results: dict) -> str:
     ceiling_rows = []
     for model in MODELS:
         for task in TASKS:
-            t = {v: times.get((model, task, v)) for v in EAGER_VARIANTS + CEILING_VARIANTS}
-            free = min([t[v] for v in CEILING_VARIANTS if t[v]], default=None)
-            plain, ours = best(t, "plain"), best({v: t[v] for v in EAGER_VARIANTS}, "lkfast")
+            t = {v: times.get((model, task, v)) for v in EAGER_VARIANTS}
+            free = _fastest(times, model, task, CEILING_VARIANTS)
+            plain, ours = best(t, "plain"), best(t, "lkfast")
             if not (free and plain):
                 continue
             fmt = lambda v: f"{v:.0f}" if v else "not run"  # noqa: E731
@@ -582,11 +591,10 @@ def markdown_table(results: dict) -> str:
         base = t["plain_nchw"] if against == "plain NCHW" else best(t, "plain")
         got = f"{base / ours:.2f}x" if base and ours else "not measured"
         verdict = "met" if base and ours and base / ours >= target else "MISSED" if base and ours else "n/a"
-        free = min([v for v in (times.get(("replknet_31b", task, c)) for c in CEILING_VARIANTS) if v], default=None)
+        free = _fastest(times, "replknet_31b", task, CEILING_VARIANTS)
         ceiling = f"; ceiling with the depthwise convs free {base / free:.2f}x" if free and base else ""
         lines.append(f"- {task} >= {target}x {against}: {got} ({verdict}{ceiling})")
-        amp_ours = min([v for v in (times.get(("replknet_31b", task, "lkfast_cl_amp")),
-                                    times.get(("replknet_31b", task, "lkfast_folded_amp"))) if v], default=None)
+        amp_ours = _fastest(times, "replknet_31b", task, ("lkfast_cl_amp", "lkfast_folded_amp"))
         if amp_ours and base:
             verdict = "met" if base / amp_ours >= target else "MISSED"
             lines.append(f"  - with {dtype_name(AMP_DTYPE)} autocast (against the same fp32 baseline): "
