@@ -330,7 +330,10 @@ def train(argv=None) -> dict:
 def main(argv=None) -> int:
     from lkfast.memory import keep_freed_memory
 
-    keep_freed_memory()  # fewer page faults per step (see lkfast.memory; LKFAST_MALLOC=default: glibc's own)
+    try:
+        keep_freed_memory()  # fewer page faults per step (see lkfast.memory; LKFAST_MALLOC=default: glibc's own)
+    except ValueError as error:  # a bad LKFAST_MALLOC: said like the other bad input, before any work
+        raise SystemExit(f"lkfast.train: {error}") from None
     train(argv)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -104,3 +104,12 @@ def test_no_progress_keeps_the_epoch_lines(dataset, tmp_path, capsys):
     assert "%|" not in shown and "lkfast.train: replknet_tiny_k7: epoch 1" in shown
     train(recipe + ["--out", str(tmp_path / "c"), "--quiet"])
     assert "lkfast.train" not in capsys.readouterr().err
+
+
+def test_bad_malloc_setting_is_named_before_any_work(tmp_path, monkeypatch):
+    from lkfast.train import main
+
+    monkeypatch.setenv("LKFAST_MALLOC", "bogus")
+    with pytest.raises(SystemExit, match="lkfast.train: LKFAST_MALLOC='bogus': expected one of keep, default"):
+        main([MODEL, "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
