@@ -11,6 +11,7 @@ timm = pytest.importorskip("timm")
 from lkfast.analysis import ablation_families, kernel_family, model_kernel_size  # noqa: E402
 from lkfast.analysis.ablation import table5_rows, table7_rows  # noqa: E402
 from lkfast.models import RepLKNet, create_model  # noqa: E402
+from optional_deps import needs_frost  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -87,6 +88,7 @@ def _image_folder(root, classes, per_class, seed):
             path.write_bytes(data.encode_jpeg(data.to_uint8(torch.rand(3, 32, 32, generator=g)), quality=95))
 
 
+@needs_frost
 def test_eval_ablation_suite_on_models_trained_at_two_kernel_sizes(tmp_path):
     """Train test_convnext at kernel 3 and 7 with python -m lkfast.train, evaluate both folders with
     --suite ablation (the tasks of the tables), and find Tables 5 and 7 with one row per kernel size, the values

@@ -8,8 +8,10 @@ import lkfast.corrupt as lc
 from lkfast.corrupt import _filters
 from lkfast.data import io as data_io
 from lkfast.data import writer
+from optional_deps import needs_av, needs_frost
 
 ALL = lc.names("all")
+ALL_PARAMS = [pytest.param(name, marks=needs_frost) if name == "frost" else name for name in ALL]
 # Corruptions whose output does not depend on the generator.
 DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression",
                  "gaussian_blur", "saturate"}
@@ -48,7 +50,7 @@ def test_names_subsets():
 
 # ------------------------------------------------------------------- every corruption, 32/64 px
 @pytest.mark.parametrize("size", [32, 64])
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ALL_PARAMS)
 def test_corruption_contract(name, size):
     x = natural_images(4, size)
     outs = {}
@@ -75,7 +77,7 @@ def test_corruption_contract(name, size):
         assert d1 < d5, f"{name}: severity 1 ({d1:.4f}) should differ less than severity 5 ({d5:.4f})"
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ALL_PARAMS)
 def test_corruption_at_224(name):
     x = natural_images(2, 224, seed=1)
     y = lc.corrupt(x, name, 3, generator=3)
@@ -84,6 +86,7 @@ def test_corruption_at_224(name):
     assert mean_distance(y, x) > 1e-3
 
 
+@needs_frost
 def test_non_square_and_float64():
     x = natural_images(2, 64)[:, :, :, :48].double()
     for name in ALL:
@@ -784,6 +787,7 @@ def test_writer_resumes_interrupted_runs(tmp_path, monkeypatch):
     assert writer.render(src, dst, **args) == 0
 
 
+@needs_av
 def test_writer_imagenet_p(tmp_path):
     src = make_tree(tmp_path / "val", classes=("n01440764",), per_class=2)
     dst = tmp_path / "imagenet-p"
@@ -806,6 +810,7 @@ def test_writer_imagenet_p(tmp_path):
         assert (frames[1:] - clean).std().item() == pytest.approx(std, rel=0.3)  # grain-tuned x264 keeps noise
 
 
+@needs_av
 def test_io_completeness_and_leftovers(tmp_path):
     import os
 

@@ -763,19 +763,3 @@ def test_cuda_table_key_names_the_layout_the_op_computes_in():
     assert cuda_table.key_of(x[..., ::2], w[..., :, :], H200).layout == "nchw"  # strided: computed as NCHW
     with pytest.raises(ValueError, match="not a GPU; pass gpu="):
         cuda_table.key_of(x, w)
-
-
-def test_cuda_table_choice_traces_under_torch_compile(tmp_path, monkeypatch):
-    """The table is read at trace time and its plan is a constant of the graph (fullgraph: no
-    graph break for the file read), as plan_for needs on a GPU under torch.compile."""
-    x, w = _call(N=2, C=3, H=4, W=4, k=3, dtype=torch.float32)
-    monkeypatch.setenv(cuda_table.ENV_VAR, str(cuda_table.save_table(
-        {cuda_table.key_of(x, w, H200): ("triton", "torch", "cuda")}, "test", tmp_path / "t.json")))
-
-    @torch.compile(fullgraph=True, backend="eager")
-    def scale_by_plan(t, weight):
-        plan, _ = cuda_table.choose(t, weight, lambda name: True, gpu=H200)
-        return t * (3.0 if plan == ("triton", "torch", "cuda") else 5.0)
-
-    x = torch.ones(x.shape).contiguous(memory_format=torch.channels_last)
-    assert torch.equal(scale_by_plan(x, w.float()), x * 3.0)

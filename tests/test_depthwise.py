@@ -240,10 +240,11 @@ def test_opcheck_registered_ops(backend_device, fmt):
     w = torch.randn(4, 1, 5, 3, device=device, requires_grad=True)
     b = torch.randn(4, device=device, requires_grad=True)
     g = make_input((2, 4, 9, 8), fmt, device=device)
-    for plan in {Plan.single(backend), ops.plan_for(x, w)}:
-        torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d.default, (x, w, b, plan.encode()))
-    torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d_input_grad.default, (g, w.detach(), backend))
-    torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d_weight_grad.default, (g, x.detach(), 5, 3, backend))
+    for plan in {Plan.single(backend).encode(), ops.plan_for(x, w).encode(), "auto"}:  # "auto": chosen by the op
+        torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d.default, (x, w, b, plan))
+    for name in (backend, "auto"):
+        torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d_input_grad.default, (g, w.detach(), name))
+        torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d_weight_grad.default, (g, x.detach(), 5, 3, name))
 
 
 class _Block(torch.nn.Module):
@@ -271,6 +272,61 @@ def test_torch_compile(compile_backend):
     y_eager.sum().backward()
     assert torch.allclose(gx, x.grad, atol=1e-4, rtol=1e-4)
     assert torch.allclose(gw, module.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_shapes_vary():
+    """One compiled function, called at several batch and image sizes (dynamo recompiles with
+    symbolic shapes after the first change) and compiled with dynamic=True: values and gradients
+    equal eager mode's at each size."""
+    module = _Block()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    dynamic = torch.compile(module, backend="aot_eager", fullgraph=True, dynamic=True)
+    for shape in [(2, 8, 12, 12), (3, 8, 12, 12), (1, 8, 9, 13), (4, 8, 16, 10)]:
+        for fn in (compiled, dynamic):
+            x = torch.randn(shape, requires_grad=True)
+            y = fn(x)
+            gx, gw = torch.autograd.grad(y.square().sum(), (x, module.weight))
+            y_eager = module(x)
+            gx_eager, gw_eager = torch.autograd.grad(y_eager.square().sum(), (x, module.weight))
+            assert torch.allclose(y, y_eager, atol=1e-5, rtol=1e-5), shape
+            assert torch.allclose(gx, gx_eager, atol=1e-4, rtol=1e-4), shape
+            assert torch.allclose(gw, gw_eager, atol=1e-4, rtol=1e-4), shape
+
+
+def test_compiled_auto_plan_is_chosen_per_call_from_the_real_tensors(monkeypatch):
+    """Under torch.compile, auto's plan is chosen when the op runs, from the tensors it runs on, as
+    in eager mode; not once at trace time for every later shape. A stand-in plan_for sends batch 2
+    to one backend and batch 3 to another, per pass; one dynamic graph must follow it call by call."""
+    import lkfast.ops.depthwise as depthwise
+
+    plans = {2: Plan("torch", "cpu", "torch"), 3: Plan("cpu", "torch", "cpu")}
+    real_plan_for = depthwise.plan_for
+    asked = []
+
+    def plan_for(x, weight, backend="auto", **kwargs):
+        if backend != "auto":
+            return real_plan_for(x, weight, backend, **kwargs)
+        asked.append((x.shape[0], torch.compiler.is_compiling()))
+        return plans[x.shape[0]]
+
+    ran = []
+    for name in ("torch", "cpu"):
+        be = BACKENDS[name]
+        monkeypatch.setattr(be, "forward", lambda *a, _f=be.forward, _n=name: ran.append((_n, "flip" if a[3] else "fwd")) or _f(*a))
+        monkeypatch.setattr(be, "weight_grad", lambda *a, _f=be.weight_grad, _n=name: ran.append((_n, "wgrad")) or _f(*a))
+    monkeypatch.setattr(depthwise, "plan_for", plan_for)
+    if not depthwise._usable("cpu", torch.randn(2, 8, 12, 12), torch.randn(8, 1, 7, 7)):
+        pytest.skip("lkfast's CPU kernels cannot run here")
+    module = _Block()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (2, 3, 2):
+        ran.clear()
+        asked.clear()
+        x = torch.randn(n, 8, 12, 12, requires_grad=True)
+        compiled(x).sum().backward()
+        fwd, igrad, wgrad = plans[n]
+        assert ran == [(fwd, "fwd"), (igrad, "flip"), (wgrad, "wgrad")], (n, ran)
+        assert asked and all(a == (n, False) for a in asked), asked  # asked when the op runs, not in a trace
 
 
 # ---- bad input: each error names the problem -------------------------------------------------

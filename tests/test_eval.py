@@ -16,6 +16,7 @@ import timm
 import torch
 
 from lkfast import data, metrics
+from optional_deps import needs_av, needs_frost
 from lkfast.eval import EvalError, EvalOptions, ModelSpec, register_task, run_evaluation
 from lkfast.eval.cache import ResultCache
 from lkfast.eval.cli import main
@@ -277,6 +278,8 @@ def test_torchrun_two_processes_equal_one(tmp_path, full_run, data_root, checkpo
         assert got == {k: v for k, v in expected[task].items() if k in got}, task
 
 
+@needs_frost
+@needs_av
 def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint, monkeypatch):
     import lkfast.corrupt
 

@@ -130,7 +130,7 @@ def release_top5_distance(logits, noise, difficulty):
     step = 1 if noise else difficulty
     total = 0.0
     for video in logits:
-        ranks = [rankdata(-frame, method="ordinal") for frame in video]
+        ranks = [rankdata(-frame, method="ordinal").astype(int) for frame in video]  # newer scipy: float ranks
         values = []
         for i in range(step):
             perm1 = ranks[i]

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from lkfast import metrics
+from optional_deps import needs_av
 from lkfast.data import (DatasetLayoutError, ImageNet9, ImageNetA, ImageNetC, ImageNetO, ImageNetP, ImageNetR,
                          ImageNetVal, check_imagenet9_map, collate_skipping, imagenet9_class_map,
                          imagenet9_contents, imagenet_a_indices, imagenet_c_contents, imagenet_classes,
@@ -202,6 +203,7 @@ def frames_for(seed, t=4, h=16, w=16):
     return out.to(torch.uint8)                                    # (T, 3, H, W)
 
 
+@needs_av
 def test_imagenet_p_mp4_and_npy(tmp_path):
     from lkfast.data import encode_mp4
 

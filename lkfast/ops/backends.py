@@ -42,7 +42,8 @@ class Plan(NamedTuple):
     def encode(self) -> str:
         """The plan as the ``str`` argument of the registered custom op (its schema takes no
         tuples of strings); ``Plan.decode`` reverses it. The only place that knows the format."""
-        return ",".join(self)
+        # (not ",".join(self): torch 2.11's dynamo cannot iterate a named tuple inside str.join)
+        return f"{self.forward},{self.input_grad},{self.weight_grad}"
 
     @classmethod
     def decode(cls, text: str) -> "Plan":

@@ -84,7 +84,6 @@ def layout_of(x: torch.Tensor) -> str:
     return "channels_last" if output_memory_format(x) == torch.channels_last else "nchw"
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: asked once, at trace time
 @functools.lru_cache(maxsize=16)
 def _gpu_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
@@ -231,18 +230,11 @@ def choose(x: torch.Tensor, weight: torch.Tensor, usable: Callable[[str], bool],
 
     usable(name): whether backend ``name`` can run this call. gpu: the GPU name to look up (default:
     x's device; tests pass one for CPU tensors). table: default ``load_table()``. Under
-    ``torch.compile`` the file is read when the call is traced, and the plan is a constant of the
-    compiled graph (a new table takes effect when the graph is traced again)."""
+    ``torch.compile`` the op asks this when it runs, with the real tensors (lkfast.ops.depthwise's
+    AUTO), never while tracing."""
     key = key_of(x, weight, gpu)
     runnable = tuple(name for name in TABLE_BACKENDS if usable(name))
-    if table is None:
-        return _choose_from_current_table(tuple(key), runnable)
-    return _choose_in(table, key, runnable)
-
-
-@torch.compiler.assume_constant_result  # file reads cannot be traced; the answer is a constant
-def _choose_from_current_table(key: tuple, runnable: tuple[str, ...]) -> tuple[Plan, str]:
-    return _choose_in(load_table(), Key(*key), runnable)
+    return _choose_in(load_table() if table is None else table, key, runnable)
 
 
 def _choose_in(table: Table, key: Key, runnable: tuple[str, ...]) -> tuple[Plan, str]:

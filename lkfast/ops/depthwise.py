@@ -4,6 +4,9 @@
 (forward, input gradient, weight gradient) and calls the registered custom op
 ``torch.ops.lkfast.depthwise_conv2d``, whose autograd formula calls two more custom ops for the
 gradients. Every op has a fake (meta) implementation, so the op traces under ``torch.compile``.
+Under ``torch.compile`` with ``backend="auto"`` the plan is not chosen while tracing: the ops
+receive ``"auto"`` and choose from the real tensors when they run, so one graph serves every shape
+(dynamic batch sizes, image sizes) and picks the same backends as eager mode would.
 
 The input gradient of a stride-1, same-padded convolution with an odd kernel is the forward
 convolution of the output gradient with the kernel rotated by 180 degrees; every backend computes
@@ -104,7 +107,6 @@ def _cpu_plan(x, weight) -> tuple[Plan, str]:
 _PLAN_MEMO: dict = {}  # (x shape, weight shape, dtype, channels_last) -> (memo_token, (plan, source))
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: chosen at trace time (file reads and timing cannot be traced)
 def _measured_cpu_plan(x_shape: tuple, weight_shape: tuple, dtype: str, channels_last: bool) -> tuple[Plan, str]:
     # The faster of lkfast's kernel and oneDNN for each pass, measured on this machine (or taken
     # from the shipped per-instruction-set table): see lkfast.ops.cpu_dispatch. It needs only the
@@ -175,12 +177,17 @@ def plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto", *,
 
 # ---------------------------------------------------------------------------------------------
 # Registered custom ops. A schema has no tuple-of-strings type, so the plan travels as the str
-# of Plan.encode and comes back with Plan.decode.
+# of Plan.encode and comes back with Plan.decode; or as AUTO (under torch.compile), chosen by each
+# op from the tensors it runs on: a trace has symbolic shapes, and a choice made there would be
+# frozen into the graph for every later shape.
+
+AUTO = "auto"
 
 
 @torch.library.custom_op("lkfast::depthwise_conv2d", mutates_args=())
 def _depthwise_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan: str) -> torch.Tensor:
-    return BACKENDS[Plan.decode(plan).forward].forward(x, weight, bias, False)
+    forward = plan_for(x, weight).forward if plan == AUTO else Plan.decode(plan).forward
+    return BACKENDS[forward].forward(x, weight, bias, False)
 
 
 @_depthwise_conv2d_op.register_fake
@@ -190,6 +197,8 @@ def _(x, weight, bias, plan):
 
 @torch.library.custom_op("lkfast::depthwise_conv2d_input_grad", mutates_args=())
 def _input_grad_op(grad_out: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == AUTO:  # the plan of a call on tensors shaped like grad_out (x's shape)
+        backend = plan_for(grad_out, weight).input_grad
     return BACKENDS[backend].forward(grad_out, weight, None, True)
 
 
@@ -200,6 +209,8 @@ def _(grad_out, weight, backend):
 
 @torch.library.custom_op("lkfast::depthwise_conv2d_weight_grad", mutates_args=())
 def _weight_grad_op(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int, backend: str) -> torch.Tensor:
+    if backend == AUTO:  # the forward call's plan: x with a weight of its shape, dtype and device
+        backend = plan_for(x, x.new_empty((x.shape[1], 1, kh, kw))).weight_grad
     return BACKENDS[backend].weight_grad(grad_out, x, kh, kw)
 
 
@@ -210,7 +221,7 @@ def _(grad_out, x, kh, kw, backend):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, plan = inputs
-    ctx.plan = Plan.decode(plan)
+    ctx.plan = Plan.single(AUTO) if plan == AUTO else Plan.decode(plan)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight)
 
@@ -245,5 +256,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     backend cannot run the call, each naming the problem.
     """
     _check_inputs(x, weight, bias)
+    if backend == "auto" and torch.compiler.is_compiling():
+        return _depthwise_conv2d_op(x, weight, bias, AUTO)  # each op chooses when it runs (see AUTO)
     plan = plan_for(x, weight, backend)
     return _depthwise_conv2d_op(x, weight, bias, plan.encode())
