@@ -19,6 +19,7 @@ their tensors (a ``torch.cuda.device`` guard), so a tensor on a second GPU works
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -41,9 +42,37 @@ def _autotune() -> bool:
 def unavailable_reason() -> str | None:
     """None when the kernels can run here (a CUDA device, or the interpreter); else why not."""
     if interpreted():
-        return None
+        return _interpreter_problem()
     if not torch.cuda.is_available():
         return "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
+    return None
+
+
+@triton.jit
+def _interpreter_probe(out_ptr, n):
+    # loop bounds computed in the kernel from the program id, as in every kernel below
+    acc = 0.0
+    for _ in range(tl.maximum(0, n - 2 + tl.program_id(0)), n):
+        acc += 1.0
+    tl.store(out_ptr, acc)
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run these kernels here, or None. Triton 3.6.0's interpreter
+    fails with NumPy 2.5.2 (the GPU machine's pair) on a loop over computed bounds ("only
+    0-dimensional arrays can be converted to Python scalars"); 3.6.0 with NumPy 2.3.5 and 3.8.0
+    with 2.4.6 ran. One tiny launch on first use tells."""
+    import numpy
+
+    out = torch.zeros(1)
+    try:
+        _interpreter_probe[(1,)](out, 3)
+    except Exception as exc:
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run these kernels with "
+                f"NumPy {numpy.__version__}: {type(exc).__name__}: {exc}; another NumPy or Triton release may")
+    if out.item() != 2.0:
+        return f"Triton {triton.__version__}'s interpreter miscounted a loop with NumPy {numpy.__version__}"
     return None
 
 

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -169,11 +170,26 @@ def triton_runs_here(interpreter_test: str):
                               f"TRITON_INTERPRET=1 subprocess of {interpreter_test}")
 
 
+@functools.lru_cache(maxsize=None)
+def triton_interpreter_problem() -> str:
+    """Why Triton's interpreter cannot run lkfast's kernels in this environment ('' when it can),
+    as the kernels module says it under TRITON_INTERPRET=1 (a subprocess: Triton reads the variable
+    when it is imported)."""
+    probe = subprocess.run([sys.executable, "-c", "from lkfast.kernels.depthwise import unavailable_reason as r; "
+                            "print(r() or '')"], env=dict(os.environ, TRITON_INTERPRET="1"),
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    return probe.stdout.strip()
+
+
 def run_module_in_triton_interpreter(module_file: str, timeout: int = 900) -> None:
     """Run the test module ``module_file`` in a subprocess under TRITON_INTERPRET=1; fails with the
     subprocess's output when any of its tests fails or none ran."""
     if TRITON_RUNS_HERE:
         pytest.skip("this process runs the Triton tests directly")
+    problem = triton_interpreter_problem()
+    if problem:
+        pytest.skip(problem)
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(module_file)],
                           env=env, capture_output=True, text=True, timeout=timeout)

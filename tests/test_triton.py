@@ -81,6 +81,45 @@ def test_triton_launches_under_the_tensors_device_guard(monkeypatch):
     assert guarded == [x.device] * 3
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's own check: runs in the TRITON_INTERPRET=1 subprocess")
+def test_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch):
+    """A Triton/NumPy pair whose interpreter fails (Triton 3.6.0 with NumPy 2.5.2) or miscounts makes
+    the backend unavailable with the reason, instead of failing every call."""
+    from lkfast.kernels import depthwise as kernels
+
+    assert kernels.unavailable_reason() is None  # this subprocess only runs where the probe passed
+
+    def launch_that(effect):
+        class Kernel:
+            def __getitem__(self, grid):
+                return effect
+        return Kernel()
+
+    def fails(out, n):
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    def miscounts(out, n):
+        out.fill_(3.0)
+
+    try:
+        for effect, expected in ((fails, "cannot run these kernels with NumPy"), (miscounts, "miscounted a loop")):
+            kernels._interpreter_problem.cache_clear()
+            monkeypatch.setattr(kernels, "_interpreter_probe", launch_that(effect))
+            reason = kernels.unavailable_reason()
+            assert reason is not None and expected in reason, reason
+        from lkfast.ops.backends import BACKENDS
+
+        assert kernels.unavailable_reason() in BACKENDS["triton"].not_supported_reasons(*_tiny())
+    finally:
+        monkeypatch.undo()
+        kernels._interpreter_problem.cache_clear()
+    assert kernels.unavailable_reason() is None
+
+
+def _tiny():
+    return torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_triton_on_the_second_gpu():
