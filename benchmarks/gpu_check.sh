@@ -74,7 +74,9 @@ step() {
     return 125
   fi
   t=$(date +%s)
-  timeout --kill-after=5 "$budget" "$@" > "$WORK/$name.log" 2>&1
+  # SIGINT first: pytest then still prints which tests failed and the counts so far (a Python
+  # script stops with a traceback); whatever ignores it is killed 5 s later
+  timeout --signal=INT --kill-after=5 "$budget" "$@" > "$WORK/$name.log" 2>&1
   rc=$?
   if [ $rc -eq 0 ]; then
     note "- $name: ok ($(( $(date +%s) - t )) s)"
@@ -192,7 +194,7 @@ if [ $have_pytest -eq 124 ]; then
 elif [ $have_pytest -eq 0 ]; then
   case "$MODE" in
     quick)  # what is left minus ~100 s for the timings, 30..150 s
-      test_args=(tests/test_depthwise.py tests/test_cuda.py tests/test_triton.py tests/test_triton_mma.py)
+      test_args=(--durations=15 tests/test_depthwise.py tests/test_cuda.py tests/test_triton.py tests/test_triton_mma.py)
       cap=$(( $(left) - 100 )); [ "$cap" -gt 150 ] && cap=150; [ "$cap" -lt 30 ] && cap=30 ;;
     full) test_args=(--durations=15 tests/); cap=240 ;;
     dry-run) test_args=(--collect-only tests/test_depthwise.py tests/test_cuda.py tests/test_triton.py tests/test_triton_mma.py); cap=60 ;;

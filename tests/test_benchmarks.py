@@ -87,6 +87,29 @@ def test_gpu_check_ends_in_time_and_writes_a_summary_when_a_step_hangs(tmp_path)
     assert {p.name for p in _files_under(out)} <= OUT_FILES and (out / "rest.tar.gz").exists()
 
 
+def test_gpu_check_pytest_stopped_at_its_limit_still_reports_failures_and_counts(tmp_path):
+    """The pytest step is stopped with SIGINT at its time limit, so the summary still names the
+    tests that failed before then and the counts (a SIGTERM would leave only "TIMED OUT")."""
+    tests = tmp_path / "test_slow.py"
+    tests.write_text("import time\n\ndef test_fails():\n    assert False\n\ndef test_passes():\n    pass\n\n"
+                     "def test_hangs():\n    time.sleep(600)\n")
+    python = tmp_path / "python"  # pytest runs test_slow.py; `-c` probes run; the other steps pass at once
+    python.write_text(f"""#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "pytest" ]; then exec {sys.executable} -m pytest -q -p no:cacheprovider {tests}; fi
+if [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi
+exit 0
+""")
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    result = _gpu_check(out, "--dry-run", env={"PYTHON": str(python), "GPU_CHECK_LIMIT": "45"}, timeout=120)
+    assert time.monotonic() - start < 60
+    assert result.returncode != 0
+    summary = (out / "summary.md").read_text()
+    assert "- pytest: TIMED OUT" in summary, summary
+    assert "test_slow.py::test_fails" in summary and "1 failed, 1 passed" in summary, summary
+
+
 def test_gpu_check_refuses_an_unknown_mode(tmp_path):
     result = _gpu_check(tmp_path / "out", "--fast")
     assert result.returncode == 2 and "usage: benchmarks/gpu_check.sh OUT_DIR [--quick|--dry-run]" in result.stderr
