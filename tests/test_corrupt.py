@@ -554,8 +554,12 @@ def test_frost_photos_missing_is_a_clear_error(monkeypatch, tmp_path):
     from lkfast.corrupt import weather
 
     monkeypatch.setenv("LKFAST_FROST_DIR", str(tmp_path))
-    with pytest.raises(RuntimeError, match="frost photographs missing"):
+    with pytest.raises(lc.FrostPhotosMissing, match="frost photographs missing"):
         weather.frost_directory()
+    weather._frost_photo.cache_clear()  # read again, from LKFAST_FROST_DIR (later tests reload them)
+    weather._frost_photos_cpu.cache_clear()
+    with pytest.raises(lc.FrostPhotosMissing, match="frost photographs missing"):
+        lc.corrupt(natural_images(1, 32), "frost", 1, generator=0)
 
 
 # ------------------------------------------------------------------------------- perturbations

@@ -75,6 +75,24 @@ def test_default_run_end_to_end_and_rerun_from_cache(tmp_path, monkeypatch, caps
                                      "imagenet-9", "masks"}
 
 
+def test_default_without_frost_photographs_says_what_to_install_before_building(tmp_path, monkeypatch, capsys):
+    """Without the frost photographs (lkfast installed with --no-deps) the default run stops at
+    once with one line naming what to install, before any part of the benchmark is built."""
+    from lkfast.data import synthetic
+    from lkfast.eval.cli import main
+
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LKFAST_FROST_DIR", str(tmp_path / "no-frost"))
+    with_frost = default.DefaultSettings(data=SyntheticConfig(**{**TINY.data.__dict__, "corruptions": ("frost",)}),
+                                         models=TINY.models, recipe=TINY.recipe)
+    monkeypatch.setattr(default, "DEFAULT", with_frost)
+    monkeypatch.setattr(synthetic, "build_split", lambda *a: pytest.fail("a part was built before the check"))
+    assert main(["--out", str(tmp_path / "report"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lkfast.eval: error: frost photographs missing in") and "Traceback" not in err, err
+    assert not (tmp_path / "report" / "results.json").exists()
+
+
 def test_altered_model_file_is_retrained(tmp_path, monkeypatch):
     monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "cache"))
     small = default.DefaultSettings(data=TINY.data, models=(("resnet_tiny", "ResNet-tiny"),), recipe=TINY.recipe)

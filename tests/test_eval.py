@@ -304,6 +304,25 @@ def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint, mo
     assert "generated from" in report and "mfr omitted" in report.lower().replace("normalisation", "mfr")
 
 
+def test_generated_imagenet_c_without_frost_photographs_is_unavailable_with_the_reason(tmp_path, data_root,
+                                                                                        checkpoint, monkeypatch):
+    """Generating ImageNet-C needs frost's photographs: without them the task is recorded as
+    unavailable with what to install, before any corruption is generated, and the run goes on."""
+    import lkfast.corrupt
+
+    monkeypatch.setenv("LKFAST_FROST_DIR", str(tmp_path / "no-frost"))
+    monkeypatch.setattr(lkfast.corrupt, "corrupt", lambda *a, **k: pytest.fail("a corruption was generated"))
+    only_val = tmp_path / "data"
+    only_val.mkdir()
+    (only_val / "val").symlink_to(data_root / "val")
+    assert cli(*common(tmp_path / "out", checkpoint, only_val, "--suite", "clean,imagenet-c", "--limit", 2,
+                       "--baseline-model", "none")) == 0
+    r = load(tmp_path / "out")["tiny"]
+    assert "top1" in r["clean"]
+    reason = r["imagenet-c"]["unavailable"]
+    assert reason.startswith("ImageNet-C cannot be generated from val: frost photographs missing in"), reason
+
+
 def test_dry_run_prints_the_plan(tmp_path, data_root, checkpoint, capsys):
     assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean,imagenet-9,imagenet-a", "--dry-run")) == 0
     plan = capsys.readouterr().out

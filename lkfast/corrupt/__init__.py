@@ -95,5 +95,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int,
     return out.to(images.dtype)
 
 
-__all__ = ["corrupt", "names", "perturbation_sequence", "CORRUPTIONS", "PERTURBATIONS", "NOISE_PERTURBATIONS",
+from .weather import FrostPhotosMissing, frost_directory  # noqa: E402
+
+__all__ = ["corrupt", "names", "perturbation_sequence", "FrostPhotosMissing", "frost_directory", "CORRUPTIONS", "PERTURBATIONS", "NOISE_PERTURBATIONS",
            "SUBSETS", "SEVERITIES"]

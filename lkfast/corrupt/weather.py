@@ -35,6 +35,11 @@ SPATTER = ((0.65, 0.3, 4, 0.69, 0.6, 0),
            (0.67, 0.4, 1, 0.65, 1.5, 1))
 FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
 FROST_USED = 5  # the release draws np.random.randint(5): frost6.jpg is listed but never used
+
+
+class FrostPhotosMissing(RuntimeError):
+    """The release's frost photographs, which frost blends in, are not here (the message says
+    what to install or set)."""
 WATER_COLOUR = (175 / 255, 238 / 255, 238 / 255)  # pale turquoise
 MUD_COLOUR = (63 / 255, 42 / 255, 20 / 255)       # mud brown
 
@@ -64,14 +69,14 @@ def frost_directory() -> Path:
     else:
         spec = importlib.util.find_spec("imagecorruptions")
         if spec is None or not spec.submodule_search_locations:
-            raise RuntimeError(
+            raise FrostPhotosMissing(
                 "frost needs the ImageNet-C frost photographs, which ship with the imagecorruptions "
                 "package: pip install imagecorruptions-imaug (or set LKFAST_FROST_DIR to a folder "
                 f"holding {', '.join(FROST_FILES[:FROST_USED])})")
         path = Path(list(spec.submodule_search_locations)[0]) / "frost"
     missing = [f for f in FROST_FILES[:FROST_USED] if not (path / f).is_file()]
     if missing:
-        raise RuntimeError(f"frost photographs missing in {path}: {', '.join(missing)}")
+        raise FrostPhotosMissing(f"frost photographs missing in {path}: {', '.join(missing)}")
     return path
 
 

@@ -407,6 +407,15 @@ def build_masks(root, config: SyntheticConfig) -> None:
     _write_folder(Path(root), data.masks, data.labels, None, stem="val")
 
 
+def _check_frost(config: SyntheticConfig) -> None:
+    """FrostPhotosMissing (saying what to install) when ``config``'s ImageNet-C needs frost and the
+    release's frost photographs are not here."""
+    from lkfast.corrupt import frost_directory
+
+    if config.corruptions is None or "frost" in config.corruptions:
+        frost_directory()
+
+
 def build_imagenet_c(root, config: SyntheticConfig, progress=None) -> None:
     """ImageNet-C layout: root/<corruption>/<severity>/<class>/*.png, the 19 corruptions (or
     ``config.corruptions``) x 5 severities of the first ``c_per_class`` val images of each class (the
@@ -415,6 +424,7 @@ def build_imagenet_c(root, config: SyntheticConfig, progress=None) -> None:
 
     from lkfast.corrupt import CORRUPTIONS, SEVERITIES, corrupt
 
+    _check_frost(config)  # before any corruption is rendered, not at the sixth
     data = _val_set(config)
     keep = np.concatenate([np.flatnonzero(data.labels == c)[:config.c_per_class] for c in range(len(CLASSES))])
     data = Rendered(*(getattr(data, f.name)[keep] for f in dataclasses.fields(Rendered)))
@@ -531,6 +541,8 @@ def build_base(root, config: SyntheticConfig = SyntheticConfig(), log=None, prog
 
     root = Path(root)
     key = config.key()
+    if not (root / "imagenet-c").is_dir():
+        _check_frost(config)  # before the first part is built, not minutes later at ImageNet-C
     steps = {"train": 1, "val": 1, "val-masks": 1, "imagenet-c": 5 * len(config.corruptions or CORRUPTIONS),
              "imagenet-p": len(config.perturbations or PERTURBATIONS),
              "imagenet-9": 1, "imagenet-r": 1}

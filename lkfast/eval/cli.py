@@ -18,6 +18,7 @@ import os
 import sys
 from typing import List, Optional
 
+from lkfast.corrupt import FrostPhotosMissing
 from lkfast.eval import distributed as dist
 from lkfast.eval.models import ModelSpec, with_training_run
 from lkfast.eval.registry import SUITES, TASKS, resolve_suite
@@ -180,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"lkfast.eval: wrote {os.path.join(args.out, 'results.json')} and "
                   f"{os.path.join(args.out, 'report.md')} ({len(models)} model(s), {len(tasks)} task(s))")
         return 0
-    except (EvalError, ValueError, FileNotFoundError) as error:
+    except (EvalError, ValueError, FileNotFoundError, FrostPhotosMissing) as error:
         print(f"lkfast.eval: error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -157,6 +157,10 @@ def _c_parts(ctx) -> Tuple[str, List[Tuple[str, int, object]]]:
             raise EvalError(f"imagenet-c: {root} holds no <corruption>/<severity>/ folders")
         return "disk", parts
     if ctx.has_source("val"):
+        try:
+            corrupt.frost_directory()  # frost is one of the 19: say so before any is generated
+        except corrupt.FrostPhotosMissing as error:
+            raise TaskUnavailable(f"ImageNet-C cannot be generated from val: {error}") from None
         val = _val(ctx)
         return "generated", [(c, s, val) for c in corrupt.names("all") for s in corrupt.SEVERITIES]
     raise TaskUnavailable("no ImageNet-C folder and no ImageNet-val to generate it from: pass --imagenet-c-dir "
