@@ -197,11 +197,48 @@ def run_module_in_triton_interpreter(module_file: str, timeout: int = 900) -> No
     assert " passed" in proc.stdout, proc.stdout[-2000:]
 
 
-def compile_for_sm90(kernel, dtype: str, constexprs: dict, fp32_pointers=(), fp32_scalars=()):
+def cuobjdump() -> str | None:
+    """The path of cuobjdump: on PATH, else the copy that ships inside Triton's wheel; None."""
+    import shutil
+
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
+def resource_usage(binary: str) -> list[tuple[str, str, dict]]:
+    """(arch, mangled function name, {"REG": .., "STACK": .., "SHARED": .., "LOCAL": ..}) of every GPU
+    function in ``binary`` (a shared library with a fat binary, or a cubin), as ``cuobjdump
+    -res-usage`` reads them off the machine code. STACK holds what ptxas spilled; LOCAL, local arrays."""
+    import re
+
+    out = subprocess.run([cuobjdump(), "-res-usage", binary], capture_output=True, text=True, check=True).stdout
+    usage, arch, function = [], None, None
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("arch = "):
+            arch = line.split("=", 1)[1].strip()
+        elif line.startswith("Function "):
+            function = line[len("Function "):].rstrip(":")
+        elif function is not None and line.startswith("REG:"):
+            usage.append((arch, function, {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}))
+            function = None
+    return usage
+
+
+def compile_for_sm90(kernel, dtype: str, constexprs: dict, fp32_pointers=(), fp32_scalars=(), num_warps: int = 4,
+                     no_spills: bool = True):
     """Compile the Triton ``kernel`` ahead of time for Hopper (sm_90, Triton's own ptxas) with every
     ``*_ptr`` argument a pointer to ``dtype`` (those in ``fp32_pointers``: to fp32), the arguments in
-    ``fp32_scalars`` fp32, the rest i32, and ``constexprs``; asserts a binary came out and returns the
-    compiled kernel (its ``asm`` holds the PTX)."""
+    ``fp32_scalars`` fp32, the rest i32, ``constexprs`` and ``num_warps``; asserts a binary came out
+    and, where cuobjdump is found and ``no_spills``, that nothing spilled; returns the compiled kernel (its ``asm``
+    holds the PTX)."""
     import inspect
 
     import triton
@@ -220,6 +257,15 @@ def compile_for_sm90(kernel, dtype: str, constexprs: dict, fp32_pointers=(), fp3
             signature[arg] = "*" + dtype
         else:
             signature[arg] = "i32"
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps})
     assert compiled.asm.get("cubin"), "no sm_90 binary"
+    if no_spills and cuobjdump():  # ptxas spilled nothing, and no local array
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            (_, name, usage), = resource_usage(f.name)
+        assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"{name} ({constexprs}, {num_warps} warps): {usage}"
     return compiled

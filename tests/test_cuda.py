@@ -40,6 +40,44 @@ def test_cuda_entry_points_compiled():
     assert callable(_ext._C.cuda_forward) and callable(_ext._C.cuda_weight_grad)
 
 
+CUDA_KERNELS = ("forward_kernel", "forward_nhwc_kernel", "weight_grad_kernel", "weight_grad_nhwc_kernel")
+# Bytes of stack (spills) ptxas used with nvcc 13.0, as read off the CI build: on sm_90 the NCHW
+# weight gradient keeps three hoisted per-group values there (8-16 bytes; see kGradMaxGroups in
+# dwconv_cuda.cu); on sm_80 the fp64 NCHW forward (16) and the bf16 channels_last weight gradient
+# (8), both at 96 registers. Not measured on a GPU; every other (arch, kernel) uses none, and a new
+# spill anywhere fails here.
+STACK_ALLOWED = {("sm_90", "weight_grad_kernel"): 16, ("sm_80", "forward_kernel"): 16,
+                 ("sm_80", "weight_grad_nhwc_kernel"): 8}
+
+
+def test_cuda_kernels_compiled_for_every_arch_without_spills():
+    """The machine code in lkfast._C, read with cuobjdump: every kernel family in every dtype for each
+    architecture built, no local arrays, and no spills beyond the one documented."""
+    import re
+
+    from reference import cuobjdump, resource_usage
+
+    if _ext.load_error or not getattr(_ext._C, "with_cuda", False):
+        pytest.skip("lkfast._C was built without CUDA (no nvcc or a CPU-only torch at build time)")
+    if cuobjdump() is None:
+        pytest.skip("cuobjdump not found (neither on PATH nor in Triton's wheel)")
+    usage = resource_usage(_ext._C.__file__)
+    archs = {arch for arch, _, _ in usage}
+    assert archs, "no GPU code in lkfast._C"
+    for arch in archs:
+        found = {}
+        for a, name, use in usage:
+            family = re.search(r"\d+(forward_kernel|forward_nhwc_kernel|weight_grad_kernel|weight_grad_nhwc_kernel)I", name)
+            if a == arch and family:
+                found.setdefault(family.group(1), []).append((name, use))
+        assert set(found) == set(CUDA_KERNELS), (arch, sorted(found))
+        for family, entries in found.items():
+            assert len(entries) >= 4, (arch, family, len(entries))  # fp32, fp16, bf16, fp64 (and variants)
+            for name, use in entries:
+                assert use["LOCAL"] == 0, (arch, name, use)
+                assert use["STACK"] <= STACK_ALLOWED.get((arch, family), 0), (arch, name, use)
+
+
 # ---------------------------------------------------------------------------------------------
 # A Python port of dwconv_cuda.cu's index arithmetic (values in fp64): not the compiled kernels
 

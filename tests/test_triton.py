@@ -142,22 +142,34 @@ def test_add_clamp_kernel():
 # Without a GPU: every kernel compiles ahead of time for Hopper (sm_90: Triton's own ptxas), which
 # catches what the interpreter does not (types, layouts, code generation).
 
-AOT_CASES = [  # module.kernel, pointer dtype, constexprs
-    ("depthwise._forward_nchw", "bf16", {"HAS_BIAS": True, "FLIP": True, "BLOCK_H": 16, "BLOCK_W": 32}),
-    ("depthwise._forward_nhwc", "fp16", {"HAS_BIAS": False, "FLIP": False, "BLOCK_W": 8, "BLOCK_C": 64}),
-    ("depthwise._weight_grad", "fp32", {"BLOCK_H": 16, "BLOCK_W": 16, "BLOCK_KW": 32}),
-    ("frequency._add_clamp", "fp32", {"CLAMP": True, "BLOCK": 2048}),
-]
+def _aot_cases():
+    """(module.kernel, pointer dtype, constexprs, warps): every configuration of each autotune table of
+    lkfast.kernels.depthwise in each dtype (the weight gradient with the widest kernel row, BLOCK_KW
+    64: kernels up to 63 taps), and the frequency kernel."""
+    from lkfast.kernels import depthwise as kernels
+
+    tables = (("_forward_nchw", kernels._NCHW_CONFIGS, {"HAS_BIAS": True, "FLIP": True}),
+              ("_forward_nhwc", kernels._NHWC_CONFIGS, {"HAS_BIAS": False, "FLIP": False}),
+              ("_weight_grad", kernels._WGRAD_CONFIGS, {"BLOCK_KW": 64}))
+    cases = [(f"depthwise.{name}", dtype, {**fixed, **config.kwargs}, config.num_warps)
+             for name, configs, fixed in tables for config in configs for dtype in ("fp32", "fp16", "bf16")]
+    return cases + [("frequency._add_clamp", "fp32", {"CLAMP": True, "BLOCK": 2048}, 4)]
+
+
+AOT_CASES = _aot_cases()
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiled in the parent process")
-@pytest.mark.parametrize("name,dtype,constexprs", AOT_CASES, ids=[c[0] for c in AOT_CASES])
-def test_triton_kernel_compiles_for_sm90(name, dtype, constexprs):
+@pytest.mark.parametrize("name,dtype,constexprs,warps", AOT_CASES,
+                         ids=[f"{c[0]}-{c[1]}-" + "-".join(str(v) for k, v in c[2].items() if k.startswith("BLOCK"))
+                              for c in AOT_CASES])
+def test_triton_kernel_compiles_for_sm90(name, dtype, constexprs, warps):
     import importlib
 
     module_name, kernel_name = name.split(".")
     kernel = getattr(importlib.import_module(f"lkfast.kernels.{module_name}"), kernel_name)
-    compile_for_sm90(kernel, dtype, constexprs, fp32_pointers=("ws_ptr", "noise_ptr"), fp32_scalars=("lo", "hi"))
+    compile_for_sm90(kernel, dtype, constexprs, fp32_pointers=("ws_ptr", "noise_ptr"), fp32_scalars=("lo", "hi"),
+                     num_warps=warps)
 
 
 # ---------------------------------------------------------------------------------------------
