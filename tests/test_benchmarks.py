@@ -73,16 +73,22 @@ def test_gpu_check_dry_run_walks_every_step_within_the_file_limit(tmp_path):
     assert {"extension.log", "smoke.log", "smoke.json", "bench_gpu.log", "versions.log"} <= names
 
 
-def test_gpu_check_ends_in_time_and_writes_a_summary_when_a_step_hangs(tmp_path):
-    hanging = tmp_path / "python"
-    hanging.write_text("#!/bin/sh\nexec sleep 600\n")  # every Python call hangs
-    hanging.chmod(0o755)
+def _gpu_check_with_python(tmp_path, script: str, limit: int):
+    """gpu_check.sh --dry-run with PYTHON a shell ``script`` and GPU_CHECK_LIMIT ``limit``: it must end
+    within 60 s and fail; returns (OUT_DIR, summary.md's text)."""
+    python = tmp_path / "python"
+    python.write_text(script)
+    python.chmod(0o755)
     out = tmp_path / "out"
     start = time.monotonic()
-    result = _gpu_check(out, "--dry-run", env={"PYTHON": str(hanging), "GPU_CHECK_LIMIT": "26"}, timeout=120)
+    result = _gpu_check(out, "--dry-run", env={"PYTHON": str(python), "GPU_CHECK_LIMIT": str(limit)}, timeout=120)
     assert time.monotonic() - start < 60
     assert result.returncode != 0
-    summary = (out / "summary.md").read_text()
+    return out, (out / "summary.md").read_text()
+
+
+def test_gpu_check_ends_in_time_and_writes_a_summary_when_a_step_hangs(tmp_path):
+    out, summary = _gpu_check_with_python(tmp_path, "#!/bin/sh\nexec sleep 600\n", 26)  # every Python call hangs
     assert "TIMED OUT" in summary and "skipped, no time left" in summary and "total: " in summary
     assert {p.name for p in _files_under(out)} <= OUT_FILES and (out / "rest.tar.gz").exists()
 
@@ -93,19 +99,12 @@ def test_gpu_check_pytest_stopped_at_its_limit_still_reports_failures_and_counts
     tests = tmp_path / "test_slow.py"
     tests.write_text("import time\n\ndef test_fails():\n    assert False\n\ndef test_passes():\n    pass\n\n"
                      "def test_hangs():\n    time.sleep(600)\n")
-    python = tmp_path / "python"  # pytest runs test_slow.py; `-c` probes run; the other steps pass at once
-    python.write_text(f"""#!/bin/sh
+    # pytest runs test_slow.py; `-c` probes run; the other steps pass at once
+    _, summary = _gpu_check_with_python(tmp_path, f"""#!/bin/sh
 if [ "$1" = "-m" ] && [ "$2" = "pytest" ]; then exec {sys.executable} -m pytest -q -p no:cacheprovider {tests}; fi
 if [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi
 exit 0
-""")
-    python.chmod(0o755)
-    out = tmp_path / "out"
-    start = time.monotonic()
-    result = _gpu_check(out, "--dry-run", env={"PYTHON": str(python), "GPU_CHECK_LIMIT": "45"}, timeout=120)
-    assert time.monotonic() - start < 60
-    assert result.returncode != 0
-    summary = (out / "summary.md").read_text()
+""", 45)
     assert "- pytest: TIMED OUT" in summary, summary
     assert "test_slow.py::test_fails" in summary and "1 failed, 1 passed" in summary, summary
 

@@ -278,6 +278,15 @@ def test_torchrun_two_processes_equal_one(tmp_path, full_run, data_root, checkpo
         assert got == {k: v for k, v in expected[task].items() if k in got}, task
 
 
+def _eval_with_val_only(tmp_path, data_root, checkpoint, suite):
+    """The eval CLI on a data root holding only val/ (ImageNet-C/-P generated from it), 2 images a
+    part, no baseline model, results in tmp_path/out; returns its exit status."""
+    only_val = tmp_path / "data"
+    only_val.mkdir()
+    (only_val / "val").symlink_to(data_root / "val")
+    return cli(*common(tmp_path / "out", checkpoint, only_val, "--suite", suite, "--limit", 2, "--baseline-model", "none"))
+
+
 @needs_frost
 @needs_av
 def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint, monkeypatch):
@@ -288,11 +297,7 @@ def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint, mo
     monkeypatch.setattr(lkfast.corrupt, "corrupt", lambda x, name, s, **k: applied.append((name, s)) or real_corrupt(x, name, s, **k))
     monkeypatch.setattr(lkfast.corrupt, "perturbation_sequence",
                         lambda x, name, d, **k: applied.append(name) or real_sequence(x, name, d, **k))
-    only_val = tmp_path / "data"
-    only_val.mkdir()
-    (only_val / "val").symlink_to(data_root / "val")
-    assert cli(*common(tmp_path / "out", checkpoint, only_val, "--suite", "imagenet-c,imagenet-p", "--limit", 2,
-                       "--baseline-model", "none")) == 0
+    assert _eval_with_val_only(tmp_path, data_root, checkpoint, "imagenet-c,imagenet-p") == 0
     r = load(tmp_path / "out")["tiny"]
     assert r["imagenet-c"]["source"].startswith("generated")
     assert r["imagenet-c"]["mce_complete"] is True and len(r["imagenet-c"]["sev5_over"]) == 19
@@ -312,11 +317,7 @@ def test_generated_imagenet_c_without_frost_photographs_is_unavailable_with_the_
 
     monkeypatch.setenv("LKFAST_FROST_DIR", str(tmp_path / "no-frost"))
     monkeypatch.setattr(lkfast.corrupt, "corrupt", lambda *a, **k: pytest.fail("a corruption was generated"))
-    only_val = tmp_path / "data"
-    only_val.mkdir()
-    (only_val / "val").symlink_to(data_root / "val")
-    assert cli(*common(tmp_path / "out", checkpoint, only_val, "--suite", "clean,imagenet-c", "--limit", 2,
-                       "--baseline-model", "none")) == 0
+    assert _eval_with_val_only(tmp_path, data_root, checkpoint, "clean,imagenet-c") == 0
     r = load(tmp_path / "out")["tiny"]
     assert "top1" in r["clean"]
     reason = r["imagenet-c"]["unavailable"]
