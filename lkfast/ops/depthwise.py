@@ -210,7 +210,8 @@ def _(grad_out, weight, backend):
 @torch.library.custom_op("lkfast::depthwise_conv2d_weight_grad", mutates_args=())
 def _weight_grad_op(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int, backend: str) -> torch.Tensor:
     if backend == AUTO:  # the forward call's plan: x with a weight of its shape, dtype and device
-        backend = plan_for(x, x.new_empty((x.shape[1], 1, kh, kw))).weight_grad
+        # (one element broadcast to that shape: plan_for reads only the weight's shape and dtype)
+        backend = plan_for(x, x.new_empty(()).expand(x.shape[1], 1, kh, kw)).weight_grad
     return BACKENDS[backend].weight_grad(grad_out, x, kh, kw)
 
 
