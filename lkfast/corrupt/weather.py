@@ -35,13 +35,13 @@ SPATTER = ((0.65, 0.3, 4, 0.69, 0.6, 0),
            (0.67, 0.4, 1, 0.65, 1.5, 1))
 FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
 FROST_USED = 5  # the release draws np.random.randint(5): frost6.jpg is listed but never used
+WATER_COLOUR = (175 / 255, 238 / 255, 238 / 255)  # pale turquoise
+MUD_COLOUR = (63 / 255, 42 / 255, 20 / 255)       # mud brown
 
 
 class FrostPhotosMissing(RuntimeError):
     """The release's frost photographs, which frost blends in, are not here (the message says
     what to install or set)."""
-WATER_COLOUR = (175 / 255, 238 / 255, 238 / 255)  # pale turquoise
-MUD_COLOUR = (63 / 255, 42 / 255, 20 / 255)       # mud brown
 
 
 # ----------------------------------------------------------------------------------------- snow
