@@ -469,6 +469,11 @@ def _cases(results: dict):
             yield e, e["variant"], e.get("ms_per_step", bench["stats"]["median"] * 1000), e.get("max_rel_err_vs_plain_nchw")
 
 
+def _ms(value: float | None) -> str:
+    """A table cell of milliseconds, or "not run"."""
+    return f"{value:.0f}" if value else "not run"
+
+
 def _fastest(times: dict, model: str, task: str, variants) -> float | None:
     """The shortest time among ``variants`` of (model, task) that were timed, or None."""
     return min([t for t in (times.get((model, task, v)) for v in variants) if t], default=None)
@@ -523,7 +528,7 @@ def markdown_table(results: dict) -> str:
             plain, ours = best(t, "plain"), best(t, "lkfast")
             vs_best = f"{plain / ours:.2f}x" if plain and ours else "n/a"
             vs_nchw = f"{t['plain_nchw'] / ours:.2f}x" if t["plain_nchw"] and ours else "n/a"
-            rows.append([model, task, *(f"{t[v]:.0f}" if t[v] else "not run" for v in EAGER_VARIANTS), vs_best,
+            rows.append([model, task, *(_ms(t[v]) for v in EAGER_VARIANTS), vs_best,
                          vs_nchw])
     lines = [table_markdown(header, rows, align="ll" + "r" * (len(header) - 2), caption=caption).rstrip("\n")]
     compiled = {v: times.get(("replknet_31b", "inference", v)) for v in COMPILED_VARIANTS + ("plain_cl",)}
@@ -548,9 +553,8 @@ def markdown_table(results: dict) -> str:
         ours = _fastest(times, "replknet_31b", task, ("lkfast_cl_amp", "lkfast_folded_amp"))
         if not ours:
             continue
-        fmt = lambda v: f"{v:.0f}" if v else "not run"  # noqa: E731
-        amp_rows.append(["replknet_31b", task, fmt(plain32), fmt(plain_amp), fmt(amp[(task, "lkfast_cl_amp")]),
-                         fmt(amp[(task, "lkfast_folded_amp")]), f"{plain32 / ours:.2f}x" if plain32 else "n/a",
+        amp_rows.append(["replknet_31b", task, _ms(plain32), _ms(plain_amp), _ms(amp[(task, "lkfast_cl_amp")]),
+                         _ms(amp[(task, "lkfast_folded_amp")]), f"{plain32 / ours:.2f}x" if plain32 else "n/a",
                          f"{plain_amp / ours:.2f}x" if plain_amp else "n/a"])
     if amp_rows:
         err_text = ", ".join(f"{v} {e:.1e}" for v, e in errs.items() if e is not None)
@@ -570,8 +574,7 @@ def markdown_table(results: dict) -> str:
             plain, ours = best(t, "plain"), best(t, "lkfast")
             if not (free and plain):
                 continue
-            fmt = lambda v: f"{v:.0f}" if v else "not run"  # noqa: E731
-            ceiling_rows.append([model, task, fmt(plain), fmt(ours), fmt(free),
+            ceiling_rows.append([model, task, _ms(plain), _ms(ours), _ms(free),
                                  f"{plain / ours:.2f}x" if ours else "n/a", f"{plain / free:.2f}x",
                                  f"{(ours - free) / ours:.0%}" if ours else "n/a"])
     if ceiling_rows:

@@ -67,7 +67,7 @@ def test_cuda_kernels_compiled_for_every_arch_without_spills():
     for arch in archs:
         found = {}
         for a, name, use in usage:
-            family = re.search(r"\d+(forward_kernel|forward_nhwc_kernel|weight_grad_kernel|weight_grad_nhwc_kernel)I", name)
+            family = re.search(rf"\d+({'|'.join(CUDA_KERNELS)})I", name)
             if a == arch and family:
                 found.setdefault(family.group(1), []).append((name, use))
         assert set(found) == set(CUDA_KERNELS), (arch, sorted(found))
