@@ -262,9 +262,44 @@ def test_imagenet9_reader(tmp_path):
         ImageNet9(root, "only_fg")
     with pytest.raises(ValueError, match="unknown ImageNet-9 variant"):
         ImageNet9(root, "mixed")
-    (root / "original" / "val" / "dog").mkdir(parents=True)
-    with pytest.raises(DatasetLayoutError, match=r"numbered 00_<class> .. 08_<class>.*found 1: dog"):
+    (root / "original" / "val" / "dogs").mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match=r"1 class folder\(s\) .* not ImageNet-9 classes: dogs; expected .*00_dog"):
         ImageNet9(root, "original")
+
+
+def test_imagenet9_targets_follow_folder_names_not_sort_order(tmp_path):
+    # the nine classes in target order are dog, bird, vehicle, ...; sorted, names start with bird
+    # and wnids with n01503061 (bird): a target must come from what the folder says it is
+    from lkfast.data.imagenet import IMAGENET9_CLASSES, IMAGENET9_WNIDS
+
+    namings = {"names": list(IMAGENET9_CLASSES), "wnids": list(IMAGENET9_WNIDS),
+               "numbered": [f"{i:02d}_{c}" for i, c in enumerate(IMAGENET9_CLASSES)]}
+    for naming, folders in namings.items():
+        root = tmp_path / naming
+        for k, folder in enumerate(folders):
+            write_image(root / "original" / "val" / folder / "x.JPEG", seed=k)
+        ds = ImageNet9(root, "original")
+        assert {p.parent.name: t for p, t in ds.samples} == {f: i for i, f in enumerate(folders)}, naming
+    subset = tmp_path / "subset"
+    for folder in ("fish", "dog", IMAGENET9_WNIDS[2]):
+        write_image(subset / "original" / "val" / folder / "x.JPEG", seed=1)
+    assert sorted(ImageNet9(subset, "original").targets.tolist()) == [0, 2, 8]
+    # nine folders of another naming: refused, not numbered by sort order
+    other = tmp_path / "other"
+    for k in range(9):
+        write_image(other / "original" / "val" / f"class_{k}" / "x.JPEG", seed=k)
+    with pytest.raises(DatasetLayoutError, match=r"9 class folder\(s\) .* are not ImageNet-9 classes: class_0"):
+        ImageNet9(other, "original")
+    clash = tmp_path / "clash"
+    for folder in ("01_dog", "02_vehicle"):
+        write_image(clash / "original" / "val" / folder / "x.JPEG", seed=1)
+    with pytest.raises(DatasetLayoutError, match=r"number and name disagree: 01_dog \(number 1 is bird"):
+        ImageNet9(clash, "original")
+    twice = tmp_path / "twice"
+    for folder in ("dog", "00_dog"):
+        write_image(twice / "original" / "val" / folder / "x.JPEG", seed=1)
+    with pytest.raises(DatasetLayoutError, match="both class 0 \\(dog\\)"):
+        ImageNet9(twice, "original")
 
 
 # ----------------------------------------------------------------------------- unreadable files, transforms

@@ -12,7 +12,7 @@ Layouts (the releases' own):
   ImageNet-val, -A, -R, -O   ``<root>/<wnid>/<image>``
   ImageNet-C                 ``<root>/<corruption>/<severity 1..5>/<wnid>/<image>.JPEG``
   ImageNet-P                 ``<root>/<perturbation>[_<difficulty 2|3>]/<wnid>/<sequence>.mp4|.npy``
-  ImageNet-9                 ``<root>/<variant>/val/<NN_class>/<image>`` (class folders numbered 00..08)
+  ImageNet-9                 ``<root>/<variant>/val/<NN_class>/<image>`` (00_dog .. 08_fish; or class names, wnids)
 
 Items are ``(image, target)``: ``transform`` receives a PIL RGB image (a uint8 (T, 3, H, W)
 tensor for ImageNet-P) and must return a float tensor in [0, 1]; no normalisation happens here
@@ -582,13 +582,59 @@ class ImageNetP(ImageFolderBenchmark):
         return _decode_sequence(path)
 
 
+def imagenet9_folder_targets(names: Sequence[str], where: PathLike = "") -> Dict[str, int]:
+    """{class folder name: ImageNet-9 target 0..8} for the class folders ``names`` of one variant.
+
+    A folder is named by its target, as the release numbers them (``NN_<name>``, NN = 00..08 in
+    IMAGENET9_CLASSES order: ``00_dog`` .. ``08_fish``; the part after ``NN_`` may be any name, but
+    one of IMAGENET9_CLASSES must be NN's), or by its class name (``dog``) or wnid
+    (``n02084071``, IMAGENET9_WNIDS). A subset of the nine classes is fine. Targets never come from
+    the folders' sort order: that differs between these namings (sorted names put bird first).
+    Raises DatasetLayoutError (naming ``where``) for no folders, any other folder name, a number
+    whose class name disagrees, or two folders of one class."""
+    where = f" in {str(where)!r}" if str(where) else ""
+    accepted = ("the release's numbered folders 00_dog .. 08_fish, the class names "
+                f"{', '.join(IMAGENET9_CLASSES)}, or their wnids {', '.join(IMAGENET9_WNIDS)}")
+    by_name = {name: i for i, name in enumerate(IMAGENET9_CLASSES)}
+    by_name.update({wnid: i for i, wnid in enumerate(IMAGENET9_WNIDS)})
+    targets, unknown, conflicts = {}, [], []
+    for name in names:
+        numbered = re.fullmatch(r"(\d+)_(.+)", name)
+        if numbered and int(numbered.group(1)) <= 8:
+            target, rest = int(numbered.group(1)), numbered.group(2)
+            if rest in by_name and by_name[rest] != target:
+                conflicts.append(f"{name} (number {target} is {IMAGENET9_CLASSES[target]}, "
+                                 f"the name is {IMAGENET9_CLASSES[by_name[rest]]})")
+            targets[name] = target
+        elif name in by_name:
+            targets[name] = by_name[name]
+        else:
+            unknown.append(name)
+    if not names:
+        raise DatasetLayoutError(f"ImageNet-9: no class folders{where}; expected {accepted}")
+    if unknown:
+        raise DatasetLayoutError(f"ImageNet-9: {len(unknown)} class folder(s){where} are not ImageNet-9 classes: "
+                                 f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}; expected {accepted}. "
+                                 "Rename them so each says its class (targets are not guessed from sort order)")
+    if conflicts:
+        raise DatasetLayoutError(f"ImageNet-9: class folder(s){where} whose number and name disagree: "
+                                 f"{', '.join(conflicts)}; the release numbers them 00_dog .. 08_fish")
+    seen: Dict[int, str] = {}
+    for name, target in targets.items():
+        if target in seen:
+            raise DatasetLayoutError(f"ImageNet-9: folders {seen[target]} and {name}{where} are both class "
+                                     f"{target} ({IMAGENET9_CLASSES[target]}); keep one folder per class")
+        seen[target] = name
+    return targets
+
+
 class ImageNet9(ImageFolderBenchmark):
     """One ImageNet-9 variant of the backgrounds-challenge release: ``<root>/<variant>/val/<class>/*``;
-    targets 0..8 (IMAGENET9_CLASSES). Class folders named ``NN_<name>`` (the release numbers them
-    00 .. 08 in IMAGENET9_CLASSES order, e.g. ``00_dog``) take their target from NN; otherwise there must be exactly 9 class folders,
-    numbered in sorted order (as the release's torchvision ImageFolder does). If ``root`` holds an
-    ``in_to_in9.json``, it is checked against :func:`imagenet9_class_map` (DatasetLayoutError if it
-    differs). Score 1000-class models with ``lkfast.metrics.imagenet9_accuracy``."""
+    targets 0..8 (IMAGENET9_CLASSES). Class folders are named as :func:`imagenet9_folder_targets`
+    accepts (the release's ``00_dog`` .. ``08_fish``, a class name, or a class wnid); any other
+    folder raises DatasetLayoutError. If ``root`` holds an ``in_to_in9.json``, it is checked
+    against :func:`imagenet9_class_map` (DatasetLayoutError if it differs). Score 1000-class models
+    with ``lkfast.metrics.imagenet9_accuracy``."""
 
     name = "ImageNet-9"
     layout = "<root>/<variant>/val/<NN_class>/<image>"
@@ -610,20 +656,7 @@ class ImageNet9(ImageFolderBenchmark):
         super().__init__(folder, transform, limit=limit)
 
     def _find(self, class_index, classes):
-        names = [f.name for f in _subfolders(self.root)]
-        numbered = [re.match(r"(\d+)_", n) for n in names]
-        if names and all(numbered):
-            index = {n: int(m.group(1)) for n, m in zip(names, numbered)}
-            bad = [n for n, t in index.items() if not 0 <= t <= 8]
-            if bad or len(set(index.values())) != len(index):
-                raise DatasetLayoutError(f"ImageNet-9: class folders {', '.join(names)} in {str(self.root)!r} must be "
-                                         "numbered 00..08 once each (00_dog ... 08_fish)")
-        elif len(names) == 9:
-            index = {n: i for i, n in enumerate(names)}
-        else:
-            raise DatasetLayoutError(f"ImageNet-9: expected class folders numbered 00_<class> .. 08_<class> (or exactly 9 "
-                                     f"class folders) in {str(self.root)!r}; "
-                                     f"found {len(names)}: {', '.join(names[:9]) or 'none'}")
+        index = imagenet9_folder_targets([f.name for f in _subfolders(self.root)], self.root)
         return _scan(self.root, self.name, self.layout, index)
 
 
@@ -641,6 +674,6 @@ def collate_skipping(batch: Sequence[Tuple[Optional[torch.Tensor], int]]):
 
 __all__ = ["DatasetLayoutError", "IMAGENET9_CLASSES", "IMAGENET9_WNIDS", "imagenet_classes", "imagenet_a_indices",
            "imagenet_r_indices", "imagenet_a_wnids", "imagenet_r_wnids", "imagenet_o_wnids", "imagenet_o_indices",
-           "imagenet9_class_map", "check_imagenet9_map", "to_float_image", "transform_for", "ImageFolderBenchmark",
+           "imagenet9_class_map", "imagenet9_folder_targets", "check_imagenet9_map", "to_float_image", "transform_for", "ImageFolderBenchmark",
            "ImageNetVal", "ImageNetA", "ImageNetR", "ImageNetO", "imagenet_c_contents", "ImageNetC", "ImageNetP",
            "ImageNet9", "collate_skipping", "imagenet_p_contents", "imagenet9_contents", "SEQUENCE_SUFFIXES"]
