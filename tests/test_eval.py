@@ -302,11 +302,33 @@ def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint, mo
     assert r["imagenet-c"]["source"].startswith("generated")
     assert r["imagenet-c"]["mce_complete"] is True and len(r["imagenet-c"]["sev5_over"]) == 19
     assert set(r["imagenet-p"]["fr"]) == set(metrics.IMAGENET_P)
-    assert sorted(applied, key=str) == sorted([(c, s) for c in metrics.IMAGENET_C_ALL for s in range(1, 6)]
-                                              + list(metrics.IMAGENET_P) * 2, key=str)  # C: 1 batch, P: 1 sequence a batch
+    assert sorted(applied, key=str) == sorted([(c, s) for c in metrics.IMAGENET_C_ALL for s in range(1, 6)] * 2
+                                              + list(metrics.IMAGENET_P) * 2, key=str)  # once per image (2 a part)
     assert r["imagenet-p"]["mfr"] is None and "baseline" in r["imagenet-p"]["normalisation_note"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "generated from" in report and "mfr omitted" in report.lower().replace("normalisation", "mfr")
+
+
+@needs_frost
+@needs_av
+def test_generated_imagenet_c_and_p_do_not_depend_on_the_batch_size(tmp_path, data_root, checkpoint):
+    """Each image is corrupted with the generator of its own dataset index, so the generated
+    benchmarks score the same images whatever --batch-size and --shard-size cut them into."""
+    only_val = tmp_path / "data"
+    only_val.mkdir()
+    (only_val / "val").symlink_to(data_root / "val")
+    results = []
+    for run, sizes in enumerate([("--batch-size", 4, "--shard-size", 1000), ("--batch-size", 1, "--shard-size", 1)]):
+        out = tmp_path / f"out{run}"
+        args = common(out, checkpoint, only_val, "--suite", "imagenet-c,imagenet-p", "--limit", 3,
+                      "--baseline-model", "none")
+        at = args.index("--batch-size")
+        assert cli(*args[:at], *args[at + 2:], *sizes) == 0
+        results.append(load(out)["tiny"])
+    for name in ("gaussian_noise", "shot_noise", "snow"):
+        assert results[0]["imagenet-p"]["t5d"][name] == pytest.approx(results[1]["imagenet-p"]["t5d"][name], abs=1e-12)
+    assert results[0]["imagenet-p"]["fr"] == pytest.approx(results[1]["imagenet-p"]["fr"], abs=1e-9)
+    assert results[0]["imagenet-c"]["top1"] == results[1]["imagenet-c"]["top1"]
 
 
 def test_generated_imagenet_c_without_frost_photographs_is_unavailable_with_the_reason(tmp_path, data_root,
@@ -336,9 +358,8 @@ def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):
 
     def mean_logit(ctx):
         calls.append(1)
-        dataset = ctx.__class__  # noqa: F841  (the contract: ctx.records over any dataset)
-        images = data.ImageFolderBenchmark(ctx.source("val"), data.transform_for(ctx.config))
-        rec = ctx.records("val", images, lambda x, y, start: {"m": ctx.forward(x).mean(1)})
+        images = ctx.dataset("val")  # the registry docstring's example
+        rec = ctx.records("val", images, lambda x, y, indices: {"m": ctx.forward(x).mean(1)})
         return {"mean_logit": float(rec["m"].mean()), "n": len(rec["m"])}
     register_task("test-mean-logit", mean_logit, needs=("val",), replace=True)
     try:
@@ -537,12 +558,25 @@ def test_imagenet_9_without_the_original_variant(tmp_path, data_root, checkpoint
 def test_one_batch_loaders_decode_in_this_process():
     """loader_for forks no worker processes for a single batch (nothing to overlap, and each fork
     costs copy-on-write faults for every page this process then writes); more batches get --workers."""
-    from lkfast.eval.sources import loader_for
+    from lkfast.eval.sources import _data_loader, loader_for
 
     dataset = [(torch.zeros(3, 4, 4), k) for k in range(6)]
     options = EvalOptions(out="unused", data={}, workers=2)
-    assert loader_for(dataset, [[0, 1, 2, 3, 4, 5]], options, "cpu").num_workers == 0
-    loader = loader_for(dataset, [[0, 1, 2], [3, 4, 5]], options, "cpu")
+    assert _data_loader(dataset, [[0, 1, 2, 3, 4, 5]], options, "cpu").num_workers == 0
+    loader = _data_loader(dataset, [[0, 1, 2], [3, 4, 5]], options, "cpu")
     assert loader.num_workers == 2
-    images, targets, skipped = next(iter(loader_for(dataset, [[0, 1, 2, 3, 4, 5]], options, "cpu")))
-    assert targets.tolist() == [0, 1, 2, 3, 4, 5] and skipped == 0
+    images, targets, indices, skipped = next(iter(loader_for(dataset, [[0, 1, 2, 3, 4, 5]], options, "cpu")))
+    assert targets.tolist() == [0, 1, 2, 3, 4, 5] and indices == [0, 1, 2, 3, 4, 5] and skipped == 0
+
+
+def test_loader_names_the_dataset_index_of_each_kept_item():
+    """An unreadable item is dropped, and the batch says which dataset indices it kept (the per-image
+    seeds of generated corruptions and the analyses' draws follow them)."""
+    from lkfast.eval.sources import loader_for
+
+    dataset = [(None if k in (1, 4) else torch.full((3, 2, 2), float(k)), 10 + k) for k in range(6)]
+    options = EvalOptions(out="unused", data={}, workers=0)
+    batches = list(loader_for(dataset, [[0, 1, 2], [3, 4, 5]], options, "cpu"))
+    assert [b[2] for b in batches] == [[0, 2], [3, 5]]
+    assert [b[1].tolist() for b in batches] == [[10, 12], [13, 15]] and [b[3] for b in batches] == [1, 1]
+    assert batches[1][0][:, 0, 0, 0].tolist() == [3.0, 5.0]

@@ -112,13 +112,6 @@ def _model(ctx):
 # ``ctx.records`` (sharded, cached, resumed, spread over torchrun ranks) and turns the gathered
 # per-image rows into the sweep's result with the matching ``*_summary``.
 
-def _generators(ctx, start: int, count: int) -> list:
-    """One generator per image of a batch, ``ctx.generator("val", image index)``: an image's random
-    draws (patches, PGD start, TAIG-R path noise, frequency noise) do not depend on the batch, shard
-    or rank it is computed in. (An unreadable image dropped from a batch shifts the later ones' seeds.)"""
-    return [ctx.generator("val", start + i) for i in range(count)]
-
-
 def occlusion(ctx) -> dict:
     from lkfast.analysis.occlusion import batch_saliency, occlusion_outcomes, occlusion_summary, patch_grid
 
@@ -135,13 +128,13 @@ def occlusion(ctx) -> dict:
     dataset = _val_dataset(ctx, masks=saliency == "masks")
     modes, ratios = (analysis.MODES if saliency is not None else ("random",)), analysis.RATIOS
 
-    def compute(images, targets, start):
+    def compute(images, targets, indices):
         masks = None
         if saliency == "masks":
             images, masks = _split_masks(images)
         patch_saliency = batch_saliency(images, masks, saliency, modes)
         return occlusion_outcomes(ctx.model, images, targets, ratios, modes, patch_saliency, saliency == "masks",
-                                  generator=_generators(ctx, start, len(targets)))
+                                  generator=ctx.generators("val", indices))
     records = ctx.records("val", dataset, compute, key={"saliency": source, "modes": modes, "ratios": ratios})
     result = occlusion_summary(records, ratios, modes, patch_grid(*ctx.config["input_size"][-2:]), saliency=saliency)
     if saliency is not None:
@@ -183,7 +176,7 @@ def _figure5(ctx, dataset, saliency) -> None:
 def fgsm(ctx) -> dict:
     model, eps = _model(ctx), attacks.FGSM_EPS
     attack_set = attacks.fgsm_attacks(eps)
-    records = ctx.records("val", _val_dataset(ctx), lambda x, y, start: attacks.attack_outcomes(model, x, y, attack_set),
+    records = ctx.records("val", _val_dataset(ctx), lambda x, y, indices: attacks.attack_outcomes(model, x, y, attack_set),
                           key={"eps": eps})
     return attacks.fgsm_summary(records, eps)
 
@@ -194,8 +187,8 @@ PGD = dict(eps_values=attacks.PGD_EPS, steps=5, steps_values=attacks.PGD_STEPS, 
 def pgd(ctx) -> dict:
     model = _model(ctx)
 
-    def compute(x, y, start):
-        return attacks.attack_outcomes(model, x, y, attacks.pgd_attacks(**PGD, generator=_generators(ctx, start, len(y))))
+    def compute(x, y, indices):
+        return attacks.attack_outcomes(model, x, y, attacks.pgd_attacks(**PGD, generator=ctx.generators("val", indices)))
     records = ctx.records("val", _val_dataset(ctx), compute, key=PGD)
     return attacks.pgd_summary(records, **PGD)
 
@@ -289,14 +282,14 @@ def taig(ctx) -> dict:
             loaded.append(surrogate.float().eval())
         return loaded[0]
 
-    def compute(x, y, start):
+    def compute(x, y, indices):
         # The surrogate's images depend on the surrogate, the images and their seeds, not on the target:
         # the run's other targets of the same surrogate reuse them (20 x 21 passes per eps per batch).
         surrogate = surrogate_model()
-        key = (spec.key(), repr(sorted(TAIG.items())), ctx.options.seed, start, _digest(x, y))
+        key = (spec.key(), repr(sorted(TAIG.items())), ctx.options.seed, tuple(indices), _digest(x, y))
         adversarials = _ADVERSARIALS.get(key)
         if adversarials is None:
-            adversarials = attacks.transfer_adversarials(surrogate, x, y, generator=_generators(ctx, start, len(y)),
+            adversarials = attacks.transfer_adversarials(surrogate, x, y, generator=ctx.generators("val", indices),
                                                          **TAIG)
             _ADVERSARIALS.put(key, adversarials)
         return attacks.transfer_outcomes(surrogate, targets, x, y, adversarials=adversarials, **TAIG)
@@ -311,7 +304,7 @@ def lesion(ctx) -> dict:
         plan = LesionPlan(ctx.model, seed=ctx.options.seed, scope="paper")  # drawn once for every shard
     except ValueError as error:  # nothing removable: the run goes on, the report says why
         raise TaskUnavailable(str(error)) from error
-    records = ctx.records("val", _val_dataset(ctx), lambda x, y, start: lesion_outcomes(ctx.model, x, y, plan),
+    records = ctx.records("val", _val_dataset(ctx), lambda x, y, indices: lesion_outcomes(ctx.model, x, y, plan),
                           key={"removed": plan.names(), "candidates": [b.name for b in plan.candidates]})
     return lesion_summary(records, plan)
 
@@ -319,8 +312,8 @@ def lesion(ctx) -> dict:
 def frequency(ctx) -> dict:
     from lkfast.analysis.frequency import FREQUENCIES, NOISE_EPS, WIDTH, frequency_outcomes, frequency_summary
 
-    def compute(x, y, start):
-        return frequency_outcomes(ctx.model, x, y, FREQUENCIES, NOISE_EPS, WIDTH, _generators(ctx, start, len(y)))
+    def compute(x, y, indices):
+        return frequency_outcomes(ctx.model, x, y, FREQUENCIES, NOISE_EPS, WIDTH, ctx.generators("val", indices))
     records = ctx.records("val", _val_dataset(ctx), compute,
                           key={"frequencies": FREQUENCIES, "eps": NOISE_EPS, "width": WIDTH})
     result = frequency_summary(records, FREQUENCIES, NOISE_EPS, WIDTH)
@@ -369,7 +362,7 @@ _DESCRIPTIONS = {
     "feature-variance": "Fig. 10: normalised feature-map variance against depth",
     "ablation": "Tables 5 and 7: the kernel-size ablation (each model's kernel size and family; the tables come "
                 "from the other tasks)"}
-# version 2: occlusion to frequency run through ctx.records (sharded; random draws seeded per batch start)
+# version 2: occlusion to frequency run through ctx.records (sharded; random draws seeded per image)
 _SHARDED = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency")
 for _name in ANALYSIS_TASKS:
     if _name not in TASKS:

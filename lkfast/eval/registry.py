@@ -4,7 +4,7 @@
 
     def my_task(ctx):                       # ctx: lkfast.eval.runner.TaskContext
         data = ctx.dataset("val")           # ImageNet-val (or the class space's own data), [0, 1] images
-        rec = ctx.records("val", data, lambda x, y, start: {"pred": ctx.forward(x).argmax(1), "target": y})
+        rec = ctx.records("val", data, lambda x, y, indices: {"pred": ctx.forward(x).argmax(1), "target": y})
         return {"top1": 100.0 * (rec["pred"] == rec["target"]).float().mean().item()}
 
     register_task("my-task", my_task, needs=("val",), count=lambda ctx: len(ctx.dataset("val")))

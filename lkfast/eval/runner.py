@@ -94,10 +94,11 @@ class TaskContext:
 
     Attributes: ``model`` (``Normalized``: [0, 1] images in, logits out), ``spec`` (ModelSpec),
     ``config`` (the model's data config), ``options`` (EvalOptions), ``class_space``, ``device``.
-    Methods: ``source(name)`` (a data folder, or TaskUnavailable), ``forward(images)``,
+    Methods: ``source(name)`` (a data folder, or TaskUnavailable), ``dataset(name)`` (that folder as
+    preprocessed images), ``forward(images)``,
     ``records(part, dataset, compute)`` (the sharded, cached, distributed per-image loop),
     ``result_of(task)`` and ``baseline_result(task)`` (other results this one builds on),
-    ``generator(part, start)`` (a seeded generator for on-the-fly corruptions).
+    ``generators(part, indices)`` (one seeded generator per image, for random draws).
     """
 
     def __init__(self, runner: "Runner", task: Task, spec: ModelSpec, model, config: Dict[str, Any],
@@ -123,15 +124,27 @@ class TaskContext:
                                   f"put it under --data-root as {name}/)")
         return path
 
+    def dataset(self, name: str):
+        """Data source ``name`` read as an image folder (``<class folder>/<image>``), preprocessed for
+        this model, the first ``--limit`` images (e.g. ``ctx.dataset("val")``)."""
+        from lkfast.eval.tasks import image_folder
+
+        return image_folder(self, self.source(name), self.class_space.folder_index())
+
     def has_source(self, name: str) -> bool:
         path = self.options.data.get(name)
         return path is not None and Path(path).is_dir()
 
-    def generator(self, part: str, start: int) -> torch.Generator:
-        """A generator on the evaluation device seeded by (--seed, part, first image index): the same
-        images get the same corruption whatever the sharding or the number of ranks."""
-        seed = int(stable_hash([self.options.seed, part, start], 12), 16)
+    def generator(self, part: str, index: int) -> torch.Generator:
+        """A generator on the evaluation device seeded by (--seed, part, dataset index of the image)."""
+        seed = int(stable_hash([self.options.seed, part, int(index)], 12), 16)
         return torch.Generator(device=self.device).manual_seed(seed)
+
+    def generators(self, part: str, indices: Sequence[int]) -> List[torch.Generator]:
+        """One generator per image of a batch (``indices``: ``records``' third argument): an image's
+        random draws do not depend on the batch size, the shard size, the number of ranks or which
+        other images were unreadable."""
+        return [self.generator(part, i) for i in indices]
 
     # compute ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -150,11 +163,12 @@ class TaskContext:
 
     def records(self, part: str, dataset, compute: Callable, batch_size: Optional[int] = None,
                 frames: int = 1, key: Any = None) -> Dict[str, torch.Tensor]:
-        """Run ``compute(images, targets, start) -> {name: tensor with one row per item}`` over
+        """Run ``compute(images, targets, indices) -> {name: tensor with one row per item}`` over
         ``dataset`` and return each name's rows for the whole dataset, in dataset order.
 
         images/targets: a batch on the evaluation device (unreadable items already dropped, see
-        ``skipped``); start: the dataset index of the batch's first item. part: a name unique within
+        ``skipped``); indices: the dataset index of each of its items (a list of ints; seed per-image
+        random draws with ``generators(part, indices)``). part: a name unique within
         the task (e.g. "snow/3"). frames: forward passes per item (progress and throughput only).
         key: anything else that changes the records (part of the shard cache key).
         The dataset is cut into shards of ``--shard-size`` items; each finished shard is stored, a
@@ -228,7 +242,7 @@ class TaskContext:
         last = {i: j for j, i in enumerate(owner)}
         pending: Dict[int, Dict[str, Any]] = {}
         loader = loader_for(dataset, batches, self.options, self.device)
-        for j, (images, targets, skipped) in enumerate(loader):
+        for j, (images, targets, indices, skipped) in enumerate(loader):
             i = owner[j]
             shard = pending.setdefault(i, {"items": {}, "skipped": 0})
             if skipped:
@@ -243,10 +257,11 @@ class TaskContext:
                     warnings.warn(f"{self.task.name}/{part}: skipped {bad} undecodable JPEG(s) among dataset indices "
                                   f"{batches[j][0]}..{batches[j][-1]} (counted in the report)", stacklevel=2)
                     targets = targets[ok]
+                    indices = [index for index, good in zip(indices, ok.tolist()) if good]
             if images is not None and len(images):
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
-                for name, value in compute(images, targets, batches[j][0]).items():
+                for name, value in compute(images, targets, indices).items():
                     shard["items"].setdefault(name, []).append(value.detach().cpu())
                 if self.progress is not None:
                     self.progress.update(len(images) * frames)

@@ -126,11 +126,34 @@ class EncodedImages(torch.utils.data.Dataset):
         return torch.stack(images).float().div_(255), torch.tensor(ok)
 
 
+class _Indexed(torch.utils.data.Dataset):
+    """``dataset``'s items as (image, (target, index)): the collate functions stack the pairs, so each
+    batch says which dataset indices it kept after dropping unreadable items."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[index]
+        return image, (target, index)
+
+
 def loader_for(dataset, batches: Sequence[List[int]], options, device: str):
-    """A DataLoader yielding (images, targets, n_skipped) for the given index batches, decoding in
-    ``--workers`` processes (in this one when there is a single batch), with pinned memory when
-    evaluating on CUDA (``EncodedImages`` yield lists of file bytes instead, decoded by
+    """Yield (images, targets, indices, n_skipped) for the given index batches: indices is the list
+    of the dataset indices of the items kept (unreadable ones are dropped and counted in n_skipped).
+    Decodes in ``--workers`` processes (in this one when there is a single batch), with pinned memory
+    when evaluating on CUDA (``EncodedImages`` yield lists of file bytes instead, decoded by
     ``decode_batch``)."""
+    loader = _data_loader(dataset, batches, options, device)
+    for images, pairs, skipped in loader:
+        pairs = pairs.view(-1, 2)
+        yield images, pairs[:, 0].clone(), pairs[:, 1].tolist(), skipped
+
+
+def _data_loader(dataset, batches: Sequence[List[int]], options, device: str) -> DataLoader:
     batches = list(batches)
     # Worker processes are forked from this one: each costs a fork and a copy-on-write page fault for
     # every page this process then writes while they live. They pay off by decoding later batches while
@@ -139,7 +162,7 @@ def loader_for(dataset, batches: Sequence[List[int]], options, device: str):
     # decoding in the main process).
     workers = max(0, int(options.workers)) if len(batches) > 1 else 0
     collate = EncodedImages.collate if isinstance(dataset, EncodedImages) else _collate
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+    return DataLoader(_Indexed(dataset), batch_sampler=batches, num_workers=workers, collate_fn=collate,
                       pin_memory=device.startswith("cuda") and torch.cuda.is_available()
                       and not isinstance(dataset, EncodedImages),
                       prefetch_factor=4 if workers else None, persistent_workers=False)

@@ -77,7 +77,7 @@ def predict(ctx: TaskContext, subset: Optional[Sequence[int]] = None):
     over ``subset``'s logits when given, targets indexing the full class space)."""
     from lkfast import metrics
 
-    def compute(images, targets, start):
+    def compute(images, targets, indices):
         return _counts(metrics.accuracy(ctx.forward(images), targets, class_subset=subset), len(targets))
     return compute
 
@@ -131,11 +131,12 @@ def imagenet_o(ctx: TaskContext) -> dict:
     in_set, out_set, subset = _o_datasets(ctx)
     index = torch.tensor(list(subset), device=ctx.device)
 
-    def compute(images, targets, start):
+    def compute(images, targets, indices):
         probabilities = ctx.forward(images)[:, index].softmax(1)
         return {"score": -probabilities.max(1).values}
-    in_scores = ctx.records("val-200", in_set, compute)["score"]
-    out_scores = ctx.records("imagenet-o", out_set, compute)["score"]
+    classes = sorted(subset)  # the softmax runs over these logits, and val is filtered to them
+    in_scores = ctx.records("val-200", in_set, compute, key=classes)["score"]
+    out_scores = ctx.records("imagenet-o", out_set, compute, key=classes)["score"]
     if not len(in_scores) or not len(out_scores):
         raise TaskUnavailable("imagenet-o needs readable images in both ImageNet-O and ImageNet-val")
     scores = metrics.ood_scores(in_scores, out_scores)
@@ -144,6 +145,17 @@ def imagenet_o(ctx: TaskContext) -> dict:
 
 
 # ImageNet-C ----------------------------------------------------------------------------------------
+def _per_image(ctx: TaskContext, part: str, images: torch.Tensor, indices, corrupt_one) -> torch.Tensor:
+    """``corrupt_one(image batch of one, generator)`` for each image with the generator of its dataset
+    index, concatenated: generated ImageNet-C/-P do not depend on the batch or shard size."""
+    return torch.cat([corrupt_one(image[None], g) for image, g in zip(images, ctx.generators(part, indices))])
+
+
+def _source_key(source: str):
+    # generated parts were seeded per batch before 2026-12; per image since ("disk" keys are unchanged)
+    return source if source == "disk" else [source, "seeded per image"]
+
+
 def _c_parts(ctx) -> Tuple[str, List[Tuple[str, int, object]]]:
     """("disk" or "generated", [(corruption, severity, dataset)])."""
     from lkfast import corrupt, data
@@ -177,10 +189,11 @@ def imagenet_c(ctx: TaskContext) -> dict:
         if source == "generated":
             part = f"{name}/{severity}"
 
-            def compute(images, targets, start, name=name, severity=severity, part=part, base=compute):
-                images = corrupt.corrupt(images.float(), name, severity, generator=ctx.generator(part, start))
-                return base(images, targets, start)
-        records = ctx.records(f"{name}/{severity}", dataset, compute, key=source)
+            def compute(images, targets, indices, name=name, severity=severity, part=part, base=compute):
+                images = _per_image(ctx, part, images.float(), indices,
+                                    lambda x, g: corrupt.corrupt(x, name, severity, generator=g))
+                return base(images, targets, indices)
+        records = ctx.records(f"{name}/{severity}", dataset, compute, key=_source_key(source))
         top1.setdefault(name, {})[severity] = _top1(records)
     errors = {c: {s: 1.0 - v / 100.0 for s, v in by.items()} for c, by in top1.items()}
     clean_error, note = None, "no ImageNet-val given, so no clean error"
@@ -269,14 +282,15 @@ def imagenet_p(ctx: TaskContext) -> dict:
         noise = _is_noise(name)
         frames = corrupt.PERTURBATIONS[name]
 
-        def compute(images, targets, start, name=name, noise=noise):
+        def compute(images, targets, indices, name=name, noise=noise):
             if images.dim() == 4:  # generated: images -> (N, T, 3, H, W) sequences
-                images = corrupt.perturbation_sequence(images.float(), name, 1, generator=ctx.generator(name, start))
+                images = _per_image(ctx, name, images.float(), indices,
+                                    lambda x, g: corrupt.perturbation_sequence(x, name, 1, generator=g))
             n, t = images.shape[:2]
             logits = ctx.forward(images.flatten(0, 1)).view(n, t, -1)
             return {"pred": logits.argmax(2), "t5d": metrics.top5_distance(logits, noise, per_sequence=True)}
         records = ctx.records(name, dataset, compute, batch_size=max(1, ctx.options.batch_size // frames),
-                              frames=frames, key=source)
+                              frames=frames, key=_source_key(source))
         scored[name] = len(records.get("pred", ()))
         if scored[name]:
             fp[name] = metrics.flip_probability(records["pred"], noise)
@@ -334,7 +348,7 @@ def imagenet_9(ctx: TaskContext) -> dict:
 
     nine = torch.tensor(ctx.class_space.nine_map)
 
-    def compute(images, targets, start):
+    def compute(images, targets, indices):
         return _counts(metrics.imagenet9_accuracy(ctx.forward(images), targets, nine), len(targets))
     top1 = {}
     for variant, dataset in _nine_parts(ctx):
