@@ -241,6 +241,52 @@ def test_imagenet_p_noise_difficulty_folders(tmp_path):
         imagenet_p_contents(root)
 
 
+
+def test_imagenet_p_sequence_of_another_length_is_skipped_and_named(tmp_path):
+    # one array cut short (a partly decodable video gives the same) would make the frames of a
+    # batch impossible to stack and stop the whole run: it is skipped and counted instead
+    root = tmp_path / "p"
+    for wnid, name, t in ((WNIDS[0], "a", 6), (WNIDS[0], "b_short", 4), (WNIDS[0], "c", 6), (WNIDS[1], "d", 6)):
+        (root / "translate" / wnid).mkdir(parents=True, exist_ok=True)
+        np.save(root / "translate" / wnid / f"{name}.npy", frames_for(len(name), t=t).numpy())
+    ds = ImageNetP(root, "translate")
+    assert ds.frames == 6
+    with pytest.warns(UserWarning, match=r"b_short\.npy.*4 frames where the sequences of 'translate' have 6"):
+        assert ds[1] == (None, 0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_skipping)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(loader)
+    assert [skipped for _, _, skipped in batches] == [1, 0]
+    videos = torch.cat([images for images, _, _ in batches])
+    assert videos.shape == (3, 6, 3, 16, 16) and torch.cat([t for _, t, _ in batches]).tolist() == [0, 0, 1]
+    assert torch.equal(videos[2], frames_for(1, t=6).float() / 255)
+    # an explicit count wins over the probe
+    short = ImageNetP(root, "translate", frames=4)
+    assert short.frames == 4 and short[1][0].shape == (4, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"a\.npy.*6 frames where the sequences of 'translate' have 4"):
+        assert short[0] == (None, 0)
+    with pytest.raises(ValueError, match="frames must be an integer >= 2"):
+        ImageNetP(root, "translate", frames=1)
+    # nothing readable to probe: the release's count (31 for rotate, 41 for translate)
+    (root / "rotate" / WNIDS[0]).mkdir(parents=True)
+    (root / "rotate" / WNIDS[0] / "bad.mp4").write_bytes(b"\x00" * 64)
+    assert ImageNetP(root, "rotate").frames == 31
+
+
+@needs_av
+def test_imagenet_p_mp4_cut_short_is_skipped(tmp_path):
+    from lkfast.data import encode_mp4
+
+    folder = tmp_path / "p" / "scale" / WNIDS[0]
+    folder.mkdir(parents=True)
+    for name, t in (("a", 5), ("b", 3), ("c", 5)):
+        (folder / f"{name}.mp4").write_bytes(encode_mp4(frames_for(0, t=t), preset="ultrafast"))
+    ds = ImageNetP(tmp_path / "p", "scale")
+    assert ds.frames == 5 and ds[0][0].shape == (5, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"b\.mp4.*3 frames where the sequences of 'scale' have 5"):
+        assert ds[1] == (None, 0)
+
 # ----------------------------------------------------------------------------- ImageNet-9
 
 def test_imagenet9_reader(tmp_path):

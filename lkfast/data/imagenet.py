@@ -29,6 +29,7 @@ reported (never a silent wrong score). A folder that does not match its layout r
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -335,6 +336,24 @@ def _decode_sequence(path: Path) -> torch.Tensor:
     return read_mp4(path)
 
 
+def _sequence_length(path: Path) -> Optional[int]:
+    """The frame count a sequence file declares (an .npy header, an mp4 index), without decoding
+    it where the file says; None if it cannot be read."""
+    try:
+        if path.suffix.lower() == ".npy":
+            import numpy as np
+
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            return int(shape[0]) if len(shape) == 4 else None
+        import av
+
+        with av.open(str(path)) as container:
+            declared = int(container.streams.video[0].frames)
+        return declared or int(read_mp4(path).shape[0])
+    except Exception:  # an unreadable probe says nothing about the others; it is skipped when read
+        return None
+
+
 class ImageFolderBenchmark(Dataset):
     """Images in ``<root>/<class folder>/<image>``; item = (transform(PIL RGB image), target).
 
@@ -552,13 +571,20 @@ class ImageNetP(ImageFolderBenchmark):
     ``<perturbation>_2`` and ``<perturbation>_3`` (as the release and ``lkfast.data.render`` lay
     them out); for the others difficulty is the frame stride of the metrics (the same videos), kept
     here as ``self.stride`` for ``lkfast.metrics.flip_probability``.
+
+    frames: how many frames every sequence must have (``self.frames``). Default: the count most
+    sequences have, read from the headers of up to five sequences spread over the folder (ties go
+    to the release's count, 41 for translate and 31 for the others, which is also used when none
+    can be read). A sequence with another count (a partly decodable video, an array cut short) is
+    skipped like an unreadable file, with a warning naming it: the metrics compare frames across
+    sequences, and one odd length would stop the whole run.
     """
 
     name = "ImageNet-P"
     layout = "<root>/<perturbation>[_<difficulty>]/<wnid>/<sequence>.mp4"
 
     def __init__(self, root: PathLike, perturbation: str, transform: Optional[Callable] = None,
-                 limit: Optional[int] = None, difficulty: int = 1):
+                 limit: Optional[int] = None, difficulty: int = 1, frames: Optional[int] = None):
         if perturbation not in metrics.IMAGENET_P:
             raise ValueError(f"unknown perturbation {perturbation!r}; valid: {', '.join(metrics.IMAGENET_P)}")
         if isinstance(difficulty, bool) or difficulty not in (1, 2, 3):
@@ -573,13 +599,33 @@ class ImageNetP(ImageFolderBenchmark):
             present = [f.name for f in _subfolders(root)]
             raise DatasetLayoutError(f"ImageNet-P: no folder {folder!r} in {str(root)!r}; found: "
                                      f"{', '.join(present[:12]) or 'no folders'}. Expected {self.layout}")
+        if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 2):
+            raise ValueError(f"frames must be an integer >= 2 (the frames of every sequence) or None to read it "
+                             f"from the sequences; got {frames!r}")
         super().__init__(root / folder, transform, limit=limit)
+        self.frames = frames if frames is not None else self._common_length()
 
     def _find(self, class_index, classes):
         return _scan(self.root, self.name, self.layout, class_index, suffixes=SEQUENCE_SUFFIXES)
 
+    def _common_length(self, probes: int = 5) -> int:
+        from lkfast.corrupt import PERTURBATIONS
+
+        n = len(self.samples)
+        picked = sorted({round(k * (n - 1) / (probes - 1)) for k in range(probes)})
+        counts = collections.Counter(t for t in (_sequence_length(self.samples[i][0]) for i in picked) if t)
+        release = PERTURBATIONS[self.perturbation]
+        if not counts:
+            return release
+        # most common; on a tie the release's count, else the longer
+        return max(counts, key=lambda t: (counts[t], t == release, t))
+
     def _decode(self, path: Path):
-        return _decode_sequence(path)
+        frames = _decode_sequence(path)
+        if frames.shape[0] != self.frames:
+            raise ValueError(f"{frames.shape[0]} frames where the sequences of {self.root.name!r} have {self.frames} "
+                             "(a video cut short, or one from another set?)")
+        return frames
 
 
 def imagenet9_folder_targets(names: Sequence[str], where: PathLike = "") -> Dict[str, int]:
