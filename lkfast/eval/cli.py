@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", action="append", default=[], metavar="NAME[:CKPT][=LABEL],...",
                    help="models to evaluate: a RepLKNet or timm name, an optional local checkpoint after ':', an "
                         "optional label after '='; comma list or repeated (e.g. replknet_31b:31b.pth=RepLKNet-31B). A "
+                        "checkpoint path may hold '=' (runs/lr=0.1/model.pth): text after the last '=' is the label "
+                        "only if it has no '/' and the path with it does not exist. A "
                         "python -m lkfast.train output folder (or its model.safetensors) as the checkpoint also "
                         "gives the kernel size and class count it was trained with")
     p.add_argument("--input-size", type=int, default=None, metavar="N",
@@ -140,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         data = resolve_sources(args.data_root, dirs)
         class_space, baseline, default_workers = None, None, min(8, os.cpu_count() or 1)
         if args.baseline_model and args.baseline_model.lower() != "none":
-            baseline = ModelSpec.parse(args.baseline_model, source="torchvision")
+            baseline = ModelSpec.parse(args.baseline_model, source="torchvision", option="--baseline-model")
         if not models and not data:
             if importlib.util.find_spec("lkfast.eval.default") is None:
                 print(_no_input_message(), file=sys.stderr)

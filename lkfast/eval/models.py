@@ -53,20 +53,28 @@ class ModelSpec:
         return self.label or self.name
 
     @classmethod
-    def parse(cls, text: str, source: str = "timm") -> "ModelSpec":
+    def parse(cls, text: str, source: str = "timm", option: str = "--models") -> "ModelSpec":
         """``name[:checkpoint][=label]``, e.g. ``replknet_31b:/ckpt/31b.pth=RepLKNet-31B``.
-        Raises ValueError for an empty name or label, or a label starting with '_' (reserved)."""
+
+        After a checkpoint, the text after the last '=' is the label unless it holds a '/' or the
+        checkpoint including it is an existing path: ``resnet50:/runs/optim.lr=0.1/model.pth`` is a
+        checkpoint and no label (append ``=label`` to label it). Raises ValueError, naming ``option``, for an empty name or
+        label, or a label starting with '_' (reserved)."""
         text = text.strip()
-        label = None
+        head, label = text, None
         if "=" in text:
-            text, label = text.rsplit("=", 1)
-            label = label.strip()
-            if not label or label.startswith("_"):
-                raise ValueError(f"--models: the label after '=' must be non-empty and not start with '_', got {label!r}")
-        name, _, checkpoint = text.partition(":")
+            before, after = text.rsplit("=", 1)
+            checkpoint = text.partition(":")[2].strip()
+            in_path = bool(checkpoint) and ("/" in after or os.sep in after or os.path.exists(checkpoint))
+            if not in_path:  # Hydra-style run folders (lr=0.1/) put '=' in checkpoint paths
+                head, label = before, after.strip()
+                if not label or label.startswith("_"):
+                    raise ValueError(f"{option}: the label after '=' must be non-empty and not start with '_', "
+                                     f"got {label!r} in {text!r}")
+        name, _, checkpoint = head.partition(":")
         name = name.strip()
         if not name:
-            raise ValueError(f"--models: expected name[:checkpoint][=label], got {text!r}")
+            raise ValueError(f"{option}: expected name[:checkpoint][=label], got {text!r}")
         return cls(name, checkpoint.strip() or None, label, source)
 
     def key(self) -> str:

@@ -1,0 +1,48 @@
+"""python -m lkfast.eval's command line before any model or data is touched: how --models and
+--baseline-model texts are read, and the errors for checkpoints that are not there."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lkfast.eval.cli import build_parser
+from lkfast.eval.models import ModelSpec
+
+
+def parsed(text, **kwargs):
+    spec = ModelSpec.parse(text, **kwargs)
+    return spec.name, spec.checkpoint, spec.label
+
+
+def test_model_spec_name_checkpoint_label():
+    assert parsed("replknet_31b:/ckpt/31b.pth=RepLKNet-31B") == ("replknet_31b", "/ckpt/31b.pth", "RepLKNet-31B")
+    assert parsed(" resnet50 ") == ("resnet50", None, None)
+    assert parsed("resnet50=ResNet-50") == ("resnet50", None, "ResNet-50")
+    assert parsed("resnet50:r50.pth") == ("resnet50", "r50.pth", None)
+
+
+def test_model_spec_checkpoint_path_with_equals_sign(tmp_path):
+    # Hydra-style run folders: the '=' belongs to the path, not to a label
+    assert parsed("resnet50:/runs/optim.lr=0.1/model.pth") == ("resnet50", "/runs/optim.lr=0.1/model.pth", None)
+    assert parsed("resnet50:/runs/optim.lr=0.1/model.pth=R50") == ("resnet50", "/runs/optim.lr=0.1/model.pth", "R50")
+    assert parsed("resnet50:runs/a=1/b=2/model.pth") == ("resnet50", "runs/a=1/b=2/model.pth", None)
+    # a path ending in "=value" is a checkpoint when it exists, else the value is a label
+    folder = tmp_path / "lr=0.1"
+    folder.mkdir()
+    assert parsed(f"resnet50:{folder}") == ("resnet50", str(folder), None)
+    assert parsed(f"resnet50:{folder}=R50") == ("resnet50", str(folder), "R50")
+    assert parsed(f"resnet50:{tmp_path / 'lr=0.2'}") == ("resnet50", str(tmp_path / "lr"), "0.2")
+
+
+def test_model_spec_errors_name_the_option():
+    with pytest.raises(ValueError, match=r"^--models: the label after '=' must be non-empty.*'_x'"):
+        ModelSpec.parse("resnet50:r.pth=_x")
+    with pytest.raises(ValueError, match=r"^--baseline-model: expected name\[:checkpoint\]\[=label\], got ':a.pth'"):
+        ModelSpec.parse(":a.pth", source="torchvision", option="--baseline-model")
+
+
+def test_help_states_the_equals_rule():
+    text = re.sub(r"\s+", " ", build_parser().format_help())
+    assert "A checkpoint path may hold '=' (runs/lr=0.1/model.pth): text after the last '=' is the label only if " \
+           "it has no '/'" in text
