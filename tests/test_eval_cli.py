@@ -46,3 +46,40 @@ def test_help_states_the_equals_rule():
     text = re.sub(r"\s+", " ", build_parser().format_help())
     assert "A checkpoint path may hold '=' (runs/lr=0.1/model.pth): text after the last '=' is the label only if " \
            "it has no '/'" in text
+
+
+def run_cli(capsys, *args):
+    from lkfast.eval.cli import main
+
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def test_missing_checkpoint_names_the_option_and_the_model(tmp_path, capsys):
+    # checked before any model is built or any checkpoint hashed (the cache key reads the file)
+    out = ["--out", tmp_path / "out", "--no-progress", "--workers", 0]
+    rc, err = run_cli(capsys, "--models", f"test_resnet:{tmp_path / 'nope.pth'}=tiny", *out)
+    assert rc == 2
+    assert f"lkfast.eval: error: --models test_resnet (label 'tiny'): checkpoint '{tmp_path / 'nope.pth'}' not found" in err
+    assert "Errno" not in err
+    rc, err = run_cli(capsys, "--models", "test_resnet", "--baseline-model", "alexnet:/nope/alexnet.pth", *out)
+    assert rc == 2
+    assert "lkfast.eval: error: --baseline-model alexnet: checkpoint '/nope/alexnet.pth' not found" in err
+    assert "Errno" not in err
+    # a path ending in '=value' that is not there: the message says how it was read
+    rc, err = run_cli(capsys, "--models", f"test_resnet:{tmp_path / 'runs' / 'lr=0.1'}", *out)
+    assert rc == 2
+    assert (f"--models test_resnet (label '0.1'): checkpoint '{tmp_path / 'runs' / 'lr'}' not found; the text after "
+            f"the last '=' was read as the label, and '{tmp_path / 'runs' / 'lr=0.1'}' does not exist either") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_spec_key_of_a_missing_checkpoint_says_so(tmp_path):
+    # the API path (run_evaluation with ModelSpec objects) hashes the checkpoint for the cache key
+    with pytest.raises(FileNotFoundError, match=r"^model 'A': checkpoint '.*nope\.pth' not found$"):
+        ModelSpec("alexnet", str(tmp_path / "nope.pth"), "A", "torchvision").key()
+    with pytest.raises(FileNotFoundError, match=r"^model 'resnet50': checkpoint '.*' is a folder"):
+        ModelSpec("resnet50", str(tmp_path)).key()
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+    assert ModelSpec("resnet50", str(weights)).key().startswith("timm-resnet50-")

@@ -98,8 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _existing_checkpoint(spec: ModelSpec, option: str) -> ModelSpec:
+    """``spec`` if it has no checkpoint or its checkpoint exists; otherwise FileNotFoundError naming
+    the option and the model, before anything is built or hashed."""
+    if spec.checkpoint is None or os.path.exists(spec.checkpoint):
+        return spec
+    label = "" if spec.label is None else f" (label {spec.label!r})"
+    hint = ("" if spec.label is None else f"; the text after the last '=' was read as the label, and "
+            f"{spec.checkpoint + '=' + spec.label!r} does not exist either")
+    raise FileNotFoundError(f"{option} {spec.name}{label}: checkpoint {spec.checkpoint!r} not found{hint}. "
+                            "Give the path of a local weights file"
+                            + (" or of a python -m lkfast.train output folder" if option == "--models" else ""))
+
+
 def _models(values: List[str]) -> List[ModelSpec]:
-    return [with_training_run(ModelSpec.parse(item)) for value in values for item in value.split(",") if item.strip()]
+    return [with_training_run(_existing_checkpoint(ModelSpec.parse(item), "--models"))
+            for value in values for item in value.split(",") if item.strip()]
 
 
 def _with_input_size(specs: List[ModelSpec], size: Optional[int]) -> List[ModelSpec]:
@@ -142,7 +156,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         data = resolve_sources(args.data_root, dirs)
         class_space, baseline, default_workers = None, None, min(8, os.cpu_count() or 1)
         if args.baseline_model and args.baseline_model.lower() != "none":
-            baseline = ModelSpec.parse(args.baseline_model, source="torchvision", option="--baseline-model")
+            baseline = _existing_checkpoint(ModelSpec.parse(args.baseline_model, source="torchvision",
+                                                            option="--baseline-model"), "--baseline-model")
         if not models and not data:
             if importlib.util.find_spec("lkfast.eval.default") is None:
                 print(_no_input_message(), file=sys.stderr)

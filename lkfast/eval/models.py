@@ -77,8 +77,19 @@ class ModelSpec:
             raise ValueError(f"{option}: expected name[:checkpoint][=label], got {text!r}")
         return cls(name, checkpoint.strip() or None, label, source)
 
+    def require_checkpoint(self) -> None:
+        """Raise FileNotFoundError, naming the model, if ``checkpoint`` is given but is not a file
+        (a training folder must go through :func:`with_training_run` first)."""
+        if self.checkpoint is None or os.path.isfile(self.checkpoint):
+            return
+        found = ("is a folder: give the weights file (or a python -m lkfast.train output folder, which "
+                 "with_training_run resolves)") if os.path.isdir(self.checkpoint) else "not found"
+        raise FileNotFoundError(f"model {self.display!r}: checkpoint {self.checkpoint!r} {found}")
+
     def key(self) -> str:
-        """Cache key: the name, the checkpoint's content hash and the extra arguments."""
+        """Cache key: the name, the checkpoint's content hash and the extra arguments. Raises
+        FileNotFoundError (``require_checkpoint``) for a checkpoint that is not a file."""
+        self.require_checkpoint()
         weights = "random" if self.checkpoint is None else file_hash(self.checkpoint)
         extra = "" if not self.kwargs else "-" + stable_hash(list(self.kwargs), 8)
         extra += "" if self.input_size is None else f"-{self.input_size}px"
@@ -153,8 +164,7 @@ def load_model(spec: ModelSpec, device: str = "cpu", trust_checkpoint: bool = Fa
     does not fit, ValueError for an unknown name."""
     import timm.data
 
-    if spec.checkpoint is not None and not os.path.isfile(spec.checkpoint):
-        raise FileNotFoundError(f"model {spec.display!r}: checkpoint not found: {spec.checkpoint!r}")
+    spec.require_checkpoint()
     if spec.source == "torchvision":
         model, config = _torchvision_model(spec, trust_checkpoint)
     else:
