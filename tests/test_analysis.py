@@ -159,6 +159,83 @@ def test_block_discovery_across_families():
         residual_blocks(nn.Sequential(nn.Conv2d(3, 3, 3)))
 
 
+def tiny_resnetv2():
+    import functools
+
+    from timm.layers import GroupNormAct
+    from timm.models.resnetv2 import ResNetV2
+
+    torch.manual_seed(0)
+    return ResNetV2(layers=(2, 2), channels=(16, 32), stem_chs=8, num_classes=CLASSES,
+                    norm_layer=functools.partial(GroupNormAct, num_groups=4)).eval()
+
+
+def tiny_swin():
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                           num_classes=CLASSES).eval()
+
+
+def test_blocks_of_bit_swin_and_efficientnet():
+    # BiT (timm ResNetV2, the paper's Table 6) and Swin: removable blocks for the lesion, every block
+    # for the feature variance; removing a block leaves only its skip connection
+    from lkfast.analysis import output_modules
+    from lkfast.eval.models import Normalized
+
+    bit = tiny_resnetv2()
+    assert [b.name for b in residual_blocks(bit)] == ["stages.0.blocks.1", "stages.1.blocks.1"]  # no downsample
+    assert [n for n, _ in output_modules(bit)] == ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0",
+                                                   "stages.1.blocks.1"]
+    assert [b.stage for b in lesion_candidates(bit, "paper")] == [1]
+    swin = tiny_swin()
+    assert [b.name for b in residual_blocks(swin)] == ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0",
+                                                       "layers.1.blocks.1"]
+    wrapped = Normalized(swin, (0.5,) * 3, (0.5,) * 3)
+    assert [b.modules for b in residual_blocks(wrapped)][0] == ("model.layers.0.blocks.0",)
+    x = torch.rand(2, 3, 32, 32)
+    for model, block in ((bit, residual_blocks(bit)[0]), (swin, residual_blocks(swin)[1])):
+        named = dict(model.named_modules())
+        seen = {}
+        module = named[block.modules[0]]
+        module.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0]))
+        with torch.no_grad():
+            model(x)
+            with blocks_removed(model, [block]):
+                identity = model.get_submodule(block.modules[0])
+                identity.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))
+                model(x)
+        assert model.get_submodule(block.modules[0]) is module and torch.equal(seen["in"], seen["out"])
+    efficientnet = timm.create_model("test_efficientnet", num_classes=CLASSES)
+    assert residual_blocks(efficientnet) == []  # no block of it has a skip connection
+    assert [n for n, _ in output_modules(efficientnet)] == ["blocks.0.0", "blocks.1.0", "blocks.2.0", "blocks.3.0",
+                                                            "blocks.4.0"]
+
+
+def test_feature_variance_of_swin_reads_its_maps_as_nhwc():
+    swin = tiny_swin()
+    x = torch.rand(2, 3, 32, 32)
+    result = feature_map_variance(swin, x)
+    assert result["layers"] == [b.name for b in residual_blocks(swin)]
+    with torch.no_grad():
+        h = swin.layers[0](swin.patch_embed(x))  # (N, H, W, C) after stage 0
+    assert h.shape == (2, 8, 8, 16)
+    assert result["variance"][1] == pytest.approx(float(h.var(dim=(1, 2), unbiased=False).mean()), rel=1e-5)
+
+
+def test_feature_variance_task_of_an_unknown_family_is_unavailable():
+    # the run goes on (TaskUnavailable, a line in the report), as lesion and kernel-distance already do
+    import types
+
+    from lkfast.eval.analysis_tasks import feature_variance
+    from lkfast.eval.registry import TaskUnavailable
+
+    ctx = types.SimpleNamespace(model=nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    with pytest.raises(TaskUnavailable, match="no residual blocks found in Sequential: known families"):
+        feature_variance(ctx)
+
+
 def test_blocks_removed_removes_those_blocks_and_restores_them():
     model = tiny_replknet()
     x, _ = batch(2, 32)

@@ -1,13 +1,18 @@
 """The residual blocks of a model: what the lesion study removes and the feature-variance study probes.
 
-A block here is a residual unit whose output has its input's shape, so replacing it with the
-identity (keeping only the skip connection) leaves the network runnable. Known families:
+A block here is a residual unit. The lesion removes only the blocks whose output has their input's
+shape, so replacing one with the identity (keeping only the skip connection) leaves the network
+runnable; the feature-variance study records the output of every block. Known families:
 
 * RepLKNet (lkfast.models): a RepLK block together with the ConvFFN after it (the paper's unit);
 * timm VisionTransformer and relatives with a ``blocks`` list (attention + MLP block);
 * timm ConvNeXt: the blocks of every stage (the downsampling layers sit outside them);
-* timm ResNet: the blocks of ``layer1..layer4`` without a downsample shortcut (ReLU(x) = x on their
-  non-negative inputs, so the identity is exactly "skip only").
+* timm Swin Transformer: the blocks of every stage (``layers[i].blocks``; patch merging sits
+  outside them; their outputs are (N, H, W, C) maps);
+* timm ResNet: the blocks of ``layer1..layer4``, and timm ResNetV2 (BiT): the blocks of
+  ``stages[i].blocks``; removable are those without a downsample shortcut (for ResNet, ReLU(x) = x
+  on their non-negative inputs, so the identity is exactly "skip only");
+* timm EfficientNet / MobileNetV3: the blocks of ``blocks[i]``; removable are those with a skip.
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ from typing import Iterator, Sequence
 import torch.nn as nn
 
 from lkfast.models import RepLKNet
+
+KNOWN_FAMILIES = ("RepLKNet, timm VisionTransformer-like models (a 'blocks' list), timm ConvNeXt, timm Swin "
+                  "Transformer, timm ResNet, timm ResNetV2 (BiT) and timm EfficientNet/MobileNetV3")
 
 
 @dataclass(frozen=True)
@@ -35,64 +43,85 @@ def _is_vit(model: nn.Module) -> bool:
         and hasattr(model, "patch_embed")
 
 
+def _find_units(model: nn.Module) -> tuple:
+    """(prefix, [(Block, removable)...]) of the first network of a known family inside ``model``
+    (looking through wrappers such as a normalisation ``nn.Sequential``), every block in forward
+    order; ValueError naming the known families when there is none."""
+    for prefix, net in model.named_modules():
+        units = _units_of(net)
+        if units is not None:
+            if prefix:
+                units = [(Block(b.name, tuple(f"{prefix}.{m}" for m in b.modules), b.stage, b.index), removable)
+                         for b, removable in units]
+            return prefix, units
+    raise ValueError(f"no residual blocks found in {type(model).__name__}: known families are {KNOWN_FAMILIES}")
+
+
 def residual_blocks(model: nn.Module) -> list:
-    """The shape-preserving residual blocks of ``model`` in forward order (see the module docstring).
+    """The shape-preserving residual blocks of ``model`` in forward order (see the module docstring):
+    the blocks the lesion may remove.
 
     Looks through a wrapper (e.g. a normalisation ``nn.Sequential``) to the first known network
     inside. Raises ValueError for a model of no known family, naming the families it knows.
     """
-    for prefix, net in model.named_modules():
-        blocks = _blocks_of(net)
-        if blocks is not None:
-            if prefix:
-                blocks = [Block(b.name, tuple(f"{prefix}.{m}" for m in b.modules), b.stage, b.index) for b in blocks]
-            return blocks
-    raise ValueError(f"no residual blocks found in {type(model).__name__}: known families are RepLKNet, timm "
-                     f"VisionTransformer-like models (a 'blocks' list), timm ConvNeXt and timm ResNet")
+    _, units = _find_units(model)
+    kept = [b for b, removable in units if removable]
+    return [Block(b.name, b.modules, b.stage, i) for i, b in enumerate(kept)]
 
 
-def _blocks_of(net: nn.Module):
-    blocks = []
+def _units_of(net: nn.Module):
+    """[(Block, removable)...] of every block of ``net`` when it is a network of a known family, else None."""
+    units = []
+
+    def add(name, modules, stage, removable=True):
+        units.append((Block(name, modules, stage, len(units)), removable))
+
     if isinstance(net, RepLKNet):
         for s, stage in enumerate(net.stages):
             for i in range(0, len(stage.blocks), 2):
-                names = (f"stages.{s}.blocks.{i}", f"stages.{s}.blocks.{i + 1}")
-                blocks.append(Block(f"stages.{s}.pair{i // 2}", names, s, len(blocks)))
-        return blocks
+                add(f"stages.{s}.pair{i // 2}", (f"stages.{s}.blocks.{i}", f"stages.{s}.blocks.{i + 1}"), s)
+        return units
     if _is_vit(net):
-        return [Block(f"blocks.{i}", (f"blocks.{i}",), None, i) for i in range(len(net.blocks))]
+        for i in range(len(net.blocks)):
+            add(f"blocks.{i}", (f"blocks.{i}",), None)
+        return units
     kind = type(net).__name__
-    if kind == "ConvNeXt" and hasattr(net, "stages"):
+    if kind in ("ConvNeXt", "ResNetV2") and hasattr(net, "stages"):
         for s, stage in enumerate(net.stages):
+            for i, block in enumerate(stage.blocks):
+                add(f"stages.{s}.blocks.{i}", (f"stages.{s}.blocks.{i}",), s,
+                    getattr(block, "downsample", None) is None)
+        return units
+    if kind.startswith("SwinTransformer") and hasattr(net, "layers"):
+        for s, stage in enumerate(net.layers):
             for i in range(len(stage.blocks)):
-                blocks.append(Block(f"stages.{s}.blocks.{i}", (f"stages.{s}.blocks.{i}",), s, len(blocks)))
-        return blocks
+                add(f"layers.{s}.blocks.{i}", (f"layers.{s}.blocks.{i}",), s)
+        return units
     if kind == "ResNet" and hasattr(net, "layer1"):
         for s in range(1, 5):
-            layer = getattr(net, f"layer{s}", None)
-            for i, block in enumerate(layer or []):
-                if getattr(block, "downsample", None) is None:
-                    blocks.append(Block(f"layer{s}.{i}", (f"layer{s}.{i}",), s - 1, len(blocks)))
-        return blocks
+            for i, block in enumerate(getattr(net, f"layer{s}", None) or []):
+                add(f"layer{s}.{i}", (f"layer{s}.{i}",), s - 1, getattr(block, "downsample", None) is None)
+        return units
+    if kind in ("EfficientNet", "MobileNetV3") and hasattr(net, "conv_stem"):
+        for s, stage in enumerate(net.blocks):
+            for i, block in enumerate(stage):
+                add(f"blocks.{s}.{i}", (f"blocks.{s}.{i}",), s, bool(getattr(block, "has_skip", False)))
+        return units
     return None
 
 
 def output_modules(model: nn.Module) -> list:
     """(name, module) of every module whose output the feature-variance study records, in forward
-    order: each residual block (for RepLKNet the RepLK block and the ConvFFN separately; for ResNet
-    every block, downsampling ones included)."""
+    order: every block of the model's family, the downsampling ones too (variance needs no shape
+    match); for RepLKNet the RepLK block and the ConvFFN separately. ValueError as ``residual_blocks``."""
     named = dict(model.named_modules())
-    resnets = [(p, m) for p, m in model.named_modules() if type(m).__name__ == "ResNet" and hasattr(m, "layer1")]
-    if resnets and not any(isinstance(m, RepLKNet) or _is_vit(m) for m in model.modules()):
-        prefix, net = resnets[0]  # every block, the downsampling ones too: variance needs no shape match
-        return [(f"{prefix}.{n}" if prefix else n, m) for s in range(1, 5)
-                for n, m in [(f"layer{s}.{i}", b) for i, b in enumerate(getattr(net, f"layer{s}", None) or [])]]
-    out = []
-    for block in residual_blocks(model):
-        is_replknet_pair = len(block.modules) == 2
-        for name in (block.modules if is_replknet_pair else block.modules[-1:]):
-            out.append((name, named[name]))
-    return out
+    _, units = _find_units(model)
+    return [(name, named[name]) for block, _ in units for name in block.modules]
+
+
+def channels_last_outputs(model: nn.Module) -> bool:
+    """Whether the blocks of ``model`` give (N, H, W, C) maps (timm's Swin declares ``output_fmt = "NHWC"``)."""
+    return any(getattr(m, "output_fmt", None) == "NHWC" for m in model.modules())
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

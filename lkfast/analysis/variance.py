@@ -6,14 +6,16 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from lkfast.analysis.blocks import output_modules
+from lkfast.analysis.blocks import channels_last_outputs, output_modules
 
 
-def spatial_variance(features: torch.Tensor, prefix_tokens: int = 0) -> float:
+def spatial_variance(features: torch.Tensor, prefix_tokens: int = 0, channels_last: bool = False) -> float:
     """Variance over the spatial positions, averaged over batch and channels: a feature map
-    (N, C, H, W) varies over H, W; a token sequence (N, L, C) over its L - ``prefix_tokens`` patch
-    tokens (a ViT's class token is not a position)."""
+    (N, C, H, W), or (N, H, W, C) with ``channels_last`` (Swin's blocks), varies over H, W; a token
+    sequence (N, L, C) over its L - ``prefix_tokens`` patch tokens (a ViT's class token is not a position)."""
     if features.dim() == 4:
+        if channels_last:
+            return float(features.float().flatten(1, 2).var(dim=1, unbiased=False).mean())
         return float(features.float().flatten(2).var(dim=2, unbiased=False).mean())
     if features.dim() == 3:
         return float(features[:, prefix_tokens:].float().var(dim=1, unbiased=False).mean())
@@ -24,7 +26,9 @@ def feature_map_variance(model: nn.Module, x: torch.Tensor, modules: Optional[li
     """Record the spatial variance (``spatial_variance``) of every block output of ``model`` on the
     batch x (the paper: 64 validation images, centre crop only; x in the space the model takes).
 
-    modules: (name, module) pairs to record, in forward order (default ``blocks.output_modules``).
+    modules: (name, module) pairs to record, in forward order (default ``blocks.output_modules``,
+    which raises ValueError for a model of no known family). Maps of a model that declares
+    ``output_fmt = "NHWC"`` (timm's Swin) are read as (N, H, W, C).
     Hooks are removed when this returns, also after an error. The model runs in its current mode,
     without gradients.
 
@@ -37,12 +41,13 @@ def feature_map_variance(model: nn.Module, x: torch.Tensor, modules: Optional[li
     prefix = getattr(model, "num_prefix_tokens", None)
     if prefix is None:
         prefix = next((getattr(m, "num_prefix_tokens") for m in model.modules() if hasattr(m, "num_prefix_tokens")), 0)
+    channels_last = channels_last_outputs(model)
     values = {}
     handles = []
 
     def recorder(name):
         def hook(module, args, output):
-            values[name] = spatial_variance(output, prefix)
+            values[name] = spatial_variance(output, prefix, channels_last)
         return hook
 
     try:

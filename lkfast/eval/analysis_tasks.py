@@ -331,9 +331,13 @@ def kernel_distance(ctx) -> dict:
 
 
 def feature_variance(ctx) -> dict:
+    try:
+        modules = analysis.output_modules(ctx.model)
+    except ValueError as error:  # a family whose blocks are not known: the run goes on, the report says why
+        raise TaskUnavailable(str(error)) from None
     loader = DataLoader(_val_dataset(ctx), batch_size=VARIANCE_BATCH, shuffle=False, collate_fn=_collate)
     images = next(iter(loader))[0].to(ctx.device)
-    result = analysis.feature_map_variance(ctx.model, images)
+    result = analysis.feature_map_variance(ctx.model, images, modules)
     result["images"] = len(images)
     return result
 
