@@ -502,6 +502,22 @@ def write_val_folder(root):
             path.write_bytes(data.encode_jpeg(data.to_uint8(torch.rand(3, 32, 32, generator=g)), quality=95))
 
 
+def test_eval_occlusion_of_an_input_size_not_a_multiple_of_16_is_unavailable(tmp_path):
+    # --input-size 40: no 16-px patch grid; the occlusion says so and the run's other tasks go on
+    from lkfast.eval import EvalOptions, ModelSpec, run_evaluation
+
+    write_val_folder(tmp_path / "val")
+    arch = dict(large_kernel_sizes=(7, 5, 5, 3), layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), small_kernel=3)
+    torch.manual_seed(0)
+    torch.save(RepLKNet(**arch).state_dict(), tmp_path / "lk.pth")
+    spec = ModelSpec("replknet_31b", str(tmp_path / "lk.pth"), "tiny-lk", kwargs=tuple(arch.items()), input_size=40)
+    options = EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")}, workers=0, progress=False,
+                          write_report=False)
+    results = run_evaluation([spec], ["occlusion", "feature-variance"], options)["tiny-lk"]
+    assert "image size 40x40 is not a multiple of the patch size 16" in results["occlusion"]["unavailable"]
+    assert results["feature-variance"]["images"] == 4
+
+
 def test_eval_taig_pairs_convnets_with_a_vit_surrogate_and_back(tmp_path, monkeypatch):
     import lkfast.eval.analysis_tasks
     from lkfast.eval import EvalOptions, ModelSpec, run_evaluation

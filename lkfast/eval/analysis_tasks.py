@@ -115,6 +115,10 @@ def _model(ctx):
 def occlusion(ctx) -> dict:
     from lkfast.analysis.occlusion import batch_saliency, occlusion_outcomes, occlusion_summary, patch_grid
 
+    try:  # 16-px patches: a side of another size (--input-size 100, a timm model at 299) cannot be cut
+        grid = patch_grid(*ctx.config["input_size"][-2:])
+    except ValueError as error:
+        raise TaskUnavailable(str(error)) from None
     saliency, note, source = None, None, None
     if ctx.has_source("masks"):
         saliency, source = "masks", str(ctx.source("masks"))
@@ -136,7 +140,7 @@ def occlusion(ctx) -> dict:
         return occlusion_outcomes(ctx.model, images, targets, ratios, modes, patch_saliency, saliency == "masks",
                                   generator=ctx.generators("val", indices))
     records = ctx.records("val", dataset, compute, key={"saliency": source, "modes": modes, "ratios": ratios})
-    result = occlusion_summary(records, ratios, modes, patch_grid(*ctx.config["input_size"][-2:]), saliency=saliency)
+    result = occlusion_summary(records, ratios, modes, grid, saliency=saliency)
     if saliency is not None:
         _figure5(ctx, dataset, saliency)
     result["saliency"] = "dino" if callable(saliency) else saliency
