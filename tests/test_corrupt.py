@@ -791,6 +791,43 @@ def test_writer_resumes_interrupted_runs(tmp_path, monkeypatch):
     assert writer.render(src, dst, **args) == 0
 
 
+
+def test_writer_skips_and_counts_unreadable_sources(tmp_path, capsys):
+    # one truncated source image: the rest is written exactly as with an intact source (the bad file
+    # keeps its place in its chunk), the file is named, a rerun still names it and writes nothing
+    # new, and the command says how many were skipped and exits with 1
+    import warnings
+
+    from lkfast.corrupt.__main__ import main
+
+    args = dict(benchmark="c", names=["gaussian_noise", "contrast"], levels=[1, 3], batch_size=2, seed=2,
+                progress=False)
+    good = make_tree(tmp_path / "good")
+    assert writer.render(good, tmp_path / "reference", **args) == 24
+    src = make_tree(tmp_path / "val")
+    bad = sorted((src / "n01443537").iterdir())[1]      # the first chunk of the class: shared with another file
+    bad.write_bytes(bad.read_bytes()[:200])
+    dst = tmp_path / "c"
+    seen = []
+    assert writer.render(src, dst, **args, on_unreadable=lambda path, error: seen.append((path, type(error)))) == 20
+    assert [(p, issubclass(e, OSError)) for p, e in seen] == [(bad, True)]
+    written = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+    reference = {p.relative_to(tmp_path / "reference"): p.read_bytes()
+                 for p in (tmp_path / "reference").rglob("*") if p.is_file()}
+    assert written == {k: v for k, v in reference.items() if k.stem != bad.stem}
+    with pytest.warns(UserWarning, match=f"skipping unreadable source image '{bad}' .*its outputs are not written"):
+        assert writer.render(src, dst, **args) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([str(src), str(dst), "--benchmark", "c", "--names", "contrast", "--levels", "1,3",
+                     "--batch-size", "2", "--seed", "2", "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    assert f"wrote 0 files under {dst}" in out
+    assert f"error: skipped 1 unreadable source image(s) ({bad}): their files are missing" in err
+    bad.unlink()  # removed: the tree is complete for what SRC holds
+    assert main([str(src), str(dst), "--benchmark", "c", "--names", "contrast", "--levels", "1,3", "--quiet"]) == 0
+
+
 @needs_av
 def test_writer_imagenet_p(tmp_path):
     src = make_tree(tmp_path / "val", classes=("n01440764",), per_class=2)

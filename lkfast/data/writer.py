@@ -20,6 +20,12 @@ and temporary files of killed runs are removed. Each batch of images ("chunk": u
 consecutive files of one class, in sorted order) uses its own generator seeded from (seed, name,
 level, wnid, chunk index), so a resumed run writes exactly what an uninterrupted one would have.
 
+A source image that cannot be decoded (truncated, not an image) is skipped with a warning naming
+it, as the evaluation's readers skip such files: it keeps its place in its chunk as a black image
+whose outputs are not written, every other file is written as usual, and a rerun tries it again.
+The command counts the skipped sources and exits with status 1 when there were any, because the
+tree then lacks their files.
+
 The corruptions themselves are lkfast.corrupt's pure tensor functions; this module is the file
 side (reading SRC, encoding, writing DST), which is why it lives in lkfast.data: lkfast.data uses
 lkfast.corrupt, never the other way round.
@@ -29,8 +35,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+import warnings
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -68,14 +75,38 @@ def _jobs(benchmark: str, names: Sequence[str], levels: Sequence[int]) -> List[T
     return jobs
 
 
+def warn_unreadable(path: Path, error: Exception) -> None:
+    """The default ``on_unreadable`` of :func:`render`: a warning naming the file and the error."""
+    warnings.warn(f"skipping unreadable source image {str(path)!r} ({type(error).__name__}: {error}); "
+                  "its outputs are not written", stacklevel=2)
+
+
+def _load_chunk(paths: Sequence[Path], crop: int,
+                on_unreadable: Callable[[Path, Exception], None]) -> Tuple[torch.Tensor, Set[int]]:
+    """(images (N, 3, crop, crop), positions of the files that could not be decoded). An unreadable
+    file keeps its position as a black image, so the chunk's layout does not depend on it."""
+    images, unreadable = [], set()
+    for i, path in enumerate(paths):
+        try:
+            images.append(load_image(path, RESIZE, crop))
+        except Exception as error:  # any decoder failure (OSError, PIL.UnidentifiedImageError, ...)
+            on_unreadable(path, error)
+            unreadable.add(i)
+            images.append(torch.zeros(3, crop, crop))
+    return torch.stack(images), unreadable
+
+
 def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None,
            levels: Optional[Iterable[int]] = None, batch_size: int = 32, seed: int = 0,
-           device: str = "cpu", preset: str = "medium", progress: bool = True) -> int:
+           device: str = "cpu", preset: str = "medium", progress: bool = True,
+           on_unreadable: Optional[Callable[[Path, Exception], None]] = None) -> int:
     """Render SRC into DST (see the module docstring) and return the number of files written.
 
     ``names`` default to all 19 corruptions (``benchmark="c"``) or all 10 perturbations ("p");
     ``levels`` are severities (C, default 1..5) or noise difficulties (P, default 1..3).
     ``device`` is where images are corrupted; ``preset`` the libx264 preset of P videos.
+    ``on_unreadable(path, error)`` is called once for each source image that cannot be decoded
+    (default: :func:`warn_unreadable`); such an image is skipped, its outputs are not written.
     Raises ValueError for an unknown benchmark, name or level, a batch_size below 1, or a SRC
     that is not laid out as SRC/<wnid>/<image>.
     """
@@ -96,6 +127,7 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
             raise ValueError(f"{'severities' if benchmark == 'c' else 'difficulties'} must be integers in 1..{top}; got {level!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    on_unreadable = on_unreadable or warn_unreadable
     classes = list_images(src)
     dst = Path(dst)
     jobs = _jobs(benchmark, names, levels)
@@ -108,7 +140,7 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
         for wnid, files in classes:
             for chunk, start in enumerate(range(0, len(files), batch_size)):
                 paths = files[start:start + batch_size]
-                images = None
+                images, unreadable = None, set()
                 for name, level, folder in jobs:
                     out_dir = dst / folder / wnid
                     if out_dir not in swept:  # leftovers of a killed run, once per folder
@@ -117,10 +149,12 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
                             leftover.unlink(missing_ok=True)
                     targets = [out_dir / (p.stem + suffix) for p in paths]
                     todo = [i for i, t in enumerate(targets) if not is_complete(t)]
+                    if todo and images is None:
+                        crop = CROP if benchmark == "c" else RESIZE  # P: the 256 context
+                        images, unreadable = _load_chunk(paths, crop, on_unreadable)
+                        images = images.to(device)
+                    todo = [i for i in todo if i not in unreadable]
                     if todo:
-                        if images is None:
-                            crop = CROP if benchmark == "c" else RESIZE  # P: the 256 context
-                            images = torch.stack([load_image(p, RESIZE, crop) for p in paths]).to(device)
                         generator = chunk_generator(seed, name, level, wnid, chunk, device)
                         if benchmark == "c":
                             out = to_uint8(corrupt(images, name, level, generator)).cpu()
@@ -155,13 +189,17 @@ def _levels(text):
 
 def main(argv=None) -> int:
     """``python -m lkfast.corrupt SRC DST --benchmark c|p [options]``: returns the exit status
-    (0 done, 2 on a bad argument or layout, with the reason on stderr)."""
+    (0 done; 1 if some source images could not be read: everything else is written, and they are
+    counted and named on stderr; 2 on a bad argument or layout, with the reason on stderr)."""
     parser = argparse.ArgumentParser(
         prog="python -m lkfast.corrupt",
         description="Render a folder of images laid out like ImageNet-val (SRC/<wnid>/<image>.JPEG) "
                     "into the ImageNet-C layout (DST/<corruption>/<severity>/<wnid>/*.JPEG, 224 px, "
                     "JPEG quality 85) or the ImageNet-P layout (DST/<perturbation>/<wnid>/*.mp4). "
-                    "Resumable: complete files already written are skipped.")
+                    "Resumable: complete files already written are skipped.",
+        epilog="Exit status: 0 done; 1 if some source images could not be decoded (each is named in a warning "
+               "and left out, everything else is written; fix or remove them and rerun); 2 on a bad argument "
+               "or source layout.")
     parser.add_argument("src", help="source folder: one sub-folder per class holding images")
     parser.add_argument("dst", help="output root (created if missing)")
     parser.add_argument("--benchmark", choices=("c", "p"), required=True, help="c: ImageNet-C, p: ImageNet-P")
@@ -177,15 +215,27 @@ def main(argv=None) -> int:
     parser.add_argument("--x264-preset", default="medium", help="libx264 preset for P videos (default medium)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    unreadable: List[Path] = []
+
+    def note_unreadable(path, error):
+        unreadable.append(path)
+        warn_unreadable(path, error)
+
     try:
         written = render(args.src, args.dst, args.benchmark, _names(args.names, args.benchmark),
                          _levels(args.levels), batch_size=args.batch_size, seed=args.seed,
-                         device=args.device, preset=args.x264_preset, progress=not args.quiet)
+                         device=args.device, preset=args.x264_preset, progress=not args.quiet,
+                         on_unreadable=note_unreadable)
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {written} files under {args.dst}")
+    if unreadable:
+        shown = ", ".join(str(p) for p in unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+        print(f"error: skipped {len(unreadable)} unreadable source image(s) ({shown}): their files are missing "
+              f"under {args.dst}. Fix or remove them and rerun (complete files are kept)", file=sys.stderr)
+        return 1
     return 0
 
 
-__all__ = ["render", "main", "chunk_seed", "chunk_generator", "RESIZE", "CROP", "JPEG_QUALITY"]
+__all__ = ["render", "main", "warn_unreadable", "chunk_seed", "chunk_generator", "RESIZE", "CROP", "JPEG_QUALITY"]
