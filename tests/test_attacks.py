@@ -103,6 +103,54 @@ def test_pgd_without_random_start_from_the_image_edges():
     assert adv.min() >= 0 and adv.max() <= 0.05 + 1e-6
 
 
+class NoGradient(nn.Module):
+    """Logits that do not depend on the image (zero input gradient): PGD's steps move nothing, so
+    its output minus x is the random start alone."""
+
+    def forward(self, x):
+        return x.mean((2, 3)) @ torch.zeros(3, CLASSES, dtype=x.dtype)
+
+
+def test_pgd_random_start_is_uniform_in_the_whole_ball():
+    # the random start is x + U(-eps, eps) (two-sided); with a zero gradient the steps add nothing
+    x = torch.full((4, 3, 16, 16), 0.5)  # far from 0 and 1: no clipping
+    y = torch.zeros(4, dtype=torch.long)
+    eps = 0.1
+    d = pgd(NoGradient(), x, y, eps, alpha=0.025, steps=1, generator=torch.Generator().manual_seed(0)) - x
+    assert float(d.abs().max()) <= eps + 1e-6
+    assert float(d.min()) < -eps / 2 and float(d.max()) > eps / 2, (float(d.min()), float(d.max()))
+    assert abs(float(d.mean())) < eps / 10, float(d.mean())  # 3072 draws: the mean's sd is ~0.001
+    assert (d < 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_integrated_gradients_is_the_mean_gradient_over_the_path_points_times_x():
+    # DESIGN: gradients at the s + 1 points (i/s) x, i = 0..s, averaged, times x.
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, CLASSES)).double().eval()
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2, 4])
+    w = linear[1].weight[y].detach().view(3, 3, 8, 8)
+    with torch.no_grad():
+        logit_gap = (linear(x) - linear(torch.zeros_like(x))).gather(1, y[:, None])[:, 0]
+    for s in (1, 2, 5):
+        # linear logit: the gradient is w_y at every point, so IG = x * w_y and completeness is exact
+        ig = integrated_gradients(linear, x, y, s)
+        assert torch.allclose(ig, x * w, atol=1e-12), s
+        assert torch.allclose(ig.flatten(1).sum(1), logit_gap, atol=1e-10), s
+    # a cubic part: logit_y = <w_y, x> + sum(a_y * x^3) / 3 has gradient w_y + a_y * p^2 at p, and
+    # mean_{i=0..s} (i/s)^2 = (2s + 1) / (6s) (the s + 1 points of the grid, i = 0 included)
+    a = torch.randn(CLASSES, 3 * 8 * 8, dtype=torch.float64)
+
+    class Cubic(nn.Module):
+        def forward(self, p):
+            return linear(p) + (p.flatten(1) ** 3) @ a.t() / 3
+
+    av = a[y].view(3, 3, 8, 8)
+    for s in (1, 2, 5):
+        expected = x * (w + av * x ** 2 * (2 * s + 1) / (6 * s))
+        assert torch.allclose(integrated_gradients(Cubic(), x, y, s), expected, atol=1e-12), s
+
+
 def test_integrated_gradients_completeness_improves_with_path_steps():
     model, (x, y) = small_net(act=nn.Tanh), images(n=4)
     with torch.no_grad():
@@ -171,6 +219,24 @@ def test_sweeps_match_direct_evaluation():
     assert pgd_result["top1"][0] == pytest.approx(pgd_result["steps_top1"][1])  # same attack, same seed
     with pytest.raises(ValueError, match="eps"):
         fgsm_sweep(model, data, eps_values=(-0.1,))
+
+
+def test_pgd_attacks_step_size_is_alpha_ratio_times_eps(monkeypatch):
+    import lkfast.attacks.evaluate as evaluate
+
+    calls = []
+
+    def spy(model, x, y, eps, alpha, steps, random_start=True, generator=None):
+        calls.append((eps, alpha, steps, random_start))
+        return x
+
+    monkeypatch.setattr(evaluate, "pgd", spy)
+    attacks = evaluate.pgd_attacks(eps_values=(0.01,), steps_values=(2,), steps_eps=0.006, alpha_ratio=0.25)
+    assert list(attacks) == ["eps=0.01", "steps=2"]
+    x, y = images(n=2)
+    for attack in attacks.values():
+        attack(None, x, y)
+    assert calls == [(0.01, pytest.approx(0.0025), 5, True), (0.006, pytest.approx(0.0015), 2, True)]
 
 
 def test_transfer_success_counts_only_images_the_target_got_right():

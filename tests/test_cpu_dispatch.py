@@ -144,6 +144,19 @@ def test_calibration_off_uses_the_shipped_table_then_the_builtin_rule(cache, mon
     assert not cache.exists()
 
 
+def test_table_lookup_matches_the_layout_as_well_as_the_dtype():
+    # the nearest row by size is the NCHW one, but a channels_last call must use a channels_last row
+    table = {"isa_x": {"rows": [
+        {"pass": "forward", "key": ["float32", "nchw", 7, 7, 2, 16, 32, 32], "backend": "cpu"},
+        {"pass": "forward", "key": ["float32", "channels_last", 31, 31, 2, 512, 64, 64], "backend": "torch"}]}}
+    found = cd.table_lookup("isa_x", "forward", ("float32", "channels_last", 7, 7, 2, 16, 32, 32), table)
+    assert found == ("torch", ("float32", "channels_last", 31, 31, 2, 512, 64, 64))
+    assert cd.table_lookup("isa_x", "forward", ("float32", "nchw", 31, 31, 2, 512, 64, 64), table)[0] == "cpu"
+    assert cd.table_lookup("isa_x", "forward", ("float16", "nchw", 7, 7, 2, 16, 32, 32), table) is None
+    assert cd.table_lookup("isa_x", "weight_grad", ("float32", "nchw", 7, 7, 2, 16, 32, 32), table) is None
+    assert cd.table_lookup("other", "forward", ("float32", "nchw", 7, 7, 2, 16, 32, 32), table) is None
+
+
 def test_measure_stops_early_only_when_one_is_clearly_faster(monkeypatch):
     import lkfast.timing
 

@@ -238,6 +238,25 @@ def test_ood_scores_match_scikit_learn():
     assert got["fpr95"] == pytest.approx(100 * fpr[np.searchsorted(tpr, 0.95)], abs=1e-9)
 
 
+def test_ood_scores_fpr95_counts_a_tpr_of_exactly_95_percent():
+    # 20 positives: TPR is exactly 19/20 = 0.95 once the 19th-highest positive is reached, so that
+    # threshold (not the next one, TPR 100 %) is FPR95's; sklearn's roc_curve + searchsorted agrees.
+    # hand case: positives 0.5, 1.5, ..., 19.5; the 19th-highest is 1.5; negatives at or above it: 2.0
+    hand = M.ood_scores(torch.tensor([2.0, 1.0, 0.0, -1.0]), torch.arange(20, dtype=torch.float64) + 0.5)
+    assert hand["fpr95"] == pytest.approx(25.0)              # at TPR 100 % (threshold 0.5) it would be 50.0
+    from sklearn.metrics import roc_curve
+
+    g = torch.Generator().manual_seed(0)
+    inside = torch.randn(40, generator=g)
+    outside = torch.randn(20, generator=g) + 0.8
+    threshold = outside.sort(descending=True).values[18]     # the 19th of 20 positives
+    expected = 100.0 * float((inside >= threshold).double().mean())
+    fpr, tpr, _ = roc_curve(np.r_[np.zeros(40), np.ones(20)], torch.cat([inside, outside]).numpy(),
+                            drop_intermediate=False)
+    assert expected == pytest.approx(100 * fpr[np.searchsorted(tpr, 0.95)]) == pytest.approx(65.0)
+    assert M.ood_scores(inside, outside)["fpr95"] == pytest.approx(expected, abs=1e-9)
+
+
 def test_ood_scores_refuses_empty_or_nan():
     with pytest.raises(ValueError, match="empty"):
         M.ood_scores(torch.tensor([]), torch.tensor([1.0]))
