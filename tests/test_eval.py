@@ -229,6 +229,15 @@ def test_cli_end_to_end_matches_a_direct_computation(full_run, data_root, checkp
     for png in ("figure2.png", "figure3.png"):
         assert (out / "figures" / png).stat().st_size > 1000
     assert (out / "tables" / "table1_mce.csv").read_text().startswith("Model,mCE")
+    # this data has 1 of ImageNet-C's 15 corruptions with all 5 severities and 2 of ImageNet-P's 10
+    # perturbations: the means are marked as partial wherever they are shown, never as the benchmark's
+    c, p = r["imagenet-c"], r["imagenet-p"]
+    assert c["mce_complete"] is False and c["mce_over"] == ["gaussian_noise"] and "snow" in c["ce_skipped"]
+    assert p["mfr_complete"] is False and p["mfr_over"] == ["gaussian_noise", "translate"]
+    assert f"| tiny | {c['mce']:.2f} | — | {c['relative_mce']:.2f} | 1/15 |" in (out / "tables" / "table1_mce.md").read_text()
+    assert f"| tiny | {p['mfr']:.2f} | — | {p['mt5d']:.2f} | — | 2/10 |" in (out / "tables" / "table2_mfr_mt5d.md").read_text()
+    assert "mCE over 1 of the 15 corruptions** (gaussian_noise): not the benchmark's mCE" in report
+    assert "mFR/mT5D over 2 of the 10 perturbations** (gaussian_noise, translate)" in report
 
 
 def test_resume_after_interruption_gives_the_same_results(tmp_path, full_run, data_root, checkpoint, monkeypatch):
@@ -292,11 +301,12 @@ def _eval_with_val_only(tmp_path, data_root, checkpoint, suite):
 def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint, monkeypatch):
     import lkfast.corrupt
 
-    applied = []
+    applied, difficulties = [], []
     real_corrupt, real_sequence = lkfast.corrupt.corrupt, lkfast.corrupt.perturbation_sequence
     monkeypatch.setattr(lkfast.corrupt, "corrupt", lambda x, name, s, **k: applied.append((name, s)) or real_corrupt(x, name, s, **k))
     monkeypatch.setattr(lkfast.corrupt, "perturbation_sequence",
-                        lambda x, name, d, **k: applied.append(name) or real_sequence(x, name, d, **k))
+                        lambda x, name, d, **k: applied.append(name) or difficulties.append(d) or
+                        real_sequence(x, name, d, **k))
     assert _eval_with_val_only(tmp_path, data_root, checkpoint, "imagenet-c,imagenet-p") == 0
     r = load(tmp_path / "out")["tiny"]
     assert r["imagenet-c"]["source"].startswith("generated")
@@ -304,6 +314,7 @@ def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint, mo
     assert set(r["imagenet-p"]["fr"]) == set(metrics.IMAGENET_P)
     assert sorted(applied, key=str) == sorted([(c, s) for c in metrics.IMAGENET_C_ALL for s in range(1, 6)] * 2
                                               + list(metrics.IMAGENET_P) * 2, key=str)  # once per image (2 a part)
+    assert set(difficulties) == {1}  # the paper's ImageNet-P: difficulty 1
     assert r["imagenet-p"]["mfr"] is None and "baseline" in r["imagenet-p"]["normalisation_note"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "generated from" in report and "mfr omitted" in report.lower().replace("normalisation", "mfr")
@@ -351,6 +362,38 @@ def test_dry_run_prints_the_plan(tmp_path, data_root, checkpoint, capsys):
     plan = capsys.readouterr().out
     assert "| tiny | clean | 6 |" in plan and "| tiny | imagenet-9 | 9 |" in plan and "img/s" in plan
     assert not (tmp_path / "results.json").exists()
+
+
+def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatch):
+    """--limit and --seed change every task's key; an analysis option changes only the keys of the
+    tasks that read it (a DINO checkpoint: occlusion, not the benchmarks), by path, by the file's
+    content (a replaced file) and through its environment variable; the data folders' files too."""
+    import lkfast.eval.analysis_tasks  # noqa: F401  (registers occlusion)
+    import lkfast.eval.tasks  # noqa: F401
+    from lkfast.eval.runner import Runner
+
+    monkeypatch.delenv("LKFAST_DINO_CHECKPOINT", raising=False)
+    val = tmp_path / "val" / "n01440764"
+    val.mkdir(parents=True)
+    (val / "a.JPEG").write_bytes(b"x")
+    dino = tmp_path / "dino.pth"
+    dino.write_bytes(b"weights")
+
+    def keys(**options):
+        options = {"out": str(tmp_path / "out"), "data": {"val": str(tmp_path / "val")}, **options}
+        runner = Runner([], ["clean"], EvalOptions(**options))
+        return runner.result_key(None, TASKS["clean"]), runner.result_key(None, TASKS["occlusion"])
+    base = keys()
+    assert keys(limit=2)[0] != base[0] and keys(limit=2) != keys(limit=4)
+    assert keys(seed=1)[0] != base[0] and keys(seed=1)[1] != base[1]
+    with_dino = keys(analysis={"dino_checkpoint": str(dino)})
+    assert with_dino[0] == base[0] and with_dino[1] != base[1]
+    monkeypatch.setenv("LKFAST_DINO_CHECKPOINT", str(dino))
+    assert keys() == with_dino
+    dino.write_bytes(b"other weights")
+    assert keys()[1] != with_dino[1]
+    (val / "b.JPEG").write_bytes(b"y")
+    assert keys()[0] != base[0]
 
 
 def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):
@@ -415,6 +458,32 @@ def test_model_whose_classes_do_not_fit(tmp_path, data_root, checkpoint, capsys)
     assert "10 classes" in err
 
 
+def test_parts_with_nothing_readable_are_left_out_and_named(tmp_path, data_root, checkpoint):
+    """An ImageNet-C part (or a whole val folder) whose every image is unreadable is not scored as
+    NaN or 0: the part is left out and named in the result and the report, a task with nothing
+    readable is recorded unavailable with the reason, and the run goes on."""
+    c_dir, val = tmp_path / "imagenet-c", tmp_path / "val"
+    shutil.copytree(data_root / "imagenet-c", c_dir)
+    shutil.copytree(data_root / "val", val)
+    for f in list((c_dir / "gaussian_noise" / "3").rglob("*.JPEG")) + list(val.rglob("*.JPEG")):
+        f.write_bytes(b"not a jpeg")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert cli(*common(tmp_path / "out", checkpoint, data_root, "--suite", "clean,imagenet-c",
+                           "--imagenet-c-dir", c_dir, "--val-dir", val)) == 0
+    r = load(tmp_path / "out")["tiny"]
+    assert "could be read" in r["clean"]["unavailable"]
+    c = r["imagenet-c"]
+    assert c["unreadable_parts"] == ["gaussian_noise/3"] and sorted(c["top1"]["gaussian_noise"]) == ["1", "2", "4", "5"]
+    assert "gaussian_noise" in c["ce_skipped"] and c["mce"] is None and c["sev5_top1"] is not None
+    assert "every item unreadable, not scored**: gaussian_noise/3" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_noise_sequences_are_the_ones_scored_against_their_first_frame():
+    from lkfast.eval import tasks
+
+    assert [n for n in metrics.IMAGENET_P if tasks._is_noise(n)] == ["gaussian_noise", "shot_noise"]
+
+
 def test_unreadable_image_is_skipped_warned_and_counted(tmp_path, data_root, checkpoint):
     val = tmp_path / "val"
     for folder in (data_root / "val").iterdir():
@@ -430,6 +499,33 @@ def test_unreadable_image_is_skipped_warned_and_counted(tmp_path, data_root, che
     logits, y = reference_logits(reference_model(checkpoint), data.ImageFolderBenchmark(val, data.transform_for(config())))
     assert r["top1"] == pytest.approx(metrics.accuracy(logits, y))
     assert "1 unreadable item(s) skipped" in (tmp_path / "out" / "report.md").read_text()
+    # the file repaired in place (same path): the same --out reads it again instead of the cached result
+    original = data_root / "val" / broken.parent.name / broken.name
+    broken.write_bytes(original.read_bytes())
+    assert cli(*common(tmp_path / "out", checkpoint, data_root, "--suite", "clean", "--val-dir", val)) == 0
+    r = load(tmp_path / "out")["tiny"]["clean"]
+    assert r["skipped_unreadable"] == 0 and r["images"] == 6
+    logits, y = reference_logits(reference_model(checkpoint), data.ImageFolderBenchmark(val, data.transform_for(config())))
+    assert r["top1"] == pytest.approx(metrics.accuracy(logits, y))
+
+
+def test_imagenet_o_rerun_after_its_classes_change_is_not_served_from_the_cache(tmp_path, data_root, checkpoint):
+    """ImageNet-O's score is a softmax over its classes' logits and its negatives are val images of
+    those classes: a folder that gains a class, evaluated into the same --out, gives the numbers of
+    a fresh run (neither the cached result nor the cached in-distribution shard is reused)."""
+    o_dir = tmp_path / "imagenet-o"
+    folders = sorted(p.name for p in (data_root / "imagenet-o").iterdir())
+    shutil.copytree(data_root / "imagenet-o" / folders[0], o_dir / folders[0])
+    args = ["--suite", "imagenet-o", "--imagenet-o-dir", o_dir]
+    assert cli(*common(tmp_path / "same", checkpoint, data_root, *args)) == 0
+    assert load(tmp_path / "same")["tiny"]["imagenet-o"]["classes"] == 1
+    shutil.copytree(data_root / "imagenet-o" / folders[1], o_dir / folders[1])
+    assert cli(*common(tmp_path / "same", checkpoint, data_root, *args)) == 0
+    assert cli(*common(tmp_path / "fresh", checkpoint, data_root, *args)) == 0
+    again, fresh = load(tmp_path / "same")["tiny"]["imagenet-o"], load(tmp_path / "fresh")["tiny"]["imagenet-o"]
+    assert fresh["classes"] == 2 and fresh["in_images"] == 6
+    assert {k: again[k] for k in ("aupr", "auroc", "fpr95", "in_images", "out_images", "classes")} == \
+        {k: fresh[k] for k in ("aupr", "auroc", "fpr95", "in_images", "out_images", "classes")}
 
 
 def test_limit_zero_and_unknown_task(tmp_path, data_root, checkpoint, capsys):

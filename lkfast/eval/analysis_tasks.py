@@ -8,7 +8,8 @@ Tasks (results.json keys per model, beside the benchmark tasks):
     fgsm              eps, top1 (Fig. 6a), clean_top1
     pgd               eps, top1 (Fig. 6b, 5 steps), steps, steps_top1 (Fig. 6c, eps 0.006), clean_top1
     taig              surrogate, eps, success_rate (%, Table 4), adv_error, clean_top1
-    lesion            candidates, counts, fraction, mean, min, max, draws, removed, clean_top1 (Fig. 7)
+    lesion            candidates, counts, fraction (of the model's blocks, Fig. 7's x-axis), candidate_fraction,
+                      model_blocks, mean, min, max, draws, removed, clean_top1 (Fig. 7)
     frequency         frequencies, frequencies_over_pi, top1, drop (Fig. 8), change_at_0_7pi (Table 5)
     kernel-distance   layers [{name, stage, kernel_size, distance, normalized, ...}] (Fig. 9)
     feature-variance  layers, depth, variance, normalized (Fig. 10)
@@ -372,11 +373,13 @@ _DESCRIPTIONS = {
                 "from the other tasks)"}
 # version 2: occlusion to frequency run through ctx.records (sharded; random draws seeded per image)
 _SHARDED = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency")
+_READS = {"occlusion": ("dino_checkpoint",), "taig": ("taig_surrogate",)}  # the analysis options each reads
 for _name in ANALYSIS_TASKS:
     if _name not in TASKS:
         _no_data = _name in ("kernel-distance", "ablation")
         register_task(_name, _RUNS[_name], needs=() if _no_data else ("val",), count=None if _no_data else _count,
-                      description=_DESCRIPTIONS[_name], version="2" if _name in _SHARDED else "1")
+                      description=_DESCRIPTIONS[_name], version="2" if _name in _SHARDED else "1",
+                      reads=_READS.get(_name, ()))
 SUITES.setdefault("analysis", ANALYSIS_TASKS)
 # The kernel-size ablation: the tasks whose numbers Tables 5 and 7 show, and the ablation task.
 SUITES.setdefault("ablation", analysis.ablation.TABLE_TASKS + ("ablation",))

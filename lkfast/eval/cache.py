@@ -6,7 +6,9 @@ Layout under ``<out>/cache/``::
     <model key>/<task>/result.<options key>.json the task's metrics once every shard is done
 
 A model key names the model and the hash of its checkpoint; shard and options keys hash everything
-that changes the numbers (options, data folder, image range, record format). A killed run loses at
+that changes the numbers (options, data folder, image range, record format, and the files read: a
+shard the path, size and modification time of each of its files, a task result those of every file
+under each data folder, so a repaired, re-rendered, added or removed file is read again). A killed run loses at
 most the shard in flight; a rerun loads what is there and computes only what is missing.
 """
 from __future__ import annotations
@@ -37,6 +39,50 @@ def file_hash(path: str, length: int = 16) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:length]
+
+
+def _stat_row(path: str) -> list:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def files_fingerprint(paths) -> str:
+    """Hash of each file's path, size and modification time (an unreadable or missing one counts as
+    such): a repaired, re-rendered, added or removed file changes it, without reading any bytes."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(json.dumps(_stat_row(str(path))).encode())
+    return digest.hexdigest()[:16]
+
+
+def tree_fingerprint(root: str) -> str:
+    """``files_fingerprint`` of every file under folder ``root`` (relative paths, in sorted order;
+    hidden entries skipped): one stat per file, no file read. "" for a path that is not a folder."""
+    if not os.path.isdir(root):
+        return ""
+    digest = hashlib.sha256()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    stack.append(entry.path)
+                    continue
+                st = entry.stat()
+            except OSError:
+                continue
+            digest.update(json.dumps([os.path.relpath(entry.path, root), st.st_size, st.st_mtime_ns]).encode())
+    return digest.hexdigest()[:16]
 
 
 def safe_name(text: str) -> str:

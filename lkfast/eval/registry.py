@@ -35,6 +35,8 @@ class Task:
     count: ``count(ctx) -> int`` forward passes (images, or frames for sequences) the task makes;
         used by ``--dry-run`` and the progress bar. None: unknown.
     version: bump when the task's records or metrics change, so cached results are not reused.
+    reads: the analysis options (``EvalOptions.analysis`` names, e.g. "dino_checkpoint") the task
+        uses: only those join its cache keys, so another option does not recompute it.
     """
 
     name: str
@@ -43,13 +45,15 @@ class Task:
     count: Optional[Callable] = None
     description: str = ""
     version: str = "1"
+    reads: Tuple[str, ...] = ()
 
 
 TASKS: Dict[str, Task] = {}
 
 
 def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count: Optional[Callable] = None,
-                  description: str = "", version: str = "1", replace: bool = False) -> Task:
+                  description: str = "", version: str = "1", reads: Sequence[str] = (),
+                  replace: bool = False) -> Task:
     """Add a task to ``python -m lkfast.eval`` (``--suite NAME`` selects it). Returns the Task.
 
     Raises ValueError when ``name`` is taken (pass ``replace=True`` to override on purpose) or is not
@@ -58,7 +62,7 @@ def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count:
         raise ValueError(f"register_task: task names are lower-case letters, digits and '-', got {name!r}")
     if name in TASKS and not replace:
         raise ValueError(f"register_task: a task named {name!r} is already registered")
-    task = Task(name, run, tuple(needs), count, description, version)
+    task = Task(name, run, tuple(needs), count, description, version, tuple(reads))
     TASKS[name] = task
     return task
 

@@ -60,6 +60,14 @@ def _get(entry, task, key):
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _over(entry, task, over_key, total):
+    """How many of a benchmark's parts a mean (mCE, mFR) averages, e.g. "15/15"; only a full count
+    is the benchmark's number."""
+    result = entry.get(task) if isinstance(entry.get(task), dict) else {}
+    over = result.get(over_key)
+    return None if over is None else f"{len(over)}/{total}"
+
+
 def _paper(results, label, key):
     name = paper_name(label, results[label])
     return PAPER.get(name, {}).get(key) if name else None
@@ -88,6 +96,16 @@ def _notes(results, task) -> List[str]:
         if r.get("skipped_unreadable"):
             bits.append(f"**{r['skipped_unreadable']} unreadable item(s) skipped** "
                         f"({', '.join(f'{k}: {v}' for k, v in r.get('skipped_by_part', {}).items())})")
+        if r.get("mce") is not None and r.get("mce_complete") is False:
+            bits.append(f"**mCE over {len(r.get('mce_over') or [])} of the 15 corruptions** "
+                        f"({', '.join(r.get('mce_over') or [])}): not the benchmark's mCE")
+        if r.get("ce_skipped"):
+            bits.append("no CE for " + ", ".join(f"{c} ({why})" for c, why in r["ce_skipped"].items()))
+        if r.get("mean_fr_unnormalised") is not None and r.get("mfr_complete") is False:
+            bits.append(f"**mFR/mT5D over {len(r.get('mfr_over') or [])} of the 10 perturbations** "
+                        f"({', '.join(r.get('mfr_over') or [])}): not the benchmark's")
+        if r.get("unreadable_parts"):
+            bits.append("**every item unreadable, not scored**: " + ", ".join(r["unreadable_parts"]))
         for key in ("mce_note", "relative_mce_note", "normalisation_note", "bg_gap_note"):
             if r.get(key):
                 bits.append(key.split("_note")[0].replace("_", " ") + " omitted: " + r[key])
@@ -199,11 +217,14 @@ def write_report(out, results: Dict[str, Any]) -> Path:
     if _has(results, "imagenet-c"):
         w.text("\n## Table 1: ImageNet-C mCE\n")
         rows = [[m, _get(results[m], "imagenet-c", "mce"), _paper(results, m, "mce"),
-                 _get(results[m], "imagenet-c", "relative_mce"), _get(results[m], "imagenet-c", "mean_top1"),
+                 _get(results[m], "imagenet-c", "relative_mce"), _over(results[m], "imagenet-c", "mce_over", 15),
+                 _get(results[m], "imagenet-c", "mean_top1"),
                  _get(results[m], "imagenet-c", "sev5_top1")] for m in models]
-        w.table("table1_mce", ["Model", "mCE (%)", "paper", "relative mCE (%)", "mean top-1 (%)", "sev. 5 top-1 (%)"],
+        w.table("table1_mce", ["Model", "mCE (%)", "paper", "relative mCE (%)", "corruptions", "mean top-1 (%)",
+                               "sev. 5 top-1 (%)"],
                 rows, "Lower mCE is better; CE normalised by AlexNet's errors (Hendrycks & Dietterich 2019) on "
-                      "ImageNet, by the baseline model's on another class space (see the notes below).")
+                      "ImageNet, by the baseline model's on another class space (see the notes below). "
+                      "Corruptions: how many of the 15 the mCEs average (with fewer it is not the benchmark's mCE).")
         corruptions = sorted({c for m in models for c in (results[m].get("imagenet-c", {}).get("ce") or {})})
         if corruptions:
             w.table("imagenet_c_ce", ["Model"] + corruptions,
@@ -222,11 +243,13 @@ def write_report(out, results: Dict[str, Any]) -> Path:
     if _has(results, "imagenet-p"):
         w.text("\n## Table 2: ImageNet-P mFR and mT5D\n")
         rows = [[m, _get(results[m], "imagenet-p", "mfr"), _paper(results, m, "mfr"), _get(results[m], "imagenet-p", "mt5d"),
-                 _paper(results, m, "mt5d"), _get(results[m], "imagenet-p", "mean_fr_unnormalised"),
+                 _paper(results, m, "mt5d"), _over(results[m], "imagenet-p", "mfr_over", 10),
+                 _get(results[m], "imagenet-p", "mean_fr_unnormalised"),
                  _get(results[m], "imagenet-p", "mean_t5d_unnormalised")] for m in models]
-        w.table("table2_mfr_mt5d", ["Model", "mFR (%)", "paper", "mT5D (%)", "paper", "mean FR (%, unnormalised)",
-                                    "mean T5D (unnormalised)"], rows,
-                "Lower is better. mFR / mT5D are normalised by the baseline model's values on the same sequences.")
+        w.table("table2_mfr_mt5d", ["Model", "mFR (%)", "paper", "mT5D (%)", "paper", "perturbations",
+                                    "mean FR (%, unnormalised)", "mean T5D (unnormalised)"], rows,
+                "Lower is better. mFR / mT5D are normalised by the baseline model's values on the same sequences. "
+                "Perturbations: how many of the 10 the means average (with fewer they are not the benchmark's).")
         perturbations = sorted({p for m in models for p in (results[m].get("imagenet-p", {}).get("fr") or {})})
         if perturbations:
             w.table("imagenet_p_fr", ["Model"] + perturbations,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from lkfast.eval import distributed as dist
-from lkfast.eval.cache import ResultCache, stable_hash
+from lkfast.eval.cache import ResultCache, files_fingerprint, stable_hash, tree_fingerprint
 from lkfast.eval.classes import ClassSpace
 from lkfast.eval.models import ModelSpec, count_parameters, load_model, output_classes
 from lkfast.eval.registry import TASKS, Task, TaskUnavailable
@@ -31,6 +32,10 @@ from lkfast.tables import write_text_atomic
 
 RESULTS_FILE = "results.json"
 META_KEY = "_meta"
+
+
+# analysis option -> the environment variable that sets it when the option is not given
+ANALYSIS_ENV = {"dino_checkpoint": "LKFAST_DINO_CHECKPOINT", "taig_surrogate": "LKFAST_TAIG_SURROGATE"}
 
 
 class EvalError(RuntimeError):
@@ -65,10 +70,20 @@ class EvalOptions:
     progress: bool = True
     write_report: bool = True
 
-    def numeric_key(self) -> Dict[str, Any]:
-        """The options that change the numbers (part of every cache key)."""
-        return {"amp": self.amp, "channels_last": self.channels_last, "seed": self.seed,
-                **({"analysis": dict(sorted(self.analysis.items()))} if self.analysis else {})}
+    def numeric_key(self, reads: Sequence[str] = ()) -> Dict[str, Any]:
+        """The options that change a task's numbers (part of its cache keys): amp, channels_last,
+        seed, and the analysis options in ``reads`` (the task's ``Task.reads``) that are set, each
+        as its value (from ``analysis`` or its environment variable) and, when it names a file, that
+        file's size and modification time (a replaced checkpoint is a new key)."""
+        key: Dict[str, Any] = {"amp": self.amp, "channels_last": self.channels_last, "seed": self.seed}
+        used = {}
+        for name in sorted(reads):
+            value = self.analysis.get(name) or os.environ.get(ANALYSIS_ENV.get(name, ""), "")
+            if value:
+                used[name] = [value, files_fingerprint([value]) if os.path.isfile(value) else None]
+        if used:
+            key["analysis"] = used
+        return key
 
 
 class _Progress:
@@ -179,9 +194,11 @@ class TaskContext:
         size = self.options.shard_size
         shards = [(s, min(s + size, n)) for s in range(0, n, size)]
         base = {"task": self.task.name, "version": self.task.version, "part": part, "n": n, "key": key,
-                "options": self.options.numeric_key(), "config": self.config, "classes": self.class_space.num_classes,
+                "options": self.options.numeric_key(self.task.reads), "config": self.config, "classes": self.class_space.num_classes,
                 "root": str(getattr(dataset, "root", ""))}
-        keys = [stable_hash({**base, "range": [a, b]}) for a, b in shards]
+        samples = getattr(dataset, "samples", None)  # [(path, target)] of a folder reader: its files' stats join the key
+        keys = [stable_hash({**base, "range": [a, b], **({"files": files_fingerprint(p for p, _ in samples[a:b])}
+                                                          if samples is not None else {})}) for a, b in shards]
         stored: Dict[int, Dict[str, Any]] = {}
         if dist.is_main():
             for i, k in enumerate(keys):
@@ -304,6 +321,7 @@ class Runner:
         self._loaded: Dict[ModelSpec, Any] = {}
         self._results: Dict[tuple, Dict[str, Any]] = {}
         self._active: List[tuple] = []
+        self._data_print: Optional[Dict[str, List[str]]] = None
         self.meta: Dict[str, Any] = {}
 
     # models ------------------------------------------------------------------------------------
@@ -343,11 +361,17 @@ class Runner:
         return ResultCache(self.out / "cache" / spec.key())
 
     def result_key(self, spec: ModelSpec, task: Task, config: Optional[Dict[str, Any]] = None) -> str:
-        return stable_hash({"task": task.name, "version": task.version, "options": self.options.numeric_key(),
-                            "limit": self.options.limit, "data": {k: str(v) for k, v in sorted(self.options.data.items())},
+        return stable_hash({"task": task.name, "version": task.version, "options": self.options.numeric_key(task.reads),
+                            "limit": self.options.limit, "data": self._data_fingerprint(),
                             "classes": [self.class_space.name, self.class_space.num_classes],
                             "baseline": None if self.options.baseline is None else
                             [self.options.baseline.name, self.options.baseline.key()]})
+
+    def _data_fingerprint(self) -> Dict[str, List[str]]:
+        """Data source -> [folder, fingerprint of the files under it] (one stat per file, once a run)."""
+        if self._data_print is None:
+            self._data_print = {k: [str(v), tree_fingerprint(str(v))] for k, v in sorted(self.options.data.items())}
+        return self._data_print
 
     # tasks -------------------------------------------------------------------------------------
     def task_result(self, spec: ModelSpec, name: str, baseline: bool = False) -> Dict[str, Any]:

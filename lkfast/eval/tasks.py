@@ -9,16 +9,20 @@ Each task returns a plain dict; the keys users script against (results.json, per
                  over the 200 ImageNet-O logits; ImageNet-val of those classes is the negatives),
                  in_images, out_images, source
     imagenet-c   mce, relative_mce (%, None with relative_mce_note when a clean error is missing),
-                 sev5_top1 (mean top-1 % over the corruptions present at severity 5), mean_top1,
+                 mce_over / mce_complete (the corruptions mCE averages; all 15 there: only then the
+                 benchmark's mCE), sev5_top1 (mean top-1 % over the corruptions present at severity 5), mean_top1,
                  ce {corruption: %}, top1 {corruption: {severity: %}}, source ("disk" or "generated")
     imagenet-p   fr {perturbation: %}, t5d {perturbation: value} (unnormalised, always: flip
                  probability x 100 and mean top-5 distance at difficulty 1, i.e. the first noise
                  level / frame stride 1), mean_fr_unnormalised, mean_t5d_unnormalised, mfr and mt5d
                  (% of the baseline model's, None with normalisation_note when no baseline could be
-                 evaluated), sequences {perturbation: sequences scored}, source
+                 evaluated), sequences {perturbation: sequences scored}, mfr_over (the perturbations
+                 the means are over), mfr_complete (all 10 there: only then the benchmark's mFR), source
     imagenet-9   top1 {variant: %}, original, mixed_same, mixed_rand, bg_gap (%), source
 
-Every task also records skipped_unreadable (items that could not be decoded) and seconds.
+Every task also records skipped_unreadable (items that could not be decoded) and seconds; a part
+whose every item was unreadable is left out and listed in unreadable_parts (a task with nothing
+readable at all is recorded unavailable).
 """
 from __future__ import annotations
 
@@ -61,10 +65,24 @@ def class_folders(root) -> List[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _top1(records) -> float:
-    """Top-1 (%) from per-batch correct counts (so that shards merge exactly)."""
-    count = int(records["count"].sum()) if len(records.get("count", ())) else 0
-    return 100.0 * int(records["correct"].sum()) / count if count else float("nan")
+def _count(records) -> int:
+    return int(records["count"].sum()) if len(records.get("count", ())) else 0
+
+
+def _top1(records) -> Optional[float]:
+    """Top-1 (%) from per-batch correct counts (so that shards merge exactly); None when no item
+    could be read (callers leave such a part out and say so)."""
+    count = _count(records)
+    return 100.0 * int(records["correct"].sum()) / count if count else None
+
+
+def _scored(ctx: TaskContext, name: str, records) -> float:
+    """Top-1 (%) of a one-part task; TaskUnavailable when none of its images could be read."""
+    top1 = _top1(records)
+    if top1 is None:
+        raise TaskUnavailable(f"none of the {name} images in {ctx.source(name)} could be read "
+                              f"({sum(ctx.skipped.values())} unreadable)")
+    return top1
 
 
 def _counts(accuracy_percent: float, n: int) -> dict:
@@ -90,7 +108,7 @@ def _val(ctx):
 def clean(ctx: TaskContext) -> dict:
     dataset = _val(ctx)
     records = ctx.records("val", dataset, predict(ctx))
-    return {"top1": _top1(records), "images": int(records["count"].sum()), "source": str(ctx.source("val"))}
+    return {"top1": _scored(ctx, "val", records), "images": _count(records), "source": str(ctx.source("val"))}
 
 
 def _subset_task(name: str):
@@ -108,7 +126,7 @@ def _subset_task(name: str):
     def run(ctx: TaskContext) -> dict:
         data, subset = dataset(ctx)
         records = ctx.records(name, data, predict(ctx, subset))
-        return {"top1": _top1(records), "images": int(records["count"].sum()), "classes": len(subset),
+        return {"top1": _scored(ctx, name, records), "images": _count(records), "classes": len(subset),
                 "source": str(ctx.source(name))}
     return run, lambda ctx: len(dataset(ctx)[0])
 
@@ -184,6 +202,7 @@ def imagenet_c(ctx: TaskContext) -> dict:
 
     source, parts = _c_parts(ctx)
     top1: Dict[str, Dict[int, float]] = {}
+    unreadable: List[str] = []
     for name, severity, dataset in parts:
         compute = predict(ctx)
         if source == "generated":
@@ -194,14 +213,24 @@ def imagenet_c(ctx: TaskContext) -> dict:
                                     lambda x, g: corrupt.corrupt(x, name, severity, generator=g))
                 return base(images, targets, indices)
         records = ctx.records(f"{name}/{severity}", dataset, compute, key=_source_key(source))
+        if _top1(records) is None:  # every image of the part unreadable: left out (CE then needs all 5)
+            unreadable.append(f"{name}/{severity}")
+            continue
         top1.setdefault(name, {})[severity] = _top1(records)
+    if not top1:
+        raise TaskUnavailable(f"none of the ImageNet-C images could be read ({sum(ctx.skipped.values())} unreadable)")
     errors = {c: {s: 1.0 - v / 100.0 for s, v in by.items()} for c, by in top1.items()}
     clean_error, note = None, "no ImageNet-val given, so no clean error"
     if ctx.has_source("val"):
-        clean_error = 1.0 - ctx.result_of("clean")["top1"] / 100.0
+        try:
+            clean_error = 1.0 - ctx.result_of("clean")["top1"] / 100.0
+        except TaskUnavailable as error:
+            note = f"no clean error: {error}"
     result = {"source": "disk: " + str(ctx.source("imagenet-c")) if source == "disk" else
               f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})",
               "top1": top1, "clean_error": clean_error}
+    if unreadable:
+        result["unreadable_parts"] = unreadable  # every image unreadable: not scored
     if ctx.class_space.published_baselines:
         # ImageNet: CE normalised by the release's AlexNet errors, relative mCE by AlexNet's clean error
         scores = metrics.corruption_errors(errors, clean_error=clean_error)
@@ -270,7 +299,10 @@ def _sequences_in(space):
 
 
 def _is_noise(name: str) -> bool:
-    return name.split("_")[0] in ("gaussian", "shot") and "noise" in name
+    """Noise sequences are scored against their first frame, the others frame to frame."""
+    from lkfast import metrics
+
+    return name in metrics.NOISE_PERTURBATIONS
 
 
 def imagenet_p(ctx: TaskContext) -> dict:
@@ -298,7 +330,7 @@ def imagenet_p(ctx: TaskContext) -> dict:
     result = {"fr": {p: 100.0 * v for p, v in fp.items()}, "t5d": t5d, "mfr": None, "mt5d": None,
               "mean_fr_unnormalised": 100.0 * sum(fp.values()) / len(fp) if fp else None,
               "mean_t5d_unnormalised": sum(t5d.values()) / len(t5d) if t5d else None,
-              "sequences": scored,
+              "sequences": scored, "mfr_over": sorted(fp), "mfr_complete": set(fp) >= set(corrupt.PERTURBATIONS),
               "source": "disk: " + str(ctx.source("imagenet-p")) if source == "disk" else
               f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})"}
     if ctx.is_baseline or not fp:
@@ -350,10 +382,18 @@ def imagenet_9(ctx: TaskContext) -> dict:
 
     def compute(images, targets, indices):
         return _counts(metrics.imagenet9_accuracy(ctx.forward(images), targets, nine), len(targets))
-    top1 = {}
+    top1, unreadable = {}, []
     for variant, dataset in _nine_parts(ctx):
-        top1[variant] = _top1(ctx.records(variant, dataset, compute))
+        score = _top1(ctx.records(variant, dataset, compute))
+        if score is None:
+            unreadable.append(variant)
+        else:
+            top1[variant] = score
+    if not top1:
+        raise TaskUnavailable(f"none of the ImageNet-9 images could be read ({sum(ctx.skipped.values())} unreadable)")
     result = {"top1": top1, "source": str(ctx.source("imagenet-9"))}
+    if unreadable:
+        result["unreadable_parts"] = unreadable
     if "mixed_same" in top1 and "mixed_rand" in top1:
         result.update({k: (None if v is None else float(v)) for k, v in metrics.background_gap(top1).items()})
     else:
