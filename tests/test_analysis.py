@@ -304,6 +304,30 @@ def test_lesion_sweep_reports_what_it_removed():
         lesion_sweep(model, data, counts=[1], draws=0)
 
 
+def test_lesion_fraction_is_the_proportion_of_the_model_blocks():
+    # Fig. 7's x-axis (the paper: "the number of blocks in ViT-B is only half of that in RepLKNet"):
+    # RepLKNet-31B's layout has 24 blocks, the paper's scope draws among its 18 third-stage ones
+    from lkfast.analysis import all_blocks
+    from lkfast.analysis.lesion import LesionPlan, lesion_summary
+
+    layout_31b = RepLKNet(large_kernel_sizes=[3, 3, 3, 3], layers=[2, 2, 18, 2], channels=[4, 4, 4, 4],
+                          small_kernel=None, num_classes=CLASSES)
+    plan = LesionPlan(layout_31b, draws=1, scope="paper")
+    assert len(plan.candidates) == 18 and plan.model_blocks == 24 and plan.counts == [2, 4, 5, 7, 9, 11, 13, 14, 16]
+    records = {"clean": torch.ones(2, dtype=torch.bool), "correct": torch.zeros(2, 9, 1, dtype=torch.bool)}
+    summary = lesion_summary(records, plan)
+    assert summary["fraction"] == [n / 24 for n in plan.counts] and summary["fraction"][4] == 0.375
+    assert summary["candidate_fraction"] == [n / 18 for n in plan.counts] and summary["model_blocks"] == 24
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=12, embed_dim=16, num_heads=1)
+    assert lesion_summary({"clean": records["clean"], "correct": torch.zeros(2, 1, 1, dtype=torch.bool)},
+                          LesionPlan(vit, counts=[6], draws=1, scope="paper"))["fraction"] == [0.5]
+    # a ResNet's blocks with a downsample shortcut count too, though they are never removed
+    resnet = timm.create_model("resnet18", num_classes=CLASSES).eval()
+    assert len(all_blocks(resnet)) == 8 and len(residual_blocks(resnet)) == 5
+    result = lesion_sweep(resnet, [batch(2, 32)], counts=[1, 2], draws=2, scope="all")
+    assert result["fraction"] == [1 / 8, 2 / 8] and result["candidate_fraction"] == [1 / 5, 2 / 5]
+
+
 # --- frequency -----------------------------------------------------------------------------------------
 
 class HighFrequencyDetector(nn.Module):

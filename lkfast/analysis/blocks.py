@@ -69,6 +69,13 @@ def residual_blocks(model: nn.Module) -> list:
     return [Block(b.name, b.modules, b.stage, i) for i, b in enumerate(kept)]
 
 
+def all_blocks(model: nn.Module) -> list:
+    """Every block of ``model`` in forward order, the ones with a downsampling shortcut too (a ResNet-50
+    has 16, RepLKNet-31B 24, ViT-B 12): what "the proportion of blocks removed" counts against.
+    ValueError as ``residual_blocks``."""
+    return [b for b, _ in _find_units(model)[1]]
+
+
 def _units_of(net: nn.Module):
     """[(Block, removable)...] of every block of ``net`` when it is a network of a known family, else None."""
     units = []
@@ -115,8 +122,7 @@ def output_modules(model: nn.Module) -> list:
     order: every block of the model's family, the downsampling ones too (variance needs no shape
     match); for RepLKNet the RepLK block and the ConvFFN separately. ValueError as ``residual_blocks``."""
     named = dict(model.named_modules())
-    _, units = _find_units(model)
-    return [(name, named[name]) for block, _ in units for name in block.modules]
+    return [(name, named[name]) for block in all_blocks(model) for name in block.modules]
 
 
 def channels_last_outputs(model: nn.Module) -> bool:

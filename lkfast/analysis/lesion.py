@@ -7,7 +7,7 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from lkfast.analysis.blocks import Block, blocks_removed, residual_blocks
+from lkfast.analysis.blocks import Block, all_blocks, blocks_removed, residual_blocks
 from lkfast.attacks.evaluate import batches, model_device
 
 SCOPES = ("all", "paper")
@@ -42,13 +42,15 @@ def default_counts(total: int) -> list:
 class LesionPlan:
     """The blocks a lesion sweep removes: for each n in ``counts``, ``draws`` seeded random sets of n
     blocks among ``lesion_candidates(model, scope)`` (``removed[c][d]``, in model order). Drawn once,
-    so every batch (and every shard of an evaluation) removes the same blocks."""
+    so every batch (and every shard of an evaluation) removes the same blocks. ``model_blocks``: how
+    many blocks the model has (``all_blocks``), the denominator of the proportion removed."""
 
     def __init__(self, model: nn.Module, counts: Optional[Sequence[int]] = None, draws: int = 10, seed: int = 0,
                  scope: str = "all"):
         if not isinstance(draws, int) or draws < 1:
             raise ValueError(f"lesion_sweep: draws must be an integer >= 1, got {draws!r}")
         self.candidates = lesion_candidates(model, scope)
+        self.model_blocks = len(all_blocks(model))
         total = len(self.candidates)
         self.counts = default_counts(total) if counts is None else list(counts)
         for n in self.counts:
@@ -86,11 +88,14 @@ def lesion_summary(records: dict, plan: LesionPlan) -> dict:
     count = len(records["clean"])
     if count == 0:
         raise ValueError("lesion_sweep: the loader yielded no images")
-    total = len(plan.candidates)
     draws = [[100.0 * c / count for c in per_count] for per_count in records["correct"].long().sum(0).tolist()]
+    # The paper's x-axis: the proportion of the model's blocks removed (ViT-B has half RepLKNet's 24
+    # blocks), not of the candidates (RepLKNet-31B's 18 third-stage blocks under scope "paper").
     return {"candidates": [b.name for b in plan.candidates], "clean_top1": 100.0 * int(records["clean"].sum()) / count,
-            "counts": list(plan.counts), "fraction": [n / total for n in plan.counts],
-            "mean": [sum(a) / plan.draws for a in draws], "min": [min(a) for a in draws], "max": [max(a) for a in draws],
+            "counts": list(plan.counts), "fraction": [n / plan.model_blocks for n in plan.counts],
+            "candidate_fraction": [n / len(plan.candidates) for n in plan.counts], "model_blocks": plan.model_blocks,
+            "mean": [sum(a) / plan.draws for a in draws], "min": [min(a) for a in draws],
+            "max": [max(a) for a in draws],
             "draws": draws, "removed": plan.names(), "draws_per_count": plan.draws, "seed": plan.seed,
             "scope": plan.scope, "images": count}
 
@@ -106,8 +111,9 @@ def lesion_sweep(model: nn.Module, loader: Iterable, counts: Optional[Sequence[i
     are back in place when this returns, also after an error.
 
     Returns ``{"candidates": [block names], "clean_top1": float, "counts": [n...], "fraction": [n /
-    candidates...], "mean": [...], "min": [...], "max": [...], "draws": [[top1 per draw]...],
-    "removed": [[[names removed] per draw]...], "draws_per_count", "seed", "scope", "images"}``.
+    model_blocks...] (the proportion of the model's blocks removed, Fig. 7's x-axis), "candidate_fraction":
+    [n / candidates...], "model_blocks", "mean": [...], "min": [...], "max": [...], "draws": [[top1 per
+    draw]...], "removed": [[[names removed] per draw]...], "draws_per_count", "seed", "scope", "images"}``.
     """
     plan = LesionPlan(model, counts, draws, seed, scope)
     rows = {}
