@@ -676,3 +676,21 @@ def test_loader_names_the_dataset_index_of_each_kept_item():
     assert [b[2] for b in batches] == [[0, 2], [3, 5]]
     assert [b[1].tolist() for b in batches] == [[10, 12], [13, 15]] and [b[3] for b in batches] == [1, 1]
     assert batches[1][0][:, 0, 0, 0].tolist() == [3.0, 5.0]
+
+
+def test_file_hash_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
+    """A checkpoint's hash (part of every cache key of its model) is read once per process, and read
+    again when the file changes."""
+    import builtins
+    import hashlib
+
+    from lkfast.eval import cache
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"first")
+    assert cache.file_hash(str(path)) == hashlib.sha256(b"first").hexdigest()[:16]
+    real_open, opened = builtins.open, []
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    assert cache.file_hash(str(path), 8) == hashlib.sha256(b"first").hexdigest()[:8] and opened == []
+    path.write_bytes(b"second!")
+    assert cache.file_hash(str(path)) == hashlib.sha256(b"second!").hexdigest()[:16] and opened == [str(path)]

@@ -32,13 +32,22 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+_FILE_HASHES: Dict[tuple, str] = {}
+
+
 def file_hash(path: str, length: int = 16) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks), cut to ``length`` hex digits."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:length]
+    """SHA-256 of a file's bytes (read in 1 MiB blocks), cut to ``length`` hex digits. Remembered
+    per (path, size, modification time) within a process: a checkpoint is read once per run, not
+    once per task."""
+    st = os.stat(path)
+    memo = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if memo not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_HASHES[memo] = digest.hexdigest()
+    return _FILE_HASHES[memo][:length]
 
 
 def _stat_row(path: str) -> list:
