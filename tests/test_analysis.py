@@ -399,12 +399,24 @@ def test_kernel_distance_on_models():
     first = result["layers"][0]
     assert first["stage"] == 0 and first["kernel_size"] == [7, 7] and len(first["normalized"]) == 8
     assert first["normalized"] == sorted(first["normalized"])
+    # as the paper's script: the large kernel's own weights, not the BN-scaled sum with the small kernel
+    assert result["weights"] == ["lkb_origin.conv.weight"] and "note" not in result
+    large = model.stages[0].blocks[0].large_kernel
+    distance, normalised = channel_distances(large.lkb_origin.conv.weight)
+    assert first["weights"] == "lkb_origin.conv.weight"
+    assert first["distance"] == pytest.approx(distance.sort().values.tolist(), rel=1e-12)
+    assert first["normalized"] == pytest.approx(normalised.sort().values.tolist(), rel=1e-12)
+    with torch.no_grad():
+        equivalent = channel_distances(large.get_equivalent_kernel_bias()[0])[0].sort().values.tolist()
+    assert first["distance"] != pytest.approx(equivalent, rel=1e-2)  # the tiny model's BNs scale the channels
+    # a merged checkpoint holds only the merged kernel: measured on it, and the result says so
     merged = kernel_attention_distance(tiny_replknet().structural_reparam())
-    for a, b in zip(result["layers"], merged["layers"]):
-        assert a["normalized"] == pytest.approx(b["normalized"], rel=1e-5)
-        assert a["distance"] == pytest.approx(b["distance"], rel=1e-5)
+    assert merged["weights"] == ["lkb_reparam.weight"] and "merged kernel" in merged["note"]
+    assert merged["layers"][0]["weights"] == "lkb_reparam.weight"
+    assert merged["layers"][0]["distance"] == pytest.approx(equivalent, rel=1e-5)
     convnext = kernel_attention_distance(timm.create_model("test_convnext"))
     assert len(convnext["layers"]) == 9 and convnext["layers"][0]["kernel_size"] == [7, 7]
+    assert convnext["weights"] == ["weight"]
     with pytest.raises(ValueError, match="no stride-1 depthwise"):
         kernel_attention_distance(tiny_vit())
 
@@ -507,6 +519,7 @@ def test_eval_tasks_run_end_to_end_and_report(tmp_path):
                    "figure9_kernel_distance", "figure10_feature_variance"):
         assert f"figures/{figure}.png" in text and (tmp_path / "out" / "figures" / f"{figure}.png").stat().st_size > 0
     assert "Salient-Drop-50%" in text  # Table 5's analysis columns (no ablation family in this run)
+    assert "Weights measured: tiny-lk: the large kernels' own weights (lkb_origin.conv.weight" in text
     # Fig. 5: one val image and its three occlusions at 50%, written once by the task, shown by the report
     assert "figures/figure5_occlusion_examples.png" in text
     assert (tmp_path / "out" / "figures" / "figure5_occlusion_examples.png").stat().st_size > 0

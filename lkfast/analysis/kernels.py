@@ -4,6 +4,11 @@ For a kernel w of radius R (size 2R + 1) and each channel: distance = sum_ij |w_
 / (R * sqrt(2)) (the paper's quantity), and normalised distance = distance / sum_ij |w_ij|, which is
 0 for all mass at the centre and 1 for all mass in the corners (comparable across channels and layers
 of different magnitude). Channels are sorted by each.
+
+Which weights: as the paper's script (kernel_atten_dis.py), a RepLKNet layer is measured on its large
+kernel's own weights, ``lkb_origin.conv.weight`` (no BN scale, no small kernel). A re-parameterised
+(merged) layer holds only the merged kernel (BNs and the small kernel folded in): it is measured on
+that and the result says so (its distances are scaled per channel by the BN, unlike the script's).
 """
 from __future__ import annotations
 
@@ -43,14 +48,14 @@ def channel_distances(kernel: torch.Tensor) -> tuple:
     return distance, normalised
 
 
-def depthwise_kernels(model: nn.Module, min_kernel_size: int = 3) -> list:
-    """(name, kernel (C, 1, kh, kw)) of every depthwise large kernel of ``model``, in module order.
+# What each layer's kernel is (the "weights" field of a layer in kernel_attention_distance's result).
+LARGE_KERNEL = "lkb_origin.conv.weight"  # RepLKNet's large kernel, unmerged: the paper's script measures it
+MERGED_KERNEL = "lkb_reparam.weight"  # re-parameterised RepLKNet layer: BNs and small kernel folded in
+CONV_WEIGHT = "weight"  # a plain depthwise nn.Conv2d (ConvNeXt, ...)
 
-    In a model with RepLKNet's ``ReparamLargeKernelConv`` layers only those count (not the stem's
-    3x3), each once, with its equivalent kernel (small kernel and BNs folded in; the merged layer's
-    weight when re-parameterised), so merged and unmerged models give the same result. Elsewhere: every stride-1 depthwise ``nn.Conv2d`` (groups == in == out
-    channels) whose larger side is at least ``min_kernel_size`` (ConvNeXt's 7x7, ...).
-    """
+
+def _depthwise_kernels(model: nn.Module, min_kernel_size: int) -> list:
+    """(name, kernel, weights) of ``depthwise_kernels``, weights naming which tensor was read."""
     found, inside = [], set()
     has_replk = any(isinstance(m, ReparamLargeKernelConv) for m in model.modules())
     for name, module in model.named_modules():
@@ -58,37 +63,56 @@ def depthwise_kernels(model: nn.Module, min_kernel_size: int = 3) -> list:
             continue
         if isinstance(module, ReparamLargeKernelConv):
             inside.add(name)
-            with torch.no_grad():
-                kernel = module.lkb_reparam.weight if module.merged else module.get_equivalent_kernel_bias()[0]
-            found.append((name, kernel.detach()))
+            if module.merged:
+                found.append((name, module.lkb_reparam.weight.detach(), MERGED_KERNEL))
+            else:
+                found.append((name, module.lkb_origin.conv.weight.detach(), LARGE_KERNEL))
         elif not has_replk and isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels \
                 and tuple(module.stride) == (1, 1) and max(module.kernel_size) >= min_kernel_size:
-            found.append((name, module.weight.detach()))
+            found.append((name, module.weight.detach(), CONV_WEIGHT))
     return found
+
+
+def depthwise_kernels(model: nn.Module, min_kernel_size: int = 3) -> list:
+    """(name, kernel (C, 1, kh, kw)) of every depthwise large kernel of ``model``, in module order.
+
+    In a model with RepLKNet's ``ReparamLargeKernelConv`` layers only those count (not the stem's
+    3x3), each once: the large kernel's own weights (``lkb_origin.conv.weight``, as the paper's
+    script), or the merged kernel of a re-parameterised layer (the only one it holds). Elsewhere:
+    every stride-1 depthwise ``nn.Conv2d`` (groups == in == out channels) whose larger side is at
+    least ``min_kernel_size`` (ConvNeXt's 7x7, ...).
+    """
+    return [(name, kernel) for name, kernel, _ in _depthwise_kernels(model, min_kernel_size)]
 
 
 def kernel_attention_distance(model: nn.Module, min_kernel_size: int = 3) -> dict:
     """Kernel attention distance of every depthwise large kernel of ``model`` (``depthwise_kernels``).
 
     Returns ``{"layers": [{"name", "stage" (index parsed from the name, or None), "kernel_size":
-    [kh, kw], "channels", "distance": [sorted ascending], "normalized": [sorted ascending],
-    "mean_distance", "mean_normalized"}...]}`` in module order. Raises ValueError for a model with no
-    depthwise kernel of at least ``min_kernel_size``.
+    [kh, kw], "channels", "weights" (the tensor measured: LARGE_KERNEL, MERGED_KERNEL or CONV_WEIGHT),
+    "distance": [sorted ascending], "normalized": [sorted ascending], "mean_distance",
+    "mean_normalized"}...], "weights": [the kinds measured], "note" (only where a layer is merged)}``
+    in module order. Raises ValueError for a model with no depthwise kernel of at least ``min_kernel_size``.
     """
-    kernels = depthwise_kernels(model, min_kernel_size)
+    kernels = _depthwise_kernels(model, min_kernel_size)
     if not kernels:
         raise ValueError(f"kernel_attention_distance: {type(model).__name__} has no stride-1 depthwise convolution "
                          f"with a kernel of at least {min_kernel_size}x{min_kernel_size}; the analysis applies to "
                          f"large-kernel ConvNets such as RepLKNet or ConvNeXt")
     layers = []
-    for name, kernel in kernels:
+    for name, kernel, weights in kernels:
         distance, normalised = channel_distances(kernel)
         match = _STAGE.search(name + ".")
         layers.append({"name": name, "stage": int(match.group(1)) if match else None,
-                       "kernel_size": list(kernel.shape[-2:]), "channels": int(kernel.shape[0]),
+                       "kernel_size": list(kernel.shape[-2:]), "channels": int(kernel.shape[0]), "weights": weights,
                        "distance": distance.sort().values.tolist(), "normalized": normalised.sort().values.tolist(),
                        "mean_distance": float(distance.mean()), "mean_normalized": float(normalised.mean())})
-    return {"layers": layers}
+    result = {"layers": layers, "weights": sorted({layer["weights"] for layer in layers})}
+    if MERGED_KERNEL in result["weights"]:
+        result["note"] = ("re-parameterised layers measured on their merged kernel (BNs and the small kernel folded "
+                          "in, the only kernel the checkpoint holds), not on the large kernel's own weights as the "
+                          "paper's script: distances are scaled per channel by the BN")
+    return result
 
 
 def paper_layers(result: dict, first_stage: Optional[int] = None, last_stage: Optional[int] = None) -> list:

@@ -11,7 +11,8 @@ Tasks (results.json keys per model, beside the benchmark tasks):
     lesion            candidates, counts, fraction (of the model's blocks, Fig. 7's x-axis), candidate_fraction,
                       model_blocks, mean, min, max, draws, removed, clean_top1 (Fig. 7)
     frequency         frequencies, frequencies_over_pi, top1, drop (Fig. 8), change_at_0_7pi (Table 5)
-    kernel-distance   layers [{name, stage, kernel_size, distance, normalized, ...}] (Fig. 9)
+    kernel-distance   layers [{name, stage, kernel_size, weights, distance, normalized, ...}], weights, note
+                      (Fig. 9; RepLKNet: the large kernel's own weights as the paper's script, merged ones named)
     feature-variance  layers, depth, variance, normalized (Fig. 10)
     ablation          name, family, kernel_size (None: no depthwise kernel; a reference row) (Tables 5, 7)
 
@@ -432,7 +433,8 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
         parts.append("## Figure 8: noise frequency\n\n![Figure 8](figures/figure8_frequency.png)\n")
     if found["kernel-distance"]:
         plots.plot_kernel_distance(found["kernel-distance"], figures / "figure9_kernel_distance.png")
-        parts.append("## Figure 9: kernel attention distance\n\n![Figure 9](figures/figure9_kernel_distance.png)\n")
+        parts.append("## Figure 9: kernel attention distance\n\n![Figure 9](figures/figure9_kernel_distance.png)\n\n"
+                     + _kernel_weights_line(found["kernel-distance"]))
     if found["feature-variance"]:
         plots.plot_feature_variance(found["feature-variance"], figures / "figure10_feature_variance.png")
         parts.append("## Figure 10: feature-map variance\n\n![Figure 10](figures/figure10_feature_variance.png)\n")
@@ -446,6 +448,19 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
     if ablation_text:
         parts.append(ablation_text)
     return "\n".join(parts)
+
+
+def _kernel_weights_line(found: Dict[str, dict]) -> str:
+    """Which weights Fig. 9 measured for each model (lkfast.analysis.kernels), the merged ones named."""
+    from lkfast.analysis.kernels import CONV_WEIGHT, LARGE_KERNEL, MERGED_KERNEL
+
+    said = {LARGE_KERNEL: "the large kernels' own weights (lkb_origin.conv.weight, as the paper's script)",
+            MERGED_KERNEL: "the merged kernels (re-parameterised checkpoint: BNs and the small kernel folded in, "
+                           "scaled per channel unlike the paper's script)",
+            CONV_WEIGHT: "the depthwise convolutions' weights"}
+    return "Weights measured: " + "; ".join(
+        f"{m}: " + (", ".join(said.get(w, w) for w in r.get("weights", [])) or "not recorded")
+        for m, r in found.items()) + ".\n"
 
 
 def _ablation_report(out, results: Dict[str, Any], found: Dict[str, dict]):
