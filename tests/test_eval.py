@@ -394,6 +394,24 @@ def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatc
     assert keys()[1] != with_dino[1]
     (val / "b.JPEG").write_bytes(b"y")
     assert keys()[0] != base[0]
+    # the baseline model joins the keys of the tasks it normalises (ImageNet-C/-P) only
+    options = EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")})
+    with_baseline = EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")},
+                                baseline=ModelSpec("alexnet", str(dino)))
+    for task, changes in (("clean", False), ("occlusion", False), ("imagenet-p", True), ("imagenet-c", True)):
+        assert (Runner([], [], options).result_key(None, TASKS[task]) !=
+                Runner([], [], with_baseline).result_key(None, TASKS[task])) is changes, task
+
+
+def test_a_missing_baseline_checkpoint_stops_only_the_normalisation(tmp_path, data_root, checkpoint):
+    """Through the API (the CLI refuses it up front), a baseline whose checkpoint is missing leaves
+    the tasks that do not use it alone, and ImageNet-P says why it is unnormalised."""
+    specs = [ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)]
+    options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val"), "imagenet-p": str(data_root / "imagenet-p")},
+                          workers=0, progress=False, baseline=ModelSpec("alexnet", str(tmp_path / "nope.pth")))
+    r = run_evaluation(specs, ["clean", "imagenet-p"], options)["tiny"]
+    assert 0 < r["clean"]["top1"] < 100 and r["imagenet-p"]["mfr"] is None
+    assert "nope.pth" in r["imagenet-p"]["normalisation_note"] and "not found" in r["imagenet-p"]["normalisation_note"]
 
 
 def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):

@@ -35,8 +35,9 @@ class Task:
     count: ``count(ctx) -> int`` forward passes (images, or frames for sequences) the task makes;
         used by ``--dry-run`` and the progress bar. None: unknown.
     version: bump when the task's records or metrics change, so cached results are not reused.
-    reads: the analysis options (``EvalOptions.analysis`` names, e.g. "dino_checkpoint") the task
-        uses: only those join its cache keys, so another option does not recompute it.
+    reads: the options beyond the common ones the task uses: ``EvalOptions.analysis`` names (e.g.
+        "dino_checkpoint") and "baseline" (the normalising model): only those join its cache keys,
+        so another option does not recompute it.
     """
 
     name: str

@@ -364,8 +364,14 @@ class Runner:
         return stable_hash({"task": task.name, "version": task.version, "options": self.options.numeric_key(task.reads),
                             "limit": self.options.limit, "data": self._data_fingerprint(),
                             "classes": [self.class_space.name, self.class_space.num_classes],
-                            "baseline": None if self.options.baseline is None else
-                            [self.options.baseline.name, self.options.baseline.key()]})
+                            "baseline": None if self.options.baseline is None or "baseline" not in task.reads else
+                            [self.options.baseline.name, self._baseline_key()]})
+
+    def _baseline_key(self) -> str:
+        try:
+            return self.options.baseline.key()
+        except FileNotFoundError as error:  # its tasks say so (baseline_result); the key says which file
+            return f"missing: {error}"
 
     def _data_fingerprint(self) -> Dict[str, List[str]]:
         """Data source -> [folder, fingerprint of the files under it] (one stat per file, once a run)."""
@@ -426,7 +432,7 @@ class Runner:
                           f"alexnet-owt-7be5be79.pth)")
         try:
             result = self.task_result(spec, name, baseline=True)
-        except TaskUnavailable as error:
+        except (TaskUnavailable, FileNotFoundError) as error:
             return None, f"baseline {spec.display}: {error}"
         if "unavailable" in result:
             return None, f"baseline {spec.display}: {result['unavailable']}"

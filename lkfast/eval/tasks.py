@@ -413,9 +413,9 @@ register_task("imagenet-r", _r_run, needs=("imagenet-r",), count=_r_count,
 register_task("imagenet-o", imagenet_o, needs=("imagenet-o", "val"),
               count=lambda ctx: sum(len(d) for d in _o_datasets(ctx)[:2]),
               description="ImageNet-O AUPR / AUROC / FPR95 (Fig. 2c)")
-register_task("imagenet-c", imagenet_c, needs=("imagenet-c", "val"), count=_c_count,
+register_task("imagenet-c", imagenet_c, needs=("imagenet-c", "val"), count=_c_count, reads=("baseline",),
               description="ImageNet-C mCE, relative mCE, severity-5 mean top-1 (Table 1, Fig. 2b)")
-register_task("imagenet-p", imagenet_p, needs=("imagenet-p", "val"), count=_p_count,
+register_task("imagenet-p", imagenet_p, needs=("imagenet-p", "val"), count=_p_count, reads=("baseline",),
               description="ImageNet-P mFR / mT5D (Table 2)")
 register_task("imagenet-9", imagenet_9, needs=("imagenet-9",), count=lambda ctx: sum(len(d) for _, d in _nine_parts(ctx)),
               description="ImageNet-9 backgrounds: Original, Mixed-Same, Mixed-Rand, BG-Gap (Table 3)")
