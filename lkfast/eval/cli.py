@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that pickle arbitrary Python objects (only for files you trust)")
     p.add_argument("--baseline-model", default="alexnet", metavar="NAME[:CKPT]|none",
-                   help="torchvision model ImageNet-P's flip rates and relative mCE are normalised by (default: "
-                        "alexnet; without a local checkpoint the normalised values are omitted and the report says "
-                        "why), e.g. alexnet:/ckpt/alexnet-owt-7be5be79.pth; 'none' to skip")
+                   help="torchvision model ImageNet-P's mFR/mT5D are normalised by (default: alexnet; without a "
+                        "local checkpoint the normalised values are omitted and the report says why), e.g. "
+                        "alexnet:/ckpt/alexnet-owt-7be5be79.pth; 'none' to skip. ImageNet-C's mCE and relative mCE "
+                        "use the release's published AlexNet errors on ImageNet, this model's on another class space")
     p.add_argument("--dino-checkpoint", default=None, metavar="FILE",
                    help="local timm vit_small_patch16_224.dino weights: the saliency of the occlusion task's salient "
                         "and non-salient drops where the data has no foreground masks (else only random drops run), "
