@@ -90,6 +90,34 @@ def test_ground_truth_masks_drop_foreground_or_background():
     assert background[0].tolist() == [[False, False], [True, True]]  # 2 of 2.5 background shares
 
 
+def test_masks_without_foreground_or_background_drop_nothing_of_that_kind():
+    # image 0: the usual mask; image 1: no foreground; image 2: all foreground. One such image used to
+    # stop the whole batch (a ValueError); it now keeps the patches of the kind it lacks
+    masks = torch.zeros(3, 32, 32)
+    masks[0, :16, :16] = 1
+    masks[2] = 1
+    saliency = mask_saliency(masks, 16)
+    x = torch.rand(3, 3, 32, 32)
+    salient = drop_masks(x, 0.5, "salient", saliency, from_masks=True, patch_size=16)
+    background = drop_masks(x, 0.5, "non_salient", saliency, from_masks=True, patch_size=16)
+    assert salient.flatten(1).sum(1).tolist() == [1, 0, 2]  # image 1 has no foreground to drop
+    assert background.flatten(1).sum(1).tolist() == [2, 2, 0]  # image 2 has no background to drop
+    assert salient[0].tolist() == [[True, False], [False, False]]
+    assert saliency_patch_mask(torch.zeros(1, 2, 2), 1.0, "non_salient").sum() == 0
+    with pytest.raises(ValueError, match="non-negative"):
+        saliency_patch_mask(-torch.ones(1, 2, 2), 0.5, "salient")
+    # through the sweep: image 1 keeps its clean prediction under every salient drop
+    model = tiny_replknet()
+    y = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+    for ratio in (0.5, 1.0):
+        result = occlusion_sweep(model, [(x[1:2], y[1:2], masks[1:2])], ratios=(ratio,), modes=("salient",),
+                                 saliency="masks", patch_size=16)
+        assert result["dropped_fraction"]["salient"] == [0.0]
+        assert result["top1"]["salient"] == [100.0 * int(clean[1])]
+
+
 def tiny_vit():
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, embed_dim=32, num_heads=2,

@@ -11,6 +11,8 @@ Saliency is DINO ViT-S/16's CLS-to-patch attention (``dino_attention``), or, whe
 ground-truth foreground masks, each patch's foreground share (``mask_saliency``). With masks the
 background holds no foreground mass at all, so ``non_salient`` drops the top K of the *background*
 mass instead (the share of each patch that is background); on attention maps it is as above.
+An image with no mass to drop (no foreground in ``salient``, all foreground in ``non_salient``
+with masks) keeps every patch: there is nothing of that kind to occlude.
 """
 from __future__ import annotations
 
@@ -58,17 +60,20 @@ def random_patch_mask(batch: int, grid: tuple, ratio: float, generator: Generato
 def saliency_patch_mask(saliency: torch.Tensor, ratio: float, mode: str) -> torch.Tensor:
     """Boolean mask, saliency's shape (N, rows, cols), of the patches holding the top (``salient``)
     or bottom (``non_salient``) share ``ratio`` of each image's saliency mass (see the module
-    docstring). Saliency must be non-negative with a positive sum per image."""
+    docstring). Saliency must be non-negative; an image whose saliency sums to 0 (no foreground in
+    its mask) has no mass to drop and keeps every patch (all False)."""
     check_ratio("saliency_patch_mask", ratio)
     if mode not in ("salient", "non_salient"):
         raise ValueError(f"saliency_patch_mask: mode must be 'salient' or 'non_salient', got {mode!r}")
     flat = saliency.flatten(1).double()
-    if (flat < 0).any() or (flat.sum(1) <= 0).any():
-        raise ValueError("saliency_patch_mask: saliency must be non-negative with a positive sum for every image")
+    if (flat < 0).any():
+        raise ValueError("saliency_patch_mask: saliency must be non-negative")
     values, order = flat.sort(dim=1)
-    cumulative = (values / values.sum(1, keepdim=True)).cumsum(1)
+    total = values.sum(1, keepdim=True)
+    cumulative = (values / total.clamp_min(1e-300)).cumsum(1)
     tol = 1e-6  # cumulative sums of exact shares (e.g. 0.3, given in float32) land a rounding error away
     chosen = cumulative > 1 - ratio + tol if mode == "salient" else cumulative <= ratio + tol
+    chosen &= total > 0  # nothing to drop in an image without mass
     mask = torch.zeros_like(chosen)
     mask.scatter_(1, order, chosen)
     return mask.view(saliency.shape)
