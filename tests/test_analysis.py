@@ -252,6 +252,38 @@ def test_feature_variance_of_swin_reads_its_maps_as_nhwc():
     assert result["variance"][1] == pytest.approx(float(h.var(dim=(1, 2), unbiased=False).mean()), rel=1e-5)
 
 
+def test_feature_variance_task_draws_seeded_random_val_images(monkeypatch):
+    # the paper's script draws random validation images; the first 64 of ImageNet-val in folder order
+    # are about two classes. Unreadable images (None) are passed over.
+    import types
+
+    import lkfast.eval.analysis_tasks as analysis_tasks
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 32, 32, generator=g) * (1 + i) for i in range(10)]
+
+    class Val(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return (None if index == 7 else images[index]), 0
+
+    monkeypatch.setattr(analysis_tasks, "_val_dataset", lambda ctx, masks=False: Val())
+    monkeypatch.setattr(analysis_tasks, "VARIANCE_BATCH", 3)
+    model = tiny_replknet()
+    results = {}
+    for seed in (0, 1):
+        ctx = types.SimpleNamespace(model=model, device="cpu", options=types.SimpleNamespace(seed=seed))
+        results[seed] = analysis_tasks.feature_variance(ctx)
+        order = [i for i in torch.randperm(10, generator=torch.Generator().manual_seed(seed)).tolist() if i != 7]
+        assert results[seed]["indices"] == order[:3] and results[seed]["images"] == 3
+        expected = feature_map_variance(model, torch.stack([images[i] for i in order[:3]]))
+        assert results[seed]["variance"] == pytest.approx(expected["variance"], rel=1e-6)
+    assert results[0]["indices"] != [0, 1, 2] and results[0]["indices"] != results[1]["indices"]
+    assert analysis_tasks.feature_variance(ctx)["indices"] == results[1]["indices"]  # seeded
+
+
 def test_feature_variance_task_of_an_unknown_family_is_unavailable():
     # the run goes on (TaskUnavailable, a line in the report), as lesion and kernel-distance already do
     import types

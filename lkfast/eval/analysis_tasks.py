@@ -13,7 +13,8 @@ Tasks (results.json keys per model, beside the benchmark tasks):
     frequency         frequencies, frequencies_over_pi, top1, drop (Fig. 8), change_at_0_7pi (Table 5)
     kernel-distance   layers [{name, stage, kernel_size, weights, distance, normalized, ...}], weights, note
                       (Fig. 9; RepLKNet: the large kernel's own weights as the paper's script, merged ones named)
-    feature-variance  layers, depth, variance, normalized (Fig. 10)
+    feature-variance  layers, depth, variance, normalized (Fig. 10), images, indices (64 val images in a
+                      random order seeded by --seed, the same for every model), seed
     ablation          name, family, kernel_size (None: no depthwise kernel; a reference row) (Tables 5, 7)
 
 The ``ablation`` task only identifies each model's kernel size and family
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lkfast import analysis, attacks
 from lkfast.analysis import plots
@@ -85,11 +86,6 @@ class _WithMasks(Dataset):
 def _split_masks(images):
     """(images, foreground masks) of a ``_WithMasks`` batch."""
     return images[:, :3], images[:, 3] > 0.5
-
-
-def _collate(batch):
-    kept = [item for item in batch if item[0] is not None]
-    return torch.stack([item[0] for item in kept]), torch.tensor([item[1] for item in kept], dtype=torch.long)
 
 
 def _val_dataset(ctx, masks: bool = False):
@@ -341,11 +337,28 @@ def feature_variance(ctx) -> dict:
         modules = analysis.output_modules(ctx.model)
     except ValueError as error:  # a family whose blocks are not known: the run goes on, the report says why
         raise TaskUnavailable(str(error)) from None
-    loader = DataLoader(_val_dataset(ctx), batch_size=VARIANCE_BATCH, shuffle=False, collate_fn=_collate)
-    images = next(iter(loader))[0].to(ctx.device)
-    result = analysis.feature_map_variance(ctx.model, images, modules)
-    result["images"] = len(images)
+    images, indices = _random_images(_val_dataset(ctx), VARIANCE_BATCH, ctx.options.seed)
+    result = analysis.feature_map_variance(ctx.model, images.to(ctx.device), modules)
+    result.update(images=len(images), indices=indices, seed=ctx.options.seed)
     return result
+
+
+def _random_images(dataset, count: int, seed: int):
+    """(images (n, ...), their dataset indices): the first ``count`` readable images of a seeded random
+    order of ``dataset`` (the same for every model of a run), as the paper's script draws random
+    validation images: the first images of ImageNet-val in folder order are one or two classes."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    images, indices = [], []
+    for index in order:
+        image, _ = dataset[index]
+        if image is not None:
+            images.append(image)
+            indices.append(index)
+            if len(images) == count:
+                break
+    if not images:
+        raise TaskUnavailable("no readable image in the validation set")
+    return torch.stack(images), indices
 
 
 def ablation(ctx) -> dict:
