@@ -639,6 +639,7 @@ def test_eval_taig_pairs_convnets_with_a_vit_surrogate_and_back(tmp_path, monkey
     for label in ("tiny-lk", "tiny-vit"):
         r = results[label]["taig"]
         assert r["eps"] == [0.03, 0.06, 0.1] and r["images"] == 4 and r["random_path"] is True
+        assert r["note"].startswith("at eps 0.03, 0.06, 0.1 the attack never uses")  # 2 steps of 1/255
         assert all(v is None or 0.0 <= v <= 100.0 for v in r["success_rate"])
     # the run interrupted after its last shard, before the task results were written: the rerun finds
     # every shard cached and gives the same results without loading a surrogate
@@ -982,6 +983,21 @@ def test_eval_analyses_torchrun_two_processes_equal_one(tmp_path, analysis_data,
     assert two["_meta"]["world_size"] == 2
     one = run_evaluation([spec], tasks, analysis_options(root, tmp_path / "one", 100))["tiny"]
     assert without_timing(two["tiny"]) == without_timing(one)
+
+
+def test_taig_report_says_which_eps_its_steps_cannot_reach(tmp_path):
+    # the paper's 20 steps of 1/255 reach at most 20/255 = 0.0784 < 0.1: kept, and said beside Table 4
+    from lkfast.eval.analysis_tasks import taig_budget_note, write_analysis_report
+
+    note = taig_budget_note((0.03, 0.06, 0.1), 20, 1 / 255)
+    assert note.startswith("at eps 0.1 the attack never uses") and "20 steps of 1/255" in note and "0.0784" in note
+    assert taig_budget_note((0.03, 0.06), 20, 1 / 255) is None
+    assert taig_budget_note((0.03, 0.06, 0.1), 2, 0.01).startswith("at eps 0.03, 0.06, 0.1 ")
+    result = {"surrogate": "vit", "eps": [0.03, 0.06, 0.1], "success_rate": [10.0, 20.0, 30.0], "steps": 20,
+              "alpha": 1 / 255}
+    text = write_analysis_report(tmp_path, {"lk": {"taig": result}, "lk2": {"taig": dict(result)}})
+    assert text.count("Note: At eps 0.1 the attack never uses its whole budget: 20 steps of 1/255 move a pixel by "
+                      "at most 0.0784") == 1
 
 
 def test_taig_memo_keeps_the_most_recent_within_its_budget():
