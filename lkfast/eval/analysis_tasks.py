@@ -407,11 +407,15 @@ _DESCRIPTIONS = {
 # version 2: occlusion to frequency run through ctx.records (sharded; random draws seeded per image)
 _SHARDED = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency")
 _READS = {"occlusion": ("dino_checkpoint",), "taig": ("taig_surrogate",)}  # the analysis options each reads
+# later versions: lesion 3 (fraction over the model's blocks), kernel-distance 2 (the large kernel's own
+# weights, as the paper's script), feature-variance 2 (seeded random val images)
+_VERSIONS = {"lesion": "3", "kernel-distance": "2", "feature-variance": "2"}
 for _name in ANALYSIS_TASKS:
     if _name not in TASKS:
         _no_data = _name in ("kernel-distance", "ablation")
         register_task(_name, _RUNS[_name], needs=() if _no_data else ("val",), count=None if _no_data else _count,
-                      description=_DESCRIPTIONS[_name], version="2" if _name in _SHARDED else "1",
+                      description=_DESCRIPTIONS[_name],
+                      version=_VERSIONS.get(_name, "2" if _name in _SHARDED else "1"),
                       reads=_READS.get(_name, ()))
 SUITES.setdefault("analysis", ANALYSIS_TASKS)
 # The kernel-size ablation: the tasks whose numbers Tables 5 and 7 show, and the ablation task.
