@@ -902,6 +902,9 @@ def test_eval_analyses_do_not_depend_on_the_sharding_and_match_the_library(tmp_p
     assert freq["top1"] == pytest.approx(top1_columns(rows["correct"]), abs=1e-9)
     assert freq["drop"] == pytest.approx([freq["clean_top1"] - t for t in freq["top1"]])
     assert all(0.0 <= t <= 100.0 for t in freq["top1"]) and len(freq["top1"]) == 11 and len(set(freq["top1"])) > 1
+    # Table 5's Noise-0.7π: the top-1 change (noisy - clean) in the band centred at 0.7π
+    assert freq["frequencies_over_pi"][7] == pytest.approx(0.7)
+    assert freq["change_at_0_7pi"] == pytest.approx(freq["top1"][7] - freq["clean_top1"])
 
 
 def interrupted_and_resumed(monkeypatch, owner, core, task, root, spec, tmp_path):
@@ -1015,3 +1018,15 @@ def test_taig_memo_keeps_the_most_recent_within_its_budget():
     assert memo.get("big") is None and memo.held == 3 * 400
     memo.put("e", [torch.zeros(200)])  # needs two entries' room
     assert memo.held <= 3 * 400 and memo.get("e") is not None and memo.get("a") is None
+
+
+def test_noise_0_7pi_is_the_top1_change_in_the_band_at_0_7pi():
+    """Table 5's Noise-0.7π: noisy minus clean top-1 (negative when accuracy falls) in the 0.7π band,
+    not a neighbouring band's."""
+    from lkfast.eval.analysis_tasks import _with_noise_0_7pi
+
+    clean = 90.0
+    top1 = [89.0 - 3 * i for i in range(11)]
+    result = {"frequencies_over_pi": [i / 10 for i in range(11)], "drop": [clean - t for t in top1]}
+    assert _with_noise_0_7pi(result)["change_at_0_7pi"] == pytest.approx(top1[7] - clean) == pytest.approx(-22.0)
+    assert "change_at_0_7pi" not in _with_noise_0_7pi({"frequencies_over_pi": [0.0, 0.5, 1.0], "drop": [1, 2, 3]})
