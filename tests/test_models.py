@@ -288,12 +288,16 @@ def _save(path, obj):
     return str(path)
 
 
-@pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "state_dict_ema", "module_prefix", "safetensors"])
+@pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "state_dict_ema", "module_prefix", "compiled_ddp",
+                                  "ddp_of_compiled", "safetensors"])
 def test_create_model_reads_checkpoint_wrappings(wrap, tmp_path, images):
     state = official_checkpoint(**TINY)
     obj = {"plain": state, "model": {"model": state, "epoch": 3, "args": argparse.Namespace(lr=1e-3)},
            "state_dict": {"state_dict": state}, "state_dict_ema": {"state_dict_ema": state},
            "module_prefix": {"model": {"module." + k: v for k, v in state.items()}},
+           # torch.compile(DDP(model)) and DDP(torch.compile(model)): the wrappers' prefixes in either order
+           "compiled_ddp": {"model": {"_orig_mod.module." + k: v for k, v in state.items()}},
+           "ddp_of_compiled": {"model": {"module._orig_mod." + k: v for k, v in state.items()}},
            "safetensors": state}[wrap]
     path = _save(tmp_path / ("ckpt.safetensors" if wrap == "safetensors" else "ckpt.pth"), obj)
     model = create_model("replknet_31b", checkpoint=path, num_classes=NUM_CLASSES, **TINY)

@@ -68,6 +68,16 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> object:
         ) from None
 
 
+def _without_wrapper_prefixes(key: str) -> str:
+    """``key`` without the ``module.`` / ``_orig_mod.`` prefixes wrappers nest in any order
+    (``_orig_mod.module.x``: torch.compile of a DDP model; ``module._orig_mod.x``: DDP of a compiled one)."""
+    while True:
+        prefix = next((p for p in _STRIPPED_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            return key
+        key = key[len(prefix):]
+
+
 def extract_state_dict(checkpoint: object, checkpoint_key: Optional[str] = None) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint: unwrapped from ``model``/``state_dict``/``state_dict_ema``/
     ``model_ema`` (or ``checkpoint_key``), with ``module.`` / ``_orig_mod.`` prefixes removed."""
@@ -89,10 +99,7 @@ def extract_state_dict(checkpoint: object, checkpoint_key: Optional[str] = None)
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
-        for prefix in _STRIPPED_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        tensors[key] = value
+        tensors[_without_wrapper_prefixes(key)] = value
     if not tensors:
         raise CheckpointError(
             f"no tensors found in the checkpoint (top-level keys: {sorted(map(str, checkpoint))[:10]}); "
