@@ -241,3 +241,24 @@ def test_the_op_remembers_its_plan_until_the_calibration_changes(cache, monkeypa
     plan_for(x, w)
     plan_for(x, w)
     assert len(asked) == 12
+
+
+def test_a_first_calibration_leaves_the_global_random_generator_alone(cache):
+    """Measuring draws random timing tensors; the caller's generator must not advance, or dropout,
+    drop-path and augmentation draws would depend on whether the cache file existed (a resumed run
+    would train on other draws than the uninterrupted one)."""
+    pytest.importorskip("lkfast._C")
+    from lkfast.nn import DepthwiseConv2d, PointwiseConv2d
+
+    layer = DepthwiseConv2d(8, 5)
+    pointwise = PointwiseConv2d(8, 4)
+    x = torch.randn(1, 8, 6, 6, requires_grad=True)
+    x_nhwc = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    layer(x).sum().backward()  # forward and weight gradient: both measured now (empty cache)
+    pointwise(x_nhwc)  # a 1x1 conv on a channels_last map: measured too
+    entries = json.loads(cache.read_text())["entries"]
+    assert {k.split("|")[0] for k in entries} == {"forward", "weight_grad", "pointwise"}
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)

@@ -298,7 +298,10 @@ def _calibrated(key: tuple, candidates: tuple, make_runs: Callable[[], dict], me
     cal = calibration()
     entry = cal.get(key)
     if entry is None:
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        # The timing tensors are random: draw them without advancing the caller's generator, so
+        # drop-path, dropout and augmentation draws do not depend on whether the cache file existed
+        # (a run resumed from a checkpoint must draw what the uninterrupted run drew).
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.autocast("cpu", enabled=False):
             times = (measure_fn or measure)(make_runs())
         winner = min(candidates, key=lambda n: times[n])
         entry = {"backend": winner, "seconds": {n: float(times[n]) for n in candidates},
