@@ -334,11 +334,40 @@ def test_mismatched_checkpoint_lists_keys_and_shapes(tmp_path):
 def test_untrusted_pickle_is_refused_unless_opted_in(tmp_path, images):
     state = official_checkpoint(**TINY)
     path = _save(tmp_path / "pickled.pth", {"model": state, "where": pathlib.PurePosixPath("/x")})
-    with pytest.raises(CheckpointError, match="trust_checkpoint=True"):
+    with pytest.raises(CheckpointError, match=r"^refusing to unpickle .*\(Unsupported global: GLOBAL pathlib\.PurePosixPath "
+                                              r"was not an allowed global by default\.\)\..*trust_checkpoint=True"):
         create_model("replknet_31b", checkpoint=path, num_classes=NUM_CLASSES, **TINY)
     model = create_model("replknet_31b", checkpoint=path, num_classes=NUM_CLASSES, trust_checkpoint=True, **TINY)
     with torch.no_grad():
         _close(model(images), reference_forward(state, images))
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, trust):
+    """Not the "refusing to unpickle ... pass trust_checkpoint=True" advice, which cannot help here."""
+    page = tmp_path / "RepLKNet-31B_ImageNet-1K_224.pth"  # what a Google Drive link can hand over instead
+    page.write_bytes(b"<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head></html>")
+    with pytest.raises(CheckpointError) as info:
+        create_model("replknet_31b", checkpoint=str(page), trust_checkpoint=trust, num_classes=NUM_CLASSES, **TINY)
+    message = str(info.value)
+    assert message.startswith(f"{str(page)!r} is not a readable checkpoint: it is corrupt, truncated or another kind")
+    assert "b'<!DOCTYPE html><html><head><titl'" in message and "It is an HTML page, not weights" in message
+    assert "trust_checkpoint" not in message and "refusing" not in message
+    # bytes that start like a pickle but are none, and a torch.save zip archive cut short
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"\x80\x02garbage")
+    whole = tmp_path / "whole.pth"
+    torch.save(official_checkpoint(**TINY), whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    for path, reason in ((broken, "unpickling: "), (cut, "PytorchStreamReader failed reading zip archive")):
+        with pytest.raises(CheckpointError, match=f"^{str(path)!r} is not a readable checkpoint: .*\\({reason}") as info:
+            models.read_checkpoint(str(path), trust_checkpoint=trust)
+        assert "trust_checkpoint" not in str(info.value) and "Download or save it again" in str(info.value)
+    garbage = tmp_path / "w.safetensors"
+    garbage.write_bytes(b"<html>")
+    with pytest.raises(CheckpointError, match=r"is not a readable checkpoint: .*\(safetensors: .*It is an HTML page"):
+        models.read_checkpoint(str(garbage))
 
 
 def test_pretrained_offline_and_replknet_pretrained_say_to_pass_a_checkpoint(monkeypatch):

@@ -46,26 +46,75 @@ def _safe_globals() -> list:
     return allowed
 
 
+# How the files torch.load reads begin: a zip archive (torch.save since 1.6) or a pickle of protocol 2+ (older).
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+# Reasons of the weights-only unpickler that mean it met a Python object it does not allow (an unsupported
+# global, a call, an object of another type), as opposed to bytes that are no pickle at all.
+_REFUSED_OBJECT_MARKS = ("GLOBAL", "Can only", "Trying to call")
+
+
+def _file_start(path: str, size: int = 64) -> bytes:
+    with open(path, "rb") as file:
+        return file.read(size)
+
+
+def _unreadable(path: str, reason: str) -> CheckpointError:
+    """The error for a file that is no checkpoint, or a damaged one: names it, its first bytes and why."""
+    start = _file_start(path)
+    html = b"<html" in start.lower() or start.lstrip().lower().startswith(b"<!doctype")
+    hint = (" It is an HTML page, not weights: the download link returned a web page (Google Drive does for large "
+            "files, asking to confirm); download the file itself." if html else
+            " Download or save it again." if start else " The file is empty.")
+    return CheckpointError(f"{path!r} is not a readable checkpoint: it is corrupt, truncated or another kind of file "
+                           f"({reason}); its first bytes: {start[:32]!r}.{hint}")
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The weights-only unpickler's own reason, from torch's longer message around it."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1].strip()
+    return text.splitlines()[0].split(" Please use ")[0].strip() if text else type(error).__name__
+
+
 def read_checkpoint(path: str, trust_checkpoint: bool = False) -> object:
-    """The object stored in ``path`` (.safetensors, or a torch .pth/.pt/.bin file), loaded on the CPU."""
+    """The object stored in ``path`` (.safetensors, or a torch .pth/.pt/.bin file), loaded on the CPU.
+
+    Raises FileNotFoundError for a missing file and ``CheckpointError`` for a file that is not a
+    checkpoint or is damaged (naming its first bytes) and for a pickle holding Python objects beyond
+    tensors and plain containers unless ``trust_checkpoint``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
     if str(path).endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    if trust_checkpoint:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return load_file(path, device="cpu")
+        except SafetensorError as error:
+            raise _unreadable(path, f"safetensors: {error}") from None
+    if not _file_start(path).startswith(_TORCH_FILE_STARTS):
+        raise _unreadable(path, "neither the zip archive torch.save writes nor a pickle")
     try:
+        if trust_checkpoint:
+            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        reason = _unpickler_reason(error)
+        if trust_checkpoint or not any(mark in reason for mark in _REFUSED_OBJECT_MARKS):
+            raise _unreadable(path, f"unpickling: {reason}") from None
         raise CheckpointError(
             f"refusing to unpickle {path!r}: it stores Python objects beyond tensors and plain containers, and "
-            f"unpickling can run arbitrary code ({str(error).splitlines()[0]}). Convert it to a plain state_dict or "
-            f".safetensors, or, if you trust where the file came from, pass trust_checkpoint=True "
-            f"(--trust-checkpoint on the command line)."
+            f"unpickling can run arbitrary code ({reason}). Convert it to a plain state_dict or .safetensors, or, "
+            f"if you trust where the file came from, pass trust_checkpoint=True (--trust-checkpoint on the "
+            f"command line)."
         ) from None
+    except EOFError:
+        raise _unreadable(path, "it ends early") from None
+    except RuntimeError as error:  # torch's zip reader and legacy loader report damage as RuntimeError
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        if "zip archive" in first_line or "EOF" in first_line or "corrupt" in first_line:
+            raise _unreadable(path, first_line.split(". This is an internal")[0]) from None
+        raise
 
 
 def _without_wrapper_prefixes(key: str) -> str:
