@@ -270,6 +270,22 @@ def test_named_configs_build(name, kernels, channels, small, dw_ratio, params_m,
     assert cfg["crop_pct"] == (1.0 if size >= 384 else 0.875)
 
 
+def test_small_kernel_none_is_not_dropped():
+    """timm.create_model drops keyword arguments that are None: create_model passes None on as 0
+    (no small kernel), which timm.create_model also takes directly."""
+    arch = dict(TINY, num_classes=NUM_CLASSES)
+    arch.pop("small_kernel")
+    for name in ("replknet_31b", "replknet_3b"):
+        model = create_model(name, small_kernel=None, fast=False, **arch)
+        assert model.small_kernel is None, name
+        assert not any(hasattr(m, "small_conv") for m in model.modules()), name
+    assert create_model("replknet_31b", fast=False, **arch).small_kernel == 5  # the default stays
+    assert create_model("replknet_3b", small_kernel=3, fast=False, **arch).small_kernel == 3
+    assert timm.create_model("replknet_31b", small_kernel=0, **arch).small_kernel is None
+    with pytest.raises(ValueError, match="small_kernel must be a kernel size, or None or 0 for none, got -1"):
+        RepLKNet(**dict(TINY, small_kernel=-1))
+
+
 def test_paper_timm_models_are_known():
     for name in ("resnet50", "resnetv2_101x3_bit", "resnetv2_152x4_bit", "vit_base_patch16_224",
                  "vit_large_patch16_224", "convnext_base", "convnext_large", "convnext_tiny"):

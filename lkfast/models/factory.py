@@ -222,6 +222,8 @@ def create_model(name: str, checkpoint: Optional[str] = None, pretrained: bool =
                 f"pass checkpoint=PATH"
             )
         kwargs["fast"] = fast
+        if "small_kernel" in kwargs and kwargs["small_kernel"] is None:
+            kwargs["small_kernel"] = 0  # "no small kernel": timm.create_model drops arguments that are None
     if not timm.is_model(architecture):
         raise ValueError(f"create_model: unknown model {name!r} (not a RepLKNet name and not in timm's registry)")
     try:

@@ -104,7 +104,9 @@ class RepLKNet(nn.Module):
         large_kernel_sizes: kernel size of the RepLK blocks in each stage, e.g. [31, 29, 27, 13].
         layers: number of (RepLK block, ConvFFN) pairs per stage, e.g. [2, 2, 18, 2].
         channels: width of each stage, e.g. [128, 256, 512, 1024].
-        small_kernel: size of the parallel small kernel (re-parameterised into the large one), or None.
+        small_kernel: size of the parallel small kernel (re-parameterised into the large one), or None
+            (or 0) for none; ``timm.create_model`` drops keyword arguments that are None, so there
+            pass ``small_kernel=0`` (``lkfast.models.create_model`` takes None as well).
         dw_ratio: width of the depthwise conv relative to the stage width (1.5 for XL).
         ffn_ratio: ConvFFN expansion.
         num_classes: classifier outputs; 0 gives no head (``forward`` returns pooled features).
@@ -134,6 +136,9 @@ class RepLKNet(nn.Module):
             raise ValueError("RepLKNet: out_indices (backbone use) and a classifier head exclude each other; "
                              "pass num_classes=0 with out_indices")
         in_channels = in_chans if in_chans is not None else in_channels  # timm's spelling
+        if small_kernel is not None and small_kernel < 0:
+            raise ValueError(f"RepLKNet: small_kernel must be a kernel size, or None or 0 for none, got {small_kernel}")
+        small_kernel = small_kernel or None  # 0: what create_model passes for None, which timm would drop
         self.large_kernel_sizes, self.layers, self.channels = list(large_kernel_sizes), list(layers), list(channels)
         self.small_kernel, self.fast = small_kernel, fast
         self.out_indices = list(out_indices) if out_indices is not None else None
@@ -376,5 +381,5 @@ def replknet_xl(pretrained: bool = False, **kwargs) -> RepLKNet:
 def replknet_3b(pretrained: bool = False, **kwargs) -> RepLKNet:
     """RepLKNet-31B with every large kernel 3x3 (the paper's kernel-size ablation). The official
     small kernel (5) cannot be larger than the large one, so there is no parallel branch."""
-    return _create("replknet_3b", pretrained, **dict(_31B, large_kernel_sizes=[3, 3, 3, 3], small_kernel=None,
+    return _create("replknet_3b", pretrained, **dict(dict(_31B, large_kernel_sizes=[3, 3, 3, 3], small_kernel=None),
                                                      **kwargs))
