@@ -191,6 +191,64 @@ def test_folded_kernels_are_cached_only_for_frozen_weights_and_refreshed_on_chan
     _close(module(x), changed)
 
 
+def _frozen_pair():
+    """A frozen ReparamLargeKernelConv and a frozen 1x1 ConvBN (both fold their BNs when cached)."""
+    from lkfast.nn import conv_bn
+
+    pointwise = conv_bn(6, 4, 1)
+    _randomize_bn(pointwise)
+    return _reparam_module().eval().requires_grad_(False), pointwise.eval().requires_grad_(False)
+
+
+def _pointwise_reference(block, x):
+    return F.batch_norm(F.conv2d(x, block.conv.weight), block.bn.running_mean, block.bn.running_var,
+                        block.bn.weight, block.bn.bias, training=False, eps=block.bn.eps)
+
+
+def test_a_write_through_data_is_folded_again_after_eval():
+    """``.data`` writes do not bump the version counter the fold cache watches (a documented
+    limitation); ``eval()`` (or ``train()``) makes the modules fold again."""
+    module, pointwise = _frozen_pair()
+    x = torch.randn(1, 6, 9, 9)
+    before, pointwise_before = module(x), pointwise(x)  # fills both caches
+    module.lkb_origin.conv.weight.data.mul_(3)
+    pointwise.conv.weight.data.zero_()
+    nn.Sequential(module, pointwise).eval()  # eval() on a parent reaches both
+    changed = _reference_branches(module.state_dict(), x)
+    assert (changed - before).abs().max() > 1e-1
+    _close(module(x), changed)
+    expected = _pointwise_reference(pointwise, x)  # zero kernel: the BN's shift alone
+    assert (expected - pointwise_before).abs().max() > 1e-1
+    _close(pointwise(x), expected)
+
+
+def test_a_fold_cached_under_inference_mode_serves_a_later_input_gradient():
+    """A frozen model first run under torch.inference_mode, then differentiated in its input (an
+    attack): the cached fold must not be an inference tensor, which backward cannot save."""
+    module, pointwise = _frozen_pair()
+    x = torch.randn(1, 6, 9, 9)
+    with torch.inference_mode():
+        module(x), pointwise(x)
+    for block, reference in ((module, lambda x: _reference_branches(module.state_dict(), x)),
+                             (pointwise, lambda x: _pointwise_reference(pointwise, x))):
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (g1,) = torch.autograd.grad(block(x1).square().sum(), x1)
+        (g2,) = torch.autograd.grad(reference(x2).square().sum(), x2)
+        _close(g1, g2, rtol=1e-4, atol=1e-4)
+
+
+def test_a_frozen_module_built_under_inference_mode_runs():
+    """Inference tensors have no version counter for the fold cache to watch: folded every call."""
+    with torch.inference_mode():
+        module, pointwise = _frozen_pair()
+        x = torch.randn(1, 6, 9, 9)
+        _close(module(x), _reference_branches(module.state_dict(), x))
+        with torch.no_grad():
+            module.lkb_origin.conv.weight.mul_(2)
+        _close(module(x), _reference_branches(module.state_dict(), x))
+        _close(pointwise(x), _pointwise_reference(pointwise, x))
+
+
 def test_switching_form_on_load_keeps_eval_mode():
     module = ReparamLargeKernelConv(6, 6, 13, 1, 6, small_kernel=5, small_kernel_merged=True).eval()
     module.load_state_dict(_reparam_module().state_dict())

@@ -54,20 +54,29 @@ class _FoldCache:
 
     Only used when none of them requires grad (frozen weights: inference, attacks), so the cached
     result never needs to be part of an autograd graph. A tensor counts as unchanged while its
-    storage pointer and version counter (bumped by every in-place write) are the same. Under
-    ``torch.compile`` the fold is traced instead (storage pointers and version counters cannot be
-    guarded on: every layer would recompile and the model fall back to eager after the limit).
+    storage pointer and version counter (bumped by every in-place write) are the same. Writes
+    through ``.data`` (``weight.data.mul_(2)``) bypass the version counter and are not seen: the
+    owning module forgets its fold on every ``train()``/``eval()`` call, so call ``model.eval()``
+    after such a write. Inference tensors (made under ``torch.inference_mode``) have no version
+    counter: the fold is computed afresh on every call. Under ``torch.compile`` the fold is traced
+    instead (storage pointers and version counters cannot be guarded on: every layer would
+    recompile and the model fall back to eager after the limit).
     """
 
     def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
         self.key, self.value = None, None
 
     def get(self, sources: list, compute):
-        if torch.compiler.is_compiling() or any(t.requires_grad for t in sources):
+        if torch.compiler.is_compiling() or any(t.requires_grad or t.is_inference() for t in sources):
             return compute()
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
         if key != self.key:
-            with torch.no_grad():
+            # Kept as normal tensors even when filled under torch.inference_mode: an inference tensor
+            # cannot be saved for backward by a later call outside it (a frozen model's input gradient).
+            with torch.inference_mode(False), torch.no_grad():
                 self.value = compute()
             self.key = key
         return self.value
@@ -103,6 +112,10 @@ class ConvBN(nn.Sequential):
         super().__init__(layers)
         self.fold_in_eval = fold_in_eval
         self._fold_cache = _FoldCache()
+
+    def train(self, mode: bool = True) -> "ConvBN":
+        self._fold_cache.clear()  # re-fold after writes the cache cannot see (see _FoldCache)
+        return super().train(mode)
 
     def _can_fold(self) -> bool:
         return self.fold_in_eval and _bn_in_inference_mode(self.bn) and isinstance(self.conv, nn.Conv2d) \
@@ -188,6 +201,10 @@ class ReparamLargeKernelConv(nn.Module):
     def _build_merged(self) -> None:
         self.lkb_reparam = make_conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                                        self.kernel_size // 2, 1, self.groups, bias=True, fast=self.fast)
+
+    def train(self, mode: bool = True) -> "ReparamLargeKernelConv":
+        self._fold_cache.clear()  # re-fold after writes the cache cannot see (see _FoldCache)
+        return super().train(mode)
 
     @property
     def merged(self) -> bool:
