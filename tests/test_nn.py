@@ -120,6 +120,75 @@ def test_patch_model_keeps_device_dtype_and_skips_ineligible():
     assert is_eligible(nn.Conv2d(4, 4, 3, padding=1, groups=4), min_kernel_size=3)
 
 
+def test_patch_model_keeps_hooks_identity_and_shared_convs():
+    """patch_model changes the conv's class in place: hooks registered before still fire (and their
+    handles still remove them), and a conv used at two places is patched at both."""
+    shared = nn.Conv2d(4, 4, 7, padding=3, groups=4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(1, 4, 10, 10)
+    expected = model(x)
+    seen = []
+    shared.register_forward_pre_hook(lambda module, args: seen.append(("pre", type(module).__name__)))
+    handle = shared.register_forward_hook(lambda module, args, out: seen.append(("post", out.shape)))
+    assert patch_model(model) == 1
+    assert model[0] is model[2] is shared and type(shared) is DepthwiseConv2d
+    _close(model(x), expected)
+    assert seen == [("pre", "DepthwiseConv2d"), ("post", x.shape)] * 2
+    handle.remove()
+    model(x)
+    assert seen[-1] == ("pre", "DepthwiseConv2d") and len(seen) == 6
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "prune"])
+def test_patch_model_handles_weights_computed_by_hooks(wrap):
+    """weight_norm, spectral_norm and pruning replace ``weight`` by a tensor their pre-forward hook
+    computes: the patched conv keeps the hook, computes what the plain conv did, and passes
+    gradients to the underlying parameters (it used to crash half-way through patching)."""
+    import warnings
+
+    import torch.nn.utils.prune as prune
+
+    def build():
+        torch.manual_seed(0)  # the same weights (and spectral_norm's random start vector) each time
+        conv = nn.Conv2d(4, 4, 7, padding=3, groups=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the old-style weight_norm is deprecated
+            if wrap == "weight_norm":
+                conv = nn.utils.weight_norm(conv)
+            elif wrap == "spectral_norm":
+                conv = nn.utils.spectral_norm(conv)
+            else:
+                prune.l1_unstructured(conv, "weight", amount=0.5)
+        return nn.Sequential(conv, nn.Conv2d(4, 4, 7, padding=3, groups=4)).eval()
+
+    model, reference = build(), build()
+    conv = model[0]
+    with pytest.raises(ValueError, match="not a parameter of its own.*patch_model"):
+        DepthwiseConv2d.from_conv(conv)
+    assert patch_model(model) == 2
+    assert type(model[0]) is DepthwiseConv2d and type(model[1]) is DepthwiseConv2d
+    x = torch.randn(2, 4, 9, 9)
+    _close(model(x), reference(x))
+    underlying = {"weight_norm": "weight_g", "spectral_norm": "weight_orig", "prune": "weight_orig"}[wrap]
+    model(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    _close(getattr(model[0], underlying).grad, getattr(reference[0], underlying).grad, rtol=1e-4, atol=1e-4)
+    if wrap == "weight_norm":  # the hook recomputes weight from g and v on every call
+        with torch.no_grad():
+            model[0].weight_g.mul_(2)
+            reference[0].weight_g.mul_(2)
+        _close(model(x), reference(x))
+
+
+def test_patch_model_leaves_parametrized_convs_alone():
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 7, padding=3, groups=4))
+    model = nn.Sequential(conv)
+    x = torch.randn(1, 4, 8, 8)
+    expected = model(x)
+    assert not is_eligible(conv) and patch_model(model) == 0 and model[0] is conv
+    _close(model(x), expected)
+
+
 def _reparam_module(small_kernel=5):
     module = ReparamLargeKernelConv(6, 6, 13, stride=1, groups=6, small_kernel=small_kernel)
     _randomize_bn(module)
@@ -270,8 +339,9 @@ def test_module_factory_and_patch_model_apply_one_rule(args):
     plain = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups)
     built = make_conv2d(cin, cout, k, stride, padding, dilation, groups, bias=True)
     model = nn.Sequential(plain)
-    swapped = patch_model(model)
-    assert isinstance(built, DepthwiseConv2d) == is_eligible(plain) == (swapped == 1)
+    eligible = is_eligible(plain)
+    swapped = patch_model(model)  # patches ``plain`` itself: ask is_eligible first
+    assert isinstance(built, DepthwiseConv2d) == eligible == (swapped == 1)
     assert type(make_conv2d(cin, cout, k, stride, padding, dilation, groups, fast=False)) is nn.Conv2d
     x = torch.randn(1, cin, 11, 12)
     _close(model(x), F.conv2d(x, plain.weight, plain.bias, stride, padding, dilation, groups))

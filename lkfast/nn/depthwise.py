@@ -61,7 +61,8 @@ class DepthwiseConv2d(nn.Conv2d):
     the same parameters and state_dict keys (``weight`` of shape ``(C, 1, kh, kw)``, ``bias``), so a
     Conv2d's state_dict loads into it and code that reads ``in_channels``/``kernel_size``/``weight``
     keeps working. Refuses (ValueError) a kernel size that is even in either dimension (the padding
-    is symmetric only for odd sizes).
+    is symmetric only for odd sizes). Holds no state beyond nn.Conv2d's: ``patch_model`` turns an
+    eligible ``nn.Conv2d`` into one by changing its class.
     """
 
     def __init__(self, channels: int, kernel_size: KernelSize, bias: bool = True, device=None, dtype=None):
@@ -77,7 +78,16 @@ class DepthwiseConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
-        """A DepthwiseConv2d sharing ``conv``'s parameters (same tensors, device and dtype)."""
+        """A new DepthwiseConv2d sharing ``conv``'s parameters (same tensors, device and dtype); not
+        its hooks. Refuses (ValueError) a conv whose ``weight`` or ``bias`` is not a parameter of
+        its own (``weight_norm``, ``spectral_norm``, pruning compute it in a hook): ``patch_model``
+        patches such a conv in place, hooks included."""
+        for name in ("weight", "bias") if conv.bias is not None else ("weight",):
+            if not isinstance(conv._parameters.get(name), nn.Parameter):
+                raise ValueError(f"DepthwiseConv2d.from_conv: the conv's {name} is not a parameter of its own "
+                                 f"(found {type(getattr(conv, name)).__name__}; computed by a hook such as "
+                                 f"weight_norm, spectral_norm or pruning); use lkfast.nn.patch_model(model), "
+                                 f"which patches the conv in place and keeps its hooks")
         fast = cls(conv.in_channels, conv.kernel_size, bias=conv.bias is not None, device="meta")
         fast.weight = conv.weight
         if conv.bias is not None:

@@ -11,8 +11,9 @@ def is_eligible(module: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZ
     holds (depthwise, stride 1, dilation 1, zero padding of k // 2 on each side, odd kernel with
     its larger side at least ``min_kernel_size``): the same rule ``make_conv2d`` applies.
 
-    Subclasses of ``nn.Conv2d`` (e.g. timm's ``Conv2dSame`` with its dynamic padding) are not
-    touched: their forward may differ from the plain convolution.
+    Subclasses of ``nn.Conv2d`` are not touched: their forward may differ from the plain
+    convolution (e.g. timm's ``Conv2dSame`` with its dynamic padding, or a conv under
+    ``torch.nn.utils.parametrize``, whose class is a generated subclass).
     """
     if type(module) is not nn.Conv2d or not module.weight.is_floating_point():
         return False
@@ -21,16 +22,20 @@ def is_eligible(module: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZ
 
 
 def patch_model(model: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZE) -> int:
-    """Replace, in place, every eligible depthwise ``nn.Conv2d`` of ``model`` (see ``is_eligible``)
-    with a ``DepthwiseConv2d`` holding the same parameter tensors (same device, dtype, requires_grad;
-    optimizers keep tracking them). Outputs are unchanged within floating-point tolerance.
+    """Make every eligible depthwise ``nn.Conv2d`` of ``model`` (see ``is_eligible``) a
+    ``DepthwiseConv2d``, in place: the module object itself changes class (as
+    ``torch.nn.utils.parametrize`` does), so it keeps its parameter tensors (same device, dtype,
+    requires_grad; optimizers keep tracking them), its hooks (forward, backward, state_dict, and
+    those of ``weight_norm``, ``spectral_norm`` and ``torch.nn.utils.prune``, which compute
+    ``weight`` before each call), any other attribute, and its identity (a conv shared by two
+    parents, or held elsewhere, is patched everywhere). Outputs are unchanged within floating-point
+    tolerance.
 
-    Returns the number of layers swapped (0 when none is eligible, e.g. a model already patched).
+    Returns the number of layers patched (0 when none is eligible, e.g. a model already patched).
     """
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if is_eligible(child, min_kernel_size):
-                setattr(parent, name, DepthwiseConv2d.from_conv(child))
-                swapped += 1
-    return swapped
+    eligible = [module for module in model.modules() if is_eligible(module, min_kernel_size)]
+    for conv in eligible:
+        # nn.Conv2d and DepthwiseConv2d hold the same state (DepthwiseConv2d only narrows which
+        # arguments its constructor accepts, all of which is_eligible checked): only forward differs.
+        conv.__class__ = DepthwiseConv2d
+    return len(eligible)
