@@ -286,6 +286,34 @@ def test_small_kernel_none_is_not_dropped():
         RepLKNet(**dict(TINY, small_kernel=-1))
 
 
+def test_features_only_gives_each_stage_output(images):
+    """timm's features_only wrapper (FeatureGetterNet over forward_intermediates): the stage outputs
+    the backbone form (out_indices) returns, with the same weights, and the strides timm reports."""
+    features = timm.create_model("replknet_31b", features_only=True, **TINY).eval()
+    assert features.feature_info.channels() == [8, 16, 24, 32]
+    assert features.feature_info.reduction() == [4, 8, 16, 32]
+    backbone = RepLKNet(**TINY, num_classes=0, out_indices=(0, 1, 2, 3)).eval()
+    backbone.load_state_dict(features.model.state_dict(), strict=True)  # the head and final BN were pruned
+    with torch.no_grad():
+        got, expected = features(images), backbone(images)
+    assert [tuple(f.shape[1:]) for f in got] == [(8, 16, 16), (16, 8, 8), (24, 4, 4), (32, 2, 2)]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a subset: the stages after the last one asked for are dropped
+    two = timm.create_model("replknet_31b", features_only=True, out_indices=(1, -2), **TINY).eval()
+    assert two.feature_info.channels() == [16, 24] and len(two.model.stages) == 3
+    two.model.load_state_dict({k: v for k, v in features.model.state_dict().items() if k in two.model.state_dict()})
+    with torch.no_grad():
+        for a, b in zip(two(images), expected[1:3]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the classifier: forward_intermediates' last feature map is what forward_head takes
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES).eval()
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(images)
+        torch.testing.assert_close(model.forward_head(final), model(images), rtol=0, atol=0)
+        assert len(maps) == 4 and maps[-1] is final
+
+
 def test_paper_timm_models_are_known():
     for name in ("resnet50", "resnetv2_101x3_bit", "resnetv2_152x4_bit", "vit_base_patch16_224",
                  "vit_large_patch16_224", "convnext_base", "convnext_large", "convnext_tiny"):

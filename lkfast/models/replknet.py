@@ -12,13 +12,14 @@ which builds the plain ``nn.Conv2d`` model the official code runs (used as the b
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from lkfast.nn import DepthwiseConv2d, ReparamLargeKernelConv, conv_bn, conv_bn_relu
 from lkfast.nn.pointwise import PointwiseConv2d
@@ -169,6 +170,9 @@ class RepLKNet(nn.Module):
                     conv_bn_relu(channels[i], channels[i + 1], 1, 1, 0, fast=fast),
                     conv_bn_relu(channels[i + 1], channels[i + 1], 3, stride=2, padding=1, groups=channels[i + 1],
                                  fast=fast)))
+        # What timm's features_only wrapper (FeatureGetterNet, through forward_intermediates) returns.
+        self.feature_info = [dict(num_chs=channels[i], reduction=4 * 2 ** i, module=f"stages.{i}")
+                             for i in range(self.num_stages)]
         if self.out_indices is None:
             self.norm = nn.BatchNorm2d(channels[-1])
             self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -187,6 +191,52 @@ class RepLKNet(nn.Module):
             if i < self.num_stages - 1:
                 x = self.transitions[i](x)
         return outs if self.out_indices is not None else x
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's feature interface: the output of each stage in ``indices`` (the last n if an int,
+        all if None; before the transition to the next stage, through ``stage.norm``), NCHW, and,
+        unless ``intermediates_only``, the last stage's output first (what ``forward_head`` takes).
+        ``norm`` passes the last stage's feature map through the final BN; ``stop_early`` skips the
+        stages after the last one asked for. ``timm.create_model(..., features_only=True)`` calls this.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"RepLKNet.forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        last = self.num_stages - 1
+        for layer in self.stem:
+            x = layer(x)
+        intermediates = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in take_indices:
+                final_norm = norm and i == last and isinstance(getattr(self, "norm", None), nn.BatchNorm2d)
+                intermediates.append(self.norm(x) if final_norm else stage.norm(x))
+            if stop_early and i >= max_index:
+                break
+            if i < last:
+                x = self.transitions[i](x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last of ``indices`` (and with them the final BN and the head),
+        the head when ``prune_head``, the final BN when ``prune_norm``; returns the absolute indices."""
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        prune_end = max_index < self.num_stages - 1
+        self.stages = self.stages[:max_index + 1]
+        self.transitions = self.transitions[:max_index]
+        self.num_stages = max_index + 1
+        self.feature_info = self.feature_info[:max_index + 1]
+        if self.out_indices is None:
+            if prune_norm or prune_end:
+                self.norm = nn.Identity()
+            if prune_head or prune_end:
+                self.head, self.num_classes = nn.Identity(), 0
+            if prune_end:
+                self.num_features = self.head_hidden_size = self.channels[max_index]
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.norm(x)), 1)
@@ -348,9 +398,12 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> RepLKNet:
-    return build_model_with_cfg(RepLKNet, variant, pretrained, feature_cfg=dict(flatten_sequential=False),
-                                **kwargs)
+def build_replknet(variant: str, pretrained: bool = False, **kwargs) -> RepLKNet:
+    """``RepLKNet(**kwargs)`` through timm's builder (pretrained_cfg of ``variant``). With
+    ``features_only=True`` it is wrapped in timm's FeatureGetterNet, which calls ``forward_intermediates``
+    (timm's sequential wrappers cannot run it: stages and transitions alternate from two ModuleLists)."""
+    return build_model_with_cfg(RepLKNet, variant, pretrained,
+                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 _31B = dict(large_kernel_sizes=[31, 29, 27, 13], layers=[2, 2, 18, 2], channels=[128, 256, 512, 1024], small_kernel=5)
@@ -362,24 +415,24 @@ _XL = dict(large_kernel_sizes=[27, 27, 27, 13], layers=[2, 2, 18, 2], channels=[
 @register_model
 def replknet_31b(pretrained: bool = False, **kwargs) -> RepLKNet:
     """RepLKNet-31B: kernels 31/29/27/13 with a parallel 5x5, widths 128..1024 (79M params)."""
-    return _create("replknet_31b", pretrained, **dict(_31B, **kwargs))
+    return build_replknet("replknet_31b", pretrained, **dict(_31B, **kwargs))
 
 
 @register_model
 def replknet_31l(pretrained: bool = False, **kwargs) -> RepLKNet:
     """RepLKNet-31L: 31B's kernels, widths 192..1536 (172M params)."""
-    return _create("replknet_31l", pretrained, **dict(_31L, **kwargs))
+    return build_replknet("replknet_31l", pretrained, **dict(_31L, **kwargs))
 
 
 @register_model
 def replknet_xl(pretrained: bool = False, **kwargs) -> RepLKNet:
     """RepLKNet-XL: kernels 27/27/27/13, no small kernel, depthwise width x1.5, widths 256..2048 (335M)."""
-    return _create("replknet_xl", pretrained, **dict(_XL, **kwargs))
+    return build_replknet("replknet_xl", pretrained, **dict(_XL, **kwargs))
 
 
 @register_model
 def replknet_3b(pretrained: bool = False, **kwargs) -> RepLKNet:
     """RepLKNet-31B with every large kernel 3x3 (the paper's kernel-size ablation). The official
     small kernel (5) cannot be larger than the large one, so there is no parallel branch."""
-    return _create("replknet_3b", pretrained, **dict(dict(_31B, large_kernel_sizes=[3, 3, 3, 3], small_kernel=None),
+    return build_replknet("replknet_3b", pretrained, **dict(dict(_31B, large_kernel_sizes=[3, 3, 3, 3], small_kernel=None),
                                                      **kwargs))

@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 
-from lkfast.models.replknet import RepLKNet
+from lkfast.models.replknet import RepLKNet, build_replknet
 
 __all__ = ["SMALL_MODELS", "SYNTHETIC_MEAN", "SYNTHETIC_STD"]
 
@@ -49,7 +49,7 @@ def _replknet(variant: str, kernels, pretrained: bool, **kwargs) -> RepLKNet:
     small = 5 if min(kernels) > 5 else None
     args = dict(_TINY, large_kernel_sizes=list(kernels), small_kernel=small)
     args.update(kwargs)
-    return build_model_with_cfg(RepLKNet, variant, pretrained, feature_cfg=dict(flatten_sequential=False), **args)
+    return build_replknet(variant, pretrained, **args)
 
 
 @register_model
