@@ -41,6 +41,21 @@ def test_depthwise_conv2d_matches_conv2d(kernel_size, channels_last):
     assert isinstance(fast, nn.Conv2d) and fast.groups == 6 and fast.padding == tuple(k // 2 for k in fast.kernel_size)
 
 
+def test_depthwise_conv2d_takes_an_unbatched_input_as_conv2d_does():
+    conv = nn.Conv2d(4, 4, 7, padding=3, groups=4)
+    fast = DepthwiseConv2d.from_conv(conv)
+    x = torch.randn(4, 9, 11)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = fast(x1), conv(x2)
+    assert y1.shape == (4, 9, 11)
+    _close(y1, y2)
+    (g1,) = torch.autograd.grad(y1.square().sum(), x1)
+    (g2,) = torch.autograd.grad(y2.square().sum(), x2)
+    _close(g1, g2)
+    with pytest.raises(ValueError, match=r"3-D \(C, H, W\) or 4-D .* got a 5-D"):
+        fast(torch.randn(1, 1, 4, 9, 11))
+
+
 def test_depthwise_conv2d_refuses_even_kernel():
     with pytest.raises(ValueError, match="odd"):
         DepthwiseConv2d(4, 4)

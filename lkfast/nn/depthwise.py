@@ -74,6 +74,11 @@ class DepthwiseConv2d(nn.Conv2d):
                          bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it; the op itself takes (N, C, H, W)
+            return _fast_depthwise(x.unsqueeze(0), self.weight, self.bias).squeeze(0)
+        if x.dim() != 4:
+            raise ValueError(f"DepthwiseConv2d: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, "
+                             f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
         return _fast_depthwise(x, self.weight, self.bias)
 
     @classmethod
