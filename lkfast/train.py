@@ -147,8 +147,9 @@ def _make_model(args, num_classes: int) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device) -> float:
-    """Top-1 accuracy in percent of ``model`` on ``loader`` (summed over every process)."""
+def evaluate(model: nn.Module, loader, device) -> tuple:
+    """Top-1 accuracy in percent of ``model`` on ``loader`` and the number of images, both summed
+    over every process (each process's loader holds its own share of the images)."""
     was_training = model.training
     model.eval()
     correct = torch.zeros(2, dtype=torch.float64, device=device)
@@ -159,19 +160,20 @@ def evaluate(model: nn.Module, loader, device) -> float:
     if dist.is_initialized():
         dist.all_reduce(correct)
     model.train(was_training)
-    return float(100.0 * correct[0] / correct[1].clamp(min=1))
+    return float(100.0 * correct[0] / correct[1].clamp(min=1)), int(correct[1])
 
 
 def train(argv=None) -> dict:
     """Run ``python -m lkfast.train`` with the argument list ``argv``; returns the summary dict
-    (also written to OUT/summary.json): final val top-1 (``val_top1``, of the exported weights),
+    (also written to OUT/summary.json): final val top-1 (``val_top1``, of the exported weights, over
+    ``val_images`` images),
     per-epoch mean training loss (``train_loss``), epochs, seconds, and the recipe."""
     from timm.data import Mixup, create_transform, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
     from tqdm import tqdm
 
     args = build_parser().parse_args(argv)
@@ -248,8 +250,11 @@ def train(argv=None) -> dict:
             print(f"lkfast.train: resuming {args.model} from {last} after epoch {start_epoch}", file=sys.stderr)
     val_loader = None
     if val_set is not None:
-        sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else SequentialSampler(val_set)
-        val_loader = DataLoader(val_set, batch_size=args.batch_size * 2, sampler=sampler, num_workers=args.workers)
+        # Every image once: each process takes every world-th image (DistributedSampler would pad the
+        # shares to equal length with repeated images, counted twice in the accuracy).
+        share = val_set if world == 1 else Subset(val_set, range(rank, len(val_set), world))
+        val_loader = DataLoader(share, batch_size=args.batch_size * 2, sampler=SequentialSampler(share),
+                                num_workers=args.workers)
 
     started = time.time()
     for epoch in range(start_epoch, args.epochs):
@@ -291,7 +296,8 @@ def train(argv=None) -> dict:
             dist.all_reduce(mean_loss)
         record = {"epoch": epoch + 1, "train_loss": float(mean_loss[0] / mean_loss[1].clamp(min=1))}
         if val_loader is not None:
-            record["val_top1"] = evaluate(ema.module if ema is not None else model, val_loader, device)
+            record["val_top1"], record["val_images"] = evaluate(ema.module if ema is not None else model, val_loader,
+                                                                device)
         history.append(record)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -311,6 +317,7 @@ def train(argv=None) -> dict:
     summary = {"model": args.model, "classes": classes, "epochs": args.epochs,
                "train_loss": [h["train_loss"] for h in history],
                "val_top1": history[-1].get("val_top1") if history else None,
+               "val_images": history[-1].get("val_images") if history else None,
                "seconds": elapsed + time.time() - started, "world_size": world, "weights": "ema" if ema else "model",
                "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "out", "quiet", "no_progress")}}
     if rank == 0:

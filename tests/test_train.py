@@ -70,17 +70,48 @@ def test_resume_gives_the_uninterrupted_result(dataset, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def _top1(out: Path, val: Path) -> float:
+    """Top-1 in percent of OUT/model.safetensors on the ImageFolder ``val``, in this process, with the
+    evaluation transform python -m lkfast.train uses."""
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets import ImageFolder
+
+    from lkfast.models import create_model
+
+    model = create_model(MODEL, checkpoint=str(out / "model.safetensors"), num_classes=len(CLASSES))
+    config = resolve_data_config({}, model=model)
+    transform = create_transform(config["input_size"], is_training=False, interpolation=config["interpolation"],
+                                 mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"])
+    images = ImageFolder(str(val), transform)
+    with torch.no_grad():
+        x = torch.stack([image for image, _ in images])
+        correct = (model(x).argmax(-1) == torch.tensor(images.targets)).sum().item()
+    return 100.0 * correct / len(images)
+
+
 def test_torchrun_two_processes_gloo(dataset, tmp_path):
+    # 5 val images on 2 processes: each is counted once (DistributedSampler's padding counted one twice)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train").symlink_to(dataset / "train")
+    first_two = [sorted((dataset / "val" / name).iterdir())[:2] for name in sorted(CLASSES)]
+    for path in first_two[0] + [paths[0] for paths in first_two[1:]]:  # every class, one twice
+        (data / "val" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (data / "val" / path.parent.name / path.name).symlink_to(path)
+    assert len(list((data / "val").glob("*/*.png"))) == 5
+    out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", LKFAST_TRAIN_BACKEND="gloo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lkfast.train", MODEL, "--data", str(dataset), "--out", str(tmp_path), "--epochs", "1",
+           "-m", "lkfast.train", MODEL, "--data", str(data), "--out", str(out), "--epochs", "1",
            "--device", "cpu", *FAST]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert np.isfinite(summary["train_loss"]).all()
-    assert set(_weights(tmp_path)) == set(torch.load(tmp_path / "last.pth", weights_only=False)["model"])
+    assert set(_weights(out)) == set(torch.load(out / "last.pth", weights_only=False)["model"])
+    assert summary["val_images"] == 5
+    assert summary["val_top1"] == pytest.approx(_top1(out, data / "val"))
 
 
 def test_help_and_bad_input(dataset, tmp_path, capsys):
