@@ -146,6 +146,22 @@ def _make_model(args, num_classes: int) -> nn.Module:
     return model.train()
 
 
+def mix_batch(mixup, x: torch.Tensor, y: torch.Tensor, num_classes: int, smoothing: float) -> tuple:
+    """``mixup`` (timm's Mixup: mixup/cutmix with label smoothing) of the batch ``x``, ``y``: images
+    and soft targets. timm's Mixup needs an even batch, so an odd batch's last image keeps its own
+    label, smoothed like the rest (an odd --batch-size would otherwise never be mixed)."""
+    from timm.data.mixup import mixup_target
+
+    even = len(x) - len(x) % 2
+    if even == len(x):
+        return mixup(x, y)
+    last = mixup_target(y[even:], num_classes, smoothing=smoothing)
+    if even == 0:
+        return x, last
+    mixed_x, mixed_y = mixup(x[:even], y[:even])
+    return torch.cat([mixed_x, x[even:]]), torch.cat([mixed_y, last])
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device) -> tuple:
     """Top-1 accuracy in percent of ``model`` on ``loader`` and the number of images, both summed
@@ -278,7 +294,7 @@ def train(argv=None) -> dict:
                 break
             x, y = x.to(device, memory_format=memory_format), y.to(device)
             if mixup is not None:
-                x, y = mixup(x, y) if len(x) % 2 == 0 else (x, nn.functional.one_hot(y, num_classes).float())
+                x, y = mix_batch(mixup, x, y, num_classes, args.smoothing)
             loss = criterion(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

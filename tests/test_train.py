@@ -144,3 +144,25 @@ def test_bad_malloc_setting_is_named_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="lkfast.train: LKFAST_MALLOC='bogus': expected one of keep, default"):
         main([MODEL, "--data", str(tmp_path), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_an_odd_batch_is_mixed_but_its_last_image_and_smoothed():
+    """timm's Mixup takes even batches: an odd batch's first images are mixed as a batch of their own,
+    the last keeps its label, smoothed like the others (not a plain one-hot target)."""
+    from timm.data import Mixup
+
+    from lkfast.train import mix_batch
+
+    mixup = Mixup(mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=4)
+    x, y = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2])
+    np.random.seed(0)
+    mixed_x, mixed_y = mix_batch(mixup, x.clone(), y, 4, 0.1)
+    np.random.seed(0)  # the same draws for the even part alone
+    expected_x, expected_y = mixup(x[:2].clone(), y[:2])
+    torch.testing.assert_close(mixed_x, torch.cat([expected_x, x[2:]]), rtol=0, atol=0)
+    torch.testing.assert_close(mixed_y[:2], expected_y, rtol=0, atol=0)
+    assert not torch.equal(expected_y, torch.tensor([[0.925, 0.025, 0.025, 0.025], [0.025, 0.925, 0.025, 0.025]]))
+    torch.testing.assert_close(mixed_y[2], torch.tensor([0.025, 0.025, 0.925, 0.025]))
+    single_x, single_y = mix_batch(mixup, x[:1].clone(), y[:1], 4, 0.1)  # a last batch of one
+    torch.testing.assert_close(single_x, x[:1], rtol=0, atol=0)
+    torch.testing.assert_close(single_y, torch.tensor([[0.925, 0.025, 0.025, 0.025]]))
