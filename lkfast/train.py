@@ -247,10 +247,9 @@ def train(argv=None) -> dict:
         criterion = LabelSmoothingCrossEntropy(args.smoothing)
     else:
         criterion = nn.CrossEntropyLoss()
-    ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    history, start_epoch, elapsed = [], 0, 0.0
+    history, start_epoch, elapsed, state = [], 0, 0.0, {}
     last = out / "last.pth"
     if last.is_file() and not args.no_resume:
         state = torch.load(last, map_location="cpu", weights_only=False)  # our own file, written below
@@ -259,11 +258,13 @@ def train(argv=None) -> dict:
                              f"classes; use another --out or --no-resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["seconds"]
         if rank == 0 and not args.quiet:
             print(f"lkfast.train: resuming {args.model} from {last} after epoch {start_epoch}", file=sys.stderr)
+    # Built after the resume, so an EMA the interrupted run did not keep starts from the resumed weights.
+    ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
+    if ema is not None and state.get("ema") is not None:
+        ema.module.load_state_dict(state["ema"])
     val_loader = None
     if val_set is not None:
         # Every image once: each process takes every world-th image (DistributedSampler would pad the

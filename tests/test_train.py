@@ -166,3 +166,16 @@ def test_an_odd_batch_is_mixed_but_its_last_image_and_smoothed():
     single_x, single_y = mix_batch(mixup, x[:1].clone(), y[:1], 4, 0.1)  # a last batch of one
     torch.testing.assert_close(single_x, x[:1], rtol=0, atol=0)
     torch.testing.assert_close(single_y, torch.tensor([[0.925, 0.025, 0.025, 0.025]]))
+
+
+def test_an_ema_added_on_resume_starts_from_the_resumed_weights(dataset, tmp_path):
+    recipe = [MODEL, "--data", str(dataset), "--out", str(tmp_path), "--epochs", "2", "--max-steps-per-epoch", "1",
+              *FAST]
+    train(recipe + ["--stop-after-epoch", "1"])  # no EMA kept
+    resumed = torch.load(tmp_path / "last.pth", weights_only=False)["model"]
+    train(recipe + ["--ema-decay", "1.0"])  # an EMA that never moves: the exported weights are where it started
+    exported = _weights(tmp_path)
+    floats = [k for k, v in resumed.items() if v.is_floating_point()]
+    assert floats and set(floats) <= set(exported)
+    for key in floats:
+        torch.testing.assert_close(exported[key], resumed[key], rtol=0, atol=0, msg=key)
