@@ -240,7 +240,8 @@ def test_cli_end_to_end_matches_a_direct_computation(full_run, data_root, checkp
     assert "mFR/mT5D over 2 of the 10 perturbations** (gaussian_noise, translate)" in report
 
 
-def test_resume_after_interruption_gives_the_same_results(tmp_path, full_run, data_root, checkpoint, monkeypatch):
+def test_resume_after_interruption_gives_the_same_results(tmp_path, full_run, data_root, checkpoint, monkeypatch,
+                                                          capsys):
     args = common(tmp_path, checkpoint, data_root, "--suite", "clean,imagenet-c", "--shard-size", 1)
     saved = []
     original = ResultCache.save_shard
@@ -251,8 +252,8 @@ def test_resume_after_interruption_gives_the_same_results(tmp_path, full_run, da
         saved.append(a)
         return original(self, *a, **k)
     monkeypatch.setattr(ResultCache, "save_shard", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        cli(*args)
+    assert cli(*args) == 130  # Ctrl-C: one line saying how to resume, no traceback
+    assert "rerun the same command" in capsys.readouterr().err
     monkeypatch.setattr(ResultCache, "save_shard", lambda self, *a, **k: saved.append(a) or original(self, *a, **k))
     assert cli(*args) == 0
     resumed = load(tmp_path)
@@ -360,8 +361,74 @@ def test_generated_imagenet_c_without_frost_photographs_is_unavailable_with_the_
 def test_dry_run_prints_the_plan(tmp_path, data_root, checkpoint, capsys):
     assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean,imagenet-9,imagenet-a", "--dry-run")) == 0
     plan = capsys.readouterr().out
-    assert "| tiny | clean | 6 |" in plan and "| tiny | imagenet-9 | 9 |" in plan and "img/s" in plan
+    assert "| tiny | clean | 6 | 1.00 |" in plan and "| tiny | imagenet-9 | 9 | 1.00 |" in plan and "img/s" in plan
     assert not (tmp_path / "results.json").exists()
+
+
+def test_dry_run_counts_the_passes_an_analysis_makes_per_image(tmp_path, data_root, checkpoint, capsys):
+    """The estimate counts forward-pass equivalents (a backward = two forwards): FGSM makes a forward
+    and a backward then the attacked forward per eps, PGD 3 per step + 1 per attack, frequency one
+    forward per band, plus the clean forward; the minutes scale with them."""
+    from lkfast import attacks
+    from lkfast.analysis.frequency import FREQUENCIES
+
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean,fgsm,pgd,frequency", "--dry-run")) == 0
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:7]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")}
+    pgd_steps = [5] * len(attacks.PGD_EPS) + list(attacks.PGD_STEPS)
+    expected = {"clean": 1, "fgsm": 1 + 4 * len(attacks.FGSM_EPS), "frequency": 1 + len(FREQUENCIES),
+                "pgd": 1 + sum(3 * n + 1 for n in pgd_steps)}
+    assert {task: float(rows[task][1]) for task in expected} == expected
+    from lkfast.eval.runner import plan
+
+    options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val")}, workers=0, progress=False)
+    minutes = {row[1]: row[4] for row in plan([ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)],
+                                             list(expected), options)}
+    for task in expected:  # one measured throughput: minutes in proportion to the passes
+        assert minutes[task] / minutes["clean"] == pytest.approx(expected[task], rel=1e-9), task
+
+
+def test_what_users_get_wrong_is_said_in_one_line_before_anything_runs(tmp_path, data_root, checkpoint, capsys,
+                                                                       monkeypatch):
+    """Data options without --models (even a data root with no benchmark folder), --dry-run of the
+    embedded default, --out naming a file, and a data root that is one dataset's class folders: exit
+    2 with one line that says what to do; the embedded default is never started by mistake."""
+    import lkfast.eval.default
+
+    monkeypatch.setattr(lkfast.eval.default, "prepare_default", lambda args: pytest.fail("the default started"))
+    (tmp_path / "empty").mkdir()
+    err = run_failing(capsys, "--data-root", tmp_path / "empty", "--out", tmp_path / "o1")
+    assert "no --models given" in err
+    err = run_failing(capsys, "--dry-run", "--out", tmp_path / "o2")
+    assert "embedded default" in err and "without --dry-run" in err
+    (tmp_path / "afile").write_text("x")
+    err = run_failing(capsys, *common(tmp_path / "afile", checkpoint, data_root, "--suite", "clean"))
+    assert "--out" in err and "is a file" in err
+    err = run_failing(capsys, *common(tmp_path / "o3", checkpoint, data_root / "val", "--suite", "clean"))
+    assert "holds none of the benchmark folders" in err and f"--val-dir {data_root / 'val'}" in err
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+
+
+def test_a_run_where_no_task_had_data_fails(tmp_path, data_root, checkpoint, capsys):
+    """Every task skipped for lack of data is not a success: exit 2, each reason on one line."""
+    err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--suite", "imagenet-o",
+                                      "--val-dir", data_root / "imagenet-a", "--data-root", tmp_path))
+    assert "lkfast.eval: tiny: imagenet-o not run: no imagenet-o data" in err and "no task could run" in err
+
+
+def test_random_weights_are_said_and_get_no_paper_values(tmp_path, data_root, capsys):
+    """A model without a checkpoint is evaluated untrained: a warning, a line in the report, its
+    card in results.json says so, and no paper value stands beside its numbers (the label names a
+    model the paper reports: 85.20 top-1 would otherwise sit beside it)."""
+    args = ["--models", "test_resnet=RepLKNet-31B", "--data-root", data_root, "--out", tmp_path, "--input-size", SIZE,
+            "--workers", 0, "--batch-size", 4, "--no-progress", "--suite", "clean", "--limit", 2]
+    assert cli(*args) == 0
+    assert "'RepLKNet-31B' has no checkpoint: it is evaluated with random weights" in capsys.readouterr().err
+    r = load(tmp_path)["RepLKNet-31B"]
+    assert r["_model"]["weights"] == "random (no checkpoint)" and r["_model"]["checkpoint"] is None
+    assert "**Random weights**: RepLKNet-31B" in (tmp_path / "report.md").read_text()
+    row = (tmp_path / "tables" / "summary.md").read_text().split("| RepLKNet-31B |")[1].split("\n")[0]
+    assert "85.20" not in row and row.split("|")[1].strip() == "—"
 
 
 def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatch):

@@ -397,6 +397,35 @@ def _count(ctx) -> int:
     return len(image_folder(ctx, ctx.source("val"), ctx.class_space.folder_index()))
 
 
+# Forward-pass equivalents per image (a backward counts as two forwards), for --dry-run's estimate.
+def _occlusion_cost(ctx) -> float:
+    with_saliency = ctx.has_source("masks") or ctx.options.analysis.get("dino_checkpoint") or \
+        os.environ.get("LKFAST_DINO_CHECKPOINT")
+    return 1 + len(analysis.RATIOS) * (len(analysis.MODES) if with_saliency else 1)
+
+
+def _pgd_cost(ctx) -> float:
+    steps = [PGD["steps"]] * len(PGD["eps_values"]) + list(PGD["steps_values"])
+    return 1 + sum(3 * n + 1 for n in steps)
+
+
+def _lesion_cost(ctx) -> float:
+    from lkfast.analysis.lesion import LesionPlan
+
+    try:
+        plan = LesionPlan(ctx.model, seed=ctx.options.seed, scope="paper")
+    except ValueError:
+        return 1
+    return 1 + len(plan.counts) * plan.draws
+
+
+_COSTS = {"occlusion": _occlusion_cost, "pgd": _pgd_cost, "lesion": _lesion_cost,
+          "fgsm": lambda ctx: 1 + 4 * len(attacks.FGSM_EPS),  # per eps: forward + backward, then the attacked forward
+          # the surrogate's 20 steps x 21 path points (forward + backward) per eps, shared by its targets
+          "taig": lambda ctx: 1 + len(TAIG["eps_values"]) * (TAIG["steps"] * (TAIG["path_steps"] + 1) * 3 + 1),
+          "frequency": lambda ctx: 1 + len(analysis.frequency.FREQUENCIES)}
+
+
 _RUNS = {"occlusion": occlusion, "fgsm": fgsm, "pgd": pgd, "taig": taig, "lesion": lesion, "frequency": frequency,
          "kernel-distance": kernel_distance, "feature-variance": feature_variance, "ablation": ablation}
 _DESCRIPTIONS = {
@@ -421,7 +450,7 @@ for _name in ANALYSIS_TASKS:
         register_task(_name, _RUNS[_name], needs=() if _no_data else ("val",), count=None if _no_data else _count,
                       description=_DESCRIPTIONS[_name],
                       version=_VERSIONS.get(_name, "2" if _name in _SHARDED else "1"),
-                      reads=_READS.get(_name, ()))
+                      reads=_READS.get(_name, ()), cost=_COSTS.get(_name))
 SUITES.setdefault("analysis", ANALYSIS_TASKS)
 # The kernel-size ablation: the tasks whose numbers Tables 5 and 7 show, and the ablation task.
 SUITES.setdefault("ablation", analysis.ablation.TABLE_TASKS + ("ablation",))

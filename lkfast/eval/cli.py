@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from lkfast.corrupt import FrostPhotosMissing
@@ -135,6 +137,21 @@ def _no_input_message() -> str:
             "See python -m lkfast.eval --help for the expected folder names.")
 
 
+def _no_data_message(data_root: Optional[str]) -> str:
+    """Why no data source was found, with a hint when --data-root looks like one dataset's folder."""
+    if data_root is None:
+        return "no data: pass --data-root DIR (holding val/, imagenet-a/, ...) or a --<name>-dir option"
+    found = sorted(p.name for p in Path(data_root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    hint = ""
+    if found and all(re.fullmatch(r"n\d{8}", name) for name in found[:20]):
+        hint = (f"; it holds class folders ({', '.join(found[:3])}, ...): if it is one dataset, name it with "
+                f"--val-dir {data_root} (or --imagenet-a-dir, --imagenet-r-dir, --imagenet-o-dir)")
+    elif found and set(found) & {"original", "mixed_same", "mixed_rand"}:
+        hint = f"; it looks like ImageNet-9: pass --imagenet-9-dir {data_root}"
+    return (f"--data-root {data_root} holds none of the benchmark folders {', '.join(SOURCE_NAMES)} (found: "
+            f"{', '.join(found[:8]) or 'nothing'}){hint}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from lkfast.eval.runner import EvalError, EvalOptions, plan, run_evaluation
     from lkfast.tables import markdown_table
@@ -159,7 +176,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.baseline_model and args.baseline_model.lower() != "none":
             baseline = _existing_checkpoint(ModelSpec.parse(args.baseline_model, source="torchvision",
                                                             option="--baseline-model"), "--baseline-model")
+        data_given = args.data_root is not None or any(v is not None for v in dirs.values())
+        if not models and data_given:
+            raise EvalError("no --models given: name the models to evaluate on this data, e.g. --models "
+                            "resnet50:/path/resnet50.pth (the embedded default runs only with no --models and no data)")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise EvalError(f"--out {args.out} is a file: give a folder for results.json, report.md and the cache")
         if not models and not data:
+            if args.dry_run:
+                raise EvalError("--dry-run plans an evaluation of --models on your data; the embedded default (no "
+                                "--models, no data) builds its benchmark and trains its models first: run "
+                                "python -m lkfast.eval without --dry-run")
             if importlib.util.find_spec("lkfast.eval.default") is None:
                 print(_no_input_message(), file=sys.stderr)
                 return 2
@@ -174,6 +201,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             default_workers = prepared.get("workers", default_workers)
         if not models:
             raise EvalError("no --models given (e.g. --models resnet50:/path/resnet50.pth)")
+        if not data:
+            raise EvalError(_no_data_message(args.data_root))
+        for spec in models:
+            if spec.checkpoint is None and dist.is_main():
+                print(f"lkfast.eval: warning: model {spec.display!r} has no checkpoint: it is evaluated with random "
+                      f"weights (pass {spec.name}:CHECKPOINT)", file=sys.stderr)
         options = EvalOptions(out=args.out, data=data, device=device, batch_size=args.batch_size,
                               workers=default_workers if args.workers is None else args.workers,
                               amp=args.amp, channels_last=args.channels_last, limit=args.limit, seed=args.seed,
@@ -186,11 +219,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.dry_run:
             rows = plan(models, tasks, options)
             if dist.is_main():
-                print(markdown_table(["model", "task", "images", "estimated minutes", "note"], rows,
+                print(markdown_table(["model", "task", "images", "passes per image", "estimated minutes", "note"], rows,
                                      caption=f"Plan ({dist.world_size()} process(es), device {device}); "
                                              f"results go to {args.out}"))
             return 0
         results = run_evaluation(models, tasks, options)
+        ran = [t for m in models for t, r in results.get(m.display, {}).items()
+               if not t.startswith("_") and isinstance(r, dict) and "unavailable" not in r]
+        if not ran and dist.is_main():
+            print(f"lkfast.eval: error: no task could run (none had its data; the reasons are above and in "
+                  f"{os.path.join(args.out, 'report.md')})", file=sys.stderr)
+            return 2
         if dist.is_main():
             summary = os.path.join(args.out, "tables", "summary.md")
             if os.path.exists(summary):  # the Table 6 summary, as in report.md
@@ -199,9 +238,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"lkfast.eval: wrote {os.path.join(args.out, 'results.json')} and "
                   f"{os.path.join(args.out, 'report.md')} ({len(models)} model(s), {len(tasks)} task(s))")
         return 0
-    except (EvalError, ValueError, FileNotFoundError, FrostPhotosMissing) as error:
+    except (EvalError, ValueError, FileNotFoundError, FrostPhotosMissing) as error:  # CheckpointError is a ValueError
         print(f"lkfast.eval: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nlkfast.eval: interrupted; finished shards are kept under {os.path.join(args.out, 'cache')}: rerun "
+              "the same command to go on from there", file=sys.stderr)
+        return 130
     finally:
         dist.shutdown()
 

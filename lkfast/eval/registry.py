@@ -35,6 +35,8 @@ class Task:
     count: ``count(ctx) -> int`` forward passes (images, or frames for sequences) the task makes;
         used by ``--dry-run`` and the progress bar. None: unknown.
     version: bump when the task's records or metrics change, so cached results are not reused.
+    cost: ``cost(ctx) -> float`` forward-pass equivalents per counted item (a backward counts as two
+        forwards; default 1): ``--dry-run``'s time estimate is count x cost / measured throughput.
     reads: the options beyond the common ones the task uses: ``EvalOptions.analysis`` names (e.g.
         "dino_checkpoint") and "baseline" (the normalising model): only those join its cache keys,
         so another option does not recompute it.
@@ -47,6 +49,7 @@ class Task:
     description: str = ""
     version: str = "1"
     reads: Tuple[str, ...] = ()
+    cost: Optional[Callable] = None
 
 
 TASKS: Dict[str, Task] = {}
@@ -54,7 +57,7 @@ TASKS: Dict[str, Task] = {}
 
 def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count: Optional[Callable] = None,
                   description: str = "", version: str = "1", reads: Sequence[str] = (),
-                  replace: bool = False) -> Task:
+                  cost: Optional[Callable] = None, replace: bool = False) -> Task:
     """Add a task to ``python -m lkfast.eval`` (``--suite NAME`` selects it). Returns the Task.
 
     Raises ValueError when ``name`` is taken (pass ``replace=True`` to override on purpose) or is not
@@ -63,7 +66,7 @@ def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count:
         raise ValueError(f"register_task: task names are lower-case letters, digits and '-', got {name!r}")
     if name in TASKS and not replace:
         raise ValueError(f"register_task: a task named {name!r} is already registered")
-    task = Task(name, run, tuple(needs), count, description, version, tuple(reads))
+    task = Task(name, run, tuple(needs), count, description, version, tuple(reads), cost)
     TASKS[name] = task
     return task
 

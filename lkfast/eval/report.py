@@ -39,11 +39,15 @@ PAPER: Dict[str, Dict[str, float]] = {
 PAPER_NAMES = (("replknet_31b", "RepLKNet-31B"), ("replknet_31l", "RepLKNet-31L"), ("vit_base_patch16", "ViT-B"),
                ("vit_large_patch16", "ViT-L/16"), ("convnext_base", "ConvNeXt-B"), ("convnext_large", "ConvNeXt-L"),
                ("resnetv2_152x4_bit", "BiT-r152x4"), ("resnetv2_101x3_bit", "BiT m-r101x3"), ("resnet50", "ResNet-50"))
+RANDOM_WEIGHTS = "random (no checkpoint)"  # the _model card's "weights" for a model built without weights
 TASK_ORDER = ("clean", "imagenet-a", "imagenet-c", "imagenet-o", "imagenet-p", "imagenet-r", "imagenet-9")
 
 
 def paper_name(label: str, entry: Dict[str, Any]) -> Optional[str]:
-    """The paper's name for a model (by label, else by its architecture name), or None."""
+    """The paper's name for a model (by label, else by its architecture name), or None; None for
+    a model evaluated with random weights (no checkpoint): it is not the paper's trained model."""
+    if entry.get("_model", {}).get("weights") == RANDOM_WEIGHTS:
+        return None
     if label in PAPER:
         return label
     name = str(entry.get("_model", {}).get("name", "")).split(".")[0]
@@ -178,6 +182,10 @@ def write_report(out, results: Dict[str, Any]) -> Path:
            f"Options: {json.dumps(meta.get('options', {}), sort_keys=True)}. Class space: {meta.get('class_space', '?')}.\n\n"
            f"Paper values are from {CITATION} (Tables 1, 2, 3 and 6), shown beside the measured value for the "
            f"models the paper reports; \"—\" means not measured or not reported.\n")
+    untrained = [m for m in models if results[m].get("_model", {}).get("weights") == RANDOM_WEIGHTS]
+    if untrained:
+        w.text(f"\n**Random weights**: {', '.join(untrained)} had no checkpoint and were evaluated untrained "
+               "(no paper values beside them); pass NAME:CHECKPOINT to --models to evaluate trained weights.\n")
 
     # Table 6 layout: ImageNet, -A, -R, -C (severity 5).
     if any(_has(results, t) for t in ("clean", "imagenet-a", "imagenet-r", "imagenet-c")):

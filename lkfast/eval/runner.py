@@ -92,16 +92,17 @@ class _Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True,
-                            file=sys.stderr, leave=True)
+            self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr, leave=True)
 
     def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, keep: bool = True) -> None:
         if self.bar is not None:
+            self.bar.leave = keep
             self.bar.close()
+            self.bar = None
 
 
 class TaskContext:
@@ -340,8 +341,11 @@ class Runner:
     def _model_card(self, spec: ModelSpec) -> Dict[str, Any]:
         """Name, checkpoint, parameters and input size of a model (kept in its cache folder, so a
         fully cached run reports the same without building the model)."""
+        from lkfast.eval.report import RANDOM_WEIGHTS
+
         path = self._cache(spec).root / "model.json"
-        card = {"name": spec.name, "checkpoint": spec.checkpoint}
+        card = {"name": spec.name, "checkpoint": spec.checkpoint,
+                "weights": "checkpoint" if spec.checkpoint else RANDOM_WEIGHTS}
         if spec in self._loaded:
             model, config, parameters = self._loaded[spec]
             card.update(parameters=parameters, input_size=list(config["input_size"]))
@@ -408,6 +412,9 @@ class Runner:
             started = time.perf_counter()
             try:
                 result = dict(task.run(ctx))
+            except TaskUnavailable:
+                ctx.progress.close(keep=False)  # no empty bar left for a task that did not run
+                raise
             finally:
                 ctx.progress.close()
             result.setdefault("skipped_unreadable", sum(ctx.skipped.values()))
@@ -466,8 +473,8 @@ class Runner:
                     entry[name] = self.task_result(spec, name)
                 except TaskUnavailable as error:
                     entry[name] = {"unavailable": str(error)}
-                    if dist.is_main():
-                        warnings.warn(f"{spec.display}: {name} skipped: {error}", stacklevel=2)
+                    if dist.is_main():  # one line, not a warning with its source line: it is the user's data
+                        print(f"lkfast.eval: {spec.display}: {name} not run: {error}", file=sys.stderr, flush=True)
                 self._write(results)
             entry["_model"] = self._model_card(spec)
             self._write(results)
@@ -520,8 +527,9 @@ def measure_throughput(model, config: Dict[str, Any], options: EvalOptions, devi
 
 
 def plan(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions) -> List[List[Any]]:
-    """The ``--dry-run`` plan: rows [model, task, forward passes, estimated minutes, note], nothing
-    evaluated. Counts come from the datasets as found; the estimate from a short measured throughput."""
+    """The ``--dry-run`` plan: rows [model, task, images, passes per image, estimated minutes, note],
+    nothing evaluated. Counts come from the datasets as found, passes per image from the task's
+    ``cost`` (forward-pass equivalents), the estimate from a short measured forward throughput."""
     import lkfast.eval.tasks  # noqa: F401
     import lkfast.eval.analysis_tasks  # noqa: F401
 
@@ -534,12 +542,16 @@ def plan(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions
             task = TASKS[name]
             ctx = TaskContext(runner, task, spec, model, config, runner._cache(spec))
             cached = runner._cache(spec).load_result(name, runner.result_key(spec, task)) is not None
+            cost = None
             try:
                 count = int(task.count(ctx)) if task.count is not None else None
+                cost = float(task.cost(ctx)) if task.cost is not None else 1.0
                 note = "cached" if cached else f"{speed:.1f} img/s measured"
+                if not cached and name in ("imagenet-c", "imagenet-p") and not ctx.has_source(name):
+                    note += "; generating the corruptions from val is not in the estimate"
             except TaskUnavailable as error:
-                count, note = None, f"skipped: {error}"
-            minutes = None if count is None or cached else count / speed / 60 / max(dist.world_size(), 1)
-            rows.append([spec.display, name, count, minutes, note])
+                count, note = None, f"not run: {error}"
+            minutes = None if count is None or cached else count * cost / speed / 60 / max(dist.world_size(), 1)
+            rows.append([spec.display, name, count, cost if count is not None else None, minutes, note])
         runner._release(spec)
     return rows
