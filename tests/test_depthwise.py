@@ -365,3 +365,36 @@ def test_unusable_backend_says_why():
     x, w = _args()
     with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run this call .*Backends that can: .*torch"):
         ops.depthwise_conv2d(x, w, backend="cuda")
+
+
+def test_torch_func_transforms_compute_with_conv2d(tmp_path, monkeypatch):
+    """vmap (over inputs and over per-model weights), jvp, jacrev and a second derivative through
+    the op equal the same transforms of F.conv2d; with calibration on, nothing is measured inside a
+    transform (vmap refuses the random timing tensors). A named lkfast kernel says it cannot run."""
+    import torch.nn.functional as F
+
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    w = torch.randn(4, 1, 5, 5, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+
+    def fast(x, w):
+        return ops.depthwise_conv2d(x, w, b)
+
+    def plain(x, w):
+        return F.conv2d(x, w, b, padding=2, groups=4)
+
+    func = torch.func
+    cases = {
+        "vmap over x": lambda f: func.vmap(f, in_dims=(0, None))(x.unsqueeze(1), w),
+        "vmap over w": lambda f: func.vmap(f, in_dims=(None, 0))(x, torch.stack([w, 2 * w])),
+        "jvp": lambda f: func.jvp(f, (x, w), (torch.ones_like(x), w.cos())),
+        "jacrev": lambda f: func.jacrev(f, argnums=1)(x[:1, :, :4, :4], w),
+        "grad of grad": lambda f: func.grad(lambda w: func.grad(lambda w: f(x, w).pow(3).sum())(w).square().sum())(w),
+    }
+    for name, transform in cases.items():
+        torch.testing.assert_close(transform(fast), transform(plain), rtol=1e-10, atol=1e-10, msg=name)
+    assert list(tmp_path.iterdir()) == []  # no calibration file: nothing measured under a transform
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run under torch.func transforms.*'auto' or 'torch'"):
+        func.vmap(lambda x: ops.depthwise_conv2d(x, w, backend="cpu"))(x.unsqueeze(1))

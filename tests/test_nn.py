@@ -333,6 +333,25 @@ def test_a_frozen_module_built_under_inference_mode_runs():
         _close(pointwise(x), _pointwise_reference(pointwise, x))
 
 
+def test_folded_modules_under_torch_func_transforms():
+    """vmap over stacked weights (functional_call, as for a model ensemble) through the frozen,
+    folding modules: the fold cache must not ask a batched tensor for its storage; each model's
+    output equals its own call. jvp in the input as well."""
+    module, pointwise = _frozen_pair()
+    model = nn.Sequential(module, pointwise)
+    x = torch.randn(1, 6, 9, 9)
+    buffers = dict(model.named_buffers())
+    params = [{k: v * scale for k, v in model.named_parameters()} for scale in (1.0, 0.5)]
+    stacked = {k: torch.stack([p[k] for p in params]) for k in params[0]}
+    y = torch.func.vmap(lambda p: torch.func.functional_call(model, (p, buffers), (x,)))(stacked)
+    for i, p in enumerate(params):
+        _close(y[i], torch.func.functional_call(model, (p, buffers), (x,)))
+    assert (y[0] - y[1]).abs().max() > 1e-2
+    tangent = torch.randn_like(x)
+    _, jvp = torch.func.jvp(model, (x,), (tangent,))
+    _close(jvp, model(x + tangent) - model(x), rtol=1e-3, atol=1e-4)  # linear up to the BNs' shift
+
+
 def test_switching_form_on_load_keeps_eval_mode():
     module = ReparamLargeKernelConv(6, 6, 13, 1, 6, small_kernel=5, small_kernel_merged=True).eval()
     module.load_state_dict(_reparam_module().state_dict())

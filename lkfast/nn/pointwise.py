@@ -13,7 +13,7 @@ the CPU and its matrix-product library, so it is measured, not assumed:
 - on a Zen 4 EPYC the product (MKL's SGEMM) ran at 0.71-0.91x of oneDNN's 1x1 convolution at
   RepLKNet-31B's small-map shapes (forward and forward + input gradient).
 So for an eligible input (``eligible``: CPU, fp32/fp64, channels_last, at most ``MAX_AREA`` pixels,
-autocast off) the choice comes from the machine's calibration (``cpu_dispatch.choose_pointwise``,
+autocast off, outside ``torch.func`` transforms) the choice comes from the machine's calibration (``cpu_dispatch.choose_pointwise``,
 cached beside the depthwise op's choices; ``pointwise_choice`` says which and why); without
 calibration (``LKFAST_CALIBRATE=0``, ``torch.compile``) it is PyTorch's convolution.
 ``LKFAST_POINTWISE=matmul`` or ``=conv`` forces one of the two (default ``auto``).
@@ -42,7 +42,11 @@ def _mode() -> str:
 
 
 def eligible(x: torch.Tensor) -> bool:
-    """Whether the matrix product is a candidate for this input (see the module docstring)."""
+    """Whether the matrix product is a candidate for this input (see the module docstring). Never
+    under ``torch.func`` transforms: vmap cannot query a channels_last layout nor draw the random
+    tensors a first calibration times; PyTorch's convolution supports every transform."""
+    if torch._C._are_functorch_transforms_active():
+        return False
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in MATMUL_DTYPES
             and x.shape[2] * x.shape[3] <= MAX_AREA
             and x.is_contiguous(memory_format=torch.channels_last)
@@ -50,7 +54,7 @@ def eligible(x: torch.Tensor) -> bool:
 
 
 _NOT_A_CANDIDATE = ("not a candidate for the matrix product (needs a CPU fp32/fp64 channels_last map of "
-                    f"at most {MAX_AREA} pixels, autocast off)")
+                    f"at most {MAX_AREA} pixels, autocast off, no torch.func transform)")
 _MEMO: dict = {}  # (x shape, weight shape, dtype) -> (cpu_dispatch.memo_token, Choice)
 
 

@@ -58,7 +58,9 @@ class _FoldCache:
     through ``.data`` (``weight.data.mul_(2)``) bypass the version counter and are not seen: the
     owning module forgets its fold on every ``train()``/``eval()`` call, so call ``model.eval()``
     after such a write. Inference tensors (made under ``torch.inference_mode``) have no version
-    counter: the fold is computed afresh on every call. Under ``torch.compile`` the fold is traced
+    counter: the fold is computed afresh on every call, as under ``torch.func`` transforms (vmapped
+    weights, as ``functional_call`` over stacked parameters gives, have no storage to point at,
+    and a fold made from them belongs to that call alone). Under ``torch.compile`` the fold is traced
     instead (storage pointers and version counters cannot be guarded on: every layer would
     recompile and the model fall back to eager after the limit).
     """
@@ -70,7 +72,8 @@ class _FoldCache:
         self.key, self.value = None, None
 
     def get(self, sources: list, compute):
-        if torch.compiler.is_compiling() or any(t.requires_grad or t.is_inference() for t in sources):
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+                or any(t.requires_grad or t.is_inference() for t in sources):
             return compute()
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
         if key != self.key:

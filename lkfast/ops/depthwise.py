@@ -242,6 +242,18 @@ def _backward(ctx, grad):
 _depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _under_torch_func(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    # torch.func wraps tensors in levels (batched, dual, grad-tracking) that lkfast's kernels cannot
+    # read and the custom op has no vmap or forward-mode rule for (vmap also refuses the random
+    # tensors a first calibration times); PyTorch's convolution supports every transform.
+    if backend not in ("auto", "torch"):
+        raise RuntimeError(f"depthwise_conv2d: backend {backend!r} cannot run under torch.func transforms "
+                           f"(vmap, grad, jvp, jacrev...); use backend='auto' or 'torch', which compute "
+                           f"with F.conv2d there")
+    kh, kw = weight.shape[-2:]
+    return torch.nn.functional.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                      backend: str = "auto") -> torch.Tensor:
     """Depthwise 2-D convolution, stride 1, zero "same" padding: ``F.conv2d(x, weight, bias,
@@ -253,11 +265,15 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     Differentiable in x, weight and bias. ``backend``: "auto", "torch", "cpu", "cuda", "triton" or
     "triton_mma" (tensor cores, fp16/bf16); ``lkfast.ops.available_backends()`` lists which can run
     here and why the others cannot.
+    Under ``torch.func`` transforms (vmap, grad, jvp, jacrev, hessian...) ``auto`` and "torch" compute
+    with ``F.conv2d``, which supports them; the other backends cannot run there (RuntimeError).
     Raises ValueError/TypeError for bad shapes, dtypes or devices and RuntimeError when the named
     backend cannot run the call, each naming the problem.
     """
     _check_inputs(x, weight, bias)
     if backend == "auto" and torch.compiler.is_compiling():
         return _depthwise_conv2d_op(x, weight, bias, AUTO)  # each op chooses when it runs (see AUTO)
+    if torch._C._are_functorch_transforms_active():
+        return _under_torch_func(x, weight, bias, backend)
     plan = plan_for(x, weight, backend)
     return _depthwise_conv2d_op(x, weight, bias, plan.encode())
