@@ -162,6 +162,28 @@ def mix_batch(mixup, x: torch.Tensor, y: torch.Tensor, num_classes: int, smoothi
     return torch.cat([mixed_x, x[even:]]), torch.cat([mixed_y, last])
 
 
+def _resume_conflicts(state: dict, args, classes: list, num_classes: int) -> list:
+    """How the run saved in ``state`` (OUT/last.pth) was built differently from this command: the
+    model, its kernel size, its outputs (class count and order); one text for each difference."""
+    conflicts = []
+    if state["model_name"] != args.model:
+        conflicts.append(f"model {state['model_name']} (this command: {args.model})")
+    if state["num_classes"] != num_classes:
+        conflicts.append(f"{state['num_classes']} classes (this command: {num_classes})")
+    saved = state.get("args") or {}
+    if "kernel_sizes" in saved and saved["kernel_sizes"] != args.kernel_sizes:
+        given = [f"--kernel-sizes {k}" if k is not None else "no --kernel-sizes"
+                 for k in (saved["kernel_sizes"], args.kernel_sizes)]
+        conflicts.append(f"{given[0]} (this command: {given[1]})")
+    saved_classes = state.get("classes")
+    if saved_classes is not None and list(saved_classes) != list(classes):
+        same_set = sorted(saved_classes) == sorted(classes)
+        hint = f"; pass --classes {','.join(saved_classes)}" if same_set else ""
+        conflicts.append(f"{'the class order' if same_set else 'classes'} {','.join(saved_classes)} "
+                         f"(this command: {','.join(classes)}{hint})")
+    return conflicts
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device) -> tuple:
     """Top-1 accuracy in percent of ``model`` on ``loader`` and the number of images, both summed
@@ -253,9 +275,10 @@ def train(argv=None) -> dict:
     last = out / "last.pth"
     if last.is_file() and not args.no_resume:
         state = torch.load(last, map_location="cpu", weights_only=False)  # our own file, written below
-        if state["model_name"] != args.model or state["num_classes"] != num_classes:
-            raise SystemExit(f"lkfast.train: {last} holds a {state['model_name']} run with {state['num_classes']} "
-                             f"classes; use another --out or --no-resume")
+        conflicts = _resume_conflicts(state, args, classes, num_classes)
+        if conflicts:
+            raise SystemExit(f"lkfast.train: {last} holds a run built differently: {'; '.join(conflicts)}. Resume with "
+                             f"its settings, or use another --out or --no-resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["seconds"]

@@ -179,3 +179,23 @@ def test_an_ema_added_on_resume_starts_from_the_resumed_weights(dataset, tmp_pat
     assert floats and set(floats) <= set(exported)
     for key in floats:
         torch.testing.assert_close(exported[key], resumed[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_refuses_another_kernel_size_or_class_order(dataset, tmp_path):
+    run = ["--data", str(dataset), "--epochs", "2", "--max-steps-per-epoch", "1", *FAST]
+    out = ["--out", str(tmp_path / "convnext")]
+    train(["convnext_atto", "--kernel-sizes", "7", *run, *out, "--stop-after-epoch", "1"])
+    with pytest.raises(SystemExit, match=r"last\.pth holds a run built differently: --kernel-sizes 7 \(this command: "
+                                         r"--kernel-sizes 5\)\. Resume with its settings, or use another --out"):
+        train(["convnext_atto", "--kernel-sizes", "5", *run, *out])
+    with pytest.raises(SystemExit, match=r"--kernel-sizes 7 \(this command: no --kernel-sizes\)"):
+        train(["convnext_atto", *run, *out])
+    saved = ",".join(sorted(CLASSES))
+    other = ",".join(sorted(CLASSES, reverse=True))
+    out = ["--out", str(tmp_path / "replknet")]
+    train([MODEL, *run, *out, "--stop-after-epoch", "1"])
+    with pytest.raises(SystemExit, match=f"holds a run built differently: the class order {saved} \\(this command: "
+                                         f"{other}; pass --classes {saved}\\)"):
+        train([MODEL, *run, *out, "--classes", other])
+    assert torch.load(tmp_path / "replknet" / "last.pth", weights_only=False)["epoch"] == 1  # untouched
+    assert train([MODEL, *run, *out, "--classes", saved])["classes"] == sorted(CLASSES)  # the same order resumes
