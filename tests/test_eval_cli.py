@@ -1,10 +1,13 @@
 """python -m lkfast.eval's command line before any model or data is touched: how --models and
---baseline-model texts are read, and the errors for checkpoints that are not there."""
+--baseline-model texts are read, the errors for checkpoints that are not there, and what a
+python -m lkfast.train folder given as the checkpoint sets (its input size)."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
+import torch
 
 from lkfast.eval.cli import build_parser
 from lkfast.eval.models import ModelSpec
@@ -83,3 +86,39 @@ def test_model_spec_key_of_a_missing_checkpoint_says_so(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"weights")
     assert ModelSpec("resnet50", str(weights)).key().startswith("timm-resnet50-")
+
+
+def test_a_training_run_is_evaluated_at_its_trained_input_size(tmp_path):
+    """A python -m lkfast.train folder trained with --input-size N is evaluated at N, not at the
+    model's own size (64 here); the eval's --input-size still decides when given."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lkfast.eval.cli import _models, _with_input_size
+    from lkfast.eval.models import load_model, with_training_run
+    from lkfast.models import create_model
+
+    def run(name, recipe):
+        folder = tmp_path / name
+        folder.mkdir()
+        model = create_model("replknet_tiny_k7", num_classes=3)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+        summary = {"model": "replknet_tiny_k7", "classes": ["a", "b", "c"],
+                   "recipe": {"kernel_sizes": None, "num_classes": None, **recipe}}
+        (folder / "summary.json").write_text(json.dumps(summary))
+        return folder
+
+    trained_at_48, own_size = run("k7_48", {"input_size": 48}), run("k7", {"input_size": None})
+    spec, plain = _models([f"replknet_tiny_k7:{trained_at_48}=A,replknet_tiny_k7:{own_size}=B"])
+    assert (spec.input_size, dict(spec.kwargs)) == (48, {"num_classes": 3})
+    assert plain.input_size is None
+    model, config = load_model(spec)
+    assert config["input_size"] == (3, 48, 48)
+    assert model(torch.rand(1, *config["input_size"])).shape == (1, 3)
+    assert load_model(plain)[1]["input_size"] == (3, 64, 64)
+    assert spec.key() != dataclasses.replace(spec, input_size=None).key()  # its results are cached apart
+    # the eval's --input-size replaces it; set on the spec (the API), it is kept
+    assert [s.input_size for s in _with_input_size([spec, plain], 40)] == [40, 40]
+    assert [s.input_size for s in _with_input_size([spec, plain], None)] == [48, None]
+    assert with_training_run(ModelSpec("replknet_tiny_k7", str(trained_at_48), input_size=56)).input_size == 56

@@ -100,7 +100,9 @@ def with_training_run(spec: ModelSpec) -> ModelSpec:
     """``spec`` completed from a ``python -m lkfast.train`` output: a checkpoint that is a training
     folder becomes its ``model.safetensors``, and the ``summary.json`` beside the weights supplies how
     the model was built (``kernel_sizes``, ``num_classes``) unless ``spec.kwargs`` says otherwise, so
-    ``--models convnext_tiny:runs/convnext_tiny_k31`` evaluates ConvNeXt-T at kernel 31.
+    ``--models convnext_tiny:runs/convnext_tiny_k31`` evaluates ConvNeXt-T at kernel 31, and the input
+    size it was trained at (``--input-size`` of the training) unless ``spec.input_size`` is set (the
+    eval's ``--input-size`` replaces it afterwards).
 
     Raises FileNotFoundError for a training folder without weights, ValueError when the summary names
     another architecture than ``spec.name``. Other checkpoints come back unchanged."""
@@ -118,7 +120,7 @@ def with_training_run(spec: ModelSpec) -> ModelSpec:
                                     f"otherwise)")
         checkpoint = weights
     summary_path = os.path.join(os.path.dirname(checkpoint), "summary.json")
-    kwargs = dict(spec.kwargs)
+    kwargs, input_size = dict(spec.kwargs), spec.input_size
     if os.path.basename(checkpoint) == "model.safetensors" and os.path.isfile(summary_path):
         try:
             summary = json.loads(open(summary_path).read())
@@ -134,7 +136,10 @@ def with_training_run(spec: ModelSpec) -> ModelSpec:
         for key, value in built.items():
             if value is not None:
                 kwargs.setdefault(key, value)
-    return dataclasses.replace(spec, checkpoint=checkpoint, kwargs=tuple(sorted(kwargs.items())))
+        if input_size is None:  # trained at another size than the model's own: evaluated at the trained one
+            input_size = recipe.get("input_size")
+    return dataclasses.replace(spec, checkpoint=checkpoint, kwargs=tuple(sorted(kwargs.items())),
+                               input_size=input_size)
 
 
 def _torchvision_model(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Module, Dict[str, Any]]:
