@@ -84,15 +84,21 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     return buffer.getvalue()
 
 
+def readable_as_umask_allows(fd: int) -> None:
+    """Give a ``tempfile.mkstemp`` file the mode a plain ``open`` would (0666 less the umask):
+    mkstemp makes files private (0600), and results in a shared folder are not."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+
+
 def write_text_atomic(path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes files private (0600); a result file is not
+        readable_as_umask_allows(fd)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -113,4 +119,5 @@ def write_table(stem, header: Sequence[str], rows: Iterable[Sequence], align: Op
     return md, csv_path
 
 
-__all__ = ["markdown_table", "csv_text", "write_table", "write_text_atomic", "format_cell", "MISSING"]
+__all__ = ["markdown_table", "csv_text", "write_table", "write_text_atomic", "readable_as_umask_allows",
+           "format_cell", "MISSING"]

@@ -779,3 +779,26 @@ def test_file_hash_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
     assert cache.file_hash(str(path), 8) == hashlib.sha256(b"first").hexdigest()[:8] and opened == []
     path.write_bytes(b"second!")
     assert cache.file_hash(str(path)) == hashlib.sha256(b"second!").hexdigest()[:16] and opened == [str(path)]
+
+
+def test_cache_shards_get_the_mode_the_umask_allows(tmp_path):
+    """Shards are written through mkstemp (private 0600 files); in a shared results folder they get
+    what a plain open would give (0644 under umask 022), as results.json and the tables do."""
+    old = os.umask(0o022)
+    try:
+        path = ResultCache(tmp_path).save_shard("clean", "val", "k", {"items": {}, "skipped": 0})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_second_report_into_the_same_out_leaves_no_tables_or_figures_of_the_first(tmp_path, data_root, checkpoint):
+    """Tables and figures of tasks the new report does not have are removed (they looked current);
+    files of the user's own in those folders are left alone."""
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean,imagenet-a,imagenet-r")) == 0
+    assert (tmp_path / "tables" / "imagenet_a.csv").is_file() and (tmp_path / "figures" / "figure3.png").is_file()
+    (tmp_path / "tables" / "my_notes.txt").write_text("mine")
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean")) == 0
+    tables = sorted(p.name for p in (tmp_path / "tables").iterdir())
+    assert tables == ["my_notes.txt", "summary.csv", "summary.md"]
+    assert not (tmp_path / "figures").exists() or not any((tmp_path / "figures").iterdir())

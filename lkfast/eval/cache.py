@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from lkfast.tables import write_text_atomic
+from lkfast.tables import readable_as_umask_allows, write_text_atomic
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -123,6 +123,7 @@ class ResultCache:
         path = self.shard_path(task, part, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        readable_as_umask_allows(fd)
         os.close(fd)
         try:
             torch.save(records, tmp)

@@ -167,11 +167,34 @@ def _figure(path: Path, panels) -> None:
     tmp.replace(path)
 
 
+REPORT_FILES = ".report-files.json"  # what the last report wrote under tables/ and figures/
+
+
 def write_report(out, results: Dict[str, Any]) -> Path:
     """Write ``out/report.md`` with tables under ``out/tables/`` and figures under ``out/figures/``
     from a results dict (the content of results.json). Sections follow the paper's order; a task no
-    model ran is left out, a task a model could not run is listed with the reason."""
+    model ran is left out, a task a model could not run is listed with the reason. Tables and
+    figures an earlier report wrote into ``out`` and this one does not are removed (other files
+    there are left alone), so every file in those folders belongs to this report."""
     out = Path(out)
+    manifest = out / REPORT_FILES
+    try:
+        for name in json.loads(manifest.read_text()):  # the last report's own files: this one writes anew
+            (out / name).unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
+    before = _report_files(out)
+    path = _write_report(out, results)
+    write_text_atomic(manifest, json.dumps(sorted(_report_files(out) - before)))
+    return path
+
+
+def _report_files(out: Path) -> set:
+    return {str(f.relative_to(out)) for folder in ("tables", "figures") if (out / folder).is_dir()
+            for f in (out / folder).rglob("*") if f.is_file()}
+
+
+def _write_report(out: Path, results: Dict[str, Any]) -> Path:
     w = _Writer(out)
     meta = results.get(META_KEY, {})
     models = _models(results)
