@@ -378,8 +378,9 @@ def test_mismatched_checkpoint_lists_keys_and_shapes(tmp_path):
 def test_untrusted_pickle_is_refused_unless_opted_in(tmp_path, images):
     state = official_checkpoint(**TINY)
     path = _save(tmp_path / "pickled.pth", {"model": state, "where": pathlib.PurePosixPath("/x")})
-    with pytest.raises(CheckpointError, match=r"^refusing to unpickle .*\(Unsupported global: GLOBAL pathlib\.PurePosixPath "
-                                              r"was not an allowed global by default\.\)\..*trust_checkpoint=True"):
+    refused = (r"^refusing to unpickle .*\(Unsupported global: GLOBAL pathlib\.PurePosixPath was not an allowed "
+               r"global by default\.\)\..*trust_checkpoint=True")
+    with pytest.raises(CheckpointError, match=refused):
         create_model("replknet_31b", checkpoint=path, num_classes=NUM_CLASSES, **TINY)
     model = create_model("replknet_31b", checkpoint=path, num_classes=NUM_CLASSES, trust_checkpoint=True, **TINY)
     with torch.no_grad():
@@ -405,7 +406,8 @@ def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, trust):
     cut = tmp_path / "cut.pth"
     cut.write_bytes(whole.read_bytes()[:-1000])
     for path, reason in ((broken, "unpickling: "), (cut, "PytorchStreamReader failed reading zip archive")):
-        with pytest.raises(CheckpointError, match=f"^{str(path)!r} is not a readable checkpoint: .*\\({reason}") as info:
+        expected = f"^{str(path)!r} is not a readable checkpoint: .*\\({reason}"
+        with pytest.raises(CheckpointError, match=expected) as info:
             models.read_checkpoint(str(path), trust_checkpoint=trust)
         assert "trust_checkpoint" not in str(info.value) and "Download or save it again" in str(info.value)
     garbage = tmp_path / "w.safetensors"

@@ -434,5 +434,5 @@ def replknet_xl(pretrained: bool = False, **kwargs) -> RepLKNet:
 def replknet_3b(pretrained: bool = False, **kwargs) -> RepLKNet:
     """RepLKNet-31B with every large kernel 3x3 (the paper's kernel-size ablation). The official
     small kernel (5) cannot be larger than the large one, so there is no parallel branch."""
-    return build_replknet("replknet_3b", pretrained, **dict(dict(_31B, large_kernel_sizes=[3, 3, 3, 3], small_kernel=None),
-                                                     **kwargs))
+    config = dict(_31B, large_kernel_sizes=[3, 3, 3, 3], small_kernel=None)
+    return build_replknet("replknet_3b", pretrained, **dict(config, **kwargs))
