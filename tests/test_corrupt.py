@@ -785,10 +785,33 @@ def test_writer_resumes_interrupted_runs(tmp_path, monkeypatch):
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     leftover = victim.with_name(f".{victim.name}.tmp999999999")
     leftover.write_bytes(b"partial")
-    assert writer.render(src, dst, **args) == 16 - 5 + 1
+    counts = {}
+    assert writer.render(src, dst, counts=counts, **args) == 16 - 5 + 1
+    assert counts == {"written": 12, "complete": 4}  # the 5 finished files but the one cut short
     resumed = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
     assert resumed == reference
     assert writer.render(src, dst, **args) == 0
+
+
+def test_writer_command_refuses_a_destination_inside_the_source_or_a_file(tmp_path, capsys):
+    """DST inside SRC (or SRC itself) would add folders the next evaluation of SRC reads as classes;
+    DST a file cannot hold the tree: exit 2 with the reason, nothing written. A rerun says how many
+    files were already complete."""
+    src = make_tree(tmp_path / "val", per_class=1)
+    before = sorted(p for p in src.rglob("*"))
+    args = ["--benchmark", "c", "--names", "contrast", "--levels", "1", "--quiet"]
+    for dst in (src / "out", src):
+        assert writer.main([str(src), str(dst), *args]) == 2
+        assert "inside SRC" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert writer.main([str(src), str(tmp_path / "afile"), *args]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert sorted(p for p in src.rglob("*")) == before
+    assert writer.main([str(src), str(tmp_path / "c"), *args]) == 0
+    first = capsys.readouterr().out
+    assert writer.main([str(src), str(tmp_path / "c"), *args]) == 0
+    assert "already complete" not in first and "wrote 0 files" in (again := capsys.readouterr().out)
+    assert "; 2 were already complete (kept)" in again  # 2 classes x 1 image x 1 corruption level
 
 
 

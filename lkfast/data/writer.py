@@ -96,10 +96,22 @@ def _load_chunk(paths: Sequence[Path], crop: int,
     return torch.stack(images), unreadable
 
 
+def _check_destination(src: Path, dst: Path) -> None:
+    """ValueError for a DST that is a file, or is SRC or inside it (its folders would become
+    classes of the source: the next evaluation of SRC fails on them)."""
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"DST {dst} is a file: give a folder for the rendered benchmark")
+    source, target = src.resolve(), dst.resolve()
+    if target == source or source in target.parents:
+        raise ValueError(f"DST {dst} is inside SRC {src}: its folders would become class folders of the source; "
+                         "choose a folder outside it")
+
+
 def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None,
            levels: Optional[Iterable[int]] = None, batch_size: int = 32, seed: int = 0,
            device: str = "cpu", preset: str = "medium", progress: bool = True,
-           on_unreadable: Optional[Callable[[Path, Exception], None]] = None) -> int:
+           on_unreadable: Optional[Callable[[Path, Exception], None]] = None,
+           counts: Optional[dict] = None) -> int:
     """Render SRC into DST (see the module docstring) and return the number of files written.
 
     ``names`` default to all 19 corruptions (``benchmark="c"``) or all 10 perturbations ("p");
@@ -107,8 +119,9 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     ``device`` is where images are corrupted; ``preset`` the libx264 preset of P videos.
     ``on_unreadable(path, error)`` is called once for each source image that cannot be decoded
     (default: :func:`warn_unreadable`); such an image is skipped, its outputs are not written.
-    Raises ValueError for an unknown benchmark, name or level, a batch_size below 1, or a SRC
-    that is not laid out as SRC/<wnid>/<image>.
+    ``counts``, when given, gets "written" and "complete" (files already complete, kept as they are).
+    Raises ValueError for an unknown benchmark, name or level, a batch_size below 1, a SRC
+    that is not laid out as SRC/<wnid>/<image>, or a DST that is a file or inside SRC.
     """
     from tqdm.auto import tqdm
 
@@ -128,12 +141,13 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     on_unreadable = on_unreadable or warn_unreadable
-    classes = list_images(src)
     dst = Path(dst)
+    _check_destination(Path(src), dst)
+    classes = list_images(src)
     jobs = _jobs(benchmark, names, levels)
     suffix = ".JPEG" if benchmark == "c" else ".mp4"
     total = sum(len(files) for _, files in classes) * len(jobs)
-    written = 0
+    written = complete = 0
     swept = set()
     with tqdm(total=total, disable=not progress, unit="file",
               desc=f"ImageNet-{benchmark.upper()} -> {dst}") as bar:
@@ -149,6 +163,7 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
                             leftover.unlink(missing_ok=True)
                     targets = [out_dir / (p.stem + suffix) for p in paths]
                     todo = [i for i, t in enumerate(targets) if not is_complete(t)]
+                    complete += len(targets) - len(todo)
                     if todo and images is None:
                         crop = CROP if benchmark == "c" else RESIZE  # P: the 256 context
                         images, unreadable = _load_chunk(paths, crop, on_unreadable)
@@ -166,6 +181,8 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
                                 write_atomic(targets[i], encode_mp4(frames[i], name in NOISE_PERTURBATIONS, preset))
                         written += len(todo)
                     bar.update(len(paths))
+    if counts is not None:
+        counts.update(written=written, complete=complete)
     return written
 
 
@@ -216,6 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     unreadable: List[Path] = []
+    counts: dict = {}
 
     def note_unreadable(path, error):
         unreadable.append(path)
@@ -225,11 +243,12 @@ def main(argv=None) -> int:
         written = render(args.src, args.dst, args.benchmark, _names(args.names, args.benchmark),
                          _levels(args.levels), batch_size=args.batch_size, seed=args.seed,
                          device=args.device, preset=args.x264_preset, progress=not args.quiet,
-                         on_unreadable=note_unreadable)
+                         on_unreadable=note_unreadable, counts=counts)
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {written} files under {args.dst}")
+    complete = counts.get("complete", 0)
+    print(f"wrote {written} files under {args.dst}" + (f"; {complete} were already complete (kept)" if complete else ""))
     if unreadable:
         shown = ", ".join(str(p) for p in unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
         print(f"error: skipped {len(unreadable)} unreadable source image(s) ({shown}): their files are missing "
