@@ -414,6 +414,11 @@ def test_a_run_where_no_task_had_data_fails(tmp_path, data_root, checkpoint, cap
     err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--suite", "imagenet-o",
                                       "--val-dir", data_root / "imagenet-a", "--data-root", tmp_path))
     assert "lkfast.eval: tiny: imagenet-o not run: no imagenet-o data" in err and "no task could run" in err
+    err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--suite", "imagenet-o", "--data-root", tmp_path,
+                                      "--imagenet-o-dir", data_root / "imagenet-o"))
+    assert "imagenet-o not run: no val data (imagenet-o reads it too: its in-distribution negatives" in err
+    err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--workers", -1))
+    assert "--workers must be 0" in err
 
 
 def test_random_weights_are_said_and_get_no_paper_values(tmp_path, data_root, capsys):

@@ -52,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint path may hold '=' (runs/lr=0.1/model.pth): text after the last '=' is the label "
                         "only if it has no '/' and the path with it does not exist. A "
                         "python -m lkfast.train output folder (or its model.safetensors) as the checkpoint also "
-                        "gives the kernel size and class count it was trained with")
+                        "gives the kernel size, class count and input size it was trained with")
     p.add_argument("--input-size", type=int, default=None, metavar="N",
-                   help="evaluate the --models at N x N pixels instead of their own input size (resize/crop scale "
-                        "with it; the baseline keeps its own)")
+                   help="evaluate the --models at N x N pixels instead of their own input size (or a training "
+                        "folder's; resize/crop scale with it; the baseline keeps its own)")
     p.add_argument("--suite", default="paper",
                    help="a suite: " + "; ".join(f"'{k}' ({', '.join(v)})" for k, v in SUITES.items())
                         + f"; or a comma list of task names from: {', '.join(TASKS)} (default: paper)")

@@ -38,6 +38,12 @@ META_KEY = "_meta"
 ANALYSIS_ENV = {"dino_checkpoint": "LKFAST_DINO_CHECKPOINT", "taig_surrogate": "LKFAST_TAIG_SURROGATE"}
 
 
+# tasks that need ImageNet-val beside their own data, and what for (said when val is missing)
+_ALSO_READS = {"imagenet-o": "its in-distribution negatives are the val images of ImageNet-O's 200 classes",
+               "imagenet-c": "the clean error of relative mCE, or the images to generate it from",
+               "imagenet-p": "the images to generate it from"}
+
+
 class EvalError(RuntimeError):
     """A problem with the user's input (models, data, options); the message says what to change."""
 
@@ -133,7 +139,9 @@ class TaskContext:
         """The folder of data source ``name``; TaskUnavailable naming the option to set when absent."""
         path = self.options.data.get(name)
         if path is None:
-            raise TaskUnavailable(f"no {name} data: pass --data-root DIR holding {name}/ or --{name}-dir DIR")
+            why = f" ({self.task.name} reads it too: {_ALSO_READS[self.task.name]})" \
+                if self.task.name in _ALSO_READS and name == "val" else ""
+            raise TaskUnavailable(f"no {name} data{why}: pass --data-root DIR holding {name}/ or --{name}-dir DIR")
         path = Path(path)
         if not path.is_dir():
             raise TaskUnavailable(f"{name} folder not found: {path} (expected a folder; set --{name}-dir or "
@@ -316,6 +324,8 @@ class Runner:
                             f"got {options.limit}")
         if options.shard_size < 1 or options.batch_size < 1:
             raise EvalError("--shard-size and --batch-size must be at least 1")
+        if options.workers < 0:
+            raise EvalError(f"--workers must be 0 (decode in this process) or more, got {options.workers}")
         self.class_space = options.class_space or imagenet_class_space()
         self.device = dist.local_device(options.device)
         self.out = Path(options.out)
