@@ -122,3 +122,69 @@ def test_a_training_run_is_evaluated_at_its_trained_input_size(tmp_path):
     assert [s.input_size for s in _with_input_size([spec, plain], 40)] == [40, 40]
     assert [s.input_size for s in _with_input_size([spec, plain], None)] == [48, None]
     assert with_training_run(ModelSpec("replknet_tiny_k7", str(trained_at_48), input_size=56)).input_size == 56
+
+
+def _training_folder(folder, classes, num_classes, predicts=0):
+    """A python -m lkfast.train output of test_resnet with ``num_classes`` outputs trained on the class
+    folders ``classes`` (in that output order), whose weights always predict output ``predicts``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lkfast.models import create_model
+
+    folder.mkdir()
+    model = create_model("test_resnet", num_classes=num_classes)
+    with torch.no_grad():
+        model.get_classifier().weight.zero_()
+        model.get_classifier().bias.zero_()[predicts] = 10.0
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    summary = {"model": "test_resnet", "classes": list(classes),
+               "recipe": {"kernel_sizes": None, "num_classes": num_classes, "input_size": 32}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_a_training_run_on_some_imagenet_classes_is_scored_in_its_class_order(tmp_path, capsys):
+    """Trained on three ImageNet class folders (not the first three) with --num-classes 1000, a run's
+    outputs 0..2 are those folders in its summary's order: the eval reads them as those classes (it
+    read output i as ImageNet class i and scored 0% without a word); class folders that are not
+    ImageNet classes are refused, naming them."""
+    import json
+
+    from PIL import Image
+
+    from lkfast import data
+    from lkfast.eval.cli import _models
+    from lkfast.eval.models import load_model
+
+    wnids = data.imagenet_classes()
+    trained = [wnids[5], wnids[2], wnids[9]]
+    run = _training_folder(tmp_path / "run", trained, 1000, predicts=0)  # always its first class, wnids[5]
+    val = tmp_path / "val" / wnids[5]
+    val.mkdir(parents=True)
+    for k in range(2):
+        Image.new("RGB", (40, 40), (40 * k, 90, 200)).save(val / f"img{k}.JPEG")
+    rc, err = run_cli(capsys, "--models", f"test_resnet:{run}=Learn", "--val-dir", tmp_path / "val", "--suite", "clean",
+                      "--out", tmp_path / "out", "--workers", 0, "--no-progress", "--baseline-model", "none")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["Learn"]["clean"]["top1"] == 100.0
+
+    (spec,) = _models([f"test_resnet:{run}"])
+    model, config = load_model(spec)
+    x = torch.rand(2, *config["input_size"])
+    with torch.no_grad():
+        outputs, inner = model(x), model.model((x - model.mean) / model.std)
+    for output, wnid in enumerate(trained):
+        torch.testing.assert_close(outputs[:, wnids.index(wnid)], inner[:, output])
+    assert sorted(spec.logit_order) == list(range(1000))
+    assert spec.key() != dataclasses.replace(spec, logit_order=None).key()  # its results are cached apart
+    in_order = _training_folder(tmp_path / "first", wnids[:3], 1000)  # ImageNet's own order: nothing to reorder
+    assert _models([f"test_resnet:{in_order}"])[0].logit_order is None
+
+    other = _training_folder(tmp_path / "other", ["cat", "dog", wnids[0]], 1000)
+    rc, err = run_cli(capsys, "--models", f"test_resnet:{other}", "--val-dir", tmp_path / "val", "--suite", "clean",
+                      "--out", tmp_path / "out2", "--workers", 0, "--no-progress")
+    assert rc == 2
+    assert (f"lkfast.eval: error: model 'test_resnet': it was trained on class folders that are not ImageNet-1k "
+            f"classes (cat, dog: the \"classes\" of {other / 'summary.json'}), so its outputs cannot be matched") in err

@@ -3,7 +3,9 @@
 Every evaluated model is wrapped in ``Normalized``: it takes [0, 1] images and applies the model's
 own mean/std inside, so attacks and occlusion work in pixel space and every dataset hands over
 un-normalised tensors. Preprocessing (input size, crop, interpolation, mean/std) comes from the
-model's ``pretrained_cfg`` through ``timm.data.resolve_data_config``.
+model's ``pretrained_cfg`` through ``timm.data.resolve_data_config``. A model whose outputs are in
+another class order than the class space's (a ``python -m lkfast.train`` run on some of its classes)
+has them reordered there too (``ModelSpec.logit_order``), so every task reads logit i as class i.
 """
 from __future__ import annotations
 
@@ -18,16 +20,20 @@ from lkfast.eval.cache import file_hash, safe_name, stable_hash
 
 
 class Normalized(nn.Module):
-    """``model`` behind a (x - mean) / std layer: call it with [0, 1] images. ``.model`` is the inner net."""
+    """``model`` behind a (x - mean) / std layer: call it with [0, 1] images. ``.model`` is the inner net.
+    With ``logit_order``, output j is the inner net's output ``logit_order[j]`` (see ``ModelSpec``)."""
 
-    def __init__(self, model: nn.Module, mean, std):
+    def __init__(self, model: nn.Module, mean, std, logit_order: Optional[Tuple[int, ...]] = None):
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        order = None if logit_order is None else torch.tensor(logit_order, dtype=torch.long)
+        self.register_buffer("logit_order", order, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+        logits = self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+        return logits if self.logit_order is None else logits.index_select(-1, self.logit_order)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class ModelSpec:
         results.json and the report (default: the name). kwargs: extra ``create_model`` arguments
         (e.g. ``num_classes``) as (name, hashable value) pairs, part of the cache key.
         input_size: evaluate at N x N instead of the model's own input size (``--input-size``).
+        logit_order: for a model whose outputs are not in the class space's order, the output each
+        class of the class space reads (a permutation; ``with_training_run`` sets it from a training
+        run's class list). None: output i is class i.
     """
 
     name: str
@@ -47,6 +56,7 @@ class ModelSpec:
     source: str = "timm"
     kwargs: Tuple[Tuple[str, Any], ...] = field(default=())
     input_size: Optional[int] = None
+    logit_order: Optional[Tuple[int, ...]] = None
 
     @property
     def display(self) -> str:
@@ -93,10 +103,35 @@ class ModelSpec:
         weights = "random" if self.checkpoint is None else file_hash(self.checkpoint)
         extra = "" if not self.kwargs else "-" + stable_hash(list(self.kwargs), 8)
         extra += "" if self.input_size is None else f"-{self.input_size}px"
+        extra += "" if self.logit_order is None else "-order" + stable_hash(list(self.logit_order), 8)
         return safe_name(f"{self.source}-{self.name}-{weights}{extra}")
 
 
-def with_training_run(spec: ModelSpec) -> ModelSpec:
+def _logit_order(spec: ModelSpec, summary_path: str, classes: list, num_classes: Optional[int],
+                 class_space) -> Optional[Tuple[int, ...]]:
+    """``ModelSpec.logit_order`` of a model trained with ``num_classes`` outputs whose first ones are
+    the class folders ``classes`` in that order (a training run's summary.json), scored in
+    ``class_space``: None when they already line up, or when the class counts differ (the runner
+    refuses that, naming both). Raises ValueError for a trained class outside the class space."""
+    if not classes or num_classes != class_space.num_classes or len(classes) > num_classes:
+        return None
+    if tuple(classes) == tuple(class_space.class_names[:len(classes)]):
+        return None
+    index = class_space.folder_index()
+    unknown = [c for c in classes if c not in index]
+    if unknown:
+        raise ValueError(f"model {spec.display!r}: it was trained on class folders that are not {class_space.name} "
+                         f"classes ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}: the \"classes\" "
+                         f"of {summary_path}), so its outputs cannot be matched to the benchmarks' classes; train it "
+                         f"on class folders named as {class_space.name}'s (e.g. {class_space.class_names[0]})")
+    order: list = [None] * class_space.num_classes
+    for output, name in enumerate(classes):
+        order[index[name]] = output
+    untrained = iter(range(len(classes), num_classes))  # outputs no class folder trained: the other classes'
+    return tuple(next(untrained) if output is None else output for output in order)
+
+
+def with_training_run(spec: ModelSpec, class_space=None) -> ModelSpec:
     """``spec`` completed from a ``python -m lkfast.train`` output: a checkpoint that is a training
     folder becomes its ``model.safetensors``, and the ``summary.json`` beside the weights supplies how
     the model was built (``kernel_sizes``, ``num_classes``) unless ``spec.kwargs`` says otherwise, so
@@ -104,8 +139,14 @@ def with_training_run(spec: ModelSpec) -> ModelSpec:
     size it was trained at (``--input-size`` of the training) unless ``spec.input_size`` is set (the
     eval's ``--input-size`` replaces it afterwards).
 
+    The training gave its class folders the outputs 0, 1, ... in the order its summary records
+    (``classes``); when that is not the order of ``class_space`` (a ``ClassSpace``; None:
+    ImageNet-1k, as the CLI's ``--models`` are scored), ``logit_order`` reorders the outputs so each
+    class reads its own (e.g. three ImageNet classes trained with ``--num-classes 1000``).
+
     Raises FileNotFoundError for a training folder without weights, ValueError when the summary names
-    another architecture than ``spec.name``. Other checkpoints come back unchanged."""
+    another architecture than ``spec.name`` or classes outside ``class_space``. Other checkpoints come
+    back unchanged."""
     import dataclasses
     import json
 
@@ -120,7 +161,7 @@ def with_training_run(spec: ModelSpec) -> ModelSpec:
                                     f"otherwise)")
         checkpoint = weights
     summary_path = os.path.join(os.path.dirname(checkpoint), "summary.json")
-    kwargs, input_size = dict(spec.kwargs), spec.input_size
+    kwargs, input_size, logit_order = dict(spec.kwargs), spec.input_size, spec.logit_order
     if os.path.basename(checkpoint) == "model.safetensors" and os.path.isfile(summary_path):
         try:
             summary = json.loads(open(summary_path).read())
@@ -138,8 +179,15 @@ def with_training_run(spec: ModelSpec) -> ModelSpec:
                 kwargs.setdefault(key, value)
         if input_size is None:  # trained at another size than the model's own: evaluated at the trained one
             input_size = recipe.get("input_size")
+        if logit_order is None and summary.get("classes"):
+            if class_space is None:
+                from lkfast.eval.classes import imagenet_class_space
+
+                class_space = imagenet_class_space()
+            logit_order = _logit_order(spec, summary_path, list(summary["classes"]), kwargs.get("num_classes"),
+                                       class_space)
     return dataclasses.replace(spec, checkpoint=checkpoint, kwargs=tuple(sorted(kwargs.items())),
-                               input_size=input_size)
+                               input_size=input_size, logit_order=logit_order)
 
 
 def _torchvision_model(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -180,7 +228,7 @@ def load_model(spec: ModelSpec, device: str = "cpu", trust_checkpoint: bool = Fa
         config = dict(timm.data.resolve_data_config(model=model))
     if spec.input_size is not None:
         config["input_size"] = (3, spec.input_size, spec.input_size)
-    wrapped = Normalized(model, config["mean"], config["std"]).to(device).eval()
+    wrapped = Normalized(model, config["mean"], config["std"], spec.logit_order).to(device).eval()
     if channels_last:
         wrapped = wrapped.to(memory_format=torch.channels_last)
     return wrapped, config
