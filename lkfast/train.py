@@ -43,6 +43,20 @@ EXAMPLES = """examples:
 Running a command again with the same --out resumes from OUT/last.pth (--no-resume starts over)."""
 
 
+class TrainError(ValueError):
+    """A mistake in the command or its data, found before or while training: what was expected, what
+    was found, what to do. ``python -m lkfast.train`` prints it on one line and exits with 2."""
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`. ``checkpoint``: OUT/last.pth; ``epoch``: the epoch it holds, or
+    None when this run saved nothing yet (so a rerun starts over)."""
+
+    def __init__(self, checkpoint: Path, epoch: Optional[int]):
+        super().__init__(checkpoint, epoch)
+        self.checkpoint, self.epoch = checkpoint, epoch
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lkfast.train", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,13 +131,13 @@ def _dataset(folder: Path, transform, classes):
     from torchvision.datasets import ImageFolder
 
     if not folder.is_dir():
-        raise FileNotFoundError(f"lkfast.train: expected an ImageFolder at {folder} (one sub-folder per class)")
+        raise TrainError(f"expected an ImageFolder at {folder} (one sub-folder per class)")
 
     class OrderedImageFolder(ImageFolder):
         def find_classes(self, directory):
             missing = [c for c in classes if not (Path(directory) / c).is_dir()]
             if missing:
-                raise SystemExit(f"lkfast.train: --classes names folders missing from {directory}: {', '.join(missing)}")
+                raise TrainError(f"--classes names folders missing from {directory}: {', '.join(missing)}")
             return list(classes), {c: i for i, c in enumerate(classes)}
 
     return OrderedImageFolder(str(folder), transform=transform)
@@ -141,7 +155,7 @@ def _make_model(args, num_classes: int) -> nn.Module:
         model = create_model(args.model, fast=not args.no_fast, **kwargs)
     except TypeError as error:
         if args.kernel_sizes is not None and "kernel_sizes" in str(error):
-            raise SystemExit(f"lkfast.train: {args.model} does not take --kernel-sizes ({error})") from None
+            raise TrainError(f"{args.model} does not take --kernel-sizes ({error})") from None
         raise
     return model.train()
 
@@ -201,11 +215,48 @@ def evaluate(model: nn.Module, loader, device) -> tuple:
     return float(100.0 * correct[0] / correct[1].clamp(min=1)), int(correct[1])
 
 
+def _check_arguments(args) -> None:
+    """Refuse numbers no run can use (TrainError), before anything is read or built."""
+    at_least = {"--epochs": (args.epochs, 1), "--batch-size": (args.batch_size, 1), "--workers": (args.workers, 0),
+                "--num-classes": (args.num_classes, 1), "--input-size": (args.input_size, 8)}
+    for option, (value, least) in at_least.items():
+        if value is not None and value < least:
+            raise TrainError(f"{option} must be at least {least}, got {value}")
+
+
+def _device(name: Optional[str]) -> torch.device:
+    """``--device`` as a torch.device (default: cuda when available); TrainError for a name torch does
+    not know or for CUDA where there is none."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise TrainError(f"--device {name}: expected cpu, cuda or cuda:N ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def _out_folder(args) -> Path:
+    return Path(args.out or f"runs/{args.model}")
+
+
 def train(argv=None) -> dict:
     """Run ``python -m lkfast.train`` with the argument list ``argv``; returns the summary dict
     (also written to OUT/summary.json): final val top-1 (``val_top1``, of the exported weights, over
     ``val_images`` images),
-    per-epoch mean training loss (``train_loss``), epochs, seconds, and the recipe."""
+    per-epoch mean training loss (``train_loss``), epochs, seconds, and the recipe.
+
+    Raises TrainError for a mistake in the command or the data, ValueError for an unknown model name,
+    TrainInterrupted (a KeyboardInterrupt) on Ctrl-C, saying which epoch OUT/last.pth holds."""
+    args = build_parser().parse_args(argv)
+    saved = {"epoch": None}  # the epoch OUT/last.pth holds for this run, updated as epochs end
+    try:
+        return _train(args, saved)
+    except KeyboardInterrupt:
+        raise TrainInterrupted(_out_folder(args) / "last.pth", saved["epoch"]) from None
+
+
+def _train(args, saved: dict) -> dict:
     from timm.data import Mixup, create_transform, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -214,27 +265,32 @@ def train(argv=None) -> dict:
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
     from tqdm import tqdm
 
-    args = build_parser().parse_args(argv)
-    if args.epochs < 1:
-        raise SystemExit(f"lkfast.train: --epochs must be at least 1, got {args.epochs}")
-    rank, world = _distributed()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    _check_arguments(args)
+    device = _device(args.device)
     data = Path(args.data).expanduser()
-    out = Path(args.out or f"runs/{args.model}")
+    out = _out_folder(args)
+    if not data.is_dir():
+        raise TrainError(f"--data {args.data}: no such folder" if not data.exists() else
+                         f"--data {args.data} is a file: give the folder holding train/<class>/<image>")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file: give a folder for last.pth, model.safetensors and summary.json")
     train_dir, val_dir = data / "train", data / "val"
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir()) if train_dir.is_dir() else []
     if classes and args.classes:
         order = [c.strip() for c in args.classes.split(",") if c.strip()]
         if sorted(order) != classes:
-            raise SystemExit(f"lkfast.train: --classes must name each class folder of {train_dir} once: "
+            raise TrainError(f"--classes must name each class folder of {train_dir} once: "
                              f"folders {', '.join(classes)}; --classes {', '.join(order)}")
         classes = order
     if not classes:
-        raise SystemExit(f"lkfast.train: no class folders in {train_dir}; expected DATA/train/<class>/<image>")
+        raise TrainError(f"no class folders in {train_dir}; expected DATA/train/<class>/<image>")
     num_classes = args.num_classes or len(classes)
+    if num_classes < len(classes):
+        raise TrainError(f"--num-classes {num_classes} is fewer than the {len(classes)} class folders of {train_dir}")
+    rank, world = _distributed()
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
 
     _seed_everything(args.seed)
     model = _make_model(args, num_classes).to(device)
@@ -251,7 +307,7 @@ def train(argv=None) -> dict:
     train_set = _dataset(train_dir, train_tf, classes)
     val_set = _dataset(val_dir, eval_tf, classes) if val_dir.is_dir() else None
     if train_set.classes != classes:
-        raise SystemExit("lkfast.train: class folders changed while reading")
+        raise TrainError("class folders changed while reading")
 
     steps_per_epoch = math.ceil(len(train_set) / (args.batch_size * world))
     if args.max_steps_per_epoch:
@@ -277,11 +333,12 @@ def train(argv=None) -> dict:
         state = torch.load(last, map_location="cpu", weights_only=False)  # our own file, written below
         conflicts = _resume_conflicts(state, args, classes, num_classes)
         if conflicts:
-            raise SystemExit(f"lkfast.train: {last} holds a run built differently: {'; '.join(conflicts)}. Resume with "
+            raise TrainError(f"{last} holds a run built differently: {'; '.join(conflicts)}. Resume with "
                              f"its settings, or use another --out or --no-resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["seconds"]
+        saved["epoch"] = start_epoch
         if rank == 0 and not args.quiet:
             print(f"lkfast.train: resuming {args.model} from {last} after epoch {start_epoch}", file=sys.stderr)
     # Built after the resume, so an EMA the interrupted run did not keep starts from the resumed weights.
@@ -296,6 +353,11 @@ def train(argv=None) -> dict:
         val_loader = DataLoader(share, batch_size=args.batch_size * 2, sampler=SequentialSampler(share),
                                 num_workers=args.workers)
 
+    if rank == 0:
+        try:  # before any training: an --out that cannot be written is said now, not after an epoch
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrainError(f"--out {out}: cannot create the folder ({error.strerror}: {error.filename})") from None
     started = time.time()
     for epoch in range(start_epoch, args.epochs):
         epoch_seed = args.seed * 100_003 + epoch * 1_009 + rank
@@ -345,6 +407,7 @@ def train(argv=None) -> dict:
                           "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "ema": ema.module.state_dict() if ema is not None else None, "history": history,
                           "seconds": elapsed + time.time() - started, "args": vars(args)}, last)
+            saved["epoch"] = epoch + 1
             if not args.quiet:
                 line = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
                 print(f"lkfast.train: {args.model}: {line}", file=sys.stderr)
@@ -375,15 +438,34 @@ def train(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
+    """``python -m lkfast.train``: 0 when done, 2 with one line ``lkfast.train: error: ...`` for a
+    mistake in the command or the data (argparse's own usage errors exit 2 too), 130 on Ctrl-C with
+    one line saying how to resume."""
     from lkfast.memory import keep_freed_memory
 
+    args = build_parser().parse_args(argv)  # usage errors before any work
     try:
         keep_freed_memory()  # fewer page faults per step (see lkfast.memory; LKFAST_MALLOC=default: glibc's own)
-    except ValueError as error:  # a bad LKFAST_MALLOC: said like the other bad input, before any work
-        raise SystemExit(f"lkfast.train: {error}") from None
-    train(argv)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        train(argv)
+    except (ValueError, FileNotFoundError) as error:  # TrainError, a bad LKFAST_MALLOC, an unknown model
+        print(f"lkfast.train: error: {error}", file=sys.stderr)
+        return 2
+    except TrainInterrupted as interrupted:
+        if int(os.environ.get("RANK", "0")) == 0:
+            if interrupted.epoch is None:
+                print("\nlkfast.train: interrupted before an epoch was saved; rerun the same command to start again",
+                      file=sys.stderr)
+            else:
+                rerun = "rerun it without --no-resume" if args.no_resume else "rerun the same command"
+                print(f"\nlkfast.train: interrupted; {rerun} to resume from {interrupted.checkpoint} "
+                      f"(epoch {interrupted.epoch})", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before training began
+        print("\nlkfast.train: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lkfast.data import synthetic as syn
-from lkfast.train import build_parser, train
+from lkfast.train import TrainError, build_parser, main, train
 
 CLASSES = syn.CLASSES[:4]
 FAST = ["--batch-size", "4", "--warmup-epochs", "0", "--lr", "3e-3", "--scale", "1.0", "1.0", "--hflip", "0",
@@ -117,9 +117,9 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
 def test_help_and_bad_input(dataset, tmp_path, capsys):
     text = build_parser().format_help()
     assert "torchrun" in text and "--kernel-sizes" in text and "replknet_3b" in text
-    with pytest.raises(SystemExit, match="does not take --kernel-sizes"):
+    with pytest.raises(TrainError, match="does not take --kernel-sizes"):
         train([MODEL, "--data", str(dataset), "--out", str(tmp_path), "--kernel-sizes", "31", "--quiet"])
-    with pytest.raises(SystemExit, match="no class folders"):
+    with pytest.raises(TrainError, match="no class folders"):
         train([MODEL, "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"])
 
 
@@ -137,13 +137,70 @@ def test_no_progress_keeps_the_epoch_lines(dataset, tmp_path, capsys):
     assert "lkfast.train" not in capsys.readouterr().err
 
 
-def test_bad_malloc_setting_is_named_before_any_work(tmp_path, monkeypatch):
-    from lkfast.train import main
-
+def test_bad_malloc_setting_is_named_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LKFAST_MALLOC", "bogus")
-    with pytest.raises(SystemExit, match="lkfast.train: LKFAST_MALLOC='bogus': expected one of keep, default"):
-        main([MODEL, "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert main([MODEL, "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "lkfast.train: error: LKFAST_MALLOC='bogus': expected one of keep, default" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_mistakes_are_one_line_and_exit_2(dataset, tmp_path, capsys, monkeypatch):
+    """Each was a traceback (or exit 1): an unknown model, CUDA where there is none, --batch-size 0
+    (ZeroDivisionError), --out naming a file (FileExistsError after an epoch), --data that is not there
+    (said as 'no class folders'). Nothing is written for any of them."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    run = ["--data", str(dataset), "--out", str(tmp_path / "o"), "--epochs", "1", "--max-steps-per-epoch", "1", *FAST]
+    expected = {
+        ("resnet188", *run): "create_model: unknown model 'resnet188'",
+        (MODEL, *run, "--device", "cuda"): "--device cuda: CUDA is not available here; use --device cpu",
+        (MODEL, *run, "--device", "tpu9"): "--device tpu9: expected cpu, cuda or cuda:N",
+        (MODEL, *run, "--batch-size", "0"): "--batch-size must be at least 1, got 0",
+        (MODEL, *run, "--num-classes", "2"): "--num-classes 2 is fewer than the 4 class folders of",
+        (MODEL, *run, "--out", str(a_file)): f"--out {a_file} is a file: give a folder",
+        (MODEL, *run, "--out", str(a_file / "o")): f"--out {a_file / 'o'}: cannot create the folder (Not a directory",
+        (MODEL, *run, "--data", str(tmp_path / "nonexist")): f"--data {tmp_path / 'nonexist'}: no such folder",
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, message in expected.items():
+        assert main(list(argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert f"lkfast.train: error: {message}" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as usage:  # argparse's own: usage and 2, like the eval's
+        main([MODEL, "--data", str(dataset), "--epochs", "x"])
+    assert usage.value.code == 2
+
+
+def test_ctrl_c_says_how_to_resume(dataset, tmp_path, capsys, monkeypatch):
+    import lkfast.train as train_module
+
+    evaluations = []
+
+    def interrupted_in_epoch_2(*args):
+        evaluations.append(1)
+        if len(evaluations) == 2:
+            raise KeyboardInterrupt
+        return 50.0, 12
+
+    monkeypatch.setattr(train_module, "evaluate", interrupted_in_epoch_2)
+    out = tmp_path / "o"
+    run = [MODEL, "--data", str(dataset), "--out", str(out), "--epochs", "3", "--max-steps-per-epoch", "1", *FAST]
+    assert main(run) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"lkfast.train: interrupted; rerun the same command to resume from {out / 'last.pth'} (epoch 1)"
+    evaluations.clear()
+    assert main(run + ["--no-resume"]) == 130  # its first epoch replaced last.pth: epoch 1 of the new run
+    assert f"rerun it without --no-resume to resume from {out / 'last.pth'} (epoch 1)" in capsys.readouterr().err
+
+    def interrupted_while_building(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_make_model", interrupted_while_building)
+    assert main(run[:3] + ["--out", str(tmp_path / "p")] + run[5:]) == 130
+    assert capsys.readouterr().err.strip() == ("lkfast.train: interrupted before an epoch was saved; rerun the same "
+                                               "command to start again")
 
 
 def test_an_odd_batch_is_mixed_but_its_last_image_and_smoothed():
@@ -185,16 +242,16 @@ def test_resume_refuses_another_kernel_size_or_class_order(dataset, tmp_path):
     run = ["--data", str(dataset), "--epochs", "2", "--max-steps-per-epoch", "1", *FAST]
     out = ["--out", str(tmp_path / "convnext")]
     train(["convnext_atto", "--kernel-sizes", "7", *run, *out, "--stop-after-epoch", "1"])
-    with pytest.raises(SystemExit, match=r"last\.pth holds a run built differently: --kernel-sizes 7 \(this command: "
+    with pytest.raises(TrainError, match=r"last\.pth holds a run built differently: --kernel-sizes 7 \(this command: "
                                          r"--kernel-sizes 5\)\. Resume with its settings, or use another --out"):
         train(["convnext_atto", "--kernel-sizes", "5", *run, *out])
-    with pytest.raises(SystemExit, match=r"--kernel-sizes 7 \(this command: no --kernel-sizes\)"):
+    with pytest.raises(TrainError, match=r"--kernel-sizes 7 \(this command: no --kernel-sizes\)"):
         train(["convnext_atto", *run, *out])
     saved = ",".join(sorted(CLASSES))
     other = ",".join(sorted(CLASSES, reverse=True))
     out = ["--out", str(tmp_path / "replknet")]
     train([MODEL, *run, *out, "--stop-after-epoch", "1"])
-    with pytest.raises(SystemExit, match=f"holds a run built differently: the class order {saved} \\(this command: "
+    with pytest.raises(TrainError, match=f"holds a run built differently: the class order {saved} \\(this command: "
                                          f"{other}; pass --classes {saved}\\)"):
         train([MODEL, *run, *out, "--classes", other])
     assert torch.load(tmp_path / "replknet" / "last.pth", weights_only=False)["epoch"] == 1  # untouched
