@@ -198,6 +198,26 @@ def _resume_conflicts(state: dict, args, classes: list, num_classes: int) -> lis
     return conflicts
 
 
+# Settings that leave what a run learns unchanged, are checked as conflicts (_resume_conflicts), or
+# change on resume by design (--epochs: train longer); every other setting is the recipe.
+_NOT_RECIPE = frozenset({"model", "kernel_sizes", "num_classes", "classes", "data", "out", "epochs", "workers",
+                         "device", "no_fast", "channels_last", "no_resume", "max_steps_per_epoch", "stop_after_epoch",
+                         "quiet", "no_progress"})
+
+
+def _recipe_differences(saved: dict, args) -> list:
+    """The recipe settings (--lr, --batch-size, ...) this command gives otherwise than the run whose
+    arguments were ``saved`` (OUT/last.pth's ``args``); one text each, e.g. '--lr 0.1 (saved run: 0.002)'."""
+    def shown(value):
+        if isinstance(value, (list, tuple)):
+            return " ".join(str(v) for v in value)
+        return "none" if value is None else str(value)
+
+    return [f"--{key.replace('_', '-')} {shown(value)} (saved run: {shown(saved[key])})"
+            for key, value in vars(args).items()
+            if key not in _NOT_RECIPE and key in saved and shown(saved[key]) != shown(value)]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device) -> tuple:
     """Top-1 accuracy in percent of ``model`` on ``loader`` and the number of images, both summed
@@ -339,6 +359,23 @@ def _train(args, saved: dict) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["seconds"]
         saved["epoch"] = start_epoch
+        differences = _recipe_differences(state.get("args") or {}, args)
+        if start_epoch >= args.epochs and (out / "model.safetensors").is_file() and (out / "summary.json").is_file():
+            if rank == 0:
+                done = (f"{start_epoch}/{args.epochs} epochs" if start_epoch == args.epochs
+                        else f"{start_epoch} epochs, more than --epochs {args.epochs}")
+                print(f"lkfast.train: {out} already finished ({done}): nothing to do (pass --epochs N to train "
+                      f"longer, or another --out)", file=sys.stderr)
+                if differences:
+                    print(f"lkfast.train: warning: this command's settings differ from the finished run's in {last} "
+                          f"and were not used: {'; '.join(differences)} (pass --no-resume or another --out to train "
+                          f"with them)", file=sys.stderr)
+            return json.loads((out / "summary.json").read_text())
+        if rank == 0 and differences:
+            print(f"lkfast.train: warning: this command's settings differ from the run's in {last}: "
+                  f"{'; '.join(differences)}; its remaining epochs train with this command's, which summary.json "
+                  f"records (pass the saved values to keep its recipe, or --no-resume or another --out to train "
+                  f"afresh)", file=sys.stderr)
         if rank == 0 and not args.quiet:
             print(f"lkfast.train: resuming {args.model} from {last} after epoch {start_epoch}", file=sys.stderr)
     # Built after the resume, so an EMA the interrupted run did not keep starts from the resumed weights.

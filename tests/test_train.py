@@ -256,3 +256,32 @@ def test_resume_refuses_another_kernel_size_or_class_order(dataset, tmp_path):
         train([MODEL, *run, *out, "--classes", other])
     assert torch.load(tmp_path / "replknet" / "last.pth", weights_only=False)["epoch"] == 1  # untouched
     assert train([MODEL, *run, *out, "--classes", saved])["classes"] == sorted(CLASSES)  # the same order resumes
+
+
+def test_a_finished_run_is_left_alone_and_changed_settings_are_named(dataset, tmp_path, capsys):
+    """Rerun on a finished --out, a command (here with another --lr and --batch-size) said nothing
+    under --quiet, exited 0 and rewrote summary.json with its own recipe, as if that had trained the
+    weights. Now it says the run is finished and that those settings were not used; resuming an
+    unfinished run with another recipe names the settings that change."""
+    run = [MODEL, "--data", str(dataset), "--out", str(tmp_path), "--epochs", "1", "--max-steps-per-epoch", "1", *FAST]
+    first = train(run)
+    capsys.readouterr()
+    files = {name: (tmp_path / name).read_bytes() for name in ("model.safetensors", "summary.json")}
+    again = train(run + ["--batch-size", "2", "--lr", "0.1"])
+    err = capsys.readouterr().err
+    assert again == json.loads(files["summary.json"]) and again["recipe"] == first["recipe"]
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+    assert (f"lkfast.train: {tmp_path} already finished (1/1 epochs): nothing to do (pass --epochs N to train longer, "
+            f"or another --out)") in err
+    assert (f"warning: this command's settings differ from the finished run's in {tmp_path / 'last.pth'} and were "
+            f"not used: --batch-size 2 (saved run: 4); --lr 0.1 (saved run: 0.003) (pass --no-resume") in err
+    assert train(run)["recipe"] == first["recipe"]  # the same command: no warning
+    assert "warning" not in capsys.readouterr().err
+
+    out = tmp_path / "unfinished"
+    run = [MODEL, "--data", str(dataset), "--out", str(out), "--epochs", "2", "--max-steps-per-epoch", "1", *FAST]
+    train(run + ["--stop-after-epoch", "1"])
+    capsys.readouterr()
+    assert train(run + ["--lr", "0.01"])["recipe"]["lr"] == 0.01
+    assert (f"warning: this command's settings differ from the run's in {out / 'last.pth'}: --lr 0.01 (saved run: "
+            f"0.003); its remaining epochs train with this command's") in capsys.readouterr().err
