@@ -57,41 +57,54 @@ class TrainInterrupted(KeyboardInterrupt):
         self.checkpoint, self.epoch = checkpoint, epoch
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The examples as written, and each option's default after its help unless the help says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS
+        if action.option_strings and shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lkfast.train", description=__doc__.split("\n\n")[0],
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EXAMPLES, formatter_class=_HelpFormatter)
     p.add_argument("model", help="model name: a RepLKNet name (replknet_31b, replknet_3b, replknet_tiny_k31, ...) "
                                  "or any timm name (convnext_tiny, resnet50, ...)")
     p.add_argument("--data", required=True, help="dataset root holding train/<class>/* and optionally val/<class>/*")
     p.add_argument("--out", default=None, help="output folder for checkpoints (default: runs/<model>)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--opt", default="adamw", help="timm optimiser name (default adamw)")
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (0 turns it off)")
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 off; ConvNeXt used 0.8)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 off; ConvNeXt used 1.0)")
-    p.add_argument("--mixup-prob", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=30, help="epochs to train")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step, per process")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate the cosine schedule ends at")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="epochs of linear warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="not applied to norms and biases")
+    p.add_argument("--opt", default="adamw", help="timm optimiser name")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing; 0 turns it off")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha: 0 off, ConvNeXt used 0.8")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha: 0 off, ConvNeXt used 1.0")
+    p.add_argument("--mixup-prob", type=float, default=1.0, help="probability that a batch is mixed")
     p.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment); "
                                               "default none")
     p.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
-                   help="random-resized-crop area range (default 0.08 1.0)")
-    p.add_argument("--hflip", type=float, default=0.5)
-    p.add_argument("--color-jitter", type=float, default=0.0)
-    p.add_argument("--drop-path", type=float, default=0.0)
-    p.add_argument("--ema-decay", type=float, default=0.0, help="EMA decay per step (0 off; e.g. 0.999)")
+                   help="random-resized-crop area range (default: 0.08 1.0)")
+    p.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip")
+    p.add_argument("--color-jitter", type=float, default=0.0, help="colour jitter strength; 0 off")
+    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    p.add_argument("--ema-decay", type=float, default=0.0, help="EMA decay per step: 0 off, e.g. 0.999")
     p.add_argument("--kernel-sizes", type=int, default=None, help="kernel size of every depthwise conv, for models "
                                                                   "that take kernel_sizes (convnext_*)")
     p.add_argument("--input-size", type=int, default=None, help="input side (default: the model's pretrained_cfg)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the number of class folders")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="outputs of the model (default: the number of class folders; lkfast.eval's ImageNet "
+                        "benchmarks need 1000)")
     p.add_argument("--classes", default=None, metavar="A,B,...",
                    help="class folder names in the order of the model's outputs (default: sorted folder names, "
-                        "as torchvision's ImageFolder); the evaluation must use the same order")
+                        "as torchvision's ImageFolder); summary.json records it, and lkfast.eval reads each output as its class")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes per training process")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the data order and the augmentation")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-fast", action="store_true", help="plain nn.Conv2d instead of lkfast's op")
     p.add_argument("--channels-last", action="store_true", help="train in channels_last memory format "

@@ -117,6 +117,11 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
 def test_help_and_bad_input(dataset, tmp_path, capsys):
     text = build_parser().format_help()
     assert "torchrun" in text and "--kernel-sizes" in text and "replknet_3b" in text
+    flat = " ".join(text.split())  # every default is shown (--epochs and --batch-size were not)
+    for shown in ("--epochs EPOCHS epochs to train (default: 30)", "images per step, per process (default: 64)",
+                  "--lr LR peak learning rate (default: 0.002)", "(default: 0.0)", "(default: runs/<model>)"):
+        assert shown in flat, shown
+    assert "(default: None)" not in flat and "(default: False)" not in flat
     with pytest.raises(TrainError, match="does not take --kernel-sizes"):
         train([MODEL, "--data", str(dataset), "--out", str(tmp_path), "--kernel-sizes", "31", "--quiet"])
     with pytest.raises(TrainError, match="no class folders"):
