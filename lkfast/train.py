@@ -129,6 +129,24 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _save_weights(tensors: dict, path: Path) -> None:
+    """``tensors`` to the safetensors file ``path`` through a temporary file and a rename, with the
+    mode a plain open gives (0666 less the umask, as last.pth and summary.json): safetensors writes
+    its files 0600."""
+    from safetensors.torch import save_file
+
+    from lkfast.tables import readable_as_umask_allows
+
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        readable_as_umask_allows(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def _distributed() -> tuple:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -474,14 +492,11 @@ def _train(args, saved: dict) -> dict:
                "seconds": elapsed + time.time() - started, "world_size": world, "weights": "ema" if ema else "model",
                "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "out", "quiet", "no_progress")}}
     if rank == 0:
-        from safetensors.torch import save_file
+        from lkfast.tables import write_text_atomic
 
-        tmp = out / f"model.safetensors.tmp-{os.getpid()}"
-        save_file({k: v.detach().cpu().contiguous() for k, v in final.state_dict().items()}, str(tmp))
-        os.replace(tmp, out / "model.safetensors")
-        tmp = out / f"summary.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, out / "summary.json")
+        _save_weights({k: v.detach().cpu().contiguous() for k, v in final.state_dict().items()},
+                      out / "model.safetensors")
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     if dist.is_initialized():
         dist.barrier()
     return summary

@@ -290,3 +290,17 @@ def test_a_finished_run_is_left_alone_and_changed_settings_are_named(dataset, tm
     assert train(run + ["--lr", "0.01"])["recipe"]["lr"] == 0.01
     assert (f"warning: this command's settings differ from the run's in {out / 'last.pth'}: --lr 0.01 (saved run: "
             f"0.003); its remaining epochs train with this command's") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_output_file_has_the_mode_the_umask_allows(dataset, tmp_path, umask):
+    """model.safetensors was 0600 (safetensors writes through a private temporary file) while
+    last.pth and summary.json were 0644 under umask 022."""
+    previous = os.umask(umask)
+    try:
+        train([MODEL, "--data", str(dataset), "--out", str(tmp_path / "o"), "--epochs", "1", "--max-steps-per-epoch",
+               "1", *FAST])
+    finally:
+        os.umask(previous)
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in (tmp_path / "o").iterdir()}
+    assert modes == {name: oct(0o666 & ~umask) for name in ("last.pth", "model.safetensors", "summary.json")}
