@@ -326,6 +326,9 @@ def _train(args, saved: dict) -> dict:
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file: give a folder for last.pth, model.safetensors and summary.json")
     train_dir, val_dir = data / "train", data / "val"
+    if not train_dir.is_dir():
+        raise TrainError(f"--data {args.data} has no train/ folder: expected DATA/train/<class>/<image> (and "
+                         f"optionally DATA/val/<class>/<image>)")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir()) if train_dir.is_dir() else []
     if classes and args.classes:
         order = [c.strip() for c in args.classes.split(",") if c.strip()]

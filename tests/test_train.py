@@ -124,6 +124,7 @@ def test_help_and_bad_input(dataset, tmp_path, capsys):
     assert "(default: None)" not in flat and "(default: False)" not in flat
     with pytest.raises(TrainError, match="does not take --kernel-sizes"):
         train([MODEL, "--data", str(dataset), "--out", str(tmp_path), "--kernel-sizes", "31", "--quiet"])
+    (tmp_path / "train").mkdir()
     with pytest.raises(TrainError, match="no class folders"):
         train([MODEL, "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"])
 
@@ -165,6 +166,7 @@ def test_mistakes_are_one_line_and_exit_2(dataset, tmp_path, capsys, monkeypatch
         (MODEL, *run, "--out", str(a_file)): f"--out {a_file} is a file: give a folder",
         (MODEL, *run, "--out", str(a_file / "o")): f"--out {a_file / 'o'}: cannot create the folder (Not a directory",
         (MODEL, *run, "--data", str(tmp_path / "nonexist")): f"--data {tmp_path / 'nonexist'}: no such folder",
+        (MODEL, *run, "--data", str(tmp_path)): f"--data {tmp_path} has no train/ folder: expected DATA/train/<class>",
     }
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for argv, message in expected.items():
