@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "benchmarks need 1000)")
     p.add_argument("--classes", default=None, metavar="A,B,...",
                    help="class folder names in the order of the model's outputs (default: sorted folder names, "
-                        "as torchvision's ImageFolder); summary.json records it, and lkfast.eval reads each output as its class")
+                        "as torchvision's ImageFolder); summary.json records it, and lkfast.eval reads each output "
+                        "as its class")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes per training process")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the data order and the augmentation")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -196,7 +196,8 @@ def test_ctrl_c_says_how_to_resume(dataset, tmp_path, capsys, monkeypatch):
     run = [MODEL, "--data", str(dataset), "--out", str(out), "--epochs", "3", "--max-steps-per-epoch", "1", *FAST]
     assert main(run) == 130
     err = capsys.readouterr().err
-    assert err.strip() == f"lkfast.train: interrupted; rerun the same command to resume from {out / 'last.pth'} (epoch 1)"
+    assert err.strip() == (f"lkfast.train: interrupted; rerun the same command to resume from {out / 'last.pth'} "
+                           f"(epoch 1)")
     evaluations.clear()
     assert main(run + ["--no-resume"]) == 130  # its first epoch replaced last.pth: epoch 1 of the new run
     assert f"rerun it without --no-resume to resume from {out / 'last.pth'} (epoch 1)" in capsys.readouterr().err
