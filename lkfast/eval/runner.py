@@ -344,7 +344,9 @@ class Runner:
                 raise EvalError(
                     f"model {spec.display!r} outputs {classes} classes, but the benchmarks are scored in "
                     f"{self.class_space.name} with {self.class_space.num_classes} classes: evaluate a model with a "
-                    f"{self.class_space.num_classes}-class head (a checkpoint fine-tuned on it)")
+                    f"{self.class_space.num_classes}-class head (a checkpoint fine-tuned on it; a python -m "
+                    f"lkfast.train run on some of the classes: train with --num-classes "
+                    f"{self.class_space.num_classes} on class folders named by their wnids)")
             self._loaded[spec] = (model, config, count_parameters(model))
         return self._loaded[spec]
 
