@@ -526,9 +526,15 @@ def test_missing_dataset_folder(tmp_path, data_root, checkpoint, capsys):
 
 
 def test_wrong_layout_says_what_was_expected(tmp_path, data_root, checkpoint, capsys):
-    err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--suite", "imagenet-c",
+    """A folder in the wrong layout fails its task with what was expected; the tasks around it still
+    run and are reported (nothing lost), and the run ends with exit 2 naming the failure."""
+    err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--suite", "clean,imagenet-c,imagenet-a",
                                       "--imagenet-c-dir", data_root / "val"))
     assert "expected" in err and "<corruption>/<severity" in err and "ImageNet-val" in err
+    assert "tiny: imagenet-c failed:" in err and "the other tasks finished" in err
+    r = load(tmp_path)["tiny"]
+    assert 0 < r["clean"]["top1"] < 100 and "top1" in r["imagenet-a"] and "<corruption>" in r["imagenet-c"]["error"]
+    assert "imagenet-c" in (tmp_path / "report.md").read_text().split("Not run")[-1]
 
 
 def test_unknown_wnids(tmp_path, data_root, checkpoint, capsys):

@@ -27,6 +27,7 @@ from lkfast.eval import distributed as dist
 from lkfast.eval.cache import ResultCache, files_fingerprint, stable_hash, tree_fingerprint
 from lkfast.eval.classes import ClassSpace
 from lkfast.eval.models import ModelSpec, count_parameters, load_model, output_classes
+from lkfast.data.imagenet import DatasetLayoutError
 from lkfast.eval.registry import TASKS, Task, TaskUnavailable
 from lkfast.tables import write_text_atomic
 
@@ -333,6 +334,7 @@ class Runner:
         self._results: Dict[tuple, Dict[str, Any]] = {}
         self._active: List[tuple] = []
         self._data_print: Optional[Dict[str, List[str]]] = None
+        self.errors: List[str] = []  # tasks that failed on the user's data or options (run() raises them at the end)
         self.meta: Dict[str, Any] = {}
 
     # models ------------------------------------------------------------------------------------
@@ -460,7 +462,9 @@ class Runner:
     def run(self) -> Dict[str, Any]:
         """Evaluate every model on every task; returns the results dict (also written as results.json
         on rank 0, after each task). A task whose data is absent is recorded as
-        ``{"unavailable": reason}`` and the run goes on."""
+        ``{"unavailable": reason}`` and the run goes on. A task whose data or options are wrong
+        (EvalError, DatasetLayoutError) is recorded the same way (with ``"error"``), the other tasks
+        and the report still run, and then EvalError names every such failure."""
         import lkfast
 
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -487,6 +491,13 @@ class Runner:
                     entry[name] = {"unavailable": str(error)}
                     if dist.is_main():  # one line, not a warning with its source line: it is the user's data
                         print(f"lkfast.eval: {spec.display}: {name} not run: {error}", file=sys.stderr, flush=True)
+                except (EvalError, DatasetLayoutError) as error:
+                    # the user's data or options are wrong for this task: the others go on, the report is
+                    # written, and the run ends with the error (what finished is cached for the rerun)
+                    entry[name] = {"unavailable": f"error: {error}", "error": str(error)}
+                    self.errors.append(f"{spec.display}: {name}: {error}")
+                    if dist.is_main():
+                        print(f"lkfast.eval: {spec.display}: {name} failed: {error}", file=sys.stderr, flush=True)
                 self._write(results)
             entry["_model"] = self._model_card(spec)
             self._write(results)
@@ -498,6 +509,9 @@ class Runner:
 
             write_report(self.out, self._with_meta(results))
         dist.barrier()
+        if self.errors:
+            raise EvalError("; ".join(self.errors) + f" (the other tasks finished; results and report in {self.out}; "
+                            "fix this and rerun: finished work is cached)")
         return self._with_meta(results)
 
     def _with_meta(self, results):
