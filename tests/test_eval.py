@@ -546,8 +546,11 @@ def test_unknown_wnids(tmp_path, data_root, checkpoint, capsys):
 
 def test_model_whose_classes_do_not_fit(tmp_path, data_root, checkpoint, capsys):
     options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val")}, workers=0, progress=False)
-    with pytest.raises(EvalError, match="outputs 10 classes.*1000 classes.*train with --num-classes 1000"):
-        run_evaluation([ModelSpec("test_resnet", kwargs=(("num_classes", 10),), input_size=SIZE)], ["clean"], options)
+    with pytest.raises(EvalError, match="outputs 10 classes.*1000 classes.*train with --num-classes 1000") as raised:
+        run_evaluation([ModelSpec("test_resnet", kwargs=(("num_classes", 10),), input_size=SIZE)], ["clean", "fgsm"],
+                       options)
+    assert "other tasks finished" not in str(raised.value)  # a model that cannot be scored stops the run at once
+    assert not (tmp_path / "report.md").exists()
     ten = tmp_path / "ten.pth"
     torch.save(timm.create_model("test_resnet", num_classes=10).state_dict(), ten)
     err = run_failing(capsys, *common(tmp_path, ten, data_root, "--suite", "clean"))

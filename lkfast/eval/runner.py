@@ -49,6 +49,10 @@ class EvalError(RuntimeError):
     """A problem with the user's input (models, data, options); the message says what to change."""
 
 
+class ModelError(EvalError):
+    """A model that cannot be evaluated at all (e.g. its head has another class count): stops the run."""
+
+
 @dataclass
 class EvalOptions:
     """Everything a run needs besides the models and the task names.
@@ -343,7 +347,7 @@ class Runner:
             model, config = load_model(spec, self.device, self.options.trust_checkpoint, self.options.channels_last)
             classes = output_classes(model, config, self.device)
             if classes != self.class_space.num_classes:
-                raise EvalError(
+                raise ModelError(
                     f"model {spec.display!r} outputs {classes} classes, but the benchmarks are scored in "
                     f"{self.class_space.name} with {self.class_space.num_classes} classes: evaluate a model with a "
                     f"{self.class_space.num_classes}-class head (a checkpoint fine-tuned on it; a python -m "
@@ -491,6 +495,8 @@ class Runner:
                     entry[name] = {"unavailable": str(error)}
                     if dist.is_main():  # one line, not a warning with its source line: it is the user's data
                         print(f"lkfast.eval: {spec.display}: {name} not run: {error}", file=sys.stderr, flush=True)
+                except ModelError:
+                    raise
                 except (EvalError, DatasetLayoutError) as error:
                     # the user's data or options are wrong for this task: the others go on, the report is
                     # written, and the run ends with the error (what finished is cached for the rerun)
