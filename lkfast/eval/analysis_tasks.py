@@ -122,7 +122,7 @@ def occlusion(ctx) -> dict:
     if ctx.has_source("masks"):
         saliency, source = "masks", str(ctx.source("masks"))
     else:
-        checkpoint = ctx.options.analysis.get("dino_checkpoint") or os.environ.get("LKFAST_DINO_CHECKPOINT")
+        checkpoint = ctx.options.analysis_option("dino_checkpoint")
         if checkpoint:
             saliency, source = analysis.dino_saliency(analysis.load_dino(checkpoint, ctx.device)), f"dino:{checkpoint}"
         else:
@@ -201,7 +201,7 @@ def _is_vit(name: str) -> bool:
 
 
 def _surrogate_spec(ctx):
-    wanted = ctx.options.analysis.get("taig_surrogate") or os.environ.get("LKFAST_TAIG_SURROGATE")
+    wanted = ctx.options.analysis_option("taig_surrogate")
     others = [s for s in ctx.runner.models if s != ctx.spec]
     if wanted:
         chosen = [s for s in ctx.runner.models if s.display == wanted]
@@ -399,8 +399,7 @@ def _count(ctx) -> int:
 
 # Forward-pass equivalents per image (a backward counts as two forwards), for --dry-run's estimate.
 def _occlusion_cost(ctx) -> float:
-    with_saliency = ctx.has_source("masks") or ctx.options.analysis.get("dino_checkpoint") or \
-        os.environ.get("LKFAST_DINO_CHECKPOINT")
+    with_saliency = ctx.has_source("masks") or ctx.options.analysis_option("dino_checkpoint")
     return 1 + len(analysis.RATIOS) * (len(analysis.MODES) if with_saliency else 1)
 
 

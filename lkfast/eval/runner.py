@@ -81,6 +81,11 @@ class EvalOptions:
     progress: bool = True
     write_report: bool = True
 
+    def analysis_option(self, name: str) -> Optional[str]:
+        """An analysis option ("dino_checkpoint", "taig_surrogate"): the one given, else its
+        environment variable (``ANALYSIS_ENV``), else None."""
+        return self.analysis.get(name) or os.environ.get(ANALYSIS_ENV.get(name, "")) or None
+
     def numeric_key(self, reads: Sequence[str] = ()) -> Dict[str, Any]:
         """The options that change a task's numbers (part of its cache keys): amp, channels_last,
         seed, and the analysis options in ``reads`` (the task's ``Task.reads``) that are set, each
@@ -89,7 +94,7 @@ class EvalOptions:
         key: Dict[str, Any] = {"amp": self.amp, "channels_last": self.channels_last, "seed": self.seed}
         used = {}
         for name in sorted(reads):
-            value = self.analysis.get(name) or os.environ.get(ANALYSIS_ENV.get(name, ""), "")
+            value = self.analysis_option(name)
             if value:
                 used[name] = [value, files_fingerprint([value]) if os.path.isfile(value) else None]
         if used:
