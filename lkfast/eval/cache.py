@@ -68,30 +68,15 @@ def files_fingerprint(paths) -> str:
 
 
 def tree_fingerprint(root: str) -> str:
-    """``files_fingerprint`` of every file under folder ``root`` (relative paths, in sorted order;
-    hidden entries skipped): one stat per file, no file read. "" for a path that is not a folder."""
+    """``files_fingerprint`` of every file under folder ``root`` in sorted order (hidden entries
+    skipped): one stat per file, no file read. "" for a path that is not a folder."""
     if not os.path.isdir(root):
         return ""
-    digest = hashlib.sha256()
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                if entry.is_dir():
-                    stack.append(entry.path)
-                    continue
-                st = entry.stat()
-            except OSError:
-                continue
-            digest.update(json.dumps([os.path.relpath(entry.path, root), st.st_size, st.st_mtime_ns]).encode())
-    return digest.hexdigest()[:16]
+    paths = []
+    for folder, dirs, files in os.walk(root, followlinks=True):  # a linked folder is read as its files
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        paths.extend(os.path.join(folder, f) for f in sorted(files) if not f.startswith("."))
+    return files_fingerprint(paths)
 
 
 def safe_name(text: str) -> str:
