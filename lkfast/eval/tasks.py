@@ -76,12 +76,17 @@ def _top1(records) -> Optional[float]:
     return 100.0 * int(records["correct"].sum()) / count if count else None
 
 
+def _nothing_readable(ctx: TaskContext, name: str) -> TaskUnavailable:
+    """The TaskUnavailable of a task none of whose ``name`` images could be read."""
+    return TaskUnavailable(f"none of the {name} images in {ctx.source(name)} could be read "
+                           f"({sum(ctx.skipped.values())} unreadable)")
+
+
 def _scored(ctx: TaskContext, name: str, records) -> float:
     """Top-1 (%) of a one-part task; TaskUnavailable when none of its images could be read."""
     top1 = _top1(records)
     if top1 is None:
-        raise TaskUnavailable(f"none of the {name} images in {ctx.source(name)} could be read "
-                              f"({sum(ctx.skipped.values())} unreadable)")
+        raise _nothing_readable(ctx, name)
     return top1
 
 
@@ -213,12 +218,13 @@ def imagenet_c(ctx: TaskContext) -> dict:
                                     lambda x, g: corrupt.corrupt(x, name, severity, generator=g))
                 return base(images, targets, indices)
         records = ctx.records(f"{name}/{severity}", dataset, compute, key=_source_key(source))
-        if _top1(records) is None:  # every image of the part unreadable: left out (CE then needs all 5)
+        score = _top1(records)
+        if score is None:  # every image of the part unreadable: left out (CE then needs all 5)
             unreadable.append(f"{name}/{severity}")
-            continue
-        top1.setdefault(name, {})[severity] = _top1(records)
+        else:
+            top1.setdefault(name, {})[severity] = score
     if not top1:
-        raise TaskUnavailable(f"none of the ImageNet-C images could be read ({sum(ctx.skipped.values())} unreadable)")
+        raise _nothing_readable(ctx, "imagenet-c" if source == "disk" else "val")
     errors = {c: {s: 1.0 - v / 100.0 for s, v in by.items()} for c, by in top1.items()}
     clean_error, note = None, "no ImageNet-val given, so no clean error"
     if ctx.has_source("val"):
@@ -390,7 +396,7 @@ def imagenet_9(ctx: TaskContext) -> dict:
         else:
             top1[variant] = score
     if not top1:
-        raise TaskUnavailable(f"none of the ImageNet-9 images could be read ({sum(ctx.skipped.values())} unreadable)")
+        raise _nothing_readable(ctx, "imagenet-9")
     result = {"top1": top1, "source": str(ctx.source("imagenet-9"))}
     if unreadable:
         result["unreadable_parts"] = unreadable
