@@ -55,6 +55,11 @@ IMAGENET9_WNIDS = ("n02084071", "n01503061", "n04576211", "n01661091", "n0207529
 SEQUENCE_SUFFIXES = (".mp4", ".npy")
 
 
+def looks_like_wnids(names: Sequence[str]) -> bool:
+    """True when every name is a WordNet id (``n`` and 8 digits), as ImageNet's class folders are."""
+    return bool(names) and all(re.fullmatch(r"n\d{8}", name) for name in names)
+
+
 class DatasetLayoutError(ValueError):
     """A dataset folder is missing or is not laid out as its benchmark's release: the message says
     which layout was expected, what was found, and what to do."""
@@ -483,7 +488,7 @@ def imagenet_c_contents(root: PathLike) -> Dict[str, List[int]]:
     names = [f.name for f in _subfolders(root)]
     unknown = [n for n in names if n not in metrics.IMAGENET_C_ALL]
     if unknown:
-        hint = " They look like wnid (class) folders: is this ImageNet-val?" if all(re.fullmatch(r"n\d{8}", n) for n in unknown) else ""
+        hint = " They look like wnid (class) folders: is this ImageNet-val?" if looks_like_wnids(unknown) else ""
         raise DatasetLayoutError(f"ImageNet-C: folder(s) {', '.join(unknown[:5])} in {str(root)!r} are not corruption names; "
                                  f"expected {layout} with corruptions from: {', '.join(metrics.IMAGENET_C_ALL)}.{hint}")
     contents = {}
@@ -718,7 +723,7 @@ def collate_skipping(batch: Sequence[Tuple[Optional[torch.Tensor], int]]):
     return images, targets, skipped
 
 
-__all__ = ["DatasetLayoutError", "IMAGENET9_CLASSES", "IMAGENET9_WNIDS", "imagenet_classes", "imagenet_a_indices",
+__all__ = ["DatasetLayoutError", "looks_like_wnids", "IMAGENET9_CLASSES", "IMAGENET9_WNIDS", "imagenet_classes", "imagenet_a_indices",
            "imagenet_r_indices", "imagenet_a_wnids", "imagenet_r_wnids", "imagenet_o_wnids", "imagenet_o_indices",
            "imagenet9_class_map", "imagenet9_folder_targets", "check_imagenet9_map", "to_float_image", "transform_for", "ImageFolderBenchmark",
            "ImageNetVal", "ImageNetA", "ImageNetR", "ImageNetO", "imagenet_c_contents", "ImageNetC", "ImageNetP",

@@ -15,16 +15,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import re
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from lkfast.corrupt import FrostPhotosMissing
+from lkfast.data.imagenet import looks_like_wnids
 from lkfast.eval import distributed as dist
 from lkfast.eval.models import ModelSpec, with_training_run
 from lkfast.eval.registry import SUITES, TASKS, resolve_suite
 from lkfast.eval.sources import SOURCE_NAMES, resolve_sources
+from lkfast.metrics import IMAGENET9_VARIANTS
 
 EXAMPLE = """examples:
   python -m lkfast.eval --models replknet_31b:/ckpt/RepLKNet-31B_ImageNet-22K-to-1K_224.pth=RepLKNet-31B \\
@@ -143,10 +144,10 @@ def _no_data_message(data_root: Optional[str]) -> str:
         return "no data: pass --data-root DIR (holding val/, imagenet-a/, ...) or a --<name>-dir option"
     found = sorted(p.name for p in Path(data_root).iterdir() if p.is_dir() and not p.name.startswith("."))
     hint = ""
-    if found and all(re.fullmatch(r"n\d{8}", name) for name in found[:20]):
+    if looks_like_wnids(found[:20]):
         hint = (f"; it holds class folders ({', '.join(found[:3])}, ...): if it is one dataset, name it with "
                 f"--val-dir {data_root} (or --imagenet-a-dir, --imagenet-r-dir, --imagenet-o-dir)")
-    elif found and set(found) & {"original", "mixed_same", "mixed_rand"}:
+    elif set(found) & set(IMAGENET9_VARIANTS):
         hint = f"; it looks like ImageNet-9: pass --imagenet-9-dir {data_root}"
     return (f"--data-root {data_root} holds none of the benchmark folders {', '.join(SOURCE_NAMES)} (found: "
             f"{', '.join(found[:8]) or 'nothing'}){hint}")
