@@ -88,14 +88,14 @@ def plot_attacks(fgsm: Mapping[str, dict], pgd: Mapping[str, dict], path) -> Pat
 def plot_lesion(results: Mapping[str, dict], path) -> Path:
     """Fig. 7: mean top-1 (line) with the min/max band over draws, against the fraction of blocks removed."""
     _check(results, "plot_lesion")
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    fig, ax = plt.subplots(figsize=(7.0, 3.8))
     for label, r in results.items():
         x = [0.0] + list(r["fraction"])
         line, = ax.plot(x, [r["clean_top1"]] + r["mean"], marker="o", label=label)
         ax.fill_between(x, [r["clean_top1"]] + r["min"], [r["clean_top1"]] + r["max"], color=line.get_color(), alpha=0.2)
     ax.set(xlabel="proportion of blocks removed", ylabel="top-1 accuracy (%)", title="Lesion study")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the plot: the bands fill it
     return _save(fig, path)
 
 
