@@ -18,6 +18,12 @@ from lkfast.analysis.kernels import paper_layers  # noqa: E402
 MODE_TITLES = {"random": "(a) random drop", "salient": "(b) salient drop", "non_salient": "(c) non-salient drop"}
 
 
+def _legend_beside(ax) -> None:
+    """The legend to the right of the axes, for plots whose lines and bands fill them (Figs. 7 and 10:
+    inside, it covered curves)."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +101,7 @@ def plot_lesion(results: Mapping[str, dict], path) -> Path:
         ax.fill_between(x, [r["clean_top1"]] + r["min"], [r["clean_top1"]] + r["max"], color=line.get_color(), alpha=0.2)
     ax.set(xlabel="proportion of blocks removed", ylabel="top-1 accuracy (%)", title="Lesion study")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the plot: the bands fill it
+    _legend_beside(ax)
     return _save(fig, path)
 
 
@@ -133,12 +139,12 @@ def plot_kernel_distance(results: Mapping[str, dict], path, key: str = "normaliz
 def plot_feature_variance(results: Mapping[str, dict], path) -> Path:
     """Fig. 10: normalised feature-map variance against normalised depth, one line per model."""
     _check(results, "plot_feature_variance")
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    fig, ax = plt.subplots(figsize=(7.0, 3.8))
     for label, r in results.items():
         ax.plot(r["depth"], r["normalized"], marker=".", label=label)
     ax.set(xlabel="normalised depth", ylabel="normalised feature-map variance", title="Feature-map variance")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend_beside(ax)
     return _save(fig, path)
 
 
