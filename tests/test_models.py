@@ -314,6 +314,50 @@ def test_features_only_gives_each_stage_output(images):
         assert len(maps) == 4 and maps[-1] is final
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["training-time", "reparameterised"])
+def test_features_only_loads_a_checkpoint(merged, images, tmp_path):
+    """create_model(features_only=True, checkpoint=...): the checkpoint fits the plain model, not timm's
+    wrapper (its keys gain a "model." prefix and lose the head); the stage outputs are the full model's."""
+    path = tmp_path / "official.pth"
+    torch.save({"model": official_checkpoint(merged=merged, **TINY)}, path)
+    full = create_model("replknet_31b", checkpoint=str(path), num_classes=NUM_CLASSES, **TINY)
+    features = create_model("replknet_31b", checkpoint=str(path), num_classes=NUM_CLASSES, features_only=True,
+                            out_indices=(1, 3), **TINY)
+    assert features.feature_info.channels() == [16, 32]
+    with torch.no_grad():
+        expected = full.forward_intermediates(images, indices=(1, 3), intermediates_only=True)
+        got = features(images)
+    assert len(got) == 2
+    for a, b in zip(got, expected):
+        _close(a, b)
+    with pytest.raises(CheckpointError, match="does not fit RepLKNet"):
+        create_model("replknet_31b", checkpoint=str(path), features_only=True, **TINY_XL)
+
+
+def test_features_only_checkpoint_of_a_timm_model_with_more_input_channels(tmp_path):
+    """timm's ConvNeXt under FeatureListNet (modules renamed), 5 input channels: the stem is taken as
+    the checkpoint has it."""
+    plain = timm.create_model("convnext_atto", in_chans=5, num_classes=7)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    torch.save(plain.state_dict(), tmp_path / "convnext.pth")
+    features = create_model("convnext_atto", checkpoint=str(tmp_path / "convnext.pth"), in_chans=5, num_classes=7,
+                            features_only=True)
+    x = torch.randn(1, 5, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = plain.eval().forward_intermediates(x, intermediates_only=True)
+        got = features(x)
+    assert type(features).__name__ == "FeatureListNet" and len(got) == len(expected) == 4
+    for a, b in zip(got, expected):
+        _close(a, b)
+    # the preprocessing config is the model's, with no second copy of the weights kept in it
+    for module in features.modules():
+        cfg = getattr(module, "pretrained_cfg", None)
+        if cfg is not None:
+            assert "state_dict" not in cfg and cfg["first_conv"] == "stem.0" and cfg["input_size"] == (3, 224, 224)
+
+
 def test_paper_timm_models_are_known():
     for name in ("resnet50", "resnetv2_101x3_bit", "resnetv2_152x4_bit", "vit_base_patch16_224",
                  "vit_large_patch16_224", "convnext_base", "convnext_large", "convnext_tiny"):

@@ -226,6 +226,11 @@ def create_model(name: str, checkpoint: Optional[str] = None, pretrained: bool =
             kwargs["small_kernel"] = 0  # "no small kernel": timm.create_model drops arguments that are None
     if not timm.is_model(architecture):
         raise ValueError(f"create_model: unknown model {name!r} (not a RepLKNet name and not in timm's registry)")
+    if checkpoint is not None and kwargs.get("features_only"):
+        # timm wraps a features_only model (head dropped, modules renamed or nested), so no checkpoint
+        # fits the wrapper: load it into the plain model, then let timm's own loading pass its weights
+        # on before it wraps the model.
+        return _features_from_checkpoint(name, checkpoint, fast, trust_checkpoint, checkpoint_key, kwargs)
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as error:
@@ -241,3 +246,31 @@ def create_model(name: str, checkpoint: Optional[str] = None, pretrained: bool =
     if fast:
         patch_model(model)
     return model.eval()
+
+
+# The arguments timm's builder takes for the features_only wrapper, not for the model itself.
+_FEATURE_ARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg")
+
+
+def _features_from_checkpoint(name: str, checkpoint: str, fast: bool, trust_checkpoint: bool,
+                              checkpoint_key: Optional[str], kwargs: dict) -> nn.Module:
+    plain = timm.create_model(name, **{k: v for k, v in kwargs.items() if k not in _FEATURE_ARGS})
+    load_checkpoint(plain, checkpoint, trust_checkpoint=trust_checkpoint, checkpoint_key=checkpoint_key)
+    # timm hands a pretrained_cfg's state_dict to the model before wrapping it (dropping the classifier,
+    # which the wrapper prunes). first_conv=None: the stem already has the model's in_chans, and timm
+    # (some versions) would adapt it again from 3 channels.
+    first_conv = plain.pretrained_cfg.get("first_conv")
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, state_dict=plain.state_dict(), first_conv=None)
+    del plain
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    del overlay
+    for module in model.modules():  # the wrapper and the model keep their cfg: without the weights' copy
+        cfg = getattr(module, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and "state_dict" in cfg:
+            module.pretrained_cfg = {k: v for k, v in cfg.items() if k != "state_dict"} | {"first_conv": first_conv}
+            if isinstance(getattr(module, "default_cfg", None), dict):
+                module.default_cfg = module.pretrained_cfg
+    if fast:
+        patch_model(model)
+    return model.eval()
+
