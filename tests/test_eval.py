@@ -806,6 +806,23 @@ def test_cache_shards_get_the_mode_the_umask_allows(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+def test_a_run_that_leaves_out_an_earlier_runs_model_says_so(tmp_path, data_root, checkpoint, capsys):
+    """results.json and the report hold one run's models: a second run into the same --out with other
+    models names the ones that leave the report and how to keep them (from the cache)."""
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean")) == 0
+    assert "which this run does not evaluate" not in capsys.readouterr().err
+    other = common(tmp_path, checkpoint, data_root, "--suite", "clean")
+    other[1] = f"test_resnet:{checkpoint}=other"
+    assert cli(*other) == 0
+    err = capsys.readouterr().err
+    assert "results.json held tiny, which this run does not evaluate" in err and "--models" in err
+    assert list(load(tmp_path)) == ["other", "_meta"]
+    both = common(tmp_path, checkpoint, data_root, "--suite", "clean")
+    both[1] = f"test_resnet:{checkpoint}=tiny,test_resnet:{checkpoint}=other"
+    assert cli(*both) == 0
+    assert "which this run does not evaluate" not in capsys.readouterr().err
+
+
 def test_a_second_report_into_the_same_out_leaves_no_tables_or_figures_of_the_first(tmp_path, data_root, checkpoint):
     """Tables and figures of tasks the new report does not have are removed (they looked current);
     files of the user's own in those folders are left alone."""

@@ -489,6 +489,8 @@ class Runner:
             {"name": self.options.baseline.name, "checkpoint": self.options.baseline.checkpoint},
             "started": started, "command": " ".join(sys.argv),
         }
+        if dist.is_main():
+            self._say_which_models_leave_the_report()
         results: Dict[str, Any] = {}
         for spec in self.models:
             entry: Dict[str, Any] = {}
@@ -524,6 +526,22 @@ class Runner:
             raise EvalError("; ".join(self.errors) + f" (the other tasks finished; results and report in {self.out}; "
                             "fix this and rerun: finished work is cached)")
         return self._with_meta(results)
+
+    def _say_which_models_leave_the_report(self) -> None:
+        """results.json and the report hold the models of one run. One line names the models of an
+        earlier run into the same --out that this one leaves out, and how to keep them."""
+        try:
+            earlier = json.loads((self.out / RESULTS_FILE).read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(earlier, dict):
+            return
+        now = {spec.display for spec in self.models}
+        left = [name for name in earlier if name != META_KEY and name not in now]
+        if left:
+            print(f"lkfast.eval: {self.out / RESULTS_FILE} held {', '.join(left)}, which this run does not evaluate: "
+                  "the new results.json and report cover this run's models only (to keep them, pass them to "
+                  "--models too: their finished tasks are read from the cache)", file=sys.stderr, flush=True)
 
     def _with_meta(self, results):
         return {**results, META_KEY: self.meta}
