@@ -38,6 +38,22 @@ def test_model_spec_checkpoint_path_with_equals_sign(tmp_path):
     assert parsed(f"resnet50:{tmp_path / 'lr=0.2'}") == ("resnet50", str(tmp_path / "lr"), "0.2")
 
 
+def test_models_list_with_a_comma_in_a_checkpoint_path(tmp_path):
+    """--models is a comma list; a ',' belongs to a checkpoint path that exists with it (as '=' does)."""
+    from lkfast.eval.cli import _split_models
+
+    odd = tmp_path / "runs" / "a,b"
+    odd.mkdir(parents=True)
+    (odd / "model.pth").write_bytes(b"")
+    (tmp_path / "r.pth").write_bytes(b"")
+    assert _split_models(f"resnet50:{odd}/model.pth") == [f"resnet50:{odd}/model.pth"]
+    assert _split_models(f"resnet50:{odd}/model.pth=R50,vit:{tmp_path}/r.pth,convnext_tiny") == \
+        [f"resnet50:{odd}/model.pth=R50", f"vit:{tmp_path}/r.pth", "convnext_tiny"]
+    assert _split_models(f"a:{tmp_path}/r.pth,b:{odd}/model.pth") == [f"a:{tmp_path}/r.pth", f"b:{odd}/model.pth"]
+    # paths that do not exist: every ',' separates, as before
+    assert _split_models("a:x,b/m.pth,c, ,") == ["a:x", "b/m.pth", "c"]
+
+
 def test_model_spec_errors_name_the_option():
     with pytest.raises(ValueError, match=r"^--models: the label after '=' must be non-empty.*'_x'"):
         ModelSpec.parse("resnet50:r.pth=_x")

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models to evaluate: a RepLKNet or timm name, an optional local checkpoint after ':', an "
                         "optional label after '='; comma list or repeated (e.g. replknet_31b:31b.pth=RepLKNet-31B). A "
                         "checkpoint path may hold '=' (runs/lr=0.1/model.pth): text after the last '=' is the label "
-                        "only if it has no '/' and the path with it does not exist. A "
+                        "only if it has no '/' and the path with it does not exist; a ',' belongs to a path that "
+                        "exists with it (runs/a,b/model.pth). A "
                         "python -m lkfast.train output folder (or its model.safetensors) as the checkpoint also "
                         "gives the kernel size, class count and input size it was trained with")
     p.add_argument("--input-size", type=int, default=None, metavar="N",
@@ -117,7 +118,27 @@ def _existing_checkpoint(spec: ModelSpec, option: str) -> ModelSpec:
 
 def _models(values: List[str]) -> List[ModelSpec]:
     return [with_training_run(_existing_checkpoint(ModelSpec.parse(item), "--models"))
-            for value in values for item in value.split(",") if item.strip()]
+            for value in values for item in _split_models(value)]
+
+
+def _split_models(value: str) -> List[str]:
+    """The models of a comma list. A ',' belongs to a checkpoint path where the path with it exists
+    (runs/a,b/model.pth), as '=' does for labels; the longest such path is taken."""
+    pieces, items, i = value.split(","), [], 0
+    while i < len(pieces):
+        end = next((end for end in range(len(pieces), i + 1, -1) if _names_existing_path(",".join(pieces[i:end]))),
+                   i + 1)
+        items.append(",".join(pieces[i:end]))
+        i = end
+    return [item for item in items if item.strip()]
+
+
+def _names_existing_path(text: str) -> bool:
+    try:
+        checkpoint = ModelSpec.parse(text).checkpoint
+    except ValueError:
+        return False
+    return checkpoint is not None and os.path.exists(checkpoint)
 
 
 def _with_input_size(specs: List[ModelSpec], size: Optional[int]) -> List[ModelSpec]:
