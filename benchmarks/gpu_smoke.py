@@ -52,7 +52,9 @@ def relative_error(out, expected) -> float:
     return ((out.detach().cpu().double() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
-def check(device: str, shapes=SHAPES, dtypes=DTYPES) -> list[dict]:
+def check(device: str, shapes=SHAPES, dtypes=DTYPES, report=None) -> list[dict]:
+    """Every case as a dict; ``report(row)`` (if given) is called as each case finishes, so a run
+    stopped at its time limit still shows the cases it got through."""
     from lkfast.ops import depthwise_conv2d
     from lkfast.ops import PASSES, dtype_name
     from lkfast.ops.backends import BACKENDS
@@ -83,6 +85,8 @@ def check(device: str, shapes=SHAPES, dtypes=DTYPES) -> list[dict]:
                             except Exception as exc:  # report and go on: the summary names every failure
                                 row["ok"], row["raised"] = False, f"{type(exc).__name__}: {str(exc)[:200]}"
                         results.append(row)
+                        if report:
+                            report(row)
                 row = dict(case, backend="auto", pass_="forward+both_grads (autograd)")
                 try:
                     xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -93,9 +97,19 @@ def check(device: str, shapes=SHAPES, dtypes=DTYPES) -> list[dict]:
                 except Exception as exc:
                     row["ok"], row["raised"] = False, f"{type(exc).__name__}: {str(exc)[:200]}"
                 results.append(row)
+                if report:
+                    report(row)
     if device == "cuda":
         torch.cuda.synchronize()
     return results
+
+
+def print_row(r: dict) -> None:
+    """One case's line, flushed at once (a run stopped by its time limit keeps what it printed)."""
+    verdict = "skip" if "skipped" in r else ("ok" if r["ok"] else "FAIL")
+    detail = r.get("skipped") or r.get("raised") or f"rel err {r['error']:.1e}"
+    print(f"{verdict:4s} {r['backend']:10s} {r['pass_']:30s} {r['dtype']:8s} {r['layout']:13s} {r['shape']}  {detail}",
+          flush=True)
 
 
 def main(argv=None) -> int:
@@ -104,20 +118,27 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write every case as JSON here")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape in fp32 only (a CPU dry run, compute-sanitizer)")
     args = parser.parse_args(argv)
-    results = check(args.device, *((TINY_SHAPES, TINY_DTYPES) if args.tiny else (SHAPES, DTYPES)))
-    for r in results:
-        verdict = "skip" if "skipped" in r else ("ok" if r["ok"] else "FAIL")
-        detail = r.get("skipped") or r.get("raised") or f"rel err {r['error']:.1e}"
-        print(f"{verdict:4s} {r['backend']:10s} {r['pass_']:30s} {r['dtype']:8s} {r['layout']:13s} {r['shape']}  {detail}")
+    results: list[dict] = []
+
+    def report(row):
+        results.append(row)
+        print_row(row)
+
+    stopped = False
+    try:
+        check(args.device, *((TINY_SHAPES, TINY_DTYPES) if args.tiny else (SHAPES, DTYPES)), report=report)
+    except KeyboardInterrupt:  # gpu_check.sh's time limit (SIGINT): say how far it got
+        stopped = True
     ran = [r for r in results if "skipped" not in r]
     failed = [r for r in ran if not r["ok"]]
     print(f"smoke: {len(ran) - len(failed)} of {len(ran)} cases ok, {len(failed)} failed, "
-          f"{len(results) - len(ran)} skipped (backend cannot run them here)")
+          f"{len(results) - len(ran)} skipped (backend cannot run them here)"
+          + ("; STOPPED (interrupted, e.g. at its time limit) before the remaining cases" if stopped else ""))
     if args.json:
         from lkfast.tables import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(results, indent=1))
-    return 1 if failed or not ran else 0
+    return 1 if failed or not ran or stopped else 0
 
 
 if __name__ == "__main__":

@@ -109,6 +109,31 @@ exit 0
     assert "test_slow.py::test_fails" in summary and "1 failed, 1 passed" in summary, summary
 
 
+def test_gpu_smoke_stopped_at_its_limit_still_reports_what_it_ran(tmp_path, monkeypatch, capsys):
+    """gpu_check.sh stops the smoke test with SIGINT at its cap: the cases done by then are printed
+    (each as it finishes) and saved, and the summary line says it was stopped."""
+    smoke = _load_benchmark("gpu_smoke")
+    real, calls = smoke.reference, []
+
+    def interrupted_at_the_third(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(smoke, "reference", interrupted_at_the_third)
+    try:
+        rc = smoke.main(["--device", "cpu", "--tiny", "--json", str(tmp_path / "smoke.json")])
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped gpu_smoke.main: no case line, no summary, no JSON")
+    assert rc == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in out if line.startswith("ok")] == [["ok", "cpu", "forward"],
+                                                                          ["ok", "cpu", "input_grad"]]
+    assert out[-1].startswith("smoke: 2 of 2 cases ok, 0 failed") and "STOPPED" in out[-1]
+    assert [r["pass_"] for r in json.loads((tmp_path / "smoke.json").read_text())] == ["forward", "input_grad"]
+
+
 def test_gpu_check_refuses_an_unknown_mode(tmp_path):
     result = _gpu_check(tmp_path / "out", "--fast")
     assert result.returncode == 2 and "usage: benchmarks/gpu_check.sh OUT_DIR [--quick|--dry-run]" in result.stderr
