@@ -109,6 +109,47 @@ exit 0
     assert "test_slow.py::test_fails" in summary and "1 failed, 1 passed" in summary, summary
 
 
+def test_gpu_check_smoke_uses_the_first_triton_configuration(tmp_path):
+    """The smoke step runs with LKFAST_TRITON_AUTOTUNE=0: autotuning each of its (shape, dtype,
+    layout) cases compiles and times every configuration, which does not fit its 120 s on a bare
+    GPU machine."""
+    seen = tmp_path / "smoke_env"
+    _gpu_check_with_python(tmp_path, f"""#!/bin/sh
+case "$1" in benchmarks/gpu_smoke.py) echo "autotune=$LKFAST_TRITON_AUTOTUNE" > {seen};; esac
+exit 1
+""", 40)
+    assert seen.read_text().strip() == "autotune=0"
+
+
+def _quick_test_args():
+    """The pytest arguments of gpu_check.sh --quick, read off the script."""
+    import re
+    import shlex
+
+    block = re.search(r"^\s*quick\)(.*?);;", GPU_CHECK.read_text(), re.S | re.M).group(1)
+    words = re.search(r"test_args=\((.*?)\)", block, re.S).group(1)
+    return shlex.split(words.replace("\\\n", " "))
+
+
+def test_gpu_check_quick_tests_leave_out_the_cpu_only_tests():
+    """--quick's pytest cap (at most 150 s of GPU time) goes to the GPU cases: the tests that never
+    touch a GPU and cost minutes of CPU (the Python replays of the CUDA kernels, the sm_90
+    ahead-of-time compiles, torch.compile on CPU tensors) are left out with the "cpu" cases, and
+    every GPU test family is still in."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", *_quick_test_args()],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    cpu_only = [i for i in ids if any(s in i for s in ("replay", "compiles_for_sm90", "test_torch_compile", "-cpu]"))]
+    assert not cpu_only, cpu_only[:10]
+    for family in ("test_cuda.py::test_cuda_backend_matches_conv2d", "test_triton.py::test_triton_gpu",
+                   "test_triton_mma.py::test_mma_backend_on_gpu", "test_cuda.py::test_cuda_auto_is_correct_and_uses_table",
+                   "test_cuda.py::test_cuda_kernels_compiled_for_every_arch_without_spills"):
+        assert any(family in i for i in ids), family
+    assert any(i.startswith("tests/test_depthwise.py::test_matches_conv2d_fp32") and i.endswith("-cuda-cuda]")
+               for i in ids)
+
+
 def test_gpu_smoke_stopped_at_its_limit_still_reports_what_it_ran(tmp_path, monkeypatch, capsys):
     """gpu_check.sh stops the smoke test with SIGINT at its cap: the cases done by then are printed
     (each as it finishes) and saved, and the summary line says it was stopped."""
