@@ -138,10 +138,27 @@ def _measure(row: dict, fn, run: Run, deadline: float) -> dict:
     return row
 
 
+# A backend whose result is this far from PyTorch's (max |difference| / max |PyTorch's|, in fp32) is
+# wrong, not rounded differently: its row gets no time, so it can never enter the auto table. fp16 /
+# bf16 rounding stays below ~1e-2 (tests/reference.py's tolerances); a kernel bug gives O(1).
+WRONG_RESULT = 0.1
+
+
+def torch_result(name: str, x, w, g):
+    """PyTorch's result of one pass (the tensor lkfast's backends return for it)."""
+    out = torch_pass(name, x, w, g)()
+    return out if name == "forward" else out[0 if name == "input_grad" else 1]
+
+
+def _error_vs(out, ref) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
+
+
 def per_pass(shape, dtype, layout, batch, run: Run, rows: list) -> None:
     from lkfast.ops.backends import BACKENDS
 
     x, w, g = make_inputs(shape, DTYPES[dtype], layout, batch, run.device)
+    expected = {}
     for backend in run.backends + ("torch",):
         why = [] if backend == "torch" else BACKENDS[backend].not_supported_reasons(x, w)
         for name in PASSES:
@@ -151,6 +168,21 @@ def per_pass(shape, dtype, layout, batch, run: Run, rows: list) -> None:
                 rows.append(row)
                 continue
             fn = torch_pass(name, x, w, g) if backend == "torch" else lkfast_pass(name, backend, x, w, g)
+            if backend != "torch" and time.time() <= run.pass_deadline:
+                # The result once, against PyTorch's, before it is timed (on a GPU this first call
+                # also autotunes: the configuration the timing uses is the one checked)
+                try:
+                    if name not in expected:
+                        expected[name] = torch_result(name, x, w, g)
+                    row["rel_err_vs_torch"] = _error_vs(fn(), expected[name])
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    rows.append(row)
+                    continue
+                if not row["rel_err_vs_torch"] <= WRONG_RESULT:
+                    row["error"] = f"wrong result: max error {row['rel_err_vs_torch']:.2g} of PyTorch's largest value"
+                    rows.append(row)
+                    continue
             rows.append(_measure(row, fn, run, run.pass_deadline))
 
 

@@ -217,6 +217,27 @@ def test_bench_gpu_table_takes_the_fastest_per_pass_and_ships_through_save_table
         bench.main(["--write-table", str(results), "--table-path", str(shipped)])
 
 
+def test_bench_gpu_times_no_backend_whose_result_is_wrong(monkeypatch):
+    """Each lkfast pass is checked once against PyTorch's before it is timed (on a GPU that first call
+    also autotunes, so the configuration timed is the one checked): a wrong result gets no time and
+    cannot win a row of the auto table, however fast it is."""
+    from lkfast.ops.backends import BACKENDS
+
+    bench = _load_benchmark("bench_gpu")
+    cpu = BACKENDS["cpu"]
+    if cpu.not_supported_reasons(torch.empty(1, 1, 1, 1), torch.empty(1, 1, 1, 1)):
+        pytest.skip("lkfast._C is not built here")
+    monkeypatch.setattr(cpu, "forward", lambda x, w, b=None, flip=False: torch.ones_like(x))  # fast and wrong
+    rows = []
+    bench.per_pass(bench.DRY_RUN_SHAPES[0], "float32", "channels_last", 2, bench.Run("cpu", ("cpu",), 600), rows)
+    by_pass = {r["op"]: r for r in rows if r["backend"] == "cpu"}
+    for name in ("forward", "input_grad"):
+        assert "ms" not in by_pass[name] and by_pass[name]["error"].startswith("wrong result"), by_pass[name]
+    assert "ms" in by_pass["weight_grad"] and by_pass["weight_grad"]["rel_err_vs_torch"] < 1e-5
+    (key, plan), = bench.derive_table(rows, "CPU").items()
+    assert plan[:2] == ("torch", "torch")
+
+
 def test_bench_gpu_baseline_is_plain_pytorch():
     """The PyTorch side of each pass is F.conv2d / aten.convolution_backward, equal to autograd's."""
     bench = _load_benchmark("bench_gpu")
