@@ -8,10 +8,15 @@ Environment switches:
                         failed build leaves a pure-Python install that falls back to PyTorch and says
                         so in lkfast.ops.available_backends()
   MAX_JOBS=N            parallel compile jobs (ninja)
+  LKFAST_PREBUILT=1     build nothing: keep the lkfast/_C*.so already in the checkout (one carried to a
+                        machine where compiling costs its scarce time, as benchmarks/gpu_check.sh does)
+Beside the built extension, _C.<abi>.sources records which csrc/ it was built from (lkfast._sources);
+importing lkfast from a checkout whose csrc/ has changed since then warns that the build is stale.
 Install with `pip install --no-build-isolation -e .` so the build uses the torch already installed.
 """
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
@@ -49,7 +54,44 @@ def _set_cuda_home():
             return
 
 
+def _sources_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_lkfast_sources", os.path.join(ROOT, "lkfast", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _recording(build_ext):
+    """``build_ext`` that writes, beside each extension it built, the record of its sources (also
+    beside the copy an in-place or editable build puts in the checkout)."""
+    class RecordingBuildExt(build_ext):
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            import torch
+
+            _sources_module().write_record(
+                self.get_ext_fullpath(ext.name), os.path.join(ROOT, "csrc"), torch=torch.__version__,
+                with_cuda=any(s.endswith(".cu") for s in ext.sources),
+                cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST") if torch.version.cuda else None)
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()
+            sources = _sources_module()
+            for ext in self.extensions:
+                filename = self.get_ext_filename(self.get_ext_fullname(ext.name))
+                built = sources.record_path(os.path.join(self.build_lib, filename))
+                if built.is_file():
+                    shutil.copyfile(built, sources.record_path(os.path.join(ROOT, filename)))
+
+    return RecordingBuildExt
+
+
 def _extensions():
+    if os.environ.get("LKFAST_PREBUILT", "0") == "1":
+        print("lkfast: LKFAST_PREBUILT=1: building nothing, lkfast/_C*.so as it is in the checkout")
+        return [], {}
     _set_cuda_home()
     try:
         import torch
@@ -95,7 +137,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
         )
     ext.optional = not required
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _recording(BuildExtension.with_options(use_ninja=True))}
 
 
 ext_modules, cmdclass = _extensions()

@@ -17,6 +17,10 @@
 #                                               sanitizer): checks the script before GPU time is spent
 #                                               on it; tests/test_benchmarks.py runs it
 #
+# To save the compile (minutes of the GPU session), make the extension here first, for the GPU
+# machine's python and torch: `.ci/gpu_stack --prebuild`, then carry lkfast/_C.cpython-312-*.so and
+# its .sources record (`run`'s carry). It is used only if built from the same csrc/ and it runs there.
+#
 # OUT_DIR receives at most 5 files, none in a sub-folder: summary.md (always written, even when a step
 # hangs or fails), gpu_bench.json and gpu_bench.md (bench_gpu.py), tests.log (smoke test and pytest),
 # rest.tar.gz (everything else: build log, nvidia-smi, backends, other benchmarks, sanitizer).
@@ -154,11 +158,25 @@ else
   arch=$(probe "$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
   [ -n "$arch" ] && export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}  # this GPU only: a quicker compile
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  if ! LKFAST_REQUIRE_EXT=1 step build 240 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .; then
+  # A carried extension (.ci/gpu_stack --prebuild made it for this machine's python and torch)
+  # saves the compile: used when it was built from these csrc/ sources, with CUDA, and runs here
+  abi=$(probe "$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+  built=no
+  if [ -n "$abi" ] && [ -f "lkfast/_C$abi" ]; then
+    if LKFAST_PREBUILT=1 step install_prebuilt 90 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . \
+        && step prebuilt_check 60 "$PY" benchmarks/gpu_smoke.py --check-extension; then
+      built=yes
+      note "- build: skipped, the carried lkfast/_C$abi was built from these sources and runs here"
+    else
+      note "- the carried lkfast/_C$abi does not fit (see above): building it here"
+    fi
+  fi
+  if [ $built = no ] && ! LKFAST_REQUIRE_EXT=1 step build 240 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .; then
     tail -20 "$WORK/build.log" | sed 's/^/    /' >> "$SUMMARY"
-    # without pip's editable install (e.g. no `wheel`): build in place and import from the checkout
+    # without pip's editable install (e.g. no `wheel`): build in place and import from the checkout,
+    # where lkfast.kernels (kernels/ in the tree, mapped by the install) needs a link
     LKFAST_REQUIRE_EXT=1 step build_inplace 180 "$PY" setup.py build_ext --inplace \
-      && export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+      && export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" && { [ -e lkfast/kernels ] || ln -s ../kernels lkfast/kernels; }
   fi
 fi
 

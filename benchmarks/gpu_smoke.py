@@ -112,12 +112,56 @@ def print_row(r: dict) -> None:
           flush=True)
 
 
+def check_extension(device: str) -> list[str]:
+    """Why the lkfast._C loaded here cannot serve the GPU check (empty when it can): it must be
+    recorded as built from the checkout's csrc/ (lkfast._sources), with CUDA, and its kernels must
+    compute one small case right on ``device`` ("no kernel image" when built for another GPU)."""
+    from lkfast import _ext
+    from lkfast._sources import record_path
+    from lkfast.ops import PASSES
+    from lkfast.ops.backends import BACKENDS
+
+    if _ext._C is None:
+        return [_ext.load_error]
+    problems = []
+    if not record_path(_ext._C.__file__).is_file():
+        problems.append(f"no {record_path(_ext._C.__file__).name} beside it: which sources it was built from is unknown")
+    if _ext.stale:
+        problems.append(_ext.stale)
+    if not getattr(_ext._C, "with_cuda", False):
+        problems.append("built without CUDA")
+    if problems:
+        return problems
+    x, w, g = (torch.randn(*shape, generator=torch.Generator().manual_seed(i)).to(device)
+               for i, shape in enumerate([(2, 8, 12, 10), (8, 1, 7, 5), (2, 8, 12, 10)]))
+    backend = BACKENDS["cuda" if device.startswith("cuda") else "cpu"]
+    for pass_ in PASSES:
+        try:
+            error = relative_error(run_pass(backend, pass_, x, w, g), reference(pass_, x, w, g))
+        except Exception as exc:
+            return [f"{pass_}: {type(exc).__name__}: {str(exc)[:300]}"]
+        if not error <= TOLERANCE[torch.float32]:
+            problems.append(f"{pass_}: max error {error:.2g} of the reference's largest value")
+    return problems
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write every case as JSON here")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape in fp32 only (a CPU dry run, compute-sanitizer)")
+    parser.add_argument("--check-extension", action="store_true",
+                        help="only check that lkfast._C was built from these sources, with CUDA, and runs on --device "
+                             "(gpu_check.sh: whether a carried build can be used)")
     args = parser.parse_args(argv)
+    if args.check_extension:
+        problems = check_extension(args.device)
+        for problem in problems:
+            print(f"extension: {problem}")
+        if not problems:
+            from lkfast import _ext
+            print(f"extension: {_ext._C.__file__} fits: built from these sources, with CUDA, and correct on {args.device}")
+        return 1 if problems else 0
     results: list[dict] = []
 
     def report(row):

@@ -1,8 +1,13 @@
-"""Loads the compiled extension lkfast._C once, remembering why it is missing when it is."""
+"""Loads the compiled extension lkfast._C once, remembering why it is missing when it is, and
+warning when it was built from other C++/CUDA sources than the checkout's (``lkfast._sources``)."""
 from __future__ import annotations
+
+import warnings
+from pathlib import Path
 
 _C = None
 load_error: str | None = None
+stale: str | None = None  # why the loaded extension does not match csrc/ (a source checkout only)
 
 try:  # pragma: no cover - which branch runs depends on the install
     from lkfast import _C  # type: ignore[attr-defined,no-redef]
@@ -11,3 +16,9 @@ except Exception as exc:  # ImportError, or an undefined symbol from a torch mis
         f"lkfast._C is not available ({type(exc).__name__}: {exc}); reinstall with "
         "`pip install --no-build-isolation -e .` to build it"
     )
+else:
+    from lkfast._sources import stale_reason
+
+    stale = stale_reason(_C.__file__, Path(__file__).resolve().parent.parent / "csrc")
+    if stale:
+        warnings.warn(f"lkfast: {stale}", RuntimeWarning, stacklevel=2)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -449,3 +450,77 @@ def test_model_report_shows_the_ceiling():
     assert [c.strip() for c in row.split("|")[1:-1]] == ["replknet_31b", "train_step", "12000", "5000", "4000",
                                                          "2.40x", "3.00x", "20%"]
     assert "- train_step >= 5.0x faster plain layout: 2.40x (MISSED; ceiling with the depthwise convs free 3.00x)" in text
+
+
+def test_gpu_smoke_check_extension_says_whether_a_carried_build_can_serve(monkeypatch, capsys):
+    """gpu_check.sh uses a carried lkfast._C only when gpu_smoke.py --check-extension passes: built
+    from the checkout's csrc/ (its record), with CUDA, and right on the device (here: the CPU kernels
+    stand in for the CUDA ones)."""
+    from lkfast import _ext
+    from lkfast.ops.backends import BACKENDS
+
+    if _ext._C is None:
+        pytest.skip(f"lkfast._C is not built here: {_ext.load_error}")
+    smoke = _load_benchmark("gpu_smoke")
+
+    class WithCuda:  # the real extension, said to be built with CUDA
+        def __getattr__(self, name):
+            return getattr(real, name)
+        with_cuda = True
+
+    real = _ext._C
+    if not real.with_cuda:
+        assert smoke.main(["--check-extension", "--device", "cpu"]) == 1
+        assert "extension: built without CUDA" in capsys.readouterr().out
+    monkeypatch.setattr(_ext, "_C", WithCuda())
+    assert smoke.main(["--check-extension", "--device", "cpu"]) == 0, capsys.readouterr().out
+    assert "fits: built from these sources, with CUDA, and correct on cpu" in capsys.readouterr().out
+    monkeypatch.setattr(_ext, "stale", "built from other sources")
+    assert smoke.main(["--check-extension", "--device", "cpu"]) == 1
+    assert "extension: built from other sources" in capsys.readouterr().out
+    monkeypatch.setattr(_ext, "stale", None)
+    real_forward = BACKENDS["cpu"].forward
+    monkeypatch.setattr(BACKENDS["cpu"], "forward", lambda x, w, b, flip: real_forward(x, w, b, flip) * (1.0 + flip))
+    assert smoke.main(["--check-extension", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "input_grad: max error" in out and "forward:" not in out
+
+
+@pytest.mark.parametrize("case", ["fits", "does-not-fit", "none-carried"])
+def test_gpu_check_uses_a_carried_extension_only_when_it_fits(tmp_path, case):
+    """On a GPU, gpu_check.sh --quick installs a carried lkfast/_C<abi>.so without compiling
+    (LKFAST_PREBUILT=1) when gpu_smoke.py --check-extension passes, and compiles otherwise. A copy of
+    the script in a made-up checkout, with a python that logs its calls and succeeds (the extension
+    check as the case says)."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "lkfast").mkdir()
+    shutil.copy(GPU_CHECK, repo / "benchmarks" / "gpu_check.sh")
+    abi = ".cpython-312-x86_64-linux-gnu.so"
+    if case != "none-carried":
+        (repo / "lkfast" / f"_C{abi}").write_bytes(b"")
+    calls = tmp_path / "calls"
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+echo "LKFAST_PREBUILT=${{LKFAST_PREBUILT:-}} $*" >> {calls}
+case "$*" in *EXT_SUFFIX*) echo {abi};; *"--check-extension"*) [ {case} = fits ] || exit 1;; esac
+exit 0
+""")
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), str(out), "--quick"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHON": str(python), "GPU_CHECK_LIMIT": "120"})
+    summary = (out / "summary.md").read_text()
+    log = calls.read_text().splitlines()
+    prebuilt_installs = [c for c in log if c.startswith("LKFAST_PREBUILT=1 -m pip install")]
+    builds = [c for c in log if c.startswith("LKFAST_PREBUILT= -m pip install")]
+    if case == "fits":
+        assert f"- build: skipped, the carried lkfast/_C{abi} was built from these sources" in summary, summary
+        assert len(prebuilt_installs) == 1 and not builds, log
+    else:
+        assert len(builds) == 1, log
+        assert len(prebuilt_installs) == (case == "does-not-fit"), log
+        assert (f"the carried lkfast/_C{abi} does not fit" in summary) == (case == "does-not-fit"), summary
+    assert "--no-index --no-build-isolation --no-deps -e ." in (prebuilt_installs + builds)[0]
+    assert result.returncode in (0, 1), result.stderr[-2000:]

@@ -238,6 +238,8 @@ def available_backends() -> dict[str, BackendInfo]:
         detail = backend.description
         if name == "cpu" and why is None:
             detail += f", {_ext._C.cpu_isa()} path"
+        if name in ("cpu", "cuda") and why is None and _ext.stale:
+            detail += f"; STALE BUILD: {_ext.stale}"
         out[name] = BackendInfo(
             name=name,
             available=why is None,

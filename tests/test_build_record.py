@@ -1,0 +1,61 @@
+"""The record of which csrc/ lkfast._C was built from (lkfast._sources, written by setup.py): a
+build older than the checkout's C++/CUDA sources is named at import, not silently run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import lkfast.ops as ops
+from lkfast import _ext
+from lkfast._sources import record_path, source_hash, stale_reason, write_record
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_record_names_a_build_from_other_sources(tmp_path):
+    csrc = tmp_path / "csrc"
+    (csrc / "cuda").mkdir(parents=True)
+    (csrc / "a.cpp").write_text("int a;")
+    (csrc / "a.h").write_text("#pragma once")
+    (csrc / "cuda" / "k.cu").write_text("__global__ void k() {}")
+    (csrc / "notes.txt").write_text("not a source")
+    so = tmp_path / "_C.cpython-312-x86_64-linux-gnu.so"
+    record = write_record(so, csrc, torch="2.11.0")
+    assert record == record_path(so) == tmp_path / "_C.cpython-312-x86_64-linux-gnu.sources"
+    assert json.loads(record.read_text()) == {"sources": source_hash(csrc), "torch": "2.11.0"}
+    assert stale_reason(so, csrc) is None
+    (csrc / "notes.txt").write_text("edited")  # not a source: the build still fits
+    assert stale_reason(so, csrc) is None
+    (csrc / "cuda" / "k.cu").write_text("__global__ void k() { }")
+    reason = stale_reason(so, csrc)
+    assert reason.startswith(f"{so.name} was built from other sources than {csrc} holds now")
+    assert "rebuild with `pip install --no-build-isolation -e .`" in reason
+    (csrc / "cuda" / "k.cu").write_text("__global__ void k() {}")
+    assert stale_reason(so, csrc) is None
+    (csrc / "a.h").rename(csrc / "b.h")  # same contents, another file
+    assert stale_reason(so, csrc) is not None
+    # nothing to say: no sources beside the package (a wheel), or a build without a record
+    assert stale_reason(so, tmp_path / "absent") is None
+    record.unlink()
+    assert stale_reason(so, csrc) is None
+
+
+def test_this_checkouts_extension_was_built_from_its_sources():
+    """setup.py writes the record beside the extension, in-place and editable builds included."""
+    if _ext._C is None:
+        pytest.skip(f"lkfast._C is not built here: {_ext.load_error}")
+    if not (Path(_ext.__file__).resolve().parent.parent / "csrc").is_dir():
+        pytest.skip("lkfast is installed without its sources: nothing to compare")
+    record = record_path(_ext._C.__file__)
+    assert record.is_file(), f"no {record.name} beside {_ext._C.__file__}: setup.py did not record the build"
+    assert _ext.stale is None, _ext.stale
+
+
+def test_available_backends_flag_a_stale_build(monkeypatch):
+    if _ext._C is None:
+        pytest.skip(f"lkfast._C is not built here: {_ext.load_error}")
+    monkeypatch.setattr(_ext, "stale", "built from other sources")
+    info = ops.available_backends()["cpu"]
+    assert info.available and "STALE BUILD: built from other sources" in info.reason
