@@ -355,6 +355,47 @@ def test_bad_input_errors(make, exc, match):
         ops.depthwise_conv2d(*make(x, w))
 
 
+# ---- empty input: an empty output and zero weight/bias gradients, on every backend ------------
+
+EMPTY_SHAPES = [(0, 3, 6, 5), (2, 0, 6, 5), (2, 3, 0, 5), (2, 3, 6, 0)]
+
+
+@pytest.mark.parametrize("backend_device", [("auto", "cpu")] + BACKEND_DEVICES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=case_id)
+def test_empty_input(backend_device, dtype, shape):
+    # F.conv2d refuses C = 0 and an empty map; the "torch" backend ran it anyway (and so did
+    # `auto`, wherever its plan named torch: the fp16 forward, or a calibration that timed it)
+    name, device = backend_device
+    backend = backend_or_skip(name, device, dtype)
+    x = torch.randn(shape, device=device).to(dtype).requires_grad_(True)
+    w = torch.randn(shape[1], 1, 7, 3, device=device).to(dtype).requires_grad_(True)
+    b = torch.randn(shape[1], device=device).to(dtype).requires_grad_(True)
+    y = ops.depthwise_conv2d(x, w, b, backend=backend)
+    assert y.shape == x.shape and y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
+    assert not w.grad.any() and not b.grad.any()
+
+
+def test_an_empty_input_is_not_calibrated(tmp_path, monkeypatch):
+    # An empty dimension buckets as 1 (cpu_dispatch.shape_class): a calibration timed on the empty
+    # tensors was kept as the choice for every batch-1 call of that shape class.
+    from lkfast.ops import cpu_dispatch
+
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
+    monkeypatch.setattr(cpu_dispatch, "_calibration", None)
+    measured = []
+    monkeypatch.setattr(cpu_dispatch, "measure", lambda runs: measured.append(sorted(runs)) or {n: 1.0 for n in runs})
+    x = torch.randn(0, 8, 12, 12, requires_grad=True)
+    w = torch.randn(8, 1, 7, 7, requires_grad=True)
+    ops.depthwise_conv2d(x, w).sum().backward()
+    assert ops.plan_for(x, w) == ("torch", "torch", "torch")
+    assert "empty" in ops.plan_for(x, w, explain=True).source
+    assert measured == [] and not list(tmp_path.iterdir())
+
+
 def test_unknown_backend_lists_choices():
     x, w = _args()
     with pytest.raises(ValueError, match=r"unknown backend 'fast'.*auto, torch, cpu, cuda, triton"):

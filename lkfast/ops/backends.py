@@ -106,6 +106,8 @@ class TorchBackend(Backend):
         return x
 
     def forward(self, x, weight, bias=None, flip=False):
+        if x.numel() == 0:  # F.conv2d refuses C = 0 (groups = 0) and an empty map (H or W = 0)
+            return torch.empty_like(x, memory_format=output_memory_format(x))
         if flip:
             weight = weight.flip(-1, -2)
         kh, kw = weight.shape[-2:]
@@ -114,6 +116,8 @@ class TorchBackend(Backend):
 
     def weight_grad(self, grad_out, x, kh, kw):
         C = x.shape[1]
+        if x.numel() == 0:  # nothing summed (and convolution_backward refuses C = 0, H or W = 0)
+            return x.new_zeros((C, 1, kh, kw))
         gw = torch.ops.aten.convolution_backward(
             self._layout(grad_out), self._layout(x), x.new_empty(1).expand(C, 1, kh, kw),
             None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], C, [False, True, False],

@@ -164,6 +164,10 @@ def plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto", *,
                 + f". Backends that can: {', '.join(usable) or 'none'} (or use backend='auto')"
             )
         plan, source = Plan.single(backend), f"backend {backend!r} was named for every pass"
+    elif x.numel() == 0:
+        # Nothing to compute, and nothing to measure: a calibration timed on empty tensors would be
+        # kept for the non-empty calls of its shape class (an empty dimension buckets as 1).
+        plan, source = Plan.single("torch"), "x is empty (a dimension of size 0): nothing to compute"
     elif x.device.type == "cpu":
         plan, source = _cpu_plan(x, weight)
     elif x.device.type == "cuda":
