@@ -396,6 +396,34 @@ def test_an_empty_input_is_not_calibrated(tmp_path, monkeypatch):
     assert measured == [] and not list(tmp_path.iterdir())
 
 
+_ONE_CHANNEL_CHILD = """
+import sys, torch
+import lkfast.ops as ops
+from lkfast.ops.backends import BACKENDS
+torch.set_num_threads(1)
+for shape, (kh, kw) in [((1, 1, 13, 23), (31, 13)), ((2, 1, 14, 14), (51, 7)), ((1, 1, 10, 23), (31, 13))]:
+    x, g = torch.randn(shape), torch.randn(shape)
+    for _ in range(3):
+        gw = BACKENDS["torch"].weight_grad(g, x, kh, kw)
+    want = torch.nn.grad.conv2d_weight(x.double(), (1, 1, kh, kw), g.double(), padding=(kh // 2, kw // 2))
+    assert gw.shape == (1, 1, kh, kw) and ((gw.double() - want).abs().max() / want.abs().max()).item() < 1e-4
+    # auto with calibration on (the default) times the torch weight gradient on tensors of this shape
+    x.requires_grad_(True)
+    ops.depthwise_conv2d(x, torch.randn(1, 1, kh, kw, requires_grad=True)).sum().backward()
+print("ok")
+"""
+
+
+def test_one_channel_weight_grad_on_the_cpu_does_not_crash(tmp_path):
+    """oneDNN's weight gradient of a one-channel convolution whose kernel reaches far past the map's
+    rows corrupts the heap (torch 2.14); the "torch" backend, and the calibration of ``auto`` that
+    times it, computed it there and crashed the process. In a child process: a crash is a failure."""
+    env = {**os.environ, "LKFAST_CALIBRATE": "1", "LKFAST_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", _ONE_CHANNEL_CHILD], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
+
+
 def test_unknown_backend_lists_choices():
     x, w = _args()
     with pytest.raises(ValueError, match=r"unknown backend 'fast'.*auto, torch, cpu, cuda, triton"):

@@ -118,6 +118,12 @@ class TorchBackend(Backend):
         C = x.shape[1]
         if x.numel() == 0:  # nothing summed (and convolution_backward refuses C = 0, H or W = 0)
             return x.new_zeros((C, 1, kh, kw))
+        if C == 1 and x.device.type == "cpu":
+            # One channel is a plain (groups = 1) convolution to oneDNN, whose weight gradient
+            # corrupts the heap when the kernel reaches far past the map's rows (torch 2.14: x
+            # (1, 1, 13, 23) with a 31x13 kernel, a segfault or a glibc abort). Its depthwise path
+            # is fine: compute the channel twice, as a two-channel depthwise convolution.
+            return self.weight_grad(grad_out.expand(-1, 2, -1, -1), x.expand(-1, 2, -1, -1), kh, kw)[:1]
         gw = torch.ops.aten.convolution_backward(
             self._layout(grad_out), self._layout(x), x.new_empty(1).expand(C, 1, kh, kw),
             None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], C, [False, True, False],
