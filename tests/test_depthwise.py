@@ -105,6 +105,32 @@ def test_gradcheck_float64(backend_device):
     assert torch.autograd.gradcheck(lambda a, w, b: ops.depthwise_conv2d(a, w, b, backend=backend), (x, weight, bias))
 
 
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES, ids=case_id)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_second_order_gradients(backend_device, fmt):
+    """create_graph=True (gradient penalties, Hessian-vector products, as nn.Conv2d allows): the
+    gradients are differentiable again, gradgradcheck passes, and a gradient penalty's gradients
+    match F.conv2d's."""
+    backend, device = backend_device
+    backend = backend_or_skip(backend, device, torch.float64)
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, generator=g).to(device).contiguous(memory_format=memory_format)
+    x.requires_grad_(True)
+    weight = torch.randn(3, 1, 5, 3, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+    bias = torch.randn(3, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+    op = lambda a, w, b: ops.depthwise_conv2d(a, w, b, backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(op, (x, weight, bias))
+
+    def penalty_grads(conv):
+        gx, gw = torch.autograd.grad(conv(x, weight, bias).square().sum(), (x, weight), create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, weight, bias))
+
+    want = penalty_grads(lambda a, w, b: torch.nn.functional.conv2d(a, w, b, padding=(2, 1), groups=3))
+    for got, expected in zip(penalty_grads(op), want):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
 _ISA_CHILD = """
 import sys, torch
 from lkfast import _ext

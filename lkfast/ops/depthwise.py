@@ -234,9 +234,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
+    if torch.is_grad_enabled():
+        # create_graph=True (a gradient penalty, a Hessian-vector product): the gradients must be
+        # differentiable in turn. lkfast's gradient ops have no derivative of their own; PyTorch's
+        # convolution_backward has one, so the gradients go through it here.
+        grad_x, grad_w = _differentiable_grads(grad, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    if ctx.needs_input_grad[0] and grad_x is None:
         grad_x = _input_grad_op(grad, weight, ctx.plan.input_grad)
-    if ctx.needs_input_grad[1]:
+    if ctx.needs_input_grad[1] and grad_w is None:
         grad_w = _weight_grad_op(grad, x, weight.shape[2], weight.shape[3], ctx.plan.weight_grad)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad.sum(dim=(0, 2, 3), dtype=torch.float32 if grad.dtype != torch.float64 else None).to(grad.dtype)
@@ -244,6 +249,15 @@ def _backward(ctx, grad):
 
 
 _depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _differentiable_grads(grad, x, weight, want_x: bool, want_w: bool):
+    if grad.numel() == 0 or not (want_x or want_w):
+        return None, None  # nothing to differentiate: the ops' own (empty-safe) path
+    kh, kw = weight.shape[-2:]
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], x.shape[1], [want_x, want_w, False])
+    return grad_x, grad_w
 
 
 def _under_torch_func(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
@@ -266,7 +280,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     x: ``(N, C, H, W)`` in any memory format (the output has the same one: channels_last in,
     channels_last out). weight: ``(C, 1, kh, kw)`` with odd kh, kw (square or not, any size).
     bias: ``(C,)`` or None. float32, float16, bfloat16 or float64, all three on one device.
-    Differentiable in x, weight and bias. ``backend``: "auto", "torch", "cpu", "cuda", "triton" or
+    Differentiable in x, weight and bias, to any order (with ``create_graph=True`` the gradients are
+    computed by PyTorch's differentiable ``convolution_backward``). ``backend``: "auto", "torch", "cpu", "cuda", "triton" or
     "triton_mma" (tensor cores, fp16/bf16); ``lkfast.ops.available_backends()`` lists which can run
     here and why the others cannot.
     Under ``torch.func`` transforms (vmap, grad, jvp, jacrev, hessian...) ``auto`` and "torch" compute
