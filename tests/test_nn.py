@@ -379,3 +379,19 @@ def test_module_factory_and_patch_model_apply_one_rule(args):
     assert type(make_conv2d(cin, cout, k, stride, padding, dilation, groups, fast=False)) is nn.Conv2d
     x = torch.randn(1, cin, 11, 12)
     _close(model(x), F.conv2d(x, plain.weight, plain.bias, stride, padding, dilation, groups))
+
+
+@pytest.mark.parametrize("size", [(7,), (7, 7, 7), 7.0, (7, 5.0), 6, (7, 4), 0])
+def test_depthwise_module_refuses_a_kernel_size_that_is_no_odd_pair(size):
+    """An int or a pair of odd ints; anything else is one ValueError naming what was given."""
+    with pytest.raises(ValueError, match=r"^DepthwiseConv2d: kernel"):
+        DepthwiseConv2d(4, size)
+
+
+def test_depthwise_module_takes_an_int_or_a_pair():
+    assert DepthwiseConv2d(4, 7).kernel_size == (7, 7)
+    assert DepthwiseConv2d(4, (7, 5)).kernel_size == (7, 5)
+    assert DepthwiseConv2d(4, [3, 9]).kernel_size == (3, 9)
+    import numpy as np
+
+    assert DepthwiseConv2d(4, np.int64(5)).kernel_size == (5, 5)

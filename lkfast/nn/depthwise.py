@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Union
 
 import torch
@@ -25,7 +26,14 @@ DEFAULT_MIN_KERNEL_SIZE = 5
 
 
 def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    """(kh, kw) of an int or a pair of ints (numpy's too); ValueError for anything else."""
+    try:
+        pair = (operator.index(size),) * 2 if not isinstance(size, (tuple, list)) else tuple(map(operator.index, size))
+    except TypeError:
+        pair = ()
+    if len(pair) != 2:
+        raise ValueError(f"kernel_size must be an int or a pair of ints (kh, kw), got {size!r}")
+    return pair
 
 
 def fast_op_computes(in_channels: int, out_channels: int, kernel_size: KernelSize, stride=1, padding=None,
@@ -66,7 +74,10 @@ class DepthwiseConv2d(nn.Conv2d):
     """
 
     def __init__(self, channels: int, kernel_size: KernelSize, bias: bool = True, device=None, dtype=None):
-        kh, kw = _pair(kernel_size)
+        try:
+            kh, kw = _pair(kernel_size)
+        except ValueError as error:
+            raise ValueError(f"DepthwiseConv2d: {error}") from None
         if kh % 2 == 0 or kw % 2 == 0 or kh < 1 or kw < 1:
             raise ValueError(f"DepthwiseConv2d: kernel size must be odd in both dimensions, got {kh}x{kw}; "
                              f"use nn.Conv2d for even kernels")
