@@ -794,6 +794,26 @@ def test_cuda_table_choice_rules(tmp_path, monkeypatch):
     assert cuda_table.choose(x, w, lambda name: name != "triton_mma", gpu=H200)[0] == ("torch", "cuda", "torch")
 
 
+def test_cuda_table_choice_is_searched_once_per_key_and_table(tmp_path, monkeypatch):
+    """The op asks on every call: the nearest-row search runs once per (key, runnable backends)
+    while the table stays the same, and again once the file changes."""
+    x, w = _call()
+    path = cuda_table.save_table({cuda_table.key_of(x, w, H200): ("triton",) * 3}, "a", tmp_path / "t.json")
+    monkeypatch.setenv(cuda_table.ENV_VAR, str(path))
+    searches = []
+    real = cuda_table._choose_in
+    monkeypatch.setattr(cuda_table, "_choose_in", lambda *a: searches.append(a[1:]) or real(*a))
+    everything = lambda name: True  # noqa: E731
+    for _ in range(3):
+        assert cuda_table.choose(x, w, everything, gpu=H200)[0] == ("triton",) * 3
+    assert len(searches) == 1
+    cuda_table.choose(x, w, lambda name: name != "triton", gpu=H200)  # other backends can run: its own search
+    assert len(searches) == 2
+    cuda_table.save_table({cuda_table.key_of(x, w, H200): ("cuda",) * 3}, "b", path)
+    assert cuda_table.choose(x, w, everything, gpu=H200)[0] == ("cuda",) * 3
+    assert len(searches) == 3
+
+
 def test_cuda_table_key_names_the_layout_the_op_computes_in():
     x, w = _call(N=2, C=8, H=5, W=7, k=3, channels_last=False)
     assert cuda_table.key_of(x, w, H200) == (H200, "float16", "nchw", 3, 3, 2, 8, 5, 7)
