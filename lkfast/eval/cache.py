@@ -79,6 +79,16 @@ def tree_fingerprint(root: str) -> str:
     return files_fingerprint(paths)
 
 
+def read_json_object(path) -> Optional[Dict[str, Any]]:
+    """The JSON object (dict) stored in ``path``, or None when the file is missing or damaged: cut
+    short, garbage bytes (not UTF-8), or valid JSON that is not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # ValueError: JSONDecodeError and UnicodeDecodeError
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def safe_name(text: str) -> str:
     """``text`` as one path component: anything but letters, digits, '.', '-', '_' becomes '_'."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", text) or "_"
@@ -122,13 +132,9 @@ class ResultCache:
         return self.root / safe_name(task) / f"result.{key}.json"
 
     def load_result(self, task: str, key: str) -> Optional[Dict[str, Any]]:
-        path = self.result_path(task, key)
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        """The stored result of a task, or None when there is none or the file is damaged (cut short,
+        not UTF-8, not a JSON object: the task is computed again and the file rewritten)."""
+        return read_json_object(self.result_path(task, key))
 
     def save_result(self, task: str, key: str, result: Dict[str, Any]) -> Path:
         return write_text_atomic(self.result_path(task, key), json.dumps(result, indent=1, sort_keys=True))

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from lkfast.eval import distributed as dist
-from lkfast.eval.cache import ResultCache, files_fingerprint, stable_hash, tree_fingerprint
+from lkfast.eval.cache import ResultCache, files_fingerprint, read_json_object, stable_hash, tree_fingerprint
 from lkfast.eval.classes import ClassSpace
 from lkfast.eval.models import ModelSpec, count_parameters, load_model, output_classes
 from lkfast.data.imagenet import DatasetLayoutError
@@ -374,8 +374,9 @@ class Runner:
             card.update(parameters=parameters, input_size=list(config["input_size"]))
             if dist.is_main():
                 write_text_atomic(path, json.dumps(card))
-        elif path.is_file():
-            card.update({k: v for k, v in json.loads(path.read_text()).items() if k in ("parameters", "input_size")})
+        else:  # missing or damaged (read_json_object gives None): the card goes without them
+            stored = read_json_object(path) or {}
+            card.update({k: v for k, v in stored.items() if k in ("parameters", "input_size")})
         return card
 
     def _release(self, spec: ModelSpec) -> None:

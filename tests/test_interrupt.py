@@ -1,0 +1,55 @@
+"""What a crash, a kill, a full disk or a second process at the same time leaves behind, and what the
+next run makes of it: cache files damaged by hand, concurrent writers of the same files. Crashes are
+simulated by writing what they leave, not by killing processes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lkfast.eval import EvalOptions, ModelSpec, register_task, run_evaluation
+from lkfast.eval.cache import ResultCache
+from lkfast.eval.registry import TASKS
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+DAMAGED = [b'{"top1": 1', bytes(range(256)), b"[1, 2]", b"null", b""]
+
+
+@pytest.mark.parametrize("junk", DAMAGED, ids=["cut-short", "not-utf8", "a-list", "null", "empty"])
+def test_a_damaged_result_file_reads_as_missing(tmp_path, junk):
+    cache = ResultCache(tmp_path)
+    path = cache.save_result("clean", "k", {"top1": 1.0})
+    path.write_bytes(junk)
+    assert cache.load_result("clean", "k") is None
+
+
+def test_a_run_recomputes_a_result_and_model_card_filled_with_garbage(tmp_path):
+    """A task result and the model card (model.json) damaged by hand (a disk-full or a crash on a
+    file system without atomic renames): the next run computes the task again, no traceback."""
+    calls = []
+
+    def constant(ctx):
+        calls.append(1)
+        return {"value": 3}
+
+    register_task("test-constant", constant, replace=True)
+    try:
+        specs = [ModelSpec("test_resnet", None, "tiny", input_size=32)]
+        options = EvalOptions(out=str(tmp_path), workers=0, progress=False, write_report=False)
+        first = run_evaluation(specs, ["test-constant"], options)
+        results = list(tmp_path.glob("cache/*/test-constant/result.*.json"))
+        cards = list(tmp_path.glob("cache/*/model.json"))
+        assert len(results) == 1 and len(cards) == 1 and len(calls) == 1
+        cards[0].write_bytes(bytes(range(256)))  # every task cached: the card is read, not rebuilt
+        second = run_evaluation(specs, ["test-constant"], options)
+        assert len(calls) == 1 and second["tiny"]["test-constant"] == first["tiny"]["test-constant"]
+        assert "parameters" not in second["tiny"]["_model"]  # what it cannot read is left out
+        results[0].write_bytes(bytes(range(256)))
+        third = run_evaluation(specs, ["test-constant"], options)
+        assert len(calls) == 2 and third["tiny"]["test-constant"]["value"] == 3
+        assert json.loads(results[0].read_text())["value"] == 3  # rewritten whole
+        assert third["tiny"]["_model"] == first["tiny"]["_model"]
+    finally:
+        TASKS.pop("test-constant")
