@@ -53,3 +53,34 @@ def test_a_run_recomputes_a_result_and_model_card_filled_with_garbage(tmp_path):
         assert third["tiny"]["_model"] == first["tiny"]["_model"]
     finally:
         TASKS.pop("test-constant")
+
+
+def _source(root, per_class=3, size=40):
+    from lkfast import data
+
+    g = torch.Generator().manual_seed(0)
+    for wnid in ("n01440764", "n01443537"):
+        for i in range(per_class):
+            path = root / wnid / f"img{i}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data.encode_jpeg(data.to_uint8(torch.rand(3, size, size, generator=g)), quality=90))
+    return root
+
+
+@pytest.mark.parametrize("left", [b"\xff", b"\xff\xd8\xff"], ids=["1-byte", "3-byte"])
+def test_corrupt_rerun_rewrites_an_output_cut_to_a_few_bytes(tmp_path, left):
+    """A rendered JPEG cut to 1-3 bytes (a killed copy, a crash before the data reached the disk) is
+    not complete and is written again; the check used to seek before the start of the file (OSError)."""
+    from lkfast.data import io as data_io
+    from lkfast.data.writer import render
+
+    src = _source(tmp_path / "src")
+    dst = tmp_path / "dst"
+    assert render(src, dst, "c", names=["gaussian_noise"], levels=[1], progress=False) == 6
+    whole = dst / "gaussian_noise" / "1" / "n01440764" / "img1.JPEG"
+    good = whole.read_bytes()
+    whole.write_bytes(left)
+    assert not data_io.is_complete(whole)
+    counts = {}
+    assert render(src, dst, "c", names=["gaussian_noise"], levels=[1], progress=False, counts=counts) == 1
+    assert counts["complete"] == 5 and whole.read_bytes() == good

@@ -200,9 +200,11 @@ def is_complete(path: PathLike) -> bool:
     suffix = path.suffix.lower()
     with open(path, "rb") as f:
         if suffix in (".jpeg", ".jpg"):
+            if size < 4:  # (seeking 2 bytes back from the end of a 1-byte file is an OSError)
+                return False
             head = f.read(2)
             f.seek(-2, os.SEEK_END)
-            return size >= 4 and head == b"\xff\xd8" and f.read(2) == b"\xff\xd9"
+            return head == b"\xff\xd8" and f.read(2) == b"\xff\xd9"
         if suffix == ".mp4":
             return _mp4_boxes_complete(f, size)
     return True
