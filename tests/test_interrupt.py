@@ -84,3 +84,35 @@ def test_corrupt_rerun_rewrites_an_output_cut_to_a_few_bytes(tmp_path, left):
     counts = {}
     assert render(src, dst, "c", names=["gaussian_noise"], levels=[1], progress=False, counts=counts) == 1
     assert counts["complete"] == 5 and whole.read_bytes() == good
+
+
+def _cli(*args):
+    from lkfast.eval.cli import main
+
+    return main([str(a) for a in args])
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line_before_anything_runs(tmp_path, capsys, monkeypatch):
+    import lkfast.eval.runner
+
+    monkeypatch.setattr(lkfast.eval.runner, "run_evaluation", lambda *a: pytest.fail("evaluated anyway"))
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "report"  # (root may write read-only folders: a file in the path fails for all)
+    assert _cli("--models", "test_resnet=tiny", "--val-dir", _source(tmp_path / "val"), "--out", out,
+                "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert f"lkfast.eval: error: --out {out} cannot be written" in err and "Traceback" not in err
+
+
+def test_a_full_disk_mid_run_is_one_line_that_says_the_finished_work_is_kept(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ResultCache, "save_shard", full)
+    assert _cli("--models", "test_resnet=tiny", "--val-dir", _source(tmp_path / "val"), "--out", tmp_path / "out",
+                "--suite", "clean", "--input-size", 32, "--workers", 0, "--no-progress") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lkfast.eval: error: [Errno 28] No space left on device (free space or fix")
+    assert "finished work is cached" in err[-1] and not any("Traceback" in line for line in err)

@@ -14,6 +14,7 @@ most the shard in flight; a rerun loads what is there and computes only what is 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -117,11 +118,13 @@ class ResultCache:
         """Store a shard's records atomically (temporary file + rename)."""
         path = self.shard_path(task, part, key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()  # torch.save into a file on a full disk raises a RuntimeError from its C++
+        torch.save(records, buffer)  # writer with no reason given; a plain write says ENOSPC
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        readable_as_umask_allows(fd)
-        os.close(fd)
         try:
-            torch.save(records, tmp)
+            readable_as_umask_allows(fd)
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer.getbuffer())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -174,6 +174,26 @@ def _no_data_message(data_root: Optional[str]) -> str:
             f"{', '.join(found[:8]) or 'nothing'}){hint}")
 
 
+def _check_writable(folder: str) -> None:
+    """EvalError naming ``folder`` (``--out``) when it cannot be created or a file cannot be written
+    in it (read-only, no permission, a full disk), before any model is trained or evaluated."""
+    import tempfile
+
+    from lkfast.eval.runner import EvalError
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".lkfast-write-check-", dir=folder)
+        try:
+            os.write(fd, b"lkfast")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as error:
+        raise EvalError(f"--out {folder} cannot be written ({error.strerror or error}): give a folder this user "
+                        "can write, with free space, for results.json, report.md and the cache") from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from lkfast.eval.runner import EvalError, EvalOptions, plan, run_evaluation
     from lkfast.tables import markdown_table
@@ -214,6 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return 2
             from lkfast.eval.default import prepare_default
 
+            _check_writable(args.out)  # before training the models
             prepared = prepare_default(args)
             models, data = list(prepared["models"]), dict(prepared["data"])
             class_space = prepared.get("class_space")
@@ -225,6 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise EvalError("no --models given (e.g. --models resnet50:/path/resnet50.pth)")
         if not data:
             raise EvalError(_no_data_message(args.data_root))
+        if not args.dry_run:
+            _check_writable(args.out)
         for spec in models:
             if spec.checkpoint is None and dist.is_main():
                 print(f"lkfast.eval: warning: model {spec.display!r} has no checkpoint: it is evaluated with random "
@@ -262,6 +285,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     except (EvalError, ValueError, FileNotFoundError, FrostPhotosMissing) as error:  # CheckpointError is a ValueError
         print(f"lkfast.eval: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a folder it may not write (FileNotFoundError is handled above)
+        print(f"lkfast.eval: error: {error} (free space or fix that folder's permissions, then rerun the same "
+              "command: finished work is cached)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nlkfast.eval: interrupted; finished shards are kept under {os.path.join(args.out, 'cache')}: rerun "
