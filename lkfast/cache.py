@@ -12,10 +12,12 @@ differ from the manifest in any way: a file missing, added, truncated or with ot
 file is never used on trust.
 
 Builds run in a temporary sibling folder that replaces the entry only once complete, so an
-interrupted build leaves either the previous entry or nothing behind.
+interrupted build leaves either the previous entry or nothing behind. Two processes that want the same
+entry take turns (a lock file beside it): the second uses what the first built.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -103,23 +105,53 @@ def ensure_entry(folder, build: Callable[[Path], None], key: str, log: Optional[
     ok, reason = verify_entry(folder, key)
     if ok:
         return folder
-    if log is not None and reason != "not built":
-        log(f"lkfast cache: rebuilding {folder} ({reason})")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-    tmp.mkdir()
-    try:
-        build(tmp)
-        write_manifest(tmp, key)
-        if folder.exists():
-            old = folder.with_name(f"{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(folder, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _build_lock(folder, log):
+        ok, reason = verify_entry(folder, key)  # another process may have built it while this one waited
+        if ok:
+            return folder
+        if log is not None and reason != "not built":
+            log(f"lkfast cache: rebuilding {folder} ({reason})")
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+        tmp.mkdir()
+        try:
+            build(tmp)
+            write_manifest(tmp, key)
+            if folder.exists():
+                old = folder.with_name(f"{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+                os.replace(folder, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path, log: Optional[Callable[[str], None]] = None):
+    """An exclusive lock (``flock`` on the hidden file ``.<name>.lock`` beside the entry) held while an
+    entry is built, so that two processes on one cache (two ``python -m lkfast.eval`` started
+    together on a fresh cache) do not build the same entry at once: the second waits, saying so in
+    ``log``, then finds the first one's entry complete. Builds that share a work folder (the
+    default's training runs) would otherwise delete it under each other. The lock goes with the
+    process, however it ends. No lock where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder.with_name(f".{folder.name}.lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"lkfast cache: waiting for another process that is building {folder}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def config_key(*parts) -> str:

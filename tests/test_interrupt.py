@@ -116,3 +116,37 @@ def test_a_full_disk_mid_run_is_one_line_that_says_the_finished_work_is_kept(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lkfast.eval: error: [Errno 28] No space left on device (free space or fix")
     assert "finished work is cached" in err[-1] and not any("Traceback" in line for line in err)
+
+
+def test_two_processes_wanting_one_cache_entry_build_it_once(tmp_path):
+    """Two evals started together on a fresh cache: the second waits for the first's build and uses
+    it. Both used to build at once, and the embedded default's training runs shared a work folder
+    that the first to finish deleted under the other ('No such file or directory: .../last.pth')."""
+    import threading
+
+    from lkfast.cache import ensure_entry, verify_entry
+
+    entry, started, release, built, said = tmp_path / "models" / "m", threading.Event(), threading.Event(), [], []
+
+    def slow_build(folder):
+        built.append("first")
+        started.set()
+        assert release.wait(10)
+        (folder / "w.bin").write_bytes(b"weights")
+
+    def second_build(folder):
+        built.append("second")
+        (folder / "w.bin").write_bytes(b"weights")
+
+    first = threading.Thread(target=ensure_entry, args=(entry, slow_build, "k"))
+    first.start()
+    assert started.wait(10)
+    # (flock locks are per open file: a second open in this process waits as another process would)
+    second = threading.Thread(target=lambda: ensure_entry(entry, second_build, "k", log=said.append))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and said and "waiting for another process" in said[0]
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert built == ["first"] and verify_entry(entry, "k") == (True, "")
