@@ -385,7 +385,11 @@ def _train(args, saved: dict) -> dict:
     history, start_epoch, elapsed, state = [], 0, 0.0, {}
     last = out / "last.pth"
     if last.is_file() and not args.no_resume:
-        state = torch.load(last, map_location="cpu", weights_only=False)  # our own file, written below
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=False)  # our own file, written below
+        except Exception as error:  # cut short or overwritten (written atomically: a copy, a disk fault)
+            raise TrainError(f"{last} cannot be read ({type(error).__name__}: {error}): it is damaged; delete it to "
+                             f"train from the start (or pass --no-resume)") from None
         conflicts = _resume_conflicts(state, args, classes, num_classes)
         if conflicts:
             raise TrainError(f"{last} holds a run built differently: {'; '.join(conflicts)}. Resume with "

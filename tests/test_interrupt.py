@@ -150,3 +150,20 @@ def test_two_processes_wanting_one_cache_entry_build_it_once(tmp_path):
     first.join(10)
     second.join(10)
     assert built == ["first"] and verify_entry(entry, "k") == (True, "")
+
+
+@pytest.mark.parametrize("junk", [b"PK\x03\x04 cut short", bytes(range(256)) * 4], ids=["cut-short", "garbage"])
+def test_train_names_a_damaged_last_pth_and_what_to_do(tmp_path, capsys, junk):
+    """A resumed python -m lkfast.train whose OUT/last.pth is damaged says so in one line naming it
+    (it was torch.load's traceback, e.g. 'OSError: [Errno 22] Invalid argument'); the embedded
+    default's eval shows the same line for its training work folder."""
+    from lkfast.train import main
+
+    data = _source(tmp_path / "data" / "train", per_class=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pth").write_bytes(junk)
+    assert main(["resnet_tiny", "--data", str(data.parent), "--out", str(out), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"lkfast.train: error: {out / 'last.pth'} cannot be read" in err and "delete it" in err
+    assert "Traceback" not in err
