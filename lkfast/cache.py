@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -106,12 +107,17 @@ def ensure_entry(folder, build: Callable[[Path], None], key: str, log: Optional[
     if ok:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(folder, log):
+    with _build_lock(folder, log) as locked:
         ok, reason = verify_entry(folder, key)  # another process may have built it while this one waited
         if ok:
             return folder
         if log is not None and reason != "not built":
             log(f"lkfast cache: rebuilding {folder} ({reason})")
+        leftovers = re.compile(re.escape(folder.name) + r"\.(tmp|old)-\d+-\d+")
+        for leftover in folder.parent.iterdir() if locked else ():
+            # .tmp-/.old- folders of a build that was killed: with the lock held, no live process owns one
+            if leftovers.fullmatch(leftover.name) and leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
         tmp.mkdir()
         try:
@@ -135,11 +141,11 @@ def _build_lock(folder: Path, log: Optional[Callable[[str], None]] = None):
     together on a fresh cache) do not build the same entry at once: the second waits, saying so in
     ``log``, then finds the first one's entry complete. Builds that share a work folder (the
     default's training runs) would otherwise delete it under each other. The lock goes with the
-    process, however it ends. No lock where ``fcntl`` is missing (Windows)."""
+    process, however it ends. Yields whether it locked: not where ``fcntl`` is missing (Windows)."""
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     with open(folder.with_name(f".{folder.name}.lock"), "a") as handle:
         try:
@@ -149,7 +155,7 @@ def _build_lock(folder: Path, log: Optional[Callable[[str], None]] = None):
                 log(f"lkfast cache: waiting for another process that is building {folder}")
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

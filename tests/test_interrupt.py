@@ -167,3 +167,19 @@ def test_train_names_a_damaged_last_pth_and_what_to_do(tmp_path, capsys, junk):
     err = capsys.readouterr().err
     assert f"lkfast.train: error: {out / 'last.pth'} cannot be read" in err and "delete it" in err
     assert "Traceback" not in err
+
+
+def test_a_build_removes_what_killed_builds_of_its_entry_left(tmp_path):
+    """A build killed mid-way leaves its temporary folder (the synthetic benchmark's partial images,
+    training's empty one); the next build of that entry removes such folders, and only those."""
+    from lkfast.cache import ensure_entry
+
+    entry = tmp_path / "synthetic" / "val"
+    for name in ("val.tmp-999999-123", "val.old-999999-456"):
+        (tmp_path / "synthetic" / name / "cls").mkdir(parents=True)
+        (tmp_path / "synthetic" / name / "cls" / "0.png").write_bytes(b"partial")
+    (tmp_path / "synthetic" / "val.tmp-notes").mkdir()  # not a name ensure_entry makes: left alone
+    (tmp_path / "synthetic" / "val2.tmp-1-2").mkdir()   # another entry's: left alone
+    ensure_entry(entry, lambda d: (d / "x").write_text("x"), "k")
+    assert sorted(p.name for p in (tmp_path / "synthetic").iterdir()) == [".val.lock", "val", "val.tmp-notes",
+                                                                           "val2.tmp-1-2"]
