@@ -183,3 +183,27 @@ def test_a_build_removes_what_killed_builds_of_its_entry_left(tmp_path):
     ensure_entry(entry, lambda d: (d / "x").write_text("x"), "k")
     assert sorted(p.name for p in (tmp_path / "synthetic").iterdir()) == [".val.lock", "val", "val.tmp-notes",
                                                                            "val2.tmp-1-2"]
+
+
+def test_a_report_killed_before_its_manifest_leaves_no_stale_tables_later(tmp_path, monkeypatch):
+    """A report killed after writing its tables but before its manifest: the rerun's report rewrites
+    them and must count them as its own, so that a later report without those tasks removes them
+    (they were taken for the user's files and kept, looking current)."""
+    import lkfast.eval.report as report
+
+    both = {"m": {"clean": {"top1": 50.0}, "imagenet-a": {"top1": 10.0}}, "_meta": {}}
+    real = report._write_report
+
+    def killed(out, results):
+        real(out, results)
+        raise KeyboardInterrupt  # SIGKILL here: everything written but the manifest
+
+    monkeypatch.setattr(report, "_write_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(tmp_path, both)
+    monkeypatch.setattr(report, "_write_report", real)
+    report.write_report(tmp_path, both)  # the rerun
+    assert "tables/imagenet_a.md" in json.loads((tmp_path / report.REPORT_FILES).read_text())
+    report.write_report(tmp_path, {"m": {"clean": {"top1": 50.0}}, "_meta": {}})
+    assert not (tmp_path / "tables" / "imagenet_a.md").exists()
+    assert not (tmp_path / "figures" / "figure2.png").exists()

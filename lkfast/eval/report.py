@@ -185,13 +185,25 @@ def write_report(out, results: Dict[str, Any]) -> Path:
         pass
     before = _report_files(out)
     path = _write_report(out, results)
-    write_text_atomic(manifest, json.dumps(sorted(_report_files(out) - before)))
+    # this report's files: new ones, and those it wrote again (a report killed before it wrote the
+    # manifest left them; counted as the user's, a later report would have kept them as if current)
+    written = {name for name, stamp in _report_files(out).items() if before.get(name) != stamp}
+    write_text_atomic(manifest, json.dumps(sorted(written)))
     return path
 
 
-def _report_files(out: Path) -> set:
-    return {str(f.relative_to(out)) for folder in ("tables", "figures") if (out / folder).is_dir()
-            for f in (out / folder).rglob("*") if f.is_file()}
+def _report_files(out: Path) -> dict:
+    """{path relative to ``out``: (inode, modification time)} of every file under tables/ and figures/."""
+    found = {}
+    for folder in ("tables", "figures"):
+        for f in (out / folder).rglob("*") if (out / folder).is_dir() else ():
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            if f.is_file():
+                found[str(f.relative_to(out))] = (st.st_ino, st.st_mtime_ns)
+    return found
 
 
 def _write_report(out: Path, results: Dict[str, Any]) -> Path:
