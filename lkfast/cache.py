@@ -136,28 +136,44 @@ def ensure_entry(folder, build: Callable[[Path], None], key: str, log: Optional[
 
 @contextlib.contextmanager
 def _build_lock(folder: Path, log: Optional[Callable[[str], None]] = None):
-    """An exclusive lock (``flock`` on the hidden file ``.<name>.lock`` beside the entry) held while an
-    entry is built, so that two processes on one cache (two ``python -m lkfast.eval`` started
-    together on a fresh cache) do not build the same entry at once: the second waits, saying so in
-    ``log``, then finds the first one's entry complete. Builds that share a work folder (the
-    default's training runs) would otherwise delete it under each other. The lock goes with the
-    process, however it ends. Yields whether it locked: not where ``fcntl`` is missing (Windows)."""
+    """An exclusive lock (``flock`` on the hidden file ``.<name>.lock`` beside the entry, removed when
+    released) held while an entry is built, so that two processes on one cache (two ``python -m
+    lkfast.eval`` started together on a fresh cache) do not build the same entry at once: the second
+    waits, saying so in ``log``, then finds the first one's entry complete. Builds that share a work
+    folder (the default's training runs) would otherwise delete it under each other. The lock goes
+    with the process, however it ends. Yields whether it locked: not where ``fcntl`` is missing
+    (Windows)."""
     try:
         import fcntl
     except ImportError:
         yield False
         return
-    with open(folder.with_name(f".{folder.name}.lock"), "a") as handle:
+    path = folder.with_name(f".{folder.name}.lock")
+    said = False
+    while True:
+        handle = open(path, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if log is not None:
+            if log is not None and not said:
                 log(f"lkfast cache: waiting for another process that is building {folder}")
+                said = True
             fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        except OSError:  # a file system without flock: build unlocked, as before
+            handle.close()
+            yield False
+            return
+        try:  # the holder before may have removed the file while this process waited: lock the new one
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield True
+    finally:
+        os.unlink(path)  # before unlocking: a process that opened it meanwhile sees it gone and retries
+        handle.close()
 
 
 def config_key(*parts) -> str:

@@ -150,6 +150,7 @@ def test_two_processes_wanting_one_cache_entry_build_it_once(tmp_path):
     first.join(10)
     second.join(10)
     assert built == ["first"] and verify_entry(entry, "k") == (True, "")
+    assert sorted(p.name for p in entry.parent.iterdir()) == ["m"]  # the lock file goes with the lock
 
 
 @pytest.mark.parametrize("junk", [b"PK\x03\x04 cut short", bytes(range(256)) * 4], ids=["cut-short", "garbage"])
@@ -181,8 +182,7 @@ def test_a_build_removes_what_killed_builds_of_its_entry_left(tmp_path):
     (tmp_path / "synthetic" / "val.tmp-notes").mkdir()  # not a name ensure_entry makes: left alone
     (tmp_path / "synthetic" / "val2.tmp-1-2").mkdir()   # another entry's: left alone
     ensure_entry(entry, lambda d: (d / "x").write_text("x"), "k")
-    assert sorted(p.name for p in (tmp_path / "synthetic").iterdir()) == [".val.lock", "val", "val.tmp-notes",
-                                                                           "val2.tmp-1-2"]
+    assert sorted(p.name for p in (tmp_path / "synthetic").iterdir()) == ["val", "val.tmp-notes", "val2.tmp-1-2"]
 
 
 def test_a_report_killed_before_its_manifest_leaves_no_stale_tables_later(tmp_path, monkeypatch):
