@@ -92,6 +92,25 @@ def readable_as_umask_allows(fd: int) -> None:
     os.fchmod(fd, 0o666 & ~umask)
 
 
+def save_figure_atomic(fig, path, dpi: int = 120) -> Path:
+    """``fig.savefig`` as a PNG to ``path`` through a temporary file of this process's own and a
+    rename: a reader never sees half a PNG, and two processes writing the same figure (two runs
+    into one --out) do not write into one temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+    try:
+        readable_as_umask_allows(fd)
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def write_text_atomic(path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
     path = Path(path)

@@ -4,6 +4,7 @@ simulated by writing what they leave, not by killing processes."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -207,3 +208,36 @@ def test_a_report_killed_before_its_manifest_leaves_no_stale_tables_later(tmp_pa
     report.write_report(tmp_path, {"m": {"clean": {"top1": 50.0}}, "_meta": {}})
     assert not (tmp_path / "tables" / "imagenet_a.md").exists()
     assert not (tmp_path / "figures" / "figure2.png").exists()
+
+
+def test_figures_are_written_through_a_temporary_file_of_their_own(tmp_path):
+    """save_figure_atomic (every figure of the report and of lkfast.analysis.plots): a PNG with the
+    mode the umask allows, no temporary file left, none left when saving fails, and no shared
+    temporary name (two runs writing the same figure at once: the old fixed '.NAME.tmp.png')."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lkfast.tables import save_figure_atomic
+
+    path = tmp_path / "figures" / "figure4.png"
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / ".figure4.png.tmp.png").mkdir()  # another writer's fixed-name temporary file
+    fig = plt.figure()
+    old = os.umask(0o022)
+    try:
+        assert save_figure_atomic(fig, path) == path
+    finally:
+        os.umask(old)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in path.parent.iterdir()) == [".figure4.png.tmp.png", "figure4.png"]
+
+    class Broken:
+        def savefig(self, *args, **kwargs):
+            raise RuntimeError("no space")
+
+    with pytest.raises(RuntimeError, match="no space"):
+        save_figure_atomic(Broken(), tmp_path / "figures" / "figure6.png")
+    assert sorted(p.name for p in path.parent.iterdir()) == [".figure4.png.tmp.png", "figure4.png"]
+    plt.close(fig)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from lkfast.tables import write_table, write_text_atomic
+from lkfast.tables import save_figure_atomic, write_table, write_text_atomic
 
 META_KEY = "_meta"
 CITATION = ("Chen et al., *Revealing the Dark Secrets of Extremely Large Kernel ConvNets on Robustness*, ICML 2024")
@@ -160,11 +160,10 @@ def _figure(path: Path, panels) -> None:
     for ax, panel in zip(axes[0], panels):
         _bars(ax, *panel)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
 
 
 REPORT_FILES = ".report-files.json"  # what the last report wrote under tables/ and figures/
