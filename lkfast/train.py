@@ -125,9 +125,36 @@ def _seed_everything(seed: int) -> None:
 
 
 def _atomic_save(obj, path: Path) -> None:
+    """``torch.save(obj)`` to ``path`` through a temporary file and a rename. Serialised in memory
+    first: torch.save into a file on a full disk raises a RuntimeError with no reason given
+    ('basic_ios::clear: iostream error'); a plain write says ENOSPC. Nothing is left on failure."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _remove_dead_temporaries(out: Path) -> None:
+    """The ``NAME.tmp-PID`` files of saves killed mid-way (no process PID any more): a full-size
+    checkpoint each, otherwise never removed."""
+    for tmp in out.glob("*.tmp-*"):
+        pid = tmp.name.rpartition(".tmp-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive, another user's: leave it
+            pass
 
 
 def _save_weights(tensors: dict, path: Path) -> None:
@@ -139,13 +166,17 @@ def _save_weights(tensors: dict, path: Path) -> None:
     from lkfast.tables import readable_as_umask_allows
 
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        readable_as_umask_allows(fd)
+        save_file(tensors, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            readable_as_umask_allows(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _distributed() -> tuple:
@@ -434,6 +465,7 @@ def _train(args, saved: dict) -> dict:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise TrainError(f"--out {out}: cannot create the folder ({error.strerror}: {error.filename})") from None
+        _remove_dead_temporaries(out)
     started = time.time()
     for epoch in range(start_epoch, args.epochs):
         epoch_seed = args.seed * 100_003 + epoch * 1_009 + rank
@@ -522,6 +554,10 @@ def main(argv=None) -> int:
         train(argv)
     except (ValueError, FileNotFoundError) as error:  # TrainError, a bad LKFAST_MALLOC, an unknown model
         print(f"lkfast.train: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a folder it may not write: what finished is saved
+        print(f"lkfast.train: error: {error} (free space or fix that folder's permissions, then rerun the same "
+              "command: it resumes from the last saved epoch)", file=sys.stderr)
         return 2
     except TrainInterrupted as interrupted:
         if int(os.environ.get("RANK", "0")) == 0:

@@ -241,3 +241,46 @@ def test_figures_are_written_through_a_temporary_file_of_their_own(tmp_path):
         save_figure_atomic(Broken(), tmp_path / "figures" / "figure6.png")
     assert sorted(p.name for p in path.parent.iterdir()) == [".figure4.png.tmp.png", "figure4.png"]
     plt.close(fig)
+
+
+def test_train_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    """A save that fails for want of space (ENOSPC at the write) leaves no NAME.tmp-PID behind and
+    ends python -m lkfast.train with one line saying what to do (torch.save into the file gave
+    'RuntimeError: basic_ios::clear: iostream error'); a temporary file a killed save left is
+    removed by the next run, one of a live process is not."""
+    import builtins
+    import errno
+
+    import lkfast.train as train_module
+
+    data = _source(tmp_path / "data" / "train", per_class=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pth.tmp-999999999").write_bytes(b"a killed save")  # no such process
+    (out / "last.pth.tmp-1").write_bytes(b"pid 1 is alive")
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if ".tmp-" in str(file) and "w" in mode:
+            handle.close()
+
+            class Full:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    return False
+
+                def write(self, data):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            return Full()
+        return handle
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    rc = train_module.main(["resnet_tiny", "--data", str(data.parent), "--out", str(out), "--epochs", "1", "--quiet"])
+    monkeypatch.setattr(builtins, "open", real_open)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "lkfast.train: error: [Errno 28] No space left on device (free space" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["last.pth.tmp-1"]
