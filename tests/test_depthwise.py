@@ -436,6 +436,18 @@ for shape, (kh, kw) in [((1, 1, 13, 23), (31, 13)), ((2, 1, 14, 14), (51, 7)), (
     # auto with calibration on (the default) times the torch weight gradient on tensors of this shape
     x.requires_grad_(True)
     ops.depthwise_conv2d(x, torch.randn(1, 1, kh, kw, requires_grad=True)).sum().backward()
+    # a gradient penalty (create_graph=True) computes the weight gradient through PyTorch's
+    # differentiable convolution_backward: the same one-channel weight gradient
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xd = x.detach().contiguous(memory_format=fmt).requires_grad_(True)
+        wd = torch.randn(1, 1, kh, kw, requires_grad=True)
+        def grads(conv):
+            gx, gw = torch.autograd.grad(conv(xd, wd).square().sum(), (xd, wd), create_graph=True)
+            return torch.autograd.grad(gx.square().sum() + gw.square().sum(), (xd, wd))
+        got = grads(ops.depthwise_conv2d)
+        want = grads(lambda a, b: torch.nn.functional.conv2d(a.expand(-1, 2, -1, -1), b.expand(2, -1, -1, -1),
+                                                             padding=(kh // 2, kw // 2), groups=2)[:, :1])
+        assert all(((a - b).abs().max() / b.abs().max()).item() < 1e-4 for a, b in zip(got, want))
 print("ok")
 """
 
