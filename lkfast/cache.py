@@ -113,10 +113,13 @@ def ensure_entry(folder, build: Callable[[Path], None], key: str, log: Optional[
             return folder
         if log is not None and reason != "not built":
             log(f"lkfast cache: rebuilding {folder} ({reason})")
-        leftovers = re.compile(re.escape(folder.name) + r"\.(tmp|old)-\d+-\d+")
+        leftovers = re.compile(re.escape(folder.name) + r"\.(?:tmp|old)-(\d+)-\d+")
         for leftover in folder.parent.iterdir() if locked else ():
-            # .tmp-/.old- folders of a build that was killed: with the lock held, no live process owns one
-            if leftovers.fullmatch(leftover.name) and leftover.is_dir():
+            # .tmp-/.old- folders of a build that was killed: with the lock held, and their process
+            # gone (a lock that does not reach another host, as on some NFS mounts, still leaves a
+            # live build alone when its process id is alive here)
+            found = leftovers.fullmatch(leftover.name)
+            if found and leftover.is_dir() and process_gone(int(found.group(1))):
                 shutil.rmtree(leftover, ignore_errors=True)
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
         tmp.mkdir()
@@ -158,7 +161,12 @@ def _build_lock(folder: Path, log: Optional[Callable[[str], None]] = None):
             if log is not None and not said:
                 log(f"lkfast cache: waiting for another process that is building {folder}")
                 said = True
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError:  # waiting failed (ENOLCK, ESTALE on NFS): build unlocked, as before
+                handle.close()
+                yield False
+                return
         except OSError:  # a file system without flock: build unlocked, as before
             handle.close()
             yield False
@@ -172,8 +180,24 @@ def _build_lock(folder: Path, log: Optional[Callable[[str], None]] = None):
     try:
         yield True
     finally:
-        os.unlink(path)  # before unlocking: a process that opened it meanwhile sees it gone and retries
-        handle.close()
+        try:  # before unlocking: a process that opened it meanwhile sees it gone and retries
+            with contextlib.suppress(FileNotFoundError):  # (someone emptied the cache folder meanwhile)
+                os.unlink(path)
+        finally:
+            handle.close()
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine (a killed writer's temporary files may go)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's)
+        return False
+    return False
 
 
 def config_key(*parts) -> str:
@@ -182,4 +206,4 @@ def config_key(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-__all__ = ["cache_dir", "ensure_entry", "verify_entry", "write_manifest", "config_key", "MANIFEST"]
+__all__ = ["cache_dir", "ensure_entry", "verify_entry", "write_manifest", "config_key", "process_gone", "MANIFEST"]

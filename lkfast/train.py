@@ -145,16 +145,12 @@ def _atomic_save(obj, path: Path) -> None:
 def _remove_dead_temporaries(out: Path) -> None:
     """The ``NAME.tmp-PID`` files of saves killed mid-way (no process PID any more): a full-size
     checkpoint each, otherwise never removed."""
+    from lkfast.cache import process_gone
+
     for tmp in out.glob("*.tmp-*"):
         pid = tmp.name.rpartition(".tmp-")[2]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and tmp.is_file() and process_gone(int(pid)):
             tmp.unlink(missing_ok=True)
-        except OSError:  # alive, another user's: leave it
-            pass
 
 
 def _save_weights(tensors: dict, path: Path) -> None:

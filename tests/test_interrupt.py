@@ -182,8 +182,10 @@ def test_a_build_removes_what_killed_builds_of_its_entry_left(tmp_path):
         (tmp_path / "synthetic" / name / "cls" / "0.png").write_bytes(b"partial")
     (tmp_path / "synthetic" / "val.tmp-notes").mkdir()  # not a name ensure_entry makes: left alone
     (tmp_path / "synthetic" / "val2.tmp-1-2").mkdir()   # another entry's: left alone
+    (tmp_path / "synthetic" / "val.tmp-1-789").mkdir()  # process 1 is alive (a build the lock did not reach): left alone
     ensure_entry(entry, lambda d: (d / "x").write_text("x"), "k")
-    assert sorted(p.name for p in (tmp_path / "synthetic").iterdir()) == ["val", "val.tmp-notes", "val2.tmp-1-2"]
+    assert sorted(p.name for p in (tmp_path / "synthetic").iterdir()) == \
+        ["val", "val.tmp-1-789", "val.tmp-notes", "val2.tmp-1-2"]
 
 
 def test_a_report_killed_before_its_manifest_leaves_no_stale_tables_later(tmp_path, monkeypatch):
@@ -258,6 +260,7 @@ def test_train_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path,
     out.mkdir()
     (out / "last.pth.tmp-999999999").write_bytes(b"a killed save")  # no such process
     (out / "last.pth.tmp-1").write_bytes(b"pid 1 is alive")
+    (out / "notes.tmp-2").mkdir()  # a folder: not a save's temporary file
     real_open = builtins.open
 
     def full_disk(file, mode="r", *args, **kwargs):
@@ -283,4 +286,32 @@ def test_train_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path,
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "lkfast.train: error: [Errno 28] No space left on device (free space" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == ["last.pth.tmp-1"]
+    assert sorted(p.name for p in out.iterdir()) == ["last.pth.tmp-1", "notes.tmp-2"]
+
+
+def test_the_build_lock_gives_way_where_locking_fails(tmp_path, monkeypatch):
+    """Waiting for the lock can fail where flock is emulated (ENOLCK/ESTALE on NFS): the entry is then
+    built unlocked, as before the lock, rather than the run failing; and a lock file removed during
+    the build (a cache folder emptied by hand) does not turn a finished build into an error."""
+    import errno
+    import fcntl
+
+    from lkfast.cache import ensure_entry, verify_entry
+
+    real_flock = fcntl.flock
+
+    def busy_then_failing(handle, operation):
+        if operation & fcntl.LOCK_NB:
+            raise BlockingIOError(errno.EWOULDBLOCK, "held elsewhere")
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", busy_then_failing)
+    lines = []
+    entry = tmp_path / "cache" / "a"
+    ensure_entry(entry, lambda d: (d / "x").write_text("x"), "k", log=lines.append)
+    assert verify_entry(entry, "k") == (True, "") and any("waiting for another process" in line for line in lines)
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    entry = tmp_path / "cache" / "b"
+    ensure_entry(entry, lambda d: [p.unlink() for p in d.parent.glob(".*.lock")] and None, "k")
+    assert verify_entry(entry, "k") == (True, "")
+    assert sorted(p.name for p in entry.parent.iterdir()) == ["a", "b"]
