@@ -68,11 +68,13 @@ def _recording(build_ext):
     beside the copy an in-place or editable build puts in the checkout)."""
     class RecordingBuildExt(build_ext):
         def build_extension(self, ext):
+            sources = _sources_module()
+            built_from = sources.source_hash(os.path.join(ROOT, "csrc"))  # before: an edit during the build is stale
             super().build_extension(ext)
             import torch
 
-            _sources_module().write_record(
-                self.get_ext_fullpath(ext.name), os.path.join(ROOT, "csrc"), torch=torch.__version__,
+            sources.write_record(
+                self.get_ext_fullpath(ext.name), built_from, torch=torch.__version__,
                 with_cuda=any(s.endswith(".cu") for s in ext.sources),
                 cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST") if torch.version.cuda else None)
 
@@ -137,6 +139,8 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
         )
     ext.optional = not required
+    # headers hold kernel code (csrc/cpu/dwconv_kernel.h): an edit to one rebuilds without ninja too
+    ext.depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
     return [ext], {"build_ext": _recording(BuildExtension.with_options(use_ninja=True))}
 
 

@@ -28,9 +28,11 @@ def record_path(extension_file) -> Path:
     return Path(str(extension_file)).with_suffix(".sources")
 
 
-def write_record(extension_file, csrc, **details) -> Path:
+def write_record(extension_file, sources: str, **details) -> Path:
+    """The record beside ``extension_file``: ``sources`` is the ``source_hash`` of the csrc/ it was
+    built from, taken before the build began."""
     path = record_path(extension_file)
-    path.write_text(json.dumps({"sources": source_hash(csrc), **details}, indent=1) + "\n")
+    path.write_text(json.dumps({"sources": sources, **details}, indent=1) + "\n")
     return path
 
 

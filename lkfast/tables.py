@@ -12,6 +12,7 @@ everything else with ``str``. Numbers are right-aligned by default.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import math
 import os
@@ -90,6 +91,16 @@ def readable_as_umask_allows(fd: int) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
+
+
+# What the writing of results, caches and checkpoints can fail with for want of space or rights: the
+# command-line tools say these in one line (free space or fix the folder, then rerun); any other
+# OSError (an unreadable image, a network error between ranks) keeps its traceback.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def is_storage_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in STORAGE_ERRNOS
 
 
 def save_figure_atomic(fig, path, dpi: int = 120) -> Path:

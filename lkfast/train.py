@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -127,7 +128,8 @@ def _seed_everything(seed: int) -> None:
 def _atomic_save(obj, path: Path) -> None:
     """``torch.save(obj)`` to ``path`` through a temporary file and a rename. Serialised in memory
     first: torch.save into a file on a full disk raises a RuntimeError with no reason given
-    ('basic_ios::clear: iostream error'); a plain write says ENOSPC. Nothing is left on failure."""
+    ('basic_ios::clear: iostream error'); a plain write says ENOSPC. Nothing is left on failure. The
+    price: the checkpoint is in memory twice while it is written."""
     import io
 
     buffer = io.BytesIO()
@@ -414,7 +416,8 @@ def _train(args, saved: dict) -> dict:
     if last.is_file() and not args.no_resume:
         try:
             state = torch.load(last, map_location="cpu", weights_only=False)  # our own file, written below
-        except Exception as error:  # cut short or overwritten (written atomically: a copy, a disk fault)
+        except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as error:  # cut short or overwritten
+            # (written atomically, so a copy or a disk fault); another lkfast's classes keep their traceback
             raise TrainError(f"{last} cannot be read ({type(error).__name__}: {error}): it is damaged; delete it to "
                              f"train from the start (or pass --no-resume)") from None
         conflicts = _resume_conflicts(state, args, classes, num_classes)
@@ -543,6 +546,7 @@ def main(argv=None) -> int:
     mistake in the command or the data (argparse's own usage errors exit 2 too), 130 on Ctrl-C with
     one line saying how to resume."""
     from lkfast.memory import keep_freed_memory
+    from lkfast.tables import is_storage_error
 
     args = build_parser().parse_args(argv)  # usage errors before any work
     try:
@@ -552,6 +556,8 @@ def main(argv=None) -> int:
         print(f"lkfast.train: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a full disk, a folder it may not write: what finished is saved
+        if not is_storage_error(error):
+            raise
         print(f"lkfast.train: error: {error} (free space or fix that folder's permissions, then rerun the same "
               "command: it resumes from the last saved epoch)", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ def test_record_names_a_build_from_other_sources(tmp_path):
     (csrc / "cuda" / "k.cu").write_text("__global__ void k() {}")
     (csrc / "notes.txt").write_text("not a source")
     so = tmp_path / "_C.cpython-312-x86_64-linux-gnu.so"
-    record = write_record(so, csrc, torch="2.11.0")
+    record = write_record(so, source_hash(csrc), torch="2.11.0")
     assert record == record_path(so) == tmp_path / "_C.cpython-312-x86_64-linux-gnu.sources"
     assert json.loads(record.read_text()) == {"sources": source_hash(csrc), "torch": "2.11.0"}
     assert stale_reason(so, csrc) is None

@@ -315,3 +315,38 @@ def test_the_build_lock_gives_way_where_locking_fails(tmp_path, monkeypatch):
     ensure_entry(entry, lambda d: [p.unlink() for p in d.parent.glob(".*.lock")] and None, "k")
     assert verify_entry(entry, "k") == (True, "")
     assert sorted(p.name for p in entry.parent.iterdir()) == ["a", "b"]
+
+
+def test_only_storage_errors_become_the_free_space_line(tmp_path, capsys, monkeypatch):
+    """The CLIs' one line "free space or fix that folder's permissions" is for the errors that mean
+    that (ENOSPC, EDQUOT, EACCES, EPERM, EROFS); another OSError keeps its traceback, and a
+    checkpoint that fails to unpickle for another reason than damage is not called damaged."""
+    import errno
+
+    import lkfast.train as train_module
+    from lkfast.tables import is_storage_error
+
+    assert is_storage_error(OSError(errno.ENOSPC, "full")) and is_storage_error(PermissionError(errno.EACCES, "no"))
+    assert not is_storage_error(OSError(errno.EIO, "I/O error")) and not is_storage_error(ValueError("x"))
+    data = _source(tmp_path / "data" / "train", per_class=1)
+    run = ["resnet_tiny", "--data", str(data.parent), "--out", str(tmp_path / "run"), "--epochs", "1", "--quiet"]
+
+    def fails_with(error):
+        def train(argv):
+            raise error
+        monkeypatch.setattr(train_module, "train", train)
+
+    fails_with(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert train_module.main(run) == 2 and "Disk quota exceeded (free space" in capsys.readouterr().err
+    fails_with(ConnectionResetError(errno.ECONNRESET, "peer went away"))
+    with pytest.raises(ConnectionResetError):
+        train_module.main(run)
+    monkeypatch.undo()
+    out = tmp_path / "run2"
+    out.mkdir()
+    torch.save({"x": 1}, out / "last.pth")
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("no module 'lkfast.old'")))
+    with pytest.raises(ModuleNotFoundError):
+        train_module.main(run[:3] + ["--out", str(out)] + run[5:])
+    monkeypatch.setattr(torch, "load", real_load)

@@ -24,6 +24,7 @@ from lkfast.data.imagenet import looks_like_wnids
 from lkfast.eval import distributed as dist
 from lkfast.eval.models import ModelSpec, with_training_run
 from lkfast.eval.registry import SUITES, TASKS, resolve_suite
+from lkfast.tables import is_storage_error
 from lkfast.eval.sources import SOURCE_NAMES, resolve_sources
 from lkfast.metrics import IMAGENET9_VARIANTS
 
@@ -287,6 +288,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"lkfast.eval: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a full disk, a folder it may not write (FileNotFoundError is handled above)
+        if not is_storage_error(error):
+            raise
         print(f"lkfast.eval: error: {error} (free space or fix that folder's permissions, then rerun the same "
               "command: finished work is cached)", file=sys.stderr)
         return 2
