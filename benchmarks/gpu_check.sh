@@ -163,8 +163,13 @@ else
   abi=$(probe "$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
   built=no
   if [ -n "$abi" ] && [ -f "lkfast/_C$abi" ]; then
-    if LKFAST_PREBUILT=1 step install_prebuilt 90 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . \
-        && step prebuilt_check 60 "$PY" benchmarks/gpu_smoke.py --check-extension; then
+    if ! LKFAST_PREBUILT=1 step install_prebuilt 90 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .; then
+      # no editable install here (e.g. no `wheel`): import lkfast, and lkfast.kernels (kernels/ in the
+      # tree, mapped by the install) through a link, from the checkout
+      export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+      [ -e lkfast/kernels ] || ln -s ../kernels lkfast/kernels
+    fi
+    if step prebuilt_check 60 "$PY" benchmarks/gpu_smoke.py --check-extension; then
       built=yes
       note "- build: skipped, the carried lkfast/_C$abi was built from these sources and runs here"
     else

@@ -486,7 +486,7 @@ def test_gpu_smoke_check_extension_says_whether_a_carried_build_can_serve(monkey
     assert "input_grad: max error" in out and "forward:" not in out
 
 
-@pytest.mark.parametrize("case", ["fits", "does-not-fit", "none-carried"])
+@pytest.mark.parametrize("case", ["fits", "fits-without-pip", "does-not-fit", "none-carried"])
 def test_gpu_check_uses_a_carried_extension_only_when_it_fits(tmp_path, case):
     """On a GPU, gpu_check.sh --quick installs a carried lkfast/_C<abi>.so without compiling
     (LKFAST_PREBUILT=1) when gpu_smoke.py --check-extension passes, and compiles otherwise. A copy of
@@ -503,21 +503,27 @@ def test_gpu_check_uses_a_carried_extension_only_when_it_fits(tmp_path, case):
     python = tmp_path / "python"
     python.write_text(f"""#!/bin/sh
 echo "LKFAST_PREBUILT=${{LKFAST_PREBUILT:-}} $*" >> {calls}
-case "$*" in *EXT_SUFFIX*) echo {abi};; *"--check-extension"*) [ {case} = fits ] || exit 1;; esac
+case "$*" in
+  *EXT_SUFFIX*) echo {abi};;
+  *"--check-extension"*) case {case} in fits) ;; fits-without-pip) [ "$PYTHONPATH" = "{repo}" ] || exit 1;; *) exit 1;; esac;;
+  "-m pip install"*) [ {case} = fits-without-pip ] && [ "$LKFAST_PREBUILT" = 1 ] && exit 1;;
+esac
 exit 0
 """)
     python.chmod(0o755)
     out = tmp_path / "out"
     result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), str(out), "--quick"],
                             capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHON": str(python), "GPU_CHECK_LIMIT": "120"})
+                            env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHON": str(python),
+                                 "GPU_CHECK_LIMIT": "120"})
     summary = (out / "summary.md").read_text()
     log = calls.read_text().splitlines()
     prebuilt_installs = [c for c in log if c.startswith("LKFAST_PREBUILT=1 -m pip install")]
     builds = [c for c in log if c.startswith("LKFAST_PREBUILT= -m pip install")]
-    if case == "fits":
+    if case.startswith("fits"):
         assert f"- build: skipped, the carried lkfast/_C{abi} was built from these sources" in summary, summary
         assert len(prebuilt_installs) == 1 and not builds, log
+        assert (repo / "lkfast" / "kernels").is_symlink() == (case == "fits-without-pip")
     else:
         assert len(builds) == 1, log
         assert len(prebuilt_installs) == (case == "does-not-fit"), log
