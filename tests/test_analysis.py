@@ -139,7 +139,15 @@ def test_dino_attention_matches_the_attention_weights():
     handle.remove()
     expected = captured["w"][:, :, 0, 1:].mean(1).reshape(2, 4, 4)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dino_saliency(vit)(x), expected, rtol=1e-5, atol=1e-6)
+    # one head: the authors' script takes head 1 (LKRobust occlusion_invariance/evaluate.py), the
+    # saliency the eval uses
+    head_1 = captured["w"][:, 1, 0, 1:].reshape(2, 4, 4)
+    assert not torch.allclose(head_1, expected, atol=1e-4)
+    torch.testing.assert_close(dino_attention(vit, x, head=1), head_1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dino_saliency(vit)(x), head_1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dino_saliency(vit, head=None)(x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="head 2 of a ViT with 2 heads"):
+        dino_attention(vit, x, head=2)
 
 
 def test_occlusion_sweep_with_masks_and_attention():

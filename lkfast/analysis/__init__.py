@@ -19,12 +19,12 @@ from lkfast.analysis.blocks import Block, all_blocks, blocks_removed, output_mod
 from lkfast.analysis.frequency import FREQUENCIES, frequency_sweep
 from lkfast.analysis.kernels import channel_distances, depthwise_kernels, kernel_attention_distance, paper_layers
 from lkfast.analysis.lesion import default_counts, lesion_candidates, lesion_sweep
-from lkfast.analysis.occlusion import (MODES, RATIOS, dino_attention, dino_saliency, drop_masks, load_dino,
+from lkfast.analysis.occlusion import (DINO_HEAD, MODES, RATIOS, dino_attention, dino_saliency, drop_masks, load_dino,
                                        mask_saliency, occlude, occlusion_sweep, random_patch_mask, saliency_patch_mask)
 from lkfast.analysis.variance import feature_map_variance, spatial_variance
 
 __all__ = ["occlusion_sweep", "occlude", "random_patch_mask", "saliency_patch_mask", "drop_masks", "mask_saliency",
-           "dino_attention", "dino_saliency", "load_dino", "MODES", "RATIOS", "lesion_sweep", "lesion_candidates",
+           "dino_attention", "dino_saliency", "load_dino", "DINO_HEAD", "MODES", "RATIOS", "lesion_sweep", "lesion_candidates",
            "default_counts", "residual_blocks", "all_blocks", "blocks_removed", "output_modules", "Block",
            "frequency_sweep", "FREQUENCIES", "kernel_attention_distance", "channel_distances", "depthwise_kernels",
            "paper_layers", "feature_map_variance", "spatial_variance", "ablation", "ablation_families", "kernel_family",

@@ -108,9 +108,10 @@ def load_dino(checkpoint: str, device="cpu") -> nn.Module:
 
 
 def dino_attention(vit: nn.Module, x: torch.Tensor, mean: Optional[Sequence[float]] = None,
-                   std: Optional[Sequence[float]] = None) -> torch.Tensor:
-    """CLS-to-patch attention of the last block of a timm VisionTransformer, averaged over heads:
-    (N, rows, cols), each image's map summing to at most 1 (the CLS token's own share is left out).
+                   std: Optional[Sequence[float]] = None, head: Optional[int] = None) -> torch.Tensor:
+    """CLS-to-patch attention of the last block of a timm VisionTransformer, of one ``head`` or
+    (None) averaged over the heads: (N, rows, cols), each image's map summing to at most 1 (the CLS
+    token's own share is left out).
 
     x: (N, 3, H, W) in [0, 1]; it is normalised with ``mean``/``std`` (default: the ViT's
     ``pretrained_cfg``) before the ViT sees it. The ViT is run in the mode it is in, without gradients.
@@ -140,15 +141,23 @@ def dino_attention(vit: nn.Module, x: torch.Tensor, mean: Optional[Sequence[floa
     scale = getattr(attn, "scale", head_dim ** -0.5)
     weights = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
     prefix = getattr(vit, "num_prefix_tokens", 1)
-    cls_to_patches = weights[:, :, 0, prefix:].mean(1)
+    if head is not None and not -heads <= head < heads:
+        raise ValueError(f"dino_attention: head {head} of a ViT with {heads} heads")
+    cls_to_patches = weights[:, :, 0, prefix:].mean(1) if head is None else weights[:, head, 0, prefix:]
     patch = vit.patch_embed.patch_size
     return cls_to_patches.reshape(n, x.shape[-2] // patch[0], x.shape[-1] // patch[1])
 
 
-def dino_saliency(vit: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A saliency function for ``occlusion_sweep``: images -> ``dino_attention(vit, images)``."""
+# The head whose attention map picks the salient patches: the authors' script takes head 1 of DINO
+# ViT-S/16's last block (LKRobust, occlusion_invariance/evaluate.py: head_number = 1); the paper's
+# text names none. None averages the heads.
+DINO_HEAD = 1
+
+
+def dino_saliency(vit: nn.Module, head: Optional[int] = DINO_HEAD) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A saliency function for ``occlusion_sweep``: images -> ``dino_attention(vit, images, head=head)``."""
     device = model_device(vit)
-    return lambda x: dino_attention(vit, x.to(device)).to(x.device)
+    return lambda x: dino_attention(vit, x.to(device), head=head).to(x.device)
 
 
 def drop_masks(x: torch.Tensor, ratio: float, mode: str, saliency: Optional[torch.Tensor] = None,

@@ -124,7 +124,8 @@ def occlusion(ctx) -> dict:
     else:
         checkpoint = ctx.options.analysis_option("dino_checkpoint")
         if checkpoint:
-            saliency, source = analysis.dino_saliency(analysis.load_dino(checkpoint, ctx.device)), f"dino:{checkpoint}"
+            saliency = analysis.dino_saliency(analysis.load_dino(checkpoint, ctx.device))
+            source = f"dino:{checkpoint}:head{analysis.DINO_HEAD}"
         else:
             note = ("salient/non-salient drops skipped: no foreground masks and no DINO checkpoint "
                     "(pass --dino-checkpoint, or set LKFAST_DINO_CHECKPOINT, to a vit_small_patch16_224.dino weights file)")
