@@ -188,7 +188,8 @@ def _build_lock(folder: Path, log: Optional[Callable[[str], None]] = None):
 
 
 def process_gone(pid: int) -> bool:
-    """Whether no process ``pid`` runs on this machine (a killed writer's temporary files may go)."""
+    """Whether no process ``pid`` runs on this machine (a killed writer's temporary files may go).
+    This process, and one that exists but cannot be signalled (another user's), are not gone."""
     if pid == os.getpid():
         return False
     try:

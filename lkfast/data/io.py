@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
+from lkfast.cache import process_gone
 from lkfast.corrupt.utils import center_crop
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -164,24 +165,12 @@ def temporary_files(folder: PathLike, stale_only: bool = True) -> List[Path]:
     found = []
     for p in folder.iterdir():
         match = _TEMPORARY.fullmatch(p.name)
-        if match and p.is_file() and not (stale_only and _process_alive(int(match.group(1)))):
+        if match and p.is_file() and (not stale_only or process_gone(int(match.group(1)))):
             found.append(p)
     return sorted(found)
 
 
 _TEMPORARY = re.compile(r"\..+\.tmp(\d+)")
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's) or cannot tell: keep its file
-    return True
 
 
 def is_complete(path: PathLike) -> bool:
