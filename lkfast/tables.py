@@ -107,30 +107,24 @@ def save_figure_atomic(fig, path, dpi: int = 120) -> Path:
     """``fig.savefig`` as a PNG to ``path`` through a temporary file of this process's own and a
     rename: a reader never sees half a PNG, and two processes writing the same figure (two runs
     into one --out) do not write into one temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    try:
-        readable_as_umask_allows(fd)
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _write_atomic(path, ".tmp.png", "wb", lambda f: fig.savefig(f, dpi=dpi, format="png"))
 
 
 def write_text_atomic(path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
+    return _write_atomic(path, ".tmp", "w", lambda f: f.write(text))
+
+
+def _write_atomic(path, suffix: str, mode: str, write) -> Path:
+    """``write(file)`` into a temporary file of this process's own beside ``path`` (mkstemp, then the
+    mode the umask allows), renamed to ``path`` when done; removed if anything fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         readable_as_umask_allows(fd)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
