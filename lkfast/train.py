@@ -126,55 +126,36 @@ def _seed_everything(seed: int) -> None:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    """``torch.save(obj)`` to ``path`` through a temporary file and a rename. Serialised in memory
-    first: torch.save into a file on a full disk raises a RuntimeError with no reason given
-    ('basic_ios::clear: iostream error'); a plain write says ENOSPC. Nothing is left on failure. The
-    price: the checkpoint is in memory twice while it is written."""
+    """``torch.save(obj)`` to ``path`` through lkfast.data's write_atomic (a ``.NAME.tmpPID`` file and
+    a rename; nothing left on failure). Serialised in memory first: torch.save into a file on a full
+    disk raises a RuntimeError with no reason given ('basic_ios::clear: iostream error'); a plain
+    write says ENOSPC. The price: the checkpoint is in memory twice while it is written."""
     import io
+
+    from lkfast.data.io import write_atomic
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, buffer.getbuffer())
 
 
 def _remove_dead_temporaries(out: Path) -> None:
-    """The ``NAME.tmp-PID`` files of saves killed mid-way (no process PID any more): a full-size
-    checkpoint each, otherwise never removed."""
-    from lkfast.cache import process_gone
+    """The temporary files of saves killed mid-way (their process gone): a full-size checkpoint
+    each, otherwise never removed."""
+    from lkfast.data.io import temporary_files
 
-    for tmp in out.glob("*.tmp-*"):
-        pid = tmp.name.rpartition(".tmp-")[2]
-        if pid.isdigit() and tmp.is_file() and process_gone(int(pid)):
-            tmp.unlink(missing_ok=True)
+    for tmp in temporary_files(out):
+        tmp.unlink(missing_ok=True)
 
 
 def _save_weights(tensors: dict, path: Path) -> None:
-    """``tensors`` to the safetensors file ``path`` through a temporary file and a rename, with the
-    mode a plain open gives (0666 less the umask, as last.pth and summary.json): safetensors writes
-    its files 0600."""
-    from safetensors.torch import save_file
+    """``tensors`` to the safetensors file ``path`` through write_atomic, with the mode a plain open
+    gives (0666 less the umask, as last.pth and summary.json; safetensors' save_file writes 0600)."""
+    from safetensors.torch import save
 
-    from lkfast.tables import readable_as_umask_allows
+    from lkfast.data.io import write_atomic
 
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            readable_as_umask_allows(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, save(tensors))
 
 
 def _distributed() -> tuple:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,7 +247,7 @@ def test_figures_are_written_through_a_temporary_file_of_their_own(tmp_path):
 
 
 def test_train_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
-    """A save that fails for want of space (ENOSPC at the write) leaves no NAME.tmp-PID behind and
+    """A save that fails for want of space (ENOSPC at the write) leaves no .NAME.tmpPID behind and
     ends python -m lkfast.train with one line saying what to do (torch.save into the file gave
     'RuntimeError: basic_ios::clear: iostream error'); a temporary file a killed save left is
     removed by the next run, one of a live process is not."""
@@ -258,14 +259,14 @@ def test_train_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path,
     data = _source(tmp_path / "data" / "train", per_class=1)
     out = tmp_path / "run"
     out.mkdir()
-    (out / "last.pth.tmp-999999999").write_bytes(b"a killed save")  # no such process
-    (out / "last.pth.tmp-1").write_bytes(b"pid 1 is alive")
-    (out / "notes.tmp-2").mkdir()  # a folder: not a save's temporary file
+    (out / ".last.pth.tmp999999999").write_bytes(b"a killed save")  # no such process
+    (out / ".last.pth.tmp1").write_bytes(b"pid 1 is alive")
+    (out / ".notes.tmp2").mkdir()  # a folder: not a save's temporary file
     real_open = builtins.open
 
     def full_disk(file, mode="r", *args, **kwargs):
         handle = real_open(file, mode, *args, **kwargs)
-        if ".tmp-" in str(file) and "w" in mode:
+        if ".tmp" in Path(file).name and "w" in mode:
             handle.close()
 
             class Full:
@@ -286,7 +287,7 @@ def test_train_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path,
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "lkfast.train: error: [Errno 28] No space left on device (free space" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == ["last.pth.tmp-1", "notes.tmp-2"]
+    assert sorted(p.name for p in out.iterdir()) == [".last.pth.tmp1", ".notes.tmp2"]
 
 
 def test_the_build_lock_gives_way_where_locking_fails(tmp_path, monkeypatch):
