@@ -115,6 +115,11 @@ def write_text_atomic(path, text: str) -> Path:
     return _write_atomic(path, ".tmp", "w", lambda f: f.write(text))
 
 
+def write_bytes_atomic(path, data) -> Path:
+    """Write ``data`` (bytes or a buffer) to ``path`` as write_text_atomic writes text."""
+    return _write_atomic(path, ".tmp", "wb", lambda f: f.write(data))
+
+
 def _write_atomic(path, suffix: str, mode: str, write) -> Path:
     """``write(file)`` into a temporary file of this process's own beside ``path`` (mkstemp, then the
     mode the umask allows), renamed to ``path`` when done; removed if anything fails."""

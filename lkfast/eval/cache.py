@@ -18,13 +18,12 @@ import io
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
-from lkfast.tables import readable_as_umask_allows, write_text_atomic
+from lkfast.tables import write_bytes_atomic, write_text_atomic
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -116,20 +115,9 @@ class ResultCache:
 
     def save_shard(self, task: str, part: str, key: str, records: Dict[str, Any]) -> Path:
         """Store a shard's records atomically (temporary file + rename)."""
-        path = self.shard_path(task, part, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()  # torch.save into a file on a full disk raises a RuntimeError from its C++
         torch.save(records, buffer)  # writer with no reason given; a plain write says ENOSPC
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            readable_as_umask_allows(fd)
-            with os.fdopen(fd, "wb") as f:
-                f.write(buffer.getbuffer())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_bytes_atomic(self.shard_path(task, part, key), buffer.getbuffer())
 
     def result_path(self, task: str, key: str) -> Path:
         return self.root / safe_name(task) / f"result.{key}.json"
