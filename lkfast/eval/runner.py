@@ -531,12 +531,7 @@ class Runner:
     def _say_which_models_leave_the_report(self) -> None:
         """results.json and the report hold the models of one run. One line names the models of an
         earlier run into the same --out that this one leaves out, and how to keep them."""
-        try:
-            earlier = json.loads((self.out / RESULTS_FILE).read_text())
-        except (OSError, ValueError):
-            return
-        if not isinstance(earlier, dict):
-            return
+        earlier = read_json_object(self.out / RESULTS_FILE) or {}  # missing or damaged: nothing to say
         now = {spec.display for spec in self.models}
         left = [name for name in earlier if name != META_KEY and name not in now]
         if left:
