@@ -118,17 +118,34 @@ class TorchBackend(Backend):
         C = x.shape[1]
         if x.numel() == 0:  # nothing summed (and convolution_backward refuses C = 0, H or W = 0)
             return x.new_zeros((C, 1, kh, kw))
-        if C == 1 and x.device.type == "cpu":
-            # One channel is a plain (groups = 1) convolution to oneDNN, whose weight gradient
-            # corrupts the heap when the kernel reaches far past the map's rows (torch 2.14: x
-            # (1, 1, 13, 23) with a 31x13 kernel, a segfault or a glibc abort). Its depthwise path
-            # is fine: compute the channel twice, as a two-channel depthwise convolution.
-            return self.weight_grad(grad_out.expand(-1, 2, -1, -1), x.expand(-1, 2, -1, -1), kh, kw)[:1]
-        gw = torch.ops.aten.convolution_backward(
-            self._layout(grad_out), self._layout(x), x.new_empty(1).expand(C, 1, kh, kw),
-            None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], C, [False, True, False],
-        )[1]
-        return gw.contiguous()
+        weight = x.new_empty(1).expand(C, 1, kh, kw)  # only its shape is read
+        return convolution_backward(grad_out, x, weight, False, True, layout=self._layout)[1].contiguous()
+
+
+def convolution_backward(grad_out, x, weight, want_x: bool, want_w: bool, layout=None):
+    """(input gradient, weight gradient) of the depthwise convolution (stride 1, zero "same"
+    padding) by PyTorch's ``aten.convolution_backward``, None for the one not wanted;
+    differentiable in turn (the path of ``create_graph=True``). ``layout(t)``, when given, is
+    applied to ``grad_out`` and ``x`` just before the call (the torch backend's channels_last).
+
+    One channel on the CPU with the weight gradient wanted is computed twice, as a two-channel
+    depthwise convolution, and the first channel's gradients returned: one channel is a plain
+    (groups = 1) convolution to oneDNN, whose weight gradient corrupts the heap when the kernel
+    reaches far past the map's rows (torch 2.14: x (1, 1, 13, 23) with a 31x13 kernel, a segfault
+    or a glibc abort); its depthwise path is fine."""
+    kh, kw = weight.shape[-2:]
+    channels = x.shape[1]
+    if channels == 1 and x.device.type == "cpu" and want_w:
+        grad_out, x, weight = grad_out.expand(-1, 2, -1, -1), x.expand(-1, 2, -1, -1), weight.expand(2, -1, -1, -1)
+    if layout is not None:
+        grad_out, x = layout(grad_out), layout(x)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], x.shape[1],
+        [want_x, want_w, False])
+    if x.shape[1] != channels:
+        grad_x = grad_x[:, :1] if grad_x is not None else None
+        grad_w = grad_w[:1] if grad_w is not None else None
+    return grad_x, grad_w
 
 
 class _CompiledBackend(Backend):

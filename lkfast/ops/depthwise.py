@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from lkfast.ops.backends import BACKENDS, FLOAT_DTYPES, PASSES, Plan, dtype_name, output_memory_format
+from lkfast.ops.backends import (BACKENDS, FLOAT_DTYPES, PASSES, Plan, convolution_backward, dtype_name,
+                                 output_memory_format)
 
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
@@ -254,18 +255,7 @@ _depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 def _differentiable_grads(grad, x, weight, want_x: bool, want_w: bool):
     if grad.numel() == 0 or not (want_x or want_w):
         return None, None  # nothing to differentiate: the ops' own (empty-safe) path
-    kh, kw = weight.shape[-2:]
-    channels = x.shape[1]
-    if channels == 1 and x.device.type == "cpu" and want_w:
-        # oneDNN's weight gradient of a groups=1 convolution corrupts the heap when the kernel
-        # reaches far past the map (see TorchBackend.weight_grad): two channels, the first kept
-        grad, x, weight = grad.expand(-1, 2, -1, -1), x.expand(-1, 2, -1, -1), weight.expand(2, -1, -1, -1)
-    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad, x, weight, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], x.shape[1], [want_x, want_w, False])
-    if x.shape[1] != channels:
-        grad_x = grad_x[:, :1] if grad_x is not None else None
-        grad_w = grad_w[:1]
-    return grad_x, grad_w
+    return convolution_backward(grad, x, weight, want_x, want_w)
 
 
 def _under_torch_func(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
