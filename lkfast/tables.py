@@ -8,6 +8,12 @@ markdown dialect and a CSV twin with the same cells.
 
 Cells are formatted by ``format_cell``: None -> "—", floats with ``digits`` decimals (default 2),
 everything else with ``str``. Numbers are right-aligned by default.
+
+Files are written through the project's one atomic writer, here as well (lkfast.data, the eval's
+cache, train's checkpoints and the report use it too):
+
+    write_atomic(path, write, mode="wb") -> Path     write_text_atomic / write_bytes_atomic / save_figure_atomic
+    temporary_files(folder) -> [Path]                what writers killed midway left there
 """
 from __future__ import annotations
 
@@ -16,9 +22,12 @@ import errno
 import io
 import math
 import os
-import tempfile
+import re
+import secrets
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
+
+from lkfast.cache import process_gone
 
 MISSING = "—"
 
@@ -85,14 +94,6 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     return buffer.getvalue()
 
 
-def readable_as_umask_allows(fd: int) -> None:
-    """Give a ``tempfile.mkstemp`` file the mode a plain ``open`` would (0666 less the umask):
-    mkstemp makes files private (0600), and results in a shared folder are not."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-
-
 # What the writing of results, caches and checkpoints can fail with for want of space or rights: the
 # command-line tools say these in one line (free space or fix the folder, then rerun); any other
 # OSError (an unreadable image, a network error between ranks) keeps its traceback.
@@ -104,38 +105,60 @@ def is_storage_error(error: BaseException) -> bool:
 
 
 def save_figure_atomic(fig, path, dpi: int = 120) -> Path:
-    """``fig.savefig`` as a PNG to ``path`` through a temporary file of this process's own and a
-    rename: a reader never sees half a PNG, and two processes writing the same figure (two runs
-    into one --out) do not write into one temporary file."""
-    return _write_atomic(path, ".tmp.png", "wb", lambda f: fig.savefig(f, dpi=dpi, format="png"))
+    """``fig.savefig`` as a PNG to ``path`` through a temporary file of this call's own and a
+    rename (see ``write_atomic``): a reader never sees half a PNG, and two processes writing the
+    same figure (two runs into one --out) do not write into one temporary file."""
+    return write_atomic(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
 
 
 def write_text_atomic(path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
-    return _write_atomic(path, ".tmp", "w", lambda f: f.write(text))
+    return write_atomic(path, lambda f: f.write(text), mode="w")
 
 
 def write_bytes_atomic(path, data) -> Path:
     """Write ``data`` (bytes or a buffer) to ``path`` as write_text_atomic writes text."""
-    return _write_atomic(path, ".tmp", "wb", lambda f: f.write(data))
+    return write_atomic(path, lambda f: f.write(data))
 
 
-def _write_atomic(path, suffix: str, mode: str, write) -> Path:
-    """``write(file)`` into a temporary file of this process's own beside ``path`` (mkstemp, then the
-    mode the umask allows), renamed to ``path`` when done; removed if anything fails."""
+def write_atomic(path, write: Callable, mode: str = "wb") -> Path:
+    """The one atomic writer: ``write(file)`` into a temporary file beside ``path``, renamed over
+    ``path`` (os.replace, atomic on one file system) when done, so ``path`` never holds a partial
+    file; parent folders are created; returns ``path``. The temporary file
+    (``.<name>.<random>.tmp<pid>``) is this call's own (two threads or processes writing one path
+    never share one), opened with ``open(name, mode)`` so it gets the mode a plain open gives
+    (0666 less the umask), and removed if anything fails; a process killed midway leaves it, for
+    ``temporary_files`` to find. ``mode``: "wb" or "w"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{os.getpid()}")
     try:
-        readable_as_umask_allows(fd)
-        with os.fdopen(fd, mode) as f:
+        with open(tmp, mode) as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp(\d+)")  # write_atomic's temporary names (and .<name>.tmp<pid> of before)
+
+
+def temporary_files(folder, stale_only: bool = True) -> list[Path]:
+    """Temporary files that write_atomic left in ``folder`` (not recursive): those of runs killed
+    before the rename. With ``stale_only`` (default), only those whose writing process (the pid in
+    the name) is no longer running on this machine, so a concurrent run's file is never listed.
+    [] if ``folder`` does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        match = _TEMPORARY.fullmatch(p.name)
+        if match and p.is_file() and (not stale_only or process_gone(int(match.group(1)))):
+            found.append(p)
+    return sorted(found)
 
 
 def write_table(stem, header: Sequence[str], rows: Iterable[Sequence], align: Optional[str] = None,
@@ -148,5 +171,5 @@ def write_table(stem, header: Sequence[str], rows: Iterable[Sequence], align: Op
     return md, csv_path
 
 
-__all__ = ["markdown_table", "csv_text", "write_table", "write_text_atomic", "readable_as_umask_allows",
-           "format_cell", "MISSING"]
+__all__ = ["markdown_table", "csv_text", "write_table", "write_atomic", "write_text_atomic", "write_bytes_atomic",
+           "save_figure_atomic", "temporary_files", "format_cell", "MISSING"]

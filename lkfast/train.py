@@ -126,36 +126,37 @@ def _seed_everything(seed: int) -> None:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    """``torch.save(obj)`` to ``path`` through lkfast.data's write_atomic (a ``.NAME.tmpPID`` file and
-    a rename; nothing left on failure). Serialised in memory first: torch.save into a file on a full
-    disk raises a RuntimeError with no reason given ('basic_ios::clear: iostream error'); a plain
-    write says ENOSPC. The price: the checkpoint is in memory twice while it is written."""
+    """``torch.save(obj)`` to ``path`` through lkfast.tables' atomic writer (a temporary file with
+    this process's id in its name, and a rename; nothing left on failure). Serialised in memory
+    first: torch.save into a file on a full disk raises a RuntimeError with no reason given
+    ('basic_ios::clear: iostream error'); a plain write says ENOSPC. The price: the checkpoint is
+    in memory twice while it is written."""
     import io
 
-    from lkfast.data.io import write_atomic
+    from lkfast.tables import write_bytes_atomic
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    write_atomic(path, buffer.getbuffer())
+    write_bytes_atomic(path, buffer.getbuffer())
 
 
 def _remove_dead_temporaries(out: Path) -> None:
     """The temporary files of saves killed mid-way (their process gone): a full-size checkpoint
     each, otherwise never removed."""
-    from lkfast.data.io import temporary_files
+    from lkfast.tables import temporary_files
 
     for tmp in temporary_files(out):
         tmp.unlink(missing_ok=True)
 
 
 def _save_weights(tensors: dict, path: Path) -> None:
-    """``tensors`` to the safetensors file ``path`` through write_atomic, with the mode a plain open
+    """``tensors`` to the safetensors file ``path`` through write_bytes_atomic, with the mode a plain open
     gives (0666 less the umask, as last.pth and summary.json; safetensors' save_file writes 0600)."""
     from safetensors.torch import save
 
-    from lkfast.data.io import write_atomic
+    from lkfast.tables import write_bytes_atomic
 
-    write_atomic(path, save(tensors))
+    write_bytes_atomic(path, save(tensors))
 
 
 def _distributed() -> tuple:

@@ -246,6 +246,26 @@ def test_figures_are_written_through_a_temporary_file_of_their_own(tmp_path):
     plt.close(fig)
 
 
+def test_the_one_atomic_writer_names_its_temporary_files_for_temporary_files(tmp_path):
+    """lkfast.tables.write_atomic serves write_text_atomic, write_bytes_atomic, save_figure_atomic
+    and lkfast.data's write_atomic: its temporary file, while being written (where a kill would
+    leave it), is one temporary_files finds, but not as stale while its process lives; and each call
+    has its own (a write of the same path nested in another shared lkfast.data's .NAME.tmpPID)."""
+    from lkfast import tables
+    from lkfast.data import io as data_io
+
+    target = tmp_path / "out" / "result.json"
+
+    def outer(f):
+        assert tables.temporary_files(target.parent, stale_only=False) == [Path(f.name)]
+        assert tables.temporary_files(target.parent) == []  # this process is alive
+        data_io.write_atomic(target, b"inner")  # the same path, meanwhile: its own temporary file
+        f.write(b"outer")
+
+    assert tables.write_atomic(target, outer) == target
+    assert target.read_bytes() == b"outer" and [p.name for p in target.parent.iterdir()] == ["result.json"]
+
+
 def test_train_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
     """A save that fails for want of space (ENOSPC at the write) leaves no .NAME.tmpPID behind and
     ends python -m lkfast.train with one line saying what to do (torch.save into the file gave

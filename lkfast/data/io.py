@@ -1,5 +1,6 @@
 """Image and video file input/output: list and decode images, encode JPEG and H.264 mp4, read mp4,
-write files atomically.
+write files atomically (``write_atomic(path, data)`` and ``temporary_files(folder)`` are
+lkfast.tables' one writer, for bytes, and what it leaves when killed).
 
     >>> from lkfast.data.io import list_images, load_image, read_mp4
     >>> for wnid, paths in list_images("/data/imagenet/val"):       # [(class folder, sorted paths)]
@@ -13,15 +14,14 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 import torch
 
-from lkfast.cache import process_gone
 from lkfast.corrupt.utils import center_crop
+from lkfast.tables import temporary_files, write_bytes_atomic as write_atomic  # noqa: F401 (re-exported)
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4",)
@@ -135,42 +135,6 @@ def read_mp4(path: PathLike, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     if not dtype.is_floating_point:
         raise ValueError(f"read_mp4 returns uint8 or a float dtype in [0, 1]; got dtype {dtype}")
     return video.to(dtype) / 255
-
-
-def write_atomic(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` never holds a partial file: the bytes go to a
-    hidden temporary file in the same folder (``.<name>.tmp<pid>``), which is then renamed over
-    ``path`` (os.replace, atomic on one file system). Parent folders are created. A run killed
-    midway leaves at most the temporary file, never a truncated ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def temporary_files(folder: PathLike, stale_only: bool = True) -> List[Path]:
-    """Temporary files that write_atomic left in ``folder`` (not recursive): those of runs killed
-    before the rename. With ``stale_only`` (default), only those whose writing process (the pid in
-    the name) is no longer running on this machine, so a concurrent run's file is never listed.
-    [] if ``folder`` does not exist."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.iterdir():
-        match = _TEMPORARY.fullmatch(p.name)
-        if match and p.is_file() and (not stale_only or process_gone(int(match.group(1)))):
-            found.append(p)
-    return sorted(found)
-
-
-_TEMPORARY = re.compile(r"\..+\.tmp(\d+)")
 
 
 def is_complete(path: PathLike) -> bool:
