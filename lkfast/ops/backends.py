@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,25 @@ class Plan(NamedTuple):
     def decode(cls, text: str) -> "Plan":
         forward, input_grad, weight_grad = text.split(",")
         return cls(forward, input_grad, weight_grad)
+
+
+def remembered(memo: dict, key, source, compute: Callable[[], object]):
+    """``compute()``, kept in ``memo`` under ``key`` for as long as ``source`` (what the answer was
+    computed from: a calibration's generation, a measured table) stays the same (``==``); computed
+    afresh each time when ``source`` is None (nothing to remember against). For the backend
+    choices the op asks on every call: for one source the answer for a key cannot change, and
+    working it out again costs as much as a small layer's kernel. Up to 4096 keys: many distinct
+    shapes (varying image sizes) start it over."""
+    if source is None:
+        return compute()
+    hit = memo.get(key)
+    if hit is not None and hit[0] == source:
+        return hit[1]
+    result = compute()
+    if len(memo) >= 4096:
+        memo.clear()
+    memo[key] = (source, result)
+    return result
 
 
 PASSES: tuple[str, ...] = Plan._fields  # ("forward", "input_grad", "weight_grad")

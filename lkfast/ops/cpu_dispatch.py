@@ -45,6 +45,7 @@ from typing import Callable, Optional
 import torch
 
 from lkfast.cache import cache_dir
+from lkfast.ops import backends
 from lkfast.ops.backends import dtype_name, output_memory_format
 
 CANDIDATES = ("cpu", "torch")
@@ -203,18 +204,9 @@ def memo_token() -> Optional[int]:
 def remembered(memo: dict, args: tuple, compute: Callable[[], object]):
     """``compute()``, kept in ``memo`` under ``args`` for as long as this process's calibration stays
     the one in use (``memo_token``); computed afresh each time when calibration is off. For choices
-    asked on every call of an op: within one calibration the answer for a shape cannot change."""
-    token = memo_token()
-    if token is None:
-        return compute()
-    hit = memo.get(args)
-    if hit is not None and hit[0] == token:
-        return hit[1]
-    result = compute()
-    if len(memo) >= 4096:  # many distinct shapes (varying image sizes): start over
-        memo.clear()
-    memo[args] = (token, result)
-    return result
+    asked on every call of an op: within one calibration the answer for a shape cannot change.
+    (The memo rule is ``lkfast.ops.backends.remembered``, which the CUDA table's choices use too.)"""
+    return backends.remembered(memo, args, memo_token(), compute)
 
 
 # --- the shipped table ------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
-from lkfast.ops.backends import FLOAT_DTYPES, Plan, dtype_name, output_memory_format
+from lkfast.ops.backends import FLOAT_DTYPES, Plan, dtype_name, output_memory_format, remembered
 
 DEFAULT_ORDER = ("cuda", "triton", "torch")
 # triton_mma (the tensor-core kernels) is never in the default order: auto takes it only where a
@@ -237,16 +237,9 @@ def choose(x: torch.Tensor, weight: torch.Tensor, usable: Callable[[str], bool],
     table = load_table() if table is None else table
     # The op asks on every call, and the nearest-row search and its sentence cost ~0.6 us per table
     # row (30 us for a 50-row table: as much as a stage-4 kernel takes on an H200). A choice is kept
-    # per (key, runnable) for as long as the table is the same object (load_table parses a changed
-    # file into a new one; a Table is not to be changed in place).
-    hit = _CHOICES.get((key, runnable))
-    if hit is not None and hit[0] is table:
-        return hit[1]
-    result = _choose_in(table, key, runnable)
-    if len(_CHOICES) >= 4096:  # many distinct shapes: start over
-        _CHOICES.clear()
-    _CHOICES[(key, runnable)] = (table, result)
-    return result
+    # per (key, runnable) for as long as the table is the same (load_table parses a changed file
+    # into a new one; a Table is not to be changed in place).
+    return remembered(_CHOICES, (key, runnable), table, lambda: _choose_in(table, key, runnable))
 
 
 _CHOICES: dict = {}  # (Key, runnable backends) -> (the Table it was chosen from, (plan, source))
