@@ -287,15 +287,16 @@ def _check_arguments(args) -> None:
             raise TrainError(f"{option} must be at least {least}, got {value}")
 
 
-def _device(name: Optional[str]) -> torch.device:
-    """``--device`` as a torch.device (default: cuda when available); TrainError for a name torch does
-    not know or for CUDA where there is none."""
+def device_option(name: Optional[str]) -> torch.device:
+    """``--device`` of ``python -m lkfast.train`` and ``python -m lkfast.eval`` as a torch.device
+    (default: cuda when available, else cpu); ValueError, naming the option, for a name torch does
+    not know or for CUDA where there is none (both commands print it as their one error line)."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as error:
-        raise TrainError(f"--device {name}: expected cpu, cuda or cuda:N ({error})") from None
+        raise ValueError(f"--device {name}: expected cpu, cuda or cuda:N ({error})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name}: CUDA is not available here; use --device cpu")
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
     return device
 
 
@@ -329,7 +330,7 @@ def _train(args, saved: dict) -> dict:
     from tqdm import tqdm
 
     _check_arguments(args)
-    device = _device(args.device)
+    device = device_option(args.device)
     data = Path(args.data).expanduser()
     out = _out_folder(args)
     if not data.is_dir():

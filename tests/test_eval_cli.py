@@ -93,6 +93,24 @@ def test_missing_checkpoint_names_the_option_and_the_model(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_device_mistakes_are_one_line_as_in_train(tmp_path, capsys, monkeypatch):
+    """--device is read as python -m lkfast.train reads it (lkfast.train.device_option): CUDA where
+    there is none, or a name torch does not know, is the same error line, exit 2, before anything
+    runs (the eval passed an unknown name on, to fail later)."""
+    from lkfast.train import main as train_main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")  # --out naming a file: were --device accepted, that would be the error
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in {"cuda": "--device cuda: CUDA is not available here; use --device cpu",
+                            "cuda:1": "--device cuda:1: CUDA is not available here; use --device cpu",
+                            "tpu9": "--device tpu9: expected cpu, cuda or cuda:N"}.items():
+        rc, err = run_cli(capsys, "--device", device, "--out", a_file)
+        assert rc == 2 and f"lkfast.eval: error: {message}" in err, err
+        assert train_main(["resnet_tiny", "--data", str(tmp_path), "--device", device]) == 2
+        assert f"lkfast.train: error: {message}" in capsys.readouterr().err
+
+
 def test_model_spec_key_of_a_missing_checkpoint_says_so(tmp_path):
     # the API path (run_evaluation with ModelSpec objects) hashes the checkpoint for the cache key
     with pytest.raises(FileNotFoundError, match=r"^model 'A': checkpoint '.*nope\.pth' not found$"):

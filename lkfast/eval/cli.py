@@ -202,15 +202,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        import torch
-
         from lkfast.memory import keep_freed_memory
 
         keep_freed_memory()  # fewer page faults per step (see lkfast.memory; LKFAST_MALLOC=default: glibc's own)
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise EvalError(f"--device {device}: CUDA is not available here; use --device cpu")
+        from lkfast.train import device_option
+
+        device = str(device_option(args.device))  # "cpu", "cuda", "cuda:1": the runner's device names
         tasks = resolve_suite(args.suite)
         models = _with_input_size(_models(args.models), args.input_size)
         dirs = {name: getattr(args, name.replace("-", "_") + "_dir") for name in SOURCE_NAMES}
