@@ -195,13 +195,97 @@ def test_patch_model_handles_weights_computed_by_hooks(wrap):
         _close(model(x), reference(x))
 
 
-def test_patch_model_leaves_parametrized_convs_alone():
-    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 7, padding=3, groups=4))
-    model = nn.Sequential(conv)
-    x = torch.randn(1, 4, 8, 8)
-    expected = model(x)
-    assert not is_eligible(conv) and patch_model(model) == 0 and model[0] is conv
-    _close(model(x), expected)
+class _Doubled(nn.Module):  # a parametrization of the bias: computed from it on each read
+    def forward(self, bias):
+        return 2 * bias
+
+
+class _Cropped(nn.Module):  # an unsafe one: the 7x7 weight computed as a 5x5 kernel
+    def forward(self, weight):
+        return weight[..., 1:-1, 1:-1]
+
+
+class _Shifted(nn.Conv2d):  # a subclass with its own forward (and arguments the fast op computes)
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def _parametrized_model():
+    """Convs under torch.nn.utils.parametrize: the modern weight_norm and spectral_norm (the latter
+    with a doubled bias as well), a 5x5 crop of a 7x7 weight (unsafe: another shape than the
+    module's), and three that stay as they are: a strided one, timm's Conv2dSame and a subclass."""
+    timm = pytest.importorskip("timm")
+    P = nn.utils.parametrize
+    torch.manual_seed(0)  # the same weights (and spectral_norm's random start vectors) each time
+    weight_norm = nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 7, padding=3, groups=4))
+    spectral = nn.utils.parametrizations.spectral_norm(nn.Conv2d(4, 4, (9, 5), padding=(4, 2), groups=4))
+    P.register_parametrization(spectral, "bias", _Doubled())
+    cropped = nn.Conv2d(4, 4, 7, padding=3, groups=4)
+    P.register_parametrization(cropped, "weight", _Cropped(), unsafe=True)
+    strided = nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 7, stride=2, padding=3, groups=4))
+    same = nn.utils.parametrizations.weight_norm(timm.layers.Conv2dSame(4, 4, 7, groups=4))
+    shifted = nn.utils.parametrizations.weight_norm(_Shifted(4, 4, 7, padding=3, groups=4))
+    return nn.Sequential(weight_norm, nn.GELU(), spectral, nn.GELU(), cropped, nn.GELU(), strided, same, shifted)
+
+
+def test_patch_model_patches_parametrized_convs_and_keeps_the_parametrization(monkeypatch):
+    """A conv under torch.nn.utils.parametrize becomes a DepthwiseConv2d subclass carrying
+    parametrize's properties: outputs and the gradients of the original tensors as the unpatched
+    model's over two training steps (spectral_norm's power iteration runs in both), the fast op
+    computing them, the same state_dict keys; a write to an original tensor is seen by the next
+    forward; deepcopy works and pickling refuses as parametrize does; remove_parametrizations
+    leaves a DepthwiseConv2d. Other Conv2d subclasses, parametrized too, stay as they are."""
+    import copy
+    import pickle
+
+    import lkfast.nn.depthwise as depthwise
+
+    P = nn.utils.parametrize
+    model, reference = _parametrized_model().train(), _parametrized_model().train()
+    keys, untouched = list(reference.state_dict()), [type(m) for m in model[6:]]
+    assert [is_eligible(m) for m in model] == [True, False, True, False, True, False, False, False, False]
+    assert patch_model(model) == 3 and patch_model(model) == 0
+    for conv in (model[0], model[2], model[4]):
+        assert isinstance(conv, DepthwiseConv2d) and type(conv).__name__ == "ParametrizedDepthwiseConv2d"
+        assert P.is_parametrized(conv)
+    assert type(model[0]) is not type(model[2])  # one class per module, as parametrize makes
+    assert [type(m) for m in model[6:]] == untouched
+    assert list(model.state_dict()) == keys
+    fast_calls = []
+    real = depthwise.depthwise_conv2d
+    monkeypatch.setattr(depthwise, "depthwise_conv2d", lambda *a: fast_calls.append(a[1].shape) or real(*a))
+    x = torch.randn(2, 4, 13, 11)
+    for _ in range(2):
+        for net in (model, reference):
+            net.zero_grad()
+        y, expected = model(x), reference(x)
+        _close(y, expected)
+        y.square().sum().backward()
+        expected.square().sum().backward()
+        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+            _close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+    assert fast_calls == [(4, 1, 7, 7), (4, 1, 9, 5)] * 2  # the cropped 5x5 weight ran as nn.Conv2d would
+    with torch.no_grad():
+        for net in (model, reference):
+            net[0].parametrizations.weight.original0.mul_(3)
+            net[2].parametrizations.bias.original.add_(1)
+    _close(model.eval()(x), reference.eval()(x))
+
+    copied = copy.deepcopy(model)
+    _close(copied(x), reference(x))
+    with pytest.raises(RuntimeError, match="Serialization of parametrized modules"):
+        pickle.dumps(reference)
+    with pytest.raises(RuntimeError, match="Serialization of parametrized modules"):
+        pickle.dumps(model)
+    for net in (copied, reference):
+        P.remove_parametrizations(net[0], "weight")
+        P.remove_parametrizations(net[2], "weight")
+        P.remove_parametrizations(net[2], "bias")
+    assert type(copied[0]) is DepthwiseConv2d and type(copied[2]) is DepthwiseConv2d
+    assert list(copied.state_dict()) == list(reference.state_dict())
+    _close(copied(x), reference(x))
+    # nothing parametrized left (weight_norm's leaves a state_dict hook that pickle cannot take)
+    assert type(pickle.loads(pickle.dumps(copied[2]))) is DepthwiseConv2d
 
 
 def _reparam_module(small_kernel=5):

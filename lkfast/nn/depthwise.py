@@ -70,7 +70,9 @@ class DepthwiseConv2d(nn.Conv2d):
     Conv2d's state_dict loads into it and code that reads ``in_channels``/``kernel_size``/``weight``
     keeps working. Refuses (ValueError) a kernel size that is even in either dimension (the padding
     is symmetric only for odd sizes). Holds no state beyond nn.Conv2d's: ``patch_model`` turns an
-    eligible ``nn.Conv2d`` into one by changing its class.
+    eligible ``nn.Conv2d`` into one by changing its class. A ``weight`` (or ``bias``) of another
+    shape than the module's, as an unsafe parametrization may compute, is convolved as nn.Conv2d
+    would, by PyTorch.
     """
 
     def __init__(self, channels: int, kernel_size: KernelSize, bias: bool = True, device=None, dtype=None):
@@ -85,12 +87,20 @@ class DepthwiseConv2d(nn.Conv2d):
                          bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Each read once, as nn.Conv2d's forward reads them: under torch.nn.utils.parametrize a read
+        # computes the tensor (and spectral_norm's runs a power iteration in training).
+        weight, bias = self.weight, self.bias
+        channels = self.out_channels
+        if weight.shape != (channels, 1, *self.kernel_size) or (bias is not None and bias.shape != (channels,)):
+            # a weight of another shape (an unsafe parametrization's, one assigned by hand): the
+            # fast op's padding follows the weight, nn.Conv2d's the module, so compute what it does
+            return self._conv_forward(x, weight, bias)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it; the op itself takes (N, C, H, W)
-            return _fast_depthwise(x.unsqueeze(0), self.weight, self.bias).squeeze(0)
+            return _fast_depthwise(x.unsqueeze(0), weight, bias).squeeze(0)
         if x.dim() != 4:
             raise ValueError(f"DepthwiseConv2d: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, "
                              f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
-        return _fast_depthwise(x, self.weight, self.bias)
+        return _fast_depthwise(x, weight, bias)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":

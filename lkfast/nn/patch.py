@@ -1,24 +1,69 @@
 """Swap a model's depthwise ``nn.Conv2d`` layers for ``DepthwiseConv2d`` (the fast op), in place."""
 from __future__ import annotations
 
+import itertools
+
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from lkfast.nn.depthwise import DEFAULT_MIN_KERNEL_SIZE, DepthwiseConv2d, fast_op_computes
 
+# What torch.nn.utils.parametrize puts in the class it generates for a parametrized module, besides
+# one property per parametrized tensor (torch 2.x: _inject_new_class and _inject_property), and
+# what copyreg caches there when the module is deep-copied (__slotnames__).
+_PARAMETRIZE_CLASS_ENTRIES = frozenset({"__module__", "__doc__", "__getstate__", "__deepcopy__", "__slotnames__"})
+
+
+def _parametrized_conv2d(module: nn.Module) -> bool:
+    """True for a plain ``nn.Conv2d`` under ``torch.nn.utils.parametrize``: its class is the one
+    parametrize generated directly over ``nn.Conv2d``, holding nothing but parametrize's entries
+    and the properties of the parametrized tensors (a parametrized ``Conv2dSame`` is not one)."""
+    cls = type(module)
+    if cls.__bases__ != (nn.Conv2d,) or cls.__module__ != parametrize.__name__ or not parametrize.is_parametrized(module):
+        return False
+    own = set(vars(cls)) - _PARAMETRIZE_CLASS_ENTRIES
+    return own <= set(module.parametrizations) and all(isinstance(vars(cls)[name], property) for name in own)
+
+
+def _weight_is_floating_point(module: nn.Module) -> bool:
+    if not parametrize.is_parametrized(module, "weight"):
+        return module.weight.is_floating_point()
+    # Not computed here (spectral_norm's would run a power iteration): a parametrization keeps the
+    # dtype of the tensors it is computed from, which it holds as original, original0, original1...
+    chain = module.parametrizations.weight
+    tensors = itertools.chain(chain.named_parameters(recurse=False), chain.named_buffers(recurse=False))
+    return all(t.is_floating_point() for name, t in tensors if name.startswith("original"))
+
 
 def is_eligible(module: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZE) -> bool:
-    """True for a plain ``nn.Conv2d`` with floating-point weights for which ``fast_op_computes``
-    holds (depthwise, stride 1, dilation 1, zero padding of k // 2 on each side, odd kernel with
-    its larger side at least ``min_kernel_size``): the same rule ``make_conv2d`` applies.
+    """True for a plain ``nn.Conv2d``, or one under ``torch.nn.utils.parametrize`` (e.g.
+    ``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``), with floating-point
+    weights for which ``fast_op_computes`` holds (depthwise, stride 1, dilation 1, zero padding of
+    k // 2 on each side, odd kernel with its larger side at least ``min_kernel_size``): the same
+    rule ``make_conv2d`` applies.
 
-    Subclasses of ``nn.Conv2d`` are not touched: their forward may differ from the plain
-    convolution (e.g. timm's ``Conv2dSame`` with its dynamic padding, or a conv under
-    ``torch.nn.utils.parametrize``, whose class is a generated subclass).
+    Other subclasses of ``nn.Conv2d`` are not touched: their forward may differ from the plain
+    convolution (e.g. timm's ``Conv2dSame`` with its dynamic padding, parametrized or not).
     """
-    if type(module) is not nn.Conv2d or not module.weight.is_floating_point():
+    if type(module) is not nn.Conv2d and not _parametrized_conv2d(module):
+        return False
+    if not _weight_is_floating_point(module):
         return False
     return fast_op_computes(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                             module.padding, module.dilation, module.groups, module.padding_mode, min_kernel_size)
+
+
+def _fast_class(module: nn.Conv2d) -> type:
+    """The class an eligible conv becomes: DepthwiseConv2d, or for a parametrized conv a subclass of
+    it carrying what parametrize's generated class carries (the properties that compute the
+    parametrized tensors on each read, its __getstate__ and __deepcopy__). One per module, as
+    parametrize makes one per module: ``remove_parametrizations`` deletes a property from the
+    module's class, then sets the class to its first base, here DepthwiseConv2d."""
+    cls = type(module)
+    if cls is nn.Conv2d:
+        return DepthwiseConv2d
+    carried = {name: value for name, value in vars(cls).items() if name != "__slotnames__"}  # (copyreg's cache)
+    return type(f"Parametrized{DepthwiseConv2d.__name__}", (DepthwiseConv2d,), carried)
 
 
 def patch_model(model: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZE) -> int:
@@ -31,11 +76,18 @@ def patch_model(model: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZE
     parents, or held elsewhere, is patched everywhere). Outputs are unchanged within floating-point
     tolerance.
 
+    A conv under ``torch.nn.utils.parametrize`` (``torch.nn.utils.parametrizations.weight_norm``,
+    ``spectral_norm``, ``register_parametrization``) becomes a ``DepthwiseConv2d`` subclass with
+    parametrize's properties: its weight is still computed from the parametrization on each
+    forward, gradients reach the original tensors, the state_dict keys stay the same,
+    ``remove_parametrizations`` leaves a ``DepthwiseConv2d``, and deepcopy and pickling behave as
+    parametrize makes them (deepcopy works; pickling refuses, pointing at state_dict).
+
     Returns the number of layers patched (0 when none is eligible, e.g. a model already patched).
     """
     eligible = [module for module in model.modules() if is_eligible(module, min_kernel_size)]
     for conv in eligible:
         # nn.Conv2d and DepthwiseConv2d hold the same state (DepthwiseConv2d only narrows which
         # arguments its constructor accepts, all of which is_eligible checked): only forward differs.
-        conv.__class__ = DepthwiseConv2d
+        conv.__class__ = _fast_class(conv)
     return len(eligible)
