@@ -623,6 +623,71 @@ def test_eval_occlusion_of_an_input_size_not_a_multiple_of_16_is_unavailable(tmp
     assert results["feature-variance"]["images"] == 4
 
 
+def test_eval_figure5_is_drawn_from_the_cached_result_and_listed_as_a_report_file(tmp_path, monkeypatch):
+    # Fig. 5 comes from the occlusion result (its example), not from the run that computed it: a rerun
+    # whose occlusion comes from the cache, and a report rebuilt in a new folder, draw it and list it
+    # in the report's manifest (a later report with fewer tasks removes it)
+    import base64
+    import io
+    import json
+    import shutil
+
+    import lkfast.analysis.occlusion
+    from lkfast import data
+    from PIL import Image
+
+    from lkfast.eval import EvalOptions, ModelSpec, run_evaluation
+    from lkfast.eval.models import load_model
+    from lkfast.eval.report import REPORT_FILES, write_report
+
+    write_val_folder(tmp_path / "val")
+    for path in (tmp_path / "val").rglob("*.JPEG"):  # a foreground square in every image's mask
+        mask = torch.zeros(3, 32, 32)
+        mask[:, 0:16, 0:16] = 1.0
+        target = tmp_path / "masks" / path.relative_to(tmp_path / "val")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.encode_jpeg(data.to_uint8(mask), quality=95))
+    arch = dict(large_kernel_sizes=(7, 5, 5, 3), layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), small_kernel=3)
+    torch.manual_seed(0)
+    torch.save(RepLKNet(**arch).state_dict(), tmp_path / "lk.pth")
+    spec = ModelSpec("replknet_31b", str(tmp_path / "lk.pth"), "tiny-lk", kwargs=tuple(arch.items()), input_size=32)
+    out = tmp_path / "out"
+    options = EvalOptions(out=str(out), data={"val": str(tmp_path / "val"), "masks": str(tmp_path / "masks")},
+                          workers=0, progress=False)
+    figure5 = "figures/figure5_occlusion_examples.png"
+
+    def drawn(folder):
+        return (figure5 in json.loads((folder / REPORT_FILES).read_text())
+                and (folder / figure5).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                and f"![Figure 5]({figure5})" in (folder / "report.md").read_text())
+
+    result = run_evaluation([spec], ["occlusion"], options)["tiny-lk"]["occlusion"]
+    assert drawn(out)
+    example = result["example"]
+    assert example["index"] == 0 and example["file"].endswith("img0.JPEG") and list(example["drops"]) == \
+        ["random", "salient", "non_salient"]
+    assert sum(row.count("1") for row in example["drops"]["random"]) == 2  # 50% of the 2x2 grid
+    assert example["drops"]["salient"] == ["10", "00"]  # the mask's foreground patch
+    _, config = load_model(spec, "cpu", False)  # the image as the model sees it: resized and cropped
+    with Image.open(sorted((tmp_path / "val").rglob("*.JPEG"))[0]) as im:
+        first = data.transform_for(config)(im.convert("RGB"))
+    assert torch.equal(data.load_image(io.BytesIO(base64.b64decode(example["image"]))), data.to_uint8(first) / 255)
+
+    # a resumed run into the same folder, its figures gone: the occlusion is read from the cache
+    shutil.rmtree(out / "figures")
+    monkeypatch.setattr(lkfast.analysis.occlusion, "occlusion_outcomes", lambda *a, **k: pytest.fail("recomputed"))
+    again = run_evaluation([spec], ["occlusion"], options)["tiny-lk"]["occlusion"]
+    assert again["example"] == example and drawn(out)
+    # the report rebuilt from results.json alone in another folder
+    write_report(tmp_path / "elsewhere", json.loads((out / "results.json").read_text()))
+    assert drawn(tmp_path / "elsewhere")
+    # a later report into the same folder without the occlusion: Fig. 5 was the report's file, it goes
+    results = json.loads((out / "results.json").read_text())
+    del results["tiny-lk"]["occlusion"]
+    write_report(out, results)
+    assert not (out / figure5).exists()
+
+
 def test_eval_taig_pairs_convnets_with_a_vit_surrogate_and_back(tmp_path, monkeypatch):
     import lkfast.eval.analysis_tasks
     from lkfast.eval import EvalOptions, ModelSpec, run_evaluation

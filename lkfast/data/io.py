@@ -1,5 +1,5 @@
-"""Image and video file input/output: list and decode images, encode JPEG and H.264 mp4, read mp4,
-write files atomically (``write_atomic(path, data)`` and ``temporary_files(folder)`` are
+"""Image and video file input/output: list and decode images, encode JPEG, PNG and H.264 mp4, read
+mp4, write files atomically (``write_atomic(path, data)`` and ``temporary_files(folder)`` are
 lkfast.tables' one writer, for bytes, and what it leaves when killed).
 
     >>> from lkfast.data.io import list_images, load_image, read_mp4
@@ -61,8 +61,8 @@ def list_images(folder: PathLike) -> List[Tuple[str, List[Path]]]:
 
 
 def load_image(path: PathLike, resize: Optional[int] = None, crop: Optional[int] = None) -> torch.Tensor:
-    """Decode an image file as a (3, H, W) float32 RGB tensor in [0, 1] (grey, palette and alpha
-    images are converted to RGB, alpha dropped).
+    """Decode an image file (a path, or a binary file object) as a (3, H, W) float32 RGB tensor in
+    [0, 1] (grey, palette and alpha images are converted to RGB, alpha dropped).
 
     resize: if given, the short side is resized to this length with Pillow's bilinear filter, the
     long side to int(resize * long / short) (torchvision's ``Resize(resize)`` on a PIL image).
@@ -96,6 +96,16 @@ def encode_jpeg(image: torch.Tensor, quality: int = 85) -> bytes:
     with warnings.catch_warnings():  # torchvision 0.29 flags its codecs as moving to TorchCodec
         warnings.simplefilter("ignore", DeprecationWarning)
         return _torchvision_encode_jpeg(image, quality=quality).numpy().tobytes()
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """PNG bytes (lossless) of a (3, H, W) uint8 CPU image, with Pillow; ``load_image`` reads them
+    back from a ``BytesIO``."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def encode_mp4(frames: torch.Tensor, noisy: bool = False, preset: str = "medium") -> bytes:

@@ -4,7 +4,8 @@ Tasks (results.json keys per model, beside the benchmark tasks):
 
     occlusion         ratios, clean_top1, top1 {random, salient, non_salient: [...]}, dropped_fraction,
                       saliency ("masks", "dino" or None: random drop only, with saliency_note),
-                      salient_drop_50 (top-1 change at 50% salient drop, Table 5)
+                      salient_drop_50 (top-1 change at 50% salient drop, Table 5), example (Fig. 5: the first
+                      val image as a base64 PNG, its index and file, and each type's dropped patches at 50%)
     fgsm              eps, top1 (Fig. 6a), clean_top1
     pgd               eps, top1 (Fig. 6b, 5 steps), steps, steps_top1 (Fig. 6c, eps 0.006), clean_top1
     taig              surrogate, eps, success_rate (%, Table 4), adv_error, clean_top1, note (an eps the
@@ -141,40 +142,54 @@ def occlusion(ctx) -> dict:
                                   generator=ctx.generators("val", indices))
     records = ctx.records("val", dataset, compute, key={"saliency": source, "modes": modes, "ratios": ratios})
     result = occlusion_summary(records, ratios, modes, grid, saliency=saliency)
-    if saliency is not None:
-        _figure5(ctx, dataset, saliency)
     result["saliency"] = "dino" if callable(saliency) else saliency
     if note:
         result["saliency_note"] = note
     if "salient" in result["top1"] and 0.5 in result["ratios"]:
         result["salient_drop_50"] = result["top1"]["salient"][result["ratios"].index(0.5)] - result["clean_top1"]
+    example = _occlusion_example(dataset, saliency, modes, ctx.options.seed)
+    if example is not None:
+        result["example"] = example
     return result
 
 
 FIGURE5 = "figure5_occlusion_examples.png"
+EXAMPLE_RATIO = 0.5  # the drop Fig. 5 shows
 
 
-def _figure5(ctx, dataset, saliency) -> None:
-    """Fig. 5: the run's first readable val image and what each occlusion type keeps of it at 50%
-    drop (the same for every model; written by the main process into OUT/figures, shown by the report)."""
-    from lkfast.eval import distributed
+def _occlusion_example(dataset, saliency, modes, seed: int):
+    """Fig. 5's content, kept in the occlusion result so that every report draws the figure from
+    results.json alone (also from a cached result, or a report rebuilt in another folder): the first
+    readable val image as the model sees it (``image``: base64 PNG), its dataset ``index`` and
+    ``file``, and the patches each occlusion type of the run drops of it at ``EXAMPLE_RATIO``
+    (``drops``: mode -> rows of "0"/"1", "1" dropped; random patches drawn with ``seed``: the same
+    for every model of a run). None when no val image is readable."""
+    import base64
 
-    if not distributed.is_main():
-        return
-    first = next((image for image, _ in (dataset[i] for i in range(len(dataset))) if image is not None), None)
-    if first is None:
-        return
-    x = first[None]
+    from lkfast.analysis.occlusion import PATCH_SIZE
+    from lkfast.data import encode_png, to_uint8
+
+    for index in range(len(dataset)):
+        image, _ = dataset[index]
+        if image is not None:
+            break
+    else:
+        return None
+    x, patch_saliency = image[None], None
     if saliency == "masks":
         x, masks = _split_masks(x)
         patch_saliency = analysis.mask_saliency(masks)
-    else:
+    elif saliency is not None:
         patch_saliency = saliency(x)
-    generator = torch.Generator().manual_seed(ctx.options.seed)
-    masks = {f"{mode.replace('_', '-')} drop 50%": analysis.drop_masks(x, 0.5, mode, patch_saliency, saliency == "masks",
-                                                                        generator=generator)[0]
-             for mode in analysis.MODES}
-    plots.plot_occlusion_examples(x[0], masks, Path(ctx.options.out) / "figures" / FIGURE5)
+    generator = torch.Generator().manual_seed(seed)
+    drops = {mode: analysis.drop_masks(x, EXAMPLE_RATIO, mode, patch_saliency, saliency == "masks",
+                                       generator=generator)[0] for mode in modes}
+    samples = getattr(getattr(dataset, "images", dataset), "samples", None)  # _WithMasks reads its images' folder
+    return {"index": index, "file": str(samples[index][0]) if samples else None, "ratio": EXAMPLE_RATIO,
+            "patch_size": PATCH_SIZE,
+            "image": base64.b64encode(encode_png(to_uint8(x[0].cpu()))).decode("ascii"),
+            "drops": {mode: ["".join("1" if dropped else "0" for dropped in row) for row in mask.tolist()]
+                      for mode, mask in drops.items()}}
 
 
 def fgsm(ctx) -> dict:
@@ -441,9 +456,10 @@ _DESCRIPTIONS = {
 # version 2: occlusion to frequency run through ctx.records (sharded; random draws seeded per image)
 _SHARDED = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency")
 _READS = {"occlusion": ("dino_checkpoint",), "taig": ("taig_surrogate",)}  # the analysis options each reads
-# later versions: lesion 3 (fraction over the model's blocks), kernel-distance 2 (the large kernel's own
-# weights, as the paper's script), feature-variance 2 (seeded random val images)
-_VERSIONS = {"lesion": "3", "kernel-distance": "2", "feature-variance": "2"}
+# later versions: occlusion 3 (Fig. 5's example in the result), lesion 3 (fraction over the model's blocks),
+# kernel-distance 2 (the large kernel's own weights, as the paper's script), feature-variance 2 (seeded random
+# val images)
+_VERSIONS = {"occlusion": "3", "lesion": "3", "kernel-distance": "2", "feature-variance": "2"}
 for _name in ANALYSIS_TASKS:
     if _name not in TASKS:
         _no_data = _name in ("kernel-distance", "ablation")
@@ -472,7 +488,7 @@ def _table(out, stem: str, heading: str, header, rows, note) -> str:
 
 
 def write_analysis_report(out, results: Dict[str, Any]) -> str:
-    """The markdown of the Section 4 part of report.md (Figures 4 and 6-10, Tables 4 and 5's analysis
+    """The markdown of the Section 4 part of report.md (Figures 4-10, Tables 4 and 5's analysis
     columns), writing the figures under ``out/figures/``; empty when no analysis task ran."""
     figures = Path(out) / "figures"
     parts: List[str] = []
@@ -482,8 +498,7 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
         sources = {m: r.get("saliency") or "none (random only)" for m, r in found["occlusion"].items()}
         parts.append("## Figure 4: occlusion\n\n![Figure 4](figures/figure4_occlusion.png)\n\nSaliency: "
                      + ", ".join(f"{m}: {s}" for m, s in sources.items()) + ".\n")
-        if (figures / FIGURE5).is_file():
-            parts.append(f"### Figure 5: occlusion examples\n\n![Figure 5](figures/{FIGURE5})\n")
+        parts.append(_figure5_section(figures, found["occlusion"]))
     if found["fgsm"] or found["pgd"]:
         plots.plot_attacks(found["fgsm"], found["pgd"], figures / "figure6_attacks.png")
         parts.append("## Figure 6: adversarial attacks (eps in [0, 1] pixel units)\n\n"
@@ -518,6 +533,28 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
     if ablation_text:
         parts.append(ablation_text)
     return "\n".join(parts)
+
+
+def _figure5_section(figures: Path, found: Dict[str, dict]) -> str:
+    """Fig. 5 drawn from the first model's occlusion example (the same image and drops for every
+    model of the same input size), or a line saying why there is none."""
+    import base64
+    import io
+
+    from lkfast.data import load_image
+
+    heading = "### Figure 5: occlusion examples\n\n"
+    label, example = next(((m, r["example"]) for m, r in found.items() if r.get("example")), (None, None))
+    if example is None:
+        return heading + ("Not drawn: the occlusion results hold no example image (computed by an older lkfast; "
+                          "rerun python -m lkfast.eval to compute them again).\n")
+    image = load_image(io.BytesIO(base64.b64decode(example["image"])))
+    masks = {f"{mode.replace('_', '-')} drop {round(100 * example['ratio'])}%":
+             torch.tensor([[c == "1" for c in row] for row in rows]) for mode, rows in example["drops"].items()}
+    plots.plot_occlusion_examples(image, masks, figures / FIGURE5, patch_size=example["patch_size"])
+    return (heading + f"![Figure 5](figures/{FIGURE5})\n\nVal image {example['index']}"
+            + (f" ({Path(example['file']).name})" if example.get("file") else "")
+            + f" as {label} sees it, and the patches each occlusion type drops at {round(100 * example['ratio'])}%.\n")
 
 
 def _taig_notes(found: Dict[str, dict]) -> str:

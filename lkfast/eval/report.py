@@ -324,7 +324,7 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
                 "Top-1 (%) over the nine classes (a prediction outside them is wrong); BG-Gap = Mixed-Same - Mixed-Rand.")
         w.text("\n".join(_notes(results, "imagenet-9")) + "\n")
 
-    # Section 4: the analyses (Figures 4, 6-10, Tables 4-5), when any ran.
+    # Section 4: the analyses (Figures 4-10, Tables 4-5), when any ran.
     from lkfast.eval.analysis_tasks import write_analysis_report
 
     analysis_text = write_analysis_report(out, results)
