@@ -680,6 +680,26 @@ def test_report_puts_the_papers_value_beside_the_measured_one(tmp_path):
     assert (tmp_path / "tables" / "table3_imagenet9.csv").is_file() and (tmp_path / "figures" / "figure2.png").is_file()
 
 
+def test_report_has_the_model_card_of_figure_1(tmp_path):
+    from lkfast.eval.report import write_report
+
+    results = {
+        "RepLKNet-31B": {"_model": {"name": "replknet_31b", "weights": "checkpoint", "parameters": 79_000_000,
+                                    "input_size": [3, 224, 224]}, "clean": {"top1": 85.0}},
+        "mine": {"_model": {"name": "resnet_tiny", "weights": "checkpoint"}, "clean": {"unavailable": "no val data"}},
+        "_meta": {"device": "cpu"},
+    }
+    report = write_report(tmp_path, results).read_text()
+    assert "## Figure 1: models\n\n![Figure 1](figures/figure1.png)" in report
+    assert "| RepLKNet-31B | replknet_31b | checkpoint | 79.00 | 224×224 | 85.00 | 85.20 |" in report
+    assert "| mine | resnet_tiny | checkpoint | — | — | — | — |" in report  # no card from the cache, no clean result
+    assert (tmp_path / "figures" / "figure1.png").is_file() and (tmp_path / "tables" / "model_card.csv").is_file()
+    files = json.loads((tmp_path / ".report-files.json").read_text())
+    assert {"figures/figure1.png", "tables/model_card.csv", "tables/model_card.md"} <= set(files)
+    # neither parameters nor a clean result: no section
+    assert "Figure 1" not in write_report(tmp_path / "none", {"mine": {"_model": {"name": "resnet_tiny"}}}).read_text()
+
+
 def test_no_models_and_no_data_explains_what_to_run(capsys, monkeypatch):
     import importlib.util
 
@@ -831,5 +851,5 @@ def test_a_second_report_into_the_same_out_leaves_no_tables_or_figures_of_the_fi
     (tmp_path / "tables" / "my_notes.txt").write_text("mine")
     assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean")) == 0
     tables = sorted(p.name for p in (tmp_path / "tables").iterdir())
-    assert tables == ["my_notes.txt", "summary.csv", "summary.md"]
-    assert not (tmp_path / "figures").exists() or not any((tmp_path / "figures").iterdir())
+    assert tables == ["model_card.csv", "model_card.md", "my_notes.txt", "summary.csv", "summary.md"]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["figure1.png"]  # the model card's

@@ -1,6 +1,6 @@
-"""report.md from results.json: the paper's Section 3 tables (markdown + CSV through
-``lkfast.tables``) and Figures 2 and 3 (PNG), with the paper's value beside the measured one for the
-models the paper reports.
+"""report.md from results.json: Figure 1's model card, the paper's Section 3 tables (markdown + CSV
+through ``lkfast.tables``) and Figures 2 and 3 (PNG), with the paper's value beside the measured one
+for the models the paper reports.
 
     write_report(out_dir, results) -> Path of report.md      (python -m lkfast.eval calls it)
     python -m lkfast.eval.report OUT_DIR                     rebuild the report from OUT_DIR/results.json
@@ -221,6 +221,8 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
         w.text(f"\n**Random weights**: {', '.join(untrained)} had no checkpoint and were evaluated untrained "
                "(no paper values beside them); pass NAME:CHECKPOINT to --models to evaluate trained weights.\n")
 
+    _model_card(w, out, results, models)
+
     # Table 6 layout: ImageNet, -A, -R, -C (severity 5).
     if any(_has(results, t) for t in ("clean", "imagenet-a", "imagenet-r", "imagenet-c")):
         rows = []
@@ -337,6 +339,32 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
     if missing:
         w.text("\n## Not run\n\n" + "\n".join(missing) + "\n")
     return write_text_atomic(out / "report.md", "\n".join(w.parts))
+
+
+def _model_card(w: _Writer, out: Path, results: Dict[str, Any], models: List[str]) -> None:
+    """Figure 1 (the paper's model configurations): each model's parameters and clean ImageNet
+    top-1, from its ``_model`` card and ``clean`` result, as a figure and a table."""
+    cards = {m: results[m].get("_model", {}) for m in models}
+    millions = {m: cards[m]["parameters"] / 1e6 if isinstance(cards[m].get("parameters"), int) else None
+                for m in models}
+    top1 = {m: _get(results[m], "clean", "top1") for m in models}
+    panels = []
+    if any(v is not None for v in millions.values()):
+        panels.append((models, [millions[m] for m in models], [None for _ in models], "(a) model size",
+                       "parameters (M)"))
+    if any(v is not None for v in top1.values()):
+        panels.append((models, [top1[m] for m in models], [_paper(results, m, "clean") for m in models],
+                       "(b) ImageNet", "top-1 (%)"))
+    if not panels:
+        return
+    _figure(out / "figures" / "figure1.png", panels)
+    w.text("\n## Figure 1: models\n\n![Figure 1](figures/figure1.png)\n")
+    w.table("model_card", ["Model", "architecture", "weights", "parameters (M)", "input size", "ImageNet top-1 (%)",
+                           "paper"],
+            [[m, cards[m].get("name"), cards[m].get("weights"), millions[m],
+              "×".join(map(str, cards[m]["input_size"][-2:])) if cards[m].get("input_size") else None, top1[m],
+              _paper(results, m, "clean")] for m in models],
+            "Parameters as evaluated (re-parameterised or not, as loaded); FLOPs are not measured.")
 
 
 def main(argv=None) -> int:
