@@ -663,6 +663,7 @@ def test_eval_figure5_is_drawn_from_the_cached_result_and_listed_as_a_report_fil
 
     result = run_evaluation([spec], ["occlusion"], options)["tiny-lk"]["occlusion"]
     assert drawn(out)
+    picture = (out / figure5).read_bytes()
     example = result["example"]
     assert example["index"] == 0 and example["file"].endswith("img0.JPEG") and list(example["drops"]) == \
         ["random", "salient", "non_salient"]
@@ -678,6 +679,7 @@ def test_eval_figure5_is_drawn_from_the_cached_result_and_listed_as_a_report_fil
     monkeypatch.setattr(lkfast.analysis.occlusion, "occlusion_outcomes", lambda *a, **k: pytest.fail("recomputed"))
     again = run_evaluation([spec], ["occlusion"], options)["tiny-lk"]["occlusion"]
     assert again["example"] == example and drawn(out)
+    assert (out / figure5).read_bytes() == picture  # the same figure (the cache stores the drops' keys sorted)
     # the report rebuilt from results.json alone in another folder
     write_report(tmp_path / "elsewhere", json.loads((out / "results.json").read_text()))
     assert drawn(tmp_path / "elsewhere")

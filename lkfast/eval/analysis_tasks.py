@@ -549,8 +549,9 @@ def _figure5_section(figures: Path, found: Dict[str, dict]) -> str:
         return heading + ("Not drawn: the occlusion results hold no example image (computed by an older lkfast; "
                           "rerun python -m lkfast.eval to compute them again).\n")
     image = load_image(io.BytesIO(base64.b64decode(example["image"])))
+    drops = example["drops"]  # in the paper's order: the cache stores results with their keys sorted
     masks = {f"{mode.replace('_', '-')} drop {round(100 * example['ratio'])}%":
-             torch.tensor([[c == "1" for c in row] for row in rows]) for mode, rows in example["drops"].items()}
+             torch.tensor([[c == "1" for c in row] for row in drops[mode]]) for mode in analysis.MODES if mode in drops}
     plots.plot_occlusion_examples(image, masks, figures / FIGURE5, patch_size=example["patch_size"])
     return (heading + f"![Figure 5](figures/{FIGURE5})\n\nVal image {example['index']}"
             + (f" ({Path(example['file']).name})" if example.get("file") else "")
