@@ -11,6 +11,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -52,28 +53,35 @@ Isa active_isa() {
   return isa;
 }
 
+// input_finite, weights_finite / grad_finite: whether the packed operands hold only finite
+// values; where one does not, the kernels keep its Inf and NaN off the zero padding (see
+// dwconv_kernel.h, Loop).
 template <typename T>
 void forward_rows(const T* P, int prow0, int H, int W, int kh, int kw, const T* Wt, const T* Bias,
-                  int h0, int h1, T* O) {
+                  int h0, int h1, T* O, bool input_finite, bool weights_finite) {
   switch (active_isa()) {
     case Isa::kAvx512:
-      return avx512::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O);
+      return avx512::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O, input_finite,
+                                  weights_finite);
     case Isa::kAvx2:
-      return avx2::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O);
+      return avx2::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O, input_finite,
+                                weights_finite);
     default:
-      return generic::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O);
+      return generic::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O, input_finite,
+                                   weights_finite);
   }
 }
 
 template <typename T>
-void weight_grad(const T* P, const T* G, int H, int W, int kh, int kw, int i0, int i1, T* GW) {
+void weight_grad(const T* P, const T* G, int H, int W, int kh, int kw, int i0, int i1, T* GW,
+                 bool input_finite, bool grad_finite) {
   switch (active_isa()) {
     case Isa::kAvx512:
-      return avx512::weight_grad(P, G, H, W, kh, kw, i0, i1, GW);
+      return avx512::weight_grad(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
     case Isa::kAvx2:
-      return avx2::weight_grad(P, G, H, W, kh, kw, i0, i1, GW);
+      return avx2::weight_grad(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
     default:
-      return generic::weight_grad(P, G, H, W, kh, kw, i0, i1, GW);
+      return generic::weight_grad(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
   }
 }
 
@@ -118,12 +126,37 @@ Strides strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
+// v - v as bits: zero for every finite v, a NaN's (non-zero) for Inf and NaN. ORed over a tile
+// while packing it, it says whether the tile is all finite for about one integer OR per value,
+// with no dependency chain longer than the OR's single cycle.
+template <typename T>
+struct BitsOf;
+template <>
+struct BitsOf<float> {
+  typedef uint32_t type;
+};
+template <>
+struct BitsOf<double> {
+  typedef uint64_t type;
+};
+template <typename T>
+static inline typename BitsOf<T>::type nonfinite_bits(T v) {
+  const T d = v - v;
+  typename BitsOf<T>::type bits;
+  std::memcpy(&bits, &d, sizeof(bits));
+  return bits;
+}
+
 // Packs rows [r0, r1) of channels [c0, c0 + nc) of one image into `dst`:
 // row-major (row, column + pad, lane), `pad` zero columns on both sides, lanes >= nc zero.
+// Returns whether every value packed is finite.
 template <typename S, typename T>
-void pack_rows(const S* src, Strides s, int c0, int nc, int r0, int r1, int W, int pad, T* dst) {
+bool pack_rows(const S* src, Strides s, int c0, int nc, int r0, int r1, int W, int pad, T* dst) {
   constexpr int lanes = 64 / sizeof(T);
+  typedef typename BitsOf<T>::type Bits;
   const int row_len = (W + 2 * pad) * lanes;
+  Bits lane_bad[lanes] = {};  // per lane, so the whole-block copy below stays one vector wide
+  Bits bad = 0;
   for (int r = r0; r < r1; ++r) {
     T* row = dst + (size_t)(r - r0) * row_len;
     // Zero only what the copy below does not write: the pad columns and, in the last channel
@@ -138,22 +171,36 @@ void pack_rows(const S* src, Strides s, int c0, int nc, int r0, int r1, int W, i
         const S* sp = srow + w * s.w;
         T* dp = drow + w * lanes;
 #pragma GCC unroll 16
-        for (int l = 0; l < lanes; ++l) dp[l] = static_cast<T>(sp[l]);
+        for (int l = 0; l < lanes; ++l) {
+          const T v = static_cast<T>(sp[l]);
+          dp[l] = v;
+          lane_bad[l] |= nonfinite_bits(v);
+        }
       }
     } else if (s.c == 1) {
       for (int w = 0; w < W; ++w) {
         const S* sp = srow + w * s.w;
         T* dp = drow + w * lanes;
-        for (int l = 0; l < nc; ++l) dp[l] = static_cast<T>(sp[l]);
+        for (int l = 0; l < nc; ++l) {
+          const T v = static_cast<T>(sp[l]);
+          dp[l] = v;
+          bad |= nonfinite_bits(v);
+        }
       }
     } else {
       for (int l = 0; l < nc; ++l) {
         const S* sp = srow + l * s.c;
         T* dp = drow + l;
-        for (int w = 0; w < W; ++w) dp[w * lanes] = static_cast<T>(sp[w * s.w]);
+        for (int w = 0; w < W; ++w) {
+          const T v = static_cast<T>(sp[w * s.w]);
+          dp[w * lanes] = v;
+          bad |= nonfinite_bits(v);
+        }
       }
     }
   }
+  for (int l = 0; l < lanes; ++l) bad |= lane_bad[l];
+  return bad == 0;
 }
 
 // Writes rows [h0, h1) of packed output (row, column, lane) back to channels [c0, c0 + nc).
@@ -225,18 +272,21 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   T* bt_p = bbuf.get(lanes * (size_t)ncb);
   std::memset(bt_p, 0, sizeof(T) * (size_t)ncb * lanes);
   // One channel block's weights into `block` (on 7x7 maps with 1024 channels all blocks together
-  // are 1.4 MB, a sizeable part of the whole call).
+  // are 1.4 MB, a sizeable part of the whole call); returns whether they are all finite.
   auto pack_weights = [&](int cb, T* block) {
     std::memset(block, 0, sizeof(T) * wt_block);
+    typename BitsOf<T>::type bad = 0;
     for (int c = cb * lanes; c < std::min(C, (cb + 1) * lanes); ++c) {
       T* dst = block + (c % lanes);
       const S* src = w_p + (size_t)c * kh * kw;
       for (int i = 0; i < kh; ++i)
         for (int j = 0; j < kw; ++j) {
-          const S v = flip ? src[(kh - 1 - i) * kw + (kw - 1 - j)] : src[i * kw + j];
-          dst[((size_t)i * kwp + kWeightPad + j) * lanes] = static_cast<T>(v);
+          const T v = static_cast<T>(flip ? src[(kh - 1 - i) * kw + (kw - 1 - j)] : src[i * kw + j]);
+          dst[((size_t)i * kwp + kWeightPad + j) * lanes] = v;
+          bad |= nonfinite_bits(v);
         }
     }
+    return bad == 0;
   };
   if (bias) {
     const at::Tensor b_src = bias->reshape({C}).to(x.scalar_type()).contiguous();
@@ -268,7 +318,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
         if (n0 >= n1) continue;
         const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
         T* Wt = wbuf_item.get(wt_block);
-        pack_weights(cb, Wt);
+        const bool weights_finite = pack_weights(cb, Wt);
         T* P = pbuf.get((size_t)H * row_len);
         T* O = obuf.get((size_t)H * W * lanes);
         for (int n = n0; n < n1; ++n) {
@@ -284,8 +334,9 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                                         bt_p + (size_t)cb * lanes, y_p + n * ys.n + c0, ys.h, ys.w))
               continue;
           }
-          pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
-          forward_rows<T>(P, 0, H, W, kh, kw, Wt, bt_p + (size_t)cb * lanes, 0, H, O);
+          const bool input_finite = pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
+          forward_rows<T>(P, 0, H, W, kh, kw, Wt, bt_p + (size_t)cb * lanes, 0, H, O, input_finite,
+                          weights_finite);
           unpack_rows<S, T>(O, c0, nc, 0, H, W, y_p + n * ys.n, ys);
         }
       }
@@ -294,6 +345,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   }
 
   T* wt_p = wbuf.get((size_t)ncb * wt_block);
+  std::unique_ptr<bool[]> weights_finite(new bool[ncb]);
   // Split rows only as much as needed to keep every thread busy: each chunk re-reads a halo.
   const int64_t base_items = (int64_t)N * ncb;
   const int nhc = (int)std::min<int64_t>(H, std::max<int64_t>(1, ceil_div(4 * nt, base_items)));
@@ -303,7 +355,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
-    for (int cb = 0; cb < ncb; ++cb) pack_weights(cb, wt_p + (size_t)cb * wt_block);
+    for (int cb = 0; cb < ncb; ++cb) weights_finite[cb] = pack_weights(cb, wt_p + (size_t)cb * wt_block);
     // (the loop's implicit barrier: every block's weights are packed before any is used)
     Scratch<T> pbuf, obuf;
 #pragma omp for schedule(dynamic, 1)
@@ -317,9 +369,9 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
       const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
       T* P = pbuf.get((size_t)(r1 - r0) * row_len);
       T* O = obuf.get((size_t)(h1 - h0) * W * lanes);
-      pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, r0, r1, W, pw, P);
+      const bool input_finite = pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, r0, r1, W, pw, P);
       forward_rows<T>(P, r0, H, W, kh, kw, wt_p + (size_t)cb * wt_block,
-                       bt_p + (size_t)cb * lanes, h0, h1, O);
+                      bt_p + (size_t)cb * lanes, h0, h1, O, input_finite, weights_finite[cb]);
       unpack_rows<S, T>(O, c0, nc, h0, h1, W, y_p + n * ys.n, ys);
     }
   }
@@ -371,9 +423,9 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
           prefetch_tile(x_p + (n + 1) * xs.n, xs, c0, nc, H, W);
           prefetch_tile(g_p + (n + 1) * gs.n, gs, c0, nc, H, W);
         }
-        pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
-        pack_rows<S, T>(g_p + n * gs.n, gs, c0, nc, 0, H, W, kGradPad, G);
-        weight_grad<T>(P, G, H, W, kh, kw, i0, i1, GW);
+        const bool input_finite = pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
+        const bool grad_finite = pack_rows<S, T>(g_p + n * gs.n, gs, c0, nc, 0, H, W, kGradPad, G);
+        weight_grad<T>(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
       }
     }
   }

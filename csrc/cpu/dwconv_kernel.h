@@ -13,6 +13,9 @@
 // The tap loop wastes work where the kernel hangs over the image edge; the band loop wastes
 // work where the image is wider than the kernel. Maps smaller than the kernel (RepLKNet's
 // 14x14 maps with 27x27 kernels) take the band loop and do no wasted work at all.
+// The wasted work multiplies zeros by the other operand, which adds nothing while that operand
+// is finite; where it holds an Inf or NaN (0 * Inf = 0 * NaN = NaN) the block takes the loop
+// whose zeros meet only finite values instead (see Loop).
 //
 // Standard headers must be included before the `#pragma GCC target` of the including file.
 
@@ -184,9 +187,33 @@ constexpr int kMaxBlock = kParts == 1 ? 8 : kPartsBlock;  // no code for blocks 
 static_assert(kPartsBlock - 1 <= kWeightPad && kPartsBlock - 1 <= kGradPad,
               "the band loops index a whole register block past the packed rows' edge");
 
-// Calls f(start, size) over [0, n) in register blocks of the ISA's sizes, 1 <= size <= 8.
+// Which of the two loops a register block runs. The tap loop (dot_a) multiplies A's zero
+// padding (input columns outside the image) by Bv, the band loop (dot_b) Bv's zero padding
+// (weight taps beyond the kernel, gradient pixels beyond the row) by A. Those products are zero
+// while the other operand is finite but NaN where it holds an Inf or NaN, and F.conv2d's sum
+// has no such terms. So with both operands finite a block takes the faster loop; with one of
+// them not, the loop whose padding meets only the finite one; with neither, blocks of one
+// output (or tap), whose loops touch no padding. Whether an operand is finite is known per
+// packed tile (dwconv_cpu.cpp checks while packing), so only tiles holding Inf or NaN pay.
+enum class Loop { kFaster, kTap, kBand, kSingle };
+static inline Loop exact_loop(bool a_finite, bool b_finite) {
+  if (a_finite && b_finite) return Loop::kFaster;
+  if (b_finite) return Loop::kTap;
+  if (a_finite) return Loop::kBand;
+  return Loop::kSingle;
+}
+static inline bool use_band(Loop loop, int band_work, int tap_work) {
+  return loop == Loop::kBand || (loop != Loop::kTap && band_work < tap_work);
+}
+
+// Calls f(start, size) over [0, n) in register blocks of the ISA's sizes, 1 <= size <= 8, or
+// of size 1 with Loop::kSingle.
 template <typename F>
-static inline __attribute__((always_inline)) void for_blocks(int n, int full, F&& f) {
+static inline __attribute__((always_inline)) void for_blocks(int n, int full, Loop loop, F&& f) {
+  if (loop == Loop::kSingle) {
+    for (int s = 0; s < n; ++s) f(s, 1);
+    return;
+  }
   if constexpr (kParts == 1) {
     int s = 0;
     for (; s + full <= n; s += full) f(s, full);
@@ -212,7 +239,7 @@ static inline __attribute__((always_inline)) void fwd_block(const V* __restrict 
                                                             int kw, const V* __restrict Wt,
                                                             const V* __restrict bias, int h,
                                                             int w0, int i_begin, int i_end,
-                                                            V* __restrict out) {
+                                                            Loop loop, V* __restrict out) {
   constexpr int NV = kParts;
   const int ph = kh / 2, pw = kw / 2;
   const int wt_stride = kw + 2 * kWeightPad;
@@ -231,7 +258,7 @@ static inline __attribute__((always_inline)) void fwd_block(const V* __restrict 
   const int j_lo = imax(0, pw - w0 - B + 1), j_hi = imin(kw, pw + W - w0);
   // Band loop over valid input columns u (padded coordinates), tap u - w0 - b.
   const int u_lo = imax(pw, w0), u_hi = imin(pw + W, w0 + B - 1 + kw);
-  const bool band = (u_hi - u_lo) < (j_hi - j_lo);
+  const bool band = use_band(loop, u_hi - u_lo, j_hi - j_lo);
   for (int i = i_lo; i < i_hi; ++i) {
     const V* prow = P + (long)(h + i - ph - prow0) * row_stride * NV;
     const V* wrow = Wt + ((long)i * wt_stride + kWeightPad) * NV;
@@ -337,20 +364,24 @@ static inline void fwd_small(const T* X, long xh, long xw, int H, int W, int kh,
 //   P:    packed input rows [prow0, ...), each W + 2*pw pixels
 //   Wt:   kh rows of kw + 2*kWeightPad weight pixels; Bias: one pixel
 //   O:    (h1 - h0) * W output pixels
+//   input_finite, weights_finite: whether P's and Wt's values are all finite (see Loop)
 template <typename T>
 void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, const T* Wt_,
-                       const T* Bias_, int h0, int h1, T* O_) {
+                       const T* Bias_, int h0, int h1, T* O_, bool input_finite,
+                       bool weights_finite) {
   typedef typename Vec<T>::type V;
   const V* P = reinterpret_cast<const V*>(P_);
   const V* Wt = reinterpret_cast<const V*>(Wt_);
   const V* bias = reinterpret_cast<const V*>(Bias_);
   V* O = reinterpret_cast<V*>(O_);
   const int rs = W + 2 * (kw / 2);
+  // (the small-map kernel multiplies no padding: exact whatever the values)
   if (small_map(W, kw)) {  // the packed tile: rows of rs pixels from row prow0, column 0 at pw
     constexpr long L = LKFAST_VEC_BYTES / sizeof(T);
     return fwd_small<T>(P_ + ((long)(kw / 2) - (long)prow0 * rs) * L, (long)rs * L, L, H, W, kh, kw, Wt, bias,
                         h0, h1, O_ - (long)h0 * W * L, (long)W * L, L);
   }
+  const Loop loop = exact_loop(input_finite, weights_finite);
   const int group = row_group(W, kh);
   for (int h = h0; h < h1; ++h) {
     V* out = O + (long)(h - h0) * W * kParts;
@@ -358,12 +389,12 @@ void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, con
     for (int ig = i_lo; ig < i_hi; ig += group) {
       const int ie = imin(i_hi, ig + group);
       const V* init = ig == i_lo ? bias : nullptr;
-      for_blocks(W, kOutBlock, [&](int w0, int size) {
+      for_blocks(W, kOutBlock, loop, [&](int w0, int size) {
         switch (size) {
-#define LKFAST_FWD_BLOCK(n)                                                               \
-  case n:                                                                                 \
-    if constexpr (n <= kMaxBlock)                                                         \
-      fwd_block<V, n>(P, prow0, rs, H, W, kh, kw, Wt, init, h, w0, ig, ie, out); \
+#define LKFAST_FWD_BLOCK(n)                                                                \
+  case n:                                                                                  \
+    if constexpr (n <= kMaxBlock)                                                          \
+      fwd_block<V, n>(P, prow0, rs, H, W, kh, kw, Wt, init, h, w0, ig, ie, loop, out); \
     break;
           LKFAST_FWD_BLOCK(1) LKFAST_FWD_BLOCK(2) LKFAST_FWD_BLOCK(3) LKFAST_FWD_BLOCK(4)
           LKFAST_FWD_BLOCK(5) LKFAST_FWD_BLOCK(6) LKFAST_FWD_BLOCK(7) LKFAST_FWD_BLOCK(8)
@@ -382,7 +413,7 @@ static inline __attribute__((always_inline)) void wgrad_block(const V* __restric
                                                               const V* __restrict G, int H, int W,
                                                               int kh, int kw, int i, int j0,
                                                               int h_begin, int h_end,
-                                                              V* __restrict GW) {
+                                                              Loop loop, V* __restrict GW) {
   constexpr int NV = kParts;
   const int ph = kh / 2, pw = kw / 2;
   const int prs = W + 2 * pw, grs = W + 2 * kGradPad;
@@ -391,7 +422,7 @@ static inline __attribute__((always_inline)) void wgrad_block(const V* __restric
   const int w_lo = imax(0, pw - j0 - B + 1), w_hi = imin(W, pw + W - j0);
   // Band form: valid input columns u (padded), pixel u - j0 - b.
   const int u_lo = imax(pw, j0), u_hi = imin(pw + W, j0 + B - 1 + W);
-  const bool band = (u_hi - u_lo) < (w_hi - w_lo);
+  const bool band = use_band(loop, u_hi - u_lo, w_hi - w_lo);
   V acc[B * NV];
 #pragma GCC unroll 16
   for (int b = 0; b < B * NV; ++b) acc[b] = V{};
@@ -411,24 +442,26 @@ static inline __attribute__((always_inline)) void wgrad_block(const V* __restric
 // Accumulates one (image, channel block) into the weight gradient, tap rows [i0, i1).
 //   P:  all H input rows, W + 2*pw pixels each; G: H rows of W + 2*kGradPad pixels;
 //   GW: kh*kw pixels, accumulated into.
+//   input_finite, grad_finite: whether P's and G's values are all finite (see Loop)
 template <typename T>
 void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, int i0, int i1,
-                      T* GW_) {
+                      T* GW_, bool input_finite, bool grad_finite) {
   typedef typename Vec<T>::type V;
   const V* P = reinterpret_cast<const V*>(P_);
   const V* G = reinterpret_cast<const V*>(G_);
   V* GW = reinterpret_cast<V*>(GW_);
+  const Loop loop = exact_loop(input_finite, grad_finite);
   const int group = row_group(W, H);
   for (int i = i0; i < i1; ++i) {
     const int h_lo = imax(0, kh / 2 - i), h_hi = imin(H, H + kh / 2 - i);
     for (int hg = h_lo; hg < h_hi; hg += group) {
       const int he = imin(h_hi, hg + group);
-      for_blocks(kw, kTapBlock, [&](int j0, int size) {
+      for_blocks(kw, kTapBlock, loop, [&](int j0, int size) {
         switch (size) {
-#define LKFAST_WGRAD_BLOCK(n)                                    \
-  case n:                                                        \
-    if constexpr (n <= kMaxBlock)                                \
-      wgrad_block<V, n>(P, G, H, W, kh, kw, i, j0, hg, he, GW); \
+#define LKFAST_WGRAD_BLOCK(n)                                          \
+  case n:                                                              \
+    if constexpr (n <= kMaxBlock)                                      \
+      wgrad_block<V, n>(P, G, H, W, kh, kw, i, j0, hg, he, loop, GW); \
     break;
           LKFAST_WGRAD_BLOCK(1) LKFAST_WGRAD_BLOCK(2) LKFAST_WGRAD_BLOCK(3) LKFAST_WGRAD_BLOCK(4)
           LKFAST_WGRAD_BLOCK(5) LKFAST_WGRAD_BLOCK(6) LKFAST_WGRAD_BLOCK(7) LKFAST_WGRAD_BLOCK(8)
@@ -442,12 +475,16 @@ void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, in
 }
 
 void forward_rows(const float* P, int prow0, int H, int W, int kh, int kw, const float* Wt,
-                  const float* Bias, int h0, int h1, float* O) {
-  forward_rows_impl<float>(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O);
+                  const float* Bias, int h0, int h1, float* O, bool input_finite,
+                  bool weights_finite) {
+  forward_rows_impl<float>(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O, input_finite,
+                           weights_finite);
 }
 void forward_rows(const double* P, int prow0, int H, int W, int kh, int kw, const double* Wt,
-                  const double* Bias, int h0, int h1, double* O) {
-  forward_rows_impl<double>(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O);
+                  const double* Bias, int h0, int h1, double* O, bool input_finite,
+                  bool weights_finite) {
+  forward_rows_impl<double>(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O, input_finite,
+                            weights_finite);
 }
 template <typename T>
 static bool forward_small_direct_impl(const T* X, long xh, long xw, int H, int W, int kh, int kw,
@@ -467,12 +504,12 @@ bool forward_small_direct(const double* X, long xh, long xw, int H, int W, int k
   return forward_small_direct_impl<double>(X, xh, xw, H, W, kh, kw, Wt, Bias, Y, yh, yw);
 }
 void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0, int i1,
-                 float* GW) {
-  weight_grad_impl<float>(P, G, H, W, kh, kw, i0, i1, GW);
+                 float* GW, bool input_finite, bool grad_finite) {
+  weight_grad_impl<float>(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
 }
 void weight_grad(const double* P, const double* G, int H, int W, int kh, int kw, int i0, int i1,
-                 double* GW) {
-  weight_grad_impl<double>(P, G, H, W, kh, kw, i0, i1, GW);
+                 double* GW, bool input_finite, bool grad_finite) {
+  weight_grad_impl<double>(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
 }
 
 }  // namespace LKFAST_ISA
