@@ -1,0 +1,207 @@
+"""Inf and NaN through the C++ CPU kernels land exactly where F.conv2d's sum puts them.
+
+The convolution's output at a pixel is a sum over the taps that meet pixels inside the image; zero
+padding contributes no term. The kernels skip much of the padding but multiply some of it, which is
+harmless for finite values and wrong for non-finite ones (0 * Inf = 0 * NaN = NaN). These tests
+plant NaN, +Inf and -Inf in the input, the output gradient and the weight, and require the NaN,
++Inf and -Inf masks of the forward, input gradient and weight gradient to equal those of
+``exact_reference`` (the sum over in-image terms only, in fp64), with finite values within the
+usual tolerances: maps narrower and shorter than the kernel, RepLKNet's proportions, normal maps;
+fp32, fp64, fp16, bf16; NCHW and channels_last; every instruction set this CPU has.
+
+Why a reference of our own and not F.conv2d itself: PyTorch's CPU backends are not exact here
+either, and not alike (torch 2.14, measured on the cases below): oneDNN's fp32 and bf16 forward with
+a NaN weight tap is exact, while the fp64 and fp16 path (im2col and a matrix product) gives NaN in
+every output of that channel, forward and input gradient; the weight gradient from a NaN in the
+output gradient has NaN at taps that meet only padding in every dtype and layout on most shapes.
+PyTorch's non-finite outputs were a superset of the exact ones (extra NaN only); where PyTorch is
+exact, ``exact_reference`` agrees with it (``test_exact_reference_is_conv2d``).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reference import TOLERANCE, backend_or_skip, case_id, make_input, make_weight, reference, run_op
+
+PASS_NAMES = ("forward", "input_grad", "weight_grad")
+
+
+def exact_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise "same" convolution in fp64 as a sum over taps of the in-image terms only: each tap
+    adds weight * shifted input where both the output and the input pixel are inside the map."""
+    x, weight = x.double(), weight.double()
+    N, C, H, W = x.shape
+    kh, kw = weight.shape[-2:]
+    y = torch.zeros(N, C, H, W, dtype=torch.float64)
+    for i in range(kh):
+        for j in range(kw):
+            di, dj = i - kh // 2, j - kw // 2
+            h0, h1, w0, w1 = max(0, -di), min(H, H - di), max(0, -dj), min(W, W - dj)
+            if h0 < h1 and w0 < w1:
+                tap = weight[:, 0, i, j].view(1, C, 1, 1)
+                y[:, :, h0:h1, w0:w1] += tap * x[:, :, h0 + di:h1 + di, w0 + dj:w1 + dj]
+    return y
+
+
+def exact_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """d(sum grad_out * exact_conv(x, w)) / dw: per tap, the sum of grad_out * input over the pixel
+    pairs inside the map."""
+    g, x = grad_out.double(), x.double()
+    N, C, H, W = x.shape
+    gw = torch.zeros(C, 1, kh, kw, dtype=torch.float64)
+    for i in range(kh):
+        for j in range(kw):
+            di, dj = i - kh // 2, j - kw // 2
+            h0, h1, w0, w1 = max(0, -di), min(H, H - di), max(0, -dj), min(W, W - dj)
+            if h0 < h1 and w0 < w1:
+                gw[:, 0, i, j] = (g[:, :, h0:h1, w0:w1] * x[:, :, h0 + di:h1 + di, w0 + dj:w1 + dj]).sum((0, 2, 3))
+    return gw
+
+
+def exact_reference(x, weight, grad_out) -> dict[str, torch.Tensor]:
+    """Forward, input gradient (the forward with the kernel rotated by 180 degrees) and weight
+    gradient, each a sum over in-image terms only, in fp64."""
+    kh, kw = weight.shape[-2:]
+    return {"forward": exact_conv(x, weight), "input_grad": exact_conv(grad_out, weight.flip(-2, -1)),
+            "weight_grad": exact_weight_grad(grad_out, x, kh, kw)}
+
+
+def plant_map(t: torch.Tensor, salt: int) -> torch.Tensor:
+    """A copy of the (N, C, H, W) tensor ``t`` with NaN, +Inf and -Inf at edge, corner and inner
+    pixels of a few channels (where the padding the kernels multiply is nearest)."""
+    t = t.clone()
+    N, C, H, W = t.shape
+    spots = [(0, 1 % C, H // 2, 0, float("nan")), (N - 1, C - 1, 0, W - 1, float("inf")),
+             (0, C // 2, H - 1, W // 2, float("-inf")), (N - 1, (3 + salt) % C, H // 3, (1 + salt) % W, float("nan")),
+             (0, (5 + salt) % C, (2 + salt) % H, W - 1 - (salt % W), float("inf"))]
+    for n, c, h, w, value in spots:
+        t[n, c, h, w] = value
+    return t
+
+
+def plant_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of the (C, 1, kh, kw) weight with NaN, +Inf and -Inf at corner and edge taps (those
+    that meet the image least) of a few channels."""
+    weight = weight.clone()
+    C, _, kh, kw = weight.shape
+    for c, i, j, value in [(1 % C, 0, 0, float("nan")), (C - 1, kh - 1, kw - 1, float("inf")),
+                           (C // 2, 0, kw - 1, float("-inf")), (2 % C, kh // 2, 0, float("nan"))]:
+        weight[c, 0, i, j] = value
+    return weight
+
+
+def make_case(shape, fmt, dtype, where):
+    """x, weight, grad_out of one case, with non-finite values planted in the ``where`` operands."""
+    N, C, H, W, kh, kw = shape
+    x = make_input((N, C, H, W), fmt, dtype)
+    weight = make_weight(C, kh, kw, dtype)
+    grad_out = make_input((N, C, H, W), fmt, dtype)
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    if where in ("input", "all"):
+        x = plant_map(x, 0).contiguous(memory_format=memory_format)
+    if where in ("grad_out", "all"):
+        grad_out = plant_map(grad_out, 1).contiguous(memory_format=memory_format)
+    if where in ("weight", "all"):
+        weight = plant_weight(weight)
+    return x, weight, grad_out
+
+
+def assert_nonfinite_match(got: torch.Tensor, want: torch.Tensor, tolerance: float, what: str) -> None:
+    """NaN, +Inf and -Inf exactly where ``want`` has them; elsewhere within ``tolerance`` of the
+    largest finite |want|."""
+    got = got.double()
+    for name, mask in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        differ = mask(got) != mask(want)
+        if differ.any():
+            where = differ.nonzero()[:6].tolist()
+            raise AssertionError(f"{what}: {name} placement differs from the exact sum at {int(differ.sum())} "
+                                 f"of {got.numel()} outputs (got {int(mask(got).sum())}, want "
+                                 f"{int(mask(want).sum())}), first at {where}")
+    finite = torch.isfinite(want)
+    if finite.any():
+        scale = want[finite].abs().max().clamp_min(1e-12)
+        err = ((got[finite] - want[finite]).abs().max() / scale).item()
+        assert err < tolerance, f"{what}: finite values off by {err} (tolerance {tolerance})"
+
+
+# (N, C, H, W, kh, kw)
+SHAPES = [
+    (2, 20, 9, 12, 15, 15),   # narrower and shorter than the kernel, wider than its half: band loops
+    (1, 18, 28, 28, 29, 29),  # RepLKNet's stage 2 proportions
+    (2, 70, 7, 7, 13, 13),    # the small-map kernel, one channel block over a group of images
+    (2, 17, 20, 21, 5, 5),    # a map larger than the kernel: tap loops
+    (1, 9, 23, 11, 5, 17),    # rectangular kernel, narrow map, tall
+]
+WHERE = ["input", "grad_out", "weight", "all"]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=case_id)
+def test_nonfinite_placement_matches_exact_sum(shape, fmt, dtype, where):
+    backend = backend_or_skip("cpu", "cpu", dtype)
+    x, weight, grad_out = make_case(shape, fmt, dtype, where)
+    got = run_op(x, weight, None, grad_out, backend)
+    want = exact_reference(x, weight, grad_out)
+    for name in PASS_NAMES:
+        assert_nonfinite_match(got[name], want[name], TOLERANCE[dtype][name], f"{shape} {fmt} {dtype} {where} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_exact_reference_is_conv2d(dtype):
+    """The reference of this file is F.conv2d's results on finite values, and where PyTorch itself
+    is exact (a NaN or Inf in the input, for the forward), its masks too."""
+    shape = (2, 20, 9, 12, 15, 15)
+    x, weight, grad_out = make_case(shape, "contiguous", dtype, "none")
+    want = reference(x, weight, None, grad_out)
+    got = exact_reference(x, weight, grad_out)
+    for name in PASS_NAMES:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-10)
+    x = plant_map(x, 0)
+    kh, kw = weight.shape[-2:]
+    y = F.conv2d(x.double(), weight.double(), padding=(kh // 2, kw // 2), groups=x.shape[1])
+    assert_nonfinite_match(y, exact_conv(x, weight), 1e-10, "F.conv2d forward with non-finite input")
+
+
+_ISA_CHILD = """
+import sys, torch
+from lkfast import _ext
+cases = torch.load(sys.argv[1])
+out = []
+for x, w, g in cases:
+    kh, kw = w.shape[-2:]
+    out.append((_ext._C.cpu_forward(x, w, None, False), _ext._C.cpu_forward(g, w, None, True),
+                _ext._C.cpu_weight_grad(g, x, kh, kw)))
+torch.save({"isa": _ext._C.cpu_isa(), "out": out}, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_nonfinite_placement_every_instruction_set(isa, tmp_path):
+    """The same on each instruction set's code (LKFAST_CPU_ISA, read once per process, so in a child
+    process): AVX2's blocks of at most 7 and rows in groups of 4, AVX-512's small-map kernel."""
+    backend_or_skip("cpu")
+    cases = [make_case(shape, fmt, dtype, where)
+             for shape, fmt, dtype in [((2, 20, 9, 12, 15, 15), "contiguous", torch.float32),
+                                       ((1, 18, 28, 28, 29, 29), "channels_last", torch.float32),
+                                       ((2, 9, 17, 30, 11, 11), "contiguous", torch.float64),  # groups of 4 rows
+                                       ((2, 70, 7, 7, 13, 13), "channels_last", torch.float32)]
+             for where in WHERE]
+    torch.save(cases, tmp_path / "in.pt")
+    env = {**os.environ, "LKFAST_CPU_ISA": isa}
+    proc = subprocess.run([sys.executable, "-c", _ISA_CHILD, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt")
+    if result["isa"] != isa:
+        pytest.skip(f"this CPU has no {isa}: LKFAST_CPU_ISA={isa} ran the {result['isa']} path")
+    for (x, w, g), outputs in zip(cases, result["out"]):
+        want = exact_reference(x, w, g)
+        for name, got in zip(PASS_NAMES, outputs):
+            assert_nonfinite_match(got, want[name], TOLERANCE[x.dtype][name], f"{isa} {tuple(x.shape)} {x.dtype} {name}")
