@@ -11,7 +11,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
-#include <cstdint>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -99,6 +99,20 @@ bool forward_small_direct(const T* X, long xh, long xw, int H, int W, int kh, in
   }
 }
 
+// Whether the n values of a packed tile (64-byte aligned, whole pixels) are all finite: one
+// vector pass over a tile just packed (in cache), cheaper than checking while packing.
+template <typename T>
+bool all_finite(const T* p, long n) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512::all_finite(p, n);
+    case Isa::kAvx2:
+      return avx2::all_finite(p, n);
+    default:
+      return generic::all_finite(p, n);
+  }
+}
+
 // 64-byte aligned scratch, one per thread, grown on demand.
 template <typename T>
 struct Scratch {
@@ -126,37 +140,12 @@ Strides strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// v - v as bits: zero for every finite v, a NaN's (non-zero) for Inf and NaN. ORed over a tile
-// while packing it, it says whether the tile is all finite for about one integer OR per value,
-// with no dependency chain longer than the OR's single cycle.
-template <typename T>
-struct BitsOf;
-template <>
-struct BitsOf<float> {
-  typedef uint32_t type;
-};
-template <>
-struct BitsOf<double> {
-  typedef uint64_t type;
-};
-template <typename T>
-static inline typename BitsOf<T>::type nonfinite_bits(T v) {
-  const T d = v - v;
-  typename BitsOf<T>::type bits;
-  std::memcpy(&bits, &d, sizeof(bits));
-  return bits;
-}
-
 // Packs rows [r0, r1) of channels [c0, c0 + nc) of one image into `dst`:
 // row-major (row, column + pad, lane), `pad` zero columns on both sides, lanes >= nc zero.
-// Returns whether every value packed is finite.
 template <typename S, typename T>
-bool pack_rows(const S* src, Strides s, int c0, int nc, int r0, int r1, int W, int pad, T* dst) {
+void pack_rows(const S* src, Strides s, int c0, int nc, int r0, int r1, int W, int pad, T* dst) {
   constexpr int lanes = 64 / sizeof(T);
-  typedef typename BitsOf<T>::type Bits;
   const int row_len = (W + 2 * pad) * lanes;
-  Bits lane_bad[lanes] = {};  // per lane, so the whole-block copy below stays one vector wide
-  Bits bad = 0;
   for (int r = r0; r < r1; ++r) {
     T* row = dst + (size_t)(r - r0) * row_len;
     // Zero only what the copy below does not write: the pad columns and, in the last channel
@@ -171,36 +160,22 @@ bool pack_rows(const S* src, Strides s, int c0, int nc, int r0, int r1, int W, i
         const S* sp = srow + w * s.w;
         T* dp = drow + w * lanes;
 #pragma GCC unroll 16
-        for (int l = 0; l < lanes; ++l) {
-          const T v = static_cast<T>(sp[l]);
-          dp[l] = v;
-          lane_bad[l] |= nonfinite_bits(v);
-        }
+        for (int l = 0; l < lanes; ++l) dp[l] = static_cast<T>(sp[l]);
       }
     } else if (s.c == 1) {
       for (int w = 0; w < W; ++w) {
         const S* sp = srow + w * s.w;
         T* dp = drow + w * lanes;
-        for (int l = 0; l < nc; ++l) {
-          const T v = static_cast<T>(sp[l]);
-          dp[l] = v;
-          bad |= nonfinite_bits(v);
-        }
+        for (int l = 0; l < nc; ++l) dp[l] = static_cast<T>(sp[l]);
       }
     } else {
       for (int l = 0; l < nc; ++l) {
         const S* sp = srow + l * s.c;
         T* dp = drow + l;
-        for (int w = 0; w < W; ++w) {
-          const T v = static_cast<T>(sp[w * s.w]);
-          dp[w * lanes] = v;
-          bad |= nonfinite_bits(v);
-        }
+        for (int w = 0; w < W; ++w) dp[w * lanes] = static_cast<T>(sp[w * s.w]);
       }
     }
   }
-  for (int l = 0; l < lanes; ++l) bad |= lane_bad[l];
-  return bad == 0;
 }
 
 // Writes rows [h0, h1) of packed output (row, column, lane) back to channels [c0, c0 + nc).
@@ -275,7 +250,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   // are 1.4 MB, a sizeable part of the whole call); returns whether they are all finite.
   auto pack_weights = [&](int cb, T* block) {
     std::memset(block, 0, sizeof(T) * wt_block);
-    typename BitsOf<T>::type bad = 0;
+    bool finite = true;
     for (int c = cb * lanes; c < std::min(C, (cb + 1) * lanes); ++c) {
       T* dst = block + (c % lanes);
       const S* src = w_p + (size_t)c * kh * kw;
@@ -283,10 +258,10 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
         for (int j = 0; j < kw; ++j) {
           const T v = static_cast<T>(flip ? src[(kh - 1 - i) * kw + (kw - 1 - j)] : src[i * kw + j]);
           dst[((size_t)i * kwp + kWeightPad + j) * lanes] = v;
-          bad |= nonfinite_bits(v);
+          finite &= std::isfinite(v);
         }
     }
-    return bad == 0;
+    return finite;
   };
   if (bias) {
     const at::Tensor b_src = bias->reshape({C}).to(x.scalar_type()).contiguous();
@@ -334,7 +309,8 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                                         bt_p + (size_t)cb * lanes, y_p + n * ys.n + c0, ys.h, ys.w))
               continue;
           }
-          const bool input_finite = pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
+          pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
+          const bool input_finite = all_finite<T>(P, (long)H * row_len);
           forward_rows<T>(P, 0, H, W, kh, kw, Wt, bt_p + (size_t)cb * lanes, 0, H, O, input_finite,
                           weights_finite);
           unpack_rows<S, T>(O, c0, nc, 0, H, W, y_p + n * ys.n, ys);
@@ -369,7 +345,8 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
       const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
       T* P = pbuf.get((size_t)(r1 - r0) * row_len);
       T* O = obuf.get((size_t)(h1 - h0) * W * lanes);
-      const bool input_finite = pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, r0, r1, W, pw, P);
+      pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, r0, r1, W, pw, P);
+      const bool input_finite = all_finite<T>(P, (long)(r1 - r0) * row_len);
       forward_rows<T>(P, r0, H, W, kh, kw, wt_p + (size_t)cb * wt_block,
                       bt_p + (size_t)cb * lanes, h0, h1, O, input_finite, weights_finite[cb]);
       unpack_rows<S, T>(O, c0, nc, h0, h1, W, y_p + n * ys.n, ys);
@@ -423,8 +400,10 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
           prefetch_tile(x_p + (n + 1) * xs.n, xs, c0, nc, H, W);
           prefetch_tile(g_p + (n + 1) * gs.n, gs, c0, nc, H, W);
         }
-        const bool input_finite = pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
-        const bool grad_finite = pack_rows<S, T>(g_p + n * gs.n, gs, c0, nc, 0, H, W, kGradPad, G);
+        pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
+        pack_rows<S, T>(g_p + n * gs.n, gs, c0, nc, 0, H, W, kGradPad, G);
+        const bool input_finite = all_finite<T>(P, (long)H * prow_len);
+        const bool grad_finite = all_finite<T>(G, (long)H * (W + 2 * kGradPad) * lanes);
         weight_grad<T>(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
       }
     }

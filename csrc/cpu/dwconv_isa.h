@@ -19,6 +19,8 @@
                    int i1, float* GW, bool input_finite, bool grad_finite);                     \
   void weight_grad(const double* P, const double* G, int H, int W, int kh, int kw, int i0,      \
                    int i1, double* GW, bool input_finite, bool grad_finite);                    \
+  bool all_finite(const float* p, long n);                                                      \
+  bool all_finite(const double* p, long n);                                                     \
   }                                                                                             \
   }                                                                                             \
   }

@@ -194,7 +194,8 @@ static_assert(kPartsBlock - 1 <= kWeightPad && kPartsBlock - 1 <= kGradPad,
 // has no such terms. So with both operands finite a block takes the faster loop; with one of
 // them not, the loop whose padding meets only the finite one; with neither, blocks of one
 // output (or tap), whose loops touch no padding. Whether an operand is finite is known per
-// packed tile (dwconv_cpu.cpp checks while packing), so only tiles holding Inf or NaN pay.
+// packed tile (dwconv_cpu.cpp checks each tile once packed), so only tiles holding Inf or NaN
+// pay.
 enum class Loop { kFaster, kTap, kBand, kSingle };
 static inline Loop exact_loop(bool a_finite, bool b_finite) {
   if (a_finite && b_finite) return Loop::kFaster;
@@ -503,6 +504,30 @@ bool forward_small_direct(const double* X, long xh, long xw, int H, int W, int k
                           const double* Wt, const double* Bias, double* Y, long yh, long yw) {
   return forward_small_direct_impl<double>(X, xh, xw, H, W, kh, kw, Wt, Bias, Y, yh, yw);
 }
+// Whether n values (whole 64-byte pixels, 64-byte aligned) are all finite. v - v is zero for a
+// finite v and NaN otherwise; its bits ORed together stay zero only if every v is finite (an OR
+// has a one-cycle dependency chain, so two accumulators keep up with two loads a cycle).
+template <typename T>
+static bool all_finite_impl(const T* p_, long n) {
+  typedef typename Vec<T>::type V;
+  typedef long long I __attribute__((vector_size(LKFAST_VEC_BYTES)));
+  const V* p = reinterpret_cast<const V*>(p_);
+  const long nv = n / (LKFAST_VEC_BYTES / (long)sizeof(T));
+  I bad0 = {}, bad1 = {};
+  long i = 0;
+  for (; i + 2 <= nv; i += 2) {
+    bad0 |= reinterpret_cast<I>(p[i] - p[i]);
+    bad1 |= reinterpret_cast<I>(p[i + 1] - p[i + 1]);
+  }
+  if (i < nv) bad0 |= reinterpret_cast<I>(p[i] - p[i]);
+  bad0 |= bad1;
+  long long any = 0;
+  for (int l = 0; l < (int)(LKFAST_VEC_BYTES / sizeof(long long)); ++l) any |= bad0[l];
+  return any == 0;
+}
+bool all_finite(const float* p, long n) { return all_finite_impl<float>(p, n); }
+bool all_finite(const double* p, long n) { return all_finite_impl<double>(p, n); }
+
 void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0, int i1,
                  float* GW, bool input_finite, bool grad_finite) {
   weight_grad_impl<float>(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
