@@ -548,6 +548,20 @@ def test_figures_are_written(tmp_path):
         plots.plot_lesion({}, tmp_path / "empty.png")
 
 
+def test_occlusion_figure_plots_the_drop_from_clean(tmp_path, monkeypatch):
+    # Fig. 4 reports the top-1 drop (the paper's caption; DESIGN.md), not the absolute top-1
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    occ = {"ratios": [0.1, 0.5], "clean_top1": 80.0, "top1": {"random": [70.0, 30.0], "salient": [60.0, 5.0]}}
+    other = {"ratios": [0.1, 0.5], "clean_top1": 50.0, "top1": {"random": [50.0, 45.0]}}
+    plots.plot_occlusion({"a": occ, "b": other}, tmp_path / "fig4.png")
+    (fig,) = drawn
+    panels = {ax.get_title(): {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()} for ax in fig.axes}
+    assert panels == {plots.MODE_TITLES["random"]: {"a": [10.0, 50.0], "b": [0.0, 5.0]},
+                      plots.MODE_TITLES["salient"]: {"a": [20.0, 75.0]}}
+    assert all(list(line.get_xdata()) == [10.0, 50.0] for ax in fig.axes for line in ax.get_lines())
+
+
 # --- the eval tasks (lkfast.eval.analysis_tasks) ------------------------------------------------------
 
 def test_eval_tasks_run_end_to_end_and_report(tmp_path):

@@ -39,15 +39,18 @@ def _check(results: Mapping, figure: str) -> None:
 
 
 def plot_occlusion(results: Mapping[str, dict], path) -> Path:
-    """Fig. 4: top-1 against drop ratio, one panel per occlusion type, one line per model."""
+    """Fig. 4: top-1 drop (clean top-1 minus top-1 with the patches dropped, in points, as the
+    paper's caption reports it) against the information loss ratio, one panel per occlusion type,
+    one line per model."""
     _check(results, "plot_occlusion")
     modes = [m for m in MODE_TITLES if any(m in r["top1"] for r in results.values())]
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         for label, r in results.items():
             if mode in r["top1"]:
-                ax.plot([100 * q for q in r["ratios"]], r["top1"][mode], marker="o", label=label)
-        ax.set(title=MODE_TITLES[mode], xlabel="information loss (%)", ylabel="top-1 accuracy (%)")
+                drop = [r["clean_top1"] - top1 for top1 in r["top1"][mode]]
+                ax.plot([100 * q for q in r["ratios"]], drop, marker="o", label=label)
+        ax.set(title=MODE_TITLES[mode], xlabel="information loss (%)", ylabel="top-1 drop (points)")
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     return _save(fig, path)

@@ -444,7 +444,7 @@ _COSTS = {"occlusion": _occlusion_cost, "pgd": _pgd_cost, "lesion": _lesion_cost
 _RUNS = {"occlusion": occlusion, "fgsm": fgsm, "pgd": pgd, "taig": taig, "lesion": lesion, "frequency": frequency,
          "kernel-distance": kernel_distance, "feature-variance": feature_variance, "ablation": ablation}
 _DESCRIPTIONS = {
-    "occlusion": "Fig. 4: top-1 under random / salient / non-salient 16-px patch drop, 10-90%",
+    "occlusion": "Fig. 4: top-1 drop under random / salient / non-salient 16-px patch drop, 10-90%",
     "fgsm": "Fig. 6a: top-1 under FGSM, eps 0.1-0.4", "pgd": "Fig. 6b-c: top-1 under PGD over eps and steps",
     "taig": "Table 4: TAIG-R transfer attack success rate at eps 0.03/0.06/0.1",
     "lesion": "Fig. 7: top-1 with n blocks removed (10 draws per n)",
@@ -496,7 +496,9 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
     if found["occlusion"]:
         plots.plot_occlusion(found["occlusion"], figures / "figure4_occlusion.png")
         sources = {m: r.get("saliency") or "none (random only)" for m, r in found["occlusion"].items()}
-        parts.append("## Figure 4: occlusion\n\n![Figure 4](figures/figure4_occlusion.png)\n\nSaliency: "
+        clean = ", ".join(f"{m}: {r['clean_top1']:.2f}" for m, r in found["occlusion"].items())
+        parts.append("## Figure 4: occlusion\n\n![Figure 4](figures/figure4_occlusion.png)\n\n"
+                     f"Top-1 drop from the clean top-1 (%; {clean}). Saliency: "
                      + ", ".join(f"{m}: {s}" for m, s in sources.items()) + ".\n")
         parts.append(_figure5_section(figures, found["occlusion"]))
     if found["fgsm"] or found["pgd"]:
