@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn as nn
 
 from lkfast import data, metrics
 from optional_deps import needs_av, needs_frost
 from lkfast.eval import EvalError, EvalOptions, ModelSpec, register_task, run_evaluation
 from lkfast.eval.cache import ResultCache
 from lkfast.eval.cli import main
+from lkfast.eval.models import count_macs
 from lkfast.eval.registry import TASKS
 
 SIZE = 32  # image and model input size: small enough to keep the file fast on 2 busy cores
@@ -431,6 +433,8 @@ def test_random_weights_are_said_and_get_no_paper_values(tmp_path, data_root, ca
     assert "'RepLKNet-31B' has no checkpoint: it is evaluated with random weights" in capsys.readouterr().err
     r = load(tmp_path)["RepLKNet-31B"]
     assert r["_model"]["weights"] == "random (no checkpoint)" and r["_model"]["checkpoint"] is None
+    model = timm.create_model("test_resnet").eval()  # the card's multiply-adds: the model's at the input size
+    assert r["_model"]["macs"] == count_macs(model, (3, SIZE, SIZE), "cpu") > 0
     assert "**Random weights**: RepLKNet-31B" in (tmp_path / "report.md").read_text()
     row = (tmp_path / "tables" / "summary.md").read_text().split("| RepLKNet-31B |")[1].split("\n")[0]
     assert "85.20" not in row and row.split("|")[1].strip() == "—"
@@ -685,19 +689,36 @@ def test_report_has_the_model_card_of_figure_1(tmp_path):
 
     results = {
         "RepLKNet-31B": {"_model": {"name": "replknet_31b", "weights": "checkpoint", "parameters": 79_000_000,
-                                    "input_size": [3, 224, 224]}, "clean": {"top1": 85.0}},
+                                    "macs": 15_300_000_000, "input_size": [3, 224, 224]}, "clean": {"top1": 85.0}},
         "mine": {"_model": {"name": "resnet_tiny", "weights": "checkpoint"}, "clean": {"unavailable": "no val data"}},
         "_meta": {"device": "cpu"},
     }
     report = write_report(tmp_path, results).read_text()
     assert "## Figure 1: models\n\n![Figure 1](figures/figure1.png)" in report
-    assert "| RepLKNet-31B | replknet_31b | checkpoint | 79.00 | 224×224 | 85.00 | 85.20 |" in report
-    assert "| mine | resnet_tiny | checkpoint | — | — | — | — |" in report  # no card from the cache, no clean result
+    assert "| RepLKNet-31B | replknet_31b | checkpoint | 79.00 | 15.30 | 224×224 | 85.00 | 85.20 |" in report
+    assert "| mine | resnet_tiny | checkpoint | — | — | — | — | — |" in report  # no card from the cache, no clean result
     assert (tmp_path / "figures" / "figure1.png").is_file() and (tmp_path / "tables" / "model_card.csv").is_file()
     files = json.loads((tmp_path / ".report-files.json").read_text())
     assert {"figures/figure1.png", "tables/model_card.csv", "tables/model_card.md"} <= set(files)
     # neither parameters nor a clean result: no section
     assert "Figure 1" not in write_report(tmp_path / "none", {"mine": {"_model": {"name": "resnet_tiny"}}}).read_text()
+
+
+def test_count_macs_counts_lkfast_depthwise_op_as_conv2d(monkeypatch):
+    """The card's multiply-adds count a depthwise conv the same on lkfast's op as on nn.Conv2d (the
+    op's FLOP formula), one per tap and output element, beside the other convs and the head; with
+    the CPU calibration on, its timing runs are not counted."""
+    from lkfast.nn import patch_model
+
+    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, (7, 5), padding=(3, 2), groups=8),
+                        nn.Flatten(), nn.Linear(8 * 6 * 5, 4)).eval()
+    expected = 8 * 3 * 9 * 30 + 8 * 35 * 30 + 240 * 4  # (3x3 conv) + (7x5 depthwise) + head, on a 6x5 map
+    assert count_macs(net, (3, 6, 5), "cpu") == expected
+    assert patch_model(net, min_kernel_size=5) == 1
+    assert count_macs(net, (3, 6, 5), "cpu") == expected
 
 
 def test_no_models_and_no_data_explains_what_to_run(capsys, monkeypatch):

@@ -246,3 +246,18 @@ def output_classes(model: nn.Module, config: Dict[str, Any], device: str) -> int
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size, device: str) -> int:
+    """Multiply-adds of one forward pass of ``model`` on one image of ``input_size`` (C, H, W), as
+    torch.utils.flop_counter counts them (convolutions, lkfast's depthwise op, matrix products,
+    attention; not norms, activations or biases), halved: the "FLOPs" of model cards such as
+    RepLKNet's and timm's, which count a multiply-add once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, *input_size, device=device)
+    with torch.inference_mode():
+        model(x)  # a first call outside the counter: a backend calibration would be counted
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    return counter.get_total_flops() // 2

@@ -359,12 +359,16 @@ def _model_card(w: _Writer, out: Path, results: Dict[str, Any], models: List[str
         return
     _figure(out / "figures" / "figure1.png", panels)
     w.text("\n## Figure 1: models\n\n![Figure 1](figures/figure1.png)\n")
-    w.table("model_card", ["Model", "architecture", "weights", "parameters (M)", "input size", "ImageNet top-1 (%)",
-                           "paper"],
-            [[m, cards[m].get("name"), cards[m].get("weights"), millions[m],
+    giga_macs = {m: cards[m]["macs"] / 1e9 if isinstance(cards[m].get("macs"), int) else None for m in models}
+    w.table("model_card", ["Model", "architecture", "weights", "parameters (M)", "GMACs", "input size",
+                           "ImageNet top-1 (%)", "paper"],
+            [[m, cards[m].get("name"), cards[m].get("weights"), millions[m], giga_macs[m],
               "×".join(map(str, cards[m]["input_size"][-2:])) if cards[m].get("input_size") else None, top1[m],
               _paper(results, m, "clean")] for m in models],
-            "Parameters as evaluated (re-parameterised or not, as loaded); FLOPs are not measured.")
+            "Parameters as evaluated (re-parameterised or not, as loaded). GMACs: multiply-adds (10^9) of one "
+            "forward pass at the input size, counted by torch.utils.flop_counter (convolutions, lkfast's "
+            "depthwise op, matrix products, attention; not norms or activations): the \"FLOPs\" of the "
+            "RepLKNet and timm model cards.")
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ import torch
 from lkfast.eval import distributed as dist
 from lkfast.eval.cache import ResultCache, files_fingerprint, read_json_object, stable_hash, tree_fingerprint
 from lkfast.eval.classes import ClassSpace
-from lkfast.eval.models import ModelSpec, count_parameters, load_model, output_classes
+from lkfast.eval.models import ModelSpec, count_macs, count_parameters, load_model, output_classes
 from lkfast.data.imagenet import DatasetLayoutError
 from lkfast.eval.registry import TASKS, Task, TaskUnavailable
 from lkfast.tables import write_text_atomic
@@ -358,11 +358,13 @@ class Runner:
                     f"{self.class_space.num_classes}-class head (a checkpoint fine-tuned on it; a python -m "
                     f"lkfast.train run on some of the classes: train with --num-classes "
                     f"{self.class_space.num_classes} on class folders named by their wnids)")
-            self._loaded[spec] = (model, config, count_parameters(model))
+            facts = {"parameters": count_parameters(model),
+                     "macs": count_macs(model, config["input_size"], self.device)}
+            self._loaded[spec] = (model, config, facts)
         return self._loaded[spec]
 
     def _model_card(self, spec: ModelSpec) -> Dict[str, Any]:
-        """Name, checkpoint, parameters and input size of a model (kept in its cache folder, so a
+        """Name, checkpoint, parameters, multiply-adds and input size of a model (kept in its cache folder, so a
         fully cached run reports the same without building the model)."""
         from lkfast.eval.report import RANDOM_WEIGHTS
 
@@ -370,13 +372,13 @@ class Runner:
         card = {"name": spec.name, "checkpoint": spec.checkpoint,
                 "weights": "checkpoint" if spec.checkpoint else RANDOM_WEIGHTS}
         if spec in self._loaded:
-            model, config, parameters = self._loaded[spec]
-            card.update(parameters=parameters, input_size=list(config["input_size"]))
+            model, config, facts = self._loaded[spec]
+            card.update(facts, input_size=list(config["input_size"]))
             if dist.is_main():
                 write_text_atomic(path, json.dumps(card))
         else:  # missing or damaged (read_json_object gives None): the card goes without them
             stored = read_json_object(path) or {}
-            card.update({k: v for k, v in stored.items() if k in ("parameters", "input_size")})
+            card.update({k: v for k, v in stored.items() if k in ("parameters", "macs", "input_size")})
         return card
 
     def _release(self, spec: ModelSpec) -> None:

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Optional
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from lkfast.ops.backends import (BACKENDS, FLOAT_DTYPES, PASSES, Plan, convolution_backward, dtype_name,
                                  output_memory_format)
@@ -223,6 +224,31 @@ def _weight_grad_op(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int, b
 @_weight_grad_op.register_fake
 def _(grad_out, x, kh, kw, backend):
     return x.new_empty((x.shape[1], 1, kh, kw))
+
+
+# FLOP counts for torch.utils.flop_counter.FlopCounterMode (which counts aten's convolutions but
+# cannot see inside a custom op): PyTorch's convention (flop_counter.conv_flop_count), two per
+# multiply-add, bias not counted, every tap counted whether or not it meets the image, so a model
+# counts the same with its depthwise convs on lkfast's op as on F.conv2d. Each pass is one
+# multiply-add per (output element, tap).
+def _depthwise_flops(map_shape, kh: int, kw: int) -> int:
+    n, c, h, w = map_shape
+    return 2 * n * c * h * w * kh * kw
+
+
+@register_flop_formula(torch.ops.lkfast.depthwise_conv2d)
+def _(x_shape, weight_shape, bias_shape, plan, out_shape=None) -> int:
+    return _depthwise_flops(x_shape, *weight_shape[-2:])
+
+
+@register_flop_formula(torch.ops.lkfast.depthwise_conv2d_input_grad)
+def _(grad_out_shape, weight_shape, backend, out_shape=None) -> int:
+    return _depthwise_flops(grad_out_shape, *weight_shape[-2:])
+
+
+@register_flop_formula(torch.ops.lkfast.depthwise_conv2d_weight_grad)
+def _(grad_out_shape, x_shape, kh, kw, backend, out_shape=None) -> int:
+    return _depthwise_flops(x_shape, kh, kw)
 
 
 def _setup_context(ctx, inputs, output):
