@@ -689,14 +689,17 @@ def test_report_has_the_model_card_of_figure_1(tmp_path):
 
     results = {
         "RepLKNet-31B": {"_model": {"name": "replknet_31b", "weights": "checkpoint", "parameters": 79_000_000,
-                                    "macs": 15_300_000_000, "input_size": [3, 224, 224]}, "clean": {"top1": 85.0}},
+                                    "macs": 15_353_525_248, "input_size": [3, 224, 224]}, "clean": {"top1": 85.0}},
         "mine": {"_model": {"name": "resnet_tiny", "weights": "checkpoint"}, "clean": {"unavailable": "no val data"}},
+        "small": {"_model": {"name": "resnet_tiny", "weights": "checkpoint", "parameters": 720_000, "macs": 5_234_567},
+                  "clean": {"top1": 80.5}},
         "_meta": {"device": "cpu"},
     }
     report = write_report(tmp_path, results).read_text()
     assert "## Figure 1: models\n\n![Figure 1](figures/figure1.png)" in report
-    assert "| RepLKNet-31B | replknet_31b | checkpoint | 79.00 | 15.30 | 224×224 | 85.00 | 85.20 |" in report
-    assert "| mine | resnet_tiny | checkpoint | — | — | — | — | — |" in report  # no card from the cache, no clean result
+    assert "| RepLKNet-31B | replknet_31b | checkpoint | 79.00 | 15.4 | 224×224 | 85.00 | 85.20 |" in report
+    assert "| mine | resnet_tiny | checkpoint | — | — | — | — | — |" in report
+    assert "| small | resnet_tiny | checkpoint | 0.72 | 0.00523 | — | 80.50 | — |" in report  # 3 significant digits  # no card from the cache, no clean result
     assert (tmp_path / "figures" / "figure1.png").is_file() and (tmp_path / "tables" / "model_card.csv").is_file()
     files = json.loads((tmp_path / ".report-files.json").read_text())
     assert {"figures/figure1.png", "tables/model_card.csv", "tables/model_card.md"} <= set(files)

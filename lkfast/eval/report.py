@@ -341,6 +341,10 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
     return write_text_atomic(out / "report.md", "\n".join(w.parts))
 
 
+def _significant(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
 def _model_card(w: _Writer, out: Path, results: Dict[str, Any], models: List[str]) -> None:
     """Figure 1 (the paper's model configurations): each model's parameters and clean ImageNet
     top-1, from its ``_model`` card and ``clean`` result, as a figure and a table."""
@@ -359,7 +363,9 @@ def _model_card(w: _Writer, out: Path, results: Dict[str, Any], models: List[str
         return
     _figure(out / "figures" / "figure1.png", panels)
     w.text("\n## Figure 1: models\n\n![Figure 1](figures/figure1.png)\n")
-    giga_macs = {m: cards[m]["macs"] / 1e9 if isinstance(cards[m].get("macs"), int) else None for m in models}
+    # three significant digits: the default set's models have a few million multiply-adds, the paper's billions
+    giga_macs = {m: _significant(cards[m]["macs"] / 1e9) if isinstance(cards[m].get("macs"), int) else None
+                 for m in models}
     w.table("model_card", ["Model", "architecture", "weights", "parameters (M)", "GMACs", "input size",
                            "ImageNet top-1 (%)", "paper"],
             [[m, cards[m].get("name"), cards[m].get("weights"), millions[m], giga_macs[m],
