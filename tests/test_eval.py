@@ -440,6 +440,25 @@ def test_random_weights_are_said_and_get_no_paper_values(tmp_path, data_root, ca
     assert "85.20" not in row and row.split("|")[1].strip() == "—"
 
 
+def test_a_model_that_cannot_be_counted_is_still_evaluated(tmp_path, data_root, checkpoint, capsys, monkeypatch):
+    """The card's multiply-adds are a fact about the model, not part of the evaluation: a model whose
+    forward fails under torch.utils.flop_counter's FlopCounterMode (an op the mode cannot run) is
+    evaluated all the same, its card without them, and the reason said in one line."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def refuse(self, func_packet, out, args, kwargs):
+        raise RuntimeError(f"FlopCounterMode cannot run {func_packet}")
+
+    monkeypatch.setattr(FlopCounterMode, "_count_flops", refuse)
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean", "--limit", 2)) == 0
+    err = capsys.readouterr().err
+    assert "lkfast.eval: tiny: multiply-adds not counted (RuntimeError: FlopCounterMode cannot run" in err
+    r = load(tmp_path)["tiny"]
+    assert "top1" in r["clean"] and r["_model"]["parameters"] > 0 and "macs" not in r["_model"]
+    row = (tmp_path / "tables" / "model_card.md").read_text().split("| tiny |")[1].split("\n")[0]
+    assert row.split("|")[3].strip() == "—"  # GMACs
+
+
 def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatch):
     """--limit and --seed change every task's key; an analysis option changes only the keys of the
     tasks that read it (a DINO checkpoint: occlusion, not the benchmarks), by path, by the file's

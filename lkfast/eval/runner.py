@@ -358,10 +358,24 @@ class Runner:
                     f"{self.class_space.num_classes}-class head (a checkpoint fine-tuned on it; a python -m "
                     f"lkfast.train run on some of the classes: train with --num-classes "
                     f"{self.class_space.num_classes} on class folders named by their wnids)")
-            facts = {"parameters": count_parameters(model),
-                     "macs": count_macs(model, config["input_size"], self.device)}
+            facts = {"parameters": count_parameters(model)}
+            macs = self._macs(spec, model, config)
+            if macs is not None:
+                facts["macs"] = macs
             self._loaded[spec] = (model, config, facts)
         return self._loaded[spec]
+
+    def _macs(self, spec: ModelSpec, model, config) -> Optional[int]:
+        """The card's multiply-adds (count_macs), or None, said in one line, when the model cannot be
+        counted (a forward that fails under torch.utils.flop_counter's mode): a fact for the model
+        card, not part of the evaluation, so it never stops one."""
+        try:
+            return count_macs(model, config["input_size"], self.device)
+        except Exception as error:  # noqa: BLE001 (KeyboardInterrupt still stops the run)
+            if dist.is_main():
+                print(f"lkfast.eval: {spec.display}: multiply-adds not counted ({type(error).__name__}: {error}); "
+                      f"the model card goes without them", file=sys.stderr, flush=True)
+            return None
 
     def _model_card(self, spec: ModelSpec) -> Dict[str, Any]:
         """Name, checkpoint, parameters, multiply-adds and input size of a model (kept in its cache folder, so a
