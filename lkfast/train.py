@@ -330,7 +330,10 @@ def _train(args, saved: dict) -> dict:
     from tqdm import tqdm
 
     _check_arguments(args)
-    device = device_option(args.device)
+    try:
+        device = device_option(args.device)
+    except ValueError as error:  # a mistake in the command: TrainError, as train() says
+        raise TrainError(str(error)) from None
     data = Path(args.data).expanduser()
     out = _out_folder(args)
     if not data.is_dir():

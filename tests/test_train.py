@@ -129,6 +129,18 @@ def test_help_and_bad_input(dataset, tmp_path, capsys):
         train([MODEL, "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"])
 
 
+def test_device_mistakes_raise_train_error(dataset, tmp_path, monkeypatch):
+    """train() raises TrainError for a mistake in the command, as its docstring says (plain
+    ValueError is an unknown model name): --device is one, the name unknown or CUDA absent."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = [MODEL, "--data", str(dataset), "--out", str(tmp_path / "o"), "--quiet"]
+    with pytest.raises(TrainError, match="--device cuda: CUDA is not available here"):
+        train([*run, "--device", "cuda"])
+    with pytest.raises(TrainError, match="--device tpu9: expected cpu, cuda or cuda:N"):
+        train([*run, "--device", "tpu9"])
+    assert not (tmp_path / "o").exists()
+
+
 def test_no_progress_keeps_the_epoch_lines(dataset, tmp_path, capsys):
     """--no-progress drops the progress bar only (lkfast.eval passes it for the embedded default's
     training under its own --no-progress); --quiet drops the per-epoch lines too."""
