@@ -256,7 +256,9 @@ def count_macs(model: nn.Module, input_size, device: str) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros(1, *input_size, device=device)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: FlopCounterMode counted nothing under inference_mode on CUDA
+    # (pytorch/pytorch#126268, torch 2.3)
+    with torch.no_grad():
         model(x)  # a first call outside the counter: a backend calibration would be counted
         with FlopCounterMode(display=False) as counter:
             model(x)
