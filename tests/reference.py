@@ -158,6 +158,43 @@ def check_op(backend: str, shape, fmt: str, dtype: torch.dtype = torch.float32, 
 # --- Triton on the CPU: a test module runs itself again under TRITON_INTERPRET=1 -----------------
 # Triton fixes interpretation when it is imported, so a module of Triton tests is run a second time
 # in a subprocess with the variable set; in that process (or on a GPU) its tests run directly.
+_ISA_CHILD = """
+import sys, torch
+from lkfast import _ext
+if len(sys.argv) > 3:
+    torch.set_num_threads(int(sys.argv[3]))
+cases = torch.load(sys.argv[1])
+out = []
+for x, w, g in cases:
+    kh, kw = w.shape[-2:]
+    out.append((_ext._C.cpu_forward(x, w, None, False), _ext._C.cpu_forward(g, w, None, True),
+                _ext._C.cpu_weight_grad(g, x, kh, kw)))
+torch.save({"isa": _ext._C.cpu_isa(), "out": out}, sys.argv[2])
+"""
+
+ISA_ORDER = ["generic", "avx2", "avx512"]  # the order LKFAST_CPU_ISA caps in: it can only lower the CPU's best
+
+
+def cpu_kernels_on_isa(isa: str, cases, tmp_path, threads=None) -> list:
+    """(forward, input gradient, weight gradient) of the C++ kernels for each case (x, weight,
+    grad_out) on instruction set ``isa``. LKFAST_CPU_ISA is read once per process, so they run in
+    a child process (on ``threads`` threads when given). Fails if the cap was ignored; skips,
+    saying which path ran, when this CPU has no ``isa``."""
+    torch.save(cases, tmp_path / "in.pt")
+    env = {**os.environ, "LKFAST_CPU_ISA": isa}
+    args = [sys.executable, "-c", _ISA_CHILD, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
+    proc = subprocess.run(args + ([str(threads)] if threads else []), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt")
+    assert ISA_ORDER.index(result["isa"]) <= ISA_ORDER.index(isa), \
+        f"LKFAST_CPU_ISA={isa} ran {result['isa']}: the cap was ignored"
+    if result["isa"] != isa:
+        pytest.skip(f"this CPU has no {isa}: with LKFAST_CPU_ISA={isa} the kernels ran the {result['isa']} path, "
+                    f"so the {isa} path is untested on this machine")
+    return result["out"]
+
+
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_RUNS_HERE = TRITON_INTERPRETED or HAS_CUDA
 TRITON_DEVICE = "cuda" if HAS_CUDA and not TRITON_INTERPRETED else "cpu"

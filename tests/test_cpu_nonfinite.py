@@ -17,15 +17,13 @@ output gradient has NaN at taps that meet only padding in every dtype and layout
 PyTorch's non-finite outputs were a superset of the exact ones (extra NaN only); where PyTorch is
 exact, ``exact_reference`` agrees with it (``test_exact_reference_is_conv2d``).
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import TOLERANCE, backend_or_skip, case_id, make_input, make_weight, reference, run_op
+from reference import (ISA_ORDER, TOLERANCE, backend_or_skip, case_id, cpu_kernels_on_isa, make_input, make_weight,
+                       reference, run_op)
 
 PASS_NAMES = ("forward", "input_grad", "weight_grad")
 
@@ -178,21 +176,7 @@ def test_exact_reference_is_conv2d(dtype):
     assert_nonfinite_match(y, exact_conv(x, weight), 1e-10, "F.conv2d forward with non-finite input")
 
 
-_ISA_CHILD = """
-import sys, torch
-from lkfast import _ext
-torch.set_num_threads(2)  # the small-map case's 5 channel blocks reach its kernel on at most 2 threads
-cases = torch.load(sys.argv[1])
-out = []
-for x, w, g in cases:
-    kh, kw = w.shape[-2:]
-    out.append((_ext._C.cpu_forward(x, w, None, False), _ext._C.cpu_forward(g, w, None, True),
-                _ext._C.cpu_weight_grad(g, x, kh, kw)))
-torch.save({"isa": _ext._C.cpu_isa(), "out": out}, sys.argv[2])
-"""
-
-
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISA_ORDER)
 def test_nonfinite_placement_every_instruction_set(isa, tmp_path):
     """The same on each instruction set's code (LKFAST_CPU_ISA, read once per process, so in a child
     process): AVX2's blocks of at most 7 and rows in groups of 4, AVX-512's small-map kernel."""
@@ -203,15 +187,8 @@ def test_nonfinite_placement_every_instruction_set(isa, tmp_path):
                                        ((2, 9, 17, 30, 11, 11), "contiguous", torch.float64),  # groups of 4 rows
                                        ((2, 70, 7, 7, 13, 13), "channels_last", torch.float32)]
              for where in WHERE]
-    torch.save(cases, tmp_path / "in.pt")
-    env = {**os.environ, "LKFAST_CPU_ISA": isa}
-    proc = subprocess.run([sys.executable, "-c", _ISA_CHILD, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt")
-    if result["isa"] != isa:
-        pytest.skip(f"this CPU has no {isa}: LKFAST_CPU_ISA={isa} ran the {result['isa']} path")
-    for (x, w, g), outputs in zip(cases, result["out"]):
+    # 2 threads: the small-map case's 5 channel blocks reach its kernel on at most 2 threads
+    for (x, w, g), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path, threads=2)):
         want = exact_reference(x, w, g)
         for name, got in zip(PASS_NAMES, outputs):
             assert_nonfinite_match(got, want[name], TOLERANCE[x.dtype][name], f"{isa} {tuple(x.shape)} {x.dtype} {name}")

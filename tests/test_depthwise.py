@@ -13,7 +13,8 @@ import torch
 
 import lkfast.ops as ops
 from lkfast.ops.backends import BACKENDS, FLOAT_DTYPES, PASSES, Plan, dtype_name
-from reference import (BACKEND_DEVICES, DEVICES, FORMATS, PASS_NAMES, TOLERANCE, backend_or_skip, case_id, check_op,
+from reference import (BACKEND_DEVICES, DEVICES, FORMATS, ISA_ORDER, PASS_NAMES, TOLERANCE, backend_or_skip, case_id,
+                       check_op, cpu_kernels_on_isa,
                        device_or_skip, make_input, make_weight, reference, rel_err, run_op)
 
 # (N, C, H, W, kh, kw)
@@ -131,20 +132,7 @@ def test_second_order_gradients(backend_device, fmt):
     for got, expected in zip(penalty_grads(op), want):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
-_ISA_CHILD = """
-import sys, torch
-from lkfast import _ext
-cases = torch.load(sys.argv[1])
-out = []
-for x, w, g in cases:
-    kh, kw = w.shape[-2:]
-    out.append((_ext._C.cpu_forward(x, w, None, False), _ext._C.cpu_forward(g, w, None, True),
-                _ext._C.cpu_weight_grad(g, x, kh, kw)))
-torch.save({"isa": _ext._C.cpu_isa(), "out": out}, sys.argv[2])
-"""
-
-
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])  # the order LKFAST_CPU_ISA caps in
+@pytest.mark.parametrize("isa", ISA_ORDER)
 def test_cpu_every_instruction_set(isa, tmp_path):
     """The C++ kernels pick AVX-512, AVX2 or the generic path at run time; LKFAST_CPU_ISA caps the
     choice, read once per process, so each path runs in a child process: fp32 and fp64, NCHW and
@@ -169,18 +157,7 @@ def test_cpu_every_instruction_set(isa, tmp_path):
                                  ((3, 70, 6, 5), (9, 11), torch.float32, "channels_last"),
                                  ((3, 70, 6, 5), (9, 11), torch.float64, "contiguous")]:
         cases.append((make_input(shape, fmt, dtype), make_weight(shape[1], *k, dtype), make_input(shape, fmt, dtype)))
-    torch.save(cases, tmp_path / "in.pt")
-    env = {**os.environ, "LKFAST_CPU_ISA": isa}
-    proc = subprocess.run([sys.executable, "-c", _ISA_CHILD, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt")
-    order = ["generic", "avx2", "avx512"]  # LKFAST_CPU_ISA can only lower the CPU's best
-    assert order.index(result["isa"]) <= order.index(isa), f"LKFAST_CPU_ISA={isa} ran {result['isa']}: the cap was ignored"
-    if result["isa"] != isa:
-        pytest.skip(f"this CPU has no {isa}: with LKFAST_CPU_ISA={isa} the kernels ran the {result['isa']} path, "
-                    f"so the {isa} path is untested on this machine")
-    for (x, w, g), outputs in zip(cases, result["out"]):
+    for (x, w, g), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path)):
         want = reference(x, w, None, g)
         for name, got in zip(PASSES, outputs):
             assert got.dtype == x.dtype
