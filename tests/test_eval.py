@@ -215,10 +215,10 @@ def test_cli_end_to_end_matches_a_direct_computation(full_run, data_root, checkp
     base = r["imagenet-p"]["baseline"]
     assert r["imagenet-p"]["mfr"] == pytest.approx(metrics.mfr(r["imagenet-p"]["fr"], base["fr"]))
     assert r["imagenet-p"]["mt5d"] == pytest.approx(metrics.mt5d(r["imagenet-p"]["t5d"], base["t5d"]))
-    # 9: 1000 logits mapped to the nine classes
+    # 9: 1000 logits mapped to the nine classes; images fed as they are, as the release feeds them
     acc = {}
     for variant in ("original", "mixed_same", "mixed_rand"):
-        z, t = reference_logits(model, data.ImageNet9(data_root / "imagenet-9", variant, tf))
+        z, t = reference_logits(model, data.ImageNet9(data_root / "imagenet-9", variant, data.transform_for(config(), False)))
         acc[variant] = metrics.imagenet9_accuracy(z, t, data.imagenet9_class_map())
     assert r["imagenet-9"]["top1"] == pytest.approx(acc)
     assert r["imagenet-9"]["bg_gap"] == pytest.approx(acc["mixed_same"] - acc["mixed_rand"])
@@ -811,6 +811,30 @@ def test_imagenet_9_without_the_original_variant(tmp_path, data_root, checkpoint
     r = load(out)["tiny"]["imagenet-9"]
     assert set(r["top1"]) == {"mixed_same", "mixed_rand"} and r["original"] is None
     assert r["bg_gap"] == pytest.approx(r["top1"]["mixed_same"] - r["top1"]["mixed_rand"])
+
+
+def test_imagenet_9_images_are_fed_as_they_are(tmp_path, data_root, checkpoint, monkeypatch):
+    # The backgrounds-challenge release scores its 224 x 224 images with transforms.ToTensor() only
+    # (MadryLab/backgrounds_challenge tools/datasets.py, in9_eval.py; challenge_eval.py pastes
+    # foregrounds onto backgrounds pixel for pixel, so no resize or crop may come between), as
+    # ImageNet-C's are fed. Here the images are 40 px and the model's input 32 px (crop_pct 0.95):
+    # a resize-and-crop would hand the model 32 x 32 images.
+    from lkfast.eval.runner import TaskContext
+
+    seen = []
+    forward = TaskContext.forward
+
+    def recording(self, images):
+        seen.append(images.detach().cpu().clone())
+        return forward(self, images)
+    monkeypatch.setattr(TaskContext, "forward", recording)
+    out = tmp_path / "out"
+    assert cli(*common(out, checkpoint, data_root, "--suite", "imagenet-9")) == 0
+    fed = torch.cat(seen)
+    expected = torch.cat([torch.stack([x for x, _ in data.ImageNet9(data_root / "imagenet-9", v)])
+                          for v in ("original", "mixed_same", "mixed_rand")])
+    assert fed.shape == expected.shape == (9, 3, 40, 40)
+    assert torch.equal(fed, expected)
 
 
 def test_one_batch_loaders_decode_in_this_process():

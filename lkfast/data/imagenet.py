@@ -685,7 +685,8 @@ class ImageNet9(ImageFolderBenchmark):
     accepts (the release's ``00_dog`` .. ``08_fish``, a class name, or a class wnid); any other
     folder raises DatasetLayoutError. If ``root`` holds an ``in_to_in9.json``, it is checked
     against :func:`imagenet9_class_map` (DatasetLayoutError if it differs). Score 1000-class models
-    with ``lkfast.metrics.imagenet9_accuracy``."""
+    with ``lkfast.metrics.imagenet9_accuracy``. The release's images are 224 x 224 and its own
+    evaluation feeds them as they are: use ``transform_for(cfg, resize=False)``, as for ImageNet-C."""
 
     name = "ImageNet-9"
     layout = "<root>/<variant>/val/<NN_class>/<image>"

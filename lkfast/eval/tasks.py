@@ -376,9 +376,12 @@ def _nine_parts(ctx):
         found = ", ".join(class_folders(root)[:8]) or "nothing"
         raise EvalError(f"imagenet-9: expected <variant>/val/<class>/ folders under {root} (variants "
                         f"{', '.join(IMAGENET9_VARIANTS)}), found {found}")
-    # ImageNet9 checks an in_to_in9.json found in root against lkfast.data.imagenet9_class_map()
-    return [(v, _memo(ctx, ("9", v), lambda v=v: data.ImageNet9(str(root), v, data.transform_for(ctx.config),
-                                                                limit=ctx.options.limit))) for v in variants]
+    # ImageNet9 checks an in_to_in9.json found in root against lkfast.data.imagenet9_class_map().
+    # The release's images are 224 x 224 and its in9_eval.py feeds them with ToTensor() alone (no
+    # resize, no crop), as ImageNet-C's are fed here
+    tf = data.transform_for(ctx.config, resize=False)
+    return [(v, _memo(ctx, ("9", v), lambda v=v: data.ImageNet9(str(root), v, tf, limit=ctx.options.limit)))
+            for v in variants]
 
 
 def imagenet_9(ctx: TaskContext) -> dict:
@@ -424,4 +427,5 @@ register_task("imagenet-c", imagenet_c, needs=("imagenet-c", "val"), count=_c_co
 register_task("imagenet-p", imagenet_p, needs=("imagenet-p", "val"), count=_p_count, reads=("baseline",),
               description="ImageNet-P mFR / mT5D (Table 2)")
 register_task("imagenet-9", imagenet_9, needs=("imagenet-9",), count=lambda ctx: sum(len(d) for _, d in _nine_parts(ctx)),
-              description="ImageNet-9 backgrounds: Original, Mixed-Same, Mixed-Rand, BG-Gap (Table 3)")
+              description="ImageNet-9 backgrounds: Original, Mixed-Same, Mixed-Rand, BG-Gap (Table 3)",
+              version="2")  # 2: images fed without the model's resize and crop, as the release feeds them
