@@ -214,7 +214,13 @@ def transfer_summary(records: dict, names: Sequence[str], eps_values: Sequence[f
                      steps: int = TAIG_STEPS, path_steps: int = TAIG_PATH_STEPS, alpha: float = TAIG_ALPHA,
                      random_path: bool = True) -> dict:
     """``transfer_success``'s result from the ``transfer_outcomes`` rows of every image (``names``:
-    the targets, in the order the rows hold them)."""
+    the targets, in the order the rows hold them).
+
+    ``success_rate`` is the paper's Table 4 number as its script computes it (LKRobust
+    ``adversarial_attack/TAIG/TAIG_test.py``: images with label != prediction over all attacked
+    images): the target's error on the adversarial images, whatever it predicted on the clean ones.
+    ``success_rate_clean_correct`` counts only the images the target classifies correctly when clean
+    (None when it classifies none correctly)."""
     count = len(records["clean"])
     if count == 0:
         raise ValueError("transfer_success: the loader yielded no images")
@@ -225,8 +231,8 @@ def transfer_summary(records: dict, names: Sequence[str], eps_values: Sequence[f
         fooled = (clean_ok & ~adv_ok).long().sum(0).tolist()
         wrong = (~adv_ok).long().sum(0).tolist()
         out[name] = {"eps": list(map(float, eps_values)),
-                     "success_rate": [100.0 * f / clean if clean else None for f in fooled],
-                     "adv_error": [100.0 * w / count for w in wrong],
+                     "success_rate": [100.0 * w / count for w in wrong],
+                     "success_rate_clean_correct": [100.0 * f / clean if clean else None for f in fooled],
                      "clean_top1": 100.0 * clean / count, "images": count,
                      "steps": steps, "path_steps": path_steps, "alpha": alpha, "random_path": random_path}
     return out
@@ -239,11 +245,12 @@ def transfer_success(surrogate: nn.Module, targets: Mapping[str, nn.Module], loa
     """Transfer attack success of TAIG (TAIG-R by default, as the paper's script runs it): the
     surrogate generates adversarial images once per batch and eps, every target classifies them.
 
-    Returns ``{target: {"eps": [...], "success_rate": [...], "adv_error": [...], "clean_top1",
-    "images"}}``: ``success_rate`` (percent, Table 4) counts, among the images the target classifies
-    correctly when clean, those it misclassifies after the attack (None when it classifies none
-    correctly); ``adv_error`` is its error on all
-    adversarial images. Refuses targets whose number of classes differs from the surrogate's.
+    Returns ``{target: {"eps": [...], "success_rate": [...], "success_rate_clean_correct": [...],
+    "clean_top1", "images"}}``: ``success_rate`` (percent, Table 4, as the paper's script counts it)
+    is the share of all attacked images the target misclassifies; ``success_rate_clean_correct`` the
+    share of those it classifies correctly when clean that it misclassifies after the attack (None
+    when it classifies none correctly). Refuses targets whose number of classes differs from the
+    surrogate's.
     """
     if not targets:
         raise ValueError("transfer_success: no target models given")
