@@ -489,6 +489,17 @@ def test_kernel_distance_on_models():
         kernel_attention_distance(tiny_vit())
 
 
+def test_kernel_distance_figure_takes_the_first_two_of_stage_1_and_the_last_two_of_stage_3():
+    # the paper's Fig. 9: "the first two layers of stage-1 and the last two layers of stage-3"; stage-1 is
+    # RepLKNet's stages.0, stage-3 its stages.2 (the 18-block stage of RepLKNet-31B), not the last stage
+    from lkfast.analysis import paper_layers
+
+    model = tiny_replknet(layers=[3, 2, 4, 2])
+    picked = [layer["name"] for layer in paper_layers(kernel_attention_distance(model))]
+    assert picked == ["stages.0.blocks.0.large_kernel", "stages.0.blocks.2.large_kernel",
+                      "stages.2.blocks.4.large_kernel", "stages.2.blocks.6.large_kernel"]
+
+
 # --- feature-map variance ---------------------------------------------------------------------------------
 
 def _hook_count(model):
