@@ -95,6 +95,23 @@ def test_pgd_stays_in_the_ball_and_raises_the_loss():
     assert_untouched(model, mode=False)
 
 
+def test_pgd_is_its_definition():
+    # torchattacks' PGD, which the paper's script runs (engine.py: PGD(model, eps, alpha, steps,
+    # random_start=True)): start at clamp(x + U(-eps, eps), 0, 1), then per step x_adv + alpha *
+    # sign(grad of the mean CE at x_adv), clipped to [x - eps, x + eps] and to [0, 1], all in pixel space
+    model, (x, y) = small_net(), images()
+    eps, alpha, steps = 0.03, 0.03 / 4, 3
+    adv = pgd(model, x, y, eps, alpha, steps, generator=torch.Generator().manual_seed(4))
+    start = torch.rand(x.shape, generator=torch.Generator().manual_seed(4))
+    reference = (x + (2 * start - 1) * eps).clamp(0, 1)
+    for _ in range(steps):
+        r = reference.clone().requires_grad_(True)
+        grad = torch.autograd.grad(F.cross_entropy(model(r), y), r)[0]
+        reference = torch.min(torch.max(reference + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1).detach()
+    torch.testing.assert_close(adv, reference, rtol=0, atol=1e-7)
+    assert not torch.equal(adv, pgd(model, x, y, eps, alpha, 1, generator=torch.Generator().manual_seed(4)))
+
+
 def test_pgd_without_random_start_from_the_image_edges():
     model = small_net()
     x = torch.zeros(2, 3, 16, 16)  # at the edge of [0, 1]: the projection must clip
