@@ -266,11 +266,16 @@ if [ "$MODE" = full ]; then
   fi
 fi
 
-# 6. compute-sanitizer on the tiny smoke test, last: it is slow, and it must not cost the results above
+# 6. compute-sanitizer on the tiny smoke test and the CUDA kernels' edge cases, last: it is slow, and
+#    it must not cost the results above. PyTorch's caching allocator off: memcheck sees only what
+#    cudaMalloc handed out, so with the cache on, an access past a small tensor lands inside a cached
+#    block and is not reported (c10/cuda/CUDACachingAllocator.cpp: "the caching allocator foils
+#    cuda-memcheck")
 if [ "$MODE" != dry-run ]; then
   sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2> /dev/null | head -1)
   if [ -n "$sanitizer" ]; then
-    LKFAST_TRITON_AUTOTUNE=0 step sanitizer 150 "$sanitizer" --tool memcheck --error-exitcode 3 "$PY" benchmarks/gpu_smoke.py --tiny --device cuda
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 LKFAST_TRITON_AUTOTUNE=0 step sanitizer 150 "$sanitizer" --tool memcheck \
+        --error-exitcode 3 "$PY" benchmarks/gpu_smoke.py --tiny --edge --device cuda
     grep -E "ERROR SUMMARY|^smoke:" "$WORK/sanitizer.log" 2> /dev/null | tail -2 | sed 's/^/    /' >> "$SUMMARY"
   else
     note "- compute-sanitizer: not on this machine"

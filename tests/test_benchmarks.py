@@ -530,3 +530,31 @@ exit 0
         assert (f"the carried lkfast/_C{abi} does not fit" in summary) == (case == "does-not-fit"), summary
     assert "--no-index --no-build-isolation --no-deps -e ." in (prebuilt_installs + builds)[0]
     assert result.returncode in (0, 1), result.stderr[-2000:]
+
+
+def test_gpu_check_sanitizer_runs_without_the_caching_allocator_on_the_edge_cases(tmp_path):
+    """compute-sanitizer's memcheck sees only what cudaMalloc handed out: with PyTorch's caching
+    allocator on, an access past a small tensor lands inside a cached block and is not reported. So
+    gpu_check.sh --quick runs it with PYTORCH_NO_CUDA_MEMORY_CACHING=1, on the smoke test's tiny shape
+    and the CUDA kernels' edge cases (--tiny --edge). A copy of the script in a made-up checkout, a
+    python that succeeds at everything and a compute-sanitizer on PATH that logs how it was called."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "lkfast").mkdir()
+    shutil.copy(GPU_CHECK, repo / "benchmarks" / "gpu_check.sh")
+    bin_dir, seen = tmp_path / "bin", tmp_path / "sanitizer_call"
+    bin_dir.mkdir()
+    for name, body in (("python", "exit 0"),
+                       ("compute-sanitizer",
+                        f'echo "caching_off=${{PYTORCH_NO_CUDA_MEMORY_CACHING:-}} $*" > {seen}\nexit 0')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "--quick"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                 "PYTHON": str(bin_dir / "python"), "GPU_CHECK_LIMIT": "120"})
+    assert seen.exists(), (tmp_path / "out" / "summary.md").read_text() + result.stderr[-2000:]
+    call = seen.read_text().split()
+    assert call[0] == "caching_off=1", call
+    assert call[1:4] == ["--tool", "memcheck", "--error-exitcode"], call
+    assert call[-5:] == ["benchmarks/gpu_smoke.py", "--tiny", "--edge", "--device", "cuda"], call
