@@ -1,11 +1,12 @@
 """Smoke test of every depthwise backend on tiny shapes: the first thing gpu_check.sh runs on a GPU.
 
-    CUDA_LAUNCH_BLOCKING=1 python benchmarks/gpu_smoke.py [--device cuda|cpu] [--json PATH] [--tiny]
+    CUDA_LAUNCH_BLOCKING=1 python benchmarks/gpu_smoke.py [--device cuda|cpu] [--json PATH] [--tiny [--edge]]
 
 Each backend that can run on the device (cuda, triton, triton_mma, torch; on the CPU: cpu, torch,
 and triton / triton_mma under TRITON_INTERPRET=1), each dtype it supports among fp32/fp16/bf16, each pass (forward, input
 gradient, weight gradient), NCHW and channels_last, a few tiny shapes (a map smaller than the
-kernel, a non-square kernel): compared with fp64 ``F.conv2d`` on the CPU. Then ``auto`` end to end
+kernel, a non-square kernel), and on the cuda backend EDGE_CASES (the CUDA kernels' paths those
+shapes miss): compared with fp64 ``F.conv2d`` on the CPU. Then ``auto`` end to end
 through the op, with autograd. Prints one line per case and exits 1 if any case is wrong or raised,
 0 otherwise. Small on purpose: run in its own process (a sticky CUDA fault ends only this one) and
 fast enough for compute-sanitizer.
@@ -21,8 +22,24 @@ import torch.nn.functional as F
 
 SHAPES = [(2, 8, 9, 11, 7, 7), (1, 4, 5, 5, 13, 13), (2, 16, 12, 10, 9, 3)]  # N, C, H, W, kh, kw
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("nchw", "channels_last")
 # --tiny: one shape in fp32, for a CPU dry run (Triton in its interpreter) and for compute-sanitizer
 TINY_SHAPES, TINY_DTYPES = [(1, 4, 6, 6, 5, 5)], (torch.float32,)
+# The paths of lkfast's CUDA kernels that SHAPES (maps <= 32 x 32, kernels <= 13) never reach, on
+# the cuda backend (and auto) only: no Triton compiles, so they cost the smoke step ~no time.
+# (shape, layouts); dtypes as the run's. tests/test_cuda.py checks that they reach each path.
+EDGE_CASES = [
+    # H > 32: the wide-tile forward (64 x 32 tiles), whose 57x57 taps need 57,840 bytes of shared
+    # memory (fp32 accumulation): past the 48 KB default, so cudaFuncSetAttribute must raise the limit;
+    # the weight gradient in two launches (855 tap groups > 512) with one thread per group. C = 4:
+    # channels_last takes 16-byte vectors in fp32 (a partial channel block) and the scalar path in
+    # fp16/bf16 (C % 8 != 0).
+    ((1, 4, 33, 9, 57, 57), ("nchw", "channels_last")),
+    # a channels_last view one element into its storage: not 16-byte aligned, so the scalar path
+    # (a 16-byte load there is a misaligned-address fault)
+    ((2, 16, 7, 6, 5, 5), ("channels_last_offset",)),
+]
+EDGE_BACKENDS = ("cuda",)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # max error / max |reference|
 
 
@@ -52,53 +69,90 @@ def relative_error(out, expected) -> float:
     return ((out.detach().cpu().double() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
-def check(device: str, shapes=SHAPES, dtypes=DTYPES, report=None) -> list[dict]:
+def make_map(shape, layout: str, dtype, device, gen) -> torch.Tensor:
+    """A standard-normal (N, C, H, W) map in ``layout``: "nchw", "channels_last", or
+    "channels_last_offset" (a channels_last view one element into its storage: not 16-byte aligned)."""
+    N, C, H, W = shape
+    if layout == "channels_last_offset":
+        flat = torch.randn(N * C * H * W + 1, generator=gen).to(device, dtype)
+        return flat[1:].as_strided((N, C, H, W), (H * W * C, 1, W * C, C))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return torch.randn(N, C, H, W, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+
+
+def cases(shapes, dtypes, names, edge: bool):
+    """(shape, dtype, layout, backend names) of every case: each shape in LAYOUTS on ``names``, then
+    (``edge``) EDGE_CASES on the EDGE_BACKENDS among ``names``."""
+    for shape in shapes:
+        for dtype in dtypes:
+            for layout in LAYOUTS:
+                yield shape, dtype, layout, names
+    if edge:
+        for shape, layouts in EDGE_CASES:
+            edge_names = tuple(n for n in names if n in EDGE_BACKENDS)
+            for dtype in dtypes if edge_names else ():  # (none on the CPU)
+                for layout in layouts:
+                    yield shape, dtype, layout, edge_names
+
+
+def selection(tiny: bool, edge: bool) -> tuple:
+    """(shapes, dtypes, edge) of a run: SHAPES in every dtype with EDGE_CASES; --tiny: TINY_SHAPES in
+    fp32, and with --edge also fp16 (the CUDA kernels' scalar channels_last path) and EDGE_CASES."""
+    if not tiny:
+        return SHAPES, DTYPES, True
+    return TINY_SHAPES, TINY_DTYPES + ((torch.float16,) if edge else ()), edge
+
+
+def check(device: str, shapes=SHAPES, dtypes=DTYPES, edge: bool = False, report=None) -> list[dict]:
     """Every case as a dict; ``report(row)`` (if given) is called as each case finishes, so a run
-    stopped at its time limit still shows the cases it got through."""
+    stopped at its time limit still shows the cases it got through. ``edge``: EDGE_CASES too."""
     from lkfast.ops import depthwise_conv2d
     from lkfast.ops import PASSES, dtype_name
     from lkfast.ops.backends import BACKENDS
 
-    names = ("cuda", "triton", "triton_mma", "torch") if device == "cuda" else ("cpu", "triton", "triton_mma", "torch")
+    all_names = ("cuda", "triton", "triton_mma", "torch") if device == "cuda" else ("cpu", "triton", "triton_mma", "torch")
     results = []
     gen = torch.Generator().manual_seed(0)
-    for shape in shapes:
+    for shape, dtype, layout, names in cases(shapes, dtypes, all_names, edge):
         N, C, H, W, kh, kw = shape
-        for dtype in dtypes:
-            for layout in ("nchw", "channels_last"):
-                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                x = torch.randn(N, C, H, W, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
-                g = torch.randn(N, C, H, W, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
-                w = (torch.randn(C, 1, kh, kw, generator=gen) / (kh * kw) ** 0.5).to(device, dtype)
-                case = dict(shape=list(shape), dtype=dtype_name(dtype), layout=layout)
-                for name in names:
-                    why = BACKENDS[name].not_supported_reasons(x, w)
-                    for pass_ in PASSES:
-                        row = dict(case, backend=name, pass_=pass_)
-                        if why:
-                            row["skipped"] = "; ".join(why)
-                        else:
-                            try:
-                                row["error"] = relative_error(run_pass(BACKENDS[name], pass_, x, w, g),
-                                                              reference(pass_, x, w, g))
-                                row["ok"] = row["error"] <= TOLERANCE[dtype]
-                            except Exception as exc:  # report and go on: the summary names every failure
-                                row["ok"], row["raised"] = False, f"{type(exc).__name__}: {str(exc)[:200]}"
-                        results.append(row)
-                        if report:
-                            report(row)
-                row = dict(case, backend="auto", pass_="forward+both_grads (autograd)")
-                try:
-                    xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-                    gx, gw = torch.autograd.grad(depthwise_conv2d(xg, wg), (xg, wg), g)
-                    row["error"] = max(relative_error(gx, reference("input_grad", x, w, g)),
-                                       relative_error(gw, reference("weight_grad", x, w, g)))
-                    row["ok"] = row["error"] <= TOLERANCE[dtype]
-                except Exception as exc:
-                    row["ok"], row["raised"] = False, f"{type(exc).__name__}: {str(exc)[:200]}"
+        x = make_map((N, C, H, W), layout, dtype, device, gen)
+        g = make_map((N, C, H, W), layout, dtype, device, gen)
+        w = (torch.randn(C, 1, kh, kw, generator=gen) / (kh * kw) ** 0.5).to(device, dtype)
+        case = dict(shape=list(shape), dtype=dtype_name(dtype), layout=layout)
+        expected = {}  # fp64 reference per pass, computed once per case
+
+        def expect(pass_, x=x, w=w, g=g, expected=expected):
+            if pass_ not in expected:
+                expected[pass_] = reference(pass_, x, w, g)
+            return expected[pass_]
+
+        for name in names:
+            why = BACKENDS[name].not_supported_reasons(x, w)
+            for pass_ in PASSES:
+                row = dict(case, backend=name, pass_=pass_)
+                if why:
+                    row["skipped"] = "; ".join(why)
+                else:
+                    try:
+                        row["error"] = relative_error(run_pass(BACKENDS[name], pass_, x, w, g),
+                                                      expect(pass_))
+                        row["ok"] = row["error"] <= TOLERANCE[dtype]
+                    except Exception as exc:  # report and go on: the summary names every failure
+                        row["ok"], row["raised"] = False, f"{type(exc).__name__}: {str(exc)[:200]}"
                 results.append(row)
                 if report:
                     report(row)
+        row = dict(case, backend="auto", pass_="forward+both_grads (autograd)")
+        try:
+            xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+            gx, gw = torch.autograd.grad(depthwise_conv2d(xg, wg), (xg, wg), g)
+            row["error"] = max(relative_error(gx, expect("input_grad")), relative_error(gw, expect("weight_grad")))
+            row["ok"] = row["error"] <= TOLERANCE[dtype]
+        except Exception as exc:
+            row["ok"], row["raised"] = False, f"{type(exc).__name__}: {str(exc)[:200]}"
+        results.append(row)
+        if report:
+            report(row)
     if device == "cuda":
         torch.cuda.synchronize()
     return results
@@ -150,6 +204,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write every case as JSON here")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape in fp32 only (a CPU dry run, compute-sanitizer)")
+    parser.add_argument("--edge", action="store_true",
+                        help="also EDGE_CASES (the CUDA kernels' paths the small shapes miss), in fp32 and fp16 with "
+                             "--tiny; without --tiny they always run")
     parser.add_argument("--check-extension", action="store_true",
                         help="only check that lkfast._C was built from these sources, with CUDA, and runs on --device "
                              "(gpu_check.sh: whether a carried build can be used)")
@@ -170,7 +227,7 @@ def main(argv=None) -> int:
 
     stopped = False
     try:
-        check(args.device, *((TINY_SHAPES, TINY_DTYPES) if args.tiny else (SHAPES, DTYPES)), report=report)
+        check(args.device, *selection(args.tiny, args.edge), report=report)
     except KeyboardInterrupt:  # gpu_check.sh's time limit (SIGINT): say how far it got
         stopped = True
     ran = [r for r in results if "skipped" not in r]

@@ -645,6 +645,63 @@ def test_cuda_channels_last_vector_rule():
     assert not nhwc_vector_ok([x, _channels_last(1, 64, 5, 5, torch.float16, misalign=True)], 64, 8)
 
 
+def _smoke_cuda_paths(smoke, shapes, dtypes, edge):
+    """The paths of dwconv_cuda.cu that benchmarks/gpu_smoke.py's cases take on the cuda backend, by
+    the kernels' own rules (the configuration choice in forward / weight_grad, the launch helpers)."""
+    paths = set()
+    gen = torch.Generator().manual_seed(0)
+    for shape, dtype, layout, names in smoke.cases(shapes, dtypes, ("cuda", "triton", "triton_mma", "torch"), edge):
+        if "cuda" not in names:
+            continue
+        N, C, H, W, kh, kw = shape
+        x = smoke.make_map((N, C, H, W), layout, dtype, "cpu", gen)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            vec = nhwc_vector_ok([x], C, 16 // x.element_size())
+            paths.add(f"channels_last {'vector' if vec else 'scalar'} {x.element_size()}-byte")
+            if x.data_ptr() % 16:
+                paths.add("channels_last misaligned")
+            continue
+        RB, RW, TXN, TYN = SMALL_TILES if H <= 32 and W <= 32 else WIDE_TILES
+        paths.add("forward wide tiles" if RW == 8 else "forward small tiles")
+        kwp = _round_up(kw, 4)
+        smem = (kh * kwp + (TYN * RB + kh - 1) * smem_pitch(TXN * RW, kwp, RW)) * 4  # fp32 accumulation
+        if smem > 48 * 1024:
+            paths.add("forward shared memory > 48 KB")
+        groups = kh * kwp // 4
+        phases = 1
+        while phases < 8 and groups * phases * 2 <= 128:
+            phases *= 2
+        paths.add("weight grad one phase" if phases == 1 else "weight grad phases")
+        if groups > 128 * 4:
+            paths.add("weight grad two launches")
+    return paths
+
+
+CUDA_PATHS = {"forward small tiles", "forward wide tiles", "forward shared memory > 48 KB", "weight grad phases",
+              "weight grad one phase", "weight grad two launches", "channels_last vector 4-byte",
+              "channels_last scalar 4-byte", "channels_last vector 2-byte", "channels_last scalar 2-byte",
+              "channels_last misaligned"}
+
+
+def test_gpu_smoke_reaches_every_cuda_kernel_path():
+    """benchmarks/gpu_smoke.py, the first step on a GPU (in its own process, CUDA_LAUNCH_BLOCKING=1),
+    runs every configuration of dwconv_cuda.cu on the cuda backend: both forward tilings, shared
+    memory past the 48 KB default (cudaFuncSetAttribute), the weight gradient with several thread
+    phases and with one, in two launches; channels_last with 16-byte vectors and scalar, in 4- and
+    2-byte dtypes, and a misaligned view. Its compute-sanitizer run (--tiny --edge) all but the
+    2-byte vectors. (Before EDGE_CASES the smoke's maps were all <= 32 x 32 with kernels <= 13:
+    none of the wide tiles, the 48 KB attribute, one phase, two launches or misaligned data.)"""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_smoke", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    assert _smoke_cuda_paths(smoke, *smoke.selection(tiny=False, edge=False)) == CUDA_PATHS
+    assert _smoke_cuda_paths(smoke, *smoke.selection(tiny=True, edge=True)) == CUDA_PATHS - {"channels_last vector 2-byte"}
+
+
 # ---------------------------------------------------------------------------------------------
 # On a GPU: the compiled kernels
 
