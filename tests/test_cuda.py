@@ -739,6 +739,63 @@ def test_cuda_auto_is_correct_and_uses_table(fmt, tmp_path, monkeypatch):
     check_op("auto", (2, 64, 28, 28, 31, 31), fmt, torch.float16, "cuda")
 
 
+@pytest.mark.gpu
+@gpu
+def test_cuda_auto_falls_back_where_the_kernels_cannot_launch():
+    """A 101x101 kernel in fp64 needs 267,712 bytes of shared memory per block in the NCHW forward,
+    over an H100/H200's 232,448: ``auto`` passes the cuda backend over (and computes it right with
+    another), ``backend="cuda"`` is refused with the reason before any launch."""
+    x, w = make_input((1, 2, 40, 40), "contiguous", torch.float64, "cuda"), make_weight(2, 101, 101, torch.float64, "cuda")
+    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    if limit >= 267712:
+        pytest.skip(f"this GPU allows {limit} bytes of shared memory per block: the kernel fits")
+    assert ops.plan_for(x, w).forward != "cuda"
+    assert rel_err(ops.depthwise_conv2d(x, w), F.conv2d(x, w, padding=50, groups=2)) < 1e-10
+    with pytest.raises(RuntimeError, match="267712 bytes of shared memory"):
+        ops.depthwise_conv2d(x, w, backend="cuda")
+
+
+def test_cuda_launch_limits_are_the_kernels_checks():
+    """lkfast.ops.backends.cuda_launch_limits: dwconv_cuda.cu's launch checks, in Python. The shared
+    memory of the NCHW forward (kh x kwp taps and the (TH + kh - 1) x pitch input tile, in the
+    accumulation type), worked by hand from launch_forward: 63x63 on a 56x56 map (64 x 32 tiles, pitch
+    100) 66,528 bytes in fp32, as on 40x20 (one side over 32 is enough); on a 17x19 map (16 x 16 tiles, pitch 80) 82,176 in fp64; 101x101 on
+    56x56 in fp64 267,712. Tiles: 65535 at most in gridDim.y (channels_last: 4 x 16 outputs each)."""
+    from lkfast.ops.backends import cuda_launch_limits
+
+    for shape, k, dtype, smem in [((2, 64, 56, 56), 63, torch.float32, 66528), ((2, 64, 40, 20), 63, torch.float32, 66528),
+                                  ((2, 64, 17, 19), 63, torch.float64, 82176),
+                                  ((2, 64, 56, 56), 101, torch.float64, 267712), ((2, 64, 56, 56), 31, torch.float16, None)]:
+        if smem is None:  # RepLKNet's stage 1 fits even the 48 KB default
+            assert cuda_launch_limits(shape, k, k, dtype, 48 * 1024) is None
+            continue
+        assert cuda_launch_limits(shape, k, k, dtype, smem) is None
+        assert f"needs {smem} bytes of shared memory" in cuda_launch_limits(shape, k, k, dtype, smem - 1)
+    assert cuda_launch_limits((2, 64, 56, 56), 63, 63, torch.float64, 232448) is None  # the contract's largest kernel
+    assert "262144 tiles" in cuda_launch_limits((1, 8, 4096, 4096), 7, 7, torch.float16, 232448)
+    assert cuda_launch_limits((1, 8, 1024, 1024), 7, 7, torch.float16, 232448) is None
+
+
+def test_auto_passes_the_cuda_backend_over_where_its_kernels_cannot_launch(monkeypatch):
+    """With the cuda backend made to look available (CPU tensors standing in for a GPU's, an H200's
+    shared-memory limit), a call its kernels would refuse at launch is not runnable for it, so the
+    unmeasured default order goes to PyTorch instead of a RuntimeError from inside the op."""
+    from lkfast.ops import backends
+
+    cuda = BACKENDS["cuda"]
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(cuda, "device_types", ("cpu", "cuda"))
+    monkeypatch.setattr(backends, "_smem_optin", lambda device: 232448)
+    x = torch.empty(1, 2, 40, 40, dtype=torch.float64)
+    fits, too_big = torch.empty(2, 1, 63, 63, dtype=torch.float64), torch.empty(2, 1, 101, 101, dtype=torch.float64)
+    assert cuda.not_supported_reasons(x, fits) == []
+    assert "267712 bytes of shared memory" in " ".join(cuda.not_supported_reasons(x, too_big))
+    empty = cuda_table.Table({}, "", "no table")
+    usable = lambda w: lambda name: not BACKENDS[name].not_supported_reasons(x, w)  # noqa: E731
+    assert cuda_table.choose(x, fits, usable(fits), gpu=H200, table=empty)[0] == Plan.single("cuda")
+    assert cuda_table.choose(x, too_big, usable(too_big), gpu=H200, table=empty)[0] == Plan.single("torch")
+
+
 # ---------------------------------------------------------------------------------------------
 # The dispatch table (lkfast/ops/cuda_table.py): its file and its choices, on CPU tensors filed
 # under a GPU name, with fake backend availability (no GPU needed)
