@@ -81,18 +81,22 @@ def make_map(shape, layout: str, dtype, device, gen) -> torch.Tensor:
 
 
 def cases(shapes, dtypes, names, edge: bool):
-    """(shape, dtype, layout, backend names) of every case: each shape in LAYOUTS on ``names``, then
-    (``edge``) EDGE_CASES on the EDGE_BACKENDS among ``names``."""
+    """(shape, dtype, layout, backend names) of every case: (``edge``) EDGE_CASES on the EDGE_BACKENDS
+    among ``names`` first (no Triton compiles: done in seconds, before the step's cap can stop a
+    cold Triton cache's ~90 compiles), then each shape in LAYOUTS on ``names``."""
+    yield from _edge_cases(dtypes, names) if edge else ()
     for shape in shapes:
         for dtype in dtypes:
             for layout in LAYOUTS:
                 yield shape, dtype, layout, names
-    if edge:
-        for shape, layouts in EDGE_CASES:
-            edge_names = tuple(n for n in names if n in EDGE_BACKENDS)
-            for dtype in dtypes if edge_names else ():  # (none on the CPU)
-                for layout in layouts:
-                    yield shape, dtype, layout, edge_names
+
+
+def _edge_cases(dtypes, names):
+    edge_names = tuple(n for n in names if n in EDGE_BACKENDS)
+    for shape, layouts in EDGE_CASES if edge_names else ():  # (none on the CPU)
+        for dtype in dtypes:
+            for layout in layouts:
+                yield shape, dtype, layout, edge_names
 
 
 def selection(tiny: bool, edge: bool) -> tuple:
