@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -558,3 +559,38 @@ def test_gpu_check_sanitizer_runs_without_the_caching_allocator_on_the_edge_case
     assert call[0] == "caching_off=1", call
     assert call[1:4] == ["--tool", "memcheck", "--error-exitcode"], call
     assert call[-5:] == ["benchmarks/gpu_smoke.py", "--tiny", "--edge", "--device", "cuda"], call
+
+
+@pytest.mark.parametrize("case", ["cut-short", "no-time-left"])
+def test_gpu_check_sanitizer_short_of_time_is_not_a_failure(tmp_path, case):
+    """--quick gives compute-sanitizer what the steps before it left. With under 45 s left it does
+    not start (left to the full mode, not counted as skipped); a run cut short by its cap is
+    inconclusive, counted as skipped for time, never as a failed step. A copy of the script, a python
+    that succeeds at everything and a compute-sanitizer that hangs (cut-short) or logs its call."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "lkfast").mkdir()
+    shutil.copy(GPU_CHECK, repo / "benchmarks" / "gpu_check.sh")
+    bin_dir, seen = tmp_path / "bin", tmp_path / "sanitizer_call"
+    bin_dir.mkdir()
+    for name, body in (("python", "exit 0"), ("compute-sanitizer", f"echo called > {seen}\nexec sleep 60")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    limit = "120" if case == "cut-short" else "60"  # 20 s are reserved: 40 s left from the start
+    result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "--quick"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                 "PYTHON": str(bin_dir / "python"), "GPU_CHECK_LIMIT": limit,
+                                 "GPU_CHECK_SANITIZER_CAP": "6"})
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    lines = [line for line in summary.splitlines() if line.startswith("- ") and "sanitizer" in line]
+    counts = re.search(r"steps failed or timed out: (\d+), skipped for time: (\d+)", summary)
+    assert counts, summary + result.stderr[-2000:]
+    if case == "cut-short":
+        assert seen.exists(), summary
+        assert lines[0].startswith("- sanitizer: did not finish in 6 s: inconclusive"), summary
+        assert int(counts.group(2)) >= 1, summary
+    else:
+        assert not seen.exists(), summary
+        assert lines[0].startswith("- compute-sanitizer: left to the full mode"), summary
+    assert not any("TIMED OUT" in line or "FAILED" in line for line in lines), summary
