@@ -166,17 +166,24 @@ def test_fast_and_plain_models_agree(images):
         plain.zero_grad()
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 @pytest.mark.parametrize("arch", [TINY, TINY_XL], ids=["31B-like", "XL-like"])
-def test_structural_reparam_equivalence_and_official_merged_keys(arch, images):
-    model = RepLKNet(**arch, num_classes=NUM_CLASSES)
-    model.load_state_dict(official_checkpoint(**arch))
+def test_structural_reparam_equivalence_and_official_merged_keys(arch, fast, images):
+    state = official_checkpoint(**arch)
+    model = RepLKNet(**arch, num_classes=NUM_CLASSES, fast=fast)
+    model.load_state_dict(state)
     model.eval()
+    # The unmerged function comes from the reference (separate branches, as the official forward
+    # runs them): the fast model's eval forward already uses the merged kernel, so comparing it
+    # with itself after the merge would not see a wrong merge.
+    before = reference_forward(state, images)
     with torch.no_grad():
-        before = model(images)
         model.structural_reparam()
         after = model(images)
     _close(after, before)
-    assert [k for k, _ in official_layout(merged=True, **arch)] == list(model.state_dict())
+    merged = model.state_dict()
+    assert [k for k, _ in official_layout(merged=True, **arch)] == list(merged)
+    _close(reference_forward(merged, images), before)  # the merged weights alone carry the function
     # fusing the other conv-BN pairs too: inference only, same outputs
     with torch.no_grad():
         model.structural_reparam(fuse_conv_bn=True)
@@ -251,6 +258,79 @@ def test_state_dict_round_trip(images, tmp_path):
 
 
 # --- named configurations -------------------------------------------------------------------------
+
+# The configurations of the official factories, create_RepLKNet31B / create_RepLKNet31L /
+# create_RepLKNetXL in DingXiaoH/RepLKNet-pytorch replknet.py (ffn_ratio stays at its default 4,
+# dw_ratio at 1 except XL; the 22K-pretrained files differ only in num_classes = 21841, the
+# maintainers' class count in that repository's issue #3).
+OFFICIAL_CONFIGS = {
+    "replknet_31b": dict(large_kernel_sizes=[31, 29, 27, 13], layers=[2, 2, 18, 2], channels=[128, 256, 512, 1024],
+                         small_kernel=5),
+    "replknet_31l": dict(large_kernel_sizes=[31, 29, 27, 13], layers=[2, 2, 18, 2], channels=[192, 384, 768, 1536],
+                         small_kernel=5),
+    "replknet_xl": dict(large_kernel_sizes=[27, 27, 27, 13], layers=[2, 2, 18, 2], channels=[256, 512, 1024, 2048],
+                        small_kernel=None, dw_ratio=1.5),
+}
+
+# RepLKNet-31B counted by hand from the official modules (not from lkfast). Keys: a conv-BN pair has
+# 6 entries (conv.weight + BN's weight, bias, running_mean, running_var, num_batches_tracked), a
+# lone BN 5. A RepLK block: pw1, pw2, lkb_origin, small_conv (4 x 6) + prelkb_bn (5) = 29 (merged:
+# lkb_reparam's weight and bias replace lkb_origin and small_conv: 19); a ConvFFN: preffn_bn + pw1 +
+# pw2 = 17. 24 (block, ConvFFN) pairs, stem 4 x 6, transitions 3 x 2 x 6, norm 5, head 2.
+REPLKNET_31B_KEYS = 24 * (29 + 17) + 24 + 36 + 5 + 2                  # 1171
+REPLKNET_31B_MERGED_KEYS = 24 * (19 + 17) + 24 + 36 + 5 + 2           # 931
+# Parameters: a pair at width c with kernel k has 10c^2 (1x1 convs: pw1, pw2 c^2 each, the ConvFFN's
+# 4c^2 each) + c(k^2 + 5^2) (large and small depthwise) + 22c (BN weight and bias: 2c for each of
+# pw1, pw2, lkb_origin, small_conv, prelkb_bn, preffn_bn and the ConvFFN's pw2, 8c for its pw1);
+# a transition c -> d: cd + 2d (1x1, BN) + 9d + 2d (3x3 depthwise, BN); the stem 3*128*9 + 128*9 +
+# 128^2 + 128*9 + 4 BNs of 256; the final BN 2048; the head 1024*1000 + 1000. The README's "79M".
+REPLKNET_31B_PARAMS = (
+    sum(n * (10 * c * c + c * (k * k + 25) + 22 * c)
+        for n, c, k in [(2, 128, 31), (2, 256, 29), (18, 512, 27), (2, 1024, 13)])
+    + sum(c * d + 13 * d for c, d in [(128, 256), (256, 512), (512, 1024)])
+    + 3 * 128 * 9 + 128 * 9 + 128 * 128 + 128 * 9 + 4 * 256 + 2048 + 1024 * 1000 + 1000)
+# A few rows written out (official shapes: depthwise convs are (C, 1, k, k), 1x1 convs (out, in, 1, 1)).
+REPLKNET_31B_ROWS = {
+    "stem.0.conv.weight": (128, 3, 3, 3),
+    "stem.1.conv.weight": (128, 1, 3, 3),
+    "stem.2.conv.weight": (128, 128, 1, 1),
+    "stem.3.conv.weight": (128, 1, 3, 3),
+    "stages.0.blocks.0.pw1.conv.weight": (128, 128, 1, 1),
+    "stages.0.blocks.0.large_kernel.lkb_origin.conv.weight": (128, 1, 31, 31),
+    "stages.0.blocks.0.large_kernel.small_conv.conv.weight": (128, 1, 5, 5),
+    "stages.0.blocks.0.prelkb_bn.running_var": (128,),
+    "stages.0.blocks.1.pw1.conv.weight": (512, 128, 1, 1),
+    "stages.0.blocks.1.pw2.conv.weight": (128, 512, 1, 1),
+    "stages.1.blocks.2.large_kernel.lkb_origin.conv.weight": (256, 1, 29, 29),
+    "stages.2.blocks.34.large_kernel.lkb_origin.conv.weight": (512, 1, 27, 27),
+    "stages.2.blocks.35.preffn_bn.weight": (512,),
+    "stages.2.blocks.35.pw2.conv.weight": (512, 2048, 1, 1),
+    "stages.3.blocks.2.large_kernel.small_conv.bn.num_batches_tracked": (),
+    "stages.3.blocks.3.pw1.bn.bias": (4096,),
+    "transitions.0.0.conv.weight": (256, 128, 1, 1),
+    "transitions.2.1.conv.weight": (1024, 1, 3, 3),
+    "norm.weight": (1024,),
+    "head.weight": (1000, 1024),
+    "head.bias": (1000,),
+}
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["training-time", "reparameterised"])
+@pytest.mark.parametrize("name", sorted(OFFICIAL_CONFIGS))
+def test_named_configs_have_the_official_state_dict(name, merged):
+    """Full-size models on the meta device (no memory): every key, in order, and every shape the
+    official model of that name has, training-time and re-parameterised."""
+    with torch.device("meta"):
+        model = timm.create_model(name, small_kernel_merged=merged)
+    state = model.state_dict()
+    expected = official_layout(merged=merged, num_classes=1000, **OFFICIAL_CONFIGS[name])
+    assert [(k, tuple(v.shape)) for k, v in state.items()] == expected
+    if name == "replknet_31b":
+        assert len(state) == (REPLKNET_31B_MERGED_KEYS if merged else REPLKNET_31B_KEYS)
+        if not merged:
+            assert {k: tuple(state[k].shape) for k in REPLKNET_31B_ROWS} == REPLKNET_31B_ROWS
+            assert sum(p.numel() for p in model.parameters()) == REPLKNET_31B_PARAMS
+
 
 @pytest.mark.parametrize("name, kernels, channels, small, dw_ratio, params_m, size, mean", [
     ("replknet_31b", [31, 29, 27, 13], [128, 256, 512, 1024], 5, 1, 79.9, 224, (0.485, 0.456, 0.406)),
