@@ -561,3 +561,83 @@ def test_create_model_patches_timm_convnext_with_large_kernels(images):
     assert not any(isinstance(m, DepthwiseConv2d) for m in plain.modules())
     with torch.no_grad():
         _close(fast(images), plain(images))
+
+
+# --- ConvNeXt from facebookresearch/ConvNeXt's own checkpoint files --------------------------------
+
+def _fb_convnext_checkpoint(depths, dims, num_classes, seed=0):
+    """A random state_dict with the key names and shapes of facebookresearch/ConvNeXt models/convnext.py
+    (downsample_layers: stem conv 4x4/4 + channels-first LayerNorm, then LayerNorm + conv 2x2/2;
+    stages.i.j: dwconv 7x7, norm, pwconv1/pwconv2 as nn.Linear, gamma; norm; head), the layout of the
+    files that repository releases ({"model": state_dict})."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"downsample_layers.0.0.weight": (dims[0], 3, 4, 4), "downsample_layers.0.0.bias": (dims[0],),
+              "downsample_layers.0.1.weight": (dims[0],), "downsample_layers.0.1.bias": (dims[0],)}
+    for i in range(1, 4):
+        shapes.update({f"downsample_layers.{i}.0.weight": (dims[i - 1],),
+                       f"downsample_layers.{i}.0.bias": (dims[i - 1],),
+                       f"downsample_layers.{i}.1.weight": (dims[i], dims[i - 1], 2, 2),
+                       f"downsample_layers.{i}.1.bias": (dims[i],)})
+    for i, (depth, d) in enumerate(zip(depths, dims)):
+        for j in range(depth):
+            p = f"stages.{i}.{j}."
+            shapes.update({p + "gamma": (d,), p + "dwconv.weight": (d, 1, 7, 7), p + "dwconv.bias": (d,),
+                           p + "norm.weight": (d,), p + "norm.bias": (d,), p + "pwconv1.weight": (4 * d, d),
+                           p + "pwconv1.bias": (4 * d,), p + "pwconv2.weight": (d, 4 * d), p + "pwconv2.bias": (d,)})
+    shapes.update({"norm.weight": (dims[-1],), "norm.bias": (dims[-1],), "head.weight": (num_classes, dims[-1]),
+                   "head.bias": (num_classes,)})
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("norm.weight") or key.endswith("gamma") or (key.startswith("downsample_layers") and
+                                                                    len(shape) == 1 and key.endswith("weight")):
+            state[key] = 0.5 + torch.rand(shape, generator=g)
+        else:
+            fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
+            state[key] = torch.randn(shape, generator=g) / fan_in ** 0.5
+    return state
+
+
+def _fb_convnext_forward(sd, x):
+    """facebookresearch/ConvNeXt's forward, walking its key names with plain F ops."""
+    def channels_first_norm(x, p):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], sd[p + "weight"], sd[p + "bias"], 1e-6)
+        return x.permute(0, 3, 1, 2)
+
+    for i in range(4):
+        if i == 0:
+            x = F.conv2d(x, sd["downsample_layers.0.0.weight"], sd["downsample_layers.0.0.bias"], 4)
+            x = channels_first_norm(x, "downsample_layers.0.1.")
+        else:
+            x = F.conv2d(channels_first_norm(x, f"downsample_layers.{i}.0."), sd[f"downsample_layers.{i}.1.weight"],
+                         sd[f"downsample_layers.{i}.1.bias"], 2)
+        j = 0
+        while f"stages.{i}.{j}.gamma" in sd:
+            p = f"stages.{i}.{j}."
+            y = F.conv2d(x, sd[p + "dwconv.weight"], sd[p + "dwconv.bias"], 1, 3, 1, x.shape[1]).permute(0, 2, 3, 1)
+            y = F.layer_norm(y, y.shape[-1:], sd[p + "norm.weight"], sd[p + "norm.bias"], 1e-6)
+            y = F.gelu(F.linear(y, sd[p + "pwconv1.weight"], sd[p + "pwconv1.bias"]))
+            y = F.linear(y, sd[p + "pwconv2.weight"], sd[p + "pwconv2.bias"])
+            x = x + (sd[p + "gamma"] * y).permute(0, 3, 1, 2)
+            j += 1
+    x = F.layer_norm(x.mean((-2, -1)), x.shape[1:2], sd["norm.weight"], sd["norm.bias"], 1e-6)
+    return F.linear(x, sd["head.weight"], sd["head.bias"])
+
+
+def test_convnext_loads_the_official_facebookresearch_checkpoint_layout(tmp_path, images):
+    """The ConvNeXt authors' files (dl.fbaipublicfiles.com/convnext/*.pth) use their own key names;
+    timm renames them for its ConvNeXt (timm's checkpoint_filter_fn), and so must create_model."""
+    depths, dims = (1, 2, 1, 1), (8, 16, 24, 32)
+    state = _fb_convnext_checkpoint(depths, dims, NUM_CLASSES)
+    path = _save(tmp_path / "convnext_fb.pth", {"model": state, "epoch": 299})
+    arch = dict(depths=depths, dims=dims, num_classes=NUM_CLASSES)
+    model = create_model("convnext_tiny", checkpoint=path, **arch)
+    with torch.no_grad():
+        expected = _fb_convnext_forward(state, images)
+        _close(model(images), expected)
+        features = create_model("convnext_tiny", checkpoint=path, features_only=True, out_indices=(3,), **arch)
+        _close(features(images)[0], model.forward_intermediates(images, indices=(3,), intermediates_only=True)[0])
+    # a checkpoint that fits neither layout still names the file's own keys
+    state.pop("stages.0.0.gamma")
+    bad = _save(tmp_path / "convnext_bad.pth", {"model": state})
+    with pytest.raises(CheckpointError, match=r"does not fit ConvNeXt: .*unexpected keys: downsample_layers"):
+        create_model("convnext_tiny", checkpoint=bad, **arch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import sys
 from collections.abc import Mapping
 from typing import Optional
 
@@ -162,9 +163,28 @@ def _listing(kind: str, items: list[str]) -> str:
     return f"{len(items)} {kind}: {shown}"
 
 
+def _load_remapped(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Load ``state`` through the renaming timm applies to the original checkpoints of the model's
+    family (the ``checkpoint_filter_fn`` of its timm module: e.g. facebookresearch/ConvNeXt's
+    ``downsample_layers.*`` / ``stages.i.j.dwconv`` -> timm's ``stem.*`` / ``stages.i.blocks.j.conv_dw``).
+    Only for a checkpoint whose key names differ from the model's (a file with the model's own
+    names but other shapes is not adapted: that would hide a wrong model or size). True if the
+    renamed weights load strictly."""
+    remap = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if not callable(remap) or set(state) == set(model.state_dict()):
+        return False
+    try:
+        model.load_state_dict(remap(dict(state), model), strict=True)
+        return True
+    except Exception:  # noqa: BLE001 (a filter meeting a layout it does not know may fail in any way)
+        return False
+
+
 def load_checkpoint(model: nn.Module, path: str, trust_checkpoint: bool = False,
                     checkpoint_key: Optional[str] = None) -> nn.Module:
-    """Load a local checkpoint into ``model`` with strict key and shape checking.
+    """Load a local checkpoint into ``model`` with strict key and shape checking. A timm model also
+    takes its family's original checkpoint layout, renamed as timm renames it (e.g. the ConvNeXt
+    authors' files).
 
     Raises ``CheckpointError`` listing the missing keys, unexpected keys and shape mismatches (the
     first few of each, with counts) when the checkpoint does not fit.
@@ -175,6 +195,8 @@ def load_checkpoint(model: nn.Module, path: str, trust_checkpoint: bool = False,
         return model
     except RuntimeError:
         pass
+    if _load_remapped(model, state):
+        return model
     # RepLKNet switches to the checkpoint's (merged or unmerged) form inside load_state_dict, so the
     # model's keys are read after the failed attempt.
     expected = model.state_dict()
