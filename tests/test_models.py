@@ -456,12 +456,14 @@ def _save(path, obj):
     return str(path)
 
 
-@pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "state_dict_ema", "module_prefix", "compiled_ddp",
-                                  "ddp_of_compiled", "safetensors"])
+@pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "module", "state_dict_ema", "module_prefix",
+                                  "compiled_ddp", "ddp_of_compiled", "safetensors"])
 def test_create_model_reads_checkpoint_wrappings(wrap, tmp_path, images):
     state = official_checkpoint(**TINY)
     obj = {"plain": state, "model": {"model": state, "epoch": 3, "args": argparse.Namespace(lr=1e-3)},
            "state_dict": {"state_dict": state}, "state_dict_ema": {"state_dict_ema": state},
+           # RepLKNet-pytorch's fine-tuning loader takes the weights from --model_key model|module
+           "module": {"module": state, "epoch": 3},
            "module_prefix": {"model": {"module." + k: v for k, v in state.items()}},
            # torch.compile(DDP(model)) and DDP(torch.compile(model)): the wrappers' prefixes in either order
            "compiled_ddp": {"model": {"_orig_mod.module." + k: v for k, v in state.items()}},

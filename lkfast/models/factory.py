@@ -21,8 +21,9 @@ import torch.nn as nn
 import lkfast.models.replknet  # noqa: F401  (registers the RepLKNet names with timm)
 from lkfast.nn import patch_model
 
-# Wrappers training scripts put around the weights, tried in this order (plain weights before EMA).
-CHECKPOINT_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")
+# Wrappers training scripts put around the weights, tried in this order (plain weights before EMA);
+# "module": RepLKNet-pytorch's fine-tuning loader reads --model_key model|module.
+CHECKPOINT_KEYS = ("model", "state_dict", "module", "state_dict_ema", "model_ema")
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
 _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 _SHOWN = 5  # how many keys of each kind a mismatch error lists
