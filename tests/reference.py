@@ -8,6 +8,8 @@
 * ``backend_or_skip`` and ``BACKEND_DEVICES``: every backend on every device type it runs on,
   skipped with the backend's own reason where it cannot run here.
 * ``check_op``: runs one case through ``lkfast.ops.depthwise_conv2d`` and asserts all of the above.
+* Inf and NaN: ``make_case`` plants them near the padding, ``exact_reference`` is the sum over
+  in-image terms only, ``assert_nonfinite_match`` asserts NaN/+Inf/-Inf land exactly there.
 """
 from __future__ import annotations
 
@@ -306,3 +308,107 @@ def compile_for_sm90(kernel, dtype: str, constexprs: dict, fp32_pointers=(), fp3
             (_, name, usage), = resource_usage(f.name)
         assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"{name} ({constexprs}, {num_warps} warps): {usage}"
     return compiled
+
+# --- Inf and NaN: the exact sum over in-image terms, and non-finite values planted near the padding
+# test_cpu_nonfinite.py (the C++ kernels: exact) and the GPU kernels' tests (test_triton.py,
+# test_triton_mma.py, test_cuda.py) compare with these. Results are fp64 on the CPU whatever the
+# operands' device.
+
+
+def exact_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise "same" convolution in fp64 as a sum over taps of the in-image terms only: each tap
+    adds weight * shifted input where both the output and the input pixel are inside the map."""
+    x, weight = x.detach().cpu().double(), weight.detach().cpu().double()
+    N, C, H, W = x.shape
+    kh, kw = weight.shape[-2:]
+    y = torch.zeros(N, C, H, W, dtype=torch.float64)
+    for i in range(kh):
+        for j in range(kw):
+            di, dj = i - kh // 2, j - kw // 2
+            h0, h1, w0, w1 = max(0, -di), min(H, H - di), max(0, -dj), min(W, W - dj)
+            if h0 < h1 and w0 < w1:
+                tap = weight[:, 0, i, j].view(1, C, 1, 1)
+                y[:, :, h0:h1, w0:w1] += tap * x[:, :, h0 + di:h1 + di, w0 + dj:w1 + dj]
+    return y
+
+
+def exact_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """d(sum grad_out * exact_conv(x, w)) / dw: per tap, the sum of grad_out * input over the pixel
+    pairs inside the map."""
+    g, x = grad_out.detach().cpu().double(), x.detach().cpu().double()
+    N, C, H, W = x.shape
+    gw = torch.zeros(C, 1, kh, kw, dtype=torch.float64)
+    for i in range(kh):
+        for j in range(kw):
+            di, dj = i - kh // 2, j - kw // 2
+            h0, h1, w0, w1 = max(0, -di), min(H, H - di), max(0, -dj), min(W, W - dj)
+            if h0 < h1 and w0 < w1:
+                gw[:, 0, i, j] = (g[:, :, h0:h1, w0:w1] * x[:, :, h0 + di:h1 + di, w0 + dj:w1 + dj]).sum((0, 2, 3))
+    return gw
+
+
+def exact_reference(x, weight, grad_out) -> dict[str, torch.Tensor]:
+    """Forward, input gradient (the forward with the kernel rotated by 180 degrees) and weight
+    gradient, each a sum over in-image terms only, in fp64."""
+    kh, kw = weight.shape[-2:]
+    return {"forward": exact_conv(x, weight), "input_grad": exact_conv(grad_out, weight.flip(-2, -1)),
+            "weight_grad": exact_weight_grad(grad_out, x, kh, kw)}
+
+
+def plant_map(t: torch.Tensor, salt: int) -> torch.Tensor:
+    """A copy of the (N, C, H, W) tensor ``t`` with NaN, +Inf and -Inf at edge, corner and inner
+    pixels of a few channels (where the padding the kernels multiply is nearest)."""
+    t = t.clone()
+    N, C, H, W = t.shape
+    spots = [(0, 1 % C, H // 2, 0, float("nan")), (N - 1, C - 1, 0, W - 1, float("inf")),
+             (0, C // 2, H - 1, W // 2, float("-inf")), (N - 1, (3 + salt) % C, H // 3, (1 + salt) % W, float("nan")),
+             (0, (5 + salt) % C, (2 + salt) % H, W - 1 - (salt % W), float("inf"))]
+    for n, c, h, w, value in spots:
+        t[n, c, h, w] = value
+    return t
+
+
+def plant_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of the (C, 1, kh, kw) weight with NaN, +Inf and -Inf at corner and edge taps (those
+    that meet the image least) of a few channels."""
+    weight = weight.clone()
+    C, _, kh, kw = weight.shape
+    for c, i, j, value in [(1 % C, 0, 0, float("nan")), (C - 1, kh - 1, kw - 1, float("inf")),
+                           (C // 2, 0, kw - 1, float("-inf")), (2 % C, kh // 2, 0, float("nan"))]:
+        weight[c, 0, i, j] = value
+    return weight
+
+
+def make_case(shape, fmt, dtype, where, device="cpu"):
+    """x, weight, grad_out of one case on ``device``, with non-finite values planted in the ``where``
+    operands ("input", "grad_out", "weight", "all"; anything else: none)."""
+    N, C, H, W, kh, kw = shape
+    x = make_input((N, C, H, W), fmt, dtype, device)
+    weight = make_weight(C, kh, kw, dtype, device)
+    grad_out = make_input((N, C, H, W), fmt, dtype, device)
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    if where in ("input", "all"):
+        x = plant_map(x, 0).contiguous(memory_format=memory_format)
+    if where in ("grad_out", "all"):
+        grad_out = plant_map(grad_out, 1).contiguous(memory_format=memory_format)
+    if where in ("weight", "all"):
+        weight = plant_weight(weight)
+    return x, weight, grad_out
+
+
+def assert_nonfinite_match(got: torch.Tensor, want: torch.Tensor, tolerance: float, what: str) -> None:
+    """NaN, +Inf and -Inf exactly where ``want`` has them; elsewhere within ``tolerance`` of the
+    largest finite |want|."""
+    got = got.detach().cpu().double()
+    for name, mask in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        differ = mask(got) != mask(want)
+        if differ.any():
+            where = differ.nonzero()[:6].tolist()
+            raise AssertionError(f"{what}: {name} placement differs from the exact sum at {int(differ.sum())} "
+                                 f"of {got.numel()} outputs (got {int(mask(got).sum())}, want "
+                                 f"{int(mask(want).sum())}), first at {where}")
+    finite = torch.isfinite(want)
+    if finite.any():
+        scale = want[finite].abs().max().clamp_min(1e-12)
+        err = ((got[finite] - want[finite]).abs().max() / scale).item()
+        assert err < tolerance, f"{what}: finite values off by {err} (tolerance {tolerance})"
