@@ -412,3 +412,47 @@ def assert_nonfinite_match(got: torch.Tensor, want: torch.Tensor, tolerance: flo
         scale = want[finite].abs().max().clamp_min(1e-12)
         err = ((got[finite] - want[finite]).abs().max() / scale).item()
         assert err < tolerance, f"{what}: finite values off by {err} (tolerance {tolerance})"
+
+
+def nonfinite_reach(x, weight, grad_out) -> dict[str, torch.Tensor]:
+    """Per pass, the outputs a non-finite operand can reach at all: forward and input gradient, the
+    (image, channel) planes whose map or channel weights hold a NaN or Inf; weight gradient, the
+    channels whose input or output gradient does. Extra NaN from zeros (padding, a Toeplitz band's
+    zeros) times a non-finite value stays inside these."""
+    def bad_planes(t):  # (N, C) -> (N, C, 1, 1)
+        return (~torch.isfinite(t.detach().cpu())).flatten(2).any(2)[:, :, None, None]
+
+    bad_weight = (~torch.isfinite(weight.detach().cpu())).flatten(1).any(1)  # (C,)
+    N, C, H, W = x.shape
+    kh, kw = weight.shape[-2:]
+    bad_channels = bad_planes(x).any(0) | bad_planes(grad_out).any(0)  # (C, 1, 1)
+    return {"forward": (bad_planes(x) | bad_weight[None, :, None, None]).expand(N, C, H, W),
+            "input_grad": (bad_planes(grad_out) | bad_weight[None, :, None, None]).expand(N, C, H, W),
+            "weight_grad": bad_channels[:, None].expand(C, 1, kh, kw)}
+
+
+def assert_nonfinite_superset(got: torch.Tensor, want: torch.Tensor, tolerance: float, what: str,
+                              reach: torch.Tensor) -> None:
+    """The contract of kernels that multiply zeros (padding, a band's zeros) by their operands:
+    every NaN of ``want`` is NaN, every +-Inf the same Inf or NaN, no Inf where ``want`` has none,
+    extra NaN only inside ``reach`` (``nonfinite_reach``), and the outputs finite in both within
+    ``tolerance`` of the largest finite |want|. Returns nothing; raises naming the first breach."""
+    got = got.detach().cpu().double()
+    nan = torch.isnan(got)
+    for name, mask, kept in (("NaN", torch.isnan(want), nan),
+                             ("+Inf", torch.isposinf(want), torch.isposinf(got) | nan),
+                             ("-Inf", torch.isneginf(want), torch.isneginf(got) | nan)):
+        lost = mask & ~kept
+        if lost.any():
+            raise AssertionError(f"{what}: lost {int(lost.sum())} {name} of the exact sum, first at "
+                                 f"{lost.nonzero()[:6].tolist()}")
+    stray_inf = torch.isinf(got) & ~torch.isinf(want)
+    assert not stray_inf.any(), f"{what}: Inf where the exact sum has none, at {stray_inf.nonzero()[:6].tolist()}"
+    stray_nan = nan & ~torch.isnan(want) & ~reach
+    assert not stray_nan.any(), (f"{what}: NaN where no non-finite operand reaches, at "
+                                 f"{stray_nan.nonzero()[:6].tolist()}")
+    finite = torch.isfinite(want) & torch.isfinite(got)
+    if finite.any():
+        scale = want[torch.isfinite(want)].abs().max().clamp_min(1e-12)
+        err = ((got[finite] - want[finite]).abs().max() / scale).item()
+        assert err < tolerance, f"{what}: finite values off by {err} (tolerance {tolerance})"

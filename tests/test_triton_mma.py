@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from reference import (compile_for_sm90, HAS_CUDA, TRITON_DEVICE, TRITON_INTERPRETED, TRITON_RUNS_HERE, run_module_in_triton_interpreter,
-                       triton_runs_here, GPU_SHAPES, TOLERANCE, backend_or_skip, case_id, check_op, make_input, make_weight,
-                       reference, rel_err)
+                       triton_runs_here, GPU_SHAPES, TOLERANCE, assert_nonfinite_match, assert_nonfinite_superset,
+                       backend_or_skip, case_id, check_op, exact_reference, make_case, make_input, make_weight,
+                       nonfinite_reach, reference, rel_err)
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
@@ -75,6 +76,41 @@ def test_mma_matches_conv2d(case):
     assert not bad, f"{case}: errors {bad} over {TOLERANCE[dtype]}"
     y = got["forward"]
     assert y.is_contiguous(memory_format=output_memory_format(x)), f"{fmt} in: output strides {y.stride()}"
+
+
+# Inf and NaN. A matrix product multiplies every entry of the band (or of the dense per-channel
+# matrix) with every input value of its chunk: the band's zeros meet the input's Inf and NaN, the
+# padding's zeros meet the weights' and the output gradient's. So the contract here is a superset
+# of the exact masks, as PyTorch's own GPU convolutions give: every NaN and Inf of the sum over
+# in-image terms survives (an Inf may become NaN), extra NaN only in the planes (channels, for the
+# weight gradient) that hold a non-finite operand, finite values right. The dense weight gradient
+# adds only the products of in-image pixel pairs to its taps, so it is exact.
+MMA_NONFINITE_CASES = [
+    ((1, 3, 5, 5, 7, 7), "contiguous", torch.float16),     # map narrower than the kernel
+    ((1, 2, 9, 9, 3, 3), "channels_last", torch.float32),  # map wider than the kernel
+]
+
+
+@runs_here
+@pytest.mark.parametrize("method", ["banded", "dense"])
+@pytest.mark.parametrize("shape,fmt,dtype", MMA_NONFINITE_CASES,
+                         ids=[f"{case_id(c[0])}-{c[1]}-{str(c[2])[6:]}" for c in MMA_NONFINITE_CASES])
+def test_mma_nonfinite_is_a_superset_of_the_exact_masks(shape, fmt, dtype, method):
+    from lkfast.kernels import depthwise_mma
+
+    kh, kw = shape[-2:]
+    for where in ("input", "grad_out", "weight", "all"):
+        x, weight, grad_out = make_case(shape, fmt, dtype, where, DEVICE)
+        got = {"forward": depthwise_mma.forward(x, weight, method=method),
+               "input_grad": depthwise_mma.forward(grad_out, weight, None, flip=True, method=method),
+               "weight_grad": depthwise_mma.weight_grad(grad_out, x, kh, kw, method=method)}
+        want, reach = exact_reference(x, weight, grad_out), nonfinite_reach(x, weight, grad_out)
+        for name, value in got.items():
+            what = f"{shape} {fmt} {dtype} {method} {where} {name}"
+            if method == "dense" and name == "weight_grad":
+                assert_nonfinite_match(value, want[name], TOLERANCE[dtype][name], what)
+            else:
+                assert_nonfinite_superset(value, want[name], TOLERANCE[dtype][name], what, reach[name])
 
 
 def test_mma_method_choice():
