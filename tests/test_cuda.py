@@ -26,8 +26,8 @@ from lkfast import _ext
 from lkfast.bench import valid_taps
 from lkfast.ops import cuda_table
 from lkfast.ops.backends import BACKENDS, Plan
-from reference import (FORMATS, GPU_SHAPES, HAS_CUDA, TOLERANCE, backend_or_skip, case_id, check_op, make_input,
-                       make_weight, rel_err)
+from reference import (FORMATS, GPU_SHAPES, HAS_CUDA, TOLERANCE, assert_nonfinite_match, backend_or_skip, case_id,
+                       check_op, exact_reference, make_case, make_input, make_weight, rel_err, run_op)
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none visible to torch here)")
 
@@ -702,6 +702,48 @@ def test_gpu_smoke_reaches_every_cuda_kernel_path():
     assert _smoke_cuda_paths(smoke, *smoke.selection(tiny=True, edge=True)) == CUDA_PATHS - {"channels_last vector 2-byte"}
 
 
+# Inf and NaN: the kernels take only the products that meet the image (per-thread tap and pixel
+# ranges; the shared-memory halo's zeros and the zero taps past kw are never multiplied), so NaN,
+# +Inf and -Inf should land exactly where the sum over in-image terms has them. The replay computes
+# the kernels' values by their loops, so it shows the scheme is exact; the compiled kernels are
+# checked on a GPU by test_cuda_nonfinite_placement_on_gpu.
+NONFINITE_WHERE = ("input", "grad_out", "weight", "all")
+
+
+@pytest.mark.parametrize("shape,config", [((1, 3, 5, 5, 7, 7), SMALL_TILES), ((1, 2, 9, 9, 3, 3), SMALL_TILES),
+                                          ((1, 2, 13, 37, 5, 9), WIDE_TILES)],
+                         ids=lambda v: "x".join(map(str, v)) if len(v) == 6 else "rb%d_rw%d" % v[:2])
+def test_cuda_replay_nonfinite_placement_is_exact(shape, config):
+    """NCHW forward, input gradient and weight gradient, replayed, with NaN/+Inf/-Inf planted in the
+    input, output gradient and weight: exactly the masks of the sum over in-image terms."""
+    kh, kw = shape[-2:]
+    for where in NONFINITE_WHERE:
+        x, w, go = make_case(shape, "contiguous", torch.float64, where)
+        want = exact_reference(x, w, go)
+        got = {"forward": emulate_forward(x, w, None, False, *config)[0],
+               "input_grad": emulate_forward(go, w, None, True, *config)[0],
+               "weight_grad": emulate_weight_grad(go, x, kh, kw, splits=2)[0]}
+        for name, value in got.items():
+            assert_nonfinite_match(value, want[name], 1e-10, f"{shape} {where} {name}")
+
+
+@pytest.mark.parametrize("shape,dtype", [((1, 4, 5, 5, 7, 7), torch.float32), ((1, 3, 9, 9, 3, 3), torch.float32),
+                                         ((1, 2, 6, 9, 5, 5), torch.float64)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)[6:])
+def test_cuda_replay_channels_last_nonfinite_placement_is_exact(shape, dtype):
+    """The same for the channels_last kernels, replayed on 16-byte vectors (4 fp32 channels, 2 fp64)
+    and on the scalar path (3 channels)."""
+    kh, kw = shape[-2:]
+    for where in NONFINITE_WHERE:
+        x, w, go = make_case(shape, "channels_last", dtype, where)
+        want = exact_reference(x, w, go)
+        got = {"forward": emulate_forward_nhwc(x, w, None, False)[0],
+               "input_grad": emulate_forward_nhwc(go, w, None, True)[0],
+               "weight_grad": emulate_weight_grad_nhwc(go, x, kh, kw)[0]}
+        for name, value in got.items():
+            assert_nonfinite_match(value, want[name], 1e-10, f"{shape} {dtype} {where} {name}")
+
+
 # ---------------------------------------------------------------------------------------------
 # On a GPU: the compiled kernels
 
@@ -719,6 +761,34 @@ def test_cuda_backend_matches_conv2d(shape, fmt, dtype):
     ours = ops.depthwise_conv2d(x, w, backend="cuda")
     theirs = F.conv2d(x, w, padding=(kh // 2, kw // 2), groups=C)
     assert rel_err(ours, theirs) < 2 * TOLERANCE[dtype]["forward"]
+
+
+# (N, C, H, W, kh, kw), layout, dtype: both NCHW forward tilings (small tiles up to 32 x 32 maps),
+# the weight gradient's phases, channels_last on 16-byte vectors and on the scalar path
+GPU_NONFINITE_CASES = [
+    ((1, 3, 5, 5, 7, 7), "contiguous", torch.float32),
+    ((2, 20, 9, 12, 15, 15), "contiguous", torch.float16),
+    ((1, 8, 40, 70, 31, 31), "contiguous", torch.float32),      # wide tiles
+    ((2, 64, 14, 14, 27, 27), "channels_last", torch.bfloat16),  # 8 channels a vector
+    ((1, 6, 9, 9, 3, 3), "channels_last", torch.float16),       # C % 8 != 0: scalar path
+    ((2, 16, 7, 7, 13, 13), "channels_last", torch.float64),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape,fmt,dtype", GPU_NONFINITE_CASES,
+                         ids=[f"{case_id(c[0])}-{c[1]}-{str(c[2])[6:]}" for c in GPU_NONFINITE_CASES])
+def test_cuda_nonfinite_placement_on_gpu(shape, fmt, dtype):
+    """The compiled kernels: NaN, +Inf and -Inf planted in the input, output gradient and weight land
+    exactly where the sum over in-image terms has them, as the replay says they should."""
+    backend = backend_or_skip("cuda", "cuda", dtype)
+    for where in NONFINITE_WHERE:
+        x, w, go = make_case(shape, fmt, dtype, where, "cuda")
+        got = run_op(x, w, None, go, backend)
+        want = exact_reference(x, w, go)
+        for name in ("forward", "input_grad", "weight_grad"):
+            assert_nonfinite_match(got[name], want[name], TOLERANCE[dtype][name], f"{shape} {fmt} {dtype} {where} {name}")
 
 
 @pytest.mark.gpu
