@@ -75,12 +75,12 @@ products become ``wgmma`` instructions.
 Inf and NaN: a product multiplies every entry of ``T_i`` (or ``D``) with every input value of its
 chunk, so the band's zeros meet the input's Inf and NaN, and the padding's zeros (loaded as 0.0) the
 weights' and the output gradient's: 0 * Inf = 0 * NaN = NaN where the convolution has no term. The
-results are a superset of the exact masks (PyTorch's GPU convolutions behave alike): every NaN and
-Inf of the sum over in-image terms survives (an Inf may become NaN), extra NaN only in an (image,
-channel) plane, or a channel of the weight gradient, that holds a non-finite operand, finite values
-right; the dense weight gradient adds only in-image pixel pairs to its taps, so it is exact. An exact
-variant would need a second, CUDA-core loop in every kernel (checked on the CPU interpreter only:
-tests/test_triton_mma.py).
+results are a superset of the exact masks (as PyTorch's CPU convolutions are:
+tests/test_cpu_nonfinite.py): every NaN and Inf of the sum over in-image terms survives (an Inf may
+become NaN), extra NaN only in an (image, channel) plane, or a channel of the weight gradient, that
+holds a non-finite operand, finite values right; the dense weight gradient adds only in-image pixel
+pairs to its taps, so it is exact. An exact variant would need a second, CUDA-core loop in every
+kernel (checked on the CPU interpreter only: tests/test_triton_mma.py).
 
 Layouts: any strides are accepted (NCHW, channels_last, strided views); the output is contiguous or
 channels_last as ``lkfast.ops.backends.output_memory_format`` says. channels_last loads are strided

@@ -13,7 +13,8 @@ Without a GPU, nothing here runs the CUDA kernels. What runs instead:
   clipping of taps to the image, 4-tap window, split-K; for channels_last the channel lanes, 16-byte
   vectors and the scalar fallback), replayed thread-block by thread-block in torch on the CPU with
   every shared- and global-memory access bounds- and alignment-checked and every multiply-add
-  counted (exactly the in-image ones). It checks the scheme, not the compiled kernels, and must be
+  counted (exactly the in-image ones), and Inf/NaN landing exactly where the sum over in-image
+  terms has them. It checks the scheme, not the compiled kernels, and must be
   kept in step with dwconv_cuda.cu by hand when the kernels change;
 * the dispatch table's file format and choice rules, on CPU tensors with fake backend availability.
 """
