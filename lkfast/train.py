@@ -290,13 +290,20 @@ def _check_arguments(args) -> None:
 def device_option(name: Optional[str]) -> torch.device:
     """``--device`` of ``python -m lkfast.train`` and ``python -m lkfast.eval`` as a torch.device
     (default: cuda when available, else cpu); ValueError, naming the option, for a name torch does
-    not know or for CUDA where there is none (both commands print it as their one error line)."""
+    not know, for a device type lkfast cannot run on (mps, xpu, ...), for CUDA where there is none and for
+    a CUDA device number the machine lacks (both commands print it as their one error line)."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as error:
         raise ValueError(f"--device {name}: expected cpu, cuda or cuda:N ({error})") from None
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: torch names them, lkfast runs on neither
+        raise ValueError(f"--device {name}: expected cpu, cuda or cuda:N (lkfast runs on no {device.type!r} device); "
+                         "use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return device
 
 

@@ -104,11 +104,19 @@ def test_device_mistakes_are_one_line_as_in_train(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device, message in {"cuda": "--device cuda: CUDA is not available here; use --device cpu",
                             "cuda:1": "--device cuda:1: CUDA is not available here; use --device cpu",
-                            "tpu9": "--device tpu9: expected cpu, cuda or cuda:N"}.items():
+                            "tpu9": "--device tpu9: expected cpu, cuda or cuda:N",
+                            # names torch knows but lkfast cannot run on: were a traceback from model.to()
+                            "mps": "--device mps: expected cpu, cuda or cuda:N (lkfast runs on no 'mps' device)",
+                            "meta": "--device meta: expected cpu, cuda or cuda:N"}.items():
         rc, err = run_cli(capsys, "--device", device, "--out", a_file)
         assert rc == 2 and f"lkfast.eval: error: {message}" in err, err
         assert train_main(["resnet_tiny", "--data", str(tmp_path), "--device", device]) == 2
         assert f"lkfast.train: error: {message}" in capsys.readouterr().err
+    # a CUDA device number the machine does not have: the same kind of line, not a CUDA error later
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    rc, err = run_cli(capsys, "--device", "cuda:2", "--out", a_file)
+    assert rc == 2 and "lkfast.eval: error: --device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1" in err
 
 
 def test_model_spec_key_of_a_missing_checkpoint_says_so(tmp_path):
