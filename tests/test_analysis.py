@@ -573,6 +573,25 @@ def test_occlusion_figure_plots_the_drop_from_clean(tmp_path, monkeypatch):
     assert all(list(line.get_xdata()) == [10.0, 50.0] for ax in fig.axes for line in ax.get_lines())
 
 
+def test_attack_figure_has_only_the_panels_of_the_attacks_that_ran(tmp_path, monkeypatch):
+    # a run with fgsm and not pgd drew two empty PGD panels (axes 0..1, no note) beside FGSM's
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    fgsm = {"eps": [0.1, 0.2], "top1": [10.0, 5.0]}
+    pgd = {"eps": [0.002], "top1": [20.0], "steps": [1, 5], "steps_top1": [30.0, 20.0], "num_steps": 5,
+           "steps_eps": 0.006}
+
+    def panels(fig):
+        return {ax.get_title(): {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()} for ax in fig.axes}
+    plots.plot_attacks({"a": fgsm}, {}, tmp_path / "fig6.png")
+    assert panels(drawn.pop()) == {"(a) FGSM": {"a": [10.0, 5.0]}}
+    plots.plot_attacks({}, {"a": pgd}, tmp_path / "fig6.png")
+    assert panels(drawn.pop()) == {"(b) PGD, 5 steps": {"a": [20.0]}, "(c) PGD, ε = 0.006": {"a": [30.0, 20.0]}}
+    plots.plot_attacks({"a": fgsm, "b": fgsm}, {"a": pgd}, tmp_path / "fig6.png")
+    assert panels(drawn.pop()) == {"(a) FGSM": {"a": [10.0, 5.0], "b": [10.0, 5.0]}, "(b) PGD, 5 steps": {"a": [20.0]},
+                                   "(c) PGD, ε = 0.006": {"a": [30.0, 20.0]}}
+
+
 # --- the eval tasks (lkfast.eval.analysis_tasks) ------------------------------------------------------
 
 def test_eval_tasks_run_end_to_end_and_report(tmp_path):

@@ -71,24 +71,25 @@ def plot_occlusion_examples(image, masks: Mapping[str, object], path, patch_size
 
 
 def plot_attacks(fgsm: Mapping[str, dict], pgd: Mapping[str, dict], path) -> Path:
-    """Fig. 6: (a) FGSM top-1 over eps, (b) PGD over eps at fixed steps, (c) PGD over steps at fixed eps."""
+    """Fig. 6: (a) FGSM top-1 over eps, (b) PGD over eps at fixed steps, (c) PGD over steps at fixed eps;
+    only the panels of the attacks that ran (FGSM without PGD is one panel, not two empty ones)."""
     _check({**fgsm, **pgd}, "plot_attacks")
-    fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.6))
-    for label, r in fgsm.items():
-        axes[0].plot(r["eps"], r["top1"], marker="o", label=label)
-    for label, r in pgd.items():
-        axes[1].plot(r["eps"], r["top1"], marker="o", label=label)
-        axes[2].plot(r["steps"], r["steps_top1"], marker="o", label=label)
     any_pgd = next(iter(pgd.values()), None)
-    axes[0].set(title="(a) FGSM", xlabel="perturbation budget ε", ylabel="top-1 accuracy (%)")
-    axes[1].set(title=f"(b) PGD, {any_pgd['num_steps']} steps" if any_pgd else "(b) PGD", xlabel="perturbation budget ε",
-                ylabel="top-1 accuracy (%)")
-    axes[2].set(title=f"(c) PGD, ε = {any_pgd['steps_eps']}" if any_pgd else "(c) PGD", xlabel="attack steps",
-                ylabel="top-1 accuracy (%)")
-    for ax in axes:
+    panels = []  # (title, x label, [(model label, x, top-1)])
+    if fgsm:
+        panels.append(("(a) FGSM", "perturbation budget ε", [(k, r["eps"], r["top1"]) for k, r in fgsm.items()]))
+    if pgd:
+        panels.append((f"(b) PGD, {any_pgd['num_steps']} steps", "perturbation budget ε",
+                       [(k, r["eps"], r["top1"]) for k, r in pgd.items()]))
+        panels.append((f"(c) PGD, ε = {any_pgd['steps_eps']}", "attack steps",
+                       [(k, r["steps"], r["steps_top1"]) for k, r in pgd.items()]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (title, xlabel, lines) in zip(axes[0], panels):
+        for label, x, top1 in lines:
+            ax.plot(x, top1, marker="o", label=label)
+        ax.set(title=title, xlabel=xlabel, ylabel="top-1 accuracy (%)")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
+        ax.legend()
     return _save(fig, path)
 
 
