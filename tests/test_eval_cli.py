@@ -93,6 +93,27 @@ def test_missing_checkpoint_names_the_option_and_the_model(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_misspelt_model_name_is_one_line_before_any_model_runs(tmp_path, capsys):
+    """A typo in the second model of --models (or in --baseline-model) was reported only when that
+    model's turn came, after the first had been evaluated on everything; now it is the one error
+    line, naming the closest names, before anything is written."""
+    data = tmp_path / "data" / "val" / "n01440764"
+    data.mkdir(parents=True)
+    out = tmp_path / "out"
+    common = ["--data-root", tmp_path / "data", "--out", out, "--no-progress", "--workers", 0, "--suite", "clean"]
+    rc, err = run_cli(capsys, "--models", "test_resnet,convnext_attto", *common)
+    assert rc == 2
+    assert "lkfast.eval: error: create_model: unknown model 'convnext_attto' (not a RepLKNet name and not in " \
+           "timm's registry); did you mean convnext_atto" in err
+    assert not out.exists()  # test_resnet was not evaluated first
+    rc, err = run_cli(capsys, "--models", "test_resnet", "--baseline-model", "alexnett:/nope.pth", *common)
+    assert rc == 2 and "lkfast.eval: error: baseline model 'alexnett' is not a torchvision model; did you mean " \
+                       "alexnet?" in err
+    rc, err = run_cli(capsys, "--models", "replknet_31:/nope.pth", *common)
+    assert rc == 2 and "unknown model 'replknet_31'" in err and "replknet_31b" in err
+    assert not out.exists()
+
+
 def test_device_mistakes_are_one_line_as_in_train(tmp_path, capsys, monkeypatch):
     """--device is read as python -m lkfast.train reads it (lkfast.train.device_option): CUDA where
     there is none, or a name torch does not know, is the same error line, exit 2, before anything

@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _existing_checkpoint(spec: ModelSpec, option: str) -> ModelSpec:
-    """``spec`` if it has no checkpoint or its checkpoint exists; otherwise FileNotFoundError naming
-    the option and the model, before anything is built or hashed."""
+    """``spec`` if its name is a model (ValueError naming the closest otherwise) and it has no checkpoint
+    or its checkpoint exists; otherwise FileNotFoundError naming the option and the model, before
+    anything is built or hashed."""
+    spec.check_name()
     if spec.checkpoint is None or os.path.exists(spec.checkpoint):
         return spec
     label = "" if spec.label is None else f" (label {spec.label!r})"

@@ -87,6 +87,25 @@ class ModelSpec:
             raise ValueError(f"{option}: expected name[:checkpoint][=label], got {text!r}")
         return cls(name, checkpoint.strip() or None, label, source)
 
+    def check_name(self) -> None:
+        """ValueError, naming the closest names, when ``name`` is not a model of its source (timm's
+        registry with lkfast's RepLKNet names, or torchvision's models), so that a typo is found before
+        any model of the run is evaluated."""
+        if self.source == "torchvision":
+            import torchvision
+
+            if self.name not in torchvision.models.list_models():
+                import difflib
+
+                close = difflib.get_close_matches(self.name, torchvision.models.list_models(), n=3, cutoff=0.75)
+                raise ValueError(f"baseline model {self.name!r} is not a torchvision model"
+                                 + (f"; did you mean {', '.join(close)}?" if close else
+                                    " (torchvision.models.list_models() lists them)"))
+            return
+        from lkfast.models.factory import check_model_name
+
+        check_model_name(self.name)
+
     def require_checkpoint(self) -> None:
         """Raise FileNotFoundError, naming the model, if ``checkpoint`` is given but is not a file
         (a training folder must go through :func:`with_training_run` first)."""

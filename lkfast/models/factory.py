@@ -216,6 +216,21 @@ def load_checkpoint(model: nn.Module, path: str, trust_checkpoint: bool = False,
     raise CheckpointError(f"checkpoint {path!r} does not fit {type(model).__name__}: " + "; ".join(problems) + "." + hint)
 
 
+def check_model_name(name: str) -> None:
+    """ValueError for a ``name`` that is neither a RepLKNet name nor in timm's registry (``replknet_31b``,
+    ``convnext_tiny``, ``vit_base_patch16_224.augreg_in21k``: the part before the first '.' counts),
+    naming the closest registered names."""
+    import difflib
+
+    architecture = name.split(".")[0]
+    if timm.is_model(architecture):
+        return
+    close = difflib.get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.75)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"create_model: unknown model {name!r} (not a RepLKNet name and not in timm's registry){hint} "
+                     "timm.list_models('PATTERN*') lists the names")
+
+
 def create_model(name: str, checkpoint: Optional[str] = None, pretrained: bool = False, fast: bool = True,
                  trust_checkpoint: bool = False, checkpoint_key: Optional[str] = None, **kwargs) -> nn.Module:
     """Build ``name`` (a RepLKNet name such as ``replknet_31b`` or ``replknet_31b.in22k_ft_in1k_384``,
@@ -247,8 +262,7 @@ def create_model(name: str, checkpoint: Optional[str] = None, pretrained: bool =
         kwargs["fast"] = fast
         if "small_kernel" in kwargs and kwargs["small_kernel"] is None:
             kwargs["small_kernel"] = 0  # "no small kernel": timm.create_model drops arguments that are None
-    if not timm.is_model(architecture):
-        raise ValueError(f"create_model: unknown model {name!r} (not a RepLKNet name and not in timm's registry)")
+    check_model_name(name)
     if checkpoint is not None and kwargs.get("features_only"):
         # timm wraps a features_only model (head dropped, modules renamed or nested), so no checkpoint
         # fits the wrapper: load it into the plain model, then let timm's own loading pass its weights
