@@ -33,7 +33,8 @@ MISSING = "—"
 
 
 def format_cell(value, digits: int = 2) -> str:
-    """The text of one cell: None or NaN -> "—", a float with ``digits`` decimals, else str()."""
+    """The text of one cell: None or NaN -> "—", a float with ``digits`` decimals (no sign when it rounds
+    to zero), else str()."""
     if value is None:
         return MISSING
     if isinstance(value, bool):
@@ -41,7 +42,8 @@ def format_cell(value, digits: int = 2) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return MISSING
-        return f"{value:.{digits}f}"
+        text = f"{value:.{digits}f}"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text  # -0.0001 -> "0.00", not "-0.00"
     return str(value)
 
 

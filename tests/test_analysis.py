@@ -592,6 +592,19 @@ def test_attack_figure_has_only_the_panels_of_the_attacks_that_ran(tmp_path, mon
                                    "(c) PGD, ε = 0.006": {"a": [30.0, 20.0]}}
 
 
+def test_table5_analysis_columns_only_with_a_value_and_no_negative_zero(tmp_path):
+    """A run whose occlusion had no saliency (random drops only) and no frequency task wrote a Table 5
+    of dashes; a frequency sweep that changed nothing showed its Noise-0.7π change as "-0.00"."""
+    from lkfast.eval.analysis_tasks import write_analysis_report
+
+    occlusion = {"ratios": [0.1, 0.5], "clean_top1": 50.0, "top1": {"random": [50.0, 40.0]}}
+    text = write_analysis_report(tmp_path, {"A": {"occlusion": occlusion}})
+    assert "Figure 4" in text and "Table 5" not in text
+    frequency = {"frequencies_over_pi": [0.0, 0.7], "drop": [0.0, 0.0], "change_at_0_7pi": -0.0}
+    text = write_analysis_report(tmp_path, {"A": {"occlusion": occlusion, "frequency": frequency}})
+    assert "| A | — | 0.00 |" in text
+
+
 # --- the eval tasks (lkfast.eval.analysis_tasks) ------------------------------------------------------
 
 def test_eval_tasks_run_end_to_end_and_report(tmp_path):

@@ -530,10 +530,11 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
     ablation_text, families = _ablation_report(out, results, found["ablation"])
     if not families and (found["occlusion"] or found["frequency"]):  # else the ablation's Table 5 holds them
         models = sorted(set(found["occlusion"]) | set(found["frequency"]))
-        parts.append(_table(out, "table5_analysis", "## Table 5 (analysis columns): top-1 change (points)",
-                            ["Model", "Salient-Drop-50%", "Noise-0.7π"],
-                            [[m, found["occlusion"].get(m, {}).get("salient_drop_50"),
-                              found["frequency"].get(m, {}).get("change_at_0_7pi")] for m in models], None))
+        rows = [[m, found["occlusion"].get(m, {}).get("salient_drop_50"),
+                 found["frequency"].get(m, {}).get("change_at_0_7pi")] for m in models]
+        if any(v is not None for row in rows for v in row[1:]):  # a table of dashes only says nothing
+            parts.append(_table(out, "table5_analysis", "## Table 5 (analysis columns): top-1 change (points)",
+                                ["Model", "Salient-Drop-50%", "Noise-0.7π"], rows, None))
     if ablation_text:
         parts.append(ablation_text)
     return "\n".join(parts)
