@@ -193,6 +193,36 @@ def test_imagenet_c_layout_errors(tmp_path):
         ImageNetC(tmp_path / "nothing", "snow", 3)
 
 
+def test_imagenet_c_corruption_without_severity_folders_is_named(tmp_path):
+    """<corruption>/<wnid>/ (severity folders left out) was read as a corruption with no severities:
+    alone, the eval said only "holds no <corruption>/<severity>/ folders"; beside a good corruption,
+    it vanished from the run unnoticed. Both now name the folder and what it holds."""
+    root = make_imagenet_c(tmp_path / "c")
+    image_folder(root / "fog", [WNIDS[0], WNIDS[1]], per_class=1)
+    message = (r"no severity folders \(1\.\.5\) in fog under .* \(fog holds n01440764, n01443537\); expected "
+               r"<root>/<corruption>/<severity 1\.\.5>/<wnid>/<image>\.JPEG")
+    with pytest.raises(DatasetLayoutError, match=message):
+        imagenet_c_contents(root)
+    with pytest.raises(DatasetLayoutError, match=message):
+        ImageNetC(root, "snow", 1)
+
+
+def test_a_folder_of_other_files_says_what_it_found(tmp_path):
+    """ImageNet-P pointed at frames saved as JPEGs (or A at a folder of .txt): the error names the
+    files it found instead of only the suffixes it wanted."""
+    root = tmp_path / "p"
+    image_folder(root / "translate", [WNIDS[0]], per_class=2)
+    with pytest.raises(DatasetLayoutError, match=r"no files with suffix \.mp4, \.npy .* \(found only \.jpeg files\)"):
+        ImageNetP(root, "translate")
+    (root / "translate" / WNIDS[0] / "img0.JPEG").unlink()
+    (root / "translate" / WNIDS[0] / "img1.JPEG").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"\(they hold no files\)"):
+        ImageNetP(root, "translate")
+    # ImageNet-A given ImageNet-P's folder: the hint names the eval's option, not only a reader class
+    with pytest.raises(DatasetLayoutError, match=r"translate; .* look like ImageNet-C .* --imagenet-p-dir"):
+        ImageNetA(root)
+
+
 # ----------------------------------------------------------------------------- ImageNet-P
 
 def frames_for(seed, t=4, h=16, w=16):

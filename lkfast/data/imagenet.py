@@ -213,12 +213,15 @@ def _files(folder: Path, suffixes: Sequence[str]) -> List[Path]:
 
 def _looks_like(names: List[str]) -> str:
     # a hint when a reader is pointed at another benchmark's folder
-    if names and all(n in metrics.IMAGENET_C_ALL for n in names):
-        return " These look like ImageNet-C corruption (or ImageNet-P perturbation) folders: use that benchmark's reader."
+    if names and all(n in metrics.IMAGENET_C_ALL or n.rsplit("_", 1)[0] in metrics.IMAGENET_P
+                     or n in metrics.IMAGENET_P for n in names):
+        return (" These look like ImageNet-C corruption (or ImageNet-P perturbation) folders: is this ImageNet-C or -P "
+                "(python -m lkfast.eval --imagenet-c-dir / --imagenet-p-dir; lkfast.data.ImageNetC / ImageNetP)?")
     if names and all(n.isdigit() for n in names):
         return " These look like ImageNet-C severity folders: point at the folder above the corruption folders."
     if names and all(n in metrics.IMAGENET9_VARIANTS or n == "val" for n in names):
-        return " These look like ImageNet-9 folders: use ImageNet9(root, variant)."
+        return (" These look like ImageNet-9 folders: is this ImageNet-9 (python -m lkfast.eval --imagenet-9-dir; "
+                "lkfast.data.ImageNet9(root, variant))?")
     return ""
 
 
@@ -267,8 +270,10 @@ def _scan(root: PathLike, what: str, layout: str, class_index: Dict[str, int],
             used.append(folder.name)
             samples.extend((p, class_index[folder.name]) for p in files)
     if not samples:
+        others = sorted({p.suffix.lower() or p.name for f in folders for p in f.iterdir() if p.is_file() and not _hidden(p)})
+        found = f"found only {', '.join(others[:5])} files" if others else "they hold no files"
         raise DatasetLayoutError(f"{what}: no files with suffix {', '.join(suffixes)} in the class folders of "
-                                 f"{str(root)!r}; expected {layout}")
+                                 f"{str(root)!r} ({found}); expected {layout}")
     return samples, used
 
 
@@ -495,6 +500,12 @@ def imagenet_c_contents(root: PathLike) -> Dict[str, List[int]]:
     for name in metrics.IMAGENET_C_ALL:
         if name in names:
             contents[name] = [s for s in metrics.SEVERITIES if (root / name / str(s)).is_dir()]
+    flat = [n for n, severities in contents.items() if not severities]
+    if flat:  # class folders straight under the corruption: left out, that corruption would vanish unnoticed
+        held = [f.name for f in _subfolders(root / flat[0])] or [p.name for p in _files(root / flat[0], IMAGE_SUFFIXES)]
+        raise DatasetLayoutError(f"ImageNet-C: no severity folders (1..5) in {', '.join(flat[:5])} under {str(root)!r} "
+                                 f"({flat[0]} holds {', '.join(held[:3]) + (', ...' if len(held) > 3 else '') or 'nothing'}); "
+                                 f"expected {layout}: put each severity's class folders in <corruption>/<severity>/")
     if not contents:
         raise DatasetLayoutError(f"ImageNet-C: no corruption folders in {str(root)!r}; expected {layout}")
     return contents
