@@ -499,6 +499,15 @@ def test_mismatched_checkpoint_lists_keys_and_shapes(tmp_path):
     assert "1 unexpected keys: extra.weight" in message
     assert "2 shape mismatches: head.weight (checkpoint (10, 32), model (1000, 32))" in message
     assert "num_classes=10" in message
+    assert "another architecture" not in message  # one key off: not another model's weights
+
+
+def test_another_architectures_checkpoint_says_so(tmp_path):
+    # resnet weights given as convnext's listed the keys only; nothing said what to do
+    path = _save(tmp_path / "resnet.pth", timm.create_model("test_resnet").state_dict())
+    with pytest.raises(CheckpointError, match=r"does not fit ConvNeXt: .* Only 0 of the model's \d+ keys are in the "
+                                              r"checkpoint: it looks like the weights of another architecture"):
+        create_model("test_convnext", checkpoint=path)
 
 
 def test_untrusted_pickle_is_refused_unless_opted_in(tmp_path, images):

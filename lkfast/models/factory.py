@@ -213,6 +213,11 @@ def load_checkpoint(model: nn.Module, path: str, trust_checkpoint: bool = False,
             and state[f"{classifier}.weight"].shape[0] != expected[f"{classifier}.weight"].shape[0]:
         hint = f" The checkpoint's classifier has {state[classifier + '.weight'].shape[0]} classes: pass num_classes=" \
                f"{state[classifier + '.weight'].shape[0]}."
+    shared = len(expected) - len(missing)
+    if shared < len(expected) / 2:  # not a few renamed layers: the weights of another model
+        hint += (f" Only {shared} of the model's {len(expected)} keys are in the checkpoint: it looks like the weights "
+                 f"of another architecture; build the model the checkpoint was saved from (the name before ':' in "
+                 f"python -m lkfast.eval --models)")
     raise CheckpointError(f"checkpoint {path!r} does not fit {type(model).__name__}: " + "; ".join(problems) + "." + hint)
 
 
