@@ -123,17 +123,32 @@ def write_bytes_atomic(path, data) -> Path:
     return write_atomic(path, lambda f: f.write(data))
 
 
+def _temporary_name(path: Path, suffix: str) -> str:
+    """``.<name><suffix>``, the name cut short where the whole would pass the file system's limit on a
+    name (255 bytes mostly), so that a name near the limit can still be written (the suffix keeps it
+    unique, and ``temporary_files`` finds it)."""
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    name = path.name
+    while len(os.fsencode(f".{name}{suffix}")) > limit and len(name) > 1:
+        name = name[:-1]  # whole characters, not bytes: a multi-byte one is never split
+    return f".{name}{suffix}"
+
+
 def write_atomic(path, write: Callable, mode: str = "wb") -> Path:
     """The one atomic writer: ``write(file)`` into a temporary file beside ``path``, renamed over
     ``path`` (os.replace, atomic on one file system) when done, so ``path`` never holds a partial
     file; parent folders are created; returns ``path``. The temporary file
-    (``.<name>.<random>.tmp<pid>``) is this call's own (two threads or processes writing one path
+    (``.<name>.<random>.tmp<pid>``, the name cut short near the file system's limit on a name) is
+    this call's own (two threads or processes writing one path
     never share one), opened with ``open(name, mode)`` so it gets the mode a plain open gives
     (0666 less the umask), and removed if anything fails; a process killed midway leaves it, for
     ``temporary_files`` to find. ``mode``: "wb" or "w"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{os.getpid()}")
+    tmp = path.with_name(_temporary_name(path, f".{secrets.token_hex(4)}.tmp{os.getpid()}"))
     try:
         with open(tmp, mode) as f:
             write(f)

@@ -266,6 +266,28 @@ def test_the_one_atomic_writer_names_its_temporary_files_for_temporary_files(tmp
     assert target.read_bytes() == b"outer" and [p.name for p in target.parent.iterdir()] == ["result.json"]
 
 
+@pytest.mark.parametrize("name", ["a" * 245 + ".json", "é" * 122 + "a.json"])  # 250 bytes each
+def test_a_name_near_the_file_systems_limit_is_written(tmp_path, name):
+    """write_atomic's temporary name is ~21 bytes longer than the name: a 250-byte name (the limit is
+    255) could not be written at all (OSError: File name too long). The temporary name is now cut to
+    fit, is still one temporary_files finds, and each call's own."""
+    from lkfast import tables
+
+    target = tmp_path / name
+    seen = []
+
+    def write(f):
+        seen.append(Path(f.name).name)
+        assert Path(f.name) in tables.temporary_files(tmp_path, stale_only=False)
+        if len(seen) == 1:
+            tables.write_atomic(target, write)  # the same path, meanwhile: another temporary name
+        f.write(b"x")
+
+    assert tables.write_atomic(target, write) == target
+    assert target.read_bytes() == b"x" and [p.name for p in tmp_path.iterdir()] == [name]
+    assert len(set(seen)) == 2 and all(len(os.fsencode(n)) <= 255 for n in seen)
+
+
 def test_train_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
     """A save that fails for want of space (ENOSPC at the write) leaves no .NAME.tmpPID behind and
     ends python -m lkfast.train with one line saying what to do (torch.save into the file gave
