@@ -367,6 +367,20 @@ def test_dry_run_prints_the_plan(tmp_path, data_root, checkpoint, capsys):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_dry_run_lists_every_task_whose_data_is_wrong(tmp_path, data_root, checkpoint, capsys):
+    """--dry-run stopped at the first folder in the wrong layout (one error line, no plan): now every
+    such task is a 'fails:' row of the plan beside the rows that would run, and the exit is 2."""
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean,imagenet-c,imagenet-a,imagenet-9",
+                       "--imagenet-c-dir", data_root / "val", "--imagenet-a-dir", data_root / "imagenet-c",
+                       "--dry-run")) == 2
+    captured = capsys.readouterr()
+    rows = {line.split("|")[2].strip(): line for line in captured.out.splitlines() if line.startswith("| tiny |")}
+    assert "| tiny | clean | 6 | 1.00 |" in rows["clean"] and "| tiny | imagenet-9 | 9 | 1.00 |" in rows["imagenet-9"]
+    assert "fails: ImageNet-C:" in rows["imagenet-c"] and "fails: image folder:" in rows["imagenet-a"]
+    assert "lkfast.eval: error: 2 task(s) would fail on their data (tiny: imagenet-c, tiny: imagenet-a)" in captured.err
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_dry_run_counts_the_passes_an_analysis_makes_per_image(tmp_path, data_root, checkpoint, capsys):
     """The estimate counts forward-pass equivalents (a backward = two forwards): FGSM makes a forward
     and a backward then the attacked forward per eps, PGD 3 per step + 1 per attack, frequency one

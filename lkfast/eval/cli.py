@@ -268,7 +268,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(markdown_table(["model", "task", "images", "passes per image", "estimated minutes", "note"], rows,
                                      caption=f"Plan ({dist.world_size()} process(es), device {device}); "
                                              f"results go to {args.out}"))
-            return 0
+            failing = [f"{row[0]}: {row[1]}" for row in rows if str(row[5]).startswith("fails: ")]
+            if failing and dist.is_main():
+                print(f"lkfast.eval: error: {len(failing)} task(s) would fail on their data ({', '.join(failing)}): "
+                      "see 'fails:' in the plan above", file=sys.stderr)
+            return 2 if failing else 0
         results = run_evaluation(models, tasks, options)
         ran = [t for m in models for t, r in results.get(m.display, {}).items()
                if not t.startswith("_") and isinstance(r, dict) and "unavailable" not in r]

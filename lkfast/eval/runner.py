@@ -596,7 +596,9 @@ def measure_throughput(model, config: Dict[str, Any], options: EvalOptions, devi
 def plan(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions) -> List[List[Any]]:
     """The ``--dry-run`` plan: rows [model, task, images, passes per image, estimated minutes, note],
     nothing evaluated. Counts come from the datasets as found, passes per image from the task's
-    ``cost`` (forward-pass equivalents), the estimate from a short measured forward throughput."""
+    ``cost`` (forward-pass equivalents), the estimate from a short measured forward throughput. A task
+    whose data is laid out wrongly has the note ``fails: <the error>`` (every such task is listed, not
+    only the first)."""
     import lkfast.eval.tasks  # noqa: F401
     import lkfast.eval.analysis_tasks  # noqa: F401
 
@@ -618,6 +620,8 @@ def plan(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions
                     note += "; generating the corruptions from val is not in the estimate"
             except TaskUnavailable as error:
                 count, note = None, f"not run: {error}"
+            except (EvalError, DatasetLayoutError) as error:  # the run would fail this task: the plan says so for all
+                count, note = None, f"fails: {error}"
             minutes = None if count is None or cached else count * cost / speed / 60 / max(dist.world_size(), 1)
             rows.append([spec.display, name, count, cost if count is not None else None, minutes, note])
         runner._release(spec)
