@@ -883,8 +883,14 @@ def test_cli_runs_the_analyses_into_the_report_with_their_options(tmp_path):
     results = json.loads((out / "results.json").read_text())["tiny-cn"]
     assert "unavailable" not in results["taig"] and results["taig"]["surrogate"] == "tiny-cn"
     assert "## Table 4: TAIG" in (out / "report.md").read_text() and (out / "tables" / "table4_taig.csv").exists()
-    # another surrogate is another cache key: TAIG runs again instead of coming from the cache
-    assert main(common + ["--taig-surrogate", "nobody"]) == 0
+    # a surrogate that is no label of the run: the command refuses it before anything runs; through the
+    # API (or a label cached under another surrogate) TAIG runs again, is not run, and says why
+    assert main(common + ["--taig-surrogate", "nobody"]) == 2
+    from lkfast.eval import EvalOptions, ModelSpec, run_evaluation
+
+    run_evaluation([ModelSpec("test_convnext", str(checkpoint), "tiny-cn", input_size=32)], ["kernel-distance", "taig"],
+                   EvalOptions(out=str(out), data={"val": str(tmp_path / "val")}, workers=0, progress=False,
+                               analysis={"taig_surrogate": "nobody"}))
     results = json.loads((out / "results.json").read_text())["tiny-cn"]
     assert "'nobody' is not a model label" in results["taig"]["unavailable"]
     report = (out / "report.md").read_text()

@@ -496,6 +496,10 @@ def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatc
     assert keys(limit=2)[0] != base[0] and keys(limit=2) != keys(limit=4)
     assert keys(seed=1)[0] != base[0] and keys(seed=1)[1] != base[1]
     with_dino = keys(analysis={"dino_checkpoint": str(dino)})
+    taig = [Runner([], ["taig"], EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")},
+                                             analysis={"taig_surrogate": s})).result_key(None, TASKS["taig"])
+            for s in ("A", "B")]
+    assert taig[0] != taig[1]  # another surrogate is another TAIG result
     assert with_dino[0] == base[0] and with_dino[1] != base[1]
     monkeypatch.setenv("LKFAST_DINO_CHECKPOINT", str(dino))
     assert keys() == with_dino

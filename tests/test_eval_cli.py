@@ -114,6 +114,23 @@ def test_a_misspelt_model_name_is_one_line_before_any_model_runs(tmp_path, capsy
     assert not out.exists()
 
 
+def test_analysis_option_mistakes_are_one_line_before_anything_runs(tmp_path, capsys):
+    """A --dino-checkpoint that is not there stopped the run at the occlusion's turn (after the
+    benchmarks, with "checkpoint not found" naming no option); a --taig-surrogate that is no label
+    of the run left TAIG "not run" at its turn. Both are now the one error line up front."""
+    (tmp_path / "data" / "val" / "n01440764").mkdir(parents=True)
+    out = tmp_path / "out"
+    common = ["--models", "test_resnet=R", "--data-root", tmp_path / "data", "--out", out, "--no-progress",
+              "--workers", 0]
+    rc, err = run_cli(capsys, *common, "--suite", "clean,occlusion", "--dino-checkpoint", tmp_path / "dino.pth")
+    assert rc == 2 and f"lkfast.eval: error: --dino-checkpoint {tmp_path / 'dino.pth'}: no such file" in err
+    rc, err = run_cli(capsys, *common, "--suite", "clean,taig", "--taig-surrogate", "RR")
+    assert rc == 2
+    assert "lkfast.eval: error: --taig-surrogate 'RR' (from the option or LKFAST_TAIG_SURROGATE) is not a model " \
+           "label of this run: give one of R" in err
+    assert not out.exists()
+
+
 def test_device_mistakes_are_one_line_as_in_train(tmp_path, capsys, monkeypatch):
     """--device is read as python -m lkfast.train reads it (lkfast.train.device_option): CUDA where
     there is none, or a name torch does not know, is the same error line, exit 2, before anything

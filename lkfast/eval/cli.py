@@ -197,6 +197,25 @@ def _check_writable(folder: str) -> None:
                         "can write, with free space, for results.json, report.md and the cache") from None
 
 
+def _check_analysis_options(options, tasks, models: List[ModelSpec]) -> None:
+    """A --dino-checkpoint that is not a file, or a --taig-surrogate that is no label of the run (either
+    from ``options``, an EvalOptions, or its environment variable), as one error line before anything
+    runs: they were found at the occlusion's or TAIG's turn, after the benchmarks (the missing file
+    stopped the run there, the label left TAIG not run)."""
+    from lkfast.eval.runner import EvalError
+
+    dino = options.analysis_option("dino_checkpoint")
+    if dino and "occlusion" in tasks and not os.path.isfile(dino):
+        raise FileNotFoundError(f"--dino-checkpoint {dino}: no such file (from the option or LKFAST_DINO_CHECKPOINT); "
+                                "give the local timm vit_small_patch16_224.dino weights, or leave it out to run "
+                                "the random drops only")
+    surrogate = options.analysis_option("taig_surrogate")
+    labels = [spec.display for spec in models]
+    if surrogate and "taig" in tasks and surrogate not in labels:
+        raise EvalError(f"--taig-surrogate {surrogate!r} (from the option or LKFAST_TAIG_SURROGATE) is not a model "
+                        f"label of this run: give one of {', '.join(labels)}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from lkfast.eval.runner import EvalError, EvalOptions, plan, run_evaluation
     from lkfast.tables import markdown_table
@@ -247,6 +266,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise EvalError("no --models given (e.g. --models resnet50:/path/resnet50.pth)")
         if not data:
             raise EvalError(_no_data_message(args.data_root))
+        analysis = {k: v for k, v in (("dino_checkpoint", args.dino_checkpoint),
+                                      ("taig_surrogate", args.taig_surrogate)) if v}
+        _check_analysis_options(EvalOptions(analysis=analysis), tasks, models)
         if not args.dry_run:
             _check_writable(args.out)
         for spec in models:
@@ -259,8 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                               shard_size=args.shard_size, trust_checkpoint=args.trust_checkpoint, baseline=baseline,
                               class_space=class_space, progress=not args.no_progress,
                               gpu_decode=not args.no_gpu_decode,
-                              analysis={k: v for k, v in (("dino_checkpoint", args.dino_checkpoint),
-                                                          ("taig_surrogate", args.taig_surrogate)) if v})
+                              analysis=analysis)
         dist.init(device)
         if args.dry_run:
             rows = plan(models, tasks, options)
