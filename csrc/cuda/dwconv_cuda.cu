@@ -35,6 +35,8 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "cuda/dwconv_cuda_limits.h"
+
 namespace lkfast {
 namespace cuda {
 namespace {
@@ -44,6 +46,23 @@ template <typename T>
 struct Acc { using type = float; };
 template <>
 struct Acc<double> { using type = double; };
+// The host-side sizing (dwconv_cuda_limits.h) counts shared memory in accumulator_bytes.
+static_assert(sizeof(Acc<double>::type) == accumulator_bytes(sizeof(double)) &&
+              sizeof(Acc<float>::type) == accumulator_bytes(sizeof(float)) &&
+              sizeof(Acc<at::Half>::type) == accumulator_bytes(sizeof(at::Half)) &&
+              sizeof(Acc<at::BFloat16>::type) == accumulator_bytes(sizeof(at::BFloat16)),
+              "accumulator sizes differ from dwconv_cuda_limits.h");
+
+// The dtype as Python names it (torch.float64 -> "float64"), for the refusals' messages.
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    default: return c10::toString(t);
+  }
+}
 
 __device__ __forceinline__ void load4(const float* p, float* v) {
   const float4 t = *reinterpret_cast<const float4*>(p);
@@ -62,21 +81,6 @@ int device_attribute(cudaDeviceAttr attr) {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
   return value;
-}
-
-inline int round_up(int a, int b) { return (a + b - 1) / b * b; }
-
-// Row pitch (elements) of a shared-memory tile TW wide read by windows of a kernel kwp wide: every
-// window stays inside the row, rows stay 16-byte aligned, and the two rows a quarter warp reads
-// (4 lanes each, RW columns apart) start on bank groups that do not collide.
-inline int smem_pitch(int tile_w, int kwp, int rw) {
-  int pitch = round_up(tile_w + kwp, 4);
-  if (rw == 8) {
-    if ((pitch / 4) % 2 == 0) pitch += 4;  // 4 lanes cover even groups; the next row the odd ones
-  } else {
-    while ((pitch / 4) % 8 != 4) pitch += 4;  // 4 lanes cover groups 0..3; the next row 4..7
-  }
-  return pitch;
 }
 
 struct Geometry {
@@ -204,30 +208,31 @@ forward_kernel(const T* __restrict__ x, const T* __restrict__ weight, const T* _
   }
 }
 
-template <typename T, int RB, int RW, int TXN, int TYN>
+// Launches the forward kernel of tiling TILING (kSmallTiles or kWideTiles: dwconv_cuda_limits.h
+// sizes its shared memory and grid, and says when it cannot launch).
+template <typename T, const ForwardTiling& TILING>
 void launch_forward(const at::Tensor& x, const at::Tensor& w, const T* bias, at::Tensor& y, Geometry g,
                     bool flip) {
-  using A = typename Acc<T>::type;
-  constexpr int TW = TXN * RW, TH = TYN * RB;
-  g.pitch = smem_pitch(TW, g.kwp, RW);
-  const size_t smem = (static_cast<size_t>(g.kh) * g.kwp + static_cast<size_t>(TH + g.kh - 1) * g.pitch) * sizeof(A);
-  auto kernel = forward_kernel<T, RB, RW, TXN, TYN>;
-  const int smem_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  TORCH_CHECK(smem <= static_cast<size_t>(smem_limit), "lkfast cuda: a ", g.kh, "x", g.kw,
-              " kernel needs ", smem, " bytes of shared memory per block; this GPU allows ",
-              smem_limit, " (use backend='torch' or 'triton')");
-  if (smem > 48 * 1024) {
+  constexpr ForwardTiling t = TILING;
+  g.pitch = smem_pitch(t.tile_w(), g.kwp, t.rw);
+  const int64_t smem = forward_smem_bytes(t, g.kh, g.kw, accumulator_bytes(sizeof(T)));
+  auto kernel = forward_kernel<T, t.rb, t.rw, t.txn, t.tyn>;
+  const std::string too_much = smem_refusal("NCHW forward", smem, g.kh, g.kw, dtype_name(x.scalar_type()),
+                                            device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  TORCH_CHECK(too_much.empty(), "lkfast cuda: ", too_much, " (use backend='torch' or 'triton')");
+  if (smem > kDefaultSmemPerBlock) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  const int tiles = ((g.H + TH - 1) / TH) * ((g.W + TW - 1) / TW);
-  TORCH_CHECK(tiles <= 65535, "lkfast cuda: feature map ", g.H, "x", g.W, " is too large (", tiles, " tiles)");
+  const int64_t tiles = ceil_div(g.H, t.tile_h()) * ceil_div(g.W, t.tile_w());
+  const std::string too_many = tiles_refusal("NCHW forward", tiles, g.H, g.W);
+  TORCH_CHECK(too_many.empty(), "lkfast cuda: ", too_many);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  for (int n0 = 0; n0 < g.N; n0 += 65535) {  // gridDim.z limit
-    const int nb = std::min(g.N - n0, 65535);
-    dim3 grid(g.C, tiles, nb);
-    kernel<<<grid, TXN * TYN, smem, stream>>>(xp + n0 * g.xs[0], w.data_ptr<T>(), bias, yp + n0 * g.ys[0], g, flip);
+  for (int n0 = 0; n0 < g.N; n0 += kMaxGridYZ) {  // gridDim.z limit
+    const int nb = std::min<int64_t>(g.N - n0, kMaxGridYZ);
+    dim3 grid(g.C, static_cast<unsigned>(tiles), nb);
+    kernel<<<grid, t.threads(), smem, stream>>>(xp + n0 * g.xs[0], w.data_ptr<T>(), bias, yp + n0 * g.ys[0], g, flip);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -235,9 +240,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& w, const T* bias, at:
 // -------------------------------------------------------------------------------------------------
 // Weight gradient
 
-constexpr int kGradTile = 16;     // 16 x 16 output positions per item
-constexpr int kGradThreads = 128;
-constexpr int kGradMaxGroups = 4;  // 4-tap groups per thread per launch: 512 groups = 63 x 63 taps
+// (kGradTile, kGradThreads, kGradMaxGroups: dwconv_cuda_limits.h)
 // ptxas (CUDA 13.0, sm_90) keeps this kernel at 56-64 registers and spills 12 bytes: three per-group
 // values hoisted out of the item loop (SASS: three STL before it, one LDL per group per item, next
 // to the group's 16 x 16 x 4 FMAs). Removing them would take registers that cost occupancy; left
@@ -362,8 +365,7 @@ weight_grad_kernel(const T* __restrict__ go, const T* __restrict__ x, typename A
 // reuse of inputs goes through L1. The kernel taps are read as (kh, kw, C) (transposed, and rotated
 // for the input gradient, on the host) so that weights load 16 bytes at a time too.
 
-constexpr int kNhwcLanes = 8;  // channel lanes per block
-constexpr int kNhwcThreads = 128;
+// (kNhwcLanes channel lanes per block, kNhwcThreads: dwconv_cuda_limits.h)
 
 // 16 bytes as V = 16 / sizeof(T) values of the accumulation type and back, in registers (no local
 // array to reinterpret: that would go through the stack).
@@ -450,6 +452,7 @@ forward_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ wt, const T* 
                     T* __restrict__ y, Geometry g) {
   using A = typename Acc<T>::type;
   constexpr int RW = 4, TPX = 4, TW = TPX * RW, TH = kNhwcThreads / kNhwcLanes / TPX;
+  static_assert(TW == kNhwcTileW && TH == kNhwcTileH, "the tile dwconv_cuda_limits.h counts");
   const int lane = threadIdx.x % kNhwcLanes, pixel = threadIdx.x / kNhwcLanes;
   const int c0 = (blockIdx.x * kNhwcLanes + lane) * V;
   const int tiles_w = (g.W + TW - 1) / TW;
@@ -628,16 +631,17 @@ void launch_forward_nhwc(const at::Tensor& x, const at::Tensor& weight, const T*
   // Taps as (kh, kw, C), rotated by 180 degrees for the input gradient.
   const at::Tensor w = flip ? weight.flip({2, 3}) : weight;
   const at::Tensor wt = w.reshape({g.C, g.kh * g.kw}).t().contiguous();
-  constexpr int V = 16 / sizeof(T), TW = 16, TH = kNhwcThreads / kNhwcLanes / 4;
+  constexpr int V = 16 / sizeof(T);
   // wt is (kh * kw, C), contiguous: rows stay 16-byte aligned when C % V == 0 (checked with x and y)
   const bool vec = nhwc_vector_ok({&x, &y}, g.C, V) && reinterpret_cast<uintptr_t>(wt.data_ptr()) % 16 == 0;
   const int per_block = kNhwcLanes * (vec ? V : 1);
-  const int tiles = ((g.H + TH - 1) / TH) * ((g.W + TW - 1) / TW);
-  TORCH_CHECK(tiles <= 65535, "lkfast cuda: feature map ", g.H, "x", g.W, " is too large (", tiles, " tiles)");
+  const int64_t tiles = ceil_div(g.H, kNhwcTileH) * ceil_div(g.W, kNhwcTileW);
+  const std::string too_many = tiles_refusal("channels_last forward", tiles, g.H, g.W);
+  TORCH_CHECK(too_many.empty(), "lkfast cuda: ", too_many);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  for (int n0 = 0; n0 < g.N; n0 += 65535) {
-    const int nb = std::min(g.N - n0, 65535);
-    dim3 grid((g.C + per_block - 1) / per_block, tiles, nb);
+  for (int n0 = 0; n0 < g.N; n0 += kMaxGridYZ) {  // gridDim.z limit
+    const int nb = std::min<int64_t>(g.N - n0, kMaxGridYZ);
+    dim3 grid((g.C + per_block - 1) / per_block, static_cast<unsigned>(tiles), nb);
     const T* xp = x.data_ptr<T>() + n0 * g.xs[0];
     T* yp = y.data_ptr<T>() + n0 * g.ys[0];
     if (vec) {
@@ -657,14 +661,15 @@ at::Tensor weight_grad_nhwc(const at::Tensor& grad_out, const at::Tensor& x, Geo
   const int per_block = kNhwcLanes * (vec ? V : 1);
   const int groups = g.kh * ((g.kw + 3) / 4);
   const int64_t rows64 = static_cast<int64_t>(g.N) * g.H;
-  TORCH_CHECK(rows64 < (int64_t(1) << 31), "lkfast cuda: input too large for the weight gradient");
+  const std::string too_many = nhwc_weight_grad_rows_refusal(rows64, g.N, g.H, g.W);
+  TORCH_CHECK(too_many.empty(), "lkfast cuda: ", too_many);
   const int rows = static_cast<int>(rows64);
   dim3 grid((g.C + per_block - 1) / per_block, (groups + kNhwcTapLanes - 1) / kNhwcTapLanes, 1);
   // Split the (n, h) rows for about 8 blocks per SM in all.
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y;
   int splits = static_cast<int>(std::min<int64_t>(rows, std::max<int64_t>(1, (8 * sms + blocks - 1) / blocks)));
-  splits = std::min(splits, 65535);
+  splits = std::min<int64_t>(splits, kMaxGridYZ);
   const int per_split = (rows + splits - 1) / splits;
   splits = (rows + per_split - 1) / per_split;
   grid.z = splits;
@@ -710,10 +715,10 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const c10::opt
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     if (format == at::MemoryFormat::ChannelsLast) {
       launch_forward_nhwc<scalar_t>(x, w, bp, y, g, flip);  // channels: 16-byte vectors
-    } else if (g.H <= 32 && g.W <= 32) {
-      launch_forward<scalar_t, 1, 4, 4, 16>(x, w, bp, y, g, flip);  // 16 x 16 tiles, 64 threads
+    } else if (takes_small_tiles(g.H, g.W)) {
+      launch_forward<scalar_t, kSmallTiles>(x, w, bp, y, g, flip);  // 16 x 16 tiles, 64 threads
     } else {
-      launch_forward<scalar_t, 2, 8, 4, 32>(x, w, bp, y, g, flip);  // 64 x 32 tiles, 128 threads
+      launch_forward<scalar_t, kWideTiles>(x, w, bp, y, g, flip);  // 64 x 32 tiles, 128 threads
     }
   });
   return y;
@@ -739,38 +744,36 @@ at::Tensor weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t 
     });
     return gw;
   }
-  g.pitch = smem_pitch(kGradTile, g.kwp, 4);
-  const int tiles = ((g.H + kGradTile - 1) / kGradTile) * ((g.W + kGradTile - 1) / kGradTile);
-  const int64_t items64 = static_cast<int64_t>(g.N) * tiles;
-  TORCH_CHECK(items64 < (int64_t(1) << 31), "lkfast cuda: input too large for the weight gradient");
+  const LaunchSizes sizes = launch_sizes(g.N, g.H, g.W, g.kh, g.kw, x.element_size());
+  g.pitch = sizes.weight_grad_pitch;
+  const int64_t items64 = sizes.weight_grad_items;
+  const std::string too_many = weight_grad_items_refusal(items64, g.N, g.H, g.W);
+  TORCH_CHECK(too_many.empty(), "lkfast cuda: ", too_many);
   const int items = static_cast<int>(items64);
   // Split K over (image, tile) items: about 8 blocks per SM in all, no atomics.
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
   int splits = std::max(1, std::min(items, (8 * sms + g.C - 1) / g.C));
-  splits = std::min(splits, 65535);
+  splits = std::min<int64_t>(splits, kMaxGridYZ);
   const int per_split = (items + splits - 1) / splits;
   splits = (items + per_split - 1) / per_split;
   at::Tensor ws = at::empty({splits, g.C, kh, kw}, x.options().dtype(acc_dtype));
 
-  const int groups = g.kh * (g.kwp / 4);
-  // Small kernels have few 4-tap groups: give each group `phases` threads that take every
-  // phases-th tile row, so that most of the block works (k = 7: 14 groups x 8 phases).
-  int phases = 1;
-  while (phases < 8 && groups * phases * 2 <= kGradThreads) phases *= 2;
+  const int phases = sizes.weight_grad_phases;  // threads per 4-tap group (small kernels: several)
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lkfast_cuda_weight_grad", [&] {
     using A = typename Acc<scalar_t>::type;
     auto kernel = weight_grad_kernel<scalar_t, kGradTile, kGradTile, kGradMaxGroups>;
-    const size_t smem = (static_cast<size_t>(kGradTile) * kGradTile +
-                         static_cast<size_t>(kGradTile + g.kh - 1) * g.pitch) * sizeof(A);
-    const int smem_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-    TORCH_CHECK(smem <= static_cast<size_t>(smem_limit), "lkfast cuda: a ", kh, "x", kw, " kernel needs ", smem,
-                " bytes of shared memory per block; this GPU allows ", smem_limit);
-    if (smem > 48 * 1024) {
+    static_assert(sizeof(A) == accumulator_bytes(sizeof(scalar_t)), "the accumulator dwconv_cuda_limits.h counts");
+    const int64_t smem = sizes.weight_grad_smem;
+    const std::string too_much = smem_refusal("NCHW weight gradient", smem, g.kh, g.kw, dtype_name(x.scalar_type()),
+                                              device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+    TORCH_CHECK(too_much.empty(), "lkfast cuda: ", too_much, " (use backend='torch' or 'triton')");
+    if (smem > kDefaultSmemPerBlock) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
     dim3 grid(g.C, splits);
-    for (int offset = 0; offset < groups; offset += kGradThreads * kGradMaxGroups) {
+    for (int launch = 0; launch < sizes.weight_grad_launches; ++launch) {  // kGradThreads * kGradMaxGroups groups each
+      const int offset = launch * kGradThreads * kGradMaxGroups;
       kernel<<<grid, kGradThreads, smem, stream>>>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                                    ws.data_ptr<A>(), g, per_split, offset, phases);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
