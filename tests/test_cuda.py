@@ -15,7 +15,11 @@ Without a GPU, nothing here runs the CUDA kernels. What runs instead:
   every shared- and global-memory access bounds- and alignment-checked and every multiply-add
   counted (exactly the in-image ones), and Inf/NaN landing exactly where the sum over in-image
   terms has them. It checks the scheme, not the compiled kernels, and must be
-  kept in step with dwconv_cuda.cu by hand when the kernels change;
+  kept in step with dwconv_cuda.cu by hand when the kernels change; the launch sizes it replays
+  with (tiling, shared-memory pitch, thread phases, launches) it takes from the kernels' own host
+  code, csrc/cuda/dwconv_cuda_limits.h (``lkfast._C.cuda_launch_sizes``, in every build);
+* ``cuda_launch_sizes`` and ``cuda_launch_refusal`` (what ``auto`` asks before choosing the cuda
+  backend) against sizes worked by hand;
 * the dispatch table's file format and choice rules, on CPU tensors with fake backend availability.
 """
 import pytest
@@ -87,15 +91,13 @@ def _round_up(a, b):
     return (a + b - 1) // b * b
 
 
-def smem_pitch(tile_w, kwp, rw):
-    pitch = _round_up(tile_w + kwp, 4)
-    if rw == 8:
-        if (pitch // 4) % 2 == 0:
-            pitch += 4
-    else:
-        while (pitch // 4) % 8 != 4:
-            pitch += 4
-    return pitch
+def launch_sizes(shape, kh, kw, dtype):
+    """The kernels' launch sizes for x of ``shape`` (the tiling, shared-memory pitch and bytes, tiles,
+    weight-gradient phases and launches), from their one source, csrc/cuda/dwconv_cuda_limits.h,
+    which every build of lkfast._C carries (CPU-only ones too)."""
+    if _ext.load_error:
+        pytest.skip(f"lkfast._C is not built: {_ext.load_error}")
+    return _ext._C.cuda_launch_sizes(list(shape), kh, kw, dtype)
 
 
 class Smem:
@@ -156,7 +158,9 @@ def emulate_forward(x, weight, bias, flip, RB, RW, TXN, TYN):
     kh, kw = weight.shape[-2:]
     kwp, ph, pw = _round_up(kw, 4), kh // 2, kw // 2
     TW, TH = TXN * RW, TYN * RB
-    pitch = smem_pitch(TW, kwp, RW)
+    sizes = launch_sizes(x.shape, kh, kw, x.dtype)
+    assert sizes["forward_tiling"] == (RB, RW, TXN, TYN), f"this map takes the tiling {sizes['forward_tiling']}"
+    pitch = sizes["forward_pitch"]
     rows, cols = TH + kh - 1, TW + kw - 1
     y = torch.full((N, C, H, W), float("nan"), dtype=torch.float64)
     ty, tx = torch.meshgrid(torch.arange(TYN), torch.arange(TXN), indexing="ij")
@@ -224,7 +228,8 @@ def emulate_weight_grad(go, x, kh, kw, splits, TH=16, TW=16, THREADS=128, MAXG=4
     4-tap group) the kernel would use, and the multiply-adds the threads perform."""
     N, C, H, W = x.shape
     kwp, ph, pw = _round_up(kw, 4), kh // 2, kw // 2
-    pitch = smem_pitch(TW, kwp, 4)
+    sizes = launch_sizes(x.shape, kh, kw, x.dtype)
+    pitch = sizes["weight_grad_pitch"]
     rows, cols = TH + kh - 1, TW + kw - 1
     tiles_w = (W + TW - 1) // TW
     tiles = ((H + TH - 1) // TH) * tiles_w
@@ -233,14 +238,12 @@ def emulate_weight_grad(go, x, kh, kw, splits, TH=16, TW=16, THREADS=128, MAXG=4
     splits = (items + per_split - 1) // per_split
     ngw = kwp // 4
     groups = kh * ngw
-    phases = 1
-    while phases < 8 and groups * phases * 2 <= THREADS:
-        phases *= 2
+    phases = sizes["weight_grad_phases"]
     assert TH * TW + rows * pitch >= THREADS * 4, "the phase sums do not fit in the tiles' shared memory"
     ws = torch.full((splits, C, kh, kw), float("nan"), dtype=torch.float64)
     tid = torch.arange(THREADS)
     macs = 0
-    for offset in range(0, groups, THREADS * MAXG):
+    for offset in range(0, sizes["weight_grad_launches"] * THREADS * MAXG, THREADS * MAXG):
         for c in range(C):
             for split in range(splits):
                 acc = [[torch.zeros(THREADS, dtype=torch.float64) for _ in range(4)] for _ in range(MAXG)]
@@ -662,18 +665,12 @@ def _smoke_cuda_paths(smoke, shapes, dtypes, edge):
             if x.data_ptr() % 16:
                 paths.add("channels_last misaligned")
             continue
-        RB, RW, TXN, TYN = SMALL_TILES if H <= 32 and W <= 32 else WIDE_TILES
-        paths.add("forward wide tiles" if RW == 8 else "forward small tiles")
-        kwp = _round_up(kw, 4)
-        smem = (kh * kwp + (TYN * RB + kh - 1) * smem_pitch(TXN * RW, kwp, RW)) * 4  # fp32 accumulation
-        if smem > 48 * 1024:
+        sizes = launch_sizes((N, C, H, W), kh, kw, dtype)
+        paths.add("forward wide tiles" if sizes["forward_tiling"] == WIDE_TILES else "forward small tiles")
+        if sizes["forward_smem"] > 48 * 1024:  # CUDA's default; past it the kernel opts in
             paths.add("forward shared memory > 48 KB")
-        groups = kh * kwp // 4
-        phases = 1
-        while phases < 8 and groups * phases * 2 <= 128:
-            phases *= 2
-        paths.add("weight grad one phase" if phases == 1 else "weight grad phases")
-        if groups > 128 * 4:
+        paths.add("weight grad one phase" if sizes["weight_grad_phases"] == 1 else "weight grad phases")
+        if sizes["weight_grad_launches"] > 1:
             paths.add("weight grad two launches")
     return paths
 
@@ -826,25 +823,79 @@ def test_cuda_auto_falls_back_where_the_kernels_cannot_launch():
         ops.depthwise_conv2d(x, w, backend="cuda")
 
 
-def test_cuda_launch_limits_are_the_kernels_checks():
-    """lkfast.ops.backends.cuda_launch_limits: dwconv_cuda.cu's launch checks, in Python. The shared
-    memory of the NCHW forward (kh x kwp taps and the (TH + kh - 1) x pitch input tile, in the
-    accumulation type), worked by hand from launch_forward: 63x63 on a 56x56 map (64 x 32 tiles, pitch
-    100) 66,528 bytes in fp32, as on 40x20 (one side over 32 is enough); on a 17x19 map (16 x 16 tiles, pitch 80) 82,176 in fp64; 101x101 on
-    56x56 in fp64 267,712. Tiles: 65535 at most in gridDim.y (channels_last: 4 x 16 outputs each)."""
-    from lkfast.ops.backends import cuda_launch_limits
+# (shape, k, dtype) -> sizes worked by hand from dwconv_cuda.cu's launches. NCHW forward: kh x kwp taps
+# (kwp: kw rounded up to 4) and the (TH + kh - 1) x pitch input tile, in the accumulation type (fp64
+# for fp64, else fp32); 64 x 32 tiles (RB 2, RW 8: pitch = kwp + 32 rounded up to an odd number of
+# 4-element groups) unless both sides are <= 32, then 16 x 16 (RW 4: pitch with (pitch / 4) % 8 == 4).
+# NCHW weight gradient: the 16 x 16 dY tile and the (16 + kh - 1) x pitch input tile (the 16-wide
+# pitch rule); kh * kwp / 4 tap groups, 2..8 threads each while 2x the threads fit in 128, 512 groups
+# per launch. channels_last forward: 4 x 16 tiles.
+LAUNCH_SIZES_BY_HAND = [
+    # 63x63 on a 56x56 map: forward pitch 96 -> 100, (63 * 64 + 126 * 100) * 4; 1008 groups
+    (((2, 64, 56, 56), 63, torch.float32),
+     dict(forward_tiling=WIDE_TILES, forward_pitch=100, forward_smem=66528, forward_tiles=2, weight_grad_pitch=80,
+          weight_grad_smem=25984, weight_grad_items=32, weight_grad_phases=1, weight_grad_launches=2)),
+    # 40x20: one side over 32 is enough for the wide tiles
+    (((2, 64, 40, 20), 63, torch.float32), dict(forward_tiling=WIDE_TILES, forward_pitch=100, forward_smem=66528)),
+    # 17x19 in fp64: small tiles, pitch 80, (63 * 64 + 78 * 80) * 8
+    (((2, 64, 17, 19), 63, torch.float64),
+     dict(forward_tiling=SMALL_TILES, forward_pitch=80, forward_smem=82176, forward_tiles=4)),
+    # 101x101 in fp64 (kwp 104): forward pitch 136 -> 140, (101 * 104 + 164 * 140) * 8; weight gradient
+    # pitch 120 -> 144, (256 + 116 * 144) * 8; 2626 groups in 6 launches
+    (((2, 64, 56, 56), 101, torch.float64),
+     dict(forward_pitch=140, forward_smem=267712, weight_grad_pitch=144, weight_grad_smem=135680,
+          weight_grad_launches=6)),
+    # RepLKNet's stage 1 in fp16: (31 * 32 + 94 * 68) * 4, under the 48 KB default
+    (((2, 64, 56, 56), 31, torch.float16), dict(forward_pitch=68, forward_smem=29536, weight_grad_phases=1)),
+    # 7x7 on 16x16: 14 groups x 8 phases; the weight gradient's dY tile outweighs the 7 x 8 taps
+    (((1, 8, 16, 16), 7, torch.float32),
+     dict(forward_tiling=SMALL_TILES, forward_pitch=48, forward_smem=4448, weight_grad_pitch=48,
+          weight_grad_smem=5248, weight_grad_phases=8, weight_grad_launches=1)),
+    # 4096 x 4096: 64 x 128 wide tiles, 1024 x 256 channels_last ones, 256 x 256 weight-gradient items
+    (((1, 8, 4096, 4096), 7, torch.float16),
+     dict(forward_tiles=8192, nhwc_forward_tiles=262144, weight_grad_items=65536, nhwc_weight_grad_rows=4096)),
+]
 
-    for shape, k, dtype, smem in [((2, 64, 56, 56), 63, torch.float32, 66528), ((2, 64, 40, 20), 63, torch.float32, 66528),
-                                  ((2, 64, 17, 19), 63, torch.float64, 82176),
-                                  ((2, 64, 56, 56), 101, torch.float64, 267712), ((2, 64, 56, 56), 31, torch.float16, None)]:
-        if smem is None:  # RepLKNet's stage 1 fits even the 48 KB default
-            assert cuda_launch_limits(shape, k, k, dtype, 48 * 1024) is None
-            continue
-        assert cuda_launch_limits(shape, k, k, dtype, smem) is None
-        assert f"needs {smem} bytes of shared memory" in cuda_launch_limits(shape, k, k, dtype, smem - 1)
-    assert cuda_launch_limits((2, 64, 56, 56), 63, 63, torch.float64, 232448) is None  # the contract's largest kernel
-    assert "262144 tiles" in cuda_launch_limits((1, 8, 4096, 4096), 7, 7, torch.float16, 232448)
-    assert cuda_launch_limits((1, 8, 1024, 1024), 7, 7, torch.float16, 232448) is None
+
+@pytest.mark.parametrize("case,want", LAUNCH_SIZES_BY_HAND,
+                         ids=lambda v: f"{'x'.join(map(str, v[0]))}_k{v[1]}_{str(v[2])[6:]}" if isinstance(v, tuple) else None)
+def test_cuda_launch_sizes_are_worked_by_hand(case, want):
+    """lkfast._C.cuda_launch_sizes (csrc/cuda/dwconv_cuda_limits.h, the sizing dwconv_cuda.cu launches
+    with) against sizes worked by hand (LAUNCH_SIZES_BY_HAND). Counting fp64 as 4 bytes fails it."""
+    shape, k, dtype = case
+    sizes = launch_sizes(shape, k, k, dtype)
+    assert {key: sizes[key] for key in want} == want
+
+
+def test_cuda_launch_refusal_is_the_kernels_checks():
+    """lkfast._C.cuda_launch_refusal, the kernels' own launch checks (dwconv_cuda_limits.h): '' when
+    every kernel of both layouts launches; otherwise what needs how much and what the GPU allows."""
+    if _ext.load_error:
+        pytest.skip(f"lkfast._C is not built: {_ext.load_error}")
+    refusal = _ext._C.cuda_launch_refusal
+    for shape, k, dtype, smem in [((2, 64, 56, 56), 63, torch.float32, 66528), ((2, 64, 17, 19), 63, torch.float64, 82176),
+                                  ((2, 64, 56, 56), 101, torch.float64, 267712)]:
+        assert refusal(shape, k, k, dtype, smem) == ""
+        assert refusal(shape, k, k, dtype, smem - 1) == (
+            f"its NCHW forward kernel needs {smem} bytes of shared memory per block for a {k}x{k} kernel in "
+            f"{str(dtype).removeprefix('torch.')}; this GPU allows {smem - 1}")
+        assert refusal(shape, k, k, dtype) == refusal(shape, k, k, dtype, None) == ""  # the limit not known
+    assert refusal((2, 64, 56, 56), 31, 31, torch.float16, 48 * 1024) == ""  # RepLKNet's stage 1: the 48 KB default
+    assert refusal((2, 64, 56, 56), 63, 63, torch.float64, 232448) == ""  # the contract's largest kernel on an H200
+    assert refusal((1, 8, 16, 16), 7, 7, torch.float32, 5248) == ""  # the weight gradient's 5,248 B is the larger
+    assert "its NCHW weight gradient kernel needs 5248 bytes" in refusal((1, 8, 16, 16), 7, 7, torch.float32, 5247)
+    assert refusal((1, 8, 4096, 4096), 7, 7, torch.float16, 232448) == (
+        "a 4096x4096 map is 262144 tiles for its channels_last forward kernel, over the grid's 65535")
+    assert refusal((1, 8, 1024, 1024), 7, 7, torch.float16, 232448) == ""  # 256 x 64 = 16384 tiles
+    assert refusal((1, 8, 4, 16 * 65535), 7, 7, torch.float16, 232448) == ""  # 65535 channels_last tiles: the most
+    assert "65536 tiles for its channels_last forward" in refusal((1, 8, 4, 16 * 65535 + 1), 7, 7, torch.float16)
+    assert refusal((2 ** 31 - 1, 1, 1, 1), 3, 3, torch.float32) == ""  # one 16x16 tile, one row per image
+    assert refusal((2 ** 31, 1, 1, 1), 3, 3, torch.float32) == (
+        "N=2147483648 x a 1x1 map is 2147483648 16x16 tiles for its NCHW weight gradient, over its int32 "
+        "counters' 2147483647")
+    assert "2281701376 rows for its channels_last weight gradient" in refusal((2 ** 27, 1, 17, 1), 3, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="shape must be"):
+        refusal((8, 16, 16), 7, 7, torch.float32)
 
 
 def test_auto_passes_the_cuda_backend_over_where_its_kernels_cannot_launch(monkeypatch):
@@ -853,6 +904,8 @@ def test_auto_passes_the_cuda_backend_over_where_its_kernels_cannot_launch(monke
     unmeasured default order goes to PyTorch instead of a RuntimeError from inside the op."""
     from lkfast.ops import backends
 
+    if _ext.load_error:
+        pytest.skip(f"lkfast._C is not built (it carries the kernels' launch rule): {_ext.load_error}")
     cuda = BACKENDS["cuda"]
     monkeypatch.setattr(cuda, "unavailable_reason", lambda: None)
     monkeypatch.setattr(cuda, "device_types", ("cpu", "cuda"))

@@ -191,48 +191,6 @@ class CpuBackend(_CompiledBackend):
     description = "lkfast C++ kernels (lkfast._C)"
 
 
-def _round_up(a: int, b: int) -> int:
-    return (a + b - 1) // b * b
-
-
-def _smem_pitch(tile_w: int, kwp: int, rw: int) -> int:
-    """dwconv_cuda.cu's smem_pitch: the shared-memory row pitch (elements) of an input tile."""
-    pitch = _round_up(tile_w + kwp, 4)
-    if rw == 8:
-        if (pitch // 4) % 2 == 0:
-            pitch += 4
-    else:
-        while (pitch // 4) % 8 != 4:
-            pitch += 4
-    return pitch
-
-
-def cuda_launch_limits(shape, kh: int, kw: int, dtype: torch.dtype, smem_optin: int | None) -> str | None:
-    """Why one of lkfast's CUDA kernels (csrc/cuda/dwconv_cuda.cu) would refuse this call at launch
-    (its TORCH_CHECKs: shared memory per block over the GPU's opt-in limit ``smem_optin`` bytes, more
-    than 65535 tiles in gridDim.y, too many weight-gradient items for an int), or None. Checked for
-    every kernel of both layouts (the input gradient's layout is grad_out's, not x's), so that
-    ``auto`` passes the backend over with this reason instead of meeting the RuntimeError."""
-    N, C, H, W = (int(s) for s in shape)
-    acc = 8 if dtype == torch.float64 else 4  # fp16 / bf16 / fp32 stage fp32 in shared memory
-    kwp = _round_up(kw, 4)
-    rb, rw, txn, tyn = (1, 4, 4, 16) if H <= 32 and W <= 32 else (2, 8, 4, 32)  # forward's two tilings
-    th, tw = tyn * rb, txn * rw
-    needs = {"forward": (kh * kwp + (th + kh - 1) * _smem_pitch(tw, kwp, rw)) * acc,
-             "weight gradient": (16 * 16 + (16 + kh - 1) * _smem_pitch(16, kwp, 4)) * acc}
-    for what, smem in needs.items():
-        if smem_optin is not None and smem > smem_optin:
-            return (f"its {what} kernel needs {smem} bytes of shared memory per block for a {kh}x{kw} kernel in "
-                    f"{dtype_name(dtype)}; this GPU allows {smem_optin}")
-    tiles = {"NCHW": -(-H // th) * -(-W // tw), "channels_last": -(-H // 4) * -(-W // 16)}
-    for layout, count in tiles.items():
-        if count > 65535:
-            return f"a {H}x{W} map is {count} tiles for its {layout} forward kernel, over the grid's 65535"
-    if N * -(-H // 16) * -(-W // 16) >= 2 ** 31 or N * H >= 2 ** 31:
-        return f"N={N} x a {H}x{W} map is too many weight-gradient items for its int32 counters"
-    return None
-
-
 def _smem_optin(device: torch.device) -> int | None:
     """The opt-in shared memory per block of a CUDA ``device`` (None: torch does not say)."""
     return _smem_optin_of(device.index if device.index is not None else torch.cuda.current_device())
@@ -260,10 +218,17 @@ class CudaBackend(_CompiledBackend):
         return None
 
     def not_supported_reasons(self, x, weight):
+        """Besides the device and dtype: why one of the kernels would refuse this call at launch
+        (shared memory per block over the device's opt-in limit, more tiles than a grid row takes,
+        too many weight-gradient items for their int counters), checked for every kernel of both
+        layouts (the input gradient's layout is grad_out's, not x's), so that ``auto`` passes the
+        backend over with the reason instead of meeting the RuntimeError from inside the op. The
+        rule is the kernels' own (csrc/cuda/dwconv_cuda_limits.h, lkfast._C.cuda_launch_refusal)."""
         reasons = super().not_supported_reasons(x, weight)
         if reasons or x.dim() != 4 or weight.dim() != 4:
             return reasons
-        why = cuda_launch_limits(x.shape, weight.shape[2], weight.shape[3], x.dtype, _smem_optin(x.device))
+        why = _ext._C.cuda_launch_refusal(list(x.shape), weight.shape[2], weight.shape[3], x.dtype,
+                                          _smem_optin(x.device))
         return [why] if why else []
 
 
