@@ -724,6 +724,27 @@ def test_report_puts_the_papers_value_beside_the_measured_one(tmp_path):
     assert (tmp_path / "tables" / "table3_imagenet9.csv").is_file() and (tmp_path / "figures" / "figure2.png").is_file()
 
 
+def test_report_flags_a_clean_top1_far_from_the_papers(tmp_path):
+    """The paper's values stand beside any checkpoint of a model the paper reports, e.g. the
+    ImageNet-1K RepLKNet-31B (83.5) where the paper's 85.2 is the 22K-pretrained one: the report
+    says so when the measured clean top-1 is more than a point from the paper's."""
+    from lkfast.eval.report import write_report
+
+    results = {
+        "31B-1k": {"_model": {"name": "replknet_31b", "weights": "checkpoint"}, "clean": {"top1": 83.5}},
+        "31B-22k": {"_model": {"name": "replknet_31b", "weights": "checkpoint"}, "clean": {"top1": 85.0}},
+        "mine": {"_model": {"name": "resnet_tiny", "weights": "checkpoint"}, "clean": {"top1": 50.0}},
+        "_meta": {"device": "cpu"},
+    }
+    report = write_report(tmp_path, results).read_text()
+    flagged = [line for line in report.splitlines() if line.startswith("**Clean top-1 far from the paper's**")]
+    assert len(flagged) == 1, report
+    assert "31B-1k: 83.50 (the paper's RepLKNet-31B: 85.2)" in flagged[0]
+    assert "31B-22k" not in flagged[0] and "mine" not in flagged[0]  # within a point; no paper value
+    results["31B-1k"]["clean"]["top1"] = 84.5
+    assert "far from the paper" not in write_report(tmp_path / "close", results).read_text()
+
+
 def test_report_has_the_model_card_of_figure_1(tmp_path):
     from lkfast.eval.report import write_report
 

@@ -77,6 +77,21 @@ def _paper(results, label, key):
     return PAPER.get(name, {}).get(key) if name else None
 
 
+PAPER_CLEAN_TOLERANCE = 1.0  # top-1 points beyond which the weights are unlikely to be those the paper evaluated
+
+
+def _far_from_paper(results, models) -> List[str]:
+    """``"<label>: <measured> (the paper's <name>: <value>)"`` for each model whose clean ImageNet
+    top-1 is more than PAPER_CLEAN_TOLERANCE points from the paper's value for the model it is
+    matched to: the sign that the paper's values beside it are for other weights than these."""
+    far = []
+    for m in models:
+        measured, paper = _get(results[m], "clean", "top1"), _paper(results, m, "clean")
+        if measured is not None and paper is not None and abs(measured - paper) > PAPER_CLEAN_TOLERANCE:
+            far.append(f"{m}: {measured:.2f} (the paper's {paper_name(m, results[m])}: {paper:.1f})")
+    return far
+
+
 def _models(results) -> List[str]:
     return [k for k in results if k != META_KEY]
 
@@ -216,6 +231,12 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
            f"Options: {json.dumps(meta.get('options', {}), sort_keys=True)}. Class space: {meta.get('class_space', '?')}.\n\n"
            f"Paper values are from {CITATION} (Tables 1, 2, 3 and 6), shown beside the measured value for the "
            f"models the paper reports; \"—\" means not measured or not reported.\n")
+    far = _far_from_paper(results, models)
+    if far:
+        w.text("\n**Clean top-1 far from the paper's**: " + "; ".join(far) + ". The paper's values beside these "
+               "models are for its checkpoints: these may be other weights (e.g. ImageNet-1K only where the "
+               "paper used ImageNet-22K pre-training), another input size, or other validation data; read "
+               "their other columns against the paper's with that in mind.\n")
     untrained = [m for m in models if results[m].get("_model", {}).get("weights") == RANDOM_WEIGHTS]
     if untrained:
         w.text(f"\n**Random weights**: {', '.join(untrained)} had no checkpoint and were evaluated untrained "
