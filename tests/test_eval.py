@@ -573,6 +573,10 @@ def test_wrong_layout_says_what_was_expected(tmp_path, data_root, checkpoint, ca
                                       "--imagenet-c-dir", data_root / "val"))
     assert "expected" in err and "<corruption>/<severity" in err and "ImageNet-val" in err
     assert "tiny: imagenet-c failed:" in err and "the other tasks finished" in err
+    # one statement of the failure (when it fails); the final line names the task, not the message again
+    assert err.count("<corruption>/<severity") == 1, err
+    final = [line for line in err.splitlines() if line.startswith("lkfast.eval: error:")]
+    assert len(final) == 1 and "1 task(s) failed (tiny: imagenet-c)" in final[0], err
     r = load(tmp_path)["tiny"]
     assert 0 < r["clean"]["top1"] < 100 and "top1" in r["imagenet-a"] and "<corruption>" in r["imagenet-c"]["error"]
     assert "imagenet-c" in (tmp_path / "report.md").read_text().split("Not run")[-1]

@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -343,7 +343,8 @@ class Runner:
         self._results: Dict[tuple, Dict[str, Any]] = {}
         self._active: List[tuple] = []
         self._data_print: Optional[Dict[str, List[str]]] = None
-        self.errors: List[str] = []  # tasks that failed on the user's data or options (run() raises them at the end)
+        # tasks that failed on the user's data or options: ("model: task", message); run() names them at the end
+        self.errors: List[Tuple[str, str]] = []
         self.meta: Dict[str, Any] = {}
 
     # models ------------------------------------------------------------------------------------
@@ -525,7 +526,7 @@ class Runner:
                     # the user's data or options are wrong for this task: the others go on, the report is
                     # written, and the run ends with the error (what finished is cached for the rerun)
                     entry[name] = {"unavailable": f"error: {error}", "error": str(error)}
-                    self.errors.append(f"{spec.display}: {name}: {error}")
+                    self.errors.append((f"{spec.display}: {name}", str(error)))
                     if dist.is_main():
                         print(f"lkfast.eval: {spec.display}: {name} failed: {error}", file=sys.stderr, flush=True)
                 self._write(results)
@@ -540,8 +541,14 @@ class Runner:
             write_report(self.out, self._with_meta(results))
         dist.barrier()
         if self.errors:
-            raise EvalError("; ".join(self.errors) + f" (the other tasks finished; results and report in {self.out}; "
-                            "fix this and rerun: finished work is cached)")
+            # each message was printed when its task failed and is in the report: the error names the tasks
+            # (the messages stay on it as .failures for callers of run_evaluation)
+            written = RESULTS_FILE + (" and report.md" if self.options.write_report else "")
+            error = EvalError(f"{len(self.errors)} task(s) failed ({', '.join(task for task, _ in self.errors)}): "
+                              f"the reasons are above and in {written}; the other tasks finished (in {self.out}); "
+                              "fix this and rerun: finished work is cached")
+            error.failures = [f"{task}: {message}" for task, message in self.errors]
+            raise error
         return self._with_meta(results)
 
     def _say_which_models_leave_the_report(self) -> None:
