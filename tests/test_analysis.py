@@ -592,6 +592,28 @@ def test_attack_figure_has_only_the_panels_of_the_attacks_that_ran(tmp_path, mon
                                    "(c) PGD, ε = 0.006": {"a": [30.0, 20.0]}}
 
 
+def test_accuracy_axes_of_flat_values_start_at_zero(tmp_path, monkeypatch):
+    """Every plotted top-1 at 0 (PGD on the default run's tiny nets) got matplotlib's flat-line range,
+    about -0.05..0.05: an accuracy axis of flat values now runs from 0 (to 100 when all are 0, else a
+    few points above the largest); one whose values vary keeps matplotlib's range."""
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    zero = {"eps": [0.001, 0.002], "top1": [0.0, 0.0], "steps": [1, 5], "steps_top1": [0.0, 0.0], "num_steps": 5,
+            "steps_eps": 0.006}
+    fgsm = {"eps": [0.1, 0.2], "top1": [40.0, 10.0]}
+    plots.plot_attacks({"a": fgsm}, {"a": zero, "b": dict(zero, top1=[30.0, 30.0])}, tmp_path / "fig6.png")
+    limits = {ax.get_title(): tuple(ax.get_ylim()) for ax in drawn.pop().axes}
+    assert limits["(c) PGD, ε = 0.006"] == (0.0, 100.0)
+    assert limits["(b) PGD, 5 steps"][0] < 0  # 0 and 30: matplotlib's own margins, as before
+    low, high = limits["(a) FGSM"]
+    assert 8 < low < 10 and 40 < high < 42
+    lesion = {"fraction": [0.5, 1.0], "clean_top1": 50.0, "mean": [50.0, 50.0], "min": [50.0, 50.0], "max": [50.0, 50.0]}
+    plots.plot_lesion({"a": lesion}, tmp_path / "fig7.png")
+    assert drawn.pop().axes[0].get_ylim() == (0.0, 55.0)
+    assert plots.accuracy_ylim(0.0, 0.0) == (0.0, 100.0) and plots.accuracy_ylim(0.0, 0.5) == (0.0, 5.5)
+    assert plots.accuracy_ylim(0.0, 30.0) is None and plots.accuracy_ylim(float("inf"), float("-inf")) is None
+
+
 def test_table5_analysis_columns_only_with_a_value_and_no_negative_zero(tmp_path):
     """A run whose occlusion had no saliency (random drops only) and no frequency task wrote a Table 5
     of dashes; a frequency sweep that changed nothing showed its Noise-0.7π change as "-0.00"."""

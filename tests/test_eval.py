@@ -772,6 +772,23 @@ def test_report_has_the_model_card_of_figure_1(tmp_path):
     assert "Figure 1" not in write_report(tmp_path / "none", {"mine": {"_model": {"name": "resnet_tiny"}}}).read_text()
 
 
+def test_report_accuracy_bars_of_zeros_run_from_0_to_100(tmp_path, monkeypatch):
+    """Figure 2's and 3's accuracy bars all at 0 had a y-axis from 0 to 0.055 (matplotlib's flat
+    range): 0..100 now; bars with a height keep their range, and the parameters panel is no percentage."""
+    import lkfast.eval.report as report
+
+    drawn = {}
+    monkeypatch.setattr(report, "save_figure_atomic",
+                        lambda fig, path: drawn.update({Path(path).name: fig.axes}) or Path(path))
+    results = {m: {"_model": {"name": "resnet_tiny", "parameters": 720_000}, "clean": {"top1": 52.0},
+                   "imagenet-a": {"top1": 0.0}, "imagenet-r": {"top1": 0.0}} for m in ("a", "b")}
+    report.write_report(tmp_path, results)
+    assert drawn["figure2.png"][0].get_ylim() == (0.0, 100.0) and drawn["figure3.png"][0].get_ylim() == (0.0, 100.0)
+    size, top1 = drawn["figure1.png"]
+    assert top1.get_ylim()[0] == 0 and 52 < top1.get_ylim()[1] < 56  # 52 %: matplotlib's range from 0, as before
+    assert size.get_ylim()[0] == 0 and size.get_ylim()[1] < 1  # 0.72 M parameters: not an accuracy
+
+
 def test_count_macs_counts_lkfast_depthwise_op_as_conv2d(monkeypatch):
     """The card's multiply-adds count a depthwise conv the same on lkfast's op as on nn.Conv2d (the
     op's FLOP formula), one per tap and output element, beside the other convs and the head; with

@@ -5,6 +5,7 @@ return, as stored in results.json) and a path, writes the PNG and returns the pa
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -31,6 +32,27 @@ def _save(fig, path) -> Path:
         return save_figure_atomic(fig, path)
     finally:
         plt.close(fig)
+
+
+# An accuracy axis whose values span less than this (in points) is flat: matplotlib would zoom into it
+# (every value 0: -0.04..0.04), showing nothing about accuracy; it gets a 0-based range instead.
+FLAT_SPAN = 1.0
+
+
+def accuracy_ylim(low: float, high: float) -> Optional[tuple]:
+    """The y-limits of an accuracy axis (percent, 0..100) whose plotted values lie in [low, high]:
+    ``None`` (keep matplotlib's) when they span at least ``FLAT_SPAN`` points; else from 0 to 100
+    when every value is 0, or to a few (5) points above the largest value."""
+    if not (math.isfinite(low) and math.isfinite(high)) or high - low >= FLAT_SPAN:  # (inf, -inf): nothing plotted
+        return None
+    return (0.0, 100.0 if high <= 0 else high + 5.0)
+
+
+def set_accuracy_ylim(ax) -> None:
+    """Give ``ax`` (an accuracy axis, drawn) the limits of ``accuracy_ylim`` for what it plots."""
+    limits = accuracy_ylim(float(ax.dataLim.y0), float(ax.dataLim.y1))
+    if limits is not None:
+        ax.set_ylim(*limits)
 
 
 def _check(results: Mapping, figure: str) -> None:
@@ -88,6 +110,7 @@ def plot_attacks(fgsm: Mapping[str, dict], pgd: Mapping[str, dict], path) -> Pat
         for label, x, top1 in lines:
             ax.plot(x, top1, marker="o", label=label)
         ax.set(title=title, xlabel=xlabel, ylabel="top-1 accuracy (%)")
+        set_accuracy_ylim(ax)
         ax.grid(alpha=0.3)
         ax.legend()
     return _save(fig, path)
@@ -102,6 +125,7 @@ def plot_lesion(results: Mapping[str, dict], path) -> Path:
         line, = ax.plot(x, [r["clean_top1"]] + r["mean"], marker="o", label=label)
         ax.fill_between(x, [r["clean_top1"]] + r["min"], [r["clean_top1"]] + r["max"], color=line.get_color(), alpha=0.2)
     ax.set(xlabel="proportion of blocks removed", ylabel="top-1 accuracy (%)", title="Lesion study")
+    set_accuracy_ylim(ax)
     ax.grid(alpha=0.3)
     _legend_beside(ax)
     return _save(fig, path)

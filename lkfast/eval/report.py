@@ -161,6 +161,10 @@ def _bars(ax, labels, values, paper, title, ylabel):
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(bottom=0)
+    if ylabel.endswith("(%)"):  # top-1, AUPR: percentages (all 0 gave a bar axis 0..0.055)
+        from lkfast.analysis.plots import set_accuracy_ylim
+
+        set_accuracy_ylim(ax)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(ylabel)
 
