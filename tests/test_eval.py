@@ -367,6 +367,17 @@ def test_dry_run_prints_the_plan(tmp_path, data_root, checkpoint, capsys):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_dry_run_says_what_a_task_reading_no_images_reads(tmp_path, data_root, checkpoint, capsys):
+    """kernel-distance and ablation read no images (the weights; the kernel size, the tables coming from
+    the other tasks): their plan rows said 'img/s measured'."""
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean,kernel-distance,ablation", "--dry-run")) == 0
+    rows = {line.split("|")[2].strip(): line.split("|")[-2].strip()
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")}
+    assert rows["clean"].endswith("img/s measured")
+    assert rows["kernel-distance"] == "no images: reads the model's depthwise kernel weights"
+    assert rows["ablation"] == "no images: reads the model's kernel size (its tables come from the other tasks)"
+
+
 def test_dry_run_lists_every_task_whose_data_is_wrong(tmp_path, data_root, checkpoint, capsys):
     """--dry-run stopped at the first folder in the wrong layout (one error line, no plan): now every
     such task is a 'fails:' row of the plan beside the rows that would run, and the exit is 2."""

@@ -465,13 +465,17 @@ _READS = {"occlusion": ("dino_checkpoint",), "taig": ("taig_surrogate",)}  # the
 # kernel-distance 2 (the large kernel's own weights, as the paper's script), feature-variance 2 (seeded random
 # val images), taig 3 (success_rate over all attacked images, as the paper's script)
 _VERSIONS = {"occlusion": "3", "lesion": "3", "kernel-distance": "2", "feature-variance": "2", "taig": "3"}
+# what the tasks that read no images read instead (--dry-run's note)
+_WITHOUT_IMAGES = {"kernel-distance": "the model's depthwise kernel weights",
+                   "ablation": "the model's kernel size (its tables come from the other tasks)"}
 for _name in ANALYSIS_TASKS:
     if _name not in TASKS:
-        _no_data = _name in ("kernel-distance", "ablation")
+        _no_data = _name in _WITHOUT_IMAGES
         register_task(_name, _RUNS[_name], needs=() if _no_data else ("val",), count=None if _no_data else _count,
                       description=_DESCRIPTIONS[_name],
                       version=_VERSIONS.get(_name, "2" if _name in _SHARDED else "1"),
-                      reads=_READS.get(_name, ()), cost=_COSTS.get(_name))
+                      reads=_READS.get(_name, ()), cost=_COSTS.get(_name),
+                      without_images=_WITHOUT_IMAGES.get(_name, ""))
 SUITES.setdefault("analysis", ANALYSIS_TASKS)
 # The kernel-size ablation: the tasks whose numbers Tables 5 and 7 show, and the ablation task.
 SUITES.setdefault("ablation", analysis.ablation.TABLE_TASKS + ("ablation",))

@@ -40,6 +40,8 @@ class Task:
     reads: the options beyond the common ones the task uses: ``EvalOptions.analysis`` names (e.g.
         "dino_checkpoint") and "baseline" (the normalising model): only those join its cache keys,
         so another option does not recompute it.
+    without_images: for a task that reads no images, what it reads instead (e.g. "the model's depthwise
+        kernel weights"): ``--dry-run``'s note for it ("no images: reads ...", not a throughput).
     """
 
     name: str
@@ -50,6 +52,7 @@ class Task:
     version: str = "1"
     reads: Tuple[str, ...] = ()
     cost: Optional[Callable] = None
+    without_images: str = ""
 
 
 TASKS: Dict[str, Task] = {}
@@ -57,7 +60,7 @@ TASKS: Dict[str, Task] = {}
 
 def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count: Optional[Callable] = None,
                   description: str = "", version: str = "1", reads: Sequence[str] = (),
-                  cost: Optional[Callable] = None, replace: bool = False) -> Task:
+                  cost: Optional[Callable] = None, without_images: str = "", replace: bool = False) -> Task:
     """Add a task to ``python -m lkfast.eval`` (``--suite NAME`` selects it). Returns the Task.
 
     Raises ValueError when ``name`` is taken (pass ``replace=True`` to override on purpose) or is not
@@ -66,7 +69,7 @@ def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count:
         raise ValueError(f"register_task: task names are lower-case letters, digits and '-', got {name!r}")
     if name in TASKS and not replace:
         raise ValueError(f"register_task: a task named {name!r} is already registered")
-    task = Task(name, run, tuple(needs), count, description, version, tuple(reads), cost)
+    task = Task(name, run, tuple(needs), count, description, version, tuple(reads), cost, without_images)
     TASKS[name] = task
     return task
 

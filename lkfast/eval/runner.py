@@ -622,7 +622,12 @@ def plan(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions
             try:
                 count = int(task.count(ctx)) if task.count is not None else None
                 cost = float(task.cost(ctx)) if task.cost is not None else 1.0
-                note = "cached" if cached else f"{speed:.1f} img/s measured"
+                if cached:
+                    note = "cached"
+                elif task.without_images:
+                    note = f"no images: reads {task.without_images}"
+                else:
+                    note = f"{speed:.1f} img/s measured"
                 if not cached and name in ("imagenet-c", "imagenet-p") and not ctx.has_source(name):
                     note += "; generating the corruptions from val is not in the estimate"
             except TaskUnavailable as error:
