@@ -124,3 +124,36 @@ def test_kernel_choices_fixed_unless_the_user_chose(monkeypatch, capsys):
     monkeypatch.setenv("LKFAST_CALIBRATE", "1")
     assert default.fix_kernel_choices() == "1" and os.environ["LKFAST_CALIBRATE"] == "1"
     assert default._model_key("resnet_tiny", TINY) != fixed
+
+
+def test_analysis_option_mistakes_are_found_before_the_default_trains(tmp_path, monkeypatch, capsys):
+    """With no --models (the embedded default), a --dino-checkpoint that is not a file and a
+    --taig-surrogate that is no label of the default's models were checked only after the benchmark
+    was built and the models trained (minutes): now they are the one error line before either."""
+    from lkfast.eval.cli import main
+
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default, "DEFAULT", TINY)
+
+    class Built(Exception):
+        pass
+
+    def build_base(*args, **kwargs):
+        raise Built  # the first step of the default's building: a correct option gets here
+    monkeypatch.setattr(default.synthetic, "build_base", build_base)
+    monkeypatch.setattr("lkfast.train.train", lambda *a, **k: pytest.fail("the default trained its models"))
+    out = tmp_path / "out"
+
+    def run(*argv):
+        argv = [*map(str, argv), "--out", str(out), "--no-progress"]
+        monkeypatch.setattr("sys.argv", ["lkfast.eval", *argv])  # the default reads whether --suite was typed
+        return main(argv)
+
+    assert run("--dino-checkpoint", tmp_path / "dino.pth") == 2  # the default suite has the occlusion
+    assert f"lkfast.eval: error: --dino-checkpoint {tmp_path / 'dino.pth'}: no such file" in capsys.readouterr().err
+    assert run("--suite", "clean,taig", "--taig-surrogate", "ResNet") == 2
+    assert "--taig-surrogate 'ResNet' (from the option or LKFAST_TAIG_SURROGATE) is not a model label of this " \
+           "run: give one of ResNet-tiny, k31, k3" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(Built):  # a label of the default's models passes the check
+        run("--suite", "clean,taig", "--taig-surrogate", "ResNet-tiny")

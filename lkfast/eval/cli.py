@@ -238,6 +238,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.baseline_model and args.baseline_model.lower() != "none":
             baseline = _existing_checkpoint(ModelSpec.parse(args.baseline_model, source="torchvision",
                                                             option="--baseline-model"), "--baseline-model")
+        analysis = {k: v for k, v in (("dino_checkpoint", args.dino_checkpoint),
+                                      ("taig_surrogate", args.taig_surrogate)) if v}
         data_given = args.data_root is not None or any(v is not None for v in dirs.values())
         if not models and data_given:
             raise EvalError("no --models given: name the models to evaluate on this data, e.g. --models "
@@ -252,8 +254,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if importlib.util.find_spec("lkfast.eval.default") is None:
                 print(_no_input_message(), file=sys.stderr)
                 return 2
-            from lkfast.eval.default import prepare_default
+            from lkfast.eval.default import planned_run, prepare_default
 
+            planned = planned_run(args)  # the default's labels and tasks, known before it trains its models
+            _check_analysis_options(EvalOptions(analysis=analysis), planned["suite"], planned["models"])
             _check_writable(args.out)  # before training the models
             prepared = prepare_default(args)
             models, data = list(prepared["models"]), dict(prepared["data"])
@@ -266,8 +270,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise EvalError("no --models given (e.g. --models resnet50:/path/resnet50.pth)")
         if not data:
             raise EvalError(_no_data_message(args.data_root))
-        analysis = {k: v for k, v in (("dino_checkpoint", args.dino_checkpoint),
-                                      ("taig_surrogate", args.taig_surrogate)) if v}
         _check_analysis_options(EvalOptions(analysis=analysis), tasks, models)
         if not args.dry_run:
             _check_writable(args.out)

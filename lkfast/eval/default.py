@@ -217,9 +217,7 @@ def prepare_default(args, settings: DefaultSettings = None) -> dict:
     if settings.baseline:
         baseline = ModelSpec(REFERENCE_MODEL, str(checkpoints[REFERENCE_MODEL]), "ResNet-tiny (baseline)",
                              kwargs=num_classes)
-    suite = getattr(args, "suite", None)
-    if suite is None or (suite == "paper" and not _suite_on_command_line()):
-        suite = settings.suite or default_suite()
+    suite = _suite(args, settings)
     _log(f"lkfast: embedded default ready in {time.time() - started:.0f} s: synthetic benchmark in {root}, "
          f"{len(models)} trained models")
     data = {name: str(parts[name]) for name in ("val", "imagenet-a", "imagenet-r", "imagenet-o", "imagenet-c",
@@ -230,6 +228,26 @@ def prepare_default(args, settings: DefaultSettings = None) -> dict:
     # here with the models cached: 201 s (6.0M page faults) with 2 workers, 138 s with none.
     return {"models": models, "data": data, "class_space": synthetic_class_space(),
             "suite": resolve_suite(suite), "baseline": baseline, "workers": 0}
+
+
+def planned_run(args, settings: DefaultSettings = None) -> dict:
+    """What ``prepare_default(args, settings)`` returns as ``models`` (without their checkpoints: the
+    labels) and ``suite``, known before anything is built or trained: the CLI checks the options that
+    name a label or a task's file against them first (a mistake is one line, not one after minutes of
+    training)."""
+    from lkfast.eval.models import ModelSpec
+    from lkfast.eval.registry import resolve_suite
+
+    settings = settings or DEFAULT
+    return {"models": [ModelSpec(name, None, label) for name, label in settings.models],
+            "suite": resolve_suite(_suite(args, settings))}
+
+
+def _suite(args, settings: DefaultSettings) -> str:
+    suite = getattr(args, "suite", None)
+    if suite is None or (suite == "paper" and not _suite_on_command_line()):
+        suite = settings.suite or default_suite()
+    return suite
 
 
 def _suite_on_command_line() -> bool:
