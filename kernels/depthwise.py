@@ -12,14 +12,6 @@ Three kernels, in the style of the Triton tutorials:
   an fp32 workspace ``(S, C, kh, kw)``; a sum over S finishes (no atomics, deterministic).
 
 Passing ``flip=True`` rotates the kernel by 180 degrees: that forward pass is the input gradient.
-
-Inf and NaN: masked loads bring padding (and, in the weight gradient, output positions past the map)
-in as 0.0, and 0 * Inf = 0 * NaN = NaN where the convolution has no term. So each kernel runs its
-loop once as is, then looks at its own outputs (weight gradient: its partial sums) and, only if one
-is NaN, runs the loop again with those products dropped (``EXACT``: a select per multiply-add). With
-finite operands that costs one compare per output and a reduction per program after the loop, not
-timed on a GPU; NaN, +Inf and -Inf then land exactly where the sum over in-image terms has them
-(tests/test_triton.py, in the interpreter).
 Block sizes are autotuned on a GPU; under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the first
 configuration of each table is used, since there is nothing to time. Launches run on the device of
 their tensors (a ``torch.cuda.device`` guard), so a tensor on a second GPU works.
@@ -95,31 +87,6 @@ def on_device(t: torch.Tensor):
 
 
 @triton.jit
-def _taps_nchw(x_base, w_base, offs_h, offs_w, H, W, KH, KW, ph, pw, r_lo, r_hi, j_lo, j_hi, sxh, sxw,
-               FLIP: tl.constexpr, EXACT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    # The tile's sum over taps. Padding is loaded as 0.0 and multiplied by the weight: harmless for a
-    # finite weight, NaN for 0 * Inf and 0 * NaN. EXACT drops those products (a select per
-    # multiply-add), for the tiles where that happened.
-    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
-    for r in range(r_lo, r_hi):
-        ih = offs_h + (r - ph)
-        row_ok = (ih >= 0) & (ih < H)
-        for j in range(j_lo, j_hi):
-            iw = offs_w + (j - pw)
-            mask = row_ok[:, None] & ((iw >= 0) & (iw < W))[None, :]
-            xv = tl.load(x_base + ih[:, None] * sxh + iw[None, :] * sxw, mask=mask, other=0.0)
-            if FLIP:
-                wv = tl.load(w_base + (KH - 1 - r) * KW + (KW - 1 - j))
-            else:
-                wv = tl.load(w_base + r * KW + j)
-            if EXACT:
-                acc += tl.where(mask, xv.to(tl.float32) * wv.to(tl.float32), 0.0)
-            else:
-                acc += xv.to(tl.float32) * wv.to(tl.float32)
-    return acc
-
-
-@triton.jit
 def _forward_nchw(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, KH, KW,
                   sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                   HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
@@ -144,40 +111,24 @@ def _forward_nchw(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, KH, KW,
     j_lo = tl.maximum(0, pw - last_w)
     j_hi = tl.minimum(KW, W + pw - w0)
 
-    out_mask = (offs_h < H)[:, None] & (offs_w < W)[None, :]
-    acc = _taps_nchw(x_base, w_base, offs_h, offs_w, H, W, KH, KW, ph, pw, r_lo, r_hi, j_lo, j_hi, sxh, sxw,
-                     FLIP, False, BLOCK_H, BLOCK_W)
-    # A NaN among the tile's outputs may be a non-finite weight times padding: recompute it exactly
-    # (never with finite operands; one compare per output and a reduction otherwise).
-    if tl.sum(tl.where(out_mask & (acc != acc), 1, 0)) > 0:
-        acc = _taps_nchw(x_base, w_base, offs_h, offs_w, H, W, KH, KW, ph, pw, r_lo, r_hi, j_lo, j_hi, sxh, sxw,
-                         FLIP, True, BLOCK_H, BLOCK_W)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c).to(tl.float32)
-    y_ptrs = y_ptr + n.to(tl.int64) * syn + c.to(tl.int64) * syc + offs_h[:, None] * syh + offs_w[None, :] * syw
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _taps_nhwc(x_base, w_base, offs_w, c_ok, h, W, KH, KW, ph, pw, r_lo, r_hi, j_lo, j_hi, sxh, sxw,
-               FLIP: tl.constexpr, EXACT: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    # As _taps_nchw: rows are clipped to the image, padding columns load as 0.0; EXACT drops their products.
-    acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
     for r in range(r_lo, r_hi):
-        ih = h + r - ph
+        ih = offs_h + (r - ph)
+        row_ok = (ih >= 0) & (ih < H)
         for j in range(j_lo, j_hi):
             iw = offs_w + (j - pw)
-            mask = ((iw >= 0) & (iw < W))[:, None] & c_ok[None, :]
-            xv = tl.load(x_base + ih * sxh + iw[:, None] * sxw, mask=mask, other=0.0)
+            mask = row_ok[:, None] & ((iw >= 0) & (iw < W))[None, :]
+            xv = tl.load(x_base + ih[:, None] * sxh + iw[None, :] * sxw, mask=mask, other=0.0)
             if FLIP:
-                wv = tl.load(w_base + (KH - 1 - r) * KW + (KW - 1 - j), mask=c_ok, other=0.0)
+                wv = tl.load(w_base + (KH - 1 - r) * KW + (KW - 1 - j))
             else:
-                wv = tl.load(w_base + r * KW + j, mask=c_ok, other=0.0)
-            if EXACT:
-                acc += tl.where(mask, xv.to(tl.float32) * wv.to(tl.float32)[None, :], 0.0)
-            else:
-                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-    return acc
+                wv = tl.load(w_base + r * KW + j)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    out_mask = (offs_h < H)[:, None] & (offs_w < W)[None, :]
+    y_ptrs = y_ptr + n.to(tl.int64) * syn + c.to(tl.int64) * syc + offs_h[:, None] * syh + offs_w[None, :] * syw
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -202,49 +153,23 @@ def _forward_nhwc(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, KH, KW,
     j_lo = tl.maximum(0, pw - (tl.minimum(w0 + BLOCK_W, W) - 1))
     j_hi = tl.minimum(KW, W + pw - w0)
 
-    out_mask = (offs_w < W)[:, None] & c_ok[None, :]
-    acc = _taps_nhwc(x_base, w_base, offs_w, c_ok, h, W, KH, KW, ph, pw, r_lo, r_hi, j_lo, j_hi, sxh, sxw,
-                     FLIP, False, BLOCK_W, BLOCK_C)
-    if tl.sum(tl.where(out_mask & (acc != acc), 1, 0)) > 0:  # as in _forward_nchw
-        acc = _taps_nhwc(x_base, w_base, offs_w, c_ok, h, W, KH, KW, ph, pw, r_lo, r_hi, j_lo, j_hi, sxh, sxw,
-                         FLIP, True, BLOCK_W, BLOCK_C)
+    acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    for r in range(r_lo, r_hi):
+        ih = h + r - ph
+        for j in range(j_lo, j_hi):
+            iw = offs_w + (j - pw)
+            mask = ((iw >= 0) & (iw < W))[:, None] & c_ok[None, :]
+            xv = tl.load(x_base + ih * sxh + iw[:, None] * sxw, mask=mask, other=0.0)
+            if FLIP:
+                wv = tl.load(w_base + (KH - 1 - r) * KW + (KW - 1 - j), mask=c_ok, other=0.0)
+            else:
+                wv = tl.load(w_base + r * KW + j, mask=c_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = (offs_w < W)[:, None] & c_ok[None, :]
     y_ptrs = y_ptr + n.to(tl.int64) * syn + h * syh + offs_w[:, None] * syw + offs_c[None, :] * syc
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _weight_grad_items(go_ptr, x_ptr, c, i, first, last, H, W, KW, ph, pw, tiles, tiles_w,
-                       sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, EXACT: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_KW: tl.constexpr):
-    # The partial sums of kernel row i's taps over the (image, tile) items [first, last). The output
-    # gradient past the map and the input's padding load as 0.0, and each meets the other operand:
-    # NaN for 0 * Inf and 0 * NaN. EXACT drops those products (a select per multiply-add).
-    offs_j = tl.arange(0, BLOCK_KW)
-    acc = tl.zeros((BLOCK_KW,), dtype=tl.float32)
-    for item in range(first, last):
-        n = item // tiles
-        tile = item % tiles
-        offs_h = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
-        offs_w = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-        out_mask = (offs_h < H)[:, None] & (offs_w < W)[None, :]
-        go = tl.load(go_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * sgc
-                     + offs_h[:, None] * sgh + offs_w[None, :] * sgw, mask=out_mask, other=0.0).to(tl.float32)
-        ih = offs_h + (i - ph)
-        row_ok = (ih >= 0) & (ih < H)
-        x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
-        for j in range(0, KW):
-            iw = offs_w + (j - pw)
-            mask = row_ok[:, None] & ((iw >= 0) & (iw < W))[None, :]
-            xv = tl.load(x_base + ih[:, None] * sxh + iw[None, :] * sxw, mask=mask, other=0.0).to(tl.float32)
-            if EXACT:
-                products = tl.where(mask & out_mask, go * xv, 0.0)
-            else:
-                products = go * xv
-            partial = tl.sum(tl.sum(products, axis=1), axis=0)
-            acc = tl.where(offs_j == j, acc + partial, acc)
-    return acc
 
 
 @triton.jit
@@ -266,13 +191,24 @@ def _weight_grad(go_ptr, x_ptr, ws_ptr, N, C, H, W, KH, KW, SPLITS,
     last = tl.minimum(items, first + per_split)
     offs_j = tl.arange(0, BLOCK_KW)
 
-    acc = _weight_grad_items(go_ptr, x_ptr, c, i, first, last, H, W, KW, ph, pw, tiles, tiles_w,
-                             sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, False, BLOCK_H, BLOCK_W, BLOCK_KW)
-    # A NaN partial sum may be padding times a non-finite value: recompute this program's share exactly
-    # (never with finite operands; BLOCK_KW compares otherwise).
-    if tl.sum(tl.where((offs_j < KW) & (acc != acc), 1, 0)) > 0:
-        acc = _weight_grad_items(go_ptr, x_ptr, c, i, first, last, H, W, KW, ph, pw, tiles, tiles_w,
-                                 sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, True, BLOCK_H, BLOCK_W, BLOCK_KW)
+    acc = tl.zeros((BLOCK_KW,), dtype=tl.float32)
+    for item in range(first, last):
+        n = item // tiles
+        tile = item % tiles
+        offs_h = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs_w = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+        out_mask = (offs_h < H)[:, None] & (offs_w < W)[None, :]
+        go = tl.load(go_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * sgc
+                     + offs_h[:, None] * sgh + offs_w[None, :] * sgw, mask=out_mask, other=0.0).to(tl.float32)
+        ih = offs_h + (i - ph)
+        row_ok = (ih >= 0) & (ih < H)
+        x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+        for j in range(0, KW):
+            iw = offs_w + (j - pw)
+            mask = row_ok[:, None] & ((iw >= 0) & (iw < W))[None, :]
+            xv = tl.load(x_base + ih[:, None] * sxh + iw[None, :] * sxw, mask=mask, other=0.0).to(tl.float32)
+            partial = tl.sum(tl.sum(go * xv, axis=1), axis=0)
+            acc = tl.where(offs_j == j, acc + partial, acc)
     ws = ws_ptr + ((split * C + c) * KH + i) * KW
     tl.store(ws + offs_j, acc, mask=offs_j < KW)
 

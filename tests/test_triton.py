@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from reference import (compile_for_sm90, HAS_CUDA, TRITON_DEVICE, TRITON_INTERPRETED, TRITON_RUNS_HERE, run_module_in_triton_interpreter,
-                       triton_runs_here, FORMATS, GPU_SHAPES, TOLERANCE, assert_nonfinite_match, backend_or_skip, case_id,
-                       check_op, exact_reference, make_case, run_op)
+                       triton_runs_here, FORMATS, GPU_SHAPES, TOLERANCE, assert_nonfinite_superset, backend_or_skip, case_id,
+                       check_op, exact_reference, make_case, nonfinite_reach, run_op)
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
@@ -56,8 +56,11 @@ def test_triton_half_precision_no_bias():
 
 
 # Inf and NaN (the C++ kernels' twin: tests/test_cpu_nonfinite.py). The kernels multiply padding
-# loaded as 0.0, which is NaN against an Inf or NaN; a program whose outputs (or weight-gradient
-# partial sums) come out NaN recomputes them without those products, so the masks are exact.
+# loaded as 0.0 with the weights (forward, input gradient) and zero-filled positions with the input
+# or output gradient (weight gradient), which is NaN against an Inf or NaN: their NaN are a superset
+# of the exact sum's, like PyTorch's own paths. (Making them exact by recomputing a tile that came
+# out NaN was tried, b47348a: in the GPU machine's Triton 3.6 it made two kernels use stack, 24 and
+# 8 bytes per thread, so it was taken out until it can be timed on a GPU.)
 NONFINITE_CASES = [
     ((1, 3, 5, 5, 7, 7), "contiguous", torch.float32),     # map narrower than the kernel
     ((1, 3, 5, 5, 7, 7), "channels_last", torch.float16),  # the channels_last forward
@@ -69,17 +72,19 @@ NONFINITE_CASES = [
 @runs_here
 @pytest.mark.parametrize("shape,fmt,dtype", NONFINITE_CASES,
                          ids=[f"{case_id(c[0])}-{c[1]}-{str(c[2])[6:]}" for c in NONFINITE_CASES])
-def test_triton_nonfinite_placement_is_exact(shape, fmt, dtype):
-    """NaN, +Inf and -Inf planted in the input, the output gradient, the weight, and all three land
-    exactly where the sum over in-image terms has them, in the forward, input gradient and weight
-    gradient; finite outputs within the usual tolerance."""
+def test_triton_nonfinite_is_a_superset_of_the_exact_masks(shape, fmt, dtype):
+    """NaN, +Inf and -Inf planted in the input, the output gradient, the weight, and all three: in
+    the forward, input gradient and weight gradient every NaN and Inf of the sum over in-image terms
+    is kept (an Inf may become NaN), extra NaN only in the planes (channels) a non-finite operand
+    reaches, finite outputs within the usual tolerance."""
     backend = backend_or_skip("triton", DEVICE, dtype)
     for where in ("input", "grad_out", "weight", "all"):
         x, weight, grad_out = make_case(shape, fmt, dtype, where, DEVICE)
         got = run_op(x, weight, None, grad_out, backend)
-        want = exact_reference(x, weight, grad_out)
+        want, reach = exact_reference(x, weight, grad_out), nonfinite_reach(x, weight, grad_out)
         for name in ("forward", "input_grad", "weight_grad"):
-            assert_nonfinite_match(got[name], want[name], TOLERANCE[dtype][name], f"{shape} {fmt} {dtype} {where} {name}")
+            assert_nonfinite_superset(got[name], want[name], TOLERANCE[dtype][name],
+                                      f"{shape} {fmt} {dtype} {where} {name}", reach[name])
 
 
 @runs_here
