@@ -533,27 +533,35 @@ exit 0
     assert result.returncode in (0, 1), result.stderr[-2000:]
 
 
+def _gpu_check_with_fake_sanitizer(tmp_path, sanitizer_body: str, **env):
+    """Run a copy of gpu_check.sh --quick in a made-up checkout, with a python on PATH that succeeds
+    at everything and a compute-sanitizer whose shell body is ``sanitizer_body``; ``env`` adds to the
+    environment (GPU_CHECK_LIMIT defaults to 120). Returns the CompletedProcess; the summary is in
+    tmp_path / "out" / "summary.md"."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "lkfast").mkdir()
+    shutil.copy(GPU_CHECK, repo / "benchmarks" / "gpu_check.sh")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("python", "exit 0"), ("compute-sanitizer", sanitizer_body)):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "--quick"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                               "PYTHON": str(bin_dir / "python"), "GPU_CHECK_LIMIT": "120", **env})
+
+
 def test_gpu_check_sanitizer_runs_without_the_caching_allocator_on_the_edge_cases(tmp_path):
     """compute-sanitizer's memcheck sees only what cudaMalloc handed out: with PyTorch's caching
     allocator on, an access past a small tensor lands inside a cached block and is not reported. So
     gpu_check.sh --quick runs it with PYTORCH_NO_CUDA_MEMORY_CACHING=1, on the smoke test's tiny shape
     and the CUDA kernels' edge cases (--tiny --edge). A copy of the script in a made-up checkout, a
     python that succeeds at everything and a compute-sanitizer on PATH that logs how it was called."""
-    repo = tmp_path / "repo"
-    (repo / "benchmarks").mkdir(parents=True)
-    (repo / "lkfast").mkdir()
-    shutil.copy(GPU_CHECK, repo / "benchmarks" / "gpu_check.sh")
-    bin_dir, seen = tmp_path / "bin", tmp_path / "sanitizer_call"
-    bin_dir.mkdir()
-    for name, body in (("python", "exit 0"),
-                       ("compute-sanitizer",
-                        f'echo "caching_off=${{PYTORCH_NO_CUDA_MEMORY_CACHING:-}} $*" > {seen}\nexit 0')):
-        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "--quick"],
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-                                 "PYTHON": str(bin_dir / "python"), "GPU_CHECK_LIMIT": "120"})
+    seen = tmp_path / "sanitizer_call"
+    result = _gpu_check_with_fake_sanitizer(
+        tmp_path, f'echo "caching_off=${{PYTORCH_NO_CUDA_MEMORY_CACHING:-}} $*" > {seen}\nexit 0')
     assert seen.exists(), (tmp_path / "out" / "summary.md").read_text() + result.stderr[-2000:]
     call = seen.read_text().split()
     assert call[0] == "caching_off=1", call
@@ -567,21 +575,10 @@ def test_gpu_check_sanitizer_short_of_time_is_not_a_failure(tmp_path, case):
     not start (left to the full mode, not counted as skipped); a run cut short by its cap is
     inconclusive, counted as skipped for time, never as a failed step. A copy of the script, a python
     that succeeds at everything and a compute-sanitizer that hangs (cut-short) or logs its call."""
-    repo = tmp_path / "repo"
-    (repo / "benchmarks").mkdir(parents=True)
-    (repo / "lkfast").mkdir()
-    shutil.copy(GPU_CHECK, repo / "benchmarks" / "gpu_check.sh")
-    bin_dir, seen = tmp_path / "bin", tmp_path / "sanitizer_call"
-    bin_dir.mkdir()
-    for name, body in (("python", "exit 0"), ("compute-sanitizer", f"echo called > {seen}\nexec sleep 60")):
-        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-        (bin_dir / name).chmod(0o755)
+    seen = tmp_path / "sanitizer_call"
     limit = "120" if case == "cut-short" else "60"  # 20 s are reserved: 40 s left from the start
-    result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "--quick"],
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-                                 "PYTHON": str(bin_dir / "python"), "GPU_CHECK_LIMIT": limit,
-                                 "GPU_CHECK_SANITIZER_CAP": "6"})
+    result = _gpu_check_with_fake_sanitizer(tmp_path, f"echo called > {seen}\nexec sleep 60",
+                                            GPU_CHECK_LIMIT=limit, GPU_CHECK_SANITIZER_CAP="6")
     summary = (tmp_path / "out" / "summary.md").read_text()
     lines = [line for line in summary.splitlines() if line.startswith("- ") and "sanitizer" in line]
     counts = re.search(r"steps failed or timed out: (\d+), skipped for time: (\d+)", summary)
