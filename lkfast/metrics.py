@@ -39,8 +39,9 @@ IMAGENET9_VARIANTS = ("original", "only_fg", "only_bg_b", "only_bg_t", "no_fg", 
 """The variants of the backgrounds-challenge release (ImageNet-9)."""
 
 ALEXNET_ERRORS: Dict[str, float] = {
-    # AlexNet's top-1 error on ImageNet-C, mean over severities 1..5 (the ImageNet-C release's
-    # normalisation constants); the extra 4 come from third-party evaluations of the same model
+    # AlexNet's top-1 error on ImageNet-C, mean over severities 1..5: the "Average" column of the
+    # table "AlexNet ImageNet-C Error" in the ImageNet-C release's README (hendrycks/robustness),
+    # which lists all 19 corruptions, the 4 extra ones included, with their per-severity errors
     "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
     "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
     "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204,
