@@ -51,8 +51,9 @@ ALEXNET_ERRORS: Dict[str, float] = {
 """AlexNet's mean top-1 error over the 5 severities of each ImageNet-C corruption (fraction)."""
 ALEXNET_CLEAN_ERROR = 0.43478
 """AlexNet's clean ImageNet-val top-1 error: 1 - 56.522 % (torchvision's AlexNet, the model behind
-the ImageNet-C normalisation; torchvision.models.AlexNet_Weights.IMAGENET1K_V1, acc@1 56.522),
-0.4348 as the ImageNet-C release rounds it for the relative mCE."""
+the ImageNet-C normalisation; torchvision.models.AlexNet_Weights.IMAGENET1K_V1, acc@1 56.522,
+as torchvision's model documentation lists it). The relative mCE subtracts it from the corrupted
+errors."""
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
