@@ -614,6 +614,35 @@ def test_accuracy_axes_of_flat_values_start_at_zero(tmp_path, monkeypatch):
     assert plots.accuracy_ylim(0.0, 30.0) is None and plots.accuracy_ylim(float("inf"), float("-inf")) is None
 
 
+def test_drop_axes_of_flat_values_show_zero_and_both_signs(tmp_path, monkeypatch):
+    """Figs. 4 and 8 plot the top-1 drop: every drop 0 (tiny nets, or nothing the noise changed) got
+    matplotlib's flat-line range, about -0.055..0.055; a flat drop axis now runs 5 points beyond 0 and
+    the values, and negative drops (top-1 rose) stay inside the axis."""
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+
+    def occlusion_ylim(top1):
+        occ = {"ratios": [0.1, 0.5], "clean_top1": 50.0, "top1": {"random": top1}}
+        plots.plot_occlusion({"a": occ}, tmp_path / "fig4.png")
+        return tuple(drawn.pop().axes[0].get_ylim())
+
+    def frequency_ylim(drop):
+        plots.plot_frequency({"a": {"frequencies_over_pi": [0.0, 0.5, 1.0], "drop": drop}}, tmp_path / "fig8.png")
+        return tuple(drawn.pop().axes[0].get_ylim())
+
+    assert occlusion_ylim([50.0, 50.0]) == (-5.0, 5.0)
+    assert frequency_ylim([0.0, 0.0, 0.0]) == (-5.0, 5.0)
+    assert occlusion_ylim([50.25, 49.75]) == (-5.25, 5.25)  # drops -0.25 and 0.25: flat, both signs
+    low, high = frequency_ylim([-0.3, 0.0, 0.2])
+    assert low <= -5.3 and high >= 5.2
+    low, high = frequency_ylim([-3.0, 0.0, 10.0])  # values that vary keep matplotlib's range, both signs in
+    assert -4 < low < -3 and 10 < high < 11
+    low, high = occlusion_ylim([53.0, 40.0])
+    assert -4 < low < -3 and 10 < high < 11
+    assert plots.drop_ylim(2.0, 2.5) == (-5.0, 7.5) and plots.drop_ylim(0.0, 30.0) is None
+    assert plots.drop_ylim(float("inf"), float("-inf")) is None
+
+
 def test_table5_analysis_columns_only_with_a_value_and_no_negative_zero(tmp_path):
     """A run whose occlusion had no saliency (random drops only) and no frequency task wrote a Table 5
     of dashes; a frequency sweep that changed nothing showed its Noise-0.7π change as "-0.00"."""

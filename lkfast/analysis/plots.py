@@ -34,8 +34,8 @@ def _save(fig, path) -> Path:
         plt.close(fig)
 
 
-# An accuracy axis whose values span less than this (in points) is flat: matplotlib would zoom into it
-# (every value 0: -0.04..0.04), showing nothing about accuracy; it gets a 0-based range instead.
+# An accuracy or drop axis whose values span less than this (in points) is flat: matplotlib would zoom
+# into it (every value 0: -0.055..0.055), showing nothing about accuracy; it gets a readable range instead.
 FLAT_SPAN = 1.0
 
 
@@ -48,11 +48,29 @@ def accuracy_ylim(low: float, high: float) -> Optional[tuple]:
     return (0.0, 100.0 if high <= 0 else high + 5.0)
 
 
-def set_accuracy_ylim(ax) -> None:
-    """Give ``ax`` (an accuracy axis, drawn) the limits of ``accuracy_ylim`` for what it plots."""
-    limits = accuracy_ylim(float(ax.dataLim.y0), float(ax.dataLim.y1))
+def drop_ylim(low: float, high: float) -> Optional[tuple]:
+    """The y-limits of a top-1 drop axis (points; negative when the top-1 rose) whose plotted values
+    lie in [low, high]: ``None`` (keep matplotlib's) when they span at least ``FLAT_SPAN`` points;
+    else 5 points beyond both 0 and the values (every drop 0: -5..5), so 0 and either sign show."""
+    if not (math.isfinite(low) and math.isfinite(high)) or high - low >= FLAT_SPAN:
+        return None
+    return (min(low, 0.0) - 5.0, max(high, 0.0) + 5.0)
+
+
+def _set_ylim(ax, rule) -> None:
+    limits = rule(float(ax.dataLim.y0), float(ax.dataLim.y1))
     if limits is not None:
         ax.set_ylim(*limits)
+
+
+def set_accuracy_ylim(ax) -> None:
+    """Give ``ax`` (an accuracy axis, drawn) the limits of ``accuracy_ylim`` for what it plots."""
+    _set_ylim(ax, accuracy_ylim)
+
+
+def set_drop_ylim(ax) -> None:
+    """Give ``ax`` (a top-1 drop axis, drawn) the limits of ``drop_ylim`` for what it plots."""
+    _set_ylim(ax, drop_ylim)
 
 
 def _check(results: Mapping, figure: str) -> None:
@@ -73,6 +91,7 @@ def plot_occlusion(results: Mapping[str, dict], path) -> Path:
                 drop = [r["clean_top1"] - top1 for top1 in r["top1"][mode]]
                 ax.plot([100 * q for q in r["ratios"]], drop, marker="o", label=label)
         ax.set(title=MODE_TITLES[mode], xlabel="information loss (%)", ylabel="top-1 drop (points)")
+        set_drop_ylim(ax)
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     return _save(fig, path)
@@ -138,6 +157,7 @@ def plot_frequency(results: Mapping[str, dict], path) -> Path:
     for label, r in results.items():
         ax.plot(r["frequencies_over_pi"], r["drop"], marker="o", label=label)
     ax.set(xlabel="noise frequency (×π)", ylabel="top-1 drop (points)", title="Robustness to noise frequency")
+    set_drop_ylim(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
