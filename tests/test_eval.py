@@ -593,6 +593,26 @@ def test_wrong_layout_says_what_was_expected(tmp_path, data_root, checkpoint, ca
     assert "imagenet-c" in (tmp_path / "report.md").read_text().split("Not run")[-1]
 
 
+def test_each_ranks_final_line_is_true_of_its_own_output(tmp_path, data_root, checkpoint, capsys, monkeypatch):
+    """Under torchrun only rank 0 prints the per-task lines, yet every rank ended with "the reasons are
+    above" (nothing was above on rank 1); and where no task could run, rank 1 exited 0. Rank 1 (faked:
+    lkfast.eval.distributed.rank, which is_main reads) now names the failed tasks and points at rank 0."""
+    from lkfast.eval import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    err = run_failing(capsys, *common(tmp_path / "a", checkpoint, data_root, "--suite", "imagenet-c",
+                                      "--imagenet-c-dir", data_root / "val"))
+    assert "failed:" not in err and "<corruption>" not in err  # rank 0's lines, not printed here
+    (final,) = [line for line in err.splitlines() if line.startswith("lkfast.eval: error:")]
+    assert "1 task(s) failed (tiny: imagenet-c)" in final and "above" not in final, err
+    assert "this is rank 1: rank 0 printed the reasons and wrote them to results.json and report.md" in final
+    # every task not run for lack of data (test_a_run_where_no_task_had_data_fails on rank 0): exit 2 here too
+    err = run_failing(capsys, *common(tmp_path / "b", checkpoint, data_root, "--suite", "imagenet-o",
+                                      "--val-dir", data_root / "imagenet-a", "--data-root", tmp_path))
+    assert "not run" not in err and "above" not in err, err
+
+
 def test_unknown_wnids(tmp_path, data_root, checkpoint, capsys):
     bad = tmp_path / "val"
     _images(bad, ["n00000001"], 1, torch.Generator().manual_seed(0))

@@ -299,9 +299,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = run_evaluation(models, tasks, options)
         ran = [t for m in models for t, r in results.get(m.display, {}).items()
                if not t.startswith("_") and isinstance(r, dict) and "unavailable" not in r]
-        if not ran and dist.is_main():
-            print(f"lkfast.eval: error: no task could run (none had its data; the reasons are above and in "
-                  f"{os.path.join(args.out, 'report.md')})", file=sys.stderr)
+        if not ran:  # every rank exits 2; rank 0 printed the reasons, so it alone says so
+            if dist.is_main():
+                print(f"lkfast.eval: error: no task could run (none had its data; the reasons are above and in "
+                      f"{os.path.join(args.out, 'report.md')})", file=sys.stderr)
             return 2
         if dist.is_main():
             summary = os.path.join(args.out, "tables", "summary.md")

@@ -541,11 +541,14 @@ class Runner:
             write_report(self.out, self._with_meta(results))
         dist.barrier()
         if self.errors:
-            # each message was printed when its task failed and is in the report: the error names the tasks
-            # (the messages stay on it as .failures for callers of run_evaluation)
+            # each message was printed (by rank 0) when its task failed and is in the report: the error names
+            # the tasks (the messages stay on it as .failures for callers of run_evaluation). Under torchrun
+            # the other ranks' output holds no such line, so their error points at rank 0's instead.
             written = RESULTS_FILE + (" and report.md" if self.options.write_report else "")
+            reasons = (f"the reasons are above and in {written}" if dist.is_main() else
+                       f"this is rank {dist.rank()}: rank 0 printed the reasons and wrote them to {written}")
             error = EvalError(f"{len(self.errors)} task(s) failed ({', '.join(task for task, _ in self.errors)}): "
-                              f"the reasons are above and in {written}; the other tasks finished (in {self.out}); "
+                              f"{reasons}; the other tasks finished (in {self.out}); "
                               "fix this and rerun: finished work is cached")
             error.failures = [f"{task}: {message}" for task, message in self.errors]
             raise error
