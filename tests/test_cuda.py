@@ -909,7 +909,7 @@ def test_auto_passes_the_cuda_backend_over_where_its_kernels_cannot_launch(monke
     cuda = BACKENDS["cuda"]
     monkeypatch.setattr(cuda, "unavailable_reason", lambda: None)
     monkeypatch.setattr(cuda, "device_types", ("cpu", "cuda"))
-    monkeypatch.setattr(backends, "_smem_optin", lambda device: 232448)
+    monkeypatch.setattr(backends, "_smem_optin", lambda index: 232448)
     x = torch.empty(1, 2, 40, 40, dtype=torch.float64)
     fits, too_big = torch.empty(2, 1, 63, 63, dtype=torch.float64), torch.empty(2, 1, 101, 101, dtype=torch.float64)
     assert cuda.not_supported_reasons(x, fits) == []
@@ -918,6 +918,29 @@ def test_auto_passes_the_cuda_backend_over_where_its_kernels_cannot_launch(monke
     usable = lambda w: lambda name: not BACKENDS[name].not_supported_reasons(x, w)  # noqa: E731
     assert cuda_table.choose(x, fits, usable(fits), gpu=H200, table=empty)[0] == Plan.single("cuda")
     assert cuda_table.choose(x, too_big, usable(too_big), gpu=H200, table=empty)[0] == Plan.single("torch")
+
+
+def test_the_opt_in_shared_memory_is_asked_once_per_device_index(monkeypatch):
+    """backends._smem_optin (what not_supported_reasons gives the kernels' launch rule): each device
+    index's own limit, asked of torch once (it runs on every call of the op); None where torch's
+    properties do not carry it. torch.cuda.get_device_properties is faked: no GPU needed."""
+    from types import SimpleNamespace
+
+    from lkfast.ops import backends
+
+    asked = []
+    limits = {0: 232448, 1: 166912}
+
+    def properties(index):
+        asked.append(index)
+        return SimpleNamespace(shared_memory_per_block_optin=limits[index]) if index in limits else SimpleNamespace()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    backends._smem_optin.cache_clear()
+    try:
+        assert [backends._smem_optin(i) for i in (0, 1, 0, 1, 2)] == [232448, 166912, 232448, 166912, None]
+        assert asked == [0, 1, 2]
+    finally:
+        backends._smem_optin.cache_clear()  # nothing of the fake left for a real GPU's later calls
 
 
 # ---------------------------------------------------------------------------------------------

@@ -191,13 +191,11 @@ class CpuBackend(_CompiledBackend):
     description = "lkfast C++ kernels (lkfast._C)"
 
 
-def _smem_optin(device: torch.device) -> int | None:
-    """The opt-in shared memory per block of a CUDA ``device`` (None: torch does not say)."""
-    return _smem_optin_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
 @functools.lru_cache(maxsize=16)
-def _smem_optin_of(index: int) -> int | None:
+def _smem_optin(index: int) -> int | None:
+    """The opt-in shared memory per block of CUDA device ``index`` (None: torch does not say). Called
+    with a CUDA tensor's ``device.index``, which torch always sets (cached per index: a bare "cuda"
+    would be whichever device was current at the first call)."""
     return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
 
 
@@ -228,7 +226,7 @@ class CudaBackend(_CompiledBackend):
         if reasons or x.dim() != 4 or weight.dim() != 4:
             return reasons
         why = _ext._C.cuda_launch_refusal(list(x.shape), weight.shape[2], weight.shape[3], x.dtype,
-                                          _smem_optin(x.device))
+                                          _smem_optin(x.device.index))
         return [why] if why else []
 
 
