@@ -425,14 +425,31 @@ for shape, (kh, kw) in [((1, 1, 13, 23), (31, 13)), ((2, 1, 14, 14), (51, 7)), (
         want = grads(lambda a, b: torch.nn.functional.conv2d(a.expand(-1, 2, -1, -1), b.expand(2, -1, -1, -1),
                                                              padding=(kh // 2, kw // 2), groups=2)[:, :1])
         assert all(((a - b).abs().max() / b.abs().max()).item() < 1e-4 for a, b in zip(got, want))
+    # under torch.func, auto and torch compute with F.conv2d: on one channel the same oneDNN weight
+    # gradient (grad, jacrev, vmap of grad, grad of grad), against F.conv2d in float64 (not oneDNN's)
+    func, xf, b = torch.func, x.detach(), torch.randn(1)
+    ws = torch.randn(3, 1, 1, kh, kw)
+    plain = lambda a, w: torch.nn.functional.conv2d(a.double(), w.double(), b.double(), padding=(kh // 2, kw // 2))
+    for backend in ("auto", "torch"):
+        conv = lambda a, w: ops.depthwise_conv2d(a, w, b, backend=backend)
+        for name, transform in {
+            "grad": lambda f: func.grad(lambda w: f(xf, w).square().sum())(ws[0]),
+            "vmap of grad": lambda f: func.vmap(func.grad(lambda w: f(xf, w).square().sum()))(ws),
+            "grad of grad": lambda f: func.grad(lambda a, w: func.grad(lambda w: f(a, w).pow(3).sum())(w).square().sum(),
+                                                argnums=(0, 1))(xf, ws[0]),
+        }.items():
+            got, want = transform(conv), transform(plain)
+            for a, c in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                assert ((a.double() - c).abs().max() / c.abs().max()).item() < 1e-4, (backend, name, shape)
 print("ok")
 """
 
 
 def test_one_channel_weight_grad_on_the_cpu_does_not_crash(tmp_path):
     """oneDNN's weight gradient of a one-channel convolution whose kernel reaches far past the map's
-    rows corrupts the heap (torch 2.14); the "torch" backend, and the calibration of ``auto`` that
-    times it, computed it there and crashed the process. In a child process: a crash is a failure."""
+    rows corrupts the heap (torch 2.14); the "torch" backend, the calibration of ``auto`` that times
+    it, and ``auto``/``torch`` under torch.func transforms (F.conv2d with groups = 1) computed it
+    there and crashed the process. In a child process: a crash is a failure."""
     env = {**os.environ, "LKFAST_CALIBRATE": "1", "LKFAST_CACHE": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", _ONE_CHANNEL_CHILD], env=env, capture_output=True, text=True,
                           timeout=300)

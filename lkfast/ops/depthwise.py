@@ -293,6 +293,13 @@ def _under_torch_func(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                            f"(vmap, grad, jvp, jacrev...); use backend='auto' or 'torch', which compute "
                            f"with F.conv2d there")
     kh, kw = weight.shape[-2:]
+    if x.shape[1] == 1 and x.device.type == "cpu":
+        # one channel is a plain (groups = 1) convolution to oneDNN, whose weight gradient (taken by grad,
+        # vjp, jacrev, hessian) corrupts the heap when the kernel reaches past the map's rows: computed as
+        # a two-channel depthwise one and the first channel kept, as backends.convolution_backward does
+        x, weight = x.expand(-1, 2, -1, -1), weight.expand(2, -1, -1, -1)
+        bias = None if bias is None else bias.expand(2)
+        return torch.nn.functional.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=2)[:, :1]
     return torch.nn.functional.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
 
 
