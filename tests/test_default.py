@@ -157,3 +157,39 @@ def test_analysis_option_mistakes_are_found_before_the_default_trains(tmp_path, 
     assert not out.exists()
     with pytest.raises(Built):  # a label of the default's models passes the check
         run("--suite", "clean,taig", "--taig-surrogate", "ResNet-tiny")
+
+
+def test_the_default_checks_its_analysis_options_once_against_what_it_runs(tmp_path, monkeypatch):
+    """The analysis options of a default run were checked twice: on its planned run before the
+    building, and again on the built one. prepare_default now builds its models and suite from
+    planned_run, so the one check before the building is the check of what is evaluated. The
+    building and training are faked (paths, no files): the run stops where the evaluation starts."""
+    from lkfast.eval import cli
+
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default, "DEFAULT", TINY)
+    monkeypatch.setattr(default, "fix_kernel_choices", lambda: "0")
+    parts = {name: tmp_path / name for name in ("val", "val-masks", "imagenet-c", "imagenet-p", "imagenet-9")}
+    monkeypatch.setattr(default.synthetic, "build_base", lambda *a, **k: dict(parts))
+    monkeypatch.setattr(default, "ensure_model", lambda name, *a: tmp_path / f"{name}.pth")
+    monkeypatch.setattr(default, "ensure_reference_sets",
+                        lambda *a: {name: tmp_path / name for name in ("imagenet-a", "imagenet-r", "imagenet-o")})
+    checked, evaluated = [], []
+    real_check = cli._check_analysis_options
+    monkeypatch.setattr(cli, "_check_analysis_options", lambda options, tasks, models: checked.append(
+        (tuple(tasks), [spec.display for spec in models])) or real_check(options, tasks, models))
+
+    class Evaluated(Exception):
+        pass
+
+    def run_evaluation(models, tasks, options):
+        evaluated.append((tuple(tasks), [spec.display for spec in models], [spec.checkpoint for spec in models]))
+        raise Evaluated
+    monkeypatch.setattr("lkfast.eval.runner.run_evaluation", run_evaluation)
+    argv = ["--suite", "clean,taig", "--taig-surrogate", "k31", "--out", str(tmp_path / "out"), "--no-progress"]
+    monkeypatch.setattr("sys.argv", ["lkfast.eval", *argv])
+    with pytest.raises(Evaluated):
+        cli.main(argv)
+    assert checked == [(("clean", "taig"), ["ResNet-tiny", "k31", "k3"])]
+    assert evaluated == [(("clean", "taig"), ["ResNet-tiny", "k31", "k3"],
+                          [str(tmp_path / f"{name}.pth") for name, _ in TINY.models])]

@@ -2,8 +2,10 @@
 results.json, report.md, tables (markdown + CSV) and figures.
 
 With no ``--models`` and no data, the embedded default runs when ``lkfast.eval.default`` exists:
-``prepare_default(args)`` gets the parsed arguments and returns a dict with
-    "models":      list of ``lkfast.eval.ModelSpec`` to evaluate,
+``planned_run(args)`` gives its "models" (labels, no checkpoints) and "suite" before anything is built
+(the analysis options are checked against these, once), then ``prepare_default(args)`` builds that
+run and returns a dict with
+    "models":      list of ``lkfast.eval.ModelSpec`` to evaluate (planned_run's, with checkpoints),
     "data":        {source name: folder} in the layouts of ``lkfast.eval.sources``,
     "class_space": a ``lkfast.eval.ClassSpace`` (None: ImageNet-1k),
     "suite":       optional task names (default: the --suite given),
@@ -246,7 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                             "resnet50:/path/resnet50.pth (the embedded default runs only with no --models and no data)")
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise EvalError(f"--out {args.out} is a file: give a folder for results.json, report.md and the cache")
-        if not models and not data:
+        default_run = not models and not data
+        if default_run:
             if args.dry_run:
                 raise EvalError("--dry-run plans an evaluation of --models on your data; the embedded default (no "
                                 "--models, no data) builds its benchmark and trains its models first: run "
@@ -270,7 +273,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise EvalError("no --models given (e.g. --models resnet50:/path/resnet50.pth)")
         if not data:
             raise EvalError(_no_data_message(args.data_root))
-        _check_analysis_options(EvalOptions(analysis=analysis), tasks, models)
+        if not default_run:  # the default's were checked on its planned run: the labels and suite it built
+            _check_analysis_options(EvalOptions(analysis=analysis), tasks, models)
         if not args.dry_run:
             _check_writable(args.out)
         for spec in models:

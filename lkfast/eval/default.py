@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -198,9 +198,9 @@ def prepare_default(args, settings: DefaultSettings = None) -> dict:
     as AlexNet does on ImageNet; else None and the report gives unnormalised values) and
     ``workers`` (0: the small images decode in the eval's process unless --workers says otherwise)."""
     from lkfast.eval.models import ModelSpec
-    from lkfast.eval.registry import resolve_suite
 
     settings = settings or DEFAULT
+    planned = planned_run(args, settings)  # the labels and suite the CLI checked its options against
     started = time.time()
     fix_kernel_choices()
     root = benchmark_root(settings)
@@ -208,16 +208,16 @@ def prepare_default(args, settings: DefaultSettings = None) -> dict:
     parts = synthetic.build_base(root, settings.data, log=_log, progress=progress)
     checkpoints = {REFERENCE_MODEL: ensure_model(REFERENCE_MODEL, settings, root, progress)}
     parts.update(ensure_reference_sets(settings, checkpoints[REFERENCE_MODEL]))
-    for name, _ in settings.models:
-        if name not in checkpoints:
-            checkpoints[name] = ensure_model(name, settings, root, progress)
+    for spec in planned["models"]:
+        if spec.name not in checkpoints:
+            checkpoints[spec.name] = ensure_model(spec.name, settings, root, progress)
     num_classes = (("num_classes", len(synthetic.CLASSES)),)
-    models = [ModelSpec(name, str(checkpoints[name]), label, kwargs=num_classes) for name, label in settings.models]
+    models = [replace(spec, checkpoint=str(checkpoints[spec.name]), kwargs=num_classes)
+              for spec in planned["models"]]
     baseline = None
     if settings.baseline:
         baseline = ModelSpec(REFERENCE_MODEL, str(checkpoints[REFERENCE_MODEL]), "ResNet-tiny (baseline)",
                              kwargs=num_classes)
-    suite = _suite(args, settings)
     _log(f"lkfast: embedded default ready in {time.time() - started:.0f} s: synthetic benchmark in {root}, "
          f"{len(models)} trained models")
     data = {name: str(parts[name]) for name in ("val", "imagenet-a", "imagenet-r", "imagenet-o", "imagenet-c",
@@ -227,14 +227,14 @@ def prepare_default(args, settings: DefaultSettings = None) -> dict:
     # from it, and every page the eval writes while workers live takes a copy-on-write fault. Measured
     # here with the models cached: 201 s (6.0M page faults) with 2 workers, 138 s with none.
     return {"models": models, "data": data, "class_space": synthetic_class_space(),
-            "suite": resolve_suite(suite), "baseline": baseline, "workers": 0}
+            "suite": planned["suite"], "baseline": baseline, "workers": 0}
 
 
 def planned_run(args, settings: DefaultSettings = None) -> dict:
     """What ``prepare_default(args, settings)`` returns as ``models`` (without their checkpoints: the
-    labels) and ``suite``, known before anything is built or trained: the CLI checks the options that
-    name a label or a task's file against them first (a mistake is one line, not one after minutes of
-    training)."""
+    labels) and ``suite``, known before anything is built or trained (``prepare_default`` builds its
+    own from these): the CLI checks the options that name a label or a task's file against them,
+    once, before the building (a mistake is one line, not one after minutes of training)."""
     from lkfast.eval.models import ModelSpec
     from lkfast.eval.registry import resolve_suite
 
