@@ -136,7 +136,7 @@ def replknet_through_eval(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=400)
     p.add_argument("--rounds", type=int, default=3)
@@ -146,6 +146,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "eval_cpu"))
     p.add_argument("--replknet", action="store_true", help="RepLKNet-31B through the eval, lkfast layers vs nn.Conv2d")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.replknet:
         return replknet_through_eval(args)

@@ -330,7 +330,7 @@ def write_table(results_path: str, table_path: str | None = None) -> str:
     return str(path)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="folder for gpu_bench.json and gpu_bench.md")
     parser.add_argument("--batch", type=int, default=64)
@@ -339,6 +339,11 @@ def main(argv=None) -> int:
     parser.add_argument("--write-table", metavar="JSON", help="ship the table of a gpu_bench.json (cuda_table.save_table)")
     parser.add_argument("--table-path", help="with --write-table: write here instead of the package's cuda_table.json")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.write_table:

@@ -203,7 +203,7 @@ def check_extension(device: str) -> list[str]:
     return problems
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write every case as JSON here")
@@ -214,6 +214,11 @@ def main(argv=None) -> int:
     parser.add_argument("--check-extension", action="store_true",
                         help="only check that lkfast._C was built from these sources, with CUDA, and runs on --device "
                              "(gpu_check.sh: whether a carried build can be used)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.check_extension:
         problems = check_extension(args.device)

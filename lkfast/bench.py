@@ -198,12 +198,17 @@ def summarize(rows: list[dict], peak: float) -> str:
     return markdown_table(header, table, align="llrrrrrrrr", caption=caption).rstrip("\n")
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lkfast.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 2 and 2 repetitions (about a minute)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 8, or 2 with --quick)")
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds per shape (default 5)")
     parser.add_argument("--json", default=None, help="also write the raw timings to this JSON file")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     batch = args.batch or (2 if args.quick else 8)
     repeat = args.repeat or (2 if args.quick else 5)

@@ -204,10 +204,8 @@ def _levels(text):
         raise SystemExit(f"error: --levels takes comma-separated integers, e.g. 1,2,3; got {text!r}")
 
 
-def main(argv=None) -> int:
-    """``python -m lkfast.corrupt SRC DST --benchmark c|p [options]``: returns the exit status
-    (0 done; 1 if some source images could not be read: everything else is written, and they are
-    counted and named on stderr; 2 on a bad argument or layout, with the reason on stderr)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m lkfast.corrupt`` (``main``)."""
     parser = argparse.ArgumentParser(
         prog="python -m lkfast.corrupt",
         description="Render a folder of images laid out like ImageNet-val (SRC/<wnid>/<image>.JPEG) "
@@ -231,6 +229,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device for the corruption, e.g. cuda (default cpu)")
     parser.add_argument("--x264-preset", default="medium", help="libx264 preset for P videos (default medium)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    """``python -m lkfast.corrupt SRC DST --benchmark c|p [options]``: returns the exit status
+    (0 done; 1 if some source images could not be read: everything else is written, and they are
+    counted and named on stderr; 2 on a bad argument or layout, with the reason on stderr)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     unreadable: List[Path] = []
     counts: dict = {}
@@ -257,4 +263,4 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["render", "main", "warn_unreadable", "chunk_seed", "chunk_generator", "RESIZE", "CROP", "JPEG_QUALITY"]
+__all__ = ["render", "main", "build_parser", "warn_unreadable", "chunk_seed", "chunk_generator", "RESIZE", "CROP", "JPEG_QUALITY"]
