@@ -883,6 +883,50 @@ def test_imagenet_c_outside_imagenet_is_normalised_by_the_baseline(tmp_path, dat
     assert "baseline" in r["normalised_by"]
 
 
+def _not_imagenet_run(tmp_path, data_root, checkpoint, monkeypatch, out, tasks, baseline):
+    """``tasks`` of the tiny model in a class space without published baselines, the baseline model's
+    result for every task being ``baseline`` (hand-made)."""
+    import dataclasses
+
+    from lkfast.eval import imagenet_class_space
+    from lkfast.eval.runner import Runner
+
+    space = dataclasses.replace(imagenet_class_space(), name="not ImageNet", published_baselines=False)
+    spec = ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)
+    monkeypatch.setattr(Runner, "baseline_result", lambda self, name: (baseline, None))
+    options = EvalOptions(out=str(tmp_path / out), data={k: str(data_root / k) for k in ("val", "imagenet-c", "imagenet-p")},
+                          workers=0, progress=False, write_report=False, class_space=space,
+                          baseline=dataclasses.replace(spec, label="base"))
+    return run_evaluation([spec], tasks, options)["tiny"]
+
+
+def test_imagenet_c_outside_imagenet_takes_the_baselines_errors_and_its_clean_error(tmp_path, data_root, checkpoint,
+                                                                                    monkeypatch):
+    """Outside ImageNet, CE divides by the baseline's mean error over the 5 severities of a corruption it
+    has whole, and relative CE by that minus the baseline's own clean error (not the model's); a
+    corruption the baseline lacks a severity of gets no CE; a baseline without a clean error gives no
+    relative mCE, and the note says so."""
+    base = {"top1": {"gaussian_noise": {"1": 80.0, "2": 70.0, "3": 60.0, "4": 50.0, "5": 40.0}, "snow": {"5": 10.0}},
+            "clean_error": 0.1}  # mean error 0.4 over gaussian_noise's severities
+    r = _not_imagenet_run(tmp_path, data_root, checkpoint, monkeypatch, "whole", ["clean", "imagenet-c"], base)
+    c, clean_error = r["imagenet-c"], 1 - r["clean"]["top1"] / 100
+    mean_error = sum(1 - v / 100 for v in c["top1"]["gaussian_noise"].values()) / 5
+    assert abs(clean_error - 0.1) > 0.05 and abs(mean_error - clean_error) > 0.05  # the swaps would show
+    assert c["ce"] == {"gaussian_noise": pytest.approx(100 * mean_error / 0.4)}
+    assert c["mce"] == pytest.approx(100 * mean_error / 0.4)
+    assert c["relative_mce"] == pytest.approx(100 * (mean_error - clean_error) / (0.4 - 0.1))
+    # the baseline misses gaussian_noise/3 (unreadable there): no CE for it, nothing to average
+    partial = {"top1": {"gaussian_noise": {"1": 80.0, "2": 70.0, "4": 50.0, "5": 40.0}}, "clean_error": 0.1}
+    c = _not_imagenet_run(tmp_path, data_root, checkpoint, monkeypatch, "partial", ["clean", "imagenet-c"],
+                          partial)["imagenet-c"]
+    assert c["ce"] == {} and c["mce"] is None and c["relative_mce"] is None and "gaussian_noise" in c["ce_skipped"]
+    # the baseline has no clean error: CE as before, no relative mCE, and why
+    c = _not_imagenet_run(tmp_path, data_root, checkpoint, monkeypatch, "no-clean", ["clean", "imagenet-c"],
+                          dict(base, clean_error=None))["imagenet-c"]
+    assert c["mce"] == pytest.approx(100 * mean_error / 0.4) and c["relative_mce"] is None
+    assert c["relative_mce_note"] == "the baseline has no clean error (no val data for it)"
+
+
 def test_unreadable_video_is_skipped_and_counted(tmp_path, data_root, checkpoint):
     p = tmp_path / "imagenet-p"
     shutil.copytree(data_root / "imagenet-p", p)

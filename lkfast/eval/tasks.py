@@ -227,6 +227,7 @@ def imagenet_c(ctx: TaskContext) -> dict:
         raise _nothing_readable(ctx, "imagenet-c" if source == "disk" else "val")
     errors = {c: {s: 1.0 - v / 100.0 for s, v in by.items()} for c, by in top1.items()}
     clean_error, note = None, "no ImageNet-val given, so no clean error"
+    baseline_lacks_clean = False  # the model has a clean error, the baseline none: no relative mCE, and why
     if ctx.has_source("val"):
         try:
             clean_error = 1.0 - ctx.result_of("clean")["top1"] / 100.0
@@ -248,7 +249,7 @@ def imagenet_c(ctx: TaskContext) -> dict:
             base_clean = base.get("clean_error")
             use_clean = clean_error if base_clean is not None else None
             if clean_error is not None and use_clean is None:
-                note = "the baseline has no clean error (no val data for it)"
+                note, baseline_lacks_clean = "the baseline has no clean error (no val data for it)", True
             reference = {c: sum(1.0 - v / 100.0 for v in by.values()) / len(by)
                          for c, by in base["top1"].items() if len(by) == 5}
             scores = metrics.corruption_errors(errors, clean_error=use_clean, baseline=reference,
@@ -262,8 +263,8 @@ def imagenet_c(ctx: TaskContext) -> dict:
     result.update(json.loads(json.dumps(scores, default=float)))
     if result.get("relative_mce") is None:
         result["relative_mce"] = None
-        result["relative_mce_note"] = note if clean_error is None or "mce_note" in result else \
-            "no corruption with all 5 severities"
+        result["relative_mce_note"] = note if clean_error is None or "mce_note" in result or baseline_lacks_clean \
+            else "no corruption with all 5 severities"
     return result
 
 
