@@ -1214,6 +1214,18 @@ def test_taig_report_says_which_eps_its_steps_cannot_reach(tmp_path):
                       "at most 0.0784") == 1
 
 
+def test_table4_shows_the_success_rate_over_all_attacked_images(tmp_path):
+    # Table 4 is the paper's number as its script counts it (success_rate); the clean-correct rate
+    # stays in results.json only
+    from lkfast.eval.analysis_tasks import write_analysis_report
+
+    result = {"surrogate": "vit", "eps": [0.03, 0.06], "success_rate": [12.5, 37.5],
+              "success_rate_clean_correct": [20.0, 60.0], "steps": 2, "alpha": 0.05}
+    write_analysis_report(tmp_path, {"lk": {"taig": result}})
+    assert "| lk | vit | 12.50 | 37.50 |" in (tmp_path / "tables" / "table4_taig.md").read_text()
+    assert (tmp_path / "tables" / "table4_taig.csv").read_text().splitlines()[1] == "lk,vit,12.5,37.5"
+
+
 def test_taig_memo_keeps_the_most_recent_within_its_budget():
     from lkfast.eval.analysis_tasks import _Memo
 

@@ -274,6 +274,24 @@ def test_transfer_success_rate_is_the_error_on_all_attacked_images():
     assert none_right["success_rate"] == [100.0] and none_right["success_rate_clean_correct"] == [None]
 
 
+def test_transfer_summary_reads_each_targets_own_column():
+    # transfer_outcomes' rows hold one column per target (and per eps): each target's numbers come from
+    # its own. Hand-made outcomes of 4 images, two targets, two eps, every column different.
+    from lkfast.attacks.evaluate import transfer_summary
+
+    clean = torch.tensor([[True, False], [True, True], [True, True], [False, True]])  # a: 0-2 right, b: 1-3
+    correct = torch.zeros(4, 2, 2, dtype=torch.bool)
+    correct[:, 0, 0] = torch.tensor([True, True, True, False])    # a, eps 0.03: wrong on 3
+    correct[:, 0, 1] = torch.tensor([True, False, False, False])  # a, eps 0.06: wrong on 1-3
+    correct[:, 1, 0] = torch.tensor([False, False, True, True])   # b, eps 0.03: wrong on 0-1
+    correct[:, 1, 1] = torch.tensor([False, False, False, False])  # b, eps 0.06: wrong on all
+    r = transfer_summary({"clean": clean, "correct": correct}, ["a", "b"], eps_values=(0.03, 0.06))
+    assert r["a"]["success_rate"] == [25.0, 75.0] and r["b"]["success_rate"] == [50.0, 100.0]
+    assert r["a"]["success_rate_clean_correct"] == [0.0, pytest.approx(200.0 / 3)]  # 1-2 of a's clean-right 0-2
+    assert r["b"]["success_rate_clean_correct"] == [pytest.approx(100.0 / 3), 100.0]  # 1 / 1-3 of b's 1-3
+    assert r["a"]["clean_top1"] == r["b"]["clean_top1"] == 75.0 and r["a"]["eps"] == [0.03, 0.06]
+
+
 def test_transfer_success_matches_direct_evaluation():
     surrogate, target, data = small_net(seed=0), small_net(seed=1), loader()
     result = transfer_success(surrogate, {"t": target}, data, eps_values=(0.05,), steps=2, path_steps=2, alpha=0.02)["t"]
