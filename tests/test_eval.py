@@ -212,6 +212,9 @@ def test_cli_end_to_end_matches_a_direct_computation(full_run, data_root, checkp
         noise = name == "gaussian_noise"
         assert r["imagenet-p"]["fr"][name] == pytest.approx(100 * metrics.flip_probability(z.argmax(2), noise))
         assert r["imagenet-p"]["t5d"][name] == pytest.approx(metrics.top5_distance(z, noise))
+    p = r["imagenet-p"]  # Table 2's unnormalised means: over the perturbations scored (2 here), not the 10
+    assert p["mean_fr_unnormalised"] == pytest.approx((p["fr"]["gaussian_noise"] + p["fr"]["translate"]) / 2)
+    assert p["mean_t5d_unnormalised"] == pytest.approx((p["t5d"]["gaussian_noise"] + p["t5d"]["translate"]) / 2)
     base = r["imagenet-p"]["baseline"]
     assert r["imagenet-p"]["mfr"] == pytest.approx(metrics.mfr(r["imagenet-p"]["fr"], base["fr"]))
     assert r["imagenet-p"]["mt5d"] == pytest.approx(metrics.mt5d(r["imagenet-p"]["t5d"], base["t5d"]))
@@ -395,16 +398,25 @@ def test_dry_run_lists_every_task_whose_data_is_wrong(tmp_path, data_root, check
 def test_dry_run_counts_the_passes_an_analysis_makes_per_image(tmp_path, data_root, checkpoint, capsys):
     """The estimate counts forward-pass equivalents (a backward = two forwards): FGSM makes a forward
     and a backward then the attacked forward per eps, PGD 3 per step + 1 per attack, frequency one
-    forward per band, plus the clean forward; the minutes scale with them."""
+    forward per band, the occlusion one per ratio (per ratio and type with a saliency source), the
+    lesion one per drawn set of blocks, TAIG (per eps) the surrogate's steps x (path steps + 1) forwards
+    and backwards then the target's forward, plus the clean forward; the minutes scale with them."""
     from lkfast import attacks
     from lkfast.analysis.frequency import FREQUENCIES
+    from lkfast.analysis.lesion import LesionPlan
 
-    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean,fgsm,pgd,frequency", "--dry-run")) == 0
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean,fgsm,pgd,frequency,occlusion,lesion,taig",
+                       "--taig-surrogate", "tiny", "--dry-run")) == 0
     rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:7]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")}
     pgd_steps = [5] * len(attacks.PGD_EPS) + list(attacks.PGD_STEPS)
+    lesion = LesionPlan(reference_model(checkpoint), scope="paper")
+    assert lesion.counts == [1] and lesion.draws == 10  # test_resnet: one block removed at a time, 10 draws
     expected = {"clean": 1, "fgsm": 1 + 4 * len(attacks.FGSM_EPS), "frequency": 1 + len(FREQUENCIES),
-                "pgd": 1 + sum(3 * n + 1 for n in pgd_steps)}
+                "pgd": 1 + sum(3 * n + 1 for n in pgd_steps),
+                "occlusion": 1 + 9,  # no masks, no DINO: the random drop only, at 9 ratios
+                "lesion": 1 + 1 * 10,
+                "taig": 1 + 3 * (20 * 21 * 3 + 1)}  # eps 0.03/0.06/0.1, 20 steps, 20 path steps
     assert {task: float(rows[task][1]) for task in expected} == expected
     from lkfast.eval.runner import plan
 
@@ -413,6 +425,11 @@ def test_dry_run_counts_the_passes_an_analysis_makes_per_image(tmp_path, data_ro
                                              list(expected), options)}
     for task in expected:  # one measured throughput: minutes in proportion to the passes
         assert minutes[task] / minutes["clean"] == pytest.approx(expected[task], rel=1e-9), task
+    # with a saliency source the occlusion drops by all three types (DINO's file is not read for the plan)
+    options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val")}, workers=0, progress=False,
+                          analysis={"dino_checkpoint": str(tmp_path / "dino.pth")})
+    (row,) = plan([ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)], ["occlusion"], options)
+    assert row[3] == 1 + 9 * 3
 
 
 def test_what_users_get_wrong_is_said_in_one_line_before_anything_runs(tmp_path, data_root, checkpoint, capsys,
@@ -440,7 +457,8 @@ def test_a_run_where_no_task_had_data_fails(tmp_path, data_root, checkpoint, cap
     """Every task skipped for lack of data is not a success: exit 2, each reason on one line."""
     err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--suite", "imagenet-o",
                                       "--val-dir", data_root / "imagenet-a", "--data-root", tmp_path))
-    assert "lkfast.eval: tiny: imagenet-o not run: no imagenet-o data" in err and "no task could run" in err
+    assert "lkfast.eval: tiny: imagenet-o not run: no imagenet-o data: pass --data-root" in err  # not 'reads it too'
+    assert "no task could run" in err
     err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--suite", "imagenet-o", "--data-root", tmp_path,
                                       "--imagenet-o-dir", data_root / "imagenet-o"))
     assert "imagenet-o not run: no val data (imagenet-o reads it too: its in-distribution negatives" in err
@@ -778,6 +796,14 @@ def test_report_flags_a_clean_top1_far_from_the_papers(tmp_path):
     assert "31B-22k" not in flagged[0] and "mine" not in flagged[0]  # within a point; no paper value
     results["31B-1k"]["clean"]["top1"] = 84.5
     assert "far from the paper" not in write_report(tmp_path / "close", results).read_text()
+    # above the paper's as well as below; exactly a point off is not more than a point
+    results["31B-1k"]["clean"]["top1"] = 86.5
+    results["31B-22k"]["clean"]["top1"] = 85.2 + 1.0  # 86.2 - 85.2 == 1.0 exactly in binary floating point
+    assert results["31B-22k"]["clean"]["top1"] - 85.2 == 1.0
+    report = write_report(tmp_path / "above", results).read_text()
+    flagged = [line for line in report.splitlines() if line.startswith("**Clean top-1 far from the paper's**")]
+    assert len(flagged) == 1 and "31B-1k: 86.50 (the paper's RepLKNet-31B: 85.2)" in flagged[0]
+    assert "31B-22k" not in flagged[0]
 
 
 def test_report_has_the_model_card_of_figure_1(tmp_path):
@@ -927,6 +953,22 @@ def test_imagenet_c_outside_imagenet_takes_the_baselines_errors_and_its_clean_er
     assert c["relative_mce_note"] == "the baseline has no clean error (no val data for it)"
 
 
+def test_imagenet_p_mfr_needs_every_baseline_rate_non_zero(tmp_path, data_root, checkpoint, monkeypatch):
+    """mFR / mT5D divide by the baseline's flip rate and top-5 distance of each perturbation: a zero
+    (or missing) one of either leaves both out, naming the perturbation, instead of failing the task."""
+    fr, t5d = {"gaussian_noise": 40.0, "translate": 20.0}, {"gaussian_noise": 2.0, "translate": 0.5}
+    p = _not_imagenet_run(tmp_path, data_root, checkpoint, monkeypatch, "both", ["imagenet-p"],
+                          {"fr": fr, "t5d": t5d})["imagenet-p"]
+    assert p["mfr"] == pytest.approx((p["fr"]["gaussian_noise"] / 40.0 + p["fr"]["translate"] / 20.0) / 2 * 100)
+    assert p["mt5d"] == pytest.approx((p["t5d"]["gaussian_noise"] / 2.0 + p["t5d"]["translate"] / 0.5) / 2 * 100)
+    for name, baseline in (("fr", {"fr": dict(fr, translate=0.0), "t5d": t5d}),
+                           ("t5d", {"fr": fr, "t5d": dict(t5d, gaussian_noise=0.0)})):
+        p = _not_imagenet_run(tmp_path, data_root, checkpoint, monkeypatch, name, ["imagenet-p"], baseline)["imagenet-p"]
+        zero = "translate" if name == "fr" else "gaussian_noise"
+        assert p["mfr"] is None and p["mt5d"] is None, name
+        assert p["normalisation_note"] == f"the baseline has no (or zero) flip rate / top-5 distance for {[zero]}"
+
+
 def test_unreadable_video_is_skipped_and_counted(tmp_path, data_root, checkpoint):
     p = tmp_path / "imagenet-p"
     shutil.copytree(data_root / "imagenet-p", p)
@@ -939,7 +981,7 @@ def test_unreadable_video_is_skipped_and_counted(tmp_path, data_root, checkpoint
     assert r["sequences"] == {"gaussian_noise": 2, "translate": 2}  # sequences scored (translate: 3 files)
 
 
-def test_imagenet_9_without_the_original_variant(tmp_path, data_root, checkpoint):
+def test_imagenet_9_with_a_variant_missing(tmp_path, data_root, checkpoint):
     nine = tmp_path / "imagenet-9"
     g = torch.Generator().manual_seed(1)
     for variant in ("mixed_same", "mixed_rand"):  # the original variant is not there
@@ -949,6 +991,27 @@ def test_imagenet_9_without_the_original_variant(tmp_path, data_root, checkpoint
     r = load(out)["tiny"]["imagenet-9"]
     assert set(r["top1"]) == {"mixed_same", "mixed_rand"} and r["original"] is None
     assert r["bg_gap"] == pytest.approx(r["top1"]["mixed_same"] - r["top1"]["mixed_rand"])
+    # without mixed_rand: the variants there are scored, BG-Gap is None with the reason (not a failed task)
+    shutil.rmtree(nine / "mixed_rand")
+    _images(nine / "original" / "val", ["00_dog", "01_bird", "02_vehicle"], 1, g)
+    out = tmp_path / "out2"
+    assert cli(*common(out, checkpoint, data_root, "--suite", "imagenet-9", "--imagenet-9-dir", nine)) == 0
+    r = load(out)["tiny"]["imagenet-9"]
+    assert set(r["top1"]) == {"original", "mixed_same"} and r["bg_gap"] is None
+    assert r["bg_gap_note"] == "needs the mixed_same and mixed_rand variants"
+
+
+def test_imagenet_a_folder_with_a_class_outside_its_200_fails_naming_it(tmp_path, data_root, checkpoint, capsys):
+    """An ImageNet class that is not one of ImageNet-A's 200 (val pointed at as ImageNet-A, a stray
+    folder) would be scored as always wrong on the 200 logits: the task fails naming the folder."""
+    a_classes = {data.imagenet_classes()[i] for i in data.imagenet_a_indices().tolist()}
+    stray = next(w for w in data.imagenet_classes() if w not in a_classes)
+    a = tmp_path / "imagenet-a"
+    shutil.copytree(data_root / "imagenet-a", a)
+    _images(a, [stray], 1, torch.Generator().manual_seed(2))
+    err = run_failing(capsys, *common(tmp_path / "out", checkpoint, data_root, "--suite", "imagenet-a",
+                                      "--imagenet-a-dir", a))
+    assert f"imagenet-a: class folder(s) {stray} in {a} are not among the 200 imagenet-a classes of ImageNet-1k" in err
 
 
 def test_imagenet_9_images_are_fed_as_they_are(tmp_path, data_root, checkpoint, monkeypatch):
