@@ -612,6 +612,7 @@ def test_accuracy_axes_of_flat_values_start_at_zero(tmp_path, monkeypatch):
     assert drawn.pop().axes[0].get_ylim() == (0.0, 55.0)
     assert plots.accuracy_ylim(0.0, 0.0) == (0.0, 100.0) and plots.accuracy_ylim(0.0, 0.5) == (0.0, 5.5)
     assert plots.accuracy_ylim(0.0, 30.0) is None and plots.accuracy_ylim(float("inf"), float("-inf")) is None
+    assert plots.accuracy_ylim(40.0, 41.0) is None and plots.accuracy_ylim(40.0, 40.9) == (0.0, 45.9)  # span >= 1: not flat
 
 
 def test_drop_axes_of_flat_values_show_zero_and_both_signs(tmp_path, monkeypatch):
@@ -1241,6 +1242,47 @@ def test_taig_memo_keeps_the_most_recent_within_its_budget():
     assert memo.get("big") is None and memo.held == 3 * 400
     memo.put("e", [torch.zeros(200)])  # needs two entries' room
     assert memo.held <= 3 * 400 and memo.get("e") is not None and memo.get("a") is None
+
+
+def test_salient_drop_50_is_the_top1_change_at_the_50_percent_salient_drop():
+    """Table 5's Salient-Drop-50%: dropped minus clean top-1 (negative when accuracy falls) at ratio 0.5
+    of the salient type, not a neighbouring ratio's or another type's."""
+    from lkfast.eval.analysis_tasks import _with_salient_drop_50
+
+    ratios = [0.1 * i for i in range(1, 10)]
+    assert ratios[4] == 0.5
+    result = {"ratios": ratios, "clean_top1": 90.0,
+              "top1": {"random": [85.0 - i for i in range(9)], "salient": [80.0 - 5 * i for i in range(9)],
+                       "non_salient": [88.0 - 2 * i for i in range(9)]}}
+    assert _with_salient_drop_50(result)["salient_drop_50"] == pytest.approx(60.0 - 90.0)
+    assert "salient_drop_50" not in _with_salient_drop_50({"ratios": ratios, "clean_top1": 90.0,
+                                                           "top1": {"random": result["top1"]["random"]}})
+    assert "salient_drop_50" not in _with_salient_drop_50({"ratios": [0.1, 0.9], "clean_top1": 90.0,
+                                                           "top1": {"salient": [80.0, 10.0]}})
+
+
+def test_figure5_draws_the_stored_drops_in_the_papers_order(tmp_path, monkeypatch):
+    # the example's rows of "0"/"1" ("1" dropped) become the masks Fig. 5 occludes, titled by type and
+    # ratio, in the paper's order (random, salient, non-salient) whatever order the result holds them in
+    import base64
+
+    from lkfast import data
+    from lkfast.eval import analysis_tasks
+
+    drawn = {}
+    monkeypatch.setattr(analysis_tasks.plots, "plot_occlusion_examples",
+                        lambda image, masks, path, patch_size: drawn.update(image=image, masks=masks, patch=patch_size))
+    image = torch.rand(3, 32, 32)
+    example = {"index": 3, "file": "/val/n01/img3.JPEG", "ratio": 0.5, "patch_size": 16,
+               "image": base64.b64encode(data.encode_jpeg(data.to_uint8(image), quality=95)).decode("ascii"),
+               "drops": {"salient": ["10", "00"], "non_salient": ["01", "10"], "random": ["00", "11"]}}
+    text = analysis_tasks._figure5_section(tmp_path, {"a": {}, "b": {"example": example}})
+    assert list(drawn["masks"]) == ["random drop 50%", "salient drop 50%", "non-salient drop 50%"]
+    assert drawn["masks"]["salient drop 50%"].tolist() == [[True, False], [False, False]]
+    assert drawn["masks"]["non-salient drop 50%"].tolist() == [[False, True], [True, False]]
+    assert drawn["masks"]["random drop 50%"].tolist() == [[False, False], [True, True]]
+    assert drawn["patch"] == 16 and drawn["image"].shape == (3, 32, 32)
+    assert "Val image 3 (img3.JPEG) as b sees it" in text
 
 
 def test_noise_0_7pi_is_the_top1_change_in_the_band_at_0_7pi():
