@@ -193,3 +193,21 @@ def test_the_default_checks_its_analysis_options_once_against_what_it_runs(tmp_p
     assert checked == [(("clean", "taig"), ["ResNet-tiny", "k31", "k3"])]
     assert evaluated == [(("clean", "taig"), ["ResNet-tiny", "k31", "k3"],
                           [str(tmp_path / f"{name}.pth") for name, _ in TINY.models])]
+
+
+def test_the_default_runs_its_own_suite_unless_one_is_typed(monkeypatch):
+    """The CLI's --suite defaults to 'paper'; the embedded default runs its own suite (no TAIG, the
+    quick analyses) unless --suite was typed; planned_run says so without building anything."""
+    from lkfast.eval.registry import resolve_suite
+
+    args = type("Args", (), {"suite": "paper"})()
+    monkeypatch.setattr("sys.argv", ["lkfast.eval", "--out", "x"])
+    planned = default.planned_run(args, TINY)
+    assert planned["suite"] == resolve_suite(default.default_suite()) and "taig" not in planned["suite"]
+    assert [m.label for m in planned["models"]] == ["ResNet-tiny", "k31", "k3"]
+    assert default.planned_run(args, default.DefaultSettings(suite="clean,imagenet-a"))["suite"] == \
+        resolve_suite("clean,imagenet-a")
+    for typed in (["--suite", "paper"], ["--suite=paper"]):
+        monkeypatch.setattr("sys.argv", ["lkfast.eval", *typed])
+        assert default.planned_run(args, TINY)["suite"] == resolve_suite("paper"), typed
+    assert default.planned_run(type("Args", (), {"suite": "clean"})(), TINY)["suite"] == resolve_suite("clean")

@@ -829,6 +829,24 @@ def test_report_has_the_model_card_of_figure_1(tmp_path):
     assert "Figure 1" not in write_report(tmp_path / "none", {"mine": {"_model": {"name": "resnet_tiny"}}}).read_text()
 
 
+def test_figure1_marks_the_papers_top1_beside_the_measured(tmp_path, monkeypatch):
+    import lkfast.eval.report as report
+
+    drawn = {}
+    monkeypatch.setattr(report, "save_figure_atomic",
+                        lambda fig, path: drawn.update({Path(path).name: fig.axes}) or Path(path))
+    results = {"RepLKNet-31B": {"_model": {"name": "replknet_31b", "weights": "checkpoint", "parameters": 79_000_000},
+                                "clean": {"top1": 85.0}},
+               "small": {"_model": {"name": "resnet_tiny", "weights": "checkpoint", "parameters": 720_000},
+                         "clean": {"top1": 80.5}}}
+    report.write_report(tmp_path, results)
+    size, top1 = drawn["figure1.png"]
+    assert [bar.get_height() for bar in size.patches] == pytest.approx([79.0, 0.72]) and not size.collections
+    assert [bar.get_height() for bar in top1.patches] == [85.0, 80.5]
+    (paper,) = top1.collections  # the paper's 85.2 over RepLKNet-31B's bar only
+    assert paper.get_offsets().tolist() == [[0.0, 85.2]]
+
+
 def test_report_accuracy_bars_of_zeros_run_from_0_to_100(tmp_path, monkeypatch):
     """Figure 2's and 3's accuracy bars all at 0 had a y-axis from 0 to 0.055 (matplotlib's flat
     range): 0..100 now; bars with a height keep their range, and the parameters panel is no percentage."""

@@ -221,6 +221,17 @@ def test_a_folder_of_other_files_says_what_it_found(tmp_path):
     # ImageNet-A given ImageNet-P's folder: the hint names the eval's option, not only a reader class
     with pytest.raises(DatasetLayoutError, match=r"translate; .* look like ImageNet-C .* --imagenet-p-dir"):
         ImageNetA(root)
+    # the release's noise difficulty folders (gaussian_noise_2, shot_noise_3) get the hint too
+    image_folder(root / "shot_noise_3", [WNIDS[0]], per_class=1)
+    with pytest.raises(DatasetLayoutError, match=r"shot_noise_3, translate; .* look like ImageNet-C .* --imagenet-p-dir"):
+        ImageNetA(root)
+
+
+def test_looks_like_wnids_only_when_every_name_is_one():
+    from lkfast.data.imagenet import looks_like_wnids
+
+    assert looks_like_wnids(["n01440764", "n01443537"])
+    assert not looks_like_wnids(["n01440764", "fog"]) and not looks_like_wnids(["n0144076"]) and not looks_like_wnids([])
 
 
 # ----------------------------------------------------------------------------- ImageNet-P
