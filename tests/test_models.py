@@ -551,6 +551,45 @@ def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, trust):
         models.read_checkpoint(str(garbage))
 
 
+_RSS_ANON = """
+import sys, torch
+from lkfast.models import read_checkpoint
+
+def anon_mib():
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("RssAnon:")).split()[1]) / 1024
+
+before = anon_mib()
+state = read_checkpoint(sys.argv[1])
+total = float(state["w"].sum())
+print(anon_mib() - before, total)
+state["w"].add_(1.0)  # a write goes to this process's copy of the page, never to the file
+"""
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
+def test_a_zip_checkpoint_is_mapped_not_copied_into_memory(tmp_path):
+    """A torch.save zip archive is read with mmap: its 128 MiB of weights, read whole, add (almost)
+    nothing to the process's anonymous memory, so loading them into a model holds them once, not
+    twice; a legacy pickle (which cannot be mapped) adds all of it: the measurement's control. An
+    in-place write to a loaded tensor leaves the file as it was (copy-on-write)."""
+    import subprocess
+    import sys
+
+    weights = {"w": torch.ones(32, 1024, 1024)}  # 128 MiB
+    zipped, legacy = tmp_path / "zip.pth", tmp_path / "legacy.pth"
+    torch.save(weights, zipped)
+    torch.save(weights, legacy, _use_new_zipfile_serialization=False)
+    grown = {}
+    for path in (zipped, legacy):
+        run = subprocess.run([sys.executable, "-c", _RSS_ANON, str(path)], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        grown[path.name], total = map(float, run.stdout.split())
+        assert total == 32 * 1024 * 1024
+    assert grown["legacy.pth"] >= 120 and grown["zip.pth"] < 16, grown
+    assert torch.equal(models.read_checkpoint(str(zipped))["w"], weights["w"])
+
+
 def test_pretrained_offline_and_replknet_pretrained_say_to_pass_a_checkpoint(monkeypatch):
     import huggingface_hub.constants
 

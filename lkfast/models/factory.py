@@ -93,13 +93,17 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> object:
             return load_file(path, device="cpu")
         except SafetensorError as error:
             raise _unreadable(path, f"safetensors: {error}") from None
-    if not _file_start(path).startswith(_TORCH_FILE_STARTS):
+    start = _file_start(path)
+    if not start.startswith(_TORCH_FILE_STARTS):
         raise _unreadable(path, "neither the zip archive torch.save writes nor a pickle")
+    # A zip archive is mapped, not read: its tensors stay in the file (copy-on-write) until used, so
+    # loading them into a model holds the weights once in memory, not twice. Older pickles cannot be.
+    mmap = start.startswith(_TORCH_FILE_STARTS[0])
     try:
         if trust_checkpoint:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         reason = _unpickler_reason(error)
         if trust_checkpoint or not any(mark in reason for mark in _REFUSED_OBJECT_MARKS):
