@@ -82,7 +82,11 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> object:
 
     Raises FileNotFoundError for a missing file and ``CheckpointError`` for a file that is not a
     checkpoint or is damaged (naming its first bytes) and for a pickle holding Python objects beyond
-    tensors and plain containers unless ``trust_checkpoint``."""
+    tensors and plain containers unless ``trust_checkpoint``.
+
+    The tensors of a zip archive (what ``torch.save`` writes) are mapped from the file, copy-on-write:
+    writing to them never changes the file, but truncating or rewriting the file in place while they
+    are alive does change them (or ends the process with SIGBUS); clone what you keep."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
     if str(path).endswith(".safetensors"):
