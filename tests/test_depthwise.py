@@ -344,12 +344,17 @@ def _args():
         (lambda x, w: (x[0], w, None), ValueError, r"x must be 4-D"),
         (lambda x, w: (x, w[:3], None), ValueError, r"channel mismatch: x has C = 4 .* 3 kernels"),
         (lambda x, w: (x, torch.randn(4, 1, 6, 7), None), ValueError, r"must be odd .* 6x7"),
+        (lambda x, w: (x, torch.randn(4, 1, 7, 6), None), ValueError, r"must be odd .* 7x6"),
         (lambda x, w: (x, torch.randn(4, 2, 7, 7), None), ValueError, r"weight must be \(C, 1, kh, kw\)"),
         (lambda x, w: (x, torch.randn(4, 7, 7), None), ValueError, r"weight must be \(C, 1, kh, kw\)"),
         (lambda x, w: (x, w.double(), None), TypeError, r"dtype mismatch: x is float32 but weight is float64"),
-        (lambda x, w: (x.int(), w.int(), None), TypeError, r"unsupported dtype int32"),
+        (lambda x, w: (x.int(), w.int(), None), TypeError,
+         r"unsupported dtype int32 for x; use one of float32, float16, bfloat16, float64$"),
         (lambda x, w: (x, w, torch.randn(5)), ValueError, r"bias must have shape \(4,\)"),
         (lambda x, w: (x, w.to("meta"), None), ValueError, r"device mismatch"),
+        (lambda x, w: (x, w, [0.0] * 4), TypeError, r"bias must be a tensor or None, got list"),
+        (lambda x, w: (x, w, torch.randn(4).double()), TypeError, r"dtype mismatch: x is float32 but bias is float64"),
+        (lambda x, w: (x, w, torch.randn(4, device="meta")), ValueError, r"device mismatch: x is on cpu but bias is on meta"),
     ],
 )
 def test_bad_input_errors(make, exc, match):
