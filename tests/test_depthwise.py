@@ -299,17 +299,20 @@ def test_torch_compile_shapes_vary():
 def test_compiled_auto_plan_is_chosen_per_call_from_the_real_tensors(monkeypatch):
     """Under torch.compile, auto's plan is chosen when the op runs, from the tensors it runs on, as
     in eager mode; not once at trace time for every later shape. A stand-in plan_for sends batch 2
-    to one backend and batch 3 to another, per pass; one dynamic graph must follow it call by call."""
+    to one backend and batch 3 to another, per pass; one dynamic graph must follow it call by call.
+    The plans set every two passes apart somewhere (batch 2: the input gradient apart from the
+    other two; batch 3: the weight gradient apart from the other two), so a pass that took another
+    pass's backend fails; the kernel is 7x5, so a weight-gradient op asking about 5x7 fails too."""
     import lkfast.ops.depthwise as depthwise
 
-    plans = {2: Plan("torch", "cpu", "torch"), 3: Plan("cpu", "torch", "cpu")}
+    plans = {2: Plan("torch", "cpu", "torch"), 3: Plan("cpu", "cpu", "torch")}
     real_plan_for = depthwise.plan_for
     asked = []
 
     def plan_for(x, weight, backend="auto", **kwargs):
         if backend != "auto":
             return real_plan_for(x, weight, backend, **kwargs)
-        asked.append((x.shape[0], torch.compiler.is_compiling()))
+        asked.append((x.shape[0], tuple(weight.shape), torch.compiler.is_compiling()))
         return plans[x.shape[0]]
 
     ran = []
@@ -321,6 +324,7 @@ def test_compiled_auto_plan_is_chosen_per_call_from_the_real_tensors(monkeypatch
     if not depthwise._usable("cpu", torch.randn(2, 8, 12, 12), torch.randn(8, 1, 7, 7)):
         pytest.skip("lkfast's CPU kernels cannot run here")
     module = _Block()
+    module.weight = torch.nn.Parameter(torch.randn(8, 1, 7, 5) / 7)
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True, dynamic=True)
     for n in (2, 3, 2):
         ran.clear()
@@ -329,7 +333,7 @@ def test_compiled_auto_plan_is_chosen_per_call_from_the_real_tensors(monkeypatch
         compiled(x).sum().backward()
         fwd, igrad, wgrad = plans[n]
         assert ran == [(fwd, "fwd"), (igrad, "flip"), (wgrad, "wgrad")], (n, ran)
-        assert asked and all(a == (n, False) for a in asked), asked  # asked when the op runs, not in a trace
+        assert asked and all(a == (n, (8, 1, 7, 5), False) for a in asked), asked  # when the op runs, not in a trace
 
 
 # ---- bad input: each error names the problem -------------------------------------------------
