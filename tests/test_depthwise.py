@@ -296,6 +296,29 @@ def test_torch_compile_shapes_vary():
             assert torch.allclose(gw, gw_eager, atol=1e-4, rtol=1e-4), shape
 
 
+@pytest.mark.parametrize("name", ["torch", "cpu"])
+def test_a_named_backend_under_torch_compile_runs_every_pass(name, monkeypatch):
+    """A backend named by the caller is used for all three passes under torch.compile as in eager
+    mode; it is not left to auto's choice at run time (which is only for backend="auto")."""
+    backend_or_skip(name)
+    ran = []
+    for other in ("torch", "cpu"):
+        be = BACKENDS[other]
+        monkeypatch.setattr(be, "forward", lambda *a, _f=be.forward, _n=other: ran.append(_n) or _f(*a))
+        monkeypatch.setattr(be, "weight_grad", lambda *a, _f=be.weight_grad, _n=other: ran.append(_n) or _f(*a))
+    import lkfast.ops.depthwise as depthwise
+
+    monkeypatch.setattr(depthwise, "plan_for", lambda x, w, backend="auto", **kw: Plan.single(
+        "torch" if name == "cpu" else "cpu") if backend == "auto" else Plan.single(backend))  # auto would pick the other
+    weight = torch.randn(8, 1, 7, 5, requires_grad=True)
+    compiled = torch.compile(lambda x: ops.depthwise_conv2d(x, weight, backend=name), backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert ran == [name] * 3, ran
+    assert rel_err(y.detach(), reference(x.detach(), weight.detach(), None, torch.zeros_like(x))["forward"]) < 1e-5
+
+
 def test_compiled_auto_plan_is_chosen_per_call_from_the_real_tensors(monkeypatch):
     """Under torch.compile, auto's plan is chosen when the op runs, from the tensors it runs on, as
     in eager mode; not once at trace time for every later shape. A stand-in plan_for sends batch 2
@@ -486,14 +509,14 @@ def test_torch_func_transforms_compute_with_conv2d(tmp_path, monkeypatch):
     monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
     monkeypatch.setenv("LKFAST_CALIBRATE", "1")
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
-    w = torch.randn(4, 1, 5, 5, dtype=torch.float64)
+    w = torch.randn(4, 1, 5, 3, dtype=torch.float64)  # rectangular: padding (2, 1), not (1, 2)
     b = torch.randn(4, dtype=torch.float64)
 
     def fast(x, w):
         return ops.depthwise_conv2d(x, w, b)
 
     def plain(x, w):
-        return F.conv2d(x, w, b, padding=2, groups=4)
+        return F.conv2d(x, w, b, padding=(2, 1), groups=4)
 
     func = torch.func
     cases = {
