@@ -449,6 +449,33 @@ CONV_ARGUMENTS = [  # (in, out, kernel, stride, padding, dilation, groups)
 ]
 
 
+# which of CONV_ARGUMENTS the rule takes: depthwise, stride 1, dilation 1, an odd kernel whose
+# larger side is at least 5, padding k // 2 per side (kh's first)
+ELIGIBLE = [True, True, True, True, False, True, False, False, False, False, False, False, False]
+
+
+def test_the_rule_takes_exactly_the_eligible_convs():
+    """fast_op_computes on its own (test_module_factory_and_patch_model_apply_one_rule only checks
+    that make_conv2d and patch_model agree): the larger kernel side counts (a 3x9 kernel is taken),
+    5 itself is enough, the padding is (kh // 2, kw // 2) in that order."""
+    from lkfast.nn.depthwise import fast_op_computes
+
+    assert len(ELIGIBLE) == len(CONV_ARGUMENTS)
+    for (cin, cout, k, stride, padding, dilation, groups), want in zip(CONV_ARGUMENTS, ELIGIBLE):
+        assert fast_op_computes(cin, cout, k, stride, padding, dilation, groups) is want, (cin, cout, k, stride, padding)
+        assert is_eligible(nn.Conv2d(cin, cout, k, stride, padding, dilation, groups)) is want
+    assert not fast_op_computes(4, 4, (3, 9), 1, (4, 1), 1, 4)  # the padding of a 9x3 kernel
+    assert fast_op_computes(4, 4, (3, 9), 1, None, 1, 4) and fast_op_computes(4, 4, 7, 1, "same", 1, 4)
+    assert not fast_op_computes(4, 4, 7, 1, 3, 1, 4, padding_mode="reflect")
+    assert not fast_op_computes(4, 4, 7, 1, 3, 2, 4)  # dilated, with the undilated kernel's padding
+    assert not fast_op_computes(4, 4, (7, 6), 1, (3, 3), 1, 4)  # even width
+    assert fast_op_computes(4, 4, 3, 1, 1, 1, 4, min_kernel_size=3) and not fast_op_computes(4, 4, 5, 1, 2, 1, 4, min_kernel_size=7)
+    # make_conv2d's default padding is (kh // 2, kw // 2) too
+    built = make_conv2d(4, 4, (3, 9), groups=4, bias=True)
+    assert isinstance(built, DepthwiseConv2d) and built.padding == (1, 4)
+    assert make_conv2d(4, 4, (3, 9), groups=4, fast=False).padding == (1, 4)
+
+
 @pytest.mark.parametrize("args", CONV_ARGUMENTS, ids=str)
 def test_module_factory_and_patch_model_apply_one_rule(args):
     """make_conv2d builds the fast module exactly where patch_model would swap the same nn.Conv2d,
