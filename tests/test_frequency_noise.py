@@ -116,12 +116,16 @@ def test_band_mask_counts_on_a_small_grid():
 
 
 def test_refuses_bad_arguments():
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="unknown method 'fft'; choose one of auto, fused, reference"):
         frequency_noise(torch.rand(1, 4, 4), 1.0, method="fft")
+    with pytest.raises(ValueError, match="width must be positive, got 0"):
+        frequency_noise(torch.rand(4, 4), 1.0, width=0)
     with pytest.raises(ValueError, match="floating-point"):
         frequency_noise(torch.zeros(4, 4, dtype=torch.int64), 1.0)
     with pytest.raises(ValueError, match="clamp"):
         frequency_noise(torch.rand(4, 4), 1.0, clamp=(1, 0))
+    for method in ("fused", "reference"):  # lo == hi is a valid (if degenerate) range
+        assert torch.equal(frequency_noise(torch.rand(4, 4), 1.0, clamp=(0.5, 0.5), method=method), torch.full((4, 4), 0.5))
 
 
 @pytest.mark.gpu
