@@ -62,8 +62,9 @@ def test_keys_separate_dtype_layout_kernel_and_size(cache):
             cd.shape_class(x.shape, 7, 7, torch.float64, False),
             cd.shape_class(x.shape, 7, 7, torch.float32, True),
             cd.shape_class(x.shape, 9, 7, torch.float32, False),
+            cd.shape_class(x.shape, 7, 9, torch.float32, False),
             cd.shape_class((2, 16, 40, 40), 7, 7, torch.float32, False)}
-    assert len(keys) == 5
+    assert len(keys) == 6
 
 
 def test_another_fingerprint_keeps_its_own_file_and_a_stale_file_is_measured_again(cache, monkeypatch):
@@ -92,7 +93,7 @@ def test_another_fingerprint_keeps_its_own_file_and_a_stale_file_is_measured_aga
     assert json.loads(cache.read_text())["fingerprint"]["threads"] == threads
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "edited", "bad_backend"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "edited", "bad_backend", "schema"])
 def test_corrupt_cache_is_detected_and_rebuilt(cache, damage):
     x, w = inputs()
     calls = []
@@ -107,6 +108,8 @@ def test_corrupt_cache_is_detected_and_rebuilt(cache, damage):
         entry = next(iter(data["entries"].values()))
         if damage == "edited":  # a hand edit without the checksum: not trusted
             entry["backend"] = "torch"
+        elif damage == "schema":  # a file of another (future) format, checksum and all valid
+            data["schema"] = cd.SCHEMA + 1
         else:
             entry["backend"] = "warp-drive"
             data["checksum"] = cd._checksum(data["entries"])
@@ -170,6 +173,10 @@ def test_measure_stops_early_only_when_one_is_clearly_faster(monkeypatch):
     clock = iter([0.0, 0.010, 1.0, 1.012])  # 10 ms against 12 ms: not clear, time more rounds
     monkeypatch.setattr(cd.time, "perf_counter", lambda: next(clock))
     assert cd.measure({"a": lambda: None, "b": lambda: None}, rounds=3) == {"a": 1.0, "b": 1.0}
+    assert ran == [3]
+    clock = iter([0.0, 0.25, 1.0, 1.75])  # exactly clear_ratio (3x) faster: clear enough, no more rounds
+    monkeypatch.setattr(cd.time, "perf_counter", lambda: next(clock))
+    assert cd.measure({"a": lambda: None, "b": lambda: None}) == {"a": 0.25, "b": 0.75}
     assert ran == [3]
 
 
@@ -262,3 +269,127 @@ def test_a_first_calibration_leaves_the_global_random_generator_alone(cache):
     entries = json.loads(cache.read_text())["entries"]
     assert {k.split("|")[0] for k in entries} == {"forward", "weight_grad", "pointwise"}
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+def test_plan_for_tells_apart_the_dtype_and_the_layout_of_one_shape(cache, monkeypatch):
+    """``auto``'s plan is remembered per exact call; the dtype and the layout are part of that key
+    and of what is measured: the same shape in float64, or channels_last, is measured on its own
+    (here oneDNN wins there, lkfast's kernel in float32 NCHW) and gets its own plan."""
+    pytest.importorskip("lkfast._C")
+    from lkfast.ops import plan_for
+
+    seen = []
+
+    def runs(x, w, pass_):
+        seen.append((x.dtype, cd._is_channels_last(x)))
+        return {n: None for n in cd.CANDIDATES}
+
+    monkeypatch.setattr(cd, "_runs", runs)
+    monkeypatch.setattr(cd, "measure", lambda r: {"cpu": 1.0, "torch": 2.0} if seen[-1] == (torch.float32, False)
+                        else {"cpu": 2.0, "torch": 1.0})
+    x, w = inputs()
+    x_nhwc = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(2):  # the second round answers from memory: nothing measured again
+        assert tuple(plan_for(x, w)) == ("cpu",) * 3
+        assert tuple(plan_for(x.double(), w.double())) == ("torch",) * 3
+        assert tuple(plan_for(x_nhwc, w)) == ("torch",) * 3
+    assert seen == [(torch.float32, False)] * 2 + [(torch.float64, False)] * 2 + [(torch.float32, True)] * 2
+
+
+def test_the_onednn_cap_is_part_of_the_fingerprint(cache, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA changes what oneDNN runs: a process with another cap opens a calibration
+    of its own (another file), even when the variable changes after the first choice."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    first = cd.calibration()
+    assert first.fingerprint["onednn_max_cpu_isa"] == ""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    second = cd.calibration()
+    assert second is not first and second.fingerprint["onednn_max_cpu_isa"] == "AVX2"
+    assert second.path != first.path and second.path == cd.cache_path()
+    assert cd.memo_token() == second.generation != first.generation
+
+
+def test_an_unwritable_cache_keeps_the_choice_for_this_process(cache, monkeypatch):
+    """A cache folder that cannot be written (a read-only home): a warning naming LKFAST_CACHE, and
+    the measured choice still made and kept for this process (not measured again)."""
+    import lkfast.tables
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(lkfast.tables, "write_text_atomic", refuse)
+    x, w = inputs()
+    calls = []
+    with pytest.warns(RuntimeWarning, match="cannot write the CPU calibration cache .*LKFAST_CACHE"):
+        assert cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 2, "torch": 1}, calls)).backend == "torch"
+    assert cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 1, "torch": 2}, calls)).backend == "torch"
+    assert len(calls) == 1 and not cache.exists()
+
+
+def test_table_lookup_distance_weighs_kernel_width_channels_and_map_area():
+    """The nearest row differs from the call in one of kw, C or H*W at a time: each counts."""
+    def row(kh, kw, c, h, w, backend):
+        return {"pass": "forward", "key": ["float32", "nchw", kh, kw, 2, c, h, w], "backend": backend}
+
+    def nearest(rows, kh, kw, c, h, w):
+        return cd.table_lookup("isa_x", "forward", ("float32", "nchw", kh, kw, 2, c, h, w), {"isa_x": {"rows": rows}})[0]
+
+    assert nearest([row(7, 7, 16, 32, 32, "cpu"), row(7, 31, 16, 32, 32, "torch")], 7, 29, 16, 32, 32) == "torch"
+    assert nearest([row(7, 7, 16, 32, 32, "cpu"), row(7, 7, 512, 32, 32, "torch")], 7, 7, 256, 32, 32) == "torch"
+    # a 64x4 map has the area of 16x16, not of 64x64 (whose height it shares)
+    assert nearest([row(7, 7, 16, 64, 64, "cpu"), row(7, 7, 16, 16, 16, "torch")], 7, 7, 16, 64, 4) == "torch"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_the_timing_tensors_have_the_call_s_shape_dtype_and_layout(monkeypatch, channels_last):
+    """What a calibration times is the call's case: both candidates run on fresh tensors of its
+    shape, dtype and layout (oneDNN's NCHW and channels_last paths differ several-fold)."""
+    from lkfast.ops import backends
+
+    got = []
+
+    class Recorder:
+        def forward(self, x, w, b, flip):
+            got.append(("forward", x.dtype, cd._is_channels_last(x), tuple(x.shape), tuple(w.shape), flip))
+
+        def weight_grad(self, go, x, kh, kw):
+            got.append(("weight_grad", x.dtype, cd._is_channels_last(x), cd._is_channels_last(go), tuple(go.shape), (kh, kw)))
+
+    for name in cd.CANDIDATES:
+        monkeypatch.setitem(backends.BACKENDS, name, Recorder())
+    x = torch.randn(2, 16, 10, 12, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 1, 7, 5, dtype=torch.float64)
+    for pass_ in cd.MEASURED_PASSES:
+        runs = cd._runs(x, w, pass_)
+        assert set(runs) == set(cd.CANDIDATES)
+        for run in runs.values():
+            run()
+    assert got == [("forward", torch.float64, channels_last, (2, 16, 10, 12), (16, 1, 7, 5), False)] * 2 + [
+        ("weight_grad", torch.float64, channels_last, channels_last, (2, 16, 10, 12), (7, 5))] * 2
+
+
+def test_nothing_is_measured_while_torch_compile_traces(cache, monkeypatch):
+    """Inside a trace (torch.compiler.is_compiling(), faked here) calibration is off whatever
+    LKFAST_CALIBRATE says: the depthwise choice comes from the table or the built-in rule, the 1x1
+    choice is PyTorch's convolution, and there is no calibration generation to memoize against."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+    def no_measuring(runs):
+        raise AssertionError("nothing may be measured while tracing")
+
+    x, w = inputs()
+    for pass_ in ("forward", "input_grad", "weight_grad"):
+        choice = cd.choose(x, w, pass_, calibrate=True, measure_fn=no_measuring)
+        assert "calibrated" not in choice.source and ("shipped" in choice.source or "built-in" in choice.source)
+    x1 = torch.randn(1, 8, 7, 7).contiguous(memory_format=torch.channels_last)
+    assert cd.choose_pointwise(x1, torch.randn(4, 8, 1, 1), calibrate=True, measure_fn=no_measuring).backend == "conv"
+    assert cd.memo_token() is None
+    assert not cache.exists()
+
+
+def test_an_unknown_pass_is_refused_naming_the_passes():
+    x, w = inputs()
+    with pytest.raises(ValueError, match="unknown pass 'backward'; expected forward, input_grad or weight_grad"):
+        cd.choose(x, w, "backward")
