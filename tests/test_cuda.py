@@ -22,6 +22,8 @@ Without a GPU, nothing here runs the CUDA kernels. What runs instead:
   backend) against sizes worked by hand;
 * the dispatch table's file format and choice rules, on CPU tensors with fake backend availability.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -973,7 +975,10 @@ def test_cuda_table_save_and_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize("key, value, match", [
     ((H200, "float16", "nchw", 31, 31, 64, 128, 56), ("cuda",) * 3, r"key must be \(gpu, dtype, layout"),
-    ((H200, "half", "nchw", 31, 31, 64, 128, 56, 56), ("cuda",) * 3, r"dtype must be one of .*got 'half'"),
+    ((H200, "half", "nchw", 31, 31, 64, 128, 56, 56), ("cuda",) * 3,
+     r"dtype must be one of bfloat16, float16, float32, float64, got 'half'"),
+    (("", "float16", "nchw", 31, 31, 64, 128, 56, 56), ("cuda",) * 3, r"gpu must be a GPU name"),
+    ((H200, "float16", "nchw", 31, 31, True, 128, 56, 56), ("cuda",) * 3, r"positive integers"),
     ((H200, "float16", "nhwc", 31, 31, 64, 128, 56, 56), ("cuda",) * 3, r"layout must be one of nchw, channels_last"),
     ((H200, "float16", "nchw", 31, 31, 0, 128, 56, 56), ("cuda",) * 3, r"positive integers"),
     ((H200, "float16", "nchw", 31, 31, 64, 128, 56, 56), ("cuda", "cpu", "torch"), r"backends must be among cuda, triton, triton_mma, torch"),
@@ -1082,3 +1087,52 @@ def test_cuda_table_key_names_the_layout_the_op_computes_in():
     assert cuda_table.key_of(x[..., ::2], w[..., :, :], H200).layout == "nchw"  # strided: computed as NCHW
     with pytest.raises(ValueError, match="not a GPU; pass gpu="):
         cuda_table.key_of(x, w)
+    # a rectangular kernel: kh (the weight's dim 2) before kw
+    assert cuda_table.key_of(x, torch.empty(8, 1, 3, 5, dtype=torch.float16), H200)[3:5] == (3, 5)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"format": 2, "measured_on": "x", "rows": []}', r"expected a JSON object with format 1"),
+    ('{"format": 1, "measured_on": "x", "rows": [[["NVIDIA H200", "float16", "nchw", 3, 3, 1, 8, 5, 7], '
+     '["cuda", "cuda", "cuda"], "extra"]]}', r"each row must be \[key, value\]"),
+    ('{"format": 1, "rows": [', r"is not valid JSON"),
+])
+def test_cuda_table_refuses_a_file_of_another_format_or_shape(tmp_path, text, match):
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        cuda_table.load_table(path)
+
+
+def test_cuda_table_sees_a_file_rewritten_in_place_with_the_same_size(tmp_path):
+    """A hand edit in place (same inode, same size, another mtime): the next lookup reads it."""
+    x, w = _call()
+    key = cuda_table.key_of(x, w, H200)
+    path = cuda_table.save_table({key: ("cuda", "cuda", "torch")}, "a", tmp_path / "t.json")
+    assert cuda_table.load_table(path).rows[key] == ("cuda", "cuda", "torch")
+    before = os.stat(path)
+    text = path.read_text().replace('"cuda", "cuda", "torch"', '"torch", "cuda", "cuda"')
+    with open(path, "r+") as f:  # not save_table's atomic replace: the inode stays
+        f.write(text)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    assert cuda_table.load_table(path).rows[key] == ("torch", "cuda", "cuda")
+
+
+def test_cuda_table_nearest_row_weighs_kernel_width_and_map_area_and_prefers_the_own_row():
+    """Rows of one GPU, dtype and layout that differ from the call in one thing each."""
+    def key(kh, kw, H, W):
+        return cuda_table.Key(H200, "float16", "nchw", kh, kw, 8, 64, H, W)
+
+    def found(rows, call):
+        return cuda_table.lookup(call, rows)
+
+    rows = {key(7, 7, 32, 32): ("cuda",) * 3, key(7, 31, 32, 32): ("triton",) * 3}
+    assert found(rows, key(7, 29, 32, 32)) == (key(7, 31, 32, 32), ("triton",) * 3)
+    rows = {key(7, 7, 64, 64): ("cuda",) * 3, key(7, 7, 16, 16): ("triton",) * 3}
+    assert found(rows, key(7, 7, 64, 4)) == (key(7, 7, 16, 16), ("triton",) * 3)  # 64x4 has 16x16's area
+    # two rows at distance 0 (a 4x16 and a 16x4 map): the call's own row, not the other
+    rows = {key(7, 7, 4, 16): ("cuda",) * 3, key(7, 7, 16, 4): ("triton",) * 3}
+    assert found(rows, key(7, 7, 16, 4)) == (key(7, 7, 16, 4), ("triton",) * 3)
+    assert found(rows, key(7, 7, 4, 16)) == (key(7, 7, 4, 16), ("cuda",) * 3)
