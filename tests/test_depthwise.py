@@ -206,6 +206,32 @@ def test_plan_travels_through_the_op_schema_as_one_string():
     assert PASSES == ("forward", "input_grad", "weight_grad")
 
 
+def test_the_output_layout_follows_the_channel_stride():
+    """output_memory_format: contiguous in, contiguous out; channels_last in, channels_last out; a
+    strided view whose channels are adjacent in memory (a channels_last map sliced along W) is
+    computed and returned channels_last, a strided NCHW view contiguous."""
+    from lkfast.ops.backends import output_memory_format
+
+    x = torch.randn(2, 8, 6, 10)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert output_memory_format(x) == torch.contiguous_format
+    assert output_memory_format(nhwc) == torch.channels_last
+    assert output_memory_format(nhwc[..., ::2]) == torch.channels_last
+    assert output_memory_format(x[..., ::2]) == torch.contiguous_format
+
+
+def test_the_choice_memo_is_bounded():
+    """backends.remembered (the per-call memo of auto's choices) starts over past 4096 keys, so
+    many distinct shapes (varying image sizes) do not grow it without bound."""
+    from lkfast.ops.backends import remembered
+
+    memo = {}
+    for i in range(5000):
+        assert remembered(memo, i, "source", lambda i=i: i * 2) == i * 2
+        assert len(memo) <= 4096
+    assert remembered(memo, 4999, "source", lambda: "not asked") == 4999 * 2
+
+
 def test_available_backends_explains():
     """What available_backends() says matches what a named call does: an available backend runs a
     call on its device and matches the reference; an unavailable one refuses, with that reason."""
