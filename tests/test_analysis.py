@@ -16,6 +16,7 @@ from lkfast.analysis import (blocks_removed, channel_distances, dino_attention, 
 from lkfast.analysis import plots  # noqa: E402
 from lkfast.models import RepLKNet  # noqa: E402
 from lkfast.ops import frequency_noise  # noqa: E402
+from nets import trained_like_replknet  # noqa: E402
 
 CLASSES = 4
 
@@ -26,16 +27,7 @@ TINY = dict(large_kernel_sizes=[7, 5, 5, 3], layers=[1, 1, 3, 1], channels=[8, 8
 
 
 def tiny_replknet(**kwargs):
-    torch.manual_seed(0)
-    model = RepLKNet(**dict(TINY, **kwargs))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-    return model.eval()
+    return trained_like_replknet(dict(TINY, **kwargs), bn_weight=True)
 
 
 def batch(n=4, size=32, seed=0):

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from lkfast.attacks import (fgsm, fgsm_sweep, frozen, integrated_gradients, pgd, pgd_sweep, reparameterized_for_attack,
                             taig, transfer_success)
-from lkfast.models import RepLKNet
 from lkfast.nn import DepthwiseConv2d
+from nets import trained_like_replknet
 
 CLASSES = 5
 
@@ -316,15 +316,7 @@ TINY = dict(large_kernel_sizes=[7, 5, 5, 3], layers=[1, 1, 1, 1], channels=[8, 8
 
 
 def tiny_replknet():
-    torch.manual_seed(0)
-    model = RepLKNet(**TINY)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return Normalized(model).eval()
+    return Normalized(trained_like_replknet(TINY)).eval()
 
 
 def test_reparameterized_copy_attacks_alike_and_leaves_the_original():

@@ -1,0 +1,26 @@
+"""Small models the analysis and attack tests share (test_analysis.py, test_attacks.py).
+
+* ``trained_like_replknet``: a RepLKNet with trained-like BatchNorm statistics. A freshly built
+  BN is the identity in eval mode, so folding it, or dropping it, would go unseen.
+"""
+import torch
+import torch.nn as nn
+
+
+def trained_like_replknet(arch: dict, bn_weight: bool = False) -> nn.Module:
+    """``RepLKNet(**arch)`` built after ``torch.manual_seed(0)``, in eval mode, each BatchNorm2d's
+    running mean ~ 0.1 N(0, 1) and running variance ~ U(0.5, 1.5) (and with ``bn_weight`` its scale
+    ~ U(0.5, 1.5)), drawn in module order from a generator seeded 1: the same model every call."""
+    from lkfast.models import RepLKNet  # imported here: test modules skip on a missing timm first
+
+    torch.manual_seed(0)
+    model = RepLKNet(**arch)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                if bn_weight:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+    return model.eval()
