@@ -551,6 +551,27 @@ def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, trust):
         models.read_checkpoint(str(garbage))
 
 
+@pytest.mark.parametrize("trust", [False, True])
+def test_every_prefix_of_a_checkpoint_is_called_a_damaged_checkpoint(tmp_path, trust):
+    """A checkpoint cut short anywhere (a partial download or copy) is a CheckpointError naming the
+    file, never torch's bare error: a legacy pickle read weights-only raised struct.error ('unpack
+    requires a buffer of 4 bytes') or IndexError ('index out of range') at some cuts, a zip archive
+    of 4-64 KiB OSError ('[Errno 22] Invalid argument', torch's zip reader seeking before the start)."""
+    whole = {"model": {"a.weight": torch.ones(8, 8), "b": torch.zeros(3)}, "epoch": 3}
+    legacy, zipped = tmp_path / "legacy.pth", tmp_path / "zip.pth"
+    torch.save(whole, legacy, _use_new_zipfile_serialization=False)
+    torch.save({"w": torch.ones(1000)}, zipped)  # 5 KiB
+    cut = tmp_path / "cut.pth"
+    for source, step in ((legacy, 1), (zipped, 7)):
+        data = source.read_bytes()
+        for end in [*range(0, len(data), step), len(data) - 1]:
+            cut.write_bytes(data[:end])
+            with pytest.raises(CheckpointError) as info:  # (a legacy pickle cut inside a global's name, e.g.
+                models.read_checkpoint(str(cut), trust_checkpoint=trust)  # 'collections.Ord', is refused unread)
+            assert repr(str(cut)) in str(info.value) and ("is not a readable checkpoint" in str(info.value)
+                                                          or str(info.value).startswith("refusing to unpickle"))
+
+
 _RSS_ANON = """
 import sys, torch
 from lkfast.models import read_checkpoint

@@ -8,8 +8,10 @@ caller passes ``trust_checkpoint=True`` (the eval CLI's ``--trust-checkpoint``).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
+import struct
 import sys
 from collections.abc import Mapping
 from typing import Optional
@@ -120,6 +122,12 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> object:
         ) from None
     except EOFError:
         raise _unreadable(path, "it ends early") from None
+    except (struct.error, IndexError) as error:  # the weights-only unpickler reading past the end of a cut pickle
+        raise _unreadable(path, f"unpickling: {type(error).__name__}: {error}") from None
+    except OSError as error:  # torch's zip reader seeking before the start of an archive cut short
+        if error.errno != errno.EINVAL:
+            raise
+        raise _unreadable(path, f"reading the zip archive: {error}") from None
     except RuntimeError as error:  # torch's zip reader and legacy loader report damage as RuntimeError
         first_line = str(error).splitlines()[0] if str(error) else ""
         if "zip archive" in first_line or "EOF" in first_line or "corrupt" in first_line:
