@@ -182,11 +182,12 @@ def test_a_build_removes_what_killed_builds_of_its_entry_left(tmp_path):
         (tmp_path / "synthetic" / name / "cls").mkdir(parents=True)
         (tmp_path / "synthetic" / name / "cls" / "0.png").write_bytes(b"partial")
     (tmp_path / "synthetic" / "val.tmp-notes").mkdir()  # not a name ensure_entry makes: left alone
+    (tmp_path / "synthetic" / "val.tmp-999999-7.keep").mkdir()  # begins like one, but is not: left alone
     (tmp_path / "synthetic" / "val2.tmp-1-2").mkdir()   # another entry's: left alone
     (tmp_path / "synthetic" / "val.tmp-1-789").mkdir()  # process 1 is alive (a build the lock did not reach): left alone
     ensure_entry(entry, lambda d: (d / "x").write_text("x"), "k")
     assert sorted(p.name for p in (tmp_path / "synthetic").iterdir()) == \
-        ["val", "val.tmp-1-789", "val.tmp-notes", "val2.tmp-1-2"]
+        ["val", "val.tmp-1-789", "val.tmp-999999-7.keep", "val.tmp-notes", "val2.tmp-1-2"]
 
 
 def test_a_report_killed_before_its_manifest_leaves_no_stale_tables_later(tmp_path, monkeypatch):

@@ -183,6 +183,85 @@ def test_cache_entry_rebuilt_when_partial_or_altered(tmp_path):
     assert len(calls) == 6 and cache.verify_entry(entry, "k2")[0]
 
 
+def test_cache_entry_reasons_and_rebuild_log(tmp_path):
+    """verify_entry's first reason: a truncated file by its size (before any hashing), a manifest of
+    another format version or one that is no JSON; ensure_entry rebuilds each, saying why in ``log``
+    (not for an entry that was never built)."""
+    def build(folder):
+        (folder / "x.bin").write_bytes(b"0123456789")
+
+    entry, lines = tmp_path / "entry", []
+    cache.ensure_entry(entry, build, "k", log=lines.append)
+    assert lines == []  # a first build is no rebuild
+    (entry / "x.bin").write_bytes(b"01234")
+    assert cache.verify_entry(entry, "k") == (False, "x.bin: size 5, manifest says 10")
+    cache.ensure_entry(entry, build, "k", log=lines.append)
+    assert lines == [f"lkfast cache: rebuilding {entry} (x.bin: size 5, manifest says 10)"]
+    manifest = entry / cache.MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format": 0}))
+    assert cache.verify_entry(entry, "k") == (False, "built for other settings")
+    cache.ensure_entry(entry, build, "k")
+    assert cache.verify_entry(entry, "k") == (True, "")
+    manifest.write_text('{"format": 1, "key": "k", "files": {')  # cut short
+    assert cache.verify_entry(entry, "k") == (False, "unreadable manifest")
+    cache.ensure_entry(entry, build, "k")
+    assert cache.verify_entry(entry, "k") == (True, "")
+
+
+def test_a_process_that_cannot_be_signalled_is_not_gone(monkeypatch):
+    """process_gone: a pid that exists but belongs to another user (os.kill says EPERM) is alive, so
+    its temporary files are left alone; one that does not exist is gone."""
+    import errno
+    import os
+
+    def kill(pid, signal):
+        raise PermissionError(errno.EPERM, "Operation not permitted") if pid == 4242 else ProcessLookupError(pid)
+    monkeypatch.setattr(os, "kill", kill)
+    assert cache.process_gone(4242) is False
+    assert cache.process_gone(4243) is True
+
+
+def test_the_build_lock_is_exclusive_after_its_file_was_replaced(tmp_path):
+    """A process that opened the lock file before its holder removed it (on release) must not build
+    under the removed file's lock: it locks the file now at the path, so that a third process, which
+    opens that path, waits for it."""
+    import fcntl
+    import threading
+
+    entry, started, release, said, checks = tmp_path / "m", threading.Event(), threading.Event(), [], []
+    lock = tmp_path / ".m.lock"
+
+    def slow_build(folder):
+        started.set()
+        assert release.wait(10)
+        (folder / "w").write_text("1")
+
+    def second_build(folder):  # runs while the second holds the lock: a third cannot take it
+        with open(lock, "a") as third:
+            try:
+                fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                checks.append("third process locked too")
+                fcntl.flock(third, fcntl.LOCK_UN)
+            except BlockingIOError:
+                checks.append("third waits")
+        (folder / "w").write_text("2")
+
+    first = threading.Thread(target=cache.ensure_entry, args=(entry, slow_build, "k1"))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: cache.ensure_entry(entry, second_build, "k2", log=said.append))
+    second.start()
+    for _ in range(100):  # the second has opened the old lock file and waits on it
+        if said:
+            break
+        threading.Event().wait(0.05)
+    assert said
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert checks == ["third waits"] and cache.verify_entry(entry, "k2") == (True, "")
+
+
 def test_failed_build_leaves_previous_entry(tmp_path):
     entry = tmp_path / "entry"
     cache.ensure_entry(entry, lambda f: (f / "ok.txt").write_text("1"), "k1")
