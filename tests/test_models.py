@@ -510,6 +510,88 @@ def test_another_architectures_checkpoint_says_so(tmp_path):
         create_model("test_convnext", checkpoint=path)
 
 
+def test_extract_state_dict_picks_the_plain_weights_and_only_tensors():
+    """Plain weights before EMA whichever key comes first in the file; an entry under a wrapper key
+    that is no dict (a model name stored as "model") is passed over; non-tensor entries beside flat
+    weights are left out; checkpoint_key names an entry or says which keys there are."""
+    plain, ema = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+    assert models.extract_state_dict({"model_ema": ema, "state_dict_ema": ema, "model": plain})["w"] is plain["w"]
+    assert models.extract_state_dict({"state_dict_ema": ema, "state_dict": plain})["w"] is plain["w"]
+    assert models.extract_state_dict({"model": "replknet_31b", "state_dict": plain})["w"] is plain["w"]
+    assert list(models.extract_state_dict({"w": plain["w"], "epoch": 3, "arch": "x"})) == ["w"]
+    assert models.extract_state_dict({"model": plain, "ema": ema}, checkpoint_key="ema")["w"] is ema["w"]
+    with pytest.raises(CheckpointError, match=r"checkpoint has no key 'emma'; its top-level keys: \['ema', 'model'\]"):
+        models.extract_state_dict({"model": plain, "ema": ema}, checkpoint_key="emma")
+    with pytest.raises(CheckpointError, match=r"no tensors found in the checkpoint \(top-level keys: \['epoch'\]\); name"):
+        models.extract_state_dict({"epoch": 3})
+
+
+def test_a_mismatch_lists_five_keys_of_each_kind_then_dots(tmp_path):
+    """Up to five keys of each kind are listed, '...' only when there are more; the 'another
+    architecture' hint starts below half of the model's keys in the checkpoint."""
+    def backbone():  # no final BN and head: an even number of keys, so that half of them is a count
+        return RepLKNet(**TINY, num_classes=0, out_indices=(3,))
+
+    keys = list(backbone().state_dict())
+    assert len(keys) % 2 == 0
+    full = {k: v for k, v in official_checkpoint(**TINY).items() if k in keys}
+
+    def message(state):
+        with pytest.raises(CheckpointError) as info:
+            models.load_checkpoint(backbone(), _save(tmp_path / "c.pth", state))
+        return str(info.value)
+
+    five = message({k: v for k, v in full.items() if k not in keys[:5]})
+    assert f"5 missing keys: {', '.join(keys[:5])};" not in five  # (the last kind ends with '.')
+    assert f"5 missing keys: {', '.join(keys[:5])}." in five
+    six = message({k: v for k, v in full.items() if k not in keys[:6]})
+    assert f"6 missing keys: {', '.join(keys[:5])}, ...." in six
+    half = len(keys) // 2
+    assert "another architecture" not in message({k: full[k] for k in keys[:half]})
+    assert f"Only {half - 1} of the model's {len(keys)} keys are in the checkpoint" in \
+        message({k: full[k] for k in keys[:half - 1]})
+
+
+def test_a_checkpoint_with_the_models_names_and_other_shapes_is_not_adapted(tmp_path):
+    """timm's checkpoint_filter_fn adapts original checkpoints (ViT's resamples pos_embed to the
+    model's image size): a file with the model's own key names but other shapes is refused as a
+    mismatch instead of being silently resized into a model of another size."""
+    path = _save(tmp_path / "vit32.pth", timm.create_model("test_vit", img_size=32).state_dict())
+    with pytest.raises(CheckpointError, match=r"1 shape mismatches: pos_embed \(checkpoint \(1, 5, 64\), model \(1, 17, 64\)\)"):
+        create_model("test_vit", checkpoint=path, img_size=64, fast=False)
+
+
+def test_read_checkpoint_missing_file_and_create_model_arguments(tmp_path):
+    """A missing checkpoint is FileNotFoundError naming it; checkpoint and pretrained together are
+    refused; an error building a model (not fetching weights) is not reworded as a download failure;
+    a RepLKNet name with a pretrained tag builds with that tag's config."""
+    with pytest.raises(FileNotFoundError, match=r"^checkpoint not found: '.*nope\.pth'$"):
+        models.read_checkpoint(str(tmp_path / "nope.pth"))
+    state = _save(tmp_path / "w.pth", official_checkpoint(**TINY))
+    with pytest.raises(ValueError, match="either checkpoint=PATH or pretrained=True, not both"):
+        create_model("replknet_31b", checkpoint=state, pretrained=True, num_classes=NUM_CLASSES, **TINY)
+    with pytest.raises(TypeError, match="no_such_argument"):
+        create_model("replknet_31b", no_such_argument=1, **TINY)
+    model = create_model("replknet_31b.in22k_ft_in1k_384", checkpoint=state, num_classes=NUM_CLASSES, **TINY)
+    assert model.pretrained_cfg["input_size"] == (3, 384, 384)
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_zip_checkpoint_is_mapped_in_either_trust_mode(tmp_path, trust):
+    """read_checkpoint maps a torch.save zip archive (the file is in this process's memory maps
+    while its tensors live) with or without trust_checkpoint; a legacy pickle cannot be mapped.
+    (test_a_zip_checkpoint_is_mapped_not_copied_into_memory measures what mapping saves.)"""
+    zipped, legacy = tmp_path / f"zip{trust}.pth", tmp_path / f"legacy{trust}.pth"
+    torch.save({"w": torch.ones(1024)}, zipped)
+    torch.save({"w": torch.ones(1024)}, legacy, _use_new_zipfile_serialization=False)
+    for path, mapped in ((zipped, True), (legacy, False)):
+        state = models.read_checkpoint(str(path), trust_checkpoint=trust)
+        assert (str(path) in pathlib.Path("/proc/self/maps").read_text()) is mapped, path
+        assert torch.equal(state["w"], torch.ones(1024))
+        del state
+
+
 def test_untrusted_pickle_is_refused_unless_opted_in(tmp_path, images):
     state = official_checkpoint(**TINY)
     path = _save(tmp_path / "pickled.pth", {"model": state, "where": pathlib.PurePosixPath("/x")})
@@ -533,6 +615,11 @@ def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, trust):
     assert message.startswith(f"{str(page)!r} is not a readable checkpoint: it is corrupt, truncated or another kind")
     assert "b'<!DOCTYPE html><html><head><titl'" in message and "It is an HTML page, not weights" in message
     assert "trust_checkpoint" not in message and "refusing" not in message
+    assert "(neither the zip archive torch.save writes nor a pickle)" in message
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"its first bytes: b''\. The file is empty\.$"):
+        models.read_checkpoint(str(empty), trust_checkpoint=trust)
     # bytes that start like a pickle but are none, and a torch.save zip archive cut short
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"\x80\x02garbage")
