@@ -1101,6 +1101,86 @@ def test_file_hash_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
     assert cache.file_hash(str(path)) == hashlib.sha256(b"second!").hexdigest()[:16] and opened == [str(path)]
 
 
+def test_file_fingerprints_see_size_and_time_alone_and_skip_hidden_entries(tmp_path):
+    """Cache keys from file stats: file_hash is read again when only the modification time changes
+    (same size, other bytes) or only the size (the time set back); files_fingerprint changes with
+    either alone; tree_fingerprint is files_fingerprint of the files in sorted order, hidden files and
+    folders left out, a linked folder read as its files; stable_hash does not depend on key order."""
+    import hashlib
+
+    from lkfast.eval import cache
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"first")
+    first = cache.file_hash(str(path))
+    stamp = path.stat().st_mtime_ns
+    path.write_bytes(b"other")  # same size
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
+    assert cache.file_hash(str(path)) != first
+    path.write_bytes(b"longer bytes")
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # same time as the read before, other size
+    assert cache.file_hash(str(path)) == hashlib.sha256(b"longer bytes").hexdigest()[:16]
+
+    before = cache.files_fingerprint([path])
+    os.utime(path, ns=(stamp, stamp))
+    assert cache.files_fingerprint([path]) != before  # the time alone
+    before = cache.files_fingerprint([path])
+    path.write_bytes(b"longer bytez!")
+    os.utime(path, ns=(stamp, stamp))
+    assert cache.files_fingerprint([path]) != before  # the size alone
+
+    root = tmp_path / "data"
+    names = [f"c{i % 3}/{n:03d}.JPEG" for i, n in enumerate(range(40, 0, -1))]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "a.JPEG").write_bytes(b"y")
+    (root / "c9").symlink_to(tmp_path / "linked")
+    expected = cache.files_fingerprint(sorted([str(root / n) for n in names] + [str(root / "c9" / "a.JPEG")]))
+    assert cache.tree_fingerprint(str(root)) == expected
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "x.JPEG").write_bytes(b"z")
+    (root / "c0" / ".DS_Store").write_bytes(b"z")
+    assert cache.tree_fingerprint(str(root)) == expected
+    assert cache.stable_hash({"a": 1, "b": [2]}) == cache.stable_hash({"b": [2], "a": 1})
+
+
+def test_model_keys_follow_what_the_model_computes(tmp_path):
+    """A model's cache key (the folder of all its results) changes with its create_model arguments
+    and their values, its --input-size, its output order and its checkpoint's bytes; not with its label."""
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+    base = ModelSpec("resnet18", str(weights))
+    variants = [ModelSpec("resnet18", str(weights), kwargs=(("num_classes", 10),)),
+                ModelSpec("resnet18", str(weights), kwargs=(("num_classes", 9),)),
+                ModelSpec("resnet18", str(weights), input_size=160),
+                ModelSpec("resnet18", str(weights), logit_order=(1, 0)),
+                ModelSpec("resnet18", str(weights), logit_order=(0, 1)),
+                ModelSpec("resnet18", None), ModelSpec("resnet34", str(weights))]
+    keys = [base.key()] + [v.key() for v in variants]
+    assert len(set(keys)) == len(keys), keys
+    assert ModelSpec("resnet18", str(weights), label="mine").key() == base.key()
+
+
+def test_result_cache_paths_and_unreadable_shards(tmp_path):
+    """A shard lives under its task and part (two parts with one key do not share a file), names
+    become one safe path component, and a shard that cannot be loaded (cut short, not a torch file,
+    a pickle holding other objects) reads as missing."""
+    store = ResultCache(tmp_path)
+    a = store.save_shard("imagenet-c", "snow/3", "k", {"items": torch.zeros(1)})
+    b = store.save_shard("imagenet-c", "fog/3", "k", {"items": torch.ones(1)})
+    assert a != b and a.parent.name == "snow_3" and a.parent.parent == tmp_path / "imagenet-c"
+    assert torch.equal(store.load_shard("imagenet-c", "snow/3", "k")["items"], torch.zeros(1))
+    a.write_bytes(a.read_bytes()[:40])
+    assert store.load_shard("imagenet-c", "snow/3", "k") is None
+    b.write_bytes(b"\x80\x02cbuiltins\nprint\nq\x00.")  # a pickle of a global weights_only refuses
+    assert store.load_shard("imagenet-c", "fog/3", "k") is None
+    from lkfast.eval.cache import safe_name
+
+    assert [safe_name(n) for n in ("a/b c", "imagenet-c", "x.y_z", "")] == ["a_b_c", "imagenet-c", "x.y_z", "_"]
+
+
 def test_cache_shards_get_the_mode_the_umask_allows(tmp_path):
     """Shards are written through mkstemp (private 0600 files); in a shared results folder they get
     what a plain open would give (0644 under umask 022), as results.json and the tables do."""
