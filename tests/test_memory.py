@@ -73,3 +73,12 @@ def test_on_this_glibc_freed_tensors_are_reused_without_page_faults(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["applied"] and "M_TRIM_THRESHOLD" in result["applied"]
     assert result["faults"] < 50, result
+
+
+@pytest.mark.parametrize("name", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX"])
+def test_any_of_the_users_malloc_variables_wins(monkeypatch, name):
+    """Each glibc tuning variable the user may set (the three settings' own and MALLOC_ARENA_MAX,
+    which glibc reads with them) leaves malloc as the user set it."""
+    libc = FakeLibc()
+    monkeypatch.setenv(name, "1")
+    assert memory.keep_freed_memory(libc) is None and libc.calls == []
