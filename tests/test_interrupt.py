@@ -267,6 +267,24 @@ def test_the_one_atomic_writer_names_its_temporary_files_for_temporary_files(tmp
     assert target.read_bytes() == b"outer" and [p.name for p in target.parent.iterdir()] == ["result.json"]
 
 
+def test_the_atomic_writer_renames_a_closed_complete_file(tmp_path, monkeypatch):
+    """write_atomic renames its temporary file only once it is closed: at the rename it holds every
+    byte (renamed while still open, the buffered bytes were not yet in it: a reader opening the
+    path in between saw a short or empty file)."""
+    from lkfast import tables
+
+    real_replace, seen = os.replace, []
+
+    def replace(src, dst):
+        seen.append((Path(src).read_bytes(), Path(dst).name))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    tables.write_text_atomic(tmp_path / "r.json", '{"top1": 1.0}')
+    tables.write_bytes_atomic(tmp_path / "s.pt", b"x" * 100)
+    assert seen == [(b'{"top1": 1.0}', "r.json"), (b"x" * 100, "s.pt")]
+
+
 @pytest.mark.parametrize("name", ["a" * 245 + ".json", "é" * 122 + "a.json"])  # 250 bytes each
 def test_a_name_near_the_file_systems_limit_is_written(tmp_path, name):
     """write_atomic's temporary name is ~21 bytes longer than the name: a 250-byte name (the limit is
