@@ -851,6 +851,21 @@ def test_writer_skips_and_counts_unreadable_sources(tmp_path, capsys):
     assert main([str(src), str(dst), "--benchmark", "c", "--names", "contrast", "--levels", "1,3", "--quiet"]) == 0
 
 
+def test_writer_rerun_over_a_complete_tree_reads_no_source(tmp_path):
+    """A rerun whose outputs are all complete decodes no source image (a source damaged since is not
+    even opened, so not reported); a batch size below 1 is refused by name."""
+    src = make_tree(tmp_path / "val", classes=("n0",), per_class=2)
+    args = dict(benchmark="c", names=["contrast"], levels=[1], batch_size=2, progress=False)
+    assert writer.render(src, tmp_path / "c", **args) == 2
+    source = sorted((src / "n0").iterdir())[0]
+    source.write_bytes(source.read_bytes()[:50])
+    seen = []
+    assert writer.render(src, tmp_path / "c", on_unreadable=lambda path, error: seen.append(path), **args) == 0
+    assert seen == []
+    with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
+        writer.render(src, tmp_path / "c", **{**args, "batch_size": 0})
+
+
 @needs_av
 def test_writer_imagenet_p(tmp_path):
     src = make_tree(tmp_path / "val", classes=("n01440764",), per_class=2)
