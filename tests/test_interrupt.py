@@ -412,3 +412,23 @@ def test_only_storage_errors_become_the_free_space_line(tmp_path, capsys, monkey
     with pytest.raises(ModuleNotFoundError):
         train_module.main(run[:3] + ["--out", str(out)] + run[5:])
     monkeypatch.setattr(torch, "load", real_load)
+
+
+def test_the_table_writer_formats_cells_and_refuses_bad_rows(tmp_path):
+    """lkfast.tables' markdown: None and NaN as '—', bools as words (not numbers: their column stays
+    left-aligned), '-0.00' without its sign, '|' escaped, numeric columns right-aligned (an empty or
+    all-None column left); a row or an align of the wrong length refused; write_table's .md carries
+    the caption above a blank line, its .csv the raw cells."""
+    from lkfast import tables
+
+    rows = [["a|b", 1.234, True, None, -0.001], ["c", float("nan"), False, None, 2]]
+    text = tables.markdown_table(["name", "x", "ok", "none", "y"], rows, caption="Table 9.")
+    assert text.splitlines() == ["Table 9.", "", "| name | x | ok | none | y |", "| --- | ---: | --- | --- | ---: |",
+                                 "| a\\|b | 1.23 | True | — | 0.00 |", "| c | — | False | — | 2 |"]
+    with pytest.raises(ValueError, match=r"row 1 has 2 cells, the header has 3"):
+        tables.markdown_table(["a", "b", "c"], [[1, 2, 3], [1, 2]])
+    with pytest.raises(ValueError, match="align must be 2 letters"):
+        tables.markdown_table(["a", "b"], [[1, 2]], align="l")
+    md, csv_path = tables.write_table(tmp_path / "t", ["name", "x"], [["a", 0.5], ["b", None]], caption="Cap.")
+    assert md.read_text().startswith("Cap.\n\n| name | x |")
+    assert csv_path.read_text() == "name,x\na,0.5\nb,\n"
