@@ -536,6 +536,14 @@ def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatc
     assert keys()[1] != with_dino[1]
     (val / "b.JPEG").write_bytes(b"y")
     assert keys()[0] != base[0]
+    # another label set (a python -m lkfast.train run's classes) is another result, by name and by size
+    from lkfast.eval.classes import ClassSpace
+
+    spaces = [ClassSpace("run A", ("n01440764", "n01443537")), ClassSpace("run B", ("n01440764", "n01443537")),
+              ClassSpace("run A", ("n01440764",))]
+    spaced = [Runner([], [], EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")}, class_space=c))
+              .result_key(None, TASKS["clean"]) for c in spaces]
+    assert len(set(spaced + [keys()[0]])) == 4
     # the baseline model joins the keys of the tasks it normalises (ImageNet-C/-P) only
     options = EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")})
     with_baseline = EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")},
@@ -574,6 +582,41 @@ def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):
         assert second["tiny"]["test-mean-logit"] == first["tiny"]["test-mean-logit"]
     finally:
         TASKS.pop("test-mean-logit")
+
+
+def test_stored_shards_follow_their_key_and_their_files(tmp_path, data_root, checkpoint):
+    """The shard cache under a task: two records() calls of one part that differ only in ``key``
+    get their own shards (the second does not load the first's), and an image rewritten in place
+    (same path, other pixels) is computed again on the next run, not read from its stored shard."""
+    val = tmp_path / "val"
+    shutil.copytree(data_root / "val", val)
+    computed = []
+
+    def two_keys(ctx):
+        images = ctx.dataset("val")
+        out = {}
+        for key, scale in (("a", 1.0), ("b", 2.0)):
+            def compute(x, y, indices, scale=scale):
+                computed.append(len(indices))
+                return {"m": scale * x.float().mean((1, 2, 3))}
+            out[key] = ctx.records("val", images, compute, key=key)["m"].tolist()
+        return out
+    register_task("test-shard-keys", two_keys, needs=("val",), replace=True)
+    try:
+        specs = [ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)]
+        options = EvalOptions(out=str(tmp_path / "out"), data={"val": str(val)}, workers=0, progress=False)
+        first = run_evaluation(specs, ["test-shard-keys"], options)["tiny"]["test-shard-keys"]
+        assert len(first["a"]) == 6 and sum(computed) == 12
+        assert first["b"] == pytest.approx([2 * m for m in first["a"]])
+        files = sorted(val.rglob("*.JPEG"))
+        files[0].write_bytes(files[-1].read_bytes())
+        computed.clear()
+        second = run_evaluation(specs, ["test-shard-keys"], options)["tiny"]["test-shard-keys"]
+        assert sum(computed) > 0
+        changed = [i for i, (m, n) in enumerate(zip(first["a"], second["a"])) if m != pytest.approx(n)]
+        assert len(changed) == 1 and second["a"][changed[0]] == pytest.approx(second["a"][-1]), (first, second)
+    finally:
+        TASKS.pop("test-shard-keys")
 
 
 # -- bad input ------------------------------------------------------------------------------------
