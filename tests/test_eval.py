@@ -540,10 +540,11 @@ def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatc
     from lkfast.eval.classes import ClassSpace
 
     spaces = [ClassSpace("run A", ("n01440764", "n01443537")), ClassSpace("run B", ("n01440764", "n01443537")),
-              ClassSpace("run A", ("n01440764",))]
+              ClassSpace("run A", ("n01440764",)), ClassSpace("run A", ("n01443537", "n01440764")),
+              ClassSpace("run A", ("n01440764", "n01443537"), subsets={"imagenet-a": (1,)})]
     spaced = [Runner([], [], EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")}, class_space=c))
               .result_key(None, TASKS["clean"]) for c in spaces]
-    assert len(set(spaced + [keys()[0]])) == 4
+    assert len(set(spaced + [keys()[0]])) == 6
     # the baseline model joins the keys of the tasks it normalises (ImageNet-C/-P) only
     options = EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")})
     with_baseline = EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")},
@@ -617,6 +618,26 @@ def test_stored_shards_follow_their_key_and_their_files(tmp_path, data_root, che
         assert len(changed) == 1 and second["a"][changed[0]] == pytest.approx(second["a"][-1]), (first, second)
     finally:
         TASKS.pop("test-shard-keys")
+
+
+def test_stored_records_are_not_read_back_in_another_class_space(tmp_path, data_root, checkpoint):
+    """The same model and images scored in two label sets of one name and size (ImageNet's wnids in
+    their order and reversed): the second run's targets are its own, not the first's stored shard."""
+    from lkfast.eval.classes import ClassSpace, imagenet_class_space
+
+    def targets(ctx):
+        return {"y": ctx.records("val", ctx.dataset("val"), lambda x, y, indices: {"y": y})["y"].tolist()}
+    register_task("test-class-space", targets, needs=("val",), replace=True)
+    try:
+        specs = [ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)]
+        imagenet = imagenet_class_space()
+        reversed_space = ClassSpace(imagenet.name, imagenet.class_names[::-1])
+        got = [run_evaluation(specs, ["test-class-space"], EvalOptions(
+            out=str(tmp_path / "out"), data={"val": str(data_root / "val")}, workers=0, progress=False,
+            class_space=space))["tiny"]["test-class-space"]["y"] for space in (imagenet, reversed_space)]
+        assert len(got[0]) == 6 and got[1] == [999 - y for y in got[0]], got
+    finally:
+        TASKS.pop("test-class-space")
 
 
 # -- bad input ------------------------------------------------------------------------------------

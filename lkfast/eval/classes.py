@@ -7,7 +7,7 @@ other label set, brings its own ``ClassSpace`` and the same tasks run unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 
@@ -41,6 +41,17 @@ class ClassSpace:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of everything that maps folders and logits to scores (class names in order,
+        subsets, the ImageNet-9 map and names, the baselines rule): a cached result or stored
+        records computed in one class space are never read back in another."""
+        from lkfast.eval.cache import stable_hash
+
+        return stable_hash([list(self.class_names), {k: list(v) for k, v in sorted(self.subsets.items())},
+                            None if self.nine_map is None else list(self.nine_map), list(self.nine_names),
+                            self.published_baselines])
 
     def folder_index(self) -> Dict[str, int]:
         """Folder name -> class index."""
