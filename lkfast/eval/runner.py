@@ -214,7 +214,7 @@ class TaskContext:
         shards = [(s, min(s + size, n)) for s in range(0, n, size)]
         base = {"task": self.task.name, "version": self.task.version, "part": part, "n": n, "key": key,
                 "options": self.options.numeric_key(self.task.reads), "config": self.config,
-                "classes": [self.class_space.num_classes, self.class_space.fingerprint],
+                "classes": self.class_space.fingerprint,
                 "root": str(getattr(dataset, "root", ""))}
         samples = getattr(dataset, "samples", None)  # [(path, target)] of a folder reader: its files' stats join the key
         keys = [stable_hash({**base, "range": [a, b], **({"files": files_fingerprint(p for p, _ in samples[a:b])}
@@ -409,7 +409,7 @@ class Runner:
     def result_key(self, spec: ModelSpec, task: Task, config: Optional[Dict[str, Any]] = None) -> str:
         return stable_hash({"task": task.name, "version": task.version, "options": self.options.numeric_key(task.reads),
                             "limit": self.options.limit, "data": self._data_fingerprint(),
-                            "classes": [self.class_space.name, self.class_space.num_classes, self.class_space.fingerprint],
+                            "classes": [self.class_space.name, self.class_space.fingerprint],
                             "baseline": None if self.options.baseline is None or "baseline" not in task.reads else
                             [self.options.baseline.name, self._baseline_key()]})
 
