@@ -948,3 +948,58 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "c" / "contrast" / "1" / "n0").is_dir()
     assert main([str(tmp_path / "nothing"), str(tmp_path / "c"), "--benchmark", "c", "--quiet"]) == 2
     assert "ImageNet-val layout" in capsys.readouterr().err
+
+
+def test_writer_command_reads_its_lists_and_maps_each_mistake_to_status_2(tmp_path, capsys):
+    """--levels/--names skip empty items ("1,,3," is 1 and 3) but refuse a list naming nothing (it wrote
+    nothing and exited 0), and a --levels item that is no integer exits 2 like any bad argument (it was
+    a SystemExit with status 1, the status of unreadable sources); a C subset name is no name for -p;
+    a device torch does not know (a RuntimeError) is one error line and 2, not a traceback."""
+    from lkfast.corrupt.__main__ import main
+
+    src = make_tree(tmp_path / "val", classes=("n0",), per_class=1)
+    dst = tmp_path / "c"
+    args = [str(src), str(dst), "--benchmark", "c", "--quiet"]
+    assert main([*args, "--names", "contrast,,", "--levels", "1,,3,"]) == 0
+    assert sorted(p.name for p in (dst / "contrast").iterdir()) == ["1", "3"]
+    assert "wrote 2 files" in capsys.readouterr().out
+    other = tmp_path / "other"
+    mistakes = {
+        ("--names", "contrast", "--levels", ","): "error: --levels ',' names no level",
+        ("--names", "contrast", "--levels", ""): "error: --levels '' names no level",
+        ("--names", "contrast", "--levels", "1,x"): "error: --levels takes comma-separated integers, e.g. 1,2,3; "
+                                                    "got '1,x'",
+        ("--names", ",", "--levels", "1"): "error: --names ',' names nothing",
+        ("--names", "contrast", "--levels", "1", "--device", "tpu9"): "error: Invalid device string: 'tpu9'",
+    }
+    for extra, message in mistakes.items():
+        assert main([str(src), str(other), "--benchmark", "c", "--quiet", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(message) and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not other.exists() or not [p for p in other.rglob("*") if p.is_file()]  # nothing written
+    # ImageNet-P has no subsets: "noise" is an unknown perturbation, not C's three noises
+    assert main([str(src), str(tmp_path / "p"), "--benchmark", "p", "--names", "noise", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown perturbation 'noise'; valid names are: gaussian_noise")
+    with pytest.raises(ValueError, match="no corruption names given"):
+        writer.render(src, other, "c", [], progress=False)
+    with pytest.raises(ValueError, match="no difficulties given"):
+        writer.render(src, other, "p", ["translate"], [], progress=False)
+
+
+@pytest.mark.parametrize("bad", [3, 4])
+def test_writer_command_names_three_unreadable_sources_then_dots(tmp_path, capsys, bad):
+    import warnings
+
+    from lkfast.corrupt.__main__ import main
+
+    src = tmp_path / "val" / "n0"
+    src.mkdir(parents=True)
+    names = [src / f"{k}.JPEG" for k in "abcd"[:bad]]
+    for path in names:
+        path.write_bytes(b"not an image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([str(src.parent), str(tmp_path / "c"), "--benchmark", "c", "--names", "contrast", "--levels", "1",
+                     "--quiet"]) == 1
+    shown = ", ".join(str(p) for p in names[:3]) + (", ..." if bad > 3 else "")
+    assert f"error: skipped {bad} unreadable source image(s) ({shown}): their files are missing" in capsys.readouterr().err

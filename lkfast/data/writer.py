@@ -120,7 +120,7 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     ``on_unreadable(path, error)`` is called once for each source image that cannot be decoded
     (default: :func:`warn_unreadable`); such an image is skipped, its outputs are not written.
     ``counts``, when given, gets "written" and "complete" (files already complete, kept as they are).
-    Raises ValueError for an unknown benchmark, name or level, a batch_size below 1, a SRC
+    Raises ValueError for an unknown benchmark, name or level, no name or no level, a batch_size below 1, a SRC
     that is not laid out as SRC/<wnid>/<image>, or a DST that is a file or inside SRC.
     """
     from tqdm.auto import tqdm
@@ -129,12 +129,18 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
         raise ValueError(f"benchmark must be 'c' (ImageNet-C) or 'p' (ImageNet-P); got {benchmark!r}")
     valid = tuple(CORRUPTIONS) if benchmark == "c" else tuple(PERTURBATIONS)
     names = list(valid if names is None else names)
+    kind = "corruption" if benchmark == "c" else "perturbation"
+    if not names:
+        raise ValueError(f"no {kind} names given: name at least one (or pass None for all {len(valid)})")
     for n in names:
         if n not in valid:
-            raise ValueError(f"unknown {'corruption' if benchmark == 'c' else 'perturbation'} {n!r}; "
+            raise ValueError(f"unknown {kind} {n!r}; "
                              f"valid names are: {', '.join(valid)}")
     levels = list(levels if levels is not None else ((1, 2, 3, 4, 5) if benchmark == "c" else (1, 2, 3)))
     top = 5 if benchmark == "c" else 3
+    if not levels:
+        raise ValueError(f"no {'severities' if benchmark == 'c' else 'difficulties'} given: name at least one of "
+                         f"1..{top} (or pass None for all)")
     for level in levels:
         if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= top:
             raise ValueError(f"{'severities' if benchmark == 'c' else 'difficulties'} must be integers in 1..{top}; got {level!r}")
@@ -188,20 +194,30 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
 
 # ------------------------------------------------------------------------------------ command
 def _names(text, benchmark):
+    """--names as a list (empty items skipped: "fog,,snow," is fog and snow); ValueError when it names nothing."""
     if text is None:
         return None
     if benchmark == "c" and text in SUBSETS:
         return list(SUBSETS[text])
-    return [t.strip() for t in text.split(",") if t.strip()]
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"--names {text!r} names nothing: give comma-separated names, or leave --names out for all")
+    return names
 
 
 def _levels(text):
+    """--levels as a list of ints (empty items skipped: "1,,3," is 1 and 3); ValueError for an item that
+    is no integer and when it names nothing (main: exit status 2, as for any bad argument)."""
     if text is None:
         return None
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        levels = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise SystemExit(f"error: --levels takes comma-separated integers, e.g. 1,2,3; got {text!r}")
+        raise ValueError(f"--levels takes comma-separated integers, e.g. 1,2,3; got {text!r}") from None
+    if not levels:
+        raise ValueError(f"--levels {text!r} names no level: give comma-separated integers, or leave --levels out "
+                         "for all")
+    return levels
 
 
 def build_parser() -> argparse.ArgumentParser:
