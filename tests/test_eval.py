@@ -620,6 +620,77 @@ def test_stored_shards_follow_their_key_and_their_files(tmp_path, data_root, che
         TASKS.pop("test-shard-keys")
 
 
+def test_stored_shards_of_images_with_masks_follow_both_files(tmp_path, data_root, checkpoint):
+    """The occlusion's dataset (val images with their foreground masks, one item from two files) has
+    no folder reader's samples: its shard key had the val folder's name and nothing of its files, so
+    an image or a mask rewritten in place was read back from the stored shard on the next run."""
+    from lkfast.eval.analysis_tasks import _val_dataset
+
+    val, masks = tmp_path / "val", tmp_path / "masks"
+    shutil.copytree(data_root / "val", val)
+    files = sorted(val.rglob("*.JPEG"))
+    for path in files:
+        mask = torch.zeros(3, SIZE, SIZE)
+        mask[:, : SIZE // 2, : SIZE // 2] = 1.0
+        (masks / path.relative_to(val)).parent.mkdir(parents=True, exist_ok=True)
+        (masks / path.relative_to(val)).write_bytes(data.encode_jpeg(data.to_uint8(mask), quality=95))
+
+    def means(ctx):
+        rows = ctx.records("val", _val_dataset(ctx, masks=True),
+                           lambda x, y, indices: {"image": x[:, :3].float().mean((1, 2, 3)), "mask": x[:, 3].float().mean((1, 2))})
+        return {k: v.tolist() for k, v in rows.items()}
+    register_task("test-masked-shards", means, needs=("val", "masks"), replace=True)
+    try:
+        specs = [ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)]
+        options = EvalOptions(out=str(tmp_path / "out"), data={"val": str(val), "masks": str(masks)}, workers=0,
+                              progress=False)
+
+        def run():
+            return run_evaluation(specs, ["test-masked-shards"], options)["tiny"]["test-masked-shards"]
+        first = run()
+        assert len(first["mask"]) == 6 and 0.2 < first["mask"][0] < 0.4  # a quarter, resized and cropped
+        (masks / files[0].relative_to(val)).write_bytes(data.encode_jpeg(data.to_uint8(torch.ones(3, SIZE, SIZE))))
+        second = run()
+        assert second["mask"][0] == pytest.approx(1.0, abs=0.02) and second["mask"][1:] == first["mask"][1:]
+        files[0].write_bytes(files[-1].read_bytes())
+        third = run()
+        assert third["image"][0] == pytest.approx(third["image"][-1]) != pytest.approx(first["image"][0])
+    finally:
+        TASKS.pop("test-masked-shards")
+
+
+def test_stored_shards_of_a_dataset_without_files_follow_its_root(tmp_path, data_root, checkpoint):
+    """A dataset with no files to fingerprint (no ``samples``, no ``item_files``) is told apart by its
+    ``root`` alone: the same task over another data folder computes its shards again (with the root
+    left out of the shard key the second run read the first folder's)."""
+    calls = []
+
+    class FromRoot(torch.utils.data.Dataset):
+        def __init__(self, root):
+            self.root = root
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return torch.zeros(3, SIZE, SIZE), 0
+
+    def roots(ctx):
+        root = str(ctx.source("val"))
+        return {"n": ctx.records("val", FromRoot(root), lambda x, y, indices: calls.append(root) or {"y": y})["y"].tolist()}
+    register_task("test-root-shards", roots, needs=("val",), replace=True)
+    other = tmp_path / "val"
+    shutil.copytree(data_root / "val", other)
+    try:
+        specs = [ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)]
+        for val in (data_root / "val", other):
+            run_evaluation(specs, ["test-root-shards"], EvalOptions(out=str(tmp_path / "out"), data={"val": str(val)},
+                                                                    workers=0, progress=False))
+        assert calls == [str(data_root / "val"), str(other)]
+    finally:
+        TASKS.pop("test-root-shards")
+
+
 def test_stored_records_are_not_read_back_in_another_class_space(tmp_path, data_root, checkpoint):
     """The same model and images scored in two label sets of one name and size (ImageNet's wnids in
     their order and reversed): the second run's targets are its own, not the first's stored shard."""

@@ -74,6 +74,8 @@ class _WithMasks(Dataset):
             raise TaskUnavailable(f"the masks folder {masks.root} does not hold one mask per val image "
                                   f"(same class folders and file names)")
         self.images, self.masks, self.root = images, masks, images.root
+        # both files of each item join its shard's cache key (lkfast.eval.runner), as a folder reader's one file
+        self.item_files = [(image, mask) for (image, _), (mask, _) in zip(images.samples, masks.samples)]
 
     def __len__(self):
         return len(self.images)

@@ -102,6 +102,17 @@ class EvalOptions:
         return key
 
 
+def _item_files(dataset) -> Optional[Sequence[Sequence[str]]]:
+    """The files each item of ``dataset`` is read from, item by item: its ``item_files`` where it has
+    them (an item read from several files, as the occlusion's image and mask), else the paths of a
+    folder reader's ``samples`` ([(path, target)]); None for a dataset with neither."""
+    files = getattr(dataset, "item_files", None)
+    if files is not None:
+        return files
+    samples = getattr(dataset, "samples", None)
+    return None if samples is None else [(path,) for path, _ in samples]
+
+
 class _Progress:
     def __init__(self, desc: str, total: Optional[int], enabled: bool):
         self.bar = None
@@ -216,9 +227,9 @@ class TaskContext:
                 "options": self.options.numeric_key(self.task.reads), "config": self.config,
                 "classes": self.class_space.fingerprint,
                 "root": str(getattr(dataset, "root", ""))}
-        samples = getattr(dataset, "samples", None)  # [(path, target)] of a folder reader: its files' stats join the key
-        keys = [stable_hash({**base, "range": [a, b], **({"files": files_fingerprint(p for p, _ in samples[a:b])}
-                                                          if samples is not None else {})}) for a, b in shards]
+        files = _item_files(dataset)  # the files each item is read from: their stats join the key
+        keys = [stable_hash({**base, "range": [a, b], **({"files": files_fingerprint(p for item in files[a:b] for p in item)}
+                                                          if files is not None else {})}) for a, b in shards]
         stored: Dict[int, Dict[str, Any]] = {}
         if dist.is_main():
             for i, k in enumerate(keys):
