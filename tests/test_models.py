@@ -257,6 +257,118 @@ def test_state_dict_round_trip(images, tmp_path):
         _close(again.eval()(images), model.eval()(images))
 
 
+def test_constructor_refuses_what_it_cannot_build():
+    """Unknown keyword arguments, per-stage lists of different lengths, and a head together with
+    out_indices (backbone use) are refused by name; timm's global_pool is taken and ignored."""
+    with pytest.raises(TypeError, match=r"RepLKNet: unexpected arguments \['drop_rate'\]"):
+        RepLKNet(**TINY, drop_rate=0.1)
+    RepLKNet(**TINY, global_pool="avg")
+    with pytest.raises(ValueError, match="need one entry per stage, got 4, 3 and 4"):
+        RepLKNet(**dict(TINY, layers=[1, 1, 2]))
+    with pytest.raises(ValueError, match="out_indices .* and a classifier head exclude each other"):
+        RepLKNet(**TINY, num_classes=NUM_CLASSES, out_indices=(3,))
+
+
+def _drop_rates(model):
+    return [block.drop_path.drop_prob if isinstance(block.drop_path, timm.layers.DropPath) else 0.0
+            for stage in model.stages for block in stage.blocks]
+
+
+def test_drop_path_rises_linearly_over_the_block_pairs_and_is_off_in_eval(images):
+    """Stochastic depth as the official code: rate i of torch.linspace(0, drop_path_rate, total
+    pairs) for both blocks of pair i, across stages; none at rate 0; eval outputs unchanged."""
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES, drop_path_rate=0.4)  # 5 pairs: 0, 0.1, ..., 0.4
+    expected = [0.0, 0.0, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.4]
+    assert _drop_rates(model) == pytest.approx(expected)
+    assert isinstance(model.stages[0].blocks[0].drop_path, torch.nn.Identity)  # rate 0: no module to run
+    plain = RepLKNet(**TINY, num_classes=NUM_CLASSES)
+    assert _drop_rates(plain) == [0.0] * 10
+    state = official_checkpoint(**TINY)
+    model.load_state_dict(state)
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), plain.eval()(images), rtol=0, atol=0)
+        model.train()
+        torch.manual_seed(0)
+        assert not torch.allclose(model(images), plain.train()(images))  # and on in training
+
+
+def _stage_outputs(model, images):
+    """Each stage's output before any stage norm, walked from the stem (independent of forward_features)."""
+    x, outs = images, []
+    for layer in model.stem:
+        x = layer(x)
+    for i, stage in enumerate(model.stages):
+        for block in stage.blocks:
+            x = block(x)
+        outs.append(x)
+        if i < len(model.transitions):
+            x = model.transitions[i](x)
+    return outs
+
+
+def test_backbone_returns_the_stages_asked_for_through_their_norms(images):
+    """out_indices: only those stages' maps, each through its own BN with norm_intermediate_features
+    (RepLKNet-XL's downstream form); a classifier's forward_intermediates(norm=True) passes the last
+    stage alone through the final BN; stop_early returns the last stage asked for as the final map."""
+    backbone = RepLKNet(**TINY, num_classes=0, out_indices=(1, 3), norm_intermediate_features=True).eval()
+    state = {k: v for k, v in official_checkpoint(**TINY).items() if not k.startswith(("norm.", "head."))}
+    g = torch.Generator().manual_seed(3)
+    for i, c in ((0, 8), (1, 16), (2, 24), (3, 32)):
+        state.update({f"stages.{i}.norm.weight": torch.rand(c, generator=g) + 0.5,
+                      f"stages.{i}.norm.bias": torch.randn(c, generator=g),
+                      f"stages.{i}.norm.running_mean": torch.randn(c, generator=g),
+                      f"stages.{i}.norm.running_var": torch.rand(c, generator=g) + 0.5,
+                      f"stages.{i}.norm.num_batches_tracked": torch.tensor(1)})
+    backbone.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        got = backbone(images)
+        raw = _stage_outputs(backbone, images)
+    assert len(got) == 2
+    for out, i in zip(got, (1, 3)):
+        _close(out, _bn(raw[i], state, f"stages.{i}.norm."))
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES).eval()
+    model.load_state_dict(official_checkpoint(**TINY))
+    with torch.no_grad():
+        raw = _stage_outputs(model, images)
+        maps = model.forward_intermediates(images, norm=True, intermediates_only=True)
+        _close(maps[0], raw[0])
+        _close(maps[3], model.norm(raw[3]))
+        maps = model.forward_intermediates(images, indices=[1, 2], intermediates_only=True)
+        assert len(maps) == 2
+        _close(maps[0], raw[1])
+        _close(maps[1], raw[2])
+        final, maps = model.forward_intermediates(images, indices=[1], stop_early=True)
+        assert len(maps) == 1 and final is maps[0]
+        _close(final, raw[1])
+        _close(model.forward_head(raw[3], pre_logits=True), model.norm(raw[3]).mean((2, 3)))  # pooled, no head
+    headless = RepLKNet(**TINY, num_classes=0).eval()
+    with torch.no_grad():
+        assert headless(images).shape == (2, 32) and isinstance(headless.head, torch.nn.Identity)
+
+
+def test_pruning_keeps_what_the_kept_stages_need(images):
+    """prune_intermediate_layers (timm's features_only calls it): the stages after the last index go
+    with their transitions, the final BN and the head (the feature width becomes that stage's); with
+    every stage kept the final BN stays unless prune_norm, the head unless prune_head."""
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES)
+    assert model.prune_intermediate_layers((0, 1, 2, 3), prune_norm=False, prune_head=True) == [0, 1, 2, 3]
+    assert isinstance(model.norm, torch.nn.BatchNorm2d) and isinstance(model.head, torch.nn.Identity)
+    assert (model.num_classes, model.num_features) == (0, 32)
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES)
+    model.prune_intermediate_layers((0, 1, 2, 3), prune_norm=True, prune_head=False)
+    assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.head, torch.nn.Linear)
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES).eval()
+    assert model.prune_intermediate_layers([1], prune_norm=False, prune_head=False) == [1]
+    assert (len(model.stages), len(model.transitions), len(model.feature_info), model.num_stages) == (2, 1, 2, 2)
+    assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.head, torch.nn.Identity)
+    assert (model.num_classes, model.num_features, model.head_hidden_size) == (0, 16, 16)
+    assert not [k for k in model.state_dict() if k.startswith(("stages.2", "transitions.1", "norm.", "head."))]
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(images)
+        assert len(maps) == 2 and final is maps[-1] and final.shape[1] == 16
+
+
 # --- named configurations -------------------------------------------------------------------------
 
 # The configurations of the official factories, create_RepLKNet31B / create_RepLKNet31L /
@@ -348,6 +460,18 @@ def test_named_configs_build(name, kernels, channels, small, dw_ratio, params_m,
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (3, size, size) and tuple(cfg["mean"]) == mean and cfg["interpolation"] == "bicubic"
     assert cfg["crop_pct"] == (1.0 if size >= 384 else 0.875)
+
+
+def test_in22k_tags_have_the_22k_head_and_in_chans_is_taken():
+    """The 22K-pretrained files' tags build the 21841-class head they hold (the others 1000), and
+    timm's in_chans spelling sets the stem's input channels."""
+    with torch.device("meta"):
+        for name, classes in (("replknet_31b.in22k", 21841), ("replknet_31l.in22k", 21841),
+                              ("replknet_31b.in22k_ft_in1k", 1000), ("replknet_xl.megdata73m_ft_in1k", 1000)):
+            assert timm.create_model(name).head.out_features == classes, name
+    model = timm.create_model("replknet_31b", in_chans=1, num_classes=NUM_CLASSES, **TINY).eval()
+    assert model.stem[0].conv.weight.shape == (8, 1, 3, 3)
+    assert model(torch.rand(1, 1, 32, 32)).shape == (1, NUM_CLASSES)
 
 
 def test_small_kernel_none_is_not_dropped():
