@@ -175,6 +175,12 @@ def test_mistakes_are_one_line_and_exit_2(dataset, tmp_path, capsys, monkeypatch
         (MODEL, *run, "--device", "tpu9"): "--device tpu9: expected cpu, cuda or cuda:N",
         (MODEL, *run, "--batch-size", "0"): "--batch-size must be at least 1, got 0",
         (MODEL, *run, "--num-classes", "2"): "--num-classes 2 is fewer than the 4 class folders of",
+        (MODEL, *run, "--epochs", "0"): "--epochs must be at least 1, got 0",
+        (MODEL, *run, "--workers", "-1"): "--workers must be at least 0, got -1",
+        (MODEL, *run, "--input-size", "4"): "--input-size must be at least 8, got 4",
+        (MODEL, *run, "--device", "meta"): "--device meta: expected cpu, cuda or cuda:N (lkfast runs on no 'meta' device)",
+        (MODEL, *run, "--classes", ",".join(CLASSES[:3])): "--classes must name each class folder of",
+        (MODEL, *run, "--classes", ",".join(CLASSES + CLASSES[:1])): "--classes must name each class folder of",
         (MODEL, *run, "--out", str(a_file)): f"--out {a_file} is a file: give a folder",
         (MODEL, *run, "--out", str(a_file / "o")): f"--out {a_file / 'o'}: cannot create the folder (Not a directory",
         (MODEL, *run, "--data", str(tmp_path / "nonexist")): f"--data {tmp_path / 'nonexist'}: no such folder",
@@ -319,3 +325,62 @@ def test_every_output_file_has_the_mode_the_umask_allows(dataset, tmp_path, umas
         os.umask(previous)
     modes = {path.name: oct(path.stat().st_mode & 0o777) for path in (tmp_path / "o").iterdir()}
     assert modes == {name: oct(0o666 & ~umask) for name in ("last.pth", "model.safetensors", "summary.json")}
+
+
+def test_a_class_order_and_a_class_count_are_what_the_run_saves(dataset, tmp_path):
+    """--classes (spaces around names allowed) is the label order: summary.json and last.pth record it
+    as given, not sorted; --num-classes wider than the folders is the model's output count; a val
+    folder lacking one of the classes is refused before training; dead temporaries of a killed save
+    are removed from OUT."""
+    order = sorted(CLASSES, reverse=True)
+    out = tmp_path / "o"
+    out.mkdir()
+    dead = out / ".last.pth.tmp999999999"
+    dead.write_bytes(b"partial")
+    run = [MODEL, "--data", str(dataset), "--epochs", "1", "--max-steps-per-epoch", "1", *FAST]
+    summary = train([*run, "--out", str(out), "--classes", " , ".join(order), "--num-classes", "6"])
+    assert summary["classes"] == order and json.loads((out / "summary.json").read_text())["classes"] == order
+    state = torch.load(out / "last.pth", weights_only=False)
+    assert state["classes"] == order and state["num_classes"] == 6
+    assert _weights(out)["head.weight"].shape[0] == 6
+    assert not dead.exists()
+    data = tmp_path / "data"
+    (data / "val").mkdir(parents=True)
+    (data / "train").symlink_to(dataset / "train")
+    for name in CLASSES[1:]:
+        (data / "val" / name).symlink_to(dataset / "val" / name)
+    with pytest.raises(TrainError, match=f"names folders missing from {data / 'val'}: {CLASSES[0]}"):
+        train([MODEL, "--data", str(data), "--out", str(tmp_path / "p"), "--epochs", "1", *FAST])
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_model_gets_the_commands_settings_and_evaluation_leaves_it_training():
+    """_make_model passes --drop-path (the last block pair at the full rate) and the class count;
+    evaluate() puts a training model back in training mode (else every epoch after the first would
+    train with frozen BN statistics and no drop path)."""
+    from timm.layers import DropPath
+
+    from lkfast.train import _make_model, evaluate
+
+    args = build_parser().parse_args([MODEL, "--data", "x", "--drop-path", "0.3"])
+    model = _make_model(args, 5)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    assert rates and max(rates) == pytest.approx(0.3) and model.training
+    assert model.head.out_features == 5
+    loader = [(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))]
+    top1, count = evaluate(model, loader, torch.device("cpu"))
+    assert count == 2 and 0 <= top1 <= 100 and model.training
+    assert evaluate(model.eval(), loader, torch.device("cpu"))[1] == 2 and not model.training
+
+
+def test_recipe_differences_name_the_recipe_settings_alone():
+    """Settings that leave what a run learns unchanged or change by design (--epochs: train longer,
+    --workers, --out, ...) are no recipe difference; --lr and --scale are, shown as typed."""
+    from lkfast.train import _recipe_differences
+
+    saved = vars(build_parser().parse_args([MODEL, "--data", "a", "--epochs", "2", "--lr", "0.1"]))
+    same = build_parser().parse_args([MODEL, "--data", "b", "--out", "o", "--epochs", "5", "--workers", "2",
+                                      "--quiet", "--lr", "0.1", "--no-progress", "--channels-last"])
+    assert _recipe_differences(saved, same) == []
+    other = build_parser().parse_args([MODEL, "--data", "a", "--epochs", "2", "--lr", "0.2", "--scale", "0.5", "1"])
+    assert _recipe_differences(saved, other) == ["--lr 0.2 (saved run: 0.1)", "--scale 0.5 1.0 (saved run: 0.08 1.0)"]
