@@ -318,6 +318,35 @@ def test_reparam_large_kernel_conv_merge_and_eval_fold():
     _close(module(x), expected)
 
 
+def test_folds_keep_the_bn_eps_for_a_channel_with_no_variance():
+    """A channel whose running variance is 0 (a dead channel of a trained net): BN divides by
+    sqrt(eps), and so must every fold (the merged large kernel, the eval-mode fold of a conv-BN
+    pair and of a pre-BN into the 1x1 conv after it); without eps the kernel is inf and the output NaN."""
+    from lkfast.nn import conv_bn
+
+    module = _reparam_module().eval()
+    with torch.no_grad():
+        for bn in (module.lkb_origin.bn, module.small_conv.bn):
+            bn.running_var[0] = 0.0
+    x = torch.randn(1, 6, 9, 9)
+    expected = _reference_branches(module.state_dict(), x)
+    assert expected[0, 0].abs().max() > 10  # the channel scaled by 1/sqrt(eps), about 316
+    _close(module(x), expected)
+    module.merge_kernel()
+    _close(module(x), expected)
+    pair, pre = conv_bn(6, 4, 1), torch.nn.BatchNorm2d(6)
+    _randomize_bn(pair)
+    _randomize_bn(pre)
+    pair.eval(), pre.eval()
+    with torch.no_grad():
+        pair.bn.running_var[0] = 0.0
+        pre.running_var[0] = 0.0
+    ref = F.batch_norm(F.conv2d(F.batch_norm(x, pre.running_mean, pre.running_var, pre.weight, pre.bias, False, 0.0, 1e-5),
+                                pair.conv.weight), pair.bn.running_mean, pair.bn.running_var, pair.bn.weight,
+                       pair.bn.bias, False, 0.0, 1e-5)
+    _close(pair.forward_after_bn(x, pre), ref, rtol=1e-4, atol=1e-3)
+
+
 def test_reparam_eval_fold_gradients_reach_parameters():
     folded = _reparam_module().eval()
     x = torch.randn(2, 6, 9, 9)
