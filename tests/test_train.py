@@ -265,6 +265,8 @@ def test_an_ema_added_on_resume_starts_from_the_resumed_weights(dataset, tmp_pat
 
 
 def test_resume_refuses_another_kernel_size_or_class_order(dataset, tmp_path):
+    """A resumed run with another kernel size, class order, class count or model is refused by name
+    (without their checks the last two end in a load_state_dict traceback)."""
     run = ["--data", str(dataset), "--epochs", "2", "--max-steps-per-epoch", "1", *FAST]
     out = ["--out", str(tmp_path / "convnext")]
     train(["convnext_atto", "--kernel-sizes", "7", *run, *out, "--stop-after-epoch", "1"])
@@ -280,6 +282,10 @@ def test_resume_refuses_another_kernel_size_or_class_order(dataset, tmp_path):
     with pytest.raises(TrainError, match=f"holds a run built differently: the class order {saved} \\(this command: "
                                          f"{other}; pass --classes {saved}\\)"):
         train([MODEL, *run, *out, "--classes", other])
+    with pytest.raises(TrainError, match=r"holds a run built differently: 4 classes \(this command: 6\)"):
+        train([MODEL, *run, *out, "--num-classes", "6"])
+    with pytest.raises(TrainError, match=f"holds a run built differently: model {MODEL} \\(this command: resnet_tiny\\)"):
+        train(["resnet_tiny", *run, *out])
     assert torch.load(tmp_path / "replknet" / "last.pth", weights_only=False)["epoch"] == 1  # untouched
     assert train([MODEL, *run, *out, "--classes", saved])["classes"] == sorted(CLASSES)  # the same order resumes
 
