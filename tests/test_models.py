@@ -213,6 +213,23 @@ def test_fold_batchnorms_keeps_outputs_and_input_gradients(arch, fast, images):
     _close(model(images), reference_forward(official_checkpoint(**arch), images))  # the official function
 
 
+def test_fold_batchnorms_of_a_training_model_gives_the_eval_function(images):
+    """fold_batchnorms folds the running statistics: a model in training mode comes back in eval mode,
+    every module (the convs, Identities and head it makes were left in training mode), with drop path
+    off, computing the official eval-mode function; structural_reparam's new modules follow the mode
+    of those they replace."""
+    state = official_checkpoint(**TINY)
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES, drop_path_rate=0.3)
+    model.load_state_dict(state)
+    models.fold_batchnorms(model.train())
+    assert not [name for name, m in model.named_modules() if m.training]
+    with torch.no_grad():
+        _close(model(images), reference_forward(state, images))
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES).eval()  # the new modules of structural_reparam too
+    model.structural_reparam(fuse_conv_bn=True)
+    assert not [name for name, m in model.named_modules() if m.training]
+
+
 def test_fold_batchnorms_refuses_other_models():
     with pytest.raises(TypeError, match="RepLKNet"):
         models.fold_batchnorms(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)))

@@ -273,12 +273,12 @@ class RepLKNet(nn.Module):
                 if isinstance(module, nn.Sequential) and isinstance(getattr(module, "bn", None), nn.BatchNorm2d) \
                         and isinstance(getattr(module, "conv", None), nn.Conv2d):
                     module.conv = _conv_with_bias(module.conv, *_fuse_conv_bn(module.conv, module.bn))
-                    module.bn = nn.Identity()
+                    module.bn = nn.Identity().train(module.bn.training)
         return self
 
 
 def _conv_with_bias(conv: nn.Conv2d, kernel: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    """A conv of the same kind and geometry as ``conv`` holding ``kernel`` and ``bias``."""
+    """A conv of the same kind, geometry and train/eval mode as ``conv`` holding ``kernel`` and ``bias``."""
     if isinstance(conv, DepthwiseConv2d):
         fused = DepthwiseConv2d(conv.in_channels, conv.kernel_size, bias=True)
     elif isinstance(conv, PointwiseConv2d):
@@ -286,7 +286,7 @@ def _conv_with_bias(conv: nn.Conv2d, kernel: torch.Tensor, bias: torch.Tensor) -
     else:
         fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                           conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
-    fused.to(device=kernel.device, dtype=kernel.dtype)
+    fused.to(device=kernel.device, dtype=kernel.dtype).train(conv.training)
     fused.weight.copy_(kernel)
     fused.bias.copy_(bias)
     return fused
@@ -320,14 +320,15 @@ def fold_batchnorms(model: RepLKNet) -> RepLKNet:
             # pw1 is a 1x1 conv, stride 1, no padding: pre_bn's shift has no border to leak into.
             conv = block.pw1.conv
             block.pw1.conv = _conv_with_bias(conv, *fold_bn_before(conv.weight, conv.bias, pre_bn))
-            setattr(block, name, nn.Identity())
+            setattr(block, name, nn.Identity().train(pre_bn.training))
     if model.out_indices is None and isinstance(model.norm, nn.BatchNorm2d) and isinstance(model.head, nn.Linear):
         scale, shift = bn_scale_shift(model.norm)
         head = model.head
-        folded = nn.Linear(head.in_features, head.out_features, device=head.weight.device, dtype=head.weight.dtype)
+        folded = nn.Linear(head.in_features, head.out_features, device=head.weight.device,
+                           dtype=head.weight.dtype).train(head.training)
         folded.weight.copy_(head.weight * scale.reshape(1, -1))
         folded.bias.copy_(head.bias + head.weight @ shift)
-        model.head, model.norm = folded, nn.Identity()
+        model.head, model.norm = folded, nn.Identity().train(model.norm.training)
     return model
 
 

@@ -247,6 +247,7 @@ class ReparamLargeKernelConv(nn.Module):
         reference = self.lkb_origin.conv.weight
         self._build_merged()
         self.lkb_reparam.to(device=reference.device, dtype=reference.dtype)
+        self.lkb_reparam.train(self.training)  # the new conv follows this module's train/eval mode
         self.lkb_reparam.weight.copy_(kernel)
         self.lkb_reparam.bias.copy_(bias)
         del self.lkb_origin
