@@ -386,6 +386,18 @@ def test_pruning_keeps_what_the_kept_stages_need(images):
         assert len(maps) == 2 and final is maps[-1] and final.shape[1] == 16
 
 
+def test_reset_classifier_builds_a_head_or_none(images):
+    """timm's reset_classifier: a Linear head of the new width, or none for 0 (forward then returns
+    the pooled features, as with num_classes=0 at construction)."""
+    model = RepLKNet(**TINY, num_classes=NUM_CLASSES).eval()
+    model.reset_classifier(5)
+    assert (model.head.in_features, model.head.out_features, model.num_classes) == (32, 5, 5)
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), torch.nn.Identity) and model.num_classes == 0
+    with torch.no_grad():
+        assert model(images).shape == (2, 32)
+
+
 # --- named configurations -------------------------------------------------------------------------
 
 # The configurations of the official factories, create_RepLKNet31B / create_RepLKNet31L /
