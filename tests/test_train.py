@@ -246,6 +246,10 @@ def test_an_odd_batch_is_mixed_but_its_last_image_and_smoothed():
     torch.testing.assert_close(mixed_y[:2], expected_y, rtol=0, atol=0)
     assert not torch.equal(expected_y, torch.tensor([[0.925, 0.025, 0.025, 0.025], [0.025, 0.925, 0.025, 0.025]]))
     torch.testing.assert_close(mixed_y[2], torch.tensor([0.025, 0.025, 0.925, 0.025]))
+    np.random.seed(0)  # an even batch is timm's Mixup of the whole batch, its last image mixed too
+    even_x, even_y = mix_batch(mixup, x[:2].clone(), y[:2], 4, 0.1)
+    torch.testing.assert_close(even_x, expected_x, rtol=0, atol=0)
+    torch.testing.assert_close(even_y, expected_y, rtol=0, atol=0)
     single_x, single_y = mix_batch(mixup, x[:1].clone(), y[:1], 4, 0.1)  # a last batch of one
     torch.testing.assert_close(single_x, x[:1], rtol=0, atol=0)
     torch.testing.assert_close(single_y, torch.tensor([[0.925, 0.025, 0.025, 0.025]]))
