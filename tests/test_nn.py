@@ -465,6 +465,59 @@ def test_folded_modules_under_torch_func_transforms():
     _close(jvp, model(x + tangent) - model(x), rtol=1e-3, atol=1e-4)  # linear up to the BNs' shift
 
 
+def test_a_fold_is_served_only_to_the_tensors_it_was_made_from():
+    """The fold cache must tell the weights it folded from other tensors at the same address with the
+    same version counter and dtype: a view of the same memory read another way (a transposed
+    kernel, passed by functional_call), and a fresh copy allocated where a freed one lay (perturbed
+    copies of frozen weights, one functional_call each, freed when the call returns: the next copy
+    often lands at the address of the one before). Keyed on pointer, version and dtype alone, the
+    cache gave both the previous fold back (outputs off by up to ~20)."""
+    from torch.func import functional_call
+
+    from lkfast.nn import conv_bn
+
+    torch.manual_seed(0)
+    pointwise = conv_bn(64, 64, 1)
+    large = _reparam_module(small_kernel=3)
+    for module in (pointwise, large):
+        _randomize_bn(module)
+        module.eval().requires_grad_(False)
+
+    def pointwise_reference(t, x):
+        return F.batch_norm(F.conv2d(x, t["conv.weight"]), t["bn.running_mean"], t["bn.running_var"],
+                            t["bn.weight"], t["bn.bias"], training=False, eps=pointwise.bn.eps)
+
+    def error(module, reference, x, replace):
+        params = {**dict(module.named_parameters()), **replace}
+        return (functional_call(module, params, (x,)) - reference({**dict(module.named_buffers()), **params}, x)).abs().max()
+
+    # the same memory read as another kernel: same pointer, version and dtype
+    for module, reference, x, name, dims in ((pointwise, pointwise_reference, torch.randn(1, 64, 5, 5), "conv.weight", (0, 1)),
+                                             (large, _reference_branches, torch.randn(1, 6, 9, 9), "lkb_origin.conv.weight", (2, 3))):
+        weight = dict(module.named_parameters())[name]
+        assert error(module, reference, x, {}) < 1e-4 and module._fold_cache.key is not None  # folded and cached
+        transposed = weight.transpose(*dims)
+        assert transposed.data_ptr() == weight.data_ptr() and not torch.equal(transposed, weight)
+        assert error(module, reference, x, {name: transposed}) < 1e-4
+    # a fresh copy where the freed one lay
+    x = torch.randn(1, 64, 5, 5)
+
+    def error_of_a_copy(scale):  # the copy lives for this call only
+        return error(pointwise, pointwise_reference, x, {n: p * scale for n, p in pointwise.named_parameters()}).item()
+
+    errors = [error_of_a_copy(1 + i / 8) for i in range(64)]
+    assert max(errors) < 1e-3, [round(e, 3) for e in errors]
+    # a module holding a fold still pickles and deep-copies (the cache's weak references are not carried)
+    import copy
+    import pickle
+
+    for module, x in ((pointwise, x), (large, torch.randn(1, 6, 9, 9))):
+        module(x)
+        assert module._fold_cache.key is not None
+        for twin in (pickle.loads(pickle.dumps(module)), copy.deepcopy(module)):
+            _close(twin(x), module(x))
+
+
 def test_switching_form_on_load_keeps_eval_mode():
     module = ReparamLargeKernelConv(6, 6, 13, 1, 6, small_kernel=5, small_kernel_merged=True).eval()
     module.load_state_dict(_reparam_module().state_dict())

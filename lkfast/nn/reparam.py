@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Optional
 
@@ -53,8 +54,11 @@ class _FoldCache:
     """Remembers a folded (kernel, bias) while the tensors it was made from are unchanged.
 
     Only used when none of them requires grad (frozen weights: inference, attacks), so the cached
-    result never needs to be part of an autograd graph. A tensor counts as unchanged while its
-    storage pointer and version counter (bumped by every in-place write) are the same. Writes
+    result never needs to be part of an autograd graph. A tensor counts as unchanged while it is
+    the same tensor object (held by weak reference: another tensor at its address, a view reading
+    the same memory another way or one allocated where a freed one lay, as a loop over
+    ``functional_call`` with fresh weight copies gives, is a new one) with the same storage pointer
+    and version counter (bumped by every in-place write). Writes
     through ``.data`` (``weight.data.mul_(2)``) bypass the version counter and are not seen: the
     owning module forgets its fold on every ``train()``/``eval()`` call, so call ``model.eval()``
     after such a write. Inference tensors (made under ``torch.inference_mode``) have no version
@@ -69,19 +73,22 @@ class _FoldCache:
         self.clear()
 
     def clear(self) -> None:
-        self.key, self.value = None, None
+        self.key, self.value, self.refs = None, None, ()
+
+    def __reduce__(self):  # pickled and copied empty (weak references cannot be pickled)
+        return _FoldCache, ()
 
     def get(self, sources: list, compute):
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
                 or any(t.requires_grad or t.is_inference() for t in sources):
             return compute()
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
-        if key != self.key:
+        if key != self.key or any(ref() is not t for ref, t in zip(self.refs, sources)):
             # Kept as normal tensors even when filled under torch.inference_mode: an inference tensor
             # cannot be saved for backward by a later call outside it (a frozen model's input gradient).
             with torch.inference_mode(False), torch.no_grad():
                 self.value = compute()
-            self.key = key
+            self.key, self.refs = key, tuple(weakref.ref(t) for t in sources)
         return self.value
 
 
