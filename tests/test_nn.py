@@ -524,6 +524,45 @@ def test_switching_form_on_load_keeps_eval_mode():
     assert not module.merged and not module.lkb_origin.bn.training and not module.small_conv.bn.training
 
 
+def _plain(block, x):
+    """A ConvBN's children run one after the other, as nn.Sequential runs them (no folding)."""
+    return nn.Sequential(*block.children())(x)
+
+
+def test_conv_bn_folds_what_the_plain_pair_computes_or_does_not_fold():
+    """ConvBN in eval against its children run in turn: the fold keeps the conv's bias (scaled by
+    the BN), a BN without affine parameters, and the BN's eps (a channel with zero running variance,
+    as dead channels of trained nets have); it does not fold a BN without running statistics (which
+    normalises with the batch's even in eval), nor a conv whose padding is not zeros (the folded
+    conv pads with zeros)."""
+    from lkfast.nn import ConvBN
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 9)
+    blocks = {
+        "conv bias": ConvBN(nn.Conv2d(4, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6)),
+        "no affine": ConvBN(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6, affine=False)),
+        "zero variance": ConvBN(nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6)),
+        "no running stats": ConvBN(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6, track_running_stats=False)),
+        "reflect padding": ConvBN(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(6)),
+    }
+    for name, block in blocks.items():
+        bn = block.bn
+        with torch.no_grad():
+            for t, low, high in ((bn.running_mean, -0.5, 0.5), (bn.running_var, 0.5, 2.0), (bn.weight, 0.5, 1.5),
+                                 (bn.bias, -0.5, 0.5)):
+                if t is not None:
+                    t.uniform_(low, high)
+        if name == "zero variance":
+            block.bn.running_var[:3] = 0
+        block.eval()
+        want = _plain(block, x)
+        assert want.isfinite().all()
+        _close(block(x), want, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():  # and frozen (the cached fold)
+            _close(block.requires_grad_(False)(x), want, rtol=1e-4, atol=1e-4)
+
+
 CONV_ARGUMENTS = [  # (in, out, kernel, stride, padding, dilation, groups)
     (4, 4, 7, 1, 3, 1, 4), (4, 4, (7, 5), 1, (3, 2), 1, 4), (4, 4, 7, 1, "same", 1, 4), (4, 4, 5, 1, 2, 1, 4),
     (4, 4, 3, 1, 1, 1, 4), (4, 4, (3, 9), 1, (1, 4), 1, 4), (4, 4, 7, 2, 3, 1, 4), (4, 4, 7, 1, 6, 2, 4),
