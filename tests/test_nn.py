@@ -563,6 +563,69 @@ def test_conv_bn_folds_what_the_plain_pair_computes_or_does_not_fold():
             _close(block.requires_grad_(False)(x), want, rtol=1e-4, atol=1e-4)
 
 
+def test_forward_after_bn_folds_the_bn_before_only_into_a_plain_1x1_conv():
+    """``block.forward_after_bn(x, pre_bn) == block(pre_bn(x))``: the BN before is folded into a
+    plain 1x1 conv only (into a padded 3x3 its shift would leak into the border; a grouped 1x1 mixes
+    no channels across groups), only while it is in eval (in training it normalises with the
+    batch's statistics), and a cached fold follows in-place changes of the BN before."""
+    from lkfast.nn import conv_bn
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 7, 7)
+    for args in ((4, 6, 1), (4, 6, 3), (4, 4, 1, 1, None, 2)):
+        block, pre_bn = conv_bn(*args), nn.BatchNorm2d(4)
+        _randomize_bn(block)
+        _randomize_bn(pre_bn)
+        block.eval(), pre_bn.eval()
+        _close(block.forward_after_bn(x, pre_bn), block(pre_bn(x)), rtol=1e-4, atol=1e-4)
+        pre_bn.train()
+        want = block(pre_bn(x))
+        _close(block.forward_after_bn(x, pre_bn), want, rtol=1e-4, atol=1e-4)
+    block, pre_bn = conv_bn(4, 6, 1), nn.BatchNorm2d(4)
+    _randomize_bn(block)
+    _randomize_bn(pre_bn)
+    block.eval().requires_grad_(False), pre_bn.eval().requires_grad_(False)
+    _close(block.forward_after_bn(x, pre_bn), block(pre_bn(x)), rtol=1e-4, atol=1e-4)
+    assert block._fold_cache.key is not None
+    for t in (pre_bn.running_mean, pre_bn.running_var, pre_bn.weight, pre_bn.bias):
+        with torch.no_grad():
+            t.mul_(1.5).add_(0.25)  # in place: the cached fold must notice
+        _close(block.forward_after_bn(x, pre_bn), block(pre_bn(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_reparam_fold_follows_the_small_branch_and_keeps_dtype_through_merge_and_load():
+    """The large-kernel module's fold takes the small branch into account: only while its BN is in
+    eval too (a small BN left in training normalises with the batch's statistics), and a cached fold
+    follows in-place changes of the small branch. merge_kernel and switching form on load keep a
+    float64 module float64; a state_dict holding both forms leaves the module's form as it is."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, 9)
+    module = _reparam_module(small_kernel=3).eval()
+    module.small_conv.bn.train()
+    _close(module(x), module.lkb_origin(x) + module.small_conv(x))
+    frozen = _reparam_module(small_kernel=3).eval().requires_grad_(False)
+    _close(frozen(x), _reference_branches(frozen.state_dict(), x))
+    for t in (frozen.small_conv.conv.weight, frozen.small_conv.bn.running_var, frozen.small_conv.bn.bias):
+        with torch.no_grad():
+            t.mul_(1.5).add_(0.25)  # in place: the cached fold must notice
+        _close(frozen(x), _reference_branches(frozen.state_dict(), x))
+    double = _reparam_module(small_kernel=3).double().eval()
+    want = _reference_branches(double.state_dict(), x.double())
+    unmerged_state = double.state_dict()
+    double.merge_kernel()
+    assert double.lkb_reparam.weight.dtype == torch.float64
+    _close(double(x.double()), want)
+    back = ReparamLargeKernelConv(6, 6, 13, 1, 6, small_kernel=3, small_kernel_merged=True).double().eval()
+    back.load_state_dict(unmerged_state)  # switches form: the new branches are float64 too
+    assert {p.dtype for p in back.state_dict().values() if p.is_floating_point()} == {torch.float64}
+    _close(back(x.double()), want)
+    both = {**unmerged_state, **double.state_dict()}
+    for merged in (False, True):
+        target = ReparamLargeKernelConv(6, 6, 13, 1, 6, small_kernel=3, small_kernel_merged=merged).double()
+        result = target.load_state_dict(both, strict=False)
+        assert target.merged == merged and result.missing_keys == []
+
+
 CONV_ARGUMENTS = [  # (in, out, kernel, stride, padding, dilation, groups)
     (4, 4, 7, 1, 3, 1, 4), (4, 4, (7, 5), 1, (3, 2), 1, 4), (4, 4, 7, 1, "same", 1, 4), (4, 4, 5, 1, 2, 1, 4),
     (4, 4, 3, 1, 1, 1, 4), (4, 4, (3, 9), 1, (1, 4), 1, 4), (4, 4, 7, 2, 3, 1, 4), (4, 4, 7, 1, 6, 2, 4),
