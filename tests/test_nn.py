@@ -210,6 +210,35 @@ class _Shifted(nn.Conv2d):  # a subclass with its own forward (and arguments the
         return super().forward(x) + 1
 
 
+class _Identity(nn.Module):
+    def forward(self, weight):
+        return weight
+
+
+def test_patch_model_leaves_convs_with_integer_weights_alone():
+    """nn.Conv2d convolves int64 tensors on the CPU; the fast op takes floating point only, so a
+    conv whose weight is an integer tensor is not eligible, nor one whose parametrization computes
+    its weight from integer originals (the parametrization is not run to find out: spectral_norm's
+    would run a power iteration). Patched, the model would raise where it ran before."""
+    P = nn.utils.parametrize
+    model = nn.Sequential(nn.Conv2d(4, 4, 7, padding=3, groups=4, bias=False),
+                          nn.Conv2d(4, 4, 7, padding=3, groups=4, bias=False))
+    for conv in model:
+        conv.weight = nn.Parameter(torch.randint(-3, 4, (4, 1, 7, 7)), requires_grad=False)
+    P.register_parametrization(model[1], "weight", _Identity())
+    x = torch.randint(-3, 4, (1, 4, 9, 9))
+    expected = model(x)
+    assert [is_eligible(conv) for conv in model] == [False, False]
+    assert patch_model(model) == 0 and type(model[0]) is nn.Conv2d
+    assert torch.equal(model(x), expected)
+    # and a parametrized conv's class holding anything but parametrize's entries and the
+    # parametrized tensors' properties is another class: not patched either
+    odd = P.register_parametrization(nn.Conv2d(4, 4, 7, padding=3, groups=4), "weight", _Identity())
+    assert is_eligible(odd)
+    type(odd).extra = property(lambda self: 1)
+    assert not is_eligible(odd)
+
+
 def _parametrized_model():
     """Convs under torch.nn.utils.parametrize: the modern weight_norm and spectral_norm (the latter
     with a doubled bias as well), a 5x5 crop of a 7x7 weight (unsafe: another shape than the
@@ -652,6 +681,7 @@ def test_the_rule_takes_exactly_the_eligible_convs():
     assert fast_op_computes(4, 4, (3, 9), 1, None, 1, 4) and fast_op_computes(4, 4, 7, 1, "same", 1, 4)
     assert not fast_op_computes(4, 4, 7, 1, 3, 1, 4, padding_mode="reflect")
     assert not fast_op_computes(4, 4, 7, 1, 3, 2, 4)  # dilated, with the undilated kernel's padding
+    assert not is_eligible(nn.Conv2d(4, 4, 7, padding=3, dilation=2, groups=4))  # the module's dilation counts
     assert not fast_op_computes(4, 4, (7, 6), 1, (3, 3), 1, 4)  # even width
     assert fast_op_computes(4, 4, 3, 1, 1, 1, 4, min_kernel_size=3) and not fast_op_computes(4, 4, 5, 1, 2, 1, 4, min_kernel_size=7)
     # make_conv2d's default padding is (kh // 2, kw // 2) too
