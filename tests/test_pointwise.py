@@ -161,7 +161,43 @@ def test_the_choice_is_remembered_per_shape_until_the_calibration_changes(tmp_pa
     assert asked == [(2, 8, 7, 7)]  # asked once for this shape
     takes_matmul(torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last), w)
     assert len(asked) == 2  # another exact shape is asked on its own
+    takes_matmul(x, torch.randn(16, 8, 1, 1))
+    assert len(asked) == 3  # so is another weight shape (the output channels)
+    takes_matmul(x.double(), w.double())
+    assert len(asked) == 4  # and another dtype
     monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "b"))  # another calibration: asked again
-    assert takes_matmul(x, w) and len(asked) == 3
+    assert takes_matmul(x, w) and len(asked) == 5
     monkeypatch.setenv("LKFAST_POINTWISE", "conv")  # a forced choice needs no asking
-    assert not takes_matmul(x, w) and len(asked) == 3
+    assert not takes_matmul(x, w) and len(asked) == 5
+
+
+def test_unbatched_and_non_cpu_inputs_take_the_convolution(monkeypatch):
+    """Only a batched (N, C, H, W) CPU map is a candidate, even when the matrix product is forced:
+    an unbatched (C, H, W) input runs as nn.Conv2d runs it, and a tensor on another device (meta
+    here, standing in for CUDA on a CPU-only machine) is never taken."""
+    monkeypatch.setenv("LKFAST_POINTWISE", "matmul")
+    torch.manual_seed(0)
+    ours, plain = PointwiseConv2d(8, 4), nn.Conv2d(8, 4, 1)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(8, 5, 5)
+    assert not eligible(x)
+    torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-5)
+    meta = torch.empty(2, 8, 5, 5, device="meta").contiguous(memory_format=torch.channels_last)
+    assert not eligible(meta) and not takes_matmul(meta, torch.empty(4, 8, 1, 1, device="meta"))
+    assert eligible(torch.empty(2, 8, 5, 5).contiguous(memory_format=torch.channels_last))  # the same map on the CPU is
+
+
+@pytest.mark.parametrize("stride, padding, groups", [(1, 0, 1), (2, 0, 1), (1, 1, 1), (1, 0, 2)])
+def test_only_a_plain_1x1_conv_is_built_as_one(stride, padding, groups):
+    """make_conv2d builds a PointwiseConv2d (which computes stride 1, no padding, one group) for a
+    plain 1x1 conv only; a strided, padded or grouped 1x1 stays nn.Conv2d with its arguments."""
+    from lkfast.nn import make_conv2d
+    from lkfast.nn.pointwise import is_pointwise
+
+    plain = stride == 1 and padding == 0 and groups == 1
+    assert is_pointwise(1, stride, padding, groups) == plain
+    built = make_conv2d(4, 6, 1, stride, padding, 1, groups, bias=True)
+    assert isinstance(built, PointwiseConv2d) == plain
+    assert built.weight.shape == (6, 4 // groups, 1, 1)
+    x = torch.randn(2, 4, 7, 7)
+    torch.testing.assert_close(built(x), F.conv2d(x, built.weight, built.bias, stride, padding, 1, groups))
