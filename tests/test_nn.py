@@ -574,6 +574,8 @@ def test_conv_bn_folds_what_the_plain_pair_computes_or_does_not_fold():
         "zero variance": ConvBN(nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6)),
         "no running stats": ConvBN(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6, track_running_stats=False)),
         "reflect padding": ConvBN(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(6)),
+        "strided": ConvBN(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6)),
+        "dilated": ConvBN(nn.Conv2d(4, 6, 3, padding=2, dilation=2), nn.BatchNorm2d(6)),
     }
     for name, block in blocks.items():
         bn = block.bn
@@ -590,6 +592,14 @@ def test_conv_bn_folds_what_the_plain_pair_computes_or_does_not_fold():
         _close(block(x), want, rtol=1e-4, atol=1e-4)
         with torch.no_grad():  # and frozen (the cached fold)
             _close(block.requires_grad_(False)(x), want, rtol=1e-4, atol=1e-4)
+    # conv_bn(fast=False) is the plain pair: its BN runs in eval too (a hook on it fires)
+    from lkfast.nn import conv_bn
+
+    for fast in (False, True):
+        block, seen = conv_bn(4, 6, 3, fast=fast).eval(), []
+        block.bn.register_forward_hook(lambda *args: seen.append(1))
+        block(x)
+        assert seen == ([] if fast else [1]), fast
 
 
 def test_forward_after_bn_folds_the_bn_before_only_into_a_plain_1x1_conv():
@@ -643,6 +653,8 @@ def test_reparam_fold_follows_the_small_branch_and_keeps_dtype_through_merge_and
     unmerged_state = double.state_dict()
     double.merge_kernel()
     assert double.lkb_reparam.weight.dtype == torch.float64
+    _close(double(x.double()), want)
+    double.merge_kernel()  # merging a merged module changes nothing
     _close(double(x.double()), want)
     back = ReparamLargeKernelConv(6, 6, 13, 1, 6, small_kernel=3, small_kernel_merged=True).double().eval()
     back.load_state_dict(unmerged_state)  # switches form: the new branches are float64 too
