@@ -113,6 +113,9 @@ def test_band_mask_counts_on_a_small_grid():
     # 16x16: rings at multiples of pi/8; width 0.3*pi around pi/2 holds the rings 3pi/8, pi/2, 5pi/8,
     # of 4*(2k) bins each for ring index k (square annuli): 24 + 32 + 40
     assert band_mask(16, 16, math.pi / 2, width=0.3 * math.pi).sum() == 96
+    # the annulus is closed: width pi/2 around pi/2 ends exactly on the rings pi/4 and 3pi/4 (exact
+    # in floating point), which belong to it: rings 2..6, 16 + 24 + 32 + 40 + 48 bins
+    assert band_mask(16, 16, math.pi / 2, width=math.pi / 2).sum() == 160
 
 
 def test_refuses_bad_arguments():

@@ -56,6 +56,28 @@ def test_depthwise_conv2d_takes_an_unbatched_input_as_conv2d_does():
         fast(torch.randn(1, 1, 4, 9, 11))
 
 
+def test_depthwise_conv2d_with_a_bias_of_another_shape_fails_as_conv2d_does():
+    """A bias of another shape than (C,) (one assigned by hand, an unsafe parametrization's) goes
+    to PyTorch's convolution, which refuses it with its own error, as the plain nn.Conv2d does."""
+    conv = DepthwiseConv2d(4, 7)
+    conv.bias = nn.Parameter(torch.zeros(1))
+    with pytest.raises(RuntimeError, match="expected bias to be 1-dimensional with 4 elements"):
+        conv(torch.randn(1, 4, 9, 9))
+
+
+def test_from_conv_keeps_the_convs_mode_and_shares_its_parameters():
+    conv = nn.Conv2d(4, 4, 7, padding=3, groups=4, bias=False).eval()
+    fast = DepthwiseConv2d.from_conv(conv)
+    assert not fast.training and fast.weight is conv.weight and fast.bias is None
+    assert DepthwiseConv2d.from_conv(conv.train()).training
+    import torch.nn.utils.prune as prune
+
+    pruned = nn.Conv2d(4, 4, 7, padding=3, groups=4)
+    prune.l1_unstructured(pruned, "bias", amount=0.5)  # the bias computed by a hook, the weight its own
+    with pytest.raises(ValueError, match="the conv's bias is not a parameter of its own"):
+        DepthwiseConv2d.from_conv(pruned)
+
+
 def test_depthwise_conv2d_refuses_even_kernel():
     with pytest.raises(ValueError, match="odd"):
         DepthwiseConv2d(4, 4)
