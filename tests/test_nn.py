@@ -257,6 +257,8 @@ def test_patch_model_leaves_convs_with_integer_weights_alone():
     # parametrized tensors' properties is another class: not patched either
     odd = P.register_parametrization(nn.Conv2d(4, 4, 7, padding=3, groups=4), "weight", _Identity())
     assert is_eligible(odd)
+    # (a conv with only its bias parametrized has a weight of its own to look at)
+    assert is_eligible(P.register_parametrization(nn.Conv2d(4, 4, 7, padding=3, groups=4), "bias", _Identity()))
     type(odd).extra = property(lambda self: 1)
     assert not is_eligible(odd)
 
