@@ -396,6 +396,16 @@ def test_reset_classifier_builds_a_head_or_none(images):
     assert isinstance(model.get_classifier(), torch.nn.Identity) and model.num_classes == 0
     with torch.no_grad():
         assert model(images).shape == (2, 32)
+    # after pruning took the final BN away (no norm.weight left to read the dtype from), and in bf16
+    pruned = RepLKNet(**TINY, num_classes=NUM_CLASSES).to(torch.bfloat16).eval()
+    pruned.prune_intermediate_layers([1], prune_norm=True)
+    pruned.reset_classifier(5)
+    assert (pruned.head.in_features, pruned.head.out_features, pruned.head.weight.dtype) == (16, 5, torch.bfloat16)
+    with torch.no_grad():
+        assert pruned(images.to(torch.bfloat16)).shape == (2, 5)
+    backbone = RepLKNet(**TINY, num_classes=0, out_indices=(1, 3))
+    with pytest.raises(ValueError, match=r"backbone \(out_indices=\[1, 3\]\).*no classifier"):
+        backbone.reset_classifier(5)
 
 
 # --- named configurations -------------------------------------------------------------------------

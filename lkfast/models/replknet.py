@@ -251,8 +251,13 @@ class RepLKNet(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new Linear head of ``num_classes`` outputs on the pooled features (none for 0), in the
+        model's device and dtype; also after ``prune_intermediate_layers`` took the final BN away."""
+        if self.out_indices is not None:
+            raise ValueError(f"this RepLKNet is a backbone (out_indices={list(self.out_indices)}): it returns feature "
+                             "maps and has no classifier to reset; build it with out_indices=None for a head")
         self.num_classes = num_classes
-        ref = self.norm.weight
+        ref = next(self.parameters())
         self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
                      if num_classes else nn.Identity())
 
