@@ -130,6 +130,7 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     valid = tuple(CORRUPTIONS) if benchmark == "c" else tuple(PERTURBATIONS)
     names = list(valid if names is None else names)
     kind = "corruption" if benchmark == "c" else "perturbation"
+    level_word = "severities" if benchmark == "c" else "difficulties"
     if not names:
         raise ValueError(f"no {kind} names given: name at least one (or pass None for all {len(valid)})")
     for n in names:
@@ -139,11 +140,11 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     levels = list(levels if levels is not None else ((1, 2, 3, 4, 5) if benchmark == "c" else (1, 2, 3)))
     top = 5 if benchmark == "c" else 3
     if not levels:
-        raise ValueError(f"no {'severities' if benchmark == 'c' else 'difficulties'} given: name at least one of "
+        raise ValueError(f"no {level_word} given: name at least one of "
                          f"1..{top} (or pass None for all)")
     for level in levels:
         if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= top:
-            raise ValueError(f"{'severities' if benchmark == 'c' else 'difficulties'} must be integers in 1..{top}; got {level!r}")
+            raise ValueError(f"{level_word} must be integers in 1..{top}; got {level!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     on_unreadable = on_unreadable or warn_unreadable
