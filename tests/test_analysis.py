@@ -584,6 +584,44 @@ def test_attack_figure_has_only_the_panels_of_the_attacks_that_ran(tmp_path, mon
                                    "(c) PGD, ε = 0.006": {"a": [30.0, 20.0]}}
 
 
+def test_multi_model_figures_have_one_legend_outside_the_panels_and_one_colour_per_model(tmp_path, monkeypatch):
+    """Figs. 4 and 6 of the default run drew their legend inside a panel, over the lines (Fig. 6 once
+    per panel), Fig. 8 over its lines; the panels' colour cycles restarted, so a model missing from
+    one panel took another's colour there. Now: one legend per figure, every model once, outside
+    every panel; a model has the same colour in every panel."""
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    occ = {"ratios": [0.1, 0.5], "clean_top1": 80.0, "top1": {"random": [70.0, 30.0], "salient": [60.0, 5.0]}}
+    only_salient = dict(occ, top1={"salient": [50.0, 45.0]})
+    fgsm = {"eps": [0.1, 0.2], "top1": [10.0, 5.0]}
+    pgd = {"eps": [0.002], "top1": [20.0], "steps": [1, 5], "steps_top1": [30.0, 20.0], "num_steps": 5,
+           "steps_eps": 0.006}
+    freq = {"frequencies_over_pi": [0.0, 0.5, 1.0], "drop": [1.0, 40.0, 3.0]}
+    ablation = {"k3": {"imagenet_a": {"top1": 5.0}}, "k31": {"imagenet_a": {"top1": 9.0}, "imagenet_r": {"top1": 4.0}},
+                "c7": {"imagenet_r": {"top1": 2.0}}, "c51": {"imagenet_r": {"top1": 3.0}}}
+    plots.plot_occlusion({"a": occ, "b": only_salient, "c": occ}, tmp_path / "fig4.png")
+    plots.plot_attacks({"a": fgsm, "b": fgsm}, {"c": pgd, "a": pgd}, tmp_path / "fig6.png")
+    plots.plot_frequency({"a": freq, "b": freq}, tmp_path / "fig8.png")
+    plots.plot_ablation(ablation, {"replknet": [(3, "k3"), (31, "k31")], "convnext": [(7, "c7"), (51, "c51")]},
+                        [("ImageNet-A", "imagenet_a", "top1"), ("ImageNet-R", "imagenet_r", "top1")],
+                        tmp_path / "ablation.png")
+    expected = [["a", "b", "c"], ["a", "b", "c"], ["a", "b"], ["replknet", "convnext"]]
+    for fig, labels in zip(drawn, expected):
+        fig.canvas.draw()
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert len(legends) == 1, fig.axes[0].get_title()
+        (legend,) = legends
+        assert [t.get_text() for t in legend.get_texts()] == labels
+        box = legend.get_window_extent()
+        assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes if ax.axison), labels
+        colours = {}
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                colours.setdefault(line.get_label(), set()).add(line.get_color())
+        assert sorted(colours) == sorted(labels) and all(len(c) == 1 for c in colours.values()), colours
+        assert len({c.pop() for c in colours.values()}) == len(labels)
+
+
 def test_accuracy_axes_of_flat_values_start_at_zero(tmp_path, monkeypatch):
     """Every plotted top-1 at 0 (PGD on the default run's tiny nets) got matplotlib's flat-line range,
     about -0.05..0.05: an accuracy axis of flat values now runs from 0 (to 100 when all are 0, else a

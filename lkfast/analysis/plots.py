@@ -26,6 +26,26 @@ def _legend_beside(ax) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
 
+def _colors(labels) -> dict:
+    """One colour per model (or family) for every panel of a figure: matplotlib's cycle restarts in
+    each panel, so a model missing from one panel shifted the colours of those after it there."""
+    return {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(labels))}
+
+
+def _shared_legend(axes, order, beside=None) -> None:
+    """One legend for all ``axes``, its entries in ``order`` (the labels), beside ``beside`` (default:
+    the last of the axes, the rightmost of a row): in a panel it covered lines (Figs. 4 and 6 of the
+    default run), and one per panel said the same thing three times."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    entries = {label: handles[label] for label in order if label in handles}
+    if entries:
+        host = axes[-1] if beside is None else beside
+        host.legend(list(entries.values()), list(entries), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
 def _save(fig, path) -> Path:
     fig.tight_layout()
     try:
@@ -84,16 +104,17 @@ def plot_occlusion(results: Mapping[str, dict], path) -> Path:
     one line per model."""
     _check(results, "plot_occlusion")
     modes = [m for m in MODE_TITLES if any(m in r["top1"] for r in results.values())]
+    colors = _colors(results)
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         for label, r in results.items():
             if mode in r["top1"]:
                 drop = [r["clean_top1"] - top1 for top1 in r["top1"][mode]]
-                ax.plot([100 * q for q in r["ratios"]], drop, marker="o", label=label)
+                ax.plot([100 * q for q in r["ratios"]], drop, marker="o", label=label, color=colors[label])
         ax.set(title=MODE_TITLES[mode], xlabel="information loss (%)", ylabel="top-1 drop (points)")
         set_drop_ylim(ax)
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+    _shared_legend(axes[0], colors)
     return _save(fig, path)
 
 
@@ -124,14 +145,15 @@ def plot_attacks(fgsm: Mapping[str, dict], pgd: Mapping[str, dict], path) -> Pat
                        [(k, r["eps"], r["top1"]) for k, r in pgd.items()]))
         panels.append((f"(c) PGD, ε = {any_pgd['steps_eps']}", "attack steps",
                        [(k, r["steps"], r["steps_top1"]) for k, r in pgd.items()]))
+    colors = _colors([*fgsm, *pgd])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (title, xlabel, lines) in zip(axes[0], panels):
         for label, x, top1 in lines:
-            ax.plot(x, top1, marker="o", label=label)
+            ax.plot(x, top1, marker="o", label=label, color=colors[label])
         ax.set(title=title, xlabel=xlabel, ylabel="top-1 accuracy (%)")
         set_accuracy_ylim(ax)
         ax.grid(alpha=0.3)
-        ax.legend()
+    _shared_legend(axes[0], colors)
     return _save(fig, path)
 
 
@@ -159,7 +181,7 @@ def plot_frequency(results: Mapping[str, dict], path) -> Path:
     ax.set(xlabel="noise frequency (×π)", ylabel="top-1 drop (points)", title="Robustness to noise frequency")
     set_drop_ylim(ax)
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend_beside(ax)
     return _save(fig, path)
 
 
@@ -209,6 +231,7 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
                     for members in families.values() for _, label in members)]
     if not shown:
         raise ValueError("plot_ablation: none of the columns was measured for the families' models")
+    colors = _colors(families)
     cols = min(4, len(shown))
     rows = -(-len(shown) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.1 * rows), squeeze=False)
@@ -219,7 +242,8 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
             points = [(k, _value(results[label], task, key)) for k, label in members]
             points = [(k, v) for k, v in points if v is not None]
             if points:
-                ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=family)
+                ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=family,
+                        color=colors[family])
         kernels = sorted({k for members in families.values() for k, _ in members})
         ax.set_xscale("log")
         ax.set_xticks(kernels)
@@ -227,5 +251,5 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
         ax.minorticks_off()
         ax.set(title=header, xlabel="kernel size")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    _shared_legend(list(axes.flat), colors, beside=axes[0][-1])
     return _save(fig, path)
