@@ -999,6 +999,25 @@ def test_report_accuracy_bars_of_zeros_run_from_0_to_100(tmp_path, monkeypatch):
     assert size.get_ylim()[0] == 0 and size.get_ylim()[1] < 1  # 0.72 M parameters: not an accuracy
 
 
+def test_report_bar_labels_tell_apart_what_the_table_does(tmp_path, monkeypatch):
+    """Figure 1 labelled 0.34, 0.24 and 0.18 M parameters (the default run's RepLKNet-tiny nets) all
+    "0.2" or "0.3": a panel's labels now carry three significant digits of its largest bar, at least
+    one decimal."""
+    import lkfast.eval.report as report
+
+    assert [report.bar_decimals(v) for v in ([0.34, 0.72], [80.5, 4.9], [8.63, None], [335.2], [0.0], [0.004])] \
+        == [3, 1, 2, 1, 1, 3]
+    drawn = {}
+    monkeypatch.setattr(report, "save_figure_atomic",
+                        lambda fig, path: drawn.update({Path(path).name: fig.axes}) or Path(path))
+    results = {m: {"_model": {"name": "resnet_tiny", "parameters": p}, "clean": {"top1": t}}
+               for m, p, t in (("a", 342_000, 50.5), ("b", 236_000, 80.25), ("c", 720_000, 0.0))}
+    report.write_report(tmp_path, results)
+    size, top1 = drawn["figure1.png"]
+    assert [t.get_text() for t in size.texts] == ["0.342", "0.236", "0.720"]
+    assert [t.get_text() for t in top1.texts] == ["50.5", "80.2", "0.0"]
+
+
 def test_count_macs_counts_lkfast_depthwise_op_as_conv2d(monkeypatch):
     """The card's multiply-adds count a depthwise conv the same on lkfast's op as on nn.Conv2d (the
     op's FLOP formula), one per tap and output element, beside the other convs and the head; with
