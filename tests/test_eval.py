@@ -1018,6 +1018,20 @@ def test_report_bar_labels_tell_apart_what_the_table_does(tmp_path, monkeypatch)
     assert [t.get_text() for t in top1.texts] == ["50.5", "80.2", "0.0"]
 
 
+def test_report_lists_imagenet_c_top1_per_corruption_without_a_baseline(tmp_path):
+    """Without a baseline model (the default run) the report gave ImageNet-C only as two means: the
+    per-corruption top-1 behind them (mean over the severities present) is now a table of its own."""
+    from lkfast.eval.report import write_report
+
+    results = {"a": {"imagenet-c": {"ce": None, "mean_top1": 50.0, "sev5_top1": 30.0,
+                                    "top1": {"snow": {"1": 80.0, "5": 30.0}, "fog": {"3": 40.0}}}},
+               "b": {"imagenet-c": {"ce": None, "top1": {"snow": {"2": 10.0}}}}}
+    write_report(tmp_path, results)
+    rows = (tmp_path / "tables" / "imagenet_c_top1.csv").read_text().splitlines()
+    assert rows == ["Model,fog,snow", "a,40.0,55.0", "b,,10.0"]
+    assert "Top-1 (%) per corruption" in (tmp_path / "report.md").read_text()
+
+
 def test_count_macs_counts_lkfast_depthwise_op_as_conv2d(monkeypatch):
     """The card's multiply-adds count a depthwise conv the same on lkfast's op as on nn.Conv2d (the
     op's FLOP formula), one per tap and output element, beside the other convs and the head; with

@@ -65,6 +65,13 @@ def _get(entry, task, key):
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _level_mean(levels):
+    """The mean of one corruption's top-1 over its severities ({severity: top-1}); None without any."""
+    values = [v for v in (levels or {}).values() if isinstance(v, (int, float)) and not isinstance(v, bool)] \
+        if isinstance(levels, dict) else []
+    return sum(values) / len(values) if values else None
+
+
 def _over(entry, task, over_key, total):
     """How many of a benchmark's parts a mean (mCE, mFR) averages, e.g. "15/15"; only a full count
     is the benchmark's number."""
@@ -308,6 +315,12 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
             w.table("imagenet_c_ce", ["Model"] + corruptions,
                     [[m] + [_get(results[m], "imagenet-c", f"ce.{c}") for c in corruptions] for m in models],
                     "Corruption error (%) per corruption.")
+        top1 = {m: results[m].get("imagenet-c", {}).get("top1") or {} for m in models}
+        named = sorted({c for m in models for c in top1[m]})
+        if named:  # the measured numbers behind the means, with or without a baseline for CEs
+            w.table("imagenet_c_top1", ["Model"] + named,
+                    [[m] + [_level_mean(top1[m].get(c)) for c in named] for m in models],
+                    "Top-1 (%) per corruption: the mean over its severities present.")
         w.text("\n".join(_notes(results, "imagenet-c")) + "\n")
 
     if _has(results, "imagenet-o"):
