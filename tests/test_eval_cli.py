@@ -50,6 +50,9 @@ def test_models_list_with_a_comma_in_a_checkpoint_path(tmp_path):
     assert _split_models(f"resnet50:{odd}/model.pth=R50,vit:{tmp_path}/r.pth,convnext_tiny") == \
         [f"resnet50:{odd}/model.pth=R50", f"vit:{tmp_path}/r.pth", "convnext_tiny"]
     assert _split_models(f"a:{tmp_path}/r.pth,b:{odd}/model.pth") == [f"a:{tmp_path}/r.pth", f"b:{odd}/model.pth"]
+    # a ',' before an item's ':' ends a model name, even where the rest names an existing path
+    assert _split_models(f"a,b:{tmp_path}/r.pth") == ["a", f"b:{tmp_path}/r.pth"]
+    assert _split_models(f"a,b:{odd}/model.pth,c") == ["a", f"b:{odd}/model.pth", "c"]
     # paths that do not exist: every ',' separates, as before
     assert _split_models("a:x,b/m.pth,c, ,") == ["a:x", "b/m.pth", "c"]
 
@@ -268,3 +271,122 @@ def test_a_training_run_on_some_imagenet_classes_is_scored_in_its_class_order(tm
     assert rc == 2
     assert (f"lkfast.eval: error: model 'test_resnet': it was trained on class folders that are not ImageNet-1k "
             f"classes (cat, dog: the \"classes\" of {other / 'summary.json'}), so its outputs cannot be matched") in err
+
+
+def _fake_hub_cache(root, name, tag, predicts):
+    """The Hugging Face cache layout (as a download leaves it) holding timm's ``name.tag`` weights,
+    which always predict ImageNet class ``predicts``."""
+    from safetensors.torch import save_file
+
+    import timm
+
+    model = timm.create_model(f"{name}.{tag}")
+    with torch.no_grad():
+        model.get_classifier().weight.zero_()
+        model.get_classifier().bias.zero_()[predicts] = 10.0
+    repo = root / f"models--timm--{name}.{tag}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(repo / "snapshots" / "0123abcd" / "model.safetensors"))
+    return model
+
+
+def test_pretrained_evaluates_timms_published_weights_from_the_local_cache(tmp_path, capsys, monkeypatch):
+    """--models NAME without a checkpoint could only be evaluated with random weights (timm's hub
+    loading was out of the command's reach); --pretrained loads the published weights, here from the
+    Hugging Face cache with the network off, and a cache without them, a RepLKNet name (not on a hub),
+    a timm name without published weights and the embedded default are each one error line."""
+    import json
+
+    from huggingface_hub import constants
+    from PIL import Image
+
+    from lkfast import data
+
+    wnids = data.imagenet_classes()
+    _fake_hub_cache(tmp_path / "hub", "test_convnext", "r160_in1k", predicts=7)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    val = tmp_path / "val" / wnids[7]
+    val.mkdir(parents=True)
+    for k in range(2):
+        Image.new("RGB", (40, 40), (40 * k, 90, 200)).save(val / f"img{k}.JPEG")
+    common = ["--val-dir", tmp_path / "val", "--suite", "clean", "--workers", 0, "--no-progress",
+              "--baseline-model", "none"]
+
+    rc, err = run_cli(capsys, "--models", "test_convnext=Pub", "--pretrained", "--out", tmp_path / "out", *common)
+    assert rc == 0, err
+    assert "random" not in err
+    result = json.loads((tmp_path / "out" / "results.json").read_text())["Pub"]
+    assert result["clean"]["top1"] == 100.0  # the cached weights' prediction: every image is class 7
+    assert result["_model"]["weights"] == "published (--pretrained)"
+    assert [p.name for p in (tmp_path / "out" / "cache").iterdir()] == ["timm-test_convnext-hub-r160_in1k"]
+
+    rc, err = run_cli(capsys, "--models", "test_convnext=Pub", "--out", tmp_path / "out", *common)  # without
+    assert rc == 0 and "evaluated with random weights (pass test_convnext:CHECKPOINT, or --pretrained" in err
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["Pub"]["_model"]["weights"] == \
+        "random (no checkpoint)"
+    assert sorted(p.name for p in (tmp_path / "out" / "cache").iterdir()) == \
+        ["timm-test_convnext-hub-r160_in1k", "timm-test_convnext-random"]  # cached apart
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    rc, err = run_cli(capsys, "--models", "test_convnext", "--pretrained", "--out", tmp_path / "out2", *common)
+    assert rc == 2
+    assert err.startswith(f"lkfast.eval: error: model 'test_convnext': timm's published weights for 'test_convnext' "
+                          f"are neither in the local cache ({tmp_path / 'empty'}) nor reachable")
+    assert err.rstrip().endswith("give the file as test_convnext:PATH") and "Traceback" not in err
+
+    for models, says in (("test_resnet,replknet_31b", "model 'replknet_31b': the official RepLKNet weights are not on "
+                                                       "a hub timm can reach; download them from"),
+                         ("cspresnet50d", "model 'cspresnet50d': timm publishes no weights for 'cspresnet50d'")):
+        rc, err = run_cli(capsys, "--models", models, "--pretrained", "--out", tmp_path / "out3", *common)
+        assert rc == 2 and err.startswith(f"lkfast.eval: error: --pretrained: {says}"), err
+        assert not (tmp_path / "out3").exists()  # before anything ran
+    rc, err = run_cli(capsys, "--pretrained", "--out", tmp_path / "out3")
+    assert rc == 2 and "the embedded default (no --models, no data) trains its own models" in err
+
+    import lkfast.eval.runner as runner
+
+    ran = []  # what the run is handed: the baseline too loads published weights, a given checkpoint stays
+    monkeypatch.setattr(runner, "run_evaluation", lambda models, tasks, options: ran.append((models, options)) or {})
+    (tmp_path / "r.pth").write_bytes(b"")
+    rc, err = run_cli(capsys, "--models", f"test_convnext,test_resnet:{tmp_path / 'r.pth'}", "--pretrained", "--out",
+            tmp_path / "out4", *common[:-2], "--baseline-model", "squeezenet1_1")
+    assert len(ran) == 1, err
+    (models, options), = ran
+    assert [(m.hub_weights, m.checkpoint) for m in models] == [(True, None), (False, str(tmp_path / "r.pth"))]
+    assert options.baseline.name == "squeezenet1_1" and options.baseline.hub_weights
+
+
+def test_pretrained_baseline_loads_torchvisions_published_weights_from_the_cache(tmp_path, monkeypatch):
+    """Under --pretrained the baseline (torchvision) loads its published weights from torch.hub's cache;
+    where they are neither cached nor reachable, the error says to pass a local file."""
+    import urllib.error
+
+    import torchvision
+    import torchvision.models._api as api
+
+    from lkfast.eval.models import WeightsUnavailable, load_model
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(1)
+    published = torchvision.models.squeezenet1_1().state_dict()
+    torch.save(published, tmp_path / "hub" / "checkpoints" / "squeezenet1_1-b8a52dc0.pth")
+    spec = ModelSpec("squeezenet1_1", source="torchvision", pretrained=True)
+    model, _ = load_model(spec)
+    for key, value in published.items():
+        assert torch.equal(model.model.state_dict()[key], value), key
+    assert spec.key() == "torchvision-squeezenet1_1-hub-IMAGENET1K_V1"
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailable, match=r"baseline model 'squeezenet1_1': torchvision's published weights "
+                                                 r"are neither in the local cache .* pass --baseline-model "
+                                                 r"squeezenet1_1:PATH"):
+        load_model(spec)
+    random_weights, _ = load_model(dataclasses.replace(spec, pretrained=False))  # no download attempted
+    assert not torch.equal(random_weights.model.state_dict()["features.0.weight"], published["features.0.weight"])

@@ -15,6 +15,7 @@ run and returns a dict with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of generated ImageNet-C/-P corruptions (default: 0)")
     p.add_argument("--shard-size", type=int, default=1000, metavar="N",
                    help="images per cached shard: an interrupted run loses at most one shard (default: 1000)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="models given without a checkpoint load their published weights (timm's hub; torchvision's "
+                        "for --baseline-model) from the local cache (HF_HOME, TORCH_HOME) or the network, instead of "
+                        "random weights; RepLKNet's official weights are not on a hub: give their file as NAME:PATH")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that pickle arbitrary Python objects (only for files you trust)")
     p.add_argument("--baseline-model", default="alexnet", metavar="NAME[:CKPT]|none",
@@ -128,11 +133,12 @@ def _models(values: List[str]) -> List[ModelSpec]:
 
 def _split_models(value: str) -> List[str]:
     """The models of a comma list. A ',' belongs to a checkpoint path where the path with it exists
-    (runs/a,b/model.pth), as '=' does for labels; the longest such path is taken."""
+    (runs/a,b/model.pth), as '=' does for labels; the longest such path is taken. Only a ',' after the
+    item's ':' can be in a path: before it, it ends a model name (a,b:runs/b.pth is two models)."""
     pieces, items, i = value.split(","), [], 0
     while i < len(pieces):
-        end = next((end for end in range(len(pieces), i + 1, -1) if _names_existing_path(",".join(pieces[i:end]))),
-                   i + 1)
+        end = next((end for end in range(len(pieces), i + 1, -1)
+                    if ":" in pieces[i] and _names_existing_path(",".join(pieces[i:end]))), i + 1)
         items.append(",".join(pieces[i:end]))
         i = end
     return [item for item in items if item.strip()]
@@ -240,6 +246,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.baseline_model and args.baseline_model.lower() != "none":
             baseline = _existing_checkpoint(ModelSpec.parse(args.baseline_model, source="torchvision",
                                                             option="--baseline-model"), "--baseline-model")
+        if args.pretrained:
+            models = [dataclasses.replace(s, pretrained=True) for s in models]
+            baseline = baseline and dataclasses.replace(baseline, pretrained=True)
+            for spec in models:
+                spec.check_published_weights()
         analysis = {k: v for k, v in (("dino_checkpoint", args.dino_checkpoint),
                                       ("taig_surrogate", args.taig_surrogate)) if v}
         data_given = args.data_root is not None or any(v is not None for v in dirs.values())
@@ -249,6 +260,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise EvalError(f"--out {args.out} is a file: give a folder for results.json, report.md and the cache")
         default_run = not models and not data
+        if default_run and args.pretrained:
+            raise EvalError("--pretrained loads the published weights of --models; the embedded default (no --models, "
+                            "no data) trains its own models: name the --models and their --data-root")
         if default_run:
             if args.dry_run:
                 raise EvalError("--dry-run plans an evaluation of --models on your data; the embedded default (no "
@@ -278,9 +292,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.dry_run:
             _check_writable(args.out)
         for spec in models:
-            if spec.checkpoint is None and dist.is_main():
+            if spec.checkpoint is None and not spec.pretrained and dist.is_main():
                 print(f"lkfast.eval: warning: model {spec.display!r} has no checkpoint: it is evaluated with random "
-                      f"weights (pass {spec.name}:CHECKPOINT)", file=sys.stderr)
+                      f"weights (pass {spec.name}:CHECKPOINT, or --pretrained for its published weights)",
+                      file=sys.stderr)
         options = EvalOptions(out=args.out, data=data, device=device, batch_size=args.batch_size,
                               workers=default_workers if args.workers is None else args.workers,
                               amp=args.amp, channels_last=args.channels_last, limit=args.limit, seed=args.seed,

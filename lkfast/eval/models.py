@@ -19,6 +19,10 @@ import torch.nn as nn
 from lkfast.eval.cache import file_hash, safe_name, stable_hash
 
 
+class WeightsUnavailable(RuntimeError):
+    """A model's published weights (``ModelSpec.pretrained``) are neither in the local cache nor reachable."""
+
+
 class Normalized(nn.Module):
     """``model`` behind a (x - mean) / std layer: call it with [0, 1] images. ``.model`` is the inner net.
     With ``logit_order``, output j is the inner net's output ``logit_order[j]`` (see ``ModelSpec``)."""
@@ -48,6 +52,9 @@ class ModelSpec:
         logit_order: for a model whose outputs are not in the class space's order, the output each
         class of the class space reads (a permutation; ``with_training_run`` sets it from a training
         run's class list). None: output i is class i.
+        pretrained: with no checkpoint, load the model's published weights (timm's hub for timm names,
+        torchvision's for the baseline) from the local cache or the network (``--pretrained``),
+        instead of random weights.
     """
 
     name: str
@@ -57,6 +64,7 @@ class ModelSpec:
     kwargs: Tuple[Tuple[str, Any], ...] = field(default=())
     input_size: Optional[int] = None
     logit_order: Optional[Tuple[int, ...]] = None
+    pretrained: bool = False
 
     @property
     def display(self) -> str:
@@ -106,6 +114,46 @@ class ModelSpec:
 
         check_model_name(self.name)
 
+    @property
+    def hub_weights(self) -> bool:
+        """Whether the model loads its published weights (``pretrained`` and no checkpoint)."""
+        return self.pretrained and self.checkpoint is None
+
+    def check_published_weights(self) -> None:
+        """ValueError, saying what to pass instead, when ``hub_weights`` asks for weights nobody
+        publishes where timm or torchvision look: RepLKNet's (the authors' files are on GitHub, not a
+        hub), or a timm name without a pretrained tag (e.g. ``cspresnet50d``: untrained)."""
+        if not self.hub_weights or self.source == "torchvision":
+            return
+        from lkfast.models.factory import replknet_hub_message
+
+        message = replknet_hub_message(self.name)
+        if message:
+            raise ValueError(f"--pretrained: model {self.display!r}: {message}; give it as "
+                             f"{self.name}:PATH")
+        from timm.models import get_pretrained_cfg
+
+        try:
+            cfg = get_pretrained_cfg(self.name)
+        except RuntimeError as error:  # timm: "Invalid pretrained tag (x) for resnet50."
+            raise ValueError(f"--pretrained: model {self.display!r}: {error}") from None
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+            raise ValueError(f"--pretrained: model {self.display!r}: timm publishes no weights for {self.name!r} "
+                             f"(timm.list_models(pretrained=True) lists those it does); give a local checkpoint as "
+                             f"{self.name}:PATH")
+
+    def _hub_key(self) -> str:
+        """The cache key's word for published weights: with the pretrained tag timm resolves the name
+        to (timm's default tag for a name can change between timm versions; the results must not)."""
+        if self.source == "torchvision":
+            import torchvision
+
+            return "hub-" + str(torchvision.models.get_model_weights(self.name).DEFAULT).split(".")[-1]
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(self.name)
+        return "hub-" + str(getattr(cfg, "tag", None) or "default")
+
     def require_checkpoint(self) -> None:
         """Raise FileNotFoundError, naming the model, if ``checkpoint`` is given but is not a file
         (a training folder must go through :func:`with_training_run` first)."""
@@ -119,7 +167,7 @@ class ModelSpec:
         """Cache key: the name, the checkpoint's content hash and the extra arguments. Raises
         FileNotFoundError (``require_checkpoint``) for a checkpoint that is not a file."""
         self.require_checkpoint()
-        weights = "random" if self.checkpoint is None else file_hash(self.checkpoint)
+        weights = file_hash(self.checkpoint) if self.checkpoint else self._hub_key() if self.pretrained else "random"
         extra = "" if not self.kwargs else "-" + stable_hash(list(self.kwargs), 8)
         extra += "" if self.input_size is None else f"-{self.input_size}px"
         extra += "" if self.logit_order is None else "-order" + stable_hash(list(self.logit_order), 8)
@@ -215,9 +263,15 @@ def _torchvision_model(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Modu
     from lkfast.models import load_checkpoint
 
     try:
-        model = torchvision.models.get_model(spec.name, weights=None, **dict(spec.kwargs))
+        model = torchvision.models.get_model(spec.name, weights="DEFAULT" if spec.hub_weights else None,
+                                             **dict(spec.kwargs))
     except ValueError as error:
         raise ValueError(f"baseline model {spec.name!r} is not a torchvision model ({error})") from None
+    except (OSError, RuntimeError) as error:  # offline and not in TORCH_HOME's cache (URLError is an OSError)
+        raise WeightsUnavailable(
+            f"baseline model {spec.name!r}: torchvision's published weights are neither in the local cache "
+            f"({torch.hub.get_dir()}) nor reachable ({type(error).__name__}: {error}); download them elsewhere and "
+            f"pass --baseline-model {spec.name}:PATH") from error
     if spec.checkpoint is not None:
         load_checkpoint(model, spec.checkpoint, trust_checkpoint=trust_checkpoint)
     preset = torchvision.models.get_model_weights(spec.name).DEFAULT.transforms()
@@ -242,8 +296,19 @@ def load_model(spec: ModelSpec, device: str = "cpu", trust_checkpoint: bool = Fa
     else:
         from lkfast.models import create_model
 
-        model = create_model(spec.name, checkpoint=spec.checkpoint, trust_checkpoint=trust_checkpoint,
-                             **dict(spec.kwargs))
+        try:
+            model = create_model(spec.name, checkpoint=spec.checkpoint, pretrained=spec.hub_weights,
+                                 trust_checkpoint=trust_checkpoint, **dict(spec.kwargs))
+        except RuntimeError as error:
+            if not spec.hub_weights:
+                raise
+            from huggingface_hub import constants
+
+            cause = error.__cause__ or error
+            raise WeightsUnavailable(
+                f"model {spec.display!r}: timm's published weights for {spec.name!r} are neither in the local cache "
+                f"({constants.HF_HUB_CACHE}) nor reachable ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
+                f"download them elsewhere and give the file as {spec.name}:PATH") from error
         config = dict(timm.data.resolve_data_config(model=model))
     if spec.input_size is not None:
         config["input_size"] = (3, spec.input_size, spec.input_size)

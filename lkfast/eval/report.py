@@ -41,6 +41,7 @@ PAPER_NAMES = (("replknet_31b", "RepLKNet-31B"), ("replknet_31l", "RepLKNet-31L"
                ("vit_large_patch16", "ViT-L/16"), ("convnext_base", "ConvNeXt-B"), ("convnext_large", "ConvNeXt-L"),
                ("resnetv2_152x4_bit", "BiT-r152x4"), ("resnetv2_101x3_bit", "BiT m-r101x3"), ("resnet50", "ResNet-50"))
 RANDOM_WEIGHTS = "random (no checkpoint)"  # the _model card's "weights" for a model built without weights
+PUBLISHED_WEIGHTS = "published (--pretrained)"  # ... for one given without a checkpoint under --pretrained
 TASK_ORDER = ("clean", "imagenet-a", "imagenet-c", "imagenet-o", "imagenet-p", "imagenet-r", "imagenet-9")
 
 
@@ -260,7 +261,8 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
     untrained = [m for m in models if results[m].get("_model", {}).get("weights") == RANDOM_WEIGHTS]
     if untrained:
         w.text(f"\n**Random weights**: {', '.join(untrained)} had no checkpoint and were evaluated untrained "
-               "(no paper values beside them); pass NAME:CHECKPOINT to --models to evaluate trained weights.\n")
+               "(no paper values beside them); pass NAME:CHECKPOINT to --models, or --pretrained for timm's published "
+               "weights, to evaluate trained weights.\n")
 
     _model_card(w, out, results, models)
 

@@ -26,7 +26,8 @@ import torch
 from lkfast.eval import distributed as dist
 from lkfast.eval.cache import ResultCache, files_fingerprint, read_json_object, stable_hash, tree_fingerprint
 from lkfast.eval.classes import ClassSpace
-from lkfast.eval.models import ModelSpec, count_macs, count_parameters, load_model, output_classes
+from lkfast.eval.models import (ModelSpec, WeightsUnavailable, count_macs, count_parameters, load_model,
+                                output_classes)
 from lkfast.data.imagenet import DatasetLayoutError
 from lkfast.eval.registry import TASKS, Task, TaskUnavailable
 from lkfast.tables import write_text_atomic
@@ -362,7 +363,11 @@ class Runner:
     # models ------------------------------------------------------------------------------------
     def _model(self, spec: ModelSpec):
         if spec not in self._loaded:
-            model, config = load_model(spec, self.device, self.options.trust_checkpoint, self.options.channels_last)
+            try:
+                model, config = load_model(spec, self.device, self.options.trust_checkpoint,
+                                           self.options.channels_last)
+            except WeightsUnavailable as error:  # every task of the model would need them: stop, saying what to pass
+                raise ModelError(str(error)) from error
             classes = output_classes(model, config, self.device)
             if classes != self.class_space.num_classes:
                 raise ModelError(
@@ -393,11 +398,11 @@ class Runner:
     def _model_card(self, spec: ModelSpec) -> Dict[str, Any]:
         """Name, checkpoint, parameters, multiply-adds and input size of a model (kept in its cache folder, so a
         fully cached run reports the same without building the model)."""
-        from lkfast.eval.report import RANDOM_WEIGHTS
+        from lkfast.eval.report import PUBLISHED_WEIGHTS, RANDOM_WEIGHTS
 
         path = self._cache(spec).root / "model.json"
         card = {"name": spec.name, "checkpoint": spec.checkpoint,
-                "weights": "checkpoint" if spec.checkpoint else RANDOM_WEIGHTS}
+                "weights": "checkpoint" if spec.checkpoint else PUBLISHED_WEIGHTS if spec.pretrained else RANDOM_WEIGHTS}
         if spec in self._loaded:
             model, config, facts = self._loaded[spec]
             card.update(facts, input_size=list(config["input_size"]))
@@ -486,10 +491,10 @@ class Runner:
         spec = self.options.baseline
         if spec is None:
             return None, "no baseline model (--baseline-model none)"
-        if spec.checkpoint is None:
-            return None, (f"no weights for the baseline {spec.name!r} (nothing can be downloaded): pass "
-                          f"--baseline-model {spec.name}:PATH with local weights (for AlexNet, torchvision's "
-                          f"alexnet-owt-7be5be79.pth)")
+        if spec.checkpoint is None and not spec.pretrained:
+            return None, (f"no weights for the baseline {spec.name!r}: pass --baseline-model {spec.name}:PATH with "
+                          f"local weights (for AlexNet, torchvision's alexnet-owt-7be5be79.pth), or --pretrained "
+                          f"for torchvision's published weights (its cache or the network)")
         try:
             result = self.task_result(spec, name, baseline=True)
         except (TaskUnavailable, FileNotFoundError) as error:

@@ -252,6 +252,19 @@ def check_model_name(name: str) -> None:
                      "timm.list_models('PATTERN*') lists the names")
 
 
+def replknet_hub_message(name: str) -> Optional[str]:
+    """Why ``name``, a RepLKNet name, has no weights timm could fetch, naming the official files to
+    download (None for other names)."""
+    architecture = name.split(".")[0]
+    if not architecture.startswith("replknet_"):
+        return None
+    from lkfast.models.replknet import OFFICIAL_CHECKPOINTS
+
+    files = ", ".join(v for k, v in OFFICIAL_CHECKPOINTS.items() if k.startswith(architecture + "."))
+    return (f"the official RepLKNet weights are not on a hub timm can reach; download them from "
+            f"github.com/DingXiaoH/RepLKNet-pytorch ({files or 'no official weights for this model'})")
+
+
 def create_model(name: str, checkpoint: Optional[str] = None, pretrained: bool = False, fast: bool = True,
                  trust_checkpoint: bool = False, checkpoint_key: Optional[str] = None, **kwargs) -> nn.Module:
     """Build ``name`` (a RepLKNet name such as ``replknet_31b`` or ``replknet_31b.in22k_ft_in1k_384``,
@@ -272,14 +285,7 @@ def create_model(name: str, checkpoint: Optional[str] = None, pretrained: bool =
     is_replknet = architecture.startswith("replknet_")
     if is_replknet:
         if pretrained:
-            from lkfast.models.replknet import OFFICIAL_CHECKPOINTS
-
-            files = ", ".join(v for k, v in OFFICIAL_CHECKPOINTS.items() if k.startswith(architecture + "."))
-            raise ValueError(
-                f"create_model: {name}: the official RepLKNet weights are not on a hub timm can reach; download them "
-                f"from github.com/DingXiaoH/RepLKNet-pytorch ({files or 'no official weights for this model'}) and "
-                f"pass checkpoint=PATH"
-            )
+            raise ValueError(f"create_model: {name}: {replknet_hub_message(name)} and pass checkpoint=PATH")
         kwargs["fast"] = fast
         if "small_kernel" in kwargs and kwargs["small_kernel"] is None:
             kwargs["small_kernel"] = 0  # "no small kernel": timm.create_model drops arguments that are None
