@@ -390,3 +390,50 @@ def test_pretrained_baseline_loads_torchvisions_published_weights_from_the_cache
         load_model(spec)
     random_weights, _ = load_model(dataclasses.replace(spec, pretrained=False))  # no download attempted
     assert not torch.equal(random_weights.model.state_dict()["features.0.weight"], published["features.0.weight"])
+
+
+def test_pretrained_gives_the_occlusion_dinos_published_saliency(tmp_path, capsys, monkeypatch):
+    """Without --dino-checkpoint (and without masks) the occlusion ran random drops only; under
+    --pretrained DINO's published weights give the salient and non-salient drops (cached apart from
+    the random-only result), and where they are neither cached nor reachable that is one error line
+    before anything runs. A small timm ViT stands in for DINO ViT-S/16 here."""
+    import json
+
+    from huggingface_hub import constants
+    from PIL import Image
+
+    from lkfast import data
+    from lkfast.analysis import occlusion
+
+    from safetensors.torch import save_file
+
+    wnids = data.imagenet_classes()
+    model = _fake_hub_cache(tmp_path / "hub", "test_convnext", "r160_in1k", predicts=3)
+    weights = tmp_path / "c.safetensors"  # the same model in every run: only DINO changes with --pretrained
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(occlusion, "DINO_MODEL", "test_vit.r160_in1k")
+    val = tmp_path / "val" / wnids[3]
+    val.mkdir(parents=True)
+    for k in range(2):
+        Image.new("RGB", (48, 48), (40 * k, 90, 200)).save(val / f"img{k}.JPEG")
+    common = ["--models", f"test_convnext:{weights}=C", "--val-dir", tmp_path / "val", "--suite", "occlusion",
+              "--workers", 0,
+              "--no-progress", "--baseline-model", "none", "--out", tmp_path / "out"]
+
+    def saliency():
+        return json.loads((tmp_path / "out" / "results.json").read_text())["C"]["occlusion"]
+
+    rc, err = run_cli(capsys, *common)  # no DINO: random drops only, as before
+    assert rc == 0, err
+    assert saliency()["saliency"] is None and list(saliency()["top1"]) == ["random"]
+    rc, err = run_cli(capsys, *common[:-2], "--out", tmp_path / "out2", "--pretrained")
+    assert rc == 2 and err.startswith("lkfast.eval: error: --pretrained: the occlusion's salient drops need DINO's "
+                                      "published weights (timm test_vit.r160_in1k), neither in the local cache"), err
+    assert not (tmp_path / "out2" / "results.json").exists()
+    _fake_hub_cache(tmp_path / "hub", "test_vit", "r160_in1k", predicts=0)
+    rc, err = run_cli(capsys, *common, "--pretrained")
+    assert rc == 0, err
+    assert saliency()["saliency"] == "dino" and list(saliency()["top1"]) == ["random", "salient", "non_salient"]
+    assert saliency()["clean_top1"] == 100.0  # the checkpoint's model, as in the first run

@@ -99,12 +99,15 @@ def mask_saliency(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Te
     return F.avg_pool2d((masks != 0).float()[:, None], patch_size).view(masks.shape[0], *grid)
 
 
-def load_dino(checkpoint: str, device="cpu") -> nn.Module:
+def load_dino(checkpoint: Optional[str], device="cpu", pretrained: bool = False) -> nn.Module:
     """DINO ViT-S/16 (timm ``vit_small_patch16_224.dino``) from a local checkpoint file (timm's
-    safetensors/pth or the official ``dino_deitsmall16_pretrain.pth``), in eval mode. Nothing is downloaded."""
+    safetensors/pth or the official ``dino_deitsmall16_pretrain.pth``), in eval mode; with no checkpoint
+    and ``pretrained``, timm's published weights (its hub cache or the network; RuntimeError, saying
+    so, where neither has them). Nothing else is downloaded."""
     from lkfast.models import create_model
 
-    return create_model(DINO_MODEL, checkpoint=checkpoint, fast=False).to(device)
+    return create_model(DINO_MODEL, checkpoint=checkpoint, pretrained=pretrained and checkpoint is None,
+                        fast=False).to(device)
 
 
 def dino_attention(vit: nn.Module, x: torch.Tensor, mean: Optional[Sequence[float]] = None,

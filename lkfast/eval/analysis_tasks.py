@@ -127,12 +127,17 @@ def occlusion(ctx) -> dict:
         saliency, source = "masks", str(ctx.source("masks"))
     else:
         checkpoint = ctx.options.analysis_option("dino_checkpoint")
+        published = ctx.options.analysis_option("dino_pretrained")  # --pretrained: the CLI found the weights
         if checkpoint:
             saliency = analysis.dino_saliency(analysis.load_dino(checkpoint, ctx.device))
             source = f"dino:{checkpoint}:head{analysis.DINO_HEAD}"
+        elif published:
+            saliency = analysis.dino_saliency(analysis.load_dino(None, ctx.device, pretrained=True))
+            source = f"dino:published {published}:head{analysis.DINO_HEAD}"
         else:
             note = ("salient/non-salient drops skipped: no foreground masks and no DINO checkpoint "
-                    "(pass --dino-checkpoint, or set LKFAST_DINO_CHECKPOINT, to a vit_small_patch16_224.dino weights file)")
+                    "(pass --dino-checkpoint, or set LKFAST_DINO_CHECKPOINT, to a vit_small_patch16_224.dino weights file, "
+                    "or --pretrained for timm's published DINO weights)")
     dataset = _val_dataset(ctx, masks=saliency == "masks")
     modes, ratios = (analysis.MODES if saliency is not None else ("random",)), analysis.RATIOS
 
@@ -429,7 +434,8 @@ def _count(ctx) -> int:
 
 # Forward-pass equivalents per image (a backward counts as two forwards), for --dry-run's estimate.
 def _occlusion_cost(ctx) -> float:
-    with_saliency = ctx.has_source("masks") or ctx.options.analysis_option("dino_checkpoint")
+    with_saliency = ctx.has_source("masks") or ctx.options.analysis_option("dino_checkpoint") \
+        or ctx.options.analysis_option("dino_pretrained")
     return 1 + len(analysis.RATIOS) * (len(analysis.MODES) if with_saliency else 1)
 
 
@@ -469,7 +475,7 @@ _DESCRIPTIONS = {
                 "from the other tasks)"}
 # version 2: occlusion to frequency run through ctx.records (sharded; random draws seeded per image)
 _SHARDED = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency")
-_READS = {"occlusion": ("dino_checkpoint",), "taig": ("taig_surrogate",)}  # the analysis options each reads
+_READS = {"occlusion": ("dino_checkpoint", "dino_pretrained"), "taig": ("taig_surrogate",)}  # the analysis options each reads
 # later versions: occlusion 3 (Fig. 5's example in the result), lesion 3 (fraction over the model's blocks),
 # kernel-distance 2 (the large kernel's own weights, as the paper's script), feature-variance 2 (seeded random
 # val images), taig 3 (success_rate over all attacked images, as the paper's script)

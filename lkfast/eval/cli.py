@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true",
                    help="models given without a checkpoint load their published weights (timm's hub; torchvision's "
                         "for --baseline-model) from the local cache (HF_HOME, TORCH_HOME) or the network, instead of "
-                        "random weights; RepLKNet's official weights are not on a hub: give their file as NAME:PATH")
+                        "random weights, and so does the occlusion's DINO without --dino-checkpoint; RepLKNet's "
+                        "official weights are not on a hub: give their file as NAME:PATH")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that pickle arbitrary Python objects (only for files you trust)")
     p.add_argument("--baseline-model", default="alexnet", metavar="NAME[:CKPT]|none",
@@ -205,6 +206,32 @@ def _check_writable(folder: str) -> None:
                         "can write, with free space, for results.json, report.md and the cache") from None
 
 
+def _needs_dino(options, tasks) -> bool:
+    """Whether the occlusion task runs on data without foreground masks and no DINO checkpoint is given
+    (its salient and non-salient drops then need DINO's saliency)."""
+    return "occlusion" in tasks and "masks" not in options.data and not options.analysis_option("dino_checkpoint")
+
+
+def _published_dino() -> str:
+    """Under --pretrained, the DINO whose published weights give the occlusion's saliency (timm's name),
+    once they are found in the local cache or fetched; an error line before anything runs where they
+    cannot be, as for the models' own."""
+    from lkfast.analysis.occlusion import DINO_MODEL, load_dino
+    from lkfast.eval.runner import EvalError
+
+    try:
+        load_dino(None, pretrained=True)
+    except RuntimeError as error:
+        from huggingface_hub import constants
+
+        cause = error.__cause__ or error
+        raise EvalError(f"--pretrained: the occlusion's salient drops need DINO's published weights (timm "
+                        f"{DINO_MODEL}), neither in the local cache ({constants.HF_HUB_CACHE}) nor reachable "
+                        f"({type(cause).__name__}: {str(cause).splitlines()[0]}): pass --dino-checkpoint FILE, or "
+                        f"leave occlusion out of --suite") from None
+    return DINO_MODEL
+
+
 def _check_analysis_options(options, tasks, models: List[ModelSpec]) -> None:
     """A --dino-checkpoint that is not a file, or a --taig-surrogate that is no label of the run (either
     from ``options``, an EvalOptions, or its environment variable), as one error line before anything
@@ -289,6 +316,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise EvalError(_no_data_message(args.data_root))
         if not default_run:  # the default's were checked on its planned run: the labels and suite it built
             _check_analysis_options(EvalOptions(analysis=analysis), tasks, models)
+            if args.pretrained and _needs_dino(EvalOptions(analysis=analysis, data=data), tasks):
+                analysis["dino_pretrained"] = _published_dino()
         if not args.dry_run:
             _check_writable(args.out)
         for spec in models:
