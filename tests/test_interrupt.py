@@ -172,6 +172,28 @@ def test_train_names_a_damaged_last_pth_and_what_to_do(tmp_path, capsys, junk):
     assert "Traceback" not in err
 
 
+def test_train_names_a_last_pth_the_disk_cannot_read(tmp_path, capsys, monkeypatch):
+    """An I/O error reading OUT/last.pth (a disk or network-filesystem fault; torch.load of some damaged
+    files raised OSError on earlier torch versions, as the test above says) is the same one line, not a
+    traceback. The fault is injected: no file on a healthy disk raises it with this torch."""
+    import errno
+
+    import lkfast.train as train
+
+    data = _source(tmp_path / "data" / "train", per_class=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pth").write_bytes(b"PK\x03\x04")
+
+    def faulty(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(train.torch, "load", faulty)
+    assert train.main(["resnet_tiny", "--data", str(data.parent), "--out", str(out), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"lkfast.train: error: {out / 'last.pth'} cannot be read (OSError: [Errno 5] Input/output error)" in err
+    assert "Traceback" not in err
+
+
 def test_a_build_removes_what_killed_builds_of_its_entry_left(tmp_path):
     """A build killed mid-way leaves its temporary folder (the synthetic benchmark's partial images,
     training's empty one); the next build of that entry removes such folders, and only those."""
