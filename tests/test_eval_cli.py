@@ -430,7 +430,7 @@ def test_pretrained_gives_the_occlusion_dinos_published_saliency(tmp_path, capsy
     assert saliency()["saliency"] is None and list(saliency()["top1"]) == ["random"]
     rc, err = run_cli(capsys, *common[:-2], "--out", tmp_path / "out2", "--pretrained")
     assert rc == 2 and err.startswith("lkfast.eval: error: --pretrained: the occlusion's salient drops need DINO's "
-                                      "published weights (timm test_vit.r160_in1k), neither in the local cache"), err
+                                      "published weights (timm test_vit.r160_in1k), which are neither in the local cache"), err
     assert not (tmp_path / "out2" / "results.json").exists()
     _fake_hub_cache(tmp_path / "hub", "test_vit", "r160_in1k", predicts=0)
     rc, err = run_cli(capsys, *common, "--pretrained")

@@ -25,7 +25,7 @@ from typing import List, Optional
 from lkfast.corrupt import FrostPhotosMissing
 from lkfast.data.imagenet import looks_like_wnids
 from lkfast.eval import distributed as dist
-from lkfast.eval.models import ModelSpec, with_training_run
+from lkfast.eval.models import ModelSpec, hub_unavailable, with_training_run
 from lkfast.eval.registry import SUITES, TASKS, resolve_suite
 from lkfast.tables import is_storage_error
 from lkfast.eval.sources import SOURCE_NAMES, resolve_sources
@@ -222,13 +222,9 @@ def _published_dino() -> str:
     try:
         load_dino(None, pretrained=True)
     except RuntimeError as error:
-        from huggingface_hub import constants
-
-        cause = error.__cause__ or error
-        raise EvalError(f"--pretrained: the occlusion's salient drops need DINO's published weights (timm "
-                        f"{DINO_MODEL}), neither in the local cache ({constants.HF_HUB_CACHE}) nor reachable "
-                        f"({type(cause).__name__}: {str(cause).splitlines()[0]}): pass --dino-checkpoint FILE, or "
-                        f"leave occlusion out of --suite") from None
+        raise EvalError(hub_unavailable(
+            f"--pretrained: the occlusion's salient drops need DINO's published weights (timm {DINO_MODEL}), which",
+            error, "pass --dino-checkpoint FILE, or leave occlusion out of --suite")) from None
     return DINO_MODEL
 
 

@@ -23,6 +23,17 @@ class WeightsUnavailable(RuntimeError):
     """A model's published weights (``ModelSpec.pretrained``) are neither in the local cache nor reachable."""
 
 
+def hub_unavailable(whose: str, error: BaseException, remedy: str) -> str:
+    """The message for timm's published weights (``whose``: "timm's published weights for 'x'") that
+    ``error`` (create_model's, with the hub's cause) says neither the Hugging Face cache nor the
+    network gave, ending with what to pass instead."""
+    from huggingface_hub import constants
+
+    cause = error.__cause__ or error
+    return (f"{whose} are neither in the local cache ({constants.HF_HUB_CACHE}) nor reachable "
+            f"({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}); {remedy}")
+
+
 class Normalized(nn.Module):
     """``model`` behind a (x - mean) / std layer: call it with [0, 1] images. ``.model`` is the inner net.
     With ``logit_order``, output j is the inner net's output ``logit_order[j]`` (see ``ModelSpec``)."""
@@ -302,13 +313,9 @@ def load_model(spec: ModelSpec, device: str = "cpu", trust_checkpoint: bool = Fa
         except RuntimeError as error:
             if not spec.hub_weights:
                 raise
-            from huggingface_hub import constants
-
-            cause = error.__cause__ or error
-            raise WeightsUnavailable(
-                f"model {spec.display!r}: timm's published weights for {spec.name!r} are neither in the local cache "
-                f"({constants.HF_HUB_CACHE}) nor reachable ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
-                f"download them elsewhere and give the file as {spec.name}:PATH") from error
+            raise WeightsUnavailable(hub_unavailable(
+                f"model {spec.display!r}: timm's published weights for {spec.name!r}", error,
+                f"download them elsewhere and give the file as {spec.name}:PATH")) from error
         config = dict(timm.data.resolve_data_config(model=model))
     if spec.input_size is not None:
         config["input_size"] = (3, spec.input_size, spec.input_size)
