@@ -20,10 +20,10 @@ from lkfast.tables import save_figure_atomic  # noqa: E402
 MODE_TITLES = {"random": "(a) random drop", "salient": "(b) salient drop", "non_salient": "(c) non-salient drop"}
 
 
-def _legend_beside(ax) -> None:
-    """The legend to the right of the axes, for plots whose lines and bands fill them (Figs. 7 and 10:
-    inside, it covered curves)."""
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+def _legend_beside(ax, *entries) -> None:
+    """The legend to the right of the axes (of ``entries``, handles and labels, if given), for plots
+    whose lines and bands fill them (Figs. 7 and 10: inside, it covered curves)."""
+    ax.legend(*entries, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
 
 def _colors(labels) -> dict:
@@ -42,8 +42,7 @@ def _shared_legend(axes, order, beside=None) -> None:
             handles.setdefault(label, handle)
     entries = {label: handles[label] for label in order if label in handles}
     if entries:
-        host = axes[-1] if beside is None else beside
-        host.legend(list(entries.values()), list(entries), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        _legend_beside(axes[-1] if beside is None else beside, list(entries.values()), list(entries))
 
 
 def _save(fig, path) -> Path:

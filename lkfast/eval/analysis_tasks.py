@@ -115,6 +115,11 @@ def _model(ctx):
 # ``ctx.records`` (sharded, cached, resumed, spread over torchrun ranks) and turns the gathered
 # per-image rows into the sweep's result with the matching ``*_summary``.
 
+# where DINO's weights for the occlusion's saliency come from: a file, or under --pretrained (set by the CLI once
+# it found them) timm's published ones; the occlusion reads both, in this order
+_DINO_OPTIONS = ("dino_checkpoint", "dino_pretrained")
+
+
 def occlusion(ctx) -> dict:
     from lkfast.analysis.occlusion import batch_saliency, occlusion_outcomes, occlusion_summary, patch_grid
 
@@ -126,14 +131,10 @@ def occlusion(ctx) -> dict:
     if ctx.has_source("masks"):
         saliency, source = "masks", str(ctx.source("masks"))
     else:
-        checkpoint = ctx.options.analysis_option("dino_checkpoint")
-        published = ctx.options.analysis_option("dino_pretrained")  # --pretrained: the CLI found the weights
-        if checkpoint:
-            saliency = analysis.dino_saliency(analysis.load_dino(checkpoint, ctx.device))
-            source = f"dino:{checkpoint}:head{analysis.DINO_HEAD}"
-        elif published:
-            saliency = analysis.dino_saliency(analysis.load_dino(None, ctx.device, pretrained=True))
-            source = f"dino:published {published}:head{analysis.DINO_HEAD}"
+        checkpoint, published = (ctx.options.analysis_option(name) for name in _DINO_OPTIONS)
+        if checkpoint or published:  # a file, else (--pretrained: the CLI found them) the published weights
+            saliency = analysis.dino_saliency(analysis.load_dino(checkpoint, ctx.device, pretrained=not checkpoint))
+            source = f"dino:{checkpoint or 'published ' + published}:head{analysis.DINO_HEAD}"
         else:
             note = ("salient/non-salient drops skipped: no foreground masks and no DINO checkpoint "
                     "(pass --dino-checkpoint, or set LKFAST_DINO_CHECKPOINT, to a vit_small_patch16_224.dino weights file, "
@@ -434,8 +435,7 @@ def _count(ctx) -> int:
 
 # Forward-pass equivalents per image (a backward counts as two forwards), for --dry-run's estimate.
 def _occlusion_cost(ctx) -> float:
-    with_saliency = ctx.has_source("masks") or ctx.options.analysis_option("dino_checkpoint") \
-        or ctx.options.analysis_option("dino_pretrained")
+    with_saliency = ctx.has_source("masks") or any(ctx.options.analysis_option(name) for name in _DINO_OPTIONS)
     return 1 + len(analysis.RATIOS) * (len(analysis.MODES) if with_saliency else 1)
 
 
@@ -475,7 +475,7 @@ _DESCRIPTIONS = {
                 "from the other tasks)"}
 # version 2: occlusion to frequency run through ctx.records (sharded; random draws seeded per image)
 _SHARDED = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency")
-_READS = {"occlusion": ("dino_checkpoint", "dino_pretrained"), "taig": ("taig_surrogate",)}  # the analysis options each reads
+_READS = {"occlusion": _DINO_OPTIONS, "taig": ("taig_surrogate",)}  # the analysis options each reads
 # later versions: occlusion 3 (Fig. 5's example in the result), lesion 3 (fraction over the model's blocks),
 # kernel-distance 2 (the large kernel's own weights, as the paper's script), feature-variance 2 (seeded random
 # val images), taig 3 (success_rate over all attacked images, as the paper's script)

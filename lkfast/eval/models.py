@@ -23,14 +23,16 @@ class WeightsUnavailable(RuntimeError):
     """A model's published weights (``ModelSpec.pretrained``) are neither in the local cache nor reachable."""
 
 
-def hub_unavailable(whose: str, error: BaseException, remedy: str) -> str:
-    """The message for timm's published weights (``whose``: "timm's published weights for 'x'") that
-    ``error`` (create_model's, with the hub's cause) says neither the Hugging Face cache nor the
-    network gave, ending with what to pass instead."""
-    from huggingface_hub import constants
+def hub_unavailable(whose: str, error: BaseException, remedy: str, cache: Optional[str] = None) -> str:
+    """The message for published weights (``whose``: "timm's published weights for 'x'") that ``error``
+    (or the cause it was raised from) says neither the local ``cache`` (default: the Hugging Face
+    cache, timm's) nor the network gave, ending with what to pass instead."""
+    if cache is None:
+        from huggingface_hub import constants
 
+        cache = constants.HF_HUB_CACHE
     cause = error.__cause__ or error
-    return (f"{whose} are neither in the local cache ({constants.HF_HUB_CACHE}) nor reachable "
+    return (f"{whose} are neither in the local cache ({cache}) nor reachable "
             f"({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}); {remedy}")
 
 
@@ -279,10 +281,9 @@ def _torchvision_model(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Modu
     except ValueError as error:
         raise ValueError(f"baseline model {spec.name!r} is not a torchvision model ({error})") from None
     except (OSError, RuntimeError) as error:  # offline and not in TORCH_HOME's cache (URLError is an OSError)
-        raise WeightsUnavailable(
-            f"baseline model {spec.name!r}: torchvision's published weights are neither in the local cache "
-            f"({torch.hub.get_dir()}) nor reachable ({type(error).__name__}: {error}); download them elsewhere and "
-            f"pass --baseline-model {spec.name}:PATH") from error
+        raise WeightsUnavailable(hub_unavailable(
+            f"baseline model {spec.name!r}: torchvision's published weights", error,
+            f"download them elsewhere and pass --baseline-model {spec.name}:PATH", cache=torch.hub.get_dir())) from error
     if spec.checkpoint is not None:
         load_checkpoint(model, spec.checkpoint, trust_checkpoint=trust_checkpoint)
     preset = torchvision.models.get_model_weights(spec.name).DEFAULT.transforms()
