@@ -319,9 +319,17 @@ def test_pretrained_evaluates_timms_published_weights_from_the_local_cache(tmp_p
     rc, err = run_cli(capsys, "--models", "test_convnext=Pub", "--pretrained", "--out", tmp_path / "out", *common)
     assert rc == 0, err
     assert "random" not in err
+    # a name without a tag gets timm's default for it: the run says which, and the tags to pick from
+    assert "lkfast.eval: note: model 'Pub': --pretrained loads timm test_convnext.r160_in1k, timm's default for " \
+           "'test_convnext'; to evaluate other published weights name their tag (test_convnext.r160_in1k)" in err
     result = json.loads((tmp_path / "out" / "results.json").read_text())["Pub"]
     assert result["clean"]["top1"] == 100.0  # the cached weights' prediction: every image is class 7
-    assert result["_model"]["weights"] == "published (--pretrained)"
+    assert result["_model"]["weights"] == "published (--pretrained): timm test_convnext.r160_in1k"
+    rc, err = run_cli(capsys, "--models", "test_convnext.r160_in1k=Pub", "--pretrained", "--out", tmp_path / "out",
+                      *common)  # the same weights named with their tag: no note, the same cached result
+    assert rc == 0 and "note" not in err, err
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["Pub"]["_model"]["weights"] == \
+        "published (--pretrained): timm test_convnext.r160_in1k"
     assert [p.name for p in (tmp_path / "out" / "cache").iterdir()] == ["timm-test_convnext-hub-r160_in1k"]
 
     rc, err = run_cli(capsys, "--models", "test_convnext=Pub", "--out", tmp_path / "out", *common)  # without
@@ -334,6 +342,7 @@ def test_pretrained_evaluates_timms_published_weights_from_the_local_cache(tmp_p
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     rc, err = run_cli(capsys, "--models", "test_convnext", "--pretrained", "--out", tmp_path / "out2", *common)
     assert rc == 2
+    err = err.split("\n", 1)[1]  # after the note on the default tag
     assert err.startswith(f"lkfast.eval: error: model 'test_convnext': timm's published weights for 'test_convnext' "
                           f"are neither in the local cache ({tmp_path / 'empty'}) nor reachable")
     assert err.rstrip().endswith("give the file as test_convnext:PATH") and "Traceback" not in err
@@ -380,6 +389,7 @@ def test_pretrained_baseline_loads_torchvisions_published_weights_from_the_cache
     for key, value in published.items():
         assert torch.equal(model.model.state_dict()[key], value), key
     assert spec.key() == "torchvision-squeezenet1_1-hub-IMAGENET1K_V1"
+    assert spec.published_weights() == "torchvision SqueezeNet1_1_Weights.IMAGENET1K_V1"  # the model card's words
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")

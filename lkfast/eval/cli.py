@@ -212,6 +212,17 @@ def _needs_dino(options, tasks) -> bool:
     return "occlusion" in tasks and "masks" not in options.data and not options.analysis_option("dino_checkpoint")
 
 
+def _default_tag_note(spec: ModelSpec) -> str:
+    """The line saying which published weights --pretrained takes for a timm name given without a tag
+    (timm's default for the name, e.g. ImageNet-12k fine-tuned for convnext_tiny) and the tags to pick from."""
+    import timm
+
+    tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{spec.name}.*")]
+    return (f"lkfast.eval: note: model {spec.display!r}: --pretrained loads {spec.published_weights()}, timm's "
+            f"default for {spec.name!r}; to evaluate other published weights name their tag "
+            f"({', '.join(f'{spec.name}.{t}' for t in tags)})")
+
+
 def _published_dino() -> str:
     """Under --pretrained, the DINO whose published weights give the occlusion's saliency (timm's name),
     once they are found in the local cache or fetched; an error line before anything runs where they
@@ -274,6 +285,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             baseline = baseline and dataclasses.replace(baseline, pretrained=True)
             for spec in models:
                 spec.check_published_weights()
+            for spec in models:  # once every model passed: a refused list is its error line alone
+                if spec.hub_weights and "." not in spec.name and dist.is_main():
+                    print(_default_tag_note(spec), file=sys.stderr)
         analysis = {k: v for k, v in (("dino_checkpoint", args.dino_checkpoint),
                                       ("taig_surrogate", args.taig_surrogate)) if v}
         data_given = args.data_root is not None or any(v is not None for v in dirs.values())

@@ -155,17 +155,29 @@ class ModelSpec:
                              f"(timm.list_models(pretrained=True) lists those it does); give a local checkpoint as "
                              f"{self.name}:PATH")
 
-    def _hub_key(self) -> str:
-        """The cache key's word for published weights: with the pretrained tag timm resolves the name
-        to (timm's default tag for a name can change between timm versions; the results must not)."""
+    def published_weights(self) -> str:
+        """Which published weights ``hub_weights`` loads, as the model card names them: timm's name with
+        the pretrained tag timm resolves it to (``convnext_tiny`` -> ``timm convnext_tiny.in12k_ft_in1k``),
+        or torchvision's weights (``torchvision AlexNet_Weights.IMAGENET1K_V1``)."""
+        return f"{self.source} " + (f"{self.name.split('.')[0]}.{self._published_tag()}" if self.source == "timm"
+                                    else self._published_tag(full=True))
+
+    def _published_tag(self, full: bool = False) -> str:
+        """The pretrained tag of the weights ``--pretrained`` loads: timm's for the name (its default tag
+        for a name without one), torchvision's DEFAULT weights' (``full``: with the enum's name)."""
         if self.source == "torchvision":
             import torchvision
 
-            return "hub-" + str(torchvision.models.get_model_weights(self.name).DEFAULT).split(".")[-1]
+            weights = str(torchvision.models.get_model_weights(self.name).DEFAULT)
+            return weights if full else weights.split(".")[-1]
         from timm.models import get_pretrained_cfg
 
-        cfg = get_pretrained_cfg(self.name)
-        return "hub-" + str(getattr(cfg, "tag", None) or "default")
+        return str(getattr(get_pretrained_cfg(self.name), "tag", None) or "default")
+
+    def _hub_key(self) -> str:
+        """The cache key's word for published weights: with the pretrained tag timm resolves the name
+        to (timm's default tag for a name can change between timm versions; the results must not)."""
+        return "hub-" + self._published_tag()
 
     def require_checkpoint(self) -> None:
         """Raise FileNotFoundError, naming the model, if ``checkpoint`` is given but is not a file
@@ -184,7 +196,8 @@ class ModelSpec:
         extra = "" if not self.kwargs else "-" + stable_hash(list(self.kwargs), 8)
         extra += "" if self.input_size is None else f"-{self.input_size}px"
         extra += "" if self.logit_order is None else "-order" + stable_hash(list(self.logit_order), 8)
-        return safe_name(f"{self.source}-{self.name}-{weights}{extra}")
+        name = self.name.split(".")[0] if self.hub_weights else self.name  # the tag is in hub-<tag>: one entry
+        return safe_name(f"{self.source}-{name}-{weights}{extra}")       # for a name with and without its tag
 
 
 def _logit_order(spec: ModelSpec, summary_path: str, classes: list, num_classes: Optional[int],

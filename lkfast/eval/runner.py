@@ -402,7 +402,8 @@ class Runner:
 
         path = self._cache(spec).root / "model.json"
         card = {"name": spec.name, "checkpoint": spec.checkpoint,
-                "weights": "checkpoint" if spec.checkpoint else PUBLISHED_WEIGHTS if spec.pretrained else RANDOM_WEIGHTS}
+                "weights": "checkpoint" if spec.checkpoint else
+                f"{PUBLISHED_WEIGHTS}: {spec.published_weights()}" if spec.pretrained else RANDOM_WEIGHTS}
         if spec in self._loaded:
             model, config, facts = self._loaded[spec]
             card.update(facts, input_size=list(config["input_size"]))
