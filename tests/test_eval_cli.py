@@ -349,10 +349,21 @@ def test_pretrained_evaluates_timms_published_weights_from_the_local_cache(tmp_p
 
     for models, says in (("test_resnet,replknet_31b", "model 'replknet_31b': the official RepLKNet weights are not on "
                                                        "a hub timm can reach; download them from"),
-                         ("cspresnet50d", "model 'cspresnet50d': timm publishes no weights for 'cspresnet50d'")):
+                         ("cspresnet50d", "model 'cspresnet50d': timm publishes no weights for 'cspresnet50d'"),
+                         # published, but not for ImageNet-1k's classes: refused before the download
+                         ("convnext_tiny.fb_in22k", "model 'convnext_tiny.fb_in22k': timm's convnext_tiny.fb_in22k has "
+                          "a 21841-class head, the benchmarks are scored in 1000 classes: name published weights with "
+                          "a 1000-class head (convnext_tiny.fb_in1k, convnext_tiny.fb_in22k_ft_in1k, "),
+                         ("test_vit,vit_small_patch16_224.dino", "model 'vit_small_patch16_224.dino': timm's "
+                          "vit_small_patch16_224.dino has no classifier head")):
         rc, err = run_cli(capsys, "--models", models, "--pretrained", "--out", tmp_path / "out3", *common)
         assert rc == 2 and err.startswith(f"lkfast.eval: error: --pretrained: {says}"), err
         assert not (tmp_path / "out3").exists()  # before anything ran
+    from lkfast.eval.models import published_with_head  # what the note and the refusal offer: 1000-class heads
+
+    offered = set(published_with_head("convnext_tiny", 1000))
+    assert {"convnext_tiny.fb_in1k", "convnext_tiny.in12k_ft_in1k"} <= offered
+    assert not offered & {"convnext_tiny.fb_in22k", "convnext_tiny.in12k", "convnext_tiny.dinov3_lvd1689m"}
     rc, err = run_cli(capsys, "--pretrained", "--out", tmp_path / "out3")
     assert rc == 2 and "the embedded default (no --models, no data) trains its own models" in err
 

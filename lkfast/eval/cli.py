@@ -212,15 +212,15 @@ def _needs_dino(options, tasks) -> bool:
     return "occlusion" in tasks and "masks" not in options.data and not options.analysis_option("dino_checkpoint")
 
 
-def _default_tag_note(spec: ModelSpec) -> str:
+def _default_tag_note(spec: ModelSpec, num_classes: int) -> str:
     """The line saying which published weights --pretrained takes for a timm name given without a tag
-    (timm's default for the name, e.g. ImageNet-12k fine-tuned for convnext_tiny) and the tags to pick from."""
-    import timm
+    (timm's default for the name, e.g. ImageNet-12k fine-tuned for convnext_tiny) and the others it could
+    evaluate (those with a ``num_classes`` head)."""
+    from lkfast.eval.models import published_with_head
 
-    tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{spec.name}.*")]
     return (f"lkfast.eval: note: model {spec.display!r}: --pretrained loads {spec.published_weights()}, timm's "
             f"default for {spec.name!r}; to evaluate other published weights name their tag "
-            f"({', '.join(f'{spec.name}.{t}' for t in tags)})")
+            f"({', '.join(published_with_head(spec.name, num_classes))})")
 
 
 def _published_dino() -> str:
@@ -283,11 +283,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.pretrained:
             models = [dataclasses.replace(s, pretrained=True) for s in models]
             baseline = baseline and dataclasses.replace(baseline, pretrained=True)
-            for spec in models:
-                spec.check_published_weights()
+            from lkfast.data import imagenet_classes
+
+            for spec in models:  # the benchmarks score ImageNet-1k's classes (the embedded default refuses below)
+                spec.check_published_weights(num_classes=len(imagenet_classes()))
             for spec in models:  # once every model passed: a refused list is its error line alone
                 if spec.hub_weights and "." not in spec.name and dist.is_main():
-                    print(_default_tag_note(spec), file=sys.stderr)
+                    print(_default_tag_note(spec, len(imagenet_classes())), file=sys.stderr)
         analysis = {k: v for k, v in (("dino_checkpoint", args.dino_checkpoint),
                                       ("taig_surrogate", args.taig_surrogate)) if v}
         data_given = args.data_root is not None or any(v is not None for v in dirs.values())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -132,10 +132,12 @@ class ModelSpec:
         """Whether the model loads its published weights (``pretrained`` and no checkpoint)."""
         return self.pretrained and self.checkpoint is None
 
-    def check_published_weights(self) -> None:
+    def check_published_weights(self, num_classes: Optional[int] = None) -> None:
         """ValueError, saying what to pass instead, when ``hub_weights`` asks for weights nobody
         publishes where timm or torchvision look: RepLKNet's (the authors' files are on GitHub, not a
-        hub), or a timm name without a pretrained tag (e.g. ``cspresnet50d``: untrained)."""
+        hub), or a timm name without a pretrained tag (e.g. ``cspresnet50d``: untrained); with
+        ``num_classes`` (the class space's), also for timm weights with another head (``convnext_tiny.fb_in22k``:
+        21841 classes; ``vit_base_patch16_224.dino``: none), before anything is downloaded."""
         if not self.hub_weights or self.source == "torchvision":
             return
         from lkfast.models.factory import replknet_hub_message
@@ -154,6 +156,15 @@ class ModelSpec:
             raise ValueError(f"--pretrained: model {self.display!r}: timm publishes no weights for {self.name!r} "
                              f"(timm.list_models(pretrained=True) lists those it does); give a local checkpoint as "
                              f"{self.name}:PATH")
+        if num_classes is not None and cfg.num_classes is not None and cfg.num_classes != num_classes \
+                and "num_classes" not in dict(self.kwargs):
+            head = f"a {cfg.num_classes}-class head" if cfg.num_classes else "no classifier head"
+            fitting = published_with_head(self.name, num_classes)
+            raise ValueError(f"--pretrained: model {self.display!r}: timm's {self.name.split('.')[0]}.{cfg.tag} has "
+                             f"{head}, the benchmarks are scored in {num_classes} classes: " +
+                             (f"name published weights with a {num_classes}-class head ({', '.join(fitting)})"
+                              if fitting else f"timm publishes none with a {num_classes}-class head for this "
+                              f"architecture; give a fine-tuned checkpoint as {self.name.split('.')[0]}:PATH"))
 
     def published_weights(self) -> str:
         """Which published weights ``hub_weights`` loads, as the model card names them: timm's name with
@@ -198,6 +209,16 @@ class ModelSpec:
         extra += "" if self.logit_order is None else "-order" + stable_hash(list(self.logit_order), 8)
         name = self.name.split(".")[0] if self.hub_weights else self.name  # the tag is in hub-<tag>: one entry
         return safe_name(f"{self.source}-{name}-{weights}{extra}")       # for a name with and without its tag
+
+
+def published_with_head(name: str, num_classes: int) -> List[str]:
+    """timm's published weights (``arch.tag`` names) for ``name``'s architecture whose head has ``num_classes``
+    outputs (for ImageNet-1k: ``convnext_tiny.fb_in1k``, ..., not ``.fb_in22k`` or the headless ``.dinov3_*``)."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    return [n for n in timm.list_pretrained(name.split(".")[0] + ".*")
+            if getattr(get_pretrained_cfg(n), "num_classes", None) == num_classes]
 
 
 def _logit_order(spec: ModelSpec, summary_path: str, classes: list, num_classes: Optional[int],
