@@ -1,4 +1,5 @@
 """lkfast.nn: DepthwiseConv2d, ReparamLargeKernelConv and patch_model against plain PyTorch."""
+import re
 import pytest
 import torch
 import torch.nn as nn
@@ -63,6 +64,22 @@ def test_depthwise_conv2d_with_a_bias_of_another_shape_fails_as_conv2d_does():
     conv.bias = nn.Parameter(torch.zeros(1))
     with pytest.raises(RuntimeError, match="expected bias to be 1-dimensional with 4 elements"):
         conv(torch.randn(1, 4, 9, 9))
+
+
+@pytest.mark.parametrize("kwargs, says", [(dict(stride=2, padding=3), "stride=(2, 2)"),
+                                          (dict(padding=0), "padding=(0, 0)"),
+                                          (dict(dilation=2, padding=6), "dilation=(2, 2)"),
+                                          (dict(padding=3, padding_mode="reflect"), "padding_mode='reflect'"),
+                                          (dict(padding=3, groups=2), "groups=2")])
+def test_from_conv_refuses_a_conv_the_fast_op_would_compute_otherwise(kwargs, says):
+    """A strided, unpadded, dilated, reflect-padded or grouped conv became a DepthwiseConv2d that
+    computed a stride-1 zero-padded depthwise conv: other shapes or other values, silently."""
+    conv = nn.Conv2d(6, 6, 7, **kwargs)
+    with pytest.raises(ValueError, match=re.escape(says) + ".*keep it an nn.Conv2d"):
+        DepthwiseConv2d.from_conv(conv)
+    x = torch.randn(1, 6, 16, 16)  # what it still converts computes what the conv computes
+    conv = nn.Conv2d(6, 6, (7, 3), padding="same", groups=6)
+    _close(DepthwiseConv2d.from_conv(conv)(x), conv(x))
 
 
 def test_from_conv_keeps_the_convs_mode_and_shares_its_parameters():

@@ -107,7 +107,18 @@ class DepthwiseConv2d(nn.Conv2d):
         """A new DepthwiseConv2d sharing ``conv``'s parameters (same tensors, device and dtype); not
         its hooks. Refuses (ValueError) a conv whose ``weight`` or ``bias`` is not a parameter of
         its own (``weight_norm``, ``spectral_norm``, pruning compute it in a hook): ``patch_model``
-        patches such a conv in place, hooks included."""
+        patches such a conv in place, hooks included; and (ValueError, naming what differs) a conv the
+        fast op does not compute (``fast_op_computes`` with any odd kernel size: a strided, dilated,
+        unpadded or reflect-padded conv would silently give other outputs)."""
+        if not fast_op_computes(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                conv.dilation, conv.groups, conv.padding_mode, min_kernel_size=1):
+            raise ValueError(
+                f"DepthwiseConv2d.from_conv: the fast op computes a depthwise conv (groups == in == out channels) "
+                f"with stride 1, dilation 1, zero padding k // 2 and an odd kernel; this one has {conv.in_channels} "
+                f"in / {conv.out_channels} out channels, groups={conv.groups}, kernel_size={tuple(conv.kernel_size)}, "
+                f"stride={tuple(conv.stride)}, dilation={tuple(conv.dilation)}, padding={conv.padding!r}, "
+                f"padding_mode={conv.padding_mode!r}: keep it an nn.Conv2d (lkfast.nn.patch_model leaves such "
+                f"convs as they are)")
         for name in ("weight", "bias") if conv.bias is not None else ("weight",):
             if not isinstance(conv._parameters.get(name), nn.Parameter):
                 raise ValueError(f"DepthwiseConv2d.from_conv: the conv's {name} is not a parameter of its own "
