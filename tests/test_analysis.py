@@ -44,6 +44,27 @@ def test_random_drop_removes_exactly_the_asked_share(ratio):
     assert mask.flatten(1).sum(1).tolist() == [round(ratio * 196)] * 3
 
 
+def test_int_seeds_draw_as_a_cpu_generator_seeded_once_per_call():
+    """generator=0 (an int seed, as lkfast.corrupt takes it) failed in the occlusion and frequency
+    functions ("object of type 'int' has no len()"); it is one generator per call, so the modes, ratios
+    and bands of a call continue one stream, as with a torch.Generator passed in."""
+    from lkfast.analysis.frequency import frequency_outcomes
+    from lkfast.analysis.occlusion import occlusion_outcomes
+
+    assert torch.equal(random_patch_mask(3, (14, 14), 0.3, generator=5),
+                       random_patch_mask(3, (14, 14), 0.3, generator=torch.Generator().manual_seed(5)))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 5)).eval()
+    x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 5, (6,))
+    for run in (lambda g: occlusion_outcomes(model, x, y, ratios=(0.3, 0.6), modes=("random",), patch_size=8,
+                                             generator=g)["correct"],
+                lambda g: frequency_outcomes(model, x, y, frequencies=(0.5, 2.0), eps=2.0, generator=g)["correct"]):
+        with torch.no_grad():
+            assert torch.equal(run(7), run(torch.Generator().manual_seed(7)))
+    with pytest.raises(ValueError, match="generator must be a torch.Generator, an int seed"):
+        random_patch_mask(3, (14, 14), 0.3, generator="5")
+
+
 def test_occlude_zeroes_exactly_the_marked_patches():
     x = torch.rand(2, 3, 32, 48) + 0.01
     mask = torch.zeros(2, 2, 3, dtype=torch.bool)

@@ -1,5 +1,7 @@
 """lkfast.attacks: FGSM against its definition, PGD's constraints and effect, TAIG's integrated
 gradient (completeness), the sweeps over a loader, transfer success, RepLKNet folding, bad input."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -206,6 +208,41 @@ def test_bad_input_is_refused(call, message):
     model, (x, y) = small_net(), images()
     with pytest.raises(ValueError, match=message):
         call(model, x, y)
+
+
+@pytest.mark.parametrize("eps, says", [(8, "8 grey levels is 8/255 = 0.03137"), (1.5, "1.5/255")])
+def test_an_eps_in_grey_levels_is_refused_saying_so(eps, says):
+    """eps=8 (a budget thought of in /255 units) was taken as 8 in [0, 1] pixel space: every pixel
+    free to move anywhere, silently."""
+    model, (x, y) = small_net(), images()
+    for call in (lambda: pgd(model, x, y, eps, 0.01, 1), lambda: fgsm(model, x, y, eps),
+                 lambda: taig(model, x, y, eps, steps=1, path_steps=1)):
+        with pytest.raises(ValueError, match=r"eps is the L-inf budget in \[0, 1\] pixel units.*" + re.escape(says)):
+            call()
+    assert (pgd(model, x, y, 1.0, 0.25, 1, generator=0) - x).abs().max() <= 1.0  # 1 is the whole range: allowed
+
+
+def test_int_and_numpy_seeds_and_numbers_work_as_their_torch_and_python_equals():
+    """generator=0 (an int seed, as lkfast.corrupt takes it) raised "object of type 'int' has no len()"
+    in pgd and taig; np.float32 eps and np.int64 steps were refused as not numbers."""
+    np = pytest.importorskip("numpy")
+    model, (x, y) = small_net(), images()
+    expected = pgd(model, x, y, 0.05, 0.01, 2, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(pgd(model, x, y, 0.05, 0.01, 2, generator=7), expected)
+    assert torch.equal(pgd(model, x, y, np.float64(0.05), 0.01, np.int64(2), generator=np.int64(7)), expected)
+    assert (pgd(model, x, y, np.float32(0.05), 0.01, 2, generator=7) - x).abs().max() <= 0.05 + 1e-6
+    expected = taig(model, x, y, 0.05, steps=2, path_steps=2, random_path=True,
+                    generator=torch.Generator().manual_seed(7))
+    assert torch.equal(taig(model, x, y, 0.05, steps=2, path_steps=2, random_path=True, generator=7), expected)
+    # one stream per call: an int seed is made a generator once, not once per path point
+    assert not torch.equal(integrated_gradients(model, x, y, 2, noise=0.1, generator=3),
+                           integrated_gradients(model, x, y, 2, noise=0.1, generator=3 + 1))
+    assert torch.equal(integrated_gradients(model, x, y, 3, noise=0.1, generator=3),
+                       integrated_gradients(model, x, y, 3, noise=0.1, generator=torch.Generator().manual_seed(3)))
+    for bad in ("7", 7.0, True, [torch.Generator(), 3]):
+        with pytest.raises(ValueError, match="pgd: generator must be a torch.Generator, an int seed, a list of one "
+                                             "generator per image or None"):
+            pgd(model, x, y, 0.05, 0.01, 1, generator=bad)
 
 
 def test_frozen_restores_requires_grad_after_an_error():

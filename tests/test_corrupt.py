@@ -100,6 +100,20 @@ def test_int_seed_equals_generator_seed():
                        lc.corrupt(x, "snow", 3, generator=torch.Generator().manual_seed(5)))
 
 
+def test_numpy_and_tensor_integers_are_severities_and_seeds():
+    """np.int64(3) (what iterating a NumPy array gives) and a one-element integer tensor were refused
+    as "severity must be an integer"; they are integers, and give what the int gives."""
+    np = pytest.importorskip("numpy")
+    x = natural_images(2, 32)
+    expected = lc.corrupt(x, "snow", 3, generator=5)
+    for severity, seed in ((np.int64(3), np.int64(5)), (torch.tensor(3), 5), (np.int32(3), np.uint8(5))):
+        assert torch.equal(lc.corrupt(x, "snow", severity, generator=seed), expected)
+    assert lc.perturbation_sequence(x, "translate", difficulty=np.int64(2)).shape[1] == 41
+    for severity in (np.float64(3.0), torch.tensor(3.0), torch.tensor([3, 3]), np.bool_(True)):
+        with pytest.raises(ValueError, match="severity must be an integer in 1..5"):
+            lc.corrupt(x, "snow", severity)
+
+
 # ---------------------------------------------------------------------------- exact known cases
 def constant(value, size=32, n=2):
     return torch.full((n, 3, size, size), value)

@@ -278,6 +278,10 @@ def test_opcheck_registered_ops(backend_device, fmt):
 
 class _Block(torch.nn.Module):
     def __init__(self, channels=8, k=7):
+        # Each test compiles a new _Block: dynamo guards on the parameters, so compiled entries of
+        # forward pile up across tests until its recompile limit (8) fails a fullgraph compile,
+        # depending on which compile tests ran before (-k compile did). Start each from none.
+        torch._dynamo.reset()
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(channels, 1, k, k) / k)
         self.bias = torch.nn.Parameter(torch.randn(channels))
@@ -334,7 +338,7 @@ def test_a_named_backend_under_torch_compile_runs_every_pass(name, monkeypatch):
         monkeypatch.setattr(be, "weight_grad", lambda *a, _f=be.weight_grad, _n=other: ran.append(_n) or _f(*a))
     import lkfast.ops.depthwise as depthwise
 
-    monkeypatch.setattr(depthwise, "plan_for", lambda x, w, backend="auto", **kw: Plan.single(
+    monkeypatch.setattr(depthwise, "_plan_for", lambda x, w, backend="auto", **kw: Plan.single(
         "torch" if name == "cpu" else "cpu") if backend == "auto" else Plan.single(backend))  # auto would pick the other
     weight = torch.randn(8, 1, 7, 5, requires_grad=True)
     compiled = torch.compile(lambda x: ops.depthwise_conv2d(x, weight, backend=name), backend="aot_eager", fullgraph=True)
@@ -355,7 +359,7 @@ def test_compiled_auto_plan_is_chosen_per_call_from_the_real_tensors(monkeypatch
     import lkfast.ops.depthwise as depthwise
 
     plans = {2: Plan("torch", "cpu", "torch"), 3: Plan("cpu", "cpu", "torch")}
-    real_plan_for = depthwise.plan_for
+    real_plan_for = depthwise._plan_for
     asked = []
 
     def plan_for(x, weight, backend="auto", **kwargs):
@@ -369,7 +373,7 @@ def test_compiled_auto_plan_is_chosen_per_call_from_the_real_tensors(monkeypatch
         be = BACKENDS[name]
         monkeypatch.setattr(be, "forward", lambda *a, _f=be.forward, _n=name: ran.append((_n, "flip" if a[3] else "fwd")) or _f(*a))
         monkeypatch.setattr(be, "weight_grad", lambda *a, _f=be.weight_grad, _n=name: ran.append((_n, "wgrad")) or _f(*a))
-    monkeypatch.setattr(depthwise, "plan_for", plan_for)
+    monkeypatch.setattr(depthwise, "_plan_for", plan_for)
     if not depthwise._usable("cpu", torch.randn(2, 8, 12, 12), torch.randn(8, 1, 7, 7)):
         pytest.skip("lkfast's CPU kernels cannot run here")
     module = _Block()
@@ -414,6 +418,10 @@ def test_bad_input_errors(make, exc, match):
     x, w = _args()
     with pytest.raises(exc, match=match):
         ops.depthwise_conv2d(*make(x, w))
+    x_bad, w_bad, bias = make(x, w)
+    if bias is None:  # plan_for says what the op says (it said "lkfast cpu: odd kernel sizes only" for 6x7)
+        with pytest.raises(exc, match=match):
+            ops.plan_for(x_bad, w_bad)
 
 
 # ---- empty input: an empty output and zero weight/bias gradients, on every backend ------------

@@ -118,6 +118,30 @@ def test_band_mask_counts_on_a_small_grid():
     assert band_mask(16, 16, math.pi / 2, width=math.pi / 2).sum() == 160
 
 
+def test_int_seed_is_a_generator_on_the_images_device():
+    """generator=0 raised torch's "randn() received an invalid combination of arguments"."""
+    np = pytest.importorskip("numpy")
+    x = torch.rand(2, 3, 16, 16)
+    expected = frequency_noise(x, math.pi / 2, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(frequency_noise(x, math.pi / 2, generator=4), expected)
+    torch.testing.assert_close(frequency_noise(x, math.pi / 2, generator=np.int64(4), method="reference"), expected,
+                               atol=1e-6, rtol=0)  # the same noise; the two methods round differently
+    with pytest.raises(ValueError, match="generator must be a torch.Generator, an int seed"):
+        frequency_noise(x, 1.0, generator="4")
+
+
+@pytest.mark.parametrize("freq", [5.0, -1.0, 2 * math.pi, float("nan")])
+def test_a_band_centre_outside_zero_to_pi_is_refused(freq):
+    """Outside [0, pi] the band holds no frequency: the call returned x unchanged, no noise at all."""
+    with pytest.raises(ValueError, match=r"frequency_noise: band centres are radians per pixel in \[0, pi\]"):
+        frequency_noise(torch.rand(1, 3, 16, 16), freq)
+    with pytest.raises(ValueError, match=r"frequency_noise: eps .* must be >= 0, got -0.1"):
+        frequency_noise(torch.rand(1, 3, 16, 16), 1.0, eps=-0.1)
+    for edge in (0.0, math.pi):  # the ends are bands: the DC term, Nyquist
+        assert not torch.equal(frequency_noise(torch.full((1, 3, 16, 16), 0.5), edge, generator=0),
+                               torch.full((1, 3, 16, 16), 0.5))
+
+
 def test_refuses_bad_arguments():
     with pytest.raises(ValueError, match="unknown method 'fft'; choose one of auto, fused, reference"):
         frequency_noise(torch.rand(1, 4, 4), 1.0, method="fft")

@@ -7,9 +7,10 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from lkfast.attacks.core import Generators
+from lkfast.attacks.core import Generators, seeded
 from lkfast.attacks.evaluate import batches, model_device
 from lkfast.ops import frequency_noise
+from lkfast.ops.frequency import check_band
 
 FREQUENCIES = tuple(i * math.pi / 10 for i in range(11))  # 0, 0.1 pi, ..., pi
 WIDTH = 0.1 * math.pi
@@ -19,10 +20,8 @@ NOISE_EPS = 0.1  # the noise amplitude (pixel units) of the paper's Fig. 8
 def check_frequency(frequencies: Sequence[float], eps: float) -> None:
     """Refuse a band centre outside [0, pi] and eps < 0."""
     for f in frequencies:
-        if not isinstance(f, (int, float)) or not -1e-12 <= f <= math.pi + 1e-12:
-            raise ValueError(f"frequency_sweep: band centres are radians per pixel in [0, pi], got {f!r}")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"frequency_sweep: eps (noise amplitude in [0, 1] pixel units) must be >= 0, got {eps!r}")
+        check_band(f, eps, "frequency_sweep")
+    check_band(0.0, eps, "frequency_sweep")  # eps, also for an empty list
 
 
 def frequency_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, frequencies: Sequence[float] = FREQUENCIES,
@@ -32,6 +31,7 @@ def frequency_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, frequ
     one generator per image, each image's noise from its own."""
     device = model_device(model)
     x, y = x.to(device), y.to(device)
+    generator = seeded(generator, device, "frequency_outcomes")
 
     def noisy(f):
         if generator is None or isinstance(generator, torch.Generator):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkfast.attacks.core import Generators, generator_device, uniform
+from lkfast.attacks.core import Generators, generator_device, seeded, uniform
 from lkfast.attacks.evaluate import model_device
 
 MODES = ("random", "salient", "non_salient")
@@ -49,6 +49,7 @@ def random_patch_mask(batch: int, grid: tuple, ratio: float, generator: Generato
     """Boolean (batch, rows, cols) mask with exactly round(ratio * rows * cols) True (dropped)
     patches per image, chosen uniformly at random with ``generator`` (one, or one per image)."""
     check_ratio("random_patch_mask", ratio)
+    generator = seeded(generator, device or "cpu", "random_patch_mask")
     total = grid[0] * grid[1]
     keys = uniform((batch, total), generator, device)
     order = keys.argsort(dim=1)
@@ -171,6 +172,7 @@ def drop_masks(x: torch.Tensor, ratio: float, mode: str, saliency: Optional[torc
     if mode not in MODES:
         raise ValueError(f"occlusion: mode must be one of {MODES}, got {mode!r}")
     grid = patch_grid(x.shape[-2], x.shape[-1], patch_size)
+    generator = seeded(generator, "cpu", "occlusion")  # an int seed: a CPU generator, as occlusion_sweep's
     if mode == "random":
         return random_patch_mask(x.shape[0], grid, ratio, generator=generator, device=generator_device(generator))
     if saliency is None:
@@ -198,6 +200,7 @@ def occlusion_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ratio
     the sweep's result."""
     device = model_device(model)
     y = y.to(device)
+    generator = seeded(generator, "cpu", "occlusion")  # once: every mode and ratio continue its stream
     correct = torch.zeros(len(y), len(modes), len(ratios), dtype=torch.bool, device=device)
     dropped = torch.zeros(len(y), len(modes), len(ratios), dtype=torch.long)
     with torch.no_grad():

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence, Union
+import numbers
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lkfast.corrupt.utils import Generators, seeded  # noqa: F401 (one rule for seeds, shared with corrupt)
 
 
 def check_images(name: str, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
@@ -26,12 +29,16 @@ def check_images(name: str, x: torch.Tensor, y: Optional[torch.Tensor] = None) -
 
 
 def check_budget(name: str, eps: float, steps: Optional[int] = None, alpha: Optional[float] = None) -> None:
-    """Refuse eps < 0 (or not a number), steps < 1 and alpha <= 0, saying what was given."""
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+    """Refuse eps outside [0, 1] (or not a number: Python and NumPy numbers are), steps < 1 and
+    alpha <= 0, saying what was given; an eps above 1 is a budget in grey levels (8 for 8/255)."""
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"{name}: eps is the L-inf budget in [0, 1] pixel units and must be >= 0, got {eps!r}")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+    if eps > 1:
+        raise ValueError(f"{name}: eps is the L-inf budget in [0, 1] pixel units, got {eps!r}: a budget of "
+                         f"{eps:g} grey levels is {eps:g}/255 = {eps / 255:.4g}")
+    if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"{name}: steps must be an integer >= 1, got {steps!r}")
-    if alpha is not None and (not isinstance(alpha, (int, float)) or not alpha > 0):
+    if alpha is not None and (not isinstance(alpha, numbers.Real) or not alpha > 0):
         raise ValueError(f"{name}: alpha (the step size) must be > 0, got {alpha!r}")
 
 
@@ -66,7 +73,6 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
-Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 
 def generator_device(generator: Generators) -> Optional[torch.device]:

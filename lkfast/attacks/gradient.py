@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lkfast.attacks.core import Generators, check_budget, check_images, frozen, loss_gradient, project, uniform
+from lkfast.attacks.core import Generators, check_budget, check_images, frozen, loss_gradient, project, seeded, uniform
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -31,12 +31,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     """Projected gradient descent on the cross-entropy (ascent), L-inf.
 
     Starts at x (or, with ``random_start``, at x plus uniform noise in [-eps, eps] drawn from
-    ``generator``, a torch.Generator on x's device or one per image), then ``steps`` times: x_adv += alpha *
+    ``generator``: a torch.Generator on x's device, an int seed, or one generator per image), then ``steps`` times: x_adv += alpha *
     sign(gradient), projected to the eps-ball around x and to [0, 1]. The paper uses alpha = eps / 4.
     Returns the adversarial batch (detached). Refuses eps < 0, alpha <= 0, steps < 1, x outside [0, 1].
     """
     check_budget("pgd", eps, steps=steps, alpha=alpha)
     check_images("pgd", x, y)
+    generator = seeded(generator, x.device, "pgd")
     x = x.detach()
     x_adv = x.clone()
     if random_start:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lkfast.attacks.core import Generators, check_budget, check_images, frozen, project, uniform
+from lkfast.attacks.core import Generators, check_budget, check_images, frozen, project, seeded, uniform
 
 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path_steps: int = 20,
@@ -24,6 +24,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pat
     the mode it is in. Returns a tensor of x's shape.
     """
     check_budget("integrated_gradients", noise, steps=path_steps)
+    generator = seeded(generator, x.device, "integrated_gradients")
     x = x.detach()
     total = torch.zeros_like(x)
     with frozen(model), torch.enable_grad():
@@ -47,13 +48,14 @@ def taig(surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
 
     surrogate: the model the attack is computed on (takes [0, 1] images; mode left as is, no
     parameter gradients). x: (N, C, H, W) in [0, 1]; y: N true labels. generator: for TAIG-R's noise
-    (one, or one per image).
+    (one, an int seed, or one per image).
     Returns the adversarial batch, to be evaluated on other (target) models. Refuses eps < 0,
     steps < 1, path_steps < 1, alpha <= 0 and x outside [0, 1].
     """
     check_budget("taig", eps, steps=steps, alpha=alpha)
     check_budget("taig", eps, steps=path_steps)
     check_images("taig", x, y)
+    generator = seeded(generator, x.device, "taig")
     x = x.detach()
     x_adv = x.clone()
     for _ in range(steps):

@@ -86,7 +86,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int,
     Raises ValueError for a wrong shape/dtype/range, an unknown name or a severity outside 1..5.
     """
     utils.check_choice(name, _ALL, "corruption")
-    utils.check_level(severity, 1, 5, "severity")
+    severity = utils.check_level(severity, 1, 5, "severity")
     utils.check_images(images)
     generator = utils.make_generator(generator, images.device)
     x = images.detach().float()

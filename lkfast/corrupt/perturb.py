@@ -210,7 +210,7 @@ def perturbation_sequence(images: torch.Tensor, name: str, difficulty: int = 1,
     Returns (N, T, 3, h, w) in [0, 1], T = PERTURBATIONS[name] (41 for translate, else 31).
     """
     utils.check_choice(name, tuple(PERTURBATIONS), "perturbation")
-    utils.check_level(difficulty, 1, 3, "difficulty")
+    difficulty = utils.check_level(difficulty, 1, 3, "difficulty")
     utils.check_images(images)
     if crop is not None:
         crop = (crop, crop) if isinstance(crop, int) else tuple(crop)

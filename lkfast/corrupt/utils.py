@@ -12,11 +12,14 @@ same seed gives the same numbers whether the work runs on the CPU or a GPU.
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 GeneratorLike = Optional[Union[torch.Generator, int]]
+Generators = Union[None, int, torch.Generator, Sequence[torch.Generator]]  # ... or one generator per image
 
 MIN_SIZE = 8  # the smallest image side the corruptions accept
 
@@ -32,11 +35,31 @@ def make_generator(generator: GeneratorLike, device: torch.device = None) -> Opt
     """
     if generator is None or isinstance(generator, torch.Generator):
         return generator
-    if isinstance(generator, int) and not isinstance(generator, bool):
+    if _is_seed(generator):
         g = torch.Generator(device="cpu")
-        g.manual_seed(generator)
+        g.manual_seed(int(generator))
         return g
     raise ValueError(f"generator must be a torch.Generator, an int seed or None; got {type(generator).__name__}")
+
+
+def _is_seed(value) -> bool:
+    """An integer seed: a Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def seeded(generator: Generators, device, name: str) -> Generators:
+    """``generator`` as the attacks and the frequency noise draw from it on ``device``: an int seed
+    becomes one torch.Generator on ``device`` seeded with it, made once per call so that the call's
+    draws continue one stream (as a generator passed in does); None, a generator, or one generator per
+    image (a list or tuple) as they are. ValueError, saying what ``name`` takes, for anything else."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if _is_seed(generator):
+        return torch.Generator(device=device).manual_seed(int(generator))
+    if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
+        return generator
+    raise ValueError(f"{name}: generator must be a torch.Generator, an int seed, a list of one generator per "
+                     f"image or None; got {type(generator).__name__}")
 
 
 def generator_device(generator: Optional[torch.Generator], device) -> torch.device:
@@ -103,10 +126,15 @@ def check_choice(value, valid: Sequence[str], what: str) -> str:
 
 
 def check_level(value, low: int, high: int, what: str) -> int:
-    """Return ``value`` if it is an int (not a bool) in low..high; else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int) or not (low <= value <= high):
+    """``value`` as an int if it is an integer in low..high (a Python or NumPy integer, or a one-element
+    integer tensor; not a bool); else ValueError."""
+    try:
+        level = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        level = None
+    if level is None or not (low <= level <= high):
         raise ValueError(f"{what} must be an integer in {low}..{high}; got {value!r}")
-    return value
+    return level
 
 
 # ------------------------------------------------------------------------------------ geometry

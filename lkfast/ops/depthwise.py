@@ -151,9 +151,17 @@ def plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto", *,
     measured table of ``lkfast.ops.cuda_table`` (see there). A named backend is used
     for all three passes. ``explain=True`` returns a ``PlanExplanation`` instead: the plan, the rule
     or table row it came from, and why each other backend was passed over (print it to read it).
-    Raises ValueError for an unknown backend name and RuntimeError when the named backend cannot
-    run the call (saying why, and which backends can).
+    Raises ValueError for an unknown backend name, RuntimeError when the named backend cannot
+    run the call (saying why, and which backends can), and the op's own ValueError/TypeError for
+    inputs it refuses (an even kernel, a channel mismatch, ...).
     """
+    _check_inputs(x, weight, None)
+    return _plan_for(x, weight, backend, explain=explain)
+
+
+def _plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto", *,
+              explain: bool = False) -> Plan | PlanExplanation:
+    """``plan_for`` on inputs already checked (the op's own calls, once per pass)."""
     if backend not in BACKEND_NAMES:
         raise ValueError(f"depthwise_conv2d: unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if backend != "auto":
@@ -192,7 +200,7 @@ AUTO = "auto"
 
 @torch.library.custom_op("lkfast::depthwise_conv2d", mutates_args=())
 def _depthwise_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan: str) -> torch.Tensor:
-    forward = plan_for(x, weight).forward if plan == AUTO else Plan.decode(plan).forward
+    forward = _plan_for(x, weight).forward if plan == AUTO else Plan.decode(plan).forward
     return BACKENDS[forward].forward(x, weight, bias, False)
 
 
@@ -204,7 +212,7 @@ def _(x, weight, bias, plan):
 @torch.library.custom_op("lkfast::depthwise_conv2d_input_grad", mutates_args=())
 def _input_grad_op(grad_out: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == AUTO:  # the plan of a call on tensors shaped like grad_out (x's shape)
-        backend = plan_for(grad_out, weight).input_grad
+        backend = _plan_for(grad_out, weight).input_grad
     return BACKENDS[backend].forward(grad_out, weight, None, True)
 
 
@@ -217,7 +225,7 @@ def _(grad_out, weight, backend):
 def _weight_grad_op(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int, backend: str) -> torch.Tensor:
     if backend == AUTO:  # the forward call's plan: x with a weight of its shape, dtype and device
         # (one element broadcast to that shape: plan_for reads only the weight's shape and dtype)
-        backend = plan_for(x, x.new_empty(()).expand(x.shape[1], 1, kh, kw)).weight_grad
+        backend = _plan_for(x, x.new_empty(()).expand(x.shape[1], 1, kh, kw)).weight_grad
     return BACKENDS[backend].weight_grad(grad_out, x, kh, kw)
 
 
@@ -325,5 +333,5 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         return _depthwise_conv2d_op(x, weight, bias, AUTO)  # each op chooses when it runs (see AUTO)
     if torch._C._are_functorch_transforms_active():
         return _under_torch_func(x, weight, bias, backend)
-    plan = plan_for(x, weight, backend)
+    plan = _plan_for(x, weight, backend)
     return _depthwise_conv2d_op(x, weight, bias, plan.encode())

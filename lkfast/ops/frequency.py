@@ -20,6 +20,7 @@ fp32 first, so a generator with the same seed gives the same noise on every path
 from __future__ import annotations
 
 import functools
+import numbers
 import math
 
 import torch
@@ -91,6 +92,15 @@ def _fused(x, freq, width, eps, generator, clamp):
     return out.to(x.dtype, memory_format=torch.preserve_format) if x.dtype != torch.float32 else out
 
 
+def check_band(freq: float, eps: float, name: str = "frequency_noise") -> None:
+    """Refuse a band centre outside [0, pi] radians per pixel (outside it the band holds no frequency
+    and the noise would be nothing) and eps < 0, as ValueError saying what ``name`` takes."""
+    if not isinstance(freq, numbers.Real) or isinstance(freq, bool) or not -1e-12 <= freq <= math.pi + 1e-12:
+        raise ValueError(f"{name}: band centres are radians per pixel in [0, pi] (pi is Nyquist), got {freq!r}")
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"{name}: eps (noise amplitude in [0, 1] pixel units) must be >= 0, got {eps!r}")
+
+
 def frequency_noise(x: torch.Tensor, freq: float, width: float = 0.1 * math.pi, eps: float = 0.1,
                     generator: torch.Generator | None = None, *, clamp=(0.0, 1.0),
                     method: str = "auto") -> torch.Tensor:
@@ -98,8 +108,8 @@ def frequency_noise(x: torch.Tensor, freq: float, width: float = 0.1 * math.pi, 
 
     x: ``(..., H, W)`` float tensor on any device (images in [0, 1] for the default clamp).
     freq: band centre in radians per pixel, 0..pi (pi is Nyquist); width: band width (0.1*pi).
-    eps: amplitude of the sign noise before band-limiting. generator: a torch.Generator on x's
-    device (None: the global one). clamp: (lo, hi) valid range, or None for no clamp.
+    eps: amplitude of the sign noise before band-limiting (>= 0). generator: a torch.Generator on x's
+    device, an int seed (a generator on x's device seeded with it) or None (the global one). clamp: (lo, hi) valid range, or None for no clamp.
     method: "auto" (= "fused"), "fused" or "reference"; the same generator seed gives the same
     result on every method. Returns a new tensor with x's shape and dtype.
     """
@@ -108,8 +118,14 @@ def frequency_noise(x: torch.Tensor, freq: float, width: float = 0.1 * math.pi, 
                          + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__))
     if method not in METHODS:
         raise ValueError(f"frequency_noise: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_band(freq, eps)
     if width <= 0:
         raise ValueError(f"frequency_noise: width must be positive, got {width}")
+    from lkfast.corrupt.utils import seeded  # the seed rule shared with the corruptions and attacks
+
+    generator = seeded(generator, x.device, "frequency_noise")
+    if isinstance(generator, (list, tuple)):
+        raise ValueError("frequency_noise: generator must be one torch.Generator, an int seed or None, not a list")
     if clamp is not None and (len(clamp) != 2 or clamp[0] > clamp[1]):
         raise ValueError(f"frequency_noise: clamp must be (lo, hi) with lo <= hi, or None; got {clamp!r}")
     if method == "reference":
