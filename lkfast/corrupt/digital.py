@@ -90,13 +90,25 @@ def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
     pixels = torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
     if pixels.device.type == "cpu":
         return _pillow_roundtrip(pixels, quality).to(x.dtype) / 255
+    return _torchvision_roundtrip(pixels, quality).to(x.dtype) / 255
+
+
+def _torchvision_roundtrip(pixels: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG round trip of (N, 3, H, W) uint8 images with torchvision's codec on their device (nvJPEG on
+    a GPU, batched); where that device's codec refuses them, on the CPU and moved back."""
     import warnings
 
     from torchvision.io import decode_jpeg, encode_jpeg
 
     with warnings.catch_warnings():  # torchvision 0.29 flags its codecs as moving to TorchCodec
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _jpeg_roundtrip(pixels, quality, encode_jpeg, decode_jpeg).to(x.dtype) / 255
+        try:
+            decoded = decode_jpeg(encode_jpeg(list(pixels), quality=quality), device=pixels.device)
+        except RuntimeError:
+            if pixels.device.type == "cpu":
+                raise
+            decoded = [d.to(pixels.device) for d in decode_jpeg(encode_jpeg(list(pixels.cpu()), quality=quality))]
+    return torch.stack(list(decoded))
 
 
 def _pillow_roundtrip(pixels: torch.Tensor, quality: int) -> torch.Tensor:
