@@ -746,6 +746,38 @@ def test_wrong_layout_says_what_was_expected(tmp_path, data_root, checkpoint, ca
     assert "imagenet-c" in (tmp_path / "report.md").read_text().split("Not run")[-1]
 
 
+@pytest.mark.parametrize("batch_size", [4, 1])  # the odd image in a batch with others / in a batch of its own
+def test_images_fed_without_a_resize_must_share_one_size(tmp_path, data_root, checkpoint, capsys, batch_size):
+    """ImageNet-C and -9 are fed as they are: an image of another size among them ended the run in a
+    traceback from torch.stack (in one batch) or was fed at its own size (in a batch of its own). The
+    task fails naming both files and their sizes; the others run."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(data_root / "imagenet-c", root / "imagenet-c")
+    shutil.copytree(data_root / "val", root / "val")
+    odd = root / "imagenet-c" / "snow" / "5" / _wnids()[1] / "img0.JPEG"
+    _jpeg(odd, torch.Generator().manual_seed(1), size=SIZE + 8)
+    err = run_failing(capsys, *common(tmp_path / "out", checkpoint, root, "--suite", "clean,imagenet-c",
+                                      "--batch-size", batch_size))
+    first = root / "imagenet-c" / "snow" / "5" / _wnids()[0] / "img0.JPEG"
+    assert f"tiny: imagenet-c failed: {odd} is {SIZE + 8}x{SIZE + 8} but {first} is {SIZE}x{SIZE}: this " \
+           f"benchmark's images are fed to the model as they are, without a resize" in err, err
+    assert "Traceback" not in err and load(tmp_path / "out")["tiny"]["clean"]["images"] == 6
+
+
+def test_device_decode_refuses_images_of_two_sizes(data_root, tmp_path):
+    from lkfast.eval.sources import EncodedImages
+
+    _images(tmp_path / "c", _wnids(), 1, torch.Generator().manual_seed(0), size=SIZE)
+    _jpeg(tmp_path / "c" / _wnids()[1] / "img0.JPEG", torch.Generator().manual_seed(1), size=SIZE + 8)
+    folder = data.ImageFolderBenchmark(tmp_path / "c", data.transform_for(config(), resize=False))
+    encoded = EncodedImages(folder, config(), resize=False)
+    with pytest.raises(data.DatasetLayoutError, match=f"img0.JPEG is {SIZE + 8}x{SIZE + 8} but .*img0.JPEG is "
+                                                      f"{SIZE}x{SIZE}: this benchmark's images are fed"):
+        encoded.decode_batch([encoded[0][0], encoded[1][0]], "cpu", [0, 1])
+
+
 def test_each_ranks_final_line_is_true_of_its_own_output(tmp_path, data_root, checkpoint, capsys, monkeypatch):
     """Under torchrun only rank 0 prints the per-task lines, yet every rank ended with "the reasons are
     above" (nothing was above on rank 1); and where no task could run, rank 1 exited 0. Rank 1 (faked:

@@ -281,7 +281,7 @@ class TaskContext:
         """Yield (shard index, records) for each shard of ``ranges`` as it finishes."""
         if not ranges:
             return
-        from lkfast.eval.sources import loader_for
+        from lkfast.eval.sources import MixedSizes, loader_for, mixed_sizes_error
 
         batches, owner = [], []
         for i, (a, b) in zip(indices, ranges):
@@ -291,6 +291,7 @@ class TaskContext:
         last = {i: j for j, i in enumerate(owner)}
         pending: Dict[int, Dict[str, Any]] = {}
         loader = loader_for(dataset, batches, self.options, self.device)
+        first = None
         for j, (images, targets, indices, skipped) in enumerate(loader):
             i = owner[j]
             shard = pending.setdefault(i, {"items": {}, "skipped": 0})
@@ -299,7 +300,7 @@ class TaskContext:
                 warnings.warn(f"{self.task.name}/{part}: skipped {skipped} unreadable item(s) among dataset "
                               f"indices {batches[j][0]}..{batches[j][-1]} (counted in the report)", stacklevel=2)
             if isinstance(images, list):  # EncodedImages: decode on the evaluation device
-                images, ok = dataset.decode_batch(images, self.device) if images else (None, torch.ones(0, dtype=torch.bool))
+                images, ok = dataset.decode_batch(images, self.device, indices) if images else (None, torch.ones(0, dtype=torch.bool))
                 if not bool(ok.all()):
                     bad = int((~ok).sum())
                     shard["skipped"] += bad
@@ -308,6 +309,10 @@ class TaskContext:
                     targets = targets[ok]
                     indices = [index for index, good in zip(indices, ok.tolist()) if good]
             if images is not None and len(images):
+                size = (indices[0], tuple(images.shape[-2:]))  # one size across batches too (no resize: C, P, 9)
+                first = first or size
+                if size[1] != first[1]:
+                    raise mixed_sizes_error(dataset, MixedSizes(first + size))
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
                 for name, value in compute(images, targets, indices).items():

@@ -50,7 +50,37 @@ def resolve_sources(data_root: Optional[str], dirs: Dict[str, Optional[str]]) ->
 def _collate(batch):
     from lkfast.data import collate_skipping
 
+    kept = [(x, t) for x, t in batch if x is not None]
+    mixed = mixed_sizes([x for x, _ in kept], [t[1] for _, t in kept])  # t: (target, dataset index)
+    if mixed:  # the main process raises it, naming the files (a worker's exception would carry its traceback)
+        return mixed, torch.tensor([t for _, t in kept]), len(batch) - len(kept)
     return collate_skipping(batch)
+
+
+class MixedSizes(tuple):
+    """What a batch of images of different sizes collates to: (first index, its size, odd index, its size)."""
+
+
+def mixed_sizes(images: Sequence[torch.Tensor], indices: Sequence[int]) -> Optional[MixedSizes]:
+    """None when the images share one size (H, W), else the first and the first other one."""
+    sizes = [tuple(x.shape[-2:]) for x in images]
+    odd = next((k for k, size in enumerate(sizes) if size != sizes[0]), None)
+    return None if odd is None else MixedSizes((indices[0], sizes[0], indices[odd], sizes[odd]))
+
+
+def mixed_sizes_error(dataset, mixed: MixedSizes) -> ValueError:
+    """The error for images of different sizes fed as they are (ImageNet-C, -9: no resize), naming two files."""
+    from lkfast.data.imagenet import DatasetLayoutError
+
+    samples = getattr(dataset, "samples", None)
+    first, (h, w), odd, (oh, ow) = mixed
+
+    def name(index):
+        return str(samples[index][0]) if samples is not None else f"item {index}"
+    return DatasetLayoutError(
+        f"{name(odd)} is {oh}x{ow} but {name(first)} is {h}x{w}: this benchmark's images are fed to the model as "
+        f"they are, without a resize (the release's are all 224x224), so they must share one size; render or "
+        f"resize them to one size (python -m lkfast.corrupt renders ImageNet-C at 224x224)")
 
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -99,8 +129,10 @@ class EncodedImages(torch.utils.data.Dataset):
         kept = [(x, t) for x, t in batch if x is not None]
         return [x for x, _ in kept], torch.tensor([t for _, t in kept], dtype=torch.long), len(batch) - len(kept)
 
-    def decode_batch(self, encoded: List[torch.Tensor], device: str):
-        """(images float (N, 3, h, w) in [0, 1] on ``device``, bool mask of the decodable items)."""
+    def decode_batch(self, encoded: List[torch.Tensor], device: str, indices: Optional[Sequence[int]] = None):
+        """(images float (N, 3, h, w) in [0, 1] on ``device``, bool mask of the decodable items);
+        DatasetLayoutError, naming two files (``indices``: the items' dataset indices), for images of
+        different sizes fed without a resize."""
         from torchvision.io import ImageReadMode, decode_jpeg
         from torchvision.transforms.v2 import functional as F
 
@@ -123,6 +155,10 @@ class EncodedImages(torch.utils.data.Dataset):
             images.append(image)
         if not images:
             return None, torch.tensor(ok)
+        kept = [i for i, good in zip(indices if indices is not None else range(len(ok)), ok) if good]
+        mixed = mixed_sizes(images, kept)
+        if mixed:
+            raise mixed_sizes_error(self, mixed)
         return torch.stack(images).float().div_(255), torch.tensor(ok)
 
 
@@ -149,6 +185,8 @@ def loader_for(dataset, batches: Sequence[List[int]], options, device: str):
     ``decode_batch``)."""
     loader = _data_loader(dataset, batches, options, device)
     for images, pairs, skipped in loader:
+        if isinstance(images, MixedSizes):
+            raise mixed_sizes_error(dataset, images)
         pairs = pairs.view(-1, 2)
         yield images, pairs[:, 0].clone(), pairs[:, 1].tolist(), skipped
 
