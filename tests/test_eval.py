@@ -766,6 +766,22 @@ def test_images_fed_without_a_resize_must_share_one_size(tmp_path, data_root, ch
     assert "Traceback" not in err and load(tmp_path / "out")["tiny"]["clean"]["images"] == 6
 
 
+def test_a_misnamed_perturbation_or_variant_folder_fails_its_task(tmp_path, data_root, checkpoint, capsys):
+    """ImageNet-P's gaussian-noise/ and ImageNet-9's MixedRand/ were left out without a word (the run
+    scored what it recognised, exit 0); ImageNet-C's misnamed folders were already an error."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(data_root / "imagenet-p", root / "imagenet-p")
+    shutil.copytree(data_root / "imagenet-9", root / "imagenet-9")
+    (root / "imagenet-p" / "gaussian_noise").rename(root / "imagenet-p" / "gaussian-noise")
+    (root / "imagenet-9" / "mixed_rand").rename(root / "imagenet-9" / "MixedRand")
+    err = run_failing(capsys, *common(tmp_path / "out", checkpoint, root, "--suite", "imagenet-p,imagenet-9",
+                                      "--baseline-model", "none"))
+    assert "tiny: imagenet-p failed: ImageNet-P: folder(s) gaussian-noise in" in err, err
+    assert "tiny: imagenet-9 failed: ImageNet-9: folder(s) MixedRand in" in err, err
+
+
 def test_device_decode_refuses_images_of_two_sizes(data_root, tmp_path):
     from lkfast.eval.sources import EncodedImages
 

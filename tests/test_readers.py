@@ -1,5 +1,6 @@
 """lkfast.data's benchmark readers on tiny fake datasets in every release layout, made here."""
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -207,6 +208,17 @@ def test_imagenet_c_corruption_without_severity_folders_is_named(tmp_path):
         ImageNetC(root, "snow", 1)
 
 
+@pytest.mark.parametrize("other", ["0", "6", "sev5"])
+def test_imagenet_c_folder_that_is_not_a_severity_is_named(tmp_path, other):
+    """Severities laid out 0..4 were read as 1..4 (folder 0 left out, the CE "incomplete"), and a stray
+    6/ was dropped: the eval ran on what it found without a word."""
+    root = make_imagenet_c(tmp_path / "c")
+    image_folder(root / "snow" / other, [WNIDS[1]], per_class=1)
+    with pytest.raises(DatasetLayoutError, match=f"ImageNet-C: snow under .* holds folder\\(s\\) {other}, not "
+                                                 f"severities; .* severities are the folders 1 to 5"):
+        imagenet_c_contents(root)
+
+
 def test_a_folder_of_other_files_says_what_it_found(tmp_path):
     """ImageNet-P pointed at frames saved as JPEGs (or A at a folder of .txt): the error names the
     files it found instead of only the suffixes it wanted."""
@@ -336,7 +348,15 @@ def test_imagenet9_reader(tmp_path):
         for cls in ("00_dog", "03_reptile", "08_fish"):
             write_image(root / variant / "val" / cls / "x.JPEG", seed=len(cls))
     (root / "no_fg").mkdir()                                 # a variant folder without val/ is not a variant
+    write_image(root / "fg_mask" / "val" / "00_dog" / "x.JPEG", seed=1)  # the release's masks: not one either
     assert imagenet9_contents(root) == ["mixed_same", "mixed_rand"]
+    for misnamed in ("mixed-next", "Only_FG"):  # a variant under another name was left out without a word
+        write_image(root / misnamed / "val" / "00_dog" / "x.JPEG", seed=1)
+        with pytest.raises(DatasetLayoutError, match=f"ImageNet-9: folder\\(s\\) {misnamed} in .* hold val/ but "
+                                                     f"are not variant names; .*: rename them"):
+            imagenet9_contents(root)
+        shutil.rmtree(root / misnamed)
+    shutil.rmtree(root / "fg_mask")
     with pytest.raises(DatasetLayoutError, match="has no 'val' folder"):
         ImageNet9(root, "no_fg")
     with pytest.raises(DatasetLayoutError, match="no <variant>/val folder"):

@@ -508,6 +508,11 @@ def imagenet_c_contents(root: PathLike) -> Dict[str, List[int]]:
                                  f"expected {layout}: put each severity's class folders in <corruption>/<severity>/")
     if not contents:
         raise DatasetLayoutError(f"ImageNet-C: no corruption folders in {str(root)!r}; expected {layout}")
+    for name in contents:  # a severity folder 0 or 6 would be left out, and 1..4 scored as if all were there
+        other = sorted(f.name for f in _subfolders(root / name) if f.name not in {str(s) for s in metrics.SEVERITIES})
+        if other:
+            raise DatasetLayoutError(f"ImageNet-C: {name} under {str(root)!r} holds folder(s) {', '.join(other[:5])}, "
+                                     f"not severities; expected {layout}: severities are the folders 1 to 5")
     return contents
 
 
@@ -565,6 +570,9 @@ def imagenet_p_contents(root: PathLike) -> Dict[str, List[int]]:
     return contents
 
 
+IMAGENET9_OTHER_FOLDERS = ("fg_mask",)  # the backgrounds-challenge release's foreground masks: not a variant
+
+
 def imagenet9_contents(root: PathLike) -> List[str]:
     """The ImageNet-9 variants present under ``root`` (those with a ``<variant>/val`` folder), in
     IMAGENET9_VARIANTS order. Raises DatasetLayoutError if ``root`` is missing or has none."""
@@ -575,6 +583,12 @@ def imagenet9_contents(root: PathLike) -> List[str]:
         found = [f.name for f in _subfolders(root)]
         raise DatasetLayoutError(f"ImageNet-9: no <variant>/val folder in {str(root)!r} (found: {', '.join(found[:9]) or 'nothing'}); "
                                  f"expected {ImageNet9.layout} with variants from: {', '.join(metrics.IMAGENET9_VARIANTS)}")
+    misnamed = [f.name for f in _subfolders(root) if (f / "val").is_dir()
+                and f.name not in metrics.IMAGENET9_VARIANTS + IMAGENET9_OTHER_FOLDERS]
+    if misnamed:  # a variant under another name would be left out unnoticed (mixed-same: no bg_gap)
+        raise DatasetLayoutError(f"ImageNet-9: folder(s) {', '.join(misnamed[:5])} in {str(root)!r} hold val/ but are "
+                                 f"not variant names; expected {ImageNet9.layout} with variants from: "
+                                 f"{', '.join(metrics.IMAGENET9_VARIANTS)}: rename them")
     return present
 
 

@@ -280,6 +280,7 @@ def _p_parts(ctx):
     names = list(corrupt.PERTURBATIONS)
     if ctx.has_source("imagenet-p"):
         root = ctx.source("imagenet-p")
+        data.imagenet_p_contents(str(root))  # refuses a folder that is not a perturbation: it would be left out
         present = [n for n in names if (root / n).is_dir()]
         if not present:
             raise EvalError(f"imagenet-p: {root} holds none of the perturbation folders {', '.join(names)}")
@@ -377,6 +378,7 @@ def _nine_parts(ctx):
         found = ", ".join(class_folders(root)[:8]) or "nothing"
         raise EvalError(f"imagenet-9: expected <variant>/val/<class>/ folders under {root} (variants "
                         f"{', '.join(IMAGENET9_VARIANTS)}), found {found}")
+    data.imagenet9_contents(str(root))  # refuses a variant under another name: it would be left out
     # ImageNet9 checks an in_to_in9.json found in root against lkfast.data.imagenet9_class_map().
     # The release's images are 224 x 224 and its in9_eval.py feeds them with ToTensor() alone (no
     # resize, no crop), as ImageNet-C's are fed here
