@@ -782,6 +782,17 @@ def test_a_misnamed_perturbation_or_variant_folder_fails_its_task(tmp_path, data
     assert "tiny: imagenet-9 failed: ImageNet-9: folder(s) MixedRand in" in err, err
 
 
+def test_a_model_that_cannot_take_a_benchmarks_size_fails_that_task_only(tmp_path, data_root, capsys):
+    """A fixed-size model (a ViT built for 224 px) given ImageNet-C, fed at its own size without a resize,
+    ended the whole run in an AssertionError traceback; now that task fails in one line saying why."""
+    err = run_failing(capsys, "--models", "vit_tiny_patch16_224=vt", "--data-root", data_root, "--out", tmp_path / "out",
+                      "--workers", 0, "--batch-size", 4, "--no-progress", "--suite", "clean,imagenet-c")
+    assert (f"vt: imagenet-c failed: imagenet-c/gaussian_noise/1: the model failed on its first batch of {SIZE}x{SIZE} "
+            f"images (AssertionError: Input height ({SIZE}) doesn't match model (224).); the model's input size is "
+            f"224x224 and this benchmark is fed at its own size, without a resize") in err, err
+    assert "Traceback" not in err and load(tmp_path / "out")["vt"]["clean"]["images"] == 6
+
+
 def test_device_decode_refuses_images_of_two_sizes(data_root, tmp_path):
     from lkfast.eval.sources import EncodedImages
 

@@ -277,6 +277,24 @@ class TaskContext:
             return EncodedImages(dataset, self.config, resize=dataset.eval_resize)
         return dataset
 
+    def _first_batch(self, compute, images, targets, indices, part):
+        """``compute`` on a part's first batch, where a model that cannot take these inputs fails (a ViT
+        built for 384 px given ImageNet-C's 224 px, fed without a resize; --input-size on a fixed-size
+        model): EvalError saying so, so that this task fails in one line and the others run. A failure
+        on a later batch is not the inputs' shape and goes up as it is."""
+        try:
+            return compute(images, targets, indices)
+        except (torch.cuda.OutOfMemoryError, MemoryError):
+            raise
+        except Exception as error:  # noqa: BLE001 (KeyboardInterrupt still stops the run)
+            size = "x".join(map(str, images.shape[-2:]))
+            wanted = "x".join(map(str, self.config["input_size"][-2:]))
+            hint = (f"; the model's input size is {wanted} and this benchmark is fed at its own size, without a "
+                    f"resize: evaluate a model that takes {size} inputs or give the benchmark at {wanted}") if size != wanted else ""
+            raise EvalError(f"{self.task.name}/{part}: the model failed on its first batch of {size} images "
+                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}){hint}") \
+                from error
+
     def _compute(self, part, dataset, ranges, indices, compute, batch_size, frames):
         """Yield (shard index, records) for each shard of ``ranges`` as it finishes."""
         if not ranges:
@@ -315,7 +333,9 @@ class TaskContext:
                     raise mixed_sizes_error(dataset, MixedSizes(first + size))
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
-                for name, value in compute(images, targets, indices).items():
+                computed = self._first_batch(compute, images, targets, indices, part) if j == 0 else \
+                    compute(images, targets, indices)
+                for name, value in computed.items():
                     shard["items"].setdefault(name, []).append(value.detach().cpu())
                 if self.progress is not None:
                     self.progress.update(len(images) * frames)
