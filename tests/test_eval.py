@@ -381,6 +381,26 @@ def test_dry_run_says_what_a_task_reading_no_images_reads(tmp_path, data_root, c
     assert rows["ablation"] == "no images: reads the model's kernel size (its tables come from the other tasks)"
 
 
+def test_a_task_that_cannot_run_is_planned_and_reported_as_such(tmp_path, data_root, checkpoint, capsys):
+    """TAIG with one model (no surrogate of the other family): --dry-run planned it (3,784 passes per
+    image, 30 minutes) where the run says it is not run; the run then ended with "no task could run
+    (none had its data...)", which was not the cause. And a run whose only task failed said "the other
+    tasks finished"."""
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean,taig", "--dry-run")) == 0
+    rows = {line.split("|")[2].strip(): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| tiny |")}
+    assert "not run: TAIG needs a surrogate model of the other family" in rows["taig"], rows["taig"]
+    assert "| tiny | clean | 6 | 1.00 |" in rows["clean"]
+    err = run_failing(capsys, *common(tmp_path / "a", checkpoint, data_root, "--suite", "taig"))
+    assert "tiny: taig not run: TAIG needs a surrogate" in err
+    assert "lkfast.eval: error: no task could run (the reasons are above and in" in err and "data" not in \
+        err.split("no task could run")[1], err
+    err = run_failing(capsys, *common(tmp_path / "b", checkpoint, data_root, "--suite", "imagenet-c",
+                                      "--imagenet-c-dir", data_root / "val"))
+    assert "1 task(s) failed (tiny: imagenet-c)" in err and "no other task ran" in err and "other tasks finished" \
+        not in err, err
+
+
 def test_dry_run_lists_every_task_whose_data_is_wrong(tmp_path, data_root, checkpoint, capsys):
     """--dry-run stopped at the first folder in the wrong layout (one error line, no plan): now every
     such task is a 'fails:' row of the plan beside the rows that would run, and the exit is 2."""

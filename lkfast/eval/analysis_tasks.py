@@ -456,8 +456,10 @@ def _lesion_cost(ctx) -> float:
 
 _COSTS = {"occlusion": _occlusion_cost, "pgd": _pgd_cost, "lesion": _lesion_cost,
           "fgsm": lambda ctx: 1 + 4 * len(attacks.FGSM_EPS),  # per eps: forward + backward, then the attacked forward
-          # the surrogate's 20 steps x 21 path points (forward + backward) per eps, shared by its targets
-          "taig": lambda ctx: 1 + len(TAIG["eps_values"]) * (TAIG["steps"] * (TAIG["path_steps"] + 1) * 3 + 1),
+          # the surrogate's 20 steps x 21 path points (forward + backward) per eps, shared by its targets; a run
+          # without a surrogate plans it as not run (TaskUnavailable from _surrogate_spec, as the run says)
+          "taig": lambda ctx: _surrogate_spec(ctx) and
+          1 + len(TAIG["eps_values"]) * (TAIG["steps"] * (TAIG["path_steps"] + 1) * 3 + 1),
           "frequency": lambda ctx: 1 + len(analysis.frequency.FREQUENCIES)}
 
 

@@ -361,7 +361,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                if not t.startswith("_") and isinstance(r, dict) and "unavailable" not in r]
         if not ran:  # every rank exits 2; rank 0 printed the reasons, so it alone says so
             if dist.is_main():
-                print(f"lkfast.eval: error: no task could run (none had its data; the reasons are above and in "
+                print(f"lkfast.eval: error: no task could run (the reasons are above and in "
                       f"{os.path.join(args.out, 'report.md')})", file=sys.stderr)
             return 2
         if dist.is_main():

@@ -590,8 +590,11 @@ class Runner:
             written = RESULTS_FILE + (" and report.md" if self.options.write_report else "")
             reasons = (f"the reasons are above and in {written}" if dist.is_main() else
                        f"this is rank {dist.rank()}: rank 0 printed the reasons and wrote them to {written}")
+            finished = any(not t.startswith("_") and isinstance(r, dict) and "unavailable" not in r
+                           for entry in results.values() for t, r in entry.items())
             error = EvalError(f"{len(self.errors)} task(s) failed ({', '.join(task for task, _ in self.errors)}): "
-                              f"{reasons}; the other tasks finished (in {self.out}); "
+                              f"{reasons}; " + (f"the other tasks finished (in {self.out}); " if finished else
+                                                f"no other task ran (results in {self.out}); ") +
                               "fix this and rerun: finished work is cached")
             error.failures = [f"{task}: {message}" for task, message in self.errors]
             raise error
