@@ -401,6 +401,16 @@ def test_a_task_that_cannot_run_is_planned_and_reported_as_such(tmp_path, data_r
         not in err, err
 
 
+def test_a_suite_in_a_task_list_says_what_it_adds(tmp_path, data_root, checkpoint, capsys):
+    """'ablation' is a task and the suite of the tasks its tables need: --suite pgd,ablation ran seven
+    more tasks (generating ImageNet-C from val where absent) without a word."""
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "clean,ablation", "--dry-run")) == 0
+    err = capsys.readouterr().err
+    assert "lkfast.eval: note: --suite: 'ablation' is a suite and adds its tasks: clean, imagenet-a, " in err, err
+    assert cli(*common(tmp_path, checkpoint, data_root, "--suite", "ablation", "--dry-run")) == 0
+    assert "note" not in capsys.readouterr().err  # the suite alone: what was asked for
+
+
 def test_dry_run_lists_every_task_whose_data_is_wrong(tmp_path, data_root, checkpoint, capsys):
     """--dry-run stopped at the first folder in the wrong layout (one error line, no plan): now every
     such task is a 'fails:' row of the plan beside the rows that would run, and the exit is 2."""

@@ -26,7 +26,7 @@ from lkfast.corrupt import FrostPhotosMissing
 from lkfast.data.imagenet import looks_like_wnids
 from lkfast.eval import distributed as dist
 from lkfast.eval.models import ModelSpec, hub_unavailable, with_training_run
-from lkfast.eval.registry import SUITES, TASKS, resolve_suite
+from lkfast.eval.registry import SUITES, TASKS, resolve_suite, suites_in_list
 from lkfast.tables import is_storage_error
 from lkfast.eval.sources import SOURCE_NAMES, resolve_sources
 from lkfast.metrics import IMAGENET9_VARIANTS
@@ -273,6 +273,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         device = str(device_option(args.device))  # "cpu", "cuda", "cuda:1": the runner's device names
         tasks = resolve_suite(args.suite)
+        for suite, added in suites_in_list(args.suite):
+            if dist.is_main():
+                print(f"lkfast.eval: note: --suite: {suite!r} is a suite and adds its tasks: {', '.join(added)}",
+                      file=sys.stderr)
         models = _with_input_size(_models(args.models), args.input_size)
         dirs = {name: getattr(args, name.replace("-", "_") + "_dir") for name in SOURCE_NAMES}
         data = resolve_sources(args.data_root, dirs)

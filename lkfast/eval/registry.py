@@ -19,7 +19,7 @@ with the other tasks and the report says why this one is missing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 
 class TaskUnavailable(RuntimeError):
@@ -78,6 +78,13 @@ def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count:
 PAPER_TASKS = ("clean", "imagenet-a", "imagenet-c", "imagenet-o", "imagenet-p", "imagenet-r", "imagenet-9")
 QUICK_TASKS = ("clean", "imagenet-a", "imagenet-r", "imagenet-o", "imagenet-9")
 SUITES: Dict[str, Tuple[str, ...]] = {"paper": PAPER_TASKS, "quick": QUICK_TASKS}
+
+
+def suites_in_list(text: str) -> List[Tuple[str, Tuple[str, ...]]]:
+    """The suites named in a comma list of more than one item, with the tasks each adds (``ablation`` is a
+    task and the suite of the tasks its tables need: in a list, the suite), for the run to say so."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return [(i, tuple(SUITES[i])) for i in items if len(items) > 1 and i in SUITES and tuple(SUITES[i]) != (i,)]
 
 
 def resolve_suite(text: str) -> Tuple[str, ...]:
