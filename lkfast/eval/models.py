@@ -342,9 +342,19 @@ def load_model(spec: ModelSpec, device: str = "cpu", trust_checkpoint: bool = Fa
     else:
         from lkfast.models import create_model
 
+        from lkfast.models.factory import CheckpointError, classes_hint
+
         try:
             model = create_model(spec.name, checkpoint=spec.checkpoint, pretrained=spec.hub_weights,
                                  trust_checkpoint=trust_checkpoint, **dict(spec.kwargs))
+        except CheckpointError as error:
+            if error.classes is None or "num_classes" in dict(spec.kwargs):
+                raise
+            # num_classes is create_model's; the eval scores the benchmarks in ImageNet-1k's classes
+            raise CheckpointError(str(error).replace(classes_hint(error.classes), (
+                f" The checkpoint's classifier has {error.classes} classes; the benchmarks are scored in "
+                f"ImageNet-1k's 1000: evaluate a checkpoint with a 1000-class head (python -m lkfast.train "
+                f"--num-classes 1000 trains one on wnid folders of some of the classes)."))) from None
         except RuntimeError as error:
             if not spec.hub_weights:
                 raise

@@ -32,7 +32,15 @@ _SHOWN = 5  # how many keys of each kind a mismatch error lists
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+    """A checkpoint that cannot be read or does not fit the model; the message says why. ``classes``: the
+    checkpoint classifier's outputs where they are what does not fit (else None)."""
+
+    classes = None
+
+
+def classes_hint(classes: int) -> str:
+    """What a checkpoint whose classifier has ``classes`` outputs asks of the caller (the library's words)."""
+    return f" The checkpoint's classifier has {classes} classes: pass num_classes={classes}."
 
 
 def _safe_globals() -> list:
@@ -223,18 +231,20 @@ def load_checkpoint(model: nn.Module, path: str, trust_checkpoint: bool = False,
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
     problems = [_listing(kind, items) for kind, items in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
-    hint = ""
+    hint, classes = "", None
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
     if f"{classifier}.weight" in state and f"{classifier}.weight" in expected \
             and state[f"{classifier}.weight"].shape[0] != expected[f"{classifier}.weight"].shape[0]:
-        hint = f" The checkpoint's classifier has {state[classifier + '.weight'].shape[0]} classes: pass num_classes=" \
-               f"{state[classifier + '.weight'].shape[0]}."
+        classes = int(state[f"{classifier}.weight"].shape[0])
+        hint = classes_hint(classes)
     shared = len(expected) - len(missing)
     if shared < len(expected) / 2:  # not a few renamed layers: the weights of another model
         hint += (f" Only {shared} of the model's {len(expected)} keys are in the checkpoint: it looks like the weights "
                  f"of another architecture; build the model the checkpoint was saved from (the name before ':' in "
                  f"python -m lkfast.eval --models)")
-    raise CheckpointError(f"checkpoint {path!r} does not fit {type(model).__name__}: " + "; ".join(problems) + "." + hint)
+    error = CheckpointError(f"checkpoint {path!r} does not fit {type(model).__name__}: " + "; ".join(problems) + "." + hint)
+    error.classes = classes
+    raise error
 
 
 def check_model_name(name: str) -> None:
