@@ -458,3 +458,23 @@ def test_pretrained_gives_the_occlusion_dinos_published_saliency(tmp_path, capsy
     assert rc == 0, err
     assert saliency()["saliency"] == "dino" and list(saliency()["top1"]) == ["random", "salient", "non_salient"]
     assert saliency()["clean_top1"] == 100.0  # the checkpoint's model, as in the first run
+
+
+def test_warnings_are_one_line_of_the_command_while_it_runs(tmp_path, monkeypatch):
+    """Warnings (an unreadable image skipped, a checkpoint holding EMA weights too) came out as Python
+    prints them: file, line number, category and the source line of lkfast's warnings.warn call."""
+    import warnings
+
+    import lkfast.eval.runner as runner
+    from lkfast.eval import cli
+
+    seen = []
+    monkeypatch.setattr(runner, "run_evaluation", lambda models, tasks, options: seen.append(
+        warnings.formatwarning(UserWarning("skipping unreadable file 'x.JPEG'"), UserWarning, "/a/b.py", 3)) or {})
+    before = warnings.formatwarning
+    (tmp_path / "m.pth").write_bytes(b"")
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    cli.main(["--models", f"test_resnet:{tmp_path / 'm.pth'}", "--val-dir", str(tmp_path / "val"), "--out",
+              str(tmp_path / "out"), "--suite", "clean", "--no-progress"])
+    assert seen == ["lkfast.eval: warning: skipping unreadable file 'x.JPEG'\n"]
+    assert warnings.formatwarning is before  # restored: the command's format is not left on its caller

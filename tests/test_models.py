@@ -3,6 +3,8 @@ loading (official layout, wrappers, re-parameterised form, bad files), named con
 import argparse
 import pathlib
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -678,8 +680,17 @@ def test_extract_state_dict_picks_the_plain_weights_and_only_tensors():
     that is no dict (a model name stored as "model") is passed over; non-tensor entries beside flat
     weights are left out; checkpoint_key names an entry or says which keys there are."""
     plain, ema = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
-    assert models.extract_state_dict({"model_ema": ema, "state_dict_ema": ema, "model": plain})["w"] is plain["w"]
-    assert models.extract_state_dict({"state_dict_ema": ema, "state_dict": plain})["w"] is plain["w"]
+    # which of the two is loaded is said (which weights a result is of matters: the eval's user cannot tell)
+    with pytest.warns(UserWarning, match="the checkpoint holds both 'model' and 'state_dict_ema' weights: loading "
+                                         "'model' \\(checkpoint_key='state_dict_ema' loads the EMA weights"):
+        assert models.extract_state_dict({"model_ema": ema, "state_dict_ema": ema, "model": plain})["w"] is plain["w"]
+    with pytest.warns(UserWarning, match="both 'state_dict' and 'state_dict_ema'"):
+        assert models.extract_state_dict({"state_dict_ema": ema, "state_dict": plain})["w"] is plain["w"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one kind of weights, or the EMA named: nothing to say
+        assert models.extract_state_dict({"state_dict_ema": ema})["w"] is ema["w"]
+        assert models.extract_state_dict({"state_dict_ema": ema, "state_dict": plain},
+                                         checkpoint_key="state_dict_ema")["w"] is ema["w"]
     assert models.extract_state_dict({"model": "replknet_31b", "state_dict": plain})["w"] is plain["w"]
     assert list(models.extract_state_dict({"w": plain["w"], "epoch": 3, "arch": "x"})) == ["w"]
     assert models.extract_state_dict({"model": plain, "ema": ema}, checkpoint_key="ema")["w"] is ema["w"]

@@ -259,6 +259,23 @@ def _check_analysis_options(options, tasks, models: List[ModelSpec]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m lkfast.eval``: the exit status. Warnings are printed as the command's other lines,
+    one line each (``lkfast.eval: warning: ...``, without Python's file and source line), while it runs."""
+    import warnings
+
+    saved = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = saved
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"lkfast.eval: warning: {message}\n"
+
+
+def _main(argv: Optional[List[str]]) -> int:
     from lkfast.eval.runner import EvalError, EvalOptions, plan, run_evaluation
     from lkfast.tables import markdown_table
 

@@ -8,6 +8,7 @@ caller passes ``trust_checkpoint=True`` (the eval CLI's ``--trust-checkpoint``).
 from __future__ import annotations
 
 import argparse
+import warnings
 import errno
 import os
 import pickle
@@ -26,6 +27,7 @@ from lkfast.nn import patch_model
 # Wrappers training scripts put around the weights, tried in this order (plain weights before EMA);
 # "module": RepLKNet-pytorch's fine-tuning loader reads --model_key model|module.
 CHECKPOINT_KEYS = ("model", "state_dict", "module", "state_dict_ema", "model_ema")
+EMA_KEYS = ("state_dict_ema", "model_ema")
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
 _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 _SHOWN = 5  # how many keys of each kind a mismatch error lists
@@ -167,6 +169,11 @@ def extract_state_dict(checkpoint: object, checkpoint_key: Optional[str] = None)
         for key in CHECKPOINT_KEYS:
             if isinstance(checkpoint.get(key), Mapping):
                 state = checkpoint[key]
+                ema = [k for k in EMA_KEYS if k != key and isinstance(checkpoint.get(k), Mapping)]
+                if ema and key not in EMA_KEYS:  # which weights are evaluated matters: say it
+                    warnings.warn(f"the checkpoint holds both {key!r} and {ema[0]!r} weights: loading {key!r} "
+                                  f"(checkpoint_key={ema[0]!r} loads the EMA weights; for python -m lkfast.eval, "
+                                  f"save them to a file of their own)", stacklevel=3)
                 break
     if not isinstance(state, Mapping):
         raise CheckpointError(f"expected a dict of tensors under the checkpoint key, found {type(state).__name__}")
