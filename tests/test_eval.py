@@ -420,7 +420,7 @@ def test_dry_run_lists_every_task_whose_data_is_wrong(tmp_path, data_root, check
     captured = capsys.readouterr()
     rows = {line.split("|")[2].strip(): line for line in captured.out.splitlines() if line.startswith("| tiny |")}
     assert "| tiny | clean | 6 | 1.00 |" in rows["clean"] and "| tiny | imagenet-9 | 9 | 1.00 |" in rows["imagenet-9"]
-    assert "fails: ImageNet-C:" in rows["imagenet-c"] and "fails: image folder:" in rows["imagenet-a"]
+    assert "fails: ImageNet-C:" in rows["imagenet-c"] and "fails: ImageNet-A:" in rows["imagenet-a"]  # named (it said "image folder")
     assert "lkfast.eval: error: 2 task(s) would fail on their data (tiny: imagenet-c, tiny: imagenet-a)" in captured.err
     assert not (tmp_path / "results.json").exists()
 
@@ -450,7 +450,8 @@ def test_dry_run_counts_the_passes_an_analysis_makes_per_image(tmp_path, data_ro
     assert {task: float(rows[task][1]) for task in expected} == expected
     from lkfast.eval.runner import plan
 
-    options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val")}, workers=0, progress=False)
+    options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val")}, workers=0, progress=False,
+                          analysis={"taig_surrogate": "tiny"})  # one model: TAIG runs only with a surrogate named
     minutes = {row[1]: row[4] for row in plan([ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)],
                                              list(expected), options)}
     for task in expected:  # one measured throughput: minutes in proportion to the passes

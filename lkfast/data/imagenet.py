@@ -372,6 +372,7 @@ class ImageFolderBenchmark(Dataset):
     classes: keep only these class folders (e.g. ImageNet-val restricted to ImageNet-O's 200
     classes); a warning if some are absent, an error if all are.
     limit: keep the first N items (sorted by class folder, then file name); N must be >= 1.
+    name: how its errors name the folder (e.g. "ImageNet-A"; default "image folder").
 
     Attributes: ``samples`` [(path, target)], ``targets`` LongTensor, ``classes`` (the class
     folders with files), ``class_subset`` (None here; the 1k indices of the classes for A/R/O).
@@ -383,8 +384,10 @@ class ImageFolderBenchmark(Dataset):
 
     def __init__(self, root: PathLike, transform: Optional[Callable] = None,
                  class_index: Optional[Dict[str, int]] = None, limit: Optional[int] = None,
-                 classes: Optional[Iterable[str]] = None):
+                 classes: Optional[Iterable[str]] = None, name: Optional[str] = None):
         self.root = Path(root)
+        if name is not None:  # how its errors name the folder (the benchmark it holds)
+            self.name = name
         self.transform = transform if transform is not None else to_float_image
         samples, self.classes = self._find(class_index if class_index is not None else _class_index(), classes)
         self.samples = _apply_limit(samples, limit)

@@ -24,6 +24,10 @@ import torch
 from torch.utils.data import DataLoader
 
 SOURCE_NAMES = ("val", "imagenet-a", "imagenet-r", "imagenet-o", "imagenet-c", "imagenet-p", "imagenet-9")
+# how the errors about a source's folders name it
+SOURCE_LABELS = {"val": "ImageNet-val", "imagenet-a": "ImageNet-A", "imagenet-r": "ImageNet-R", "imagenet-o": "ImageNet-O",
+                 "imagenet-c": "ImageNet-C", "imagenet-p": "ImageNet-P", "imagenet-9": "ImageNet-9",
+                 "masks": "the occlusion's masks"}
 
 
 def resolve_sources(data_root: Optional[str], dirs: Dict[str, Optional[str]]) -> Dict[str, str]:

@@ -27,6 +27,7 @@ readable at all is recorded unavailable).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -55,10 +56,22 @@ def image_folder(ctx: TaskContext, root, class_index: Dict[str, int], resize: bo
     def build():
         transform = data.transform_for(ctx.config, resize=resize)
         dataset = data.ImageFolderBenchmark(str(root), transform, class_index=class_index, limit=ctx.options.limit,
-                                            classes=classes)
+                                            classes=classes, name=_source_label(ctx, root))
         dataset.eval_resize = resize  # lets ctx.records decode its JPEGs on the GPU (same preprocessing)
         return dataset
     return _memo(ctx, ("folder", str(root), resize, tuple(classes or ())), build)
+
+
+def _source_label(ctx: TaskContext, root) -> str:
+    """The benchmark whose folder ``root`` is or is in ("ImageNet-A"), for its errors; "image folder" if none."""
+    from lkfast.eval.sources import SOURCE_LABELS
+
+    root = Path(root).resolve()
+    for key, path in ctx.options.data.items():
+        path = Path(path).resolve()
+        if root == path or path in root.parents:
+            return SOURCE_LABELS.get(key, key)
+    return "image folder"
 
 
 def class_folders(root) -> List[str]:
