@@ -1196,6 +1196,19 @@ def interrupted_and_resumed(monkeypatch, owner, core, task, root, spec, tmp_path
     return seen, images, resumed, uninterrupted
 
 
+def test_eval_occlusion_without_a_saliency_source_says_so_where_the_run_is_watched(tmp_path, analysis_data, capsys):
+    """With no masks and no DINO the salient and non-salient drops are skipped: that was said only in
+    results.json's saliency_note and the report, not on the terminal of the run."""
+    from lkfast.eval import EvalOptions, run_evaluation
+
+    root, spec = analysis_data
+    options = EvalOptions(out=str(tmp_path), data={"val": str(root / "val")}, workers=0, progress=False,
+                          write_report=False, limit=2)
+    result = run_evaluation([spec], ["occlusion"], options)[spec.display]["occlusion"]
+    assert result["saliency"] is None and "salient/non-salient drops skipped" in result["saliency_note"]
+    assert f"lkfast.eval: {spec.display}: occlusion: {result['saliency_note']}" in capsys.readouterr().err
+
+
 def test_eval_occlusion_resumes_after_an_interruption(tmp_path, analysis_data, monkeypatch):
     import lkfast.analysis.occlusion as occlusion_module
 

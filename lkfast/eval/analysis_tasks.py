@@ -45,6 +45,7 @@ lesion's removed blocks are drawn once per task (seeded).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -154,6 +155,10 @@ def occlusion(ctx) -> dict:
     result["saliency"] = "dino" if callable(saliency) else saliency
     if note:
         result["saliency_note"] = note
+        from lkfast.eval import distributed as dist
+
+        if dist.is_main():  # said where the run is watched, not only in results.json and the report
+            print(f"lkfast.eval: {ctx.spec.display}: occlusion: {note}", file=sys.stderr, flush=True)
     _with_salient_drop_50(result)
     example = _occlusion_example(dataset, saliency, modes, ctx.options.seed)
     if example is not None:
