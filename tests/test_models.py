@@ -232,6 +232,21 @@ def test_fold_batchnorms_of_a_training_model_gives_the_eval_function(images):
     assert not [name for name, m in model.named_modules() if m.training]
 
 
+def test_a_fused_checkpoint_is_named_as_such(tmp_path):
+    """A state_dict saved after structural_reparam(fuse_conv_bn=True) was refused as "the weights of
+    another architecture"; it is the same one, fused: the error says so and how to load it."""
+    fused = RepLKNet(**TINY, num_classes=NUM_CLASSES).eval().structural_reparam(fuse_conv_bn=True)
+    path = _save(tmp_path / "fused.pth", fused.state_dict())
+    with pytest.raises(CheckpointError, match=r"has conv biases where the model has \d+ BatchNorm entries: it looks like "
+                                              r"one saved after structural_reparam\(fuse_conv_bn=True\); build") as raised:
+        models.load_checkpoint(RepLKNet(**TINY, num_classes=NUM_CLASSES).eval(), path)
+    assert "another architecture" not in str(raised.value)
+    target = RepLKNet(**TINY, num_classes=NUM_CLASSES).eval().structural_reparam(fuse_conv_bn=True)
+    models.load_checkpoint(target, path)  # as the message says
+    for key, value in fused.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
 def test_fold_batchnorms_refuses_other_models():
     with pytest.raises(TypeError, match="RepLKNet"):
         models.fold_batchnorms(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)))

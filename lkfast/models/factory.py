@@ -245,7 +245,12 @@ def load_checkpoint(model: nn.Module, path: str, trust_checkpoint: bool = False,
         classes = int(state[f"{classifier}.weight"].shape[0])
         hint = classes_hint(classes)
     shared = len(expected) - len(missing)
-    if shared < len(expected) / 2:  # not a few renamed layers: the weights of another model
+    if missing and unexpected and all(".bn." in k for k in missing) and all(k.endswith(".conv.bias") for k in unexpected) \
+            and hasattr(model, "structural_reparam"):  # conv biases where the BNs were: conv-BN pairs folded
+        hint += (f" The checkpoint has conv biases where the model has {len(missing)} BatchNorm entries: it looks like "
+                 f"one saved after structural_reparam(fuse_conv_bn=True); build the model, call "
+                 f"model.structural_reparam(fuse_conv_bn=True), then load_checkpoint(model, path)")
+    elif shared < len(expected) / 2:  # not a few renamed layers: the weights of another model
         hint += (f" Only {shared} of the model's {len(expected)} keys are in the checkpoint: it looks like the weights "
                  f"of another architecture; build the model the checkpoint was saved from (the name before ':' in "
                  f"python -m lkfast.eval --models)")
