@@ -306,11 +306,12 @@ def _main(argv: Optional[List[str]]) -> int:
             baseline = baseline and dataclasses.replace(baseline, pretrained=True)
             from lkfast.data import imagenet_classes
 
-            for spec in models:  # the benchmarks score ImageNet-1k's classes (the embedded default refuses below)
-                spec.check_published_weights(num_classes=len(imagenet_classes()))
+            classes = len(imagenet_classes())  # the benchmarks score ImageNet-1k's (the embedded default refuses below)
+            for spec in models:
+                spec.check_published_weights(num_classes=classes)
             for spec in models:  # once every model passed: a refused list is its error line alone
                 if spec.hub_weights and "." not in spec.name and dist.is_main():
-                    print(_default_tag_note(spec, len(imagenet_classes())), file=sys.stderr)
+                    print(_default_tag_note(spec, classes), file=sys.stderr)
         analysis = {k: v for k, v in (("dino_checkpoint", args.dino_checkpoint),
                                       ("taig_surrogate", args.taig_surrogate)) if v}
         data_given = args.data_root is not None or any(v is not None for v in dirs.values())

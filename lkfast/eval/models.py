@@ -128,6 +128,11 @@ class ModelSpec:
         check_model_name(self.name)
 
     @property
+    def architecture(self) -> str:
+        """The name without its pretrained tag (``convnext_tiny.fb_in1k`` -> ``convnext_tiny``)."""
+        return self.name.split(".")[0]
+
+    @property
     def hub_weights(self) -> bool:
         """Whether the model loads its published weights (``pretrained`` and no checkpoint)."""
         return self.pretrained and self.checkpoint is None
@@ -160,17 +165,17 @@ class ModelSpec:
                 and "num_classes" not in dict(self.kwargs):
             head = f"a {cfg.num_classes}-class head" if cfg.num_classes else "no classifier head"
             fitting = published_with_head(self.name, num_classes)
-            raise ValueError(f"--pretrained: model {self.display!r}: timm's {self.name.split('.')[0]}.{cfg.tag} has "
+            raise ValueError(f"--pretrained: model {self.display!r}: timm's {self.architecture}.{cfg.tag} has "
                              f"{head}, the benchmarks are scored in {num_classes} classes: " +
                              (f"name published weights with a {num_classes}-class head ({', '.join(fitting)})"
                               if fitting else f"timm publishes none with a {num_classes}-class head for this "
-                              f"architecture; give a fine-tuned checkpoint as {self.name.split('.')[0]}:PATH"))
+                              f"architecture; give a fine-tuned checkpoint as {self.architecture}:PATH"))
 
     def published_weights(self) -> str:
         """Which published weights ``hub_weights`` loads, as the model card names them: timm's name with
         the pretrained tag timm resolves it to (``convnext_tiny`` -> ``timm convnext_tiny.in12k_ft_in1k``),
         or torchvision's weights (``torchvision AlexNet_Weights.IMAGENET1K_V1``)."""
-        return f"{self.source} " + (f"{self.name.split('.')[0]}.{self._published_tag()}" if self.source == "timm"
+        return f"{self.source} " + (f"{self.architecture}.{self._published_tag()}" if self.source == "timm"
                                     else self._published_tag(full=True))
 
     def _published_tag(self, full: bool = False) -> str:
@@ -207,7 +212,7 @@ class ModelSpec:
         extra = "" if not self.kwargs else "-" + stable_hash(list(self.kwargs), 8)
         extra += "" if self.input_size is None else f"-{self.input_size}px"
         extra += "" if self.logit_order is None else "-order" + stable_hash(list(self.logit_order), 8)
-        name = self.name.split(".")[0] if self.hub_weights else self.name  # the tag is in hub-<tag>: one entry
+        name = self.architecture if self.hub_weights else self.name  # the tag is in hub-<tag>: one entry
         return safe_name(f"{self.source}-{name}-{weights}{extra}")       # for a name with and without its tag
 
 
@@ -283,7 +288,7 @@ def with_training_run(spec: ModelSpec, class_space=None) -> ModelSpec:
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"model {spec.display!r}: {summary_path} is not a python -m lkfast.train summary "
                              f"({error}); remove it or give the weights without it") from None
-        if trained.split(".")[0] != spec.name.split(".")[0]:
+        if trained.split(".")[0] != spec.architecture:
             raise ValueError(f"model {spec.display!r}: {checkpoint} was trained as {trained!r} ({summary_path}), "
                              f"but --models names {spec.name!r}; use {trained}:{spec.checkpoint}")
         built = {"kernel_sizes": recipe.get("kernel_sizes"),

@@ -24,10 +24,16 @@ import torch
 from torch.utils.data import DataLoader
 
 SOURCE_NAMES = ("val", "imagenet-a", "imagenet-r", "imagenet-o", "imagenet-c", "imagenet-p", "imagenet-9")
-# how the errors about a source's folders name it
-SOURCE_LABELS = {"val": "ImageNet-val", "imagenet-a": "ImageNet-A", "imagenet-r": "ImageNet-R", "imagenet-o": "ImageNet-O",
-                 "imagenet-c": "ImageNet-C", "imagenet-p": "ImageNet-P", "imagenet-9": "ImageNet-9",
-                 "masks": "the occlusion's masks"}
+
+
+def source_label(key: str) -> str:
+    """How errors about a source's folders name it: its reader's name ("ImageNet-A"), else the key."""
+    from lkfast import data
+
+    readers = {"val": data.ImageNetVal, "imagenet-a": data.ImageNetA, "imagenet-r": data.ImageNetR,
+               "imagenet-o": data.ImageNetO, "imagenet-c": data.ImageNetC, "imagenet-p": data.ImageNetP,
+               "imagenet-9": data.ImageNet9}
+    return readers[key].name if key in readers else {"masks": "the occlusion's masks"}.get(key, key)
 
 
 def resolve_sources(data_root: Optional[str], dirs: Dict[str, Optional[str]]) -> Dict[str, str]:

@@ -64,13 +64,13 @@ def image_folder(ctx: TaskContext, root, class_index: Dict[str, int], resize: bo
 
 def _source_label(ctx: TaskContext, root) -> str:
     """The benchmark whose folder ``root`` is or is in ("ImageNet-A"), for its errors; "image folder" if none."""
-    from lkfast.eval.sources import SOURCE_LABELS
+    from lkfast.eval.sources import source_label
 
     root = Path(root).resolve()
     for key, path in ctx.options.data.items():
         path = Path(path).resolve()
         if root == path or path in root.parents:
-            return SOURCE_LABELS.get(key, key)
+            return source_label(key)
     return "image folder"
 
 
