@@ -179,6 +179,7 @@ def full_run(tmp_path_factory, data_root, checkpoint, baseline_checkpoint):
 def test_cli_end_to_end_matches_a_direct_computation(full_run, data_root, checkpoint):
     out, results = full_run
     r = results["tiny"]
+    assert results["_meta"]["options"]["gpu_decode"] is False  # as it acted: the option acts on CUDA only
     model = reference_model(checkpoint)
     tf = data.transform_for(config())
     # clean and A: top-1 as lkfast.metrics computes it on the readers' items
@@ -555,6 +556,10 @@ def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatc
     base = keys()
     assert keys(limit=2)[0] != base[0] and keys(limit=2) != keys(limit=4)
     assert keys(seed=1)[0] != base[0] and keys(seed=1)[1] != base[1]
+    # decoding on the GPU (nvJPEG) gives other pixels: --no-gpu-decode on CUDA is another result;
+    # on the CPU the option does nothing, and changes nothing
+    assert keys(device="cuda", gpu_decode=False) == base and keys(gpu_decode=False) == base
+    assert keys(device="cuda")[0] != base[0] and keys(device="cuda:1")[1] != base[1]
     with_dino = keys(analysis={"dino_checkpoint": str(dino)})
     taig = [Runner([], ["taig"], EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")},
                                              analysis={"taig_surrogate": s})).result_key(None, TASKS["taig"])

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and exit without evaluating")
     p.add_argument("--no-gpu-decode", action="store_true",
                    help="on CUDA, decode JPEGs with PIL in the workers instead of batched on the GPU (torchvision's "
-                        "decode_jpeg(device='cuda'), the default there)")
+                        "decode_jpeg(device='cuda'), the default there; its pixels differ by rounding, so results cached "
+                        "under one are not reused under the other)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -87,12 +87,19 @@ class EvalOptions:
         environment variable (``ANALYSIS_ENV``), else None."""
         return self.analysis.get(name) or os.environ.get(ANALYSIS_ENV.get(name, "")) or None
 
+    @property
+    def decodes_on_gpu(self) -> bool:
+        """Whether JPEG folders are decoded on the GPU: gpu_decode acts on CUDA only."""
+        return self.gpu_decode and self.device.startswith("cuda")
+
     def numeric_key(self, reads: Sequence[str] = ()) -> Dict[str, Any]:
         """The options that change a task's numbers (part of its cache keys): amp, channels_last,
-        seed, and the analysis options in ``reads`` (the task's ``Task.reads``) that are set, each
+        seed, the GPU's JPEG decoding where it acts (on CUDA), and the analysis options in ``reads`` (the task's ``Task.reads``) that are set, each
         as its value (from ``analysis`` or its environment variable) and, when it names a file, that
         file's size and modification time (a replaced checkpoint is a new key)."""
         key: Dict[str, Any] = {"amp": self.amp, "channels_last": self.channels_last, "seed": self.seed}
+        if self.decodes_on_gpu:  # nvJPEG's pixels are not libjpeg's: --no-gpu-decode is another result
+            key["decode"] = "gpu"
         used = {}
         for name in sorted(reads):
             value = self.analysis_option(name)
@@ -272,7 +279,7 @@ class TaskContext:
         as file bytes and decoded on the GPU (``sources.EncodedImages``); anything else as it is."""
         from lkfast.eval.sources import EncodedImages
 
-        if self.options.gpu_decode and self.device.startswith("cuda") and hasattr(dataset, "eval_resize") \
+        if self.options.decodes_on_gpu and hasattr(dataset, "eval_resize") \
                 and EncodedImages.supports(dataset, self.config):
             return EncodedImages(dataset, self.config, resize=dataset.eval_resize)
         return dataset
@@ -539,6 +546,7 @@ class Runner:
 
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         options = {k: v for k, v in asdict(self.options).items() if k not in ("class_space", "baseline", "data")}
+        options["gpu_decode"] = self.options.decodes_on_gpu  # as it acted: never on the CPU
         self.meta = {
             "lkfast": lkfast.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "device": self.device, "device_name": torch.cuda.get_device_name(self.device)
