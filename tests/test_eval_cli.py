@@ -346,6 +346,14 @@ def test_pretrained_evaluates_timms_published_weights_from_the_local_cache(tmp_p
     assert err.startswith(f"lkfast.eval: error: model 'test_convnext': timm's published weights for 'test_convnext' "
                           f"are neither in the local cache ({tmp_path / 'empty'}) nor reachable")
     assert err.rstrip().endswith("give the file as test_convnext:PATH") and "Traceback" not in err
+    assert "HF_HUB_OFFLINE" not in err  # set above: nothing to suggest
+    from lkfast.eval.models import hub_unavailable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # not set: the hub's retries cost tens of seconds offline
+    assert hub_unavailable("x's weights", OSError("no network"), "pass x:PATH") == (
+        f"x's weights are neither in the local cache ({tmp_path / 'empty'}) nor reachable (OSError: no network); "
+        "with no network, HF_HUB_OFFLINE=1 says so at once, without the hub's retries; pass x:PATH")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
     for models, says in (("test_resnet,replknet_31b", "model 'replknet_31b': the official RepLKNet weights are not on "
                                                        "a hub timm can reach; download them from"),

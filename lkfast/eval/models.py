@@ -26,14 +26,19 @@ class WeightsUnavailable(RuntimeError):
 def hub_unavailable(whose: str, error: BaseException, remedy: str, cache: Optional[str] = None) -> str:
     """The message for published weights (``whose``: "timm's published weights for 'x'") that ``error``
     (or the cause it was raised from) says neither the local ``cache`` (default: the Hugging Face
-    cache, timm's) nor the network gave, ending with what to pass instead."""
+    cache, timm's) nor the network gave, ending with what to pass instead. For the Hugging Face hub,
+    unless HF_HUB_OFFLINE is set, it says that HF_HUB_OFFLINE=1 makes a machine with no network
+    fail at once (the hub retries for tens of seconds first)."""
+    offline_hint = ""
     if cache is None:
         from huggingface_hub import constants
 
         cache = constants.HF_HUB_CACHE
+        if not constants.HF_HUB_OFFLINE:
+            offline_hint = "with no network, HF_HUB_OFFLINE=1 says so at once, without the hub's retries; "
     cause = error.__cause__ or error
     return (f"{whose} are neither in the local cache ({cache}) nor reachable "
-            f"({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}); {remedy}")
+            f"({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}); {offline_hint}{remedy}")
 
 
 class Normalized(nn.Module):
