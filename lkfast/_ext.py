@@ -22,3 +22,20 @@ else:
     stale = stale_reason(_C.__file__, Path(__file__).resolve().parent.parent / "csrc")
     if stale:
         warnings.warn(f"lkfast: {stale}", RuntimeWarning, stacklevel=2)
+
+CPU_ISA_CAPS = ("generic", "avx2", "avx512")  # the values of LKFAST_CPU_ISA the C++ kernels read
+
+
+def _check_cpu_isa_cap() -> None:
+    """The C++ kernels read LKFAST_CPU_ISA once and take any value but "generic" and "avx2" as no cap:
+    a misspelt one ("AVX2", as oneDNN's ONEDNN_MAX_CPU_ISA spells it) would run the best path silently."""
+    import os
+
+    value = os.environ.get("LKFAST_CPU_ISA")
+    if value is not None and value not in CPU_ISA_CAPS:
+        warnings.warn(f"lkfast: LKFAST_CPU_ISA={value!r} is not one of {', '.join(CPU_ISA_CAPS)} (lower case): "
+                      f"it caps nothing, the kernels run this CPU's best path", RuntimeWarning, stacklevel=3)
+
+
+if _C is not None:
+    _check_cpu_isa_cap()

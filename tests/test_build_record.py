@@ -59,3 +59,23 @@ def test_available_backends_flag_a_stale_build(monkeypatch):
     monkeypatch.setattr(_ext, "stale", "built from other sources")
     info = ops.available_backends()["cpu"]
     assert info.available and "STALE BUILD: built from other sources" in info.reason
+
+
+@pytest.mark.parametrize("value, warns", [("AVX2", True), ("avx-2", True), ("avx2", False), ("generic", False),
+                                          ("avx512", False), (None, False)])
+def test_a_cpu_isa_cap_the_kernels_do_not_read_is_warned_about(monkeypatch, value, warns):
+    """LKFAST_CPU_ISA caps the C++ kernels' instruction set; a value they do not know (upper case, as
+    ONEDNN_MAX_CPU_ISA is spelt beside it) capped nothing, silently."""
+    import warnings
+
+    if value is None:
+        monkeypatch.delenv("LKFAST_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("LKFAST_CPU_ISA", value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _ext._check_cpu_isa_cap()
+    said = [str(w.message) for w in caught if "LKFAST_CPU_ISA" in str(w.message)]
+    assert bool(said) is warns, said
+    if warns:
+        assert said[0].startswith(f"lkfast: LKFAST_CPU_ISA={value!r} is not one of generic, avx2, avx512")

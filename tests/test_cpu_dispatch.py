@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lkfast.ops import cpu_dispatch as cd
+from lkfast.ops import depthwise_conv2d as ops_depthwise
 
 
 @pytest.fixture
@@ -269,6 +270,21 @@ def test_a_first_calibration_leaves_the_global_random_generator_alone(cache):
     entries = json.loads(cache.read_text())["entries"]
     assert {k.split("|")[0] for k in entries} == {"forward", "weight_grad", "pointwise"}
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+def test_a_first_calibration_under_a_default_device_context_times_on_the_cpu(cache):
+    """Inside ``with torch.device("meta")`` (or "cuda"), a CPU call's first calibration makes its
+    timing tensors on the CPU: they were made on the default device, and the C++ kernels refused
+    them ("tensors must be on CPU", of tensors the caller had put there)."""
+    pytest.importorskip("lkfast._C")
+    import torch.nn.functional as F
+
+    x, w = inputs((1, 4, 9, 11), k=7)
+    with torch.device("meta"):
+        y = ops_depthwise(x, w)
+    assert y.device.type == "cpu"
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=3, groups=4), rtol=1e-5, atol=1e-5)
+    assert "forward" in {k.split("|")[0] for k in json.loads(cache.read_text())["entries"]}  # measured here
 
 
 def test_plan_for_tells_apart_the_dtype_and_the_layout_of_one_shape(cache, monkeypatch):

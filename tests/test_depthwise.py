@@ -565,3 +565,64 @@ def test_torch_func_transforms_compute_with_conv2d(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no calibration file: nothing measured under a transform
     with pytest.raises(RuntimeError, match="backend 'cpu' cannot run under torch.func transforms.*'auto' or 'torch'"):
         func.vmap(lambda x: ops.depthwise_conv2d(x, w, backend="cpu"))(x.unsqueeze(1))
+
+
+def test_forward_mode_dual_tensors_keep_their_tangents():
+    """torch.autograd.forward_ad's dual tensors (a tangent on x, on the weight, on the bias, and
+    jacobian(strategy="forward-mode")): the op computes with F.conv2d, whose tangents it returns; the
+    custom op alone would drop them (a None tangent, a zero Jacobian). A named kernel says it cannot."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    w = torch.randn(3, 1, 5, 3, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    tx, tw, tb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    plain = lambda x, w, b: F.conv2d(x, w, b, padding=(2, 1), groups=3)  # noqa: E731
+    for duals in ("x", "w", "b", "xwb"):
+        with fwAD.dual_level():
+            args = [fwAD.make_dual(v, t) if name in duals else v for name, v, t in (("x", x, tx), ("w", w, tw),
+                                                                                 ("b", b, tb))]
+            fast = fwAD.unpack_dual(ops.depthwise_conv2d(*args))
+            reference = fwAD.unpack_dual(plain(*args))
+        torch.testing.assert_close(fast.primal, reference.primal, msg=duals)
+        assert fast.tangent is not None, duals
+        torch.testing.assert_close(fast.tangent, reference.tangent, rtol=1e-10, atol=1e-10, msg=duals)
+    small = x[:1, :, :4, :4]
+    jacobian = torch.autograd.functional.jacobian(lambda x: ops.depthwise_conv2d(x, w), small, vectorize=True,
+                                                  strategy="forward-mode")
+    torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(lambda x: plain(x, w, None), small))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="backend 'cpu' cannot run .* forward-mode dual tensors"):
+        ops.depthwise_conv2d(fwAD.make_dual(x, tx), w, backend="cpu")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_op_follows_autocast_whichever_backend_computes(channels_last, monkeypatch):
+    """Under CPU autocast the op's inputs are cast as F.conv2d's are (floating, not float64, to the
+    autocast dtype), on every backend: the output is bfloat16 from the C++ kernels and from
+    PyTorch's alike, and the backward runs (it crashed where the torch backend returned bfloat16
+    of float32 inputs). float64 and integers are left as they are, as autocast leaves them."""
+    pytest.importorskip("lkfast._C")
+    import torch.nn.functional as F
+
+    monkeypatch.setenv("LKFAST_CALIBRATE", "0")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for backend in ("cpu", "torch", "auto"):
+        x = torch.randn(2, 3, 8, 8).contiguous(memory_format=fmt).requires_grad_()
+        w = torch.randn(3, 1, 5, 5, requires_grad=True)
+        b = torch.randn(3, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ops.depthwise_conv2d(x, w, b, backend=backend)
+            reference = F.conv2d(x, w, b, padding=2, groups=3)
+        assert y.dtype == reference.dtype == torch.bfloat16, backend
+        torch.testing.assert_close(y.float(), reference.float(), rtol=2e-2, atol=5e-2, msg=backend)
+        y.float().square().sum().backward()
+        assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+        assert x.grad.isfinite().all() and w.grad.abs().sum() > 0, backend
+    xd, wd = torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.randn(3, 1, 5, 5, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yd = ops.depthwise_conv2d(xd, wd)
+        with pytest.raises(TypeError, match="unsupported dtype int64 for x"):
+            ops.depthwise_conv2d(torch.ones(1, 3, 8, 8, dtype=torch.long), torch.randn(3, 1, 5, 5))
+    assert yd.dtype == torch.float64
+    torch.testing.assert_close(yd, F.conv2d(xd, wd, padding=2, groups=3), rtol=1e-12, atol=1e-12)

@@ -66,6 +66,24 @@ def test_depthwise_conv2d_with_a_bias_of_another_shape_fails_as_conv2d_does():
         conv(torch.randn(1, 4, 9, 9))
 
 
+@pytest.mark.parametrize("attribute, value", [("padding", (0, 0)), ("padding", 1), ("padding", "valid"),
+                                              ("stride", (2, 2)), ("dilation", (2, 2)), ("padding_mode", "reflect"),
+                                              ("padding_mode", "circular")])
+def test_a_geometry_set_after_construction_is_computed_as_conv2d_computes_it(attribute, value):
+    """A padding, stride, dilation or padding mode assigned to the module after it was built (on a
+    DepthwiseConv2d or a conv patch_model turned into one) is what nn.Conv2d's forward computes; the
+    fast op computed the "same" stride-1 zero-padded conv regardless, silently."""
+    fast = DepthwiseConv2d(4, 5)
+    plain = nn.Conv2d(4, 4, 5, padding=2, groups=4)
+    plain.load_state_dict(fast.state_dict())
+    setattr(fast, attribute, value)
+    setattr(plain, attribute, value)
+    x = torch.randn(2, 4, 11, 13)
+    expected = plain(x)
+    assert fast(x).shape == expected.shape
+    _close(fast(x), expected)
+
+
 @pytest.mark.parametrize("kwargs, says", [(dict(stride=2, padding=3), "stride=(2, 2)"),
                                           (dict(padding=0), "padding=(0, 0)"),
                                           (dict(dilation=2, padding=6), "dilation=(2, 2)"),
@@ -107,6 +125,25 @@ def test_depthwise_conv2d_under_cpu_autocast():
         y = fast(x)
     assert y.dtype == torch.bfloat16
     _close(y.float(), F.conv2d(x, fast.weight, fast.bias, padding=2, groups=4), rtol=3e-2, atol=3e-2)
+    # float64 is left alone, as autocast leaves it for nn.Conv2d: exact, not rounded to bfloat16
+    double = DepthwiseConv2d(4, 5).double()
+    xd = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yd = double(xd)
+    assert yd.dtype == torch.float64
+    torch.testing.assert_close(yd, F.conv2d(xd, double.weight, double.bias, padding=2, groups=4), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_a_patched_model_runs_on_the_meta_device():
+    """Shape inference on meta tensors (a model built under torch.device("meta")) works through the
+    fast layers, as through nn.Conv2d (the autocast check asked about a device type it has not)."""
+    with torch.device("meta"):
+        model = _tiny_convnext()
+    reference = _tiny_convnext().eval()
+    assert patch_model(model) == 4
+    out = model(torch.randn(2, 3, 64, 64, device="meta"))
+    assert out.device.type == "meta" and out.shape == reference(torch.randn(2, 3, 64, 64)).shape
 
 
 def _tiny_convnext():

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn as nn
@@ -53,15 +53,6 @@ def fast_op_computes(in_channels: int, out_channels: int, kernel_size: KernelSiz
     return padding is None or padding == "same" or (not isinstance(padding, str) and _pair(padding) == (kh // 2, kw // 2))
 
 
-def _fast_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    # A custom op is invisible to autocast, so apply the cast that nn.Conv2d would get.
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return depthwise_conv2d(x, weight, bias)
-
-
 class DepthwiseConv2d(nn.Conv2d):
     """Depthwise convolution, stride 1, zero "same" padding, computed by the fast op.
 
@@ -69,7 +60,8 @@ class DepthwiseConv2d(nn.Conv2d):
     the same parameters and state_dict keys (``weight`` of shape ``(C, 1, kh, kw)``, ``bias``), so a
     Conv2d's state_dict loads into it and code that reads ``in_channels``/``kernel_size``/``weight``
     keeps working. Refuses (ValueError) a kernel size that is even in either dimension (the padding
-    is symmetric only for odd sizes). Holds no state beyond nn.Conv2d's: ``patch_model`` turns an
+    is symmetric only for odd sizes). A padding, stride, dilation or padding_mode changed on the
+    module after construction is computed as nn.Conv2d computes it, by PyTorch. Holds no state beyond nn.Conv2d's: ``patch_model`` turns an
     eligible ``nn.Conv2d`` into one by changing its class. A ``weight`` (or ``bias``) of another
     shape than the module's, as an unsafe parametrization may compute, is convolved as nn.Conv2d
     would, by PyTorch.
@@ -91,16 +83,20 @@ class DepthwiseConv2d(nn.Conv2d):
         # computes the tensor (and spectral_norm's runs a power iteration in training).
         weight, bias = self.weight, self.bias
         channels = self.out_channels
-        if weight.shape != (channels, 1, *self.kernel_size) or (bias is not None and bias.shape != (channels,)):
-            # a weight of another shape (an unsafe parametrization's, one assigned by hand): the
-            # fast op's padding follows the weight, nn.Conv2d's the module, so compute what it does
+        kh, kw = self.kernel_size
+        if weight.shape != (channels, 1, kh, kw) or (bias is not None and bias.shape != (channels,)) \
+                or self.padding != (kh // 2, kw // 2) or self.stride != (1, 1) or self.dilation != (1, 1) \
+                or self.padding_mode != "zeros" or self.groups != channels:
+            # a weight of another shape (an unsafe parametrization's, one assigned by hand), or a
+            # padding, stride, dilation or padding mode set after construction: the fast op computes
+            # none of these, so compute what nn.Conv2d does with them
             return self._conv_forward(x, weight, bias)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it; the op itself takes (N, C, H, W)
-            return _fast_depthwise(x.unsqueeze(0), weight, bias).squeeze(0)
+            return depthwise_conv2d(x.unsqueeze(0), weight, bias).squeeze(0)
         if x.dim() != 4:
             raise ValueError(f"DepthwiseConv2d: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, "
                              f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
-        return _fast_depthwise(x, weight, bias)
+        return depthwise_conv2d(x, weight, bias)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":

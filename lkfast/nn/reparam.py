@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkfast.nn.depthwise import DepthwiseConv2d, KernelSize, _fast_depthwise, make_conv2d
+from lkfast.nn.depthwise import DepthwiseConv2d, KernelSize, make_conv2d
 from lkfast.nn.pointwise import PointwiseConv2d, is_pointwise, pointwise_conv2d
+from lkfast.ops import depthwise_conv2d
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +100,7 @@ def _bn_tensors(bn: nn.BatchNorm2d) -> list:
 def _conv_like(conv: nn.Conv2d, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``conv``'s convolution of ``x`` with another kernel and bias (the fast op for DepthwiseConv2d)."""
     if isinstance(conv, DepthwiseConv2d):
-        return _fast_depthwise(x, kernel, bias)
+        return depthwise_conv2d(x, kernel, bias)
     if isinstance(conv, PointwiseConv2d):
         return pointwise_conv2d(x, kernel.to(x.dtype), bias.to(x.dtype))
     return F.conv2d(x, kernel.to(x.dtype), bias.to(x.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -225,7 +226,7 @@ class ReparamLargeKernelConv(nn.Module):
             return self.lkb_reparam(x)
         if isinstance(self.lkb_origin.conv, DepthwiseConv2d) and self._branches_in_inference_mode():
             sources = [p for branch in self.children() for p in [branch.conv.weight] + _bn_tensors(branch.bn)]
-            return _fast_depthwise(x, *self._fold_cache.get(sources, self.get_equivalent_kernel_bias))
+            return depthwise_conv2d(x, *self._fold_cache.get(sources, self.get_equivalent_kernel_bias))
         out = self.lkb_origin(x)
         if hasattr(self, "small_conv"):
             out = out + self.small_conv(x)

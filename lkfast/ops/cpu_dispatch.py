@@ -265,9 +265,9 @@ def _runs(x: torch.Tensor, weight: torch.Tensor, pass_: str) -> dict[str, Callab
 
     kh, kw = weight.shape[-2:]
     # Fresh tensors of the call's shape, dtype and layout: the call's own may be under autograd.
-    xs = torch.randn(x.shape, dtype=x.dtype).contiguous(
+    xs = torch.randn(x.shape, dtype=x.dtype, device="cpu").contiguous(
         memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
-    ws = torch.randn(weight.shape, dtype=weight.dtype)
+    ws = torch.randn(weight.shape, dtype=weight.dtype, device="cpu")
     if pass_ == "forward":
         return {name: (lambda b=BACKENDS[name]: b.forward(xs, ws, None, False)) for name in CANDIDATES}
     go = torch.randn_like(xs)
@@ -330,8 +330,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Opti
 def _pointwise_runs(x: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[[], None]]:
     import torch.nn.functional as F
 
-    xs = torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
-    ws = torch.randn(weight.shape, dtype=weight.dtype)
+    xs = torch.randn(x.shape, dtype=x.dtype, device="cpu").contiguous(memory_format=torch.channels_last)
+    ws = torch.randn(weight.shape, dtype=weight.dtype, device="cpu")
     w2 = ws.reshape(ws.shape[0], ws.shape[1])
     return {"matmul": lambda: F.linear(xs.permute(0, 2, 3, 1), w2), "conv": lambda: F.conv2d(xs, ws)}
 

@@ -292,14 +292,41 @@ def _differentiable_grads(grad, x, weight, want_x: bool, want_w: bool):
     return convolution_backward(grad, x, weight, want_x, want_w)
 
 
+def _autocast(x, weight, bias):
+    """The cast autocast gives F.conv2d, which a custom op does not get: under autocast on the
+    inputs' device, each floating tensor other than float64 goes to the autocast dtype (as
+    PyTorch's rule for its lower-precision ops; integers and float64 are left as they are). So
+    the output's dtype is autocast's whichever backend computes it."""
+    device_type = x.device.type if isinstance(x, torch.Tensor) else None
+    if device_type is None or not torch.amp.is_autocast_available(device_type) \
+            or not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible and t.device.type == device_type else t
+    return cast(x), cast(weight), cast(bias)
+
+
+def _forward_ad_dual(*tensors) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode tangent (torch.autograd.forward_ad)."""
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level < 0:  # no dual level open: the common case, one attribute read
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _under_torch_func(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     # torch.func wraps tensors in levels (batched, dual, grad-tracking) that lkfast's kernels cannot
     # read and the custom op has no vmap or forward-mode rule for (vmap also refuses the random
-    # tensors a first calibration times); PyTorch's convolution supports every transform.
+    # tensors a first calibration times); PyTorch's convolution supports every transform. Dual
+    # tensors of torch.autograd.forward_ad come here too (the op would drop their tangents).
     if backend not in ("auto", "torch"):
         raise RuntimeError(f"depthwise_conv2d: backend {backend!r} cannot run under torch.func transforms "
-                           f"(vmap, grad, jvp, jacrev...); use backend='auto' or 'torch', which compute "
-                           f"with F.conv2d there")
+                           f"(vmap, grad, jvp, jacrev...) or on forward-mode dual tensors; use backend='auto' "
+                           f"or 'torch', which compute with F.conv2d there")
     kh, kw = weight.shape[-2:]
     if x.shape[1] == 1 and x.device.type == "cpu":
         # one channel is a plain (groups = 1) convolution to oneDNN, whose weight gradient (taken by grad,
@@ -323,15 +350,19 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     computed by PyTorch's differentiable ``convolution_backward``). ``backend``: "auto", "torch", "cpu", "cuda", "triton" or
     "triton_mma" (tensor cores, fp16/bf16); ``lkfast.ops.available_backends()`` lists which can run
     here and why the others cannot.
-    Under ``torch.func`` transforms (vmap, grad, jvp, jacrev, hessian...) ``auto`` and "torch" compute
-    with ``F.conv2d``, which supports them; the other backends cannot run there (RuntimeError).
+    Under ``torch.func`` transforms (vmap, grad, jvp, jacrev, hessian...) and on forward-mode dual
+    tensors (``torch.autograd.forward_ad``) ``auto`` and "torch" compute with ``F.conv2d``, which
+    supports them; the other backends cannot run there (RuntimeError).
+    Under autocast the inputs are cast as F.conv2d's would be (floating tensors other than float64
+    to the autocast dtype), whichever backend runs.
     Raises ValueError/TypeError for bad shapes, dtypes or devices and RuntimeError when the named
     backend cannot run the call, each naming the problem.
     """
+    x, weight, bias = _autocast(x, weight, bias)
     _check_inputs(x, weight, bias)
     if backend == "auto" and torch.compiler.is_compiling():
         return _depthwise_conv2d_op(x, weight, bias, AUTO)  # each op chooses when it runs (see AUTO)
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or _forward_ad_dual(x, weight, bias):
         return _under_torch_func(x, weight, bias, backend)
     plan = _plan_for(x, weight, backend)
     return _depthwise_conv2d_op(x, weight, bias, plan.encode())
