@@ -590,6 +590,58 @@ def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatc
                 Runner([], [], with_baseline).result_key(None, TASKS[task])) is changes, task
 
 
+def test_taigs_result_key_follows_its_surrogate(tmp_path):
+    """TAIG's result depends on the surrogate the run gives it: another surrogate checkpoint (its
+    file replaced, or another file under the same label), another label for it (the result names
+    it) or none at all is another key; a cached result made with vit.pth was served for vit2.pth.
+    The other tasks' keys do not depend on which models are in the run."""
+    import lkfast.eval.analysis_tasks  # noqa: F401  (registers taig)
+    from lkfast.eval.runner import Runner
+
+    val = tmp_path / "val" / "n01440764"
+    val.mkdir(parents=True)
+    (val / "a.JPEG").write_bytes(b"x")
+    files = {}
+    for name in ("tiny.pth", "vit.pth", "vit2.pth"):
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode())
+    tiny = ModelSpec("test_resnet", str(files["tiny.pth"]), label="tiny")
+
+    def key(task, *others, **analysis):
+        options = EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")}, analysis=analysis)
+        runner = Runner([tiny, *others], [task], options)
+        return runner.result_key(tiny, TASKS[task])
+
+    vit = ModelSpec("test_vit", str(files["vit.pth"]), label="vit")
+    base = key("taig", vit)
+    assert key("taig", vit) == base  # nothing changed: the cached result is served
+    assert key("taig", ModelSpec("test_vit", str(files["vit2.pth"]), label="vit")) != base
+    assert key("taig", ModelSpec("test_vit", str(files["vit.pth"]), label="ViT")) != base
+    assert key("taig") != base  # no surrogate: not a result made with one
+    assert key("taig", vit, ModelSpec("test_vit", str(files["vit2.pth"]), label="vit2"), taig_surrogate="vit2") != \
+        key("taig", vit, ModelSpec("test_vit", str(files["vit2.pth"]), label="vit2"), taig_surrogate="vit")
+    files["vit.pth"].write_bytes(b"retrained")
+    assert key("taig", vit) != base
+    assert key("clean", vit) == key("clean") and key("fgsm", vit) == key("fgsm")
+
+
+def test_a_model_without_weights_is_the_same_random_net_each_time():
+    """A model with no checkpoint (random weights, cached under the key "random") is built from one
+    seed: two loads are the same net, so a resumed run's shards and a rerun's cached results come
+    from the weights the run evaluates; the caller's random generator is left as it was."""
+    from lkfast.eval.models import load_model
+
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
+    first, _ = load_model(ModelSpec("test_resnet"))
+    assert torch.equal(torch.rand(2), expected)
+    second, _ = load_model(ModelSpec("test_resnet"))
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.float().std() > 0 for k, v in a.items() if k.endswith("weight"))  # initialised, not zeros
+
+
 def test_a_missing_baseline_checkpoint_stops_only_the_normalisation(tmp_path, data_root, checkpoint):
     """Through the API (the CLI refuses it up front), a baseline whose checkpoint is missing leaves
     the tasks that do not use it alone, and ImageNet-P says why it is unnormalised."""

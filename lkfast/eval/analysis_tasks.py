@@ -242,15 +242,21 @@ def _is_vit(name: str) -> bool:
 
 
 def _surrogate_spec(ctx):
-    wanted = ctx.options.analysis_option("taig_surrogate")
-    others = [s for s in ctx.runner.models if s != ctx.spec]
+    return _surrogate_for(ctx.runner, ctx.spec)
+
+
+def _surrogate_for(runner, target):
+    """TAIG's surrogate for ``target``: the model of the run --taig-surrogate names, else one of the
+    other family (see the module docstring); TaskUnavailable where there is none."""
+    wanted = runner.options.analysis_option("taig_surrogate")
+    others = [s for s in runner.models if s != target]
     if wanted:
-        chosen = [s for s in ctx.runner.models if s.display == wanted]
+        chosen = [s for s in runner.models if s.display == wanted]
         if not chosen:
             raise TaskUnavailable(f"TAIG surrogate {wanted!r} is not a model label of this run "
-                                  f"({', '.join(s.display for s in ctx.runner.models)})")
+                                  f"({', '.join(s.display for s in runner.models)})")
         return chosen[0]
-    if _is_vit(ctx.spec.name):
+    if _is_vit(target.name):
         chosen = [s for s in others if s.name.startswith("replknet_31b")] or \
             [s for s in others if not _is_vit(s.name)]
     else:
@@ -260,6 +266,19 @@ def _surrogate_spec(ctx):
                               "for ConvNets, RepLKNet-31B for ViTs); add one to --models or name one with --taig-surrogate "
                               "to a model label of the run")
     return chosen[0]
+
+
+def _surrogate_key(runner, target):
+    """What TAIG's result depends on beyond its options: the surrogate chosen, by label (the result
+    names it) and weights (``ModelSpec.key``); None where there is none (the task does not run)."""
+    try:
+        surrogate = _surrogate_for(runner, target)
+    except TaskUnavailable:
+        return None
+    try:
+        return [surrogate.display, surrogate.key()]
+    except FileNotFoundError as error:  # its load says so when the task runs; the key says which file
+        return [surrogate.display, f"missing: {error}"]
 
 
 # TAIG-R as the paper's script runs it (lkfast.attacks.transfer_success's defaults)
@@ -483,6 +502,7 @@ _DESCRIPTIONS = {
 # version 2: occlusion to frequency run through ctx.records (sharded; random draws seeded per image)
 _SHARDED = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency")
 _READS = {"occlusion": _DINO_OPTIONS, "taig": ("taig_surrogate",)}  # the analysis options each reads
+_DEPENDS = {"taig": _surrogate_key}  # what else a result depends on (Task.depends)
 # later versions: occlusion 3 (Fig. 5's example in the result), lesion 3 (fraction over the model's blocks),
 # kernel-distance 2 (the large kernel's own weights, as the paper's script), feature-variance 2 (seeded random
 # val images), taig 3 (success_rate over all attacked images, as the paper's script)
@@ -497,7 +517,7 @@ for _name in ANALYSIS_TASKS:
                       description=_DESCRIPTIONS[_name],
                       version=_VERSIONS.get(_name, "2" if _name in _SHARDED else "1"),
                       reads=_READS.get(_name, ()), cost=_COSTS.get(_name),
-                      without_images=_WITHOUT_IMAGES.get(_name, ""))
+                      without_images=_WITHOUT_IMAGES.get(_name, ""), depends=_DEPENDS.get(_name))
 SUITES.setdefault("analysis", ANALYSIS_TASKS)
 # The kernel-size ablation: the tasks whose numbers Tables 5 and 7 show, and the ablation task.
 SUITES.setdefault("ablation", analysis.ablation.TABLE_TASKS + ("ablation",))

@@ -342,11 +342,31 @@ def load_model(spec: ModelSpec, device: str = "cpu", trust_checkpoint: bool = Fa
     """The model of ``spec`` in eval mode on ``device``, wrapped in ``Normalized``, and its data
     config (input_size, interpolation, mean, std, crop_pct, crop_mode).
 
+    A model with neither a checkpoint nor published weights is the same random net on every call
+    (built after ``torch.manual_seed(RANDOM_WEIGHTS_SEED)``, the caller's generator left as it was):
+    its cache entries (``ModelSpec.key``: "random") then hold one net's results, whichever run
+    computed them.
+
     Raises FileNotFoundError for a missing checkpoint, ``lkfast.models.CheckpointError`` for one that
     does not fit, ValueError for an unknown name."""
+    spec.require_checkpoint()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        model, config = _build(spec, trust_checkpoint)
+    if spec.input_size is not None:
+        config["input_size"] = (3, spec.input_size, spec.input_size)
+    wrapped = Normalized(model, config["mean"], config["std"], spec.logit_order).to(device).eval()
+    if channels_last:
+        wrapped = wrapped.to(memory_format=torch.channels_last)
+    return wrapped, config
+
+
+RANDOM_WEIGHTS_SEED = 0  # the seed a model without weights is built with (load_model)
+
+
+def _build(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Module, Dict[str, Any]]:
     import timm.data
 
-    spec.require_checkpoint()
     if spec.source == "torchvision":
         model, config = _torchvision_model(spec, trust_checkpoint)
     else:
@@ -372,12 +392,7 @@ def load_model(spec: ModelSpec, device: str = "cpu", trust_checkpoint: bool = Fa
                 f"model {spec.display!r}: timm's published weights for {spec.name!r}", error,
                 f"download them elsewhere and give the file as {spec.name}:PATH")) from error
         config = dict(timm.data.resolve_data_config(model=model))
-    if spec.input_size is not None:
-        config["input_size"] = (3, spec.input_size, spec.input_size)
-    wrapped = Normalized(model, config["mean"], config["std"], spec.logit_order).to(device).eval()
-    if channels_last:
-        wrapped = wrapped.to(memory_format=torch.channels_last)
-    return wrapped, config
+    return model, config
 
 
 def output_classes(model: nn.Module, config: Dict[str, Any], device: str) -> int:

@@ -42,6 +42,9 @@ class Task:
         so another option does not recompute it.
     without_images: for a task that reads no images, what it reads instead (e.g. "the model's depthwise
         kernel weights"): ``--dry-run``'s note for it ("no images: reads ...", not a throughput).
+    depends: ``depends(runner, spec) -> JSON-able``: what else the model's result depends on, found from
+        the run (TAIG: which model of the run is its surrogate, by label and weights); joins the
+        result's cache key, so that a cached result made with another is not served. None: nothing.
     """
 
     name: str
@@ -53,6 +56,7 @@ class Task:
     reads: Tuple[str, ...] = ()
     cost: Optional[Callable] = None
     without_images: str = ""
+    depends: Optional[Callable] = None
 
 
 TASKS: Dict[str, Task] = {}
@@ -60,7 +64,8 @@ TASKS: Dict[str, Task] = {}
 
 def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count: Optional[Callable] = None,
                   description: str = "", version: str = "1", reads: Sequence[str] = (),
-                  cost: Optional[Callable] = None, without_images: str = "", replace: bool = False) -> Task:
+                  cost: Optional[Callable] = None, without_images: str = "", depends: Optional[Callable] = None,
+                  replace: bool = False) -> Task:
     """Add a task to ``python -m lkfast.eval`` (``--suite NAME`` selects it). Returns the Task.
 
     Raises ValueError when ``name`` is taken (pass ``replace=True`` to override on purpose) or is not
@@ -69,7 +74,7 @@ def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count:
         raise ValueError(f"register_task: task names are lower-case letters, digits and '-', got {name!r}")
     if name in TASKS and not replace:
         raise ValueError(f"register_task: a task named {name!r} is already registered")
-    task = Task(name, run, tuple(needs), count, description, version, tuple(reads), cost, without_images)
+    task = Task(name, run, tuple(needs), count, description, version, tuple(reads), cost, without_images, depends)
     TASKS[name] = task
     return task
 

@@ -456,11 +456,14 @@ class Runner:
         return ResultCache(self.out / "cache" / spec.key())
 
     def result_key(self, spec: ModelSpec, task: Task, config: Optional[Dict[str, Any]] = None) -> str:
-        return stable_hash({"task": task.name, "version": task.version, "options": self.options.numeric_key(task.reads),
-                            "limit": self.options.limit, "data": self._data_fingerprint(),
-                            "classes": [self.class_space.name, self.class_space.fingerprint],
-                            "baseline": None if self.options.baseline is None or "baseline" not in task.reads else
-                            [self.options.baseline.name, self._baseline_key()]})
+        key = {"task": task.name, "version": task.version, "options": self.options.numeric_key(task.reads),
+               "limit": self.options.limit, "data": self._data_fingerprint(),
+               "classes": [self.class_space.name, self.class_space.fingerprint],
+               "baseline": None if self.options.baseline is None or "baseline" not in task.reads else
+               [self.options.baseline.name, self._baseline_key()]}
+        if task.depends is not None:  # (only then: the other tasks' keys stay as they were)
+            key["depends"] = task.depends(self, spec)
+        return stable_hash(key)
 
     def _baseline_key(self) -> str:
         try:
