@@ -570,6 +570,13 @@ def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatc
     assert keys() == with_dino
     dino.write_bytes(b"other weights")
     assert keys()[1] != with_dino[1]
+    # the same folder typed relative to another working directory, or through a link: the same keys
+    (tmp_path / "link").symlink_to(tmp_path / "val")
+    monkeypatch.chdir(tmp_path / "val")
+    assert keys(data={"val": "."}) == keys() == keys(data={"val": str(tmp_path / "link")})
+    monkeypatch.chdir(tmp_path)
+    assert keys(data={"val": "val"}) == keys()
+    assert keys(analysis={"dino_checkpoint": "dino.pth"}) == keys(analysis={"dino_checkpoint": str(dino)})
     (val / "b.JPEG").write_bytes(b"y")
     assert keys()[0] != base[0]
     # another label set (a python -m lkfast.train run's classes) is another result, by name and by size
@@ -671,6 +678,31 @@ def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):
         assert second["tiny"]["test-mean-logit"] == first["tiny"]["test-mean-logit"]
     finally:
         TASKS.pop("test-mean-logit")
+
+
+def test_the_same_data_through_a_link_or_a_relative_path_reuses_the_stored_shards(tmp_path, data_root, checkpoint,
+                                                                                     monkeypatch):
+    """A rerun that names the data folder another way (relative to another directory, through a
+    link) reads its shards from the cache: its paths used to be part of the keys as typed."""
+    computed = []
+
+    def count(ctx):
+        rec = ctx.records("val", ctx.dataset("val"), lambda x, y, i: computed.append(len(i)) or {"m": x.mean((1, 2, 3))})
+        return {"n": len(rec["m"])}
+    register_task("test-shard-paths", count, needs=("val",), replace=True)
+    try:
+        (tmp_path / "link").symlink_to(data_root)
+        specs = [ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)]
+        monkeypatch.chdir(data_root)
+        for i, val in enumerate((str(data_root / "val"), "val", str(tmp_path / "link" / "val"))):
+            options = EvalOptions(out=str(tmp_path / "out"), data={"val": val}, workers=0, progress=False,
+                                  shard_size=4)
+            for entry in (tmp_path / "out" / "cache").glob("*/test-shard-paths/result.*"):
+                entry.unlink()  # the result is recomputed from the stored shards
+            assert run_evaluation(specs, ["test-shard-paths"], options)["tiny"]["test-shard-paths"]["n"] == 6
+            assert sum(computed) == 6, (i, val, computed)  # the first run's two shards, nothing since
+    finally:
+        TASKS.pop("test-shard-paths")
 
 
 def test_stored_shards_follow_their_key_and_their_files(tmp_path, data_root, checkpoint):

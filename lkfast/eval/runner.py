@@ -17,6 +17,7 @@ import platform
 import sys
 import time
 import warnings
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -104,7 +105,10 @@ class EvalOptions:
         for name in sorted(reads):
             value = self.analysis_option(name)
             if value:
-                used[name] = [value, files_fingerprint([value]) if os.path.isfile(value) else None]
+                if os.path.isfile(value):  # by its real path (see Runner) and its size and time
+                    used[name] = [os.path.realpath(value), files_fingerprint([os.path.realpath(value)])]
+                else:
+                    used[name] = [value, None]
         if used:
             key["analysis"] = used
         return key
@@ -366,6 +370,9 @@ class Runner:
     def __init__(self, models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions):
         from lkfast.eval.classes import imagenet_class_space
 
+        # each data folder by its real path: the cache keys hold its paths, and "data" typed from another
+        # folder, "/abs/data" or a link to it are the same files, whose finished work is reused
+        options = dataclasses.replace(options, data={k: os.path.realpath(os.fspath(v)) for k, v in options.data.items()})
         self.models, self.tasks, self.options = list(models), list(tasks), options
         labels = [m.display for m in self.models]
         duplicates = sorted({x for x in labels if labels.count(x) > 1})
