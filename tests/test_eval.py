@@ -276,6 +276,26 @@ def test_resume_after_interruption_gives_the_same_results(tmp_path, full_run, da
     assert numbers(load(tmp_path)) == numbers(resumed)
 
 
+def test_a_second_run_into_the_same_out_fails_while_the_first_writes_there(tmp_path, data_root, checkpoint, capsys):
+    """Two runs into one --out at once computed the same shards twice and the last one's results.json
+    and report replaced the other's (with other --models, its models vanished): the second now stops
+    at once, naming the first's pid, and runs once the first is done."""
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lkfast-eval.lock", "a+") as held:  # what the first run holds while it writes
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        assert cli(*common(out, checkpoint, data_root, "--suite", "clean")) == 2
+        err = capsys.readouterr().err
+        assert f"lkfast.eval: error: another python -m lkfast.eval (pid 4242) is writing to {out}: wait for it" in err
+        assert not (out / "results.json").exists()
+    assert cli(*common(out, checkpoint, data_root, "--suite", "clean")) == 0  # released: this one runs
+    assert "clean" in load(out)["tiny"]
+    assert cli(*common(out, checkpoint, data_root, "--suite", "clean")) == 0  # and the lock goes with each run
+
+
 def test_torchrun_two_processes_equal_one(tmp_path, full_run, data_root, checkpoint):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     with socket.socket() as probe:  # a free port: other test files start process groups too

@@ -9,6 +9,7 @@ index, so the numbers do not depend on how many processes ran or where a run was
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import json
@@ -551,7 +552,12 @@ class Runner:
         on rank 0, after each task). A task whose data is absent is recorded as
         ``{"unavailable": reason}`` and the run goes on. A task whose data or options are wrong
         (EvalError, DatasetLayoutError) is recorded the same way (with ``"error"``), the other tasks
-        and the report still run, and then EvalError names every such failure."""
+        and the report still run, and then EvalError names every such failure. One run at a time
+        writes to an ``out`` folder: EvalError at once where another holds it (``_out_lock``)."""
+        with _out_lock(self.out) if dist.is_main() else contextlib.nullcontext():
+            return self._run()
+
+    def _run(self) -> Dict[str, Any]:
         import lkfast
 
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -635,6 +641,46 @@ class Runner:
     def _write(self, results) -> None:
         if dist.is_main():
             write_text_atomic(self.out / RESULTS_FILE, json.dumps(self._with_meta(results), indent=1, sort_keys=False))
+
+
+OUT_LOCK = ".lkfast-eval.lock"  # under --out: held (flock) by the run writing there, with its pid in it
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path):
+    """Held while a run writes ``out``: a second run into the same folder (the same command started
+    twice, or one with other models) fails at once with EvalError naming the first one's pid; the two
+    would compute the same shards twice and overwrite each other's results.json and report. The
+    lock goes with the process, however it ends. Unlocked where flock is missing (Windows) or
+    refused (some network file systems), as before."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / OUT_LOCK, "a+")
+    except OSError:  # an unwritable --out fails on its first write, saying so
+        yield False
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            raise EvalError(f"another python -m lkfast.eval{f' (pid {holder})' if holder.isdigit() else ''} is "
+                            f"writing to {out}: wait for it to finish and rerun (its finished work is cached), or "
+                            f"pass another --out") from None
+        except OSError:
+            yield False
+            return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield True
 
 
 def run_evaluation(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions) -> Dict[str, Any]:
