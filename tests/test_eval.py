@@ -276,6 +276,38 @@ def test_resume_after_interruption_gives_the_same_results(tmp_path, full_run, da
     assert numbers(load(tmp_path)) == numbers(resumed)
 
 
+def test_an_interrupted_rerun_says_its_report_is_an_earlier_runs(tmp_path, data_root, checkpoint, monkeypatch,
+                                                                 capsys):
+    """A run interrupted after some tasks, into an --out holding an earlier run's report: its
+    results.json holds what finished and report.md is still the earlier one's; the last line says
+    so and how to write a report of what finished, which says it is not finished."""
+    from lkfast.eval.report import main as report_main
+
+    out = tmp_path / "out"
+    assert cli(*common(out, checkpoint, data_root, "--suite", "clean")) == 0
+    capsys.readouterr()
+    original = ResultCache.save_shard
+
+    def interrupted(self, task, *a, **k):
+        if task == "imagenet-r":
+            raise KeyboardInterrupt  # after clean and imagenet-a finished
+        return original(self, task, *a, **k)
+    monkeypatch.setattr(ResultCache, "save_shard", interrupted)
+    assert cli(*common(out, checkpoint, data_root, "--suite", "clean,imagenet-a,imagenet-r", "--seed", 1)) == 130
+    err = capsys.readouterr().err
+    assert f"{out / 'results.json'} holds the tasks that finished, {out / 'report.md'} is still an earlier run's " \
+           f"(python -m lkfast.eval.report {out} writes a report of what finished)" in err, err
+    assert sorted(t for t in load(out)["tiny"] if not t.startswith("_")) == ["clean", "imagenet-a"]
+    assert report_main([str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "**not finished** (interrupted" in report and "ImageNet-A" in report
+    # interrupted again before any task finished: results.json (the last one) is older than the report
+    monkeypatch.setattr(ResultCache, "save_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli(*common(out, checkpoint, data_root, "--suite", "clean", "--seed", 2)) == 130
+    err = capsys.readouterr().err
+    assert "rerun the same command to go on from there\n" in err and "earlier run" not in err, err
+
+
 def test_a_second_run_into_the_same_out_fails_while_the_first_writes_there(tmp_path, data_root, checkpoint, capsys):
     """Two runs into one --out at once computed the same shards twice and the last one's results.json
     and report replaced the other's (with other --models, its models vanished): the second now stops

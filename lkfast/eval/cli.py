@@ -207,6 +207,20 @@ def _check_writable(folder: str) -> None:
                         "can write, with free space, for results.json, report.md and the cache") from None
 
 
+def _partial_note(out: str) -> str:
+    """For the interrupted run's last line: where its results.json (written after each task) is newer
+    than report.md, that the report is still an earlier run's and how to get one of what finished."""
+    results, report = os.path.join(out, "results.json"), os.path.join(out, "report.md")
+    try:
+        if os.path.isfile(report) and os.path.getmtime(report) >= os.path.getmtime(results):
+            return ""
+    except OSError:  # no results.json: this run finished no task
+        return ""
+    return (f"; {results} holds the tasks that finished" + (f", {report} is still an earlier run's" if
+                                                              os.path.isfile(report) else "") +
+            f" (python -m lkfast.eval.report {out} writes a report of what finished)")
+
+
 def _needs_dino(options, tasks) -> bool:
     """Whether the occlusion task runs on data without foreground masks and no DINO checkpoint is given
     (its salient and non-salient drops then need DINO's saliency)."""
@@ -406,7 +420,7 @@ def _main(argv: Optional[List[str]]) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"\nlkfast.eval: interrupted; finished shards are kept under {os.path.join(args.out, 'cache')}: rerun "
-              "the same command to go on from there", file=sys.stderr)
+              f"the same command to go on from there{_partial_note(args.out)}", file=sys.stderr)
         return 130
     finally:
         dist.shutdown()

@@ -247,8 +247,11 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
     models = _models(results)
     w.text("# lkfast robustness report\n\n"
            f"Models: {', '.join(models) or 'none'}. Run on {meta.get('device', '?')} ({meta.get('device_name', '')}), "
-           f"{meta.get('world_size', 1)} process(es), started {meta.get('started', '?')}, finished "
-           f"{meta.get('finished', '?')}; lkfast {meta.get('lkfast', '?')}, torch {meta.get('torch', '?')}. "
+           f"{meta.get('world_size', 1)} process(es), started {meta.get('started', '?')}, "
+           + (f"finished {meta['finished']}" if meta.get("finished") else
+              "**not finished** (interrupted: this report holds the tasks that had finished; rerunning the "
+              "run's command goes on from there and writes the whole report)")
+           + f"; lkfast {meta.get('lkfast', '?')}, torch {meta.get('torch', '?')}. "
            f"Options: {json.dumps(meta.get('options', {}), sort_keys=True)}. Class space: {meta.get('class_space', '?')}.\n\n"
            f"Paper values are from {CITATION} (Tables 1, 2, 3 and 6), shown beside the measured value for the "
            f"models the paper reports; \"—\" means not measured or not reported.\n")
