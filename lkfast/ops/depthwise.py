@@ -298,8 +298,12 @@ def _autocast(x, weight, bias):
     PyTorch's rule for its lower-precision ops; integers and float64 are left as they are). So
     the output's dtype is autocast's whichever backend computes it."""
     device_type = x.device.type if isinstance(x, torch.Tensor) else None
-    if device_type is None or not torch.amp.is_autocast_available(device_type) \
-            or not torch.is_autocast_enabled(device_type):
+    if device_type is None:
+        return x, weight, bias
+    # (asked only of other devices, "meta" among them: torch 2.11's dynamo cannot trace the question)
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return x, weight, bias
+    if not torch.is_autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 
