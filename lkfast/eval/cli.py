@@ -210,7 +210,9 @@ def _check_writable(folder: str) -> None:
 def _partial_note(out: str) -> str:
     """For the interrupted run's last line: where its results.json (written after each task) is newer
     than report.md, that the report is still an earlier run's and how to get one of what finished."""
-    results, report = os.path.join(out, "results.json"), os.path.join(out, "report.md")
+    from lkfast.eval.runner import RESULTS_FILE
+
+    results, report = os.path.join(out, RESULTS_FILE), os.path.join(out, "report.md")
     try:
         if os.path.isfile(report) and os.path.getmtime(report) >= os.path.getmtime(results):
             return ""

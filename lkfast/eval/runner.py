@@ -107,7 +107,8 @@ class EvalOptions:
             value = self.analysis_option(name)
             if value:
                 if os.path.isfile(value):  # by its real path (see Runner) and its size and time
-                    used[name] = [os.path.realpath(value), files_fingerprint([os.path.realpath(value)])]
+                    real = os.path.realpath(value)
+                    used[name] = [real, files_fingerprint([real])]
                 else:
                     used[name] = [value, None]
         if used:
