@@ -2,7 +2,9 @@
 
     python benchmarks/bench_gpu.py --out DIR [--budget SECONDS] [--batch 64] [--quick]
     python benchmarks/bench_gpu.py --dry-run --out DIR            # tiny shapes on the CPU: checks the script
-    python benchmarks/bench_gpu.py --write-table DIR/gpu_bench.json [--table-path PATH]
+    python benchmarks/bench_gpu.py --out DIR --shapes replknet31b-s2,convnext-k7 --dtypes float32 [--backends cuda] [--no-e2e]
+    python benchmarks/bench_gpu.py --write-table DIR/gpu_bench.json [MORE.json ...] [--table-path PATH]
+    python benchmarks/bench_gpu.py --plot DIR/gpu_bench.json DIR/gpu_speedup.png
 
 The baseline is plain PyTorch, not lkfast's op layer: ``F.conv2d`` with autograd, on NCHW input
 (PyTorch's own depthwise kernel) and on channels_last input (cuDNN), with
@@ -12,7 +14,9 @@ cuDNN's algorithm search happen there and are not counted).
 
 Shapes: the four RepLKNet-31B stages at 224 px (56/28/14/7 px maps, k = 31/29/27/13), ConvNeXt's
 k = 7 and SLaK's 51x5, batch 64; fp16, bf16, fp32; NCHW and channels_last. ``--quick``: the k = 31
-stage-1 and the k = 27 stage-3 shapes in fp16 and bf16.
+stage-1 and the k = 27 stage-3 shapes in fp16, backends cuda and triton_mma (on the H200 that took
+~110 s, cuDNN's algorithm search for the stage-1 channels_last input gradient alone 34 s: bf16,
+within 6% of fp16 there, is left to the full run). ``--shapes/--dtypes/--backends`` pick others.
 
 1. Per pass (forward, input gradient, weight gradient), each lkfast backend (cuda, triton, and
    triton_mma, the tensor-core kernels, in fp16/bf16; in fp32 its rows say why not) against
@@ -25,7 +29,8 @@ stage-1 and the k = 27 stage-3 shapes in fp16 and bf16.
    padding, GB/s the minimal traffic (inputs read and outputs written once per pass).
 Writes DIR/gpu_bench.json and DIR/gpu_bench.md. Cases run most important first and are skipped
 (and marked so) once --budget seconds are spent, so a time-boxed run still leaves results.
-``--write-table`` ships the measured table with ``lkfast.ops.cuda_table.save_table``.
+``--write-table`` ships the measured table with ``lkfast.ops.cuda_table.save_table``; given several
+results files it merges their tables (a key measured twice takes the later file's row).
 """
 from __future__ import annotations
 
@@ -53,9 +58,12 @@ SHAPES = [  # (name, C, H, W, kh, kw)
 ]
 QUICK_SHAPES = ("replknet31b-s1", "replknet31b-s3")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-QUICK_DTYPES = ("float16", "bfloat16")
+QUICK_DTYPES = ("float16",)
 LAYOUTS = ("channels_last", "nchw")
 LKFAST_BACKENDS = ("cuda", "triton", "triton_mma")  # triton_mma: tensor cores, fp16/bf16 only
+# --quick leaves out the CUDA-core Triton kernels: on the H200 (2026-12-04, gpu_h200/) they took 3x the
+# CUDA kernels' time at stage 1, and their autotuning would spend the quick call's minutes
+QUICK_BACKENDS = ("cuda", "triton_mma")
 PASSES = ("forward", "input_grad", "weight_grad")
 MODES = {"forward": 1, "forward+input_grad": 2, "forward+both_grads": 3}  # conv passes per mode
 BASELINES = ("torch-nchw", "torch-channels_last")  # plain F.conv2d + autograd in each layout
@@ -81,11 +89,11 @@ def peaks_for(name: str) -> dict | None:
 class Run:
     """Where and how this run measures: device, the lkfast backends to compare, the deadline."""
 
-    def __init__(self, device: str, backends: tuple, budget: float):
+    def __init__(self, device: str, backends: tuple, budget: float, pass_share: float = 0.55):
         self.device, self.backends = device, backends
         self.start = time.time()
         self.deadline = self.start + budget
-        self.pass_deadline = self.start + 0.55 * budget  # part 1 leaves time for part 2
+        self.pass_deadline = self.start + pass_share * budget  # part 1 leaves time for part 2
 
     def time_ms(self, fn) -> float:
         return time_ms(fn, self.device, rounds=3)
@@ -165,7 +173,7 @@ def per_pass(shape, dtype, layout, batch, run: Run, rows: list) -> None:
 
     x, w, g = make_inputs(shape, DTYPES[dtype], layout, batch, run.device)
     expected = {}
-    for backend in run.backends + ("torch",):
+    for backend in ("torch",) + run.backends:  # PyTorch first: a pass without its time makes no table row
         why = [] if backend == "torch" else BACKENDS[backend].not_supported_reasons(x, w)
         for name in PASSES:
             row = _row("pass", shape, dtype, layout, batch, backend=backend, op=name)
@@ -174,6 +182,7 @@ def per_pass(shape, dtype, layout, batch, run: Run, rows: list) -> None:
                 rows.append(row)
                 continue
             fn = torch_pass(name, x, w, g) if backend == "torch" else lkfast_pass(name, backend, x, w, g)
+            began = time.time()
             if backend != "torch" and time.time() <= run.pass_deadline:
                 # The result once, against PyTorch's, before it is timed (on a GPU this first call
                 # also autotunes: the configuration the timing uses is the one checked)
@@ -190,6 +199,7 @@ def per_pass(shape, dtype, layout, batch, run: Run, rows: list) -> None:
                     rows.append(row)
                     continue
             rows.append(_measure(row, fn, run, run.pass_deadline))
+            row["wall_s"] = round(time.time() - began, 2)  # check, warm-up (autotuning, cuDNN's search) and timing
 
 
 def derive_table(rows: list, gpu: str) -> dict:
@@ -246,7 +256,9 @@ def end_to_end(shape, dtype, layout, batch, run: Run, rows: list, baselines: dic
                     inputs = [x, w] if mode == "forward+both_grads" else [x]
                     torch.autograd.grad(conv(x, w), inputs, g)
 
+            began = time.time()
             rows.append(_measure(row, step, run, run.deadline))
+            row["wall_s"] = round(time.time() - began, 2)
             if name in BASELINES:
                 baselines[memo] = row
 
@@ -317,17 +329,83 @@ def markdown(rows: list, device_name: str, batch: int) -> str:
     return "\n".join(parts)
 
 
-def write_table(results_path: str, table_path: str | None = None) -> str:
-    """Ship the table of a gpu_bench.json through cuda_table.save_table; returns the path written."""
+def write_table(results_paths, table_path: str | None = None) -> str:
+    """Ship the table of one or more gpu_bench.json files through cuda_table.save_table (merged in
+    order: a later file's row replaces an earlier one's for the same key); returns the path written."""
     from lkfast.ops import cuda_table
+
+    rows: dict = {}
+    runs: list = []
+    for results_path in [results_paths] if isinstance(results_paths, str) else results_paths:
+        with open(results_path) as f:
+            data = json.load(f)
+        if data.get("dry_run"):
+            raise SystemExit(f"{results_path} comes from a --dry-run on the CPU: it measured nothing to ship")
+        rows.update((tuple(k), tuple(v)) for k, v in data["table"])
+        if data["measured_on"] not in runs:
+            runs.append(data["measured_on"])
+    measured_on = "; ".join(runs)
+    path = cuda_table.save_table(rows, measured_on, table_path)
+    print(f"wrote {len(rows)} rows measured on {measured_on} to {path}")
+    return str(path)
+
+
+def plot(results_path: str, png_path: str) -> str:
+    """The end-to-end speed-ups of a gpu_bench.json as a figure: one panel per mode, a bar per
+    (shape, layout, dtype), lkfast ``auto`` against PyTorch's faster layout; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     with open(results_path) as f:
         data = json.load(f)
     if data.get("dry_run"):
-        raise SystemExit(f"{results_path} comes from a --dry-run on the CPU: it measured nothing to ship")
-    path = cuda_table.save_table([(tuple(k), tuple(v)) for k, v in data["table"]], data["measured_on"], table_path)
-    print(f"wrote {len(data['table'])} rows measured on {data['measured_on']} to {path}")
-    return str(path)
+        raise SystemExit(f"{results_path} comes from a --dry-run on the CPU: it measured nothing to plot")
+    groups: dict = {}
+    for r in data["rows"]:
+        if r["kind"] == "e2e" and "ms" in r:
+            groups.setdefault((r["shape"], r["layout"], r["dtype"], r["mode"]), {})[r["backend"]] = r["ms"]
+    cases = sorted({k[:3] for k in groups}, key=lambda c: ([s[0] for s in SHAPES].index(c[0]), c[1], c[2]))
+    if not cases:
+        raise SystemExit(f"{results_path} holds no end-to-end timings to plot")
+    fig, axes = plt.subplots(1, len(MODES), figsize=(4.4 * len(MODES), 3.9), sharey=True)
+    for ax, mode in zip(axes, MODES):
+        ratios = []
+        for case in cases:
+            g = groups.get((*case, mode), {})
+            plain = [g[b] for b in BASELINES if b in g]
+            ratios.append(min(plain) / g["auto"] if plain and "auto" in g else 0.0)
+        colors = ["tab:blue" if c[2] == "float16" else "tab:orange" if c[2] == "bfloat16" else "tab:green" for c in cases]
+        bars = ax.bar(range(len(cases)), ratios, color=colors)
+        ax.bar_label(bars, fmt="%.1f×", fontsize=7)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(cases)), [f"{c[0].replace('replknet31b-', '')}\n{'CL' if c[1] == 'channels_last' else 'NCHW'}"
+                                          for c in cases], fontsize=7)
+        ax.set_title(mode.replace("+", " + ").replace("_", " "), fontsize=9)
+    axes[0].set_ylabel("speed-up of lkfast auto vs PyTorch's faster layout")
+    from matplotlib.patches import Patch
+
+    shown = sorted({c[2] for c in cases}, key=list(DTYPES).index)
+    axes[0].legend(handles=[Patch(color={"float16": "tab:blue", "bfloat16": "tab:orange"}.get(d, "tab:green"), label=d)
+                            for d in shown], fontsize=7, loc="upper left")
+    fig.suptitle(f"Depthwise conv on {data['device']}, batch {data['batch']} (RepLKNet-31B stage 1: k=31 on 56², "
+                 f"stage 3: k=27 on 14²); dashed = PyTorch (cuDNN benchmark on)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def _pick(option: str, given: str | None, known, default) -> list:
+    """The comma-separated names of --shapes/--dtypes/--backends, checked against the known ones."""
+    if given is None:
+        return list(default)
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SystemExit(f"bench_gpu: {option}: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,8 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="folder for gpu_bench.json and gpu_bench.md")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--budget", type=float, default=360.0, help="seconds; later cases are skipped")
-    parser.add_argument("--quick", action="store_true", help="k=31 stage 1 and stage 3, fp16 and bf16")
-    parser.add_argument("--write-table", metavar="JSON", help="ship the table of a gpu_bench.json (cuda_table.save_table)")
+    parser.add_argument("--quick", action="store_true", help="k=31 stage 1 and stage 3, fp16 and bf16, backends cuda and triton_mma")
+    parser.add_argument("--shapes", help=f"comma-separated, of {', '.join(s[0] for s in SHAPES)}")
+    parser.add_argument("--dtypes", help=f"comma-separated, of {', '.join(DTYPES)}")
+    parser.add_argument("--backends", help=f"comma-separated lkfast backends, of {', '.join(LKFAST_BACKENDS)}")
+    parser.add_argument("--no-e2e", action="store_true", help="per pass only (the table), all of --budget for it")
+    parser.add_argument("--write-table", metavar="JSON", nargs="+",
+                        help="ship the table of gpu_bench.json files (cuda_table.save_table; merged in order)")
+    parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="the end-to-end speed-ups of a gpu_bench.json as a figure")
     parser.add_argument("--table-path", help="with --write-table: write here instead of the package's cuda_table.json")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing")
     return parser
@@ -349,6 +433,9 @@ def main(argv=None) -> int:
     if args.write_table:
         write_table(args.write_table, args.table_path)
         return 0
+    if args.plot:
+        print("wrote", plot(*args.plot))
+        return 0
     if not args.out:
         parser.error("--out DIR is required to measure")
     if args.dry_run:
@@ -359,9 +446,12 @@ def main(argv=None) -> int:
         return 2
     else:
         torch.backends.cudnn.benchmark = True
-        run = Run("cuda", LKFAST_BACKENDS, args.budget)
-        shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK_SHAPES]
-        dtypes, batch, device_name = (QUICK_DTYPES if args.quick else list(DTYPES)), args.batch, torch.cuda.get_device_name()
+        backends = _pick("--backends", args.backends, LKFAST_BACKENDS, QUICK_BACKENDS if args.quick else LKFAST_BACKENDS)
+        run = Run("cuda", tuple(backends), args.budget, pass_share=1.0 if args.no_e2e else 0.55)
+        names = _pick("--shapes", args.shapes, [s[0] for s in SHAPES], QUICK_SHAPES if args.quick else [s[0] for s in SHAPES])
+        shapes = [s for name in names for s in SHAPES if s[0] == name]
+        dtypes = _pick("--dtypes", args.dtypes, list(DTYPES), QUICK_DTYPES if args.quick else DTYPES)
+        batch, device_name = args.batch, torch.cuda.get_device_name()
     os.makedirs(args.out, exist_ok=True)
     measured_on = f"{device_name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     rows: list[dict] = []
@@ -393,7 +483,7 @@ def main(argv=None) -> int:
             os.environ[cuda_table.ENV_VAR] = str(cuda_table.save_table(table, measured_on, os.path.join(tmp, "t.json")))
         baselines: dict = {}
         try:
-            for dtype in dtypes:
+            for dtype in dtypes if not args.no_e2e else ():
                 for shape in shapes:
                     for layout in LAYOUTS:
                         end_to_end(shape, dtype, layout, batch, run, rows, baselines)

@@ -214,9 +214,41 @@ def test_bench_gpu_table_takes_the_fastest_per_pass_and_ships_through_save_table
     loaded = cuda_table.load_table(shipped)
     assert dict(loaded.rows) == table and loaded.measured_on == "NVIDIA H200, test"
 
+    # several runs merge in order: a later run's row replaces an earlier one's key, new keys join
+    key = ("NVIDIA H200", "float16", "channels_last", 31, 31, 64, 128, 56, 56)
+    other = ("NVIDIA H200", "float32", "nchw", 13, 13, 64, 1024, 7, 7)
+    kept = ("NVIDIA H200", "bfloat16", "nchw", 27, 27, 64, 512, 14, 14)
+    results.write_text(json.dumps({"measured_on": "NVIDIA H200, test", "dry_run": False,
+                                   "table": [[list(key), ["cuda"] * 3], [list(kept), ["triton_mma"] * 3]]}))
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps({"measured_on": "NVIDIA H200, later", "dry_run": False,
+                                 "table": [[list(key), ["torch"] * 3], [list(other), ["cuda"] * 3]]}))
+    assert bench.main(["--write-table", str(results), str(later), "--table-path", str(shipped)]) == 0
+    merged = cuda_table.load_table(shipped)
+    assert dict(merged.rows) == {key: ("torch",) * 3, kept: ("triton_mma",) * 3, other: ("cuda",) * 3}
+    assert merged.measured_on == "NVIDIA H200, test; NVIDIA H200, later"
+
     results.write_text(json.dumps({"measured_on": "CPU dry run", "dry_run": True, "table": []}))
     with pytest.raises(SystemExit, match="dry-run"):
         bench.main(["--write-table", str(results), "--table-path", str(shipped)])
+
+
+@pytest.mark.parametrize("option, given, expected", [
+    ("--shapes", None, ["replknet31b-s1"]),
+    ("--shapes", "convnext-k7, replknet31b-s4", ["convnext-k7", "replknet31b-s4"]),
+    ("--dtypes", "float32", ["float32"]),
+    ("--shapes", "replknet31b-s9", "unknown replknet31b-s9; choose from replknet31b-s1, "),
+    ("--backends", "cuda,cpu", "unknown cpu; choose from cuda, triton, triton_mma"),
+    ("--dtypes", ",", r"unknown \(none given\)"),
+])
+def test_bench_gpu_picks_named_cases_and_refuses_unknown_ones(option, given, expected):
+    bench = _load_benchmark("bench_gpu")
+    if isinstance(expected, list):
+        assert bench._pick(option, given, [s[0] for s in bench.SHAPES] + list(bench.DTYPES), ["replknet31b-s1"]) == expected
+    else:
+        known = list(bench.LKFAST_BACKENDS) if option == "--backends" else [s[0] for s in bench.SHAPES]
+        with pytest.raises(SystemExit, match=f"{option}: {expected}"):
+            bench._pick(option, given, known, [])
 
 
 def test_bench_gpu_times_no_backend_whose_result_is_wrong(monkeypatch):
@@ -591,3 +623,22 @@ def test_gpu_check_sanitizer_short_of_time_is_not_a_failure(tmp_path, case):
         assert not seen.exists(), summary
         assert lines[0].startswith("- compute-sanitizer: left to the full mode"), summary
     assert not any("TIMED OUT" in line or "FAILED" in line for line in lines), summary
+
+
+def test_bench_gpu_plots_the_end_to_end_speed_ups(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench = _load_benchmark("bench_gpu")
+    rows = [dict(kind="e2e", shape="replknet31b-s1", layout=layout, dtype="float16", mode=mode, backend=backend, ms=ms)
+            for layout in ("nchw", "channels_last") for mode in bench.MODES
+            for backend, ms in (("auto", 1.0), ("torch-nchw", 3.0), ("torch-channels_last", 4.0))]
+    results = tmp_path / "gpu_bench.json"
+    results.write_text(json.dumps({"device": "NVIDIA H200", "batch": 64, "dry_run": False, "rows": rows}))
+    png = tmp_path / "speedup.png"
+    assert bench.main(["--plot", str(results), str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results.write_text(json.dumps({"device": "NVIDIA H200", "batch": 64, "dry_run": False, "rows": rows[:0]}))
+    with pytest.raises(SystemExit, match="no end-to-end timings"):
+        bench.main(["--plot", str(results), str(png)])
+    results.write_text(json.dumps({"device": "CPU dry run", "batch": 2, "dry_run": True, "rows": rows}))
+    with pytest.raises(SystemExit, match="dry-run"):
+        bench.main(["--plot", str(results), str(png)])

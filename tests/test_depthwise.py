@@ -246,9 +246,13 @@ def test_available_backends_explains():
         assert str(entry).split()[:2] == [name, "available" if entry.available else "unavailable"]
         device = "cuda" if "cuda" in backend.device_types and torch.cuda.is_available() else backend.device_types[0]
         if entry.available and (device == "cpu" or torch.cuda.is_available()):
-            xd, wd = x.to(device), w.to(device)
-            y = ops.depthwise_conv2d(xd, wd, backend=name)
-            assert rel_err(y.cpu(), reference(x, w, None, torch.zeros_like(x))["forward"]) < 1e-5, name
+            # in a dtype the backend takes (triton_mma: fp16/bf16 only), rounded the same for the reference
+            dtype = torch.float32 if torch.float32 in backend.dtypes else backend.dtypes[0]
+            xr, wr = x.to(dtype).float(), w.to(dtype).float()
+            y = ops.depthwise_conv2d(xr.to(device, dtype), wr.to(device, dtype), backend=name)
+            assert y.dtype == dtype, name
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            assert rel_err(y.cpu().float(), reference(xr, wr, None, torch.zeros_like(xr))["forward"]) < tol, name
         elif not entry.available:
             with pytest.raises(RuntimeError, match="cannot run this call") as error:
                 ops.depthwise_conv2d(x, w, backend=name)
