@@ -1,7 +1,7 @@
 """Tensor-core (``tl.dot``) Triton kernels of lkfast's depthwise convolution: stride 1, zero "same"
-padding, odd kernels. NOT RUN ON A GPU YET: these kernels are verified only on the CPU in Triton's
-interpreter (``TRITON_INTERPRET=1``) against fp64 ``F.conv2d``, and compiled ahead of time for sm_90
-(Hopper). Their speed on an H200 is an estimate (below), not a measurement.
+padding, odd kernels. Verified in CI on the CPU in Triton's interpreter (``TRITON_INTERPRET=1``)
+against fp64 ``F.conv2d`` and compiled ahead of time for sm_90 (Hopper); run on an H200 once
+(2026-12-04: the smoke test's fp16/bf16 cases right, timings in benchmarks/results/gpu_h200/).
 
 Formulation
 -----------
@@ -38,8 +38,15 @@ fp32 inputs are accepted and multiplied with ``input_precision="ieee"`` (no TF32
 mantissa would miss the fp32 tolerance of the tests), i.e. NOT on tensor cores: the fp32 path exists
 for completeness and is not expected to beat the CUDA-core kernels of ``depthwise.py``.
 
-What it should gain on an H200 (estimate, never measured)
----------------------------------------------------------
+What it gains on an H200
+------------------------
+Measured (fp16, batch 64, 2026-12-04): RepLKNet-31B stage 1 (k = 31, 56 x 56, NCHW) forward 2.03 ms
+against 4.65 for the CUDA-core kernels and 8.07 for PyTorch, i.e. ~18 TFLOP/s of useful
+multiply-adds, far under the ceiling estimated below; stage 3 (dense, 14 x 14) 0.23 ms against 0.84
+and 0.64; stage 4 0.071 against 0.65 and 0.13. The weight gradient wins in NCHW (stage 1: 6.8 ms
+against 11.9 and 32.9) but not in channels_last, hence ``NCHW_ROUTE_MIN_PIXELS``. The estimate the
+design started from:
+
 bf16/fp16 tensor cores give ~990 TFLOP/s dense against ~134 TFLOP/s for fp16/bf16 on CUDA cores
 (~67 fp32), 7.4x. The banded matrix pays for its zeros: a ``BN``-column output tile multiplies
 ``(BN + kw - 1) x BN`` entries of which ``BN * kw`` are the band, so it wastes
@@ -64,7 +71,7 @@ less ((BN - 1)/kw: 0.48x at BN = 16) but feeds the tensor cores smaller products
 
 The issue's measured figure for bf16 matrix products on an H200 is ~790 TFLOP/s rather than 990;
 scale the ceilings above by 0.8 accordingly. Block sizes are one fixed configuration (64 x 64 x 32,
-4 warps), not autotuned: nothing has been timed.
+4 warps), not autotuned.
 
 Testing (tests/test_triton_mma.py): the interpreter's ``tl.dot`` returns garbage for bf16 operands
 (triton 3.8; numpy has no bf16), so in the interpreter bf16 values are widened exactly to fp32 before
@@ -84,7 +91,8 @@ kernel (checked on the CPU interpreter only: tests/test_triton_mma.py).
 
 Layouts: any strides are accepted (NCHW, channels_last, strided views); the output is contiguous or
 channels_last as ``lkfast.ops.backends.output_memory_format`` says. channels_last loads are strided
-gathers here (no coalescing over channels), so that layout is correct but not tuned.
+gathers here (no coalescing over channels), 1.1-2.3x slower than NCHW on the H200, so channels_last
+maps of at least ``NCHW_ROUTE_MIN_PIXELS`` pixels are copied to NCHW and the result back.
 """
 from __future__ import annotations
 
@@ -327,6 +335,24 @@ def _multiprocessors(device: torch.device) -> int:
     return 4
 
 
+# channels_last input through an NCHW copy. The kernels read channels_last with strided gathers (no
+# coalescing over channels); on an H200 (fp16, batch 64, 2026-12-04, benchmarks/results/gpu_h200/)
+# that took 2.3x the NCHW time on 56x56 maps (forward 4.70 against 2.03 ms; weight gradient 21.6
+# against 6.8), 1.19x on 28x28, 1.12x on 14x14 and 1.0x on 7x7. A copy to NCHW and back costs about
+# four passes over the map (~0.07 ms at 56x56, batch 64, fp16), so maps of at least this many pixels
+# take that route. The route as a whole has not been timed yet: bench_gpu.py times the backend with
+# it, and the measured table takes triton_mma for channels_last only where that total wins.
+NCHW_ROUTE_MIN_PIXELS = 28 * 28
+
+
+def through_nchw(*tensors: torch.Tensor) -> bool:
+    """Whether a call on these (N, C, H, W) tensors goes through NCHW copies: one of them is
+    channels_last (and not also contiguous, as C = 1 or 1x1 maps are) and the map has at least
+    ``NCHW_ROUTE_MIN_PIXELS`` pixels."""
+    return any(t.dim() == 4 and t.shape[-2] * t.shape[-1] >= NCHW_ROUTE_MIN_PIXELS and not t.is_contiguous()
+               and t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
+
+
 METHODS = ("auto", "banded", "dense")
 DENSE_MAX_PIXELS = 4096  # the dense product rebuilds an (H*W) x (H*W) matrix per channel
 
@@ -360,6 +386,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     N, C, H, W = x.shape
     KH, KW = weight.shape[-2:]
     _check_shapes(x, KH, KW)
+    if through_nchw(x):
+        return forward(x.contiguous(), weight, bias, flip, method=method).contiguous(memory_format=torch.channels_last)
     y = torch.empty_like(x, memory_format=output_memory_format(x))
     if y.numel() == 0:
         return y
@@ -393,6 +421,8 @@ def weight_grad(grad_out: torch.Tensor, x: torch.Tensor, kh: int, kw: int, *, me
         raise ValueError(f"grad_out must have x's shape {tuple(x.shape)}, got {tuple(grad_out.shape)}")
     if x.numel() == 0:
         return x.new_zeros((C, 1, kh, kw))
+    if through_nchw(grad_out, x):
+        return weight_grad(grad_out.contiguous(), x.contiguous(), kh, kw, method=method)
     cfg = _config()
     if choose_method(H, W, kh, kw, method) == "dense":
         dw = torch.zeros((C, kh, kw), device=x.device, dtype=torch.float32)

@@ -113,6 +113,65 @@ def test_mma_nonfinite_is_a_superset_of_the_exact_masks(shape, fmt, dtype, metho
                 assert_nonfinite_superset(value, want[name], TOLERANCE[dtype][name], what, reach[name])
 
 
+def test_mma_channels_last_route_choice():
+    """channels_last maps of at least NCHW_ROUTE_MIN_PIXELS go through NCHW copies; NCHW, small
+    maps, and tensors that are both layouts at once (C = 1) do not."""
+    from lkfast.kernels.depthwise_mma import NCHW_ROUTE_MIN_PIXELS, through_nchw
+
+    def t(n, c, h, w, fmt=torch.channels_last):
+        return torch.empty(n, c, h, w, device="meta").contiguous(memory_format=fmt)
+
+    assert NCHW_ROUTE_MIN_PIXELS == 28 * 28
+    assert through_nchw(t(64, 128, 56, 56)) and through_nchw(t(2, 8, 28, 28))  # stages 1 and 2
+    assert not through_nchw(t(64, 512, 14, 14)) and not through_nchw(t(2, 8, 27, 29))  # stage 3; 783 pixels
+    assert not through_nchw(t(2, 8, 56, 56, torch.contiguous_format))
+    assert not through_nchw(t(2, 1, 56, 56))  # C = 1: channels_last is NCHW too
+    assert through_nchw(t(2, 8, 56, 56, torch.contiguous_format), t(2, 8, 56, 56))  # either tensor
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
+def test_mma_channels_last_through_nchw_matches_conv2d(dtype, monkeypatch):
+    """With the route taken (threshold lowered to the test's tiny map), every pass gets NCHW
+    tensors at the kernels, matches the reference, and returns channels_last as before."""
+    from lkfast.kernels import depthwise_mma
+
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(all(a.is_contiguous() for a in args if isinstance(a, torch.Tensor) and a.dim() == 4))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_forward_banded", "_weight_grad_banded"):
+        monkeypatch.setattr(depthwise_mma, name, Spy(getattr(depthwise_mma, name)))
+    monkeypatch.setattr(depthwise_mma, "NCHW_ROUTE_MIN_PIXELS", 9 * 10)
+    (N, C, H, W, kh, kw) = (2, 3, 9, 10, 5, 3)
+    x = make_input((N, C, H, W), "channels_last", dtype, DEVICE)
+    weight = make_weight(C, kh, kw, dtype, DEVICE)
+    bias = torch.randn(C, device=DEVICE).to(dtype)
+    grad_out = make_input((N, C, H, W), "channels_last", dtype, DEVICE)
+    want = reference(x, weight, bias, grad_out)
+    got = {"forward": depthwise_mma.forward(x, weight, bias),
+           "input_grad": depthwise_mma.forward(grad_out, weight, None, flip=True),
+           "weight_grad": depthwise_mma.weight_grad(grad_out, x, kh, kw)}
+    assert seen == [True, True, True], seen  # three launches, each on NCHW tensors
+    for name, value in got.items():
+        assert value.dtype == dtype and value.shape == want[name].shape, name
+        assert rel_err(value, want[name]) < TOLERANCE[dtype][name], name
+    assert got["forward"].is_contiguous(memory_format=torch.channels_last) and not got["forward"].is_contiguous()
+    assert got["input_grad"].is_contiguous(memory_format=torch.channels_last)
+    seen.clear()
+    monkeypatch.setattr(depthwise_mma, "NCHW_ROUTE_MIN_PIXELS", 9 * 10 + 1)  # one pixel short: no route
+    depthwise_mma.forward(x, weight, bias)
+    assert seen == [False]
+
+
 def test_mma_method_choice():
     from lkfast.kernels.depthwise_mma import choose_method
 
