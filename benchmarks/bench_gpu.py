@@ -15,8 +15,9 @@ cuDNN's algorithm search happen there and are not counted).
 Shapes: the four RepLKNet-31B stages at 224 px (56/28/14/7 px maps, k = 31/29/27/13), ConvNeXt's
 k = 7 and SLaK's 51x5, batch 64; fp16, bf16, fp32; NCHW and channels_last. ``--quick``: the k = 31
 stage-1 and the k = 27 stage-3 shapes in fp16, backends cuda and triton_mma (on the H200 that took
-~110 s, cuDNN's algorithm search for the stage-1 channels_last input gradient alone 34 s: bf16,
-within 6% of fp16 there, is left to the full run). ``--shapes/--dtypes/--backends`` pick others.
+~125 s, cuDNN's algorithm search for the stage-1 channels_last input gradient alone 34 s: bf16,
+whose lkfast times were within 7% of fp16's there, is left to the full run).
+``--shapes/--dtypes/--backends`` pick other cases.
 
 1. Per pass (forward, input gradient, weight gradient), each lkfast backend (cuda, triton, and
    triton_mma, the tensor-core kernels, in fp16/bf16; in fp32 its rows say why not) against
@@ -286,6 +287,13 @@ def _ms(r) -> str | None:
     return f"{r['ms']:.3f}" if "ms" in r else "err"
 
 
+def speedup(group: dict) -> float | None:
+    """PyTorch's faster layout over lkfast ``auto``: ``group`` maps backend names ("auto" and the
+    BASELINES) to ms for one (shape, dtype, layout, mode); None without auto or any baseline."""
+    plain = [group[b] for b in BASELINES if group.get(b) is not None]
+    return min(plain) / group["auto"] if plain and group.get("auto") else None
+
+
 def markdown(rows: list, device_name: str, batch: int) -> str:
     """Both tables (end to end, then per pass) and the errors, through lkfast.tables."""
     groups: dict = {}
@@ -295,8 +303,8 @@ def markdown(rows: list, device_name: str, batch: int) -> str:
     e2e = []
     for (shape, dtype, layout, mode), g in groups.items():
         auto = g.get("auto")
-        plain = [g[b]["ms"] for b in BASELINES if "ms" in g.get(b, {})]
-        ratio = f"{min(plain) / auto['ms']:.2f}x" if auto and "ms" in auto and plain else None
+        ratio = speedup({b: r.get("ms") for b, r in g.items()})
+        ratio = f"{ratio:.2f}x" if ratio is not None else None
         rate = lambda key: f"{auto[key]:.1f}" if auto and key in auto else None  # noqa: E731
         e2e.append([shape, dtype, layout, mode, _ms(auto), auto.get("plan") if auto else None,
                     *(_ms(g.get(b)) for b in OWN_BACKENDS if any(b in v for v in groups.values())),
@@ -373,9 +381,7 @@ def plot(results_path: str, png_path: str) -> str:
     for ax, mode in zip(axes, MODES):
         ratios = []
         for case in cases:
-            g = groups.get((*case, mode), {})
-            plain = [g[b] for b in BASELINES if b in g]
-            ratios.append(min(plain) / g["auto"] if plain and "auto" in g else 0.0)
+            ratios.append(speedup(groups.get((*case, mode), {})) or 0.0)
         colors = ["tab:blue" if c[2] == "float16" else "tab:orange" if c[2] == "bfloat16" else "tab:green" for c in cases]
         bars = ax.bar(range(len(cases)), ratios, color=colors)
         ax.bar_label(bars, fmt="%.1f×", fontsize=7)
@@ -389,8 +395,10 @@ def plot(results_path: str, png_path: str) -> str:
     shown = sorted({c[2] for c in cases}, key=list(DTYPES).index)
     axes[0].legend(handles=[Patch(color={"float16": "tab:blue", "bfloat16": "tab:orange"}.get(d, "tab:green"), label=d)
                             for d in shown], fontsize=7, loc="upper left")
-    fig.suptitle(f"Depthwise conv on {data['device']}, batch {data['batch']} (RepLKNet-31B stage 1: k=31 on 56², "
-                 f"stage 3: k=27 on 14²); dashed = PyTorch (cuDNN benchmark on)", fontsize=9)
+    sizes = {s[0]: f"{s[0].replace('replknet31b-', 'RepLKNet-31B ')}: C={s[1]}, {s[2]}², k={s[4]}x{s[5]}" for s in SHAPES}
+    fig.suptitle(f"Depthwise conv on {data['device']}, batch {data['batch']} ("
+                 + "; ".join(dict.fromkeys(sizes[c[0]] for c in cases)) + "); dashed = PyTorch (cuDNN benchmark on)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
@@ -413,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="folder for gpu_bench.json and gpu_bench.md")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--budget", type=float, default=360.0, help="seconds; later cases are skipped")
-    parser.add_argument("--quick", action="store_true", help="k=31 stage 1 and stage 3, fp16 and bf16, backends cuda and triton_mma")
+    parser.add_argument("--quick", action="store_true", help="k=31 stage 1 and stage 3, fp16, backends cuda and triton_mma")
     parser.add_argument("--shapes", help=f"comma-separated, of {', '.join(s[0] for s in SHAPES)}")
     parser.add_argument("--dtypes", help=f"comma-separated, of {', '.join(DTYPES)}")
     parser.add_argument("--backends", help=f"comma-separated lkfast backends, of {', '.join(LKFAST_BACKENDS)}")
@@ -430,6 +438,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
+    if args.write_table and args.plot:
+        parser.error("--write-table and --plot are separate runs: give one of them")
     if args.write_table:
         write_table(args.write_table, args.table_path)
         return 0
@@ -439,6 +449,10 @@ def main(argv=None) -> int:
     if not args.out:
         parser.error("--out DIR is required to measure")
     if args.dry_run:
+        chosen = [o for o, v in (("--shapes", args.shapes), ("--dtypes", args.dtypes), ("--backends", args.backends),
+                                 ("--quick", args.quick)) if v]
+        if chosen:
+            parser.error(f"--dry-run times its own tiny CPU case; {', '.join(chosen)} apply to GPU runs")
         run = Run("cpu", DRY_RUN_BACKENDS, args.budget)
         shapes, dtypes, batch, device_name = DRY_RUN_SHAPES, ["float32"], 2, DRY_RUN_NAME
     elif not torch.cuda.is_available():

@@ -223,7 +223,7 @@ if [ $have_pytest -eq 124 ]; then
 elif [ $have_pytest -eq 0 ]; then
   case "$MODE" in
     quick)  # what is left minus ~150 s for the timings, 30..150 s (on the H200, 2026-12-04, the quick
-      # timings took ~115 s in fp16, cuDNN's algorithm searches included; with 100 s kept for them the
+      # timings took ~125 s in fp16, cuDNN's algorithm searches included; with 100 s kept for them the
       # op tests' cap of 81 s left the timings 85 s, one shape); the CPU cases (CI runs them) left
       # out, so the cap goes to the GPU ones: 663 of the files' 971 tests. Besides the cases with
       # "cpu" in their id, the tests that never touch a GPU and cost minutes of CPU: the Python

@@ -91,8 +91,9 @@ kernel (checked on the CPU interpreter only: tests/test_triton_mma.py).
 
 Layouts: any strides are accepted (NCHW, channels_last, strided views); the output is contiguous or
 channels_last as ``lkfast.ops.backends.output_memory_format`` says. channels_last loads are strided
-gathers here (no coalescing over channels), 1.1-2.3x slower than NCHW on the H200, so channels_last
-maps of at least ``NCHW_ROUTE_MIN_PIXELS`` pixels are copied to NCHW and the result back.
+gathers here (no coalescing over channels), slower than NCHW on the H200 (forward 2.3x at 56 x 56,
+1.0-1.2x on smaller maps; weight gradient 1.4-3.2x), so channels_last maps of at least
+``NCHW_ROUTE_MIN_PIXELS`` pixels are copied to NCHW and the result back.
 """
 from __future__ import annotations
 
@@ -337,20 +338,25 @@ def _multiprocessors(device: torch.device) -> int:
 
 # channels_last input through an NCHW copy. The kernels read channels_last with strided gathers (no
 # coalescing over channels); on an H200 (fp16, batch 64, 2026-12-04, benchmarks/results/gpu_h200/)
-# that took 2.3x the NCHW time on 56x56 maps (forward 4.70 against 2.03 ms; weight gradient 21.6
-# against 6.8), 1.19x on 28x28, 1.12x on 14x14 and 1.0x on 7x7. A copy to NCHW and back costs about
-# four passes over the map (~0.07 ms at 56x56, batch 64, fp16), so maps of at least this many pixels
-# take that route. The route as a whole has not been timed yet: bench_gpu.py times the backend with
-# it, and the measured table takes triton_mma for channels_last only where that total wins.
+# the forward took 2.3x its NCHW time on 56x56 maps (4.70 against 2.03 ms), 1.19x on 28x28, 1.12x on
+# 14x14 and 1.0x on 7x7; the weight gradient 3.2x (21.6 against 6.8 ms), 1.5x, 1.4x and 1.4x. A copy
+# to NCHW and back costs about four passes over the map (~0.07 ms at 56x56, batch 64, fp16), so maps
+# of at least this many pixels take that route. The route as a whole has not been timed yet: the
+# shipped table was measured before it (its channels_last triton_mma rows timed the strided path);
+# a new bench_gpu.py run times the backend with it, and its table takes triton_mma only where that
+# total wins.
 NCHW_ROUTE_MIN_PIXELS = 28 * 28
 
 
 def through_nchw(*tensors: torch.Tensor) -> bool:
     """Whether a call on these (N, C, H, W) tensors goes through NCHW copies: one of them is
-    channels_last (and not also contiguous, as C = 1 or 1x1 maps are) and the map has at least
+    channels-innermost (what ``output_memory_format`` calls channels_last: channels_last tensors and
+    their crops, not NCHW-contiguous ones, as C = 1 or 1x1 maps are) and the map has at least
     ``NCHW_ROUTE_MIN_PIXELS`` pixels."""
-    return any(t.dim() == 4 and t.shape[-2] * t.shape[-1] >= NCHW_ROUTE_MIN_PIXELS and not t.is_contiguous()
-               and t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
+    from lkfast.ops.backends import output_memory_format
+
+    return any(t.dim() == 4 and t.shape[-2] * t.shape[-1] >= NCHW_ROUTE_MIN_PIXELS
+               and output_memory_format(t) == torch.channels_last for t in tensors)
 
 
 METHODS = ("auto", "banded", "dense")

@@ -642,3 +642,23 @@ def test_bench_gpu_plots_the_end_to_end_speed_ups(tmp_path):
     results.write_text(json.dumps({"device": "CPU dry run", "batch": 2, "dry_run": True, "rows": rows}))
     with pytest.raises(SystemExit, match="dry-run"):
         bench.main(["--plot", str(results), str(png)])
+
+
+def test_bench_gpu_speedup_is_pytorchs_faster_layout_over_auto():
+    bench = _load_benchmark("bench_gpu")
+    assert bench.speedup({"auto": 2.0, "torch-nchw": 8.0, "torch-channels_last": 6.0}) == pytest.approx(3.0)
+    assert bench.speedup({"auto": 2.0, "torch-nchw": None, "torch-channels_last": 5.0}) == pytest.approx(2.5)
+    assert bench.speedup({"auto": 2.0}) is None and bench.speedup({"torch-nchw": 1.0}) is None
+    assert bench.speedup({"auto": None, "torch-nchw": 1.0}) is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dry-run", "--out", "x", "--shapes", "convnext-k7"], "--dry-run times its own tiny CPU case; --shapes apply"),
+    (["--dry-run", "--out", "x", "--quick"], "--quick apply to GPU runs"),
+    (["--write-table", "a.json", "--plot", "a.json", "b.png"], "--write-table and --plot are separate runs"),
+])
+def test_bench_gpu_refuses_options_that_do_not_go_together(argv, message, capsys):
+    bench = _load_benchmark("bench_gpu")
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert message in capsys.readouterr().err

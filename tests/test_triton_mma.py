@@ -127,6 +127,8 @@ def test_mma_channels_last_route_choice():
     assert not through_nchw(t(2, 8, 56, 56, torch.contiguous_format))
     assert not through_nchw(t(2, 1, 56, 56))  # C = 1: channels_last is NCHW too
     assert through_nchw(t(2, 8, 56, 56, torch.contiguous_format), t(2, 8, 56, 56))  # either tensor
+    assert through_nchw(t(2, 8, 60, 60)[:, :, 2:58, 2:58])  # a crop of channels_last: channels innermost
+    assert not through_nchw(t(2, 8, 60, 60, torch.contiguous_format)[:, :, 2:58, 2:58])
 
 
 @runs_here
@@ -166,6 +168,10 @@ def test_mma_channels_last_through_nchw_matches_conv2d(dtype, monkeypatch):
         assert rel_err(value, want[name]) < TOLERANCE[dtype][name], name
     assert got["forward"].is_contiguous(memory_format=torch.channels_last) and not got["forward"].is_contiguous()
     assert got["input_grad"].is_contiguous(memory_format=torch.channels_last)
+    seen.clear()  # the weight gradient with only one of its two tensors channels_last
+    for go, xx in ((grad_out, x.contiguous()), (grad_out.contiguous(), x)):
+        assert rel_err(depthwise_mma.weight_grad(go, xx, kh, kw), want["weight_grad"]) < TOLERANCE[dtype]["weight_grad"]
+    assert seen == [True, True], seen
     seen.clear()
     monkeypatch.setattr(depthwise_mma, "NCHW_ROUTE_MIN_PIXELS", 9 * 10 + 1)  # one pixel short: no route
     depthwise_mma.forward(x, weight, bias)
