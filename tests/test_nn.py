@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkfast.nn import DepthwiseConv2d, ReparamLargeKernelConv, is_eligible, make_conv2d, patch_model
+from lkfast.nn import DepthwiseConv2d, ReparamLargeKernelConv, is_eligible, make_conv2d, patch_model, unpatch_model
 
 
 def _randomize_bn(module: nn.Module) -> None:
@@ -393,6 +393,61 @@ def test_patch_model_patches_parametrized_convs_and_keeps_the_parametrization(mo
     _close(copied(x), reference(x))
     # nothing parametrized left (weight_norm's leaves a state_dict hook that pickle cannot take)
     assert type(pickle.loads(pickle.dumps(copied[2]))) is DepthwiseConv2d
+
+
+def test_unpatch_model_gives_back_plain_convs_that_script(monkeypatch):
+    """unpatch_model turns every DepthwiseConv2d (patched or built as one) into nn.Conv2d in place:
+    the same module objects and tensors, hooks still firing, outputs as before, PyTorch's own
+    convolution computing them (not the op), torch.jit.script working; a user's subclass stays;
+    patch_model swaps them back."""
+    import lkfast.nn.depthwise as depthwise
+
+    class Mine(DepthwiseConv2d):
+        pass
+
+    shared = nn.Conv2d(4, 4, 7, padding=3, groups=4)
+    built = DepthwiseConv2d(4, (9, 5))
+    model = nn.Sequential(shared, nn.ReLU(), built, shared, Mine(4, 7))
+    x = torch.randn(2, 4, 11, 10)
+    expected = model(x)
+    params = [id(p) for p in model.parameters()]
+    seen = []
+    shared.register_forward_hook(lambda module, args, out: seen.append(type(module).__name__))
+    assert patch_model(model) == 1
+    assert unpatch_model(model) == 2 and unpatch_model(model) == 0
+    assert type(shared) is nn.Conv2d and type(built) is nn.Conv2d and type(model[4]) is Mine
+    assert model[0] is model[3] is shared and [id(p) for p in model.parameters()] == params
+    fast_calls = []
+    real = depthwise.depthwise_conv2d
+    monkeypatch.setattr(depthwise, "depthwise_conv2d", lambda *a, **k: fast_calls.append(a[1].shape) or real(*a, **k))
+    _close(model(x), expected)
+    assert seen == ["Conv2d", "Conv2d"] and fast_calls == [(4, 1, 7, 7)]  # only Mine's conv on the op
+    scripted = torch.jit.script(nn.Sequential(built, nn.ReLU()))  # (shared's Python hook would not script)
+    _close(scripted(x), F.relu(built(x)))
+    assert patch_model(model) == 2 and type(shared) is DepthwiseConv2d and type(built) is DepthwiseConv2d
+    _close(model(x), expected)
+
+
+def test_unpatch_model_keeps_parametrizations():
+    """A parametrized fast conv goes back to a parametrized nn.Conv2d: still computed from its
+    parametrization, eligible for patch_model again, and remove_parametrizations leaves nn.Conv2d."""
+    P = nn.utils.parametrize
+    model, reference = _parametrized_model().eval(), _parametrized_model().eval()
+    x = torch.randn(2, 4, 13, 11)
+    assert patch_model(model) == 3 and unpatch_model(model) == 3
+    for conv in (model[0], model[2], model[4]):
+        assert type(conv).__bases__ == (nn.Conv2d,) and type(conv).__name__ == "ParametrizedConv2d"
+        assert P.is_parametrized(conv) and is_eligible(conv)
+    assert [is_eligible(m) for m in model] == [is_eligible(m) for m in reference]
+    assert list(model.state_dict()) == list(reference.state_dict())
+    _close(model(x), reference(x))
+    with torch.no_grad():
+        for net in (model, reference):
+            net[0].parametrizations.weight.original0.mul_(3)
+    _close(model(x), reference(x))
+    P.remove_parametrizations(model[0], "weight")
+    assert type(model[0]) is nn.Conv2d
+    _close(model(x), reference(x))
 
 
 def _reparam_module(small_kernel=5):

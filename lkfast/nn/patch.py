@@ -91,3 +91,35 @@ def patch_model(model: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZE
         # arguments its constructor accepts, all of which is_eligible checked): only forward differs.
         conv.__class__ = _fast_class(conv)
     return len(eligible)
+
+
+def _plain_class(module: nn.Module) -> type | None:
+    """The nn.Conv2d class a fast conv goes back to: nn.Conv2d for a DepthwiseConv2d, for the
+    parametrized subclass ``_fast_class`` made a class over nn.Conv2d carrying the same entries (as
+    parametrize would have made for the conv); None for anything else (user subclasses included)."""
+    cls = type(module)
+    if cls is DepthwiseConv2d:
+        return nn.Conv2d
+    if cls.__bases__ == (DepthwiseConv2d,) and cls.__name__ == f"Parametrized{DepthwiseConv2d.__name__}" \
+            and parametrize.is_parametrized(module):
+        carried = {name: value for name, value in vars(cls).items() if name != "__slotnames__"}
+        return type(f"Parametrized{nn.Conv2d.__name__}", (nn.Conv2d,), carried)
+    return None
+
+
+def unpatch_model(model: nn.Module) -> int:
+    """The inverse of ``patch_model``, in place: every ``DepthwiseConv2d`` of ``model`` (patched, or
+    built as one, as RepLKNet's are) becomes the plain ``nn.Conv2d`` it is equivalent to, and a
+    parametrized one a parametrized ``nn.Conv2d``; parameters, hooks, parametrizations, other
+    attributes and the modules' identity are kept, as ``patch_model`` keeps them. For what needs
+    PyTorch's own layers: ``torch.jit.script``, exporters, code that checks ``type(m) is nn.Conv2d``.
+    Subclasses of ``DepthwiseConv2d`` other than patch_model's are left as they are. Returns the
+    number of layers changed; ``patch_model`` swaps them back."""
+    changed = 0
+    for module in model.modules():
+        plain = _plain_class(module)
+        if plain is not None:
+            module.__class__ = plain
+            changed += 1
+    return changed
+
