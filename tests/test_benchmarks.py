@@ -662,3 +662,30 @@ def test_bench_gpu_refuses_options_that_do_not_go_together(argv, message, capsys
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, backends, shapes, dtypes, e2e", [
+    (["--quick"], ("cuda", "triton_mma"), ["replknet31b-s1", "replknet31b-s3"], ["float16"], True),
+    ([], ("cuda", "triton", "triton_mma"), None, ["float16", "bfloat16", "float32"], True),
+    (["--shapes", "convnext-k7", "--dtypes", "float32", "--backends", "cuda", "--no-e2e"], ("cuda",),
+     ["convnext-k7"], ["float32"], False),
+])
+def test_bench_gpu_measures_what_its_options_name(argv, backends, shapes, dtypes, e2e, monkeypatch, tmp_path):
+    """On a GPU (faked: no kernel runs), the cases, backends and parts a run measures are those its
+    options name: --quick's, all by default, --shapes/--dtypes/--backends; --no-e2e gives the whole
+    budget to the per-pass part and skips the end-to-end one."""
+    bench = _load_benchmark("bench_gpu")
+    calls = {"pass": [], "e2e": [], "run": []}
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(bench, "per_pass", lambda shape, dtype, layout, batch, run, rows:
+                        calls["pass"].append((shape[0], dtype, layout)) or calls["run"].append(run))
+    monkeypatch.setattr(bench, "end_to_end", lambda shape, dtype, layout, *a: calls["e2e"].append((shape[0], dtype, layout)))
+    assert bench.main(["--out", str(tmp_path), "--budget", "100", *argv]) == 0
+    shapes = shapes or [s[0] for s in bench.SHAPES]
+    want = [(s, d, layout) for d in dtypes for s in shapes for layout in bench.LAYOUTS]
+    assert calls["pass"] == want and calls["e2e"] == (want if e2e else [])
+    run = calls["run"][0]
+    assert run.backends == backends and run.device == "cuda"
+    assert run.pass_deadline - run.start == pytest.approx(100 if not e2e else 55)
+    assert json.loads((tmp_path / "gpu_bench.json").read_text())["device"] == "Fake GPU"
