@@ -71,7 +71,7 @@ less ((BN - 1)/kw: 0.48x at BN = 16) but feeds the tensor cores smaller products
 
 The issue's measured figure for bf16 matrix products on an H200 is ~790 TFLOP/s rather than 990;
 scale the ceilings above by 0.8 accordingly. Block sizes are one fixed configuration (64 x 64 x 32,
-4 warps), not autotuned.
+4 warps); the forward kernels are autotuned on a GPU (``_FORWARD_BANDED_CONFIGS``, not timed yet).
 
 Testing (tests/test_triton_mma.py): the interpreter's ``tl.dot`` returns garbage for bf16 operands
 (triton 3.8; numpy has no bf16), so in the interpreter bf16 values are widened exactly to fp32 before
@@ -310,6 +310,41 @@ def _weight_grad_dense(go_ptr, x_ptr, dw_ptr, N, C, H, W, KH, KW,
 _GPU_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4)
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
 
+# The forward kernels (forward and input gradient) are autotuned on a GPU over these, keyed by the
+# sizes (and, as Triton does, the dtypes); the first is _GPU_CONFIG, the one timed on the H200
+# (2026-12-04) and the one LKFAST_TRITON_AUTOTUNE=0 takes. Not timed yet. Why these: at stage 1 (W = 56)
+# a 64-column tile leaves 8 columns idle and its band spans 94 -> 96 input columns, 1.7x the products
+# per useful output of a 32-column tile (62 -> 64); taller row blocks (BLOCK_M 128) rebuild each band
+# chunk T_i half as often (with 8 warps: with 4, ptxas spills 104 bytes per thread at 128 x 64 and
+# 128 x 32, as at 128 x 128 with 8 and 64 x 64 x 64 with 4; tests/test_triton_mma.py compiles each
+# configuration for sm_90 and fails on a spill). The weight gradients keep _GPU_CONFIG: their
+# workspace is sized by it.
+def _tiles(m, n, k, warps):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps)
+
+
+_FORWARD_BANDED_CONFIGS = [_tiles(64, 64, 32, 4), _tiles(128, 64, 32, 8), _tiles(64, 32, 32, 4),
+                           _tiles(128, 32, 32, 8), _tiles(64, 128, 32, 8)]
+_FORWARD_DENSE_CONFIGS = [_tiles(64, 64, 32, 4), _tiles(64, 128, 32, 4), _tiles(64, 128, 64, 8), _tiles(64, 32, 32, 4)]
+AUTOTUNE_KEY = ["N", "C", "H", "W", "KH", "KW"]
+_TUNED: dict = {}  # kernel -> its triton.autotune wrapper, made on first use
+
+
+def _launch(kernel, configs, grid, args, flags) -> None:
+    """``kernel[grid(meta)](*args, **flags, **meta)``: autotuned over ``configs`` on a GPU (key
+    AUTOTUNE_KEY), the first of them with LKFAST_TRITON_AUTOTUNE=0, the interpreter's small tiles in
+    the interpreter. ``grid`` maps the chosen block sizes to the launch grid."""
+    from lkfast.kernels.depthwise import _autotune
+
+    if _autotune():
+        tuned = _TUNED.get(kernel)
+        if tuned is None:
+            tuned = _TUNED[kernel] = triton.autotune(configs=configs, key=AUTOTUNE_KEY)(kernel)
+        tuned[grid](*args, **flags)
+        return
+    cfg = dict(_INTERPRETER_CONFIG) if interpreted() else dict(configs[0].kwargs, num_warps=configs[0].num_warps)
+    kernel[grid(cfg)](*args, **flags, **cfg)
+
 
 def _config() -> dict:
     return dict(_INTERPRETER_CONFIG if interpreted() else _GPU_CONFIG)
@@ -399,16 +434,15 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         return y
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w  # a dummy pointer when there is no bias
-    cfg = _config()
     args = (x, w, b, y, N, C, H, W, KH, KW, *x.stride(), *y.stride())
-    flags = dict(HAS_BIAS=bias is not None, FLIP=bool(flip), IEEE=_fp32_dot(x.dtype), **cfg)
+    flags = dict(HAS_BIAS=bias is not None, FLIP=bool(flip), IEEE=_fp32_dot(x.dtype))
     with on_device(x):
         if choose_method(H, W, KH, KW, method) == "dense":
-            grid = (C, triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(H * W, cfg["BLOCK_N"]))
-            _forward_dense[grid](*args, **flags)
+            _launch(_forward_dense, _FORWARD_DENSE_CONFIGS,
+                    lambda m: (C, triton.cdiv(N, m["BLOCK_M"]), triton.cdiv(H * W, m["BLOCK_N"])), args, flags)
         else:
-            grid = (C, triton.cdiv(N * H, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_N"]))
-            _forward_banded[grid](*args, **flags)
+            _launch(_forward_banded, _FORWARD_BANDED_CONFIGS,
+                    lambda m: (C, triton.cdiv(N * H, m["BLOCK_M"]), triton.cdiv(W, m["BLOCK_N"])), args, flags)
     return y
 
 

@@ -307,6 +307,70 @@ AOT_CASES = [  # kernel, pointer dtype, constexprs, expect wgmma
 ]
 
 
+def _config_cases(name, configs):
+    return [(name, "bf16", {"HAS_BIAS": True, "FLIP": False, "IEEE": False, **c.kwargs}, c.num_warps) for c in configs[1:]]
+
+
+def _autotuned_configs():
+    from lkfast.kernels import depthwise_mma
+
+    return (_config_cases("_forward_banded", depthwise_mma._FORWARD_BANDED_CONFIGS)
+            + _config_cases("_forward_dense", depthwise_mma._FORWARD_DENSE_CONFIGS))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiled in the parent process")
+@pytest.mark.parametrize("name,dtype,constexprs,num_warps", _autotuned_configs(),
+                         ids=[f"{c[0]}-{c[2]['BLOCK_M']}x{c[2]['BLOCK_N']}x{c[2]['BLOCK_K']}-w{c[3]}" for c in _autotuned_configs()])
+def test_mma_autotune_configs_compile_for_sm90_without_spills(name, dtype, constexprs, num_warps):
+    """Every configuration the forward kernels are autotuned over (the first is AOT_CASES' tiles)
+    compiles for sm_90 into tensor-core products with nothing spilled."""
+    from lkfast.kernels import depthwise_mma
+
+    compiled = compile_for_sm90(getattr(depthwise_mma, name), dtype, constexprs, num_warps=num_warps, no_spills=True)
+    assert "wgmma" in compiled.asm["ptx"], f"{name} {constexprs}: no wgmma in the PTX"
+
+
+def test_mma_forward_is_autotuned_on_a_gpu(monkeypatch):
+    """On a GPU the forward kernels launch through triton.autotune over their configurations (the
+    first being the timed one), keyed by the sizes, with a grid computed from the chosen tiles;
+    LKFAST_TRITON_AUTOTUNE=0 launches the first configuration as it is. (Faked: no kernel runs.)"""
+    pytest.importorskip("triton")
+    from lkfast.kernels import depthwise, depthwise_mma
+
+    if depthwise_mma.interpreted():
+        pytest.skip("the interpreter never autotunes")
+    made, launched = [], []
+
+    class Tuned:
+        def __init__(self, kernel, configs, key):
+            self.kernel, self.configs, self.key = kernel, configs, key
+
+        def __getitem__(self, grid):
+            def launch(*args, **flags):
+                launched.append((self.kernel, [grid(dict(c.kwargs)) for c in self.configs], flags))
+            return launch
+
+    monkeypatch.setattr(depthwise_mma.triton, "autotune",
+                        lambda configs, key: lambda kernel: made.append(key) or Tuned(kernel, configs, key))
+    monkeypatch.setattr(depthwise_mma, "_TUNED", {})
+    monkeypatch.setattr(depthwise, "_autotune", lambda: True)
+    assert depthwise_mma._FORWARD_BANDED_CONFIGS[0].kwargs == {k: v for k, v in depthwise_mma._GPU_CONFIG.items()
+                                                               if k != "num_warps"}
+    assert depthwise_mma._FORWARD_DENSE_CONFIGS[0].kwargs == depthwise_mma._FORWARD_BANDED_CONFIGS[0].kwargs
+    x = torch.randn(2, 3, 56, 56)
+    depthwise_mma.forward(x, torch.randn(3, 1, 31, 31))            # banded
+    depthwise_mma.forward(x[:, :, :14, :14].contiguous(), torch.randn(3, 1, 27, 27), flip=True)  # dense
+    depthwise_mma.forward(x, torch.randn(3, 1, 31, 31))            # the same wrapper again
+    assert made == [depthwise_mma.AUTOTUNE_KEY] * 2 == [["N", "C", "H", "W", "KH", "KW"]] * 2
+    (k1, grids1, flags1), (k2, grids2, flags2), (k3, _, _) = launched
+    assert k1 is depthwise_mma._forward_banded and k2 is depthwise_mma._forward_dense and k3 is k1
+    assert grids1 == [(3, -(-2 * 56 // c.kwargs["BLOCK_M"]), -(-56 // c.kwargs["BLOCK_N"]))
+                      for c in depthwise_mma._FORWARD_BANDED_CONFIGS]
+    assert grids2 == [(3, -(-2 // c.kwargs["BLOCK_M"]), -(-196 // c.kwargs["BLOCK_N"]))
+                      for c in depthwise_mma._FORWARD_DENSE_CONFIGS]
+    assert flags1 == {"HAS_BIAS": False, "FLIP": False, "IEEE": True} and flags2["FLIP"] is True
+
+
 @pytest.mark.skipif(INTERPRETED, reason="compiled in the parent process")
 @pytest.mark.parametrize("name,dtype,constexprs,tensor_cores", AOT_CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in AOT_CASES])
