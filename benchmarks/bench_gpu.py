@@ -337,14 +337,14 @@ def markdown(rows: list, device_name: str, batch: int) -> str:
     return "\n".join(parts)
 
 
-def write_table(results_paths, table_path: str | None = None) -> str:
+def write_table(results_paths: list, table_path: str | None = None) -> str:
     """Ship the table of one or more gpu_bench.json files through cuda_table.save_table (merged in
     order: a later file's row replaces an earlier one's for the same key); returns the path written."""
     from lkfast.ops import cuda_table
 
     rows: dict = {}
     runs: list = []
-    for results_path in [results_paths] if isinstance(results_paths, str) else results_paths:
+    for results_path in results_paths:
         with open(results_path) as f:
             data = json.load(f)
         if data.get("dry_run"):
@@ -377,13 +377,11 @@ def plot(results_path: str, png_path: str) -> str:
     cases = sorted({k[:3] for k in groups}, key=lambda c: ([s[0] for s in SHAPES].index(c[0]), c[1], c[2]))
     if not cases:
         raise SystemExit(f"{results_path} holds no end-to-end timings to plot")
+    colors = {"float16": "tab:blue", "bfloat16": "tab:orange", "float32": "tab:green"}
     fig, axes = plt.subplots(1, len(MODES), figsize=(4.4 * len(MODES), 3.9), sharey=True)
     for ax, mode in zip(axes, MODES):
-        ratios = []
-        for case in cases:
-            ratios.append(speedup(groups.get((*case, mode), {})) or 0.0)
-        colors = ["tab:blue" if c[2] == "float16" else "tab:orange" if c[2] == "bfloat16" else "tab:green" for c in cases]
-        bars = ax.bar(range(len(cases)), ratios, color=colors)
+        ratios = [speedup(groups.get((*case, mode), {})) or 0.0 for case in cases]
+        bars = ax.bar(range(len(cases)), ratios, color=[colors[c[2]] for c in cases])
         ax.bar_label(bars, fmt="%.1f×", fontsize=7)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(range(len(cases)), [f"{c[0].replace('replknet31b-', '')}\n{'CL' if c[1] == 'channels_last' else 'NCHW'}"
@@ -393,8 +391,7 @@ def plot(results_path: str, png_path: str) -> str:
     from matplotlib.patches import Patch
 
     shown = sorted({c[2] for c in cases}, key=list(DTYPES).index)
-    axes[0].legend(handles=[Patch(color={"float16": "tab:blue", "bfloat16": "tab:orange"}.get(d, "tab:green"), label=d)
-                            for d in shown], fontsize=7, loc="upper left")
+    axes[0].legend(handles=[Patch(color=colors[d], label=d) for d in shown], fontsize=7, loc="upper left")
     sizes = {s[0]: f"{s[0].replace('replknet31b-', 'RepLKNet-31B ')}: C={s[1]}, {s[2]}², k={s[4]}x{s[5]}" for s in SHAPES}
     fig.suptitle(f"Depthwise conv on {data['device']}, batch {data['batch']} ("
                  + "; ".join(dict.fromkeys(sizes[c[0]] for c in cases)) + "); dashed = PyTorch (cuDNN benchmark on)",

@@ -238,13 +238,14 @@ _WGRAD_CONFIGS = [
 
 class _Launcher:
     """``launcher[grid](*args)``: autotuned over ``configs`` on a GPU, the first config in the
-    interpreter (or with LKFAST_TRITON_AUTOTUNE=0, read at each launch). ``grid`` is a function of
-    the chosen block sizes, as in the tutorials."""
+    interpreter (``interpreter_config`` there when given) or with LKFAST_TRITON_AUTOTUNE=0 (read at
+    each launch). ``grid`` is a function of the chosen block sizes, as in the tutorials."""
 
-    def __init__(self, kernel, configs, key):
+    def __init__(self, kernel, configs, key, interpreter_config=None):
         self.kernel = kernel
         self.configs = configs
         self.key = key
+        self.interpreter_config = interpreter_config
         self._tuned = None
 
     def __getitem__(self, grid):
@@ -252,7 +253,7 @@ class _Launcher:
             if self._tuned is None:
                 self._tuned = triton.autotune(configs=self.configs, key=self.key)(self.kernel)
             return self._tuned[grid]
-        first = self.configs[0]
+        first = self.interpreter_config if self.interpreter_config is not None and interpreted() else self.configs[0]
         meta = dict(first.kwargs)
         return lambda *args, **kwargs: self.kernel[grid(meta)](*args, **kwargs, **meta, num_warps=first.num_warps)
 

@@ -103,6 +103,7 @@ import triton.language as tl
 
 # interpreted / unavailable_reason are re-exported so a backend can use this module like depthwise.py
 from lkfast.kernels.depthwise import interpreted, on_device, unavailable_reason  # noqa: F401
+from lkfast.kernels.depthwise import _Launcher
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,11 +308,17 @@ def _weight_grad_dense(go_ptr, x_ptr, dw_ptr, N, C, H, W, KH, KW,
 # the interpreter so tiny test shapes still cross tile and K-chunk edges. tl.dot needs every
 # dimension >= 16.
 
-_GPU_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4)
-_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
+def _tiles(m, n, k, warps):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps)
+
+
+_GPU_TILES = _tiles(64, 64, 32, 4)
+_INTERPRETER_TILES = _tiles(16, 16, 16, 4)
+_GPU_CONFIG = dict(_GPU_TILES.kwargs, num_warps=_GPU_TILES.num_warps)
+_INTERPRETER_CONFIG = dict(_INTERPRETER_TILES.kwargs, num_warps=_INTERPRETER_TILES.num_warps)
 
 # The forward kernels (forward and input gradient) are autotuned on a GPU over these, keyed by the
-# sizes (and, as Triton does, the dtypes); the first is _GPU_CONFIG, the one timed on the H200
+# sizes (and, as Triton does, the dtypes); the first is _GPU_TILES, the one timed on the H200
 # (2026-12-04) and the one LKFAST_TRITON_AUTOTUNE=0 takes. Not timed yet. Why these: at stage 1 (W = 56)
 # a 64-column tile leaves 8 columns idle and its band spans 94 -> 96 input columns, 1.7x the products
 # per useful output of a 32-column tile (62 -> 64); taller row blocks (BLOCK_M 128) rebuild each band
@@ -319,31 +326,14 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
 # 128 x 32, as at 128 x 128 with 8 and 64 x 64 x 64 with 4; tests/test_triton_mma.py compiles each
 # configuration for sm_90 and fails on a spill). The weight gradients keep _GPU_CONFIG: their
 # workspace is sized by it.
-def _tiles(m, n, k, warps):
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps)
-
-
-_FORWARD_BANDED_CONFIGS = [_tiles(64, 64, 32, 4), _tiles(128, 64, 32, 8), _tiles(64, 32, 32, 4),
-                           _tiles(128, 32, 32, 8), _tiles(64, 128, 32, 8)]
-_FORWARD_DENSE_CONFIGS = [_tiles(64, 64, 32, 4), _tiles(64, 128, 32, 4), _tiles(64, 128, 64, 8), _tiles(64, 32, 32, 4)]
+_FORWARD_BANDED_CONFIGS = [_GPU_TILES, _tiles(128, 64, 32, 8), _tiles(64, 32, 32, 4), _tiles(128, 32, 32, 8),
+                           _tiles(64, 128, 32, 8)]
+_FORWARD_DENSE_CONFIGS = [_GPU_TILES, _tiles(64, 128, 32, 4), _tiles(64, 128, 64, 8), _tiles(64, 32, 32, 4)]
 AUTOTUNE_KEY = ["N", "C", "H", "W", "KH", "KW"]
-_TUNED: dict = {}  # kernel -> its triton.autotune wrapper, made on first use
-
-
-def _launch(kernel, configs, grid, args, flags) -> None:
-    """``kernel[grid(meta)](*args, **flags, **meta)``: autotuned over ``configs`` on a GPU (key
-    AUTOTUNE_KEY), the first of them with LKFAST_TRITON_AUTOTUNE=0, the interpreter's small tiles in
-    the interpreter. ``grid`` maps the chosen block sizes to the launch grid."""
-    from lkfast.kernels.depthwise import _autotune
-
-    if _autotune():
-        tuned = _TUNED.get(kernel)
-        if tuned is None:
-            tuned = _TUNED[kernel] = triton.autotune(configs=configs, key=AUTOTUNE_KEY)(kernel)
-        tuned[grid](*args, **flags)
-        return
-    cfg = dict(_INTERPRETER_CONFIG) if interpreted() else dict(configs[0].kwargs, num_warps=configs[0].num_warps)
-    kernel[grid(cfg)](*args, **flags, **cfg)
+# launched as the CUDA-core kernels are (lkfast.kernels.depthwise._Launcher): autotuned on a GPU, the
+# first configuration with LKFAST_TRITON_AUTOTUNE=0, the interpreter's small tiles in the interpreter
+_forward_banded_launch = _Launcher(_forward_banded, _FORWARD_BANDED_CONFIGS, AUTOTUNE_KEY, _INTERPRETER_TILES)
+_forward_dense_launch = _Launcher(_forward_dense, _FORWARD_DENSE_CONFIGS, AUTOTUNE_KEY, _INTERPRETER_TILES)
 
 
 def _config() -> dict:
@@ -438,11 +428,11 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     flags = dict(HAS_BIAS=bias is not None, FLIP=bool(flip), IEEE=_fp32_dot(x.dtype))
     with on_device(x):
         if choose_method(H, W, KH, KW, method) == "dense":
-            _launch(_forward_dense, _FORWARD_DENSE_CONFIGS,
-                    lambda m: (C, triton.cdiv(N, m["BLOCK_M"]), triton.cdiv(H * W, m["BLOCK_N"])), args, flags)
+            _forward_dense_launch[lambda m: (C, triton.cdiv(N, m["BLOCK_M"]), triton.cdiv(H * W, m["BLOCK_N"]))](
+                *args, **flags)
         else:
-            _launch(_forward_banded, _FORWARD_BANDED_CONFIGS,
-                    lambda m: (C, triton.cdiv(N * H, m["BLOCK_M"]), triton.cdiv(W, m["BLOCK_N"])), args, flags)
+            _forward_banded_launch[lambda m: (C, triton.cdiv(N * H, m["BLOCK_M"]), triton.cdiv(W, m["BLOCK_N"]))](
+                *args, **flags)
     return y
 
 

@@ -150,7 +150,7 @@ def test_mma_channels_last_through_nchw_matches_conv2d(dtype, monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for name in ("_forward_banded", "_weight_grad_banded"):
+    for name in ("_forward_banded_launch", "_weight_grad_banded"):
         monkeypatch.setattr(depthwise_mma, name, Spy(getattr(depthwise_mma, name)))
     monkeypatch.setattr(depthwise_mma, "NCHW_ROUTE_MIN_PIXELS", 9 * 10)
     (N, C, H, W, kh, kw) = (2, 3, 9, 10, 5, 3)
@@ -352,7 +352,8 @@ def test_mma_forward_is_autotuned_on_a_gpu(monkeypatch):
 
     monkeypatch.setattr(depthwise_mma.triton, "autotune",
                         lambda configs, key: lambda kernel: made.append(key) or Tuned(kernel, configs, key))
-    monkeypatch.setattr(depthwise_mma, "_TUNED", {})
+    for launcher in (depthwise_mma._forward_banded_launch, depthwise_mma._forward_dense_launch):
+        monkeypatch.setattr(launcher, "_tuned", None)
     monkeypatch.setattr(depthwise, "_autotune", lambda: True)
     assert depthwise_mma._FORWARD_BANDED_CONFIGS[0].kwargs == {k: v for k, v in depthwise_mma._GPU_CONFIG.items()
                                                                if k != "num_warps"}

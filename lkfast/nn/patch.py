@@ -62,8 +62,14 @@ def _fast_class(module: nn.Conv2d) -> type:
     cls = type(module)
     if cls is nn.Conv2d:
         return DepthwiseConv2d
+    return _parametrized_over(DepthwiseConv2d, cls)
+
+
+def _parametrized_over(base: type, cls: type) -> type:
+    """A class over ``base`` carrying what the parametrized class ``cls`` carries (parametrize's
+    properties, __getstate__, __deepcopy__), named as parametrize names its classes."""
     carried = {name: value for name, value in vars(cls).items() if name != "__slotnames__"}  # (copyreg's cache)
-    return type(f"Parametrized{DepthwiseConv2d.__name__}", (DepthwiseConv2d,), carried)
+    return type(f"Parametrized{base.__name__}", (base,), carried)
 
 
 def patch_model(model: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZE) -> int:
@@ -102,8 +108,7 @@ def _plain_class(module: nn.Module) -> type | None:
         return nn.Conv2d
     if cls.__bases__ == (DepthwiseConv2d,) and cls.__name__ == f"Parametrized{DepthwiseConv2d.__name__}" \
             and parametrize.is_parametrized(module):
-        carried = {name: value for name, value in vars(cls).items() if name != "__slotnames__"}
-        return type(f"Parametrized{nn.Conv2d.__name__}", (nn.Conv2d,), carried)
+        return _parametrized_over(nn.Conv2d, cls)
     return None
 
 
