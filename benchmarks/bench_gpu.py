@@ -337,6 +337,25 @@ def markdown(rows: list, device_name: str, batch: int) -> str:
     return "\n".join(parts)
 
 
+def _load_results(path: str, purpose: str, needs: tuple) -> dict:
+    """A gpu_bench.json written by a GPU run, or SystemExit saying what is wrong with ``path`` (missing,
+    not JSON, not a bench_gpu.py results file, a --dry-run's); ``needs``: the keys the caller reads."""
+    what = "a gpu_bench.json that python benchmarks/bench_gpu.py --out DIR writes"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"bench_gpu: {path} does not exist; give {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"bench_gpu: {path} is not JSON ({error}); give {what}") from None
+    missing = [key for key in needs if key not in data] if isinstance(data, dict) else list(needs)
+    if missing:
+        raise SystemExit(f"bench_gpu: {path} is not {what} (it has no {', '.join(map(repr, missing))})")
+    if data.get("dry_run"):
+        raise SystemExit(f"{path} comes from a --dry-run on the CPU: it measured nothing to {purpose}")
+    return data
+
+
 def write_table(results_paths: list, table_path: str | None = None) -> str:
     """Ship the table of one or more gpu_bench.json files through cuda_table.save_table (merged in
     order: a later file's row replaces an earlier one's for the same key); returns the path written."""
@@ -345,10 +364,7 @@ def write_table(results_paths: list, table_path: str | None = None) -> str:
     rows: dict = {}
     runs: list = []
     for results_path in results_paths:
-        with open(results_path) as f:
-            data = json.load(f)
-        if data.get("dry_run"):
-            raise SystemExit(f"{results_path} comes from a --dry-run on the CPU: it measured nothing to ship")
+        data = _load_results(results_path, "ship", ("table", "measured_on"))
         rows.update((tuple(k), tuple(v)) for k, v in data["table"])
         if data["measured_on"] not in runs:
             runs.append(data["measured_on"])
@@ -366,10 +382,7 @@ def plot(results_path: str, png_path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(results_path) as f:
-        data = json.load(f)
-    if data.get("dry_run"):
-        raise SystemExit(f"{results_path} comes from a --dry-run on the CPU: it measured nothing to plot")
+    data = _load_results(results_path, "plot", ("rows", "device", "batch"))
     groups: dict = {}
     for r in data["rows"]:
         if r["kind"] == "e2e" and "ms" in r:

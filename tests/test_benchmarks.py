@@ -689,3 +689,21 @@ def test_bench_gpu_measures_what_its_options_name(argv, backends, shapes, dtypes
     assert run.backends == backends and run.device == "cuda"
     assert run.pass_deadline - run.start == pytest.approx(100 if not e2e else 55)
     assert json.loads((tmp_path / "gpu_bench.json").read_text())["device"] == "Fake GPU"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist; give a gpu_bench.json that python benchmarks/bench_gpu.py --out DIR writes"),
+    ("{not json", "is not JSON"),
+    ('{"rows": []}', "is not a gpu_bench.json that python benchmarks/bench_gpu.py --out DIR writes (it has no"),
+])
+@pytest.mark.parametrize("mode", ["--write-table", "--plot"])
+def test_bench_gpu_says_what_is_wrong_with_a_results_file(mode, content, message, tmp_path):
+    bench = _load_benchmark("bench_gpu")
+    results = tmp_path / "gpu_bench.json"
+    if content is not None:
+        results.write_text(content)
+    argv = [mode, str(results), *([str(tmp_path / "out.png")] if mode == "--plot" else ["--table-path", str(tmp_path / "t.json")])]
+    with pytest.raises(SystemExit, match=re.escape(f"bench_gpu: {results} ") + ".*" + re.escape(message)):
+        bench.main(argv)
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "out.png").exists()
+
