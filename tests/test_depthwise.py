@@ -280,6 +280,118 @@ def test_opcheck_registered_ops(backend_device, fmt):
         torch.library.opcheck(torch.ops.lkfast.depthwise_conv2d_weight_grad.default, (g, x.detach(), 5, 3, name))
 
 
+def _depthwise_case(fmt, device, dtype=torch.float64):
+    """x, weight, bias (leaves requiring grad) and an output gradient: a small case with a
+    rectangular kernel, in layout ``fmt``."""
+    x = make_input((2, 5, 9, 8), fmt, dtype, device).requires_grad_(True)
+    w = make_weight(5, 5, 3, dtype, device).requires_grad_(True)
+    b = torch.randn(5, dtype=dtype, device=device).requires_grad_(True)
+    return x, w, b, make_input((2, 5, 9, 8), fmt, dtype, device)
+
+
+def _refuse(name):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the eager path called the registered op {name}")
+    return refuse
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES + [("auto", "cpu"), ("auto", "cuda")], ids=case_id)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_the_eager_path_skips_the_registered_op_and_equals_it(backend_device, fmt, monkeypatch):
+    """A plain eager call runs the backends through _Eager, never the registered ops (their
+    dispatch is host time), and gives bit for bit what the registered op gives: output, the three
+    gradients, and the second-order gradients of a gradient penalty."""
+    from lkfast.ops import depthwise
+
+    backend, device = backend_device
+    backend = backend_or_skip(backend, device, torch.float64 if backend not in ("triton",) else torch.float32)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x, w, b, g = _depthwise_case(fmt, device, dtype)
+
+    def run():
+        y = ops.depthwise_conv2d(x, w, b, backend=backend)
+        first = torch.autograd.grad(y, (x, w, b), g)
+        y = ops.depthwise_conv2d(x, w, b, backend=backend)
+        gx, gw, _ = torch.autograd.grad(y, (x, w, b), g, create_graph=True)
+        second = torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w))
+        return (y.detach(),) + first + second
+
+    with monkeypatch.context() as m:
+        for name in ("_depthwise_conv2d_op", "_input_grad_op", "_weight_grad_op"):
+            m.setattr(depthwise, name, _refuse(name))
+        eager = run()
+    monkeypatch.setattr(depthwise, "_eager", lambda *args: False)
+    registered = run()
+    for i, (a, r) in enumerate(zip(eager, registered)):
+        assert torch.equal(a, r), i
+    assert eager[0].is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else
+                                  torch.contiguous_format)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _flop_counter_sees_the_op(x, w, b, g):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        ops.depthwise_conv2d(x, w, b).backward(g)
+    N, C, H, W = x.shape
+    assert counter.get_total_flops() == 3 * 2 * N * C * H * W * w.shape[2] * w.shape[3]
+
+
+def _jit_trace_records_the_op(x, w, b, g):
+    w, b = w.detach(), b.detach()
+    traced = torch.jit.trace(lambda a: ops.depthwise_conv2d(a, w, b), x.detach())
+    assert "lkfast::depthwise_conv2d" in str(traced.graph)
+    other = torch.randn_like(x.detach())  # a traced call of another input computes on it
+    assert torch.equal(traced(other), ops.depthwise_conv2d(other, w, b))
+
+
+def _profiler_names_the_ops(x, w, b, g):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.depthwise_conv2d(x, w, b).backward(g)
+    names = {event.name for event in prof.events()}
+    assert {"lkfast::depthwise_conv2d", "lkfast::depthwise_conv2d_input_grad",
+            "lkfast::depthwise_conv2d_weight_grad"} <= names
+
+
+def _torch_function_mode_sees_the_op(x, w, b, g):
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        y = ops.depthwise_conv2d(x, w, b)
+    assert torch.ops.lkfast.depthwise_conv2d.default in Record.seen
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, b, padding=(2, 1), groups=5))
+
+
+def _subclass_takes_the_op(x, w, b, g):
+    from lkfast.ops import depthwise
+
+    assert depthwise._eager(x, torch.nn.Parameter(w.detach()), b)  # a Parameter is a plain tensor here
+    for args in ((x.as_subclass(_Subclass), w, b), (x, w.as_subclass(_Subclass), b), (x, w, b.as_subclass(_Subclass))):
+        assert not depthwise._eager(*args)
+
+
+@pytest.mark.parametrize("check", [_flop_counter_sees_the_op, _jit_trace_records_the_op, _profiler_names_the_ops,
+                                   _torch_function_mode_sees_the_op, _subclass_takes_the_op],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_what_must_see_the_registered_op_gets_it(check):
+    """FlopCounterMode (lkfast.eval's multiply-add count), torch.jit.trace, the profiler, a
+    TorchFunctionMode and tensor subclasses see the registered ops, not the eager path's
+    autograd.Function, which none of them could see into (torch.compile: the compile tests)."""
+    x, w, b, g = _depthwise_case("contiguous", "cpu", torch.float32)
+    check(x, w, b, g)
+
+
 class _Block(torch.nn.Module):
     def __init__(self, channels=8, k=7):
         # Each test compiles a new _Block: dynamo guards on the parameters, so compiled entries of

@@ -8,6 +8,14 @@ Under ``torch.compile`` with ``backend="auto"`` the plan is not chosen while tra
 receive ``"auto"`` and choose from the real tensors when they run, so one graph serves every shape
 (dynamic batch sizes, image sizes) and picks the same backends as eager mode would.
 
+In eager mode (no tracing, compiling, profiling or tensor subclass, no dispatch or torch-function
+mode) a call skips the registered op and runs the same backends through ``_Eager``, a plain
+``torch.autograd.Function``: the registered op's dispatch (schema parsing, the autograd wrapper's
+redispatch, its alias check) cost ~100 us of host time per training step (forward + input
+gradient) on this project's CPU, more than a whole stage-3 layer's kernels take on a GPU. Anything
+that must see the op (torch.compile, torch.export, jit.trace, FlopCounterMode, FakeTensorMode, the
+profiler) still gets it; both paths share the plan, the backends and the backward formula.
+
 The input gradient of a stride-1, same-padded convolution with an odd kernel is the forward
 convolution of the output gradient with the kernel rotated by 180 degrees; every backend computes
 it that way, so the fastest forward path also serves the input gradient (what attacks need).
@@ -18,6 +26,7 @@ import dataclasses
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from lkfast.ops.backends import (BACKENDS, FLOAT_DTYPES, PASSES, Plan, convolution_backward, dtype_name,
@@ -266,7 +275,10 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, input_grad=None, weight_grad=None):
+    """The gradients (x, weight, bias, plan) of the op; ``input_grad``/``weight_grad`` compute the
+    two kernels' passes: the registered ops (None), or (the eager path) the backends themselves."""
+    input_grad, weight_grad = input_grad or _input_grad_op, weight_grad or _weight_grad_op
     x, weight = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
     if torch.is_grad_enabled():
@@ -275,15 +287,57 @@ def _backward(ctx, grad):
         # convolution_backward has one, so the gradients go through it here.
         grad_x, grad_w = _differentiable_grads(grad, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
     if ctx.needs_input_grad[0] and grad_x is None:
-        grad_x = _input_grad_op(grad, weight, ctx.plan.input_grad)
+        grad_x = input_grad(grad, weight, ctx.plan.input_grad)
     if ctx.needs_input_grad[1] and grad_w is None:
-        grad_w = _weight_grad_op(grad, x, weight.shape[2], weight.shape[3], ctx.plan.weight_grad)
+        grad_w = weight_grad(grad, x, weight.shape[2], weight.shape[3], ctx.plan.weight_grad)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad.sum(dim=(0, 2, 3), dtype=torch.float32 if grad.dtype != torch.float64 else None).to(grad.dtype)
     return grad_x, grad_w, grad_b, None
 
 
 _depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _backend_input_grad(grad_out, weight, backend: str):
+    return BACKENDS[backend].forward(grad_out, weight, None, True)
+
+
+def _backend_weight_grad(grad_out, x, kh: int, kw: int, backend: str):
+    return BACKENDS[backend].weight_grad(grad_out, x, kh, kw)
+
+
+class _Eager(torch.autograd.Function):
+    """The op without its registration, for plain eager calls (see the module's docstring): the same
+    plan, backends, saved tensors and backward formula as ``torch.ops.lkfast.depthwise_conv2d``."""
+
+    # (forward with ctx, not a separate setup_context: that form costs ~30 us more per call in
+    # torch 2.14, binding the arguments through inspect.signature; torch.func, which would need it,
+    # never reaches here)
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: Plan):
+        ctx.plan = plan
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return BACKENDS[plan.forward].forward(x, weight, bias, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, _backend_input_grad, _backend_weight_grad)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(x, weight, bias) -> bool:
+    """Whether a call may take ``_Eager``: nothing is tracing, compiling or profiling it, no
+    TorchDispatchMode (FlopCounterMode, FakeTensorMode, torch.export's) or torch-function mode
+    (``with torch.device(...)``) is active, and the tensors are plain ones (no subclass: DTensor,
+    FakeTensor). Every one of those sees or needs the registered op."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not is_in_torch_dispatch_mode() and not torch._C._is_torch_function_mode_enabled()
+            and not torch.autograd._profiler_enabled()
+            and type(x) in _PLAIN_TENSORS and type(weight) in _PLAIN_TENSORS
+            and (bias is None or type(bias) in _PLAIN_TENSORS))
 
 
 def _differentiable_grads(grad, x, weight, want_x: bool, want_w: bool):
@@ -369,4 +423,6 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if torch._C._are_functorch_transforms_active() or _forward_ad_dual(x, weight, bias):
         return _under_torch_func(x, weight, bias, backend)
     plan = _plan_for(x, weight, backend)
+    if _eager(x, weight, bias):
+        return _Eager.apply(x, weight, bias, plan)
     return _depthwise_conv2d_op(x, weight, bias, plan.encode())
