@@ -2,6 +2,7 @@
 how its cache is keyed, and that a corrupt or stale cache is rebuilt. Timings are faked: tests
 check the dispatch logic, never speed."""
 import json
+import os
 import warnings
 
 import pytest
@@ -409,3 +410,19 @@ def test_an_unknown_pass_is_refused_naming_the_passes():
     x, w = inputs()
     with pytest.raises(ValueError, match="unknown pass 'backward'; expected forward, input_grad or weight_grad"):
         cd.choose(x, w, "backward")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["environ-dict", "os.environ.get"])
+def test_the_settings_reader_sees_every_environment_change(fast, monkeypatch):
+    """_getenv (the calibration's per-call reads) answers as os.environ.get does, at once after each
+    change, from os.environ's own dict or (another Python: no such dict) through os.environ.get."""
+    if not fast:
+        monkeypatch.setattr(cd, "_ENVIRON_DATA", None)
+    name = "LKFAST_TEST_SETTING_\u00e9"
+    monkeypatch.delenv(name, raising=False)
+    assert cd._getenv(name) is None and cd._getenv(name, "d") == "d"
+    for value in ("1", "", "caf\u00e9 /tmp/x"):
+        monkeypatch.setenv(name, value)
+        assert cd._getenv(name, "d") == value == os.environ.get(name)
+    monkeypatch.delenv(name)
+    assert cd._getenv(name, "gone") == "gone"

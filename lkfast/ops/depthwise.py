@@ -31,6 +31,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from lkfast.ops.backends import (BACKENDS, FLOAT_DTYPES, PASSES, Plan, convolution_backward, dtype_name,
                                  output_memory_format)
+from lkfast.ops import cpu_dispatch
 
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
@@ -105,25 +106,23 @@ class PlanExplanation:
 def _cpu_plan(x, weight) -> tuple[Plan, str]:
     if not _usable("cpu", x, weight):
         return Plan.single("torch"), "on the CPU, PyTorch (oneDNN) wherever lkfast's C++ kernels cannot run"
-    channels_last = output_memory_format(x) == torch.channels_last
-    args = (tuple(x.shape), tuple(weight.shape), dtype_name(x.dtype), channels_last)
     # The op asks on every call; choosing costs ~30 us of Python (shape class, file-backed cache,
     # sentences), as much as a whole 7x7-map layer call takes in some passes. Within one
-    # calibration the answer for a shape cannot change, so it is kept per exact shape.
-    from lkfast.ops import cpu_dispatch
+    # calibration the answer for a shape cannot change, so it is kept per exact shape and strides
+    # (the layout follows from them), a key read without any Python of ours: the memo's own cost
+    # was half of auto's host time per call (7 of ~13 us on this project's CPU).
+    key = (x.shape, x.stride(), weight.shape, x.dtype)
+    return cpu_dispatch.remembered(_PLAN_MEMO, key, lambda: _measured_cpu_plan(
+        tuple(x.shape), tuple(weight.shape), dtype_name(x.dtype), output_memory_format(x) == torch.channels_last))
 
-    return cpu_dispatch.remembered(_PLAN_MEMO, args, lambda: _measured_cpu_plan(*args))
 
-
-_PLAN_MEMO: dict = {}  # (x shape, weight shape, dtype, channels_last) -> (memo_token, (plan, source))
+_PLAN_MEMO: dict = {}  # (x shape, x strides, weight shape, dtype) -> (memo_token, (plan, source))
 
 
 def _measured_cpu_plan(x_shape: tuple, weight_shape: tuple, dtype: str, channels_last: bool) -> tuple[Plan, str]:
     # The faster of lkfast's kernel and oneDNN for each pass, measured on this machine (or taken
     # from the shipped per-instruction-set table): see lkfast.ops.cpu_dispatch. It needs only the
     # call's shapes, dtype and layout, which meta tensors carry.
-    from lkfast.ops import cpu_dispatch
-
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty(x_shape, dtype=getattr(torch, dtype), device="meta", memory_format=memory_format)
     weight = torch.empty(weight_shape, dtype=getattr(torch, dtype), device="meta")
