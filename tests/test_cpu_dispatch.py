@@ -414,15 +414,18 @@ def test_an_unknown_pass_is_refused_naming_the_passes():
 
 @pytest.mark.parametrize("fast", [True, False], ids=["environ-dict", "os.environ.get"])
 def test_the_settings_reader_sees_every_environment_change(fast, monkeypatch):
-    """_getenv (the calibration's per-call reads) answers as os.environ.get does, at once after each
-    change, from os.environ's own dict or (another Python: no such dict) through os.environ.get."""
+    """backends.getenv (the calibration's and the CUDA table's per-call reads) answers as
+    os.environ.get does, at once after each change, from os.environ's own dict or (another Python:
+    no such dict) through os.environ.get."""
+    from lkfast.ops import backends
+
     if not fast:
-        monkeypatch.setattr(cd, "_ENVIRON_DATA", None)
+        monkeypatch.setattr(backends, "_ENVIRON_DATA", None)
     name = "LKFAST_TEST_SETTING_\u00e9"
     monkeypatch.delenv(name, raising=False)
-    assert cd._getenv(name) is None and cd._getenv(name, "d") == "d"
+    assert backends.getenv(name) is None and backends.getenv(name, "d") == "d"
     for value in ("1", "", "caf\u00e9 /tmp/x"):
         monkeypatch.setenv(name, value)
-        assert cd._getenv(name, "d") == value == os.environ.get(name)
+        assert backends.getenv(name, "d") == value == os.environ.get(name)
     monkeypatch.delenv(name)
-    assert cd._getenv(name, "gone") == "gone"
+    assert backends.getenv(name, "gone") == "gone"

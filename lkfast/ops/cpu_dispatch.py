@@ -46,7 +46,7 @@ import torch
 
 from lkfast.cache import cache_dir
 from lkfast.ops import backends
-from lkfast.ops.backends import dtype_name, output_memory_format
+from lkfast.ops.backends import dtype_name, getenv, output_memory_format
 
 CANDIDATES = ("cpu", "torch")
 # 1x1 convolutions (lkfast.nn.pointwise): a matrix product on the NHWC view, or PyTorch's convolution
@@ -97,29 +97,8 @@ def fingerprint() -> dict:
     }
 
 
-# os.environ.get encodes the name and decodes the value on every read: ~0.7 us idle and ~3 us
-# inside an op call (measured), and the op's every auto call reads three variables (memo_token):
-# most of auto's host time over a named backend. CPython's os.environ keeps its state in the dict
-# ``_data`` under encoded names (every write to os.environ goes through it, so monkeypatch.setenv
-# and os.environ[...] = ... are seen at once); reading that dict answers the same question without
-# the conversions. Elsewhere (another Python), os.environ.get.
-_ENVIRON_DATA = getattr(os.environ, "_data", None)
-_ENCODED_NAMES: dict = {}
-
-
-def _getenv(name: str, default: Optional[str] = None) -> Optional[str]:
-    """``os.environ.get(name, default)``, read from os.environ's own dict where CPython has one."""
-    if not isinstance(_ENVIRON_DATA, dict):
-        return os.environ.get(name, default)
-    key = _ENCODED_NAMES.get(name)
-    if key is None:
-        key = _ENCODED_NAMES[name] = os.environ.encodekey(name)
-    value = _ENVIRON_DATA.get(key)
-    return default if value is None else os.environ.decodevalue(value)
-
-
 def calibration_enabled() -> bool:
-    return _getenv("LKFAST_CALIBRATE", "1") != "0"
+    return getenv("LKFAST_CALIBRATE", "1") != "0"
 
 
 def _checksum(entries: dict) -> str:
@@ -203,7 +182,7 @@ def calibration() -> Calibration:
     """This process's calibration, opened on first use (and again if LKFAST_CACHE, the thread count
     or the oneDNN cap change). Cheap on every call after the first: the op asks on each call."""
     global _calibration, _calibration_for
-    settings = (_getenv("LKFAST_CACHE"), torch.get_num_threads(), _getenv("ONEDNN_MAX_CPU_ISA"))
+    settings = (getenv("LKFAST_CACHE"), torch.get_num_threads(), getenv("ONEDNN_MAX_CPU_ISA"))
     if _calibration is None or settings != _calibration_for:
         fp = fingerprint()
         path = cache_path(fp)

@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
-from lkfast.ops.backends import FLOAT_DTYPES, Plan, dtype_name, output_memory_format, remembered
+from lkfast.ops.backends import FLOAT_DTYPES, Plan, dtype_name, getenv, output_memory_format, remembered
 
 DEFAULT_ORDER = ("cuda", "triton", "torch")
 # triton_mma (the tensor-core kernels) is never in the default order: auto takes it only where a
@@ -180,7 +180,7 @@ def _parse(path: str, stamp: tuple) -> Table:
 
 def table_path() -> Path:
     """The file ``auto`` reads now: LKFAST_CUDA_TABLE when set, else the shipped cuda_table.json."""
-    override = os.environ.get(ENV_VAR)
+    override = getenv(ENV_VAR)  # (read on every auto call on CUDA: backends.getenv)
     return Path(override) if override else SHIPPED_PATH
 
 
