@@ -5,11 +5,14 @@
 The probe behind benchmarks/results/gpu_h200/host_overhead.log. For small maps (RepLKNet-31B's
 stages 3 and 4, batch 64, fp16) it times 200 back-to-back calls twice: without a synchronize (host
 time per call: what Python, torch.library and the kernel launchers cost) and with one at the end
-(wall time per call). Where the two agree the op is host-bound. Then cProfile of 100 forward +
-input-gradient steps, auto and triton_mma, sorted by own time.
+(wall time per call). Where the two agree the op is host-bound. Each backend runs on the eager
+path (what a plain call takes) and, marked "(registered op)", through the registered custom op
+(what every call took before the eager path: lkfast.ops.depthwise ``_eager`` patched off). Then
+cProfile of 100 forward + input-gradient steps, auto and triton_mma, sorted by own time.
 """
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import io
 import pstats
@@ -23,7 +26,8 @@ CASES = [  # (N, C, H, k, memory format)
     (64, 512, 14, 27, torch.channels_last),
     (64, 1024, 7, 13, torch.contiguous_format),
 ]
-BACKENDS = ("auto", "triton_mma", "cuda")
+# (backend, eager path): the registered op's rows show what the eager path saves
+VARIANTS = (("auto", True), ("triton_mma", True), ("cuda", True), ("auto", False), ("triton_mma", False))
 CALLS = 200
 
 
@@ -31,7 +35,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("probe_host_overhead: no CUDA device; nothing to measure")
         return 2
+    from unittest import mock
+
     import lkfast.ops as ops
+    from lkfast.ops import depthwise
 
     torch.backends.cudnn.benchmark = True
     for index, (N, C, H, k, fmt) in enumerate(CASES):
@@ -48,17 +55,20 @@ def main() -> int:
             torch.autograd.grad(ops.depthwise_conv2d(x, w, backend=backend), [x], g)
 
         for name, fn in (("fwd", forward), ("fwd+igrad", step)):
-            for backend in BACKENDS:
-                for _ in range(5):
-                    fn(backend)
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(CALLS):
-                    fn(backend)
-                host = (time.perf_counter() - start) / CALLS
-                torch.cuda.synchronize()
-                wall = (time.perf_counter() - start) / CALLS
-                print(f"  {name:10s} {backend:11s} host {host * 1e6:8.1f} us/call  wall {wall * 1e6:8.1f} us/call")
+            for backend, eager in VARIANTS:
+                path = contextlib.nullcontext() if eager else mock.patch.object(depthwise, "_eager", lambda *a: False)
+                with path:
+                    for _ in range(5):
+                        fn(backend)
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(CALLS):
+                        fn(backend)
+                    host = (time.perf_counter() - start) / CALLS
+                    torch.cuda.synchronize()
+                    wall = (time.perf_counter() - start) / CALLS
+                label = backend + ("" if eager else " (registered op)")
+                print(f"  {name:10s} {label:28s} host {host * 1e6:8.1f} us/call  wall {wall * 1e6:8.1f} us/call")
         if index == 0:
             for backend in ("auto", "triton_mma"):
                 profile = cProfile.Profile()
