@@ -486,3 +486,45 @@ def test_warnings_are_one_line_of_the_command_while_it_runs(tmp_path, monkeypatc
               str(tmp_path / "out"), "--suite", "clean", "--no-progress"])
     assert seen == ["lkfast.eval: warning: skipping unreadable file 'x.JPEG'\n"]
     assert warnings.formatwarning is before  # restored: the command's format is not left on its caller
+
+
+def test_the_occlusions_dino_is_loaded_once_for_all_models(tmp_path, capsys, monkeypatch):
+    """Every model's occlusion needs DINO's saliency: with --dino-checkpoint it is loaded once for all
+    the models of a run (it was loaded again for each), and again once the file changes. A small
+    timm ViT stands in for DINO ViT-S/16."""
+    import json
+
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from lkfast import analysis, data
+    from lkfast.analysis import occlusion
+
+    monkeypatch.setattr(occlusion, "DINO_MODEL", "test_vit.r160_in1k")
+    dino = tmp_path / "dino.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_vit.r160_in1k").state_dict().items()}, str(dino))
+    for name in "AB":  # two models (two draws of random weights: the same one twice would share its results)
+        save_file({k: v.contiguous() for k, v in timm.create_model("test_convnext.r160_in1k").state_dict().items()},
+                  str(tmp_path / f"{name}.safetensors"))
+    val = tmp_path / "val" / data.imagenet_classes()[3]
+    val.mkdir(parents=True)
+    for k in range(2):
+        Image.new("RGB", (48, 48), (40 * k, 90, 200)).save(val / f"img{k}.JPEG")
+    loads = []
+    real = analysis.load_dino
+    monkeypatch.setattr(analysis, "load_dino", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+
+    def run(out):
+        rc, err = run_cli(capsys, "--models", ",".join(f"test_convnext:{tmp_path / name}.safetensors={name}" for name in "AB"),
+                          "--val-dir", tmp_path / "val", "--suite", "occlusion", "--workers", 0, "--no-progress",
+                          "--baseline-model", "none", "--dino-checkpoint", dino, "--out", tmp_path / out)
+        assert rc == 0, err
+        results = json.loads((tmp_path / out / "results.json").read_text())
+        assert [results[label]["occlusion"]["saliency"] for label in "AB"] == ["dino", "dino"]
+
+    run("out")
+    assert len(loads) == 1
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_vit.r160_in1k").state_dict().items()}, str(dino))
+    run("out2")  # the file was written again: loaded again, once
+    assert len(loads) == 2

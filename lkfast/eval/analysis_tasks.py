@@ -44,6 +44,7 @@ lesion's removed blocks are drawn once per task (seeded).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -121,6 +122,24 @@ def _model(ctx):
 _DINO_OPTIONS = ("dino_checkpoint", "dino_pretrained")
 
 
+def _dino(checkpoint, device):
+    """DINO for the occlusion's saliency: from ``checkpoint``, else (None) timm's published weights;
+    loaded once for all the models of a run (each model's occlusion asks), again only when the
+    file, the device or the DINO model name changes."""
+    stamp = None
+    if checkpoint:
+        st = os.stat(checkpoint)
+        stamp = (os.path.abspath(checkpoint), st.st_mtime_ns, st.st_size, st.st_ino)
+    from lkfast.analysis.occlusion import DINO_MODEL
+
+    return _load_dino(stamp, checkpoint, str(device), DINO_MODEL)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_dino(stamp, checkpoint, device, model_name):
+    return analysis.load_dino(checkpoint, device, pretrained=not checkpoint)
+
+
 def occlusion(ctx) -> dict:
     from lkfast.analysis.occlusion import batch_saliency, occlusion_outcomes, occlusion_summary, patch_grid
 
@@ -134,7 +153,7 @@ def occlusion(ctx) -> dict:
     else:
         checkpoint, published = (ctx.options.analysis_option(name) for name in _DINO_OPTIONS)
         if checkpoint or published:  # a file, else (--pretrained: the CLI found them) the published weights
-            saliency = analysis.dino_saliency(analysis.load_dino(checkpoint, ctx.device, pretrained=not checkpoint))
+            saliency = analysis.dino_saliency(_dino(checkpoint, ctx.device))
             source = f"dino:{checkpoint or 'published ' + published}:head{analysis.DINO_HEAD}"
         else:
             note = ("salient/non-salient drops skipped: no foreground masks and no DINO checkpoint "
