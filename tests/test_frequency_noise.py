@@ -5,7 +5,8 @@ definition (not with the implementation's band_mask), on grids fine enough that 
 shows (several frequency rings inside it, none on its edges). The noise is checked twice: its
 spectrum lies inside the band and fills it, and, redrawing the documented sign draw
 (``torch.randn(x.shape, generator)`` in fp32), it equals eps times the band-passed signs exactly,
-which pins the amplitude. The fused path matches the torch.fft reference draw for draw."""
+which pins the amplitude. The fused and separable paths match the torch.fft reference draw for
+draw, on band edges too."""
 import math
 
 import pytest
@@ -46,7 +47,7 @@ def test_band_cases_show_the_width():
         assert band_by_definition(h, w, freq, 0.05 * math.pi).sum() < full or freq in (0.0,)
 
 
-@pytest.mark.parametrize("method", ["reference", "fused"])
+@pytest.mark.parametrize("method", ["reference", "fused", "separable"])
 @pytest.mark.parametrize("size, freq", BAND_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"{v:.2f}")
 def test_noise_spectrum_fills_the_band_and_nothing_else(method, size, freq):
     h, w = size
@@ -62,7 +63,7 @@ def test_noise_spectrum_fills_the_band_and_nothing_else(method, size, freq):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["reference", "fused"])
+@pytest.mark.parametrize("method", ["reference", "fused", "separable"])
 @pytest.mark.parametrize("eps", [0.02, 0.1])
 @pytest.mark.parametrize("size, freq", BAND_CASES[:3], ids=["64x64-0.5pi", "64x48-0.35pi", "48x56-0.85pi"])
 def test_noise_is_eps_times_the_band_passed_signs(device, method, eps, size, freq):
@@ -77,13 +78,35 @@ def test_noise_is_eps_times_the_band_passed_signs(device, method, eps, size, fre
     torch.testing.assert_close(_noise(x, out).cpu(), expected, rtol=0, atol=2e-6)
 
 
-def test_fused_matches_reference_same_seed():
+@pytest.mark.parametrize("method", ["fused", "separable"])
+def test_every_path_matches_reference_same_seed(method):
     x = torch.rand(4, 3, 40, 36)
-    for freq in (0.1, 1.0, 2.5):
+    for freq in (0.0, 0.1, 1.0, 2.5, math.pi):
         a = frequency_noise(x, freq, generator=torch.Generator().manual_seed(7), method="reference")
-        b = frequency_noise(x, freq, generator=torch.Generator().manual_seed(7), method="fused")
+        b = frequency_noise(x, freq, generator=torch.Generator().manual_seed(7), method=method)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
         assert a.min() >= 0 and a.max() <= 1
+
+
+@pytest.mark.parametrize("method", ["fused", "separable"])
+@pytest.mark.parametrize("width", [0.3 * math.pi, 0.5 * math.pi], ids=["0.3pi", "0.5pi-on-ring-edges"])
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (3, 16, 17), (1, 2, 9, 16), (16, 1), (1, 1)], ids=str)
+def test_every_path_matches_reference_on_band_edges_and_odd_sizes(method, width, shape):
+    """Around pi/2 with width pi/2 the annulus ends exactly on the rings pi/4 and 3pi/4 of a 16-px
+    grid (closed: they belong to it, test_band_mask_counts_on_a_small_grid), odd and one-pixel
+    sides, no leading dimensions: each path draws the same signs and keeps the same bins."""
+    x = torch.full(shape, 0.5)
+    a = frequency_noise(x, math.pi / 2, width=width, eps=0.5, generator=3, clamp=None, method="reference")
+    b = frequency_noise(x, math.pi / 2, width=width, eps=0.5, generator=3, clamp=None, method=method)
+    torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+def test_auto_is_the_separable_path_on_the_cpu():
+    """(The paths round differently, so bit-for-bit equality tells them apart.)"""
+    x = torch.rand(2, 3, 24, 20)
+    auto = frequency_noise(x, 1.0, generator=2)
+    assert torch.equal(auto, frequency_noise(x, 1.0, generator=2, method="separable"))
+    assert not torch.equal(auto, frequency_noise(x, 1.0, generator=2, method="fused"))
 
 
 def test_same_seed_same_noise_other_seed_other_noise():
@@ -143,7 +166,7 @@ def test_a_band_centre_outside_zero_to_pi_is_refused(freq):
 
 
 def test_refuses_bad_arguments():
-    with pytest.raises(ValueError, match="unknown method 'fft'; choose one of auto, fused, reference"):
+    with pytest.raises(ValueError, match="unknown method 'fft'; choose one of auto, fused, separable, reference"):
         frequency_noise(torch.rand(1, 4, 4), 1.0, method="fft")
     with pytest.raises(ValueError, match="width must be positive, got 0"):
         frequency_noise(torch.rand(4, 4), 1.0, width=0)
@@ -151,7 +174,7 @@ def test_refuses_bad_arguments():
         frequency_noise(torch.zeros(4, 4, dtype=torch.int64), 1.0)
     with pytest.raises(ValueError, match="clamp"):
         frequency_noise(torch.rand(4, 4), 1.0, clamp=(1, 0))
-    for method in ("fused", "reference"):  # lo == hi is a valid (if degenerate) range
+    for method in ("fused", "separable", "reference"):  # lo == hi is a valid (if degenerate) range
         assert torch.equal(frequency_noise(torch.rand(4, 4), 1.0, clamp=(0.5, 0.5), method=method), torch.full((4, 4), 0.5))
 
 

@@ -14,8 +14,23 @@ valid range. Two paths compute the same noise from the same random draw:
   are one Triton pass on CUDA (lkfast.kernels.frequency). About half the memory traffic of the
   reference.
 
-``"auto"`` is ``"fused"``. Both draw ``torch.randn(x.shape, generator=generator)`` on x's device in
-fp32 first, so a generator with the same seed gives the same noise on every path.
+* ``"separable"``: no transform at all. The square annulus is a box minus a smaller box, and a box
+  ``max(|w_y|, |w_x|) <= r`` is separable: a projection ``P_y`` on the rows' frequencies times one
+  ``P_x`` on the columns'. With ``D = P(r1 <= |w| <= r2)`` the 1-D band (rank ~0.1 n for the default
+  width) the noise of signs ``s`` (one H x W image) is
+
+      P_y(<= r2) s P_x(<= r2) - P_y(< r1) s P_x(< r1)  =  P_y(< r1) s D_x + D_y s P_x(<= r2)
+
+  and with ``D = Q Q^T`` (Q: an orthonormal real basis of the band's cos/sin vectors) that is six
+  matrix products with inner size H, W or ~0.1 n, the last of which adds x in the same pass
+  (``baddbmm``). The products read the signs twice and write the result once, where the FFTs and
+  the mask make some eight passes over the image; on this project's CPU it ran 1.3-1.6x the fused
+  path (benchmarks/results/frequency_bench_cpu.md).
+
+``"auto"`` is ``"separable"`` on the CPU (measured there) and ``"fused"`` on a GPU (the separable
+path has not been timed on one yet: benchmarks/bench_frequency.py times all three). Every path
+draws ``torch.randn(x.shape, generator=generator)`` on x's device in fp32 first, so a generator
+with the same seed gives the same noise on every path, to float32 rounding.
 """
 from __future__ import annotations
 
@@ -25,7 +40,7 @@ import math
 
 import torch
 
-METHODS = ("auto", "fused", "reference")
+METHODS = ("auto", "fused", "separable", "reference")
 
 
 def band_mask(h: int, w: int, freq: float, width: float = 0.1 * math.pi, *, onesided: bool = False,
@@ -92,6 +107,56 @@ def _fused(x, freq, width, eps, generator, clamp):
     return out.to(x.dtype, memory_format=torch.preserve_format) if x.dtype != torch.float32 else out
 
 
+def _axis_frequencies(n: int) -> torch.Tensor:
+    """|angular frequency| of each DFT bin of an n-point axis, as band_mask computes it."""
+    return (2 * math.pi * torch.fft.fftfreq(n, dtype=torch.float64)).abs()
+
+
+def _real_basis(n: int, keep: torch.Tensor) -> torch.Tensor:
+    """An orthonormal real basis (n, k) of the n-point signals whose spectrum lies on the bins
+    ``keep`` (a mask symmetric under bin j -> n - j, as any mask of |frequency| is): 1/sqrt(n) for
+    bin 0, cos and sin times sqrt(2/n) for each pair j, n - j, cos(pi t)/sqrt(n) for the Nyquist bin
+    of an even n. ``Q @ Q.T`` is the projection onto those frequencies; float64."""
+    bins = torch.arange(n // 2 + 1)[keep[: n // 2 + 1]]  # one of each pair j, n - j
+    # exact phase (t * j mod n), then one rounding
+    angle = (2 * math.pi / n) * ((torch.arange(n)[:, None] * bins[None, :]) % n).to(torch.float64)
+    paired = (bins > 0) & (2 * bins != n)  # bins 0 and n/2 are their own pair: a cosine only
+    cos = torch.cos(angle) * torch.where(paired, math.sqrt(2 / n), math.sqrt(1 / n))
+    sin = torch.sin(angle[:, paired]) * math.sqrt(2 / n)
+    return torch.cat([cos, sin], dim=1)
+
+
+@functools.lru_cache(maxsize=32)
+def _separable_factors(h, w, freq, width, eps, device):
+    """(eps * P_y(< r1), Q_x, eps * Q_y, Q_y^T, P_x(<= r2)) in fp32 on ``device``, r1/r2 the band's
+    edges: the noise of signs s is eps*P_y(<r1) @ s @ Q_x @ Q_x^T + eps*Q_y @ Q_y^T @ s @ P_x(<=r2)."""
+    low, high = freq - width / 2, freq + width / 2
+    wy, wx = _axis_frequencies(h), _axis_frequencies(w)
+    below_y = _real_basis(h, wy < low)
+    band_y = _real_basis(h, (wy >= low) & (wy <= high))
+    band_x = _real_basis(w, (wx >= low) & (wx <= high))
+    upto_x = _real_basis(w, wx <= high)
+    factors = (eps * (below_y @ below_y.T), band_x, eps * band_y, band_y.T.contiguous(), upto_x @ upto_x.T)
+    return tuple(f.to(device=device, dtype=torch.float32) for f in factors)
+
+
+def _separable(x, freq, width, eps, generator, clamp):
+    h, w = x.shape[-2:]
+    rows_low, band_x, band_y_eps, band_y_t, cols_high = _separable_factors(
+        h, w, float(freq), float(width), float(eps), x.device)
+    signs = _draw(x, generator).sign_().reshape(-1, h, w)
+    n = signs.shape[0]
+    # [eps P_y(<r1) s Q_x | eps Q_y] @ [Q_x^T ; Q_y^T s P_x(<=r2)], plus x, in one product per image
+    left = torch.cat([torch.matmul(rows_low, signs @ band_x), band_y_eps.expand(n, -1, -1)], dim=-1)
+    right = torch.cat([band_x.T.expand(n, -1, -1), (band_y_t @ signs) @ cols_high], dim=-2)
+    del signs
+    out = torch.baddbmm(x.reshape(-1, h, w).float(), left, right).reshape(x.shape)
+    lo, hi = _clamp_range(clamp)
+    if lo is not None:
+        out.clamp_(lo, hi)
+    return out.to(x.dtype) if x.dtype != torch.float32 else out
+
+
 def check_band(freq: float, eps: float, name: str = "frequency_noise") -> None:
     """Refuse a band centre outside [0, pi] radians per pixel (outside it the band holds no frequency
     and the noise would be nothing) and eps < 0, as ValueError saying what ``name`` takes."""
@@ -110,8 +175,8 @@ def frequency_noise(x: torch.Tensor, freq: float, width: float = 0.1 * math.pi, 
     freq: band centre in radians per pixel, 0..pi (pi is Nyquist); width: band width (0.1*pi).
     eps: amplitude of the sign noise before band-limiting (>= 0). generator: a torch.Generator on x's
     device, an int seed (a generator on x's device seeded with it) or None (the global one). clamp: (lo, hi) valid range, or None for no clamp.
-    method: "auto" (= "fused"), "fused" or "reference"; the same generator seed gives the same
-    result on every method. Returns a new tensor with x's shape and dtype.
+    method: "auto" ("separable" on the CPU, "fused" on a GPU), "fused", "separable" or "reference"; the
+    same generator seed gives the same result on every method (to float32 rounding). Returns a new tensor with x's shape and dtype.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
         raise ValueError("frequency_noise: x must be a floating-point tensor of shape (..., H, W), got "
@@ -128,6 +193,10 @@ def frequency_noise(x: torch.Tensor, freq: float, width: float = 0.1 * math.pi, 
         raise ValueError("frequency_noise: generator must be one torch.Generator, an int seed or None, not a list")
     if clamp is not None and (len(clamp) != 2 or clamp[0] > clamp[1]):
         raise ValueError(f"frequency_noise: clamp must be (lo, hi) with lo <= hi, or None; got {clamp!r}")
+    if method == "auto":
+        method = "separable" if x.device.type == "cpu" else "fused"
     if method == "reference":
         return _reference(x, freq, width, eps, generator, clamp)
+    if method == "separable":
+        return _separable(x, freq, width, eps, generator, clamp)
     return _fused(x, freq, width, eps, generator, clamp)
