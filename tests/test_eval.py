@@ -276,6 +276,60 @@ def test_resume_after_interruption_gives_the_same_results(tmp_path, full_run, da
     assert numbers(load(tmp_path)) == numbers(resumed)
 
 
+_SLOW_SHARDS = r"""
+import sys, time
+from lkfast.eval.cache import ResultCache
+from lkfast.eval.cli import main
+original = ResultCache.save_shard
+def slow(self, *args, **kwargs):  # each shard stored, then said in the log, then a pause to be stopped in
+    path = original(self, *args, **kwargs)
+    with open(sys.argv[1], "a") as log:
+        log.write("saved\n")
+    time.sleep(0.3)
+    return path
+ResultCache.save_shard = slow
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_stops_the_run_as_ctrl_c_does_and_a_rerun_goes_on(tmp_path, full_run, data_root, checkpoint,
+                                                                  monkeypatch):
+    """SIGTERM (Slurm at a time limit or on preemption, torchrun stopping its workers, kill) ended the
+    process at once without a word; it now stops the run as Ctrl-C does: exit status 143, one line
+    saying how to go on, no traceback, the finished shards kept; the rerun computes only the rest and
+    gives the uninterrupted run's numbers."""
+    import signal
+    import time
+
+    log, out = tmp_path / "saved.log", tmp_path / "out"
+    args = [str(a) for a in common(out, checkpoint, data_root, "--suite", "clean,imagenet-c", "--shard-size", 1)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    run = subprocess.Popen([sys.executable, "-c", _SLOW_SHARDS, str(log), *args], env=env, cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (log.exists() and log.read_text().count("saved") >= 3):
+        assert run.poll() is None, run.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no shard stored in time"
+        time.sleep(0.02)
+    run.send_signal(signal.SIGTERM)
+    err = run.communicate(timeout=120)[1]
+    assert run.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "lkfast.eval: terminated (SIGTERM); finished shards are kept under" in err and "Traceback" not in err, err
+    stored = log.read_text().count("saved")
+    total = 6 + 12  # val images + ImageNet-C images, one shard each
+    assert 3 <= stored < total
+    saved = []
+    original = ResultCache.save_shard
+    monkeypatch.setattr(ResultCache, "save_shard", lambda self, *a, **k: saved.append(a) or original(self, *a, **k))
+    assert cli(*args) == 0
+    assert len(saved) == total - stored, "the rerun recomputed shards the stopped run had stored"
+    expected = numbers(full_run[1])["tiny"]
+    resumed = load(out)
+    assert numbers(resumed)["tiny"]["clean"] == expected["clean"] | {"source": expected["clean"]["source"]}
+    for key in ("top1", "mce", "relative_mce", "sev5_top1"):
+        assert resumed["tiny"]["imagenet-c"][key] == expected["imagenet-c"][key]
+
+
 def test_an_interrupted_rerun_says_its_report_is_an_earlier_runs(tmp_path, data_root, checkpoint, monkeypatch,
                                                                  capsys):
     """A run interrupted after some tasks, into an --out holding an earlier run's report: its

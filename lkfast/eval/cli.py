@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -282,10 +283,33 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     saved = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
+    _TERMINATED.clear()
+    previous = _stop_on_sigterm()
     try:
         return _main(argv)
     finally:
         warnings.formatwarning = saved
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+_TERMINATED: List[int] = []  # the signal that stopped this run, when one did
+
+
+def _interrupt(signum, frame):
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm():
+    """SIGTERM (how Slurm stops a job at its time limit or on preemption, how torchrun stops its
+    workers, ``kill``) stops the run as Ctrl-C does: what finished is cached and the run says how to
+    go on, where Python's default would end the process without a word. Returns the handler it
+    replaced, None where it cannot set one (not the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _interrupt)
+    except (ValueError, OSError):  # not the main thread
+        return None
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -420,10 +444,11 @@ def _main(argv: Optional[List[str]]) -> int:
         print(f"lkfast.eval: error: {error} (free space or fix that folder's permissions, then rerun the same "
               "command: finished work is cached)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nlkfast.eval: interrupted; finished shards are kept under {os.path.join(args.out, 'cache')}: rerun "
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (_stop_on_sigterm)
+        stopped = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
+        print(f"\nlkfast.eval: {stopped}; finished shards are kept under {os.path.join(args.out, 'cache')}: rerun "
               f"the same command to go on from there{_partial_note(args.out)}", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if _TERMINATED else 130
     finally:
         dist.shutdown()
 
