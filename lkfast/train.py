@@ -536,12 +536,21 @@ def _train(args, saved: dict) -> dict:
 
 def main(argv=None) -> int:
     """``python -m lkfast.train``: 0 when done, 2 with one line ``lkfast.train: error: ...`` for a
-    mistake in the command or the data (argparse's own usage errors exit 2 too), 130 on Ctrl-C with
-    one line saying how to resume."""
+    mistake in the command or the data (argparse's own usage errors exit 2 too), 130 on Ctrl-C and
+    143 on SIGTERM with one line saying how to resume."""
+    from lkfast.interrupt import sigterm_as_interrupt
+
+    args = build_parser().parse_args(argv)  # usage errors before any work
+    with sigterm_as_interrupt() as terminated:  # SIGTERM (Slurm, torchrun, kill) stops it as Ctrl-C does
+        return _main(args, argv, terminated)
+
+
+def _main(args, argv, terminated: list) -> int:
+    from lkfast.interrupt import EXIT_STATUS
     from lkfast.memory import keep_freed_memory
     from lkfast.tables import is_storage_error
 
-    args = build_parser().parse_args(argv)  # usage errors before any work
+    stopped = lambda: "terminated (SIGTERM)" if terminated else "interrupted"  # noqa: E731
     try:
         keep_freed_memory()  # fewer page faults per step (see lkfast.memory; LKFAST_MALLOC=default: glibc's own)
         train(argv)
@@ -557,16 +566,16 @@ def main(argv=None) -> int:
     except TrainInterrupted as interrupted:
         if int(os.environ.get("RANK", "0")) == 0:
             if interrupted.epoch is None:
-                print("\nlkfast.train: interrupted before an epoch was saved; rerun the same command to start again",
+                print(f"\nlkfast.train: {stopped()} before an epoch was saved; rerun the same command to start again",
                       file=sys.stderr)
             else:
                 rerun = "rerun it without --no-resume" if args.no_resume else "rerun the same command"
-                print(f"\nlkfast.train: interrupted; {rerun} to resume from {interrupted.checkpoint} "
+                print(f"\nlkfast.train: {stopped()}; {rerun} to resume from {interrupted.checkpoint} "
                       f"(epoch {interrupted.epoch})", file=sys.stderr)
-        return 130
+        return EXIT_STATUS if terminated else 130
     except KeyboardInterrupt:  # before training began
-        print("\nlkfast.train: interrupted", file=sys.stderr)
-        return 130
+        print(f"\nlkfast.train: {stopped()}", file=sys.stderr)
+        return EXIT_STATUS if terminated else 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -198,6 +198,33 @@ def test_mistakes_are_one_line_and_exit_2(dataset, tmp_path, capsys, monkeypatch
     assert usage.value.code == 2
 
 
+def test_sigterm_stops_training_as_ctrl_c_does(dataset, tmp_path, capsys, monkeypatch):
+    """SIGTERM (Slurm's stop at a time limit or on preemption, torchrun stopping its workers) ended
+    the process without a word; it now stops training as Ctrl-C does, exit status 143, saying how to
+    resume, and the handler before is put back."""
+    import os
+    import signal
+
+    import lkfast.train as train_module
+
+    evaluations = []
+
+    def terminated_in_epoch_2(*args):
+        evaluations.append(1)
+        if len(evaluations) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return 50.0, 12
+
+    monkeypatch.setattr(train_module, "evaluate", terminated_in_epoch_2)
+    out = tmp_path / "o"
+    before = signal.getsignal(signal.SIGTERM)
+    run = [MODEL, "--data", str(dataset), "--out", str(out), "--epochs", "3", "--max-steps-per-epoch", "1", *FAST]
+    assert main(run) == 143
+    assert capsys.readouterr().err.strip() == (f"lkfast.train: terminated (SIGTERM); rerun the same command to "
+                                               f"resume from {out / 'last.pth'} (epoch 1)")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_ctrl_c_says_how_to_resume(dataset, tmp_path, capsys, monkeypatch):
     import lkfast.train as train_module
 

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import importlib.util
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -281,42 +280,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     one line each (``lkfast.eval: warning: ...``, without Python's file and source line), while it runs."""
     import warnings
 
+    from lkfast.interrupt import sigterm_as_interrupt
+
     saved = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
-    _TERMINATED.clear()
-    previous = _stop_on_sigterm()
     try:
-        return _main(argv)
+        with sigterm_as_interrupt() as terminated:  # SIGTERM stops the run as Ctrl-C does
+            return _main(argv, terminated)
     finally:
         warnings.formatwarning = saved
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-_TERMINATED: List[int] = []  # the signal that stopped this run, when one did
-
-
-def _interrupt(signum, frame):
-    _TERMINATED.append(signum)
-    raise KeyboardInterrupt
-
-
-def _stop_on_sigterm():
-    """SIGTERM (how Slurm stops a job at its time limit or on preemption, how torchrun stops its
-    workers, ``kill``) stops the run as Ctrl-C does: what finished is cached and the run says how to
-    go on, where Python's default would end the process without a word. Returns the handler it
-    replaced, None where it cannot set one (not the main thread)."""
-    try:
-        return signal.signal(signal.SIGTERM, _interrupt)
-    except (ValueError, OSError):  # not the main thread
-        return None
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"lkfast.eval: warning: {message}\n"
 
 
-def _main(argv: Optional[List[str]]) -> int:
+def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
     from lkfast.eval.runner import EvalError, EvalOptions, plan, run_evaluation
     from lkfast.tables import markdown_table
 
@@ -444,11 +423,13 @@ def _main(argv: Optional[List[str]]) -> int:
         print(f"lkfast.eval: error: {error} (free space or fix that folder's permissions, then rerun the same "
               "command: finished work is cached)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (_stop_on_sigterm)
-        stopped = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (lkfast.interrupt)
+        from lkfast.interrupt import EXIT_STATUS
+
+        stopped = "terminated (SIGTERM)" if terminated else "interrupted"
         print(f"\nlkfast.eval: {stopped}; finished shards are kept under {os.path.join(args.out, 'cache')}: rerun "
               f"the same command to go on from there{_partial_note(args.out)}", file=sys.stderr)
-        return 128 + signal.SIGTERM if _TERMINATED else 130
+        return EXIT_STATUS if terminated else 130
     finally:
         dist.shutdown()
 
