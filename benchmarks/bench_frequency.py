@@ -25,7 +25,7 @@ from lkfast.timing import time_ms
 METHODS = ("reference", "fused", "separable")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -33,7 +33,11 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--reps", type=int, default=10, help="timed rounds on the CPU")
     parser.add_argument("--suffix", default="", help="appended to the output files' names")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     dev = args.device
     x = torch.rand(args.batch, 3, args.size, args.size, device=dev)
