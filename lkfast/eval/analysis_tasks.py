@@ -128,8 +128,11 @@ def _dino(checkpoint, device):
     file, the device or the DINO model name changes."""
     stamp = None
     if checkpoint:
-        st = os.stat(checkpoint)
-        stamp = (os.path.abspath(checkpoint), st.st_mtime_ns, st.st_size, st.st_ino)
+        try:
+            st = os.stat(checkpoint)
+            stamp = (os.path.abspath(checkpoint), st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:  # (load_dino says what is wrong with it; a failed load is not remembered)
+            stamp = (os.path.abspath(checkpoint), None)
     from lkfast.analysis.occlusion import DINO_MODEL
 
     return _load_dino(stamp, checkpoint, str(device), DINO_MODEL)

@@ -11,8 +11,9 @@ receive ``"auto"`` and choose from the real tensors when they run, so one graph 
 In eager mode (no tracing, compiling, profiling or tensor subclass, no dispatch or torch-function
 mode) a call skips the registered op and runs the same backends through ``_Eager``, a plain
 ``torch.autograd.Function``: the registered op's dispatch (schema parsing, the autograd wrapper's
-redispatch, its alias check) cost ~100 us of host time per training step (forward + input
-gradient) on this project's CPU, more than a whole stage-3 layer's kernels take on a GPU. Anything
+redispatch, its alias check) cost ~20 us of host time per forward and ~80 us per forward + input
+gradient on this project's CPU (benchmarks/bench_host_overhead.py), as much as a whole stage-3
+layer's kernels take on a GPU. Anything
 that must see the op (torch.compile, torch.export, jit.trace, FlopCounterMode, FakeTensorMode, the
 profiler) still gets it; both paths share the plan, the backends and the backward formula.
 
