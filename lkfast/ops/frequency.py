@@ -5,7 +5,7 @@
 The noise is ``delta = eps * sign(N(0, 1))`` (one draw per element of x), band-limited to the
 Fourier components whose frequency lies in the square annulus ``freq - width/2 <= max(|w_y|, |w_x|)
 <= freq + width/2`` (radians per pixel, pi is the Nyquist frequency), added to x and clamped to the
-valid range. Two paths compute the same noise from the same random draw:
+valid range. Three paths compute the same noise from the same random draw:
 
 * ``"reference"``: the plain formulation: full complex ``fft2``, mask, ``ifft2``, real part, add, clamp.
 * ``"fused"``: the mask is Hermitian-symmetric, so the half spectrum (``rfft2`` / ``irfft2``) is
@@ -13,7 +13,6 @@ valid range. Two paths compute the same noise from the same random draw:
   in place, so ``irfft2(norm="forward")`` needs no scaling pass of its own; the add, clamp and cast
   are one Triton pass on CUDA (lkfast.kernels.frequency). About half the memory traffic of the
   reference.
-
 * ``"separable"``: no transform at all. The square annulus is a box minus a smaller box, and a box
   ``max(|w_y|, |w_x|) <= r`` is separable: a projection ``P_y`` on the rows' frequencies times one
   ``P_x`` on the columns'. With ``D = P(r1 <= |w| <= r2)`` the 1-D band (rank ~0.1 n for the default
