@@ -149,8 +149,9 @@ def _separable(x, freq, width, eps, generator, clamp):
     signs = _draw(x, generator).sign_().reshape(-1, h, w)
     n = signs.shape[0]
     # [eps P_y(<r1) s Q_x | eps Q_y] @ [Q_x^T ; Q_y^T s P_x(<=r2)], plus x, in one product per image
-    # (bmm of the expanded factor: torch.matmul of a matrix by a batch would copy the batch transposed)
-    left = torch.cat([torch.bmm(rows_low.expand(n, -1, -1), signs @ band_x), band_y_eps.expand(n, -1, -1)], dim=-1)
+    # (torch.matmul of a matrix by a batch multiplies the batch transposed, copying it: fine for the
+    # thin s Q_x, not for the signs, which go through bmm with the factor expanded instead)
+    left = torch.cat([torch.matmul(rows_low, signs @ band_x), band_y_eps.expand(n, -1, -1)], dim=-1)
     right = torch.cat([band_x.T.expand(n, -1, -1), torch.bmm(band_y_t.expand(n, -1, -1), signs) @ cols_high], dim=-2)
     del signs
     out = torch.baddbmm(x.reshape(-1, h, w).float(), left, right).reshape(x.shape)
