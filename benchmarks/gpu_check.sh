@@ -11,7 +11,8 @@
 #                                               smoke test when the machine has it and time is left
 #   benchmarks/gpu_check.sh OUT_DIR             second call (full), < 10 minutes: build (incremental),
 #                                               smoke, the WHOLE test suite (pytest tests/), every
-#                                               benchmark shape, frequency noise, models and corruptions
+#                                               benchmark shape, frequency noise (all three paths),
+#                                               host time per op call, models and corruptions
 #   benchmarks/gpu_check.sh OUT_DIR --dry-run   --quick's steps on the CPU on tiny shapes (Triton in its
 #                                               interpreter, no build, the op tests collected only, no
 #                                               sanitizer): checks the script before GPU time is spent
@@ -259,6 +260,8 @@ else
 fi
 if [ "$MODE" = full ]; then
   step bench_frequency 60 "$PY" benchmarks/bench_frequency.py --out "$WORK" --batch 256
+  # host time per call: the eager path against the registered op (its log goes to rest.tar.gz)
+  step probe_host_overhead 60 "$PY" benchmarks/probe_host_overhead.py
   if probe "$PY" -c "import pytest_benchmark" 2> /dev/null; then
     LKFAST_BENCH_DEVICE=cuda step bench_models 120 "$PY" -m pytest benchmarks/bench_models.py -q -p no:cacheprovider \
         -k replknet --benchmark-json="$WORK/models_gpu.json" \
