@@ -23,7 +23,7 @@ valid range. Three paths compute the same noise from the same random draw:
   and with ``D = Q Q^T`` (Q: an orthonormal real basis of the band's cos/sin vectors) that is six
   matrix products with inner size H, W or ~0.1 n, the last of which adds x in the same pass
   (``baddbmm``). The products read the signs twice and write the result once, where the FFTs and
-  the mask make some eight passes over the image; on this project's CPU it ran 2.3-2.4x the
+  the mask make some eight passes over the image; on this project's CPU it ran 2.5x the
   reference and ~1.5x the fused path at batch 64, 224 px, and level with the fused path on one
   64-px image (benchmarks/results/frequency_bench_cpu*.md). With TF32 or bf16 matrix products
   allowed (``torch.set_float32_matmul_precision("high")`` or ``"medium"``) its products round at
