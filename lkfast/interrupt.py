@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 EXIT_STATUS = 128 + signal.SIGTERM  # a shell's status for a process ended by SIGTERM (143)
 
@@ -36,3 +36,9 @@ def sigterm_as_interrupt() -> Iterator[List[int]]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def how_stopped(received: List[int]) -> Tuple[str, int]:
+    """What a command says stopped it and its exit status, given ``sigterm_as_interrupt``'s list:
+    ("terminated (SIGTERM)", 143) after SIGTERM, else Ctrl-C's ("interrupted", 130)."""
+    return ("terminated (SIGTERM)", EXIT_STATUS) if received else ("interrupted", 130)

@@ -546,11 +546,10 @@ def main(argv=None) -> int:
 
 
 def _main(args, argv, terminated: list) -> int:
-    from lkfast.interrupt import EXIT_STATUS
+    from lkfast.interrupt import how_stopped
     from lkfast.memory import keep_freed_memory
     from lkfast.tables import is_storage_error
 
-    stopped = lambda: "terminated (SIGTERM)" if terminated else "interrupted"  # noqa: E731
     try:
         keep_freed_memory()  # fewer page faults per step (see lkfast.memory; LKFAST_MALLOC=default: glibc's own)
         train(argv)
@@ -564,18 +563,20 @@ def _main(args, argv, terminated: list) -> int:
               "command: it resumes from the last saved epoch)", file=sys.stderr)
         return 2
     except TrainInterrupted as interrupted:
+        stopped, status = how_stopped(terminated)
         if int(os.environ.get("RANK", "0")) == 0:
             if interrupted.epoch is None:
-                print(f"\nlkfast.train: {stopped()} before an epoch was saved; rerun the same command to start again",
+                print(f"\nlkfast.train: {stopped} before an epoch was saved; rerun the same command to start again",
                       file=sys.stderr)
             else:
                 rerun = "rerun it without --no-resume" if args.no_resume else "rerun the same command"
-                print(f"\nlkfast.train: {stopped()}; {rerun} to resume from {interrupted.checkpoint} "
+                print(f"\nlkfast.train: {stopped}; {rerun} to resume from {interrupted.checkpoint} "
                       f"(epoch {interrupted.epoch})", file=sys.stderr)
-        return EXIT_STATUS if terminated else 130
+        return status
     except KeyboardInterrupt:  # before training began
-        print(f"\nlkfast.train: {stopped()}", file=sys.stderr)
-        return EXIT_STATUS if terminated else 130
+        stopped, status = how_stopped(terminated)
+        print(f"\nlkfast.train: {stopped}", file=sys.stderr)
+        return status
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -424,12 +424,12 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
               "command: finished work is cached)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (lkfast.interrupt)
-        from lkfast.interrupt import EXIT_STATUS
+        from lkfast.interrupt import how_stopped
 
-        stopped = "terminated (SIGTERM)" if terminated else "interrupted"
+        stopped, status = how_stopped(terminated)
         print(f"\nlkfast.eval: {stopped}; finished shards are kept under {os.path.join(args.out, 'cache')}: rerun "
               f"the same command to go on from there{_partial_note(args.out)}", file=sys.stderr)
-        return EXIT_STATUS if terminated else 130
+        return status
     finally:
         dist.shutdown()
 
