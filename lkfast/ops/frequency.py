@@ -103,10 +103,14 @@ def _fused(x, freq, width, eps, generator, clamp):
             add_clamp = None
         if add_clamp is not None:
             return add_clamp(x, noise, lo, hi)
-    out = noise.add_(x)
+    return _clamp_and_cast(noise.add_(x), x.dtype, lo, hi)
+
+
+def _clamp_and_cast(out, dtype, lo, hi):
+    """The fp32 noisy images ``out`` (a new tensor) clamped in place, in ``dtype``."""
     if lo is not None:
         out.clamp_(lo, hi)
-    return out.to(x.dtype, memory_format=torch.preserve_format) if x.dtype != torch.float32 else out
+    return out.to(dtype) if dtype != torch.float32 else out
 
 
 def _axis_frequencies(n: int) -> torch.Tensor:
@@ -155,10 +159,7 @@ def _separable(x, freq, width, eps, generator, clamp):
     right = torch.cat([band_x.T.expand(n, -1, -1), torch.bmm(band_y_t.expand(n, -1, -1), signs) @ cols_high], dim=-2)
     del signs
     out = torch.baddbmm(x.reshape(-1, h, w).float(), left, right).reshape(x.shape)
-    lo, hi = _clamp_range(clamp)
-    if lo is not None:
-        out.clamp_(lo, hi)
-    return out.to(x.dtype) if x.dtype != torch.float32 else out
+    return _clamp_and_cast(out, x.dtype, *_clamp_range(clamp))
 
 
 def check_band(freq: float, eps: float, name: str = "frequency_noise") -> None:
