@@ -362,6 +362,39 @@ def test_an_interrupted_rerun_says_its_report_is_an_earlier_runs(tmp_path, data_
     assert "rerun the same command to go on from there\n" in err and "earlier run" not in err, err
 
 
+def test_a_run_stopped_before_writing_anything_does_not_claim_kept_results(tmp_path, data_root, checkpoint,
+                                                                            monkeypatch, capsys):
+    """Stopped before its first result (while the first model loads, or the embedded default trains
+    its models), the run said that finished shards were kept under OUT/cache and that
+    OUT/results.json held the finished tasks, neither of which existed; it now says nothing was written."""
+    out = tmp_path / "out"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("lkfast.eval.runner.load_model", stopped)
+    assert cli(*common(out, checkpoint, data_root, "--suite", "clean")) == 130
+    err = capsys.readouterr().err
+    assert err.strip().endswith(f"lkfast.eval: interrupted before any result was written to {out}: rerun the same "
+                                "command to start again"), err
+    assert not (out / "cache").exists() and not (out / "results.json").exists()
+    # stopped after a stored shard, before any task finished, with no report from an earlier run:
+    # the shards are kept, and there is no results.json to speak of
+    monkeypatch.undo()
+    original, saved = ResultCache.save_shard, []
+
+    def after_one_shard(self, *a, **k):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(a)
+        return original(self, *a, **k)
+    monkeypatch.setattr(ResultCache, "save_shard", after_one_shard)
+    assert cli(*common(out, checkpoint, data_root, "--suite", "clean", "--shard-size", 1)) == 130
+    err = capsys.readouterr().err
+    assert err.strip().endswith(f"finished shards are kept under {out / 'cache'}: rerun the same command to go on "
+                                "from there"), err
+    assert not (out / "results.json").exists()
+
+
 def test_a_second_run_into_the_same_out_fails_while_the_first_writes_there(tmp_path, data_root, checkpoint, capsys):
     """Two runs into one --out at once computed the same shards twice and the last one's results.json
     and report replaced the other's (with other --models, its models vanished): the second now stops

@@ -214,9 +214,10 @@ def _partial_note(out: str) -> str:
 
     results, report = os.path.join(out, RESULTS_FILE), os.path.join(out, "report.md")
     try:
-        if os.path.isfile(report) and os.path.getmtime(report) >= os.path.getmtime(results):
-            return ""
+        written = os.path.getmtime(results)
     except OSError:  # no results.json: this run finished no task
+        return ""
+    if os.path.isfile(report) and os.path.getmtime(report) >= written:
         return ""
     return (f"; {results} holds the tasks that finished" + (f", {report} is still an earlier run's" if
                                                               os.path.isfile(report) else "") +
@@ -427,8 +428,13 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
         from lkfast.interrupt import how_stopped
 
         stopped, status = how_stopped(terminated)
-        print(f"\nlkfast.eval: {stopped}; finished shards are kept under {os.path.join(args.out, 'cache')}: rerun "
-              f"the same command to go on from there{_partial_note(args.out)}", file=sys.stderr)
+        cache = os.path.join(args.out, "cache")
+        if os.path.isdir(cache):
+            print(f"\nlkfast.eval: {stopped}; finished shards are kept under {cache}: rerun the same command to go "
+                  f"on from there{_partial_note(args.out)}", file=sys.stderr)
+        else:  # stopped before the first model was evaluated (the embedded default's preparation, say)
+            print(f"\nlkfast.eval: {stopped} before any result was written to {args.out}: rerun the same command to "
+                  "start again", file=sys.stderr)
         return status
     finally:
         dist.shutdown()
