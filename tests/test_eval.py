@@ -1179,6 +1179,58 @@ def test_imagenet_o_rerun_after_its_classes_change_is_not_served_from_the_cache(
         {k: fresh[k] for k in ("aupr", "auroc", "fpr95", "in_images", "out_images", "classes")}
 
 
+def test_subset_reaches_every_reader_and_is_its_own_result(tmp_path, data_root, checkpoint, capsys, monkeypatch):
+    """--subset N gives every dataset the run reads N images spread evenly over it (val's 2 classes x
+    3 images, N = 3: targets first, first, second), --limit N the first N (first, first, first);
+    the one never reuses the other's stored results in the same OUT, the report says which it was,
+    and the two options cannot be given together."""
+    first, second = (data.imagenet_classes().index(w) for w in _wnids())
+    built = []
+    init = data.ImageFolderBenchmark.__init__
+
+    def spy(self, *args, **kwargs):  # every reader ends here: what selection did each one get?
+        init(self, *args, **kwargs)
+        built.append((type(self).__name__, kwargs.get("limit"), kwargs.get("spread")))
+    monkeypatch.setattr(data.ImageFolderBenchmark, "__init__", spy)
+
+    class View(torch.utils.data.Dataset):  # no files to key its shards by: only the options tell the runs apart
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, index):
+            return self.dataset[index]
+
+    def targets(ctx):
+        return {"targets": ctx.records("val", ctx.dataset("val"), lambda x, y, i: {"y": y})["y"].tolist(),
+                "view": ctx.records("view", View(ctx.dataset("val")), lambda x, y, i: {"y": y})["y"].tolist()}
+    register_task("test-targets", targets, needs=("val",), replace=True)
+    suite = "clean,imagenet-a,imagenet-r,imagenet-o,imagenet-c,imagenet-p,imagenet-9,test-targets"
+    out = tmp_path / "out"
+    try:
+        for option, expected, line in (
+                ("--subset", [first, first, second], "At most 3 images of each dataset (--subset 3), spread evenly"),
+                ("--limit", [first, first, first], "Only the first 3 images of each dataset in sorted order (--limit 3)")):
+            built.clear()
+            assert cli(*common(out, checkpoint, data_root, "--suite", suite, option, 3, "--baseline-model", "none")) == 0
+            result = load(out)["tiny"]
+            assert result["test-targets"]["targets"] == result["test-targets"]["view"] == expected, option
+            assert result["clean"]["images"] == 3 and result["imagenet-o"]["in_images"] == 3
+            assert {(limit, spread) for _, limit, spread in built} == {(3, option == "--subset")}, (option, built)
+            # (ImageNet-C's folders and val, -A, -R, -O are read as plain image folders)
+            assert {"ImageNet9", "ImageNetP", "ImageFolderBenchmark"} <= {name for name, _, _ in built}, built
+            assert line in (out / "report.md").read_text()
+    finally:
+        TASKS.pop("test-targets")
+    assert cli(*common(tmp_path / "plain", checkpoint, data_root, "--suite", "clean")) == 0
+    assert "images of each dataset" not in (tmp_path / "plain" / "report.md").read_text()
+    with pytest.raises(SystemExit) as stopped:
+        cli(*common(tmp_path / "x", checkpoint, data_root, "--limit", 2, "--subset", 2))
+    assert stopped.value.code == 2 and "argument --subset: not allowed with argument --limit" in capsys.readouterr().err
+
+
 def test_limit_zero_and_unknown_task(tmp_path, data_root, checkpoint, capsys):
     err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--limit", 0))
     assert "--limit" in err and "positive" in err
@@ -1191,7 +1243,7 @@ def test_help_documents_every_option(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     for option in ("--models", "--suite", "--data-root", "--imagenet-c-dir", "--out", "--device", "--batch-size",
-                   "--workers", "--amp", "--channels-last", "--limit", "--seed", "--trust-checkpoint", "--dry-run",
+                   "--workers", "--amp", "--channels-last", "--limit", "--subset", "--seed", "--trust-checkpoint", "--dry-run",
                    "--baseline-model", "examples:"):
         assert option in text
 

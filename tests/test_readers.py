@@ -104,6 +104,45 @@ def test_imagenet_val_targets_order_and_limit(tmp_path):
         ImageNetVal(root, limit=0)
 
 
+def test_spread_keeps_every_class_share_in_every_reader(tmp_path):
+    """limit=N, spread=True keeps the N items at floor(i * n / N): evenly over the sorted order, so
+    each class keeps its share, where limit=N alone takes the first class's. Every reader passes it
+    on, and the same positions are picked in every corruption and ImageNet-9 variant."""
+    wnids = [WNIDS[3], WNIDS[7]]
+    root = image_folder(tmp_path / "val", wnids, per_class=4)
+    ds = ImageNetVal(root)
+    spread = ImageNetVal(root, limit=4, spread=True)
+    assert spread.samples == [ds.samples[i] for i in (0, 2, 4, 6)] and spread.targets.tolist() == [3, 3, 7, 7]
+    assert ImageNetVal(root, limit=4).targets.tolist() == [3, 3, 3, 3]
+    assert ImageNetVal(root, limit=3, spread=True).samples == [ds.samples[i] for i in (0, 2, 5)]
+    assert ImageNetVal(root, limit=99, spread=True).samples == ds.samples  # more than there are: all
+    with pytest.raises(ValueError, match="positive integer"):
+        ImageNetVal(root, limit=0, spread=True)
+    picked = ["img0.JPEG", "img2.JPEG", "img0.JPEG", "img2.JPEG"]
+    readers = {
+        "A": lambda: ImageNetA(image_folder(tmp_path / "a", imagenet_a_wnids()[:2], per_class=4), limit=4, spread=True),
+        "R": lambda: ImageNetR(image_folder(tmp_path / "r", imagenet_r_wnids()[:2], per_class=4), limit=4, spread=True),
+        "O": lambda: ImageNetO(image_folder(tmp_path / "o", wnids, per_class=4), limit=4, spread=True),
+        "val in O's classes": lambda: ImageNetVal(root, classes=wnids, limit=4, spread=True),
+    }
+    for c in ("snow", "fog"):
+        image_folder(tmp_path / "c" / c / "2", wnids, per_class=4)
+        readers[f"C {c}"] = lambda c=c: ImageNetC(tmp_path / "c", c, 2, limit=4, spread=True)
+    for v in ("mixed_same", "mixed_rand"):
+        image_folder(tmp_path / "in9" / v / "val", ["00_dog", "01_bird"], per_class=4)
+        readers[f"9 {v}"] = lambda v=v: ImageNet9(tmp_path / "in9", v, limit=4, spread=True)
+    for name, make in readers.items():
+        got = make()
+        assert [p.name for p, _ in got.samples] == picked, name
+        assert len(set(got.targets.tolist())) == 2, name
+    for k in range(4):
+        for wnid in wnids:
+            (tmp_path / "p" / "rotate" / wnid).mkdir(parents=True, exist_ok=True)
+            np.save(tmp_path / "p" / "rotate" / wnid / f"s{k}.npy", frames_for(k).numpy())
+    p = ImageNetP(tmp_path / "p", "rotate", limit=4, spread=True)
+    assert [x.name for x, _ in p.samples] == ["s0.npy", "s2.npy"] * 2 and p.targets.tolist() == [3, 3, 7, 7]
+
+
 def test_layout_errors(tmp_path):
     with pytest.raises(DatasetLayoutError, match=r"does not exist.*<root>/<wnid>/<image>"):
         ImageNetVal(tmp_path / "missing")

@@ -22,7 +22,7 @@ Targets are ImageNet-1k class indices (0..999) for every reader except ImageNet-
 -R and -O carry ``class_subset``, the 1k indices of their 200 classes, for ``lkfast.metrics.accuracy``.
 
 Items are in a deterministic order (class folders sorted, then file names sorted); ``limit=N``
-keeps the first N. An image or video that cannot be decoded gives ``(None, target)`` and a warning
+keeps the first N, ``limit=N, spread=True`` N evenly spaced ones (each class keeps its share). An image or video that cannot be decoded gives ``(None, target)`` and a warning
 naming the file; :func:`collate_skipping` drops such items and counts them, so the count can be
 reported (never a silent wrong score). A folder that does not match its layout raises
 :class:`DatasetLayoutError` saying which layout was expected and what was found.
@@ -277,12 +277,17 @@ def _scan(root: PathLike, what: str, layout: str, class_index: Dict[str, int],
     return samples, used
 
 
-def _apply_limit(samples: list, limit: Optional[int]) -> list:
+def _apply_limit(samples: list, limit: Optional[int], spread: bool = False) -> list:
+    """The first ``limit`` samples, or with ``spread`` the ``limit`` samples at ``floor(i * n / limit)``
+    (i = 0 .. limit - 1): evenly spaced over the sorted order, so each class folder keeps its share
+    (ImageNet-val's 50 per class and limit 5000: the 1st, 11th, ... 41st of every class)."""
     if limit is None:
         return samples
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive integer (the number of items to keep) or None for all; got {limit!r}")
-    return samples[:limit]
+    if not spread or limit >= len(samples):
+        return samples[:limit]
+    return [samples[i * len(samples) // limit] for i in range(limit)]
 
 
 def to_float_image(x) -> torch.Tensor:
@@ -372,6 +377,8 @@ class ImageFolderBenchmark(Dataset):
     classes: keep only these class folders (e.g. ImageNet-val restricted to ImageNet-O's 200
     classes); a warning if some are absent, an error if all are.
     limit: keep the first N items (sorted by class folder, then file name); N must be >= 1.
+    spread: with limit, keep N items evenly spaced over that order instead (every class keeps its
+    share: an estimate of the whole set's numbers; the first N of ImageNet-val are its first classes).
     name: how its errors name the folder (e.g. "ImageNet-A"; default "image folder").
 
     Attributes: ``samples`` [(path, target)], ``targets`` LongTensor, ``classes`` (the class
@@ -384,13 +391,13 @@ class ImageFolderBenchmark(Dataset):
 
     def __init__(self, root: PathLike, transform: Optional[Callable] = None,
                  class_index: Optional[Dict[str, int]] = None, limit: Optional[int] = None,
-                 classes: Optional[Iterable[str]] = None, name: Optional[str] = None):
+                 classes: Optional[Iterable[str]] = None, name: Optional[str] = None, spread: bool = False):
         self.root = Path(root)
         if name is not None:  # how its errors name the folder (the benchmark it holds)
             self.name = name
         self.transform = transform if transform is not None else to_float_image
         samples, self.classes = self._find(class_index if class_index is not None else _class_index(), classes)
-        self.samples = _apply_limit(samples, limit)
+        self.samples = _apply_limit(samples, limit, spread)
 
     def _find(self, class_index, classes):
         return _scan(self.root, self.name, self.layout, class_index, classes=classes)
@@ -427,8 +434,8 @@ class ImageNetVal(ImageFolderBenchmark):
     layout = "<root>/<wnid>/<image>.JPEG"
 
     def __init__(self, root: PathLike, transform: Optional[Callable] = None, limit: Optional[int] = None,
-                 classes: Optional[Iterable[str]] = None):
-        super().__init__(root, transform, limit=limit, classes=classes)
+                 classes: Optional[Iterable[str]] = None, spread: bool = False):
+        super().__init__(root, transform, limit=limit, classes=classes, spread=spread)
 
 
 class _SubsetBenchmark(ImageFolderBenchmark):
@@ -437,8 +444,9 @@ class _SubsetBenchmark(ImageFolderBenchmark):
     def _subset_wnids(self) -> List[str]:
         raise NotImplementedError
 
-    def __init__(self, root: PathLike, transform: Optional[Callable] = None, limit: Optional[int] = None):
-        super().__init__(root, transform, limit=limit)
+    def __init__(self, root: PathLike, transform: Optional[Callable] = None, limit: Optional[int] = None,
+                 spread: bool = False):
+        super().__init__(root, transform, limit=limit, spread=spread)
 
     def _find(self, class_index, classes):
         wnids = self._subset_wnids()
@@ -480,8 +488,9 @@ class ImageNetO(ImageFolderBenchmark):
     name = "ImageNet-O"
     layout = "<root>/<wnid>/<image>.jpg"
 
-    def __init__(self, root: PathLike, transform: Optional[Callable] = None, limit: Optional[int] = None):
-        super().__init__(root, transform, limit=limit)
+    def __init__(self, root: PathLike, transform: Optional[Callable] = None, limit: Optional[int] = None,
+                 spread: bool = False):
+        super().__init__(root, transform, limit=limit, spread=spread)
         index = _class_index()
         self.class_subset = torch.tensor(sorted(index[w] for w in self.classes), dtype=torch.long)
 
@@ -528,7 +537,7 @@ class ImageNetC(ImageFolderBenchmark):
     layout = "<root>/<corruption>/<severity 1..5>/<wnid>/<image>.JPEG"
 
     def __init__(self, root: PathLike, corruption: str, severity: int, transform: Optional[Callable] = None,
-                 limit: Optional[int] = None):
+                 limit: Optional[int] = None, spread: bool = False):
         if corruption not in metrics.IMAGENET_C_ALL:
             raise ValueError(f"unknown corruption {corruption!r}; valid: {', '.join(metrics.IMAGENET_C_ALL)}")
         if isinstance(severity, bool) or severity not in metrics.SEVERITIES:
@@ -541,7 +550,7 @@ class ImageNetC(ImageFolderBenchmark):
             raise DatasetLayoutError(f"ImageNet-C: no severity folder {str(Path(root) / corruption / str(severity))!r}; "
                                      f"severities found for {corruption}: {contents[corruption] or 'none'}. Expected {self.layout}")
         self.corruption, self.severity = corruption, severity
-        super().__init__(Path(root) / corruption / str(severity), transform, limit=limit)
+        super().__init__(Path(root) / corruption / str(severity), transform, limit=limit, spread=spread)
 
 
 def imagenet_p_contents(root: PathLike) -> Dict[str, List[int]]:
@@ -617,7 +626,8 @@ class ImageNetP(ImageFolderBenchmark):
     layout = "<root>/<perturbation>[_<difficulty>]/<wnid>/<sequence>.mp4"
 
     def __init__(self, root: PathLike, perturbation: str, transform: Optional[Callable] = None,
-                 limit: Optional[int] = None, difficulty: int = 1, frames: Optional[int] = None):
+                 limit: Optional[int] = None, difficulty: int = 1, frames: Optional[int] = None,
+                 spread: bool = False):
         if perturbation not in metrics.IMAGENET_P:
             raise ValueError(f"unknown perturbation {perturbation!r}; valid: {', '.join(metrics.IMAGENET_P)}")
         if isinstance(difficulty, bool) or difficulty not in (1, 2, 3):
@@ -635,7 +645,7 @@ class ImageNetP(ImageFolderBenchmark):
         if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 2):
             raise ValueError(f"frames must be an integer >= 2 (the frames of every sequence) or None to read it "
                              f"from the sequences; got {frames!r}")
-        super().__init__(root / folder, transform, limit=limit)
+        super().__init__(root / folder, transform, limit=limit, spread=spread)
         self.frames = frames if frames is not None else self._common_length()
 
     def _find(self, class_index, classes):
@@ -720,7 +730,7 @@ class ImageNet9(ImageFolderBenchmark):
     layout = "<root>/<variant>/val/<NN_class>/<image>"
 
     def __init__(self, root: PathLike, variant: str, transform: Optional[Callable] = None,
-                 limit: Optional[int] = None):
+                 limit: Optional[int] = None, spread: bool = False):
         if variant not in metrics.IMAGENET9_VARIANTS:
             raise ValueError(f"unknown ImageNet-9 variant {variant!r}; valid: {', '.join(metrics.IMAGENET9_VARIANTS)}")
         root = Path(root)
@@ -733,7 +743,7 @@ class ImageNet9(ImageFolderBenchmark):
             hint = (f" {str(root / variant)!r} exists but has no 'val' folder." if (root / variant).is_dir() else "")
             raise DatasetLayoutError(f"ImageNet-9: no folder {str(folder)!r}; variants found: {', '.join(present) or 'none'}."
                                      f"{hint} Expected {self.layout}")
-        super().__init__(folder, transform, limit=limit)
+        super().__init__(folder, transform, limit=limit, spread=spread)
 
     def _find(self, class_index, classes):
         index = imagenet9_folder_targets([f.name for f in _subfolders(self.root)], self.root)

@@ -77,8 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "default's small images; 0 decodes in the main process)")
     p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on the CPU")
     p.add_argument("--channels-last", action="store_true", help="run the model in the channels_last memory format")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="evaluate only the first N images (sorted order) of each dataset, e.g. for a smoke test")
+    chosen = p.add_mutually_exclusive_group()
+    chosen.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="evaluate only the first N images (sorted order) of each dataset, e.g. for a smoke test "
+                             "(ImageNet-val's first N are its first classes)")
+    chosen.add_argument("--subset", type=int, default=None, metavar="N",
+                        help="evaluate N images of each dataset spread evenly over its sorted order (every class keeps "
+                             "its share): an estimate of the whole set's numbers in a fraction of the time, the same "
+                             "images for every model, corruption and ImageNet-9 variant")
     p.add_argument("--seed", type=int, default=0, help="seed of generated ImageNet-C/-P corruptions (default: 0)")
     p.add_argument("--shard-size", type=int, default=1000, metavar="N",
                    help="images per cached shard: an interrupted run loses at most one shard (default: 1000)")
@@ -382,7 +388,8 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
                       file=sys.stderr)
         options = EvalOptions(out=args.out, data=data, device=device, batch_size=args.batch_size,
                               workers=default_workers if args.workers is None else args.workers,
-                              amp=args.amp, channels_last=args.channels_last, limit=args.limit, seed=args.seed,
+                              amp=args.amp, channels_last=args.channels_last, limit=args.limit if args.subset is None else args.subset,
+                              spread=args.subset is not None, seed=args.seed,
                               shard_size=args.shard_size, trust_checkpoint=args.trust_checkpoint, baseline=baseline,
                               class_space=class_space, progress=not args.no_progress,
                               gpu_decode=not args.no_gpu_decode,

@@ -241,6 +241,18 @@ def _report_files(out: Path) -> dict:
     return found
 
 
+def _images_chosen(options: Dict[str, Any]) -> str:
+    """The line saying that a run read only part of each dataset (--limit / --subset), or ""."""
+    n = options.get("limit")
+    if n is None:
+        return ""
+    if options.get("spread"):
+        return (f"At most {n} images of each dataset (--subset {n}), spread evenly over its sorted order: "
+                f"estimates of the whole sets' numbers, to be compared with the paper's with that in mind.")
+    return (f"Only the first {n} images of each dataset in sorted order (--limit {n}), i.e. its first classes: "
+            f"a smoke test, not comparable with the paper's numbers.")
+
+
 def _write_report(out: Path, results: Dict[str, Any]) -> Path:
     w = _Writer(out)
     meta = results.get(META_KEY, {})
@@ -255,6 +267,9 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
            f"Options: {json.dumps(meta.get('options', {}), sort_keys=True)}. Class space: {meta.get('class_space', '?')}.\n\n"
            f"Paper values are from {CITATION} (Tables 1, 2, 3 and 6), shown beside the measured value for the "
            f"models the paper reports; \"—\" means not measured or not reported.\n")
+    chosen = _images_chosen(meta.get("options", {}))
+    if chosen:
+        w.text(f"\n**{chosen}**\n")
     far = _far_from_paper(results, models)
     if far:
         w.text("\n**Clean top-1 far from the paper's**: " + "; ".join(far) + ". The paper's values beside these "

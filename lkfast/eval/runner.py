@@ -62,7 +62,8 @@ class EvalOptions:
 
     data: source name ("val", "imagenet-a", ..., see ``lkfast.eval.sources``) -> folder.
     class_space: the label set (None: ImageNet-1k). baseline: the model ImageNet-P's flip rates are
-    normalised by (None: report unnormalised values only). limit: first N images of each dataset.
+    normalised by (None: report unnormalised values only). limit: first N images of each dataset;
+    with spread, N images evenly spaced over each dataset's sorted order instead (``--subset``).
     shard_size: images per cached shard. amp: bf16 autocast on the CPU, fp16 on CUDA.
     """
 
@@ -74,6 +75,7 @@ class EvalOptions:
     amp: bool = False
     channels_last: bool = False
     limit: Optional[int] = None
+    spread: bool = False
     seed: int = 0
     shard_size: int = 1000
     trust_checkpoint: bool = False
@@ -185,7 +187,7 @@ class TaskContext:
 
     def dataset(self, name: str):
         """Data source ``name`` read as an image folder (``<class folder>/<image>``), preprocessed for
-        this model, the first ``--limit`` images (e.g. ``ctx.dataset("val")``)."""
+        this model, the images ``--limit`` or ``--subset`` keeps (e.g. ``ctx.dataset("val")``)."""
         from lkfast.eval.tasks import image_folder
 
         return image_folder(self, self.source(name), self.class_space.folder_index())
@@ -238,6 +240,7 @@ class TaskContext:
         size = self.options.shard_size
         shards = [(s, min(s + size, n)) for s in range(0, n, size)]
         base = {"task": self.task.name, "version": self.task.version, "part": part, "n": n, "key": key,
+                **({"spread": True} if self.options.spread else {}),  # (only then: other runs' keys stay)
                 "options": self.options.numeric_key(self.task.reads), "config": self.config,
                 "classes": self.class_space.fingerprint,
                 "root": str(getattr(dataset, "root", ""))}
@@ -384,8 +387,10 @@ class Runner:
         if unknown:
             raise EvalError(f"unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
         if options.limit is not None and options.limit < 1:
-            raise EvalError(f"--limit must be a positive number of images (the first N of each dataset), "
-                            f"got {options.limit}")
+            raise EvalError(f"--{'subset' if options.spread else 'limit'} must be a positive number of images "
+                            f"(the {'N spread over' if options.spread else 'first N of'} each dataset), got {options.limit}")
+        if options.spread and options.limit is None:
+            raise EvalError("spread=True needs limit=N: the number of images to spread over each dataset (--subset N)")
         if options.shard_size < 1 or options.batch_size < 1:
             raise EvalError("--shard-size and --batch-size must be at least 1")
         if options.workers < 0:
@@ -466,7 +471,8 @@ class Runner:
 
     def result_key(self, spec: ModelSpec, task: Task, config: Optional[Dict[str, Any]] = None) -> str:
         key = {"task": task.name, "version": task.version, "options": self.options.numeric_key(task.reads),
-               "limit": self.options.limit, "data": self._data_fingerprint(),
+               "limit": self.options.limit, **({"spread": True} if self.options.spread else {}),
+               "data": self._data_fingerprint(),
                "classes": [self.class_space.name, self.class_space.fingerprint],
                "baseline": None if self.options.baseline is None or "baseline" not in task.reads else
                [self.options.baseline.name, self._baseline_key()]}

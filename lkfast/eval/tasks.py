@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,17 +46,23 @@ def _memo(ctx: TaskContext, key, build):
     return memo[key]
 
 
+def selection(ctx: TaskContext) -> Dict[str, Any]:
+    """The readers' ``limit``/``spread`` arguments for this run: the first ``--limit`` N images of each
+    dataset, or ``--subset`` N spread evenly over it."""
+    return {"limit": ctx.options.limit, "spread": ctx.options.spread}
+
+
 def image_folder(ctx: TaskContext, root, class_index: Dict[str, int], resize: bool = True,
                  classes: Optional[Sequence[str]] = None):
     """``root/<class folder>/*`` as [0, 1] images preprocessed for ``ctx``'s model (no resize for
-    ImageNet-C's 224-px images), first ``--limit`` images in sorted order; ``classes`` keeps only
-    those class folders."""
+    ImageNet-C's 224-px images), the images ``--limit``/``--subset`` keeps (``selection``); ``classes``
+    keeps only those class folders."""
     from lkfast import data
 
     def build():
         transform = data.transform_for(ctx.config, resize=resize)
-        dataset = data.ImageFolderBenchmark(str(root), transform, class_index=class_index, limit=ctx.options.limit,
-                                            classes=classes, name=_source_label(ctx, root))
+        dataset = data.ImageFolderBenchmark(str(root), transform, class_index=class_index, classes=classes,
+                                            name=_source_label(ctx, root), **selection(ctx))
         dataset.eval_resize = resize  # lets ctx.records decode its JPEGs on the GPU (same preprocessing)
         return dataset
     return _memo(ctx, ("folder", str(root), resize, tuple(classes or ())), build)
@@ -299,7 +305,7 @@ def _p_parts(ctx):
             raise EvalError(f"imagenet-p: {root} holds none of the perturbation folders {', '.join(names)}")
         reader = data.ImageNetP if ctx.class_space.published_baselines else _sequences_in(ctx.class_space)
         parts = [(n, _memo(ctx, ("p", n), lambda n=n: reader(
-            str(root), n, data.transform_for(ctx.config, resize=False), limit=ctx.options.limit))) for n in present]
+            str(root), n, data.transform_for(ctx.config, resize=False), **selection(ctx)))) for n in present]
         return "disk", parts
     if ctx.has_source("val"):
         val = _val(ctx)
@@ -396,7 +402,7 @@ def _nine_parts(ctx):
     # The release's images are 224 x 224 and its in9_eval.py feeds them with ToTensor() alone (no
     # resize, no crop), as ImageNet-C's are fed here
     tf = data.transform_for(ctx.config, resize=False)
-    return [(v, _memo(ctx, ("9", v), lambda v=v: data.ImageNet9(str(root), v, tf, limit=ctx.options.limit)))
+    return [(v, _memo(ctx, ("9", v), lambda v=v: data.ImageNet9(str(root), v, tf, **selection(ctx))))
             for v in variants]
 
 
