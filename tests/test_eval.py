@@ -819,6 +819,53 @@ def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):
         TASKS.pop("test-mean-logit")
 
 
+def test_out_of_memory_goes_on_in_smaller_pieces(tmp_path, data_root, checkpoint):
+    """A batch that runs out of memory (an attack's gradients need more than --batch-size's clean
+    forward) is computed again in halves, with one warning, and the task's later batches go at the
+    size that fitted: the records are a run's at that batch size. One image that does not fit fails
+    that task in one line, and the other tasks still run."""
+    calls = []
+
+    def logits(limit):
+        def run(ctx):
+            def compute(x, y, indices):
+                calls.append(len(x))
+                if len(x) > limit:  # as torch says it on a GPU that is full
+                    raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} GiB")
+                return {"logits": ctx.forward(x), "index": torch.tensor(indices)}
+            return {k: v.tolist() for k, v in ctx.records("val", ctx.dataset("val"), compute).items()}
+        return run
+    specs = [ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)]
+    data_ = {"val": str(data_root / "val")}
+    try:
+        register_task("test-oom", logits(1), needs=("val",), replace=True)
+        with pytest.warns(UserWarning) as said:
+            pieces = run_evaluation(specs, ["test-oom"], EvalOptions(out=str(tmp_path / "a"), data=data_, workers=0,
+                                                                     progress=False, batch_size=4))["tiny"]["test-oom"]
+        said = [str(w.message) for w in said if "out of memory" in str(w.message)]
+        assert said == [f"test-oom/val: out of memory at {n} images per batch (OutOfMemoryError: CUDA out of memory. "
+                        f"Tried to allocate {n} GiB); going on at {n // 2} for this task (the same images and seeds; "
+                        f"--batch-size {n // 2} starts there)" for n in (4, 2)]
+        # 6 images in batches [0..3], [4, 5]: the first too large at 4 and at 2, then one at a time; the second
+        # batch goes at the size that fitted at once
+        assert calls == [4, 2, 1, 1, 1, 1, 1, 1], calls
+        calls.clear()
+        whole = run_evaluation(specs, ["test-oom"], EvalOptions(out=str(tmp_path / "b"), data=data_, workers=0,
+                                                                progress=False, batch_size=1))["tiny"]["test-oom"]
+        assert calls == [1] * 6 and pieces["index"] == list(range(6))
+        assert torch.allclose(torch.tensor(pieces["logits"]), torch.tensor(whole["logits"]), atol=1e-5)
+        register_task("test-oom", logits(0), needs=("val",), replace=True)
+        with pytest.warns(UserWarning, match="going on at 1"), pytest.raises(EvalError, match=r"\(tiny: test-oom\)"):
+            run_evaluation(specs, ["test-oom", "clean"], EvalOptions(out=str(tmp_path / "c"), data=data_, workers=0,
+                                                                     progress=False, batch_size=4))
+        r = load(tmp_path / "c")["tiny"]
+        assert "test-oom/val: out of memory with one image at a time (OutOfMemoryError): free the cpu device's " \
+               "memory, or run this task with --amp or on a device with more memory" in r["test-oom"]["error"]
+        assert 0 < r["clean"]["top1"] < 100
+    finally:
+        TASKS.pop("test-oom")
+
+
 def test_the_same_data_through_a_link_or_a_relative_path_reuses_the_stored_shards(tmp_path, data_root, checkpoint,
                                                                                      monkeypatch):
     """A rerun that names the data folder another way (relative to another directory, through a

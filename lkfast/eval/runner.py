@@ -170,6 +170,7 @@ class TaskContext:
         self.skipped: Dict[str, int] = {}
         self.sources_used: Dict[str, str] = {}
         self.progress: Optional[_Progress] = None
+        self._piece: Optional[int] = None  # images per compute call that fit in memory, once one did not
 
     # data ------------------------------------------------------------------------------------
     def source(self, name: str) -> Path:
@@ -311,6 +312,38 @@ class TaskContext:
                             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}){hint}") \
                 from error
 
+    def _in_pieces_that_fit(self, compute, images, targets, indices, part) -> Dict[str, torch.Tensor]:
+        """``compute`` on a batch, in pieces of the largest size that fitted so far in this task. Out of
+        memory (CUDA's or the host's), the batch is computed again in halves, and the task's later
+        batches go in pieces of the size that fitted, with one warning: an attack's gradients or TAIG's
+        21 passes per step need more memory than --batch-size's clean forward, and a run should not die
+        of it hours in. Records have one row per item and per-image seeds, so pieces give the batch's
+        records (up to the rounding of kernels chosen per batch size). One image that does not fit is an EvalError: this task fails, the others run."""
+        size = min(self._piece or len(images), len(images))
+        while True:
+            try:
+                pieces = [compute(images[a:a + size], targets[a:a + size], indices[a:a + size])
+                          for a in range(0, len(images), size)]
+                break
+            except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+                if size == 1:
+                    raise EvalError(f"{self.task.name}/{part}: out of memory with one image at a time "
+                                    f"({type(error).__name__}): free the {self.device} device's memory, or run this "
+                                    f"task with --amp or on a device with more memory") from error
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            pieces = None  # (free what the failed attempt held before the next one)
+            gc.collect()
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            size = max(1, size // 2)
+            warnings.warn(f"{self.task.name}/{part}: out of memory at {size * 2} images per batch ({reason}); going "
+                          f"on at {size} for this task (the same images and seeds; --batch-size {size} starts "
+                          f"there)", stacklevel=2)
+            self._piece = size
+        if len(pieces) == 1:
+            return pieces[0]
+        return {name: torch.cat([piece[name] for piece in pieces]) for name in pieces[0]}
+
     def _compute(self, part, dataset, ranges, indices, compute, batch_size, frames):
         """Yield (shard index, records) for each shard of ``ranges`` as it finishes."""
         if not ranges:
@@ -349,8 +382,8 @@ class TaskContext:
                     raise mixed_sizes_error(dataset, MixedSizes(first + size))
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
-                computed = self._first_batch(compute, images, targets, indices, part) if j == 0 else \
-                    compute(images, targets, indices)
+                run = compute if j else (lambda x, y, i: self._first_batch(compute, x, y, i, part))
+                computed = self._in_pieces_that_fit(run, images, targets, indices, part)
                 for name, value in computed.items():
                     shard["items"].setdefault(name, []).append(value.detach().cpu())
                 if self.progress is not None:
