@@ -241,14 +241,20 @@ def _report_files(out: Path) -> dict:
     return found
 
 
-def _images_chosen(options: Dict[str, Any]) -> str:
-    """The line saying that a run read only part of each dataset (--limit / --subset), or ""."""
+def _images_chosen(options: Dict[str, Any], results: Dict[str, Any], models: List[str]) -> str:
+    """The line saying that a run read only part of each dataset (--limit / --subset), or ""; for
+    --subset with the clean set evaluated, how far a top-1 over that many images may be from the
+    whole set's (95% binomial interval at 50%, the widest)."""
     n = options.get("limit")
     if n is None:
         return ""
     if options.get("spread"):
+        counts = [_get(results[m], "clean", "images") for m in models]
+        counts = [c for c in counts if isinstance(c, int) and c > 0]
+        margin = (f" (a top-1 over {min(counts)} images is within about ±{196 * math.sqrt(0.25 / min(counts)):.1f} "
+                  f"points of the whole set's, 95% binomial interval at 50%)") if counts else ""
         return (f"At most {n} images of each dataset (--subset {n}), spread evenly over its sorted order: "
-                f"estimates of the whole sets' numbers, to be compared with the paper's with that in mind.")
+                f"estimates of the whole sets' numbers{margin}, to be compared with the paper's with that in mind.")
     return (f"Only the first {n} images of each dataset in sorted order (--limit {n}), i.e. its first classes: "
             f"a smoke test, not comparable with the paper's numbers.")
 
@@ -267,7 +273,7 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
            f"Options: {json.dumps(meta.get('options', {}), sort_keys=True)}. Class space: {meta.get('class_space', '?')}.\n\n"
            f"Paper values are from {CITATION} (Tables 1, 2, 3 and 6), shown beside the measured value for the "
            f"models the paper reports; \"—\" means not measured or not reported.\n")
-    chosen = _images_chosen(meta.get("options", {}))
+    chosen = _images_chosen(meta.get("options", {}), results, models)
     if chosen:
         w.text(f"\n**{chosen}**\n")
     far = _far_from_paper(results, models)
