@@ -173,7 +173,7 @@ def _with_input_size(specs: List[ModelSpec], size: Optional[int]) -> List[ModelS
 def _no_input_message() -> str:
     return ("lkfast.eval: nothing to evaluate: give --models and data, for example\n"
             "  python -m lkfast.eval --models resnet50:/path/resnet50.pth --val-dir /path/imagenet/val "
-            "--suite clean --limit 1000\n"
+            "--suite clean --subset 1000\n"
             "  python -m lkfast.eval --models replknet_31b:/path/31b.pth --data-root /path/robustness-data\n"
             "See python -m lkfast.eval --help for the expected folder names.")
 
