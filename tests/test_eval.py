@@ -819,19 +819,31 @@ def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):
         TASKS.pop("test-mean-logit")
 
 
-def test_out_of_memory_goes_on_in_smaller_pieces(tmp_path, data_root, checkpoint):
+OUT_OF_MEMORY = {  # what torch raises, on a GPU that is full and from its CPU allocator
+    "cuda": (lambda n: torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {n} GiB"),
+             "OutOfMemoryError: CUDA out of memory. Tried to allocate {n} GiB"),
+    "cpu": (lambda n: RuntimeError(f"[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                                   f"allocate memory: you tried to allocate {n} bytes. Error code 12"),
+            "RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate {n} bytes. Error code 12"),
+}
+
+
+@pytest.mark.parametrize("where", sorted(OUT_OF_MEMORY))
+def test_out_of_memory_goes_on_in_smaller_pieces(tmp_path, data_root, checkpoint, where):
     """A batch that runs out of memory (an attack's gradients need more than --batch-size's clean
     forward) is computed again in halves, with one warning, and the task's later batches go at the
     size that fitted: the records are a run's at that batch size. One image that does not fit fails
-    that task in one line, and the other tasks still run."""
+    that task in one line, and the other tasks still run. Any other error is not retried."""
     calls = []
+    error, reason = OUT_OF_MEMORY[where]
 
-    def logits(limit):
+    def logits(limit, fail=error):
         def run(ctx):
             def compute(x, y, indices):
                 calls.append(len(x))
-                if len(x) > limit:  # as torch says it on a GPU that is full
-                    raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} GiB")
+                if len(x) > limit:
+                    raise fail(len(x))
                 return {"logits": ctx.forward(x), "index": torch.tensor(indices)}
             return {k: v.tolist() for k, v in ctx.records("val", ctx.dataset("val"), compute).items()}
         return run
@@ -843,9 +855,9 @@ def test_out_of_memory_goes_on_in_smaller_pieces(tmp_path, data_root, checkpoint
             pieces = run_evaluation(specs, ["test-oom"], EvalOptions(out=str(tmp_path / "a"), data=data_, workers=0,
                                                                      progress=False, batch_size=4))["tiny"]["test-oom"]
         said = [str(w.message) for w in said if "out of memory" in str(w.message)]
-        assert said == [f"test-oom/val: out of memory at {n} images per batch (OutOfMemoryError: CUDA out of memory. "
-                        f"Tried to allocate {n} GiB); going on at {n // 2} for this task (the same images and seeds; "
-                        f"--batch-size {n // 2} starts there)" for n in (4, 2)]
+        assert said == [f"test-oom/val: out of memory at {n} images per batch ({reason.format(n=n)}); going on at "
+                        f"{n // 2} for this task (the same images and seeds; --batch-size {n // 2} starts there)"
+                        for n in (4, 2)]
         # 6 images in batches [0..3], [4, 5]: the first too large at 4 and at 2, then one at a time; the second
         # batch goes at the size that fitted at once
         assert calls == [4, 2, 1, 1, 1, 1, 1, 1], calls
@@ -859,9 +871,17 @@ def test_out_of_memory_goes_on_in_smaller_pieces(tmp_path, data_root, checkpoint
             run_evaluation(specs, ["test-oom", "clean"], EvalOptions(out=str(tmp_path / "c"), data=data_, workers=0,
                                                                      progress=False, batch_size=4))
         r = load(tmp_path / "c")["tiny"]
-        assert "test-oom/val: out of memory with one image at a time (OutOfMemoryError): free the cpu device's " \
+        assert f"test-oom/val: out of memory with one image at a time ({reason.split(':')[0]}): free the cpu device's " \
                "memory, or run this task with --amp or on a device with more memory" in r["test-oom"]["error"]
         assert 0 < r["clean"]["top1"] < 100
+        calls.clear()
+        register_task("test-oom", logits(1, fail=lambda n: RuntimeError("shapes do not match")), needs=("val",),
+                      replace=True)
+        with pytest.raises(EvalError, match=r"\(tiny: test-oom\)"):
+            run_evaluation(specs, ["test-oom"], EvalOptions(out=str(tmp_path / "d"), data=data_, workers=0,
+                                                            progress=False, batch_size=4))
+        assert calls == [4] and "the model failed on its first batch of 32x32 images (RuntimeError: shapes do not " \
+            "match)" in load(tmp_path / "d")["tiny"]["test-oom"]["error"]
     finally:
         TASKS.pop("test-oom")
 

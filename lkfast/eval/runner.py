@@ -118,6 +118,13 @@ class EvalOptions:
         return key
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is running out of memory: CUDA's OutOfMemoryError, Python's MemoryError, or
+    the RuntimeError of PyTorch's CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or \
+        (isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 def _item_files(dataset) -> Optional[Sequence[Sequence[str]]]:
     """The files each item of ``dataset`` is read from, item by item: its ``item_files`` where it has
     them (an item read from several files, as the occlusion's image and mask), else the paths of a
@@ -301,9 +308,9 @@ class TaskContext:
         on a later batch is not the inputs' shape and goes up as it is."""
         try:
             return compute(images, targets, indices)
-        except (torch.cuda.OutOfMemoryError, MemoryError):
-            raise
         except Exception as error:  # noqa: BLE001 (KeyboardInterrupt still stops the run)
+            if out_of_memory(error):
+                raise
             size = "x".join(map(str, images.shape[-2:]))
             wanted = "x".join(map(str, self.config["input_size"][-2:]))
             hint = (f"; the model's input size is {wanted} and this benchmark is fed at its own size, without a "
@@ -325,7 +332,9 @@ class TaskContext:
                 pieces = [compute(images[a:a + size], targets[a:a + size], indices[a:a + size])
                           for a in range(0, len(images), size)]
                 break
-            except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+            except Exception as error:  # noqa: BLE001 (only running out of memory is handled here)
+                if not out_of_memory(error):
+                    raise
                 if size == 1:
                     raise EvalError(f"{self.task.name}/{part}: out of memory with one image at a time "
                                     f"({type(error).__name__}): free the {self.device} device's memory, or run this "
