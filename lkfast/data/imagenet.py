@@ -22,8 +22,8 @@ Targets are ImageNet-1k class indices (0..999) for every reader except ImageNet-
 -R and -O carry ``class_subset``, the 1k indices of their 200 classes, for ``lkfast.metrics.accuracy``.
 
 Items are in a deterministic order (class folders sorted, then file names sorted); ``limit=N``
-keeps the first N, ``limit=N, spread=True`` N evenly spaced ones (each class keeps its share). An image or video that cannot be decoded gives ``(None, target)`` and a warning
-naming the file; :func:`collate_skipping` drops such items and counts them, so the count can be
+keeps the first N, ``limit=N, spread=True`` N evenly spaced ones (each class keeps its share). An
+image or video that cannot be decoded gives ``(None, target)`` and a warning naming the file; :func:`collate_skipping` drops such items and counts them, so the count can be
 reported (never a silent wrong score). A folder that does not match its layout raises
 :class:`DatasetLayoutError` saying which layout was expected and what was found.
 """

@@ -388,7 +388,8 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
                       file=sys.stderr)
         options = EvalOptions(out=args.out, data=data, device=device, batch_size=args.batch_size,
                               workers=default_workers if args.workers is None else args.workers,
-                              amp=args.amp, channels_last=args.channels_last, limit=args.limit if args.subset is None else args.subset,
+                              amp=args.amp, channels_last=args.channels_last,
+                              limit=args.limit if args.subset is None else args.subset,
                               spread=args.subset is not None, seed=args.seed,
                               shard_size=args.shard_size, trust_checkpoint=args.trust_checkpoint, baseline=baseline,
                               class_space=class_space, progress=not args.no_progress,
