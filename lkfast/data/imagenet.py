@@ -23,8 +23,9 @@ Targets are ImageNet-1k class indices (0..999) for every reader except ImageNet-
 
 Items are in a deterministic order (class folders sorted, then file names sorted); ``limit=N``
 keeps the first N, ``limit=N, spread=True`` N evenly spaced ones (each class keeps its share). An
-image or video that cannot be decoded gives ``(None, target)`` and a warning naming the file; :func:`collate_skipping` drops such items and counts them, so the count can be
-reported (never a silent wrong score). A folder that does not match its layout raises
+image or video that cannot be decoded gives ``(None, target)`` and a warning naming the file;
+:func:`collate_skipping` drops such items and counts them, so the count can be reported (never a
+silent wrong score). A folder that does not match its layout raises
 :class:`DatasetLayoutError` saying which layout was expected and what was found.
 """
 from __future__ import annotations
