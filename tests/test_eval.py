@@ -694,6 +694,8 @@ def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatc
         return runner.result_key(None, TASKS["clean"]), runner.result_key(None, TASKS["occlusion"])
     base = keys()
     assert keys(limit=2)[0] != base[0] and keys(limit=2) != keys(limit=4)
+    # --analysis-images changes the analyses' keys only
+    assert keys(analysis_images=2)[0] == base[0] and keys(analysis_images=2)[1] != base[1] != keys(analysis_images=3)[1]
     assert keys(seed=1)[0] != base[0] and keys(seed=1)[1] != base[1]
     # decoding on the GPU (nvJPEG) gives other pixels: --no-gpu-decode on CUDA is another result;
     # on the CPU the option does nothing, and changes nothing
@@ -1300,6 +1302,35 @@ def test_subset_reaches_every_reader_and_is_its_own_result(tmp_path, data_root, 
     assert stopped.value.code == 2 and "argument --subset: not allowed with argument --limit" in capsys.readouterr().err
 
 
+def test_analysis_images_spread_over_what_the_run_keeps(tmp_path, data_root, checkpoint, capsys):
+    """--analysis-images N: the tasks that read "images" (the per-image analyses) read N val images
+    spread evenly over what --limit/--subset kept, the others all of it; the report says so."""
+    first, second = (data.imagenet_classes().index(w) for w in _wnids())
+
+    def targets(ctx):
+        return {"targets": ctx.records("val", ctx.dataset("val"), lambda x, y, i: {"y": y})["y"].tolist()}
+    register_task("test-analysis", targets, needs=("val",), reads=("images",), replace=True)
+    register_task("test-benchmark", targets, needs=("val",), replace=True)
+    try:
+        for extra, analysed, benchmarked in (
+                ((), [first, second], [first] * 3 + [second] * 3),
+                (("--subset", 4), [first, second], [first, first, second, second]),  # val's 0, 1, 3, 4; then 0, 2
+                (("--limit", 3), [first, first], [first] * 3)):
+            out = tmp_path / "-".join(map(str, extra or ("all",)))
+            assert cli(*common(out, checkpoint, data_root, "--suite", "clean,fgsm,test-analysis,test-benchmark",
+                               "--analysis-images", 2, *extra)) == 0
+            r = load(out)["tiny"]
+            assert r["test-analysis"]["targets"] == analysed and r["test-benchmark"]["targets"] == benchmarked, extra
+            assert r["fgsm"]["images"] == 2 and r["clean"]["images"] == len(benchmarked)
+            assert "**The per-image analyses (occlusion, FGSM, PGD, TAIG, lesion, frequency) read at most 2 val " \
+                "images, spread evenly over it (--analysis-images 2).**" in (out / "report.md").read_text()
+    finally:
+        TASKS.pop("test-analysis")
+        TASKS.pop("test-benchmark")
+    err = run_failing(capsys, *common(tmp_path / "x", checkpoint, data_root, "--analysis-images", 0))
+    assert "--analysis-images must be a positive number of images, got 0" in err
+
+
 def test_limit_zero_and_unknown_task(tmp_path, data_root, checkpoint, capsys):
     err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--limit", 0))
     assert "--limit" in err and "positive" in err
@@ -1312,7 +1343,7 @@ def test_help_documents_every_option(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     for option in ("--models", "--suite", "--data-root", "--imagenet-c-dir", "--out", "--device", "--batch-size",
-                   "--workers", "--amp", "--channels-last", "--limit", "--subset", "--seed", "--trust-checkpoint", "--dry-run",
+                   "--workers", "--amp", "--channels-last", "--limit", "--subset", "--analysis-images", "--seed", "--trust-checkpoint", "--dry-run",
                    "--baseline-model", "examples:"):
         assert option in text
 

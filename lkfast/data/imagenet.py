@@ -278,7 +278,7 @@ def _scan(root: PathLike, what: str, layout: str, class_index: Dict[str, int],
     return samples, used
 
 
-def _apply_limit(samples: list, limit: Optional[int], spread: bool = False) -> list:
+def select_items(samples: list, limit: Optional[int], spread: bool = False) -> list:
     """The first ``limit`` samples, or with ``spread`` the ``limit`` samples at ``floor(i * n / limit)``
     (i = 0 .. limit - 1): evenly spaced over the sorted order, so each class folder keeps its share
     (ImageNet-val's 50 per class and limit 5000: the 1st, 11th, ... 41st of every class)."""
@@ -398,7 +398,7 @@ class ImageFolderBenchmark(Dataset):
             self.name = name
         self.transform = transform if transform is not None else to_float_image
         samples, self.classes = self._find(class_index if class_index is not None else _class_index(), classes)
-        self.samples = _apply_limit(samples, limit, spread)
+        self.samples = select_items(samples, limit, spread)
 
     def _find(self, class_index, classes):
         return _scan(self.root, self.name, self.layout, class_index, classes=classes)
@@ -767,4 +767,4 @@ __all__ = ["DatasetLayoutError", "looks_like_wnids", "IMAGENET9_CLASSES", "IMAGE
            "imagenet_r_indices", "imagenet_a_wnids", "imagenet_r_wnids", "imagenet_o_wnids", "imagenet_o_indices",
            "imagenet9_class_map", "imagenet9_folder_targets", "check_imagenet9_map", "to_float_image", "transform_for", "ImageFolderBenchmark",
            "ImageNetVal", "ImageNetA", "ImageNetR", "ImageNetO", "imagenet_c_contents", "ImageNetC", "ImageNetP",
-           "ImageNet9", "collate_skipping", "imagenet_p_contents", "imagenet9_contents", "SEQUENCE_SUFFIXES"]
+           "ImageNet9", "collate_skipping", "imagenet_p_contents", "imagenet9_contents", "SEQUENCE_SUFFIXES", "select_items"]

@@ -523,7 +523,9 @@ _DESCRIPTIONS = {
                 "from the other tasks)"}
 # version 2: occlusion to frequency run through ctx.records (sharded; random draws seeded per image)
 _SHARDED = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency")
-_READS = {"occlusion": _DINO_OPTIONS, "taig": ("taig_surrogate",)}  # the analysis options each reads
+# the analysis options each reads; "images" (--analysis-images): the per-image analyses read that many val images
+_READS = {name: ("images",) for name in _SHARDED}
+_READS.update({"occlusion": _DINO_OPTIONS + ("images",), "taig": ("taig_surrogate", "images")})
 _DEPENDS = {"taig": _surrogate_key}  # what else a result depends on (Task.depends)
 # later versions: occlusion 3 (Fig. 5's example in the result), lesion 3 (fraction over the model's blocks),
 # kernel-distance 2 (the large kernel's own weights, as the paper's script), feature-variance 2 (seeded random

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate N images of each dataset spread evenly over its sorted order (every class keeps "
                              "its share): an estimate of the whole set's numbers in a fraction of the time, the same "
                              "images for every model, corruption and ImageNet-9 variant")
+    p.add_argument("--analysis-images", type=int, default=None, metavar="N",
+                   help="the per-image analyses (occlusion, FGSM, PGD, TAIG, lesion, frequency) read N val images "
+                        "spread evenly over it (after --limit/--subset), the benchmarks all of it: the attacks take "
+                        "tens to hundreds of passes per image")
     p.add_argument("--seed", type=int, default=0, help="seed of generated ImageNet-C/-P corruptions (default: 0)")
     p.add_argument("--shard-size", type=int, default=1000, metavar="N",
                    help="images per cached shard: an interrupted run loses at most one shard (default: 1000)")
@@ -390,7 +394,7 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
                               workers=default_workers if args.workers is None else args.workers,
                               amp=args.amp, channels_last=args.channels_last,
                               limit=args.limit if args.subset is None else args.subset,
-                              spread=args.subset is not None, seed=args.seed,
+                              spread=args.subset is not None, analysis_images=args.analysis_images, seed=args.seed,
                               shard_size=args.shard_size, trust_checkpoint=args.trust_checkpoint, baseline=baseline,
                               class_space=class_space, progress=not args.no_progress,
                               gpu_decode=not args.no_gpu_decode,

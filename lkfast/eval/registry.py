@@ -38,8 +38,9 @@ class Task:
     cost: ``cost(ctx) -> float`` forward-pass equivalents per counted item (a backward counts as two
         forwards; default 1): ``--dry-run``'s time estimate is count x cost / measured throughput.
     reads: the options beyond the common ones the task uses: ``EvalOptions.analysis`` names (e.g.
-        "dino_checkpoint") and "baseline" (the normalising model): only those join its cache keys,
-        so another option does not recompute it.
+        "dino_checkpoint"), "baseline" (the normalising model) and "images" (``--analysis-images``: its
+        image folders keep that many images, spread evenly): only those join its cache keys, so
+        another option does not recompute it.
     without_images: for a task that reads no images, what it reads instead (e.g. "the model's depthwise
         kernel weights"): ``--dry-run``'s note for it ("no images: reads ...", not a throughput).
     depends: ``depends(runner, spec) -> JSON-able``: what else the model's result depends on, found from

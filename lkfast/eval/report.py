@@ -242,9 +242,20 @@ def _report_files(out: Path) -> dict:
 
 
 def _images_chosen(options: Dict[str, Any], results: Dict[str, Any], models: List[str]) -> str:
-    """The line saying that a run read only part of each dataset (--limit / --subset), or ""; for
-    --subset with the clean set evaluated, how far a top-1 over that many images may be from the
-    whole set's (95% binomial interval at 50%, the widest)."""
+    """The lines saying that a run read only part of each dataset (--limit / --subset) or of val for
+    the analyses (--analysis-images), or ""; for --subset with the clean set evaluated, how far a
+    top-1 over that many images may be from the whole set's (95% binomial interval at 50%, the widest)."""
+    lines = [line for line in (_datasets_chosen(options, results, models), _analysis_images(options)) if line]
+    return "\n\n".join(f"**{line}**" for line in lines)
+
+
+def _analysis_images(options: Dict[str, Any]) -> str:
+    n = options.get("analysis_images")
+    return "" if n is None else (f"The per-image analyses (occlusion, FGSM, PGD, TAIG, lesion, frequency) read at most "
+                                 f"{n} val images, spread evenly over it (--analysis-images {n}).")
+
+
+def _datasets_chosen(options: Dict[str, Any], results: Dict[str, Any], models: List[str]) -> str:
     n = options.get("limit")
     if n is None:
         return ""
@@ -275,7 +286,7 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
            f"models the paper reports; \"—\" means not measured or not reported.\n")
     chosen = _images_chosen(meta.get("options", {}), results, models)
     if chosen:
-        w.text(f"\n**{chosen}**\n")
+        w.text(f"\n{chosen}\n")
     far = _far_from_paper(results, models)
     if far:
         w.text("\n**Clean top-1 far from the paper's**: " + "; ".join(far) + ". The paper's values beside these "

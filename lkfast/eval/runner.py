@@ -64,6 +64,8 @@ class EvalOptions:
     class_space: the label set (None: ImageNet-1k). baseline: the model ImageNet-P's flip rates are
     normalised by (None: report unnormalised values only). limit: first N images of each dataset;
     with spread, N images evenly spaced over each dataset's sorted order instead (``--subset``).
+    analysis_images: the tasks that read "images" (the Section 4 analyses) read N images spread evenly
+    over what limit/spread kept (``--analysis-images``), the benchmarks all of it.
     shard_size: images per cached shard. amp: bf16 autocast on the CPU, fp16 on CUDA.
     """
 
@@ -76,6 +78,7 @@ class EvalOptions:
     channels_last: bool = False
     limit: Optional[int] = None
     spread: bool = False
+    analysis_images: Optional[int] = None  # the analyses (tasks that read "images"): N val images, spread
     seed: int = 0
     shard_size: int = 1000
     trust_checkpoint: bool = False
@@ -105,7 +108,9 @@ class EvalOptions:
         if self.decodes_on_gpu:  # nvJPEG's pixels are not libjpeg's: --no-gpu-decode is another result
             key["decode"] = "gpu"
         used = {}
-        for name in sorted(reads):
+        if "images" in reads and self.analysis_images is not None:
+            used["images"] = [self.analysis_images, None]
+        for name in sorted(set(reads) - {"images"}):
             value = self.analysis_option(name)
             if value:
                 if os.path.isfile(value):  # by its real path (see Runner) and its size and time
@@ -431,6 +436,8 @@ class Runner:
         if options.limit is not None and options.limit < 1:
             raise EvalError(f"--{'subset' if options.spread else 'limit'} must be a positive number of images "
                             f"(the {'N spread over' if options.spread else 'first N of'} each dataset), got {options.limit}")
+        if options.analysis_images is not None and options.analysis_images < 1:
+            raise EvalError(f"--analysis-images must be a positive number of images, got {options.analysis_images}")
         if options.spread and options.limit is None:
             raise EvalError("spread=True needs limit=N: the number of images to spread over each dataset (--subset N)")
         if options.shard_size < 1 or options.batch_size < 1:

@@ -55,14 +55,17 @@ def selection(ctx: TaskContext) -> Dict[str, Any]:
 def image_folder(ctx: TaskContext, root, class_index: Dict[str, int], resize: bool = True,
                  classes: Optional[Sequence[str]] = None):
     """``root/<class folder>/*`` as [0, 1] images preprocessed for ``ctx``'s model (no resize for
-    ImageNet-C's 224-px images), the images ``--limit``/``--subset`` keeps (``selection``); ``classes``
-    keeps only those class folders."""
+    ImageNet-C's 224-px images), the images ``--limit``/``--subset`` keeps (``selection``), and of those
+    ``--analysis-images`` N spread evenly for a task that reads "images"; ``classes`` keeps only those
+    class folders."""
     from lkfast import data
 
     def build():
         transform = data.transform_for(ctx.config, resize=resize)
         dataset = data.ImageFolderBenchmark(str(root), transform, class_index=class_index, classes=classes,
                                             name=_source_label(ctx, root), **selection(ctx))
+        if "images" in ctx.task.reads and ctx.options.analysis_images is not None:  # --analysis-images
+            dataset.samples = data.select_items(dataset.samples, ctx.options.analysis_images, spread=True)
         dataset.eval_resize = resize  # lets ctx.records decode its JPEGs on the GPU (same preprocessing)
         return dataset
     return _memo(ctx, ("folder", str(root), resize, tuple(classes or ())), build)
