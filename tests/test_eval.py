@@ -1331,6 +1331,40 @@ def test_analysis_images_spread_over_what_the_run_keeps(tmp_path, data_root, che
     assert "--analysis-images must be a positive number of images, got 0" in err
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
+def test_results_name_the_commit_of_the_code(tmp_path, data_root, checkpoint, monkeypatch):
+    """results.json and the report name the git commit of lkfast's source tree ("+dirty" when
+    tracked files were changed): which code computed the numbers. None outside a checkout of its own."""
+    from lkfast.eval import runner
+    from lkfast.eval.runner import source_commit
+
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "code.py").write_text("x = 1\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", repo, "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    git("add", "pkg/code.py")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD")
+    assert source_commit(str(repo)) == head
+    (repo / "untracked.txt").write_text("not part of the code")
+    assert source_commit(str(repo)) == head
+    (repo / "pkg" / "code.py").write_text("x = 2\n")
+    assert source_commit(str(repo)) == head + "+dirty"
+    assert source_commit(str(repo / "pkg")) is None  # a package inside another project's repository
+    assert source_commit(str(tmp_path / "out-of-git")) is None
+    here = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert (source_commit() or "").split("+")[0] == here  # this checkout's (none when the tests run outside one)
+    out = tmp_path / "out"
+    monkeypatch.setattr(runner, "source_commit", lambda: "0123abc+dirty")
+    assert cli(*common(out, checkpoint, data_root, "--suite", "clean")) == 0
+    assert load(out)["_meta"]["lkfast_commit"] == "0123abc+dirty"
+    assert "lkfast 0.1.0 (commit 0123abc+dirty), torch" in (out / "report.md").read_text()
+
+
 def test_limit_zero_and_unknown_task(tmp_path, data_root, checkpoint, capsys):
     err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--limit", 0))
     assert "--limit" in err and "positive" in err

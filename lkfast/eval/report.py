@@ -280,7 +280,9 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
            + (f"finished {meta['finished']}" if meta.get("finished") else
               "**not finished** (interrupted: this report holds the tasks that had finished; rerunning the "
               "run's command goes on from there and writes the whole report)")
-           + f"; lkfast {meta.get('lkfast', '?')}, torch {meta.get('torch', '?')}. "
+           + f"; lkfast {meta.get('lkfast', '?')}"
+           + (f" (commit {meta['lkfast_commit']})" if meta.get("lkfast_commit") else "")
+           + f", torch {meta.get('torch', '?')}. "
            f"Options: {json.dumps(meta.get('options', {}), sort_keys=True)}. Class space: {meta.get('class_space', '?')}.\n\n"
            f"Paper values are from {CITATION} (Tables 1, 2, 3 and 6), shown beside the measured value for the "
            f"models the paper reports; \"—\" means not measured or not reported.\n")

@@ -123,6 +123,27 @@ class EvalOptions:
         return key
 
 
+def source_commit(folder: Optional[str] = None) -> Optional[str]:
+    """The git commit of lkfast's source tree (``folder``: the one holding the package), with "+dirty"
+    when tracked files differ from it: which code computed a results.json, where "lkfast 0.1.0" does
+    not say. None for an installed copy outside a git checkout, or without git."""
+    import subprocess
+
+    import lkfast
+
+    folder = folder or os.path.dirname(os.path.dirname(os.path.abspath(lkfast.__file__)))
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(folder):
+            return None  # the package sits in someone else's repository (a site-packages inside a checkout)
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is running out of memory: CUDA's OutOfMemoryError, Python's MemoryError, or
     the RuntimeError of PyTorch's CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
@@ -620,7 +641,8 @@ class Runner:
         options = {k: v for k, v in asdict(self.options).items() if k not in ("class_space", "baseline", "data")}
         options["gpu_decode"] = self.options.decodes_on_gpu  # as it acted: never on the CPU
         self.meta = {
-            "lkfast": lkfast.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "lkfast": lkfast.__version__, "lkfast_commit": source_commit(), "torch": torch.__version__,
+            "python": platform.python_version(),
             "device": self.device, "device_name": torch.cuda.get_device_name(self.device)
             if self.device.startswith("cuda") else platform.processor() or platform.machine(),
             "world_size": dist.world_size(), "options": options, "tasks": list(self.tasks),
