@@ -440,6 +440,75 @@ static inline __attribute__((always_inline)) void wgrad_block(const V* __restric
   for (int b = 0; b < B * NV; ++b) dst[b] += acc[b];
 }
 
+// The weight gradient on a small map (small_map: W <= kSmallMaxW, every tap column that meets the
+// image inside the kernel): GW[i][pw + d] += sum_{h, w} G[h][w] * X[h + i - ph][w + d] for the taps
+// d in [D0, D0 + ND) of tap row i, held in registers. Per output row the W input pixels are loaded
+// once and each gradient pixel once (2 W loads for up to W * W FMAs), where the general loop reloads
+// for every block of taps. X points at input pixel (0, 0) (row stride xh vectors), G at gradient pixel
+// (0, 0) (gh). Only products of in-image values are formed: exact whatever the values, like
+// fwd_small, so no Inf/NaN loop choice is needed. W input vectors + ND accumulators + 1 <= 31 zmm.
+template <typename V, int W, int D0, int ND>
+static inline __attribute__((always_inline)) void wgrad_small_taps(
+    const V* __restrict X, long xh, const V* __restrict G, long gh, int H, int kh, int kw, int i,
+    V* __restrict GW) {
+  const int ph = kh / 2;
+  const int h_lo = imax(0, ph - i), h_hi = imin(H, H + ph - i);
+  V acc[ND];
+#pragma GCC unroll 32
+  for (int d = 0; d < ND; ++d) acc[d] = V{};
+  for (int h = h_lo; h < h_hi; ++h) {
+    const V* in = X + (long)(h + i - ph) * xh;
+    const V* g = G + (long)h * gh;
+    V xv[W];
+#pragma GCC unroll 16
+    for (int c = 0; c < W; ++c) xv[c] = in[c];
+#pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) {
+      const V gv = g[w];
+#pragma GCC unroll 32
+      for (int dd = 0; dd < ND; ++dd) {
+        const int c = w + D0 + dd;  // a compile-time constant once unrolled
+        if (c >= 0 && c < W) acc[dd] += xv[c] * gv;
+      }
+    }
+  }
+  V* dst = GW + (long)i * kw + kw / 2 + D0;
+#pragma GCC unroll 32
+  for (int dd = 0; dd < ND; ++dd) dst[dd] += acc[dd];
+}
+
+// Tap rows [i0, i1) of the small-map weight gradient: the 2 W - 1 taps of a row in one pass, or in
+// two (d < 1, d >= 1) where W input vectors and 2 W - 1 accumulators would not fit (W > 10).
+template <typename V, int W>
+static inline void wgrad_small_rows(const V* X, long xh, const V* G, long gh, int H, int kh, int kw, int i0,
+                                    int i1, V* GW) {
+  for (int i = i0; i < i1; ++i) {
+    if constexpr (W + 2 * W - 1 <= 30) {
+      wgrad_small_taps<V, W, -(W - 1), 2 * W - 1>(X, xh, G, gh, H, kh, kw, i, GW);
+    } else {
+      wgrad_small_taps<V, W, -(W - 1), W>(X, xh, G, gh, H, kh, kw, i, GW);
+      wgrad_small_taps<V, W, 1, W - 1>(X, xh, G, gh, H, kh, kw, i, GW);
+    }
+  }
+}
+
+template <typename V>
+static void wgrad_small(const V* X, long xh, const V* G, long gh, int H, int W, int kh, int kw, int i0,
+                        int i1, V* GW) {
+  switch (W) {
+#define LKFAST_WGRAD_SMALL(n) \
+  case n:                     \
+    return wgrad_small_rows<V, n>(X, xh, G, gh, H, kh, kw, i0, i1, GW);
+    LKFAST_WGRAD_SMALL(1) LKFAST_WGRAD_SMALL(2) LKFAST_WGRAD_SMALL(3) LKFAST_WGRAD_SMALL(4)
+    LKFAST_WGRAD_SMALL(5) LKFAST_WGRAD_SMALL(6) LKFAST_WGRAD_SMALL(7) LKFAST_WGRAD_SMALL(8)
+    LKFAST_WGRAD_SMALL(9) LKFAST_WGRAD_SMALL(10) LKFAST_WGRAD_SMALL(11) LKFAST_WGRAD_SMALL(12)
+    LKFAST_WGRAD_SMALL(13) LKFAST_WGRAD_SMALL(14)
+#undef LKFAST_WGRAD_SMALL
+    default:
+      return;
+  }
+}
+
 // Accumulates one (image, channel block) into the weight gradient, tap rows [i0, i1).
 //   P:  all H input rows, W + 2*pw pixels each; G: H rows of W + 2*kGradPad pixels;
 //   GW: kh*kw pixels, accumulated into.
@@ -451,6 +520,9 @@ void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, in
   const V* P = reinterpret_cast<const V*>(P_);
   const V* G = reinterpret_cast<const V*>(G_);
   V* GW = reinterpret_cast<V*>(GW_);
+  if (small_map(W, kw)) {  // rows of W + 2 pw input pixels and W + 2 kGradPad gradient pixels (NV = 1)
+    return wgrad_small<V>(P + kw / 2, W + 2 * (kw / 2), G + kGradPad, W + 2 * kGradPad, H, W, kh, kw, i0, i1, GW);
+  }
   const Loop loop = exact_loop(input_finite, grad_finite);
   const int group = row_group(W, H);
   for (int i = i0; i < i1; ++i) {
