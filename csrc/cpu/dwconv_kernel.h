@@ -440,17 +440,21 @@ static inline __attribute__((always_inline)) void wgrad_block(const V* __restric
   for (int b = 0; b < B * NV; ++b) dst[b] += acc[b];
 }
 
-// The weight gradient on a small map (small_map: W <= kSmallMaxW, every tap column that meets the
-// image inside the kernel): GW[i][pw + d] += sum_{h, w} G[h][w] * X[h + i - ph][w + d] for the taps
-// d in [D0, D0 + ND) of tap row i, held in registers. Per output row the W input pixels are loaded
-// once and each gradient pixel once (2 W loads for up to W * W FMAs), where the general loop reloads
-// for every block of taps. X points at input pixel (0, 0) (row stride xh vectors), G at gradient pixel
-// (0, 0) (gh). Only products of in-image values are formed: exact whatever the values, like
-// fwd_small, so no Inf/NaN loop choice is needed. W input vectors + ND accumulators + 1 <= 31 zmm.
+// The weight gradient on a small map (wgrad_small_map: W <= kSmallMaxW, every tap column that meets
+// the image inside the kernel): GW[i][pw + d] += sum_{h, w} G[h][w] * X[h + i - ph][w + d] for the
+// taps d in [D0, D0 + ND) of tap row i, held in registers. Per output row each gradient pixel is
+// loaded once, and with 32 registers (kParts == 1) the W input pixels too (2 W loads for up to
+// W * W FMAs, W input vectors + ND accumulators + 1 <= 31 zmm), where the general loop reloads for
+// every block of taps; with 16 (AVX2) the input is the FMA's memory operand (one load per FMA,
+// which two load ports sustain; ND accumulators + 1 <= 15 ymm). X points at part v of input pixel
+// (0, 0) (row stride xh vectors, pixel stride kParts), G likewise (gh), GW at part v of tap (0, 0).
+// Only products of in-image values are formed, in the general loop's order: exact whatever the
+// values, like fwd_small, so no Inf/NaN loop choice is needed.
 template <typename V, int W, int D0, int ND>
 static inline __attribute__((always_inline)) void wgrad_small_taps(
     const V* __restrict X, long xh, const V* __restrict G, long gh, int H, int kh, int kw, int i,
     V* __restrict GW) {
+  constexpr int PS = kParts;
   const int ph = kh / 2;
   const int h_lo = imax(0, ph - i), h_hi = imin(H, H + ph - i);
   V acc[ND];
@@ -459,38 +463,46 @@ static inline __attribute__((always_inline)) void wgrad_small_taps(
   for (int h = h_lo; h < h_hi; ++h) {
     const V* in = X + (long)(h + i - ph) * xh;
     const V* g = G + (long)h * gh;
-    V xv[W];
+    V xv[kParts == 1 ? W : 1];
+    if constexpr (kParts == 1) {
 #pragma GCC unroll 16
-    for (int c = 0; c < W; ++c) xv[c] = in[c];
+      for (int c = 0; c < W; ++c) xv[c] = in[c];
+    }
 #pragma GCC unroll 16
     for (int w = 0; w < W; ++w) {
-      const V gv = g[w];
+      const V gv = g[w * PS];
 #pragma GCC unroll 32
       for (int dd = 0; dd < ND; ++dd) {
         const int c = w + D0 + dd;  // a compile-time constant once unrolled
-        if (c >= 0 && c < W) acc[dd] += xv[c] * gv;
+        if (c >= 0 && c < W) acc[dd] += (kParts == 1 ? xv[c] : in[c * PS]) * gv;
       }
     }
   }
-  V* dst = GW + (long)i * kw + kw / 2 + D0;
+  V* dst = GW + ((long)i * kw + kw / 2 + D0) * PS;
 #pragma GCC unroll 32
-  for (int dd = 0; dd < ND; ++dd) dst[dd] += acc[dd];
+  for (int dd = 0; dd < ND; ++dd) dst[dd * PS] += acc[dd];
 }
 
-// Tap rows [i0, i1) of the small-map weight gradient: the 2 W - 1 taps of a row in one pass, or in
-// two (d < 1, d >= 1) where W input vectors and 2 W - 1 accumulators would not fit (W > 10).
+// Tap rows [i0, i1) of the small-map weight gradient: the 2 W - 1 taps of a row in one pass where
+// they fit in registers beside what stays there (see wgrad_small_taps), else in two (d < 1, d >= 1),
+// for each part of the pixel in turn.
 template <typename V, int W>
 static inline void wgrad_small_rows(const V* X, long xh, const V* G, long gh, int H, int kh, int kw, int i0,
                                     int i1, V* GW) {
-  for (int i = i0; i < i1; ++i) {
-    if constexpr (W + 2 * W - 1 <= 30) {
-      wgrad_small_taps<V, W, -(W - 1), 2 * W - 1>(X, xh, G, gh, H, kh, kw, i, GW);
-    } else {
-      wgrad_small_taps<V, W, -(W - 1), W>(X, xh, G, gh, H, kh, kw, i, GW);
-      wgrad_small_taps<V, W, 1, W - 1>(X, xh, G, gh, H, kh, kw, i, GW);
+  constexpr int room = kParts == 1 ? 30 - W : 14;  // accumulators that fit
+  for (int v = 0; v < kParts; ++v) {
+    for (int i = i0; i < i1; ++i) {
+      if constexpr (2 * W - 1 <= room) {
+        wgrad_small_taps<V, W, -(W - 1), 2 * W - 1>(X + v, xh, G + v, gh, H, kh, kw, i, GW + v);
+      } else {
+        wgrad_small_taps<V, W, -(W - 1), W>(X + v, xh, G + v, gh, H, kh, kw, i, GW + v);
+        wgrad_small_taps<V, W, 1, W - 1>(X + v, xh, G + v, gh, H, kh, kw, i, GW + v);
+      }
     }
   }
 }
+
+static inline bool wgrad_small_map(int W, int kw) { return W <= kSmallMaxW && kw / 2 >= W - 1; }
 
 template <typename V>
 static void wgrad_small(const V* X, long xh, const V* G, long gh, int H, int W, int kh, int kw, int i0,
@@ -520,8 +532,10 @@ void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, in
   const V* P = reinterpret_cast<const V*>(P_);
   const V* G = reinterpret_cast<const V*>(G_);
   V* GW = reinterpret_cast<V*>(GW_);
-  if (small_map(W, kw)) {  // rows of W + 2 pw input pixels and W + 2 kGradPad gradient pixels (NV = 1)
-    return wgrad_small<V>(P + kw / 2, W + 2 * (kw / 2), G + kGradPad, W + 2 * kGradPad, H, W, kh, kw, i0, i1, GW);
+  if (wgrad_small_map(W, kw)) {  // rows of W + 2 pw input pixels and W + 2 kGradPad gradient pixels
+    constexpr int NV = kParts;
+    return wgrad_small<V>(P + kw / 2 * NV, (W + 2 * (kw / 2)) * NV, G + kGradPad * NV, (W + 2 * kGradPad) * NV, H,
+                          W, kh, kw, i0, i1, GW);
   }
   const Loop loop = exact_loop(input_finite, grad_finite);
   const int group = row_group(W, H);
