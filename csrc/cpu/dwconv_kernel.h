@@ -291,7 +291,33 @@ struct VecU {  // a vector at any element-aligned address
   typedef T type __attribute__((vector_size(LKFAST_VEC_BYTES), aligned(sizeof(T))));
 };
 
-static inline bool small_map(int W, int kw) { return kParts == 1 && W <= kSmallMaxW && kw / 2 >= W - 1; }
+// A small map: at most kSmallMaxW columns, every tap column that meets the image inside the kernel.
+// The weight gradient's small-map kernel takes any such map; the forward's needs 32 registers.
+static inline bool small_map_shape(int W, int kw) { return W <= kSmallMaxW && kw / 2 >= W - 1; }
+static inline bool small_map(int W, int kw) { return kParts == 1 && small_map_shape(W, kw); }
+
+// f(Width<W>{}) for W in 1..kSmallMaxW, nothing otherwise: the small-map kernels are compiled per
+// width, so that no loop is left but the rows'. (No <type_traits>: see the note on headers above.)
+template <int N>
+struct Width {
+  static constexpr int value = N;
+};
+template <typename F>
+static inline void with_small_width(int W, F&& f) {
+  switch (W) {
+#define LKFAST_SMALL_WIDTH(n) \
+  case n:                     \
+    return f(Width<n>{});
+    LKFAST_SMALL_WIDTH(1) LKFAST_SMALL_WIDTH(2) LKFAST_SMALL_WIDTH(3) LKFAST_SMALL_WIDTH(4)
+    LKFAST_SMALL_WIDTH(5) LKFAST_SMALL_WIDTH(6) LKFAST_SMALL_WIDTH(7) LKFAST_SMALL_WIDTH(8)
+    LKFAST_SMALL_WIDTH(9) LKFAST_SMALL_WIDTH(10) LKFAST_SMALL_WIDTH(11) LKFAST_SMALL_WIDTH(12)
+    LKFAST_SMALL_WIDTH(13) LKFAST_SMALL_WIDTH(14)
+#undef LKFAST_SMALL_WIDTH
+    default:
+      return;
+  }
+}
+static_assert(kSmallMaxW == 14, "with_small_width lists the widths 1..kSmallMaxW");
 
 // Outputs [B0, B0 + NB) of output row h of a W-wide map: X points at input pixel (0, 0) (row stride
 // xh, pixel stride xw, elements), Y at output pixel (0, 0) (yh, yw).
@@ -347,18 +373,9 @@ template <typename T>
 static inline void fwd_small(const T* X, long xh, long xw, int H, int W, int kh, int kw,
                              const typename Vec<T>::type* Wt, const typename Vec<T>::type* bias,
                              int h0, int h1, T* Y, long yh, long yw) {
-  switch (W) {
-#define LKFAST_FWD_SMALL(n) \
-  case n:                   \
-    return fwd_small_rows<T, n>(X, xh, xw, H, kh, kw, Wt, bias, h0, h1, Y, yh, yw);
-    LKFAST_FWD_SMALL(1) LKFAST_FWD_SMALL(2) LKFAST_FWD_SMALL(3) LKFAST_FWD_SMALL(4)
-    LKFAST_FWD_SMALL(5) LKFAST_FWD_SMALL(6) LKFAST_FWD_SMALL(7) LKFAST_FWD_SMALL(8)
-    LKFAST_FWD_SMALL(9) LKFAST_FWD_SMALL(10) LKFAST_FWD_SMALL(11) LKFAST_FWD_SMALL(12)
-    LKFAST_FWD_SMALL(13) LKFAST_FWD_SMALL(14)
-#undef LKFAST_FWD_SMALL
-    default:
-      return;
-  }
+  with_small_width(W, [&](auto width) {
+    fwd_small_rows<T, decltype(width)::value>(X, xh, xw, H, kh, kw, Wt, bias, h0, h1, Y, yh, yw);
+  });
 }
 
 // Output rows [h0, h1) of one (image, channel block).
@@ -440,7 +457,7 @@ static inline __attribute__((always_inline)) void wgrad_block(const V* __restric
   for (int b = 0; b < B * NV; ++b) dst[b] += acc[b];
 }
 
-// The weight gradient on a small map (wgrad_small_map: W <= kSmallMaxW, every tap column that meets
+// The weight gradient on a small map (small_map_shape: W <= kSmallMaxW, every tap column that meets
 // the image inside the kernel): GW[i][pw + d] += sum_{h, w} G[h][w] * X[h + i - ph][w + d] for the
 // taps d in [D0, D0 + ND) of tap row i, held in registers. Per output row each gradient pixel is
 // loaded once, and with 32 registers (kParts == 1) the W input pixels too (2 W loads for up to
@@ -502,23 +519,12 @@ static inline void wgrad_small_rows(const V* X, long xh, const V* G, long gh, in
   }
 }
 
-static inline bool wgrad_small_map(int W, int kw) { return W <= kSmallMaxW && kw / 2 >= W - 1; }
-
 template <typename V>
 static void wgrad_small(const V* X, long xh, const V* G, long gh, int H, int W, int kh, int kw, int i0,
                         int i1, V* GW) {
-  switch (W) {
-#define LKFAST_WGRAD_SMALL(n) \
-  case n:                     \
-    return wgrad_small_rows<V, n>(X, xh, G, gh, H, kh, kw, i0, i1, GW);
-    LKFAST_WGRAD_SMALL(1) LKFAST_WGRAD_SMALL(2) LKFAST_WGRAD_SMALL(3) LKFAST_WGRAD_SMALL(4)
-    LKFAST_WGRAD_SMALL(5) LKFAST_WGRAD_SMALL(6) LKFAST_WGRAD_SMALL(7) LKFAST_WGRAD_SMALL(8)
-    LKFAST_WGRAD_SMALL(9) LKFAST_WGRAD_SMALL(10) LKFAST_WGRAD_SMALL(11) LKFAST_WGRAD_SMALL(12)
-    LKFAST_WGRAD_SMALL(13) LKFAST_WGRAD_SMALL(14)
-#undef LKFAST_WGRAD_SMALL
-    default:
-      return;
-  }
+  with_small_width(W, [&](auto width) {
+    wgrad_small_rows<V, decltype(width)::value>(X, xh, G, gh, H, kh, kw, i0, i1, GW);
+  });
 }
 
 // Accumulates one (image, channel block) into the weight gradient, tap rows [i0, i1).
@@ -532,7 +538,7 @@ void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, in
   const V* P = reinterpret_cast<const V*>(P_);
   const V* G = reinterpret_cast<const V*>(G_);
   V* GW = reinterpret_cast<V*>(GW_);
-  if (wgrad_small_map(W, kw)) {  // rows of W + 2 pw input pixels and W + 2 kGradPad gradient pixels
+  if (small_map_shape(W, kw)) {  // rows of W + 2 pw input pixels and W + 2 kGradPad gradient pixels
     constexpr int NV = kParts;
     return wgrad_small<V>(P + kw / 2 * NV, (W + 2 * (kw / 2)) * NV, G + kGradPad * NV, (W + 2 * kGradPad) * NV, H,
                           W, kh, kw, i0, i1, GW);
