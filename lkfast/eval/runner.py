@@ -144,6 +144,11 @@ def source_commit(folder: Optional[str] = None) -> Optional[str]:
         return None
 
 
+def _error_line(error: BaseException) -> str:
+    """``Type: first line of the message`` of ``error``, for one-line reports."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
 def out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is running out of memory: CUDA's OutOfMemoryError, Python's MemoryError, or
     the RuntimeError of PyTorch's CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
@@ -342,7 +347,7 @@ class TaskContext:
             hint = (f"; the model's input size is {wanted} and this benchmark is fed at its own size, without a "
                     f"resize: evaluate a model that takes {size} inputs or give the benchmark at {wanted}") if size != wanted else ""
             raise EvalError(f"{self.task.name}/{part}: the model failed on its first batch of {size} images "
-                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}){hint}") \
+                            f"({_error_line(error)}){hint}") \
                 from error
 
     def _in_pieces_that_fit(self, compute, images, targets, indices, part) -> Dict[str, torch.Tensor]:
@@ -351,7 +356,8 @@ class TaskContext:
         batches go in pieces of the size that fitted, with one warning: an attack's gradients or TAIG's
         21 passes per step need more memory than --batch-size's clean forward, and a run should not die
         of it hours in. Records have one row per item and per-image seeds, so pieces give the batch's
-        records (up to the rounding of kernels chosen per batch size). One image that does not fit is an EvalError: this task fails, the others run."""
+        records (up to the rounding of kernels chosen per batch size). One image that does not fit is
+        an EvalError: this task fails, the others run."""
         size = min(self._piece or len(images), len(images))
         while True:
             try:
@@ -365,7 +371,7 @@ class TaskContext:
                     raise EvalError(f"{self.task.name}/{part}: out of memory with one image at a time "
                                     f"({type(error).__name__}): free the {self.device} device's memory, or run this "
                                     f"task with --amp or on a device with more memory") from error
-                reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                reason = _error_line(error)
             pieces = None  # (free what the failed attempt held before the next one)
             gc.collect()
             if self.device.startswith("cuda"):
