@@ -81,7 +81,8 @@ def test_exact_reference_is_conv2d(dtype):
 @pytest.mark.parametrize("isa", ISA_ORDER)
 def test_nonfinite_placement_every_instruction_set(isa, tmp_path):
     """The same on each instruction set's code (LKFAST_CPU_ISA, read once per process, so in a child
-    process): AVX2's blocks of at most 7 and rows in groups of 4, AVX-512's small-map kernel."""
+    process): AVX2's blocks of at most 7 and rows in groups of 4, the small-map kernels (on AVX2 the
+    forward's half-pixels in blocks of 4 + 3)."""
     backend_or_skip("cpu")
     cases = [make_case(shape, fmt, dtype, where)
              for shape, fmt, dtype in [((2, 20, 9, 12, 15, 15), "contiguous", torch.float32),

@@ -155,7 +155,12 @@ def test_cpu_every_instruction_set(isa, tmp_path):
                                  ((1, 8, 5, 1), (3, 3), torch.float32, "contiguous"),  # one-pixel-wide map
                                  # small maps, many channels: one channel block over a group of images
                                  ((3, 70, 6, 5), (9, 11), torch.float32, "channels_last"),
-                                 ((3, 70, 6, 5), (9, 11), torch.float64, "contiguous")]:
+                                 ((3, 70, 6, 5), (9, 11), torch.float64, "contiguous"),
+                                 # RepLKNet's stage 4 (7x7 map, 13x13 kernel): on AVX2 the small-map
+                                 # forward in two blocks (4 + 3) per half-pixel, read in place (fp32
+                                 # channels_last) and from packed tiles (fp64)
+                                 ((2, 70, 7, 7), (13, 13), torch.float32, "channels_last"),
+                                 ((1, 5, 7, 7), (13, 13), torch.float64, "contiguous")]:
         cases.append((make_input(shape, fmt, dtype), make_weight(shape[1], *k, dtype), make_input(shape, fmt, dtype)))
     for (x, w, g), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path)):
         want = reference(x, w, None, g)

@@ -275,16 +275,19 @@ static inline __attribute__((always_inline)) void fwd_block(const V* __restrict 
 }
 
 // Maps at most kSmallMaxW wide whose kernel reaches across the whole row (kw >= 2W - 1: RepLKNet's
-// 7x7 maps with 13x13 kernels and 14x14 maps with 27x27 kernels), one vector per pixel (AVX-512):
-// every output of a row meets every input of every tap row. A row's outputs go in one register
-// block (W <= 8) or two (up to kSmallMaxW); per tap row a block of NB outputs loads the W + NB - 1
-// weights it needs once into registers and the W inputs once each (34 loads for 98 FMAs at W = 14,
-// where the general band loop reloads its weights for every pair of inputs: ~70), and with W
-// fixed at compile time no loop is left but the rows'. NB accumulators + W + NB - 1 weights + 1
-// input <= 28 zmm. Inputs and outputs are addressed by element strides, so the same code reads a
-// packed tile or the tensors themselves (channels innermost: see forward_small_direct); only input
-// pixels inside the image are read, so neither needs padding.
+// 7x7 maps with 13x13 kernels and 14x14 maps with 27x27 kernels): every output of a row meets
+// every input of every tap row. A row's outputs go in one register block or two; per tap row a
+// block of NB outputs loads the W + NB - 1 weights it needs once into registers and the W inputs
+// once each (34 loads for 98 FMAs at W = 14, where the general band loop reloads its weights for
+// every pair of inputs: ~70), and with W fixed at compile time no loop is left but the rows'.
+// NB accumulators + W + NB - 1 weights + 1 input must fit the registers: 32 zmm hold it up to
+// W = 14 (blocks of up to 7, 28 registers); 16 ymm (AVX2, each pixel kParts = 2 vectors, taken one
+// part at a time) up to W = kSmallMaxWParts (blocks of up to 4: 15 registers at W = 7). Inputs and
+// outputs are addressed by element strides, so the same code reads a packed tile or the tensors
+// themselves (channels innermost: see forward_small_direct); only input pixels inside the image
+// are read, so neither needs padding.
 constexpr int kSmallMaxW = 14;
+constexpr int kSmallMaxWParts = 7;
 
 template <typename T>
 struct VecU {  // a vector at any element-aligned address
@@ -292,9 +295,12 @@ struct VecU {  // a vector at any element-aligned address
 };
 
 // A small map: at most kSmallMaxW columns, every tap column that meets the image inside the kernel.
-// The weight gradient's small-map kernel takes any such map; the forward's needs 32 registers.
+// The weight gradient's small-map kernel takes any such map; the forward's, with 16 registers, only
+// maps up to kSmallMaxWParts wide.
 static inline bool small_map_shape(int W, int kw) { return W <= kSmallMaxW && kw / 2 >= W - 1; }
-static inline bool small_map(int W, int kw) { return kParts == 1 && small_map_shape(W, kw); }
+static inline bool small_map(int W, int kw) {
+  return small_map_shape(W, kw) && (kParts == 1 || W <= kSmallMaxWParts);
+}
 
 // f(Width<W>{}) for W in 1..kSmallMaxW, nothing otherwise: the small-map kernels are compiled per
 // width, so that no loop is left but the rows'. (No <type_traits>: see the note on headers above.)
@@ -319,8 +325,9 @@ static inline void with_small_width(int W, F&& f) {
 }
 static_assert(kSmallMaxW == 14, "with_small_width lists the widths 1..kSmallMaxW");
 
-// Outputs [B0, B0 + NB) of output row h of a W-wide map: X points at input pixel (0, 0) (row stride
-// xh, pixel stride xw, elements), Y at output pixel (0, 0) (yh, yw).
+// Outputs [B0, B0 + NB) of output row h of a W-wide map, one vector of each pixel: X points at that
+// vector of input pixel (0, 0) (row stride xh, pixel stride xw, elements), Y at output pixel (0, 0)
+// (yh, yw), Wt at tap (0, 0)'s and bias at the bias pixel's (taps kParts vectors apart).
 template <typename T, int W, int B0, int NB>
 static inline __attribute__((always_inline)) void fwd_small_block(
     const T* __restrict X, long xh, long xw, int h, int H, int kh, int kw,
@@ -337,10 +344,10 @@ static inline __attribute__((always_inline)) void fwd_small_block(
   const int i_lo = imax(0, ph - h), i_hi = imin(kh, H + ph - h);
   for (int i = i_lo; i < i_hi; ++i) {
     const T* in = X + (long)(h + i - ph) * xh;                    // input row, column 0
-    const V* wc = Wt + (long)i * wt_stride + kWeightPad + pw;     // tap pw, the center
+    const V* wc = Wt + ((long)i * wt_stride + kWeightPad + pw) * kParts;  // tap pw, the center
     V wv[ND];
 #pragma GCC unroll 32
-    for (int k = 0; k < ND; ++k) wv[k] = wc[k + DMIN];
+    for (int k = 0; k < ND; ++k) wv[k] = wc[(k + DMIN) * kParts];
 #pragma GCC unroll 16
     for (int u = 0; u < W; ++u) {
       const V a = *reinterpret_cast<const VU*>(in + u * xw);
@@ -353,18 +360,26 @@ static inline __attribute__((always_inline)) void fwd_small_block(
   for (int b = 0; b < NB; ++b) *reinterpret_cast<VU*>(out + b * yw) = acc[b];
 }
 
-// Output rows [h0, h1) of a W-wide map (see fwd_small_block).
+// Output rows [h0, h1) of a W-wide map (see fwd_small_block), each part of the pixel in turn.
 template <typename T, int W>
 static inline __attribute__((always_inline)) void fwd_small_rows(
     const T* __restrict X, long xh, long xw, int H, int kh, int kw,
     const typename Vec<T>::type* __restrict Wt, const typename Vec<T>::type* __restrict bias, int h0,
     int h1, T* __restrict Y, long yh, long yw) {
+  constexpr long L = LKFAST_VEC_BYTES / sizeof(T);  // elements per vector
+  constexpr int one_block = kParts == 1 ? kOutBlock : 4;  // widest row in one block (see above)
   for (int h = h0; h < h1; ++h) {
-    if constexpr (W <= kOutBlock) {
-      fwd_small_block<T, W, 0, W>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
-    } else {
-      fwd_small_block<T, W, 0, (W + 1) / 2>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
-      fwd_small_block<T, W, (W + 1) / 2, W / 2>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
+#pragma GCC unroll 2
+    for (int v = 0; v < kParts; ++v) {
+      const T* Xv = X + v * L;
+      T* Yv = Y + v * L;
+      const typename Vec<T>::type* bv = bias ? bias + v : nullptr;
+      if constexpr (W <= one_block) {
+        fwd_small_block<T, W, 0, W>(Xv, xh, xw, h, H, kh, kw, Wt + v, bv, Yv, yh, yw);
+      } else {
+        fwd_small_block<T, W, 0, (W + 1) / 2>(Xv, xh, xw, h, H, kh, kw, Wt + v, bv, Yv, yh, yw);
+        fwd_small_block<T, W, (W + 1) / 2, W / 2>(Xv, xh, xw, h, H, kh, kw, Wt + v, bv, Yv, yh, yw);
+      }
     }
   }
 }
@@ -374,7 +389,8 @@ static inline void fwd_small(const T* X, long xh, long xw, int H, int W, int kh,
                              const typename Vec<T>::type* Wt, const typename Vec<T>::type* bias,
                              int h0, int h1, T* Y, long yh, long yw) {
   with_small_width(W, [&](auto width) {
-    fwd_small_rows<T, decltype(width)::value>(X, xh, xw, H, kh, kw, Wt, bias, h0, h1, Y, yh, yw);
+    if constexpr (kParts == 1 || decltype(width)::value <= kSmallMaxWParts)  // (see small_map)
+      fwd_small_rows<T, decltype(width)::value>(X, xh, xw, H, kh, kw, Wt, bias, h0, h1, Y, yh, yw);
   });
 }
 
@@ -395,7 +411,7 @@ void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, con
   const int rs = W + 2 * (kw / 2);
   // (the small-map kernel multiplies no padding: exact whatever the values)
   if (small_map(W, kw)) {  // the packed tile: rows of rs pixels from row prow0, column 0 at pw
-    constexpr long L = LKFAST_VEC_BYTES / sizeof(T);
+    constexpr long L = 64 / sizeof(T);  // elements per pixel
     return fwd_small<T>(P_ + ((long)(kw / 2) - (long)prow0 * rs) * L, (long)rs * L, L, H, W, kh, kw, Wt, bias,
                         h0, h1, O_ - (long)h0 * W * L, (long)W * L, L);
   }
