@@ -643,6 +643,25 @@ def test_one_channel_weight_grad_on_the_cpu_does_not_crash(tmp_path):
     assert proc.returncode == 0 and "ok" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
 
 
+def test_cpu_weight_grad_keeps_no_sums_from_the_call_before():
+    """The CPU weight gradient sums per-group partial results in a buffer its calling thread keeps
+    from call to call; every call must zero all of it, the rows of an image group left empty too.
+    With 2 threads and one channel block the images go in 4 groups of ceil(N / 4): N = 5 leaves the
+    fourth empty, after a call with N = 8 filled it."""
+    backend_or_skip("cpu")
+    from lkfast import _ext
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n in (8, 5, 8, 5):
+            x, g = torch.randn(n, 16, 9, 9), torch.randn(n, 16, 9, 9)
+            want = reference(x, make_weight(16, 7, 7), None, g)["weight_grad"]
+            assert rel_err(_ext._C.cpu_weight_grad(g, x, 7, 7), want) < TOLERANCE[torch.float32]["weight_grad"], n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_unknown_backend_lists_choices():
     x, w = _args()
     with pytest.raises(ValueError, match=r"unknown backend 'fast'.*auto, torch, cpu, cuda, triton"):

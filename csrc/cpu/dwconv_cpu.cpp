@@ -99,6 +99,36 @@ bool forward_small_direct(const T* X, long xh, long xw, int H, int W, int kh, in
   }
 }
 
+// One full channel block of weights packed by the instruction set's transposing copy (see the
+// kernel's pack_weight_block), *finite set to whether all are finite; false where there is none.
+template <typename T>
+bool pack_weight_block(const T* src, int kh, int kw, bool flip, T* block, bool* finite) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      *finite = avx512::pack_weight_block(src, kh, kw, flip, block);
+      return true;
+    case Isa::kAvx2:
+      *finite = avx2::pack_weight_block(src, kh, kw, flip, block);
+      return true;
+    default:
+      return false;
+  }
+}
+
+// One full channel block of the weight gradient summed over the image groups by the instruction
+// set's transposing sum (see the kernel's sum_weight_grad_block); false where there is none.
+template <typename T>
+bool sum_weight_grad_block(const T* partial, long group_stride, int ngroups, int taps, T* dst) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512::sum_weight_grad_block(partial, group_stride, ngroups, taps, dst);
+    case Isa::kAvx2:
+      return avx2::sum_weight_grad_block(partial, group_stride, ngroups, taps, dst);
+    default:
+      return false;
+  }
+}
+
 // Whether the n values of a packed tile (64-byte aligned, whole pixels) are all finite: one
 // vector pass over a tile just packed (in cache), cheaper than checking while packing.
 template <typename T>
@@ -246,21 +276,28 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const size_t wt_block = (size_t)kh * kwp * lanes;
   T* bt_p = bbuf.get(lanes * (size_t)ncb);
   std::memset(bt_p, 0, sizeof(T) * (size_t)ncb * lanes);
-  // One channel block's weights into `block` (on 7x7 maps with 1024 channels all blocks together
-  // are 1.4 MB, a sizeable part of the whole call); returns whether they are all finite.
+  // One channel block's weights into `block`; returns whether they are all finite. On RepLKNet's
+  // small maps this is a sizeable part of the call (7x7 maps, 1024 channels: 1.4 MB packed): a
+  // whole block of fp32/fp64 weights goes through the instruction set's transposing copy, the
+  // rest (a last block short of lanes, half precision, the generic path) one value at a time.
+  const size_t taps = (size_t)kh * kw;
   auto pack_weights = [&](int cb, T* block) {
-    std::memset(block, 0, sizeof(T) * wt_block);
+    const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
+    const S* src = w_p + (size_t)c0 * taps;
     bool finite = true;
-    for (int c = cb * lanes; c < std::min(C, (cb + 1) * lanes); ++c) {
-      T* dst = block + (c % lanes);
-      const S* src = w_p + (size_t)c * kh * kw;
-      for (int i = 0; i < kh; ++i)
-        for (int j = 0; j < kw; ++j) {
-          const T v = static_cast<T>(flip ? src[(kh - 1 - i) * kw + (kw - 1 - j)] : src[i * kw + j]);
-          dst[((size_t)i * kwp + kWeightPad + j) * lanes] = v;
-          finite &= std::isfinite(v);
-        }
+    if constexpr (std::is_same<S, T>::value) {
+      if (nc == lanes && pack_weight_block<T>(src, kh, kw, flip, block, &finite)) return finite;
     }
+    std::memset(block, 0, sizeof(T) * wt_block);
+    for (int i = 0; i < kh; ++i)  // a pixel at a time (the lanes of one tap), not a channel at a time
+      for (int j = 0; j < kw; ++j) {  // (stores 64 bytes apart): 49 against 77 us a call, 1024 x 13 x 13
+        const S* tap = src + (flip ? (size_t)(kh - 1 - i) * kw + (kw - 1 - j) : (size_t)i * kw + j);
+        T* dst = block + ((size_t)i * kwp + kWeightPad + j) * lanes;
+        for (int l = 0; l < nc; ++l) {
+          dst[l] = static_cast<T>(tap[l * taps]);
+          finite &= std::isfinite(dst[l]);
+        }
+      }
     return finite;
   };
   if (bias) {
@@ -372,9 +409,8 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
   const int64_t items = (int64_t)ncb * ngroups * nisplit;
   const size_t gw_block = (size_t)kh * kw * lanes;
 
-  Scratch<T> partial_buf;
+  static thread_local Scratch<T> partial_buf;  // kept: zeroed by the items, each its own tap rows
   T* partial_p = partial_buf.get((size_t)ngroups * ncb * gw_block);
-  std::memset(partial_p, 0, sizeof(T) * (size_t)ngroups * ncb * gw_block);
   const S* x_p = x.data_ptr<S>();
   const S* g_p = grad_out.data_ptr<S>();
   const Strides xs = strides_of(x), gs = strides_of(grad_out);
@@ -390,11 +426,13 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
       const int cb = it / ((int64_t)nisplit * ngroups);
       const int i0 = is * rows_per_split, i1 = std::min(kh, i0 + rows_per_split);
       const int n0 = g * imgs_per_group, n1 = std::min(N, n0 + imgs_per_group);
-      if (i0 >= i1 || n0 >= n1) continue;
+      if (i0 >= i1) continue;
+      T* GW = partial_p + ((size_t)g * ncb + cb) * gw_block;
+      std::memset(GW + (size_t)i0 * kw * lanes, 0, sizeof(T) * (size_t)(i1 - i0) * kw * lanes);
+      if (n0 >= n1) continue;  // (an empty group: its zeros still go into the sum)
       const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
       T* P = pbuf.get((size_t)H * prow_len);
       T* G = gbuf.get((size_t)H * (W + 2 * kGradPad) * lanes);
-      T* GW = partial_p + ((size_t)g * ncb + cb) * gw_block;
       for (int n = n0; n < n1; ++n) {
         if (n + 1 < n1) {  // the next image's tiles while this one computes
           prefetch_tile(x_p + (n + 1) * xs.n, xs, c0, nc, H, W);
@@ -408,16 +446,27 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
       }
     }
   }
-  // (ngroups, ncb, kh, kw, lanes) summed over groups in order -> (C, 1, kh, kw)
+  // (ngroups, ncb, kh, kw, lanes) summed over groups in order -> (C, 1, kh, kw), a channel block
+  // per thread at a time: whole blocks of fp32/fp64 through the instruction set's transposing sum,
+  // the rest one value at a time (done serially, this took longer than the convolution on
+  // RepLKNet's small maps at batch 1: 1 ms of 1.04 with 512 channels and 27x27 taps on a 1x1 map).
   at::Tensor gw = at::empty({C, 1, kh, kw}, x.options());
   S* gw_p = gw.data_ptr<S>();
-  for (int c = 0; c < C; ++c) {
-    const T* src = partial_p + (size_t)(c / lanes) * gw_block + (c % lanes);
-    for (int t = 0; t < kh * kw; ++t) {
-      T sum = 0;
-      for (int g = 0; g < ngroups; ++g) sum += src[(size_t)g * ncb * gw_block + (size_t)t * lanes];
-      gw_p[(size_t)c * kh * kw + t] = static_cast<S>(sum);
+  const int taps = kh * kw;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int cb = 0; cb < ncb; ++cb) {
+    const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
+    const T* block = partial_p + (size_t)cb * gw_block;
+    if constexpr (std::is_same<S, T>::value) {
+      if (nc == lanes && sum_weight_grad_block<T>(block, (long)ncb * gw_block, ngroups, taps, gw_p + (size_t)c0 * taps))
+        continue;
     }
+    for (int l = 0; l < nc; ++l)
+      for (int t = 0; t < taps; ++t) {
+        T sum = 0;
+        for (int g = 0; g < ngroups; ++g) sum += block[(size_t)g * ncb * gw_block + (size_t)t * lanes + l];
+        gw_p[(size_t)(c0 + l) * taps + t] = static_cast<S>(sum);
+      }
   }
   return gw;
 }

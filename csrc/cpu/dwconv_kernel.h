@@ -636,6 +636,158 @@ static bool all_finite_impl(const T* p_, long n) {
 bool all_finite(const float* p, long n) { return all_finite_impl<float>(p, n); }
 bool all_finite(const double* p, long n) { return all_finite_impl<double>(p, n); }
 
+#ifdef LKFAST_SHUFFLES
+// One channel block of forward weights (lanes = 64 / sizeof(T) channels, each a row of kh * kw taps,
+// starting at src) packed as dwconv_cpu.cpp lays them out: tap row i of kw + 2 * kWeightPad pixels,
+// tap (i, j) at pixel kWeightPad + j (flip: the kernel turned half way round), zeros around;
+// returns whether every weight is finite. A tile of L channels by L taps is loaded as L vectors
+// (one per channel), transposed in registers (log2 L rounds of two-vector shuffles) and stored as
+// L vectors (one per tap): whole vectors in and out, where a scalar loop writes one value at a
+// time (on RepLKNet's 7x7 maps at batch 1 that scalar loop took twice as long as the convolution).
+template <typename T>
+struct MaskOf;
+template <>
+struct MaskOf<float> {
+  typedef int type __attribute__((vector_size(LKFAST_VEC_BYTES)));
+};
+template <>
+struct MaskOf<double> {
+  typedef long long type __attribute__((vector_size(LKFAST_VEC_BYTES)));
+};
+
+// The shuffles that transpose L x L (L = 4, 8 or 16): round k (s = L >> (k + 1)) swaps, in every
+// 2s x 2s block, the top-right s x s block with the bottom-left one. Built once per call (built
+// inside the tile loop, GCC rebuilt them for every tile).
+template <typename M, int L>
+struct TransposeMasks {
+  static constexpr int kRounds = L == 16 ? 4 : L == 8 ? 3 : 2;
+  M lo[kRounds], hi[kRounds];
+  TransposeMasks() {
+    for (int k = 0; k < kRounds; ++k) {
+      const int s = L >> (k + 1);
+      for (int c = 0; c < L; ++c) {
+        lo[k][c] = (c & s) ? L + c - s : c;
+        hi[k][c] = (c & s) ? L + c : c + s;
+      }
+    }
+  }
+};
+
+// r[0..L) as the rows of an L x L matrix, transposed.
+template <typename V, typename M, int L>
+static inline __attribute__((always_inline)) void transpose_square(V* r, const TransposeMasks<M, L>& m) {
+  static_assert((1 << TransposeMasks<M, L>::kRounds) == L, "L is 4, 8 or 16");
+#pragma GCC unroll 4
+  for (int k = 0; k < TransposeMasks<M, L>::kRounds; ++k) {
+    const int s = L >> (k + 1);
+#pragma GCC unroll 16
+    for (int a = 0; a < L; ++a) {
+      if (a & s) continue;
+      const V top = r[a], bottom = r[a | s];
+      r[a] = __builtin_shuffle(top, bottom, m.lo[k]);
+      r[a | s] = __builtin_shuffle(top, bottom, m.hi[k]);
+    }
+  }
+}
+
+template <typename T>
+static bool pack_weight_block_impl(const T* __restrict src, int kh, int kw, bool flip, T* __restrict block) {
+  typedef typename Vec<T>::type V;
+  typedef typename VecU<T>::type VU;
+  typedef typename MaskOf<T>::type M;
+  typedef long long I __attribute__((vector_size(LKFAST_VEC_BYTES)));
+  constexpr int L = LKFAST_VEC_BYTES / sizeof(T);  // elements per vector; kParts vectors a pixel
+  const int taps = kh * kw, kwp = kw + 2 * kWeightPad;
+  V* out = reinterpret_cast<V*>(block);
+  for (int i = 0; i < kh; ++i)
+    for (int j = 0; j < kWeightPad * kParts; ++j) {
+      out[(long)i * kwp * kParts + j] = V{};
+      out[((long)i * kwp + kWeightPad + kw) * kParts + j] = V{};
+    }
+  auto pixel = [&](int t) {  // where tap t of the kernel goes
+    const int i = t / kw, j = t % kw;
+    return flip ? (long)(kh - 1 - i) * kwp + kWeightPad + (kw - 1 - j) : (long)i * kwp + kWeightPad + j;
+  };
+  const TransposeMasks<M, L> masks;
+  I bad = {};
+  // Tiles of L taps; the last tile ends at the last tap (overlapping the one before, whose taps it
+  // does not store again), so only kernels of fewer than L taps are left to the scalar loop below.
+  for (int t0 = 0; t0 < taps && taps >= L; t0 += L) {
+    const int t = t0 + L <= taps ? t0 : taps - L, q0 = t0 - t;
+#pragma GCC unroll 2
+    for (int v = 0; v < kParts; ++v) {
+      V r[L];
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) r[l] = *reinterpret_cast<const VU*>(src + (long)(v * L + l) * taps + t);
+      transpose_square<V, M, L>(r, masks);
+#pragma GCC unroll 16
+      for (int q = 0; q < L; ++q) {
+        if (q < q0) continue;
+        out[pixel(t + q) * kParts + v] = r[q];
+        bad |= reinterpret_cast<I>(r[q] - r[q]);
+      }
+    }
+  }
+  bool finite = true;
+  for (int t0 = 0; t0 < taps && taps < L; ++t0) {  // a kernel of fewer than L taps, one value at a time
+    T* dst = block + pixel(t0) * kParts * L;
+    for (int l = 0; l < kParts * L; ++l) {
+      const T x = src[(long)l * taps + t0];
+      dst[l] = x;
+      finite &= x - x == 0;
+    }
+  }
+  long long any = 0;
+  for (int l = 0; l < (int)(LKFAST_VEC_BYTES / sizeof(long long)); ++l) any |= bad[l];
+  return finite && any == 0;
+}
+bool pack_weight_block(const float* src, int kh, int kw, bool flip, float* block) {
+  return pack_weight_block_impl<float>(src, kh, kw, flip, block);
+}
+bool pack_weight_block(const double* src, int kh, int kw, bool flip, double* block) {
+  return pack_weight_block_impl<double>(src, kh, kw, flip, block);
+}
+
+// The other way round, for the weight gradient: dst row l (channel l of a block of lanes channels,
+// taps values, rows taps apart) = the sum over the image groups g < ngroups, in order from zero,
+// of partial[g * group_stride + tap * lanes + l]: L taps are summed as L vectors, transposed and
+// stored as L channels' runs of taps. Kernels of fewer than L taps are left to the caller (false).
+template <typename T>
+static bool sum_weight_grad_block_impl(const T* __restrict partial, long group_stride, int ngroups, int taps,
+                                       T* __restrict dst) {
+  typedef typename Vec<T>::type V;
+  typedef typename VecU<T>::type VU;
+  typedef typename MaskOf<T>::type M;
+  constexpr int L = LKFAST_VEC_BYTES / sizeof(T);
+  if (taps < L) return false;
+  const V* in = reinterpret_cast<const V*>(partial);
+  const long gs = group_stride / L;  // in vectors
+  const TransposeMasks<M, L> masks;
+  for (int t0 = 0; t0 < taps; t0 += L) {
+    const int t = t0 + L <= taps ? t0 : taps - L;  // the last tile ends at the last tap (see above)
+#pragma GCC unroll 2
+    for (int v = 0; v < kParts; ++v) {
+      V r[L];
+#pragma GCC unroll 16
+      for (int q = 0; q < L; ++q) {
+        r[q] = V{};
+        for (int g = 0; g < ngroups; ++g) r[q] += in[g * gs + (long)(t + q) * kParts + v];
+      }
+      transpose_square<V, M, L>(r, masks);
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) *reinterpret_cast<VU*>(dst + (long)(v * L + l) * taps + t) = r[l];
+    }
+  }
+  return true;
+}
+bool sum_weight_grad_block(const float* partial, long group_stride, int ngroups, int taps, float* dst) {
+  return sum_weight_grad_block_impl<float>(partial, group_stride, ngroups, taps, dst);
+}
+bool sum_weight_grad_block(const double* partial, long group_stride, int ngroups, int taps, double* dst) {
+  return sum_weight_grad_block_impl<double>(partial, group_stride, ngroups, taps, dst);
+}
+#endif  // LKFAST_SHUFFLES
+
 void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0, int i1,
                  float* GW, bool input_finite, bool grad_finite) {
   weight_grad_impl<float>(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
