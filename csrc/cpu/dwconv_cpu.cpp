@@ -409,7 +409,10 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
   const int64_t items = (int64_t)ncb * ngroups * nisplit;
   const size_t gw_block = (size_t)kh * kw * lanes;
 
-  static thread_local Scratch<T> partial_buf;  // kept: zeroed by the items, each its own tap rows
+  // The partial sums, in a buffer the calling thread keeps from call to call (allocated per call,
+  // its page faults cost 0.7 ms at 512 channels x 27x27 taps; ngroups x ncb <= 2 threads + ncb blocks
+  // of kh x kw pixels: 1.5 MB there), zeroed by the items, each its own tap rows.
+  static thread_local Scratch<T> partial_buf;
   T* partial_p = partial_buf.get((size_t)ngroups * ncb * gw_block);
   const S* x_p = x.data_ptr<S>();
   const S* g_p = grad_out.data_ptr<S>();
