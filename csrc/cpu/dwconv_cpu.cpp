@@ -129,6 +129,32 @@ bool sum_weight_grad_block(const T* partial, long group_stride, int ngroups, int
   }
 }
 
+// Rows [r0, r1) of one full channel block of contiguous NCHW planes (channel stride cs) packed, and
+// packed rows [h0, h1) written back, by the instruction set's transposing copies (see the kernel's
+// pack_planes); false where there is none or the rows hold fewer pixels than one tile.
+template <typename T>
+bool pack_planes(const T* src, long cs, int r0, int r1, int W, int pad, T* dst) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512::pack_planes(src, cs, r0, r1, W, pad, dst);
+    case Isa::kAvx2:
+      return avx2::pack_planes(src, cs, r0, r1, W, pad, dst);
+    default:
+      return false;
+  }
+}
+template <typename T>
+bool unpack_planes(const T* src, int h0, int h1, int W, T* dst, long cs) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512::unpack_planes(src, h0, h1, W, dst, cs);
+    case Isa::kAvx2:
+      return avx2::unpack_planes(src, h0, h1, W, dst, cs);
+    default:
+      return false;
+  }
+}
+
 // Whether the n values of a packed tile (64-byte aligned, whole pixels) are all finite: one
 // vector pass over a tile just packed (in cache), cheaper than checking while packing.
 template <typename T>
@@ -176,6 +202,9 @@ template <typename S, typename T>
 void pack_rows(const S* src, Strides s, int c0, int nc, int r0, int r1, int W, int pad, T* dst) {
   constexpr int lanes = 64 / sizeof(T);
   const int row_len = (W + 2 * pad) * lanes;
+  if constexpr (std::is_same<S, T>::value) {  // contiguous NCHW planes, a whole block: transposed
+    if (s.w == 1 && s.h == W && nc == lanes && pack_planes<T>(src + c0 * s.c, s.c, r0, r1, W, pad, dst)) return;
+  }
   for (int r = r0; r < r1; ++r) {
     T* row = dst + (size_t)(r - r0) * row_len;
     // Zero only what the copy below does not write: the pad columns and, in the last channel
@@ -212,6 +241,9 @@ void pack_rows(const S* src, Strides s, int c0, int nc, int r0, int r1, int W, i
 template <typename S, typename T>
 void unpack_rows(const T* src, int c0, int nc, int h0, int h1, int W, S* dst, Strides s) {
   constexpr int lanes = 64 / sizeof(T);
+  if constexpr (std::is_same<S, T>::value) {  // contiguous NCHW planes, a whole block: transposed
+    if (s.w == 1 && s.h == W && nc == lanes && unpack_planes<T>(src, h0, h1, W, dst + c0 * s.c, s.c)) return;
+  }
   for (int h = h0; h < h1; ++h) {
     const T* srow = src + (size_t)(h - h0) * W * lanes;
     S* drow = dst + h * s.h + c0 * s.c;

@@ -29,7 +29,7 @@ LKFAST_DECLARE_ISA(avx512)
 LKFAST_DECLARE_ISA(avx2)
 LKFAST_DECLARE_ISA(generic)
 
-// The transposing weight copy and weight-gradient sum, where the instruction set has two-vector shuffles (LKFAST_SHUFFLES):
+// The transposing copies (weights, the weight-gradient sum, NCHW planes), where the instruction set has two-vector shuffles (LKFAST_SHUFFLES):
 // the generic path's 64-byte vectors are split into SSE2 registers, where the same code ran about
 // 5x slower than dwconv_cpu.cpp's scalar loop.
 #define LKFAST_DECLARE_PACK(ns)                                                          \
@@ -42,6 +42,10 @@ LKFAST_DECLARE_ISA(generic)
                              int taps, float* dst);                                      \
   bool sum_weight_grad_block(const double* partial, long group_stride, int ngroups,      \
                              int taps, double* dst);                                     \
+  bool pack_planes(const float* src, long cs, int r0, int r1, int W, int pad, float* dst); \
+  bool pack_planes(const double* src, long cs, int r0, int r1, int W, int pad, double* dst); \
+  bool unpack_planes(const float* src, int h0, int h1, int W, float* dst, long cs);      \
+  bool unpack_planes(const double* src, int h0, int h1, int W, double* dst, long cs);    \
   }                                                                                      \
   }                                                                                      \
   }

@@ -786,6 +786,88 @@ bool sum_weight_grad_block(const float* partial, long group_stride, int ngroups,
 bool sum_weight_grad_block(const double* partial, long group_stride, int ngroups, int taps, double* dst) {
   return sum_weight_grad_block_impl<double>(partial, group_stride, ngroups, taps, dst);
 }
+
+// NCHW tensors to and from the packed tiles. Channel planes stored whole (row stride W, pixel stride
+// 1: contiguous NCHW) are, for one block of lanes channels, a lanes x H*W matrix (plane l at
+// src + l * cs) whose transpose is the packed tile's pixels: tiles of L channels by L consecutive
+// positions (running across rows) go through transpose_square, where a scalar loop moves one value
+// at a time with stores 64 bytes apart. Positions of fewer than L in all are left to the caller
+// (false); otherwise the last tile ends at the last position, overlapping the one before.
+//
+// Pack: rows [r0, r1) into dst as rows of W + 2 pad pixels, the pad pixels zero.
+template <typename T>
+static bool pack_planes_impl(const T* __restrict src, long cs, int r0, int r1, int W, int pad, T* __restrict dst) {
+  typedef typename Vec<T>::type V;
+  typedef typename VecU<T>::type VU;
+  typedef typename MaskOf<T>::type M;
+  constexpr int L = LKFAST_VEC_BYTES / sizeof(T);
+  const int n = (r1 - r0) * W, rs = W + 2 * pad;
+  if (n < L) return false;
+  V* out = reinterpret_cast<V*>(dst);
+  for (int r = 0; r < r1 - r0; ++r)
+    for (int j = 0; j < pad * kParts; ++j) {
+      out[(long)r * rs * kParts + j] = V{};
+      out[((long)r * rs + pad + W) * kParts + j] = V{};
+    }
+  const T* base = src + (long)r0 * W;
+  const TransposeMasks<M, L> masks;
+  for (int p0 = 0; p0 < n; p0 += L) {
+    const int p = p0 + L <= n ? p0 : n - L, q0 = p0 - p;
+#pragma GCC unroll 2
+    for (int v = 0; v < kParts; ++v) {
+      V t[L];
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) t[l] = *reinterpret_cast<const VU*>(base + (long)(v * L + l) * cs + p);
+      transpose_square<V, M, L>(t, masks);
+#pragma GCC unroll 16
+      for (int q = 0; q < L; ++q) {
+        if (q < q0) continue;
+        const int at = p + q;
+        out[((long)(at / W) * rs + pad + at % W) * kParts + v] = t[q];
+      }
+    }
+  }
+  return true;
+}
+
+// Unpack: (h1 - h0) * W packed pixels (no padding) into rows [h0, h1) of the planes at dst.
+template <typename T>
+static bool unpack_planes_impl(const T* __restrict src, int h0, int h1, int W, T* __restrict dst, long cs) {
+  typedef typename Vec<T>::type V;
+  typedef typename VecU<T>::type VU;
+  typedef typename MaskOf<T>::type M;
+  constexpr int L = LKFAST_VEC_BYTES / sizeof(T);
+  const int n = (h1 - h0) * W;
+  if (n < L) return false;
+  const V* in = reinterpret_cast<const V*>(src);
+  T* base = dst + (long)h0 * W;
+  const TransposeMasks<M, L> masks;
+  for (int p0 = 0; p0 < n; p0 += L) {
+    const int p = p0 + L <= n ? p0 : n - L;  // (an overlap stores the same values again)
+#pragma GCC unroll 2
+    for (int v = 0; v < kParts; ++v) {
+      V t[L];
+#pragma GCC unroll 16
+      for (int q = 0; q < L; ++q) t[q] = in[(long)(p + q) * kParts + v];
+      transpose_square<V, M, L>(t, masks);
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) *reinterpret_cast<VU*>(base + (long)(v * L + l) * cs + p) = t[l];
+    }
+  }
+  return true;
+}
+bool pack_planes(const float* src, long cs, int r0, int r1, int W, int pad, float* dst) {
+  return pack_planes_impl<float>(src, cs, r0, r1, W, pad, dst);
+}
+bool pack_planes(const double* src, long cs, int r0, int r1, int W, int pad, double* dst) {
+  return pack_planes_impl<double>(src, cs, r0, r1, W, pad, dst);
+}
+bool unpack_planes(const float* src, int h0, int h1, int W, float* dst, long cs) {
+  return unpack_planes_impl<float>(src, h0, h1, W, dst, cs);
+}
+bool unpack_planes(const double* src, int h0, int h1, int W, double* dst, long cs) {
+  return unpack_planes_impl<double>(src, h0, h1, W, dst, cs);
+}
 #endif  // LKFAST_SHUFFLES
 
 void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0, int i1,
