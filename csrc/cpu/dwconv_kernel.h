@@ -637,13 +637,12 @@ bool all_finite(const float* p, long n) { return all_finite_impl<float>(p, n); }
 bool all_finite(const double* p, long n) { return all_finite_impl<double>(p, n); }
 
 #ifdef LKFAST_SHUFFLES
-// One channel block of forward weights (lanes = 64 / sizeof(T) channels, each a row of kh * kw taps,
-// starting at src) packed as dwconv_cpu.cpp lays them out: tap row i of kw + 2 * kWeightPad pixels,
-// tap (i, j) at pixel kWeightPad + j (flip: the kernel turned half way round), zeros around;
-// returns whether every weight is finite. A tile of L channels by L taps is loaded as L vectors
-// (one per channel), transposed in registers (log2 L rounds of two-vector shuffles) and stored as
-// L vectors (one per tap): whole vectors in and out, where a scalar loop writes one value at a
-// time (on RepLKNet's 7x7 maps at batch 1 that scalar loop took twice as long as the convolution).
+// Transposing copies between channels stored apart (weights, NCHW planes) and packed pixels (one
+// pixel holds the same position of 64 bytes of channels). A tile of L channels by L positions is
+// loaded as L vectors (one per channel), transposed in registers (log2 L rounds of two-vector
+// shuffles) and stored as L vectors (one per position): whole vectors in and out, where a scalar
+// loop moves one value at a time with stores 64 bytes apart (on RepLKNet's 7x7 maps at batch 1 the
+// scalar weight packing took twice as long as the convolution).
 template <typename T>
 struct MaskOf;
 template <>
@@ -690,44 +689,92 @@ static inline __attribute__((always_inline)) void transpose_square(V* r, const T
   }
 }
 
-template <typename T>
-static bool pack_weight_block_impl(const T* __restrict src, int kh, int kw, bool flip, T* __restrict block) {
+// The two directions of the transposing copies. A block of lanes channels stored as planes (plane l
+// at base + l * cs, position p at base[l * cs + p]) is a lanes x n matrix whose transpose is a run of
+// packed pixels (kParts vectors each). Tiles of L channels by L consecutive positions go through
+// transpose_square; the last tile ends at position n - 1, overlapping the one before (n >= L; fewer
+// positions are left to the callers).
+//
+// Planes to pixels: pixel pixel(p) of out gets position p; seen(vector) for each vector stored.
+template <typename T, typename Pixel, typename Seen>
+static inline __attribute__((always_inline)) void planes_to_pixels(const T* __restrict base, long cs, int n,
+                                                                   Pixel pixel, T* __restrict dst, Seen seen) {
   typedef typename Vec<T>::type V;
   typedef typename VecU<T>::type VU;
   typedef typename MaskOf<T>::type M;
+  constexpr int L = LKFAST_VEC_BYTES / sizeof(T);
+  V* out = reinterpret_cast<V*>(dst);
+  const TransposeMasks<M, L> masks;
+  for (int p0 = 0; p0 < n; p0 += L) {
+    const int p = p0 + L <= n ? p0 : n - L, q0 = p0 - p;  // (the overlap is not stored again)
+#pragma GCC unroll 2
+    for (int v = 0; v < kParts; ++v) {
+      V t[L];
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) t[l] = *reinterpret_cast<const VU*>(base + (long)(v * L + l) * cs + p);
+      transpose_square<V, M, L>(t, masks);
+#pragma GCC unroll 16
+      for (int q = 0; q < L; ++q) {
+        if (q < q0) continue;
+        out[pixel(p + q) * kParts + v] = t[q];
+        seen(t[q]);
+      }
+    }
+  }
+}
+
+// Pixels to planes: vector v of the pixel at position p is get(p, v); position p of plane l gets it.
+template <typename T, typename Get>
+static inline __attribute__((always_inline)) void pixels_to_planes(int n, Get get, T* __restrict base, long cs) {
+  typedef typename Vec<T>::type V;
+  typedef typename VecU<T>::type VU;
+  typedef typename MaskOf<T>::type M;
+  constexpr int L = LKFAST_VEC_BYTES / sizeof(T);
+  const TransposeMasks<M, L> masks;
+  for (int p0 = 0; p0 < n; p0 += L) {
+    const int p = p0 + L <= n ? p0 : n - L;  // (the overlap stores the same values again)
+#pragma GCC unroll 2
+    for (int v = 0; v < kParts; ++v) {
+      V t[L];
+#pragma GCC unroll 16
+      for (int q = 0; q < L; ++q) t[q] = get(p + q, v);
+      transpose_square<V, M, L>(t, masks);
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) *reinterpret_cast<VU*>(base + (long)(v * L + l) * cs + p) = t[l];
+    }
+  }
+}
+
+// Zeroes pad pixels on both sides of each of `rows` rows of W + 2 pad pixels.
+template <typename T>
+static inline void zero_pad_pixels(T* dst, int rows, int W, int pad) {
+  typedef typename Vec<T>::type V;
+  V* out = reinterpret_cast<V*>(dst);
+  const long rs = W + 2 * pad;
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < pad * kParts; ++j) {
+      out[r * rs * kParts + j] = V{};
+      out[(r * rs + pad + W) * kParts + j] = V{};
+    }
+}
+
+// One channel block of forward weights (lanes = 64 / sizeof(T) channels, each a row of kh * kw taps,
+// starting at src) packed as dwconv_cpu.cpp lays them out: tap row i of kw + 2 * kWeightPad pixels,
+// tap (i, j) at pixel kWeightPad + j (flip: the kernel turned half way round), zeros around;
+// returns whether every weight is finite.
+template <typename T>
+static bool pack_weight_block_impl(const T* __restrict src, int kh, int kw, bool flip, T* __restrict block) {
+  typedef typename Vec<T>::type V;
   typedef long long I __attribute__((vector_size(LKFAST_VEC_BYTES)));
   constexpr int L = LKFAST_VEC_BYTES / sizeof(T);  // elements per vector; kParts vectors a pixel
   const int taps = kh * kw, kwp = kw + 2 * kWeightPad;
-  V* out = reinterpret_cast<V*>(block);
-  for (int i = 0; i < kh; ++i)
-    for (int j = 0; j < kWeightPad * kParts; ++j) {
-      out[(long)i * kwp * kParts + j] = V{};
-      out[((long)i * kwp + kWeightPad + kw) * kParts + j] = V{};
-    }
+  zero_pad_pixels<T>(block, kh, kw, kWeightPad);
   auto pixel = [&](int t) {  // where tap t of the kernel goes
     const int i = t / kw, j = t % kw;
     return flip ? (long)(kh - 1 - i) * kwp + kWeightPad + (kw - 1 - j) : (long)i * kwp + kWeightPad + j;
   };
-  const TransposeMasks<M, L> masks;
   I bad = {};
-  // Tiles of L taps; the last tile ends at the last tap (overlapping the one before, whose taps it
-  // does not store again), so only kernels of fewer than L taps are left to the scalar loop below.
-  for (int t0 = 0; t0 < taps && taps >= L; t0 += L) {
-    const int t = t0 + L <= taps ? t0 : taps - L, q0 = t0 - t;
-#pragma GCC unroll 2
-    for (int v = 0; v < kParts; ++v) {
-      V r[L];
-#pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) r[l] = *reinterpret_cast<const VU*>(src + (long)(v * L + l) * taps + t);
-      transpose_square<V, M, L>(r, masks);
-#pragma GCC unroll 16
-      for (int q = 0; q < L; ++q) {
-        if (q < q0) continue;
-        out[pixel(t + q) * kParts + v] = r[q];
-        bad |= reinterpret_cast<I>(r[q] - r[q]);
-      }
-    }
-  }
+  if (taps >= L) planes_to_pixels<T>(src, taps, taps, pixel, block, [&](V x) { bad |= reinterpret_cast<I>(x - x); });
   bool finite = true;
   for (int t0 = 0; t0 < taps && taps < L; ++t0) {  // a kernel of fewer than L taps, one value at a time
     T* dst = block + pixel(t0) * kParts * L;
@@ -750,34 +797,20 @@ bool pack_weight_block(const double* src, int kh, int kw, bool flip, double* blo
 
 // The other way round, for the weight gradient: dst row l (channel l of a block of lanes channels,
 // taps values, rows taps apart) = the sum over the image groups g < ngroups, in order from zero,
-// of partial[g * group_stride + tap * lanes + l]: L taps are summed as L vectors, transposed and
-// stored as L channels' runs of taps. Kernels of fewer than L taps are left to the caller (false).
+// of partial[g * group_stride + tap * lanes + l]. Kernels of fewer than L taps are left to the
+// caller (false).
 template <typename T>
 static bool sum_weight_grad_block_impl(const T* __restrict partial, long group_stride, int ngroups, int taps,
                                        T* __restrict dst) {
   typedef typename Vec<T>::type V;
-  typedef typename VecU<T>::type VU;
-  typedef typename MaskOf<T>::type M;
-  constexpr int L = LKFAST_VEC_BYTES / sizeof(T);
-  if (taps < L) return false;
+  if (taps < (int)(LKFAST_VEC_BYTES / sizeof(T))) return false;
   const V* in = reinterpret_cast<const V*>(partial);
-  const long gs = group_stride / L;  // in vectors
-  const TransposeMasks<M, L> masks;
-  for (int t0 = 0; t0 < taps; t0 += L) {
-    const int t = t0 + L <= taps ? t0 : taps - L;  // the last tile ends at the last tap (see above)
-#pragma GCC unroll 2
-    for (int v = 0; v < kParts; ++v) {
-      V r[L];
-#pragma GCC unroll 16
-      for (int q = 0; q < L; ++q) {
-        r[q] = V{};
-        for (int g = 0; g < ngroups; ++g) r[q] += in[g * gs + (long)(t + q) * kParts + v];
-      }
-      transpose_square<V, M, L>(r, masks);
-#pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) *reinterpret_cast<VU*>(dst + (long)(v * L + l) * taps + t) = r[l];
-    }
-  }
+  const long gs = group_stride / (LKFAST_VEC_BYTES / sizeof(T));  // in vectors
+  pixels_to_planes<T>(taps, [&](int t, int v) {
+    V sum = V{};
+    for (int g = 0; g < ngroups; ++g) sum += in[g * gs + (long)t * kParts + v];
+    return sum;
+  }, dst, taps);
   return true;
 }
 bool sum_weight_grad_block(const float* partial, long group_stride, int ngroups, int taps, float* dst) {
@@ -787,46 +820,19 @@ bool sum_weight_grad_block(const double* partial, long group_stride, int ngroups
   return sum_weight_grad_block_impl<double>(partial, group_stride, ngroups, taps, dst);
 }
 
-// NCHW tensors to and from the packed tiles. Channel planes stored whole (row stride W, pixel stride
-// 1: contiguous NCHW) are, for one block of lanes channels, a lanes x H*W matrix (plane l at
-// src + l * cs) whose transpose is the packed tile's pixels: tiles of L channels by L consecutive
-// positions (running across rows) go through transpose_square, where a scalar loop moves one value
-// at a time with stores 64 bytes apart. Positions of fewer than L in all are left to the caller
-// (false); otherwise the last tile ends at the last position, overlapping the one before.
+// NCHW tensors to and from the packed tiles: channel planes stored whole (row stride W, pixel stride
+// 1: contiguous NCHW), positions running across rows, where a scalar loop moves one value at a time
+// with stores 64 bytes apart. Fewer than L positions in all are left to the caller (false).
 //
 // Pack: rows [r0, r1) into dst as rows of W + 2 pad pixels, the pad pixels zero.
 template <typename T>
 static bool pack_planes_impl(const T* __restrict src, long cs, int r0, int r1, int W, int pad, T* __restrict dst) {
   typedef typename Vec<T>::type V;
-  typedef typename VecU<T>::type VU;
-  typedef typename MaskOf<T>::type M;
-  constexpr int L = LKFAST_VEC_BYTES / sizeof(T);
-  const int n = (r1 - r0) * W, rs = W + 2 * pad;
-  if (n < L) return false;
-  V* out = reinterpret_cast<V*>(dst);
-  for (int r = 0; r < r1 - r0; ++r)
-    for (int j = 0; j < pad * kParts; ++j) {
-      out[(long)r * rs * kParts + j] = V{};
-      out[((long)r * rs + pad + W) * kParts + j] = V{};
-    }
-  const T* base = src + (long)r0 * W;
-  const TransposeMasks<M, L> masks;
-  for (int p0 = 0; p0 < n; p0 += L) {
-    const int p = p0 + L <= n ? p0 : n - L, q0 = p0 - p;
-#pragma GCC unroll 2
-    for (int v = 0; v < kParts; ++v) {
-      V t[L];
-#pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) t[l] = *reinterpret_cast<const VU*>(base + (long)(v * L + l) * cs + p);
-      transpose_square<V, M, L>(t, masks);
-#pragma GCC unroll 16
-      for (int q = 0; q < L; ++q) {
-        if (q < q0) continue;
-        const int at = p + q;
-        out[((long)(at / W) * rs + pad + at % W) * kParts + v] = t[q];
-      }
-    }
-  }
+  const int n = (r1 - r0) * W;
+  if (n < (int)(LKFAST_VEC_BYTES / sizeof(T))) return false;
+  zero_pad_pixels<T>(dst, r1 - r0, W, pad);
+  planes_to_pixels<T>(src + (long)r0 * W, cs, n, [&](int p) { return (long)(p / W) * (W + 2 * pad) + pad + p % W; },
+                      dst, [](V) {});
   return true;
 }
 
@@ -834,26 +840,10 @@ static bool pack_planes_impl(const T* __restrict src, long cs, int r0, int r1, i
 template <typename T>
 static bool unpack_planes_impl(const T* __restrict src, int h0, int h1, int W, T* __restrict dst, long cs) {
   typedef typename Vec<T>::type V;
-  typedef typename VecU<T>::type VU;
-  typedef typename MaskOf<T>::type M;
-  constexpr int L = LKFAST_VEC_BYTES / sizeof(T);
   const int n = (h1 - h0) * W;
-  if (n < L) return false;
+  if (n < (int)(LKFAST_VEC_BYTES / sizeof(T))) return false;
   const V* in = reinterpret_cast<const V*>(src);
-  T* base = dst + (long)h0 * W;
-  const TransposeMasks<M, L> masks;
-  for (int p0 = 0; p0 < n; p0 += L) {
-    const int p = p0 + L <= n ? p0 : n - L;  // (an overlap stores the same values again)
-#pragma GCC unroll 2
-    for (int v = 0; v < kParts; ++v) {
-      V t[L];
-#pragma GCC unroll 16
-      for (int q = 0; q < L; ++q) t[q] = in[(long)(p + q) * kParts + v];
-      transpose_square<V, M, L>(t, masks);
-#pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) *reinterpret_cast<VU*>(base + (long)(v * L + l) * cs + p) = t[l];
-    }
-  }
+  pixels_to_planes<T>(n, [&](int p, int v) { return in[(long)p * kParts + v]; }, dst + (long)h0 * W, cs);
   return true;
 }
 bool pack_planes(const float* src, long cs, int r0, int r1, int W, int pad, float* dst) {
