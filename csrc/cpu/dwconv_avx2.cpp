@@ -7,5 +7,5 @@
 // GCC would otherwise carry the input vectors of one tap step to the next in registers, which
 // the 16 ymm registers cannot hold next to the 14 accumulators (it spills inside the loop).
 #pragma GCC optimize("no-predictive-commoning")
-#define LKFAST_SHUFFLES  // two-vector shuffles in one or a few instructions: pack_weight_block
+#define LKFAST_SHUFFLES  // two-vector shuffles in one or a few instructions: the transposing copies
 #include "dwconv_kernel.h"

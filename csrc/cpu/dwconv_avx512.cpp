@@ -3,5 +3,5 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
 #endif
 #define LKFAST_ISA avx512
-#define LKFAST_SHUFFLES  // two-vector shuffles in one or a few instructions: pack_weight_block
+#define LKFAST_SHUFFLES  // two-vector shuffles in one or a few instructions: the transposing copies
 #include "dwconv_kernel.h"

@@ -493,7 +493,8 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
     const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
     const T* block = partial_p + (size_t)cb * gw_block;
     if constexpr (std::is_same<S, T>::value) {
-      if (nc == lanes && sum_weight_grad_block<T>(block, (long)ncb * gw_block, ngroups, taps, gw_p + (size_t)c0 * taps))
+      const long group_stride = (long)ncb * gw_block;
+      if (nc == lanes && sum_weight_grad_block<T>(block, group_stride, ngroups, taps, gw_p + (size_t)c0 * taps))
         continue;
     }
     for (int l = 0; l < nc; ++l)

@@ -29,9 +29,9 @@ LKFAST_DECLARE_ISA(avx512)
 LKFAST_DECLARE_ISA(avx2)
 LKFAST_DECLARE_ISA(generic)
 
-// The transposing copies (weights, the weight-gradient sum, NCHW planes), where the instruction set has two-vector shuffles (LKFAST_SHUFFLES):
-// the generic path's 64-byte vectors are split into SSE2 registers, where the same code ran about
-// 5x slower than dwconv_cpu.cpp's scalar loop.
+// The transposing copies (weights, the weight-gradient sum, NCHW planes), where the instruction set
+// has two-vector shuffles (LKFAST_SHUFFLES): the generic path's 64-byte vectors are split into SSE2
+// registers, where the same code ran about 5x slower than dwconv_cpu.cpp's scalar loop.
 #define LKFAST_DECLARE_PACK(ns)                                                          \
   namespace lkfast {                                                                     \
   namespace cpu {                                                                        \
