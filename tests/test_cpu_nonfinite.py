@@ -35,6 +35,9 @@ SHAPES = [
     (2, 70, 7, 7, 13, 13),    # the small-map kernel, one channel block over a group of images (see SMALL_MAP)
     (2, 17, 20, 21, 5, 5),    # a map larger than the kernel: tap loops
     (1, 9, 23, 11, 5, 17),    # rectangular kernel, narrow map, tall
+    # whole channel blocks: channels_last fp32/fp64 forward in place, zero vectors past the edges
+    (2, 32, 10, 19, 7, 7),    # a tap row's weights held (a width compiled in)
+    (1, 16, 9, 13, 11, 9),    # the rotation over the taps meeting the image
 ]
 # The small-map kernel runs only with at least two channel blocks per thread: 70 channels are 5
 # blocks of fp32 (9 of fp64), so its case runs on at most 2 threads, whatever the machine.
@@ -88,7 +91,9 @@ def test_nonfinite_placement_every_instruction_set(isa, tmp_path):
              for shape, fmt, dtype in [((2, 20, 9, 12, 15, 15), "contiguous", torch.float32),
                                        ((1, 18, 28, 28, 29, 29), "channels_last", torch.float32),
                                        ((2, 9, 17, 30, 11, 11), "contiguous", torch.float64),  # groups of 4 rows
-                                       ((2, 70, 7, 7, 13, 13), "channels_last", torch.float32)]
+                                       ((2, 70, 7, 7, 13, 13), "channels_last", torch.float32),
+                                       ((2, 32, 10, 19, 7, 7), "channels_last", torch.float32),  # in place
+                                       ((1, 16, 9, 13, 11, 9), "channels_last", torch.float64)]
              for where in WHERE]
     # 2 threads: the small-map case's 5 channel blocks reach its kernel on at most 2 threads
     for (x, w, g), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path, threads=2)):

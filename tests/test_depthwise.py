@@ -169,6 +169,41 @@ def test_cpu_every_instruction_set(isa, tmp_path):
             assert rel_err(got, want[name]) < TOLERANCE[x.dtype][name], (isa, tuple(x.shape), x.dtype, name)
 
 
+@pytest.mark.parametrize("isa", ISA_ORDER)
+def test_cpu_channels_last_forward_in_place(isa, tmp_path):
+    """The forward (and the input gradient, its flipped twin) on channels_last fp32/fp64 with whole
+    channel blocks and kernels up to 13 wide reads x and writes y in place, with no padded tile: the
+    widths compiled in (3, 5, 7: a tap row's weights held, each input loaded once) and the others
+    (9-13: the rotation over the taps meeting the image); rows of 8-wide register blocks and a
+    remainder, blocks reaching past both edges at once, one-pixel-wide maps, rectangular kernels,
+    x and y with strides other than a contiguous tensor's (a cropped view), and the small-map order
+    (one channel block over a group of images) on a map the small-map kernel does not take. Each
+    instruction set's code in a child process, on 2 threads (so the small-map order is reached)."""
+    backend_or_skip("cpu")
+    cases = []
+    for shape, k, dtype, crop in [((2, 32, 9, 19), (7, 7), torch.float32, False),   # blocks 8 + 8 + 3
+                                  ((1, 16, 6, 3), (5, 5), torch.float32, False),    # one block, both edges
+                                  ((2, 16, 11, 24), (3, 3), torch.float32, False),  # 3 whole blocks
+                                  ((1, 16, 5, 1), (7, 7), torch.float32, False),    # one-pixel-wide map
+                                  ((2, 16, 8, 13), (3, 7), torch.float64, False),   # fp64: 8 lanes a block
+                                  ((1, 32, 7, 17), (9, 13), torch.float32, False),  # a width not compiled in
+                                  ((2, 16, 12, 10), (13, 11), torch.float64, False),
+                                  ((1, 32, 10, 12), (7, 5), torch.float32, True),   # a cropped view
+                                  ((2, 128, 5, 6), (7, 7), torch.float32, False)]:  # the small-map order
+        N, C, H, W = shape
+        x = make_input((N, C, H + 3 * crop, W + 2 * crop), "channels_last", dtype)
+        g = make_input((N, C, H + 3 * crop, W + 2 * crop), "channels_last", dtype)
+        if crop:
+            x, g = x[:, :, 2:-1, 1:-1], g[:, :, 1:-2, 2:]
+            assert x.stride(1) == 1 and x.stride(2) != W * C
+        cases.append((x, make_weight(C, *k, dtype), g))
+    for (x, w, g), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path, threads=2)):
+        want = reference(x, w, None, g)
+        for name, got in zip(PASSES, outputs):
+            assert got.dtype == x.dtype
+            assert rel_err(got, want[name]) < TOLERANCE[x.dtype][name], (isa, tuple(x.shape), x.dtype, name)
+
+
 def test_auto_plan_on_cpu(monkeypatch):
     w = torch.randn(4, 1, 7, 7)
     x = torch.randn(1, 4, 16, 16)

@@ -3,7 +3,9 @@
 // Work is split into (image, channel block of 16 fp32 / 8 fp64 lanes, row chunk) items run by
 // OpenMP. Each item packs the rows it needs into a channels-innermost tile, converting to the
 // accumulation type on the way (fp16/bf16 accumulate in fp32), so NCHW, channels_last and any
-// other strides are read in place with no full-tensor copy. The arithmetic lives in
+// other strides are read in place with no full-tensor copy. The forward with small kernels on
+// channels-innermost fp32/fp64 tensors packs nothing: its items are row chunks of one image over
+// all channel blocks, computed on the tensors themselves (forward_direct). The arithmetic lives in
 // dwconv_kernel.h, compiled for AVX-512, AVX2 and a baseline, chosen once at run time.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -96,6 +98,21 @@ bool forward_small_direct(const T* X, long xh, long xw, int H, int W, int kh, in
       return avx2::forward_small_direct(X, xh, xw, H, W, kh, kw, Wt, Bias, Y, yh, yw);
     default:
       return generic::forward_small_direct(X, xh, xw, H, W, kh, kw, Wt, Bias, Y, yh, yw);
+  }
+}
+
+// The forward straight on channels-innermost tensors (no packing): ncb whole channel blocks from
+// X's, Y's and Bias's first element (Wt: packed blocks wt_block elements apart), output rows [h0, h1).
+template <typename T>
+void forward_direct(const T* X, long xh, long xw, int H, int W, int kh, int kw, const T* Wt, long wt_block,
+                    const T* Bias, int ncb, int h0, int h1, T* Y, long yh, long yw) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512::forward_direct(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
+    case Isa::kAvx2:
+      return avx2::forward_direct(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
+    default:
+      return generic::forward_direct(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
   }
 }
 
@@ -343,6 +360,9 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   S* y_p = y.data_ptr<S>();
   const Strides xs = strides_of(x), ys = strides_of(y);
   const int row_len = (W + 2 * pw) * lanes;
+  // (see forward_direct; x and y of the accumulation type, whole channel blocks)
+  const bool direct_layout = std::is_same<S, T>::value && xs.c == 1 && ys.c == 1 && C % lanes == 0 &&
+                             kw <= kDirectMaxKw;
 
   // Small maps (a packed block of weights larger than a packed image tile: RepLKNet's 7x7 maps
   // with 13x13 kernels, 14x14 with 27x27): the weights are the bigger operand, so each item is
@@ -377,6 +397,11 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                 forward_small_direct<T>(x_p + n * xs.n + c0, xs.h, xs.w, H, W, kh, kw, Wt,
                                         bt_p + (size_t)cb * lanes, y_p + n * ys.n + c0, ys.h, ys.w))
               continue;
+            if (direct_layout && weights_finite) {
+              forward_direct<T>(x_p + n * xs.n + c0, xs.h, xs.w, H, W, kh, kw, Wt, 0, bt_p + (size_t)cb * lanes,
+                                1, 0, H, y_p + n * ys.n + c0, ys.h, ys.w);
+              continue;
+            }
           }
           pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
           const bool input_finite = all_finite<T>(P, (long)H * row_len);
@@ -402,23 +427,45 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 #pragma omp for schedule(static)
     for (int cb = 0; cb < ncb; ++cb) weights_finite[cb] = pack_weights(cb, wt_p + (size_t)cb * wt_block);
     // (the loop's implicit barrier: every block's weights are packed before any is used)
-    Scratch<T> pbuf, obuf;
+    // Channels innermost in x and y, whole channel blocks, no conversion, finite weights and a
+    // small kernel: read and written in place (see the kernel's forward_direct), an item being
+    // a chunk of one image's rows over all channel blocks, so that it walks the tensors in
+    // address order. Every thread reaches the same decision (weights_finite is complete here).
+    bool direct = false;
+    if constexpr (std::is_same<S, T>::value) {
+      direct = direct_layout;
+      for (int cb = 0; direct && cb < ncb; ++cb) direct = weights_finite[cb];
+    }
+    if (direct) {
+      const int nhd = (int)std::min<int64_t>(H, std::max<int64_t>(1, ceil_div(4 * nt, N)));
+      const int rows_d = ceil_div(H, nhd);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-      const int hc = it % nhc;
-      const int cb = (it / nhc) % ncb;
-      const int n = it / ((int64_t)nhc * ncb);
-      const int h0 = hc * rows_per_chunk, h1 = std::min(H, h0 + rows_per_chunk);
-      if (h0 >= h1) continue;
-      const int r0 = std::max(0, h0 - ph), r1 = std::min(H, h1 + ph);
-      const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
-      T* P = pbuf.get((size_t)(r1 - r0) * row_len);
-      T* O = obuf.get((size_t)(h1 - h0) * W * lanes);
-      pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, r0, r1, W, pw, P);
-      const bool input_finite = all_finite<T>(P, (long)(r1 - r0) * row_len);
-      forward_rows<T>(P, r0, H, W, kh, kw, wt_p + (size_t)cb * wt_block,
-                      bt_p + (size_t)cb * lanes, h0, h1, O, input_finite, weights_finite[cb]);
-      unpack_rows<S, T>(O, c0, nc, h0, h1, W, y_p + n * ys.n, ys);
+      for (int64_t it = 0; it < (int64_t)N * nhd; ++it) {
+        const int n = it / nhd, h0 = (it % nhd) * rows_d, h1 = std::min(H, h0 + rows_d);
+        if constexpr (std::is_same<S, T>::value)
+          if (h0 < h1)
+            forward_direct<T>(x_p + n * xs.n, xs.h, xs.w, H, W, kh, kw, wt_p, wt_block, bt_p, ncb, h0, h1,
+                              y_p + n * ys.n, ys.h, ys.w);
+      }
+    } else {
+      Scratch<T> pbuf, obuf;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < items; ++it) {
+        const int hc = it % nhc;
+        const int cb = (it / nhc) % ncb;
+        const int n = it / ((int64_t)nhc * ncb);
+        const int h0 = hc * rows_per_chunk, h1 = std::min(H, h0 + rows_per_chunk);
+        if (h0 >= h1) continue;
+        const int r0 = std::max(0, h0 - ph), r1 = std::min(H, h1 + ph);
+        const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
+        T* P = pbuf.get((size_t)(r1 - r0) * row_len);
+        T* O = obuf.get((size_t)(h1 - h0) * W * lanes);
+        pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, r0, r1, W, pw, P);
+        const bool input_finite = all_finite<T>(P, (long)(r1 - r0) * row_len);
+        forward_rows<T>(P, r0, H, W, kh, kw, wt_p + (size_t)cb * wt_block,
+                        bt_p + (size_t)cb * lanes, h0, h1, O, input_finite, weights_finite[cb]);
+        unpack_rows<S, T>(O, c0, nc, h0, h1, W, y_p + n * ys.n, ys);
+      }
     }
   }
 }

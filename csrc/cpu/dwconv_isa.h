@@ -15,6 +15,12 @@
                             const float* Wt, const float* Bias, float* Y, long yh, long yw);     \
   bool forward_small_direct(const double* X, long xh, long xw, int H, int W, int kh, int kw,   \
                             const double* Wt, const double* Bias, double* Y, long yh, long yw);  \
+  void forward_direct(const float* X, long xh, long xw, int H, int W, int kh, int kw,          \
+                      const float* Wt, long wt_block, const float* Bias, int ncb, int h0,       \
+                      int h1, float* Y, long yh, long yw);                                      \
+  void forward_direct(const double* X, long xh, long xw, int H, int W, int kh, int kw,         \
+                      const double* Wt, long wt_block, const double* Bias, int ncb, int h0,     \
+                      int h1, double* Y, long yh, long yw);                                     \
   void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0,        \
                    int i1, float* GW, bool input_finite, bool grad_finite);                     \
   void weight_grad(const double* P, const double* G, int H, int W, int kh, int kw, int i0,      \
