@@ -4,7 +4,8 @@
     python benchmarks/report_depthwise.py benchmarks/results/depthwise_cpu.json   # .md and .png beside it
 
 The four RepLKNet-31B stage shapes at 224 px, batch 8, fp32; forward, forward + input gradient,
-forward + both gradients. The JSON records the machine (CPU model, vector extensions, the instruction
+forward + both gradients. LKFAST_BENCH_SHAPES=convnext runs ConvNeXt-T's four stages (7x7 kernels)
+instead (lkfast.bench.SHAPE_SETS). The JSON records the machine (CPU model, vector extensions, the instruction
 set lkfast and oneDNN ran) in the matmul_peak entry's extra_info["machine"]. To measure the AVX2 paths
 of both sides on an AVX-512 machine, set LKFAST_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for the run. Cases come from lkfast.bench, so `python -m lkfast.bench` measures the same.
 
@@ -14,6 +15,8 @@ own statistics for the test are those of the whole measurement). This machine's 
 percent over seconds; timing the implementations side by side, round by round, keeps the ratios
 honest, where pytest-benchmark's usual back-to-back blocks of rounds would not.
 """
+import os
+
 import pytest
 
 from lkfast import bench
@@ -21,6 +24,7 @@ from lkfast.timing import time_interleaved
 from lkfast.ops import available_backends
 
 BATCH = 8
+SHAPES = bench.shapes_named(os.environ.get("LKFAST_BENCH_SHAPES", "replknet"))
 IMPLS = [i for i in bench.IMPLEMENTATIONS if i != "lkfast_cpu" or available_backends()["cpu"].available]
 
 
@@ -38,7 +42,7 @@ def test_matmul_peak(benchmark):
 
 
 @pytest.mark.parametrize("passes", bench.PASSES)
-@pytest.mark.parametrize("stage", bench.STAGE_SHAPES, ids=lambda s: f"C{s[0]}-H{s[1]}-k{s[2]}")
+@pytest.mark.parametrize("stage", SHAPES, ids=lambda s: f"C{s[0]}-H{s[1]}-k{s[2]}")
 def test_depthwise(benchmark, stage, passes):
     channels, size, k = stage
     cases = {impl: bench.make_case(impl, passes, BATCH, channels, size, k) for impl in IMPLS}

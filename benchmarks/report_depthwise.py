@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from lkfast.bench import speedup, summarize
+from lkfast.bench import SHAPE_SET_TITLES, shape_set_of, speedup, summarize
 from lkfast.tables import write_text_atomic
 from lkfast.timing import median
 
@@ -52,7 +52,8 @@ def plot(rows, path: str) -> None:
         ax.set_title(p.replace("+", " + ").replace("_", " "), fontsize=9)
     axes[0].set_ylabel("speed-up vs PyTorch's faster layout")
     axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("Depthwise conv on this CPU, fp32, batch 8 (RepLKNet-31B stage shapes); dashed = PyTorch", fontsize=10)
+    title = SHAPE_SET_TITLES[shape_set_of((s[1], s[2], s[4]) for s in shapes)]
+    fig.suptitle(f"Depthwise conv on this CPU, fp32, batch {shapes[0][0]} ({title}); dashed = PyTorch", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -1,6 +1,7 @@
 """Depthwise-convolution benchmark on this machine: lkfast against PyTorch's own op, same run.
 
     python -m lkfast.bench            # the four RepLKNet-31B stage shapes, batch 8
+    python -m lkfast.bench --shapes convnext   # ConvNeXt-T's four stages, 7x7 kernels
     python -m lkfast.bench --quick    # fewer repetitions, batch 2
     python -m lkfast.bench --json out.json
 
@@ -25,6 +26,26 @@ from lkfast.timing import median, time_interleaved
 
 # RepLKNet-31B at 224 px: (channels, map size, kernel) of the four stages.
 STAGE_SHAPES = [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)]
+# ConvNeXt-T at 224 px, its 7x7 depthwise kernels.
+CONVNEXT_SHAPES = [(96, 56, 7), (192, 28, 7), (384, 14, 7), (768, 7, 7)]
+SHAPE_SETS = {"replknet": STAGE_SHAPES, "convnext": CONVNEXT_SHAPES}
+SHAPE_SET_TITLES = {"replknet": "RepLKNet-31B stage shapes", "convnext": "ConvNeXt-T stage shapes, 7x7"}
+
+
+def shapes_named(name: str) -> list:
+    """SHAPE_SETS[name], or a ValueError that lists the names there are."""
+    if name not in SHAPE_SETS:
+        raise ValueError(f"unknown shape set {name!r}; choose one of {', '.join(SHAPE_SETS)}")
+    return SHAPE_SETS[name]
+
+
+def shape_set_of(shapes) -> str:
+    """The name of the SHAPE_SETS entry holding every (channels, size, kernel) in ``shapes``."""
+    shapes = {tuple(s) for s in shapes}
+    for name, members in SHAPE_SETS.items():
+        if shapes <= set(members):
+            return name
+    raise ValueError(f"shapes {sorted(shapes)} are not one of the sets {', '.join(SHAPE_SETS)}")
 # What each benchmark row times: its label (kept in the JSON results) and the op's passes it runs.
 PASS_SETS = {
     "forward": ("forward",),
@@ -203,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="batch 2 and 2 repetitions (about a minute)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 8, or 2 with --quick)")
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds per shape (default 5)")
+    parser.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="replknet",
+                        help="which model's stage shapes (default replknet: RepLKNet-31B)")
     parser.add_argument("--json", default=None, help="also write the raw timings to this JSON file")
     return parser
 
@@ -223,7 +246,7 @@ def main(argv=None) -> None:
     impls = [i for i in IMPLEMENTATIONS if i != "lkfast_cpu" or available_backends()["cpu"].available]
     peak = matmul_gflops()
     rows = []
-    for channels, size, k in STAGE_SHAPES:
+    for channels, size, k in shapes_named(args.shapes):
         for passes in PASSES:
             cases = {impl: make_case(impl, passes, batch, channels, size, k) for impl in impls}
             times = time_interleaved({impl: c.run for impl, c in cases.items()}, repeat)

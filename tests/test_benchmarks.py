@@ -707,3 +707,29 @@ def test_bench_gpu_says_what_is_wrong_with_a_results_file(mode, content, message
         bench.main(argv)
     assert not (tmp_path / "t.json").exists() and not (tmp_path / "out.png").exists()
 
+
+
+def test_cpu_bench_runs_the_shape_set_it_is_asked_for(monkeypatch, capsys):
+    """`python -m lkfast.bench --shapes convnext` times ConvNeXt-T's 7x7 stages, not RepLKNet's; an
+    unknown set is refused with the names there are; the report names the set its shapes come from."""
+    import lkfast.bench as cpu_bench
+
+    made = []
+
+    def fake_case(impl, passes, batch, channels, size, k, *args, **kwargs):
+        made.append((channels, size, k))
+        return cpu_bench.Case(impl, impl, passes, (batch, channels, size, size, k, k), lambda: None, 1.0)
+
+    monkeypatch.setattr(cpu_bench, "make_case", fake_case)
+    monkeypatch.setattr(cpu_bench, "matmul_gflops", lambda *a, **k: 1.0)
+    cpu_bench.main(["--shapes", "convnext", "--quick"])
+    assert sorted(set(made)) == sorted(cpu_bench.CONVNEXT_SHAPES) and {k for _, _, k in made} == {7}
+    with pytest.raises(SystemExit):
+        cpu_bench.main(["--shapes", "convnxt"])
+    assert "convnext" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="replknet, convnext"):
+        cpu_bench.shapes_named("convnxt")
+    assert cpu_bench.shape_set_of([(768, 7, 7), (96, 56, 7)]) == "convnext"
+    assert cpu_bench.shape_set_of(cpu_bench.STAGE_SHAPES) == "replknet"
+    with pytest.raises(ValueError, match="not one of the sets"):
+        cpu_bench.shape_set_of([(96, 56, 7), (128, 56, 31)])
