@@ -8,6 +8,7 @@ from pathlib import Path
 _C = None
 load_error: str | None = None
 stale: str | None = None  # why the loaded extension does not match csrc/ (a source checkout only)
+sources: str | None = None  # the source_hash the loaded extension was built from (None: not recorded)
 
 try:  # pragma: no cover - which branch runs depends on the install
     from lkfast import _C  # type: ignore[attr-defined,no-redef]
@@ -17,8 +18,9 @@ except Exception as exc:  # ImportError, or an undefined symbol from a torch mis
         "`pip install --no-build-isolation -e .` to build it"
     )
 else:
-    from lkfast._sources import stale_reason
+    from lkfast._sources import built_from, stale_reason
 
+    sources = built_from(_C.__file__)
     stale = stale_reason(_C.__file__, Path(__file__).resolve().parent.parent / "csrc")
     if stale:
         warnings.warn(f"lkfast: {stale}", RuntimeWarning, stacklevel=2)

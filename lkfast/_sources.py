@@ -36,6 +36,15 @@ def write_record(extension_file, sources: str, **details) -> Path:
     return path
 
 
+def built_from(extension_file) -> Optional[str]:
+    """The ``source_hash`` recorded beside ``extension_file`` (None without a readable record)."""
+    try:
+        sources = json.loads(record_path(extension_file).read_text())["sources"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return sources if isinstance(sources, str) else None
+
+
 def stale_reason(extension_file, csrc) -> Optional[str]:
     """Why ``extension_file`` does not match the sources in ``csrc`` (None when it does, and when
     nothing can be said: no csrc/ beside the package, as in an installed wheel, or no record, as in
@@ -43,9 +52,8 @@ def stale_reason(extension_file, csrc) -> Optional[str]:
     csrc = Path(csrc)
     if not csrc.is_dir():
         return None
-    try:
-        built = json.loads(record_path(extension_file).read_text())["sources"]
-    except (OSError, ValueError, KeyError, TypeError):
+    built = built_from(extension_file)
+    if built is None:
         return None
     now = source_hash(csrc)
     if built == now:

@@ -58,6 +58,37 @@ def test_calibration_picks_the_faster_and_caches_it(cache, seconds, expected):
     assert len(calls) == 2
 
 
+def test_a_rebuilt_kernel_is_measured_again(cache, monkeypatch):
+    """The choice depends on the kernels' speed, which a rebuild from other sources changes while the
+    version number stays: the sources lkfast._C was built from are part of the fingerprint, so a
+    rebuilt extension opens a calibration of its own instead of trusting the old build's times."""
+    from lkfast import _ext
+
+    x, w = inputs()
+    calls = []
+    assert cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 2, "torch": 1}, calls)).backend == "torch"
+    assert cd.fingerprint()["kernels"] == (_ext.sources or "unrecorded")
+    monkeypatch.setattr(_ext, "sources", "0123456789abcdef")  # the next process, after a rebuild
+    cd._calibration = None
+    assert cd.cache_path() != cache
+    assert cd.choose(x, w, "forward", measure_fn=fake_timer({"cpu": 1, "torch": 2}, calls)).backend == "cpu"
+    assert len(calls) == 2
+    assert json.loads(cd.cache_path().read_text())["fingerprint"]["kernels"] == "0123456789abcdef"
+
+
+def test_the_kernels_build_record_is_read_back(tmp_path):
+    """lkfast._sources.built_from: the hash setup.py recorded beside the extension, None without a
+    readable record (a wheel built before records, a damaged file)."""
+    from lkfast import _sources
+
+    ext = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    assert _sources.built_from(ext) is None
+    _sources.write_record(ext, "feedfacecafebeef", compiler="test")
+    assert _sources.built_from(ext) == "feedfacecafebeef"
+    _sources.record_path(ext).write_text("{not json")
+    assert _sources.built_from(ext) is None
+
+
 def test_keys_separate_dtype_layout_kernel_and_size(cache):
     x, w = inputs()
     keys = {cd.shape_class(x.shape, 7, 7, torch.float32, False),

@@ -10,7 +10,7 @@ with oneDNN's channels_last path at RepLKNet-31B's stage shapes, on an AVX2-only
    interleaved rounds, stopping early when one is clearly faster) and caches the winner in
    ``<cache>/cpu_dispatch-<digest>.json`` (``<cache>`` = ``$LKFAST_CACHE`` or ``~/.cache/lkfast``),
    one file per fingerprint of the machine (CPU model, instruction set lkfast runs, thread count,
-   oneDNN cap, lkfast and torch versions; ``cache_path``): processes with another thread count (a
+   oneDNN cap, lkfast and torch versions, the sources the kernels were built from; ``cache_path``): processes with another thread count (a
    data-loader worker, a torchrun rank) or cap keep their own choices side by side instead of
    overwriting each other's. A file whose recorded fingerprint is not the one its name stands for
    is stale and starts afresh; a file that does not parse or fails its checksum is corrupt,
@@ -84,7 +84,9 @@ def _cpu_model() -> str:
 
 
 def fingerprint() -> dict:
-    """What a calibration is valid for: the same CPU, instruction set, threads and versions."""
+    """What a calibration is valid for: the same CPU, instruction set, threads and versions, and the
+    same build of the kernels (the sources lkfast._C was built from: a rebuilt kernel that got faster
+    or slower is measured again, where the version number alone would keep the old choice)."""
     from lkfast import __version__, _ext
 
     return {
@@ -92,6 +94,7 @@ def fingerprint() -> dict:
         "isa": _ext._C.cpu_isa() if _ext._C is not None else "none",
         "threads": torch.get_num_threads(),
         "lkfast": __version__,
+        "kernels": _ext.sources or "unrecorded",
         "torch": torch.__version__,
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
     }
