@@ -170,15 +170,17 @@ def test_cpu_every_instruction_set(isa, tmp_path):
 
 
 @pytest.mark.parametrize("isa", ISA_ORDER)
-def test_cpu_channels_last_forward_in_place(isa, tmp_path):
-    """The forward (and the input gradient, its flipped twin) on channels_last fp32/fp64 with whole
-    channel blocks and kernels up to 13 wide reads x and writes y in place, with no padded tile: the
-    widths compiled in (3, 5, 7: a tap row's weights held, each input loaded once) and the others
-    (9-13: the rotation over the taps meeting the image); rows of 8-wide register blocks and a
-    remainder, blocks reaching past both edges at once, one-pixel-wide maps, rectangular kernels,
-    x and y with strides other than a contiguous tensor's (a cropped view), and the small-map order
-    (one channel block over a group of images) on a map the small-map kernel does not take. Each
-    instruction set's code in a child process, on 2 threads (so the small-map order is reached)."""
+def test_cpu_channels_last_in_place(isa, tmp_path):
+    """On channels_last fp32/fp64 with whole channel blocks the C++ kernels read the tensors in place,
+    with no padded tile: the forward (and the input gradient, its flipped twin) for kernels up to 13
+    wide, the weight gradient for 3, 5 and 7 wide. Forward: the widths compiled in (3, 5, 7: a tap
+    row's weights held, each input loaded once) and the others (9-13: the rotation over the taps
+    meeting the image); rows of 8-wide register blocks and a remainder, blocks reaching past both
+    edges at once, one-pixel-wide maps, rectangular kernels, and the small-map order (one channel
+    block over a group of images) on a map the small-map kernel does not take. Weight gradient: the
+    rows' end pixels (tested per tap) and middles (the rotation), maps no wider than the kernel.
+    Both: x, y and the output gradient with strides other than a contiguous tensor's (cropped views).
+    Each instruction set's code in a child process, on 2 threads (so the small-map order is reached)."""
     backend_or_skip("cpu")
     cases = []
     for shape, k, dtype, crop in [((2, 32, 9, 19), (7, 7), torch.float32, False),   # blocks 8 + 8 + 3

@@ -116,6 +116,21 @@ void forward_direct(const T* X, long xh, long xw, int H, int W, int kh, int kw, 
   }
 }
 
+// The weight gradient of one channel block straight on channels-innermost tensors (no packing), tap
+// rows [i0, i1), added to GW; false where the kernel width is not one the ISA code has.
+template <typename T>
+bool weight_grad_direct(const T* X, long xh, long xw, const T* G, long gh, long gw, int H, int W, int kh, int kw,
+                        int i0, int i1, T* GW) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512::weight_grad_direct(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
+    case Isa::kAvx2:
+      return avx2::weight_grad_direct(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
+    default:
+      return generic::weight_grad_direct(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
+  }
+}
+
 // One full channel block of weights packed by the instruction set's transposing copy (see the
 // kernel's pack_weight_block), *finite set to whether all are finite; false where there is none.
 template <typename T>
@@ -513,13 +528,19 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
       std::memset(GW + (size_t)i0 * kw * lanes, 0, sizeof(T) * (size_t)(i1 - i0) * kw * lanes);
       if (n0 >= n1) continue;  // (an empty group: its zeros still go into the sum)
       const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
-      T* P = pbuf.get((size_t)H * prow_len);
-      T* G = gbuf.get((size_t)H * (W + 2 * kGradPad) * lanes);
       for (int n = n0; n < n1; ++n) {
         if (n + 1 < n1) {  // the next image's tiles while this one computes
           prefetch_tile(x_p + (n + 1) * xs.n, xs, c0, nc, H, W);
           prefetch_tile(g_p + (n + 1) * gs.n, gs, c0, nc, H, W);
         }
+        if constexpr (std::is_same<S, T>::value) {  // channels innermost, a whole block: in place
+          if (xs.c == 1 && gs.c == 1 && nc == lanes &&
+              weight_grad_direct<T>(x_p + n * xs.n + c0, xs.h, xs.w, g_p + n * gs.n + c0, gs.h, gs.w, H, W, kh, kw,
+                                    i0, i1, GW))
+            continue;
+        }
+        T* P = pbuf.get((size_t)H * prow_len);
+        T* G = gbuf.get((size_t)H * (W + 2 * kGradPad) * lanes);
         pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
         pack_rows<S, T>(g_p + n * gs.n, gs, c0, nc, 0, H, W, kGradPad, G);
         const bool input_finite = all_finite<T>(P, (long)H * prow_len);

@@ -21,6 +21,10 @@
   void forward_direct(const double* X, long xh, long xw, int H, int W, int kh, int kw,         \
                       const double* Wt, long wt_block, const double* Bias, int ncb, int h0,     \
                       int h1, double* Y, long yh, long yw);                                     \
+  bool weight_grad_direct(const float* X, long xh, long xw, const float* G, long gh, long gw,  \
+                          int H, int W, int kh, int kw, int i0, int i1, float* GW);             \
+  bool weight_grad_direct(const double* X, long xh, long xw, const double* G, long gh,          \
+                          long gw, int H, int W, int kh, int kw, int i0, int i1, double* GW);   \
   void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0,        \
                    int i1, float* GW, bool input_finite, bool grad_finite);                     \
   void weight_grad(const double* P, const double* G, int H, int W, int kh, int kw, int i0,      \

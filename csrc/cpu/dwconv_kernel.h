@@ -1022,6 +1022,96 @@ bool unpack_planes(const double* src, int h0, int h1, int W, double* dst, long c
 }
 #endif  // LKFAST_SHUFFLES
 
+// The weight gradient on channels-innermost tensors read in place, for the kernel widths compiled
+// in (KW = 3, 5, 7; others pack): as with the forward (forward_direct), packing cost more than the
+// multiply-adds at these widths. Gradient row by gradient row: each tap row i meeting the image
+// takes its KW sums from GW into registers, adds the row's products and puts them back, so a row's
+// kh input rows and its gradient row are read while in L1 (tap row by tap row over the whole image,
+// the first version, reread the image kh times from L2 and ran slower than packing at 128 channels,
+// 56x56, 5x5). Along a row, gradient pixels whose KW input columns all lie inside the image take
+// dot_shift_a's rotation (U pixels a step, KW + U - 1 inputs loaded once); the pw pixels at each end
+// form only the products of in-image inputs (a test per tap), so the result is exact whatever the
+// values, with no finiteness check. X, G: part 0 of pixel (0, 0) of one channel block (row strides
+// xh, gh, pixel strides xw, gw, elements); GW: the block's (kh, KW, kParts vectors) sums, added to.
+template <typename T, int KW>
+static void wgrad_direct_rows(const T* X, long xh, long xw, const T* G, long gh, long gw, int H, int W, int kh,
+                              int i0, int i1, T* GW_) {
+  typedef typename Vec<T>::type V;
+  typedef typename VecU<T>::type VU;
+  constexpr long L = LKFAST_VEC_BYTES / sizeof(T);  // elements per vector
+  constexpr int pw = KW / 2;
+  constexpr int U = kParts == 1 ? kUnroll : 1;  // 16 ymm: KW accumulators and the gradient pixel
+  const int ph = kh / 2;
+  V* GW = reinterpret_cast<V*>(GW_);
+  // gradient pixels [pw, W - pw) meet only in-image inputs; the others, the ends, are tested per tap
+  const int mid_lo = imin(pw, W), mid_hi = imax(mid_lo, W - pw);
+#pragma GCC unroll 1
+  for (int v = 0; v < kParts; ++v)
+    for (int h = 0; h < H; ++h) {
+      const T* gr = G + v * L + (long)h * gh;
+      const int ia = imax(i0, ph - h), ib = imin(i1, H + ph - h);  // tap rows whose input row is in the image
+      for (int i = ia; i < ib; ++i) {
+        const T* xr = X + v * L + (long)(h + i - ph) * xh;  // input row h + i - ph, column 0
+        V* dst = GW + (long)i * KW * kParts + v;
+        V acc[KW];
+#pragma GCC unroll 8
+        for (int j = 0; j < KW; ++j) acc[j] = dst[j * kParts];
+        auto x_at = [&](int c) -> V { return *reinterpret_cast<const VU*>(xr + (long)c * xw); };
+        auto end_pixel = [&](int w) {
+          const V g = *reinterpret_cast<const VU*>(gr + (long)w * gw);
+#pragma GCC unroll 8
+          for (int j = 0; j < KW; ++j) {
+            const int c = w + j - pw;
+            if ((unsigned)c < (unsigned)W) acc[j] += x_at(c) * g;
+          }
+        };
+        for (int w = 0; w < mid_lo; ++w) end_pixel(w);
+        int w = mid_lo;
+        for (; w + U <= mid_hi; w += U) {
+          V a[KW + U - 1];
+#pragma GCC unroll 16
+          for (int s = 0; s < KW + U - 1; ++s) a[s] = x_at(w - pw + s);
+#pragma GCC unroll 4
+          for (int u = 0; u < U; ++u) {
+            const V g = *reinterpret_cast<const VU*>(gr + (long)(w + u) * gw);
+#pragma GCC unroll 8
+            for (int j = 0; j < KW; ++j) acc[j] += a[u + j] * g;
+          }
+        }
+        for (; w < mid_hi; ++w) {
+          const V g = *reinterpret_cast<const VU*>(gr + (long)w * gw);
+#pragma GCC unroll 8
+          for (int j = 0; j < KW; ++j) acc[j] += x_at(w - pw + j) * g;
+        }
+        for (w = mid_hi; w < W; ++w) end_pixel(w);
+#pragma GCC unroll 8
+        for (int j = 0; j < KW; ++j) dst[j * kParts] = acc[j];
+      }
+    }
+}
+template <typename T>
+static bool weight_grad_direct_impl(const T* X, long xh, long xw, const T* G, long gh, long gw, int H, int W,
+                                    int kh, int kw, int i0, int i1, T* GW) {
+  switch (kw) {
+    case 3:
+      return wgrad_direct_rows<T, 3>(X, xh, xw, G, gh, gw, H, W, kh, i0, i1, GW), true;
+    case 5:
+      return wgrad_direct_rows<T, 5>(X, xh, xw, G, gh, gw, H, W, kh, i0, i1, GW), true;
+    case 7:
+      return wgrad_direct_rows<T, 7>(X, xh, xw, G, gh, gw, H, W, kh, i0, i1, GW), true;
+    default:
+      return false;
+  }
+}
+bool weight_grad_direct(const float* X, long xh, long xw, const float* G, long gh, long gw, int H, int W, int kh,
+                        int kw, int i0, int i1, float* GW) {
+  return weight_grad_direct_impl<float>(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
+}
+bool weight_grad_direct(const double* X, long xh, long xw, const double* G, long gh, long gw, int H, int W, int kh,
+                        int kw, int i0, int i1, double* GW) {
+  return weight_grad_direct_impl<double>(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
+}
+
 void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0, int i1,
                  float* GW, bool input_finite, bool grad_finite) {
   weight_grad_impl<float>(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
