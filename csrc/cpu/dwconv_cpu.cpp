@@ -3,9 +3,10 @@
 // Work is split into (image, channel block of 16 fp32 / 8 fp64 lanes, row chunk) items run by
 // OpenMP. Each item packs the rows it needs into a channels-innermost tile, converting to the
 // accumulation type on the way (fp16/bf16 accumulate in fp32), so NCHW, channels_last and any
-// other strides are read in place with no full-tensor copy. The forward with small kernels on
-// channels-innermost fp32/fp64 tensors packs nothing: its items are row chunks of one image over
-// all channel blocks, computed on the tensors themselves (forward_direct). The arithmetic lives in
+// other strides are read in place with no full-tensor copy. Small kernels on channels-innermost
+// fp32/fp64 tensors with whole channel blocks pack nothing: the forward's items are row chunks of one
+// image over all channel blocks, computed on the tensors themselves (forward_direct), and the weight
+// gradient reads each image's block in place (weight_grad_direct). The arithmetic lives in
 // dwconv_kernel.h, compiled for AVX-512, AVX2 and a baseline, chosen once at run time.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
