@@ -51,33 +51,46 @@ struct Vec<double> {
 static inline int imax(int a, int b) { return a > b ? a : b; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
 
-// Unroll of the t loops. U consecutive t share B + U - 1 vectors of the shifted operand, held
-// in registers, so one step issues B*U FMAs for B + 2U - 1 loads. U = 2 measured best here
-// (U = 4 and 8 spill with B = 8).
+// Unroll of the direct (in-place) kernels' tap loops (forward_direct, weight_grad_direct).
 constexpr int kUnroll = 2;
+
+// The two loops below keep a window of B vectors of the shifted operand in registers and slide
+// it by one vector per step: step t loads the one vector that enters the window and one of the
+// other operand for B FMAs. Unrolled by B, every window slot is a fixed register (slot s of the
+// window holds the vector whose index is congruent to s mod B, counted from the first), so the
+// window rotates without moves: B accumulators + B window vectors + 1 = 17 zmm at B = 8. The sums
+// run over t in the same order as the plain loops, so the results are the same bit for bit.
+// (Reloading the whole window every 2 steps, as before, cost B + 3 loads per 2B FMAs.)
+// The window never reads past what the plain loops read: A[hi + B - 2] (dot_shift_a) and
+// Bv[lo - B + 1 .. hi - 1] (dot_shift_b).
 
 // acc[b] += sum_{t in [lo, hi)} A[t + b] * Bv[t]
 template <typename V, int B>
 static inline __attribute__((always_inline)) void dot_shift_a(const V* __restrict A,
                                                               const V* __restrict Bv, int lo,
                                                               int hi, V* __restrict acc) {
-  constexpr int U = kUnroll;
+  if (hi <= lo) return;
+  V win[B];  // slot s: A[t + ((s - (t - lo)) mod B)], i.e. A[t + b] in slot (t - lo + b) mod B
+#pragma GCC unroll 16
+  for (int s = 0; s < B; ++s) win[s] = A[lo + s];
   int t = lo;
-  for (; t + U <= hi; t += U) {
-    V a[B + U - 1];
-#pragma GCC unroll 32
-    for (int s = 0; s < B + U - 1; ++s) a[s] = A[t + s];
-#pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) {
+  for (; t + B < hi; t += B) {  // every step here has a next one: always slide
+#pragma GCC unroll 16
+    for (int u = 0; u < B; ++u) {
       const V bv = Bv[t + u];
 #pragma GCC unroll 16
-      for (int b = 0; b < B; ++b) acc[b] += a[u + b] * bv;
+      for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
+      win[u] = A[t + u + B];
     }
   }
-  for (; t < hi; ++t) {
-    const V bv = Bv[t];
+  const int r = hi - t;  // 1..B steps left
 #pragma GCC unroll 16
-    for (int b = 0; b < B; ++b) acc[b] += A[t + b] * bv;
+  for (int u = 0; u < B; ++u) {
+    if (u >= r) break;
+    const V bv = Bv[t + u];
+#pragma GCC unroll 16
+    for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
+    if (u + 1 < r) win[u] = A[t + u + B];
   }
 }
 
@@ -86,23 +99,28 @@ template <typename V, int B>
 static inline __attribute__((always_inline)) void dot_shift_b(const V* __restrict A,
                                                               const V* __restrict Bv, int lo,
                                                               int hi, V* __restrict acc) {
-  constexpr int U = kUnroll;
+  if (hi <= lo) return;
+  V win[B];  // Bv[t - b] in slot (t - lo - b + B - 1) mod B
+#pragma GCC unroll 16
+  for (int s = 0; s < B; ++s) win[s] = Bv[lo - (B - 1) + s];
   int t = lo;
-  for (; t + U <= hi; t += U) {
-    V bv[B + U - 1];  // bv[s] = Bv[t - (B - 1) + s]
-#pragma GCC unroll 32
-    for (int s = 0; s < B + U - 1; ++s) bv[s] = Bv[t - (B - 1) + s];
-#pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) {
+  for (; t + B < hi; t += B) {
+#pragma GCC unroll 16
+    for (int u = 0; u < B; ++u) {
       const V a = A[t + u];
 #pragma GCC unroll 16
-      for (int b = 0; b < B; ++b) acc[b] += a * bv[u - b + B - 1];
+      for (int b = 0; b < B; ++b) acc[b] += a * win[(u - b + B - 1) % B];
+      win[u] = Bv[t + u + 1];
     }
   }
-  for (; t < hi; ++t) {
-    const V a = A[t];
+  const int r = hi - t;
 #pragma GCC unroll 16
-    for (int b = 0; b < B; ++b) acc[b] += a * Bv[t - b];
+  for (int u = 0; u < B; ++u) {
+    if (u >= r) break;
+    const V a = A[t + u];
+#pragma GCC unroll 16
+    for (int b = 0; b < B; ++b) acc[b] += a * win[(u - b + B - 1) % B];
+    if (u + 1 < r) win[u] = Bv[t + u + 1];
   }
 }
 
