@@ -124,6 +124,37 @@ static inline __attribute__((always_inline)) void dot_shift_b(const V* __restric
   }
 }
 
+// dot_shift_a's sliding window over operands read through functions (strided tensors, in place):
+// acc[b] += sum_{t in [lo, hi)} a_at(t + b) * b_at(t); reads a_at(lo .. hi + B - 2), b_at(lo .. hi - 1),
+// in the same order as the plain loop.
+template <typename V, int B, typename FA, typename FB>
+static inline __attribute__((always_inline)) void window_dot_a(FA&& a_at, FB&& b_at, int lo, int hi,
+                                                               V* __restrict acc) {
+  if (hi <= lo) return;
+  V win[B];
+#pragma GCC unroll 16
+  for (int s = 0; s < B; ++s) win[s] = a_at(lo + s);
+  int t = lo;
+  for (; t + B < hi; t += B) {
+#pragma GCC unroll 16
+    for (int u = 0; u < B; ++u) {
+      const V bv = b_at(t + u);
+#pragma GCC unroll 16
+      for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
+      win[u] = a_at(t + u + B);
+    }
+  }
+  const int r = hi - t;
+#pragma GCC unroll 16
+  for (int u = 0; u < B; ++u) {
+    if (u >= r) break;
+    const V bv = b_at(t + u);
+#pragma GCC unroll 16
+    for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
+    if (u + 1 < r) win[u] = a_at(t + u + B);
+  }
+}
+
 // With 16 registers (AVX2) the rotation above does not fit: B = 8 outputs of 2 ymm each are
 // already 16 accumulators, and everything spills. The "parts" loops below keep B * NV
 // accumulators (NV = kParts vectors per pixel) and the NV vectors of the operand that stays
@@ -637,8 +668,8 @@ bool forward_small_direct(const double* X, long xh, long xw, int H, int W, int k
 // nothing hides them). Pixels are addressed by element strides. A register block of B outputs
 // runs each tap row in one of two forms: for the widths compiled in (KW = 3, 5, 7) the row's KW
 // weights are held in registers and each of its B + KW - 1 inputs is loaded once and meets every
-// weight it pairs with; other widths take dot_shift_a's rotation over the taps that meet the
-// image. Blocks whose taps reach past the image (the first and last of a row) read a zero vector
+// weight it pairs with; other widths slide a window over the taps that meet the image
+// (window_dot_a, 32 registers; a plain rotation with 16). Blocks whose taps reach past the image (the first and last of a row) read a zero vector
 // there instead of padding; its products with the weights are zero while the weights are finite,
 // which the caller checks (it packs otherwise, see Loop). Input values are only ever multiplied
 // by weights of taps of their own outputs, so Inf and NaN in x land where F.conv2d puts them.
@@ -676,6 +707,10 @@ static inline __attribute__((always_inline)) void fwd_direct_block(
     return;
   }
   int t = j_lo;
+  if constexpr (kParts == 1) {  // 32 zmm: the sliding window (B acc + B inputs + 1 weight)
+    window_dot_a<V, B>(load, [&](int j) -> V { return wrow[j * kParts]; }, j_lo, j_hi, acc);
+    return;
+  }
   for (; t + U <= j_hi; t += U) {
     V a[B + U - 1];
 #pragma GCC unroll 32
@@ -1047,7 +1082,8 @@ bool unpack_planes(const double* src, int h0, int h1, int W, double* dst, long c
 // kh input rows and its gradient row are read while in L1 (tap row by tap row over the whole image,
 // the first version, reread the image kh times from L2 and ran slower than packing at 128 channels,
 // 56x56, 5x5). Along a row, gradient pixels whose KW input columns all lie inside the image take
-// dot_shift_a's rotation (U pixels a step, KW + U - 1 inputs loaded once); the pw pixels at each end
+// the sliding window of window_dot_a with 32 registers (one input and one gradient pixel a step),
+// with 16 the plain rotation (U pixels a step, KW + U - 1 inputs loaded once); the pw pixels at each end
 // form only the products of in-image inputs (a test per tap), so the result is exact whatever the
 // values, with no finiteness check. X, G: part 0 of pixel (0, 0) of one channel block (row strides
 // xh, gh, pixel strides xw, gw, elements); GW: the block's (kh, KW, kParts vectors) sums, added to.
@@ -1085,6 +1121,12 @@ static void wgrad_direct_rows(const T* X, long xh, long xw, const T* G, long gh,
         };
         for (int w = 0; w < mid_lo; ++w) end_pixel(w);
         int w = mid_lo;
+        if constexpr (kParts == 1) {  // 32 zmm: dot_shift_a's sliding window (KW acc + KW inputs + 1)
+          window_dot_a<V, KW>([&](int s) { return x_at(s - pw); },
+                              [&](int s) -> V { return *reinterpret_cast<const VU*>(gr + (long)s * gw); },
+                              mid_lo, mid_hi, acc);
+          w = mid_hi;
+        }
         for (; w + U <= mid_hi; w += U) {
           V a[KW + U - 1];
 #pragma GCC unroll 16
