@@ -51,9 +51,6 @@ struct Vec<double> {
 static inline int imax(int a, int b) { return a > b ? a : b; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
 
-// Unroll of the direct (in-place) kernels' tap loops (forward_direct, weight_grad_direct).
-constexpr int kUnroll = 2;
-
 // The two loops below keep a window of B vectors of the shifted operand in registers and slide
 // it by one vector per step: step t loads the one vector that enters the window and one of the
 // other operand for B FMAs. Unrolled by B, every window slot is a fixed register (slot s of the
@@ -64,34 +61,43 @@ constexpr int kUnroll = 2;
 // The window never reads past what the plain loops read: A[hi + B - 2] (dot_shift_a) and
 // Bv[lo - B + 1 .. hi - 1] (dot_shift_b).
 
+// The window over operands read through functions (packed tiles here, strided tensors in place):
+// acc[b] += sum_{t in [lo, hi)} a_at(t + b) * b_at(t); reads a_at(lo .. hi + B - 2), b_at(lo .. hi - 1),
+// in the same order as the plain loop.
+template <typename V, int B, typename FA, typename FB>
+static inline __attribute__((always_inline)) void window_dot_a(FA&& a_at, FB&& b_at, int lo, int hi,
+                                                               V* __restrict acc) {
+  if (hi <= lo) return;
+  V win[B];
+#pragma GCC unroll 16
+  for (int s = 0; s < B; ++s) win[s] = a_at(lo + s);
+  int t = lo;
+  for (; t + B < hi; t += B) {
+#pragma GCC unroll 16
+    for (int u = 0; u < B; ++u) {
+      const V bv = b_at(t + u);
+#pragma GCC unroll 16
+      for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
+      win[u] = a_at(t + u + B);
+    }
+  }
+  const int r = hi - t;
+#pragma GCC unroll 16
+  for (int u = 0; u < B; ++u) {
+    if (u >= r) break;
+    const V bv = b_at(t + u);
+#pragma GCC unroll 16
+    for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
+    if (u + 1 < r) win[u] = a_at(t + u + B);
+  }
+}
+
 // acc[b] += sum_{t in [lo, hi)} A[t + b] * Bv[t]
 template <typename V, int B>
 static inline __attribute__((always_inline)) void dot_shift_a(const V* __restrict A,
                                                               const V* __restrict Bv, int lo,
                                                               int hi, V* __restrict acc) {
-  if (hi <= lo) return;
-  V win[B];  // slot s: A[t + ((s - (t - lo)) mod B)], i.e. A[t + b] in slot (t - lo + b) mod B
-#pragma GCC unroll 16
-  for (int s = 0; s < B; ++s) win[s] = A[lo + s];
-  int t = lo;
-  for (; t + B < hi; t += B) {  // every step here has a next one: always slide
-#pragma GCC unroll 16
-    for (int u = 0; u < B; ++u) {
-      const V bv = Bv[t + u];
-#pragma GCC unroll 16
-      for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
-      win[u] = A[t + u + B];
-    }
-  }
-  const int r = hi - t;  // 1..B steps left
-#pragma GCC unroll 16
-  for (int u = 0; u < B; ++u) {
-    if (u >= r) break;
-    const V bv = Bv[t + u];
-#pragma GCC unroll 16
-    for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
-    if (u + 1 < r) win[u] = A[t + u + B];
-  }
+  window_dot_a<V, B>([A](int i) { return A[i]; }, [Bv](int i) { return Bv[i]; }, lo, hi, acc);
 }
 
 // acc[b] += sum_{t in [lo, hi)} A[t] * Bv[t - b]
@@ -121,37 +127,6 @@ static inline __attribute__((always_inline)) void dot_shift_b(const V* __restric
 #pragma GCC unroll 16
     for (int b = 0; b < B; ++b) acc[b] += a * win[(u - b + B - 1) % B];
     if (u + 1 < r) win[u] = Bv[t + u + 1];
-  }
-}
-
-// dot_shift_a's sliding window over operands read through functions (strided tensors, in place):
-// acc[b] += sum_{t in [lo, hi)} a_at(t + b) * b_at(t); reads a_at(lo .. hi + B - 2), b_at(lo .. hi - 1),
-// in the same order as the plain loop.
-template <typename V, int B, typename FA, typename FB>
-static inline __attribute__((always_inline)) void window_dot_a(FA&& a_at, FB&& b_at, int lo, int hi,
-                                                               V* __restrict acc) {
-  if (hi <= lo) return;
-  V win[B];
-#pragma GCC unroll 16
-  for (int s = 0; s < B; ++s) win[s] = a_at(lo + s);
-  int t = lo;
-  for (; t + B < hi; t += B) {
-#pragma GCC unroll 16
-    for (int u = 0; u < B; ++u) {
-      const V bv = b_at(t + u);
-#pragma GCC unroll 16
-      for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
-      win[u] = a_at(t + u + B);
-    }
-  }
-  const int r = hi - t;
-#pragma GCC unroll 16
-  for (int u = 0; u < B; ++u) {
-    if (u >= r) break;
-    const V bv = b_at(t + u);
-#pragma GCC unroll 16
-    for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
-    if (u + 1 < r) win[u] = a_at(t + u + B);
   }
 }
 
@@ -681,7 +656,7 @@ static inline __attribute__((always_inline)) void fwd_direct_block(
     const typename Vec<T>::type* __restrict wrow, typename Vec<T>::type* __restrict acc) {
   typedef typename Vec<T>::type V;
   typedef typename VecU<T>::type VU;
-  constexpr int U = kParts == 1 ? kUnroll : 1;  // 16 ymm: B accumulators, one weight, one input
+  constexpr int U = 1;  // (16 ymm, AVX2) B accumulators, one weight, one input
   const T* zero = reinterpret_cast<const T*>(kZeroPixel);
   // input column c0 + s (c0: the block's first output column minus pw); zero outside the image
   auto load = [&](int s) -> V {
@@ -1094,7 +1069,7 @@ static void wgrad_direct_rows(const T* X, long xh, long xw, const T* G, long gh,
   typedef typename VecU<T>::type VU;
   constexpr long L = LKFAST_VEC_BYTES / sizeof(T);  // elements per vector
   constexpr int pw = KW / 2;
-  constexpr int U = kParts == 1 ? kUnroll : 1;  // 16 ymm: KW accumulators and the gradient pixel
+  constexpr int U = 1;  // (16 ymm, AVX2) KW accumulators and the gradient pixel
   const int ph = kh / 2;
   V* GW = reinterpret_cast<V*>(GW_);
   // gradient pixels [pw, W - pw) meet only in-image inputs; the others, the ends, are tested per tap
