@@ -113,6 +113,23 @@ def test_altered_model_file_is_retrained(tmp_path, monkeypatch):
     assert again.read_bytes() == first  # training is deterministic: the same weights come back
 
 
+def test_a_new_corruption_version_rebuilds_only_the_corrupted_sets(tmp_path, monkeypatch):
+    """The embedded ImageNet-C and -P are renderings of lkfast.corrupt: when its output changes
+    (lkfast.corrupt.VERSION), a cache built before must not serve the old images, while the clean
+    parts (and so the trained models, keyed on them) stay."""
+    import lkfast.corrupt
+    from lkfast.data import synthetic
+
+    synthetic.build_base(tmp_path, TINY.data, progress=False)
+    said = []
+    synthetic.build_base(tmp_path, TINY.data, log=said.append, progress=False)
+    assert said == []
+    monkeypatch.setattr(lkfast.corrupt, "VERSION", lkfast.corrupt.VERSION + 1)
+    synthetic.build_base(tmp_path, TINY.data, log=said.append, progress=False)
+    assert sorted(line.split()[3] for line in said) == [str(tmp_path / "imagenet-c"), str(tmp_path / "imagenet-p")]
+    assert all(line.endswith("(built for other settings)") for line in said), said
+
+
 def test_kernel_choices_fixed_unless_the_user_chose(monkeypatch, capsys):
     """fix_kernel_choices turns calibration off when LKFAST_CALIBRATE is unset and keeps the user's
     setting otherwise; the trained models' cache key follows the setting (other kernels, other

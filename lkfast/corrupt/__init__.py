@@ -66,6 +66,11 @@ SUBSETS: Dict[str, Tuple[str, ...]] = {
 }
 SEVERITIES = (1, 2, 3, 4, 5)
 
+# Bump when any corruption's or perturbation's output changes for the same input and seed: images
+# rendered and cached with an older version (the embedded default's ImageNet-C and -P) are rebuilt.
+# 2: below 224 px, defocus and Gaussian blurs carry the release's kernels to the smaller grid.
+VERSION = 2
+
 
 def names(subset: str = "all") -> List[str]:
     """Corruption names of a subset: "common" (the 15 of mCE), "extra" (speckle_noise,
@@ -98,4 +103,4 @@ def corrupt(images: torch.Tensor, name: str, severity: int,
 from .weather import FrostPhotosMissing, frost_directory  # noqa: E402
 
 __all__ = ["corrupt", "names", "perturbation_sequence", "FrostPhotosMissing", "frost_directory", "CORRUPTIONS", "PERTURBATIONS", "NOISE_PERTURBATIONS",
-           "SUBSETS", "SEVERITIES"]
+           "SUBSETS", "SEVERITIES", "VERSION"]

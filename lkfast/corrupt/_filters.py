@@ -3,6 +3,7 @@
 - ``gaussian_blur``: scikit-image / scipy.ndimage ``gaussian_filter`` (same kernel radius rule
   ``int(truncate * sigma + 0.5)`` and the same boundary modes), as two small matrix products:
   exact for any sigma, even sigmas larger than the image (elastic transform uses ~170 px).
+- ``splat_matrix`` / ``resample_kernel``: a kernel drawn at 224 px carried to a smaller image.
 - ``filter2d``: OpenCV ``filter2D`` (correlation, BORDER_REFLECT_101 or replicate), via FFT so
   that large and per-image kernels (defocus disks, motion-blur lines) cost the same as small ones.
 - ``motion_blur``: ImageMagick ``MotionBlurImage`` (the release called it through Wand).
@@ -53,12 +54,46 @@ def pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int, mode: str
     return x.index_select(-2, rows).index_select(-1, cols)
 
 
-@functools.lru_cache(maxsize=128)
-def _gaussian_matrix_cpu(n: int, sigma: float, truncate: float, mode: str) -> torch.Tensor:
+def gaussian_taps(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """scipy.ndimage's normalised Gaussian taps (float64, radius ``int(truncate * sigma + 0.5)``)."""
     radius = int(truncate * sigma + 0.5)
     taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
     weights = torch.exp(-0.5 * (taps / sigma) ** 2)
-    weights /= weights.sum()
+    return weights / weights.sum()
+
+
+def splat_matrix(taps: int, scale: float) -> torch.Tensor:
+    """(2 r + 1, taps) float64 matrix A, r = ceil((taps - 1) / 2 * scale), that carries an odd
+    kernel drawn in 224-px pixels to an image ``scale`` (< 1) times that size: tap p (centred
+    offset) lands at p * scale and is shared between the two nearest pixels by linear weights
+    (A[j, p] = max(0, 1 - |j - p * scale|)). This is the exact kernel of "blur at the larger size,
+    then average each block of 1 / scale pixels back" for an image whose pixels were blocks of
+    that size, so a corruption keeps its strength relative to the content however small the image:
+    a blur narrower than one pixel is a small spread, not the identity a kernel sampled at the
+    scaled length degenerates to. At scale 1 A is the identity."""
+    half = (taps - 1) // 2
+    r = math.ceil(half * scale - 1e-9)
+    j = torch.arange(-r, r + 1, dtype=torch.float64)[:, None]
+    p = torch.arange(-half, half + 1, dtype=torch.float64)[None, :]
+    return (1 - (j - p * scale).abs()).clamp(min=0)
+
+
+def resample_kernel(kernel: torch.Tensor, scale: float) -> torch.Tensor:
+    """A 1-D or square 2-D odd kernel drawn in 224-px pixels, carried to ``scale`` < 1 by
+    ``splat_matrix`` along each axis (same dtype; the sum is kept)."""
+    a = splat_matrix(kernel.shape[-1], scale)
+    k = kernel.double()
+    out = a @ k if k.dim() == 1 else a @ k @ a.T
+    return out.to(kernel.dtype)
+
+
+@functools.lru_cache(maxsize=128)
+def _gaussian_matrix_cpu(n: int, sigma: float, truncate: float, mode: str, scale: float) -> torch.Tensor:
+    if scale < 1:
+        weights = resample_kernel(gaussian_taps(sigma, truncate), scale)
+    else:
+        weights = gaussian_taps(sigma * scale, truncate)
+    radius = weights.numel() // 2
     rows = torch.arange(n)[:, None]
     cols = boundary_index(rows + torch.arange(-radius, radius + 1)[None, :], n, mode)
     matrix = torch.zeros(n, n, dtype=torch.float64)
@@ -66,18 +101,24 @@ def _gaussian_matrix_cpu(n: int, sigma: float, truncate: float, mode: str) -> to
     return matrix.float()
 
 
-def gaussian_matrix(n: int, sigma: float, device, truncate: float = 4.0, mode: str = "nearest") -> torch.Tensor:
-    """(n, n) matrix M with (M @ signal) = scipy.ndimage.gaussian_filter1d(signal, sigma, mode, truncate)."""
-    return _gaussian_matrix_cpu(int(n), float(sigma), float(truncate), mode).to(device)
+def gaussian_matrix(n: int, sigma: float, device, truncate: float = 4.0, mode: str = "nearest",
+                    scale: float = 1.0) -> torch.Tensor:
+    """(n, n) matrix M with (M @ signal) = scipy.ndimage.gaussian_filter1d(signal, sigma * scale, mode,
+    truncate) for scale >= 1; below, the taps of ``sigma`` carried to ``scale`` (``splat_matrix``)."""
+    return _gaussian_matrix_cpu(int(n), float(sigma), float(truncate), mode, float(scale)).to(device)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: str = "nearest") -> torch.Tensor:
-    """Separable Gaussian blur of the last two dims (skimage.filters.gaussian defaults)."""
+def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: str = "nearest",
+                  scale: float = 1.0) -> torch.Tensor:
+    """Separable Gaussian blur of the last two dims (skimage.filters.gaussian defaults). ``sigma``
+    is in pixels of a reference size that the image is ``scale`` times (a release length at 224 px,
+    with ``scale`` = ``_base.size_scale``): sampled at sigma * scale where scale >= 1, the reference
+    taps carried by ``splat_matrix`` below."""
     if sigma <= 0:
         return x
     h, w = x.shape[-2:]
-    rows = gaussian_matrix(h, sigma, x.device, truncate, mode)
-    cols = gaussian_matrix(w, sigma, x.device, truncate, mode)
+    rows = gaussian_matrix(h, sigma, x.device, truncate, mode, scale)
+    cols = gaussian_matrix(w, sigma, x.device, truncate, mode, scale)
     return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
 
 

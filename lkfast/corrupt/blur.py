@@ -2,8 +2,11 @@
 
 Parameters per severity 1..5 are those of the ImageNet-C release (Hendrycks & Dietterich, ICLR
 2019, make_imagenet_c.py). Radii, sigmas and glass-blur displacements are lengths in 224-px
-pixels; they are multiplied by ``size_scale`` = min(H, W) / 224 (zoom factors are ratios and
-stay as they are).
+pixels; they are multiplied by ``size_scale`` = s = min(H, W) / 224 (zoom factors are ratios and
+stay as they are). Below 224 px the defocus disk and the Gaussians are the release's 224-px
+kernels carried to the smaller grid (``_filters.resample_kernel``), not kernels drawn at the
+scaled length: at 64 px the release's severity-1 disk (radius 3) and Gaussian (sigma 1) would
+be drawn narrower than a pixel, that is, not at all.
 """
 from __future__ import annotations
 
@@ -44,11 +47,18 @@ def disk_kernel(radius: float, alias_blur: float, large: bool, half: int) -> tor
 
 
 def defocus_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    """The release's disk convolution. Its disks of radius 8 and 10 (severities 4, 5) touch the
+    edge of their grid, where the anti-aliasing blur reflects weight back in: those kernels sum to
+    1.013 and 1.011, so flat regions brighten by about 1 %, as in the release."""
     radius, alias = DEFOCUS_BLUR[severity - 1]
     s = _base.size_scale(*x.shape[-2:])
     # the release draws disks of radius <= 8 on a 17x17 grid, larger ones on a (2 r + 1)^2 grid
-    half = max(math.ceil(max(radius, 8) * s), 1)
-    kernel = disk_kernel(radius * s, alias * s, large=radius > 8, half=half).to(x.device)
+    if s < 1:
+        kernel = _filters.resample_kernel(disk_kernel(radius, alias, large=radius > 8, half=max(radius, 8)), s)
+    else:
+        half = math.ceil(max(radius, 8) * s)
+        kernel = disk_kernel(radius * s, alias * s, large=radius > 8, half=half)
+    kernel = kernel.to(x.device)
     return _filters.filter2d(x, kernel, mode="mirror").clamp(0, 1)
 
 
@@ -66,17 +76,16 @@ def glass_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     sigma, delta, passes = GLASS_BLUR[severity - 1]
     n, c, h, w = x.shape
     s = _base.size_scale(h, w)
-    sigma = sigma * s
     reach = delta * s
     delta = max(1, round(reach))
     move_probability = min(reach, 1.0)
-    x = _filters.quantize(_filters.gaussian_blur(x, sigma))
+    x = _filters.quantize(_filters.gaussian_blur(x, sigma, scale=s))
     for _ in range(passes):
         offsets = utils.randint(2 * delta, (n, 2, h, w), generator, x.device) - delta
         if move_probability < 1.0:
             offsets *= (utils.rand((n, 1, h, w), generator, x.device) < move_probability).long()
         x = _filters.glass_shuffle(x, offsets, delta)
-    return _filters.gaussian_blur(x, sigma).clamp(0, 1)
+    return _filters.gaussian_blur(x, sigma, scale=s).clamp(0, 1)
 
 
 def motion_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
@@ -95,5 +104,4 @@ def zoom_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
-    sigma = GAUSSIAN_BLUR[severity - 1] * _base.size_scale(*x.shape[-2:])
-    return _filters.gaussian_blur(x, sigma).clamp(0, 1)
+    return _filters.gaussian_blur(x, GAUSSIAN_BLUR[severity - 1], scale=_base.size_scale(*x.shape[-2:])).clamp(0, 1)

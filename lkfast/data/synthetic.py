@@ -535,12 +535,14 @@ def build_base(root, config: SyntheticConfig = SyntheticConfig(), log=None, prog
     Returns {part: folder}. Shows a progress bar (tqdm) while building, unless ``progress`` is False."""
     from tqdm import tqdm
 
-    from lkfast.cache import ensure_entry
-
-    from lkfast.corrupt import CORRUPTIONS, PERTURBATIONS
+    from lkfast.cache import config_key, ensure_entry
+    from lkfast.corrupt import CORRUPTIONS, PERTURBATIONS, VERSION
 
     root = Path(root)
     key = config.key()
+    # the corrupted sets also depend on lkfast.corrupt's version; the clean parts (and the models
+    # trained on them) do not
+    corrupted_key = config_key(key, "corrupt", VERSION)
     if not (root / "imagenet-c").is_dir():
         _check_frost(config)  # before the first part is built, not minutes later at ImageNet-C
     steps = {"train": 1, "val": 1, "val-masks": 1, "imagenet-c": 5 * len(config.corruptions or CORRUPTIONS),
@@ -568,7 +570,8 @@ def build_base(root, config: SyntheticConfig = SyntheticConfig(), log=None, prog
             if steps[part] == 1:
                 bar.update(1)
 
-        out[part] = ensure_entry(root / part, build, key, log=log)
+        out[part] = ensure_entry(root / part, build, corrupted_key if part in ("imagenet-c", "imagenet-p") else key,
+                                 log=log)
     if bar is not None:
         bar.close()
     return out
