@@ -245,21 +245,31 @@ def test_size_scaling_of_blur():
         assert mean_distance(down, out_small) < 0.01, severity
 
 
-@pytest.mark.parametrize("name", ["defocus_blur", "gaussian_blur"])
+@pytest.mark.parametrize("name", ["defocus_blur", "gaussian_blur", "motion_blur"])
 def test_small_images_blur_as_if_224_then_averaged_down(name):
     # Below 224 px the release's kernels are carried to the smaller grid (splat_matrix), not drawn at
     # the scaled length: a 56-px image blurred equals, away from the border, its 224-px blow-up
     # (each pixel a 4x4 block) blurred by the release's own kernel and 4x4-averaged back, to float
-    # rounding, at every severity. Drawn at the scaled length instead, severity 1 (disk radius 0.75,
-    # sigma 0.25 px) changes nothing at all.
+    # rounding, at every severity (motion blur: the same seed, so the same angles). Drawn at the
+    # scaled length instead, severity 1 of defocus (disk radius 0.75) and Gaussian blur (sigma
+    # 0.25 px) changed nothing at all, and motion blur was 30 % weaker.
     small = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
     big = small.repeat_interleave(4, 2).repeat_interleave(4, 3)
     for severity in lc.SEVERITIES:
-        ours = lc.corrupt(small, name, severity)
-        down = torch.nn.functional.avg_pool2d(lc.corrupt(big, name, severity), 4)
-        torch.testing.assert_close(ours[..., 8:-8, 8:-8], down[..., 8:-8, 8:-8], rtol=0, atol=2e-6,
+        ours = lc.corrupt(small, name, severity, generator=5)
+        down = torch.nn.functional.avg_pool2d(lc.corrupt(big, name, severity, generator=5), 4)
+        torch.testing.assert_close(ours[..., 12:-12, 12:-12], down[..., 12:-12, 12:-12], rtol=0, atol=2e-6,
                                    msg=lambda m: f"{name} {severity}: {m}")
-    assert mean_distance(lc.corrupt(small, name, 1), small) > 0.05
+    assert mean_distance(lc.corrupt(small, name, 1, generator=5), small) > 0.05
+
+
+def test_small_motion_blur_perturbation_as_if_224_then_averaged_down():
+    # ImageNet-P's motion blur turns through fixed angles: the same carried kernels, frame by frame
+    small = torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    big = small.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    ours = lc.perturbation_sequence(small, "motion_blur")
+    down = torch.nn.functional.avg_pool2d(lc.perturbation_sequence(big, "motion_blur").flatten(0, 1), 4)
+    torch.testing.assert_close(ours[..., 12:-12, 12:-12], down.view_as(ours)[..., 12:-12, 12:-12], rtol=0, atol=2e-6)
 
 
 def test_splat_matrix():

@@ -68,8 +68,9 @@ SEVERITIES = (1, 2, 3, 4, 5)
 
 # Bump when any corruption's or perturbation's output changes for the same input and seed: images
 # rendered and cached with an older version (the embedded default's ImageNet-C and -P) are rebuilt.
-# 2: below 224 px, defocus and Gaussian blurs carry the release's kernels to the smaller grid.
-VERSION = 2
+# 2: below 224 px, defocus and Gaussian blurs carry the release's kernels to the smaller grid;
+# 3: motion blur's too (motion_blur, snow, and the perturbations motion_blur and snow).
+VERSION = 3
 
 
 def names(subset: str = "all") -> List[str]:

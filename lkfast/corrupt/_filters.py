@@ -190,9 +190,17 @@ def motion_kernels(radius: float, sigma: float, angles_deg: torch.Tensor) -> tor
     return kernels.view(-1, 1, size, size)
 
 
-def motion_blur(x: torch.Tensor, radius: float, sigma: float, angles_deg: torch.Tensor) -> torch.Tensor:
-    """ImageMagick-style motion blur of (N, C, H, W) with one angle per image (see motion_kernels)."""
-    return filter2d(x, motion_kernels(radius, sigma, angles_deg), mode="nearest")
+def motion_blur(x: torch.Tensor, radius: float, sigma: float, angles_deg: torch.Tensor,
+                scale: float = 1.0) -> torch.Tensor:
+    """ImageMagick-style motion blur of (N, C, H, W) with one angle per image (see motion_kernels).
+    ``radius`` and ``sigma`` are in pixels of a reference size that the image is ``scale`` times:
+    drawn at radius * scale, sigma * scale where scale >= 1, drawn at the reference size and carried
+    by ``splat_matrix`` below."""
+    if scale >= 1:
+        return filter2d(x, motion_kernels(radius * scale, sigma * scale, angles_deg), mode="nearest")
+    kernels = motion_kernels(radius, sigma, angles_deg)
+    a = splat_matrix(kernels.shape[-1], scale).to(device=kernels.device, dtype=kernels.dtype)
+    return filter2d(x, a @ kernels @ a.T, mode="nearest")
 
 
 def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:

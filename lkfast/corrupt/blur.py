@@ -3,10 +3,10 @@
 Parameters per severity 1..5 are those of the ImageNet-C release (Hendrycks & Dietterich, ICLR
 2019, make_imagenet_c.py). Radii, sigmas and glass-blur displacements are lengths in 224-px
 pixels; they are multiplied by ``size_scale`` = s = min(H, W) / 224 (zoom factors are ratios and
-stay as they are). Below 224 px the defocus disk and the Gaussians are the release's 224-px
-kernels carried to the smaller grid (``_filters.resample_kernel``), not kernels drawn at the
-scaled length: at 64 px the release's severity-1 disk (radius 3) and Gaussian (sigma 1) would
-be drawn narrower than a pixel, that is, not at all.
+stay as they are). Below 224 px the defocus disk, the Gaussians and the motion-blur lines are the
+release's 224-px kernels carried to the smaller grid (``_filters.splat_matrix``), not kernels
+drawn at the scaled length: at 64 px the release's severity-1 disk (radius 3) and Gaussian
+(sigma 1) would be drawn narrower than a pixel, that is, not at all.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def motion_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     radius, sigma = MOTION_BLUR[severity - 1]
     s = _base.size_scale(*x.shape[-2:])
     angles = utils.uniform((x.shape[0],), -45.0, 45.0, generator, x.device)
-    return _filters.motion_blur(x, radius * s, sigma * s, angles).clamp(0, 1)
+    return _filters.motion_blur(x, radius, sigma, angles, scale=s).clamp(0, 1)
 
 
 def zoom_blur(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:

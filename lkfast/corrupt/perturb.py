@@ -23,7 +23,8 @@ computed, so the frames returned do not depend on it.
 Geometric frames show what lies outside the image as black, as the release does beyond the
 256-px image; pass a larger image (e.g. the 256-px resize) and ``crop=224`` to get real context,
 which is what the writer does. Lengths (shifts, blur radii, flake size) scale with
-min(crop or image size) / 224.
+min(crop or image size) / 224; below 224 px the motion-blur kernels are the 224-px ones carried to
+the smaller grid (see ``lkfast.corrupt.blur``).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def _motion_blur(x, difficulty, scale, generator):
     n, t = x.shape[0], 31
     angles = ((torch.arange(t, device=x.device) - 30) * 4.0).repeat(n)
     flat = _frames(x, t).reshape(n * t, *x.shape[1:])
-    return _filters.motion_blur(flat, 10 * scale, 3 * scale, angles).clamp(0, 1).view(n, t, *x.shape[1:])
+    return _filters.motion_blur(flat, 10, 3, angles, scale=scale).clamp(0, 1).view(n, t, *x.shape[1:])
 
 
 def _pixel_grid(h, w, device):
@@ -128,7 +129,7 @@ def _snow(x, difficulty, scale, generator):
     layer = _filters.clipped_zoom(layer, max(3 * scale, 1.0))
     layer = _filters.quantize(torch.where(layer < 0.5, torch.zeros_like(layer), layer))
     angles = (torch.arange(t, device=x.device) * 4.0 - 150).repeat(n)
-    moving = _filters.motion_blur(_frames(layer, t).reshape(n * t, 1, h, w), 14 * scale, 4 * scale, angles)
+    moving = _filters.motion_blur(_frames(layer, t).reshape(n * t, 1, h, w), 14, 4, angles, scale=scale)
     moving = _filters.quantize(moving).view(n, t, 1, h, w)
     base = 0.85 * x + 0.15 * torch.maximum(x, _filters.rgb_to_gray(x) * 1.5 + 0.5)
     return (base[:, None] + moving + torch.flip(moving, dims=(-2, -1))).clamp(0, 1)
