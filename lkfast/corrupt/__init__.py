@@ -69,8 +69,10 @@ SEVERITIES = (1, 2, 3, 4, 5)
 # Bump when any corruption's or perturbation's output changes for the same input and seed: images
 # rendered and cached with an older version (the embedded default's ImageNet-C and -P) are rebuilt.
 # 2: below 224 px, defocus and Gaussian blurs carry the release's kernels to the smaller grid;
-# 3: motion blur's too (motion_blur, snow, and the perturbations motion_blur and snow).
-VERSION = 3
+# 3: motion blur's too (motion_blur, snow, and the perturbations motion_blur and snow);
+# 4: carried kernels spread by Lanczos-3 (not linearly); snow's and spatter's texture layers drawn
+# at 224 px below it, spatter's noise scaled above it.
+VERSION = 4
 
 
 def names(subset: str = "all") -> List[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 
@@ -25,6 +26,20 @@ def size_scale(height: int, width: int) -> float:
     JPEG quality, colour shifts) do not depend on size.
     """
     return min(height, width) / REFERENCE_SIZE
+
+
+def layer_grid(height: int, width: int, scale: Optional[float] = None) -> tuple:
+    """(H, W, s) of the grid a texture layer (snow flakes, spatter drops) is drawn on for an image
+    of this size whose lengths scale by ``scale`` (default ``size_scale``): the image's own where
+    scale >= 1 (s = scale), else the grid 1 / scale times larger (224 px on the short side without
+    a crop), s = 1. Such layers are thresholded noise: drawn on a smaller
+    grid, their flakes and drops could not shrink below a pixel, and far more (4-6x at 64 px) of
+    the image would be covered than in the release. Drawn at 224 px and box-averaged down
+    (``_filters.pil_box_resize``), they are what the image's 224-px blow-up would get."""
+    s = size_scale(height, width) if scale is None else scale
+    if s >= 1:
+        return height, width, s
+    return max(round(height / s), 1), max(round(width / s), 1), 1.0
 
 
 LEVELS = 255  # 8-bit images: x = k / 255

@@ -24,7 +24,8 @@ Geometric frames show what lies outside the image as black, as the release does 
 256-px image; pass a larger image (e.g. the 256-px resize) and ``crop=224`` to get real context,
 which is what the writer does. Lengths (shifts, blur radii, flake size) scale with
 min(crop or image size) / 224; below 224 px the motion-blur kernels are the 224-px ones carried to
-the smaller grid (see ``lkfast.corrupt.blur``).
+the smaller grid (see ``lkfast.corrupt.blur``) and snow's flakes are drawn at 224 px and averaged
+down (see ``lkfast.corrupt.weather``).
 """
 from __future__ import annotations
 
@@ -125,12 +126,16 @@ def _zoom_blur(x, difficulty, scale, generator):
 def _snow(x, difficulty, scale, generator):
     n, c, h, w = x.shape
     t = 31
-    layer = 0.05 + 0.3 * utils.randn((n, 1, h, w), generator, x.device)
+    gh, gw, scale = _base.layer_grid(h, w, scale)  # below 224 px the flakes are drawn at 224 px, then averaged down
+    layer = 0.05 + 0.3 * utils.randn((n, 1, gh, gw), generator, x.device)
     layer = _filters.clipped_zoom(layer, max(3 * scale, 1.0))
     layer = _filters.quantize(torch.where(layer < 0.5, torch.zeros_like(layer), layer))
     angles = (torch.arange(t, device=x.device) * 4.0 - 150).repeat(n)
-    moving = _filters.motion_blur(_frames(layer, t).reshape(n * t, 1, h, w), 14, 4, angles, scale=scale)
-    moving = _filters.quantize(moving).view(n, t, 1, h, w)
+    moving = _filters.motion_blur(_frames(layer, t).reshape(n * t, 1, gh, gw), 14, 4, angles, scale=scale)
+    moving = _filters.quantize(moving)
+    if (gh, gw) != (h, w):
+        moving = _filters.pil_box_resize(moving, h, w)
+    moving = moving.view(n, t, 1, h, w)
     base = 0.85 * x + 0.15 * torch.maximum(x, _filters.rgb_to_gray(x) * 1.5 + 0.5)
     return (base[:, None] + moving + torch.flip(moving, dims=(-2, -1))).clamp(0, 1)
 

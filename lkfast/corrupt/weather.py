@@ -3,7 +3,11 @@
 Parameters per severity 1..5 are those of the ImageNet-C release (Hendrycks & Dietterich, ICLR
 2019, make_imagenet_c.py). Lengths (snow-flake zoom, motion-blur radius and sigma, spatter blur
 sigmas and distance cut-off, the fog fractal's size, the frost photograph's scale) are in 224-px
-pixels and are multiplied by ``size_scale`` = min(H, W) / 224; blend weights are not.
+pixels and are multiplied by ``size_scale`` = min(H, W) / 224; blend weights are not. Below
+224 px snow's flakes and spatter's drops are drawn on the 224-px grid and box-averaged to the
+image (``_base.layer_grid``): thresholded noise drawn on a smaller grid cannot make features
+smaller than a pixel, and covered 1.6x (snow) to 11x (spatter) more of a 64-px image. Above 224 px
+spatter's noise is scaled so that its blurred spread, which the threshold cuts, stays the release's.
 """
 from __future__ import annotations
 
@@ -48,13 +52,15 @@ class FrostPhotosMissing(RuntimeError):
 def snow(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     mean, std, zoom, threshold, radius, sigma, keep = SNOW[severity - 1]
     n, _, h, w = x.shape
-    s = _base.size_scale(h, w)
-    layer = mean + std * utils.randn((n, 1, h, w), generator, x.device)
+    gh, gw, s = _base.layer_grid(h, w)  # below 224 px the flakes are drawn at 224 px, then averaged down
+    layer = mean + std * utils.randn((n, 1, gh, gw), generator, x.device)
     layer = _filters.clipped_zoom(layer, max(zoom * s, 1.0))
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer)
     layer = _filters.quantize(layer)  # the release stores the flakes as an 8-bit PNG for ImageMagick
     angles = utils.uniform((n,), -135.0, -45.0, generator, x.device)
     layer = _filters.quantize(_filters.motion_blur(layer, radius, sigma, angles, scale=s))
+    if (gh, gw) != (h, w):
+        layer = _filters.pil_box_resize(layer, h, w)
     x = keep * x + (1 - keep) * torch.maximum(x, _filters.rgb_to_gray(x) * 1.5 + 0.5)
     return (x + layer + torch.flip(layer, dims=(-2, -1))).clamp(0, 1)
 
@@ -188,13 +194,19 @@ def brightness(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
 def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     mean, std, sigma, threshold, intensity, mud = SPATTER[severity - 1]
     n, _, h, w = x.shape
-    s = _base.size_scale(h, w)
-    liquid = mean + std * utils.randn((n, 1, h, w), generator, x.device)
+    gh, gw, s = _base.layer_grid(h, w)  # below 224 px the drops are drawn at 224 px, then averaged down
+    # The liquid layer is white noise blurred by sigma: its spread (std times the blur's 2-D L2 norm)
+    # is what the fixed threshold cuts, so above 224 px the noise is scaled by the release's norm over
+    # this size's, to keep the release's share of wet pixels (1 at 224 px and below)
+    gain = (_filters.gaussian_kernel(sigma).norm() / _filters.gaussian_kernel(sigma, scale=s).norm()).item() ** 2
+    liquid = mean + std * gain * utils.randn((n, 1, gh, gw), generator, x.device)
     liquid = _filters.gaussian_blur(liquid, sigma * s)
     liquid = torch.where(liquid < threshold, torch.zeros_like(liquid), liquid)
     if mud:
         m = _filters.gaussian_blur((liquid > threshold).float(), intensity * s)
         m = torch.where(m < 0.8, torch.zeros_like(m), m)
+        if (gh, gw) != (h, w):
+            m = _filters.pil_box_resize(m, h, w)
         colour = torch.tensor(MUD_COLOUR, device=x.device).view(1, 3, 1, 1)
         return (x * (1 - m) + colour * m).clamp(0, 1)
     # water: drops whose rims are shaded by the distance to the drop edges (the release's
@@ -217,5 +229,7 @@ def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     dist = torch.round(_filters.box3(dist))
     m = liquid8 * dist
     m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) * intensity
+    if (gh, gw) != (h, w):
+        m = _filters.pil_box_resize(m, h, w)
     colour = torch.tensor(WATER_COLOUR, device=x.device).view(1, 3, 1, 1)
     return (x + m * colour).clamp(0, 1)
