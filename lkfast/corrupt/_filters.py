@@ -77,9 +77,8 @@ def splat_matrix(taps: int, scale: float) -> torch.Tensor:
     """(2 r + 1, taps) float64 matrix A, r = ceil((taps - 1) / 2 * scale) + 2 (Lanczos' reach; + 0
     at scale 1), that carries an odd kernel drawn in 224-px pixels to an image ``scale`` (< 1)
     times that size: tap p (centred offset) lands at p * scale and is spread over the nearby
-    pixels by Lanczos-3 interpolation
-    weights (a windowed sinc), normalised so that each tap keeps its weight. The carried kernel
-    then has the release kernel's frequency response at every frequency the smaller image holds
+    pixels by Lanczos-3 interpolation weights (a windowed sinc), normalised so that each tap
+    keeps its weight. The carried kernel then has the release kernel's frequency response at every frequency the smaller image holds
     (to about 1 %: tests/test_corrupt.py), so a corruption keeps its strength relative to the
     content however small the image. A kernel drawn at the scaled length instead degenerates
     below a pixel (at 64 px the release's severity-1 defocus disk and Gaussian blurred nothing),
