@@ -78,12 +78,12 @@ def splat_matrix(taps: int, scale: float) -> torch.Tensor:
     at scale 1), that carries an odd kernel drawn in 224-px pixels to an image ``scale`` (< 1)
     times that size: tap p (centred offset) lands at p * scale and is spread over the nearby
     pixels by Lanczos-3 interpolation weights (a windowed sinc), normalised so that each tap
-    keeps its weight. The carried kernel then has the release kernel's frequency response at every frequency the smaller image holds
-    (to about 1 %: tests/test_corrupt.py), so a corruption keeps its strength relative to the
-    content however small the image. A kernel drawn at the scaled length instead degenerates
-    below a pixel (at 64 px the release's severity-1 defocus disk and Gaussian blurred nothing),
-    and linear spreading would blur about 20 % more at a quarter of the sampling rate. At scale 1
-    A is the identity."""
+    keeps its weight. The carried kernel then has the release kernel's frequency response at
+    every frequency the smaller image holds (to about 1 %: tests/test_corrupt.py), so a corruption
+    keeps its strength relative to the content however small the image. A kernel drawn at the
+    scaled length instead degenerates below a pixel (at 64 px the release's severity-1 defocus
+    disk and Gaussian blurred nothing), and linear spreading would blur about 20 % more at a
+    quarter of the sampling rate. At scale 1 A is the identity."""
     half = (taps - 1) // 2
     r = math.ceil(half * scale - 1e-9) + (2 if scale < 1 else 0)
     j = torch.arange(-r, r + 1, dtype=torch.float64)[:, None]
@@ -258,8 +258,11 @@ def _pil_box_matrix_cpu(n_in: int, n_out: int) -> torch.Tensor:
 
 
 def pil_box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize the last two dims like Pillow's Image.resize(..., Image.BOX)."""
+    """Resize the last two dims like Pillow's Image.resize(..., Image.BOX); ``x`` itself where it
+    already has that size (a layer drawn on the image's own grid, see ``_base.layer_grid``)."""
     h, w = x.shape[-2:]
+    if (h, w) == (height, width):
+        return x
     rows = _pil_box_matrix_cpu(h, height).to(x.device)
     cols = _pil_box_matrix_cpu(w, width).to(x.device)
     return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))

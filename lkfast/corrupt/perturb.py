@@ -132,10 +132,7 @@ def _snow(x, difficulty, scale, generator):
     layer = _filters.quantize(torch.where(layer < 0.5, torch.zeros_like(layer), layer))
     angles = (torch.arange(t, device=x.device) * 4.0 - 150).repeat(n)
     moving = _filters.motion_blur(_frames(layer, t).reshape(n * t, 1, gh, gw), 14, 4, angles, scale=scale)
-    moving = _filters.quantize(moving)
-    if (gh, gw) != (h, w):
-        moving = _filters.pil_box_resize(moving, h, w)
-    moving = moving.view(n, t, 1, h, w)
+    moving = _filters.pil_box_resize(_filters.quantize(moving), h, w).view(n, t, 1, h, w)
     base = 0.85 * x + 0.15 * torch.maximum(x, _filters.rgb_to_gray(x) * 1.5 + 0.5)
     return (base[:, None] + moving + torch.flip(moving, dims=(-2, -1))).clamp(0, 1)
 

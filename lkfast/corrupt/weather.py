@@ -59,8 +59,7 @@ def snow(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     layer = _filters.quantize(layer)  # the release stores the flakes as an 8-bit PNG for ImageMagick
     angles = utils.uniform((n,), -135.0, -45.0, generator, x.device)
     layer = _filters.quantize(_filters.motion_blur(layer, radius, sigma, angles, scale=s))
-    if (gh, gw) != (h, w):
-        layer = _filters.pil_box_resize(layer, h, w)
+    layer = _filters.pil_box_resize(layer, h, w)  # back to the image's grid (nothing to do at 224 px and up)
     x = keep * x + (1 - keep) * torch.maximum(x, _filters.rgb_to_gray(x) * 1.5 + 0.5)
     return (x + layer + torch.flip(layer, dims=(-2, -1))).clamp(0, 1)
 
@@ -200,13 +199,11 @@ def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     # this size's, to keep the release's share of wet pixels (1 at 224 px and below)
     gain = (_filters.gaussian_kernel(sigma).norm() / _filters.gaussian_kernel(sigma, scale=s).norm()).item() ** 2
     liquid = mean + std * gain * utils.randn((n, 1, gh, gw), generator, x.device)
-    liquid = _filters.gaussian_blur(liquid, sigma * s)
+    liquid = _filters.gaussian_blur(liquid, sigma, scale=s)
     liquid = torch.where(liquid < threshold, torch.zeros_like(liquid), liquid)
     if mud:
-        m = _filters.gaussian_blur((liquid > threshold).float(), intensity * s)
-        m = torch.where(m < 0.8, torch.zeros_like(m), m)
-        if (gh, gw) != (h, w):
-            m = _filters.pil_box_resize(m, h, w)
+        m = _filters.gaussian_blur((liquid > threshold).float(), intensity, scale=s)
+        m = _filters.pil_box_resize(torch.where(m < 0.8, torch.zeros_like(m), m), h, w)
         colour = torch.tensor(MUD_COLOUR, device=x.device).view(1, 3, 1, 1)
         return (x * (1 - m) + colour * m).clamp(0, 1)
     # water: drops whose rims are shaded by the distance to the drop edges (the release's
@@ -228,8 +225,6 @@ def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     dist = torch.round(emboss).clamp_(0, 255)
     dist = torch.round(_filters.box3(dist))
     m = liquid8 * dist
-    m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) * intensity
-    if (gh, gw) != (h, w):
-        m = _filters.pil_box_resize(m, h, w)
+    m = _filters.pil_box_resize(m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) * intensity, h, w)
     colour = torch.tensor(WATER_COLOUR, device=x.device).view(1, 3, 1, 1)
     return (x + m * colour).clamp(0, 1)
