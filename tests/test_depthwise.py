@@ -177,7 +177,9 @@ def test_cpu_channels_last_in_place(isa, tmp_path):
     row's weights held, each input loaded once) and the others (9-13: the rotation over the taps
     meeting the image); rows of 8-wide register blocks and a remainder, blocks reaching past both
     edges at once, one-pixel-wide maps, rectangular kernels, and the small-map order (one channel
-    block over a group of images) on a map the small-map kernel does not take. Weight gradient: the
+    block over a group of images) on a map the small-map kernel does not take, at batch 2 and at
+    batch 8 (where every thread has whole images: all blocks of an image per item, in address
+    order), and once with an output large enough to be pre-faulted. Weight gradient: the
     rows' end pixels (tested per tap) and middles (the rotation), maps no wider than the kernel.
     Both: x, y and the output gradient with strides other than a contiguous tensor's (cropped views).
     Each instruction set's code in a child process, on 2 threads (so the small-map order is reached)."""
@@ -191,7 +193,12 @@ def test_cpu_channels_last_in_place(isa, tmp_path):
                                   ((1, 32, 7, 17), (9, 13), torch.float32, False),  # a width not compiled in
                                   ((2, 16, 12, 10), (13, 11), torch.float64, False),
                                   ((1, 32, 10, 12), (7, 5), torch.float32, True),   # a cropped view
-                                  ((2, 128, 5, 6), (7, 7), torch.float32, False)]:  # the small-map order
+                                  ((2, 128, 5, 6), (7, 7), torch.float32, False),  # the small-map order
+                                  # 8 images on 2 threads, no small-map kernel: all blocks of an image
+                                  # per item, in address order (where the small-map order would be)
+                                  ((8, 128, 5, 6), (7, 7), torch.float32, False),
+                                  # the small-map order with an output over 1 MB: its pages faulted in first
+                                  ((2, 1024, 9, 16), (13, 13), torch.float32, False)]:
         N, C, H, W = shape
         x = make_input((N, C, H + 3 * crop, W + 2 * crop), "channels_last", dtype)
         g = make_input((N, C, H + 3 * crop, W + 2 * crop), "channels_last", dtype)

@@ -31,6 +31,7 @@
                    int i1, double* GW, bool input_finite, bool grad_finite);                    \
   bool all_finite(const float* p, long n);                                                      \
   bool all_finite(const double* p, long n);                                                     \
+  bool small_direct_applies(int W, int kw);                                                     \
   }                                                                                             \
   }                                                                                             \
   }

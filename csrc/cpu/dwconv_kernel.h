@@ -619,6 +619,8 @@ void forward_rows(const double* P, int prow0, int H, int W, int kh, int kw, cons
   forward_rows_impl<double>(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O, input_finite,
                             weights_finite);
 }
+// Whether forward_small_direct has a kernel for this map width and kernel width.
+bool small_direct_applies(int W, int kw) { return small_map(W, kw); }
 template <typename T>
 static bool forward_small_direct_impl(const T* X, long xh, long xw, int H, int W, int kh, int kw,
                                       const T* Wt, const T* Bias, T* Y, long yh, long yw) {
