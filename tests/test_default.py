@@ -143,6 +143,28 @@ def test_kernel_choices_fixed_unless_the_user_chose(monkeypatch, capsys):
     assert default._model_key("resnet_tiny", TINY) != fixed
 
 
+def test_the_model_key_follows_the_shipped_table_s_choices_not_its_times(monkeypatch):
+    """With fixed choices the trained models depend on which backend the shipped table picks for
+    each shape: a table with another choice keys other models; one re-timed to the same choices
+    keeps the key (no retraining)."""
+    from lkfast.ops import cpu_dispatch as cd
+
+    monkeypatch.setenv("LKFAST_CALIBRATE", "0")
+    isa = cd.fingerprint()["isa"]
+    row = {"pass": "forward", "key": ["float32", "channels_last", 7, 7, 64, 256, 32, 32], "backend": "cpu",
+           "seconds": {"cpu": 0.001, "torch": 0.002}}
+    tables = {"base": {isa: {"rows": [row]}},
+              "retimed": {isa: {"rows": [dict(row, seconds={"cpu": 0.003, "torch": 0.004})]}},
+              "flipped": {isa: {"rows": [dict(row, backend="torch")]}},
+              "other_isa": {"not_" + isa: {"rows": [row]}}}
+    keys = {}
+    for name, table in tables.items():
+        monkeypatch.setattr(cd, "_load_table", lambda path, table=table: table)
+        keys[name] = default._model_key("resnet_tiny", TINY)
+    assert keys["base"] == keys["retimed"]
+    assert len({keys["base"], keys["flipped"], keys["other_isa"]}) == 3
+
+
 def test_analysis_option_mistakes_are_found_before_the_default_trains(tmp_path, monkeypatch, capsys):
     """With no --models (the embedded default), a --dino-checkpoint that is not a file and a
     --taig-surrogate that is no label of the default's models were checked only after the benchmark

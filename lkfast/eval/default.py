@@ -119,11 +119,13 @@ def fix_kernel_choices() -> str:
 
 def _model_key(name: str, settings: DefaultSettings) -> str:
     from lkfast import __version__ as version
-    from lkfast.ops.cpu_dispatch import calibration_enabled
+    from lkfast.ops.cpu_dispatch import calibration_enabled, table_choices_digest
 
     # the class order is part of what a model's outputs mean: it is part of the key; so is how the
-    # kernels were chosen (they round differently: other choices, other weights)
-    choices = "calibrated" if calibration_enabled() else "table"
+    # kernels were chosen (they round differently: other choices, other weights), and with the
+    # shipped table, which choices it holds (a new table retrains; one re-measured to the same
+    # choices does not)
+    choices = "calibrated" if calibration_enabled() else f"table-{table_choices_digest()}"
     return config_key("model", name, list(settings.recipe), settings.data.key(), version, list(synthetic.CLASSES),
                       choices)
 

@@ -16,7 +16,7 @@ with oneDNN's channels_last path at RepLKNet-31B's stage shapes, on an AVX2-only
    is stale and starts afresh; a file that does not parse or fails its checksum is corrupt,
    reported with a warning and rebuilt, never trusted.
 2. **The shipped table** ``cpu_table.json`` (measured per instruction set by
-   ``benchmarks/bench_depthwise.py``, nearest row in log kernel size, channels and map area) when
+   ``benchmarks/make_cpu_table.py``, nearest row in log kernel size, batch, channels and map area) when
    calibration is off (``LKFAST_CALIBRATE=0``), while ``torch.compile`` traces, or when the
    measurement cannot run.
 3. **The built-in rule** when the table has no row for the instruction set: lkfast's kernel for
@@ -226,7 +226,8 @@ def _load_table(path: str) -> dict:
 
 def table_lookup(isa: str, pass_: str, key: tuple, table: Optional[dict] = None) -> Optional[tuple[str, tuple]]:
     """(backend, row key) of the nearest measured row with the same instruction set, pass, dtype
-    and layout, or None. Distance: sum of |log| differences of kh, kw, C and H*W."""
+    and layout, or None. Distance: sum of |log| differences of kh, kw, N, C and H*W (the batch
+    counts: at ConvNeXt-T's stage-4 shape the forward's winner turned between batch 8 and 32)."""
     table = _load_table(str(TABLE_PATH)) if table is None else table
     rows = [r for r in table.get(isa, {}).get("rows", [])
             if r["pass"] == pass_ and tuple(r["key"][:2]) == tuple(key[:2])]
@@ -234,28 +235,46 @@ def table_lookup(isa: str, pass_: str, key: tuple, table: Optional[dict] = None)
         return None
 
     def distance(row_key):
-        _, _, kh, kw, _, c, h, w = row_key
+        _, _, kh, kw, n, c, h, w = row_key
         d = lambda a, b: abs(math.log(max(a, 1)) - math.log(max(b, 1)))  # noqa: E731
-        return d(kh, key[2]) + d(kw, key[3]) + d(c, key[5]) + d(h * w, key[6] * key[7])
+        return d(kh, key[2]) + d(kw, key[3]) + d(n, key[4]) + d(c, key[5]) + d(h * w, key[6] * key[7])
 
     best = min(rows, key=lambda r: distance(r["key"]))
     return best["backend"], tuple(best["key"])
 
 
+def table_choices_digest(isa: Optional[str] = None, table: Optional[dict] = None) -> str:
+    """A digest of the shipped table's choices for an instruction set (default: the one lkfast
+    runs): the (pass, shape class, backend) of every row, not the times, so a re-measurement that
+    picks the same backends keeps the digest. What a result computed with the table's choices
+    depends on (other backends round differently); "none" where the table has no rows for it."""
+    isa = fingerprint()["isa"] if isa is None else isa
+    table = _load_table(str(TABLE_PATH)) if table is None else table
+    rows = table.get(isa, {}).get("rows", [])
+    if not rows:
+        return "none"
+    choices = sorted((r["pass"], [str(k) for k in r["key"]], r["backend"]) for r in rows)
+    return hashlib.sha256(json.dumps(choices).encode()).hexdigest()[:16]
+
+
 # --- measuring ----------------------------------------------------------------------------------
 
 
-def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: float = 3.0) -> dict[str, float]:
+def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: float = 3.0,
+            setup_allowance: float = 0.05) -> dict[str, float]:
     """Median seconds of each callable over interleaved rounds, after one warm-up call each; stops
-    after the warm-up when one candidate is ``clear_ratio`` times faster than every other (no need
-    to time a 1.5 s PyTorch weight gradient three more times to know a 50 ms kernel wins)."""
+    after the warm-up when one candidate is ``clear_ratio`` times faster than every other even with
+    ``setup_allowance`` seconds taken off the others' warm-up (no need to time a 1.5 s PyTorch weight
+    gradient three more times to know a 50 ms kernel wins). The allowance is for one-time costs of a
+    first call: oneDNN builds its kernel for a new shape then, which made a 0.3 ms bf16 forward take
+    3.6 ms once, and the warm-up alone would have ruled it out (make_cpu_table.py at 1e9a030)."""
     warm = {}
     for name, run in runs.items():
         start = time.perf_counter()
         run()
         warm[name] = time.perf_counter() - start
     ordered = sorted(warm.values())
-    if len(ordered) > 1 and ordered[1] >= clear_ratio * ordered[0]:
+    if len(ordered) > 1 and ordered[1] - setup_allowance >= clear_ratio * ordered[0]:
         return warm
     from lkfast.timing import median, time_interleaved
 
@@ -356,5 +375,5 @@ def choose_pointwise(x: torch.Tensor, weight: torch.Tensor, *, calibrate: Option
     return _calibrated(key, POINTWISE_CANDIDATES, lambda: _pointwise_runs(x, weight), measure_fn)
 
 
-__all__ = ["choose", "choose_pointwise", "memo_token", "remembered", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup",
+__all__ = ["choose", "choose_pointwise", "memo_token", "remembered", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup", "table_choices_digest",
            "measure", "cache_dir", "calibration_enabled"]
