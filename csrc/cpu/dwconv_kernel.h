@@ -1098,7 +1098,7 @@ static void wgrad_direct_rows(const T* X, long xh, long xw, const T* G, long gh,
         };
         for (int w = 0; w < mid_lo; ++w) end_pixel(w);
         int w = mid_lo;
-        if constexpr (kParts == 1) {  // 32 zmm: dot_shift_a's sliding window (KW acc + KW inputs + 1)
+        if constexpr (kParts == 1) {  // 32 zmm: window_dot_a's sliding window (KW acc + KW inputs + 1)
           window_dot_a<V, KW>([&](int s) { return x_at(s - pw); },
                               [&](int s) -> V { return *reinterpret_cast<const VU*>(gr + (long)s * gw); },
                               mid_lo, mid_hi, acc);
