@@ -197,6 +197,7 @@ def test_cpu_channels_last_in_place(isa, tmp_path):
                                   # 8 images on 2 threads, no small-map kernel: all blocks of an image
                                   # per item, in address order (where the small-map order would be)
                                   ((8, 128, 5, 6), (7, 7), torch.float32, False),
+                                  ((8, 64, 5, 6), (7, 7), torch.float64, False),  # fp64: 8 blocks of 8
                                   # the small-map order with an output over 1 MB: its pages faulted in first
                                   ((2, 1024, 9, 16), (13, 13), torch.float32, False)]:
         N, C, H, W = shape
