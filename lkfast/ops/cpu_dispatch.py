@@ -224,13 +224,17 @@ def _load_table(path: str) -> dict:
         return {}
 
 
+def _table_rows(isa: str, table: Optional[dict] = None) -> list:
+    """The rows of ``table`` (default: the shipped one) for an instruction set; [] where it has none."""
+    table = _load_table(str(TABLE_PATH)) if table is None else table
+    return table.get(isa, {}).get("rows", [])
+
+
 def table_lookup(isa: str, pass_: str, key: tuple, table: Optional[dict] = None) -> Optional[tuple[str, tuple]]:
     """(backend, row key) of the nearest measured row with the same instruction set, pass, dtype
     and layout, or None. Distance: sum of |log| differences of kh, kw, N, C and H*W (the batch
     counts: at ConvNeXt-T's stage-4 shape the forward's winner turned between batch 8 and 32)."""
-    table = _load_table(str(TABLE_PATH)) if table is None else table
-    rows = [r for r in table.get(isa, {}).get("rows", [])
-            if r["pass"] == pass_ and tuple(r["key"][:2]) == tuple(key[:2])]
+    rows = [r for r in _table_rows(isa, table) if r["pass"] == pass_ and tuple(r["key"][:2]) == tuple(key[:2])]
     if not rows:
         return None
 
@@ -248,9 +252,7 @@ def table_choices_digest(isa: Optional[str] = None, table: Optional[dict] = None
     runs): the (pass, shape class, backend) of every row, not the times, so a re-measurement that
     picks the same backends keeps the digest. What a result computed with the table's choices
     depends on (other backends round differently); "none" where the table has no rows for it."""
-    isa = fingerprint()["isa"] if isa is None else isa
-    table = _load_table(str(TABLE_PATH)) if table is None else table
-    rows = table.get(isa, {}).get("rows", [])
+    rows = _table_rows(fingerprint()["isa"] if isa is None else isa, table)
     if not rows:
         return "none"
     choices = sorted((r["pass"], [str(k) for k in r["key"]], r["backend"]) for r in rows)
