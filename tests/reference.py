@@ -167,9 +167,9 @@ if len(sys.argv) > 3:
     torch.set_num_threads(int(sys.argv[3]))
 cases = torch.load(sys.argv[1])
 out = []
-for x, w, g in cases:
+for x, w, g, b in cases:
     kh, kw = w.shape[-2:]
-    out.append((_ext._C.cpu_forward(x, w, None, False), _ext._C.cpu_forward(g, w, None, True),
+    out.append((_ext._C.cpu_forward(x, w, b, False), _ext._C.cpu_forward(g, w, None, True),
                 _ext._C.cpu_weight_grad(g, x, kh, kw)))
 torch.save({"isa": _ext._C.cpu_isa(), "out": out}, sys.argv[2])
 """
@@ -179,7 +179,7 @@ ISA_ORDER = ["generic", "avx2", "avx512"]  # the order LKFAST_CPU_ISA caps in: i
 
 def cpu_kernels_on_isa(isa: str, cases, tmp_path, threads=None) -> list:
     """(forward, input gradient, weight gradient) of the C++ kernels for each case (x, weight,
-    grad_out) on instruction set ``isa``. LKFAST_CPU_ISA is read once per process, so they run in
+    grad_out, bias or None; the bias goes to the forward only) on instruction set ``isa``. LKFAST_CPU_ISA is read once per process, so they run in
     a child process (on ``threads`` threads when given). Fails if the cap was ignored; skips,
     saying which path ran, when this CPU has no ``isa``."""
     torch.save(cases, tmp_path / "in.pt")

@@ -85,7 +85,7 @@ def test_exact_reference_is_conv2d(dtype):
 def test_nonfinite_placement_every_instruction_set(isa, tmp_path):
     """The same on each instruction set's code (LKFAST_CPU_ISA, read once per process, so in a child
     process): AVX2's blocks of at most 7 and rows in groups of 4, the small-map kernels (on AVX2 the
-    forward's half-pixels in blocks of 4 + 3)."""
+    forward's row of 7 outputs and both half-pixels in one register block)."""
     backend_or_skip("cpu")
     cases = [make_case(shape, fmt, dtype, where)
              for shape, fmt, dtype in [((2, 20, 9, 12, 15, 15), "contiguous", torch.float32),
@@ -95,8 +95,9 @@ def test_nonfinite_placement_every_instruction_set(isa, tmp_path):
                                        ((2, 32, 10, 19, 7, 7), "channels_last", torch.float32),  # in place
                                        ((1, 16, 9, 13, 11, 9), "channels_last", torch.float64)]
              for where in WHERE]
+    cases = [(x, w, g, None) for x, w, g in cases]  # no bias (exact_reference has none)
     # 2 threads: the small-map case's 5 channel blocks reach its kernel on at most 2 threads
-    for (x, w, g), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path, threads=2)):
+    for (x, w, g, _), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path, threads=2)):
         want = exact_reference(x, w, g)
         for name, got in zip(PASS_NAMES, outputs):
             assert_nonfinite_match(got, want[name], TOLERANCE[x.dtype][name], f"{isa} {tuple(x.shape)} {x.dtype} {name}")

@@ -157,13 +157,15 @@ def test_cpu_every_instruction_set(isa, tmp_path):
                                  ((3, 70, 6, 5), (9, 11), torch.float32, "channels_last"),
                                  ((3, 70, 6, 5), (9, 11), torch.float64, "contiguous"),
                                  # RepLKNet's stage 4 (7x7 map, 13x13 kernel): on AVX2 the small-map
-                                 # forward in two blocks (4 + 3) per half-pixel, read in place (fp32
-                                 # channels_last) and from packed tiles (fp64)
+                                 # forward with a row's 7 outputs and both half-pixels in one register
+                                 # block, read in place (fp32 channels_last) and from packed tiles (fp64)
                                  ((2, 70, 7, 7), (13, 13), torch.float32, "channels_last"),
                                  ((1, 5, 7, 7), (13, 13), torch.float64, "contiguous")]:
-        cases.append((make_input(shape, fmt, dtype), make_weight(shape[1], *k, dtype), make_input(shape, fmt, dtype)))
-    for (x, w, g), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path)):
-        want = reference(x, w, None, g)
+        # every forward with a bias, every input gradient (the same kernels) without one
+        cases.append((make_input(shape, fmt, dtype), make_weight(shape[1], *k, dtype), make_input(shape, fmt, dtype),
+                      torch.randn(shape[1], dtype=dtype)))
+    for (x, w, g, b), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path)):
+        want = reference(x, w, b, g)
         for name, got in zip(PASSES, outputs):
             assert got.dtype == x.dtype
             assert rel_err(got, want[name]) < TOLERANCE[x.dtype][name], (isa, tuple(x.shape), x.dtype, name)
@@ -206,9 +208,9 @@ def test_cpu_channels_last_in_place(isa, tmp_path):
         if crop:
             x, g = x[:, :, 2:-1, 1:-1], g[:, :, 1:-2, 2:]
             assert x.stride(1) == 1 and x.stride(2) != W * C
-        cases.append((x, make_weight(C, *k, dtype), g))
-    for (x, w, g), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path, threads=2)):
-        want = reference(x, w, None, g)
+        cases.append((x, make_weight(C, *k, dtype), g, torch.randn(C, dtype=dtype)))  # a bias for the forward
+    for (x, w, g, b), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path, threads=2)):
+        want = reference(x, w, b, g)
         for name, got in zip(PASSES, outputs):
             assert got.dtype == x.dtype
             assert rel_err(got, want[name]) < TOLERANCE[x.dtype][name], (isa, tuple(x.shape), x.dtype, name)

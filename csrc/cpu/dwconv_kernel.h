@@ -305,8 +305,9 @@ static inline __attribute__((always_inline)) void fwd_block(const V* __restrict 
 // once each (34 loads for 98 FMAs at W = 14, where the general band loop reloads its weights for
 // every pair of inputs: ~70), and with W fixed at compile time no loop is left but the rows'.
 // NB accumulators + W + NB - 1 weights + 1 input must fit the registers: 32 zmm hold it up to
-// W = 14 (blocks of up to 7, 28 registers); 16 ymm (AVX2, each pixel kParts = 2 vectors, taken one
-// part at a time) up to W = kSmallMaxWParts (blocks of up to 4: 15 registers at W = 7). Inputs and
+// W = 14 (blocks of up to 7, 28 registers). With 16 ymm (AVX2, each pixel kParts = 2 vectors) a row
+// runs fwd_small_row_parts instead, up to W = kSmallMaxWParts: its W outputs of both parts held
+// (14 registers at W = 7), the weights taken from memory. Inputs and
 // outputs are addressed by element strides, so the same code reads a packed tile or the tensors
 // themselves (channels innermost: see forward_small_direct); only input pixels inside the image
 // are read, so neither needs padding.
@@ -384,7 +385,53 @@ static inline __attribute__((always_inline)) void fwd_small_block(
   for (int b = 0; b < NB; ++b) *reinterpret_cast<VU*>(out + b * yw) = acc[b];
 }
 
-// Output rows [h0, h1) of a W-wide map (see fwd_small_block), each part of the pixel in turn.
+// Output row h of a W-wide map, all W outputs and all kParts parts of each in one register block
+// (16 registers, kParts = 2: 2 W <= 14 accumulators + 1 input), the weights taken straight from
+// memory as the FMAs' operands. Each tap row loads every input vector once and meets it with
+// the W weights it pairs with: 2 W independent accumulator chains, where fwd_small_block's blocks of
+// at most 4 outputs per part gave 3-4, too few to cover the FMA latency (RepLKNet's stage 4, 7x7
+// maps with 13x13 kernels: 0.68 FMAs a cycle on a Zen 5 capped to AVX2, below oneDNN). Every
+// accumulator sums the same products in the same order as fwd_small_block's, so the results are
+// the same bit for bit.
+template <typename T, int W>
+static inline __attribute__((always_inline)) void fwd_small_row_parts(
+    const T* __restrict X, long xh, long xw, int h, int H, int kh, int kw,
+    const typename Vec<T>::type* __restrict Wt, const typename Vec<T>::type* __restrict bias,
+    T* __restrict Y, long yh, long yw) {
+  typedef typename Vec<T>::type V;
+  typedef typename VecU<T>::type VU;
+  constexpr long L = LKFAST_VEC_BYTES / sizeof(T);  // elements per vector
+  static_assert(W * kParts <= 14, "accumulators + 1 input must fit 16 registers");
+  const int ph = kh / 2, pw = kw / 2;
+  const int wt_stride = kw + 2 * kWeightPad;
+  V acc[W][kParts];
+#pragma GCC unroll 16
+  for (int b = 0; b < W; ++b)
+#pragma GCC unroll 2
+    for (int v = 0; v < kParts; ++v) acc[b][v] = bias ? bias[v] : V{};
+  const int i_lo = imax(0, ph - h), i_hi = imin(kh, H + ph - h);
+  for (int i = i_lo; i < i_hi; ++i) {
+    const T* in = X + (long)(h + i - ph) * xh;                    // input row, column 0
+    const V* wc = Wt + ((long)i * wt_stride + kWeightPad + pw) * kParts;  // tap pw, the center
+#pragma GCC unroll 16
+    for (int u = 0; u < W; ++u) {
+#pragma GCC unroll 2
+      for (int v = 0; v < kParts; ++v) {
+        const V a = *reinterpret_cast<const VU*>(in + u * xw + v * L);
+#pragma GCC unroll 16
+        for (int b = 0; b < W; ++b) acc[b][v] += a * wc[(u - b) * kParts + v];  // tap pw + u - b
+      }
+    }
+  }
+  T* out = Y + (long)h * yh;
+#pragma GCC unroll 16
+  for (int b = 0; b < W; ++b)
+#pragma GCC unroll 2
+    for (int v = 0; v < kParts; ++v) *reinterpret_cast<VU*>(out + b * yw + v * L) = acc[b][v];
+}
+
+// Output rows [h0, h1) of a W-wide map: with 16 registers fwd_small_row_parts, with 32
+// fwd_small_block on each part of the pixel in turn (kParts = 1 there: one part).
 template <typename T, int W>
 static inline __attribute__((always_inline)) void fwd_small_rows(
     const T* __restrict X, long xh, long xw, int H, int kh, int kw,
@@ -392,6 +439,10 @@ static inline __attribute__((always_inline)) void fwd_small_rows(
     int h1, T* __restrict Y, long yh, long yw) {
   constexpr long L = LKFAST_VEC_BYTES / sizeof(T);  // elements per vector
   constexpr int one_block = kParts == 1 ? kOutBlock : 4;  // widest row in one block (see above)
+  if constexpr (kParts > 1 && W * kParts <= 14) {
+    for (int h = h0; h < h1; ++h) fwd_small_row_parts<T, W>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
+    return;
+  }
   for (int h = h0; h < h1; ++h) {
 #pragma GCC unroll 2
     for (int v = 0; v < kParts; ++v) {
