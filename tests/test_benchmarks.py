@@ -476,13 +476,21 @@ def test_model_report_shows_the_ceiling():
     e = {"kind": "isolated", "model": "replknet_31b", "task": "train_step", "device": "cpu", "dtype": "float32",
          "batch": 8, "size": 224, "threads": 2, "rounds": 3, "processes": 2, "timer": "t",
          "load_average": [1.0, 0, 0],
-         "ms_per_step": {"plain_cl": 12000.0, "lkfast_cl": 5000.0, "lkfast_cl_nodw": 4000.0},
-         "max_rel_err_vs_reference": {"plain_cl": 0.0, "lkfast_cl": 1e-6, "lkfast_cl_nodw": 0.9}}
+         "ms_per_step": {"plain_cl": 12000.0, "lkfast_cl": 5000.0, "lkfast_nchw": 6000.0, "lkfast_cl_nodw": 4000.0},
+         "max_rel_err_vs_reference": {"plain_cl": 0.0, "lkfast_cl": 1e-6, "lkfast_nchw": 1e-6, "lkfast_cl_nodw": 0.9}}
     text = bench_models.markdown_table({"benchmarks": [{"extra_info": e, "stats": {"median": 1.0}}]})
     row = [line for line in text.splitlines() if line.startswith("| replknet_31b | train_step | 12000")][0]
     assert [c.strip() for c in row.split("|")[1:-1]] == ["replknet_31b", "train_step", "12000", "5000", "4000",
-                                                         "2.40x", "3.00x", "20%"]
+                                                         "2.40x", "3.00x", "20%", "n/a"]
     assert "- train_step >= 5.0x faster plain layout: 2.40x (MISSED; ceiling with the depthwise convs free 3.00x)" in text
+    # With the isolated workers' step records: the median page faults of the fastest lkfast variant
+    # (lkfast_cl, not the slower lkfast_nchw) and of the depthwise-free one.
+    step = lambda faults: {"seconds": 1.0, "wall_s": 0.5, "system_s": 0.1, "page_faults": faults}  # noqa: E731
+    e["steps"] = {"plain_cl": [step(1)], "lkfast_cl": [step(150_000), step(125_000), step(166_000)],
+                  "lkfast_nchw": [step(900_000)], "lkfast_cl_nodw": [step(0), step(12_500), step(0), step(4_000)]}
+    text = bench_models.markdown_table({"benchmarks": [{"extra_info": e, "stats": {"median": 1.0}}]})
+    row = [line for line in text.splitlines() if line.startswith("| replknet_31b | train_step | 12000")][0]
+    assert [c.strip() for c in row.split("|")[1:-1]][-1] == "150k / 2k"
 
 
 def test_gpu_smoke_check_extension_says_whether_a_carried_build_can_serve(monkeypatch, capsys):
