@@ -477,21 +477,16 @@ def _ms(value: float | None) -> str:
     return f"{value:.0f}" if value else "not run"
 
 
-def _fastest(times: dict, model: str, task: str, variants) -> float | None:
-    """The shortest time among ``variants`` of (model, task) that were timed, or None."""
-    return min([t for t in (times.get((model, task, v)) for v in variants) if t], default=None)
-
-
 def _fastest_variant(times: dict, model: str, task: str, variants) -> str | None:
     """The name of the fastest timed one among ``variants`` of (model, task), or None."""
     timed = [(times[(model, task, v)], v) for v in variants if times.get((model, task, v))]
     return min(timed)[1] if timed else None
 
 
-def _median(values: list) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+def _fastest(times: dict, model: str, task: str, variants) -> float | None:
+    """The shortest time among ``variants`` of (model, task) that were timed, or None."""
+    variant = _fastest_variant(times, model, task, variants)
+    return times[(model, task, variant)] if variant else None
 
 
 def markdown_table(results: dict) -> str:
@@ -501,9 +496,9 @@ def markdown_table(results: dict) -> str:
     faults = {}  # (model, task, variant): median page faults a step, where the isolated workers counted them
     for e, variant, ms, _ in _cases(results):
         times[(e["model"], e["task"], variant)] = ms
-        steps = e.get("steps", {}).get(variant) if isinstance(e.get("steps"), dict) else None
+        steps = e.get("steps", {}).get(variant)  # isolated runs: each step's record
         if steps and all("page_faults" in s for s in steps):
-            faults[(e["model"], e["task"], variant)] = _median([s["page_faults"] for s in steps])
+            faults[(e["model"], e["task"], variant)] = median([s["page_faults"] for s in steps])
         loads += [e["load_average"][0]] if "load_average" in e else []
         kinds.add(e.get("kind"))
         info = e

@@ -179,8 +179,9 @@ ISA_ORDER = ["generic", "avx2", "avx512"]  # the order LKFAST_CPU_ISA caps in: i
 
 def cpu_kernels_on_isa(isa: str, cases, tmp_path, threads=None) -> list:
     """(forward, input gradient, weight gradient) of the C++ kernels for each case (x, weight,
-    grad_out, bias or None; the bias goes to the forward only) on instruction set ``isa``. LKFAST_CPU_ISA is read once per process, so they run in
-    a child process (on ``threads`` threads when given). Fails if the cap was ignored; skips,
+    grad_out, bias or None; the bias goes to the forward only) on instruction set ``isa``.
+    LKFAST_CPU_ISA is read once per process, so they run in a child process (on ``threads``
+    threads when given). Fails if the cap was ignored; skips,
     saying which path ran, when this CPU has no ``isa``."""
     torch.save(cases, tmp_path / "in.pt")
     env = {**os.environ, "LKFAST_CPU_ISA": isa}

@@ -388,11 +388,11 @@ static inline __attribute__((always_inline)) void fwd_small_block(
 // Output row h of a W-wide map, all W outputs and all kParts parts of each in one register block
 // (16 registers, kParts = 2: 2 W <= 14 accumulators + 1 input), the weights taken straight from
 // memory as the FMAs' operands. Each tap row loads every input vector once and meets it with
-// the W weights it pairs with: 2 W independent accumulator chains, where fwd_small_block's blocks of
-// at most 4 outputs per part gave 3-4, too few to cover the FMA latency (RepLKNet's stage 4, 7x7
-// maps with 13x13 kernels: 0.68 FMAs a cycle on a Zen 5 capped to AVX2, below oneDNN). Every
-// accumulator sums the same products in the same order as fwd_small_block's, so the results are
-// the same bit for bit.
+// the W weights it pairs with: 2 W independent accumulator chains, where running fwd_small_block
+// on each part in turn (blocks of at most 4 outputs, as AVX2 did until 1f03d61) gave 3-4, too few
+// to cover the FMA latency (RepLKNet's stage 4, 7x7 maps with 13x13 kernels: 0.68 FMAs a cycle on
+// a Zen 5 capped to AVX2, below oneDNN). Every accumulator sums the same products in the same
+// order as fwd_small_block's, so the results are the same bit for bit.
 template <typename T, int W>
 static inline __attribute__((always_inline)) void fwd_small_row_parts(
     const T* __restrict X, long xh, long xw, int h, int H, int kh, int kw,
@@ -430,30 +430,22 @@ static inline __attribute__((always_inline)) void fwd_small_row_parts(
     for (int v = 0; v < kParts; ++v) *reinterpret_cast<VU*>(out + b * yw + v * L) = acc[b][v];
 }
 
-// Output rows [h0, h1) of a W-wide map: with 16 registers fwd_small_row_parts, with 32
-// fwd_small_block on each part of the pixel in turn (kParts = 1 there: one part).
+// Output rows [h0, h1) of a W-wide map: with 16 registers (kParts = 2) fwd_small_row_parts, with
+// 32 (one vector a pixel) fwd_small_block, one block up to kOutBlock wide, two beyond.
 template <typename T, int W>
 static inline __attribute__((always_inline)) void fwd_small_rows(
     const T* __restrict X, long xh, long xw, int H, int kh, int kw,
     const typename Vec<T>::type* __restrict Wt, const typename Vec<T>::type* __restrict bias, int h0,
     int h1, T* __restrict Y, long yh, long yw) {
-  constexpr long L = LKFAST_VEC_BYTES / sizeof(T);  // elements per vector
-  constexpr int one_block = kParts == 1 ? kOutBlock : 4;  // widest row in one block (see above)
-  if constexpr (kParts > 1 && W * kParts <= 14) {
+  if constexpr (kParts > 1) {  // W <= kSmallMaxWParts (see small_map)
     for (int h = h0; h < h1; ++h) fwd_small_row_parts<T, W>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
-    return;
-  }
-  for (int h = h0; h < h1; ++h) {
-#pragma GCC unroll 2
-    for (int v = 0; v < kParts; ++v) {
-      const T* Xv = X + v * L;
-      T* Yv = Y + v * L;
-      const typename Vec<T>::type* bv = bias ? bias + v : nullptr;
-      if constexpr (W <= one_block) {
-        fwd_small_block<T, W, 0, W>(Xv, xh, xw, h, H, kh, kw, Wt + v, bv, Yv, yh, yw);
+  } else {
+    for (int h = h0; h < h1; ++h) {
+      if constexpr (W <= kOutBlock) {
+        fwd_small_block<T, W, 0, W>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
       } else {
-        fwd_small_block<T, W, 0, (W + 1) / 2>(Xv, xh, xw, h, H, kh, kw, Wt + v, bv, Yv, yh, yw);
-        fwd_small_block<T, W, (W + 1) / 2, W / 2>(Xv, xh, xw, h, H, kh, kw, Wt + v, bv, Yv, yh, yw);
+        fwd_small_block<T, W, 0, (W + 1) / 2>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
+        fwd_small_block<T, W, (W + 1) / 2, W / 2>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
       }
     }
   }
