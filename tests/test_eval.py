@@ -1553,7 +1553,7 @@ def test_count_macs_counts_lkfast_depthwise_op_as_conv2d(monkeypatch):
                         nn.Flatten(), nn.Linear(8 * 6 * 5, 4)).eval()
     expected = 8 * 3 * 9 * 30 + 8 * 35 * 30 + 240 * 4  # (3x3 conv) + (7x5 depthwise) + head, on a 6x5 map
     assert count_macs(net, (3, 6, 5), "cpu") == expected
-    assert patch_model(net, min_kernel_size=5) == 1
+    assert patch_model(net, min_kernel_size=5) == 2  # the depthwise conv and the head
     assert count_macs(net, (3, 6, 5), "cpu") == expected
 
 

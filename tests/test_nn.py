@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkfast.nn import DepthwiseConv2d, ReparamLargeKernelConv, is_eligible, make_conv2d, patch_model, unpatch_model
+from lkfast.nn import (DepthwiseConv2d, PointwiseLinear, ReparamLargeKernelConv, is_eligible, is_linear_eligible,
+                       make_conv2d, patch_model, unpatch_model)
 
 
 def _randomize_bn(module: nn.Module) -> None:
@@ -141,7 +142,7 @@ def test_a_patched_model_runs_on_the_meta_device():
     with torch.device("meta"):
         model = _tiny_convnext()
     reference = _tiny_convnext().eval()
-    assert patch_model(model) == 4
+    assert patch_model(model) == 4 + 9  # 4 depthwise convs; 2 MLP linears per block and the head
     out = model(torch.randn(2, 3, 64, 64, device="meta"))
     assert out.device.type == "meta" and out.shape == reference(torch.randn(2, 3, 64, 64)).shape
 
@@ -158,9 +159,10 @@ def test_patch_model_timm_convnext_forward_and_input_grad():
     reference = _tiny_convnext().eval()
     reference.load_state_dict(model.state_dict())
     weight_before = model.stages[0].blocks[0].conv_dw.weight
-    assert patch_model(model) == 4  # one depthwise 13x13 per block
+    assert patch_model(model) == 4 + 9  # per block a depthwise 13x13 and two MLP linears; the head
     conv_dw = model.stages[0].blocks[0].conv_dw
     assert isinstance(conv_dw, DepthwiseConv2d) and conv_dw.weight is weight_before  # same tensors kept
+    assert type(model.stages[0].blocks[0].mlp.fc1) is PointwiseLinear and type(model.head.fc) is PointwiseLinear
     assert patch_model(model) == 0  # already patched
     x = torch.randn(2, 3, 64, 64)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -171,7 +173,20 @@ def test_patch_model_timm_convnext_forward_and_input_grad():
     _close(g2, g1, rtol=1e-4, atol=1e-5)
 
 
-def test_patch_model_training_step_weight_grads():
+@pytest.mark.parametrize("linears", ["auto", "conv"])
+def test_patch_model_training_step_weight_grads(linears, monkeypatch):
+    """Every parameter's gradient as the plain model's. With LKFAST_POINTWISE=conv the patched MLP
+    linears (contiguous NHWC inputs) run as 1x1 convolutions and the head (2-D features) as
+    F.linear; uncalibrated (the tests' default) ``auto`` leaves them all F.linear."""
+    import collections
+
+    import lkfast.nn.pointwise as pointwise
+
+    monkeypatch.setenv("LKFAST_POINTWISE", linears)
+    taken = collections.Counter()
+    real = pointwise.linear_choice
+    monkeypatch.setattr(pointwise, "linear_choice",
+                        lambda x, w: (choice := real(x, w), taken.update([choice.backend]))[0])
     model = _tiny_convnext().train()
     reference = _tiny_convnext().train()
     reference.load_state_dict(model.state_dict())
@@ -179,8 +194,66 @@ def test_patch_model_training_step_weight_grads():
     x = torch.randn(2, 3, 32, 32)
     model(x).square().sum().backward()
     reference(x).square().sum().backward()
+    assert taken == ({"conv": 8, "matmul": 1} if linears == "conv" else {"matmul": 9})
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         _close(p.grad, q.grad, rtol=1e-3, atol=1e-4)
+
+
+def _linears():
+    torch.manual_seed(0)
+    return nn.ModuleDict(dict(fc=nn.Linear(8, 12), wn=nn.utils.parametrizations.weight_norm(nn.Linear(12, 8)),
+                              attn=nn.MultiheadAttention(8, 2, batch_first=True)))
+
+
+def _run_linears(model):
+    x = torch.randn(2, 5, 6, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    y = model["wn"](F.gelu(model["fc"](x)))
+    tokens = y.flatten(1, 2)
+    attended, _ = model["attn"](tokens, tokens, tokens)
+    (y.square().sum() + attended.square().sum()).backward()
+    return y, x.grad
+
+
+def test_patch_model_swaps_linears_and_unpatch_model_restores_them(monkeypatch):
+    """A plain nn.Linear becomes a PointwiseLinear and a parametrized one (weight_norm) a subclass
+    keeping its parametrization (same state_dict keys); a subclass of nn.Linear
+    (nn.MultiheadAttention's out_proj, whose weight the attention reads itself) stays as it is, and
+    ``linear=False`` leaves every linear alone. With the 1x1 convolution forced, the NHWC linears
+    take it and outputs and gradients are the plain model's. unpatch_model gives back nn.Linear
+    and a parametrized nn.Linear, eligible again."""
+    import collections
+
+    import lkfast.nn.pointwise as pointwise
+
+    P = nn.utils.parametrize
+    model, reference = _linears(), _linears()
+    keys = list(reference.state_dict())
+    assert [is_linear_eligible(m) for m in (model.fc, model.wn, model.attn.out_proj)] == [True, True, False]
+    assert patch_model(model, linear=False) == 0 and type(model.fc) is nn.Linear
+    assert patch_model(model) == 2 and patch_model(model) == 0
+    assert type(model.fc) is PointwiseLinear and type(model.wn).__bases__ == (PointwiseLinear,)
+    assert type(model.wn).__name__ == "ParametrizedPointwiseLinear" and P.is_parametrized(model.wn, "weight")
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert list(model.state_dict()) == keys
+
+    monkeypatch.setenv("LKFAST_POINTWISE", "conv")
+    taken = collections.Counter()
+    real = pointwise.linear_choice
+    monkeypatch.setattr(pointwise, "linear_choice",
+                        lambda x, w: (choice := real(x, w), taken.update([choice.backend]))[0])
+    (y, gx), (y_ref, gx_ref) = _run_linears(model), _run_linears(reference)
+    assert taken == {"conv": 2}  # fc and wn; the attention's projections are not PointwiseLinear
+    _close(y, y_ref)
+    _close(gx, gx_ref)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        _close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+    assert unpatch_model(model) == 2 and unpatch_model(model) == 0
+    assert type(model.fc) is nn.Linear and type(model.wn).__bases__ == (nn.Linear,)
+    assert type(model.wn).__name__ == "ParametrizedLinear" and P.is_parametrized(model.wn, "weight")
+    assert is_linear_eligible(model.wn) and list(model.state_dict()) == keys
+    P.remove_parametrizations(model.wn, "weight")
+    assert type(model.wn) is nn.Linear
 
 
 @pytest.mark.parametrize("padding", [3, (3, 3), "same"])

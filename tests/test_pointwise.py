@@ -1,7 +1,8 @@
 """lkfast.nn.pointwise: 1x1 convolutions computed as matrix products on small channels_last CPU
 maps where this machine measured that faster, against F.conv2d in fp64 (forward, input, weight
 and bias gradients) both ways; which inputs are candidates, the calibrated choice (fake timings),
-the switch that forces either way, and the RepLKNet layers built on it."""
+the switch that forces either way, and the RepLKNet layers built on it. Then the other side: NHWC
+linears as 1x1 convolutions, against F.linear, asking the same calibration."""
 import json
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkfast.nn.pointwise import (MAX_AREA, PointwiseConv2d, eligible, pointwise_choice, pointwise_conv2d,
-                                 takes_matmul)
+from lkfast.nn.pointwise import (MAX_AREA, PointwiseConv2d, eligible, linear_choice, linear_eligible, pointwise_choice,
+                                 pointwise_conv2d, pointwise_linear, takes_matmul)
 from lkfast.ops import cpu_dispatch as cd
 
 
@@ -201,3 +202,88 @@ def test_only_a_plain_1x1_conv_is_built_as_one(stride, padding, groups):
     assert built.weight.shape == (6, 4 // groups, 1, 1)
     x = torch.randn(2, 4, 7, 7)
     torch.testing.assert_close(built(x), F.conv2d(x, built.weight, built.bias, stride, padding, 1, groups))
+
+
+# --- nn.Linear on NHWC activations as the 1x1 convolution of the channels_last view --------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 7, 5, 24), (3, 14, 14, 10), (1, 20, 20, 33), (2, 1, 1, 8), (3, 1, 6, 4)])
+@pytest.mark.parametrize("mode", ["matmul", "conv"])
+def test_linear_matches_f_linear(dtype, shape, mode, monkeypatch):
+    """pointwise_linear against F.linear in fp64 both ways (output, input, weight and bias
+    gradients), any map size (no area limit for the linear), the result a contiguous
+    (N, H, W, out) tensor as F.linear's, also where a size-1 dimension leaves the convolution's
+    output layout ambiguous; the forced path is the one taken."""
+    monkeypatch.setenv("LKFAST_POINTWISE", mode)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    w = torch.randn(17, shape[-1], generator=gen, dtype=dtype)
+    b = torch.randn(17, generator=gen, dtype=dtype)
+    g = torch.randn(*shape[:3], 17, generator=gen, dtype=dtype)
+    assert linear_eligible(x, w) and linear_choice(x, w).backend == mode
+    convs = []
+    real_conv = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: convs.append(a[1].shape) or real_conv(*a, **k))
+    got = _grads(pointwise_linear, x, w, b, g)
+    assert convs == ([(17, shape[-1], 1, 1)] if mode == "conv" else [])
+    want = _grads(lambda x, w, b: F.linear(x, w, b), x.double(), w.double(), b.double(), g.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, a, e in zip(("output", "input grad", "weight grad", "bias grad"), got, want):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        assert ((a.double() - e).abs().max() / e.abs().max()).item() < tol, name
+    assert got[0].is_contiguous()
+
+
+def test_which_linear_inputs_are_candidates(monkeypatch):
+    """Only a contiguous 4-D CPU fp32/fp64 input with a weight of its dtype, autocast off, takes the
+    convolution, even when it is forced; everything else is F.linear's own call. Uncalibrated,
+    ``auto`` is F.linear (the tests run with LKFAST_CALIBRATE=0)."""
+    x = torch.randn(2, 5, 6, 8)
+    w, b = torch.randn(4, 8), torch.randn(4)
+    assert linear_choice(x, w).backend == "matmul" and "no calibration: PyTorch's matrix product" in linear_choice(x, w).source
+    monkeypatch.setenv("LKFAST_POINTWISE", "conv")
+    assert linear_choice(x, w).source == "LKFAST_POINTWISE=conv"
+    others = {"2-D features": (x[:, 0, 0], w), "3-D tokens": (x[:, 0], w), "not contiguous": (x.transpose(1, 2), w),
+              "bf16": (x.bfloat16(), w.bfloat16()), "mixed dtypes": (x, w.double()),
+              "meta": (x.to("meta"), w.to("meta"))}
+    for name, (xi, wi) in others.items():
+        assert not linear_eligible(xi, wi), name
+        choice = linear_choice(xi, wi)
+        assert choice.backend == "matmul" and "not a candidate" in choice.source, name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear_choice(x, w).backend == "matmul"
+    calls = []
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    assert torch.equal(pointwise_linear(x.transpose(1, 2), w, b), F.linear(x.transpose(1, 2), w, b)) and calls == []
+    monkeypatch.setenv("LKFAST_POINTWISE", "fast")
+    with pytest.raises(ValueError, match="LKFAST_POINTWISE='fast': expected one of auto, matmul, conv"):
+        pointwise_linear(x, w)
+
+
+@pytest.mark.parametrize("seconds, expected", [({"matmul": 1e-3, "conv": 2e-3}, "matmul"),
+                                               ({"matmul": 3e-3, "conv": 2e-3}, "conv")])
+def test_a_linear_asks_the_convolutions_calibration(tmp_path, monkeypatch, seconds, expected):
+    """The linear and the 1x1 convolution of its channels_last view are one product: measured once,
+    under one cache entry, whichever layer asks first, and the call follows the answer. The area
+    limit is the convolution's only (it guards the move to the matrix product): a linear on a larger
+    map is measured, the same map asked as a convolution is not a candidate."""
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
+    monkeypatch.setattr(cd, "_calibration", None)
+    measured = []
+    monkeypatch.setattr(cd, "measure", lambda runs: measured.append(sorted(runs)) or dict(seconds))
+    x, w = torch.randn(2, 7, 7, 8), torch.randn(12, 8)
+    choice = linear_choice(x, w)
+    assert choice.backend == expected and "calibrated on this machine" in choice.source
+    assert pointwise_choice(x.permute(0, 3, 1, 2), w[:, :, None, None]).backend == expected
+    assert measured == [["conv", "matmul"]]
+    assert list(json.loads(cd.cache_path().read_text())["entries"]) == ["pointwise|float32|2|8|12|8|8"]
+    convs = []
+    real_conv = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: convs.append(1) or real_conv(*a, **k))
+    torch.testing.assert_close(pointwise_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert bool(convs) == (expected == "conv")
+    big = torch.randn(2, 16, 16, 8)  # 256 pixels > MAX_AREA
+    assert linear_choice(big, w).backend == expected and len(measured) == 2
+    assert "not a candidate" in pointwise_choice(big.permute(0, 3, 1, 2), w[:, :, None, None]).source

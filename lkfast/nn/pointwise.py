@@ -17,6 +17,18 @@ autocast off, outside ``torch.func`` transforms) the choice comes from the machi
 cached beside the depthwise op's choices; ``pointwise_choice`` says which and why); without
 calibration (``LKFAST_CALIBRATE=0``, ``torch.compile``) it is PyTorch's convolution.
 ``LKFAST_POINTWISE=matmul`` or ``=conv`` forces one of the two (default ``auto``).
+
+The same choice, seen from the other side: an ``nn.Linear`` on NHWC activations (ConvNeXt's MLPs,
+timm's default ``conv_mlp=False``) is a 1x1 convolution of the channels_last view of the same
+memory. PyTorch sends ``F.linear`` to its BLAS (MKL), which on the AMD EPYC Zen 5 ran ConvNeXt-T's
+eight MLP shapes at 95-215 GFLOP/s, where oneDNN's 1x1 convolution on the same memory ran them
+1.5-2.4x faster forward and 1.3-2.0x faster in a training step (benchmarks/results/
+pointwise_linear_zen5.md). ``pointwise_linear`` / ``PointwiseLinear`` (what ``patch_model`` makes of
+an ``nn.Linear``) ask the same calibration, under the same key, for a contiguous 4-D CPU fp32/fp64
+input of any map size (``linear_eligible``): the area limit above guards the move to the matrix
+product, which the Xeon's training step showed losing on large maps, not the move away from it.
+Without calibration, and for every other input (2-D features, autocast, other devices), it is
+PyTorch's own ``F.linear``.
 """
 from __future__ import annotations
 
@@ -99,6 +111,60 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return F.conv2d(x, weight, bias)
 
 
+def linear_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.linear(x, weight)`` is a candidate for the 1x1 convolution: a contiguous 4-D CPU
+    fp32/fp64 input (NHWC activations: its channels_last view is the convolution's input, no copy)
+    with a weight of its dtype, autocast off, outside ``torch.func`` transforms (as ``eligible``)."""
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in MATMUL_DTYPES and weight.dtype == x.dtype
+            and weight.dim() == 2 and x.is_contiguous() and not torch.is_autocast_enabled("cpu"))
+
+
+_NOT_A_LINEAR_CANDIDATE = ("not a candidate for the 1x1 convolution (needs a contiguous 4-D CPU fp32/fp64 input "
+                           "with a weight of its dtype, autocast off, no torch.func transform)")
+
+
+def linear_choice(x: torch.Tensor, weight: torch.Tensor):
+    """How ``pointwise_linear(x, weight)`` is computed, with the reason: "matmul" (``F.linear``,
+    PyTorch's own) or "conv" (the 1x1 convolution of the channels_last view). The calibrated answer
+    is the one ``pointwise_choice`` gives the same product asked as a convolution (one cache entry
+    for both); without calibration it is "matmul"."""
+    from lkfast.ops import cpu_dispatch
+    from lkfast.ops.cpu_dispatch import Choice
+
+    if not linear_eligible(x, weight):
+        return Choice("matmul", _NOT_A_LINEAR_CANDIDATE)
+    mode = _mode()
+    if mode != "auto":
+        return Choice(mode, f"LKFAST_POINTWISE={mode}")
+    view, weight4 = x.permute(0, 3, 1, 2), weight[:, :, None, None]
+    args = ("linear", tuple(view.shape), tuple(weight4.shape), x.dtype)
+    return cpu_dispatch.remembered(
+        _MEMO, args, lambda: cpu_dispatch.choose_pointwise(view, weight4, uncalibrated="matmul"))
+
+
+def pointwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; where ``linear_choice`` says "conv", computed as
+    ``F.conv2d`` of the channels_last view ``x.permute(0, 3, 1, 2)`` with the weight as
+    (out, in, 1, 1), and the result (channels_last) viewed back as the contiguous (N, H, W, out)
+    tensor ``F.linear`` returns. Differentiable either way."""
+    if linear_choice(x, weight).backend != "conv":
+        return F.linear(x, weight, bias)
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1)
+    # channels_last (PyTorch 2.14 keeps the input's layout even where size-1 dimensions leave it
+    # ambiguous); F.linear's result is contiguous, so this one is too, whatever a version picks
+    return out if out.is_contiguous() else out.contiguous()
+
+
+class PointwiseLinear(nn.Linear):
+    """``nn.Linear(in_features, out_features, bias=bias)`` (same parameters and state_dict) that
+    runs ``pointwise_linear``: what ``patch_model`` makes of a plain ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise_linear(x, self.weight, self.bias)
+
+
 class PointwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 1, bias=bias)`` (same parameters and state_dict) that
     runs ``pointwise_conv2d``."""
@@ -117,4 +183,4 @@ def is_pointwise(kernel_size, stride, padding, groups) -> bool:
 
 
 __all__ = ["PointwiseConv2d", "pointwise_conv2d", "pointwise_choice", "takes_matmul", "eligible", "is_pointwise",
-           "MAX_AREA"]
+           "PointwiseLinear", "pointwise_linear", "linear_choice", "linear_eligible", "MAX_AREA"]

@@ -361,17 +361,21 @@ def _pointwise_runs(x: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable
 
 
 def choose_pointwise(x: torch.Tensor, weight: torch.Tensor, *, calibrate: Optional[bool] = None,
-                     measure_fn: Callable = None) -> Choice:
+                     measure_fn: Callable = None, uncalibrated: str = "conv") -> Choice:
     """How ``lkfast.nn.pointwise_conv2d`` computes a 1x1 convolution of this channels_last CPU input:
     "matmul" (``F.linear`` on the NHWC view) or "conv" (``F.conv2d``, oneDNN), whichever this
     machine's calibration measured faster for the shape class (forward, fresh tensors). Which wins
     depends on the CPU's matrix-product library: on the AVX-512 development Xeon the product was
     faster on small maps (oneDNN reorders the weight on every call), on a Zen 4 EPYC it ran at
     0.71-0.91x of oneDNN's convolution (MKL's SGEMM). Without calibration (``LKFAST_CALIBRATE=0``,
-    or while ``torch.compile`` traces) the answer is PyTorch's own "conv"."""
+    or while ``torch.compile`` traces) the answer is ``uncalibrated``: the caller's own op, "conv"
+    for a convolution layer, "matmul" for a linear one (``lkfast.nn.pointwise_linear``)."""
+    if uncalibrated not in POINTWISE_CANDIDATES:
+        raise ValueError(f"uncalibrated={uncalibrated!r}: expected one of {', '.join(POINTWISE_CANDIDATES)}")
     calibrate = calibration_enabled() if calibrate is None else calibrate
     if not calibrate or torch.compiler.is_compiling():
-        return Choice("conv", "no calibration: PyTorch's convolution")
+        own = "convolution" if uncalibrated == "conv" else "matrix product (F.linear)"
+        return Choice(uncalibrated, f"no calibration: PyTorch's {own}")
     n, c, h, w = (int(s) for s in x.shape)
     key = ("pointwise", dtype_name(x.dtype), _bucket(n), c, int(weight.shape[0]), _bucket(h), _bucket(w))
     return _calibrated(key, POINTWISE_CANDIDATES, lambda: _pointwise_runs(x, weight), measure_fn)
