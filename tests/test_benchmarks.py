@@ -741,3 +741,33 @@ def test_cpu_bench_runs_the_shape_set_it_is_asked_for(monkeypatch, capsys):
     assert cpu_bench.shape_set_of(cpu_bench.STAGE_SHAPES) == "replknet"
     with pytest.raises(ValueError, match="not one of the sets"):
         cpu_bench.shape_set_of([(96, 56, 7), (128, 56, 31)])
+
+
+def test_pointwise_linear_bench_times_what_it_names_and_reports_per_round_ratios(monkeypatch, tmp_path):
+    """bench_pointwise_linear: "pytorch" is F.linear itself, "conv" the forced 1x1 convolution (even
+    with the calibration saying otherwise), "lkfast_auto" the calibrated pointwise_linear; the table
+    gives the per-round ratio's median and the auto choice recorded."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+
+    bench = _load_benchmark("bench_pointwise_linear")
+    monkeypatch.setenv("LKFAST_POINTWISE", "auto")
+    calls = []
+    real_conv = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append("conv") or real_conv(*a, **k))
+    x, w, b = torch.randn(2, 3, 4, 8), torch.randn(5, 8), torch.randn(5)
+    assert bench._linear("pytorch") is F.linear
+    for impl, expected in (("conv", ["conv"]), ("lkfast_auto", [])):  # uncalibrated in the tests: F.linear
+        calls.clear()
+        torch.testing.assert_close(bench._linear(impl)(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert calls == expected, impl
+    row = {"kind": "pointwise_linear", "shape_name": "s1-fc1", "shape": [8, 56, 56, 96, 384], "passes": "forward",
+           "auto_choice": "conv", "threads": 2, "machine": {"cpu_model": "cpu", "torch": "t"},
+           "times": {"pytorch": [2.0, 3.0, 4.0], "conv": [1.0, 1.0, 4.0], "lkfast_auto": [1.0, 2.0, 2.0]}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmarks": [{"extra_info": row}], "datetime": "d", "commit_info": {"id": "abc"}}))
+    text = bench.report(str(path)).read_text()
+    # medians: 3000 / 1000 / 2000 ms; per-round ratios 2, 3, 1 -> 2.00x and 2, 1.5, 2 -> 2.00x
+    assert "| s1-fc1 (8, 56, 56, 96 -> 384) | forward | 3000.0 | 1000.0 | 2000.0 | conv | 2.00x | 2.00x |" in text

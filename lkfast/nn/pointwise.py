@@ -22,8 +22,8 @@ The same choice, seen from the other side: an ``nn.Linear`` on NHWC activations 
 timm's default ``conv_mlp=False``) is a 1x1 convolution of the channels_last view of the same
 memory. PyTorch sends ``F.linear`` to its BLAS (MKL), which on the AMD EPYC Zen 5 ran ConvNeXt-T's
 eight MLP shapes at 95-215 GFLOP/s, where oneDNN's 1x1 convolution on the same memory ran them
-1.5-2.4x faster forward and 1.3-2.0x faster in a training step (benchmarks/results/
-pointwise_linear_zen5.md). ``pointwise_linear`` / ``PointwiseLinear`` (what ``patch_model`` makes of
+1.36-2.16x faster forward and 1.41-2.03x faster in a training step (benchmarks/results/
+pointwise_linear_zen5.md; the whole ConvNeXt-T patched: inference 1.57x, training 1.75x). ``pointwise_linear`` / ``PointwiseLinear`` (what ``patch_model`` makes of
 an ``nn.Linear``) ask the same calibration, under the same key, for a contiguous 4-D CPU fp32/fp64
 input of any map size (``linear_eligible``): the area limit above guards the move to the matrix
 product, which the Xeon's training step showed losing on large maps, not the move away from it.
