@@ -165,6 +165,22 @@ def test_the_model_key_follows_the_shipped_table_s_choices_not_its_times(monkeyp
     assert len({keys["base"], keys["flipped"], keys["other_isa"]}) == 3
 
 
+def test_the_model_key_follows_the_kernels_sources_and_torch(monkeypatch):
+    """The trained models depend on the code that computes the layers: kernels rebuilt from other
+    sources (same lkfast version) or another PyTorch key other models; the same code keeps the key."""
+    import torch
+
+    from lkfast import _ext
+
+    monkeypatch.setenv("LKFAST_CALIBRATE", "0")
+    base = default._model_key("resnet_tiny", TINY)
+    assert default._model_key("resnet_tiny", TINY) == base
+    monkeypatch.setattr(_ext, "sources", "another-build")
+    rebuilt = default._model_key("resnet_tiny", TINY)
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert len({base, rebuilt, default._model_key("resnet_tiny", TINY)}) == 3
+
+
 def test_analysis_option_mistakes_are_found_before_the_default_trains(tmp_path, monkeypatch, capsys):
     """With no --models (the embedded default), a --dino-checkpoint that is not a file and a
     --taig-surrogate that is no label of the default's models were checked only after the benchmark

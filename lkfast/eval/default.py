@@ -118,16 +118,22 @@ def fix_kernel_choices() -> str:
 
 
 def _model_key(name: str, settings: DefaultSettings) -> str:
+    import torch
+
     from lkfast import __version__ as version
+    from lkfast import _ext
     from lkfast.ops.cpu_dispatch import calibration_enabled, table_choices_digest
 
     # the class order is part of what a model's outputs mean: it is part of the key; so is how the
     # kernels were chosen (they round differently: other choices, other weights), and with the
     # shipped table, which choices it holds (a new table retrains; one re-measured to the same
-    # choices does not)
+    # choices does not); so is the code that computes the layers: the sources lkfast's kernels were
+    # built from (a rebuilt kernel that sums in another order trains other weights, where the
+    # version number alone would reuse the old model) and PyTorch's version (its convolutions,
+    # products and norms round as that version does)
     choices = "calibrated" if calibration_enabled() else f"table-{table_choices_digest()}"
     return config_key("model", name, list(settings.recipe), settings.data.key(), version, list(synthetic.CLASSES),
-                      choices)
+                      choices, _ext.sources or "unrecorded", torch.__version__)
 
 
 def ensure_model(name: str, settings: DefaultSettings = None, data_root: Optional[Path] = None,
