@@ -7,8 +7,10 @@
 (or one run per model, ``-k replknet`` / ``-k convnext``, each to its own JSON, then all the JSON
 files followed by the .md path to the second command).
 
-Models: RepLKNet-31B, ConvNeXt-T with 31x31 kernels (timm ``convnext_tiny``, ``kernel_sizes=31``) and
-the published ConvNeXt-T with its 7x7 kernels (``convnext_tiny_k7``).
+Models: RepLKNet-31B, ConvNeXt-T with 31x31 kernels (timm ``convnext_tiny``, ``kernel_sizes=31``),
+the published ConvNeXt-T with its 7x7 kernels (``convnext_tiny_k7``) and ViT-B/16 (``vit_base``,
+timm ``vit_base_patch16_224``: no depthwise conv; what ``patch_model`` changes there is its linears,
+``lkfast.nn.PointwiseLinear``, the paper's non-convolutional baseline).
 Variants: ``plain_nchw`` (nn.Conv2d, NCHW: how the official code runs), ``plain_cl`` (nn.Conv2d,
 channels_last: oneDNN's fast path), ``lkfast_nchw`` and ``lkfast_cl`` (large depthwise convs through
 the fast op, model and input in that layout), ``lkfast_folded`` (RepLKNet, channels_last, every BN
@@ -69,7 +71,7 @@ BATCH = int(os.environ.get("LKFAST_BENCH_BATCH", 64 if ON_CUDA else 8))
 DTYPE = getattr(torch, os.environ.get("LKFAST_BENCH_DTYPE", "bfloat16" if ON_CUDA else "float32"))
 ROUNDS = int(os.environ.get("LKFAST_BENCH_ROUNDS", 2))
 SIZE = int(os.environ.get("LKFAST_BENCH_SIZE", 224))
-MODELS = ("replknet_31b", "convnext_tiny_k31", "convnext_tiny_k7")
+MODELS = ("replknet_31b", "convnext_tiny_k31", "convnext_tiny_k7", "vit_base")
 EAGER_VARIANTS = ("plain_nchw", "plain_cl", "lkfast_nchw", "lkfast_cl", "lkfast_folded")
 COMPILED_VARIANTS = ("plain_cl_compiled", "lkfast_folded_compiled")
 COMPILE = bool(os.environ.get("LKFAST_BENCH_COMPILE"))
@@ -128,6 +130,8 @@ def _build(model_name: str, fast: bool) -> torch.nn.Module:
     if model_name == "replknet_31b":
         return create_model("replknet_31b", fast=fast)
     # layer scale 1 instead of timm's 1e-6 init, so the output check sees the blocks (speed is unaffected)
+    if model_name == "vit_base":
+        return create_model("vit_base_patch16_224", fast=fast)
     if model_name == "convnext_tiny_k7":  # the published model: 7x7 depthwise kernels
         return create_model("convnext_tiny", ls_init_value=1.0, fast=fast)
     return create_model("convnext_tiny", kernel_sizes=31, ls_init_value=1.0, fast=fast)

@@ -1,5 +1,5 @@
-"""NHWC linears (ConvNeXt's MLPs) as PyTorch runs them against the 1x1 convolution of the same
-memory and against lkfast's calibrated choice between the two, same run.
+"""Linears on activations (ConvNeXt's NHWC MLPs, ViT's tokens) as PyTorch runs them against the
+1x1 convolution of the same memory and against lkfast's calibrated choice between the two, same run.
 
     OMP_WAIT_POLICY=PASSIVE pytest benchmarks/bench_pointwise_linear.py \
         --benchmark-json=benchmarks/results/pointwise_linear_cpu.json
@@ -7,7 +7,9 @@ memory and against lkfast's calibrated choice between the two, same run.
 
 Shapes: the eight MLP linears of ConvNeXt-T (timm ``convnext_tiny``, ``conv_mlp=False``: the MLP runs
 ``nn.Linear`` on (N, H, W, C) activations) at 224x224: per stage (56x56, 96), (28x28, 192),
-(14x14, 384), (7x7, 768), fc1 C -> 4C and fc2 4C -> C; batch LKFAST_BENCH_BATCH (8), fp32.
+(14x14, 384), (7x7, 768), fc1 C -> 4C and fc2 4C -> C; and the four of a ViT-B/16 block at 224x224
+on (N, 197, 768) tokens: qkv 768 -> 2304, proj 768 -> 768, fc1 768 -> 3072, fc2 3072 -> 768;
+batch LKFAST_BENCH_BATCH (8), fp32.
 Implementations: ``pytorch`` (``F.linear``: what ``nn.Linear`` runs, MKL's SGEMM on the CPU),
 ``conv`` (``F.conv2d`` of the channels_last view ``x.permute(0, 3, 1, 2)`` with the weight as
 (out, in, 1, 1): oneDNN's 1x1 convolution, no copy, forced by LKFAST_POINTWISE=conv) and
@@ -36,8 +38,11 @@ import torch.nn.functional as F
 BATCH = int(os.environ.get("LKFAST_BENCH_BATCH", 8))
 ROUNDS = int(os.environ.get("LKFAST_BENCH_ROUNDS", 9))
 STAGES = ((56, 96), (28, 192), (14, 384), (7, 768))  # ConvNeXt-T at 224x224: (map side, channels)
-SHAPES = {f"s{i + 1}-{name}": (side, cin, cout) for i, (side, c) in enumerate(STAGES)
+# name -> (input shape without the batch, output features)
+SHAPES = {f"s{i + 1}-{name}": ((side, side, cin), cout) for i, (side, c) in enumerate(STAGES)
           for name, cin, cout in (("fc1", c, 4 * c), ("fc2", 4 * c, c))}
+SHAPES.update({f"vitb-{name}": ((197, cin), cout) for name, cin, cout in
+               (("qkv", 768, 2304), ("proj", 768, 768), ("fc1", 768, 3072), ("fc2", 3072, 768))})
 PASSES = ("forward", "forward+input_grad", "training")
 IMPLS = ("pytorch", "conv", "lkfast_auto")
 
@@ -81,12 +86,13 @@ def test_pointwise_linear(benchmark, shape, passes):
     from lkfast.nn.pointwise import linear_choice
     from lkfast.timing import time_interleaved
 
-    side, cin, cout = SHAPES[shape]
+    dims, cout = SHAPES[shape]
+    cin = dims[-1]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, side, side, cin, generator=gen)
+    x = torch.randn(BATCH, *dims, generator=gen)
     w = torch.randn(cout, cin, generator=gen) / cin ** 0.5
     b = torch.randn(cout, generator=gen)
-    g = torch.randn(BATCH, side, side, cout, generator=gen)
+    g = torch.randn(BATCH, *dims[:-1], cout, generator=gen)
     want = F.linear(x, w, b)
     for impl in ("conv", "lkfast_auto"):
         got = _linear(impl)(x, w, b)
@@ -98,7 +104,7 @@ def test_pointwise_linear(benchmark, shape, passes):
     benchmark.group = f"{shape} {passes}"
     benchmark.pedantic(lambda: times.update(time_interleaved(runs, ROUNDS, warmup=1, clock=time.process_time)),
                        rounds=1, warmup_rounds=0)
-    benchmark.extra_info.update(kind="pointwise_linear", shape_name=shape, shape=[BATCH, side, side, cin, cout],
+    benchmark.extra_info.update(kind="pointwise_linear", shape_name=shape, shape=[BATCH, *dims, cout],
                                 passes=passes, times=times, auto_choice=choice.backend, auto_source=choice.source,
                                 clock="time.process_time", machine=bench.machine_info(),
                                 threads=torch.get_num_threads())
@@ -120,15 +126,15 @@ def report(path: str) -> Path:
              f"ms = median CPU time (time.process_time) over {ROUNDS} interleaved rounds; ratios are medians of "
              "per-round ratios (same round, same stretch of time); *auto* is `lkfast.nn.pointwise_linear` with this "
              "machine's calibrated choice (what `patch_model`'s `PointwiseLinear` runs)", "",
-             "| shape (N, H, W, in -> out) | passes | PyTorch F.linear (ms) | 1x1 conv (ms) | lkfast auto (ms) "
+             "| shape (input -> out features) | passes | PyTorch F.linear (ms) | 1x1 conv (ms) | lkfast auto (ms) "
              "| auto's choice | F.linear / conv | F.linear / auto |",
              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for row in rows:
         t = row["times"]
         ms = {impl: statistics.median(t[impl]) * 1e3 for impl in IMPLS}
         ratio = lambda a, b: statistics.median(x / y for x, y in zip(t[a], t[b]))  # noqa: E731
-        n, h, w, cin, cout = row["shape"]
-        lines.append(f"| {row['shape_name']} ({n}, {h}, {w}, {cin} -> {cout}) | {row['passes']} | {ms['pytorch']:.1f} | "
+        *dims, cout = row["shape"]
+        lines.append(f"| {row['shape_name']} ({', '.join(map(str, dims))} -> {cout}) | {row['passes']} | {ms['pytorch']:.1f} | "
                      f"{ms['conv']:.1f} | {ms['lkfast_auto']:.1f} | {row['auto_choice']} | "
                      f"{ratio('pytorch', 'conv'):.2f}x | {ratio('pytorch', 'lkfast_auto'):.2f}x |")
     out = Path(path).with_suffix(".md")

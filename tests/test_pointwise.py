@@ -208,19 +208,20 @@ def test_only_a_plain_1x1_conv_is_built_as_one(stride, padding, groups):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(2, 7, 5, 24), (3, 14, 14, 10), (1, 20, 20, 33), (2, 1, 1, 8), (3, 1, 6, 4)])
+@pytest.mark.parametrize("shape", [(2, 7, 5, 24), (3, 14, 14, 10), (1, 20, 20, 33), (2, 1, 1, 8), (3, 1, 6, 4),
+                                   (3, 9, 24), (2, 1, 8), (1, 5, 1), (6, 24), (1, 8)])
 @pytest.mark.parametrize("mode", ["matmul", "conv"])
 def test_linear_matches_f_linear(dtype, shape, mode, monkeypatch):
     """pointwise_linear against F.linear in fp64 both ways (output, input, weight and bias
-    gradients), any map size (no area limit for the linear), the result a contiguous
-    (N, H, W, out) tensor as F.linear's, also where a size-1 dimension leaves the convolution's
-    output layout ambiguous; the forced path is the one taken."""
+    gradients) on NHWC maps of any size (no area limit for the linear), tokens and features, the
+    result a contiguous (..., out) tensor as F.linear's, also where a size-1 dimension leaves the
+    convolution's output layout ambiguous; the forced path is the one taken."""
     monkeypatch.setenv("LKFAST_POINTWISE", mode)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, dtype=dtype)
     w = torch.randn(17, shape[-1], generator=gen, dtype=dtype)
     b = torch.randn(17, generator=gen, dtype=dtype)
-    g = torch.randn(*shape[:3], 17, generator=gen, dtype=dtype)
+    g = torch.randn(*shape[:-1], 17, generator=gen, dtype=dtype)
     assert linear_eligible(x, w) and linear_choice(x, w).backend == mode
     convs = []
     real_conv = F.conv2d
@@ -236,15 +237,23 @@ def test_linear_matches_f_linear(dtype, shape, mode, monkeypatch):
 
 
 def test_which_linear_inputs_are_candidates(monkeypatch):
-    """Only a contiguous 4-D CPU fp32/fp64 input with a weight of its dtype, autocast off, takes the
-    convolution, even when it is forced; everything else is F.linear's own call. Uncalibrated,
-    ``auto`` is F.linear (the tests run with LKFAST_CALIBRATE=0)."""
+    """Only a contiguous 2-D, 3-D or 4-D CPU fp32/fp64 input with a weight of its dtype, autocast
+    off, takes the convolution, even when it is forced; everything else is F.linear's own call.
+    Uncalibrated, ``auto`` is F.linear (the tests run with LKFAST_CALIBRATE=0). The convolution's
+    input is a view of the same memory: features (M, C) as one M x 1 map (as M 1x1 maps oneDNN ran
+    ViT-B's linears 2x slower than F.linear), tokens (N, L, C) as N L x 1 maps, NHWC as it is."""
+    from lkfast.nn.pointwise import _conv_view
+
     x = torch.randn(2, 5, 6, 8)
     w, b = torch.randn(4, 8), torch.randn(4)
     assert linear_choice(x, w).backend == "matmul" and "no calibration: PyTorch's matrix product" in linear_choice(x, w).source
     monkeypatch.setenv("LKFAST_POINTWISE", "conv")
     assert linear_choice(x, w).source == "LKFAST_POINTWISE=conv"
-    others = {"2-D features": (x[:, 0, 0], w), "3-D tokens": (x[:, 0], w), "not contiguous": (x.transpose(1, 2), w),
+    for xi, view_shape in ((x, (2, 8, 5, 6)), (x[:, 0].contiguous(), (2, 8, 6, 1)), (x[:, 0, 0].contiguous(), (1, 8, 2, 1))):
+        view = _conv_view(xi)
+        assert linear_eligible(xi, w) and view.shape == view_shape and view.data_ptr() == xi.data_ptr()
+        assert view.is_contiguous(memory_format=torch.channels_last)
+    others = {"1-D": (x[0, 0, 0], w), "5-D": (x[None], w), "not contiguous": (x.transpose(1, 2), w),
               "bf16": (x.bfloat16(), w.bfloat16()), "mixed dtypes": (x, w.double()),
               "meta": (x.to("meta"), w.to("meta"))}
     for name, (xi, wi) in others.items():
@@ -287,3 +296,8 @@ def test_a_linear_asks_the_convolutions_calibration(tmp_path, monkeypatch, secon
     big = torch.randn(2, 16, 16, 8)  # 256 pixels > MAX_AREA
     assert linear_choice(big, w).backend == expected and len(measured) == 2
     assert "not a candidate" in pointwise_choice(big.permute(0, 3, 1, 2), w[:, :, None, None]).source
+    # tokens (N, L, C) are asked as N maps of L x 1, features (M, C) as one map of M x 1
+    assert linear_choice(torch.randn(2, 7, 8), w).backend == expected
+    assert linear_choice(torch.randn(5, 8), w).backend == expected and len(measured) == 4
+    entries = json.loads(cd.cache_path().read_text())["entries"]
+    assert {"pointwise|float32|2|8|12|8|1", "pointwise|float32|1|8|12|8|1"} <= set(entries)
