@@ -142,11 +142,22 @@ def _conv_view(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2)
 
 
+def _grads_needed(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Which gradients the call's backward will compute: "" (none: no_grad, inference_mode, nothing
+    requiring grad), "x", "w" or "xw" (the bias's, a sum over the output, costs the same both ways)."""
+    if not torch.is_grad_enabled():
+        return ""
+    return ("x" if x.requires_grad else "") + ("w" if weight.requires_grad else "")
+
+
 def linear_choice(x: torch.Tensor, weight: torch.Tensor):
     """How ``pointwise_linear(x, weight)`` is computed, with the reason: "matmul" (``F.linear``,
     PyTorch's own) or "conv" (the 1x1 convolution of the channels_last view ``_conv_view(x)``).
     The calibrated answer is the one ``pointwise_choice`` gives the same product asked as a
-    convolution of that view (one cache entry for both); without calibration it is "matmul"."""
+    convolution of that view (one cache entry for both) when no gradient will be computed; a call
+    whose backward will run is measured with that backward (``_grads_needed``: an attack step's
+    input gradient, a training step's weight gradient), under entries of its own, since the two
+    can disagree. Without calibration it is "matmul"."""
     from lkfast.ops import cpu_dispatch
     from lkfast.ops.cpu_dispatch import Choice
 
@@ -156,9 +167,10 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor):
     if mode != "auto":
         return Choice(mode, f"LKFAST_POINTWISE={mode}")
     view, weight4 = _conv_view(x), weight[:, :, None, None]
-    args = ("linear", tuple(view.shape), tuple(weight4.shape), x.dtype)
+    grads = _grads_needed(x, weight)
+    args = ("linear", tuple(view.shape), tuple(weight4.shape), x.dtype, grads)
     return cpu_dispatch.remembered(
-        _MEMO, args, lambda: cpu_dispatch.choose_pointwise(view, weight4, uncalibrated="matmul"))
+        _MEMO, args, lambda: cpu_dispatch.choose_pointwise(view, weight4, uncalibrated="matmul", grads=grads))
 
 
 def pointwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -351,17 +351,40 @@ def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Opti
     return _builtin(x.dtype, measured_pass)
 
 
-def _pointwise_runs(x: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[[], None]]:
+POINTWISE_GRADS = ("", "x", "w", "xw")  # which gradients a call's backward computes (none: forward only)
+
+
+def _pointwise_runs(x: torch.Tensor, weight: torch.Tensor, grads: str = "") -> dict[str, Callable[[], None]]:
+    """One call of each candidate on fresh tensors of the call's shapes: the forward, or with
+    ``grads`` the forward and the backward computing those gradients ("x": the input's, "w": the
+    weight's), as the call will run them."""
     import torch.nn.functional as F
 
     xs = torch.randn(x.shape, dtype=x.dtype, device="cpu").contiguous(memory_format=torch.channels_last)
     ws = torch.randn(weight.shape, dtype=weight.dtype, device="cpu")
-    w2 = ws.reshape(ws.shape[0], ws.shape[1])
-    return {"matmul": lambda: F.linear(xs.permute(0, 2, 3, 1), w2), "conv": lambda: F.conv2d(xs, ws)}
+    if not grads:
+        w2 = ws.reshape(ws.shape[0], ws.shape[1])
+        return {"matmul": lambda: F.linear(xs.permute(0, 2, 3, 1), w2), "conv": lambda: F.conv2d(xs, ws)}
+    xs.requires_grad_("x" in grads)
+    ws.requires_grad_("w" in grads)
+    leaves = [t for t in (xs, ws) if t.requires_grad]
+    g = torch.randn(x.shape[0], weight.shape[0], *x.shape[2:], dtype=x.dtype).contiguous(
+        memory_format=torch.channels_last)
+
+    def matmul():
+        with torch.enable_grad():  # (the measurement runs under no_grad)
+            out = F.linear(xs.permute(0, 2, 3, 1), ws.reshape(ws.shape[0], ws.shape[1]))
+            torch.autograd.grad(out, leaves, g.permute(0, 2, 3, 1))
+
+    def conv():
+        with torch.enable_grad():
+            torch.autograd.grad(F.conv2d(xs, ws), leaves, g)
+
+    return {"matmul": matmul, "conv": conv}
 
 
 def choose_pointwise(x: torch.Tensor, weight: torch.Tensor, *, calibrate: Optional[bool] = None,
-                     measure_fn: Callable = None, uncalibrated: str = "conv") -> Choice:
+                     measure_fn: Callable = None, uncalibrated: str = "conv", grads: str = "") -> Choice:
     """How ``lkfast.nn.pointwise_conv2d`` computes a 1x1 convolution of this channels_last CPU input:
     "matmul" (``F.linear`` on the NHWC view) or "conv" (``F.conv2d``, oneDNN), whichever this
     machine's calibration measured faster for the shape class (forward, fresh tensors). Which wins
@@ -369,16 +392,25 @@ def choose_pointwise(x: torch.Tensor, weight: torch.Tensor, *, calibrate: Option
     faster on small maps (oneDNN reorders the weight on every call), on a Zen 4 EPYC it ran at
     0.71-0.91x of oneDNN's convolution (MKL's SGEMM). Without calibration (``LKFAST_CALIBRATE=0``,
     or while ``torch.compile`` traces) the answer is ``uncalibrated``: the caller's own op, "conv"
-    for a convolution layer, "matmul" for a linear one (``lkfast.nn.pointwise_linear``)."""
+    for a convolution layer, "matmul" for a linear one (``lkfast.nn.pointwise_linear``).
+
+    ``grads`` ("x", "w" or "xw"; default "": forward only) measures the forward and the backward
+    computing those gradients instead, under a key of its own: the two can disagree (capped to
+    AVX2 on the Zen 5, oneDNN's 1x1 convolution ran ViT-B's linears 1.1-1.2x faster than MKL
+    forward and 0.75-0.79x in a training step)."""
     if uncalibrated not in POINTWISE_CANDIDATES:
         raise ValueError(f"uncalibrated={uncalibrated!r}: expected one of {', '.join(POINTWISE_CANDIDATES)}")
+    if grads not in POINTWISE_GRADS:
+        raise ValueError(f"grads={grads!r}: expected one of {', '.join(map(repr, POINTWISE_GRADS))}")
     calibrate = calibration_enabled() if calibrate is None else calibrate
     if not calibrate or torch.compiler.is_compiling():
         own = "convolution" if uncalibrated == "conv" else "matrix product (F.linear)"
         return Choice(uncalibrated, f"no calibration: PyTorch's {own}")
     n, c, h, w = (int(s) for s in x.shape)
     key = ("pointwise", dtype_name(x.dtype), _bucket(n), c, int(weight.shape[0]), _bucket(h), _bucket(w))
-    return _calibrated(key, POINTWISE_CANDIDATES, lambda: _pointwise_runs(x, weight), measure_fn)
+    if grads:
+        key += (f"grad-{grads}",)
+    return _calibrated(key, POINTWISE_CANDIDATES, lambda: _pointwise_runs(x, weight, grads), measure_fn)
 
 
 __all__ = ["choose", "choose_pointwise", "memo_token", "remembered", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup", "table_choices_digest",
