@@ -14,7 +14,8 @@ Implementations: ``pytorch`` (``F.linear``: what ``nn.Linear`` runs, MKL's SGEMM
 ``conv`` (``F.conv2d`` of the channels_last view ``x.permute(0, 3, 1, 2)`` with the weight as
 (out, in, 1, 1): oneDNN's 1x1 convolution, no copy, forced by LKFAST_POINTWISE=conv) and
 ``lkfast_auto`` (``lkfast.nn.pointwise_linear``, what ``patch_model``'s ``PointwiseLinear`` runs:
-the faster of the two as this machine's calibration measured it; the JSON records its choice).
+the faster of the two as this machine's calibration measured it for the pass, with its backward
+where one runs; the JSON records its choice).
 Passes: ``forward`` (no_grad), ``forward+input_grad`` (frozen weights: an attack step),
 ``training`` (input, weight and bias gradients). Each case first checks that both other
 implementations give F.linear's outputs within 1e-5 relative. Timer: ``lkfast.timing.time_interleaved``,
@@ -98,7 +99,13 @@ def test_pointwise_linear(benchmark, shape, passes):
         got = _linear(impl)(x, w, b)
         err = ((got - want).abs().max() / want.abs().max()).item()
         assert got.shape == want.shape and got.is_contiguous() and err < 1e-5, f"{impl}: {err:.2e}"
-    choice = linear_choice(x, w)  # measured by the call above when this machine had not yet
+    # the choice for this pass (a call whose backward will run is calibrated with it), measured now
+    # when this machine had not yet
+    if passes == "forward":
+        with torch.no_grad():
+            choice = linear_choice(x, w)
+    else:
+        choice = linear_choice(x.detach().requires_grad_(True), w.detach().requires_grad_(passes == "training"))
     runs = {impl: _runner(impl, passes, x, w, b, g) for impl in IMPLS}
     times = {}
     benchmark.group = f"{shape} {passes}"
@@ -125,7 +132,7 @@ def report(path: str) -> Path:
              f"{data.get('commit_info', {}).get('id', '?')[:8]}", "",
              f"ms = median CPU time (time.process_time) over {ROUNDS} interleaved rounds; ratios are medians of "
              "per-round ratios (same round, same stretch of time); *auto* is `lkfast.nn.pointwise_linear` with this "
-             "machine's calibrated choice (what `patch_model`'s `PointwiseLinear` runs)", "",
+             "machine's calibrated choice for the pass (what `patch_model`'s `PointwiseLinear` runs)", "",
              "| shape (input -> out features) | passes | PyTorch F.linear (ms) | 1x1 conv (ms) | lkfast auto (ms) "
              "| auto's choice | F.linear / conv | F.linear / auto |",
              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
