@@ -9,7 +9,7 @@
     ReparamLargeKernelConv(...)                         RepLKNet's large + small kernel conv with BN
     conv_bn, conv_bn_relu, fuse_conv_bn                 RepLKNet's conv + BN blocks and BN folding
     PointwiseConv2d(in, out, bias=True)                 1x1 conv; small channels_last CPU maps as F.linear
-    PointwiseLinear(in, out, bias=True)                 nn.Linear; NHWC CPU activations as a 1x1 conv
+    PointwiseLinear(in, out, bias=True)                 nn.Linear; CPU activations (NHWC, tokens) as a 1x1 conv
                                                         (each where this machine measured it faster)
 
 The generic drop-in lives in ``lkfast/nn/depthwise.py``, the RepLKNet pieces in

@@ -63,8 +63,8 @@ def is_eligible(module: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZ
 def is_linear_eligible(module: nn.Module) -> bool:
     """True for a plain ``nn.Linear``, or one under ``torch.nn.utils.parametrize``, with a
     floating-point weight: what ``patch_model`` makes a ``PointwiseLinear`` (which computes
-    ``F.linear`` for every input but contiguous 4-D CPU ones the calibration measured faster as a
-    1x1 convolution). Subclasses of ``nn.Linear`` (e.g. ``NonDynamicallyQuantizableLinear`` inside
+    ``F.linear`` for every input but contiguous 2-D to 4-D CPU ones the calibration measured faster
+    as a 1x1 convolution). Subclasses of ``nn.Linear`` (e.g. ``NonDynamicallyQuantizableLinear`` inside
     ``nn.MultiheadAttention``, which reads its weight directly) are not touched."""
     if type(module) is not nn.Linear and not _parametrized(module, nn.Linear):
         return False
@@ -102,9 +102,10 @@ def patch_model(model: nn.Module, min_kernel_size: int = DEFAULT_MIN_KERNEL_SIZE
     parents, or held elsewhere, is patched everywhere). Outputs are unchanged within floating-point
     tolerance.
 
-    A ``PointwiseLinear`` computes ``F.linear`` for every input except contiguous 4-D CPU fp32/fp64
-    ones (NHWC activations, as in ConvNeXt's MLPs) for which this machine's calibration measured the
-    same product faster as a 1x1 convolution of the channels_last view (``lkfast.nn.pointwise``);
+    A ``PointwiseLinear`` computes ``F.linear`` for every input except contiguous 2-D to 4-D CPU
+    fp32/fp64 ones (NHWC activations as in ConvNeXt's MLPs, a ViT's tokens, features) for which this
+    machine's calibration measured the same product, with the backward the call will run, faster as
+    a 1x1 convolution of a channels_last view of the same memory (``lkfast.nn.pointwise``);
     ``linear=False`` leaves the linears alone.
 
     A layer under ``torch.nn.utils.parametrize`` (``torch.nn.utils.parametrizations.weight_norm``,

@@ -18,17 +18,20 @@ cached beside the depthwise op's choices; ``pointwise_choice`` says which and wh
 calibration (``LKFAST_CALIBRATE=0``, ``torch.compile``) it is PyTorch's convolution.
 ``LKFAST_POINTWISE=matmul`` or ``=conv`` forces one of the two (default ``auto``).
 
-The same choice, seen from the other side: an ``nn.Linear`` on NHWC activations (ConvNeXt's MLPs,
-timm's default ``conv_mlp=False``) is a 1x1 convolution of the channels_last view of the same
-memory. PyTorch sends ``F.linear`` to its BLAS (MKL), which on the AMD EPYC Zen 5 ran ConvNeXt-T's
-eight MLP shapes at 95-215 GFLOP/s, where oneDNN's 1x1 convolution on the same memory ran them
-1.36-2.16x faster forward and 1.41-2.03x faster in a training step (benchmarks/results/
-pointwise_linear_zen5.md; the whole ConvNeXt-T patched: inference 1.57x, training 1.75x). ``pointwise_linear`` / ``PointwiseLinear`` (what ``patch_model`` makes of
-an ``nn.Linear``) ask the same calibration, under the same key, for a contiguous 4-D CPU fp32/fp64
-input of any map size (``linear_eligible``): the area limit above guards the move to the matrix
-product, which the Xeon's training step showed losing on large maps, not the move away from it.
-Without calibration, and for every other input (2-D features, autocast, other devices), it is
-PyTorch's own ``F.linear``.
+The same choice, seen from the other side: an ``nn.Linear`` on activations (ConvNeXt's MLPs on NHWC
+maps, timm's default ``conv_mlp=False``; a ViT's linears on (N, L, C) tokens) is a 1x1 convolution
+of a channels_last view of the same memory. PyTorch sends ``F.linear`` to its BLAS (MKL), which on
+the AMD EPYC Zen 5 ran ConvNeXt-T's eight MLP shapes at 95-215 GFLOP/s, where oneDNN's 1x1
+convolution on the same memory ran them and ViT-B's four block linears 1.38-2.20x faster forward
+and 1.36-2.05x faster in a training step (benchmarks/results/pointwise_linear_zen5.md; the whole
+ConvNeXt-T patched: inference 1.57x, training 1.75x). ``pointwise_linear`` / ``PointwiseLinear``
+(what ``patch_model`` makes of an ``nn.Linear``) ask the same calibration, under the same key, for
+a contiguous 2-D, 3-D or 4-D CPU fp32/fp64 input of any size (``linear_eligible``, ``_conv_view``):
+the area limit above guards the move to the matrix product, which the Xeon's training step showed
+losing on large maps, not the move away from it. A call whose backward will run is measured with
+that backward, under entries of its own (capped to AVX2, the convolution won ViT-B's forward and
+lost its training step). Without calibration, and for every other input (autocast, other
+devices), it is PyTorch's own ``F.linear``.
 """
 from __future__ import annotations
 
