@@ -155,7 +155,8 @@ def test_the_choice_is_remembered_per_shape_until_the_calibration_changes(tmp_pa
     monkeypatch.setenv("LKFAST_CALIBRATE", "1")
     monkeypatch.setattr(cd, "_calibration", None)
     asked = []
-    monkeypatch.setattr(cd, "choose_pointwise", lambda x, w: asked.append(tuple(x.shape)) or cd.Choice("matmul", "fake"))
+    monkeypatch.setattr(cd, "choose_pointwise",
+                        lambda x, w, grads="": asked.append(tuple(x.shape)) or cd.Choice("matmul", "fake"))
     x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
     w = torch.randn(12, 8, 1, 1)
     assert takes_matmul(x, w) and takes_matmul(x, w)
@@ -344,3 +345,31 @@ def test_a_linear_whose_backward_will_run_is_measured_with_it(tmp_path, monkeypa
     want = _grads(lambda x, w, b: F.linear(x, w, b), x.double(), w.double(), b.double(), g.double())
     for a, e in zip(got, want):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_a_1x1_conv_whose_backward_will_run_is_measured_with_it(tmp_path, monkeypatch):
+    """PointwiseConv2d's choice follows the same rule as the linear's: under no_grad the forward's
+    entry, with a backward to run an entry measured with it (real candidate runs, fake timings:
+    the product faster forward only, the convolution faster with a backward)."""
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
+    monkeypatch.setattr(cd, "_calibration", None)
+    backward_calls = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: backward_calls.append(1) or real_grad(*a, **k))
+
+    def fake_measure(runs):
+        before = len(backward_calls)
+        for run in runs.values():
+            run()
+        return {"matmul": 1e-3, "conv": 2e-3} if len(backward_calls) == before else {"matmul": 2e-3, "conv": 1e-3}
+
+    monkeypatch.setattr(cd, "measure", fake_measure)
+    x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(12, 8, 1, 1)
+    with torch.no_grad():
+        assert pointwise_choice(x, w).backend == "matmul"
+    assert pointwise_choice(x.requires_grad_(), w).backend == "conv"
+    assert pointwise_choice(x, w.requires_grad_()).backend == "conv"
+    base = "pointwise|float32|2|8|12|8|8"
+    assert set(json.loads(cd.cache_path().read_text())["entries"]) == {base, f"{base}|grad-x", f"{base}|grad-xw"}

@@ -1,5 +1,6 @@
 """Swap a model's depthwise ``nn.Conv2d`` layers for ``DepthwiseConv2d`` (the fast op) and its
-``nn.Linear`` layers for ``PointwiseLinear`` (NHWC linears as calibrated 1x1 convolutions), in place."""
+``nn.Linear`` layers for ``PointwiseLinear`` (linears on CPU activations as 1x1 convolutions where
+measured faster), in place."""
 from __future__ import annotations
 
 import itertools

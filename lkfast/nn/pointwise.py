@@ -14,7 +14,8 @@ the CPU and its matrix-product library, so it is measured, not assumed:
   RepLKNet-31B's small-map shapes (forward and forward + input gradient).
 So for an eligible input (``eligible``: CPU, fp32/fp64, channels_last, at most ``MAX_AREA`` pixels,
 autocast off, outside ``torch.func`` transforms) the choice comes from the machine's calibration (``cpu_dispatch.choose_pointwise``,
-cached beside the depthwise op's choices; ``pointwise_choice`` says which and why); without
+cached beside the depthwise op's choices; ``pointwise_choice`` says which and why), the forward's
+for a call under no_grad, the forward's with the backward for a call whose backward will run; without
 calibration (``LKFAST_CALIBRATE=0``, ``torch.compile``) it is PyTorch's convolution.
 ``LKFAST_POINTWISE=matmul`` or ``=conv`` forces one of the two (default ``auto``).
 
@@ -84,17 +85,27 @@ def _fixed_choice(x: torch.Tensor, weight: torch.Tensor):
     return None if mode == "auto" else Choice(mode, f"LKFAST_POINTWISE={mode}")
 
 
+def _grads_needed(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Which gradients the call's backward will compute: "" (none: no_grad, inference_mode, nothing
+    requiring grad), "x", "w" or "xw" (the bias's, a sum over the output, costs the same both ways)."""
+    if not torch.is_grad_enabled():
+        return ""
+    return ("x" if x.requires_grad else "") + ("w" if weight.requires_grad else "")
+
+
 def pointwise_choice(x: torch.Tensor, weight: torch.Tensor):
     """How ``pointwise_conv2d(x, weight)`` is computed, with the reason: a
-    ``cpu_dispatch.Choice`` whose backend is "matmul" or "conv". Asked on every call: the measured
-    answer is remembered per shape while the calibration stays the same."""
+    ``cpu_dispatch.Choice`` whose backend is "matmul" or "conv". A call whose backward will run is
+    measured with that backward (``_grads_needed``), as ``linear_choice``'s. Asked on every call:
+    the measured answer is remembered per shape while the calibration stays the same."""
     from lkfast.ops import cpu_dispatch
 
     fixed = _fixed_choice(x, weight)
     if fixed is not None:
         return fixed
-    args = (tuple(x.shape), tuple(weight.shape), x.dtype)
-    return cpu_dispatch.remembered(_MEMO, args, lambda: cpu_dispatch.choose_pointwise(x, weight))
+    grads = _grads_needed(x, weight)
+    args = (tuple(x.shape), tuple(weight.shape), x.dtype, grads)
+    return cpu_dispatch.remembered(_MEMO, args, lambda: cpu_dispatch.choose_pointwise(x, weight, grads=grads))
 
 
 def takes_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -143,14 +154,6 @@ def _conv_view(x: torch.Tensor) -> torch.Tensor:
     elif x.dim() == 2:
         x = x.unsqueeze(0).unsqueeze(2)
     return x.permute(0, 3, 1, 2)
-
-
-def _grads_needed(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """Which gradients the call's backward will compute: "" (none: no_grad, inference_mode, nothing
-    requiring grad), "x", "w" or "xw" (the bias's, a sum over the output, costs the same both ways)."""
-    if not torch.is_grad_enabled():
-        return ""
-    return ("x" if x.requires_grad else "") + ("w" if weight.requires_grad else "")
 
 
 def linear_choice(x: torch.Tensor, weight: torch.Tensor):
