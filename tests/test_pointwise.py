@@ -15,6 +15,33 @@ from lkfast.nn.pointwise import (MAX_AREA, PointwiseConv2d, eligible, linear_cho
 from lkfast.ops import cpu_dispatch as cd
 
 
+@pytest.fixture
+def calibrating(tmp_path, monkeypatch):
+    """Calibration on, into a cache of this test's own (the tests otherwise run with it off)."""
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
+    monkeypatch.setattr(cd, "_calibration", None)
+
+
+def _measure_by_backward(monkeypatch, forward_winner: str, backward_winner: str) -> list:
+    """Fake timings for real candidate runs: ``forward_winner`` is faster when the runs computed no
+    gradient, ``backward_winner`` when they did. Returns the backward calls of each measurement."""
+    backward_calls, measured = [], []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: backward_calls.append(1) or real_grad(*a, **k))
+
+    def fake_measure(runs):
+        before = len(backward_calls)
+        for run in runs.values():
+            run()
+        measured.append(len(backward_calls) - before)
+        winner = forward_winner if measured[-1] == 0 else backward_winner
+        return {name: 1e-3 if name == winner else 2e-3 for name in runs}
+
+    monkeypatch.setattr(cd, "measure", fake_measure)
+    return measured
+
+
 def _grads(fn, x, w, b, g):
     x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
     y = fn(x, w, b)
@@ -273,14 +300,11 @@ def test_which_linear_inputs_are_candidates(monkeypatch):
 
 @pytest.mark.parametrize("seconds, expected", [({"matmul": 1e-3, "conv": 2e-3}, "matmul"),
                                                ({"matmul": 3e-3, "conv": 2e-3}, "conv")])
-def test_a_linear_asks_the_convolutions_calibration(tmp_path, monkeypatch, seconds, expected):
+def test_a_linear_asks_the_convolutions_calibration(calibrating, monkeypatch, seconds, expected):
     """The linear and the 1x1 convolution of its channels_last view are one product: measured once,
     under one cache entry, whichever layer asks first, and the call follows the answer. The area
     limit is the convolution's only (it guards the move to the matrix product): a linear on a larger
     map is measured, the same map asked as a convolution is not a candidate."""
-    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
-    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
-    monkeypatch.setattr(cd, "_calibration", None)
     measured = []
     monkeypatch.setattr(cd, "measure", lambda runs: measured.append(sorted(runs)) or dict(seconds))
     x, w = torch.randn(2, 7, 7, 8), torch.randn(12, 8)
@@ -304,27 +328,12 @@ def test_a_linear_asks_the_convolutions_calibration(tmp_path, monkeypatch, secon
     assert {"pointwise|float32|2|8|12|8|1", "pointwise|float32|1|8|12|8|1"} <= set(entries)
 
 
-def test_a_linear_whose_backward_will_run_is_measured_with_it(tmp_path, monkeypatch):
+def test_a_linear_whose_backward_will_run_is_measured_with_it(calibrating, monkeypatch):
     """The forward's measurement does not speak for the backward (capped to AVX2 on the Zen 5,
     oneDNN's 1x1 convolution ran ViT-B's linears faster forward and 0.75-0.79x in a training step):
     a call that will compute the input's gradient, the weight's, or both is measured with that
     backward, under an entry of its own, and follows it; a call under no_grad asks the forward's."""
-    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
-    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
-    monkeypatch.setattr(cd, "_calibration", None)
-    backward_calls = []
-    real_grad = torch.autograd.grad
-    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: backward_calls.append(1) or real_grad(*a, **k))
-    measured = []
-
-    def fake_measure(runs):  # the candidates run for real; forward only: conv faster, with a backward: matmul
-        before = len(backward_calls)
-        for run in runs.values():
-            run()
-        measured.append(len(backward_calls) - before)
-        return {"matmul": 2e-3, "conv": 1e-3} if measured[-1] == 0 else {"matmul": 1e-3, "conv": 2e-3}
-
-    monkeypatch.setattr(cd, "measure", fake_measure)
+    measured = _measure_by_backward(monkeypatch, forward_winner="conv", backward_winner="matmul")
     x, w = torch.randn(2, 7, 7, 8), torch.randn(12, 8)
     with torch.no_grad():
         assert linear_choice(x.requires_grad_(), w).backend == "conv"
@@ -347,24 +356,11 @@ def test_a_linear_whose_backward_will_run_is_measured_with_it(tmp_path, monkeypa
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
 
 
-def test_a_1x1_conv_whose_backward_will_run_is_measured_with_it(tmp_path, monkeypatch):
+def test_a_1x1_conv_whose_backward_will_run_is_measured_with_it(calibrating, monkeypatch):
     """PointwiseConv2d's choice follows the same rule as the linear's: under no_grad the forward's
     entry, with a backward to run an entry measured with it (real candidate runs, fake timings:
     the product faster forward only, the convolution faster with a backward)."""
-    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
-    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
-    monkeypatch.setattr(cd, "_calibration", None)
-    backward_calls = []
-    real_grad = torch.autograd.grad
-    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: backward_calls.append(1) or real_grad(*a, **k))
-
-    def fake_measure(runs):
-        before = len(backward_calls)
-        for run in runs.values():
-            run()
-        return {"matmul": 1e-3, "conv": 2e-3} if len(backward_calls) == before else {"matmul": 2e-3, "conv": 1e-3}
-
-    monkeypatch.setattr(cd, "measure", fake_measure)
+    _measure_by_backward(monkeypatch, forward_winner="matmul", backward_winner="conv")
     x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
     w = torch.randn(12, 8, 1, 1)
     with torch.no_grad():
