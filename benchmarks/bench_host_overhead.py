@@ -23,7 +23,6 @@ plan chosen per call). Passes: forward (under no_grad) and forward + input gradi
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -94,15 +93,11 @@ def test_host_overhead(benchmark, case, passes):
 
 def report(path: str) -> Path:
     """The markdown table of a --benchmark-json file of this suite, written beside it (.md)."""
-    data = json.loads(Path(path).read_text())
-    rows = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info", {}).get("kind") == "host_overhead"]
-    if not rows:
-        raise SystemExit(f"{path}: no host_overhead entries (run pytest benchmarks/bench_host_overhead.py "
-                         f"--benchmark-json={path})")
-    machine = rows[0].get("machine", {})
-    lines = [f"Machine: {machine.get('cpu_model', '?')}, {machine.get('threads', '?')} threads, torch "
-             f"{machine.get('torch', '?')}; run {data.get('datetime', '?')}, commit "
-             f"{data.get('commit_info', {}).get('id', '?')[:8]}", "",
+    from lkfast import bench
+
+    data, rows = bench.benchmark_rows(path, "host_overhead",
+                                      f"pytest benchmarks/bench_host_overhead.py --benchmark-json={path}")
+    lines = [bench.run_line(data, rows[0].get("machine", {})), "",
              f"us per call = median over {ROUNDS} interleaved rounds of (round time / {LOOP} calls); ratios are "
              "medians of per-round ratios (same round, same stretch of time)", "",
              "| case | passes | PyTorch F.conv2d | lkfast eager (cpu) | lkfast registered op (cpu) | lkfast auto (eager) "
@@ -111,7 +106,7 @@ def report(path: str) -> Path:
     for row in rows:
         t = row["times"]
         us = {impl: statistics.median(t[impl]) / row["loop"] * 1e6 for impl in IMPLS}
-        ratio = lambda a, b: statistics.median(x / y for x, y in zip(t[a], t[b]))  # noqa: E731
+        ratio = lambda a, b: bench.per_round_ratio(t, a, b)  # noqa: E731
         lines.append(f"| {row['case']} {tuple(row['shape'])} | {row['passes']} | {us['pytorch']:.1f} | "
                      f"{us['lkfast_eager']:.1f} | {us['lkfast_registered']:.1f} | {us['lkfast_auto']:.1f} | "
                      f"{ratio('lkfast_registered', 'lkfast_eager'):.2f}x | {ratio('pytorch', 'lkfast_auto'):.2f}x |")

@@ -24,7 +24,6 @@ with OMP_WAIT_POLICY=PASSIVE idle threads sleep instead of spinning), as bench_m
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -121,15 +120,11 @@ def test_pointwise_linear(benchmark, shape, passes):
 
 def report(path: str) -> Path:
     """The markdown table of a --benchmark-json file of this suite, written beside it (.md)."""
-    data = json.loads(Path(path).read_text())
-    rows = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info", {}).get("kind") == "pointwise_linear"]
-    if not rows:
-        raise SystemExit(f"{path}: no pointwise_linear entries (run pytest benchmarks/bench_pointwise_linear.py "
-                         f"--benchmark-json={path})")
-    machine = rows[0].get("machine", {})
-    lines = [f"Machine: {machine.get('cpu_model', '?')}, {rows[0].get('threads', '?')} threads, torch "
-             f"{machine.get('torch', '?')}; run {data.get('datetime', '?')}, commit "
-             f"{data.get('commit_info', {}).get('id', '?')[:8]}", "",
+    from lkfast import bench
+
+    data, rows = bench.benchmark_rows(path, "pointwise_linear",
+                                      f"pytest benchmarks/bench_pointwise_linear.py --benchmark-json={path}")
+    lines = [bench.run_line(data, dict(rows[0].get("machine", {}), threads=rows[0].get("threads", "?"))), "",
              f"ms = median CPU time (time.process_time) over {ROUNDS} interleaved rounds; ratios are medians of "
              "per-round ratios (same round, same stretch of time); *auto* is `lkfast.nn.pointwise_linear` with this "
              "machine's calibrated choice for the pass (what `patch_model`'s `PointwiseLinear` runs)", "",
@@ -139,7 +134,7 @@ def report(path: str) -> Path:
     for row in rows:
         t = row["times"]
         ms = {impl: statistics.median(t[impl]) * 1e3 for impl in IMPLS}
-        ratio = lambda a, b: statistics.median(x / y for x, y in zip(t[a], t[b]))  # noqa: E731
+        ratio = lambda a, b: bench.per_round_ratio(t, a, b)  # noqa: E731
         *dims, cout = row["shape"]
         lines.append(f"| {row['shape_name']} ({', '.join(map(str, dims))} -> {cout}) | {row['passes']} | {ms['pytorch']:.1f} | "
                      f"{ms['conv']:.1f} | {ms['lkfast_auto']:.1f} | {row['auto_choice']} | "

@@ -175,6 +175,33 @@ def machine_info() -> dict:
     }
 
 
+def benchmark_rows(path: str, kind: str, writes_it: str) -> tuple[dict, list[dict]]:
+    """A pytest-benchmark JSON file of one of the CPU suites and the ``extra_info`` of its cases of
+    ``kind``; none of them is a SystemExit naming ``writes_it``, the command that writes them."""
+    from pathlib import Path
+
+    data = json.loads(Path(path).read_text())
+    rows = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info", {}).get("kind") == kind]
+    if not rows:
+        raise SystemExit(f"{path}: no {kind} entries (run {writes_it})")
+    return data, rows
+
+
+def run_line(data: dict, machine: dict) -> str:
+    """The first line of a suite's table: the machine, threads and torch of the run, its date and commit."""
+    return (f"Machine: {machine.get('cpu_model', '?')}, {machine.get('threads', '?')} threads, torch "
+            f"{machine.get('torch', '?')}; run {data.get('datetime', '?')}, commit "
+            f"{data.get('commit_info', {}).get('id', '?')[:8]}")
+
+
+def per_round_ratio(times: dict, a: str, b: str) -> float:
+    """Median over rounds of ``times[a][i] / times[b][i]``: a ratio taken within each interleaved
+    round (same stretch of time), which the machine's drift between rounds does not move."""
+    import statistics
+
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
 def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
     """fp32 matrix-product GFLOP/s of this machine, the ceiling the kernels are judged against."""
     a, b = torch.randn(n, n), torch.randn(n, n)

@@ -771,3 +771,7 @@ def test_pointwise_linear_bench_times_what_it_names_and_reports_per_round_ratios
     text = bench.report(str(path)).read_text()
     # medians: 3000 / 1000 / 2000 ms; per-round ratios 2, 3, 1 -> 2.00x and 2, 1.5, 2 -> 2.00x
     assert "| s1-fc1 (8, 56, 56, 96 -> 384) | forward | 3000.0 | 1000.0 | 2000.0 | conv | 2.00x | 2.00x |" in text
+    assert text.startswith("Machine: cpu, 2 threads, torch t; run d, commit abc")
+    path.write_text(json.dumps({"benchmarks": [{"extra_info": {"kind": "host_overhead"}}]}))
+    with pytest.raises(SystemExit, match=r"no pointwise_linear entries \(run pytest benchmarks/bench_pointwise_linear.py"):
+        bench.report(str(path))
