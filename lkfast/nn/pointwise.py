@@ -71,16 +71,17 @@ def eligible(x: torch.Tensor) -> bool:
 
 _NOT_A_CANDIDATE = ("not a candidate for the matrix product (needs a CPU fp32/fp64 channels_last map of "
                     f"at most {MAX_AREA} pixels, autocast off, no torch.func transform)")
-_MEMO: dict = {}  # (x shape, weight shape, dtype) -> (cpu_dispatch.memo_token, Choice)
+_MEMO: dict = {}  # ([layer,] x shape, weight shape, dtype, grads) -> (cpu_dispatch.memo_token, Choice)
 
 
-def _fixed_choice(x: torch.Tensor, weight: torch.Tensor):
-    """The choice when no measurement is needed (not a candidate, or LKFAST_POINTWISE forces one),
-    else None."""
+def _fixed_choice(candidate: bool, own: str, not_a_candidate: str):
+    """The choice when no measurement is needed, else None: the layer's ``own`` op ("conv" for a
+    convolution, "matmul" for a linear) when the input is not a ``candidate``, the forced one when
+    LKFAST_POINTWISE forces one."""
     from lkfast.ops.cpu_dispatch import Choice
 
-    if not eligible(x) or weight.dtype != x.dtype:
-        return Choice("conv", _NOT_A_CANDIDATE)
+    if not candidate:
+        return Choice(own, not_a_candidate)
     mode = _mode()
     return None if mode == "auto" else Choice(mode, f"LKFAST_POINTWISE={mode}")
 
@@ -100,7 +101,7 @@ def pointwise_choice(x: torch.Tensor, weight: torch.Tensor):
     the measured answer is remembered per shape while the calibration stays the same."""
     from lkfast.ops import cpu_dispatch
 
-    fixed = _fixed_choice(x, weight)
+    fixed = _fixed_choice(eligible(x) and weight.dtype == x.dtype, "conv", _NOT_A_CANDIDATE)
     if fixed is not None:
         return fixed
     grads = _grads_needed(x, weight)
@@ -165,18 +166,16 @@ def linear_choice(x: torch.Tensor, weight: torch.Tensor):
     input gradient, a training step's weight gradient), under entries of its own, since the two
     can disagree. Without calibration it is "matmul"."""
     from lkfast.ops import cpu_dispatch
-    from lkfast.ops.cpu_dispatch import Choice
 
-    if not linear_eligible(x, weight):
-        return Choice("matmul", _NOT_A_LINEAR_CANDIDATE)
-    mode = _mode()
-    if mode != "auto":
-        return Choice(mode, f"LKFAST_POINTWISE={mode}")
-    view, weight4 = _conv_view(x), weight[:, :, None, None]
+    fixed = _fixed_choice(linear_eligible(x, weight), "matmul", _NOT_A_LINEAR_CANDIDATE)
+    if fixed is not None:
+        return fixed
     grads = _grads_needed(x, weight)
-    args = ("linear", tuple(view.shape), tuple(weight4.shape), x.dtype, grads)
-    return cpu_dispatch.remembered(
-        _MEMO, args, lambda: cpu_dispatch.choose_pointwise(view, weight4, uncalibrated="matmul", grads=grads))
+    # keyed by the input's own shape: the view is made only when the memo has no answer (asked on
+    # every call; pointwise_linear makes the one it computes with)
+    args = ("linear", tuple(x.shape), tuple(weight.shape), x.dtype, grads)
+    return cpu_dispatch.remembered(_MEMO, args, lambda: cpu_dispatch.choose_pointwise(
+        _conv_view(x), weight[:, :, None, None], uncalibrated="matmul", grads=grads))
 
 
 def pointwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
