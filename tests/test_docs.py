@@ -50,3 +50,34 @@ def test_named_files_exist(doc):
 def test_result_prefixes_are_read():
     # The bare-name check rests on these; an empty list would let every bare name through.
     assert {"depthwise_", "models_", "pointwise_"} <= set(RESULT_PREFIXES)
+
+
+# ------------------------------------------------------------------------------ environment variables
+MACROS = {"LKFAST_WITH_CUDA"}  # setup.py's compile-time define for the CUDA bindings, not read from the environment
+
+
+def variables_the_code_reads() -> set:
+    """Every string literal that is exactly an LKFAST_* name in lkfast/, kernels/ and setup.py (what
+    ``os.environ`` is asked for), and every ``getenv("LKFAST_...")`` in csrc/."""
+    import ast
+
+    names = set()
+    for path in [*(ROOT / "lkfast").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"), ROOT / "setup.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and re.fullmatch(r"LKFAST_[A-Z0-9_]+", node.value):
+                names.add(node.value)
+    for path in (ROOT / "csrc").rglob("*.[ch]*"):
+        names.update(re.findall(r'getenv\("(LKFAST_[A-Z0-9_]+)"\)', path.read_text()))
+    return names - MACROS
+
+
+def test_the_readme_lists_every_environment_variable_the_code_reads():
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^### Environment variables\n(.*?)(?=^#)", text, re.S | re.M)
+    assert section, "README.md has no '### Environment variables' section"
+    listed = set(re.findall(r"LKFAST_[A-Z0-9_]+", section.group(1)))
+    read = variables_the_code_reads()
+    assert {"LKFAST_CACHE", "LKFAST_CALIBRATE", "LKFAST_CPU_ISA"} <= read  # the scan finds what it must
+    assert not read - listed, f"read by the code, missing from README's Environment variables: {sorted(read - listed)}"
+    assert not listed - read, f"in README's Environment variables, read nowhere in the code: {sorted(listed - read)}"
