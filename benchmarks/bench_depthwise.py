@@ -5,7 +5,8 @@
 
 The four RepLKNet-31B stage shapes at 224 px, batch 8, fp32; forward, forward + input gradient,
 forward + both gradients. LKFAST_BENCH_SHAPES=convnext runs ConvNeXt-T's four stages (7x7 kernels)
-instead (lkfast.bench.SHAPE_SETS). The JSON records the machine (CPU model, vector extensions, the instruction
+instead (lkfast.bench.SHAPE_SETS); LKFAST_BENCH_DTYPE=bfloat16 (or float16) times that dtype, PyTorch's
+and lkfast's tensors alike (bfloat16: what the eval's --amp runs on the CPU). The JSON records the machine (CPU model, vector extensions, the instruction
 set lkfast and oneDNN ran) in the matmul_peak entry's extra_info["machine"]. To measure the AVX2 paths
 of both sides on an AVX-512 machine, set LKFAST_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for the run. Cases come from lkfast.bench, so `python -m lkfast.bench` measures the same.
 
@@ -25,6 +26,9 @@ from lkfast.ops import available_backends
 
 BATCH = 8
 SHAPES = bench.shapes_named(os.environ.get("LKFAST_BENCH_SHAPES", "replknet"))
+DTYPE = os.environ.get("LKFAST_BENCH_DTYPE", "float32")
+if DTYPE not in bench.DTYPES:
+    raise ValueError(f"LKFAST_BENCH_DTYPE={DTYPE!r}: expected one of {', '.join(bench.DTYPES)}")
 IMPLS = [i for i in bench.IMPLEMENTATIONS if i != "lkfast_cpu" or available_backends()["cpu"].available]
 
 
@@ -45,7 +49,7 @@ def test_matmul_peak(benchmark):
 @pytest.mark.parametrize("stage", SHAPES, ids=lambda s: f"C{s[0]}-H{s[1]}-k{s[2]}")
 def test_depthwise(benchmark, stage, passes):
     channels, size, k = stage
-    cases = {impl: bench.make_case(impl, passes, BATCH, channels, size, k) for impl in IMPLS}
+    cases = {impl: bench.make_case(impl, passes, BATCH, channels, size, k, bench.DTYPES[DTYPE]) for impl in IMPLS}
     # As many rounds as fit in about 15 s (5 to 31): PyTorch's weight gradient takes seconds per
     # call on the large maps, while the 7x7 maps take milliseconds and need many rounds to settle.
     # warm-up round (allocations, oneDNN primitive creation), timed to size the measured rounds
@@ -59,7 +63,7 @@ def test_depthwise(benchmark, stage, passes):
     benchmark.group = f"C{channels}-H{size}-k{k} {passes}"
     benchmark.pedantic(measure, rounds=1, warmup_rounds=0)
     benchmark.extra_info.update(
-        kind="depthwise_round", passes=passes, shape=list(next(iter(cases.values())).shape),
+        kind="depthwise_round", passes=passes, shape=list(next(iter(cases.values())).shape), dtype=DTYPE,
         flop=next(iter(cases.values())).flop, times=times,
     )
     for impl, t in times.items():

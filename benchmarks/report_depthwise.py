@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from lkfast.bench import SHAPE_SET_TITLES, shape_set_of, speedup, summarize
+from lkfast.bench import SHAPE_SET_TITLES, dtype_label, shape_set_of, speedup, summarize
 from lkfast.tables import write_text_atomic
 from lkfast.timing import median
 
@@ -22,6 +22,7 @@ def load(path: str):
         elif info.get("kind") == "depthwise_round":
             for impl, times in info["times"].items():
                 rows.append({"impl": impl, "passes": info["passes"], "shape": info["shape"],
+                             "dtype": info.get("dtype", "float32"),  # (runs before dtypes were recorded: fp32)
                              "seconds": median(times), "times": times, "flop": info["flop"]})
     return data, rows, peak
 
@@ -53,7 +54,8 @@ def plot(rows, path: str) -> None:
     axes[0].set_ylabel("speed-up vs PyTorch's faster layout")
     axes[0].legend(fontsize=8, loc="upper left")
     title = SHAPE_SET_TITLES[shape_set_of((s[1], s[2], s[4]) for s in shapes)]
-    fig.suptitle(f"Depthwise conv on this CPU, fp32, batch {shapes[0][0]} ({title}); dashed = PyTorch", fontsize=10)
+    dtype = dtype_label(rows[0]["dtype"])
+    fig.suptitle(f"Depthwise conv on this CPU, {dtype}, batch {shapes[0][0]} ({title}); dashed = PyTorch", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

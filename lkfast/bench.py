@@ -220,13 +220,22 @@ def speedup(impls: dict[str, dict], impl: str, baselines=("pytorch_nchw", "pytor
     return min(impls[b]["seconds"] for b in present) / impls[impl]["seconds"]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_label(name: str) -> str:
+    """"fp32", "bf16", "fp16" for a ``DTYPES`` name."""
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[name]
+
+
 def summarize(rows: list[dict], peak: float) -> str:
     """Markdown table (through lkfast.tables): one line per (shape, passes), lkfast against
     PyTorch's faster layout; "—" where an implementation did not run."""
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_key.setdefault((tuple(r["shape"]), r["passes"]), {})[r["impl"]] = r
-    caption = (f"fp32, batch {rows[0]['shape'][0]}; ms = median of rounds in which all implementations ran in turn; "
+    caption = (f"{dtype_label(rows[0].get('dtype', 'float32'))}, batch {rows[0]['shape'][0]}; "
+               f"ms = median of rounds in which all implementations ran in turn; "
                f"speed-up = median over rounds of (PyTorch's faster layout / lkfast) in the same round; "
                f"GFLOP/s counts non-padding multiply-adds; machine fp32 matmul peak {peak:.0f} GFLOP/s")
     header = ["C, H, k", "passes", "PyTorch NCHW", "PyTorch channels_last", "lkfast auto", "lkfast C++ kernel",
@@ -253,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds per shape (default 5)")
     parser.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="replknet",
                         help="which model's stage shapes (default replknet: RepLKNet-31B)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="the tensors' dtype (default float32; bfloat16 is what --amp runs on the CPU)")
     parser.add_argument("--json", default=None, help="also write the raw timings to this JSON file")
     return parser
 
@@ -275,10 +286,10 @@ def main(argv=None) -> None:
     rows = []
     for channels, size, k in shapes_named(args.shapes):
         for passes in PASSES:
-            cases = {impl: make_case(impl, passes, batch, channels, size, k) for impl in impls}
+            cases = {impl: make_case(impl, passes, batch, channels, size, k, DTYPES[args.dtype]) for impl in impls}
             times = time_interleaved({impl: c.run for impl, c in cases.items()}, repeat)
             for impl, case in cases.items():
-                rows.append({"impl": impl, "passes": passes, "shape": list(case.shape),
+                rows.append({"impl": impl, "passes": passes, "shape": list(case.shape), "dtype": args.dtype,
                              "seconds": median(times[impl]), "times": times[impl], "flop": case.flop})
                 print(f"  {case.name:70s} {median(times[impl]) * 1e3:9.1f} ms", flush=True)
     print()

@@ -743,6 +743,42 @@ def test_cpu_bench_runs_the_shape_set_it_is_asked_for(monkeypatch, capsys):
         cpu_bench.shape_set_of([(96, 56, 7), (128, 56, 31)])
 
 
+def test_cpu_bench_times_the_dtype_it_is_asked_for(monkeypatch, capsys, tmp_path):
+    """`python -m lkfast.bench --dtype bfloat16` makes every case (PyTorch's and lkfast's) in bf16 and
+    says so in the table and the JSON rows; bench_depthwise.py's report does the same from the
+    benchmark JSON (LKFAST_BENCH_DTYPE), fp32 where a JSON predates the field."""
+    import json
+
+    import torch
+
+    import lkfast.bench as cpu_bench
+
+    dtypes = []
+
+    def fake_case(impl, passes, batch, channels, size, k, dtype=torch.float32, **kwargs):
+        dtypes.append(dtype)
+        return cpu_bench.Case(impl, impl, passes, (batch, channels, size, size, k, k), lambda: None, 1.0)
+
+    monkeypatch.setattr(cpu_bench, "make_case", fake_case)
+    monkeypatch.setattr(cpu_bench, "matmul_gflops", lambda *a, **k: 1.0)
+    cpu_bench.main(["--quick", "--dtype", "bfloat16", "--json", str(tmp_path / "b.json")])
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert "\nbf16, batch 2;" in capsys.readouterr().out
+    assert {r["dtype"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]} == {"bfloat16"}
+    with pytest.raises(SystemExit):
+        cpu_bench.main(["--dtype", "int8"])
+
+    report = _load_benchmark("report_depthwise")
+    rows = [{"kind": "depthwise_round", "passes": "forward", "shape": [8, 96, 56, 56, 7, 7], "flop": 1e9,
+             "times": {"pytorch_channels_last": [2e-3], "lkfast_auto": [1e-3]}}]
+    for dtype, label in (("bfloat16", "bf16"), (None, "fp32")):
+        info = dict(rows[0], **({"dtype": dtype} if dtype else {}))
+        path = tmp_path / f"run_{label}.json"
+        path.write_text(json.dumps({"benchmarks": [{"extra_info": info, "stats": {"min": 1e-3}}]}))
+        report.main(str(path))
+        assert (tmp_path / f"run_{label}.md").read_text().count(f"{label}, batch 8;") == 1
+
+
 def test_pointwise_linear_bench_times_what_it_names_and_reports_per_round_ratios(monkeypatch, tmp_path):
     """bench_pointwise_linear: "pytorch" is F.linear itself, "conv" the forced 1x1 convolution (even
     with the calibration saying otherwise), "lkfast_auto" the calibrated pointwise_linear; the table

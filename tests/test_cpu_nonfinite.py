@@ -35,7 +35,7 @@ SHAPES = [
     (2, 70, 7, 7, 13, 13),    # the small-map kernel, one channel block over a group of images (see SMALL_MAP)
     (2, 17, 20, 21, 5, 5),    # a map larger than the kernel: tap loops
     (1, 9, 23, 11, 5, 17),    # rectangular kernel, narrow map, tall
-    # whole channel blocks: channels_last fp32/fp64 forward in place, zero vectors past the edges
+    # whole channel blocks: channels_last fp32/fp64/bf16 forward in place, zero vectors past the edges
     (2, 32, 10, 19, 7, 7),    # a tap row's weights held (a width compiled in)
     (1, 16, 9, 13, 11, 9),    # the rotation over the taps meeting the image
 ]
@@ -93,6 +93,7 @@ def test_nonfinite_placement_every_instruction_set(isa, tmp_path):
                                        ((2, 9, 17, 30, 11, 11), "contiguous", torch.float64),  # groups of 4 rows
                                        ((2, 70, 7, 7, 13, 13), "channels_last", torch.float32),
                                        ((2, 32, 10, 19, 7, 7), "channels_last", torch.float32),  # in place
+                                       ((2, 32, 10, 19, 7, 7), "channels_last", torch.bfloat16),  # in place, bf16
                                        ((1, 16, 9, 13, 11, 9), "channels_last", torch.float64)]
              for where in WHERE]
     cases = [(x, w, g, None) for x, w, g in cases]  # no bias (exact_reference has none)

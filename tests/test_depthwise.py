@@ -201,7 +201,14 @@ def test_cpu_channels_last_in_place(isa, tmp_path):
                                   ((8, 128, 5, 6), (7, 7), torch.float32, False),
                                   ((8, 64, 5, 6), (7, 7), torch.float64, False),  # fp64: 8 blocks of 8
                                   # the small-map order with an output over 1 MB: its pages faulted in first
-                                  ((2, 1024, 9, 16), (13, 13), torch.float32, False)]:
+                                  ((2, 1024, 9, 16), (13, 13), torch.float32, False),
+                                  # bf16 forward in place, widened on load and rounded on store: the
+                                  # compiled-in widths, a window width, both orders, a cropped view
+                                  ((2, 32, 9, 19), (7, 7), torch.bfloat16, False),
+                                  ((1, 32, 7, 17), (9, 13), torch.bfloat16, False),
+                                  ((2, 128, 5, 6), (7, 7), torch.bfloat16, False),
+                                  ((8, 128, 5, 6), (7, 7), torch.bfloat16, False),
+                                  ((1, 32, 10, 12), (7, 5), torch.bfloat16, True)]:
         N, C, H, W = shape
         x = make_input((N, C, H + 3 * crop, W + 2 * crop), "channels_last", dtype)
         g = make_input((N, C, H + 3 * crop, W + 2 * crop), "channels_last", dtype)
@@ -214,6 +221,51 @@ def test_cpu_channels_last_in_place(isa, tmp_path):
         for name, got in zip(PASSES, outputs):
             assert got.dtype == x.dtype
             assert rel_err(got, want[name]) < TOLERANCE[x.dtype][name], (isa, tuple(x.shape), x.dtype, name)
+
+
+@pytest.mark.parametrize("isa", ISA_ORDER)
+def test_cpu_bf16_in_place_rounds_as_the_packed_path(isa, tmp_path):
+    """The bf16 forward in place (channels_last, whole channel blocks, kernels up to 13 wide) widens
+    each input vector to fp32 and rounds each output vector back itself; the packed path (the same
+    values in NCHW) converts one value at a time with c10::BFloat16. Same fp32 sums, so the two must
+    agree bit for bit: a tolerance would pass a rounding that truncates or breaks ties the wrong way
+    (an error of one bf16 ulp). A 1x1 kernel of ones with a bias puts every output on a tie between
+    two bf16 values, half of them rounding up (odd last bit) and half down (even); NaN, +-Inf and
+    values that round to Inf are among the inputs. The 7x7 case and its input gradient check the
+    general sums. Each instruction set in a child process."""
+    backend_or_skip("cpu")
+    one = torch.tensor(1.0, dtype=torch.bfloat16)
+    ulp = 2.0 ** -7  # of bf16 values in [1, 2)
+    # x: 1 + j * ulp (j = 0..15: even and odd last bits), specials; bias: half an ulp (a tie) and 0
+    base = torch.tensor([1 + j * ulp for j in range(16)])
+    x = base.repeat(2, 1, 3, 4).transpose(1, 3).reshape(2, 16, 4, 3).contiguous()  # (N, C=16, 4, 3)
+    x[0, 1, 1, 1], x[0, 2, 2, 1], x[1, 3, 0, 0] = float("nan"), float("inf"), -float("inf")
+    x[1, 12, 3, 2] = 3.3895e38  # bf16's largest finite value: plus its channel's bias, rounds to Inf
+    x = x.to(torch.bfloat16)
+    bias = torch.full((16,), ulp / 2).to(torch.bfloat16)
+    bias[8:] = 2.0 ** 120  # no tie in these channels (1 + 2^120 is 2^120); past bf16's largest value with it
+    w1 = torch.ones(16, 1, 1, 1, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x7 = torch.randn(2, 32, 9, 11, generator=g).to(torch.bfloat16)
+    w7 = torch.randn(32, 1, 7, 7, generator=g).to(torch.bfloat16)
+    cases = []
+    for xx, ww, bb in [(x, w1, bias), (x7, w7, torch.randn(32, generator=g).to(torch.bfloat16))]:
+        grad = torch.randn(xx.shape, generator=g).to(torch.bfloat16)
+        for fmt in ("channels_last", "contiguous"):  # in place; packed tiles
+            mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+            cases.append((xx.contiguous(memory_format=mf), ww, grad.contiguous(memory_format=mf), bb))
+    out = cpu_kernels_on_isa(isa, cases, tmp_path)
+    for case in (0, 2):
+        in_place, packed = out[case], out[case + 1]
+        for name, a, b in zip(PASSES[:2], in_place[:2], packed[:2]):  # forward, input gradient
+            assert a.dtype == torch.bfloat16
+            assert torch.equal(a.contiguous().view(torch.int16), b.contiguous().view(torch.int16)), (isa, case, name)
+    y = out[0][0].float()
+    want = (x.float() + bias.float()[:, None, None]).to(torch.bfloat16).float()  # PyTorch's rounding
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(torch.nan_to_num(y), torch.nan_to_num(want))
+    tie = (bias.float() < 1)[:, None, None] & x.float().isfinite()
+    assert (tie & (want > x.float())).any() and (tie & (want == x.float())).any()  # up and down both occur
+    assert y[1, 12, 3, 2] == float("inf")
 
 
 def test_auto_plan_on_cpu(monkeypatch):

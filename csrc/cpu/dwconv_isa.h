@@ -1,6 +1,8 @@
 // Declarations of the per-instruction-set compute cores (see dwconv_kernel.h).
 #pragma once
 
+#include <cstdint>
+
 #define LKFAST_DECLARE_ISA(ns)                                                                  \
   namespace lkfast {                                                                            \
   namespace cpu {                                                                               \
@@ -21,6 +23,9 @@
   void forward_direct(const double* X, long xh, long xw, int H, int W, int kh, int kw,         \
                       const double* Wt, long wt_block, const double* Bias, int ncb, int h0,     \
                       int h1, double* Y, long yh, long yw);                                     \
+  void forward_direct_bf16(const uint16_t* X, long xh, long xw, int H, int W, int kh, int kw,  \
+                           const float* Wt, long wt_block, const float* Bias, int ncb, int h0,  \
+                           int h1, uint16_t* Y, long yh, long yw);                              \
   bool weight_grad_direct(const float* X, long xh, long xw, const float* G, long gh, long gw,  \
                           int H, int W, int kh, int kw, int i0, int i1, float* GW);             \
   bool weight_grad_direct(const double* X, long xh, long xw, const double* G, long gh,          \

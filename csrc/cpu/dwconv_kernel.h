@@ -695,31 +695,95 @@ bool forward_small_direct(const double* X, long xh, long xw, int H, int W, int k
 // by weights of taps of their own outputs, so Inf and NaN in x land where F.conv2d puts them.
 alignas(64) static const double kZeroPixel[64 / sizeof(double)] = {};
 
-template <typename T, int B, int KW, bool kEdge>
+// The in-place forward reads and writes its tensors in their storage type S and computes in T: S = T
+// (fp32, fp64), or S = Bf16 with T = float, widened on load (a bf16 is the top half of an fp32) and
+// rounded to nearest even on store, NaN to 0x7FC0 (c10::BFloat16's conversion, so the result is the
+// one the packed path's unpacking gives the same fp32 sums). Widening and rounding are plain integer
+// vector operations (AVX-512F or AVX2 intrinsics, GCC's vector extensions on the generic path):
+// AVX512-BF16 is not required.
+struct Bf16 {
+  uint16_t bits;
+};
+template <typename S, typename T>
+struct Storage {  // S = T: the vector as it is in memory
+  typedef typename Vec<T>::type V;
+  static inline __attribute__((always_inline)) V load(const S* p) {
+    return *reinterpret_cast<const typename VecU<T>::type*>(p);
+  }
+  static inline __attribute__((always_inline)) void store(S* p, V v) {
+    *reinterpret_cast<typename VecU<T>::type*>(p) = v;
+  }
+};
+template <>
+struct Storage<Bf16, float> {
+  typedef typename Vec<float>::type V;
+#if defined(LKFAST_X86_AVX512)  // one vpmovzxwd and a shift; rounding in zmm, narrowed by vpmovdw
+  static inline __attribute__((always_inline)) V load(const Bf16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return reinterpret_cast<V>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static inline __attribute__((always_inline)) void store(Bf16* p, V v) {
+    const __m512 f = reinterpret_cast<__m512>(v);
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+#elif defined(LKFAST_X86_AVX2)  // the same on 8 lanes; narrowed by a pack and a cross-lane permute
+  static inline __attribute__((always_inline)) V load(const Bf16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return reinterpret_cast<V>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static inline __attribute__((always_inline)) void store(Bf16* p, V v) {
+    const __m256 f = reinterpret_cast<__m256>(v);
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);  // values <= 0xFFFF
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+#else  // GCC's vector extensions (the generic path)
+  typedef uint16_t H __attribute__((vector_size(LKFAST_VEC_BYTES / 2), aligned(2)));
+  typedef uint32_t U __attribute__((vector_size(LKFAST_VEC_BYTES)));
+  static inline __attribute__((always_inline)) V load(const Bf16* p) {
+    return reinterpret_cast<V>(__builtin_convertvector(*reinterpret_cast<const H*>(p), U) << 16);
+  }
+  static inline __attribute__((always_inline)) void store(Bf16* p, V v) {
+    const U u = reinterpret_cast<U>(v);
+    const U rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    const U nan = reinterpret_cast<U>(v != v);  // all ones in a NaN's lane
+    *reinterpret_cast<H*>(p) = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), H);
+  }
+#endif
+};
+
+template <typename S, typename T, int B, int KW, bool kEdge>
 static inline __attribute__((always_inline)) void fwd_direct_block(
-    const T* __restrict row, long xw, int W, int c0, int j_lo, int j_hi,
+    const S* __restrict row, long xw, int W, int c0, int j_lo, int j_hi,
     const typename Vec<T>::type* __restrict wrow, typename Vec<T>::type* __restrict acc) {
   typedef typename Vec<T>::type V;
-  typedef typename VecU<T>::type VU;
   constexpr int U = 1;  // (16 ymm, AVX2) B accumulators, one weight, one input
-  const T* zero = reinterpret_cast<const T*>(kZeroPixel);
+  const S* zero = reinterpret_cast<const S*>(kZeroPixel);
   // input column c0 + s (c0: the block's first output column minus pw); zero outside the image
   auto load = [&](int s) -> V {
     const int c = c0 + s;
-    const T* p = row + (long)c * xw;
+    const S* p = row + (long)c * xw;
     if constexpr (kEdge) p = (unsigned)c < (unsigned)W ? p : zero;
-    return *reinterpret_cast<const VU*>(p);
+    return Storage<S, T>::load(p);
   };
   if constexpr (KW > 0) {  // the whole tap row at once: KW weights held, B + KW - 1 inputs loaded once each
     V wv[KW];
 #pragma GCC unroll 16
     for (int t = 0; t < KW; ++t) wv[t] = wrow[t * kParts];
-    const T* q = row + (long)c0 * xw;
+    const S* q = row + (long)c0 * xw;
 #pragma GCC unroll 64
     for (int s = 0; s < B + KW - 1; ++s, q += xw) {
-      const T* p = q;
+      const S* p = q;
       if constexpr (kEdge) p = (unsigned)(c0 + s) < (unsigned)W ? q : zero;
-      const V a = *reinterpret_cast<const VU*>(p);
+      const V a = Storage<S, T>::load(p);
 #pragma GCC unroll 16
       for (int b = 0; b < B; ++b)
         if (s - b >= 0 && s - b < KW) acc[b] += a * wv[s - b];
@@ -751,13 +815,12 @@ static inline __attribute__((always_inline)) void fwd_direct_block(
 
 // Outputs [w0, w0 + B) of output row h, one vector of each pixel (X, Y: that vector of pixel
 // (0, 0); Wt, bias: of tap (0, 0) and the bias, kParts vectors per packed pixel).
-template <typename T, int B, int KW>
+template <typename S, typename T, int B, int KW>
 static inline __attribute__((always_inline)) void fwd_direct_outputs(
-    const T* __restrict X, long xh, long xw, int h, int H, int W, int kh, int kw,
+    const S* __restrict X, long xh, long xw, int h, int H, int W, int kh, int kw,
     const typename Vec<T>::type* __restrict Wt, const typename Vec<T>::type* __restrict bias, int w0,
-    T* __restrict Y, long yh, long yw) {
+    S* __restrict Y, long yh, long yw) {
   typedef typename Vec<T>::type V;
-  typedef typename VecU<T>::type VU;
   const int ph = kh / 2, pw = kw / 2;
   const int wt_stride = kw + 2 * kWeightPad;
   V acc[B];
@@ -768,16 +831,16 @@ static inline __attribute__((always_inline)) void fwd_direct_outputs(
   const int j_lo = imax(0, -c0 - B + 1), j_hi = imin(kw, W - c0);  // taps meeting the image
   const bool edge = c0 < 0 || c0 + B - 1 + kw - 1 >= W;
   for (int i = i_lo; i < i_hi; ++i) {
-    const T* row = X + (long)(h + i - ph) * xh;
+    const S* row = X + (long)(h + i - ph) * xh;
     const V* wrow = Wt + (long)(i * wt_stride + kWeightPad) * kParts;
     if (edge)
-      fwd_direct_block<T, B, KW, true>(row, xw, W, c0, j_lo, j_hi, wrow, acc);
+      fwd_direct_block<S, T, B, KW, true>(row, xw, W, c0, j_lo, j_hi, wrow, acc);
     else
-      fwd_direct_block<T, B, KW, false>(row, xw, W, c0, j_lo, j_hi, wrow, acc);
+      fwd_direct_block<S, T, B, KW, false>(row, xw, W, c0, j_lo, j_hi, wrow, acc);
   }
-  T* out = Y + (long)h * yh + (long)w0 * yw;
+  S* out = Y + (long)h * yh + (long)w0 * yw;
 #pragma GCC unroll 16
-  for (int b = 0; b < B; ++b) *reinterpret_cast<VU*>(out + b * yw) = acc[b];
+  for (int b = 0; b < B; ++b) Storage<S, T>::store(out + b * yw, acc[b]);
 }
 
 // Output rows [h0, h1) of ncb channel blocks (lanes elements apart from X, Y, Bias; Wt's packed
@@ -785,9 +848,9 @@ static inline __attribute__((always_inline)) void fwd_direct_outputs(
 // the tensors in address order, and the input row that the next output row adds to the window is
 // asked for ahead (the hardware prefetchers lose a channel block's 64 bytes of every pixel's C * 4).
 // Against items of one channel block over a whole image, batch 32, 96 channels, 56x56: 23 -> 15 ms.
-template <typename T, int KW>
-static void forward_direct_rows(const T* X, long xh, long xw, int H, int W, int kh, int kw, const T* Wt_,
-                                long wt_block, const T* Bias_, int ncb, int h0, int h1, T* Y, long yh,
+template <typename S, typename T, int KW>
+static void forward_direct_rows(const S* X, long xh, long xw, int H, int W, int kh, int kw, const T* Wt_,
+                                long wt_block, const T* Bias_, int ncb, int h0, int h1, S* Y, long yh,
                                 long yw) {
   typedef typename Vec<T>::type V;
   constexpr long L = LKFAST_VEC_BYTES / sizeof(T);  // elements per vector
@@ -797,24 +860,24 @@ static void forward_direct_rows(const T* X, long xh, long xw, int H, int W, int 
     for (int cb = 0; cb < ncb; ++cb) {
       // the input row that output row h + 1 adds to the window, this channel block's lines
       if (h + ph + 1 < H) {
-        const T* next = X + cb * lanes + (long)(h + ph + 1) * xh;
+        const S* next = X + cb * lanes + (long)(h + ph + 1) * xh;
         for (int w = 0; w < W; ++w) __builtin_prefetch(next + w * xw, 0, 3);
       }
       const V* Wt = reinterpret_cast<const V*>(Wt_ + cb * wt_block);
       const V* bias = reinterpret_cast<const V*>(Bias_ + cb * lanes);
 #pragma GCC unroll 1
       for (int v = 0; v < kParts; ++v) {
-        const T* Xv = X + cb * lanes + v * L;
-        T* Yv = Y + cb * lanes + v * L;
+        const S* Xv = X + cb * lanes + v * L;  // (lanes and L count channels: elements of S too)
+        S* Yv = Y + cb * lanes + v * L;
         const V* Wv = Wt + v;
         const V* bv = bias + v;
         int w0 = 0;
         for (; w0 + kOutBlock <= W; w0 += kOutBlock)
-          fwd_direct_outputs<T, kOutBlock, KW>(Xv, xh, xw, h, H, W, kh, kw, Wv, bv, w0, Yv, yh, yw);
+          fwd_direct_outputs<S, T, kOutBlock, KW>(Xv, xh, xw, h, H, W, kh, kw, Wv, bv, w0, Yv, yh, yw);
         switch (W - w0) {
 #define LKFAST_DIRECT_REST(n)                                                          \
   case n:                                                                              \
-    fwd_direct_outputs<T, n, KW>(Xv, xh, xw, h, H, W, kh, kw, Wv, bv, w0, Yv, yh, yw); \
+    fwd_direct_outputs<S, T, n, KW>(Xv, xh, xw, h, H, W, kh, kw, Wv, bv, w0, Yv, yh, yw); \
     break;
           LKFAST_DIRECT_REST(1) LKFAST_DIRECT_REST(2) LKFAST_DIRECT_REST(3) LKFAST_DIRECT_REST(4)
           LKFAST_DIRECT_REST(5) LKFAST_DIRECT_REST(6) LKFAST_DIRECT_REST(7)
@@ -825,27 +888,33 @@ static void forward_direct_rows(const T* X, long xh, long xw, int H, int W, int 
       }
     }
 }
-template <typename T>
-static void forward_direct_impl(const T* X, long xh, long xw, int H, int W, int kh, int kw, const T* Wt,
-                                long wt_block, const T* Bias, int ncb, int h0, int h1, T* Y, long yh, long yw) {
+template <typename S, typename T>
+static void forward_direct_impl(const S* X, long xh, long xw, int H, int W, int kh, int kw, const T* Wt,
+                                long wt_block, const T* Bias, int ncb, int h0, int h1, S* Y, long yh, long yw) {
   switch (kw) {  // ConvNeXt's and MobileNet's widths, and RepLKNet's and SLaK's parallel small kernels
     case 3:
-      return forward_direct_rows<T, 3>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
+      return forward_direct_rows<S, T, 3>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
     case 5:
-      return forward_direct_rows<T, 5>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
+      return forward_direct_rows<S, T, 5>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
     case 7:
-      return forward_direct_rows<T, 7>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
+      return forward_direct_rows<S, T, 7>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
     default:
-      return forward_direct_rows<T, 0>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
+      return forward_direct_rows<S, T, 0>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
   }
 }
 void forward_direct(const float* X, long xh, long xw, int H, int W, int kh, int kw, const float* Wt,
                     long wt_block, const float* Bias, int ncb, int h0, int h1, float* Y, long yh, long yw) {
-  forward_direct_impl<float>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
+  forward_direct_impl<float, float>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
+}
+// bf16 tensors (raw bits) with fp32 weights, bias and sums
+void forward_direct_bf16(const uint16_t* X, long xh, long xw, int H, int W, int kh, int kw, const float* Wt,
+                         long wt_block, const float* Bias, int ncb, int h0, int h1, uint16_t* Y, long yh, long yw) {
+  forward_direct_impl<Bf16, float>(reinterpret_cast<const Bf16*>(X), xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb,
+                                   h0, h1, reinterpret_cast<Bf16*>(Y), yh, yw);
 }
 void forward_direct(const double* X, long xh, long xw, int H, int W, int kh, int kw, const double* Wt,
                     long wt_block, const double* Bias, int ncb, int h0, int h1, double* Y, long yh, long yw) {
-  forward_direct_impl<double>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
+  forward_direct_impl<double, double>(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
 }
 // Whether n values (whole 64-byte pixels, 64-byte aligned) are all finite. v - v is zero for a
 // finite v and NaN otherwise; its bits ORed together stay zero only if every v is finite (an OR
