@@ -133,6 +133,21 @@ void forward_direct(const T* X, long xh, long xw, int H, int W, int kh, int kw, 
   }
 }
 
+// bf16 tensors, fp32 sums (the kernel widens each vector as it loads it)
+bool weight_grad_direct(const at::BFloat16* X, long xh, long xw, const at::BFloat16* G, long gh, long gw, int H,
+                        int W, int kh, int kw, int i0, int i1, float* GW) {
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(X);
+  const uint16_t* g = reinterpret_cast<const uint16_t*>(G);
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512::weight_grad_direct_bf16(x, xh, xw, g, gh, gw, H, W, kh, kw, i0, i1, GW);
+    case Isa::kAvx2:
+      return avx2::weight_grad_direct_bf16(x, xh, xw, g, gh, gw, H, W, kh, kw, i0, i1, GW);
+    default:
+      return generic::weight_grad_direct_bf16(x, xh, xw, g, gh, gw, H, W, kh, kw, i0, i1, GW);
+  }
+}
+
 // bf16 tensors with fp32 weights, bias and sums: the kernel widens each input vector on load and
 // rounds each output vector on store (as c10::BFloat16 does), so no tile is packed or unpacked.
 void forward_direct(const at::BFloat16* X, long xh, long xw, int H, int W, int kh, int kw, const float* Wt,
@@ -623,10 +638,10 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
           prefetch_tile(x_p + (n + 1) * xs.n, xs, c0, nc, H, W);
           prefetch_tile(g_p + (n + 1) * gs.n, gs, c0, nc, H, W);
         }
-        if constexpr (std::is_same<S, T>::value) {  // channels innermost, a whole block: in place
+        if constexpr (kDirectStorage<S, T>) {  // channels innermost, a whole block: in place
           if (xs.c == 1 && gs.c == 1 && nc == lanes &&
-              weight_grad_direct<T>(x_p + n * xs.n + c0, xs.h, xs.w, g_p + n * gs.n + c0, gs.h, gs.w, H, W, kh, kw,
-                                    i0, i1, GW))
+              weight_grad_direct(x_p + n * xs.n + c0, xs.h, xs.w, g_p + n * gs.n + c0, gs.h, gs.w, H, W, kh, kw,
+                                 i0, i1, GW))
             continue;
         }
         T* P = pbuf.get((size_t)H * prow_len);

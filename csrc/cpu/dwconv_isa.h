@@ -30,6 +30,8 @@
                           int H, int W, int kh, int kw, int i0, int i1, float* GW);             \
   bool weight_grad_direct(const double* X, long xh, long xw, const double* G, long gh,          \
                           long gw, int H, int W, int kh, int kw, int i0, int i1, double* GW);   \
+  bool weight_grad_direct_bf16(const uint16_t* X, long xh, long xw, const uint16_t* G, long gh, \
+                               long gw, int H, int W, int kh, int kw, int i0, int i1, float* GW);  \
   void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0,        \
                    int i1, float* GW, bool input_finite, bool grad_finite);                     \
   void weight_grad(const double* P, const double* G, int H, int W, int kh, int kw, int i0,      \

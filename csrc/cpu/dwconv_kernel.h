@@ -1164,8 +1164,8 @@ bool unpack_planes(const double* src, int h0, int h1, int W, double* dst, long c
 }
 #endif  // LKFAST_SHUFFLES
 
-// The weight gradient on channels-innermost tensors read in place, for the kernel widths compiled
-// in (KW = 3, 5, 7; others pack): as with the forward (forward_direct), packing cost more than the
+// The weight gradient on channels-innermost tensors read in place (fp32, fp64, or bf16 widened on load:
+// Storage), for the kernel widths compiled in (KW = 3, 5, 7; others pack): as with the forward (forward_direct), packing cost more than the
 // multiply-adds at these widths. Gradient row by gradient row: each tap row i meeting the image
 // takes its KW sums from GW into registers, adds the row's products and puts them back, so a row's
 // kh input rows and its gradient row are read while in L1 (tap row by tap row over the whole image,
@@ -1176,11 +1176,11 @@ bool unpack_planes(const double* src, int h0, int h1, int W, double* dst, long c
 // form only the products of in-image inputs (a test per tap), so the result is exact whatever the
 // values, with no finiteness check. X, G: part 0 of pixel (0, 0) of one channel block (row strides
 // xh, gh, pixel strides xw, gw, elements); GW: the block's (kh, KW, kParts vectors) sums, added to.
-template <typename T, int KW>
-static void wgrad_direct_rows(const T* X, long xh, long xw, const T* G, long gh, long gw, int H, int W, int kh,
+template <typename S, typename T, int KW>
+static void wgrad_direct_rows(const S* X, long xh, long xw, const S* G, long gh, long gw, int H, int W, int kh,
                               int i0, int i1, T* GW_) {
   typedef typename Vec<T>::type V;
-  typedef typename VecU<T>::type VU;
+  typedef Storage<S, T> St;
   constexpr long L = LKFAST_VEC_BYTES / sizeof(T);  // elements per vector
   constexpr int pw = KW / 2;
   constexpr int U = 1;  // (16 ymm, AVX2) KW accumulators and the gradient pixel
@@ -1191,17 +1191,17 @@ static void wgrad_direct_rows(const T* X, long xh, long xw, const T* G, long gh,
 #pragma GCC unroll 1
   for (int v = 0; v < kParts; ++v)
     for (int h = 0; h < H; ++h) {
-      const T* gr = G + v * L + (long)h * gh;
+      const S* gr = G + v * L + (long)h * gh;
       const int ia = imax(i0, ph - h), ib = imin(i1, H + ph - h);  // tap rows whose input row is in the image
       for (int i = ia; i < ib; ++i) {
-        const T* xr = X + v * L + (long)(h + i - ph) * xh;  // input row h + i - ph, column 0
+        const S* xr = X + v * L + (long)(h + i - ph) * xh;  // input row h + i - ph, column 0
         V* dst = GW + (long)i * KW * kParts + v;
         V acc[KW];
 #pragma GCC unroll 8
         for (int j = 0; j < KW; ++j) acc[j] = dst[j * kParts];
-        auto x_at = [&](int c) -> V { return *reinterpret_cast<const VU*>(xr + (long)c * xw); };
+        auto x_at = [&](int c) -> V { return St::load(xr + (long)c * xw); };
         auto end_pixel = [&](int w) {
-          const V g = *reinterpret_cast<const VU*>(gr + (long)w * gw);
+          const V g = St::load(gr + (long)w * gw);
 #pragma GCC unroll 8
           for (int j = 0; j < KW; ++j) {
             const int c = w + j - pw;
@@ -1212,7 +1212,7 @@ static void wgrad_direct_rows(const T* X, long xh, long xw, const T* G, long gh,
         int w = mid_lo;
         if constexpr (kParts == 1) {  // 32 zmm: window_dot_a's sliding window (KW acc + KW inputs + 1)
           window_dot_a<V, KW>([&](int s) { return x_at(s - pw); },
-                              [&](int s) -> V { return *reinterpret_cast<const VU*>(gr + (long)s * gw); },
+                              [&](int s) -> V { return St::load(gr + (long)s * gw); },
                               mid_lo, mid_hi, acc);
           w = mid_hi;
         }
@@ -1222,13 +1222,13 @@ static void wgrad_direct_rows(const T* X, long xh, long xw, const T* G, long gh,
           for (int s = 0; s < KW + U - 1; ++s) a[s] = x_at(w - pw + s);
 #pragma GCC unroll 4
           for (int u = 0; u < U; ++u) {
-            const V g = *reinterpret_cast<const VU*>(gr + (long)(w + u) * gw);
+            const V g = St::load(gr + (long)(w + u) * gw);
 #pragma GCC unroll 8
             for (int j = 0; j < KW; ++j) acc[j] += a[u + j] * g;
           }
         }
         for (; w < mid_hi; ++w) {
-          const V g = *reinterpret_cast<const VU*>(gr + (long)w * gw);
+          const V g = St::load(gr + (long)w * gw);
 #pragma GCC unroll 8
           for (int j = 0; j < KW; ++j) acc[j] += x_at(w - pw + j) * g;
         }
@@ -1238,27 +1238,33 @@ static void wgrad_direct_rows(const T* X, long xh, long xw, const T* G, long gh,
       }
     }
 }
-template <typename T>
-static bool weight_grad_direct_impl(const T* X, long xh, long xw, const T* G, long gh, long gw, int H, int W,
+template <typename S, typename T>
+static bool weight_grad_direct_impl(const S* X, long xh, long xw, const S* G, long gh, long gw, int H, int W,
                                     int kh, int kw, int i0, int i1, T* GW) {
   switch (kw) {
     case 3:
-      return wgrad_direct_rows<T, 3>(X, xh, xw, G, gh, gw, H, W, kh, i0, i1, GW), true;
+      return wgrad_direct_rows<S, T, 3>(X, xh, xw, G, gh, gw, H, W, kh, i0, i1, GW), true;
     case 5:
-      return wgrad_direct_rows<T, 5>(X, xh, xw, G, gh, gw, H, W, kh, i0, i1, GW), true;
+      return wgrad_direct_rows<S, T, 5>(X, xh, xw, G, gh, gw, H, W, kh, i0, i1, GW), true;
     case 7:
-      return wgrad_direct_rows<T, 7>(X, xh, xw, G, gh, gw, H, W, kh, i0, i1, GW), true;
+      return wgrad_direct_rows<S, T, 7>(X, xh, xw, G, gh, gw, H, W, kh, i0, i1, GW), true;
     default:
       return false;
   }
 }
 bool weight_grad_direct(const float* X, long xh, long xw, const float* G, long gh, long gw, int H, int W, int kh,
                         int kw, int i0, int i1, float* GW) {
-  return weight_grad_direct_impl<float>(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
+  return weight_grad_direct_impl<float, float>(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
+}
+// bf16 tensors (raw bits), fp32 sums
+bool weight_grad_direct_bf16(const uint16_t* X, long xh, long xw, const uint16_t* G, long gh, long gw, int H, int W,
+                             int kh, int kw, int i0, int i1, float* GW) {
+  return weight_grad_direct_impl<Bf16, float>(reinterpret_cast<const Bf16*>(X), xh, xw, reinterpret_cast<const Bf16*>(G),
+                                              gh, gw, H, W, kh, kw, i0, i1, GW);
 }
 bool weight_grad_direct(const double* X, long xh, long xw, const double* G, long gh, long gw, int H, int W, int kh,
                         int kw, int i0, int i1, double* GW) {
-  return weight_grad_direct_impl<double>(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
+  return weight_grad_direct_impl<double, double>(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
 }
 
 void weight_grad(const float* P, const float* G, int H, int W, int kh, int kw, int i0, int i1,
