@@ -19,7 +19,7 @@ LKFAST_BENCH_COMPILE=1 also ``plain_cl_compiled`` and ``lkfast_folded_compiled``
 ``torch.compile`` with inductor's freezing on both sides, ``optimize_for_inference(compile=True)``
 for lkfast); they are reported in a table of their own, so the eager ratios stay eager-to-eager.
 With LKFAST_BENCH_AUTOCAST=1 also ``plain_cl_amp``, ``lkfast_cl_amp`` and ``lkfast_folded_amp``
-(RepLKNet-31B: the same fp32 models run under ``torch.autocast``, bf16 on the CPU, fp16 on CUDA),
+(the same fp32 models run under ``torch.autocast``, bf16 on the CPU, fp16 on CUDA; ``lkfast_folded_amp`` RepLKNet-31B's),
 reported in a table of their own against the plain fp32 model and the plain model under autocast.
 With LKFAST_BENCH_CEILING=1 also ``lkfast_cl_nodw`` and ``lkfast_folded_nodw``: the lkfast models with
 every large depthwise convolution made free (it returns its input; in training its BNs still run),
@@ -271,8 +271,8 @@ def _skip_reason(model_name: str, variant: str, task: str):
         return "folded BNs are for inference and input gradients; training needs the BNs"
     if variant.endswith("_compiled") and (model_name != "replknet_31b" or task != "inference"):
         return "compiled variants: RepLKNet-31B inference only (compile time on 2 cores)"
-    if variant.endswith("_amp") and (model_name != "replknet_31b" or DTYPE != torch.float32):
-        return "autocast variants: RepLKNet-31B, fp32 model (LKFAST_BENCH_DTYPE=float32)"
+    if variant.endswith("_amp") and DTYPE != torch.float32:
+        return "autocast variants: an fp32 model under autocast (LKFAST_BENCH_DTYPE=float32)"
     return None
 
 
@@ -563,19 +563,20 @@ def markdown_table(results: dict) -> str:
             caption=("torch.compile (inductor, freezing: frozen weights, conv-BN folding and oneDNN post-op fusion "
                      "on the plain side too), same run; compile + first call wall s: plain "
                      f"{first.get('plain_cl_compiled') or 0:.0f}, lkfast {first.get('lkfast_folded_compiled') or 0:.0f}."))]
-    amp = {(task, v): times.get(("replknet_31b", task, v)) for task in TASKS for v in AUTOCAST_VARIANTS + ("plain_cl",)}
-    errs = {variant: err for _, variant, _, err in _cases(results) if variant in AUTOCAST_VARIANTS}
+    errs = {(e.get("model"), variant): err for e, variant, _, err in _cases(results) if variant in AUTOCAST_VARIANTS}
     amp_rows = []
-    for task in TASKS:
-        plain32, plain_amp = amp[(task, "plain_cl")], amp[(task, "plain_cl_amp")]
-        ours = _fastest(times, "replknet_31b", task, ("lkfast_cl_amp", "lkfast_folded_amp"))
-        if not ours:
-            continue
-        amp_rows.append(["replknet_31b", task, _ms(plain32), _ms(plain_amp), _ms(amp[(task, "lkfast_cl_amp")]),
-                         _ms(amp[(task, "lkfast_folded_amp")]), f"{plain32 / ours:.2f}x" if plain32 else "n/a",
-                         f"{plain_amp / ours:.2f}x" if plain_amp else "n/a"])
+    for model in MODELS:
+        amp = {(task, v): times.get((model, task, v)) for task in TASKS for v in AUTOCAST_VARIANTS + ("plain_cl",)}
+        for task in TASKS:
+            plain32, plain_amp = amp[(task, "plain_cl")], amp[(task, "plain_cl_amp")]
+            ours = _fastest(times, model, task, ("lkfast_cl_amp", "lkfast_folded_amp"))
+            if not ours:
+                continue
+            amp_rows.append([model, task, _ms(plain32), _ms(plain_amp), _ms(amp[(task, "lkfast_cl_amp")]),
+                             _ms(amp[(task, "lkfast_folded_amp")]), f"{plain32 / ours:.2f}x" if plain32 else "n/a",
+                             f"{plain_amp / ours:.2f}x" if plain_amp else "n/a"])
     if amp_rows:
-        err_text = ", ".join(f"{v} {e:.1e}" for v, e in errs.items() if e is not None)
+        err_text = ", ".join(f"{m} {v} {e:.1e}" for (m, v), e in errs.items() if e is not None)
         lines += ["", table_markdown(
             ["model", "task", "plain channels_last fp32 ms", "plain autocast ms", "lkfast autocast ms",
              "lkfast BNs folded autocast ms", "best lkfast autocast vs plain fp32", "vs plain autocast"],

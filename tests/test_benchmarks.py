@@ -362,8 +362,8 @@ def test_model_report_reads_interleaved_groups_and_judges_the_targets():
     machine = {"cpu_model": "test CPU", "lkfast_cpu_isa": "avx2", "torch_cpu_capability": "AVX2",
                "onednn_max_cpu_isa": "AVX2"}
 
-    def group(task, ms):
-        return {"extra_info": {"kind": "interleaved", "model": "replknet_31b", "task": task, "device": "cpu",
+    def group(task, ms, model="replknet_31b"):
+        return {"extra_info": {"kind": "interleaved", "model": model, "task": task, "device": "cpu",
                                "dtype": "float32", "batch": 8, "size": 224, "threads": 2, "rounds": 3,
                                "timer": "test timer", "load_average": [0.5, 0, 0], "ms_per_step": ms,
                                "max_rel_err_vs_reference": {v: (3e-3 if v.endswith("_amp") else 0.0) for v in ms},
@@ -374,8 +374,16 @@ def test_model_report_reads_interleaved_groups_and_judges_the_targets():
                             "plain_cl_amp": 500.0, "lkfast_folded_amp": 250.0}),
         group("train_step", {"plain_cl": 10000.0, "lkfast_cl": 4000.0, "plain_cl_amp": 9000.0,
                              "lkfast_cl_amp": 1500.0}),
+        # another model's autocast variants get rows of their own in the autocast table
+        group("inference", {"plain_cl": 900.0, "lkfast_cl": 600.0, "plain_cl_amp": 450.0, "lkfast_cl_amp": 300.0},
+              model="convnext_tiny_k7"),
     ]}
     text = bench_models.markdown_table(results)
+    amp_table = text.split("Mixed precision")[1]
+    convnext_amp = [c.strip() for c in next(line for line in amp_table.splitlines()
+                                            if line.startswith("| convnext_tiny_k7")).split("|")[1:-1]]
+    assert convnext_amp[1] == "inference" and convnext_amp[-2:] == ["3.00x", "1.50x"]  # 900 / 300, 450 / 300
+    assert "convnext_tiny_k7 lkfast_cl_amp 3.0e-03" in amp_table
     rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]]
             for line in text.splitlines() if line.startswith("| replknet_31b")}
     assert "in shuffled order, in one process" in text and "avx2" in text
