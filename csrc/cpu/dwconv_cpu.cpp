@@ -4,7 +4,7 @@
 // OpenMP. Each item packs the rows it needs into a channels-innermost tile, converting to the
 // accumulation type on the way (fp16/bf16 accumulate in fp32), so NCHW, channels_last and any
 // other strides are read in place with no full-tensor copy. Small kernels on channels-innermost
-// fp32/fp64 (and, in the forward, bf16) tensors with whole channel blocks pack nothing: the forward's items are row chunks of one
+// fp32/fp64 (and bf16) tensors with whole channel blocks pack nothing: the forward's items are row chunks of one
 // image over all channel blocks, computed on the tensors themselves (forward_direct), and the weight
 // gradient reads each image's block in place (weight_grad_direct). The arithmetic lives in
 // dwconv_kernel.h, compiled for AVX-512, AVX2 and a baseline, chosen once at run time.
@@ -164,7 +164,7 @@ void forward_direct(const at::BFloat16* X, long xh, long xw, int H, int W, int k
   }
 }
 
-// The storage types the in-place forward reads and writes: the accumulation type itself, and bf16.
+// The storage types the in-place loops (forward, weight gradient) read: the accumulation type itself, and bf16.
 template <typename S, typename T>
 constexpr bool kDirectStorage = std::is_same<S, T>::value || std::is_same<S, at::BFloat16>::value;
 

@@ -695,12 +695,13 @@ bool forward_small_direct(const double* X, long xh, long xw, int H, int W, int k
 // by weights of taps of their own outputs, so Inf and NaN in x land where F.conv2d puts them.
 alignas(64) static const double kZeroPixel[64 / sizeof(double)] = {};
 
-// The in-place forward reads and writes its tensors in their storage type S and computes in T: S = T
-// (fp32, fp64), or S = Bf16 with T = float, widened on load (a bf16 is the top half of an fp32) and
-// rounded to nearest even on store, NaN to 0x7FC0 (c10::BFloat16's conversion, so the result is the
-// one the packed path's unpacking gives the same fp32 sums). Widening and rounding are plain integer
-// vector operations (AVX-512F or AVX2 intrinsics, GCC's vector extensions on the generic path):
-// AVX512-BF16 is not required.
+// The in-place loops (the forward, the weight gradient) read, and the forward writes, the tensors in
+// their storage type S and compute in T: S = T (fp32, fp64), or S = Bf16 with T = float, widened on load
+// (a bf16 is the top half of an fp32) and rounded to nearest even on store, NaN to 0x7FC0
+// (c10::BFloat16's conversion, so the result is the one the packed path's unpacking gives the same
+// fp32 sums). The rounding is written once in GCC's vector extensions; only the widening load and the
+// narrowing store take each instruction set's intrinsics (vpmovzxwd, vpmovdw: the extensions' own
+// conversions split them into halves and word shuffles). AVX512-BF16 is not required.
 struct Bf16 {
   uint16_t bits;
 };
@@ -717,47 +718,32 @@ struct Storage {  // S = T: the vector as it is in memory
 template <>
 struct Storage<Bf16, float> {
   typedef typename Vec<float>::type V;
-#if defined(LKFAST_X86_AVX512)  // one vpmovzxwd and a shift; rounding in zmm, narrowed by vpmovdw
-  static inline __attribute__((always_inline)) V load(const Bf16* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return reinterpret_cast<V>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  static inline __attribute__((always_inline)) void store(Bf16* p, V v) {
-    const __m512 f = reinterpret_cast<__m512>(v);
-    const __m512i u = _mm512_castps_si512(f);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-  }
-#elif defined(LKFAST_X86_AVX2)  // the same on 8 lanes; narrowed by a pack and a cross-lane permute
-  static inline __attribute__((always_inline)) V load(const Bf16* p) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return reinterpret_cast<V>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  static inline __attribute__((always_inline)) void store(Bf16* p, V v) {
-    const __m256 f = reinterpret_cast<__m256>(v);
-    const __m256i u = _mm256_castps_si256(f);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);  // values <= 0xFFFF
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  }
-#else  // GCC's vector extensions (the generic path)
-  typedef uint16_t H __attribute__((vector_size(LKFAST_VEC_BYTES / 2), aligned(2)));
   typedef uint32_t U __attribute__((vector_size(LKFAST_VEC_BYTES)));
+  typedef uint16_t H __attribute__((vector_size(LKFAST_VEC_BYTES / 2), aligned(2)));
   static inline __attribute__((always_inline)) V load(const Bf16* p) {
+#if defined(LKFAST_X86_AVX512)
+    return reinterpret_cast<V>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#elif defined(LKFAST_X86_AVX2)
+    return reinterpret_cast<V>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#else
     return reinterpret_cast<V>(__builtin_convertvector(*reinterpret_cast<const H*>(p), U) << 16);
+#endif
   }
   static inline __attribute__((always_inline)) void store(Bf16* p, V v) {
     const U u = reinterpret_cast<U>(v);
     const U rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
     const U nan = reinterpret_cast<U>(v != v);  // all ones in a NaN's lane
-    *reinterpret_cast<H*>(p) = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), H);
-  }
+    const U bits = (rounded & ~nan) | (nan & 0x7FC0u);  // each lane <= 0xFFFF
+#if defined(LKFAST_X86_AVX512)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(bits)));
+#elif defined(LKFAST_X86_AVX2)  // a pack within lanes, then the two halves' low quadwords together
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(reinterpret_cast<__m256i>(bits),
+                                                                        reinterpret_cast<__m256i>(bits)), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#else
+    *reinterpret_cast<H*>(p) = __builtin_convertvector(bits, H);
 #endif
+  }
 };
 
 template <typename S, typename T, int B, int KW, bool kEdge>
