@@ -61,61 +61,52 @@ Isa active_isa() {
   return isa;
 }
 
+// Calls fn of the active instruction set's compute core (avx512::fn, avx2::fn or generic::fn) with
+// the arguments and returns what it returns. LKFAST_ON_SHUFFLE_ISA: for the transposing copies,
+// which only the instruction sets with two-vector shuffles have (dwconv_isa.h): false on generic.
+#define LKFAST_ON_ISA(fn, ...)          \
+  switch (active_isa()) {               \
+    case Isa::kAvx512:                  \
+      return avx512::fn(__VA_ARGS__);   \
+    case Isa::kAvx2:                    \
+      return avx2::fn(__VA_ARGS__);     \
+    default:                            \
+      return generic::fn(__VA_ARGS__);  \
+  }
+#define LKFAST_ON_SHUFFLE_ISA(fn, ...)  \
+  switch (active_isa()) {               \
+    case Isa::kAvx512:                  \
+      return avx512::fn(__VA_ARGS__);   \
+    case Isa::kAvx2:                    \
+      return avx2::fn(__VA_ARGS__);     \
+    default:                            \
+      return false;                     \
+  }
+
 // input_finite, weights_finite / grad_finite: whether the packed operands hold only finite
 // values; where one does not, the kernels keep its Inf and NaN off the zero padding (see
 // dwconv_kernel.h, Loop).
 template <typename T>
 void forward_rows(const T* P, int prow0, int H, int W, int kh, int kw, const T* Wt, const T* Bias,
                   int h0, int h1, T* O, bool input_finite, bool weights_finite) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O, input_finite,
-                                  weights_finite);
-    case Isa::kAvx2:
-      return avx2::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O, input_finite,
-                                weights_finite);
-    default:
-      return generic::forward_rows(P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O, input_finite,
-                                   weights_finite);
-  }
+  LKFAST_ON_ISA(forward_rows, P, prow0, H, W, kh, kw, Wt, Bias, h0, h1, O, input_finite, weights_finite);
 }
 
 template <typename T>
 void weight_grad(const T* P, const T* G, int H, int W, int kh, int kw, int i0, int i1, T* GW,
                  bool input_finite, bool grad_finite) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::weight_grad(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
-    case Isa::kAvx2:
-      return avx2::weight_grad(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
-    default:
-      return generic::weight_grad(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
-  }
+  LKFAST_ON_ISA(weight_grad, P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
 }
 
 // The small-map kernel straight on channels-innermost tensors (no packing), where the ISA has it.
 template <typename T>
 bool forward_small_direct(const T* X, long xh, long xw, int H, int W, int kh, int kw, const T* Wt,
                           const T* Bias, T* Y, long yh, long yw) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::forward_small_direct(X, xh, xw, H, W, kh, kw, Wt, Bias, Y, yh, yw);
-    case Isa::kAvx2:
-      return avx2::forward_small_direct(X, xh, xw, H, W, kh, kw, Wt, Bias, Y, yh, yw);
-    default:
-      return generic::forward_small_direct(X, xh, xw, H, W, kh, kw, Wt, Bias, Y, yh, yw);
-  }
+  LKFAST_ON_ISA(forward_small_direct, X, xh, xw, H, W, kh, kw, Wt, Bias, Y, yh, yw);
 }
 
 bool small_direct_applies(int W, int kw) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::small_direct_applies(W, kw);
-    case Isa::kAvx2:
-      return avx2::small_direct_applies(W, kw);
-    default:
-      return generic::small_direct_applies(W, kw);
-  }
+  LKFAST_ON_ISA(small_direct_applies, W, kw);
 }
 
 // The forward straight on channels-innermost tensors (no packing): ncb whole channel blocks from
@@ -123,14 +114,7 @@ bool small_direct_applies(int W, int kw) {
 template <typename T>
 void forward_direct(const T* X, long xh, long xw, int H, int W, int kh, int kw, const T* Wt, long wt_block,
                     const T* Bias, int ncb, int h0, int h1, T* Y, long yh, long yw) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::forward_direct(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
-    case Isa::kAvx2:
-      return avx2::forward_direct(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
-    default:
-      return generic::forward_direct(X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
-  }
+  LKFAST_ON_ISA(forward_direct, X, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, Y, yh, yw);
 }
 
 // bf16 tensors, fp32 sums (the kernel widens each vector as it loads it)
@@ -138,14 +122,7 @@ bool weight_grad_direct(const at::BFloat16* X, long xh, long xw, const at::BFloa
                         int W, int kh, int kw, int i0, int i1, float* GW) {
   const uint16_t* x = reinterpret_cast<const uint16_t*>(X);
   const uint16_t* g = reinterpret_cast<const uint16_t*>(G);
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::weight_grad_direct_bf16(x, xh, xw, g, gh, gw, H, W, kh, kw, i0, i1, GW);
-    case Isa::kAvx2:
-      return avx2::weight_grad_direct_bf16(x, xh, xw, g, gh, gw, H, W, kh, kw, i0, i1, GW);
-    default:
-      return generic::weight_grad_direct_bf16(x, xh, xw, g, gh, gw, H, W, kh, kw, i0, i1, GW);
-  }
+  LKFAST_ON_ISA(weight_grad_direct_bf16, x, xh, xw, g, gh, gw, H, W, kh, kw, i0, i1, GW);
 }
 
 // bf16 tensors with fp32 weights, bias and sums: the kernel widens each input vector on load and
@@ -154,14 +131,7 @@ void forward_direct(const at::BFloat16* X, long xh, long xw, int H, int W, int k
                     long wt_block, const float* Bias, int ncb, int h0, int h1, at::BFloat16* Y, long yh, long yw) {
   const uint16_t* x = reinterpret_cast<const uint16_t*>(X);
   uint16_t* y = reinterpret_cast<uint16_t*>(Y);
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::forward_direct_bf16(x, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, y, yh, yw);
-    case Isa::kAvx2:
-      return avx2::forward_direct_bf16(x, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, y, yh, yw);
-    default:
-      return generic::forward_direct_bf16(x, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, y, yh, yw);
-  }
+  LKFAST_ON_ISA(forward_direct_bf16, x, xh, xw, H, W, kh, kw, Wt, wt_block, Bias, ncb, h0, h1, y, yh, yw);
 }
 
 // The storage types the in-place loops (forward, weight gradient) read: the accumulation type itself, and bf16.
@@ -173,44 +143,23 @@ constexpr bool kDirectStorage = std::is_same<S, T>::value || std::is_same<S, at:
 template <typename T>
 bool weight_grad_direct(const T* X, long xh, long xw, const T* G, long gh, long gw, int H, int W, int kh, int kw,
                         int i0, int i1, T* GW) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::weight_grad_direct(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
-    case Isa::kAvx2:
-      return avx2::weight_grad_direct(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
-    default:
-      return generic::weight_grad_direct(X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
-  }
+  LKFAST_ON_ISA(weight_grad_direct, X, xh, xw, G, gh, gw, H, W, kh, kw, i0, i1, GW);
 }
 
 // One full channel block of weights packed by the instruction set's transposing copy (see the
 // kernel's pack_weight_block), *finite set to whether all are finite; false where there is none.
 template <typename T>
 bool pack_weight_block(const T* src, int kh, int kw, bool flip, T* block, bool* finite) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      *finite = avx512::pack_weight_block(src, kh, kw, flip, block);
-      return true;
-    case Isa::kAvx2:
-      *finite = avx2::pack_weight_block(src, kh, kw, flip, block);
-      return true;
-    default:
-      return false;
-  }
+  if (active_isa() == Isa::kGeneric) return false;
+  *finite = [&]() -> bool { LKFAST_ON_SHUFFLE_ISA(pack_weight_block, src, kh, kw, flip, block); }();
+  return true;
 }
 
 // One full channel block of the weight gradient summed over the image groups by the instruction
 // set's transposing sum (see the kernel's sum_weight_grad_block); false where there is none.
 template <typename T>
 bool sum_weight_grad_block(const T* partial, long group_stride, int ngroups, int taps, T* dst) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::sum_weight_grad_block(partial, group_stride, ngroups, taps, dst);
-    case Isa::kAvx2:
-      return avx2::sum_weight_grad_block(partial, group_stride, ngroups, taps, dst);
-    default:
-      return false;
-  }
+  LKFAST_ON_SHUFFLE_ISA(sum_weight_grad_block, partial, group_stride, ngroups, taps, dst);
 }
 
 // Rows [r0, r1) of one full channel block of contiguous NCHW planes (channel stride cs) packed, and
@@ -218,39 +167,18 @@ bool sum_weight_grad_block(const T* partial, long group_stride, int ngroups, int
 // pack_planes); false where there is none or the rows hold fewer pixels than one tile.
 template <typename T>
 bool pack_planes(const T* src, long cs, int r0, int r1, int W, int pad, T* dst) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::pack_planes(src, cs, r0, r1, W, pad, dst);
-    case Isa::kAvx2:
-      return avx2::pack_planes(src, cs, r0, r1, W, pad, dst);
-    default:
-      return false;
-  }
+  LKFAST_ON_SHUFFLE_ISA(pack_planes, src, cs, r0, r1, W, pad, dst);
 }
 template <typename T>
 bool unpack_planes(const T* src, int h0, int h1, int W, T* dst, long cs) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::unpack_planes(src, h0, h1, W, dst, cs);
-    case Isa::kAvx2:
-      return avx2::unpack_planes(src, h0, h1, W, dst, cs);
-    default:
-      return false;
-  }
+  LKFAST_ON_SHUFFLE_ISA(unpack_planes, src, h0, h1, W, dst, cs);
 }
 
 // Whether the n values of a packed tile (64-byte aligned, whole pixels) are all finite: one
 // vector pass over a tile just packed (in cache), cheaper than checking while packing.
 template <typename T>
 bool all_finite(const T* p, long n) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return avx512::all_finite(p, n);
-    case Isa::kAvx2:
-      return avx2::all_finite(p, n);
-    default:
-      return generic::all_finite(p, n);
-  }
+  LKFAST_ON_ISA(all_finite, p, n);
 }
 
 // 64-byte aligned scratch, one per thread, grown on demand.
