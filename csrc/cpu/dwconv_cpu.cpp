@@ -64,24 +64,17 @@ Isa active_isa() {
 // Calls fn of the active instruction set's compute core (avx512::fn, avx2::fn or generic::fn) with
 // the arguments and returns what it returns. LKFAST_ON_SHUFFLE_ISA: for the transposing copies,
 // which only the instruction sets with two-vector shuffles have (dwconv_isa.h): false on generic.
-#define LKFAST_ON_ISA(fn, ...)          \
-  switch (active_isa()) {               \
-    case Isa::kAvx512:                  \
-      return avx512::fn(__VA_ARGS__);   \
-    case Isa::kAvx2:                    \
-      return avx2::fn(__VA_ARGS__);     \
-    default:                            \
-      return generic::fn(__VA_ARGS__);  \
+#define LKFAST_ON_ISA_OR(fallback, fn, ...) \
+  switch (active_isa()) {                   \
+    case Isa::kAvx512:                      \
+      return avx512::fn(__VA_ARGS__);       \
+    case Isa::kAvx2:                        \
+      return avx2::fn(__VA_ARGS__);         \
+    default:                                \
+      return fallback;                      \
   }
-#define LKFAST_ON_SHUFFLE_ISA(fn, ...)  \
-  switch (active_isa()) {               \
-    case Isa::kAvx512:                  \
-      return avx512::fn(__VA_ARGS__);   \
-    case Isa::kAvx2:                    \
-      return avx2::fn(__VA_ARGS__);     \
-    default:                            \
-      return false;                     \
-  }
+#define LKFAST_ON_ISA(fn, ...) LKFAST_ON_ISA_OR(generic::fn(__VA_ARGS__), fn, __VA_ARGS__)
+#define LKFAST_ON_SHUFFLE_ISA(fn, ...) LKFAST_ON_ISA_OR(false, fn, __VA_ARGS__)
 
 // input_finite, weights_finite / grad_finite: whether the packed operands hold only finite
 // values; where one does not, the kernels keep its Inf and NaN off the zero padding (see
