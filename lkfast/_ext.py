@@ -25,11 +25,11 @@ else:
     if stale:
         warnings.warn(f"lkfast: {stale}", RuntimeWarning, stacklevel=2)
 
-CPU_ISA_CAPS = ("generic", "avx2", "avx512")  # the values of LKFAST_CPU_ISA the C++ kernels read
+CPU_ISA_CAPS = ("generic", "avx2", "avx512", "avx512bf16")  # the values of LKFAST_CPU_ISA the C++ kernels read
 
 
 def _check_cpu_isa_cap() -> None:
-    """The C++ kernels read LKFAST_CPU_ISA once and take any value but "generic" and "avx2" as no cap:
+    """The C++ kernels read LKFAST_CPU_ISA once and take any value but "generic", "avx2" and "avx512" as no cap:
     a misspelt one ("AVX2", as oneDNN's ONEDNN_MAX_CPU_ISA spells it) would run the best path silently."""
     import os
 

@@ -174,7 +174,7 @@ for x, w, g, b in cases:
 torch.save({"isa": _ext._C.cpu_isa(), "out": out}, sys.argv[2])
 """
 
-ISA_ORDER = ["generic", "avx2", "avx512"]  # the order LKFAST_CPU_ISA caps in: it can only lower the CPU's best
+ISA_ORDER = ["generic", "avx2", "avx512", "avx512bf16"]  # the order LKFAST_CPU_ISA caps in: it can only lower the CPU's best
 
 
 def cpu_kernels_on_isa(isa: str, cases, tmp_path, threads=None) -> list:

@@ -62,7 +62,7 @@ def test_available_backends_flag_a_stale_build(monkeypatch):
 
 
 @pytest.mark.parametrize("value, warns", [("AVX2", True), ("avx-2", True), ("avx2", False), ("generic", False),
-                                          ("avx512", False), (None, False)])
+                                          ("avx512", False), ("avx512bf16", False), (None, False)])
 def test_a_cpu_isa_cap_the_kernels_do_not_read_is_warned_about(monkeypatch, value, warns):
     """LKFAST_CPU_ISA caps the C++ kernels' instruction set; a value they do not know (upper case, as
     ONEDNN_MAX_CPU_ISA is spelt beside it) capped nothing, silently."""
@@ -78,4 +78,4 @@ def test_a_cpu_isa_cap_the_kernels_do_not_read_is_warned_about(monkeypatch, valu
     said = [str(w.message) for w in caught if "LKFAST_CPU_ISA" in str(w.message)]
     assert bool(said) is warns, said
     if warns:
-        assert said[0].startswith(f"lkfast: LKFAST_CPU_ISA={value!r} is not one of generic, avx2, avx512")
+        assert said[0].startswith(f"lkfast: LKFAST_CPU_ISA={value!r} is not one of generic, avx2, avx512, avx512bf16")

@@ -193,6 +193,20 @@ def test_table_lookup_matches_the_layout_as_well_as_the_dtype():
     assert cd.table_lookup("other", "forward", ("float32", "nchw", 7, 7, 2, 16, 32, 32), table) is None
 
 
+def test_an_instruction_set_without_rows_of_its_own_takes_its_stand_ins():
+    """"avx512bf16" runs the AVX-512 code (but the bf16 forward of packed tiles): where the table has no
+    rows for it, the "avx512" rows choose; rows of its own, once measured, come first; another
+    instruction set borrows nothing."""
+    row = lambda backend: {"pass": "forward", "key": ["float32", "nchw", 7, 7, 2, 16, 32, 32], "backend": backend}  # noqa: E731
+    key = ("float32", "nchw", 7, 7, 2, 16, 32, 32)
+    table = {"avx512": {"rows": [row("torch")]}}
+    assert cd.table_lookup("avx512bf16", "forward", key, table)[0] == "torch"
+    assert cd.table_choices_digest("avx512bf16", table) == cd.table_choices_digest("avx512", table) != "none"
+    table["avx512bf16"] = {"rows": [row("cpu")]}
+    assert cd.table_lookup("avx512bf16", "forward", key, table)[0] == "cpu"
+    assert cd.table_lookup("avx2", "forward", key, {"avx512": {"rows": [row("torch")]}}) is None
+
+
 def test_measure_stops_early_only_when_one_is_clearly_faster(monkeypatch):
     import lkfast.timing
 

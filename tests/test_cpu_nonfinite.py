@@ -94,6 +94,7 @@ def test_nonfinite_placement_every_instruction_set(isa, tmp_path):
                                        ((2, 70, 7, 7, 13, 13), "channels_last", torch.float32),
                                        ((2, 32, 10, 19, 7, 7), "channels_last", torch.float32),  # in place
                                        ((2, 32, 10, 19, 7, 7), "channels_last", torch.bfloat16),  # in place, bf16
+                                       ((1, 20, 30, 21, 15, 15), "contiguous", torch.bfloat16),  # bf16 pairs (AVX512-BF16)
                                        ((1, 16, 9, 13, 11, 9), "channels_last", torch.float64)]
              for where in WHERE]
     cases = [(x, w, g, None) for x, w, g in cases]  # no bias (exact_reference has none)

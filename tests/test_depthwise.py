@@ -160,7 +160,15 @@ def test_cpu_every_instruction_set(isa, tmp_path):
                                  # forward with a row's 7 outputs and both half-pixels in one register
                                  # block, read in place (fp32 channels_last) and from packed tiles (fp64)
                                  ((2, 70, 7, 7), (13, 13), torch.float32, "channels_last"),
-                                 ((1, 5, 7, 7), (13, 13), torch.float64, "contiguous")]:
+                                 ((1, 5, 7, 7), (13, 13), torch.float64, "contiguous"),
+                                 # bf16 packed tiles: on AVX512-BF16 in pairs of tap rows (the last
+                                 # pair's second row zero for odd kh), a tile's first pair row above it
+                                 ((1, 3, 21, 18), (31, 31), torch.bfloat16, "contiguous"),
+                                 ((1, 16, 40, 9), (15, 3), torch.bfloat16, "contiguous"),  # 8 row chunks
+                                 ((2, 20, 12, 30), (17, 17), torch.bfloat16, "channels_last"),  # 16 + 4 lanes
+                                 ((1, 70, 16, 16), (29, 29), torch.bfloat16, "contiguous"),  # a block over images
+                                 ((2, 6, 9, 11), (1, 15), torch.bfloat16, "contiguous"),  # one pair, half zero
+                                 ((2, 6, 9, 11), (15, 1), torch.bfloat16, "contiguous")]:
         # every forward with a bias, every input gradient (the same kernels) without one
         cases.append((make_input(shape, fmt, dtype), make_weight(shape[1], *k, dtype), make_input(shape, fmt, dtype),
                       torch.randn(shape[1], dtype=dtype)))
@@ -268,6 +276,47 @@ def test_cpu_bf16_in_place_rounds_as_the_packed_path(isa, tmp_path):
     assert y[1, 12, 3, 2] == float("inf")
 
 
+def test_cpu_bf16_pairs_sum_as_the_fp32_path(tmp_path):
+    """On AVX512-BF16 the bf16 forward of packed tiles multiplies two tap rows in one instruction
+    (vdpbf16ps); elsewhere, and with LKFAST_CPU_ISA=avx512, the same tiles take fp32 FMAs. Each sum
+    is the same set of exact products (bf16 x bf16 fits fp32) added in another order, so the two fp32
+    sums differ by at most 2 n u sum|products| (n taps, u = 2^-24) and the outputs by that plus one
+    bf16 rounding step, in a few elements only. vdpbf16ps reads
+    bf16 subnormals as zero (as oneDNN's bf16 convolution does on such CPUs), which the fp32 path
+    does not: a subnormal times 2^100 tells which path ran, so the comparison cannot pass by running
+    the fp32 path twice. Shapes: RepLKNet's stage 1 and 2 kernels on smaller maps, odd and one-row
+    kernels, row chunks, a partial channel block, input gradient (the flipped kernel) included."""
+    backend_or_skip("cpu")
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for shape, k, fmt in [((2, 16, 40, 36), (31, 31), "contiguous"), ((1, 20, 28, 28), (29, 29), "channels_last"),
+                          ((2, 16, 40, 9), (15, 3), "contiguous"), ((2, 6, 9, 11), (1, 15), "contiguous")]:
+        mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        x, grad = (torch.randn(shape, generator=g).to(torch.bfloat16).contiguous(memory_format=mf) for _ in range(2))
+        cases.append((x, torch.randn(shape[1], 1, *k, generator=g).to(torch.bfloat16), grad,
+                      torch.randn(shape[1], generator=g).to(torch.bfloat16)))
+    witness = torch.zeros(1, 16, 20, 20)
+    witness[0, :, 10, 10] = 1e-39  # a bf16 subnormal
+    w_big = torch.zeros(16, 1, 15, 15)
+    w_big[:, 0, 7, 7] = 2.0 ** 100
+    cases.append((witness.to(torch.bfloat16), w_big.to(torch.bfloat16), witness.to(torch.bfloat16), None))
+    pairs = cpu_kernels_on_isa("avx512bf16", cases, tmp_path)  # skips where the CPU has no AVX512-BF16
+    fp32 = cpu_kernels_on_isa("avx512", cases, tmp_path)
+    assert pairs[-1][0][0, 0, 10, 10] == 0 and fp32[-1][0][0, 0, 10, 10] > 1e-9  # the subnormal: which path ran
+    differ = total = 0
+    for (x, w, grad, b), p, f in zip(cases[:-1], pairs, fp32):
+        want = reference(x, w, b, grad)
+        magnitude = reference(x.abs(), w.abs(), b.abs(), grad.abs())  # sum|products| of each output
+        for name, a, c in zip(PASSES[:2], p[:2], f[:2]):  # forward, input gradient
+            a, c = a.float(), c.float()
+            bound = (torch.finfo(torch.bfloat16).eps * torch.maximum(a.abs(), c.abs())
+                     + 2 * w[0, 0].numel() * 2.0 ** -24 * magnitude[name].float())
+            assert ((a - c).abs() <= bound).all(), (tuple(x.shape), name)
+            differ, total = differ + int((a != c).sum()), total + a.numel()
+            assert rel_err(p[PASSES.index(name)], want[name]) < TOLERANCE[torch.bfloat16][name]
+    assert differ < 0.05 * total, (differ, total)
+
+
 def test_auto_plan_on_cpu(monkeypatch):
     w = torch.randn(4, 1, 7, 7)
     x = torch.randn(1, 4, 16, 16)
@@ -365,7 +414,7 @@ def test_available_backends_explains():
         from lkfast import _ext
 
         assert info["cpu"].reason.endswith(f", {_ext._C.cpu_isa()} path")
-        assert _ext._C.cpu_isa() in ("generic", "avx2", "avx512")
+        assert _ext._C.cpu_isa() in ("generic", "avx2", "avx512", "avx512bf16")
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES, ids=case_id)

@@ -7,7 +7,9 @@
 // fp32/fp64 (and bf16) tensors with whole channel blocks pack nothing: the forward's items are row chunks of one
 // image over all channel blocks, computed on the tensors themselves (forward_direct), and the weight
 // gradient reads each image's block in place (weight_grad_direct). The arithmetic lives in
-// dwconv_kernel.h, compiled for AVX-512, AVX2 and a baseline, chosen once at run time.
+// dwconv_kernel.h, compiled for AVX-512, AVX2 and a baseline, chosen once at run time. On CPUs with
+// AVX512-BF16 the bf16 forward of packed tiles pairs up tap rows, two multiply-adds an instruction
+// (vdpbf16ps: see forward_tile and bf16_pairs_apply).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -34,14 +36,15 @@ namespace lkfast {
 namespace cpu {
 namespace {
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
+// kAvx512Bf16: the AVX-512 core, and the bf16 forward in pairs of tap rows (AVX512-BF16's vdpbf16ps).
+enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Bf16 };
 
 Isa detect_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    return Isa::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kGeneric;
@@ -49,11 +52,12 @@ Isa detect_isa() {
 
 Isa active_isa() {
   static const Isa isa = [] {
-    // LKFAST_CPU_ISA=generic|avx2|avx512 caps the choice (for testing every path).
+    // LKFAST_CPU_ISA=generic|avx2|avx512|avx512bf16 caps the choice (for testing every path).
     Isa best = detect_isa();
     if (const char* env = std::getenv("LKFAST_CPU_ISA")) {
       std::string s(env);
-      Isa want = s == "generic" ? Isa::kGeneric : s == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
+      Isa want = s == "generic" ? Isa::kGeneric : s == "avx2" ? Isa::kAvx2 : s == "avx512" ? Isa::kAvx512
+                                                                                        : Isa::kAvx512Bf16;
       if (static_cast<int>(want) < static_cast<int>(best)) best = want;
     }
     return best;
@@ -66,6 +70,7 @@ Isa active_isa() {
 // which only the instruction sets with two-vector shuffles have (dwconv_isa.h): false on generic.
 #define LKFAST_ON_ISA_OR(fallback, fn, ...) \
   switch (active_isa()) {                   \
+    case Isa::kAvx512Bf16:                  \
     case Isa::kAvx512:                      \
       return avx512::fn(__VA_ARGS__);       \
     case Isa::kAvx2:                        \
@@ -173,6 +178,12 @@ template <typename T>
 bool all_finite(const T* p, long n) {
   LKFAST_ON_ISA(all_finite, p, n);
 }
+
+// Whether the bf16 forward of packed tiles runs in pairs of tap rows (avx512::forward_rows_bf16_pairs):
+// on AVX512-BF16, except on the maps the small-map kernel takes, where the fp32 kernel measured as
+// fast or faster (7x7 maps with 13x13 kernels 0.82x in pairs, 14x14 with 27x27 1.1-1.2x, one core of
+// the Zen 5; 1.5x at 56x56 with 31x31 and 28x28 with 29x29).
+bool bf16_pairs_apply(int W, int kw) { return active_isa() == Isa::kAvx512Bf16 && !small_direct_applies(W, kw); }
 
 // 64-byte aligned scratch, one per thread, grown on demand.
 template <typename T>
@@ -383,6 +394,40 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   S* y_p = y.data_ptr<S>();
   const Strides xs = strides_of(x), ys = strides_of(y);
   const int row_len = (W + 2 * pw) * lanes;
+
+  // bf16 where bf16_pairs_apply: the packed tiles (fp32, bf16 values widened) are paired up as two
+  // bf16 in each fp32 lane, weight row i holding tap rows 2i and 2i + 1, tile row r image rows r and
+  // r + 1, and the forward multiplies a pair in one instruction (vdpbf16ps).
+  constexpr bool kBf16 = std::is_same<S, at::BFloat16>::value;
+  const bool pairs = kBf16 && bf16_pairs_apply(W, kw);
+  const int npairs = (kh + 1) / 2;
+  const size_t wt2_block = (size_t)npairs * kwp * lanes;
+  auto pair_weights = [&](const T* block, uint32_t* dst) {  // one channel block's packed weights
+    if constexpr (kBf16)
+      for (int i = 0; i < npairs; ++i)
+        avx512::pair_rows(block + (size_t)2 * i * kwp * lanes,
+                          2 * i + 1 < kh ? block + (size_t)(2 * i + 1) * kwp * lanes : nullptr, (long)kwp * lanes,
+                          dst + (size_t)i * kwp * lanes);
+  };
+  // Output rows [h0, h1) from a packed tile P of input rows [r0, r1): in pairs where they apply and
+  // every value is finite (the pairs multiply the padding's zeros like any value, and 0 * Inf is
+  // NaN: see Loop in dwconv_kernel.h), else forward_rows.
+  auto forward_tile = [&](const T* P, int r0, int r1, const T* Wt, const uint32_t* Wt2, const T* Bt, int h0,
+                          int h1, T* O, bool input_finite, bool weights_finite, Scratch<uint32_t>& p2buf) {
+    if constexpr (kBf16) {
+      if (pairs && input_finite && weights_finite) {
+        // pair row q: image rows r0 - 1 + q and r0 + q, rows outside the tile zero (the first pair
+        // row reaches above the image or the tile's first row, the last one below the last row)
+        uint32_t* P2 = p2buf.get((size_t)(r1 - r0 + 1) * row_len);
+        for (int q = 0; q <= r1 - r0; ++q)
+          avx512::pair_rows(q > 0 ? P + (size_t)(q - 1) * row_len : nullptr,
+                            q < r1 - r0 ? P + (size_t)q * row_len : nullptr, row_len, P2 + (size_t)q * row_len);
+        avx512::forward_rows_bf16_pairs(P2, r0, H, W, kh, kw, Wt2, Bt, h0, h1, O);
+        return;
+      }
+    }
+    forward_rows<T>(P, r0, H, W, kh, kw, Wt, Bt, h0, h1, O, input_finite, weights_finite);
+  };
   // (see forward_direct; x and y of the accumulation type or bf16, whole channel blocks). bf16 only
   // where no small-map kernel would take the shape in fp32: there (7x7 maps, 13x13 kernels) the packed
   // tiles' band loop measured faster than the in-place window (0.24 against 0.31-0.34 ms, batch 8,
@@ -414,6 +459,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 #pragma omp parallel num_threads(nt)
     {
       Scratch<T> wbuf_item, pbuf, obuf;
+      Scratch<uint32_t> w2buf_item, p2buf;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < (int64_t)ncb * ngroups; ++it) {
         const int cb = it / ngroups, g = it % ngroups;
@@ -422,6 +468,8 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
         const int c0 = cb * lanes, nc = std::min(lanes, C - c0);
         T* Wt = wbuf_item.get(wt_block);
         const bool weights_finite = pack_weights(cb, Wt);
+        uint32_t* Wt2 = pairs ? w2buf_item.get(wt2_block) : nullptr;
+        if (pairs) pair_weights(Wt, Wt2);
         T* P = pbuf.get((size_t)H * row_len);
         T* O = obuf.get((size_t)H * W * lanes);
         for (int n = n0; n < n1; ++n) {
@@ -446,8 +494,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
           }
           pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
           const bool input_finite = all_finite<T>(P, (long)H * row_len);
-          forward_rows<T>(P, 0, H, W, kh, kw, Wt, bt_p + (size_t)cb * lanes, 0, H, O, input_finite,
-                          weights_finite);
+          forward_tile(P, 0, H, Wt, Wt2, bt_p + (size_t)cb * lanes, 0, H, O, input_finite, weights_finite, p2buf);
           unpack_rows<S, T>(O, c0, nc, 0, H, W, y_p + n * ys.n, ys);
         }
       }
@@ -456,6 +503,8 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   }
 
   T* wt_p = wbuf.get((size_t)ncb * wt_block);
+  Scratch<uint32_t> w2buf;
+  uint32_t* wt2_p = pairs ? w2buf.get((size_t)ncb * wt2_block) : nullptr;
   std::unique_ptr<bool[]> weights_finite(new bool[ncb]);
   // Split rows only as much as needed to keep every thread busy: each chunk re-reads a halo.
   const int64_t base_items = (int64_t)N * ncb;
@@ -466,7 +515,10 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
-    for (int cb = 0; cb < ncb; ++cb) weights_finite[cb] = pack_weights(cb, wt_p + (size_t)cb * wt_block);
+    for (int cb = 0; cb < ncb; ++cb) {
+      weights_finite[cb] = pack_weights(cb, wt_p + (size_t)cb * wt_block);
+      if (pairs) pair_weights(wt_p + (size_t)cb * wt_block, wt2_p + (size_t)cb * wt2_block);
+    }
     // (the loop's implicit barrier: every block's weights are packed before any is used)
     // Channels innermost in x and y, whole channel blocks, no conversion, finite weights and a
     // small kernel: read and written in place (see the kernel's forward_direct), an item being
@@ -490,6 +542,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
       }
     } else {
       Scratch<T> pbuf, obuf;
+      Scratch<uint32_t> p2buf;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < items; ++it) {
         const int hc = it % nhc;
@@ -503,8 +556,8 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
         T* O = obuf.get((size_t)(h1 - h0) * W * lanes);
         pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, r0, r1, W, pw, P);
         const bool input_finite = all_finite<T>(P, (long)(r1 - r0) * row_len);
-        forward_rows<T>(P, r0, H, W, kh, kw, wt_p + (size_t)cb * wt_block,
-                        bt_p + (size_t)cb * lanes, h0, h1, O, input_finite, weights_finite[cb]);
+        forward_tile(P, r0, r1, wt_p + (size_t)cb * wt_block, pairs ? wt2_p + (size_t)cb * wt2_block : nullptr,
+                     bt_p + (size_t)cb * lanes, h0, h1, O, input_finite, weights_finite[cb], p2buf);
         unpack_rows<S, T>(O, c0, nc, h0, h1, W, y_p + n * ys.n, ys);
       }
     }
@@ -640,6 +693,8 @@ at::Tensor weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t 
 
 std::string isa_name() {
   switch (active_isa()) {
+    case Isa::kAvx512Bf16:
+      return "avx512bf16";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:

@@ -51,6 +51,24 @@ struct Vec<double> {
 static inline int imax(int a, int b) { return a > b ? a : b; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
 
+// acc += a * b, one rounding (an FMA where the instruction set has one). The loops below call it
+// for every product, so that the same loops run on bf16 pairs (AVX-512, see PairVec).
+template <typename A>
+static inline __attribute__((always_inline)) void mac(A& acc, A a, A b) {
+  acc += a * b;
+}
+
+#if defined(LKFAST_X86_AVX512)
+// 16 lanes of two bf16 each (the low half first). mac of two PairVecs into an fp32 vector adds
+// both lanes' products (vdpbf16ps: exact products, bf16 subnormals read as zero): one instruction
+// for two multiply-adds. Written in assembly, so that this file compiles with the AVX-512 target
+// of CPUs without AVX512-BF16; only callers that checked the CPU (dwconv_cpu.cpp) reach it.
+typedef uint32_t PairVec __attribute__((vector_size(64)));
+static inline __attribute__((always_inline)) void mac(Vec<float>::type& acc, PairVec a, PairVec b) {
+  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+}
+#endif
+
 // The two loops below keep a window of B vectors of the shifted operand in registers and slide
 // it by one vector per step: step t loads the one vector that enters the window and one of the
 // other operand for B FMAs. Unrolled by B, every window slot is a fixed register (slot s of the
@@ -64,9 +82,9 @@ static inline int imin(int a, int b) { return a < b ? a : b; }
 // The window over operands read through functions (packed tiles here, strided tensors in place):
 // acc[b] += sum_{t in [lo, hi)} a_at(t + b) * b_at(t); reads a_at(lo .. hi + B - 2), b_at(lo .. hi - 1),
 // in the same order as the plain loop.
-template <typename V, int B, typename FA, typename FB>
+template <typename V, int B, typename FA, typename FB, typename Acc>
 static inline __attribute__((always_inline)) void window_dot_a(FA&& a_at, FB&& b_at, int lo, int hi,
-                                                               V* __restrict acc) {
+                                                               Acc* __restrict acc) {
   if (hi <= lo) return;
   V win[B];
 #pragma GCC unroll 16
@@ -77,7 +95,7 @@ static inline __attribute__((always_inline)) void window_dot_a(FA&& a_at, FB&& b
     for (int u = 0; u < B; ++u) {
       const V bv = b_at(t + u);
 #pragma GCC unroll 16
-      for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
+      for (int b = 0; b < B; ++b) mac(acc[b], win[(u + b) % B], bv);
       win[u] = a_at(t + u + B);
     }
   }
@@ -87,24 +105,24 @@ static inline __attribute__((always_inline)) void window_dot_a(FA&& a_at, FB&& b
     if (u >= r) break;
     const V bv = b_at(t + u);
 #pragma GCC unroll 16
-    for (int b = 0; b < B; ++b) acc[b] += win[(u + b) % B] * bv;
+    for (int b = 0; b < B; ++b) mac(acc[b], win[(u + b) % B], bv);
     if (u + 1 < r) win[u] = a_at(t + u + B);
   }
 }
 
 // acc[b] += sum_{t in [lo, hi)} A[t + b] * Bv[t]
-template <typename V, int B>
+template <typename V, int B, typename Acc>
 static inline __attribute__((always_inline)) void dot_shift_a(const V* __restrict A,
                                                               const V* __restrict Bv, int lo,
-                                                              int hi, V* __restrict acc) {
+                                                              int hi, Acc* __restrict acc) {
   window_dot_a<V, B>([A](int i) { return A[i]; }, [Bv](int i) { return Bv[i]; }, lo, hi, acc);
 }
 
 // acc[b] += sum_{t in [lo, hi)} A[t] * Bv[t - b]
-template <typename V, int B>
+template <typename V, int B, typename Acc>
 static inline __attribute__((always_inline)) void dot_shift_b(const V* __restrict A,
                                                               const V* __restrict Bv, int lo,
-                                                              int hi, V* __restrict acc) {
+                                                              int hi, Acc* __restrict acc) {
   if (hi <= lo) return;
   V win[B];  // Bv[t - b] in slot (t - lo - b + B - 1) mod B
 #pragma GCC unroll 16
@@ -115,7 +133,7 @@ static inline __attribute__((always_inline)) void dot_shift_b(const V* __restric
     for (int u = 0; u < B; ++u) {
       const V a = A[t + u];
 #pragma GCC unroll 16
-      for (int b = 0; b < B; ++b) acc[b] += a * win[(u - b + B - 1) % B];
+      for (int b = 0; b < B; ++b) mac(acc[b], a, win[(u - b + B - 1) % B]);
       win[u] = Bv[t + u + 1];
     }
   }
@@ -125,7 +143,7 @@ static inline __attribute__((always_inline)) void dot_shift_b(const V* __restric
     if (u >= r) break;
     const V a = A[t + u];
 #pragma GCC unroll 16
-    for (int b = 0; b < B; ++b) acc[b] += a * win[(u - b + B - 1) % B];
+    for (int b = 0; b < B; ++b) mac(acc[b], a, win[(u - b + B - 1) % B]);
     if (u + 1 < r) win[u] = Bv[t + u + 1];
   }
 }
@@ -138,10 +156,10 @@ static inline __attribute__((always_inline)) void dot_shift_b(const V* __restric
 // B = 7, NV = 2: 14 accumulators + 2 fixed vectors = 16 ymm, no spill.
 
 // acc[b][v] += sum_{t in [lo, hi)} A[t + b][v] * Bv[t][v]
-template <typename V, int B, int NV>
+template <typename V, int B, int NV, typename Acc>
 static inline __attribute__((always_inline)) void dot_parts_a(const V* __restrict A,
                                                               const V* __restrict Bv, int lo,
-                                                              int hi, V* __restrict acc) {
+                                                              int hi, Acc* __restrict acc) {
   for (int t = lo; t < hi; ++t) {
     V bv[NV];
 #pragma GCC unroll 8
@@ -149,15 +167,15 @@ static inline __attribute__((always_inline)) void dot_parts_a(const V* __restric
 #pragma GCC unroll 16
     for (int b = 0; b < B; ++b)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[b * NV + v] += A[(t + b) * NV + v] * bv[v];
+      for (int v = 0; v < NV; ++v) mac(acc[b * NV + v], A[(t + b) * NV + v], bv[v]);
   }
 }
 
 // acc[b][v] += sum_{t in [lo, hi)} A[t][v] * Bv[t - b][v]
-template <typename V, int B, int NV>
+template <typename V, int B, int NV, typename Acc>
 static inline __attribute__((always_inline)) void dot_parts_b(const V* __restrict A,
                                                               const V* __restrict Bv, int lo,
-                                                              int hi, V* __restrict acc) {
+                                                              int hi, Acc* __restrict acc) {
   for (int t = lo; t < hi; ++t) {
     V a[NV];
 #pragma GCC unroll 8
@@ -165,24 +183,24 @@ static inline __attribute__((always_inline)) void dot_parts_b(const V* __restric
 #pragma GCC unroll 16
     for (int b = 0; b < B; ++b)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[b * NV + v] += a[v] * Bv[(t - b) * NV + v];
+      for (int v = 0; v < NV; ++v) mac(acc[b * NV + v], a[v], Bv[(t - b) * NV + v]);
   }
 }
 
 // The two loops in the instruction set's form. Pointers and indices count pixels of NV vectors.
-template <typename V, int B>
+template <typename V, int B, typename Acc>
 static inline __attribute__((always_inline)) void dot_a(const V* __restrict A,
                                                         const V* __restrict Bv, int lo, int hi,
-                                                        V* __restrict acc) {
+                                                        Acc* __restrict acc) {
   if constexpr (kParts == 1)
     dot_shift_a<V, B>(A, Bv, lo, hi, acc);
   else
     dot_parts_a<V, B, kParts>(A, Bv, lo, hi, acc);
 }
-template <typename V, int B>
+template <typename V, int B, typename Acc>
 static inline __attribute__((always_inline)) void dot_b(const V* __restrict A,
                                                         const V* __restrict Bv, int lo, int hi,
-                                                        V* __restrict acc) {
+                                                        Acc* __restrict acc) {
   if constexpr (kParts == 1)
     dot_shift_b<V, B>(A, Bv, lo, hi, acc);
   else
@@ -257,19 +275,22 @@ static inline __attribute__((always_inline)) void for_blocks(int n, int full, Lo
 }
 
 // Forward: outputs [w0, w0 + B) of output row h. Row strides and columns count pixels of
-// kParts vectors.
-template <typename V, int B>
+// kParts vectors. Weight row i meets input row h + S i - ph: S = 1, one tap row a weight row;
+// S = 2, bf16 pairs (forward_rows_bf16_pairs): weight row i holds tap rows 2i and 2i + 1, input
+// row r of P the image rows r and r + 1.
+template <typename V, int B, typename Acc = V, int S = 1>
 static inline __attribute__((always_inline)) void fwd_block(const V* __restrict P, int prow0,
                                                             int row_stride, int H, int W, int kh,
                                                             int kw, const V* __restrict Wt,
-                                                            const V* __restrict bias, int h,
+                                                            const Acc* __restrict bias, int h,
                                                             int w0, int i_begin, int i_end,
-                                                            Loop loop, V* __restrict out) {
+                                                            Loop loop, Acc* __restrict out) {
   constexpr int NV = kParts;
   const int ph = kh / 2, pw = kw / 2;
   const int wt_stride = kw + 2 * kWeightPad;
-  V acc[B * NV];
-  const int i_lo = imax(i_begin, ph - h), i_hi = imin(i_end, H + ph - h);
+  Acc acc[B * NV];
+  // weight rows with an image row among their S: h + S i - ph + S - 1 >= 0 and h + S i - ph < H
+  const int i_lo = imax(i_begin, S == 1 ? ph - h : (ph - h) / S), i_hi = imin(i_end, (H - 1 + ph - h) / S + 1);
   if (bias) {
 #pragma GCC unroll 16
     for (int b = 0; b < B; ++b)
@@ -285,7 +306,7 @@ static inline __attribute__((always_inline)) void fwd_block(const V* __restrict 
   const int u_lo = imax(pw, w0), u_hi = imin(pw + W, w0 + B - 1 + kw);
   const bool band = use_band(loop, u_hi - u_lo, j_hi - j_lo);
   for (int i = i_lo; i < i_hi; ++i) {
-    const V* prow = P + (long)(h + i - ph - prow0) * row_stride * NV;
+    const V* prow = P + (long)(h + S * i - ph - prow0) * row_stride * NV;
     const V* wrow = Wt + ((long)i * wt_stride + kWeightPad) * NV;
     if (band)
       dot_b<V, B>(prow, wrow - (long)w0 * NV, u_lo, u_hi, acc);
@@ -507,6 +528,57 @@ void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, con
     }
   }
 }
+
+#if defined(LKFAST_X86_AVX512)
+// The bf16 forward on AVX512-BF16 (the caller checks the CPU): output rows [h0, h1) of one (image,
+// channel block) from pair tiles (see pair_rows), two tap rows a multiply-add instruction.
+//   P2:   pair rows from prow0 - 1: row r holds image rows r and r + 1 (W + 2*pw pixels each)
+//   Wt2:  (kh + 1) / 2 pair rows of kw + 2*kWeightPad pixels: tap rows 2i and 2i + 1 (the last
+//         one's second half zero for odd kh); Bias: one fp32 pixel; O: fp32 output pixels
+// The zeros of the padding are multiplied like any value, so P2's and Wt2's values must be finite.
+void forward_rows_bf16_pairs(const uint32_t* P2_, int prow0, int H, int W, int kh, int kw,
+                             const uint32_t* Wt2_, const float* Bias_, int h0, int h1, float* O_) {
+  typedef Vec<float>::type V;
+  const PairVec* P2 = reinterpret_cast<const PairVec*>(P2_);
+  const PairVec* Wt2 = reinterpret_cast<const PairVec*>(Wt2_);
+  const V* bias = reinterpret_cast<const V*>(Bias_);
+  V* O = reinterpret_cast<V*>(O_);
+  const int rs = W + 2 * (kw / 2), pairs = (kh + 1) / 2;
+  for (int h = h0; h < h1; ++h) {
+    V* out = O + (long)(h - h0) * W;
+    for_blocks(W, kOutBlock, Loop::kFaster, [&](int w0, int size) {
+      switch (size) {
+#define LKFAST_FWD_BLOCK(n)                                                                          \
+  case n:                                                                                            \
+    fwd_block<PairVec, n, V, 2>(P2, prow0 - 1, rs, H, W, kh, kw, Wt2, bias, h, w0, 0, pairs,         \
+                                Loop::kFaster, out);                                                 \
+    break;
+        LKFAST_FWD_BLOCK(1) LKFAST_FWD_BLOCK(2) LKFAST_FWD_BLOCK(3) LKFAST_FWD_BLOCK(4)
+        LKFAST_FWD_BLOCK(5) LKFAST_FWD_BLOCK(6) LKFAST_FWD_BLOCK(7) LKFAST_FWD_BLOCK(8)
+#undef LKFAST_FWD_BLOCK
+        default:
+          break;
+      }
+    });
+  }
+}
+
+// Pair rows for forward_rows_bf16_pairs: n fp32 values of two rows (bf16 values widened, so
+// exact) as n lanes of (bf16 of lo, bf16 of hi); a null row reads as zeros.
+void pair_rows(const float* lo, const float* hi, long n, uint32_t* dst) {
+  typedef uint32_t U __attribute__((vector_size(64)));
+  constexpr long L = 16;
+  const uint32_t* a = reinterpret_cast<const uint32_t*>(lo);
+  const uint32_t* b = reinterpret_cast<const uint32_t*>(hi);
+  long i = 0;
+  for (; i + L <= n; i += L) {
+    U x = a ? *reinterpret_cast<const U*>(a + i) : U{};
+    U y = b ? *reinterpret_cast<const U*>(b + i) : U{};
+    *reinterpret_cast<U*>(dst + i) = (x >> 16) | (y & 0xFFFF0000u);
+  }
+  for (; i < n; ++i) dst[i] = (a ? a[i] >> 16 : 0u) | (b ? b[i] & 0xFFFF0000u : 0u);
+}
+#endif
 
 // Weight gradient: GW[i][j0 + b] += sum_{h, w} G[h][w] * P[h + i - ph][w + j0 + b], b < B.
 template <typename V, int B>

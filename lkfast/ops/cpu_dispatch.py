@@ -224,9 +224,18 @@ def _load_table(path: str) -> dict:
         return {}
 
 
+# An instruction set whose table may stand in for another's that the table lacks: "avx512bf16" runs the
+# AVX-512 code, but for the bf16 forward of packed tiles (pairs of tap rows, vdpbf16ps, faster), so the
+# "avx512" rows hold its choices but for those, where they pick lkfast less often than it would win.
+TABLE_STAND_IN = {"avx512bf16": "avx512"}
+
+
 def _table_rows(isa: str, table: Optional[dict] = None) -> list:
-    """The rows of ``table`` (default: the shipped one) for an instruction set; [] where it has none."""
+    """The rows of ``table`` (default: the shipped one) for an instruction set, or for its stand-in
+    (``TABLE_STAND_IN``) where the table has none for it; [] where it has neither."""
     table = _load_table(str(TABLE_PATH)) if table is None else table
+    if isa not in table and isa in TABLE_STAND_IN:
+        isa = TABLE_STAND_IN[isa]
     return table.get(isa, {}).get("rows", [])
 
 
