@@ -168,7 +168,8 @@ def test_cpu_every_instruction_set(isa, tmp_path):
                                  ((2, 20, 12, 30), (17, 17), torch.bfloat16, "channels_last"),  # 16 + 4 lanes
                                  ((1, 70, 16, 16), (29, 29), torch.bfloat16, "contiguous"),  # a block over images
                                  ((2, 6, 9, 11), (1, 15), torch.bfloat16, "contiguous"),  # one pair, half zero
-                                 ((2, 6, 9, 11), (15, 1), torch.bfloat16, "contiguous")]:
+                                 ((2, 6, 9, 11), (15, 1), torch.bfloat16, "contiguous"),
+                                 ((1, 16, 5, 30), (31, 31), torch.bfloat16, "contiguous")]:  # H <= kh / 2
         # every forward with a bias, every input gradient (the same kernels) without one
         cases.append((make_input(shape, fmt, dtype), make_weight(shape[1], *k, dtype), make_input(shape, fmt, dtype),
                       torch.randn(shape[1], dtype=dtype)))
@@ -277,40 +278,45 @@ def test_cpu_bf16_in_place_rounds_as_the_packed_path(isa, tmp_path):
 
 
 def test_cpu_bf16_pairs_sum_as_the_fp32_path(tmp_path):
-    """On AVX512-BF16 the bf16 forward of packed tiles multiplies two tap rows in one instruction
-    (vdpbf16ps); elsewhere, and with LKFAST_CPU_ISA=avx512, the same tiles take fp32 FMAs. Each sum
-    is the same set of exact products (bf16 x bf16 fits fp32) added in another order, so the two fp32
-    sums differ by at most 2 n u sum|products| (n taps, u = 2^-24) and the outputs by that plus one
-    bf16 rounding step, in a few elements only. vdpbf16ps reads
+    """On AVX512-BF16 the bf16 forward and weight gradient of packed tiles multiply two rows in one
+    instruction (vdpbf16ps: tap rows; image rows); elsewhere, and with LKFAST_CPU_ISA=avx512, the
+    same tiles take fp32 FMAs. Each sum is the same set of exact products (bf16 x bf16 fits fp32)
+    added in another order, so the two fp32 sums differ by at most 2 n u sum|products| (n terms,
+    u = 2^-24) and the outputs by that plus one bf16 rounding step, in a few elements only. vdpbf16ps reads
     bf16 subnormals as zero (as oneDNN's bf16 convolution does on such CPUs), which the fp32 path
     does not: a subnormal times 2^100 tells which path ran, so the comparison cannot pass by running
     the fp32 path twice. Shapes: RepLKNet's stage 1 and 2 kernels on smaller maps, odd and one-row
-    kernels, row chunks, a partial channel block, input gradient (the flipped kernel) included."""
+    kernels, row chunks, a partial channel block, a map no taller than half the kernel, the input
+    gradient (the flipped kernel) and the weight gradient (odd and even heights) included."""
     backend_or_skip("cpu")
     g = torch.Generator().manual_seed(3)
     cases = []
     for shape, k, fmt in [((2, 16, 40, 36), (31, 31), "contiguous"), ((1, 20, 28, 28), (29, 29), "channels_last"),
-                          ((2, 16, 40, 9), (15, 3), "contiguous"), ((2, 6, 9, 11), (1, 15), "contiguous")]:
+                          ((2, 16, 40, 9), (15, 3), "contiguous"), ((2, 6, 9, 11), (1, 15), "contiguous"),
+                          ((1, 16, 5, 30), (31, 31), "contiguous")]:
         mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
         x, grad = (torch.randn(shape, generator=g).to(torch.bfloat16).contiguous(memory_format=mf) for _ in range(2))
         cases.append((x, torch.randn(shape[1], 1, *k, generator=g).to(torch.bfloat16), grad,
                       torch.randn(shape[1], generator=g).to(torch.bfloat16)))
-    witness = torch.zeros(1, 16, 20, 20)
-    witness[0, :, 10, 10] = 1e-39  # a bf16 subnormal
+    subnormal, big = torch.zeros(1, 16, 20, 20), torch.zeros(1, 16, 20, 20)
+    subnormal[0, :, 10, 10], big[0, :, 10, 10] = 1e-39, 2.0 ** 100  # a bf16 subnormal; its partner
     w_big = torch.zeros(16, 1, 15, 15)
     w_big[:, 0, 7, 7] = 2.0 ** 100
-    cases.append((witness.to(torch.bfloat16), w_big.to(torch.bfloat16), witness.to(torch.bfloat16), None))
+    cases.append((subnormal.to(torch.bfloat16), w_big.to(torch.bfloat16), big.to(torch.bfloat16), None))
     pairs = cpu_kernels_on_isa("avx512bf16", cases, tmp_path)  # skips where the CPU has no AVX512-BF16
     fp32 = cpu_kernels_on_isa("avx512", cases, tmp_path)
-    assert pairs[-1][0][0, 0, 10, 10] == 0 and fp32[-1][0][0, 0, 10, 10] > 1e-9  # the subnormal: which path ran
+    for name, center in (("forward", (0, 0, 10, 10)), ("weight_grad", (0, 0, 7, 7))):  # which path ran
+        i = PASSES.index(name)
+        assert pairs[-1][i][center] == 0 and fp32[-1][i][center] > 1e-9, name
     differ = total = 0
     for (x, w, grad, b), p, f in zip(cases[:-1], pairs, fp32):
         want = reference(x, w, b, grad)
         magnitude = reference(x.abs(), w.abs(), b.abs(), grad.abs())  # sum|products| of each output
-        for name, a, c in zip(PASSES[:2], p[:2], f[:2]):  # forward, input gradient
+        for name, a, c in zip(PASSES, p, f):
+            terms = w[0, 0].numel() if name != "weight_grad" else x.shape[0] * x.shape[2] * x.shape[3]
             a, c = a.float(), c.float()
             bound = (torch.finfo(torch.bfloat16).eps * torch.maximum(a.abs(), c.abs())
-                     + 2 * w[0, 0].numel() * 2.0 ** -24 * magnitude[name].float())
+                     + 2 * terms * 2.0 ** -24 * magnitude[name].float())
             assert ((a - c).abs() <= bound).all(), (tuple(x.shape), name)
             differ, total = differ + int((a != c).sum()), total + a.numel()
             assert rel_err(p[PASSES.index(name)], want[name]) < TOLERANCE[torch.bfloat16][name]

@@ -179,7 +179,8 @@ bool all_finite(const T* p, long n) {
   LKFAST_ON_ISA(all_finite, p, n);
 }
 
-// Whether the bf16 forward of packed tiles runs in pairs of tap rows (avx512::forward_rows_bf16_pairs):
+// Whether the bf16 forward and weight gradient of packed tiles run in pairs of rows
+// (avx512::forward_rows_bf16_pairs, weight_grad_bf16_pairs):
 // on AVX512-BF16, except on the maps the small-map kernel takes, where the fp32 kernel measured as
 // fast or faster (7x7 maps with 13x13 kernels 0.82x in pairs, 14x14 with 27x27 1.1-1.2x, one core of
 // the Zen 5; 1.5x at 56x56 with 31x31 and 28x28 with 29x29).
@@ -591,10 +592,16 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
   const S* g_p = grad_out.data_ptr<S>();
   const Strides xs = strides_of(x), gs = strides_of(grad_out);
   const int prow_len = (W + 2 * pw) * lanes;
+  const int grow_len = (W + 2 * kGradPad) * lanes;
+  // bf16 where bf16_pairs_apply: the packed tiles paired up as in the forward, the gradient's rows
+  // 2m and 2m + 1 in pair row m, two image rows a multiply-add (weight_grad_bf16_pairs)
+  constexpr bool kBf16 = std::is_same<S, at::BFloat16>::value;
+  const bool pairs = kBf16 && bf16_pairs_apply(W, kw);
 
 #pragma omp parallel num_threads(nt)
   {
     Scratch<T> pbuf, gbuf;
+    Scratch<uint32_t> x2buf, g2buf;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int is = it % nisplit;
@@ -619,11 +626,25 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
             continue;
         }
         T* P = pbuf.get((size_t)H * prow_len);
-        T* G = gbuf.get((size_t)H * (W + 2 * kGradPad) * lanes);
+        T* G = gbuf.get((size_t)H * grow_len);
         pack_rows<S, T>(x_p + n * xs.n, xs, c0, nc, 0, H, W, pw, P);
         pack_rows<S, T>(g_p + n * gs.n, gs, c0, nc, 0, H, W, kGradPad, G);
         const bool input_finite = all_finite<T>(P, (long)H * prow_len);
-        const bool grad_finite = all_finite<T>(G, (long)H * (W + 2 * kGradPad) * lanes);
+        const bool grad_finite = all_finite<T>(G, (long)H * grow_len);
+        if constexpr (kBf16) {
+          if (pairs && input_finite && grad_finite) {  // (finite: see forward_tile)
+            uint32_t* X2 = x2buf.get((size_t)(H + 1) * prow_len);
+            for (int q = 0; q <= H; ++q)  // image rows q - 1 and q
+              avx512::pair_rows(q > 0 ? P + (size_t)(q - 1) * prow_len : nullptr, q < H ? P + (size_t)q * prow_len : nullptr,
+                                prow_len, X2 + (size_t)q * prow_len);
+            uint32_t* G2 = g2buf.get((size_t)((H + 1) / 2) * grow_len);
+            for (int m = 0; 2 * m < H; ++m)  // gradient rows 2m and 2m + 1
+              avx512::pair_rows(G + (size_t)2 * m * grow_len, 2 * m + 1 < H ? G + (size_t)(2 * m + 1) * grow_len : nullptr,
+                                grow_len, G2 + (size_t)m * grow_len);
+            avx512::weight_grad_bf16_pairs(X2, G2, H, W, kh, kw, i0, i1, GW);
+            continue;
+          }
+        }
         weight_grad<T>(P, G, H, W, kh, kw, i0, i1, GW, input_finite, grad_finite);
       }
     }

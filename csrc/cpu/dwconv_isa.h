@@ -71,13 +71,15 @@ LKFAST_DECLARE_ISA(generic)
 LKFAST_DECLARE_PACK(avx512)
 LKFAST_DECLARE_PACK(avx2)
 
-// The bf16 forward in pairs of tap rows (vdpbf16ps), compiled with the AVX-512 core and run only
+// The bf16 forward in pairs of tap rows and weight gradient in pairs of image rows (vdpbf16ps), compiled with the AVX-512 core and run only
 // where the CPU has AVX512-BF16 (see dwconv_kernel.h, forward_rows_bf16_pairs).
 namespace lkfast {
 namespace cpu {
 namespace avx512 {
 void forward_rows_bf16_pairs(const uint32_t* P2, int prow0, int H, int W, int kh, int kw,
                              const uint32_t* Wt2, const float* Bias, int h0, int h1, float* O);
+void weight_grad_bf16_pairs(const uint32_t* X2, const uint32_t* G2, int H, int W, int kh, int kw, int i0,
+                            int i1, float* GW);
 void pair_rows(const float* lo, const float* hi, long n, uint32_t* dst);
 }  // namespace avx512
 }  // namespace cpu

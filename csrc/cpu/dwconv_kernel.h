@@ -290,7 +290,9 @@ static inline __attribute__((always_inline)) void fwd_block(const V* __restrict 
   const int wt_stride = kw + 2 * kWeightPad;
   Acc acc[B * NV];
   // weight rows with an image row among their S: h + S i - ph + S - 1 >= 0 and h + S i - ph < H
-  const int i_lo = imax(i_begin, S == 1 ? ph - h : (ph - h) / S), i_hi = imin(i_end, (H - 1 + ph - h) / S + 1);
+  // ((ph - h) >> 1: the ceiling of (ph - h - 1) / 2; H - 1 + ph - h >= 0, as h < H)
+  static_assert(S == 1 || S == 2, "tap rows one or two at a time");
+  const int i_lo = imax(i_begin, S == 1 ? ph - h : (ph - h) >> 1), i_hi = imin(i_end, (H - 1 + ph - h) / S + 1);
   if (bias) {
 #pragma GCC unroll 16
     for (int b = 0; b < B; ++b)
@@ -529,85 +531,41 @@ void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, con
   }
 }
 
-#if defined(LKFAST_X86_AVX512)
-// The bf16 forward on AVX512-BF16 (the caller checks the CPU): output rows [h0, h1) of one (image,
-// channel block) from pair tiles (see pair_rows), two tap rows a multiply-add instruction.
-//   P2:   pair rows from prow0 - 1: row r holds image rows r and r + 1 (W + 2*pw pixels each)
-//   Wt2:  (kh + 1) / 2 pair rows of kw + 2*kWeightPad pixels: tap rows 2i and 2i + 1 (the last
-//         one's second half zero for odd kh); Bias: one fp32 pixel; O: fp32 output pixels
-// The zeros of the padding are multiplied like any value, so P2's and Wt2's values must be finite.
-void forward_rows_bf16_pairs(const uint32_t* P2_, int prow0, int H, int W, int kh, int kw,
-                             const uint32_t* Wt2_, const float* Bias_, int h0, int h1, float* O_) {
-  typedef Vec<float>::type V;
-  const PairVec* P2 = reinterpret_cast<const PairVec*>(P2_);
-  const PairVec* Wt2 = reinterpret_cast<const PairVec*>(Wt2_);
-  const V* bias = reinterpret_cast<const V*>(Bias_);
-  V* O = reinterpret_cast<V*>(O_);
-  const int rs = W + 2 * (kw / 2), pairs = (kh + 1) / 2;
-  for (int h = h0; h < h1; ++h) {
-    V* out = O + (long)(h - h0) * W;
-    for_blocks(W, kOutBlock, Loop::kFaster, [&](int w0, int size) {
-      switch (size) {
-#define LKFAST_FWD_BLOCK(n)                                                                          \
-  case n:                                                                                            \
-    fwd_block<PairVec, n, V, 2>(P2, prow0 - 1, rs, H, W, kh, kw, Wt2, bias, h, w0, 0, pairs,         \
-                                Loop::kFaster, out);                                                 \
-    break;
-        LKFAST_FWD_BLOCK(1) LKFAST_FWD_BLOCK(2) LKFAST_FWD_BLOCK(3) LKFAST_FWD_BLOCK(4)
-        LKFAST_FWD_BLOCK(5) LKFAST_FWD_BLOCK(6) LKFAST_FWD_BLOCK(7) LKFAST_FWD_BLOCK(8)
-#undef LKFAST_FWD_BLOCK
-        default:
-          break;
-      }
-    });
-  }
-}
-
-// Pair rows for forward_rows_bf16_pairs: n fp32 values of two rows (bf16 values widened, so
-// exact) as n lanes of (bf16 of lo, bf16 of hi); a null row reads as zeros.
-void pair_rows(const float* lo, const float* hi, long n, uint32_t* dst) {
-  typedef uint32_t U __attribute__((vector_size(64)));
-  constexpr long L = 16;
-  const uint32_t* a = reinterpret_cast<const uint32_t*>(lo);
-  const uint32_t* b = reinterpret_cast<const uint32_t*>(hi);
-  long i = 0;
-  for (; i + L <= n; i += L) {
-    U x = a ? *reinterpret_cast<const U*>(a + i) : U{};
-    U y = b ? *reinterpret_cast<const U*>(b + i) : U{};
-    *reinterpret_cast<U*>(dst + i) = (x >> 16) | (y & 0xFFFF0000u);
-  }
-  for (; i < n; ++i) dst[i] = (a ? a[i] >> 16 : 0u) | (b ? b[i] & 0xFFFF0000u : 0u);
-}
-#endif
-
 // Weight gradient: GW[i][j0 + b] += sum_{h, w} G[h][w] * P[h + i - ph][w + j0 + b], b < B.
-template <typename V, int B>
+// S = 2, bf16 pairs (weight_grad_bf16_pairs): gradient row h holds image rows 2h and 2h + 1, and
+// meets P's row 2h + i - ph + 1, which holds image rows 2h + i - ph and 2h + i - ph + 1.
+template <typename V, int B, typename Acc = V, int S = 1>
 static inline __attribute__((always_inline)) void wgrad_block(const V* __restrict P,
                                                               const V* __restrict G, int H, int W,
                                                               int kh, int kw, int i, int j0,
                                                               int h_begin, int h_end,
-                                                              Loop loop, V* __restrict GW) {
+                                                              Loop loop, Acc* __restrict GW) {
   constexpr int NV = kParts;
   const int ph = kh / 2, pw = kw / 2;
   const int prs = W + 2 * pw, grs = W + 2 * kGradPad;
-  const int h_lo = imax(h_begin, ph - i), h_hi = imin(h_end, H + ph - i);
+  // gradient rows with an input row in the image among their S: S h + i - ph + S - 1 >= 0 and
+  // S h + i - ph < H. (ph - i) >> 1 is the ceiling of (ph - i - 1) / 2 and (H - 1 + ph - i) >> 1 the
+  // floor of (H - 1 + ph - i) / 2, negative values included (maps less than half the kernel tall).
+  static_assert(S == 1 || S == 2, "tap rows one or two at a time");
+  const int h_lo = imax(h_begin, S == 1 ? ph - i : (ph - i) >> 1);
+  const int h_hi = imin(h_end, S == 1 ? H + ph - i : ((H - 1 + ph - i) >> 1) + 1);
   // Tap form: pixels w whose input column w + j0 + b is valid for some b.
   const int w_lo = imax(0, pw - j0 - B + 1), w_hi = imin(W, pw + W - j0);
   // Band form: valid input columns u (padded), pixel u - j0 - b.
   const int u_lo = imax(pw, j0), u_hi = imin(pw + W, j0 + B - 1 + W);
   const bool band = use_band(loop, u_hi - u_lo, w_hi - w_lo);
-  V acc[B * NV];
+  Acc acc[B * NV];
 #pragma GCC unroll 16
-  for (int b = 0; b < B * NV; ++b) acc[b] = V{};
+  for (int b = 0; b < B * NV; ++b) acc[b] = Acc{};
   for (int h = h_lo; h < h_hi; ++h) {
-    const V* prow = P + (long)(h + i - ph) * prs * NV;
+    const V* prow = P + (long)(S * h + i - ph + S - 1) * prs * NV;
     const V* grow = G + ((long)h * grs + kGradPad) * NV;
     if (band)
       dot_b<V, B>(prow, grow - (long)j0 * NV, u_lo, u_hi, acc);
     else
       dot_a<V, B>(prow + (long)j0 * NV, grow, w_lo, w_hi, acc);
   }
-  V* dst = GW + ((long)i * kw + j0) * NV;
+  Acc* dst = GW + ((long)i * kw + j0) * NV;
 #pragma GCC unroll 16
   for (int b = 0; b < B * NV; ++b) dst[b] += acc[b];
 }
@@ -721,6 +679,85 @@ void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, in
     }
   }
 }
+
+#if defined(LKFAST_X86_AVX512)
+// The bf16 forward on AVX512-BF16 (the caller checks the CPU): output rows [h0, h1) of one (image,
+// channel block) from pair tiles (see pair_rows), two tap rows a multiply-add instruction.
+//   P2:   pair rows from prow0 - 1: row r holds image rows r and r + 1 (W + 2*pw pixels each)
+//   Wt2:  (kh + 1) / 2 pair rows of kw + 2*kWeightPad pixels: tap rows 2i and 2i + 1 (the last
+//         one's second half zero for odd kh); Bias: one fp32 pixel; O: fp32 output pixels
+// The zeros of the padding are multiplied like any value, so P2's and Wt2's values must be finite.
+void forward_rows_bf16_pairs(const uint32_t* P2_, int prow0, int H, int W, int kh, int kw,
+                             const uint32_t* Wt2_, const float* Bias_, int h0, int h1, float* O_) {
+  typedef Vec<float>::type V;
+  const PairVec* P2 = reinterpret_cast<const PairVec*>(P2_);
+  const PairVec* Wt2 = reinterpret_cast<const PairVec*>(Wt2_);
+  const V* bias = reinterpret_cast<const V*>(Bias_);
+  V* O = reinterpret_cast<V*>(O_);
+  const int rs = W + 2 * (kw / 2), pairs = (kh + 1) / 2;
+  for (int h = h0; h < h1; ++h) {
+    V* out = O + (long)(h - h0) * W;
+    for_blocks(W, kOutBlock, Loop::kFaster, [&](int w0, int size) {
+      switch (size) {
+#define LKFAST_FWD_BLOCK(n)                                                                          \
+  case n:                                                                                            \
+    fwd_block<PairVec, n, V, 2>(P2, prow0 - 1, rs, H, W, kh, kw, Wt2, bias, h, w0, 0, pairs,         \
+                                Loop::kFaster, out);                                                 \
+    break;
+        LKFAST_FWD_BLOCK(1) LKFAST_FWD_BLOCK(2) LKFAST_FWD_BLOCK(3) LKFAST_FWD_BLOCK(4)
+        LKFAST_FWD_BLOCK(5) LKFAST_FWD_BLOCK(6) LKFAST_FWD_BLOCK(7) LKFAST_FWD_BLOCK(8)
+#undef LKFAST_FWD_BLOCK
+        default:
+          break;
+      }
+    });
+  }
+}
+
+// The bf16 weight gradient on AVX512-BF16 (the caller checks the CPU), tap rows [i0, i1) of one
+// (image, channel block) added to GW (fp32), two image rows a multiply-add instruction.
+//   X2: H + 1 pair rows from -1 (row q: image rows q - 1 and q), W + 2*pw pixels each
+//   G2: (H + 1) / 2 pair rows (row m: gradient rows 2m and 2m + 1, zero past H), W + 2*kGradPad
+// As in the forward, the zeros of the padding are multiplied: X2's and G2's values must be finite.
+void weight_grad_bf16_pairs(const uint32_t* X2_, const uint32_t* G2_, int H, int W, int kh, int kw, int i0,
+                            int i1, float* GW_) {
+  typedef Vec<float>::type V;
+  const PairVec* X2 = reinterpret_cast<const PairVec*>(X2_);
+  const PairVec* G2 = reinterpret_cast<const PairVec*>(G2_);
+  V* GW = reinterpret_cast<V*>(GW_);
+  for (int i = i0; i < i1; ++i) {
+    for_blocks(kw, kTapBlock, Loop::kFaster, [&](int j0, int size) {
+      switch (size) {
+#define LKFAST_WGRAD_BLOCK(n)                                                                          \
+  case n:                                                                                              \
+    wgrad_block<PairVec, n, V, 2>(X2, G2, H, W, kh, kw, i, j0, 0, (H + 1) / 2, Loop::kFaster, GW);     \
+    break;
+        LKFAST_WGRAD_BLOCK(1) LKFAST_WGRAD_BLOCK(2) LKFAST_WGRAD_BLOCK(3) LKFAST_WGRAD_BLOCK(4)
+        LKFAST_WGRAD_BLOCK(5) LKFAST_WGRAD_BLOCK(6) LKFAST_WGRAD_BLOCK(7) LKFAST_WGRAD_BLOCK(8)
+#undef LKFAST_WGRAD_BLOCK
+        default:
+          break;
+      }
+    });
+  }
+}
+
+// Pair rows for forward_rows_bf16_pairs and weight_grad_bf16_pairs: n fp32 values of two rows (bf16 values widened, so
+// exact) as n lanes of (bf16 of lo, bf16 of hi); a null row reads as zeros.
+void pair_rows(const float* lo, const float* hi, long n, uint32_t* dst) {
+  typedef uint32_t U __attribute__((vector_size(64)));
+  constexpr long L = 16;
+  const uint32_t* a = reinterpret_cast<const uint32_t*>(lo);
+  const uint32_t* b = reinterpret_cast<const uint32_t*>(hi);
+  long i = 0;
+  for (; i + L <= n; i += L) {
+    U x = a ? *reinterpret_cast<const U*>(a + i) : U{};
+    U y = b ? *reinterpret_cast<const U*>(b + i) : U{};
+    *reinterpret_cast<U*>(dst + i) = (x >> 16) | (y & 0xFFFF0000u);
+  }
+  for (; i < n; ++i) dst[i] = (a ? a[i] >> 16 : 0u) | (b ? b[i] & 0xFFFF0000u : 0u);
+}
+#endif
 
 void forward_rows(const float* P, int prow0, int H, int W, int kh, int kw, const float* Wt,
                   const float* Bias, int h0, int h1, float* O, bool input_finite,
