@@ -1195,6 +1195,35 @@ def test_parts_with_nothing_readable_are_left_out_and_named(tmp_path, data_root,
     assert "every item unreadable, not scored**: gaussian_noise/3" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_imagenet_o_with_nothing_readable_on_one_side_is_not_run_with_the_reason(tmp_path, data_root, checkpoint,
+                                                                                 capsys):
+    """ImageNet-O scores its images against val's of its classes: where every image of either side is
+    unreadable the task is not run, saying which side, as any task with nothing readable; the others run."""
+    o_dir, val = tmp_path / "imagenet-o", tmp_path / "val"
+    shutil.copytree(data_root / "imagenet-o", o_dir)
+    shutil.copytree(data_root / "val", val)
+    for f in o_dir.rglob("*.JPEG"):
+        f.write_bytes(b"?!")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert cli(*common(tmp_path / "out", checkpoint, data_root, "--suite", "clean,imagenet-o",
+                           "--imagenet-o-dir", o_dir)) == 0
+    r = load(tmp_path / "out")["tiny"]
+    assert r["clean"]["images"] == 6
+    reason = f"none of the imagenet-o images in {o_dir} could be read (4 unreadable)"
+    assert r["imagenet-o"]["unavailable"] == reason
+    assert f"tiny: imagenet-o not run: {reason}" in capsys.readouterr().err
+    # readable ImageNet-O, unreadable val: the negatives are the ones missing (and alone, the run exits 2)
+    shutil.rmtree(o_dir)
+    shutil.copytree(data_root / "imagenet-o", o_dir)
+    for f in val.rglob("*.JPEG"):
+        f.write_bytes(b"?!")
+    with pytest.warns(UserWarning, match="unreadable"):
+        err = run_failing(capsys, *common(tmp_path / "out2", checkpoint, data_root, "--suite", "imagenet-o",
+                                          "--imagenet-o-dir", o_dir, "--val-dir", val))
+    assert f"tiny: imagenet-o not run: none of the val images in {val} of ImageNet-O's 2 classes (its negatives) " \
+           "could be read (6 unreadable)" in err and "no task could run" in err, err
+
+
 def test_noise_sequences_are_the_ones_scored_against_their_first_frame():
     from lkfast.eval import tasks
 

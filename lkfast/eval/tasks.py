@@ -98,10 +98,12 @@ def _top1(records) -> Optional[float]:
     return 100.0 * int(records["correct"].sum()) / count if count else None
 
 
-def _nothing_readable(ctx: TaskContext, name: str) -> TaskUnavailable:
-    """The TaskUnavailable of a task none of whose ``name`` images could be read."""
-    return TaskUnavailable(f"none of the {name} images in {ctx.source(name)} could be read "
-                           f"({sum(ctx.skipped.values())} unreadable)")
+def _nothing_readable(ctx: TaskContext, name: str, part: Optional[str] = None, what: str = "") -> TaskUnavailable:
+    """The TaskUnavailable of a task none of whose ``name`` images could be read (``part``: count the
+    unreadable ones of that ``records`` part alone; ``what``: said after the folder)."""
+    unreadable = ctx.skipped.get(part, 0) if part is not None else sum(ctx.skipped.values())
+    return TaskUnavailable(f"none of the {name} images in {ctx.source(name)}{what} could be read "
+                           f"({unreadable} unreadable)")
 
 
 def _scored(ctx: TaskContext, name: str, records) -> float:
@@ -180,10 +182,13 @@ def imagenet_o(ctx: TaskContext) -> dict:
         probabilities = ctx.forward(images)[:, index].softmax(1)
         return {"score": -probabilities.max(1).values}
     classes = sorted(subset)  # the softmax runs over these logits, and val is filtered to them
-    in_scores = ctx.records("val-200", in_set, compute, key=classes)["score"]
-    out_scores = ctx.records("imagenet-o", out_set, compute, key=classes)["score"]
-    if not len(in_scores) or not len(out_scores):
-        raise TaskUnavailable("imagenet-o needs readable images in both ImageNet-O and ImageNet-val")
+    # a part none of whose images could be read has no "score" records at all
+    in_scores = ctx.records("val-200", in_set, compute, key=classes).get("score", torch.empty(0))
+    out_scores = ctx.records("imagenet-o", out_set, compute, key=classes).get("score", torch.empty(0))
+    if not len(out_scores):
+        raise _nothing_readable(ctx, "imagenet-o", "imagenet-o")
+    if not len(in_scores):
+        raise _nothing_readable(ctx, "val", "val-200", what=f" of ImageNet-O's {len(subset)} classes (its negatives)")
     scores = metrics.ood_scores(in_scores, out_scores)
     return {**{k: float(v) for k, v in scores.items()}, "in_images": len(in_scores), "out_images": len(out_scores),
             "classes": len(subset), "source": f"{ctx.source('imagenet-o')} vs {ctx.source('val')}"}
