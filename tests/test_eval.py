@@ -1704,6 +1704,31 @@ def test_unreadable_video_is_skipped_and_counted(tmp_path, data_root, checkpoint
     assert r["sequences"] == {"gaussian_noise": 2, "translate": 2}  # sequences scored (translate: 3 files)
 
 
+def test_imagenet_p_with_no_readable_sequence_is_not_run_with_the_reason(tmp_path, data_root, checkpoint, capsys):
+    """ImageNet-P whose every sequence is unreadable was an empty result (mFR None, exit 0) that did not
+    say why: it is not run, saying so, as the other tasks with nothing readable; a perturbation whose
+    every sequence is unreadable is left out and named."""
+    p = tmp_path / "imagenet-p"
+    shutil.copytree(data_root / "imagenet-p", p)
+    for f in (p / "translate").rglob("*.npy"):
+        np.save(f, np.zeros((8, SIZE, SIZE, 3), dtype=np.float32))  # not the uint8 frames of a sequence
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert cli(*common(tmp_path / "out", checkpoint, data_root, "--suite", "imagenet-p", "--imagenet-p-dir", p,
+                           "--baseline-model", "none")) == 0
+    r = load(tmp_path / "out")["tiny"]["imagenet-p"]
+    assert r["unreadable_parts"] == ["translate"] and r["mfr_over"] == ["gaussian_noise"]
+    assert "every item unreadable, not scored**: translate" in (tmp_path / "out" / "report.md").read_text()
+    capsys.readouterr()
+    for f in p.rglob("*.npy"):
+        np.save(f, np.zeros((8, SIZE, SIZE, 3), dtype=np.float32))
+    with pytest.warns(UserWarning, match="unreadable"):
+        err = run_failing(capsys, *common(tmp_path / "out2", checkpoint, data_root, "--suite", "imagenet-p",
+                                          "--imagenet-p-dir", p, "--baseline-model", "none"))
+    reason = f"none of the imagenet-p sequences in {p} could be read (4 unreadable)"
+    assert f"tiny: imagenet-p not run: {reason}" in err and "no task could run" in err, err
+    assert load(tmp_path / "out2")["tiny"]["imagenet-p"] == {"unavailable": reason}
+
+
 def test_imagenet_9_with_a_variant_missing(tmp_path, data_root, checkpoint):
     nine = tmp_path / "imagenet-9"
     g = torch.Generator().manual_seed(1)

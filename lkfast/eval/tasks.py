@@ -98,11 +98,12 @@ def _top1(records) -> Optional[float]:
     return 100.0 * int(records["correct"].sum()) / count if count else None
 
 
-def _nothing_readable(ctx: TaskContext, name: str, part: Optional[str] = None, what: str = "") -> TaskUnavailable:
-    """The TaskUnavailable of a task none of whose ``name`` images could be read (``part``: count the
+def _nothing_readable(ctx: TaskContext, name: str, part: Optional[str] = None, what: str = "",
+                      items: str = "images") -> TaskUnavailable:
+    """The TaskUnavailable of a task none of whose ``name`` ``items`` could be read (``part``: count the
     unreadable ones of that ``records`` part alone; ``what``: said after the folder)."""
     unreadable = ctx.skipped.get(part, 0) if part is not None else sum(ctx.skipped.values())
-    return TaskUnavailable(f"none of the {name} images in {ctx.source(name)}{what} could be read "
+    return TaskUnavailable(f"none of the {name} {items} in {ctx.source(name)}{what} could be read "
                            f"({unreadable} unreadable)")
 
 
@@ -344,7 +345,7 @@ def imagenet_p(ctx: TaskContext) -> dict:
     from lkfast import corrupt, metrics
 
     source, parts = _p_parts(ctx)
-    fp, t5d, scored = {}, {}, {}
+    fp, t5d, scored, unreadable = {}, {}, {}, []
     for name, dataset in parts:
         noise = _is_noise(name)
         frames = corrupt.PERTURBATIONS[name]
@@ -362,13 +363,20 @@ def imagenet_p(ctx: TaskContext) -> dict:
         if scored[name]:
             fp[name] = metrics.flip_probability(records["pred"], noise)
             t5d[name] = float(records["t5d"].double().mean())
+        elif ctx.skipped.get(name):  # every sequence of the perturbation unreadable: left out
+            unreadable.append(name)
+    if not fp:
+        raise _nothing_readable(ctx, "imagenet-p", items="sequences") if source == "disk" else \
+            _nothing_readable(ctx, "val")
     result = {"fr": {p: 100.0 * v for p, v in fp.items()}, "t5d": t5d, "mfr": None, "mt5d": None,
-              "mean_fr_unnormalised": 100.0 * sum(fp.values()) / len(fp) if fp else None,
-              "mean_t5d_unnormalised": sum(t5d.values()) / len(t5d) if t5d else None,
+              "mean_fr_unnormalised": 100.0 * sum(fp.values()) / len(fp),
+              "mean_t5d_unnormalised": sum(t5d.values()) / len(t5d),
               "sequences": scored, "mfr_over": sorted(fp), "mfr_complete": set(fp) >= set(corrupt.PERTURBATIONS),
               "source": "disk: " + str(ctx.source("imagenet-p")) if source == "disk" else
               f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})"}
-    if ctx.is_baseline or not fp:
+    if unreadable:
+        result["unreadable_parts"] = unreadable
+    if ctx.is_baseline:
         return result
     base, why = ctx.baseline_result("imagenet-p")
     if base is None:
