@@ -169,7 +169,9 @@ def test_cpu_every_instruction_set(isa, tmp_path):
                                  ((1, 70, 16, 16), (29, 29), torch.bfloat16, "contiguous"),  # a block over images
                                  ((2, 6, 9, 11), (1, 15), torch.bfloat16, "contiguous"),  # one pair, half zero
                                  ((2, 6, 9, 11), (15, 1), torch.bfloat16, "contiguous"),
-                                 ((1, 16, 5, 30), (31, 31), torch.bfloat16, "contiguous")]:  # H <= kh / 2
+                                 ((1, 16, 5, 30), (31, 31), torch.bfloat16, "contiguous"),  # H <= kh / 2
+                                 ((2, 70, 7, 7), (13, 13), torch.bfloat16, "channels_last"),  # small maps
+                                 ((1, 16, 5, 6), (13, 11), torch.bfloat16, "contiguous")]:
         # every forward with a bias, every input gradient (the same kernels) without one
         cases.append((make_input(shape, fmt, dtype), make_weight(shape[1], *k, dtype), make_input(shape, fmt, dtype),
                       torch.randn(shape[1], dtype=dtype)))
@@ -285,31 +287,37 @@ def test_cpu_bf16_pairs_sum_as_the_fp32_path(tmp_path):
     u = 2^-24) and the outputs by that plus one bf16 rounding step, in a few elements only. vdpbf16ps reads
     bf16 subnormals as zero (as oneDNN's bf16 convolution does on such CPUs), which the fp32 path
     does not: a subnormal times 2^100 tells which path ran, so the comparison cannot pass by running
-    the fp32 path twice. Shapes: RepLKNet's stage 1 and 2 kernels on smaller maps, odd and one-row
-    kernels, row chunks, a partial channel block, a map no taller than half the kernel, the input
-    gradient (the flipped kernel) and the weight gradient (odd and even heights) included."""
+    the fp32 path twice. Shapes: RepLKNet's stage 1 and 2 kernels on smaller maps, its stage 3 and 4
+    (the forward's small-map kernel; the weight gradient's has no pairs), odd and one-row kernels,
+    row chunks, a partial channel block, a map no taller than half the kernel, the input gradient
+    (the flipped kernel) and the weight gradient (odd and even heights) included."""
     backend_or_skip("cpu")
     g = torch.Generator().manual_seed(3)
     cases = []
     for shape, k, fmt in [((2, 16, 40, 36), (31, 31), "contiguous"), ((1, 20, 28, 28), (29, 29), "channels_last"),
                           ((2, 16, 40, 9), (15, 3), "contiguous"), ((2, 6, 9, 11), (1, 15), "contiguous"),
-                          ((1, 16, 5, 30), (31, 31), "contiguous")]:
+                          ((1, 16, 5, 30), (31, 31), "contiguous"), ((2, 20, 14, 14), (27, 27), "channels_last"),
+                          ((2, 16, 7, 7), (13, 13), "contiguous"), ((1, 16, 5, 6), (13, 11), "contiguous")]:
         mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
         x, grad = (torch.randn(shape, generator=g).to(torch.bfloat16).contiguous(memory_format=mf) for _ in range(2))
         cases.append((x, torch.randn(shape[1], 1, *k, generator=g).to(torch.bfloat16), grad,
                       torch.randn(shape[1], generator=g).to(torch.bfloat16)))
-    subnormal, big = torch.zeros(1, 16, 20, 20), torch.zeros(1, 16, 20, 20)
-    subnormal[0, :, 10, 10], big[0, :, 10, 10] = 1e-39, 2.0 ** 100  # a bf16 subnormal; its partner
-    w_big = torch.zeros(16, 1, 15, 15)
-    w_big[:, 0, 7, 7] = 2.0 ** 100
-    cases.append((subnormal.to(torch.bfloat16), w_big.to(torch.bfloat16), big.to(torch.bfloat16), None))
+    witnesses = []  # (case, pass, element): a bf16 subnormal times 2^100 there
+    for size, k, passes in ((20, 15, ("forward", "weight_grad")), (7, 13, ("forward",))):  # the second a small map
+        subnormal, big = torch.zeros(1, 16, size, size), torch.zeros(1, 16, size, size)
+        subnormal[0, :, size // 2, size // 2], big[0, :, size // 2, size // 2] = 1e-39, 2.0 ** 100
+        w_big = torch.zeros(16, 1, k, k)
+        w_big[:, 0, k // 2, k // 2] = 2.0 ** 100
+        cases.append((subnormal.to(torch.bfloat16), w_big.to(torch.bfloat16), big.to(torch.bfloat16), None))
+        witnesses += [(len(cases) - 1, name, (0, 0, size // 2, size // 2) if name == "forward" else (0, 0, k // 2, k // 2))
+                      for name in passes]
     pairs = cpu_kernels_on_isa("avx512bf16", cases, tmp_path)  # skips where the CPU has no AVX512-BF16
     fp32 = cpu_kernels_on_isa("avx512", cases, tmp_path)
-    for name, center in (("forward", (0, 0, 10, 10)), ("weight_grad", (0, 0, 7, 7))):  # which path ran
+    for case, name, element in witnesses:  # which path ran
         i = PASSES.index(name)
-        assert pairs[-1][i][center] == 0 and fp32[-1][i][center] > 1e-9, name
+        assert pairs[case][i][element] == 0 and fp32[case][i][element] > 1e-9, (case, name)
     differ = total = 0
-    for (x, w, grad, b), p, f in zip(cases[:-1], pairs, fp32):
+    for (x, w, grad, b), p, f in zip(cases[:-2], pairs, fp32):
         want = reference(x, w, b, grad)
         magnitude = reference(x.abs(), w.abs(), b.abs(), grad.abs())  # sum|products| of each output
         for name, a, c in zip(PASSES, p, f):

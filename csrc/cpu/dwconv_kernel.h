@@ -47,6 +47,22 @@ template <>
 struct Vec<double> {
   typedef double type __attribute__((vector_size(LKFAST_VEC_BYTES)));
 };
+template <>
+struct Vec<uint32_t> {  // bf16 pairs (see PairVec)
+  typedef uint32_t type __attribute__((vector_size(LKFAST_VEC_BYTES)));
+};
+// What a kernel reading elements of type T sums into and writes (type), and how many tap rows one
+// of its weight rows holds (rows): T and 1, or for bf16 pairs (uint32_t) fp32 and 2.
+template <typename T>
+struct Sum {
+  typedef T type;
+  static constexpr int rows = 1;
+};
+template <>
+struct Sum<uint32_t> {
+  typedef float type;
+  static constexpr int rows = 2;
+};
 
 static inline int imax(int a, int b) { return a > b ? a : b; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
@@ -63,7 +79,7 @@ static inline __attribute__((always_inline)) void mac(A& acc, A a, A b) {
 // both lanes' products (vdpbf16ps: exact products, bf16 subnormals read as zero): one instruction
 // for two multiply-adds. Written in assembly, so that this file compiles with the AVX-512 target
 // of CPUs without AVX512-BF16; only callers that checked the CPU (dwconv_cpu.cpp) reach it.
-typedef uint32_t PairVec __attribute__((vector_size(64)));
+typedef Vec<uint32_t>::type PairVec;
 static inline __attribute__((always_inline)) void mac(Vec<float>::type& acc, PairVec a, PairVec b) {
   asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
 }
@@ -375,23 +391,29 @@ static_assert(kSmallMaxW == 14, "with_small_width lists the widths 1..kSmallMaxW
 
 // Outputs [B0, B0 + NB) of output row h of a W-wide map, one vector of each pixel: X points at that
 // vector of input pixel (0, 0) (row stride xh, pixel stride xw, elements), Y at output pixel (0, 0)
-// (yh, yw), Wt at tap (0, 0)'s and bias at the bias pixel's (taps kParts vectors apart).
+// (yh, yw), Wt at tap (0, 0)'s and bias at the bias pixel's (taps kParts vectors apart). bf16 pairs
+// (T = uint32_t, AVX-512): X's row r holds image rows r and r + 1 (row -1 is read too), weight row
+// i tap rows 2i and 2i + 1 (see forward_rows_bf16_pairs); Y and bias fp32.
 template <typename T, int W, int B0, int NB>
 static inline __attribute__((always_inline)) void fwd_small_block(
     const T* __restrict X, long xh, long xw, int h, int H, int kh, int kw,
-    const typename Vec<T>::type* __restrict Wt, const typename Vec<T>::type* __restrict bias,
-    T* __restrict Y, long yh, long yw) {
+    const typename Vec<T>::type* __restrict Wt, const typename Vec<typename Sum<T>::type>::type* __restrict bias,
+    typename Sum<T>::type* __restrict Y, long yh, long yw) {
   typedef typename Vec<T>::type V;
   typedef typename VecU<T>::type VU;
+  typedef typename Sum<T>::type R;
+  typedef typename Vec<R>::type A;
+  constexpr int S = Sum<T>::rows;
   constexpr int DMIN = -(B0 + NB - 1), ND = W + NB - 1;  // taps pw + d, d in [DMIN, DMIN + ND)
   const int ph = kh / 2, pw = kw / 2;
   const int wt_stride = kw + 2 * kWeightPad;
-  V acc[NB];
+  A acc[NB];
 #pragma GCC unroll 8
-  for (int b = 0; b < NB; ++b) acc[b] = bias ? bias[0] : V{};
-  const int i_lo = imax(0, ph - h), i_hi = imin(kh, H + ph - h);
+  for (int b = 0; b < NB; ++b) acc[b] = bias ? bias[0] : A{};
+  // weight rows with an image row among their S (as in fwd_block)
+  const int i_lo = imax(0, S == 1 ? ph - h : (ph - h) >> 1), i_hi = imin((kh + S - 1) / S, (H - 1 + ph - h) / S + 1);
   for (int i = i_lo; i < i_hi; ++i) {
-    const T* in = X + (long)(h + i - ph) * xh;                    // input row, column 0
+    const T* in = X + (long)(h + S * i - ph) * xh;                // input row, column 0
     const V* wc = Wt + ((long)i * wt_stride + kWeightPad + pw) * kParts;  // tap pw, the center
     V wv[ND];
 #pragma GCC unroll 32
@@ -400,12 +422,12 @@ static inline __attribute__((always_inline)) void fwd_small_block(
     for (int u = 0; u < W; ++u) {
       const V a = *reinterpret_cast<const VU*>(in + u * xw);
 #pragma GCC unroll 8
-      for (int b = 0; b < NB; ++b) acc[b] += a * wv[u - B0 - b - DMIN];  // tap pw + u - (B0 + b)
+      for (int b = 0; b < NB; ++b) mac(acc[b], a, wv[u - B0 - b - DMIN]);  // tap pw + u - (B0 + b)
     }
   }
-  T* out = Y + (long)h * yh + (long)B0 * yw;
+  R* out = Y + (long)h * yh + (long)B0 * yw;
 #pragma GCC unroll 8
-  for (int b = 0; b < NB; ++b) *reinterpret_cast<VU*>(out + b * yw) = acc[b];
+  for (int b = 0; b < NB; ++b) *reinterpret_cast<typename VecU<R>::type*>(out + b * yw) = acc[b];
 }
 
 // Output row h of a W-wide map, all W outputs and all kParts parts of each in one register block
@@ -458,8 +480,8 @@ static inline __attribute__((always_inline)) void fwd_small_row_parts(
 template <typename T, int W>
 static inline __attribute__((always_inline)) void fwd_small_rows(
     const T* __restrict X, long xh, long xw, int H, int kh, int kw,
-    const typename Vec<T>::type* __restrict Wt, const typename Vec<T>::type* __restrict bias, int h0,
-    int h1, T* __restrict Y, long yh, long yw) {
+    const typename Vec<T>::type* __restrict Wt, const typename Vec<typename Sum<T>::type>::type* __restrict bias,
+    int h0, int h1, typename Sum<T>::type* __restrict Y, long yh, long yw) {
   if constexpr (kParts > 1) {  // W <= kSmallMaxWParts (see small_map)
     for (int h = h0; h < h1; ++h) fwd_small_row_parts<T, W>(X, xh, xw, h, H, kh, kw, Wt, bias, Y, yh, yw);
   } else {
@@ -476,8 +498,8 @@ static inline __attribute__((always_inline)) void fwd_small_rows(
 
 template <typename T>
 static inline void fwd_small(const T* X, long xh, long xw, int H, int W, int kh, int kw,
-                             const typename Vec<T>::type* Wt, const typename Vec<T>::type* bias,
-                             int h0, int h1, T* Y, long yh, long yw) {
+                             const typename Vec<T>::type* Wt, const typename Vec<typename Sum<T>::type>::type* bias,
+                             int h0, int h1, typename Sum<T>::type* Y, long yh, long yw) {
   with_small_width(W, [&](auto width) {
     if constexpr (kParts == 1 || decltype(width)::value <= kSmallMaxWParts)  // (see small_map)
       fwd_small_rows<T, decltype(width)::value>(X, xh, xw, H, kh, kw, Wt, bias, h0, h1, Y, yh, yw);
@@ -695,6 +717,11 @@ void forward_rows_bf16_pairs(const uint32_t* P2_, int prow0, int H, int W, int k
   const V* bias = reinterpret_cast<const V*>(Bias_);
   V* O = reinterpret_cast<V*>(O_);
   const int rs = W + 2 * (kw / 2), pairs = (kh + 1) / 2;
+  if (small_map(W, kw)) {  // the small-map kernel, pair row 0 (image rows 0 and 1) its row 0
+    constexpr long L = 16;
+    return fwd_small<uint32_t>(P2_ + ((long)(kw / 2) - (long)(prow0 - 1) * rs) * L, (long)rs * L, L, H, W, kh, kw, Wt2,
+                               bias, h0, h1, O_ - (long)h0 * W * L, (long)W * L, L);
+  }
   for (int h = h0; h < h1; ++h) {
     V* out = O + (long)(h - h0) * W;
     for_blocks(W, kOutBlock, Loop::kFaster, [&](int w0, int size) {
