@@ -288,7 +288,7 @@ def test_cpu_bf16_pairs_sum_as_the_fp32_path(tmp_path):
     bf16 subnormals as zero (as oneDNN's bf16 convolution does on such CPUs), which the fp32 path
     does not: a subnormal times 2^100 tells which path ran, so the comparison cannot pass by running
     the fp32 path twice. Shapes: RepLKNet's stage 1 and 2 kernels on smaller maps, its stage 3 and 4
-    (the forward's small-map kernel; the weight gradient's has no pairs), odd and one-row kernels,
+    (the small-map kernels), odd and one-row kernels,
     row chunks, a partial channel block, a map no taller than half the kernel, the input gradient
     (the flipped kernel) and the weight gradient (odd and even heights) included."""
     backend_or_skip("cpu")
@@ -303,14 +303,14 @@ def test_cpu_bf16_pairs_sum_as_the_fp32_path(tmp_path):
         cases.append((x, torch.randn(shape[1], 1, *k, generator=g).to(torch.bfloat16), grad,
                       torch.randn(shape[1], generator=g).to(torch.bfloat16)))
     witnesses = []  # (case, pass, element): a bf16 subnormal times 2^100 there
-    for size, k, passes in ((20, 15, ("forward", "weight_grad")), (7, 13, ("forward",))):  # the second a small map
+    for size, k in ((20, 15), (7, 13)):  # the second a small map
         subnormal, big = torch.zeros(1, 16, size, size), torch.zeros(1, 16, size, size)
         subnormal[0, :, size // 2, size // 2], big[0, :, size // 2, size // 2] = 1e-39, 2.0 ** 100
         w_big = torch.zeros(16, 1, k, k)
         w_big[:, 0, k // 2, k // 2] = 2.0 ** 100
         cases.append((subnormal.to(torch.bfloat16), w_big.to(torch.bfloat16), big.to(torch.bfloat16), None))
         witnesses += [(len(cases) - 1, name, (0, 0, size // 2, size // 2) if name == "forward" else (0, 0, k // 2, k // 2))
-                      for name in passes]
+                      for name in ("forward", "weight_grad")]
     pairs = cpu_kernels_on_isa("avx512bf16", cases, tmp_path)  # skips where the CPU has no AVX512-BF16
     fp32 = cpu_kernels_on_isa("avx512", cases, tmp_path)
     for case, name, element in witnesses:  # which path ran

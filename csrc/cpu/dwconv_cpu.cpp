@@ -180,14 +180,10 @@ bool all_finite(const T* p, long n) {
 }
 
 // Whether the bf16 forward and weight gradient of packed tiles run in pairs of rows
-// (avx512::forward_rows_bf16_pairs, weight_grad_bf16_pairs): on AVX512-BF16; the weight gradient
-// not on the maps its small-map kernel takes (it has no pairs: the general loop in pairs there
-// would waste the products that kernel skips). One core of the Zen 5, one channel block, packing
-// included: the forward 1.5x the fp32 FMAs at 56x56 with 31x31 and 28x28 with 29x29, 1.25x at
-// 14x14 with 27x27 and 1.08x at 7x7 with 13x13 (small-map kernels both).
-bool bf16_pairs_apply(bool weight_grad, int W, int kw) {
-  return active_isa() == Isa::kAvx512Bf16 && !(weight_grad && small_direct_applies(W, kw));
-}
+// (avx512::forward_rows_bf16_pairs, weight_grad_bf16_pairs): on AVX512-BF16. One core of the Zen 5,
+// one channel block, packing included: the forward 1.5x the fp32 FMAs at 56x56 with 31x31 and
+// 28x28 with 29x29, 1.25x at 14x14 with 27x27 and 1.08x at 7x7 with 13x13 (small-map kernels both).
+bool bf16_pairs_apply() { return active_isa() == Isa::kAvx512Bf16; }
 
 // 64-byte aligned scratch, one per thread, grown on demand.
 template <typename T>
@@ -403,7 +399,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   // bf16 in each fp32 lane, weight row i holding tap rows 2i and 2i + 1, tile row r image rows r and
   // r + 1, and the forward multiplies a pair in one instruction (vdpbf16ps).
   constexpr bool kBf16 = std::is_same<S, at::BFloat16>::value;
-  const bool pairs = kBf16 && bf16_pairs_apply(false, W, kw);
+  const bool pairs = kBf16 && bf16_pairs_apply();
   const int npairs = (kh + 1) / 2;
   const size_t wt2_block = (size_t)npairs * kwp * lanes;
   auto pair_weights = [&](const T* block, uint32_t* dst) {  // one channel block's packed weights
@@ -599,7 +595,7 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
   // bf16 where bf16_pairs_apply: the packed tiles paired up as in the forward, the gradient's rows
   // 2m and 2m + 1 in pair row m, two image rows a multiply-add (weight_grad_bf16_pairs)
   constexpr bool kBf16 = std::is_same<S, at::BFloat16>::value;
-  const bool pairs = kBf16 && bf16_pairs_apply(true, W, kw);
+  const bool pairs = kBf16 && bf16_pairs_apply();
 
 #pragma omp parallel num_threads(nt)
   {

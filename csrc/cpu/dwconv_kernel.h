@@ -602,18 +602,22 @@ static inline __attribute__((always_inline)) void wgrad_block(const V* __restric
 // (0, 0) (row stride xh vectors, pixel stride kParts), G likewise (gh), GW at part v of tap (0, 0).
 // Only products of in-image values are formed, in the general loop's order: exact whatever the
 // values, like fwd_small, so no Inf/NaN loop choice is needed.
-template <typename V, int W, int D0, int ND>
+// bf16 pairs (S = 2, Acc fp32): X's row r holds image rows r and r + 1 (row -1 is read too), G's
+// row h gradient rows 2h and 2h + 1 (see weight_grad_bf16_pairs).
+template <typename V, int W, int D0, int ND, typename Acc = V, int S = 1>
 static inline __attribute__((always_inline)) void wgrad_small_taps(
     const V* __restrict X, long xh, const V* __restrict G, long gh, int H, int kh, int kw, int i,
-    V* __restrict GW) {
+    Acc* __restrict GW) {
   constexpr int PS = kParts;
   const int ph = kh / 2;
-  const int h_lo = imax(0, ph - i), h_hi = imin(H, H + ph - i);
-  V acc[ND];
+  // gradient rows with an input row in the image among their S (as in wgrad_block)
+  const int h_lo = imax(0, S == 1 ? ph - i : (ph - i) >> 1);
+  const int h_hi = S == 1 ? imin(H, H + ph - i) : imin((H + 1) / 2, ((H - 1 + ph - i) >> 1) + 1);
+  Acc acc[ND];
 #pragma GCC unroll 32
-  for (int d = 0; d < ND; ++d) acc[d] = V{};
+  for (int d = 0; d < ND; ++d) acc[d] = Acc{};
   for (int h = h_lo; h < h_hi; ++h) {
-    const V* in = X + (long)(h + i - ph) * xh;
+    const V* in = X + (long)(S * h + i - ph) * xh;
     const V* g = G + (long)h * gh;
     V xv[kParts == 1 ? W : 1];
     if constexpr (kParts == 1) {
@@ -626,11 +630,11 @@ static inline __attribute__((always_inline)) void wgrad_small_taps(
 #pragma GCC unroll 32
       for (int dd = 0; dd < ND; ++dd) {
         const int c = w + D0 + dd;  // a compile-time constant once unrolled
-        if (c >= 0 && c < W) acc[dd] += (kParts == 1 ? xv[c] : in[c * PS]) * gv;
+        if (c >= 0 && c < W) mac(acc[dd], kParts == 1 ? xv[c] : in[c * PS], gv);
       }
     }
   }
-  V* dst = GW + ((long)i * kw + kw / 2 + D0) * PS;
+  Acc* dst = GW + ((long)i * kw + kw / 2 + D0) * PS;
 #pragma GCC unroll 32
   for (int dd = 0; dd < ND; ++dd) dst[dd * PS] += acc[dd];
 }
@@ -638,27 +642,27 @@ static inline __attribute__((always_inline)) void wgrad_small_taps(
 // Tap rows [i0, i1) of the small-map weight gradient: the 2 W - 1 taps of a row in one pass where
 // they fit in registers beside what stays there (see wgrad_small_taps), else in two (d < 1, d >= 1),
 // for each part of the pixel in turn.
-template <typename V, int W>
+template <typename V, int W, typename Acc = V, int S = 1>
 static inline void wgrad_small_rows(const V* X, long xh, const V* G, long gh, int H, int kh, int kw, int i0,
-                                    int i1, V* GW) {
+                                    int i1, Acc* GW) {
   constexpr int room = kParts == 1 ? 30 - W : 14;  // accumulators that fit
   for (int v = 0; v < kParts; ++v) {
     for (int i = i0; i < i1; ++i) {
       if constexpr (2 * W - 1 <= room) {
-        wgrad_small_taps<V, W, -(W - 1), 2 * W - 1>(X + v, xh, G + v, gh, H, kh, kw, i, GW + v);
+        wgrad_small_taps<V, W, -(W - 1), 2 * W - 1, Acc, S>(X + v, xh, G + v, gh, H, kh, kw, i, GW + v);
       } else {
-        wgrad_small_taps<V, W, -(W - 1), W>(X + v, xh, G + v, gh, H, kh, kw, i, GW + v);
-        wgrad_small_taps<V, W, 1, W - 1>(X + v, xh, G + v, gh, H, kh, kw, i, GW + v);
+        wgrad_small_taps<V, W, -(W - 1), W, Acc, S>(X + v, xh, G + v, gh, H, kh, kw, i, GW + v);
+        wgrad_small_taps<V, W, 1, W - 1, Acc, S>(X + v, xh, G + v, gh, H, kh, kw, i, GW + v);
       }
     }
   }
 }
 
-template <typename V>
+template <typename V, typename Acc = V, int S = 1>
 static void wgrad_small(const V* X, long xh, const V* G, long gh, int H, int W, int kh, int kw, int i0,
-                        int i1, V* GW) {
+                        int i1, Acc* GW) {
   with_small_width(W, [&](auto width) {
-    wgrad_small_rows<V, decltype(width)::value>(X, xh, G, gh, H, kh, kw, i0, i1, GW);
+    wgrad_small_rows<V, decltype(width)::value, Acc, S>(X, xh, G, gh, H, kh, kw, i0, i1, GW);
   });
 }
 
@@ -752,6 +756,9 @@ void weight_grad_bf16_pairs(const uint32_t* X2_, const uint32_t* G2_, int H, int
   const PairVec* X2 = reinterpret_cast<const PairVec*>(X2_);
   const PairVec* G2 = reinterpret_cast<const PairVec*>(G2_);
   V* GW = reinterpret_cast<V*>(GW_);
+  const int prs = W + 2 * (kw / 2), grs = W + 2 * kGradPad;
+  if (small_map_shape(W, kw))  // the small-map kernel, pair row 0 (image rows 0 and 1) its row 0
+    return wgrad_small<PairVec, V, 2>(X2 + prs + kw / 2, prs, G2 + kGradPad, grs, H, W, kh, kw, i0, i1, GW);
   for (int i = i0; i < i1; ++i) {
     for_blocks(kw, kTapBlock, Loop::kFaster, [&](int j0, int size) {
       switch (size) {
