@@ -2,6 +2,7 @@
 
 * ``trained_like_replknet``: a RepLKNet with trained-like BatchNorm statistics. A freshly built
   BN is the identity in eval mode, so folding it, or dropping it, would go unseen.
+* ``register_fixed_size_vit``: a small timm ViT built for one image size, standing in for DINO.
 """
 import torch
 import torch.nn as nn
@@ -24,3 +25,21 @@ def trained_like_replknet(arch: dict, bn_weight: bool = False) -> nn.Module:
                 if bn_weight:
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
     return model.eval()
+
+
+FIXED_SIZE_VIT = "lkfast_test_fixed_size_vit"
+
+
+def register_fixed_size_vit() -> str:
+    """Registers (once) and returns the name of a small timm ViT that, as DINO ViT-S/16
+    (``vit_small_patch16_224.dino``), is built for one image size (timm's ``test_vit``, 160 px, is
+    built for any): ``dynamic_img_size`` is off unless asked for."""
+    import timm
+    from timm.models import register_model
+
+    if not timm.is_model(FIXED_SIZE_VIT):
+        def lkfast_test_fixed_size_vit(pretrained=False, **kwargs):
+            return timm.create_model("test_vit.r160_in1k", pretrained=pretrained,
+                                     **{"dynamic_img_size": False, **kwargs})
+        register_model(lkfast_test_fixed_size_vit)
+    return FIXED_SIZE_VIT

@@ -16,7 +16,7 @@ from lkfast.analysis import (blocks_removed, channel_distances, dino_attention, 
 from lkfast.analysis import plots  # noqa: E402
 from lkfast.models import RepLKNet  # noqa: E402
 from lkfast.ops import frequency_noise  # noqa: E402
-from nets import trained_like_replknet  # noqa: E402
+from nets import register_fixed_size_vit, trained_like_replknet  # noqa: E402
 
 CLASSES = 4
 
@@ -161,6 +161,32 @@ def test_dino_attention_matches_the_attention_weights():
     torch.testing.assert_close(dino_saliency(vit, head=None)(x), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="head 2 of a ViT with 2 heads"):
         dino_attention(vit, x, head=2)
+
+
+def test_load_dino_takes_any_size_on_the_occlusion_grid(tmp_path, monkeypatch):
+    """DINO ViT-S/16 is built for 224 px and the eval fed it the evaluated model's size (160 px: timm
+    refused it). load_dino's ViT takes any multiple of 16 px, its map one value per 16-px patch the
+    occlusion drops; at the size it was built for the map is the fixed-size ViT's, bit for bit. A small
+    timm ViT built for 160 px stands in for DINO."""
+    from lkfast.analysis import load_dino, occlusion
+
+    monkeypatch.setattr(occlusion, "DINO_MODEL", register_fixed_size_vit())
+    torch.manual_seed(0)
+    fixed = timm.create_model(occlusion.DINO_MODEL).eval()
+    path = tmp_path / "dino.pth"
+    torch.save(fixed.state_dict(), path)
+    dino = load_dino(str(path))
+    x = torch.rand(2, 3, 160, 160)
+    assert torch.equal(dino_attention(dino, x), dino_attention(fixed, x))
+    assert torch.equal(dino_saliency(dino)(x), dino_saliency(fixed)(x))
+    for height, width in ((64, 64), (96, 224), (224, 224)):
+        x = torch.rand(2, 3, height, width)
+        saliency = dino_saliency(dino)(x)
+        assert saliency.shape == (2, height // 16, width // 16)
+        assert drop_masks(x, 0.5, "salient", saliency).any()
+    with pytest.raises(ValueError, match=r"built for 160x160 images and takes no other size; these are 64x64: "
+                                         r"build it with dynamic_img_size=True"):
+        dino_attention(fixed, torch.rand(1, 3, 64, 64))
 
 
 def test_occlusion_sweep_with_masks_and_attention():

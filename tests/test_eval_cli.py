@@ -528,3 +528,46 @@ def test_the_occlusions_dino_is_loaded_once_for_all_models(tmp_path, capsys, mon
     save_file({k: v.contiguous() for k, v in timm.create_model("test_vit.r160_in1k").state_dict().items()}, str(dino))
     run("out2")  # the file was written again: loaded again, once
     assert len(loads) == 2
+
+
+def test_the_occlusions_dino_takes_the_evaluated_models_size_and_its_failure_names_it(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """DINO was fed the evaluated model's images at that model's size, and a ViT built for another size
+    refused them: the occlusion failed, saying the evaluated model had. DINO now takes any size on the
+    occlusion's 16-px grid, and a failure inside it names DINO. A small timm ViT built for 160 px
+    stands in for DINO ViT-S/16 (built for 224 px), the model is evaluated at 64 px."""
+    import json
+
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from lkfast import data
+    from lkfast.analysis import occlusion
+    from nets import register_fixed_size_vit
+
+    monkeypatch.setattr(occlusion, "DINO_MODEL", register_fixed_size_vit())
+    dino = tmp_path / "dino.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model(occlusion.DINO_MODEL).state_dict().items()}, str(dino))
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_convnext.r160_in1k").state_dict().items()},
+              str(tmp_path / "C.safetensors"))
+    val = tmp_path / "val" / data.imagenet_classes()[3]
+    val.mkdir(parents=True)
+    for k in range(2):
+        Image.new("RGB", (48, 48), (40 * k, 90, 200)).save(val / f"img{k}.JPEG")
+    common = ["--models", f"test_convnext:{tmp_path / 'C.safetensors'}=C", "--input-size", 64, "--val-dir",
+              tmp_path / "val", "--suite", "occlusion", "--workers", 0, "--no-progress", "--baseline-model", "none",
+              "--dino-checkpoint", dino]
+    rc, err = run_cli(capsys, *common, "--out", tmp_path / "out")
+    assert rc == 0, err
+    result = json.loads((tmp_path / "out" / "results.json").read_text())["C"]["occlusion"]
+    assert result["saliency"] == "dino" and result["grid"] == [4, 4]
+    assert list(result["top1"]) == ["random", "salient", "non_salient"]
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("attention went wrong")
+    monkeypatch.setattr(occlusion, "dino_attention", fails)
+    rc, err = run_cli(capsys, *common, "--out", tmp_path / "out2")
+    assert rc == 2 and f"C: occlusion failed: occlusion: the DINO ViT-S/16 that picks the salient patches ({dino}) " \
+                       "failed on 64x64 images (RuntimeError: attention went wrong), not the evaluated model" in err, err
+    assert "the model failed" not in err

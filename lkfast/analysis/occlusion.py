@@ -104,11 +104,16 @@ def load_dino(checkpoint: Optional[str], device="cpu", pretrained: bool = False)
     """DINO ViT-S/16 (timm ``vit_small_patch16_224.dino``) from a local checkpoint file (timm's
     safetensors/pth or the official ``dino_deitsmall16_pretrain.pth``), in eval mode; with no checkpoint
     and ``pretrained``, timm's published weights (its hub cache or the network; RuntimeError, saying
-    so, where neither has them). Nothing else is downloaded."""
+    so, where neither has them). Nothing else is downloaded.
+
+    Built with timm's ``dynamic_img_size``: it takes images of any size the occlusion's patch grid
+    takes (sides multiples of 16 px), and its attention map is on that grid, one value per 16-px
+    patch the occlusion drops (the position embeddings resampled to the grid; at 224 px they are used
+    as they are, so the map is the one of a ViT built for 224 px alone)."""
     from lkfast.models import create_model
 
     return create_model(DINO_MODEL, checkpoint=checkpoint, pretrained=pretrained and checkpoint is None,
-                        fast=False).to(device)
+                        fast=False, dynamic_img_size=True).to(device)
 
 
 def dino_attention(vit: nn.Module, x: torch.Tensor, mean: Optional[Sequence[float]] = None,
@@ -119,11 +124,19 @@ def dino_attention(vit: nn.Module, x: torch.Tensor, mean: Optional[Sequence[floa
 
     x: (N, 3, H, W) in [0, 1]; it is normalised with ``mean``/``std`` (default: the ViT's
     ``pretrained_cfg``) before the ViT sees it. The ViT is run in the mode it is in, without gradients.
+    A ViT built for one image size (timm's default) takes that size alone (ValueError for another);
+    built with ``dynamic_img_size=True`` (as ``load_dino`` builds it), any multiple of its patch size.
     """
     blocks = getattr(vit, "blocks", None)
     if blocks is None or not hasattr(vit, "patch_embed") or not hasattr(blocks[-1], "attn"):
         raise ValueError(f"dino_attention: expected a timm VisionTransformer (with patch_embed and blocks), got "
                          f"{type(vit).__name__}")
+    built_for = getattr(vit.patch_embed, "img_size", None)
+    if built_for is not None and not getattr(vit, "dynamic_img_size", False) \
+            and tuple(built_for) != tuple(x.shape[-2:]):
+        raise ValueError(f"dino_attention: the ViT was built for {built_for[0]}x{built_for[1]} images and takes no "
+                         f"other size; these are {x.shape[-2]}x{x.shape[-1]}: build it with dynamic_img_size=True "
+                         f"(as load_dino does) for any size on its patch grid")
     cfg = getattr(vit, "pretrained_cfg", {}) or {}
     mean = torch.tensor(mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406)), device=x.device)
     std = torch.tensor(std if std is not None else cfg.get("std", (0.229, 0.224, 0.225)), device=x.device)

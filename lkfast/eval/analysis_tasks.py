@@ -143,6 +143,24 @@ def _load_dino(stamp, checkpoint, device, model_name):
     return analysis.load_dino(checkpoint, device, pretrained=not checkpoint)
 
 
+def _saying_dino_failed(saliency, weights: str):
+    """``saliency`` (DINO's) whose failure (other than running out of memory, which the runner meets
+    in smaller pieces) is an EvalError naming DINO: the runner would blame the evaluated model."""
+    from lkfast.analysis import occlusion
+    from lkfast.eval.runner import EvalError, _error_line, out_of_memory
+
+    def dino(images):
+        try:
+            return saliency(images)
+        except Exception as error:  # noqa: BLE001 (KeyboardInterrupt still stops the run)
+            if out_of_memory(error):
+                raise
+            raise EvalError(f"occlusion: the DINO ViT-S/16 that picks the salient patches ({weights}) failed on "
+                            f"{images.shape[-2]}x{images.shape[-1]} images ({_error_line(error)}), not the evaluated "
+                            f"model: give --dino-checkpoint timm's {occlusion.DINO_MODEL} weights") from error
+    return dino
+
+
 def occlusion(ctx) -> dict:
     from lkfast.analysis.occlusion import batch_saliency, occlusion_outcomes, occlusion_summary, patch_grid
 
@@ -156,7 +174,8 @@ def occlusion(ctx) -> dict:
     else:
         checkpoint, published = (ctx.options.analysis_option(name) for name in _DINO_OPTIONS)
         if checkpoint or published:  # a file, else (--pretrained: the CLI found them) the published weights
-            saliency = analysis.dino_saliency(_dino(checkpoint, ctx.device))
+            saliency = _saying_dino_failed(analysis.dino_saliency(_dino(checkpoint, ctx.device)),
+                                           checkpoint or f"timm's published {published}")
             source = f"dino:{checkpoint or 'published ' + published}:head{analysis.DINO_HEAD}"
         else:
             note = ("salient/non-salient drops skipped: no foreground masks and no DINO checkpoint "

@@ -336,11 +336,12 @@ class TaskContext:
         """``compute`` on a part's first batch, where a model that cannot take these inputs fails (a ViT
         built for 384 px given ImageNet-C's 224 px, fed without a resize; --input-size on a fixed-size
         model): EvalError saying so, so that this task fails in one line and the others run. A failure
-        on a later batch is not the inputs' shape and goes up as it is."""
+        on a later batch is not the inputs' shape and goes up as it is, as does an EvalError of the
+        task's own (it says what failed: the occlusion's DINO, say)."""
         try:
             return compute(images, targets, indices)
         except Exception as error:  # noqa: BLE001 (KeyboardInterrupt still stops the run)
-            if out_of_memory(error):
+            if out_of_memory(error) or isinstance(error, EvalError):
                 raise
             size = "x".join(map(str, images.shape[-2:]))
             wanted = "x".join(map(str, self.config["input_size"][-2:]))
