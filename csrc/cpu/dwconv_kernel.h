@@ -389,6 +389,24 @@ static inline void with_small_width(int W, F&& f) {
 }
 static_assert(kSmallMaxW == 14, "with_small_width lists the widths 1..kSmallMaxW");
 
+// f(Width<n>{}) for a register block of n = size outputs or taps, 1 <= n <= kMaxBlock (see
+// for_blocks): the block loops are compiled per size.
+template <typename F>
+static inline __attribute__((always_inline)) void with_block_size(int size, F&& f) {
+  switch (size) {
+#define LKFAST_BLOCK_SIZE(n)                     \
+  case n:                                        \
+    if constexpr (n <= kMaxBlock) f(Width<n>{}); \
+    return;
+    LKFAST_BLOCK_SIZE(1) LKFAST_BLOCK_SIZE(2) LKFAST_BLOCK_SIZE(3) LKFAST_BLOCK_SIZE(4)
+    LKFAST_BLOCK_SIZE(5) LKFAST_BLOCK_SIZE(6) LKFAST_BLOCK_SIZE(7) LKFAST_BLOCK_SIZE(8)
+#undef LKFAST_BLOCK_SIZE
+    default:
+      return;
+  }
+}
+static_assert(kMaxBlock <= 8, "with_block_size lists the sizes 1..8");
+
 // Outputs [B0, B0 + NB) of output row h of a W-wide map, one vector of each pixel: X points at that
 // vector of input pixel (0, 0) (row stride xh, pixel stride xw, elements), Y at output pixel (0, 0)
 // (yh, yw), Wt at tap (0, 0)'s and bias at the bias pixel's (taps kParts vectors apart). bf16 pairs
@@ -536,18 +554,9 @@ void forward_rows_impl(const T* P_, int prow0, int H, int W, int kh, int kw, con
       const int ie = imin(i_hi, ig + group);
       const V* init = ig == i_lo ? bias : nullptr;
       for_blocks(W, kOutBlock, loop, [&](int w0, int size) {
-        switch (size) {
-#define LKFAST_FWD_BLOCK(n)                                                                \
-  case n:                                                                                  \
-    if constexpr (n <= kMaxBlock)                                                          \
-      fwd_block<V, n>(P, prow0, rs, H, W, kh, kw, Wt, init, h, w0, ig, ie, loop, out); \
-    break;
-          LKFAST_FWD_BLOCK(1) LKFAST_FWD_BLOCK(2) LKFAST_FWD_BLOCK(3) LKFAST_FWD_BLOCK(4)
-          LKFAST_FWD_BLOCK(5) LKFAST_FWD_BLOCK(6) LKFAST_FWD_BLOCK(7) LKFAST_FWD_BLOCK(8)
-#undef LKFAST_FWD_BLOCK
-          default:
-            break;
-        }
+        with_block_size(size, [&](auto n) {
+          fwd_block<V, decltype(n)::value>(P, prow0, rs, H, W, kh, kw, Wt, init, h, w0, ig, ie, loop, out);
+        });
       });
     }
   }
@@ -689,18 +698,9 @@ void weight_grad_impl(const T* P_, const T* G_, int H, int W, int kh, int kw, in
     for (int hg = h_lo; hg < h_hi; hg += group) {
       const int he = imin(h_hi, hg + group);
       for_blocks(kw, kTapBlock, loop, [&](int j0, int size) {
-        switch (size) {
-#define LKFAST_WGRAD_BLOCK(n)                                          \
-  case n:                                                              \
-    if constexpr (n <= kMaxBlock)                                      \
-      wgrad_block<V, n>(P, G, H, W, kh, kw, i, j0, hg, he, loop, GW); \
-    break;
-          LKFAST_WGRAD_BLOCK(1) LKFAST_WGRAD_BLOCK(2) LKFAST_WGRAD_BLOCK(3) LKFAST_WGRAD_BLOCK(4)
-          LKFAST_WGRAD_BLOCK(5) LKFAST_WGRAD_BLOCK(6) LKFAST_WGRAD_BLOCK(7) LKFAST_WGRAD_BLOCK(8)
-#undef LKFAST_WGRAD_BLOCK
-          default:
-            break;
-        }
+        with_block_size(size, [&](auto n) {
+          wgrad_block<V, decltype(n)::value>(P, G, H, W, kh, kw, i, j0, hg, he, loop, GW);
+        });
       });
     }
   }
@@ -729,18 +729,10 @@ void forward_rows_bf16_pairs(const uint32_t* P2_, int prow0, int H, int W, int k
   for (int h = h0; h < h1; ++h) {
     V* out = O + (long)(h - h0) * W;
     for_blocks(W, kOutBlock, Loop::kFaster, [&](int w0, int size) {
-      switch (size) {
-#define LKFAST_FWD_BLOCK(n)                                                                          \
-  case n:                                                                                            \
-    fwd_block<PairVec, n, V, 2>(P2, prow0 - 1, rs, H, W, kh, kw, Wt2, bias, h, w0, 0, pairs,         \
-                                Loop::kFaster, out);                                                 \
-    break;
-        LKFAST_FWD_BLOCK(1) LKFAST_FWD_BLOCK(2) LKFAST_FWD_BLOCK(3) LKFAST_FWD_BLOCK(4)
-        LKFAST_FWD_BLOCK(5) LKFAST_FWD_BLOCK(6) LKFAST_FWD_BLOCK(7) LKFAST_FWD_BLOCK(8)
-#undef LKFAST_FWD_BLOCK
-        default:
-          break;
-      }
+      with_block_size(size, [&](auto n) {
+        fwd_block<PairVec, decltype(n)::value, V, 2>(P2, prow0 - 1, rs, H, W, kh, kw, Wt2, bias, h, w0, 0, pairs,
+                                                     Loop::kFaster, out);
+      });
     });
   }
 }
@@ -761,17 +753,10 @@ void weight_grad_bf16_pairs(const uint32_t* X2_, const uint32_t* G2_, int H, int
     return wgrad_small<PairVec, V, 2>(X2 + prs + kw / 2, prs, G2 + kGradPad, grs, H, W, kh, kw, i0, i1, GW);
   for (int i = i0; i < i1; ++i) {
     for_blocks(kw, kTapBlock, Loop::kFaster, [&](int j0, int size) {
-      switch (size) {
-#define LKFAST_WGRAD_BLOCK(n)                                                                          \
-  case n:                                                                                              \
-    wgrad_block<PairVec, n, V, 2>(X2, G2, H, W, kh, kw, i, j0, 0, (H + 1) / 2, Loop::kFaster, GW);     \
-    break;
-        LKFAST_WGRAD_BLOCK(1) LKFAST_WGRAD_BLOCK(2) LKFAST_WGRAD_BLOCK(3) LKFAST_WGRAD_BLOCK(4)
-        LKFAST_WGRAD_BLOCK(5) LKFAST_WGRAD_BLOCK(6) LKFAST_WGRAD_BLOCK(7) LKFAST_WGRAD_BLOCK(8)
-#undef LKFAST_WGRAD_BLOCK
-        default:
-          break;
-      }
+      with_block_size(size, [&](auto n) {
+        wgrad_block<PairVec, decltype(n)::value, V, 2>(X2, G2, H, W, kh, kw, i, j0, 0, (H + 1) / 2, Loop::kFaster,
+                                                       GW);
+      });
     });
   }
 }
