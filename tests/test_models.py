@@ -2,6 +2,7 @@
 loading (official layout, wrappers, re-parameterised form, bad files), named configs, create_model."""
 import argparse
 import pathlib
+import re
 
 import warnings
 
@@ -791,6 +792,35 @@ def test_untrusted_pickle_is_refused_unless_opted_in(tmp_path, images):
     model = create_model("replknet_31b", checkpoint=path, num_classes=NUM_CLASSES, trust_checkpoint=True, **TINY)
     with torch.no_grad():
         _close(model(images), reference_forward(state, images))
+
+
+@pytest.mark.parametrize("where", ["__main__", "module"])
+def test_a_trusted_pickle_of_a_class_not_importable_here_says_to_save_a_state_dict(tmp_path, monkeypatch, where):
+    """{"model": weights, "args": Args()} saved by a training script: trusted, unpickling imports Args,
+    and where it cannot (defined in that script, so pickled as __main__.Args; a module not on this
+    path) that was a traceback (AttributeError / ModuleNotFoundError). It is one error naming it."""
+    import sys
+
+    if where == "__main__":
+        Args = type("Args", (), {})
+        Args.__module__ = "__main__"
+        monkeypatch.setattr(sys.modules["__main__"], "Args", Args, raising=False)
+    else:
+        (tmp_path / "trainer_config.py").write_text("class Args:\n    pass\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import trainer_config
+
+        Args = trainer_config.Args
+    path = _save(tmp_path / "run.pth", {"model": official_checkpoint(**TINY), "args": Args()})
+    monkeypatch.undo()  # Args is no longer importable
+    sys.modules.pop("trainer_config", None)
+    missing = r"class Args of __main__ \(a class of the script that saved it\), which this Python cannot import " \
+        r"\(AttributeError: Can't get attribute 'Args' on <module '[\w.]*__main__'" if where == "__main__" else \
+        r"module trainer_config, which this Python cannot import \(ModuleNotFoundError: No module named 'trainer_config'"
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(repr(path))} cannot be unpickled here: it holds an object "
+                                              rf"of {missing}.*\)\. Save a plain state_dict \(torch\.save\(model\."
+                                              r"state_dict\(\), path\)\)"):
+        create_model("replknet_31b", checkpoint=path, num_classes=NUM_CLASSES, trust_checkpoint=True, **TINY)
 
 
 @pytest.mark.parametrize("trust", [False, True])

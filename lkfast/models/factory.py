@@ -12,6 +12,7 @@ import warnings
 import errno
 import os
 import pickle
+import re
 import struct
 import sys
 from collections.abc import Mapping
@@ -89,6 +90,19 @@ def _unpickler_reason(error: Exception) -> str:
     return text.splitlines()[0].split(" Please use ")[0].strip() if text else type(error).__name__
 
 
+def _missing_class(error: Exception) -> str:
+    """What unpickling could not import, from its AttributeError ("Can't get attribute 'Foo' on <module
+    '__main__'...>") or ImportError: "class Foo of __main__ (...)", "module trainer"."""
+    found = re.match(r"Can't get attribute '([^']+)' on <module '([^']+)'", str(error))
+    if found:
+        name, module = found.groups()
+        if module == "__main__" or module.endswith(".__main__"):  # here __main__ is this command's own module
+            return f"class {name} of __main__ (a class of the script that saved it)"
+        return f"class {name} of module {module}"
+    name = getattr(error, "name", None)
+    return f"module {name}" if name else "a class"
+
+
 def read_checkpoint(path: str, trust_checkpoint: bool = False) -> object:
     """The object stored in ``path`` (.safetensors, or a torch .pth/.pt/.bin file), loaded on the CPU.
 
@@ -129,6 +143,17 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> object:
             f"unpickling can run arbitrary code ({reason}). Convert it to a plain state_dict or .safetensors, or, "
             f"if you trust where the file came from, pass trust_checkpoint=True (--trust-checkpoint on the "
             f"command line)."
+        ) from None
+    except (AttributeError, ImportError) as error:
+        # unpickling a trusted file imports the classes of the objects it holds: one not importable here (a
+        # class of the training script, pickled as __main__.Foo; a module of another code base) cannot be built
+        if not trust_checkpoint:
+            raise
+        raise CheckpointError(
+            f"{path!r} cannot be unpickled here: it holds an object of {_missing_class(error)}, which this Python "
+            f"cannot import ({type(error).__name__}: {error}). Save a plain state_dict (torch.save(model.state_dict(), "
+            f"path)) or .safetensors from where it was made, or make that class importable here (its module on "
+            f"PYTHONPATH)."
         ) from None
     except EOFError:
         raise _unreadable(path, "it ends early") from None
