@@ -404,15 +404,58 @@ def test_a_second_run_into_the_same_out_fails_while_the_first_writes_there(tmp_p
     out.mkdir()
     with open(out / ".lkfast-eval.lock", "a+") as held:  # what the first run holds while it writes
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("4242")
+        held.write(str(os.getpid()))  # a run that is alive
         held.flush()
         assert cli(*common(out, checkpoint, data_root, "--suite", "clean")) == 2
         err = capsys.readouterr().err
-        assert f"lkfast.eval: error: another python -m lkfast.eval (pid 4242) is writing to {out}: wait for it" in err
+        assert f"lkfast.eval: error: another python -m lkfast.eval (pid {os.getpid()}) is writing to {out}: wait " \
+               "for it" in err
         assert not (out / "results.json").exists()
     assert cli(*common(out, checkpoint, data_root, "--suite", "clean")) == 0  # released: this one runs
     assert "clean" in load(out)["tiny"]
     assert cli(*common(out, checkpoint, data_root, "--suite", "clean")) == 0  # and the lock goes with each run
+
+
+def test_a_killed_runs_lock_is_not_kept_by_processes_it_forked(tmp_path, data_root, checkpoint, capsys):
+    """A run killed with -9 left its DataLoader workers, which had inherited the --out lock, holding it
+    for seconds: a rerun was refused, "another python -m lkfast.eval (pid N) is writing", naming the
+    dead run. A process forked while a run holds the lock does not hold it; and a lock whose run has
+    ended, still held (by a process it started), says so."""
+    import signal
+    import time
+
+    fcntl = pytest.importorskip("fcntl")
+    from lkfast.eval.runner import OUT_LOCK, _out_lock
+
+    out = tmp_path / "out"
+    started, running = os.pipe()
+    with _out_lock(out):
+        child = os.fork()  # as a DataLoader worker is
+        if child == 0:
+            os.write(running, b"1")
+            time.sleep(60)
+            os._exit(0)
+    os.read(started, 1)  # the child runs (what happens at a fork in it is done)
+    os.close(started)
+    os.close(running)
+    try:  # the run is over, its child still alive: the lock is free
+        with open(out / OUT_LOCK, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    with open(out / OUT_LOCK, "a+") as held:  # held, in the name of a run that has ended
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.seek(0)
+        held.truncate()
+        held.write(str(ended.pid))
+        held.flush()
+        assert cli(*common(out, checkpoint, data_root, "--suite", "clean")) == 2
+        err = capsys.readouterr().err
+        assert f"lkfast.eval: error: the python -m lkfast.eval that was writing to {out} (pid {ended.pid}) has ended; " \
+               "processes it started (its data-loader workers) still hold its lock: retry in a few seconds" in err, err
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, full_run, data_root, checkpoint):

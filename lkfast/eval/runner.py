@@ -729,6 +729,35 @@ class Runner:
 
 
 OUT_LOCK = ".lkfast-eval.lock"  # under --out: held (flock) by the run writing there, with its pid in it
+_held_lock: Optional[int] = None  # the descriptor of the OUT_LOCK this process holds, if any
+
+
+def _lock_not_inherited() -> None:
+    """In a process forked while this one holds an OUT_LOCK (a DataLoader worker), its copy of the
+    lock's descriptor is pointed at /dev/null: a flock is released only when every descriptor of it
+    is closed, and workers that outlive a run killed with -9 kept the next run out."""
+    if _held_lock is not None:
+        try:
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, _held_lock)  # (not closed: the number stays valid for whatever closes it later)
+            os.close(devnull)
+        except OSError:
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_lock_not_inherited)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -736,8 +765,10 @@ def _out_lock(out: Path):
     """Held while a run writes ``out``: a second run into the same folder (the same command started
     twice, or one with other models) fails at once with EvalError naming the first one's pid; the two
     would compute the same shards twice and overwrite each other's results.json and report. The
-    lock goes with the process, however it ends. Unlocked where flock is missing (Windows) or
-    refused (some network file systems), as before."""
+    lock goes with the process, however it ends (processes it forks do not hold it: see
+    ``_lock_not_inherited``); where the pid it names has ended, the error says so. Unlocked where
+    flock is missing (Windows) or refused (some network file systems), as before."""
+    global _held_lock
     try:
         import fcntl
     except ImportError:
@@ -755,6 +786,10 @@ def _out_lock(out: Path):
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip()
+            if holder.isdigit() and not _alive(int(holder)):
+                raise EvalError(f"the python -m lkfast.eval that was writing to {out} (pid {holder}) has ended; "
+                                f"processes it started (its data-loader workers) still hold its lock: retry in a few "
+                                f"seconds (its finished work is cached)") from None
             raise EvalError(f"another python -m lkfast.eval{f' (pid {holder})' if holder.isdigit() else ''} is "
                             f"writing to {out}: wait for it to finish and rerun (its finished work is cached), or "
                             f"pass another --out") from None
@@ -765,7 +800,11 @@ def _out_lock(out: Path):
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
-        yield True
+        _held_lock = handle.fileno()
+        try:
+            yield True
+        finally:
+            _held_lock = None
 
 
 def run_evaluation(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions) -> Dict[str, Any]:
