@@ -664,7 +664,11 @@ def test_what_users_get_wrong_is_said_in_one_line_before_anything_runs(tmp_path,
     assert "--out" in err and "is a file" in err
     err = run_failing(capsys, *common(tmp_path / "o3", checkpoint, data_root / "val", "--suite", "clean"))
     assert "holds none of the benchmark folders" in err and f"--val-dir {data_root / 'val'}" in err
-    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+    for benchmark, folders in (("imagenet-c", "corruptions"), ("imagenet-p", "perturbations")):
+        err = run_failing(capsys, *common(tmp_path / "o4", checkpoint, data_root / benchmark, "--suite", "clean"))
+        assert f"; it looks like an ImageNet-{benchmark[-1].upper()} folder (its folders are {folders}): pass it as " \
+               f"--{benchmark}-dir {data_root / benchmark} (or its parent as --data-root)" in err, err
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4"))
 
 
 def test_a_run_where_no_task_had_data_fails(tmp_path, data_root, checkpoint, capsys):
@@ -1492,6 +1496,23 @@ def test_report_puts_the_papers_value_beside_the_measured_one(tmp_path):
     assert (tmp_path / "tables" / "table3_imagenet9.csv").is_file() and (tmp_path / "figures" / "figure2.png").is_file()
 
 
+def test_report_says_how_many_classes_the_subset_benchmarks_were_scored_over(tmp_path):
+    """ImageNet-A/-R/-O are scored over their classes present (results.json's "classes"): the report
+    said 200 whatever the run used."""
+    from lkfast.eval.report import write_report
+
+    results = {"mine": {"_model": {"name": "test_resnet"}, "imagenet-a": {"top1": 50.0, "images": 4, "classes": 2},
+                        "imagenet-r": {"top1": 50.0, "images": 4, "classes": 3},
+                        "imagenet-o": {"aupr": 50.0, "auroc": 50.0, "fpr95": 90.0, "classes": 2}},
+               "old": {"_model": {"name": "test_resnet"}, "imagenet-o": {"aupr": 40.0, "auroc": 50.0, "fpr95": 90.0}},
+               "_meta": {"device": "cpu"}}
+    report = write_report(tmp_path, results).read_text()
+    assert "ImageNet-A top-1 on its 2 classes." in report and "ImageNet-R top-1 on its 3 classes." in report
+    assert "score = -max softmax over the 2 ImageNet-O classes." in report
+    del results["mine"]  # results that do not say: the benchmark's 200
+    assert "score = -max softmax over the 200 ImageNet-O classes." in write_report(tmp_path, results).read_text()
+
+
 def test_report_flags_a_clean_top1_far_from_the_papers(tmp_path):
     """The paper's values stand beside any checkpoint of a model the paper reports, e.g. the
     ImageNet-1K RepLKNet-31B (83.5) where the paper's 85.2 is the 22K-pretrained one: the report
@@ -1802,7 +1823,17 @@ def test_imagenet_a_folder_with_a_class_outside_its_200_fails_naming_it(tmp_path
     _images(a, [stray], 1, torch.Generator().manual_seed(2))
     err = run_failing(capsys, *common(tmp_path / "out", checkpoint, data_root, "--suite", "imagenet-a",
                                       "--imagenet-a-dir", a))
-    assert f"imagenet-a: class folder(s) {stray} in {a} are not among the 200 imagenet-a classes of ImageNet-1k" in err
+    assert f"ImageNet-A: class folder(s) {stray} in {a} are not among the 200 ImageNet-A classes of ImageNet-1k: " \
+           "give the ImageNet-A release's folder as --imagenet-a-dir (or as imagenet-a/ under --data-root), or move " \
+           "these folders out" in err, err
+    # an ImageNet-9 folder without its variants: the same words
+    nine = tmp_path / "imagenet-9"
+    _images(nine, ["00_dog"], 1, torch.Generator().manual_seed(3))
+    err = run_failing(capsys, *common(tmp_path / "out9", checkpoint, data_root, "--suite", "imagenet-9",
+                                      "--imagenet-9-dir", nine))
+    assert f"ImageNet-9: expected <variant>/val/<class>/ folders under {nine} (variants original, " in err and \
+        "found 00_dog: give the folder holding the variants as --imagenet-9-dir (or as imagenet-9/ under " \
+        "--data-root)" in err, err
 
 
 def test_imagenet_9_images_are_fed_as_they_are(tmp_path, data_root, checkpoint, monkeypatch):

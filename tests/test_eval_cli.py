@@ -114,6 +114,9 @@ def test_a_misspelt_model_name_is_one_line_before_any_model_runs(tmp_path, capsy
                        "alexnet?" in err
     rc, err = run_cli(capsys, "--models", "replknet_31:/nope.pth", *common)
     assert rc == 2 and "unknown model 'replknet_31'" in err and "replknet_31b" in err
+    rc, err = run_cli(capsys, "--models", "qqqqq", *common)  # no name close to it
+    assert rc == 2 and "lkfast.eval: error: create_model: unknown model 'qqqqq' (not a RepLKNet name and not in " \
+                       "timm's registry): timm.list_models('PATTERN*') lists the names" in err, err
     assert not out.exists()
 
 
@@ -571,3 +574,27 @@ def test_the_occlusions_dino_takes_the_evaluated_models_size_and_its_failure_nam
     assert rc == 2 and f"C: occlusion failed: occlusion: the DINO ViT-S/16 that picks the salient patches ({dino}) " \
                        "failed on 64x64 images (RuntimeError: attention went wrong), not the evaluated model" in err, err
     assert "the model failed" not in err
+
+
+def test_weights_of_another_architecture_name_the_option_that_gave_them(tmp_path, monkeypatch):
+    """A --baseline-model or --dino-checkpoint file holding another model's weights was told to change
+    "the name before ':' in python -m lkfast.eval --models": each names its own option."""
+    import timm
+
+    from lkfast.analysis import occlusion
+    from lkfast.eval import analysis_tasks
+    from lkfast.eval.models import load_model
+    from lkfast.models import CheckpointError
+
+    resnet = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), resnet)
+    with pytest.raises(CheckpointError) as info:
+        load_model(ModelSpec("mobilenet_v3_small", str(resnet), source="torchvision"))
+    assert str(info.value).endswith("it looks like the weights of another architecture; pass the torchvision model it "
+                                    "was saved from as the name before ':' in --baseline-model (e.g. --baseline-model "
+                                    "alexnet:PATH)"), info.value
+    monkeypatch.setattr(occlusion, "DINO_MODEL", "test_vit.r160_in1k")
+    with pytest.raises(CheckpointError) as info:
+        analysis_tasks._dino(str(resnet), "cpu")
+    assert str(info.value).endswith("it looks like the weights of another architecture; give --dino-checkpoint (or "
+                                    "LKFAST_DINO_CHECKPOINT) the weights of timm's test_vit.r160_in1k (DINO ViT-S/16)")

@@ -28,7 +28,7 @@ from lkfast.eval import distributed as dist
 from lkfast.eval.models import ModelSpec, hub_unavailable, with_training_run
 from lkfast.eval.registry import SUITES, TASKS, resolve_suite, suites_in_list
 from lkfast.tables import is_storage_error
-from lkfast.eval.sources import SOURCE_NAMES, resolve_sources
+from lkfast.eval.sources import SOURCE_NAMES, resolve_sources, source_label
 from lkfast.metrics import IMAGENET9_VARIANTS
 
 EXAMPLE = """examples:
@@ -182,6 +182,20 @@ def _no_input_message() -> str:
             "See python -m lkfast.eval --help for the expected folder names.")
 
 
+def _corruptions_or_perturbations(root: Path, found: List[str]) -> Optional[str]:
+    """"imagenet-c" where ``found`` (the folders in ``root``) holds ImageNet-C's corruptions,
+    "imagenet-p" where it holds ImageNet-P's perturbations (``<perturbation>[_<difficulty>]``), else
+    None. Some names are both (gaussian_noise): ImageNet-C's hold the severities 1 to 5."""
+    from lkfast.metrics import IMAGENET_C_ALL, IMAGENET_P
+
+    corruptions = [f for f in found if f in IMAGENET_C_ALL]
+    perturbations = [f for f in found if f in IMAGENET_P or
+                     (f.rsplit("_", 1)[-1].isdigit() and f.rsplit("_", 1)[0] in IMAGENET_P)]
+    if corruptions and (not perturbations or any((root / f / str(s)).is_dir() for f in corruptions for s in range(1, 6))):
+        return "imagenet-c"
+    return "imagenet-p" if perturbations else None
+
+
 def _no_data_message(data_root: Optional[str]) -> str:
     """Why no data source was found, with a hint when --data-root looks like one dataset's folder."""
     if data_root is None:
@@ -193,6 +207,12 @@ def _no_data_message(data_root: Optional[str]) -> str:
                 f"--val-dir {data_root} (or --imagenet-a-dir, --imagenet-r-dir, --imagenet-o-dir)")
     elif set(found) & set(IMAGENET9_VARIANTS):
         hint = f"; it looks like ImageNet-9: pass --imagenet-9-dir {data_root}"
+    else:
+        benchmark = _corruptions_or_perturbations(Path(data_root), found)
+        if benchmark:
+            hint = (f"; it looks like an {source_label(benchmark)} folder (its folders are "
+                    f"{'corruptions' if benchmark == 'imagenet-c' else 'perturbations'}): pass it as --{benchmark}-dir "
+                    f"{data_root} (or its parent as --data-root)")
     return (f"--data-root {data_root} holds none of the benchmark folders {', '.join(SOURCE_NAMES)} (found: "
             f"{', '.join(found[:8]) or 'nothing'}){hint}")
 

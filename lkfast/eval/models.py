@@ -314,6 +314,16 @@ def with_training_run(spec: ModelSpec, class_space=None) -> ModelSpec:
                                input_size=input_size, logit_order=logit_order)
 
 
+def for_option(error, advice: str):
+    """CheckpointError ``error`` with ``advice`` in place of create_model's for the weights of another
+    architecture, which names --models: for a checkpoint given by another option."""
+    from lkfast.models.factory import ANOTHER_ARCHITECTURE, CheckpointError
+
+    advised = CheckpointError(str(error).replace(ANOTHER_ARCHITECTURE, advice))
+    advised.classes = error.classes
+    return advised
+
+
 def _torchvision_model(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Module, Dict[str, Any]]:
     import torchvision
 
@@ -329,7 +339,13 @@ def _torchvision_model(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Modu
             f"baseline model {spec.name!r}: torchvision's published weights", error,
             f"download them elsewhere and pass --baseline-model {spec.name}:PATH", cache=torch.hub.get_dir())) from error
     if spec.checkpoint is not None:
-        load_checkpoint(model, spec.checkpoint, trust_checkpoint=trust_checkpoint)
+        from lkfast.models import CheckpointError
+
+        try:
+            load_checkpoint(model, spec.checkpoint, trust_checkpoint=trust_checkpoint)
+        except CheckpointError as error:
+            raise for_option(error, "pass the torchvision model it was saved from as the name before ':' in "
+                                    "--baseline-model (e.g. --baseline-model alexnet:PATH)") from None
     preset = torchvision.models.get_model_weights(spec.name).DEFAULT.transforms()
     crop, resize = preset.crop_size[0], preset.resize_size[0]
     config = {"input_size": (3, crop, crop), "interpolation": preset.interpolation.value,

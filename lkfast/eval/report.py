@@ -66,6 +66,13 @@ def _get(entry, task, key):
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _classes(results, models, task: str, default: int) -> str:
+    """The number of classes ``task`` was scored over in this run (its results' ``classes``), as text: the
+    models' numbers where they differ; ``default``, the benchmark's, for results that do not say."""
+    counts = sorted({_get(results[m], task, "classes") for m in models} - {None})
+    return " / ".join(str(int(c)) for c in counts) if counts else str(default)
+
+
 def _level_mean(levels):
     """The mean of one corruption's top-1 over its severities ({severity: top-1}); None without any."""
     values = [v for v in (levels or {}).values() if isinstance(v, (int, float)) and not isinstance(v, bool)] \
@@ -335,7 +342,8 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
         w.text("\n### ImageNet-A\n")
         w.table("imagenet_a", ["Model", "top-1 (%)", "paper", "images"],
                 [[m, _get(results[m], "imagenet-a", "top1"), _paper(results, m, "imagenet-a"),
-                  _get(results[m], "imagenet-a", "images")] for m in models], "ImageNet-A top-1 on its 200 classes.")
+                  _get(results[m], "imagenet-a", "images")] for m in models],
+                f"ImageNet-A top-1 on its {_classes(results, models, 'imagenet-a', 200)} classes.")
         w.text("\n".join(_notes(results, "imagenet-a")) + "\n")
 
     if _has(results, "imagenet-c"):
@@ -367,7 +375,8 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
         w.table("imagenet_o", ["Model", "AUPR (%)", "AUROC (%)", "FPR95 (%)"],
                 [[m, _get(results[m], "imagenet-o", "aupr"), _get(results[m], "imagenet-o", "auroc"),
                   _get(results[m], "imagenet-o", "fpr95")] for m in models],
-                "ImageNet-O images are the positives; score = -max softmax over the 200 ImageNet-O classes.")
+                "ImageNet-O images are the positives; score = -max softmax over the "
+                f"{_classes(results, models, 'imagenet-o', 200)} ImageNet-O classes.")
         w.text("\n".join(_notes(results, "imagenet-o")) + "\n")
 
     if _has(results, "imagenet-p"):
@@ -395,7 +404,8 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
         w.text("\n![Figure 3](figures/figure3.png)\n")
         w.table("imagenet_r", ["Model", "top-1 (%)", "paper", "images"],
                 [[m, _get(results[m], "imagenet-r", "top1"), _paper(results, m, "imagenet-r"),
-                  _get(results[m], "imagenet-r", "images")] for m in models], "ImageNet-R top-1 on its 200 classes.")
+                  _get(results[m], "imagenet-r", "images")] for m in models],
+                f"ImageNet-R top-1 on its {_classes(results, models, 'imagenet-r', 200)} classes.")
         w.text("\n".join(_notes(results, "imagenet-r")) + "\n")
 
     if _has(results, "imagenet-9"):

@@ -149,8 +149,12 @@ def _subset_task(name: str):
         wanted = set(subset)
         outside = [f for f in class_folders(root) if f in index and index[f] not in wanted]
         if outside:
-            raise EvalError(f"{name}: class folder(s) {', '.join(outside[:5])} in {root} are not among the "
-                            f"{len(subset)} {name} classes of {ctx.class_space.name}")
+            from lkfast.eval.sources import source_label
+
+            label = source_label(name)
+            raise EvalError(f"{label}: class folder(s) {', '.join(outside[:5])} in {root} are not among the "
+                            f"{len(subset)} {label} classes of {ctx.class_space.name}: give the {label} release's "
+                            f"folder as --{name}-dir (or as {name}/ under --data-root), or move these folders out")
         return image_folder(ctx, root, index), subset
 
     def run(ctx: TaskContext) -> dict:
@@ -411,8 +415,9 @@ def _nine_parts(ctx):
     variants = [v for v in IMAGENET9_VARIANTS if (root / v / "val").is_dir()]
     if not variants:
         found = ", ".join(class_folders(root)[:8]) or "nothing"
-        raise EvalError(f"imagenet-9: expected <variant>/val/<class>/ folders under {root} (variants "
-                        f"{', '.join(IMAGENET9_VARIANTS)}), found {found}")
+        raise EvalError(f"ImageNet-9: expected <variant>/val/<class>/ folders under {root} (variants "
+                        f"{', '.join(IMAGENET9_VARIANTS)}), found {found}: give the folder holding the variants as "
+                        f"--imagenet-9-dir (or as imagenet-9/ under --data-root)")
     data.imagenet9_contents(str(root))  # refuses a variant under another name: it would be left out
     # ImageNet9 checks an in_to_in9.json found in root against lkfast.data.imagenet9_class_map().
     # The release's images are 224 x 224 and its in9_eval.py feeds them with ToTensor() alone (no

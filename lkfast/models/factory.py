@@ -277,11 +277,15 @@ def load_checkpoint(model: nn.Module, path: str, trust_checkpoint: bool = False,
                  f"model.structural_reparam(fuse_conv_bn=True), then load_checkpoint(model, path)")
     elif shared < len(expected) / 2:  # not a few renamed layers: the weights of another model
         hint += (f" Only {shared} of the model's {len(expected)} keys are in the checkpoint: it looks like the weights "
-                 f"of another architecture; build the model the checkpoint was saved from (the name before ':' in "
-                 f"python -m lkfast.eval --models)")
+                 f"of another architecture; {ANOTHER_ARCHITECTURE}")
     error = CheckpointError(f"checkpoint {path!r} does not fit {type(model).__name__}: " + "; ".join(problems) + "." + hint)
     error.classes = classes
     raise error
+
+
+# What a CheckpointError advises for the weights of another architecture; python -m lkfast.eval puts
+# the option that gave a checkpoint other than --models' in its place (lkfast.eval.models.for_option).
+ANOTHER_ARCHITECTURE = "build the model the checkpoint was saved from (the name before ':' in python -m lkfast.eval --models)"
 
 
 def check_model_name(name: str) -> None:
@@ -294,7 +298,7 @@ def check_model_name(name: str) -> None:
     if timm.is_model(architecture):
         return
     close = difflib.get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.75)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = f"; did you mean {', '.join(close)}?" if close else ":"
     raise ValueError(f"create_model: unknown model {name!r} (not a RepLKNet name and not in timm's registry){hint} "
                      "timm.list_models('PATTERN*') lists the names")
 
