@@ -170,8 +170,9 @@ def test_cpu_every_instruction_set(isa, tmp_path):
                                  ((2, 6, 9, 11), (1, 15), torch.bfloat16, "contiguous"),  # one pair, half zero
                                  ((2, 6, 9, 11), (15, 1), torch.bfloat16, "contiguous"),
                                  ((1, 16, 5, 30), (31, 31), torch.bfloat16, "contiguous"),  # H <= kh / 2
-                                 ((2, 70, 7, 7), (13, 13), torch.bfloat16, "channels_last"),  # small maps
-                                 ((1, 16, 5, 6), (13, 11), torch.bfloat16, "contiguous")]:
+                                 ((2, 70, 7, 7), (13, 13), torch.bfloat16, "channels_last"),  # small maps: fp32
+                                 ((1, 16, 5, 6), (13, 11), torch.bfloat16, "contiguous"),  # (up to 7 wide)
+                                 ((2, 20, 12, 12), (23, 23), torch.bfloat16, "channels_last")]:  # pairs
         # every forward with a bias, every input gradient (the same kernels) without one
         cases.append((make_input(shape, fmt, dtype), make_weight(shape[1], *k, dtype), make_input(shape, fmt, dtype),
                       torch.randn(shape[1], dtype=dtype)))
@@ -287,8 +288,8 @@ def test_cpu_bf16_pairs_sum_as_the_fp32_path(tmp_path):
     u = 2^-24) and the outputs by that plus one bf16 rounding step, in a few elements only. vdpbf16ps reads
     bf16 subnormals as zero (as oneDNN's bf16 convolution does on such CPUs), which the fp32 path
     does not: a subnormal times 2^100 tells which path ran, so the comparison cannot pass by running
-    the fp32 path twice. Shapes: RepLKNet's stage 1 and 2 kernels on smaller maps, its stage 3 and 4
-    (the small-map kernels), odd and one-row kernels,
+    the fp32 path twice. Shapes: RepLKNet's stage 1, 2 and 3 kernels on smaller maps (stage 3 the
+    small-map kernels, which pair maps wider than 7), odd and one-row kernels,
     row chunks, a partial channel block, a map no taller than half the kernel, the input gradient
     (the flipped kernel) and the weight gradient (odd and even heights) included."""
     backend_or_skip("cpu")
@@ -297,13 +298,13 @@ def test_cpu_bf16_pairs_sum_as_the_fp32_path(tmp_path):
     for shape, k, fmt in [((2, 16, 40, 36), (31, 31), "contiguous"), ((1, 20, 28, 28), (29, 29), "channels_last"),
                           ((2, 16, 40, 9), (15, 3), "contiguous"), ((2, 6, 9, 11), (1, 15), "contiguous"),
                           ((1, 16, 5, 30), (31, 31), "contiguous"), ((2, 20, 14, 14), (27, 27), "channels_last"),
-                          ((2, 16, 7, 7), (13, 13), "contiguous"), ((1, 16, 5, 6), (13, 11), "contiguous")]:
+                          ((2, 16, 10, 10), (19, 19), "contiguous"), ((1, 16, 9, 11), (21, 21), "contiguous")]:
         mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
         x, grad = (torch.randn(shape, generator=g).to(torch.bfloat16).contiguous(memory_format=mf) for _ in range(2))
         cases.append((x, torch.randn(shape[1], 1, *k, generator=g).to(torch.bfloat16), grad,
                       torch.randn(shape[1], generator=g).to(torch.bfloat16)))
     witnesses = []  # (case, pass, element): a bf16 subnormal times 2^100 there
-    for size, k in ((20, 15), (7, 13)):  # the second a small map
+    for size, k in ((20, 15), (10, 19)):  # the second a small map
         subnormal, big = torch.zeros(1, 16, size, size), torch.zeros(1, 16, size, size)
         subnormal[0, :, size // 2, size // 2], big[0, :, size // 2, size // 2] = 1e-39, 2.0 ** 100
         w_big = torch.zeros(16, 1, k, k)

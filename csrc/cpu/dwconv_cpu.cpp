@@ -180,10 +180,14 @@ bool all_finite(const T* p, long n) {
 }
 
 // Whether the bf16 forward and weight gradient of packed tiles run in pairs of rows
-// (avx512::forward_rows_bf16_pairs, weight_grad_bf16_pairs): on AVX512-BF16. One core of the Zen 5,
-// one channel block, packing included: the forward 1.5x the fp32 FMAs at 56x56 with 31x31 and
-// 28x28 with 29x29, 1.25x at 14x14 with 27x27 and 1.08x at 7x7 with 13x13 (small-map kernels both).
-bool bf16_pairs_apply() { return active_isa() == Isa::kAvx512Bf16; }
+// (avx512::forward_rows_bf16_pairs, weight_grad_bf16_pairs): on AVX512-BF16, but for small maps no
+// wider than 7 (RepLKNet's stage 4), where pairing the tiles costs what the pairs save. Batch 8, 2
+// threads, the Zen 5, medians of 25 calls against the fp32 FMAs: 1.3-1.5x at 56x56 with 31x31 and
+// 28x28 with 29x29 (both passes), 1.1-1.2x at 14x14 with 27x27; at 7x7 with 13x13 the forward level
+// and the weight gradient 0.87-0.92x.
+bool bf16_pairs_apply(int W, int kw) {
+  return active_isa() == Isa::kAvx512Bf16 && !(small_direct_applies(W, kw) && W <= 7);
+}
 
 // 64-byte aligned scratch, one per thread, grown on demand.
 template <typename T>
@@ -399,7 +403,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   // bf16 in each fp32 lane, weight row i holding tap rows 2i and 2i + 1, tile row r image rows r and
   // r + 1, and the forward multiplies a pair in one instruction (vdpbf16ps).
   constexpr bool kBf16 = std::is_same<S, at::BFloat16>::value;
-  const bool pairs = kBf16 && bf16_pairs_apply();
+  const bool pairs = kBf16 && bf16_pairs_apply(W, kw);
   const int npairs = (kh + 1) / 2;
   const size_t wt2_block = (size_t)npairs * kwp * lanes;
   auto pair_weights = [&](const T* block, uint32_t* dst) {  // one channel block's packed weights
@@ -595,7 +599,7 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
   // bf16 where bf16_pairs_apply: the packed tiles paired up as in the forward, the gradient's rows
   // 2m and 2m + 1 in pair row m, two image rows a multiply-add (weight_grad_bf16_pairs)
   constexpr bool kBf16 = std::is_same<S, at::BFloat16>::value;
-  const bool pairs = kBf16 && bf16_pairs_apply();
+  const bool pairs = kBf16 && bf16_pairs_apply(W, kw);
 
 #pragma omp parallel num_threads(nt)
   {
