@@ -137,6 +137,23 @@ def test_analysis_option_mistakes_are_one_line_before_anything_runs(tmp_path, ca
     assert not out.exists()
 
 
+def test_analysis_options_for_tasks_the_run_does_not_have_are_said_to_be_ignored(tmp_path, capsys):
+    """--dino-checkpoint, --taig-surrogate and --analysis-images with a --suite that has none of their
+    tasks ran without a word (the tester's --suite clean --dino-checkpoint nothere.pth: exit 0, as if
+    used); each is now a warning line. With their tasks in the run, no such line."""
+    (tmp_path / "data" / "val" / "n01440764").mkdir(parents=True)
+    common = ["--models", "test_resnet=R", "--data-root", tmp_path / "data", "--out", tmp_path / "out",
+              "--no-progress", "--workers", 0, "--dry-run"]
+    _, err = run_cli(capsys, *common, "--suite", "clean", "--dino-checkpoint", tmp_path / "nothere.pth",
+                     "--taig-surrogate", "Nope", "--analysis-images", 3)
+    for option, tasks in (("--dino-checkpoint", "occlusion"), ("--taig-surrogate", "taig"),
+                          ("--analysis-images", "occlusion / fgsm / pgd / taig / lesion / frequency")):
+        assert f"lkfast.eval: warning: {option} is for {tasks}, which this run does not have (--suite clean): " \
+               "it is ignored" in err, option
+    _, err = run_cli(capsys, *common, "--suite", "clean,pgd", "--analysis-images", 3)
+    assert "ignored" not in err
+
+
 def test_device_mistakes_are_one_line_as_in_train(tmp_path, capsys, monkeypatch):
     """--device is read as python -m lkfast.train reads it (lkfast.train.device_option): CUDA where
     there is none, or a name torch does not know, is the same error line, exit 2, before anything

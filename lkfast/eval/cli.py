@@ -306,6 +306,22 @@ def _check_analysis_options(options, tasks, models: List[ModelSpec]) -> None:
                         f"label of this run: give one of {', '.join(labels)}")
 
 
+PER_IMAGE_ANALYSES = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency")  # what --analysis-images reads
+
+
+def _unused_options(args, tasks) -> List[str]:
+    """Options given on the command line for a task that is not in the run (they were ignored without
+    a word: a --dino-checkpoint with --suite clean looked like it had been used)."""
+    notes = []
+    for option, value, used_by in (("--dino-checkpoint", args.dino_checkpoint, ("occlusion",)),
+                                   ("--taig-surrogate", args.taig_surrogate, ("taig",)),
+                                   ("--analysis-images", args.analysis_images, PER_IMAGE_ANALYSES)):
+        if value is not None and not any(task in tasks for task in used_by):
+            notes.append(f"{option} is for {' / '.join(used_by)}, which this run does not have (--suite "
+                         f"{','.join(tasks)}): it is ignored")
+    return notes
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m lkfast.eval``: the exit status. Warnings are printed as the command's other lines,
     one line each (``lkfast.eval: warning: ...``, without Python's file and source line), while it runs."""
@@ -405,6 +421,9 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
                 analysis["dino_pretrained"] = _published_dino()
         if not args.dry_run:
             _check_writable(args.out)
+        for note in _unused_options(args, tasks):
+            if dist.is_main():
+                print(f"lkfast.eval: warning: {note}", file=sys.stderr)
         for spec in models:
             if spec.checkpoint is None and not spec.pretrained and dist.is_main():
                 print(f"lkfast.eval: warning: model {spec.display!r} has no checkpoint: it is evaluated with random "
