@@ -1012,6 +1012,8 @@ def test_cli_runs_the_analyses_into_the_report_with_their_options(tmp_path):
     results = json.loads((out / "results.json").read_text())["tiny-cn"]
     assert "unavailable" not in results["taig"] and results["taig"]["surrogate"] == "tiny-cn"
     assert "## Table 4: TAIG" in (out / "report.md").read_text() and (out / "tables" / "table4_taig.csv").exists()
+    # the surrogate is the model itself: its row says the attack was white-box, not a transfer
+    assert "| tiny-cn | tiny-cn (itself: white-box, not a transfer) |" in (out / "report.md").read_text()
     # a surrogate that is no label of the run: the command refuses it before anything runs; through the
     # API (or a label cached under another surrogate) TAIG runs again, is not run, and says why
     assert main(common + ["--taig-surrogate", "nobody"]) == 2

@@ -609,7 +609,9 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
         eps = next(iter(found["taig"].values()))["eps"]
         parts.append(_table(out, "table4_taig", "## Table 4: TAIG transfer attack success rate (%, lower is more robust)",
                             ["Model", "surrogate"] + [f"eps = {e}" for e in eps],
-                            [[m, r["surrogate"], *r["success_rate"]] for m, r in found["taig"].items()],
+                            # a model that is its own surrogate (--taig-surrogate naming it) was attacked white-box
+                            [[m, r["surrogate"] if r["surrogate"] != m else f"{m} (itself: white-box, not a transfer)",
+                              *r["success_rate"]] for m, r in found["taig"].items()],
                             "Success = misclassified after the attack, among all attacked images (as the paper's "
                             "script TAIG_test.py counts it; results.json's success_rate_clean_correct counts only "
                             "the images the model classifies correctly when clean)." + _taig_notes(found["taig"])))
