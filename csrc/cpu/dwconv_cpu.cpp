@@ -8,8 +8,8 @@
 // image over all channel blocks, computed on the tensors themselves (forward_direct), and the weight
 // gradient reads each image's block in place (weight_grad_direct). The arithmetic lives in
 // dwconv_kernel.h, compiled for AVX-512, AVX2 and a baseline, chosen once at run time. On CPUs with
-// AVX512-BF16 the bf16 forward of packed tiles pairs up tap rows, two multiply-adds an instruction
-// (vdpbf16ps: see forward_tile and bf16_pairs_apply).
+// AVX512-BF16 the bf16 forward and weight gradient of packed tiles pair up rows, two multiply-adds
+// an instruction (vdpbf16ps: see bf16_pairs_apply).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -36,7 +36,7 @@ namespace lkfast {
 namespace cpu {
 namespace {
 
-// kAvx512Bf16: the AVX-512 core, and the bf16 forward in pairs of tap rows (AVX512-BF16's vdpbf16ps).
+// kAvx512Bf16: the AVX-512 core, and bf16 in pairs of rows (AVX512-BF16's vdpbf16ps).
 enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Bf16 };
 
 Isa detect_isa() {
@@ -187,6 +187,19 @@ bool all_finite(const T* p, long n) {
 // and the weight gradient 0.87-0.92x.
 bool bf16_pairs_apply(int W, int kw) {
   return active_isa() == Isa::kAvx512Bf16 && !(small_direct_applies(W, kw) && W <= 7);
+}
+
+// A packed fp32 tile of n rows of len values (bf16 values widened) as the pair kernels read it, rows
+// outside the tile as zeros (avx512::pair_rows). Overlapping: pair row q holds rows q - 1 and q (n + 1
+// pair rows: the input, whose pairs start at every row). In twos: pair row m holds rows 2m and 2m + 1
+// ((n + 1) / 2 pair rows: the weights' tap rows, the output gradient's rows).
+void pair_overlapping(const float* P, int n, long len, uint32_t* dst) {
+  for (int q = 0; q <= n; ++q)
+    avx512::pair_rows(q > 0 ? P + (q - 1) * len : nullptr, q < n ? P + q * len : nullptr, len, dst + q * len);
+}
+void pair_in_twos(const float* P, int n, long len, uint32_t* dst) {
+  for (int m = 0; 2 * m < n; ++m)
+    avx512::pair_rows(P + 2 * m * len, 2 * m + 1 < n ? P + (2 * m + 1) * len : nullptr, len, dst + m * len);
 }
 
 // 64-byte aligned scratch, one per thread, grown on demand.
@@ -407,11 +420,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const int npairs = (kh + 1) / 2;
   const size_t wt2_block = (size_t)npairs * kwp * lanes;
   auto pair_weights = [&](const T* block, uint32_t* dst) {  // one channel block's packed weights
-    if constexpr (kBf16)
-      for (int i = 0; i < npairs; ++i)
-        avx512::pair_rows(block + (size_t)2 * i * kwp * lanes,
-                          2 * i + 1 < kh ? block + (size_t)(2 * i + 1) * kwp * lanes : nullptr, (long)kwp * lanes,
-                          dst + (size_t)i * kwp * lanes);
+    if constexpr (kBf16) pair_in_twos(block, kh, (long)kwp * lanes, dst);
   };
   // Output rows [h0, h1) from a packed tile P of input rows [r0, r1): in pairs where they apply and
   // every value is finite (the pairs multiply the padding's zeros like any value, and 0 * Inf is
@@ -423,9 +432,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
         // pair row q: image rows r0 - 1 + q and r0 + q, rows outside the tile zero (the first pair
         // row reaches above the image or the tile's first row, the last one below the last row)
         uint32_t* P2 = p2buf.get((size_t)(r1 - r0 + 1) * row_len);
-        for (int q = 0; q <= r1 - r0; ++q)
-          avx512::pair_rows(q > 0 ? P + (size_t)(q - 1) * row_len : nullptr,
-                            q < r1 - r0 ? P + (size_t)q * row_len : nullptr, row_len, P2 + (size_t)q * row_len);
+        pair_overlapping(P, r1 - r0, row_len, P2);
         avx512::forward_rows_bf16_pairs(P2, r0, H, W, kh, kw, Wt2, Bt, h0, h1, O);
         return;
       }
@@ -637,13 +644,9 @@ at::Tensor weight_grad_typed(const at::Tensor& grad_out, const at::Tensor& x, in
         if constexpr (kBf16) {
           if (pairs && input_finite && grad_finite) {  // (finite: see forward_tile)
             uint32_t* X2 = x2buf.get((size_t)(H + 1) * prow_len);
-            for (int q = 0; q <= H; ++q)  // image rows q - 1 and q
-              avx512::pair_rows(q > 0 ? P + (size_t)(q - 1) * prow_len : nullptr, q < H ? P + (size_t)q * prow_len : nullptr,
-                                prow_len, X2 + (size_t)q * prow_len);
+            pair_overlapping(P, H, prow_len, X2);  // image rows q - 1 and q
             uint32_t* G2 = g2buf.get((size_t)((H + 1) / 2) * grow_len);
-            for (int m = 0; 2 * m < H; ++m)  // gradient rows 2m and 2m + 1
-              avx512::pair_rows(G + (size_t)2 * m * grow_len, 2 * m + 1 < H ? G + (size_t)(2 * m + 1) * grow_len : nullptr,
-                                grow_len, G2 + (size_t)m * grow_len);
+            pair_in_twos(G, H, grow_len, G2);  // gradient rows 2m and 2m + 1
             avx512::weight_grad_bf16_pairs(X2, G2, H, W, kh, kw, i0, i1, GW);
             continue;
           }
