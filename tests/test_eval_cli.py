@@ -595,7 +595,7 @@ def test_the_occlusions_dino_takes_the_evaluated_models_size_and_its_failure_nam
 
 def test_weights_of_another_architecture_name_the_option_that_gave_them(tmp_path, monkeypatch):
     """A --baseline-model or --dino-checkpoint file holding another model's weights was told to change
-    "the name before ':' in python -m lkfast.eval --models": each names its own option."""
+    "the name before ':' in python -m lkfast.eval --models": each names its own option (--models too)."""
     import timm
 
     from lkfast.analysis import occlusion
@@ -610,6 +610,10 @@ def test_weights_of_another_architecture_name_the_option_that_gave_them(tmp_path
     assert str(info.value).endswith("it looks like the weights of another architecture; pass the torchvision model it "
                                     "was saved from as the name before ':' in --baseline-model (e.g. --baseline-model "
                                     "alexnet:PATH)"), info.value
+    with pytest.raises(CheckpointError) as info:
+        load_model(ModelSpec("test_convnext", str(resnet)))
+    assert str(info.value).endswith("it looks like the weights of another architecture; build the model the "
+                                    "checkpoint was saved from (the name before ':' in --models)"), info.value
     monkeypatch.setattr(occlusion, "DINO_MODEL", "test_vit.r160_in1k")
     with pytest.raises(CheckpointError) as info:
         analysis_tasks._dino(str(resnet), "cpu")

@@ -687,8 +687,24 @@ def test_another_architectures_checkpoint_says_so(tmp_path):
     # resnet weights given as convnext's listed the keys only; nothing said what to do
     path = _save(tmp_path / "resnet.pth", timm.create_model("test_resnet").state_dict())
     with pytest.raises(CheckpointError, match=r"does not fit ConvNeXt: .* Only 0 of the model's \d+ keys are in the "
-                                              r"checkpoint: it looks like the weights of another architecture"):
+                                              r"checkpoint: it looks like the weights of another architecture") as info:
         create_model("test_convnext", checkpoint=path)
+    # the library's words name no command-line option (the eval's once did: a library user has no --models)
+    assert str(info.value).endswith("another architecture; build the model the checkpoint was saved from")
+    # a caller with other words for it (the eval) replaces that advice and nothing else
+    other = info.value.with_advice("architecture", "use --other")
+    assert str(other) == str(info.value)[:-len("build the model the checkpoint was saved from")] + "use --other"
+    assert isinstance(other, CheckpointError) and other.classes is None
+    assert info.value.with_advice("classes", "unused") is info.value  # no advice of that kind: unchanged
+
+
+def test_checkpoint_error_replaces_its_advice_by_kind():
+    error = CheckpointError("bad.", ("classes", " pass num_classes=10."), " Also: ", ("architecture", "build it"),
+                            classes=10)
+    assert str(error) == "bad. pass num_classes=10. Also: build it" and error.classes == 10
+    both = error.with_advice("classes", " ten classes.").with_advice("architecture", "use --models")
+    assert str(both) == "bad. ten classes. Also: use --models" and both.classes == 10
+    assert str(CheckpointError("plain")) == "plain" and isinstance(CheckpointError("plain"), ValueError)
 
 
 def test_extract_state_dict_picks_the_plain_weights_and_only_tensors():

@@ -134,14 +134,13 @@ def _dino(checkpoint, device):
         except OSError:  # (load_dino says what is wrong with it; a failed load is not remembered)
             stamp = (os.path.abspath(checkpoint), None)
     from lkfast.analysis.occlusion import DINO_MODEL
-    from lkfast.eval.models import for_option
     from lkfast.models import CheckpointError
 
     try:
         return _load_dino(stamp, checkpoint, str(device), DINO_MODEL)
-    except CheckpointError as error:  # its advice for another architecture names --models
-        raise for_option(error, f"give --dino-checkpoint (or LKFAST_DINO_CHECKPOINT) the weights of timm's "
-                                f"{DINO_MODEL} (DINO ViT-S/16)") from None
+    except CheckpointError as error:
+        raise error.with_advice("architecture", f"give --dino-checkpoint (or LKFAST_DINO_CHECKPOINT) the weights of "
+                                                f"timm's {DINO_MODEL} (DINO ViT-S/16)") from None
 
 
 @functools.lru_cache(maxsize=1)

@@ -314,14 +314,8 @@ def with_training_run(spec: ModelSpec, class_space=None) -> ModelSpec:
                                input_size=input_size, logit_order=logit_order)
 
 
-def for_option(error, advice: str):
-    """CheckpointError ``error`` with ``advice`` in place of create_model's for the weights of another
-    architecture, which names --models: for a checkpoint given by another option."""
-    from lkfast.models.factory import ANOTHER_ARCHITECTURE, CheckpointError
-
-    advised = CheckpointError(str(error).replace(ANOTHER_ARCHITECTURE, advice))
-    advised.classes = error.classes
-    return advised
+# What a checkpoint of another architecture is told to do, for the option that gave it (CheckpointError.with_advice).
+BUILD_THE_MODEL_IT_WAS_SAVED_FROM = "build the model the checkpoint was saved from (the name before ':' in --models)"
 
 
 def _torchvision_model(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -344,8 +338,8 @@ def _torchvision_model(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Modu
         try:
             load_checkpoint(model, spec.checkpoint, trust_checkpoint=trust_checkpoint)
         except CheckpointError as error:
-            raise for_option(error, "pass the torchvision model it was saved from as the name before ':' in "
-                                    "--baseline-model (e.g. --baseline-model alexnet:PATH)") from None
+            raise error.with_advice("architecture", "pass the torchvision model it was saved from as the name "
+                                    "before ':' in --baseline-model (e.g. --baseline-model alexnet:PATH)") from None
     preset = torchvision.models.get_model_weights(spec.name).DEFAULT.transforms()
     crop, resize = preset.crop_size[0], preset.resize_size[0]
     config = {"input_size": (3, crop, crop), "interpolation": preset.interpolation.value,
@@ -388,19 +382,20 @@ def _build(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Module, Dict[str
     else:
         from lkfast.models import create_model
 
-        from lkfast.models.factory import CheckpointError, classes_hint
+        from lkfast.models.factory import CheckpointError
 
         try:
             model = create_model(spec.name, checkpoint=spec.checkpoint, pretrained=spec.hub_weights,
                                  trust_checkpoint=trust_checkpoint, **dict(spec.kwargs))
         except CheckpointError as error:
-            if error.classes is None or "num_classes" in dict(spec.kwargs):
-                raise
-            # num_classes is create_model's; the eval scores the benchmarks in ImageNet-1k's classes
-            raise CheckpointError(str(error).replace(classes_hint(error.classes), (
-                f" The checkpoint's classifier has {error.classes} classes; the benchmarks are scored in "
-                f"ImageNet-1k's 1000: evaluate a checkpoint with a 1000-class head (python -m lkfast.train "
-                f"--num-classes 1000 trains one on wnid folders of some of the classes)."))) from None
+            error = error.with_advice("architecture", BUILD_THE_MODEL_IT_WAS_SAVED_FROM)
+            if error.classes is not None and "num_classes" not in dict(spec.kwargs):
+                # num_classes is create_model's; the eval scores the benchmarks in ImageNet-1k's classes
+                error = error.with_advice("classes", (
+                    f" The checkpoint's classifier has {error.classes} classes; the benchmarks are scored in "
+                    f"ImageNet-1k's 1000: evaluate a checkpoint with a 1000-class head (python -m lkfast.train "
+                    f"--num-classes 1000 trains one on wnid folders of some of the classes)."))
+            raise error from None
         except RuntimeError as error:
             if not spec.hub_weights:
                 raise

@@ -36,14 +36,27 @@ _SHOWN = 5  # how many keys of each kind a mismatch error lists
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why. ``classes``: the
-    checkpoint classifier's outputs where they are what does not fit (else None)."""
+    checkpoint classifier's outputs where they are what does not fit (else None).
+
+    The message is a sequence of parts, some of them advice of a kind ("classes": the classifier's size,
+    "architecture": the weights of another model) that a caller who knows better words for its own
+    users replaces with ``with_advice`` (``python -m lkfast.eval`` names its options there)."""
 
     classes = None
 
+    def __init__(self, *parts, classes=None):
+        """``parts``: strings, or (kind, advice) pairs; the message is their texts joined."""
+        self.parts = tuple(p if isinstance(p, tuple) else (None, p) for p in parts)
+        self.classes = classes
+        super().__init__("".join(text for _, text in self.parts))
 
-def classes_hint(classes: int) -> str:
-    """What a checkpoint whose classifier has ``classes`` outputs asks of the caller (the library's words)."""
-    return f" The checkpoint's classifier has {classes} classes: pass num_classes={classes}."
+    def with_advice(self, kind: str, advice: str) -> "CheckpointError":
+        """This error with its advice of ``kind`` (where it has one) in the words ``advice``."""
+        if all(k != kind for k, _ in self.parts):
+            return self
+        return CheckpointError(*((k, advice if k == kind else text) for k, text in self.parts), classes=self.classes)
+
+
 
 
 def _safe_globals() -> list:
@@ -263,29 +276,22 @@ def load_checkpoint(model: nn.Module, path: str, trust_checkpoint: bool = False,
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
     problems = [_listing(kind, items) for kind, items in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
-    hint, classes = "", None
+    parts, classes = [f"checkpoint {path!r} does not fit {type(model).__name__}: " + "; ".join(problems) + "."], None
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
     if f"{classifier}.weight" in state and f"{classifier}.weight" in expected \
             and state[f"{classifier}.weight"].shape[0] != expected[f"{classifier}.weight"].shape[0]:
         classes = int(state[f"{classifier}.weight"].shape[0])
-        hint = classes_hint(classes)
+        parts.append(("classes", f" The checkpoint's classifier has {classes} classes: pass num_classes={classes}."))
     shared = len(expected) - len(missing)
     if missing and unexpected and all(".bn." in k for k in missing) and all(k.endswith(".conv.bias") for k in unexpected) \
             and hasattr(model, "structural_reparam"):  # conv biases where the BNs were: conv-BN pairs folded
-        hint += (f" The checkpoint has conv biases where the model has {len(missing)} BatchNorm entries: it looks like "
-                 f"one saved after structural_reparam(fuse_conv_bn=True); build the model, call "
-                 f"model.structural_reparam(fuse_conv_bn=True), then load_checkpoint(model, path)")
+        parts.append(f" The checkpoint has conv biases where the model has {len(missing)} BatchNorm entries: it looks "
+                     f"like one saved after structural_reparam(fuse_conv_bn=True); build the model, call "
+                     f"model.structural_reparam(fuse_conv_bn=True), then load_checkpoint(model, path)")
     elif shared < len(expected) / 2:  # not a few renamed layers: the weights of another model
-        hint += (f" Only {shared} of the model's {len(expected)} keys are in the checkpoint: it looks like the weights "
-                 f"of another architecture; {ANOTHER_ARCHITECTURE}")
-    error = CheckpointError(f"checkpoint {path!r} does not fit {type(model).__name__}: " + "; ".join(problems) + "." + hint)
-    error.classes = classes
-    raise error
-
-
-# What a CheckpointError advises for the weights of another architecture; python -m lkfast.eval puts
-# the option that gave a checkpoint other than --models' in its place (lkfast.eval.models.for_option).
-ANOTHER_ARCHITECTURE = "build the model the checkpoint was saved from (the name before ':' in python -m lkfast.eval --models)"
+        parts += [f" Only {shared} of the model's {len(expected)} keys are in the checkpoint: it looks like the weights "
+                  f"of another architecture; ", ("architecture", "build the model the checkpoint was saved from")]
+    raise CheckpointError(*parts, classes=classes)
 
 
 def check_model_name(name: str) -> None:
