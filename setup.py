@@ -12,6 +12,8 @@ Environment switches:
                         machine where compiling costs its scarce time, as benchmarks/gpu_check.sh does)
 Beside the built extension, _C.<abi>.sources records which csrc/ it was built from (lkfast._sources);
 importing lkfast from a checkout whose csrc/ has changed since then warns that the build is stale.
+An assembler older than binutils 2.32 builds the CPU kernels without their AVX512-BF16 bf16 path
+(lkfast/_toolchain.py); lkfast.ops.available_backends() then says so.
 Install with `pip install --no-build-isolation -e .` so the build uses the torch already installed.
 """
 import glob
@@ -54,13 +56,18 @@ def _set_cuda_home():
             return
 
 
-def _sources_module():
+def _load(name):
+    """lkfast/<name>.py, loaded by path (lkfast is not importable while it is being built)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_lkfast_sources", os.path.join(ROOT, "lkfast", "_sources.py"))
+    spec = importlib.util.spec_from_file_location(f"_lkfast_{name}", os.path.join(ROOT, "lkfast", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _sources_module():
+    return _load("_sources")
 
 
 def _recording(build_ext):
@@ -106,6 +113,10 @@ def _extensions():
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
     macros = []
+    if not _load("_toolchain").assembles_vdpbf16ps():
+        print("lkfast: the assembler cannot encode vdpbf16ps (binutils < 2.32): building without the "
+              "AVX512-BF16 bf16 kernels (bf16 on the CPU runs on the AVX-512 FMA path)")
+        macros.append(("LKFAST_NO_VDPBF16PS", None))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     want_cuda = (
         os.environ.get("LKFAST_NO_CUDA", "0") != "1"

@@ -54,6 +54,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_weight_grad", &lkfast::cpu::weight_grad, "depthwise conv weight gradient on CPU",
         py::arg("grad_out"), py::arg("x"), py::arg("kh"), py::arg("kw"));
   m.def("cpu_isa", &lkfast::cpu::isa_name, "instruction set the CPU kernels use");
+  m.def("cpu_isa_note", &lkfast::cpu::isa_note, "why the CPU kernels run below this CPU's best, or ''");
   m.def("cuda_launch_sizes",
         [](const std::vector<int64_t>& shape, int64_t kh, int64_t kw, at::ScalarType dtype) {
           return as_dict(cuda_launch_sizes(shape, kh, kw, dtype));

@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch  # noqa: F401  (loads libc10 and libtorch, which _C links against: import torch first)
+
 _C = None
 load_error: str | None = None
 stale: str | None = None  # why the loaded extension does not match csrc/ (a source checkout only)

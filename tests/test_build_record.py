@@ -3,6 +3,9 @@ build older than the checkout's C++/CUDA sources is named at import, not silentl
 from __future__ import annotations
 
 import json
+import platform
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import pytest
 import lkfast.ops as ops
 from lkfast import _ext
 from lkfast._sources import record_path, source_hash, stale_reason, write_record
+from lkfast._toolchain import assembles_vdpbf16ps, compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,3 +83,53 @@ def test_a_cpu_isa_cap_the_kernels_do_not_read_is_warned_about(monkeypatch, valu
     assert bool(said) is warns, said
     if warns:
         assert said[0].startswith(f"lkfast: LKFAST_CPU_ISA={value!r} is not one of generic, avx2, avx512, avx512bf16")
+
+
+# binutils < 2.32 as far as lkfast is concerned: rejects vdpbf16ps, assembles the rest with the real as.
+_OLD_AS = """#!/bin/sh
+for a in "$@"; do
+  case "$a" in -*) ;; *) if [ -f "$a" ] && grep -q vdpbf16ps "$a"; then
+    echo "$a: Error: no such instruction: 'vdpbf16ps'" >&2; exit 1; fi;; esac
+done
+exec {real} "$@"
+"""
+
+
+def test_an_assembler_without_vdpbf16ps_builds_the_cpu_kernels_without_it(tmp_path):
+    """setup.py asks the compiler first (lkfast._toolchain) and builds with LKFAST_NO_VDPBF16PS where
+    the assembler cannot encode AVX512-BF16's instruction: the AVX-512 compute core must then
+    compile and assemble without it (one rejected line would fail the whole extension)."""
+    real_as, cxx = shutil.which("as"), shutil.which(compiler()[0])
+    if platform.machine().lower() not in ("x86_64", "amd64") or not real_as or not cxx:
+        pytest.skip("needs an x86-64 C++ toolchain with GNU as")
+    if not assembles_vdpbf16ps():
+        pytest.skip(f"{compiler()[0]}'s assembler already lacks vdpbf16ps: this build is the one tested here")
+    old = tmp_path / "old_binutils"
+    old.mkdir()
+    (old / "as").write_text(_OLD_AS.format(real=real_as))
+    (old / "as").chmod(0o755)
+    old_cxx = [cxx, f"-B{old}/"]
+    assert not assembles_vdpbf16ps(old_cxx)
+    done = subprocess.run(old_cxx + ["-O1", "-fopenmp", "-std=c++17", f"-I{ROOT / 'csrc'}", "-DLKFAST_NO_VDPBF16PS",
+                                     "-c", str(ROOT / "csrc" / "cpu" / "dwconv_avx512.cpp"), "-o", str(tmp_path / "a.o")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_available_backends_say_why_the_cpu_kernels_run_below_this_cpus_best(monkeypatch):
+    if _ext._C is None:
+        pytest.skip(f"lkfast._C is not built here: {_ext.load_error}")
+    real = _ext._C
+    if real.cpu_isa() == "avx512bf16":
+        assert real.cpu_isa_note() == ""  # nothing left out here
+
+    class Built:  # the extension as a build without vdpbf16ps reports itself on an AVX512-BF16 CPU
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def cpu_isa_note(self):
+            return "built without vdpbf16ps"
+
+    monkeypatch.setattr(_ext, "_C", Built())
+    info = ops.available_backends()["cpu"]
+    assert info.available and info.reason.endswith("path (built without vdpbf16ps)")

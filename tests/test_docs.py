@@ -53,7 +53,7 @@ def test_result_prefixes_are_read():
 
 
 # ------------------------------------------------------------------------------ environment variables
-MACROS = {"LKFAST_WITH_CUDA"}  # setup.py's compile-time define for the CUDA bindings, not read from the environment
+MACROS = {"LKFAST_WITH_CUDA", "LKFAST_NO_VDPBF16PS"}  # setup.py's compile-time defines (CUDA bindings; no vdpbf16ps), not read from the environment
 
 
 def variables_the_code_reads() -> set:

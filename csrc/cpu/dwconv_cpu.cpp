@@ -39,12 +39,30 @@ namespace {
 // kAvx512Bf16: the AVX-512 core, and bf16 in pairs of rows (AVX512-BF16's vdpbf16ps).
 enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Bf16 };
 
+bool cpu_has_avx512bf16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+// False where setup.py found an assembler that cannot encode vdpbf16ps (binutils < 2.32).
+constexpr bool bf16_pairs_built() {
+#if defined(LKFAST_NO_VDPBF16PS)
+  return false;
+#else
+  return true;
+#endif
+}
+
 Isa detect_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
+    return cpu_has_avx512bf16() && bf16_pairs_built() ? Isa::kAvx512Bf16 : Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kGeneric;
@@ -716,6 +734,14 @@ at::Tensor weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t 
     out = weight_grad_typed<scalar_t>(grad_out, x, (int)kh, (int)kw);
   });
   return out;
+}
+
+std::string isa_note() {
+  if (cpu_has_avx512bf16() && !bf16_pairs_built() && active_isa() == Isa::kAvx512)
+    return "this CPU has AVX512-BF16, but lkfast was built with an assembler that cannot encode "
+           "vdpbf16ps (binutils older than 2.32), so bf16 runs on the AVX-512 FMA path; reinstall "
+           "with binutils >= 2.32 for the faster bf16 kernels";
+  return "";
 }
 
 std::string isa_name() {

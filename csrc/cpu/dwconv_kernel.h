@@ -79,9 +79,17 @@ static inline __attribute__((always_inline)) void mac(A& acc, A a, A b) {
 // both lanes' products (vdpbf16ps: exact products, bf16 subnormals read as zero): one instruction
 // for two multiply-adds. Written in assembly, so that this file compiles with the AVX-512 target
 // of CPUs without AVX512-BF16; only callers that checked the CPU (dwconv_cpu.cpp) reach it.
+// An assembler older than binutils 2.32 cannot encode the instruction: setup.py then defines
+// LKFAST_NO_VDPBF16PS, this mac is the same two products in two FMAs (subnormals kept), the
+// pairs are never chosen (dwconv_cpu.cpp, detect_isa) and the rest of the extension still builds.
 typedef Vec<uint32_t>::type PairVec;
 static inline __attribute__((always_inline)) void mac(Vec<float>::type& acc, PairVec a, PairVec b) {
+#if !defined(LKFAST_NO_VDPBF16PS)
   asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+#else
+  acc += (Vec<float>::type)(a & 0xffff0000u) * (Vec<float>::type)(b & 0xffff0000u);
+  acc += (Vec<float>::type)(a << 16) * (Vec<float>::type)(b << 16);
+#endif
 }
 #endif
 

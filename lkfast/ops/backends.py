@@ -329,6 +329,9 @@ def available_backends() -> dict[str, BackendInfo]:
         detail = backend.description
         if name == "cpu" and why is None:
             detail += f", {_ext._C.cpu_isa()} path"
+            note = _ext._C.cpu_isa_note() if hasattr(_ext._C, "cpu_isa_note") else ""
+            if note:
+                detail += f" ({note})"
         if name in ("cpu", "cuda") and why is None and _ext.stale:
             detail += f"; STALE BUILD: {_ext.stale}"
         out[name] = BackendInfo(
