@@ -80,6 +80,7 @@ def test_which_inputs_are_candidates_and_the_switch(monkeypatch):
     assert not eligible(torch.randn(2, 8, 15, 14).contiguous(memory_format=torch.channels_last))  # > MAX_AREA
     assert not eligible(small.contiguous())  # NCHW: oneDNN's convolution
     assert not eligible(small.to(torch.bfloat16))  # half precision: not measured, convolution
+    assert not eligible(small[:0])  # empty: no matrix product of nothing (and no calibration of it)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not eligible(small)
     # the tests run with LKFAST_CALIBRATE=0 (conftest): uncalibrated, auto is PyTorch's convolution
@@ -264,6 +265,29 @@ def test_linear_matches_f_linear(dtype, shape, mode, monkeypatch):
     assert got[0].is_contiguous()
 
 
+@pytest.mark.parametrize("mode", ["auto", "conv"])
+def test_a_patched_linear_given_no_rows_or_other_features_is_f_linear(mode, monkeypatch, tmp_path):
+    """A patched nn.Linear fed zero rows (a detector head with no proposals, an empty last batch)
+    crashed in the 1x1 convolution of a 0-pixel map (and, calibrating, in timing it); one fed the
+    wrong number of features said conv2d's "expected input[2, 15, 5, 1] to have 16 channels"."""
+    from lkfast.nn import PointwiseLinear, patch_model
+
+    monkeypatch.setenv("LKFAST_POINTWISE", mode)
+    monkeypatch.setenv("LKFAST_CALIBRATE", "1")
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path))
+    head = nn.Sequential(nn.Linear(16, 12))
+    assert patch_model(head) == 1 and isinstance(head[0], PointwiseLinear)
+    for shape in ((0, 16), (2, 0, 16), (0, 3, 3, 16)):
+        x = torch.randn(shape, requires_grad=True)
+        y = head(x)
+        assert y.shape == (*shape[:-1], 12)
+        y.sum().backward()
+        assert x.grad.shape == x.shape and torch.equal(head[0].weight.grad, torch.zeros(12, 16))
+        head.zero_grad()
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied \(10x15 and 16x12\)"):
+        head(torch.randn(2, 5, 15))
+
+
 def test_which_linear_inputs_are_candidates(monkeypatch):
     """Only a contiguous 2-D, 3-D or 4-D CPU fp32/fp64 input with a weight of its dtype, autocast
     off, takes the convolution, even when it is forced; everything else is F.linear's own call.
@@ -283,7 +307,8 @@ def test_which_linear_inputs_are_candidates(monkeypatch):
         assert view.is_contiguous(memory_format=torch.channels_last)
     others = {"1-D": (x[0, 0, 0], w), "5-D": (x[None], w), "not contiguous": (x.transpose(1, 2), w),
               "bf16": (x.bfloat16(), w.bfloat16()), "mixed dtypes": (x, w.double()),
-              "meta": (x.to("meta"), w.to("meta"))}
+              "meta": (x.to("meta"), w.to("meta")), "empty": (x[:0], w), "no tokens": (x[:, 0, :0], w),
+              "other features": (x[..., :7].contiguous(), w[:, :7].contiguous().T.contiguous())}
     for name, (xi, wi) in others.items():
         assert not linear_eligible(xi, wi), name
         choice = linear_choice(xi, wi)

@@ -63,13 +63,13 @@ def eligible(x: torch.Tensor) -> bool:
     tensors a first calibration times; PyTorch's convolution supports every transform."""
     if torch._C._are_functorch_transforms_active():
         return False
-    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in MATMUL_DTYPES
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in MATMUL_DTYPES and x.numel() > 0
             and x.shape[2] * x.shape[3] <= MAX_AREA
             and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.is_autocast_enabled("cpu"))
 
 
-_NOT_A_CANDIDATE = ("not a candidate for the matrix product (needs a CPU fp32/fp64 channels_last map of "
+_NOT_A_CANDIDATE = ("not a candidate for the matrix product (needs a non-empty CPU fp32/fp64 channels_last map of "
                     f"at most {MAX_AREA} pixels, autocast off, no torch.func transform)")
 _MEMO: dict = {}  # ([layer,] x shape, weight shape, dtype, grads) -> (cpu_dispatch.memo_token, Choice)
 
@@ -132,17 +132,19 @@ LINEAR_DIMS = (2, 3, 4)  # the input dimensions pointwise_linear views as a 1x1 
 def linear_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``F.linear(x, weight)`` is a candidate for the 1x1 convolution: a contiguous 2-D, 3-D
     or 4-D CPU fp32/fp64 input (features, tokens, NHWC activations: a channels_last view of it is
-    the convolution's input, no copy; see ``_conv_view``) with a weight of its dtype, autocast off,
-    outside ``torch.func`` transforms (as ``eligible``)."""
+    the convolution's input, no copy; see ``_conv_view``) with a weight of its dtype and features,
+    not empty (no convolution of a 0-pixel map), autocast off, outside ``torch.func`` transforms (as
+    ``eligible``). Any other input is ``F.linear``'s, with its own errors."""
     if torch._C._are_functorch_transforms_active():
         return False
-    return (x.device.type == "cpu" and x.dim() in LINEAR_DIMS and x.dtype in MATMUL_DTYPES
-            and weight.dtype == x.dtype and weight.dim() == 2 and x.is_contiguous()
-            and not torch.is_autocast_enabled("cpu"))
+    return (x.device.type == "cpu" and x.dim() in LINEAR_DIMS and x.dtype in MATMUL_DTYPES and x.numel() > 0
+            and weight.dtype == x.dtype and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
+            and x.is_contiguous() and not torch.is_autocast_enabled("cpu"))
 
 
-_NOT_A_LINEAR_CANDIDATE = ("not a candidate for the 1x1 convolution (needs a contiguous 2-D, 3-D or 4-D CPU "
-                           "fp32/fp64 input with a weight of its dtype, autocast off, no torch.func transform)")
+_NOT_A_LINEAR_CANDIDATE = ("not a candidate for the 1x1 convolution (needs a non-empty contiguous 2-D, 3-D or "
+                           "4-D CPU fp32/fp64 input with a weight of its dtype and features, autocast off, no "
+                           "torch.func transform)")
 
 
 def _conv_view(x: torch.Tensor) -> torch.Tensor:
