@@ -257,12 +257,27 @@ def test_patch_model_swaps_linears_and_unpatch_model_restores_them(monkeypatch):
 
 
 @pytest.mark.parametrize("padding", [3, (3, 3), "same"])
-def test_patch_model_padding_forms(padding):
+def test_patch_model_padding_forms(padding, monkeypatch):
+    """Each form of k // 2 is swapped and then computed by the fast op ("same" was swapped and counted,
+    and every call went to nn.Conv2d's own forward)."""
+    import lkfast.nn.depthwise as depthwise
+
     model = nn.Sequential(nn.Conv2d(4, 4, 7, padding=padding, groups=4))
     x = torch.randn(1, 4, 10, 12)
     y = model(x)
     assert patch_model(model) == 1
+    calls, op = [], depthwise.depthwise_conv2d
+    monkeypatch.setattr(depthwise, "depthwise_conv2d", lambda *a, **k: calls.append(1) or op(*a, **k))
     _close(model(x), y)
+    assert calls == [1]
+
+
+def test_a_depthwise_module_given_other_channels_blames_the_input():
+    """The op's channel-mismatch message asks for another weight; the module's user has the input wrong."""
+    for fast, x in ((DepthwiseConv2d(8, 5), torch.randn(1, 4, 8, 8)), (DepthwiseConv2d(8, 5), torch.randn(4, 8, 8))):
+        with pytest.raises(RuntimeError, match=r"DepthwiseConv2d\(8 channels\): expected input\[(1, )?4, 8, 8\] to "
+                                               r"have 8 channels, but got 4 channels instead"):
+            fast(x)
 
 
 def test_patch_model_keeps_device_dtype_and_skips_ineligible():

@@ -85,17 +85,20 @@ class DepthwiseConv2d(nn.Conv2d):
         channels = self.out_channels
         kh, kw = self.kernel_size
         if weight.shape != (channels, 1, kh, kw) or (bias is not None and bias.shape != (channels,)) \
-                or self.padding != (kh // 2, kw // 2) or self.stride != (1, 1) or self.dilation != (1, 1) \
+                or self.padding not in ((kh // 2, kw // 2), "same") or self.stride != (1, 1) or self.dilation != (1, 1) \
                 or self.padding_mode != "zeros" or self.groups != channels:
             # a weight of another shape (an unsafe parametrization's, one assigned by hand), or a
             # padding, stride, dilation or padding mode set after construction: the fast op computes
             # none of these, so compute what nn.Conv2d does with them
             return self._conv_forward(x, weight, bias)
-        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it; the op itself takes (N, C, H, W)
-            return depthwise_conv2d(x.unsqueeze(0), weight, bias).squeeze(0)
-        if x.dim() != 4:
+        if x.dim() not in (3, 4):
             raise ValueError(f"DepthwiseConv2d: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, "
                              f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+        if x.shape[-3] != channels:  # the input is what is wrong here (the op's message would blame the weight)
+            raise RuntimeError(f"DepthwiseConv2d({channels} channels): expected input{list(x.shape)} to have "
+                               f"{channels} channels, but got {x.shape[-3]} channels instead")
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it; the op itself takes (N, C, H, W)
+            return depthwise_conv2d(x.unsqueeze(0), weight, bias).squeeze(0)
         return depthwise_conv2d(x, weight, bias)
 
     @classmethod
