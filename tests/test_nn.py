@@ -516,6 +516,29 @@ def test_unpatch_model_gives_back_plain_convs_that_script(monkeypatch):
     _close(model(x), expected)
 
 
+def test_scripting_a_fast_layer_says_how_and_leaves_the_model_fast():
+    """torch.jit.script on a patched model failed in a parser error inside the op; it says what to
+    do now, and the model keeps its fast layers (TorchScript would have put anything the layer gave
+    it into the model)."""
+    import copy
+
+    from lkfast.nn import PointwiseConv2d, PointwiseLinear
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 7, padding=3, groups=4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    assert patch_model(model) == 2
+    for part in (model, model[2]):
+        with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile lkfast's (DepthwiseConv2d|PointwiseLinear)"
+                                               r" .*: call lkfast.nn.unpatch_model\(model\) first"):
+            torch.jit.script(part)
+    assert [type(m) for m in model] == [DepthwiseConv2d, nn.Flatten, PointwiseLinear]
+    with pytest.raises(RuntimeError, match="PointwiseConv2d .*: use torch.compile or torch.export"):
+        torch.jit.script(PointwiseConv2d(4, 2))
+    plain = copy.deepcopy(model)
+    assert unpatch_model(plain) == 2
+    x = torch.randn(2, 4, 6, 6)
+    _close(torch.jit.script(plain)(x), model(x))
+
+
 def test_unpatch_model_keeps_parametrizations():
     """A parametrized fast conv goes back to a parametrized nn.Conv2d: still computed from its
     parametrization, eligible for patch_model again, and remove_parametrizations leaves nn.Conv2d."""

@@ -53,6 +53,20 @@ def fast_op_computes(in_channels: int, out_channels: int, kernel_size: KernelSiz
     return padding is None or padding == "same" or (not isinstance(padding, str) and _pair(padding) == (kh // 2, kw // 2))
 
 
+def refuse_scripting(module: nn.Module, plain=None):
+    """A fast layer's ``__prepare_scriptable__``: ``torch.jit.script`` cannot compile the fast ops
+    (custom ops with Python dispatch) and failed inside them with a parser error naming neither the
+    layer nor the way out. (Returning the ``plain`` layer instead would script, but TorchScript puts
+    what this returns into the parent's modules: the user's model would silently lose its fast
+    layers.) ``plain``: the PyTorch class ``unpatch_model`` turns the layer into, if it does."""
+    name = type(module).__name__
+    way = (f"call lkfast.nn.unpatch_model(model) first (it makes the layer the nn.{plain.__name__} it is "
+           f"equivalent to, same tensors; to keep the fast model, unpatch and script a copy.deepcopy of it), "
+           f"or use torch.compile or torch.export, which trace lkfast's ops") if plain is not None else \
+        "use torch.compile or torch.export, which trace lkfast's ops"
+    raise RuntimeError(f"torch.jit.script cannot compile lkfast's {name} (its op is no TorchScript): {way}")
+
+
 class DepthwiseConv2d(nn.Conv2d):
     """Depthwise convolution, stride 1, zero "same" padding, computed by the fast op.
 
@@ -77,6 +91,9 @@ class DepthwiseConv2d(nn.Conv2d):
                              f"use nn.Conv2d for even kernels")
         super().__init__(channels, channels, (kh, kw), stride=1, padding=(kh // 2, kw // 2), groups=channels,
                          bias=bias, device=device, dtype=dtype)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        refuse_scripting(self, nn.Conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Each read once, as nn.Conv2d's forward reads them: under torch.nn.utils.parametrize a read

@@ -41,7 +41,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lkfast.nn.depthwise import _pair
+from lkfast.nn.depthwise import _pair, refuse_scripting
 
 MAX_AREA = 14 * 14  # maps of at most this many pixels take the matrix product (see above)
 MATMUL_DTYPES = (torch.float32, torch.float64)
@@ -197,6 +197,9 @@ class PointwiseLinear(nn.Linear):
     """``nn.Linear(in_features, out_features, bias=bias)`` (same parameters and state_dict) that
     runs ``pointwise_linear``: what ``patch_model`` makes of a plain ``nn.Linear``."""
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        refuse_scripting(self, nn.Linear)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pointwise_linear(x, self.weight, self.bias)
 
@@ -207,6 +210,9 @@ class PointwiseConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        refuse_scripting(self)  # (unpatch_model leaves it: RepLKNet's own layer, no patched nn.Conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pointwise_conv2d(x, self.weight, self.bias)
