@@ -1793,6 +1793,46 @@ def test_imagenet_p_with_no_readable_sequence_is_not_run_with_the_reason(tmp_pat
     assert load(tmp_path / "out2")["tiny"]["imagenet-p"] == {"unavailable": reason}
 
 
+def test_a_result_the_task_now_makes_otherwise_is_not_served_from_the_cache(tmp_path, data_root, checkpoint,
+                                                                            capsys, monkeypatch):
+    """ImageNet-P with nothing readable was an empty result, cached: a run of today's code under the
+    same --out served it again. The task's result_version joins the result's key (not its records'):
+    the old result is passed over, and the forward passes cached for a readable one are reused."""
+    import dataclasses
+
+    from lkfast.eval import cache, registry
+
+    p = tmp_path / "imagenet-p"
+    shutil.copytree(data_root / "imagenet-p", p)
+    for f in p.rglob("*.npy"):
+        np.save(f, np.zeros((8, SIZE, SIZE, 3), dtype=np.float32))  # nothing readable
+    args = common(tmp_path / "out", checkpoint, data_root, "--suite", "imagenet-p", "--imagenet-p-dir", p,
+                  "--baseline-model", "none")
+    today = registry.TASKS["imagenet-p"]
+    assert today.result_version != "1"
+    old = dataclasses.replace(today, result_version="1", run=lambda ctx: {"fr": {}, "mfr": None, "mfr_over": []})
+    monkeypatch.setitem(registry.TASKS, "imagenet-p", old)  # the code before: an empty result, cached
+    assert cli(*args) == 0 and load(tmp_path / "out")["tiny"]["imagenet-p"]["mfr_over"] == []
+    monkeypatch.setitem(registry.TASKS, "imagenet-p", today)
+    with pytest.warns(UserWarning, match="unreadable"):
+        err = run_failing(capsys, *args)
+    assert "tiny: imagenet-p not run: none of the imagenet-p sequences" in err, err
+    shutil.rmtree(p)
+    shutil.copytree(data_root / "imagenet-p", p)  # readable: computed once, then its records are reused
+    assert cli(*args) == 0
+    first = load(tmp_path / "out")["tiny"]["imagenet-p"]
+    monkeypatch.setitem(registry.TASKS, "imagenet-p", dataclasses.replace(today, result_version="3"))
+    ran, computed = [], []
+    real_run, real_save = today.run, cache.ResultCache.save_shard
+    monkeypatch.setitem(registry.TASKS, "imagenet-p", dataclasses.replace(
+        today, result_version="3", run=lambda ctx: ran.append(1) or real_run(ctx)))
+    monkeypatch.setattr(cache.ResultCache, "save_shard", lambda *a, **k: computed.append(1) or real_save(*a, **k))
+    assert cli(*args) == 0
+    again = load(tmp_path / "out")["tiny"]["imagenet-p"]
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+    assert ran == [1] and computed == []  # the result made again, from the records cached
+
+
 def test_imagenet_9_with_a_variant_missing(tmp_path, data_root, checkpoint):
     nine = tmp_path / "imagenet-9"
     g = torch.Generator().manual_seed(1)

@@ -35,6 +35,9 @@ class Task:
     count: ``count(ctx) -> int`` forward passes (images, or frames for sequences) the task makes;
         used by ``--dry-run`` and the progress bar. None: unknown.
     version: bump when the task's records or metrics change, so cached results are not reused.
+    result_version: bump when only what the task makes of its records changes (a case it now refuses,
+        a field it adds): its cached results are not served, its cached records (the forward passes)
+        still are, so the new result costs no recomputation.
     cost: ``cost(ctx) -> float`` forward-pass equivalents per counted item (a backward counts as two
         forwards; default 1): ``--dry-run``'s time estimate is count x cost / measured throughput.
     reads: the options beyond the common ones the task uses: ``EvalOptions.analysis`` names (e.g.
@@ -58,6 +61,7 @@ class Task:
     cost: Optional[Callable] = None
     without_images: str = ""
     depends: Optional[Callable] = None
+    result_version: str = "1"
 
 
 TASKS: Dict[str, Task] = {}
@@ -66,7 +70,7 @@ TASKS: Dict[str, Task] = {}
 def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count: Optional[Callable] = None,
                   description: str = "", version: str = "1", reads: Sequence[str] = (),
                   cost: Optional[Callable] = None, without_images: str = "", depends: Optional[Callable] = None,
-                  replace: bool = False) -> Task:
+                  result_version: str = "1", replace: bool = False) -> Task:
     """Add a task to ``python -m lkfast.eval`` (``--suite NAME`` selects it). Returns the Task.
 
     Raises ValueError when ``name`` is taken (pass ``replace=True`` to override on purpose) or is not
@@ -75,7 +79,8 @@ def register_task(name: str, run: Callable, *, needs: Sequence[str] = (), count:
         raise ValueError(f"register_task: task names are lower-case letters, digits and '-', got {name!r}")
     if name in TASKS and not replace:
         raise ValueError(f"register_task: a task named {name!r} is already registered")
-    task = Task(name, run, tuple(needs), count, description, version, tuple(reads), cost, without_images, depends)
+    task = Task(name, run, tuple(needs), count, description, version, tuple(reads), cost, without_images, depends,
+                result_version)
     TASKS[name] = task
     return task
 

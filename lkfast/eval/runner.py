@@ -547,7 +547,9 @@ class Runner:
         return ResultCache(self.out / "cache" / spec.key())
 
     def result_key(self, spec: ModelSpec, task: Task, config: Optional[Dict[str, Any]] = None) -> str:
-        key = {"task": task.name, "version": task.version, "options": self.options.numeric_key(task.reads),
+        key = {"task": task.name, "version": task.version,
+               **({"result_version": task.result_version} if task.result_version != "1" else {}),  # (other keys stay)
+               "options": self.options.numeric_key(task.reads),
                "limit": self.options.limit, **({"spread": True} if self.options.spread else {}),
                "data": self._data_fingerprint(),
                "classes": [self.class_space.name, self.class_space.fingerprint],

@@ -468,7 +468,8 @@ register_task("imagenet-o", imagenet_o, needs=("imagenet-o", "val"),
 register_task("imagenet-c", imagenet_c, needs=("imagenet-c", "val"), count=_c_count, reads=("baseline",),
               description="ImageNet-C mCE, relative mCE, severity-5 mean top-1 (Table 1, Fig. 2b)")
 register_task("imagenet-p", imagenet_p, needs=("imagenet-p", "val"), count=_p_count, reads=("baseline",),
-              description="ImageNet-P mFR / mT5D (Table 2)")
+              description="ImageNet-P mFR / mT5D (Table 2)",
+              result_version="2")  # 2: nothing readable is not run (98974ff; was an empty result, still cached)
 register_task("imagenet-9", imagenet_9, needs=("imagenet-9",), count=lambda ctx: sum(len(d) for _, d in _nine_parts(ctx)),
               description="ImageNet-9 backgrounds: Original, Mixed-Same, Mixed-Rand, BG-Gap (Table 3)",
               version="2")  # 2: images fed without the model's resize and crop, as the release feeds them
