@@ -930,3 +930,49 @@ def test_the_op_follows_autocast_whichever_backend_computes(channels_last, monke
             ops.depthwise_conv2d(torch.ones(1, 3, 8, 8, dtype=torch.long), torch.randn(3, 1, 5, 5))
     assert yd.dtype == torch.float64
     torch.testing.assert_close(yd, F.conv2d(xd, wd, padding=2, groups=3), rtol=1e-12, atol=1e-12)
+
+
+_ONEDNN_HANG_CHILD = """
+import sys, torch
+import torch.nn.functional as F
+import lkfast.ops as ops
+x = torch.randn(1, 16, 32, 32).bfloat16().contiguous(memory_format=torch.channels_last)
+w = torch.randn(16, 1, 15, 15).bfloat16()
+g = torch.randn(1, 16, 32, 32).bfloat16()
+y = ops.depthwise_conv2d(x, w, backend="torch")
+ref = F.conv2d(x.float(), w.float(), padding=7, groups=16)
+assert y.is_contiguous(memory_format=torch.channels_last)
+assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+xg = x.detach().requires_grad_()
+ops.depthwise_conv2d(xg, w, backend="torch").backward(g)  # the input gradient: a forward too
+print("done")
+"""
+
+
+def test_the_torch_backend_keeps_out_of_onednns_bf16_forward_that_does_not_return(monkeypatch):
+    """oneDNN's bf16 channels_last depthwise forward never returned for 2-16 channels and kernels 15+
+    wide on this project's Zen 5 (AVX512-BF16): the torch backend (and so auto's first, calibrating
+    call, which times it) hung there. Those forwards run in NCHW. Where the CPU has no AVX512-BF16
+    oneDNN does not hang, and the child below passes either way; the layout check runs everywhere."""
+    import torch.nn.functional as F
+
+    from lkfast.ops.backends import TorchBackend
+
+    hangs = TorchBackend.forward_hangs_in_channels_last
+    x16 = torch.zeros(1, 16, 32, 32, dtype=torch.bfloat16)
+    assert hangs(x16, 15) and hangs(x16[:, :2], 51)
+    assert not hangs(x16, 13) and not hangs(x16[:, :1], 31) and not hangs(torch.zeros(1, 17, 8, 8, dtype=torch.bfloat16), 31)
+    assert not hangs(x16.float(), 31) and not hangs(x16.half(), 31)
+    seen = []
+    real = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda x, *a, **k: seen.append(x.is_contiguous()) or real(x, *a, **k))
+    cl = x16.contiguous(memory_format=torch.channels_last)
+    for x, kw, nchw in ((cl, 15, True), (cl, 13, False), (cl.float(), 15, False)):
+        seen.clear()
+        BACKENDS["torch"].forward(x, torch.zeros(16, 1, 3, kw, dtype=x.dtype))
+        assert seen == [nchw], (x.dtype, kw)
+    try:
+        done = subprocess.run([sys.executable, "-c", _ONEDNN_HANG_CHILD], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the torch backend's bf16 forward of x (1, 16, 32, 32) with a 15x15 kernel did not return in 180 s")
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-3000:]

@@ -147,13 +147,25 @@ class TorchBackend(Backend):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    @staticmethod
+    def forward_hangs_in_channels_last(x, kw: int) -> bool:
+        """oneDNN's bf16 channels_last depthwise forward (oneDNN 3.12 in torch 2.14, its AVX512-BF16
+        kernel; measured on the Zen 5) does not return for 2 to 16 channels and kernels 15 or more
+        wide on maps from about 32 wide: x (1, 16, 32, 32) with a 15x15 kernel ran > 5 minutes, (1,
+        16, 56, 56) at 31x31 more than 4 (NCHW: 0.03 and 0.06 s; 1 or 17+ channels, kernels up to 13
+        wide, 15 tall but 3 wide, fp32 and fp16: milliseconds). Those forwards (and the input
+        gradients, forwards too) run in NCHW. The weight gradient is not affected (and NCHW's hangs
+        at (2, 8, 64, 64), 51x51: it stays channels_last)."""
+        return x.device.type == "cpu" and x.dtype == torch.bfloat16 and 2 <= x.shape[1] <= 16 and kw >= 15
+
     def forward(self, x, weight, bias=None, flip=False):
         if x.numel() == 0:  # F.conv2d refuses C = 0 (groups = 0) and an empty map (H or W = 0)
             return torch.empty_like(x, memory_format=output_memory_format(x))
         if flip:
             weight = weight.flip(-1, -2)
         kh, kw = weight.shape[-2:]
-        y = F.conv2d(self._layout(x), weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+        x_in = x.contiguous() if self.forward_hangs_in_channels_last(x, kw) else self._layout(x)
+        y = F.conv2d(x_in, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
         return y.contiguous(memory_format=output_memory_format(x))
 
     def weight_grad(self, grad_out, x, kh, kw):
