@@ -155,6 +155,23 @@ def test_corrupt_cache_is_detected_and_rebuilt(cache, damage):
     assert data["checksum"] == cd._checksum(data["entries"])
 
 
+@pytest.mark.parametrize("value, on", [("1", True), ("0", False), (None, True), ("false", "error"), ("no", "error"),
+                                       ("", "error")])
+def test_calibrate_takes_0_or_1_and_refuses_the_rest(value, on, monkeypatch):
+    """LKFAST_CALIBRATE=false (or no, off) left the measuring on: anything but 0 and 1 is refused."""
+    if value is None:
+        monkeypatch.delenv("LKFAST_CALIBRATE", raising=False)
+    else:
+        monkeypatch.setenv("LKFAST_CALIBRATE", value)
+    if on == "error":
+        with pytest.raises(ValueError, match=f"LKFAST_CALIBRATE={value!r}: expected 0 .* or 1"):
+            cd.calibration_enabled()
+        with pytest.raises(ValueError, match="LKFAST_CALIBRATE"):
+            ops_depthwise(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 7, 7))
+    else:
+        assert cd.calibration_enabled() is on
+
+
 def test_calibration_off_uses_the_shipped_table_then_the_builtin_rule(cache, monkeypatch):
     monkeypatch.setenv("LKFAST_CALIBRATE", "0")
     x, w = inputs()

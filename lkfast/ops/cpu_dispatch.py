@@ -101,7 +101,13 @@ def fingerprint() -> dict:
 
 
 def calibration_enabled() -> bool:
-    return getenv("LKFAST_CALIBRATE", "1") != "0"
+    """LKFAST_CALIBRATE: 1 (measure on this machine, the default) or 0; another value raises
+    ValueError (a 'false' or 'no' used to leave the measuring on, silently)."""
+    value = getenv("LKFAST_CALIBRATE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"LKFAST_CALIBRATE={value!r}: expected 0 (no measuring on this machine: the shipped "
+                         f"table chooses) or 1 (measure, the default)")
+    return value == "1"
 
 
 def _checksum(entries: dict) -> str:
