@@ -502,3 +502,33 @@ def test_the_settings_reader_sees_every_environment_change(fast, monkeypatch):
         assert backends.getenv(name, "d") == value == os.environ.get(name)
     monkeypatch.delenv(name)
     assert backends.getenv(name, "gone") == "gone"
+
+
+_PUTTING_CHILD = """
+import sys
+from lkfast.ops import cpu_dispatch as cd
+calibration = cd.Calibration(cd.cache_path(), cd.fingerprint())
+for i in range(30):
+    calibration.put(("proc", sys.argv[1], i), {"backend": "cpu", "seconds": {}})
+"""
+
+
+def test_processes_sharing_a_calibration_file_keep_each_others_entries(cache, tmp_path):
+    """Processes of one fingerprint (torchrun ranks, parallel jobs on the same thread count) share
+    the file; each rewrote it from its own entries, so the last writer dropped the others' (4
+    processes measuring 30 shapes each left 31 of 120 entries) and later runs measured them again."""
+    import subprocess
+    import sys
+
+    fp = cd.fingerprint()
+    first, second = cd.Calibration(cache, fp), cd.Calibration(cache, fp)  # both opened before either wrote
+    first.put(("a",), {"backend": "cpu"})
+    second.put(("b",), {"backend": "torch"})
+    assert set(json.loads(cache.read_text())["entries"]) == {"a", "b"}
+    assert second.get(("a",)) == {"backend": "cpu"}  # and the writer now holds the other's too
+    children = [subprocess.Popen([sys.executable, "-c", _PUTTING_CHILD, str(k)], env={**os.environ})
+                for k in range(4)]
+    assert [child.wait(timeout=300) for child in children] == [0] * 4
+    entries = cd.Calibration(cache, fp).entries
+    assert {f"proc|{k}|{i}" for k in range(4) for i in range(30)} | {"a", "b"} == set(entries)
+    assert not list(tmp_path.glob(".*.lock"))  # the lock file goes with its last holder

@@ -28,6 +28,7 @@ where it came from, which ``plan_for(..., explain=True)`` shows.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -44,7 +45,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lkfast.cache import cache_dir
+from lkfast.cache import _build_lock, cache_dir
 from lkfast.ops import backends
 from lkfast.ops.backends import dtype_name, getenv, output_memory_format
 
@@ -136,25 +137,33 @@ class Calibration:
         self.generation = next(_generations)
         self._load()
 
+    _UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError)
+
+    def _read(self) -> Optional[dict]:
+        """The file's entries; None where it records another fingerprint. Raises one of
+        ``_UNREADABLE`` where it is missing or damaged."""
+        data = json.loads(self.path.read_text())
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise ValueError(f"schema {data.get('schema') if isinstance(data, dict) else None!r}, expected {SCHEMA}")
+        entries = data["entries"]
+        if not isinstance(entries, dict) or data.get("checksum") != _checksum(entries):
+            raise ValueError("checksum mismatch (partial or edited file)")
+        for value in entries.values():
+            if value.get("backend") not in CANDIDATES + POINTWISE_CANDIDATES:
+                raise ValueError(f"unknown backend {value.get('backend')!r}")
+        return entries if data.get("fingerprint") == self.fingerprint else None
+
     def _load(self) -> None:
         if not self.path.exists():
             return
         try:
-            data = json.loads(self.path.read_text())
-            if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-                raise ValueError(f"schema {data.get('schema') if isinstance(data, dict) else None!r}, expected {SCHEMA}")
-            entries = data["entries"]
-            if not isinstance(entries, dict) or data.get("checksum") != _checksum(entries):
-                raise ValueError("checksum mismatch (partial or edited file)")
-            for value in entries.values():
-                if value.get("backend") not in CANDIDATES + POINTWISE_CANDIDATES:
-                    raise ValueError(f"unknown backend {value.get('backend')!r}")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            entries = self._read()
+        except self._UNREADABLE as error:
             warnings.warn(f"lkfast: the CPU calibration cache {self.path} is corrupt ({error}); "
                           "it will be measured again and rewritten", RuntimeWarning, stacklevel=3)
             self.status = "corrupt"
             return
-        if data.get("fingerprint") != self.fingerprint:
+        if entries is None:
             self.status = "stale"  # another machine, thread count or version: measure afresh
             return
         self.entries = entries
@@ -164,10 +173,22 @@ class Calibration:
         return self.entries.get(_key_text(key))
 
     def put(self, key: tuple, entry: dict) -> None:
+        """Remember ``entry`` and write the file: under a lock shared with the other processes of this
+        fingerprint (torchrun ranks, parallel jobs: the same thread count), merged with what they
+        wrote since this process read it (rewriting its own entries alone lost theirs)."""
         from lkfast.tables import write_text_atomic
 
-        with self._lock:
-            self.entries[_key_text(key)] = entry
+        with self._lock, contextlib.ExitStack() as held:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                held.enter_context(_build_lock(self.path))
+            except OSError:  # no lock file where the cache cannot be written: the write below says so
+                pass
+            try:
+                others = self._read() or {}
+            except self._UNREADABLE:  # missing, or damaged: this process's entries replace it
+                others = {}
+            self.entries = {**others, **self.entries, _key_text(key): entry}
             data = {"schema": SCHEMA, "fingerprint": self.fingerprint, "entries": self.entries,
                     "checksum": _checksum(self.entries)}
             try:
