@@ -894,6 +894,56 @@ def test_every_prefix_of_a_checkpoint_is_called_a_damaged_checkpoint(tmp_path, t
                                                           or str(info.value).startswith("refusing to unpickle"))
 
 
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_checkpoint_damaged_inside_its_zip_archive_is_refused(tmp_path, trust):
+    """Bytes of a tensor damaged after torch.save wrote them (a bad disk, a broken copy) loaded with no
+    error and wrong weights (torch.load reads the archive without its CRC-32s): refused, naming the
+    record; the intact file loads."""
+    import zipfile
+
+    path = tmp_path / "w.pth"
+    torch.save(official_checkpoint(**TINY), path)
+    assert set(models.read_checkpoint(str(path), trust_checkpoint=trust)) == set(official_checkpoint(**TINY))
+    with zipfile.ZipFile(path) as archive:
+        record = max((info for info in archive.infolist() if "/data/" in info.filename),
+                     key=lambda info: info.file_size)  # the largest tensor's bytes
+        start = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra)
+    data = bytearray(path.read_bytes())
+    assert data[start - 30 - len(record.filename.encode()) - len(record.extra):][:4] == b"PK\x03\x04"
+    middle = start + record.compress_size // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(repr(str(damaged)))} is not a readable checkpoint: .*"
+                                              rf"\(the zip archive's check: Bad CRC-32 for file '{re.escape(record.filename)}'"
+                                              r"; the file was damaged after it was written\).*Download or save it again"):
+        models.read_checkpoint(str(damaged), trust_checkpoint=trust)
+
+
+def test_a_folder_or_a_whole_pickled_model_as_the_checkpoint(tmp_path, images):
+    """A folder (a training run's) was 'checkpoint not found'; a whole model saved with torch.save(model)
+    and read with trust_checkpoint=True, as the refusal advises, was a dead end ('expected a checkpoint
+    holding a dict of tensors, found RepLKNet'): its state_dict loads, at the top or under 'model'."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"^checkpoint '.*run' is a folder, not a weights file: pass the file "
+                                              r"itself \(it holds last\.pth\)$"):
+        create_model("replknet_31b", checkpoint=str(run), num_classes=NUM_CLASSES, **TINY)
+    source = create_model("replknet_31b", num_classes=NUM_CLASSES, **TINY)
+    with torch.no_grad():
+        expected = source(images)
+    for saved in (source, {"model": source, "epoch": 3}):
+        path = tmp_path / "whole.pth"
+        torch.save(saved, path)
+        with pytest.raises(CheckpointError, match="refusing to unpickle .*trust_checkpoint=True"):
+            create_model("replknet_31b", checkpoint=str(path), num_classes=NUM_CLASSES, **TINY)
+        model = create_model("replknet_31b", checkpoint=str(path), trust_checkpoint=True, num_classes=NUM_CLASSES,
+                             **TINY)
+        with torch.no_grad():
+            _close(model(images), expected)
+
+
 _RSS_ANON = """
 import sys, torch
 from lkfast.models import read_checkpoint
