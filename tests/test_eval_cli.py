@@ -593,6 +593,24 @@ def test_the_occlusions_dino_takes_the_evaluated_models_size_and_its_failure_nam
     assert "the model failed" not in err
 
 
+def test_a_1000_class_checkpoint_of_a_family_with_another_default_head_is_built_with_1000(tmp_path):
+    """The small families build a 10-class head by default: their 1000-class checkpoint (a
+    `python -m lkfast.train --num-classes 1000` run's last.pth, a model.safetensors away from its
+    summary.json) was refused with "the checkpoint's classifier has 1000 classes ... evaluate a
+    checkpoint with a 1000-class head". The eval builds them with the 1000 it scores in."""
+    from lkfast.eval.models import load_model, output_classes
+    from lkfast.models import create_model
+
+    source = create_model("resnet_tiny", num_classes=1000).eval()
+    path = tmp_path / "last.pth"
+    torch.save(source.state_dict(), path)
+    model, config = load_model(ModelSpec("resnet_tiny", str(path)))
+    assert output_classes(model, config, "cpu") == 1000
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.model(x), source(x), atol=1e-5)
+
+
 def test_weights_of_another_architecture_name_the_option_that_gave_them(tmp_path, monkeypatch):
     """A --baseline-model or --dino-checkpoint file holding another model's weights was told to change
     "the name before ':' in python -m lkfast.eval --models": each names its own option (--models too)."""

@@ -9,6 +9,7 @@ has them reordered there too (``ModelSpec.logit_order``), so every task reads lo
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -314,6 +315,7 @@ def with_training_run(spec: ModelSpec, class_space=None) -> ModelSpec:
                                input_size=input_size, logit_order=logit_order)
 
 
+IMAGENET_CLASSES = 1000  # the logits the benchmarks are scored in (ImageNet-1k's classes)
 # What a checkpoint of another architecture is told to do, for the option that gave it (CheckpointError.with_advice).
 BUILD_THE_MODEL_IT_WAS_SAVED_FROM = "build the model the checkpoint was saved from (the name before ':' in --models)"
 
@@ -384,12 +386,21 @@ def _build(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Module, Dict[str
 
         from lkfast.models.factory import CheckpointError
 
+        kwargs = dict(spec.kwargs)
+        build = functools.partial(create_model, spec.name, checkpoint=spec.checkpoint, pretrained=spec.hub_weights,
+                                  trust_checkpoint=trust_checkpoint)
         try:
-            model = create_model(spec.name, checkpoint=spec.checkpoint, pretrained=spec.hub_weights,
-                                 trust_checkpoint=trust_checkpoint, **dict(spec.kwargs))
+            try:
+                model = build(**kwargs)
+            except CheckpointError as error:
+                if error.classes != IMAGENET_CLASSES or "num_classes" in kwargs:
+                    raise
+                # a 1000-class checkpoint of a family whose default head is another size (the small
+                # models', 10): the head the benchmarks are scored with, so build the model with it
+                model = build(**kwargs, num_classes=IMAGENET_CLASSES)
         except CheckpointError as error:
             error = error.with_advice("architecture", BUILD_THE_MODEL_IT_WAS_SAVED_FROM)
-            if error.classes is not None and "num_classes" not in dict(spec.kwargs):
+            if error.classes is not None and "num_classes" not in kwargs:
                 # num_classes is create_model's; the eval scores the benchmarks in ImageNet-1k's classes
                 error = error.with_advice("classes", (
                     f" The checkpoint's classifier has {error.classes} classes; the benchmarks are scored in "
