@@ -281,10 +281,13 @@ def evaluate(model: nn.Module, loader, device) -> tuple:
 def _check_arguments(args) -> None:
     """Refuse numbers no run can use (TrainError), before anything is read or built."""
     at_least = {"--epochs": (args.epochs, 1), "--batch-size": (args.batch_size, 1), "--workers": (args.workers, 0),
-                "--num-classes": (args.num_classes, 1), "--input-size": (args.input_size, 8)}
+                "--num-classes": (args.num_classes, 1), "--input-size": (args.input_size, 8),
+                "--kernel-sizes": (args.kernel_sizes, 1)}
     for option, (value, least) in at_least.items():
         if value is not None and value < least:
             raise TrainError(f"{option} must be at least {least}, got {value}")
+    if args.kernel_sizes is not None and args.kernel_sizes % 2 == 0:  # 'same' padding k // 2 needs an odd k
+        raise TrainError(f"--kernel-sizes must be odd (3, 5, 7, ...), got {args.kernel_sizes}")
 
 
 def device_option(name: Optional[str]) -> torch.device:

@@ -304,6 +304,26 @@ def test_constructor_refuses_what_it_cannot_build():
         RepLKNet(**TINY, num_classes=NUM_CLASSES, out_indices=(3,))
 
 
+
+def test_even_kernel_sizes_are_refused_at_construction():
+    """An even large or small kernel was built and failed at the first forward with a tensor-size
+    mismatch (k // 2 padding keeps the size for odd k only); now the constructor names it."""
+    from lkfast.nn import ReparamLargeKernelConv
+
+    with pytest.raises(ValueError, match=r"RepLKNet: kernel sizes must be odd \(1, 3, 5, ...\), got small_kernel = 4"):
+        create_model("replknet_31b", channels=[16, 32, 64, 128], layers=[1, 1, 2, 1], num_classes=10, small_kernel=4)
+    with pytest.raises(ValueError, match=r"got large_kernel_sizes\[0\] = 30$"):
+        create_model("replknet_31b", channels=[16, 32, 64, 128], layers=[1, 1, 2, 1], num_classes=10,
+                     large_kernel_sizes=[30, 29, 27, 13])
+    with pytest.raises(ValueError, match=r"got large_kernel_sizes\[1\] = 12, large_kernel_sizes\[3\] = 0"):
+        RepLKNet(**dict(TINY, large_kernel_sizes=[13, 12, 7, 0]))
+    with pytest.raises(ValueError, match=r"ReparamLargeKernelConv: kernel_size must be an odd kernel size .*got 12"):
+        ReparamLargeKernelConv(6, 6, 12, 1, 6, small_kernel=3)
+    with pytest.raises(ValueError, match=r"ReparamLargeKernelConv: small_kernel must be an odd kernel size .*got 4"):
+        ReparamLargeKernelConv(6, 6, 13, 1, 6, small_kernel=4)
+    model = RepLKNet(**dict(TINY, large_kernel_sizes=[13, 11, 7, 5]), num_classes=NUM_CLASSES)  # odd: built
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, NUM_CLASSES)
+
 def _drop_rates(model):
     return [block.drop_path.drop_prob if isinstance(block.drop_path, timm.layers.DropPath) else 0.0
             for stage in model.stages for block in stage.blocks]

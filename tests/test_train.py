@@ -178,6 +178,7 @@ def test_mistakes_are_one_line_and_exit_2(dataset, tmp_path, capsys, monkeypatch
         (MODEL, *run, "--epochs", "0"): "--epochs must be at least 1, got 0",
         (MODEL, *run, "--workers", "-1"): "--workers must be at least 0, got -1",
         (MODEL, *run, "--input-size", "4"): "--input-size must be at least 8, got 4",
+        ("convnext_atto", *run, "--kernel-sizes", "30"): "--kernel-sizes must be odd (3, 5, 7, ...), got 30",
         (MODEL, *run, "--device", "meta"): "--device meta: expected cpu, cuda or cuda:N (lkfast runs on no 'meta' device)",
         (MODEL, *run, "--classes", ",".join(CLASSES[:3])): "--classes must name each class folder of",
         (MODEL, *run, "--classes", ",".join(CLASSES + CLASSES[:1])): "--classes must name each class folder of",

@@ -12,6 +12,7 @@ which builds the plain ``nn.Conv2d`` model the official code runs (used as the b
 """
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -140,6 +141,12 @@ class RepLKNet(nn.Module):
         if small_kernel is not None and small_kernel < 0:
             raise ValueError(f"RepLKNet: small_kernel must be a kernel size, or None or 0 for none, got {small_kernel}")
         small_kernel = small_kernel or None  # 0: what create_model passes for None, which timm would drop
+        even = [f"large_kernel_sizes[{i}] = {k!r}" for i, k in enumerate(large_kernel_sizes)
+                if not isinstance(k, numbers.Integral) or k < 1 or k % 2 == 0]
+        if small_kernel is not None and (not isinstance(small_kernel, numbers.Integral) or small_kernel % 2 == 0):
+            even.append(f"small_kernel = {small_kernel!r}")
+        if even:  # k // 2 padding keeps the size for odd k only: an even one failed at the first forward
+            raise ValueError(f"RepLKNet: kernel sizes must be odd (1, 3, 5, ...), got {', '.join(even)}")
         self.large_kernel_sizes, self.layers, self.channels = list(large_kernel_sizes), list(layers), list(channels)
         self.small_kernel, self.fast = small_kernel, fast
         self.out_indices = list(out_indices) if out_indices is not None else None

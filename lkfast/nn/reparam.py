@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import numbers
 import weakref
 from collections import OrderedDict
 from typing import Optional
@@ -195,6 +196,12 @@ class ReparamLargeKernelConv(nn.Module):
         self.small_kernel = small_kernel
         self.fast = fast
         self._fold_cache = _FoldCache()
+        for name, size in (("kernel_size", kernel_size), ("small_kernel", small_kernel)):
+            # k // 2 padding keeps the size for odd k only: an even one failed at the first forward
+            # (the branches' outputs, or the block's residual, one pixel apart)
+            if size is not None and (not isinstance(size, numbers.Integral) or size < 1 or size % 2 == 0):
+                raise ValueError(f"ReparamLargeKernelConv: {name} must be an odd kernel size (1, 3, 5, ...), got "
+                                 f"{size!r}")
         if small_kernel is not None and small_kernel > kernel_size:
             raise ValueError(f"ReparamLargeKernelConv: small_kernel ({small_kernel}) must not exceed kernel_size ({kernel_size})")
         if small_kernel_merged:
