@@ -244,10 +244,39 @@ def test_measure_stops_early_only_when_one_is_clearly_faster(monkeypatch):
     assert ran == [3]
     # 1 ms against 4 ms: 4x, but a first call's one-time setup (oneDNN building its kernel for the
     # shape) can be that 3 ms: time the rounds
-    clock = iter([0.0, 0.001, 1.0, 1.004])
+    # (each then timed 3 more times, after its setup: at least 0.5 ms and 2 ms a call, so a's rounds
+    # repeat it 4 times)
+    clock = iter([0.0, 0.001, 1.0, 1.004, 2.0, 2.0005, 2.1, 2.1007, 2.2, 2.2009, 3.0, 3.002, 3.1, 3.103, 3.2, 3.204])
     monkeypatch.setattr(cd.time, "perf_counter", lambda: next(clock))
-    assert cd.measure({"a": lambda: None, "b": lambda: None}, rounds=3) == {"a": 1.0, "b": 1.0}
+    assert cd.measure({"a": lambda: None, "b": lambda: None}, rounds=3) == {"a": 0.25, "b": 1.0}
     assert ran == [3, 3]
+
+
+def test_measure_takes_the_least_round_and_repeats_fast_calls(monkeypatch):
+    """A stalled round only adds time: on a loaded machine a 0.025-ms call measured 16-24 ms in two of
+    three rounds and the median chose the 0.067-ms candidate (cached for every later process). A
+    round of a call faster than SAMPLE_SECONDS repeats it, and the time is per call."""
+    import lkfast.timing
+
+    counts = {"a": 0, "b": 0}
+    runs = {name: (lambda name=name: counts.__setitem__(name, counts[name] + 1)) for name in counts}
+    monkeypatch.setattr(cd, "SAMPLE_SECONDS", 2.0 ** -9)  # ~2 ms; powers of two keep the counts exact
+    per_call = {"a": 2.0 ** -15, "b": 2.0 ** -13}  # ~0.03 and ~0.12 ms a call: 64 and 16 a round
+    rounds = {"a": [16e-3, per_call["a"], 24e-3], "b": [per_call["b"]] * 3}  # a's rounds 1 and 3 stalled
+
+    def interleaved(samples, n, warmup=0):
+        for sample in samples.values():
+            sample()
+        return {name: [t * (2.0 ** -9 / per_call[name])  # a round: as many calls as fill the sample
+                       for t in rounds[name]] for name in samples}
+    monkeypatch.setattr(lkfast.timing, "time_interleaved", interleaved)
+    clock = iter([0.0, 1e-3, 1.0, 1.0 + 1e-3,  # warm-ups (setup), then 3 calls each, their least the time per call
+                  2.0, 2.0 + 4e-3, 2.5, 2.5 + per_call["a"], 2.7, 2.7 + 1e-4,  # one stalled by a 4-ms tick
+                  3.0, 3.0 + per_call["b"], 3.5, 3.5 + per_call["b"], 3.7, 3.7 + per_call["b"]])
+    monkeypatch.setattr(cd.time, "perf_counter", lambda: next(clock))
+    got = cd.measure(runs)
+    assert counts == {"a": 4 + 64, "b": 4 + 16}  # warm-up, 3 more, and one round's repeats
+    assert got["a"] == pytest.approx(per_call["a"]) and got["b"] == pytest.approx(per_call["b"])  # per call, least
 
 
 def test_real_measurement_runs_both_backends(cache):

@@ -298,14 +298,25 @@ def table_choices_digest(isa: Optional[str] = None, table: Optional[dict] = None
 # --- measuring ----------------------------------------------------------------------------------
 
 
+SAMPLE_SECONDS = 0.002  # a timed sample repeats a fast call until it fills about this
+MAX_REPEATS = 1000
+
+
 def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: float = 3.0,
             setup_allowance: float = 0.05) -> dict[str, float]:
-    """Median seconds of each callable over interleaved rounds, after one warm-up call each; stops
-    after the warm-up when one candidate is ``clear_ratio`` times faster than every other even with
-    ``setup_allowance`` seconds taken off the others' warm-up (no need to time a 1.5 s PyTorch weight
-    gradient three more times to know a 50 ms kernel wins). The allowance is for one-time costs of a
-    first call: oneDNN builds its kernel for a new shape then, which made a 0.3 ms bf16 forward take
-    3.6 ms once, and the warm-up alone would have ruled it out (make_cpu_table.py at 1e9a030)."""
+    """Seconds per call of each callable: the least of interleaved rounds, after one warm-up call
+    each; stops after the warm-up when one candidate is ``clear_ratio`` times faster than every other
+    even with ``setup_allowance`` seconds taken off the others' warm-up (no need to time a 1.5 s
+    PyTorch weight gradient three more times to know a 50 ms kernel wins). The allowance is for
+    one-time costs of a first call: oneDNN builds its kernel for a new shape then, which made a 0.3
+    ms bf16 forward take 3.6 ms once, and the warm-up alone would have ruled it out
+    (make_cpu_table.py at 1e9a030).
+
+    A round of a call faster than ``SAMPLE_SECONDS`` repeats it to fill that (its time per call: the
+    least of three more calls after the warm-up's setup), and the least round counts, not the median: a stall
+    of the scheduler only ever adds time, and on a loaded 2-core machine single calls of 0.025 and
+    0.067 ms measured 16-24 ms in some rounds, so the median of three chose on noise, and the
+    choice was cached for every later process."""
     warm = {}
     for name, run in runs.items():
         start = time.perf_counter()
@@ -314,10 +325,19 @@ def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: f
     ordered = sorted(warm.values())
     if len(ordered) > 1 and ordered[1] - setup_allowance >= clear_ratio * ordered[0]:
         return warm
-    from lkfast.timing import median, time_interleaved
+    from lkfast.timing import time_interleaved
 
-    times = time_interleaved(runs, rounds, warmup=0)
-    return {name: median(t) for name, t in times.items()}
+    repeats = {}
+    for name, run in runs.items():
+        per_call = warm[name]
+        for _ in range(3 if per_call < SAMPLE_SECONDS else 0):  # (the warm-up's time may be mostly setup)
+            start = time.perf_counter()
+            run()
+            per_call = min(per_call, time.perf_counter() - start)
+        repeats[name] = max(1, min(MAX_REPEATS, math.ceil(SAMPLE_SECONDS / max(per_call, 1e-9))))
+    samples = {name: (lambda run=run, n=repeats[name]: [run() for _ in range(n)]) for name, run in runs.items()}
+    times = time_interleaved(samples, rounds, warmup=0)
+    return {name: min(t) / repeats[name] for name, t in times.items()}
 
 
 def _runs(x: torch.Tensor, weight: torch.Tensor, pass_: str) -> dict[str, Callable[[], None]]:
