@@ -198,7 +198,15 @@ def test_taig_stays_in_the_ball_and_lowers_the_true_logit():
     (lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 0), "steps"),
     (lambda m, x, y: pgd(m, x, y, 0.1, 0.0, 5), "alpha"),
     (lambda m, x, y: taig(m, x, y, 0.1, steps=0), "steps"),
-    (lambda m, x, y: taig(m, x, y, 0.1, path_steps=0), "steps"),
+    (lambda m, x, y: taig(m, x, y, 0.1, path_steps=0), "taig: path_steps must be an integer >= 1, got 0"),
+    (lambda m, x, y: integrated_gradients(m, x, y, path_steps=0), "integrated_gradients: path_steps must be"),
+    (lambda m, x, y: integrated_gradients(m, x, y, noise=-0.1), "integrated_gradients: noise is the path noise's"),
+    (lambda m, x, y: integrated_gradients(m, x * 255, y), r"integrated_gradients: x must hold pixel values in \[0, 1\]"),
+    (lambda m, x, y: integrated_gradients(m, x, y.float()), "integrated_gradients: y must be 6 integer class labels"),
+    (lambda m, x, y: pgd(m, x[:0], y[:0], 0.1, 0.01, 1), r"pgd: x holds no pixels \(shape \(0, 3, 16, 16\)\)"),
+    (lambda m, x, y: fgsm(m, x[:0], y[:0], 0.1), "fgsm: x holds no pixels"),
+    (lambda m, x, y: pgd(m, torch.where(x > 0.5, torch.nan, x), y, 0.1, 0.01, 1), "pgd: x holds NaN pixel values"),
+    (lambda m, x, y: taig(m, x.index_fill(0, torch.tensor([2]), torch.nan), y, 0.1, steps=1, path_steps=1), "NaN"),
     (lambda m, x, y: taig(m, x, y, -1.0), "eps"),
     (lambda m, x, y: fgsm(m, x * 255, y, 0.1), r"\[0, 1\]"),
     (lambda m, x, y: fgsm(m, x, y[:2], 0.1), "labels"),
@@ -220,6 +228,28 @@ def test_an_eps_in_grey_levels_is_refused_saying_so(eps, says):
         with pytest.raises(ValueError, match=r"eps is the L-inf budget in \[0, 1\] pixel units.*" + re.escape(says)):
             call()
     assert (pgd(model, x, y, 1.0, 0.25, 1, generator=0) - x).abs().max() <= 1.0  # 1 is the whole range: allowed
+
+
+def test_attacks_work_under_inference_mode_and_on_inference_tensors():
+    """Under torch.inference_mode() every attack failed with "element 0 of tensors does not require
+    grad", and images (or labels) made under it failed outside it with "Setting requires_grad=True on
+    inference tensor outside InferenceMode is not allowed". Both give the attack's usual result now."""
+    model, (x, y) = small_net(), images(n=3)
+    calls = {"fgsm": lambda x, y: fgsm(model, x, y, 0.03),
+             "pgd": lambda x, y: pgd(model, x, y, 0.03, 0.01, 2, generator=0),
+             "taig": lambda x, y: taig(model, x, y, 0.03, steps=2, path_steps=2, random_path=True, generator=0),
+             "integrated_gradients": lambda x, y: integrated_gradients(model, x, y, path_steps=2)}
+    for name, call in calls.items():
+        expected = call(x, y)
+        with torch.inference_mode():
+            inside = call(x, y)
+            xi, yi = x.clone(), y.clone()  # inference tensors
+            assert xi.is_inference()
+        with torch.no_grad():
+            under_no_grad = call(x, y)
+        for got in (inside, call(xi, yi), under_no_grad):
+            assert torch.equal(got, expected), name
+        assert_untouched(model, mode=False)
 
 
 def test_int_and_numpy_seeds_and_numbers_work_as_their_torch_and_python_equals():

@@ -11,7 +11,9 @@
 
 Every attack takes gradients with respect to the input only: the model's parameters are frozen for
 the attack (their ``requires_grad`` restored afterwards, ``.grad`` untouched) and its train/eval
-mode is left as it is.
+mode is left as it is. They take their input gradients also when called under ``torch.no_grad()`` or
+``torch.inference_mode()`` (and on tensors made under it). Images must be a non-empty float batch in
+[0, 1] without NaN.
 """
 from lkfast.attacks.core import frozen
 from lkfast.attacks.evaluate import (FGSM_EPS, PGD_EPS, PGD_STEPS, TAIG_ALPHA, TAIG_EPS, TAIG_PATH_STEPS, TAIG_STEPS,

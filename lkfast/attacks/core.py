@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from typing import Iterator, Optional
 
@@ -13,13 +14,18 @@ from lkfast.corrupt.utils import Generators, seeded  # noqa: F401 (one rule for 
 
 
 def check_images(name: str, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
-    """Refuse inputs an attack cannot work on: x must be a float (N, C, H, W) batch in [0, 1] and
-    y (if given) N integer labels."""
+    """Refuse inputs an attack or analysis cannot work on: x must be a non-empty float (N, C, H, W)
+    batch in [0, 1] (no NaN) and y (if given) N integer labels."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         found = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name}: x must be a float image batch (N, C, H, W) in [0, 1], got {found}")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0.0 or hi > 1.0:
+    if x.numel() == 0:
+        raise ValueError(f"{name}: x holds no pixels (shape {tuple(x.shape)}): give at least one image")
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = float(lo), float(hi)
+    if not (lo >= 0.0 and hi <= 1.0):  # NaN compares False: refused too
+        if math.isnan(lo) or math.isnan(hi):
+            raise ValueError(f"{name}: x holds NaN pixel values")
         raise ValueError(f"{name}: x must hold pixel values in [0, 1] (normalisation belongs inside the model), "
                          f"found values in [{lo:.3g}, {hi:.3g}]")
     if y is not None:
@@ -28,16 +34,18 @@ def check_images(name: str, x: torch.Tensor, y: Optional[torch.Tensor] = None) -
             raise ValueError(f"{name}: y must be {x.shape[0]} integer class labels (one per image), got {found}")
 
 
-def check_budget(name: str, eps: float, steps: Optional[int] = None, alpha: Optional[float] = None) -> None:
+def check_budget(name: str, eps: float, steps: Optional[int] = None, alpha: Optional[float] = None, *,
+                 eps_name: str = "eps", what: str = "the L-inf budget", steps_name: str = "steps") -> None:
     """Refuse eps outside [0, 1] (or not a number: Python and NumPy numbers are), steps < 1 and
-    alpha <= 0, saying what was given; an eps above 1 is a budget in grey levels (8 for 8/255)."""
+    alpha <= 0, saying what was given; an eps above 1 is a budget in grey levels (8 for 8/255).
+    ``eps_name``/``what``/``steps_name``: how the caller's parameters are called in the messages."""
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"{name}: eps is the L-inf budget in [0, 1] pixel units and must be >= 0, got {eps!r}")
+        raise ValueError(f"{name}: {eps_name} is {what} in [0, 1] pixel units and must be >= 0, got {eps!r}")
     if eps > 1:
-        raise ValueError(f"{name}: eps is the L-inf budget in [0, 1] pixel units, got {eps!r}: a budget of "
+        raise ValueError(f"{name}: {eps_name} is {what} in [0, 1] pixel units, got {eps!r}: a budget of "
                          f"{eps:g} grey levels is {eps:g}/255 = {eps / 255:.4g}")
     if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
-        raise ValueError(f"{name}: steps must be an integer >= 1, got {steps!r}")
+        raise ValueError(f"{name}: {steps_name} must be an integer >= 1, got {steps!r}")
     if alpha is not None and (not isinstance(alpha, numbers.Real) or not alpha > 0):
         raise ValueError(f"{name}: alpha (the step size) must be > 0, got {alpha!r}")
 
@@ -58,12 +66,26 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """Autograd on within the block, also inside ``torch.no_grad()`` or ``torch.inference_mode()``
+    (an attack needs its input gradient wherever it is called)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def recordable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it where it is an inference tensor (made under ``torch.inference_mode()``),
+    which autograd can neither record nor save for the backward pass. Call within ``recording()``."""
+    return t.clone() if t.is_inference() else t
+
+
 def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Gradient of the summed cross-entropy of ``model(x)`` against ``y`` with respect to x (the
     model's parameters must already be frozen). Summed, so each image's gradient is its own."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = F.cross_entropy(model(x).float(), y, reduction="sum")
+    with recording():
+        x = recordable(x.detach()).requires_grad_(True)
+        loss = F.cross_entropy(model(x).float(), recordable(y), reduction="sum")
         (grad,) = torch.autograd.grad(loss, [x])
     return grad
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lkfast.attacks.core import Generators, check_budget, check_images, frozen, project, seeded, uniform
+from lkfast.attacks.core import (Generators, check_budget, check_images, frozen, project, recordable, recording, seeded,
+                                 uniform)
 
 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path_steps: int = 20,
@@ -23,11 +24,13 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pat
     ``path_steps`` grows (completeness). The model's parameters get no gradients; it is evaluated in
     the mode it is in. Returns a tensor of x's shape.
     """
-    check_budget("integrated_gradients", noise, steps=path_steps)
+    check_budget("integrated_gradients", noise, steps=path_steps, eps_name="noise", what="the path noise's amplitude",
+                 steps_name="path_steps")
+    check_images("integrated_gradients", x, y)
     generator = seeded(generator, x.device, "integrated_gradients")
-    x = x.detach()
-    total = torch.zeros_like(x)
-    with frozen(model), torch.enable_grad():
+    with frozen(model), recording():
+        x, y = recordable(x.detach()), recordable(y)
+        total = torch.zeros_like(x)
         for i in range(path_steps + 1):
             point = x * (i / path_steps)
             if noise > 0:
@@ -53,7 +56,7 @@ def taig(surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
     steps < 1, path_steps < 1, alpha <= 0 and x outside [0, 1].
     """
     check_budget("taig", eps, steps=steps, alpha=alpha)
-    check_budget("taig", eps, steps=path_steps)
+    check_budget("taig", eps, steps=path_steps, steps_name="path_steps")
     check_images("taig", x, y)
     generator = seeded(generator, x.device, "taig")
     x = x.detach()
