@@ -279,7 +279,7 @@ def evaluate(model: nn.Module, loader, device) -> tuple:
 
 
 def _check_arguments(args) -> None:
-    """Refuse numbers no run can use (TrainError), before anything is read or built."""
+    """Refuse values no run can use (TrainError naming the option), before anything is read or built."""
     at_least = {"--epochs": (args.epochs, 1), "--batch-size": (args.batch_size, 1), "--workers": (args.workers, 0),
                 "--num-classes": (args.num_classes, 1), "--input-size": (args.input_size, 8),
                 "--kernel-sizes": (args.kernel_sizes, 1)}
@@ -288,6 +288,48 @@ def _check_arguments(args) -> None:
             raise TrainError(f"{option} must be at least {least}, got {value}")
     if args.kernel_sizes is not None and args.kernel_sizes % 2 == 0:  # 'same' padding k // 2 needs an odd k
         raise TrainError(f"--kernel-sizes must be odd (3, 5, 7, ...), got {args.kernel_sizes}")
+    # (option, value, lowest, lowest allowed?, highest, highest allowed?, what it means): NaN fails every test
+    ranges = [("--lr", args.lr, 0, False, math.inf, False, "the peak learning rate"),
+              ("--min-lr", args.min_lr, 0, True, math.inf, False, "where the cosine schedule ends"),
+              ("--warmup-epochs", args.warmup_epochs, 0, True, math.inf, False, "0 for no warm-up"),
+              ("--weight-decay", args.weight_decay, 0, True, math.inf, False, "0 for none"),
+              ("--smoothing", args.smoothing, 0, True, 1, False, "0 turns it off"),
+              ("--mixup", args.mixup, 0, True, math.inf, False, "0 off, ConvNeXt used 0.8"),
+              ("--cutmix", args.cutmix, 0, True, math.inf, False, "0 off, ConvNeXt used 1.0"),
+              ("--mixup-prob", args.mixup_prob, 0, True, 1, True, "a probability"),
+              ("--hflip", args.hflip, 0, True, 1, True, "a probability"),
+              ("--color-jitter", args.color_jitter, 0, True, math.inf, False, "0 off, e.g. 0.4"),
+              ("--drop-path", args.drop_path, 0, True, 1, False, "0 off, e.g. 0.1"),
+              ("--ema-decay", args.ema_decay, 0, True, 1, False, "0 turns EMA off, e.g. 0.999")]
+    for option, value, low, low_in, high, high_in, meaning in ranges:
+        if not ((value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
+            interval = (f"at least {low}" if low_in else f"more than {low}") if high == math.inf else \
+                f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+            raise TrainError(f"{option} must be {interval} ({meaning}), got {value}")
+    if args.min_lr > args.lr:
+        raise TrainError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine schedule falls from --lr to "
+                         f"--min-lr")
+    low, high = args.scale
+    if not 0 < low <= high <= 1:
+        raise TrainError(f"--scale {low} {high}: expected MIN MAX with 0 < MIN <= MAX <= 1 (the fractions of the "
+                         f"image's area a random crop keeps; default 0.08 1.0)")
+    if args.aa is not None and args.aa.lower() == "none":
+        args.aa = None  # what the help calls the default
+    if args.aa is not None:
+        from timm.data import create_transform
+
+        try:  # timm's own parser of the policy (an AssertionError for an unknown name)
+            create_transform(32, is_training=True, auto_augment=args.aa)
+        except (AssertionError, ValueError, KeyError, IndexError, TypeError) as error:
+            raise TrainError(f"--aa {args.aa}: not a timm auto-augment policy ({error}); expected e.g. "
+                             f"rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w3 (AugMix), or original, originalr, v0, "
+                             f"v0r, 3a (AutoAugment), or none") from None
+    from timm.optim import list_optimizers
+
+    names = list_optimizers()
+    if args.opt.lower().split("_")[-1] not in names:  # timm's parse: an optional lookahead_ prefix, then the name
+        raise TrainError(f"--opt {args.opt}: not a timm optimiser; expected one of {', '.join(names)} (optionally "
+                         f"prefixed lookahead_)")
 
 
 def device_option(name: Optional[str]) -> torch.device:

@@ -179,6 +179,25 @@ def test_mistakes_are_one_line_and_exit_2(dataset, tmp_path, capsys, monkeypatch
         (MODEL, *run, "--workers", "-1"): "--workers must be at least 0, got -1",
         (MODEL, *run, "--input-size", "4"): "--input-size must be at least 8, got 4",
         ("convnext_atto", *run, "--kernel-sizes", "30"): "--kernel-sizes must be odd (3, 5, 7, ...), got 30",
+        (MODEL, *run, "--ema-decay", "1.5"): "--ema-decay must be in [0, 1) (0 turns EMA off, e.g. 0.999), got 1.5",
+        (MODEL, *run, "--ema-decay", "1"): "--ema-decay must be in [0, 1)",
+        (MODEL, *run, "--smoothing", "1"): "--smoothing must be in [0, 1) (0 turns it off), got 1.0",
+        (MODEL, *run, "--smoothing", "-0.5"): "--smoothing must be in [0, 1)",
+        (MODEL, *run, "--drop-path", "2"): "--drop-path must be in [0, 1) (0 off, e.g. 0.1), got 2.0",
+        (MODEL, *run, "--hflip", "2"): "--hflip must be in [0, 1] (a probability), got 2.0",
+        (MODEL, *run, "--mixup-prob", "2"): "--mixup-prob must be in [0, 1] (a probability), got 2.0",
+        (MODEL, *run, "--mixup", "-1"): "--mixup must be at least 0 (0 off, ConvNeXt used 0.8), got -1.0",
+        (MODEL, *run, "--cutmix", "nan"): "--cutmix must be at least 0",
+        (MODEL, *run, "--color-jitter", "-1"): "--color-jitter must be at least 0 (0 off, e.g. 0.4), got -1.0",
+        (MODEL, *run, "--warmup-epochs", "-3"): "--warmup-epochs must be at least 0 (0 for no warm-up), got -3.0",
+        (MODEL, *run, "--weight-decay", "-1"): "--weight-decay must be at least 0 (0 for none), got -1.0",
+        (MODEL, *run, "--lr", "0"): "--lr must be more than 0 (the peak learning rate), got 0.0",
+        (MODEL, *run, "--min-lr", "1"): "--min-lr 1.0 is above --lr 0.003: the cosine schedule falls from --lr to",
+        (MODEL, *run, "--scale", "-1", "0"): "--scale -1.0 0.0: expected MIN MAX with 0 < MIN <= MAX <= 1",
+        (MODEL, *run, "--scale", "1", "0.5"): "--scale 1.0 0.5: expected MIN MAX with 0 < MIN <= MAX <= 1",
+        (MODEL, *run, "--aa", "nosuch"): "--aa nosuch: not a timm auto-augment policy (Unknown AA policy nosuch); "
+                                         "expected e.g. rand-m9-mstd0.5-inc1 (RandAugment)",
+        (MODEL, *run, "--opt", "nosuchopt"): "--opt nosuchopt: not a timm optimiser; expected one of adabelief, ",
         (MODEL, *run, "--device", "meta"): "--device meta: expected cpu, cuda or cuda:N (lkfast runs on no 'meta' device)",
         (MODEL, *run, "--classes", ",".join(CLASSES[:3])): "--classes must name each class folder of",
         (MODEL, *run, "--classes", ",".join(CLASSES + CLASSES[:1])): "--classes must name each class folder of",
@@ -288,12 +307,14 @@ def test_an_ema_added_on_resume_starts_from_the_resumed_weights(dataset, tmp_pat
               *FAST]
     train(recipe + ["--stop-after-epoch", "1"])  # no EMA kept
     resumed = torch.load(tmp_path / "last.pth", weights_only=False)["model"]
-    train(recipe + ["--ema-decay", "1.0"])  # an EMA that never moves: the exported weights are where it started
+    train(recipe + ["--ema-decay", "0.5"])  # one step (step 2: timm's decay applies): halfway from where it started
+    final = torch.load(tmp_path / "last.pth", weights_only=False)["model"]
     exported = _weights(tmp_path)
     floats = [k for k, v in resumed.items() if v.is_floating_point()]
     assert floats and set(floats) <= set(exported)
+    assert any(not torch.equal(resumed[key], final[key]) for key in floats)
     for key in floats:
-        torch.testing.assert_close(exported[key], resumed[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(exported[key], 0.5 * resumed[key] + 0.5 * final[key], msg=key)
 
 
 def test_resume_refuses_another_kernel_size_or_class_order(dataset, tmp_path):
@@ -422,3 +443,17 @@ def test_recipe_differences_name_the_recipe_settings_alone():
     assert _recipe_differences(saved, same) == []
     other = build_parser().parse_args([MODEL, "--data", "a", "--epochs", "2", "--lr", "0.2", "--scale", "0.5", "1"])
     assert _recipe_differences(saved, other) == ["--lr 0.2 (saved run: 0.1)", "--scale 0.5 1.0 (saved run: 0.08 1.0)"]
+
+
+def test_option_values_at_the_edges_of_their_ranges_are_taken():
+    """The range checks refuse only what no run can use: the ends a recipe uses pass, '--aa none' (what
+    the help calls the default) is no policy, and timm's lookahead_ prefix and any case of a name pass."""
+    from lkfast.train import _check_arguments
+
+    edges = ["--ema-decay", "0", "--smoothing", "0", "--drop-path", "0.999", "--hflip", "1", "--mixup-prob", "0",
+             "--mixup", "0", "--cutmix", "0", "--color-jitter", "0", "--warmup-epochs", "0", "--weight-decay", "0",
+             "--min-lr", "0.1", "--lr", "0.1", "--scale", "1", "1", "--aa", "none", "--opt", "lookahead_AdamW"]
+    args = build_parser().parse_args([MODEL, "--data", "x", *edges])
+    _check_arguments(args)
+    assert args.aa is None
+    _check_arguments(build_parser().parse_args([MODEL, "--data", "x", "--aa", "rand-m9-mstd0.5-inc1", "--opt", "sgd"]))
