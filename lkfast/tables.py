@@ -159,7 +159,9 @@ def write_atomic(path, write: Callable, mode: str = "wb") -> Path:
     return path
 
 
-_TEMPORARY = re.compile(r"\..+\.tmp(\d+)")  # write_atomic's temporary names (and .<name>.tmp<pid> of before)
+# write_atomic's temporary names, exactly: .<name>.<8 hex digits>.tmp<pid>. (Looser, a user's own
+# .notes.tmp123 was taken for one and deleted; the .<name>.tmp<pid> of before 7b93f8d is no longer matched.)
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp([0-9]+)")
 
 
 def temporary_files(folder, stale_only: bool = True) -> list[Path]:

@@ -140,13 +140,18 @@ def _atomic_save(obj, path: Path) -> None:
     write_bytes_atomic(path, buffer.getbuffer())
 
 
+_OUTPUTS = ("last.pth", "model.safetensors", "summary.json")  # the files lkfast.train writes into --out
+
+
 def _remove_dead_temporaries(out: Path) -> None:
-    """The temporary files of saves killed mid-way (their process gone): a full-size checkpoint
-    each, otherwise never removed."""
+    """The temporary files of this command's saves killed mid-way (their process gone): a full-size
+    checkpoint each, otherwise never removed. Only write_atomic's names for the files lkfast.train
+    writes: anything else in --out is the user's."""
     from lkfast.tables import temporary_files
 
     for tmp in temporary_files(out):
-        tmp.unlink(missing_ok=True)
+        if tmp.name.startswith(tuple(f".{name}." for name in _OUTPUTS)):
+            tmp.unlink(missing_ok=True)
 
 
 def _save_weights(tensors: dict, path: Path) -> None:

@@ -1043,7 +1043,7 @@ def test_io_completeness_and_leftovers(tmp_path):
         assert not data_io.is_complete(path), path
     assert not data_io.is_complete(tmp_path / "missing.JPEG")
     # temporary files of a dead process are leftovers; a running one's (this one's) are not
-    dead, alive = tmp_path / ".c.JPEG.tmp999999999", tmp_path / f".d.JPEG.tmp{os.getpid()}"
+    dead, alive = tmp_path / ".c.JPEG.0123abcd.tmp999999999", tmp_path / f".d.JPEG.0123abcd.tmp{os.getpid()}"
     dead.write_bytes(b"x")
     alive.write_bytes(b"x")
     assert data_io.temporary_files(tmp_path) == [dead]

@@ -342,8 +342,8 @@ def test_train_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path,
     data = _source(tmp_path / "data" / "train", per_class=1)
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".last.pth.tmp999999999").write_bytes(b"a killed save")  # no such process
-    (out / ".last.pth.tmp1").write_bytes(b"pid 1 is alive")
+    (out / ".last.pth.0123abcd.tmp999999999").write_bytes(b"a killed save")  # no such process
+    (out / ".last.pth.0123abcd.tmp1").write_bytes(b"pid 1 is alive")
     (out / ".notes.tmp2").mkdir()  # a folder: not a save's temporary file
     real_open = builtins.open
 
@@ -370,7 +370,7 @@ def test_train_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path,
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "lkfast.train: error: [Errno 28] No space left on device (free space" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == [".last.pth.tmp1", ".notes.tmp2"]
+    assert sorted(p.name for p in out.iterdir()) == [".last.pth.0123abcd.tmp1", ".notes.tmp2"]
 
 
 def test_the_build_lock_gives_way_where_locking_fails(tmp_path, monkeypatch):

@@ -390,19 +390,23 @@ def test_a_class_order_and_a_class_count_are_what_the_run_saves(dataset, tmp_pat
     """--classes (spaces around names allowed) is the label order: summary.json and last.pth record it
     as given, not sorted; --num-classes wider than the folders is the model's output count; a val
     folder lacking one of the classes is refused before training; dead temporaries of a killed save
-    are removed from OUT."""
+    are removed from OUT, and only those (any .<x>.tmp<digits> was: a user's file too)."""
     order = sorted(CLASSES, reverse=True)
     out = tmp_path / "o"
     out.mkdir()
-    dead = out / ".last.pth.tmp999999999"
+    dead = out / ".last.pth.0123abcd.tmp999999999"  # write_atomic's name, its process gone
     dead.write_bytes(b"partial")
+    users = [".notes.tmp999999999", ".last.pth.tmp999999999", ".last.pth.0123ABCD.tmp999999999",
+             ".notes.0123abcd.tmp999999999"]  # not write_atomic's, or not of a file lkfast.train writes
+    for name in users:
+        (out / name).write_text("the user's")
     run = [MODEL, "--data", str(dataset), "--epochs", "1", "--max-steps-per-epoch", "1", *FAST]
     summary = train([*run, "--out", str(out), "--classes", " , ".join(order), "--num-classes", "6"])
     assert summary["classes"] == order and json.loads((out / "summary.json").read_text())["classes"] == order
     state = torch.load(out / "last.pth", weights_only=False)
     assert state["classes"] == order and state["num_classes"] == 6
     assert _weights(out)["head.weight"].shape[0] == 6
-    assert not dead.exists()
+    assert not dead.exists() and all((out / name).read_text() == "the user's" for name in users)
     data = tmp_path / "data"
     (data / "val").mkdir(parents=True)
     (data / "train").symlink_to(dataset / "train")
