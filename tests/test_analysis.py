@@ -58,7 +58,7 @@ def test_int_seeds_draw_as_a_cpu_generator_seeded_once_per_call():
     x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 5, (6,))
     for run in (lambda g: occlusion_outcomes(model, x, y, ratios=(0.3, 0.6), modes=("random",), patch_size=8,
                                              generator=g)["correct"],
-                lambda g: frequency_outcomes(model, x, y, frequencies=(0.5, 2.0), eps=2.0, generator=g)["correct"]):
+                lambda g: frequency_outcomes(model, x, y, frequencies=(0.5, 2.0), eps=1.0, generator=g)["correct"]):
         with torch.no_grad():
             assert torch.equal(run(7), run(torch.Generator().manual_seed(7)))
     with pytest.raises(ValueError, match="generator must be a torch.Generator, an int seed"):
@@ -163,6 +163,23 @@ def test_dino_attention_matches_the_attention_weights():
         dino_attention(vit, x, head=2)
 
 
+def test_dino_attention_keeps_no_graph_and_load_dino_refuses_a_random_vit():
+    """The attention recomputed from the captured tokens ran with gradients: the map came back with a
+    grad_fn, holding the qkv weights' graph per batch. load_dino(None) without pretrained returned a
+    randomly initialised ViT whose "salient" patches are noise."""
+    from lkfast.analysis import load_dino
+
+    vit = tiny_vit()
+    x = torch.rand(2, 3, 64, 64)
+    for got in (dino_attention(vit, x), dino_attention(vit, x, head=1), dino_saliency(vit)(x)):
+        assert not got.requires_grad and got.grad_fn is None
+    assert all(p.grad is None for p in vit.parameters())
+    for checkpoint in (None, ""):
+        with pytest.raises(ValueError, match="load_dino: no checkpoint and pretrained=False would give a randomly "
+                                             "initialised"):
+            load_dino(checkpoint)
+
+
 def test_load_dino_takes_any_size_on_the_occlusion_grid(tmp_path, monkeypatch):
     """DINO ViT-S/16 is built for 224 px and the eval fed it the evaluated model's size (160 px: timm
     refused it). load_dino's ViT takes any multiple of 16 px, its map one value per 16-px patch the
@@ -212,11 +229,36 @@ def test_occlusion_sweep_with_masks_and_attention():
     (dict(modes=("salient",)), "saliency"),
     (dict(modes=("sideways",)), "unknown modes"),
     (dict(patch_size=7), "multiple"),
+    (dict(patch_size=0), "patch_size is the side of a square patch in pixels, an integer >= 1, got 0"),
+    (dict(patch_size=16.0), "patch_size is the side of a square patch in pixels, an integer >= 1, got 16.0"),
+    (dict(modes=("salient",), saliency="dino"), r"saliency must be None, 'masks' .* or a function .*got 'dino'"),
 ])
 def test_occlusion_bad_input(kwargs, message):
     x, y = batch(2, 32)
     with pytest.raises(ValueError, match=message):
         occlusion_sweep(tiny_replknet(), [(x, y)], **{"modes": ("random",), **kwargs})
+
+
+def test_occlusion_refuses_images_outside_zero_to_one_and_a_bad_saliency_before_any_pass():
+    """Images scaled to 0-255 or normalised (ToTensor + Normalize) were occluded and scored without a
+    word; saliency="dino" (a string) and patch_size=0 failed only after the clean pass (or with a
+    ZeroDivisionError). Refused as the attacks refuse them."""
+    x, y = batch(2, 32)
+    calls = []
+
+    class Counting(nn.Module):
+        def forward(self, images):
+            calls.append(len(images))
+            return torch.zeros(len(images), CLASSES)
+    for bad in (x * 255, (x - 0.5) / 0.25):
+        with pytest.raises(ValueError, match=r"occlusion_sweep: x must hold pixel values in \[0, 1\] \(normalisation "
+                                             r"belongs inside the model\)"):
+            occlusion_sweep(Counting(), [(bad, y)], ratios=(0.5,), modes=("random",))
+    for kwargs in (dict(saliency="dino", modes=("salient",)), dict(saliency="dino", modes=("random",)),
+                   dict(patch_size=0, modes=("random",))):
+        with pytest.raises(ValueError, match="saliency must be|patch_size"):
+            occlusion_sweep(Counting(), [(x, y)], ratios=(0.5,), **kwargs)
+    assert calls == []
 
 
 # --- lesion ------------------------------------------------------------------------------------------
@@ -411,6 +453,19 @@ def test_lesion_sweep_reports_what_it_removed():
         lesion_sweep(model, data, counts=[1], draws=0)
 
 
+def test_lesion_sweep_takes_numpy_integers():
+    """counts=np.array([1, 2]) was refused as "each count must be an integer ..., got np.int64(1)";
+    NumPy integers (counts, draws, seed) now work as Python's, and the result holds Python ints."""
+    np = pytest.importorskip("numpy")
+    model = tiny_replknet()
+    data = [batch(4, 32)]
+    result = lesion_sweep(model, data, counts=np.array([1, 2]), draws=np.int64(2), seed=np.int64(3))
+    assert result == lesion_sweep(model, data, counts=[1, 2], draws=2, seed=3)
+    assert [type(n) for n in result["counts"]] == [int, int] and type(result["seed"]) is int
+    with pytest.raises(ValueError, match="each count must be an integer"):
+        lesion_sweep(model, data, counts=[1.0])
+
+
 def test_lesion_fraction_is_the_proportion_of_the_model_blocks():
     # Fig. 7's x-axis (the paper: "the number of blocks in ViT-B is only half of that in RepLKNet"):
     # RepLKNet-31B's layout has 24 blocks, the paper's scope draws among its 18 third-stage ones
@@ -480,6 +535,24 @@ def test_frequency_sweep_matches_direct_evaluation():
         frequency_sweep(model, [(x, y)], eps=-0.1)
 
 
+def test_frequency_sweep_refuses_images_outside_zero_to_one_and_an_eps_in_grey_levels():
+    """Normalised images (ToTensor + Normalize) were clamped to [0, 1] by the noise, a 25-point "drop"
+    at eps=0; eps=8 (meant as 8/255) was taken as 8. Both refused, with the attacks' messages."""
+    model = tiny_replknet()
+    x, y = batch(4, 32)
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    for bad in ((x - mean) / std, x * 255):
+        with pytest.raises(ValueError, match=r"frequency_sweep: x must hold pixel values in \[0, 1\] \(normalisation "
+                                             r"belongs inside the model\)"):
+            frequency_sweep(model, [(bad, y)], frequencies=(0.0,), eps=0.0)
+    with pytest.raises(ValueError, match=r"frequency_sweep: eps is the noise amplitude in \[0, 1\] pixel units, got 8: "
+                                         r"a budget of 8 grey levels is 8/255 = 0.03137"):
+        frequency_sweep(model, [(x, y)], frequencies=(0.0,), eps=8)
+    with pytest.raises(ValueError, match="x holds NaN pixel values"):
+        frequency_sweep(model, [(x.index_fill(0, torch.tensor([1]), torch.nan), y)], frequencies=(0.0,))
+    assert frequency_sweep(model, [(x, y)], frequencies=(0.0,), eps=1.0)["eps"] == 1.0  # the whole range: allowed
+
+
 # --- kernel attention distance ---------------------------------------------------------------------------
 
 def test_kernel_distance_on_hand_made_kernels():
@@ -528,6 +601,24 @@ def test_kernel_distance_on_models():
         kernel_attention_distance(tiny_vit())
 
 
+def test_kernel_distance_min_kernel_size_filters_replknet_layers_and_nan_kernels_are_nan():
+    """min_kernel_size was ignored for RepLKNet's ReparamLargeKernelConv (its 3x3 layers were
+    returned at min_kernel_size=5, and no ValueError where none reached it); a NaN kernel got the
+    normalised distance 0.0 ("all mass at the centre") instead of NaN."""
+    model = tiny_replknet()  # large kernels 7, 5, 5, 3 by stage
+    sizes = [layer["kernel_size"] for layer in kernel_attention_distance(model, min_kernel_size=5)["layers"]]
+    assert sizes == [[7, 7], [5, 5], [5, 5], [5, 5], [5, 5]]
+    merged = kernel_attention_distance(tiny_replknet().structural_reparam(), min_kernel_size=7)
+    assert [layer["kernel_size"] for layer in merged["layers"]] == [[7, 7]]
+    with pytest.raises(ValueError, match="at least 9x9"):
+        kernel_attention_distance(model, min_kernel_size=9)
+    kernels = torch.zeros(3, 1, 5, 5)
+    kernels[0, 0, 0, 0] = float("nan")
+    kernels[1, 0, 2, 2] = float("inf")
+    distance, normalised = channel_distances(kernels)
+    assert math.isnan(normalised[0]) and math.isnan(normalised[1]) and normalised[2] == 0.0
+
+
 def test_kernel_distance_figure_takes_the_first_two_of_stage_1_and_the_last_two_of_stage_3():
     # the paper's Fig. 9: "the first two layers of stage-1 and the last two layers of stage-3"; stage-1 is
     # RepLKNet's stages.0, stage-3 its stages.2 (the 18-block stage of RepLKNet-31B), not the last stage
@@ -560,6 +651,11 @@ def test_feature_variance_values_and_no_hook_left():
     vit = tiny_vit()
     result = feature_map_variance(vit, torch.rand(2, 3, 64, 64))
     assert len(result["layers"]) == 2 and _hook_count(vit) == 0
+    # an empty batch gave all-NaN variances
+    with pytest.raises(ValueError, match=r"feature_map_variance: x must be a batch of at least one image, got shape "
+                                         r"\(0, 3, 32, 32\)"):
+        feature_map_variance(model, x[:0])
+    assert _hook_count(model) == 0
 
 
 def test_feature_variance_hooks_removed_after_an_error():

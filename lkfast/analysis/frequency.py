@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from lkfast.attacks.core import Generators, seeded
+from lkfast.attacks.core import Generators, check_budget, check_images, seeded
 from lkfast.attacks.evaluate import batches, model_device
 from lkfast.ops import frequency_noise
 from lkfast.ops.frequency import check_band
@@ -18,7 +18,8 @@ NOISE_EPS = 0.1  # the noise amplitude (pixel units) of the paper's Fig. 8
 
 
 def check_frequency(frequencies: Sequence[float], eps: float) -> None:
-    """Refuse a band centre outside [0, pi] and eps < 0."""
+    """Refuse a band centre outside [0, pi] and eps outside [0, 1] (pixel units: 8 is 8/255)."""
+    check_budget("frequency_sweep", eps, what="the noise amplitude")
     for f in frequencies:
         check_band(f, eps, "frequency_sweep")
     check_band(0.0, eps, "frequency_sweep")  # eps, also for an empty list
@@ -28,7 +29,10 @@ def frequency_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, frequ
                        eps: float = NOISE_EPS, width: float = WIDTH, generator: Generators = None) -> dict:
     """Per-image outcomes of one batch: ``{"clean": bool (N,), "correct": bool (N, frequencies)}``,
     the noise of each band drawn band by band from ``generator`` (on the model's device), or, given
-    one generator per image, each image's noise from its own."""
+    one generator per image, each image's noise from its own. Refuses images outside [0, 1] (the
+    noise is clamped to that range: a normalised image would be cut) and what ``check_frequency`` does."""
+    check_frequency(frequencies, eps)
+    check_images("frequency_sweep", x, y)
     device = model_device(model)
     x, y = x.to(device), y.to(device)
     generator = seeded(generator, device, "frequency_outcomes")
@@ -66,7 +70,9 @@ def frequency_sweep(model: nn.Module, loader: Iterable, frequencies: Sequence[fl
     The noise of every batch and band is drawn from a generator seeded with ``seed`` (the same noise
     for every model). Returns ``{"frequencies": [...], "frequencies_over_pi": [...], "top1": [...],
     "drop": [clean - noisy, percentage points], "clean_top1", "eps", "width", "images"}``.
-    Refuses a band centre outside [0, pi] and eps < 0.
+    loader: (images in [0, 1], labels, ...) batches (normalisation belongs inside the model: the
+    noisy images are clamped to [0, 1]). Refuses a band centre outside [0, pi], eps outside [0, 1]
+    (pixel units: 8/255, not 8) and batches that are not [0, 1] images, as the attacks do.
     """
     check_frequency(frequencies, eps)
     device = model_device(model)

@@ -26,7 +26,8 @@ _STAGE = re.compile(r"(?:^|\.)(?:stages\.|layer)(\d+)\.")
 def channel_distances(kernel: torch.Tensor) -> tuple:
     """(distance, normalised distance), one value per channel, of a depthwise kernel (C, 1, kh, kw)
     or (C, kh, kw), kh and kw odd and not both 1. Non-square kernels measure each axis in its own
-    radius. A channel of all zeros gets normalised distance 0."""
+    radius. A channel of all zeros gets normalised distance 0; one holding a NaN or an infinity (a
+    diverged model) gets NaN, not a plausible number."""
     if kernel.dim() == 4:
         if kernel.shape[1] != 1:
             raise ValueError(f"channel_distances: expected a depthwise kernel (C, 1, kh, kw), got {tuple(kernel.shape)}")
@@ -44,7 +45,8 @@ def channel_distances(kernel: torch.Tensor) -> tuple:
     magnitude = kernel.detach().double().abs().cpu()
     distance = (magnitude * radius).sum((-2, -1))
     mass = magnitude.sum((-2, -1))
-    normalised = torch.where(mass > 0, distance / mass.clamp_min(1e-300), torch.zeros_like(mass))
+    normalised = torch.where(mass == 0, torch.zeros_like(mass), distance / mass.clamp_min(1e-300))
+    normalised = torch.where(mass.isfinite(), normalised, torch.full_like(mass, float("nan")))  # inf / inf
     return distance, normalised
 
 
@@ -63,10 +65,10 @@ def _depthwise_kernels(model: nn.Module, min_kernel_size: int) -> list:
             continue
         if isinstance(module, ReparamLargeKernelConv):
             inside.add(name)
-            if module.merged:
-                found.append((name, module.lkb_reparam.weight.detach(), MERGED_KERNEL))
-            else:
-                found.append((name, module.lkb_origin.conv.weight.detach(), LARGE_KERNEL))
+            kernel, weights = ((module.lkb_reparam.weight, MERGED_KERNEL) if module.merged
+                               else (module.lkb_origin.conv.weight, LARGE_KERNEL))
+            if max(kernel.shape[-2:]) >= min_kernel_size:
+                found.append((name, kernel.detach(), weights))
         elif not has_replk and isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels \
                 and tuple(module.stride) == (1, 1) and max(module.kernel_size) >= min_kernel_size:
             found.append((name, module.weight.detach(), CONV_WEIGHT))
@@ -79,8 +81,8 @@ def depthwise_kernels(model: nn.Module, min_kernel_size: int = 3) -> list:
     In a model with RepLKNet's ``ReparamLargeKernelConv`` layers only those count (not the stem's
     3x3), each once: the large kernel's own weights (``lkb_origin.conv.weight``, as the paper's
     script), or the merged kernel of a re-parameterised layer (the only one it holds). Elsewhere:
-    every stride-1 depthwise ``nn.Conv2d`` (groups == in == out channels) whose larger side is at
-    least ``min_kernel_size`` (ConvNeXt's 7x7, ...).
+    every stride-1 depthwise ``nn.Conv2d`` (groups == in == out channels). In both, only kernels
+    whose larger side is at least ``min_kernel_size`` (ConvNeXt's 7x7, ...).
     """
     return [(name, kernel) for name, kernel, _ in _depthwise_kernels(model, min_kernel_size)]
 

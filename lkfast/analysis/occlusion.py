@@ -16,13 +16,14 @@ with masks) keeps every patch: there is nothing of that kind to occlude.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkfast.attacks.core import Generators, generator_device, seeded, uniform
+from lkfast.attacks.core import Generators, check_images, generator_device, seeded, uniform
 from lkfast.attacks.evaluate import model_device
 
 MODES = ("random", "salient", "non_salient")
@@ -36,8 +37,15 @@ def check_ratio(name: str, ratio: float) -> None:
         raise ValueError(f"{name}: the drop ratio must be a number in [0, 1] (0.5 drops half), got {ratio!r}")
 
 
+def check_patch_size(patch_size: int) -> None:
+    if not isinstance(patch_size, numbers.Integral) or isinstance(patch_size, bool) or patch_size < 1:
+        raise ValueError(f"occlusion: patch_size is the side of a square patch in pixels, an integer >= 1, "
+                         f"got {patch_size!r}")
+
+
 def patch_grid(height: int, width: int, patch_size: int = PATCH_SIZE) -> tuple:
     """(rows, columns) of patches; the image sides must be multiples of ``patch_size``."""
+    check_patch_size(patch_size)
     if height % patch_size or width % patch_size:
         raise ValueError(f"occlusion: image size {height}x{width} is not a multiple of the patch size {patch_size}; "
                          f"resize or crop the images (224 px gives the paper's 14x14 grid)")
@@ -109,8 +117,18 @@ def load_dino(checkpoint: Optional[str], device="cpu", pretrained: bool = False)
     Built with timm's ``dynamic_img_size``: it takes images of any size the occlusion's patch grid
     takes (sides multiples of 16 px), and its attention map is on that grid, one value per 16-px
     patch the occlusion drops (the position embeddings resampled to the grid; at 224 px they are used
-    as they are, so the map is the one of a ViT built for 224 px alone)."""
+    as they are, so the map is the one of a ViT built for 224 px alone).
+
+    Refuses (ValueError) no checkpoint without ``pretrained``: that would be a randomly initialised
+    ViT, whose attention picks patches at random while the occlusion calls them salient."""
     from lkfast.models import create_model
+
+    if not checkpoint:
+        checkpoint = None
+        if not pretrained:
+            raise ValueError(f"load_dino: no checkpoint and pretrained=False would give a randomly initialised "
+                             f"{DINO_MODEL}, whose attention picks no salient patches: pass a local checkpoint file "
+                             f"of DINO ViT-S/16 or pretrained=True (timm's published weights)")
 
     return create_model(DINO_MODEL, checkpoint=checkpoint, pretrained=pretrained and checkpoint is None,
                         fast=False, dynamic_img_size=True).to(device)
@@ -123,7 +141,8 @@ def dino_attention(vit: nn.Module, x: torch.Tensor, mean: Optional[Sequence[floa
     token's own share is left out).
 
     x: (N, 3, H, W) in [0, 1]; it is normalised with ``mean``/``std`` (default: the ViT's
-    ``pretrained_cfg``) before the ViT sees it. The ViT is run in the mode it is in, without gradients.
+    ``pretrained_cfg``) before the ViT sees it. The ViT is run in the mode it is in, without gradients
+    (the map is attached to no autograd graph).
     A ViT built for one image size (timm's default) takes that size alone (ValueError for another);
     built with ``dynamic_img_size=True`` (as ``load_dino`` builds it), any multiple of its patch size.
     """
@@ -141,25 +160,25 @@ def dino_attention(vit: nn.Module, x: torch.Tensor, mean: Optional[Sequence[floa
     mean = torch.tensor(mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406)), device=x.device)
     std = torch.tensor(std if std is not None else cfg.get("std", (0.229, 0.224, 0.225)), device=x.device)
     last = blocks[-1]
-    captured = {}
-    handle = last.norm1.register_forward_hook(lambda module, args, output: captured.__setitem__("tokens", output))
-    try:
-        with torch.no_grad():
-            vit((x - mean[:, None, None]) / std[:, None, None])
-    finally:
-        handle.remove()
-    tokens = captured["tokens"]
     attn = last.attn
-    n, length, dim = tokens.shape
     heads = attn.num_heads
-    head_dim = getattr(attn, "head_dim", dim // heads)
-    q, k, _ = attn.qkv(tokens).reshape(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    scale = getattr(attn, "scale", head_dim ** -0.5)
-    weights = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
-    prefix = getattr(vit, "num_prefix_tokens", 1)
     if head is not None and not -heads <= head < heads:
         raise ValueError(f"dino_attention: head {head} of a ViT with {heads} heads")
+    captured = {}
+    handle = last.norm1.register_forward_hook(lambda module, args, output: captured.__setitem__("tokens", output))
+    with torch.no_grad():  # the forward and the attention recomputed from its tokens: no graph kept
+        try:
+            vit((x - mean[:, None, None]) / std[:, None, None])
+        finally:
+            handle.remove()
+        tokens = captured["tokens"]
+        n, length, dim = tokens.shape
+        head_dim = getattr(attn, "head_dim", dim // heads)
+        q, k, _ = attn.qkv(tokens).reshape(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        scale = getattr(attn, "scale", head_dim ** -0.5)
+        weights = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+    prefix = getattr(vit, "num_prefix_tokens", 1)
     cls_to_patches = weights[:, :, 0, prefix:].mean(1) if head is None else weights[:, head, 0, prefix:]
     patch = vit.patch_embed.patch_size
     return cls_to_patches.reshape(n, x.shape[-2] // patch[0], x.shape[-1] // patch[1])
@@ -210,7 +229,9 @@ def occlusion_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ratio
 
     Returns ``{"clean": bool (N,), "correct": bool (N, modes, ratios), "dropped": int (N, modes,
     ratios) patches dropped}``; ``occlusion_summary`` turns the rows of any number of batches into
-    the sweep's result."""
+    the sweep's result. Refuses images outside [0, 1] (as the attacks do: the dropped patches are
+    black in [0, 1] pixel space)."""
+    check_images("occlusion_sweep", x, y)
     device = model_device(model)
     y = y.to(device)
     generator = seeded(generator, "cpu", "occlusion")  # once: every mode and ratio continue its stream
@@ -242,8 +263,14 @@ def occlusion_summary(records: dict, ratios: Sequence[float], modes: Sequence[st
             "saliency": saliency if isinstance(saliency, str) or saliency is None else "function", "images": count}
 
 
-def check_occlusion(ratios: Sequence[float], modes: Sequence[str], saliency) -> None:
-    """Refuse ratios outside [0, 1], unknown modes, and salient modes without a saliency source."""
+def check_occlusion(ratios: Sequence[float], modes: Sequence[str], saliency, patch_size: int = PATCH_SIZE) -> None:
+    """Refuse ratios outside [0, 1], unknown modes, a saliency other than None, ``"masks"`` or a
+    function, salient modes without a saliency source, and a patch size that is no integer >= 1."""
+    check_patch_size(patch_size)
+    if not (saliency is None or callable(saliency) or (isinstance(saliency, str) and saliency == "masks")):
+        raise ValueError(f"occlusion_sweep: saliency must be None, 'masks' (ground-truth masks in the loader) or a "
+                         f"function images -> (N, rows, cols) saliency such as dino_saliency(load_dino(path)), "
+                         f"got {saliency!r}")
     for ratio in ratios:
         check_ratio("occlusion_sweep", ratio)
     bad = [m for m in modes if m not in MODES]
@@ -275,11 +302,15 @@ def occlusion_sweep(model: nn.Module, loader: Iterable, ratios: Sequence[float] 
     ``dino_saliency(load_dino(path))``), or None (then only ``random`` may be asked for). Random
     draws come from a generator seeded with ``seed`` (the same patches for every model).
 
+    Refuses, before any batch, ratios outside [0, 1], unknown modes, another saliency, salient modes
+    without one and a patch size that is no integer >= 1; and batches whose images are not in [0, 1]
+    (normalisation belongs inside the model: patches are dropped to black in pixel space).
+
     Returns ``{"ratios": [...], "clean_top1": float, "top1": {mode: [...]}, "dropped_fraction":
     {mode: [mean share of patches dropped]}, "patch_size", "grid", "saliency", "images"}``.
     A loop of ``occlusion_outcomes`` over the batches and ``occlusion_summary``.
     """
-    check_occlusion(ratios, modes, saliency)
+    check_occlusion(ratios, modes, saliency, patch_size)
     generator = torch.Generator().manual_seed(seed)
     rows = {}
     grid = None

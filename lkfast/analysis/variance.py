@@ -29,12 +29,15 @@ def feature_map_variance(model: nn.Module, x: torch.Tensor, modules: Optional[li
     modules: (name, module) pairs to record, in forward order (default ``blocks.output_modules``,
     which raises ValueError for a model of no known family). Maps of a model that declares
     ``output_fmt = "NHWC"`` (timm's Swin) are read as (N, H, W, C).
-    Hooks are removed when this returns, also after an error. The model runs in its current mode,
+    Refuses an empty batch (the mean over no images). Hooks are removed when this returns, also after an error. The model runs in its current mode,
     without gradients.
 
     Returns ``{"layers": [names], "depth": [(i + 1) / L], "variance": [...], "normalized": [variance /
     its maximum over the layers]}``.
     """
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or len(x) == 0:
+        found = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"feature_map_variance: x must be a batch of at least one image, got {found}")
     modules = output_modules(model) if modules is None else list(modules)
     if not modules:
         raise ValueError(f"feature_map_variance: no block outputs to record in {type(model).__name__}")
