@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -222,6 +223,44 @@ def mix_batch(mixup, x: torch.Tensor, y: torch.Tensor, num_classes: int, smoothi
         return x, last
     mixed_x, mixed_y = mixup(x[:even], y[:even])
     return torch.cat([mixed_x, x[even:]]), torch.cat([mixed_y, last])
+
+
+# What lkfast.train's last.pth holds (beside "classes", "ema" and "args", read where present).
+_CHECKPOINT_KEYS = ("model_name", "num_classes", "epoch", "model", "optimizer", "history", "seconds")
+
+
+def _read_checkpoint(last: Path) -> dict:
+    """OUT/last.pth as lkfast.train saved it, read with ``weights_only=True``: tensors, numbers,
+    strings and containers only, everything lkfast.train saves; a file that pickles anything else
+    was not written by lkfast.train, and unpickling it could run any code. TrainError, naming the
+    file and what to do, for a file that cannot be read or is not lkfast.train's."""
+    elsewhere = (f"move it out of {last.parent} or use another --out (--no-resume would overwrite it)")
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as error:  # nothing is unpickled but data: any failure is the file's
+        # torch's weights_only message: its advice about weights_only=False (not ours to give), then the reason
+        reasons = [part for part in str(error).split("\n\n") if part.strip() and not
+                   part.lstrip().startswith(("Weights only load failed", "Check the documentation", "Please file"))]
+        text = " ".join((reasons[0] if reasons else str(error)).split())[:200]
+        found = re.search(r"\bGLOBAL ([\w.]+)", str(error))  # 'Unsupported global: GLOBAL a.B was not', 'GLOBAL os.x whose'
+        if isinstance(error, pickle.UnpicklingError) and found:
+            raise TrainError(f"{last} was not written by lkfast.train: it pickles a {found.group(1)} (lkfast.train's "
+                             f"checkpoints hold tensors, numbers and strings; not unpickled, as that could run any "
+                             f"code): {elsewhere}") from None
+        raise TrainError(f"{last} cannot be read ({type(error).__name__}: {text}): it is damaged, or no checkpoint of "
+                         f"lkfast.train; delete it (or move it out of {last.parent}) to train from the start, or pass "
+                         f"--no-resume") from None
+    if not isinstance(state, dict) or not all(key in state for key in _CHECKPOINT_KEYS):
+        if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            found = f"a state_dict of {len(state)} tensors"
+        elif isinstance(state, dict):
+            keys = ", ".join(map(str, list(state)[:8])) + (", ..." if len(state) > 8 else "")
+            found = f"a dict with the keys {keys}"
+        else:
+            found = f"a {type(state).__name__}"
+        raise TrainError(f"{last} is not a checkpoint of lkfast.train (it holds {found}; lkfast.train's hold "
+                         f"{', '.join(_CHECKPOINT_KEYS)}): {elsewhere}")
+    return state
 
 
 def _resume_conflicts(state: dict, args, classes: list, num_classes: int) -> list:
@@ -457,12 +496,7 @@ def _train(args, saved: dict) -> dict:
     history, start_epoch, elapsed, state = [], 0, 0.0, {}
     last = out / "last.pth"
     if last.is_file() and not args.no_resume:
-        try:
-            state = torch.load(last, map_location="cpu", weights_only=False)  # our own file, written below
-        except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as error:  # cut short or overwritten
-            # (written atomically, so a copy or a disk fault); another lkfast's classes keep their traceback
-            raise TrainError(f"{last} cannot be read ({type(error).__name__}: {error}): it is damaged; delete it to "
-                             f"train from the start (or pass --no-resume)") from None
+        state = _read_checkpoint(last)
         conflicts = _resume_conflicts(state, args, classes, num_classes)
         if conflicts:
             raise TrainError(f"{last} holds a run built differently: {'; '.join(conflicts)}. Resume with "

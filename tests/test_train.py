@@ -461,3 +461,49 @@ def test_option_values_at_the_edges_of_their_ranges_are_taken():
     _check_arguments(args)
     assert args.aa is None
     _check_arguments(build_parser().parse_args([MODEL, "--data", "x", "--aa", "rand-m9-mstd0.5-inc1", "--opt", "sgd"]))
+
+
+class _Trap:
+    """Unpickling it creates the folder ``path``: code run by reading a checkpoint."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def test_a_last_pth_not_written_by_lkfast_train_is_refused_unread(dataset, tmp_path, capsys):
+    """A last.pth in --out that lkfast.train did not write ended in a KeyError traceback ('model_name'),
+    and whatever it pickled was run (torch.load with weights_only=False). Now it is read with
+    weights_only=True and refused in one line naming the file and what to do; the file is left as it is."""
+    from lkfast.models import create_model
+
+    out = tmp_path / "o"
+    out.mkdir()
+    run = [MODEL, "--data", str(dataset), "--out", str(out), "--epochs", "1", "--max-steps-per-epoch", "1", *FAST]
+    marker = tmp_path / "code_ran"
+    contents = {
+        "a state_dict": (create_model("resnet_tiny", num_classes=3).state_dict(),
+                         "is not a checkpoint of lkfast.train (it holds a state_dict of "),
+        "some keys": ({"model_name": MODEL, "epoch": 1}, "is not a checkpoint of lkfast.train (it holds a dict with "
+                                                         "the keys model_name, epoch; lkfast.train's hold model_name, "
+                                                         "num_classes, epoch, model, optimizer, history, seconds)"),
+        "a list": ([1, 2], "is not a checkpoint of lkfast.train (it holds a list;"),
+        "code": ({"model": _Trap(marker)}, "was not written by lkfast.train: it pickles a os.makedirs"),
+        "a module": (torch.nn.Linear(2, 2), "it pickles a torch.nn.modules.linear.Linear"),
+    }
+    for what, (obj, message) in contents.items():
+        torch.save(obj, out / "last.pth")
+        written = (out / "last.pth").read_bytes()
+        assert main(run) == 2, what
+        err = capsys.readouterr().err
+        assert message in err, (what, err)
+        assert err.startswith(f"lkfast.train: error: {out / 'last.pth'} "), err
+        assert "or use another --out (--no-resume would overwrite it)" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert (out / "last.pth").read_bytes() == written and not marker.exists(), what
+    (out / "last.pth").write_bytes(b"garbage, no checkpoint")
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'last.pth'} cannot be read (UnpicklingError: " in err and "delete it" in err, err
