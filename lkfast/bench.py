@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -255,24 +257,61 @@ def summarize(rows: list[dict], peak: float) -> str:
     return markdown_table(header, table, align="llrrrrrrrr", caption=caption).rstrip("\n")
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of --batch and --repeat: an integer >= 1 (0 meant the default, -1 a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def check_json_path(path: str) -> str | None:
+    """Why ``path`` (--json) cannot be written, or None: its folder is created and a file written and
+    removed in it now, before the benchmark, whose timings were lost to an unusable path at the end."""
+    try:
+        if os.path.isdir(path):
+            return "is a folder: give a file name"
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".lkfast-write-check-", dir=folder)
+        try:
+            os.write(fd, b"lkfast")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as error:
+        return f"cannot be written ({error.strerror or error}{': ' + str(error.filename) if error.filename else ''})"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lkfast.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 2 and 2 repetitions (about a minute)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 8, or 2 with --quick)")
-    parser.add_argument("--repeat", type=int, default=None, help="timed rounds per shape (default 5)")
+    parser.add_argument("--batch", type=_at_least_one, default=None, help="batch size (default 8, or 2 with --quick)")
+    parser.add_argument("--repeat", type=_at_least_one, default=None,
+                        help="timed rounds per shape (default 5, or 2 with --quick)")
     parser.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="replknet",
                         help="which model's stage shapes (default replknet: RepLKNet-31B)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="the tensors' dtype (default float32; bfloat16 is what --amp runs on the CPU)")
-    parser.add_argument("--json", default=None, help="also write the raw timings to this JSON file")
+    parser.add_argument("--json", default=None,
+                        help="also write the raw timings to this JSON file (its folder is created and checked "
+                             "before the benchmark starts)")
     return parser
 
 
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    batch = args.batch or (2 if args.quick else 8)
-    repeat = args.repeat or (2 if args.quick else 5)
+    batch = args.batch if args.batch is not None else (2 if args.quick else 8)
+    repeat = args.repeat if args.repeat is not None else (2 if args.quick else 5)
+    if args.json:
+        problem = check_json_path(args.json)
+        if problem:
+            parser.error(f"--json {args.json} {problem}")
 
     from lkfast.ops import available_backends
 

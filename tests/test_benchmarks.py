@@ -751,6 +751,38 @@ def test_cpu_bench_runs_the_shape_set_it_is_asked_for(monkeypatch, capsys):
         cpu_bench.shape_set_of([(96, 56, 7), (128, 56, 31)])
 
 
+def test_cpu_bench_refuses_an_unusable_json_path_and_counts_below_one_before_timing(monkeypatch, capsys, tmp_path):
+    """--json under a file was found only after the whole benchmark (a FileExistsError traceback, the
+    timings lost); --batch 0 / --repeat 0 silently meant the defaults, -1 gave tracebacks. All are
+    argparse errors now, before anything is timed; a missing folder for --json is created."""
+    import json
+
+    import lkfast.bench as cpu_bench
+
+    made = []
+
+    def fake_case(impl, passes, batch, channels, size, k, *args, **kwargs):
+        made.append(batch)
+        return cpu_bench.Case(impl, impl, passes, (batch, channels, size, size, k, k), lambda: None, 1.0)
+
+    monkeypatch.setattr(cpu_bench, "make_case", fake_case)
+    monkeypatch.setattr(cpu_bench, "matmul_gflops", lambda *a, **k: 1.0)
+    (tmp_path / "afile").write_text("")
+    for argv, says in ((["--json", str(tmp_path / "afile" / "out.json")], "--json .*afile/out.json cannot be written"),
+                       (["--json", str(tmp_path)], "is a folder: give a file name"),
+                       (["--batch", "0"], "argument --batch: expected an integer >= 1, got 0"),
+                       (["--batch", "-1"], "argument --batch: expected an integer >= 1, got -1"),
+                       (["--repeat", "0"], "argument --repeat: expected an integer >= 1, got 0"),
+                       (["--repeat", "-1"], "argument --repeat: expected an integer >= 1, got -1")):
+        with pytest.raises(SystemExit) as exit_info:
+            cpu_bench.main(["--quick", "--shapes", "convnext", *argv])
+        assert exit_info.value.code == 2 and re.search(says, capsys.readouterr().err), argv
+    assert made == []
+    out = tmp_path / "new" / "folder" / "out.json"
+    cpu_bench.main(["--quick", "--shapes", "convnext", "--batch", "1", "--repeat", "1", "--json", str(out)])
+    assert set(made) == {1} and json.loads(out.read_text())["rows"]
+
+
 def test_cpu_bench_times_the_dtype_it_is_asked_for(monkeypatch, capsys, tmp_path):
     """`python -m lkfast.bench --dtype bfloat16` makes every case (PyTorch's and lkfast's) in bf16 and
     says so in the table and the JSON rows; bench_depthwise.py's report does the same from the
