@@ -517,6 +517,11 @@ def _train(args, saved: dict) -> dict:
                           f"and were not used: {'; '.join(differences)} (pass --no-resume or another --out to train "
                           f"with them)", file=sys.stderr)
             return json.loads((out / "summary.json").read_text())
+        if start_epoch > args.epochs:  # a finished run's export cut short: exporting it as --epochs would misstate it
+            missing = " and ".join(name for name in ("model.safetensors", "summary.json") if not (out / name).is_file())
+            raise TrainError(f"{last} holds {start_epoch} trained epochs, more than --epochs {args.epochs}, and {out} "
+                             f"lacks its {missing}: pass --epochs {start_epoch} to write them from it (or more to "
+                             f"train longer), or --no-resume or another --out to train {args.epochs} afresh")
         if rank == 0 and differences:
             print(f"lkfast.train: warning: this command's settings differ from the run's in {last}: "
                   f"{'; '.join(differences)}; its remaining epochs train with this command's, which summary.json "

@@ -507,3 +507,27 @@ def test_a_last_pth_not_written_by_lkfast_train_is_refused_unread(dataset, tmp_p
     assert main(run) == 2
     err = capsys.readouterr().err
     assert f"{out / 'last.pth'} cannot be read (UnpicklingError: " in err and "delete it" in err, err
+
+
+def test_a_finished_runs_cut_short_export_is_not_written_as_fewer_epochs(dataset, tmp_path, capsys):
+    """Killed between the final last.pth and model.safetensors, a 2-epoch run rerun with --epochs 1 wrote
+    a summary.json saying 1 epoch beside 2 losses and 2 epochs' weights, without a word (with
+    model.safetensors there it says 'more than --epochs 1: nothing to do'). Now it says what last.pth
+    holds and how to export it; --epochs 2 then writes the weights of the uninterrupted run."""
+    run = [MODEL, "--data", str(dataset), "--out", str(tmp_path), "--max-steps-per-epoch", "1", *FAST]
+    train(run + ["--epochs", "2"])
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    summary = (tmp_path / "summary.json").read_text()
+    (tmp_path / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(run + ["--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"lkfast.train: error: {tmp_path / 'last.pth'} holds 2 trained epochs, more than --epochs "
+                           f"1, and {tmp_path} lacks its model.safetensors: pass --epochs 2 to write them from it (or "
+                           f"more to train longer), or --no-resume or another --out to train 1 afresh")
+    assert (tmp_path / "summary.json").read_text() == summary and not (tmp_path / "model.safetensors").exists()
+    assert train(run + ["--epochs", "2"])["epochs"] == 2
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    assert "already finished (2 epochs, more than --epochs 1)" not in capsys.readouterr().err
+    train(run + ["--epochs", "1"])  # with the export there: nothing to do, as before
+    assert "already finished (2 epochs, more than --epochs 1): nothing to do" in capsys.readouterr().err
