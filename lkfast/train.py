@@ -175,21 +175,42 @@ def _distributed() -> tuple:
     return 0, 1
 
 
-def _dataset(folder: Path, transform, classes):
-    """torchvision's ImageFolder with ``classes`` (folder names) as the label order."""
+def _dataset(folder: Path, transform, classes, split: str = "train"):
+    """torchvision's ImageFolder with ``classes`` (folder names) as the label order; ``split``
+    "train" (the classes' own folders) or "val" (which needs a folder of images for each)."""
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     if not folder.is_dir():
         raise TrainError(f"expected an ImageFolder at {folder} (one sub-folder per class)")
+    optional = f"or remove {folder} (val/ is optional: no accuracy is reported then)"
 
     class OrderedImageFolder(ImageFolder):
         def find_classes(self, directory):
             missing = [c for c in classes if not (Path(directory) / c).is_dir()]
+            if missing and split == "val":
+                raise TrainError(f"{directory} lacks a folder for the class(es) {', '.join(missing)} of "
+                                 f"{folder.parent / 'train'}: add one holding its validation images, {optional}")
             if missing:
                 raise TrainError(f"--classes names folders missing from {directory}: {', '.join(missing)}")
             return list(classes), {c: i for i, c in enumerate(classes)}
 
-    return OrderedImageFolder(str(folder), transform=transform)
+    try:
+        return OrderedImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as error:  # ImageFolder's 'Found no valid file for the classes ...'
+        def has_image(path):
+            return any(name.lower().endswith(IMG_EXTENSIONS) for _, _, names in os.walk(path, followlinks=True)
+                       for name in names)
+
+        empty = [folder / c for c in classes if not has_image(folder / c)]
+        if not empty:
+            raise
+        where = ", ".join(map(str, empty))
+        kinds = " ".join(IMG_EXTENSIONS)
+        if split == "val":
+            raise TrainError(f"no image ({kinds}) in {where}: add that class's validation images, {optional}") from None
+        raise TrainError(f"no image ({kinds}) in {where}: each folder of {folder} is a class; add its images or "
+                         f"delete the folder") from None
 
 
 def _make_model(args, num_classes: int) -> nn.Module:
@@ -471,7 +492,7 @@ def _train(args, saved: dict) -> dict:
     eval_tf = create_transform(config["input_size"], is_training=False, interpolation=config["interpolation"],
                                mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"])
     train_set = _dataset(train_dir, train_tf, classes)
-    val_set = _dataset(val_dir, eval_tf, classes) if val_dir.is_dir() else None
+    val_set = _dataset(val_dir, eval_tf, classes, "val") if val_dir.is_dir() else None
     if train_set.classes != classes:
         raise TrainError("class folders changed while reading")
 

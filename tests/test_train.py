@@ -412,9 +412,45 @@ def test_a_class_order_and_a_class_count_are_what_the_run_saves(dataset, tmp_pat
     (data / "train").symlink_to(dataset / "train")
     for name in CLASSES[1:]:
         (data / "val" / name).symlink_to(dataset / "val" / name)
-    with pytest.raises(TrainError, match=f"names folders missing from {data / 'val'}: {CLASSES[0]}"):
+    with pytest.raises(TrainError, match=f"{data / 'val'} lacks a folder for the class\\(es\\) {CLASSES[0]} of "):
         train([MODEL, "--data", str(data), "--out", str(tmp_path / "p"), "--epochs", "1", *FAST])
     assert not (tmp_path / "p").exists()
+
+
+def test_val_lacking_a_class_and_empty_class_folders_are_named(dataset, tmp_path, capsys):
+    """val/ lacking a class of train/ was blamed on --classes (not given); an empty class folder, in
+    train/ or val/, was torchvision's 'Found no valid file for the classes X', naming no folder. Each
+    is now one line naming the folder and the fix (val/ being optional), before anything is written."""
+    data = tmp_path / "data"
+    (data / "val").mkdir(parents=True)
+    (data / "train").symlink_to(dataset / "train")
+    for name in CLASSES[1:]:
+        (data / "val" / name).symlink_to(dataset / "val" / name)
+    run = [MODEL, "--data", str(data), "--out", str(tmp_path / "o"), "--epochs", "1", *FAST]
+    expected = [f"{data / 'val'} lacks a folder for the class(es) {CLASSES[0]} of {data / 'train'}: add one holding "
+                f"its validation images, or remove {data / 'val'} (val/ is optional: no accuracy is reported then)"]
+    (data / "val" / CLASSES[0]).mkdir()  # there, but empty (a .txt is no image)
+    (data / "val" / CLASSES[0] / "notes.txt").write_text("x")
+    expected.append(f"no image (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp) in {data / 'val' / CLASSES[0]}: "
+                    f"add that class's validation images, or remove {data / 'val'} (val/ is optional")
+    train_dir = tmp_path / "data2" / "train"
+    train_dir.mkdir(parents=True)
+    for name in CLASSES[:2]:
+        (train_dir / name).symlink_to(dataset / "train" / name)
+    (train_dir / "zz_empty").mkdir()
+    expected.append(f"no image (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp) in {train_dir / 'zz_empty'}: each "
+                    f"folder of {train_dir} is a class; add its images or delete the folder")
+    for k, message in enumerate(expected):
+        argv = run if k < 2 else [*run[:2], str(train_dir.parent), *run[3:]]
+        if k == 0:
+            (data / "val" / CLASSES[0]).rename(tmp_path / "aside")
+        elif k == 1:
+            (tmp_path / "aside").rename(data / "val" / CLASSES[0])
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"lkfast.train: error: {message}" in err and "--classes" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_model_gets_the_commands_settings_and_evaluation_leaves_it_training():
