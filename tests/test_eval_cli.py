@@ -4,6 +4,7 @@ python -m lkfast.train folder given as the checkpoint sets (its input size)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import pytest
@@ -134,6 +135,38 @@ def test_analysis_option_mistakes_are_one_line_before_anything_runs(tmp_path, ca
     assert rc == 2
     assert "lkfast.eval: error: --taig-surrogate 'RR' (from the option or LKFAST_TAIG_SURROGATE) is not a model " \
            "label of this run: give one of R" in err
+    assert not out.exists()
+
+
+def test_taig_memory_variable_is_read_when_taig_runs_and_a_bad_value_named(tmp_path, capsys, monkeypatch):
+    """LKFAST_TAIG_MEMORY_MB was parsed at the import of lkfast.eval.analysis_tasks: 'lots' crashed
+    every python -m lkfast.eval (--help too) with a bare float() traceback, and -5 was taken. It is
+    read at TAIG's turn, checked up front in a run with TAIG, and refused naming the variable."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LKFAST_TAIG_MEMORY_MB="lots")
+    done = subprocess.run([sys.executable, "-c", "import lkfast.eval.analysis_tasks, lkfast.eval.cli"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    from lkfast.eval import analysis_tasks
+
+    for bad in ("lots", "-5", "nan", "inf", ""):
+        monkeypatch.setenv("LKFAST_TAIG_MEMORY_MB", bad)
+        with pytest.raises(ValueError, match=re.escape(f"LKFAST_TAIG_MEMORY_MB={bad!r}: expected a number of "
+                                                       f"megabytes >= 0")):
+            analysis_tasks.taig_memory_bytes()
+    for good, expected in (("0", 0), ("1.5", 3 * 2 ** 19), ("2048", 2 ** 31)):
+        monkeypatch.setenv("LKFAST_TAIG_MEMORY_MB", good)
+        assert analysis_tasks.taig_memory_bytes() == expected
+    monkeypatch.delenv("LKFAST_TAIG_MEMORY_MB")
+    assert analysis_tasks.taig_memory_bytes() == 1024 * 2 ** 20
+    (tmp_path / "data" / "val" / "n01440764").mkdir(parents=True)
+    out = tmp_path / "out"
+    monkeypatch.setenv("LKFAST_TAIG_MEMORY_MB", "lots")
+    rc, err = run_cli(capsys, "--models", "test_resnet=R", "--data-root", tmp_path / "data", "--out", out,
+                      "--no-progress", "--workers", 0, "--suite", "clean,taig")
+    assert rc == 2 and "lkfast.eval: error: LKFAST_TAIG_MEMORY_MB='lots': expected a number of megabytes >= 0" in err
     assert not out.exists()
 
 

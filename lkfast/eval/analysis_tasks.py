@@ -359,9 +359,32 @@ class _Memo:
             self.held -= self._size(self.items.pop(next(iter(self.items))))
 
 
+def taig_memory_bytes() -> int:
+    """LKFAST_TAIG_MEMORY_MB (default 1024) in bytes; ValueError naming the variable for anything but
+    a number of megabytes >= 0. Read when TAIG first needs it (and by the CLI's checks before a run
+    with TAIG), not at import: a bad value stopped every ``python -m lkfast.eval``, --help included."""
+    text = os.environ.get("LKFAST_TAIG_MEMORY_MB", "1024")
+    try:
+        megabytes = float(text)
+    except ValueError:
+        megabytes = float("nan")
+    if not megabytes >= 0 or megabytes == float("inf"):
+        raise ValueError(f"LKFAST_TAIG_MEMORY_MB={text!r}: expected a number of megabytes >= 0 (memory for TAIG's "
+                         f"adversarial images kept across target models; 0 keeps none; default 1024)")
+    return int(megabytes * 2 ** 20)
+
+
 # TAIG images kept for the run's next target (LKFAST_TAIG_MEMORY_MB, default 1024; the embedded default's
-# need ~15 MB, ImageNet-val's 50,000 x 3 eps do not fit and are recomputed per target).
-_ADVERSARIALS = _Memo(int(float(os.environ.get("LKFAST_TAIG_MEMORY_MB", "1024")) * 2 ** 20))
+# need ~15 MB, ImageNet-val's 50,000 x 3 eps do not fit and are recomputed per target). Made at TAIG's
+# first batch (``_adversarials``).
+_ADVERSARIALS = None
+
+
+def _adversarials() -> _Memo:
+    global _ADVERSARIALS
+    if _ADVERSARIALS is None:
+        _ADVERSARIALS = _Memo(taig_memory_bytes())
+    return _ADVERSARIALS
 
 
 def _digest(*tensors) -> str:
@@ -396,11 +419,12 @@ def taig(ctx) -> dict:
         # the run's other targets of the same surrogate reuse them (20 x 21 passes per eps per batch).
         surrogate = surrogate_model()
         key = (spec.key(), repr(sorted(TAIG.items())), ctx.options.seed, tuple(indices), _digest(x, y))
-        adversarials = _ADVERSARIALS.get(key)
+        memo = _adversarials()
+        adversarials = memo.get(key)
         if adversarials is None:
             adversarials = attacks.transfer_adversarials(surrogate, x, y, generator=ctx.generators("val", indices),
                                                          **TAIG)
-            _ADVERSARIALS.put(key, adversarials)
+            memo.put(key, adversarials)
         return attacks.transfer_outcomes(surrogate, targets, x, y, adversarials=adversarials, **TAIG)
     records = ctx.records("val", _val_dataset(ctx), compute, key={"surrogate": spec.key(), **TAIG})
     result = dict(attacks.transfer_summary(records, list(targets), **TAIG)[ctx.spec.display], surrogate=spec.display)

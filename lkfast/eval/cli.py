@@ -289,9 +289,10 @@ def _published_dino() -> str:
 
 def _check_analysis_options(options, tasks, models: List[ModelSpec]) -> None:
     """A --dino-checkpoint that is not a file, or a --taig-surrogate that is no label of the run (either
-    from ``options``, an EvalOptions, or its environment variable), as one error line before anything
-    runs: they were found at the occlusion's or TAIG's turn, after the benchmarks (the missing file
-    stopped the run there, the label left TAIG not run)."""
+    from ``options``, an EvalOptions, or its environment variable), or an LKFAST_TAIG_MEMORY_MB that is
+    no number >= 0 with TAIG in the run, as one error line before anything runs: they were found at
+    the occlusion's or TAIG's turn, after the benchmarks (the missing file stopped the run there, the
+    label left TAIG not run)."""
     from lkfast.eval.runner import EvalError
 
     dino = options.analysis_option("dino_checkpoint")
@@ -299,6 +300,10 @@ def _check_analysis_options(options, tasks, models: List[ModelSpec]) -> None:
         raise FileNotFoundError(f"--dino-checkpoint {dino}: no such file (from the option or LKFAST_DINO_CHECKPOINT); "
                                 "give the local timm vit_small_patch16_224.dino weights, or leave it out to run "
                                 "the random drops only")
+    if "taig" in tasks:
+        from lkfast.eval.analysis_tasks import taig_memory_bytes
+
+        taig_memory_bytes()  # LKFAST_TAIG_MEMORY_MB: a ValueError naming it, now rather than at TAIG's turn
     surrogate = options.analysis_option("taig_surrogate")
     labels = [spec.display for spec in models]
     if surrogate and "taig" in tasks and surrogate not in labels:
