@@ -175,6 +175,33 @@ def _distributed() -> tuple:
     return 0, 1
 
 
+class _Unreadable:
+    """What a dataset item (and so its batch) is in place of an image PIL cannot read: the file and why.
+    Returned, not raised, so that the main process says it in one line also from a loader worker
+    (whose exceptions arrive wrapped around the worker's traceback)."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+
+
+def _collate(items):
+    """torch's default_collate, or the first _Unreadable among ``items``."""
+    from torch.utils.data import default_collate
+
+    return next((item for item in items if isinstance(item, _Unreadable)), None) or default_collate(items)
+
+
+def _batches(loader):
+    """The (x, y) batches of ``loader``; TrainError naming the file for a batch holding an unreadable image.
+    An error rather than the eval's skip: a training set that silently differs from its folder (and
+    from run to run, as files are fixed) learns something else and orders its epochs otherwise."""
+    for batch in loader:
+        if isinstance(batch, _Unreadable):
+            raise TrainError(f"cannot read the image {batch.path} ({batch.reason}): replace or delete it, then rerun "
+                             f"the same command (it resumes from the last saved epoch)")
+        yield batch
+
+
 def _dataset(folder: Path, transform, classes, split: str = "train"):
     """torchvision's ImageFolder with ``classes`` (folder names) as the label order; ``split``
     "train" (the classes' own folders) or "val" (which needs a folder of images for each)."""
@@ -194,6 +221,23 @@ def _dataset(folder: Path, transform, classes, split: str = "train"):
             if missing:
                 raise TrainError(f"--classes names folders missing from {directory}: {', '.join(missing)}")
             return list(classes), {c: i for i, c in enumerate(classes)}
+
+        def __getitem__(self, index):
+            from PIL import Image
+
+            path, target = self.samples[index]
+            try:
+                sample = self.loader(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # truncated,
+                # not an image (UnidentifiedImageError is an OSError), a read error of the disk
+                if isinstance(error, Image.UnidentifiedImageError):  # its text names the file object
+                    return _Unreadable(path, "PIL cannot identify it as an image")
+                return _Unreadable(path, f"{type(error).__name__}: {error}")
+            if self.transform is not None:
+                sample = self.transform(sample)
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return sample, target
 
     try:
         return OrderedImageFolder(str(folder), transform=transform)
@@ -333,7 +377,7 @@ def evaluate(model: nn.Module, loader, device) -> tuple:
     was_training = model.training
     model.eval()
     correct = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in loader:
+    for x, y in _batches(loader):
         x, y = x.to(device), y.to(device)
         correct[0] += (model(x).argmax(-1) == y).sum()
         correct[1] += len(y)
@@ -560,8 +604,11 @@ def _train(args, saved: dict) -> dict:
         # shares to equal length with repeated images, counted twice in the accuracy).
         share = val_set if world == 1 else Subset(val_set, range(rank, len(val_set), world))
         val_loader = DataLoader(share, batch_size=args.batch_size * 2, sampler=SequentialSampler(share),
-                                num_workers=args.workers)
+                                num_workers=args.workers, collate_fn=_collate)
 
+    if val_loader is not None and history and "val_top1" not in history[-1]:  # its validation did not finish
+        history[-1]["val_top1"], history[-1]["val_images"] = evaluate(ema.module if ema is not None else model,
+                                                                      val_loader, device)
     if rank == 0:
         try:  # before any training: an --out that cannot be written is said now, not after an epoch
             out.mkdir(parents=True, exist_ok=True)
@@ -580,12 +627,12 @@ def _train(args, saved: dict) -> dict:
         loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                             drop_last=len(train_set) >= args.batch_size * world * 2,
                             generator=torch.Generator().manual_seed(epoch_seed),
-                            persistent_workers=False)
+                            persistent_workers=False, collate_fn=_collate)
         net.train()
         total, count = 0.0, 0
         bar = tqdm(total=min(len(loader), steps_per_epoch), desc=f"{args.model} epoch {epoch + 1}/{args.epochs}",
                    disable=rank != 0 or args.quiet or args.no_progress, leave=False, unit="batch")
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y) in enumerate(_batches(loader)):
             if step >= steps_per_epoch:
                 break
             x, y = x.to(device, memory_format=memory_format), y.to(device)
@@ -607,17 +654,19 @@ def _train(args, saved: dict) -> dict:
         if world > 1:
             dist.all_reduce(mean_loss)
         record = {"epoch": epoch + 1, "train_loss": float(mean_loss[0] / mean_loss[1].clamp(min=1))}
-        if val_loader is not None:
-            record["val_top1"], record["val_images"] = evaluate(ema.module if ema is not None else model, val_loader,
-                                                                device)
         history.append(record)
-        if rank == 0:
+        if rank == 0:  # saved before the validation, which cannot lose the epoch's training then (its accuracy
+            # joins last.pth with the next epoch's save; a resume validates a last epoch saved without one)
             out.mkdir(parents=True, exist_ok=True)
             _atomic_save({"model_name": args.model, "num_classes": num_classes, "classes": classes,
                           "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "ema": ema.module.state_dict() if ema is not None else None, "history": history,
                           "seconds": elapsed + time.time() - started, "args": vars(args)}, last)
-            saved["epoch"] = epoch + 1
+        saved["epoch"] = epoch + 1
+        if val_loader is not None:
+            record["val_top1"], record["val_images"] = evaluate(ema.module if ema is not None else model, val_loader,
+                                                                device)
+        if rank == 0:
             if not args.quiet:
                 line = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
                 print(f"lkfast.train: {args.model}: {line}", file=sys.stderr)

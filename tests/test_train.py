@@ -239,9 +239,9 @@ def test_sigterm_stops_training_as_ctrl_c_does(dataset, tmp_path, capsys, monkey
     out = tmp_path / "o"
     before = signal.getsignal(signal.SIGTERM)
     run = [MODEL, "--data", str(dataset), "--out", str(out), "--epochs", "3", "--max-steps-per-epoch", "1", *FAST]
-    assert main(run) == 143
+    assert main(run) == 143  # in epoch 2's validation: its training is saved already
     assert capsys.readouterr().err.strip() == (f"lkfast.train: terminated (SIGTERM); rerun the same command to "
-                                               f"resume from {out / 'last.pth'} (epoch 1)")
+                                               f"resume from {out / 'last.pth'} (epoch 2)")
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -259,11 +259,11 @@ def test_ctrl_c_says_how_to_resume(dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_module, "evaluate", interrupted_in_epoch_2)
     out = tmp_path / "o"
     run = [MODEL, "--data", str(dataset), "--out", str(out), "--epochs", "3", "--max-steps-per-epoch", "1", *FAST]
-    assert main(run) == 130
+    assert main(run) == 130  # in epoch 2's validation: its training is saved already
     err = capsys.readouterr().err
     assert err.strip() == (f"lkfast.train: interrupted; rerun the same command to resume from {out / 'last.pth'} "
-                           f"(epoch 1)")
-    evaluations.clear()
+                           f"(epoch 2)")
+    evaluations[:] = [1]  # the next validation, epoch 1's, is interrupted
     assert main(run + ["--no-resume"]) == 130  # its first epoch replaced last.pth: epoch 1 of the new run
     assert f"rerun it without --no-resume to resume from {out / 'last.pth'} (epoch 1)" in capsys.readouterr().err
 
@@ -567,3 +567,46 @@ def test_a_finished_runs_cut_short_export_is_not_written_as_fewer_epochs(dataset
     assert "already finished (2 epochs, more than --epochs 1)" not in capsys.readouterr().err
     train(run + ["--epochs", "1"])  # with the export there: nothing to do, as before
     assert "already finished (2 epochs, more than --epochs 1): nothing to do" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_named_and_a_trained_epoch_is_kept(dataset, tmp_path, capsys, workers):
+    """A truncated or non-image file in train/ or val/ ended in a traceback (a truncated one not named);
+    one in val/ lost the epoch just trained, every rerun repeating it. Now one line names the file (also
+    from a loader worker), and the epoch is saved before its validation: fixed, the rerun resumes,
+    validates it and ends with the weights of a run that never met the file."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    a_png = sorted((data / "train" / CLASSES[0]).iterdir())[0]
+    truncated = data / "train" / CLASSES[0] / "truncated.png"
+    truncated.write_bytes(a_png.read_bytes()[:100])
+    run = [MODEL, "--data", str(data), "--workers", str(workers), *FAST]
+    out = tmp_path / "o"
+    assert main([*run, "--out", str(out), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lkfast.train: error: cannot read the image {truncated} (OSError: ") and err.endswith(
+        "): replace or delete it, then rerun the same command (it resumes from the last saved epoch)\n"), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (out / "last.pth").exists()
+    truncated.unlink()
+
+    garbage = data / "val" / CLASSES[1] / "garbage.png"
+    garbage.write_bytes(b"no image")
+    run += ["--epochs", "2", "--max-steps-per-epoch", "1"]
+    assert main([*run, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"lkfast.train: error: cannot read the image {garbage} (PIL cannot identify it as an "
+                           f"image): replace or delete it, then rerun the same command (it resumes from the last "
+                           f"saved epoch)"), err
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1  # the epoch's training is kept
+    garbage.unlink()
+    resumed = train([*run, "--out", str(out)])
+    whole = train([*run, "--out", str(tmp_path / "whole")])
+    assert resumed["val_top1"] == whole["val_top1"] and resumed["train_loss"] == whole["train_loss"]
+    history = torch.load(out / "last.pth", weights_only=True)["history"]
+    assert sorted(history[0]) == ["epoch", "train_loss", "val_images", "val_top1"]  # validated on resume
+    a, b = _weights(out), _weights(tmp_path / "whole")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
