@@ -274,6 +274,15 @@ def _make_model(args, num_classes: int) -> nn.Module:
     return model.train()
 
 
+def _fixed_input_size(model: nn.Module) -> Optional[tuple]:
+    """(H, W) for a model that refuses any other input size (timm's ViTs, DeiT, Swin...: a PatchEmbed
+    with ``strict_img_size``), else None."""
+    for module in model.modules():
+        if getattr(module, "strict_img_size", False) and getattr(module, "img_size", None) is not None:
+            return tuple(module.img_size)
+    return None
+
+
 def mix_batch(mixup, x: torch.Tensor, y: torch.Tensor, num_classes: int, smoothing: float) -> tuple:
     """``mixup`` (timm's Mixup: mixup/cutmix with label smoothing) of the batch ``x``, ``y``: images
     and soft targets. timm's Mixup needs an even batch, so an odd batch's last image keeps its own
@@ -525,6 +534,10 @@ def _train(args, saved: dict) -> dict:
 
     _seed_everything(args.seed)
     model = _make_model(args, num_classes).to(device)
+    fixed = _fixed_input_size(model)
+    if args.input_size and fixed is not None and fixed != (args.input_size, args.input_size):
+        raise TrainError(f"{args.model} takes {fixed[0]}x{fixed[1]} inputs only (its patch embedding is built for "
+                         f"that size): pass --input-size {fixed[0]} or leave --input-size out")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     config = resolve_data_config({}, model=model)

@@ -178,6 +178,8 @@ def test_mistakes_are_one_line_and_exit_2(dataset, tmp_path, capsys, monkeypatch
         (MODEL, *run, "--epochs", "0"): "--epochs must be at least 1, got 0",
         (MODEL, *run, "--workers", "-1"): "--workers must be at least 0, got -1",
         (MODEL, *run, "--input-size", "4"): "--input-size must be at least 8, got 4",
+        ("vit_tiny_p8", *run, "--input-size", "48"): "vit_tiny_p8 takes 64x64 inputs only (its patch embedding is "
+                                                     "built for that size): pass --input-size 64 or leave --input-size out",
         ("convnext_atto", *run, "--kernel-sizes", "30"): "--kernel-sizes must be odd (3, 5, 7, ...), got 30",
         (MODEL, *run, "--ema-decay", "1.5"): "--ema-decay must be in [0, 1) (0 turns EMA off, e.g. 0.999), got 1.5",
         (MODEL, *run, "--ema-decay", "1"): "--ema-decay must be in [0, 1)",
@@ -610,3 +612,12 @@ def test_an_unreadable_image_is_named_and_a_trained_epoch_is_kept(dataset, tmp_p
     a, b = _weights(out), _weights(tmp_path / "whole")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_only_models_with_a_fixed_input_size_are_held_to_it():
+    from lkfast.models import create_model
+    from lkfast.train import _fixed_input_size
+
+    assert _fixed_input_size(create_model("vit_tiny_p8")) == (64, 64)
+    assert _fixed_input_size(create_model(MODEL)) is None  # convolutional: any --input-size
+    assert _fixed_input_size(create_model("resnet_tiny")) is None
