@@ -7,8 +7,9 @@ ConvNeXt/DeiT-style recipe built from timm's parts, resumable, on one process or
 
 DIR holds ``train/<class>/*`` and (optionally) ``val/<class>/*``. Each epoch ends with an atomic
 checkpoint ``OUT/last.pth`` (model, optimiser, EMA, epoch and the recipe); running the same command
-again resumes from it, and, because every epoch's randomness is seeded from (seed, epoch), a resumed
-run ends with the same weights as an uninterrupted one. At the end ``OUT/model.safetensors`` holds
+again resumes from it, and, because every epoch's randomness is seeded from (seed, epoch) (each
+image's augmentation from (seed, epoch, index), whichever loader worker reads it), a resumed run ends
+with the same weights as an uninterrupted one, also with another --workers. At the end ``OUT/model.safetensors`` holds
 the weights to evaluate (the EMA weights when EMA is on) and ``OUT/summary.json`` the final
 accuracy. Large depthwise kernels run through lkfast's op (``lkfast.models.create_model(fast=True)``).
 
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class folder names in the order of the model's outputs (default: sorted folder names, "
                         "as torchvision's ImageFolder); summary.json records it, and lkfast.eval reads each output "
                         "as its class")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes per training process")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes per training process (the "
+                                                          "trained weights do not depend on it)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the data order and the augmentation")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-fast", action="store_true", help="plain nn.Conv2d instead of lkfast's op")
@@ -202,6 +204,33 @@ def _batches(loader):
         yield batch
 
 
+class _SeededDraws:
+    """Python's, NumPy's and torch's (CPU) global random draws seeded from ``key`` (integers) inside the
+    ``with``, and each put back as it was after it: a sample's augmentation drawn from (seed, epoch,
+    index) alone, the same whichever process draws it and whatever it drew before (the loader
+    workers' own streams, base seed + worker id, made it depend on --workers), and the main
+    process's draws (mixup, drop path) left untouched."""
+
+    def __init__(self, key: tuple):
+        words = np.random.SeedSequence([int(k) % 2 ** 63 for k in key]).generate_state(4, dtype=np.uint32)
+        self.seed = int(words[0]) << 32 | int(words[1])
+        self.numpy_seed = words[2:]
+
+    def __enter__(self):
+        self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(self.seed)
+        np.random.seed(self.numpy_seed)
+        torch.manual_seed(self.seed)
+        return self
+
+    def __exit__(self, *exc):
+        python_state, numpy_state, torch_state = self.states
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        return False
+
+
 def _dataset(folder: Path, transform, classes, split: str = "train"):
     """torchvision's ImageFolder with ``classes`` (folder names) as the label order; ``split``
     "train" (the classes' own folders) or "val" (which needs a folder of images for each)."""
@@ -213,6 +242,8 @@ def _dataset(folder: Path, transform, classes, split: str = "train"):
     optional = f"or remove {folder} (val/ is optional: no accuracy is reported then)"
 
     class OrderedImageFolder(ImageFolder):
+        augment_key = None  # (seed, epoch): each item's transform draws from (seed, epoch, index) alone
+
         def find_classes(self, directory):
             missing = [c for c in classes if not (Path(directory) / c).is_dir()]
             if missing and split == "val":
@@ -233,7 +264,10 @@ def _dataset(folder: Path, transform, classes, split: str = "train"):
                 if isinstance(error, Image.UnidentifiedImageError):  # its text names the file object
                     return _Unreadable(path, "PIL cannot identify it as an image")
                 return _Unreadable(path, f"{type(error).__name__}: {error}")
-            if self.transform is not None:
+            if self.transform is not None and self.augment_key is not None:
+                with _SeededDraws((*self.augment_key, index)):
+                    sample = self.transform(sample)
+            elif self.transform is not None:
                 sample = self.transform(sample)
             if self.target_transform is not None:
                 target = self.target_transform(target)
@@ -631,7 +665,8 @@ def _train(args, saved: dict) -> dict:
     started = time.time()
     for epoch in range(start_epoch, args.epochs):
         epoch_seed = args.seed * 100_003 + epoch * 1_009 + rank
-        _seed_everything(epoch_seed)  # augmentation, mixup and drop-path draws: same on resume
+        _seed_everything(epoch_seed)  # mixup and drop-path draws: same on resume
+        train_set.augment_key = (args.seed, epoch)  # augmentation: same on resume, and for any --workers
         if world > 1:
             sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
             sampler.set_epoch(epoch)
