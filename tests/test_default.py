@@ -167,7 +167,8 @@ def test_the_model_key_follows_the_shipped_table_s_choices_not_its_times(monkeyp
 
 def test_the_model_key_follows_the_kernels_sources_and_torch(monkeypatch):
     """The trained models depend on the code that computes the layers: kernels rebuilt from other
-    sources (same lkfast version) or another PyTorch key other models; the same code keeps the key."""
+    sources (same lkfast version), another PyTorch or lkfast.train drawing otherwise (TRAINING_VERSION)
+    key other models; the same code keeps the key."""
     import torch
 
     from lkfast import _ext
@@ -178,7 +179,9 @@ def test_the_model_key_follows_the_kernels_sources_and_torch(monkeypatch):
     monkeypatch.setattr(_ext, "sources", "another-build")
     rebuilt = default._model_key("resnet_tiny", TINY)
     monkeypatch.setattr(torch, "__version__", "0.0.1")
-    assert len({base, rebuilt, default._model_key("resnet_tiny", TINY)}) == 3
+    other_torch = default._model_key("resnet_tiny", TINY)
+    monkeypatch.setattr(default, "TRAINING_VERSION", default.TRAINING_VERSION + 1)  # training that draws otherwise
+    assert len({base, rebuilt, other_torch, default._model_key("resnet_tiny", TINY)}) == 4
 
 
 def test_analysis_option_mistakes_are_found_before_the_default_trains(tmp_path, monkeypatch, capsys):

@@ -117,6 +117,11 @@ def fix_kernel_choices() -> str:
     return os.environ["LKFAST_CALIBRATE"]
 
 
+# Bump when lkfast.train draws or computes otherwise for the same recipe (its Python code is in no
+# other part of the key): 2 since b5afb14, each image's augmentation drawn from (seed, epoch, index).
+TRAINING_VERSION = 2
+
+
 def _model_key(name: str, settings: DefaultSettings) -> str:
     import torch
 
@@ -133,7 +138,7 @@ def _model_key(name: str, settings: DefaultSettings) -> str:
     # products and norms round as that version does)
     choices = "calibrated" if calibration_enabled() else f"table-{table_choices_digest()}"
     return config_key("model", name, list(settings.recipe), settings.data.key(), version, list(synthetic.CLASSES),
-                      choices, _ext.sources or "unrecorded", torch.__version__)
+                      choices, _ext.sources or "unrecorded", torch.__version__, TRAINING_VERSION)
 
 
 def ensure_model(name: str, settings: DefaultSettings = None, data_root: Optional[Path] = None,
