@@ -323,6 +323,10 @@ def test_even_kernel_sizes_are_refused_at_construction():
         ReparamLargeKernelConv(6, 6, 13, 1, 6, small_kernel=4)
     model = RepLKNet(**dict(TINY, large_kernel_sizes=[13, 11, 7, 5]), num_classes=NUM_CLASSES)  # odd: built
     assert model(torch.rand(1, 3, 64, 64)).shape == (1, NUM_CLASSES)
+    for sizes in (30, (7, 7, 8, 7)):  # timm's ConvNeXt, through create_model (the CLI checks --kernel-sizes)
+        with pytest.raises(ValueError, match=r"create_model: test_convnext: kernel_sizes must be odd"):
+            create_model("test_convnext", kernel_sizes=sizes)
+    assert create_model("test_convnext", kernel_sizes=(7, 7, 9, 7))(torch.rand(1, 3, 64, 64)).shape[0] == 1
 
 def _drop_rates(model):
     return [block.drop_path.drop_prob if isinstance(block.drop_path, timm.layers.DropPath) else 0.0

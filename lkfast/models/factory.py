@@ -384,6 +384,10 @@ def create_model(name: str, checkpoint: Optional[str] = None, pretrained: bool =
         if "small_kernel" in kwargs and kwargs["small_kernel"] is None:
             kwargs["small_kernel"] = 0  # "no small kernel": timm.create_model drops arguments that are None
     check_model_name(name)
+    sizes = kwargs.get("kernel_sizes")  # timm's ConvNeXt: one size, or one per stage
+    even = [k for k in (sizes if isinstance(sizes, (tuple, list)) else [sizes]) if isinstance(k, int) and k % 2 == 0]
+    if even:  # built, it failed at the first forward (k // 2 padding keeps the map size for odd k only)
+        raise ValueError(f"create_model: {name}: kernel_sizes must be odd (3, 5, 7, ...), got {sizes}")
     if checkpoint is not None and kwargs.get("features_only"):
         # timm wraps a features_only model (head dropped, modules renamed or nested), so no checkpoint
         # fits the wrapper: load it into the plain model, then let timm's own loading pass its weights
