@@ -912,7 +912,7 @@ def test_writer_resumes_interrupted_runs(tmp_path, monkeypatch):
     # what a SIGKILL leaves: a temporary file of a dead process, and a file cut short
     victim = done[0]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    leftover = victim.with_name(f".{victim.name}.tmp999999999")
+    leftover = victim.with_name(f".{victim.name}.0123abcd.tmp999999999")  # write_atomic's name for it
     leftover.write_bytes(b"partial")
     counts = {}
     assert writer.render(src, dst, counts=counts, **args) == 16 - 5 + 1
