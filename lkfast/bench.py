@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from lkfast.tables import markdown_table, write_text_atomic
+from lkfast.tables import check_writable, markdown_table, write_text_atomic
 from lkfast.timing import median, time_interleaved
 
 # RepLKNet-31B at 224 px: (channels, map size, kernel) of the four stages.
@@ -274,14 +273,7 @@ def check_json_path(path: str) -> str | None:
     try:
         if os.path.isdir(path):
             return "is a folder: give a file name"
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".lkfast-write-check-", dir=folder)
-        try:
-            os.write(fd, b"lkfast")
-        finally:
-            os.close(fd)
-            os.unlink(probe)
+        check_writable(os.path.dirname(os.path.abspath(path)))
     except OSError as error:
         return f"cannot be written ({error.strerror or error}{': ' + str(error.filename) if error.filename else ''})"
     return None

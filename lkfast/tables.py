@@ -164,6 +164,20 @@ def write_atomic(path, write: Callable, mode: str = "wb") -> Path:
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp([0-9]+)")
 
 
+def check_writable(folder) -> None:
+    """Create ``folder`` and write and remove a file in it: OSError where that fails (read-only, no
+    permission, a full disk), for the CLIs to say before their work rather than lose it at the end."""
+    import tempfile
+
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".lkfast-write-check-", dir=folder)
+    try:
+        os.write(fd, b"lkfast")
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
 def temporary_files(folder, stale_only: bool = True) -> list[Path]:
     """Temporary files that write_atomic left in ``folder`` (not recursive): those of runs killed
     before the rename. With ``stale_only`` (default), only those whose writing process (the pid in

@@ -220,18 +220,11 @@ def _no_data_message(data_root: Optional[str]) -> str:
 def _check_writable(folder: str) -> None:
     """EvalError naming ``folder`` (``--out``) when it cannot be created or a file cannot be written
     in it (read-only, no permission, a full disk), before any model is trained or evaluated."""
-    import tempfile
-
     from lkfast.eval.runner import EvalError
+    from lkfast.tables import check_writable
 
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".lkfast-write-check-", dir=folder)
-        try:
-            os.write(fd, b"lkfast")
-        finally:
-            os.close(fd)
-            os.unlink(probe)
+        check_writable(folder)
     except OSError as error:
         raise EvalError(f"--out {folder} cannot be written ({error.strerror or error}): give a folder this user "
                         "can write, with free space, for results.json, report.md and the cache") from None
