@@ -21,6 +21,7 @@ crops (``timm.data.create_transform``), EMA of the weights (``timm.utils.ModelEm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -264,11 +265,10 @@ def _dataset(folder: Path, transform, classes, split: str = "train"):
                 if isinstance(error, Image.UnidentifiedImageError):  # its text names the file object
                     return _Unreadable(path, "PIL cannot identify it as an image")
                 return _Unreadable(path, f"{type(error).__name__}: {error}")
-            if self.transform is not None and self.augment_key is not None:
-                with _SeededDraws((*self.augment_key, index)):
+            if self.transform is not None:
+                key = self.augment_key
+                with _SeededDraws((*key, index)) if key is not None else contextlib.nullcontext():
                     sample = self.transform(sample)
-            elif self.transform is not None:
-                sample = self.transform(sample)
             if self.target_transform is not None:
                 target = self.target_transform(target)
             return sample, target

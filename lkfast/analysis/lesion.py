@@ -1,7 +1,6 @@
 """Lesion study (the paper's Fig. 7): accuracy when n whole residual blocks are removed after training."""
 from __future__ import annotations
 
-import numbers
 import random
 from typing import Iterable, List, Optional, Sequence
 
@@ -9,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from lkfast.analysis.blocks import Block, all_blocks, blocks_removed, residual_blocks
+from lkfast.attacks.core import is_integer
 from lkfast.attacks.evaluate import batches, model_device
 
 SCOPES = ("all", "paper")
@@ -40,11 +40,6 @@ def default_counts(total: int) -> list:
     return sorted({max(1, round(total * f / 10)) for f in range(1, 10)} - {total} or {1})
 
 
-def _is_integer(n) -> bool:
-    """An integer (Python's, NumPy's: anything ``numbers.Integral``), not a bool."""
-    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
-
-
 class LesionPlan:
     """The blocks a lesion sweep removes: for each n in ``counts``, ``draws`` seeded random sets of n
     blocks among ``lesion_candidates(model, scope)`` (``removed[c][d]``, in model order). Drawn once,
@@ -53,18 +48,18 @@ class LesionPlan:
 
     def __init__(self, model: nn.Module, counts: Optional[Sequence[int]] = None, draws: int = 10, seed: int = 0,
                  scope: str = "all"):
-        if not _is_integer(draws) or draws < 1:
+        if not is_integer(draws) or draws < 1:
             raise ValueError(f"lesion_sweep: draws must be an integer >= 1, got {draws!r}")
         self.candidates = lesion_candidates(model, scope)
         self.model_blocks = len(all_blocks(model))
         total = len(self.candidates)
         self.counts = default_counts(total) if counts is None else list(counts)
         for n in self.counts:
-            if not _is_integer(n) or not 0 <= n <= total:
+            if not is_integer(n) or not 0 <= n <= total:
                 raise ValueError(f"lesion_sweep: each count must be an integer in 0..{total} (the number of candidate "
                                  f"blocks), got {n!r}")
         self.counts = [int(n) for n in self.counts]  # NumPy integers too; the result holds Python ints
-        self.draws, self.seed, self.scope = int(draws), int(seed) if _is_integer(seed) else seed, scope
+        self.draws, self.seed, self.scope = int(draws), int(seed) if is_integer(seed) else seed, scope
         rng = random.Random(self.seed)
         self.removed: List[List[List[Block]]] = [
             [sorted(rng.sample(self.candidates, n), key=lambda b: b.index) for _ in range(draws)] for n in self.counts]

@@ -16,14 +16,13 @@ with masks) keeps every patch: there is nothing of that kind to occlude.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkfast.attacks.core import Generators, check_images, generator_device, seeded, uniform
+from lkfast.attacks.core import Generators, check_images, generator_device, is_integer, seeded, uniform
 from lkfast.attacks.evaluate import model_device
 
 MODES = ("random", "salient", "non_salient")
@@ -38,7 +37,7 @@ def check_ratio(name: str, ratio: float) -> None:
 
 
 def check_patch_size(patch_size: int) -> None:
-    if not isinstance(patch_size, numbers.Integral) or isinstance(patch_size, bool) or patch_size < 1:
+    if not is_integer(patch_size) or patch_size < 1:
         raise ValueError(f"occlusion: patch_size is the side of a square patch in pixels, an integer >= 1, "
                          f"got {patch_size!r}")
 

@@ -34,6 +34,11 @@ def check_images(name: str, x: torch.Tensor, y: Optional[torch.Tensor] = None) -
             raise ValueError(f"{name}: y must be {x.shape[0]} integer class labels (one per image), got {found}")
 
 
+def is_integer(value) -> bool:
+    """An integer (Python's or NumPy's: anything ``numbers.Integral``), not a bool: steps, counts, sizes."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_budget(name: str, eps: float, steps: Optional[int] = None, alpha: Optional[float] = None, *,
                  eps_name: str = "eps", what: str = "the L-inf budget", steps_name: str = "steps") -> None:
     """Refuse eps outside [0, 1] (or not a number: Python and NumPy numbers are), steps < 1 and
@@ -44,7 +49,7 @@ def check_budget(name: str, eps: float, steps: Optional[int] = None, alpha: Opti
     if eps > 1:
         raise ValueError(f"{name}: {eps_name} is {what} in [0, 1] pixel units, got {eps!r}: a budget of "
                          f"{eps:g} grey levels is {eps:g}/255 = {eps / 255:.4g}")
-    if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
+    if steps is not None and (not is_integer(steps) or steps < 1):
         raise ValueError(f"{name}: {steps_name} must be an integer >= 1, got {steps!r}")
     if alpha is not None and (not isinstance(alpha, numbers.Real) or not alpha > 0):
         raise ValueError(f"{name}: alpha (the step size) must be > 0, got {alpha!r}")
