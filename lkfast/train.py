@@ -232,24 +232,40 @@ class _SeededDraws:
         return False
 
 
-def _dataset(folder: Path, transform, classes, split: str = "train"):
-    """torchvision's ImageFolder with ``classes`` (folder names) as the label order; ``split``
-    "train" (the classes' own folders) or "val" (which needs a folder of images for each)."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+_ORDERED_IMAGE_FOLDER = None
 
-    if not folder.is_dir():
-        raise TrainError(f"expected an ImageFolder at {folder} (one sub-folder per class)")
-    optional = f"or remove {folder} (val/ is optional: no accuracy is reported then)"
+
+def __getattr__(name):  # PEP 562: pickle finds lkfast.train._OrderedImageFolder (a loader worker's unpickling)
+    if name == "_OrderedImageFolder":
+        return _ordered_image_folder_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _ordered_image_folder_class():
+    """torchvision's ImageFolder with a given class order, each item's augmentation drawn from
+    (seed, epoch, index) and an unreadable image returned as _Unreadable. One class, reachable as
+    ``lkfast.train._OrderedImageFolder``, so that loader workers started by "spawn" (macOS,
+    Windows) or "forkserver" (Python 3.14's default on Linux) can unpickle the dataset; made on
+    first use so that importing lkfast.train does not import torchvision."""
+    global _ORDERED_IMAGE_FOLDER
+    if _ORDERED_IMAGE_FOLDER is not None:
+        return _ORDERED_IMAGE_FOLDER
+    from torchvision.datasets import ImageFolder
 
     class OrderedImageFolder(ImageFolder):
         augment_key = None  # (seed, epoch): each item's transform draws from (seed, epoch, index) alone
 
+        def __init__(self, root: str, transform, classes, split: str):
+            self.ordered_classes, self.split = list(classes), split  # find_classes, called by __init__, reads them
+            super().__init__(root, transform=transform)
+
         def find_classes(self, directory):
+            classes, folder = self.ordered_classes, Path(self.root)
             missing = [c for c in classes if not (Path(directory) / c).is_dir()]
-            if missing and split == "val":
+            if missing and self.split == "val":
                 raise TrainError(f"{directory} lacks a folder for the class(es) {', '.join(missing)} of "
-                                 f"{folder.parent / 'train'}: add one holding its validation images, {optional}")
+                                 f"{folder.parent / 'train'}: add one holding its validation images, "
+                                 f"{_val_optional(folder)}")
             if missing:
                 raise TrainError(f"--classes names folders missing from {directory}: {', '.join(missing)}")
             return list(classes), {c: i for i, c in enumerate(classes)}
@@ -273,8 +289,25 @@ def _dataset(folder: Path, transform, classes, split: str = "train"):
                 target = self.target_transform(target)
             return sample, target
 
+    OrderedImageFolder.__name__ = OrderedImageFolder.__qualname__ = "_OrderedImageFolder"
+    OrderedImageFolder.__module__ = __name__
+    _ORDERED_IMAGE_FOLDER = OrderedImageFolder
+    return OrderedImageFolder
+
+
+def _val_optional(folder: Path) -> str:
+    return f"or remove {folder} (val/ is optional: no accuracy is reported then)"
+
+
+def _dataset(folder: Path, transform, classes, split: str = "train"):
+    """torchvision's ImageFolder with ``classes`` (folder names) as the label order; ``split``
+    "train" (the classes' own folders) or "val" (which needs a folder of images for each)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if not folder.is_dir():
+        raise TrainError(f"expected an ImageFolder at {folder} (one sub-folder per class)")
     try:
-        return OrderedImageFolder(str(folder), transform=transform)
+        return _ordered_image_folder_class()(str(folder), transform, classes, split)
     except FileNotFoundError as error:  # ImageFolder's 'Found no valid file for the classes ...'
         def has_image(path):
             return any(name.lower().endswith(IMG_EXTENSIONS) for _, _, names in os.walk(path, followlinks=True)
@@ -286,7 +319,8 @@ def _dataset(folder: Path, transform, classes, split: str = "train"):
         where = ", ".join(map(str, empty))
         kinds = " ".join(IMG_EXTENSIONS)
         if split == "val":
-            raise TrainError(f"no image ({kinds}) in {where}: add that class's validation images, {optional}") from None
+            raise TrainError(f"no image ({kinds}) in {where}: add that class's validation images, "
+                             f"{_val_optional(folder)}") from None
         raise TrainError(f"no image ({kinds}) in {where}: each folder of {folder} is a class; add its images or "
                          f"delete the folder") from None
 

@@ -2063,3 +2063,44 @@ def test_a_second_report_into_the_same_out_leaves_no_tables_or_figures_of_the_fi
     tables = sorted(p.name for p in (tmp_path / "tables").iterdir())
     assert tables == ["model_card.csv", "model_card.md", "my_notes.txt", "summary.csv", "summary.md"]
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["figure1.png"]  # the model card's
+
+
+def test_loader_workers_started_by_spawn_read_every_dataset(tmp_path, data_root, checkpoint):
+    """Loader workers started by "spawn" (macOS, Windows; Python 3.14's "forkserver" on Linux pickles
+    too) receive the dataset pickled: ImageNet-P read in a class space of its own was a class made
+    inside a function ("Can't pickle local object"). Every disk benchmark, in such a class space,
+    with one image per batch so that workers decode, under spawn in a child process (the start
+    method is process-wide), gives what decoding in this process gives. (ImageNet-A and -R, whose
+    readers are module-level classes as -O's is, are left out, and ImageNet-C keeps one folder: each
+    loader's worker imports torch anew.)"""
+    root = tmp_path / "data"
+    for name in ("val", "imagenet-o", "imagenet-p", "imagenet-9"):
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).symlink_to(data_root / name)
+    (root / "imagenet-c" / "gaussian_noise").mkdir(parents=True)
+    (root / "imagenet-c" / "gaussian_noise" / "3").symlink_to(data_root / "imagenet-c" / "gaussian_noise" / "3")
+    run = """
+import dataclasses, json
+from lkfast.eval import EvalOptions, ModelSpec, imagenet_class_space, run_evaluation
+
+def run(checkpoint, root, out, size, workers):
+    space = dataclasses.replace(imagenet_class_space(), name="not ImageNet", published_baselines=False)
+    tasks = ["clean", "imagenet-o", "imagenet-c", "imagenet-p", "imagenet-9"]
+    options = EvalOptions(out=out, data={k: root + "/" + k for k in ["val"] + tasks[1:]}, workers=workers,
+                          batch_size=1, progress=False, write_report=False, class_space=space)
+    r = run_evaluation([ModelSpec("test_resnet", checkpoint, "tiny", input_size=size)], tasks, options)["tiny"]
+    return {t: {k: v for k, v in r[t].items() if k != "seconds"} for t in tasks}
+"""
+    spawned = run + """
+import multiprocessing, sys
+multiprocessing.set_start_method("spawn")
+print(json.dumps(run(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), 1)))
+"""
+    done = subprocess.run([sys.executable, "-c", spawned, checkpoint, str(root), str(tmp_path / "spawn"),
+                           str(SIZE)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    here = {}
+    exec(run, here)
+    expected = json.loads(json.dumps(here["run"](checkpoint, str(root), str(tmp_path / "here"), SIZE, 0)))
+    assert expected["imagenet-p"]["fr"] and expected["imagenet-c"]["top1"]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected

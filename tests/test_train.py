@@ -640,3 +640,24 @@ def test_the_worker_count_changes_no_draw_and_a_resume_may_change_it(dataset, tm
         b = _weights(tmp_path / other)
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{other}: {key}")
+
+
+def test_loader_workers_started_by_spawn_train_as_fork_and_none_do(dataset, tmp_path):
+    """macOS and Windows start loader workers with "spawn", which pickles the dataset: its class was
+    defined inside a function, so every --workers > 0 run failed there ("Can't pickle local object").
+    Run with spawn as the start method (a child process: the method is process-wide) and compare
+    with the same recipe without workers."""
+    recipe = [MODEL, "--data", str(dataset), "--epochs", "1", "--max-steps-per-epoch", "2", *FAST]
+    alone = train(recipe + ["--out", str(tmp_path / "alone")])
+    script = ("import json, multiprocessing, sys\n"
+              "multiprocessing.set_start_method('spawn')\n"
+              "from lkfast.train import train\n"
+              "print(json.dumps(train(json.loads(sys.argv[1]))['train_loss']))\n")
+    argv = recipe + ["--out", str(tmp_path / "spawn"), "--workers", "2"]
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(argv)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == alone["train_loss"]
+    a, b = _weights(tmp_path / "alone"), _weights(tmp_path / "spawn")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

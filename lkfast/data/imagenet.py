@@ -621,6 +621,9 @@ class ImageNetP(ImageFolderBenchmark):
     can be read). A sequence with another count (a partly decodable video, an array cut short) is
     skipped like an unreadable file, with a warning naming it: the metrics compare frames across
     sequences, and one odd length would stop the whole run.
+
+    class_index: {class folder name: target} (default: ImageNet's {wnid: 1k index}); the metrics do
+    not use the targets, but every folder must be named in it.
     """
 
     name = "ImageNet-P"
@@ -628,7 +631,7 @@ class ImageNetP(ImageFolderBenchmark):
 
     def __init__(self, root: PathLike, perturbation: str, transform: Optional[Callable] = None,
                  limit: Optional[int] = None, difficulty: int = 1, frames: Optional[int] = None,
-                 spread: bool = False):
+                 spread: bool = False, class_index: Optional[Dict[str, int]] = None):
         if perturbation not in metrics.IMAGENET_P:
             raise ValueError(f"unknown perturbation {perturbation!r}; valid: {', '.join(metrics.IMAGENET_P)}")
         if isinstance(difficulty, bool) or difficulty not in (1, 2, 3):
@@ -646,7 +649,7 @@ class ImageNetP(ImageFolderBenchmark):
         if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 2):
             raise ValueError(f"frames must be an integer >= 2 (the frames of every sequence) or None to read it "
                              f"from the sequences; got {frames!r}")
-        super().__init__(root / folder, transform, limit=limit, spread=spread)
+        super().__init__(root / folder, transform, class_index=class_index, limit=limit, spread=spread)
         self.frames = frames if frames is not None else self._common_length()
 
     def _find(self, class_index, classes):

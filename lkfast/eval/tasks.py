@@ -316,26 +316,16 @@ def _p_parts(ctx):
         present = [n for n in names if (root / n).is_dir()]
         if not present:
             raise EvalError(f"imagenet-p: {root} holds none of the perturbation folders {', '.join(names)}")
-        reader = data.ImageNetP if ctx.class_space.published_baselines else _sequences_in(ctx.class_space)
-        parts = [(n, _memo(ctx, ("p", n), lambda n=n: reader(
-            str(root), n, data.transform_for(ctx.config, resize=False), **selection(ctx)))) for n in present]
+        # class folders as the class space names them (ImageNet's wnids by default)
+        index = {} if ctx.class_space.published_baselines else {"class_index": ctx.class_space.folder_index()}
+        parts = [(n, _memo(ctx, ("p", n), lambda n=n: data.ImageNetP(
+            str(root), n, data.transform_for(ctx.config, resize=False), **index, **selection(ctx)))) for n in present]
         return "disk", parts
     if ctx.has_source("val"):
         val = _val(ctx)
         return "generated", [(n, val) for n in names]
     raise TaskUnavailable("no ImageNet-P folder and no ImageNet-val to generate it from: pass --imagenet-p-dir "
                           "or --val-dir (or --data-root holding imagenet-p/ or val/)")
-
-
-def _sequences_in(space):
-    """``lkfast.data.ImageNetP`` reading class folders named as ``space`` names them (ImageNetP
-    itself knows only ImageNet's wnids; the ImageNet-P metrics do not use the targets)."""
-    from lkfast import data
-
-    class Sequences(data.ImageNetP):
-        def _find(self, class_index, classes):  # ImageFolderBenchmark's hook for the folder -> target map
-            return super()._find(space.folder_index(), classes)
-    return Sequences
 
 
 def _is_noise(name: str) -> bool:
