@@ -211,6 +211,14 @@ def test_taig_stays_in_the_ball_and_lowers_the_true_logit():
     (lambda m, x, y: fgsm(m, x * 255, y, 0.1), r"\[0, 1\]"),
     (lambda m, x, y: fgsm(m, x, y[:2], 0.1), "labels"),
     (lambda m, x, y: fgsm(m, x[0], y, 0.1), r"\(N, C, H, W\)"),
+    # labels outside the model's outputs: PyTorch's refusal came from inside the loss (a device-side
+    # assert on CUDA, which stops every later CUDA call), and TAIG's gather named no label
+    (lambda m, x, y: fgsm(m, x, y + 1000, 0.1), "fgsm: labels must be class indices 0..4 of the model's 5 outputs"),
+    (lambda m, x, y: pgd(m, x, torch.arange(6) - 10, 0.1, 0.01, 1), r"pgd: labels .*; got -10, -9, -8, -7, -6 \(lab"),
+    (lambda m, x, y: taig(m, x, y.index_fill(0, torch.tensor([4]), 10), 0.1, steps=1, path_steps=1),
+     r"integrated_gradients \(TAIG's direction\): labels .* got 10 "),
+    (lambda m, x, y: fgsm(nn.Sequential(m, nn.Unflatten(1, (5, 1))), x, y, 0.1),
+     r"fgsm: the model must return \(N, classes\) logits for the 6 images; it returned shape \(6, 5, 1\)"),
 ])
 def test_bad_input_is_refused(call, message):
     model, (x, y) = small_net(), images()

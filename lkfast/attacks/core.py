@@ -34,6 +34,22 @@ def check_images(name: str, x: torch.Tensor, y: Optional[torch.Tensor] = None) -
             raise ValueError(f"{name}: y must be {x.shape[0]} integer class labels (one per image), got {found}")
 
 
+def check_logits(name: str, logits: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuse a model output that is not (N, classes) logits for the N images, or labels outside
+    0..classes-1: PyTorch's own refusal comes from deep inside the loss (and on CUDA as a device-side
+    assert that stops every later CUDA call of the process)."""
+    if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+        raise ValueError(f"{name}: the model must return (N, classes) logits for the {y.shape[0]} images; it returned "
+                         f"shape {tuple(logits.shape)}")
+    classes = logits.shape[1]
+    bad = y[(y < 0) | (y >= classes)]
+    if bad.numel():
+        shown = ", ".join(str(v) for v in bad.unique()[:5].tolist())
+        raise ValueError(f"{name}: labels must be class indices 0..{classes - 1} of the model's {classes} outputs; got "
+                         f"{shown} (labels in another class space, e.g. ImageNet indices for a model with fewer "
+                         f"outputs?)")
+
+
 def is_integer(value) -> bool:
     """An integer (Python's or NumPy's: anything ``numbers.Integral``), not a bool: steps, counts, sizes."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -85,12 +101,15 @@ def recordable(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.is_inference() else t
 
 
-def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str = "loss_gradient") -> torch.Tensor:
     """Gradient of the summed cross-entropy of ``model(x)`` against ``y`` with respect to x (the
-    model's parameters must already be frozen). Summed, so each image's gradient is its own."""
+    model's parameters must already be frozen). Summed, so each image's gradient is its own.
+    ``name``: the attack, as its refusal of a bad label names it."""
     with recording():
         x = recordable(x.detach()).requires_grad_(True)
-        loss = F.cross_entropy(model(x).float(), recordable(y), reduction="sum")
+        logits = model(x).float()
+        check_logits(name, logits, y)
+        loss = F.cross_entropy(logits, recordable(y), reduction="sum")
         (grad,) = torch.autograd.grad(loss, [x])
     return grad
 

@@ -22,7 +22,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
     check_budget("fgsm", eps)
     check_images("fgsm", x, y)
     with frozen(model):
-        grad = loss_gradient(model, x, y)
+        grad = loss_gradient(model, x, y, "fgsm")
     return (x.detach() + eps * grad.sign()).clamp_(0.0, 1.0)
 
 
@@ -45,6 +45,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
         x_adv = (x_adv + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
     with frozen(model):
         for _ in range(steps):
-            grad = loss_gradient(model, x_adv, y)
+            grad = loss_gradient(model, x_adv, y, "pgd")
             x_adv = project(x_adv + alpha * grad.sign(), x, eps)
     return x_adv

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lkfast.attacks.core import (Generators, check_budget, check_images, frozen, project, recordable, recording, seeded,
-                                 uniform)
+from lkfast.attacks.core import (Generators, check_budget, check_images, check_logits, frozen, project, recordable,
+                                 recording, seeded, uniform)
 
 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path_steps: int = 20,
@@ -37,6 +37,8 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pat
                 point = point + (2 * uniform(x.shape, generator, x.device, x.dtype) - 1) * noise
             point = point.requires_grad_(True)
             logits = model(point).float()
+            if i == 0:
+                check_logits("integrated_gradients (TAIG's direction)", logits, y)
             chosen = logits.gather(1, y[:, None]).sum()  # each image's gradient is its own
             (grad,) = torch.autograd.grad(chosen, [point])
             total += grad
