@@ -1157,6 +1157,35 @@ def test_a_misnamed_perturbation_or_variant_folder_fails_its_task(tmp_path, data
     assert "tiny: imagenet-9 failed: ImageNet-9: folder(s) MixedRand in" in err, err
 
 
+def test_a_harder_noise_level_without_its_difficulty_1_folder_is_said_not_scored(tmp_path, data_root, checkpoint,
+                                                                                  capsys):
+    """The release ships each noise difficulty as its own archive: gaussian_noise_2/ extracted without
+    gaussian_noise/ was left out without a word (the eval scores difficulty 1). It is recorded and
+    reported as not scored; with nothing but harder levels the task fails saying so. A sequence of
+    another frame size is refused naming the files (the advice once named ImageNet-C alone)."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(data_root / "imagenet-p", root / "imagenet-p")
+    (root / "imagenet-p" / "gaussian_noise").rename(root / "imagenet-p" / "gaussian_noise_2")
+    assert cli(*common(tmp_path / "out", checkpoint, root, "--suite", "imagenet-p", "--baseline-model", "none")) == 0
+    r = load(tmp_path / "out")["tiny"]["imagenet-p"]
+    assert r["mfr_over"] == ["translate"] and r["not_scored"] == ["gaussian_noise_2"]
+    assert "**not scored** (a harder noise level without its difficulty-1 folder; difficulty 1 is scored): " \
+           "gaussian_noise_2" in (tmp_path / "out" / "report.md").read_text()
+    shutil.rmtree(root / "imagenet-p" / "translate")
+    err = run_failing(capsys, *common(tmp_path / "out2", checkpoint, root, "--suite", "imagenet-p",
+                                      "--baseline-model", "none"))
+    assert "(only the harder noise levels gaussian_noise_2: the eval scores difficulty 1, the folders without _2 " \
+           "or _3)" in err, err
+    shutil.copytree(data_root / "imagenet-p" / "translate", root / "imagenet-p" / "translate")
+    odd = next((root / "imagenet-p" / "translate").rglob("seq1.npy"))
+    np.save(odd, np.zeros((8, SIZE + 8, SIZE + 8, 3), np.uint8))
+    err = run_failing(capsys, *common(tmp_path / "out3", checkpoint, root, "--suite", "imagenet-p",
+                                      "--baseline-model", "none"))
+    assert f"{odd} is {SIZE + 8}x{SIZE + 8} but" in err and "renders ImageNet-C and ImageNet-P at 224x224" in err, err
+
+
 def test_a_model_that_cannot_take_a_benchmarks_size_fails_that_task_only(tmp_path, data_root, capsys):
     """A fixed-size model (a ViT built for 224 px) given ImageNet-C, fed at its own size without a resize,
     ended the whole run in an AssertionError traceback; now that task fails in one line saying why."""

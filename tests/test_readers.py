@@ -366,6 +366,20 @@ def test_imagenet_p_sequence_of_another_length_is_skipped_and_named(tmp_path):
     assert ImageNetP(root, "rotate").frames == 31
 
 
+def test_imagenet_p_frame_count_is_the_majoritys_when_the_probed_sequences_disagree(tmp_path):
+    # ten sequences, three short ones where the five probes fall (sorted places 0, 2, 4 of 0, 2, 4, 7, 9):
+    # the probes' majority said 4 and every 6-frame sequence, the release-like majority, was skipped
+    root = tmp_path / "p"
+    for k in range(10):
+        folder = root / "translate" / WNIDS[k // 5]
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"s{k}.npy", frames_for(k, t=4 if k in (0, 2, 4) else 6).numpy())
+    ds = ImageNetP(root, "translate")
+    assert ds.frames == 6 and ds[1][0].shape == (6, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"s0\.npy.*4 frames where the sequences of 'translate' have 6"):
+        assert ds[0] == (None, 0)
+
+
 @needs_av
 def test_imagenet_p_mp4_cut_short_is_skipped(tmp_path):
     from lkfast.data import encode_mp4

@@ -616,9 +616,9 @@ class ImageNetP(ImageFolderBenchmark):
     here as ``self.stride`` for ``lkfast.metrics.flip_probability``.
 
     frames: how many frames every sequence must have (``self.frames``). Default: the count most
-    sequences have, read from the headers of up to five sequences spread over the folder (ties go
-    to the release's count, 41 for translate and 31 for the others, which is also used when none
-    can be read). A sequence with another count (a partly decodable video, an array cut short) is
+    sequences have, read from the headers of five sequences spread over the folder, or of every
+    sequence where those five disagree (ties go to the release's count, 41 for translate and 31
+    for the others, which is also used when none can be read). A sequence with another count (a partly decodable video, an array cut short) is
     skipped like an unreadable file, with a warning naming it: the metrics compare frames across
     sequences, and one odd length would stop the whole run.
 
@@ -661,6 +661,9 @@ class ImageNetP(ImageFolderBenchmark):
         n = len(self.samples)
         picked = sorted({round(k * (n - 1) / (probes - 1)) for k in range(probes)})
         counts = collections.Counter(t for t in (_sequence_length(self.samples[i][0]) for i in picked) if t)
+        if len(counts) > 1:  # the probes disagree: five say nothing of the majority (three short videos
+            # at the probed places made every release-length one "unreadable"); headers are cheap to read
+            counts = collections.Counter(t for t in (_sequence_length(path) for path, _ in self.samples) if t)
         release = PERTURBATIONS[self.perturbation]
         if not counts:
             return release

@@ -141,6 +141,9 @@ def _notes(results, task) -> List[str]:
                         f"({', '.join(r.get('mfr_over') or [])}): not the benchmark's")
         if r.get("unreadable_parts"):
             bits.append("**every item unreadable, not scored**: " + ", ".join(r["unreadable_parts"]))
+        if r.get("not_scored"):
+            bits.append("**not scored** (a harder noise level without its difficulty-1 folder; difficulty 1 is "
+                        "scored): " + ", ".join(r["not_scored"]))
         for key in ("mce_note", "relative_mce_note", "normalisation_note", "bg_gap_note"):
             if r.get(key):
                 bits.append(key.split("_note")[0].replace("_", " ") + " omitted: " + r[key])

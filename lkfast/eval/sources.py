@@ -90,7 +90,7 @@ def mixed_sizes_error(dataset, mixed: MixedSizes) -> ValueError:
     return DatasetLayoutError(
         f"{name(odd)} is {oh}x{ow} but {name(first)} is {h}x{w}: this benchmark's images are fed to the model as "
         f"they are, without a resize (the release's are all 224x224), so they must share one size; render or "
-        f"resize them to one size (python -m lkfast.corrupt renders ImageNet-C at 224x224)")
+        f"resize them to one size (python -m lkfast.corrupt renders ImageNet-C and ImageNet-P at 224x224)")
 
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")

@@ -17,7 +17,9 @@ Each task returns a plain dict; the keys users script against (results.json, per
                  level / frame stride 1), mean_fr_unnormalised, mean_t5d_unnormalised, mfr and mt5d
                  (% of the baseline model's, None with normalisation_note when no baseline could be
                  evaluated), sequences {perturbation: sequences scored}, mfr_over (the perturbations
-                 the means are over), mfr_complete (all 10 there: only then the benchmark's mFR), source
+                 the means are over), mfr_complete (all 10 there: only then the benchmark's mFR), source,
+                 not_scored (where present: harder-noise folders, e.g. gaussian_noise_2, whose
+                 difficulty-1 folder is missing)
     imagenet-9   top1 {variant: %}, original, mixed_same, mixed_rand, bg_gap (%), source
 
 Every task also records skipped_unreadable (items that could not be decoded) and seconds; a part
@@ -312,10 +314,12 @@ def _p_parts(ctx):
     names = list(corrupt.PERTURBATIONS)
     if ctx.has_source("imagenet-p"):
         root = ctx.source("imagenet-p")
-        data.imagenet_p_contents(str(root))  # refuses a folder that is not a perturbation: it would be left out
+        contents = data.imagenet_p_contents(str(root))  # refuses a folder that is not a perturbation
         present = [n for n in names if (root / n).is_dir()]
         if not present:
-            raise EvalError(f"imagenet-p: {root} holds none of the perturbation folders {', '.join(names)}")
+            raise EvalError(f"imagenet-p: {root} holds none of the perturbation folders {', '.join(names)}"
+                            + (f" (only the harder noise levels {', '.join(_harder_only(contents))}: the eval "
+                               f"scores difficulty 1, the folders without _2 or _3)" if contents else ""))
         # class folders as the class space names them (ImageNet's wnids by default)
         index = {} if ctx.class_space.published_baselines else {"class_index": ctx.class_space.folder_index()}
         parts = [(n, _memo(ctx, ("p", n), lambda n=n: data.ImageNetP(
@@ -328,6 +332,13 @@ def _p_parts(ctx):
                           "or --val-dir (or --data-root holding imagenet-p/ or val/)")
 
 
+def _harder_only(contents) -> list:
+    """The ``<noise>_2`` / ``<noise>_3`` folders of the noise perturbations that lack their difficulty-1
+    folder, from ``lkfast.data.imagenet_p_contents``: the release ships each difficulty as its own
+    archive, and the eval scores difficulty 1 alone."""
+    return [f"{name}_{d}" for name, levels in contents.items() if 1 not in levels for d in levels]
+
+
 def _is_noise(name: str) -> bool:
     """Noise sequences are scored against their first frame, the others frame to frame."""
     from lkfast import metrics
@@ -336,7 +347,7 @@ def _is_noise(name: str) -> bool:
 
 
 def imagenet_p(ctx: TaskContext) -> dict:
-    from lkfast import corrupt, metrics
+    from lkfast import corrupt, data, metrics
 
     source, parts = _p_parts(ctx)
     fp, t5d, scored, unreadable = {}, {}, {}, []
@@ -370,6 +381,10 @@ def imagenet_p(ctx: TaskContext) -> dict:
               f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})"}
     if unreadable:
         result["unreadable_parts"] = unreadable
+    if source == "disk":
+        harder = _harder_only(data.imagenet_p_contents(str(ctx.source("imagenet-p"))))
+        if harder:  # folders there but not scored: said, not left out silently
+            result["not_scored"] = harder
     if ctx.is_baseline:
         return result
     base, why = ctx.baseline_result("imagenet-p")
@@ -459,7 +474,8 @@ register_task("imagenet-c", imagenet_c, needs=("imagenet-c", "val"), count=_c_co
               description="ImageNet-C mCE, relative mCE, severity-5 mean top-1 (Table 1, Fig. 2b)")
 register_task("imagenet-p", imagenet_p, needs=("imagenet-p", "val"), count=_p_count, reads=("baseline",),
               description="ImageNet-P mFR / mT5D (Table 2)",
-              result_version="2")  # 2: nothing readable is not run (98974ff; was an empty result, still cached)
+              result_version="3")  # 2: nothing readable is not run (98974ff; was an empty result, still cached);
+# 3: not_scored (harder noise levels without their difficulty-1 folder)
 register_task("imagenet-9", imagenet_9, needs=("imagenet-9",), count=lambda ctx: sum(len(d) for _, d in _nine_parts(ctx)),
               description="ImageNet-9 backgrounds: Original, Mixed-Same, Mixed-Rand, BG-Gap (Table 3)",
               version="2")  # 2: images fed without the model's resize and crop, as the release feeds them
