@@ -1850,11 +1850,11 @@ def test_a_result_the_task_now_makes_otherwise_is_not_served_from_the_cache(tmp_
     shutil.copytree(data_root / "imagenet-p", p)  # readable: computed once, then its records are reused
     assert cli(*args) == 0
     first = load(tmp_path / "out")["tiny"]["imagenet-p"]
-    monkeypatch.setitem(registry.TASKS, "imagenet-p", dataclasses.replace(today, result_version="3"))
+    bumped = str(int(today.result_version) + 1)
     ran, computed = [], []
     real_run, real_save = today.run, cache.ResultCache.save_shard
     monkeypatch.setitem(registry.TASKS, "imagenet-p", dataclasses.replace(
-        today, result_version="3", run=lambda ctx: ran.append(1) or real_run(ctx)))
+        today, result_version=bumped, run=lambda ctx: ran.append(1) or real_run(ctx)))
     monkeypatch.setattr(cache.ResultCache, "save_shard", lambda *a, **k: computed.append(1) or real_save(*a, **k))
     assert cli(*args) == 0
     again = load(tmp_path / "out")["tiny"]["imagenet-p"]
