@@ -1,5 +1,6 @@
 """lkfast.data's benchmark readers on tiny fake datasets in every release layout, made here."""
 import json
+import re
 import shutil
 import warnings
 
@@ -90,7 +91,12 @@ def test_imagenet_val_targets_order_and_limit(tmp_path):
     root = image_folder(tmp_path / "val", wnids, per_class=3)
     write_image(root / WNIDS[3] / "extra.png", seed=9, suffix_format="PNG")
     (root / WNIDS[3] / "notes.txt").write_text("not an image")
-    ds = ImageNetVal(root)
+    (root / "__MACOSX" / WNIDS[3]).mkdir(parents=True)  # a zip made on macOS: not a class, no warning
+    (root / "__MACOSX" / WNIDS[3] / "._img0.JPEG").write_bytes(b"\x00" * 8)
+    # a file the reader does not read is neither scored nor counted as unreadable: said, not silent
+    with pytest.warns(UserWarning, match=r"ImageNet-val: 1 file\(s\) in the class folders of .* are not read: their "
+                                         r"suffixes \(\.txt\) are not \.jpeg, .*\(first: .*notes\.txt\)"):
+        ds = ImageNetVal(root)
     assert len(ds) == 7 and ds.classes == [WNIDS[3], WNIDS[7]]   # sorted folders (n01... < n01...)
     assert ds.targets.tolist() == [3] * 4 + [7] * 3
     assert [p.name for p, _ in ds.samples[:4]] == ["extra.png", "img0.JPEG", "img1.JPEG", "img2.JPEG"]
@@ -98,9 +104,10 @@ def test_imagenet_val_targets_order_and_limit(tmp_path):
     assert target == 3 and image.shape == (3, 10, 12) and image.dtype == torch.float32
     expected = torch.from_numpy(np.array(Image.open(ds.samples[1][0]).convert("RGB"))).permute(2, 0, 1) / 255
     assert torch.equal(image, expected)
-    limited = ImageNetVal(root, limit=5)
+    with pytest.warns(UserWarning, match="notes.txt"):
+        limited = ImageNetVal(root, limit=5)
     assert limited.samples == ds.samples[:5]
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="positive integer"), pytest.warns(UserWarning, match="notes.txt"):
         ImageNetVal(root, limit=0)
 
 
@@ -231,6 +238,42 @@ def test_imagenet_c_layout_errors(tmp_path):
         ImageNetC(flat, "snow", 3)
     with pytest.raises(DatasetLayoutError, match="does not exist"):
         ImageNetC(tmp_path / "nothing", "snow", 3)
+
+
+def test_imagenet_c_and_p_folders_one_level_off_say_which_folder_to_give(tmp_path):
+    """The release's per-category ImageNet-C archives extracted each into its own folder
+    (imagenet-c/noise/gaussian_noise/...), an extra top folder, or a corruption, severity or
+    perturbation folder given instead of the benchmark's: refused as before, now saying which folder
+    holds the benchmark (the severity folder was asked whether it was ImageNet-val)."""
+    def refused(folder, ending, reader=imagenet_c_contents):
+        with pytest.raises(DatasetLayoutError, match=re.escape(ending) + "$"):
+            reader(folder)
+
+    c = make_imagenet_c(tmp_path / "c")
+    top = tmp_path / "top"
+    (top / "imagenet-c").mkdir(parents=True)
+    c.rename(top / "imagenet-c" / "imagenet-c")
+    c = top / "imagenet-c" / "imagenet-c"
+    refused(top / "imagenet-c", f"are not corruption names; expected <root>/<corruption>/<severity 1..5>/<wnid>/"
+                                f"<image>.JPEG with corruptions from: gaussian_noise, shot_noise, impulse_noise, "
+                                f"defocus_blur, glass_blur, motion_blur, zoom_blur, snow, frost, fog, brightness, "
+                                f"contrast, elastic_transform, pixelate, jpeg_compression, speckle_noise, "
+                                f"gaussian_blur, spatter, saturate. {c} holds the corruption folders: give that folder.")
+    refused(c / "snow", f"{c / 'snow'} is itself one corruption folder: give the folder holding it, {c}.")
+    refused(c / "snow" / "3", f"{c / 'snow' / '3'} is inside the corruption folder snow: give {c}.")
+    categories = tmp_path / "categories"
+    (categories / "weather").mkdir(parents=True)
+    (categories / "noise").mkdir()
+    (c / "snow").rename(categories / "weather" / "snow")
+    (c / "speckle_noise").rename(categories / "noise" / "speckle_noise")
+    refused(categories, f"noise, weather hold corruption folders (noise/speckle_noise, weather/snow, ...), as the "
+                        f"release's archives extract each into a folder of its own: move the corruption folders out "
+                        f"of them into {categories}.")
+    p = tmp_path / "p" / "rotate" / WNIDS[0]
+    p.mkdir(parents=True)
+    np.save(p / "a.npy", frames_for(0, t=4).numpy())
+    refused(tmp_path / "p" / "rotate", f"{tmp_path / 'p' / 'rotate'} is itself one perturbation folder: give the "
+                                       f"folder holding it, {tmp_path / 'p'}.", imagenet_p_contents)
 
 
 def test_imagenet_c_corruption_without_severity_folders_is_named(tmp_path):

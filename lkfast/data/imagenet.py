@@ -38,13 +38,13 @@ import pkgutil
 import re
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset
 
 from lkfast import metrics
-from lkfast.data.io import IMAGE_SUFFIXES, image_files, read_mp4
+from lkfast.data.io import IMAGE_SUFFIXES, read_mp4
 
 PathLike = Union[str, os.PathLike]
 
@@ -192,7 +192,9 @@ def check_imagenet9_map(root: PathLike) -> bool:
 # ----------------------------------------------------------------------------- folder walking
 
 def _hidden(p: Path) -> bool:
-    return p.name.startswith(".")
+    """Hidden files and folders, the __MACOSX folder of a zip made on macOS and the @eaDir folders a
+    Synology NAS adds: never data."""
+    return p.name.startswith(".") or p.name in ("__MACOSX", "@eaDir")
 
 
 def _subfolders(folder: Path) -> List[Path]:
@@ -206,10 +208,18 @@ def _require_folder(folder: Path, what: str, layout: str) -> None:
                                  f"expected the layout {layout}. Check the path (or the --<task>-dir option)")
 
 
-def _files(folder: Path, suffixes: Sequence[str]) -> List[Path]:
-    if suffixes == IMAGE_SUFFIXES:
-        return [p for p in image_files(folder) if not _hidden(p)]
-    return sorted(p for p in folder.iterdir() if p.is_file() and not _hidden(p) and p.suffix.lower() in suffixes)
+def _files(folder: Path, suffixes: Sequence[str], ignored: Optional[list] = None) -> List[Path]:
+    """The sorted files of ``folder`` with one of ``suffixes`` (any case), hidden ones left out; the
+    other (not hidden) files are appended to ``ignored`` where it is given."""
+    files = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file() and not _hidden(Path(entry.name)):
+                if os.path.splitext(entry.name)[1].lower() in suffixes:
+                    files.append(Path(entry.path))
+                elif ignored is not None:
+                    ignored.append(Path(entry.path))
+    return sorted(files)
 
 
 def _looks_like(names: List[str]) -> str:
@@ -264,12 +274,17 @@ def _scan(root: PathLike, what: str, layout: str, class_index: Dict[str, int],
                           f"{str(root)!r} (first: {', '.join(absent[:3])}); using the {len(wanted) - len(absent)} present")
         keep = set(wanted)
         folders = [f for f in folders if f.name in keep]
-    samples, used = [], []
+    samples, used, ignored = [], [], []
     for folder in folders:
-        files = _files(folder, suffixes)
+        files = _files(folder, suffixes, ignored)
         if files:
             used.append(folder.name)
             samples.extend((p, class_index[folder.name]) for p in files)
+    if samples and ignored:  # not read, so neither scored nor counted as unreadable: said here
+        kinds = sorted({p.suffix.lower() or p.name for p in ignored})
+        warnings.warn(f"{what}: {len(ignored)} file(s) in the class folders of {str(root)!r} are not read: their "
+                      f"suffixes ({', '.join(kinds[:5])}) are not {', '.join(suffixes)} (first: {ignored[0]}); "
+                      f"convert or remove them")
     if not samples:
         others = sorted({p.suffix.lower() or p.name for f in folders for p in f.iterdir() if p.is_file() and not _hidden(p)})
         found = f"found only {', '.join(others[:5])} files" if others else "they hold no files"
@@ -496,6 +511,25 @@ class ImageNetO(ImageFolderBenchmark):
         self.class_subset = torch.tensor(sorted(index[w] for w in self.classes), dtype=torch.long)
 
 
+def _nesting_hint(root: Path, unknown: Sequence[str], known: Collection[str], what: str) -> str:
+    """Where a benchmark's ``what`` folders (names in ``known``) are when ``root`` holds the folders
+    ``unknown`` instead: one level down (an extra top folder, or the release's per-category archives
+    each extracted into a folder of its own), or ``root`` one or two levels too deep (itself one of
+    them, or a folder inside one). "" when none of these."""
+    holders = [n for n in unknown if any(f.name in known for f in _subfolders(root / n))]
+    if len(holders) == 1 and len(unknown) == 1:
+        return f" {root / holders[0]} holds the {what} folders: give that folder."
+    if holders:
+        inside = [f"{n}/{f.name}" for n in holders for f in _subfolders(root / n) if f.name in known]
+        return (f" {', '.join(holders[:5])} hold {what} folders ({', '.join(inside[:3])}, ...), as the release's "
+                f"archives extract each into a folder of its own: move the {what} folders out of them into {root}.")
+    if root.name in known:
+        return f" {root} is itself one {what} folder: give the folder holding it, {root.parent}."
+    if root.parent.name in known:
+        return f" {root} is inside the {what} folder {root.parent.name}: give {root.parent.parent}."
+    return ""
+
+
 def imagenet_c_contents(root: PathLike) -> Dict[str, List[int]]:
     """{corruption: [severities present]} of an ImageNet-C folder, corruptions in the release's
     order, a severity counted when its folder exists. Raises DatasetLayoutError if ``root`` is
@@ -506,7 +540,8 @@ def imagenet_c_contents(root: PathLike) -> Dict[str, List[int]]:
     names = [f.name for f in _subfolders(root)]
     unknown = [n for n in names if n not in metrics.IMAGENET_C_ALL]
     if unknown:
-        hint = " They look like wnid (class) folders: is this ImageNet-val?" if looks_like_wnids(unknown) else ""
+        hint = _nesting_hint(root, unknown, metrics.IMAGENET_C_ALL, "corruption") or (
+            " They look like wnid (class) folders: is this ImageNet-val?" if looks_like_wnids(unknown) else "")
         raise DatasetLayoutError(f"ImageNet-C: folder(s) {', '.join(unknown[:5])} in {str(root)!r} are not corruption names; "
                                  f"expected {layout} with corruptions from: {', '.join(metrics.IMAGENET_C_ALL)}.{hint}")
     contents = {}
@@ -569,7 +604,8 @@ def imagenet_p_contents(root: PathLike) -> Dict[str, List[int]]:
     if unknown:
         raise DatasetLayoutError(f"ImageNet-P: folder(s) {', '.join(unknown[:5])} in {str(root)!r} are not perturbation names; "
                                  f"expected {layout} with perturbations from: {', '.join(metrics.IMAGENET_P)} "
-                                 f"(noise difficulties 2 and 3 as <name>_2, <name>_3)")
+                                 f"(noise difficulties 2 and 3 as <name>_2, <name>_3)."
+                                 f"{_nesting_hint(root, unknown, valid, 'perturbation')}")
     contents = {}
     for name in metrics.IMAGENET_P:
         if name in metrics.NOISE_PERTURBATIONS:
