@@ -217,6 +217,42 @@ def test_analysis_option_mistakes_are_found_before_the_default_trains(tmp_path, 
         run("--suite", "clean,taig", "--taig-surrogate", "ResNet-tiny")
 
 
+def test_a_second_default_run_into_a_busy_out_stops_before_building(tmp_path, monkeypatch, capsys):
+    """The --out lock was taken when the evaluation began: a second `python -m lkfast.eval` into the
+    folder a first one was preparing waited on the first one's model training (minutes) before it
+    was told another run writes there. It is told before building anything; the lock is held
+    through the preparation and the evaluation, and let go after."""
+    fcntl = pytest.importorskip("fcntl")
+    from lkfast.eval.cli import main
+
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default, "DEFAULT", TINY)
+    monkeypatch.setattr("sys.argv", ["lkfast.eval"])
+    out = tmp_path / "out"
+    out.mkdir()
+
+    class Built(Exception):
+        pass
+
+    def build_base(*args, **kwargs):  # the default's first step: the lock is held by then
+        with open(out / ".lkfast-eval.lock", "a+") as probe:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        raise Built
+    monkeypatch.setattr(default.synthetic, "build_base", build_base)
+    with open(out / ".lkfast-eval.lock", "a+") as held:  # what a first run holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(str(os.getpid()))
+        held.flush()
+        assert main(["--out", str(out), "--no-progress"]) == 2  # build_base would raise Built
+    assert f"lkfast.eval: error: another python -m lkfast.eval (pid {os.getpid()}) is writing to {out}" \
+        in capsys.readouterr().err
+    with pytest.raises(Built):
+        main(["--out", str(out), "--no-progress"])
+    with open(out / ".lkfast-eval.lock", "a+") as after:  # let go when the run ends, however it ends
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_the_default_checks_its_analysis_options_once_against_what_it_runs(tmp_path, monkeypatch):
     """The analysis options of a default run were checked twice: on its planned run before the
     building, and again on the built one. prepare_default now builds its models and suite from

@@ -1186,6 +1186,38 @@ def test_a_harder_noise_level_without_its_difficulty_1_folder_is_said_not_scored
     assert f"{odd} is {SIZE + 8}x{SIZE + 8} but" in err and "renders ImageNet-C and ImageNet-P at 224x224" in err, err
 
 
+def test_paper_values_stand_beside_comparable_numbers_only(tmp_path, data_root, checkpoint, baseline_checkpoint):
+    """ImageNet-P's mFR / mT5D normalised by a baseline other than AlexNet stood beside the paper's
+    (AlexNet-normalised) values, the report never naming the baseline; a model in a class space other
+    than ImageNet-1k had the paper's ImageNet numbers beside its own. The notes name the baseline and
+    its weights, and the paper's values stand only beside numbers of the same definition."""
+    from lkfast.eval.report import write_report
+
+    out = tmp_path / "out"
+    assert cli("--models", f"test_resnet:{checkpoint}=ResNet-50", "--data-root", data_root, "--out", out,
+               "--input-size", SIZE, "--workers", 0, "--batch-size", 4, "--no-progress", "--suite", "clean,imagenet-p",
+               "--baseline-model", f"mobilenet_v3_small:{baseline_checkpoint}") == 0
+    results = load(out)
+    p = results["ResNet-50"]["imagenet-p"]
+    assert p["baseline_model"] == "mobilenet_v3_small" and p["mfr"] is not None
+    assert p["normalised_by"] == f"the baseline model mobilenet_v3_small, {baseline_checkpoint} on the same sequences"
+
+    def table2_row(results):
+        write_report(out, results)
+        report = (out / "report.md").read_text()
+        row = next(line for line in report.splitlines() if line.startswith("| ResNet-50 |") and "/10" in line)
+        return row.split(" | ")[1:5], report
+
+    (mfr, paper_mfr, mt5d, paper_mt5d), report = table2_row(results)
+    assert float(mfr) == pytest.approx(p["mfr"], abs=0.01) and paper_mfr == paper_mt5d == "—"
+    assert (f"normalised by the baseline model mobilenet_v3_small, {baseline_checkpoint} on the same sequences (not "
+            f"AlexNet, as the release and the paper: the paper's values are not shown beside)") in report
+    p["baseline_model"] = "alexnet"  # the release's baseline: the paper's values (ResNet-50: 58.0, 82.0) beside
+    assert table2_row(results)[0][1::2] == ["58.00", "82.00"]
+    results["_meta"]["class_space_is_imagenet"] = False  # other classes: no paper value anywhere
+    assert table2_row(results)[0][1::2] == ["—", "—"]
+
+
 def test_a_model_that_cannot_take_a_benchmarks_size_fails_that_task_only(tmp_path, data_root, capsys):
     """A fixed-size model (a ViT built for 224 px) given ImageNet-C, fed at its own size without a resize,
     ended the whole run in an AssertionError traceback; now that task fails in one line saying why."""
@@ -1269,6 +1301,24 @@ def test_parts_with_nothing_readable_are_left_out_and_named(tmp_path, data_root,
     assert c["unreadable_parts"] == ["gaussian_noise/3"] and sorted(c["top1"]["gaussian_noise"]) == ["1", "2", "4", "5"]
     assert "gaussian_noise" in c["ce_skipped"] and c["mce"] is None and c["sev5_top1"] is not None
     assert "every item unreadable, not scored**: gaussian_noise/3" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_imagenet_o_against_a_val_lacking_some_of_its_classes_says_so(tmp_path, data_root, checkpoint):
+    """ImageNet-O's negatives are val's images of its classes: a val holding only some of them (a
+    subset of ImageNet, a partial copy) gave other AUPR / AUROC with only a warning on stderr. The
+    result and the report's notes say how many of the classes val holds."""
+    val = tmp_path / "val"
+    shutil.copytree(data_root / "val", val)
+    shutil.rmtree(val / _wnids()[1])
+    with pytest.warns(UserWarning, match="1 of the 2 requested class folders"):
+        assert cli(*common(tmp_path / "out", checkpoint, data_root, "--suite", "imagenet-o", "--val-dir", val)) == 0
+    r = load(tmp_path / "out")["tiny"]["imagenet-o"]
+    note = f"{val} holds 1 of the 2 ImageNet-O classes whose val images are the negatives: not the benchmark's AUPR / AUROC"
+    assert r["classes"] == 2 and r["in_classes"] == 1 and r["in_classes_note"] == note
+    assert f"**negatives from fewer classes**: {note}" in (tmp_path / "out" / "report.md").read_text()
+    assert cli(*common(tmp_path / "whole", checkpoint, data_root, "--suite", "imagenet-o")) == 0
+    whole = load(tmp_path / "whole")["tiny"]["imagenet-o"]
+    assert whole["in_classes"] == 2 and "in_classes_note" not in whole and whole["in_images"] > r["in_images"]
 
 
 def test_imagenet_o_with_nothing_readable_on_one_side_is_not_run_with_the_reason(tmp_path, data_root, checkpoint,

@@ -467,8 +467,9 @@ def test_pretrained_baseline_loads_torchvisions_published_weights_from_the_cache
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
     with pytest.raises(WeightsUnavailable, match=r"baseline model 'squeezenet1_1': torchvision's published weights "
-                                                 r"are neither in the local cache .* pass --baseline-model "
-                                                 r"squeezenet1_1:PATH"):
+                                                 rf"are neither in the local cache \({tmp_path / 'hub' / 'checkpoints'}\) "
+                                                 r".* pass --baseline-model squeezenet1_1:PATH \(or --baseline-model "
+                                                 r"none: no normalised mFR / mT5D\)"):
         load_model(spec)
     random_weights, _ = load_model(dataclasses.replace(spec, pretrained=False))  # no download attempted
     assert not torch.equal(random_weights.model.state_dict()["features.0.weight"], published["features.0.weight"])

@@ -15,6 +15,7 @@ run and returns a dict with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -341,11 +342,12 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
-    from lkfast.eval.runner import EvalError, EvalOptions, plan, run_evaluation
+    from lkfast.eval.runner import EvalError, EvalOptions, _out_lock, plan, run_evaluation
     from lkfast.tables import markdown_table
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    held = contextlib.ExitStack()  # the --out lock, where taken before the evaluation takes it
     try:
         from lkfast.memory import keep_freed_memory
 
@@ -402,6 +404,8 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
             planned = planned_run(args)  # the default's labels and tasks, known before it trains its models
             _check_analysis_options(EvalOptions(analysis=analysis), planned["suite"], planned["models"])
             _check_writable(args.out)  # before training the models
+            if dist.is_main():  # a second default run into this --out stops now, not after waiting on the training
+                held.enter_context(_out_lock(Path(args.out)))
             prepared = prepare_default(args)
             models, data = list(prepared["models"]), dict(prepared["data"])
             class_space = prepared.get("class_space")
@@ -486,6 +490,7 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
                   "start again", file=sys.stderr)
         return status
     finally:
+        held.close()
         dist.shutdown()
 
 

@@ -333,7 +333,8 @@ def _torchvision_model(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Modu
     except (OSError, RuntimeError) as error:  # offline and not in TORCH_HOME's cache (URLError is an OSError)
         raise WeightsUnavailable(hub_unavailable(
             f"baseline model {spec.name!r}: torchvision's published weights", error,
-            f"download them elsewhere and pass --baseline-model {spec.name}:PATH", cache=torch.hub.get_dir())) from error
+            f"download them elsewhere and pass --baseline-model {spec.name}:PATH (or --baseline-model none: no "
+            f"normalised mFR / mT5D)", cache=os.path.join(torch.hub.get_dir(), "checkpoints"))) from error
     if spec.checkpoint is not None:
         from lkfast.models import CheckpointError
 

@@ -89,8 +89,15 @@ def _over(entry, task, over_key, total):
 
 
 def _paper(results, label, key):
+    """The paper's value of ``key`` for the model, or None: none for a model evaluated in a class space
+    other than ImageNet-1k (its accuracies and errors are over other classes), and for ImageNet-P's
+    mFR / mT5D none unless AlexNet normalised them, as the release and the paper's Table 2 do."""
     name = paper_name(label, results[label])
-    return PAPER.get(name, {}).get(key) if name else None
+    if not name or not results.get(META_KEY, {}).get("class_space_is_imagenet", True):
+        return None
+    if key in ("mfr", "mt5d") and results[label].get("imagenet-p", {}).get("baseline_model", "alexnet") != "alexnet":
+        return None
+    return PAPER.get(name, {}).get(key)
 
 
 PAPER_CLEAN_TOLERANCE = 1.0  # top-1 points beyond which the weights are unlikely to be those the paper evaluated
@@ -144,6 +151,12 @@ def _notes(results, task) -> List[str]:
         if r.get("not_scored"):
             bits.append("**not scored** (a harder noise level without its difficulty-1 folder; difficulty 1 is "
                         "scored): " + ", ".join(r["not_scored"]))
+        if r.get("in_classes_note"):
+            bits.append(f"**negatives from fewer classes**: {r['in_classes_note']}")
+        if r.get("baseline_model"):  # a baseline model's values normalise these: which model, which weights
+            bits.append(f"normalised by {r['normalised_by']}"
+                        + ("" if r["baseline_model"] == "alexnet" or task != "imagenet-p" else
+                           " (not AlexNet, as the release and the paper: the paper's values are not shown beside)"))
         for key in ("mce_note", "relative_mce_note", "normalisation_note", "bg_gap_note"):
             if r.get(key):
                 bits.append(key.split("_note")[0].replace("_", " ") + " omitted: " + r[key])
@@ -390,7 +403,8 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
                  _get(results[m], "imagenet-p", "mean_t5d_unnormalised")] for m in models]
         w.table("table2_mfr_mt5d", ["Model", "mFR (%)", "paper", "mT5D (%)", "paper", "perturbations",
                                     "mean FR (%, unnormalised)", "mean T5D (unnormalised)"], rows,
-                "Lower is better. mFR / mT5D are normalised by the baseline model's values on the same sequences. "
+                "Lower is better. mFR / mT5D are normalised by the baseline model's values on the same sequences "
+                "(named in the notes; the paper's, by AlexNet's, are shown beside an AlexNet-normalised value only). "
                 "Perturbations: how many of the 10 the means average (with fewer they are not the benchmark's).")
         perturbations = sorted({p for m in models for p in (results[m].get("imagenet-p", {}).get("fr") or {})})
         if perturbations:

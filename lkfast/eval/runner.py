@@ -657,6 +657,7 @@ class Runner:
             "world_size": dist.world_size(), "options": options, "tasks": list(self.tasks),
             "data_sources": {k: str(v) for k, v in sorted(self.options.data.items())},
             "class_space": self.class_space.name,
+            "class_space_is_imagenet": bool(self.class_space.published_baselines),  # the paper's values apply
             "baseline": None if self.options.baseline is None else
             {"name": self.options.baseline.name, "checkpoint": self.options.baseline.checkpoint},
             "started": started, "command": " ".join(sys.argv),
@@ -732,6 +733,7 @@ class Runner:
 
 OUT_LOCK = ".lkfast-eval.lock"  # under --out: held (flock) by the run writing there, with its pid in it
 _held_lock: Optional[int] = None  # the descriptor of the OUT_LOCK this process holds, if any
+_held_out: Optional[str] = None  # the folder it locks (held again there by the same process: no second lock)
 
 
 def _lock_not_inherited() -> None:
@@ -769,8 +771,13 @@ def _out_lock(out: Path):
     would compute the same shards twice and overwrite each other's results.json and report. The
     lock goes with the process, however it ends (processes it forks do not hold it: see
     ``_lock_not_inherited``); where the pid it names has ended, the error says so. Unlocked where
-    flock is missing (Windows) or refused (some network file systems), as before."""
-    global _held_lock
+    flock is missing (Windows) or refused (some network file systems), as before. Held already by
+    this process (the embedded default's preparation holds it while it trains its models), it is
+    held on."""
+    global _held_lock, _held_out
+    if _held_out is not None and _held_out == os.path.realpath(out):
+        yield True
+        return
     try:
         import fcntl
     except ImportError:
@@ -802,11 +809,11 @@ def _out_lock(out: Path):
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
-        _held_lock = handle.fileno()
+        _held_lock, _held_out = handle.fileno(), os.path.realpath(out)
         try:
             yield True
         finally:
-            _held_lock = None
+            _held_lock = _held_out = None
 
 
 def run_evaluation(models: Sequence[ModelSpec], tasks: Sequence[str], options: EvalOptions) -> Dict[str, Any]:

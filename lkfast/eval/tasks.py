@@ -7,17 +7,20 @@ Each task returns a plain dict; the keys users script against (results.json, per
     imagenet-r   top1 (%) on the 200 ImageNet-R logits, images, source
     imagenet-o   aupr, auroc, fpr95 (%, ImageNet-O images are the positives, score = -max softmax
                  over the 200 ImageNet-O logits; ImageNet-val of those classes is the negatives),
-                 in_images, out_images, source
+                 in_images, out_images, classes, in_classes (those of them val holds; fewer: with
+                 in_classes_note), source
     imagenet-c   mce, relative_mce (%, None with relative_mce_note when a clean error is missing),
                  mce_over / mce_complete (the corruptions mCE averages; all 15 there: only then the
                  benchmark's mCE), sev5_top1 (mean top-1 % over the corruptions present at severity 5), mean_top1,
-                 ce {corruption: %}, top1 {corruption: {severity: %}}, source ("disk" or "generated")
+                 ce {corruption: %}, top1 {corruption: {severity: %}}, source ("disk" or "generated"),
+                 normalised_by (and baseline_model where a baseline model normalises: another class space)
     imagenet-p   fr {perturbation: %}, t5d {perturbation: value} (unnormalised, always: flip
                  probability x 100 and mean top-5 distance at difficulty 1, i.e. the first noise
                  level / frame stride 1), mean_fr_unnormalised, mean_t5d_unnormalised, mfr and mt5d
                  (% of the baseline model's, None with normalisation_note when no baseline could be
                  evaluated), sequences {perturbation: sequences scored}, mfr_over (the perturbations
                  the means are over), mfr_complete (all 10 there: only then the benchmark's mFR), source,
+                 normalised_by and baseline_model (the baseline's architecture name) with mfr,
                  not_scored (where present: harder-noise folders, e.g. gaussian_noise_2, whose
                  difficulty-1 folder is missing)
     imagenet-9   top1 {variant: %}, original, mixed_same, mixed_rand, bg_gap (%), source
@@ -197,8 +200,14 @@ def imagenet_o(ctx: TaskContext) -> dict:
     if not len(in_scores):
         raise _nothing_readable(ctx, "val", "val-200", what=f" of ImageNet-O's {len(subset)} classes (its negatives)")
     scores = metrics.ood_scores(in_scores, out_scores)
-    return {**{k: float(v) for k, v in scores.items()}, "in_images": len(in_scores), "out_images": len(out_scores),
-            "classes": len(subset), "source": f"{ctx.source('imagenet-o')} vs {ctx.source('val')}"}
+    result = {**{k: float(v) for k, v in scores.items()}, "in_images": len(in_scores), "out_images": len(out_scores),
+              "classes": len(subset), "in_classes": len(in_set.classes),
+              "source": f"{ctx.source('imagenet-o')} vs {ctx.source('val')}"}
+    if len(in_set.classes) < len(subset):  # a val subset (ImageNet-100, a partial copy): other negatives
+        result["in_classes_note"] = (f"{ctx.source('val')} holds {len(in_set.classes)} of the {len(subset)} "
+                                     f"ImageNet-O classes whose val images are the negatives: not the benchmark's "
+                                     f"AUPR / AUROC")
+    return result
 
 
 # ImageNet-C ----------------------------------------------------------------------------------------
@@ -288,7 +297,8 @@ def imagenet_c(ctx: TaskContext) -> dict:
                          for c, by in base["top1"].items() if len(by) == 5}
             scores = metrics.corruption_errors(errors, clean_error=use_clean, baseline=reference,
                                                baseline_clean_error=base_clean if use_clean is not None else None)
-            result["normalised_by"] = f"the baseline model {ctx.options.baseline.display} on the same images"
+            result["normalised_by"] = f"the baseline model {_baseline_words(ctx)} on the same images"
+            result["baseline_model"] = ctx.options.baseline.name
         else:
             scores = metrics.corruption_errors(errors)  # sev5_top1 and mean_top1; CE needs a baseline
             for key in ("ce", "mce", "relative_mce"):
@@ -300,6 +310,14 @@ def imagenet_c(ctx: TaskContext) -> dict:
         result["relative_mce_note"] = note if clean_error is None or "mce_note" in result or baseline_lacks_clean \
             else "no corruption with all 5 severities"
     return result
+
+
+def _baseline_words(ctx) -> str:
+    """The baseline model as results and the report name it: label, architecture and weights."""
+    spec = ctx.options.baseline
+    weights = spec.checkpoint or ("published weights (--pretrained)" if spec.pretrained else "random weights")
+    named = spec.display if spec.display == spec.name else f"{spec.display} ({spec.name})"
+    return f"{named}, {weights}"
 
 
 def _c_count(ctx):
@@ -398,6 +416,9 @@ def imagenet_p(ctx: TaskContext) -> dict:
     # ratios do not depend on the percent scale, so the baseline's percent values serve as they are
     result["mfr"] = metrics.mfr(result["fr"], base["fr"])
     result["mt5d"] = metrics.mt5d(t5d, base["t5d"])
+    # the release (and the paper's Table 2) normalise by AlexNet: the report compares only such values
+    result["normalised_by"] = f"the baseline model {_baseline_words(ctx)} on the same sequences"
+    result["baseline_model"] = ctx.options.baseline.name
     result["baseline"] = {"fr": base["fr"], "t5d": base["t5d"]}
     return result
 
@@ -469,13 +490,15 @@ register_task("imagenet-r", _r_run, needs=("imagenet-r",), count=_r_count,
               description="ImageNet-R top-1 on its 200 logits (Fig. 3)")
 register_task("imagenet-o", imagenet_o, needs=("imagenet-o", "val"),
               count=lambda ctx: sum(len(d) for d in _o_datasets(ctx)[:2]),
-              description="ImageNet-O AUPR / AUROC / FPR95 (Fig. 2c)")
+              description="ImageNet-O AUPR / AUROC / FPR95 (Fig. 2c)",
+              result_version="2")  # 2: in_classes, in_classes_note
 register_task("imagenet-c", imagenet_c, needs=("imagenet-c", "val"), count=_c_count, reads=("baseline",),
-              description="ImageNet-C mCE, relative mCE, severity-5 mean top-1 (Table 1, Fig. 2b)")
+              description="ImageNet-C mCE, relative mCE, severity-5 mean top-1 (Table 1, Fig. 2b)",
+              result_version="2")  # 2: a baseline's weights in normalised_by, baseline_model
 register_task("imagenet-p", imagenet_p, needs=("imagenet-p", "val"), count=_p_count, reads=("baseline",),
               description="ImageNet-P mFR / mT5D (Table 2)",
-              result_version="3")  # 2: nothing readable is not run (98974ff; was an empty result, still cached);
-# 3: not_scored (harder noise levels without their difficulty-1 folder)
+              result_version="4")  # 2: nothing readable is not run (98974ff; was an empty result, still cached);
+# 3: not_scored (harder noise levels without their difficulty-1 folder); 4: normalised_by, baseline_model
 register_task("imagenet-9", imagenet_9, needs=("imagenet-9",), count=lambda ctx: sum(len(d) for _, d in _nine_parts(ctx)),
               description="ImageNet-9 backgrounds: Original, Mixed-Same, Mixed-Rand, BG-Gap (Table 3)",
               version="2")  # 2: images fed without the model's resize and crop, as the release feeds them
