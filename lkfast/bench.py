@@ -281,7 +281,7 @@ def check_json_path(path: str) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lkfast.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="batch 2 and 2 repetitions (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="batch 2 and 2 repetitions")
     parser.add_argument("--batch", type=_at_least_one, default=None, help="batch size (default 8, or 2 with --quick)")
     parser.add_argument("--repeat", type=_at_least_one, default=None,
                         help="timed rounds per shape (default 5, or 2 with --quick)")

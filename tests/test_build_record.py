@@ -110,6 +110,8 @@ def test_an_assembler_without_vdpbf16ps_builds_the_cpu_kernels_without_it(tmp_pa
     (old / "as").chmod(0o755)
     old_cxx = [cxx, f"-B{old}/"]
     assert not assembles_vdpbf16ps(old_cxx)
+    # no compiler at all: not put down to the assembler (setup.py's build then fails saying what is missing)
+    assert assembles_vdpbf16ps([str(tmp_path / "no-such-c++")])
     done = subprocess.run(old_cxx + ["-O1", "-fopenmp", "-std=c++17", f"-I{ROOT / 'csrc'}", "-DLKFAST_NO_VDPBF16PS",
                                      "-c", str(ROOT / "csrc" / "cpu" / "dwconv_avx512.cpp"), "-o", str(tmp_path / "a.o")],
                           capture_output=True, text=True, timeout=600)
