@@ -111,6 +111,17 @@ def test_imagenet_val_targets_order_and_limit(tmp_path):
         ImageNetVal(root, limit=0)
 
 
+def test_a_16_bit_grey_png_is_read_at_its_brightness(tmp_path):
+    # Pillow's convert("RGB") clips 16-bit grey at 255: a mid-grey image was read as white
+    root = tmp_path / "val" / WNIDS[0]
+    root.mkdir(parents=True)
+    levels = np.array([[0, 256, 32768, 65535]], dtype=np.uint16).repeat(3, 0)
+    Image.fromarray(levels).save(root / "grey16.png")
+    assert Image.open(root / "grey16.png").mode.startswith("I")
+    image, _ = ImageNetVal(tmp_path / "val")[0]
+    assert image.shape == (3, 3, 4) and torch.equal(image[:, 0] * 255, torch.tensor([0.0, 1, 128, 255]).expand(3, 4))
+
+
 def test_spread_keeps_every_class_share_in_every_reader(tmp_path):
     """limit=N, spread=True keeps the N items at floor(i * n / N): evenly over the sorted order, so
     each class keeps its share, where limit=N alone takes the first class's. Every reader passes it

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lkfast import metrics
-from lkfast.data.io import IMAGE_SUFFIXES, read_mp4
+from lkfast.data.io import IMAGE_SUFFIXES, read_mp4, rgb
 
 PathLike = Union[str, os.PathLike]
 
@@ -348,7 +348,7 @@ def _decode_image(path: Path):
     from PIL import Image
 
     with Image.open(path) as im:
-        return im.convert("RGB")   # decodes the whole file: a truncated one fails here
+        return rgb(im)   # decodes the whole file: a truncated one fails here
 
 
 def _decode_sequence(path: Path) -> torch.Tensor:

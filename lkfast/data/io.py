@@ -60,9 +60,22 @@ def list_images(folder: PathLike) -> List[Tuple[str, List[Path]]]:
     return classes
 
 
+def rgb(im):
+    """A PIL image as 8-bit RGB: grey, palette and alpha images converted (alpha dropped), and 16-bit
+    grey ones ("I;16", or "I" as Pillow opens some 16-bit PNGs) scaled to 8 bits first (Pillow's own
+    conversion clips them at 255: a nearly white image)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        import numpy as np
+        from PIL import Image
+
+        grey = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def load_image(path: PathLike, resize: Optional[int] = None, crop: Optional[int] = None) -> torch.Tensor:
     """Decode an image file (a path, or a binary file object) as a (3, H, W) float32 RGB tensor in
-    [0, 1] (grey, palette and alpha images are converted to RGB, alpha dropped).
+    [0, 1] (grey, palette and alpha images are converted to RGB, alpha dropped; see ``rgb``).
 
     resize: if given, the short side is resized to this length with Pillow's bilinear filter, the
     long side to int(resize * long / short) (torchvision's ``Resize(resize)`` on a PIL image).
@@ -73,7 +86,7 @@ def load_image(path: PathLike, resize: Optional[int] = None, crop: Optional[int]
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = rgb(im)
         if resize is not None:
             w, h = im.size
             size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
