@@ -897,8 +897,8 @@ def test_writer_resumes_interrupted_runs(tmp_path, monkeypatch):
     calls = []
     real_replace = os.replace
 
-    def dying_replace(a, b):  # the 6th file's rename never happens: the run dies there
-        calls.append(b)
+    def dying_replace(a, b):  # the 6th image's rename never happens: the run dies there
+        calls.extend([b] if str(b).endswith(".JPEG") else [])  # (not the settings record)
         if len(calls) == 6:
             raise KeyboardInterrupt
         return real_replace(a, b)
@@ -907,7 +907,7 @@ def test_writer_resumes_interrupted_runs(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         writer.render(src, dst, **args)
     monkeypatch.setattr(os, "replace", real_replace)
-    done = [p for p in dst.rglob("*") if p.is_file()]
+    done = [p for p in dst.rglob("*") if p.is_file() and p.name != writer.SETTINGS_FILE]
     assert len(done) == 5 and not [p for p in done if ".tmp" in p.name]
     # what a SIGKILL leaves: a temporary file of a dead process, and a file cut short
     victim = done[0]
@@ -977,7 +977,8 @@ def test_writer_skips_and_counts_unreadable_sources(tmp_path, capsys):
     assert f"wrote 0 files under {dst}" in out
     assert f"error: skipped 1 unreadable source image(s) ({bad}): their files are missing" in err
     bad.unlink()  # removed: the tree is complete for what SRC holds
-    assert main([str(src), str(dst), "--benchmark", "c", "--names", "contrast", "--levels", "1,3", "--quiet"]) == 0
+    assert main([str(src), str(dst), "--benchmark", "c", "--names", "contrast", "--levels", "1,3", "--batch-size", "2",
+                 "--seed", "2", "--quiet"]) == 0
 
 
 def test_writer_rerun_over_a_complete_tree_reads_no_source(tmp_path):
@@ -1132,3 +1133,59 @@ def test_writer_command_names_three_unreadable_sources_then_dots(tmp_path, capsy
                      "--quiet"]) == 1
     shown = ", ".join(str(p) for p in names[:3]) + (", ..." if bad > 3 else "")
     assert f"error: skipped {bad} unreadable source image(s) ({shown}): their files are missing" in capsys.readouterr().err
+
+
+def test_writer_refuses_what_would_mix_or_lose_renderings(tmp_path, capsys, monkeypatch):
+    """From a user test of the writer: hidden files and __MACOSX/ in SRC were read as images and
+    classes (a macOS zip's ._ copies made every run exit 1); x.JPEG and x.png were both written as
+    x.JPEG (one lost, counted twice); a rerun with another --seed or --batch-size kept the complete
+    files and rendered the rest otherwise (a tree of two renderings); a DST it cannot write was a
+    traceback with status 1, Ctrl-C a traceback, SIGTERM silence; a GPU render drew from a CUDA
+    generator (another dataset than the CPU's)."""
+    from lkfast.corrupt.__main__ import main
+
+    src = make_tree(tmp_path / "val", classes=("n01440764",), per_class=2)
+    (src / "n01440764" / "._ILSVRC2012_val_00000001.JPEG").write_bytes(b"\0\5\26\7junk")
+    (src / "__MACOSX" / "n01440764").mkdir(parents=True)
+    (src / "__MACOSX" / "n01440764" / "._x.JPEG").write_bytes(b"\0\5\26\7junk")
+    devices = []
+    real = writer.chunk_generator
+    monkeypatch.setattr(writer, "chunk_generator", lambda *a, **k: devices.append(real(*a, **k).device) or real(*a, **k))
+    dst = tmp_path / "c"
+    args = [str(src), str(dst), "--benchmark", "c", "--names", "gaussian_noise", "--levels", "1", "--quiet"]
+    assert main([*args, "--seed", "3"]) == 0  # the hidden files are passed over: no unreadable source
+    assert sorted(p.name for p in (dst / "gaussian_noise" / "1").iterdir()) == ["n01440764"]
+    assert devices and set(devices) == {torch.device("cpu")}
+    capsys.readouterr()
+    assert main(args) == 2  # seed 0 over seed 3's files
+    err = capsys.readouterr().err
+    assert err == (f"error: {dst} holds ImageNet-C files rendered with other settings: seed 3 (this command: 0). Its "
+                   f"complete files would be kept and the rest rendered otherwise: rerun with the recorded --seed and "
+                   f"--batch-size, or give another DST (after a change of lkfast.corrupt's VERSION, render into a new "
+                   f"DST)\n")
+    assert main([*args, "--seed", "3", "--batch-size", "1"]) == 2
+    assert "batch_size 32 (this command: 1)" in capsys.readouterr().err
+    assert main([*args, "--seed", "3"]) == 0 and "wrote 0 files" in capsys.readouterr().out
+    (src / "n01440764" / "ILSVRC2012_val_00000001.png").write_bytes((src / "n01440764" / "ILSVRC2012_val_00000000.png").read_bytes())
+    assert main([*args, "--seed", "3"]) == 2
+    assert "ILSVRC2012_val_00000001.JPEG and " in capsys.readouterr().err  # both would be ..._00000001.JPEG
+    (src / "n01440764" / "ILSVRC2012_val_00000001.png").unlink()
+    (tmp_path / "afile").write_text("")
+    assert main([str(src), str(tmp_path / "afile" / "c"), *args[2:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write under {tmp_path / 'afile' / 'c'}: ") and "Traceback" not in err
+    monkeypatch.setattr(writer, "render", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(args) == 130
+    assert f"interrupted: complete files are kept under {dst}; rerun the same command" in capsys.readouterr().err
+
+
+def test_writer_names_subsets_in_a_list_and_each_name_once(tmp_path, capsys):
+    """--names noise worked, --names noise,blur was an unknown corruption 'noise'; --names fog,fog
+    rendered once but counted the second as 'already complete'."""
+    from lkfast.corrupt.__main__ import main
+
+    src = make_tree(tmp_path / "val", classes=("n01440764",), per_class=1)
+    assert writer._names("noise,fog", "c") == ["gaussian_noise", "shot_noise", "impulse_noise", "fog"]
+    args = [str(src), str(tmp_path / "c"), "--benchmark", "c", "--levels", "2,2", "--quiet"]
+    assert main([*args, "--names", "contrast,contrast"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 1 files under {tmp_path / 'c'}"

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lkfast import metrics
-from lkfast.data.io import IMAGE_SUFFIXES, read_mp4, rgb
+from lkfast.data.io import IMAGE_SUFFIXES, is_hidden, read_mp4, rgb
 
 PathLike = Union[str, os.PathLike]
 
@@ -191,11 +191,7 @@ def check_imagenet9_map(root: PathLike) -> bool:
 
 # ----------------------------------------------------------------------------- folder walking
 
-def _hidden(p: Path) -> bool:
-    """Hidden files and folders, the __MACOSX folder of a zip made on macOS and the @eaDir folders a
-    Synology NAS adds: never data."""
-    return p.name.startswith(".") or p.name in ("__MACOSX", "@eaDir")
-
+_hidden = is_hidden  # the one rule, shared with the writer's source listing
 
 def _subfolders(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p))

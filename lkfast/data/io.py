@@ -29,15 +29,25 @@ VIDEO_SUFFIXES = (".mp4",)
 PathLike = Union[str, os.PathLike]
 
 
+def is_hidden(path: PathLike) -> bool:
+    """Hidden files and folders (macOS's ``._name`` copies among them), the __MACOSX folder of a zip
+    made on macOS and the @eaDir folders a Synology NAS adds: never data, for the readers and the
+    writer alike."""
+    name = Path(path).name
+    return name.startswith(".") or name in ("__MACOSX", "@eaDir")
+
+
 def image_files(folder: PathLike) -> List[Path]:
-    """Sorted paths of the image files directly in ``folder`` (suffix in IMAGE_SUFFIXES, any case);
-    [] if there are none. Sub-folders are not searched."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Sorted paths of the image files directly in ``folder`` (suffix in IMAGE_SUFFIXES, any case,
+    not hidden: ``is_hidden``); [] if there are none. Sub-folders are not searched."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p))
 
 
 def list_images(folder: PathLike) -> List[Tuple[str, List[Path]]]:
     """[(class name, sorted image paths)] of a folder laid out like ImageNet-val sorted into classes,
-    ``folder/<class>/<image>``, classes in sorted order; class folders without images are left out.
+    ``folder/<class>/<image>``, classes in sorted order; class folders without images, hidden files
+    and folders (``is_hidden``) are left out.
 
     Raises ValueError if ``folder`` is not a folder, or holds no class folder with images (with a
     hint when the images lie directly in it).
@@ -47,7 +57,7 @@ def list_images(folder: PathLike) -> List[Tuple[str, List[Path]]]:
         raise ValueError(f"source folder {str(folder)!r} does not exist or is not a folder; expected the "
                          "ImageNet-val layout SRC/<wnid>/<image>.JPEG")
     classes = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p)):
         files = image_files(sub)
         if files:
             classes.append((sub.name, files))

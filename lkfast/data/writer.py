@@ -18,7 +18,12 @@ Resumable: a file is written under a temporary name and renamed when complete; c
 already present are skipped, files cut short (a killed copy, an older writer) are written again,
 and temporary files of killed runs are removed. Each batch of images ("chunk": up to batch_size
 consecutive files of one class, in sorted order) uses its own generator seeded from (seed, name,
-level, wnid, chunk index), so a resumed run writes exactly what an uninterrupted one would have.
+level, wnid, chunk index), so a resumed run corrupts the images exactly as an uninterrupted one
+would have, on the CPU or a GPU: ImageNet-C's JPEGs come out byte for byte the same. ImageNet-P's
+frames do too, but libx264 (through PyAV) was seen to encode the same frames differently from one
+call to the next in a process that had run torch (decoded pixels up to 38/255 apart on a noise
+sequence, also with the encoder on one thread and YUV frames given directly; cause not found). The seed, the batch size and the corruptions' version are recorded in
+DST/.lkfast-render.json; a rerun with others is refused (it would mix two renderings).
 
 A source image that cannot be decoded (truncated, not an image) is skipped with a warning naming
 it, as the evaluation's readers skip such files: it keeps its place in its chunk as a black image
@@ -58,7 +63,10 @@ def chunk_seed(seed: int, name: str, level: int, wnid: str, chunk: int) -> int:
 
 def chunk_generator(seed: int, name: str, level: int, wnid: str, chunk: int, device="cpu") -> torch.Generator:
     """A torch.Generator on ``device`` seeded with chunk_seed(seed, name, level, wnid, chunk): the
-    generator ``render`` hands to the corruption of that chunk."""
+    generator ``render`` hands to the corruption of that chunk. ``render`` asks for it on the CPU
+    whatever device corrupts the images (lkfast.corrupt draws on the generator's device and moves
+    the numbers): a CUDA generator draws other numbers for the same seed, so a GPU render was
+    another dataset than a CPU one, and a resume on the other device mixed the two."""
     g = torch.Generator(device=device)
     g.manual_seed(chunk_seed(seed, name, level, wnid, chunk))
     return g
@@ -107,6 +115,70 @@ def _check_destination(src: Path, dst: Path) -> None:
                          "choose a folder outside it")
 
 
+SETTINGS_FILE = ".lkfast-render.json"  # hidden: the readers pass over it
+
+
+def _settings(benchmark: str, seed: int, batch_size: int) -> dict:
+    """What a rendered file depends on beside its source and its name and level: the seed, the chunks
+    the batch size cuts (each draws from its own generator) and the corruptions' code version."""
+    from lkfast.corrupt import VERSION
+
+    return {"seed": seed, "batch_size": batch_size, "lkfast.corrupt VERSION": VERSION}
+
+
+def _check_settings(dst: Path, benchmark: str, settings: dict) -> None:
+    """ValueError where DST holds a rendering of ``benchmark`` made with other settings: a rerun
+    would keep its complete files and write the rest otherwise, one tree of two renderings. The
+    settings are recorded in DST/.lkfast-render.json by the first run (a tree from before the record
+    is taken as it is); a record that cannot be read is refused too."""
+    import json
+
+    path = dst / SETTINGS_FILE
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text()).get(benchmark)
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"cannot read {path} ({error}): it records the settings DST was rendered with; delete it "
+                         "only if the files under DST were rendered with this command's settings") from None
+    if recorded is None:
+        return
+    differ = [f"{k} {recorded.get(k)!r} (this command: {v!r})" for k, v in settings.items() if recorded.get(k) != v]
+    if differ:
+        raise ValueError(f"{dst} holds ImageNet-{benchmark.upper()} files rendered with other settings: "
+                         f"{'; '.join(differ)}. Its complete files would be kept and the rest rendered otherwise: "
+                         f"rerun with the recorded --seed and --batch-size, or give another DST (after a change of "
+                         f"lkfast.corrupt's VERSION, render into a new DST)")
+
+
+def _record_settings(dst: Path, benchmark: str, settings: dict) -> None:
+    import json
+
+    from lkfast.tables import write_text_atomic
+
+    path = dst / SETTINGS_FILE
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    if record.get(benchmark) != settings:
+        record[benchmark] = settings
+        dst.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def _check_collisions(classes, suffix: str) -> None:
+    """ValueError where two source images of a class share a name but for the suffix (x.JPEG, x.png):
+    both would be written to one file, one rendering lost."""
+    for wnid, files in classes:
+        seen = {}
+        for p in files:
+            if p.stem in seen:
+                raise ValueError(f"{seen[p.stem]} and {p} would both be written as {p.stem}{suffix} in every "
+                                 f"rendered {wnid}/ folder: rename or remove one of them")
+            seen[p.stem] = p
+
+
 def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None,
            levels: Optional[Iterable[int]] = None, batch_size: int = 32, seed: int = 0,
            device: str = "cpu", preset: str = "medium", progress: bool = True,
@@ -121,7 +193,10 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     (default: :func:`warn_unreadable`); such an image is skipped, its outputs are not written.
     ``counts``, when given, gets "written" and "complete" (files already complete, kept as they are).
     Raises ValueError for an unknown benchmark, name or level, no name or no level, a batch_size below 1, a SRC
-    that is not laid out as SRC/<wnid>/<image>, or a DST that is a file or inside SRC.
+    that is not laid out as SRC/<wnid>/<image>, two sources of a class with one name but for the
+    suffix, a DST that is a file or inside SRC, or a DST rendered with another seed, batch size or
+    version of the corruptions (recorded in DST/.lkfast-render.json: the batch size cuts the chunks,
+    each drawing from its own generator, so it changes the random corruptions' files).
     """
     from tqdm.auto import tqdm
 
@@ -137,6 +212,7 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
         if n not in valid:
             raise ValueError(f"unknown {kind} {n!r}; "
                              f"valid names are: {', '.join(valid)}")
+    names = list(dict.fromkeys(names))  # once each, in the order given ("fog,fog" rendered once, counted once)
     levels = list(levels if levels is not None else ((1, 2, 3, 4, 5) if benchmark == "c" else (1, 2, 3)))
     top = 5 if benchmark == "c" else 3
     if not levels:
@@ -145,6 +221,7 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     for level in levels:
         if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= top:
             raise ValueError(f"{level_word} must be integers in 1..{top}; got {level!r}")
+    levels = list(dict.fromkeys(levels))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     on_unreadable = on_unreadable or warn_unreadable
@@ -153,6 +230,15 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     classes = list_images(src)
     jobs = _jobs(benchmark, names, levels)
     suffix = ".JPEG" if benchmark == "c" else ".mp4"
+    _check_collisions(classes, suffix)
+    try:  # an unusable device before anything is written (it was found at the first chunk to render)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"{(str(error).splitlines() or [''])[0]} (device {device!r}: use cpu, or cuda / cuda:N on a "
+                         f"machine with a GPU)") from None
+    settings = _settings(benchmark, seed, batch_size)
+    _check_settings(dst, benchmark, settings)
+    _record_settings(dst, benchmark, settings)
     total = sum(len(files) for _, files in classes) * len(jobs)
     written = complete = 0
     swept = set()
@@ -177,7 +263,7 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
                         images = images.to(device)
                     todo = [i for i in todo if i not in unreadable]
                     if todo:
-                        generator = chunk_generator(seed, name, level, wnid, chunk, device)
+                        generator = chunk_generator(seed, name, level, wnid, chunk)  # CPU: see there
                         if benchmark == "c":
                             out = to_uint8(corrupt(images, name, level, generator)).cpu()
                             for i in todo:
@@ -195,15 +281,14 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
 
 # ------------------------------------------------------------------------------------ command
 def _names(text, benchmark):
-    """--names as a list (empty items skipped: "fog,,snow," is fog and snow); ValueError when it names nothing."""
+    """--names as a list (empty items skipped: "fog,,snow," is fog and snow; for C a subset name, alone
+    or in the list, stands for its corruptions: "noise,blur"); ValueError when it names nothing."""
     if text is None:
         return None
-    if benchmark == "c" and text in SUBSETS:
-        return list(SUBSETS[text])
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
         raise ValueError(f"--names {text!r} names nothing: give comma-separated names, or leave --names out for all")
-    return names
+    return [n for t in names for n in (SUBSETS[t] if benchmark == "c" and t in SUBSETS else (t,))]
 
 
 def _levels(text):
@@ -230,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "JPEG quality 85) or the ImageNet-P layout (DST/<perturbation>/<wnid>/*.mp4). "
                     "Resumable: complete files already written are skipped.",
         epilog="Exit status: 0 done; 1 if some source images could not be decoded (each is named in a warning "
-               "and left out, everything else is written; fix or remove them and rerun); 2 on a bad argument "
-               "or source layout.")
+               "and left out, everything else is written; fix or remove them and rerun); 2 on a bad argument, "
+               "source layout or a DST it cannot write; 130 after Ctrl-C and 143 after SIGTERM (rerun the same "
+               "command to go on).")
     parser.add_argument("src", help="source folder: one sub-folder per class holding images")
     parser.add_argument("dst", help="output root (created if missing)")
     parser.add_argument("--benchmark", choices=("c", "p"), required=True, help="c: ImageNet-C, p: ImageNet-P")
@@ -241,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--levels", default=None,
                         help="comma-separated severities for C (default 1,2,3,4,5) or noise difficulties "
                              "for P (default 1,2,3; written as gaussian_noise, gaussian_noise_2, ...)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images corrupted together (default 32)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images corrupted together (default 32); each batch draws from its own generator, so "
+                             "it is part of what the random corruptions write, recorded with --seed in "
+                             "DST/.lkfast-render.json")
     parser.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device for the corruption, e.g. cuda (default cpu)")
     parser.add_argument("--x264-preset", default="medium", help="libx264 preset for P videos (default medium)")
@@ -262,13 +351,26 @@ def main(argv=None) -> int:
         unreadable.append(path)
         warn_unreadable(path, error)
 
+    from lkfast.interrupt import how_stopped, sigterm_as_interrupt
+
     try:
-        written = render(args.src, args.dst, args.benchmark, _names(args.names, args.benchmark),
-                         _levels(args.levels), batch_size=args.batch_size, seed=args.seed,
-                         device=args.device, preset=args.x264_preset, progress=not args.quiet,
-                         on_unreadable=note_unreadable, counts=counts)
+        with sigterm_as_interrupt() as terminated:
+            written = render(args.src, args.dst, args.benchmark, _names(args.names, args.benchmark),
+                             _levels(args.levels), batch_size=args.batch_size, seed=args.seed,
+                             device=args.device, preset=args.x264_preset, progress=not args.quiet,
+                             on_unreadable=note_unreadable, counts=counts)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM
+        stopped, status = how_stopped(terminated)
+        print(f"\n{stopped}: complete files are kept under {args.dst}; rerun the same command (same --seed and "
+              f"--batch-size) to go on", file=sys.stderr)
+        return status
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # DST not writable: read-only, full, a file in the way (nothing partial is left)
+        print(f"error: cannot write under {args.dst}: {error.strerror or error}"
+              f"{f' ({error.filename})' if error.filename else ''}; free space or fix the folder, then rerun the "
+              f"same command (complete files are kept)", file=sys.stderr)
         return 2
     complete = counts.get("complete", 0)
     print(f"wrote {written} files under {args.dst}" + (f"; {complete} were already complete (kept)" if complete else ""))
