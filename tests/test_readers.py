@@ -166,7 +166,10 @@ def test_layout_errors(tmp_path):
         ImageNetVal(tmp_path / "missing")
     loose = tmp_path / "loose"
     write_image(loose / "a.JPEG", 0)
-    with pytest.raises(DatasetLayoutError, match=r"1 file\(s\) directly in it \(a.JPEG"):
+    with pytest.raises(DatasetLayoutError, match=r"1 file\(s\) directly in it \(a.JPEG.*per class$"):
+        ImageNetVal(loose)
+    write_image(loose / "ILSVRC2012_val_00000001.JPEG", 1)  # the val archive as it unpacks: how to sort it
+    with pytest.raises(DatasetLayoutError, match=r"per class \(ImageNet's val archive unpacks flat: its valprep\.sh"):
         ImageNetVal(loose)
     unknown = image_folder(tmp_path / "unknown", [WNIDS[0], "cats", "dogs"], per_class=1)
     with pytest.raises(DatasetLayoutError, match=r"2 of 3 folder\(s\).*cats, dogs.*n01440764"):

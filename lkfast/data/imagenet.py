@@ -245,8 +245,11 @@ def _scan(root: PathLike, what: str, layout: str, class_index: Dict[str, int],
         loose = _files(root, suffixes)
         found = (f"{len(loose)} file(s) directly in it ({', '.join(p.name for p in loose[:3])}, ...)"
                  if loose else "no class folders")
+        val = any(p.name.startswith("ILSVRC2012_val_") for p in loose)  # the val archive as it unpacks
         raise DatasetLayoutError(f"{what}: expected {layout}; found {found} in {str(root)!r}. "
-                                 "Put the files into one folder per class")
+                                 "Put the files into one folder per class"
+                                 + (" (ImageNet's val archive unpacks flat: its valprep.sh, or the validation "
+                                    "ground truth of the devkit, sorts it into wnid folders)" if val else ""))
     unknown = [n for n in names if n not in class_index]
     if unknown:
         examples = ", ".join(list(class_index)[:2])
