@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lkfast import metrics
-from lkfast.data.io import IMAGE_SUFFIXES, is_hidden, read_mp4, rgb
+from lkfast.data.io import IMAGE_SUFFIXES, files_with_suffix, image_files, is_hidden, read_mp4, rgb
 
 PathLike = Union[str, os.PathLike]
 
@@ -191,10 +191,9 @@ def check_imagenet9_map(root: PathLike) -> bool:
 
 # ----------------------------------------------------------------------------- folder walking
 
-_hidden = is_hidden  # the one rule, shared with the writer's source listing
 
 def _subfolders(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p))
 
 
 def _require_folder(folder: Path, what: str, layout: str) -> None:
@@ -202,20 +201,6 @@ def _require_folder(folder: Path, what: str, layout: str) -> None:
         found = "a file" if folder.exists() else "nothing"
         raise DatasetLayoutError(f"{what} folder {str(folder)!r} does not exist (found {found} there); "
                                  f"expected the layout {layout}. Check the path (or the --<task>-dir option)")
-
-
-def _files(folder: Path, suffixes: Sequence[str], ignored: Optional[list] = None) -> List[Path]:
-    """The sorted files of ``folder`` with one of ``suffixes`` (any case), hidden ones left out; the
-    other (not hidden) files are appended to ``ignored`` where it is given."""
-    files = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_file() and not _hidden(Path(entry.name)):
-                if os.path.splitext(entry.name)[1].lower() in suffixes:
-                    files.append(Path(entry.path))
-                elif ignored is not None:
-                    ignored.append(Path(entry.path))
-    return sorted(files)
 
 
 def _looks_like(names: List[str]) -> str:
@@ -242,7 +227,7 @@ def _scan(root: PathLike, what: str, layout: str, class_index: Dict[str, int],
     folders = _subfolders(root)
     names = [f.name for f in folders]
     if not folders:
-        loose = _files(root, suffixes)
+        loose = files_with_suffix(root, suffixes)
         found = (f"{len(loose)} file(s) directly in it ({', '.join(p.name for p in loose[:3])}, ...)"
                  if loose else "no class folders")
         val = any(p.name.startswith("ILSVRC2012_val_") for p in loose)  # the val archive as it unpacks
@@ -275,7 +260,7 @@ def _scan(root: PathLike, what: str, layout: str, class_index: Dict[str, int],
         folders = [f for f in folders if f.name in keep]
     samples, used, ignored = [], [], []
     for folder in folders:
-        files = _files(folder, suffixes, ignored)
+        files = files_with_suffix(folder, suffixes, ignored)
         if files:
             used.append(folder.name)
             samples.extend((p, class_index[folder.name]) for p in files)
@@ -285,7 +270,7 @@ def _scan(root: PathLike, what: str, layout: str, class_index: Dict[str, int],
                       f"suffixes ({', '.join(kinds[:5])}) are not {', '.join(suffixes)} (first: {ignored[0]}); "
                       f"convert or remove them")
     if not samples:
-        others = sorted({p.suffix.lower() or p.name for f in folders for p in f.iterdir() if p.is_file() and not _hidden(p)})
+        others = sorted({p.suffix.lower() or p.name for p in ignored})  # every file there, none read
         found = f"found only {', '.join(others[:5])} files" if others else "they hold no files"
         raise DatasetLayoutError(f"{what}: no files with suffix {', '.join(suffixes)} in the class folders of "
                                  f"{str(root)!r} ({found}); expected {layout}")
@@ -549,7 +534,7 @@ def imagenet_c_contents(root: PathLike) -> Dict[str, List[int]]:
             contents[name] = [s for s in metrics.SEVERITIES if (root / name / str(s)).is_dir()]
     flat = [n for n, severities in contents.items() if not severities]
     if flat:  # class folders straight under the corruption: left out, that corruption would vanish unnoticed
-        held = [f.name for f in _subfolders(root / flat[0])] or [p.name for p in _files(root / flat[0], IMAGE_SUFFIXES)]
+        held = [f.name for f in _subfolders(root / flat[0])] or [p.name for p in image_files(root / flat[0])]
         raise DatasetLayoutError(f"ImageNet-C: no severity folders (1..5) in {', '.join(flat[:5])} under {str(root)!r} "
                                  f"({flat[0]} holds {', '.join(held[:3]) + (', ...' if len(held) > 3 else '') or 'nothing'}); "
                                  f"expected {layout}: put each severity's class folders in <corruption>/<severity>/")

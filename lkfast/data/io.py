@@ -16,7 +16,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -37,11 +37,24 @@ def is_hidden(path: PathLike) -> bool:
     return name.startswith(".") or name in ("__MACOSX", "@eaDir")
 
 
+def files_with_suffix(folder: PathLike, suffixes: Sequence[str], ignored: Optional[list] = None) -> List[Path]:
+    """Sorted paths of the files directly in ``folder`` whose suffix is one of ``suffixes`` (any case),
+    hidden ones (``is_hidden``) left out; the other files that are not hidden are appended to
+    ``ignored`` where it is given. Sub-folders are not searched."""
+    files = []
+    for p in Path(folder).iterdir():
+        if p.is_file() and not is_hidden(p):
+            if p.suffix.lower() in suffixes:
+                files.append(p)
+            elif ignored is not None:
+                ignored.append(p)
+    return sorted(files)
+
+
 def image_files(folder: PathLike) -> List[Path]:
     """Sorted paths of the image files directly in ``folder`` (suffix in IMAGE_SUFFIXES, any case,
     not hidden: ``is_hidden``); [] if there are none. Sub-folders are not searched."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p))
+    return files_with_suffix(folder, IMAGE_SUFFIXES)
 
 
 def list_images(folder: PathLike) -> List[Tuple[str, List[Path]]]:
