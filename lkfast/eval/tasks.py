@@ -327,6 +327,8 @@ def _c_count(ctx):
 
 # ImageNet-P ----------------------------------------------------------------------------------------
 def _p_parts(ctx):
+    """(source "disk" or "generated", [(perturbation, dataset)], the harder-noise folders present
+    without their difficulty-1 folder: ``_harder_only``)."""
     from lkfast import corrupt, data
 
     names = list(corrupt.PERTURBATIONS)
@@ -342,10 +344,10 @@ def _p_parts(ctx):
         index = {} if ctx.class_space.published_baselines else {"class_index": ctx.class_space.folder_index()}
         parts = [(n, _memo(ctx, ("p", n), lambda n=n: data.ImageNetP(
             str(root), n, data.transform_for(ctx.config, resize=False), **index, **selection(ctx)))) for n in present]
-        return "disk", parts
+        return "disk", parts, _harder_only(contents)
     if ctx.has_source("val"):
         val = _val(ctx)
-        return "generated", [(n, val) for n in names]
+        return "generated", [(n, val) for n in names], []
     raise TaskUnavailable("no ImageNet-P folder and no ImageNet-val to generate it from: pass --imagenet-p-dir "
                           "or --val-dir (or --data-root holding imagenet-p/ or val/)")
 
@@ -365,9 +367,9 @@ def _is_noise(name: str) -> bool:
 
 
 def imagenet_p(ctx: TaskContext) -> dict:
-    from lkfast import corrupt, data, metrics
+    from lkfast import corrupt, metrics
 
-    source, parts = _p_parts(ctx)
+    source, parts, harder = _p_parts(ctx)
     fp, t5d, scored, unreadable = {}, {}, {}, []
     for name, dataset in parts:
         noise = _is_noise(name)
@@ -399,10 +401,8 @@ def imagenet_p(ctx: TaskContext) -> dict:
               f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})"}
     if unreadable:
         result["unreadable_parts"] = unreadable
-    if source == "disk":
-        harder = _harder_only(data.imagenet_p_contents(str(ctx.source("imagenet-p"))))
-        if harder:  # folders there but not scored: said, not left out silently
-            result["not_scored"] = harder
+    if harder:  # folders there but not scored: said, not left out silently
+        result["not_scored"] = harder
     if ctx.is_baseline:
         return result
     base, why = ctx.baseline_result("imagenet-p")
@@ -426,7 +426,7 @@ def imagenet_p(ctx: TaskContext) -> dict:
 def _p_count(ctx):
     from lkfast import corrupt
 
-    _, parts = _p_parts(ctx)
+    _, parts, _ = _p_parts(ctx)
     return sum(len(d) * corrupt.PERTURBATIONS[n] for n, d in parts)
 
 
