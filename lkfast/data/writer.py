@@ -22,8 +22,9 @@ level, wnid, chunk index), so a resumed run corrupts the images exactly as an un
 would have, on the CPU or a GPU: ImageNet-C's JPEGs come out byte for byte the same. ImageNet-P's
 frames do too, but libx264 (through PyAV) was seen to encode the same frames differently from one
 call to the next in a process that had run torch (decoded pixels up to 38/255 apart on a noise
-sequence, also with the encoder on one thread and YUV frames given directly; cause not found). The seed, the batch size and the corruptions' version are recorded in
-DST/.lkfast-render.json; a rerun with others is refused (it would mix two renderings).
+sequence, also with the encoder on one thread and YUV frames given directly; cause not found).
+The seed, the batch size and the corruptions' version are recorded in DST/.lkfast-render.json; a
+rerun with others is refused (it would mix two renderings).
 
 A source image that cannot be decoded (truncated, not an image) is skipped with a warning naming
 it, as the evaluation's readers skip such files: it keeps its place in its chunk as a black image
@@ -118,7 +119,7 @@ def _check_destination(src: Path, dst: Path) -> None:
 SETTINGS_FILE = ".lkfast-render.json"  # hidden: the readers pass over it
 
 
-def _settings(benchmark: str, seed: int, batch_size: int) -> dict:
+def _settings(seed: int, batch_size: int) -> dict:
     """What a rendered file depends on beside its source and its name and level: the seed, the chunks
     the batch size cuts (each draws from its own generator) and the corruptions' code version."""
     from lkfast.corrupt import VERSION
@@ -126,32 +127,11 @@ def _settings(benchmark: str, seed: int, batch_size: int) -> dict:
     return {"seed": seed, "batch_size": batch_size, "lkfast.corrupt VERSION": VERSION}
 
 
-def _check_settings(dst: Path, benchmark: str, settings: dict) -> None:
-    """ValueError where DST holds a rendering of ``benchmark`` made with other settings: a rerun
-    would keep its complete files and write the rest otherwise, one tree of two renderings. The
-    settings are recorded in DST/.lkfast-render.json by the first run (a tree from before the record
-    is taken as it is); a record that cannot be read is refused too."""
-    import json
-
-    path = dst / SETTINGS_FILE
-    if not path.is_file():
-        return
-    try:
-        recorded = json.loads(path.read_text()).get(benchmark)
-    except (OSError, ValueError, AttributeError) as error:
-        raise ValueError(f"cannot read {path} ({error}): it records the settings DST was rendered with; delete it "
-                         "only if the files under DST were rendered with this command's settings") from None
-    if recorded is None:
-        return
-    differ = [f"{k} {recorded.get(k)!r} (this command: {v!r})" for k, v in settings.items() if recorded.get(k) != v]
-    if differ:
-        raise ValueError(f"{dst} holds ImageNet-{benchmark.upper()} files rendered with other settings: "
-                         f"{'; '.join(differ)}. Its complete files would be kept and the rest rendered otherwise: "
-                         f"rerun with the recorded --seed and --batch-size, or give another DST (after a change of "
-                         f"lkfast.corrupt's VERSION, render into a new DST)")
-
-
-def _record_settings(dst: Path, benchmark: str, settings: dict) -> None:
+def _keep_settings(dst: Path, benchmark: str, settings: dict) -> None:
+    """Record ``settings`` for ``benchmark`` in DST/.lkfast-render.json; ValueError where DST holds a
+    rendering of ``benchmark`` recorded with others: a rerun would keep its complete files and write
+    the rest otherwise, one tree of two renderings (a tree from before the record is taken as it
+    is); a record that cannot be read is refused too."""
     import json
 
     from lkfast.tables import write_text_atomic
@@ -159,12 +139,21 @@ def _record_settings(dst: Path, benchmark: str, settings: dict) -> None:
     path = dst / SETTINGS_FILE
     try:
         record = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        record = {}
-    if record.get(benchmark) != settings:
+        recorded = record.get(benchmark)
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"cannot read {path} ({error}): it records the settings DST was rendered with; delete it "
+                         "only if the files under DST were rendered with this command's settings") from None
+    if recorded is None:
         record[benchmark] = settings
         dst.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+        return
+    differ = [f"{k} {recorded.get(k)!r} (this command: {v!r})" for k, v in settings.items() if recorded.get(k) != v]
+    if differ:
+        raise ValueError(f"{dst} holds ImageNet-{benchmark.upper()} files rendered with other settings: "
+                         f"{'; '.join(differ)}. Its complete files would be kept and the rest rendered otherwise: "
+                         f"rerun with the recorded --seed and --batch-size, or give another DST (after a change of "
+                         f"lkfast.corrupt's VERSION, render into a new DST)")
 
 
 def _check_collisions(classes, suffix: str) -> None:
@@ -236,9 +225,7 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     except (RuntimeError, AssertionError) as error:
         raise ValueError(f"{(str(error).splitlines() or [''])[0]} (device {device!r}: use cpu, or cuda / cuda:N on a "
                          f"machine with a GPU)") from None
-    settings = _settings(benchmark, seed, batch_size)
-    _check_settings(dst, benchmark, settings)
-    _record_settings(dst, benchmark, settings)
+    _keep_settings(dst, benchmark, _settings(seed, batch_size))
     total = sum(len(files) for _, files in classes) * len(jobs)
     written = complete = 0
     swept = set()
