@@ -21,7 +21,6 @@ crops (``timm.data.create_transform``), EMA of the weights (``timm.utils.ModelEm
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -232,69 +231,6 @@ class _SeededDraws:
         return False
 
 
-_ORDERED_IMAGE_FOLDER = None
-
-
-def __getattr__(name):  # PEP 562: pickle finds lkfast.train._OrderedImageFolder (a loader worker's unpickling)
-    if name == "_OrderedImageFolder":
-        return _ordered_image_folder_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _ordered_image_folder_class():
-    """torchvision's ImageFolder with a given class order, each item's augmentation drawn from
-    (seed, epoch, index) and an unreadable image returned as _Unreadable. One class, reachable as
-    ``lkfast.train._OrderedImageFolder``, so that loader workers started by "spawn" (macOS,
-    Windows) or "forkserver" (Python 3.14's default on Linux) can unpickle the dataset; made on
-    first use so that importing lkfast.train does not import torchvision."""
-    global _ORDERED_IMAGE_FOLDER
-    if _ORDERED_IMAGE_FOLDER is not None:
-        return _ORDERED_IMAGE_FOLDER
-    from torchvision.datasets import ImageFolder
-
-    class OrderedImageFolder(ImageFolder):
-        augment_key = None  # (seed, epoch): each item's transform draws from (seed, epoch, index) alone
-
-        def __init__(self, root: str, transform, classes, split: str):
-            self.ordered_classes, self.split = list(classes), split  # find_classes, called by __init__, reads them
-            super().__init__(root, transform=transform)
-
-        def find_classes(self, directory):
-            classes, folder = self.ordered_classes, Path(self.root)
-            missing = [c for c in classes if not (Path(directory) / c).is_dir()]
-            if missing and self.split == "val":
-                raise TrainError(f"{directory} lacks a folder for the class(es) {', '.join(missing)} of "
-                                 f"{folder.parent / 'train'}: add one holding its validation images, "
-                                 f"{_val_optional(folder)}")
-            if missing:
-                raise TrainError(f"--classes names folders missing from {directory}: {', '.join(missing)}")
-            return list(classes), {c: i for i, c in enumerate(classes)}
-
-        def __getitem__(self, index):
-            from PIL import Image
-
-            path, target = self.samples[index]
-            try:
-                sample = self.loader(path)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # truncated,
-                # not an image (UnidentifiedImageError is an OSError), a read error of the disk
-                if isinstance(error, Image.UnidentifiedImageError):  # its text names the file object
-                    return _Unreadable(path, "PIL cannot identify it as an image")
-                return _Unreadable(path, f"{type(error).__name__}: {error}")
-            if self.transform is not None:
-                key = self.augment_key
-                with _SeededDraws((*key, index)) if key is not None else contextlib.nullcontext():
-                    sample = self.transform(sample)
-            if self.target_transform is not None:
-                target = self.target_transform(target)
-            return sample, target
-
-    OrderedImageFolder.__name__ = OrderedImageFolder.__qualname__ = "_OrderedImageFolder"
-    OrderedImageFolder.__module__ = __name__
-    _ORDERED_IMAGE_FOLDER = OrderedImageFolder
-    return OrderedImageFolder
-
-
 def _val_optional(folder: Path) -> str:
     return f"or remove {folder} (val/ is optional: no accuracy is reported then)"
 
@@ -307,7 +243,9 @@ def _dataset(folder: Path, transform, classes, split: str = "train"):
     if not folder.is_dir():
         raise TrainError(f"expected an ImageFolder at {folder} (one sub-folder per class)")
     try:
-        return _ordered_image_folder_class()(str(folder), transform, classes, split)
+        from lkfast._train_folder import OrderedImageFolder  # (imports torchvision: only when a dataset is made)
+
+        return OrderedImageFolder(str(folder), transform, classes, split)
     except FileNotFoundError as error:  # ImageFolder's 'Found no valid file for the classes ...'
         def has_image(path):
             return any(name.lower().endswith(IMG_EXTENSIONS) for _, _, names in os.walk(path, followlinks=True)
