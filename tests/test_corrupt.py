@@ -1019,6 +1019,72 @@ def test_writer_imagenet_p(tmp_path):
         assert (frames[1:] - clean).std().item() == pytest.approx(std, rel=0.3)  # grain-tuned x264 keeps noise
 
 
+def test_writer_imagenet_p_npy_is_the_frames_on_every_run(tmp_path, capsys):
+    """--format npy: the (T, 224, 224, 3) uint8 frames themselves, byte for byte the same on every
+    render (libx264 was seen to encode the same frames differently from run to run), read by the
+    evaluation's ImageNet-P reader as they were computed; a file cut short is written again; the
+    format is part of the settings record (x.mp4 and x.npy in one tree would be two sequences)."""
+    import json
+
+    import numpy as np
+
+    from lkfast.corrupt.__main__ import main
+    from lkfast.data import ImageNetP
+
+    src = make_tree(tmp_path / "val", classes=("n01440764",), per_class=3)
+    args = dict(benchmark="p", names=["gaussian_noise", "rotate"], levels=[1, 3], batch_size=2, seed=4,
+                progress=False, format="npy")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert writer.render(src, one, **args) == 3 * 3  # rotate, gaussian_noise, gaussian_noise_3
+    assert writer.render(src, two, **args) == 9
+    trees = [{p.relative_to(t): p.read_bytes() for p in t.rglob("*.npy")} for t in (one, two)]
+    assert len(trees[0]) == 9 and trees[0] == trees[1]
+    assert not list(one.rglob("*.mp4"))
+    files = sorted((src / "n01440764").iterdir())
+    context = torch.stack([release_preprocess(p, 256) for p in files])
+    for name, level, folder in (("rotate", 1, "rotate"), ("gaussian_noise", 3, "gaussian_noise_3")):
+        for chunk, start in enumerate(range(0, 3, 2)):
+            g = documented_chunk_generator(4, name, level, "n01440764", chunk)
+            expected = torch.floor(lc.perturbation_sequence(context[start:start + 2], name, level, g, crop=224) * 255)
+            for i, p in enumerate(files[start:start + 2]):
+                stored = np.load(one / folder / "n01440764" / (p.stem + ".npy"))
+                assert stored.dtype == np.uint8 and stored.shape == (31, 224, 224, 3)
+                assert torch.equal(torch.from_numpy(stored).permute(0, 3, 1, 2).float(), expected[i]), (folder, p)
+        read = ImageNetP(one, name, difficulty=level)
+        assert read.frames == 31 and len(read) == 3
+        frames, _ = read[0]
+        stored = torch.from_numpy(np.load(one / folder / "n01440764" / (files[0].stem + ".npy")))
+        assert torch.equal(frames, stored.permute(0, 3, 1, 2).float() / 255)
+    # a file cut short (a killed copy) is not complete: the rerun writes it again, the rest is kept
+    victim = one / "rotate" / "n01440764" / (files[1].stem + ".npy")
+    victim.write_bytes(victim.read_bytes()[:-224 * 3])
+    assert not data_io.is_complete(victim) and data_io.is_complete(two / victim.relative_to(one))
+    counts = {}
+    assert writer.render(src, one, counts=counts, **args) == 1 and counts["complete"] == 8
+    assert victim.read_bytes() == trees[0][victim.relative_to(one)]
+    # the format is recorded; another one is refused over it, as another seed is
+    assert json.loads((one / writer.SETTINGS_FILE).read_text())["p"]["format"] == "npy"
+    command = [str(src), str(one), "--benchmark", "p", "--names", "rotate", "--batch-size", "2", "--seed", "4",
+               "--quiet"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "format 'npy' (this command: 'mp4')" in err and "--seed, --batch-size and --format, or" in err
+    assert main([*command, "--format", "npy"]) == 0 and "wrote 0 files" in capsys.readouterr().out
+    # a record from before the option (no format: mp4 then) takes mp4 and refuses npy
+    record = json.loads((one / writer.SETTINGS_FILE).read_text())
+    del record["p"]["format"]
+    (two / writer.SETTINGS_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="format 'mp4' \\(this command: 'npy'\\)"):
+        writer.render(src, two, **args)
+    with pytest.raises(ValueError, match="unknown ImageNet-P format 'png'; valid formats are: mp4, npy"):
+        writer.render(src, tmp_path / "three", **{**args, "format": "png"})
+    assert main([str(src), str(tmp_path / "c"), "--benchmark", "c", "--format", "npy", "--quiet"]) == 2
+    assert "format 'npy' is for ImageNet-P (mp4 or npy); ImageNet-C is written as JPEG" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "three").exists()
+    with pytest.raises(ValueError, match="takes \\(T, 3, H, W\\) uint8 frames"):
+        data_io.encode_npy(torch.zeros(2, 3, 4, 4))
+
+
 @needs_av
 def test_io_completeness_and_leftovers(tmp_path):
     import os

@@ -3,7 +3,8 @@
     SRC/<wnid>/<image>.JPEG   (ImageNet-val sorted into class folders; PNG/JPEG/BMP/WebP accepted)
       -> ImageNet-C: DST/<corruption>/<severity>/<wnid>/<image>.JPEG   224x224, JPEG quality 85
       -> ImageNet-P: DST/<perturbation>/<wnid>/<image>.mp4              224x224 frames, H.264
-         (noise sequences also at difficulty 2 and 3, as DST/gaussian_noise_2/..., like the release)
+         (noise sequences also at difficulty 2 and 3, as DST/gaussian_noise_2/..., like the release;
+         with format="npy" (--format npy) <image>.npy, the frames as a lossless uint8 array)
 
     python -m lkfast.corrupt SRC DST --benchmark c|p      (the command's code is ``main`` here)
     >>> from lkfast.data.writer import render
@@ -23,8 +24,11 @@ would have, on the CPU or a GPU: ImageNet-C's JPEGs come out byte for byte the s
 frames do too, but libx264 (through PyAV) was seen to encode the same frames differently from one
 call to the next in a process that had run torch (decoded pixels up to 38/255 apart on a noise
 sequence, also with the encoder on one thread and YUV frames given directly; cause not found).
-The seed, the batch size and the corruptions' version are recorded in DST/.lkfast-render.json; a
-rerun with others is refused (it would mix two renderings).
+``format="npy"`` writes the frames themselves, (T, 224, 224, 3) uint8 arrays the evaluation's
+ImageNet-P reader takes as it takes mp4s: byte for byte the same on every run, without the codec's
+losses, at 4.67 MB a 31-frame sequence (uncompressed).
+The seed, the batch size, the corruptions' version and (P) the format are recorded in
+DST/.lkfast-render.json; a rerun with others is refused (it would mix two renderings).
 
 A source image that cannot be decoded (truncated, not an image) is skipped with a warning naming
 it, as the evaluation's readers skip such files: it keeps its place in its chunk as a black image
@@ -49,7 +53,7 @@ import torch
 
 from lkfast.corrupt import CORRUPTIONS, NOISE_PERTURBATIONS, PERTURBATIONS, SUBSETS, corrupt, perturbation_sequence
 
-from .io import encode_jpeg, encode_mp4, is_complete, list_images, load_image, temporary_files, to_uint8, write_atomic
+from .io import encode_jpeg, encode_mp4, encode_npy, is_complete, list_images, load_image, temporary_files, to_uint8, write_atomic
 
 RESIZE = 256
 CROP = 224
@@ -119,12 +123,17 @@ def _check_destination(src: Path, dst: Path) -> None:
 SETTINGS_FILE = ".lkfast-render.json"  # hidden: the readers pass over it
 
 
-def _settings(seed: int, batch_size: int) -> dict:
+P_FORMATS = ("mp4", "npy")
+
+
+def _settings(seed: int, batch_size: int, benchmark: str = "c", format: str = "mp4") -> dict:
     """What a rendered file depends on beside its source and its name and level: the seed, the chunks
-    the batch size cuts (each draws from its own generator) and the corruptions' code version."""
+    the batch size cuts (each draws from its own generator) and the corruptions' code version; for
+    ImageNet-P the file format too (one tree holding x.mp4 and x.npy would be read as two sequences)."""
     from lkfast.corrupt import VERSION
 
-    return {"seed": seed, "batch_size": batch_size, "lkfast.corrupt VERSION": VERSION}
+    return {"seed": seed, "batch_size": batch_size, "lkfast.corrupt VERSION": VERSION,
+            **({"format": format} if benchmark == "p" else {})}
 
 
 def _keep_settings(dst: Path, benchmark: str, settings: dict) -> None:
@@ -143,6 +152,8 @@ def _keep_settings(dst: Path, benchmark: str, settings: dict) -> None:
     except (OSError, ValueError, AttributeError) as error:
         raise ValueError(f"cannot read {path} ({error}): it records the settings DST was rendered with; delete it "
                          "only if the files under DST were rendered with this command's settings") from None
+    if benchmark == "p" and isinstance(recorded, dict):
+        recorded = {"format": "mp4", **recorded}  # recorded before --format: mp4, the only format then
     if recorded is None:
         record[benchmark] = settings
         dst.mkdir(parents=True, exist_ok=True)
@@ -152,8 +163,8 @@ def _keep_settings(dst: Path, benchmark: str, settings: dict) -> None:
     if differ:
         raise ValueError(f"{dst} holds ImageNet-{benchmark.upper()} files rendered with other settings: "
                          f"{'; '.join(differ)}. Its complete files would be kept and the rest rendered otherwise: "
-                         f"rerun with the recorded --seed and --batch-size, or give another DST (after a change of "
-                         f"lkfast.corrupt's VERSION, render into a new DST)")
+                         f"rerun with the recorded --seed{', --batch-size and --format' if benchmark == 'p' else ' and --batch-size'}, "
+                         f"or give another DST (after a change of lkfast.corrupt's VERSION, render into a new DST)")
 
 
 def _check_collisions(classes, suffix: str) -> None:
@@ -172,18 +183,20 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
            levels: Optional[Iterable[int]] = None, batch_size: int = 32, seed: int = 0,
            device: str = "cpu", preset: str = "medium", progress: bool = True,
            on_unreadable: Optional[Callable[[Path, Exception], None]] = None,
-           counts: Optional[dict] = None) -> int:
+           counts: Optional[dict] = None, format: Optional[str] = None) -> int:
     """Render SRC into DST (see the module docstring) and return the number of files written.
 
     ``names`` default to all 19 corruptions (``benchmark="c"``) or all 10 perturbations ("p");
     ``levels`` are severities (C, default 1..5) or noise difficulties (P, default 1..3).
     ``device`` is where images are corrupted; ``preset`` the libx264 preset of P videos.
+    ``format`` (P only): "mp4" (H.264, as the release; the default) or "npy" (the frames, lossless and
+    reproducible).
     ``on_unreadable(path, error)`` is called once for each source image that cannot be decoded
     (default: :func:`warn_unreadable`); such an image is skipped, its outputs are not written.
     ``counts``, when given, gets "written" and "complete" (files already complete, kept as they are).
-    Raises ValueError for an unknown benchmark, name or level, no name or no level, a batch_size below 1, a SRC
+    Raises ValueError for an unknown benchmark, name, level or format, no name or no level, a batch_size below 1, a SRC
     that is not laid out as SRC/<wnid>/<image>, two sources of a class with one name but for the
-    suffix, a DST that is a file or inside SRC, or a DST rendered with another seed, batch size or
+    suffix, a DST that is a file or inside SRC, or a DST rendered with another seed, batch size, format or
     version of the corruptions (recorded in DST/.lkfast-render.json: the batch size cuts the chunks,
     each drawing from its own generator, so it changes the random corruptions' files).
     """
@@ -213,19 +226,25 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     levels = list(dict.fromkeys(levels))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if format is not None and benchmark == "c":
+        raise ValueError(f"format {format!r} is for ImageNet-P ({' or '.join(P_FORMATS)}); ImageNet-C is written as "
+                         "JPEG, as the release")
+    format = format or P_FORMATS[0]
+    if format not in P_FORMATS:
+        raise ValueError(f"unknown ImageNet-P format {format!r}; valid formats are: {', '.join(P_FORMATS)}")
     on_unreadable = on_unreadable or warn_unreadable
     dst = Path(dst)
     _check_destination(Path(src), dst)
     classes = list_images(src)
     jobs = _jobs(benchmark, names, levels)
-    suffix = ".JPEG" if benchmark == "c" else ".mp4"
+    suffix = ".JPEG" if benchmark == "c" else f".{format}"
     _check_collisions(classes, suffix)
     try:  # an unusable device before anything is written (it was found at the first chunk to render)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
         raise ValueError(f"{(str(error).splitlines() or [''])[0]} (device {device!r}: use cpu, or cuda / cuda:N on a "
                          f"machine with a GPU)") from None
-    _keep_settings(dst, benchmark, _settings(seed, batch_size))
+    _keep_settings(dst, benchmark, _settings(seed, batch_size, benchmark, format))
     total = sum(len(files) for _, files in classes) * len(jobs)
     written = complete = 0
     swept = set()
@@ -258,7 +277,8 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
                         else:
                             frames = to_uint8(perturbation_sequence(images, name, level, generator, crop=CROP)).cpu()
                             for i in todo:
-                                write_atomic(targets[i], encode_mp4(frames[i], name in NOISE_PERTURBATIONS, preset))
+                                write_atomic(targets[i], encode_npy(frames[i]) if format == "npy" else
+                                             encode_mp4(frames[i], name in NOISE_PERTURBATIONS, preset))
                         written += len(todo)
                     bar.update(len(paths))
     if counts is not None:
@@ -299,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lkfast.corrupt",
         description="Render a folder of images laid out like ImageNet-val (SRC/<wnid>/<image>.JPEG) "
                     "into the ImageNet-C layout (DST/<corruption>/<severity>/<wnid>/*.JPEG, 224 px, "
-                    "JPEG quality 85) or the ImageNet-P layout (DST/<perturbation>/<wnid>/*.mp4). "
+                    "JPEG quality 85) or the ImageNet-P layout (DST/<perturbation>/<wnid>/*.mp4, or *.npy). "
                     "Resumable: complete files already written are skipped.",
         epilog="Exit status: 0 done; 1 if some source images could not be decoded (each is named in a warning "
                "and left out, everything else is written; fix or remove them and rerun); 2 on a bad argument, "
@@ -320,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "DST/.lkfast-render.json")
     parser.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device for the corruption, e.g. cuda (default cpu)")
+    parser.add_argument("--format", choices=P_FORMATS, default=None,
+                        help="P only: mp4 (default; H.264 as the release, though libx264 may encode the same frames "
+                             "differently from run to run) or npy (the frames as lossless uint8 arrays, the same "
+                             "bytes every run, 4.67 MB a sequence)")
     parser.add_argument("--x264-preset", default="medium", help="libx264 preset for P videos (default medium)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -345,7 +369,7 @@ def main(argv=None) -> int:
             written = render(args.src, args.dst, args.benchmark, _names(args.names, args.benchmark),
                              _levels(args.levels), batch_size=args.batch_size, seed=args.seed,
                              device=args.device, preset=args.x264_preset, progress=not args.quiet,
-                             on_unreadable=note_unreadable, counts=counts)
+                             on_unreadable=note_unreadable, counts=counts, format=args.format)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM
         stopped, status = how_stopped(terminated)
         print(f"\n{stopped}: complete files are kept under {args.dst}; rerun the same command (same --seed and "
