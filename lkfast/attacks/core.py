@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkfast.corrupt.utils import Generators, seeded  # noqa: F401 (one rule for seeds, shared with corrupt)
+from lkfast.corrupt.utils import Generators, is_integer, seeded  # noqa: F401 (one rule for seeds and integers, shared with corrupt)
 
 
 def check_images(name: str, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
@@ -48,11 +48,6 @@ def check_logits(name: str, logits: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError(f"{name}: labels must be class indices 0..{classes - 1} of the model's {classes} outputs; got "
                          f"{shown} (labels in another class space, e.g. ImageNet indices for a model with fewer "
                          f"outputs?)")
-
-
-def is_integer(value) -> bool:
-    """An integer (Python's or NumPy's: anything ``numbers.Integral``), not a bool: steps, counts, sizes."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_budget(name: str, eps: float, steps: Optional[int] = None, alpha: Optional[float] = None, *,

@@ -35,15 +35,16 @@ def make_generator(generator: GeneratorLike, device: torch.device = None) -> Opt
     """
     if generator is None or isinstance(generator, torch.Generator):
         return generator
-    if _is_seed(generator):
+    if is_integer(generator):
         g = torch.Generator(device="cpu")
         g.manual_seed(int(generator))
         return g
     raise ValueError(f"generator must be a torch.Generator, an int seed or None; got {type(generator).__name__}")
 
 
-def _is_seed(value) -> bool:
-    """An integer seed: a Python or NumPy integer, not a bool."""
+def is_integer(value) -> bool:
+    """An integer (Python's or NumPy's: anything ``numbers.Integral``), not a bool: seeds here; steps,
+    counts and sizes in lkfast.attacks and lkfast.analysis (which import it from lkfast.attacks.core)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -54,7 +55,7 @@ def seeded(generator: Generators, device, name: str) -> Generators:
     image (a list or tuple) as they are. ValueError, saying what ``name`` takes, for anything else."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
-    if _is_seed(generator):
+    if is_integer(generator):
         return torch.Generator(device=device).manual_seed(int(generator))
     if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
         return generator
