@@ -370,6 +370,13 @@ def test_imagenet_p_mp4_and_npy(tmp_path):
     assert (video - clip.float() / 255).abs().mean() < 0.02
     assert torch.equal(ds[1][0], frames_for(1).float() / 255)
     assert torch.equal(ds[2][0], frames_for(2).float() / 255)
+    # a.mp4 with its frames beside it as a.npy (a conversion, a second rendering) is one sequence, read once
+    np.save(root / "rotate" / WNIDS[4] / "a.npy", clip.numpy())
+    with pytest.warns(UserWarning, match=r"1 sequence\(s\) .* as \.mp4 and as \.npy \(first: .*a\.mp4\); each is read "
+                                         r"once, from its \.npy"):
+        ds = ImageNetP(root, "rotate")
+    assert [p.name for p, _ in ds.samples] == ["a.npy", "b.npy", "c.npy"]
+    assert torch.equal(ds[0][0], clip.float() / 255)
 
 
 def test_imagenet_p_noise_difficulty_folders(tmp_path):

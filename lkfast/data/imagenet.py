@@ -644,6 +644,8 @@ class ImageNetP(ImageFolderBenchmark):
 
     class_index: {class folder name: target} (default: ImageNet's {wnid: 1k index}); the metrics do
     not use the targets, but every folder must be named in it.
+
+    A sequence there both as x.mp4 and as x.npy is read once, from the .npy, with a warning.
     """
 
     name = "ImageNet-P"
@@ -673,7 +675,16 @@ class ImageNetP(ImageFolderBenchmark):
         self.frames = frames if frames is not None else self._common_length()
 
     def _find(self, class_index, classes):
-        return _scan(self.root, self.name, self.layout, class_index, suffixes=SEQUENCE_SUFFIXES)
+        samples, used = _scan(self.root, self.name, self.layout, class_index, suffixes=SEQUENCE_SUFFIXES)
+        # x.mp4 beside x.npy is one sequence twice (a conversion, a second rendering): read once, the lossless one
+        arrays = {p.with_suffix("") for p, _ in samples if p.suffix.lower() == ".npy"}
+        twice = [p for p, _ in samples if p.suffix.lower() != ".npy" and p.with_suffix("") in arrays]
+        if twice:
+            warnings.warn(f"{self.name}: {len(twice)} sequence(s) in {str(self.root)!r} are there as .mp4 and as .npy "
+                          f"(first: {twice[0]}); each is read once, from its .npy")
+            skip = set(twice)
+            samples = [(p, t) for p, t in samples if p not in skip]
+        return samples, used
 
     def _common_length(self, probes: int = 5) -> int:
         from lkfast.corrupt import PERTURBATIONS
