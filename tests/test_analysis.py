@@ -334,11 +334,47 @@ def test_feature_variance_of_swin_reads_its_maps_as_nhwc():
     swin = tiny_swin()
     x = torch.rand(2, 3, 32, 32)
     result = feature_map_variance(swin, x)
-    assert result["layers"] == [b.name for b in residual_blocks(swin)]
+    assert result["layers"] == ["layers.0.blocks.0:in", "layers.0.blocks.0:attn", "layers.0.blocks.0",
+                                "layers.0.blocks.1:attn", "layers.0.blocks.1", "layers.1.blocks.0:in",
+                                "layers.1.blocks.0:attn", "layers.1.blocks.0", "layers.1.blocks.1:attn", "layers.1.blocks.1"]
     with torch.no_grad():
         h = swin.layers[0](swin.patch_embed(x))  # (N, H, W, C) after stage 0
     assert h.shape == (2, 8, 8, 16)
-    assert result["variance"][1] == pytest.approx(float(h.var(dim=(1, 2), unbiased=False).mean()), rel=1e-5)
+    assert result["variance"][4] == pytest.approx(float(h.var(dim=(1, 2), unbiased=False).mean()), rel=1e-5)
+
+
+def test_feature_variance_points_are_the_stem_transitions_and_every_residual():
+    """The paper's Fig. 10 script records ViT's embedding and each attention and MLP residual, RepLKNet's
+    stem, blocks and transitions: one point per ViT block hid the attention/MLP alternation that
+    RepLKNet's RepLK-block/ConvFFN points show. A map reached twice (ResNet's stage input is the
+    previous block's output) is one point."""
+    vit = tiny_vit().eval()
+    x = torch.rand(2, 3, 64, 64)
+    result = feature_map_variance(vit, x)
+    assert result["layers"] == ["blocks.0:in", "blocks.0:attn", "blocks.0", "blocks.1:attn", "blocks.1"]
+    with torch.no_grad():
+        h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        block = vit.blocks[0]
+        after_attn = h + block.ls1(block.attn(block.norm1(h)))
+        out = block(h)
+    p = vit.num_prefix_tokens
+    for i, features in enumerate((h, after_attn, out)):
+        assert result["variance"][i] == pytest.approx(float(features[:, p:].var(dim=1, unbiased=False).mean()), rel=1e-5)
+    model = tiny_replknet().eval()
+    x, _ = batch(2, 32)
+    result = feature_map_variance(model, x)
+    assert result["layers"][:4] == ["stages.0.blocks.0:in", "stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0:in"]
+    with torch.no_grad():
+        h = x
+        for layer in model.stem:
+            h = layer(h)
+        stem = h
+        transition = model.transitions[0](model.stages[0](h))
+    for i, features in ((0, stem), (3, transition)):
+        assert result["variance"][i] == pytest.approx(float(features.var(dim=(2, 3), unbiased=False).mean()), rel=1e-5)
+    resnet = timm.create_model("resnet10t", num_classes=CLASSES).eval()
+    layers = feature_map_variance(resnet, torch.rand(2, 3, 32, 32))["layers"]
+    assert layers == ["layer1.0:in", "layer1.0", "layer2.0", "layer3.0", "layer4.0"]
 
 
 def test_feature_variance_task_draws_seeded_random_val_images(monkeypatch):
@@ -633,7 +669,7 @@ def test_kernel_distance_figure_takes_the_first_two_of_stage_1_and_the_last_two_
 # --- feature-map variance ---------------------------------------------------------------------------------
 
 def _hook_count(model):
-    return sum(len(m._forward_hooks) for m in model.modules())
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_feature_variance_values_and_no_hook_left():
@@ -641,16 +677,16 @@ def test_feature_variance_values_and_no_hook_left():
     x, _ = batch(2, 32)
     result = feature_map_variance(model, x)
     assert _hook_count(model) == 0
-    assert len(result["layers"]) == 12 and result["depth"][-1] == 1.0 and max(result["normalized"]) == 1.0
+    assert len(result["layers"]) == 12 + 4 and result["depth"][-1] == 1.0 and max(result["normalized"]) == 1.0
     with torch.no_grad():
         h = x
         for layer in model.stem:
             h = layer(h)
         h = model.stages[0].blocks[0](h)
-    assert result["variance"][0] == pytest.approx(float(h.var(dim=(2, 3), unbiased=False).mean()), rel=1e-5)
+    assert result["variance"][1] == pytest.approx(float(h.var(dim=(2, 3), unbiased=False).mean()), rel=1e-5)
     vit = tiny_vit()
     result = feature_map_variance(vit, torch.rand(2, 3, 64, 64))
-    assert len(result["layers"]) == 2 and _hook_count(vit) == 0
+    assert len(result["layers"]) == 5 and _hook_count(vit) == 0
     # an empty batch gave all-NaN variances
     with pytest.raises(ValueError, match=r"feature_map_variance: x must be a batch of at least one image, got shape "
                                          r"\(0, 3, 32, 32\)"):
@@ -660,9 +696,10 @@ def test_feature_variance_values_and_no_hook_left():
 
 def test_feature_variance_hooks_removed_after_an_error():
     model = tiny_replknet()
-    model.stages[3].blocks[1].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("broken")))
+    broken = model.stages[3].blocks[1].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("broken")))
     with pytest.raises(RuntimeError, match="broken"):
         feature_map_variance(model, batch(2, 32)[0])
+    broken.remove()
     assert _hook_count(model) == 0
 
 
@@ -863,7 +900,7 @@ def test_eval_tasks_run_end_to_end_and_report(tmp_path):
     assert "surrogate" in results["taig"]["unavailable"]  # one model: no surrogate of the other family
     assert results["lesion"]["candidates"] == ["stages.2.pair0", "stages.2.pair1"]  # the paper's scope
     assert [layer["kernel_size"] for layer in results["kernel-distance"]["layers"]] == [[7, 7], [5, 5], [5, 5], [5, 5], [3, 3]]
-    assert results["feature-variance"]["images"] == 6 and len(results["feature-variance"]["layers"]) == 10
+    assert results["feature-variance"]["images"] == 6 and len(results["feature-variance"]["layers"]) == 10 + 4  # + the stem, 3 transitions
     text = write_analysis_report(tmp_path / "out", {"tiny-lk": results})
     for figure in ("figure4_occlusion", "figure6_attacks", "figure7_lesion", "figure8_frequency",
                    "figure9_kernel_distance", "figure10_feature_variance"):

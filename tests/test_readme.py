@@ -560,15 +560,15 @@ def test_every_python_block_is_run():
 
 def test_analyses_block():
     """PGD and TAIG-R keep x in [0, 1] and within their eps, the parameters get no gradients; the
-    kernel attention distance is per large kernel and channel (Fig. 9), the feature-map variance per
-    block (Fig. 10). Given: lkfast's tiny RepLKNet (kernels 31/29/27/13) and, as the TAIG surrogate,
+    kernel attention distance is per large kernel and channel (Fig. 9), the feature-map variance at
+    every residual (and the stem's and transitions' outputs; Fig. 10). Given: lkfast's tiny RepLKNet (kernels 31/29/27/13) and, as the TAIG surrogate,
     the default run's tiny ViT; two 64-px images."""
     from lkfast.models import create_model
 
     assert comment(ANALYSES, "x_adv = attacks.pgd(") == "x in [0, 1]"
     assert comment(ANALYSES, "x_taig = attacks.taig(") == "TAIG-R transfer attack"
     assert comment(ANALYSES, "dist = ").endswith("per kernel and channel")
-    assert comment(ANALYSES, "var = ").endswith("per block")
+    assert comment(ANALYSES, "var = ").endswith("every residual")
     model = create_model("replknet_tiny_k31", num_classes=10)
     surrogate = create_model("vit_tiny_p8", num_classes=10)
     x, y = torch.rand(2, 3, 64, 64), torch.tensor([1, 7])
@@ -589,7 +589,8 @@ def test_analyses_block():
     assert [(d["kernel_size"], d["channels"]) for d in dist] == [(list(m.kernel_size), m.out_channels) for m in large]
     assert all(len(d["distance"]) == len(d["normalized"]) == d["channels"] for d in dist)
 
-    blocks = [f"stages.{i}.blocks.{j}" for i, stage in enumerate(model.stages) for j in range(len(stage.blocks))]
+    blocks = [name for i, stage in enumerate(model.stages) for j in range(len(stage.blocks))
+              for name in ((f"stages.{i}.blocks.0:in",) if j == 0 else ()) + (f"stages.{i}.blocks.{j}",)]
     var = ns["var"]
     assert var["layers"] == blocks and len(var["variance"]) == len(blocks)
     assert max(var["normalized"]) == 1.0

@@ -15,7 +15,7 @@ The attacks (Fig. 6, Table 4) are in lkfast.attacks.
 """
 from lkfast.analysis import ablation
 from lkfast.analysis.ablation import ablation_families, kernel_family, model_kernel_size
-from lkfast.analysis.blocks import Block, all_blocks, blocks_removed, output_modules, residual_blocks
+from lkfast.analysis.blocks import Block, all_blocks, blocks_removed, output_modules, residual_blocks, variance_points
 from lkfast.analysis.frequency import FREQUENCIES, frequency_sweep
 from lkfast.analysis.kernels import channel_distances, depthwise_kernels, kernel_attention_distance, paper_layers
 from lkfast.analysis.lesion import default_counts, lesion_candidates, lesion_sweep
@@ -25,7 +25,7 @@ from lkfast.analysis.variance import feature_map_variance, spatial_variance
 
 __all__ = ["occlusion_sweep", "occlude", "random_patch_mask", "saliency_patch_mask", "drop_masks", "mask_saliency",
            "dino_attention", "dino_saliency", "load_dino", "DINO_HEAD", "MODES", "RATIOS", "lesion_sweep", "lesion_candidates",
-           "default_counts", "residual_blocks", "all_blocks", "blocks_removed", "output_modules", "Block",
+           "default_counts", "residual_blocks", "all_blocks", "blocks_removed", "output_modules", "variance_points", "Block",
            "frequency_sweep", "FREQUENCIES", "kernel_attention_distance", "channel_distances", "depthwise_kernels",
            "paper_layers", "feature_map_variance", "spatial_variance", "ablation", "ablation_families", "kernel_family",
            "model_kernel_size"]

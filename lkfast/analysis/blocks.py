@@ -2,7 +2,8 @@
 
 A block here is a residual unit. The lesion removes only the blocks whose output has their input's
 shape, so replacing one with the identity (keeping only the skip connection) leaves the network
-runnable; the feature-variance study records the output of every block. Known families:
+runnable; the feature-variance study records the stem's and transitions' outputs and the result of
+every residual addition (``variance_points``). Known families:
 
 * RepLKNet (lkfast.models): a RepLK block together with the ConvFFN after it (the paper's unit);
 * timm VisionTransformer and relatives with a ``blocks`` list (attention + MLP block);
@@ -118,11 +119,52 @@ def _units_of(net: nn.Module):
 
 
 def output_modules(model: nn.Module) -> list:
-    """(name, module) of every module whose output the feature-variance study records, in forward
-    order: every block of the model's family, the downsampling ones too (variance needs no shape
-    match); for RepLKNet the RepLK block and the ConvFFN separately. ValueError as ``residual_blocks``."""
+    """(name, module) of every block of the model's family in forward order, the downsampling ones
+    too; for RepLKNet the RepLK block and the ConvFFN separately. ValueError as ``residual_blocks``.
+    (The feature-variance study records more places: ``variance_points``.)"""
     named = dict(model.named_modules())
     return [(name, named[name]) for block in all_blocks(model) for name in block.modules]
+
+
+def _pre_norm_transformer_block(module: nn.Module) -> bool:
+    """timm's pre-norm attention blocks (ViT/DeiT ``Block``, Swin's ``SwinTransformerBlock``): two
+    residuals, x + attn(norm1(x)) and then x + mlp(norm2(x)), so norm2's input is the first one's result."""
+    try:
+        from timm.models.swin_transformer import SwinTransformerBlock
+        from timm.models.vision_transformer import Block as VitBlock
+    except ImportError:
+        return False
+    return isinstance(module, (VitBlock, SwinTransformerBlock))
+
+
+def variance_points(model: nn.Module) -> list:
+    """(name, module, side) of every place whose features the feature-variance study records, in
+    forward order, ``side`` "input" (a forward pre-hook's input) or "output":
+
+    * where the network leaves its stem and each transition between stages: the input of the first
+      block of every stage (of the first block, for a model without stages), named "<block>:in";
+    * after every residual addition: a pre-norm attention block (timm ViT/DeiT, Swin) holds two,
+      the attention's ("<block>:attn", norm2's input) and the MLP's (the block's output); RepLKNet's
+      RepLK block and ConvFFN are two blocks; the other families' blocks one each (their output).
+
+    The paper's Fig. 10 script records at this granularity (for ViT the embedding and each MSA and
+    MLP residual; for RepLKNet the stem, every block and the transitions); one point per ViT block
+    hides the attention/MLP alternation that RepLKNet's per-sub-block points show. A stage input
+    that is the previous block's output itself (ResNet: the stride sits in the first block) is the
+    same map and is recorded once (``feature_map_variance`` drops it). ValueError as ``residual_blocks``.
+    """
+    named = dict(model.named_modules())
+    points, stage = [], object()
+    for block in all_blocks(model):
+        if not points or (block.stage is not None and block.stage != stage):
+            points.append((f"{block.modules[0]}:in", named[block.modules[0]], "input"))
+        stage = block.stage
+        for name in block.modules:
+            module = named[name]
+            if _pre_norm_transformer_block(module):
+                points.append((f"{name}:attn", module.norm2, "input"))
+            points.append((name, module, "output"))
+    return points
 
 
 def channels_last_outputs(model: nn.Module) -> bool:

@@ -488,11 +488,11 @@ def kernel_distance(ctx) -> dict:
 
 def feature_variance(ctx) -> dict:
     try:
-        modules = analysis.output_modules(ctx.model)
+        points = analysis.variance_points(ctx.model)
     except ValueError as error:  # a family whose blocks are not known: the run goes on, the report says why
         raise TaskUnavailable(str(error)) from None
     images, indices = _random_images(_val_dataset(ctx), VARIANCE_BATCH, ctx.options.seed)
-    result = analysis.feature_map_variance(ctx.model, images.to(ctx.device), modules)
+    result = analysis.feature_map_variance(ctx.model, images.to(ctx.device), points)
     result.update(images=len(images), indices=indices, seed=ctx.options.seed)
     return result
 
@@ -577,8 +577,9 @@ _READS.update({"occlusion": _DINO_OPTIONS + ("images",), "taig": ("taig_surrogat
 _DEPENDS = {"taig": _surrogate_key}  # what else a result depends on (Task.depends)
 # later versions: occlusion 3 (Fig. 5's example in the result), lesion 3 (fraction over the model's blocks),
 # kernel-distance 2 (the large kernel's own weights, as the paper's script), feature-variance 2 (seeded random
-# val images), taig 3 (success_rate over all attacked images, as the paper's script)
-_VERSIONS = {"occlusion": "3", "lesion": "3", "kernel-distance": "2", "feature-variance": "2", "taig": "3"}
+# val images), 3 (the stem's and transitions' outputs and every residual: a ViT block's attention and MLP apart,
+# as the paper's script), taig 3 (success_rate over all attacked images, as the paper's script)
+_VERSIONS = {"occlusion": "3", "lesion": "3", "kernel-distance": "2", "feature-variance": "3", "taig": "3"}
 # what the tasks that read no images read instead (--dry-run's note)
 _WITHOUT_IMAGES = {"kernel-distance": "the model's depthwise kernel weights",
                    "ablation": "the model's kernel size (its tables come from the other tasks)"}
