@@ -154,9 +154,12 @@ def corruption_errors(err: Mapping[str, Mapping[int, float]], clean_error: Optio
         CE, in percent; None if none has. ``mce_over`` lists the corruptions it averages and
         ``mce_complete`` says whether all 15 were there (only then is it the benchmark's mCE).
       - ``relative_ce`` / ``relative_mce`` (only when ``clean_error`` is given): 100 *
-        (mean_s E(s, c) - E_clean) / (baseline[c] - baseline_clean_error), averaged over the same
-        corruptions as ``mce``. ``baseline_clean_error`` defaults to AlexNet's (ALEXNET_CLEAN_ERROR)
-        when ``baseline`` is ALEXNET_ERRORS; with another baseline it must be given.
+        (mean_s E(s, c) - E_clean) / (baseline[c] - baseline_clean_error), averaged over the
+        corruptions of ``mce`` that have one (``relative_mce_over``). A corruption the baseline is not
+        hurt by (baseline[c] <= baseline_clean_error: possible with a measured baseline, never with
+        AlexNet's published errors) has no relative CE: it is named in ``relative_ce_skipped`` with
+        why, and its CE still counts in ``mce``. ``baseline_clean_error`` defaults to AlexNet's
+        (ALEXNET_CLEAN_ERROR) when ``baseline`` is ALEXNET_ERRORS; with another baseline it must be given.
       - ``sev5_top1``: mean top-1 accuracy (percent) at severity 5 over every corruption present
         there (the paper's Fig. 2 number, over the 19); ``sev5_over`` lists them; None if no
         severity 5 is present.
@@ -188,7 +191,7 @@ def corruption_errors(err: Mapping[str, Mapping[int, float]], clean_error: Optio
             baseline_clean_error = ALEXNET_CLEAN_ERROR
         baseline_clean_error = _check_fraction(baseline_clean_error, "baseline_clean_error")
 
-    ce, relative_ce, skipped = {}, {}, {}
+    ce, relative_ce, skipped, relative_skipped = {}, {}, {}, {}
     for name, row in table.items():
         if name not in baseline:
             skipped[name] = "no baseline error for this corruption"
@@ -200,9 +203,10 @@ def corruption_errors(err: Mapping[str, Mapping[int, float]], clean_error: Optio
         ce[name] = 100.0 * mean_error / float(baseline[name])
         if clean_error is not None:
             denominator = float(baseline[name]) - baseline_clean_error
-            if denominator <= 0:
-                raise ValueError(f"relative CE of {name!r} is undefined: the baseline's corruption error "
-                                 f"({baseline[name]}) is not above its clean error ({baseline_clean_error})")
+            if denominator <= 0:  # the corruption does not hurt the baseline: no scale for this one
+                relative_skipped[name] = (f"undefined: the baseline's corruption error ({float(baseline[name]):.4g}) "
+                                          f"is not above its clean error ({baseline_clean_error:.4g})")
+                continue
             relative_ce[name] = 100.0 * (mean_error - clean_error) / denominator
 
     over = [name for name in IMAGENET_C_COMMON if name in ce]
@@ -214,8 +218,11 @@ def corruption_errors(err: Mapping[str, Mapping[int, float]], clean_error: Optio
         "mce_complete": len(over) == len(IMAGENET_C_COMMON),
     }
     if clean_error is not None:
+        relative_over = [name for name in over if name in relative_ce]
         out["relative_ce"] = relative_ce
-        out["relative_mce"] = sum(relative_ce[n] for n in over) / len(over) if over else None
+        out["relative_ce_skipped"] = relative_skipped
+        out["relative_mce"] = sum(relative_ce[n] for n in relative_over) / len(relative_over) if relative_over else None
+        out["relative_mce_over"] = relative_over
     sev5 = [name for name, row in table.items() if 5 in row]
     out["sev5_top1"] = 100.0 * sum(1 - table[n][5] for n in sev5) / len(sev5) if sev5 else None
     out["sev5_over"] = sev5

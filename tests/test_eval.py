@@ -1817,6 +1817,18 @@ def test_imagenet_c_outside_imagenet_takes_the_baselines_errors_and_its_clean_er
                           dict(base, clean_error=None))["imagenet-c"]
     assert c["mce"] == pytest.approx(100 * mean_error / 0.4) and c["relative_mce"] is None
     assert c["relative_mce_note"] == "the baseline has no clean error (no val data for it)"
+    # a baseline not hurt by the corruption (clean error 0.5, above its 0.4 there): that corruption has no
+    # relative CE, named with why; CE and mCE stay (the undefined relative CE discarded the whole result)
+    from lkfast.eval.report import _notes
+
+    c = _not_imagenet_run(tmp_path, data_root, checkpoint, monkeypatch, "unhurt", ["clean", "imagenet-c"],
+                          dict(base, clean_error=0.5))["imagenet-c"]
+    assert c["mce"] == pytest.approx(100 * mean_error / 0.4) and c["relative_mce"] is None
+    assert c["relative_ce_skipped"] == {"gaussian_noise": "undefined: the baseline's corruption error (0.4) is not "
+                                                          "above its clean error (0.5)"}
+    assert c["relative_mce_note"] == "the baseline is not hurt by any corruption of the mCE (see relative_ce_skipped)"
+    note = "\n".join(_notes({"m": {"imagenet-c": c}}, "imagenet-c"))
+    assert "**relative mCE over 0 of the 1 corruptions of the mCE**: no relative CE for gaussian_noise (undefined" in note
 
 
 def test_imagenet_p_mfr_needs_every_baseline_rate_non_zero(tmp_path, data_root, checkpoint, monkeypatch):

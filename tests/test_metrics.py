@@ -121,6 +121,20 @@ def test_corruption_errors_alexnet_itself_scores_100():
     assert "relative_mce" not in M.corruption_errors(err)
 
 
+def test_corruption_errors_names_a_corruption_the_baseline_is_not_hurt_by():
+    # a measured baseline (another class space) can be as good or better on a corruption than clean: that
+    # corruption has no relative CE; its CE, the mCE and the other relative CEs stay (it raised, losing all)
+    err = {"brightness": {s: .25 for s in range(1, 6)}, "snow": {s: .5 for s in range(1, 6)}}
+    out = M.corruption_errors(err, clean_error=.2, baseline={"brightness": .2, "snow": .6}, baseline_clean_error=.3)
+    assert out["ce"] == pytest.approx({"brightness": 125.0, "snow": 100 * .5 / .6})
+    assert out["mce"] == pytest.approx((125.0 + 100 * .5 / .6) / 2) and out["mce_over"] == ["snow", "brightness"]
+    assert out["relative_ce"] == pytest.approx({"snow": 100 * (.5 - .2) / (.6 - .3)})
+    assert out["relative_mce"] == pytest.approx(100 * (.5 - .2) / (.6 - .3)) and out["relative_mce_over"] == ["snow"]
+    assert out["relative_ce_skipped"] == {"brightness": "undefined: the baseline's corruption error (0.2) is not "
+                                                        "above its clean error (0.3)"}
+    assert M.corruption_errors(err, clean_error=.2)["relative_ce_skipped"] == {}  # AlexNet's: every one defined
+
+
 def test_corruption_errors_refuses_bad_input():
     with pytest.raises(ValueError, match="fraction"):
         M.corruption_errors({"snow": {1: 45.0}})

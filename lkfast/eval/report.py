@@ -143,6 +143,10 @@ def _notes(results, task) -> List[str]:
                         f"({', '.join(r.get('mce_over') or [])}): not the benchmark's mCE")
         if r.get("ce_skipped"):
             bits.append("no CE for " + ", ".join(f"{c} ({why})" for c, why in r["ce_skipped"].items()))
+        if r.get("relative_ce_skipped"):
+            bits.append(f"**relative mCE over {len(r.get('relative_mce_over') or [])} of the "
+                        f"{len(r.get('mce_over') or [])} corruptions of the mCE**: no relative CE for "
+                        + ", ".join(f"{c} ({why})" for c, why in r["relative_ce_skipped"].items()))
         if r.get("mean_fr_unnormalised") is not None and r.get("mfr_complete") is False:
             bits.append(f"**mFR/mT5D over {len(r.get('mfr_over') or [])} of the 10 perturbations** "
                         f"({', '.join(r.get('mfr_over') or [])}): not the benchmark's")

@@ -11,7 +11,8 @@ Each task returns a plain dict; the keys users script against (results.json, per
                  in_classes_note), source
     imagenet-c   mce, relative_mce (%, None with relative_mce_note when a clean error is missing),
                  mce_over / mce_complete (the corruptions mCE averages; all 15 there: only then the
-                 benchmark's mCE), sev5_top1 (mean top-1 % over the corruptions present at severity 5), mean_top1,
+                 benchmark's mCE), relative_mce_over / relative_ce_skipped (a measured baseline not hurt
+                 by a corruption gives it no relative CE: named with why, left out of relative_mce only), sev5_top1 (mean top-1 % over the corruptions present at severity 5), mean_top1,
                  ce {corruption: %}, top1 {corruption: {severity: %}}, source ("disk" or "generated"),
                  normalised_by (and baseline_model where a baseline model normalises: another class space)
     imagenet-p   fr {perturbation: %}, t5d {perturbation: value} (unnormalised, always: flip
@@ -307,8 +308,10 @@ def imagenet_c(ctx: TaskContext) -> dict:
     result.update(json.loads(json.dumps(scores, default=float)))
     if result.get("relative_mce") is None:
         result["relative_mce"] = None
-        result["relative_mce_note"] = note if clean_error is None or "mce_note" in result or baseline_lacks_clean \
-            else "no corruption with all 5 severities"
+        result["relative_mce_note"] = (
+            note if clean_error is None or "mce_note" in result or baseline_lacks_clean else
+            "the baseline is not hurt by any corruption of the mCE (see relative_ce_skipped)"
+            if result.get("mce_over") and result.get("relative_ce_skipped") else "no corruption with all 5 severities")
     return result
 
 
