@@ -1214,6 +1214,21 @@ def test_paper_values_stand_beside_comparable_numbers_only(tmp_path, data_root, 
             f"AlexNet, as the release and the paper: the paper's values are not shown beside)") in report
     p["baseline_model"] = "alexnet"  # the release's baseline: the paper's values (ResNet-50: 58.0, 82.0) beside
     assert table2_row(results)[0][1::2] == ["58.00", "82.00"]
+    # sequences lkfast generated from val estimate the release's: no paper value beside them, and the note says so
+    source = p["source"]
+    p["source"] = "generated from /data/val with lkfast.corrupt (seed 0)"
+    (_, paper_mfr, _, paper_mt5d), report = table2_row(results)
+    assert paper_mfr == paper_mt5d == "—"
+    assert ("data: generated from /data/val with lkfast.corrupt (seed 0) (an estimate of the release's files: the "
+            "paper's values are not shown beside)") in report
+    p["source"] = source
+    assert table2_row(results)[0][1::2] == ["58.00", "82.00"]
+    from lkfast.eval.report import _paper  # Table 1 and Fig. 2b the same way
+
+    for where, expected in (("disk: /data/imagenet-c", 76.7), ("generated from /data/val with lkfast.corrupt", None)):
+        results["ResNet-50"]["imagenet-c"] = {"source": where}
+        assert _paper(results, "ResNet-50", "mce") == expected and _paper(results, "ResNet-50", "mfr") == 58.0
+    del results["ResNet-50"]["imagenet-c"]
     results["_meta"]["class_space_is_imagenet"] = False  # other classes: no paper value anywhere
     assert table2_row(results)[0][1::2] == ["—", "—"]
 

@@ -88,12 +88,25 @@ def _over(entry, task, over_key, total):
     return None if over is None else f"{len(over)}/{total}"
 
 
+_GENERATED_TASK = {"c_sev5": "imagenet-c", "mce": "imagenet-c", "mfr": "imagenet-p", "mt5d": "imagenet-p"}
+
+
+def _generated(result) -> bool:
+    """Whether an ImageNet-C/-P result was measured on corruptions lkfast generated from val (its
+    ``source`` is "generated from ..."), not on the release's files."""
+    return isinstance(result, dict) and str(result.get("source", "disk")).startswith("generated")
+
+
 def _paper(results, label, key):
     """The paper's value of ``key`` for the model, or None: none for a model evaluated in a class space
-    other than ImageNet-1k (its accuracies and errors are over other classes), and for ImageNet-P's
-    mFR / mT5D none unless AlexNet normalised them, as the release and the paper's Table 2 do."""
+    other than ImageNet-1k (its accuracies and errors are over other classes), none for ImageNet-C/-P
+    numbers measured on corruptions generated from val (the paper's are on the releases' files, which
+    the generated ones estimate: other draws, another encoder), and for ImageNet-P's mFR / mT5D none
+    unless AlexNet normalised them, as the release and the paper's Table 2 do."""
     name = paper_name(label, results[label])
     if not name or not results.get(META_KEY, {}).get("class_space_is_imagenet", True):
+        return None
+    if key in _GENERATED_TASK and _generated(results[label].get(_GENERATED_TASK[key])):
         return None
     if key in ("mfr", "mt5d") and results[label].get("imagenet-p", {}).get("baseline_model", "alexnet") != "alexnet":
         return None
@@ -134,7 +147,10 @@ def _notes(results, task) -> List[str]:
             continue
         bits = []
         if r.get("source"):
-            bits.append(f"data: {r['source']}")
+            bits.append(f"data: {r['source']}" + (" (an estimate of the release's files: the paper's values are not "
+                                                  "shown beside)" if _generated(r) and paper_name(m, results[m]) and
+                                                  results.get(META_KEY, {}).get("class_space_is_imagenet", True)
+                                                  else ""))
         if r.get("skipped_unreadable"):
             bits.append(f"**{r['skipped_unreadable']} unreadable item(s) skipped** "
                         f"({', '.join(f'{k}: {v}' for k, v in r.get('skipped_by_part', {}).items())})")
