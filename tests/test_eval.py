@@ -211,13 +211,16 @@ def test_cli_end_to_end_matches_a_direct_computation(full_run, data_root, checkp
         seq = data.ImageNetP(data_root / "imagenet-p", name)
         z = torch.stack([reference_logits(model, [(seq[i][0], 0)])[0] for i in range(len(seq))])
         noise = name == "gaussian_noise"
-        assert r["imagenet-p"]["fr"][name] == pytest.approx(100 * metrics.flip_probability(z.argmax(2), noise))
+        assert r["imagenet-p"]["fp"][name] == pytest.approx(100 * metrics.flip_probability(z.argmax(2), noise))
         assert r["imagenet-p"]["t5d"][name] == pytest.approx(metrics.top5_distance(z, noise))
     p = r["imagenet-p"]  # Table 2's unnormalised means: over the perturbations scored (2 here), not the 10
-    assert p["mean_fr_unnormalised"] == pytest.approx((p["fr"]["gaussian_noise"] + p["fr"]["translate"]) / 2)
+    assert p["mean_fp"] == pytest.approx((p["fp"]["gaussian_noise"] + p["fp"]["translate"]) / 2)
     assert p["mean_t5d_unnormalised"] == pytest.approx((p["t5d"]["gaussian_noise"] + p["t5d"]["translate"]) / 2)
     base = r["imagenet-p"]["baseline"]
-    assert r["imagenet-p"]["mfr"] == pytest.approx(metrics.mfr(r["imagenet-p"]["fr"], base["fr"]))
+    assert r["imagenet-p"]["mfr"] == pytest.approx(metrics.mfr(r["imagenet-p"]["fp"], base["fp"]))
+    assert r["imagenet-p"]["fr"] == pytest.approx({n: 100 * r["imagenet-p"]["fp"][n] / base["fp"][n] for n in base["fp"]})
+    assert r["imagenet-p"]["t5d_normalised"] == pytest.approx({n: 100 * r["imagenet-p"]["t5d"][n] / base["t5d"][n]
+                                                               for n in base["t5d"]})
     assert r["imagenet-p"]["mt5d"] == pytest.approx(metrics.mt5d(r["imagenet-p"]["t5d"], base["t5d"]))
     # 9: 1000 logits mapped to the nine classes; images fed as they are, as the release feeds them
     acc = {}
@@ -500,7 +503,7 @@ def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint, mo
     r = load(tmp_path / "out")["tiny"]
     assert r["imagenet-c"]["source"].startswith("generated")
     assert r["imagenet-c"]["mce_complete"] is True and len(r["imagenet-c"]["sev5_over"]) == 19
-    assert set(r["imagenet-p"]["fr"]) == set(metrics.IMAGENET_P)
+    assert set(r["imagenet-p"]["fp"]) == set(metrics.IMAGENET_P)
     assert sorted(applied, key=str) == sorted([(c, s) for c in metrics.IMAGENET_C_ALL for s in range(1, 6)] * 2
                                               + list(metrics.IMAGENET_P) * 2, key=str)  # once per image (2 a part)
     assert set(difficulties) == {1}  # the paper's ImageNet-P: difficulty 1
@@ -527,7 +530,7 @@ def test_generated_imagenet_c_and_p_do_not_depend_on_the_batch_size(tmp_path, da
         results.append(load(out)["tiny"])
     for name in ("gaussian_noise", "shot_noise", "snow"):
         assert results[0]["imagenet-p"]["t5d"][name] == pytest.approx(results[1]["imagenet-p"]["t5d"][name], abs=1e-12)
-    assert results[0]["imagenet-p"]["fr"] == pytest.approx(results[1]["imagenet-p"]["fr"], abs=1e-9)
+    assert results[0]["imagenet-p"]["fp"] == pytest.approx(results[1]["imagenet-p"]["fp"], abs=1e-9)
     assert results[0]["imagenet-c"]["top1"] == results[1]["imagenet-c"]["top1"]
 
 
@@ -1229,6 +1232,13 @@ def test_paper_values_stand_beside_comparable_numbers_only(tmp_path, data_root, 
         results["ResNet-50"]["imagenet-c"] = {"source": where}
         assert _paper(results, "ResNet-50", "mce") == expected and _paper(results, "ResNet-50", "mfr") == 58.0
     del results["ResNet-50"]["imagenet-c"]
+    # a results.json from before ImageNet-P's version 5 (flip probabilities under fr / mean_fr_unnormalised)
+    # gives the same report (python -m lkfast.eval.report on an old run showed "—" and no per-perturbation table)
+    old = json.loads(json.dumps(results))
+    q = old["ResNet-50"]["imagenet-p"]
+    q["fr"], q["mean_fr_unnormalised"] = q.pop("fp"), q.pop("mean_fp")
+    assert table2_row(old)[1] == table2_row(results)[1]
+    assert "Flip probability (%) per perturbation" in table2_row(old)[1] and "fr" in old["ResNet-50"]["imagenet-p"]
     results["_meta"]["class_space_is_imagenet"] = False  # other classes: no paper value anywhere
     assert table2_row(results)[0][1::2] == ["—", "—"]
 
@@ -1849,17 +1859,19 @@ def test_imagenet_c_outside_imagenet_takes_the_baselines_errors_and_its_clean_er
 def test_imagenet_p_mfr_needs_every_baseline_rate_non_zero(tmp_path, data_root, checkpoint, monkeypatch):
     """mFR / mT5D divide by the baseline's flip rate and top-5 distance of each perturbation: a zero
     (or missing) one of either leaves both out, naming the perturbation, instead of failing the task."""
-    fr, t5d = {"gaussian_noise": 40.0, "translate": 20.0}, {"gaussian_noise": 2.0, "translate": 0.5}
+    fp, t5d = {"gaussian_noise": 40.0, "translate": 20.0}, {"gaussian_noise": 2.0, "translate": 0.5}
     p = _not_imagenet_run(tmp_path, data_root, checkpoint, monkeypatch, "both", ["imagenet-p"],
-                          {"fr": fr, "t5d": t5d})["imagenet-p"]
-    assert p["mfr"] == pytest.approx((p["fr"]["gaussian_noise"] / 40.0 + p["fr"]["translate"] / 20.0) / 2 * 100)
+                          {"fp": fp, "t5d": t5d})["imagenet-p"]
+    assert p["mfr"] == pytest.approx((p["fp"]["gaussian_noise"] / 40.0 + p["fp"]["translate"] / 20.0) / 2 * 100)
     assert p["mt5d"] == pytest.approx((p["t5d"]["gaussian_noise"] / 2.0 + p["t5d"]["translate"] / 0.5) / 2 * 100)
-    for name, baseline in (("fr", {"fr": dict(fr, translate=0.0), "t5d": t5d}),
-                           ("t5d", {"fr": fr, "t5d": dict(t5d, gaussian_noise=0.0)})):
+    assert p["fr"] == pytest.approx({"gaussian_noise": p["fp"]["gaussian_noise"] / 40.0 * 100,
+                                     "translate": p["fp"]["translate"] / 20.0 * 100})
+    for name, baseline in (("fp", {"fp": dict(fp, translate=0.0), "t5d": t5d}),
+                           ("t5d", {"fp": fp, "t5d": dict(t5d, gaussian_noise=0.0)})):
         p = _not_imagenet_run(tmp_path, data_root, checkpoint, monkeypatch, name, ["imagenet-p"], baseline)["imagenet-p"]
-        zero = "translate" if name == "fr" else "gaussian_noise"
-        assert p["mfr"] is None and p["mt5d"] is None, name
-        assert p["normalisation_note"] == f"the baseline has no (or zero) flip rate / top-5 distance for {[zero]}"
+        zero = "translate" if name == "fp" else "gaussian_noise"
+        assert p["mfr"] is None and p["mt5d"] is None and "fr" not in p, name
+        assert p["normalisation_note"] == f"the baseline has no (or zero) flip probability / top-5 distance for {[zero]}"
 
 
 def test_unreadable_video_is_skipped_and_counted(tmp_path, data_root, checkpoint):
@@ -2208,5 +2220,5 @@ print(json.dumps(run(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), 1)
     here = {}
     exec(run, here)
     expected = json.loads(json.dumps(here["run"](checkpoint, str(root), str(tmp_path / "here"), SIZE, 0)))
-    assert expected["imagenet-p"]["fr"] and expected["imagenet-c"]["top1"]
+    assert expected["imagenet-p"]["fp"] and expected["imagenet-c"]["top1"]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == expected

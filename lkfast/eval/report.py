@@ -163,7 +163,7 @@ def _notes(results, task) -> List[str]:
             bits.append(f"**relative mCE over {len(r.get('relative_mce_over') or [])} of the "
                         f"{len(r.get('mce_over') or [])} corruptions of the mCE**: no relative CE for "
                         + ", ".join(f"{c} ({why})" for c, why in r["relative_ce_skipped"].items()))
-        if r.get("mean_fr_unnormalised") is not None and r.get("mfr_complete") is False:
+        if r.get("mean_fp") is not None and r.get("mfr_complete") is False:
             bits.append(f"**mFR/mT5D over {len(r.get('mfr_over') or [])} of the 10 perturbations** "
                         f"({', '.join(r.get('mfr_over') or [])}): not the benchmark's")
         if r.get("unreadable_parts"):
@@ -262,12 +262,29 @@ def write_report(out, results: Dict[str, Any]) -> Path:
     except (OSError, ValueError):
         pass
     before = _report_files(out)
-    path = _write_report(out, results)
+    path = _write_report(out, _read_older(results))
     # this report's files: new ones, and those it wrote again (a report killed before it wrote the
     # manifest left them; counted as the user's, a later report would have kept them as if current)
     written = {name for name, stamp in _report_files(out).items() if before.get(name) != stamp}
     write_text_atomic(manifest, json.dumps(sorted(written)))
     return path
+
+
+def _read_older(results: Dict[str, Any]) -> Dict[str, Any]:
+    """``results`` with what older versions stored under other names renamed as today's (a copy where
+    any is): ImageNet-P results before version 5 kept the unnormalised flip probabilities under
+    ``fr`` / ``mean_fr_unnormalised``, today's ``fp`` / ``mean_fp`` (``fr`` is now the flip rate,
+    normalised by a baseline, as the benchmark names it)."""
+    older = [m for m in _models(results) if isinstance(results[m].get("imagenet-p"), dict)
+             and "fp" not in results[m]["imagenet-p"] and "fr" in results[m]["imagenet-p"]]
+    if not older:
+        return results
+    results = dict(results)
+    for m in older:
+        p = dict(results[m]["imagenet-p"])
+        p["fp"], p["mean_fp"] = p.pop("fr"), p.pop("mean_fr_unnormalised", None)
+        results[m] = dict(results[m], **{"imagenet-p": p})
+    return results
 
 
 def _report_files(out: Path) -> dict:
@@ -419,18 +436,19 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
         w.text("\n## Table 2: ImageNet-P mFR and mT5D\n")
         rows = [[m, _get(results[m], "imagenet-p", "mfr"), _paper(results, m, "mfr"), _get(results[m], "imagenet-p", "mt5d"),
                  _paper(results, m, "mt5d"), _over(results[m], "imagenet-p", "mfr_over", 10),
-                 _get(results[m], "imagenet-p", "mean_fr_unnormalised"),
+                 _get(results[m], "imagenet-p", "mean_fp"),
                  _get(results[m], "imagenet-p", "mean_t5d_unnormalised")] for m in models]
         w.table("table2_mfr_mt5d", ["Model", "mFR (%)", "paper", "mT5D (%)", "paper", "perturbations",
-                                    "mean FR (%, unnormalised)", "mean T5D (unnormalised)"], rows,
+                                    "mean flip probability (%)", "mean T5D (unnormalised)"], rows,
                 "Lower is better. mFR / mT5D are normalised by the baseline model's values on the same sequences "
                 "(named in the notes; the paper's, by AlexNet's, are shown beside an AlexNet-normalised value only). "
                 "Perturbations: how many of the 10 the means average (with fewer they are not the benchmark's).")
-        perturbations = sorted({p for m in models for p in (results[m].get("imagenet-p", {}).get("fr") or {})})
+        perturbations = sorted({p for m in models for p in (results[m].get("imagenet-p", {}).get("fp") or {})})
         if perturbations:
-            w.table("imagenet_p_fr", ["Model"] + perturbations,
-                    [[m] + [_get(results[m], "imagenet-p", f"fr.{p}") for p in perturbations] for m in models],
-                    "Flip probability (%) per perturbation, unnormalised.")
+            w.table("imagenet_p_fp", ["Model"] + perturbations,
+                    [[m] + [_get(results[m], "imagenet-p", f"fp.{p}") for p in perturbations] for m in models],
+                    "Flip probability (%) per perturbation, unnormalised (the benchmark's flip rate FR divides it by "
+                    "the baseline's; FR per perturbation is results.json's fr where a baseline normalised).")
         w.text("\n".join(_notes(results, "imagenet-p")) + "\n")
 
     if _has(results, "imagenet-r"):

@@ -15,11 +15,12 @@ Each task returns a plain dict; the keys users script against (results.json, per
                  by a corruption gives it no relative CE: named with why, left out of relative_mce only), sev5_top1 (mean top-1 % over the corruptions present at severity 5), mean_top1,
                  ce {corruption: %}, top1 {corruption: {severity: %}}, source ("disk" or "generated"),
                  normalised_by (and baseline_model where a baseline model normalises: another class space)
-    imagenet-p   fr {perturbation: %}, t5d {perturbation: value} (unnormalised, always: flip
+    imagenet-p   fp {perturbation: %}, t5d {perturbation: value} (unnormalised, always: flip
                  probability x 100 and mean top-5 distance at difficulty 1, i.e. the first noise
-                 level / frame stride 1), mean_fr_unnormalised, mean_t5d_unnormalised, mfr and mt5d
-                 (% of the baseline model's, None with normalisation_note when no baseline could be
-                 evaluated), sequences {perturbation: sequences scored}, mfr_over (the perturbations
+                 level / frame stride 1), mean_fp, mean_t5d_unnormalised, mfr and mt5d (% of the
+                 baseline model's, None with normalisation_note when no baseline could be evaluated)
+                 with fr and t5d_normalised {perturbation: % of the baseline's} (the benchmark's flip
+                 rate FR is the flip probability normalised so; fp is not), sequences {perturbation: sequences scored}, mfr_over (the perturbations
                  the means are over), mfr_complete (all 10 there: only then the benchmark's mFR), source,
                  normalised_by and baseline_model (the baseline's architecture name) with mfr,
                  not_scored (where present: harder-noise folders, e.g. gaussian_noise_2, whose
@@ -396,8 +397,8 @@ def imagenet_p(ctx: TaskContext) -> dict:
     if not fp:
         raise _nothing_readable(ctx, "imagenet-p", items="sequences") if source == "disk" else \
             _nothing_readable(ctx, "val")
-    result = {"fr": {p: 100.0 * v for p, v in fp.items()}, "t5d": t5d, "mfr": None, "mt5d": None,
-              "mean_fr_unnormalised": 100.0 * sum(fp.values()) / len(fp),
+    result = {"fp": {p: 100.0 * v for p, v in fp.items()}, "t5d": t5d, "mfr": None, "mt5d": None,
+              "mean_fp": 100.0 * sum(fp.values()) / len(fp),
               "mean_t5d_unnormalised": sum(t5d.values()) / len(t5d),
               "sequences": scored, "mfr_over": sorted(fp), "mfr_complete": set(fp) >= set(corrupt.PERTURBATIONS),
               "source": "disk: " + str(ctx.source("imagenet-p")) if source == "disk" else
@@ -412,17 +413,20 @@ def imagenet_p(ctx: TaskContext) -> dict:
     if base is None:
         result["normalisation_note"] = why
         return result
-    missing = [p for p in fp if not base["fr"].get(p) or not base["t5d"].get(p)]
+    missing = [p for p in fp if not base["fp"].get(p) or not base["t5d"].get(p)]
     if missing:
-        result["normalisation_note"] = f"the baseline has no (or zero) flip rate / top-5 distance for {missing}"
+        result["normalisation_note"] = (f"the baseline has no (or zero) flip probability / top-5 distance for "
+                                        f"{missing}")
         return result
     # ratios do not depend on the percent scale, so the baseline's percent values serve as they are
-    result["mfr"] = metrics.mfr(result["fr"], base["fr"])
+    result["fr"] = metrics.flip_rates(result["fp"], base["fp"])
+    result["t5d_normalised"] = metrics.top5_distance_rates(t5d, base["t5d"])
+    result["mfr"] = metrics.mfr(result["fp"], base["fp"])
     result["mt5d"] = metrics.mt5d(t5d, base["t5d"])
     # the release (and the paper's Table 2) normalise by AlexNet: the report compares only such values
     result["normalised_by"] = f"the baseline model {_baseline_words(ctx)} on the same sequences"
     result["baseline_model"] = ctx.options.baseline.name
-    result["baseline"] = {"fr": base["fr"], "t5d": base["t5d"]}
+    result["baseline"] = {"fp": base["fp"], "t5d": base["t5d"]}
     return result
 
 
@@ -500,8 +504,10 @@ register_task("imagenet-c", imagenet_c, needs=("imagenet-c", "val"), count=_c_co
               result_version="2")  # 2: a baseline's weights in normalised_by, baseline_model
 register_task("imagenet-p", imagenet_p, needs=("imagenet-p", "val"), count=_p_count, reads=("baseline",),
               description="ImageNet-P mFR / mT5D (Table 2)",
-              result_version="4")  # 2: nothing readable is not run (98974ff; was an empty result, still cached);
-# 3: not_scored (harder noise levels without their difficulty-1 folder); 4: normalised_by, baseline_model
+              result_version="5")  # 2: nothing readable is not run (98974ff; was an empty result, still cached);
+# 3: not_scored (harder noise levels without their difficulty-1 folder); 4: normalised_by, baseline_model;
+# 5: the unnormalised flip probabilities are fp / mean_fp (were fr / mean_fr_unnormalised: FR is the benchmark's
+# normalised flip rate), fr and t5d_normalised per perturbation with a baseline
 register_task("imagenet-9", imagenet_9, needs=("imagenet-9",), count=lambda ctx: sum(len(d) for _, d in _nine_parts(ctx)),
               description="ImageNet-9 backgrounds: Original, Mixed-Same, Mixed-Rand, BG-Gap (Table 3)",
               version="2")  # 2: images fed without the model's resize and crop, as the release feeds them
