@@ -54,6 +54,17 @@ def test_default_run_end_to_end_and_rerun_from_cache(tmp_path, monkeypatch, caps
                     "### Table 7 layout: replknet_tiny"):
         assert heading in report, heading
     assert list((out / "figures").glob("*.png")) and list((out / "tables").glob("*.csv"))
+    # the report says at its top what the data is (its sets were labelled ImageNet-A, ... and nothing said
+    # they are 64-px shapes), and the notes why mCE / mFR are missing (they said "--baseline-model none",
+    # an option nobody had given)
+    assert ('**Not ImageNet-1k**: every number here is over the class space "synthetic shapes" (the paper\'s values '
+            "are not shown beside them). lkfast's embedded default benchmark (lkfast.data.synthetic): 10 classes of "
+            "synthetic shapes drawn at 64x64") in report
+    assert "--baseline-model none" not in report
+    assert ("mce omitted: the embedded default normalises by no baseline model: its reference ResNet-tiny never "
+            f"flips on several perturbations (a zero flip probability cannot normalise), and its ImageNet-C holds "
+            f"{TINY.data.c_per_class * 10} of val's {TINY.data.val_per_class * 10} images") in report
+    assert results["k31"]["imagenet-p"]["normalisation_note"].startswith("the embedded default normalises by no")
     # the models' outputs are in the class space's order (the readers' labels), not sorted folder names
     from lkfast.data import synthetic
 

@@ -29,6 +29,8 @@ class ClassSpace:
         published AlexNet errors (``lkfast.metrics.ALEXNET_ERRORS``). Otherwise the baseline model
         (``--baseline-model`` / the default's) is evaluated on the same ImageNet-C images and its
         errors take AlexNet's place; without one, CE / mCE are None with ``mce_note``.
+    about: what the data is, said at the top of the report of a class space other than ImageNet-1k
+        (whose numbers are then over other images and classes than the benchmarks' releases).
     """
 
     name: str
@@ -37,6 +39,7 @@ class ClassSpace:
     nine_map: Optional[Tuple[int, ...]] = None
     nine_names: Tuple[str, ...] = ()
     published_baselines: bool = False
+    about: str = ""
 
     @property
     def num_classes(self) -> int:

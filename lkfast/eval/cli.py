@@ -365,6 +365,7 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
         dirs = {name: getattr(args, name.replace("-", "_") + "_dir") for name in SOURCE_NAMES}
         data = resolve_sources(args.data_root, dirs)
         class_space, baseline, default_workers = None, None, min(8, os.cpu_count() or 1)
+        no_baseline = EvalOptions.no_baseline
         if args.baseline_model and args.baseline_model.lower() != "none":
             baseline = _existing_checkpoint(ModelSpec.parse(args.baseline_model, source="torchvision",
                                                             option="--baseline-model"), "--baseline-model")
@@ -412,6 +413,7 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
             if prepared.get("suite"):
                 tasks = tuple(prepared["suite"])
             baseline = prepared.get("baseline")
+            no_baseline = prepared.get("no_baseline", no_baseline)
             default_workers = prepared.get("workers", default_workers)
         if not models:
             raise EvalError("no --models given (e.g. --models resnet50:/path/resnet50.pth)")
@@ -437,6 +439,7 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
                               limit=args.limit if args.subset is None else args.subset,
                               spread=args.subset is not None, analysis_images=args.analysis_images, seed=args.seed,
                               shard_size=args.shard_size, trust_checkpoint=args.trust_checkpoint, baseline=baseline,
+                              no_baseline=no_baseline,
                               class_space=class_space, progress=not args.no_progress,
                               gpu_decode=not args.no_gpu_decode,
                               analysis=analysis)

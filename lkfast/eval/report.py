@@ -346,6 +346,10 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
            f"Options: {json.dumps(meta.get('options', {}), sort_keys=True)}. Class space: {meta.get('class_space', '?')}.\n\n"
            f"Paper values are from {CITATION} (Tables 1, 2, 3 and 6), shown beside the measured value for the "
            f"models the paper reports; \"—\" means not measured or not reported.\n")
+    if not meta.get("class_space_is_imagenet", True):
+        w.text(f"\n**Not ImageNet-1k**: every number here is over the class space \"{meta.get('class_space', '?')}\" "
+               "(the paper's values are not shown beside them)"
+               + (f". {meta['class_space_about']}" if meta.get("class_space_about") else ".") + "\n")
     chosen = _images_chosen(meta.get("options", {}), results, models)
     if chosen:
         w.text(f"\n{chosen}\n")

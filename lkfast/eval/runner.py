@@ -62,8 +62,9 @@ class EvalOptions:
 
     data: source name ("val", "imagenet-a", ..., see ``lkfast.eval.sources``) -> folder.
     class_space: the label set (None: ImageNet-1k). baseline: the model ImageNet-P's flip rates are
-    normalised by (None: report unnormalised values only). limit: first N images of each dataset;
-    with spread, N images evenly spaced over each dataset's sorted order instead (``--subset``).
+    normalised by (None: report unnormalised values only, with ``no_baseline`` as the reason).
+    limit: first N images of each dataset; with spread, N images evenly spaced over each dataset's
+    sorted order instead (``--subset``).
     analysis_images: the tasks that read "images" (the Section 4 analyses) read N images spread evenly
     over what limit/spread kept (``--analysis-images``), the benchmarks all of it.
     shard_size: images per cached shard. amp: bf16 autocast on the CPU, fp16 on CUDA.
@@ -83,6 +84,7 @@ class EvalOptions:
     shard_size: int = 1000
     trust_checkpoint: bool = False
     baseline: Optional[ModelSpec] = None
+    no_baseline: str = "no baseline model (--baseline-model none)"  # why, where baseline is None
     class_space: Optional[ClassSpace] = None
     analysis: Dict[str, str] = field(default_factory=dict)  # dino_checkpoint, taig_surrogate (Section 4 tasks)
     gpu_decode: bool = True
@@ -553,11 +555,20 @@ class Runner:
                "limit": self.options.limit, **({"spread": True} if self.options.spread else {}),
                "data": self._data_fingerprint(),
                "classes": [self.class_space.name, self.class_space.fingerprint],
-               "baseline": None if self.options.baseline is None or "baseline" not in task.reads else
-               [self.options.baseline.name, self._baseline_key()]}
+               "baseline": self._baseline_part(task)}
         if task.depends is not None:  # (only then: the other tasks' keys stay as they were)
             key["depends"] = task.depends(self, spec)
         return stable_hash(key)
+
+    def _baseline_part(self, task: Task):
+        """The baseline's part of a result key: None for a task that reads none, [name, weights] where there
+        is one; without one, None, or the reason a run gives for having none where it is not the usual one
+        (the embedded default's: it is stored in the results' notes)."""
+        if "baseline" not in task.reads:
+            return None
+        if self.options.baseline is None:
+            return None if self.options.no_baseline == EvalOptions.no_baseline else ["none", self.options.no_baseline]
+        return [self.options.baseline.name, self._baseline_key()]
 
     def _baseline_key(self) -> str:
         try:
@@ -620,7 +631,7 @@ class Runner:
     def baseline_result(self, name: str):
         spec = self.options.baseline
         if spec is None:
-            return None, "no baseline model (--baseline-model none)"
+            return None, self.options.no_baseline
         if spec.checkpoint is None and not spec.pretrained:
             return None, (f"no weights for the baseline {spec.name!r}: pass --baseline-model {spec.name}:PATH with "
                           f"local weights (for AlexNet, torchvision's alexnet-owt-7be5be79.pth), or --pretrained "
@@ -658,6 +669,7 @@ class Runner:
             "data_sources": {k: str(v) for k, v in sorted(self.options.data.items())},
             "class_space": self.class_space.name,
             "class_space_is_imagenet": bool(self.class_space.published_baselines),  # the paper's values apply
+            "class_space_about": self.class_space.about,
             "baseline": None if self.options.baseline is None else
             {"name": self.options.baseline.name, "checkpoint": self.options.baseline.checkpoint},
             "started": started, "command": " ".join(sys.argv),
