@@ -811,18 +811,49 @@ def test_accuracy_axes_of_flat_values_start_at_zero(tmp_path, monkeypatch):
     zero = {"eps": [0.001, 0.002], "top1": [0.0, 0.0], "steps": [1, 5], "steps_top1": [0.0, 0.0], "num_steps": 5,
             "steps_eps": 0.006}
     fgsm = {"eps": [0.1, 0.2], "top1": [40.0, 10.0]}
+    plots.plot_attacks({"a": zero}, {"a": zero}, tmp_path / "fig6.png")
+    assert {tuple(ax.get_ylim()) for ax in drawn.pop().axes} == {(0.0, 100.0)}  # one axis for the three panels
+    # the panels share one y-axis (they are read against each other): its range is from all of them, so (c)'s
+    # zeros beside (a)'s 10..40 get matplotlib's range over 0..40, not one of their own
     plots.plot_attacks({"a": fgsm}, {"a": zero, "b": dict(zero, top1=[30.0, 30.0])}, tmp_path / "fig6.png")
-    limits = {ax.get_title(): tuple(ax.get_ylim()) for ax in drawn.pop().axes}
-    assert limits["(c) PGD, ε = 0.006"] == (0.0, 100.0)
-    assert limits["(b) PGD, 5 steps"][0] < 0  # 0 and 30: matplotlib's own margins, as before
-    low, high = limits["(a) FGSM"]
-    assert 8 < low < 10 and 40 < high < 42
+    limits = {tuple(ax.get_ylim()) for ax in drawn.pop().axes if ax.get_title()}
+    assert len(limits) == 1
+    low, high = limits.pop()
+    assert low < 0 and 40 < high < 43
     lesion = {"fraction": [0.5, 1.0], "clean_top1": 50.0, "mean": [50.0, 50.0], "min": [50.0, 50.0], "max": [50.0, 50.0]}
     plots.plot_lesion({"a": lesion}, tmp_path / "fig7.png")
     assert drawn.pop().axes[0].get_ylim() == (0.0, 55.0)
     assert plots.accuracy_ylim(0.0, 0.0) == (0.0, 100.0) and plots.accuracy_ylim(0.0, 0.5) == (0.0, 5.5)
     assert plots.accuracy_ylim(0.0, 30.0) is None and plots.accuracy_ylim(float("inf"), float("-inf")) is None
     assert plots.accuracy_ylim(40.0, 41.0) is None and plots.accuracy_ylim(40.0, 40.9) == (0.0, 45.9)  # span >= 1: not flat
+
+
+def test_figures_say_what_a_reader_compares_against(tmp_path, monkeypatch):
+    """From a review of the default run's figures: Fig. 6's lines started at the first budget (where
+    FGSM had already removed 60 points), nothing showed the clean top-1; Fig. 9 had no level to read its
+    distances against (the default's kernels sit at the uniform kernel's) and a y-range per panel."""
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    fgsm = {"eps": [0.1, 0.2], "top1": [40.0, 10.0], "clean_top1": 70.0}
+    pgd = {"eps": [0.002], "top1": [30.0], "steps": [1, 5], "steps_top1": [50.0, 20.0], "num_steps": 5,
+           "steps_eps": 0.006, "clean_top1": 70.0}
+    plots.plot_attacks({"a": fgsm}, {"a": pgd}, tmp_path / "fig6.png")
+    lines = [ax.get_lines()[0] for ax in drawn.pop().axes if ax.get_title()]
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in lines] == [
+        ([0, 0.1, 0.2], [70.0, 40.0, 10.0]), ([0, 0.002], [70.0, 30.0]), ([0, 1, 5], [70.0, 50.0, 20.0])]
+    from lkfast.analysis import paper_layers
+
+    result = kernel_attention_distance(tiny_replknet())
+    plots.plot_kernel_distance({"a": result, "b": result}, tmp_path / "fig9.png")
+    axes = [ax for ax in drawn.pop().axes if ax.get_title()]
+    assert len({tuple(ax.get_ylim()) for ax in axes}) == 1  # one scale: the kernel sizes compare
+    sizes = sorted({tuple(layer["kernel_size"]) for layer in paper_layers(result)})
+    levels = {line.get_label(): line.get_ydata()[0] for line in axes[0].get_lines() if "uniform" in line.get_label()}
+    assert sorted(levels) == sorted(f"uniform |w|, {kh}x{kw}" for kh, kw in sizes)
+    for kh, kw in sizes:  # the mean over the taps of the distance from the centre, 1 at the corners
+        r = ((torch.arange(kh) - kh // 2)[:, None] ** 2 / (kh // 2) ** 2 + (torch.arange(kw) - kw // 2) ** 2 / (kw // 2) ** 2
+             ).sqrt() / 2 ** 0.5
+        assert levels[f"uniform |w|, {kh}x{kw}"] == pytest.approx(float(r.mean()))
 
 
 def test_drop_axes_of_flat_values_show_zero_and_both_signs(tmp_path, monkeypatch):
@@ -907,6 +938,14 @@ def test_eval_tasks_run_end_to_end_and_report(tmp_path):
         assert f"figures/{figure}.png" in text and (tmp_path / "out" / "figures" / f"{figure}.png").stat().st_size > 0
     assert "Salient-Drop-50%" in text  # Table 5's analysis columns (no ablation family in this run)
     assert "Weights measured: tiny-lk: the large kernels' own weights (lkb_origin.conv.weight" in text
+    # what each figure drew from (a reader cannot compare lesion curves over other candidates, or read Fig. 8
+    # without the noise's size)
+    lesion = results["lesion"]
+    assert (f"Candidates: tiny-lk: 2 of {lesion['model_blocks']} blocks." in text
+            and f"over {lesion['draws_per_count']} draws per count" in text)
+    frequency = results["frequency"]
+    assert f"ε = {frequency['eps']:g}, band 0.1π wide, {frequency['images']} val images." in text
+    assert "each model's curve divided by its own largest value; 6 random val images." in text
     # Fig. 5: one val image and its three occlusions at 50%, written once by the task, shown by the report
     assert "figures/figure5_occlusion_examples.png" in text
     assert (tmp_path / "out" / "figures" / "figure5_occlusion_examples.png").stat().st_size > 0

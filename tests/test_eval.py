@@ -1700,8 +1700,37 @@ def test_report_accuracy_bars_of_zeros_run_from_0_to_100(tmp_path, monkeypatch):
     report.write_report(tmp_path, results)
     assert drawn["figure2.png"][0].get_ylim() == (0.0, 100.0) and drawn["figure3.png"][0].get_ylim() == (0.0, 100.0)
     size, top1 = drawn["figure1.png"]
-    assert top1.get_ylim()[0] == 0 and 52 < top1.get_ylim()[1] < 56  # 52 %: matplotlib's range from 0, as before
+    # 52 %: matplotlib's range from 0, as before, and room above the bar for its label (it sat on the frame)
+    assert top1.get_ylim()[0] == 0 and 52 + 5 <= top1.get_ylim()[1] < 62
     assert size.get_ylim()[0] == 0 and size.get_ylim()[1] < 1  # 0.72 M parameters: not an accuracy
+
+
+def test_report_draws_chance_and_says_each_note_once(tmp_path, monkeypatch):
+    """From a review of the default run's report: ImageNet-R's bars sat at chance (10 classes) on an axis
+    zoomed to 0..13, nothing saying so; a tallest bar's label sat on the frame; every note (the same data
+    folder) came once per model; Fig. 2's caption promised red marks no model had."""
+    import lkfast.eval.report as report
+
+    drawn = {}
+    monkeypatch.setattr(report, "save_figure_atomic",
+                        lambda fig, path: drawn.update({Path(path).name: fig.axes}) or Path(path))
+    results = {m: {"_model": {"name": "resnet_tiny", "parameters": 720_000}, "clean": {"top1": 52.0},
+                   "imagenet-a": {"top1": 2.0, "classes": 10, "source": "/d/a"},
+                   "imagenet-o": {"aupr": 60.0, "in_images": 180, "out_images": 80, "source": "/d/o"},
+                   "imagenet-r": {"top1": top1, "classes": 10, "source": "/d/r"}}
+               for m, top1 in (("a", 12.5), ("b", 9.0))}
+    text = report.write_report(tmp_path, results).read_text()
+    (r_axis,) = drawn["figure3.png"]
+    chance = [line for line in r_axis.get_lines() if line.get_label().startswith("chance")]
+    assert len(chance) == 1 and chance[0].get_ydata()[0] == pytest.approx(10.0)
+    assert r_axis.get_ylim()[1] >= 12.5 + 0.1 * 12.5  # room for the "12.5" label under the frame
+    a_axis, o_axis = drawn["figure2.png"]
+    assert [line.get_ydata()[0] for line in o_axis.get_lines()] == [pytest.approx(100 * 80 / 260)]  # share of anomalies
+    assert "Red marks" not in text and "Dashed: chance" in text
+    assert text.count("data: /d/r") == 1 and "- all models: data: /d/r" in text
+    results["b"]["imagenet-r"]["classes"] = 20  # models scored over other class counts: no one chance line
+    report.write_report(tmp_path, results)
+    assert not [line for line in drawn["figure3.png"][0].get_lines() if line.get_label().startswith("chance")]
 
 
 def test_report_bar_labels_tell_apart_what_the_table_does(tmp_path, monkeypatch):

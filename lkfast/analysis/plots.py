@@ -14,7 +14,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lkfast.analysis.kernels import paper_layers  # noqa: E402
+import torch  # noqa: E402
+
+from lkfast.analysis.kernels import channel_distances, paper_layers  # noqa: E402
 from lkfast.tables import save_figure_atomic  # noqa: E402
 
 MODE_TITLES = {"random": "(a) random drop", "salient": "(b) salient drop", "non_salient": "(c) non-salient drop"}
@@ -82,6 +84,14 @@ def _set_ylim(ax, rule) -> None:
         ax.set_ylim(*limits)
 
 
+def _set_shared_ylim(axes, rule) -> None:
+    """``rule``'s limits for panels that share one y-axis, from what all of them plot (one panel's
+    flat values are not the figure's)."""
+    limits = rule(min(float(ax.dataLim.y0) for ax in axes), max(float(ax.dataLim.y1) for ax in axes))
+    if limits is not None:
+        axes[0].set_ylim(*limits)
+
+
 def set_accuracy_ylim(ax) -> None:
     """Give ``ax`` (an accuracy axis, drawn) the limits of ``accuracy_ylim`` for what it plots."""
     _set_ylim(ax, accuracy_ylim)
@@ -104,15 +114,16 @@ def plot_occlusion(results: Mapping[str, dict], path) -> Path:
     _check(results, "plot_occlusion")
     modes = [m for m in MODE_TITLES if any(m in r["top1"] for r in results.values())]
     colors = _colors(results)
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), squeeze=False)
+    # one y-range: the panels are read against each other (salient against random drop)
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), squeeze=False, sharey=True)
     for ax, mode in zip(axes[0], modes):
         for label, r in results.items():
             if mode in r["top1"]:
                 drop = [r["clean_top1"] - top1 for top1 in r["top1"][mode]]
                 ax.plot([100 * q for q in r["ratios"]], drop, marker="o", label=label, color=colors[label])
         ax.set(title=MODE_TITLES[mode], xlabel="information loss (%)", ylabel="top-1 drop (points)")
-        set_drop_ylim(ax)
         ax.grid(alpha=0.3)
+    _set_shared_ylim(axes[0], drop_ylim)
     _shared_legend(axes[0], colors)
     return _save(fig, path)
 
@@ -132,26 +143,32 @@ def plot_occlusion_examples(image, masks: Mapping[str, object], path, patch_size
 
 
 def plot_attacks(fgsm: Mapping[str, dict], pgd: Mapping[str, dict], path) -> Path:
-    """Fig. 6: (a) FGSM top-1 over eps, (b) PGD over eps at fixed steps, (c) PGD over steps at fixed eps;
+    """Fig. 6: (a) FGSM top-1 over eps, (b) PGD over eps at fixed steps, (c) PGD over steps at fixed eps,
+    each line starting at the model's clean top-1 (eps 0, 0 steps) and the panels on one y-range;
     only the panels of the attacks that ran (FGSM without PGD is one panel, not two empty ones)."""
     _check({**fgsm, **pgd}, "plot_attacks")
     any_pgd = next(iter(pgd.values()), None)
+    def clean(r, x, top1):  # each line from the model's clean top-1 (no attack: eps 0, 0 steps), where known
+        known = isinstance(r.get("clean_top1"), (int, float))
+        return ([0] + list(x), [r["clean_top1"]] + list(top1)) if known else (x, top1)
+
     panels = []  # (title, x label, [(model label, x, top-1)])
     if fgsm:
-        panels.append(("(a) FGSM", "perturbation budget ε", [(k, r["eps"], r["top1"]) for k, r in fgsm.items()]))
+        panels.append(("(a) FGSM", "perturbation budget ε (pixels in [0, 1])",
+                       [(k, *clean(r, r["eps"], r["top1"])) for k, r in fgsm.items()]))
     if pgd:
-        panels.append((f"(b) PGD, {any_pgd['num_steps']} steps", "perturbation budget ε",
-                       [(k, r["eps"], r["top1"]) for k, r in pgd.items()]))
+        panels.append((f"(b) PGD, {any_pgd['num_steps']} steps", "perturbation budget ε (pixels in [0, 1])",
+                       [(k, *clean(r, r["eps"], r["top1"])) for k, r in pgd.items()]))
         panels.append((f"(c) PGD, ε = {any_pgd['steps_eps']}", "attack steps",
-                       [(k, r["steps"], r["steps_top1"]) for k, r in pgd.items()]))
+                       [(k, *clean(r, r["steps"], r["steps_top1"])) for k, r in pgd.items()]))
     colors = _colors([*fgsm, *pgd])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
     for ax, (title, xlabel, lines) in zip(axes[0], panels):
         for label, x, top1 in lines:
             ax.plot(x, top1, marker="o", label=label, color=colors[label])
         ax.set(title=title, xlabel=xlabel, ylabel="top-1 accuracy (%)")
-        set_accuracy_ylim(ax)
         ax.grid(alpha=0.3)
+    _set_shared_ylim(axes[0], accuracy_ylim)
     _shared_legend(axes[0], colors)
     return _save(fig, path)
 
@@ -188,16 +205,29 @@ def plot_kernel_distance(results: Mapping[str, dict], path, key: str = "normaliz
                          first_stage: Optional[int] = None, last_stage: Optional[int] = None) -> Path:
     """Fig. 9: sorted kernel attention distance against normalised channel index, for the first two
     layers of stage 1 and the last two of stage 3 (``kernels.paper_layers``); one panel per model.
-    key: ``"normalized"`` (divided by the kernel's mass) or ``"distance"`` (the paper's sum)."""
+    key: ``"normalized"`` (divided by the kernel's mass; dotted, the level of a kernel of equal |w| at
+    every tap, which has no spatial preference, one per kernel size) or ``"distance"`` (the paper's sum)."""
     _check(results, "plot_kernel_distance")
-    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.8), squeeze=False)
-    for ax, (label, r) in zip(axes[0], results.items()):
+    cols = len(results) if len(results) <= 3 else 2  # four side by side were 2200 px wide, legends unreadable
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.8 * rows), squeeze=False,
+                             sharey=key == "normalized")  # on one 0..1 scale the kernel sizes compare
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    for ax, (label, r) in zip(axes.flat, results.items()):
+        uniform = {}
         for layer in paper_layers(r, first_stage, last_stage):
             values = layer[key]
             n = len(values)
-            ax.plot([(i + 0.5) / n for i in range(n)], values, label=layer["name"])
+            line, = ax.plot([(i + 0.5) / n for i in range(n)], values, label=layer["name"])
+            size = tuple(layer.get("kernel_size") or ())
+            if key == "normalized" and len(size) == 2:
+                uniform.setdefault(size, line.get_color())
+        for (kh, kw), color in uniform.items():  # a kernel of equal |w| everywhere: no spatial preference
+            level = float(channel_distances(torch.ones(1, kh, kw))[1][0])
+            ax.axhline(level, color=color, linestyle=":", linewidth=1, label=f"uniform |w|, {kh}x{kw}")
         ax.set(title=label, xlabel="normalised channel index",
-               ylabel="kernel attention distance" + (" / Σ|w|" if key == "normalized" else ""))
+               ylabel="kernel attention distance" + (" / Σ|w| (0 centre, 1 corners)" if key == "normalized" else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
@@ -209,7 +239,7 @@ def plot_feature_variance(results: Mapping[str, dict], path) -> Path:
     fig, ax = plt.subplots(figsize=(7.0, 3.8))
     for label, r in results.items():
         ax.plot(r["depth"], r["normalized"], marker=".", label=label)
-    ax.set(xlabel="normalised depth", ylabel="normalised feature-map variance", title="Feature-map variance")
+    ax.set(xlabel="normalised depth", ylabel="feature-map variance / the model's largest", title="Feature-map variance")
     ax.grid(alpha=0.3)
     _legend_beside(ax)
     return _save(fig, path)

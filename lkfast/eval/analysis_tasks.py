@@ -45,6 +45,7 @@ lesion's removed blocks are drawn once per task (seeded).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -641,17 +642,26 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
                             "the images the model classifies correctly when clean)." + _taig_notes(found["taig"])))
     if found["lesion"]:
         plots.plot_lesion(found["lesion"], figures / "figure7_lesion.png")
-        parts.append("## Figure 7: lesion study\n\n![Figure 7](figures/figure7_lesion.png)\n")
+        parts.append("## Figure 7: lesion study\n\n![Figure 7](figures/figure7_lesion.png)\n\n" + _lesion_caption(found["lesion"]))
     if found["frequency"]:
         plots.plot_frequency(found["frequency"], figures / "figure8_frequency.png")
-        parts.append("## Figure 8: noise frequency\n\n![Figure 8](figures/figure8_frequency.png)\n")
+        parts.append("## Figure 8: noise frequency\n\n![Figure 8](figures/figure8_frequency.png)\n\n"
+                     + _frequency_caption(found["frequency"]))
     if found["kernel-distance"]:
         plots.plot_kernel_distance(found["kernel-distance"], figures / "figure9_kernel_distance.png")
         parts.append("## Figure 9: kernel attention distance\n\n![Figure 9](figures/figure9_kernel_distance.png)\n\n"
+                     "Each channel's Σ|w|·r / Σ|w|, r the tap's distance from the centre over the kernel's corner "
+                     "distance (0: all weight at the centre, 1: all in the corners), channels sorted; dotted: a kernel "
+                     "of equal |w| at every tap (no spatial preference) of that size. "
                      + _kernel_weights_line(found["kernel-distance"]))
     if found["feature-variance"]:
         plots.plot_feature_variance(found["feature-variance"], figures / "figure10_feature_variance.png")
-        parts.append("## Figure 10: feature-map variance\n\n![Figure 10](figures/figure10_feature_variance.png)\n")
+        images = sorted({r.get("images") for r in found["feature-variance"].values()} - {None})
+        parts.append("## Figure 10: feature-map variance\n\n![Figure 10](figures/figure10_feature_variance.png)\n\n"
+                     "Each image's spatial variance of the features, averaged over images and channels, at the "
+                     "stem's and transitions' outputs and after every residual addition (a ViT block's attention "
+                     "and MLP apart), each model's curve divided by its own largest value"
+                     + (f"; {' / '.join(map(str, images))} random val images" if images else "") + ".\n")
     ablation_text, families = _ablation_report(out, results, found["ablation"])
     if not families and (found["occlusion"] or found["frequency"]):  # else the ablation's Table 5 holds them
         models = sorted(set(found["occlusion"]) | set(found["frequency"]))
@@ -688,6 +698,33 @@ def _figure5_section(figures: Path, found: Dict[str, dict]) -> str:
             + f" as {label} sees it, and the patches each occlusion type drops at {round(100 * example['ratio'])}%.\n")
 
 
+def _lesion_caption(found: Dict[str, dict]) -> str:
+    """What each model's lesion drew from: a curve is only comparable with one drawn over the same kind
+    of candidates (the default's ResNet-tiny can lose one block of eight, its ViT any of four)."""
+    def one(m, r):
+        candidates, blocks = r.get("candidates") or [], r.get("model_blocks")
+        return f"{m}: {len(candidates)} of {blocks} blocks" if blocks else f"{m}: {len(candidates)} blocks"
+
+    scopes = sorted({r.get("scope") for r in found.values()} - {None})
+    draws = sorted({r.get("draws_per_count") for r in found.values()} - {None})
+    return ("Top-1 (line: mean, band: min to max over " + (" / ".join(map(str, draws)) or "the") + " draws per "
+            "count) with blocks removed at random (each replaced by its skip connection) from each model's "
+            "candidates" + (f" (scope {', '.join(scopes)}: for a staged model its widest stage, as the paper's "
+                            "script draws from RepLKNet-31B's 18 third-stage blocks; for a ViT every block)"
+                            if scopes == ["paper"] else "") + "; the x axis counts them against all the "
+            "model's blocks. Candidates: " + "; ".join(one(m, r) for m, r in found.items()) + ". Curves over "
+            "candidates of another kind or number are not compared on equal terms.\n")
+
+
+def _frequency_caption(found: Dict[str, dict]) -> str:
+    """The noise of Fig. 8: amplitude, band width, images, as the results say."""
+    settings = sorted({(r.get("eps"), r.get("width"), r.get("images")) for r in found.values()}, key=str)
+    said = [f"ε = {eps:g}, band {width / math.pi:.2g}π wide, {n} val images" for eps, width, n in settings
+            if None not in (eps, width, n)]
+    return ("Top-1 drop (points) under sign noise of amplitude ε kept to a square frequency band centred at each "
+            "frequency (0 to π, π the Nyquist frequency)" + (f"; {'; '.join(said)}" if said else "") + ".\n")
+
+
 def _taig_notes(found: Dict[str, dict]) -> str:
     """" Note: ..." for every distinct TAIG setting of the run whose steps cannot reach an eps (from
     each result's eps, steps and alpha, so a result cached before the note existed gets it too)."""
@@ -704,9 +741,12 @@ def _kernel_weights_line(found: Dict[str, dict]) -> str:
             MERGED_KERNEL: "the merged kernels (re-parameterised checkpoint: BNs and the small kernel folded in, "
                            "scaled per channel unlike the paper's script)",
             CONV_WEIGHT: "the depthwise convolutions' weights"}
+    by_text: Dict[str, List[str]] = {}  # one line per kind of weights, naming its models
+    for m, r in found.items():
+        by_text.setdefault(", ".join(said.get(w, w) for w in r.get("weights", [])) or "not recorded", []).append(m)
     return "Weights measured: " + "; ".join(
-        f"{m}: " + (", ".join(said.get(w, w) for w in r.get("weights", [])) or "not recorded")
-        for m, r in found.items()) + ".\n"
+        f"{'all models' if len(by_text) == 1 and len(ms) > 1 else ', '.join(ms)}: {text}"
+        for text, ms in by_text.items()) + ".\n"
 
 
 def _ablation_report(out, results: Dict[str, Any], found: Dict[str, dict]):

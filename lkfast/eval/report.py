@@ -137,7 +137,10 @@ def _has(results, task) -> bool:
 
 
 def _notes(results, task) -> List[str]:
-    lines = []
+    """The notes under a benchmark's table: models that did not run it, with why, then each note once,
+    naming the models it is about ("all models" where every model that ran says it: the same data
+    folder was listed once per model)."""
+    lines, noted, ran = [], {}, []
     for m in _models(results):
         r = results[m].get(task)
         if not isinstance(r, dict):
@@ -180,8 +183,11 @@ def _notes(results, task) -> List[str]:
         for key in ("mce_note", "relative_mce_note", "normalisation_note", "bg_gap_note"):
             if r.get(key):
                 bits.append(key.split("_note")[0].replace("_", " ") + " omitted: " + r[key])
-        if bits:
-            lines.append(f"- {m}: " + "; ".join(bits))
+        ran.append(m)
+        for bit in bits:
+            noted.setdefault(bit, []).append(m)
+    for bit, models in noted.items():
+        lines.append(f"- {'all models' if len(models) == len(ran) > 1 else ', '.join(models)}: {bit}")
     return lines
 
 
@@ -205,10 +211,29 @@ def bar_decimals(values) -> int:
     return 1 if largest == 0 else min(3, max(1, 2 - math.floor(math.log10(largest))))
 
 
-def _bars(ax, labels, values, paper, title, ylabel):
+def _chance(results, models, task: str) -> Optional[float]:
+    """A score a guess gets on ``task`` in this run, in percent, where every model's result says the
+    same: top-1 over its ``classes`` (ImageNet-A, -R), or ImageNet-O's AUPR (the share of positives);
+    None where unknown or different between the models."""
+    found = set()
+    for m in models:
+        r = results[m].get(task)
+        if not isinstance(r, dict) or "unavailable" in r:
+            continue
+        if task == "imagenet-o":
+            out, inside = r.get("out_images"), r.get("in_images")
+            found.add(100.0 * out / (out + inside) if out and inside else None)
+        else:
+            classes = r.get("classes")
+            found.add(100.0 / classes if isinstance(classes, int) and classes > 0 else None)
+    return found.pop() if len(found) == 1 else None
+
+
+def _bars(ax, labels, values, paper, title, ylabel, chance=None):
     xs = range(len(labels))
     heights = [v if v is not None else 0.0 for v in values]
-    bars = ax.bar(xs, heights, color="#4C72B0", label="measured")
+    bars = ax.bar(xs, heights, color="#4C72B0",
+                  label="measured" if any(p is not None for p in paper) else "_measured")  # named beside the paper's
     decimals = bar_decimals(values)
     for bar, v in zip(bars, values):
         if v is not None:
@@ -217,6 +242,9 @@ def _bars(ax, labels, values, paper, title, ylabel):
     if px:
         ax.scatter(px, [p for p in paper if p is not None], marker="_", s=400, color="#C44E52", zorder=3,
                    label="paper")
+    if chance is not None:  # where a guess lands: bars near it measured nothing (ImageNet-R at 10 classes)
+        ax.axhline(chance, color="0.35", linestyle="--", linewidth=1, zorder=2, label=f"chance ({chance:.3g}%)")
+    if px or chance is not None:
         ax.legend(fontsize=8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
@@ -225,6 +253,9 @@ def _bars(ax, labels, values, paper, title, ylabel):
         from lkfast.analysis.plots import set_accuracy_ylim
 
         set_accuracy_ylim(ax)
+    low, high = ax.get_ylim()
+    tallest = max((v for v in values if v is not None and math.isfinite(v)), default=low)
+    ax.set_ylim(low, max(high, tallest + 0.1 * (high - low)))  # the tallest bar's label under the frame, not on it
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(ylabel)
 
@@ -384,17 +415,21 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
     panels = []
     if _has(results, "imagenet-a"):
         panels.append((models, [_get(results[m], "imagenet-a", "top1") for m in models],
-                       [_paper(results, m, "imagenet-a") for m in models], "(a) ImageNet-A", "top-1 (%)"))
+                       [_paper(results, m, "imagenet-a") for m in models], "(a) ImageNet-A", "top-1 (%)",
+                       _chance(results, models, "imagenet-a")))
     if _has(results, "imagenet-c"):
         panels.append((models, [_get(results[m], "imagenet-c", "sev5_top1") for m in models],
                        [_paper(results, m, "c_sev5") for m in models], "(b) ImageNet-C, severity 5", "mean top-1 (%)"))
     if _has(results, "imagenet-o"):
         panels.append((models, [_get(results[m], "imagenet-o", "aupr") for m in models],
-                       [None for _ in models], "(c) ImageNet-O", "AUPR (%)"))
+                       [None for _ in models], "(c) ImageNet-O", "AUPR (%)", _chance(results, models, "imagenet-o")))
     if panels:
         _figure(out / "figures" / "figure2.png", panels)
+        marks = any(p is not None for panel in panels for p in panel[2])
         w.text("\n## Figure 2: ImageNet-A, ImageNet-C, ImageNet-O\n\n![Figure 2](figures/figure2.png)\n\n"
-               "Higher is better. Red marks: the paper's values (Table 6) where it reports the model.\n")
+               "Higher is better." + (" Red marks: the paper's values (Table 6) where it reports the model." if marks
+                                      else "") + " Dashed: chance (a guess's top-1; for ImageNet-O's AUPR the share of "
+               "anomalies among the images scored).\n")
     if _has(results, "imagenet-a"):
         w.text("\n### ImageNet-A\n")
         w.table("imagenet_a", ["Model", "top-1 (%)", "paper", "images"],
@@ -459,7 +494,7 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
         w.text("\n## Figure 3: ImageNet-R\n")
         _figure(out / "figures" / "figure3.png", [(models, [_get(results[m], "imagenet-r", "top1") for m in models],
                                                    [_paper(results, m, "imagenet-r") for m in models],
-                                                   "ImageNet-R", "top-1 (%)")])
+                                                   "ImageNet-R", "top-1 (%)", _chance(results, models, "imagenet-r"))])
         w.text("\n![Figure 3](figures/figure3.png)\n")
         w.table("imagenet_r", ["Model", "top-1 (%)", "paper", "images"],
                 [[m, _get(results[m], "imagenet-r", "top1"), _paper(results, m, "imagenet-r"),
