@@ -1644,6 +1644,17 @@ def test_report_flags_a_clean_top1_far_from_the_papers(tmp_path):
     flagged = [line for line in report.splitlines() if line.startswith("**Clean top-1 far from the paper's**")]
     assert len(flagged) == 1 and "31B-1k: 86.50 (the paper's RepLKNet-31B: 85.2)" in flagged[0]
     assert "31B-22k" not in flagged[0]
+    # the paper's ResNet-50 rows (Hendrycks & Dietterich's, torchvision's ResNet-50: 76.13) state no clean
+    # top-1: a timm ResNet-50 of a later recipe (80.4) stood beside its mCE 76.7 with nothing said
+    results = {"r50-a1": {"_model": {"name": "resnet50.a1_in1k", "weights": "checkpoint"}, "clean": {"top1": 80.4}},
+               "r50-tv": {"_model": {"name": "resnet50.tv_in1k", "weights": "checkpoint"}, "clean": {"top1": 76.1}},
+               "_meta": {"device": "cpu"}}
+    report = write_report(tmp_path / "r50", results).read_text()
+    flagged = [line for line in report.splitlines() if line.startswith("**Clean top-1 far from the paper's**")]
+    assert len(flagged) == 1 and "r50-a1: 80.40 (the ResNet-50 behind the paper's values: 76.13)" in flagged[0]
+    assert "r50-tv" not in flagged[0]
+    results["_meta"]["class_space_is_imagenet"] = False  # no paper value beside them at all: nothing to flag
+    assert "far from the paper" not in write_report(tmp_path / "r50-other", results).read_text()
 
 
 def test_report_has_the_model_card_of_figure_1(tmp_path):
