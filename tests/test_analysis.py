@@ -1491,6 +1491,31 @@ def test_table4_shows_the_success_rate_over_all_attacked_images(tmp_path):
     assert (tmp_path / "tables" / "table4_taig.csv").read_text().splitlines()[1] == "lk,vit,12.5,37.5"
 
 
+def test_table4_and_imagenet_o_show_the_papers_values_where_comparable(tmp_path):
+    """The paper's Table 4 (TAIG) and ImageNet-O AUPRs (Table 5, Fig. 2c) had no paper column: its values
+    now stand beside a model the paper reports, for TAIG only where the surrogate is the one the paper
+    paired with it (ViT-B for RepLKNet-31B, RepLKNet-31B for ViT-B)."""
+    from lkfast.eval.analysis_tasks import write_analysis_report
+    from lkfast.eval.report import write_report
+
+    def taig(surrogate):
+        return {"surrogate": surrogate, "eps": [0.03, 0.06, 0.1], "success_rate": [10.0, 20.0, 30.0], "steps": 20,
+                "alpha": 1 / 255}
+
+    results = {"RepLKNet-31B": {"_model": {"name": "replknet_31b"}, "taig": taig("ViT-B"), "imagenet-o": {"aupr": 70.0}},
+               "ViT-B": {"_model": {"name": "vit_base_patch16_224"}, "taig": taig("RepLKNet-31B"),
+                         "imagenet-o": {"aupr": 60.0}},
+               "ResNet-50": {"_model": {"name": "resnet50"}, "taig": taig("RepLKNet-31B")}}  # not the paper's pairing
+    write_analysis_report(tmp_path, results)
+    table = (tmp_path / "tables" / "table4_taig.md").read_text()
+    assert "| Model | surrogate | eps = 0.03 | paper | eps = 0.06 | paper | eps = 0.1 | paper |" in table
+    assert "| RepLKNet-31B | ViT-B | 10.00 | 39.20 | 20.00 | 56.10 | 30.00 | 59.30 |" in table
+    assert "| ViT-B | RepLKNet-31B | 10.00 | 62.30 | 20.00 | 73.30 | 30.00 | 75.60 |" in table
+    assert "| ResNet-50 | RepLKNet-31B | 10.00 | — | 20.00 | — | 30.00 | — |" in table
+    report = write_report(tmp_path / "full", results).read_text()
+    assert "| RepLKNet-31B | 70.00 | 78.90 |" in report and "| ViT-B | 60.00 | 68.00 |" in report
+
+
 def test_taig_memo_keeps_the_most_recent_within_its_budget():
     from lkfast.eval.analysis_tasks import _Memo
 

@@ -631,15 +631,24 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
         parts.append("## Figure 6: adversarial attacks (eps in [0, 1] pixel units)\n\n"
                      "![Figure 6](figures/figure6_attacks.png)\n")
     if found["taig"]:
+        from lkfast.eval.report import paper_taig
+
         eps = next(iter(found["taig"].values()))["eps"]
+        paper = [[paper_taig(results, m, e) for e in r["eps"]] for m, r in found["taig"].items()]
+        with_paper = any(v is not None for row in paper for v in row)  # the paper's beside, where comparable
         parts.append(_table(out, "table4_taig", "## Table 4: TAIG transfer attack success rate (%, lower is more robust)",
-                            ["Model", "surrogate"] + [f"eps = {e}" for e in eps],
+                            ["Model", "surrogate"] + [h for e in eps for h in ((f"eps = {e}", "paper") if with_paper
+                                                                               else (f"eps = {e}",))],
                             # a model that is its own surrogate (--taig-surrogate naming it) was attacked white-box
                             [[m, r["surrogate"] if r["surrogate"] != m else f"{m} (itself: white-box, not a transfer)",
-                              *r["success_rate"]] for m, r in found["taig"].items()],
+                              *[v for value, known in zip(r["success_rate"], row)
+                                for v in ((value, known) if with_paper else (value,))]]
+                             for (m, r), row in zip(found["taig"].items(), paper)],
                             "Success = misclassified after the attack, among all attacked images (as the paper's "
                             "script TAIG_test.py counts it; results.json's success_rate_clean_correct counts only "
-                            "the images the model classifies correctly when clean)." + _taig_notes(found["taig"])))
+                            "the images the model classifies correctly when clean)."
+                            + (" Paper: Table 4's rate, beside a model attacked through the surrogate the paper "
+                               "paired with it." if with_paper else "") + _taig_notes(found["taig"])))
     if found["lesion"]:
         plots.plot_lesion(found["lesion"], figures / "figure7_lesion.png")
         parts.append("## Figure 7: lesion study\n\n![Figure 7](figures/figure7_lesion.png)\n\n" + _lesion_caption(found["lesion"]))

@@ -18,23 +18,28 @@ from lkfast.tables import save_figure_atomic, write_table, write_text_atomic
 META_KEY = "_meta"
 CITATION = ("Chen et al., *Revealing the Dark Secrets of Extremely Large Kernel ConvNets on Robustness*, ICML 2024")
 
-# The paper's numbers (Tables 1, 2, 3 and 6 of the paper; Table 6 holds the values plotted in Figs. 2a, 2b and 3
+# The paper's numbers (Tables 1-6 of the paper; Table 6 holds the values plotted in Figs. 2a, 2b and 3
 # for the models it lists). Keys: clean / imagenet-a / imagenet-r top-1, c_sev5 (ImageNet-C mean top-1 over the 19
-# corruptions at severity 5), mce, mfr, mt5d, and ImageNet-9 original / mixed_same / mixed_rand / bg_gap.
+# corruptions at severity 5), mce, mfr, mt5d, ImageNet-9 original / mixed_same / mixed_rand / bg_gap, aupr
+# (ImageNet-O, Table 5, plotted in Fig. 2c) and taig ({eps: TAIG-R success rate %}, Table 4).
 PAPER: Dict[str, Dict[str, float]] = {
     "RepLKNet-31B": {"clean": 85.2, "imagenet-a": 29.4, "imagenet-r": 43.9, "c_sev5": 49.2, "mce": 36.5,
-                     "mfr": 29.2, "mt5d": 49.8, "original": 97.3, "mixed_same": 92.3, "mixed_rand": 88.2, "bg_gap": 4.1},
+                     "mfr": 29.2, "mt5d": 49.8, "original": 97.3, "mixed_same": 92.3, "mixed_rand": 88.2, "bg_gap": 4.1,
+                     "aupr": 78.9, "taig": {0.03: 39.2, 0.06: 56.1, 0.1: 59.3}},
     "RepLKNet-31L": {"clean": 86.6, "imagenet-a": 39.6, "imagenet-r": 49.1, "c_sev5": 52.6},
-    "ViT-B": {"clean": 84.0, "imagenet-a": 26.7, "imagenet-r": 38.0, "c_sev5": 42.2},
+    "ViT-B": {"clean": 84.0, "imagenet-a": 26.7, "imagenet-r": 38.0, "c_sev5": 42.2, "aupr": 68.0,
+              "taig": {0.03: 62.3, 0.06: 73.3, 0.1: 75.6}},
     "ViT-L/16": {"clean": 85.2, "imagenet-a": 28.1, "imagenet-r": 40.6, "c_sev5": 49.9, "mce": 45.5, "mfr": 33.1,
-                 "mt5d": 50.2, "original": 96.7, "mixed_same": 88.5, "mixed_rand": 81.7, "bg_gap": 6.8},
+                 "mt5d": 50.2, "original": 96.7, "mixed_same": 88.5, "mixed_rand": 81.7, "bg_gap": 6.8,
+                 "taig": {0.03: 54.9, 0.06: 67.9, 0.1: 69.8}},
     "ConvNeXt-B": {"clean": 85.8, "imagenet-a": 33.9, "imagenet-r": 45.5, "c_sev5": 53.2},
     "ConvNeXt-L": {"clean": 86.6, "imagenet-a": 38.7, "imagenet-r": 47.6, "c_sev5": 56.5},
-    "BiT-r152x4": {"clean": 85.4, "imagenet-a": 13.2, "imagenet-r": 33.8, "c_sev5": 39.9},
+    "BiT-r152x4": {"clean": 85.4, "imagenet-a": 13.2, "imagenet-r": 33.8, "c_sev5": 39.9,
+                   "taig": {0.03: 44.6, 0.06: 60.2, 0.1: 63.1}},
     "BiT m-r101x3": {"mce": 58.3, "mfr": 50.0, "mt5d": 76.7, "original": 94.3, "mixed_same": 81.2,
                      "mixed_rand": 76.6, "bg_gap": 4.6},
     "ResNet-50": {"mce": 76.7, "mfr": 58.0, "mt5d": 82.0, "original": 95.6, "mixed_same": 86.2, "mixed_rand": 78.9,
-                  "bg_gap": 7.3},
+                  "bg_gap": 7.3, "taig": {0.03: 47.7, 0.06: 65.2, 0.1: 67.9}},
 }
 # timm / lkfast architecture name prefix -> the paper's model name.
 PAPER_NAMES = (("replknet_31b", "RepLKNet-31B"), ("replknet_31l", "RepLKNet-31L"), ("vit_base_patch16", "ViT-B"),
@@ -111,6 +116,22 @@ def _paper(results, label, key):
     if key in ("mfr", "mt5d") and results[label].get("imagenet-p", {}).get("baseline_model", "alexnet") != "alexnet":
         return None
     return PAPER.get(name, {}).get(key)
+
+
+# TAIG's surrogate in the paper (Section 4.2): ViT-B for the ConvNets, RepLKNet-31B for the ViTs
+PAPER_TAIG_SURROGATE = {"ResNet-50": "ViT-B", "BiT-r152x4": "ViT-B", "RepLKNet-31B": "ViT-B",
+                        "ViT-B": "RepLKNet-31B", "ViT-L/16": "RepLKNet-31B"}
+
+
+def paper_taig(results, label: str, eps: float) -> Optional[float]:
+    """The paper's Table 4 success rate at ``eps`` for the model, or None: also None where this run's
+    surrogate is not the one the paper paired with the model (another surrogate, another transfer)."""
+    rates = _paper(results, label, "taig")
+    surrogate = results[label].get("taig", {}).get("surrogate")
+    if not rates or surrogate not in results or \
+            paper_name(surrogate, results[surrogate]) != PAPER_TAIG_SURROGATE.get(paper_name(label, results[label])):
+        return None
+    return next((v for e, v in rates.items() if math.isclose(float(e), float(eps))), None)
 
 
 PAPER_CLEAN_TOLERANCE = 1.0  # top-1 points beyond which the weights are unlikely to be those the paper evaluated
@@ -384,7 +405,7 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
            + (f" (commit {meta['lkfast_commit']})" if meta.get("lkfast_commit") else "")
            + f", torch {meta.get('torch', '?')}. "
            f"Options: {json.dumps(meta.get('options', {}), sort_keys=True)}. Class space: {meta.get('class_space', '?')}.\n\n"
-           f"Paper values are from {CITATION} (Tables 1, 2, 3 and 6), shown beside the measured value for the "
+           f"Paper values are from {CITATION} (Tables 1 to 6), shown beside the measured value for the "
            f"models the paper reports; \"—\" means not measured or not reported.\n")
     if not meta.get("class_space_is_imagenet", True):
         w.text(f"\n**Not ImageNet-1k**: every number here is over the class space \"{meta.get('class_space', '?')}\" "
@@ -431,7 +452,8 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
                        [_paper(results, m, "c_sev5") for m in models], "(b) ImageNet-C, severity 5", "mean top-1 (%)"))
     if _has(results, "imagenet-o"):
         panels.append((models, [_get(results[m], "imagenet-o", "aupr") for m in models],
-                       [None for _ in models], "(c) ImageNet-O", "AUPR (%)", _chance(results, models, "imagenet-o")))
+                       [_paper(results, m, "aupr") for m in models], "(c) ImageNet-O", "AUPR (%)",
+                       _chance(results, models, "imagenet-o")))
     if panels:
         _figure(out / "figures" / "figure2.png", panels)
         marks = any(p is not None for panel in panels for p in panel[2])
@@ -473,9 +495,9 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
 
     if _has(results, "imagenet-o"):
         w.text("\n## ImageNet-O (Figure 2c)\n")
-        w.table("imagenet_o", ["Model", "AUPR (%)", "AUROC (%)", "FPR95 (%)"],
-                [[m, _get(results[m], "imagenet-o", "aupr"), _get(results[m], "imagenet-o", "auroc"),
-                  _get(results[m], "imagenet-o", "fpr95")] for m in models],
+        w.table("imagenet_o", ["Model", "AUPR (%)", "paper", "AUROC (%)", "FPR95 (%)"],
+                [[m, _get(results[m], "imagenet-o", "aupr"), _paper(results, m, "aupr"),
+                  _get(results[m], "imagenet-o", "auroc"), _get(results[m], "imagenet-o", "fpr95")] for m in models],
                 "ImageNet-O images are the positives; score = -max softmax over the "
                 f"{_classes(results, models, 'imagenet-o', 200)} ImageNet-O classes.")
         w.text("\n".join(_notes(results, "imagenet-o")) + "\n")
