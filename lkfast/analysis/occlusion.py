@@ -2,7 +2,8 @@
 
 Three ways to choose the patches, at a drop ratio K in [0, 1]:
 
-* ``random``: exactly round(K * patches) patches per image, drawn uniformly;
+* ``random``: exactly floor(K * patches) patches per image, drawn uniformly (the paper's script drops
+  ``count * 196 // 10`` of 196 at K = count / 10);
 * ``salient``: the patches holding the top K of the saliency mass (sort ascending, normalise to sum 1,
   accumulate; drop where the cumulative sum exceeds 1 - K), so K is a share of attention, not of pixels;
 * ``non_salient``: the patches holding the bottom K of the mass (cumulative sum <= K).
@@ -15,6 +16,8 @@ An image with no mass to drop (no foreground in ``salient``, all foreground in `
 with masks) keeps every patch: there is nothing of that kind to occlude.
 """
 from __future__ import annotations
+
+import math
 
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -53,15 +56,17 @@ def patch_grid(height: int, width: int, patch_size: int = PATCH_SIZE) -> tuple:
 
 def random_patch_mask(batch: int, grid: tuple, ratio: float, generator: Generators = None,
                       device=None) -> torch.Tensor:
-    """Boolean (batch, rows, cols) mask with exactly round(ratio * rows * cols) True (dropped)
-    patches per image, chosen uniformly at random with ``generator`` (one, or one per image)."""
+    """Boolean (batch, rows, cols) mask with exactly floor(ratio * rows * cols) True (dropped)
+    patches per image (19 of 196 at 10%, as the paper's script counts them), chosen uniformly at random
+    with ``generator`` (one, or one per image)."""
     check_ratio("random_patch_mask", ratio)
     generator = seeded(generator, device or "cpu", "random_patch_mask")
     total = grid[0] * grid[1]
     keys = uniform((batch, total), generator, device)
     order = keys.argsort(dim=1)
     mask = torch.zeros(batch, total, dtype=torch.bool, device=device)
-    mask.scatter_(1, order[:, :round(ratio * total)], True)
+    count = math.floor(ratio * total + 1e-9)  # (0.7 * 10 is 7.000000000000001, 0.29 * 100 28.999999999999996)
+    mask.scatter_(1, order[:, :count], True)
     return mask.view(batch, *grid)
 
 

@@ -579,8 +579,9 @@ _DEPENDS = {"taig": _surrogate_key}  # what else a result depends on (Task.depen
 # later versions: occlusion 3 (Fig. 5's example in the result), lesion 3 (fraction over the model's blocks),
 # kernel-distance 2 (the large kernel's own weights, as the paper's script), feature-variance 2 (seeded random
 # val images), 3 (the stem's and transitions' outputs and every residual: a ViT block's attention and MLP apart,
-# as the paper's script), taig 3 (success_rate over all attacked images, as the paper's script)
-_VERSIONS = {"occlusion": "3", "lesion": "3", "kernel-distance": "2", "feature-variance": "3", "taig": "3"}
+# as the paper's script), taig 3 (success_rate over all attacked images, as the paper's script), occlusion 4 (random
+# drop: floor(K * patches), as the paper's script, was rounded)
+_VERSIONS = {"occlusion": "4", "lesion": "3", "kernel-distance": "2", "feature-variance": "3", "taig": "3"}
 # what the tasks that read no images read instead (--dry-run's note)
 _WITHOUT_IMAGES = {"kernel-distance": "the model's depthwise kernel weights",
                    "ablation": "the model's kernel size (its tables come from the other tasks)"}
