@@ -14,7 +14,7 @@ from lkfast.ops.frequency import check_band
 
 FREQUENCIES = tuple(i * math.pi / 10 for i in range(11))  # 0, 0.1 pi, ..., pi
 WIDTH = 0.1 * math.pi
-NOISE_EPS = 0.1  # the noise amplitude (pixel units) of the paper's Fig. 8
+NOISE_EPS = 0.1  # the noise amplitude (pixel units) of Fig. 8: lkfast's choice, the paper states the band, not this
 
 
 def check_frequency(frequencies: Sequence[float], eps: float) -> None:
