@@ -196,13 +196,23 @@ def temporary_files(folder, stale_only: bool = True) -> list[Path]:
 
 def write_table(stem, header: Sequence[str], rows: Iterable[Sequence], align: Optional[str] = None,
                 caption: Optional[str] = None, digits: int = 2) -> tuple[Path, Path]:
-    """Write ``stem.md`` (markdown, with the caption) and ``stem.csv`` (the raw cells); returns both paths."""
+    """Write ``stem.md`` (markdown, with the caption) and ``stem.csv`` (the raw cells); returns both paths.
+    A column name the header repeats ("paper" beside each measured column) is named after the column
+    before it in the CSV ("paper (ImageNet-A)"), so every CSV column has a name of its own."""
     rows = [list(r) for r in rows]
     stem = Path(stem)
     md = write_text_atomic(stem.with_suffix(".md"), markdown_table(header, rows, align, caption, digits))
-    csv_path = write_text_atomic(stem.with_suffix(".csv"), csv_text(header, rows))
+    csv_path = write_text_atomic(stem.with_suffix(".csv"), csv_text(csv_header(header), rows))
     return md, csv_path
 
 
-__all__ = ["markdown_table", "csv_text", "write_table", "write_atomic", "write_text_atomic", "write_bytes_atomic",
+def csv_header(header: Sequence[str]) -> list:
+    """``header`` with each name that occurs more than once, after the first column, followed by the
+    name of the column before it in parentheses."""
+    names = [str(h) for h in header]
+    repeated = {h for h in names if names.count(h) > 1}
+    return [f"{h} ({names[i - 1]})" if h in repeated and i > 0 else h for i, h in enumerate(names)]
+
+
+__all__ = ["markdown_table", "csv_text", "csv_header", "write_table", "write_atomic", "write_text_atomic", "write_bytes_atomic",
            "save_figure_atomic", "temporary_files", "format_cell", "MISSING"]

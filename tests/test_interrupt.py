@@ -457,3 +457,8 @@ def test_the_table_writer_formats_cells_and_refuses_bad_rows(tmp_path):
     md, csv_path = tables.write_table(tmp_path / "t", ["name", "x"], [["a", 0.5], ["b", None]], caption="Cap.")
     assert md.read_text().startswith("Cap.\n\n| name | x |")
     assert csv_path.read_text() == "name,x\na,0.5\nb,\n"
+    # a repeated column name ("paper" beside each measured value) gets the one before it in the CSV (pandas
+    # read the summary's four "paper" columns as paper, paper.1, ...); the markdown keeps the short name
+    md, csv_path = tables.write_table(tmp_path / "u", ["Model", "A", "paper", "R", "paper"], [["m", 1, 2, 3, None]])
+    assert "| Model | A | paper | R | paper |" in md.read_text()
+    assert csv_path.read_text().splitlines() == ["Model,A,paper (A),R,paper (R)", "m,1,2,3,"]
