@@ -479,7 +479,9 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
                                "sev. 5 top-1 (%)"],
                 rows, "Lower mCE is better; CE normalised by AlexNet's errors (Hendrycks & Dietterich 2019) on "
                       "ImageNet, by the baseline model's on another class space (see the notes below). "
-                      "Corruptions: how many of the 15 the mCEs average (with fewer it is not the benchmark's mCE).")
+                      "Corruptions: how many of the 15 the mCEs average (with fewer it is not the benchmark's mCE). "
+                      "Mean top-1: over every corruption and severity present (the release: 19 x 5); sev. 5 top-1: "
+                      "over the corruptions at severity 5 (the paper's Fig. 2b).")
         corruptions = sorted({c for m in models for c in (results[m].get("imagenet-c", {}).get("ce") or {})})
         if corruptions:
             w.table("imagenet_c_ce", ["Model"] + corruptions,
@@ -544,7 +546,8 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
             rows.append(row)
         w.table("table3_imagenet9", ["Model", "Origin", "paper", "Mixed-Same", "paper", "Mixed-Rand", "paper",
                                      "BG-Gap", "paper"], rows,
-                "Top-1 (%) over the nine classes (a prediction outside them is wrong); BG-Gap = Mixed-Same - Mixed-Rand.")
+                "Top-1 (%) over the nine classes (a prediction outside them is wrong); BG-Gap = Mixed-Same - "
+                "Mixed-Rand, lower is better (less reliance on the background).")
         w.text("\n".join(_notes(results, "imagenet-9")) + "\n")
 
     # Section 4: the analyses (Figures 4-10, Tables 4-5), when any ran.
