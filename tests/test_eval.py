@@ -1744,6 +1744,21 @@ def test_report_draws_chance_and_says_each_note_once(tmp_path, monkeypatch):
     assert not [line for line in drawn["figure3.png"][0].get_lines() if line.get_label().startswith("chance")]
 
 
+def test_report_says_the_sampling_error_of_a_small_clean_set(tmp_path):
+    """The default's 200 val images put a top-1 within about ±6.9 points (95%): its models 1-5 points apart
+    read as a ranking. Said at the top where the interval is a point or wider; not for ImageNet's 50,000."""
+    from lkfast.eval.report import write_report
+
+    results = {m: {"_model": {"name": "resnet_tiny"}, "clean": {"top1": t, "images": 200}} for m, t in (("a", 70.0),
+                                                                                                          ("b", 72.0))}
+    text = write_report(tmp_path / "small", results).read_text()
+    assert ("**Sampling error**: a top-1 over 200 images is within about ±6.9 points of what the model would score "
+            "on all such images (95% binomial interval at 50%)") in text
+    for m in results:
+        results[m]["clean"]["images"] = 50_000
+    assert "Sampling error" not in write_report(tmp_path / "large", results).read_text()
+
+
 def test_report_bar_labels_tell_apart_what_the_table_does(tmp_path, monkeypatch):
     """Figure 1 labelled 0.34, 0.24 and 0.18 M parameters (the default run's RepLKNet-tiny nets) all
     "0.2" or "0.3": a panel's labels now carry three significant digits of its largest bar, at least

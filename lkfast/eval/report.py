@@ -376,6 +376,25 @@ def _analysis_images(options: Dict[str, Any]) -> str:
                                  f"{n} val images, spread evenly over it (--analysis-images {n}).")
 
 
+SAMPLING_NOTE_POINTS = 1.0  # a 95% interval this wide or wider (about 9,600 images or fewer) is said at the top
+
+
+def _sampling_line(results: Dict[str, Any], models: List[str]) -> str:
+    """A line on how far a top-1 over the clean set's images may be from the one the same model would get on
+    all such images (95% binomial interval at 50%, the widest), where that is at least SAMPLING_NOTE_POINTS:
+    on the default's 200 images about ±6.9 points, so models a few points apart are not told apart."""
+    counts = [_get(results[m], "clean", "images") for m in models]
+    counts = [int(c) for c in counts if isinstance(c, (int, float)) and c > 0]
+    if not counts:
+        return ""
+    margin = 196 * math.sqrt(0.25 / min(counts))
+    if margin < SAMPLING_NOTE_POINTS:
+        return ""
+    return (f"**Sampling error**: a top-1 over {min(counts)} images is within about ±{margin:.1f} points of what the "
+            f"model would score on all such images (95% binomial interval at 50%); differences between models "
+            f"smaller than that are not resolved by this data.")
+
+
 def _datasets_chosen(options: Dict[str, Any], results: Dict[str, Any], models: List[str]) -> str:
     n = options.get("limit")
     if n is None:
@@ -414,6 +433,8 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
     chosen = _images_chosen(meta.get("options", {}), results, models)
     if chosen:
         w.text(f"\n{chosen}\n")
+    elif _sampling_line(results, models):  # (--subset's line says it already)
+        w.text(f"\n{_sampling_line(results, models)}\n")
     far = _far_from_paper(results, models)
     if far:
         w.text("\n**Clean top-1 far from the paper's**: " + "; ".join(far) + ". The paper's values beside these "
