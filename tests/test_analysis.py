@@ -857,6 +857,29 @@ def test_figures_say_what_a_reader_compares_against(tmp_path, monkeypatch):
         assert levels[f"uniform |w|, {kh}x{kw}"] == pytest.approx(float(r.mean()))
 
 
+def test_lesion_of_one_or_two_counts_draws_bars_and_models_differ_by_marker(tmp_path, monkeypatch):
+    """From the review of the default run's Fig. 7: four RepLKNet-tiny bands from the clean top-1 to their one
+    count covered each other (a band between points never measured); lines on each other looked like one."""
+    from matplotlib.collections import PolyCollection
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    one = {"fraction": [0.2], "clean_top1": 70.0, "mean": [55.0], "min": [15.0], "max": [65.0]}
+    equal = {"fraction": [0.2], "clean_top1": 70.0, "mean": [55.00000000000001], "min": [55.0 + 2e-14], "max": [55.0]}
+    plots.plot_lesion({"a": equal}, tmp_path / "fig7.png")  # ten equal draws whose mean rounds past them: no error
+    drawn.pop()
+    three = {"fraction": [0.25, 0.5, 0.75], "clean_top1": 70.0, "mean": [60.0, 50.0, 30.0], "min": [50.0, 40.0, 20.0],
+             "max": [65.0, 55.0, 40.0]}
+    plots.plot_lesion({"a": one, "b": dict(one), "c": three}, tmp_path / "fig7.png")
+    ax = drawn.pop().axes[0]
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 1  # c's band only
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    xa, xb = lines["a"].get_xdata()[1], lines["b"].get_xdata()[1]
+    assert xa != xb and abs(xa - 0.2) < 0.02 and abs(xb - 0.2) < 0.02  # side by side at 0.2
+    assert len({line.get_marker() for line in lines.values()}) == 3
+
+
 def test_drop_axes_of_flat_values_show_zero_and_both_signs(tmp_path, monkeypatch):
     """Figs. 4 and 8 plot the top-1 drop: every drop 0 (tiny nets, or nothing the noise changed) got
     matplotlib's flat-line range, about -0.055..0.055; a flat drop axis now runs 5 points beyond 0 and
@@ -943,7 +966,7 @@ def test_eval_tasks_run_end_to_end_and_report(tmp_path):
     # without the noise's size)
     lesion = results["lesion"]
     assert (f"Candidates: tiny-lk: 2 of {lesion['model_blocks']} blocks." in text
-            and f"over {lesion['draws_per_count']} draws per count" in text)
+            and f"min to max over {lesion['draws_per_count']} draws per count" in text)
     frequency = results["frequency"]
     assert f"ε = {frequency['eps']:g}, band 0.1π wide, {frequency['images']} val images." in text
     assert "each model's curve divided by its own largest value; 6 random val images." in text

@@ -28,10 +28,15 @@ def _legend_beside(ax, *entries) -> None:
     ax.legend(*entries, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
 
-def _colors(labels) -> dict:
-    """One colour per model (or family) for every panel of a figure: matplotlib's cycle restarts in
-    each panel, so a model missing from one panel shifted the colours of those after it there."""
-    return {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(labels))}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def _styles(labels, size: float = 5.0) -> dict:
+    """Colour and marker per model (or family), the same in every panel (matplotlib's cycle restarts in
+    each panel, so a model missing from one shifted the colours of those after it there); lines that lie
+    on each other (two models at one accuracy) stay told apart by their markers."""
+    return {label: {"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)], "markersize": size}
+            for i, label in enumerate(dict.fromkeys(labels))}
 
 
 def _shared_legend(axes, order, beside=None) -> None:
@@ -113,14 +118,14 @@ def plot_occlusion(results: Mapping[str, dict], path) -> Path:
     one line per model."""
     _check(results, "plot_occlusion")
     modes = [m for m in MODE_TITLES if any(m in r["top1"] for r in results.values())]
-    colors = _colors(results)
+    colors = _styles(results)
     # one y-range: the panels are read against each other (salient against random drop)
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), squeeze=False, sharey=True)
     for ax, mode in zip(axes[0], modes):
         for label, r in results.items():
             if mode in r["top1"]:
                 drop = [r["clean_top1"] - top1 for top1 in r["top1"][mode]]
-                ax.plot([100 * q for q in r["ratios"]], drop, marker="o", label=label, color=colors[label])
+                ax.plot([100 * q for q in r["ratios"]], drop, label=label, **colors[label])
         ax.set(title=MODE_TITLES[mode], xlabel="information loss (%)", ylabel="top-1 drop (points)")
         ax.grid(alpha=0.3)
     _set_shared_ylim(axes[0], drop_ylim)
@@ -161,11 +166,11 @@ def plot_attacks(fgsm: Mapping[str, dict], pgd: Mapping[str, dict], path) -> Pat
                        [(k, *clean(r, r["eps"], r["top1"])) for k, r in pgd.items()]))
         panels.append((f"(c) PGD, ε = {any_pgd['steps_eps']}", "attack steps",
                        [(k, *clean(r, r["steps"], r["steps_top1"])) for k, r in pgd.items()]))
-    colors = _colors([*fgsm, *pgd])
+    colors = _styles([*fgsm, *pgd])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
     for ax, (title, xlabel, lines) in zip(axes[0], panels):
         for label, x, top1 in lines:
-            ax.plot(x, top1, marker="o", label=label, color=colors[label])
+            ax.plot(x, top1, label=label, **colors[label])
         ax.set(title=title, xlabel=xlabel, ylabel="top-1 accuracy (%)")
         ax.grid(alpha=0.3)
     _set_shared_ylim(axes[0], accuracy_ylim)
@@ -174,13 +179,28 @@ def plot_attacks(fgsm: Mapping[str, dict], pgd: Mapping[str, dict], path) -> Pat
 
 
 def plot_lesion(results: Mapping[str, dict], path) -> Path:
-    """Fig. 7: mean top-1 (line) with the min/max band over draws, against the fraction of blocks removed."""
+    """Fig. 7: mean top-1 (line) with the min/max over draws, against the fraction of blocks removed: a
+    band for a model measured at three or more counts, bars at its points for one measured at one or two
+    (a band from the clean top-1 to one count is drawn between points never measured, and several of
+    them covered each other)."""
     _check(results, "plot_lesion")
+    styles = _styles(results)
     fig, ax = plt.subplots(figsize=(7.0, 3.8))
+    span = max((f for r in results.values() for f in r["fraction"]), default=1.0) or 1.0
+    barred = [label for label, r in results.items() if len(r["fraction"]) < 3]
     for label, r in results.items():
-        x = [0.0] + list(r["fraction"])
-        line, = ax.plot(x, [r["clean_top1"]] + r["mean"], marker="o", label=label)
-        ax.fill_between(x, [r["clean_top1"]] + r["min"], [r["clean_top1"]] + r["max"], color=line.get_color(), alpha=0.2)
+        # models with bars at one x side by side (moved by up to 1.5% of the axis each) rather than on each other
+        shift = (barred.index(label) - (len(barred) - 1) / 2) * 0.015 * span if label in barred else 0.0
+        x = [0.0] + [f + shift for f in r["fraction"]]
+        line, = ax.plot(x, [r["clean_top1"]] + r["mean"], label=label, **styles[label])
+        if len(r["fraction"]) >= 3:
+            ax.fill_between(x, [r["clean_top1"]] + r["min"], [r["clean_top1"]] + r["max"], color=line.get_color(),
+                            alpha=0.15)
+        else:
+            below = [max(m - lo, 0.0) for m, lo in zip(r["mean"], r["min"])]  # (a mean of equal draws can round
+            above = [max(hi - m, 0.0) for m, hi in zip(r["mean"], r["max"])]  # a last bit past them: not negative)
+            ax.errorbar(x[1:], r["mean"], yerr=[below, above], fmt="none", ecolor=line.get_color(), capsize=4,
+                        elinewidth=1.2)
     ax.set(xlabel="proportion of blocks removed", ylabel="top-1 accuracy (%)", title="Lesion study")
     set_accuracy_ylim(ax)
     ax.grid(alpha=0.3)
@@ -191,9 +211,10 @@ def plot_lesion(results: Mapping[str, dict], path) -> Path:
 def plot_frequency(results: Mapping[str, dict], path) -> Path:
     """Fig. 8: top-1 drop against the noise band's centre frequency (units of pi)."""
     _check(results, "plot_frequency")
+    styles = _styles(results)
     fig, ax = plt.subplots(figsize=(7.0, 3.8))  # as Figs. 7 and 10: room for the legend beside
     for label, r in results.items():
-        ax.plot(r["frequencies_over_pi"], r["drop"], marker="o", label=label)
+        ax.plot(r["frequencies_over_pi"], r["drop"], label=label, **styles[label])
     ax.set(xlabel="noise frequency (×π)", ylabel="top-1 drop (points)", title="Robustness to noise frequency")
     set_drop_ylim(ax)
     ax.grid(alpha=0.3)
@@ -236,9 +257,10 @@ def plot_kernel_distance(results: Mapping[str, dict], path, key: str = "normaliz
 def plot_feature_variance(results: Mapping[str, dict], path) -> Path:
     """Fig. 10: normalised feature-map variance against normalised depth, one line per model."""
     _check(results, "plot_feature_variance")
+    styles = _styles(results, 4.0)
     fig, ax = plt.subplots(figsize=(7.0, 3.8))
     for label, r in results.items():
-        ax.plot(r["depth"], r["normalized"], marker=".", label=label)
+        ax.plot(r["depth"], r["normalized"], label=label, **styles[label])
     ax.set(xlabel="normalised depth", ylabel="feature-map variance / the model's largest", title="Feature-map variance")
     ax.grid(alpha=0.3)
     _legend_beside(ax)
@@ -260,7 +282,7 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
                     for members in families.values() for _, label in members)]
     if not shown:
         raise ValueError("plot_ablation: none of the columns was measured for the families' models")
-    colors = _colors(families)
+    colors = _styles(families)
     cols = min(4, len(shown))
     rows = -(-len(shown) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.1 * rows), squeeze=False)
@@ -271,8 +293,7 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
             points = [(k, _value(results[label], task, key)) for k, label in members]
             points = [(k, v) for k, v in points if v is not None]
             if points:
-                ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=family,
-                        color=colors[family])
+                ax.plot([k for k, _ in points], [v for _, v in points], label=family, **colors[family])
         kernels = sorted({k for members in families.values() for k, _ in members})
         ax.set_xscale("log")
         ax.set_xticks(kernels)

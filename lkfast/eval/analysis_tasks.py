@@ -717,8 +717,8 @@ def _lesion_caption(found: Dict[str, dict]) -> str:
 
     scopes = sorted({r.get("scope") for r in found.values()} - {None})
     draws = sorted({r.get("draws_per_count") for r in found.values()} - {None})
-    return ("Top-1 (line: mean, band: min to max over " + (" / ".join(map(str, draws)) or "the") + " draws per "
-            "count) with blocks removed at random (each replaced by its skip connection) from each model's "
+    return ("Top-1 (line: mean; band, or bars set side by side for a model with one or two counts: min to max over "
+            + (" / ".join(map(str, draws)) or "the") + " draws per count) with blocks removed at random (each replaced by its skip connection) from each model's "
             "candidates" + (f" (scope {', '.join(scopes)}: for a staged model its widest stage, as the paper's "
                             "script draws from RepLKNet-31B's 18 third-stage blocks; for a ViT every block)"
                             if scopes == ["paper"] else "") + "; the x axis counts them against all the "
