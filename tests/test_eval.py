@@ -1095,6 +1095,24 @@ def run_failing(capsys, *args) -> str:
     return capsys.readouterr().err
 
 
+def test_a_report_that_cannot_be_made_keeps_the_results_and_says_how_to_write_it(tmp_path, data_root, checkpoint,
+                                                                                  capsys, monkeypatch):
+    """A figure matplotlib refused (a negative error bar, in a first version of Fig. 7's bars) ended the run in
+    an error naming only matplotlib's complaint, and under torchrun would have left the other ranks at the
+    barrier waiting for rank 0. The results stand, the message says how to write the report from them."""
+    import lkfast.eval.report as report
+
+    def broken(out, results):
+        raise ValueError("'yerr' must not contain negative values")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    out = tmp_path / "out"
+    err = run_failing(capsys, *common(out, checkpoint, data_root, "--suite", "clean"))
+    assert ("report.md not written (ValueError: 'yerr' must not contain negative values): the results are complete in "
+            f"{out / 'results.json'}; once this is fixed, python -m lkfast.eval.report {out} writes the report") in err
+    assert load(out)["tiny"]["clean"]["images"] > 0 and "finished" in load(out)["_meta"]
+
+
 def test_missing_dataset_folder(tmp_path, data_root, checkpoint, capsys):
     err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--imagenet-a-dir", tmp_path / "nowhere"))
     assert "--imagenet-a-dir" in err and "no such folder" in err

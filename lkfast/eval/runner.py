@@ -702,11 +702,22 @@ class Runner:
             self._release(spec)
         self.meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self._write(results)
+        report_error = None
         if self.options.write_report and dist.is_main():
             from lkfast.eval.report import write_report
 
-            write_report(self.out, self._with_meta(results))
+            try:
+                write_report(self.out, self._with_meta(results))
+            except Exception as error:  # a table or figure that could not be made: results.json stands (and the
+                # other ranks wait at the barrier below for rank 0, which would never come)
+                report_error = f"{type(error).__name__}: {error}"
+                print(f"lkfast.eval: the report could not be written ({report_error}); every result is in "
+                      f"{self.out / RESULTS_FILE}", file=sys.stderr, flush=True)
         dist.barrier()
+        if report_error and not self.errors:
+            raise EvalError(f"report.md not written ({report_error}): the results are complete in "
+                            f"{self.out / RESULTS_FILE}; once this is fixed, python -m lkfast.eval.report {self.out} "
+                            "writes the report from them without evaluating anything")
         if self.errors:
             # each message was printed (by rank 0) when its task failed and is in the report: the error names
             # the tasks (the messages stay on it as .failures for callers of run_evaluation). Under torchrun
