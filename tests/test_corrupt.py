@@ -1070,11 +1070,17 @@ def test_writer_imagenet_p_npy_is_the_frames_on_every_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "format 'npy' (this command: 'mp4')" in err and "--seed, --batch-size and --format, or" in err
     assert main([*command, "--format", "npy"]) == 0 and "wrote 0 files" in capsys.readouterr().out
-    # a record from before the option (no format: mp4 then) takes mp4 and refuses npy
+    # a record from before the option (no format: mp4 then) takes mp4 and refuses npy; one from before the
+    # writer's version (tilt's focal length changed with 2) is writer 1, refused too
     record = json.loads((one / writer.SETTINGS_FILE).read_text())
     del record["p"]["format"]
     (two / writer.SETTINGS_FILE).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="format 'mp4' \\(this command: 'npy'\\)"):
+        writer.render(src, two, **args)
+    record = json.loads((one / writer.SETTINGS_FILE).read_text())
+    del record["p"]["writer"]
+    (two / writer.SETTINGS_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="writer 1 \\(this command: 2\\)"):
         writer.render(src, two, **args)
     with pytest.raises(ValueError, match="unknown ImageNet-P format 'png'; valid formats are: mp4, npy"):
         writer.render(src, tmp_path / "three", **{**args, "format": "png"})
@@ -1083,6 +1089,32 @@ def test_writer_imagenet_p_npy_is_the_frames_on_every_run(tmp_path, capsys):
     assert not (tmp_path / "c").exists() and not (tmp_path / "three").exists()
     with pytest.raises(ValueError, match="takes \\(T, 3, H, W\\) uint8 frames"):
         data_io.encode_npy(torch.zeros(2, 3, 4, 4))
+
+
+def test_writer_tilts_with_the_whole_resized_images_focal_length(tmp_path):
+    """The release tilts the whole resized image (short side 256) seen at focal length hypot(width, height)
+    of it; the writer tilts its central 256x256 window and took that window's hypot(256, 256) = 362 instead
+    of 461.5 for a 3:2 image: a perspective about a quarter stronger (corrupt audit)."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "val" / "n01440764"
+    src.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    Image.fromarray((g.random((200, 300, 3)) * 255).astype(np.uint8)).save(src / "wide.png")  # -> 384 x 256
+    dst = tmp_path / "p"
+    assert writer.render(src.parent, dst, "p", ["tilt"], progress=False, format="npy") == 1
+    stored = torch.from_numpy(np.load(dst / "tilt" / "n01440764" / "wide.npy")).permute(0, 3, 1, 2).float()
+    context = release_preprocess(src / "wide.png", 256)[None]
+    whole = torch.floor(lc.perturbation_sequence(context, "tilt", crop=224, focal=[math.hypot(384, 256)])[0] * 255)
+    window = torch.floor(lc.perturbation_sequence(context, "tilt", crop=224)[0] * 255)
+    assert torch.equal(stored, whole) and (window - whole).abs().mean() > 1
+    with pytest.raises(ValueError, match="focal is for tilt, one positive focal length per image"):
+        lc.perturbation_sequence(context, "rotate", focal=[400.0])
+    with pytest.raises(ValueError, match="focal is for tilt"):
+        lc.perturbation_sequence(context, "tilt", focal=[400.0, 300.0])
 
 
 @needs_av
@@ -1227,8 +1259,8 @@ def test_writer_refuses_what_would_mix_or_lose_renderings(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert err == (f"error: {dst} holds ImageNet-C files rendered with other settings: seed 3 (this command: 0). Its "
                    f"complete files would be kept and the rest rendered otherwise: rerun with the recorded --seed and "
-                   f"--batch-size, or give another DST (after a change of lkfast.corrupt's VERSION, render into a new "
-                   f"DST)\n")
+                   f"--batch-size, or give another DST (after a change of lkfast.corrupt's VERSION or the writer's, "
+                   f"render into a new DST)\n")
     assert main([*args, "--seed", "3", "--batch-size", "1"]) == 2
     assert "batch_size 32 (this command: 1)" in capsys.readouterr().err
     assert main([*args, "--seed", "3"]) == 0 and "wrote 0 files" in capsys.readouterr().out

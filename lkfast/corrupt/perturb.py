@@ -30,7 +30,7 @@ down (see ``lkfast.corrupt.weather``).
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -158,10 +158,11 @@ def _rotate(x, difficulty, scale, generator):
     return _warp(x, _about_centre(h, w, linear))
 
 
-def tilt_matrices(h: int, w: int, degrees: torch.Tensor) -> torch.Tensor:
+def tilt_matrices(h: int, w: int, degrees: torch.Tensor, focal: Optional[float] = None) -> torch.Tensor:
     """(T, 3, 3) forward homographies of the release's tilt (rotate the image plane by the same
-    angle about the x and y axes, seen by a camera at focal length sqrt(w^2 + h^2))."""
-    f = math.hypot(w, h)
+    angle about the x and y axes, seen by a camera at focal length ``focal``, by default
+    sqrt(w^2 + h^2): the release's, of the whole image it tilts)."""
+    f = math.hypot(w, h) if focal is None else float(focal)
     out = []
     for angle in torch.deg2rad(degrees.double()).tolist():
         ct, st = math.cos(angle), math.sin(angle)
@@ -174,10 +175,13 @@ def tilt_matrices(h: int, w: int, degrees: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _tilt(x, difficulty, scale, generator):
+def _tilt(x, difficulty, scale, generator, focal=None):
     h, w = x.shape[-2:]
-    forward = tilt_matrices(h, w, torch.arange(31, dtype=torch.float64) - 15)
-    return _warp(x, torch.linalg.inv(forward).float().to(x.device))
+    degrees = torch.arange(31, dtype=torch.float64) - 15
+    if focal is None:
+        return _warp(x, torch.linalg.inv(tilt_matrices(h, w, degrees)).float().to(x.device))
+    return torch.cat([_warp(x[i:i + 1], torch.linalg.inv(tilt_matrices(h, w, degrees, f)).float().to(x.device))
+                      for i, f in enumerate(focal)])
 
 
 def _scale(x, difficulty, scale, generator):
@@ -202,7 +206,8 @@ _SEQUENCES = {
 
 def perturbation_sequence(images: torch.Tensor, name: str, difficulty: int = 1,
                           generator: Optional[torch.Generator] = None,
-                          crop: Optional[Union[int, tuple]] = None) -> torch.Tensor:
+                          crop: Optional[Union[int, tuple]] = None,
+                          focal: Optional[Sequence[float]] = None) -> torch.Tensor:
     """ImageNet-P frames for a batch of images.
 
     images: float tensor (N, 3, H, W) in [0, 1], any device. name: one of PERTURBATIONS.
@@ -210,6 +215,9 @@ def perturbation_sequence(images: torch.Tensor, name: str, difficulty: int = 1,
     generator: torch.Generator or int seed (noise and snow are random; the rest are not).
     crop: optional centre crop (int or (h, w)) applied to every frame, so that geometric
     perturbations show the image's real surroundings instead of black.
+    focal: tilt only, one focal length per image (pixels): the release tilts the whole resized image
+    with hypot(width, height) of it (427 for a 341x256 image), so a window cut from it (the writer's
+    256x256) takes its image's; default hypot of the images given.
     Returns (N, T, 3, h, w) in [0, 1], T = PERTURBATIONS[name] (41 for translate, else 31).
     """
     utils.check_choice(name, tuple(PERTURBATIONS), "perturbation")
@@ -218,12 +226,18 @@ def perturbation_sequence(images: torch.Tensor, name: str, difficulty: int = 1,
     if crop is not None:
         crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
         utils.center_crop(images[:1], crop)  # validates the size
+    if focal is not None:
+        focal = [float(f) for f in focal]
+        if name != "tilt" or len(focal) != len(images) or not all(math.isfinite(f) and f > 0 for f in focal):
+            raise ValueError(f"focal is for tilt, one positive focal length per image ({len(images)}); got {name!r} "
+                             f"with {focal!r}")
     generator = utils.make_generator(generator, images.device)
     size = crop if crop is not None else images.shape[-2:]
     scale = _base.size_scale(*size)
     x = images.detach().float()
     with torch.no_grad():
-        frames = _SEQUENCES[name](x, difficulty, scale, generator)
+        frames = (_tilt(x, difficulty, scale, generator, focal) if focal is not None else
+                  _SEQUENCES[name](x, difficulty, scale, generator))
         frames = utils.center_crop(frames, crop)
     assert frames.shape[1] == PERTURBATIONS[name]
     return frames.to(images.dtype)

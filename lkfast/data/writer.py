@@ -13,7 +13,10 @@
 Preprocessing as in the release: resize the short side to 256 (bilinear, Pillow), centre crop
 224; corrupted pixels are truncated to 8 bits (the release's np.uint8). ImageNet-P frames are
 computed on the central 256x256 of the resized image and cropped to 224, so translations,
-rotations, tilts and zoom-outs show real surroundings.
+rotations, tilts and zoom-outs show real surroundings within it (the release transforms the whole
+resized image: beyond that window, on the long side, it shows picture where these frames are
+black), and tilt sees that window with the whole resized image's focal length, hypot(width,
+height), as the release.
 
 Resumable: a file is written under a temporary name and renamed when complete; complete files
 already present are skipped, files cut short (a killed copy, an older writer) are written again,
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -52,6 +56,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 
 from lkfast.corrupt import CORRUPTIONS, NOISE_PERTURBATIONS, PERTURBATIONS, SUBSETS, corrupt, perturbation_sequence
+from lkfast.corrupt.utils import center_crop
 
 from .io import encode_jpeg, encode_mp4, encode_npy, is_complete, list_images, load_image, temporary_files, to_uint8, write_atomic
 
@@ -94,18 +99,25 @@ def warn_unreadable(path: Path, error: Exception) -> None:
                   "its outputs are not written", stacklevel=2)
 
 
-def _load_chunk(paths: Sequence[Path], crop: int,
-                on_unreadable: Callable[[Path, Exception], None]) -> Tuple[torch.Tensor, Set[int]]:
+def _load_chunk(paths: Sequence[Path], crop: int, on_unreadable: Callable[[Path, Exception], None],
+                focal: Optional[list] = None) -> Tuple[torch.Tensor, Set[int]]:
     """(images (N, 3, crop, crop), positions of the files that could not be decoded). An unreadable
-    file keeps its position as a black image, so the chunk's layout does not depend on it."""
+    file keeps its position as a black image, so the chunk's layout does not depend on it. ``focal``,
+    when given, gets each image's hypot(width, height) after the resize (before the crop): the release's
+    tilt focal length."""
     images, unreadable = [], set()
     for i, path in enumerate(paths):
         try:
-            images.append(load_image(path, RESIZE, crop))
+            image = load_image(path, RESIZE)
+            images.append(center_crop(image, (crop, crop)))
+            if focal is not None:
+                focal.append(math.hypot(*image.shape[-2:]))
         except Exception as error:  # any decoder failure (OSError, PIL.UnidentifiedImageError, ...)
             on_unreadable(path, error)
             unreadable.add(i)
             images.append(torch.zeros(3, crop, crop))
+            if focal is not None:
+                focal.append(math.hypot(crop, crop))
     return torch.stack(images), unreadable
 
 
@@ -124,6 +136,9 @@ SETTINGS_FILE = ".lkfast-render.json"  # hidden: the readers pass over it
 
 
 P_FORMATS = ("mp4", "npy")
+# What the writer itself does to ImageNet-P frames beyond lkfast.corrupt (recorded with the settings):
+# 2: tilt at the whole resized image's focal length (1: the 256 window's).
+P_WRITER_VERSION = 2
 
 
 def _settings(seed: int, batch_size: int, benchmark: str = "c", format: str = "mp4") -> dict:
@@ -133,7 +148,7 @@ def _settings(seed: int, batch_size: int, benchmark: str = "c", format: str = "m
     from lkfast.corrupt import VERSION
 
     return {"seed": seed, "batch_size": batch_size, "lkfast.corrupt VERSION": VERSION,
-            **({"format": format} if benchmark == "p" else {})}
+            **({"format": format, "writer": P_WRITER_VERSION} if benchmark == "p" else {})}
 
 
 def _keep_settings(dst: Path, benchmark: str, settings: dict) -> None:
@@ -152,8 +167,8 @@ def _keep_settings(dst: Path, benchmark: str, settings: dict) -> None:
     except (OSError, ValueError, AttributeError) as error:
         raise ValueError(f"cannot read {path} ({error}): it records the settings DST was rendered with; delete it "
                          "only if the files under DST were rendered with this command's settings") from None
-    if benchmark == "p" and isinstance(recorded, dict):
-        recorded = {"format": "mp4", **recorded}  # recorded before --format: mp4, the only format then
+    if benchmark == "p" and isinstance(recorded, dict):  # recorded before --format / the writer's version:
+        recorded = {"format": "mp4", "writer": 1, **recorded}  # mp4, the only format then; writer 1
     if recorded is None:
         record[benchmark] = settings
         dst.mkdir(parents=True, exist_ok=True)
@@ -164,7 +179,8 @@ def _keep_settings(dst: Path, benchmark: str, settings: dict) -> None:
         raise ValueError(f"{dst} holds ImageNet-{benchmark.upper()} files rendered with other settings: "
                          f"{'; '.join(differ)}. Its complete files would be kept and the rest rendered otherwise: "
                          f"rerun with the recorded --seed{', --batch-size and --format' if benchmark == 'p' else ' and --batch-size'}, "
-                         f"or give another DST (after a change of lkfast.corrupt's VERSION, render into a new DST)")
+                         f"or give another DST (after a change of lkfast.corrupt's VERSION or the writer's, render "
+                         f"into a new DST)")
 
 
 def _check_collisions(classes, suffix: str) -> None:
@@ -265,7 +281,8 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
                     complete += len(targets) - len(todo)
                     if todo and images is None:
                         crop = CROP if benchmark == "c" else RESIZE  # P: the 256 context
-                        images, unreadable = _load_chunk(paths, crop, on_unreadable)
+                        focal = [] if benchmark == "p" else None
+                        images, unreadable = _load_chunk(paths, crop, on_unreadable, focal)
                         images = images.to(device)
                     todo = [i for i in todo if i not in unreadable]
                     if todo:
@@ -275,7 +292,8 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
                             for i in todo:
                                 write_atomic(targets[i], encode_jpeg(out[i], JPEG_QUALITY))
                         else:
-                            frames = to_uint8(perturbation_sequence(images, name, level, generator, crop=CROP)).cpu()
+                            frames = to_uint8(perturbation_sequence(images, name, level, generator, crop=CROP,
+                                                                    focal=focal if name == "tilt" else None)).cpu()
                             for i in todo:
                                 write_atomic(targets[i], encode_npy(frames[i]) if format == "npy" else
                                              encode_mp4(frames[i], name in NOISE_PERTURBATIONS, preset))
