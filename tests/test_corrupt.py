@@ -651,6 +651,27 @@ def test_elastic_field_matches_release(severity):
     torch.testing.assert_close(ours, ref, rtol=0.05, atol=0)
 
 
+@pytest.mark.parametrize("severity", [3, 5])
+def test_elastic_blurs_as_the_releases_two_resamplings(severity):
+    """The release resamples twice (cv2.warpAffine, then map_coordinates), and each bilinear resampling
+    blurs; one composed lookup left fine texture 1.5x as sharp as the release's on white noise (a
+    corruption audit measured 11-13% on a photograph). Mean |horizontal step| over 4 noise images, the
+    release's draws and lkfast's different but alike: within 5%."""
+    pytest.importorskip("skimage")
+    import numpy as np
+
+    x = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+    def sharpness(t):
+        return (t[..., :, 1:] - t[..., :, :-1]).abs().mean().item()
+
+    ours = sharpness(lc.corrupt(x, "elastic_transform", severity, generator=0))
+    release = np.mean([sharpness(torch.from_numpy(_release_elastic(x[i].permute(1, 2, 0).contiguous().numpy(), severity,
+                                                                   np.random.default_rng(i))).permute(2, 0, 1))
+                       for i in range(len(x))])
+    assert ours / release == pytest.approx(1.0, abs=0.05)
+
+
 # ----------------------------------------------------------------------------------- bad input
 def test_bad_inputs():
     x = natural_images(2, 32)

@@ -78,8 +78,8 @@ SEVERITIES = (1, 2, 3, 4, 5)
 # 2: below 224 px, defocus and Gaussian blurs carry the release's kernels to the smaller grid;
 # 3: motion blur's too (motion_blur, snow, and the perturbations motion_blur and snow);
 # 4: carried kernels spread by Lanczos-3 (not linearly); snow's and spatter's texture layers drawn
-# at 224 px below it, spatter's noise scaled above it.
-VERSION = 4
+# at 224 px below it, spatter's noise scaled above it; 5: elastic_transform resamples twice, as the release.
+VERSION = 5
 
 
 def names(subset: str = "all") -> List[str]:
