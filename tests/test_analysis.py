@@ -880,6 +880,23 @@ def test_lesion_of_one_or_two_counts_draws_bars_and_models_differ_by_marker(tmp_
     assert len({line.get_marker() for line in lines.values()}) == 3
 
 
+def test_ablation_panels_say_what_they_plot(tmp_path, monkeypatch):
+    """The ablation figure's panels had no y-label (top-1, AUPR and top-1 changes side by side) and Table 7's
+    short names beside Table 5's ("ImgN-A" next to "ImageNet-C")."""
+    from lkfast.analysis.ablation import TABLE5_COLUMNS, TABLE7_COLUMNS
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    one = {"clean": {"top1": 70.0}, "imagenet-a": {"top1": 5.0}, "imagenet-c": {"sev5_top1": 40.0},
+           "imagenet-o": {"aupr": 60.0}, "occlusion": {"salient_drop_50": -20.0}}
+    results = {"k3": one, "k31": one}
+    plots.plot_ablation(results, {"replknet": [(3, "k3"), (31, "k31")]}, TABLE7_COLUMNS + TABLE5_COLUMNS,
+                        tmp_path / "ablation.png")
+    panels = {ax.get_title(): ax.get_ylabel() for ax in drawn.pop().axes if ax.axison and ax.get_title()}
+    assert panels == {"ImageNet": "top-1 (%)", "ImageNet-A": "top-1 (%)", "ImageNet-C": "mean top-1 at severity 5 (%)",
+                      "ImageNet-O": "AUPR (%)", "Salient-Drop-50%": "top-1 change (points)"}
+
+
 def test_drop_axes_of_flat_values_show_zero_and_both_signs(tmp_path, monkeypatch):
     """Figs. 4 and 8 plot the top-1 drop: every drop 0 (tiny nets, or nothing the noise changed) got
     matplotlib's flat-line range, about -0.055..0.055; a flat drop axis now runs 5 points beyond 0 and

@@ -267,6 +267,13 @@ def plot_feature_variance(results: Mapping[str, dict], path) -> Path:
     return _save(fig, path)
 
 
+# Table 7's short headers, written out on the figure beside Table 5's (one panel said "ImgN-A", the next "ImageNet-C")
+PANEL_TITLES = {"ImgN": "ImageNet", "ImgN-A": "ImageNet-A", "ImgN-R": "ImageNet-R"}
+# What each metric of the kernel-size ablation is, on its panel's y axis (higher is better for all of them)
+ABLATION_YLABELS = {"top1": "top-1 (%)", "sev5_top1": "mean top-1 at severity 5 (%)", "aupr": "AUPR (%)",
+                    "salient_drop_50": "top-1 change (points)", "change_at_0_7pi": "top-1 change (points)"}
+
+
 def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], columns, path) -> Path:
     """Tables 5 and 7 as a figure: each metric against kernel size, one line per ablation family.
     ``results``: label -> task -> metrics (results.json); ``families``: family -> [(kernel, label)]
@@ -299,7 +306,7 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
         ax.set_xticks(kernels)
         ax.set_xticklabels([str(k) for k in kernels])
         ax.minorticks_off()
-        ax.set(title=header, xlabel="kernel size")
+        ax.set(title=PANEL_TITLES.get(header, header), xlabel="kernel size", ylabel=ABLATION_YLABELS.get(key, ""))
         ax.grid(alpha=0.3)
     _shared_legend(list(axes.flat), colors, beside=axes[0][-1])
     return _save(fig, path)
