@@ -195,14 +195,17 @@ def temporary_files(folder, stale_only: bool = True) -> list[Path]:
 
 
 def write_table(stem, header: Sequence[str], rows: Iterable[Sequence], align: Optional[str] = None,
-                caption: Optional[str] = None, digits: int = 2) -> tuple[Path, Path]:
+                caption: Optional[str] = None, digits: int = 2, csv: Optional[tuple] = None) -> tuple[Path, Path]:
     """Write ``stem.md`` (markdown, with the caption) and ``stem.csv`` (the raw cells); returns both paths.
     A column name the header repeats ("paper" beside each measured column) is named after the column
-    before it in the CSV ("paper (ImageNet-A)"), so every CSV column has a name of its own."""
+    before it in the CSV ("paper (ImageNet-A)"), so every CSV column has a name of its own. ``csv``:
+    (header, rows) for the CSV where it holds other columns than the markdown (numbers where the
+    markdown shows text such as "29.4 (+2.7)")."""
     rows = [list(r) for r in rows]
     stem = Path(stem)
     md = write_text_atomic(stem.with_suffix(".md"), markdown_table(header, rows, align, caption, digits))
-    csv_path = write_text_atomic(stem.with_suffix(".csv"), csv_text(csv_header(header), rows))
+    csv_head, csv_rows = (header, rows) if csv is None else (csv[0], [list(r) for r in csv[1]])
+    csv_path = write_text_atomic(stem.with_suffix(".csv"), csv_text(csv_header(csv_head), csv_rows))
     return md, csv_path
 
 

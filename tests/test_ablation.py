@@ -123,11 +123,18 @@ def test_eval_ablation_suite_on_models_trained_at_two_kernel_sizes(tmp_path):
         cells = line.split(",")
         assert cells[:2] == [label, f"{k}×{k}"]
         assert float(cells[2]) == pytest.approx(results[label]["clean"]["top1"], abs=0.01)
-    table5 = (out / "tables" / "table5_ablation_test_convnext.csv").read_text().splitlines()
-    # against the largest kernel (no ViT in the run): k7 bare, k3 with its change
+    table5 = (out / "tables" / "table5_ablation_test_convnext.md").read_text().splitlines()
+    # against the largest kernel (no ViT in the run): k7 bare, k3 with its change, as the paper writes them
     k3, k7 = (results[m]["frequency"]["change_at_0_7pi"] for m in ("CN-k3", "CN-k7"))
-    assert table5[2].split(",")[-1] == f"{k7 + 0.0:.1f}"
-    assert table5[1].split(",")[-1] == f"{k3 + 0.0:.1f} ({k3 - k7 + 0.0:+.1f})"
+    row = {line.split(" | ")[0].strip("| "): line.strip(" |").split(" | ") for line in table5 if line.startswith("| CN-")}
+    assert row["CN-k7"][-1] == f"{k7 + 0.0:.1f}" and row["CN-k3"][-1] == f"{k3 + 0.0:.1f} ({k3 - k7 + 0.0:+.1f})"
+    # the CSV holds numbers (it held the text "29.4 (+2.7)"): each value and its change in columns of their own
+    csv5 = (out / "tables" / "table5_ablation_test_convnext.csv").read_text().splitlines()
+    assert csv5[0].startswith("Model,Kernel,ImageNet-A,ImageNet-A change,ImageNet-C,ImageNet-C change,")
+    assert csv5[0].endswith(",Noise-0.7π,Noise-0.7π change")
+    cells = {line.split(",")[0]: line.split(",") for line in csv5[1:]}
+    assert cells["CN-k7"][1] == "7" and float(cells["CN-k7"][-2]) == pytest.approx(k7) and cells["CN-k7"][-1] == ""
+    assert float(cells["CN-k3"][-2]) == pytest.approx(k3) and float(cells["CN-k3"][-1]) == pytest.approx(k3 - k7)
     assert (out / "figures" / "ablation_kernel_size.png").stat().st_size > 0
 
 

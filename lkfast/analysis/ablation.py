@@ -11,6 +11,7 @@ A family is one architecture trained at several kernel sizes: RepLKNet-31B again
     ablation_families(models)         {family: [(kernel, label), ...]} for families with >= 2 sizes
     TABLE5_COLUMNS, TABLE7_COLUMNS    (header, task, key) of each table's metric columns
     table5_rows / table7_rows         the rows, with the change against a reference model
+    table5_csv                        Table 5 as numbers (value and change columns) for its CSV
 """
 from __future__ import annotations
 
@@ -111,6 +112,25 @@ def table5_rows(results: Mapping[str, Mapping[str, Any]], members: Sequence[Tupl
     is None. ``results``: label -> task ->
     metrics, as in results.json."""
     return _rows(results, members, TABLE5_COLUMNS, reference, reference_row=True)
+
+
+def table5_csv(results: Mapping[str, Mapping[str, Any]], members: Sequence[Tuple[int, str]],
+               reference: Optional[str] = None) -> Tuple[List[str], List[list]]:
+    """Table 5 as numbers for its CSV: (header, rows) with Model, Kernel (an int; None for a model
+    without one), then each column's value and its change against ``reference`` (None where there is
+    none), where ``table5_rows`` writes "value (change)" text."""
+    header = ["Model", "Kernel"] + [h for name, _, _ in TABLE5_COLUMNS for h in (name, f"{name} change")]
+    base = results.get(reference, {}) if reference else {}
+    labels = ([] if reference is None or reference in [label for _, label in members] else [(None, reference)])
+    rows = []
+    for kernel, label in labels + list(members):
+        row = [label, kernel]
+        for _, t, k in TABLE5_COLUMNS:
+            value = _value(results[label], t, k)
+            against = None if reference is None or label == reference else _value(base, t, k)
+            row += [value, None if value is None or against is None else value - against]
+        rows.append(row)
+    return header, rows
 
 
 def table7_rows(results: Mapping[str, Mapping[str, Any]], members: Sequence[Tuple[int, str]]) -> List[list]:

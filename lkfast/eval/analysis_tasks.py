@@ -56,7 +56,7 @@ from torch.utils.data import Dataset
 
 from lkfast import analysis, attacks
 from lkfast.analysis import plots
-from lkfast.analysis.ablation import table5_rows, table7_rows
+from lkfast.analysis.ablation import table5_csv, table5_rows, table7_rows
 from lkfast.tables import write_table
 from lkfast.eval.registry import SUITES, TASKS, TaskUnavailable, register_task
 from lkfast.eval.tasks import image_folder
@@ -607,9 +607,10 @@ def _collect(results: Dict[str, Any], task: str) -> Dict[str, dict]:
             and isinstance(r.get(task), dict) and "unavailable" not in r[task]}
 
 
-def _table(out, stem: str, heading: str, header, rows, note) -> str:
-    """A section with a table written through the project's table writer (markdown + CSV)."""
-    md, _ = write_table(Path(out) / "tables" / stem, header, rows, caption=note)
+def _table(out, stem: str, heading: str, header, rows, note, csv=None) -> str:
+    """A section with a table written through the project's table writer (markdown + CSV; ``csv``:
+    (header, rows) of a CSV holding other columns than the markdown)."""
+    md, _ = write_table(Path(out) / "tables" / stem, header, rows, caption=note, csv=csv)
     return f"{heading}\n\n{md.read_text()}\n([CSV](tables/{stem}.csv))\n"
 
 
@@ -784,7 +785,8 @@ def _ablation_report(out, results: Dict[str, Any], found: Dict[str, dict]):
                             table5_rows(results, members, reference),
                             f"Top-1 (%) on ImageNet-A/-R, mean top-1 over the corruptions at severity 5 on "
                             f"ImageNet-C, AUPR (%) on ImageNet-O, top-1 change (points) at 50% salient drop and under "
-                            f"noise at 0.7π; in brackets the difference {against}."))
+                            f"noise at 0.7π; in brackets the difference {against}.",
+                            csv=table5_csv(results, members, reference)))
         parts.append(_table(out, f"table7_ablation_{family}", f"### Table 7 layout: {family}",
                             ["Model", "Kernel"] + [h for h, _, _ in TABLE7_COLUMNS], table7_rows(results, members),
                             "Top-1 (%) on ImageNet (the clean set), ImageNet-A and ImageNet-R."))
