@@ -87,20 +87,26 @@ def _with_change(value: Optional[float], reference: Optional[float]) -> Any:
     return f"{value:.1f} ({value - reference + 0.0:+.1f})"
 
 
+def _measured(results: Mapping[str, Mapping[str, Any]], members: Sequence[Tuple[int, str]], columns,
+              reference: Optional[str], reference_row: bool):
+    """(label, kernel, [(value, the reference's value or None) per column]) for each row of a table: the
+    reference first, with kernel None, when ``reference_row`` and it is not a member, then the members;
+    the reference's own row and every row without a reference get None to compare with."""
+    base = results.get(reference, {}) if reference else {}
+    rows = list(members)
+    if reference is not None and reference_row and reference not in [label for _, label in members]:
+        rows.insert(0, (None, reference))
+    for kernel, label in rows:
+        yield label, kernel, [(_value(results[label], t, k),
+                               None if reference is None or label == reference else _value(base, t, k))
+                              for _, t, k in columns]
+
+
 def _rows(results: Mapping[str, Mapping[str, Any]], members: Sequence[Tuple[int, str]], columns,
           reference: Optional[str], reference_row: bool) -> List[list]:
-    base = results.get(reference, {}) if reference else {}
-    rows = []
-    if reference is None:  # plain numbers
-        return [[label, f"{kernel}×{kernel}"] + [_value(results[label], t, k) for _, t, k in columns]
-                for kernel, label in members]
-    if reference_row and reference not in [label for _, label in members]:
-        rows.append([reference, "—"] + [_with_change(_value(base, t, k), None) for _, t, k in columns])
-    for kernel, label in members:
-        rows.append([label, f"{kernel}×{kernel}"] + [
-            _with_change(_value(results[label], t, k), None if label == reference else _value(base, t, k))
-            for _, t, k in columns])
-    return rows
+    return [[label, "—" if kernel is None else f"{kernel}×{kernel}"]
+            + [value if reference is None else _with_change(value, against) for value, against in cells]
+            for label, kernel, cells in _measured(results, members, columns, reference, reference_row)]
 
 
 def table5_rows(results: Mapping[str, Mapping[str, Any]], members: Sequence[Tuple[int, str]],
@@ -120,16 +126,9 @@ def table5_csv(results: Mapping[str, Mapping[str, Any]], members: Sequence[Tuple
     without one), then each column's value and its change against ``reference`` (None where there is
     none), where ``table5_rows`` writes "value (change)" text."""
     header = ["Model", "Kernel"] + [h for name, _, _ in TABLE5_COLUMNS for h in (name, f"{name} change")]
-    base = results.get(reference, {}) if reference else {}
-    labels = ([] if reference is None or reference in [label for _, label in members] else [(None, reference)])
-    rows = []
-    for kernel, label in labels + list(members):
-        row = [label, kernel]
-        for _, t, k in TABLE5_COLUMNS:
-            value = _value(results[label], t, k)
-            against = None if reference is None or label == reference else _value(base, t, k)
-            row += [value, None if value is None or against is None else value - against]
-        rows.append(row)
+    rows = [[label, kernel] + [x for value, against in cells
+                               for x in (value, None if value is None or against is None else value - against)]
+            for label, kernel, cells in _measured(results, members, TABLE5_COLUMNS, reference, reference_row=True)]
     return header, rows
 
 
