@@ -83,15 +83,9 @@ def drop_ylim(low: float, high: float) -> Optional[tuple]:
     return (min(low, 0.0) - 5.0, max(high, 0.0) + 5.0)
 
 
-def _set_ylim(ax, rule) -> None:
-    limits = rule(float(ax.dataLim.y0), float(ax.dataLim.y1))
-    if limits is not None:
-        ax.set_ylim(*limits)
-
-
-def _set_shared_ylim(axes, rule) -> None:
-    """``rule``'s limits for panels that share one y-axis, from what all of them plot (one panel's
-    flat values are not the figure's)."""
+def _set_ylim(axes, rule) -> None:
+    """``rule``'s limits for ``axes``: one, or panels that share one y-axis, from what all of them plot
+    (one panel's flat values are not the figure's)."""
     limits = rule(min(float(ax.dataLim.y0) for ax in axes), max(float(ax.dataLim.y1) for ax in axes))
     if limits is not None:
         axes[0].set_ylim(*limits)
@@ -99,12 +93,12 @@ def _set_shared_ylim(axes, rule) -> None:
 
 def set_accuracy_ylim(ax) -> None:
     """Give ``ax`` (an accuracy axis, drawn) the limits of ``accuracy_ylim`` for what it plots."""
-    _set_ylim(ax, accuracy_ylim)
+    _set_ylim([ax], accuracy_ylim)
 
 
 def set_drop_ylim(ax) -> None:
     """Give ``ax`` (a top-1 drop axis, drawn) the limits of ``drop_ylim`` for what it plots."""
-    _set_ylim(ax, drop_ylim)
+    _set_ylim([ax], drop_ylim)
 
 
 def _check(results: Mapping, figure: str) -> None:
@@ -118,18 +112,18 @@ def plot_occlusion(results: Mapping[str, dict], path) -> Path:
     one line per model."""
     _check(results, "plot_occlusion")
     modes = [m for m in MODE_TITLES if any(m in r["top1"] for r in results.values())]
-    colors = _styles(results)
+    styles = _styles(results)
     # one y-range: the panels are read against each other (salient against random drop)
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), squeeze=False, sharey=True)
     for ax, mode in zip(axes[0], modes):
         for label, r in results.items():
             if mode in r["top1"]:
                 drop = [r["clean_top1"] - top1 for top1 in r["top1"][mode]]
-                ax.plot([100 * q for q in r["ratios"]], drop, label=label, **colors[label])
+                ax.plot([100 * q for q in r["ratios"]], drop, label=label, **styles[label])
         ax.set(title=MODE_TITLES[mode], xlabel="information loss (%)", ylabel="top-1 drop (points)")
         ax.grid(alpha=0.3)
-    _set_shared_ylim(axes[0], drop_ylim)
-    _shared_legend(axes[0], colors)
+    _set_ylim(axes[0], drop_ylim)
+    _shared_legend(axes[0], styles)
     return _save(fig, path)
 
 
@@ -166,15 +160,15 @@ def plot_attacks(fgsm: Mapping[str, dict], pgd: Mapping[str, dict], path) -> Pat
                        [(k, *clean(r, r["eps"], r["top1"])) for k, r in pgd.items()]))
         panels.append((f"(c) PGD, ε = {any_pgd['steps_eps']}", "attack steps",
                        [(k, *clean(r, r["steps"], r["steps_top1"])) for k, r in pgd.items()]))
-    colors = _styles([*fgsm, *pgd])
+    styles = _styles([*fgsm, *pgd])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
     for ax, (title, xlabel, lines) in zip(axes[0], panels):
         for label, x, top1 in lines:
-            ax.plot(x, top1, label=label, **colors[label])
+            ax.plot(x, top1, label=label, **styles[label])
         ax.set(title=title, xlabel=xlabel, ylabel="top-1 accuracy (%)")
         ax.grid(alpha=0.3)
-    _set_shared_ylim(axes[0], accuracy_ylim)
-    _shared_legend(axes[0], colors)
+    _set_ylim(axes[0], accuracy_ylim)
+    _shared_legend(axes[0], styles)
     return _save(fig, path)
 
 
@@ -289,7 +283,7 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
                     for members in families.values() for _, label in members)]
     if not shown:
         raise ValueError("plot_ablation: none of the columns was measured for the families' models")
-    colors = _styles(families)
+    styles = _styles(families)
     cols = min(4, len(shown))
     rows = -(-len(shown) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.1 * rows), squeeze=False)
@@ -300,7 +294,7 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
             points = [(k, _value(results[label], task, key)) for k, label in members]
             points = [(k, v) for k, v in points if v is not None]
             if points:
-                ax.plot([k for k, _ in points], [v for _, v in points], label=family, **colors[family])
+                ax.plot([k for k, _ in points], [v for _, v in points], label=family, **styles[family])
         kernels = sorted({k for members in families.values() for k, _ in members})
         ax.set_xscale("log")
         ax.set_xticks(kernels)
@@ -308,5 +302,5 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
         ax.minorticks_off()
         ax.set(title=PANEL_TITLES.get(header, header), xlabel="kernel size", ylabel=ABLATION_YLABELS.get(key, ""))
         ax.grid(alpha=0.3)
-    _shared_legend(list(axes.flat), colors, beside=axes[0][-1])
+    _shared_legend(list(axes.flat), styles, beside=axes[0][-1])
     return _save(fig, path)

@@ -75,7 +75,6 @@ def feature_map_variance(model: nn.Module, x: torch.Tensor, modules: Optional[li
     finally:
         for handle in handles:
             handle.remove()
-        last[0] = None
     missing = [name for name, _, _ in points if name not in values]
     if missing:
         raise RuntimeError(f"feature_map_variance: the forward pass never reached {missing[:5]}")
