@@ -755,9 +755,10 @@ def _kernel_weights_line(found: Dict[str, dict]) -> str:
     by_text: Dict[str, List[str]] = {}  # one line per kind of weights, naming its models
     for m, r in found.items():
         by_text.setdefault(", ".join(said.get(w, w) for w in r.get("weights", [])) or "not recorded", []).append(m)
-    return "Weights measured: " + "; ".join(
-        f"{'all models' if len(by_text) == 1 and len(ms) > 1 else ', '.join(ms)}: {text}"
-        for text, ms in by_text.items()) + ".\n"
+    from lkfast.eval.report import models_named
+
+    return "Weights measured: " + "; ".join(f"{models_named(ms, list(found))}: {text}"
+                                            for text, ms in by_text.items()) + ".\n"
 
 
 def _ablation_report(out, results: Dict[str, Any], found: Dict[str, dict]):

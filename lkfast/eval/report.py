@@ -102,6 +102,11 @@ def _generated(result) -> bool:
     return isinstance(result, dict) and str(result.get("source", "disk")).startswith("generated")
 
 
+def _imagenet(results) -> bool:
+    """Whether the run's class space is ImageNet-1k (results before the flag were)."""
+    return results.get(META_KEY, {}).get("class_space_is_imagenet", True)
+
+
 def _paper(results, label, key):
     """The paper's value of ``key`` for the model, or None: none for a model evaluated in a class space
     other than ImageNet-1k (its accuracies and errors are over other classes), none for ImageNet-C/-P
@@ -109,7 +114,7 @@ def _paper(results, label, key):
     the generated ones estimate: other draws, another encoder), and for ImageNet-P's mFR / mT5D none
     unless AlexNet normalised them, as the release and the paper's Table 2 do."""
     name = paper_name(label, results[label])
-    if not name or not results.get(META_KEY, {}).get("class_space_is_imagenet", True):
+    if not name or not _imagenet(results):
         return None
     if key in _GENERATED_TASK and _generated(results[label].get(_GENERATED_TASK[key])):
         return None
@@ -149,8 +154,7 @@ def _far_from_paper(results, models) -> List[str]:
     for m in models:
         measured, paper = _get(results[m], "clean", "top1"), _paper(results, m, "clean")
         name = paper_name(m, results[m])
-        behind = (BEHIND_PAPER_ROWS.get(name) if paper is None and results.get(META_KEY, {}).get(
-            "class_space_is_imagenet", True) else None)
+        behind = BEHIND_PAPER_ROWS.get(name) if paper is None and _imagenet(results) else None
         if measured is not None and paper is not None and abs(measured - paper) > PAPER_CLEAN_TOLERANCE:
             far.append(f"{m}: {measured:.2f} (the paper's {name}: {paper:.1f})")
         elif measured is not None and behind is not None and abs(measured - behind) > PAPER_CLEAN_TOLERANCE:
@@ -164,6 +168,11 @@ def _models(results) -> List[str]:
 
 def _has(results, task) -> bool:
     return any(isinstance(results[m].get(task), dict) and "unavailable" not in results[m][task] for m in _models(results))
+
+
+def models_named(models: List[str], among: List[str]) -> str:
+    """``models`` as a note names them: "all models" where they are every one of ``among`` (two or more)."""
+    return "all models" if len(models) == len(among) > 1 else ", ".join(models)
 
 
 def _notes(results, task) -> List[str]:
@@ -182,8 +191,7 @@ def _notes(results, task) -> List[str]:
         if r.get("source"):
             bits.append(f"data: {r['source']}" + (" (an estimate of the release's files: the paper's values are not "
                                                   "shown beside)" if _generated(r) and paper_name(m, results[m]) and
-                                                  results.get(META_KEY, {}).get("class_space_is_imagenet", True)
-                                                  else ""))
+                                                  _imagenet(results) else ""))
         if r.get("skipped_unreadable"):
             bits.append(f"**{r['skipped_unreadable']} unreadable item(s) skipped** "
                         f"({', '.join(f'{k}: {v}' for k, v in r.get('skipped_by_part', {}).items())})")
@@ -217,7 +225,7 @@ def _notes(results, task) -> List[str]:
         for bit in bits:
             noted.setdefault(bit, []).append(m)
     for bit, models in noted.items():
-        lines.append(f"- {'all models' if len(models) == len(ran) > 1 else ', '.join(models)}: {bit}")
+        lines.append(f"- {models_named(models, ran)}: {bit}")
     return lines
 
 
@@ -379,20 +387,27 @@ def _analysis_images(options: Dict[str, Any]) -> str:
 SAMPLING_NOTE_POINTS = 1.0  # a 95% interval this wide or wider (about 9,600 images or fewer) is said at the top
 
 
+def _fewest_clean_images(results: Dict[str, Any], models: List[str]) -> Optional[int]:
+    """The smallest clean-set image count of the models, or None where no model says one."""
+    counts = [_get(results[m], "clean", "images") for m in models]
+    return min((int(c) for c in counts if c is not None and c > 0), default=None)
+
+
+def _top1_margin(images: int) -> float:
+    """Half-width in points of the 95% binomial interval of a top-1 over ``images`` at 50%, the widest."""
+    return 196 * math.sqrt(0.25 / images)
+
+
 def _sampling_line(results: Dict[str, Any], models: List[str]) -> str:
     """A line on how far a top-1 over the clean set's images may be from the one the same model would get on
-    all such images (95% binomial interval at 50%, the widest), where that is at least SAMPLING_NOTE_POINTS:
-    on the default's 200 images about ±6.9 points, so models a few points apart are not told apart."""
-    counts = [_get(results[m], "clean", "images") for m in models]
-    counts = [int(c) for c in counts if isinstance(c, (int, float)) and c > 0]
-    if not counts:
+    all such images (``_top1_margin``), where that is at least SAMPLING_NOTE_POINTS: on the default's 200
+    images about ±6.9 points, so models a few points apart are not told apart."""
+    fewest = _fewest_clean_images(results, models)
+    if fewest is None or _top1_margin(fewest) < SAMPLING_NOTE_POINTS:
         return ""
-    margin = 196 * math.sqrt(0.25 / min(counts))
-    if margin < SAMPLING_NOTE_POINTS:
-        return ""
-    return (f"**Sampling error**: a top-1 over {min(counts)} images is within about ±{margin:.1f} points of what the "
-            f"model would score on all such images (95% binomial interval at 50%); differences between models "
-            f"smaller than that are not resolved by this data.")
+    return (f"**Sampling error**: a top-1 over {fewest} images is within about ±{_top1_margin(fewest):.1f} points of "
+            f"what the model would score on all such images (95% binomial interval at 50%); differences between "
+            f"models smaller than that are not resolved by this data.")
 
 
 def _datasets_chosen(options: Dict[str, Any], results: Dict[str, Any], models: List[str]) -> str:
@@ -400,10 +415,9 @@ def _datasets_chosen(options: Dict[str, Any], results: Dict[str, Any], models: L
     if n is None:
         return ""
     if options.get("spread"):
-        counts = [_get(results[m], "clean", "images") for m in models]
-        counts = [c for c in counts if isinstance(c, int) and c > 0]
-        margin = (f" (a top-1 over {min(counts)} images is within about ±{196 * math.sqrt(0.25 / min(counts)):.1f} "
-                  f"points of the whole set's, 95% binomial interval at 50%)") if counts else ""
+        fewest = _fewest_clean_images(results, models)
+        margin = (f" (a top-1 over {fewest} images is within about ±{_top1_margin(fewest):.1f} "
+                  f"points of the whole set's, 95% binomial interval at 50%)") if fewest else ""
         return (f"At most {n} images of each dataset (--subset {n}), spread evenly over its sorted order: "
                 f"estimates of the whole sets' numbers{margin}, to be compared with the paper's with that in mind.")
     return (f"Only the first {n} images of each dataset in sorted order (--limit {n}), i.e. its first classes: "
@@ -430,11 +444,9 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
         w.text(f"\n**Not ImageNet-1k**: every number here is over the class space \"{meta.get('class_space', '?')}\" "
                "(the paper's values are not shown beside them)"
                + (f". {meta['class_space_about']}" if meta.get("class_space_about") else ".") + "\n")
-    chosen = _images_chosen(meta.get("options", {}), results, models)
-    if chosen:
+    chosen = _images_chosen(meta.get("options", {}), results, models) or _sampling_line(results, models)
+    if chosen:  # (--subset's line says the sampling error already)
         w.text(f"\n{chosen}\n")
-    elif _sampling_line(results, models):  # (--subset's line says it already)
-        w.text(f"\n{_sampling_line(results, models)}\n")
     far = _far_from_paper(results, models)
     if far:
         w.text("\n**Clean top-1 far from the paper's**: " + "; ".join(far) + ". The paper's values beside these "
