@@ -99,26 +99,23 @@ def warn_unreadable(path: Path, error: Exception) -> None:
                   "its outputs are not written", stacklevel=2)
 
 
-def _load_chunk(paths: Sequence[Path], crop: int, on_unreadable: Callable[[Path, Exception], None],
-                focal: Optional[list] = None) -> Tuple[torch.Tensor, Set[int]]:
-    """(images (N, 3, crop, crop), positions of the files that could not be decoded). An unreadable
-    file keeps its position as a black image, so the chunk's layout does not depend on it. ``focal``,
-    when given, gets each image's hypot(width, height) after the resize (before the crop): the release's
-    tilt focal length."""
-    images, unreadable = [], set()
+def _load_chunk(paths: Sequence[Path], crop: int,
+                on_unreadable: Callable[[Path, Exception], None]) -> Tuple[torch.Tensor, Set[int], List[float]]:
+    """(images (N, 3, crop, crop), positions of the files that could not be decoded, each image's
+    hypot(width, height) after the resize and before the crop: the release's tilt focal length). An
+    unreadable file keeps its position as a black image, so the chunk's layout does not depend on it."""
+    images, unreadable, focal = [], set(), []
     for i, path in enumerate(paths):
         try:
             image = load_image(path, RESIZE)
-            images.append(center_crop(image, (crop, crop)))
-            if focal is not None:
-                focal.append(math.hypot(*image.shape[-2:]))
+            window = center_crop(image, (crop, crop))
         except Exception as error:  # any decoder failure (OSError, PIL.UnidentifiedImageError, ...)
             on_unreadable(path, error)
             unreadable.add(i)
-            images.append(torch.zeros(3, crop, crop))
-            if focal is not None:
-                focal.append(math.hypot(crop, crop))
-    return torch.stack(images), unreadable
+            image = window = torch.zeros(3, crop, crop)
+        images.append(window)
+        focal.append(math.hypot(*image.shape[-2:]))
+    return torch.stack(images), unreadable, focal
 
 
 def _check_destination(src: Path, dst: Path) -> None:
@@ -281,8 +278,7 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
                     complete += len(targets) - len(todo)
                     if todo and images is None:
                         crop = CROP if benchmark == "c" else RESIZE  # P: the 256 context
-                        focal = [] if benchmark == "p" else None
-                        images, unreadable = _load_chunk(paths, crop, on_unreadable, focal)
+                        images, unreadable, focal = _load_chunk(paths, crop, on_unreadable)
                         images = images.to(device)
                     todo = [i for i in todo if i not in unreadable]
                     if todo:
