@@ -722,7 +722,7 @@ class Runner:
             # each message was printed (by rank 0) when its task failed and is in the report: the error names
             # the tasks (the messages stay on it as .failures for callers of run_evaluation). Under torchrun
             # the other ranks' output holds no such line, so their error points at rank 0's instead.
-            written = RESULTS_FILE + (" and report.md" if self.options.write_report else "")
+            written = RESULTS_FILE + (" and report.md" if self.options.write_report and not report_error else "")
             reasons = (f"the reasons are above and in {written}" if dist.is_main() else
                        f"this is rank {dist.rank()}: rank 0 printed the reasons and wrote them to {written}")
             finished = any(not t.startswith("_") and isinstance(r, dict) and "unavailable" not in r
