@@ -201,7 +201,8 @@ def is_complete(path: PathLike) -> bool:
     decoding: a JPEG (.jpeg/.jpg) must start with the SOI marker and end with the EOI marker; an
     mp4 must be a chain of top-level boxes that ends exactly at the end of the file and contains
     the 'moov' box (which H.264 writers put last); an .npy file must be as long as its header's
-    shape and dtype say. Other files only need to exist and be non-empty. A file cut short by a killed copy or write fails the check."""
+    shape and dtype say. Other files only need to exist and be non-empty. A file cut short by a
+    killed copy or write fails the check."""
     path = Path(path)
     try:
         size = path.stat().st_size

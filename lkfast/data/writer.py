@@ -175,7 +175,8 @@ def _keep_settings(dst: Path, benchmark: str, settings: dict) -> None:
     if differ:
         raise ValueError(f"{dst} holds ImageNet-{benchmark.upper()} files rendered with other settings: "
                          f"{'; '.join(differ)}. Its complete files would be kept and the rest rendered otherwise: "
-                         f"rerun with the recorded --seed{', --batch-size and --format' if benchmark == 'p' else ' and --batch-size'}, "
+                         f"rerun with the recorded --seed"
+                         f"{', --batch-size and --format' if benchmark == 'p' else ' and --batch-size'}, "
                          f"or give another DST (after a change of lkfast.corrupt's VERSION or the writer's, render "
                          f"into a new DST)")
 

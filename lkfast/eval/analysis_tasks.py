@@ -653,7 +653,8 @@ def write_analysis_report(out, results: Dict[str, Any]) -> str:
                                "paired with it." if with_paper else "") + _taig_notes(found["taig"])))
     if found["lesion"]:
         plots.plot_lesion(found["lesion"], figures / "figure7_lesion.png")
-        parts.append("## Figure 7: lesion study\n\n![Figure 7](figures/figure7_lesion.png)\n\n" + _lesion_caption(found["lesion"]))
+        parts.append("## Figure 7: lesion study\n\n![Figure 7](figures/figure7_lesion.png)\n\n"
+                     + _lesion_caption(found["lesion"]))
     if found["frequency"]:
         plots.plot_frequency(found["frequency"], figures / "figure8_frequency.png")
         parts.append("## Figure 8: noise frequency\n\n![Figure 8](figures/figure8_frequency.png)\n\n"
@@ -719,8 +720,8 @@ def _lesion_caption(found: Dict[str, dict]) -> str:
     scopes = sorted({r.get("scope") for r in found.values()} - {None})
     draws = sorted({r.get("draws_per_count") for r in found.values()} - {None})
     return ("Top-1 (line: mean; band, or bars set side by side for a model with one or two counts: min to max over "
-            + (" / ".join(map(str, draws)) or "the") + " draws per count) with blocks removed at random (each replaced by its skip connection) from each model's "
-            "candidates" + (f" (scope {', '.join(scopes)}: for a staged model its widest stage, as the paper's "
+            + (" / ".join(map(str, draws)) or "the") + " draws per count) with blocks removed at random (each "
+            "replaced by its skip connection) from each model's candidates" + (f" (scope {', '.join(scopes)}: for a staged model its widest stage, as the paper's "
                             "script draws from RepLKNet-31B's 18 third-stage blocks; for a ViT every block)"
                             if scopes == ["paper"] else "") + "; the x axis counts them against all the "
             "model's blocks. Candidates: " + "; ".join(one(m, r) for m, r in found.items()) + ". Curves over "

@@ -12,7 +12,8 @@ Each task returns a plain dict; the keys users script against (results.json, per
     imagenet-c   mce, relative_mce (%, None with relative_mce_note when a clean error is missing),
                  mce_over / mce_complete (the corruptions mCE averages; all 15 there: only then the
                  benchmark's mCE), relative_mce_over / relative_ce_skipped (a measured baseline not hurt
-                 by a corruption gives it no relative CE: named with why, left out of relative_mce only), sev5_top1 (mean top-1 % over the corruptions present at severity 5), mean_top1,
+                 by a corruption gives it no relative CE: named with why, left out of relative_mce only),
+                 sev5_top1 (mean top-1 % over the corruptions present at severity 5), mean_top1,
                  ce {corruption: %}, top1 {corruption: {severity: %}}, source ("disk" or "generated"),
                  normalised_by (and baseline_model where a baseline model normalises: another class space)
     imagenet-p   fp {perturbation: %}, t5d {perturbation: value} (unnormalised, always: flip
@@ -20,8 +21,8 @@ Each task returns a plain dict; the keys users script against (results.json, per
                  level / frame stride 1), mean_fp, mean_t5d_unnormalised, mfr and mt5d (% of the
                  baseline model's, None with normalisation_note when no baseline could be evaluated)
                  with fr and t5d_normalised {perturbation: % of the baseline's} (the benchmark's flip
-                 rate FR is the flip probability normalised so; fp is not), sequences {perturbation: sequences scored}, mfr_over (the perturbations
-                 the means are over), mfr_complete (all 10 there: only then the benchmark's mFR), source,
+                 rate FR is the flip probability normalised so; fp is not), sequences {perturbation:
+                 sequences scored}, mfr_over (the perturbations the means are over), mfr_complete (all 10 there: only then the benchmark's mFR), source,
                  normalised_by and baseline_model (the baseline's architecture name) with mfr,
                  not_scored (where present: harder-noise folders, e.g. gaussian_noise_2, whose
                  difficulty-1 folder is missing)
