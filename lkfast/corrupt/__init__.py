@@ -78,8 +78,12 @@ SEVERITIES = (1, 2, 3, 4, 5)
 # 2: below 224 px, defocus and Gaussian blurs carry the release's kernels to the smaller grid;
 # 3: motion blur's too (motion_blur, snow, and the perturbations motion_blur and snow);
 # 4: carried kernels spread by Lanczos-3 (not linearly); snow's and spatter's texture layers drawn
-# at 224 px below it, spatter's noise scaled above it; 5: elastic_transform resamples twice, as the release.
-VERSION = 5
+# at 224 px below it, spatter's noise scaled above it; 5: elastic_transform resamples twice, as the release;
+# 6: 8 bits as the release: pixelate is Pillow's to the bit, ImageMagick's motion blur (motion_blur, snow's
+# flakes) and OpenCV's tilt round, ImageNet-P's zoom blur averages 8-bit zooms, and the truncation that
+# stores every image (utils.levels8) no longer drops a level for float32 noise just below it; ImageNet-P's
+# rotate turns as torchvision's affine (the release's frame order).
+VERSION = 6
 
 
 def names(subset: str = "all") -> List[str]:

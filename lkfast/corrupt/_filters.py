@@ -8,7 +8,8 @@
   that large and per-image kernels (defocus disks, motion-blur lines) cost the same as small ones.
 - ``motion_blur``: ImageMagick ``MotionBlurImage`` (the release called it through Wand).
 - ``clipped_zoom``: the release's ``scipy.ndimage.zoom(order=1)`` of the centre crop.
-- ``pil_box_resize``: Pillow's ``Image.resize(..., Image.BOX)``, as resampling matrices.
+- ``pil_box_resize``: Pillow's ``Image.resize(..., Image.BOX)``, as resampling matrices (on float
+  layers); ``pil_box_resize_8bit`` the same on an 8-bit image, rounding as Pillow does.
 - ``adjust_value``: scikit-image's rgb2hsv -> value + shift -> hsv2rgb, as a rescale.
 - ``canny``, ``distance_to_mask``, ``equalize_hist``, ``box3``, ``dilate3``: OpenCV's ``Canny``,
   ``distanceTransform`` (exact Euclidean, capped), ``equalizeHist``, ``blur`` 3x3 and ``dilate``
@@ -23,6 +24,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from . import utils
 
 
 def boundary_index(index: torch.Tensor, n: int, mode: str) -> torch.Tensor:
@@ -236,9 +239,10 @@ def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _pil_box_matrix_cpu(n_in: int, n_out: int) -> torch.Tensor:
+def _pil_box_matrix64(n_in: int, n_out: int) -> torch.Tensor:
     # Pillow's ImagingResample with the box filter: support 0.5 * max(scale, 1), taps whose
-    # (shifted) centres fall in (-0.5, 0.5] of the filter, normalised.
+    # (shifted) centres fall in (-0.5, 0.5] of the filter, normalised (in doubles, as Pillow's
+    # precompute_coeffs).
     scale = n_in / n_out
     filterscale = max(scale, 1.0)
     support = 0.5 * filterscale
@@ -254,7 +258,22 @@ def _pil_box_matrix_cpu(n_in: int, n_out: int) -> torch.Tensor:
         total = matrix[out].sum()
         if total > 0:
             matrix[out] /= total
-    return matrix.float()
+    return matrix
+
+
+@functools.lru_cache(maxsize=64)
+def _pil_box_matrix_cpu(n_in: int, n_out: int) -> torch.Tensor:
+    return _pil_box_matrix64(n_in, n_out).float()
+
+
+_PIL_PRECISION_BITS = 22  # Pillow's 8-bit resampling: coefficients in 32 - 8 - 2 fixed-point bits
+
+
+@functools.lru_cache(maxsize=64)
+def _pil_box_matrix_fixed(n_in: int, n_out: int) -> torch.Tensor:
+    # normalize_coeffs_8bpc: each coefficient times 2^22, rounded half away from zero
+    scaled = _pil_box_matrix64(n_in, n_out) * (1 << _PIL_PRECISION_BITS)
+    return torch.trunc(scaled + torch.where(scaled < 0, -0.5, 0.5))
 
 
 def pil_box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -268,14 +287,42 @@ def pil_box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
 
 
+def pil_box_resize_8bit(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pillow's Image.resize(..., Image.BOX) of an 8-bit image, to the bit: ``x`` in [0, 1] is
+    taken to 8 bits (rounded, as the PIL image the release resized), resampled horizontally, then
+    vertically, each pass with Pillow's fixed-point coefficients (22 fractional bits), rounded half
+    up and stored in 8 bits before the next, as ImagingResample does. Returns levels / 255.
+    The sums are exact in float64 (at most 255 * 2^22 * taps < 2^53), on any device."""
+    h, w = x.shape[-2:]
+    one = 1 << _PIL_PRECISION_BITS
+    levels = torch.round(x.clamp(0, 1).double() * 255)
+
+    def store(sums):  # (sum + 2^21) >> 22, clipped to 0..255
+        return torch.floor((sums + one // 2) / one).clamp(0, 255)
+
+    if w != width:
+        levels = store(torch.matmul(levels, _pil_box_matrix_fixed(w, width).to(x.device).transpose(0, 1)))
+    if h != height:
+        levels = store(torch.matmul(_pil_box_matrix_fixed(h, height).to(x.device), levels))
+    return (levels / 255).to(x.dtype)
+
+
 def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) -> (N, 1, H, W) with OpenCV's RGB2GRAY weights (ITU-R BT.601)."""
     return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Round-trip through uint8 the way the release's np.uint8(x * 255) did (truncation)."""
-    return torch.floor(x.clamp(0, 1) * 255) / 255
+    """Round-trip through uint8 the way the release's np.uint8(x * 255) did (truncation,
+    ``utils.levels8``)."""
+    return utils.levels8(x) / 255
+
+
+def round8(x: torch.Tensor) -> torch.Tensor:
+    """Round-trip through 8 bits to the nearest level: what the release got back from ImageMagick
+    (motion blur, through an 8-bit PNG) and OpenCV (warpPerspective of a uint8 image), which round
+    where numpy's np.uint8 truncates."""
+    return torch.round(x.clamp(0, 1) * 255) / 255
 
 
 def adjust_value(x: torch.Tensor, shift) -> torch.Tensor:

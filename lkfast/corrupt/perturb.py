@@ -11,7 +11,7 @@ centre crops of 256-px-resized images:
     snow            31 frames, one flake layer per image, motion-blurred at angle 4 i - 150 (radius 14, sigma 4)
     brightness      31 frames, HSV value + (i - 15) * 0.02
     translate       41 frames, horizontal shift i - 20 px
-    rotate          31 frames, rotation i - 15 degrees
+    rotate          31 frames, rotation i - 15 degrees (torchvision's affine: the release's frame order)
     tilt            31 frames, perspective tilt of i - 15 degrees about both axes
     scale           31 frames, zoom (40 + 2.5 i) / 100
 
@@ -74,7 +74,8 @@ def _motion_blur(x, difficulty, scale, generator):
     n, t = x.shape[0], 31
     angles = ((torch.arange(t, device=x.device) - 30) * 4.0).repeat(n)
     flat = _frames(x, t).reshape(n * t, *x.shape[1:])
-    return _filters.motion_blur(flat, 10, 3, angles, scale=scale).clamp(0, 1).view(n, t, *x.shape[1:])
+    # ImageMagick's blur read back from its 8-bit PNG: rounded
+    return _filters.round8(_filters.motion_blur(flat, 10, 3, angles, scale=scale)).view(n, t, *x.shape[1:])
 
 
 def _pixel_grid(h, w, device):
@@ -118,7 +119,9 @@ def _zoom_maps(h, w, zooms: torch.Tensor) -> torch.Tensor:
 def _zoom_blur(x, difficulty, scale, generator):
     h, w = x.shape[-2:]
     zooms = 1 + 0.004 * torch.arange(31, device=x.device, dtype=torch.float32)
-    zoomed = _warp(x, _zoom_maps(h, w, zooms))
+    # each zoom is an 8-bit image (Pillow's bilinear affine truncates), averaged in float (frame 0:
+    # the image itself); the writer truncates the mean, as the release's ToPILImage did
+    zoomed = _filters.quantize(_warp(x, _zoom_maps(h, w, zooms)))
     counts = torch.arange(1, 32, device=x.device, dtype=torch.float32).view(1, 31, 1, 1, 1)
     return (zoomed.cumsum(dim=1) / counts).clamp(0, 1)
 
@@ -132,7 +135,7 @@ def _snow(x, difficulty, scale, generator):
     layer = _filters.quantize(torch.where(layer < 0.5, torch.zeros_like(layer), layer))
     angles = (torch.arange(t, device=x.device) * 4.0 - 150).repeat(n)
     moving = _filters.motion_blur(_frames(layer, t).reshape(n * t, 1, gh, gw), 14, 4, angles, scale=scale)
-    moving = _filters.pil_box_resize(_filters.quantize(moving), h, w).view(n, t, 1, h, w)
+    moving = _filters.pil_box_resize(_filters.round8(moving), h, w).view(n, t, 1, h, w)  # ImageMagick's PNG: rounded
     base = 0.85 * x + 0.15 * torch.maximum(x, _filters.rgb_to_gray(x) * 1.5 + 0.5)
     return (base[:, None] + moving + torch.flip(moving, dims=(-2, -1))).clamp(0, 1)
 
@@ -153,8 +156,10 @@ def _rotate(x, difficulty, scale, generator):
     h, w = x.shape[-2:]
     angles = torch.deg2rad(torch.arange(31, device=x.device, dtype=torch.float32) - 15)
     cos, sin = torch.cos(angles), torch.sin(angles)
-    # inverse of a counter-clockwise rotation on screen (y pointing down)
-    linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    # torchvision's affine (the release's trn_F.affine): output -> input by [[cos, sin], [-sin, cos]]
+    # (y pointing down), so frame i is the release's frame i (lkfast.corrupt before VERSION 6 turned
+    # the other way: the frames in reverse order, which no flip rate sees)
+    linear = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
     return _warp(x, _about_centre(h, w, linear))
 
 
@@ -176,12 +181,15 @@ def tilt_matrices(h: int, w: int, degrees: torch.Tensor, focal: Optional[float] 
 
 
 def _tilt(x, difficulty, scale, generator, focal=None):
+    """cv2.warpPerspective of the 8-bit image, which rounds (the other geometric frames are Pillow's,
+    which truncates, as the writer does)."""
     h, w = x.shape[-2:]
     degrees = torch.arange(31, dtype=torch.float64) - 15
     if focal is None:
-        return _warp(x, torch.linalg.inv(tilt_matrices(h, w, degrees)).float().to(x.device))
-    return torch.cat([_warp(x[i:i + 1], torch.linalg.inv(tilt_matrices(h, w, degrees, f)).float().to(x.device))
-                      for i, f in enumerate(focal)])
+        return _filters.round8(_warp(x, torch.linalg.inv(tilt_matrices(h, w, degrees)).float().to(x.device)))
+    return _filters.round8(torch.cat([
+        _warp(x[i:i + 1], torch.linalg.inv(tilt_matrices(h, w, degrees, f)).float().to(x.device))
+        for i, f in enumerate(focal)]))
 
 
 def _scale(x, difficulty, scale, generator):

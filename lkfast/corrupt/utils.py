@@ -1,5 +1,5 @@
 """Public helpers that lkfast.corrupt shares with the rest of lkfast: seeds and generators,
-device-independent random draws, input checks, the centre crop.
+device-independent random draws, input checks, the centre crop, the 8-bit truncation.
 
 Other packages (attacks, analyses, data) import these from here, never from a private module.
 
@@ -153,5 +153,20 @@ def center_crop(x: torch.Tensor, size: Optional[Tuple[int, int]]) -> torch.Tenso
     return x[..., top:top + ch, left:left + cw]
 
 
+# -------------------------------------------------------------------------------------- 8 bits
+# float32 noise: an identity warp or a whole-pixel shift lands a pixel of level k at k - 7e-6
+# levels, which plain truncation stores as k - 1 (a fifth of the pixels of lkfast's ImageNet-P
+# translate frames, before lkfast.corrupt VERSION 6)
+TRUNCATION_SLACK = 1e-3  # in levels
+
+
+def levels8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> 8-bit levels 0..255 (float) by truncation, floor(255 x), as the release's
+    ``np.uint8(255 x)`` stored its corrupted images, with values within TRUNCATION_SLACK of the
+    next level counted as that level (float32 noise; the release computed in float64); values
+    outside [0, 1] are clipped first. lkfast stores every corrupted image or frame through this."""
+    return torch.floor(x.clamp(0, 1) * 255 + TRUNCATION_SLACK).clamp(max=255)
+
+
 __all__ = ["GeneratorLike", "make_generator", "generator_device", "rand", "randn", "uniform", "randint",
-           "check_images", "check_choice", "check_level", "center_crop", "MIN_SIZE"]
+           "check_images", "check_choice", "check_level", "center_crop", "levels8", "MIN_SIZE", "TRUNCATION_SLACK"]

@@ -58,7 +58,8 @@ def snow(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer)
     layer = _filters.quantize(layer)  # the release stores the flakes as an 8-bit PNG for ImageMagick
     angles = utils.uniform((n,), -135.0, -45.0, generator, x.device)
-    layer = _filters.quantize(_filters.motion_blur(layer, radius, sigma, angles, scale=s))
+    # ImageMagick blurs it and hands back an 8-bit PNG: rounded (np.uint8 above truncates)
+    layer = _filters.round8(_filters.motion_blur(layer, radius, sigma, angles, scale=s))
     layer = _filters.pil_box_resize(layer, h, w)  # back to the image's grid (nothing to do at 224 px and up)
     x = keep * x + (1 - keep) * torch.maximum(x, _filters.rgb_to_gray(x) * 1.5 + 0.5)
     return (x + layer + torch.flip(layer, dims=(-2, -1))).clamp(0, 1)

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from lkfast.corrupt.utils import center_crop
+from lkfast.corrupt.utils import center_crop, levels8
 from lkfast.tables import temporary_files, write_bytes_atomic as write_atomic  # noqa: F401 (re-exported)
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -121,8 +121,9 @@ def load_image(path: PathLike, resize: Optional[int] = None, crop: Optional[int]
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float images in [0, 1] -> uint8 by truncation, floor(x * 255), as the ImageNet-C release's
-    ``np.uint8(x)`` stored them (values outside [0, 1] are clipped first)."""
-    return torch.floor(x.clamp(0, 1) * 255).to(torch.uint8)
+    ``np.uint8(x)`` stored them (values outside [0, 1] are clipped first; float32 noise just below
+    a level is that level: ``lkfast.corrupt.utils.levels8``)."""
+    return levels8(x).to(torch.uint8)
 
 
 def encode_jpeg(image: torch.Tensor, quality: int = 85) -> bytes:

@@ -382,7 +382,11 @@ def _to_tensor(images: np.ndarray):
 
 
 def _to_uint8(tensor) -> np.ndarray:
-    return (tensor.clamp(0, 1) * 255).round().to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1).numpy()
+    """Corrupted images or frames (N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8, stored as the writer
+    stores them (truncation, ``lkfast.data.io.to_uint8``; rounded before lkfast.corrupt VERSION 6)."""
+    from .io import to_uint8
+
+    return to_uint8(tensor).permute(0, 2, 3, 1).numpy()
 
 
 @functools.lru_cache(maxsize=2)

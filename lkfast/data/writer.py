@@ -11,7 +11,9 @@
     >>> render("val", "imagenet-c", "c", names=["fog"], levels=[3])
 
 Preprocessing as in the release: resize the short side to 256 (bilinear, Pillow), centre crop
-224; corrupted pixels are truncated to 8 bits (the release's np.uint8). ImageNet-P frames are
+224; corrupted pixels are truncated to 8 bits (the release's np.uint8; ``to_uint8``), and come
+out of lkfast.corrupt already rounded where the release rounded (ImageMagick's motion blur and
+snow flakes, OpenCV's tilt, Pillow's pixelate). ImageNet-P frames are
 computed on the central 256x256 of the resized image and cropped to 224, so translations,
 rotations, tilts and zoom-outs show real surroundings within it (the release transforms the whole
 resized image: beyond that window, on the long side, it shows picture where these frames are
