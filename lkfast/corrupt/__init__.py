@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import blur, digital, noise, utils, weather
-from .perturb import NOISE_PERTURBATIONS, PERTURBATIONS, perturbation_sequence
+from .perturb import GEOMETRIC as GEOMETRIC_PERTURBATIONS, NOISE_PERTURBATIONS, PERTURBATIONS, perturbation_sequence
 
 CORRUPTIONS: Dict[str, Callable] = {
     # the 15 of the benchmark, in the release's order
@@ -82,8 +82,10 @@ SEVERITIES = (1, 2, 3, 4, 5)
 # 6: 8 bits as the release: pixelate is Pillow's to the bit, ImageMagick's motion blur (motion_blur, snow's
 # flakes) and OpenCV's tilt round, ImageNet-P's zoom blur averages 8-bit zooms, and the truncation that
 # stores every image (utils.levels8) no longer drops a level for float32 noise just below it; ImageNet-P's
-# rotate turns as torchvision's affine (the release's frame order).
-VERSION = 6
+# rotate turns as torchvision's affine (the release's frame order); 7: ImageNet-P's geometric frames turn and
+# zoom about (w / 2, h / 2), as the release's torchvision 0.2 and OpenCV, and Pillow's border (the edge pixel
+# repeated half a pixel out, then black) for its affine ones.
+VERSION = 7
 
 
 def names(subset: str = "all") -> List[str]:
@@ -116,5 +118,5 @@ def corrupt(images: torch.Tensor, name: str, severity: int,
 
 from .weather import FrostPhotosMissing, frost_directory  # noqa: E402
 
-__all__ = ["corrupt", "names", "perturbation_sequence", "FrostPhotosMissing", "frost_directory", "CORRUPTIONS", "PERTURBATIONS", "NOISE_PERTURBATIONS",
-           "SUBSETS", "SEVERITIES", "VERSION"]
+__all__ = ["corrupt", "names", "perturbation_sequence", "FrostPhotosMissing", "frost_directory", "CORRUPTIONS",
+           "PERTURBATIONS", "NOISE_PERTURBATIONS", "GEOMETRIC_PERTURBATIONS", "SUBSETS", "SEVERITIES", "VERSION"]

@@ -20,9 +20,11 @@ gaussian_noise, gaussian_noise_2, gaussian_noise_3 folders). For the other eight
 one sequence per image and the difficulty (1..3) is the frame stride used when the flip rate is
 computed, so the frames returned do not depend on it.
 
-Geometric frames show what lies outside the image as black, as the release does beyond the
-256-px image; pass a larger image (e.g. the 256-px resize) and ``crop=224`` to get real context,
-which is what the writer does. Lengths (shifts, blur radii, flake size) scale with
+The geometric sequences (``GEOMETRIC``: zoom_blur, translate, rotate, tilt, scale) move the whole
+image about (w / 2, h / 2) and show what lies outside it as black, with the release's libraries'
+border (Pillow's affine: the edge pixel repeated half a pixel out; OpenCV's tilt: blended with black);
+the release moves the whole 256-px resize and keeps its central 224x224: pass that image and
+``crop=224``, as the writer does (only the crop's pixels are computed). Lengths (shifts, blur radii, flake size) scale with
 min(crop or image size) / 224; below 224 px the motion-blur kernels are the 224-px ones carried to
 the smaller grid (see ``lkfast.corrupt.blur``) and snow's flakes are drawn at 224 px and averaged
 down (see ``lkfast.corrupt.weather``).
@@ -78,29 +80,43 @@ def _motion_blur(x, difficulty, scale, generator):
     return _filters.round8(_filters.motion_blur(flat, 10, 3, angles, scale=scale)).view(n, t, *x.shape[1:])
 
 
-def _pixel_grid(h, w, device):
-    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+def _pixel_grid(window, device):
+    top, left, h, w = window
+    ys, xs = torch.meshgrid(torch.arange(top, top + h, device=device, dtype=torch.float32),
+                            torch.arange(left, left + w, device=device, dtype=torch.float32), indexing="ij")
     return torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # (h, w, 3): homogeneous (x, y, 1)
 
 
-def _warp(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+def _warp(x: torch.Tensor, inverse: torch.Tensor, window=None, edge: str = "pillow") -> torch.Tensor:
     """Frames from (N, C, H, W) images and (T, 3, 3) maps from output to input pixel coordinates
-    (homogeneous, pixel centres at integers): (N, T, C, H, W), bilinear, black outside."""
+    (homogeneous, pixel centres at integers): (N, T, C, h, w), bilinear, black outside, of the
+    output window (top, left, h, w) only (default the whole image).
+
+    ``edge`` is what the release's library does at the picture's border: "pillow" (its affine
+    transform) repeats the edge pixel for a sample within half a pixel outside and gives black
+    beyond; "opencv" (warpPerspective, constant border) blends the neighbours outside as black."""
     n, c, h, w = x.shape
+    window = (0, 0, h, w) if window is None else window
     t = inverse.shape[0]
-    src = torch.einsum("tij,hwj->thwi", inverse, _pixel_grid(h, w, x.device))
+    src = torch.einsum("tij,hwj->thwi", inverse, _pixel_grid(window, x.device))
     src = src[..., :2] / src[..., 2:3]
     grid = torch.stack([2 * src[..., 0] / max(w - 1, 1) - 1, 2 * src[..., 1] / max(h - 1, 1) - 1], dim=-1)
     frames = F.grid_sample(x.repeat_interleave(t, dim=0), grid.repeat(n, 1, 1, 1), mode="bilinear",
-                           padding_mode="zeros", align_corners=True)
-    return frames.clamp(0, 1).view(n, t, c, h, w)
+                           padding_mode="border" if edge == "pillow" else "zeros", align_corners=True)
+    if edge == "pillow":
+        # Pillow's bilinear filter: a sample inside [0, size) in its coordinates (pixel centres at
+        # +0.5), the neighbours clamped to the image; black outside
+        inside = (src[..., 0] >= -0.5) & (src[..., 0] < w - 0.5) & (src[..., 1] >= -0.5) & (src[..., 1] < h - 0.5)
+        frames = frames * inside.repeat(n, 1, 1)[:, None].to(frames.dtype)
+    return frames.clamp(0, 1).view(n, t, c, window[2], window[3])
 
 
 def _about_centre(h, w, linear: torch.Tensor, shift_x: torch.Tensor = None) -> torch.Tensor:
-    """(T, 3, 3) inverse maps q = L (p - c) + c - L shift, i.e. content transformed about the centre."""
+    """(T, 3, 3) inverse maps q = L (p - c) + c - L shift, i.e. content transformed about the centre
+    c = (w / 2, h / 2): the release's torchvision (0.2) put it at (w / 2 + 0.5, h / 2 + 0.5) in
+    Pillow's coordinates, half a pixel right of and below the middle of an even-sized image."""
     t = linear.shape[0]
-    centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=linear.dtype, device=linear.device)
+    centre = torch.tensor([w / 2, h / 2], dtype=linear.dtype, device=linear.device)
     shift = torch.zeros(t, 2, dtype=linear.dtype, device=linear.device)
     if shift_x is not None:
         shift[:, 0] = shift_x
@@ -116,12 +132,12 @@ def _zoom_maps(h, w, zooms: torch.Tensor) -> torch.Tensor:
     return _about_centre(h, w, eye[None] / zooms[:, None, None])
 
 
-def _zoom_blur(x, difficulty, scale, generator):
+def _zoom_blur(x, difficulty, scale, generator, window=None):
     h, w = x.shape[-2:]
     zooms = 1 + 0.004 * torch.arange(31, device=x.device, dtype=torch.float32)
     # each zoom is an 8-bit image (Pillow's bilinear affine truncates), averaged in float (frame 0:
     # the image itself); the writer truncates the mean, as the release's ToPILImage did
-    zoomed = _filters.quantize(_warp(x, _zoom_maps(h, w, zooms)))
+    zoomed = _filters.quantize(_warp(x, _zoom_maps(h, w, zooms), window))
     counts = torch.arange(1, 32, device=x.device, dtype=torch.float32).view(1, 31, 1, 1, 1)
     return (zoomed.cumsum(dim=1) / counts).clamp(0, 1)
 
@@ -145,14 +161,14 @@ def _brightness(x, difficulty, scale, generator):
     return _filters.adjust_value(_frames(x, 31), shifts.view(1, 31, 1, 1, 1))
 
 
-def _translate(x, difficulty, scale, generator):
+def _translate(x, difficulty, scale, generator, window=None):
     h, w = x.shape[-2:]
     shifts = (torch.arange(41, device=x.device, dtype=torch.float32) - 20) * scale
     eye = torch.eye(2, device=x.device).expand(41, 2, 2)
-    return _warp(x, _about_centre(h, w, eye, shift_x=shifts))
+    return _warp(x, _about_centre(h, w, eye, shift_x=shifts), window)
 
 
-def _rotate(x, difficulty, scale, generator):
+def _rotate(x, difficulty, scale, generator, window=None):
     h, w = x.shape[-2:]
     angles = torch.deg2rad(torch.arange(31, device=x.device, dtype=torch.float32) - 15)
     cos, sin = torch.cos(angles), torch.sin(angles)
@@ -160,7 +176,7 @@ def _rotate(x, difficulty, scale, generator):
     # (y pointing down), so frame i is the release's frame i (lkfast.corrupt before VERSION 6 turned
     # the other way: the frames in reverse order, which no flip rate sees)
     linear = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
-    return _warp(x, _about_centre(h, w, linear))
+    return _warp(x, _about_centre(h, w, linear), window)
 
 
 def tilt_matrices(h: int, w: int, degrees: torch.Tensor, focal: Optional[float] = None) -> torch.Tensor:
@@ -180,24 +196,27 @@ def tilt_matrices(h: int, w: int, degrees: torch.Tensor, focal: Optional[float] 
     return torch.stack(out)
 
 
-def _tilt(x, difficulty, scale, generator, focal=None):
+def _tilt(x, difficulty, scale, generator, window=None, focal=None):
     """cv2.warpPerspective of the 8-bit image, which rounds (the other geometric frames are Pillow's,
     which truncates, as the writer does)."""
     h, w = x.shape[-2:]
     degrees = torch.arange(31, dtype=torch.float64) - 15
+
+    def warp(images, f=None):
+        return _warp(images, torch.linalg.inv(tilt_matrices(h, w, degrees, f)).float().to(x.device), window, "opencv")
+
     if focal is None:
-        return _filters.round8(_warp(x, torch.linalg.inv(tilt_matrices(h, w, degrees)).float().to(x.device)))
-    return _filters.round8(torch.cat([
-        _warp(x[i:i + 1], torch.linalg.inv(tilt_matrices(h, w, degrees, f)).float().to(x.device))
-        for i, f in enumerate(focal)]))
+        return _filters.round8(warp(x))
+    return _filters.round8(torch.cat([warp(x[i:i + 1], f) for i, f in enumerate(focal)]))
 
 
-def _scale(x, difficulty, scale, generator):
+def _scale(x, difficulty, scale, generator, window=None):
     h, w = x.shape[-2:]
     zooms = (torch.arange(31, device=x.device, dtype=torch.float32) * 2.5 + 40) / 100
-    return _warp(x, _zoom_maps(h, w, zooms))
+    return _warp(x, _zoom_maps(h, w, zooms), window)
 
 
+GEOMETRIC = ("zoom_blur", "translate", "rotate", "tilt", "scale")  # the release moves the whole resized image
 _SEQUENCES = {
     "gaussian_noise": _noise,
     "shot_noise": _shot,
@@ -222,10 +241,10 @@ def perturbation_sequence(images: torch.Tensor, name: str, difficulty: int = 1,
     difficulty: 1..3 (noise level for gaussian_noise / shot_noise; see the module docstring).
     generator: torch.Generator or int seed (noise and snow are random; the rest are not).
     crop: optional centre crop (int or (h, w)) applied to every frame, so that geometric
-    perturbations show the image's real surroundings instead of black.
-    focal: tilt only, one focal length per image (pixels): the release tilts the whole resized image
-    with hypot(width, height) of it (427 for a 341x256 image), so a window cut from it (the writer's
-    256x256) takes its image's; default hypot of the images given.
+    perturbations show the image's real surroundings instead of black (the release: the whole
+    256-px resize, crop 224).
+    focal: tilt only, one focal length per image (pixels); default hypot(width, height) of the
+    images given, the release's (427 for a 341x256 image): for a window cut from a larger image.
     Returns (N, T, 3, h, w) in [0, 1], T = PERTURBATIONS[name] (41 for translate, else 31).
     """
     utils.check_choice(name, tuple(PERTURBATIONS), "perturbation")
@@ -244,8 +263,11 @@ def perturbation_sequence(images: torch.Tensor, name: str, difficulty: int = 1,
     scale = _base.size_scale(*size)
     x = images.detach().float()
     with torch.no_grad():
-        frames = (_tilt(x, difficulty, scale, generator, focal) if focal is not None else
-                  _SEQUENCES[name](x, difficulty, scale, generator))
-        frames = utils.center_crop(frames, crop)
+        if name in GEOMETRIC:  # only the crop's pixels are computed
+            window = None if crop is None else utils.center_crop_box(images.shape[-2:], crop) + crop
+            extra = {} if focal is None else {"focal": focal}
+            frames = _SEQUENCES[name](x, difficulty, scale, generator, window=window, **extra)
+        else:
+            frames = utils.center_crop(_SEQUENCES[name](x, difficulty, scale, generator), crop)
     assert frames.shape[1] == PERTURBATIONS[name]
     return frames.to(images.dtype)

@@ -145,12 +145,17 @@ def center_crop(x: torch.Tensor, size: Optional[Tuple[int, int]]) -> torch.Tenso
     than the image."""
     if size is None:
         return x
-    h, w = x.shape[-2:]
-    ch, cw = size
+    top, left = center_crop_box(x.shape[-2:], size)
+    return x[..., top:top + size[0], left:left + size[1]]
+
+
+def center_crop_box(shape: Tuple[int, int], size: Tuple[int, int]) -> Tuple[int, int]:
+    """(top, left) of ``center_crop``'s (h, w) window in an image of ``shape`` (H, W); ValueError if
+    the window is larger than the image."""
+    (h, w), (ch, cw) = shape, size
     if ch > h or cw > w:
         raise ValueError(f"crop {ch}x{cw} is larger than the images ({h}x{w})")
-    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-    return x[..., top:top + ch, left:left + cw]
+    return int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
 
 
 # -------------------------------------------------------------------------------------- 8 bits
@@ -169,4 +174,4 @@ def levels8(x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["GeneratorLike", "make_generator", "generator_device", "rand", "randn", "uniform", "randint",
-           "check_images", "check_choice", "check_level", "center_crop", "levels8", "MIN_SIZE", "TRUNCATION_SLACK"]
+           "check_images", "check_choice", "check_level", "center_crop", "center_crop_box", "levels8", "MIN_SIZE", "TRUNCATION_SLACK"]

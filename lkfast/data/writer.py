@@ -13,12 +13,10 @@
 Preprocessing as in the release: resize the short side to 256 (bilinear, Pillow), centre crop
 224; corrupted pixels are truncated to 8 bits (the release's np.uint8; ``to_uint8``), and come
 out of lkfast.corrupt already rounded where the release rounded (ImageMagick's motion blur and
-snow flakes, OpenCV's tilt, Pillow's pixelate). ImageNet-P frames are
-computed on the central 256x256 of the resized image and cropped to 224, so translations,
-rotations, tilts and zoom-outs show real surroundings within it (the release transforms the whole
-resized image: beyond that window, on the long side, it shows picture where these frames are
-black), and tilt sees that window with the whole resized image's focal length, hypot(width,
-height), as the release.
+snow flakes, OpenCV's tilt, Pillow's pixelate). ImageNet-P's geometric sequences (translate,
+rotate, tilt, scale, zoom blur: ``lkfast.corrupt.GEOMETRIC_PERTURBATIONS``) move the whole resized
+image, one image at a time, and keep its central 224x224, as the release: a zoom-out shows the
+picture out to its edges and black only beyond them; the others work on the 224x224 crop itself.
 
 Resumable: a file is written under a temporary name and renamed when complete; complete files
 already present are skipped, files cut short (a killed copy, an older writer) are written again,
@@ -49,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -57,7 +54,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from lkfast.corrupt import CORRUPTIONS, NOISE_PERTURBATIONS, PERTURBATIONS, SUBSETS, corrupt, perturbation_sequence
+from lkfast.corrupt import (CORRUPTIONS, GEOMETRIC_PERTURBATIONS, NOISE_PERTURBATIONS, PERTURBATIONS, SUBSETS, corrupt,
+                            perturbation_sequence)
 from lkfast.corrupt.utils import center_crop
 
 from .io import encode_jpeg, encode_mp4, encode_npy, is_complete, list_images, load_image, temporary_files, to_uint8, write_atomic
@@ -101,23 +99,21 @@ def warn_unreadable(path: Path, error: Exception) -> None:
                   "its outputs are not written", stacklevel=2)
 
 
-def _load_chunk(paths: Sequence[Path], crop: int,
-                on_unreadable: Callable[[Path, Exception], None]) -> Tuple[torch.Tensor, Set[int], List[float]]:
-    """(images (N, 3, crop, crop), positions of the files that could not be decoded, each image's
-    hypot(width, height) after the resize and before the crop: the release's tilt focal length). An
-    unreadable file keeps its position as a black image, so the chunk's layout does not depend on it."""
-    images, unreadable, focal = [], set(), []
+def _load_chunk(paths: Sequence[Path],
+                on_unreadable: Callable[[Path, Exception], None]) -> Tuple[List[torch.Tensor], Set[int]]:
+    """(the images resized to a short side of 256, whole, each (3, h, w); positions of the files that
+    could not be decoded). An unreadable file keeps its position as a black image, so the chunk's
+    layout does not depend on it."""
+    images, unreadable = [], set()
     for i, path in enumerate(paths):
         try:
             image = load_image(path, RESIZE)
-            window = center_crop(image, (crop, crop))
         except Exception as error:  # any decoder failure (OSError, PIL.UnidentifiedImageError, ...)
             on_unreadable(path, error)
             unreadable.add(i)
-            image = window = torch.zeros(3, crop, crop)
-        images.append(window)
-        focal.append(math.hypot(*image.shape[-2:]))
-    return torch.stack(images), unreadable, focal
+            image = torch.zeros(3, RESIZE, RESIZE)
+        images.append(image)
+    return images, unreadable
 
 
 def _check_destination(src: Path, dst: Path) -> None:
@@ -136,8 +132,9 @@ SETTINGS_FILE = ".lkfast-render.json"  # hidden: the readers pass over it
 
 P_FORMATS = ("mp4", "npy")
 # What the writer itself does to ImageNet-P frames beyond lkfast.corrupt (recorded with the settings):
-# 2: tilt at the whole resized image's focal length (1: the 256 window's).
-P_WRITER_VERSION = 2
+# 2: tilt at the whole resized image's focal length (1: the 256 window's); 3: the geometric sequences move
+# the whole resized image, the others the 224 crop (2: both the central 256x256).
+P_WRITER_VERSION = 3
 
 
 def _settings(seed: int, batch_size: int, benchmark: str = "c", format: str = "mp4") -> dict:
@@ -280,9 +277,8 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
                     todo = [i for i, t in enumerate(targets) if not is_complete(t)]
                     complete += len(targets) - len(todo)
                     if todo and images is None:
-                        crop = CROP if benchmark == "c" else RESIZE  # P: the 256 context
-                        images, unreadable, focal = _load_chunk(paths, crop, on_unreadable)
-                        images = images.to(device)
+                        whole, unreadable = _load_chunk(paths, on_unreadable)
+                        images = torch.stack([center_crop(image, (CROP, CROP)) for image in whole]).to(device)
                     todo = [i for i in todo if i not in unreadable]
                     if todo:
                         generator = chunk_generator(seed, name, level, wnid, chunk)  # CPU: see there
@@ -291,8 +287,11 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
                             for i in todo:
                                 write_atomic(targets[i], encode_jpeg(out[i], JPEG_QUALITY))
                         else:
-                            frames = to_uint8(perturbation_sequence(images, name, level, generator, crop=CROP,
-                                                                    focal=focal if name == "tilt" else None)).cpu()
+                            if name in GEOMETRIC_PERTURBATIONS:  # deterministic: image by image, whole
+                                frames = {i: to_uint8(perturbation_sequence(whole[i][None].to(device), name, level,
+                                                                            crop=CROP))[0].cpu() for i in todo}
+                            else:
+                                frames = to_uint8(perturbation_sequence(images, name, level, generator)).cpu()
                             for i in todo:
                                 write_atomic(targets[i], encode_npy(frames[i]) if format == "npy" else
                                              encode_mp4(frames[i], name in NOISE_PERTURBATIONS, preset))
