@@ -592,6 +592,25 @@ def _release_elastic(image, severity, rng):
     return np.clip(np.stack(out, -1), 0, 1)
 
 
+def test_spatter_distances_are_opencvs_chamfer_distance():
+    """The release's water spatter shades the drops by cv2.distanceTransform(DIST_L2, 5) to the drops'
+    Canny edges, truncated at 20, box-blurred, then truncated to 8 bits: OpenCV's 5x5 chamfer
+    distance, up to 0.39 px from the Euclidean. lkfast's distances are OpenCV's to float32 rounding
+    and the same after the blur and truncation; the Euclidean (before VERSION 8) was up to 0.37 px
+    off and put 0.6-2.4% of those 8-bit values a level off."""
+    cv2 = pytest.importorskip("cv2")
+    g = torch.Generator().manual_seed(0)
+    for sigma in (2.0, 4.0, 7.0):  # dense to sparse edges: distances up to the cap
+        noise = _filters.gaussian_blur(torch.rand(1, 1, 224, 224, generator=g), sigma)
+        edges = cv2.Canny((noise[0, 0] * 255).clamp(0, 255).byte().numpy(), 5, 20)
+        ref = np.minimum(cv2.distanceTransform(255 - edges, cv2.DIST_L2, 5), 20)
+        ours = _filters.distance_to_mask(torch.from_numpy(edges > 0)[None, None], 20)[0, 0].numpy()
+        assert np.abs(ours - ref).max() < 1e-5, sigma
+        assert np.array_equal(np.floor(cv2.blur(ours, (3, 3))), np.floor(cv2.blur(ref, (3, 3)))), sigma
+    empty = _filters.distance_to_mask(torch.zeros(1, 1, 9, 9, dtype=torch.bool), 20)
+    assert torch.equal(empty, torch.full_like(empty, 20.0))  # no edge: everything at the cap
+
+
 def _coordinate_image(size=224):
     """R = column / (size - 1), G = row / (size - 1): a bilinear warp of it shows, in every
     pixel, where that pixel was sampled from."""
@@ -1315,6 +1334,29 @@ def test_writer_moves_the_whole_resized_image_as_the_release(tmp_path):
         lc.perturbation_sequence(window, "rotate", focal=[400.0])
     with pytest.raises(ValueError, match="focal is for tilt"):
         lc.perturbation_sequence(window, "tilt", focal=[400.0, 300.0])
+
+
+@needs_av
+def test_mp4s_are_encoded_with_the_releases_x264_settings():
+    """make_imagenet_p.py's ffmpeg call: libx264 '-preset veryslow', '-crf 20', or '-tune grain' (at the
+    default crf 23) for the noise sequences. x264 writes the settings it ran with into the stream; the
+    writer's and the command's default preset was medium (3 reference frames, hex search) before."""
+    import re
+
+    from lkfast.data.writer import build_parser
+
+    frames = data_io.to_uint8(natural_images(4, 64))
+
+    def options(data):
+        return dict(item.split("=", 1) for item in
+                    re.search(rb"x264 - core .*? options: ([^\x00]*)", data).group(1).decode().split())
+
+    plain, grain = options(data_io.encode_mp4(frames)), options(data_io.encode_mp4(frames, noisy=True))
+    for used in (plain, grain):  # veryslow
+        assert (used["ref"], used["me"], used["subme"], used["trellis"]) == ("16", "umh", "10", "2")
+    assert plain["rc"] == "crf" and plain["crf"] == "20.0" and plain["deblock"] == "1:0:0"
+    assert grain["crf"] == "23.0" and grain["deblock"] == "1:-2:-2" and grain["psy_rd"] == "1.00:0.25"  # grain
+    assert build_parser().parse_args(["src", "dst", "--benchmark", "p"]).x264_preset == "veryslow"
 
 
 @needs_av

@@ -84,8 +84,9 @@ SEVERITIES = (1, 2, 3, 4, 5)
 # stores every image (utils.levels8) no longer drops a level for float32 noise just below it; ImageNet-P's
 # rotate turns as torchvision's affine (the release's frame order); 7: ImageNet-P's geometric frames turn and
 # zoom about (w / 2, h / 2), as the release's torchvision 0.2 and OpenCV, and Pillow's border (the edge pixel
-# repeated half a pixel out, then black) for its affine ones.
-VERSION = 7
+# repeated half a pixel out, then black) for its affine ones; 8: spatter's distances are OpenCV's 5x5 chamfer
+# distance (the release's distanceTransform), not the Euclidean.
+VERSION = 8
 
 
 def names(subset: str = "all") -> List[str]:
