@@ -235,6 +235,11 @@ class _Writer:
         self.parts: List[str] = []
 
     def table(self, stem, header, rows, caption):
+        """A table (markdown and CSV) without its "paper" columns where no row has a paper value (a
+        class space other than ImageNet-1k's, models the paper does not report)."""
+        keep = [i for i, h in enumerate(header)
+                if h != "paper" or any(row[i] is not None and str(row[i]).strip() not in ("", "—") for row in rows)]
+        header, rows = [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
         md, _ = write_table(self.out / "tables" / stem, header, rows, caption=caption)
         self.parts.append(md.read_text() + f"\n([CSV](tables/{stem}.csv))\n")
 
