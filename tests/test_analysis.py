@@ -897,6 +897,37 @@ def test_ablation_panels_say_what_they_plot(tmp_path, monkeypatch):
                       "ImageNet-O": "AUPR (%)", "Salient-Drop-50%": "top-1 change (points)"}
 
 
+def test_ablation_top1_panels_show_their_sampling_interval(tmp_path, monkeypatch):
+    """Each ablation panel zooms to its own values: the default run's 71-73.5% clean top-1 over 200
+    images filled the ImageNet panel like a trend, inside a +-6 point sampling error. A top-1 with its
+    image count now carries its 95% interval (1.96 sqrt(p (1 - p) / n)); metrics without one (AUPR,
+    top-1 changes, a top-1 whose count is not known) get none."""
+    from matplotlib.container import ErrorbarContainer
+
+    from lkfast.analysis.ablation import TABLE5_COLUMNS, TABLE7_COLUMNS
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    results = {"k3": {"clean": {"top1": 50.0, "images": 100}, "imagenet-a": {"top1": 2.0},
+                      "imagenet-o": {"aupr": 60.0, "in_images": 100}},
+               "k31": {"clean": {"top1": 90.0, "images": 400}, "imagenet-a": {"top1": 3.0},
+                       "imagenet-o": {"aupr": 62.0, "in_images": 100}}}
+    assert plots.top1_interval(results["k3"], "clean", "top1") == pytest.approx(9.8)
+    assert plots.top1_interval(results["k31"], "clean", "top1") == pytest.approx(2.94)
+    assert plots.top1_interval(results["k3"], "imagenet-a", "top1") is None  # no count
+    assert plots.top1_interval(results["k3"], "imagenet-o", "aupr") is None
+    plots.plot_ablation(results, {"replknet": [(3, "k3"), (31, "k31")]}, TABLE7_COLUMNS + TABLE5_COLUMNS,
+                        tmp_path / "ablation.png")
+    panels = {ax.get_title(): ax for ax in drawn.pop().axes if ax.axison and ax.get_title()}
+
+    def bars(ax):  # half-lengths of the drawn error bars
+        found = [c for c in ax.containers if isinstance(c, ErrorbarContainer) and c.lines[2]]
+        return [round(float(seg[1][1] - seg[0][1]) / 2, 6) for c in found for seg in c.lines[2][0].get_segments()]
+
+    assert bars(panels["ImageNet"]) == [pytest.approx(9.8), pytest.approx(2.94)]
+    assert bars(panels["ImageNet-A"]) == [] and bars(panels["ImageNet-O"]) == []
+
+
 def test_drop_axes_of_flat_values_show_zero_and_both_signs(tmp_path, monkeypatch):
     """Figs. 4 and 8 plot the top-1 drop: every drop 0 (tiny nets, or nothing the noise changed) got
     matplotlib's flat-line range, about -0.055..0.055; a flat drop axis now runs 5 points beyond 0 and

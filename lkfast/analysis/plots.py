@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import matplotlib
 
@@ -268,8 +268,24 @@ ABLATION_YLABELS = {"top1": "top-1 (%)", "sev5_top1": "mean top-1 at severity 5 
                     "salient_drop_50": "top-1 change (points)", "change_at_0_7pi": "top-1 change (points)"}
 
 
+def top1_interval(entry: Mapping[str, Any], task: str, key: str) -> Optional[float]:
+    """Half the width (points) of the 95% interval of a top-1 (``key`` "top1") over the images its
+    task scored (normal approximation, 1.96 sqrt(p (1 - p) / n)); None for other metrics and where
+    the count is not known."""
+    from lkfast.analysis.ablation import _value
+
+    value, r = _value(entry, task, key), entry.get(task)
+    images = r.get("images") if key == "top1" and isinstance(r, Mapping) else None
+    if value is None or not isinstance(images, int) or isinstance(images, bool) or images <= 0:
+        return None
+    p = min(max(value / 100.0, 0.0), 1.0)
+    return 196.0 * math.sqrt(p * (1 - p) / images)
+
+
 def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], columns, path) -> Path:
-    """Tables 5 and 7 as a figure: each metric against kernel size, one line per ablation family.
+    """Tables 5 and 7 as a figure: each metric against kernel size, one line per ablation family,
+    a top-1 with its 95% interval over the images scored (``top1_interval``), so that a panel's
+    own y range does not make sampling noise look like a trend.
     ``results``: label -> task -> metrics (results.json); ``families``: family -> [(kernel, label)]
     (``ablation.ablation_families``); ``columns``: (header, task, key) of the metrics to plot; a
     metric no member measured gets no panel."""
@@ -291,10 +307,13 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
         ax.axis("off")
     for ax, (header, task, key) in zip(axes.flat, shown):
         for family, members in families.items():
-            points = [(k, _value(results[label], task, key)) for k, label in members]
-            points = [(k, v) for k, v in points if v is not None]
+            points = [(k, _value(results[label], task, key), top1_interval(results[label], task, key))
+                      for k, label in members]
+            points = [p for p in points if p[1] is not None]
             if points:
-                ax.plot([k for k, _ in points], [v for _, v in points], label=family, **styles[family])
+                spread = [e if e is not None else 0.0 for _, _, e in points]
+                ax.errorbar([k for k, _, _ in points], [v for _, v, _ in points],
+                            yerr=spread if any(spread) else None, capsize=3, label=family, **styles[family])
         kernels = sorted({k for members in families.values() for k, _ in members})
         ax.set_xscale("log")
         ax.set_xticks(kernels)

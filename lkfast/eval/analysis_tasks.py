@@ -795,7 +795,8 @@ def _ablation_report(out, results: Dict[str, Any], found: Dict[str, dict]):
     columns = tuple(dict.fromkeys(TABLE7_COLUMNS + TABLE5_COLUMNS))
     try:
         plots.plot_ablation(results, families, columns, Path(out) / "figures" / "ablation_kernel_size.png")
-        parts.append("![kernel-size ablation](figures/ablation_kernel_size.png)\n")
+        parts.append("![kernel-size ablation](figures/ablation_kernel_size.png)\n\nBars on a top-1: its 95% "
+                     "interval over the images scored (each panel has its own y range).\n")
     except ValueError as error:  # no metric measured: the tables say "—"
         parts.append(f"(No figure: {error}.)\n")
     labels = [label for members in families.values() for _, label in members]
