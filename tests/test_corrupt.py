@@ -851,8 +851,9 @@ def test_stored_whole_pixel_shifts_are_the_images_own_pixels():
 @pytest.mark.parametrize("size", [(224, 224), (64, 96), (33, 47)])
 def test_pixelate_is_pillows_box_resize_to_the_bit(size):
     """The release pixelates the 8-bit PIL image (BOX down by the factor, BOX back up): Pillow rounds
-    each of its passes in fixed point. Unrounded averages, truncated when stored, came out a level
-    lower on 73% of the pixels (lkfast.corrupt before VERSION 6)."""
+    each of its passes in fixed point. lkfast's CPU path is Pillow; its path for other devices gives
+    the same bytes. Unrounded averages, truncated when stored, came out a level lower on 73% of the
+    pixels (lkfast.corrupt before VERSION 6)."""
     from PIL import Image
 
     from lkfast.corrupt import digital
@@ -863,11 +864,15 @@ def test_pixelate_is_pillows_box_resize_to_the_bit(size):
     x, _ = eight_bit(x)
     for severity in lc.SEVERITIES:
         c = digital.PIXELATE[severity - 1]
-        stored = data_io.to_uint8(lc.corrupt(x, "pixelate", severity))
+        stored = data_io.to_uint8(lc.corrupt(x, "pixelate", severity))  # on the CPU: Pillow's own
+        # the path other devices take (integer window sums in Pillow's fixed point), run here
+        small = _filters.pil_box_resize_8bit(x, int(h * c), int(w * c))
+        torch_path = data_io.to_uint8(_filters.pil_box_resize_8bit(small, h, w))
         for i in range(2):
             image = Image.fromarray(data_io.to_uint8(x[i]).permute(1, 2, 0).numpy())
-            pillow = image.resize((int(w * c), int(h * c)), Image.BOX).resize((w, h), Image.BOX)
-            assert torch.equal(stored[i].permute(1, 2, 0), torch.from_numpy(np.array(pillow))), (severity, i)
+            pillow = torch.from_numpy(np.array(image.resize((int(w * c), int(h * c)), Image.BOX)
+                                               .resize((w, h), Image.BOX))).permute(2, 0, 1)
+            assert torch.equal(stored[i], pillow) and torch.equal(torch_path[i], pillow), (severity, i)
 
 
 def test_motion_blur_is_stored_rounded_as_imagemagicks_png():

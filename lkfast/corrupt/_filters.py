@@ -270,10 +270,18 @@ _PIL_PRECISION_BITS = 22  # Pillow's 8-bit resampling: coefficients in 32 - 8 - 
 
 
 @functools.lru_cache(maxsize=64)
-def _pil_box_matrix_fixed(n_in: int, n_out: int) -> torch.Tensor:
-    # normalize_coeffs_8bpc: each coefficient times 2^22, rounded half away from zero
+def _pil_box_taps(n_in: int, n_out: int):
+    """Pillow's 8-bit box resampling of a line of ``n_in`` to ``n_out`` as (first, end, coefficient),
+    each (n_out,): output j is the sum of inputs first[j]..end[j] - 1 times coefficient[j] (Pillow's
+    fixed point, normalize_coeffs_8bpc: 1 / taps times 2^22, rounded half away from zero; a box
+    gives each of a pixel's taps, which are consecutive, the same weight)."""
     scaled = _pil_box_matrix64(n_in, n_out) * (1 << _PIL_PRECISION_BITS)
-    return torch.trunc(scaled + torch.where(scaled < 0, -0.5, 0.5))
+    fixed = torch.trunc(scaled + torch.where(scaled < 0, -0.5, 0.5)).long()
+    taps = fixed != 0
+    first, count = taps.long().argmax(1), taps.sum(1)
+    coefficient = fixed.gather(1, first[:, None])[:, 0]
+    assert torch.equal(fixed[taps], coefficient.repeat_interleave(count)), "a box's taps weigh the same"
+    return first, first + count, coefficient
 
 
 def pil_box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -292,19 +300,24 @@ def pil_box_resize_8bit(x: torch.Tensor, height: int, width: int) -> torch.Tenso
     taken to 8 bits (rounded, as the PIL image the release resized), resampled horizontally, then
     vertically, each pass with Pillow's fixed-point coefficients (22 fractional bits), rounded half
     up and stored in 8 bits before the next, as ImagingResample does. Returns levels / 255.
-    The sums are exact in float64 (at most 255 * 2^22 * taps < 2^53), on any device."""
+    Exact integer arithmetic (window sums from running sums, times the taps' common weight), on any
+    device."""
     h, w = x.shape[-2:]
-    one = 1 << _PIL_PRECISION_BITS
-    levels = torch.round(x.clamp(0, 1).double() * 255)
+    levels = torch.round(x.clamp(0, 1) * 255).to(torch.int64)
 
-    def store(sums):  # (sum + 2^21) >> 22, clipped to 0..255
-        return torch.floor((sums + one // 2) / one).clamp(0, 255)
+    def resample(levels, dim, n_out):  # one pass along ``dim`` (-1: rows, -2: columns)
+        first, end, coefficient = (t.to(x.device) for t in _pil_box_taps(levels.shape[dim], n_out))
+        running = F.pad(levels.cumsum(dim), (1, 0) if dim == -1 else (0, 0, 1, 0))
+        sums = running.index_select(dim, end) - running.index_select(dim, first)
+        weight = coefficient if dim == -1 else coefficient[:, None]
+        # (sum * weight + 2^21) >> 22, clipped to 0..255
+        return ((sums * weight + (1 << (_PIL_PRECISION_BITS - 1))) >> _PIL_PRECISION_BITS).clamp_(0, 255)
 
     if w != width:
-        levels = store(torch.matmul(levels, _pil_box_matrix_fixed(w, width).to(x.device).transpose(0, 1)))
+        levels = resample(levels, -1, width)
     if h != height:
-        levels = store(torch.matmul(_pil_box_matrix_fixed(h, height).to(x.device), levels))
-    return (levels / 255).to(x.dtype)
+        levels = resample(levels, -2, height)
+    return levels.to(x.dtype) / 255
 
 
 def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:

@@ -82,13 +82,20 @@ def elastic_transform(x: torch.Tensor, severity: int, generator=None) -> torch.T
 
 
 def pixelate(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
-    """Pillow's box resize down by the factor and back up, on the 8-bit image, as the release: the
-    same bytes as Pillow (``_filters.pil_box_resize_8bit``; before lkfast.corrupt VERSION 6 the
-    unrounded averages, which the writer's truncation put a level lower on most pixels)."""
+    """Pillow's box resize down by the factor and back up, on the 8-bit image, as the release: on the
+    CPU Pillow itself, over a few threads; elsewhere ``_filters.pil_box_resize_8bit``, the same bytes
+    (before lkfast.corrupt VERSION 6: the unrounded averages, which the writer's truncation put a
+    level lower on most pixels)."""
     c = PIXELATE[severity - 1]
     h, w = x.shape[-2:]
-    small = _filters.pil_box_resize_8bit(x, max(int(h * c), 1), max(int(w * c), 1))
-    return _filters.pil_box_resize_8bit(small, h, w)
+    small = (max(int(w * c), 1), max(int(h * c), 1))
+    if x.device.type == "cpu":
+        from PIL import Image
+
+        pixels = torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
+        out = _per_image_pillow(pixels, lambda image: image.resize(small, Image.BOX).resize((w, h), Image.BOX))
+        return out.to(x.dtype) / 255
+    return _filters.pil_box_resize_8bit(_filters.pil_box_resize_8bit(x, small[1], small[0]), h, w)
 
 
 def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
@@ -122,6 +129,22 @@ def _torchvision_roundtrip(pixels: torch.Tensor, quality: int) -> torch.Tensor:
 
 def _pillow_roundtrip(pixels: torch.Tensor, quality: int) -> torch.Tensor:
     import io
+
+    from PIL import Image
+
+    def roundtrip(image):
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+        buffer.seek(0)
+        with Image.open(buffer) as decoded:
+            return decoded.convert("RGB")
+
+    return _per_image_pillow(pixels, roundtrip)
+
+
+def _per_image_pillow(pixels: torch.Tensor, function) -> torch.Tensor:
+    """(N, 3, H, W) uint8 CPU images through ``function`` (a PIL RGB image -> one of the same size), each
+    image as the release's PIL image, over a few threads (Pillow releases the GIL while it works)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
@@ -131,11 +154,7 @@ def _pillow_roundtrip(pixels: torch.Tensor, quality: int) -> torch.Tensor:
     out = torch.empty_like(hwc)
 
     def one(i):
-        buffer = io.BytesIO()
-        Image.frombuffer("RGB", (w, h), hwc[i].numpy(), "raw", "RGB", 0, 1).save(buffer, "JPEG", quality=quality)
-        buffer.seek(0)
-        with Image.open(buffer) as decoded:
-            out[i].numpy()[...] = np.asarray(decoded.convert("RGB"))
+        out[i].numpy()[...] = np.asarray(function(Image.frombuffer("RGB", (w, h), hwc[i].numpy(), "raw", "RGB", 0, 1)))
 
     workers = min(n, max(1, torch.get_num_threads()))
     if workers == 1:
