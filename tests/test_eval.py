@@ -512,6 +512,14 @@ def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint, mo
     assert r["imagenet-p"]["mfr"] is None and "baseline" in r["imagenet-p"]["normalisation_note"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "generated from" in report and "mfr omitted" in report.lower().replace("normalisation", "mfr")
+    # a rerun takes the generated parts from the cache; after a change to the corruptions (a new
+    # lkfast.corrupt.VERSION) it generates them again (it reused the old code's before)
+    applied.clear()
+    out = tmp_path / "out"
+    rerun = common(out, checkpoint, tmp_path / "data", "--suite", "imagenet-p", "--limit", 2, "--baseline-model", "none")
+    assert cli(*rerun) == 0 and applied == []
+    monkeypatch.setattr(lkfast.corrupt, "VERSION", lkfast.corrupt.VERSION + 1)
+    assert cli(*rerun) == 0 and sorted(applied) == sorted(metrics.IMAGENET_P * 2)
 
 
 @needs_frost

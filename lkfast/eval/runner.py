@@ -169,6 +169,15 @@ def _item_files(dataset) -> Optional[Sequence[Sequence[str]]]:
     return None if samples is None else [(path,) for path, _ in samples]
 
 
+GENERATED_FROM_VAL = ("imagenet-c", "imagenet-p")  # generated with lkfast.corrupt where their folder is absent
+
+
+def has_folder(options: EvalOptions, name: str) -> bool:
+    """Whether data source ``name`` (a benchmark's folder, val) is given and is a folder."""
+    path = options.data.get(name)
+    return path is not None and Path(path).is_dir()
+
+
 class _Progress:
     def __init__(self, desc: str, total: Optional[int], enabled: bool):
         self.bar = None
@@ -234,8 +243,7 @@ class TaskContext:
         return image_folder(self, self.source(name), self.class_space.folder_index())
 
     def has_source(self, name: str) -> bool:
-        path = self.options.data.get(name)
-        return path is not None and Path(path).is_dir()
+        return has_folder(self.options, name)
 
     def generator(self, part: str, index: int) -> torch.Generator:
         """A generator on the evaluation device seeded by (--seed, part, dataset index of the image)."""
@@ -558,6 +566,12 @@ class Runner:
                "baseline": self._baseline_part(task)}
         if task.depends is not None:  # (only then: the other tasks' keys stay as they were)
             key["depends"] = task.depends(self, spec)
+        if task.name in GENERATED_FROM_VAL and not has_folder(self.options, task.name):
+            # generated from val: the corruptions' code is the data (a rerun after a change to them, into
+            # the same --out, reused the old results); the keys of benchmarks read from disk stay as they were
+            from lkfast import corrupt
+
+            key["generated"] = f"lkfast.corrupt {corrupt.VERSION}"
         return stable_hash(key)
 
     def _baseline_part(self, task: Task):

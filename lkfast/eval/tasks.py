@@ -221,8 +221,13 @@ def _per_image(ctx: TaskContext, part: str, images: torch.Tensor, indices, corru
 
 
 def _source_key(source: str):
-    # generated parts were seeded per batch before 2026-12; per image since ("disk" keys are unchanged)
-    return source if source == "disk" else [source, "seeded per image"]
+    """What a part's cached records depend on beside its images: for generated parts the corruption code
+    itself (lkfast.corrupt.VERSION: a rerun into the same --out after an upgrade that changed the
+    corruptions computes them again; before, it reused the old ones) and the seeding (per batch before
+    2026-12, per image since); "disk" keys are unchanged (the files' own keys say when they change)."""
+    from lkfast import corrupt
+
+    return source if source == "disk" else [source, "seeded per image", f"lkfast.corrupt {corrupt.VERSION}"]
 
 
 def _c_parts(ctx) -> Tuple[str, List[Tuple[str, int, object]]]:
