@@ -311,9 +311,11 @@ def plot_ablation(results: Mapping[str, dict], families: Mapping[str, list], col
                       for k, label in members]
             points = [p for p in points if p[1] is not None]
             if points:
+                ks, vs = [k for k, _, _ in points], [v for _, v, _ in points]
+                ax.plot(ks, vs, label=family, **styles[family])
                 spread = [e if e is not None else 0.0 for _, _, e in points]
-                ax.errorbar([k for k, _, _ in points], [v for _, v, _ in points],
-                            yerr=spread if any(spread) else None, capsize=3, label=family, **styles[family])
+                if any(spread):
+                    ax.errorbar(ks, vs, yerr=spread, fmt="none", capsize=3, ecolor=styles[family]["color"])
         kernels = sorted({k for members in families.values() for k, _ in members})
         ax.set_xscale("log")
         ax.set_xticks(kernels)
