@@ -303,7 +303,7 @@ def pil_box_resize_8bit(x: torch.Tensor, height: int, width: int) -> torch.Tenso
     Exact integer arithmetic (window sums from running sums, times the taps' common weight), on any
     device."""
     h, w = x.shape[-2:]
-    levels = torch.round(x.clamp(0, 1) * 255).to(torch.int64)
+    levels = rounded_levels(x).to(torch.int64)
 
     def resample(levels, dim, n_out):  # one pass along ``dim`` (-1: rows, -2: columns)
         first, end, coefficient = (t.to(x.device) for t in _pil_box_taps(levels.shape[dim], n_out))
@@ -331,11 +331,17 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return utils.levels8(x) / 255
 
 
+def rounded_levels(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> the nearest 8-bit levels 0..255 (float): the PIL image the release made of a
+    picture (the input pixelate and JPEG take), or what ImageMagick and OpenCV handed back."""
+    return torch.round(x.clamp(0, 1) * 255)
+
+
 def round8(x: torch.Tensor) -> torch.Tensor:
     """Round-trip through 8 bits to the nearest level: what the release got back from ImageMagick
     (motion blur, through an 8-bit PNG) and OpenCV (warpPerspective of a uint8 image), which round
     where numpy's np.uint8 truncates."""
-    return torch.round(x.clamp(0, 1) * 255) / 255
+    return rounded_levels(x) / 255
 
 
 def adjust_value(x: torch.Tensor, shift) -> torch.Tensor:

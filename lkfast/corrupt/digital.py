@@ -92,7 +92,7 @@ def pixelate(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     if x.device.type == "cpu":
         from PIL import Image
 
-        pixels = torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
+        pixels = _filters.rounded_levels(x).to(torch.uint8)
         out = _per_image_pillow(pixels, lambda image: image.resize(small, Image.BOX).resize((w, h), Image.BOX))
         return out.to(x.dtype) / 255
     return _filters.pil_box_resize_8bit(_filters.pil_box_resize_8bit(x, small[1], small[0]), h, w)
@@ -103,7 +103,7 @@ def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
     saved them) and decode it again. On the CPU this is the release's own codec, Pillow, over a
     few threads (Pillow releases the GIL while coding); on CUDA torchvision's batched nvJPEG
     where it can, else torchvision on the CPU."""
-    pixels = torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
+    pixels = _filters.rounded_levels(x).to(torch.uint8)
     if pixels.device.type == "cpu":
         return _pillow_roundtrip(pixels, quality).to(x.dtype) / 255
     return _torchvision_roundtrip(pixels, quality).to(x.dtype) / 255

@@ -172,6 +172,14 @@ def _item_files(dataset) -> Optional[Sequence[Sequence[str]]]:
 GENERATED_FROM_VAL = ("imagenet-c", "imagenet-p")  # generated with lkfast.corrupt where their folder is absent
 
 
+def generated_data_key() -> str:
+    """What benchmarks generated from val depend on beside val: the corruptions' code
+    (lkfast.corrupt.VERSION), in their task results' keys and their records'."""
+    from lkfast import corrupt
+
+    return f"lkfast.corrupt {corrupt.VERSION}"
+
+
 def has_folder(options: EvalOptions, name: str) -> bool:
     """Whether data source ``name`` (a benchmark's folder, val) is given and is a folder."""
     path = options.data.get(name)
@@ -569,9 +577,7 @@ class Runner:
         if task.name in GENERATED_FROM_VAL and not has_folder(self.options, task.name):
             # generated from val: the corruptions' code is the data (a rerun after a change to them, into
             # the same --out, reused the old results); the keys of benchmarks read from disk stay as they were
-            from lkfast import corrupt
-
-            key["generated"] = f"lkfast.corrupt {corrupt.VERSION}"
+            key["generated"] = generated_data_key()
         return stable_hash(key)
 
     def _baseline_part(self, task: Task):

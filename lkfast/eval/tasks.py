@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lkfast.eval.registry import TaskUnavailable, register_task
-from lkfast.eval.runner import EvalError, TaskContext
+from lkfast.eval.runner import EvalError, TaskContext, generated_data_key
 
 from lkfast.metrics import IMAGENET9_VARIANTS
 
@@ -225,9 +225,7 @@ def _source_key(source: str):
     itself (lkfast.corrupt.VERSION: a rerun into the same --out after an upgrade that changed the
     corruptions computes them again; before, it reused the old ones) and the seeding (per batch before
     2026-12, per image since); "disk" keys are unchanged (the files' own keys say when they change)."""
-    from lkfast import corrupt
-
-    return source if source == "disk" else [source, "seeded per image", f"lkfast.corrupt {corrupt.VERSION}"]
+    return source if source == "disk" else [source, "seeded per image", generated_data_key()]
 
 
 def _c_parts(ctx) -> Tuple[str, List[Tuple[str, int, object]]]:
