@@ -325,3 +325,48 @@ def test_background_gap():
         M.background_gap({"mixed_same": 80.0, "mixed_rand": 70.0, "mixed-rand": 1.0})
     with pytest.raises(ValueError, match="percent"):
         M.background_gap({"mixed_same": 0.8, "mixed_rand": 170.0})
+
+
+def _release_fpr95(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """FPR at 95 % TPR by the ImageNet-O release's rule (calibration_tools.fpr_and_fdr_at_recall, as
+    the natural-adv-examples / outlier-exposure code computes it; transcribed from its steps): the
+    distinct-score thresholds from the highest down to the first that reaches every positive, walked
+    from that one back up, a final (recall 1, 0 false positives) point appended, and the threshold
+    whose recall is nearest 0.95 taken (the first of a tie in that walk: the lower threshold)."""
+    scores = np.r_[positives, negatives]
+    labels = np.r_[np.ones(len(positives), bool), np.zeros(len(negatives), bool)]
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    scores, labels = scores[order], labels[order]
+    cut = np.r_[np.where(np.diff(scores))[0], labels.size - 1]
+    tps = np.cumsum(labels, dtype=np.float64)[cut]
+    fps = 1 + cut - tps
+    last = tps.searchsorted(tps[-1])
+    recall = np.r_[(tps / tps[-1])[last::-1], 1]
+    fps = np.r_[fps[last::-1], 0]
+    return 100.0 * fps[np.argmin(np.abs(recall - 0.95))] / len(negatives)
+
+
+def test_ood_fpr95_and_the_releases_nearest_recall_rule_differ_by_one_positive_gap():
+    """README (ImageNet-O's FPR95): lkfast takes the highest threshold whose TPR reaches 0.95 (as
+    scikit-learn's roc_curve read at 0.95); the release's calibration_tools the threshold whose TPR
+    is nearest 0.95, and of thresholds exactly at 0.95 the lowest. With ImageNet-O's 2,000 positives
+    TPR is exactly 0.95 from the 1,900th-highest positive down to just above the 1,901st, so the two
+    differ by the negatives scored between those two positives: on 20 draws of 10,000 N(0, 1)
+    negatives and 2,000 N(1.5, 1) positives, up to 0.76 points (the figure the README gives)."""
+    rng = np.random.default_rng(0)
+    gaps = []
+    for _ in range(20):
+        negatives, positives = rng.standard_normal(10_000), rng.standard_normal(2_000) + 1.5
+        ours = M.ood_scores(torch.from_numpy(negatives), torch.from_numpy(positives))["fpr95"]
+        release = _release_fpr95(negatives, positives)
+        top = np.sort(positives)[::-1]
+        between = int(((negatives > top[1900]) & (negatives < top[1899])).sum())
+        assert ours == pytest.approx(100.0 * float((negatives > top[1899]).mean()), abs=1e-9)
+        assert release - ours == pytest.approx(100.0 * between / 10_000, abs=1e-9)
+        gaps.append(release - ours)
+    assert max(gaps) == pytest.approx(0.76, abs=1e-9)
+    # the transcription against a hand case: TPRs 0.5, 0.9, 1.0 at thresholds 3, 2, 1: the nearest
+    # to 0.95 is a tie of 0.9 and 1.0, and the walk up from TPR 1.0 meets 1.0 first
+    hand = _release_fpr95(np.array([2.5, 1.5, 0.0, 0.0]), np.array([3.0] * 5 + [2.0] * 4 + [1.0]))
+    assert hand == pytest.approx(50.0)
+    assert M.ood_scores(torch.tensor([2.5, 1.5, 0.0, 0.0]), torch.tensor([3.0] * 5 + [2.0] * 4 + [1.0]))["fpr95"] == 50.0
