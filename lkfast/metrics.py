@@ -30,8 +30,12 @@ IMAGENET_C_COMMON = tuple(_corrupt.SUBSETS["common"])
 IMAGENET_C_EXTRA = tuple(_corrupt.SUBSETS["extra"])
 """The 4 extra ("validation") corruptions of the ImageNet-C release."""
 IMAGENET_C_ALL = IMAGENET_C_COMMON + IMAGENET_C_EXTRA
-IMAGENET_P = tuple(_corrupt.PERTURBATIONS)
-"""The 10 perturbations of ImageNet-P."""
+IMAGENET_P = tuple(_corrupt.PERTURBATION_SUBSETS["common"])
+"""The 10 perturbations of ImageNet-P's mFR and mT5D, in the release's order."""
+IMAGENET_P_EXTRA = tuple(_corrupt.PERTURBATION_SUBSETS["extra"])
+"""The 4 validation perturbations of the ImageNet-P release (speckle_noise, gaussian_blur, spatter,
+shear): scored like the others, outside mFR and mT5D."""
+IMAGENET_P_ALL = IMAGENET_P + IMAGENET_P_EXTRA
 NOISE_PERTURBATIONS = tuple(_corrupt.NOISE_PERTURBATIONS)
 """ImageNet-P perturbations whose frames are compared with the first frame (not the previous one)."""
 IMAGENET9_VARIANTS = ("original", "only_fg", "only_bg_b", "only_bg_t", "no_fg", "mixed_same",
@@ -407,7 +411,8 @@ def background_gap(acc: Mapping[str, float]) -> Dict[str, Optional[float]]:
     return values
 
 
-__all__ = ["IMAGENET_C_COMMON", "IMAGENET_C_EXTRA", "IMAGENET_C_ALL", "IMAGENET_P", "NOISE_PERTURBATIONS",
+__all__ = ["IMAGENET_C_COMMON", "IMAGENET_C_EXTRA", "IMAGENET_C_ALL", "IMAGENET_P", "IMAGENET_P_EXTRA", "IMAGENET_P_ALL",
+           "NOISE_PERTURBATIONS",
            "IMAGENET9_VARIANTS", "ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "SEVERITIES", "accuracy",
            "imagenet9_accuracy", "corruption_errors", "flip_probability", "top5_distance", "flip_rates",
            "mfr", "top5_distance_rates", "mt5d", "ood_scores", "background_gap"]

@@ -1,4 +1,4 @@
-"""Tests for lkfast.corrupt: the 19 ImageNet-C corruptions, the 10 ImageNet-P sequences, the writer."""
+"""Tests for lkfast.corrupt: the 19 ImageNet-C corruptions, the 14 ImageNet-P sequences, the writer."""
 import math
 
 import numpy as np
@@ -739,7 +739,10 @@ P_ALL = list(lc.PERTURBATIONS)
 def test_perturbation_frame_counts():
     assert lc.PERTURBATIONS["translate"] == 41
     assert all(t == 31 for n, t in lc.PERTURBATIONS.items() if n != "translate")
-    assert len(P_ALL) == 10
+    assert len(P_ALL) == 14 and lc.perturbation_names() == P_ALL
+    assert lc.perturbation_names("common") == P_ALL[:10]
+    assert lc.perturbation_names("extra") == ["speckle_noise", "gaussian_blur", "spatter", "shear"]
+    assert "speckle_noise" in lc.NOISE_PERTURBATIONS and "shear" in lc.GEOMETRIC_PERTURBATIONS
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -755,7 +758,7 @@ def test_perturbation_contract(name, size):
     assert steps > 0, "frames must change"
     # the frame where the release's parameter is neutral is the clean image
     neutral = {"gaussian_noise": 0, "shot_noise": 0, "zoom_blur": 0, "brightness": 15, "translate": 20,
-               "rotate": 15, "scale": 24}
+               "rotate": 15, "scale": 24, "speckle_noise": 0, "shear": 15}
     if name in neutral:
         torch.testing.assert_close(seq[:, neutral[name]], x, atol=2e-5, rtol=0)
     if name == "tilt":
@@ -798,7 +801,7 @@ def test_perturbation_at_224(name):
         assert away[0] > away[1] > away[2] > away[3] > 0 and 0 < away[4] < away[5] < away[6] < away[7]
 
 
-@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise"])
+@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "speckle_noise"])
 def test_noise_difficulty_is_monotone(name):
     x = natural_images(2, 32)
     d = [mean_distance(lc.perturbation_sequence(x, name, k, generator=0)[:, 1:], x[:, None]) for k in (1, 2, 3)]
@@ -928,9 +931,9 @@ def test_tilt_is_opencvs_warp_perspective():
         assert np.abs(d).max() <= 1 and (d != 0).mean() < 1e-3, i
 
 
-@pytest.mark.parametrize("name", ["rotate", "zoom_blur", "scale"])
+@pytest.mark.parametrize("name", ["rotate", "zoom_blur", "scale", "shear"])
 def test_affine_frames_are_torchvisions_on_the_8_bit_image(name):
-    """The release's rotate, zoom blur and scale frames are torchvision's affine of the 8-bit PIL
+    """The release's rotate, zoom blur, scale and shear frames are torchvision's affine of the 8-bit PIL
     image (Pillow's bilinear transform, which truncates, repeats the edge pixel half a pixel out
     and is black beyond), about torchvision 0.2's centre, (w / 2 + 0.5, h / 2 + 0.5) in Pillow's
     coordinates; zoom blur averages those zooms and truncates the mean (ToPILImage). lkfast's stored
@@ -938,7 +941,8 @@ def test_affine_frames_are_torchvisions_on_the_8_bit_image(name):
     on a level's edge: float32 against Pillow's doubles). Before VERSION 6 rotate turned the other
     way (frame i was the release's 30 - i: 80% of the pixels off) and zoom blur averaged unrounded
     zooms (27% off); before VERSION 7 they turned about the middle, half a pixel away, and blended
-    the border with black."""
+    the border with black. Shear is torchvision 0.2's (``release_geometric_frame``: today's torchvision
+    shears otherwise)."""
     import torchvision.transforms.functional as TF
     from PIL import Image
     from torchvision.transforms import InterpolationMode
@@ -954,6 +958,8 @@ def test_affine_frames_are_torchvisions_on_the_8_bit_image(name):
     for i in (3, 9, 30):
         if name == "rotate":
             ref = affine(angle=i - 15)
+        elif name == "shear":
+            ref = release_geometric_frame(pil, "shear", i)
         elif name == "scale":
             ref = affine(scale=(i * 2.5 + 40) / 100)
         else:
@@ -961,6 +967,147 @@ def test_affine_frames_are_torchvisions_on_the_8_bit_image(name):
             ref = torch.from_numpy(total / (i + 1)).float().mul(255).byte().numpy()  # ToPILImage truncates
         d = stored[i] - ref.astype(int)
         assert np.abs(d).max() <= 1 and (d != 0).mean() < 0.02, (i, np.abs(d).max(), (d != 0).mean())
+
+
+def test_speckle_noise_perturbation_statistics():
+    """The release's speckle noise: frame 0 is the crop, frames 1..30 are x + x N(0, s^2), drawn anew for
+    every frame, s = 0.05 / 0.10 / 0.15 by difficulty: the noise relative to the pixel has mean 0 and
+    std s, independent from frame to frame; the same generator gives the same frames."""
+    x, _ = eight_bit(natural_images(2, 224, seed=2))
+    inside = ((x > 0.1) & (x < 0.55))[:, None].expand(-1, 30, -1, -1, -1)  # 5 s from clipping at 1
+    for difficulty, std in zip((1, 2, 3), (0.05, 0.10, 0.15)):
+        seq = lc.perturbation_sequence(x, "speckle_noise", difficulty, generator=4)
+        assert seq.shape == (2, 31, 3, 224, 224) and seq.min() >= 0 and seq.max() <= 1
+        assert torch.equal(seq[:, 0], x)
+        relative = ((seq[:, 1:] - x[:, None]) / x[:, None].clamp_min(1e-6))[inside]
+        assert relative.mean().abs() < 2e-3 and relative.std().item() == pytest.approx(std, rel=0.02), difficulty
+        steps = ((seq[:, 2:] - seq[:, 1:-1]) / x[:, None].clamp_min(1e-6))[inside[:, 1:]]
+        assert steps.std().item() == pytest.approx(std * math.sqrt(2), rel=0.02), difficulty
+        assert torch.equal(seq, lc.perturbation_sequence(x, "speckle_noise", difficulty, generator=4))
+        assert not torch.equal(seq, lc.perturbation_sequence(x, "speckle_noise", difficulty, generator=5))
+
+
+def test_gaussian_blur_perturbation_is_skimages():
+    """The release's frame i is skimage's gaussian(x, sigma=0.25 + 0.035 i, truncate=6) of the crop in
+    [0, 1] (mode "nearest", float64), stored through np.uint8(255 * ...); the difficulty (a frame stride)
+    does not change it. A blur of sigma 0.25 moves a pixel by ~3e-4 of its neighbours' differences, so
+    many values lie just below a level: lkfast blurs in float64 and truncates itself. Its stored frames
+    are the release's, or a level above where the release's value lies within 1e-8 below a level
+    (what float64's summation order decides; flat areas, where the blur gives the level itself, are most of
+    them on this smooth image: up to 18% of a frame's values), and on a noisier image under 0.01%. Blurred
+    in float32 and truncated by the writer's slack they were a level above on 34% (smooth) and 1.3%
+    (noisy) of frame 0's values."""
+    from skimage.filters import gaussian
+
+    x, image = eight_bit(natural_images(1, 224, seed=3))
+    seq = lc.perturbation_sequence(x, "gaussian_blur")
+    assert seq.shape == (1, 31, 3, 224, 224)
+    assert torch.equal(seq, lc.perturbation_sequence(x, "gaussian_blur", 3))
+    stored = data_io.to_uint8(seq)[0].permute(0, 2, 3, 1).numpy().astype(int)
+    for i in range(31):
+        release = 255 * gaussian(image / 255.0, sigma=0.25 + 0.035 * i, channel_axis=-1, truncate=6.0)
+        d = stored[i] - np.uint8(release).astype(int)
+        at_a_level = np.ceil(release) - release < 1e-8
+        assert d.min() == 0 and d.max() <= 1 and (at_a_level | (d == 0)).all(), (i, d.min(), d.max())
+    noise = 0.08 * torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    x, image = eight_bit((natural_images(1, 224, seed=3) + noise).clamp(0, 1))
+    stored = data_io.to_uint8(lc.perturbation_sequence(x, "gaussian_blur"))[0].permute(0, 2, 3, 1).numpy().astype(int)
+    for i in (0, 1, 30):
+        release = np.uint8(255 * gaussian(image / 255.0, sigma=0.25 + 0.035 * i, channel_axis=-1, truncate=6.0))
+        d = stored[i] - release.astype(int)
+        assert np.abs(d).max() <= 1 and (d != 0).mean() < 1e-4, (i, (d != 0).mean())
+
+
+def release_spatter_frames(image, liquid):
+    """make_imagenet_p.py's spatter loop, by its own steps (OpenCV, numpy), on an (H, W, 3) uint8 image
+    and a float64 (H, W) liquid layer: the 31 frames as stored, (31, H, W, 3) uint8."""
+    import cv2
+
+    x = cv2.cvtColor(np.array(image, dtype=np.float32) / 255.0, cv2.COLOR_BGR2BGRA)
+    frames = []
+    for _ in range(31):
+        liquid_i = (liquid * 255).astype(np.uint8)
+        dist = 255 - cv2.Canny(liquid_i, 50, 150)
+        dist = cv2.distanceTransform(dist, cv2.DIST_L2, 5)
+        _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
+        dist = cv2.blur(dist, (3, 3)).astype(np.uint8)
+        dist = cv2.equalizeHist(dist)
+        dist = cv2.filter2D(dist, cv2.CV_8U, np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]]))
+        dist = cv2.blur(dist, (3, 3)).astype(np.float32)
+        m = cv2.cvtColor(liquid_i * dist, cv2.COLOR_GRAY2BGRA)
+        m /= np.max(m, axis=(0, 1))
+        m *= 0.6
+        ones = np.ones_like(m[..., :1])
+        colour = cv2.cvtColor(np.concatenate((175 / 255.0 * ones, 238 / 255.0 * ones, 238 / 255.0 * ones), axis=2),
+                              cv2.COLOR_BGR2BGRA)
+        frames.append(np.uint8(cv2.cvtColor(np.clip(x + m * colour, 0, 1), cv2.COLOR_BGRA2BGR) * 255))
+        liquid = np.apply_along_axis(lambda column: np.convolve(column, np.array([0.05, 0.1, 0.15, 0.7]), mode="same"),
+                                     axis=0, arr=liquid)
+    return np.stack(frames)
+
+
+def test_spatter_perturbation_is_the_releases_pipeline():
+    """The release draws one liquid layer per image, skimage's gaussian(N(0.65, 0.27^2), sigma=3.7) zero
+    below 0.69, and makes frame i ImageNet-C's water spatter (intensity 0.6) of it, dripping the layer
+    down (np.convolve of each column) after every frame. lkfast's layer is skimage's blur of its own
+    noise draws (to float32 rounding), its frames are its layer's (``perturb._spatter_frames``), and
+    the release's OpenCV and numpy steps run on that layer give the stored frames to a level, the same
+    on all but a few pixels (float32 drips against float64 on a level's edge)."""
+    pytest.importorskip("cv2")
+    from skimage.filters import gaussian
+
+    from lkfast.corrupt import perturb, utils, weather
+
+    x, image = eight_bit(natural_images(1, 224, seed=3))
+    for seed in (0, 1):
+        liquid, s = weather.liquid_layer(1, 224, 224, *perturb.SPATTER_LIQUID, torch.Generator().manual_seed(seed),
+                                         "cpu")
+        assert s == 1.0
+        noise = 0.65 + 0.27 * utils.randn((1, 1, 224, 224), torch.Generator().manual_seed(seed), "cpu")
+        ref = gaussian(noise[0, 0].double().numpy(), sigma=3.7)
+        ref[ref < 0.69] = 0
+        near = np.abs(ref - 0.69) < 1e-5  # float32 against float64 at the threshold
+        assert np.abs(liquid[0, 0].numpy() - ref)[~near].max() < 1e-6 and 0.01 < (ref > 0).mean() < 0.1
+        seq = lc.perturbation_sequence(x, "spatter", generator=seed)
+        assert seq.shape == (1, 31, 3, 224, 224)
+        assert torch.equal(seq, perturb._spatter_frames(x, liquid, s))
+        stored = data_io.to_uint8(seq)[0].permute(0, 2, 3, 1).numpy().astype(int)
+        d = stored - release_spatter_frames(image, liquid[0, 0].double().numpy()).astype(int)
+        assert np.abs(d).max() <= 1 and (d != 0).mean() < 1e-3, (seed, np.abs(d).max(), (d != 0).mean())
+        moved = (stored[1:] != stored[:-1]).any(-1).mean(axis=(1, 2))
+        assert moved.min() > 0.01, moved  # the drops run down from frame to frame
+
+
+def test_spatter_drip_is_the_releases_convolution():
+    """The release drips the liquid layer by np.convolve(column, [0.05, 0.1, 0.15, 0.7], "same"), zero
+    beyond the image: lkfast's drip is that at 224 px. Above, its row offsets scale with the image:
+    a column's mass is kept (away from the borders) and moves down 1.5 s rows per frame, as the
+    release's 1.5 rows."""
+    from lkfast.corrupt import perturb
+
+    layer = torch.rand(2, 1, 40, 30, generator=torch.Generator().manual_seed(0))
+    layer[0, 0, :, :4] = 0
+    ours = perturb._drip(layer, 1.0)
+    ref = np.apply_along_axis(lambda column: np.convolve(column, np.array([0.05, 0.1, 0.15, 0.7]), mode="same"),
+                              axis=2, arr=layer.double().numpy())
+    assert np.abs(ours.double().numpy() - ref).max() < 1e-6
+    column = torch.zeros(1, 1, 64, 1)
+    column[..., 20, 0] = 1.0
+    rows = torch.arange(64, dtype=torch.float32)
+    for scale in (1.0, 1.5, 2.0, 2.3):
+        dripped = perturb._drip(column, scale)[0, 0, :, 0]
+        assert dripped.sum().item() == pytest.approx(1.0, abs=1e-6), scale
+        assert (dripped * rows).sum().item() == pytest.approx(20 + 1.5 * scale, abs=1e-5), scale
+
+
+def test_small_spatter_perturbation_is_the_224_px_one_averaged_down():
+    """Below 224 px spatter's liquid layer is drawn on the 224-px grid and its drops averaged down (as
+    ImageNet-C's spatter): the frames of a 56-px image are its 4x blow-up's averaged back."""
+    small = 0.3 * torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    big = small.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    ours = lc.perturbation_sequence(small, "spatter", generator=5)
+    down = torch.nn.functional.avg_pool2d(lc.perturbation_sequence(big, "spatter", generator=5).flatten(0, 1), 4)
+    torch.testing.assert_close(ours, down.view_as(ours), rtol=0, atol=2e-6)
 
 
 def test_perturbation_bad_input():
@@ -1279,9 +1426,10 @@ def test_writer_imagenet_p_npy_is_the_frames_on_every_run(tmp_path, capsys):
 
 
 def release_geometric_frame(pil, name, i):
-    """Frame i of make_imagenet_p.py's translate, rotate, scale or tilt of the resized PIL image, by
-    its own steps (torchvision 0.2's affine: centre (w / 2 + 0.5, h / 2 + 0.5) in Pillow's
-    coordinates; OpenCV for tilt), then CenterCrop(224): an HWC uint8 array."""
+    """Frame i of make_imagenet_p.py's translate, rotate, scale, tilt or shear of the resized PIL image,
+    by its own steps (torchvision 0.2's affine: centre (w / 2 + 0.5, h / 2 + 0.5) in Pillow's
+    coordinates; OpenCV for tilt; for shear, which today's torchvision does otherwise, Pillow's
+    transform by 0.2's inverse matrix), then CenterCrop(224): an HWC uint8 array."""
     import cv2
     import torchvision.transforms.functional as TF
     from torchvision import transforms
@@ -1298,6 +1446,16 @@ def release_geometric_frame(pil, name, i):
         t = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, f], [0, 0, 0, 1]])
         p2 = np.array([[f, 0, w / 2, 0], [0, f, h / 2, 0], [0, 0, 1, 0]])
         moved = Image.fromarray(cv2.warpPerspective(np.asarray(pil), p2 @ t @ rx @ ry @ p1, (w, h)))
+    elif name == "shear":
+        # torchvision 0.2's _get_inverse_affine_matrix(center, angle=0, translate=(0, 0), scale=1, shear)
+        angle, shear = 0.0, math.radians(i - 15)
+        cx, cy = w * 0.5 + 0.5, h * 0.5 + 0.5
+        d = math.cos(angle + shear) * math.cos(angle) + math.sin(angle + shear) * math.sin(angle)
+        matrix = [m / d for m in (math.cos(angle + shear), math.sin(angle + shear), 0,
+                                  -math.sin(angle), math.cos(angle), 0)]
+        matrix[2] += matrix[0] * -cx + matrix[1] * -cy + cx
+        matrix[5] += matrix[3] * -cx + matrix[4] * -cy + cy
+        moved = pil.transform(pil.size, Image.AFFINE, matrix, Image.BILINEAR)
     else:
         angle, shift, zoom, mode = {"rotate": (i - 15, 0, 1.0, InterpolationMode.BILINEAR),
                                     "scale": (0, 0, (i * 2.5 + 40) / 100, InterpolationMode.BILINEAR),
@@ -1323,8 +1481,8 @@ def test_writer_moves_the_whole_resized_image_as_the_release(tmp_path):
     picture = data_io.to_uint8(natural_images(1, 300, seed=6)[0, :, :200]).permute(1, 2, 0).numpy()
     Image.fromarray(picture).save(src / "wide.png")  # -> 384 x 256
     dst = tmp_path / "p"
-    names = ["translate", "rotate", "scale", "tilt"]
-    assert writer.render(src.parent, dst, "p", names, progress=False, format="npy") == 4
+    names = ["translate", "rotate", "scale", "tilt", "shear"]
+    assert writer.render(src.parent, dst, "p", names, progress=False, format="npy") == 5
     with Image.open(src / "wide.png") as im:
         pil = transforms.Resize(256)(im.convert("RGB"))
     assert pil.size == (384, 256)
@@ -1453,9 +1611,23 @@ def test_writer_command_reads_its_lists_and_maps_each_mistake_to_status_2(tmp_pa
         err = capsys.readouterr().err
         assert err.startswith(message) and len(err.strip().splitlines()) == 1, (extra, err)
     assert not other.exists() or not [p for p in other.rglob("*") if p.is_file()]  # nothing written
-    # ImageNet-P has no subsets: "noise" is an unknown perturbation, not C's three noises
+    # ImageNet-P's subsets are common, extra, all: "noise" is an unknown perturbation, not C's three noises
     assert main([str(src), str(tmp_path / "p"), "--benchmark", "p", "--names", "noise", "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown perturbation 'noise'; valid names are: gaussian_noise")
+    assert writer._names("extra,translate", "p") == ["speckle_noise", "gaussian_blur", "spatter", "shear", "translate"]
+    assert writer._names("common", "p") == list(lc.PERTURBATIONS)[:10] and len(writer._names("all", "p")) == 14
+    # a libx264 preset it does not have: refused before anything is made, naming the valid ones
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(src), str(tmp_path / "p"), "--benchmark", "p", "--names", "translate", "--x264-preset", "fastest"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'fastest' (choose from 'ultrafast', 'superfast'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown libx264 preset 'quick'; valid presets are: ultrafast, superfast, "
+                                         "veryfast, faster, fast, medium, slow, slower, veryslow, placebo"):
+        writer.render(src, tmp_path / "p", "p", ["translate"], preset="quick", progress=False)
+    assert not (tmp_path / "p").exists()
+    writer.render(src, tmp_path / "p", "p", ["translate"], preset="quick", format="npy", progress=False)  # no video
+    with pytest.raises(ValueError, match="unknown libx264 preset"):
+        data_io.encode_mp4(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), preset="veryslow ")
     with pytest.raises(ValueError, match="no corruption names given"):
         writer.render(src, other, "c", [], progress=False)
     with pytest.raises(ValueError, match="no difficulties given"):

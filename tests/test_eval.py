@@ -684,6 +684,21 @@ def test_what_users_get_wrong_is_said_in_one_line_before_anything_runs(tmp_path,
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4"))
 
 
+def test_a_folder_of_validation_perturbations_is_told_apart_from_imagenet_c(tmp_path):
+    """--data-root pointed at a benchmark's own folder says which benchmark it looks like. spatter,
+    speckle_noise and gaussian_blur are ImageNet-C extras and ImageNet-P validation perturbations;
+    shear is ImageNet-P's alone: ImageNet-C's corruptions hold severity folders."""
+    from lkfast.eval.cli import _corruptions_or_perturbations
+
+    p = tmp_path / "p"
+    for folder in ("shear", "speckle_noise_2", "spatter"):
+        (p / folder / "n01440764").mkdir(parents=True)
+    assert _corruptions_or_perturbations(p, ["shear", "speckle_noise_2"]) == "imagenet-p"
+    assert _corruptions_or_perturbations(p, ["spatter", "shear"]) == "imagenet-p"
+    (p / "spatter" / "3").mkdir()
+    assert _corruptions_or_perturbations(p, ["spatter"]) == "imagenet-c"
+
+
 def test_a_run_where_no_task_had_data_fails(tmp_path, data_root, checkpoint, capsys):
     """Every task skipped for lack of data is not a success: exit 2, each reason on one line."""
     err = run_failing(capsys, *common(tmp_path, checkpoint, data_root, "--suite", "imagenet-o",
@@ -1215,6 +1230,43 @@ def test_a_harder_noise_level_without_its_difficulty_1_folder_is_said_not_scored
     err = run_failing(capsys, *common(tmp_path / "out3", checkpoint, root, "--suite", "imagenet-p",
                                       "--baseline-model", "none"))
     assert f"{odd} is {SIZE + 8}x{SIZE + 8} but" in err and "renders ImageNet-C and ImageNet-P at 224x224" in err, err
+
+
+def test_the_releases_validation_perturbations_are_scored_outside_mfr(tmp_path, data_root, checkpoint,
+                                                                      baseline_checkpoint):
+    """The ImageNet-P release's test.py also scores its 4 validation perturbations (speckle_noise,
+    gaussian_blur, spatter, shear; speckle_noise a noise sequence with _2/_3 folders). Such folders
+    beside the 10 made the eval refuse the whole ImageNet-P folder ("not perturbation names"). They
+    are scored (flip probability, top-5 distance, FR against the baseline) and named, but the means,
+    mFR and mT5D stay over the 10 of the benchmark, as the release's numbers are."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(data_root / "imagenet-p", root / "imagenet-p")
+    p_dir = root / "imagenet-p"
+    shutil.copytree(p_dir / "gaussian_noise", p_dir / "speckle_noise")
+    shutil.copytree(p_dir / "translate", p_dir / "shear")
+    shutil.copytree(p_dir / "translate", p_dir / "speckle_noise_2")  # a harder level: not scored, not refused
+    out = tmp_path / "out"
+    assert cli(*common(out, checkpoint, root, "--suite", "imagenet-p",
+                       "--baseline-model", f"mobilenet_v3_small:{baseline_checkpoint}")) == 0
+    r = load(out)["tiny"]["imagenet-p"]
+    assert set(r["fp"]) == {"gaussian_noise", "translate", "speckle_noise", "shear"}
+    assert r["outside_mfr"] == ["speckle_noise", "shear"] and r["mfr_over"] == ["gaussian_noise", "translate"]
+    # speckle_noise holds gaussian_noise's sequences and is scored as noise (every frame against the first)
+    assert r["fp"]["speckle_noise"] == pytest.approx(r["fp"]["gaussian_noise"])
+    assert r["t5d"]["shear"] == pytest.approx(r["t5d"]["translate"])
+    assert r["mean_fp"] == pytest.approx((r["fp"]["gaussian_noise"] + r["fp"]["translate"]) / 2)
+    assert r["mean_t5d_unnormalised"] == pytest.approx((r["t5d"]["gaussian_noise"] + r["t5d"]["translate"]) / 2)
+    base = r["baseline"]
+    assert set(r["fr"]) == set(r["fp"]) and r["fr"]["shear"] == pytest.approx(100 * r["fp"]["shear"] / base["fp"]["shear"])
+    ten = ("gaussian_noise", "translate")
+    assert r["mfr"] == pytest.approx(metrics.mfr({n: r["fp"][n] for n in ten}, {n: base["fp"][n] for n in ten}))
+    assert r["mt5d"] == pytest.approx(metrics.mt5d({n: r["t5d"][n] for n in ten}, {n: base["t5d"][n] for n in ten}))
+    report = (out / "report.md").read_text()
+    assert "validation perturbations speckle_noise, shear scored per perturbation, outside the means" in report
+    header = (out / "tables" / "imagenet_p_fp.csv").read_text().splitlines()[0]
+    assert header == "Model,gaussian_noise,translate,shear (validation),speckle_noise (validation)"
 
 
 def test_paper_values_stand_beside_comparable_numbers_only(tmp_path, data_root, checkpoint, baseline_checkpoint):

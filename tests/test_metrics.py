@@ -9,8 +9,10 @@ from lkfast import metrics as M
 
 def test_constants():
     assert len(M.IMAGENET_C_COMMON) == 15 and len(M.IMAGENET_C_EXTRA) == 4 and len(M.IMAGENET_P) == 10
+    assert M.IMAGENET_P_EXTRA == ("speckle_noise", "gaussian_blur", "spatter", "shear")
+    assert M.IMAGENET_P_ALL == M.IMAGENET_P + M.IMAGENET_P_EXTRA and M.IMAGENET_P[-1] == "scale"
     assert set(M.ALEXNET_ERRORS) == set(M.IMAGENET_C_ALL)
-    assert M.NOISE_PERTURBATIONS == ("gaussian_noise", "shot_noise")
+    assert M.NOISE_PERTURBATIONS == ("gaussian_noise", "shot_noise", "speckle_noise")
     assert M.ALEXNET_ERRORS["brightness"] == pytest.approx(0.564592)
     assert M.ALEXNET_CLEAN_ERROR == pytest.approx(0.4348, abs=1e-4)
 

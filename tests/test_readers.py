@@ -398,6 +398,21 @@ def test_imagenet_p_noise_difficulty_folders(tmp_path):
 
 
 
+def test_imagenet_p_validation_perturbations(tmp_path):
+    """The release's 4 validation perturbations are ImageNet-P folders too (speckle_noise with its
+    harder levels as a noise sequence); they were refused as "not perturbation names"."""
+    root = tmp_path / "p"
+    for folder in ("shear", "speckle_noise", "speckle_noise_2", "translate", "spatter", "gaussian_blur"):
+        (root / folder / WNIDS[0]).mkdir(parents=True)
+        np.save(root / folder / WNIDS[0] / "a.npy", frames_for(0).numpy())
+    assert imagenet_p_contents(root) == {"translate": [1, 2, 3], "speckle_noise": [1, 2], "gaussian_blur": [1, 2, 3],
+                                         "spatter": [1, 2, 3], "shear": [1, 2, 3]}
+    speckle = ImageNetP(root, "speckle_noise", difficulty=2)
+    assert speckle.noise and speckle.stride == 1 and speckle.samples[0][0].parent.parent.name == "speckle_noise_2"
+    shear = ImageNetP(root, "shear", difficulty=3)
+    assert not shear.noise and shear.stride == 3 and len(shear) == 1
+
+
 def test_imagenet_p_sequence_of_another_length_is_skipped_and_named(tmp_path):
     # one array cut short (a partly decodable video gives the same) would make the frames of a
     # batch impossible to stack and stop the whole run: it is skipped and counted instead

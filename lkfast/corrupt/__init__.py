@@ -35,7 +35,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import blur, digital, noise, utils, weather
-from .perturb import GEOMETRIC as GEOMETRIC_PERTURBATIONS, NOISE_PERTURBATIONS, PERTURBATIONS, perturbation_sequence
+from .perturb import (GEOMETRIC as GEOMETRIC_PERTURBATIONS, NOISE_PERTURBATIONS, PERTURBATION_SUBSETS, PERTURBATIONS,
+                      perturbation_sequence)
 
 CORRUPTIONS: Dict[str, Callable] = {
     # the 15 of the benchmark, in the release's order
@@ -97,6 +98,13 @@ def names(subset: str = "all") -> List[str]:
     return list(SUBSETS[subset])
 
 
+def perturbation_names(subset: str = "all") -> List[str]:
+    """ImageNet-P perturbation names of a subset: "common" (the 10 of mFR and mT5D), "extra" (the
+    release's validation perturbations: speckle_noise, gaussian_blur, spatter, shear) or "all" (14)."""
+    utils.check_choice(subset, tuple(PERTURBATION_SUBSETS), "subset")
+    return list(PERTURBATION_SUBSETS[subset])
+
+
 def corrupt(images: torch.Tensor, name: str, severity: int,
             generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Corrupt a batch of RGB images.
@@ -119,5 +127,5 @@ def corrupt(images: torch.Tensor, name: str, severity: int,
 
 from .weather import FrostPhotosMissing, frost_directory  # noqa: E402
 
-__all__ = ["corrupt", "names", "perturbation_sequence", "FrostPhotosMissing", "frost_directory", "CORRUPTIONS",
-           "PERTURBATIONS", "NOISE_PERTURBATIONS", "GEOMETRIC_PERTURBATIONS", "SUBSETS", "SEVERITIES", "VERSION"]
+__all__ = ["corrupt", "names", "perturbation_names", "perturbation_sequence", "FrostPhotosMissing", "frost_directory", "CORRUPTIONS",
+           "PERTURBATIONS", "PERTURBATION_SUBSETS", "NOISE_PERTURBATIONS", "GEOMETRIC_PERTURBATIONS", "SUBSETS", "SEVERITIES", "VERSION"]

@@ -112,21 +112,22 @@ def gaussian_kernel(sigma: float, truncate: float = 4.0, scale: float = 1.0) -> 
 
 
 @functools.lru_cache(maxsize=128)
-def _gaussian_matrix_cpu(n: int, sigma: float, truncate: float, mode: str, scale: float) -> torch.Tensor:
+def _gaussian_matrix_cpu(n: int, sigma: float, truncate: float, mode: str, scale: float,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     weights = gaussian_kernel(sigma, truncate, scale)
     radius = weights.numel() // 2
     rows = torch.arange(n)[:, None]
     cols = boundary_index(rows + torch.arange(-radius, radius + 1)[None, :], n, mode)
     matrix = torch.zeros(n, n, dtype=torch.float64)
     matrix.scatter_add_(1, cols, weights.expand(n, -1).contiguous())
-    return matrix.float()
+    return matrix.to(dtype)
 
 
 def gaussian_matrix(n: int, sigma: float, device, truncate: float = 4.0, mode: str = "nearest",
-                    scale: float = 1.0) -> torch.Tensor:
+                    scale: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(n, n) matrix M with (M @ signal) = scipy.ndimage.gaussian_filter1d(signal, sigma * scale, mode,
     truncate) for scale >= 1; below, the taps of ``sigma`` carried to ``scale`` (``splat_matrix``)."""
-    return _gaussian_matrix_cpu(int(n), float(sigma), float(truncate), mode, float(scale)).to(device)
+    return _gaussian_matrix_cpu(int(n), float(sigma), float(truncate), mode, float(scale), dtype).to(device)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: str = "nearest",
@@ -134,12 +135,12 @@ def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: st
     """Separable Gaussian blur of the last two dims (skimage.filters.gaussian defaults). ``sigma``
     is in pixels of a reference size that the image is ``scale`` times (a release length at 224 px,
     with ``scale`` = ``_base.size_scale``): sampled at sigma * scale where scale >= 1, the reference
-    taps carried by ``splat_matrix`` below."""
+    taps carried by ``splat_matrix`` below. Computed in x's dtype (float64 taps for a float64 x)."""
     if sigma <= 0:
         return x
     h, w = x.shape[-2:]
-    rows = gaussian_matrix(h, sigma, x.device, truncate, mode, scale)
-    cols = gaussian_matrix(w, sigma, x.device, truncate, mode, scale)
+    rows = gaussian_matrix(h, sigma, x.device, truncate, mode, scale, x.dtype)
+    cols = gaussian_matrix(w, sigma, x.device, truncate, mode, scale, x.dtype)
     return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
 
 

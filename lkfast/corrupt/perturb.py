@@ -15,19 +15,28 @@ centre crops of 256-px-resized images:
     tilt            31 frames, perspective tilt of i - 15 degrees about both axes
     scale           31 frames, zoom (40 + 2.5 i) / 100
 
-``difficulty`` selects the noise level for the two noise sequences (the release's
-gaussian_noise, gaussian_noise_2, gaussian_noise_3 folders). For the other eight the release has
+and the release's four validation perturbations (its "Validation Data", outside mFR and mT5D):
+
+    speckle_noise   31 frames, frame 0 clean, then x + x N(0, s^2), s = 0.05 / 0.10 / 0.15 (difficulty 1/2/3)
+    gaussian_blur   31 frames, Gaussian blur sigma 0.25 + 0.035 i (skimage, truncate 6)
+    spatter         31 frames, one liquid layer per image (N(0.65, 0.27^2) blurred by sigma 3.7, zero below
+                    0.69), ImageNet-C's water spatter (intensity 0.6) of it, the layer dripping down
+                    after each frame (np.convolve of its columns with 0.05, 0.1, 0.15, 0.7)
+    shear           31 frames, shear i - 15 degrees (torchvision 0.2's affine: x moves by tan(shear) y)
+
+``difficulty`` selects the noise level for the three noise sequences (the release's
+gaussian_noise, gaussian_noise_2, gaussian_noise_3 folders). For the other eleven the release has
 one sequence per image and the difficulty (1..3) is the frame stride used when the flip rate is
 computed, so the frames returned do not depend on it.
 
-The geometric sequences (``GEOMETRIC``: zoom_blur, translate, rotate, tilt, scale) move the whole
+The geometric sequences (``GEOMETRIC``: zoom_blur, translate, rotate, tilt, scale, shear) move the whole
 image about (w / 2, h / 2) and show what lies outside it as black, with the release's libraries'
 border (Pillow's affine: the edge pixel repeated half a pixel out; OpenCV's tilt: blended with black);
 the release moves the whole 256-px resize and keeps its central 224x224: pass that image and
-``crop=224``, as the writer does (only the crop's pixels are computed). Lengths (shifts, blur radii, flake size) scale with
-min(crop or image size) / 224; below 224 px the motion-blur kernels are the 224-px ones carried to
-the smaller grid (see ``lkfast.corrupt.blur``) and snow's flakes are drawn at 224 px and averaged
-down (see ``lkfast.corrupt.weather``).
+``crop=224``, as the writer does (only the crop's pixels are computed). Lengths (shifts, blur radii, flake size,
+spatter's blur and drip) scale with min(crop or image size) / 224; below 224 px the motion-blur and
+Gaussian kernels are the 224-px ones carried to the smaller grid (see ``lkfast.corrupt.blur``) and
+snow's flakes and spatter's drops are drawn at 224 px and averaged down (see ``lkfast.corrupt.weather``).
 """
 from __future__ import annotations
 
@@ -37,7 +46,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import _base, _filters, utils
+from . import _base, _filters, utils, weather
 
 PERTURBATIONS: Dict[str, int] = {  # name -> frames per sequence
     "gaussian_noise": 31,
@@ -50,10 +59,21 @@ PERTURBATIONS: Dict[str, int] = {  # name -> frames per sequence
     "rotate": 31,
     "tilt": 31,
     "scale": 31,
+    # the release's 4 validation perturbations (make_imagenet_p.py's "Validation Data"), outside mFR
+    "speckle_noise": 31,
+    "gaussian_blur": 31,
+    "spatter": 31,
+    "shear": 31,
 }
-NOISE_PERTURBATIONS = ("gaussian_noise", "shot_noise")
+PERTURBATION_SUBSETS: Dict[str, tuple] = {
+    "common": tuple(PERTURBATIONS)[:10],  # the 10 of the benchmark's mFR / mT5D, in the release's order
+    "extra": tuple(PERTURBATIONS)[10:],   # the validation perturbations
+    "all": tuple(PERTURBATIONS),
+}
+NOISE_PERTURBATIONS = ("gaussian_noise", "shot_noise", "speckle_noise")
 GAUSSIAN_NOISE_STD = (0.03, 0.05, 0.08)
 SHOT_NOISE_RATE = (300, 120, 60)
+SPECKLE_NOISE_STD = (0.05, 0.10, 0.15)
 
 
 def _frames(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -69,6 +89,13 @@ def _noise(x, difficulty, scale, generator):
 def _shot(x, difficulty, scale, generator):
     rate = SHOT_NOISE_RATE[difficulty - 1]
     noisy = _base.poisson_counts(_frames(x, 30), rate, generator) / rate
+    return torch.cat([x[:, None], noisy.clamp(0, 1)], dim=1)
+
+
+def _speckle(x, difficulty, scale, generator):
+    std = SPECKLE_NOISE_STD[difficulty - 1]
+    frames = _frames(x, 30)
+    noisy = frames + frames * (std * utils.randn((x.shape[0], 30) + x.shape[1:], generator, x.device))
     return torch.cat([x[:, None], noisy.clamp(0, 1)], dim=1)
 
 
@@ -156,6 +183,68 @@ def _snow(x, difficulty, scale, generator):
     return (base[:, None] + moving + torch.flip(moving, dims=(-2, -1))).clamp(0, 1)
 
 
+def _gaussian_blur(x, difficulty, scale, generator):
+    # skimage's gaussian (mode "nearest") of the 8-bit crop, in float64 as skimage, truncated to 8 bits
+    # here: a sigma-0.25 blur moves a pixel by ~3e-4 of its neighbours' differences, so many values lie
+    # just below a level, which the release's np.uint8 drops and the writer's float32 slack
+    # (utils.levels8) would keep (float32 frames were a level above the release's on 1.3% of a noisy
+    # image's frame-0 values, 34% of a smooth one's; in float64 from the 8-bit levels themselves (float32's
+    # k / 255 is up to 1.5e-5 levels off), truncated here, 0.002% and 6%: values at a level in float64 but
+    # not in the release's summation order, the smooth image's flat areas)
+    x = x.double() if x.device.type != "mps" else x  # (Apple's GPUs have no float64)
+    levels = torch.round(x * 255)
+    x = torch.where((x * 255 - levels).abs() < 1e-4, levels / 255, x)  # an 8-bit input exactly as the release's
+    frames = [_filters.gaussian_blur(x, 0.25 + 0.035 * i, truncate=6.0, scale=scale) for i in range(31)]
+    levels = torch.floor(torch.stack(frames, dim=1).clamp(0, 1) * 255 + 1e-9)
+    return (levels / 255).float()
+
+
+SPATTER_LIQUID = (0.65, 0.27, 3.7, 0.69)  # mean, std of the liquid noise, its blur sigma, threshold
+SPATTER_INTENSITY = 0.6
+DRIP = (0.05, 0.1, 0.15, 0.7)  # np.convolve taps: a row j takes DRIP[k] of row j + 1 - k
+
+
+def _drip(liquid: torch.Tensor, scale: float) -> torch.Tensor:
+    """The release's drip of a spatter layer (..., H, W) down its columns, np.convolve(column, DRIP,
+    "same"): out[j] = 0.05 in[j + 1] + 0.1 in[j] + 0.15 in[j - 1] + 0.7 in[j - 2], zero beyond the
+    image. Above 224 px (``scale`` > 1) the row offsets are scaled, a fractional offset's tap split
+    between the two rows around it (linear interpolation); at 224 px and below (where the layer is
+    drawn at 224 px) they are the release's."""
+    weights = {}
+    for k, tap in enumerate(DRIP):
+        offset = (k - 1) * scale  # out[j] takes in[j - offset]
+        low = math.floor(offset)
+        for row, weight in ((low, tap * (1 - (offset - low))), (low + 1, tap * (offset - low))):
+            if weight > 0:
+                weights[row] = weights.get(row, 0.0) + weight
+    h = liquid.shape[-2]
+    top, bottom = max(max(weights), 0), max(-min(weights), 0)
+    padded = F.pad(liquid, (0, 0, top, bottom))
+    out = torch.zeros_like(liquid)
+    for offset, weight in sorted(weights.items()):
+        out += weight * padded[..., top - offset:top - offset + h, :]
+    return out
+
+
+def _spatter_frames(x: torch.Tensor, liquid: torch.Tensor, scale: float) -> torch.Tensor:
+    """The release's spatter frames of images x (N, 3, H, W) from their liquid layers (N, 1, H', W',
+    ``weather.liquid_layer``'s grid and scale): frame i is ImageNet-C's water spatter (intensity 0.6)
+    with the layer dripped i times (``_drip``); all 31 x N masks in one batch."""
+    n, _, h, w = x.shape
+    layers = [liquid]
+    for _ in range(30):
+        layers.append(_drip(layers[-1], scale))
+    layers = torch.stack(layers, dim=1).flatten(0, 1)
+    drops = weather.water_drops(layers, SPATTER_INTENSITY, scale, h, w).view(n, 31, 1, h, w)
+    return weather.wet(x[:, None], drops)
+
+
+def _spatter(x, difficulty, scale, generator):
+    n, _, h, w = x.shape
+    liquid, s = weather.liquid_layer(n, h, w, *SPATTER_LIQUID, generator, x.device, scale)
+    return _spatter_frames(x, liquid, s)
+
+
 def _brightness(x, difficulty, scale, generator):
     shifts = (torch.arange(31, device=x.device, dtype=torch.float32) - 15) * 0.02
     return _filters.adjust_value(_frames(x, 31), shifts.view(1, 31, 1, 1, 1))
@@ -216,7 +305,18 @@ def _scale(x, difficulty, scale, generator, window=None):
     return _warp(x, _zoom_maps(h, w, zooms), window)
 
 
-GEOMETRIC = ("zoom_blur", "translate", "rotate", "tilt", "scale")  # the release moves the whole resized image
+def _shear(x, difficulty, scale, generator, window=None):
+    h, w = x.shape[-2:]
+    shears = torch.deg2rad(torch.arange(31, device=x.device, dtype=torch.float32) - 15)
+    # torchvision 0.2's affine (the release's) at angle 0: output -> input by [[cos, sin], [0, cos]] / cos
+    # of the shear, x moving with y; today's torchvision shears otherwise
+    ones, zeros = torch.ones_like(shears), torch.zeros_like(shears)
+    linear = torch.stack([torch.stack([ones, torch.tan(shears)], -1),
+                          torch.stack([zeros, 1 / torch.cos(shears)], -1)], -2)
+    return _warp(x, _about_centre(h, w, linear), window)
+
+
+GEOMETRIC = ("zoom_blur", "translate", "rotate", "tilt", "scale", "shear")  # the release moves the whole resized image
 _SEQUENCES = {
     "gaussian_noise": _noise,
     "shot_noise": _shot,
@@ -228,6 +328,10 @@ _SEQUENCES = {
     "rotate": _rotate,
     "tilt": _tilt,
     "scale": _scale,
+    "speckle_noise": _speckle,
+    "gaussian_blur": _gaussian_blur,
+    "spatter": _spatter,
+    "shear": _shear,
 }
 
 
@@ -238,8 +342,8 @@ def perturbation_sequence(images: torch.Tensor, name: str, difficulty: int = 1,
     """ImageNet-P frames for a batch of images.
 
     images: float tensor (N, 3, H, W) in [0, 1], any device. name: one of PERTURBATIONS.
-    difficulty: 1..3 (noise level for gaussian_noise / shot_noise; see the module docstring).
-    generator: torch.Generator or int seed (noise and snow are random; the rest are not).
+    difficulty: 1..3 (noise level for gaussian_noise / shot_noise / speckle_noise; see the module docstring).
+    generator: torch.Generator or int seed (noise, snow and spatter are random; the rest are not).
     crop: optional centre crop (int or (h, w)) applied to every frame, so that geometric
     perturbations show the image's real surroundings instead of black (the release: the whole
     256-px resize, crop 224).

@@ -191,27 +191,29 @@ def brightness(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------- spatter
-def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
-    mean, std, sigma, threshold, intensity, mud = SPATTER[severity - 1]
-    n, _, h, w = x.shape
-    gh, gw, s = _base.layer_grid(h, w)  # below 224 px the drops are drawn at 224 px, then averaged down
+def liquid_layer(n: int, height: int, width: int, mean: float, std: float, sigma: float, threshold: float,
+                 generator, device, scale=None) -> tuple:
+    """The release's liquid layer for n images of this size: N(mean, std^2) noise blurred by ``sigma``
+    (224-px pixels), zero below ``threshold``; (layer (n, 1, H', W'), s) on ``_base.layer_grid``'s
+    grid and scale (below 224 px the drops are drawn at 224 px, then averaged down)."""
+    gh, gw, s = _base.layer_grid(height, width, scale)
     # The liquid layer is white noise blurred by sigma: its spread (std times the blur's 2-D L2 norm)
     # is what the fixed threshold cuts, so above 224 px the noise is scaled by the release's norm over
     # this size's, to keep the release's share of wet pixels (1 at 224 px and below)
     gain = (_filters.gaussian_kernel(sigma).norm() / _filters.gaussian_kernel(sigma, scale=s).norm()).item() ** 2
-    liquid = mean + std * gain * utils.randn((n, 1, gh, gw), generator, x.device)
+    liquid = mean + std * gain * utils.randn((n, 1, gh, gw), generator, device)
     liquid = _filters.gaussian_blur(liquid, sigma, scale=s)
-    liquid = torch.where(liquid < threshold, torch.zeros_like(liquid), liquid)
-    if mud:
-        m = _filters.gaussian_blur((liquid > threshold).float(), intensity, scale=s)
-        m = _filters.pil_box_resize(torch.where(m < 0.8, torch.zeros_like(m), m), h, w)
-        colour = torch.tensor(MUD_COLOUR, device=x.device).view(1, 3, 1, 1)
-        return (x * (1 - m) + colour * m).clamp(0, 1)
-    # water: drops whose rims are shaded by the distance to the drop edges (the release's
-    # OpenCV pipeline: Canny, distance transform, equalised histogram, emboss)
+    return torch.where(liquid < threshold, torch.zeros_like(liquid), liquid), s
+
+
+def water_drops(liquid: torch.Tensor, intensity: float, scale: float, height: int, width: int) -> torch.Tensor:
+    """The release's water mask of (N, 1, H', W') liquid layers (``liquid_layer``'s grid and scale):
+    drops whose rims are shaded by the distance to the drop edges (its OpenCV pipeline: Canny,
+    distance transform, equalised histogram, emboss), peak ``intensity``, box-averaged to
+    (N, 1, height, width). ``wet`` adds it to images."""
     liquid8 = torch.floor(liquid.clamp(0, 1) * 255)
     edges = _filters.canny(liquid8, 50, 150)
-    dist = _filters.distance_to_mask(edges, 20 * s)
+    dist = _filters.distance_to_mask(edges, 20 * scale)
     dist = torch.floor(_filters.box3(dist))
     dist = _filters.equalize_hist(dist)
     # cv2.filter2D with the emboss kernel [[-2, -1, 0], [-1, 1, 1], [0, 1, 2]] (reflect-101
@@ -226,6 +228,22 @@ def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
     dist = torch.round(emboss).clamp_(0, 255)
     dist = torch.round(_filters.box3(dist))
     m = liquid8 * dist
-    m = _filters.pil_box_resize(m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) * intensity, h, w)
-    colour = torch.tensor(WATER_COLOUR, device=x.device).view(1, 3, 1, 1)
-    return (x + m * colour).clamp(0, 1)
+    return _filters.pil_box_resize(m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) * intensity, height, width)
+
+
+def wet(x: torch.Tensor, drops: torch.Tensor) -> torch.Tensor:
+    """Images (..., 3, H, W) with ``water_drops``' mask (..., 1, H, W) added in pale turquoise."""
+    colour = torch.tensor(WATER_COLOUR, device=x.device).view(3, 1, 1)
+    return (x + drops * colour).clamp(0, 1)
+
+
+def spatter(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
+    mean, std, sigma, threshold, intensity, mud = SPATTER[severity - 1]
+    n, _, h, w = x.shape
+    liquid, s = liquid_layer(n, h, w, mean, std, sigma, threshold, generator, x.device)
+    if mud:
+        m = _filters.gaussian_blur((liquid > threshold).float(), intensity, scale=s)
+        m = _filters.pil_box_resize(torch.where(m < 0.8, torch.zeros_like(m), m), h, w)
+        colour = torch.tensor(MUD_COLOUR, device=x.device).view(1, 3, 1, 1)
+        return (x * (1 - m) + colour * m).clamp(0, 1)
+    return wet(x, water_drops(liquid, intensity, s, h, w))

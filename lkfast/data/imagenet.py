@@ -205,8 +205,8 @@ def _require_folder(folder: Path, what: str, layout: str) -> None:
 
 def _looks_like(names: List[str]) -> str:
     # a hint when a reader is pointed at another benchmark's folder
-    if names and all(n in metrics.IMAGENET_C_ALL or n.rsplit("_", 1)[0] in metrics.IMAGENET_P
-                     or n in metrics.IMAGENET_P for n in names):
+    if names and all(n in metrics.IMAGENET_C_ALL or n.rsplit("_", 1)[0] in metrics.IMAGENET_P_ALL
+                     or n in metrics.IMAGENET_P_ALL for n in names):
         return (" These look like ImageNet-C corruption (or ImageNet-P perturbation) folders: is this ImageNet-C or -P "
                 "(python -m lkfast.eval --imagenet-c-dir / --imagenet-p-dir; lkfast.data.ImageNetC / ImageNetP)?")
     if names and all(n.isdigit() for n in names):
@@ -574,24 +574,25 @@ class ImageNetC(ImageFolderBenchmark):
 
 
 def imagenet_p_contents(root: PathLike) -> Dict[str, List[int]]:
-    """{perturbation: [difficulties present]} of an ImageNet-P folder, perturbations in IMAGENET_P
-    order. A noise perturbation has difficulty d > 1 when its ``<name>_<d>`` folder exists; the
-    other perturbations have one set of videos, read at strides 1..3, so they list [1, 2, 3].
+    """{perturbation: [difficulties present]} of an ImageNet-P folder, perturbations in IMAGENET_P_ALL
+    order (the 10 of mFR, then the release's validation perturbations). A noise perturbation has
+    difficulty d > 1 when its ``<name>_<d>`` folder exists; the other perturbations have one set of
+    videos, read at strides 1..3, so they list [1, 2, 3].
     Raises DatasetLayoutError if ``root`` is missing, holds a folder that is not a perturbation
     (or ``<noise>_2|3``), or holds none."""
     root = Path(root)
     layout = ImageNetP.layout
     _require_folder(root, "ImageNet-P", layout)
     names = [f.name for f in _subfolders(root)]
-    valid = set(metrics.IMAGENET_P) | {f"{n}_{d}" for n in metrics.NOISE_PERTURBATIONS for d in (2, 3)}
+    valid = set(metrics.IMAGENET_P_ALL) | {f"{n}_{d}" for n in metrics.NOISE_PERTURBATIONS for d in (2, 3)}
     unknown = [n for n in names if n not in valid]
     if unknown:
         raise DatasetLayoutError(f"ImageNet-P: folder(s) {', '.join(unknown[:5])} in {str(root)!r} are not perturbation names; "
-                                 f"expected {layout} with perturbations from: {', '.join(metrics.IMAGENET_P)} "
+                                 f"expected {layout} with perturbations from: {', '.join(metrics.IMAGENET_P_ALL)} "
                                  f"(noise difficulties 2 and 3 as <name>_2, <name>_3)."
                                  f"{_nesting_hint(root, unknown, valid, 'perturbation')}")
     contents = {}
-    for name in metrics.IMAGENET_P:
+    for name in metrics.IMAGENET_P_ALL:
         if name in metrics.NOISE_PERTURBATIONS:
             levels = [d for d, folder in ((1, name), (2, f"{name}_2"), (3, f"{name}_3")) if folder in names]
             if levels:
@@ -654,8 +655,8 @@ class ImageNetP(ImageFolderBenchmark):
     def __init__(self, root: PathLike, perturbation: str, transform: Optional[Callable] = None,
                  limit: Optional[int] = None, difficulty: int = 1, frames: Optional[int] = None,
                  spread: bool = False, class_index: Optional[Dict[str, int]] = None):
-        if perturbation not in metrics.IMAGENET_P:
-            raise ValueError(f"unknown perturbation {perturbation!r}; valid: {', '.join(metrics.IMAGENET_P)}")
+        if perturbation not in metrics.IMAGENET_P_ALL:
+            raise ValueError(f"unknown perturbation {perturbation!r}; valid: {', '.join(metrics.IMAGENET_P_ALL)}")
         if isinstance(difficulty, bool) or difficulty not in (1, 2, 3):
             raise ValueError(f"difficulty must be an integer in 1..3; got {difficulty!r}")
         self.perturbation, self.difficulty = perturbation, difficulty

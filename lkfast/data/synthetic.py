@@ -336,7 +336,7 @@ class SyntheticConfig:
     a_min_confidence: float = 0.5
     background_correlation: float = 0.8
     corruptions: Optional[Tuple[str, ...]] = None    # None: all 19
-    perturbations: Optional[Tuple[str, ...]] = None  # None: all 10
+    perturbations: Optional[Tuple[str, ...]] = None  # None: the 10 of mFR
 
     def key(self) -> str:
         from lkfast.cache import config_key
@@ -450,14 +450,14 @@ def build_imagenet_p(root, config: SyntheticConfig, progress=None) -> None:
     cropped, so geometric perturbations show real surroundings."""
     import torch
 
-    from lkfast.corrupt import PERTURBATIONS, perturbation_sequence
+    from lkfast.corrupt import PERTURBATION_SUBSETS, PERTURBATIONS, perturbation_sequence
 
     pad = config.size // 8
     data = render(CLASSES, config.seed, "p", config.p_per_class, config.size, pad=pad,
                   background_correlation=config.background_correlation)
     x = _to_tensor(data.images)
-    for n, name in enumerate(PERTURBATIONS):
-        if config.perturbations is not None and name not in config.perturbations:
+    for n, name in enumerate(PERTURBATIONS):  # n: the seed's, the release's order (the 10, then the validation 4)
+        if name not in (config.perturbations or PERTURBATION_SUBSETS["common"]):
             continue
         g = torch.Generator().manual_seed(config.seed * 1000 + n)
         frames = perturbation_sequence(x, name, 1, generator=g, crop=config.size)
@@ -540,7 +540,7 @@ def build_base(root, config: SyntheticConfig = SyntheticConfig(), log=None, prog
     from tqdm import tqdm
 
     from lkfast.cache import config_key, ensure_entry
-    from lkfast.corrupt import CORRUPTIONS, PERTURBATIONS, VERSION
+    from lkfast.corrupt import CORRUPTIONS, PERTURBATION_SUBSETS, VERSION
 
     root = Path(root)
     key = config.key()
@@ -550,7 +550,7 @@ def build_base(root, config: SyntheticConfig = SyntheticConfig(), log=None, prog
     if not (root / "imagenet-c").is_dir():
         _check_frost(config)  # before the first part is built, not minutes later at ImageNet-C
     steps = {"train": 1, "val": 1, "val-masks": 1, "imagenet-c": 5 * len(config.corruptions or CORRUPTIONS),
-             "imagenet-p": len(config.perturbations or PERTURBATIONS),
+             "imagenet-p": len(config.perturbations or PERTURBATION_SUBSETS["common"]),
              "imagenet-9": 1, "imagenet-r": 1}
     builders = {
         "train": lambda d, p: build_split(d, config, "train"),

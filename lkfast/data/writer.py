@@ -3,7 +3,8 @@
     SRC/<wnid>/<image>.JPEG   (ImageNet-val sorted into class folders; PNG/JPEG/BMP/WebP accepted)
       -> ImageNet-C: DST/<corruption>/<severity>/<wnid>/<image>.JPEG   224x224, JPEG quality 85
       -> ImageNet-P: DST/<perturbation>/<wnid>/<image>.mp4              224x224 frames, H.264
-         (noise sequences also at difficulty 2 and 3, as DST/gaussian_noise_2/..., like the release;
+         (the 10 of mFR and the release's 4 validation perturbations; noise sequences also at
+         difficulty 2 and 3, as DST/gaussian_noise_2/..., like the release;
          with format="npy" (--format npy) <image>.npy, the frames as a lossless uint8 array)
 
     python -m lkfast.corrupt SRC DST --benchmark c|p      (the command's code is ``main`` here)
@@ -14,7 +15,7 @@ Preprocessing as in the release: resize the short side to 256 (bilinear, Pillow)
 224; corrupted pixels are truncated to 8 bits (the release's np.uint8; ``to_uint8``), and come
 out of lkfast.corrupt already rounded where the release rounded (ImageMagick's motion blur and
 snow flakes, OpenCV's tilt, Pillow's pixelate). ImageNet-P's geometric sequences (translate,
-rotate, tilt, scale, zoom blur: ``lkfast.corrupt.GEOMETRIC_PERTURBATIONS``) move the whole resized
+rotate, tilt, scale, zoom blur, shear: ``lkfast.corrupt.GEOMETRIC_PERTURBATIONS``) move the whole resized
 image, one image at a time, and keep its central 224x224, as the release: a zoom-out shows the
 picture out to its edges and black only beyond them; the others work on the 224x224 crop itself.
 
@@ -54,11 +55,12 @@ from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from lkfast.corrupt import (CORRUPTIONS, GEOMETRIC_PERTURBATIONS, NOISE_PERTURBATIONS, PERTURBATIONS, SUBSETS, corrupt,
-                            perturbation_sequence)
+from lkfast.corrupt import (CORRUPTIONS, GEOMETRIC_PERTURBATIONS, NOISE_PERTURBATIONS, PERTURBATION_SUBSETS, PERTURBATIONS,
+                            SUBSETS, corrupt, perturbation_sequence)
 from lkfast.corrupt.utils import center_crop
 
-from .io import encode_jpeg, encode_mp4, encode_npy, is_complete, list_images, load_image, temporary_files, to_uint8, write_atomic
+from .io import (X264_PRESETS, encode_jpeg, encode_mp4, encode_npy, is_complete, list_images, load_image, temporary_files,
+                 to_uint8, write_atomic)
 
 RESIZE = 256
 CROP = 224
@@ -199,7 +201,8 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
            counts: Optional[dict] = None, format: Optional[str] = None) -> int:
     """Render SRC into DST (see the module docstring) and return the number of files written.
 
-    ``names`` default to all 19 corruptions (``benchmark="c"``) or all 10 perturbations ("p");
+    ``names`` default to all 19 corruptions (``benchmark="c"``) or all 14 perturbations ("p": the
+    10 of mFR and the release's 4 validation perturbations);
     ``levels`` are severities (C, default 1..5) or noise difficulties (P, default 1..3).
     ``device`` is where images are corrupted; ``preset`` the libx264 preset of P videos (the
     release's veryslow by default; ``encode_mp4`` says what a faster one changes).
@@ -246,6 +249,8 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     format = format or P_FORMATS[0]
     if format not in P_FORMATS:
         raise ValueError(f"unknown ImageNet-P format {format!r}; valid formats are: {', '.join(P_FORMATS)}")
+    if benchmark == "p" and format == "mp4" and preset not in X264_PRESETS:  # before any work, not at the first video
+        raise ValueError(f"unknown libx264 preset {preset!r}; valid presets are: {', '.join(X264_PRESETS)}")
     on_unreadable = on_unreadable or warn_unreadable
     dst = Path(dst)
     _check_destination(Path(src), dst)
@@ -305,14 +310,16 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
 
 # ------------------------------------------------------------------------------------ command
 def _names(text, benchmark):
-    """--names as a list (empty items skipped: "fog,,snow," is fog and snow; for C a subset name, alone
-    or in the list, stands for its corruptions: "noise,blur"); ValueError when it names nothing."""
+    """--names as a list (empty items skipped: "fog,,snow," is fog and snow; a subset name, alone or in
+    the list, stands for its corruptions or perturbations: "noise,blur" for C, "extra" for P);
+    ValueError when it names nothing."""
     if text is None:
         return None
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
         raise ValueError(f"--names {text!r} names nothing: give comma-separated names, or leave --names out for all")
-    return [n for t in names for n in (SUBSETS[t] if benchmark == "c" and t in SUBSETS else (t,))]
+    subsets = SUBSETS if benchmark == "c" else PERTURBATION_SUBSETS
+    return [n for t in names for n in (subsets[t] if t in subsets else (t,))]
 
 
 def _levels(text):
@@ -346,8 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("dst", help="output root (created if missing)")
     parser.add_argument("--benchmark", choices=("c", "p"), required=True, help="c: ImageNet-C, p: ImageNet-P")
     parser.add_argument("--names", default=None,
-                        help="comma-separated corruptions/perturbations, or for C a subset "
-                             f"({', '.join(SUBSETS)}); default: all 19 (C) or all {len(PERTURBATIONS)} (P)")
+                        help="comma-separated corruptions/perturbations or subsets (C: "
+                             f"{', '.join(SUBSETS)}; P: {', '.join(PERTURBATION_SUBSETS)}, where common is the 10 "
+                             f"of mFR and extra the release's validation perturbations); default: all 19 (C) or all "
+                             f"{len(PERTURBATIONS)} (P)")
     parser.add_argument("--levels", default=None,
                         help="comma-separated severities for C (default 1,2,3,4,5) or noise difficulties "
                              "for P (default 1,2,3; written as gaussian_noise, gaussian_noise_2, ...)")
@@ -361,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="P only: mp4 (default; H.264 as the release, though libx264 may encode the same frames "
                              "differently from run to run) or npy (the frames as lossless uint8 arrays, the same "
                              "bytes every run, 4.67 MB a sequence)")
-    parser.add_argument("--x264-preset", default="veryslow",
-                        help="libx264 preset for P videos (default veryslow, the release's; medium encodes 2.6-4x "
-                             "faster, with slightly different losses)")
+    parser.add_argument("--x264-preset", default="veryslow", choices=X264_PRESETS, metavar="PRESET",
+                        help="libx264 preset for P videos: " + ", ".join(X264_PRESETS) + " (default veryslow, the "
+                             "release's; medium encodes 2.6-4x faster, with slightly different losses)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

@@ -187,11 +187,11 @@ def _corruptions_or_perturbations(root: Path, found: List[str]) -> Optional[str]
     """"imagenet-c" where ``found`` (the folders in ``root``) holds ImageNet-C's corruptions,
     "imagenet-p" where it holds ImageNet-P's perturbations (``<perturbation>[_<difficulty>]``), else
     None. Some names are both (gaussian_noise): ImageNet-C's hold the severities 1 to 5."""
-    from lkfast.metrics import IMAGENET_C_ALL, IMAGENET_P
+    from lkfast.metrics import IMAGENET_C_ALL, IMAGENET_P_ALL
 
     corruptions = [f for f in found if f in IMAGENET_C_ALL]
-    perturbations = [f for f in found if f in IMAGENET_P or
-                     (f.rsplit("_", 1)[-1].isdigit() and f.rsplit("_", 1)[0] in IMAGENET_P)]
+    perturbations = [f for f in found if f in IMAGENET_P_ALL or
+                     (f.rsplit("_", 1)[-1].isdigit() and f.rsplit("_", 1)[0] in IMAGENET_P_ALL)]
     if corruptions and (not perturbations or any((root / f / str(s)).is_dir() for f in corruptions for s in range(1, 6))):
         return "imagenet-c"
     return "imagenet-p" if perturbations else None

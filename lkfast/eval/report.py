@@ -207,6 +207,9 @@ def _notes(results, task) -> List[str]:
         if r.get("mean_fp") is not None and r.get("mfr_complete") is False:
             bits.append(f"**mFR/mT5D over {len(r.get('mfr_over') or [])} of the 10 perturbations** "
                         f"({', '.join(r.get('mfr_over') or [])}): not the benchmark's")
+        if r.get("outside_mfr"):
+            bits.append("the release's validation perturbations " + ", ".join(r["outside_mfr"]) + " scored per "
+                        "perturbation, outside the means, mFR and mT5D (the benchmark's 10)")
         if r.get("unreadable_parts"):
             bits.append("**every item unreadable, not scored**: " + ", ".join(r["unreadable_parts"]))
         if r.get("not_scored"):
@@ -553,9 +556,13 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
                 "Lower is better. mFR / mT5D are normalised by the baseline model's values on the same sequences "
                 "(named in the notes; the paper's, by AlexNet's, are shown beside an AlexNet-normalised value only). "
                 "Perturbations: how many of the 10 the means average (with fewer they are not the benchmark's).")
-        perturbations = sorted({p for m in models for p in (results[m].get("imagenet-p", {}).get("fp") or {})})
+        from lkfast.metrics import IMAGENET_P
+
+        scored = {p for m in models for p in (results[m].get("imagenet-p", {}).get("fp") or {})}
+        # the 10 of mFR, then the release's validation perturbations (marked), each part alphabetical
+        perturbations = sorted(p for p in scored if p in IMAGENET_P) + sorted(p for p in scored if p not in IMAGENET_P)
         if perturbations:
-            w.table("imagenet_p_fp", ["Model"] + perturbations,
+            w.table("imagenet_p_fp", ["Model"] + [p if p in IMAGENET_P else f"{p} (validation)" for p in perturbations],
                     [[m] + [_get(results[m], "imagenet-p", f"fp.{p}") for p in perturbations] for m in models],
                     "Flip probability (%) per perturbation, unnormalised (the benchmark's flip rate FR divides it by "
                     "the baseline's; FR per perturbation is results.json's fr where a baseline normalised).")

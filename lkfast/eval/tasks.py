@@ -22,7 +22,10 @@ Each task returns a plain dict; the keys users script against (results.json, per
                  baseline model's, None with normalisation_note when no baseline could be evaluated)
                  with fr and t5d_normalised {perturbation: % of the baseline's} (the benchmark's flip
                  rate FR is the flip probability normalised so; fp is not), sequences {perturbation:
-                 sequences scored}, mfr_over (the perturbations the means are over), mfr_complete (all 10 there: only then the benchmark's mFR), source,
+                 sequences scored}, mfr_over (the perturbations the means are over: the 10 of the
+                 benchmark, those scored), mfr_complete (all 10 there: only then the benchmark's
+                 mFR), outside_mfr (where present: the release's validation perturbations scored,
+                 in fp/t5d/fr but not in the means), source,
                  normalised_by and baseline_model (the baseline's architecture name) with mfr,
                  not_scored (where present: harder-noise folders, e.g. gaussian_noise_2, whose
                  difficulty-1 folder is missing)
@@ -336,10 +339,11 @@ def _c_count(ctx):
 # ImageNet-P ----------------------------------------------------------------------------------------
 def _p_parts(ctx):
     """(source "disk" or "generated", [(perturbation, dataset)], the harder-noise folders present
-    without their difficulty-1 folder: ``_harder_only``)."""
+    without their difficulty-1 folder: ``_harder_only``). From disk every perturbation there, the
+    release's validation perturbations included; generated from val the 10 of mFR."""
     from lkfast import corrupt, data
 
-    names = list(corrupt.PERTURBATIONS)
+    names = corrupt.perturbation_names("all")
     if ctx.has_source("imagenet-p"):
         root = ctx.source("imagenet-p")
         contents = data.imagenet_p_contents(str(root))  # refuses a folder that is not a perturbation
@@ -355,7 +359,7 @@ def _p_parts(ctx):
         return "disk", parts, _harder_only(contents)
     if ctx.has_source("val"):
         val = _val(ctx)
-        return "generated", [(n, val) for n in names], []
+        return "generated", [(n, val) for n in corrupt.perturbation_names("common")], []
     raise TaskUnavailable("no ImageNet-P folder and no ImageNet-val to generate it from: pass --imagenet-p-dir "
                           "or --val-dir (or --data-root holding imagenet-p/ or val/)")
 
@@ -401,12 +405,17 @@ def imagenet_p(ctx: TaskContext) -> dict:
     if not fp:
         raise _nothing_readable(ctx, "imagenet-p", items="sequences") if source == "disk" else \
             _nothing_readable(ctx, "val")
+    # the means, mFR and mT5D average the 10 of the benchmark; the validation perturbations stand alone
+    in_mfr = [p for p in metrics.IMAGENET_P if p in fp]
     result = {"fp": {p: 100.0 * v for p, v in fp.items()}, "t5d": t5d, "mfr": None, "mt5d": None,
-              "mean_fp": 100.0 * sum(fp.values()) / len(fp),
-              "mean_t5d_unnormalised": sum(t5d.values()) / len(t5d),
-              "sequences": scored, "mfr_over": sorted(fp), "mfr_complete": set(fp) >= set(corrupt.PERTURBATIONS),
+              "mean_fp": 100.0 * sum(fp[p] for p in in_mfr) / len(in_mfr) if in_mfr else None,
+              "mean_t5d_unnormalised": sum(t5d[p] for p in in_mfr) / len(in_mfr) if in_mfr else None,
+              "sequences": scored, "mfr_over": sorted(in_mfr), "mfr_complete": set(in_mfr) >= set(metrics.IMAGENET_P),
               "source": "disk: " + str(ctx.source("imagenet-p")) if source == "disk" else
               f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})"}
+    outside = [p for p in fp if p not in metrics.IMAGENET_P]
+    if outside:
+        result["outside_mfr"] = outside
     if unreadable:
         result["unreadable_parts"] = unreadable
     if harder:  # folders there but not scored: said, not left out silently
@@ -425,8 +434,9 @@ def imagenet_p(ctx: TaskContext) -> dict:
     # ratios do not depend on the percent scale, so the baseline's percent values serve as they are
     result["fr"] = metrics.flip_rates(result["fp"], base["fp"])
     result["t5d_normalised"] = metrics.top5_distance_rates(t5d, base["t5d"])
-    result["mfr"] = metrics.mfr(result["fp"], base["fp"])
-    result["mt5d"] = metrics.mt5d(t5d, base["t5d"])
+    if in_mfr:
+        result["mfr"] = metrics.mfr({p: result["fp"][p] for p in in_mfr}, base["fp"])
+        result["mt5d"] = metrics.mt5d({p: t5d[p] for p in in_mfr}, base["t5d"])
     # the release (and the paper's Table 2) normalise by AlexNet: the report compares only such values
     result["normalised_by"] = f"the baseline model {_baseline_words(ctx)} on the same sequences"
     result["baseline_model"] = ctx.options.baseline.name
