@@ -91,6 +91,57 @@ def test_host_overhead(benchmark, case, passes):
         assert len(times[impl]) == ROUNDS, impl
 
 
+TABLE_ROWS = 200
+
+
+def test_cuda_table_choice(benchmark):
+    """What ``auto`` spends choosing a CUDA call's plan from the measured table (lkfast.ops.cuda_table),
+    timed on the CPU (the choice is Python; the GPU name is given, as the tests do): ``fresh``, the
+    nearest-row search and its sentence over a TABLE_ROWS-row table (``_choose_in``: a call key not
+    seen before, or after the table file changed); ``kept``, ``choose`` for a key it has answered
+    while the table is the same (every later call of that shape); ``pytorch``, a tiny F.conv2d
+    forward for scale. Same interleaved rounds as the op's host time."""
+    from lkfast import bench
+    from lkfast.ops import cuda_table
+    from lkfast.ops.backends import Plan
+    from lkfast.timing import time_interleaved
+
+    gpu = "NVIDIA H200"
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(k, n, c, hw) for k in (7, 13, 27, 31, 51) for n in (1, 8, 64, 128, 256) for c in (128, 256, 512, 1024)
+             for hw in (7, 14)]  # 200 keys, none the call's own: the nearest-row search runs over all
+    rows = {cuda_table.Key(gpu, "float16", "channels_last", k, k, n, c, hw, hw): Plan("cuda", "triton", "torch")
+            for k, n, c, hw in sizes}
+    assert len(rows) == TABLE_ROWS
+    table = cuda_table.Table(rows, "synthetic rows", "<synthetic>")
+    x = torch.randn(64, 256, 28, 28, generator=gen).half().to(memory_format=torch.channels_last)
+    w = torch.randn(256, 1, 31, 31, generator=gen).half()
+    key = cuda_table.key_of(x, w, gpu)
+    runnable = cuda_table.TABLE_BACKENDS
+    usable = lambda name: True  # noqa: E731
+    kept = cuda_table.choose(x, w, usable, gpu=gpu, table=table)
+    assert kept == cuda_table._choose_in(table, key, runnable) and "nearest measured row" in kept[1]
+    tiny, tiny_w = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(4, 1, 3, 3, generator=gen)
+
+    def loop(fn):
+        def run():
+            for _ in range(LOOP):
+                fn()
+        return run
+
+    runs = {"fresh": loop(lambda: cuda_table._choose_in(table, key, runnable)),
+            "kept": loop(lambda: cuda_table.choose(x, w, usable, gpu=gpu, table=table)),
+            "pytorch": loop(lambda: F.conv2d(tiny, tiny_w, padding=1, groups=4))}
+    times = {}
+    benchmark.group = "cuda table choice"
+    with torch.no_grad():
+        benchmark.pedantic(lambda: times.update(time_interleaved(runs, ROUNDS, warmup=1)), rounds=1, warmup_rounds=0)
+    benchmark.extra_info.update(kind="cuda_table_choice", case=f"{TABLE_ROWS}-row table", shape=list(key[3:]),
+                                passes="choice", loop=LOOP, times=times, machine=bench.machine_info())
+    for name in runs:
+        assert len(times[name]) == ROUNDS, name
+
+
 def report(path: str) -> Path:
     """The markdown table of a --benchmark-json file of this suite, written beside it (.md)."""
     from lkfast import bench
@@ -103,6 +154,7 @@ def report(path: str) -> Path:
              "| case | passes | PyTorch F.conv2d | lkfast eager (cpu) | lkfast registered op (cpu) | lkfast auto (eager) "
              "| registered / eager | PyTorch / lkfast auto |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    choices = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info", {}).get("kind") == "cuda_table_choice"]
     for row in rows:
         t = row["times"]
         us = {impl: statistics.median(t[impl]) / row["loop"] * 1e6 for impl in IMPLS}
@@ -110,6 +162,11 @@ def report(path: str) -> Path:
         lines.append(f"| {row['case']} {tuple(row['shape'])} | {row['passes']} | {us['pytorch']:.1f} | "
                      f"{us['lkfast_eager']:.1f} | {us['lkfast_registered']:.1f} | {us['lkfast_auto']:.1f} | "
                      f"{ratio('lkfast_registered', 'lkfast_eager'):.2f}x | {ratio('pytorch', 'lkfast_auto'):.2f}x |")
+    for row in choices:
+        us = {name: statistics.median(row["times"][name]) / row["loop"] * 1e6 for name in ("fresh", "kept", "pytorch")}
+        lines += ["", f"auto's plan for a CUDA call, chosen from a {row['case']} (Python, timed here on the CPU): "
+                  f"fresh (nearest-row search and its sentence) {us['fresh']:.1f} us, kept (a key already answered, "
+                  f"the table unchanged) {us['kept']:.1f} us; a tiny PyTorch F.conv2d forward {us['pytorch']:.1f} us"]
     out = Path(path).with_suffix(".md")
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -851,3 +851,25 @@ def test_pointwise_linear_bench_times_what_it_names_and_reports_per_round_ratios
     path.write_text(json.dumps({"benchmarks": [{"extra_info": {"kind": "host_overhead"}}]}))
     with pytest.raises(SystemExit, match=r"no pointwise_linear entries \(run pytest benchmarks/bench_pointwise_linear.py"):
         bench.report(str(path))
+
+
+def test_host_overhead_report_reads_its_rows_and_the_cuda_table_choice(tmp_path):
+    """bench_host_overhead's report: µs per call from the median round over LOOP calls, ratios as
+    medians of per-round ratios, and the CUDA table's fresh and kept choice on its own line."""
+    bench = _load_benchmark("bench_host_overhead")
+    loop = 100
+    op = {"kind": "host_overhead", "case": "tiny", "shape": [1, 4, 8, 8, 3], "passes": "forward", "loop": loop,
+          "machine": {"cpu_model": "cpu", "threads": 2, "torch": "t"},
+          "times": {"pytorch": [0.006, 0.005, 0.004], "lkfast_eager": [0.002, 0.002, 0.002],
+                    "lkfast_registered": [0.003, 0.003, 0.003], "lkfast_auto": [0.002, 0.0025, 0.001]}}
+    choice = {"kind": "cuda_table_choice", "case": "200-row table", "loop": loop,
+              "times": {"fresh": [0.06, 0.05, 0.07], "kept": [0.0004, 0.0003, 0.0005], "pytorch": [0.005] * 3}}
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps({"benchmarks": [{"extra_info": op}, {"extra_info": choice}], "datetime": "d",
+                                "commit_info": {"id": "abc"}}))
+    text = bench.report(str(path)).read_text()
+    # medians 50 / 20 / 30 / 20 us; per-round registered/eager 1.5 each; pytorch/auto 3, 2, 4 -> 3
+    assert "| tiny (1, 4, 8, 8, 3) | forward | 50.0 | 20.0 | 30.0 | 20.0 | 1.50x | 3.00x |" in text
+    assert ("chosen from a 200-row table (Python, timed here on the CPU): fresh (nearest-row search and its "
+            "sentence) 600.0 us, kept (a key already answered, the table unchanged) 4.0 us; a tiny PyTorch F.conv2d "
+            "forward 50.0 us") in text
