@@ -604,11 +604,14 @@ def test_spatter_distances_are_opencvs_chamfer_distance():
         noise = _filters.gaussian_blur(torch.rand(1, 1, 224, 224, generator=g), sigma)
         edges = cv2.Canny((noise[0, 0] * 255).clamp(0, 255).byte().numpy(), 5, 20)
         ref = np.minimum(cv2.distanceTransform(255 - edges, cv2.DIST_L2, 5), 20)
-        ours = _filters.distance_to_mask(torch.from_numpy(edges > 0)[None, None], 20)[0, 0].numpy()
+        mask = torch.from_numpy(edges > 0)[None, None]
+        assert np.array_equal(_filters.distance_to_mask(mask, 20)[0, 0].numpy(), ref), sigma  # OpenCV on the CPU
+        ours = _filters.distance_to_mask(mask, 20, opencv=False)[0, 0].numpy()  # the tensor code (GPUs)
         assert np.abs(ours - ref).max() < 1e-5, sigma
         assert np.array_equal(np.floor(cv2.blur(ours, (3, 3))), np.floor(cv2.blur(ref, (3, 3)))), sigma
-    empty = _filters.distance_to_mask(torch.zeros(1, 1, 9, 9, dtype=torch.bool), 20)
-    assert torch.equal(empty, torch.full_like(empty, 20.0))  # no edge: everything at the cap
+    for opencv in (True, False):
+        empty = _filters.distance_to_mask(torch.zeros(2, 1, 9, 9, dtype=torch.bool), 20, opencv=opencv)
+        assert torch.equal(empty, torch.full_like(empty, 20.0)), opencv  # no edge: everything at the cap
 
 
 def _coordinate_image(size=224):
