@@ -1000,7 +1000,7 @@ def test_gaussian_blur_perturbation_is_skimages():
     them on this smooth image: up to 18% of a frame's values), and on a noisier image under 0.01%. Blurred
     in float32 and truncated by the writer's slack they were a level above on 34% (smooth) and 1.3%
     (noisy) of frame 0's values."""
-    from skimage.filters import gaussian
+    gaussian = pytest.importorskip("skimage.filters").gaussian
 
     x, image = eight_bit(natural_images(1, 224, seed=3))
     seq = lc.perturbation_sequence(x, "gaussian_blur")
@@ -1057,7 +1057,7 @@ def test_spatter_perturbation_is_the_releases_pipeline():
     the release's OpenCV and numpy steps run on that layer give the stored frames to a level, the same
     on all but a few pixels (float32 drips against float64 on a level's edge)."""
     pytest.importorskip("cv2")
-    from skimage.filters import gaussian
+    gaussian = pytest.importorskip("skimage.filters").gaussian
 
     from lkfast.corrupt import perturb, utils, weather
 
@@ -1433,7 +1433,6 @@ def release_geometric_frame(pil, name, i):
     by its own steps (torchvision 0.2's affine: centre (w / 2 + 0.5, h / 2 + 0.5) in Pillow's
     coordinates; OpenCV for tilt; for shear, which today's torchvision does otherwise, Pillow's
     transform by 0.2's inverse matrix), then CenterCrop(224): an HWC uint8 array."""
-    import cv2
     import torchvision.transforms.functional as TF
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
@@ -1442,6 +1441,8 @@ def release_geometric_frame(pil, name, i):
 
     w, h = pil.size
     if name == "tilt":
+        import cv2
+
         f, a = math.hypot(w, h), math.radians(i - 15)
         p1 = np.array([[1, 0, -w / 2], [0, 1, -h / 2], [0, 0, 1], [0, 0, 1]])
         rx = np.array([[1, 0, 0, 0], [0, math.cos(a), -math.sin(a), 0], [0, math.sin(a), math.cos(a), 0], [0, 0, 0, 1]])

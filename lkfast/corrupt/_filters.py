@@ -21,7 +21,6 @@ All take (..., H, W) float tensors (masks: bool) and run on whatever device the 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from typing import Optional
 
@@ -426,6 +425,15 @@ _CHAMFER_5X5 = tuple([(dy, dx, 1.0) for dy, dx in ((0, 1), (0, -1), (1, 0), (-1,
                      + [(dy, dx, 2.1969) for a, b in ((1, 2), (2, 1)) for dy in (-a, a) for dx in (-b, b)])
 
 
+@functools.lru_cache(maxsize=None)
+def _has_opencv() -> bool:
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def distance_to_mask(mask: torch.Tensor, limit: float, opencv: Optional[bool] = None) -> torch.Tensor:
     """Distance of every pixel to the nearest True pixel of (N, 1, H, W) ``mask``, capped at
     ``limit``: OpenCV's distanceTransform(DIST_L2, 5), the release's, followed by THRESH_TRUNC. That
@@ -439,7 +447,7 @@ def distance_to_mask(mask: torch.Tensor, limit: float, opencv: Optional[bool] = 
     a GPU) every step is relaxed at once until nothing below the cap changes (a path of weight <=
     limit has at most limit steps), within 2e-6 of OpenCV."""
     if opencv is None:
-        opencv = mask.device.type == "cpu" and importlib.util.find_spec("cv2") is not None
+        opencv = mask.device.type == "cpu" and _has_opencv()
     if opencv:
         import cv2
 

@@ -156,10 +156,9 @@ def encode_mp4(frames: torch.Tensor, noisy: bool = False, preset: str = "veryslo
     on one 224-px sequence here, "medium" encodes 2.6x (rotate) to 4x (Gaussian noise) faster and
     its decoded noise frames were 3.98 levels from the frames against veryslow's 4.22. ValueError
     for a preset not in X264_PRESETS."""
-    import av
-
     if preset not in X264_PRESETS:
         raise ValueError(f"unknown libx264 preset {preset!r}; valid presets are: {', '.join(X264_PRESETS)}")
+    import av
 
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
