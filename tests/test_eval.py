@@ -2014,6 +2014,30 @@ def test_imagenet_p_mfr_needs_every_baseline_rate_non_zero(tmp_path, data_root, 
         assert p["normalisation_note"] == f"the baseline has no (or zero) flip probability / top-5 distance for {[zero]}"
 
 
+def test_a_zero_baseline_rate_on_a_validation_perturbation_leaves_mfr_standing(tmp_path, data_root, checkpoint,
+                                                                                monkeypatch):
+    """A validation perturbation (outside mFR) the baseline never flips on has no FR, said in a note;
+    mFR / mT5D over the benchmark's perturbations stand. Its zero took mFR, mT5D and every FR away
+    (helper-68's audit: a baseline that never flips is common on small runs)."""
+    from lkfast.eval.report import _notes
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "imagenet-p", root / "imagenet-p")
+    shutil.copytree(root / "imagenet-p" / "translate", root / "imagenet-p" / "shear")
+    for name in ("val", "imagenet-c"):
+        (root / name).symlink_to(data_root / name)
+    fp, t5d = {"gaussian_noise": 40.0, "translate": 20.0, "shear": 0.0}, {"gaussian_noise": 2.0, "translate": 0.5, "shear": 0.7}
+    p = _not_imagenet_run(tmp_path, root, checkpoint, monkeypatch, "out", ["imagenet-p"], {"fp": fp, "t5d": t5d})["imagenet-p"]
+    assert p["outside_mfr"] == ["shear"] and "normalisation_note" not in p
+    assert p["mfr"] == pytest.approx((p["fp"]["gaussian_noise"] / 40.0 + p["fp"]["translate"] / 20.0) / 2 * 100)
+    assert p["mt5d"] == pytest.approx((p["t5d"]["gaussian_noise"] / 2.0 + p["t5d"]["translate"] / 0.5) / 2 * 100)
+    assert set(p["fr"]) == set(p["t5d_normalised"]) == {"gaussian_noise", "translate"}
+    assert p["fr_note"] == ("the baseline has no (or zero) flip probability / top-5 distance for ['shear'] (outside "
+                            "mFR): no FR or normalised T5D there")
+    assert "- m: fr omitted: the baseline has no (or zero) flip probability / top-5 distance for ['shear']" in \
+        "\n".join(_notes({"m": {"imagenet-p": p}}, "imagenet-p"))
+
+
 def test_unreadable_video_is_skipped_and_counted(tmp_path, data_root, checkpoint):
     p = tmp_path / "imagenet-p"
     shutil.copytree(data_root / "imagenet-p", p)

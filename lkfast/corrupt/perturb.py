@@ -22,7 +22,8 @@ and the release's four validation perturbations (its "Validation Data", outside 
     spatter         31 frames, one liquid layer per image (N(0.65, 0.27^2) blurred by sigma 3.7, zero below
                     0.69), ImageNet-C's water spatter (intensity 0.6) of it, the layer dripping down
                     after each frame (np.convolve of its columns with 0.05, 0.1, 0.15, 0.7)
-    shear           31 frames, shear i - 15 degrees (torchvision 0.2's affine: x moves by tan(shear) y)
+    shear           31 frames, shear i - 15 degrees (torchvision 0.2's affine about the centre: x moves by
+                    -sin(shear) y and y shrinks by cos(shear))
 
 ``difficulty`` selects the noise level for the three noise sequences (the release's
 gaussian_noise, gaussian_noise_2, gaussian_noise_3 folders). For the other eleven the release has
@@ -308,8 +309,8 @@ def _scale(x, difficulty, scale, generator, window=None):
 def _shear(x, difficulty, scale, generator, window=None):
     h, w = x.shape[-2:]
     shears = torch.deg2rad(torch.arange(31, device=x.device, dtype=torch.float32) - 15)
-    # torchvision 0.2's affine (the release's) at angle 0: output -> input by [[cos, sin], [0, cos]] / cos
-    # of the shear, x moving with y; today's torchvision shears otherwise
+    # torchvision 0.2's affine (the release's) at angle 0: output -> input by [[cos, sin], [0, 1]] / cos
+    # of the shear (input -> output [[1, -sin], [0, cos]]); today's torchvision shears otherwise
     ones, zeros = torch.ones_like(shears), torch.zeros_like(shears)
     linear = torch.stack([torch.stack([ones, torch.tan(shears)], -1),
                           torch.stack([zeros, 1 / torch.cos(shears)], -1)], -2)

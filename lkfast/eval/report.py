@@ -221,7 +221,7 @@ def _notes(results, task) -> List[str]:
             bits.append(f"normalised by {r['normalised_by']}"
                         + ("" if r["baseline_model"] == "alexnet" or task != "imagenet-p" else
                            " (not AlexNet, as the release and the paper: the paper's values are not shown beside)"))
-        for key in ("mce_note", "relative_mce_note", "normalisation_note", "bg_gap_note"):
+        for key in ("mce_note", "relative_mce_note", "normalisation_note", "fr_note", "bg_gap_note"):
             if r.get(key):
                 bits.append(key.split("_note")[0].replace("_", " ") + " omitted: " + r[key])
         ran.append(m)

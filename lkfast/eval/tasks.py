@@ -427,13 +427,18 @@ def imagenet_p(ctx: TaskContext) -> dict:
         result["normalisation_note"] = why
         return result
     missing = [p for p in fp if not base["fp"].get(p) or not base["t5d"].get(p)]
-    if missing:
+    if any(p in missing for p in in_mfr):  # one of the means' perturbations cannot be normalised: no mFR
         result["normalisation_note"] = (f"the baseline has no (or zero) flip probability / top-5 distance for "
-                                        f"{missing}")
+                                        f"{[p for p in missing if p in in_mfr]}")
         return result
+    if missing:  # validation perturbations only: the 10's mFR stands, those have no rates
+        result["fr_note"] = (f"the baseline has no (or zero) flip probability / top-5 distance for {missing} "
+                             f"(outside mFR): no FR or normalised T5D there")
+    rated = [p for p in fp if p not in missing]
     # ratios do not depend on the percent scale, so the baseline's percent values serve as they are
-    result["fr"] = metrics.flip_rates(result["fp"], base["fp"])
-    result["t5d_normalised"] = metrics.top5_distance_rates(t5d, base["t5d"])
+    if rated:
+        result["fr"] = metrics.flip_rates({p: result["fp"][p] for p in rated}, base["fp"])
+        result["t5d_normalised"] = metrics.top5_distance_rates({p: t5d[p] for p in rated}, base["t5d"])
     if in_mfr:
         result["mfr"] = metrics.mfr({p: result["fp"][p] for p in in_mfr}, base["fp"])
         result["mt5d"] = metrics.mt5d({p: t5d[p] for p in in_mfr}, base["t5d"])

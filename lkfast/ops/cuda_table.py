@@ -236,7 +236,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, usable: Callable[[str], bool],
     runnable = tuple(name for name in TABLE_BACKENDS if usable(name))
     table = load_table() if table is None else table
     # The op asks on every call, and the nearest-row search and its sentence cost ~3 us per table
-    # row in Python (580 us for a 200-row table, 143 us for 50, on a Zen 5 core: benchmarks/results/
+    # row in Python (580 us for a 200-row table on a Zen 5 core: benchmarks/results/
     # host_overhead_cpu_zen5.md; a stage-4 kernel takes ~30 us on an H200). A choice is kept
     # per (key, runnable) for as long as the table is the same (load_table parses a changed file
     # into a new one; a Table is not to be changed in place).
