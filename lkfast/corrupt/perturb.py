@@ -195,9 +195,9 @@ def _gaussian_blur(x, difficulty, scale, generator):
     x = x.double() if x.device.type != "mps" else x  # (Apple's GPUs have no float64)
     levels = torch.round(x * 255)
     x = torch.where((x * 255 - levels).abs() < 1e-4, levels / 255, x)  # an 8-bit input exactly as the release's
-    frames = [_filters.gaussian_blur(x, 0.25 + 0.035 * i, truncate=6.0, scale=scale) for i in range(31)]
-    levels = torch.floor(torch.stack(frames, dim=1).clamp(0, 1) * 255 + 1e-9)
-    return (levels / 255).float()
+    frames = [(torch.floor(_filters.gaussian_blur(x, 0.25 + 0.035 * i, truncate=6.0, scale=scale).clamp(0, 1) * 255
+                           + 1e-9) / 255).float() for i in range(31)]  # float64 one frame at a time
+    return torch.stack(frames, dim=1)
 
 
 SPATTER_LIQUID = (0.65, 0.27, 3.7, 0.69)  # mean, std of the liquid noise, its blur sigma, threshold
