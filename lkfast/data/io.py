@@ -148,6 +148,12 @@ def encode_png(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def check_x264_preset(preset: str) -> None:
+    """Raise ValueError naming the valid presets unless ``preset`` is one of libx264's (X264_PRESETS)."""
+    if preset not in X264_PRESETS:
+        raise ValueError(f"unknown libx264 preset {preset!r}; valid presets are: {', '.join(X264_PRESETS)}")
+
+
 def encode_mp4(frames: torch.Tensor, noisy: bool = False, preset: str = "veryslow") -> bytes:
     """H.264 mp4 bytes of (T, 3, H, W) uint8 CPU frames at 1 frame/s, as the ImageNet-P release's
     ffmpeg call made them: libx264 '-preset veryslow', crf 20, or for noise sequences (``noisy``)
@@ -156,8 +162,7 @@ def encode_mp4(frames: torch.Tensor, noisy: bool = False, preset: str = "veryslo
     on one 224-px sequence here, "medium" encodes 2.6x (rotate) to 4x (Gaussian noise) faster and
     its decoded noise frames were 3.98 levels from the frames against veryslow's 4.22. ValueError
     for a preset not in X264_PRESETS."""
-    if preset not in X264_PRESETS:
-        raise ValueError(f"unknown libx264 preset {preset!r}; valid presets are: {', '.join(X264_PRESETS)}")
+    check_x264_preset(preset)
     import av
 
     buffer = io.BytesIO()

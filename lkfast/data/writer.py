@@ -59,8 +59,8 @@ from lkfast.corrupt import (CORRUPTIONS, GEOMETRIC_PERTURBATIONS, NOISE_PERTURBA
                             SUBSETS, corrupt, perturbation_sequence)
 from lkfast.corrupt.utils import center_crop
 
-from .io import (X264_PRESETS, encode_jpeg, encode_mp4, encode_npy, is_complete, list_images, load_image, temporary_files,
-                 to_uint8, write_atomic)
+from .io import (X264_PRESETS, check_x264_preset, encode_jpeg, encode_mp4, encode_npy, is_complete, list_images,
+                 load_image, temporary_files, to_uint8, write_atomic)
 
 RESIZE = 256
 CROP = 224
@@ -249,8 +249,8 @@ def render(src, dst, benchmark: str = "c", names: Optional[Iterable[str]] = None
     format = format or P_FORMATS[0]
     if format not in P_FORMATS:
         raise ValueError(f"unknown ImageNet-P format {format!r}; valid formats are: {', '.join(P_FORMATS)}")
-    if benchmark == "p" and format == "mp4" and preset not in X264_PRESETS:  # before any work, not at the first video
-        raise ValueError(f"unknown libx264 preset {preset!r}; valid presets are: {', '.join(X264_PRESETS)}")
+    if benchmark == "p" and format == "mp4":  # before any work, not at the first video
+        check_x264_preset(preset)
     on_unreadable = on_unreadable or warn_unreadable
     dst = Path(dst)
     _check_destination(Path(src), dst)
