@@ -250,6 +250,16 @@ class _Writer:
         self.parts.append(text)
 
 
+def _subset_top1(w, results, models, task: str) -> None:
+    """ImageNet-A's or -R's table (top-1 on its 200 classes beside the paper's) and its notes."""
+    name = "ImageNet-" + task[-1].upper()
+    w.table(task.replace("-", "_"), ["Model", "top-1 (%)", "paper", "images"],
+            [[m, _get(results[m], task, "top1"), _paper(results, m, task), _get(results[m], task, "images")]
+             for m in models],
+            f"{name} top-1 on its {_classes(results, models, task, 200)} classes.")
+    w.text("\n".join(_notes(results, task)) + "\n")
+
+
 def bar_decimals(values) -> int:
     """Decimals of a panel's bar labels: three significant digits of its largest value, at least one
     (0.34 and 0.24 M parameters both read "0.2" with one; 80.5 % keeps one, 8.63 % gets two)."""
@@ -504,11 +514,7 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
                "anomalies among the images scored).\n")
     if _has(results, "imagenet-a"):
         w.text("\n### ImageNet-A\n")
-        w.table("imagenet_a", ["Model", "top-1 (%)", "paper", "images"],
-                [[m, _get(results[m], "imagenet-a", "top1"), _paper(results, m, "imagenet-a"),
-                  _get(results[m], "imagenet-a", "images")] for m in models],
-                f"ImageNet-A top-1 on its {_classes(results, models, 'imagenet-a', 200)} classes.")
-        w.text("\n".join(_notes(results, "imagenet-a")) + "\n")
+        _subset_top1(w, results, models, "imagenet-a")
 
     if _has(results, "imagenet-c"):
         w.text("\n## Table 1: ImageNet-C mCE\n")
@@ -574,11 +580,7 @@ def _write_report(out: Path, results: Dict[str, Any]) -> Path:
                                                    [_paper(results, m, "imagenet-r") for m in models],
                                                    "ImageNet-R", "top-1 (%)", _chance(results, models, "imagenet-r"))])
         w.text("\n![Figure 3](figures/figure3.png)\n")
-        w.table("imagenet_r", ["Model", "top-1 (%)", "paper", "images"],
-                [[m, _get(results[m], "imagenet-r", "top1"), _paper(results, m, "imagenet-r"),
-                  _get(results[m], "imagenet-r", "images")] for m in models],
-                f"ImageNet-R top-1 on its {_classes(results, models, 'imagenet-r', 200)} classes.")
-        w.text("\n".join(_notes(results, "imagenet-r")) + "\n")
+        _subset_top1(w, results, models, "imagenet-r")
 
     if _has(results, "imagenet-9"):
         w.text("\n## Table 3: ImageNet-9\n")
