@@ -400,7 +400,7 @@ def test_feature_variance_task_draws_seeded_random_val_images(monkeypatch):
     model = tiny_replknet()
     results = {}
     for seed in (0, 1):
-        ctx = types.SimpleNamespace(model=model, device="cpu", options=types.SimpleNamespace(seed=seed))
+        ctx = types.SimpleNamespace(model=model, device="cpu", seed=seed)
         results[seed] = analysis_tasks.feature_variance(ctx)
         order = [i for i in torch.randperm(10, generator=torch.Generator().manual_seed(seed)).tolist() if i != 7]
         assert results[seed]["indices"] == order[:3] and results[seed]["images"] == 3

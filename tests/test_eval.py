@@ -335,6 +335,53 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_and_a_rerun_goes_on(tmp_path, full
         assert resumed["tiny"]["imagenet-c"][key] == expected["imagenet-c"][key]
 
 
+def test_only_a_task_that_declares_the_seed_draws_from_it(tmp_path):
+    """The seed joins the keys of the tasks with "seed" in their reads only, so a task that draws
+    random numbers without declaring it would be served, for another --seed, what it drew with the
+    first: its ctx.generators and ctx.seed refuse, naming what to do. ImageNet-C/-P draw only when
+    generated from val, and their own keys then hold the seed."""
+    import lkfast.eval.analysis_tasks  # noqa: F401  (registers the analyses)
+    from lkfast.eval.registry import Task
+    from lkfast.eval.runner import Runner, TaskContext
+
+    runner = Runner([], ["clean"], EvalOptions(out=str(tmp_path / "out"), seed=3))
+
+    def context(task):
+        return TaskContext(runner, task, None, None, {}, None)
+    undeclared = context(Task("draws", lambda ctx: {}))
+    for draw in (lambda: undeclared.generators("val", [0]), lambda: undeclared.seed):
+        with pytest.raises(RuntimeError, match="task 'draws' draws random numbers but does not declare it: register "
+                                               "it with reads=\\(..., 'seed'\\)"):
+            draw()
+    declared = context(Task("draws", lambda ctx: {}, reads=("seed",)))
+    assert declared.seed == 3 == context(TASKS["imagenet-c"]).seed
+    assert torch.equal(torch.rand(4, generator=declared.generator("val", 7)),
+                       torch.rand(4, generator=context(TASKS["pgd"]).generator("val", 7)))
+    assert {name for name, task in TASKS.items() if "seed" in task.reads} == {
+        "occlusion", "pgd", "taig", "lesion", "frequency", "feature-variance"}
+
+
+def test_another_seed_recomputes_only_the_tasks_that_draw_random_numbers(tmp_path, data_root, checkpoint,
+                                                                         monkeypatch):
+    """--seed seeds the random draws (here frequency's noise): a rerun with another seed into the same
+    --out computes those again and keeps clean and ImageNet-C read from disk, which draw nothing
+    (every task was computed again before: 3.75M images of ImageNet-C for nothing)."""
+    out = tmp_path / "out"
+    args = common(out, checkpoint, data_root, "--suite", "clean,imagenet-c,frequency", "--baseline-model", "none")
+    assert cli(*args) == 0
+    first = load(out)["tiny"]
+    saved = []
+    original = ResultCache.save_shard
+    monkeypatch.setattr(ResultCache, "save_shard", lambda self, task, *a, **k: saved.append(task) or
+                        original(self, task, *a, **k))
+    assert cli(*args, "--seed", 1) == 0
+    assert set(saved) == {"frequency"}, saved
+    second = load(out)["tiny"]
+    assert numbers({"m": second})["m"]["imagenet-c"] == numbers({"m": first})["m"]["imagenet-c"]
+    saved.clear()
+    assert cli(*args) == 0 and saved == []  # seed 0's results are all still there
+
+
 def test_an_interrupted_rerun_says_its_report_is_an_earlier_runs(tmp_path, data_root, checkpoint, monkeypatch,
                                                                  capsys):
     """A run interrupted after some tasks, into an --out holding an earlier run's report: its
@@ -352,7 +399,7 @@ def test_an_interrupted_rerun_says_its_report_is_an_earlier_runs(tmp_path, data_
             raise KeyboardInterrupt  # after clean and imagenet-a finished
         return original(self, task, *a, **k)
     monkeypatch.setattr(ResultCache, "save_shard", interrupted)
-    assert cli(*common(out, checkpoint, data_root, "--suite", "clean,imagenet-a,imagenet-r", "--seed", 1)) == 130
+    assert cli(*common(out, checkpoint, data_root, "--suite", "clean,imagenet-a,imagenet-r", "--limit", 5)) == 130
     err = capsys.readouterr().err
     assert f"{out / 'results.json'} holds the tasks that finished, {out / 'report.md'} is still an earlier run's " \
            f"(python -m lkfast.eval.report {out} writes a report of what finished)" in err, err
@@ -362,7 +409,7 @@ def test_an_interrupted_rerun_says_its_report_is_an_earlier_runs(tmp_path, data_
     assert "**not finished** (interrupted" in report and "ImageNet-A" in report
     # interrupted again before any task finished: results.json (the last one) is older than the report
     monkeypatch.setattr(ResultCache, "save_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert cli(*common(out, checkpoint, data_root, "--suite", "clean", "--seed", 2)) == 130
+    assert cli(*common(out, checkpoint, data_root, "--suite", "clean", "--limit", 4)) == 130
     err = capsys.readouterr().err
     assert "rerun the same command to go on from there\n" in err and "earlier run" not in err, err
 
@@ -520,6 +567,10 @@ def test_generated_imagenet_c_and_p_from_val(tmp_path, data_root, checkpoint, mo
     assert cli(*rerun) == 0 and applied == []
     monkeypatch.setattr(lkfast.corrupt, "VERSION", lkfast.corrupt.VERSION + 1)
     assert cli(*rerun) == 0 and sorted(applied) == sorted(metrics.IMAGENET_P * 2)
+    # another --seed draws other corruptions: generated again (from disk they do not depend on it)
+    applied.clear()
+    assert cli(*rerun, "--seed", 1) == 0 and sorted(applied) == sorted(metrics.IMAGENET_P * 2)
+    assert load(out)["tiny"]["imagenet-p"]["source"].endswith("(seed 1)")
 
 
 @needs_frost
@@ -749,7 +800,7 @@ def test_a_model_that_cannot_be_counted_is_still_evaluated(tmp_path, data_root, 
 
 
 def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatch):
-    """--limit and --seed change every task's key; an analysis option changes only the keys of the
+    """--limit changes every task's key, --seed those of the tasks that draw; an analysis option changes only the keys of the
     tasks that read it (a DINO checkpoint: occlusion, not the benchmarks), by path, by the file's
     content (a replaced file) and through its environment variable; the data folders' files too."""
     import lkfast.eval.analysis_tasks  # noqa: F401  (registers occlusion)
@@ -771,7 +822,8 @@ def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatc
     assert keys(limit=2)[0] != base[0] and keys(limit=2) != keys(limit=4)
     # --analysis-images changes the analyses' keys only
     assert keys(analysis_images=2)[0] == base[0] and keys(analysis_images=2)[1] != base[1] != keys(analysis_images=3)[1]
-    assert keys(seed=1)[0] != base[0] and keys(seed=1)[1] != base[1]
+    # --seed changes the keys of the tasks that draw random numbers only (occlusion's random drop, not clean)
+    assert keys(seed=1)[0] == base[0] and keys(seed=1)[1] != base[1] != keys(seed=2)[1]
     # decoding on the GPU (nvJPEG) gives other pixels: --no-gpu-decode on CUDA is another result;
     # on the CPU the option does nothing, and changes nothing
     assert keys(device="cuda", gpu_decode=False) == base and keys(gpu_decode=False) == base

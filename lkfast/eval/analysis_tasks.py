@@ -207,7 +207,7 @@ def occlusion(ctx) -> dict:
         if dist.is_main():  # said where the run is watched, not only in results.json and the report
             print(f"lkfast.eval: {ctx.spec.display}: occlusion: {note}", file=sys.stderr, flush=True)
     _with_salient_drop_50(result)
-    example = _occlusion_example(dataset, saliency, modes, ctx.options.seed)
+    example = _occlusion_example(dataset, saliency, modes, ctx.seed)
     if example is not None:
         result["example"] = example
     return result
@@ -419,7 +419,7 @@ def taig(ctx) -> dict:
         # The surrogate's images depend on the surrogate, the images and their seeds, not on the target:
         # the run's other targets of the same surrogate reuse them (20 x 21 passes per eps per batch).
         surrogate = surrogate_model()
-        key = (spec.key(), repr(sorted(TAIG.items())), ctx.options.seed, tuple(indices), _digest(x, y))
+        key = (spec.key(), repr(sorted(TAIG.items())), ctx.seed, tuple(indices), _digest(x, y))
         memo = _adversarials()
         adversarials = memo.get(key)
         if adversarials is None:
@@ -453,7 +453,7 @@ def lesion(ctx) -> dict:
     from lkfast.analysis.lesion import LesionPlan, lesion_outcomes, lesion_summary
 
     try:
-        plan = LesionPlan(ctx.model, seed=ctx.options.seed, scope="paper")  # drawn once for every shard
+        plan = LesionPlan(ctx.model, seed=ctx.seed, scope="paper")  # drawn once for every shard
     except ValueError as error:  # nothing removable: the run goes on, the report says why
         raise TaskUnavailable(str(error)) from error
     records = ctx.records("val", _val_dataset(ctx), lambda x, y, indices: lesion_outcomes(ctx.model, x, y, plan),
@@ -492,9 +492,9 @@ def feature_variance(ctx) -> dict:
         points = analysis.variance_points(ctx.model)
     except ValueError as error:  # a family whose blocks are not known: the run goes on, the report says why
         raise TaskUnavailable(str(error)) from None
-    images, indices = _random_images(_val_dataset(ctx), VARIANCE_BATCH, ctx.options.seed)
+    images, indices = _random_images(_val_dataset(ctx), VARIANCE_BATCH, ctx.seed)
     result = analysis.feature_map_variance(ctx.model, images.to(ctx.device), points)
-    result.update(images=len(images), indices=indices, seed=ctx.options.seed)
+    result.update(images=len(images), indices=indices, seed=ctx.seed)
     return result
 
 
@@ -543,7 +543,7 @@ def _lesion_cost(ctx) -> float:
     from lkfast.analysis.lesion import LesionPlan
 
     try:
-        plan = LesionPlan(ctx.model, seed=ctx.options.seed, scope="paper")
+        plan = LesionPlan(ctx.model, seed=ctx.seed, scope="paper")
     except ValueError:
         return 1
     return 1 + len(plan.counts) * plan.draws
@@ -573,8 +573,13 @@ _DESCRIPTIONS = {
 # version 2: occlusion to frequency run through ctx.records (sharded; random draws seeded per image)
 _SHARDED = ("occlusion", "fgsm", "pgd", "taig", "lesion", "frequency")
 # the analysis options each reads; "images" (--analysis-images): the per-image analyses read that many val images
+# "seed": the tasks that draw random numbers (occlusion's random drop and Fig. 5's example, PGD's start,
+# TAIG-R's paths, lesion's draws, frequency's noise, feature-variance's images): only they are computed again
+# for another --seed
 _READS = {name: ("images",) for name in _SHARDED}
-_READS.update({"occlusion": _DINO_OPTIONS + ("images",), "taig": ("taig_surrogate", "images")})
+_READS.update({"occlusion": _DINO_OPTIONS + ("images", "seed"), "pgd": ("images", "seed"),
+               "taig": ("taig_surrogate", "images", "seed"), "lesion": ("images", "seed"),
+               "frequency": ("images", "seed"), "feature-variance": ("seed",)})
 _DEPENDS = {"taig": _surrogate_key}  # what else a result depends on (Task.depends)
 # later versions: occlusion 3 (Fig. 5's example in the result), lesion 3 (fraction over the model's blocks),
 # kernel-distance 2 (the large kernel's own weights, as the paper's script), feature-variance 2 (seeded random

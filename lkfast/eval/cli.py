@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the per-image analyses (occlusion, FGSM, PGD, TAIG, lesion, frequency) read N val images "
                         "spread evenly over it (after --limit/--subset), the benchmarks all of it: the attacks take "
                         "tens to hundreds of passes per image")
-    p.add_argument("--seed", type=int, default=0, help="seed of generated ImageNet-C/-P corruptions (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random draws: generated ImageNet-C/-P corruptions, occlusion's random drop, "
+                        "PGD's start, TAIG-R's paths, lesion, frequency noise, feature-variance's images (default: 0); "
+                        "only those are computed again for another seed")
     p.add_argument("--shard-size", type=int, default=1000, metavar="N",
                    help="images per cached shard: an interrupted run loses at most one shard (default: 1000)")
     p.add_argument("--pretrained", action="store_true",

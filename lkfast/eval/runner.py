@@ -103,10 +103,14 @@ class EvalOptions:
 
     def numeric_key(self, reads: Sequence[str] = ()) -> Dict[str, Any]:
         """The options that change a task's numbers (part of its cache keys): amp, channels_last,
-        seed, the GPU's JPEG decoding where it acts (on CUDA), and the analysis options in ``reads`` (the task's ``Task.reads``) that are set, each
-        as its value (from ``analysis`` or its environment variable) and, when it names a file, that
-        file's size and modification time (a replaced checkpoint is a new key)."""
-        key: Dict[str, Any] = {"amp": self.amp, "channels_last": self.channels_last, "seed": self.seed}
+        the seed of a task that draws random numbers ("seed" in ``reads``, the task's ``Task.reads``;
+        a task that draws none is keyed as seed 0, the default, so another --seed reuses its results
+        and the keys made before it was left out stay valid), the GPU's JPEG decoding where it acts
+        (on CUDA), and the analysis options in ``reads`` that are set, each as its value (from
+        ``analysis`` or its environment variable) and, when it names a file, that file's size and
+        modification time (a replaced checkpoint is a new key)."""
+        key: Dict[str, Any] = {"amp": self.amp, "channels_last": self.channels_last,
+                               "seed": self.seed if "seed" in reads else 0}
         if self.decodes_on_gpu:  # nvJPEG's pixels are not libjpeg's: --no-gpu-decode is another result
             key["decode"] = "gpu"
         used = {}
@@ -214,7 +218,8 @@ class TaskContext:
     preprocessed images), ``forward(images)``,
     ``records(part, dataset, compute)`` (the sharded, cached, distributed per-image loop),
     ``result_of(task)`` and ``baseline_result(task)`` (other results this one builds on),
-    ``generators(part, indices)`` (one seeded generator per image, for random draws).
+    ``generators(part, indices)`` (one seeded generator per image, for random draws) and ``seed``
+    (--seed; both only for a task with "seed" in its ``reads``).
     """
 
     def __init__(self, runner: "Runner", task: Task, spec: ModelSpec, model, config: Dict[str, Any],
@@ -253,9 +258,19 @@ class TaskContext:
     def has_source(self, name: str) -> bool:
         return has_folder(self.options, name)
 
+    @property
+    def seed(self) -> int:
+        """--seed, for a task that declares it draws random numbers (``"seed"`` in its ``reads``, so that
+        the seed is part of its cache keys) or ImageNet-C/-P generated from val (their own keys hold it).
+        Any other task raises RuntimeError: a result it drew with one seed would be served for another."""
+        if "seed" not in self.task.reads and self.task.name not in GENERATED_FROM_VAL:
+            raise RuntimeError(f"task {self.task.name!r} draws random numbers but does not declare it: register it "
+                               f"with reads=(..., 'seed') so that --seed is part of its cache keys")
+        return self.options.seed
+
     def generator(self, part: str, index: int) -> torch.Generator:
         """A generator on the evaluation device seeded by (--seed, part, dataset index of the image)."""
-        seed = int(stable_hash([self.options.seed, part, int(index)], 12), 16)
+        seed = int(stable_hash([self.seed, part, int(index)], 12), 16)
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def generators(self, part: str, indices: Sequence[int]) -> List[torch.Generator]:
@@ -578,6 +593,8 @@ class Runner:
             # generated from val: the corruptions' code is the data (a rerun after a change to them, into
             # the same --out, reused the old results); the keys of benchmarks read from disk stay as they were
             key["generated"] = generated_data_key()
+            if self.options.seed:  # (seed 0 keeps the keys made when every task was keyed by the seed)
+                key["generated_seed"] = self.options.seed
         return stable_hash(key)
 
     def _baseline_part(self, task: Task):

@@ -223,12 +223,16 @@ def _per_image(ctx: TaskContext, part: str, images: torch.Tensor, indices, corru
     return torch.cat([corrupt_one(image[None], g) for image, g in zip(images, ctx.generators(part, indices))])
 
 
-def _source_key(source: str):
+def _source_key(ctx: TaskContext, source: str):
     """What a part's cached records depend on beside its images: for generated parts the corruption code
     itself (lkfast.corrupt.VERSION: a rerun into the same --out after an upgrade that changed the
-    corruptions computes them again; before, it reused the old ones) and the seeding (per batch before
-    2026-12, per image since); "disk" keys are unchanged (the files' own keys say when they change)."""
-    return source if source == "disk" else [source, "seeded per image", generated_data_key()]
+    corruptions computes them again; before, it reused the old ones), the seeding (per batch before
+    2026-12, per image since) and --seed (a task's common keys hold the seed of tasks that draw random
+    numbers only, and these draw only when generated; seed 0 keeps the keys made before); "disk" keys
+    are unchanged (the files' own keys say when they change) and do not depend on --seed."""
+    if source == "disk":
+        return source
+    return [source, "seeded per image", generated_data_key()] + ([ctx.seed] if ctx.seed else [])
 
 
 def _c_parts(ctx) -> Tuple[str, List[Tuple[str, int, object]]]:
@@ -269,7 +273,7 @@ def imagenet_c(ctx: TaskContext) -> dict:
                 images = _per_image(ctx, part, images.float(), indices,
                                     lambda x, g: corrupt.corrupt(x, name, severity, generator=g))
                 return base(images, targets, indices)
-        records = ctx.records(f"{name}/{severity}", dataset, compute, key=_source_key(source))
+        records = ctx.records(f"{name}/{severity}", dataset, compute, key=_source_key(ctx, source))
         score = _top1(records)
         if score is None:  # every image of the part unreadable: left out (CE then needs all 5)
             unreadable.append(f"{name}/{severity}")
@@ -286,7 +290,7 @@ def imagenet_c(ctx: TaskContext) -> dict:
         except TaskUnavailable as error:
             note = f"no clean error: {error}"
     result = {"source": "disk: " + str(ctx.source("imagenet-c")) if source == "disk" else
-              f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})",
+              f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.seed})",
               "top1": top1, "clean_error": clean_error}
     if unreadable:
         result["unreadable_parts"] = unreadable  # every image unreadable: not scored
@@ -395,7 +399,7 @@ def imagenet_p(ctx: TaskContext) -> dict:
             logits = ctx.forward(images.flatten(0, 1)).view(n, t, -1)
             return {"pred": logits.argmax(2), "t5d": metrics.top5_distance(logits, noise, per_sequence=True)}
         records = ctx.records(name, dataset, compute, batch_size=max(1, ctx.options.batch_size // frames),
-                              frames=frames, key=_source_key(source))
+                              frames=frames, key=_source_key(ctx, source))
         scored[name] = len(records.get("pred", ()))
         if scored[name]:
             fp[name] = metrics.flip_probability(records["pred"], noise)
@@ -412,7 +416,7 @@ def imagenet_p(ctx: TaskContext) -> dict:
               "mean_t5d_unnormalised": sum(t5d[p] for p in in_mfr) / len(in_mfr) if in_mfr else None,
               "sequences": scored, "mfr_over": sorted(in_mfr), "mfr_complete": set(in_mfr) >= set(metrics.IMAGENET_P),
               "source": "disk: " + str(ctx.source("imagenet-p")) if source == "disk" else
-              f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.options.seed})"}
+              f"generated from {ctx.source('val')} with lkfast.corrupt (seed {ctx.seed})"}
     outside = [p for p in fp if p not in metrics.IMAGENET_P]
     if outside:
         result["outside_mfr"] = outside
