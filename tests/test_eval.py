@@ -382,6 +382,56 @@ def test_another_seed_recomputes_only_the_tasks_that_draw_random_numbers(tmp_pat
     assert cli(*args) == 0 and saved == []  # seed 0's results are all still there
 
 
+def test_a_later_models_bad_checkpoint_is_one_error_before_anything_is_evaluated(tmp_path, data_root, checkpoint,
+                                                                                capsys, monkeypatch):
+    """A checkpoint that does not fit the second model of --models (no head) was found at its turn,
+    after the first had been evaluated on everything, and stopped the run there without a report or
+    the model's label; now every model with work left is loaded first, and the run stops before
+    evaluating anything, naming each model that cannot be, and what to do."""
+    import lkfast.eval.runner as runner_module
+
+    state = torch.load(checkpoint)["state_dict"]
+    headless = tmp_path / "headless.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, headless)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    out = tmp_path / "out"
+    args = ["--data-root", data_root, "--out", out, "--input-size", SIZE, "--workers", 0, "--batch-size", 4,
+            "--no-progress", "--suite", "clean,imagenet-a", "--baseline-model", "none"]
+    models = f"test_resnet:{checkpoint}=good,test_resnet:{headless}=bad,test_resnet:{garbage}=worse"
+    assert cli("--models", models, *args) == 2
+    err = capsys.readouterr().err
+    assert "checking that the 3 models with results to compute load before evaluating any: good, bad, worse" in err
+    assert ("lkfast.eval: error: 2 of the 3 models cannot be evaluated, so none was: model 'bad': checkpoint "
+            f"'{headless}' does not fit ResNet: 2 missing keys: fc.weight, fc.bias") in err, err
+    assert "; model 'worse': " in err and "Fix those --models/--baseline-model entries (or leave them out) and " \
+        "rerun" in err and "Traceback" not in err, err
+    assert not (out / "results.json").exists() and not list(out.glob("cache/*/*"))
+    # the first model is loaded once (kept for its turn), and a bad first one is said with the others
+    loads = []
+    real = runner_module.load_model
+    monkeypatch.setattr(runner_module, "load_model", lambda spec, *a, **k: loads.append(spec.display) or
+                        real(spec, *a, **k))
+    assert cli("--models", f"test_resnet:{headless}=bad,test_resnet:{checkpoint}=good", *args) == 2
+    assert "error: 1 of the 2 models cannot be evaluated, so none was: model 'bad': checkpoint" in \
+        capsys.readouterr().err and loads == ["bad", "good"]
+    loads.clear()
+    assert cli("--models", f"test_resnet:{checkpoint}=good,test_resnet=random", *args) == 0
+    assert loads == ["good", "random", "random"]  # (a model checked on the CPU is loaded on its device at its turn)
+    # a model whose results are all cached is not loaded: the bad one alone is said, as it was
+    capsys.readouterr()
+    loads.clear()
+    assert cli("--models", f"test_resnet:{checkpoint}=good,test_resnet:{headless}=bad", *args) == 2
+    err = capsys.readouterr().err
+    assert f"lkfast.eval: error: model 'bad': checkpoint '{headless}' does not fit" in err and "checking" not in err
+    assert loads == ["bad"]
+    # the baseline too, where a task normalises by it (the ImageNet-C task reads it)
+    assert cli("--models", f"test_resnet:{checkpoint}=good", *args[:-1], "mobilenet_v3_small:" + str(garbage),
+               "--suite", "clean,imagenet-c") == 2
+    assert ("error: 1 of the 2 models cannot be evaluated, so none was: model 'mobilenet_v3_small': "
+            f"'{garbage}' is not a readable checkpoint") in capsys.readouterr().err
+
+
 def test_an_interrupted_rerun_says_its_report_is_an_earlier_runs(tmp_path, data_root, checkpoint, monkeypatch,
                                                                  capsys):
     """A run interrupted after some tasks, into an --out holding an earlier run's report: its

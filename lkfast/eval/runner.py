@@ -517,21 +517,71 @@ class Runner:
         self.meta: Dict[str, Any] = {}
 
     # models ------------------------------------------------------------------------------------
+    def _load(self, spec: ModelSpec, device: str, channels_last: bool = False):
+        """``spec``'s model and data config on ``device``, or ModelError naming the model where it cannot be
+        evaluated: its weights unavailable, a checkpoint that does not fit it, another number of classes."""
+        from lkfast.models import CheckpointError
+
+        try:
+            model, config = load_model(spec, device, self.options.trust_checkpoint, channels_last)
+        except WeightsUnavailable as error:  # every task of the model would need them: stop, saying what to pass
+            raise ModelError(str(error)) from error
+        except CheckpointError as error:
+            raise ModelError(f"model {spec.display!r}: {error}") from error
+        classes = output_classes(model, config, device)
+        if classes != self.class_space.num_classes:
+            raise ModelError(
+                f"model {spec.display!r} outputs {classes} classes, but the benchmarks are scored in "
+                f"{self.class_space.name} with {self.class_space.num_classes} classes: evaluate a model with a "
+                f"{self.class_space.num_classes}-class head (a checkpoint fine-tuned on it; a python -m "
+                f"lkfast.train run on some of the classes: train with --num-classes "
+                f"{self.class_space.num_classes} on class folders named by their wnids)")
+        return model, config
+
+    def _check_models_load(self) -> None:
+        """Load each model with results still to compute (the first on its device, kept: its turn comes
+        at once; the others on the CPU, one at a time) and the baseline where a task normalises by it:
+        a checkpoint that does not fit the fourth model of --models, weights that are not there, a head
+        of another size, each is one error naming every such model before anything is evaluated (it
+        was found at that model's turn, after the models before it had been evaluated on everything,
+        and stopped the run there without a report). A model whose every result is cached is not loaded."""
+        pending = [spec for spec in self.models if self._has_work(spec)]
+        baseline = self.options.baseline
+        if (baseline is not None and (baseline.checkpoint is not None or baseline.pretrained)
+                and baseline not in self.models and any("baseline" in TASKS[n].reads for n in self.tasks)):
+            pending.append(baseline)
+        if len(pending) > 1 and dist.is_main():
+            print(f"lkfast.eval: checking that the {len(pending)} models with results to compute load before "
+                  f"evaluating any: {', '.join(spec.display for spec in pending)}", file=sys.stderr, flush=True)
+        failures = []
+        for spec in pending:
+            try:
+                if spec is pending[0] and spec in self.models:
+                    self._model(spec)
+                else:
+                    self._load(spec, "cpu")
+            except ModelError as error:
+                failures.append(str(error).rstrip("."))
+            except FileNotFoundError as error:  # (the CLI says so up front; a baseline's then only skips normalising)
+                if spec in self.models:
+                    failures.append(str(error).rstrip("."))
+            finally:
+                gc.collect()
+        if len(failures) == 1 and len(pending) == 1:
+            raise ModelError(failures[0])
+        if failures:
+            raise ModelError(f"{len(failures)} of the {len(pending)} models cannot be evaluated, so none was: "
+                             + "; ".join(failures) + ". Fix those --models/--baseline-model entries (or leave "
+                             "them out) and rerun")
+
+    def _has_work(self, spec: ModelSpec) -> bool:
+        """Whether some task's result for ``spec`` is not in the cache."""
+        cache = self._cache(spec)
+        return any(cache.load_result(name, self.result_key(spec, TASKS[name])) is None for name in self.tasks)
+
     def _model(self, spec: ModelSpec):
         if spec not in self._loaded:
-            try:
-                model, config = load_model(spec, self.device, self.options.trust_checkpoint,
-                                           self.options.channels_last)
-            except WeightsUnavailable as error:  # every task of the model would need them: stop, saying what to pass
-                raise ModelError(str(error)) from error
-            classes = output_classes(model, config, self.device)
-            if classes != self.class_space.num_classes:
-                raise ModelError(
-                    f"model {spec.display!r} outputs {classes} classes, but the benchmarks are scored in "
-                    f"{self.class_space.name} with {self.class_space.num_classes} classes: evaluate a model with a "
-                    f"{self.class_space.num_classes}-class head (a checkpoint fine-tuned on it; a python -m "
-                    f"lkfast.train run on some of the classes: train with --num-classes "
-                    f"{self.class_space.num_classes} on class folders named by their wnids)")
+            model, config = self._load(spec, self.device, self.options.channels_last)
             facts = {"parameters": count_parameters(model)}
             macs = self._macs(spec, model, config)
             if macs is not None:
@@ -713,6 +763,7 @@ class Runner:
         }
         if dist.is_main():
             self._say_which_models_leave_the_report()
+        self._check_models_load()
         results: Dict[str, Any] = {}
         for spec in self.models:
             entry: Dict[str, Any] = {}
