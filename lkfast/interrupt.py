@@ -31,11 +31,26 @@ def sigterm_as_interrupt() -> Iterator[List[int]]:
         previous = signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread
         previous = None
+    previous_int = signal.getsignal(signal.SIGINT)  # (ignore_further_interrupts may set it)
     try:
         yield received
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+            if previous_int is not None:  # (None: a handler set outside Python, which cannot be put back)
+                signal.signal(signal.SIGINT, previous_int)
+
+
+def ignore_further_interrupts() -> None:
+    """Ignore Ctrl-C and SIGTERM from now on: called by a command's handler of the first one, so that a
+    second (the impatient double Ctrl-C) does not land in the handler, or in the clean-up after it, as a
+    traceback after the line that says how to go on. ``sigterm_as_interrupt`` puts both handlers back
+    on leaving its block. Outside the main thread it does nothing."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
 
 
 def how_stopped(received: List[int]) -> Tuple[str, int]:

@@ -403,7 +403,9 @@ def test_a_later_models_bad_checkpoint_is_one_error_before_anything_is_evaluated
     err = capsys.readouterr().err
     assert "checking that the 3 models with results to compute load before evaluating any: good, bad, worse" in err
     assert ("lkfast.eval: error: 2 of the 3 models cannot be evaluated, so none was: model 'bad': checkpoint "
-            f"'{headless}' does not fit ResNet: 2 missing keys: fc.weight, fc.bias") in err, err
+            f"'{headless}' does not fit ResNet: 2 missing keys: fc.weight, fc.bias. The checkpoint has no classifier "
+            f"(no fc.* weights): it holds the features alone (saved without the head, or from pre-training); the "
+            f"benchmarks score a model's ImageNet-1k classifier: evaluate a checkpoint saved with it;") in err, err
     assert "; model 'worse': " in err and "Fix those --models/--baseline-model entries (or leave them out) and " \
         "rerun" in err and "Traceback" not in err, err
     assert not (out / "results.json").exists() and not list(out.glob("cache/*/*"))
@@ -2396,10 +2398,10 @@ def test_result_cache_paths_and_unreadable_shards(tmp_path):
     become one safe path component, and a shard that cannot be loaded (cut short, not a torch file,
     a pickle holding other objects) reads as missing."""
     store = ResultCache(tmp_path)
-    a = store.save_shard("imagenet-c", "snow/3", "k", {"items": torch.zeros(1)})
-    b = store.save_shard("imagenet-c", "fog/3", "k", {"items": torch.ones(1)})
+    a = store.save_shard("imagenet-c", "snow/3", "k", {"items": {"top1": torch.zeros(1)}, "skipped": 0})
+    b = store.save_shard("imagenet-c", "fog/3", "k", {"items": {"top1": torch.ones(1)}, "skipped": 0})
     assert a != b and a.parent.name == "snow_3" and a.parent.parent == tmp_path / "imagenet-c"
-    assert torch.equal(store.load_shard("imagenet-c", "snow/3", "k")["items"], torch.zeros(1))
+    assert torch.equal(store.load_shard("imagenet-c", "snow/3", "k")["items"]["top1"], torch.zeros(1))
     a.write_bytes(a.read_bytes()[:40])
     assert store.load_shard("imagenet-c", "snow/3", "k") is None
     b.write_bytes(b"\x80\x02cbuiltins\nprint\nq\x00.")  # a pickle of a global weights_only refuses

@@ -97,6 +97,17 @@ def test_missing_checkpoint_names_the_option_and_the_model(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_misspelt_task_name_is_one_line_saying_the_closest(tmp_path, capsys):
+    """--suite imagenet_a (timm's spelling of the folder) or a typo: one line naming the closest task,
+    as a misspelt model name does; a name close to none gets the list alone."""
+    out = ["--models", "test_resnet", "--out", tmp_path / "out", "--no-progress"]
+    rc, err = run_cli(capsys, "--suite", "clean,imagenet_a,freqency,xyz", *out)
+    assert rc == 2
+    assert ("lkfast.eval: error: --suite: unknown task name(s) 'imagenet_a', 'freqency', 'xyz' ('imagenet_a': did "
+            "you mean 'imagenet-a'?; 'freqency': did you mean 'frequency'?); valid: paper, quick") in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_misspelt_model_name_is_one_line_before_any_model_runs(tmp_path, capsys):
     """A typo in the second model of --models (or in --baseline-model) was reported only when that
     model's turn came, after the first had been evaluated on everything; now it is the one error

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 from lkfast.eval import EvalOptions, ModelSpec, register_task, run_evaluation
 from lkfast.eval.cache import ResultCache
 from lkfast.eval.registry import TASKS
+from lkfast.tables import temporary_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -116,8 +119,99 @@ def test_a_full_disk_mid_run_is_one_line_that_says_the_finished_work_is_kept(tmp
     assert _cli("--models", "test_resnet=tiny", "--val-dir", _source(tmp_path / "val"), "--out", tmp_path / "out",
                 "--suite", "clean", "--input-size", 32, "--workers", 0, "--no-progress") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("lkfast.eval: error: [Errno 28] No space left on device (free space or fix")
+    assert err[-1].startswith(f"lkfast.eval: error: [Errno 28] No space left on device (free space under "
+                              f"{tmp_path / 'out'} or fix its permissions, then rerun")  # (the error names no file)
     assert "finished work is cached" in err[-1] and not any("Traceback" in line for line in err)
+
+
+def _no_escape(call):
+    """call(), failing the test (not stopping pytest) where a KeyboardInterrupt escapes it."""
+    try:
+        return call()
+    except KeyboardInterrupt:
+        pytest.fail("a KeyboardInterrupt escaped the command (a traceback, not its one line)")
+
+
+def test_a_ctrl_c_while_the_eval_starts_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM in a run's first seconds, while it imports the tasks (build_parser), printed
+    Python's KeyboardInterrupt traceback (and SIGTERM exited 130, not 143); now the one line, as later."""
+    import signal
+
+    import lkfast.eval.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert _no_escape(lambda: _cli("--models", "test_resnet", "--out", tmp_path / "out")) == 130
+    assert capsys.readouterr().err == ("\nlkfast.eval: interrupted while starting, before anything was written: "
+                                       "rerun the command\n")
+
+    def terminated():  # SIGTERM arrives: lkfast.interrupt's handler raises KeyboardInterrupt
+        signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "build_parser", terminated)
+    assert _no_escape(lambda: _cli("--models", "test_resnet", "--out", tmp_path / "out")) == 143
+    assert "terminated (SIGTERM) while starting" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_ctrl_c_while_the_first_is_handled_is_ignored(tmp_path, capsys, monkeypatch):
+    """The impatient double Ctrl-C: a second one while the first's line is printed (or the lock let go)
+    landed in the handler as a traceback after the line; now it is ignored, and Ctrl-C's handler is
+    Python's own again once the command returns."""
+    import signal
+
+    import lkfast.eval.cli as cli
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ResultCache, "save_shard", stopped)
+    import lkfast.interrupt
+
+    real = lkfast.interrupt.how_stopped  # (what the handler calls first: the second Ctrl-C arrives there)
+    monkeypatch.setattr(lkfast.interrupt, "how_stopped", lambda got: signal.raise_signal(signal.SIGINT) or real(got))
+    assert _no_escape(lambda: _cli("--models", "test_resnet=tiny", "--val-dir", _source(tmp_path / "val"), "--out",
+                                   tmp_path / "out", "--suite", "clean", "--input-size", 32, "--workers", 0,
+                                   "--no-progress")) == 130
+    err = capsys.readouterr().err
+    assert "\nlkfast.eval: interrupted before any result was written" in err and "Traceback" not in err, err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_a_run_removes_the_temporary_files_of_writes_killed_midway(tmp_path):
+    """A run killed (SIGKILL) in the middle of an atomic write leaves its temporary file beside the
+    target; nothing read it, but it stayed under --out run after run. The next run removes those of
+    processes that have ended, and leaves a live process's alone."""
+    out = tmp_path / "out"
+    options = EvalOptions(out=str(out), data={"val": str(_source(tmp_path / "val"))}, workers=0, progress=False,
+                          write_report=False)
+    specs = [ModelSpec("test_resnet", None, "tiny", input_size=32)]
+    first = run_evaluation(specs, ["clean"], options)
+    shard_folder = next(out.glob("cache/*/clean/val"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = [shard_folder / f".abc.pt.0123abcd.tmp{dead}", out / f".results.json.89abcdef.tmp{dead}"]
+    live = shard_folder / f".abd.pt.0123abce.tmp{os.getpid()}"
+    for path in left + [live]:
+        path.write_bytes(b"half a shard")
+    assert {p.name for p in left} <= {p.name for p in temporary_files(shard_folder) + temporary_files(out)}
+    second = run_evaluation(specs, ["clean"], options)
+    assert not any(p.exists() for p in left) and live.exists()
+    assert second["tiny"]["clean"]["top1"] == first["tiny"]["clean"]["top1"]
+
+
+@pytest.mark.parametrize("junk", [{"x": 1}, {"items": {"top1": torch.ones(2)}}, {"items": [1], "skipped": 0},
+                                  {"items": {"top1": [1, 2]}, "skipped": 0}, torch.ones(3)],
+                         ids=["other-keys", "no-skipped", "items-a-list", "not-tensors", "a-tensor"])
+def test_a_shard_file_of_another_shape_is_computed_again(tmp_path, junk):
+    """A file under a shard's key that loads but is not a shard's records (not written by save_shard)
+    raised KeyError: 'skipped' from inside the run; now it reads as missing and is computed again."""
+    cache = ResultCache(tmp_path)
+    path = cache.save_shard("clean", "val", "k", {"items": {"top1": torch.ones(2)}, "skipped": 1})
+    assert cache.load_shard("clean", "val", "k")["skipped"] == 1
+    torch.save(junk, path)
+    assert cache.load_shard("clean", "val", "k") is None
 
 
 def test_two_processes_wanting_one_cache_entry_build_it_once(tmp_path):

@@ -722,6 +722,24 @@ def test_another_architectures_checkpoint_says_so(tmp_path):
     assert info.value.with_advice("classes", "unused") is info.value  # no advice of that kind: unchanged
 
 
+def test_a_checkpoint_without_its_classifier_says_so(tmp_path):
+    """Weights saved without the head (a feature extractor, a pre-training checkpoint): the error listed
+    the two missing keys and said nothing of what they mean or what to do."""
+    state = {k: v for k, v in timm.create_model("test_resnet").state_dict().items() if not k.startswith("fc.")}
+    path = _save(tmp_path / "headless.pth", state)
+    with pytest.raises(CheckpointError) as info:
+        create_model("test_resnet", checkpoint=path)
+    assert str(info.value) == (f"checkpoint {path!r} does not fit ResNet: 2 missing keys: fc.weight, fc.bias. The "
+                               f"checkpoint has no classifier (no fc.* weights): it holds the features alone (saved "
+                               f"without the head, or from pre-training); load one saved with its classifier, or "
+                               f"build the model with num_classes=0 for its features")
+    assert create_model("test_resnet", checkpoint=path, num_classes=0).num_classes == 0  # what it says works
+    state.pop("conv1.0.weight")  # more than the head missing: not this case
+    with pytest.raises(CheckpointError) as info:
+        create_model("test_resnet", checkpoint=_save(tmp_path / "less.pth", state))
+    assert "no classifier" not in str(info.value)
+
+
 def test_checkpoint_error_replaces_its_advice_by_kind():
     error = CheckpointError("bad.", ("classes", " pass num_classes=10."), " Also: ", ("architecture", "build it"),
                             classes=10)

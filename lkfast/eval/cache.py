@@ -104,14 +104,19 @@ class ResultCache:
         return self.root / safe_name(task) / safe_name(part) / f"{key}.pt"
 
     def load_shard(self, task: str, part: str, key: str) -> Optional[Dict[str, Any]]:
-        """The stored records of a shard, or None when it was never finished (or cannot be read)."""
+        """The stored records of a shard ({"items": {name: tensor}, "skipped": int}), or None when it was
+        never finished, cannot be read or holds something else."""
         path = self.shard_path(task, part, key)
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            found = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a truncated file from a crash on a filesystem without atomic rename
             return None
+        if not (isinstance(found, dict) and isinstance(found.get("items"), dict) and isinstance(found.get("skipped"), int)
+                and all(isinstance(v, torch.Tensor) for v in found["items"].values())):
+            return None  # a file of another shape under the key (not written by save_shard): computed again
+        return found
 
     def save_shard(self, task: str, part: str, key: str, records: Dict[str, Any]) -> Path:
         """Store a shard's records atomically (temporary file + rename)."""

@@ -348,10 +348,11 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
     from lkfast.eval.runner import EvalError, EvalOptions, _out_lock, plan, run_evaluation
     from lkfast.tables import markdown_table
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     held = contextlib.ExitStack()  # the --out lock, where taken before the evaluation takes it
+    args = None
     try:
+        parser = build_parser()  # in the try: a Ctrl-C or SIGTERM while it imports the tasks is the one line below
+        args = parser.parse_args(argv)
         from lkfast.memory import keep_freed_memory
 
         keep_freed_memory()  # fewer page faults per step (see lkfast.memory; LKFAST_MALLOC=default: glibc's own)
@@ -480,13 +481,21 @@ def _main(argv: Optional[List[str]], terminated: List[int]) -> int:
     except OSError as error:  # a full disk, a folder it may not write (FileNotFoundError is handled above)
         if not is_storage_error(error):
             raise
-        print(f"lkfast.eval: error: {error} (free space or fix that folder's permissions, then rerun the same "
-              "command: finished work is cached)", file=sys.stderr)
+        # (an error from a write, a full disk's, names no file: then the folder is --out's)
+        what = "free space or fix that folder's permissions" if error.filename or args is None else \
+            f"free space under {args.out} or fix its permissions"
+        print(f"lkfast.eval: error: {error} ({what}, then rerun the same command: finished work is cached)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (lkfast.interrupt)
-        from lkfast.interrupt import how_stopped
+        from lkfast.interrupt import how_stopped, ignore_further_interrupts
 
+        ignore_further_interrupts()  # a second Ctrl-C while this one is handled: no traceback after the line
         stopped, status = how_stopped(terminated)
+        if args is None:  # while it was starting (imports, the command line)
+            print(f"\nlkfast.eval: {stopped} while starting, before anything was written: rerun the command",
+                  file=sys.stderr)
+            return status
         cache = os.path.join(args.out, "cache")
         if os.path.isdir(cache):
             print(f"\nlkfast.eval: {stopped}; finished shards are kept under {cache}: rerun the same command to go "

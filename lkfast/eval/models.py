@@ -400,7 +400,8 @@ def _build(spec: ModelSpec, trust_checkpoint: bool) -> Tuple[nn.Module, Dict[str
                 # models', 10): the head the benchmarks are scored with, so build the model with it
                 model = build(**kwargs, num_classes=IMAGENET_CLASSES)
         except CheckpointError as error:
-            error = error.with_advice("architecture", BUILD_THE_MODEL_IT_WAS_SAVED_FROM)
+            error = error.with_advice("architecture", BUILD_THE_MODEL_IT_WAS_SAVED_FROM).with_advice(
+                "headless", "the benchmarks score a model's ImageNet-1k classifier: evaluate a checkpoint saved with it")
             if error.classes is not None and "num_classes" not in kwargs:
                 # num_classes is create_model's; the eval scores the benchmarks in ImageNet-1k's classes
                 error = error.with_advice("classes", (

@@ -109,6 +109,11 @@ def resolve_suite(text: str) -> Tuple[str, ...]:
         names.extend(SUITES.get(item, (item,)))
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
-        raise ValueError(f"--suite: unknown task name(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"valid: {', '.join(SUITES)} (suites) or {', '.join(TASKS)}")
+        import difflib
+
+        valid = list(SUITES) + list(TASKS)
+        close = {n: difflib.get_close_matches(n.lower().replace("_", "-"), valid, n=1, cutoff=0.75) for n in unknown}
+        hint = "; ".join(f"{n!r}: did you mean {m[0]!r}?" for n, m in close.items() if m)
+        raise ValueError(f"--suite: unknown task name(s) {', '.join(map(repr, unknown)) or '(none given)'}"
+                         f"{f' ({hint})' if hint else ''}; valid: {', '.join(SUITES)} (suites) or {', '.join(TASKS)}")
     return tuple(dict.fromkeys(names))

@@ -738,7 +738,9 @@ class Runner:
         (EvalError, DatasetLayoutError) is recorded the same way (with ``"error"``), the other tasks
         and the report still run, and then EvalError names every such failure. One run at a time
         writes to an ``out`` folder: EvalError at once where another holds it (``_out_lock``)."""
-        with _out_lock(self.out) if dist.is_main() else contextlib.nullcontext():
+        with _out_lock(self.out) if dist.is_main() else contextlib.nullcontext() as locked:
+            if locked:  # (only where this run alone writes out: unlocked, another machine's may be live)
+                _remove_leftovers(self.out)
             return self._run()
 
     def _run(self) -> Dict[str, Any]:
@@ -873,6 +875,18 @@ def _alive(pid: int) -> bool:
     except OSError:  # PermissionError: it exists
         return True
     return True
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove the temporary files that write_atomic left under ``out`` (cache shards, results,
+    results.json, tables) where a run was killed mid-write: only those of processes that have ended
+    (``lkfast.tables.temporary_files``), so a concurrent writer's are left alone. They were never read
+    (the renamed files are), only left on disk, run after run."""
+    from lkfast.tables import temporary_files
+
+    for folder, _, _ in os.walk(out):
+        for leftover in temporary_files(folder):
+            leftover.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -320,7 +320,12 @@ def load_checkpoint(model: nn.Module, path: str, trust_checkpoint: bool = False,
         classes = int(state[f"{classifier}.weight"].shape[0])
         parts.append(("classes", f" The checkpoint's classifier has {classes} classes: pass num_classes={classes}."))
     shared = len(expected) - len(missing)
-    if missing and unexpected and all(".bn." in k for k in missing) and all(k.endswith(".conv.bias") for k in unexpected) \
+    if missing and not unexpected and not shapes and all(k.startswith(classifier + ".") for k in missing):
+        parts += [f" The checkpoint has no classifier (no {classifier}.* weights): it holds the features alone (saved "
+                  f"without the head, or from pre-training); ",
+                  ("headless", "load one saved with its classifier, or build the model with num_classes=0 for "
+                               "its features")]
+    elif missing and unexpected and all(".bn." in k for k in missing) and all(k.endswith(".conv.bias") for k in unexpected) \
             and hasattr(model, "structural_reparam"):  # conv biases where the BNs were: conv-BN pairs folded
         parts.append(f" The checkpoint has conv biases where the model has {len(missing)} BatchNorm entries: it looks "
                      f"like one saved after structural_reparam(fuse_conv_bn=True); build the model, call "
