@@ -45,6 +45,14 @@ def test_random_drop_removes_the_papers_count(tenths):
     assert mask.flatten(1).sum(1).tolist() == [tenths * 196 // 10] * 3
 
 
+def test_occlusion_ratios_are_the_papers():
+    """Fig. 4: "information loss ratios, ranging from 10% to 90%" (the paper, Sec. 4.1), in steps of 10%;
+    the sweep's default ratios are these nine (without 0.9 the most extreme occlusion went missing)."""
+    from lkfast.analysis import RATIOS
+
+    assert RATIOS == pytest.approx(tuple(i / 10 for i in range(1, 10)))
+
+
 def test_int_seeds_draw_as_a_cpu_generator_seeded_once_per_call():
     """generator=0 (an int seed, as lkfast.corrupt takes it) failed in the occlusion and frequency
     functions ("object of type 'int' has no len()"); it is one generator per call, so the modes, ratios
@@ -467,27 +475,69 @@ def test_lesion_sweep_runs_exactly_the_blocks_it_reports():
         assert all(calls[name] == len(data) * (1 + kept_draws) for name in b.modules), (b.name, calls, removed)
 
 
+def spread_head(model, x, scale=10.0):
+    """Makes ``model``'s head (in place) give logits that vary from image to image of ``x``: the tiny
+    random RepLKNet's pooled features differ across images by 1e-4 of their size or less, so its own head
+    predicts one class for every image (and for every set of blocks removed). The head is re-centred
+    on the features' mean and scaled by their spread, so predictions follow the features."""
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        head = model.head
+        head.weight.mul_(scale / head.weight.norm(dim=1, keepdim=True) / features.std(0).mean())
+        head.bias.copy_(-(head.weight @ features.mean(0)))
+    return model
+
+
 def test_lesion_sweep_reports_what_it_removed():
+    """Each draw's top-1 is that draw's blocks removed; mean/min/max summarise the draws of a count.
+
+    The images are flat colours and the head spread (``spread_head``): with the tiny model's own
+    head every draw scored the same (33.3 %), so mean = min = max = median and their assertions could
+    not fail. The precondition keeps it so: each count's draws differ, and their mean is not their median."""
     model = tiny_replknet()
-    data = [batch(6, 32, seed=s) for s in range(2)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([_flat_image(g) for _ in range(12)])
+    y = torch.randint(0, CLASSES, (12,), generator=g)
+    spread_head(model, x)
+    data = [(x[:6], y[:6]), (x[6:], y[6:])]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     result = lesion_sweep(model, data, counts=[1, 3], draws=3, seed=0)
     assert result["fraction"] == [1 / 6, 3 / 6]
     assert [len(r) for r in result["removed"][1]] == [3, 3, 3]
     blocks = {b.name: b for b in residual_blocks(model)}
-    for draw, names in enumerate(result["removed"][1]):
-        assert len(set(names)) == 3
-        with blocks_removed(model, [blocks[n] for n in names]), torch.no_grad():
-            correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data)
-        assert result["draws"][1][draw] == pytest.approx(100.0 * correct / 12)
-    assert result["mean"][0] == pytest.approx(sum(result["draws"][0]) / 3)
-    assert result["min"][1] == min(result["draws"][1]) and result["max"][1] == max(result["draws"][1])
+    for c in range(2):
+        for draw, names in enumerate(result["removed"][c]):
+            assert len(set(names)) == [1, 3][c]
+            with blocks_removed(model, [blocks[n] for n in names]), torch.no_grad():
+                correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data)
+            assert result["draws"][c][draw] == pytest.approx(100.0 * correct / 12)
+    for c, draws in enumerate(result["draws"]):
+        assert len(set(draws)) > 1 and sorted(draws)[1] != pytest.approx(sum(draws) / 3)  # precondition
+        assert result["mean"][c] == pytest.approx(sum(draws) / 3)
+        assert result["min"][c] == min(draws) and result["max"][c] == max(draws)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # same weights, same keys
     assert lesion_sweep(model, data[:1], counts=[1, 3], draws=3, seed=0)["removed"] == result["removed"]  # seeded
     with pytest.raises(ValueError, match="0..6"):
         lesion_sweep(model, data, counts=[7])
     with pytest.raises(ValueError, match="draws"):
         lesion_sweep(model, data, counts=[1], draws=0)
+
+
+def test_lesion_summary_mean_min_max_of_hand_made_draws():
+    """Fig. 7's curve is the mean top-1 over a count's draws, its band the min and max: hand-made
+    outcomes of 3 images, one count, 3 draws; draw 0 gets image 0 right, draw 1 none, draw 2 all three:
+    top-1 per draw 100/3, 0, 100; mean 400/9 = 44.4 (the median would be 33.3), min 0, max 100 (neither
+    is the first draw's)."""
+    from lkfast.analysis.lesion import LesionPlan, lesion_summary
+
+    plan = LesionPlan(tiny_replknet(), counts=[2], draws=3, seed=0)
+    correct = torch.zeros(3, 1, 3, dtype=torch.bool)
+    correct[0, 0, 0] = True
+    correct[:, 0, 2] = True
+    summary = lesion_summary({"clean": torch.ones(3, dtype=torch.bool), "correct": correct}, plan)
+    assert summary["draws"] == [[pytest.approx(100 / 3), 0.0, 100.0]]
+    assert summary["mean"] == [pytest.approx(400 / 9)]
+    assert summary["min"] == [0.0] and summary["max"] == [100.0] and summary["clean_top1"] == 100.0
 
 
 def test_lesion_sweep_takes_numpy_integers():
@@ -570,6 +620,21 @@ def test_frequency_sweep_matches_direct_evaluation():
         frequency_sweep(model, [(x, y)], frequencies=(4.0,))
     with pytest.raises(ValueError, match="eps"):
         frequency_sweep(model, [(x, y)], eps=-0.1)
+
+
+def test_frequency_sweep_settings_are_the_papers():
+    """Fig. 8's bands and Table 5's Noise-0.7π: the paper (Sec. 4.4) normalises frequency from 0.0π (centre)
+    to 1.0π (boundary) with a window of 0.1π, and plots 0, 0.1π, ..., π; the noise amplitude 0.1 is
+    lkfast's stated choice (frequency.NOISE_EPS: the paper gives no number). The sweep's defaults are
+    these: a 0.05π window or eps 0.05 changes Noise-0.7π with every other test passing."""
+    from lkfast.analysis import frequency
+
+    assert frequency.FREQUENCIES == pytest.approx(tuple(i * math.pi / 10 for i in range(11)))
+    assert frequency.WIDTH == pytest.approx(0.1 * math.pi) and frequency.NOISE_EPS == pytest.approx(0.1)
+    model = tiny_replknet()
+    result = frequency_sweep(model, [batch(2, 32)])
+    assert result["frequencies_over_pi"] == pytest.approx([i / 10 for i in range(11)])
+    assert result["width"] == pytest.approx(0.1 * math.pi) and result["eps"] == pytest.approx(0.1)
 
 
 def test_frequency_sweep_refuses_images_outside_zero_to_one_and_an_eps_in_grey_levels():
@@ -679,6 +744,8 @@ def test_feature_variance_values_and_no_hook_left():
     result = feature_map_variance(model, x)
     assert _hook_count(model) == 0
     assert len(result["layers"]) == 12 + 4 and result["depth"][-1] == 1.0 and max(result["normalized"]) == 1.0
+    # Fig. 10's x-axis: point i of L at normalised depth (i + 1) / L (the function's contract): 1/16 first
+    assert result["depth"] == pytest.approx([(i + 1) / 16 for i in range(16)]) and result["depth"][0] == 0.0625
     with torch.no_grad():
         h = x
         for layer in model.stem:
@@ -1022,6 +1089,16 @@ def test_eval_tasks_run_end_to_end_and_report(tmp_path):
     assert "figures/figure5_occlusion_examples.png" in text
     assert (tmp_path / "out" / "figures" / "figure5_occlusion_examples.png").stat().st_size > 0
     assert results["ablation"]["kernel_size"] == 7 and "No family was measured at two or more kernel sizes" in text
+    # the protocol's settings reach the results (the paper; DESIGN): Fig. 4 drops 10%..90%; Fig. 6 FGSM eps
+    # 0.1..0.4, PGD-5 eps 0.002..0.008 with alpha = eps/4, PGD at eps 0.006 over steps; Fig. 8 bands 0..pi,
+    # 0.1 pi wide, noise eps 0.1 (lkfast's stated choice: the paper gives the band, not the amplitude)
+    assert results["occlusion"]["ratios"] == pytest.approx([i / 10 for i in range(1, 10)])
+    assert results["fgsm"]["eps"] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    pgd = results["pgd"]
+    assert pgd["eps"] == pytest.approx([0.002, 0.004, 0.006, 0.008]) and pgd["num_steps"] == 5
+    assert pgd["steps_eps"] == pytest.approx(0.006) and pgd["alpha_ratio"] == pytest.approx(0.25)
+    assert frequency["frequencies_over_pi"] == pytest.approx([i / 10 for i in range(11)])
+    assert frequency["width"] == pytest.approx(0.1 * math.pi) and frequency["eps"] == pytest.approx(0.1)
 
 
 def write_val_folder(root):

@@ -192,6 +192,56 @@ def test_taig_stays_in_the_ball_and_lowers_the_true_logit():
     assert_untouched(model, mode=False)
 
 
+def test_taig_r_path_noise_has_amplitude_eps_and_taig_s_none(monkeypatch):
+    """TAIG-R perturbs every path point with U(-eps, eps) noise (DESIGN; Huang & Kong's TAIG-R): each
+    step's integrated gradient gets noise amplitude eps, not the step size alpha; TAIG-S gets none.
+
+    A spy in place of integrated_gradients records the noise it is handed and returns ones (so each
+    step moves every pixel by -alpha, a known path)."""
+    import importlib
+
+    module = importlib.import_module("lkfast.attacks.taig")
+    seen = []
+
+    def spy(model, x, y, path_steps=20, noise=0.0, generator=None):
+        seen.append((noise, path_steps))
+        return torch.ones_like(x)
+
+    monkeypatch.setattr(module, "integrated_gradients", spy)
+    model, (x, y) = small_net(), images(n=2)
+    x = x.clamp(0.1, 0.9)
+    adv = taig(model, x, y, eps=0.03, steps=2, path_steps=3, alpha=0.01, random_path=True)
+    assert seen == [(0.03, 3), (0.03, 3)]
+    torch.testing.assert_close(adv, x - 0.02)                  # two steps of -alpha, inside the ball
+    seen.clear()
+    taig(model, x, y, eps=0.03, steps=2, path_steps=3, alpha=0.01, random_path=False)
+    assert seen == [(0.0, 3), (0.0, 3)]
+
+
+def test_attack_settings_are_the_papers():
+    """The attack sweeps' settings as the paper states them, and the eval tasks built from them.
+
+    Paper Sec. 4.2 / Fig. 6: FGSM eps 0.1 to 0.4; PGD with 5 steps over eps 0.002 to 0.008; PGD at eps
+    0.006 over growing steps. DESIGN: PGD's step alpha = eps/4 with a random start (the paper's code);
+    TAIG: alpha = 1/255, 20 iterations, s = 20 path steps, TAIG-R, eps 0.03/0.06/0.1 (Table 4). The eval
+    tasks read these dicts only: a wrong value there changes Fig. 6 / Table 4 with every other test
+    passing (they compare the eval to the library with the same settings)."""
+    from lkfast.attacks import evaluate
+    from lkfast.eval import analysis_tasks
+
+    assert evaluate.FGSM_EPS == pytest.approx((0.1, 0.2, 0.3, 0.4))
+    assert evaluate.PGD_EPS == pytest.approx((0.002, 0.004, 0.006, 0.008))
+    assert evaluate.TAIG_EPS == pytest.approx((0.03, 0.06, 0.1))
+    assert (evaluate.TAIG_STEPS, evaluate.TAIG_PATH_STEPS) == (20, 20)
+    assert evaluate.TAIG_ALPHA == pytest.approx(1 / 255)
+    pgd_task = analysis_tasks.PGD
+    assert pgd_task["eps_values"] == pytest.approx((0.002, 0.004, 0.006, 0.008)) and pgd_task["steps"] == 5
+    assert pgd_task["steps_eps"] == pytest.approx(0.006) and pgd_task["alpha_ratio"] == pytest.approx(0.25)
+    assert list(pgd_task["steps_values"]) == list(evaluate.PGD_STEPS)
+    assert analysis_tasks.TAIG == {"eps_values": pytest.approx((0.03, 0.06, 0.1)), "steps": 20, "path_steps": 20,
+                                   "alpha": pytest.approx(1 / 255), "random_path": True}
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m, x, y: fgsm(m, x, y, -0.1), "eps"),
     (lambda m, x, y: pgd(m, x, y, -0.1, 0.01, 5), "eps"),

@@ -123,6 +123,40 @@ def test_corruption_errors_alexnet_itself_scores_100():
     assert "relative_mce" not in M.corruption_errors(err)
 
 
+# The 15 corruptions of the ImageNet-C benchmark (Hendrycks & Dietterich, 2019; the release's
+# "common" set), the ones mCE averages; the release's 4 extra corruptions are held out of it.
+_COMMON_15 = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+              "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+              "jpeg_compression")
+_EXTRA_4 = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+
+
+def test_corruption_errors_mce_averages_only_the_15_common_corruptions():
+    """mCE and relative mCE (Table 1) average the 15 benchmark corruptions, never the 4 extra ones.
+
+    With all 19 corruptions scored (a real run), every common corruption at half AlexNet's error (CE 50)
+    and every extra one at AlexNet's error (CE 100): mCE must be 50; an average over all 19 gives
+    (15*50 + 4*100)/19 = 60.53. AlexNet's errors here are the README's per-severity values above,
+    not the module's constants. The relative case: corrupted error E_c = E_clean + (A_c - A_clean)/2 on
+    the common ones gives relative CE 50 each (and 100 on the extras at A_c), relative mCE 50."""
+    alexnet = {c: sum(v) / 5 for c, v in _ALEXNET_BY_SEVERITY.items()}
+    err = {c: {s: 0.5 * alexnet[c] for s in range(1, 6)} for c in _COMMON_15}
+    err.update({c: {s: alexnet[c] for s in range(1, 6)} for c in _EXTRA_4})
+    out = M.corruption_errors(err)
+    assert len(out["ce"]) == 19                                    # precondition: the extras have a CE of 100
+    assert out["ce"]["saturate"] == pytest.approx(100.0, abs=1e-3)
+    assert sorted(out["mce_over"]) == sorted(_COMMON_15) and out["mce_complete"] is True
+    assert out["mce"] == pytest.approx(50.0, abs=1e-3)
+
+    clean = 1 - 0.56522                                            # torchvision's AlexNet: acc@1 56.522
+    err = {c: {s: clean + 0.5 * (alexnet[c] - clean) for s in range(1, 6)} for c in _COMMON_15}
+    err.update({c: {s: alexnet[c] for s in range(1, 6)} for c in _EXTRA_4})
+    out = M.corruption_errors(err, clean_error=clean)
+    assert len(out["relative_ce"]) == 19 and out["relative_ce"]["spatter"] == pytest.approx(100.0, abs=1e-3)
+    assert sorted(out["relative_mce_over"]) == sorted(_COMMON_15)
+    assert out["relative_mce"] == pytest.approx(50.0, abs=1e-3)
+
+
 def test_corruption_errors_names_a_corruption_the_baseline_is_not_hurt_by():
     # a measured baseline (another class space) can be as good or better on a corruption than clean: that
     # corruption has no relative CE; its CE, the mCE and the other relative CEs stay (it raised, losing all)
@@ -303,6 +337,22 @@ def test_ood_scores_fpr95_counts_a_tpr_of_exactly_95_percent():
                             drop_intermediate=False)
     assert expected == pytest.approx(100 * fpr[np.searchsorted(tpr, 0.95)]) == pytest.approx(65.0)
     assert M.ood_scores(inside, outside)["fpr95"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_ood_scores_auroc_starts_the_curve_at_the_origin_when_the_top_score_is_tied():
+    """AUROC's ROC curve starts at (FPR 0, TPR 0) even when the highest score is shared by a negative
+    (a tie at the top: likely under --amp, which quantises the softmax).
+
+    in [1.0, 0.0], out [1.0, 0.5]. By pairs (out vs in; a tie counts one half): (1.0, 1.0) 1/2,
+    (1.0, 0.0) 1, (0.5, 1.0) 0, (0.5, 0.0) 1: AUROC = 2.5/4 = 62.5 %. A curve that starts at its first
+    threshold's point (1/2, 1/2) instead of the origin loses the first triangle: 50 %. AP by hand:
+    threshold 1.0 has precision 1/2 at recall 1/2, threshold 0.5 precision 2/3 at recall 1: 1/4 + 1/3.
+    FPR95: TPR reaches 100 % at 0.5, where one of the two negatives is above: 50 %. scikit-learn agrees:
+    roc_auc_score([0, 0, 1, 1], [1, 0, 1, .5]) = 0.625, average_precision_score(...) = 0.5833."""
+    got = M.ood_scores(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.5]))
+    assert got["auroc"] == pytest.approx(62.5)
+    assert got["aupr"] == pytest.approx(100 * (1 / 4 + 1 / 3))
+    assert got["fpr95"] == pytest.approx(50.0)
 
 
 def test_ood_scores_refuses_empty_or_nan():
