@@ -169,14 +169,19 @@ def test_a_second_ctrl_c_while_the_first_is_handled_is_ignored(tmp_path, capsys,
 
     real = lkfast.interrupt.how_stopped  # (what the handler calls first: the second Ctrl-C arrives there)
     monkeypatch.setattr(lkfast.interrupt, "how_stopped", lambda got: signal.raise_signal(signal.SIGINT) or real(got))
-    assert _no_escape(lambda: _cli("--models", "test_resnet=tiny", "--val-dir", _source(tmp_path / "val"), "--out",
-                                   tmp_path / "out", "--suite", "clean", "--input-size", 32, "--workers", 0,
-                                   "--no-progress")) == 130
+    # Ctrl-C raising KeyboardInterrupt, as in a terminal (a background job, CI's, starts with it ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert _no_escape(lambda: _cli("--models", "test_resnet=tiny", "--val-dir", _source(tmp_path / "val"),
+                                       "--out", tmp_path / "out", "--suite", "clean", "--input-size", 32, "--workers",
+                                       0, "--no-progress")) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
     err = capsys.readouterr().err
     assert "\nlkfast.eval: interrupted before any result was written" in err and "Traceback" not in err, err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
 
 
 def test_a_run_removes_the_temporary_files_of_writes_killed_midway(tmp_path):
