@@ -175,7 +175,7 @@ setup(
         "torchvision",
         "timm>=1.0",
         "numpy",
-        "tqdm",
+        "tqdm>=4.60",  # (delay=: the data-file bar)
         "matplotlib",
         "scikit-learn",
         "safetensors",

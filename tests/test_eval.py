@@ -2486,6 +2486,8 @@ def test_file_fingerprints_see_size_and_time_alone_and_skip_hidden_entries(tmp_p
     (root / "c9").symlink_to(tmp_path / "linked")
     expected = cache.files_fingerprint(sorted([str(root / n) for n in names] + [str(root / "c9" / "a.JPEG")]))
     assert cache.tree_fingerprint(str(root)) == expected
+    counted = []  # a progress bar's updates: every file once, the same fingerprint
+    assert cache.tree_fingerprint(str(root), counted.append) == expected and sum(counted) == 41 and counted
     (root / ".ipynb_checkpoints").mkdir()
     (root / ".ipynb_checkpoints" / "x.JPEG").write_bytes(b"z")
     (root / "c0" / ".DS_Store").write_bytes(b"z")

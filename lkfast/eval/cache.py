@@ -19,7 +19,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -67,16 +67,25 @@ def files_fingerprint(paths) -> str:
     return digest.hexdigest()[:16]
 
 
-def tree_fingerprint(root: str) -> str:
+def tree_fingerprint(root: str, progress: Optional[Callable[[int], Any]] = None) -> str:
     """``files_fingerprint`` of every file under folder ``root`` in sorted order (hidden entries
-    skipped): one stat per file, no file read. "" for a path that is not a folder."""
+    skipped): one stat per file, no file read. "" for a path that is not a folder. ``progress(n)``
+    is called as the files are stat'ed, n at a time (a progress bar's update: ImageNet-C's 3.75M
+    files take ~40 s on a local disk, minutes on a network one)."""
     if not os.path.isdir(root):
         return ""
     paths = []
     for folder, dirs, files in os.walk(root, followlinks=True):  # a linked folder is read as its files
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         paths.extend(os.path.join(folder, f) for f in sorted(files) if not f.startswith("."))
-    return files_fingerprint(paths)
+    if progress is None:
+        return files_fingerprint(paths)
+
+    def counted(step=4096):
+        for start in range(0, len(paths), step):
+            yield from paths[start:start + step]
+            progress(len(paths[start:start + step]))
+    return files_fingerprint(counted())
 
 
 def read_json_object(path) -> Optional[Dict[str, Any]]:

@@ -666,7 +666,14 @@ class Runner:
     def _data_fingerprint(self) -> Dict[str, List[str]]:
         """Data source -> [folder, fingerprint of the files under it] (one stat per file, once a run)."""
         if self._data_print is None:
-            self._data_print = {k: [str(v), tree_fingerprint(str(v))] for k, v in sorted(self.options.data.items())}
+            from tqdm.auto import tqdm
+
+            # a bar only where it takes a while (a fully cached rerun on the releases' folders said nothing for
+            # a minute or more), gone when done
+            with tqdm(desc="data files read for the cache keys", unit=" files", file=sys.stderr, delay=2.0,
+                      leave=False, dynamic_ncols=True, disable=not (self.options.progress and dist.is_main())) as bar:
+                self._data_print = {k: [str(v), tree_fingerprint(str(v), bar.update)]
+                                    for k, v in sorted(self.options.data.items())}
         return self._data_print
 
     # tasks -------------------------------------------------------------------------------------
