@@ -545,7 +545,10 @@ class Runner:
         of another size, each is one error naming every such model before anything is evaluated (it
         was found at that model's turn, after the models before it had been evaluated on everything,
         and stopped the run there without a report). A model whose every result is cached is not loaded."""
-        pending = [spec for spec in self.models if self._has_work(spec)]
+        # rank 0 reads the cache (as task_result does), so every rank loads the same models in the same order
+        working = dist.broadcast([i for i, spec in enumerate(self.models) if self._has_work(spec)]
+                                 if dist.is_main() else None)
+        pending = [self.models[i] for i in working]
         baseline = self.options.baseline
         if (baseline is not None and (baseline.checkpoint is not None or baseline.pretrained)
                 and baseline not in self.models and any("baseline" in TASKS[n].reads for n in self.tasks)):
