@@ -546,8 +546,8 @@ class Runner:
         was found at that model's turn, after the models before it had been evaluated on everything,
         and stopped the run there without a report). A model whose every result is cached is not loaded."""
         # rank 0 reads the cache (as task_result does), so every rank loads the same models in the same order
-        working = dist.broadcast([i for i, spec in enumerate(self.models) if self._has_work(spec)]
-                                 if dist.is_main() else None)
+        reads = dist.is_main() or not dist.active()
+        working = dist.broadcast([i for i, spec in enumerate(self.models) if self._has_work(spec)] if reads else None)
         pending = [self.models[i] for i in working]
         baseline = self.options.baseline
         if (baseline is not None and (baseline.checkpoint is not None or baseline.pretrained)
