@@ -83,8 +83,9 @@ def tree_fingerprint(root: str, progress: Optional[Callable[[int], Any]] = None)
 
     def counted(step=4096):
         for start in range(0, len(paths), step):
-            yield from paths[start:start + step]
-            progress(len(paths[start:start + step]))
+            chunk = paths[start:start + step]
+            yield from chunk
+            progress(len(chunk))
     return files_fingerprint(counted())
 
 
