@@ -10,12 +10,14 @@
 #                                               stage-1 and the stage-3 timings, compute-sanitizer on the
 #                                               smoke test when the machine has it and time is left
 #   benchmarks/gpu_check.sh OUT_DIR             second call (full), < 10 minutes: build (incremental),
-#                                               smoke, the WHOLE test suite (pytest tests/), every
+#                                               smoke, the evaluation on the GPU against the CPU
+#                                               (tests/test_eval_gpu.py), the WHOLE test suite, every
 #                                               benchmark shape, frequency noise (all three paths),
 #                                               host time per op call, models and corruptions
 #   benchmarks/gpu_check.sh OUT_DIR --dry-run   --quick's steps on the CPU on tiny shapes (Triton in its
-#                                               interpreter, no build, the op tests collected only, no
-#                                               sanitizer): checks the script before GPU time is spent
+#                                               interpreter, no build, the op tests collected only,
+#                                               test_eval_gpu.py's GPU tests skipped, no sanitizer):
+#                                               checks the script before GPU time is spent
 #                                               on it; tests/test_benchmarks.py runs it
 #
 # To save the compile (minutes of the GPU session), make the extension here first, for the GPU
@@ -232,9 +234,19 @@ elif [ $have_pytest -eq 0 ]; then
       test_args=(--durations=15 -k "not cpu and not replay and not compiles_for_sm90 and not torch_compile"
                  tests/test_depthwise.py tests/test_cuda.py tests/test_triton.py tests/test_triton_mma.py)
       cap=$(( $(left) - 150 )); [ "$cap" -gt 150 ] && cap=150; [ "$cap" -lt 30 ] && cap=30 ;;
-    full) test_args=(--durations=15 tests/); cap=240 ;;
+    full) test_args=(--durations=15 --ignore=tests/test_eval_gpu.py tests/); cap=240 ;;
     dry-run) test_args=(--collect-only tests/test_depthwise.py tests/test_cuda.py tests/test_triton.py tests/test_triton_mma.py); cap=60 ;;
   esac
+  if [ "$MODE" != quick ]; then
+    # the whole evaluation (python -m lkfast.eval: every benchmark task and analysis) on the GPU
+    # against the same run on the CPU, before the suite (no other test runs it on CUDA); in the dry
+    # run its GPU tests skip and the comparison they make is checked
+    LKFAST_TRITON_AUTOTUNE=0 step eval_gpu 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_eval_gpu.py
+    tail -n 3 "$WORK/eval_gpu.log" 2> /dev/null | grep -E "passed|failed|error|skipped" | tail -1 | sed 's/^/    /' >> "$SUMMARY"
+    grep -E "^(FAILED|ERROR)" "$WORK/eval_gpu.log" 2> /dev/null | head -10 | sed 's/^/    /' >> "$SUMMARY"
+    { echo "=== pytest tests/test_eval_gpu.py"; cat "$WORK/eval_gpu.log" 2> /dev/null; echo; } >> "$TESTS_LOG"
+    rm -f "$WORK/eval_gpu.log"
+  fi
   LKFAST_TRITON_AUTOTUNE=0 step pytest "$cap" "$PY" -m pytest -q "${test_args[@]}"
   tail -n 3 "$WORK/pytest.log" 2> /dev/null | grep -E "passed|failed|error|collected|no tests" | tail -1 | sed 's/^/    /' >> "$SUMMARY"
   grep -E "^(FAILED|ERROR)" "$WORK/pytest.log" 2> /dev/null | head -20 | sed 's/^/    /' >> "$SUMMARY"

@@ -48,7 +48,7 @@ def test_gpu_check_dry_run_walks_every_step_within_the_file_limit(tmp_path):
     assert {p.name for p in files} == OUT_FILES
 
     summary = (out / "summary.md").read_text()
-    for line in ("- extension: ok", "- smoke: ok", "- pytest: ok", "- bench_gpu: ok",
+    for line in ("- extension: ok", "- smoke: ok", "- eval_gpu: ok", "1 passed, 2 skipped", "- pytest: ok", "- bench_gpu: ok",
                  "steps failed or timed out: 0, skipped for time: 0; exit status 0", "total: "):
         assert line in summary, f"{line!r} missing from summary.md:\n{summary}"
 
