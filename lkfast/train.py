@@ -167,14 +167,45 @@ def _save_weights(tensors: dict, path: Path) -> None:
     write_bytes_atomic(path, save(tensors))
 
 
-def _distributed() -> tuple:
+def _backend(device: torch.device) -> str:
+    """The process group's backend for a run on ``device``: NCCL for a CUDA device, gloo for the CPU
+    (LKFAST_TRAIN_BACKEND=gloo: gloo on CUDA too). From the device the run uses, not from whether the
+    machine has CUDA: NCCL reduces CUDA tensors alone, so --device cpu on a GPU host, given NCCL,
+    failed in DDP's first broadcast of the CPU module."""
+    if device.type == "cuda" and os.environ.get("LKFAST_TRAIN_BACKEND") != "gloo":
+        return "nccl"
+    return "gloo"
+
+
+def _distributed(device: torch.device) -> tuple:
+    """(rank, world size), joining the process group torchrun describes with ``_backend(device)``
+    (a group joined already, as lkfast.eval's, is kept)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("LKFAST_TRAIN_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(_backend(device))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _summed(values: list, device: torch.device) -> list:
+    """``values`` (numbers) summed over the processes of the group, in float64. The tensor is on the
+    training ``device``: NCCL reduces CUDA tensors alone (a CPU one raised 'No backend type associated
+    with device type cpu', which ended every multi-GPU run at the end of its first epoch, before its
+    save); gloo reduces CPU and CUDA tensors."""
+    summed = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def _barrier(device: torch.device) -> None:
+    """``dist.barrier()``, under NCCL on the training GPU: NCCL runs it as an all_reduce of a tensor
+    it allocates on the device named (else on the current one, with a warning); gloo needs none."""
+    if device.type == "cuda" and dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device() if device.index is None else device.index])
+    else:
+        dist.barrier()
 
 
 class _Unreadable:
@@ -533,7 +564,7 @@ def _train(args, saved: dict) -> dict:
     num_classes = args.num_classes or len(classes)
     if num_classes < len(classes):
         raise TrainError(f"--num-classes {num_classes} is fewer than the {len(classes)} class folders of {train_dir}")
-    rank, world = _distributed()
+    rank, world = _distributed(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -670,10 +701,8 @@ def _train(args, saved: dict) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{total / max(count, 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
-        mean_loss = torch.tensor([total, count], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(mean_loss)
-        record = {"epoch": epoch + 1, "train_loss": float(mean_loss[0] / mean_loss[1].clamp(min=1))}
+        total, count = _summed([total, count], device)  # every process's
+        record = {"epoch": epoch + 1, "train_loss": total / max(count, 1.0)}
         history.append(record)
         if rank == 0:  # saved before the validation, which cannot lose the epoch's training then (its accuracy
             # joins last.pth with the next epoch's save; a resume validates a last epoch saved without one)
@@ -691,7 +720,7 @@ def _train(args, saved: dict) -> dict:
                 line = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
                 print(f"lkfast.train: {args.model}: {line}", file=sys.stderr)
         if dist.is_initialized():
-            dist.barrier()
+            _barrier(device)
         if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch and epoch + 1 < args.epochs:
             return {"stopped_after_epoch": epoch + 1}
 
@@ -709,7 +738,7 @@ def _train(args, saved: dict) -> dict:
                       out / "model.safetensors")
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     if dist.is_initialized():
-        dist.barrier()
+        _barrier(device)
     return summary
 
 

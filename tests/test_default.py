@@ -316,3 +316,61 @@ def test_the_default_runs_its_own_suite_unless_one_is_typed(monkeypatch):
         monkeypatch.setattr("sys.argv", ["lkfast.eval", *typed])
         assert default.planned_run(args, TINY)["suite"] == resolve_suite("paper"), typed
     assert default.planned_run(type("Args", (), {"suite": "clean"})(), TINY)["suite"] == resolve_suite("clean")
+
+
+def test_the_default_trains_its_models_on_the_eval_s_device(tmp_path, monkeypatch):
+    """The default's models were trained without --device, so lkfast.train took CUDA wherever there is
+    one: `python -m lkfast.eval --device cpu` on a GPU host trained on GPU 0, and so did `--device
+    cuda:1`. They train on the eval's device now (without --device: the eval's default, cuda where there
+    is one). A host with two GPUs is faked; the building is too, and the run stops at the first training."""
+    import torch
+
+    from lkfast.eval.cli import main
+
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default, "DEFAULT", TINY)
+    monkeypatch.setattr(default, "fix_kernel_choices", lambda: "0")
+    monkeypatch.setattr(default.synthetic, "build_base", lambda *a, **k: {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("sys.argv", ["lkfast.eval"])
+
+    class Trained(Exception):
+        pass
+
+    trained = []
+
+    def train(argv):
+        trained.append(argv)
+        raise Trained
+
+    monkeypatch.setattr("lkfast.train.train", train)
+    for given, expected in ((["--device", "cpu"], "cpu"), (["--device", "cuda:1"], "cuda:1"), ([], "cuda")):
+        trained.clear()
+        with pytest.raises(Trained):
+            main([*given, "--out", str(tmp_path / "out"), "--no-progress"])
+        argv = trained[0]
+        assert argv[0] == default.REFERENCE_MODEL and argv.count("--device") == 1, argv
+        assert argv[argv.index("--device") + 1] == expected, (given, argv)
+
+
+def test_the_model_key_names_a_gpu_and_keeps_every_cpu_key(monkeypatch):
+    """Weights trained on a GPU differ from the CPU's (TF32, other kernels, cuDNN's non-deterministic
+    ones): a model trained on one is not reused for a run on the other. The key names the device type
+    off the CPU only, so the CPU's keys are the ones made before (computed here as they were), and
+    the models cached by earlier runs are reused."""
+    import torch
+
+    from lkfast import __version__, _ext
+    from lkfast.cache import config_key
+    from lkfast.data import synthetic
+    from lkfast.ops.cpu_dispatch import table_choices_digest
+
+    monkeypatch.setenv("LKFAST_CALIBRATE", "0")
+    before = config_key("model", "resnet_tiny", list(TINY.recipe), TINY.data.key(), __version__,
+                        list(synthetic.CLASSES), f"table-{table_choices_digest()}", _ext.sources or "unrecorded",
+                        torch.__version__, default.TRAINING_VERSION)
+    cpu = default._model_key("resnet_tiny", TINY, "cpu")
+    assert cpu == before == default._model_key("resnet_tiny", TINY)
+    gpu = default._model_key("resnet_tiny", TINY, "cuda")
+    assert gpu != cpu and default._model_key("resnet_tiny", TINY, "cuda:1") == gpu  # the type, not the index

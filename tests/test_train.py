@@ -100,7 +100,8 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
         (data / "val" / path.parent.name / path.name).symlink_to(path)
     assert len(list((data / "val").glob("*/*.png"))) == 5
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", LKFAST_TRAIN_BACKEND="gloo")
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # gloo for --device cpu, also on a GPU host (gpu_check.sh's)
+    env.pop("LKFAST_TRAIN_BACKEND", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lkfast.train", MODEL, "--data", str(data), "--out", str(out), "--epochs", "1",
            "--device", "cpu", *FAST]
@@ -661,3 +662,122 @@ def test_loader_workers_started_by_spawn_train_as_fork_and_none_do(dataset, tmp_
     a, b = _weights(tmp_path / "alone"), _weights(tmp_path / "spawn")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_the_process_group_backend_follows_the_run_s_device(dataset, tmp_path, monkeypatch):
+    """Under torchrun the backend was NCCL whenever the machine had CUDA, whatever --device said:
+    `--device cpu` on a GPU host then failed in DDP (NCCL reduces CUDA tensors alone). It follows the
+    run's device: NCCL on CUDA, gloo on the CPU; LKFAST_TRAIN_BACKEND=gloo gives gloo on CUDA too. A GPU
+    host is faked, and the run stops where it would join the group."""
+    import torch.distributed as dist
+
+    class Joined(Exception):
+        pass
+
+    chosen = []
+
+    def init_process_group(backend=None, **kwargs):
+        chosen.append(backend)
+        raise Joined
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    monkeypatch.delenv("LKFAST_TRAIN_BACKEND", raising=False)
+    run = [MODEL, "--data", str(dataset), "--out", str(tmp_path / "o"), *FAST]
+    cases = [(True, ["--device", "cpu"], None, "gloo"), (True, ["--device", "cuda"], None, "nccl"),
+             (True, [], None, "nccl"),  # no --device: cuda where there is one
+             (True, ["--device", "cuda"], "gloo", "gloo"), (False, [], None, "gloo")]
+    for cuda, options, setting, backend in cases:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        if setting is None:
+            monkeypatch.delenv("LKFAST_TRAIN_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("LKFAST_TRAIN_BACKEND", setting)
+        chosen.clear()
+        with pytest.raises(Joined):
+            train([*run, *options])
+        assert chosen == [backend], (cuda, options, setting)
+    assert not dist.is_initialized() and not (tmp_path / "o").exists()
+
+
+def test_a_cpu_run_under_torchrun_on_a_gpu_host_trains(dataset, tmp_path, monkeypatch):
+    """A faked 2-process torchrun on a GPU host with --device cpu. The group this process joins is a
+    real one-process group (so DDP, the reductions and the barriers run), and one asked for NCCL has a
+    backend for CUDA tensors alone, as NCCL: a CPU tensor raises 'No backend type associated with device
+    type cpu' (the old choice, NCCL for any run on a machine with CUDA, failed so in DDP). Every tensor
+    the run hands to a collective is on its device."""
+    import torch.distributed as dist
+
+    join, cuda = dist.init_process_group, torch.cuda.is_available
+    joined, collectives = [], []
+
+    def init_process_group(backend=None, **kwargs):
+        joined.append(backend)
+        monkeypatch.setattr(torch.cuda, "is_available", cuda)  # the GPU host faked up to here: a step of torch's
+        # optimisers on such a host asks for the GPU's current stream
+        join("cuda:gloo" if backend == "nccl" else backend, store=dist.FileStore(str(tmp_path / "store"), 1),
+             rank=0, world_size=1)
+
+    def recorded(name, collective):
+        def call(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            collectives.append((name, [t.device for t in tensors]))
+            return collective(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("LKFAST_TRAIN_BACKEND", raising=False)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)  # the other process is faked
+    for name in ("all_reduce", "broadcast", "barrier", "all_gather", "reduce", "all_gather_object",
+                 "broadcast_object_list"):
+        monkeypatch.setattr(dist, name, recorded(name, getattr(dist, name)))
+    out = tmp_path / "o"
+    try:
+        summary = train([MODEL, "--data", str(dataset), "--out", str(out), "--epochs", "1",
+                         "--max-steps-per-epoch", "2", "--device", "cpu", *FAST])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert joined == ["gloo"]
+    assert summary["world_size"] == 2 and np.isfinite(summary["train_loss"]).all()
+    assert (out / "last.pth").is_file() and (out / "model.safetensors").is_file()
+    names = [name for name, _ in collectives]
+    assert names.count("all_reduce") == 2 and names.count("barrier") == 2, names  # loss, accuracy; epoch, end
+    assert all(device == torch.device("cpu") for _, devices in collectives for device in devices), collectives
+
+
+def test_the_collectives_are_on_the_training_device(monkeypatch):
+    """NCCL (the backend on CUDA) reduces CUDA tensors alone: the epoch's loss was summed over the
+    processes in a CPU tensor, and every multi-GPU run failed at the end of its first epoch, before
+    last.pth was saved (so did each rerun). The sum is on the training device, and NCCL's barrier runs
+    on the training GPU. No GPU here: 'meta' stands for one in the sum (a device other than the CPU),
+    and the barrier's NCCL group is faked."""
+    import torch.distributed as dist
+
+    import lkfast.train as train_module
+
+    class Reduced(Exception):
+        pass
+
+    reduced, barriers = [], []
+
+    def all_reduce(tensor, *args, **kwargs):
+        reduced.append((tensor.device, tensor.dtype, tuple(tensor.shape)))
+        raise Reduced  # a meta tensor holds no values to give back
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with pytest.raises(Reduced):
+        train_module._summed([3.5, 4], torch.device("meta"))
+    assert reduced == [(torch.device("meta"), torch.float64, (2,))]
+    monkeypatch.setattr(dist, "barrier", lambda **kwargs: barriers.append(kwargs))
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    train_module._barrier(torch.device("cuda", 1))
+    assert barriers == [{"device_ids": [1]}]
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    train_module._barrier(torch.device("cpu"))
+    train_module._barrier(torch.device("cuda", 1))  # gloo: LKFAST_TRAIN_BACKEND=gloo on CUDA
+    assert barriers == [{"device_ids": [1]}, {}, {}]

@@ -130,7 +130,7 @@ def fix_kernel_choices() -> str:
 TRAINING_VERSION = 2
 
 
-def _model_key(name: str, settings: DefaultSettings) -> str:
+def _model_key(name: str, settings: DefaultSettings, device: str = "cpu") -> str:
     import torch
 
     from lkfast import __version__ as version
@@ -145,28 +145,37 @@ def _model_key(name: str, settings: DefaultSettings) -> str:
     # version number alone would reuse the old model) and PyTorch's version (its convolutions,
     # products and norms round as that version does)
     choices = "calibrated" if calibration_enabled() else f"table-{table_choices_digest()}"
-    return config_key("model", name, list(settings.recipe), settings.data.key(), version, list(synthetic.CLASSES),
-                      choices, _ext.sources or "unrecorded", torch.__version__, TRAINING_VERSION)
+    parts = ["model", name, list(settings.recipe), settings.data.key(), version, list(synthetic.CLASSES), choices,
+             _ext.sources or "unrecorded", torch.__version__, TRAINING_VERSION]
+    # so is the device type the models train on: a GPU trains other weights than the CPU (TF32, other
+    # kernels, cuDNN's non-deterministic ones). Named only off the CPU, so every key made before devices
+    # were part of it (all on the CPU) stays as it was, and its cached models are reused
+    kind = torch.device(device).type
+    return config_key(*parts, *(() if kind == "cpu" else (f"device-{kind}",)))
 
 
 def ensure_model(name: str, settings: DefaultSettings = None, data_root: Optional[Path] = None,
-                 progress: bool = True) -> Path:
-    """Train ``name`` on the synthetic benchmark with ``settings.recipe`` unless a verified cached
-    copy exists; returns the path of its ``model.safetensors``. Training writes its checkpoints to a
-    work folder beside the entry, so an interrupted run resumes where it stopped."""
-    from lkfast.train import train
+                 progress: bool = True, device: Optional[str] = None) -> Path:
+    """Train ``name`` on the synthetic benchmark with ``settings.recipe`` on ``device`` (the eval's
+    --device: cpu, cuda or cuda:N; None as the eval's default, cuda when available) unless a verified
+    cached copy exists; returns the path of its ``model.safetensors``. Training writes its checkpoints
+    to a work folder beside the entry, so an interrupted run resumes where it stopped."""
+    from lkfast.train import device_option, train
 
     settings = settings or DEFAULT
     data_root = data_root or benchmark_root(settings)
-    key = _model_key(name, settings)
+    device = str(device_option(device))
+    key = _model_key(name, settings, device)
     entry = cache_dir() / "models" / f"{name}-{key}"
     work = entry.with_name(entry.name + ".work")
 
     def build(folder: Path) -> None:
         _log(f"lkfast: training {name} on the synthetic benchmark (once; cached in {entry})")
         # the model's outputs in the class space's order (synthetic.CLASSES), not sorted folder names
+        # on the eval's device (without --device, train picked CUDA wherever there is one: `--device cpu`
+        # trained on GPU 0, so did `--device cuda:1`); after the recipe, which it overrides
         train([name, "--data", str(data_root), "--out", str(work), "--classes", ",".join(synthetic.CLASSES),
-               *settings.recipe, *(() if progress else ("--no-progress",))])
+               *settings.recipe, "--device", device, *(() if progress else ("--no-progress",))])
         for file in ("model.safetensors", "summary.json"):
             shutil.copy2(work / file, folder / file)
 
@@ -241,12 +250,13 @@ def prepare_default(args, settings: DefaultSettings = None) -> dict:
     fix_kernel_choices()
     root = benchmark_root(settings)
     progress = not getattr(args, "no_progress", False)
+    device = getattr(args, "device", None)  # the eval's --device: its models train there
     parts = synthetic.build_base(root, settings.data, log=_log, progress=progress)
-    checkpoints = {REFERENCE_MODEL: ensure_model(REFERENCE_MODEL, settings, root, progress)}
+    checkpoints = {REFERENCE_MODEL: ensure_model(REFERENCE_MODEL, settings, root, progress, device)}
     parts.update(ensure_reference_sets(settings, checkpoints[REFERENCE_MODEL]))
     for spec in planned["models"]:
         if spec.name not in checkpoints:
-            checkpoints[spec.name] = ensure_model(spec.name, settings, root, progress)
+            checkpoints[spec.name] = ensure_model(spec.name, settings, root, progress, device)
     num_classes = (("num_classes", len(synthetic.CLASSES)),)
     models = [replace(spec, checkpoint=str(checkpoints[spec.name]), kwargs=num_classes)
               for spec in planned["models"]]
