@@ -189,25 +189,6 @@ def test_jpeg_on_flat_grey_is_lossless():
         torch.testing.assert_close(lc.corrupt(x, "jpeg_compression", severity), x, atol=1.01 / 255, rtol=0)
 
 
-def test_gpu_jpeg_path_is_torchvisions_codec_close_to_pillows(monkeypatch):
-    """The GPU path of jpeg_compression (torchvision's codec on the images' device) called a helper
-    that an earlier change had removed: a NameError on every GPU. Its codec, run here on the CPU,
-    gives the release's (Pillow's) JPEG (the same pixels with torchvision 0.29.1 and Pillow 13;
-    within a grey level on average allows other libjpeg builds)."""
-    from lkfast.corrupt import digital
-
-    pixels = torch.round(natural_images(3, 64) * 255).to(torch.uint8)
-    for quality in (digital.JPEG_QUALITY[0], digital.JPEG_QUALITY[-1]):
-        ours = digital._torchvision_roundtrip(pixels, quality)
-        assert ours.shape == pixels.shape and ours.dtype == torch.uint8
-        assert (ours.float() - digital._pillow_roundtrip(pixels, quality).float()).abs().mean() < 1.0
-        assert (ours.float() - pixels.float()).abs().mean() > 0.5  # and it is lossy
-    took = []  # images off the CPU (here the meta device) go to it: what a GPU's images do
-    monkeypatch.setattr(digital, "_torchvision_roundtrip", lambda px, q: took.append((px.device.type, q)) or px)
-    assert digital.jpeg_compression(natural_images(2, 32).to("meta"), 5).device.type == "meta"
-    assert took == [("meta", digital.JPEG_QUALITY[4])]
-
-
 def test_noise_special_values():
     black = constant(0.0)
     assert torch.equal(lc.corrupt(black, "shot_noise", 5, generator=0), black)

@@ -585,6 +585,105 @@ def test_torchrun_two_processes_equal_one(tmp_path, full_run, data_root, checkpo
         assert got == {k: v for k, v in expected[task].items() if k in got}, task
 
 
+RANK_FAILS = """
+import sys
+
+from lkfast.eval import EvalError, EvalOptions, ModelSpec, register_task, run_evaluation
+from lkfast.eval import distributed as dist
+
+kind, checkpoint, val, out = sys.argv[1:]
+
+
+def task(ctx):
+    def compute(x, y, indices):
+        # rank 1's second shard fails (an error on its first batch would be said to be the inputs')
+        if dist.rank() == 1 and indices[0] > 1:
+            raise (EvalError if kind == "task" else ZeroDivisionError)("rank 1 cannot compute its shard")
+        return {"m": ctx.forward(x).mean(1)}
+    return {"n": len(ctx.records("val", ctx.dataset("val"), compute)["m"])}
+
+
+register_task("test-rank-fails", task, needs=("val",))
+dist.init("cpu")
+options = EvalOptions(out=out, data={"val": val}, workers=0, progress=False, shard_size=1, write_report=False)
+outcome = "finished"
+try:
+    run_evaluation([ModelSpec("test_resnet", checkpoint, "tiny", input_size=32)], ["test-rank-fails", "clean"], options)
+except Exception as error:
+    outcome = f"{type(error).__name__}: {error}"
+with open(f"{out}.rank{dist.rank()}", "w") as said:  # (exit 0: torchrun stops the other rank at a failure)
+    said.write(outcome)
+dist.shutdown()
+"""
+
+
+@pytest.mark.parametrize("kind", ["task", "bug"])
+def test_torchrun_a_shard_failing_on_one_rank_fails_on_every_rank_without_a_hang(tmp_path, data_root, checkpoint,
+                                                                                 kind):
+    """Under torchrun the ranks compute their shares of a task's shards and then gather them: a rank
+    whose shard failed left the task while the others waited in the gather for its shards, a hang
+    until the process group's timeout. Now every rank hears of it: a task's error (EvalError) fails
+    that task on every rank and the run goes on to the next task in step; any other error stops every
+    rank."""
+    script = tmp_path / "rank_fails.py"
+    script.write_text(RANK_FAILS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(script), kind, checkpoint, str(data_root / "val"), str(tmp_path / "out")]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)  # ~10 s; a hang
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    said = [(tmp_path / f"out.rank{rank}").read_text() for rank in (0, 1)]
+    if kind == "task":
+        for line in said:  # the run finished its other task, then named the failed one
+            assert line.startswith("EvalError: 1 task(s) failed (tiny: test-rank-fails)"), said
+        r = load(tmp_path / "out")["tiny"]
+        assert r["test-rank-fails"]["error"] == "test-rank-fails/val: rank 1: EvalError: rank 1 cannot compute its shard"
+        assert 0 < r["clean"]["top1"] < 100
+    else:
+        assert said == ["RuntimeError: test-rank-fails/val: rank 1: ZeroDivisionError: rank 1 cannot compute its shard",
+                        "ZeroDivisionError: rank 1 cannot compute its shard"], said
+
+
+def test_torchrun_ranks_exchange_over_gloo_and_take_their_own_gpus(tmp_path, monkeypatch):
+    """The ranks exchange pickled objects only, and a rank waits for the others' shards for as long
+    as they take: over NCCL (chosen before on CUDA) the objects went through GPU memory and a wait
+    past its watchdog's 10 minutes (one TAIG shard) aborted the run. gloo, with a long timeout, on
+    every device. --device cuda:N under torchrun put every rank on GPU N: refused; "cuda" gives each
+    rank its LOCAL_RANK's GPU, modulo the GPUs it sees (one per rank through CUDA_VISIBLE_DEVICES)."""
+    import datetime
+
+    import torch.distributed
+
+    import lkfast.eval.tasks  # noqa: F401  (registers clean)
+    from lkfast.eval import distributed
+    from lkfast.eval.runner import Runner
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    joined, current = [], []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: joined.append(kwargs))
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    for count, gpu in ((4, "cuda:3"), (1, "cuda:0"), (2, "cuda:1")):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        assert distributed.local_device("cuda") == gpu
+    distributed.init("cuda")
+    distributed.init("cpu")
+    assert current == ["cuda:1"]
+    assert [j["backend"] for j in joined] == ["gloo", "gloo"]
+    assert all(j["timeout"] >= datetime.timedelta(hours=24) for j in joined)
+    with pytest.raises(EvalError, match="--device cuda:1 under torchrun would put every rank on that one GPU: give "
+                                        r"--device cuda \(each rank takes the GPU of its LOCAL_RANK\)"):
+        Runner([], ["clean"], EvalOptions(out=str(tmp_path), device="cuda:1"))
+    assert Runner([], ["clean"], EvalOptions(out=str(tmp_path), device="cuda")).device == "cuda:1"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: any GPU
+    assert Runner([], ["clean"], EvalOptions(out=str(tmp_path), device="cuda:1")).device == "cuda:1"
+
+
 def _eval_with_val_only(tmp_path, data_root, checkpoint, suite):
     """The eval CLI on a data root holding only val/ (ImageNet-C/-P generated from it), 2 images a
     part, no baseline model, results in tmp_path/out; returns its exit status."""
@@ -881,10 +980,17 @@ def test_result_keys_follow_what_changes_each_tasks_numbers(tmp_path, monkeypatc
     assert keys(analysis_images=2)[0] == base[0] and keys(analysis_images=2)[1] != base[1] != keys(analysis_images=3)[1]
     # --seed changes the keys of the tasks that draw random numbers only (occlusion's random drop, not clean)
     assert keys(seed=1)[0] == base[0] and keys(seed=1)[1] != base[1] != keys(seed=2)[1]
+    # on CUDA (fp32 kept fp32 there) a task gives the CPU's numbers and shares its keys, unless it draws
+    # random numbers (a CUDA generator draws others: keyed by the device type, not by which GPU)
+    cuda = keys(device="cuda", gpu_decode=False)
+    assert cuda[0] == base[0] and cuda[1] != base[1] and keys(device="cuda:1", gpu_decode=False) == cuda
+    assert keys(device="cuda", gpu_decode=False, seed=1)[1] not in (cuda[1], keys(seed=1)[1])
+    # --amp computes in bf16 on the CPU and in fp16 on CUDA: other results
+    assert keys(amp=True)[0] != base[0] and keys(amp=True, device="cuda", gpu_decode=False)[0] != keys(amp=True)[0]
     # decoding on the GPU (nvJPEG) gives other pixels: --no-gpu-decode on CUDA is another result;
     # on the CPU the option does nothing, and changes nothing
-    assert keys(device="cuda", gpu_decode=False) == base and keys(gpu_decode=False) == base
-    assert keys(device="cuda")[0] != base[0] and keys(device="cuda:1")[1] != base[1]
+    assert keys(gpu_decode=False) == base
+    assert keys(device="cuda")[0] != base[0] and keys(device="cuda:1")[1] != cuda[1]
     with_dino = keys(analysis={"dino_checkpoint": str(dino)})
     taig = [Runner([], ["taig"], EvalOptions(out=str(tmp_path / "out"), data={"val": str(tmp_path / "val")},
                                              analysis={"taig_surrogate": s})).result_key(None, TASKS["taig"])
@@ -1005,9 +1111,96 @@ def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):
         TASKS.pop("test-mean-logit")
 
 
+def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_setting_back(tmp_path, data_root, checkpoint, monkeypatch):
+    """PyTorch lets cuDNN round fp32 convolution inputs to TF32 on Ampere and later GPUs by default:
+    a GPU run gave other numbers than the CPU's under the same cache keys. The run turns TF32 off
+    for cuDNN and cuBLAS while it computes, says so in its metadata, and puts the settings back."""
+    from lkfast.eval.runner import ieee_fp32
+
+    conv = torch.backends.cudnn.conv
+    monkeypatch.setattr(conv, "fp32_precision", "tf32")  # PyTorch's default (the tests' conftest sets ieee)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    seen = []
+
+    def precision(ctx):
+        seen.append((conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        return {"n": 1}
+    register_task("test-precision", precision, needs=("val",), replace=True)
+    try:
+        specs = [ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)]
+        options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val")}, workers=0, progress=False,
+                              write_report=False)
+        run_evaluation(specs, ["test-precision"], options)
+    finally:
+        TASKS.pop("test-precision")
+    assert seen == [("ieee", "ieee")]
+    assert (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("tf32", "tf32")
+    assert load(tmp_path)["_meta"]["fp32"] == "ieee (no TF32)"
+    with pytest.raises(KeyError), ieee_fp32():  # put back after an error too
+        raise KeyError
+    assert conv.fp32_precision == "tf32"
+
+
+def test_generated_corruptions_are_the_cpus_on_any_device(tmp_path):
+    """Generated ImageNet-C/-P corrupt each image with a generator of its own on the CPU, whatever the
+    evaluation device (lkfast.corrupt draws on the generator's device): a CUDA generator draws other
+    numbers for the same seed, so a GPU run scored other images than the CPU's (and the writer's)
+    under the same keys. Here the device is "cuda" on a machine that may have no GPU: the CPU
+    generators are what lets it run, and the images are the CPU run's."""
+    import lkfast.corrupt
+    from lkfast.eval.runner import Runner, TaskContext
+    from lkfast.eval.tasks import _per_image
+
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    corrupted = []
+    for device in ("cpu", "cuda"):
+        runner = Runner([], ["imagenet-c"], EvalOptions(out=str(tmp_path), device=device))
+        ctx = TaskContext(runner, TASKS["imagenet-c"], None, None, {}, None)
+        corrupted.append(_per_image(ctx, "gaussian_noise/3", images, [4, 0, 7],
+                                    lambda x, g: lkfast.corrupt.corrupt(x, "gaussian_noise", 3, generator=g)))
+    assert not torch.equal(corrupted[0], images) and torch.equal(corrupted[0], corrupted[1])
+
+
+def test_no_model_is_held_after_its_turn_the_baseline_included(tmp_path, data_root, checkpoint, baseline_checkpoint):
+    """Each model is let go after its tasks (its GPU memory freed for the next); the baseline, loaded
+    for ImageNet-P's normalisation, was held to the end of the run."""
+    import lkfast.eval.tasks  # noqa: F401  (registers imagenet-p)
+    from lkfast.eval.runner import Runner
+
+    options = EvalOptions(out=str(tmp_path), data={"imagenet-p": str(data_root / "imagenet-p")}, workers=0,
+                          progress=False, write_report=False,
+                          baseline=ModelSpec.parse(f"mobilenet_v3_small:{baseline_checkpoint}", source="torchvision"))
+    runner = Runner([ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)], ["imagenet-p"], options)
+    result = runner.run()["tiny"]["imagenet-p"]
+    assert result["mfr"] is not None and runner._loaded == {}
+
+
+def test_a_gpu_out_of_memory_while_decoding_is_raised_not_counted_as_bad_files(data_root, monkeypatch):
+    """torch.cuda.OutOfMemoryError is a RuntimeError, as a bad file's decode error is: a full GPU made
+    every image of the batch "undecodable", and the shard was cached on fewer images."""
+    import torchvision.io
+
+    from lkfast.eval.sources import EncodedImages
+
+    folder = data.ImageFolderBenchmark(data_root / "val", data.transform_for(config()))
+    encoded = EncodedImages(folder, config())
+    items = [encoded[i][0] for i in range(2)]
+    for error in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                  RuntimeError("CUDA error: an illegal memory access was encountered")):
+        monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda *a, error=error, **k: (_ for _ in ()).throw(error))
+        with pytest.raises(type(error), match="CUDA"):
+            encoded.decode_batch(items, "cpu")
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("Unsupported marker type 0x4f")))  # a broken file: each image is marked, none raised
+    assert encoded.decode_batch(items, "cpu")[1].tolist() == [False, False]
+
+
 OUT_OF_MEMORY = {  # what torch raises, on a GPU that is full and from its CPU allocator
     "cuda": (lambda n: torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {n} GiB"),
              "OutOfMemoryError: CUDA out of memory. Tried to allocate {n} GiB"),
+    "cublas": (lambda n: RuntimeError(f"CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)` "
+                                      f"({n} images)"),
+               "RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)` ({n} images)"),
     "cpu": (lambda n: RuntimeError(f"[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
                                    f"allocate memory: you tried to allocate {n} bytes. Error code 12"),
             "RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "

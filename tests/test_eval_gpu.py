@@ -5,9 +5,11 @@ TAIG's surrogate), on the tiny datasets of test_eval.py and test_analysis.py.
 
 The other files run the evaluation on the CPU only. Here the GPU run must finish every task the CPU
 run finished, with results of the same shape, the same counts and the same numbers to float32
-rounding (predictions, flips, attack outcomes); JPEGs decoded on the GPU (nvJPEG, the eval's
+rounding (predictions, flips, attack outcomes), except where an analysis draws random numbers on the
+device (``DRAWN_ON_THE_DEVICE``: another sample there); JPEGs decoded on the GPU (nvJPEG, the eval's
 default on CUDA) and fp16 autocast with channels_last must finish every task with finite numbers
-where the CPU's are finite. Skipped without a CUDA device (CI has none);
+where the CPU's are finite; generated ImageNet-C/-P must corrupt images as the CPU does. Skipped
+without a CUDA device (CI has none; the comparison itself is checked here);
 ``benchmarks/gpu_check.sh OUT`` (its full mode) runs this file first.
 """
 from __future__ import annotations
@@ -66,6 +68,30 @@ def assert_same(cpu, gpu, **kwargs):
     assert not lines, f"{len(lines)} differences between the CPU and the GPU run:\n" + "\n".join(lines[:60])
 
 
+# the analyses whose random draws come from a generator on the evaluation device: a CUDA generator
+# draws other numbers than a CPU one for the same seed (their cache keys say which), so on a GPU
+# their numbers are another sample; lesion and feature-variance draw on the CPU
+DRAWN_ON_THE_DEVICE = ("occlusion", "pgd", "taig", "frequency")
+
+
+def assert_like_the_cpu(cpu, gpu, numbers=True):
+    """Every task of every model as on the CPU (``numbers``: to float32 rounding); the analyses that
+    draw on the device with the same shape, counts and finite numbers, and, where nothing is drawn,
+    the same numbers: the clean top-1 and the salient/non-salient occlusions."""
+    def split(results, drawn):
+        return {model: {task: r for task, r in tasks.items() if (task in DRAWN_ON_THE_DEVICE) == drawn}
+                for model, tasks in results.items() if model != "_meta"}
+    assert_same(split(cpu, False), split(gpu, False), numbers=numbers)
+    assert_same(split(cpu, True), split(gpu, True), numbers=False)
+    if numbers:
+        def undrawn(results):
+            return {model: {task: (r.get("clean_top1"), {k: v for k, v in r.get("top1", {}).items() if k != "random"}
+                                   if task == "occlusion" else None)
+                            for task, r in tasks.items() if isinstance(r, dict) and "unavailable" not in r}
+                    for model, tasks in split(results, True).items()}
+        assert_same(undrawn(cpu), undrawn(gpu))
+
+
 def results(out) -> dict:
     return json.loads((Path(out) / "results.json").read_text())
 
@@ -92,6 +118,45 @@ def test_compare_names_every_difference_and_only_those():
 
 
 @needs_cuda
+def test_generated_corruptions_on_the_gpu_are_the_cpus():
+    """Generated ImageNet-C/-P corrupt images on the evaluation device with CPU generators (the eval
+    hands lkfast.corrupt one per image; it draws on the generator's device): on the GPU every
+    corruption and perturbation must give the CPU's images, up to the kernels' rounding (a mean
+    difference under one grey level, where another draw is tens of levels away). The eval's own
+    generated ImageNet-C needs frost's photographs, which a bare GPU machine lacks (frost is left out
+    here then: the skip says why)."""
+    import lkfast.corrupt as lc
+    from optional_deps import FROST_MISSING
+    from test_corrupt import natural_images
+
+    x = natural_images(4, 64)
+
+    def apart(a, b):
+        return 255 * (a.cpu().double() - b.cpu().double()).abs().mean().item()
+
+    seed = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    other = lc.corrupt(x, "gaussian_noise", 1, generator=torch.Generator().manual_seed(8))
+    assert apart(lc.corrupt(x, "gaussian_noise", 1, generator=seed()), other) > 10  # what another draw does
+    far = []
+    for name in [n for n in lc.names("all") if not (n == "frost" and FROST_MISSING)]:
+        for severity in (1, 3, 5):
+            cpu = lc.corrupt(x, name, severity, generator=seed())
+            gpu = lc.corrupt(x.to(DEVICE), name, severity, generator=seed())
+            assert gpu.device.type == "cuda" and gpu.shape == cpu.shape
+            if apart(cpu, gpu) >= 1:
+                far.append(f"{name} severity {severity}: {apart(cpu, gpu):.2f} grey levels apart")
+    for name in lc.perturbation_names("all"):
+        cpu = lc.perturbation_sequence(x, name, 1, generator=seed())
+        gpu = lc.perturbation_sequence(x.to(DEVICE), name, 1, generator=seed())
+        assert gpu.device.type == "cuda" and gpu.shape == cpu.shape
+        if apart(cpu, gpu) >= 1:
+            far.append(f"{name} (ImageNet-P): {apart(cpu, gpu):.2f} grey levels apart")
+    assert not far, "\n".join(far)
+    if FROST_MISSING:
+        pytest.skip(f"frost left out: {FROST_MISSING}")
+
+
+@needs_cuda
 def test_every_benchmark_task_on_the_gpu_gives_the_cpus_results(tmp_path, data_root, checkpoint, baseline_checkpoint):
     from lkfast.eval.cli import main
 
@@ -108,12 +173,12 @@ def test_every_benchmark_task_on_the_gpu_gives_the_cpus_results(tmp_path, data_r
     # JPEGs decoded by PIL on the CPU, as in the CPU run: the same numbers
     gpu = run("gpu", "--device", DEVICE, "--no-gpu-decode")
     assert gpu["_meta"]["device"] == DEVICE
-    assert_same(cpu, gpu)
+    assert_like_the_cpu(cpu, gpu)
     # decoded on the GPU (the default there): pixels differ from PIL's by the decoders' rounding, so
     # every task must finish with the same counts and finite numbers, not the same numbers
     decoded = run("decoded", "--device", DEVICE)
     assert decoded["_meta"]["options"]["gpu_decode"] is True
-    assert_same(cpu, decoded, numbers=False)
+    assert_like_the_cpu(cpu, decoded, numbers=False)
 
 
 @needs_cuda
@@ -144,7 +209,7 @@ def test_every_analysis_on_the_gpu_gives_the_cpus_results(tmp_path, analysis_dat
         assert task in cpu["tiny"], task
     assert cpu["tiny"]["taig"]["surrogate"] == "tiny-vit" and "unavailable" not in cpu["tiny"]["occlusion"]
     gpu = run("gpu", device=DEVICE)
-    assert_same(cpu, gpu)
+    assert_like_the_cpu(cpu, gpu)
     # fp16 autocast and channels_last: lkfast's half-precision GPU kernels inside the attacks' gradients
     half = run("half", device=DEVICE, amp=True, channels_last=True)
-    assert_same(cpu, half, numbers=False)
+    assert_like_the_cpu(cpu, half, numbers=False)

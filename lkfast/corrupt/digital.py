@@ -100,31 +100,12 @@ def pixelate(x: torch.Tensor, severity: int, generator=None) -> torch.Tensor:
 
 def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
     """Encode each image as a JPEG at ``quality`` (4:2:0 chroma, Pillow's default, as the release
-    saved them) and decode it again. On the CPU this is the release's own codec, Pillow, over a
-    few threads (Pillow releases the GIL while coding); on CUDA torchvision's batched nvJPEG
-    where it can, else torchvision on the CPU."""
+    saved them) and decode it again, with the release's own codec, Pillow, over a few threads
+    (Pillow releases the GIL while coding), on every device: a GPU's images go through the CPU and
+    back. (torchvision's nvJPEG encoder writes 4:4:4 chroma, a milder corruption, and gives its
+    JPEGs back on the GPU, where torchvision 0.29's decoder refuses them with a ValueError.)"""
     pixels = _filters.rounded_levels(x).to(torch.uint8)
-    if pixels.device.type == "cpu":
-        return _pillow_roundtrip(pixels, quality).to(x.dtype) / 255
-    return _torchvision_roundtrip(pixels, quality).to(x.dtype) / 255
-
-
-def _torchvision_roundtrip(pixels: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG round trip of (N, 3, H, W) uint8 images with torchvision's codec on their device (nvJPEG on
-    a GPU, batched); where that device's codec refuses them, on the CPU and moved back."""
-    import warnings
-
-    from torchvision.io import decode_jpeg, encode_jpeg
-
-    with warnings.catch_warnings():  # torchvision 0.29 flags its codecs as moving to TorchCodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            decoded = decode_jpeg(encode_jpeg(list(pixels), quality=quality), device=pixels.device)
-        except RuntimeError:
-            if pixels.device.type == "cpu":
-                raise
-            decoded = [d.to(pixels.device) for d in decode_jpeg(encode_jpeg(list(pixels.cpu()), quality=quality))]
-    return torch.stack(list(decoded))
+    return _pillow_roundtrip(pixels.cpu(), quality).to(x.device, x.dtype) / 255
 
 
 def _pillow_roundtrip(pixels: torch.Tensor, quality: int) -> torch.Tensor:

@@ -375,7 +375,7 @@ def taig_memory_bytes() -> int:
     return int(megabytes * 2 ** 20)
 
 
-# TAIG images kept for the run's next target (LKFAST_TAIG_MEMORY_MB, default 1024; the embedded default's
+# TAIG images kept in host memory for the run's next target (LKFAST_TAIG_MEMORY_MB, default 1024; the embedded default's
 # need ~15 MB, ImageNet-val's 50,000 x 3 eps do not fit and are recomputed per target). Made at TAIG's
 # first batch (``_adversarials``).
 _ADVERSARIALS = None
@@ -425,7 +425,7 @@ def taig(ctx) -> dict:
         if adversarials is None:
             adversarials = attacks.transfer_adversarials(surrogate, x, y, generator=ctx.generators("val", indices),
                                                          **TAIG)
-            memo.put(key, adversarials)
+            memo.put(key, [a.cpu() for a in adversarials])  # in host memory: not the GPU's for the whole run
         return attacks.transfer_outcomes(surrogate, targets, x, y, adversarials=adversarials, **TAIG)
     records = ctx.records("val", _val_dataset(ctx), compute, key={"surrogate": spec.key(), **TAIG})
     result = dict(attacks.transfer_summary(records, list(targets), **TAIG)[ctx.spec.display], surrogate=spec.display)

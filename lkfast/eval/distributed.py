@@ -3,11 +3,17 @@ writes the results.
 
 Started with ``torchrun --nproc_per_node N -m lkfast.eval ...`` (or ``python -m
 torch.distributed.run``), the environment holds RANK/WORLD_SIZE/LOCAL_RANK and ``init()`` joins the
-process group (NCCL on CUDA, gloo on the CPU). Without those variables everything here is a
-one-process no-op, so the same code path serves both.
+process group. Without those variables everything here is a one-process no-op, so the same code path
+serves both.
+
+The ranks exchange only pickled objects (plans, cached results, records on the CPU), so the group is
+gloo's on every device: NCCL would send them through GPU memory and abort a rank that waits longer
+than its watchdog's 10 minutes, which a rank does whenever the others still compute the shards of a
+task it has finished (one TAIG shard takes longer than that). A rank waits up to ``TIMEOUT``.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, List
 
@@ -20,19 +26,21 @@ def launched_with_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init(device: str) -> None:
-    """Join the process group torchrun describes (no-op for one process or when already joined).
+# how long a rank waits for the others in one exchange: the slowest rank's remaining shards of a task
+TIMEOUT = datetime.timedelta(hours=48)
 
-    device: the evaluation device; "cuda" picks NCCL and binds this rank to GPU LOCAL_RANK,
-    anything else uses gloo."""
+
+def init(device: str) -> None:
+    """Join the process group torchrun describes (no-op for one process or when already joined):
+    gloo on every device (see the module's docstring); with device "cuda" this rank's GPU is
+    ``local_device``'s, made the current one."""
     if not launched_with_torchrun() or dist.is_initialized():
         return
     if int(os.environ["WORLD_SIZE"]) == 1:
         return
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
+    if device == "cuda":
+        torch.cuda.set_device(local_device(device))
+    dist.init_process_group(backend="gloo", timeout=TIMEOUT)
 
 
 def active() -> bool:
@@ -52,9 +60,12 @@ def is_main() -> bool:
 
 
 def local_device(device: str) -> str:
-    """The device this rank uses: "cuda" becomes "cuda:LOCAL_RANK" under torchrun."""
+    """The device this rank uses: "cuda" becomes "cuda:LOCAL_RANK" under torchrun (modulo the GPUs
+    this process sees: a launcher that gives each rank one GPU through CUDA_VISIBLE_DEVICES makes
+    it cuda:0)."""
     if device == "cuda" and launched_with_torchrun():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        count = torch.cuda.device_count()
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(count, 1)}"
     return device
 
 

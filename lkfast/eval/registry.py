@@ -43,7 +43,8 @@ class Task:
     reads: the options beyond the common ones the task uses: ``EvalOptions.analysis`` names (e.g.
         "dino_checkpoint"), "baseline" (the normalising model), "images" (``--analysis-images``: its
         image folders keep that many images, spread evenly) and "seed" (it draws random numbers:
-        ``ctx.generators``/``ctx.seed`` refuse a task without it): only those join its cache keys, so
+        ``ctx.generators``/``ctx.seed`` refuse a task without it; its generators are on the evaluation
+        device, so off the CPU its keys also hold the device type): only those join its cache keys, so
         another option does not recompute it.
     without_images: for a task that reads no images, what it reads instead (e.g. "the model's depthwise
         kernel weights"): ``--dry-run``'s note for it ("no images: reads ...", not a throughput).

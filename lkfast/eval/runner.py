@@ -108,9 +108,21 @@ class EvalOptions:
         and the keys made before it was left out stay valid), the GPU's JPEG decoding where it acts
         (on CUDA), and the analysis options in ``reads`` that are set, each as its value (from
         ``analysis`` or its environment variable) and, when it names a file, that file's size and
-        modification time (a replaced checkpoint is a new key)."""
-        key: Dict[str, Any] = {"amp": self.amp, "channels_last": self.channels_last,
+        modification time (a replaced checkpoint is a new key).
+
+        Off the CPU two more: ``--amp``'s dtype (fp16 on CUDA, bf16 on the CPU, keyed ``True`` as
+        before), and for a task that draws random numbers the generator's device type (a CUDA generator
+        draws other numbers than a CPU one for the same seed). Everything else gives the CPU's numbers
+        to float32 rounding on a GPU (the run keeps fp32 as fp32: no TF32, ``ieee_fp32``), so results
+        are shared across devices only where they agree."""
+        device_type = self.device.split(":")[0]
+        amp: Any = self.amp
+        if amp and device_type != "cpu":
+            amp = "float16"
+        key: Dict[str, Any] = {"amp": amp, "channels_last": self.channels_last,
                                "seed": self.seed if "seed" in reads else 0}
+        if "seed" in reads and device_type != "cpu":
+            key["generator"] = device_type
         if self.decodes_on_gpu:  # nvJPEG's pixels are not libjpeg's: --no-gpu-decode is another result
             key["decode"] = "gpu"
         used = {}
@@ -127,6 +139,30 @@ class EvalOptions:
         if used:
             key["analysis"] = used
         return key
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 computed in fp32 on CUDA while the evaluation runs: cuDNN's convolutions and cuBLAS's
+    matrix products without TF32. PyTorch's default lets cuDNN round fp32 convolution inputs to TF32
+    (10-bit mantissas) on Ampere and later GPUs, so a GPU run gave other numbers than the CPU's under
+    the same cache keys; without it they agree to float32 rounding (lkfast's own GPU kernels never use
+    TF32). ``--amp`` is the fast path. The settings are put back afterwards."""
+    settings = []
+    for owner, legacy in ((getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn),
+                          (torch.backends.cuda.matmul, torch.backends.cuda.matmul)):
+        if hasattr(owner, "fp32_precision"):  # torch 2.9+: mixing it with allow_tf32 is an error there
+            settings.append((owner, "fp32_precision", "ieee"))
+        else:
+            settings.append((legacy, "allow_tf32", False))
+    before = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
+    for owner, name, value in settings:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in before:
+            setattr(owner, name, value)
 
 
 def source_commit(folder: Optional[str] = None) -> Optional[str]:
@@ -157,9 +193,14 @@ def _error_line(error: BaseException) -> str:
 
 def out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is running out of memory: CUDA's OutOfMemoryError, Python's MemoryError, or
-    the RuntimeError of PyTorch's CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
-    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or \
-        (isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+    a RuntimeError saying so: PyTorch's CPU allocator ("DefaultCPUAllocator: can't allocate memory"),
+    CUDA's runtime outside PyTorch's allocator ("CUDA error: out of memory"), cuBLAS's and cuDNN's
+    workspaces ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in message for sign in ("can't allocate memory", "CUDA error: out of memory", "_STATUS_ALLOC_FAILED"))
 
 
 def _item_files(dataset) -> Optional[Sequence[Sequence[str]]]:
@@ -268,16 +309,20 @@ class TaskContext:
                                f"with reads=(..., 'seed') so that --seed is part of its cache keys")
         return self.options.seed
 
-    def generator(self, part: str, index: int) -> torch.Generator:
-        """A generator on the evaluation device seeded by (--seed, part, dataset index of the image)."""
+    def generator(self, part: str, index: int, device: Optional[str] = None) -> torch.Generator:
+        """A generator seeded by (--seed, part, dataset index of the image), on the evaluation device
+        (the draws of an analysis: a CUDA generator draws on the GPU, other numbers than the CPU's for
+        the same seed, so these tasks' keys hold the device type; see ``EvalOptions.numeric_key``) or
+        on ``device`` ("cpu" for data that must be the same on every device: generated ImageNet-C/-P,
+        as ``lkfast.data.writer`` renders them)."""
         seed = int(stable_hash([self.seed, part, int(index)], 12), 16)
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=device or self.device).manual_seed(seed)
 
-    def generators(self, part: str, indices: Sequence[int]) -> List[torch.Generator]:
+    def generators(self, part: str, indices: Sequence[int], device: Optional[str] = None) -> List[torch.Generator]:
         """One generator per image of a batch (``indices``: ``records``' third argument): an image's
         random draws do not depend on the batch size, the shard size, the number of ranks or which
         other images were unreadable."""
-        return [self.generator(part, i) for i in indices]
+        return [self.generator(part, i, device) for i in indices]
 
     # compute ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -330,14 +375,28 @@ class TaskContext:
         mine = todo[dist.rank()::dist.world_size()]
         if self.progress is not None:  # stored shards count as done
             self.progress.update(sum(b - a for i, (a, b) in enumerate(shards) if i in done) * frames)
-        computed = {}
-        for i, records in self._compute(part, dataset, [shards[i] for i in mine], mine, compute,
-                                        batch_size or self.options.batch_size, frames):
-            self.cache.save_shard(self.task.name, part, keys[i], records)
-            computed[i] = records
+        computed, failure = {}, None
+        try:
+            for i, records in self._compute(part, dataset, [shards[i] for i in mine], mine, compute,
+                                            batch_size or self.options.batch_size, frames):
+                self.cache.save_shard(self.task.name, part, keys[i], records)
+                computed[i] = records
+        except Exception as error:  # noqa: BLE001 (re-raised below, after the other ranks hear of it)
+            if not dist.active():
+                raise
+            failure = error  # the other ranks wait for this one's shards in all_gather: tell them, not hang them
+        shares = dist.all_gather({"records": {**stored, **computed},
+                                  "error": None if failure is None else
+                                  (isinstance(failure, (EvalError, DatasetLayoutError)), _error_line(failure))})
+        if failure is not None:
+            raise failure
+        for rank, share in enumerate(shares):
+            if share["error"] is not None:  # every rank fails this task alike: the run goes on (or stops) in step
+                task_error, line = share["error"]
+                raise (EvalError if task_error else RuntimeError)(f"{self.task.name}/{part}: rank {rank}: {line}")
         everything: Dict[int, Dict[str, Any]] = {}
-        for share in dist.all_gather({**stored, **computed}):
-            everything.update(share)
+        for share in shares:
+            everything.update(share["records"])
         if dist.is_main():
             for i, records in everything.items():
                 if i not in stored and not self.cache.shard_path(self.task.name, part, keys[i]).is_file():
@@ -505,6 +564,9 @@ class Runner:
             raise EvalError("--shard-size and --batch-size must be at least 1")
         if options.workers < 0:
             raise EvalError(f"--workers must be 0 (decode in this process) or more, got {options.workers}")
+        if options.device.startswith("cuda:") and dist.launched_with_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise EvalError(f"--device {options.device} under torchrun would put every rank on that one GPU: give "
+                            f"--device cuda (each rank takes the GPU of its LOCAL_RANK)")
         self.class_space = options.class_space or imagenet_class_space()
         self.device = dist.local_device(options.device)
         self.out = Path(options.out)
@@ -747,8 +809,10 @@ class Runner:
         ``{"unavailable": reason}`` and the run goes on. A task whose data or options are wrong
         (EvalError, DatasetLayoutError) is recorded the same way (with ``"error"``), the other tasks
         and the report still run, and then EvalError names every such failure. One run at a time
-        writes to an ``out`` folder: EvalError at once where another holds it (``_out_lock``)."""
-        with _out_lock(self.out) if dist.is_main() else contextlib.nullcontext() as locked:
+        writes to an ``out`` folder: EvalError at once where another holds it (``_out_lock``).
+        fp32 stays fp32 on a GPU (``ieee_fp32``), and ``cuda:N`` is the current device while it runs."""
+        on_gpu = torch.cuda.device(self.device) if self.device.startswith("cuda:") else contextlib.nullcontext()
+        with _out_lock(self.out) if dist.is_main() else contextlib.nullcontext() as locked, ieee_fp32(), on_gpu:
             if locked:  # (only where this run alone writes out: unlocked, another machine's may be live)
                 _remove_leftovers(self.out)
             return self._run()
@@ -764,6 +828,7 @@ class Runner:
             "python": platform.python_version(),
             "device": self.device, "device_name": torch.cuda.get_device_name(self.device)
             if self.device.startswith("cuda") else platform.processor() or platform.machine(),
+            "fp32": "ieee (no TF32)",  # ieee_fp32: on a GPU, PyTorch's default rounds cuDNN's fp32 inputs to TF32
             "world_size": dist.world_size(), "options": options, "tasks": list(self.tasks),
             "data_sources": {k: str(v) for k, v in sorted(self.options.data.items())},
             "class_space": self.class_space.name,
@@ -800,6 +865,8 @@ class Runner:
             entry["_model"] = self._model_card(spec)
             self._write(results)
             self._release(spec)
+            if self.options.baseline is not None:  # its results are kept (self._results): no need to hold it
+                self._release(self.options.baseline)
         self.meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self._write(results)
         report_error = None

@@ -146,16 +146,27 @@ class EncodedImages(torch.utils.data.Dataset):
         from torchvision.io import ImageReadMode, decode_jpeg
         from torchvision.transforms.v2 import functional as F
 
+        from lkfast.eval.runner import out_of_memory
+
+        def device_fault(error: RuntimeError) -> bool:
+            # the device's trouble, not the file's (torch.cuda.OutOfMemoryError is a RuntimeError too):
+            # raised, not counted as undecodable images (a smaller result, cached as if complete)
+            return out_of_memory(error) or "CUDA error" in str(error)
+
         try:
             decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
             ok = [True] * len(encoded)
-        except RuntimeError:  # one bad file fails the batch: decode one by one to find it
+        except RuntimeError as error:  # one bad file fails the batch: decode one by one to find it
+            if device_fault(error):
+                raise
             decoded, ok = [], []
             for data in encoded:
                 try:
                     decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
                     ok.append(True)
-                except RuntimeError:
+                except RuntimeError as error:
+                    if device_fault(error):
+                        raise
                     ok.append(False)
         images = []
         for image in decoded:

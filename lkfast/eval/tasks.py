@@ -220,7 +220,9 @@ def imagenet_o(ctx: TaskContext) -> dict:
 def _per_image(ctx: TaskContext, part: str, images: torch.Tensor, indices, corrupt_one) -> torch.Tensor:
     """``corrupt_one(image batch of one, generator)`` for each image with the generator of its dataset
     index, concatenated: generated ImageNet-C/-P do not depend on the batch or shard size."""
-    return torch.cat([corrupt_one(image[None], g) for image, g in zip(images, ctx.generators(part, indices))])
+    # CPU generators on every device: the same corrupted images as on the CPU and as the writer renders
+    # (lkfast.corrupt draws on the generator's device and moves the numbers)
+    return torch.cat([corrupt_one(image[None], g) for image, g in zip(images, ctx.generators(part, indices, "cpu"))])
 
 
 def _source_key(ctx: TaskContext, source: str):
