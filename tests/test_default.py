@@ -354,6 +354,35 @@ def test_the_default_trains_its_models_on_the_eval_s_device(tmp_path, monkeypatc
         assert argv[argv.index("--device") + 1] == expected, (given, argv)
 
 
+def test_under_torchrun_each_rank_trains_the_default_as_one_process(tmp_path, monkeypatch):
+    """Under torchrun every rank prepares the default before the eval joins its process group, and the
+    cache's lock lets one of them train each model while the others wait to reuse it. lkfast.train saw
+    torchrun's WORLD_SIZE and joined a process group, which the waiting ranks never joined: the run
+    hung. It trains as one process now, and torchrun's environment is put back afterwards."""
+    from lkfast.eval.cli import main
+
+    monkeypatch.setenv("LKFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default, "DEFAULT", TINY)
+    monkeypatch.setattr(default, "fix_kernel_choices", lambda: "0")
+    monkeypatch.setattr(default.synthetic, "build_base", lambda *a, **k: {})
+    monkeypatch.setattr("sys.argv", ["lkfast.eval"])
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+
+    class Trained(Exception):
+        pass
+
+    seen = []
+
+    def train(argv):
+        seen.append(os.environ.get("WORLD_SIZE"))
+        raise Trained
+    monkeypatch.setattr("lkfast.train.train", train)
+    with pytest.raises(Trained):
+        main(["--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert seen == ["1"] and os.environ["WORLD_SIZE"] == "2"
+
+
 def test_the_model_key_names_a_gpu_and_keeps_every_cpu_key(monkeypatch):
     """Weights trained on a GPU differ from the CPU's (TF32, other kernels, cuDNN's non-deterministic
     ones): a model trained on one is not reused for a run on the other. The key names the device type

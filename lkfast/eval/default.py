@@ -20,6 +20,7 @@ Settings live in ``DEFAULT`` (a ``DefaultSettings``); tests shrink it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -154,6 +155,23 @@ def _model_key(name: str, settings: DefaultSettings, device: str = "cpu") -> str
     return config_key(*parts, *(() if kind == "cpu" else (f"device-{kind}",)))
 
 
+@contextlib.contextmanager
+def _one_process():
+    """lkfast.train as one process, also under torchrun. Each rank prepares the default on its own
+    before the eval joins its process group: the cache's lock lets one rank train a model while the
+    others wait for it, then they reuse it. Seeing torchrun's WORLD_SIZE, train joined a process group
+    that the waiting ranks never joined: every rank waited on another for good."""
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = saved
+
+
 def ensure_model(name: str, settings: DefaultSettings = None, data_root: Optional[Path] = None,
                  progress: bool = True, device: Optional[str] = None) -> Path:
     """Train ``name`` on the synthetic benchmark with ``settings.recipe`` on ``device`` (the eval's
@@ -174,8 +192,9 @@ def ensure_model(name: str, settings: DefaultSettings = None, data_root: Optiona
         # the model's outputs in the class space's order (synthetic.CLASSES), not sorted folder names
         # on the eval's device (without --device, train picked CUDA wherever there is one: `--device cpu`
         # trained on GPU 0, so did `--device cuda:1`); after the recipe, which it overrides
-        train([name, "--data", str(data_root), "--out", str(work), "--classes", ",".join(synthetic.CLASSES),
-               *settings.recipe, "--device", device, *(() if progress else ("--no-progress",))])
+        with _one_process():
+            train([name, "--data", str(data_root), "--out", str(work), "--classes", ",".join(synthetic.CLASSES),
+                   *settings.recipe, "--device", device, *(() if progress else ("--no-progress",))])
         for file in ("model.safetensors", "summary.json"):
             shutil.copy2(work / file, folder / file)
 
