@@ -649,7 +649,8 @@ def test_torchrun_a_shard_failing_on_one_rank_fails_on_every_rank_without_a_hang
 
 def test_torchrun_ranks_exchange_over_gloo_and_take_their_own_gpus(tmp_path, monkeypatch):
     """The ranks exchange pickled objects only, and a rank waits for the others' shards for as long
-    as they take: over NCCL (chosen before on CUDA) the objects went through GPU memory and a wait
+    as they take (checked with torchrun by hand: 2 processes, the embedded default on tiny settings,
+    which stopped on rank 1 before is_main knew torchrun's RANK): over NCCL (chosen before on CUDA) the objects went through GPU memory and a wait
     past its watchdog's 10 minutes (one TAIG shard) aborted the run. gloo, with a long timeout, on
     every device. --device cuda:N under torchrun put every rank on GPU N: refused; "cuda" gives each
     rank its LOCAL_RANK's GPU, modulo the GPUs it sees (one per rank through CUDA_VISIBLE_DEVICES)."""
@@ -668,6 +669,12 @@ def test_torchrun_ranks_exchange_over_gloo_and_take_their_own_gpus(tmp_path, mon
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: joined.append(kwargs))
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    # before the group is joined (the embedded default prepares its data and models then), rank 0 is
+    # torchrun's RANK 0: every rank took --out's lock, and all but one stopped
+    assert not distributed.is_main()
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.is_main()
+    monkeypatch.setenv("RANK", "3")
     for count, gpu in ((4, "cuda:3"), (1, "cuda:0"), (2, "cuda:1")):
         monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
         assert distributed.local_device("cuda") == gpu

@@ -56,6 +56,12 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
+    """Whether this process is rank 0: of the group once joined, and before that (the embedded default
+    prepares its data and models before ``init``) the process torchrun started as RANK 0, so that what
+    one process must do then is done once (the default took --out's lock on every rank: all but one
+    stopped, saying another run was writing there)."""
+    if not active() and launched_with_torchrun():
+        return int(os.environ["RANK"]) == 0
     return rank() == 0
 
 
