@@ -80,6 +80,8 @@ COMPILE = bool(os.environ.get("LKFAST_BENCH_COMPILE"))
 AUTOCAST_VARIANTS = ("plain_cl_amp", "lkfast_cl_amp", "lkfast_folded_amp")
 AUTOCAST = bool(os.environ.get("LKFAST_BENCH_AUTOCAST"))
 AMP_DTYPE = torch.float16 if ON_CUDA else torch.bfloat16
+if ON_CUDA:  # cuDNN's fastest algorithms for the fixed shapes, as bench_gpu.py times the PyTorch baselines
+    torch.backends.cudnn.benchmark = True
 # The ceiling (Amdahl's bound on the model step): lkfast's models with the large depthwise convs free.
 CEILING_VARIANTS = ("lkfast_cl_nodw", "lkfast_folded_nodw")
 CEILING = bool(os.environ.get("LKFAST_BENCH_CEILING"))

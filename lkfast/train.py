@@ -9,7 +9,8 @@ DIR holds ``train/<class>/*`` and (optionally) ``val/<class>/*``. Each epoch end
 checkpoint ``OUT/last.pth`` (model, optimiser, EMA, epoch and the recipe); running the same command
 again resumes from it, and, because every epoch's randomness is seeded from (seed, epoch) (each
 image's augmentation from (seed, epoch, index), whichever loader worker reads it), a resumed run ends
-with the same weights as an uninterrupted one, also with another --workers. At the end ``OUT/model.safetensors`` holds
+with the same weights as an uninterrupted one, also with another --workers (on a GPU, as far as cuDNN's
+algorithms are deterministic: lkfast does not force them). At the end ``OUT/model.safetensors`` holds
 the weights to evaluate (the EMA weights when EMA is on) and ``OUT/summary.json`` the final
 accuracy. Large depthwise kernels run through lkfast's op (``lkfast.models.create_model(fast=True)``).
 
@@ -188,6 +189,19 @@ def _distributed(device: torch.device) -> tuple:
     return 0, 1
 
 
+def _process_device(device: torch.device, world: int) -> torch.device:
+    """This process's device: under torchrun (``world`` > 1) with --device cuda, the GPU of its
+    LOCAL_RANK, modulo the GPUs it sees (a launcher that gives each process one GPU through
+    CUDA_VISIBLE_DEVICES makes it cuda:0: LOCAL_RANK 1 was 'invalid device ordinal'). --device cuda:N
+    there would put every process on GPU N (it was replaced without a word): TrainError."""
+    if device.type != "cuda" or world == 1:
+        return device
+    if device.index is not None:
+        raise TrainError(f"--device {device} under torchrun would put every process on that one GPU: give --device "
+                         "cuda (each process takes the GPU of its LOCAL_RANK)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
+
+
 def _summed(values: list, device: torch.device) -> list:
     """``values`` (numbers) summed over the processes of the group, in float64. The tensor is on the
     training ``device``: NCCL reduces CUDA tensors alone (a CPU one raised 'No backend type associated
@@ -251,7 +265,10 @@ class _SeededDraws:
         self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(self.seed)
         np.random.seed(self.numpy_seed)
-        torch.manual_seed(self.seed)
+        # the CPU generator alone: torch.manual_seed also seeds every GPU (and only the CPU's state is put
+        # back), so with --workers 0 the main process's CUDA generator, which draws drop path's masks on
+        # a GPU, was reseeded by every image loaded (the same weights for any --workers held on the CPU only)
+        torch.default_generator.manual_seed(self.seed)
         return self
 
     def __exit__(self, *exc):
@@ -565,8 +582,8 @@ def _train(args, saved: dict) -> dict:
     if num_classes < len(classes):
         raise TrainError(f"--num-classes {num_classes} is fewer than the {len(classes)} class folders of {train_dir}")
     rank, world = _distributed(device)
+    device = _process_device(device, world)
     if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
 
     _seed_everything(args.seed)

@@ -585,7 +585,8 @@ def test_an_unreadable_image_is_named_and_a_trained_epoch_is_kept(dataset, tmp_p
     a_png = sorted((data / "train" / CLASSES[0]).iterdir())[0]
     truncated = data / "train" / CLASSES[0] / "truncated.png"
     truncated.write_bytes(a_png.read_bytes()[:100])
-    run = [MODEL, "--data", str(data), "--workers", str(workers), *FAST]
+    run = [MODEL, "--data", str(data), "--workers", str(workers), *FAST,
+           "--device", "cpu"]  # bitwise: on a GPU cuDNN's backward algorithms need not be deterministic
     out = tmp_path / "o"
     assert main([*run, "--out", str(out), "--epochs", "1"]) == 2
     err = capsys.readouterr().err
@@ -631,7 +632,8 @@ def test_the_worker_count_changes_no_draw_and_a_resume_may_change_it(dataset, tm
     drawn from (seed, epoch, index): the same weights for any --workers, resumed or not."""
     recipe = [MODEL, "--data", str(dataset), "--epochs", "2", "--max-steps-per-epoch", "2", "--batch-size", "4",
               "--warmup-epochs", "0", "--lr", "3e-3", "--quiet", "--aa", "rand-m9-mstd0.5", "--color-jitter", "0.4",
-              "--mixup", "0.2", "--cutmix", "1.0", "--drop-path", "0.1"]
+              "--mixup", "0.2", "--cutmix", "1.0", "--drop-path", "0.1",
+              "--device", "cpu"]  # bitwise: on a GPU cuDNN's backward algorithms need not be deterministic
     whole = train(recipe + ["--out", str(tmp_path / "w0")])
     assert train(recipe + ["--out", str(tmp_path / "w2"), "--workers", "2"])["train_loss"] == whole["train_loss"]
     train(recipe + ["--out", str(tmp_path / "split"), "--stop-after-epoch", "1"])
@@ -648,7 +650,8 @@ def test_loader_workers_started_by_spawn_train_as_fork_and_none_do(dataset, tmp_
     defined inside a function, so every --workers > 0 run failed there ("Can't pickle local object").
     Run with spawn as the start method (a child process: the method is process-wide) and compare
     with the same recipe without workers."""
-    recipe = [MODEL, "--data", str(dataset), "--epochs", "1", "--max-steps-per-epoch", "2", *FAST]
+    recipe = [MODEL, "--data", str(dataset), "--epochs", "1", "--max-steps-per-epoch", "2", *FAST,
+              "--device", "cpu"]  # bitwise: on a GPU cuDNN's backward algorithms need not be deterministic
     alone = train(recipe + ["--out", str(tmp_path / "alone")])
     script = ("import json, multiprocessing, sys\n"
               "multiprocessing.set_start_method('spawn')\n"
@@ -662,6 +665,40 @@ def test_loader_workers_started_by_spawn_train_as_fork_and_none_do(dataset, tmp_
     a, b = _weights(tmp_path / "alone"), _weights(tmp_path / "spawn")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_the_seeded_augmentation_leaves_the_gpus_generators_alone(monkeypatch):
+    """Each image's augmentation is drawn from its own seed inside _SeededDraws, which put back the
+    CPU's generator only, but seeded with torch.manual_seed, which seeds every GPU too: with --workers
+    0 the main process's CUDA generator (drop path's masks on a GPU) was reseeded by every image."""
+    import lkfast.train as train_module
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeded.append)
+    before = torch.get_rng_state()
+    with train_module._SeededDraws((0, 3, 17)):
+        inside = torch.rand(3)
+    with train_module._SeededDraws((0, 3, 17)):
+        assert torch.equal(torch.rand(3), inside)  # the same key, the same draws
+    assert seeded == [] and torch.equal(torch.get_rng_state(), before)
+
+
+def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """LOCAL_RANK modulo the GPUs the process sees (one per process through CUDA_VISIBLE_DEVICES:
+    LOCAL_RANK 1 was 'invalid device ordinal'); --device cuda:N would put every process on one GPU
+    and was replaced without a word: refused. One process: the device as given."""
+    from lkfast.train import TrainError, _process_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    for count, index in ((4, 3), (1, 0), (2, 1)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        assert _process_device(torch.device("cuda"), 4) == torch.device("cuda", index)
+    with pytest.raises(TrainError, match=r"--device cuda:1 under torchrun would put every process on that one GPU: "
+                                         r"give --device cuda \(each process takes the GPU of its LOCAL_RANK\)"):
+        _process_device(torch.device("cuda:1"), 4)
+    assert _process_device(torch.device("cuda:1"), 1) == torch.device("cuda:1")
+    assert _process_device(torch.device("cpu"), 4) == torch.device("cpu")
 
 
 def test_the_process_group_backend_follows_the_run_s_device(dataset, tmp_path, monkeypatch):
