@@ -825,6 +825,72 @@ def test_cuda_auto_falls_back_where_the_kernels_cannot_launch():
         ops.depthwise_conv2d(x, w, backend="cuda")
 
 
+# The eval's --amp and the attacks' transforms on a GPU: what test_depthwise.py checks on the CPU
+# (test_the_op_follows_autocast_whichever_backend_computes, test_torch_func_transforms_compute_with_conv2d)
+AUTOCAST_DEVICE, AUTOCAST_DTYPE, AUTOCAST_BACKENDS = "cuda", torch.float16, ("cuda", "triton", "triton_mma", "torch", "auto")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_op_follows_autocast_on_every_gpu_backend(channels_last):
+    """Under CUDA autocast (fp16: the eval's --amp on a GPU) the op's fp32 inputs are cast as
+    F.conv2d's are, on every GPU backend that can run the call and on auto: fp16 out, close to
+    F.conv2d's, and the backward gives fp32 gradients to the fp32 leaves."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ran = []
+    for backend in AUTOCAST_BACKENDS:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 64, 28, 28, generator=g).to(AUTOCAST_DEVICE).contiguous(memory_format=fmt).requires_grad_()
+        w = (torch.randn(64, 1, 13, 13, generator=g) / 13).to(AUTOCAST_DEVICE).requires_grad_()
+        b = torch.randn(64, generator=g).to(AUTOCAST_DEVICE).requires_grad_()
+        if backend != "auto" and BACKENDS[backend].not_supported_reasons(x.detach().to(AUTOCAST_DTYPE),
+                                                                         w.detach().to(AUTOCAST_DTYPE)):
+            continue
+        with torch.autocast(AUTOCAST_DEVICE, dtype=AUTOCAST_DTYPE):
+            y = ops.depthwise_conv2d(x, w, b, backend=backend)
+            reference = F.conv2d(x, w, b, padding=6, groups=64)
+        assert y.dtype == reference.dtype == AUTOCAST_DTYPE, backend
+        assert rel_err(y, reference) < 2e-2, backend
+        y.float().square().sum().backward()
+        assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32, backend
+        assert x.grad.isfinite().all() and w.grad.isfinite().all() and w.grad.abs().sum() > 0, backend
+        ran.append(backend)
+    assert "auto" in ran and len(ran) >= 3, ran
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_op_under_torch_func_transforms_computes_with_conv2d():
+    """vmap, jvp, jacrev and a second derivative through the op on GPU tensors equal the same
+    transforms of F.conv2d (the op computes with it under a transform); a named lkfast kernel says
+    it cannot run there."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 9, 9, generator=g, dtype=torch.float64).to(AUTOCAST_DEVICE)
+    w = torch.randn(4, 1, 5, 3, generator=g, dtype=torch.float64).to(AUTOCAST_DEVICE)
+    b = torch.randn(4, generator=g, dtype=torch.float64).to(AUTOCAST_DEVICE)
+
+    def fast(x, w):
+        return ops.depthwise_conv2d(x, w, b)
+
+    def plain(x, w):
+        return F.conv2d(x, w, b, padding=(2, 1), groups=4)
+
+    func = torch.func
+    cases = {
+        "vmap over x": lambda f: func.vmap(f, in_dims=(0, None))(x.unsqueeze(1), w),
+        "vmap over w": lambda f: func.vmap(f, in_dims=(None, 0))(x, torch.stack([w, 2 * w])),
+        "jvp": lambda f: func.jvp(f, (x, w), (torch.ones_like(x), w.cos())),
+        "jacrev": lambda f: func.jacrev(f, argnums=1)(x[:1, :, :4, :4], w),
+        "grad of grad": lambda f: func.grad(lambda w: func.grad(lambda w: f(x, w).pow(3).sum())(w).square().sum())(w),
+    }
+    for name, transform in cases.items():
+        torch.testing.assert_close(transform(fast), transform(plain), rtol=1e-10, atol=1e-10, msg=name)
+    named = AUTOCAST_BACKENDS[0]
+    with pytest.raises(RuntimeError, match=f"backend '{named}' cannot run under torch.func transforms"):
+        func.vmap(lambda x: ops.depthwise_conv2d(x, w, backend=named))(x.unsqueeze(1))
+
+
 # (shape, k, dtype) -> sizes worked by hand from dwconv_cuda.cu's launches. NCHW forward: kh x kwp taps
 # (kwp: kw rounded up to 4) and the (TH + kh - 1) x pitch input tile, in the accumulation type (fp64
 # for fp64, else fp32); 64 x 32 tiles (RB 2, RW 8: pitch = kwp + 32 rounded up to an odd number of
