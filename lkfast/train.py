@@ -441,7 +441,7 @@ def evaluate(model: nn.Module, loader, device) -> tuple:
     model.eval()
     correct = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in _batches(loader):
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         correct[0] += (model(x).argmax(-1) == y).sum()
         correct[1] += len(y)
     if dist.is_initialized():
@@ -671,7 +671,7 @@ def _train(args, saved: dict) -> dict:
         # shares to equal length with repeated images, counted twice in the accuracy).
         share = val_set if world == 1 else Subset(val_set, range(rank, len(val_set), world))
         val_loader = DataLoader(share, batch_size=args.batch_size * 2, sampler=SequentialSampler(share),
-                                num_workers=args.workers, collate_fn=_collate)
+                                num_workers=args.workers, collate_fn=_collate, pin_memory=device.type == "cuda")
 
     if val_loader is not None and history and "val_top1" not in history[-1]:  # its validation did not finish
         history[-1]["val_top1"], history[-1]["val_images"] = evaluate(ema.module if ema is not None else model,
@@ -695,7 +695,8 @@ def _train(args, saved: dict) -> dict:
         loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                             drop_last=len(train_set) >= args.batch_size * world * 2,
                             generator=torch.Generator().manual_seed(epoch_seed),
-                            persistent_workers=False, collate_fn=_collate)
+                            persistent_workers=False, collate_fn=_collate,
+                            pin_memory=device.type == "cuda")  # page-locked batches: the copies below overlap the GPU
         net.train()
         total, count = 0.0, 0
         bar = tqdm(total=min(len(loader), steps_per_epoch), desc=f"{args.model} epoch {epoch + 1}/{args.epochs}",
@@ -703,7 +704,7 @@ def _train(args, saved: dict) -> dict:
         for step, (x, y) in enumerate(_batches(loader)):
             if step >= steps_per_epoch:
                 break
-            x, y = x.to(device, memory_format=memory_format), y.to(device)
+            x, y = x.to(device, memory_format=memory_format, non_blocking=True), y.to(device, non_blocking=True)
             if mixup is not None:
                 x, y = mix_batch(mixup, x, y, num_classes, args.smoothing)
             loss = criterion(net(x), y)
