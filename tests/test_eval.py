@@ -1121,16 +1121,24 @@ def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):
 def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_setting_back(tmp_path, data_root, checkpoint, monkeypatch):
     """PyTorch lets cuDNN round fp32 convolution inputs to TF32 on Ampere and later GPUs by default:
     a GPU run gave other numbers than the CPU's under the same cache keys. The run turns TF32 off
-    for cuDNN and cuBLAS while it computes, says so in its metadata, and puts the settings back."""
+    for cuDNN and cuBLAS while it computes, says so in its metadata, and puts the settings back.
+    (Each through fp32_precision where this torch has it, else allow_tf32: torch 2.11's cuBLAS has
+    only the latter, as the GPU machine's torch.)"""
     from lkfast.eval.runner import ieee_fp32
 
-    conv = torch.backends.cudnn.conv
-    monkeypatch.setattr(conv, "fp32_precision", "tf32")  # PyTorch's default (the tests' conftest sets ieee)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    knobs = [(owner, "fp32_precision", "tf32", "ieee") if hasattr(owner, "fp32_precision") else
+             (legacy, "allow_tf32", True, False)
+             for owner, legacy in ((getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn),
+                                   (torch.backends.cuda.matmul, torch.backends.cuda.matmul))]
+    for owner, name, on, _ in knobs:  # PyTorch's TF32 (the tests' conftest turns cuDNN's off)
+        monkeypatch.setattr(owner, name, on)
+
+    def now():
+        return [getattr(owner, name) for owner, name, _, _ in knobs]
     seen = []
 
     def precision(ctx):
-        seen.append((conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        seen.append(now())
         return {"n": 1}
     register_task("test-precision", precision, needs=("val",), replace=True)
     try:
@@ -1140,12 +1148,12 @@ def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_setting_back(tmp_path
         run_evaluation(specs, ["test-precision"], options)
     finally:
         TASKS.pop("test-precision")
-    assert seen == [("ieee", "ieee")]
-    assert (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("tf32", "tf32")
+    assert seen == [[off for _, _, _, off in knobs]]
+    assert now() == [on for _, _, on, _ in knobs]
     assert load(tmp_path)["_meta"]["fp32"] == "ieee (no TF32)"
     with pytest.raises(KeyError), ieee_fp32():  # put back after an error too
         raise KeyError
-    assert conv.fp32_precision == "tf32"
+    assert now() == [on for _, _, on, _ in knobs]
 
 
 def test_generated_corruptions_are_the_cpus_on_any_device(tmp_path):
