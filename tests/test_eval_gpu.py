@@ -24,7 +24,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 from reference import HAS_CUDA  # noqa: E402
-from test_analysis import analysis_data, varied_replknet_state  # noqa: E402,F401  (fixtures)
+from test_analysis import analysis_data  # noqa: E402,F401  (a fixture)
 from test_eval import SIZE, baseline_checkpoint, checkpoint, data_root  # noqa: E402,F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
