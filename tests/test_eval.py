@@ -1118,7 +1118,7 @@ def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):
         TASKS.pop("test-mean-logit")
 
 
-def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_setting_back(tmp_path, data_root, checkpoint, monkeypatch):
+def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_setting_back(tmp_path, data_root, checkpoint):
     """PyTorch lets cuDNN round fp32 convolution inputs to TF32 on Ampere and later GPUs by default:
     a GPU run gave other numbers than the CPU's under the same cache keys. The run turns TF32 off
     for cuDNN and cuBLAS while it computes, says so in its metadata, and puts the settings back.
@@ -1130,11 +1130,13 @@ def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_setting_back(tmp_path
              (legacy, "allow_tf32", True, False)
              for owner, legacy in ((getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn),
                                    (torch.backends.cuda.matmul, torch.backends.cuda.matmul))]
-    for owner, name, on, _ in knobs:  # PyTorch's TF32 (the tests' conftest turns cuDNN's off)
-        monkeypatch.setattr(owner, name, on)
 
     def now():
         return [getattr(owner, name) for owner, name, _, _ in knobs]
+    # set and put back by hand: torch 2.11's cuBLAS settings hide from monkeypatch, whose undo then fails
+    before = now()
+    for owner, name, on, _ in knobs:  # PyTorch's TF32 (the tests' conftest turns cuDNN's off)
+        setattr(owner, name, on)
     seen = []
 
     def precision(ctx):
@@ -1146,14 +1148,17 @@ def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_setting_back(tmp_path
         options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val")}, workers=0, progress=False,
                               write_report=False)
         run_evaluation(specs, ["test-precision"], options)
+        after = now()
+        with pytest.raises(KeyError), ieee_fp32():  # put back after an error too
+            raise KeyError
+        after_error = now()
     finally:
         TASKS.pop("test-precision")
+        for (owner, name, _, _), value in zip(knobs, before):
+            setattr(owner, name, value)
     assert seen == [[off for _, _, _, off in knobs]]
-    assert now() == [on for _, _, on, _ in knobs]
+    assert after == after_error == [on for _, _, on, _ in knobs]
     assert load(tmp_path)["_meta"]["fp32"] == "ieee (no TF32)"
-    with pytest.raises(KeyError), ieee_fp32():  # put back after an error too
-        raise KeyError
-    assert now() == [on for _, _, on, _ in knobs]
 
 
 def test_generated_corruptions_are_the_cpus_on_any_device(tmp_path):
