@@ -460,3 +460,17 @@ def assert_nonfinite_superset(got: torch.Tensor, want: torch.Tensor, tolerance: 
         scale = want[torch.isfinite(want)].abs().max().clamp_min(1e-12)
         err = ((got[finite] - want[finite]).abs().max() / scale).item()
         assert err < tolerance, f"{what}: finite values off by {err} (tolerance {tolerance})"
+
+
+def func_transforms(x: torch.Tensor, w: torch.Tensor) -> dict:
+    """name -> transform(f) of ``f(x, w)`` under torch.func (vmap over inputs and over weights, jvp,
+    jacrev, a second derivative): what the op must compute as F.conv2d does (test_depthwise.py on the
+    CPU, test_cuda.py on a GPU)."""
+    func = torch.func
+    return {
+        "vmap over x": lambda f: func.vmap(f, in_dims=(0, None))(x.unsqueeze(1), w),
+        "vmap over w": lambda f: func.vmap(f, in_dims=(None, 0))(x, torch.stack([w, 2 * w])),
+        "jvp": lambda f: func.jvp(f, (x, w), (torch.ones_like(x), w.cos())),
+        "jacrev": lambda f: func.jacrev(f, argnums=1)(x[:1, :, :4, :4], w),
+        "grad of grad": lambda f: func.grad(lambda w: func.grad(lambda w: f(x, w).pow(3).sum())(w).square().sum())(w),
+    }

@@ -34,6 +34,7 @@ from lkfast.bench import valid_taps
 from lkfast.ops import cuda_table
 from lkfast.ops.backends import BACKENDS, Plan
 from reference import (FORMATS, GPU_SHAPES, HAS_CUDA, TOLERANCE, assert_nonfinite_match, backend_or_skip, case_id,
+                       func_transforms,
                        check_op, exact_reference, make_case, make_input, make_weight, rel_err, run_op)
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none visible to torch here)")
@@ -877,14 +878,7 @@ def test_cuda_op_under_torch_func_transforms_computes_with_conv2d():
         return F.conv2d(x, w, b, padding=(2, 1), groups=4)
 
     func = torch.func
-    cases = {
-        "vmap over x": lambda f: func.vmap(f, in_dims=(0, None))(x.unsqueeze(1), w),
-        "vmap over w": lambda f: func.vmap(f, in_dims=(None, 0))(x, torch.stack([w, 2 * w])),
-        "jvp": lambda f: func.jvp(f, (x, w), (torch.ones_like(x), w.cos())),
-        "jacrev": lambda f: func.jacrev(f, argnums=1)(x[:1, :, :4, :4], w),
-        "grad of grad": lambda f: func.grad(lambda w: func.grad(lambda w: f(x, w).pow(3).sum())(w).square().sum())(w),
-    }
-    for name, transform in cases.items():
+    for name, transform in func_transforms(x, w).items():
         torch.testing.assert_close(transform(fast), transform(plain), rtol=1e-10, atol=1e-10, msg=name)
     named = AUTOCAST_BACKENDS[0]
     with pytest.raises(RuntimeError, match=f"backend '{named}' cannot run under torch.func transforms"):

@@ -14,6 +14,7 @@ import torch
 import lkfast.ops as ops
 from lkfast.ops.backends import BACKENDS, FLOAT_DTYPES, PASSES, Plan, dtype_name
 from reference import (BACKEND_DEVICES, DEVICES, FORMATS, ISA_ORDER, PASS_NAMES, TOLERANCE, backend_or_skip, case_id,
+                       func_transforms,
                        check_op, cpu_kernels_on_isa,
                        device_or_skip, make_input, make_weight, reference, rel_err, run_op)
 
@@ -857,14 +858,7 @@ def test_torch_func_transforms_compute_with_conv2d(tmp_path, monkeypatch):
         return F.conv2d(x, w, b, padding=(2, 1), groups=4)
 
     func = torch.func
-    cases = {
-        "vmap over x": lambda f: func.vmap(f, in_dims=(0, None))(x.unsqueeze(1), w),
-        "vmap over w": lambda f: func.vmap(f, in_dims=(None, 0))(x, torch.stack([w, 2 * w])),
-        "jvp": lambda f: func.jvp(f, (x, w), (torch.ones_like(x), w.cos())),
-        "jacrev": lambda f: func.jacrev(f, argnums=1)(x[:1, :, :4, :4], w),
-        "grad of grad": lambda f: func.grad(lambda w: func.grad(lambda w: f(x, w).pow(3).sum())(w).square().sum())(w),
-    }
-    for name, transform in cases.items():
+    for name, transform in func_transforms(x, w).items():
         torch.testing.assert_close(transform(fast), transform(plain), rtol=1e-10, atol=1e-10, msg=name)
     assert list(tmp_path.iterdir()) == []  # no calibration file: nothing measured under a transform
     with pytest.raises(RuntimeError, match="backend 'cpu' cannot run under torch.func transforms.*'auto' or 'torch'"):
