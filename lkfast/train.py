@@ -189,15 +189,17 @@ def _distributed(device: torch.device) -> tuple:
     return 0, 1
 
 
-def _process_device(device: torch.device, world: int) -> torch.device:
-    """This process's device: under torchrun (``world`` > 1) with --device cuda, the GPU of its
-    LOCAL_RANK, modulo the GPUs it sees (a launcher that gives each process one GPU through
-    CUDA_VISIBLE_DEVICES makes it cuda:0: LOCAL_RANK 1 was 'invalid device ordinal'). --device cuda:N
-    there would put every process on GPU N (it was replaced without a word): TrainError."""
+def process_device(device, world: int) -> torch.device:
+    """This process's device, the one rule of ``lkfast.train`` and ``lkfast.eval``: under torchrun
+    (``world`` > 1 processes) ``cuda`` is the GPU of the process's LOCAL_RANK, modulo the GPUs it
+    sees (a launcher that gives each process one GPU through CUDA_VISIBLE_DEVICES makes it cuda:0:
+    LOCAL_RANK 1 was 'invalid device ordinal'); ``cuda:N`` there would put every process on GPU N
+    (it was replaced without a word): ValueError. One process: the device as given."""
+    device = torch.device(device)
     if device.type != "cuda" or world == 1:
         return device
     if device.index is not None:
-        raise TrainError(f"--device {device} under torchrun would put every process on that one GPU: give --device "
+        raise ValueError(f"--device {device} under torchrun would put every process on that one GPU: give --device "
                          "cuda (each process takes the GPU of its LOCAL_RANK)")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
 
@@ -582,7 +584,10 @@ def _train(args, saved: dict) -> dict:
     if num_classes < len(classes):
         raise TrainError(f"--num-classes {num_classes} is fewer than the {len(classes)} class folders of {train_dir}")
     rank, world = _distributed(device)
-    device = _process_device(device, world)
+    try:
+        device = process_device(device, world)
+    except ValueError as error:
+        raise TrainError(str(error)) from None
     if device.type == "cuda" and world > 1:
         torch.cuda.set_device(device)
 

@@ -683,8 +683,8 @@ def test_torchrun_ranks_exchange_over_gloo_and_take_their_own_gpus(tmp_path, mon
     assert current == ["cuda:1"]
     assert [j["backend"] for j in joined] == ["gloo", "gloo"]
     assert all(j["timeout"] >= datetime.timedelta(hours=24) for j in joined)
-    with pytest.raises(EvalError, match="--device cuda:1 under torchrun would put every rank on that one GPU: give "
-                                        r"--device cuda \(each rank takes the GPU of its LOCAL_RANK\)"):
+    with pytest.raises(EvalError, match="--device cuda:1 under torchrun would put every process on that one GPU: give "
+                                        r"--device cuda \(each process takes the GPU of its LOCAL_RANK\)"):
         Runner([], ["clean"], EvalOptions(out=str(tmp_path), device="cuda:1"))
     assert Runner([], ["clean"], EvalOptions(out=str(tmp_path), device="cuda")).device == "cuda:1"
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: any GPU

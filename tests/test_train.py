@@ -684,21 +684,31 @@ def test_the_seeded_augmentation_leaves_the_gpus_generators_alone(monkeypatch):
     assert seeded == [] and torch.equal(torch.get_rng_state(), before)
 
 
-def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(dataset, tmp_path, monkeypatch):
     """LOCAL_RANK modulo the GPUs the process sees (one per process through CUDA_VISIBLE_DEVICES:
     LOCAL_RANK 1 was 'invalid device ordinal'); --device cuda:N would put every process on one GPU
-    and was replaced without a word: refused. One process: the device as given."""
-    from lkfast.train import TrainError, _process_device
+    and was replaced without a word: refused, as train's one error line. One process: the device as
+    given. (lkfast.eval's ranks follow the same function: test_eval's torchrun test.)"""
+    import lkfast.train as train_module
+    from lkfast.train import TrainError, process_device
 
     monkeypatch.setenv("LOCAL_RANK", "3")
     for count, index in ((4, 3), (1, 0), (2, 1)):
         monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
-        assert _process_device(torch.device("cuda"), 4) == torch.device("cuda", index)
-    with pytest.raises(TrainError, match=r"--device cuda:1 under torchrun would put every process on that one GPU: "
-                                         r"give --device cuda \(each process takes the GPU of its LOCAL_RANK\)"):
-        _process_device(torch.device("cuda:1"), 4)
-    assert _process_device(torch.device("cuda:1"), 1) == torch.device("cuda:1")
-    assert _process_device(torch.device("cpu"), 4) == torch.device("cpu")
+        assert process_device(torch.device("cuda"), 4) == torch.device("cuda", index)
+        assert process_device("cuda", 4) == torch.device("cuda", index)
+    refusal = (r"--device cuda:1 under torchrun would put every process on that one GPU: "
+               r"give --device cuda \(each process takes the GPU of its LOCAL_RANK\)")
+    with pytest.raises(ValueError, match=refusal):
+        process_device(torch.device("cuda:1"), 4)
+    assert process_device(torch.device("cuda:1"), 1) == torch.device("cuda:1")
+    assert process_device(torch.device("cpu"), 4) == torch.device("cpu")
+    # through train(): a TrainError (its one error line), before any model or data is made
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train_module, "_distributed", lambda device: (0, 4))
+    monkeypatch.setattr(train_module, "_make_model", lambda *a: pytest.fail("a model was made"))
+    with pytest.raises(TrainError, match=refusal):
+        train_module.train(["resnet18", "--data", str(dataset), "--out", str(tmp_path / "out"), "--device", "cuda:1"])
 
 
 def test_the_process_group_backend_follows_the_run_s_device(dataset, tmp_path, monkeypatch):

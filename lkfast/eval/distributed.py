@@ -66,13 +66,13 @@ def is_main() -> bool:
 
 
 def local_device(device: str) -> str:
-    """The device this rank uses: "cuda" becomes "cuda:LOCAL_RANK" under torchrun (modulo the GPUs
-    this process sees: a launcher that gives each rank one GPU through CUDA_VISIBLE_DEVICES makes
-    it cuda:0)."""
-    if device == "cuda" and launched_with_torchrun():
-        count = torch.cuda.device_count()
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(count, 1)}"
-    return device
+    """The device this rank uses (``lkfast.train.process_device``'s rule): under torchrun with more
+    than one process "cuda" becomes "cuda:LOCAL_RANK" (modulo the GPUs this process sees) and
+    "cuda:N" is refused (ValueError); otherwise the device as given."""
+    from lkfast.train import process_device
+
+    world = int(os.environ["WORLD_SIZE"]) if launched_with_torchrun() else 1
+    return str(process_device(device, world))
 
 
 def broadcast(obj: Any) -> Any:

@@ -564,11 +564,11 @@ class Runner:
             raise EvalError("--shard-size and --batch-size must be at least 1")
         if options.workers < 0:
             raise EvalError(f"--workers must be 0 (decode in this process) or more, got {options.workers}")
-        if options.device.startswith("cuda:") and dist.launched_with_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
-            raise EvalError(f"--device {options.device} under torchrun would put every rank on that one GPU: give "
-                            f"--device cuda (each rank takes the GPU of its LOCAL_RANK)")
+        try:
+            self.device = dist.local_device(options.device)
+        except ValueError as error:  # cuda:N under torchrun
+            raise EvalError(str(error)) from None
         self.class_space = options.class_space or imagenet_class_space()
-        self.device = dist.local_device(options.device)
         self.out = Path(options.out)
         self._loaded: Dict[ModelSpec, Any] = {}
         self._results: Dict[tuple, Dict[str, Any]] = {}
