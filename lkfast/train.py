@@ -17,11 +17,13 @@ accuracy. Large depthwise kernels run through lkfast's op (``lkfast.models.creat
 The recipe, each part a flag: AdamW (``timm.optim.create_optimizer_v2``, no weight decay on norms
 and biases), cosine schedule with linear warm-up per step (``timm.scheduler.CosineLRScheduler``),
 label smoothing (``timm.loss``), mixup/cutmix (``timm.data.Mixup``), RandAugment and random resized
-crops (``timm.data.create_transform``), EMA of the weights (``timm.utils.ModelEmaV3``).
+crops (``timm.data.create_transform``), EMA of the weights (``timm.utils.ModelEmaV3``); ``--amp``
+for mixed precision (``amp_settings``: fp16 with loss scaling on CUDA, bf16 on the CPU).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fast", action="store_true", help="plain nn.Conv2d instead of lkfast's op")
     p.add_argument("--channels-last", action="store_true", help="train in channels_last memory format "
                                                                 "(often faster on the CPU)")
+    p.add_argument("--amp", action="store_true", help="mixed precision: fp16 autocast with loss scaling on CUDA, "
+                                                      "bf16 autocast on the CPU (weights and optimiser stay fp32)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pth exists")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
     p.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests: an interruption
@@ -436,20 +440,37 @@ def _recipe_differences(saved: dict, args) -> list:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device) -> tuple:
+def evaluate(model: nn.Module, loader, device, amp_dtype: Optional[torch.dtype] = None) -> tuple:
     """Top-1 accuracy in percent of ``model`` on ``loader`` and the number of images, both summed
-    over every process (each process's loader holds its own share of the images)."""
+    over every process (each process's loader holds its own share of the images). ``amp_dtype``:
+    autocast to it (``amp_settings``), None for none."""
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     correct = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in _batches(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        correct[0] += (model(x).argmax(-1) == y).sum()
+        with _autocast(device, amp_dtype):
+            logits = model(x)
+        correct[0] += (logits.argmax(-1) == y).sum()
         correct[1] += len(y)
     if dist.is_initialized():
         dist.all_reduce(correct)
     model.train(was_training)
     return float(100.0 * correct[0] / correct[1].clamp(min=1)), int(correct[1])
+
+
+def amp_settings(device: torch.device, amp: bool) -> tuple:
+    """``--amp``'s (autocast dtype, loss scaler) on ``device``: fp16 with a ``torch.amp.GradScaler``
+    on CUDA (fp16's range needs the loss scaled: small gradients underflow to zero), bf16 on the CPU
+    (the dtype CPU autocast computes in; its fp32 range needs no scaling: the scaler is disabled, a
+    pass-through); without --amp (None, a disabled scaler)."""
+    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else None
+    return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=dtype, enabled=True) if dtype is not None else contextlib.nullcontext()
 
 
 def _check_arguments(args) -> None:
@@ -629,6 +650,7 @@ def _train(args, saved: dict) -> dict:
     else:
         criterion = nn.CrossEntropyLoss()
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    amp_dtype, scaler = amp_settings(device, args.amp)
 
     history, start_epoch, elapsed, state = [], 0, 0.0, {}
     last = out / "last.pth"
@@ -640,6 +662,8 @@ def _train(args, saved: dict) -> dict:
                              f"its settings, or use another --out or --no-resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler.is_enabled() and state.get("scaler"):  # the loss scale it had reached (a run without --amp has none)
+            scaler.load_state_dict(state["scaler"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["seconds"]
         saved["epoch"] = start_epoch
         differences = _recipe_differences(state.get("args") or {}, args)
@@ -680,7 +704,7 @@ def _train(args, saved: dict) -> dict:
 
     if val_loader is not None and history and "val_top1" not in history[-1]:  # its validation did not finish
         history[-1]["val_top1"], history[-1]["val_images"] = evaluate(ema.module if ema is not None else model,
-                                                                      val_loader, device)
+                                                                      val_loader, device, amp_dtype)
     if rank == 0:
         try:  # before any training: an --out that cannot be written is said now, not after an epoch
             out.mkdir(parents=True, exist_ok=True)
@@ -712,10 +736,12 @@ def _train(args, saved: dict) -> dict:
             x, y = x.to(device, memory_format=memory_format, non_blocking=True), y.to(device, non_blocking=True)
             if mixup is not None:
                 x, y = mix_batch(mixup, x, y, num_classes, args.smoothing)
-            loss = criterion(net(x), y)
+            with _autocast(device, amp_dtype):
+                loss = criterion(net(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # (with loss scaling: unscales, and skips a step whose gradients overflowed)
+            scaler.update()
             scheduler.step_update(epoch * steps_per_epoch + step + 1)
             if ema is not None:
                 ema.update(model, step=epoch * steps_per_epoch + step + 1)
@@ -733,11 +759,12 @@ def _train(args, saved: dict) -> dict:
             _atomic_save({"model_name": args.model, "num_classes": num_classes, "classes": classes,
                           "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "ema": ema.module.state_dict() if ema is not None else None, "history": history,
+                          "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                           "seconds": elapsed + time.time() - started, "args": vars(args)}, last)
         saved["epoch"] = epoch + 1
         if val_loader is not None:
             record["val_top1"], record["val_images"] = evaluate(ema.module if ema is not None else model, val_loader,
-                                                                device)
+                                                                device, amp_dtype)
         if rank == 0:
             if not args.quiet:
                 line = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())

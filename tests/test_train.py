@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -473,6 +474,108 @@ def test_the_model_gets_the_commands_settings_and_evaluation_leaves_it_training(
     top1, count = evaluate(model, loader, torch.device("cpu"))
     assert count == 2 and 0 <= top1 <= 100 and model.training
     assert evaluate(model.eval(), loader, torch.device("cpu"))[1] == 2 and not model.training
+
+
+def test_amp_trains_and_validates_in_bf16_on_the_cpu_and_keeps_fp32_weights(dataset, tmp_path, monkeypatch):
+    """--amp on the CPU: the forward passes (training and validation) run under bf16 autocast, the
+    large kernels go through lkfast's op in bf16, the weights stay fp32; it trains other weights than
+    the fp32 run, to the same weights when interrupted and resumed; --amp is part of the recipe."""
+    import lkfast.ops.depthwise as op
+    import lkfast.train as train_module
+    from lkfast.train import amp_settings
+
+    assert amp_settings(torch.device("cpu"), True)[0] == torch.bfloat16
+    assert not amp_settings(torch.device("cpu"), True)[1].is_enabled()  # bf16 needs no loss scaling
+    assert amp_settings(torch.device("cpu"), False)[0] is None
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else nullcontext():
+        assert amp_settings(torch.device("cuda"), True)[0] == torch.float16  # (its scaler: the next test)
+
+    seen = {"op": set(), "train": set(), "eval": set()}
+    check = op._check_inputs
+    monkeypatch.setattr(op, "_check_inputs", lambda x, w, b: (seen["op"].add(x.dtype), check(x, w, b))[1])
+    make = train_module._make_model
+
+    def spied(args, num_classes):
+        model = make(args, num_classes)
+        model.register_forward_hook(lambda m, i, out: seen["train" if m.training else "eval"].add(out.dtype))
+        return model
+    monkeypatch.setattr(train_module, "_make_model", spied)
+    recipe = [MODEL, "--data", str(dataset), "--epochs", "2", "--max-steps-per-epoch", "2", *FAST]
+    summary = train(recipe + ["--amp", "--out", str(tmp_path / "amp")])
+    assert seen == {"op": {torch.bfloat16}, "train": {torch.bfloat16}, "eval": {torch.bfloat16}}
+    assert summary["recipe"]["amp"] is True and all(np.isfinite(summary["train_loss"]))
+    amp = _weights(tmp_path / "amp")
+    assert {t.dtype for t in amp.values() if t.is_floating_point()} == {torch.float32}
+    train(recipe + ["--out", str(tmp_path / "fp32")])
+    assert any(not torch.equal(amp[k], t) for k, t in _weights(tmp_path / "fp32").items())
+    assert train(recipe + ["--amp", "--out", str(tmp_path / "split"), "--stop-after-epoch", "1"]) == {
+        "stopped_after_epoch": 1}
+    train(recipe + ["--amp", "--out", str(tmp_path / "split")])
+    for key, value in _weights(tmp_path / "split").items():
+        torch.testing.assert_close(value, amp[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    from lkfast.train import _recipe_differences
+
+    saved = vars(build_parser().parse_args([MODEL, "--data", "a"]))
+    assert _recipe_differences(saved, build_parser().parse_args([MODEL, "--data", "a", "--amp"])) == [
+        "--amp True (saved run: False)"]
+
+
+def test_amp_loss_scaling_skips_overflowing_steps_and_resumes_with_its_scale(dataset, tmp_path, monkeypatch):
+    """--amp's fp16 path (a GradScaler, as on CUDA), run on the CPU: fp16 autocast and a scaler that
+    starts so high that some steps overflow (skipped, the scale halved) and others grow it. The scale
+    reached is saved in last.pth and a resumed run goes on from it: the same weights as the
+    uninterrupted run (starting again from the initial scale skips other steps)."""
+    import lkfast.train as train_module
+
+    scales = []
+
+    def fp16(device, amp):
+        scaler = torch.amp.GradScaler("cpu", init_scale=3e4, growth_interval=1, enabled=amp)
+        update = scaler.update
+        scaler.update = lambda *a: (update(*a), scales.append(scaler.get_scale()))
+        return (torch.float16 if amp else None), scaler
+    monkeypatch.setattr(train_module, "amp_settings", fp16)
+    recipe = [MODEL, "--data", str(dataset), "--epochs", "2", "--max-steps-per-epoch", "3", "--amp", *FAST]
+    train(recipe + ["--out", str(tmp_path / "whole")])
+    whole = list(scales)
+    assert any(b < a for a, b in zip([3e4] + whole, whole)) and any(b > a for a, b in zip([3e4] + whole, whole)), \
+        whole  # both an overflow (halved) and a clean step (doubled): the scale matters
+    scales.clear()
+    train(recipe + ["--out", str(tmp_path / "split"), "--stop-after-epoch", "1"])
+    saved = torch.load(tmp_path / "split" / "last.pth", weights_only=True)["scaler"]
+    assert saved["scale"] == whole[2] == scales[-1]
+    train(recipe + ["--out", str(tmp_path / "split")])
+    assert scales[3:] == whole[3:]
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert all(t.isfinite().all() for t in a.values())  # the overflowing steps were skipped
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_amp_on_a_gpu_trains_in_fp16_with_loss_scaling_and_resumes(dataset, tmp_path, monkeypatch):
+    """--amp --device cuda: lkfast's op sees fp16 CUDA tensors, the loss scale is saved in last.pth,
+    the weights stay fp32 and finite, and an interrupted run resumes to the uninterrupted one's
+    weights (as far as cuDNN's algorithms are deterministic: close, not equal)."""
+    import lkfast.ops.depthwise as op
+
+    seen = set()
+    check = op._check_inputs
+    monkeypatch.setattr(op, "_check_inputs", lambda x, w, b: (seen.add((x.device.type, x.dtype)), check(x, w, b))[1])
+    recipe = [MODEL, "--data", str(dataset), "--epochs", "2", "--max-steps-per-epoch", "3", "--amp", "--device", "cuda",
+              *FAST]
+    train(recipe + ["--out", str(tmp_path / "whole")])
+    assert seen == {("cuda", torch.float16)}
+    assert train(recipe + ["--out", str(tmp_path / "split"), "--stop-after-epoch", "1"]) == {"stopped_after_epoch": 1}
+    saved = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
+    assert saved["scaler"] is not None and saved["scaler"]["scale"] > 0
+    train(recipe + ["--out", str(tmp_path / "split")])
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert {t.dtype for t in a.values() if t.is_floating_point()} == {torch.float32}
+    assert all(t.isfinite().all() for t in a.values())
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
 
 
 def test_recipe_differences_name_the_recipe_settings_alone():
