@@ -878,3 +878,10 @@ def test_host_overhead_report_reads_its_rows_and_the_cuda_table_choice(tmp_path)
     assert ("chosen from a 200-row table (Python, timed here on the CPU): fresh (nearest-row search and its "
             "sentence) 600.0 us, kept (a key already answered, the table unchanged) 4.0 us; a tiny PyTorch F.conv2d "
             "forward 50.0 us") in text
+    assert "Per call, the op asked" not in text  # a file from before the op kept its choices
+    choice["times"].update(asked=[0.004, 0.0035, 0.003], op=[0.0005, 0.0005, 0.0003])
+    path.write_text(json.dumps({"benchmarks": [{"extra_info": op}, {"extra_info": choice}], "datetime": "d",
+                                "commit_info": {"id": "abc"}}))
+    # medians 35 / 5 us; per-round asked/op 8, 7, 10 -> 8
+    assert ("Per call, the op asked the table with every backend's checks and the file read 35.0 us; it keeps the "
+            "choice per exact call against the file's stamp now: 5.0 us (8.0x less)") in bench.report(str(path)).read_text()

@@ -1068,6 +1068,43 @@ def test_cuda_table_env_var_is_read_per_call(tmp_path, monkeypatch):
     assert cuda_table.table_path() == cuda_table.SHIPPED_PATH
 
 
+def test_auto_keeps_each_cuda_choice_until_the_table_changes(tmp_path, monkeypatch):
+    """The op keeps the table's choice per exact call (shape, strides, dtype, device) for as long as
+    the table file is the same (lkfast.ops.depthwise._cuda_plan): asked once per call, it is the
+    table's own answer; another layout, dtype or shape is asked anew; a file rewritten in place,
+    another LKFAST_CUDA_TABLE or none (the shipped table) is seen at the next call."""
+    from lkfast.ops import depthwise
+
+    asked = []
+    choose = cuda_table.choose
+    monkeypatch.setattr(cuda_table, "choose", lambda *a, **k: (asked.append(1), choose(*a, **k))[1])
+    monkeypatch.setattr(depthwise, "_usable", lambda name, x, w: True)  # CPU tensors filed as an H200's
+    monkeypatch.setattr(depthwise, "_CUDA_PLAN_MEMO", {})
+    x, w = _call()
+    rows = {cuda_table.key_of(x, w, H200): ("triton", "cuda", "cuda"),
+            cuda_table.key_of(x.contiguous(), w, H200): ("cuda", "torch", "triton")}
+    first = cuda_table.save_table(rows, "a", tmp_path / "a.json")
+    monkeypatch.setenv(cuda_table.ENV_VAR, str(first))
+    plan = lambda x, w: depthwise._cuda_plan(x, w, gpu=H200)  # noqa: E731
+    assert plan(x, w) == choose(x, w, lambda name: True, gpu=H200)
+    assert plan(x, w)[0] == ("triton", "cuda", "cuda") and "(a)" in plan(x, w)[1]
+    assert len(asked) == 1  # kept
+    assert plan(x.contiguous(), w)[0] == ("cuda", "torch", "triton") and len(asked) == 2  # the strides are the key
+    plan(x.to(torch.bfloat16), w.to(torch.bfloat16))
+    plan(*_call(N=32))
+    assert plan(x, w.clone())[0] == ("triton", "cuda", "cuda") and len(asked) == 4  # equal shapes: kept
+    cuda_table.save_table({cuda_table.key_of(x, w, H200): ("torch", "torch", "cuda")}, "b", first)  # in place
+    assert plan(x, w)[0] == ("torch", "torch", "cuda") and "(b)" in plan(x, w)[1] and len(asked) == 5
+    second = cuda_table.save_table({cuda_table.key_of(x, w, H200): ("cuda",) * 3}, "c", tmp_path / "c.json")
+    monkeypatch.setenv(cuda_table.ENV_VAR, str(second))
+    assert plan(x, w)[0] == ("cuda",) * 3 and len(asked) == 6
+    monkeypatch.delenv(cuda_table.ENV_VAR)
+    assert cuda_table.SHIPPED_PATH.name in plan(x, w)[1] and len(asked) == 7
+    monkeypatch.setenv(cuda_table.ENV_VAR, str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="named by LKFAST_CUDA_TABLE"):
+        plan(x, w)
+
+
 def test_cuda_table_choice_rules(tmp_path, monkeypatch):
     """Own row first; else the nearest row of the same GPU, dtype and layout only; a winner that
     cannot run becomes torch (never a backend that lost there); no row: the default order."""

@@ -31,8 +31,8 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from lkfast.ops.backends import (BACKENDS, FLOAT_DTYPES, PASSES, Plan, convolution_backward, dtype_name,
-                                 output_memory_format)
-from lkfast.ops import cpu_dispatch
+                                 output_memory_format, remembered)
+from lkfast.ops import cpu_dispatch, cuda_table
 
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
@@ -120,6 +120,21 @@ def _cpu_plan(x, weight) -> tuple[Plan, str]:
 _PLAN_MEMO: dict = {}  # (x shape, x strides, weight shape, dtype) -> (memo_token, (plan, source))
 
 
+def _cuda_plan(x, weight, gpu: str | None = None) -> tuple[Plan, str]:
+    # The measured table's choice (lkfast.ops.cuda_table, measured on a GPU by benchmarks/bench_gpu.py).
+    # Asking it costs ~35 us of Python per call (which backends can run the call: ~19 us; the table's
+    # key, file and kept choice: the rest; on the CPU), as much as a stage-4 kernel takes on an H200.
+    # For one table file the answer for an exact shape, strides, dtype and device cannot change, so
+    # it is kept against the file's stamp (its path, time, inode and size: a stat per call).
+    # (gpu: a GPU name to file CPU tensors under, for tests.)
+    key = (x.shape, x.stride(), weight.shape, x.dtype, x.device, gpu)
+    return remembered(_CUDA_PLAN_MEMO, key, cuda_table.table_stamp(),
+                      lambda: cuda_table.choose(x, weight, usable=lambda n: _usable(n, x, weight), gpu=gpu))
+
+
+_CUDA_PLAN_MEMO: dict = {}  # (x shape, x strides, weight shape, dtype, device, gpu) -> (table stamp, (plan, source))
+
+
 def _measured_cpu_plan(x_shape: tuple, weight_shape: tuple, dtype: str, channels_last: bool) -> tuple[Plan, str]:
     # The faster of lkfast's kernel and oneDNN for each pass, measured on this machine (or taken
     # from the shipped per-instruction-set table): see lkfast.ops.cpu_dispatch. It needs only the
@@ -190,9 +205,7 @@ def _plan_for(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto", *,
     elif x.device.type == "cpu":
         plan, source = _cpu_plan(x, weight)
     elif x.device.type == "cuda":
-        from lkfast.ops import cuda_table  # measured on a GPU by benchmarks/bench_gpu.py
-
-        plan, source = cuda_table.choose(x, weight, usable=lambda n: _usable(n, x, weight))
+        plan, source = _cuda_plan(x, weight)
     else:
         plan, source = Plan.single("torch"), f"no lkfast kernel for {x.device.type} tensors: PyTorch"
     return _explain(plan, source, x, weight) if explain else plan
