@@ -14,11 +14,10 @@ os.environ.setdefault("LKFAST_CALIBRATE", "0")
 torch.manual_seed(0)
 
 # The tests compare fp32 results with fp64 references at fp32 tolerances: cuDNN's fp32 convolutions
-# must not round their inputs to TF32 (its default on Ampere and later GPUs).
-if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-else:  # torch before the fp32_precision settings
-    torch.backends.cudnn.allow_tf32 = False
+# must not round their inputs to TF32 (its default on Ampere and later GPUs). Through allow_tf32, as
+# lkfast.eval's ieee_fp32: with torch 2.9+'s cudnn.conv.fp32_precision = "ieee" instead, every read
+# of allow_tf32 raises (torch.backends.cudnn.flags(...) among them).
+torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(autouse=True)

@@ -1122,14 +1122,16 @@ def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_setting_back(tmp_path
     """PyTorch lets cuDNN round fp32 convolution inputs to TF32 on Ampere and later GPUs by default:
     a GPU run gave other numbers than the CPU's under the same cache keys. The run turns TF32 off
     for cuDNN and cuBLAS while it computes, says so in its metadata, and puts the settings back.
-    (Each through fp32_precision where this torch has it, else allow_tf32: torch 2.11's cuBLAS has
-    only the latter, as the GPU machine's torch.)"""
+    cuDNN's through allow_tf32, which stays readable during the run (torch.backends.cudnn.flags(...)
+    reads it: set through torch 2.9+'s cudnn.conv.fp32_precision it raised), unless the process uses
+    the newer setting already (then through that); cuBLAS's through fp32_precision where this torch
+    has it, else allow_tf32 (torch 2.11's cuBLAS has only the latter, as the GPU machine's torch)."""
     from lkfast.eval.runner import ieee_fp32
 
-    knobs = [(owner, "fp32_precision", "tf32", "ieee") if hasattr(owner, "fp32_precision") else
-             (legacy, "allow_tf32", True, False)
-             for owner, legacy in ((getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn),
-                                   (torch.backends.cuda.matmul, torch.backends.cuda.matmul))]
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    mm = (matmul, "fp32_precision", "tf32", "ieee") if hasattr(matmul, "fp32_precision") else \
+        (matmul, "allow_tf32", True, False)
+    knobs = [(cudnn, "allow_tf32", True, False), mm]
 
     def now():
         return [getattr(owner, name) for owner, name, _, _ in knobs]
@@ -1141,6 +1143,8 @@ def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_setting_back(tmp_path
 
     def precision(ctx):
         seen.append(now())
+        with torch.backends.cudnn.flags(enabled=True):  # reads allow_tf32 (and sets its own while open)
+            pass
         return {"n": 1}
     register_task("test-precision", precision, needs=("val",), replace=True)
     try:
@@ -1152,13 +1156,24 @@ def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_setting_back(tmp_path
         with pytest.raises(KeyError), ieee_fp32():  # put back after an error too
             raise KeyError
         after_error = now()
+        conv = getattr(cudnn, "conv", None)
+        newer = []
+        if hasattr(conv, "fp32_precision"):  # a process that set cuDNN's TF32 through the newer setting
+            conv.fp32_precision, cudnn.rnn.fp32_precision = "tf32", "ieee"
+            with ieee_fp32():
+                newer.append(conv.fp32_precision)
+            newer.append(conv.fp32_precision)
     finally:
         TASKS.pop("test-precision")
+        if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+            cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = "tf32"
         for (owner, name, _, _), value in zip(knobs, before):
             setattr(owner, name, value)
     assert seen == [[off for _, _, _, off in knobs]]
     assert after == after_error == [on for _, _, on, _ in knobs]
+    assert newer in ([], ["ieee", "tf32"])
     assert load(tmp_path)["_meta"]["fp32"] == "ieee (no TF32)"
+    assert cudnn.allow_tf32 is False  # the conftest's setting, readable
 
 
 def test_generated_corruptions_are_the_cpus_on_any_device(tmp_path):

@@ -141,20 +141,38 @@ class EvalOptions:
         return key
 
 
+def _legacy_readable(owner) -> bool:
+    """Whether ``owner.allow_tf32`` can be read: torch 2.9+ refuses (RuntimeError) once its newer
+    ``fp32_precision`` settings were used for cuDNN (conv and RNN told apart, or set to "ieee")."""
+    try:
+        owner.allow_tf32
+    except RuntimeError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def ieee_fp32():
     """fp32 computed in fp32 on CUDA while the evaluation runs: cuDNN's convolutions and cuBLAS's
     matrix products without TF32. PyTorch's default lets cuDNN round fp32 convolution inputs to TF32
     (10-bit mantissas) on Ampere and later GPUs, so a GPU run gave other numbers than the CPU's under
     the same cache keys; without it they agree to float32 rounding (lkfast's own GPU kernels never use
-    TF32). ``--amp`` is the fast path. The settings are put back afterwards."""
-    settings = []
-    for owner, legacy in ((getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn),
-                          (torch.backends.cuda.matmul, torch.backends.cuda.matmul)):
-        if hasattr(owner, "fp32_precision"):  # torch 2.9+: mixing it with allow_tf32 is an error there
-            settings.append((owner, "fp32_precision", "ieee"))
-        else:
-            settings.append((legacy, "allow_tf32", False))
+    TF32). ``--amp`` is the fast path. The settings are put back afterwards.
+
+    cuDNN's is turned off through ``torch.backends.cudnn.allow_tf32`` while that can be read: set
+    through torch 2.9+'s ``cudnn.conv.fp32_precision`` instead, every read of it raised for the rest
+    of the run (``torch.backends.cudnn.flags(...)``, which models and libraries use, and inductor's
+    convolutions read it); in a process that already uses the newer settings (it cannot be read
+    then), through ``cudnn.conv.fp32_precision``."""
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(cudnn_conv, "fp32_precision") and not _legacy_readable(torch.backends.cudnn):
+        settings = [(cudnn_conv, "fp32_precision", "ieee")]
+    else:
+        settings = [(torch.backends.cudnn, "allow_tf32", False)]
+    matmul = torch.backends.cuda.matmul
+    # (its allow_tf32 stays readable under fp32_precision; torch 2.11's cuBLAS has only allow_tf32)
+    settings.append((matmul, "fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else
+                    (matmul, "allow_tf32", False))
     before = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
     for owner, name, value in settings:
         setattr(owner, name, value)
