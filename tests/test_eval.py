@@ -689,6 +689,8 @@ def test_torchrun_ranks_exchange_over_gloo_and_take_their_own_gpus(tmp_path, mon
     assert Runner([], ["clean"], EvalOptions(out=str(tmp_path), device="cuda")).device == "cuda:1"
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: any GPU
     assert Runner([], ["clean"], EvalOptions(out=str(tmp_path), device="cuda:1")).device == "cuda:1"
+    with pytest.raises(EvalError, match=r"--device gpu0: expected cpu, cuda or cuda:N \("):  # (the API's; the CLI
+        Runner([], ["clean"], EvalOptions(out=str(tmp_path), device="gpu0"))  # checks --device before)
 
 
 def _eval_with_val_only(tmp_path, data_root, checkpoint, suite):
@@ -1118,62 +1120,91 @@ def test_registered_task_runs_and_is_cached(tmp_path, data_root, checkpoint):
         TASKS.pop("test-mean-logit")
 
 
-def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_setting_back(tmp_path, data_root, checkpoint):
+def _tf32_readings() -> list:
+    """Every way of reading torch's TF32 settings: its value, or "ERR" where torch refuses the read
+    (a setting read through another API than it was set through), "-" where this torch lacks it."""
+    def read(get):
+        try:
+            return get()
+        except RuntimeError:
+            return "ERR"
+        except AttributeError:
+            return "-"
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    return [read(lambda: cudnn.allow_tf32), read(lambda: matmul.allow_tf32), read(torch.get_float32_matmul_precision),
+            *(read(lambda o=o: o().fp32_precision) for o in (lambda: cudnn.conv, lambda: cudnn.rnn, lambda: matmul,
+                                                             lambda: cudnn, lambda: torch.backends))]
+
+
+# How a process may have set TF32 before an eval run (the first: PyTorch's defaults)
+TF32_BEFORE = {
+    "defaults": "torch.backends.cudnn.allow_tf32 = True",
+    "all through the newer setting": "torch.backends.fp32_precision = 'tf32'",
+    "cuDNN's through the newer setting": "torch.backends.cudnn.fp32_precision = 'tf32'",
+    "cuDNN's convolutions apart from its RNNs": "torch.backends.cudnn.conv.fp32_precision = 'tf32'; "
+                                                "torch.backends.cudnn.rnn.fp32_precision = 'ieee'",
+    "cuBLAS's through the matmul precision": "torch.set_float32_matmul_precision('high')",
+    "cuBLAS's through allow_tf32": "torch.backends.cuda.matmul.allow_tf32 = True",
+}
+
+
+def test_a_run_computes_fp32_in_fp32_on_a_gpu_and_puts_the_settings_back(tmp_path, data_root, checkpoint):
     """PyTorch lets cuDNN round fp32 convolution inputs to TF32 on Ampere and later GPUs by default:
     a GPU run gave other numbers than the CPU's under the same cache keys. The run turns TF32 off
-    for cuDNN and cuBLAS while it computes, says so in its metadata, and puts the settings back.
-    cuDNN's through allow_tf32, which stays readable during the run (torch.backends.cudnn.flags(...)
-    reads it: set through torch 2.9+'s cudnn.conv.fp32_precision it raised), unless the process uses
-    the newer setting already (then through that); cuBLAS's through fp32_precision where this torch
-    has it, else allow_tf32 (torch 2.11's cuBLAS has only the latter, as the GPU machine's torch)."""
+    for cuDNN (convolutions and RNNs) and cuBLAS while it computes, says so in its metadata, and puts
+    the settings back exactly, however the process had set them (TF32_BEFORE). During the run every
+    way of reading them answers: torch.backends.cudnn.flags(...), which models and libraries use,
+    reads allow_tf32, which raised all run long when only the newer setting was turned off; turning
+    off only allow_tf32 left a process-wide fp32_precision = 'tf32' in force."""
     from lkfast.eval.runner import ieee_fp32
 
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    mm = (matmul, "fp32_precision", "tf32", "ieee") if hasattr(matmul, "fp32_precision") else \
-        (matmul, "allow_tf32", True, False)
-    knobs = [(cudnn, "allow_tf32", True, False), mm]
-
-    def now():
-        return [getattr(owner, name) for owner, name, _, _ in knobs]
-    # set and put back by hand: torch 2.11's cuBLAS settings hide from monkeypatch, whose undo then fails
-    before = now()
-    for owner, name, on, _ in knobs:  # PyTorch's TF32 (the tests' conftest turns cuDNN's off)
-        setattr(owner, name, on)
+    newer = hasattr(getattr(cudnn, "conv", None), "fp32_precision")
+    raw = [(torch.backends, "fp32_precision"), (cudnn, "fp32_precision"), (getattr(cudnn, "conv", None), "fp32_precision"),
+           (getattr(cudnn, "rnn", None), "fp32_precision"), (matmul, "fp32_precision")]
+    raw = [(owner, name) for owner, name in raw if hasattr(owner, name)]
+    initial, initial_raw = _tf32_readings(), [getattr(owner, name) for owner, name in raw]
     seen = []
 
     def precision(ctx):
-        seen.append(now())
+        seen.append(_tf32_readings())
         with torch.backends.cudnn.flags(enabled=True):  # reads allow_tf32 (and sets its own while open)
             pass
         return {"n": 1}
     register_task("test-precision", precision, needs=("val",), replace=True)
+    results = {}
     try:
-        specs = [ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)]
-        options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val")}, workers=0, progress=False,
-                              write_report=False)
-        run_evaluation(specs, ["test-precision"], options)
-        after = now()
-        with pytest.raises(KeyError), ieee_fp32():  # put back after an error too
-            raise KeyError
-        after_error = now()
-        conv = getattr(cudnn, "conv", None)
-        newer = []
-        if hasattr(conv, "fp32_precision"):  # a process that set cuDNN's TF32 through the newer setting
-            conv.fp32_precision, cudnn.rnn.fp32_precision = "tf32", "ieee"
-            with ieee_fp32():
-                newer.append(conv.fp32_precision)
-            newer.append(conv.fp32_precision)
+        for number, (state, code) in enumerate(TF32_BEFORE.items()):
+            exec(code)
+            before = _tf32_readings()
+            if number == 0:  # a whole run once; the rest through the context it runs in
+                options = EvalOptions(out=str(tmp_path), data={"val": str(data_root / "val")}, workers=0,
+                                      progress=False, write_report=False)
+                run_evaluation([ModelSpec("test_resnet", checkpoint, "tiny", input_size=SIZE)], ["test-precision"],
+                               options)
+                with pytest.raises(KeyError), ieee_fp32():  # put back after an error too
+                    raise KeyError
+            else:
+                with ieee_fp32():
+                    precision(None)
+            results[state] = (before, seen.pop(), _tf32_readings())
+            # back to this process's settings (the conftest's), set afresh
+            for (owner, name), value in zip(raw, initial_raw):
+                setattr(owner, name, value)
+            cudnn.allow_tf32 = False
+            torch.set_float32_matmul_precision("highest")
+            for (owner, name), value in zip(raw, initial_raw):
+                setattr(owner, name, value)
     finally:
         TASKS.pop("test-precision")
-        if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
-            cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = "tf32"
-        for (owner, name, _, _), value in zip(knobs, before):
-            setattr(owner, name, value)
-    assert seen == [[off for _, _, _, off in knobs]]
-    assert after == after_error == [on for _, _, on, _ in knobs]
-    assert newer in ([], ["ieee", "tf32"])
+    off = [False, False, "highest", *(["ieee", "ieee", "ieee"] if newer else ["-"] * 3)]
+    for state, (before, inside, after) in results.items():
+        assert inside[:6] == off or (inside[2] == "ERR" and before[2] == "ERR" and inside[3:6] == off[3:6]
+                                     and inside[:2] == off[:2]), (state, inside)  # (unreadable before: as it was)
+        assert after == before, state
+    assert results["defaults"][0][0] is True  # PyTorch's default, TF32 on for cuDNN
     assert load(tmp_path)["_meta"]["fp32"] == "ieee (no TF32)"
-    assert cudnn.allow_tf32 is False  # the conftest's setting, readable
+    assert _tf32_readings() == initial
 
 
 def test_generated_corruptions_are_the_cpus_on_any_device(tmp_path):

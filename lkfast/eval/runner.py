@@ -141,11 +141,11 @@ class EvalOptions:
         return key
 
 
-def _legacy_readable(owner) -> bool:
-    """Whether ``owner.allow_tf32`` can be read: torch 2.9+ refuses (RuntimeError) once its newer
-    ``fp32_precision`` settings were used for cuDNN (conv and RNN told apart, or set to "ieee")."""
+def _readable(get) -> bool:
+    """Whether ``get()`` answers: torch 2.9+ refuses (RuntimeError) to read a TF32 setting through an
+    API other than the one it was last set through ("a mix of the legacy and new APIs")."""
     try:
-        owner.allow_tf32
+        get()
     except RuntimeError:
         return False
     return True
@@ -157,30 +157,39 @@ def ieee_fp32():
     matrix products without TF32. PyTorch's default lets cuDNN round fp32 convolution inputs to TF32
     (10-bit mantissas) on Ampere and later GPUs, so a GPU run gave other numbers than the CPU's under
     the same cache keys; without it they agree to float32 rounding (lkfast's own GPU kernels never use
-    TF32). ``--amp`` is the fast path. The settings are put back afterwards.
+    TF32). ``--amp`` is the fast path. The settings are put back afterwards, in the order set.
 
-    cuDNN's is turned off through ``torch.backends.cudnn.allow_tf32`` while that can be read: set
-    through torch 2.9+'s ``cudnn.conv.fp32_precision`` instead, every read of it raised for the rest
-    of the run (``torch.backends.cudnn.flags(...)``, which models and libraries use, and inductor's
-    convolutions read it); in a process that already uses the newer settings (it cannot be read
-    then), through ``cudnn.conv.fp32_precision``."""
-    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
-    if hasattr(cudnn_conv, "fp32_precision") and not _legacy_readable(torch.backends.cudnn):
-        settings = [(cudnn_conv, "fp32_precision", "ieee")]
-    else:
-        settings = [(torch.backends.cudnn, "allow_tf32", False)]
-    matmul = torch.backends.cuda.matmul
-    # (its allow_tf32 stays readable under fp32_precision; torch 2.11's cuBLAS has only allow_tf32)
-    settings.append((matmul, "fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else
-                    (matmul, "allow_tf32", False))
-    before = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
-    for owner, name, value in settings:
-        setattr(owner, name, value)
+    Set so that every way of reading them answers during the run, whichever way the process set them
+    before (torch 2.9+ raises on reading a setting through another API than it was set through, and
+    ``torch.backends.cudnn.flags(...)``, which models and libraries use, and inductor's convolutions
+    read the old one): cuDNN's through ``allow_tf32 = False`` and then its convolutions' and RNNs'
+    ``fp32_precision = "ieee"`` (the first alone left a process-wide ``fp32_precision = "tf32"`` in
+    force; the second alone made ``allow_tf32`` unreadable); cuBLAS's through
+    ``set_float32_matmul_precision("highest")`` while that reads back, else ``fp32_precision``."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    steps = []  # (read, write, value for the run): read before, written back after (read None: not), in order
+
+    def attribute(owner, name, value, read=True):
+        steps.append((read and (lambda: getattr(owner, name)), lambda v: setattr(owner, name, v), value))
+
+    # (unreadable: the process set cuDNN's through the newer settings, which are read and put back below)
+    attribute(cudnn, "allow_tf32", False, read=_readable(lambda: cudnn.allow_tf32))
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        attribute(cudnn.conv, "fp32_precision", "ieee")
+        attribute(cudnn.rnn, "fp32_precision", "ieee")
+    if _readable(torch.get_float32_matmul_precision):
+        steps.append((torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "highest"))
+    if hasattr(matmul, "fp32_precision"):  # (torch 2.11's cuBLAS has only the above)
+        attribute(matmul, "fp32_precision", "ieee")
+    before = [read() if read else None for read, _, _ in steps]
+    for _, write, value in steps:
+        write(value)
     try:
         yield
     finally:
-        for owner, name, value in before:
-            setattr(owner, name, value)
+        for (read, write, _), value in zip(steps, before):
+            if read:
+                write(value)
 
 
 def source_commit(folder: Optional[str] = None) -> Optional[str]:
@@ -586,6 +595,8 @@ class Runner:
             self.device = dist.local_device(options.device)
         except ValueError as error:  # cuda:N under torchrun
             raise EvalError(str(error)) from None
+        except RuntimeError as error:  # a name torch.device does not take
+            raise EvalError(f"--device {options.device}: expected cpu, cuda or cuda:N ({error})") from None
         self.class_space = options.class_space or imagenet_class_space()
         self.out = Path(options.out)
         self._loaded: Dict[ModelSpec, Any] = {}
