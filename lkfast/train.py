@@ -727,7 +727,7 @@ def _train(args, saved: dict) -> dict:
                             persistent_workers=False, collate_fn=_collate,
                             pin_memory=device.type == "cuda")  # page-locked batches: the copies below overlap the GPU
         net.train()
-        total, count = 0.0, 0
+        total, count, skipped = 0.0, 0, 0
         bar = tqdm(total=min(len(loader), steps_per_epoch), desc=f"{args.model} epoch {epoch + 1}/{args.epochs}",
                    disable=rank != 0 or args.quiet or args.no_progress, leave=False, unit="batch")
         for step, (x, y) in enumerate(_batches(loader)):
@@ -739,19 +739,26 @@ def _train(args, saved: dict) -> dict:
             with _autocast(device, amp_dtype):
                 loss = criterion(net(x), y)
             optimizer.zero_grad(set_to_none=True)
+            scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.scale(loss).backward()
             scaler.step(optimizer)  # (with loss scaling: unscales, and skips a step whose gradients overflowed)
             scaler.update()
+            if scale is not None and scaler.get_scale() < scale:  # overflowed: skipped, the scale lowered
+                skipped += 1  # (every process skips the same steps: the gradients are all-reduced first)
             scheduler.step_update(epoch * steps_per_epoch + step + 1)
             if ema is not None:
                 ema.update(model, step=epoch * steps_per_epoch + step + 1)
-            total += float(loss.detach()) * len(y)
-            count += len(y)
+            value = float(loss.detach())
+            if scale is None or math.isfinite(value):  # (a loss that overflowed in fp16 trained nothing)
+                total += value * len(y)
+                count += len(y)
             bar.update(1)
             bar.set_postfix(loss=f"{total / max(count, 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
         total, count = _summed([total, count], device)  # every process's
-        record = {"epoch": epoch + 1, "train_loss": total / max(count, 1.0)}
+        record = {"epoch": epoch + 1, "train_loss": total / count if count or not skipped else math.nan}
+        if scaler.is_enabled():
+            record["skipped_steps"] = skipped
         history.append(record)
         if rank == 0:  # saved before the validation, which cannot lose the epoch's training then (its accuracy
             # joins last.pth with the next epoch's save; a resume validates a last epoch saved without one)

@@ -1,5 +1,6 @@
 """python -m lkfast.train: learns, resumes to the same weights, runs under torchrun with gloo."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -543,14 +544,43 @@ def test_amp_loss_scaling_skips_overflowing_steps_and_resumes_with_its_scale(dat
         whole  # both an overflow (halved) and a clean step (doubled): the scale matters
     scales.clear()
     train(recipe + ["--out", str(tmp_path / "split"), "--stop-after-epoch", "1"])
-    saved = torch.load(tmp_path / "split" / "last.pth", weights_only=True)["scaler"]
-    assert saved["scale"] == whole[2] == scales[-1]
-    train(recipe + ["--out", str(tmp_path / "split")])
+    saved = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
+    assert saved["scaler"]["scale"] == whole[2] == scales[-1]
+    lowered = [sum(b < a for a, b in list(zip([3e4] + whole, whole))[first:first + 3]) for first in (0, 3)]
+    assert [record["skipped_steps"] for record in saved["history"]] == lowered[:1]  # the steps that overflowed
+    summary = train(recipe + ["--out", str(tmp_path / "split")])
     assert scales[3:] == whole[3:]
+    history = torch.load(tmp_path / "split" / "last.pth", weights_only=True)["history"]
+    assert [record["skipped_steps"] for record in history] == lowered
+    assert all(np.isfinite(summary["train_loss"]))
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
     assert all(t.isfinite().all() for t in a.values())  # the overflowing steps were skipped
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_amp_leaves_a_step_whose_loss_overflowed_out_of_the_epochs_loss(dataset, tmp_path, monkeypatch):
+    """With loss scaling, a step whose loss came out infinite (fp16 logits overflowing) is skipped by
+    the scaler, counted in the epoch's skipped_steps and left out of its mean loss (it trained
+    nothing; counted, the epoch's loss read inf)."""
+    import lkfast.train as train_module
+
+    monkeypatch.setattr(train_module, "amp_settings", lambda device, amp: (
+        torch.float16, torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1000)))
+    losses = []
+
+    class FirstLossOverflows(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            loss = super().forward(logits, target)
+            losses.append(float(loss.detach()))
+            return loss * (math.inf if len(losses) == 1 else 1.0)
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", FirstLossOverflows)
+    summary = train([MODEL, "--data", str(dataset), "--epochs", "1", "--max-steps-per-epoch", "3", "--amp",
+                     "--out", str(tmp_path), *FAST])
+    history = torch.load(tmp_path / "last.pth", weights_only=True)["history"]
+    assert history[0]["skipped_steps"] == 1 and len(losses) == 3
+    assert summary["train_loss"][0] == pytest.approx(np.mean(losses[1:]), rel=1e-6)  # batches of 4: equal weights
+    assert all(t.isfinite().all() for t in _weights(tmp_path).values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
