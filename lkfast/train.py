@@ -18,7 +18,8 @@ The recipe, each part a flag: AdamW (``timm.optim.create_optimizer_v2``, no weig
 and biases), cosine schedule with linear warm-up per step (``timm.scheduler.CosineLRScheduler``),
 label smoothing (``timm.loss``), mixup/cutmix (``timm.data.Mixup``), RandAugment and random resized
 crops (``timm.data.create_transform``), EMA of the weights (``timm.utils.ModelEmaV3``); ``--amp``
-for mixed precision (``amp_settings``: fp16 with loss scaling on CUDA, bf16 on the CPU).
+for mixed precision (``amp_settings``: fp16 with loss scaling on CUDA, bf16 on the CPU; ``--amp-dtype``
+picks).
 """
 from __future__ import annotations
 
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "(often faster on the CPU)")
     p.add_argument("--amp", action="store_true", help="mixed precision: fp16 autocast with loss scaling on CUDA, "
                                                       "bf16 autocast on the CPU (weights and optimiser stay fp32)")
+    p.add_argument("--amp-dtype", choices=AMP_DTYPES, default=None,
+                   help="--amp's autocast dtype (default: float16 on CUDA, bfloat16 on the CPU); float16 scales the "
+                        "loss, bfloat16 needs no scaling (e.g. on A100/H100-class GPUs)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pth exists")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
     p.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests: an interruption
@@ -460,13 +464,19 @@ def evaluate(model: nn.Module, loader, device, amp_dtype: Optional[torch.dtype] 
     return float(100.0 * correct[0] / correct[1].clamp(min=1)), int(correct[1])
 
 
-def amp_settings(device: torch.device, amp: bool) -> tuple:
-    """``--amp``'s (autocast dtype, loss scaler) on ``device``: fp16 with a ``torch.amp.GradScaler``
-    on CUDA (fp16's range needs the loss scaled: small gradients underflow to zero), bf16 on the CPU
-    (the dtype CPU autocast computes in; its fp32 range needs no scaling: the scaler is disabled, a
-    pass-through); without --amp (None, a disabled scaler)."""
-    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else None
-    return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+AMP_DTYPES = ("float16", "bfloat16")
+
+
+def amp_settings(device: torch.device, amp: bool, dtype: Optional[str] = None) -> tuple:
+    """``--amp``'s (autocast dtype, loss scaler) on ``device``: ``dtype`` ("float16" or "bfloat16",
+    --amp-dtype), by default fp16 on CUDA and bf16 on the CPU (the dtype CPU autocast computes in).
+    fp16 comes with an enabled ``torch.amp.GradScaler`` (fp16's range needs the loss scaled: small
+    gradients underflow to zero); bf16's fp32 range needs no scaling (the scaler is disabled, a
+    pass-through). Without --amp: (None, a disabled scaler)."""
+    if not amp:
+        return None, torch.amp.GradScaler(device.type, enabled=False)
+    autocast = getattr(torch, dtype) if dtype else torch.float16 if device.type == "cuda" else torch.bfloat16
+    return autocast, torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -501,6 +511,8 @@ def _check_arguments(args) -> None:
             interval = (f"at least {low}" if low_in else f"more than {low}") if high == math.inf else \
                 f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
             raise TrainError(f"{option} must be {interval} ({meaning}), got {value}")
+    if args.amp_dtype and not args.amp:
+        raise TrainError(f"--amp-dtype {args.amp_dtype} sets --amp's dtype: add --amp (or leave --amp-dtype out)")
     if args.min_lr > args.lr:
         raise TrainError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine schedule falls from --lr to "
                          f"--min-lr")
@@ -650,7 +662,7 @@ def _train(args, saved: dict) -> dict:
     else:
         criterion = nn.CrossEntropyLoss()
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    amp_dtype, scaler = amp_settings(device, args.amp)
+    amp_dtype, scaler = amp_settings(device, args.amp, args.amp_dtype)
 
     history, start_epoch, elapsed, state = [], 0, 0.0, {}
     last = out / "last.pth"

@@ -490,6 +490,9 @@ def test_amp_trains_and_validates_in_bf16_on_the_cpu_and_keeps_fp32_weights(data
     assert amp_settings(torch.device("cpu"), False)[0] is None
     with pytest.warns(UserWarning) if not torch.cuda.is_available() else nullcontext():
         assert amp_settings(torch.device("cuda"), True)[0] == torch.float16  # (its scaler: the next test)
+    assert amp_settings(torch.device("cpu"), True, "float16")[1].is_enabled()  # fp16 scales the loss
+    dtype, scaler = amp_settings(torch.device("cuda"), True, "bfloat16")
+    assert dtype == torch.bfloat16 and not scaler.is_enabled()
 
     seen = {"op": set(), "train": set(), "eval": set()}
     check = op._check_inputs
@@ -531,7 +534,7 @@ def test_amp_loss_scaling_skips_overflowing_steps_and_resumes_with_its_scale(dat
 
     scales = []
 
-    def fp16(device, amp):
+    def fp16(device, amp, dtype=None):
         scaler = torch.amp.GradScaler("cpu", init_scale=3e4, growth_interval=1, enabled=amp)
         update = scaler.update
         scaler.update = lambda *a: (update(*a), scales.append(scaler.get_scale()))
@@ -559,13 +562,30 @@ def test_amp_loss_scaling_skips_overflowing_steps_and_resumes_with_its_scale(dat
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_amp_dtype_float16_on_the_cpu_scales_the_loss_as_on_a_gpu(dataset, tmp_path, capsys):
+    """--amp --amp-dtype float16 runs the CUDA default's path on the CPU, unpatched: fp16 autocast and
+    an enabled GradScaler from its default scale (2**16), which the first steps overflow: each
+    skipped step halves it (no growth within 2000 steps), so the scale saved in last.pth is 2**16
+    over 2 to the skipped steps counted. --amp-dtype is part of the recipe; alone it is refused."""
+    recipe = [MODEL, "--data", str(dataset), "--epochs", "2", "--max-steps-per-epoch", "3", *FAST]
+    summary = train(recipe + ["--amp", "--amp-dtype", "float16", "--out", str(tmp_path / "o")])
+    saved = torch.load(tmp_path / "o" / "last.pth", weights_only=True)
+    skipped = sum(record["skipped_steps"] for record in saved["history"])
+    assert skipped > 0 and saved["scaler"]["scale"] == 2.0 ** 16 / 2 ** skipped
+    assert summary["recipe"]["amp_dtype"] == "float16" and all(np.isfinite(summary["train_loss"]))
+    assert all(t.isfinite().all() for t in _weights(tmp_path / "o").values())
+    assert main(recipe + ["--amp-dtype", "bfloat16", "--out", str(tmp_path / "p")]) == 2
+    assert "--amp-dtype bfloat16 sets --amp's dtype: add --amp" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
 def test_amp_leaves_a_step_whose_loss_overflowed_out_of_the_epochs_loss(dataset, tmp_path, monkeypatch):
     """With loss scaling, a step whose loss came out infinite (fp16 logits overflowing) is skipped by
     the scaler, counted in the epoch's skipped_steps and left out of its mean loss (it trained
     nothing; counted, the epoch's loss read inf)."""
     import lkfast.train as train_module
 
-    monkeypatch.setattr(train_module, "amp_settings", lambda device, amp: (
+    monkeypatch.setattr(train_module, "amp_settings", lambda device, amp, dtype=None: (
         torch.float16, torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1000)))
     losses = []
 
