@@ -1105,6 +1105,28 @@ def test_auto_keeps_each_cuda_choice_until_the_table_changes(tmp_path, monkeypat
         plan(x, w)
 
 
+def test_auto_asks_the_table_once_per_cuda_call_shape(tmp_path, monkeypatch):
+    """plan_for on CUDA tensors (FakeTensors on "cuda": no GPU needed) takes the plan from the table
+    through the kept choice: asked once for repeated calls, the table's row."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lkfast.ops import depthwise
+
+    asked = []
+    choose = cuda_table.choose
+    monkeypatch.setattr(cuda_table, "choose", lambda *a, **k: (asked.append(1), choose(*a, **k))[1])
+    monkeypatch.setattr(cuda_table, "_gpu_name", lambda index: H200)
+    monkeypatch.setattr(depthwise, "_usable", lambda name, x, w: True)
+    monkeypatch.setattr(depthwise, "_CUDA_PLAN_MEMO", {})
+    with FakeTensorMode():
+        x = torch.empty(64, 128, 56, 56, dtype=torch.float16, device="cuda").contiguous(memory_format=torch.channels_last)
+        w = torch.empty(128, 1, 31, 31, dtype=torch.float16, device="cuda")
+    row = cuda_table.key_of(x, w)
+    monkeypatch.setenv(cuda_table.ENV_VAR, str(cuda_table.save_table({row: ("triton", "cuda", "torch")}, "t",
+                                                                    tmp_path / "t.json")))
+    assert [ops.plan_for(x, w) for _ in range(3)] == [("triton", "cuda", "torch")] * 3 and len(asked) == 1
+
+
 def test_cuda_table_choice_rules(tmp_path, monkeypatch):
     """Own row first; else the nearest row of the same GPU, dtype and layout only; a winner that
     cannot run becomes torch (never a backend that lost there); no row: the default order."""
