@@ -604,22 +604,27 @@ def test_amp_leaves_a_step_whose_loss_overflowed_out_of_the_epochs_loss(dataset,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
-def test_amp_on_a_gpu_trains_in_fp16_with_loss_scaling_and_resumes(dataset, tmp_path, monkeypatch):
-    """--amp --device cuda: lkfast's op sees fp16 CUDA tensors, the loss scale is saved in last.pth,
-    the weights stay fp32 and finite, and an interrupted run resumes to the uninterrupted one's
-    weights (as far as cuDNN's algorithms are deterministic: close, not equal)."""
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_amp_on_a_gpu_trains_in_its_dtype_and_resumes(dataset, tmp_path, monkeypatch, dtype):
+    """--amp --device cuda: lkfast's op sees fp16 CUDA tensors (bf16 with --amp-dtype bfloat16), the
+    fp16 run's loss scale is saved in last.pth (bf16: none, no scaling), the weights stay fp32 and
+    finite, and an interrupted run resumes to the uninterrupted one's weights (as far as cuDNN's
+    algorithms are deterministic: close, not equal)."""
     import lkfast.ops.depthwise as op
 
     seen = set()
     check = op._check_inputs
     monkeypatch.setattr(op, "_check_inputs", lambda x, w, b: (seen.add((x.device.type, x.dtype)), check(x, w, b))[1])
     recipe = [MODEL, "--data", str(dataset), "--epochs", "2", "--max-steps-per-epoch", "3", "--amp", "--device", "cuda",
-              *FAST]
+              *(("--amp-dtype", dtype) if dtype else ()), *FAST]
     train(recipe + ["--out", str(tmp_path / "whole")])
-    assert seen == {("cuda", torch.float16)}
+    assert seen == {("cuda", torch.bfloat16 if dtype else torch.float16)}
     assert train(recipe + ["--out", str(tmp_path / "split"), "--stop-after-epoch", "1"]) == {"stopped_after_epoch": 1}
     saved = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
-    assert saved["scaler"] is not None and saved["scaler"]["scale"] > 0
+    if dtype:
+        assert saved["scaler"] is None and "skipped_steps" not in saved["history"][0]
+    else:
+        assert saved["scaler"]["scale"] > 0 and saved["history"][0]["skipped_steps"] >= 0
     train(recipe + ["--out", str(tmp_path / "split")])
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
     assert {t.dtype for t in a.values() if t.is_floating_point()} == {torch.float32}
