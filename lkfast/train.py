@@ -663,6 +663,7 @@ def _train(args, saved: dict) -> dict:
         criterion = nn.CrossEntropyLoss()
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     amp_dtype, scaler = amp_settings(device, args.amp, args.amp_dtype)
+    amp_name = str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else None
 
     history, start_epoch, elapsed, state = [], 0, 0.0, {}
     last = out / "last.pth"
@@ -679,6 +680,10 @@ def _train(args, saved: dict) -> dict:
         start_epoch, history, elapsed = state["epoch"], state["history"], state["seconds"]
         saved["epoch"] = start_epoch
         differences = _recipe_differences(state.get("args") or {}, args)
+        if "amp_dtype" in state and state["amp_dtype"] != amp_name and not any(
+                d.startswith(("--amp ", "--amp-dtype ")) for d in differences):  # the same flags on another device
+            differences.append(f"--amp's autocast dtype {amp_name} on {device.type} (saved run: {state['amp_dtype']}; "
+                               f"--amp-dtype sets it)")
         if start_epoch >= args.epochs and (out / "model.safetensors").is_file() and (out / "summary.json").is_file():
             if rank == 0:
                 done = (f"{start_epoch}/{args.epochs} epochs" if start_epoch == args.epochs
@@ -778,7 +783,7 @@ def _train(args, saved: dict) -> dict:
             _atomic_save({"model_name": args.model, "num_classes": num_classes, "classes": classes,
                           "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "ema": ema.module.state_dict() if ema is not None else None, "history": history,
-                          "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                          "scaler": scaler.state_dict() if scaler.is_enabled() else None, "amp_dtype": amp_name,
                           "seconds": elapsed + time.time() - started, "args": vars(args)}, last)
         saved["epoch"] = epoch + 1
         if val_loader is not None:

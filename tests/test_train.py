@@ -579,6 +579,30 @@ def test_amp_dtype_float16_on_the_cpu_scales_the_loss_as_on_a_gpu(dataset, tmp_p
     assert not (tmp_path / "p").exists()
 
 
+def test_a_resume_whose_amp_dtype_changed_with_the_device_says_so(dataset, tmp_path, monkeypatch, capsys):
+    """--amp's default dtype follows the device (bf16 on the CPU, fp16 on CUDA), which is no recipe
+    setting: a run resumed on another device type with the same flags is warned that its autocast
+    dtype changed; on the same device, no warning."""
+    import lkfast.train as train_module
+
+    def recipe(out):
+        return [MODEL, "--data", str(dataset), "--epochs", "2", "--max-steps-per-epoch", "2", "--amp", *FAST,
+                "--out", str(tmp_path / out)]
+    for out in ("same", "other"):
+        train(recipe(out) + ["--stop-after-epoch", "1"])
+        assert torch.load(tmp_path / out / "last.pth", weights_only=True)["amp_dtype"] == "bfloat16"
+    capsys.readouterr()
+    train(recipe("same"))
+    assert "autocast dtype" not in capsys.readouterr().err
+    settings = train_module.amp_settings
+    monkeypatch.setattr(train_module, "amp_settings", lambda device, amp, dtype=None: settings(
+        device, amp, "float16"))  # what a GPU's default gives
+    train(recipe("other"))
+    err = capsys.readouterr().err
+    assert "settings differ from the run's in" in err, err
+    assert "--amp's autocast dtype float16 on cpu (saved run: bfloat16; --amp-dtype sets it)" in err, err
+
+
 def test_amp_leaves_a_step_whose_loss_overflowed_out_of_the_epochs_loss(dataset, tmp_path, monkeypatch):
     """With loss scaling, a step whose loss came out infinite (fp16 logits overflowing) is skipped by
     the scaler, counted in the epoch's skipped_steps and left out of its mean loss (it trained
