@@ -663,7 +663,9 @@ def _train(args, saved: dict) -> dict:
         criterion = nn.CrossEntropyLoss()
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     amp_dtype, scaler = amp_settings(device, args.amp, args.amp_dtype)
-    amp_name = str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else None
+    from lkfast.ops import dtype_name
+
+    amp_name = dtype_name(amp_dtype) if amp_dtype is not None else None
 
     history, start_epoch, elapsed, state = [], 0, 0.0, {}
     last = out / "last.pth"
@@ -745,6 +747,7 @@ def _train(args, saved: dict) -> dict:
                             pin_memory=device.type == "cuda")  # page-locked batches: the copies below overlap the GPU
         net.train()
         total, count, skipped = 0.0, 0, 0
+        scale = scaler.get_scale() if scaler.is_enabled() else None  # the loss scale, read once a step
         bar = tqdm(total=min(len(loader), steps_per_epoch), desc=f"{args.model} epoch {epoch + 1}/{args.epochs}",
                    disable=rank != 0 or args.quiet or args.no_progress, leave=False, unit="batch")
         for step, (x, y) in enumerate(_batches(loader)):
@@ -756,12 +759,12 @@ def _train(args, saved: dict) -> dict:
             with _autocast(device, amp_dtype):
                 loss = criterion(net(x), y)
             optimizer.zero_grad(set_to_none=True)
-            scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.scale(loss).backward()
             scaler.step(optimizer)  # (with loss scaling: unscales, and skips a step whose gradients overflowed)
             scaler.update()
-            if scale is not None and scaler.get_scale() < scale:  # overflowed: skipped, the scale lowered
-                skipped += 1  # (every process skips the same steps: the gradients are all-reduced first)
+            if scale is not None:  # the scale lowered: the step overflowed and was skipped (on every
+                before, scale = scale, scaler.get_scale()  # process alike: the gradients are all-reduced first)
+                skipped += scale < before
             scheduler.step_update(epoch * steps_per_epoch + step + 1)
             if ema is not None:
                 ema.update(model, step=epoch * steps_per_epoch + step + 1)

@@ -181,13 +181,19 @@ def _parse(path: str, stamp: tuple) -> Table:
     return Table(rows, str(data.get("measured_on", "")), path)
 
 
-def table_path() -> Path:
-    """The file ``auto`` reads now: LKFAST_CUDA_TABLE when set, else the shipped cuda_table.json."""
-    override = getenv(ENV_VAR)  # (read on every auto call on CUDA: backends.getenv)
-    return Path(override) if override else SHIPPED_PATH
+def _table_file() -> tuple[str, bool]:
+    """(the file ``auto`` reads now, whether LKFAST_CUDA_TABLE named it); read on every auto call on
+    CUDA (backends.getenv)."""
+    override = getenv(ENV_VAR)
+    return (override, True) if override else (_SHIPPED, False)
 
 
 _SHIPPED = str(SHIPPED_PATH)
+
+
+def table_path() -> Path:
+    """The file ``auto`` reads now: LKFAST_CUDA_TABLE when set, else the shipped cuda_table.json."""
+    return Path(_table_file()[0])
 
 
 def _stamp(target: str, named_by_env: bool) -> tuple:
@@ -205,8 +211,7 @@ def table_stamp() -> tuple:
     ``table_path()``'s file (a file rewritten, or another file named, is another stamp). The op keeps
     each choice against it (lkfast.ops.depthwise); one environment read and one ``stat`` (~2 us of
     the ~5 of ``load_table``). FileNotFoundError as ``load_table``."""
-    override = getenv(ENV_VAR)
-    return _stamp(override or _SHIPPED, bool(override))
+    return _stamp(*_table_file())
 
 
 def load_table(path: str | os.PathLike | None = None) -> Table:

@@ -122,8 +122,9 @@ _PLAN_MEMO: dict = {}  # (x shape, x strides, weight shape, dtype) -> (memo_toke
 
 def _cuda_plan(x, weight, gpu: str | None = None) -> tuple[Plan, str]:
     # The measured table's choice (lkfast.ops.cuda_table, measured on a GPU by benchmarks/bench_gpu.py).
-    # Asking it costs ~35 us of Python per call (which backends can run the call: ~19 us; the table's
-    # key, file and kept choice: the rest; on the CPU), as much as a stage-4 kernel takes on an H200.
+    # Asking it (which backends can run the call, the table's key, file and kept choice) cost 22 us of
+    # Python per call on the Zen 5 (benchmarks/results/host_overhead_cpu_zen5.md; more on a GPU, whose
+    # launch check it then reaches), against ~30 us for a stage-4 kernel on an H200; kept: 4.7 us.
     # For one table file the answer for an exact shape, strides, dtype and device cannot change, so
     # it is kept against the file's stamp (its path, time, inode and size: a stat per call).
     # (gpu: a GPU name to file CPU tensors under, for tests.)
