@@ -191,10 +191,24 @@ def _distributed(device: torch.device) -> tuple:
     (a group joined already, as lkfast.eval's, is kept)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(_backend(device))
+        join_process_group(_backend(device))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def join_process_group(backend: str, **options) -> None:
+    """``torch.distributed.init_process_group(backend, **options)`` with ``torch.distributed.nn``
+    imported first (lkfast.train's and lkfast.eval's one way in). That module's functions take
+    ``group=group.WORLD`` as a default argument, evaluated when it is imported: imported after the
+    group exists (timm's first import reaches it through torch._dynamo), they hold the group for good,
+    and ``destroy_process_group`` leaves it and its gloo threads running until the interpreter exits.
+    A worker thread that then drops its last collective's tensors needs the GIL, which a finalizing
+    interpreter no longer gives: "terminate called without an active exception" and SIGABRT, after
+    the process had done its work (1 torchrun run in 20-50 under load, torch 2.11)."""
+    import torch.distributed.nn  # noqa: F401  (before the group exists: its defaults hold None)
+
+    dist.init_process_group(backend=backend, **options)
 
 
 def process_device(device, world: int) -> torch.device:

@@ -40,7 +40,9 @@ def init(device: str) -> None:
         return
     if device == "cuda":
         torch.cuda.set_device(local_device(device))
-    dist.init_process_group(backend="gloo", timeout=TIMEOUT)
+    from lkfast.train import join_process_group
+
+    join_process_group("gloo", timeout=TIMEOUT)
 
 
 def active() -> bool:
