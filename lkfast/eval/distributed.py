@@ -33,7 +33,8 @@ TIMEOUT = datetime.timedelta(hours=48)
 def init(device: str) -> None:
     """Join the process group torchrun describes (no-op for one process or when already joined):
     gloo on every device (see the module's docstring); with device "cuda" this rank's GPU is
-    ``local_device``'s, made the current one."""
+    ``local_device``'s, made the current one. Joined through ``lkfast.train.join_process_group``, so
+    that ``shutdown`` frees the group (see there)."""
     if not launched_with_torchrun() or dist.is_initialized():
         return
     if int(os.environ["WORLD_SIZE"]) == 1:
