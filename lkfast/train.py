@@ -205,7 +205,7 @@ def join_process_group(backend: str, **options) -> None:
     and ``destroy_process_group`` leaves it and its gloo threads running until the interpreter exits.
     A worker thread that then drops its last collective's tensors needs the GIL, which a finalizing
     interpreter no longer gives: "terminate called without an active exception" and SIGABRT, after
-    the process had done its work (1 torchrun run in 20-50 under load, torch 2.11)."""
+    the process had done its work (2 of 57 torchrun runs of a test under load, torch 2.11)."""
     import torch.distributed.nn  # noqa: F401  (before the group exists: its defaults hold None)
 
     dist.init_process_group(backend=backend, **options)
