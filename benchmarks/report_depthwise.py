@@ -23,6 +23,7 @@ def load(path: str):
             for impl, times in info["times"].items():
                 rows.append({"impl": impl, "passes": info["passes"], "shape": info["shape"],
                              "dtype": info.get("dtype", "float32"),  # (runs before dtypes were recorded: fp32)
+                             "input_layout": info.get("input_layout", "channels_last"),
                              "seconds": median(times), "times": times, "flop": info["flop"]})
     return data, rows, peak
 
@@ -55,7 +56,9 @@ def plot(rows, path: str) -> None:
     axes[0].legend(fontsize=8, loc="upper left")
     title = SHAPE_SET_TITLES[shape_set_of((s[1], s[2], s[4]) for s in shapes)]
     dtype = dtype_label(rows[0]["dtype"])
-    fig.suptitle(f"Depthwise conv on this CPU, {dtype}, batch {shapes[0][0]} ({title}); dashed = PyTorch", fontsize=10)
+    given = "" if rows[0]["input_layout"] == "channels_last" else ", lkfast given NCHW tensors"
+    fig.suptitle(f"Depthwise conv on this CPU, {dtype}, batch {shapes[0][0]} ({title}{given}); dashed = PyTorch",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

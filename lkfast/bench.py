@@ -79,8 +79,16 @@ class Case:
     flop: float
 
 
+INPUT_LAYOUTS = ("channels_last", "nchw")  # the layout lkfast's implementations are handed
+
+
 def make_case(impl: str, passes: str, batch: int, channels: int, size: int, k: int,
-              dtype=torch.float32, device="cpu") -> Case:
+              dtype=torch.float32, device="cpu", input_layout: str = "channels_last") -> Case:
+    """One timed case. PyTorch's implementations run on their own layout's tensors (no copy timed);
+    lkfast's on ``input_layout`` ("channels_last", or "nchw": what an NCHW model hands the op, whose
+    fair baseline is PyTorch's NCHW column)."""
+    if input_layout not in INPUT_LAYOUTS:
+        raise ValueError(f"unknown input layout {input_layout!r}; choose one of {', '.join(INPUT_LAYOUTS)}")
     from lkfast.ops import depthwise_conv2d
 
     gen = torch.Generator().manual_seed(0)
@@ -95,7 +103,7 @@ def make_case(impl: str, passes: str, batch: int, channels: int, size: int, k: i
         conv = lambda t, wt: F.conv2d(t, wt, b, padding=k // 2, groups=channels)  # noqa: E731
     elif impl.startswith("lkfast_"):
         backend = impl[len("lkfast_"):]
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if input_layout == "channels_last" else torch.contiguous_format)
         conv = lambda t, wt: depthwise_conv2d(t, wt, b, backend=backend)  # noqa: E731
     else:
         raise ValueError(f"unknown implementation {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
@@ -235,7 +243,9 @@ def summarize(rows: list[dict], peak: float) -> str:
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_key.setdefault((tuple(r["shape"]), r["passes"]), {})[r["impl"]] = r
-    caption = (f"{dtype_label(rows[0].get('dtype', 'float32'))}, batch {rows[0]['shape'][0]}; "
+    layout = rows[0].get("input_layout", "channels_last")
+    caption = (f"{dtype_label(rows[0].get('dtype', 'float32'))}, batch {rows[0]['shape'][0]}"
+               f"{', lkfast given NCHW tensors (its fair baseline: PyTorch NCHW)' if layout == 'nchw' else ''}; "
                f"ms = median of rounds in which all implementations ran in turn; "
                f"speed-up = median over rounds of (PyTorch's faster layout / lkfast) in the same round; "
                f"GFLOP/s counts non-padding multiply-adds; machine fp32 matmul peak {peak:.0f} GFLOP/s")
@@ -289,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which model's stage shapes (default replknet: RepLKNet-31B)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="the tensors' dtype (default float32; bfloat16 is what --amp runs on the CPU)")
+    parser.add_argument("--input-layout", choices=INPUT_LAYOUTS, default="channels_last",
+                        help="the layout of lkfast's input (default channels_last; nchw: as an NCHW model "
+                             "calls it, to compare with PyTorch's NCHW column)")
     parser.add_argument("--json", default=None,
                         help="also write the raw timings to this JSON file (its folder is created and checked "
                              "before the benchmark starts)")
@@ -317,10 +330,12 @@ def main(argv=None) -> None:
     rows = []
     for channels, size, k in shapes_named(args.shapes):
         for passes in PASSES:
-            cases = {impl: make_case(impl, passes, batch, channels, size, k, DTYPES[args.dtype]) for impl in impls}
+            cases = {impl: make_case(impl, passes, batch, channels, size, k, DTYPES[args.dtype],
+                                     input_layout=args.input_layout) for impl in impls}
             times = time_interleaved({impl: c.run for impl, c in cases.items()}, repeat)
             for impl, case in cases.items():
                 rows.append({"impl": impl, "passes": passes, "shape": list(case.shape), "dtype": args.dtype,
+                             "input_layout": args.input_layout,
                              "seconds": median(times[impl]), "times": times[impl], "flop": case.flop})
                 print(f"  {case.name:70s} {median(times[impl]) * 1e3:9.1f} ms", flush=True)
     print()

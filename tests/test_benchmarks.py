@@ -788,6 +788,42 @@ def test_cpu_bench_refuses_an_unusable_json_path_and_counts_below_one_before_tim
     assert set(made) == {1} and json.loads(out.read_text())["rows"]
 
 
+def test_cpu_bench_hands_lkfast_the_input_layout_it_is_asked_for(monkeypatch, capsys, tmp_path):
+    """`python -m lkfast.bench --input-layout nchw` (LKFAST_BENCH_INPUT_LAYOUT=nchw for
+    bench_depthwise.py) times lkfast on NCHW tensors, as an NCHW model calls it, PyTorch's cases each
+    on its own layout, and says so in the table and the JSON rows; channels_last by default."""
+    import json
+
+    import torch
+
+    import lkfast.bench as cpu_bench
+
+    seen = []
+    real_make_case = cpu_bench.make_case
+
+    def recording_case(impl, passes, batch, channels, size, k, dtype=torch.float32, **kwargs):
+        seen.append((impl, kwargs.get("input_layout", "channels_last")))
+        return real_make_case(impl, passes, 1, 4, 6, 3, dtype, **kwargs)
+
+    monkeypatch.setattr(cpu_bench, "make_case", recording_case)
+    monkeypatch.setattr(cpu_bench, "matmul_gflops", lambda *a, **k: 1.0)
+    calls = []
+    import lkfast.ops as ops
+    real_op = ops.depthwise_conv2d
+    monkeypatch.setattr(ops, "depthwise_conv2d", lambda x, *a, **k: calls.append(x.is_contiguous()) or real_op(x, *a, **k))
+    cpu_bench.main(["--quick", "--repeat", "1", "--input-layout", "nchw", "--json", str(tmp_path / "b.json")])
+    assert seen and {layout for _, layout in seen} == {"nchw"}
+    assert calls and all(calls)  # lkfast's calls got NCHW (contiguous) tensors
+    assert "lkfast given NCHW tensors" in capsys.readouterr().out
+    assert {r["input_layout"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]} == {"nchw"}
+    calls.clear()
+    cpu_bench.main(["--quick", "--repeat", "1"])
+    assert calls and not any(calls)  # channels_last by default
+    assert "lkfast given NCHW" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown input layout"):
+        real_make_case("lkfast_auto", "forward", 1, 4, 6, 3, input_layout="nhwc")
+
+
 def test_cpu_bench_times_the_dtype_it_is_asked_for(monkeypatch, capsys, tmp_path):
     """`python -m lkfast.bench --dtype bfloat16` makes every case (PyTorch's and lkfast's) in bf16 and
     says so in the table and the JSON rows; bench_depthwise.py's report does the same from the

@@ -21,10 +21,12 @@ def cache(tmp_path, monkeypatch):
 
 
 def fake_timer(seconds, calls):
+    """A measure_fn returning ``seconds`` per candidate (a timing not named there, such as PyTorch's
+    NCHW forward "torch_nchw": 1000 s, never the winner)."""
     def measure(runs):
-        assert set(runs) == set(cd.CANDIDATES)
+        assert "cpu" in runs and 2 <= len(runs) and set(runs) <= set(cd.TIMED) or set(runs) == set(cd.POINTWISE_CANDIDATES)
         calls.append(sorted(runs))
-        return dict(seconds)
+        return {name: seconds.get(name, 1e3) for name in runs}
     return measure
 
 
@@ -288,6 +290,91 @@ def test_real_measurement_runs_both_backends(cache):
     assert all(s > 0 for s in entry["seconds"].values())
 
 
+def test_real_forward_measurement_times_pytorch_in_both_layouts(cache):
+    """An NCHW forward times lkfast's kernel and PyTorch's convolution both on a channels_last copy
+    and on the input as it is, and records the faster layout for the torch backend."""
+    pytest.importorskip("lkfast._C")
+    x, w = inputs((1, 16, 12, 12), k=5, dtype=torch.bfloat16)
+    choice = cd.choose(x, w, "forward")
+    entry = next(iter(json.loads(cache.read_text())["entries"].values()))
+    assert set(entry["seconds"]) == set(cd.TIMED) and all(s > 0 for s in entry["seconds"].values())
+    faster = "nchw" if entry["seconds"]["torch_nchw"] < entry["seconds"]["torch"] else "channels_last"
+    assert entry["torch_layout"] == faster
+    assert "torch_nchw" in choice.source
+    assert cd.torch_forward_layout(x, w) == faster
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nchw_wins", [True, False], ids=["nchw_wins", "channels_last_wins"])
+def test_pytorch_runs_an_nchw_forward_in_the_layout_that_won(cache, monkeypatch, dtype, nchw_wins):
+    """Where PyTorch's NCHW forward was the fastest timing (bf16 at 7x7 on the Zen 5), ``auto``
+    takes the torch backend and F.conv2d gets the NCHW tensor as it is, for the forward and the
+    input gradient, with the right values; where the channels_last copy was the faster PyTorch
+    timing, the torch backend copies. The weight gradient stays lkfast's (measured on its own)."""
+    pytest.importorskip("lkfast._C")
+    from reference import TOLERANCE, reference, rel_err
+
+    from lkfast.ops import backends, depthwise_conv2d, plan_for
+
+    seconds = {"cpu": 2.0, "torch": 3.0, "torch_nchw": 1.0} if nchw_wins else {"cpu": 2.0, "torch": 1.0, "torch_nchw": 3.0}
+    monkeypatch.setattr(cd, "measure", lambda runs: {n: (seconds[n] if len(runs) == 3 else {"cpu": 1.0}.get(n, 9.0))
+                                                     for n in runs})
+    layouts = []
+    real_conv2d = backends.F.conv2d
+
+    def conv2d(x, *args, **kwargs):
+        layouts.append("channels_last" if cd._is_channels_last(x) else "nchw")
+        return real_conv2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(backends.F, "conv2d", conv2d)
+    x, w = inputs((2, 24, 11, 13), k=7, dtype=dtype)
+    assert tuple(plan_for(x, w)) == ("torch", "torch", "cpu")
+    assert cd.torch_forward_layout(x, w) == ("nchw" if nchw_wins else "channels_last")
+    layouts.clear()
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    go = torch.randn_like(x)
+    y = depthwise_conv2d(xg, wg)
+    gx, gw = torch.autograd.grad(y, (xg, wg), go)
+    assert layouts == ["nchw" if nchw_wins else "channels_last"] * 2  # forward and input gradient
+    assert y.is_contiguous() and gx.is_contiguous()
+    want = reference(x, w, None, go)
+    for name, got in (("forward", y), ("input_grad", gx), ("weight_grad", gw)):
+        assert rel_err(got, want[name]) < TOLERANCE[dtype][name], name
+
+
+def test_pytorch_s_nchw_forward_is_not_timed_where_it_cannot_be_used(cache, monkeypatch):
+    """channels_last inputs time PyTorch's channels_last path only; the bf16 shapes whose
+    channels_last oneDNN kernel hangs time its NCHW path only, and the entry says so; with
+    calibration off the torch backend runs the channels_last copy (as the shipped table was
+    measured) without measuring anything."""
+    calls = []
+    xc, wc = inputs((2, 32, 20, 20), k=7)
+    cd.choose(xc.contiguous(memory_format=torch.channels_last), wc, "forward", measure_fn=fake_timer({}, calls))
+    xh, wh = inputs((1, 8, 20, 20), k=15, dtype=torch.bfloat16)  # 2-16 channels, a kernel 15 or more wide
+    choice = cd.choose(xh, wh, "forward", measure_fn=fake_timer({"cpu": 2.0, "torch_nchw": 1.0}, calls))
+    assert calls == [["cpu", "torch"], ["cpu", "torch_nchw"]]
+    assert choice.backend == "torch" and cd.torch_forward_layout(xh, wh) == "nchw"
+    monkeypatch.setenv("LKFAST_CALIBRATE", "0")
+    x, w = inputs((2, 32, 20, 20), k=9)
+    assert cd.torch_forward_layout(x, w) == "channels_last" and len(calls) == 2
+
+
+def test_measure_drops_each_clearly_slower_candidate(monkeypatch):
+    """With three candidates, one clearly slower than the fastest after the warm-up (PyTorch's NCHW
+    forward at a 31x31 kernel: 25-40x its channels_last one) keeps its warm-up time and is not
+    timed again; the two close ones are timed in rounds."""
+    import lkfast.timing
+
+    timed = []
+    monkeypatch.setattr(lkfast.timing, "time_interleaved",
+                        lambda runs, rounds, warmup=0: timed.append(sorted(runs)) or {n: [1.0] * rounds for n in runs})
+    clock = iter([0.0, 0.010, 1.0, 1.012, 2.0, 2.9])  # warm-ups: 10 ms, 12 ms, 900 ms
+    monkeypatch.setattr(cd.time, "perf_counter", lambda: next(clock))
+    got = cd.measure({"a": lambda: None, "b": lambda: None, "c": lambda: None}, rounds=3)
+    assert timed == [["a", "b"]]
+    assert got == pytest.approx({"a": 1.0, "b": 1.0, "c": 0.9})
+
+
 def test_plan_for_and_the_op_follow_the_calibration(cache, monkeypatch):
     pytest.importorskip("lkfast._C")
     import torch.nn.functional as F
@@ -462,14 +549,19 @@ def test_table_lookup_distance_weighs_kernel_width_batch_channels_and_map_area()
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_the_timing_tensors_have_the_call_s_shape_dtype_and_layout(monkeypatch, channels_last):
     """What a calibration times is the call's case: both candidates run on fresh tensors of its
-    shape, dtype and layout (oneDNN's NCHW and channels_last paths differ several-fold)."""
+    shape, dtype and layout (oneDNN's NCHW and channels_last paths differ several-fold), and
+    PyTorch's forward of an NCHW input in both layouts it may run in: a channels_last copy
+    ("torch") and as it is ("torch_nchw")."""
     from lkfast.ops import backends
 
     got = []
 
-    class Recorder:
+    class Recorder(backends.TorchBackend):
         def forward(self, x, w, b, flip):
             got.append(("forward", x.dtype, cd._is_channels_last(x), tuple(x.shape), tuple(w.shape), flip))
+
+        def forward_in(self, layout, x, w, b, flip):
+            got.append((f"forward in {layout}", x.dtype, cd._is_channels_last(x), tuple(x.shape), tuple(w.shape), flip))
 
         def weight_grad(self, go, x, kh, kw):
             got.append(("weight_grad", x.dtype, cd._is_channels_last(x), cd._is_channels_last(go), tuple(go.shape), (kh, kw)))
@@ -480,12 +572,16 @@ def test_the_timing_tensors_have_the_call_s_shape_dtype_and_layout(monkeypatch, 
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(16, 1, 7, 5, dtype=torch.float64)
+    timed = {"forward": {"cpu", "torch"} if channels_last else {"cpu", "torch", "torch_nchw"},
+             "weight_grad": {"cpu", "torch"}}
     for pass_ in cd.MEASURED_PASSES:
         runs = cd._runs(x, w, pass_)
-        assert set(runs) == set(cd.CANDIDATES)
+        assert set(runs) == timed[pass_]
         for run in runs.values():
             run()
-    assert got == [("forward", torch.float64, channels_last, (2, 16, 10, 12), (16, 1, 7, 5), False)] * 2 + [
+    case = (torch.float64, channels_last, (2, 16, 10, 12), (16, 1, 7, 5), False)
+    layouts = ["channels_last"] if channels_last else ["channels_last", "nchw"]
+    assert got == [("forward", *case)] + [(f"forward in {layout}", *case) for layout in layouts] + [
         ("weight_grad", torch.float64, channels_last, channels_last, (2, 16, 10, 12), (7, 5))] * 2
 
 

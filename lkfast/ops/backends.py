@@ -135,11 +135,14 @@ class Backend:
 
 
 class TorchBackend(Backend):
-    """PyTorch's own convolution, run in its fastest layout (channels_last on the CPU: oneDNN)."""
+    """PyTorch's own convolution, run in its fastest layout: on the CPU oneDNN's channels_last kernel
+    for a channels_last input, and for any other input whichever of channels_last (a copy) and the
+    input's own NCHW layout this machine's calibration measured faster for the forward
+    (``lkfast.ops.cpu_dispatch.torch_forward_layout``)."""
 
     name = "torch"
     device_types = ("cpu", "cuda")
-    description = "torch.nn.functional.conv2d (oneDNN channels_last on CPU, cuDNN/native on CUDA)"
+    description = "torch.nn.functional.conv2d (oneDNN on CPU in the faster layout measured, cuDNN/native on CUDA)"
 
     @staticmethod
     def _layout(x):
@@ -158,13 +161,44 @@ class TorchBackend(Backend):
         at (2, 8, 64, 64), 51x51: it stays channels_last)."""
         return x.device.type == "cpu" and x.dtype == torch.bfloat16 and 2 <= x.shape[1] <= 16 and kw >= 15
 
+    @classmethod
+    def cpu_forward_layouts(cls, x, kw: int) -> tuple[str, ...]:
+        """The layouts ("channels_last", "nchw") PyTorch's CPU forward of ``x`` may run in: a
+        channels_last input stays so; another input runs as a channels_last copy or as it is
+        (NCHW), the two measured by the calibration. PyTorch's NCHW path can be the faster: bf16 at
+        ConvNeXt-T's 7x7 shapes and RepLKNet-31B's stage 4, batch 8, on the Zen 5, it ran 1.1-1.3x
+        the channels_last copy and 1.0-1.4x lkfast's kernel, where at 27-31 wide kernels it ran 25-40x
+        slower than the copy (benchmarks/results/depthwise_cpu_nchw_zen5*.md). "nchw" alone where
+        oneDNN's channels_last kernel would hang (``forward_hangs_in_channels_last``)."""
+        if cls.forward_hangs_in_channels_last(x, kw):
+            return ("nchw",)
+        if output_memory_format(x) == torch.channels_last:
+            return ("channels_last",)
+        return ("channels_last", "nchw")
+
     def forward(self, x, weight, bias=None, flip=False):
+        layout = None  # CUDA: the input as it is
+        if x.device.type == "cpu" and x.numel():
+            layouts = self.cpu_forward_layouts(x, weight.shape[-1])
+            if len(layouts) == 1:
+                layout = layouts[0]
+            else:
+                from lkfast.ops import cpu_dispatch  # (it imports this module)
+
+                layout = cpu_dispatch.torch_forward_layout(x, weight)
+        return self.forward_in(layout, x, weight, bias, flip)
+
+    @staticmethod
+    def forward_in(layout: str | None, x, weight, bias=None, flip=False):
+        """The forward with ``x`` copied to ``layout`` ("channels_last", "nchw"; None: as it is)
+        first; the result in ``output_memory_format(x)``."""
         if x.numel() == 0:  # F.conv2d refuses C = 0 (groups = 0) and an empty map (H or W = 0)
             return torch.empty_like(x, memory_format=output_memory_format(x))
         if flip:
             weight = weight.flip(-1, -2)
         kh, kw = weight.shape[-2:]
-        x_in = x.contiguous() if self.forward_hangs_in_channels_last(x, kw) else self._layout(x)
+        x_in = x if layout is None else x.contiguous(
+            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
         y = F.conv2d(x_in, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
         return y.contiguous(memory_format=output_memory_format(x))
 

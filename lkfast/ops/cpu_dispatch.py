@@ -25,6 +25,14 @@ with oneDNN's channels_last path at RepLKNet-31B's stage shapes, on an AVX2-only
 The input gradient is the forward convolution of the output gradient with the rotated kernel (same
 shapes, same cost), so it follows the forward's choice. Every choice comes with a sentence saying
 where it came from, which ``plan_for(..., explain=True)`` shows.
+
+PyTorch's side of a forward is timed in each layout it may run in (``TorchBackend.cpu_forward_layouts``):
+for an input that is not channels_last both a channels_last copy ("torch", oneDNN's channels_last
+kernel) and the input as it is ("torch_nchw", PyTorch's NCHW path), and the entry records the faster as
+``torch_layout``, which the torch backend then runs (``torch_forward_layout``). Where PyTorch's NCHW
+path won the forward (bf16 at 7x7 on the Zen 5), timing only the copy had handed the call to lkfast's
+kernel, slower than plain ``F.conv2d`` on the same tensor. With calibration off the torch backend runs
+the copy, as the shipped table was measured.
 """
 from __future__ import annotations
 
@@ -50,6 +58,11 @@ from lkfast.ops import backends
 from lkfast.ops.backends import dtype_name, getenv, output_memory_format
 
 CANDIDATES = ("cpu", "torch")
+# What a forward's calibration times on PyTorch's side, per layout (TorchBackend.cpu_forward_layouts):
+# the name of the timing, and the backend and layout it stands for
+TORCH_TIMINGS = {"torch": "channels_last", "torch_nchw": "nchw"}
+TIMED = CANDIDATES + ("torch_nchw",)
+TORCH_LAYOUTS = tuple(TORCH_TIMINGS.values())
 # 1x1 convolutions (lkfast.nn.pointwise): a matrix product on the NHWC view, or PyTorch's convolution
 POINTWISE_CANDIDATES = ("matmul", "conv")
 MEASURED_PASSES = ("forward", "weight_grad")  # the input gradient follows the forward
@@ -98,6 +111,8 @@ def fingerprint() -> dict:
         "kernels": _ext.sources or "unrecorded",
         "torch": torch.__version__,
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+        # what is timed: a calibration made before PyTorch's NCHW forward was a candidate is not reused
+        "timed": ",".join(TIMED),
     }
 
 
@@ -151,6 +166,8 @@ class Calibration:
         for value in entries.values():
             if value.get("backend") not in CANDIDATES + POINTWISE_CANDIDATES:
                 raise ValueError(f"unknown backend {value.get('backend')!r}")
+            if value.get("torch_layout", "channels_last") not in TORCH_LAYOUTS:
+                raise ValueError(f"unknown torch_layout {value.get('torch_layout')!r}")
         return entries if data.get("fingerprint") == self.fingerprint else None
 
     def _load(self) -> None:
@@ -322,12 +339,16 @@ def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: f
         start = time.perf_counter()
         run()
         warm[name] = time.perf_counter() - start
-    ordered = sorted(warm.values())
-    if len(ordered) > 1 and ordered[1] - setup_allowance >= clear_ratio * ordered[0]:
+    fastest = min(warm.values())
+    # a candidate clearly slower than the fastest keeps its warm-up time and is not timed further
+    rest = {name: run for name, run in runs.items()
+            if not warm[name] - setup_allowance >= clear_ratio * fastest}
+    if len(rest) == 1:
         return warm
     from lkfast.timing import time_interleaved
 
     repeats = {}
+    runs = rest
     for name, run in runs.items():
         per_call = warm[name]
         for _ in range(3 if per_call < SAMPLE_SECONDS else 0):  # (the warm-up's time may be mostly setup)
@@ -337,7 +358,7 @@ def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: f
         repeats[name] = max(1, min(MAX_REPEATS, math.ceil(SAMPLE_SECONDS / max(per_call, 1e-9))))
     samples = {name: (lambda run=run, n=repeats[name]: [run() for _ in range(n)]) for name, run in runs.items()}
     times = time_interleaved(samples, rounds, warmup=0)
-    return {name: min(t) / repeats[name] for name, t in times.items()}
+    return {**warm, **{name: min(t) / repeats[name] for name, t in times.items()}}
 
 
 def _runs(x: torch.Tensor, weight: torch.Tensor, pass_: str) -> dict[str, Callable[[], None]]:
@@ -349,7 +370,12 @@ def _runs(x: torch.Tensor, weight: torch.Tensor, pass_: str) -> dict[str, Callab
         memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
     ws = torch.randn(weight.shape, dtype=weight.dtype, device="cpu")
     if pass_ == "forward":
-        return {name: (lambda b=BACKENDS[name]: b.forward(xs, ws, None, False)) for name in CANDIDATES}
+        torch_backend = BACKENDS["torch"]
+        runs = {"cpu": lambda: BACKENDS["cpu"].forward(xs, ws, None, False)}
+        for name, layout in TORCH_TIMINGS.items():
+            if layout in torch_backend.cpu_forward_layouts(xs, kw):
+                runs[name] = lambda layout=layout: torch_backend.forward_in(layout, xs, ws, None, False)
+        return runs
     go = torch.randn_like(xs)
     return {name: (lambda b=BACKENDS[name]: b.weight_grad(go, xs, kh, kw)) for name in CANDIDATES}
 
@@ -375,11 +401,16 @@ def _calibrated(key: tuple, candidates: tuple, make_runs: Callable[[], dict], me
         # (a run resumed from a checkpoint must draw what the uninterrupted run drew).
         with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.autocast("cpu", enabled=False):
             times = (measure_fn or measure)(make_runs())
-        winner = min(candidates, key=lambda n: times[n])
-        entry = {"backend": winner, "seconds": {n: float(times[n]) for n in candidates},
+        seconds = {n: float(t) for n, t in times.items()}
+        winner = min(seconds, key=seconds.get)
+        entry = {"backend": "torch" if winner in TORCH_TIMINGS else winner, "seconds": seconds,
                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        torch_times = {layout: seconds[n] for n, layout in TORCH_TIMINGS.items() if n in seconds}
+        if "nchw" in torch_times:  # PyTorch's forward ran in both layouts (or NCHW only): the faster
+            entry["torch_layout"] = min(torch_times, key=torch_times.get)
+        assert entry["backend"] in candidates, (entry, candidates)
         cal.put(key, entry)
-    ms = ", ".join(f"{n} {entry['seconds'][n] * 1e3:.2f} ms" for n in candidates)
+    ms = ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in entry["seconds"].items())
     return Choice(entry["backend"], f"calibrated on this machine ({ms}; {cal.path})")
 
 
@@ -405,6 +436,29 @@ def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Opti
         backend, row = found
         return Choice(backend, f"shipped {fp_isa} table, nearest measured row {row}")
     return _builtin(x.dtype, measured_pass)
+
+
+_torch_layouts: dict = {}  # torch_forward_layout's answers (see remembered)
+
+
+def torch_forward_layout(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """"channels_last" or "nchw": the layout in which PyTorch's convolution runs the forward of this
+    CPU input (one that is not channels_last) in the torch backend, the faster of the two in this
+    machine's calibration of the call's shape class (measured now when the calibration has no entry
+    for it). "channels_last" when calibration is off or ``torch.compile`` traces (the shipped table
+    was measured with that copy) and for entries measured without PyTorch's NCHW path."""
+    if not calibration_enabled() or torch.compiler.is_compiling():
+        return "channels_last"
+
+    def compute():
+        key = ("forward",) + shape_class(x.shape, weight.shape[2], weight.shape[3], x.dtype, _is_channels_last(x))
+        if calibration().get(key) is None:
+            choose(x, weight, "forward", calibrate=True)
+        entry = calibration().get(key) or {}
+        return entry.get("torch_layout", "channels_last")
+
+    args = (tuple(x.shape), x.dtype, _is_channels_last(x), tuple(weight.shape[2:]))
+    return remembered(_torch_layouts, args, compute)
 
 
 POINTWISE_GRADS = ("", "x", "w", "xw")  # which gradients a call's backward computes (none: forward only)
@@ -469,5 +523,5 @@ def choose_pointwise(x: torch.Tensor, weight: torch.Tensor, *, calibrate: Option
     return _calibrated(key, POINTWISE_CANDIDATES, lambda: _pointwise_runs(x, weight, grads), measure_fn)
 
 
-__all__ = ["choose", "choose_pointwise", "memo_token", "remembered", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup", "table_choices_digest",
+__all__ = ["choose", "choose_pointwise", "torch_forward_layout", "memo_token", "remembered", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup", "table_choices_digest",
            "measure", "cache_dir", "calibration_enabled"]
