@@ -30,9 +30,9 @@ PyTorch's side of a forward is timed in each layout it may run in (``TorchBacken
 for an input that is not channels_last both a channels_last copy ("torch", oneDNN's channels_last
 kernel) and the input as it is ("torch_nchw", PyTorch's NCHW path), and the entry records the faster as
 ``torch_layout``, which the torch backend then runs (``torch_forward_layout``). Where PyTorch's NCHW
-path won the forward (bf16 at 7x7 on the Zen 5), timing only the copy had handed the call to lkfast's
-kernel, slower than plain ``F.conv2d`` on the same tensor. With calibration off the torch backend runs
-the copy, as the shipped table was measured.
+path won the forward (bf16 at ConvNeXt-T's 7x7 shapes on the Zen 5), timing only the copy had handed
+the call to lkfast's kernel or to the copy, each slower than plain ``F.conv2d`` on the same tensor.
+With calibration off the torch backend runs the copy, as the shipped table was measured.
 """
 from __future__ import annotations
 
