@@ -288,9 +288,10 @@ def prepare_default(args, settings: DefaultSettings = None) -> dict:
     data = {name: str(parts[name]) for name in ("val", "imagenet-a", "imagenet-r", "imagenet-o", "imagenet-c",
                                                   "imagenet-p", "imagenet-9")}
     data["masks"] = str(parts["val-masks"])
-    # Decoding a 64-px image costs less than what a worker process costs the eval: each one is forked
-    # from it, and every page the eval writes while workers live takes a copy-on-write fault. Measured
-    # here with the models cached: 201 s (6.0M page faults) with 2 workers, 138 s with none.
+    # Decoding a 64-px image costs less than what a worker process costs the eval: forked (Linux before
+    # Python 3.14) every page the eval writes while workers live takes a copy-on-write fault, started
+    # afresh (forkserver, spawn) each imports torch. Measured here (Python 3.11, fork) with the models
+    # cached: 201 s (6.0M page faults) with 2 workers, 138 s with none.
     return {"models": models, "data": data, "class_space": synthetic_class_space(),
             "suite": planned["suite"], "baseline": baseline, "workers": 0,
             **({} if baseline else {"no_baseline": no_baseline(settings)})}

@@ -214,8 +214,10 @@ def loader_for(dataset, batches: Sequence[List[int]], options, device: str):
 
 def _data_loader(dataset, batches: Sequence[List[int]], options, device: str) -> DataLoader:
     batches = list(batches)
-    # Worker processes are forked from this one: each costs a fork and a copy-on-write page fault for
-    # every page this process then writes while they live. They pay off by decoding later batches while
+    # Worker processes are forked from this one on Linux before Python 3.14 (there each costs a fork and
+    # a copy-on-write page fault for every page this process then writes while they live; Python 3.14's
+    # forkserver and macOS's spawn start each one afresh instead, importing lkfast and torch, seconds
+    # each). Either way they pay off only by decoding later batches while
     # the model runs; a loader of one batch has nothing to overlap (measured on the embedded default,
     # whose ImageNet-C folders are one batch each: 9.7M page faults and 112 s with 2 workers, 26 s
     # decoding in the main process).
