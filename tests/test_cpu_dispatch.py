@@ -328,7 +328,9 @@ def test_pytorch_runs_an_nchw_forward_in_the_layout_that_won(cache, monkeypatch,
 
     monkeypatch.setattr(backends.F, "conv2d", conv2d)
     x, w = inputs((2, 24, 11, 13), k=7, dtype=dtype)
-    assert tuple(plan_for(x, w)) == ("torch", "torch", "cpu")
+    explained = plan_for(x, w, explain=True)
+    assert tuple(explained.plan) == ("torch", "torch", "cpu")
+    assert f"torch in {'NCHW' if nchw_wins else 'channels_last'}" in explained.source
     assert cd.torch_forward_layout(x, w) == ("nchw" if nchw_wins else "channels_last")
     layouts.clear()
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)

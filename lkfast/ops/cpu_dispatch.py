@@ -411,6 +411,8 @@ def _calibrated(key: tuple, candidates: tuple, make_runs: Callable[[], dict], me
         assert entry["backend"] in candidates, (entry, candidates)
         cal.put(key, entry)
     ms = ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in entry["seconds"].items())
+    if entry["backend"] == "torch" and "torch_layout" in entry:
+        ms += f": torch in {'NCHW' if entry['torch_layout'] == 'nchw' else 'channels_last'}"
     return Choice(entry["backend"], f"calibrated on this machine ({ms}; {cal.path})")
 
 
