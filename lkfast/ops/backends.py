@@ -142,7 +142,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     device_types = ("cpu", "cuda")
-    description = "torch.nn.functional.conv2d (oneDNN on CPU in the faster layout measured, cuDNN/native on CUDA)"
+    description = "torch.nn.functional.conv2d (oneDNN on the CPU, in the layout measured faster; cuDNN/native on CUDA)"
 
     @staticmethod
     def _layout(x):
