@@ -166,9 +166,9 @@ class TorchBackend(Backend):
         """The layouts ("channels_last", "nchw") PyTorch's CPU forward of ``x`` may run in: a
         channels_last input stays so; another input runs as a channels_last copy or as it is
         (NCHW), the two measured by the calibration. PyTorch's NCHW path can be the faster: bf16 at
-        ConvNeXt-T's 7x7 shapes and RepLKNet-31B's stage 4, batch 8, on the Zen 5, it ran 1.1-1.3x
-        the channels_last copy and 1.0-1.4x lkfast's kernel, where at 27-31 wide kernels it ran 25-40x
-        slower than the copy (benchmarks/results/depthwise_cpu_nchw_zen5*.md). "nchw" alone where
+        ConvNeXt-T's 7x7 shapes and RepLKNet-31B's stage 4, batch 8, on the Zen 5, it ran 1.1-2.8x
+        the channels_last copy and 1.0-1.4x lkfast's kernel, where at 27-31 wide kernels it ran 30-42x
+        slower than the copy (benchmarks/results/cpu_calibration_nchw_zen5.json). "nchw" alone where
         oneDNN's channels_last kernel would hang (``forward_hangs_in_channels_last``)."""
         if cls.forward_hangs_in_channels_last(x, kw):
             return ("nchw",)
