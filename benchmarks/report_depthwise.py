@@ -59,7 +59,7 @@ def plot(rows, path: str) -> None:
     axes[0].legend(fontsize=8, loc="upper left")
     title = SHAPE_SET_TITLES[shape_set_of((s[1], s[2], s[4]) for s in shapes)]
     dtype = dtype_label(rows[0]["dtype"])
-    given = "" if rows[0]["input_layout"] == "channels_last" else ", lkfast given NCHW tensors"
+    given = ", lkfast given NCHW tensors" if nchw else ""
     fig.suptitle(f"Depthwise conv on this CPU, {dtype}, batch {shapes[0][0]} ({title}{given}); dashed = PyTorch",
                  fontsize=10)
     fig.tight_layout()

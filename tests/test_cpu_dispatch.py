@@ -363,7 +363,7 @@ def test_pytorch_s_nchw_forward_is_not_timed_where_it_cannot_be_used(cache, monk
 
 def test_measure_drops_each_clearly_slower_candidate(monkeypatch):
     """With three candidates, one clearly slower than the fastest after the warm-up (PyTorch's NCHW
-    forward at a 31x31 kernel: 25-40x its channels_last one) keeps its warm-up time and is not
+    forward at a 31x31 kernel: 30x its channels_last one in cpu_calibration_nchw_zen5.json) keeps its warm-up time and is not
     timed again; the two close ones are timed in rounds."""
     import lkfast.timing
 

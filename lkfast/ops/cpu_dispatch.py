@@ -449,18 +449,20 @@ def torch_forward_layout(x: torch.Tensor, weight: torch.Tensor) -> str:
     machine's calibration of the call's shape class (measured now when the calibration has no entry
     for it). "channels_last" when calibration is off or ``torch.compile`` traces (the shipped table
     was measured with that copy) and for entries measured without PyTorch's NCHW path."""
-    if not calibration_enabled() or torch.compiler.is_compiling():
+    token = memo_token()  # None: calibration off or tracing
+    if token is None:
         return "channels_last"
+    channels_last = _is_channels_last(x)
 
     def compute():
-        key = ("forward",) + shape_class(x.shape, weight.shape[2], weight.shape[3], x.dtype, _is_channels_last(x))
+        key = ("forward",) + shape_class(x.shape, weight.shape[2], weight.shape[3], x.dtype, channels_last)
         if calibration().get(key) is None:
             choose(x, weight, "forward", calibrate=True)
         entry = calibration().get(key) or {}
         return entry.get("torch_layout", "channels_last")
 
-    args = (tuple(x.shape), x.dtype, _is_channels_last(x), tuple(weight.shape[2:]))
-    return remembered(_torch_layouts, args, compute)
+    args = (tuple(x.shape), x.dtype, channels_last, tuple(weight.shape[2:]))
+    return backends.remembered(_torch_layouts, args, token, compute)
 
 
 POINTWISE_GRADS = ("", "x", "w", "xw")  # which gradients a call's backward computes (none: forward only)
