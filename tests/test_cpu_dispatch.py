@@ -174,8 +174,10 @@ def test_calibrate_takes_0_or_1_and_refuses_the_rest(value, on, monkeypatch):
         assert cd.calibration_enabled() is on
 
 
-def test_calibration_off_uses_the_shipped_table_then_the_builtin_rule(cache, monkeypatch):
+@pytest.mark.parametrize("uses_onednn", [True, False])
+def test_calibration_off_uses_the_shipped_table_then_the_builtin_rule(cache, monkeypatch, uses_onednn):
     monkeypatch.setenv("LKFAST_CALIBRATE", "0")
+    monkeypatch.setattr(cd, "torch_uses_onednn", lambda dtype: uses_onednn)
     x, w = inputs()
     isa = cd.fingerprint()["isa"]
     key = list(cd.shape_class(x.shape, 7, 7, torch.float32, False))
@@ -193,10 +195,25 @@ def test_calibration_off_uses_the_shipped_table_then_the_builtin_rule(cache, mon
     # no row for the weight gradient: the built-in rule (lkfast's kernel)
     wg = cd.choose(x, w, "weight_grad", measure_fn=no_measuring)
     assert wg.backend == "cpu" and "built-in" in wg.source
-    # fp16 forward has no row either: built-in rule keeps oneDNN's half-precision path
+    # fp16 forward has no row either: the built-in rule keeps oneDNN's half-precision path where PyTorch
+    # runs fp16 through oneDNN, and takes lkfast's kernel where PyTorch would fall back to its generic one
     xh, wh = inputs(dtype=torch.float16)
-    assert cd.choose(xh, wh, "forward", measure_fn=no_measuring).backend == "torch"
+    half = cd.choose(xh, wh, "forward", measure_fn=no_measuring)
+    assert half.backend == ("torch" if uses_onednn else "cpu") and "built-in" in half.source
+    assert ("no oneDNN path for float16" in half.source) is not uses_onednn
     assert not cache.exists()
+
+
+def test_torch_uses_onednn_asks_pytorchs_own_check(monkeypatch):
+    cd.torch_uses_onednn.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    try:
+        assert cd.torch_uses_onednn(torch.float16) is False
+        assert cd.torch_uses_onednn(torch.bfloat16) is True
+        assert cd.torch_uses_onednn(torch.float32) is True  # not a half dtype: nothing to ask
+    finally:
+        cd.torch_uses_onednn.cache_clear()
 
 
 def test_table_lookup_matches_the_layout_as_well_as_the_dtype():

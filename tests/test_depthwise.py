@@ -348,12 +348,18 @@ def test_auto_plan_on_cpu(monkeypatch):
     monkeypatch.setattr(cpu_dispatch, "_load_table", lambda path: {})  # no table: the built-in rule
     assert ops.plan_for(x, w) == ("cpu", "cpu", "cpu")
     assert ops.plan_for(x.double(), w.double()) == ("cpu", "cpu", "cpu")
-    assert ops.plan_for(x.bfloat16(), w.bfloat16()) == ("torch", "torch", "cpu")
-    assert ops.plan_for(x.half(), w.half()) == ("torch", "torch", "cpu")
+    # the half forward: oneDNN where PyTorch runs that dtype through it, else lkfast's kernel
+    for uses_onednn, forward in ((True, "torch"), (False, "cpu")):
+        monkeypatch.setattr(cpu_dispatch, "torch_uses_onednn", lambda dtype: uses_onednn)
+        assert ops.plan_for(x.bfloat16(), w.bfloat16()) == (forward, forward, "cpu")
+        assert ops.plan_for(x.half(), w.half()) == (forward, forward, "cpu")
 
 
-def test_plan_explains_why_backends_were_passed_over():
+def test_plan_explains_why_backends_were_passed_over(monkeypatch):
     backend_or_skip("cpu")
+    from lkfast.ops import cpu_dispatch
+
+    monkeypatch.setattr(cpu_dispatch, "torch_uses_onednn", lambda dtype: True)  # fp16's built-in rule: oneDNN
     x, w = torch.randn(1, 4, 16, 16).half(), torch.randn(4, 1, 7, 7).half()
     why = ops.plan_for(x, w, explain=True)
     assert isinstance(why, ops.PlanExplanation) and why.plan == Plan("torch", "torch", "cpu")

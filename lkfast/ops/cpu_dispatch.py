@@ -19,8 +19,11 @@ with oneDNN's channels_last path at RepLKNet-31B's stage shapes, on an AVX2-only
    ``benchmarks/make_cpu_table.py``, nearest row in log kernel size, batch, channels and map area) when
    calibration is off (``LKFAST_CALIBRATE=0``), while ``torch.compile`` traces, or when the
    measurement cannot run.
-3. **The built-in rule** when the table has no row for the instruction set: lkfast's kernel for
-   every pass in fp32/fp64, oneDNN for the fp16/bf16 forward (it has native half-precision paths).
+3. **The built-in rule** when the table has no row for the case (it has none for fp16): lkfast's
+   kernel for every pass in fp32/fp64, and for the fp16/bf16 forward where PyTorch does not run that
+   dtype through oneDNN on this CPU (its own check, ``torch_uses_onednn``: it falls back to a generic
+   convolution, 8-160x slower than lkfast's at real layer shapes on an AVX2-only EPYC); oneDNN for
+   the fp16/bf16 forward where it does.
 
 The input gradient is the forward convolution of the output gradient with the rotated kernel (same
 shapes, same cost), so it follows the forward's choice. Every choice comes with a sentence saying
@@ -384,10 +387,33 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return output_memory_format(x) == torch.channels_last
 
 
+_ONEDNN_CHECKS = {torch.float16: "_is_mkldnn_fp16_supported", torch.bfloat16: "_is_mkldnn_bf16_supported"}
+
+
+@functools.lru_cache(maxsize=None)
+def torch_uses_onednn(dtype: torch.dtype) -> bool:
+    """Whether PyTorch's CPU convolution in the half dtype ``dtype`` runs through oneDNN on this CPU:
+    PyTorch's own check (``torch.ops.mkldnn._is_mkldnn_fp16_supported``, ``..._bf16_...``: AVX512-FP16
+    or AMX-FP16 for fp16, AVX-512 for bf16). Where it says no, PyTorch falls back to its generic
+    convolution (no oneDNN call, by ONEDNN_VERBOSE), whose depthwise forward ran 8-160x slower than
+    lkfast's kernel at ConvNeXt-T's and RepLKNet-31B's layer shapes on an AVX2-only EPYC (Zen 3;
+    benchmarks/results/depthwise_cpu_zen3_*) and was ahead only at toy sizes (one channel, an 8x8
+    map: by ~50 us). True for other dtypes, and where PyTorch cannot say."""
+    check = _ONEDNN_CHECKS.get(dtype)
+    try:
+        return True if check is None else bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a torch without the check: keep the rule for oneDNN's paths
+        return True
+
+
 def _builtin(dtype: torch.dtype, pass_: str) -> Choice:
     if pass_ == "weight_grad" or dtype in OWN_FORWARD_DTYPES:
         return Choice("cpu", "built-in rule (no measurement for this case): lkfast's kernel")
-    return Choice("torch", f"built-in rule (no measurement for this case): oneDNN for the {dtype_name(dtype)} forward")
+    if not torch_uses_onednn(dtype):
+        return Choice("cpu", f"built-in rule (no measurement for this case): lkfast's kernel, PyTorch having no "
+                             f"oneDNN path for {dtype_name(dtype)} on this CPU (only its generic convolution)")
+    return Choice("torch", f"built-in rule (no measurement for this case): oneDNN for the {dtype_name(dtype)} "
+                           f"forward (PyTorch runs {dtype_name(dtype)} through oneDNN on this CPU)")
 
 
 def _calibrated(key: tuple, candidates: tuple, make_runs: Callable[[], dict], measure_fn: Optional[Callable]) -> Choice:
@@ -527,5 +553,5 @@ def choose_pointwise(x: torch.Tensor, weight: torch.Tensor, *, calibrate: Option
     return _calibrated(key, POINTWISE_CANDIDATES, lambda: _pointwise_runs(x, weight, grads), measure_fn)
 
 
-__all__ = ["choose", "choose_pointwise", "torch_forward_layout", "memo_token", "remembered", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup", "table_choices_digest",
+__all__ = ["choose", "choose_pointwise", "torch_forward_layout", "torch_uses_onednn", "memo_token", "remembered", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup", "table_choices_digest",
            "measure", "cache_dir", "calibration_enabled"]
