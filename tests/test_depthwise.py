@@ -504,6 +504,34 @@ def test_the_eager_path_skips_the_registered_op_and_equals_it(backend_device, fm
                                   torch.contiguous_format)
 
 
+def test_a_call_autograd_does_not_record_skips_the_autograd_function(monkeypatch):
+    """Under no_grad, inference_mode, or with no tensor requiring a gradient, an eager call runs the
+    forward backend directly (no _Eager.apply: its host time buys nothing there), with the same
+    output; a call autograd records still goes through _Eager and differentiates."""
+    from lkfast.ops import depthwise
+
+    x, w, b = torch.randn(2, 8, 12, 12), torch.randn(8, 1, 7, 7), torch.randn(8)
+    expected = ops.depthwise_conv2d(x, w, b, backend="torch")
+    entered = []
+    real_apply = depthwise._Eager.apply
+    monkeypatch.setattr(depthwise._Eager, "apply", lambda *args: entered.append(1) or real_apply(*args))
+    with torch.no_grad():
+        y = ops.depthwise_conv2d(x.requires_grad_(), w, b)
+    x.requires_grad_(False)
+    with torch.inference_mode():
+        y_inf = ops.depthwise_conv2d(x, w, b)
+    y_plain = ops.depthwise_conv2d(x, w, b)  # grad mode on, nothing requires a gradient
+    assert not entered
+    for out in (y, y_inf, y_plain):
+        assert out.grad_fn is None and not out.requires_grad
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    wg = w.clone().requires_grad_()
+    y_grad = ops.depthwise_conv2d(x, wg, b)
+    assert entered and y_grad.grad_fn is not None
+    y_grad.sum().backward()
+    assert wg.grad is not None and wg.grad.shape == w.shape
+
+
 class _Subclass(torch.Tensor):
     pass
 
