@@ -1,8 +1,10 @@
 """Backend choice on the CPU by measurement: lkfast's C++ kernel or PyTorch's best layout, per pass.
 
-Which of the two is faster depends on the machine: on an AVX-512 Xeon lkfast's forward is level
-with oneDNN's channels_last path at RepLKNet-31B's stage shapes, on an AVX2-only EPYC it ran at
-0.54-0.74x of it, while lkfast's weight gradient is 5-30x PyTorch's everywhere it was measured. So
+Which of the two is faster depends on the machine, dtype, layout and shape: lkfast's first forward
+kernels ran at 0.54-0.74x oneDNN's channels_last path on an AVX2-only EPYC (2026-11-29); today's run
+1.8-2.7x it at RepLKNet-31B's stage shapes on a Zen 3, where PyTorch's NCHW path still wins some of
+ConvNeXt-T's 7x7 forwards in fp32, and the training step, lkfast's weight gradient above all, ran
+2.3-100x PyTorch's everywhere it was measured. So
 ``auto`` decides each (pass, dtype, shape class) from measurements, in this order:
 
 1. **This machine's calibration** (the default, like ``torch.backends.cudnn.benchmark``): the first
