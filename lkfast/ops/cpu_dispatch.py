@@ -24,7 +24,7 @@ ConvNeXt-T's 7x7 forwards in fp32, and the training step, lkfast's weight gradie
 3. **The built-in rule** when the table has no row for the case (it has none for fp16): lkfast's
    kernel for every pass in fp32/fp64, and for the fp16/bf16 forward where PyTorch does not run that
    dtype through oneDNN on this CPU (its own check, ``torch_uses_onednn``: it falls back to a generic
-   convolution, 8-160x slower than lkfast's at real layer shapes on an AVX2-only EPYC); oneDNN for
+   convolution, 7-100x slower than lkfast's at real layer shapes on an AVX2-only EPYC); oneDNN for
    the fp16/bf16 forward where it does.
 
 The input gradient is the forward convolution of the output gradient with the rotated kernel (same
@@ -397,8 +397,8 @@ def torch_uses_onednn(dtype: torch.dtype) -> bool:
     """Whether PyTorch's CPU convolution in the half dtype ``dtype`` runs through oneDNN on this CPU:
     PyTorch's own check (``torch.ops.mkldnn._is_mkldnn_fp16_supported``, ``..._bf16_...``: AVX512-FP16
     or AMX-FP16 for fp16, AVX-512 for bf16). Where it says no, PyTorch falls back to its generic
-    convolution (no oneDNN call, by ONEDNN_VERBOSE), whose depthwise forward ran 8-160x slower than
-    lkfast's kernel at ConvNeXt-T's and RepLKNet-31B's layer shapes on an AVX2-only EPYC (Zen 3;
+    convolution (no oneDNN call, by ONEDNN_VERBOSE), which ran 7-100x slower than lkfast's kernel
+    at ConvNeXt-T's and RepLKNet-31B's layer shapes, batch 8, on an AVX2-only EPYC (Zen 3;
     benchmarks/results/depthwise_cpu_zen3_*) and was ahead only at toy sizes (one channel, an 8x8
     map: by ~50 us). True for other dtypes, and where PyTorch cannot say."""
     check = _ONEDNN_CHECKS.get(dtype)
