@@ -18,11 +18,16 @@ Implementations, each timed over LOOP back-to-back calls per round, in rounds th
 shuffled turn (lkfast.timing.time_interleaved): ``pytorch`` (``F.conv2d``, NCHW, with autograd),
 ``lkfast_eager`` (backend "cpu", the eager path), ``lkfast_registered`` (backend "cpu" through the
 registered op, as every call went before the eager path), ``lkfast_auto`` (the eager path with the
-plan chosen per call). Passes: forward (under no_grad) and forward + input gradient.
+plan chosen per call, calibrated on this machine), ``lkfast_auto_table`` (the same with
+``LKFAST_CALIBRATE=0``, as the embedded default run sets it: the shipped table's choice, kept per
+call shape) and ``lkfast_auto_table_unkept`` (that choice worked out afresh on every call, as the op
+did with calibration off before 2026-12-07). Passes: forward (under no_grad) and forward + input
+gradient.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 
 CASES = {"tiny": (1, 4, 8, 8, 3), "replknet31b-s4-b1": (1, 1024, 7, 7, 13)}
 PASSES = ("forward", "forward+input_grad")
-IMPLS = ("pytorch", "lkfast_eager", "lkfast_registered", "lkfast_auto")
+IMPLS = ("pytorch", "lkfast_eager", "lkfast_registered", "lkfast_auto", "lkfast_auto_table", "lkfast_auto_table_unkept")
 LOOP = 100
 ROUNDS = 15
 
@@ -42,17 +47,26 @@ ROUNDS = 15
 def _runner(impl: str, passes: str, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor):
     """A callable that runs LOOP calls of ``impl`` for ``passes``."""
     import lkfast.ops as ops
-    from lkfast.ops import depthwise
+    from lkfast.ops import cpu_dispatch, depthwise
 
     k = w.shape[-1]
     if impl == "pytorch":
         conv = lambda a: F.conv2d(a, w, padding=k // 2, groups=a.shape[1])  # noqa: E731
     else:
-        backend = "auto" if impl == "lkfast_auto" else "cpu"
+        backend = "auto" if impl.startswith("lkfast_auto") else "cpu"
         conv = lambda a: ops.depthwise_conv2d(a, w, backend=backend)  # noqa: E731
-    # the registered op, forced for the whole loop (the patch costs once per LOOP calls)
-    context = (lambda: mock.patch.object(depthwise, "_eager", lambda *args: False)) if impl == "lkfast_registered" \
-        else contextlib.nullcontext
+    # the registered op, or calibration off, forced for the whole loop (a patch costs once per LOOP calls)
+    contexts = {"lkfast_registered": lambda: mock.patch.object(depthwise, "_eager", lambda *args: False),
+                "lkfast_auto_table": lambda: mock.patch.dict(os.environ, {"LKFAST_CALIBRATE": "0"})}
+
+    @contextlib.contextmanager
+    def unkept():  # calibration off, nothing kept: the choice worked out on every call
+        with mock.patch.dict(os.environ, {"LKFAST_CALIBRATE": "0"}), \
+                mock.patch.object(cpu_dispatch, "choices_token", lambda: None):
+            yield
+
+    contexts["lkfast_auto_table_unkept"] = unkept
+    context = contexts.get(impl, contextlib.nullcontext)
 
     if passes == "forward":
         def run():
@@ -163,16 +177,18 @@ def report(path: str) -> Path:
              f"us per call = median over {ROUNDS} interleaved rounds of (round time / {LOOP} calls); ratios are "
              "medians of per-round ratios (same round, same stretch of time)", "",
              "| case | passes | PyTorch F.conv2d | lkfast eager (cpu) | lkfast registered op (cpu) | lkfast auto (eager) "
-             "| registered / eager | PyTorch / lkfast auto |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| lkfast auto, shipped table (LKFAST_CALIBRATE=0) | the same, chosen afresh per call (before 2026-12-07) "
+             "| registered / eager | PyTorch / lkfast auto | PyTorch / auto, shipped table |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     choices = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info", {}).get("kind") == "cuda_table_choice"]
     for row in rows:
         t = row["times"]
-        us = {impl: statistics.median(t[impl]) / row["loop"] * 1e6 for impl in IMPLS}
-        ratio = lambda a, b: bench.per_round_ratio(t, a, b)  # noqa: E731
-        lines.append(f"| {row['case']} {tuple(row['shape'])} | {row['passes']} | {us['pytorch']:.1f} | "
-                     f"{us['lkfast_eager']:.1f} | {us['lkfast_registered']:.1f} | {us['lkfast_auto']:.1f} | "
-                     f"{ratio('lkfast_registered', 'lkfast_eager'):.2f}x | {ratio('pytorch', 'lkfast_auto'):.2f}x |")
+        us = {impl: f"{statistics.median(t[impl]) / row['loop'] * 1e6:.1f}" if impl in t else "-" for impl in IMPLS}
+        ratio = lambda a, b: f"{bench.per_round_ratio(t, a, b):.2f}x" if a in t and b in t else "-"  # noqa: E731
+        lines.append(f"| {row['case']} {tuple(row['shape'])} | {row['passes']} | "
+                     + " | ".join(us[impl] for impl in IMPLS)
+                     + f" | {ratio('lkfast_registered', 'lkfast_eager')} | {ratio('pytorch', 'lkfast_auto')} "
+                       f"| {ratio('pytorch', 'lkfast_auto_table')} |")
     for row in choices:
         us = {name: statistics.median(times) / row["loop"] * 1e6 for name, times in row["times"].items()}
         lines += ["", f"auto's plan for a CUDA call, chosen from a {row['case']} (Python, timed here on the CPU): "

@@ -909,12 +909,18 @@ def test_host_overhead_report_reads_its_rows_and_the_cuda_table_choice(tmp_path)
     path.write_text(json.dumps({"benchmarks": [{"extra_info": op}, {"extra_info": choice}], "datetime": "d",
                                 "commit_info": {"id": "abc"}}))
     text = bench.report(str(path)).read_text()
-    # medians 50 / 20 / 30 / 20 us; per-round registered/eager 1.5 each; pytorch/auto 3, 2, 4 -> 3
-    assert "| tiny (1, 4, 8, 8, 3) | forward | 50.0 | 20.0 | 30.0 | 20.0 | 1.50x | 3.00x |" in text
+    # medians 50 / 20 / 30 / 20 us; per-round registered/eager 1.5 each; pytorch/auto 3, 2, 4 -> 3; a file
+    # from before the calibration-off columns: "-" there
+    assert "| tiny (1, 4, 8, 8, 3) | forward | 50.0 | 20.0 | 30.0 | 20.0 | - | - | 1.50x | 3.00x | - |" in text
     assert ("chosen from a 200-row table (Python, timed here on the CPU): fresh (nearest-row search and its "
             "sentence) 600.0 us, kept (a key already answered, the table unchanged) 4.0 us; a tiny PyTorch F.conv2d "
             "forward 50.0 us") in text
     assert "Per call, the op asked" not in text  # a file from before the op kept its choices
+    op["times"].update(lkfast_auto_table=[0.0025, 0.002, 0.002], lkfast_auto_table_unkept=[0.05, 0.04, 0.06])
+    path.write_text(json.dumps({"benchmarks": [{"extra_info": op}], "datetime": "d", "commit_info": {"id": "abc"}}))
+    # medians 20 / 50 us with calibration off, kept and not; per-round pytorch/auto-table 2.4, 2.5, 2 -> 2.4
+    assert ("| tiny (1, 4, 8, 8, 3) | forward | 50.0 | 20.0 | 30.0 | 20.0 | 20.0 | 500.0 | 1.50x | 3.00x | 2.40x |"
+            in bench.report(str(path)).read_text())
     choice["times"].update(asked=[0.004, 0.0035, 0.003], op=[0.0005, 0.0005, 0.0003])
     path.write_text(json.dumps({"benchmarks": [{"extra_info": op}, {"extra_info": choice}], "datetime": "d",
                                 "commit_info": {"id": "abc"}}))

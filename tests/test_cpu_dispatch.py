@@ -425,7 +425,7 @@ def test_plan_for_and_the_op_follow_the_calibration(cache, monkeypatch):
 def test_the_op_remembers_its_plan_until_the_calibration_changes(cache, monkeypatch):
     """``auto`` asks for a plan on every call; per exact shape the answer is kept while the
     calibration in use stays the same, and asked again when it changes (a new cache folder,
-    another thread count) or when calibration is switched off."""
+    another thread count) or when calibration is switched off (then kept for the shipped table)."""
     from lkfast.ops import plan_for
 
     asked = []
@@ -448,11 +448,11 @@ def test_the_op_remembers_its_plan_until_the_calibration_changes(cache, monkeypa
     monkeypatch.setattr(torch, "get_num_threads", lambda: 977)
     winner["name"] = "cpu"
     assert tuple(plan_for(x, w)) == ("cpu", "cpu", "cpu") and len(asked) == 8
-    # with calibration off every call asks (the shipped table decides)
+    # with calibration off the shipped table decides: asked once, then kept too
     monkeypatch.setenv("LKFAST_CALIBRATE", "0")
     plan_for(x, w)
     plan_for(x, w)
-    assert len(asked) == 12
+    assert len(asked) == 10
 
 
 def test_a_first_calibration_leaves_the_global_random_generator_alone(cache):
@@ -514,6 +514,35 @@ def test_plan_for_tells_apart_the_dtype_and_the_layout_of_one_shape(cache, monke
         assert tuple(plan_for(x.double(), w.double())) == ("torch",) * 3
         assert tuple(plan_for(x_nhwc, w)) == ("torch",) * 3
     assert seen == [(torch.float32, False)] * 2 + [(torch.float64, False)] * 2 + [(torch.float32, True)] * 2
+
+
+def test_with_calibration_off_the_plan_is_remembered_until_what_made_it_changes(monkeypatch):
+    """With calibration off (the embedded default run's setting) ``auto``'s plan for a call is worked
+    out once and remembered (looked up afresh, the table's rows cost ~0.3 ms of Python a call), and
+    worked out again when what made it changes: another table, or PyTorch's answer about running a
+    half dtype through oneDNN (the built-in rule's question where the table has no row)."""
+    pytest.importorskip("lkfast._C")
+    from lkfast.ops import depthwise, plan_for
+
+    monkeypatch.setenv("LKFAST_CALIBRATE", "0")
+    monkeypatch.setattr(depthwise, "_PLAN_MEMO", {})
+    x, w = inputs()
+    key = list(cd.shape_class(x.shape, 7, 7, torch.float32, False))
+    tables = {b: {cd.fingerprint()["isa"]: {"rows": [{"pass": p, "key": key, "backend": b} for p in cd.MEASURED_PASSES]}}
+              for b in ("cpu", "torch")}
+    lookups = []
+    lookup = cd.table_lookup
+    monkeypatch.setattr(cd, "table_lookup", lambda *args: lookups.append(args[1]) or lookup(*args))
+    monkeypatch.setattr(cd, "_load_table", lambda path: tables["cpu"])
+    for _ in range(3):
+        assert tuple(plan_for(x, w)) == ("cpu",) * 3
+    assert lookups == ["forward", "weight_grad"]  # once per measured pass, not per call
+    monkeypatch.setattr(cd, "_load_table", lambda path: tables["torch"])
+    assert tuple(plan_for(x, w)) == ("torch",) * 3
+    xh, wh = x.half(), w.half()  # no fp16 rows: the built-in rule, which asks PyTorch
+    for uses_onednn, forward in ((True, "torch"), (False, "cpu"), (True, "torch")):
+        monkeypatch.setattr(cd, "torch_uses_onednn", lambda dtype: uses_onednn if dtype == torch.float16 else True)
+        assert tuple(plan_for(xh, wh)) == (forward, forward, "cpu")
 
 
 def test_the_onednn_cap_is_part_of_the_fingerprint(cache, monkeypatch):

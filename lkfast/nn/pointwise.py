@@ -71,7 +71,7 @@ def eligible(x: torch.Tensor) -> bool:
 
 _NOT_A_CANDIDATE = ("not a candidate for the matrix product (needs a non-empty CPU fp32/fp64 channels_last map of "
                     f"at most {MAX_AREA} pixels, autocast off, no torch.func transform)")
-_MEMO: dict = {}  # ([layer,] x shape, weight shape, dtype, grads) -> (cpu_dispatch.memo_token, Choice)
+_MEMO: dict = {}  # ([layer,] x shape, weight shape, dtype, grads) -> (cpu_dispatch.choices_token, Choice)
 
 
 def _fixed_choice(candidate: bool, own: str, not_a_candidate: str):

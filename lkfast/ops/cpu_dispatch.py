@@ -102,6 +102,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _isa() -> str:
+    """The instruction set lkfast's C++ kernels run ("avx2", "avx512", ...; "none" without them)."""
+    from lkfast import _ext
+
+    return _ext._C.cpu_isa() if _ext._C is not None else "none"
+
+
 def fingerprint() -> dict:
     """What a calibration is valid for: the same CPU, instruction set, threads and versions, and the
     same build of the kernels (the sources lkfast._C was built from: a rebuilt kernel that got faster
@@ -110,7 +117,7 @@ def fingerprint() -> dict:
 
     return {
         "cpu": _cpu_model(),
-        "isa": _ext._C.cpu_isa() if _ext._C is not None else "none",
+        "isa": _isa(),
         "threads": torch.get_num_threads(),
         "lkfast": __version__,
         "kernels": _ext.sources or "unrecorded",
@@ -253,12 +260,29 @@ def memo_token() -> Optional[int]:
     return calibration().generation
 
 
+def choices_token():
+    """What this process's choices are made from, for memos of them: the calibration in use (its
+    generation, as ``memo_token``), or with calibration off the shipped table as loaded, the
+    instruction set whose rows are read and whether PyTorch runs fp16 and bf16 through oneDNN (the
+    built-in rule's question); None while ``torch.compile`` traces (nothing is kept there). With
+    calibration off the choices were worked out afresh on every call until 2026-12-07: 0.2-0.45 ms
+    of Python a call (the table's 192 rows scanned per pass) on a Zen 3 EPYC, more than most of the
+    embedded default run's layers take to compute."""
+    if torch.compiler.is_compiling():
+        return None
+    if calibration_enabled():
+        return calibration().generation
+    return ("shipped table", _isa(), _load_table(str(TABLE_PATH)),
+            torch_uses_onednn(torch.float16), torch_uses_onednn(torch.bfloat16))
+
+
 def remembered(memo: dict, args: tuple, compute: Callable[[], object]):
-    """``compute()``, kept in ``memo`` under ``args`` for as long as this process's calibration stays
-    the one in use (``memo_token``); computed afresh each time when calibration is off. For choices
-    asked on every call of an op: within one calibration the answer for a shape cannot change.
-    (The memo rule is ``lkfast.ops.backends.remembered``, which the CUDA table's choices use too.)"""
-    return backends.remembered(memo, args, memo_token(), compute)
+    """``compute()``, kept in ``memo`` under ``args`` for as long as what the choices are made from
+    stays the same (``choices_token``: the calibration in use, or with calibration off the shipped
+    table's rows for this instruction set). For choices asked on every call of an op: for one
+    calibration or table the answer for a shape cannot change. (The memo rule is
+    ``lkfast.ops.backends.remembered``, which the CUDA table's choices use too.)"""
+    return backends.remembered(memo, args, choices_token(), compute)
 
 
 # --- the shipped table ------------------------------------------------------------------------
@@ -555,5 +579,5 @@ def choose_pointwise(x: torch.Tensor, weight: torch.Tensor, *, calibrate: Option
     return _calibrated(key, POINTWISE_CANDIDATES, lambda: _pointwise_runs(x, weight, grads), measure_fn)
 
 
-__all__ = ["choose", "choose_pointwise", "torch_forward_layout", "torch_uses_onednn", "memo_token", "remembered", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup", "table_choices_digest",
+__all__ = ["choose", "choose_pointwise", "torch_forward_layout", "torch_uses_onednn", "memo_token", "choices_token", "remembered", "cache_path", "Choice", "Calibration", "calibration", "shape_class", "fingerprint", "table_lookup", "table_choices_digest",
            "measure", "cache_dir", "calibration_enabled"]

@@ -111,8 +111,9 @@ def _cpu_plan(x, weight) -> tuple[Plan, str]:
     if not _usable("cpu", x, weight):
         return Plan.single("torch"), "on the CPU, PyTorch (oneDNN) wherever lkfast's C++ kernels cannot run"
     # The op asks on every call; choosing costs ~30 us of Python (shape class, file-backed cache,
-    # sentences), as much as a whole 7x7-map layer call takes in some passes. Within one
-    # calibration the answer for a shape cannot change, so it is kept per exact shape and strides
+    # sentences; with calibration off ~0.3 ms, the shipped table's rows scanned), as much as a whole
+    # 7x7-map layer call takes in some passes. Within one calibration (or with calibration off, one
+    # table) the answer for a shape cannot change, so it is kept per exact shape and strides
     # (the layout follows from them), a key read without any Python of ours: the memo's own cost
     # was half of auto's host time per call (7 of ~13 us on this project's CPU).
     key = (x.shape, x.stride(), weight.shape, x.dtype)
@@ -120,7 +121,7 @@ def _cpu_plan(x, weight) -> tuple[Plan, str]:
         tuple(x.shape), tuple(weight.shape), dtype_name(x.dtype), output_memory_format(x) == torch.channels_last))
 
 
-_PLAN_MEMO: dict = {}  # (x shape, x strides, weight shape, dtype) -> (memo_token, (plan, source))
+_PLAN_MEMO: dict = {}  # (x shape, x strides, weight shape, dtype) -> (choices_token, (plan, source))
 
 
 def _cuda_plan(x, weight, gpu: str | None = None) -> tuple[Plan, str]:
