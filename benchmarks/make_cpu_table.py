@@ -53,7 +53,8 @@ for dtype in spec["dtypes"]:
                     key = cd.shape_class(x.shape, k, k, x.dtype, layout == "channels_last")
                     entry = cd.calibration().get((p,) + key)
                     rows.append({"pass": p, "key": list(key), "backend": choice.backend,
-                                 "seconds": entry["seconds"], "shape": [n, c, s, s, k]})
+                                 "seconds": entry["seconds"], "shape": [n, c, s, s, k],
+                                 **({"bounded": entry["bounded"]} if "bounded" in entry else {})})
                     print(p, dtype, layout, n, c, s, k, choice.backend,
                           {b: round(t * 1e3, 2) for b, t in entry["seconds"].items()}, flush=True)
 print("ROWS", json.dumps({"isa": cd.fingerprint()["isa"], "rows": rows}))

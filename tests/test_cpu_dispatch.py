@@ -271,6 +271,64 @@ def test_measure_stops_early_only_when_one_is_clearly_faster(monkeypatch):
     assert ran == [3, 3]
 
 
+def test_a_probe_clearly_slower_than_the_fastest_whole_call_stands_in_for_its_candidate(monkeypatch):
+    """A candidate with a probe (its call on the batch's first image) after the first candidate runs
+    the probe first: where that alone is clear_ratio times the fastest whole call (allowance taken
+    off), the whole call is never made and the probe's time is recorded as a lower bound; where it is
+    not, the whole call is timed as any other."""
+    import lkfast.timing
+
+    monkeypatch.setattr(lkfast.timing, "time_interleaved",
+                        lambda runs, rounds, warmup=0: {n: [1.0] * rounds for n in runs})
+    made = []
+    runs = {"a": cd.Candidate(lambda: made.append("a"), lambda: made.append("a probe")),
+            "b": cd.Candidate(lambda: made.append("b"), lambda: made.append("b probe"))}
+    clock = iter([0.0, 0.010, 1.0, 1.2])  # a's whole call 10 ms; b's first image 200 ms
+    monkeypatch.setattr(cd.time, "perf_counter", lambda: next(clock))
+    got = cd.measure(runs)
+    assert made == ["a", "b probe"]  # the first candidate has nothing to be compared with: whole
+    assert got == pytest.approx({"a": 0.010, "b": 0.2}) and got.bounded == {"b"}
+    made.clear()
+    clock = iter([0.0, 0.010, 1.0, 1.07, 2.0, 2.5])  # b's first image 70 ms: under 3 x 10 ms + 50 ms
+    monkeypatch.setattr(cd.time, "perf_counter", lambda: next(clock))
+    got = cd.measure(runs)
+    assert made == ["a", "b probe", "b"] and got == pytest.approx({"a": 0.010, "b": 0.5}) and not got.bounded
+
+
+def test_a_calibration_records_a_probe_s_time_as_a_bound(cache, monkeypatch):
+    """The timing tensors' probes run on the first image of a batch (none at batch 1); an entry
+    measured with a probe's time says so (``bounded``), and so does the choice's sentence."""
+    from lkfast.ops import backends
+
+    shapes = []
+    monkeypatch.setattr(backends.BACKENDS["cpu"], "weight_grad", lambda go, x, kh, kw: shapes.append(("cpu", x.shape)))
+    monkeypatch.setattr(backends.BACKENDS["torch"], "weight_grad", lambda go, x, kh, kw: shapes.append(("torch", go.shape)))
+    x, w = inputs((3, 16, 20, 20))
+    runs = cd._runs(x, w, "weight_grad")
+    for run in runs.values():
+        run()
+        run.probe()
+    assert shapes == [("cpu", (3, 16, 20, 20)), ("cpu", (1, 16, 20, 20)), ("torch", (3, 16, 20, 20)),
+                      ("torch", (1, 16, 20, 20))]
+    assert all(run.probe is None for run in cd._runs(x[:1], w, "forward").values())
+    timings = cd.Timings({"cpu": 0.001, "torch": 0.5}, bounded={"torch"})
+    choice = cd.choose(x, w, "weight_grad", measure_fn=lambda runs: timings)
+    assert choice.backend == "cpu" and "torch over 500.00 ms (its first image alone)" in choice.source
+    entry = next(iter(json.loads(cache.read_text())["entries"].values()))
+    assert entry["bounded"] == ["torch"] and entry["seconds"] == {"cpu": 0.001, "torch": 0.5}
+
+
+@pytest.mark.parametrize("times, bounded, layout", [
+    ({"channels_last": 2.0, "nchw": 1.0}, set(), "nchw"),  # both whole calls: the faster
+    ({"channels_last": 2.0, "nchw": 1.0}, {"channels_last", "nchw"}, "nchw"),  # both first images: alike
+    ({"channels_last": 2.0, "nchw": 1.0}, {"channels_last"}, "nchw"),  # whole NCHW call under cl's bound
+    ({"channels_last": 1.0, "nchw": 2.0}, {"channels_last"}, "channels_last"),  # not known: the default
+    ({"channels_last": 1.0, "nchw": 2.0}, {"nchw"}, "channels_last"),  # whole cl call under NCHW's bound
+    ({"channels_last": 2.0, "nchw": 1.0}, {"nchw"}, "channels_last")])  # NCHW's bound under cl: not known
+def test_pytorch_s_layout_is_chosen_from_comparable_timings(times, bounded, layout):
+    assert cd._faster_layout(times, bounded) == layout
+
+
 def test_measure_takes_the_least_round_and_repeats_fast_calls(monkeypatch):
     """A stalled round only adds time: on a loaded machine a 0.025-ms call measured 16-24 ms in two of
     three rounds and the median chose the 0.067-ms candidate (cached for every later process). A

@@ -348,8 +348,31 @@ SAMPLE_SECONDS = 0.002  # a timed sample repeats a fast call until it fills abou
 MAX_REPEATS = 1000
 
 
+class Candidate:
+    """A callable to time (``run()``), with ``probe``: the same call on the batch's first image, or
+    None. A call on a whole batch takes at least as long as on one of its images, so where the probe
+    alone is clearly slower than the fastest whole call, so is the candidate (see ``measure``)."""
+
+    __slots__ = ("run", "probe")
+
+    def __init__(self, run: Callable[[], None], probe: Optional[Callable[[], None]] = None):
+        self.run, self.probe = run, probe
+
+    def __call__(self):
+        return self.run()
+
+
+class Timings(dict):
+    """``measure``'s answer, {name: seconds per call}, with ``bounded``: the names whose seconds are
+    their probe's (one image of the batch), a lower bound on the whole call's time."""
+
+    def __init__(self, seconds: dict, bounded=()):
+        super().__init__(seconds)
+        self.bounded = frozenset(bounded)
+
+
 def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: float = 3.0,
-            setup_allowance: float = 0.05) -> dict[str, float]:
+            setup_allowance: float = 0.05) -> Timings:
     """Seconds per call of each callable: the least of interleaved rounds, after one warm-up call
     each; stops after the warm-up when one candidate is ``clear_ratio`` times faster than every other
     even with ``setup_allowance`` seconds taken off the others' warm-up (no need to time a 1.5 s
@@ -358,13 +381,29 @@ def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: f
     ms bf16 forward take 3.6 ms once, and the warm-up alone would have ruled it out
     (make_cpu_table.py at 1e9a030).
 
+    A ``Candidate`` with a probe, after the first candidate, runs its probe first: where the probe
+    alone is ruled out that way, the whole call is not made, and its time is the probe's
+    (``Timings.bounded`` names it). PyTorch's generic half-precision convolution, on a CPU where it
+    has no oneDNN path, took 12 s for one bf16 forward of RepLKNet-31B's stage 1 at batch 8 on a
+    Zen 3 EPYC, 50-100x lkfast's kernel: a first calibration spent minutes per shape class at the
+    evaluation's batch of 64 in the whole calls alone.
+
     A round of a call faster than ``SAMPLE_SECONDS`` repeats it to fill that (its time per call: the
     least of three more calls after the warm-up's setup), and the least round counts, not the median: a stall
     of the scheduler only ever adds time, and on a loaded 2-core machine single calls of 0.025 and
     0.067 ms measured 16-24 ms in some rounds, so the median of three chose on noise, and the
     choice was cached for every later process."""
-    warm = {}
+    warm, bounded = {}, set()
     for name, run in runs.items():
+        probe = getattr(run, "probe", None)
+        if probe is not None and warm:
+            start = time.perf_counter()
+            probe()
+            seconds = time.perf_counter() - start
+            if seconds - setup_allowance >= clear_ratio * min(warm.values()):
+                warm[name] = seconds
+                bounded.add(name)
+                continue
         start = time.perf_counter()
         run()
         warm[name] = time.perf_counter() - start
@@ -373,7 +412,7 @@ def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: f
     rest = {name: run for name, run in runs.items()
             if not warm[name] - setup_allowance >= clear_ratio * fastest}
     if len(rest) == 1:
-        return warm
+        return Timings(warm, bounded)
     from lkfast.timing import time_interleaved
 
     repeats = {}
@@ -387,7 +426,7 @@ def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: f
         repeats[name] = max(1, min(MAX_REPEATS, math.ceil(SAMPLE_SECONDS / max(per_call, 1e-9))))
     samples = {name: (lambda run=run, n=repeats[name]: [run() for _ in range(n)]) for name, run in runs.items()}
     times = time_interleaved(samples, rounds, warmup=0)
-    return {**warm, **{name: min(t) / repeats[name] for name, t in times.items()}}
+    return Timings({**warm, **{name: min(t) / repeats[name] for name, t in times.items()}}, bounded)
 
 
 def _runs(x: torch.Tensor, weight: torch.Tensor, pass_: str) -> dict[str, Callable[[], None]]:
@@ -398,15 +437,20 @@ def _runs(x: torch.Tensor, weight: torch.Tensor, pass_: str) -> dict[str, Callab
     xs = torch.randn(x.shape, dtype=x.dtype, device="cpu").contiguous(
         memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
     ws = torch.randn(weight.shape, dtype=weight.dtype, device="cpu")
+    go = torch.randn_like(xs) if pass_ != "forward" else None
+    one = (xs[:1], None if go is None else go[:1]) if xs.shape[0] > 1 else None  # (the first image: Candidate.probe)
+
+    def candidate(call) -> Candidate:
+        return Candidate(lambda: call(xs, go), None if one is None else (lambda: call(*one)))
+
     if pass_ == "forward":
         torch_backend = BACKENDS["torch"]
-        runs = {"cpu": lambda: BACKENDS["cpu"].forward(xs, ws, None, False)}
+        runs = {"cpu": candidate(lambda x, _: BACKENDS["cpu"].forward(x, ws, None, False))}
         for name, layout in TORCH_TIMINGS.items():
             if layout in torch_backend.cpu_forward_layouts(xs, kw):
-                runs[name] = lambda layout=layout: torch_backend.forward_in(layout, xs, ws, None, False)
+                runs[name] = candidate(lambda x, _, layout=layout: torch_backend.forward_in(layout, x, ws, None, False))
         return runs
-    go = torch.randn_like(xs)
-    return {name: (lambda b=BACKENDS[name]: b.weight_grad(go, xs, kh, kw)) for name in CANDIDATES}
+    return {name: candidate(lambda x, g, b=BACKENDS[name]: b.weight_grad(g, x, kh, kw)) for name in CANDIDATES}
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -457,15 +501,32 @@ def _calibrated(key: tuple, candidates: tuple, make_runs: Callable[[], dict], me
         winner = min(seconds, key=seconds.get)
         entry = {"backend": "torch" if winner in TORCH_TIMINGS else winner, "seconds": seconds,
                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        bounded = sorted(getattr(times, "bounded", ()))
+        if bounded:  # their seconds are one image's: at least that for the whole call
+            entry["bounded"] = bounded
         torch_times = {layout: seconds[n] for n, layout in TORCH_TIMINGS.items() if n in seconds}
         if "nchw" in torch_times:  # PyTorch's forward ran in both layouts (or NCHW only): the faster
-            entry["torch_layout"] = min(torch_times, key=torch_times.get)
+            entry["torch_layout"] = _faster_layout(torch_times, {TORCH_TIMINGS[n] for n in bounded})
         assert entry["backend"] in candidates, (entry, candidates)
         cal.put(key, entry)
-    ms = ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in entry["seconds"].items())
+    bounded = entry.get("bounded", ())
+    ms = ", ".join(f"{n} {'over ' if n in bounded else ''}{t * 1e3:.2f} ms{' (its first image alone)' if n in bounded else ''}"
+                   for n, t in entry["seconds"].items())
     if entry["backend"] == "torch" and "torch_layout" in entry:
         ms += f": torch in {'NCHW' if entry['torch_layout'] == 'nchw' else 'channels_last'}"
     return Choice(entry["backend"], f"calibrated on this machine ({ms}; {cal.path})")
+
+
+def _faster_layout(torch_times: dict, bounded: set) -> str:
+    """The layout of PyTorch's faster forward timing; where one timing is a whole call's and the
+    other a lower bound (its first image alone, ``Candidate``), the whole call's only if it took no
+    longer than that bound, else "channels_last" (the layout without calibration): which is faster
+    is not known there."""
+    faster = min(torch_times, key=torch_times.get)
+    if len(bounded) in (0, len(torch_times)):  # all alike: comparable
+        return faster
+    whole = next(layout for layout in torch_times if layout not in bounded)
+    return whole if all(torch_times[whole] <= t for t in torch_times.values()) else "channels_last"
 
 
 def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Optional[bool] = None,
