@@ -271,60 +271,82 @@ def test_measure_stops_early_only_when_one_is_clearly_faster(monkeypatch):
     assert ran == [3, 3]
 
 
-def test_a_probe_clearly_slower_than_the_fastest_whole_call_stands_in_for_its_candidate(monkeypatch):
-    """A candidate with a probe (its call on the batch's first image) after the first candidate runs
-    the probe first: where that alone is clear_ratio times the fastest whole call (allowance taken
-    off), the whole call is never made and the probe's time is recorded as a lower bound; where it is
-    not, the whole call is timed as any other."""
+def test_probes_on_growing_parts_of_the_batch_stand_in_for_a_clearly_slower_candidate(monkeypatch):
+    """A candidate with a probe (its call on the batch's first k images) after the first candidate
+    runs probes first, from one image up: where one is clear_ratio times the fastest whole call
+    (the allowance taken off), the whole call is never made and that probe's time is recorded as a
+    lower bound with its image count; the next probe is the power of two of images at which the
+    last one's time, grown in proportion, would reach that; where no probe short of the whole batch
+    does, the whole call is timed as any other."""
     import lkfast.timing
 
     monkeypatch.setattr(lkfast.timing, "time_interleaved",
                         lambda runs, rounds, warmup=0: {n: [1.0] * rounds for n in runs})
     made = []
-    runs = {"a": cd.Candidate(lambda: made.append("a"), lambda: made.append("a probe")),
-            "b": cd.Candidate(lambda: made.append("b"), lambda: made.append("b probe"))}
-    clock = iter([0.0, 0.010, 1.0, 1.2])  # a's whole call 10 ms; b's first image 200 ms
-    monkeypatch.setattr(cd.time, "perf_counter", lambda: next(clock))
-    got = cd.measure(runs)
-    assert made == ["a", "b probe"]  # the first candidate has nothing to be compared with: whole
-    assert got == pytest.approx({"a": 0.010, "b": 0.2}) and got.bounded == {"b"}
+
+    def candidates(images=64):
+        return {"a": cd.Candidate(lambda: made.append("a"), lambda k: made.append(("a", k)), images),
+                "b": cd.Candidate(lambda: made.append("b"), lambda k: made.append(("b", k)), images)}
+
+    def clock(*seconds):  # each call: start at t, end at t + s
+        ticks = iter([t for i, s in enumerate(seconds) for t in (10.0 * i, 10.0 * i + s)])
+        monkeypatch.setattr(cd.time, "perf_counter", lambda: next(ticks))
+
+    clock(0.010, 0.2)  # a's whole call 10 ms; b's first image 200 ms, past 3 x 10 ms + 50 ms
+    got = cd.measure(candidates())
+    assert made == ["a", ("b", 1)]  # the first candidate has nothing to be compared with: whole
+    assert got == pytest.approx({"a": 0.010, "b": 0.2}) and got.bounded == {"b": 1}
     made.clear()
-    clock = iter([0.0, 0.010, 1.0, 1.07, 2.0, 2.5])  # b's first image 70 ms: under 3 x 10 ms + 50 ms
-    monkeypatch.setattr(cd.time, "perf_counter", lambda: next(clock))
-    got = cd.measure(runs)
-    assert made == ["a", "b probe", "b"] and got == pytest.approx({"a": 0.010, "b": 0.5}) and not got.bounded
+    # limit 80 ms: one image 30 ms (grown: 80 ms at 2.7 images, so 4 next), four images 70 ms (80 ms at
+    # 4.6: at least twice four, 8 next), eight 90 ms: ruled out on 8 of the 64
+    clock(0.010, 0.030, 0.070, 0.090)
+    got = cd.measure(candidates())
+    assert made == ["a", ("b", 1), ("b", 4), ("b", 8)] and got.bounded == {"b": 8}
+    assert got["b"] == pytest.approx(0.090)
+    made.clear()
+    clock(0.010, 0.002, 0.5)  # one image 2 ms: 80 ms would take 40 images, 64 next: the whole call
+    got = cd.measure(candidates())
+    assert made == ["a", ("b", 1), "b"] and got == pytest.approx({"a": 0.010, "b": 0.5}) and not got.bounded
+    made.clear()
+    clock(0.010, 0.5)  # a batch of one: nothing to probe
+    got = cd.measure(candidates(images=1))
+    assert made == ["a", "b"] and not got.bounded
 
 
 def test_a_calibration_records_a_probe_s_time_as_a_bound(cache, monkeypatch):
-    """The timing tensors' probes run on the first image of a batch (none at batch 1); an entry
-    measured with a probe's time says so (``bounded``), and so does the choice's sentence."""
+    """The timing tensors' probes run on the batch's first k images; an entry measured with a
+    probe's time says so (``bounded``: the candidate and its images), and so does the choice's
+    sentence."""
     from lkfast.ops import backends
 
     shapes = []
-    monkeypatch.setattr(backends.BACKENDS["cpu"], "weight_grad", lambda go, x, kh, kw: shapes.append(("cpu", x.shape)))
-    monkeypatch.setattr(backends.BACKENDS["torch"], "weight_grad", lambda go, x, kh, kw: shapes.append(("torch", go.shape)))
-    x, w = inputs((3, 16, 20, 20))
+    monkeypatch.setattr(backends.BACKENDS["cpu"], "weight_grad",
+                        lambda go, x, kh, kw: shapes.append(("cpu", x.shape, go.shape)))
+    monkeypatch.setattr(backends.BACKENDS["torch"], "weight_grad",
+                        lambda go, x, kh, kw: shapes.append(("torch", x.shape, go.shape)))
+    x, w = inputs((5, 16, 20, 20))
     runs = cd._runs(x, w, "weight_grad")
     for run in runs.values():
+        assert run.images == 5
         run()
-        run.probe()
-    assert shapes == [("cpu", (3, 16, 20, 20)), ("cpu", (1, 16, 20, 20)), ("torch", (3, 16, 20, 20)),
-                      ("torch", (1, 16, 20, 20))]
-    assert all(run.probe is None for run in cd._runs(x[:1], w, "forward").values())
-    timings = cd.Timings({"cpu": 0.001, "torch": 0.5}, bounded={"torch"})
+        run.probe(2)
+    whole, two = (5, 16, 20, 20), (2, 16, 20, 20)
+    assert shapes == [("cpu", whole, whole), ("cpu", two, two), ("torch", whole, whole), ("torch", two, two)]
+    timings = cd.Timings({"cpu": 0.001, "torch": 0.5}, bounded={"torch": 2})
     choice = cd.choose(x, w, "weight_grad", measure_fn=lambda runs: timings)
-    assert choice.backend == "cpu" and "torch over 500.00 ms (its first image alone)" in choice.source
+    assert choice.backend == "cpu" and "torch over 500.00 ms (its first 2 image(s) alone)" in choice.source
     entry = next(iter(json.loads(cache.read_text())["entries"].values()))
-    assert entry["bounded"] == ["torch"] and entry["seconds"] == {"cpu": 0.001, "torch": 0.5}
+    assert entry["bounded"] == {"torch": 2} and entry["seconds"] == {"cpu": 0.001, "torch": 0.5}
 
 
 @pytest.mark.parametrize("times, bounded, layout", [
-    ({"channels_last": 2.0, "nchw": 1.0}, set(), "nchw"),  # both whole calls: the faster
-    ({"channels_last": 2.0, "nchw": 1.0}, {"channels_last", "nchw"}, "nchw"),  # both first images: alike
-    ({"channels_last": 2.0, "nchw": 1.0}, {"channels_last"}, "nchw"),  # whole NCHW call under cl's bound
-    ({"channels_last": 1.0, "nchw": 2.0}, {"channels_last"}, "channels_last"),  # not known: the default
-    ({"channels_last": 1.0, "nchw": 2.0}, {"nchw"}, "channels_last"),  # whole cl call under NCHW's bound
-    ({"channels_last": 2.0, "nchw": 1.0}, {"nchw"}, "channels_last")])  # NCHW's bound under cl: not known
+    ({"channels_last": 2.0, "nchw": 1.0}, {}, "nchw"),  # both whole calls: the faster
+    ({"channels_last": 2.0, "nchw": 1.0}, {"channels_last": 4, "nchw": 4}, "nchw"),  # both on 4 images: alike
+    ({"channels_last": 2.0, "nchw": 1.0}, {"channels_last": 2, "nchw": 4}, "channels_last"),  # not alike: not known
+    ({"channels_last": 2.0, "nchw": 1.0}, {"channels_last": 1}, "nchw"),  # whole NCHW call under cl's bound
+    ({"channels_last": 1.0, "nchw": 2.0}, {"channels_last": 1}, "channels_last"),  # not known: the default
+    ({"channels_last": 1.0, "nchw": 2.0}, {"nchw": 1}, "channels_last"),  # whole cl call under NCHW's bound
+    ({"channels_last": 2.0, "nchw": 1.0}, {"nchw": 1}, "channels_last")])  # NCHW's bound under cl: not known
 def test_pytorch_s_layout_is_chosen_from_comparable_timings(times, bounded, layout):
     assert cd._faster_layout(times, bounded) == layout
 

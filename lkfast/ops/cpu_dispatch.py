@@ -349,26 +349,45 @@ MAX_REPEATS = 1000
 
 
 class Candidate:
-    """A callable to time (``run()``), with ``probe``: the same call on the batch's first image, or
-    None. A call on a whole batch takes at least as long as on one of its images, so where the probe
-    alone is clearly slower than the fastest whole call, so is the candidate (see ``measure``)."""
+    """A callable to time (``run()``) on a batch of ``images``, with ``probe(k)``: the same call on
+    the batch's first k images (None: no probe). A call on a whole batch takes at least as long as
+    on a part of it, so where a probe alone is clearly slower than the fastest whole call, so is the
+    candidate (see ``measure``)."""
 
-    __slots__ = ("run", "probe")
+    __slots__ = ("run", "probe", "images")
 
-    def __init__(self, run: Callable[[], None], probe: Optional[Callable[[], None]] = None):
-        self.run, self.probe = run, probe
+    def __init__(self, run: Callable[[], None], probe: Optional[Callable[[int], None]] = None, images: int = 1):
+        self.run, self.probe, self.images = run, probe, images
 
     def __call__(self):
         return self.run()
 
 
 class Timings(dict):
-    """``measure``'s answer, {name: seconds per call}, with ``bounded``: the names whose seconds are
-    their probe's (one image of the batch), a lower bound on the whole call's time."""
+    """``measure``'s answer, {name: seconds per call}, with ``bounded``: {name: k} for the names
+    whose seconds are a probe's (their call on the batch's first k images), a lower bound on the
+    whole call's time."""
 
-    def __init__(self, seconds: dict, bounded=()):
+    def __init__(self, seconds: dict, bounded: Optional[dict] = None):
         super().__init__(seconds)
-        self.bounded = frozenset(bounded)
+        self.bounded = dict(bounded or {})
+
+
+def _probe(candidate: Candidate, limit: float) -> Optional[tuple[int, float]]:
+    """(k, seconds) of a probe of ``candidate`` that took at least ``limit`` seconds, or None where
+    none did before the probes would reach the whole batch. The first probe is one image; each next
+    one the leading power of two of images that the last probe's time, grown in proportion with
+    the images, would take past ``limit`` (at least twice the last): a candidate r times slower than
+    ``limit`` is ruled out after probes of ~2/r of the batch, one close to it after one image."""
+    k = 1
+    while k < candidate.images:
+        start = time.perf_counter()
+        candidate.probe(k)
+        seconds = time.perf_counter() - start
+        if seconds >= limit:
+            return k, seconds
+        k = max(2 * k, 1 << max(0, math.ceil(limit / max(seconds, 1e-9) * k) - 1).bit_length())
+    return None
 
 
 def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: float = 3.0,
@@ -381,28 +400,24 @@ def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: f
     ms bf16 forward take 3.6 ms once, and the warm-up alone would have ruled it out
     (make_cpu_table.py at 1e9a030).
 
-    A ``Candidate`` with a probe, after the first candidate, runs its probe first: where the probe
-    alone is ruled out that way, the whole call is not made, and its time is the probe's
-    (``Timings.bounded`` names it). PyTorch's generic half-precision convolution, on a CPU where it
-    has no oneDNN path, took 12 s for one bf16 forward of RepLKNet-31B's stage 1 at batch 8 on a
-    Zen 3 EPYC, 50-100x lkfast's kernel: a first calibration spent minutes per shape class at the
-    evaluation's batch of 64 in the whole calls alone.
+    A ``Candidate`` with a probe, after the first candidate, runs probes on leading parts of its
+    batch first (``_probe``): where one alone is ruled out that way, the whole call is not made,
+    and its time is that probe's (``Timings.bounded`` says how many images). PyTorch's generic
+    half-precision convolution, on a CPU where it has no oneDNN path, took 12 s for one bf16
+    forward of RepLKNet-31B's stage 1 at batch 8 on a Zen 3 EPYC and 91 s at batch 64, 140-170x
+    lkfast's kernel: a first calibration spent minutes per shape class in those whole calls.
 
     A round of a call faster than ``SAMPLE_SECONDS`` repeats it to fill that (its time per call: the
     least of three more calls after the warm-up's setup), and the least round counts, not the median: a stall
     of the scheduler only ever adds time, and on a loaded 2-core machine single calls of 0.025 and
     0.067 ms measured 16-24 ms in some rounds, so the median of three chose on noise, and the
     choice was cached for every later process."""
-    warm, bounded = {}, set()
+    warm, bounded = {}, {}
     for name, run in runs.items():
-        probe = getattr(run, "probe", None)
-        if probe is not None and warm:
-            start = time.perf_counter()
-            probe()
-            seconds = time.perf_counter() - start
-            if seconds - setup_allowance >= clear_ratio * min(warm.values()):
-                warm[name] = seconds
-                bounded.add(name)
+        if getattr(run, "probe", None) is not None and warm:
+            probed = _probe(run, clear_ratio * min(warm.values()) + setup_allowance)
+            if probed is not None:
+                bounded[name], warm[name] = probed
                 continue
         start = time.perf_counter()
         run()
@@ -438,10 +453,9 @@ def _runs(x: torch.Tensor, weight: torch.Tensor, pass_: str) -> dict[str, Callab
         memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
     ws = torch.randn(weight.shape, dtype=weight.dtype, device="cpu")
     go = torch.randn_like(xs) if pass_ != "forward" else None
-    one = (xs[:1], None if go is None else go[:1]) if xs.shape[0] > 1 else None  # (the first image: Candidate.probe)
 
-    def candidate(call) -> Candidate:
-        return Candidate(lambda: call(xs, go), None if one is None else (lambda: call(*one)))
+    def candidate(call) -> Candidate:  # (its probe: the call on the batch's first k images)
+        return Candidate(lambda: call(xs, go), lambda k: call(xs[:k], None if go is None else go[:k]), xs.shape[0])
 
     if pass_ == "forward":
         torch_backend = BACKENDS["torch"]
@@ -501,32 +515,35 @@ def _calibrated(key: tuple, candidates: tuple, make_runs: Callable[[], dict], me
         winner = min(seconds, key=seconds.get)
         entry = {"backend": "torch" if winner in TORCH_TIMINGS else winner, "seconds": seconds,
                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        bounded = sorted(getattr(times, "bounded", ()))
-        if bounded:  # their seconds are one image's: at least that for the whole call
+        bounded = dict(getattr(times, "bounded", {}))
+        if bounded:  # their seconds are a probe's, {name: images}: at least that for the whole call
             entry["bounded"] = bounded
         torch_times = {layout: seconds[n] for n, layout in TORCH_TIMINGS.items() if n in seconds}
         if "nchw" in torch_times:  # PyTorch's forward ran in both layouts (or NCHW only): the faster
-            entry["torch_layout"] = _faster_layout(torch_times, {TORCH_TIMINGS[n] for n in bounded})
+            entry["torch_layout"] = _faster_layout(torch_times, {TORCH_TIMINGS[n]: k for n, k in bounded.items()
+                                                                 if n in TORCH_TIMINGS})
         assert entry["backend"] in candidates, (entry, candidates)
         cal.put(key, entry)
-    bounded = entry.get("bounded", ())
-    ms = ", ".join(f"{n} {'over ' if n in bounded else ''}{t * 1e3:.2f} ms{' (its first image alone)' if n in bounded else ''}"
-                   for n, t in entry["seconds"].items())
+    bounded = entry.get("bounded", {})
+    ms = ", ".join(f"{n} over {t * 1e3:.2f} ms (its first {bounded[n]} image(s) alone)" if n in bounded
+                   else f"{n} {t * 1e3:.2f} ms" for n, t in entry["seconds"].items())
     if entry["backend"] == "torch" and "torch_layout" in entry:
         ms += f": torch in {'NCHW' if entry['torch_layout'] == 'nchw' else 'channels_last'}"
     return Choice(entry["backend"], f"calibrated on this machine ({ms}; {cal.path})")
 
 
-def _faster_layout(torch_times: dict, bounded: set) -> str:
-    """The layout of PyTorch's faster forward timing; where one timing is a whole call's and the
-    other a lower bound (its first image alone, ``Candidate``), the whole call's only if it took no
-    longer than that bound, else "channels_last" (the layout without calibration): which is faster
-    is not known there."""
+def _faster_layout(torch_times: dict, bounded: dict) -> str:
+    """The layout of PyTorch's faster forward timing. Where some timings are lower bounds ({layout:
+    k}: the call on the first k images alone, ``Candidate``), they compare only with timings on as
+    many images; a whole call's timing wins if it took no longer than every other; otherwise which
+    is faster is not known, and it is "channels_last" (the layout without calibration)."""
     faster = min(torch_times, key=torch_times.get)
-    if len(bounded) in (0, len(torch_times)):  # all alike: comparable
-        return faster
-    whole = next(layout for layout in torch_times if layout not in bounded)
-    return whole if all(torch_times[whole] <= t for t in torch_times.values()) else "channels_last"
+    if not bounded or (len(bounded) == len(torch_times) and len(set(bounded.values())) == 1):
+        return faster  # all whole calls, or all on the same first images: comparable
+    whole = [layout for layout in torch_times if layout not in bounded]
+    if whole and all(torch_times[whole[0]] <= t for t in torch_times.values()):
+        return whole[0]
+    return "channels_last"
 
 
 def choose(x: torch.Tensor, weight: torch.Tensor, pass_: str, *, calibrate: Optional[bool] = None,
