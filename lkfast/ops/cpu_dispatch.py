@@ -265,9 +265,10 @@ def choices_token():
     generation, as ``memo_token``), or with calibration off the shipped table as loaded, the
     instruction set whose rows are read and whether PyTorch runs fp16 and bf16 through oneDNN (the
     built-in rule's question); None while ``torch.compile`` traces (nothing is kept there). With
-    calibration off the choices were worked out afresh on every call until 2026-12-07: 0.2-0.45 ms
-    of Python a call (the table's 192 rows scanned per pass) on a Zen 3 EPYC, more than most of the
-    embedded default run's layers take to compute."""
+    calibration off the choices were worked out afresh on every call until 916b1c9: 0.35-0.62 ms
+    of Python a call (the table's 192 rows scanned per pass) on a Zen 3 EPYC
+    (benchmarks/results/host_overhead_cpu_zen3.md), more than most of the embedded default run's
+    layers take to compute."""
     if torch.compiler.is_compiling():
         return None
     if calibration_enabled():
@@ -404,8 +405,9 @@ def measure(runs: dict[str, Callable[[], None]], rounds: int = 3, clear_ratio: f
     batch first (``_probe``): where one alone is ruled out that way, the whole call is not made,
     and its time is that probe's (``Timings.bounded`` says how many images). PyTorch's generic
     half-precision convolution, on a CPU where it has no oneDNN path, took 12 s for one bf16
-    forward of RepLKNet-31B's stage 1 at batch 8 on a Zen 3 EPYC and 91 s at batch 64, 140-170x
-    lkfast's kernel: a first calibration spent minutes per shape class in those whole calls.
+    forward of RepLKNet-31B's stage 1 at batch 8 on a Zen 3 EPYC and 91 s at batch 64, 140-260x
+    lkfast's kernel in the forward and weight gradient: a first calibration spent minutes per
+    shape class in those whole calls (4-6 s with the probes at batch 64; docs/benchmarks.md).
 
     A round of a call faster than ``SAMPLE_SECONDS`` repeats it to fill that (its time per call: the
     least of three more calls after the warm-up's setup), and the least round counts, not the median: a stall
