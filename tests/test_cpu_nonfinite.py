@@ -85,7 +85,8 @@ def test_exact_reference_is_conv2d(dtype):
 def test_nonfinite_placement_every_instruction_set(isa, tmp_path):
     """The same on each instruction set's code (LKFAST_CPU_ISA, read once per process, so in a child
     process): AVX2's blocks of at most 7 and rows in groups of 4, the small-map kernels (on AVX2 the
-    forward's row of 7 outputs and both half-pixels in one register block)."""
+    forward's row of 7 outputs and both half-pixels in one register block), AVX2's NCHW planes (a
+    non-finite weight sends the call to the tiles)."""
     backend_or_skip("cpu")
     cases = [make_case(shape, fmt, dtype, where)
              for shape, fmt, dtype in [((2, 20, 9, 12, 15, 15), "contiguous", torch.float32),
@@ -93,6 +94,7 @@ def test_nonfinite_placement_every_instruction_set(isa, tmp_path):
                                        ((2, 9, 17, 30, 11, 11), "contiguous", torch.float64),  # groups of 4 rows
                                        ((2, 70, 7, 7, 13, 13), "channels_last", torch.float32),
                                        ((2, 32, 10, 19, 7, 7), "channels_last", torch.float32),  # in place
+                                       ((2, 5, 10, 19, 7, 7), "contiguous", torch.float32),  # NCHW planes (AVX2)
                                        ((2, 32, 10, 19, 7, 7), "channels_last", torch.bfloat16),  # in place, bf16
                                        ((1, 20, 30, 21, 15, 15), "contiguous", torch.bfloat16),  # bf16 pairs (AVX512-BF16)
                                        ((1, 16, 9, 13, 11, 9), "channels_last", torch.float64)]

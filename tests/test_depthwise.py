@@ -237,6 +237,41 @@ def test_cpu_channels_last_in_place(isa, tmp_path):
 
 
 @pytest.mark.parametrize("isa", ISA_ORDER)
+def test_cpu_nchw_planes(isa, tmp_path):
+    """On contiguous NCHW fp32/fp64 with square kernels 3, 5 or 7 wide and maps at least 8 wide,
+    AVX2's forward (and input gradient, its flipped twin) runs plane by plane along the rows
+    (forward_planes), no channels-innermost tiles: columns of one vector, a row's last one ending at
+    its end (overlapping the one before) or not; blocks of 8, 10 or 12 rows (kernels 7, 5, 3) and
+    the last rows in a block of as many; maps shorter than the kernel and shorter than half of it
+    (input rows outside the image skipped), one-row maps, a bias; fp64's 4 lanes. Beside them, NCHW
+    cases the planes leave to the tiles: 7 wide, rectangular kernels, 9 wide. The other instruction
+    sets take every case through their tiles. On 2 threads (a contiguous range of planes each, the
+    next plane copied while one is computed)."""
+    backend_or_skip("cpu")
+    cases = []
+    for shape, k, dtype in [((2, 5, 14, 14), (7, 7), torch.float32),      # 2 columns, 8 + 6 rows
+                            ((2, 4, 28, 28), (7, 7), torch.float32),      # 4 columns, the last overlapping
+                            ((1, 3, 30, 56), (5, 5), torch.float32),      # 7 columns: 3 blocks of 10 rows
+                            ((1, 2, 13, 100), (3, 3), torch.float32),     # 13 columns, 12 + 1 rows
+                            ((1, 3, 3, 40), (7, 7), torch.float32),       # H < kh / 2 + 1: zero rows both sides
+                            ((2, 3, 9, 8), (7, 7), torch.float32),        # one column, exactly a vector
+                            ((1, 1, 1, 17), (5, 5), torch.float32),       # one row, one channel
+                            ((2, 3, 11, 9), (3, 3), torch.float64),       # fp64: 3 columns, the last overlapping
+                            ((1, 2, 21, 33), (7, 7), torch.float64),      # fp64: 9 columns, 8 + 8 + 5 rows
+                            ((2, 4, 9, 7), (7, 7), torch.float32),        # 7 wide: the tiles
+                            ((1, 3, 9, 16), (7, 3), torch.float32),       # rectangular: the tiles
+                            ((1, 2, 12, 20), (9, 9), torch.float32)]:     # 9 wide: the tiles
+        N, C, H, W = shape
+        cases.append((make_input(shape, "contiguous", dtype), make_weight(C, *k, dtype),
+                       make_input(shape, "contiguous", dtype), torch.randn(C, dtype=dtype)))
+    for (x, w, g, b), outputs in zip(cases, cpu_kernels_on_isa(isa, cases, tmp_path, threads=2)):
+        want = reference(x, w, b, g)
+        for name, got in zip(PASSES, outputs):
+            assert got.dtype == x.dtype and got.is_contiguous()
+            assert rel_err(got, want[name]) < TOLERANCE[x.dtype][name], (isa, tuple(x.shape), x.dtype, name)
+
+
+@pytest.mark.parametrize("isa", ISA_ORDER)
 def test_cpu_bf16_in_place_rounds_as_the_packed_path(isa, tmp_path):
     """The bf16 forward in place (channels_last, whole channel blocks, kernels up to 13 wide) widens
     each input vector to fp32 and rounds each output vector back itself; the packed path (the same

@@ -21,6 +21,9 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <type_traits>
 
 #if defined(__linux__)
@@ -123,6 +126,18 @@ bool forward_small_direct(const T* X, long xh, long xw, int H, int W, int kh, in
 
 bool small_direct_applies(int W, int kw) {
   LKFAST_ON_ISA(small_direct_applies, W, kw);
+}
+
+// The forward of one contiguous NCHW plane vectorized along its rows (see the kernel's
+// forward_planes); false where the instruction set or the shape has none.
+bool planes_direct_applies(int W, int kh, int kw) {
+  LKFAST_ON_ISA(planes_direct_applies, W, kh, kw);
+}
+// Plane X_next (if not null) copied into Pd_next, then the plane in Pd (if not null) computed into Y.
+template <typename T>
+bool forward_planes(const T* X_next, T* Pd_next, const T* Pd, int H, int W, int kh, int kw, const T* wt,
+                    const T* bias, int Wp, T* Y) {
+  LKFAST_ON_ISA(forward_planes, X_next, Pd_next, Pd, H, W, kh, kw, wt, bias, Wp, Y);
 }
 
 // The forward straight on channels-innermost tensors (no packing): ncb whole channel blocks from
@@ -376,6 +391,66 @@ void prefault_output(S* p, int64_t n, int nt) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The forward of contiguous NCHW x and y plane by plane (forward_planes), where the instruction set
+// and shape have that kernel and every weight is finite (its pad columns' zeros multiply them); false
+// otherwise, nothing written. Items are planes, in address order, split evenly between the threads.
+template <typename T>
+bool forward_nchw_planes(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias, bool flip,
+                         at::Tensor& y) {
+  const int N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int kh = weight.size(2), kw = weight.size(3);
+  if (!x.is_contiguous() || !y.is_contiguous() || !planes_direct_applies(W, kh, kw)) return false;
+  const size_t taps = (size_t)kh * kw;
+  const at::Tensor w_src = weight.contiguous();
+  const T* w_p = w_src.data_ptr<T>();
+  Scratch<T> wbuf;
+  T* wt = wbuf.get((size_t)C * taps);
+  bool finite = true;
+  for (int c = 0; c < C; ++c)
+    for (size_t t = 0; t < taps; ++t) {  // flipped: tap t takes tap taps - 1 - t (rows and columns reversed)
+      const T v = w_p[(size_t)c * taps + (flip ? taps - 1 - t : t)];
+      wt[(size_t)c * taps + t] = v;
+      finite &= std::isfinite(v);
+    }
+  if (!finite) return false;
+  at::Tensor b_src;
+  const T* b_p = nullptr;
+  if (bias) {
+    b_src = bias->reshape({C}).to(x.scalar_type()).contiguous();
+    b_p = b_src.data_ptr<T>();
+  }
+  const int Wp = (int)(ceil_div(W, 16) * 16) + kw - 1;  // whole vectors of up to 16 lanes, the taps' reach
+  const T* x_p = x.data_ptr<T>();
+  T* y_p = y.data_ptr<T>();
+  const int64_t planes = (int64_t)N * C, plane = (int64_t)H * W;
+  const T zero = 0;
+  const int nt = num_threads();
+#pragma omp parallel num_threads(nt)
+  {
+    // Two buffers: the next plane is copied into one while the other's is computed (see the
+    // kernel's copy_plane_k). Each thread takes a contiguous range of planes, in address order.
+    const size_t pd_len = (size_t)(H + kh - 1) * Wp;  // (kh / 2 zero rows above and below the image)
+    Scratch<T> pbuf;
+    T* buf = pbuf.get(2 * pd_len);
+    std::memset(buf, 0, sizeof(T) * 2 * pd_len);  // the pad rows and columns; the planes fill the rest
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+    const int t = 0, team = 1;
+#endif
+    const int64_t p0 = planes * t / team, p1 = planes * (t + 1) / team;
+    if (p0 < p1) forward_planes<T>(x_p + p0 * plane, buf, nullptr, H, W, kh, kw, nullptr, nullptr, Wp, nullptr);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int c = (int)(p % C);
+      T* cur = buf + (p - p0) % 2 * pd_len;
+      T* next = buf + (p - p0 + 1) % 2 * pd_len;
+      forward_planes<T>(p + 1 < p1 ? x_p + (p + 1) * plane : nullptr, next, cur, H, W, kh, kw,
+                        wt + (size_t)c * taps, b_p ? b_p + c : &zero, Wp, y_p + p * plane);
+    }
+  }
+  return true;
+}
+
 template <typename S>
 void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
                    bool flip, at::Tensor& y) {
@@ -384,6 +459,9 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const int N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int kh = weight.size(2), kw = weight.size(3), ph = kh / 2, pw = kw / 2;
   const int ncb = ceil_div(C, lanes);
+  if constexpr (std::is_same<S, T>::value) {
+    if (forward_nchw_planes<T>(x, weight, bias, flip, y)) return;
+  }
 
   // Weights and bias repacked as (channel block, tap row, tap column, lane) in T, each tap row
   // with kWeightPad zero columns on both sides, channels padded to whole blocks with zeros.

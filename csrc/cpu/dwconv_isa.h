@@ -36,6 +36,11 @@
                    int i1, float* GW, bool input_finite, bool grad_finite);                     \
   void weight_grad(const double* P, const double* G, int H, int W, int kh, int kw, int i0,      \
                    int i1, double* GW, bool input_finite, bool grad_finite);                    \
+  bool planes_direct_applies(int W, int kh, int kw);                                            \
+  bool forward_planes(const float* X_next, float* Pd_next, const float* Pd, int H, int W, int kh, \
+                      int kw, const float* wt, const float* bias, int Wp, float* Y);          \
+  bool forward_planes(const double* X_next, double* Pd_next, const double* Pd, int H, int W,    \
+                      int kh, int kw, const double* wt, const double* bias, int Wp, double* Y); \
   bool all_finite(const float* p, long n);                                                      \
   bool all_finite(const double* p, long n);                                                     \
   bool small_direct_applies(int W, int kw);                                                     \
