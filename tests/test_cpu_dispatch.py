@@ -599,8 +599,9 @@ def test_plan_for_tells_apart_the_dtype_and_the_layout_of_one_shape(cache, monke
 def test_with_calibration_off_the_plan_is_remembered_until_what_made_it_changes(monkeypatch):
     """With calibration off (the embedded default run's setting) ``auto``'s plan for a call is worked
     out once and remembered (looked up afresh, the table's rows cost ~0.3 ms of Python a call), and
-    worked out again when what made it changes: another table, or PyTorch's answer about running a
-    half dtype through oneDNN (the built-in rule's question where the table has no row)."""
+    worked out again when what made it changes: another table, PyTorch's answer about running a
+    half dtype through oneDNN (the built-in rule's question where the table has no row), or the
+    instruction set of the lkfast._C loaded."""
     pytest.importorskip("lkfast._C")
     from lkfast.ops import depthwise, plan_for
 
@@ -623,6 +624,28 @@ def test_with_calibration_off_the_plan_is_remembered_until_what_made_it_changes(
     for uses_onednn, forward in ((True, "torch"), (False, "cpu"), (True, "torch")):
         monkeypatch.setattr(cd, "torch_uses_onednn", lambda dtype: uses_onednn if dtype == torch.float16 else True)
         assert tuple(plan_for(xh, wh)) == (forward, forward, "cpu")
+    # another build of lkfast._C, whose kernels run another instruction set: that set's rows (the
+    # instruction set is asked once per extension module, not per call)
+    from lkfast import _ext
+
+    isa = cd.fingerprint()["isa"]
+    other = "avx2" if isa != "avx2" else "generic"
+    both = {isa: tables["cpu"][isa], other: tables["torch"][isa]}
+    monkeypatch.setattr(cd, "_load_table", lambda path: both)
+    assert tuple(plan_for(x, w)) == ("cpu",) * 3
+    real = _ext._C
+
+    class OtherBuild:  # the same kernels, run on another instruction set
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def cpu_isa(self):
+            return other
+
+    monkeypatch.setattr(_ext, "_C", OtherBuild())
+    assert tuple(plan_for(x, w)) == ("torch",) * 3
+    monkeypatch.setattr(_ext, "_C", real)
+    assert tuple(plan_for(x, w)) == ("cpu",) * 3
 
 
 def test_the_onednn_cap_is_part_of_the_fingerprint(cache, monkeypatch):

@@ -6,7 +6,9 @@
 // other strides are read in place with no full-tensor copy. Small kernels on channels-innermost
 // fp32/fp64 (and bf16) tensors with whole channel blocks pack nothing: the forward's items are row chunks of one
 // image over all channel blocks, computed on the tensors themselves (forward_direct), and the weight
-// gradient reads each image's block in place (weight_grad_direct). The arithmetic lives in
+// gradient reads each image's block in place (weight_grad_direct). On AVX2 the forward of contiguous
+// NCHW fp32/fp64 with square 3x3-7x7 kernels on maps 8 or more wide packs nothing either: each plane
+// is computed along its rows (forward_nchw_planes, the kernel's forward_planes). The arithmetic lives in
 // dwconv_kernel.h, compiled for AVX-512, AVX2 and a baseline, chosen once at run time. On CPUs with
 // AVX512-BF16 the bf16 forward and weight gradient of packed tiles pair up rows, two multiply-adds
 // an instruction (vdpbf16ps: see bf16_pairs_apply).

@@ -74,6 +74,7 @@ MEASURED_PASSES = ("forward", "weight_grad")  # the input gradient follows the f
 SCHEMA = 1
 CACHE_PREFIX = "cpu_dispatch-"  # + a digest of the fingerprint + ".json" (see cache_path)
 TABLE_PATH = Path(__file__).with_name("cpu_table.json")
+_TABLE_PATH_TEXT = str(TABLE_PATH)  # (the key of _load_table's cache, built once)
 OWN_FORWARD_DTYPES = (torch.float32, torch.float64)  # the built-in rule (3. above)
 _generations = itertools.count()  # every Calibration object gets its own number (see memo_token)
 
@@ -102,11 +103,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+_isa_of: tuple = (None, "none")  # (the lkfast._C module asked, its answer): asked once per build loaded
+
+
 def _isa() -> str:
-    """The instruction set lkfast's C++ kernels run ("avx2", "avx512", ...; "none" without them)."""
+    """The instruction set lkfast's C++ kernels run ("avx2", "avx512", ...; "none" without them).
+    Kept per extension module (LKFAST_CPU_ISA is read once, when it loads): asking it took 1 us of
+    the ~4 us that ``choices_token`` spends on every call with calibration off."""
+    global _isa_of
     from lkfast import _ext
 
-    return _ext._C.cpu_isa() if _ext._C is not None else "none"
+    ext = _ext._C
+    if ext is None:
+        return "none"
+    if _isa_of[0] is not ext:
+        _isa_of = (ext, ext.cpu_isa())
+    return _isa_of[1]
 
 
 def fingerprint() -> dict:
@@ -273,7 +285,7 @@ def choices_token():
         return None
     if calibration_enabled():
         return calibration().generation
-    return ("shipped table", _isa(), _load_table(str(TABLE_PATH)),
+    return ("shipped table", _isa(), _load_table(_TABLE_PATH_TEXT),
             torch_uses_onednn(torch.float16), torch_uses_onednn(torch.bfloat16))
 
 
